@@ -1,0 +1,1 @@
+"""ftctl.recovery"""
