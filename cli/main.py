@@ -1,1 +1,285 @@
-def main(): print("hi")
+"""`ftctl`: the command line. Exit codes: 0 ok, 1 user error, 2 internal failure."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from ftctl.adapters.workspace import Workspace, WorkspaceError, init_workspace, resolve_home
+from ftctl.core.config import ConfigError
+from ftctl.core.dataset import DataError
+from ftctl.core.machine import IllegalTransition
+from ftctl.core.state import ReplayError
+from ftctl.events.journal import JournalError
+from ftctl.recovery.ledger import Ledger, state_at
+
+from .daemon import DaemonError
+
+from . import render
+from .jobs import SubmitError, submit
+
+USER_ERRORS = (DaemonError, WorkspaceError, ConfigError, DataError, IllegalTransition, JournalError, SubmitError, ReplayError)
+
+
+# Small enough to train in seconds on two CPU cores, with everything a real run exercises:
+# dropout, warmup + cosine schedule, validation, checkpoints and retention.
+DEMO_CONFIG = {
+    "iters": 40, "batch_size": 4, "learning_rate": 5e-4, "save_every": 5, "steps_per_report": 5,
+    "steps_per_eval": 10, "val_batches": -1, "max_seq_length": 256, "num_layers": -1, "seed": 7,
+    "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.1, "keys": None},
+    "lr_schedule": {"name": "cosine_decay", "warmup": 5, "warmup_init": 1e-5, "arguments": [5e-4, 35, 1e-5]},
+    "optimizer": "adamw", "timeouts": {"hang_s": 120.0, "eval_hang_s": 300.0, "stop_s": 60.0},
+}
+
+
+class UserError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # bad usage is a user error: exit 1, not argparse's 2
+        self.print_usage(sys.stderr)
+        render.err_console.print(f"[red]error:[/] {message}")
+        sys.exit(1)
+
+
+def _ledger(ws: Workspace) -> Ledger:
+    return Ledger(ws.open_journal())
+
+
+def _job_or_fail(ledger: Ledger, job: str):
+    j = ledger.state.jobs.get(job) or ledger.state.jobs.get(job.zfill(4))
+    if j is None:
+        known = ", ".join(list(ledger.state.jobs)[-5:]) or "none yet"
+        raise UserError(f"no job {job!r} in this workspace (recent jobs: {known}); see `ftctl status`")
+    return j
+
+
+def _last_metrics(ledger: Ledger) -> dict[str, dict]:
+    rows = ledger.journal.conn.execute(
+        "SELECT job, step, global_step, loss, lr, tokens_per_s, peak_mem_gb, trained_tokens FROM metrics "
+        "WHERE id IN (SELECT max(id) FROM metrics GROUP BY job)").fetchall()
+    keys = ("job", "step", "global_step", "loss", "lr", "tokens_per_s", "peak_mem_gb", "trained_tokens")
+    return {r[0]: dict(zip(keys, r)) for r in rows}
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_init(args, ws: Workspace) -> int:
+    if args.demo:
+        from ftctl.adapters.demo import build_demo
+
+        if ws.exists():
+            raise WorkspaceError(f"{ws.home} already holds an ftctl workspace; nothing was changed")
+        paths = build_demo(ws.home / "demo")
+        init_workspace(ws.home, str(paths.model_dir), DEMO_CONFIG)
+        render.console.print(f"built the demo model at {paths.model_dir} and datasets in {paths.data_dir}")
+    else:
+        if not args.model:
+            raise UserError("ftctl init needs --model PATH (an mlx-lm model folder) or --demo")
+        init_workspace(ws.home, args.model)
+    render.console.print(f"[green]initialised[/] workspace {ws.home} (journal, ftctl.yaml, inbox/, jobs/, models/, logs/)")
+    return 0
+
+
+def cmd_submit(args, ws: Workspace) -> int:
+    ledger = _ledger(ws)
+    sub = submit(ws, ledger, Path(args.file), name=args.name, valid=Path(args.valid) if args.valid else None,
+                 overrides=args.set or [], lineage=args.lineage, fresh=args.fresh)
+    if args.json:
+        render.print_json({"job": sub.job, "state": sub.state, "format": sub.report.format,
+                           "lines": sub.report.lines, "valid": sub.report.valid, "bad": len(sub.report.problems),
+                           "bad_ratio": sub.report.bad_ratio, "reasons": sub.reasons, "warnings": sub.warnings,
+                           "problems": [f"line {p.line}: {p.reason}" for p in sub.report.problems[:50]]})
+        return 0 if sub.state == "queued" else 1
+    rep = sub.report
+    for p in rep.problems[:10]:
+        render.err_console.print(f"  [yellow]{render.escape(args.file)}:{p.line}[/] {render.escape(p.reason)}")
+    if len(rep.problems) > 10:
+        render.err_console.print(f"  … and {len(rep.problems) - 10} more bad lines")
+    for w in sub.warnings:
+        render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
+    if sub.state == "rejected":
+        render.err_console.print(f"[red]rejected[/] job {sub.job}: " + render.escape("; ".join(sub.reasons)))
+        render.err_console.print("The data file was left untouched and nothing was queued. Fix the lines above and submit again.")
+        return 1
+    render.console.print(f"[green]queued[/] job {sub.job} ({rep.valid} valid {rep.format} examples of {rep.lines}); "
+                         "run `ftctl start` to train")
+    return 0
+
+
+def cmd_status(args, ws: Workspace) -> int:
+    ledger = _ledger(ws)
+    metrics = _last_metrics(ledger)
+    p = ledger.state
+    if args.job:
+        j = _job_or_fail(ledger, args.job)
+        if args.json:
+            render.print_json(render.job_json(j, metrics.get(j.job)))
+        else:
+            render.console.print(render.job_panel(j, metrics.get(j.job)))
+        return 0
+    d = p.daemon
+    daemon = {"running": d.running, "pid": d.process.pid if d.process else None, "host": d.host,
+              "started_at": d.started_at, "shutdown_requested": d.shutdown_requested}
+    if args.json:
+        render.print_json({"seq": p.seq, "daemon": daemon,
+                           "jobs": [render.job_json(j, metrics.get(j.job)) for j in p.jobs.values()],
+                           "lineages": [render.as_dict(l) for l in p.lineages.values()]})
+        return 0
+    who = f"pid {daemon['pid']} on {d.host} since {d.started_at[:19]}" if d.running else "not running"
+    render.console.print(f"workspace {ws.home}  ·  journal seq {p.seq}  ·  daemon {who}")
+    if p.jobs:
+        render.console.print(render.status_table(p, metrics))
+    else:
+        render.console.print("no jobs yet: `ftctl submit FILE.jsonl` or drop a file into inbox/")
+    return 0
+
+
+def cmd_history(args, ws: Workspace) -> int:
+    ledger = _ledger(ws)
+    stream = None
+    if args.job:
+        stream = f"job:{_job_or_fail(ledger, args.job).job}"
+    crashes_only = args.crashes
+
+    def batch(after: int):
+        recs = list(ledger.journal.read(after=after, stream=stream))
+        if crashes_only:
+            recs = [r for r in recs if type(r.event).kind() in ("crashed", "failed")]
+        return recs
+
+    after = args.since or 0
+    recs = batch(after)
+    if args.json and not args.follow:
+        render.print_json([render.event_json(r) for r in recs])
+        return 0
+    last = ledger.journal.last_seq()
+    if args.json:
+        for r in recs:
+            render.print_json(render.event_json(r))
+    elif recs:
+        render.console.print(render.history_table(recs, title=f"history{' of job ' + args.job if args.job else ''}"))
+    elif not args.follow:
+        render.console.print("no events" + (f" after seq {after}" if after else ""))
+    if not args.follow:
+        return 0
+    try:
+        while True:
+            time.sleep(0.5)
+            new = batch(last)
+            last = ledger.journal.last_seq()
+            for r in new:
+                if args.json:
+                    render.print_json(render.event_json(r))
+                else:
+                    render.console.print(f"{r.ts[:19].replace('T', ' ')}  {r.seq:>6}  {r.stream:<12} "
+                                         f"{type(r.event).kind():<22} {render.event_fields(r)}")
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_replay(args, ws: Workspace) -> int:
+    ledger = _ledger(ws)
+    j = _job_or_fail(ledger, args.job)
+    last = ledger.journal.last_seq()
+    if args.to < 0 or args.to > last:
+        raise UserError(f"--to {args.to} is outside the journal (seq 0..{last})")
+    p = state_at(ledger.journal, args.to)
+    past = p.jobs.get(j.job)
+    if past is None:
+        raise UserError(f"job {j.job} did not exist yet at seq {args.to} (it was submitted later)")
+    if args.json:
+        render.print_json({"at_seq": args.to, **render.job_json(past)})
+    else:
+        render.console.print(f"job {j.job} as it was after event {args.to} (journal now at {last}):")
+        render.console.print(render.job_panel(past, None))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    home = argparse.ArgumentParser(add_help=False)
+    home.add_argument("--home", default=argparse.SUPPRESS,
+                      help="workspace directory (default: $FTCTL_HOME or ~/.ftctl)")
+    p = _Parser(prog="ftctl", description="Crash-proof controller for MLX LoRA fine-tuning.", parents=[home])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("init", parents=[home], help="create a workspace")
+    s.add_argument("--model", help="path to an mlx-lm model folder (the base model)")
+    s.add_argument("--demo", action="store_true", help="build the embedded tiny demo model and data, offline")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("submit", parents=[home], help="validate a JSONL data file and queue a job")
+    s.add_argument("file")
+    s.add_argument("--name")
+    s.add_argument("--valid", help="validation JSONL (default: hold out every 20th example)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for this job (repeatable)")
+    s.add_argument("--lineage", default="main", help="lineage the job belongs to (default: main)")
+    s.add_argument("--fresh", action="store_true", help="start a fresh adapter instead of warm-starting from the lineage")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("status", parents=[home], help="jobs and daemon, as the journal says")
+    s.add_argument("job", nargs="?")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("history", parents=[home], help="the event timeline")
+    s.add_argument("job", nargs="?")
+    s.add_argument("--since", type=int, metavar="SEQ", help="only events after this sequence number")
+    s.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    s.add_argument("--crashes", action="store_true", help="only crashes and failures")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_history)
+
+    s = sub.add_parser("replay", parents=[home], help="a job's state exactly as it was after event SEQ")
+    s.add_argument("job")
+    s.add_argument("--to", type=int, required=True, metavar="SEQ")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_replay)
+
+    from . import commands  # the daemon-side commands register themselves
+
+    commands.register(sub, home)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # every file and folder ftctl creates is private to its user
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ws = resolve_home(getattr(args, "home", None))
+    try:
+        code = args.func(args, ws)
+    except (UserError, *USER_ERRORS) as e:
+        render.err_console.print(f"[red]error:[/] {render.escape(str(e))}")
+        code = 1
+    except KeyboardInterrupt:
+        render.err_console.print("interrupted")
+        code = 130
+    except BrokenPipeError:
+        code = 0
+    except Exception as e:  # internal failure: say so plainly, keep the traceback in a log
+        log = ws.logs / "internal-errors.log" if ws.logs.exists() else None
+        text = traceback.format_exc()
+        if log is not None:
+            with open(log, "a") as f:
+                f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ftctl {' '.join(sys.argv[1:])}\n{text}")
+        render.err_console.print(
+            f"[red]internal error:[/] {type(e).__name__}: {e}\n"
+            "This is a bug in ftctl, not in your data. Committed events are safe: the journal only "
+            "changes by whole transactions." + (f" Traceback saved to {log}." if log else "")
+        )
+        if os.environ.get("FTCTL_DEBUG"):
+            traceback.print_exc()
+        code = 2
+    return code
+

@@ -1,0 +1,47 @@
+"""Named crash points for the kill-matrix tests: a process SIGKILLs itself at a chosen point.
+
+Set ``FTCTL_CRASH_AT="point:step:marker"`` (several separated by commas). The point fires at
+most once: it creates ``marker`` first, so the restarted process runs past it. ``step`` may be
+``*`` for the first time the point is reached. Unset (the normal case), ``crash_point`` is a
+dict lookup that returns at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+POINTS = (
+    "mid_step",            # worker: after an optimizer step, before the next
+    "after_temp_write",    # worker: checkpoint files written and fsynced in the temp dir
+    "after_rename",        # worker: checkpoint renamed into place, before the daemon hears of it
+    "daemon_before_commit",  # daemon: checkpoint reported by the worker, event not yet appended
+    "daemon_after_spawn",  # daemon: worker spawned, `training started` not yet appended
+    "during_recovery",     # daemon: recovery has started repairing
+)
+
+
+def _armed() -> dict[str, list[tuple[str, str]]]:
+    spec = os.environ.get("FTCTL_CRASH_AT", "")
+    out: dict[str, list[tuple[str, str]]] = {}
+    for item in filter(None, spec.split(",")):
+        name, step, marker = item.split(":", 2)
+        out.setdefault(name, []).append((step, marker))
+    return out
+
+
+_ARMED = _armed()
+
+
+def crash_point(name: str, step: int | None = None) -> None:
+    for want, marker in _ARMED.get(name, ()):
+        if want not in ("*", str(step)):
+            continue
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            continue
+        os.write(fd, f"{name}:{step} pid {os.getpid()}\n".encode())
+        os.fsync(fd)
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,155 @@
+"""Processes: the daemon lock, spawning the worker, identifying and stopping process groups.
+
+* The lock is an ``flock`` on run/daemon.lock: the kernel drops it when its holder dies, so
+  it is never stale, whatever is left in the file.
+* The worker runs in its own session (so its own process group, out of reach of the
+  terminal's Ctrl-C) and dies with the daemon: PR_SET_PDEATHSIG on Linux, and on every
+  platform EOF on its stdin, which only the daemon holds open.
+* A process is identified by (pid, start time): a reused pid is never signalled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from ftctl.events.types import ProcessId
+
+
+class LockHeld(Exception):
+    def __init__(self, holder: str):
+        self.holder = holder
+        super().__init__(holder)
+
+
+def acquire_lock(path: Path) -> int:
+    """Take the daemon lock or raise LockHeld with what the file says about the holder."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise LockHeld(holder or "another ftctl daemon") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    os.close(fd)  # closing the descriptor drops the flock
+
+
+def identity(pid: int) -> ProcessId | None:
+    try:
+        return ProcessId(pid=pid, started_at=psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def alive(pid_id: ProcessId) -> bool:
+    """True only if that very process (same pid AND same start time) is still running."""
+    if pid_id.started_at <= 0:
+        return False  # identity unknown (old journal): never claim a stranger
+    try:
+        p = psutil.Process(pid_id.pid)
+        return abs(p.create_time() - pid_id.started_at) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def stop_group(pid_id: ProcessId, grace_s: float = 5.0) -> bool:
+    """SIGTERM then SIGKILL the whole process group led by ``pid_id``, if it is that process."""
+    if not alive(pid_id):
+        return False
+    try:
+        pgid = os.getpgid(pid_id.pid)
+    except ProcessLookupError:
+        return False
+    members = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == pgid]
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    _, left = psutil.wait_procs(members, timeout=grace_s)
+    if left:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        psutil.wait_procs(left, timeout=5)
+    return True
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen
+    messages: object   # readable end of the message pipe (binary file)
+    id: ProcessId
+    log_path: Path
+
+    def send(self, line: str) -> None:
+        try:
+            self.proc.stdin.write((line + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def spawn_worker(plan_json: bytes, log_path: Path, env: dict | None = None) -> Worker:
+    """Start ``python -m ftctl.adapters.worker``; the plan goes in on stdin's first line."""
+    r, w = os.pipe()
+    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log = open(log_path, "ab", buffering=0)
+    os.chmod(log_path, 0o600)
+    cmd = [sys.executable, "-m", "ftctl.adapters.worker", "--message-fd", str(w)]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(w,), start_new_session=True,
+        preexec_fn=_die_with_parent, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+    )
+    os.close(w)
+    log.close()
+    started = identity(proc.pid) or ProcessId(pid=proc.pid, started_at=time.time())
+    proc.stdin.write(plan_json.rstrip(b"\n") + b"\n")
+    proc.stdin.flush()
+    return Worker(proc=proc, messages=os.fdopen(r, "rb", buffering=0), id=started, log_path=log_path)
+
+
+def tail(path: Path, limit: int = 4000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""

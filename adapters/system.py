@@ -1,0 +1,56 @@
+"""System stats: free disk, available memory, the cgroup OOM-kill counter."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import psutil
+
+GB = 1024**3
+
+
+def free_disk_gb(path: Path) -> float:
+    return shutil.disk_usage(path).free / GB
+
+
+def available_memory_gb() -> float:
+    return psutil.virtual_memory().available / GB
+
+
+def oom_kill_count() -> int | None:
+    """The kernel OOM killer's counter for our cgroup (v2 memory.events, v1 memory.oom_control),
+    or None where it cannot be read (macOS, containers without the file)."""
+    try:
+        line = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for entry in line:
+        _, controllers, rel = entry.split(":", 2)
+        rel = rel.lstrip("/")
+        if controllers == "":
+            candidates.append((Path("/sys/fs/cgroup") / rel / "memory.events", "oom_kill"))
+        elif "memory" in controllers.split(","):
+            candidates.append((Path("/sys/fs/cgroup/memory") / rel / "memory.oom_control", "oom_kill"))
+            candidates.append((Path("/sys/fs/cgroup/memory/memory.oom_control"), "oom_kill"))
+    for path, key in candidates:
+        try:
+            for row in path.read_text().splitlines():
+                k, _, v = row.partition(" ")
+                if k == key:
+                    return int(v)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def dir_bytes(path: Path) -> int:
+    total = 0
+    for p in Path(path).rglob("*"):
+        try:
+            if p.is_file():
+                total += p.stat().st_size
+        except OSError:
+            pass
+    return total

@@ -1,0 +1,157 @@
+"""Submitting data: validate before queuing, copy the data into the job, then commit.
+
+Used by `ftctl submit` and by the daemon's inbox watcher, so both behave the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ftctl.adapters.workspace import Workspace
+from ftctl.core.config import config_sha256, config_to_dict
+from ftctl.core.dataset import DataReport, validate_jsonl
+from ftctl.core.state import job_stream
+from ftctl.events import types as ev
+from ftctl.events.journal import ConcurrencyError
+from ftctl.recovery.ledger import Ledger
+
+HOLDOUT_EVERY = 20  # without --valid, every 20th valid example is held out for validation
+
+
+class SubmitError(Exception):
+    """Submission refused before anything was recorded."""
+
+
+@dataclass
+class Submission:
+    job: str
+    state: str
+    report: DataReport
+    valid_report: DataReport | None
+    warnings: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise SubmitError(f"{what} {path} does not exist; nothing was queued") from None
+    except IsADirectoryError:
+        raise SubmitError(f"{what} {path} is a directory, not a JSONL file; nothing was queued") from None
+    except OSError as e:
+        raise SubmitError(f"cannot read {what} {path}: {e.strerror}; nothing was queued") from None
+
+
+def _problems(report: DataReport, limit: int = 20) -> list[str]:
+    return [f"line {p.line}: {p.reason}" for p in report.problems[:limit]]
+
+
+def _split(data: bytes, report: DataReport, batch_size: int) -> tuple[bytes, bytes | None]:
+    """Hold out every HOLDOUT_EVERY-th valid line for validation (deterministic)."""
+    bad = {p.line for p in report.problems}
+    lines = data.splitlines(keepends=True)
+    good = [i for i, l in enumerate(lines, 1) if l.strip() and i not in bad]
+    held = set(good[HOLDOUT_EVERY - 1 :: HOLDOUT_EVERY])
+    if len(held) < batch_size:
+        # Too few for one validation batch at every 20th: hold out just enough, from the end.
+        held = set(good[-batch_size:]) if len(good) >= 4 * batch_size else set()
+    if not held:
+        return data, None
+    train = b"".join(l if l.endswith(b"\n") else l + b"\n" for i, l in enumerate(lines, 1) if i not in held)
+    valid = b"".join(l if l.endswith(b"\n") else l + b"\n" for i, l in enumerate(lines, 1) if i in held)
+    return train, valid
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _next_job_id(ledger: Ledger) -> str:
+    n = len(ledger.state.jobs) + 1
+    while f"{n:04d}" in ledger.state.jobs:
+        n += 1
+    return f"{n:04d}"
+
+
+def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None, valid: Path | None = None,
+           overrides: list[str] = (), lineage: str = "main", fresh: bool = False) -> Submission:
+    """Validate ``path`` (and ``valid``) and record the job as queued or rejected.
+
+    The data file is never modified. An accepted job gets its own copy of the data under
+    jobs/<id>/data/, so editing or deleting the original cannot change what a restart trains on.
+    """
+    path = Path(path).expanduser().resolve()
+    data = _read(path, "data file")
+    cfg, warnings = ws.load_config(list(overrides) + (["warm_start=false"] if fresh else []))
+    report = validate_jsonl(data)
+    vdata, vreport = None, None
+    if valid is not None:
+        valid = Path(valid).expanduser().resolve()
+        vdata = _read(valid, "validation file")
+        vreport = validate_jsonl(vdata)
+    name = name or path.stem
+    sha = hashlib.sha256(data).hexdigest()
+
+    reasons = list(report.reasons) if report.verdict == "reject" else []
+    if vreport is not None and vreport.verdict == "reject":
+        reasons += [f"validation file: {r}" for r in vreport.reasons]
+    lin = ledger.state.lineages.get(lineage)
+    if lin is not None and lin.base_version > 0:
+        cfg_dict = config_to_dict(cfg) | {"model": lin.base_model}
+    else:
+        cfg_dict = config_to_dict(cfg)
+
+    for _ in range(10):  # job ids race only with a concurrent submit; the stream version decides
+        job = _next_job_id(ledger)
+        try:
+            if reasons:
+                ledger.commit(job_stream(job), ev.JobRejected(
+                    job=job, name=name, data_path=str(path), data_sha256=sha, reasons=reasons,
+                    problems=_problems(report) + (_problems(vreport) if vreport else [])))
+                return Submission(job, "rejected", report, vreport, warnings, reasons)
+            jdir = ws.job_dir(job) / "data"
+            if jdir.parent.exists():  # debris of a submit that died before its event: not a job
+                shutil.rmtree(jdir.parent)
+            jdir.mkdir(parents=True, mode=0o700)
+            if vdata is None:
+                train, held = _split(data, report, cfg.batch_size)
+                if held is None:
+                    warnings.append("no --valid file and too few examples to hold some out: "
+                                    "validation loss will not be computed for this job")
+                else:
+                    n = held.count(b"\n")
+                    warnings.append(f"no --valid file: held out {n} examples (every {HOLDOUT_EVERY}th) for validation")
+            else:
+                train, held = data, vdata
+            _write_file(jdir / "train.jsonl", train)
+            if held is not None:
+                _write_file(jdir / "valid.jsonl", held)
+            if report.verdict == "warn":
+                warnings += report.reasons
+            if vreport is not None and vreport.verdict == "warn":
+                warnings += [f"validation file: {r}" for r in vreport.reasons]
+            ledger.commit(job_stream(job), ev.JobSubmitted(
+                job=job, name=name, data_path=str(path), data_sha256=sha, data_format=report.format or "",
+                examples=report.valid - report.undesirable,
+                valid_path=str(valid) if valid else (str(jdir / "valid.jsonl") if held is not None else None),
+                valid_sha256=hashlib.sha256(vdata).hexdigest() if vdata is not None else None,
+                config=cfg_dict, config_sha256=config_sha256(cfg), lineage=lineage, warnings=warnings))
+            return Submission(job, "queued", report, vreport, warnings)
+        except ConcurrencyError:
+            continue
+    raise SubmitError("could not allocate a job id: other submissions kept racing; nothing was queued — retry")

@@ -1,0 +1,136 @@
+"""Turning the projection and the journal into what a person (rich) or a program (--json) reads.
+
+The --json shapes are part of ftctl's interface; docs/cli.md documents them. Change them only
+by adding keys.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ftctl.core.state import JobState, Projection, as_dict
+from ftctl.events.types import Recorded, to_dict
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+# Body fields that are too long or too repetitive for the timeline's one-line summary.
+_HIDDEN = {"type", "job", "config", "config_sha256", "problems", "summary", "lineage"}
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
+        return v[:12]
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}={_short(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_short(x) for x in v[:3]) + (", …" if len(v) > 3 else "") + "]"
+    s = str(v)
+    return s if len(s) <= 80 else s[:77] + "…"
+
+
+def event_fields(rec: Recorded) -> str:
+    body = to_dict(rec.event)
+    return "  ".join(f"{k}={_short(v)}" for k, v in body.items() if k not in _HIDDEN and v not in (None, "", [], {}))
+
+
+def event_json(rec: Recorded) -> dict:
+    return {"seq": rec.seq, "ts": rec.ts, "stream": rec.stream, "version": rec.version,
+            "type": type(rec.event).kind(), "schema": type(rec.event).schema, "data": to_dict(rec.event)}
+
+
+_STATE_STYLE = {
+    "queued": "cyan", "training": "bold green", "checkpointing": "green", "paused": "yellow",
+    "crashed": "bold red", "completed": "bold blue", "failed": "red", "cancelled": "dim",
+    "rejected": "magenta",
+}
+
+
+def history_table(recs: list[Recorded], title: str = "history") -> Table:
+    t = Table(title=title, show_lines=False, expand=False)
+    t.add_column("time (UTC)", no_wrap=True, style="dim")
+    t.add_column("seq", justify="right")
+    t.add_column("stream", no_wrap=True)
+    t.add_column("event", no_wrap=True)
+    t.add_column("details", overflow="fold")
+    for r in recs:
+        kind = type(r.event).kind()
+        style = "bold red" if kind in ("crashed", "failed", "checkpoint_corrupt") else None
+        t.add_row(r.ts[:19].replace("T", " "), str(r.seq), r.stream, f"[{style}]{kind}[/]" if style else kind,
+                  escape(event_fields(r)))
+    return t
+
+
+def job_json(j: JobState, metrics: dict | None = None) -> dict:
+    last = j.good_checkpoints()[-1] if j.good_checkpoints() else None
+    return {
+        "job": j.job, "name": j.name, "state": j.state, "lineage": j.lineage,
+        "reason": j.reason or None,
+        "iters": j.iters, "step": j.step, "global_step": j.global_step, "attempt": j.attempt,
+        "submitted_at": j.submitted_at, "updated_at": j.updated_at, "updated_seq": j.updated_seq,
+        "data_path": j.data_path, "data_sha256": j.data_sha256, "data_format": j.data_format,
+        "examples": j.examples, "valid_path": j.valid_path, "base_model": j.base_model,
+        "config_sha256": j.config_sha256,
+        "checkpoints": [as_dict(c) for c in j.checkpoints],
+        "last_checkpoint": last.path if last else None,
+        "last_val_loss": j.last_val_loss, "best_val_loss": j.best_val_loss,
+        "adapter_path": j.adapter_path, "adapter_sha256": j.adapter_sha256,
+        "worker": as_dict(j.worker) if j.worker else None,
+        "crashes": [as_dict(c) for c in j.crashes],
+        "requested": j.requested,
+        "warnings": j.warnings,
+        "last_report": metrics,
+    }
+
+
+def status_table(p: Projection, last_metrics: dict[str, dict]) -> Table:
+    t = Table(title="jobs", expand=False)
+    for col, kw in [("job", {}), ("name", {}), ("state", {}), ("step", {"justify": "right"}),
+                    ("global", {"justify": "right"}), ("loss", {"justify": "right"}),
+                    ("val loss", {"justify": "right"}), ("ckpts", {"justify": "right"}), ("note", {"overflow": "fold"})]:
+        t.add_column(col, **kw)
+    for j in p.jobs.values():
+        m = last_metrics.get(j.job) or {}
+        style = _STATE_STYLE.get(j.state, "")
+        step = f"{j.step}/{j.iters}" if j.iters else "-"
+        loss = f"{m['loss']:.4f}" if m.get("loss") is not None else "-"
+        val = f"{j.last_val_loss:.4f}" if j.last_val_loss is not None else "-"
+        note = j.reason or (f"adapter {j.adapter_sha256[:12]}" if j.adapter_sha256 else "")
+        note = escape(note if len(note) <= 90 else note[:87] + "…")
+        t.add_row(j.job, j.name, f"[{style}]{j.state}[/]", step, str(j.global_step), loss, val,
+                  str(len(j.good_checkpoints())), note)
+    return t
+
+
+def job_panel(j: JobState, metrics: dict | None) -> Table:
+    t = Table(title=f"job {j.job} ({j.name})", show_header=False, expand=False)
+    t.add_column("key", style="bold")
+    t.add_column("value", overflow="fold")
+    d = job_json(j, metrics)
+    for k in ["state", "reason", "step", "iters", "global_step", "attempt", "lineage", "base_model",
+              "data_path", "data_sha256", "examples", "valid_path", "last_checkpoint", "last_val_loss",
+              "best_val_loss", "adapter_path", "adapter_sha256", "requested", "updated_at"]:
+        v = d.get(k)
+        if v not in (None, "", []):
+            t.add_row(k, f"[{_STATE_STYLE.get(v, '')}]{v}[/]" if k == "state" else escape(str(v)))
+    if metrics:
+        t.add_row("last report", "  ".join(f"{k}={_short(metrics[k])}" for k in ("step", "loss", "lr", "tokens_per_s", "peak_mem_gb") if metrics.get(k) is not None))
+    if j.crashes:
+        c = j.crashes[-1]
+        t.add_row("last crash", escape(f"{c.category} at step {c.step} ({c.ts[:19]}): {c.suggestion}"))
+    for w in j.warnings:
+        t.add_row("warning", escape(w))
+    return t

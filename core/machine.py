@@ -1,0 +1,93 @@
+"""The state machines, declared once as data.
+
+The ``transitions`` library checks commands (``may_<trigger>()``) before their event is
+appended; replay uses ``TABLE``, a plain dict derived from the very same declaration, so that
+folding a million events costs a dict lookup each rather than a library callback.
+"""
+
+from __future__ import annotations
+
+from transitions import Machine
+
+JOB_STATES = [
+    "new", "queued", "training", "checkpointing", "paused",
+    "crashed", "completed", "failed", "cancelled", "rejected",
+]
+TERMINAL = frozenset({"completed", "failed", "cancelled", "rejected"})
+ACTIVE = frozenset({"training", "checkpointing"})
+
+_LIVE = ["queued", "paused", "crashed", "training", "checkpointing"]
+
+JOB_TRANSITIONS = [
+    {"trigger": "submit", "source": "new", "dest": "queued"},
+    {"trigger": "reject", "source": "new", "dest": "rejected"},
+    {"trigger": "start", "source": "queued", "dest": "training"},
+    {"trigger": "checkpoint", "source": "training", "dest": "checkpointing"},
+    {"trigger": "committed", "source": "checkpointing", "dest": "training"},
+    {"trigger": "complete", "source": "training", "dest": "completed"},
+    {"trigger": "crash", "source": ["training", "checkpointing"], "dest": "crashed"},
+    {"trigger": "requeue", "source": "crashed", "dest": "queued"},
+    {"trigger": "interrupt", "source": ["training", "checkpointing"], "dest": "queued"},
+    {"trigger": "fail", "source": ["crashed", "queued"], "dest": "failed"},
+    {"trigger": "pause", "source": ["queued", "crashed", "training", "checkpointing"], "dest": "paused"},
+    {"trigger": "resume", "source": "paused", "dest": "queued"},
+    {"trigger": "cancel", "source": _LIVE, "dest": "cancelled"},
+]
+
+LINEAGE_STATES = ["idle", "consolidating"]
+LINEAGE_TRANSITIONS = [
+    {"trigger": "consolidate", "source": "idle", "dest": "consolidating"},
+    {"trigger": "promote", "source": "consolidating", "dest": "idle"},
+    {"trigger": "abort", "source": "consolidating", "dest": "idle"},
+]
+
+# Events that record a fact without moving the state, and the states they may be recorded in.
+_ANY_JOB = frozenset(JOB_STATES) - {"new"}
+FACTS = {
+    "evaluated": frozenset(ACTIVE),
+    "control_requested": frozenset(ACTIVE),
+    "checkpoint_pruned": _ANY_JOB,
+    "checkpoint_corrupt": _ANY_JOB,
+    "checkpoint_discarded": _ANY_JOB,
+    "model_removed": frozenset(LINEAGE_STATES),
+}
+
+
+class IllegalTransition(Exception):
+    """A command the machine refuses in the current state; nothing was appended."""
+
+    def __init__(self, subject: str, state: str, event: str):
+        self.subject, self.state, self.event = subject, state, event
+        super().__init__(f"{subject} is {state!r}: {event!r} is not allowed in that state")
+
+
+class _Model:
+    pass
+
+
+def _build(states: list[str], transitions: list[dict], initial: str) -> tuple[Machine, _Model, dict]:
+    model = _Model()
+    machine = Machine(model=model, states=states, transitions=transitions, initial=initial,
+                      auto_transitions=False, ignore_invalid_triggers=False)
+    table: dict[tuple[str, str], str] = {}
+    for trigger, event in machine.events.items():
+        for source, ts in event.transitions.items():
+            table[(source, trigger)] = ts[0].dest
+    return machine, model, table
+
+
+_JOB_MACHINE, _JOB_MODEL, JOB_TABLE = _build(JOB_STATES, JOB_TRANSITIONS, "new")
+_LIN_MACHINE, _LIN_MODEL, LINEAGE_TABLE = _build(LINEAGE_STATES, LINEAGE_TRANSITIONS, "idle")
+
+
+def may(state: str, trigger: str, *, lineage: bool = False) -> bool:
+    """Ask the declared machine whether ``trigger`` is allowed in ``state`` (no side effect)."""
+    machine, model = (_LIN_MACHINE, _LIN_MODEL) if lineage else (_JOB_MACHINE, _JOB_MODEL)
+    machine.set_state(state, model)
+    check = getattr(model, f"may_{trigger}", None)
+    return bool(check and check())
+
+
+def next_state(state: str, trigger: str, *, lineage: bool = False) -> str | None:
+    """The replay path: a dict lookup in the table derived from the declaration."""
+    return (LINEAGE_TABLE if lineage else JOB_TABLE).get((state, trigger))

@@ -1,0 +1,125 @@
+"""Pure decisions the daemon takes: what a crash was, whether to restart, what to prune.
+
+No I/O: the daemon gathers the evidence (exit status, stderr tail, the worker's last message,
+the cgroup OOM counter) and these functions decide, so every rule is unit-testable.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from dataclasses import dataclass
+
+from .state import CheckpointRef, CrashRecord, JobState
+
+SUGGESTIONS = {
+    "oom": "the worker was killed for memory: lower batch_size or max_seq_length, enable grad_checkpoint, "
+           "lower lora_parameters.rank or num_layers, or close other programs",
+    "segfault": "the worker crashed in native code (SIGSEGV): check the mlx / mlx-lm versions and the model files; "
+                "the job resumes from its last checkpoint",
+    "exception": "the worker raised a Python exception: read the traceback tail in the evidence and logs/",
+    "hang": "no training progress within timeouts.hang_s: look for a stuck evaluation or I/O; raise "
+            "timeouts.hang_s if steps are legitimately slow",
+    "disk_full": "the disk filled up (ENOSPC): free space, then `ftctl resume JOB`; the previous checkpoint is intact",
+    "nan": "the loss became NaN: lower learning_rate, enable gradient clipping, check the data for broken examples",
+    "inf": "the loss became infinite: lower learning_rate, enable gradient clipping, check the data",
+    "import_error": "the worker could not import its dependencies: reinstall ftctl's environment "
+                    "(pip install -e .) and check `python -c 'import mlx_lm'`",
+    "killed": "the worker was killed by a signal from outside ftctl; it resumes from its last checkpoint",
+    "corrupt_checkpoint": "a checkpoint failed its hash check; ftctl resumes from the previous good one",
+    "daemon_died": "the daemon supervising this job died; the job resumes from its last committed checkpoint",
+    "io_error": "an I/O error (EIO) happened while writing: check the disk (dmesg, SMART); the previous checkpoint is intact",
+    "data_changed": "the job's data copy no longer matches the sha256 recorded at submit: resubmit the data",
+}
+
+# Crashes that will happen again if retried as they are: the job fails (or pauses) at once.
+NOT_RETRYABLE = {"nan", "inf", "import_error", "data_changed"}
+# Crashes that are not the job's fault and do not use up its restart budget.
+NOT_COUNTED = {"daemon_died"}
+# Crashes that wait for the user to fix the machine rather than failing the job.
+PAUSE_ON = {"disk_full"}
+
+_MLX_OOM = ("Insufficient Memory", "Unable to allocate", "[malloc]", "out of memory", "MemoryError")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    exit_code: int | None          # Popen.returncode: negative = killed by that signal
+    stderr_tail: str = ""
+    reported: str | None = None    # the category the worker itself reported before exiting
+    oom_kills: int | None = None   # cgroup OOM-kill counter delta during the run; None = unreadable
+    hung: bool = False             # the daemon's watchdog killed it for lack of progress
+
+
+def classify(e: Evidence) -> str:
+    if e.hung:
+        return "hang"
+    if e.reported:
+        return e.reported
+    tail = e.stderr_tail
+    sig = -e.exit_code if e.exit_code is not None and e.exit_code < 0 else None
+    if (e.oom_kills or 0) > 0 or any(m in tail for m in _MLX_OOM):
+        return "oom"
+    if sig == _signal.SIGSEGV or sig == _signal.SIGBUS or "Segmentation fault" in tail:
+        return "segfault"
+    if "No space left on device" in tail or "[Errno 28]" in tail:
+        return "disk_full"
+    if "ModuleNotFoundError" in tail or "ImportError" in tail:
+        return "import_error"
+    if sig == _signal.SIGKILL:
+        # With a readable cgroup counter that did not move, it was someone's `kill -9`. Without
+        # one we cannot tell; on a training box a SIGKILL is most often the OOM killer.
+        return "oom" if e.oom_kills is None else "killed"
+    if sig is not None:
+        return "killed"
+    if "Traceback" in tail:
+        return "exception"
+    return "exception"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str          # "requeue" | "fail" | "pause"
+    reason: str
+    delay_s: float = 0.0
+
+
+def _seconds(ts: str) -> float:
+    from datetime import datetime
+
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+
+
+def after_crash(job: JobState, now: float, *, max_restarts: int, window_s: float,
+                backoff_s: float, backoff_max_s: float) -> Decision:
+    """Decide what follows the job's latest crash (already in job.crashes)."""
+    last: CrashRecord = job.crashes[-1]
+    if last.category in PAUSE_ON:
+        return Decision("pause", f"{last.category}: {SUGGESTIONS[last.category]}")
+    if last.category in NOT_RETRYABLE:
+        return Decision("fail", f"{last.category} at step {last.step}: not retried ({SUGGESTIONS[last.category]})")
+    if last.category in NOT_COUNTED:
+        return Decision("requeue", f"{last.category}: resuming from step {job.step}")
+    counted = [c for c in job.crashes if c.category not in NOT_COUNTED]
+    same = [c for c in counted if c.category == last.category and c.step == last.step]
+    if len(same) >= 3:
+        return Decision("fail", f"{last.category} three times at the same step {last.step}: "
+                                f"it will not go away by retrying ({SUGGESTIONS.get(last.category, '')})")
+    recent = [c for c in counted if now - _seconds(c.ts) <= window_s]
+    if len(recent) > max_restarts:
+        return Decision("fail", f"{len(recent)} crashes within {window_s:g} s (restart.max_restarts = {max_restarts}); "
+                                f"last: {last.category} at step {last.step}")
+    delay = min(backoff_s * (2 ** max(len(recent) - 1, 0)), backoff_max_s)
+    return Decision("requeue", f"restart {len(recent)}/{max_restarts} after {last.category}, in {delay:g} s", delay)
+
+
+def to_prune(checkpoints: list[CheckpointRef], keep_last: int, keep_best: bool) -> list[CheckpointRef]:
+    """Committed checkpoints retention removes: all but the newest ``keep_last`` good ones and the
+    best by validation loss. Corrupt ones go too once a newer good one exists."""
+    good = [c for c in checkpoints if c.corrupt is None]
+    keep = {c.path for c in good[-keep_last:]}
+    if keep_best:
+        scored = [c for c in good if c.val_loss is not None]
+        if scored:
+            keep.add(min(scored, key=lambda c: (c.val_loss, -c.step)).path)
+    newest_good = good[-1].step if good else -1
+    return [c for c in checkpoints if c.path not in keep and (c.corrupt is None or c.step < newest_good)]

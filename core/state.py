@@ -1,0 +1,349 @@
+"""The projection: what the journal says, folded into plain structs. No I/O.
+
+``apply`` is the reducer. It mutates the projection it is given (for speed: a replay of a
+million events must not copy the world a million times), but it reads nothing except the
+event, so ``fold(events)`` is a pure function of the events.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from ftctl.events import types as ev
+from ftctl.events.types import ProcessId, Recorded
+
+from .machine import ACTIVE, FACTS, TERMINAL, next_state
+
+SNAPSHOT_FORMAT = 1  # bump whenever the shape of the projection changes: old snapshots are ignored
+
+
+class ReplayError(Exception):
+    """The journal holds an event its stream's state cannot take: a bug or a tampered file."""
+
+
+class CheckpointRef(msgspec.Struct, kw_only=True, gc=False):
+    step: int
+    global_step: int
+    path: str
+    manifest_sha256: str
+    bytes: int = 0
+    train_loss: float | None = None
+    val_loss: float | None = None
+    corrupt: str | None = None
+
+
+class CrashRecord(msgspec.Struct, kw_only=True, gc=False):
+    ts: str
+    category: str
+    step: int | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    suggestion: str = ""
+
+
+class JobState(msgspec.Struct, kw_only=True):
+    job: str
+    name: str = ""
+    state: str = "new"
+    version: int = 0            # the stream version: the expected version for the next append
+    lineage: str = "main"
+    submitted_at: str = ""
+    updated_at: str = ""
+    updated_seq: int = 0
+    data_path: str = ""
+    data_sha256: str | None = None
+    data_format: str = ""
+    examples: int = 0
+    valid_path: str | None = None
+    valid_sha256: str | None = None
+    config: dict[str, Any] = {}
+    config_sha256: str = ""
+    warnings: list[str] = []
+    reason: str = ""            # why it is rejected / paused / failed / cancelled / requeued
+    attempt: int = 0
+    worker: ProcessId | None = None
+    base_model: str = ""
+    warm_start_from: str | None = None
+    global_step_base: int = 0
+    step: int = 0               # job step of the last committed checkpoint
+    global_step: int = 0
+    checkpoints: list[CheckpointRef] = []
+    last_val_loss: float | None = None
+    best_val_loss: float | None = None
+    adapter_path: str | None = None
+    adapter_sha256: str | None = None
+    crashes: list[CrashRecord] = []
+    not_before: float = 0.0
+    requested: str | None = None  # a pending user request for a running job: "pause" | "cancel"
+
+    @property
+    def iters(self) -> int:
+        return int(self.config.get("iters", 0))
+
+    def good_checkpoints(self) -> list[CheckpointRef]:
+        return [c for c in self.checkpoints if c.corrupt is None]
+
+
+class ModelVersion(msgspec.Struct, kw_only=True, gc=False):
+    version: int
+    path: str
+    weights_sha256: str
+    promoted_at: str
+
+
+class LineageState(msgspec.Struct, kw_only=True):
+    name: str
+    state: str = "idle"
+    version: int = 0            # stream version
+    base_model: str = ""        # the base new jobs train on
+    base_version: int = 0       # 0 = the original model from ftctl.yaml
+    head_job: str | None = None  # the completed job whose adapter is the lineage's current one
+    jobs: list[str] = []        # jobs trained on the current base, oldest first
+    models: list[ModelVersion] = []
+    pending: dict[str, Any] | None = None  # the consolidation in progress
+
+
+class DaemonState(msgspec.Struct, kw_only=True):
+    version: int = 0
+    process: ProcessId | None = None
+    host: str = ""
+    started_at: str = ""
+    running: bool = False
+    shutdown_requested: bool = False
+
+
+class Projection(msgspec.Struct, kw_only=True):
+    seq: int = 0
+    jobs: dict[str, JobState] = {}
+    lineages: dict[str, LineageState] = {}
+    daemon: DaemonState = msgspec.field(default_factory=DaemonState)
+
+    def job(self, job_id: str) -> JobState | None:
+        return self.jobs.get(job_id)
+
+    def queue(self) -> list[JobState]:
+        return [j for j in self.jobs.values() if j.state == "queued"]
+
+    def active(self) -> list[JobState]:
+        return [j for j in self.jobs.values() if j.state in ACTIVE]
+
+
+def job_stream(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
+def lineage_stream(name: str) -> str:
+    return f"lineage:{name}"
+
+
+DAEMON_STREAM = "daemon"
+
+
+# --------------------------------------------------------------------------- reducer
+
+
+def _job(p: Projection, rec: Recorded) -> JobState:
+    e = rec.event
+    j = p.jobs.get(e.job)
+    if j is None:
+        j = p.jobs[e.job] = JobState(job=e.job)
+    return j
+
+
+def _lineage(p: Projection, name: str, base_model: str = "") -> LineageState:
+    lin = p.lineages.get(name)
+    if lin is None:
+        lin = p.lineages[name] = LineageState(name=name, base_model=base_model)
+    return lin
+
+
+def _submitted(p: Projection, j: JobState, e: ev.JobSubmitted, rec: Recorded) -> None:
+    j.name, j.lineage, j.submitted_at = e.name, e.lineage, rec.ts
+    j.data_path, j.data_sha256, j.data_format, j.examples = e.data_path, e.data_sha256, e.data_format, e.examples
+    j.valid_path, j.valid_sha256 = e.valid_path, e.valid_sha256
+    j.config, j.config_sha256, j.warnings = e.config, e.config_sha256, list(e.warnings)
+    j.base_model = e.config.get("model", "")
+    lin = _lineage(p, e.lineage, j.base_model)
+    lin.jobs.append(e.job)
+
+
+def _rejected(p, j: JobState, e: ev.JobRejected, rec) -> None:
+    j.name, j.data_path, j.data_sha256, j.submitted_at = e.name, e.data_path, e.data_sha256, rec.ts
+    j.reason = "; ".join(e.reasons)
+
+
+def _started(p, j: JobState, e: ev.TrainingStarted, rec) -> None:
+    j.attempt, j.worker = e.attempt, ProcessId(e.worker_pid, e.worker_started_at)
+    j.warm_start_from, j.global_step_base, j.base_model = e.warm_start_from, e.global_step_base, e.base_model
+    j.requested = None
+
+
+def _committed(p, j: JobState, e: ev.CheckpointCommitted, rec) -> None:
+    j.step, j.global_step = e.step, e.global_step
+    j.checkpoints = [c for c in j.checkpoints if c.path != e.path]
+    j.checkpoints.append(CheckpointRef(step=e.step, global_step=e.global_step, path=e.path,
+                                       manifest_sha256=e.manifest_sha256, bytes=e.bytes,
+                                       train_loss=e.train_loss, val_loss=e.val_loss))
+
+
+def _pruned(p, j: JobState, e: ev.CheckpointPruned, rec) -> None:
+    j.checkpoints = [c for c in j.checkpoints if c.path != e.path]
+
+
+def _corrupt(p, j: JobState, e: ev.CheckpointCorrupt, rec) -> None:
+    for c in j.checkpoints:
+        if c.path == e.path:
+            c.corrupt = e.reason
+    good = j.good_checkpoints()
+    j.step = good[-1].step if good else 0
+    j.global_step = good[-1].global_step if good else j.global_step_base
+
+
+def _evaluated(p, j: JobState, e: ev.Evaluated, rec) -> None:
+    j.last_val_loss = e.val_loss
+    if j.best_val_loss is None or e.val_loss < j.best_val_loss:
+        j.best_val_loss = e.val_loss
+
+
+def _completed(p: Projection, j: JobState, e: ev.Completed, rec) -> None:
+    j.step, j.global_step, j.worker = e.step, e.global_step, None
+    j.adapter_path, j.adapter_sha256 = e.adapter_path, e.adapter_sha256
+    _lineage(p, j.lineage, j.base_model).head_job = j.job
+
+
+def _crashed(p, j: JobState, e: ev.Crashed, rec) -> None:
+    j.worker = None
+    j.crashes.append(CrashRecord(ts=rec.ts, category=e.category, step=e.step, exit_code=e.exit_code,
+                                 signal=e.signal, suggestion=e.suggestion))
+    j.reason = f"{e.category}: {e.suggestion}" if e.suggestion else e.category
+
+
+def _requeued(p, j: JobState, e: ev.Requeued, rec) -> None:
+    j.reason, j.not_before = e.reason, e.not_before
+
+
+def _interrupted(p, j: JobState, e: ev.Interrupted, rec) -> None:
+    j.worker, j.reason, j.not_before = None, e.reason, 0.0
+
+
+def _reason(p, j: JobState, e, rec) -> None:
+    j.reason = e.reason
+    if j.state in TERMINAL or j.state == "paused":
+        j.worker, j.requested = None, None
+
+
+def _resumed(p, j: JobState, e, rec) -> None:
+    j.reason, j.not_before = "", 0.0
+
+
+def _control(p, j: JobState, e: ev.ControlRequested, rec) -> None:
+    j.requested = e.action
+
+
+def _daemon_started(p: Projection, e: ev.DaemonStarted, rec) -> None:
+    d = p.daemon
+    d.process, d.host, d.started_at, d.running, d.shutdown_requested = e.process, e.host, rec.ts, True, False
+
+
+def _daemon_stopped(p: Projection, e, rec) -> None:
+    p.daemon.running, p.daemon.shutdown_requested = False, False
+
+
+def _shutdown(p: Projection, e, rec) -> None:
+    p.daemon.shutdown_requested = True
+
+
+def _noop(p, e, rec) -> None:
+    pass
+
+
+def _consolidation(p: Projection, lin: LineageState, e, rec) -> None:
+    if isinstance(e, ev.ConsolidationStarted):
+        lin.pending = msgspec.to_builtins(e)
+    elif isinstance(e, ev.BasePromoted):
+        lin.pending = None
+        lin.base_model, lin.base_version = e.model_path, e.version
+        lin.models.append(ModelVersion(version=e.version, path=e.model_path, weights_sha256=e.weights_sha256, promoted_at=rec.ts))
+        lin.head_job, lin.jobs = None, []
+    elif isinstance(e, ev.ConsolidationAborted):
+        lin.pending = None
+    elif isinstance(e, ev.ModelRemoved):
+        lin.models = [m for m in lin.models if m.version != e.version]
+
+
+JOB_HANDLERS = {
+    ev.JobSubmitted: _submitted, ev.JobRejected: _rejected, ev.TrainingStarted: _started,
+    ev.CheckpointStarted: lambda *a: None, ev.CheckpointCommitted: _committed,
+    ev.CheckpointPruned: _pruned, ev.CheckpointCorrupt: _corrupt, ev.CheckpointDiscarded: lambda *a: None,
+    ev.Evaluated: _evaluated, ev.Completed: _completed, ev.Crashed: _crashed, ev.Requeued: _requeued,
+    ev.Interrupted: _interrupted, ev.Failed: _reason, ev.Paused: _reason, ev.Resumed: _resumed,
+    ev.Cancelled: _reason, ev.ControlRequested: _control,
+}
+DAEMON_HANDLERS = {
+    ev.DaemonStarted: _daemon_started, ev.DaemonStopped: _daemon_stopped,
+    ev.ShutdownRequested: _shutdown, ev.RecoveryFinished: _noop,
+}
+LINEAGE_TYPES = (ev.ConsolidationStarted, ev.BasePromoted, ev.ConsolidationAborted, ev.ModelRemoved)
+_KIND = {t: t.kind() for t in ev.EVENT_TYPES}
+
+
+def check(state: str, event: ev.EventBase, *, lineage: bool = False) -> str | None:
+    """The state after ``event``, or None if the event is illegal in ``state``."""
+    trigger = type(event).trigger
+    if trigger is not None:
+        return next_state(state, trigger, lineage=lineage)
+    allowed = FACTS.get(_KIND[type(event)])
+    if allowed is not None and state not in allowed:
+        return None
+    return state
+
+
+def apply(p: Projection, rec: Recorded) -> None:
+    """Fold one recorded event into the projection."""
+    e = rec.event
+    handler = JOB_HANDLERS.get(type(e))
+    if handler is not None:
+        j = _job(p, rec)
+        new = check(j.state, e)
+        if new is None:
+            raise ReplayError(f"seq {rec.seq}: {_KIND[type(e)]!r} is illegal for job {e.job} in state {j.state!r}")
+        j.state, j.version, j.updated_at, j.updated_seq = new, rec.version, rec.ts, rec.seq
+        handler(p, j, e, rec)
+    elif type(e) in DAEMON_HANDLERS:
+        p.daemon.version = rec.version
+        DAEMON_HANDLERS[type(e)](p, e, rec)
+    elif isinstance(e, LINEAGE_TYPES):
+        lin = _lineage(p, e.lineage)
+        new = check(lin.state, e, lineage=True)
+        if new is None:
+            raise ReplayError(f"seq {rec.seq}: {_KIND[type(e)]!r} is illegal for lineage {e.lineage} in state {lin.state!r}")
+        lin.state, lin.version = new, rec.version
+        _consolidation(p, lin, e, rec)
+    else:
+        raise ReplayError(f"seq {rec.seq}: no reducer for event type {type(e).__name__}")
+    p.seq = rec.seq
+
+
+def fold(records, p: Projection | None = None) -> Projection:
+    p = Projection() if p is None else p
+    for rec in records:
+        apply(p, rec)
+    return p
+
+
+_snap_enc = msgspec.msgpack.Encoder()
+_snap_dec = msgspec.msgpack.Decoder(Projection)
+
+
+def to_snapshot(p: Projection) -> bytes:
+    return _snap_enc.encode(p)
+
+
+def from_snapshot(blob: bytes) -> Projection:
+    return _snap_dec.decode(blob)
+
+
+def as_dict(obj) -> Any:
+    return msgspec.to_builtins(obj)

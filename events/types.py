@@ -1,0 +1,363 @@
+"""The event catalogue: small, immutable facts, one msgspec Struct each.
+
+Every event is a member of the tagged union ``Event``; its tag (the ``type`` field in the
+stored JSON) names it and, from version 2 on, its schema version (``"daemon_started.v2"``).
+Old versions stay in the union so that old journals still decode; ``upcast`` turns them into
+the current type. Rules for changing an event (msgspec's): add fields only with defaults,
+never change a field's type — bump the version and write an upcaster instead.
+
+``trigger`` names the state-machine transition an event performs (core/machine.py); events
+without one record facts that do not move the job's state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Union
+
+import msgspec
+
+
+class EventBase(msgspec.Struct, tag_field="type", frozen=True, kw_only=True, omit_defaults=True, gc=False):
+    trigger: ClassVar[str | None] = None
+    schema: ClassVar[int] = 1
+
+    @classmethod
+    def kind(cls) -> str:
+        """The event's name without its version suffix, as shown to users."""
+        return cls.__struct_config__.tag.split(".v")[0]
+
+
+# --------------------------------------------------------------------------- jobs
+# Stream id: "job:<job id>". The job id is also in every body so a body alone is readable.
+
+
+class JobSubmitted(EventBase, tag="job_submitted", kw_only=True):
+    """Data validated and the job queued. Records what is needed to detect later drift."""
+
+    trigger: ClassVar[str] = "submit"
+    job: str
+    name: str
+    data_path: str
+    data_sha256: str
+    data_format: str
+    examples: int
+    valid_path: str | None = None
+    valid_sha256: str | None = None
+    config: dict[str, Any]
+    config_sha256: str
+    lineage: str = "main"
+    warnings: list[str] = []
+
+
+class JobRejected(EventBase, tag="job_rejected", kw_only=True):
+    """Data failed validation; nothing was queued and the file was left untouched."""
+
+    trigger: ClassVar[str] = "reject"
+    job: str
+    name: str
+    data_path: str
+    data_sha256: str | None = None
+    reasons: list[str]
+    problems: list[str] = []
+
+
+class TrainingStarted(EventBase, tag="training_started", kw_only=True):
+    """A worker process was spawned for the job."""
+
+    trigger: ClassVar[str] = "start"
+    job: str
+    attempt: int
+    worker_pid: int
+    worker_started_at: float
+    resume_step: int = 0
+    resume_checkpoint: str | None = None
+    warm_start_from: str | None = None
+    global_step_base: int = 0
+    base_model: str
+
+
+class CheckpointStarted(EventBase, tag="checkpoint_started", kw_only=True):
+    trigger: ClassVar[str] = "checkpoint"
+    job: str
+    step: int
+    global_step: int
+
+
+class CheckpointCommitted(EventBase, tag="checkpoint_committed", kw_only=True):
+    """The commit point of a checkpoint: its directory is durable and verified by hash."""
+
+    trigger: ClassVar[str] = "committed"
+    job: str
+    step: int
+    global_step: int
+    path: str
+    manifest_sha256: str
+    bytes: int
+    train_loss: float | None = None
+    val_loss: float | None = None
+
+
+class CheckpointPruned(EventBase, tag="checkpoint_pruned", kw_only=True):
+    """Retention removed a committed checkpoint (the event comes first, the deletion after)."""
+
+    job: str
+    step: int
+    path: str
+    reason: str
+
+
+class CheckpointCorrupt(EventBase, tag="checkpoint_corrupt", kw_only=True):
+    """A committed checkpoint failed verification; resume falls back to an earlier one."""
+
+    job: str
+    step: int
+    path: str
+    reason: str
+
+
+class CheckpointDiscarded(EventBase, tag="checkpoint_discarded", kw_only=True):
+    """Recovery deleted a temp or uncommitted checkpoint directory."""
+
+    job: str
+    path: str
+    reason: str
+
+
+class Evaluated(EventBase, tag="evaluated", kw_only=True):
+    job: str
+    step: int
+    global_step: int
+    val_loss: float
+
+
+class Completed(EventBase, tag="completed", kw_only=True):
+    trigger: ClassVar[str] = "complete"
+    job: str
+    step: int
+    global_step: int
+    adapter_path: str
+    adapter_sha256: str
+    checkpoint: str
+
+
+class Crashed(EventBase, tag="crashed", kw_only=True):
+    """The worker died or stopped making progress. ``evidence`` keeps the stderr tail."""
+
+    trigger: ClassVar[str] = "crash"
+    job: str
+    category: str
+    step: int | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    evidence: str = ""
+    suggestion: str = ""
+
+
+class Requeued(EventBase, tag="requeued", kw_only=True):
+    trigger: ClassVar[str] = "requeue"
+    job: str
+    reason: str
+    not_before: float = 0.0
+
+
+class Interrupted(EventBase, tag="interrupted", kw_only=True):
+    """Graceful stop: the worker checkpointed at ``step`` and exited; the job waits in the queue."""
+
+    trigger: ClassVar[str] = "interrupt"
+    job: str
+    step: int
+    reason: str
+
+
+class Failed(EventBase, tag="failed", kw_only=True):
+    trigger: ClassVar[str] = "fail"
+    job: str
+    reason: str
+    category: str = ""
+
+
+class Paused(EventBase, tag="paused", kw_only=True):
+    trigger: ClassVar[str] = "pause"
+    job: str
+    reason: str
+
+
+class Resumed(EventBase, tag="resumed", kw_only=True):
+    trigger: ClassVar[str] = "resume"
+    job: str
+
+
+class Cancelled(EventBase, tag="cancelled", kw_only=True):
+    trigger: ClassVar[str] = "cancel"
+    job: str
+    reason: str
+
+
+class ControlRequested(EventBase, tag="control_requested", kw_only=True):
+    """A user asked a running job to pause or cancel; the daemon acts on it."""
+
+    job: str
+    action: str
+
+
+# --------------------------------------------------------------------------- daemon
+# Stream id: "daemon".
+
+
+class ProcessId(msgspec.Struct, frozen=True, gc=False):
+    """A process is (pid, start time): a pid alone can be reused by an unrelated process."""
+
+    pid: int
+    started_at: float
+
+
+class DaemonStartedV1(EventBase, tag="daemon_started", kw_only=True):
+    """Schema 1 recorded the pid only; kept so that old journals still decode."""
+
+    pid: int
+    host: str
+
+
+class DaemonStarted(EventBase, tag="daemon_started.v2", kw_only=True):
+    schema: ClassVar[int] = 2
+    process: ProcessId
+    host: str
+    version: str = ""
+
+
+class DaemonStopped(EventBase, tag="daemon_stopped", kw_only=True):
+    pid: int
+    reason: str
+
+
+class ShutdownRequested(EventBase, tag="shutdown_requested", kw_only=True):
+    reason: str = "ftctl shutdown"
+
+
+class RecoveryFinished(EventBase, tag="recovery_finished", kw_only=True):
+    repairs: int
+    summary: list[str] = []
+
+
+# --------------------------------------------------------------------------- lineage
+# Stream id: "lineage:<name>". Consolidation fuses the lineage's adapter into a new base.
+
+
+class ConsolidationStarted(EventBase, tag="consolidation_started", kw_only=True):
+    trigger: ClassVar[str] = "consolidate"
+    lineage: str
+    version: int
+    base_model: str
+    adapter_path: str
+    adapter_sha256: str
+    temp_path: str
+
+
+class BasePromoted(EventBase, tag="base_promoted", kw_only=True):
+    trigger: ClassVar[str] = "promote"
+    lineage: str
+    version: int
+    model_path: str
+    weights_sha256: str
+    previous_base: str
+
+
+class ConsolidationAborted(EventBase, tag="consolidation_aborted", kw_only=True):
+    trigger: ClassVar[str] = "abort"
+    lineage: str
+    version: int
+    reason: str
+
+
+class ModelRemoved(EventBase, tag="model_removed", kw_only=True):
+    lineage: str
+    version: int
+    path: str
+    reason: str
+
+
+Event = Union[
+    JobSubmitted, JobRejected, TrainingStarted, CheckpointStarted, CheckpointCommitted,
+    CheckpointPruned, CheckpointCorrupt, CheckpointDiscarded, Evaluated, Completed, Crashed,
+    Requeued, Interrupted, Failed, Paused, Resumed, Cancelled, ControlRequested,
+    DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, RecoveryFinished,
+    ConsolidationStarted, BasePromoted, ConsolidationAborted, ModelRemoved,
+]
+
+EVENT_TYPES: tuple[type[EventBase], ...] = Event.__args__
+BY_TAG: dict[str, type[EventBase]] = {t.__struct_config__.tag: t for t in EVENT_TYPES}
+
+
+# --------------------------------------------------------------------------- upcasting
+
+
+def _daemon_started_v1(e: DaemonStartedV1) -> DaemonStarted:
+    # Schema 1 did not record the start time: 0.0 means "unknown", and a process whose
+    # identity cannot be proven is never signalled (see recovery).
+    return DaemonStarted(process=ProcessId(pid=e.pid, started_at=0.0), host=e.host)
+
+
+UPCASTERS: dict[type, Any] = {DaemonStartedV1: _daemon_started_v1}
+
+
+def upcast(event: EventBase) -> EventBase:
+    """Bring an event of an old schema version to its current type (chains are allowed)."""
+    f = UPCASTERS.get(type(event))
+    while f is not None:
+        event = f(event)
+        f = UPCASTERS.get(type(event))
+    return event
+
+
+# --------------------------------------------------------------------------- envelope
+
+
+class Recorded(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """An event as stored: global sequence, stream, per-stream version, UTC time, body."""
+
+    seq: int
+    stream: str
+    version: int
+    ts: str
+    event: Event
+
+
+class DecodeError(ValueError):
+    """A stored event body could not be decoded into a known event type."""
+
+
+_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(Event)
+_batch_decoder = msgspec.json.Decoder(list[Recorded])
+
+
+def encode(event: EventBase) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(body: bytes | str) -> EventBase:
+    """Decode one stored body; raises DecodeError (only) on anything that is not a valid event."""
+    try:
+        return upcast(_event_decoder.decode(body))
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+        raise DecodeError(f"not a valid ftctl event: {e}") from None
+
+
+def decode_batch(data: bytes | str) -> list[Recorded]:
+    """Decode a JSON array of ``[seq, stream, version, ts, body]`` rows in one call."""
+    try:
+        rows = _batch_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+        raise DecodeError(f"journal holds an event that cannot be decoded: {e}") from None
+    if UPCASTERS:
+        legacy = tuple(UPCASTERS)
+        rows = [
+            Recorded(r.seq, r.stream, r.version, r.ts, upcast(r.event)) if isinstance(r.event, legacy) else r
+            for r in rows
+        ]
+    return rows
+
+
+def to_dict(event: EventBase) -> dict[str, Any]:
+    """The event as plain JSON-able data, tag included (stable: used by --json output)."""
+    return msgspec.to_builtins(event)

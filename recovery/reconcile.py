@@ -1,0 +1,141 @@
+"""Reconcile the disk and the process table with the journal.
+
+``plan`` looks (reads the journal's projection, lists folders, verifies hashes, asks the
+process table) and returns the repairs; it changes nothing, which is what
+``ftctl recover --dry-run`` prints. ``apply`` carries them out. Every repair is recorded as
+an event, so ``ftctl history`` explains what recovery did and why; a second run finds
+nothing left to do.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ftctl.adapters import checkpoint as ck
+from ftctl.adapters import process
+from ftctl.adapters.faults import crash_point
+from ftctl.adapters.workspace import Workspace
+from ftctl.core.machine import ACTIVE
+from ftctl.core.policy import SUGGESTIONS
+from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
+from ftctl.events import types as ev
+from ftctl.events.types import EventBase
+
+from .ledger import Ledger
+
+
+@dataclass
+class Repair:
+    what: str                                 # one line for people
+    stream: str
+    events: list[EventBase] = field(default_factory=list)
+    before: Callable[[], None] | None = None  # effect that must precede the event (stop a process)
+    after: Callable[[], None] | None = None   # effect that follows the event (delete a folder)
+
+    def as_dict(self) -> dict:
+        return {"what": self.what, "stream": self.stream, "events": [type(e).kind() for e in self.events]}
+
+
+def _rm(path: Path) -> Callable[[], None]:
+    return lambda: shutil.rmtree(path, ignore_errors=True)
+
+
+def _stale_job(j: JobState) -> list[Repair]:
+    """A job the journal says is training, found with no live worker (or an orphan one)."""
+    out = []
+    orphan = j.worker is not None and process.alive(j.worker)
+    if orphan:
+        w = j.worker
+        out.append(Repair(f"job {j.job}: stop orphan worker pid {w.pid} (its daemon is gone)",
+                          job_stream(j.job), before=lambda w=w: process.stop_group(w)))
+    evidence = (f"journal said {j.state!r} (worker pid {j.worker.pid if j.worker else '?'}) but no daemon "
+                f"supervised it{'; the orphan worker was stopped' if orphan else ''}")
+    crash = ev.Crashed(job=j.job, category="daemon_died", step=j.step, evidence=evidence,
+                       suggestion=SUGGESTIONS["daemon_died"])
+    if j.requested == "cancel":
+        follow = ev.Cancelled(job=j.job, reason="cancelled by user while its daemon was down")
+    elif j.requested == "pause":
+        follow = ev.Paused(job=j.job, reason="paused by user while its daemon was down")
+    else:
+        follow = ev.Requeued(job=j.job, reason=f"recovery: resume from step {j.step}")
+    out.append(Repair(f"job {j.job}: {j.state} with no live worker -> crashed, then {type(follow).kind()} "
+                      f"(resumes from step {j.step})", job_stream(j.job), [crash, follow]))
+    return out
+
+
+def _disk(ws: Workspace, j: JobState) -> list[Repair]:
+    out = []
+    jdir = ws.job_dir(j.job)
+    stream = job_stream(j.job)
+    for tmp in ck.temp_dirs(jdir):
+        out.append(Repair(f"job {j.job}: delete temp checkpoint {tmp.name}", stream,
+                          [ev.CheckpointDiscarded(job=j.job, path=str(tmp), reason="temp directory of an unfinished save")],
+                          after=_rm(tmp)))
+    known = {c.path for c in j.checkpoints}
+    for d in ck.list_checkpoint_dirs(jdir):
+        if str(d) not in known:
+            out.append(Repair(f"job {j.job}: delete uncommitted checkpoint {d.name}", stream,
+                              [ev.CheckpointDiscarded(job=j.job, path=str(d), reason="on disk but never committed, or pruned")],
+                              after=_rm(d)))
+    for c in j.checkpoints:
+        if c.corrupt is not None:
+            continue
+        try:
+            ck.verify_checkpoint(c.path)
+        except ck.CheckpointCorrupt as e:
+            out.append(Repair(f"job {j.job}: checkpoint step {c.step} is corrupt ({e.reason}); resume falls back",
+                              stream, [ev.CheckpointCorrupt(job=j.job, step=c.step, path=c.path, reason=e.reason)]))
+    adapters = jdir / "adapters"
+    for leftover in jdir.glob(".tmp-adapters*"):
+        out.append(Repair(f"job {j.job}: delete unfinished adapter export {leftover.name}", stream,
+                          [ev.CheckpointDiscarded(job=j.job, path=str(leftover), reason="temp adapter export")],
+                          after=_rm(leftover)))
+    if adapters.exists() and j.state != "completed":
+        out.append(Repair(f"job {j.job}: delete uncommitted final adapter (the job never completed)", stream,
+                          [ev.CheckpointDiscarded(job=j.job, path=str(adapters), reason="adapter exported but `completed` never committed")],
+                          after=_rm(adapters)))
+    return out
+
+
+def plan(ws: Workspace, ledger: Ledger) -> list[Repair]:
+    """Recovery runs holding the daemon lock, before any worker of this daemon starts: every
+    job the journal calls active is stale, and a live worker recorded for it is an orphan."""
+    ledger.refresh()
+    p = ledger.state
+    repairs: list[Repair] = []
+    d = p.daemon
+    if d.running:
+        repairs.append(Repair(f"daemon pid {d.process.pid if d.process else '?'} died without stopping: mark it stopped",
+                              DAEMON_STREAM, [ev.DaemonStopped(pid=d.process.pid if d.process else 0,
+                                                               reason="died (found by recovery)")]))
+    for j in p.jobs.values():
+        if j.state in ACTIVE:
+            repairs += _stale_job(j)
+        if j.state != "rejected":
+            repairs += _disk(ws, j)
+    jobs_root = ws.home / "jobs"
+    if jobs_root.exists():
+        for d_ in sorted(jobs_root.iterdir()):
+            if d_.is_dir() and d_.name not in p.jobs:
+                repairs.append(Repair(f"delete {d_.name}/ in jobs/: left by a submit that never committed",
+                                      DAEMON_STREAM, [], after=_rm(d_)))
+    return repairs
+
+
+def apply(ledger: Ledger, repairs: list[Repair]) -> int:
+    done = 0
+    for r in repairs:
+        crash_point("during_recovery", done)
+        if r.before:
+            r.before()
+        if r.events:
+            ledger.commit(r.stream, *r.events)
+        if r.after:
+            r.after()
+        done += 1
+    if done:
+        ledger.commit(DAEMON_STREAM, ev.RecoveryFinished(repairs=done, summary=[r.what for r in repairs][:50]))
+    return done

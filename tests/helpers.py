@@ -1,0 +1,106 @@
+"""Shared test helpers: real workspaces, real `ftctl` processes, real MLX."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+# A job small enough for CI (2 cores) that still exercises dropout, warmup + cosine,
+# validation, several checkpoints and retention.
+TEST_CONFIG = {
+    "iters": 40, "batch_size": 2, "learning_rate": 5e-4, "save_every": 5, "steps_per_report": 5,
+    "steps_per_eval": 10, "val_batches": 2, "max_seq_length": 96, "num_layers": -1, "seed": 3,
+    "optimizer": "adamw",
+    "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.1, "keys": None},
+    "lr_schedule": {"name": "cosine_decay", "warmup": 4, "warmup_init": 1e-5, "arguments": [5e-4, 36, 1e-5]},
+    "restart": {"max_restarts": 3, "window_s": 300.0, "backoff_s": 0.05, "backoff_max_s": 0.2},
+    "timeouts": {"hang_s": 120.0, "eval_hang_s": 240.0, "stop_s": 60.0},
+    "min_free_disk_gb": 0.01,
+}
+
+
+def ftctl(home: Path, *args: str, env: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ftctl.cli", *args, "--home", str(home)]
+    full_env = {k: v for k, v in os.environ.items() if k != "FTCTL_CRASH_AT"}
+    full_env.update({"COLUMNS": "200", **(env or {})})
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"ftctl {' '.join(args)} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def make_workspace(home: Path, model: Path, **overrides) -> Path:
+    from ftctl.adapters.workspace import init_workspace
+
+    cfg = {**TEST_CONFIG, **overrides}
+    init_workspace(home, str(model), cfg)
+    return home
+
+
+def status(home: Path, job: str | None = None) -> dict:
+    args = ["status", "--json"] + ([job] if job else [])
+    return json.loads(ftctl(home, *args).stdout)
+
+
+def history(home: Path) -> list[dict]:
+    return json.loads(ftctl(home, "history", "--json").stdout)
+
+
+def kinds(home: Path, job: str | None = None) -> list[str]:
+    return [e["type"] for e in history(home) if job is None or e["stream"] == f"job:{job}"]
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def crash_env(tmp: Path, *points: str) -> dict:
+    """FTCTL_CRASH_AT for named points ("name:step"), each firing once."""
+    items = [f"{p}:{tmp / ('marker-' + p.replace(':', '-').replace('*', 'any'))}" for p in points]
+    return {"FTCTL_CRASH_AT": ",".join(items)}
+
+
+def wait_for(pred, timeout: float = 120, every: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError("condition not met in time")
+
+
+def leftovers(home: Path) -> list[Path]:
+    """Temp directories anywhere under jobs/ (there must be none after a run)."""
+    return [p for p in (home / "jobs").rglob(".tmp*")]
+
+
+def survivors(home: Path) -> list[int]:
+    """Pids of every worker and daemon the journal ever recorded that are still alive
+    (matched by pid AND start time, so a reused pid does not count)."""
+    from ftctl.adapters.process import alive
+    from ftctl.events.types import ProcessId
+
+    out = []
+    for e in history(home):
+        d = e["data"]
+        if e["type"] == "training_started":
+            pid_id = ProcessId(d["worker_pid"], d["worker_started_at"])
+        elif e["type"] == "daemon_started":
+            pid_id = ProcessId(d["process"]["pid"], d["process"]["started_at"])
+        else:
+            continue
+        if alive(pid_id):
+            out.append(pid_id.pid)
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())

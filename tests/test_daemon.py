@@ -1,0 +1,166 @@
+"""`ftctl start` end to end with real processes: kill the worker (and the daemon) at chosen
+points, restart, and the final adapter is bit-for-bit the uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import (crash_env, ftctl, history, kinds, leftovers, make_workspace, sha256_file, status,
+                     survivors, wait_for)
+
+
+def _run_job(tmp_path, demo, name, *, env=None, jobs=1, starts=1):
+    home = make_workspace(tmp_path / name, demo.model_dir)
+    for i in range(jobs):
+        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", f"job{i + 1}")
+    for _ in range(starts):
+        ftctl(home, "start", "--until-idle", "--quiet", env=env, timeout=600)
+    return home
+
+
+def _finished(home, job="0001"):
+    s = status(home, job)
+    assert s["state"] == "completed", s
+    assert s["adapter_sha256"] == sha256_file(f"{s['adapter_path']}/adapters.safetensors")
+    assert leftovers(home) == []
+    assert survivors(home) == []
+    from ftctl.events.journal import Journal
+
+    with Journal.open(home / "journal.db") as j:
+        assert j.integrity_check() == "ok"
+    return s
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, demo):
+    home = _run_job(tmp_path_factory.mktemp("base"), demo, "ws", jobs=2)
+    first, second = _finished(home, "0001"), _finished(home, "0002")
+    assert first["global_step"] == 40 and second["global_step"] == 80  # the lineage's cumulative step
+    return home, first["adapter_sha256"], second["adapter_sha256"]
+
+
+def test_uninterrupted_run_is_recorded(baseline):
+    home, sha1, _ = baseline
+    k = kinds(home, "0001")
+    assert k[:2] == ["job_submitted", "training_started"]
+    assert k.count("checkpoint_committed") == 8 and k[-1] == "completed"
+    assert "evaluated" in k  # validation loss is really computed
+    s = status(home, "0001")
+    assert s["last_val_loss"] is not None and s["last_report"]["loss"] is not None
+    # retention: keep_last 3 + best, never more on disk
+    dirs = list((home / "jobs" / "0001" / "checkpoints").iterdir())
+    assert len(dirs) <= 4 and len(dirs) == len(s["checkpoints"])
+
+
+@pytest.mark.parametrize("point", ["mid_step:7", "mid_step:23", "after_temp_write:10", "after_rename:15"])
+def test_worker_killed_resumes_bit_for_bit(tmp_path, demo, baseline, point):
+    home = _run_job(tmp_path, demo, "ws", env=crash_env(tmp_path, point))
+    s = _finished(home)
+    assert s["adapter_sha256"] == baseline[1]
+    crashes = [e for e in history(home) if e["type"] == "crashed"]
+    assert len(crashes) == 1 and crashes[0]["data"]["category"] == "killed"
+    assert crashes[0]["data"]["signal"] == signal.SIGKILL
+
+
+def test_warm_started_second_job_resumes_bit_for_bit(tmp_path, demo, baseline):
+    # global step 40 + job step 13 = the second job's 13th iteration
+    home = _run_job(tmp_path, demo, "ws", jobs=2, env=crash_env(tmp_path, "mid_step:13"))
+    assert _finished(home, "0002")["adapter_sha256"] == baseline[2]
+    assert [e["data"]["job"] for e in history(home) if e["type"] == "crashed"] == ["0001"]
+
+
+def test_daemon_killed_before_commit_and_corrupt_newest_checkpoint(tmp_path, demo, baseline):
+    """The daemon dies after the worker renamed checkpoint 15 but before the event: the worker
+    dies with it, step 15 is uncommitted debris. Then the newest committed checkpoint (10) is
+    corrupted. Restart: recovery discards 15, marks 10 corrupt, resumes from 5."""
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    p = ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "daemon_before_commit:15"), check=False)
+    assert p.returncode == -signal.SIGKILL
+    time.sleep(0.5)
+    assert survivors(home) == []  # the worker died with its daemon (PR_SET_PDEATHSIG / stdin EOF)
+    ckdir = home / "jobs" / "0001" / "checkpoints"
+    assert (ckdir / "step-00000015").exists()
+    blob = ckdir / "step-00000010" / "adapters.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-3] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    plan = json.loads(ftctl(home, "recover", "--dry-run", "--json").stdout)
+    assert any("uncommitted" in r["what"] for r in plan["repairs"])
+    assert any("corrupt" in r["what"] for r in plan["repairs"])
+    ftctl(home, "start", "--until-idle", "--quiet")
+    s = _finished(home)
+    assert s["adapter_sha256"] == baseline[1]
+    evs = history(home)
+    assert any(e["type"] == "checkpoint_corrupt" and e["data"]["step"] == 10 for e in evs)
+    assert any(e["type"] == "checkpoint_discarded" and e["data"]["path"].endswith("step-00000015") for e in evs)
+    restart = [e for e in evs if e["type"] == "training_started"][-1]
+    assert restart["data"]["resume_step"] == 5
+    again = json.loads(ftctl(home, "recover", "--dry-run", "--json").stdout)
+    assert again["repairs"] == []
+
+
+def test_truncated_checkpoint_falls_back(tmp_path, demo, baseline):
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "daemon_before_commit:20"), check=False)
+    opt = home / "jobs" / "0001" / "checkpoints" / "step-00000015" / "optimizer.safetensors"
+    opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])
+    ftctl(home, "start", "--until-idle", "--quiet")
+    assert _finished(home)["adapter_sha256"] == baseline[1]
+    assert [e["data"]["step"] for e in history(home) if e["type"] == "checkpoint_corrupt"] == [15]
+
+
+def test_sigterm_checkpoints_and_loses_no_step(tmp_path, demo, baseline):
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    d = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--quiet", "--home", str(home)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (status(home, "0001").get("last_report") or {}).get("step", 0) >= 12, timeout=240)
+        seen = status(home, "0001")["last_report"]["step"]
+        d.send_signal(signal.SIGTERM)
+        assert d.wait(timeout=120) == 0, d.stderr.read()
+    finally:
+        if d.poll() is None:
+            d.kill()
+    evs = history(home)
+    inter = [e for e in evs if e["type"] == "interrupted"]
+    assert len(inter) == 1 and inter[0]["data"]["step"] >= seen
+    committed = [e["data"]["step"] for e in evs if e["type"] == "checkpoint_committed"]
+    assert committed[-1] == inter[0]["data"]["step"]  # checkpointed exactly where it stopped
+    assert status(home, "0001")["state"] == "queued"
+    ftctl(home, "start", "--until-idle", "--quiet")
+    assert _finished(home)["adapter_sha256"] == baseline[1]
+
+
+def test_adapter_loads_and_generates_with_mlx_lm(baseline, demo):
+    from mlx_lm import generate, load
+
+    home, _, _ = baseline
+    s = status(home, "0001")
+    model, tok = load(str(demo.model_dir), adapter_path=s["adapter_path"])
+    text = generate(model, tok, prompt="What is 2 + 3?", max_tokens=5)
+    assert isinstance(text, str)
+
+
+def test_second_daemon_is_refused(tmp_path, demo):
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    d = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--quiet", "--home", str(home)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: status(home)["daemon"]["running"], timeout=60)
+        p = ftctl(home, "start", "--until-idle", check=False)
+        assert p.returncode == 1
+        assert "another ftctl daemon is running" in p.stderr and str(d.pid) in p.stderr
+        ftctl(home, "shutdown", "--wait", "30")
+        assert d.wait(timeout=30) == 0
+    finally:
+        if d.poll() is None:
+            d.kill()
