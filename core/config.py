@@ -1,0 +1,674 @@
+"""The ftctl.yaml schema: msgspec Structs, decoding with one-line errors, warnings, overrides.
+
+Pure: no file I/O. The caller reads the YAML file and hands its mapping to `decode_config`.
+Keys follow mlx-lm's lora config where they exist; ftctl's own keys come after them.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import math
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+from msgspec import Meta, Struct, field
+from msgspec import inspect as mi
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Consolidation",
+    "LoraParameters",
+    "LRSchedule",
+    "RestartPolicy",
+    "Retention",
+    "Timeouts",
+    "config_sha256",
+    "config_to_dict",
+    "decode_config",
+    "default_config_dict",
+    "describe_keys",
+    "merge_overrides",
+]
+
+
+def _m(description: str, allowed: str | None = None, **constraints) -> Meta:
+    """Meta with a help line and, where the constraint needs words, the allowed-values text."""
+    extra = {"allowed": allowed} if allowed else None
+    return Meta(description=description, extra=extra, **constraints)
+
+
+# mlx.optimizers.schedulers that mlx_lm.tuner.utils.build_schedule can call with positional
+# `arguments` (join_schedules takes lists, so it cannot come from a config file).
+# name -> (signature, min args, max args, indices of step-count arguments)
+SCHEDULES: dict[str, tuple[str, int, int, tuple[int, ...]]] = {
+    "cosine_decay": ("init, decay_steps[, end]", 2, 3, (1,)),
+    "exponential_decay": ("init, decay_rate", 2, 2, ()),
+    "linear_schedule": ("init, end, steps", 3, 3, (2,)),
+    "step_decay": ("init, decay_rate, step_size", 3, 3, (2,)),
+}
+OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor", "muon")
+
+
+class LoraParameters(Struct, kw_only=True, forbid_unknown_fields=True):
+    rank: Annotated[int, _m("LoRA rank: inner size of the low-rank update", ge=1, le=1024)] = 8
+    scale: Annotated[float, _m("LoRA scale: multiplier of the low-rank update", gt=0)] = 20.0
+    dropout: Annotated[float, _m("dropout on the LoRA input during training", ge=0, lt=1)] = 0.0
+    keys: Annotated[
+        Annotated[list[str], Meta(min_length=1)] | None,
+        _m(
+            "module names to adapt, e.g. [self_attn.q_proj, self_attn.v_proj]; null = mlx-lm's "
+            "default for the architecture",
+            "a non-empty list of module names, or null",
+        ),
+    ] = None
+
+
+class LRSchedule(Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[
+        Literal["cosine_decay", "exponential_decay", "linear_schedule", "step_decay"],
+        _m("mlx.optimizers scheduler, called as name(*arguments)"),
+    ]
+    warmup: Annotated[int, _m("linear warmup steps before the schedule starts", ge=0)] = 0
+    warmup_init: Annotated[float, _m("learning rate at the first warmup step", ge=0)] = 0.0
+    arguments: Annotated[
+        list[float | int],
+        _m(
+            "positional arguments of the scheduler; the first is the initial learning rate",
+            "a list of numbers matching the scheduler, e.g. cosine_decay: [init, decay_steps, end]",
+        ),
+    ] = []
+
+
+class Retention(Struct, kw_only=True, forbid_unknown_fields=True):
+    keep_last: Annotated[int, _m("number of most recent checkpoints kept on disk", ge=1)] = 3
+    keep_best: Annotated[bool, _m("also keep the checkpoint with the lowest val_loss")] = True
+
+
+class RestartPolicy(Struct, kw_only=True, forbid_unknown_fields=True):
+    max_restarts: Annotated[
+        int, _m("automatic restarts of a crashed job allowed within window_s", ge=0)
+    ] = 3
+    window_s: Annotated[float, _m("seconds over which restarts are counted", gt=0)] = 300.0
+    backoff_s: Annotated[float, _m("wait before the first restart, doubled each time", ge=0)] = 2.0
+    backoff_max_s: Annotated[float, _m("longest wait between restarts", ge=0)] = 60.0
+
+
+class Timeouts(Struct, kw_only=True, forbid_unknown_fields=True):
+    hang_s: Annotated[
+        float, _m("seconds without a training step before the job counts as hung", gt=0)
+    ] = 300.0
+    eval_hang_s: Annotated[
+        float, _m("seconds without progress allowed during validation (>= hang_s)", gt=0)
+    ] = 1800.0
+    stop_s: Annotated[
+        float, _m("seconds a stop request waits for a clean exit before killing", gt=0)
+    ] = 120.0
+
+
+class Consolidation(Struct, kw_only=True, forbid_unknown_fields=True):
+    schedule: Annotated[
+        Annotated[str, Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")] | None,
+        _m(
+            "daily local time HH:MM to fuse the adapter into a new base model; null = never",
+            "a time 'HH:MM' (24-hour, local), or null",
+        ),
+    ] = None
+    keep_models: Annotated[int, _m("number of consolidated models kept on disk", ge=1)] = 2
+
+
+class Config(Struct, kw_only=True, forbid_unknown_fields=True):
+    # mlx-lm keys
+    model: Annotated[str, _m("path to an mlx-lm model folder", "a non-empty path", min_length=1)]
+    fine_tune_type: Annotated[
+        Literal["lora", "dora"], _m("adapter type: lora or dora")
+    ] = "lora"
+    optimizer: Annotated[
+        Literal["adam", "adamw", "sgd", "adafactor", "muon"], _m("mlx optimizer")
+    ] = "adam"
+    optimizer_config: Annotated[
+        dict[str, dict[str, Any]],
+        _m(
+            "extra optimizer settings by optimizer name, e.g. {adamw: {weight_decay: 0.01}}",
+            "a mapping of optimizer name to a mapping of settings, e.g. {adamw: {weight_decay: 0.01}}",
+        ),
+    ] = {}
+    learning_rate: Annotated[
+        float, _m("learning rate (ignored when lr_schedule is set)", gt=0)
+    ] = 1e-5
+    lr_schedule: Annotated[
+        LRSchedule | None,
+        _m("learning rate schedule as in mlx-lm; null = constant learning_rate"),
+    ] = None
+    lora_parameters: Annotated[
+        LoraParameters, _m("LoRA adapter shape")
+    ] = field(default_factory=LoraParameters)
+    num_layers: Annotated[
+        int,
+        _m(
+            "number of final transformer layers to adapt; -1 = all",
+            "-1 (all layers) or an integer >= 1",
+            ge=-1,
+        ),
+    ] = 16
+    batch_size: Annotated[int, _m("examples per iteration", ge=1)] = 4
+    iters: Annotated[int, _m("training iterations (micro-batches), as in mlx-lm", ge=1)] = 1000
+    save_every: Annotated[
+        int, _m("checkpoint every N iterations (and always at the end)", ge=1)
+    ] = 100
+    steps_per_report: Annotated[int, _m("report training loss every N iterations", ge=1)] = 10
+    steps_per_eval: Annotated[int, _m("compute val_loss every N iterations", ge=1)] = 200
+    val_batches: Annotated[
+        int,
+        _m(
+            "validation batches per evaluation; -1 = the whole validation set",
+            "-1 (whole validation set) or an integer >= 1",
+            ge=-1,
+        ),
+    ] = 25
+    max_seq_length: Annotated[int, _m("longer examples are truncated to this many tokens", ge=2)] = 2048
+    seed: Annotated[int, _m("random seed for batching, dropout and LoRA init", ge=0, le=2**32 - 1)] = 0
+    mask_prompt: Annotated[
+        bool, _m("train on completions only (chat and completions data)")
+    ] = False
+    grad_accumulation_steps: Annotated[
+        int, _m("iterations per optimizer update", ge=1)
+    ] = 1
+    grad_checkpoint: Annotated[bool, _m("recompute activations to save memory")] = False
+    # ftctl's own keys
+    warm_start: Annotated[
+        bool, _m("start from the adapter of the lineage's previous completed job")
+    ] = True
+    retention: Annotated[Retention, _m("which checkpoints are kept")] = field(
+        default_factory=Retention
+    )
+    restart: Annotated[RestartPolicy, _m("automatic restarts after a crash")] = field(
+        default_factory=RestartPolicy
+    )
+    timeouts: Annotated[Timeouts, _m("hang detection and stop timeouts")] = field(
+        default_factory=Timeouts
+    )
+    min_free_disk_gb: Annotated[
+        float, _m("refuse to start or checkpoint below this free disk space (GB)", ge=0)
+    ] = 1.0
+    consolidation: Annotated[
+        Consolidation, _m("periodic fusing of the adapter into the base model")
+    ] = field(default_factory=Consolidation)
+
+
+class ConfigError(ValueError):
+    """A config the user must fix. str() is one line; key is the dotted path of the culprit."""
+
+    def __init__(self, message: str, *, key: str = "", value: Any = None, allowed: str = ""):
+        super().__init__(message)
+        self.key = key
+        self.value = value
+        self.allowed = allowed
+
+
+# ---------------------------------------------------------------------------------------------
+# type-info helpers (the schema above is the only place rules are written)
+
+_CONFIG_TYPE = mi.type_info(Config)
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _unwrap(t: Any) -> tuple[Any, str, str]:
+    """(type without Meta, the 'allowed' text from Meta.extra, the description)."""
+    allowed, desc = "", ""
+    while isinstance(t, mi.Metadata):
+        if t.extra and not allowed:
+            allowed = t.extra.get("allowed", "")
+        if t.extra_json_schema and not desc:
+            desc = t.extra_json_schema.get("description", "")
+        t = t.type
+    return t, allowed, desc
+
+
+def _bounds(t: Any) -> str:
+    if t.ge is not None and t.le is not None:
+        return f" between {t.ge} and {t.le}"
+    parts = []
+    if t.ge is not None or t.gt is not None:
+        parts.append(f">= {t.ge}" if t.ge is not None else f"> {t.gt}")
+    if t.le is not None or t.lt is not None:
+        parts.append(f"<= {t.le}" if t.le is not None else f"< {t.lt}")
+    return " " + " and ".join(parts) if parts else ""
+
+
+def _allowed(t: Any) -> str:
+    """Human text for the values a type accepts."""
+    t, allowed, _ = _unwrap(t)
+    if allowed:
+        return allowed
+    if isinstance(t, mi.IntType):
+        return f"an integer{_bounds(t)}"
+    if isinstance(t, mi.FloatType):
+        return f"a number{_bounds(t)}"
+    if isinstance(t, mi.BoolType):
+        return "true or false"
+    if isinstance(t, mi.StrType):
+        return "a string"
+    if isinstance(t, mi.LiteralType):
+        return "one of " + ", ".join(repr(v) for v in t.values)
+    if isinstance(t, mi.StructType):
+        return "a mapping with keys " + ", ".join(f.name for f in t.fields)
+    if isinstance(t, mi.DictType):
+        return "a mapping"
+    if isinstance(t, mi.ListType):
+        return f"a list of {_plural(_allowed(t.item_type))}"
+    if isinstance(t, mi.UnionType):
+        kinds = {type(_unwrap(m)[0]) for m in t.types}
+        if kinds == {mi.IntType, mi.FloatType}:
+            return "a number"
+        parts = [_allowed(m) for m in t.types if not isinstance(m, mi.NoneType)]
+        text = " or ".join(parts)
+        return text + (" or null" if len(parts) < len(t.types) else "")
+    if isinstance(t, mi.NoneType):
+        return "null"
+    return "a value"
+
+
+def _plural(text: str) -> str:
+    for one, many in (("an integer", "integers"), ("a number", "numbers"), ("a string", "strings")):
+        if text.startswith(one):
+            return many + text[len(one):]
+    return text
+
+
+def _struct_member(t: Any) -> Any:
+    """The Struct type inside t (unwrapping Meta and `| None`), or None."""
+    t, _, _ = _unwrap(t)
+    if isinstance(t, mi.UnionType):
+        for m in t.types:
+            m, _, _ = _unwrap(m)
+            if isinstance(m, mi.StructType):
+                return m
+        return None
+    return t if isinstance(t, mi.StructType) else None
+
+
+def _takes_float(t: Any) -> bool:
+    t, _, _ = _unwrap(t)
+    if isinstance(t, mi.FloatType):
+        return True
+    if isinstance(t, mi.UnionType):
+        kinds = [_unwrap(m)[0] for m in t.types]
+        return any(isinstance(k, mi.FloatType) for k in kinds) and not any(
+            isinstance(k, mi.StrType) for k in kinds
+        )
+    return False
+
+
+def _list_item(t: Any) -> Any:
+    t, _, _ = _unwrap(t)
+    if isinstance(t, mi.UnionType):
+        for m in t.types:
+            m, _, _ = _unwrap(m)
+            if isinstance(m, mi.ListType):
+                return m.item_type
+        return None
+    return t.item_type if isinstance(t, mi.ListType) else None
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _show(value: Any) -> str:
+    """A short one-line rendering of a user value."""
+    if isinstance(value, str):
+        text = repr(value)
+    elif isinstance(value, bool) or value is None:
+        text = {True: "true", False: "false", None: "null"}[value]
+    else:
+        try:
+            text = repr(value)
+        except Exception:  # a value whose repr fails must not hide the real error
+            text = f"<{type(value).__name__}>"
+    text = text.replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _prepare(value: Any, t: Any, path: str, source: str) -> Any:
+    """Copy the user's mapping, rejecting unknown/non-string keys and reading '1e-5'-style
+    strings (PyYAML's YAML 1.1 resolver leaves them as str) as floats where a float goes."""
+    st = _struct_member(t)
+    if st is not None and isinstance(value, dict):
+        fields = {f.name: f for f in st.fields}
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(
+                    f"{source}: key {_show(k)} in {path or 'the top level'} is not a name; "
+                    f"keys are names such as {next(iter(fields))!r}",
+                    key=_join(path, str(k)), value=v, allowed=", ".join(fields),
+                )
+            if k not in fields:
+                raise _unknown_key(source, path, k, v, list(fields))
+            out[k] = _prepare(v, fields[k].type, _join(path, k), source)
+        return out
+    item = _list_item(t)
+    if item is not None and isinstance(value, list):
+        return [_prepare(v, item, f"{path}[{i}]", source) for i, v in enumerate(value)]
+    if isinstance(value, str) and _takes_float(t) and _FLOAT_RE.match(value.strip()):
+        return float(value)
+    return copy.deepcopy(value)
+
+
+def _unknown_key(source: str, path: str, key: str, value: Any, known: list[str]) -> ConfigError:
+    dotted = _join(path, key)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        hint = f"did you mean {_join(path, close[0])!r}?"
+    else:
+        hint = "known keys" + (f" in {path}" if path else "") + ": " + ", ".join(known)
+    return ConfigError(
+        f"{source}: unknown key {dotted!r} ({hint})",
+        key=dotted, value=value, allowed="one of " + ", ".join(known),
+    )
+
+
+_PATH_TOKEN = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\[\.\.\.\]")
+
+
+def _parse_path(path: str) -> list:
+    """'$.a.b[0]' -> ['a', 'b', 0]; a '[...]' (dict value) ends the walk."""
+    tokens, pos = [], 1
+    while pos < len(path):
+        m = _PATH_TOKEN.match(path, pos)
+        if not m or m.group(0) == "[...]":
+            break
+        tokens.append(m.group(1) if m.group(1) is not None else int(m.group(2)))
+        pos = m.end()
+    return tokens
+
+
+def _locate(tokens: list, data: Any) -> tuple[str, Any, Any]:
+    """Follow tokens through the type info and the data: (dotted key, value, type info)."""
+    key, value, t = "", data, _CONFIG_TYPE
+    for tok in tokens:
+        if isinstance(tok, str):
+            st = _struct_member(t)
+            fields = {f.name: f for f in st.fields} if st else {}
+            t = fields[tok].type if tok in fields else None
+            value = value.get(tok) if isinstance(value, dict) else None
+            key = _join(key, tok)
+        else:
+            t = _list_item(t)
+            value = value[tok] if isinstance(value, list) and tok < len(value) else None
+            key = f"{key}[{tok}]"
+        if t is None:
+            break
+    return key, value, t
+
+
+def _from_validation_error(err: msgspec.ValidationError, data: dict, source: str) -> ConfigError:
+    msg = str(err)
+    where = re.search(r" - at `(\$[^`]*)`$", msg)
+    tokens = _parse_path(where.group(1)) if where else []
+    head = msg[: where.start()] if where else msg
+    key, value, t = _locate(tokens, data)
+    key_in = re.search(r" - at `key` in `(\$[^`]*)`$", msg)
+    if head.startswith("Object missing required field"):
+        name = head.split("`")[1] if head.count("`") >= 2 else "?"
+        st = _struct_member(t)
+        ft = next((f.type for f in st.fields if f.name == name), None) if st else None
+        dotted = _join(key, name)
+        allowed = _allowed(ft) if ft is not None else ""
+        desc = _unwrap(ft)[2] if ft is not None else ""
+        return ConfigError(
+            f"{source}: missing required key {dotted!r}" + (f" ({desc})" if desc else ""),
+            key=dotted, value=None, allowed=allowed,
+        )
+    if key_in:
+        key, value, t = _locate(_parse_path(key_in.group(1)), data)
+        return ConfigError(
+            f"{source}: {key or 'the top level'} has a key that is not a string: "
+            "keys must be names",
+            key=key, value=value, allowed="string keys",
+        )
+    allowed = _allowed(t) if t is not None else head
+    shown = key or "the top level"
+    if ", got `" in head or head.startswith("Expected `object`"):
+        text = f"{source}: {shown} = {_show(value)} has the wrong type: expected {allowed}"
+    elif head.startswith("Invalid enum value"):
+        text = f"{source}: {shown} = {_show(value)} is not allowed: must be {allowed}"
+    elif isinstance(_unwrap(t)[0], (mi.IntType, mi.FloatType)) or "out of range" in head:
+        text = f"{source}: {shown} = {_show(value)} is out of range: must be {allowed}"
+    else:
+        text = f"{source}: {shown} = {_show(value)} is not valid: must be {allowed}"
+    return ConfigError(text, key=key, value=value, allowed=allowed)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks msgspec cannot express
+
+
+def _nonfinite(value: Any, path: str) -> tuple[str, Any] | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, value
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _nonfinite(v, _join(path, str(k)))
+            if found:
+                return found
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _nonfinite(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _check(cfg: Config, source: str) -> None:
+    def fail(key: str, value: Any, allowed: str, why: str = "is out of range") -> None:
+        raise ConfigError(
+            f"{source}: {key} = {_show(value)} {why}: must be {allowed}",
+            key=key, value=value, allowed=allowed,
+        )
+
+    for name in cfg.optimizer_config:
+        if name not in OPTIMIZERS:
+            raise _unknown_key(source, "optimizer_config", name, cfg.optimizer_config[name],
+                               list(OPTIMIZERS))
+    for name, settings in cfg.optimizer_config.items():
+        for setting, value in settings.items():
+            items = value if isinstance(value, list) else [value]
+            if not all(v is None or isinstance(v, (bool, int, float, str)) for v in items):
+                fail(f"optimizer_config.{name}.{setting}", value,
+                     "a number, string, boolean, null or a list of them", "is not valid")
+    found = _nonfinite(msgspec.to_builtins(cfg), "")
+    if found:
+        fail(found[0], found[1], "a finite number", "is not allowed")
+    for name in ("num_layers", "val_batches"):
+        if getattr(cfg, name) == 0:
+            fail(name, 0, _allowed(_field_type(name)))
+    g = cfg.grad_accumulation_steps
+    for name in ("save_every", "steps_per_eval"):
+        value = getattr(cfg, name)
+        if value % g:
+            allowed = f"a multiple of grad_accumulation_steps = {g}"
+            raise ConfigError(
+                f"{source}: {name} = {value} must be {allowed} "
+                "(checkpoints and evaluations fall on optimizer updates)",
+                key=name, value=value, allowed=allowed,
+            )
+    t = cfg.timeouts
+    if t.eval_hang_s < t.hang_s:
+        fail("timeouts.eval_hang_s", t.eval_hang_s, f">= timeouts.hang_s = {t.hang_s:g}", "is too small")
+    r = cfg.restart
+    if r.backoff_max_s < r.backoff_s:
+        fail("restart.backoff_max_s", r.backoff_max_s, f">= restart.backoff_s = {r.backoff_s:g}",
+             "is too small")
+    s = cfg.lr_schedule
+    if s is not None:
+        sig, lo, hi, steps = SCHEDULES[s.name]
+        n = len(s.arguments)
+        if not lo <= n <= hi:
+            count = str(lo) if lo == hi else f"{lo} to {hi}"
+            fail("lr_schedule.arguments", s.arguments,
+                 f"{count} numbers for {s.name}({sig})", "does not fit the schedule")
+        if s.arguments[0] <= 0:
+            fail("lr_schedule.arguments[0]", s.arguments[0], "> 0 (the initial learning rate)")
+        for i in steps:
+            if s.arguments[i] < 1:
+                fail(f"lr_schedule.arguments[{i}]", s.arguments[i],
+                     f">= 1 ({sig.replace('[', '').replace(']', '').split(', ')[i]} is a step count)")
+
+
+def _field_type(name: str) -> Any:
+    return next(f.type for f in _CONFIG_TYPE.fields if f.name == name)
+
+
+def _warnings(cfg: Config) -> list[str]:
+    out = []
+    s = cfg.lr_schedule
+    lr = s.arguments[0] if s else cfg.learning_rate
+    lr_key = "lr_schedule.arguments[0]" if s else "learning_rate"
+    if s and s.arguments[0] != cfg.learning_rate:
+        out.append(
+            f"learning_rate = {cfg.learning_rate:g} is ignored: the schedule starts from "
+            f"lr_schedule.arguments[0] = {s.arguments[0]:g}"
+        )
+    if lr > 1e-3:
+        out.append(f"{lr_key} = {lr:g} is high for LoRA (usual 1e-6 to 1e-3): the loss may diverge")
+    if s and s.warmup >= cfg.iters:
+        out.append(f"lr_schedule.warmup = {s.warmup} >= iters = {cfg.iters}: the run ends before "
+                   "warmup does")
+    if cfg.steps_per_eval > cfg.iters:
+        out.append(f"steps_per_eval = {cfg.steps_per_eval} > iters = {cfg.iters}: validation "
+                   "would never run during training and val_loss would stay empty until the "
+                   "final step")
+    if cfg.save_every > cfg.iters:
+        out.append(f"save_every = {cfg.save_every} > iters = {cfg.iters}: only the final "
+                   "checkpoint will be written")
+    if cfg.iters < cfg.steps_per_report:
+        out.append(f"iters = {cfg.iters} < steps_per_report = {cfg.steps_per_report}: the "
+                   "training loss is reported only at the final step")
+    if cfg.lora_parameters.dropout > 0.5:
+        out.append(f"lora_parameters.dropout = {cfg.lora_parameters.dropout:g} is above 0.5: "
+                   "most of the adapter input is dropped")
+    if cfg.batch_size > 64:
+        out.append(f"batch_size = {cfg.batch_size} is above 64: expect to run out of memory; "
+                   "use grad_accumulation_steps for large effective batches")
+    if cfg.max_seq_length > 32768:
+        out.append(f"max_seq_length = {cfg.max_seq_length} is above 32768: long examples may "
+                   "run out of memory")
+    for name in cfg.optimizer_config:
+        if name != cfg.optimizer:
+            out.append(f"optimizer_config.{name} is ignored: optimizer is {cfg.optimizer!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def decode_config(data: dict, *, source: str = "ftctl.yaml") -> tuple[Config, list[str]]:
+    """Validate a ftctl.yaml mapping. Returns (config, warnings); raises ConfigError only."""
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(
+            f"{source}: the file must be a mapping of keys to values (model: ..., iters: ...), "
+            f"but it is {kind}",
+            key="", value=data, allowed="a mapping",
+        )
+    try:
+        prepared = _prepare(data, _CONFIG_TYPE, "", source)
+        try:
+            cfg = msgspec.convert(prepared, Config)
+        except msgspec.ValidationError as e:
+            raise _from_validation_error(e, prepared, source) from None
+        _check(cfg, source)
+        return cfg, _warnings(cfg)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError(f"{source}: the mapping is nested too deeply", value=None) from None
+    except Exception as e:  # last line of defence: the caller must only ever see ConfigError
+        raise ConfigError(f"{source}: cannot read the config: {e}".replace("\n", " ")) from None
+
+
+_OVERRIDE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*=(.*)$", re.S)
+
+
+def merge_overrides(base: dict, overrides: list[str]) -> dict:
+    """Apply 'dotted.key=value' overrides (values read as YAML scalars) to a copy of base."""
+    if not isinstance(base, dict):
+        raise ConfigError("config overrides need a mapping to apply to", value=base)
+    out = copy.deepcopy(base)
+    for item in overrides:
+        m = _OVERRIDE.match(item) if isinstance(item, str) else None
+        if not m:
+            raise ConfigError(
+                f"override {_show(item)} is not key=value: write e.g. learning_rate=2e-4 "
+                "or lora_parameters.rank=16",
+                value=item, allowed="key=value",
+            )
+        dotted, text = m.group(1), m.group(2).strip()
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or "invalid YAML"
+            raise ConfigError(
+                f"override {dotted}: cannot read {_show(text)} as a YAML value ({problem}); "
+                "quote it if it is a string",
+                key=dotted, value=text, allowed="a YAML scalar or list",
+            ) from None
+        *parents, last = dotted.split(".")
+        node, walked = out, []
+        for p in parents:
+            walked.append(p)
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                where = ".".join(walked)
+                raise ConfigError(
+                    f"override {dotted}: {where} = {_show(node[p])} is not a mapping",
+                    key=where, value=node[p], allowed="a mapping",
+                )
+            node = node[p]
+        node[last] = value
+    return out
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return msgspec.to_builtins(cfg)
+
+
+def config_sha256(cfg: Config) -> str:
+    """sha256 of the canonical JSON (sorted keys) of the config."""
+    return hashlib.sha256(msgspec.json.encode(config_to_dict(cfg), order="sorted")).hexdigest()
+
+
+def default_config_dict(model: str) -> dict:
+    """Every key with its default value, as a plain dict (for writing a commented ftctl.yaml)."""
+    return config_to_dict(Config(model=model))
+
+
+def describe_keys() -> dict[str, str]:
+    """One help line per dotted key: what it does, what it accepts, its default."""
+    out: dict[str, str] = {}
+
+    def walk(st: Any, prefix: str) -> None:
+        for f in st.fields:
+            dotted, desc = _join(prefix, f.name), _unwrap(f.type)[2]
+            sub = _struct_member(f.type)
+            if sub is not None:
+                out[dotted] = desc + (" (default null)" if f.default is None else "")
+                walk(sub, dotted)
+                continue
+            if f.required:
+                default = "required"
+            else:
+                value = f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
+                default = "default " + _show(msgspec.to_builtins(value))
+            out[dotted] = f"{desc} ({_allowed(f.type)}; {default})"
+
+    walk(_CONFIG_TYPE, "")
+    return out

@@ -1,0 +1,249 @@
+"""The JSONL training-data validator. Pure: works on the file's bytes, never raises for bad data.
+
+Per-line formats, detected in mlx-lm's order (mlx_lm.tuner.datasets.create_dataset):
+  {"prompt": str, "completion": str}                    -> "completions"
+  {"messages": [{"role", "content"}, ...], "tools"?}    -> "chat"
+  {"text": str}                                         -> "text"
+and the old daemon's
+  {"conversations": [{"from", "value"}, ...], "label"?} -> "conversations" (trained as chat)
+The file's format is the format of its first valid line; a valid line of another format is bad,
+because mlx-lm builds one dataset type per file.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import msgspec
+from msgspec import Struct
+
+__all__ = ["DataError", "DataReport", "LineProblem", "valid_records", "validate_jsonl"]
+
+WARN_RATIO = 0.01  # more bad lines than this: verdict "warn"
+REJECT_RATIO = 0.05  # more bad lines than this: verdict "reject"
+SHOWN_PROBLEMS = 3  # problems quoted in a verdict reason
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+CONVERSATION_ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+}
+LABELS = ("desirable", "undesirable")
+
+
+class DataError(ValueError):
+    """Misuse of the validator (wrong argument type). Bad data never raises: it is reported."""
+
+
+class LineProblem(Struct, kw_only=True):
+    line: int  # 1-based line number in the file, blank lines included
+    reason: str
+
+
+class DataReport(Struct, kw_only=True):
+    format: str | None
+    lines: int  # non-blank lines examined
+    valid: int
+    problems: list[LineProblem]
+    bad_ratio: float
+    verdict: Literal["ok", "warn", "reject"]
+    reasons: list[str]
+    undesirable: int  # valid conversations rows labelled undesirable: kept out of training
+
+
+class _Line(NamedTuple):
+    number: int
+    format: str | None
+    record: dict | None  # normalized to an mlx-lm format; None when the line is bad
+    reason: str | None  # None when the line is good
+    undesirable: bool
+
+
+def _nonblank(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), "a number")
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else _kind(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_chat(obj: dict) -> str | None:
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"messages[{i}] is {_kind(m)}, not an object"
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            return f"messages[{i}].role is {_short(role)}, not one of {', '.join(CHAT_ROLES)}"
+        content = m.get("content")
+        if role == "tool" or (role == "assistant" and m.get("tool_calls")):
+            # tool results may be empty; a tool-calling assistant turn may carry no text
+            if not (isinstance(content, str) or (content is None and role == "assistant")):
+                return f"messages[{i}].content must be a string"
+        elif not _nonblank(content):
+            what = "is missing" if "content" not in m else "is empty" if isinstance(
+                content, str) else f"is {_kind(content)}, not a string"
+            return f"messages[{i}].content {what}"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message: nothing to train on"
+    if obj.get("tools") is not None and not (
+        isinstance(obj["tools"], list) and all(isinstance(t, dict) for t in obj["tools"])
+    ):
+        return "'tools' must be a list of objects"
+    return None
+
+
+def _check_conversations(obj: dict) -> str | None:
+    turns = obj["conversations"]
+    if not isinstance(turns, list) or not turns:
+        return "'conversations' must be a non-empty list"
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            return f"conversations[{i}] is {_kind(t)}, not an object"
+        if not isinstance(t.get("from"), str) or t["from"] not in CONVERSATION_ROLES:
+            return (f"conversations[{i}].from is {_short(t.get('from'))}, not one of "
+                    f"{', '.join(CONVERSATION_ROLES)}")
+        if not _nonblank(t.get("value")):
+            what = "is missing" if "value" not in t else "is empty" if isinstance(
+                t["value"], str) else f"is {_kind(t['value'])}, not a string"
+            return f"conversations[{i}].value {what}"
+    if not any(CONVERSATION_ROLES[t["from"]] == "assistant" for t in turns):
+        return "no assistant (or gpt) turn: nothing to train on"
+    label = obj.get("label")
+    if label is not None and label not in LABELS:
+        return f"label is {_short(label)}, not one of {', '.join(LABELS)}"
+    return None
+
+
+def _check_line(number: int, raw: bytes) -> _Line:
+    """Everything about one non-blank line. The single place the per-line rules live."""
+
+    def bad(reason: str, fmt: str | None = None) -> _Line:
+        return _Line(number, fmt, None, reason, False)
+
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return bad(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+    try:
+        obj = msgspec.json.decode(raw)
+    except msgspec.DecodeError as e:
+        return bad(f"not valid JSON ({str(e).removeprefix('JSON is malformed: ')})")
+    except RecursionError:
+        return bad("not valid JSON (nested too deeply)")
+    if not isinstance(obj, dict):
+        return bad(f"not a JSON object (got {_kind(obj)})")
+    if "prompt" in obj and "completion" in obj:
+        for key in ("prompt", "completion"):
+            if not _nonblank(obj[key]):
+                what = "is empty" if isinstance(obj[key], str) else f"is {_kind(obj[key])}"
+                return bad(f"'{key}' {what}, not a non-empty string", "completions")
+        return _Line(number, "completions", obj, None, False)
+    if "messages" in obj:
+        reason = _check_chat(obj)
+        return bad(reason, "chat") if reason else _Line(number, "chat", obj, None, False)
+    if "text" in obj:
+        if not _nonblank(obj["text"]):
+            what = "is empty" if isinstance(obj["text"], str) else f"is {_kind(obj['text'])}"
+            return bad(f"'text' {what}, not a non-empty string", "text")
+        return _Line(number, "text", obj, None, False)
+    if "conversations" in obj:
+        reason = _check_conversations(obj)
+        if reason:
+            return bad(reason, "conversations")
+        messages = [
+            {"role": CONVERSATION_ROLES[t["from"]], "content": t["value"]}
+            for t in obj["conversations"]
+        ]
+        undesirable = obj.get("label") == "undesirable"
+        return _Line(number, "conversations", {"messages": messages}, None, undesirable)
+    keys = ", ".join(repr(k) for k in list(obj)[:5]) + (", ..." if len(obj) > 5 else "")
+    return bad(
+        "no known format: expected keys prompt+completion, messages, text or conversations"
+        + (f" (found {keys})" if keys else " (the object is empty)")
+    )
+
+
+def _scan(data: Any) -> tuple[str | None, list[_Line]]:
+    """Check every non-blank line; lines whose format differs from the file's become bad."""
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise DataError(
+            f"the validator takes the file's bytes, got {type(data).__name__}: "
+            "read the file in binary mode"
+        )
+    if data.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark written by some editors
+        data = data[3:]
+    checked = [
+        _check_line(i, raw) for i, raw in enumerate(data.split(b"\n"), start=1) if raw.strip()
+    ]
+    file_format = next((c.format for c in checked if c.reason is None), None)
+    lines = [
+        c._replace(record=None, undesirable=False,
+                   reason=f"format '{c.format}' but the file is '{file_format}'")
+        if c.reason is None and c.format != file_format else c
+        for c in checked
+    ]
+    return file_format, lines
+
+
+def _quote(problems: list[LineProblem]) -> str:
+    shown = "; ".join(f"line {p.line}: {p.reason}" for p in problems[:SHOWN_PROBLEMS])
+    more = len(problems) - SHOWN_PROBLEMS
+    return shown + (f"; and {more} more" if more > 0 else "")
+
+
+def validate_jsonl(data: bytes) -> DataReport:
+    """Check a JSONL training file. Never raises for any bytes; DataError only for non-bytes."""
+    file_format, lines = _scan(data)
+    problems = [LineProblem(line=c.number, reason=c.reason) for c in lines if c.reason]
+    n, bad = len(lines), len(problems)
+    valid = n - bad
+    undesirable = sum(c.undesirable for c in lines)
+    ratio = bad / n if n else 0.0
+    counts = f"{bad} of {n} lines {'is' if bad == 1 else 'are'} bad ({ratio:.1%})"
+    reasons: list[str] = []
+    if n == 0:
+        verdict, reasons = "reject", ["file is empty: it has no non-blank line"]
+    elif valid == 0:
+        verdict = "reject"
+        reasons.append(f"no valid line: {counts}: {_quote(problems)}")
+    elif ratio > REJECT_RATIO:
+        verdict = "reject"
+        reasons.append(f"{counts}, over the {REJECT_RATIO:.0%} limit: {_quote(problems)}")
+    elif valid == undesirable:
+        verdict = "reject"
+        reasons.append(f"all {valid} valid rows are labelled undesirable: nothing to train on")
+    else:
+        verdict = "warn" if ratio > WARN_RATIO else "ok"
+        if bad:
+            reasons.append(f"{counts}; they will be skipped: {_quote(problems)}")
+    if undesirable and verdict != "reject":
+        rows = "row" if undesirable == 1 else "rows"
+        reasons.append(f"{undesirable} {rows} labelled undesirable will not be trained on")
+    return DataReport(
+        format=file_format, lines=n, valid=valid, problems=problems, bad_ratio=ratio,
+        verdict=verdict, reasons=reasons, undesirable=undesirable,
+    )
+
+
+def valid_records(data: bytes) -> list[dict]:
+    """The records the trainer uses, in file order, in mlx-lm formats: bad lines and
+    undesirable-labelled rows dropped, conversations rows turned into {"messages": [...]}."""
+    _, lines = _scan(data)
+    return [c.record for c in lines if c.record is not None and not c.undesirable]
