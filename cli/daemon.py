@@ -20,7 +20,6 @@ import msgspec
 from ftctl.adapters import checkpoint as ck
 from ftctl.adapters import process, system
 from ftctl.adapters.faults import crash_point
-from ftctl.adapters.trainer import TrainPlan
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, ConfigError, decode_config
 from ftctl.core.policy import SUGGESTIONS, Evidence, after_crash, classify, to_prune
@@ -218,6 +217,8 @@ class Daemon:
         resume = self._resume_point(j)
         j = self.ledger.state.jobs[j.job]
         warm, base = self._warm_start(j, cfg)
+        from ftctl.adapters.trainer import TrainPlan  # MLX and mlx-lm load only where training starts
+
         jdir = self.ws.job_dir(j.job)
         valid = jdir / "data" / "valid.jsonl"
         plan = TrainPlan(job_id=j.job, job_dir=str(jdir), config=cfg, train_path=str(jdir / "data" / "train.jsonl"),
@@ -227,12 +228,13 @@ class Daemon:
         worker = process.spawn_worker(msgspec.json.encode(plan), self.ws.job_log(j.job), self.env)
         crash_point("daemon_after_spawn", j.attempt + 1)
         resume_step = ck.checkpoint_step(resume) if resume else 0
+        attempt = j.attempt + 1
         self.ledger.commit(stream, ev.TrainingStarted(
-            job=j.job, attempt=j.attempt + 1, worker_pid=worker.id.pid, worker_started_at=worker.id.started_at,
+            job=j.job, attempt=attempt, worker_pid=worker.id.pid, worker_started_at=worker.id.started_at,
             resume_step=resume_step, resume_checkpoint=resume, warm_start_from=warm, global_step_base=base,
             base_model=cfg.model))
         how = f"resuming from step {resume_step}" if resume else ("warm start from " + warm if warm else "fresh adapter")
-        self.say(f"job {j.job} ({j.name}): training, attempt {j.attempt + 1}, worker pid {worker.id.pid}, {how}")
+        self.say(f"job {j.job} ({j.name}): training, attempt {attempt}, worker pid {worker.id.pid}, {how}")
         Supervision(self, j.job, cfg, worker, oom_before).watch()
 
 

@@ -135,7 +135,7 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
                                     "validation loss will not be computed for this job")
                 else:
                     n = held.count(b"\n")
-                    warnings.append(f"no --valid file: held out {n} examples (every {HOLDOUT_EVERY}th) for validation")
+                    warnings.append(f"no --valid file: held out {n} of {report.valid} examples for validation")
             else:
                 train, held = data, vdata
             _write_file(jdir / "train.jsonl", train)

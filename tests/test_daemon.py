@@ -117,14 +117,23 @@ def test_truncated_checkpoint_falls_back(tmp_path, demo, baseline):
     assert [e["data"]["step"] for e in history(home) if e["type"] == "checkpoint_corrupt"] == [15]
 
 
+def _reported_step(home) -> int:
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{home / 'journal.db'}?mode=ro", uri=True)
+    try:
+        return con.execute("SELECT coalesce(max(step), 0) FROM metrics").fetchone()[0]
+    finally:
+        con.close()
+
+
 def test_sigterm_checkpoints_and_loses_no_step(tmp_path, demo, baseline):
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
     d = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--quiet", "--home", str(home)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: (status(home, "0001").get("last_report") or {}).get("step", 0) >= 12, timeout=240)
-        seen = status(home, "0001")["last_report"]["step"]
+        seen = wait_for(lambda: _reported_step(home) >= 10, timeout=240, every=0.02) and _reported_step(home)
         d.send_signal(signal.SIGTERM)
         assert d.wait(timeout=120) == 0, d.stderr.read()
     finally:

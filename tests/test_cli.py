@@ -1,0 +1,212 @@
+"""Bad input always gets a clear message and the right exit code, and loses nothing committed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftctl.cli.main import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, " ".join(err.split())
+
+
+@pytest.fixture
+def ws(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    home = tmp_path / "home"
+    assert run(capsys, "init", "--model", model, "--home", home)[0] == 0
+    return home
+
+
+def chat(i: int) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+
+
+def write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_workspace_is_private(ws):
+    assert (ws.stat().st_mode & 0o777) == 0o700
+    for p in ws.rglob("*"):
+        assert p.stat().st_mode & 0o077 == 0, p
+
+
+def test_no_workspace(tmp_path, capsys):
+    code, _, err = run(capsys, "status", "--home", tmp_path / "nowhere")
+    assert code == 1 and "no ftctl workspace" in err and "ftctl init" in err
+
+
+def test_init_refuses_existing(ws, capsys):
+    code, _, err = run(capsys, "init", "--model", "x", "--home", ws)
+    assert code == 1 and "already holds an ftctl workspace" in err
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 50, b"SQLite format 3\x00" + b"\x00" * 200])
+def test_bad_journal_file(ws, capsys, content):
+    (ws / "journal.db").write_bytes(content)
+    before = sha(ws / "journal.db")
+    code, _, err = run(capsys, "status", "--home", ws)
+    assert code == 1 and "not an ftctl journal" in err and "Nothing was changed" in err
+    assert sha(ws / "journal.db") == before
+
+
+def test_submit_queues_and_records_sha_and_config(ws, tmp_path, capsys):
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(60)])
+    code, out, err = run(capsys, "submit", data, "--home", ws, "--set", "lora_parameters.rank=16")
+    assert code == 0 and "queued job 0001" in out
+    assert "held out 4 of 60 examples" in err  # every 20th would be 3 < batch_size 4
+    code, out, _ = run(capsys, "history", "--json", "--home", ws)
+    ev = json.loads(out)[0]
+    assert ev["type"] == "job_submitted" and ev["data"]["data_sha256"] == sha(data)
+    assert ev["data"]["config"]["lora_parameters"]["rank"] == 16
+    assert (ws / "jobs" / "0001" / "data" / "train.jsonl").exists()
+
+
+def test_submit_rejects_bad_data_and_leaves_it_untouched(ws, tmp_path, capsys):
+    lines = [chat(i) for i in range(40)] + ["{not json", json.dumps({"messages": []}),
+                                            json.dumps({"messages": [{"role": "wizard", "content": "x"}]})]
+    data = write(tmp_path / "bad.jsonl", lines)
+    before = sha(data)
+    code, _, err = run(capsys, "submit", data, "--home", ws)
+    assert code == 1
+    assert "bad.jsonl:41" in err and "bad.jsonl:42" in err and "bad.jsonl:43" in err
+    assert "rejected job 0001" in err and "left untouched" in err
+    assert sha(data) == before
+    _, out, _ = run(capsys, "status", "0001", "--json", "--home", ws)
+    assert json.loads(out)["state"] == "rejected"
+    assert not (ws / "jobs" / "0001").exists()
+
+
+def test_submit_invalid_utf8_and_empty(ws, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    code, _, err = run(capsys, "submit", empty, "--home", ws)
+    assert code == 1 and "empty" in err
+    bad = tmp_path / "latin.jsonl"
+    bad.write_bytes(("\n".join(chat(i) for i in range(5)) + "\n").encode() + b'{"text": "caf\xe9"}\n')
+    code, _, err = run(capsys, "submit", bad, "--home", ws)
+    assert code == 1 and "latin.jsonl:6" in err and "UTF-8" in err
+
+
+def test_submit_missing_file(ws, capsys):
+    code, _, err = run(capsys, "submit", "/nope/x.jsonl", "--home", ws)
+    assert code == 1 and "does not exist" in err and "nothing was queued" in err
+
+
+def test_bad_config_names_key(ws, tmp_path, capsys):
+    cfg = yaml.safe_load((ws / "ftctl.yaml").read_text())
+    cfg["lora_parameters"]["rank"] = 0
+    (ws / "ftctl.yaml").write_text(yaml.safe_dump(cfg))
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
+    code, _, err = run(capsys, "submit", data, "--home", ws)
+    assert code == 1 and "lora_parameters.rank" in err and ">= 1" in err or "between 1" in err
+    code, _, err = run(capsys, "submit", data, "--home", ws, "--set", "learning_rat=1")
+    assert code == 1
+
+
+def test_bad_override_value(ws, tmp_path, capsys):
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
+    code, _, err = run(capsys, "submit", data, "--home", ws, "--set", "batch_size=zero")
+    assert code == 1 and "batch_size" in err
+    _, out, _ = run(capsys, "history", "--json", "--home", ws)
+    assert json.loads(out) == []  # nothing recorded
+
+
+def test_illegal_transitions_are_refused(ws, tmp_path, capsys):
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
+    run(capsys, "submit", data, "--home", ws)
+    code, _, err = run(capsys, "resume", "1", "--home", ws)
+    assert code == 1 and "job 0001 is 'queued'" in err and "resume" in err
+    assert run(capsys, "pause", "1", "--home", ws)[0] == 0
+    assert run(capsys, "resume", "1", "--home", ws)[0] == 0
+    assert run(capsys, "cancel", "1", "--home", ws)[0] == 0
+    code, _, err = run(capsys, "cancel", "1", "--home", ws)
+    assert code == 1 and "'cancelled'" in err
+    _, out, _ = run(capsys, "history", "--json", "--home", ws)
+    assert [e["type"] for e in json.loads(out)] == ["job_submitted", "paused", "resumed", "cancelled"]
+
+
+def test_replay_shows_the_past(ws, tmp_path, capsys):
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
+    run(capsys, "submit", data, "--home", ws)
+    run(capsys, "pause", "1", "--home", ws)
+    _, out, _ = run(capsys, "replay", "1", "--to", "1", "--json", "--home", ws)
+    assert json.loads(out)["state"] == "queued"
+    _, out, _ = run(capsys, "replay", "1", "--to", "2", "--json", "--home", ws)
+    assert json.loads(out)["state"] == "paused"
+    code, _, err = run(capsys, "replay", "1", "--to", "99", "--home", ws)
+    assert code == 1 and "outside the journal" in err
+
+
+def test_unknown_job_and_bad_usage(ws, capsys):
+    code, _, err = run(capsys, "status", "42", "--home", ws)
+    assert code == 1 and "no job '42'" in err
+    with pytest.raises(SystemExit) as e:
+        main(["replay", "1", "--home", str(ws)])  # --to missing
+    assert e.value.code == 1
+
+
+def test_internal_error_exit_2_keeps_traceback(ws, capsys, monkeypatch):
+    from ftctl.cli import main as m
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(m, "_ledger", boom)
+    code, _, err = run(capsys, "status", "--home", ws)
+    assert code == 2 and "internal error" in err and "simulated bug" in err
+    assert "simulated bug" in (ws / "logs" / "internal-errors.log").read_text()
+
+
+def test_recover_on_clean_workspace_is_a_noop(ws, capsys):
+    code, out, _ = run(capsys, "recover", "--json", "--home", ws)
+    assert code == 0 and json.loads(out)["repairs"] == []
+
+
+def test_recover_removes_submit_debris(ws, capsys):
+    (ws / "jobs" / "0007" / "data").mkdir(parents=True)
+    code, out, _ = run(capsys, "recover", "--dry-run", "--json", "--home", ws)
+    assert len(json.loads(out)["repairs"]) == 1 and (ws / "jobs" / "0007").exists()
+    run(capsys, "recover", "--home", ws)
+    assert not (ws / "jobs" / "0007").exists()
+    _, out, _ = run(capsys, "recover", "--json", "--home", ws)
+    assert json.loads(out)["repairs"] == []
+
+
+def test_docs_cover_every_config_key_and_event():
+    from ftctl.core.config import describe_keys
+    from ftctl.events.types import EVENT_TYPES
+
+    config_doc = (ROOT / "docs" / "config.md").read_text()
+    for key in describe_keys():
+        assert f"`{key}`" in config_doc, key
+    events_doc = (ROOT / "docs" / "events.md").read_text()
+    for t in EVENT_TYPES:
+        assert f"`{t.kind()}`" in events_doc, t.kind()
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    cmd = ci.strip().splitlines()[-1]
+    assert cmd in readme
+    assert re.search(r"pytest", cmd)
