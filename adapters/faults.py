@@ -2,14 +2,16 @@
 
 Set ``FTCTL_CRASH_AT="point:step:marker"`` (several separated by commas). The point fires at
 most once: it creates ``marker`` first, so the restarted process runs past it. ``step`` may be
-``*`` for the first time the point is reached. Unset (the normal case), ``crash_point`` is a
-dict lookup that returns at once.
+``*`` for the first time the point is reached. ``FTCTL_HANG_AT`` takes the same form but makes
+the process stop making progress (sleep) instead, for the hang watchdog's tests. Unset (the
+normal case), ``crash_point`` is a dict lookup that returns at once.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 POINTS = (
     "mid_step",            # worker: after an optimizer step, before the next
@@ -21,12 +23,12 @@ POINTS = (
 )
 
 
-def _armed() -> dict[str, list[tuple[str, str]]]:
-    spec = os.environ.get("FTCTL_CRASH_AT", "")
-    out: dict[str, list[tuple[str, str]]] = {}
-    for item in filter(None, spec.split(",")):
-        name, step, marker = item.split(":", 2)
-        out.setdefault(name, []).append((step, marker))
+def _armed() -> dict[str, list[tuple[str, str, str]]]:
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    for var, action in (("FTCTL_CRASH_AT", "kill"), ("FTCTL_HANG_AT", "hang")):
+        for item in filter(None, os.environ.get(var, "").split(",")):
+            name, step, marker = item.split(":", 2)
+            out.setdefault(name, []).append((step, marker, action))
     return out
 
 
@@ -34,7 +36,7 @@ _ARMED = _armed()
 
 
 def crash_point(name: str, step: int | None = None) -> None:
-    for want, marker in _ARMED.get(name, ()):
+    for want, marker, action in _ARMED.get(name, ()):
         if want not in ("*", str(step)):
             continue
         try:
@@ -44,4 +46,7 @@ def crash_point(name: str, step: int | None = None) -> None:
         os.write(fd, f"{name}:{step} pid {os.getpid()}\n".encode())
         os.fsync(fd)
         os.close(fd)
+        if action == "hang":
+            while True:
+                time.sleep(3600)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -125,13 +125,14 @@ class Worker:
             pass
 
 
-def spawn_worker(plan_json: bytes, log_path: Path, env: dict | None = None) -> Worker:
-    """Start ``python -m ftctl.adapters.worker``; the plan goes in on stdin's first line."""
+def spawn_worker(plan_json: bytes, log_path: Path, env: dict | None = None, label: tuple[str, str] = ("", "")) -> Worker:
+    """Start ``python -m ftctl.adapters.worker``; the plan goes in on stdin's first line.
+    ``label`` (job, workspace) only names the process, so `ps` and `ftctl doctor` can tell whose it is."""
     r, w = os.pipe()
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     log = open(log_path, "ab", buffering=0)
     os.chmod(log_path, 0o600)
-    cmd = [sys.executable, "-m", "ftctl.adapters.worker", "--message-fd", str(w)]
+    cmd = [sys.executable, "-m", "ftctl.adapters.worker", "--message-fd", str(w), "--job", label[0], "--workspace", label[1]]
     proc = subprocess.Popen(
         cmd, stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(w,), start_new_session=True,
         preexec_fn=_die_with_parent, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},

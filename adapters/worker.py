@@ -24,6 +24,8 @@ import traceback
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--message-fd", type=int, required=True)
+    ap.add_argument("--job", default="")        # for `ps` and `ftctl doctor` only
+    ap.add_argument("--workspace", default="")
     args = ap.parse_args()
     out = os.fdopen(args.message_fd, "w", buffering=1)
     lock = threading.Lock()

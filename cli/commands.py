@@ -197,6 +197,13 @@ def register(sub, home) -> None:
     s.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait until it has stopped")
     s.set_defaults(func=cmd_shutdown)
 
+    from .doctor import cmd_doctor
+
+    s = sub.add_parser("doctor", parents=[home], help="health checks: journal, daemon, processes, disk, checkpoints, drift")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--fix", action="store_true", help="apply the safe fixes (recovery, retention)")
+    s.set_defaults(func=cmd_doctor)
+
     s = sub.add_parser("demo", parents=[home], help="the one-minute tour on the embedded tiny model")
     s.add_argument("--reset", action="store_true", help="delete the demo workspace first")
     s.add_argument("--kill-at", type=int, default=17, metavar="STEP", help="step at which the worker is killed")

@@ -225,7 +225,8 @@ class Daemon:
                          valid_path=str(valid) if valid.exists() else None, resume_from=resume,
                          warm_start_from=warm, global_step_base=base)
         oom_before = system.oom_kill_count()
-        worker = process.spawn_worker(msgspec.json.encode(plan), self.ws.job_log(j.job), self.env)
+        worker = process.spawn_worker(msgspec.json.encode(plan), self.ws.job_log(j.job), self.env,
+                                      label=(j.job, str(self.ws.home)))
         crash_point("daemon_after_spawn", j.attempt + 1)
         resume_step = ck.checkpoint_step(resume) if resume else 0
         attempt = j.attempt + 1
