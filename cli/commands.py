@@ -36,7 +36,7 @@ def cmd_recover(args, ws) -> int:
         ledger = Ledger(ws.open_journal())
         repairs = reconcile.plan(ws, ledger)
         if not args.dry_run:
-            reconcile.apply(ledger, repairs)
+            reconcile.recover(ledger, repairs)
         if args.json:
             render.print_json({"dry_run": args.dry_run, "repairs": [r.as_dict() for r in repairs]})
         elif not repairs:
@@ -172,6 +172,73 @@ def cmd_demo(args, ws) -> int:
     return 0
 
 
+def cmd_consolidate(args, ws) -> int:
+    from .consolidate import check, consolidate
+
+    ledger = Ledger(ws.open_journal())
+    try:
+        fd = process.acquire_lock(ws.lock_path)
+    except process.LockHeld:
+        if args.lineage not in ledger.state.lineages:
+            check(ws, ledger, args.lineage)  # raises: no such lineage
+        ledger.commit(f"lineage:{args.lineage}", ev.ConsolidationRequested(lineage=args.lineage))
+        render.console.print(f"consolidation of lineage {args.lineage} requested: the running daemon fuses it as soon "
+                             "as no job of the lineage is queued or training (`ftctl history --follow` shows it)")
+        return 0
+    try:
+        cfg, _ = ws.load_config()
+        reconcile.recover(ledger, reconcile.plan(ws, ledger))  # never fuse on top of debris
+        fused = consolidate(ws, ledger, args.lineage, keep_models=cfg.consolidation.keep_models,
+                            min_free_gb=cfg.min_free_disk_gb, say=lambda t: render.console.print(render.escape(t)))
+        render.console.print(f"[green]promoted[/] {fused.path} (weights sha256 {fused.weights_sha256[:16]}…)")
+        return 0
+    finally:
+        process.release_lock(fd)
+
+
+def cmd_config_show(args, ws) -> int:
+    from ftctl.core.config import config_to_dict, default_config_dict
+
+    cfg, warnings = ws.load_config()
+    raw = ws.read_config_dict()
+    defaults = default_config_dict(cfg.model)
+    ledger = Ledger(ws.open_journal())
+    lin = ledger.state.lineages.get(args.lineage)
+    eff = config_to_dict(cfg)
+    rows = []
+
+    def walk(d: dict, r: dict, df: dict, prefix: str = ""):
+        for k, v in d.items():
+            key = prefix + k
+            given = isinstance(r, dict) and k in r
+            if isinstance(v, dict) and v and k not in ("optimizer_config",):
+                walk(v, r.get(k, {}) if given and isinstance(r.get(k), dict) else {}, df.get(k) or {}, key + ".")
+                continue
+            source = "ftctl.yaml" if given else "default"
+            rows.append({"key": key, "value": v, "source": source})
+
+    walk(eff, raw, defaults)
+    if lin is not None and lin.base_version > 0:
+        for r in rows:
+            if r["key"] == "model":
+                r["value"], r["source"] = lin.base_model, f"lineage {lin.name}: promoted base v{lin.base_version}"
+    if args.json:
+        render.print_json({"lineage": args.lineage, "config": rows, "warnings": warnings})
+        return 0
+    from rich.table import Table
+
+    t = Table(title=f"effective config ({ws.config_path}, lineage {args.lineage})")
+    for c in ("key", "value", "source"):
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(r["key"], render.escape(repr(r["value"]) if isinstance(r["value"], str) else str(r["value"])),
+                  f"[dim]{r['source']}[/]" if r["source"] == "default" else r["source"])
+    render.console.print(t)
+    for w in warnings:
+        render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
+    return 0
+
+
 def register(sub, home) -> None:
     s = sub.add_parser("start", parents=[home], help="run the daemon in the foreground and train the queue")
     s.add_argument("--until-idle", action="store_true", help="exit when the queue is empty")
@@ -198,6 +265,17 @@ def register(sub, home) -> None:
     s.set_defaults(func=cmd_shutdown)
 
     from .doctor import cmd_doctor
+
+    s = sub.add_parser("consolidate", parents=[home], help="fuse the lineage's adapter into a new base model")
+    s.add_argument("--lineage", default="main")
+    s.set_defaults(func=cmd_consolidate)
+
+    s = sub.add_parser("config", parents=[home], help="configuration")
+    csub = s.add_subparsers(dest="config_command", required=True, parser_class=s.__class__)
+    c = csub.add_parser("show", parents=[home], help="the effective config and where each value comes from")
+    c.add_argument("--lineage", default="main")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_config_show)
 
     s = sub.add_parser("doctor", parents=[home], help="health checks: journal, daemon, processes, disk, checkpoints, drift")
     s.add_argument("--json", action="store_true")

@@ -21,7 +21,7 @@ from ftctl.adapters import checkpoint as ck
 from ftctl.adapters import process, system
 from ftctl.adapters.faults import crash_point
 from ftctl.adapters.workspace import Workspace
-from ftctl.core.config import Config, ConfigError, decode_config
+from ftctl.core.config import Config, ConfigError, decode_config, locked_changes
 from ftctl.core.policy import SUGGESTIONS, Evidence, after_crash, classify, to_prune
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import types as ev
@@ -49,6 +49,10 @@ class DaemonError(Exception):
     pass
 
 
+class LockedConfig(Exception):
+    pass
+
+
 class Daemon:
     def __init__(self, ws: Workspace, *, until_idle: bool = False, env: dict | None = None, quiet: bool = False):
         self.ws = ws
@@ -61,6 +65,7 @@ class Daemon:
         self.ledger: Ledger | None = None
         self.lock_fd: int | None = None
         self.progress = None
+        self.refused: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     def say(self, text: str, style: str = "") -> None:
@@ -111,7 +116,7 @@ class Daemon:
         repairs = reconcile.plan(self.ws, self.ledger)
         for r in repairs:
             self.say(f"recovery: {r.what}")
-        return reconcile.apply(self.ledger, repairs)
+        return reconcile.recover(self.ledger, repairs)
 
     # ------------------------------------------------------------------ the queue
     def loop(self) -> str:
@@ -128,9 +133,34 @@ class Daemon:
             if ready:
                 self.run_job(ready[0])
                 continue
+            if self.consolidate_if_due():
+                continue
             if self.until_idle and not queued and not self._inbox_files():
                 return "queue empty (--until-idle)"
             time.sleep(POLL_S)
+
+    def consolidate_if_due(self) -> bool:
+        """When idle: run a requested consolidation, or the daily scheduled one (never under a job)."""
+        from .consolidate import ConsolidationRefused, blockers, consolidate, due
+
+        try:
+            cfg, _ = self.ws.load_config()
+        except ConfigError:
+            return False
+        for lin in list(self.ledger.state.lineages.values()):
+            key = (lin.name, lin.version)
+            if lin.state != "idle" or lin.head_job is None or key in self.refused or blockers(self.ledger, lin.name):
+                continue
+            if not (lin.requested or due(cfg.consolidation.schedule, lin.last_consolidation_at)):
+                continue
+            try:
+                consolidate(self.ws, self.ledger, lin.name, keep_models=cfg.consolidation.keep_models,
+                            min_free_gb=cfg.min_free_disk_gb, say=self.say)
+            except ConsolidationRefused as e:
+                self.refused.add(key)  # not again in this run unless the lineage changes
+                self.say(f"consolidation of lineage {lin.name} refused: {e}", "yellow")
+            return True
+        return False
 
     def _inbox_files(self) -> list[Path]:
         return sorted(p for p in self.ws.inbox.glob("*.jsonl") if p.is_file())
@@ -180,6 +210,10 @@ class Daemon:
         head = self.ledger.state.jobs.get(lin.head_job) if lin and lin.head_job else None
         if not cfg.warm_start or head is None or head.base_model != j.base_model:
             return None, 0
+        changed = locked_changes(head.config, j.config)
+        if changed:
+            raise LockedConfig(f"job {j.job} would warm-start from job {head.job}'s adapter but changes what shapes it "
+                               f"({'; '.join(changed)}); consolidate first or submit it to a new lineage (--lineage NAME)")
         good = head.good_checkpoints()
         final = [c for c in good if c.step == head.step]
         if not final:
@@ -216,7 +250,12 @@ class Daemon:
             return
         resume = self._resume_point(j)
         j = self.ledger.state.jobs[j.job]
-        warm, base = self._warm_start(j, cfg)
+        try:
+            warm, base = self._warm_start(j, cfg)
+        except LockedConfig as e:
+            self.say(f"job {j.job} failed: {e}", "red")
+            self.ledger.commit(stream, ev.Failed(job=j.job, reason=str(e), category="config_lock"))
+            return
         from ftctl.adapters.trainer import TrainPlan  # MLX and mlx-lm load only where training starts
 
         jdir = self.ws.job_dir(j.job)

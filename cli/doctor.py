@@ -148,7 +148,7 @@ def fix(ws: Workspace, ledger: Ledger) -> list[str]:
         return ["a daemon is running: it already keeps the workspace consistent; nothing was changed"]
     try:
         repairs = reconcile.plan(ws, ledger)
-        reconcile.apply(ledger, repairs)
+        reconcile.recover(ledger, repairs)
         done += [r.what for r in repairs]
         for j in list(ledger.state.jobs.values()):
             keep = j.config.get("retention", {}) if j.config else {}

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftctl.adapters.workspace import Workspace
-from ftctl.core.config import config_sha256, config_to_dict
+from ftctl.core.config import config_sha256, config_to_dict, locked_changes
 from ftctl.core.dataset import DataReport, validate_jsonl
 from ftctl.core.state import job_stream
 from ftctl.events import types as ev
@@ -88,6 +88,32 @@ def _next_job_id(ledger: Ledger) -> str:
     return f"{n:04d}"
 
 
+def _lineage_config(ledger: Ledger, lineage: str, cfg: dict) -> dict:
+    """Resolve the job's config against its lineage: it trains on the lineage's current base, and
+    may not change what shapes an adapter that is not consolidated yet (the config lock)."""
+    lin = ledger.state.lineages.get(lineage)
+    if lin is None:
+        return cfg
+    if cfg["model"] not in (lin.origin_model, lin.base_model):
+        raise SubmitError(
+            f"lineage {lineage!r} trains on {lin.base_model}, not {cfg['model']}. Nothing was queued. A different base "
+            f"model starts a new lineage: submit with --lineage NAME")
+    cfg = {**cfg, "model": lin.base_model}
+    chain = [ledger.state.jobs[j] for j in lin.jobs]
+    live = [j for j in chain if j.state not in ("rejected", "cancelled", "failed")]
+    if live:
+        ref = live[-1]
+        changed = locked_changes(ref.config, cfg)
+        if changed:
+            raise SubmitError(
+                f"lineage {lineage!r} has an adapter that is not consolidated yet (job {ref.job}, {ref.state}); this "
+                f"submission changes what shapes it — {'; '.join(changed)} — which would silently break its warm start "
+                "and its fusion. Nothing was queued. Either consolidate first (`ftctl consolidate`, after the lineage's "
+                "jobs finish) so that new jobs start a fresh adapter on the fused base, or start a new lineage "
+                "explicitly (`--lineage NAME`).")
+    return cfg
+
+
 def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None, valid: Path | None = None,
            overrides: list[str] = (), lineage: str = "main", fresh: bool = False) -> Submission:
     """Validate ``path`` (and ``valid``) and record the job as queued or rejected.
@@ -110,11 +136,7 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
     reasons = list(report.reasons) if report.verdict == "reject" else []
     if vreport is not None and vreport.verdict == "reject":
         reasons += [f"validation file: {r}" for r in vreport.reasons]
-    lin = ledger.state.lineages.get(lineage)
-    if lin is not None and lin.base_version > 0:
-        cfg_dict = config_to_dict(cfg) | {"model": lin.base_model}
-    else:
-        cfg_dict = config_to_dict(cfg)
+    cfg_dict = _lineage_config(ledger, lineage, config_to_dict(cfg))
 
     for _ in range(10):  # job ids race only with a concurrent submit; the stream version decides
         job = _next_job_id(ledger)

@@ -17,12 +17,13 @@ from ftctl.core.state import ReplayError
 from ftctl.events.journal import JournalError
 from ftctl.recovery.ledger import Ledger, state_at
 
+from .consolidate import ConsolidationRefused
 from .daemon import DaemonError
 
 from . import render
 from .jobs import SubmitError, submit
 
-USER_ERRORS = (DaemonError, WorkspaceError, ConfigError, DataError, IllegalTransition, JournalError, SubmitError, ReplayError)
+USER_ERRORS = (ConsolidationRefused, DaemonError, WorkspaceError, ConfigError, DataError, IllegalTransition, JournalError, SubmitError, ReplayError)
 
 
 # Small enough to train in seconds on two CPU cores, with everything a real run exercises:

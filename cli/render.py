@@ -7,6 +7,7 @@ by adding keys.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -17,8 +18,9 @@ from rich.table import Table
 from ftctl.core.state import JobState, Projection, as_dict
 from ftctl.events.types import Recorded, to_dict
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Piped output (logs, `| less`) gets a wide page instead of rich's default 80 columns.
+console = Console(highlight=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 160)
 
 # Body fields that are too long or too repetitive for the timeline's one-line summary.
 _HIDDEN = {"type", "job", "config", "config_sha256", "problems", "summary", "lineage"}

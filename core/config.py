@@ -672,3 +672,19 @@ def describe_keys() -> dict[str, str]:
 
     walk(_CONFIG_TYPE, "")
     return out
+
+
+# Keys that shape an adapter: changing one under an adapter that is not consolidated would make it
+# impossible to warm-start from or to fuse. A lineage refuses such a change until it consolidates.
+LOCKED_KEYS = ("model", "fine_tune_type", "num_layers", "lora_parameters.rank", "lora_parameters.keys")
+
+
+def _get(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def locked_changes(old: dict, new: dict) -> list[str]:
+    """``"key: old -> new"`` for every locked key that differs between two resolved configs."""
+    return [f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in LOCKED_KEYS if _get(old, k) != _get(new, k)]

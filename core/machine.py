@@ -50,6 +50,7 @@ FACTS = {
     "checkpoint_corrupt": _ANY_JOB,
     "checkpoint_discarded": _ANY_JOB,
     "model_removed": frozenset(LINEAGE_STATES),
+    "consolidation_requested": frozenset({"idle"}),
 }
 
 

@@ -16,7 +16,7 @@ from ftctl.events.types import ProcessId, Recorded
 
 from .machine import ACTIVE, FACTS, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 1  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 2  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -98,11 +98,14 @@ class LineageState(msgspec.Struct, kw_only=True):
     state: str = "idle"
     version: int = 0            # stream version
     base_model: str = ""        # the base new jobs train on
+    origin_model: str = ""      # the base the lineage started from (ftctl.yaml's model)
     base_version: int = 0       # 0 = the original model from ftctl.yaml
     head_job: str | None = None  # the completed job whose adapter is the lineage's current one
     jobs: list[str] = []        # jobs trained on the current base, oldest first
     models: list[ModelVersion] = []
     pending: dict[str, Any] | None = None  # the consolidation in progress
+    requested: bool = False     # `ftctl consolidate` asked a running daemon to consolidate
+    last_consolidation_at: str = ""  # when the last consolidation started (the schedule runs once a day)
 
 
 class DaemonState(msgspec.Struct, kw_only=True):
@@ -155,7 +158,7 @@ def _job(p: Projection, rec: Recorded) -> JobState:
 def _lineage(p: Projection, name: str, base_model: str = "") -> LineageState:
     lin = p.lineages.get(name)
     if lin is None:
-        lin = p.lineages[name] = LineageState(name=name, base_model=base_model)
+        lin = p.lineages[name] = LineageState(name=name, base_model=base_model, origin_model=base_model)
     return lin
 
 
@@ -260,8 +263,10 @@ def _noop(p, e, rec) -> None:
 
 
 def _consolidation(p: Projection, lin: LineageState, e, rec) -> None:
-    if isinstance(e, ev.ConsolidationStarted):
-        lin.pending = msgspec.to_builtins(e)
+    if isinstance(e, ev.ConsolidationRequested):
+        lin.requested = True
+    elif isinstance(e, ev.ConsolidationStarted):
+        lin.pending, lin.requested, lin.last_consolidation_at = msgspec.to_builtins(e), False, rec.ts
     elif isinstance(e, ev.BasePromoted):
         lin.pending = None
         lin.base_model, lin.base_version = e.model_path, e.version
@@ -283,9 +288,9 @@ JOB_HANDLERS = {
 }
 DAEMON_HANDLERS = {
     ev.DaemonStarted: _daemon_started, ev.DaemonStopped: _daemon_stopped,
-    ev.ShutdownRequested: _shutdown, ev.RecoveryFinished: _noop,
+    ev.ShutdownRequested: _shutdown, ev.RecoveryFinished: _noop, ev.DebrisRemoved: _noop,
 }
-LINEAGE_TYPES = (ev.ConsolidationStarted, ev.BasePromoted, ev.ConsolidationAborted, ev.ModelRemoved)
+LINEAGE_TYPES = (ev.ConsolidationRequested, ev.ConsolidationStarted, ev.BasePromoted, ev.ConsolidationAborted, ev.ModelRemoved)
 _KIND = {t: t.kind() for t in ev.EVENT_TYPES}
 
 

@@ -234,6 +234,13 @@ class ShutdownRequested(EventBase, tag="shutdown_requested", kw_only=True):
     reason: str = "ftctl shutdown"
 
 
+class DebrisRemoved(EventBase, tag="debris_removed", kw_only=True):
+    """Recovery deleted a folder no committed event accounts for (a submit or a fuse that died)."""
+
+    path: str
+    reason: str
+
+
 class RecoveryFinished(EventBase, tag="recovery_finished", kw_only=True):
     repairs: int
     summary: list[str] = []
@@ -241,6 +248,12 @@ class RecoveryFinished(EventBase, tag="recovery_finished", kw_only=True):
 
 # --------------------------------------------------------------------------- lineage
 # Stream id: "lineage:<name>". Consolidation fuses the lineage's adapter into a new base.
+
+
+class ConsolidationRequested(EventBase, tag="consolidation_requested", kw_only=True):
+    """`ftctl consolidate` while a daemon runs: the daemon fuses when no job of the lineage is active."""
+
+    lineage: str
 
 
 class ConsolidationStarted(EventBase, tag="consolidation_started", kw_only=True):
@@ -280,8 +293,8 @@ Event = Union[
     JobSubmitted, JobRejected, TrainingStarted, CheckpointStarted, CheckpointCommitted,
     CheckpointPruned, CheckpointCorrupt, CheckpointDiscarded, Evaluated, Completed, Crashed,
     Requeued, Interrupted, Failed, Paused, Resumed, Cancelled, ControlRequested,
-    DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, RecoveryFinished,
-    ConsolidationStarted, BasePromoted, ConsolidationAborted, ModelRemoved,
+    DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, DebrisRemoved, RecoveryFinished,
+    ConsolidationRequested, ConsolidationStarted, BasePromoted, ConsolidationAborted, ModelRemoved,
 ]
 
 EVENT_TYPES: tuple[type[EventBase], ...] = Event.__args__

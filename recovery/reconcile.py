@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftctl.adapters import checkpoint as ck
-from ftctl.adapters import process
+from ftctl.adapters import fuse, process
 from ftctl.adapters.faults import crash_point
 from ftctl.adapters.workspace import Workspace
-from ftctl.core.machine import ACTIVE
+from ftctl.core.machine import ACTIVE, TERMINAL
 from ftctl.core.policy import SUGGESTIONS
-from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
+from ftctl.core.state import DAEMON_STREAM, JobState, LineageState, Projection, job_stream, lineage_stream
 from ftctl.events import types as ev
 from ftctl.events.types import EventBase
 
@@ -120,12 +120,80 @@ def plan(ws: Workspace, ledger: Ledger) -> list[Repair]:
     if jobs_root.exists():
         for d_ in sorted(jobs_root.iterdir()):
             if d_.is_dir() and d_.name not in p.jobs:
-                repairs.append(Repair(f"delete {d_.name}/ in jobs/: left by a submit that never committed",
-                                      DAEMON_STREAM, [], after=_rm(d_)))
+                repairs.append(Repair(f"delete {d_.name}/ in jobs/: left by a submit that never committed", DAEMON_STREAM,
+                                      [ev.DebrisRemoved(path=str(d_), reason="job folder without a submitted job")],
+                                      after=_rm(d_)))
+    for lin in p.lineages.values():
+        if lin.pending is not None:
+            repairs.append(_pending_consolidation(ws, lin))
+    repairs += _model_debris(ws, p)
+    for lin in p.lineages.values():
+        repairs += retire_repairs(p, lin)
     return repairs
 
 
+def _pending_consolidation(ws: Workspace, lin: LineageState) -> Repair:
+    """A consolidation died midway: complete it if its model is whole, else discard the output.
+    Either way the lineage ends in one good state: new base promoted, or old base + adapter."""
+    pend = lin.pending
+    version, final = pend["version"], fuse.model_dir(ws.models, pend["version"])
+    stream = lineage_stream(lin.name)
+    temps = list(ws.models.glob(f".tmp-v{version:04d}-*"))
+
+    def cleanup(paths=temps):
+        for t in paths:
+            shutil.rmtree(t, ignore_errors=True)
+
+    if final.exists():
+        try:
+            sha = fuse.verify_model_dir(final)
+        except fuse.ModelCorrupt as e:
+            return Repair(f"lineage {lin.name}: fused model v{version} is incomplete ({e.reason}): discard it, keep the old base",
+                          stream, [ev.ConsolidationAborted(lineage=lin.name, version=version, reason=f"recovery: {e.reason}")],
+                          after=lambda: cleanup(temps + [final]))
+        return Repair(f"lineage {lin.name}: fused model v{version} is complete and verified: promote it", stream,
+                      [ev.BasePromoted(lineage=lin.name, version=version, model_path=str(final), weights_sha256=sha,
+                                       previous_base=pend["base_model"])], after=cleanup)
+    return Repair(f"lineage {lin.name}: consolidation v{version} died before its model was complete: discard the partial output",
+                  stream, [ev.ConsolidationAborted(lineage=lin.name, version=version, reason="interrupted; recovery discarded the partial output")],
+                  after=cleanup)
+
+
+def _model_debris(ws: Workspace, p: Projection) -> list[Repair]:
+    if not ws.models.exists():
+        return []
+    pending = {fuse.model_dir(ws.models, lin.pending["version"]).name for lin in p.lineages.values() if lin.pending}
+    pending_tmp = {f".tmp-v{lin.pending['version']:04d}-" for lin in p.lineages.values() if lin.pending}
+    known = {m.path for lin in p.lineages.values() for m in lin.models}
+    out = []
+    for d in sorted(ws.models.iterdir()):
+        if d.name in pending or any(d.name.startswith(t) for t in pending_tmp) or str(d) in known:
+            continue
+        why = "temp folder of a fuse that died" if d.name.startswith(".tmp-") else "model folder never promoted"
+        out.append(Repair(f"delete models/{d.name}: {why}", DAEMON_STREAM, [ev.DebrisRemoved(path=str(d), reason=why)],
+                          after=_rm(d)))
+    return out
+
+
+def retire_repairs(p: Projection, lin: LineageState) -> list[Repair]:
+    """After a promotion the old base's adapters are history: their checkpoints (optimizer
+    state for warm starts) are pruned; the final adapters stay as the archive. Runs only once
+    `base_promoted` is committed — save first, delete last."""
+    out = []
+    if lin.base_version == 0:
+        return out
+    for j in p.jobs.values():
+        if j.lineage == lin.name and j.base_model != lin.base_model and j.state in TERMINAL and j.checkpoints:
+            out.append(Repair(f"job {j.job}: prune {len(j.checkpoints)} checkpoint(s) of a base superseded by v{lin.base_version}",
+                              job_stream(j.job),
+                              [ev.CheckpointPruned(job=j.job, step=c.step, path=c.path, reason=f"consolidated into base v{lin.base_version}")
+                               for c in j.checkpoints],
+                              after=lambda paths=[c.path for c in j.checkpoints]: [shutil.rmtree(x, ignore_errors=True) for x in paths]))
+    return out
+
+
 def apply(ledger: Ledger, repairs: list[Repair]) -> int:
+    """Carry out repairs in order: effect before (stop a process), event, effect after (delete)."""
     done = 0
     for r in repairs:
         crash_point("during_recovery", done)
@@ -136,6 +204,12 @@ def apply(ledger: Ledger, repairs: list[Repair]) -> int:
         if r.after:
             r.after()
         done += 1
+    return done
+
+
+def recover(ledger: Ledger, repairs: list[Repair]) -> int:
+    """Apply a recovery plan and record that recovery ran (when it repaired anything)."""
+    done = apply(ledger, repairs)
     if done:
         ledger.commit(DAEMON_STREAM, ev.RecoveryFinished(repairs=done, summary=[r.what for r in repairs][:50]))
     return done

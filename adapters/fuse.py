@@ -1,0 +1,138 @@
+"""Fusing an adapter into its base model: a complete, verified model folder, written atomically.
+
+mlx-lm's own fuse logic (load with the adapter, ``.fuse()`` every LoRA module,
+``mlx_lm.utils.save``) writes into ``models/.tmp-vNNNN-<pid>/``; every file is fsynced and
+hashed into ``manifest.json``; the folder is then *verified* — it loads with ``mlx_lm.load``
+and a forward pass is finite and matches base + adapter — before it is renamed to
+``models/vNNNN/``. The caller commits ``base_promoted`` after that; only then may anything
+old be removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .faults import crash_point
+from .fs import FS
+
+MANIFEST = "manifest.json"
+FORMAT = "ftctl-model"
+PROBE = [1, 5, 9, 13, 17, 21, 25, 29]  # token ids for the verification forward pass
+
+
+class FuseError(Exception):
+    pass
+
+
+class ModelCorrupt(Exception):
+    def __init__(self, path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"fused model {path} is not usable: {reason}")
+
+
+@dataclass(frozen=True)
+class FusedModel:
+    path: Path
+    weights_sha256: str
+    bytes: int
+    max_abs_diff: float
+
+
+def model_dir(models: Path, version: int) -> Path:
+    return Path(models) / f"v{version:04d}"
+
+
+def temp_dir(models: Path, version: int) -> Path:
+    return Path(models) / f".tmp-v{version:04d}-{os.getpid()}"
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _weights_sha(files: dict) -> str:
+    return hashlib.sha256("".join(files[k]["sha256"] for k in sorted(files) if k.endswith(".safetensors")).encode()).hexdigest()
+
+
+def verify_model_dir(path: Path) -> str:
+    """Check every file against the manifest; returns the weights sha256 or raises ModelCorrupt."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelCorrupt(path, f"{MANIFEST} missing or unreadable ({e})") from None
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            raise ModelCorrupt(path, f"{name} is missing")
+        if f.stat().st_size != meta["bytes"] or _sha256_file(f) != meta["sha256"]:
+            raise ModelCorrupt(path, f"{name} does not match its sha256")
+    return _weights_sha(files)
+
+
+def _logits(model, mx):
+    out = model(mx.array([PROBE]))
+    mx.eval(out)
+    return out.astype(mx.float32)
+
+
+def fuse(base: Path, adapter: Path, models: Path, version: int, fs: FS | None = None) -> FusedModel:
+    """Build, verify and rename into place ``models/vNNNN``. On any failure the temp folder
+    is removed and the exception propagates; the base and the adapter are only read."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+    from mlx_lm import load
+    from mlx_lm.utils import save
+
+    fs = fs or FS()
+    tmp, final = temp_dir(models, version), model_dir(models, version)
+    if final.exists():
+        raise FuseError(f"{final} already exists; recovery decides what it is, not fuse")
+    try:
+        model, tokenizer, config = load(str(base), adapter_path=str(adapter), return_config=True)
+        expected = _logits(model, mx)
+        fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
+        if not fused:
+            raise FuseError(f"{adapter} holds no LoRA/DoRA layers to fuse")
+        model.update_modules(tree_unflatten(fused))
+        crash_point("consolidate_mid_fuse", version)
+        save(tmp, str(base), model, tokenizer, config, donate_model=False)
+        crash_point("consolidate_mid_write", version)
+        files = {}
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+            files[str(f.relative_to(tmp))] = {"sha256": _sha256_file(f), "bytes": f.stat().st_size}
+        manifest = {"format": FORMAT, "version": version, "base": str(base), "adapter": str(adapter), "files": files}
+        fs.write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        fs.fsync_dir(tmp)
+        del model
+        check, _ = load(str(tmp))
+        got = _logits(check, mx)
+        if not bool(mx.all(mx.isfinite(got)).item()):
+            raise FuseError("the fused model's forward pass is not finite")
+        diff = float(mx.max(mx.abs(got - expected)).item())
+        scale = max(float(mx.max(mx.abs(expected)).item()), 1.0)
+        if diff > 1e-3 * scale:
+            raise FuseError(f"the fused model differs from base + adapter by {diff:.3g} (tolerance {1e-3 * scale:.3g})")
+        fs.rename(tmp, final)
+        fs.fsync_dir(models)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    crash_point("consolidate_after_rename", version)
+    return FusedModel(path=final, weights_sha256=_weights_sha(files), bytes=folder_bytes(final), max_abs_diff=diff)
