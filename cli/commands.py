@@ -34,9 +34,7 @@ def cmd_recover(args, ws) -> int:
         return 1
     try:
         ledger = Ledger(ws.open_journal())
-        repairs = reconcile.plan(ws, ledger)
-        if not args.dry_run:
-            reconcile.recover(ledger, repairs)
+        repairs = reconcile.plan(ws, ledger) if args.dry_run else reconcile.recover(ws, ledger)
         if args.json:
             render.print_json({"dry_run": args.dry_run, "repairs": [r.as_dict() for r in repairs]})
         elif not repairs:
@@ -187,7 +185,7 @@ def cmd_consolidate(args, ws) -> int:
         return 0
     try:
         cfg, _ = ws.load_config()
-        reconcile.recover(ledger, reconcile.plan(ws, ledger))  # never fuse on top of debris
+        reconcile.recover(ws, ledger)  # never fuse on top of debris
         fused = consolidate(ws, ledger, args.lineage, keep_models=cfg.consolidation.keep_models,
                             min_free_gb=cfg.min_free_disk_gb, say=lambda t: render.console.print(render.escape(t)))
         render.console.print(f"[green]promoted[/] {fused.path} (weights sha256 {fused.weights_sha256[:16]}…)")

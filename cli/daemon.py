@@ -113,10 +113,7 @@ class Daemon:
             process.release_lock(self.lock_fd)
 
     def recover(self) -> int:
-        repairs = reconcile.plan(self.ws, self.ledger)
-        for r in repairs:
-            self.say(f"recovery: {r.what}")
-        return reconcile.recover(self.ledger, repairs)
+        return len(reconcile.recover(self.ws, self.ledger, lambda r: self.say(f"recovery: {r.what}")))
 
     # ------------------------------------------------------------------ the queue
     def loop(self) -> str:

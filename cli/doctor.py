@@ -147,9 +147,7 @@ def fix(ws: Workspace, ledger: Ledger) -> list[str]:
     except process.LockHeld:
         return ["a daemon is running: it already keeps the workspace consistent; nothing was changed"]
     try:
-        repairs = reconcile.plan(ws, ledger)
-        reconcile.recover(ledger, repairs)
-        done += [r.what for r in repairs]
+        done += [r.what for r in reconcile.recover(ws, ledger)]
         for j in list(ledger.state.jobs.values()):
             keep = j.config.get("retention", {}) if j.config else {}
             victims = to_prune(j.checkpoints, keep.get("keep_last", 3), keep.get("keep_best", True))

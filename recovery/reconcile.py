@@ -207,9 +207,18 @@ def apply(ledger: Ledger, repairs: list[Repair]) -> int:
     return done
 
 
-def recover(ledger: Ledger, repairs: list[Repair]) -> int:
-    """Apply a recovery plan and record that recovery ran (when it repaired anything)."""
-    done = apply(ledger, repairs)
+def recover(ws: Workspace, ledger: Ledger, on_repair: Callable[[Repair], None] = lambda r: None) -> list[Repair]:
+    """Plan and apply until nothing is left (a repair can reveal the next: promoting a pending
+    consolidation makes the old base's checkpoints retirable), then record that recovery ran."""
+    done: list[Repair] = []
+    for _ in range(5):
+        repairs = plan(ws, ledger)
+        if not repairs:
+            break
+        for r in repairs:
+            on_repair(r)
+        apply(ledger, repairs)
+        done += repairs
     if done:
-        ledger.commit(DAEMON_STREAM, ev.RecoveryFinished(repairs=done, summary=[r.what for r in repairs][:50]))
+        ledger.commit(DAEMON_STREAM, ev.RecoveryFinished(repairs=len(done), summary=[r.what for r in done][:50]))
     return done

@@ -44,13 +44,26 @@ def make_workspace(home: Path, model: Path, **overrides) -> Path:
     return home
 
 
+def ftctl_json(home: Path, *args: str):
+    """Run a read-only `ftctl ... --json` command in this process (no interpreter start-up)."""
+    import contextlib
+    import io
+
+    from ftctl.cli.main import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main([*args, "--json", "--home", str(home)])
+    assert code == 0, (args, code)
+    return json.loads(buf.getvalue())
+
+
 def status(home: Path, job: str | None = None) -> dict:
-    args = ["status", "--json"] + ([job] if job else [])
-    return json.loads(ftctl(home, *args).stdout)
+    return ftctl_json(home, "status", *([job] if job else []))
 
 
 def history(home: Path) -> list[dict]:
-    return json.loads(ftctl(home, "history", "--json").stdout)
+    return ftctl_json(home, "history")
 
 
 def kinds(home: Path, job: str | None = None) -> list[str]:

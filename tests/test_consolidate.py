@@ -1,0 +1,129 @@
+"""Consolidation: fuse the adapter into a new base without ever losing either."""
+
+from __future__ import annotations
+
+import json
+import signal
+from datetime import datetime
+
+import pytest
+
+from helpers import crash_env, ftctl, history, make_workspace, sha256_file, status
+
+SMALL = {"iters": 10, "save_every": 5, "steps_per_eval": 5}
+
+
+def _trained(tmp_path, demo, name="ws", jobs=1, **overrides):
+    home = make_workspace(tmp_path / name, demo.model_dir, **{**SMALL, **overrides})
+    for i in range(jobs):
+        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", f"j{i + 1}")
+    ftctl(home, "start", "--until-idle", "--quiet")
+    return home
+
+
+def _lineage(home):
+    return status(home)["lineages"][0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo):
+    return _trained(tmp_path_factory.mktemp("trained"), demo)
+
+
+def test_fused_model_equals_base_plus_adapter_and_loads(trained, demo, tmp_path):
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from ftctl.adapters import fuse
+
+    s = status(trained, "0001")
+    fused = fuse.fuse(demo.model_dir, s["adapter_path"], tmp_path, 1)
+    assert fused.path == tmp_path / "v0001" and fused.max_abs_diff < 1e-3
+    assert fuse.verify_model_dir(fused.path) == fused.weights_sha256
+    a, _ = load(str(demo.model_dir), adapter_path=s["adapter_path"])
+    b, _ = load(str(fused.path))
+    x = mx.array([[3, 7, 11, 19, 23]])
+    assert mx.allclose(a(x), b(x), atol=1e-4).item()
+    assert not list(tmp_path.glob(".tmp*"))
+    (fused.path / "model.safetensors").write_bytes(b"broken")
+    with pytest.raises(fuse.ModelCorrupt, match="does not match"):
+        fuse.verify_model_dir(fused.path)
+
+
+def test_locked_config_refused_unlocked_applies_and_no_consolidation_under_a_job(trained, demo):
+    home = trained
+    for bad in ("lora_parameters.rank=8", "num_layers=1", "fine_tune_type=dora", "lora_parameters.keys=[self_attn.q_proj]"):
+        p = ftctl(home, "submit", str(demo.train), "--set", bad, check=False)
+        assert p.returncode == 1, bad
+        err = " ".join(p.stderr.split())
+        assert "not consolidated yet (job 0001" in err and "Nothing was queued" in err and "ftctl consolidate" in err
+        assert "--lineage NAME" in err
+    p = ftctl(home, "submit", str(demo.train), "--set", "model=/elsewhere", check=False)
+    assert p.returncode == 1 and "new lineage" in p.stderr
+    ftctl(home, "submit", str(demo.train), "--set", "learning_rate=1e-4")  # not locked
+    ftctl(home, "submit", str(demo.train), "--set", "lora_parameters.rank=8", "--lineage", "other")  # explicit new lineage
+    assert [j["state"] for j in status(home)["jobs"]] == ["completed", "queued", "queued"]
+    p = ftctl(home, "consolidate", check=False)
+    assert p.returncode == 1 and "not finished: 0002 (queued)" in " ".join(p.stderr.split())
+    assert _lineage(home)["base_version"] == 0 and not list((home / "models").iterdir())
+
+
+def _killed_consolidation(home, tmp_path, point: str, version: int) -> None:
+    adapter = status(home)["lineages"][0]["head_job"]
+    sha = status(home, adapter)["adapter_sha256"]
+    p = ftctl(home, "consolidate", env=crash_env(tmp_path, f"{point}:{version}"), check=False)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert json.loads(ftctl(home, "recover", "--json").stdout)["repairs"]  # abort, promote or finish retiring
+    assert _lineage(home)["state"] == "idle"
+    assert sha256_file(f"{status(home, adapter)['adapter_path']}/adapters.safetensors") == sha  # never neither
+    assert not list((home / "models").glob(".tmp*"))
+    assert json.loads(ftctl(home, "recover", "--dry-run", "--json").stdout)["repairs"] == []
+
+
+def test_kill_matrix_over_consolidation(tmp_path, demo):
+    """Kill `ftctl consolidate` at each point, recover: exactly one of the two good end states."""
+    from ftctl.adapters.fuse import verify_model_dir
+
+    home = _trained(tmp_path, demo)
+    for point in ("consolidate_mid_fuse", "consolidate_mid_write"):  # before the commit: old base + adapter
+        _killed_consolidation(home, tmp_path, point, 1)
+        lin = _lineage(home)
+        assert lin["base_version"] == 0 and lin["head_job"] == "0001", point
+        assert not (home / "models" / "v0001").exists() and status(home, "0001")["checkpoints"]
+    _killed_consolidation(home, tmp_path, "consolidate_after_rename", 1)  # whole model, no event: promoted
+    assert _lineage(home)["base_version"] == 1
+    verify_model_dir(home / "models" / "v0001")
+    assert status(home, "0001")["checkpoints"] == []  # retired only after base_promoted
+    # a fresh adapter on the new base (the locked key may change now), then die after the commit
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--set", "lora_parameters.rank=8")
+    ftctl(home, "start", "--until-idle", "--quiet")
+    started = [e["data"] for e in history(home) if e["type"] == "training_started" and e["data"]["job"] == "0002"]
+    assert started[0]["base_model"] == str(home / "models" / "v0001") and started[0].get("warm_start_from") is None
+    _killed_consolidation(home, tmp_path, "consolidate_after_event", 2)
+    lin = _lineage(home)
+    assert lin["base_version"] == 2 and lin["head_job"] is None
+    verify_model_dir(home / "models" / "v0002")
+    assert status(home, "0002")["checkpoints"] == []
+
+
+def test_scheduled_consolidation_waits_for_idle(tmp_path, demo):
+    home = _trained(tmp_path, demo, jobs=2, consolidation={"schedule": "00:00", "keep_models": 2})
+    evs = history(home)
+    seq = {(e["type"], e["data"].get("job")): e["seq"] for e in evs}
+    started = seq[("consolidation_started", None)]
+    assert started > seq[("completed", "0002")]  # never under a job, and it ran once idle
+    assert _lineage(home)["base_version"] == 1
+    # once a day: a new start the same day does not consolidate again
+    ftctl(home, "start", "--until-idle", "--quiet")
+    assert [e["type"] for e in history(home)].count("consolidation_started") == 1
+
+
+def test_due_once_a_day():
+    from ftctl.cli.consolidate import due
+
+    now = datetime(2026, 11, 23, 3, 30)
+    assert due("03:00", "", now) and not due("04:00", "", now) and not due(None, "", now)
+    last = datetime(2026, 11, 23, 3, 5).astimezone().astimezone(tz=__import__("datetime").timezone.utc)
+    stamp = last.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert not due("03:00", stamp, now)
+    assert due("03:00", stamp, datetime(2026, 11, 24, 3, 1))

@@ -1,0 +1,467 @@
+"""Supervision with real processes and the tiny model: how fast a worker's death is recorded,
+the hang watchdog, the restart budget, orphans of a dead daemon, two daemons at once,
+pause/resume/cancel with and without a daemon, a daemon killed during its own recovery, the
+inbox, and a job stranded in `crashed` by a daemon that died between two commits."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+import pytest
+
+from helpers import crash_env, ftctl, leftovers, make_workspace, sha256_file, wait_for
+
+SHORT = ("--set", "iters=10", "--set", "save_every=5")  # for jobs whose adapter bytes are not compared
+HANG_S = 8.0  # above a worker's start-up (imports + tiny model: 2-4 s on 2 busy cores), far below the default
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("FTCTL_CRASH_AT", "FTCTL_HANG_AT")}
+    env.update({"COLUMNS": "200", **(extra or {})})
+    return env
+
+
+def _daemon(home, *args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--quiet", *args, "--home", str(home)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(env))
+
+
+def _stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.kill()
+        p.wait(timeout=30)
+
+
+def _submit(home, demo, *extra: str) -> None:
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), *extra)
+
+
+def _rows(home, sql: str, params: tuple = ()) -> list:
+    """Read the journal in-process, read-only (no CLI round trip: polling must be cheap)."""
+    try:
+        con = sqlite3.connect(f"file:{home / 'journal.db'}?mode=ro", uri=True, timeout=10)
+    except sqlite3.OperationalError:
+        return []
+    try:
+        return con.execute(sql, params).fetchall()
+    except sqlite3.OperationalError:  # e.g. the WAL index is being created: try again next poll
+        return []
+    finally:
+        con.close()
+
+
+def _events(home, *types: str) -> list[dict]:
+    rows = _rows(home, "SELECT seq, ts, stream, type, body FROM events ORDER BY seq")
+    out = [{"seq": s, "ts": ts, "stream": st, "type": t.split(".v")[0], "data": json.loads(b)}
+           for s, ts, st, t, b in rows]
+    return [e for e in out if not types or e["type"] in types]
+
+
+def _epoch(ts: str) -> float:
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+def _reported_step(home, job: str = "0001") -> int:
+    r = _rows(home, "SELECT coalesce(max(step), 0) FROM metrics WHERE job = ?", (job,))
+    return r[0][0] if r else 0
+
+
+def _projection(home):
+    """What the journal says, now (replayed in-process: `ftctl status` without the start-up)."""
+    from ftctl.recovery.ledger import Ledger
+
+    ledger = Ledger.open(home / "journal.db")
+    try:
+        return ledger.state
+    finally:
+        ledger.close()
+
+
+def _job(home, job: str = "0001"):
+    return _projection(home).jobs[job]
+
+
+def _survivors(home) -> list[int]:
+    """helpers.survivors, in-process: pids of recorded workers and daemons still alive
+    (same pid AND start time)."""
+    from ftctl.adapters.process import alive
+    from ftctl.events.types import ProcessId
+
+    out = []
+    for e in _events(home, "training_started", "daemon_started"):
+        d = e["data"]
+        pid = (ProcessId(d["worker_pid"], d["worker_started_at"]) if e["type"] == "training_started"
+               else ProcessId(d["process"]["pid"], d["process"]["started_at"]))
+        if alive(pid):
+            out.append(pid.pid)
+    return out
+
+
+def _in_state(home, state: str, job: str = "0001"):
+    j = _job(home, job)
+    return j if j.state == state else None
+
+
+def _ftctl_here(home, *args: str) -> int:
+    """`ftctl ARGS` run in this process: the same command without the interpreter start-up
+    (used where the command must land while a 40-step job is still training)."""
+    from ftctl.cli.main import main
+
+    old = os.umask(0o077)
+    try:
+        return main([*args, "--home", str(home)])
+    finally:
+        os.umask(old)
+
+
+def _completed(home, job: str = "0001"):
+    j = _job(home, job)
+    assert j.state == "completed", (j.state, j.reason)
+    assert j.adapter_sha256 == sha256_file(Path(j.adapter_path) / "adapters.safetensors")
+    assert leftovers(home) == []
+    return j
+
+
+@pytest.fixture(scope="module")
+def baseline_sha(tmp_path_factory, demo):
+    """The adapter sha256 of an uninterrupted 40-step run (TEST_CONFIG), once per module."""
+    home = make_workspace(tmp_path_factory.mktemp("supervision-baseline") / "ws", demo.model_dir)
+    _submit(home, demo)
+    ftctl(home, "start", "--until-idle", "--quiet", timeout=600)
+    return _completed(home).adapter_sha256
+
+
+# --------------------------------------------------------------------------- a. detection
+
+
+def test_worker_death_is_recorded_within_a_second(tmp_path, demo):
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    _submit(home, demo, *SHORT)
+    marker = tmp_path / "marker-mid-step-7"
+    d = _daemon(home, "--until-idle", env={"FTCTL_CRASH_AT": f"mid_step:7:{marker}"})
+    try:
+        wait_for(lambda: _events(home, "crashed") or d.poll() is not None, timeout=180, every=0.02)
+        assert marker.exists(), "the mid_step:7 crash point never fired"
+        crashed = _events(home, "crashed")[0]
+        gap = _epoch(crashed["ts"]) - marker.stat().st_mtime  # the marker is written just before the SIGKILL
+        assert -0.05 < gap < 1.0, f"the worker's death was journaled {gap:.3f} s after it happened"
+        _, err = d.communicate(timeout=180)
+        assert d.returncode == 0, err
+    finally:
+        _stop(d)
+    c = crashed["data"]
+    assert c["category"] == "killed" and c["signal"] == signal.SIGKILL and c["exit_code"] == -signal.SIGKILL
+    starts = [e["data"] for e in _events(home, "training_started")]
+    assert [s["attempt"] for s in starts] == [1, 2]
+    assert f"pid {starts[0]['worker_pid']}" in marker.read_text()  # it was the first worker that died
+    assert starts[1]["resume_step"] == 5  # from the last committed checkpoint before step 7
+    assert _completed(home).step == 10
+    assert _survivors(home) == []
+
+
+# --------------------------------------------------------------------------- b. hang watchdog
+
+
+def test_hung_worker_is_killed_by_the_watchdog_and_requeued(tmp_path, demo):
+    home = make_workspace(tmp_path / "ws", demo.model_dir,
+                          timeouts={"hang_s": HANG_S, "eval_hang_s": 2 * HANG_S, "stop_s": 30.0})
+    _submit(home, demo, "--set", "iters=12", "--set", "save_every=5")
+    marker = tmp_path / "marker-hang-mid-step-9"
+    ftctl(home, "start", "--until-idle", "--quiet", env={"FTCTL_HANG_AT": f"mid_step:9:{marker}"}, timeout=300)
+    assert marker.exists(), "the mid_step:9 hang point never fired"
+    crashes = _events(home, "crashed")
+    assert len(crashes) == 1, crashes
+    c = crashes[0]
+    assert c["data"]["category"] == "hang" and c["data"]["signal"] == signal.SIGKILL
+    waited = _epoch(c["ts"]) - marker.stat().st_mtime
+    assert HANG_S - 0.5 < waited < HANG_S + 3, f"the watchdog fired {waited:.2f} s after the hang (hang_s = {HANG_S})"
+    kinds = [e["type"] for e in _events(home) if e["stream"] == "job:0001"]
+    assert kinds[kinds.index("crashed") + 1] == "requeued"
+    starts = [e["data"] for e in _events(home, "training_started")]
+    assert len(starts) == 2 and f"pid {starts[0]['worker_pid']}" in marker.read_text()
+    assert starts[1]["resume_step"] == 5
+    assert _completed(home).step == 12
+    assert _survivors(home) == []  # the hung worker was killed, not left behind
+
+
+# --------------------------------------------------------------------------- c. restart budget
+
+
+def test_restart_budget_fails_a_hopeless_job_without_a_storm_and_the_queue_moves_on(tmp_path, demo):
+    """A model whose config.json is not JSON: every attempt raises while loading. Policy
+    (core.policy.after_crash): the same-step rule is checked before the window budget, and a
+    crash during loading is recorded at step 0, so
+      max_restarts=2: crashes 1, 2 requeue; crash 3 is the third `exception` at step 0 -> failed;
+      max_restarts=1: crash 1 requeues; crash 2 makes 2 crashes in the window > 1  -> failed.
+    Either way exactly max_restarts + 1 workers are started, each after its backoff."""
+    broken = tmp_path / "broken-model"
+    shutil.copytree(demo.model_dir, broken)
+    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    home = make_workspace(tmp_path / "ws", demo.model_dir,
+                          restart={"max_restarts": 2, "window_s": 300.0, "backoff_s": 0.3, "backoff_max_s": 0.6})
+    broken_job = (*SHORT, "--set", f"model={broken}", "--lineage", "broken")  # another base: another lineage
+    _submit(home, demo, *broken_job, "--name", "hopeless2")
+    _submit(home, demo, *broken_job, "--set", "restart.max_restarts=1", "--name", "hopeless1")
+    _submit(home, demo, *SHORT, "--name", "good")
+    ftctl(home, "start", "--until-idle", "--quiet", timeout=300)
+
+    evs = _events(home)
+    for job, max_restarts, why in (("0001", 2, "three times at the same step 0"),
+                                   ("0002", 1, "2 crashes within 300 s (restart.max_restarts = 1)")):
+        mine = [e for e in evs if e["stream"] == f"job:{job}"]
+        starts = [e for e in mine if e["type"] == "training_started"]
+        crashes = [e for e in mine if e["type"] == "crashed"]
+        assert len(starts) == max_restarts + 1 and len(crashes) == max_restarts + 1, [e["type"] for e in mine]
+        for c in crashes:
+            d = c["data"]
+            assert d["category"] == "exception" and d["exit_code"] == 1 and d["step"] == 0, d
+            tail = d["evidence"].rstrip().splitlines()  # the traceback's tail: frames, then the exception
+            assert 'File "' in d["evidence"] and "JSONDecodeError" in tail[-1], d["evidence"]
+        # no storm: every restart waited for the not_before of the requeue that preceded it
+        for rq, nxt in zip([e for e in mine if e["type"] == "requeued"], starts[1:]):
+            assert _epoch(nxt["ts"]) >= rq["data"]["not_before"] - 0.01, (rq, nxt)
+        assert mine[-1]["type"] == "failed", mine[-1]
+        assert why in mine[-1]["data"]["reason"] and mine[-1]["data"]["category"] == "exception", mine[-1]
+        assert _job(home, job).state == "failed"
+    _completed(home, "0003")  # the queue moved on past the hopeless jobs
+    assert _survivors(home) == []
+
+
+# --------------------------------------------------------------------------- d. orphans
+
+
+@pytest.mark.parametrize("same_identity", [True, False], ids=["orphan", "reused-pid"])
+def test_recover_stops_the_orphan_of_a_dead_daemon_but_never_a_stranger(tmp_path, demo, same_identity):
+    from ftctl.adapters.process import alive
+    from ftctl.core.state import DAEMON_STREAM, job_stream
+    from ftctl.events import types as ev
+    from ftctl.recovery.ledger import Ledger
+
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    _submit(home, demo, *SHORT)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # the dead daemon's pid
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    reaper = threading.Thread(target=orphan.wait, daemon=True)  # reap it as init reaps an orphan
+    reaper.start()
+    born = psutil.Process(orphan.pid).create_time()
+    me = ev.ProcessId(orphan.pid, born)
+    try:
+        ledger = Ledger.open(home / "journal.db")
+        try:
+            ledger.commit(DAEMON_STREAM, ev.DaemonStarted(process=ev.ProcessId(gone.pid, time.time() - 60),
+                                                          host=socket.gethostname(), version="test"))
+            ledger.commit(job_stream("0001"), ev.TrainingStarted(
+                job="0001", attempt=1, worker_pid=orphan.pid,
+                worker_started_at=born if same_identity else born - 1000.0,  # else: the pid was reused
+                base_model=str(demo.model_dir)))
+        finally:
+            ledger.close()
+        out = json.loads(ftctl(home, "recover", "--json").stdout)
+        whats = [r["what"] for r in out["repairs"]]
+        if same_identity:
+            assert any(f"stop orphan worker pid {orphan.pid}" in w for w in whats), whats
+            reaper.join(timeout=15)
+            assert orphan.returncode == -signal.SIGTERM
+            assert not alive(me)
+        else:
+            assert not any("orphan" in w for w in whats), whats
+            time.sleep(0.3)
+            assert alive(me) and psutil.Process(orphan.pid).status() != psutil.STATUS_ZOMBIE
+        crashes = _events(home, "crashed")
+        assert len(crashes) == 1 and crashes[0]["data"]["category"] == "daemon_died"
+        assert ("the orphan worker was stopped" in crashes[0]["data"]["evidence"]) == same_identity
+        p = _projection(home)
+        assert not p.daemon.running
+        assert [j.state for j in p.jobs.values()] == ["queued"]
+        assert json.loads(ftctl(home, "recover", "--dry-run", "--json").stdout)["repairs"] == []
+    finally:
+        if alive(me):
+            os.kill(orphan.pid, signal.SIGKILL)
+        reaper.join(timeout=15)
+
+
+# --------------------------------------------------------------------------- e. two daemons
+
+
+def test_two_daemons_started_at_once_exactly_one_runs(tmp_path, demo):
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    _submit(home, demo, *SHORT)
+    daemons = [_daemon(home, "--until-idle"), _daemon(home, "--until-idle")]
+    try:
+        outs = [d.communicate(timeout=300) for d in daemons]
+    finally:
+        for d in daemons:
+            _stop(d)
+    codes = [d.returncode for d in daemons]
+    assert sorted(codes) == [0, 1], (codes, outs)
+    loser = outs[codes.index(1)]
+    assert "another ftctl daemon is running" in loser[1], loser
+    assert len(_events(home, "daemon_started")) == 1
+    assert len(_events(home, "training_started")) == 1
+    _completed(home)
+    assert _survivors(home) == []
+
+
+# --------------------------------------------------------------------------- f. control, daemon running
+
+
+def test_pause_and_resume_with_a_running_daemon_lose_no_step(tmp_path, demo, baseline_sha):
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    _submit(home, demo)
+    d = _daemon(home)
+    try:
+        wait_for(lambda: _reported_step(home) >= 5, timeout=180, every=0.01)
+        assert _ftctl_here(home, "pause", "0001") == 0
+        asked = time.monotonic()
+        j = wait_for(lambda: _in_state(home, "paused"), timeout=30, every=0.05)
+        took = time.monotonic() - asked
+        assert took < 5, f"pause took {took:.1f} s"
+        stop = j.step
+        assert 5 <= stop < 40, f"paused at step {stop}: the pause came too late to test anything"
+        assert f"at step {stop}" in j.reason, j.reason
+        evs = [e for e in _events(home) if e["stream"] == "job:0001"]
+        paused_at = max(e["seq"] for e in evs if e["type"] == "paused")
+        assert [e for e in evs if e["type"] == "checkpoint_committed" and e["seq"] < paused_at][-1]["data"]["step"] == stop
+        assert any(e["type"] == "control_requested" and e["data"]["action"] == "pause" for e in evs)
+        time.sleep(1.0)
+        assert d.poll() is None, "the daemon exited after pausing its only job"
+        assert _projection(home).daemon.running
+        assert len(_events(home, "training_started")) == 1  # a paused job is not picked up
+        ftctl(home, "resume", "0001")
+        wait_for(lambda: _in_state(home, "completed"), timeout=180, every=0.1)
+        assert d.poll() is None
+        ftctl(home, "shutdown", "--wait", "30")
+        assert d.wait(timeout=30) == 0
+    finally:
+        _stop(d)
+    assert _completed(home).adapter_sha256 == baseline_sha
+    starts = [e["data"] for e in _events(home, "training_started")]
+    assert [s.get("resume_step", 0) for s in starts] == [0, stop]
+    assert _survivors(home) == []
+
+
+# --------------------------------------------------------------------------- g. control, no daemon
+
+
+@pytest.mark.parametrize("action", ["pause", "cancel"])
+def test_pause_or_cancel_with_no_daemon_is_applied_at_next_start(tmp_path, demo, baseline_sha, action):
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    _submit(home, demo)
+    p = ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "daemon_before_commit:10"), check=False)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    wait_for(lambda: _survivors(home) == [], timeout=10)  # its worker died with it
+    assert _job(home).state == "checkpointing"  # the journal still says so: nobody is left to say otherwise
+    out = ftctl(home, action, "0001").stdout
+    assert "next start" in out, out
+    assert _job(home).requested == action
+    ftctl(home, "start", "--until-idle", "--quiet")
+    want = {"pause": "paused", "cancel": "cancelled"}[action]
+    assert _job(home).state == want
+    assert len(_events(home, "training_started")) == 1  # recovery applied the request; nothing was trained
+    kinds = [e["type"] for e in _events(home) if e["stream"] == "job:0001"]
+    crashed = kinds.index("crashed")
+    assert kinds[crashed + 1] == want
+    assert _events(home, "crashed")[0]["data"]["category"] == "daemon_died"
+    if action == "cancel":
+        return
+    ftctl(home, "resume", "0001")
+    ftctl(home, "start", "--until-idle", "--quiet")
+    assert _completed(home).adapter_sha256 == baseline_sha
+    assert _events(home, "training_started")[-1]["data"]["resume_step"] == 5  # step 10 was never committed
+    assert _survivors(home) == []
+
+
+# --------------------------------------------------------------------------- h. killed in recovery
+
+
+def test_daemon_killed_during_its_own_recovery(tmp_path, demo, baseline_sha):
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    _submit(home, demo)
+    p = ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "daemon_before_commit:10"), check=False)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    marker = tmp_path / "marker-during-recovery"
+    p = ftctl(home, "start", "--until-idle", "--quiet", env={"FTCTL_CRASH_AT": f"during_recovery:1:{marker}"}, check=False)
+    assert p.returncode == -signal.SIGKILL and marker.exists(), p.stderr
+    last = _events(home)[-1]
+    assert last["type"] == "daemon_stopped"  # the first repair was committed, the second never started
+    assert _job(home).state == "checkpointing"
+    ftctl(home, "start", "--until-idle", "--quiet")
+    assert _completed(home).adapter_sha256 == baseline_sha
+    assert len(_events(home, "crashed")) == 1  # the half-done recovery did not crash the job twice
+    assert json.loads(ftctl(home, "recover", "--dry-run", "--json").stdout)["repairs"] == []
+    assert _survivors(home) == []
+
+
+# --------------------------------------------------------------------------- i. inbox
+
+
+def test_inbox_rejects_bad_files_untouched_and_trains_good_ones(tmp_path, demo):
+    home = make_workspace(tmp_path / "ws", demo.model_dir, iters=10, save_every=5)
+    bad = b'{"text": "fine"}\nnot json at all\n{"messages": 3}\n\xff\xfe broken bytes\n'
+    good = demo.train.read_bytes()
+    (home / "inbox" / "bad.jsonl").write_bytes(bad)
+    (home / "inbox" / "good.jsonl").write_bytes(good)
+    ftctl(home, "start", "--until-idle", "--quiet")
+    assert sorted(p.name for p in (home / "inbox").glob("*.jsonl")) == []
+    assert (home / "inbox" / "rejected" / "bad.jsonl").read_bytes() == bad
+    accepted = list((home / "inbox" / "accepted").glob("*good.jsonl"))
+    assert len(accepted) == 1 and accepted[0].read_bytes() == good
+    rejected = _events(home, "job_rejected")
+    assert len(rejected) == 1 and rejected[0]["data"]["name"] == "bad" and rejected[0]["data"]["reasons"]
+    submitted = _events(home, "job_submitted")
+    assert len(submitted) == 1 and submitted[0]["data"]["name"] == "good"
+    job = submitted[0]["data"]["job"]
+    assert accepted[0].name == f"{job}-good.jsonl"
+    assert _completed(home, job).step == 10
+
+
+# --------------------------------------------------------------------------- a dead daemon between commits
+
+
+def test_job_left_crashed_by_a_dead_daemon_is_not_stranded(tmp_path, demo):
+    """The daemon records a worker's death as `crashed`, then decides (requeue / fail / pause)
+    and appends that in a second transaction (cli/daemon.py, Supervision.finish). A daemon that
+    dies between the two (SIGKILL, OOM killer, power cut) leaves the job in `crashed`. Recovery
+    must not leave it there: `crashed` is not ACTIVE, so reconcile.plan skips it, the queue only
+    takes `queued` jobs, and `ftctl resume` only takes `paused` ones: nothing ever trains it again."""
+    from ftctl.core.state import DAEMON_STREAM, job_stream
+    from ftctl.events import types as ev
+    from ftctl.recovery.ledger import Ledger
+
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    _submit(home, demo, *SHORT)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ledger = Ledger.open(home / "journal.db")
+    try:
+        ledger.commit(DAEMON_STREAM, ev.DaemonStarted(process=ev.ProcessId(dead.pid, time.time() - 60),
+                                                      host=socket.gethostname(), version="test"))
+        ledger.commit(job_stream("0001"), ev.TrainingStarted(job="0001", attempt=1, worker_pid=dead.pid,
+                                                             worker_started_at=time.time() - 30,
+                                                             base_model=str(demo.model_dir)))
+        # the daemon appended the crash of its worker ... and was killed before its decision
+        ledger.commit(job_stream("0001"), ev.Crashed(job="0001", category="killed", step=3, exit_code=-9,
+                                                     signal=9, evidence="exit code -9 (signal SIGKILL)"))
+    finally:
+        ledger.close()
+    ftctl(home, "start", "--until-idle", "--quiet")
+    j = _job(home)
+    assert j.state == "completed", (
+        f"job 0001 is still {j.state!r} after a daemon start: a job the dead daemon left `crashed` "
+        "is never requeued (recovery only repairs training/checkpointing jobs)")

@@ -1,0 +1,386 @@
+"""Real MLX training on the tiny demo model: determinism across stops and resumes,
+warm starts, corruption, divergence, and mlx-lm compatibility of the result."""
+
+import json
+import math
+import os
+import shutil
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx_lm.tuner.trainer import iterate_batches
+
+from ftctl.adapters import trainer as trainer_mod
+from ftctl.adapters.batches import TrainBatches, make_batch, validation_batches
+from ftctl.adapters.checkpoint import (
+    ADAPTERS,
+    OPTIMIZER,
+    CheckpointCorrupt,
+    adapter_sha256,
+    checkpoint_step,
+    list_checkpoint_dirs,
+    load_checkpoint,
+    temp_dirs,
+    verify_checkpoint,
+)
+from ftctl.adapters.demo import build_demo
+from ftctl.adapters.trainer import TrainingDiverged, TrainPlan, run, step_seed
+from ftctl.core.config import decode_config
+
+ITERS = 40
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return build_demo(tmp_path_factory.mktemp("demo"))
+
+
+def config(demo, **over):
+    base = {
+        "model": str(demo.model_dir),
+        "iters": ITERS,
+        "batch_size": 4,
+        "save_every": 5,
+        "steps_per_report": 10,
+        "steps_per_eval": 10,
+        "val_batches": 2,
+        "max_seq_length": 64,
+        "num_layers": -1,
+        "optimizer": "adamw",
+        "lr_schedule": {"name": "cosine_decay", "warmup": 4, "arguments": [2e-3, ITERS, 1e-4]},
+        "lora_parameters": {"rank": 4, "dropout": 0.1},
+        "seed": 7,
+    }
+    base.update(over)
+    cfg, _ = decode_config(base)
+    return cfg
+
+
+def plan(demo, job_dir, cfg, **kw):
+    return TrainPlan(
+        job_id=os.path.basename(job_dir),
+        job_dir=str(job_dir),
+        config=cfg,
+        train_path=str(demo.train),
+        valid_path=str(demo.valid),
+        **kw,
+    )
+
+
+def train(p, stop_at=None):
+    """Run a plan; ask to stop once step stop_at is done. Returns (messages, result)."""
+    msgs = []
+    steps = []
+
+    def emit(m):
+        json.dumps(m, allow_nan=False)  # every message is plain JSON
+        msgs.append(m)
+        if m["t"] == "step":
+            steps.append(m["step"])
+
+    result = run(p, emit, lambda: stop_at is not None and bool(steps) and steps[-1] >= stop_at)
+    return msgs, result
+
+
+def kinds(msgs, t):
+    return [m for m in msgs if m["t"] == t]
+
+
+@pytest.fixture(scope="module")
+def reference(demo, tmp_path_factory):
+    """One uninterrupted run: (job_dir, messages, result)."""
+    job = tmp_path_factory.mktemp("ref") / "job"
+    msgs, result = train(plan(demo, job, config(demo)))
+    return job, msgs, result
+
+
+def test_uninterrupted_run_reports_everything(reference):
+    job, msgs, result = reference
+    assert msgs[0]["t"] == "loaded" and msgs[0]["step"] == 0
+    assert [m["step"] for m in kinds(msgs, "step")] == list(range(1, ITERS + 1))
+    assert [m["step"] for m in kinds(msgs, "report")] == [10, 20, 30, 40]
+    assert [m["step"] for m in kinds(msgs, "eval")] == [10, 20, 30, 40]
+    assert [m["step"] for m in kinds(msgs, "checkpoint")] == list(range(5, ITERS + 1, 5))
+    # begin messages come right before their result
+    for t in ("eval", "checkpoint"):
+        for i, m in enumerate(msgs):
+            if m["t"] == t:
+                assert msgs[i - 1]["t"] == t + "_begin" and msgs[i - 1]["step"] == m["step"]
+    reports = kinds(msgs, "report")
+    assert reports[-1]["loss"] < reports[0]["loss"]  # it learns
+    assert reports[-1]["trained_tokens"] > 0 and reports[-1]["tokens_per_s"] > 0
+    assert result == msgs[-1] and result["t"] == "completed" and result["step"] == ITERS
+    assert result["adapter_sha256"] == adapter_sha256(result["adapter_path"])
+    assert result["checkpoint"] == kinds(msgs, "checkpoint")[-1]["path"]
+    final = load_checkpoint(result["checkpoint"])
+    assert final.state.job_step == ITERS and final.state.eval_count == 4
+    assert final.state.val_loss == kinds(msgs, "eval")[-1]["val_loss"]
+    assert final.optimizer["step"].item() == ITERS
+    assert temp_dirs(job) == []
+
+
+@pytest.mark.parametrize("stop_at", [3, 17, 35])
+def test_stop_and_resume_gives_the_same_adapter(demo, reference, tmp_path, stop_at):
+    _, _, ref = reference
+    job = tmp_path / "job"
+    msgs, result = train(plan(demo, job, config(demo)), stop_at=stop_at)
+    assert result["t"] == "stopped" and result["step"] == stop_at
+    assert result["checkpoint"].endswith(f"step-{stop_at:08d}")
+    assert kinds(msgs, "checkpoint")[-1]["step"] == stop_at
+    assert not (job / "adapters").exists()
+    msgs, result = train(plan(demo, job, config(demo), resume_from=result["checkpoint"]))
+    assert msgs[0] == {**msgs[0], "t": "loaded", "step": stop_at}
+    assert kinds(msgs, "step")[0]["step"] == stop_at + 1
+    assert result["t"] == "completed"
+    assert result["adapter_sha256"] == ref["adapter_sha256"]
+
+
+def test_resume_from_an_earlier_checkpoint_rewrites_identical_checkpoints(demo, reference, tmp_path):
+    ref_job, ref_msgs, ref = reference
+    job = tmp_path / "job"
+    shutil.copytree(ref_job, job)
+    shutil.rmtree(job / "adapters")
+    earlier = job / "checkpoints" / "step-00000015"
+    msgs, result = train(plan(demo, job, config(demo), resume_from=str(earlier)))
+    assert result["adapter_sha256"] == ref["adapter_sha256"]
+    again = {m["step"]: m["manifest_sha256"] for m in kinds(msgs, "checkpoint")}
+    first = {m["step"]: m["manifest_sha256"] for m in kinds(ref_msgs, "checkpoint")}
+    assert sorted(again) == [20, 25, 30, 35, 40]
+    assert all(again[s] == first[s] for s in again)  # byte-identical, state.json included
+
+
+def test_resume_at_the_end_only_publishes(demo, reference, tmp_path):
+    ref_job, _, ref = reference
+    job = tmp_path / "job"
+    shutil.copytree(ref_job, job)
+    shutil.rmtree(job / "adapters")
+    msgs, result = train(plan(demo, job, config(demo), resume_from=ref["checkpoint"].replace(str(ref_job), str(job))))
+    assert [m["t"] for m in msgs] == ["loaded", "completed"]
+    assert result["adapter_sha256"] == ref["adapter_sha256"]
+
+
+def test_evaluation_does_not_perturb_training(demo, reference, tmp_path):
+    _, _, ref = reference
+    msgs, result = train(plan(demo, tmp_path / "job", config(demo, steps_per_eval=ITERS)))
+    assert [m["step"] for m in kinds(msgs, "eval")] == [ITERS]
+    assert result["adapter_sha256"] == ref["adapter_sha256"]
+    p = plan(demo, tmp_path / "noval", config(demo))
+    p.valid_path = None
+    msgs, result = train(p)
+    assert kinds(msgs, "eval") == [] and kinds(msgs, "eval_begin") == []
+    assert result["adapter_sha256"] == ref["adapter_sha256"]
+
+
+def test_the_seed_matters(demo, reference, tmp_path):
+    _, _, ref = reference
+    _, other = train(plan(demo, tmp_path / "job", config(demo, seed=8)))
+    assert other["adapter_sha256"] != ref["adapter_sha256"]
+
+
+def test_grad_accumulation_stops_on_an_update_boundary(demo, tmp_path):
+    cfg = config(demo, iters=20, grad_accumulation_steps=2, save_every=4, steps_per_eval=20)
+    _, ref = train(plan(demo, tmp_path / "ref", cfg))
+    job = tmp_path / "job"
+    msgs, stopped = train(plan(demo, job, cfg), stop_at=5)
+    assert stopped["t"] == "stopped" and stopped["step"] == 6  # finishes the update
+    assert load_checkpoint(stopped["checkpoint"]).optimizer["step"].item() == 3
+    _, result = train(plan(demo, job, cfg, resume_from=stopped["checkpoint"]))
+    assert result["adapter_sha256"] == ref["adapter_sha256"]
+
+
+def test_warm_started_job_is_deterministic_and_restarts_the_schedule(demo, reference, tmp_path):
+    _, _, ref = reference
+    cfg2 = config(demo, iters=20, lr_schedule=None, learning_rate=5e-4, seed=3)
+    warm = ref["checkpoint"]
+
+    def job2(name, **kw):
+        return plan(demo, tmp_path / name, cfg2, warm_start_from=warm, global_step_base=ITERS, **kw)
+
+    msgs, a = train(job2("a"))
+    assert msgs[0]["global_step"] == ITERS
+    assert [m["global_step"] for m in kinds(msgs, "step")][:2] == [ITERS + 1, ITERS + 2]
+    ck = load_checkpoint(kinds(msgs, "checkpoint")[1]["path"])
+    assert ck.state.job_step == 10 and ck.state.global_step == ITERS + 10
+    assert ck.optimizer["step"].item() == 10  # the schedule restarted at this job's step 0
+    assert math.isclose(ck.optimizer["learning_rate"].item(), 5e-4, rel_tol=1e-6)
+
+    b_dir = tmp_path / "b"
+    _, stopped = train(job2("b"), stop_at=9)
+    _, b = train(job2("b", resume_from=stopped["checkpoint"]))
+    assert b["adapter_sha256"] == a["adapter_sha256"]
+    assert load_checkpoint(b_dir / "checkpoints" / "step-00000020").state.global_step == ITERS + 20
+
+    _, cold = train(plan(demo, tmp_path / "cold", cfg2, global_step_base=ITERS))
+    assert cold["adapter_sha256"] != a["adapter_sha256"]  # the warm start did carry over
+
+
+def test_warm_start_from_an_incompatible_adapter_is_refused(demo, reference, tmp_path):
+    _, _, ref = reference
+    cfg = config(demo, lora_parameters={"rank": 8, "dropout": 0.1})
+    with pytest.raises(ValueError, match="rank"):
+        train(plan(demo, tmp_path / "job", cfg, warm_start_from=ref["checkpoint"]))
+
+
+def test_corrupt_newest_checkpoint_is_refused_and_the_older_one_still_works(demo, reference, tmp_path):
+    ref_job, _, ref = reference
+    job = tmp_path / "job"
+    shutil.copytree(ref_job, job)
+    shutil.rmtree(job / "adapters")
+    newest, older = list_checkpoint_dirs(job)[-1], list_checkpoint_dirs(job)[-2]
+    f = newest / ADAPTERS
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorrupt) as e:
+        verify_checkpoint(newest)
+    assert e.value.file == ADAPTERS and ADAPTERS in str(e.value)
+    os.truncate(newest / OPTIMIZER, 100)
+    with pytest.raises(CheckpointCorrupt):
+        train(plan(demo, job, config(demo), resume_from=str(newest)))
+    verify_checkpoint(older)
+    _, result = train(plan(demo, job, config(demo), resume_from=str(older)))
+    assert result["adapter_sha256"] == ref["adapter_sha256"]
+
+
+def test_resume_from_another_jobs_checkpoint_is_refused(demo, reference, tmp_path):
+    _, _, ref = reference
+    with pytest.raises(ValueError, match="not a checkpoint of job"):
+        train(plan(demo, tmp_path / "job", config(demo), resume_from=ref["checkpoint"]))
+
+
+def test_published_adapter_loads_and_generates_with_mlx_lm(demo, reference):
+    _, _, ref = reference
+    model, tokenizer = mlx_lm.load(str(demo.model_dir), adapter_path=ref["adapter_path"])
+    trained = mx.load(os.path.join(ref["adapter_path"], ADAPTERS))
+    from mlx.utils import tree_flatten
+
+    params = dict(tree_flatten(model.parameters()))
+    assert trained and all(mx.array_equal(params[k], v).item() for k, v in trained.items())
+    text = mlx_lm.generate(model, tokenizer, "What is 2 plus 3?", max_tokens=4)
+    assert isinstance(text, str)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True
+    )
+    out = list(mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=4))
+    assert 1 <= len(out) <= 4
+
+
+def test_huge_learning_rate_diverges_and_is_never_checkpointed(demo, tmp_path):
+    cfg = config(demo, optimizer="sgd", lr_schedule=None, learning_rate=1e20, save_every=1, iters=10)
+    job = tmp_path / "every"
+    msgs = []
+    with pytest.raises(TrainingDiverged) as e:
+        run(plan(demo, job, cfg), msgs.append)
+    assert e.value.category == "nan" and "learning rate" in str(e.value)
+    saved = [checkpoint_step(p) for p in list_checkpoint_dirs(job)]
+    assert saved and max(saved) < e.value.step
+    for p in list_checkpoint_dirs(job):
+        assert math.isfinite(load_checkpoint(p).state.train_loss)
+    assert kinds(msgs, "checkpoint_begin")[-1]["step"] < e.value.step
+
+    job = tmp_path / "rarely"
+    with pytest.raises(TrainingDiverged) as e:
+        run(plan(demo, job, config(demo, optimizer="sgd", lr_schedule=None, learning_rate=1e20)), lambda m: None)
+    assert e.value.category == "nan" and "3 steps in a row" in str(e.value)
+    assert list_checkpoint_dirs(job) == [] and temp_dirs(job) == []
+
+
+def test_an_infinite_loss_stops_training_at_once(demo, tmp_path, monkeypatch):
+    real_loss, real_batch = trainer_mod.default_loss, TrainBatches.batch
+
+    def loss(model, batch, lengths):  # +inf when the first token is the pad id
+        value, toks = real_loss(model, batch, lengths)
+        return value + mx.where(batch[0, 0] == 0, mx.array(math.inf), mx.array(0.0)), toks
+
+    def batch(self, n):
+        b, lengths = real_batch(self, n)
+        if n == 6:  # iteration 7
+            b = mx.concatenate([mx.zeros((1, b.shape[1]), b.dtype), b[1:]])
+        return b, lengths
+
+    monkeypatch.setattr(trainer_mod, "default_loss", loss)
+    monkeypatch.setattr(TrainBatches, "batch", batch)
+    job = tmp_path / "job"
+    with pytest.raises(TrainingDiverged) as e:
+        run(plan(demo, job, config(demo)), lambda m: None)
+    assert (e.value.category, e.value.step) == ("inf", 7)
+    assert [checkpoint_step(p) for p in list_checkpoint_dirs(job)] == [5]
+
+
+def test_disk_errors_propagate_and_keep_earlier_checkpoints(demo, tmp_path):
+    import errno
+
+    from ftctl.adapters.fs import FS
+
+    class FullAfter(FS):
+        def write_bytes(self, path, data):
+            if "step-00000010" in str(path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            super().write_bytes(path, data)
+
+    job = tmp_path / "job"
+    with pytest.raises(OSError) as e:
+        run(plan(demo, job, config(demo)), lambda m: None, fs=FullAfter())
+    assert e.value.errno == errno.ENOSPC
+    assert [checkpoint_step(p) for p in list_checkpoint_dirs(job)] == [5]
+    assert temp_dirs(job) == []
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+def items(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(list(rng.integers(1, 100, size=int(rng.integers(3, 90)))), int(rng.integers(0, 3))) for _ in range(n)]
+
+
+def test_batch_at_any_iteration_is_a_pure_function():
+    data = items(37)
+    b1 = TrainBatches(data, 4, 64, seed=5)
+    seq = [b1.batch(n) for n in range(25)]
+    b2 = TrainBatches(data, 4, 64, seed=5)
+    for n in [24, 3, 17, 0, 9]:  # any order, fresh instance: no hidden state
+        np.random.seed(n)  # the global RNG (mlx-lm's) has no say
+        np.random.permutation(10)
+        got = b2.batch(n)
+        assert mx.array_equal(got[0], seq[n][0]).item() and mx.array_equal(got[1], seq[n][1]).item()
+    assert b1.n_batches == 9
+    assert (b1.cursor(20).epoch, b1.cursor(20).position) == (2, 2)
+    for epoch in range(3):  # every batch exactly once per epoch
+        seen = sorted(tuple(b1.indices(epoch * 9 + p)) for p in range(9))
+        assert seen == sorted(tuple(g) for g in b1.groups)
+    assert list(b1.order(0)) != list(b1.order(1))
+    assert list(TrainBatches(data, 4, 64, seed=6).order(0)) != list(b1.order(0))
+    assert list(b1.order(1)) == list(np.random.default_rng([5, 1]).permutation(9))
+
+
+def test_validation_batches_are_fixed_and_drawn_from_file_order():
+    data = items(30)
+    a = validation_batches(data, 4, 64, 3)
+    np.random.seed(1)
+    b = validation_batches(data, 4, 64, 3)
+    assert len(a) == 3 and all(mx.array_equal(x[0], y[0]).item() for x, y in zip(a, b))
+    used = sorted(int(r) for batch in a for r in batch[1][:, 1].tolist())
+    assert used == sorted(min(len(t), 64) for t, _ in data[:12])
+    assert len(validation_batches(data, 4, 64, -1)) == 7
+
+
+def test_padding_and_truncation_match_mlx_lm():
+    data = items(6, seed=3)
+    for max_len in (2048, 40):
+        ours = make_batch(sorted(data, key=lambda x: len(x[0])), max_len)
+        theirs = next(iterate_batches(data, 6, max_len))
+        assert mx.array_equal(ours[0], theirs[0]).item()
+        assert mx.array_equal(ours[1], theirs[1]).item()
+
+
+def test_too_few_examples_is_a_clear_error():
+    with pytest.raises(ValueError, match="fewer than batch_size=4"):
+        TrainBatches(items(3), 4, 64, seed=0)
+
+
+def test_step_seed_is_pure_and_distinct():
+    assert step_seed(0, 5) == step_seed(0, 5)
+    assert len({step_seed(s, g) for s in range(5) for g in range(200)}) == 1000
