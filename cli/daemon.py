@@ -373,7 +373,7 @@ class Supervision:
         elif t == "report":
             L.journal.record_metric(self.job, m)
             self._bar_update(m)
-            if self.bar is None:
+            if self.bar is None and m["loss"] is not None:
                 self.d.say(f"job {self.job} step {m['step']}/{self.cfg.iters}: loss {m['loss']:.4f}  "
                            f"lr {m['lr']:.3g}  {m['tokens_per_s']:.0f} tok/s  peak {m['peak_mem_gb']:.2f} GB")
         elif t == "eval_begin":
@@ -381,7 +381,9 @@ class Supervision:
         elif t == "eval":
             self.in_eval = False
             L.commit(self.stream, ev.Evaluated(job=self.job, step=m["step"], global_step=m["global_step"], val_loss=m["val_loss"]))
-            if self.bar is None:
+            if m["val_loss"] is None:
+                self.d.say(f"job {self.job} step {m['step']}: validation loss is not finite", "yellow")
+            elif self.bar is None:
                 self.d.say(f"job {self.job} step {m['step']}: val loss {m['val_loss']:.4f}")
         elif t == "checkpoint_begin":
             L.commit(self.stream, ev.CheckpointStarted(job=self.job, step=m["step"], global_step=m["global_step"]))
@@ -484,7 +486,7 @@ class Supervision:
         if self.bar is None:
             return
         fields = {}
-        if "loss" in m:
+        if m.get("loss") is not None:
             fields = {"loss": f"{m['loss']:.4f}", "tps": f"{m['tokens_per_s']:.0f}"}
         self.bar.update(self.task, completed=m["step"], **fields)
 

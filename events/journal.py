@@ -21,7 +21,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from .types import DecodeError, EventBase, Recorded, decode, decode_batch, encode
+from .types import DecodeError, EventBase, Recorded, decode, decode_columns, encode
 
 APPLICATION_ID = 0x66746374  # "ftct"
 SCHEMA_VERSION = 1
@@ -234,22 +234,23 @@ class Journal:
     def read(self, after: int = 0, to: int | None = None, stream: str | None = None, chunk: int = 20000) -> Iterator[Recorded]:
         """Events with ``after < seq <= to`` in sequence order, optionally of one stream.
 
-        Rows are read in chunks that SQLite itself turns into one JSON array, decoded by
-        msgspec in one call: replay costs about a microsecond per event."""
+        Rows are read in chunks that SQLite itself turns into one JSON array per column,
+        decoded by msgspec in one call each: replay costs about a microsecond per event."""
         to = self.last_seq() if to is None else to
         where = "seq > ? AND seq <= ?" + (" AND stream = ?" if stream is not None else "")
         sql = (
-            "SELECT '[' || group_concat(row, ',') || ']', max(seq) FROM ("
-            "SELECT seq, '[' || seq || ',' || json_quote(stream) || ',' || version || ',\"' || ts || '\",' || body || ']' AS row "
-            f"FROM events WHERE {where} ORDER BY seq LIMIT ?)"
+            "SELECT '[' || group_concat(seq) || ']', '[' || group_concat(json_quote(stream)) || ']', "
+            "'[' || group_concat(version) || ']', '[\"' || group_concat(ts, '\",\"') || '\"]', "
+            "'[' || group_concat(body) || ']', max(seq) FROM ("
+            f"SELECT seq, stream, version, ts, body FROM events WHERE {where} ORDER BY seq LIMIT ?)"
         )
         lo = after
         while lo < to:
             params = (lo, to, stream, chunk) if stream is not None else (lo, to, chunk)
-            data, hi = self.conn.execute(sql, params).fetchone()
-            if data is None:
+            *columns, hi = self.conn.execute(sql, params).fetchone()
+            if hi is None:
                 return
-            yield from decode_batch(data)
+            yield from decode_columns(*columns)
             lo = hi
 
     def types_between(self, after: int, to: int) -> list[tuple[int, str]]:

@@ -124,10 +124,12 @@ class CheckpointDiscarded(EventBase, tag="checkpoint_discarded", kw_only=True):
 
 
 class Evaluated(EventBase, tag="evaluated", kw_only=True):
+    """Validation loss at a step; None when it was not finite (NaN/Inf), which is itself a finding."""
+
     job: str
     step: int
     global_step: int
-    val_loss: float
+    val_loss: float | None
 
 
 class Completed(EventBase, tag="completed", kw_only=True):
@@ -352,7 +354,7 @@ def decode(body: bytes | str) -> EventBase:
     """Decode one stored body; raises DecodeError (only) on anything that is not a valid event."""
     try:
         return upcast(_event_decoder.decode(body))
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as e:
         raise DecodeError(f"not a valid ftctl event: {e}") from None
 
 
@@ -360,7 +362,7 @@ def decode_batch(data: bytes | str) -> list[Recorded]:
     """Decode a JSON array of ``[seq, stream, version, ts, body]`` rows in one call."""
     try:
         rows = _batch_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as e:
         raise DecodeError(f"journal holds an event that cannot be decoded: {e}") from None
     if UPCASTERS:
         legacy = tuple(UPCASTERS)
@@ -369,6 +371,27 @@ def decode_batch(data: bytes | str) -> list[Recorded]:
             for r in rows
         ]
     return rows
+
+
+_events_decoder = msgspec.json.Decoder(list[Event])
+_ints_decoder = msgspec.json.Decoder(list[int])
+_strs_decoder = msgspec.json.Decoder(list[str])
+
+
+def decode_columns(seqs: str, streams: str, versions: str, ts: str, bodies: str) -> list[Recorded]:
+    """Decode rows given as one JSON array per column (what SQLite's group_concat makes
+    cheaply): about a third cheaper than an array of rows, the framing of which SQLite
+    would have to build row by row."""
+    try:
+        events = _events_decoder.decode(bodies)
+        cols = (_ints_decoder.decode(seqs), _strs_decoder.decode(streams), _ints_decoder.decode(versions), _strs_decoder.decode(ts))
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as e:
+        raise DecodeError(f"journal holds an event that cannot be decoded: {e}") from None
+    if any(len(c) != len(events) for c in cols):
+        raise DecodeError(f"journal rows do not line up: {len(events)} bodies for {[len(c) for c in cols]} columns")
+    if UPCASTERS:
+        events = [upcast(e) if type(e) in UPCASTERS else e for e in events]
+    return list(map(Recorded, *cols, events))
 
 
 def to_dict(event: EventBase) -> dict[str, Any]:

@@ -147,11 +147,11 @@ def test_append_batch_across_streams_is_atomic(journal: Journal):
 
 
 def test_unreadable_body_is_refused(journal: Journal):
-    """A NaN loss encodes as JSON null, which would not decode as a float: once committed,
-    every replay would fail. The append refuses it, and the whole batch with it."""
+    """A NaN encodes as JSON null, which would not decode as a (non-optional) float: once
+    committed, every replay would fail. The append refuses it, and the whole batch with it."""
     journal.append("job:a", [ev("a")], expected_version=0)
     before = list(journal.read())
-    bad = T.Evaluated(job="a", step=1, global_step=1, val_loss=float("nan"))
+    bad = T.TrainingStarted(job="b", attempt=1, worker_pid=1, worker_started_at=float("nan"), base_model="m")
     with pytest.raises(JournalError, match="would not read back.*Nothing was appended"):
         journal.append_batch([("job:a", [ev("a", 2)], 1), ("job:b", [bad], 0)])
     wrong_type = T.Failed(job=7, reason="r")  # python does not check field types on construction

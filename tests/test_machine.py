@@ -11,7 +11,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
