@@ -110,6 +110,7 @@ class Worker:
     messages: object   # readable end of the message pipe (binary file)
     id: ProcessId
     log_path: Path
+    log_offset: int = 0   # where this attempt's output starts in the (shared, appended) job log
 
     def send(self, line: str) -> None:
         try:
@@ -132,6 +133,7 @@ def spawn_worker(plan_json: bytes, log_path: Path, env: dict | None = None, labe
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     log = open(log_path, "ab", buffering=0)
     os.chmod(log_path, 0o600)
+    offset = log.tell()
     cmd = [sys.executable, "-m", "ftctl.adapters.worker", "--message-fd", str(w), "--job", label[0], "--workspace", label[1]]
     proc = subprocess.Popen(
         cmd, stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(w,), start_new_session=True,
@@ -142,15 +144,16 @@ def spawn_worker(plan_json: bytes, log_path: Path, env: dict | None = None, labe
     started = identity(proc.pid) or ProcessId(pid=proc.pid, started_at=time.time())
     proc.stdin.write(plan_json.rstrip(b"\n") + b"\n")
     proc.stdin.flush()
-    return Worker(proc=proc, messages=os.fdopen(r, "rb", buffering=0), id=started, log_path=log_path)
+    return Worker(proc=proc, messages=os.fdopen(r, "rb", buffering=0), id=started, log_path=log_path, log_offset=offset)
 
 
-def tail(path: Path, limit: int = 4000) -> str:
+def tail(path: Path, limit: int = 16000, since: int = 0) -> str:
+    """The last ``limit`` bytes of a log, never reaching back before offset ``since``."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
-            f.seek(max(0, size - limit))
+            f.seek(max(since, size - limit))
             return f.read().decode(errors="replace")
     except OSError:
         return ""

@@ -22,9 +22,10 @@ from ftctl.adapters import process, system
 from ftctl.adapters.faults import crash_point
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, ConfigError, decode_config, locked_changes
-from ftctl.core.policy import SUGGESTIONS, Evidence, after_crash, classify, to_prune
-from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
+from ftctl.core.policy import SUGGESTIONS, Evidence, after_crash, classify, follow_up, to_prune
+from ftctl.core.state import DAEMON_STREAM, CrashRecord, JobState, job_stream
 from ftctl.events import types as ev
+from ftctl.events.journal import utc_now
 from ftctl.recovery import reconcile
 from ftctl.recovery.ledger import Ledger
 
@@ -272,23 +273,24 @@ class Daemon:
             base_model=cfg.model))
         how = f"resuming from step {resume_step}" if resume else ("warm start from " + warm if warm else "fresh adapter")
         self.say(f"job {j.job} ({j.name}): training, attempt {attempt}, worker pid {worker.id.pid}, {how}")
-        Supervision(self, j.job, cfg, worker, oom_before).watch()
+        Supervision(self, j.job, cfg, worker, oom_before, resume_step).watch()
 
 
 class Supervision:
     """Watches one worker: messages -> events, control requests -> stop, death -> crash."""
 
-    def __init__(self, d: Daemon, job: str, cfg: Config, worker: process.Worker, oom_before: int | None):
+    def __init__(self, d: Daemon, job: str, cfg: Config, worker: process.Worker, oom_before: int | None, step: int):
         self.d, self.job, self.cfg, self.w, self.oom_before = d, job, cfg, worker, oom_before
         self.stream = job_stream(job)
         self.last_progress = time.monotonic()
         self.in_eval = False
+        self.loading = True                   # imports + model load: allowed eval_hang_s, not hang_s
         self.stop_sent: float | None = None
         self.stop_reason: str | None = None   # "pause" | "cancel" | "shutdown"
         self.hung = False
         self.error: dict | None = None
         self.finished: str | None = None      # "completed" | "stopped"
-        self.step = 0
+        self.step = step                      # a crash before the first step is at the resume step
         self.stopped_step = 0
         self.bar = None
 
@@ -349,7 +351,7 @@ class Supervision:
 
     def watchdog(self, now: float) -> None:
         t = self.cfg.timeouts
-        limit = t.eval_hang_s if self.in_eval else t.hang_s
+        limit = t.eval_hang_s if self.in_eval or self.loading else t.hang_s
         if not self.hung and now - self.last_progress > limit:
             self.hung = True
             self.d.say(f"job {self.job}: no progress for {limit:g} s: killing the worker group (hang)", "red")
@@ -368,7 +370,7 @@ class Supervision:
             self.step = m["step"]
             self._bar_update(m)
         elif t == "loaded":
-            self.step = m["step"]
+            self.step, self.loading = m["step"], False
             self._bar_update(m)
         elif t == "report":
             L.journal.record_metric(self.job, m)
@@ -440,7 +442,7 @@ class Supervision:
             return
         oom_after = system.oom_kill_count()
         oom = None if self.oom_before is None or oom_after is None else oom_after - self.oom_before
-        tail = process.tail(self.w.log_path)
+        tail = process.tail(self.w.log_path, since=self.w.log_offset)
         category = classify(Evidence(exit_code=code, stderr_tail=tail, reported=(self.error or {}).get("category"),
                                      oom_kills=oom, hung=self.hung))
         if category == "corrupt_checkpoint" and self.error and self.error.get("path"):
@@ -450,25 +452,28 @@ class Supervision:
         sig = -code if code < 0 else None
         evidence = (f"exit code {code}" + (f" (signal {signal.Signals(sig).name})" if sig else "")
                     + (f"; worker said: {self.error['message']}" if self.error else "")
-                    + f"; last step seen {self.step}; log {self.w.log_path}\n" + tail[-1500:])
-        L.commit(self.stream, ev.Crashed(job=self.job, category=category, step=self.step, exit_code=code, signal=sig,
-                                         evidence=evidence, suggestion=SUGGESTIONS.get(category, "")))
-        j = L.state.jobs[self.job]
+                    + f"; last step seen {self.step}; log {self.w.log_path}\n" + _evidence_tail(tail))
+        crash = ev.Crashed(job=self.job, category=category, step=self.step, exit_code=code, signal=sig,
+                           evidence=evidence, suggestion=SUGGESTIONS.get(category, ""))
+        now = time.time()
         p = self.cfg.restart
-        dec = after_crash(j, time.time(), max_restarts=p.max_restarts, window_s=p.window_s,
-                          backoff_s=p.backoff_s, backoff_max_s=p.backoff_max_s)
+        record = CrashRecord(ts=utc_now(), category=category, step=self.step, exit_code=code, signal=sig)
+        dec = after_crash(j.crashes + [record], now, resume_step=j.step, max_restarts=p.max_restarts,
+                          window_s=p.window_s, backoff_s=p.backoff_s, backoff_max_s=p.backoff_max_s)
+        nxt = follow_up(self.job, dec, j.requested or (self.stop_reason if self.stop_reason == "pause" else None), category, now)
+        L.commit(self.stream, crash, nxt)  # one transaction: a crashed job is never left without its decision
         d.say(f"job {self.job} crashed ({category}, exit {code}) at step {self.step}: {SUGGESTIONS.get(category, '')}", "red")
-        if j.requested == "pause" or self.stop_reason == "pause":
-            L.commit(self.stream, ev.Paused(job=self.job, reason=f"paused by user (after a {category} crash)"))
-        elif dec.action == "requeue":
-            L.commit(self.stream, ev.Requeued(job=self.job, reason=dec.reason, not_before=time.time() + dec.delay_s))
-            d.say(f"job {self.job}: {dec.reason}")
-        elif dec.action == "pause":
-            L.commit(self.stream, ev.Paused(job=self.job, reason=dec.reason))
-            d.say(f"job {self.job} paused: {dec.reason}", "yellow")
-        else:
-            L.commit(self.stream, ev.Failed(job=self.job, reason=dec.reason, category=category))
-            d.say(f"job {self.job} failed: {dec.reason}", "red")
+        d.say(f"job {self.job} {type(nxt).kind()}: {getattr(nxt, 'reason', '')}",
+              {"requeued": "", "paused": "yellow"}.get(type(nxt).kind(), "red"))
+
+
+def _evidence_tail(tail: str, limit: int = 3000) -> str:
+    """The end of the worker's log for this attempt, from its last traceback if it has one."""
+    at = tail.rfind("Traceback (most recent call last)")
+    if at >= 0 and len(tail) - at <= limit:
+        return tail[at:]
+    return tail[-limit:]
+
 
     # ------------------------------------------------------------------ progress bar
     def _bar_open(self) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import signal as _signal
 from dataclasses import dataclass
 
-from .state import CheckpointRef, CrashRecord, JobState
+from ftctl.events import types as ev
+
+from .state import CheckpointRef, CrashRecord
 
 SUGGESTIONS = {
     "oom": "the worker was killed for memory: lower batch_size or max_seq_length, enable grad_checkpoint, "
@@ -89,17 +91,17 @@ def _seconds(ts: str) -> float:
     return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
 
 
-def after_crash(job: JobState, now: float, *, max_restarts: int, window_s: float,
+def after_crash(crashes: list[CrashRecord], now: float, *, resume_step: int, max_restarts: int, window_s: float,
                 backoff_s: float, backoff_max_s: float) -> Decision:
-    """Decide what follows the job's latest crash (already in job.crashes)."""
-    last: CrashRecord = job.crashes[-1]
+    """Decide what follows the latest of a job's crashes (the last of ``crashes``)."""
+    last: CrashRecord = crashes[-1]
     if last.category in PAUSE_ON:
         return Decision("pause", f"{last.category}: {SUGGESTIONS[last.category]}")
     if last.category in NOT_RETRYABLE:
         return Decision("fail", f"{last.category} at step {last.step}: not retried ({SUGGESTIONS[last.category]})")
     if last.category in NOT_COUNTED:
-        return Decision("requeue", f"{last.category}: resuming from step {job.step}")
-    counted = [c for c in job.crashes if c.category not in NOT_COUNTED]
+        return Decision("requeue", f"{last.category}: resuming from step {resume_step}")
+    counted = [c for c in crashes if c.category not in NOT_COUNTED]
     same = [c for c in counted if c.category == last.category and c.step == last.step]
     if len(same) >= 3:
         return Decision("fail", f"{last.category} three times at the same step {last.step}: "
@@ -110,6 +112,19 @@ def after_crash(job: JobState, now: float, *, max_restarts: int, window_s: float
                                 f"last: {last.category} at step {last.step}")
     delay = min(backoff_s * (2 ** max(len(recent) - 1, 0)), backoff_max_s)
     return Decision("requeue", f"restart {len(recent)}/{max_restarts} after {last.category}, in {delay:g} s", delay)
+
+
+def follow_up(job: str, decision: Decision, requested: str | None, category: str, now: float) -> ev.EventBase:
+    """The event that moves a crashed job on. A user's pending pause or cancel wins."""
+    if requested == "cancel":
+        return ev.Cancelled(job=job, reason=f"cancelled by user (after a {category} crash)")
+    if requested == "pause":
+        return ev.Paused(job=job, reason=f"paused by user (after a {category} crash)")
+    if decision.action == "requeue":
+        return ev.Requeued(job=job, reason=decision.reason, not_before=now + decision.delay_s)
+    if decision.action == "pause":
+        return ev.Paused(job=job, reason=decision.reason)
+    return ev.Failed(job=job, reason=decision.reason, category=category)
 
 
 def to_prune(checkpoints: list[CheckpointRef], keep_last: int, keep_best: bool) -> list[CheckpointRef]:

@@ -17,7 +17,7 @@ from ftctl.events.types import ProcessId, Recorded
 
 from .machine import ACTIVE, FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 2  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 3  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -116,6 +116,7 @@ class DaemonState(msgspec.Struct, kw_only=True):
     started_at: str = ""
     running: bool = False
     shutdown_requested: bool = False
+    reconciled_seq: int = 0     # recovery last ran here: finished jobs untouched since need no new look
 
 
 class Projection(msgspec.Struct, kw_only=True):
@@ -204,7 +205,7 @@ def _evaluated(p, j: JobState, e: ev.Evaluated, rec) -> None:
 
 
 def _completed(p: Projection, j: JobState, e: ev.Completed, rec) -> None:
-    j.step, j.global_step, j.worker = e.step, e.global_step, None
+    j.step, j.global_step, j.worker, j.requested = e.step, e.global_step, None, None
     j.adapter_path, j.adapter_sha256 = e.adapter_path, e.adapter_sha256
     _lineage(p, j.lineage, j.base_model).head_job = j.job
 
@@ -239,8 +240,13 @@ def _control(p, j: JobState, e: ev.ControlRequested, rec) -> None:
 
 
 def _daemon_started(p: Projection, e: ev.DaemonStarted, rec) -> None:
-    d = p.daemon
+    d = p.daemon  # a daemon starts only after its recovery ran: everything before is reconciled
     d.process, d.host, d.started_at, d.running, d.shutdown_requested = e.process, e.host, rec.ts, True, False
+    d.reconciled_seq = rec.seq
+
+
+def _recovered(p: Projection, e, rec) -> None:
+    p.daemon.reconciled_seq = rec.seq
 
 
 def _daemon_stopped(p: Projection, e, rec) -> None:
@@ -281,7 +287,7 @@ JOB_HANDLERS = {
 }
 DAEMON_HANDLERS = {
     ev.DaemonStarted: _daemon_started, ev.DaemonStopped: _daemon_stopped,
-    ev.ShutdownRequested: _shutdown, ev.RecoveryFinished: _noop, ev.DebrisRemoved: _noop,
+    ev.ShutdownRequested: _shutdown, ev.RecoveryFinished: _recovered, ev.DebrisRemoved: _noop,
 }
 LINEAGE_TYPES = (ev.ConsolidationRequested, ev.ConsolidationStarted, ev.BasePromoted, ev.ConsolidationAborted, ev.ModelRemoved)
 _KIND = {t: t.kind() for t in ev.EVENT_TYPES}

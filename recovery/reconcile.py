@@ -10,6 +10,7 @@ nothing left to do.
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from ftctl.adapters import fuse, process
 from ftctl.adapters.faults import crash_point
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.machine import ACTIVE, TERMINAL
-from ftctl.core.policy import SUGGESTIONS
+from ftctl.core.policy import SUGGESTIONS, Decision, after_crash, follow_up
 from ftctl.core.state import DAEMON_STREAM, JobState, LineageState, Projection, job_stream, lineage_stream
 from ftctl.events import types as ev
 from ftctl.events.types import EventBase
@@ -64,6 +65,22 @@ def _stale_job(j: JobState) -> list[Repair]:
     out.append(Repair(f"job {j.job}: {j.state} with no live worker -> crashed, then {type(follow).kind()} "
                       f"(resumes from step {j.step})", job_stream(j.job), [crash, follow]))
     return out
+
+
+def _stranded(j: JobState) -> Repair:
+    """A job left `crashed` without the decision that follows a crash (written by an older ftctl
+    in two steps, the daemon dying in between): take the decision now, by the same policy."""
+    r = j.config.get("restart", {})
+    last = j.crashes[-1] if j.crashes else None
+    category = last.category if last else "killed"
+    if last is None:
+        dec = Decision("requeue", "recovery: crashed with no record")
+    else:
+        dec = after_crash(j.crashes, time.time(), resume_step=j.step, max_restarts=r.get("max_restarts", 3),
+                          window_s=r.get("window_s", 300.0), backoff_s=r.get("backoff_s", 2.0),
+                          backoff_max_s=r.get("backoff_max_s", 60.0))
+    nxt = follow_up(j.job, dec, j.requested, category, time.time())
+    return Repair(f"job {j.job}: crashed with no decision recorded -> {type(nxt).kind()}", job_stream(j.job), [nxt])
 
 
 def _disk(ws: Workspace, j: JobState) -> list[Repair]:
@@ -114,8 +131,11 @@ def plan(ws: Workspace, ledger: Ledger) -> list[Repair]:
     for j in p.jobs.values():
         if j.state in ACTIVE:
             repairs += _stale_job(j)
-        if j.state != "rejected":
-            repairs += _disk(ws, j)
+        elif j.state == "crashed":
+            repairs.append(_stranded(j))
+        if j.state == "rejected" or (j.state in TERMINAL and j.updated_seq <= d.reconciled_seq):
+            continue  # a finished job nothing touched since the last recovery: its folder was checked then
+        repairs += _disk(ws, j)
     jobs_root = ws.home / "jobs"
     if jobs_root.exists():
         for d_ in sorted(jobs_root.iterdir()):
