@@ -156,8 +156,8 @@ def _lineage(p: Projection, name: str, base_model: str = "") -> LineageState:
     return lin
 
 
-def _submitted(p: Projection, j: JobState, e: ev.JobSubmitted, rec: Recorded) -> None:
-    j.name, j.lineage, j.submitted_at = e.name, e.lineage, rec.ts
+def _submitted(p: Projection, j: JobState, e: ev.JobSubmitted, seq: int, ts: str) -> None:
+    j.name, j.lineage, j.submitted_at = e.name, e.lineage, ts
     j.data_path, j.data_sha256, j.data_format, j.examples = e.data_path, e.data_sha256, e.data_format, e.examples
     j.valid_path, j.valid_sha256 = e.valid_path, e.valid_sha256
     j.config, j.config_sha256, j.warnings = e.config, e.config_sha256, list(e.warnings)
@@ -166,18 +166,18 @@ def _submitted(p: Projection, j: JobState, e: ev.JobSubmitted, rec: Recorded) ->
     lin.jobs.append(e.job)
 
 
-def _rejected(p, j: JobState, e: ev.JobRejected, rec) -> None:
-    j.name, j.data_path, j.data_sha256, j.submitted_at = e.name, e.data_path, e.data_sha256, rec.ts
+def _rejected(p, j: JobState, e: ev.JobRejected, seq: int, ts: str) -> None:
+    j.name, j.data_path, j.data_sha256, j.submitted_at = e.name, e.data_path, e.data_sha256, ts
     j.reason = "; ".join(e.reasons)
 
 
-def _started(p, j: JobState, e: ev.TrainingStarted, rec) -> None:
+def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
     j.attempt, j.worker = e.attempt, ProcessId(e.worker_pid, e.worker_started_at)
     j.warm_start_from, j.global_step_base, j.base_model = e.warm_start_from, e.global_step_base, e.base_model
     j.requested = None
 
 
-def _committed(p, j: JobState, e: ev.CheckpointCommitted, rec) -> None:
+def _committed(p, j: JobState, e: ev.CheckpointCommitted, seq: int, ts: str) -> None:
     j.step, j.global_step = e.step, e.global_step
     j.checkpoints = [c for c in j.checkpoints if c.path != e.path]
     j.checkpoints.append(CheckpointRef(step=e.step, global_step=e.global_step, path=e.path,
@@ -185,11 +185,11 @@ def _committed(p, j: JobState, e: ev.CheckpointCommitted, rec) -> None:
                                        train_loss=e.train_loss, val_loss=e.val_loss))
 
 
-def _pruned(p, j: JobState, e: ev.CheckpointPruned, rec) -> None:
+def _pruned(p, j: JobState, e: ev.CheckpointPruned, seq: int, ts: str) -> None:
     j.checkpoints = [c for c in j.checkpoints if c.path != e.path]
 
 
-def _corrupt(p, j: JobState, e: ev.CheckpointCorrupt, rec) -> None:
+def _corrupt(p, j: JobState, e: ev.CheckpointCorrupt, seq: int, ts: str) -> None:
     for c in j.checkpoints:
         if c.path == e.path:
             c.corrupt = e.reason
@@ -198,78 +198,78 @@ def _corrupt(p, j: JobState, e: ev.CheckpointCorrupt, rec) -> None:
     j.global_step = good[-1].global_step if good else j.global_step_base
 
 
-def _evaluated(p, j: JobState, e: ev.Evaluated, rec) -> None:
+def _evaluated(p, j: JobState, e: ev.Evaluated, seq: int, ts: str) -> None:
     j.last_val_loss = e.val_loss
     if e.val_loss is not None and (j.best_val_loss is None or e.val_loss < j.best_val_loss):
         j.best_val_loss = e.val_loss
 
 
-def _completed(p: Projection, j: JobState, e: ev.Completed, rec) -> None:
+def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -> None:
     j.step, j.global_step, j.worker, j.requested = e.step, e.global_step, None, None
     j.adapter_path, j.adapter_sha256 = e.adapter_path, e.adapter_sha256
     _lineage(p, j.lineage, j.base_model).head_job = j.job
 
 
-def _crashed(p, j: JobState, e: ev.Crashed, rec) -> None:
+def _crashed(p, j: JobState, e: ev.Crashed, seq: int, ts: str) -> None:
     j.worker = None
-    j.crashes.append(CrashRecord(ts=rec.ts, category=e.category, step=e.step, exit_code=e.exit_code,
+    j.crashes.append(CrashRecord(ts=ts, category=e.category, step=e.step, exit_code=e.exit_code,
                                  signal=e.signal, suggestion=e.suggestion))
     j.reason = f"{e.category}: {e.suggestion}" if e.suggestion else e.category
 
 
-def _requeued(p, j: JobState, e: ev.Requeued, rec) -> None:
+def _requeued(p, j: JobState, e: ev.Requeued, seq: int, ts: str) -> None:
     j.reason, j.not_before = e.reason, e.not_before
 
 
-def _interrupted(p, j: JobState, e: ev.Interrupted, rec) -> None:
+def _interrupted(p, j: JobState, e: ev.Interrupted, seq: int, ts: str) -> None:
     j.worker, j.reason, j.not_before = None, e.reason, 0.0
 
 
-def _reason(p, j: JobState, e, rec) -> None:
+def _reason(p, j: JobState, e, seq: int, ts: str) -> None:
     j.reason = e.reason
     if j.state in TERMINAL or j.state == "paused":
         j.worker, j.requested = None, None
 
 
-def _resumed(p, j: JobState, e, rec) -> None:
+def _resumed(p, j: JobState, e, seq: int, ts: str) -> None:
     j.reason, j.not_before = "", 0.0
 
 
-def _control(p, j: JobState, e: ev.ControlRequested, rec) -> None:
+def _control(p, j: JobState, e: ev.ControlRequested, seq: int, ts: str) -> None:
     j.requested = e.action
 
 
-def _daemon_started(p: Projection, e: ev.DaemonStarted, rec) -> None:
+def _daemon_started(p: Projection, e: ev.DaemonStarted, seq: int, ts: str) -> None:
     d = p.daemon  # a daemon starts only after its recovery ran: everything before is reconciled
-    d.process, d.host, d.started_at, d.running, d.shutdown_requested = e.process, e.host, rec.ts, True, False
-    d.reconciled_seq = rec.seq
+    d.process, d.host, d.started_at, d.running, d.shutdown_requested = e.process, e.host, ts, True, False
+    d.reconciled_seq = seq
 
 
-def _recovered(p: Projection, e, rec) -> None:
-    p.daemon.reconciled_seq = rec.seq
+def _recovered(p: Projection, e, seq: int, ts: str) -> None:
+    p.daemon.reconciled_seq = seq
 
 
-def _daemon_stopped(p: Projection, e, rec) -> None:
+def _daemon_stopped(p: Projection, e, seq: int, ts: str) -> None:
     p.daemon.running, p.daemon.shutdown_requested = False, False
 
 
-def _shutdown(p: Projection, e, rec) -> None:
+def _shutdown(p: Projection, e, seq: int, ts: str) -> None:
     p.daemon.shutdown_requested = True
 
 
-def _noop(p, e, rec) -> None:
+def _noop(p, e, seq: int, ts: str) -> None:
     pass
 
 
-def _consolidation(p: Projection, lin: LineageState, e, rec) -> None:
+def _consolidation(p: Projection, lin: LineageState, e, seq: int, ts: str) -> None:
     if isinstance(e, ev.ConsolidationRequested):
         lin.requested = True
     elif isinstance(e, ev.ConsolidationStarted):
-        lin.pending, lin.requested, lin.last_consolidation_at = msgspec.to_builtins(e), False, rec.ts
+        lin.pending, lin.requested, lin.last_consolidation_at = msgspec.to_builtins(e), False, ts
     elif isinstance(e, ev.BasePromoted):
         lin.pending = None
         lin.base_model, lin.base_version = e.model_path, e.version
-        lin.models.append(ModelVersion(version=e.version, path=e.model_path, weights_sha256=e.weights_sha256, promoted_at=rec.ts))
+        lin.models.append(ModelVersion(version=e.version, path=e.model_path, weights_sha256=e.weights_sha256, promoted_at=ts))
         lin.head_job, lin.jobs = None, []
     elif isinstance(e, ev.ConsolidationAborted):
         lin.pending = None
@@ -279,8 +279,8 @@ def _consolidation(p: Projection, lin: LineageState, e, rec) -> None:
 
 JOB_HANDLERS = {
     ev.JobSubmitted: _submitted, ev.JobRejected: _rejected, ev.TrainingStarted: _started,
-    ev.CheckpointStarted: lambda *a: None, ev.CheckpointCommitted: _committed,
-    ev.CheckpointPruned: _pruned, ev.CheckpointCorrupt: _corrupt, ev.CheckpointDiscarded: lambda *a: None,
+    ev.CheckpointStarted: None, ev.CheckpointCommitted: _committed,
+    ev.CheckpointPruned: _pruned, ev.CheckpointCorrupt: _corrupt, ev.CheckpointDiscarded: None,
     ev.Evaluated: _evaluated, ev.Completed: _completed, ev.Crashed: _crashed, ev.Requeued: _requeued,
     ev.Interrupted: _interrupted, ev.Failed: _reason, ev.Paused: _reason, ev.Resumed: _resumed,
     ev.Cancelled: _reason, ev.ControlRequested: _control,
@@ -308,43 +308,56 @@ def check(state: str, event: ev.EventBase, *, lineage: bool = False) -> str | No
     return _check_type(state, type(event), lineage)
 
 
-# check() tabulated for job events, {type: {state: next state}}: one dict lookup per event in replay
-_JOB_STEP = {t: {s: n for s in JOB_STATES if (n := _check_type(s, t)) is not None} for t in JOB_HANDLERS}
+# check() tabulated for job events: {type: (handler, {state: next state})}, one lookup per event
+_JOB = {t: (h, {s: n for s in JOB_STATES if (n := _check_type(s, t)) is not None}) for t, h in JOB_HANDLERS.items()}
 
 
-def apply(p: Projection, rec: Recorded) -> None:
-    """Fold one recorded event into the projection."""
-    e = rec.event
-    handler = JOB_HANDLERS.get(type(e))
-    if handler is not None:
-        j = p.jobs.get(e.job)
-        if j is None:
-            j = p.jobs[e.job] = JobState(job=e.job)
-        new = _JOB_STEP[type(e)].get(j.state)
-        if new is None:
-            raise ReplayError(f"seq {rec.seq}: {_KIND[type(e)]!r} is illegal for job {e.job} in state {j.state!r}")
-        j.state, j.version, j.updated_at, j.updated_seq = new, rec.version, rec.ts, rec.seq
-        handler(p, j, e, rec)
-    elif type(e) in DAEMON_HANDLERS:
-        p.daemon.version = rec.version
-        DAEMON_HANDLERS[type(e)](p, e, rec)
-    elif isinstance(e, LINEAGE_TYPES):
-        lin = _lineage(p, e.lineage)
-        new = check(lin.state, e, lineage=True)
-        if new is None:
-            raise ReplayError(f"seq {rec.seq}: {_KIND[type(e)]!r} is illegal for lineage {e.lineage} in state {lin.state!r}")
-        lin.state, lin.version = new, rec.version
-        _consolidation(p, lin, e, rec)
-    else:
-        raise ReplayError(f"seq {rec.seq}: no reducer for event type {type(e).__name__}")
-    p.seq = rec.seq
+def fold_rows(rows, p: Projection | None = None) -> Projection:
+    """Fold (seq, ts, event) rows — as Journal.rows yields them — into the projection. The one
+    reducer: live updates, replay and snapshots all come through here.
+
+    Stream versions are counted, not read: a stream's events carry versions 1, 2, 3… in order
+    (the journal's unique (stream, version) guarantees it), so replay needs only seq, ts, body."""
+    p = Projection() if p is None else p
+    jobs, table = p.jobs, _JOB
+    seq = p.seq
+    for seq, ts, e in rows:
+        spec = table.get(type(e))
+        if spec is not None:  # job events: the hot path of a replay
+            j = jobs.get(e.job)
+            if j is None:
+                j = jobs[e.job] = JobState(job=e.job)
+            new = spec[1].get(j.state)
+            if new is None:
+                raise ReplayError(f"seq {seq}: {_KIND[type(e)]!r} is illegal for job {e.job} in state {j.state!r}")
+            j.state, j.updated_at, j.updated_seq = new, ts, seq
+            j.version += 1
+            if spec[0] is not None:
+                spec[0](p, j, e, seq, ts)
+        elif type(e) in DAEMON_HANDLERS:
+            p.daemon.version += 1
+            DAEMON_HANDLERS[type(e)](p, e, seq, ts)
+        elif isinstance(e, LINEAGE_TYPES):
+            lin = _lineage(p, e.lineage)
+            new = check(lin.state, e, lineage=True)
+            if new is None:
+                raise ReplayError(f"seq {seq}: {_KIND[type(e)]!r} is illegal for lineage {e.lineage} in state {lin.state!r}")
+            lin.state = new
+            lin.version += 1
+            _consolidation(p, lin, e, seq, ts)
+        else:
+            raise ReplayError(f"seq {seq}: no reducer for event type {type(e).__name__}")
+    p.seq = seq
+    return p
 
 
 def fold(records, p: Projection | None = None) -> Projection:
-    p = Projection() if p is None else p
-    for rec in records:
-        apply(p, rec)
-    return p
+    """Fold Recorded events (as Journal.read yields them)."""
+    return fold_rows(((r.seq, r.ts, r.event) for r in records), p)
+
+
+def apply(p: Projection, rec: Recorded) -> None:
+    fold_rows(((rec.seq, rec.ts, rec.event),), p)
 
 
 _snap_enc = msgspec.msgpack.Encoder()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from .types import DecodeError, EventBase, Recorded, decode, decode_columns, encode
+from .types import DecodeError, EventBase, Recorded, decode, decode_bodies, decode_columns, encode
 
 APPLICATION_ID = 0x66746374  # "ftct"
 SCHEMA_VERSION = 1
@@ -251,6 +251,27 @@ class Journal:
             if hi is None:
                 return
             yield from decode_columns(*columns)
+            lo = hi
+
+    def rows(self, after: int = 0, to: int | None = None, chunk: int = 20000) -> Iterator[tuple[int, str, EventBase]]:
+        """(seq, ts, event) for ``after < seq <= to``: the replay path. Only bodies and times are
+        concatenated by SQLite; sequence numbers are contiguous (events are never deleted), which
+        each chunk checks against its count before relying on it."""
+        to = self.last_seq() if to is None else to
+        sql = ("SELECT '[\"' || group_concat(ts, '\",\"') || '\"]', '[' || group_concat(body) || ']', max(seq), count(*) "
+               "FROM (SELECT seq, ts, body FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?)")
+        lo = after
+        while lo < to:
+            ts, bodies, hi, n = self.conn.execute(sql, (lo, to, chunk)).fetchone()
+            if hi is None:
+                return
+            stamps, events = decode_bodies(ts, bodies)
+            if hi - lo == n:
+                seqs = range(lo + 1, hi + 1)
+            else:  # a gap (never written by ftctl, but never assumed away either)
+                seqs = [r[0] for r in self.conn.execute(
+                    "SELECT seq FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", (lo, to, chunk))]
+            yield from zip(seqs, stamps, events)
             lo = hi
 
     def types_between(self, after: int, to: int) -> list[tuple[int, str]]:

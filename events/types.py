@@ -394,6 +394,20 @@ def decode_columns(seqs: str, streams: str, versions: str, ts: str, bodies: str)
     return list(map(Recorded, *cols, events))
 
 
+def decode_bodies(ts: str, bodies: str) -> tuple[list[str], list[EventBase]]:
+    """The replay path's decoder: commit times and events, one JSON array each."""
+    try:
+        events = _events_decoder.decode(bodies)
+        stamps = _strs_decoder.decode(ts)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as e:
+        raise DecodeError(f"journal holds an event that cannot be decoded: {e}") from None
+    if len(stamps) != len(events):
+        raise DecodeError(f"journal rows do not line up: {len(events)} bodies for {len(stamps)} timestamps")
+    if UPCASTERS:
+        events = [upcast(e) if type(e) in UPCASTERS else e for e in events]
+    return stamps, events
+
+
 def to_dict(event: EventBase) -> dict[str, Any]:
     """The event as plain JSON-able data, tag included (stable: used by --json output)."""
     return msgspec.to_builtins(event)

@@ -69,10 +69,10 @@ def test_worker_killed_resumes_bit_for_bit(tmp_path, demo, baseline, point):
 
 
 def test_warm_started_second_job_resumes_bit_for_bit(tmp_path, demo, baseline):
-    # global step 40 + job step 13 = the second job's 13th iteration
-    home = _run_job(tmp_path, demo, "ws", jobs=2, env=crash_env(tmp_path, "mid_step:13"))
+    # crash points count global steps: 53 = the second job's 13th iteration (it warm-started at 40)
+    home = _run_job(tmp_path, demo, "ws", jobs=2, env=crash_env(tmp_path, "mid_step:53"))
     assert _finished(home, "0002")["adapter_sha256"] == baseline[2]
-    assert [e["data"]["job"] for e in history(home) if e["type"] == "crashed"] == ["0001"]
+    assert [(e["data"]["job"], e["data"]["step"]) for e in history(home) if e["type"] == "crashed"] == [("0002", 13)]
 
 
 def test_daemon_killed_before_commit_and_corrupt_newest_checkpoint(tmp_path, demo, baseline):

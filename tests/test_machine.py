@@ -440,8 +440,8 @@ def test_snapshot_plus_tail_equals_full_replay(history):
         assert full == S.fold(recs) and full.seq == len(recs) >= 400
         assert len(full.jobs) > 5 and any(js.checkpoints for js in full.jobs.values())
         reads = []
-        real_read = j.read
-        j.read = lambda *a, **k: (reads.append(k.get("after", a[0] if a else 0)), real_read(*a, **k))[1]
+        real_rows = j.rows
+        j.rows = lambda *a, **k: (reads.append(k.get("after", a[0] if a else 0)), real_rows(*a, **k))[1]
         for at in [1, 57, 150, 151, 299, len(recs) - 1, len(recs)]:
             p_at = S.fold(recs[:at])
             assert p_at.seq == at
