@@ -3,7 +3,9 @@
 Set ``FTCTL_CRASH_AT="point:step:marker"`` (several separated by commas). The point fires at
 most once: it creates ``marker`` first, so the restarted process runs past it. ``step`` may be
 ``*`` for the first time the point is reached. ``FTCTL_HANG_AT`` takes the same form but makes
-the process stop making progress (sleep) instead, for the hang watchdog's tests. Unset (the
+the process stop making progress (sleep) instead, for the hang watchdog's tests. The step of a
+worker point is the global step (the job step for a lineage's first job); of a consolidation
+point, the new base version. Unset (the
 normal case), ``crash_point`` is a dict lookup that returns at once.
 """
 

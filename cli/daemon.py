@@ -246,6 +246,7 @@ class Daemon:
             self.say(f"job {j.job} paused: {short}", "yellow")
             self.ledger.commit(stream, ev.Paused(job=j.job, reason=short))
             return
+        reconcile.apply(self.ledger, reconcile.debris(self.ws, j))  # what a crashed attempt left
         resume = self._resume_point(j)
         j = self.ledger.state.jobs[j.job]
         try:
@@ -467,14 +468,6 @@ class Supervision:
               {"requeued": "", "paused": "yellow"}.get(type(nxt).kind(), "red"))
 
 
-def _evidence_tail(tail: str, limit: int = 3000) -> str:
-    """The end of the worker's log for this attempt, from its last traceback if it has one."""
-    at = tail.rfind("Traceback (most recent call last)")
-    if at >= 0 and len(tail) - at <= limit:
-        return tail[at:]
-    return tail[-limit:]
-
-
     # ------------------------------------------------------------------ progress bar
     def _bar_open(self) -> None:
         if self.d.quiet or not self.d.console.is_terminal:
@@ -498,3 +491,11 @@ def _evidence_tail(tail: str, limit: int = 3000) -> str:
     def _bar_close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _evidence_tail(tail: str, limit: int = 3000) -> str:
+    """The end of the worker's log for this attempt, from its last traceback if it has one."""
+    at = tail.rfind("Traceback (most recent call last)")
+    if at >= 0 and len(tail) - at <= limit:
+        return tail[at:]
+    return tail[-limit:]

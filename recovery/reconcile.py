@@ -83,7 +83,9 @@ def _stranded(j: JobState) -> Repair:
     return Repair(f"job {j.job}: crashed with no decision recorded -> {type(nxt).kind()}", job_stream(j.job), [nxt])
 
 
-def _disk(ws: Workspace, j: JobState) -> list[Repair]:
+def debris(ws: Workspace, j: JobState) -> list[Repair]:
+    """Temp and uncommitted folders of one job. The daemon also clears these before it restarts
+    a crashed job, so a worker killed mid-save leaves nothing behind for long."""
     out = []
     jdir = ws.job_dir(j.job)
     stream = job_stream(j.job)
@@ -97,6 +99,20 @@ def _disk(ws: Workspace, j: JobState) -> list[Repair]:
             out.append(Repair(f"job {j.job}: delete uncommitted checkpoint {d.name}", stream,
                               [ev.CheckpointDiscarded(job=j.job, path=str(d), reason="on disk but never committed, or pruned")],
                               after=_rm(d)))
+    for leftover in jdir.glob(".tmp-adapters*"):
+        out.append(Repair(f"job {j.job}: delete unfinished adapter export {leftover.name}", stream,
+                          [ev.CheckpointDiscarded(job=j.job, path=str(leftover), reason="temp adapter export")],
+                          after=_rm(leftover)))
+    adapters = jdir / "adapters"
+    if adapters.exists() and j.state != "completed":
+        out.append(Repair(f"job {j.job}: delete uncommitted final adapter (the job never completed)", stream,
+                          [ev.CheckpointDiscarded(job=j.job, path=str(adapters), reason="adapter exported but `completed` never committed")],
+                          after=_rm(adapters)))
+    return out
+
+
+def _verify(j: JobState) -> list[Repair]:
+    out = []
     for c in j.checkpoints:
         if c.corrupt is not None:
             continue
@@ -104,16 +120,7 @@ def _disk(ws: Workspace, j: JobState) -> list[Repair]:
             ck.verify_checkpoint(c.path)
         except ck.CheckpointCorrupt as e:
             out.append(Repair(f"job {j.job}: checkpoint step {c.step} is corrupt ({e.reason}); resume falls back",
-                              stream, [ev.CheckpointCorrupt(job=j.job, step=c.step, path=c.path, reason=e.reason)]))
-    adapters = jdir / "adapters"
-    for leftover in jdir.glob(".tmp-adapters*"):
-        out.append(Repair(f"job {j.job}: delete unfinished adapter export {leftover.name}", stream,
-                          [ev.CheckpointDiscarded(job=j.job, path=str(leftover), reason="temp adapter export")],
-                          after=_rm(leftover)))
-    if adapters.exists() and j.state != "completed":
-        out.append(Repair(f"job {j.job}: delete uncommitted final adapter (the job never completed)", stream,
-                          [ev.CheckpointDiscarded(job=j.job, path=str(adapters), reason="adapter exported but `completed` never committed")],
-                          after=_rm(adapters)))
+                              job_stream(j.job), [ev.CheckpointCorrupt(job=j.job, step=c.step, path=c.path, reason=e.reason)]))
     return out
 
 
@@ -135,7 +142,7 @@ def plan(ws: Workspace, ledger: Ledger) -> list[Repair]:
             repairs.append(_stranded(j))
         if j.state == "rejected" or (j.state in TERMINAL and j.updated_seq <= d.reconciled_seq):
             continue  # a finished job nothing touched since the last recovery: its folder was checked then
-        repairs += _disk(ws, j)
+        repairs += debris(ws, j) + _verify(j)
     jobs_root = ws.home / "jobs"
     if jobs_root.exists():
         for d_ in sorted(jobs_root.iterdir()):

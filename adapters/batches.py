@@ -1,0 +1,108 @@
+"""Deterministic batches.
+
+mlx-lm's iterate_batches shuffles with the global np.random, which evaluation also
+draws from, so a resumed run cannot find its place. Here batches are cut like
+mlx-lm's (sorted by length, fixed groups of batch_size) and the batch at iteration
+n is a pure function of (seed, n): epoch n // B uses the permutation
+np.random.default_rng([seed, epoch]), position n % B. Resume jumps straight there.
+Validation batches are fixed: no randomness at all.
+"""
+
+import types
+from functools import lru_cache
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.tuner.datasets import CacheDataset, create_dataset
+
+from .checkpoint import Cursor
+
+PAD_TO = 32
+
+
+def build_dataset(records: list[dict], tokenizer, mask_prompt: bool = False) -> CacheDataset:
+    """mlx-lm's dataset for records in an mlx-lm format (text, completions, chat)."""
+    if not records:
+        raise ValueError("the dataset has no records")
+    config = types.SimpleNamespace(mask_prompt=mask_prompt)
+    return CacheDataset(create_dataset(records, tokenizer, config))
+
+
+def tokenized(dataset) -> list[tuple[list[int], int]]:
+    """(tokens, prompt offset) for every record, processing each once."""
+    out = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        out.append((list(item[0]), int(item[1])) if len(item) == 2 else (list(item), 0))
+    return out
+
+
+def make_batch(items: list[tuple[list[int], int]], max_seq_length: int):
+    """Pad and truncate exactly like mlx-lm: (batch int32 [B, T], lengths [B, 2])."""
+    lengths = [len(t) for t, _ in items]
+    width = 1 + PAD_TO * ((max(lengths) + PAD_TO - 1) // PAD_TO)
+    width = min(width, max_seq_length)
+    arr = np.zeros((len(items), width), np.int32)
+    rows = []
+    for j, (tokens, offset) in enumerate(items):
+        n = min(len(tokens), max_seq_length)
+        arr[j, :n] = tokens[:n]
+        rows.append((offset, n))
+    return mx.array(arr), mx.array(rows)
+
+
+class TrainBatches:
+    """The batch for iteration n (0-based) is batch(n), for any n, in any order."""
+
+    def __init__(self, items, batch_size: int, max_seq_length: int, seed: int):
+        if len(items) < batch_size:
+            raise ValueError(
+                f"the training set has {len(items)} examples, fewer than "
+                f"batch_size={batch_size}: lower batch_size or add data"
+            )
+        self.items = items
+        self.max_seq_length = max_seq_length
+        self.seed = seed
+        order = sorted(range(len(items)), key=lambda i: (len(items[i][0]), i))
+        self.groups = [
+            order[i : i + batch_size]
+            for i in range(0, len(order) - batch_size + 1, batch_size)
+        ]
+        self.longest = max(len(t) for t, _ in items)
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.groups)
+
+    def cursor(self, n: int) -> Cursor:
+        epoch, position = divmod(n, self.n_batches)
+        return Cursor(epoch=epoch, position=position)
+
+    def order(self, epoch: int) -> np.ndarray:
+        return _permutation(self.seed, epoch, self.n_batches)
+
+    def indices(self, n: int) -> list[int]:
+        c = self.cursor(n)
+        return self.groups[int(self.order(c.epoch)[c.position])]
+
+    def batch(self, n: int):
+        return make_batch([self.items[i] for i in self.indices(n)], self.max_seq_length)
+
+
+@lru_cache(maxsize=8)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def validation_batches(items, batch_size: int, max_seq_length: int, num_batches: int):
+    """Fixed validation batches: the first num_batches * batch_size records in file
+    order (all of them when num_batches is -1), sorted by length, cut into batches."""
+    count = len(items) // batch_size
+    if num_batches != -1:
+        count = min(count, num_batches)
+    chosen = list(range(count * batch_size))
+    chosen.sort(key=lambda i: (len(items[i][0]), i))
+    return [
+        make_batch([items[i] for i in chosen[k : k + batch_size]], max_seq_length)
+        for k in range(0, len(chosen), batch_size)
+    ]

@@ -1,0 +1,380 @@
+"""The checkpoint commit protocol.
+
+A checkpoint is a directory <job_dir>/checkpoints/step-00000040/ holding
+  adapters.safetensors   trainable adapter weights (what mlx-lm saves)
+  adapter_config.json    what mlx_lm.load(model, adapter_path=dir) needs
+  optimizer.safetensors  tree_flatten(optimizer.state)
+  state.json             step counters, data cursor, seed, losses
+  manifest.json          sha256 and size of every file above; written last
+It is written under .tmp-step-00000040-<pid>/, every file fsynced, then the
+directory fsynced and renamed into place and the parent fsynced. A directory
+with the final name always has every file its manifest lists; verify_checkpoint
+checks the hashes before anything is loaded from it.
+"""
+
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import msgspec
+
+from .faults import crash_point
+from .fs import FS
+
+FORMAT = "ftctl-checkpoint"
+FORMAT_VERSION = 1
+
+ADAPTERS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "state.json"
+MANIFEST = "manifest.json"
+REQUIRED = {
+    "checkpoint": (ADAPTERS, ADAPTER_CONFIG, OPTIMIZER, STATE),
+    "adapter": (ADAPTERS, ADAPTER_CONFIG),
+}
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class Cursor(msgspec.Struct):
+    """Position in the training data: the next batch is order(epoch)[position]."""
+
+    epoch: int
+    position: int
+
+
+class TrainState(msgspec.Struct, kw_only=True):
+    job_step: int
+    global_step: int
+    cursor: Cursor
+    seed: int
+    eval_count: int = 0
+    trained_tokens: int = 0
+    train_loss: float | None = None
+    val_loss: float | None = None
+    config_sha256: str | None = None
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds, in memory."""
+
+    adapters: dict[str, mx.array]
+    adapter_config: dict
+    optimizer: dict[str, mx.array]
+    state: TrainState
+
+
+class CheckpointInfo(msgspec.Struct):
+    path: str
+    step: int
+    global_step: int
+    manifest_sha256: str
+    bytes: int
+
+
+class CheckpointCorrupt(Exception):
+    def __init__(self, path, reason: str, file: str | None = None):
+        self.path = str(path)
+        self.reason = reason
+        self.file = file
+        super().__init__(f"checkpoint {self.path} is unusable: {reason}")
+
+
+def checkpoints_dir(job_dir) -> Path:
+    return Path(job_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def checkpoint_step(path) -> int:
+    m = _STEP_DIR.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not a checkpoint directory name (step-NNNNNNNN)")
+    return int(m.group(1))
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+_DTYPES = {
+    mx.bool_: "BOOL",
+    mx.uint8: "U8",
+    mx.uint16: "U16",
+    mx.uint32: "U32",
+    mx.uint64: "U64",
+    mx.int8: "I8",
+    mx.int16: "I16",
+    mx.int32: "I32",
+    mx.int64: "I64",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+    mx.float32: "F32",
+    mx.float64: "F64",
+    mx.complex64: "C64",
+}
+
+
+def safetensors_chunks(arrays: dict[str, mx.array]) -> list:
+    """The safetensors file of `arrays` as a list of buffers, without copying the data:
+    8-byte little-endian header length, JSON header (padded to 8 bytes), then each
+    array's bytes. Keys are sorted, so equal arrays give equal bytes."""
+    mx.eval(list(arrays.values()))
+    header, views, offset = {}, [], 0
+    for key in sorted(arrays):
+        a = arrays[key]
+        view = memoryview(a)
+        if not view.c_contiguous:
+            a = mx.contiguous(a)
+            mx.eval(a)
+            view = memoryview(a)
+        header[key] = {
+            "dtype": _DTYPES[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + view.nbytes],
+        }
+        offset += view.nbytes
+        views.append(view)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return [struct.pack("<Q", len(head)), head, *views]
+
+
+def read_safetensors(data: bytes) -> dict[str, mx.array]:
+    return mx.load(io.BytesIO(data), format="safetensors")
+
+
+def save_checkpoint(job_dir, ckpt: Checkpoint, fs: FS | None = None) -> CheckpointInfo:
+    """Atomically write checkpoint step-<job_step> under job_dir; durable on return.
+
+    On OSError the temp directory is removed (when possible) and the error re-raised;
+    other checkpoints are never touched.
+    """
+    fs = fs or FS()
+    st = ckpt.state
+    files = {
+        ADAPTERS: safetensors_chunks(ckpt.adapters),
+        ADAPTER_CONFIG: _json_bytes(ckpt.adapter_config),
+        OPTIMIZER: safetensors_chunks(ckpt.optimizer),
+        STATE: msgspec.json.encode(st),
+    }
+    parent = checkpoints_dir(job_dir)
+    for d in (parent.parent, parent):
+        if not d.is_dir():
+            fs.mkdir(d)
+            fs.fsync_dir(d.parent)
+    meta = {"kind": "checkpoint", "step": st.job_step, "global_step": st.global_step}
+    path, manifest_sha, total = _commit(parent, step_dir_name(st.job_step), files, meta, fs)
+    return CheckpointInfo(str(path), st.job_step, st.global_step, manifest_sha, total)
+
+
+def verify_checkpoint(path) -> None:
+    """Raise CheckpointCorrupt unless every file of the manifest is present and intact."""
+    _read_verified(path)
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Verify, then load. The bytes hashed are the bytes loaded."""
+    files = _read_verified(path, kind="checkpoint")
+    try:
+        state = msgspec.json.decode(files[STATE], type=TrainState)
+        adapters = read_safetensors(files[ADAPTERS])
+        optimizer = read_safetensors(files[OPTIMIZER])
+    except (msgspec.DecodeError, ValueError, RuntimeError) as e:
+        raise CheckpointCorrupt(path, f"cannot decode its contents: {e}") from e
+    return Checkpoint(adapters, json.loads(files[ADAPTER_CONFIG]), optimizer, state)
+
+
+def list_checkpoint_dirs(job_dir) -> list[Path]:
+    """Directories named step-NNNNNNNN under <job_dir>/checkpoints, by step (not verified)."""
+    parent = checkpoints_dir(job_dir)
+    if not parent.is_dir():
+        return []
+    dirs = [p for p in parent.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()]
+    return sorted(dirs, key=checkpoint_step)
+
+
+def temp_dirs(job_dir) -> list[Path]:
+    """Leftover .tmp-* directories of interrupted saves and publishes (safe to delete)."""
+    found = []
+    for parent in (Path(job_dir), checkpoints_dir(job_dir)):
+        if parent.is_dir():
+            found += [p for p in parent.iterdir() if p.name.startswith(".tmp-")]
+    return sorted(found)
+
+
+def publish_adapter(job_dir, checkpoint_path, fs: FS | None = None) -> tuple[Path, str]:
+    """Atomically write <job_dir>/adapters/ from a verified checkpoint.
+
+    Returns (adapter_dir, sha256 of adapters.safetensors).
+    """
+    fs = fs or FS()
+    src = _read_verified(checkpoint_path, kind="checkpoint")
+    files = {ADAPTERS: src[ADAPTERS], ADAPTER_CONFIG: src[ADAPTER_CONFIG]}
+    state = msgspec.json.decode(src[STATE], type=TrainState)
+    meta = {
+        "kind": "adapter",
+        "step": state.job_step,
+        "global_step": state.global_step,
+        "source": Path(checkpoint_path).name,
+    }
+    path, _, _ = _commit(Path(job_dir), "adapters", files, meta, fs)
+    return path, sha256(files[ADAPTERS])
+
+
+def adapter_sha256(path) -> str:
+    """sha256 of the adapters.safetensors bytes in a checkpoint or adapter directory."""
+    return sha256((Path(path) / ADAPTERS).read_bytes())
+
+
+def discard_dir(path, fs: FS | None = None) -> None:
+    """Delete a checkpoint or adapter directory so that it vanishes at once:
+    rename it to a .tmp- name first, then remove it."""
+    fs = fs or FS()
+    path = Path(path)
+    doomed = path.with_name(f".tmp-discard-{path.name}-{os.getpid()}")
+    if os.path.lexists(doomed):
+        fs.rmtree(doomed)
+    fs.rename(path, doomed)
+    fs.fsync_dir(path.parent)
+    fs.rmtree(doomed)
+
+
+def _json_bytes(obj) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n"
+
+
+def _digest(chunks) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    for c in chunks:
+        view = memoryview(c).cast("B")
+        h.update(view)
+        n += view.nbytes
+    return h.hexdigest(), n
+
+
+def _commit(parent: Path, name: str, files: dict, meta: dict, fs: FS):
+    """Write files into parent/.tmp-<name>-<pid>/, manifest last, and rename it to
+    parent/<name>. A directory already named <name> is moved aside and removed after
+    the rename; if the save fails before the rename it is put back.
+
+    `files` maps names to bytes or lists of buffers. Files are hashed on two threads
+    while they are written (hashlib, writev and fsync all release the GIL)."""
+    final = parent / name
+    tmp = parent / f".tmp-{name}-{os.getpid()}"
+    aside = parent / f".tmp-{name}-{os.getpid()}-replaced"
+    for stale in (tmp, aside):
+        if os.path.lexists(stale):
+            fs.rmtree(stale)
+    chunks = {f: [data] if isinstance(data, bytes) else data for f, data in files.items()}
+    moved_aside = renamed = False
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            digests = {f: pool.submit(_digest, c) for f, c in chunks.items()}
+            fs.mkdir(tmp)
+            for f, c in chunks.items():
+                fs.write_bytes(tmp / f, c)
+            digests = {f: d.result() for f, d in digests.items()}
+        manifest = _json_bytes(
+            {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                **meta,
+                "files": {f: {"sha256": h, "bytes": n} for f, (h, n) in sorted(digests.items())},
+            }
+        )
+        fs.write_bytes(tmp / MANIFEST, manifest)
+        fs.fsync_dir(tmp)
+        if meta.get("kind") == "checkpoint":
+            crash_point("after_temp_write", meta.get("global_step"))
+        if os.path.lexists(final):
+            fs.rename(final, aside)
+            moved_aside = True
+        fs.rename(tmp, final)
+        renamed = True
+        fs.fsync_dir(parent)
+        if meta.get("kind") == "checkpoint":
+            crash_point("after_rename", meta.get("global_step"))
+    except BaseException:
+        # The new directory, if it made it into place, is complete; anything else goes.
+        _quietly(fs.rmtree, tmp)
+        if moved_aside and renamed:
+            _quietly(fs.rmtree, aside)
+        elif moved_aside:
+            _quietly(fs.rename, aside, final)
+        raise
+    _quietly(fs.rmtree, aside)
+    total = sum(n for _, n in digests.values()) + len(manifest)
+    return final, sha256(manifest), total
+
+
+def _quietly(op, path, *args) -> None:
+    if os.path.lexists(path):
+        try:
+            op(path, *args)
+        except OSError:
+            pass
+
+
+def _read_verified(path, kind: str | None = None) -> dict[str, bytes]:
+    path = Path(path)
+    try:
+        raw = (path / MANIFEST).read_bytes()
+    except FileNotFoundError:
+        if not path.is_dir():
+            raise CheckpointCorrupt(path, "the directory does not exist") from None
+        raise CheckpointCorrupt(
+            path, f"{MANIFEST} is missing: the save never completed", MANIFEST
+        ) from None
+    except OSError as e:
+        raise CheckpointCorrupt(path, f"{MANIFEST} cannot be read: {e}", MANIFEST) from e
+    try:
+        manifest = json.loads(raw)
+        listed = manifest["files"]
+        found_kind = manifest["kind"]
+        if manifest["format"] != FORMAT:
+            raise ValueError(f"format is {manifest['format']!r}, not {FORMAT!r}")
+        if manifest["version"] > FORMAT_VERSION:
+            raise ValueError(
+                f"format version {manifest['version']} is newer than this ftctl "
+                f"reads ({FORMAT_VERSION})"
+            )
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointCorrupt(path, f"{MANIFEST} is unreadable: {e}", MANIFEST) from e
+    if kind is not None and found_kind != kind:
+        raise CheckpointCorrupt(path, f"it holds an {found_kind}, not a {kind}", MANIFEST)
+    for f in REQUIRED.get(found_kind, ()):
+        if f not in listed:
+            raise CheckpointCorrupt(path, f"{MANIFEST} does not list {f}", MANIFEST)
+    files = {}
+    for f, entry in listed.items():
+        try:
+            data = (path / f).read_bytes()
+        except FileNotFoundError:
+            raise CheckpointCorrupt(path, f"{f} is missing", f) from None
+        except OSError as e:
+            raise CheckpointCorrupt(path, f"{f} cannot be read: {e}", f) from e
+        if len(data) != entry["bytes"]:
+            raise CheckpointCorrupt(
+                path, f"{f} has {len(data)} bytes, the manifest says {entry['bytes']}", f
+            )
+        if sha256(data) != entry["sha256"]:
+            raise CheckpointCorrupt(path, f"{f} does not match its sha256 in the manifest", f)
+        if f.endswith(".json"):
+            try:
+                json.loads(data)
+            except ValueError as e:
+                raise CheckpointCorrupt(path, f"{f} is unreadable JSON: {e}", f) from e
+        files[f] = data
+    return files

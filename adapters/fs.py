@@ -1,0 +1,113 @@
+"""The filesystem seam: every file the checkpoint code writes goes through an FS.
+
+Tests swap in FaultyFS to fail the N-th write-class operation, the way SQLite's
+test VFS fails its N-th I/O call, and check that nothing committed is harmed.
+"""
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+
+class FS:
+    """Plain, durable file operations. `ops` counts write-class operations."""
+
+    def __init__(self):
+        self.ops = 0
+
+    def _op(self, name: str, path) -> None:
+        self.ops += 1
+
+    def mkdir(self, path) -> None:
+        self._op("mkdir", path)
+        os.mkdir(path, 0o700)
+
+    def write_bytes(self, path, data) -> None:
+        """Create `path` (it must not exist), write all of `data`, fsync, close.
+
+        `data` is a bytes-like object or a list of them (written in order, no join)."""
+        self._op("write_bytes", path)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            _write_all(fd, _chunks(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def fsync_dir(self, path) -> None:
+        self._op("fsync_dir", path)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def rename(self, src, dst) -> None:
+        """os.replace for files; a plain rename for directories (dst must not exist)."""
+        self._op("rename", src)
+        if Path(src).is_dir():
+            if os.path.lexists(dst):
+                raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+            os.rename(src, dst)
+        else:
+            os.replace(src, dst)
+
+    def rmtree(self, path) -> None:
+        self._op("rmtree", path)
+        shutil.rmtree(path)
+
+
+class FaultyFS(FS):
+    """Raises OSError(err) at the `fail_at`-th write-class operation (1-based), once.
+
+    A failing write_bytes with ENOSPC leaves a partial file behind, as a full disk does.
+    """
+
+    def __init__(self, fail_at: int, err: int = errno.ENOSPC):
+        super().__init__()
+        self.fail_at = fail_at
+        self.err = err
+        self.failed = False
+
+    def _op(self, name: str, path) -> None:
+        super()._op(name, path)
+        if self.ops == self.fail_at:
+            self.failed = True
+            if name == "write_bytes" and self.err == errno.ENOSPC:
+                return  # write_bytes fails itself, after a partial write
+            raise OSError(self.err, os.strerror(self.err), str(path))
+
+    def write_bytes(self, path, data) -> None:
+        if self.ops + 1 == self.fail_at and self.err == errno.ENOSPC:
+            self._op("write_bytes", path)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            try:
+                whole = b"".join(memoryview(c).cast("B") for c in _chunks(data))
+                _write_all(fd, [whole[: len(whole) // 2]])
+            finally:
+                os.close(fd)
+            raise OSError(self.err, os.strerror(self.err), str(path))
+        super().write_bytes(path, data)
+
+
+def _chunks(data) -> list:
+    return [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+
+def _write_all(fd: int, chunks: list) -> None:
+    """Write every buffer, in order, with as few writev calls as the kernel allows."""
+    views = [v for v in (memoryview(c).cast("B") for c in chunks) if v.nbytes]
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i : i + _IOV_MAX])
+        while n:  # skip what was written; a partial write leaves the rest of a view
+            if n >= views[i].nbytes:
+                n -= views[i].nbytes
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024

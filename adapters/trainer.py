@@ -1,0 +1,467 @@
+"""Deterministic, resumable LoRA training, built from mlx-lm's pieces.
+
+The loop is mlx-lm's (tuner/trainer.py): the same compiled step over
+[model.state, optimizer.state, mx.random.state], default_loss, build_schedule,
+linear_to_lora_layers. What differs:
+  - the batch at iteration n and the RNG key of global step g are pure functions
+    of (seed, n) and (seed, g), so evaluation never perturbs training and a resume
+    continues exactly where the checkpoint left off;
+  - checkpoints carry the optimizer state and the data cursor, and are committed
+    atomically (checkpoint.py);
+  - progress goes to `emit` as plain dicts; the caller journals and draws them.
+"""
+
+import hashlib
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import msgspec
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
+from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
+from mlx_lm.utils import load as load_model
+from mlx_lm.utils import maybe_set_recommended_wired_limit
+
+from ftctl.core.config import Config, config_sha256
+from ftctl.core.dataset import valid_records
+
+from .batches import TrainBatches, build_dataset, tokenized, validation_batches
+from .checkpoint import (
+    Checkpoint,
+    TrainState,
+    checkpoints_dir,
+    load_checkpoint,
+    publish_adapter,
+    save_checkpoint,
+)
+from .faults import crash_point
+from .fs import FS
+
+OPTIMIZERS = {
+    "adam": optim.Adam,
+    "adamw": optim.AdamW,
+    "sgd": optim.SGD,
+    "adafactor": optim.Adafactor,
+    "muon": optim.Muon,
+}
+NAN_PATIENCE = 3
+
+
+class TrainPlan(msgspec.Struct, kw_only=True):
+    job_id: str
+    job_dir: str
+    config: Config
+    train_path: str
+    valid_path: str | None = None
+    resume_from: str | None = None  # a committed checkpoint dir of this job
+    warm_start_from: str | None = None  # final checkpoint of the lineage's previous job
+    global_step_base: int = 0  # steps of earlier jobs of the lineage
+
+
+class TrainingDiverged(Exception):
+    def __init__(self, category: str, step: int, global_step: int, message: str):
+        self.category = category  # "inf" | "nan"
+        self.step = step
+        self.global_step = global_step
+        super().__init__(message)
+
+
+def step_seed(seed: int, global_step: int) -> int:
+    """The RNG seed of a global step: a pure function, so nothing needs saving."""
+    digest = hashlib.sha256(f"ftctl-step:{seed}:{global_step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def adapter_config(cfg: Config) -> dict:
+    """adapter_config.json: what mlx_lm.load(model, adapter_path=...) reads."""
+    lp = cfg.lora_parameters
+    params = {"rank": lp.rank, "scale": lp.scale, "dropout": lp.dropout}
+    if lp.keys is not None:
+        params["keys"] = list(lp.keys)
+    return {
+        "model": cfg.model,
+        "fine_tune_type": cfg.fine_tune_type,
+        "num_layers": cfg.num_layers,
+        "lora_parameters": params,
+    }
+
+
+def build_optimizer(cfg: Config) -> optim.Optimizer:
+    if cfg.lr_schedule is not None:
+        lr = build_schedule(msgspec.structs.asdict(cfg.lr_schedule))
+    else:
+        lr = cfg.learning_rate
+    extra = cfg.optimizer_config.get(cfg.optimizer, {})
+    return OPTIMIZERS[cfg.optimizer](learning_rate=lr, **extra)
+
+
+def setup_model(cfg: Config):
+    """Load the base model, freeze it and add LoRA/DoRA layers (initialised from seed)."""
+    model, tokenizer = load_model(cfg.model)
+    if cfg.num_layers > len(model.layers):
+        raise ValueError(
+            f"num_layers = {cfg.num_layers} but the model {cfg.model} has only "
+            f"{len(model.layers)} layers: lower num_layers or use -1 for all"
+        )
+    mx.random.seed(cfg.seed)
+    model.freeze()
+    lp = msgspec.structs.asdict(cfg.lora_parameters)
+    if lp["keys"] is None:
+        del lp["keys"]
+    linear_to_lora_layers(model, cfg.num_layers, lp, use_dora=cfg.fine_tune_type == "dora")
+    if cfg.grad_checkpoint:
+        _grad_checkpoint_once(model.layers[0])
+    return model, tokenizer
+
+
+def load_items(path: str, tokenizer, mask_prompt: bool):
+    records = valid_records(Path(path).read_bytes())
+    return tokenized(build_dataset(records, tokenizer, mask_prompt))
+
+
+def run(
+    plan: TrainPlan,
+    emit: Callable[[dict], None],
+    stop_requested: Callable[[], bool] = lambda: False,
+    fs: FS | None = None,
+) -> dict:
+    """Train plan.config.iters iterations (resuming or warm-starting as planned).
+
+    Returns the final message: {"t": "completed", ...} or {"t": "stopped", ...}.
+    Raises TrainingDiverged, OSError (disk), ValueError (unusable plan or data),
+    CheckpointCorrupt (resume/warm-start source fails verification).
+    """
+    cfg = plan.config
+    fs = fs or FS()
+    tic = time.perf_counter()
+    maybe_set_recommended_wired_limit()
+    model, tokenizer = setup_model(cfg)
+    batches = TrainBatches(
+        load_items(plan.train_path, tokenizer, cfg.mask_prompt),
+        cfg.batch_size,
+        cfg.max_seq_length,
+        cfg.seed,
+    )
+    val = None
+    if plan.valid_path:
+        val_items = load_items(plan.valid_path, tokenizer, cfg.mask_prompt)
+        val = validation_batches(val_items, cfg.batch_size, cfg.max_seq_length, cfg.val_batches)
+        if not val:
+            raise ValueError(
+                f"the validation set has {len(val_items)} examples, fewer than "
+                f"batch_size = {cfg.batch_size}: add validation data or lower batch_size"
+            )
+    optimizer = build_optimizer(cfg)
+    optimizer.init(model.trainable_parameters())
+    a_config = adapter_config(cfg)
+    sha = config_sha256(cfg)
+
+    last_ckpt = None
+    if plan.resume_from:
+        ck = load_checkpoint(plan.resume_from)
+        st = ck.state
+        _check_resume(plan, ck, a_config)
+        _restore_weights(model, ck.adapters, plan.resume_from)
+        _restore_optimizer(optimizer, ck.optimizer, plan.resume_from, skip=())
+        last_ckpt = str(plan.resume_from)
+    else:
+        if plan.warm_start_from:
+            ck = load_checkpoint(plan.warm_start_from)
+            _check_compatible(ck.adapter_config, a_config, plan.warm_start_from)
+            _restore_weights(model, ck.adapters, plan.warm_start_from)
+            # moments only: the step (and so the LR schedule) restarts with this job
+            _restore_optimizer(
+                optimizer, ck.optimizer, plan.warm_start_from, skip=("step", "learning_rate")
+            )
+        st = TrainState(
+            job_step=0,
+            global_step=plan.global_step_base,
+            cursor=batches.cursor(0),
+            seed=cfg.seed,
+            config_sha256=sha,
+        )
+    mx.eval(model.parameters(), optimizer.state)
+    emit(
+        {
+            "t": "loaded",
+            "step": st.job_step,
+            "global_step": st.global_step,
+            "load_s": time.perf_counter() - tic,
+        }
+    )
+
+    if st.job_step >= cfg.iters:
+        return _complete(plan, emit, fs, st.job_step, st.global_step, last_ckpt)
+
+    loss_value_and_grad = nn.value_and_grad(model, default_loss)
+    accum = cfg.grad_accumulation_steps
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch, prev_grad, do_update):
+        (lvalue, toks), grad = loss_value_and_grad(model, *batch)
+        if prev_grad is not None:
+            grad = tree_map(lambda x, y: x + y, grad, prev_grad)
+        if do_update:
+            if accum > 1:
+                grad = tree_map(lambda x: x / accum, grad)
+            optimizer.update(model, grad)
+            grad = None
+        return lvalue, toks, grad
+
+    base = plan.global_step_base
+    eval_count, trained_tokens = st.eval_count, st.trained_tokens
+    train_loss, val_loss = st.train_loss, st.val_loss
+    w_loss = w_tokens = w_steps = 0  # report window
+    w_time = 0.0
+    c_loss = c_steps = 0  # since the last checkpoint
+    nan_run = 0
+    stopping = False
+    grad = None
+    model.train()
+
+    for it in range(st.job_step + 1, cfg.iters + 1):
+        gstep = base + it
+        t0 = time.perf_counter()
+        mx.random.seed(step_seed(cfg.seed, gstep))
+        lvalue, toks, grad = step(batches.batch(it - 1), grad, it % accum == 0)
+        mx.eval(state, lvalue, toks, grad)
+        w_time += time.perf_counter() - t0
+        loss, ntoks = lvalue.item(), toks.item()
+
+        if math.isinf(loss):
+            raise TrainingDiverged(
+                "inf", it, gstep, _diverged_text(cfg, it, gstep, "became infinite", last_ckpt)
+            )
+        nan_run = nan_run + 1 if math.isnan(loss) else 0
+        if nan_run >= NAN_PATIENCE:
+            raise TrainingDiverged(
+                "nan",
+                it,
+                gstep,
+                _diverged_text(cfg, it, gstep, f"was NaN {nan_run} steps in a row", last_ckpt),
+            )
+        w_loss += loss
+        w_tokens += ntoks
+        w_steps += 1
+        c_loss += loss
+        c_steps += 1
+        trained_tokens += ntoks
+        emit({"t": "step", "step": it, "global_step": gstep})
+        crash_point("mid_step", gstep)
+
+        if it % cfg.steps_per_report == 0 or it == cfg.iters:
+            emit(
+                {
+                    "t": "report",
+                    "step": it,
+                    "global_step": gstep,
+                    "loss": _finite(w_loss / w_steps),
+                    "lr": optimizer.learning_rate.item(),
+                    "tokens_per_s": w_tokens / w_time if w_time > 0 else 0.0,
+                    "peak_mem_gb": mx.get_peak_memory() / 1e9,
+                    "trained_tokens": trained_tokens,
+                }
+            )
+            w_loss = w_tokens = w_steps = 0
+            w_time = 0.0
+
+        boundary = it % accum == 0 or it == cfg.iters
+        if not stopping and stop_requested():
+            stopping = True
+        if val is not None and (it % cfg.steps_per_eval == 0 or it == cfg.iters):
+            emit({"t": "eval_begin", "step": it})
+            t0 = time.perf_counter()
+            val_loss = _finite(_evaluate(model, val))
+            eval_count += 1
+            emit(
+                {
+                    "t": "eval",
+                    "step": it,
+                    "global_step": gstep,
+                    "val_loss": val_loss,
+                    "eval_s": time.perf_counter() - t0,
+                }
+            )
+        if it % cfg.save_every == 0 or it == cfg.iters or (stopping and boundary):
+            if nan_run or not _all_finite(model):
+                raise TrainingDiverged(
+                    "nan",
+                    it,
+                    gstep,
+                    _diverged_text(
+                        cfg, it, gstep, "or the adapter weights are not finite at a checkpoint",
+                        last_ckpt,
+                    ),
+                )
+            if c_steps:
+                train_loss = c_loss / c_steps
+            c_loss = c_steps = 0
+            emit({"t": "checkpoint_begin", "step": it, "global_step": gstep})
+            info = save_checkpoint(
+                plan.job_dir,
+                Checkpoint(
+                    adapters=dict(tree_flatten(model.trainable_parameters())),
+                    adapter_config=a_config,
+                    optimizer=dict(tree_flatten(optimizer.state)),
+                    state=TrainState(
+                        job_step=it,
+                        global_step=gstep,
+                        cursor=batches.cursor(it),
+                        seed=cfg.seed,
+                        eval_count=eval_count,
+                        trained_tokens=trained_tokens,
+                        train_loss=train_loss,
+                        val_loss=val_loss,
+                        config_sha256=sha,
+                    ),
+                ),
+                fs,
+            )
+            last_ckpt = info.path
+            emit(
+                {
+                    "t": "checkpoint",
+                    "step": it,
+                    "global_step": gstep,
+                    "path": info.path,
+                    "manifest_sha256": info.manifest_sha256,
+                    "bytes": info.bytes,
+                    "val_loss": val_loss,
+                    "train_loss": train_loss,
+                }
+            )
+        if stopping and boundary and it < cfg.iters:
+            msg = {"t": "stopped", "step": it, "global_step": gstep, "checkpoint": last_ckpt}
+            emit(msg)
+            return msg
+
+    return _complete(plan, emit, fs, cfg.iters, base + cfg.iters, last_ckpt)
+
+
+def _complete(plan, emit, fs, step, global_step, ckpt) -> dict:
+    adapter_dir, sha = publish_adapter(plan.job_dir, ckpt, fs)
+    msg = {
+        "t": "completed",
+        "step": step,
+        "global_step": global_step,
+        "adapter_path": str(adapter_dir),
+        "adapter_sha256": sha,
+        "checkpoint": ckpt,
+    }
+    emit(msg)
+    return msg
+
+
+def _evaluate(model, val_batches) -> float:
+    model.eval()
+    total, ntoks = mx.array(0.0), mx.array(0)
+    for batch, lengths in val_batches:
+        loss, toks = default_loss(model, batch, lengths)
+        total += loss * toks
+        ntoks += toks
+        mx.eval(total, ntoks)
+    model.train()
+    return (total / ntoks).item()
+
+
+def _all_finite(model) -> bool:
+    checks = [mx.all(mx.isfinite(p)) for _, p in tree_flatten(model.trainable_parameters())]
+    return bool(mx.all(mx.stack(checks)).item())
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _diverged_text(cfg: Config, step: int, gstep: int, what: str, last_ckpt) -> str:
+    lr = cfg.lr_schedule.arguments[0] if cfg.lr_schedule else cfg.learning_rate
+    kept = (
+        f"The last good checkpoint is kept: {last_ckpt}."
+        if last_ckpt
+        else "No checkpoint of this job was written yet."
+    )
+    return (
+        f"Training diverged at step {step} (global step {gstep}): the loss {what}. "
+        f"Nothing after that point was saved. {kept} "
+        f"What to do: lower the learning rate (now {lr:g}; try {lr / 10:g}), add or lengthen "
+        "warmup (lr_schedule.warmup) to tame early gradient spikes, and check the data for "
+        "broken, empty or extremely long examples; then retry the job."
+    )
+
+
+def _grad_checkpoint_once(layer) -> None:
+    # mlx-lm patches the layer *class*; patch it once per process, not once per run.
+    cls = type(layer)
+    if not getattr(cls, "_ftctl_grad_checkpoint", False):
+        grad_checkpoint(layer)
+        cls._ftctl_grad_checkpoint = True
+
+
+def _check_resume(plan: TrainPlan, ck: Checkpoint, a_config: dict) -> None:
+    st, cfg, src = ck.state, plan.config, plan.resume_from
+    if Path(src).resolve().parent != checkpoints_dir(plan.job_dir).resolve():
+        raise ValueError(f"resume_from {src} is not a checkpoint of job {plan.job_id}")
+    if st.seed != cfg.seed:
+        raise ValueError(f"checkpoint {src} was trained with seed {st.seed}, not {cfg.seed}")
+    if st.job_step > cfg.iters:
+        raise ValueError(f"checkpoint {src} is at step {st.job_step}, past iters = {cfg.iters}")
+    if st.global_step != plan.global_step_base + st.job_step:
+        raise ValueError(
+            f"checkpoint {src} is at global step {st.global_step}, but the plan puts its "
+            f"step {st.job_step} at {plan.global_step_base + st.job_step}"
+        )
+    _check_compatible(ck.adapter_config, a_config, src)
+
+
+def _check_compatible(found: dict, want: dict, src) -> None:
+    keys = ("fine_tune_type", "num_layers", "lora_parameters")
+    diff = [k for k in keys if found.get(k) != want.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {found.get(k)!r} there, {want.get(k)!r} here" for k in diff)
+        raise ValueError(f"the adapter in {src} does not match this job's config ({shown})")
+
+
+def _restore_weights(model, weights: dict, src) -> None:
+    want = dict(tree_flatten(model.trainable_parameters()))
+    _check_tree(want, weights, src, "adapter weights")
+    model.load_weights(list(weights.items()), strict=False)
+
+
+def _restore_optimizer(optimizer, flat: dict, src, skip: tuple) -> None:
+    """Load saved optimizer values into the initialised state, in place (the compiled
+    step holds a reference to optimizer.state)."""
+    want = {k: v for k, v in tree_flatten(optimizer.state) if k not in skip}
+    got = {k: v for k, v in flat.items() if k not in skip}
+    _check_tree(want, got, src, "optimizer state")
+    for key, value in got.items():
+        *path, last = key.split(".")
+        node = optimizer.state
+        for p in path:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+
+
+def _check_tree(want: dict, got: dict, src, what: str) -> None:
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    wrong = sorted(k for k in set(want) & set(got) if want[k].shape != got[k].shape)
+    if missing or extra or wrong:
+        parts = []
+        for label, names in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)):
+            if names:
+                more = " ..." if len(names) > 3 else ""
+                parts.append(f"{label}: {', '.join(names[:3])}{more}")
+        raise ValueError(
+            f"the {what} in {src} do not fit this model and config ({'; '.join(parts)}); "
+            "was it written with a different model, rank, num_layers or optimizer?"
+        )
