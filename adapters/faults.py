@@ -11,6 +11,7 @@ normal case), ``crash_point`` is a dict lookup that returns at once.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -52,3 +53,20 @@ def crash_point(name: str, step: int | None = None) -> None:
             while True:
                 time.sleep(3600)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fs_from_env():
+    """``FTCTL_FS_FAULT="N:ENOSPC:marker"``: this process's checkpoint writes go through a
+    FaultyFS failing its N-th write operation with that errno. Once per marker (created here),
+    so the restarted worker writes normally: the fault "is gone"."""
+    spec = os.environ.get("FTCTL_FS_FAULT")
+    if not spec:
+        return None
+    n, err, marker = spec.split(":", 2)
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return None
+    from .fs import FaultyFS
+
+    return FaultyFS(int(n), getattr(errno, err))

@@ -49,6 +49,7 @@ def main() -> int:
         import msgspec
 
         from ftctl.adapters.checkpoint import CheckpointCorrupt
+        from ftctl.adapters.faults import fs_from_env
         from ftctl.adapters.trainer import TrainingDiverged, TrainPlan, run
     except ImportError as e:
         emit({"t": "error", "category": "import_error", "message": f"{type(e).__name__}: {e}"})
@@ -59,7 +60,7 @@ def main() -> int:
         plan = msgspec.json.decode(plan_line, type=TrainPlan)
         print(f"worker pid {os.getpid()}: job {plan.job_id}, resume_from={plan.resume_from}, "
               f"warm_start_from={plan.warm_start_from}", flush=True)
-        run(plan, emit, stop.is_set)
+        run(plan, emit, stop.is_set, fs=fs_from_env())
         return 0
     except TrainingDiverged as e:
         emit({"t": "error", "category": e.category, "step": e.step, "message": str(e)})

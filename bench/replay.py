@@ -144,11 +144,11 @@ def main() -> None:
         print(f"(a) full replay: {total:,} events in {wall:.2f} s wall (runs {', '.join(f'{t:.2f}' for t in walls)}), "
               f"{cpu:.2f} s CPU = {rate / 1e3:,.0f}k events/s wall, {total / cpu / 1e3:,.0f}k/s CPU  "
               f"goal >= 500k: {'PASS' if rate >= 500_000 else 'MISS'}")
-        _, read_cpu, _, _ = timed(lambda: sum(1 for _ in j.read()), 2)
-        recs = list(j.read())
-        _, fold_cpu, _, _ = timed(lambda: S.fold(recs), 2)
-        del recs
-        print(f"    of which: Journal.read (SQLite + decode) {read_cpu / total * 1e6:.2f} us/event CPU, "
+        _, read_cpu, _, _ = timed(lambda: sum(1 for _ in j.rows()), 2)
+        rows = list(j.rows())
+        _, fold_cpu, _, _ = timed(lambda: S.fold_rows(rows), 2)
+        del rows
+        print(f"    of which: Journal.rows (SQLite + decode) {read_cpu / total * 1e6:.2f} us/event CPU, "
               f"fold (reducer) {fold_cpu / total * 1e6:.2f} us/event CPU")
         print(f"    projection: {len(p.jobs):,} jobs, states {sorted({js.state for js in p.jobs.values()})}")
         if profile:

@@ -38,8 +38,8 @@ ERRNOS = [errno.ENOSPC, errno.EIO]
 def payload(step: int, seed: int = 0) -> Checkpoint:
     rng = np.random.default_rng([seed, step])
     adapters = {
-        "model.layers.0.self_attn.q_proj.lora_a": mx.array(rng.normal(size=(16, 4)).astype(np.float32)),
-        "model.layers.0.self_attn.q_proj.lora_b": mx.array(rng.normal(size=(4, 16)).astype(np.float32)),
+        "model.layers.0.self_attn.q_proj.lora_a": mx.array(rng.normal(size=(16, 4)), mx.float32),
+        "model.layers.0.self_attn.q_proj.lora_b": mx.array(rng.normal(size=(4, 16)), mx.float32),
         "model.layers.1.mlp.up_proj.lora_a": mx.array(rng.normal(size=(16, 4))).astype(mx.bfloat16),
         "model.layers.1.mlp.up_proj.lora_b": mx.array(rng.normal(size=(4, 32))).astype(mx.float16),
     }
@@ -58,7 +58,8 @@ def payload(step: int, seed: int = 0) -> Checkpoint:
         val_loss=None,
         config_sha256="ab" * 32,
     )
-    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0}}
+    lora = {"rank": 4, "scale": 20.0, "dropout": 0.0}
+    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}
     return Checkpoint(adapters, config, optimizer, state)
 
 
@@ -85,7 +86,9 @@ def test_round_trip_keeps_every_dtype_and_the_state(tmp_path):
     info = save_checkpoint(tmp_path / "job", ck)
     path = tmp_path / "job" / "checkpoints" / "step-00000040"
     assert info.path == str(path) and info.step == 40 and info.global_step == 140
-    assert sorted(os.listdir(path)) == sorted([ADAPTERS, ADAPTER_CONFIG, OPTIMIZER, STATE, MANIFEST])
+    assert sorted(os.listdir(path)) == sorted(
+        [ADAPTERS, ADAPTER_CONFIG, OPTIMIZER, STATE, MANIFEST]
+    )
     assert info.bytes == sum((path / f).stat().st_size for f in os.listdir(path))
     assert info.manifest_sha256 == sha256((path / MANIFEST).read_bytes())
     back = load_checkpoint(path)
@@ -122,7 +125,7 @@ def test_listing_sorts_by_step_and_finds_leftover_temp_dirs(tmp_path):
     (job / "checkpoints" / "notes").mkdir()
     assert [checkpoint_step(p) for p in list_checkpoint_dirs(job)] == [5, 30, 100]
     assert [p.name for p in temp_dirs(job)] == [".tmp-adapters-999", ".tmp-step-00000200-999"]
-    assert list_checkpoint_dirs(tmp_path / "nothing") == [] and temp_dirs(tmp_path / "nothing") == []
+    assert list_checkpoint_dirs(tmp_path / "none") == [] and temp_dirs(tmp_path / "none") == []
 
 
 @pytest.mark.parametrize("victim", [ADAPTERS, OPTIMIZER, STATE, ADAPTER_CONFIG])
@@ -328,3 +331,28 @@ def test_discard_dir_removes_a_checkpoint_whole(tmp_path):
     assert [checkpoint_step(p) for p in list_checkpoint_dirs(job)] == [10]
     assert temp_dirs(job) == []
     verify_checkpoint(b.path)
+
+
+def test_safetensors_chunks_are_standard_safetensors(tmp_path):
+    from safetensors.numpy import load
+
+    from ftctl.adapters.checkpoint import read_safetensors, safetensors_chunks
+
+    arrays = {
+        "t": mx.arange(12, dtype=mx.float32).reshape(3, 4).T,  # not contiguous
+        "h": mx.arange(5, dtype=mx.float16),
+        "step": mx.array(7, mx.uint64),
+        "mask": mx.array([True, False, True]),
+        "i": mx.array([[-1, 2]], mx.int32),
+    }
+    FS().write_bytes(tmp_path / "x.safetensors", safetensors_chunks(arrays))
+    data = (tmp_path / "x.safetensors").read_bytes()
+    assert int.from_bytes(data[:8], "little") % 8 == 0
+    theirs = load(data)  # the reference implementation reads it
+    for k, v in arrays.items():
+        assert np.array_equal(theirs[k], np.array(v)) and theirs[k].shape == v.shape
+    assert same_arrays(read_safetensors(data), arrays)
+    assert same_arrays(mx.load(str(tmp_path / "x.safetensors")), arrays)
+    bf = {"w": mx.array([1.5, -2.25, 3e-3]).astype(mx.bfloat16)}
+    FS().write_bytes(tmp_path / "bf.safetensors", safetensors_chunks(bf))
+    assert same_arrays(mx.load(str(tmp_path / "bf.safetensors")), bf)

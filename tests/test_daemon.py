@@ -173,3 +173,38 @@ def test_second_daemon_is_refused(tmp_path, demo):
     finally:
         if d.poll() is None:
             d.kill()
+
+
+@pytest.mark.parametrize("n", [3, 6, 9])
+def test_disk_full_mid_checkpoint_pauses_then_resumes_bit_for_bit(tmp_path, demo, baseline, n):
+    """ENOSPC at write operation n of the second checkpoint (a checkpoint is ~9 operations: mkdir,
+    5 files, fsync, rename, fsync): the previous checkpoint stays intact, the job is paused with a
+    clear reason, and once the fault is gone `ftctl resume` finishes it bit for bit."""
+    from ftctl.adapters.checkpoint import verify_checkpoint
+
+    env = {"FTCTL_FS_FAULT": f"{9 + n}:ENOSPC:{tmp_path / 'fs-marker'}"}
+    home = _run_job(tmp_path, demo, "ws", env=env)
+    s = status(home, "0001")
+    assert s["state"] == "paused" and "disk" in s["reason"] and "ftctl resume" in s["reason"]
+    assert s["crashes"][-1]["category"] == "disk_full"
+    assert [c["step"] for c in s["checkpoints"]] == [5]
+    verify_checkpoint(s["checkpoints"][0]["path"])
+    ftctl(home, "resume", "0001")
+    ftctl(home, "start", "--until-idle", "--quiet")
+    assert _finished(home)["adapter_sha256"] == baseline[1]
+
+
+def test_io_error_mid_checkpoint_is_retried_and_finishes_bit_for_bit(tmp_path, demo, baseline):
+    env = {"FTCTL_FS_FAULT": f"14:EIO:{tmp_path / 'fs-marker'}"}
+    home = _run_job(tmp_path, demo, "ws", env=env)
+    s = _finished(home)
+    assert s["adapter_sha256"] == baseline[1]
+    assert [c["category"] for c in s["crashes"]] == ["io_error"]
+
+
+def test_preflight_disk_shortage_pauses_before_training(tmp_path, demo):
+    home = make_workspace(tmp_path / "ws", demo.model_dir, min_free_disk_gb=10_000_000.0)
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    ftctl(home, "start", "--until-idle", "--quiet")
+    s = status(home, "0001")
+    assert s["state"] == "paused" and "GB free" in s["reason"] and s["attempt"] == 0

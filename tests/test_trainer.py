@@ -137,7 +137,9 @@ def test_stop_and_resume_gives_the_same_adapter(demo, reference, tmp_path, stop_
     assert result["adapter_sha256"] == ref["adapter_sha256"]
 
 
-def test_resume_from_an_earlier_checkpoint_rewrites_identical_checkpoints(demo, reference, tmp_path):
+def test_resume_from_an_earlier_checkpoint_rewrites_identical_checkpoints(
+    demo, reference, tmp_path
+):
     ref_job, ref_msgs, ref = reference
     job = tmp_path / "job"
     shutil.copytree(ref_job, job)
@@ -156,7 +158,8 @@ def test_resume_at_the_end_only_publishes(demo, reference, tmp_path):
     job = tmp_path / "job"
     shutil.copytree(ref_job, job)
     shutil.rmtree(job / "adapters")
-    msgs, result = train(plan(demo, job, config(demo), resume_from=ref["checkpoint"].replace(str(ref_job), str(job))))
+    final = ref["checkpoint"].replace(str(ref_job), str(job))
+    msgs, result = train(plan(demo, job, config(demo), resume_from=final))
     assert [m["t"] for m in msgs] == ["loaded", "completed"]
     assert result["adapter_sha256"] == ref["adapter_sha256"]
 
@@ -223,7 +226,9 @@ def test_warm_start_from_an_incompatible_adapter_is_refused(demo, reference, tmp
         train(plan(demo, tmp_path / "job", cfg, warm_start_from=ref["checkpoint"]))
 
 
-def test_corrupt_newest_checkpoint_is_refused_and_the_older_one_still_works(demo, reference, tmp_path):
+def test_corrupt_newest_checkpoint_is_refused_and_the_older_one_still_works(
+    demo, reference, tmp_path
+):
     ref_job, _, ref = reference
     job = tmp_path / "job"
     shutil.copytree(ref_job, job)
@@ -268,7 +273,8 @@ def test_published_adapter_loads_and_generates_with_mlx_lm(demo, reference):
 
 
 def test_huge_learning_rate_diverges_and_is_never_checkpointed(demo, tmp_path):
-    cfg = config(demo, optimizer="sgd", lr_schedule=None, learning_rate=1e20, save_every=1, iters=10)
+    huge = {"optimizer": "sgd", "lr_schedule": None, "learning_rate": 1e20}
+    cfg = config(demo, save_every=1, iters=10, **huge)
     job = tmp_path / "every"
     msgs = []
     with pytest.raises(TrainingDiverged) as e:
@@ -282,7 +288,7 @@ def test_huge_learning_rate_diverges_and_is_never_checkpointed(demo, tmp_path):
 
     job = tmp_path / "rarely"
     with pytest.raises(TrainingDiverged) as e:
-        run(plan(demo, job, config(demo, optimizer="sgd", lr_schedule=None, learning_rate=1e20)), lambda m: None)
+        run(plan(demo, job, config(demo, **huge)), lambda m: None)
     assert e.value.category == "nan" and "3 steps in a row" in str(e.value)
     assert list_checkpoint_dirs(job) == [] and temp_dirs(job) == []
 
@@ -333,7 +339,10 @@ def test_disk_errors_propagate_and_keep_earlier_checkpoints(demo, tmp_path):
 
 def items(n, seed=0):
     rng = np.random.default_rng(seed)
-    return [(list(rng.integers(1, 100, size=int(rng.integers(3, 90)))), int(rng.integers(0, 3))) for _ in range(n)]
+    return [
+        (list(rng.integers(1, 100, size=int(rng.integers(3, 90)))), int(rng.integers(0, 3)))
+        for _ in range(n)
+    ]
 
 
 def test_batch_at_any_iteration_is_a_pure_function():
@@ -384,3 +393,32 @@ def test_too_few_examples_is_a_clear_error():
 def test_step_seed_is_pure_and_distinct():
     assert step_seed(0, 5) == step_seed(0, 5)
     assert len({step_seed(s, g) for s in range(5) for g in range(200)}) == 1000
+
+
+# ------------------------------------------------------------------------------- demo
+
+
+def test_demo_is_byte_identical_for_a_seed(demo, tmp_path):
+    again = build_demo(tmp_path / "again")
+    root_a, root_b = demo.model_dir.parent, again.model_dir.parent
+    files = sorted(p.relative_to(root_a) for p in root_a.rglob("*") if p.is_file())
+    assert len(files) >= 10
+    assert files == sorted(p.relative_to(root_b) for p in root_b.rglob("*") if p.is_file())
+    for f in files:
+        assert (root_a / f).read_bytes() == (root_b / f).read_bytes(), f
+    assert len(demo.train.read_text().splitlines()) == 200
+    assert len(demo.valid.read_text().splitlines()) == 40
+
+
+@pytest.mark.parametrize("fmt", ["text", "completions", "chat", "conversations"])
+def test_every_demo_format_loads_into_batches(demo, fmt):
+    from ftctl.adapters.trainer import load_items
+
+    _, tokenizer = mlx_lm.load(str(demo.model_dir))
+    mask = fmt != "text"
+    items = load_items(str(demo.formats[fmt]), tokenizer, mask_prompt=mask)
+    assert len(items) == 20
+    assert all(t[-1] == tokenizer.eos_token_id for t, _ in items)
+    assert all((0 < off < len(t)) if mask else off == 0 for t, off in items)
+    batch, lengths = TrainBatches(items, 4, 64, seed=0).batch(0)
+    assert batch.shape[0] == 4 and lengths.shape == (4, 2)

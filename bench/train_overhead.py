@@ -1,0 +1,147 @@
+"""What does ftctl's training loop cost over mlx-lm's own?
+
+Same model (default: llama 4 layers, hidden 256), same data, iterations and batch size:
+  bare    mlx_lm.tuner.trainer.train with its own iterate_batches (saves only at the end)
+  ftctl   ftctl.adapters.trainer.run with atomic, hashed checkpoints (adapters, optimizer
+          state, data cursor) every 50 iterations, per-step reseeding and heartbeats
+Both are timed from model load to the final save, alternating, several rounds; the ratio
+of the medians is printed (goal: <= 1.03).
+
+    /tmp/venv/bin/python bench/train_overhead.py [--iters 100] [--rounds 3]
+        [--hidden 256 --layers 4] [--save-every 50]
+
+On a small model per-iteration costs are smallest, so fixed per-step overheads show most:
+run it with --hidden 64 --layers 2 --iters 300 too.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import mlx_lm
+from mlx_lm.tuner.datasets import CacheDataset, create_dataset
+from mlx_lm.tuner.trainer import TrainingArgs, train
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from ftctl.adapters.demo import build_demo
+from ftctl.adapters.trainer import TrainPlan, run
+from ftctl.core.config import decode_config
+
+LR = 1e-4
+LORA = {"rank": 8, "scale": 20.0, "dropout": 0.0}
+
+
+def bare(demo, iters, batch_size, out: Path) -> float:
+    tic = time.perf_counter()
+    model, tokenizer = mlx_lm.load(str(demo.model_dir))
+    mx.random.seed(0)
+    model.freeze()
+    linear_to_lora_layers(model, -1, LORA)
+    records = [json.loads(line) for line in demo.train.read_text().splitlines()]
+    data = create_dataset(records, tokenizer, types.SimpleNamespace(mask_prompt=False))
+    args = TrainingArgs(
+        batch_size=batch_size,
+        iters=iters,
+        steps_per_report=10,
+        steps_per_eval=10**9,
+        steps_per_save=10**9,
+        adapter_file=str(out / "adapters.safetensors"),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(model, optim.Adam(learning_rate=LR), CacheDataset(data), None, args=args)
+    return time.perf_counter() - tic
+
+
+def ours(demo, iters, batch_size, job_dir: Path, save_every: int = 50) -> tuple[float, int]:
+    cfg, _ = decode_config(
+        {
+            "model": str(demo.model_dir),
+            "iters": iters,
+            "batch_size": batch_size,
+            "learning_rate": LR,
+            "num_layers": -1,
+            "lora_parameters": LORA,
+            "save_every": save_every,
+            "steps_per_report": 10,
+        }
+    )
+    saved = []
+    tic = time.perf_counter()
+    run(
+        TrainPlan(job_id="bench", job_dir=str(job_dir), config=cfg, train_path=str(demo.train)),
+        lambda m: saved.append(m) if m["t"] == "checkpoint" else None,
+    )
+    return time.perf_counter() - tic, len(saved)
+
+
+def measure(kind: str, model_dir: str, iters: int, batch_size: int, out: str, save_every: int):
+    """One timed run in this process: prints 'wall cpu checkpoints' on the last line."""
+    train_path = Path(model_dir).parent / "data" / "train.jsonl"
+    demo = types.SimpleNamespace(model_dir=Path(model_dir), train=train_path)
+    c0 = time.process_time()
+    if kind == "bare":
+        wall, n = bare(demo, iters, batch_size, Path(out)), 0
+    else:
+        wall, n = ours(demo, iters, batch_size, Path(out), save_every)
+    print(f"{wall} {time.process_time() - c0} {n}")
+
+
+def child(kind, demo, iters, batch_size, out, save_every) -> tuple[float, float, int]:
+    code = (
+        "import sys; sys.path.insert(0, %r); import train_overhead as t; "
+        "t.measure(%r, %r, %d, %d, %r, %d)"
+        % (str(Path(__file__).parent), kind, str(demo.model_dir), iters, batch_size, str(out),
+           save_every)
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    wall, cpu, n = res.stdout.strip().splitlines()[-1].split()
+    return float(wall), float(cpu), int(n)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--save-every", type=int, default=50)
+    a = ap.parse_args()
+    times = {"bare": [], "ours": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        demo = build_demo(tmp / "demo", hidden=a.hidden, layers=a.layers, heads=4, vocab=512)
+        for r in range(a.rounds):  # each run in a fresh process, order alternating
+            for kind in ("bare", "ours") if r % 2 == 0 else ("ours", "bare"):
+                out = tmp / f"{kind}-{r}"
+                wall, cpu, n = child(kind, demo, a.iters, a.batch_size, out, a.save_every)
+                times[kind].append((wall, cpu))
+                ckpts = n if kind == "ours" else 0
+    print(f"model: llama {a.layers} layers, hidden {a.hidden}; {a.iters} iterations, batch "
+          f"{a.batch_size}, LoRA rank 8 on all layers; {a.rounds} rounds, alternating, "
+          "one process per run; timed from model load to the final save")
+    stats = {}
+    for kind, label in (("bare", "bare mlx-lm train()"), ("ours", f"ftctl run(), {ckpts} ckpts")):
+        walls = [w for w, _ in times[kind]]
+        cpus = [c for _, c in times[kind]]
+        stats[kind] = (min(walls), statistics.median(walls), statistics.median(cpus))
+        print(f"{label:<24} wall min {stats[kind][0]:7.3f}s  median {stats[kind][1]:7.3f}s  "
+              f"cpu median {stats[kind][2]:7.3f}s  (walls: {', '.join(f'{w:.2f}' for w in walls)})")
+    o, b = stats["ours"], stats["bare"]
+    print(f"ratio ftctl / bare: wall min {o[0] / b[0]:.3f}, wall median {o[1] / b[1]:.3f}, "
+          f"cpu median {o[2] / b[2]:.3f}  (goal <= 1.03)")
+
+
+if __name__ == "__main__":
+    main()
