@@ -201,6 +201,7 @@ def run(
 
     loss_value_and_grad = nn.value_and_grad(model, default_loss)
     accum = cfg.grad_accumulation_steps
+    clip = cfg.max_grad_norm
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
@@ -211,6 +212,8 @@ def run(
         if do_update:
             if accum > 1:
                 grad = tree_map(lambda x: x / accum, grad)
+            if clip is not None:
+                grad, _ = optim.clip_grad_norm(grad, clip)
             optimizer.update(model, grad)
             grad = None
         return lvalue, toks, grad
@@ -390,9 +393,11 @@ def _diverged_text(cfg: Config, step: int, gstep: int, what: str, last_ckpt) -> 
     return (
         f"Training diverged at step {step} (global step {gstep}): the loss {what}. "
         f"Nothing after that point was saved. {kept} "
-        f"What to do: lower the learning rate (now {lr:g}; try {lr / 10:g}), add or lengthen "
-        "warmup (lr_schedule.warmup) to tame early gradient spikes, and check the data for "
-        "broken, empty or extremely long examples; then retry the job."
+        f"What to do: lower the learning rate (now {lr:g}; try {lr / 10:g}), "
+        + ("clip gradients (set max_grad_norm, e.g. 1.0), " if cfg.max_grad_norm is None else
+           f"clip gradients harder (max_grad_norm is {cfg.max_grad_norm:g}), ")
+        + "add or lengthen warmup (lr_schedule.warmup) to tame early gradient spikes, and check the "
+        "data for broken, empty or extremely long examples; then retry the job."
     )
 
 

@@ -179,6 +179,11 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
         int, _m("iterations per optimizer update", ge=1)
     ] = 1
     grad_checkpoint: Annotated[bool, _m("recompute activations to save memory")] = False
+    max_grad_norm: Annotated[
+        Annotated[float, Meta(gt=0)] | None,
+        _m("clip gradients to this global norm before each update; null = no clipping",
+           "a number > 0, or null"),
+    ] = None
     # ftctl's own keys
     warm_start: Annotated[
         bool, _m("start from the adapter of the lineage's previous completed job")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from urllib.parse import quote
 import struct
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
@@ -57,23 +58,32 @@ def utc_now() -> str:
 
 
 def _check_header(path: Path) -> None:
-    """Refuse, without opening it through SQLite, anything that is not an ftctl journal."""
+    """Refuse anything that is not an ftctl journal before SQLite may write to it.
+
+    The header is read through an ``immutable`` SQLite connection (no lock, no -wal/-shm, no
+    write) rather than with open()/close(): closing any descriptor of a database file drops
+    every POSIX lock this process holds on it, which would let another process's checkpoint
+    overwrite pages a live connection of ours is still reading."""
+    what = f"{path} is not an ftctl journal"
     try:
-        with open(path, "rb") as f:
-            head = f.read(100)
         size = path.stat().st_size
     except OSError as e:
         raise NotAJournal(f"{path}: cannot read the journal ({e.strerror}); check the path and permissions") from None
-    what = f"{path} is not an ftctl journal"
-    if len(head) < 100 or not head.startswith(_SQLITE_MAGIC):
-        if len(head) == 0:
-            raise NotAJournal(f"{what}: the file is empty. Nothing was changed; point --home at a workspace made by `ftctl init`.")
-        raise NotAJournal(f"{what}: it is not a SQLite database. Nothing was changed; point --home at a workspace made by `ftctl init`.")
-    page_size = struct.unpack(">H", head[16:18])[0]
-    page_size = 65536 if page_size == 1 else page_size
-    pages = struct.unpack(">I", head[28:32])[0]
-    user_version = struct.unpack(">I", head[60:64])[0]
-    app_id = struct.unpack(">I", head[68:72])[0]
+    if size == 0:
+        raise NotAJournal(f"{what}: the file is empty. Nothing was changed; point --home at a workspace made by `ftctl init`.")
+    uri = f"file:{quote(str(path))}?immutable=1"
+    try:
+        con = sqlite3.connect(uri, uri=True)
+        try:
+            app_id, user_version, page_size, pages = (
+                con.execute(f"PRAGMA {p}").fetchone()[0]
+                for p in ("application_id", "user_version", "page_size", "page_count"))
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        if "not a database" in str(e):
+            raise NotAJournal(f"{what}: it is not a SQLite database. Nothing was changed; point --home at a workspace made by `ftctl init`.") from None
+        raise NotAJournal(_damaged(path, size, e)) from None
     if app_id != APPLICATION_ID:
         raise NotAJournal(
             f"{what}: it is a SQLite database of another application (application_id {app_id:#x}). "
@@ -92,6 +102,21 @@ def _check_header(path: Path) -> None:
         )
 
 
+def _damaged(path: Path, size: int, err: Exception) -> str:
+    """Why SQLite cannot read the file. The file is unusable anyway, so reading its header
+    bytes directly (see _check_header on why that is avoided otherwise) is harmless here."""
+    with open(path, "rb") as f:
+        head = f.read(100)
+    if len(head) == 100 and head.startswith(_SQLITE_MAGIC):
+        page_size = struct.unpack(">H", head[16:18])[0]
+        page_size = 65536 if page_size == 1 else page_size
+        pages = struct.unpack(">I", head[28:32])[0]
+        if size < page_size * pages:
+            return (f"{path}: the journal is truncated ({size} bytes, its header says {page_size * pages}). "
+                    "Nothing was changed; restore it from a backup copy or move it aside and run `ftctl init`.")
+    return f"{path}: the journal is damaged ({err}). Nothing was changed; restore it from a backup copy."
+
+
 class Journal:
     """Append and read events. One instance per process; not shared across threads."""
 
@@ -108,7 +133,10 @@ class Journal:
             raise JournalError(f"{path} already exists; refusing to overwrite a journal")
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         os.close(fd)
-        conn = cls._connect(path)
+        # Schema and identity are written in rollback-journal mode, straight into the main file,
+        # so its header says "ftctl journal" from the first commit; then the file switches to WAL.
+        conn = sqlite3.connect(path, isolation_level=None, timeout=10.0, check_same_thread=False)
+        conn.execute("PRAGMA synchronous=FULL")
         db = sqlite_utils.Database(conn)
         conn.execute("BEGIN IMMEDIATE")
         db["events"].create(
@@ -129,7 +157,8 @@ class Journal:
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
-        return cls(conn, path)
+        conn.close()
+        return cls(cls._connect(path), path)
 
     @classmethod
     def open(cls, path: Path) -> "Journal":

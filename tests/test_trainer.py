@@ -182,6 +182,17 @@ def test_the_seed_matters(demo, reference, tmp_path):
     assert other["adapter_sha256"] != ref["adapter_sha256"]
 
 
+def test_gradient_clipping_applies_and_resumes_bit_for_bit(demo, reference, tmp_path):
+    cfg = config(demo, iters=12, max_grad_norm=1e-3, steps_per_eval=12)
+    _, ref = train(plan(demo, tmp_path / "ref", cfg))
+    _, unclipped = train(plan(demo, tmp_path / "free", config(demo, iters=12, steps_per_eval=12)))
+    assert ref["adapter_sha256"] != unclipped["adapter_sha256"]  # the norm really was clipped
+    job = tmp_path / "job"
+    _, stopped = train(plan(demo, job, cfg), stop_at=7)
+    _, result = train(plan(demo, job, cfg, resume_from=stopped["checkpoint"]))
+    assert result["adapter_sha256"] == ref["adapter_sha256"]
+
+
 def test_grad_accumulation_stops_on_an_update_boundary(demo, tmp_path):
     cfg = config(demo, iters=20, grad_accumulation_steps=2, save_every=4, steps_per_eval=20)
     _, ref = train(plan(demo, tmp_path / "ref", cfg))
