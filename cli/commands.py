@@ -162,12 +162,24 @@ def cmd_demo(args, ws) -> int:
     ledger = Ledger(ws.open_journal())
     last = list(ledger.state.jobs)[-1]
     ftctl(["status", last, "--home", str(home)])
-    render.console.print(
-        f"\nThe worker was killed at step {args.kill_at}; the daemon recorded the crash within a second, requeued "
-        "the job and resumed it from its last committed checkpoint (weights, optimizer, LR position, data cursor, RNG), "
-        "finishing with the same adapter sha256 an uninterrupted run gives.\n"
-        f"Try: ftctl history --home {home} --crashes · ftctl replay {last} --to SEQ --home {home}")
-    return 0
+    render.console.rule("5. the same job, never interrupted, for comparison")
+    ref = Workspace(home / "reference")
+    if ref.home.exists():
+        shutil.rmtree(ref.home)
+    from ftctl.adapters.workspace import init_workspace
+
+    init_workspace(ref.home, ledger.state.jobs[last].config["model"], ws.read_config_dict())
+    ftctl(["submit", str(data / "train.jsonl"), "--valid", str(data / "valid.jsonl"), "--name", "reference", "--home", str(ref.home)])
+    Daemon(ref, until_idle=True, quiet=True).run()
+    crashed_sha = ledger.state.jobs[last].adapter_sha256
+    ref_sha = Ledger(ref.open_journal()).state.jobs["0001"].adapter_sha256
+    same = crashed_sha == ref_sha
+    render.console.print(f"adapter sha256, killed at step {args.kill_at} and resumed: {crashed_sha}\n"
+                         f"adapter sha256, never interrupted:             {ref_sha}\n"
+                         + ("[green]identical[/]: the resume was bit-for-bit (weights, optimizer, LR position, data "
+                            "cursor and RNG all restored)" if same else "[red]DIFFERENT[/]: please report this"))
+    render.console.print(f"Try: ftctl history --home {home} --crashes · ftctl replay {last} --to SEQ --home {home}")
+    return 0 if same else 2
 
 
 def cmd_consolidate(args, ws) -> int:

@@ -205,7 +205,7 @@ def _evaluated(p, j: JobState, e: ev.Evaluated, seq: int, ts: str) -> None:
 
 
 def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -> None:
-    j.step, j.global_step, j.worker, j.requested = e.step, e.global_step, None, None
+    j.step, j.global_step, j.worker, j.requested, j.reason = e.step, e.global_step, None, None, ""
     j.adapter_path, j.adapter_sha256 = e.adapter_path, e.adapter_sha256
     _lineage(p, j.lineage, j.base_model).head_job = j.job
 
