@@ -210,3 +210,24 @@ def test_readme_test_command_is_what_ci_runs():
     cmd = ci.strip().splitlines()[-1]
     assert cmd in readme
     assert re.search(r"pytest", cmd)
+
+
+def test_doctor_finds_problems_and_fix_repairs_them(ws, tmp_path, capsys):
+    code, out, _ = run(capsys, "doctor", "--json", "--home", ws)
+    assert code == 0 and json.loads(out)["ok"]
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
+    run(capsys, "submit", data, "--home", ws)
+    cfg = yaml.safe_load((ws / "ftctl.yaml").read_text())
+    cfg["learning_rate"] = 3e-4
+    (ws / "ftctl.yaml").write_text(yaml.safe_dump(cfg))
+    (ws / "jobs" / "0009").mkdir()
+    code, out, _ = run(capsys, "doctor", "--json", "--home", ws)
+    report = json.loads(out)
+    bad = {f["check"]: f for f in report["findings"] if f["severity"] != "ok"}
+    assert code == 1 and not report["ok"]
+    assert "learning_rate" in bad["config drift"]["message"] and bad["config drift"]["fix"]
+    assert "0009" in bad["checkpoints"]["message"] and "ftctl recover" in bad["checkpoints"]["fix"]
+    code, out, _ = run(capsys, "doctor", "--fix", "--json", "--home", ws)
+    report = json.loads(out)
+    assert any("0009" in line for line in report["fixed"]) and not (ws / "jobs" / "0009").exists()
+    assert {f["check"] for f in report["findings"] if f["severity"] != "ok"} == {"config drift"}  # a choice for the user
