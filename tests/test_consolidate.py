@@ -84,7 +84,7 @@ def test_kill_matrix_over_consolidation(tmp_path, demo):
     """Kill `ftctl consolidate` at each point, recover: exactly one of the two good end states."""
     from ftctl.adapters.fuse import verify_model_dir
 
-    home = _trained(tmp_path, demo)
+    home = _trained(tmp_path, demo, consolidation={"schedule": None, "keep_models": 1})
     for point in ("consolidate_mid_fuse", "consolidate_mid_write"):  # before the commit: old base + adapter
         _killed_consolidation(home, tmp_path, point, 1)
         lin = _lineage(home)
@@ -104,6 +104,12 @@ def test_kill_matrix_over_consolidation(tmp_path, demo):
     assert lin["base_version"] == 2 and lin["head_job"] is None
     verify_model_dir(home / "models" / "v0002")
     assert status(home, "0002")["checkpoints"] == []
+    # fused-model retention (keep_models=1) runs after the next promotion: v1 and v2 go, as events
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    ftctl(home, "start", "--until-idle", "--quiet")
+    ftctl(home, "consolidate")
+    removed = [e["data"]["version"] for e in history(home) if e["type"] == "model_removed"]
+    assert removed == [1, 2] and sorted(p.name for p in (home / "models").iterdir()) == ["v0003"]
 
 
 def test_scheduled_consolidation_waits_for_idle(tmp_path, demo):
