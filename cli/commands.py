@@ -18,6 +18,7 @@ from ftctl.recovery.ledger import Ledger
 
 from . import render
 from .daemon import Daemon
+from .jobs import find_job
 
 
 def cmd_start(args, ws) -> int:
@@ -78,18 +79,9 @@ def cmd_crashes(args, ws) -> int:
     return 0
 
 
-def _job(ledger: Ledger, job: str):
-    j = ledger.state.jobs.get(job) or ledger.state.jobs.get(job.zfill(4))
-    if j is None:
-        from .main import UserError
-
-        raise UserError(f"no job {job!r} in this workspace; see `ftctl status`")
-    return j
-
-
 def cmd_control(args, ws) -> int:
     ledger = Ledger(ws.open_journal())
-    j = _job(ledger, args.job)
+    j = find_job(ledger, args.job)
     s = job_stream(j.job)
     action = args.action
     if action == "resume":

@@ -26,6 +26,19 @@ class SubmitError(Exception):
     """Submission refused before anything was recorded."""
 
 
+class UserError(Exception):
+    """A request that cannot be served as asked (unknown job, bad range…); nothing was changed."""
+
+
+def find_job(ledger: Ledger, job: str):
+    """A job by id; "7" finds "0007"."""
+    j = ledger.state.jobs.get(job) or ledger.state.jobs.get(job.zfill(4))
+    if j is None:
+        known = ", ".join(list(ledger.state.jobs)[-5:]) or "none yet"
+        raise UserError(f"no job {job!r} in this workspace (recent jobs: {known}); see `ftctl status`")
+    return j
+
+
 @dataclass
 class Submission:
     job: str

@@ -21,7 +21,7 @@ from .consolidate import ConsolidationRefused
 from .daemon import DaemonError
 
 from . import render
-from .jobs import SubmitError, submit
+from .jobs import SubmitError, UserError, find_job, submit
 
 USER_ERRORS = (ConsolidationRefused, DaemonError, WorkspaceError, ConfigError, DataError, IllegalTransition, JournalError, SubmitError, ReplayError)
 
@@ -37,10 +37,6 @@ DEMO_CONFIG = {
 }
 
 
-class UserError(Exception):
-    pass
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # bad usage is a user error: exit 1, not argparse's 2
         self.print_usage(sys.stderr)
@@ -50,14 +46,6 @@ class _Parser(argparse.ArgumentParser):
 
 def _ledger(ws: Workspace) -> Ledger:
     return Ledger(ws.open_journal())
-
-
-def _job_or_fail(ledger: Ledger, job: str):
-    j = ledger.state.jobs.get(job) or ledger.state.jobs.get(job.zfill(4))
-    if j is None:
-        known = ", ".join(list(ledger.state.jobs)[-5:]) or "none yet"
-        raise UserError(f"no job {job!r} in this workspace (recent jobs: {known}); see `ftctl status`")
-    return j
 
 
 def _last_metrics(ledger: Ledger) -> dict[str, dict]:
@@ -119,7 +107,7 @@ def cmd_status(args, ws: Workspace) -> int:
     metrics = _last_metrics(ledger)
     p = ledger.state
     if args.job:
-        j = _job_or_fail(ledger, args.job)
+        j = find_job(ledger, args.job)
         if args.json:
             render.print_json(render.job_json(j, metrics.get(j.job)))
         else:
@@ -146,7 +134,7 @@ def cmd_history(args, ws: Workspace) -> int:
     ledger = _ledger(ws)
     stream = None
     if args.job:
-        stream = f"job:{_job_or_fail(ledger, args.job).job}"
+        stream = f"job:{find_job(ledger, args.job).job}"
     crashes_only = args.crashes
 
     def batch(after: int):
@@ -187,7 +175,7 @@ def cmd_history(args, ws: Workspace) -> int:
 
 def cmd_replay(args, ws: Workspace) -> int:
     ledger = _ledger(ws)
-    j = _job_or_fail(ledger, args.job)
+    j = find_job(ledger, args.job)
     last = ledger.journal.last_seq()
     if args.to < 0 or args.to > last:
         raise UserError(f"--to {args.to} is outside the journal (seq 0..{last})")
