@@ -83,6 +83,8 @@ def _check_header(path: Path) -> None:
     except sqlite3.DatabaseError as e:
         if "not a database" in str(e):
             raise NotAJournal(f"{what}: it is not a SQLite database. Nothing was changed; point --home at a workspace made by `ftctl init`.") from None
+        if _ours_with_wal(path):
+            return  # killed mid-checkpoint: the main file alone is inconsistent, its WAL completes it
         raise NotAJournal(_damaged(path, size, e)) from None
     if app_id != APPLICATION_ID:
         raise NotAJournal(
@@ -102,11 +104,28 @@ def _check_header(path: Path) -> None:
         )
 
 
+def _raw_header(path: Path) -> bytes:
+    # Only for files SQLite's immutable view refused: see _check_header on why this is rare.
+    with open(path, "rb") as f:
+        return f.read(100)
+
+
+def _ours_with_wal(path: Path) -> bool:
+    """An ftctl journal whose main file was caught mid-checkpoint: the header is ours and a
+    non-empty WAL exists, which SQLite replays on a normal open."""
+    wal = path.with_name(path.name + "-wal")
+    if not (wal.exists() and wal.stat().st_size > 0):
+        return False
+    head = _raw_header(path)
+    return (len(head) == 100 and head.startswith(_SQLITE_MAGIC)
+            and struct.unpack(">I", head[68:72])[0] == APPLICATION_ID
+            and struct.unpack(">I", head[60:64])[0] in SUPPORTED_SCHEMAS)
+
+
 def _damaged(path: Path, size: int, err: Exception) -> str:
     """Why SQLite cannot read the file. The file is unusable anyway, so reading its header
     bytes directly (see _check_header on why that is avoided otherwise) is harmless here."""
-    with open(path, "rb") as f:
-        head = f.read(100)
+    head = _raw_header(path)
     if len(head) == 100 and head.startswith(_SQLITE_MAGIC):
         page_size = struct.unpack(">H", head[16:18])[0]
         page_size = 65536 if page_size == 1 else page_size
