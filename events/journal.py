@@ -20,7 +20,6 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-import sqlite_utils
 
 from .types import DecodeError, EventBase, Recorded, decode, decode_bodies, decode_columns, encode
 
@@ -142,7 +141,6 @@ class Journal:
     def __init__(self, conn: sqlite3.Connection, path: Path):
         self.conn = conn
         self.path = path
-        self.db = sqlite_utils.Database(conn)
 
     # ------------------------------------------------------------------ open / create
     @classmethod
@@ -156,6 +154,8 @@ class Journal:
         # so its header says "ftctl journal" from the first commit; then the file switches to WAL.
         conn = sqlite3.connect(path, isolation_level=None, timeout=10.0, check_same_thread=False)
         conn.execute("PRAGMA synchronous=FULL")
+        import sqlite_utils  # the schema tool, needed only here: keeps every other command's start-up light
+
         db = sqlite_utils.Database(conn)
         conn.execute("BEGIN IMMEDIATE")
         db["events"].create(
@@ -359,7 +359,9 @@ class Journal:
         )
 
     def metrics(self, job: str) -> list[dict]:
-        return list(self.db.query("SELECT * FROM metrics WHERE job = ? ORDER BY step", [job]))
+        cur = self.conn.execute("SELECT * FROM metrics WHERE job = ? ORDER BY step", (job,))
+        names = [c[0] for c in cur.description]
+        return [dict(zip(names, row)) for row in cur]
 
     def integrity_check(self) -> str:
         return self.conn.execute("PRAGMA integrity_check").fetchone()[0]
