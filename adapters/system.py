@@ -43,14 +43,3 @@ def oom_kill_count() -> int | None:
         except (OSError, ValueError):
             continue
     return None
-
-
-def dir_bytes(path: Path) -> int:
-    total = 0
-    for p in Path(path).rglob("*"):
-        try:
-            if p.is_file():
-                total += p.stat().st_size
-        except OSError:
-            pass
-    return total

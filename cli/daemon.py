@@ -65,7 +65,6 @@ class Daemon:
         self.force = False
         self.ledger: Ledger | None = None
         self.lock_fd: int | None = None
-        self.progress = None
         self.refused: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------------ lifecycle

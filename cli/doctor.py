@@ -17,6 +17,7 @@ from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import ConfigError, config_to_dict
 from ftctl.core.machine import ACTIVE
 from ftctl.core.policy import to_prune
+from ftctl.core.state import job_stream
 from ftctl.events import types as ev
 from ftctl.recovery import reconcile
 from ftctl.recovery.ledger import Ledger
@@ -98,8 +99,9 @@ def examine(ws: Workspace, ledger: Ledger) -> list[Finding]:
     add("memory", "ok" if mem >= 1.0 else "warning", f"{mem:.1f} GB available", "" if mem >= 1.0 else "close other programs")
 
     repairs = reconcile.plan(ws, ledger) if lock_free else []
+    stale = {job_stream(j.job) for j in p.jobs.values() if j.state in ACTIVE}  # already reported above
     for r in repairs:
-        if not any(x.message.startswith(f"job {r.stream[4:]} is") for x in f if x.check == "stale state"):
+        if r.stream not in stale:
             add("checkpoints", "warning" if "corrupt" not in r.what else "error", r.what, "`ftctl recover`")
     if lock_free and not repairs:
         add("checkpoints", "ok", "every committed checkpoint verifies; no temp or uncommitted folder")

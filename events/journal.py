@@ -322,9 +322,6 @@ class Journal:
             yield from zip(seqs, stamps, events)
             lo = hi
 
-    def types_between(self, after: int, to: int) -> list[tuple[int, str]]:
-        return self.conn.execute("SELECT seq, type FROM events WHERE seq > ? AND seq <= ? ORDER BY seq", (after, to)).fetchall()
-
     # ------------------------------------------------------------------ snapshots
     def save_snapshot(self, seq: int, fmt: int, body: bytes) -> None:
         conn = self.conn

@@ -112,10 +112,6 @@ class Ledger:
             state = new
         return version
 
-    def check(self, stream: str, *events: EventBase) -> None:
-        """Raise IllegalTransition if the events would be refused now (nothing is written)."""
-        self._version_and_check(stream, events)
-
     def commit(self, stream: str, *events: EventBase, retries: int = 5) -> list[Recorded]:
         """Validate, append atomically, then apply. Retries when another process appended to
         the same stream first, re-validating against the state it left."""
