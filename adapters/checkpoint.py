@@ -25,6 +25,8 @@ from pathlib import Path
 import mlx.core as mx
 import msgspec
 
+from ftctl.events.types import CheckpointRecord
+
 from .faults import crash_point
 from .fs import FS
 
@@ -71,14 +73,6 @@ class Checkpoint:
     adapter_config: dict
     optimizer: dict[str, mx.array]
     state: TrainState
-
-
-class CheckpointInfo(msgspec.Struct):
-    path: str
-    step: int
-    global_step: int
-    manifest_sha256: str
-    bytes: int
 
 
 class CheckpointCorrupt(Exception):
@@ -155,7 +149,7 @@ def read_safetensors(data: bytes) -> dict[str, mx.array]:
     return mx.load(io.BytesIO(data), format="safetensors")
 
 
-def save_checkpoint(job_dir, ckpt: Checkpoint, fs: FS | None = None) -> CheckpointInfo:
+def save_checkpoint(job_dir, ckpt: Checkpoint, fs: FS | None = None) -> CheckpointRecord:
     """Atomically write checkpoint step-<job_step> under job_dir; durable on return.
 
     On OSError the temp directory is removed (when possible) and the error re-raised;
@@ -176,7 +170,8 @@ def save_checkpoint(job_dir, ckpt: Checkpoint, fs: FS | None = None) -> Checkpoi
             fs.fsync_dir(d.parent)
     meta = {"kind": "checkpoint", "step": st.job_step, "global_step": st.global_step}
     path, manifest_sha, total = _commit(parent, step_dir_name(st.job_step), files, meta, fs)
-    return CheckpointInfo(str(path), st.job_step, st.global_step, manifest_sha, total)
+    return CheckpointRecord(step=st.job_step, global_step=st.global_step, path=str(path), manifest_sha256=manifest_sha,
+                            bytes=total, train_loss=st.train_loss, val_loss=st.val_loss)
 
 
 def verify_checkpoint(path) -> None:

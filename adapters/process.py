@@ -112,9 +112,9 @@ class Worker:
     log_path: Path
     log_offset: int = 0   # where this attempt's output starts in the (shared, appended) job log
 
-    def send(self, line: str) -> None:
+    def send(self, line: bytes) -> None:
         try:
-            self.proc.stdin.write((line + "\n").encode())
+            self.proc.stdin.write(line + b"\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, ValueError, OSError):
             pass
@@ -145,6 +145,26 @@ def spawn_worker(plan_json: bytes, log_path: Path, env: dict | None = None, labe
     proc.stdin.write(plan_json.rstrip(b"\n") + b"\n")
     proc.stdin.flush()
     return Worker(proc=proc, messages=os.fdopen(r, "rb", buffering=0), id=started, log_path=log_path, log_offset=offset)
+
+
+def orphan_workers(workspace: Path) -> list[int]:
+    """Pids of training workers of ``workspace`` whose daemon is gone (re-parented to init)."""
+    out = []
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "ftctl.adapters.worker" in cmd and str(workspace) in cmd and proc.info["ppid"] == 1:
+            out.append(proc.info["pid"])
+    return out
+
+
+def lock_holder(path: Path) -> str | None:
+    """Who holds the daemon lock (what its file says), or None if nobody does. Probing takes the
+    lock for an instant: the kernel drops it when the holder dies, so this is never stale."""
+    try:
+        release_lock(acquire_lock(path))
+        return None
+    except LockHeld as e:
+        return e.holder.strip()
 
 
 def tail(path: Path, limit: int = 16000, since: int = 0) -> str:

@@ -8,12 +8,14 @@ linear_to_lora_layers. What differs:
     continues exactly where the checkpoint left off;
   - checkpoints carry the optimizer state and the data cursor, and are committed
     atomically (checkpoint.py);
-  - progress goes to `emit` as plain dicts; the caller journals and draws them.
+  - progress goes to `emit` as the worker protocol's messages (protocol.py); the
+    daemon journals them.
 """
 
 import hashlib
 import math
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -30,6 +32,9 @@ from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from ftctl.core.config import Config, config_sha256
 from ftctl.core.dataset import valid_records
+from ftctl.events.types import Metrics
+
+from . import protocol as P
 
 from .batches import TrainBatches, build_dataset, tokenized, validation_batches
 from .checkpoint import (
@@ -42,6 +47,7 @@ from .checkpoint import (
 )
 from .faults import crash_point
 from .fs import FS
+from .protocol import TrainPlan
 
 OPTIMIZERS = {
     "adam": optim.Adam,
@@ -51,17 +57,6 @@ OPTIMIZERS = {
     "muon": optim.Muon,
 }
 NAN_PATIENCE = 3
-
-
-class TrainPlan(msgspec.Struct, kw_only=True):
-    job_id: str
-    job_dir: str
-    config: Config
-    train_path: str
-    valid_path: str | None = None
-    resume_from: str | None = None  # a committed checkpoint dir of this job
-    warm_start_from: str | None = None  # final checkpoint of the lineage's previous job
-    global_step_base: int = 0  # steps of earlier jobs of the lineage
 
 
 class TrainingDiverged(Exception):
@@ -125,29 +120,28 @@ def load_items(path: str, tokenizer, mask_prompt: bool):
     return tokenized(build_dataset(records, tokenizer, mask_prompt))
 
 
-def run(
-    plan: TrainPlan,
-    emit: Callable[[dict], None],
-    stop_requested: Callable[[], bool] = lambda: False,
-    fs: FS | None = None,
-) -> dict:
-    """Train plan.config.iters iterations (resuming or warm-starting as planned).
+@dataclass
+class Session:
+    """Everything training needs, loaded: the model with its adapter, the optimizer, the data,
+    and the state to continue from (a resumed checkpoint's, or step 0)."""
 
-    Returns the final message: {"t": "completed", ...} or {"t": "stopped", ...}.
-    Raises TrainingDiverged, OSError (disk), ValueError (unusable plan or data),
-    CheckpointCorrupt (resume/warm-start source fails verification).
-    """
+    plan: TrainPlan
+    model: nn.Module
+    optimizer: optim.Optimizer
+    batches: TrainBatches
+    val: list | None
+    adapter_config: dict
+    state: TrainState
+    last_ckpt: str | None = None
+
+
+def load(plan: TrainPlan) -> Session:
+    """Load the model, data and optimizer; restore the resume checkpoint or the warm start."""
     cfg = plan.config
-    fs = fs or FS()
-    tic = time.perf_counter()
     maybe_set_recommended_wired_limit()
     model, tokenizer = setup_model(cfg)
-    batches = TrainBatches(
-        load_items(plan.train_path, tokenizer, cfg.mask_prompt),
-        cfg.batch_size,
-        cfg.max_seq_length,
-        cfg.seed,
-    )
+    batches = TrainBatches(load_items(plan.train_path, tokenizer, cfg.mask_prompt), cfg.batch_size,
+                           cfg.max_seq_length, cfg.seed)
     val = None
     if plan.valid_path:
         val_items = load_items(plan.valid_path, tokenizer, cfg.mask_prompt)
@@ -159,49 +153,51 @@ def run(
             )
     optimizer = build_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
-    a_config = adapter_config(cfg)
-    sha = config_sha256(cfg)
-
-    last_ckpt = None
+    s = Session(plan, model, optimizer, batches, val, adapter_config(cfg), state=None)
     if plan.resume_from:
         ck = load_checkpoint(plan.resume_from)
-        st = ck.state
-        _check_resume(plan, ck, a_config)
+        _check_resume(plan, ck, s.adapter_config)
         _restore_weights(model, ck.adapters, plan.resume_from)
         _restore_optimizer(optimizer, ck.optimizer, plan.resume_from, skip=())
-        last_ckpt = str(plan.resume_from)
+        s.state, s.last_ckpt = ck.state, str(plan.resume_from)
     else:
         if plan.warm_start_from:
             ck = load_checkpoint(plan.warm_start_from)
-            _check_compatible(ck.adapter_config, a_config, plan.warm_start_from)
+            _check_compatible(ck.adapter_config, s.adapter_config, plan.warm_start_from)
             _restore_weights(model, ck.adapters, plan.warm_start_from)
             # moments only: the step (and so the LR schedule) restarts with this job
-            _restore_optimizer(
-                optimizer, ck.optimizer, plan.warm_start_from, skip=("step", "learning_rate")
-            )
-        st = TrainState(
-            job_step=0,
-            global_step=plan.global_step_base,
-            cursor=batches.cursor(0),
-            seed=cfg.seed,
-            config_sha256=sha,
-        )
+            _restore_optimizer(optimizer, ck.optimizer, plan.warm_start_from, skip=("step", "learning_rate"))
+        s.state = TrainState(job_step=0, global_step=plan.global_step_base, cursor=batches.cursor(0),
+                             seed=cfg.seed, config_sha256=config_sha256(cfg))
     mx.eval(model.parameters(), optimizer.state)
-    emit(
-        {
-            "t": "loaded",
-            "step": st.job_step,
-            "global_step": st.global_step,
-            "load_s": time.perf_counter() - tic,
-        }
-    )
+    return s
 
-    if st.job_step >= cfg.iters:
-        return _complete(plan, emit, fs, st.job_step, st.global_step, last_ckpt)
 
+def run(plan: TrainPlan, emit: Callable[[P.Message], None], stop_requested: Callable[[], bool] = lambda: False,
+        fs: FS | None = None) -> P.Completed | P.Stopped:
+    """Train plan.config.iters iterations (resuming or warm-starting as planned).
+
+    Emits the worker protocol's messages and returns the last one (Completed or Stopped).
+    Raises TrainingDiverged, OSError (disk), ValueError (unusable plan or data),
+    CheckpointCorrupt (resume/warm-start source fails verification).
+    """
+    fs = fs or FS()
+    tic = time.perf_counter()
+    s = load(plan)
+    emit(P.Loaded(step=s.state.job_step, global_step=s.state.global_step, load_s=time.perf_counter() - tic))
+    if s.state.job_step < plan.config.iters:
+        stopped = _Loop(s, emit, fs).train(stop_requested)
+        if stopped is not None:
+            return stopped
+    return _complete(s, emit, fs)
+
+
+def _compiled_step(s: Session):
+    """mlx-lm's compiled step over [model.state, optimizer.state, mx.random.state], with gradient
+    accumulation and clipping."""
+    model, optimizer, cfg = s.model, s.optimizer, s.plan.config
     loss_value_and_grad = nn.value_and_grad(model, default_loss)
-    accum = cfg.grad_accumulation_steps
-    clip = cfg.max_grad_norm
+    accum, clip = cfg.grad_accumulation_steps, cfg.max_grad_norm
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
@@ -218,146 +214,108 @@ def run(
             grad = None
         return lvalue, toks, grad
 
-    base = plan.global_step_base
-    eval_count, trained_tokens = st.eval_count, st.trained_tokens
-    train_loss, val_loss = st.train_loss, st.val_loss
-    w_loss = w_tokens = w_steps = 0  # report window
-    w_time = 0.0
-    c_loss = c_steps = 0  # since the last checkpoint
-    nan_run = 0
-    stopping = False
-    grad = None
-    model.train()
+    return step, state
 
-    for it in range(st.job_step + 1, cfg.iters + 1):
-        gstep = base + it
-        t0 = time.perf_counter()
-        mx.random.seed(step_seed(cfg.seed, gstep))
-        lvalue, toks, grad = step(batches.batch(it - 1), grad, it % accum == 0)
-        mx.eval(state, lvalue, toks, grad)
-        w_time += time.perf_counter() - t0
-        loss, ntoks = lvalue.item(), toks.item()
 
-        if math.isinf(loss):
-            raise TrainingDiverged(
-                "inf", it, gstep, _diverged_text(cfg, it, gstep, "became infinite", last_ckpt)
-            )
-        nan_run = nan_run + 1 if math.isnan(loss) else 0
-        if nan_run >= NAN_PATIENCE:
-            raise TrainingDiverged(
-                "nan",
-                it,
-                gstep,
-                _diverged_text(cfg, it, gstep, f"was NaN {nan_run} steps in a row", last_ckpt),
-            )
-        w_loss += loss
-        w_tokens += ntoks
-        w_steps += 1
-        c_loss += loss
-        c_steps += 1
-        trained_tokens += ntoks
-        emit({"t": "step", "step": it, "global_step": gstep})
-        crash_point("mid_step", gstep)
+class _Loop:
+    """The training loop and its running counters (report window, loss since the last checkpoint)."""
 
-        if it % cfg.steps_per_report == 0 or it == cfg.iters:
-            emit(
-                {
-                    "t": "report",
-                    "step": it,
-                    "global_step": gstep,
-                    "loss": _finite(w_loss / w_steps),
-                    "lr": optimizer.learning_rate.item(),
-                    "tokens_per_s": w_tokens / w_time if w_time > 0 else 0.0,
-                    "peak_mem_gb": mx.get_peak_memory() / 1e9,
-                    "trained_tokens": trained_tokens,
-                }
-            )
-            w_loss = w_tokens = w_steps = 0
-            w_time = 0.0
+    def __init__(self, s: Session, emit, fs: FS):
+        self.s, self.emit, self.fs, self.cfg = s, emit, fs, s.plan.config
+        st = s.state
+        self.eval_count, self.trained_tokens = st.eval_count, st.trained_tokens
+        self.train_loss, self.val_loss = st.train_loss, st.val_loss
+        self.w_loss = self.w_tokens = self.w_steps = 0  # report window
+        self.w_time = 0.0
+        self.c_loss = self.c_steps = 0  # since the last checkpoint
+        self.nan_run = 0
 
-        boundary = it % accum == 0 or it == cfg.iters
-        if not stopping and stop_requested():
-            stopping = True
-        if val is not None and (it % cfg.steps_per_eval == 0 or it == cfg.iters):
-            emit({"t": "eval_begin", "step": it})
+    def train(self, stop_requested) -> P.Stopped | None:
+        s, cfg = self.s, self.cfg
+        step, state = _compiled_step(s)
+        accum, grad, stopping = cfg.grad_accumulation_steps, None, False
+        s.model.train()
+        for it in range(s.state.job_step + 1, cfg.iters + 1):
+            gstep = s.plan.global_step_base + it
             t0 = time.perf_counter()
-            val_loss = _finite(_evaluate(model, val))
-            eval_count += 1
-            emit(
-                {
-                    "t": "eval",
-                    "step": it,
-                    "global_step": gstep,
-                    "val_loss": val_loss,
-                    "eval_s": time.perf_counter() - t0,
-                }
-            )
-        if it % cfg.save_every == 0 or it == cfg.iters or (stopping and boundary):
-            if nan_run or not _all_finite(model):
-                raise TrainingDiverged(
-                    "nan",
-                    it,
-                    gstep,
-                    _diverged_text(
-                        cfg, it, gstep, "or the adapter weights are not finite at a checkpoint",
-                        last_ckpt,
-                    ),
-                )
-            if c_steps:
-                train_loss = c_loss / c_steps
-            c_loss = c_steps = 0
-            emit({"t": "checkpoint_begin", "step": it, "global_step": gstep})
-            info = save_checkpoint(
-                plan.job_dir,
-                Checkpoint(
-                    adapters=dict(tree_flatten(model.trainable_parameters())),
-                    adapter_config=a_config,
-                    optimizer=dict(tree_flatten(optimizer.state)),
-                    state=TrainState(
-                        job_step=it,
-                        global_step=gstep,
-                        cursor=batches.cursor(it),
-                        seed=cfg.seed,
-                        eval_count=eval_count,
-                        trained_tokens=trained_tokens,
-                        train_loss=train_loss,
-                        val_loss=val_loss,
-                        config_sha256=sha,
-                    ),
-                ),
-                fs,
-            )
-            last_ckpt = info.path
-            emit(
-                {
-                    "t": "checkpoint",
-                    "step": it,
-                    "global_step": gstep,
-                    "path": info.path,
-                    "manifest_sha256": info.manifest_sha256,
-                    "bytes": info.bytes,
-                    "val_loss": val_loss,
-                    "train_loss": train_loss,
-                }
-            )
-        if stopping and boundary and it < cfg.iters:
-            msg = {"t": "stopped", "step": it, "global_step": gstep, "checkpoint": last_ckpt}
-            emit(msg)
-            return msg
+            mx.random.seed(step_seed(cfg.seed, gstep))
+            lvalue, toks, grad = step(s.batches.batch(it - 1), grad, it % accum == 0)
+            mx.eval(state, lvalue, toks, grad)
+            self.w_time += time.perf_counter() - t0
+            self._account(it, gstep, lvalue.item(), toks.item())
+            self.emit(P.Step(step=it, global_step=gstep))
+            crash_point("mid_step", gstep)
+            if it % cfg.steps_per_report == 0 or it == cfg.iters:
+                self._report(it, gstep)
+            boundary = it % accum == 0 or it == cfg.iters
+            stopping = stopping or stop_requested()
+            if s.val is not None and (it % cfg.steps_per_eval == 0 or it == cfg.iters):
+                self._evaluate(it, gstep)
+            if it % cfg.save_every == 0 or it == cfg.iters or (stopping and boundary):
+                self._checkpoint(it, gstep)
+            if stopping and boundary and it < cfg.iters:
+                msg = P.Stopped(step=it, global_step=gstep, checkpoint=s.last_ckpt)
+                self.emit(msg)
+                return msg
+        return None
 
-    return _complete(plan, emit, fs, cfg.iters, base + cfg.iters, last_ckpt)
+    def _account(self, it: int, gstep: int, loss: float, ntoks: int) -> None:
+        """Count the step's loss and tokens; stop at an infinite loss or NAN_PATIENCE NaNs in a row."""
+        if math.isinf(loss):
+            raise TrainingDiverged("inf", it, gstep, _diverged_text(self.cfg, it, gstep, "became infinite",
+                                                                    self.s.last_ckpt))
+        self.nan_run = self.nan_run + 1 if math.isnan(loss) else 0
+        if self.nan_run >= NAN_PATIENCE:
+            raise TrainingDiverged("nan", it, gstep, _diverged_text(
+                self.cfg, it, gstep, f"was NaN {self.nan_run} steps in a row", self.s.last_ckpt))
+        self.w_loss += loss
+        self.w_tokens += ntoks
+        self.w_steps += 1
+        self.c_loss += loss
+        self.c_steps += 1
+        self.trained_tokens += ntoks
+
+    def _report(self, it: int, gstep: int) -> None:
+        self.emit(P.Report(metrics=Metrics(
+            step=it, global_step=gstep, loss=_finite(self.w_loss / self.w_steps),
+            lr=_finite(self.s.optimizer.learning_rate.item()),
+            tokens_per_s=self.w_tokens / self.w_time if self.w_time > 0 else 0.0,
+            peak_mem_gb=mx.get_peak_memory() / 1e9, trained_tokens=self.trained_tokens)))
+        self.w_loss = self.w_tokens = self.w_steps = 0
+        self.w_time = 0.0
+
+    def _evaluate(self, it: int, gstep: int) -> None:
+        self.emit(P.EvalStarted(step=it))
+        t0 = time.perf_counter()
+        self.val_loss = _finite(_evaluate(self.s.model, self.s.val))
+        self.eval_count += 1
+        self.emit(P.Evaluated(step=it, global_step=gstep, val_loss=self.val_loss, eval_s=time.perf_counter() - t0))
+
+    def _checkpoint(self, it: int, gstep: int) -> None:
+        """Never checkpoint a non-finite state; otherwise save atomically and report it."""
+        s, cfg = self.s, self.cfg
+        if self.nan_run or not _all_finite(s.model):
+            raise TrainingDiverged("nan", it, gstep, _diverged_text(
+                cfg, it, gstep, "or the adapter weights are not finite at a checkpoint", s.last_ckpt))
+        if self.c_steps:
+            self.train_loss = self.c_loss / self.c_steps
+        self.c_loss = self.c_steps = 0
+        self.emit(P.CheckpointStarted(step=it, global_step=gstep))
+        state = TrainState(job_step=it, global_step=gstep, cursor=s.batches.cursor(it), seed=cfg.seed,
+                           eval_count=self.eval_count, trained_tokens=self.trained_tokens,
+                           train_loss=self.train_loss, val_loss=self.val_loss, config_sha256=s.state.config_sha256)
+        record = save_checkpoint(s.plan.job_dir, Checkpoint(
+            adapters=dict(tree_flatten(s.model.trainable_parameters())), adapter_config=s.adapter_config,
+            optimizer=dict(tree_flatten(s.optimizer.state)), state=state), self.fs)
+        s.last_ckpt = record.path
+        self.emit(P.CheckpointWritten(checkpoint=record))
 
 
-def _complete(plan, emit, fs, step, global_step, ckpt) -> dict:
-    adapter_dir, sha = publish_adapter(plan.job_dir, ckpt, fs)
-    msg = {
-        "t": "completed",
-        "step": step,
-        "global_step": global_step,
-        "adapter_path": str(adapter_dir),
-        "adapter_sha256": sha,
-        "checkpoint": ckpt,
-    }
+def _complete(s: Session, emit, fs: FS) -> P.Completed:
+    adapter_dir, sha = publish_adapter(s.plan.job_dir, s.last_ckpt, fs)
+    iters = s.plan.config.iters
+    msg = P.Completed(step=iters, global_step=s.plan.global_step_base + iters, adapter_path=str(adapter_dir),
+                      adapter_sha256=sha, checkpoint=s.last_ckpt)
     emit(msg)
     return msg
 

@@ -1,10 +1,11 @@
 """The training worker: ``python -m ftctl.adapters.worker --message-fd N``.
 
 Protocol with the daemon (its parent and only supervisor):
-* stdin, first line: the TrainPlan as JSON. Later lines: ``stop`` (checkpoint now and exit).
+* stdin, first line: the TrainPlan. Later lines: ``Stop`` (checkpoint now and exit). Every
+  message, both ways, is a type of adapters/protocol.py.
   EOF on stdin means the daemon is gone: the worker exits at once (the portable twin of
   PR_SET_PDEATHSIG), so a worker never outlives its supervisor.
-* fd N: one JSON message per line (see trainer.run), ending with ``error`` on failure.
+* fd N: one message per line (see trainer.run), ending with ``Failed`` on failure.
 * stdout/stderr go to logs/job-<id>.log; the daemon keeps the tail as crash evidence.
 Exit codes: 0 done or stopped, 3 diverged (nan/inf), 4 disk full, 5 corrupt checkpoint,
 6 import error, 7 I/O error, 1 any other exception.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import sys
 import threading
@@ -27,67 +27,67 @@ def main() -> int:
     ap.add_argument("--job", default="")        # for `ps` and `ftctl doctor` only
     ap.add_argument("--workspace", default="")
     args = ap.parse_args()
-    out = os.fdopen(args.message_fd, "w", buffering=1)
+    out = os.fdopen(args.message_fd, "wb", buffering=0)
     lock = threading.Lock()
+    from ftctl.adapters import protocol as P  # light: msgspec and the config schema only
 
-    def emit(msg: dict) -> None:
+    def emit(msg) -> None:
         with lock:
-            out.write(json.dumps(msg, separators=(",", ":")) + "\n")
+            out.write(P.encode(msg) + b"\n")
 
     plan_line = sys.stdin.buffer.readline()
     stop = threading.Event()
 
     def control() -> None:
-        for line in sys.stdin:
-            if line.strip() == "stop":
-                stop.set()
+        for line in sys.stdin.buffer:
+            try:
+                P.decode_control(line.strip())
+            except P.ProtocolError as e:  # the daemon is ours: this is a bug, but never a reason to die
+                print(f"ignored: {e}", file=sys.stderr, flush=True)
+                continue
+            stop.set()
         os._exit(70)  # EOF: the daemon died; never train unsupervised
 
     threading.Thread(target=control, daemon=True, name="control").start()
 
-    try:
-        import msgspec
+    def fail(code: int, category: str, e: BaseException, **extra) -> int:
+        emit(P.Failed(category=category, message=str(e) if category in ("nan", "inf", "corrupt_checkpoint")
+                      else f"{type(e).__name__}: {e}", **extra))
+        return code
 
+    try:
         from ftctl.adapters.checkpoint import CheckpointCorrupt
         from ftctl.adapters.faults import fs_from_env
-        from ftctl.adapters.trainer import TrainingDiverged, TrainPlan, run
+        from ftctl.adapters.trainer import TrainingDiverged, run
     except ImportError as e:
-        emit({"t": "error", "category": "import_error", "message": f"{type(e).__name__}: {e}"})
         traceback.print_exc()
-        return 6
+        return fail(6, "import_error", e)
 
     try:
-        plan = msgspec.json.decode(plan_line, type=TrainPlan)
+        plan = P.decode_plan(plan_line)
         print(f"worker pid {os.getpid()}: job {plan.job_id}, resume_from={plan.resume_from}, "
               f"warm_start_from={plan.warm_start_from}", flush=True)
         run(plan, emit, stop.is_set, fs=fs_from_env())
         return 0
     except TrainingDiverged as e:
-        emit({"t": "error", "category": e.category, "step": e.step, "message": str(e)})
         print(str(e), file=sys.stderr, flush=True)
-        return 3
+        return fail(3, e.category, e, step=e.step)
     except CheckpointCorrupt as e:
-        emit({"t": "error", "category": "corrupt_checkpoint", "path": str(e.path), "message": str(e)})
         print(str(e), file=sys.stderr, flush=True)
-        return 5
+        return fail(5, "corrupt_checkpoint", e, path=e.path)
     except OSError as e:
         traceback.print_exc()
         if e.errno == errno.ENOSPC:
-            emit({"t": "error", "category": "disk_full", "message": str(e)})
-            return 4
+            return fail(4, "disk_full", e)
         if e.errno == errno.EIO:
-            emit({"t": "error", "category": "io_error", "message": str(e)})
-            return 7
-        emit({"t": "error", "category": "exception", "message": f"{type(e).__name__}: {e}"})
-        return 1
+            return fail(7, "io_error", e)
+        return fail(1, "exception", e)
     except ImportError as e:
         traceback.print_exc()
-        emit({"t": "error", "category": "import_error", "message": f"{type(e).__name__}: {e}"})
-        return 6
+        return fail(6, "import_error", e)
     except Exception as e:
         traceback.print_exc()
-        emit({"t": "error", "category": "exception", "message": f"{type(e).__name__}: {e}"})
-        return 1
+        return fail(1, "exception", e)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

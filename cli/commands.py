@@ -1,66 +1,55 @@
-"""Commands that run or steer the daemon: start, recover, crashes, pause/resume/cancel, shutdown, demo."""
+"""Commands that run or steer the daemon: start, recover, crashes, pause/resume/cancel, shutdown,
+consolidate, config show, doctor, demo. Each parses, calls the control layer, renders."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import time
+import signal
+from dataclasses import asdict
 from pathlib import Path
 
-from ftctl.adapters import process
-from ftctl.core.machine import ACTIVE
-from ftctl.core.state import DAEMON_STREAM, job_stream
+from ftctl.control import consolidation, doctor, jobs, recover
+from ftctl.control.daemon import Daemon
 from ftctl.events import types as ev
-from ftctl.recovery import reconcile
 from ftctl.recovery.ledger import Ledger
 
 from . import render
-from .daemon import Daemon
-from .jobs import find_job
 
 
 def cmd_start(args, ws) -> int:
-    return Daemon(ws, until_idle=args.until_idle, quiet=args.quiet).run()
+    daemon = Daemon(ws, until_idle=args.until_idle, report=render.ConsoleReporter(quiet=args.quiet))
+    handler = lambda signum, frame: daemon.stop(signal.Signals(signum).name)  # noqa: E731
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        daemon.run()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0
 
 
 def cmd_recover(args, ws) -> int:
-    ws.require()
-    try:
-        fd = process.acquire_lock(ws.lock_path)
-    except process.LockHeld as e:
-        render.err_console.print(f"[red]error:[/] a daemon is running on {ws.home} ({render.escape(e.holder)}); it recovered at its "
-                                 "start and supervises its jobs now. Nothing was changed.")
-        return 1
-    try:
-        ledger = Ledger(ws.open_journal())
-        repairs = reconcile.plan(ws, ledger) if args.dry_run else reconcile.recover(ws, ledger)
-        if args.json:
-            render.print_json({"dry_run": args.dry_run, "repairs": [r.as_dict() for r in repairs]})
-        elif not repairs:
-            render.console.print("nothing to repair: the disk and the processes agree with the journal")
-        else:
-            verb = "would repair" if args.dry_run else "repaired"
-            render.console.print(f"{verb} {len(repairs)} thing(s):")
-            for r in repairs:
-                render.console.print(f"  - {r.what}")
-            if args.dry_run:
-                render.console.print("dry run: nothing was changed; run `ftctl recover` to apply")
-        return 0
-    finally:
-        process.release_lock(fd)
+    ledger = Ledger(ws.open_journal())
+    repairs = recover.run(ws, ledger, dry_run=args.dry_run)
+    if args.json:
+        render.print_json({"dry_run": args.dry_run, "repairs": [r.as_dict() for r in repairs]})
+    elif not repairs:
+        render.console.print("nothing to repair: the disk and the processes agree with the journal")
+    else:
+        verb = "would repair" if args.dry_run else "repaired"
+        render.console.print(f"{verb} {len(repairs)} thing(s):")
+        for r in repairs:
+            render.console.print(f"  - {render.escape(r.what)}")
+        if args.dry_run:
+            render.console.print("dry run: nothing was changed; run `ftctl recover` to apply")
+    return 0
 
 
 def cmd_crashes(args, ws) -> int:
     ledger = Ledger(ws.open_journal())
-    rows = []
-    for r in ledger.journal.read():
-        e = r.event
-        if isinstance(e, ev.Crashed):
-            rows.append({"seq": r.seq, "ts": r.ts, "job": e.job, "category": e.category, "step": e.step,
-                         "exit_code": e.exit_code, "signal": e.signal, "suggestion": e.suggestion,
-                         "evidence": e.evidence})
+    rows = [{"seq": r.seq, "ts": r.ts, "job": e.job, "category": e.category, "step": e.step, "exit_code": e.exit_code,
+             "signal": e.signal, "suggestion": e.suggestion, "evidence": e.evidence}
+            for r in ledger.journal.read() if isinstance(e := r.event, ev.Crashed)]
     if args.json:
         render.print_json(rows)
         return 0
@@ -74,156 +63,85 @@ def cmd_crashes(args, ws) -> int:
         t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(r["ts"][:19].replace("T", " "), str(r["seq"]), r["job"], f"[red]{r['category']}[/]",
-                  str(r["step"]), str(r["exit_code"]), r["suggestion"])
+                  str(r["step"]), str(r["exit_code"]), render.escape(r["suggestion"]))
     render.console.print(t)
     return 0
 
 
 def cmd_control(args, ws) -> int:
-    ledger = Ledger(ws.open_journal())
-    j = find_job(ledger, args.job)
-    s = job_stream(j.job)
-    action = args.action
-    if action == "resume":
-        ledger.commit(s, ev.Resumed(job=j.job))
-        render.console.print(f"job {j.job} queued again; a running daemon picks it up within a second")
-    elif j.state in ACTIVE:
-        ledger.commit(s, ev.ControlRequested(job=j.job, action=action))
-        render.console.print(f"job {j.job}: {action} requested; the daemon "
-                             + ("checkpoints and pauses it" if action == "pause" else "stops it")
-                             + " within a second (or at its next start if it is not running)")
-    elif action == "pause":
-        ledger.commit(s, ev.Paused(job=j.job, reason="paused by user"))
-        render.console.print(f"job {j.job} paused; `ftctl resume {j.job}` to queue it again")
+    out = jobs.request(Ledger(ws.open_journal()), args.job, args.action)
+    if out.action == "resume":
+        text = f"job {out.job} queued again; a running daemon picks it up within a second"
+    elif out.deferred:
+        text = (f"job {out.job}: {out.action} requested; the daemon "
+                + ("checkpoints and pauses it" if out.action == "pause" else "stops it")
+                + " within a second (or at its next start if it is not running)")
+    elif out.action == "pause":
+        text = f"job {out.job} paused; `ftctl resume {out.job}` to queue it again"
     else:
-        ledger.commit(s, ev.Cancelled(job=j.job, reason="cancelled by user"))
-        render.console.print(f"job {j.job} cancelled; its checkpoints stay on disk until retention or `ftctl doctor --fix`")
+        text = f"job {out.job} cancelled; its checkpoints stay on disk until retention or `ftctl doctor --fix`"
+    render.console.print(text)
     return 0
 
 
 def cmd_shutdown(args, ws) -> int:
     ledger = Ledger(ws.open_journal())
-    if not ledger.state.daemon.running:
+    if not jobs.shutdown(ledger):
         render.console.print("no daemon is running; nothing to stop")
         return 0
-    ledger.commit(DAEMON_STREAM, ev.ShutdownRequested(reason="ftctl shutdown"))
     render.console.print("shutdown requested: the daemon checkpoints the running job and exits within a second")
-    if args.wait:
-        deadline = time.time() + args.wait
-        while time.time() < deadline:
-            ledger.refresh()
-            if not ledger.state.daemon.running:
-                render.console.print("daemon stopped")
-                return 0
-            time.sleep(0.2)
-        render.err_console.print(f"the daemon is still running after {args.wait} s")
-        return 1
-    return 0
+    if not args.wait:
+        return 0
+    if jobs.wait_stopped(ledger, args.wait):
+        render.console.print("daemon stopped")
+        return 0
+    render.err_console.print(f"the daemon is still running after {args.wait:g} s")
+    return 1
 
 
 def cmd_demo(args, ws) -> int:
     """Init a demo workspace, train a job end to end, kill its worker mid-run, show the recovery."""
-    from ftctl.adapters.workspace import Workspace
+    from ftctl.control.demo import tour
 
     from .main import main as ftctl
 
-    if getattr(args, "home", None) is None and not os.environ.get("FTCTL_HOME"):
-        ws = Workspace(Path("ftctl-demo").resolve())  # never mix the demo into a real workspace
-    home = ws.home
-    if (home / "journal.db").exists():
-        if not args.reset:
-            render.console.print(f"{home} already holds a workspace: reusing it (pass --reset to start over)")
-    if args.reset and home.exists():
-        shutil.rmtree(home)
-    if not (home / "journal.db").exists():
-        if ftctl(["init", "--demo", "--home", str(home)]) != 0:
-            return 1
-    data = home / "demo" / "data"
-    render.console.rule("1. submit the demo data (validated before it is queued)")
-    if ftctl(["submit", str(data / "train.jsonl"), "--valid", str(data / "valid.jsonl"), "--name", "demo", "--home", str(home)]) != 0:
-        return 1
-    render.console.rule("2. train; the worker is SIGKILLed mid-run (a simulated crash)")
-    marker = home / "run" / "demo-crash.marker"
-    env = {"FTCTL_CRASH_AT": f"mid_step:{args.kill_at}:{marker}"}
-    code = Daemon(ws, until_idle=True, env=env).run()
-    if code != 0:
-        return code
-    render.console.rule("3. the journal tells the story")
+    home = ws.home if getattr(args, "home", None) or os.environ.get("FTCTL_HOME") else Path("ftctl-demo").resolve()
+    t = tour(home, reset=args.reset, kill_at=args.kill_at, report=render.ConsoleReporter())
+    render.console.rule("4. the journal tells the story")
     ftctl(["history", "--home", str(home)])
-    render.console.rule("4. status of the finished job")
-    ledger = Ledger(ws.open_journal())
-    last = list(ledger.state.jobs)[-1]
-    ftctl(["status", last, "--home", str(home)])
-    render.console.rule("5. the same job, never interrupted, for comparison")
-    ref = Workspace(home / "reference")
-    if ref.home.exists():
-        shutil.rmtree(ref.home)
-    from ftctl.adapters.workspace import init_workspace
-
-    init_workspace(ref.home, ledger.state.jobs[last].config["model"], ws.read_config_dict())
-    ftctl(["submit", str(data / "train.jsonl"), "--valid", str(data / "valid.jsonl"), "--name", "reference", "--home", str(ref.home)])
-    Daemon(ref, until_idle=True, quiet=True).run()
-    crashed_sha = ledger.state.jobs[last].adapter_sha256
-    ref_sha = Ledger(ref.open_journal()).state.jobs["0001"].adapter_sha256
-    same = crashed_sha == ref_sha
-    render.console.print(f"adapter sha256, killed at step {args.kill_at} and resumed: {crashed_sha}\n"
-                         f"adapter sha256, never interrupted:             {ref_sha}\n"
-                         + ("[green]identical[/]: the resume was bit-for-bit (weights, optimizer, LR position, data "
-                            "cursor and RNG all restored)" if same else "[red]DIFFERENT[/]: please report this"))
-    render.console.print(f"Try: ftctl history --home {home} --crashes · ftctl replay {last} --to SEQ --home {home}")
-    return 0 if same else 2
+    render.console.rule("5. status of the finished job")
+    ftctl(["status", t.job, "--home", str(home)])
+    how = (f"killed at step {', '.join(map(str, t.killed_at))} and resumed" if t.killed_at
+           else "never killed (the kill step was not reached)")
+    render.console.print(f"adapter sha256, {how}: {t.sha256}\n"
+                         f"adapter sha256, never interrupted:{' ' * max(1, len(how) - 17)}{t.reference_sha256}")
+    if t.identical and t.killed_at:
+        render.console.print("[green]identical[/]: the resume was bit-for-bit (weights, optimizer, LR position, data "
+                             "cursor and RNG all restored)")
+    elif t.identical:
+        render.console.print("[green]identical[/], but nothing was killed, so this shows no resume")
+    else:
+        render.console.print("[red]DIFFERENT[/]: please report this")
+    render.console.print(f"Try: ftctl history --home {home} --crashes · ftctl replay {t.job} --to SEQ --home {home}")
+    return 0 if t.identical else 2
 
 
 def cmd_consolidate(args, ws) -> int:
-    from .consolidate import check, consolidate
-
-    ledger = Ledger(ws.open_journal())
-    try:
-        fd = process.acquire_lock(ws.lock_path)
-    except process.LockHeld:
-        if args.lineage not in ledger.state.lineages:
-            check(ws, ledger, args.lineage)  # raises: no such lineage
-        ledger.commit(f"lineage:{args.lineage}", ev.ConsolidationRequested(lineage=args.lineage))
+    fused = consolidation.now_or_requested(ws, Ledger(ws.open_journal()), args.lineage,
+                                           note=render.ConsoleReporter().note)
+    if fused is None:
         render.console.print(f"consolidation of lineage {args.lineage} requested: the running daemon fuses it as soon "
                              "as no job of the lineage is queued or training (`ftctl history --follow` shows it)")
-        return 0
-    try:
-        cfg, _ = ws.load_config()
-        reconcile.recover(ws, ledger)  # never fuse on top of debris
-        fused = consolidate(ws, ledger, args.lineage, keep_models=cfg.consolidation.keep_models,
-                            min_free_gb=cfg.min_free_disk_gb, say=lambda t: render.console.print(render.escape(t)))
+    else:
         render.console.print(f"[green]promoted[/] {fused.path} (weights sha256 {fused.weights_sha256[:16]}…)")
-        return 0
-    finally:
-        process.release_lock(fd)
+    return 0
 
 
 def cmd_config_show(args, ws) -> int:
-    from ftctl.core.config import config_to_dict, default_config_dict
+    from ftctl.control.effective import effective_config
 
-    cfg, warnings = ws.load_config()
-    raw = ws.read_config_dict()
-    defaults = default_config_dict(cfg.model)
     ledger = Ledger(ws.open_journal())
-    lin = ledger.state.lineages.get(args.lineage)
-    eff = config_to_dict(cfg)
-    rows = []
-
-    def walk(d: dict, r: dict, df: dict, prefix: str = ""):
-        for k, v in d.items():
-            key = prefix + k
-            given = isinstance(r, dict) and k in r
-            if isinstance(v, dict) and v and k not in ("optimizer_config",):
-                walk(v, r.get(k, {}) if given and isinstance(r.get(k), dict) else {}, df.get(k) or {}, key + ".")
-                continue
-            source = "ftctl.yaml" if given else "default"
-            rows.append({"key": key, "value": v, "source": source})
-
-    walk(eff, raw, defaults)
-    if lin is not None and lin.base_version > 0:
-        for r in rows:
-            if r["key"] == "model":
-                r["value"], r["source"] = lin.base_model, f"lineage {lin.name}: promoted base v{lin.base_version}"
+    rows, warnings = effective_config(ws, ledger.state, args.lineage)
     if args.json:
         render.print_json({"lineage": args.lineage, "config": rows, "warnings": warnings})
         return 0
@@ -239,6 +157,33 @@ def cmd_config_show(args, ws) -> int:
     for w in warnings:
         render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
     return 0
+
+
+def cmd_doctor(args, ws) -> int:
+    ledger = Ledger(ws.open_journal())
+    fixed = []
+    if args.fix:
+        try:
+            fixed = doctor.fix(ws, ledger)
+        except recover.DaemonRunning as e:
+            fixed = [f"nothing fixed: {e}"]
+    findings = doctor.examine(ws, ledger)
+    bad = [x for x in findings if x.severity != "ok"]
+    if args.json:
+        render.print_json({"ok": not bad, "fixed": fixed, "findings": [asdict(x) for x in findings]})
+        return 1 if bad else 0
+    from rich.table import Table
+
+    for line in fixed:
+        render.console.print(f"fixed: {render.escape(line)}")
+    t = Table(title=f"ftctl doctor — {ws.home}")
+    for c in ("check", "", "finding", "fix"):
+        t.add_column(c, overflow="fold")
+    style = {"ok": "[green]ok[/]", "warning": "[yellow]warning[/]", "error": "[red]error[/]"}
+    for x in findings:
+        t.add_row(x.check, style[x.severity], render.escape(x.message), render.escape(x.fix))
+    render.console.print(t)
+    return 1 if bad else 0
 
 
 def register(sub, home) -> None:
@@ -265,8 +210,6 @@ def register(sub, home) -> None:
     s = sub.add_parser("shutdown", parents=[home], help="stop the daemon gracefully (checkpoint first)")
     s.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait until it has stopped")
     s.set_defaults(func=cmd_shutdown)
-
-    from .doctor import cmd_doctor
 
     s = sub.add_parser("consolidate", parents=[home], help="fuse the lineage's adapter into a new base model")
     s.add_argument("--lineage", default="main")

@@ -10,6 +10,11 @@ import traceback
 from pathlib import Path
 
 from ftctl.adapters.workspace import Workspace, WorkspaceError, init_workspace, resolve_home
+from ftctl.control.consolidation import ConsolidationRefused
+from ftctl.control.daemon import DaemonError
+from ftctl.control.jobs import UserError, find_job
+from ftctl.control.recover import DaemonRunning
+from ftctl.control.submit import SubmitError, submit
 from ftctl.core.config import ConfigError
 from ftctl.core.dataset import DataError
 from ftctl.core.machine import IllegalTransition
@@ -17,24 +22,10 @@ from ftctl.core.state import ReplayError
 from ftctl.events.journal import JournalError
 from ftctl.recovery.ledger import Ledger, state_at
 
-from .consolidate import ConsolidationRefused
-from .daemon import DaemonError
-
 from . import render
-from .jobs import SubmitError, UserError, find_job, submit
 
-USER_ERRORS = (ConsolidationRefused, DaemonError, WorkspaceError, ConfigError, DataError, IllegalTransition, JournalError, SubmitError, ReplayError)
-
-
-# Small enough to train in seconds on two CPU cores, with everything a real run exercises:
-# dropout, warmup + cosine schedule, validation, checkpoints and retention.
-DEMO_CONFIG = {
-    "iters": 40, "batch_size": 4, "learning_rate": 5e-4, "save_every": 5, "steps_per_report": 5,
-    "steps_per_eval": 10, "val_batches": -1, "max_seq_length": 256, "num_layers": -1, "seed": 7,
-    "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.1, "keys": None},
-    "lr_schedule": {"name": "cosine_decay", "warmup": 5, "warmup_init": 1e-5, "arguments": [5e-4, 35, 1e-5]},
-    "optimizer": "adamw", "timeouts": {"hang_s": 120.0, "eval_hang_s": 300.0, "stop_s": 60.0},
-}
+USER_ERRORS = (UserError, ConsolidationRefused, DaemonError, DaemonRunning, WorkspaceError, ConfigError, DataError,
+               IllegalTransition, JournalError, SubmitError, ReplayError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,25 +39,14 @@ def _ledger(ws: Workspace) -> Ledger:
     return Ledger(ws.open_journal())
 
 
-def _last_metrics(ledger: Ledger) -> dict[str, dict]:
-    rows = ledger.journal.conn.execute(
-        "SELECT job, step, global_step, loss, lr, tokens_per_s, peak_mem_gb, trained_tokens FROM metrics "
-        "WHERE id IN (SELECT max(id) FROM metrics GROUP BY job)").fetchall()
-    keys = ("job", "step", "global_step", "loss", "lr", "tokens_per_s", "peak_mem_gb", "trained_tokens")
-    return {r[0]: dict(zip(keys, r)) for r in rows}
-
-
 # --------------------------------------------------------------------------- commands
 
 
 def cmd_init(args, ws: Workspace) -> int:
     if args.demo:
-        from ftctl.adapters.demo import build_demo
+        from ftctl.control.demo import init_demo
 
-        if ws.exists():
-            raise WorkspaceError(f"{ws.home} already holds an ftctl workspace; nothing was changed")
-        paths = build_demo(ws.home / "demo")
-        init_workspace(ws.home, str(paths.model_dir), DEMO_CONFIG)
+        paths = init_demo(ws.home)
         render.console.print(f"built the demo model at {paths.model_dir} and datasets in {paths.data_dir}")
     else:
         if not args.model:
@@ -104,7 +84,7 @@ def cmd_submit(args, ws: Workspace) -> int:
 
 def cmd_status(args, ws: Workspace) -> int:
     ledger = _ledger(ws)
-    metrics = _last_metrics(ledger)
+    metrics = ledger.journal.last_metrics()
     p = ledger.state
     if args.job:
         j = find_job(ledger, args.job)
@@ -241,6 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _save_traceback(ws: Workspace, text: str) -> Path | None:
+    """Append the traceback to logs/internal-errors.log; None where that cannot be done (the
+    workspace is gone, its file system unplugged): the handler itself must never raise."""
+    try:
+        log = ws.logs / "internal-errors.log"
+        if not ws.logs.is_dir():
+            return None
+        with open(log, "a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ftctl {' '.join(sys.argv[1:])}\n{text}")
+        return log
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # every file and folder ftctl creates is private to its user
     parser = build_parser()
@@ -248,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     ws = resolve_home(getattr(args, "home", None))
     try:
         code = args.func(args, ws)
-    except (UserError, *USER_ERRORS) as e:
+    except USER_ERRORS as e:
         render.err_console.print(f"[red]error:[/] {render.escape(str(e))}")
         code = 1
     except KeyboardInterrupt:
@@ -257,11 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         code = 0
     except Exception as e:  # internal failure: say so plainly, keep the traceback in a log
-        log = ws.logs / "internal-errors.log" if ws.logs.exists() else None
-        text = traceback.format_exc()
-        if log is not None:
-            with open(log, "a") as f:
-                f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ftctl {' '.join(sys.argv[1:])}\n{text}")
+        log = _save_traceback(ws, traceback.format_exc())
         render.err_console.print(
             f"[red]internal error:[/] {type(e).__name__}: {e}\n"
             "This is a bug in ftctl, not in your data. Committed events are safe: the journal only "

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ftctl.adapters import protocol as P
+from ftctl.control.reporter import Reporter
 from ftctl.core.state import JobState, Projection, as_dict
 from ftctl.events.types import Recorded, to_dict
 
@@ -86,7 +89,7 @@ def job_json(j: JobState, metrics: dict | None = None) -> dict:
         "data_path": j.data_path, "data_sha256": j.data_sha256, "data_format": j.data_format,
         "examples": j.examples, "valid_path": j.valid_path, "base_model": j.base_model,
         "config_sha256": j.config_sha256,
-        "checkpoints": [as_dict(c) for c in j.checkpoints],
+        "checkpoints": [{**as_dict(c), "corrupt": j.corrupt.get(c.path)} for c in j.checkpoints],
         "last_checkpoint": last.path if last else None,
         "last_val_loss": j.last_val_loss, "best_val_loss": j.best_val_loss,
         "adapter_path": j.adapter_path, "adapter_sha256": j.adapter_sha256,
@@ -136,3 +139,65 @@ def job_panel(j: JobState, metrics: dict | None) -> Table:
     for w in j.warnings:
         t.add_row("warning", escape(w))
     return t
+
+
+# --------------------------------------------------------------------------- the reporter
+
+
+class ConsoleReporter(Reporter):
+    """Draws what the control layer reports: timestamped lines, and a progress bar per training
+    job on a terminal (a line per report elsewhere)."""
+
+    STYLE = {"info": "", "ok": "green", "warn": "yellow", "error": "red"}
+
+    def __init__(self, quiet: bool = False, out: Console = console):
+        self.quiet, self.out = quiet, out
+        self.bar = self.task = None
+        self.iters = 0
+
+    def note(self, text: str, level: str = "info") -> None:
+        if self.quiet:
+            return
+        style = self.STYLE.get(level, "")
+        body = f"[{style}]{escape(text)}[/]" if style else escape(text)
+        self.out.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {body}")
+
+    def section(self, title: str) -> None:
+        if not self.quiet:
+            self.out.rule(escape(title))
+
+    def training(self, job: str, name: str, iters: int) -> None:
+        self.iters = iters
+        if self.quiet or not self.out.is_terminal:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn(f"job {escape(job)}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                            TimeRemainingColumn(), console=self.out, transient=False)
+        self.task = self.bar.add_task("train", total=iters, loss="-", tps="-")
+        self.bar.start()
+
+    def progress(self, job: str, msg: P.WorkerMessage) -> None:
+        if self.bar is not None:
+            if isinstance(msg, (P.Step, P.Loaded)):
+                self.bar.update(self.task, completed=msg.step)
+            elif isinstance(msg, P.Report):
+                m = msg.metrics
+                self.bar.update(self.task, completed=m.step, loss=_fmt(m.loss, ".4f"), tps=f"{m.tokens_per_s:.0f}")
+        elif isinstance(msg, P.Report):
+            m = msg.metrics
+            self.note(f"job {job} step {m.step}/{self.iters}: loss {_fmt(m.loss, '.4f')}  lr {_fmt(m.lr, '.3g')}  "
+                      f"{m.tokens_per_s:.0f} tok/s  peak {m.peak_mem_gb:.2f} GB")
+        elif isinstance(msg, P.Evaluated):
+            self.note(f"job {job} step {msg.step}: val loss {_fmt(msg.val_loss, '.4f')}",
+                      "info" if msg.val_loss is not None else "warn")
+
+    def training_ended(self, job: str) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = self.task = None
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)

@@ -647,7 +647,8 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def config_sha256(cfg: Config) -> str:
-    """sha256 of the canonical JSON (sorted keys) of the config."""
+    """sha256 of the canonical JSON (sorted keys) of the config: of ``config_to_dict(cfg)``, which
+    is what a job records, so the hash of the recorded config is this hash."""
     return hashlib.sha256(msgspec.json.encode(config_to_dict(cfg), order="sorted")).hexdigest()
 
 
@@ -684,12 +685,12 @@ def describe_keys() -> dict[str, str]:
 LOCKED_KEYS = ("model", "fine_tune_type", "num_layers", "lora_parameters.rank", "lora_parameters.keys")
 
 
-def _get(d: dict, dotted: str) -> Any:
+def _get(cfg: Config, dotted: str) -> Any:
     for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
+        cfg = getattr(cfg, part)
+    return cfg
 
 
-def locked_changes(old: dict, new: dict) -> list[str]:
+def locked_changes(old: Config, new: Config) -> list[str]:
     """``"key: old -> new"`` for every locked key that differs between two resolved configs."""
-    return [f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in LOCKED_KEYS if _get(old, k) != _get(new, k)]
+    return [f"{k}: {_show(_get(old, k))} -> {_show(_get(new, k))}" for k in LOCKED_KEYS if _get(old, k) != _get(new, k)]

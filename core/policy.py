@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 from ftctl.events import types as ev
 
-from .state import CheckpointRef, CrashRecord
+from ftctl.events.types import CheckpointRecord
+
+from .config import RestartPolicy
+from .state import CrashRecord, JobState
 
 SUGGESTIONS = {
     "oom": "the worker was killed for memory: lower batch_size or max_seq_length, enable grad_checkpoint, "
@@ -30,11 +33,10 @@ SUGGESTIONS = {
     "corrupt_checkpoint": "a checkpoint failed its hash check; ftctl resumes from the previous good one",
     "daemon_died": "the daemon supervising this job died; the job resumes from its last committed checkpoint",
     "io_error": "an I/O error (EIO) happened while writing: check the disk (dmesg, SMART); the previous checkpoint is intact",
-    "data_changed": "the job's data copy no longer matches the sha256 recorded at submit: resubmit the data",
 }
 
 # Crashes that will happen again if retried as they are: the job fails (or pauses) at once.
-NOT_RETRYABLE = {"nan", "inf", "import_error", "data_changed"}
+NOT_RETRYABLE = {"nan", "inf", "import_error"}
 # Crashes that are not the job's fault and do not use up its restart budget.
 NOT_COUNTED = {"daemon_died"}
 # Crashes that wait for the user to fix the machine rather than failing the job.
@@ -91,9 +93,9 @@ def _seconds(ts: str) -> float:
     return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
 
 
-def after_crash(crashes: list[CrashRecord], now: float, *, resume_step: int, max_restarts: int, window_s: float,
-                backoff_s: float, backoff_max_s: float) -> Decision:
+def after_crash(crashes: list[CrashRecord], now: float, *, resume_step: int, policy: RestartPolicy) -> Decision:
     """Decide what follows the latest of a job's crashes (the last of ``crashes``)."""
+    max_restarts, window_s = policy.max_restarts, policy.window_s
     last: CrashRecord = crashes[-1]
     if last.category in PAUSE_ON:
         return Decision("pause", f"{last.category}: {SUGGESTIONS[last.category]}")
@@ -110,7 +112,7 @@ def after_crash(crashes: list[CrashRecord], now: float, *, resume_step: int, max
     if len(recent) > max_restarts:
         return Decision("fail", f"{len(recent)} crashes within {window_s:g} s (restart.max_restarts = {max_restarts}); "
                                 f"last: {last.category} at step {last.step}")
-    delay = min(backoff_s * (2 ** max(len(recent) - 1, 0)), backoff_max_s)
+    delay = min(policy.backoff_s * (2 ** max(len(recent) - 1, 0)), policy.backoff_max_s)
     return Decision("requeue", f"restart {len(recent)}/{max_restarts} after {last.category}, in {delay:g} s", delay)
 
 
@@ -127,14 +129,17 @@ def follow_up(job: str, decision: Decision, requested: str | None, category: str
     return ev.Failed(job=job, reason=decision.reason, category=category)
 
 
-def to_prune(checkpoints: list[CheckpointRef], keep_last: int, keep_best: bool) -> list[CheckpointRef]:
-    """Committed checkpoints retention removes: all but the newest ``keep_last`` good ones and the
-    best by validation loss. Corrupt ones go too once a newer good one exists."""
-    good = [c for c in checkpoints if c.corrupt is None]
+def to_prune(j: JobState) -> list[CheckpointRecord]:
+    """Committed checkpoints the job's retention removes: all but the newest ``keep_last`` good ones
+    and the best by validation loss. Corrupt ones go too once a newer good one exists."""
+    if j.config is None:
+        return []
+    keep_last, keep_best = j.config.retention.keep_last, j.config.retention.keep_best
+    good = j.good_checkpoints()
     keep = {c.path for c in good[-keep_last:]}
     if keep_best:
         scored = [c for c in good if c.val_loss is not None]
         if scored:
             keep.add(min(scored, key=lambda c: (c.val_loss, -c.step)).path)
     newest_good = good[-1].step if good else -1
-    return [c for c in checkpoints if c.path not in keep and (c.corrupt is None or c.step < newest_good)]
+    return [c for c in j.checkpoints if c.path not in keep and (c.path not in j.corrupt or c.step < newest_good)]

@@ -13,26 +13,16 @@ from typing import Any
 import msgspec
 
 from ftctl.events import types as ev
-from ftctl.events.types import ProcessId, Recorded
+from ftctl.events.types import CheckpointRecord, ProcessId, Recorded
 
-from .machine import ACTIVE, FACTS, JOB_STATES, TERMINAL, next_state
+from .config import Config
+from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 3  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 4  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
     """The journal holds an event its stream's state cannot take: a bug or a tampered file."""
-
-
-class CheckpointRef(msgspec.Struct, kw_only=True, gc=False):
-    step: int
-    global_step: int
-    path: str
-    manifest_sha256: str
-    bytes: int = 0
-    train_loss: float | None = None
-    val_loss: float | None = None
-    corrupt: str | None = None
 
 
 class CrashRecord(msgspec.Struct, kw_only=True, gc=False):
@@ -59,7 +49,7 @@ class JobState(msgspec.Struct, kw_only=True):
     examples: int = 0
     valid_path: str | None = None
     valid_sha256: str | None = None
-    config: dict[str, Any] = {}
+    config: Config | None = None  # the recorded config, typed (None for a rejected submission)
     config_sha256: str = ""
     warnings: list[str] = []
     reason: str = ""            # why it is rejected / paused / failed / cancelled / requeued
@@ -70,7 +60,8 @@ class JobState(msgspec.Struct, kw_only=True):
     global_step_base: int = 0
     step: int = 0               # job step of the last committed checkpoint
     global_step: int = 0
-    checkpoints: list[CheckpointRef] = []
+    checkpoints: list[CheckpointRecord] = []  # committed and not pruned, oldest first
+    corrupt: dict[str, str] = {}  # checkpoint path -> why it failed verification
     last_val_loss: float | None = None
     best_val_loss: float | None = None
     adapter_path: str | None = None
@@ -81,10 +72,10 @@ class JobState(msgspec.Struct, kw_only=True):
 
     @property
     def iters(self) -> int:
-        return int(self.config.get("iters", 0))
+        return self.config.iters if self.config else 0
 
-    def good_checkpoints(self) -> list[CheckpointRef]:
-        return [c for c in self.checkpoints if c.corrupt is None]
+    def good_checkpoints(self) -> list[CheckpointRecord]:
+        return [c for c in self.checkpoints if c.path not in self.corrupt]
 
 
 class ModelVersion(msgspec.Struct, kw_only=True, gc=False):
@@ -104,7 +95,7 @@ class LineageState(msgspec.Struct, kw_only=True):
     head_job: str | None = None  # the completed job whose adapter is the lineage's current one
     jobs: list[str] = []        # jobs trained on the current base, oldest first
     models: list[ModelVersion] = []
-    pending: dict[str, Any] | None = None  # the consolidation in progress
+    pending: ev.ConsolidationStarted | None = None  # the consolidation in progress
     requested: bool = False     # `ftctl consolidate` asked a running daemon to consolidate
     last_consolidation_at: str = ""  # when the last consolidation started (the schedule runs once a day)
 
@@ -125,14 +116,8 @@ class Projection(msgspec.Struct, kw_only=True):
     lineages: dict[str, LineageState] = {}
     daemon: DaemonState = msgspec.field(default_factory=DaemonState)
 
-    def job(self, job_id: str) -> JobState | None:
-        return self.jobs.get(job_id)
-
     def queue(self) -> list[JobState]:
         return [j for j in self.jobs.values() if j.state == "queued"]
-
-    def active(self) -> list[JobState]:
-        return [j for j in self.jobs.values() if j.state in ACTIVE]
 
 
 def job_stream(job_id: str) -> str:
@@ -160,8 +145,8 @@ def _submitted(p: Projection, j: JobState, e: ev.JobSubmitted, seq: int, ts: str
     j.name, j.lineage, j.submitted_at = e.name, e.lineage, ts
     j.data_path, j.data_sha256, j.data_format, j.examples = e.data_path, e.data_sha256, e.data_format, e.examples
     j.valid_path, j.valid_sha256 = e.valid_path, e.valid_sha256
-    j.config, j.config_sha256, j.warnings = e.config, e.config_sha256, list(e.warnings)
-    j.base_model = e.config.get("model", "")
+    j.config, j.config_sha256, j.warnings = msgspec.convert(e.config, Config), e.config_sha256, list(e.warnings)
+    j.base_model = j.config.model
     lin = _lineage(p, e.lineage, j.base_model)
     lin.jobs.append(e.job)
 
@@ -178,21 +163,21 @@ def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
 
 
 def _committed(p, j: JobState, e: ev.CheckpointCommitted, seq: int, ts: str) -> None:
-    j.step, j.global_step = e.step, e.global_step
-    j.checkpoints = [c for c in j.checkpoints if c.path != e.path]
-    j.checkpoints.append(CheckpointRef(step=e.step, global_step=e.global_step, path=e.path,
-                                       manifest_sha256=e.manifest_sha256, bytes=e.bytes,
-                                       train_loss=e.train_loss, val_loss=e.val_loss))
+    c = e.checkpoint
+    j.step, j.global_step = c.step, c.global_step
+    j.checkpoints = [x for x in j.checkpoints if x.path != c.path]
+    j.checkpoints.append(c)
+    j.corrupt.pop(c.path, None)
 
 
 def _pruned(p, j: JobState, e: ev.CheckpointPruned, seq: int, ts: str) -> None:
     j.checkpoints = [c for c in j.checkpoints if c.path != e.path]
+    j.corrupt.pop(e.path, None)
 
 
 def _corrupt(p, j: JobState, e: ev.CheckpointCorrupt, seq: int, ts: str) -> None:
-    for c in j.checkpoints:
-        if c.path == e.path:
-            c.corrupt = e.reason
+    if any(c.path == e.path for c in j.checkpoints):
+        j.corrupt[e.path] = e.reason
     good = j.good_checkpoints()
     j.step = good[-1].step if good else 0
     j.global_step = good[-1].global_step if good else j.global_step_base
@@ -265,7 +250,7 @@ def _consolidation(p: Projection, lin: LineageState, e, seq: int, ts: str) -> No
     if isinstance(e, ev.ConsolidationRequested):
         lin.requested = True
     elif isinstance(e, ev.ConsolidationStarted):
-        lin.pending, lin.requested, lin.last_consolidation_at = msgspec.to_builtins(e), False, ts
+        lin.pending, lin.requested, lin.last_consolidation_at = e, False, ts
     elif isinstance(e, ev.BasePromoted):
         lin.pending = None
         lin.base_model, lin.base_version = e.model_path, e.version
@@ -354,10 +339,6 @@ def fold_rows(rows, p: Projection | None = None) -> Projection:
 def fold(records, p: Projection | None = None) -> Projection:
     """Fold Recorded events (as Journal.read yields them)."""
     return fold_rows(((r.seq, r.ts, r.event) for r in records), p)
-
-
-def apply(p: Projection, rec: Recorded) -> None:
-    fold_rows(((rec.seq, rec.ts, rec.event),), p)
 
 
 _snap_enc = msgspec.msgpack.Encoder()

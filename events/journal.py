@@ -21,7 +21,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
-from .types import DecodeError, EventBase, Recorded, decode, decode_bodies, decode_columns, encode
+from .types import DecodeError, EventBase, Metrics, Recorded, decode, decode_bodies, decode_columns, encode
+
+_METRIC_FIELDS = Metrics.__struct_fields__
 
 APPLICATION_ID = 0x66746374  # "ftct"
 SCHEMA_VERSION = 1
@@ -345,20 +347,18 @@ class Journal:
         return self.conn.execute(sql + " ORDER BY seq DESC LIMIT 1", params).fetchone()
 
     # ------------------------------------------------------------------ metrics
-    def record_metric(self, job: str, m: dict) -> None:
-        """Training reports (loss, lr, tokens/s, memory) go to their own table: they are
-        measurements, not lifecycle changes. Written with autocommit."""
+    def record_metric(self, job: str, m: Metrics) -> None:
+        """Training reports go to their own table, with autocommit: they are measurements."""
         self.conn.execute(
-            "INSERT INTO metrics (job, step, global_step, ts, loss, lr, tokens_per_s, peak_mem_gb, trained_tokens) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (job, m["step"], m.get("global_step", m["step"]), utc_now(), m.get("loss"), m.get("lr"),
-             m.get("tokens_per_s"), m.get("peak_mem_gb"), m.get("trained_tokens")),
+            f"INSERT INTO metrics (job, ts, {', '.join(_METRIC_FIELDS)}) VALUES (?, ?{', ?' * len(_METRIC_FIELDS)})",
+            (job, utc_now(), *(getattr(m, f) for f in _METRIC_FIELDS)),
         )
 
-    def metrics(self, job: str) -> list[dict]:
-        cur = self.conn.execute("SELECT * FROM metrics WHERE job = ? ORDER BY step", (job,))
-        names = [c[0] for c in cur.description]
-        return [dict(zip(names, row)) for row in cur]
+    def last_metrics(self) -> dict[str, dict]:
+        """The latest report of every job: {job: {"job", "step", "global_step", "loss", …}}."""
+        rows = self.conn.execute(
+            f"SELECT job, {', '.join(_METRIC_FIELDS)} FROM metrics WHERE id IN (SELECT max(id) FROM metrics GROUP BY job)")
+        return {r[0]: dict(zip(("job", *_METRIC_FIELDS), r)) for r in rows}
 
     def integrity_check(self) -> str:
         return self.conn.execute("PRAGMA integrity_check").fetchone()[0]

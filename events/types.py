@@ -83,10 +83,35 @@ class CheckpointStarted(EventBase, tag="checkpoint_started", kw_only=True):
     global_step: int
 
 
-class CheckpointCommitted(EventBase, tag="checkpoint_committed", kw_only=True):
-    """The commit point of a checkpoint: its directory is durable and verified by hash."""
+class CheckpointRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A committed checkpoint, declared once: the worker's save returns it, the worker's message
+    carries it, ``checkpoint_committed`` records it and the projection keeps it as it is."""
 
-    trigger: ClassVar[str] = "committed"
+    step: int
+    global_step: int
+    path: str
+    manifest_sha256: str
+    bytes: int
+    train_loss: float | None = None
+    val_loss: float | None = None
+
+
+class Metrics(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A training report. A measurement, not a lifecycle change: the journal keeps these in its
+    ``metrics`` table, beside the events."""
+
+    step: int
+    global_step: int
+    loss: float | None
+    lr: float | None
+    tokens_per_s: float
+    peak_mem_gb: float
+    trained_tokens: int
+
+
+class CheckpointCommittedV1(EventBase, tag="checkpoint_committed", kw_only=True):
+    """Schema 1 spelled the record's fields out flat; kept so that old journals still decode."""
+
     job: str
     step: int
     global_step: int
@@ -95,6 +120,15 @@ class CheckpointCommitted(EventBase, tag="checkpoint_committed", kw_only=True):
     bytes: int
     train_loss: float | None = None
     val_loss: float | None = None
+
+
+class CheckpointCommitted(EventBase, tag="checkpoint_committed.v2", kw_only=True):
+    """The commit point of a checkpoint: its directory is durable and verified by hash."""
+
+    trigger: ClassVar[str] = "committed"
+    schema: ClassVar[int] = 2
+    job: str
+    checkpoint: CheckpointRecord
 
 
 class CheckpointPruned(EventBase, tag="checkpoint_pruned", kw_only=True):
@@ -292,7 +326,7 @@ class ModelRemoved(EventBase, tag="model_removed", kw_only=True):
 
 
 Event = Union[
-    JobSubmitted, JobRejected, TrainingStarted, CheckpointStarted, CheckpointCommitted,
+    JobSubmitted, JobRejected, TrainingStarted, CheckpointStarted, CheckpointCommittedV1, CheckpointCommitted,
     CheckpointPruned, CheckpointCorrupt, CheckpointDiscarded, Evaluated, Completed, Crashed,
     Requeued, Interrupted, Failed, Paused, Resumed, Cancelled, ControlRequested,
     DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, DebrisRemoved, RecoveryFinished,
@@ -312,7 +346,12 @@ def _daemon_started_v1(e: DaemonStartedV1) -> DaemonStarted:
     return DaemonStarted(process=ProcessId(pid=e.pid, started_at=0.0), host=e.host)
 
 
-UPCASTERS: dict[type, Any] = {DaemonStartedV1: _daemon_started_v1}
+def _checkpoint_committed_v1(e: CheckpointCommittedV1) -> CheckpointCommitted:
+    fields = msgspec.structs.asdict(e)
+    return CheckpointCommitted(job=fields.pop("job"), checkpoint=CheckpointRecord(**fields))
+
+
+UPCASTERS: dict[type, Any] = {DaemonStartedV1: _daemon_started_v1, CheckpointCommittedV1: _checkpoint_committed_v1}
 
 
 def upcast(event: EventBase) -> EventBase:
@@ -343,7 +382,6 @@ class DecodeError(ValueError):
 
 _encoder = msgspec.json.Encoder()
 _event_decoder = msgspec.json.Decoder(Event)
-_batch_decoder = msgspec.json.Decoder(list[Recorded])
 
 
 def encode(event: EventBase) -> bytes:
@@ -354,23 +392,8 @@ def decode(body: bytes | str) -> EventBase:
     """Decode one stored body; raises DecodeError (only) on anything that is not a valid event."""
     try:
         return upcast(_event_decoder.decode(body))
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError) as e:
         raise DecodeError(f"not a valid ftctl event: {e}") from None
-
-
-def decode_batch(data: bytes | str) -> list[Recorded]:
-    """Decode a JSON array of ``[seq, stream, version, ts, body]`` rows in one call."""
-    try:
-        rows = _batch_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as e:
-        raise DecodeError(f"journal holds an event that cannot be decoded: {e}") from None
-    if UPCASTERS:
-        legacy = tuple(UPCASTERS)
-        rows = [
-            Recorded(r.seq, r.stream, r.version, r.ts, upcast(r.event)) if isinstance(r.event, legacy) else r
-            for r in rows
-        ]
-    return rows
 
 
 _events_decoder = msgspec.json.Decoder(list[Event])
@@ -385,7 +408,7 @@ def decode_columns(seqs: str, streams: str, versions: str, ts: str, bodies: str)
     try:
         events = _events_decoder.decode(bodies)
         cols = (_ints_decoder.decode(seqs), _strs_decoder.decode(streams), _ints_decoder.decode(versions), _strs_decoder.decode(ts))
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError) as e:
         raise DecodeError(f"journal holds an event that cannot be decoded: {e}") from None
     if any(len(c) != len(events) for c in cols):
         raise DecodeError(f"journal rows do not line up: {len(events)} bodies for {[len(c) for c in cols]} columns")
@@ -399,7 +422,7 @@ def decode_bodies(ts: str, bodies: str) -> tuple[list[str], list[EventBase]]:
     try:
         events = _events_decoder.decode(bodies)
         stamps = _strs_decoder.decode(ts)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError) as e:
         raise DecodeError(f"journal holds an event that cannot be decoded: {e}") from None
     if len(stamps) != len(events):
         raise DecodeError(f"journal rows do not line up: {len(events)} bodies for {len(stamps)} timestamps")

@@ -125,7 +125,7 @@ def test_scheduled_consolidation_waits_for_idle(tmp_path, demo):
 
 
 def test_due_once_a_day():
-    from ftctl.cli.consolidate import due
+    from ftctl.control.consolidation import due
 
     now = datetime(2026, 11, 23, 3, 30)
     assert due("03:00", "", now) and not due("04:00", "", now) and not due(None, "", now)

@@ -19,6 +19,7 @@ from transitions import Machine, MachineError
 
 from ftctl.core import machine as M
 from ftctl.core import state as S
+from ftctl.core.config import Config, LoraParameters, config_to_dict
 from ftctl.core.machine import IllegalTransition, may, next_state
 from ftctl.events import types as T
 from ftctl.events.journal import Journal
@@ -85,7 +86,8 @@ def make(typ: type, subject: str, p) -> T.EventBase:
         return T.JobSubmitted(
             job=j, name=p.s(), data_path=p.s(), data_sha256=p.s(), data_format=p.choice(["chat", "completions", "text"]),
             examples=p.i(), valid_path=p.opt(p.s()), valid_sha256=p.opt(p.s()),
-            config={"model": p.choice(["base-a", "base-b"]), "iters": p.i(), "lr": p.f(), "tags": [p.s()], "x": p.opt(p.s())},
+            config=config_to_dict(Config(model=p.choice(["base-a", "base-b"]), iters=1 + abs(p.i()), seed=abs(p.i()) % 2**32,
+                                         lora_parameters=LoraParameters(keys=p.opt([p.s() or "k"])))),
             config_sha256=p.s(), lineage=p.choice(LINEAGES), warnings=[p.s()] if p.opt(1) else [],
         )
     if typ is T.JobRejected:
@@ -96,8 +98,12 @@ def make(typ: type, subject: str, p) -> T.EventBase:
     if typ is T.CheckpointStarted:
         return T.CheckpointStarted(job=j, step=p.i(), global_step=p.i())
     if typ is T.CheckpointCommitted:
-        return T.CheckpointCommitted(job=j, step=p.i(), global_step=p.i(), path=p.choice(["c/1", "c/2", "c/3"]),
-                                     manifest_sha256=p.s(), bytes=p.i(), train_loss=p.opt(p.f()), val_loss=p.opt(p.f()))
+        return T.CheckpointCommitted(job=j, checkpoint=T.CheckpointRecord(
+            step=p.i(), global_step=p.i(), path=p.choice(["c/1", "c/2", "c/3"]), manifest_sha256=p.s(), bytes=p.i(),
+            train_loss=p.opt(p.f()), val_loss=p.opt(p.f())))
+    if typ is T.CheckpointCommittedV1:
+        return T.CheckpointCommittedV1(job=j, step=p.i(), global_step=p.i(), path=p.choice(["c/1", "c/2", "c/3"]),
+                                       manifest_sha256=p.s(), bytes=p.i(), train_loss=p.opt(p.f()), val_loss=p.opt(p.f()))
     if typ in (T.CheckpointPruned, T.CheckpointCorrupt):
         return typ(job=j, step=p.i(), path=p.choice(["c/1", "c/2", "c/3"]), reason=p.s())
     if typ is T.CheckpointDiscarded:
@@ -504,8 +510,8 @@ def test_daemon_started_v1_is_upcast(tmp_path: Path):
         p = load(j, snapshot=False)
         assert p.daemon.process == T.ProcessId(4242, 0.0) and p.daemon.running and p.daemon.version == 2
         assert p.daemon.started_at == "2024-01-01T00:00:00.000000Z"
-        batch = T.decode_batch(f'[[1,"daemon",1,"t",{V1_BODY}]]')
-        assert batch == [T.Recorded(1, "daemon", 1, "t", want)]
+        assert T.decode_columns("[1]", '["daemon"]', "[1]", '["t"]', f"[{V1_BODY}]") == [T.Recorded(1, "daemon", 1, "t", want)]
+        assert T.decode_bodies('["t"]', f"[{V1_BODY}]") == (["t"], [want])
     finally:
         j.close()
 
@@ -535,13 +541,31 @@ def decodes_or_refuses(body) -> T.EventBase | None:
     return e
 
 
-def batch_decodes_or_refuses(data) -> list | None:
-    try:
-        rows = T.decode_batch(data)
-    except T.DecodeError:
+def batch_decodes_or_refuses(bodies) -> list | None:
+    """The replay path's decoders (Journal.read -> decode_columns, Journal.rows -> decode_bodies),
+    given ``bodies`` as the JSON array of event bodies SQLite's group_concat builds."""
+    n = len(json.loads(bodies)) if _is_json_list(bodies) else 1
+    cols = ("[" + ",".join(["1"] * n) + "]", json.dumps(["s"] * n), "[" + ",".join(["1"] * n) + "]", json.dumps(["t"] * n))
+    results = []
+    for call in (lambda: T.decode_columns(*cols, bodies), lambda: T.decode_bodies(cols[3], bodies)[1]):
+        try:
+            results.append(call())
+        except T.DecodeError:
+            results.append(None)
+    rows, events = results
+    assert (rows is None) == (events is None)  # the two decoders agree on what a journal may hold
+    if rows is None:
         return None
+    assert [r.event for r in rows] == events
     assert all(isinstance(r, T.Recorded) and type(r.event) not in T.UPCASTERS for r in rows)
     return rows
+
+
+def _is_json_list(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), list)
+    except (ValueError, RecursionError, UnicodeError):
+        return False
 
 
 @FUZZ
@@ -549,7 +573,7 @@ def batch_decodes_or_refuses(data) -> list | None:
 def test_decode_arbitrary_bytes(body):
     decodes_or_refuses(body)
     batch_decodes_or_refuses(body)
-    batch_decodes_or_refuses(b"[[1,\"s\",1,\"t\"," + body + b"]]")
+    batch_decodes_or_refuses(b"[" + body + b"]")
 
 
 @FUZZ
@@ -558,12 +582,12 @@ def test_decode_arbitrary_json_objects(obj):
     body = json.dumps(obj)
     decodes_or_refuses(body)
     decodes_or_refuses(body.encode())
-    batch_decodes_or_refuses(json.dumps([[1, "s", 1, "t", obj]]))
+    batch_decodes_or_refuses(json.dumps([obj]))
 
 
 @FUZZ
-@given(st.lists(st.one_of(json_values, st.tuples(st.integers(), st.text(), st.integers(), st.text(), event_like).map(list)), max_size=4))
-def test_decode_batch_arbitrary_rows(rows):
+@given(st.lists(st.one_of(json_values, event_like), max_size=4))
+def test_decode_arbitrary_body_arrays(rows):
     batch_decodes_or_refuses(json.dumps(rows))
 
 
@@ -587,8 +611,8 @@ def test_decode_mutated_valid_bodies(data):
         elif op == "truncate":
             del body[at:]
     decodes_or_refuses(bytes(body))
-    batch_decodes_or_refuses(b"[[7,\"job:x\",3,\"ts\"," + bytes(body) + b"]]")
-    batch_decodes_or_refuses(b"[[7,\"job:x\",3,\"ts\"," + T.encode(e) + b"]," + bytes(body) + b"]")
+    batch_decodes_or_refuses(b"[" + bytes(body) + b"]")
+    batch_decodes_or_refuses(b"[" + T.encode(e) + b"," + bytes(body) + b"]")
 
 
 @pytest.mark.parametrize("body", [
@@ -598,7 +622,7 @@ def test_decode_mutated_valid_bodies(data):
 ])
 def test_decode_invalid_utf8_is_a_decode_error(body):
     decodes_or_refuses(body)
-    batch_decodes_or_refuses(b'[[1,"s",1,"t",' + body + b"]]")
+    batch_decodes_or_refuses(b"[" + body + b"]")
 
 
 @pytest.mark.parametrize("depth", [10, 1000, 100_000])
@@ -608,5 +632,5 @@ def test_decode_deeply_nested_is_a_decode_error(depth):
     for body in (f'{{"type":"control_requested","job":"a","action":"x","extra":{nested}}}',
                  f'{{"type":"job_submitted","config":{{"a":{nested}}}}}'):
         decodes_or_refuses(body)
-        batch_decodes_or_refuses(f'[[1,"s",1,"t",{body}]]')
+        batch_decodes_or_refuses(f"[{body}]")
     batch_decodes_or_refuses(nested)

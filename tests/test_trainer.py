@@ -9,6 +9,7 @@ import shutil
 import mlx.core as mx
 import mlx_lm
 import numpy as np
+import msgspec
 import pytest
 from mlx_lm.tuner.trainer import iterate_batches
 
@@ -26,7 +27,9 @@ from ftctl.adapters.checkpoint import (
     verify_checkpoint,
 )
 from ftctl.adapters.demo import build_demo
-from ftctl.adapters.trainer import TrainingDiverged, TrainPlan, run, step_seed
+from ftctl.adapters import protocol as P
+from ftctl.adapters.protocol import TrainPlan
+from ftctl.adapters.trainer import TrainingDiverged, run, step_seed
 from ftctl.core.config import decode_config
 
 ITERS = 40
@@ -69,19 +72,30 @@ def plan(demo, job_dir, cfg, **kw):
     )
 
 
+def flat(msg) -> dict:
+    """A protocol message as one flat dict (a report's metrics and a checkpoint's record inlined)."""
+    d = msgspec.to_builtins(msg)
+    for nested in ("metrics", "checkpoint"):
+        if isinstance(d.get(nested), dict):
+            d.update(d.pop(nested))
+    return d
+
+
 def train(p, stop_at=None):
-    """Run a plan; ask to stop once step stop_at is done. Returns (messages, result)."""
+    """Run a plan; ask to stop once step stop_at is done. Returns (messages, result) as flat dicts."""
     msgs = []
     steps = []
 
     def emit(m):
-        json.dumps(m, allow_nan=False)  # every message is plain JSON
-        msgs.append(m)
-        if m["t"] == "step":
-            steps.append(m["step"])
+        line = P.encode(m)
+        assert P.decode_message(line) == m  # every message survives the wire
+        json.loads(line)  # and is plain JSON (no NaN)
+        msgs.append(flat(m))
+        if isinstance(m, P.Step):
+            steps.append(m.step)
 
     result = run(p, emit, lambda: stop_at is not None and bool(steps) and steps[-1] >= stop_at)
-    return msgs, result
+    return msgs, flat(result)
 
 
 def kinds(msgs, t):
@@ -289,7 +303,7 @@ def test_huge_learning_rate_diverges_and_is_never_checkpointed(demo, tmp_path):
     job = tmp_path / "every"
     msgs = []
     with pytest.raises(TrainingDiverged) as e:
-        run(plan(demo, job, cfg), msgs.append)
+        run(plan(demo, job, cfg), lambda m: msgs.append(flat(m)))
     assert e.value.category == "nan" and "learning rate" in str(e.value)
     saved = [checkpoint_step(p) for p in list_checkpoint_dirs(job)]
     assert saved and max(saved) < e.value.step

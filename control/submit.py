@@ -11,8 +11,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 from ftctl.adapters.workspace import Workspace
-from ftctl.core.config import config_sha256, config_to_dict, locked_changes
+from ftctl.core.config import Config, config_sha256, config_to_dict, locked_changes
 from ftctl.core.dataset import DataReport, validate_jsonl
 from ftctl.core.state import job_stream
 from ftctl.events import types as ev
@@ -24,19 +26,6 @@ HOLDOUT_EVERY = 20  # without --valid, every 20th valid example is held out for 
 
 class SubmitError(Exception):
     """Submission refused before anything was recorded."""
-
-
-class UserError(Exception):
-    """A request that cannot be served as asked (unknown job, bad range…); nothing was changed."""
-
-
-def find_job(ledger: Ledger, job: str):
-    """A job by id; "7" finds "0007"."""
-    j = ledger.state.jobs.get(job) or ledger.state.jobs.get(job.zfill(4))
-    if j is None:
-        known = ", ".join(list(ledger.state.jobs)[-5:]) or "none yet"
-        raise UserError(f"no job {job!r} in this workspace (recent jobs: {known}); see `ftctl status`")
-    return j
 
 
 @dataclass
@@ -101,17 +90,17 @@ def _next_job_id(ledger: Ledger) -> str:
     return f"{n:04d}"
 
 
-def _lineage_config(ledger: Ledger, lineage: str, cfg: dict) -> dict:
+def _lineage_config(ledger: Ledger, lineage: str, cfg: Config) -> Config:
     """Resolve the job's config against its lineage: it trains on the lineage's current base, and
     may not change what shapes an adapter that is not consolidated yet (the config lock)."""
     lin = ledger.state.lineages.get(lineage)
     if lin is None:
         return cfg
-    if cfg["model"] not in (lin.origin_model, lin.base_model):
+    if cfg.model not in (lin.origin_model, lin.base_model):
         raise SubmitError(
-            f"lineage {lineage!r} trains on {lin.base_model}, not {cfg['model']}. Nothing was queued. A different base "
+            f"lineage {lineage!r} trains on {lin.base_model}, not {cfg.model}. Nothing was queued. A different base "
             f"model starts a new lineage: submit with --lineage NAME")
-    cfg = {**cfg, "model": lin.base_model}
+    cfg = msgspec.structs.replace(cfg, model=lin.base_model)
     chain = [ledger.state.jobs[j] for j in lin.jobs]
     live = [j for j in chain if j.state not in ("rejected", "cancelled", "failed")]
     if live:
@@ -149,7 +138,7 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
     reasons = list(report.reasons) if report.verdict == "reject" else []
     if vreport is not None and vreport.verdict == "reject":
         reasons += [f"validation file: {r}" for r in vreport.reasons]
-    cfg_dict = _lineage_config(ledger, lineage, config_to_dict(cfg))
+    cfg = _lineage_config(ledger, lineage, cfg)  # what the job records, and what its sha256 hashes
 
     for _ in range(10):  # job ids race only with a concurrent submit; the stream version decides
         job = _next_job_id(ledger)
@@ -185,7 +174,7 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
                 examples=report.valid - report.undesirable,
                 valid_path=str(valid) if valid else (str(jdir / "valid.jsonl") if held is not None else None),
                 valid_sha256=hashlib.sha256(vdata).hexdigest() if vdata is not None else None,
-                config=cfg_dict, config_sha256=config_sha256(cfg), lineage=lineage, warnings=warnings))
+                config=config_to_dict(cfg), config_sha256=config_sha256(cfg), lineage=lineage, warnings=warnings))
             return Submission(job, "queued", report, vreport, warnings)
         except ConcurrencyError:
             continue

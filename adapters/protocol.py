@@ -1,0 +1,146 @@
+"""The worker protocol: every message between the daemon and its training worker, typed once.
+
+    daemon -> worker (stdin)       TrainPlan (first line), then Stop
+    worker -> daemon (message fd)  Loaded, Step, Report, EvalStarted, Evaluated, CheckpointStarted,
+                                   CheckpointWritten, then one of Completed, Stopped, Failed
+
+One JSON object per line, tagged by ``t``. Each side encodes with ``encode`` and decodes with
+``decode_*``: a line that does not fit the schema is an error at the boundary, never a KeyError
+deep inside the supervisor. Records shared with the journal (``CheckpointRecord``, ``Metrics``)
+are the journal's own types, carried as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from ftctl.core.config import Config
+from ftctl.events.types import CheckpointRecord, Metrics
+
+
+class TrainPlan(msgspec.Struct, kw_only=True):
+    """What the worker trains: the daemon decides, the worker only carries it out."""
+
+    job_id: str
+    job_dir: str
+    config: Config
+    train_path: str
+    valid_path: str | None = None
+    resume_from: str | None = None      # a committed checkpoint dir of this job
+    warm_start_from: str | None = None  # final checkpoint of the lineage's previous job
+    global_step_base: int = 0           # steps of earlier jobs of the lineage
+
+
+class Message(msgspec.Struct, tag_field="t", frozen=True, kw_only=True):
+    pass
+
+
+class Stop(Message, tag="stop"):
+    """Daemon -> worker: checkpoint at the next update boundary and exit (pause, shutdown)."""
+
+
+class Loaded(Message, tag="loaded"):
+    """Model, data, optimizer (and the checkpoint it resumes from) are loaded."""
+
+    step: int
+    global_step: int
+    load_s: float
+
+
+class Step(Message, tag="step"):
+    """A training step is done: the heartbeat the hang watchdog listens for."""
+
+    step: int
+    global_step: int
+
+
+class Report(Message, tag="report"):
+    metrics: Metrics
+
+
+class EvalStarted(Message, tag="eval_begin"):
+    """Validation begins: the watchdog allows timeouts.eval_hang_s until it ends."""
+
+    step: int
+
+
+class Evaluated(Message, tag="eval"):
+    step: int
+    global_step: int
+    val_loss: float | None  # None: not finite
+    eval_s: float
+
+
+class CheckpointStarted(Message, tag="checkpoint_begin"):
+    step: int
+    global_step: int
+
+
+class CheckpointWritten(Message, tag="checkpoint"):
+    """The checkpoint folder is durable under its final name: the daemon commits it."""
+
+    checkpoint: CheckpointRecord
+
+
+class Completed(Message, tag="completed"):
+    step: int
+    global_step: int
+    adapter_path: str
+    adapter_sha256: str
+    checkpoint: str | None
+
+
+class Stopped(Message, tag="stopped"):
+    """Graceful stop after a Stop: checkpointed at ``step``."""
+
+    step: int
+    global_step: int
+    checkpoint: str | None
+
+
+class Failed(Message, tag="error"):
+    """The worker is about to exit non-zero. ``category`` is a core.policy crash category."""
+
+    category: str
+    message: str
+    step: int | None = None
+    path: str | None = None  # the checkpoint that failed verification (corrupt_checkpoint)
+
+
+WorkerMessage = Union[Loaded, Step, Report, EvalStarted, Evaluated, CheckpointStarted, CheckpointWritten,
+                      Completed, Stopped, Failed]
+
+_encoder = msgspec.json.Encoder()
+_from_worker = msgspec.json.Decoder(WorkerMessage)
+_to_worker = msgspec.json.Decoder(Stop)
+_plan = msgspec.json.Decoder(TrainPlan)
+
+
+class ProtocolError(ValueError):
+    """A line that is not a message of this protocol."""
+
+
+def encode(msg: Message | TrainPlan) -> bytes:
+    """One line (no newline) of JSON."""
+    return _encoder.encode(msg)
+
+
+def _decode(decoder, line: bytes):
+    try:
+        return decoder.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError) as e:
+        raise ProtocolError(f"not a worker protocol message ({e}): {line[:200]!r}") from None
+
+
+def decode_message(line: bytes) -> WorkerMessage:
+    return _decode(_from_worker, line)
+
+
+def decode_control(line: bytes) -> Stop:
+    return _decode(_to_worker, line)
+
+
+def decode_plan(line: bytes) -> TrainPlan:
+    return _decode(_plan, line)

@@ -1,0 +1,194 @@
+"""Consolidation: fuse a lineage's adapter into a new base model, as an event-sourced operation.
+
+    consolidation_started  ->  fuse into models/.tmp-vN, verify, rename to models/vN
+                           ->  base_promoted (the commit point)  ->  retire the old base's
+                               checkpoints, prune old fused models
+
+The whole protocol lives here, its repair steps included: a crash anywhere leaves either the old
+base + adapter in use (nothing committed yet) or the new base promoted, and ``repairs`` (run by
+every recovery) finishes or discards a half-done one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timezone
+
+from ftctl.adapters import checkpoint as ck
+from ftctl.adapters import fuse, system
+from ftctl.adapters.faults import crash_point
+from ftctl.adapters.workspace import Workspace
+from ftctl.core.machine import TERMINAL
+from ftctl.core.state import DAEMON_STREAM, LineageState, Projection, lineage_stream
+from ftctl.events import types as ev
+from ftctl.recovery.ledger import Ledger
+from ftctl.recovery.reconcile import Repair, apply, rm
+
+from . import retention
+from .reporter import Note, quiet
+
+
+class ConsolidationRefused(Exception):
+    """Consolidation cannot run now; nothing was changed."""
+
+
+def blockers(p: Projection, lineage: str) -> list[str]:
+    """Jobs of the lineage that are not finished: fusing under them would fork the lineage."""
+    return [f"{j.job} ({j.state})" for j in p.jobs.values() if j.lineage == lineage and j.state not in TERMINAL]
+
+
+def check(p: Projection, lineage: str) -> LineageState:
+    """The lineage, if it can be consolidated now; else ConsolidationRefused saying why."""
+    lin = p.lineages.get(lineage)
+    if lin is None:
+        raise ConsolidationRefused(f"no lineage {lineage!r}: no job was ever submitted to it")
+    if lin.state == "consolidating":
+        raise ConsolidationRefused(f"lineage {lineage!r} has a consolidation in progress; if nothing runs it, "
+                                   "`ftctl recover` completes or discards it")
+    if lin.head_job is None:
+        raise ConsolidationRefused(f"lineage {lineage!r} has no completed adapter on its current base "
+                                   f"({lin.base_model}): nothing to consolidate")
+    busy = blockers(p, lineage)
+    if busy:
+        raise ConsolidationRefused(f"jobs of lineage {lineage!r} are not finished: {', '.join(busy)}. Consolidation "
+                                   "never runs under a job: let them finish (or cancel them), then consolidate")
+    return lin
+
+
+def request(ledger: Ledger, lineage: str) -> None:
+    """Ask the running daemon to consolidate once the lineage is idle."""
+    if lineage not in ledger.state.lineages:
+        check(ledger.state, lineage)  # raises: no such lineage
+    ledger.commit(lineage_stream(lineage), ev.ConsolidationRequested(lineage=lineage))
+
+
+def now_or_requested(ws: Workspace, ledger: Ledger, lineage: str, note: Note = quiet) -> fuse.FusedModel | None:
+    """`ftctl consolidate`: with no daemon running, recover then consolidate now (holding the lock);
+    with one running, record a request it carries out when the lineage is idle (returns None)."""
+    from .recover import DaemonRunning, Locked, recover  # recover.py composes our repairs: import here, no cycle
+
+    try:
+        with Locked(ws):
+            cfg, _ = ws.load_config()
+            recover(ws, ledger)  # never fuse on top of debris
+            return consolidate(ws, ledger, lineage, keep_models=cfg.consolidation.keep_models,
+                               min_free_gb=cfg.min_free_disk_gb, note=note)
+    except DaemonRunning:
+        request(ledger, lineage)
+        return None
+
+
+def consolidate(ws: Workspace, ledger: Ledger, lineage: str, *, keep_models: int, min_free_gb: float,
+                note: Note = quiet) -> fuse.FusedModel:
+    lin = check(ledger.state, lineage)
+    head = ledger.state.jobs[lin.head_job]
+    base = lin.base_model
+    need = 2 * fuse.folder_bytes(base) / system.GB + min_free_gb
+    ws.models.mkdir(parents=True, exist_ok=True)
+    free = system.free_disk_gb(ws.models)
+    if free < need:
+        raise ConsolidationRefused(f"only {free:.2f} GB free, fusing needs about {need:.2f} GB (twice the base model "
+                                   "plus min_free_disk_gb): free space and retry; nothing was changed")
+    if ck.adapter_sha256(head.adapter_path) != head.adapter_sha256:
+        raise ConsolidationRefused(f"the adapter of job {head.job} at {head.adapter_path} no longer matches the sha256 "
+                                   "recorded when it completed; nothing was changed — restore it before consolidating")
+    version = max([lin.base_version] + [m.version for m in lin.models]) + 1
+    stream = lineage_stream(lineage)
+    ledger.commit(stream, ev.ConsolidationStarted(
+        lineage=lineage, version=version, base_model=base, adapter_path=head.adapter_path,
+        adapter_sha256=head.adapter_sha256, temp_path=str(fuse.temp_dir(ws.models, version))))
+    note(f"lineage {lineage}: fusing job {head.job}'s adapter into {base} -> models/v{version:04d}")
+    try:
+        fused = fuse.fuse(base, head.adapter_path, ws.models, version)
+    except BaseException as e:
+        ledger.commit(stream, ev.ConsolidationAborted(lineage=lineage, version=version, reason=f"{type(e).__name__}: {e}"))
+        if isinstance(e, Exception):
+            raise ConsolidationRefused(f"consolidation v{version} failed and was discarded ({e}); the old base and "
+                                       "adapter are intact and still in use") from e
+        raise
+    ledger.commit(stream, ev.BasePromoted(lineage=lineage, version=version, model_path=str(fused.path),
+                                          weights_sha256=fused.weights_sha256, previous_base=base))
+    note(f"lineage {lineage}: base v{version} promoted ({fused.path}, max |logit diff| {fused.max_abs_diff:.2e}); "
+                "new jobs train a fresh adapter on it", "ok")
+    crash_point("consolidate_after_event", version)
+    retire(ledger, lineage, keep_models, note)
+    return fused
+
+
+def retire(ledger: Ledger, lineage: str, keep_models: int, note: Note = quiet) -> None:
+    """After the promotion is committed: prune the old base's checkpoints, then old fused models."""
+    for step in (lambda p: retention.superseded(p, p.lineages[lineage]),
+                 lambda p: retention.models(p, p.lineages[lineage], keep_models)):
+        repairs = step(ledger.state)
+        for r in repairs:
+            note(r.what)
+        apply(ledger, repairs)
+
+
+def repairs(ws: Workspace, p: Projection) -> list[Repair]:
+    """What recovery does for consolidation: finish or discard a half-done one, delete model folders
+    no event accounts for, and retire what a promotion superseded."""
+    out = [_pending(ws, lin) for lin in p.lineages.values() if lin.pending is not None]
+    out += _model_debris(ws, p)
+    for lin in p.lineages.values():
+        out += retention.superseded(p, lin)
+    return out
+
+
+def _pending(ws: Workspace, lin: LineageState) -> Repair:
+    """A consolidation died midway: complete it if its model is whole, else discard the output.
+    Either way the lineage ends in one good state: new base promoted, or old base + adapter."""
+    version, final = lin.pending.version, fuse.model_dir(ws.models, lin.pending.version)
+    stream = lineage_stream(lin.name)
+    temps = list(ws.models.glob(f".tmp-v{version:04d}-*"))
+
+    def cleanup(paths=temps):
+        for t in paths:
+            shutil.rmtree(t, ignore_errors=True)
+
+    if final.exists():
+        try:
+            sha = fuse.verify_model_dir(final)
+        except fuse.ModelCorrupt as e:
+            return Repair(f"lineage {lin.name}: fused model v{version} is incomplete ({e.reason}): discard it, keep the old base",
+                          stream, [ev.ConsolidationAborted(lineage=lin.name, version=version, reason=f"recovery: {e.reason}")],
+                          after=lambda: cleanup(temps + [final]))
+        return Repair(f"lineage {lin.name}: fused model v{version} is complete and verified: promote it", stream,
+                      [ev.BasePromoted(lineage=lin.name, version=version, model_path=str(final), weights_sha256=sha,
+                                       previous_base=lin.pending.base_model)], after=cleanup)
+    return Repair(f"lineage {lin.name}: consolidation v{version} died before its model was complete: discard the partial output",
+                  stream, [ev.ConsolidationAborted(lineage=lin.name, version=version, reason="interrupted; recovery discarded the partial output")],
+                  after=cleanup)
+
+
+def _model_debris(ws: Workspace, p: Projection) -> list[Repair]:
+    if not ws.models.exists():
+        return []
+    pending = {lin.pending.version for lin in p.lineages.values() if lin.pending}
+    keep = {fuse.model_dir(ws.models, v).name for v in pending}
+    keep_tmp = tuple(f".tmp-v{v:04d}-" for v in pending)
+    known = {m.path for lin in p.lineages.values() for m in lin.models}
+    out = []
+    for d in sorted(ws.models.iterdir()):
+        if d.name in keep or d.name.startswith(keep_tmp) or str(d) in known:
+            continue
+        why = "temp folder of a fuse that died" if d.name.startswith(".tmp-") else "model folder never promoted"
+        out.append(Repair(f"delete models/{d.name}: {why}", DAEMON_STREAM, [ev.DebrisRemoved(path=str(d), reason=why)],
+                          after=rm(d)))
+    return out
+
+
+def due(schedule: str | None, last_started: str, now: datetime | None = None) -> bool:
+    """Is the daily HH:MM (local time) consolidation due? Once per day, at or after the time."""
+    if not schedule:
+        return False
+    now = now or datetime.now()
+    hh, mm = map(int, schedule.split(":"))
+    slot = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+    if now < slot:
+        return False
+    if not last_started:
+        return True
+    last = datetime.strptime(last_started, "%Y-%m-%dT%H:%M:%S.%fZ")
+    last_local = last.replace(tzinfo=timezone.utc).astimezone().replace(tzinfo=None)
+    return last_local < slot

@@ -1,0 +1,269 @@
+"""The daemon (`ftctl start`): one per workspace (flock), parent of one worker at a time.
+
+It recovers, records that it started, then loops: user requests from the journal, the inbox, the
+queue (one job at a time, supervised by supervise.py), the consolidation schedule. It reports
+through a Reporter and appends every line it reports to logs/daemon.log; it never prints.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+from ftctl.adapters import process, system
+from ftctl.adapters.faults import crash_point
+from ftctl.adapters.protocol import TrainPlan, encode
+from ftctl.adapters.workspace import Workspace
+from ftctl.core.config import Config, ConfigError, locked_changes
+from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
+from ftctl.events import types as ev
+from ftctl.events.types import CheckpointRecord
+from ftctl.recovery import reconcile
+from ftctl.recovery.ledger import Ledger
+
+from . import consolidation, recover
+from .reporter import SILENT, Reporter
+from .submit import SubmitError, submit
+from .supervise import Supervision
+
+POLL_S = 0.25
+INBOX_SETTLE_S = 2.0
+
+try:
+    from importlib.metadata import version as _pkg_version
+
+    VERSION = _pkg_version("ftctl")
+except Exception:  # running from a source tree without metadata
+    VERSION = "dev"
+
+
+class DaemonError(Exception):
+    pass
+
+
+class LockedConfig(Exception):
+    pass
+
+
+class Daemon:
+    def __init__(self, ws: Workspace, *, until_idle: bool = False, env: dict | None = None,
+                 report: Reporter = SILENT):
+        self.ws = ws
+        self.until_idle = until_idle
+        self.env = env or {}
+        self.report = report
+        self.stopping: str | None = None   # why we were asked to stop (a signal's name)
+        self.force = False                 # asked twice: kill the worker, do not wait for a checkpoint
+        self.ledger: Ledger | None = None
+        self.refused: set[tuple[str, int]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    def log(self, text: str) -> None:
+        with open(self.ws.logs / "daemon.log", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
+    def say(self, text: str, level: str = "info") -> None:
+        self.report.note(text, level)
+        self.log(text)
+
+    def stop(self, why: str) -> None:
+        """Ask the daemon to stop (a signal handler calls this): the running job checkpoints first;
+        asked a second time, the worker is killed."""
+        if self.stopping:
+            self.force = True
+        self.stopping = why
+
+    def acquire(self) -> int:
+        self.ws.require()
+        try:
+            return process.acquire_lock(self.ws.lock_path)
+        except process.LockHeld as e:
+            ledger = Ledger(self.ws.open_journal())
+            d = ledger.state.daemon
+            ledger.close()
+            since = f", running since {d.started_at[:19]} UTC" if d.running else ""
+            raise DaemonError(
+                f"another ftctl daemon is running on {self.ws.home} ({e.holder.strip()}{since}). "
+                "Only one may run per workspace; nothing was changed. Use `ftctl status`, or "
+                "`ftctl shutdown` to stop it."
+            ) from None
+
+    def run(self) -> str:
+        """Recover, run until asked to stop (or idle with until_idle); returns why it stopped."""
+        lock = self.acquire()
+        self.ledger = Ledger(self.ws.open_journal())
+        try:
+            recover.recover(self.ws, self.ledger, lambda r: self.say(f"recovery: {r.what}"))
+            me = process.identity(os.getpid())
+            self.ledger.commit(DAEMON_STREAM, ev.DaemonStarted(process=me, host=socket.gethostname(), version=VERSION))
+            self.say(f"daemon started (pid {os.getpid()}) on {self.ws.home}")
+            reason = "internal error"
+            try:
+                reason = self.loop()
+            except BaseException as e:
+                reason = f"internal error: {type(e).__name__}: {e}"
+                raise
+            finally:
+                self._stopped(reason)
+            return reason
+        finally:
+            self.ledger.close()
+            process.release_lock(lock)
+
+    def _stopped(self, reason: str) -> None:
+        """Record the stop, even on the way out of an internal error (best effort: the error
+        may be the journal's own; recovery marks a daemon that could not say it stopped)."""
+        try:
+            self.ledger.commit(DAEMON_STREAM, ev.DaemonStopped(pid=os.getpid(), reason=reason))
+            self.say(f"daemon stopped: {reason}", "error" if reason.startswith("internal") else "info")
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ the queue
+    def loop(self) -> str:
+        while True:
+            self.ledger.refresh()
+            if self.stopping:
+                return f"stopped by {self.stopping}"
+            if self.ledger.state.daemon.shutdown_requested:
+                return "ftctl shutdown"
+            self.scan_inbox()
+            now = time.time()
+            queued = self.ledger.state.queue()
+            ready = [j for j in queued if j.not_before <= now]
+            if ready:
+                self.run_job(ready[0])
+                continue
+            if self.consolidate_if_due():
+                continue
+            if self.until_idle and not queued and not self._inbox_files():
+                return "queue empty (--until-idle)"
+            time.sleep(POLL_S)
+
+    def consolidate_if_due(self) -> bool:
+        """When idle: run a requested consolidation, or the daily scheduled one (never under a job)."""
+        try:
+            cfg, _ = self.ws.load_config()
+        except ConfigError as e:
+            if ("config", str(e)) not in self.refused:  # say it once, not every poll
+                self.refused.add(("config", str(e)))
+                self.say(f"consolidation skipped: {e}", "warn")
+            return False
+        p = self.ledger.state
+        for lin in list(p.lineages.values()):
+            key = (lin.name, lin.version)
+            if lin.state != "idle" or lin.head_job is None or key in self.refused or consolidation.blockers(p, lin.name):
+                continue
+            if not (lin.requested or consolidation.due(cfg.consolidation.schedule, lin.last_consolidation_at)):
+                continue
+            try:
+                consolidation.consolidate(self.ws, self.ledger, lin.name, keep_models=cfg.consolidation.keep_models,
+                                          min_free_gb=cfg.min_free_disk_gb, note=self.say)
+            except consolidation.ConsolidationRefused as e:
+                self.refused.add(key)  # not again in this run unless the lineage changes
+                self.say(f"consolidation of lineage {lin.name} refused: {e}", "warn")
+            return True
+        return False
+
+    def _inbox_files(self) -> list[Path]:
+        return sorted(p for p in self.ws.inbox.glob("*.jsonl") if p.is_file())
+
+    def scan_inbox(self) -> None:
+        for path in self._inbox_files():
+            try:
+                if time.time() - path.stat().st_mtime < INBOX_SETTLE_S and not self.until_idle:
+                    continue  # still being written
+                sub = submit(self.ws, self.ledger, path, name=path.stem)
+            except (SubmitError, ConfigError) as e:
+                self.say(f"inbox: {path.name}: {e}", "error")
+                dest = self.ws.inbox / "rejected" / path.name
+            else:
+                if sub.state == "queued":
+                    self.say(f"inbox: {path.name} queued as job {sub.job} ({sub.report.valid} examples)")
+                    dest = self.ws.inbox / "accepted" / f"{sub.job}-{path.name}"
+                else:
+                    self.say(f"inbox: {path.name} rejected as job {sub.job}: {'; '.join(sub.reasons)}", "error")
+                    dest = self.ws.inbox / "rejected" / path.name
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.replace(path, dest)  # the content is untouched; it only leaves the inbox
+
+    # ------------------------------------------------------------------ one job
+    def _resume_point(self, j: JobState) -> CheckpointRecord | None:
+        """Newest committed checkpoint that verifies; corrupt ones are recorded and skipped."""
+        for c in reversed(j.good_checkpoints()):
+            bad = reconcile.verify(j, c)
+            if bad is None:
+                return c
+            self.say(f"{bad.what}", "warn")
+            reconcile.apply(self.ledger, [bad])
+        return None
+
+    def _warm_start(self, j: JobState) -> tuple[str | None, int]:
+        if j.attempt > 0:  # a restart uses exactly what the first attempt used
+            return j.warm_start_from, j.global_step_base
+        lin = self.ledger.state.lineages.get(j.lineage)
+        head = self.ledger.state.jobs.get(lin.head_job) if lin and lin.head_job else None
+        if not j.config.warm_start or head is None or head.base_model != j.base_model:
+            return None, 0
+        changed = locked_changes(head.config, j.config)
+        if changed:
+            raise LockedConfig(f"job {j.job} would warm-start from job {head.job}'s adapter but changes what shapes it "
+                               f"({'; '.join(changed)}); consolidate first or submit it to a new lineage (--lineage NAME)")
+        final = [c for c in head.good_checkpoints() if c.step == head.step]
+        if not final:
+            self.say(f"job {j.job}: previous job {head.job} has no verified final checkpoint; starting fresh", "warn")
+            return None, 0
+        return final[-1].path, head.global_step
+
+    def _preflight(self, j: JobState, cfg: Config) -> str | None:
+        """Why the job cannot start now (it is paused with that reason), or None."""
+        good = j.good_checkpoints()
+        need = max(cfg.min_free_disk_gb, 2 * (good[-1].bytes if good else 0) / system.GB)
+        free = system.free_disk_gb(self.ws.home)
+        if free < need:
+            return (f"only {free:.2f} GB free on {self.ws.home}, need {need:.2f} GB "
+                    f"(max of min_free_disk_gb and twice the checkpoint size): free space, then `ftctl resume {j.job}`")
+        model = Path(cfg.model)
+        if not model.exists():
+            return f"base model {cfg.model} does not exist: restore it, then `ftctl resume {j.job}`"
+        weights = sum(p.stat().st_size for p in model.glob("*.safetensors")) / system.GB
+        avail = system.available_memory_gb()
+        if avail < weights * 1.2:
+            return (f"only {avail:.2f} GB of memory available, the model needs about {weights * 1.2:.2f} GB: "
+                    f"close other programs, then `ftctl resume {j.job}`")
+        return None
+
+    def run_job(self, j: JobState) -> None:
+        stream = job_stream(j.job)
+        short = self._preflight(j, j.config)
+        if short:
+            self.say(f"job {j.job} paused: {short}", "warn")
+            self.ledger.commit(stream, ev.Paused(job=j.job, reason=short))
+            return
+        reconcile.apply(self.ledger, reconcile.debris(self.ws, j))  # what a crashed attempt left
+        resume = self._resume_point(j)
+        j = self.ledger.state.jobs[j.job]
+        try:
+            warm, base = self._warm_start(j)
+        except LockedConfig as e:
+            self.say(f"job {j.job} failed: {e}", "error")
+            self.ledger.commit(stream, ev.Failed(job=j.job, reason=str(e), category="config_lock"))
+            return
+        jdir = self.ws.job_dir(j.job)
+        valid = jdir / "data" / "valid.jsonl"
+        plan = TrainPlan(job_id=j.job, job_dir=str(jdir), config=j.config, train_path=str(jdir / "data" / "train.jsonl"),
+                         valid_path=str(valid) if valid.exists() else None, resume_from=resume.path if resume else None,
+                         warm_start_from=warm, global_step_base=base)
+        oom_before = system.oom_kill_count()
+        worker = process.spawn_worker(encode(plan), self.ws.job_log(j.job), self.env, label=(j.job, str(self.ws.home)))
+        crash_point("daemon_after_spawn", j.attempt + 1)
+        resume_step, attempt = resume.step if resume else 0, j.attempt + 1
+        self.ledger.commit(stream, ev.TrainingStarted(
+            job=j.job, attempt=attempt, worker_pid=worker.id.pid, worker_started_at=worker.id.started_at,
+            resume_step=resume_step, resume_checkpoint=plan.resume_from, warm_start_from=warm, global_step_base=base,
+            base_model=j.config.model))
+        how = f"resuming from step {resume_step}" if resume else ("warm start from " + warm if warm else "fresh adapter")
+        self.say(f"job {j.job} ({j.name}): training, attempt {attempt}, worker pid {worker.id.pid}, {how}")
+        Supervision(self, j, worker, oom_before, resume_step).watch()

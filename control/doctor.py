@@ -1,0 +1,156 @@
+"""`ftctl doctor`: every health check the old daemon's scattered scripts did, from the journal.
+
+Each finding has a severity (ok / warning / error), what was found, and the fix. ``fix`` applies
+the fixes that are safe to automate: the recovery repairs and retention (only when no daemon runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ftctl.adapters import checkpoint as ck
+from ftctl.adapters import process, system
+from ftctl.adapters.workspace import Workspace
+from ftctl.core.config import Config, ConfigError, config_to_dict
+from ftctl.core.machine import ACTIVE
+from ftctl.core.state import Projection, job_stream
+from ftctl.recovery.ledger import Ledger
+from ftctl.recovery.reconcile import apply
+
+from . import recover, retention
+
+
+@dataclass
+class Finding:
+    check: str
+    severity: str   # "ok" | "warning" | "error"
+    message: str
+    fix: str = ""
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}: {y!r} -> {x!r}")
+    return out
+
+
+def examine(ws: Workspace, ledger: Ledger) -> list[Finding]:
+    f: list[Finding] = []
+    p = ledger.state
+    check = ledger.journal.integrity_check()
+    f.append(Finding("journal", "ok" if check == "ok" else "error", f"integrity_check: {check}",
+                     "" if check == "ok" else "stop ftctl and restore journal.db from a backup copy"))
+    holder = process.lock_holder(ws.lock_path)
+    f += _daemon(p, holder)
+    try:
+        cfg, _ = ws.load_config()
+    except ConfigError as e:
+        cfg = None
+        f.append(Finding("config", "error", str(e), "fix ftctl.yaml (see docs/config.md)"))
+    f += _resources(ws, cfg)
+    f += _checkpoints(ws, ledger, holder)
+    for j in p.jobs.values():
+        due = retention.checkpoints(j)
+        if due is not None:
+            f.append(Finding("retention", "warning", f"job {j.job} keeps {len(due.events)} checkpoint(s) beyond its "
+                             "retention", "`ftctl doctor --fix` prunes them"))
+    if cfg is not None:
+        f += _config_drift(p, cfg)
+    f += _data_drift(p)
+    return f
+
+
+def _daemon(p: Projection, holder: str | None) -> list[Finding]:
+    d, out = p.daemon, []
+    if holder is None and d.running:
+        out.append(Finding("daemon", "warning", f"the journal says daemon pid {d.process.pid if d.process else '?'} runs, "
+                           "but no one holds the lock: it died", "`ftctl recover` (or simply `ftctl start`) repairs what it left"))
+    elif holder is None:
+        out.append(Finding("daemon", "ok", "no daemon running"))
+    else:
+        out.append(Finding("daemon", "ok", f"daemon running ({holder})"))
+    for j in p.jobs.values():
+        if j.state in ACTIVE and holder is None:
+            orphan = j.worker is not None and process.alive(j.worker)
+            out.append(Finding("stale state", "warning", f"job {j.job} is {j.state!r} but no daemon supervises it"
+                               + (f"; its worker pid {j.worker.pid} is an orphan" if orphan else ""),
+                               "`ftctl recover` marks it crashed, stops the orphan and requeues it"))
+    return out
+
+
+def _resources(ws: Workspace, cfg: Config | None) -> list[Finding]:
+    out = []
+    strays = process.orphan_workers(ws.home)
+    if strays:
+        out.append(Finding("processes", "error", f"worker process(es) {strays} of this workspace have no parent daemon",
+                           "`ftctl recover` stops them (pid + start time checked)"))
+    else:
+        out.append(Finding("processes", "ok", "no orphan worker"))
+    free = system.free_disk_gb(ws.home)
+    need = (cfg or Config(model="")).min_free_disk_gb  # the schema's default while ftctl.yaml is unreadable
+    out.append(Finding("disk", "ok" if free >= need else "error", f"{free:.1f} GB free (minimum {need:g} GB)",
+                       "" if free >= need else "free disk space; jobs pause instead of failing when it runs out"))
+    mem = system.available_memory_gb()
+    out.append(Finding("memory", "ok" if mem >= 1.0 else "warning", f"{mem:.1f} GB available",
+                       "" if mem >= 1.0 else "close other programs"))
+    return out
+
+
+def _checkpoints(ws: Workspace, ledger: Ledger, holder: str | None) -> list[Finding]:
+    if holder is not None:
+        return []  # the running daemon owns the disk; its recovery ran at its start
+    repairs = recover.plan(ws, ledger)
+    stale = {job_stream(j.job) for j in ledger.state.jobs.values() if j.state in ACTIVE}  # reported above
+    out = [Finding("checkpoints", "error" if "corrupt" in r.what else "warning", r.what, "`ftctl recover`")
+           for r in repairs if r.stream not in stale]
+    if not repairs:
+        out.append(Finding("checkpoints", "ok", "every committed checkpoint verifies; no temp or uncommitted folder"))
+    return out
+
+
+def _config_drift(p: Projection, cfg: Config) -> list[Finding]:
+    latest = next((j for j in reversed(p.jobs.values()) if j.config is not None), None)
+    if latest is None:
+        return []
+    now, recorded = config_to_dict(cfg), config_to_dict(latest.config)
+    lin = p.lineages.get(latest.lineage)
+    if lin is not None and lin.base_version > 0:
+        recorded["model"] = now["model"]  # after a promotion jobs train on the new base by design
+    drift = _diff(now, recorded)
+    if not drift:
+        return [Finding("config drift", "ok", f"ftctl.yaml matches the config of job {latest.job}")]
+    return [Finding("config drift", "warning",
+                    f"ftctl.yaml differs from the config job {latest.job} was submitted with: " + "; ".join(drift[:8]),
+                    "jobs keep the config recorded at submit; new submissions use ftctl.yaml — edit one or the other")]
+
+
+def _data_drift(p: Projection) -> list[Finding]:
+    out = []
+    for j in p.jobs.values():
+        if j.state == "queued" and j.data_sha256:
+            try:
+                with open(j.data_path, "rb") as fh:
+                    cur = ck.sha256(fh.read())
+            except OSError:
+                continue
+            if cur != j.data_sha256:
+                out.append(Finding("data drift", "warning", f"job {j.job}: {j.data_path} changed since it was submitted",
+                                   "the job trains on its own copy (jobs/<id>/data/); resubmit to train on the new content"))
+    return out
+
+
+def fix(ws: Workspace, ledger: Ledger) -> list[str]:
+    """Recovery, then retention. Raises recover.DaemonRunning while a daemon runs."""
+    with recover.Locked(ws):
+        done = [r.what for r in recover.recover(ws, ledger)]
+        for j in list(ledger.state.jobs.values()):
+            r = retention.checkpoints(j)
+            if r is not None:
+                apply(ledger, [r])
+                done.append(r.what)
+    return done

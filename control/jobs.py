@@ -1,0 +1,74 @@
+"""User requests on jobs and the daemon: pause, resume, cancel, shutdown — each one event.
+
+A running job's pause or cancel is a ``control_requested`` event the daemon acts on (it owns the
+worker); any other job takes the transition itself. Both work with no daemon running.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ftctl.core.machine import ACTIVE
+from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
+from ftctl.events import types as ev
+from ftctl.recovery.ledger import Ledger
+
+
+class UserError(Exception):
+    """A request that cannot be served as asked (unknown job, bad range…); nothing was changed."""
+
+
+def find_job(ledger: Ledger, job: str) -> JobState:
+    """A job by id; "7" finds "0007"."""
+    j = ledger.state.jobs.get(job) or ledger.state.jobs.get(job.zfill(4))
+    if j is None:
+        known = ", ".join(list(ledger.state.jobs)[-5:]) or "none yet"
+        raise UserError(f"no job {job!r} in this workspace (recent jobs: {known}); see `ftctl status`")
+    return j
+
+
+@dataclass(frozen=True)
+class Outcome:
+    job: str
+    action: str         # "pause" | "resume" | "cancel"
+    event: str          # the event committed: "paused", "resumed", "cancelled" or "control_requested"
+    deferred: bool      # True: the daemon carries it out (the job is training)
+
+
+def request(ledger: Ledger, job: str, action: str) -> Outcome:
+    """Pause, resume or cancel a job. An illegal request raises IllegalTransition, appending nothing."""
+    j = find_job(ledger, job)
+    stream = job_stream(j.job)
+    if action == "resume":
+        e = ev.Resumed(job=j.job)
+    elif j.state in ACTIVE:
+        e = ev.ControlRequested(job=j.job, action=action)
+    elif action == "pause":
+        e = ev.Paused(job=j.job, reason="paused by user")
+    elif action == "cancel":
+        e = ev.Cancelled(job=j.job, reason="cancelled by user")
+    else:
+        raise ValueError(f"unknown action {action!r}")
+    ledger.commit(stream, e)
+    return Outcome(j.job, action, type(e).kind(), isinstance(e, ev.ControlRequested))
+
+
+def shutdown(ledger: Ledger) -> bool:
+    """Ask the running daemon to checkpoint and exit. False if the journal says none runs."""
+    if not ledger.state.daemon.running:
+        return False
+    ledger.commit(DAEMON_STREAM, ev.ShutdownRequested(reason="ftctl shutdown"))
+    return True
+
+
+def wait_stopped(ledger: Ledger, timeout_s: float) -> bool:
+    """Wait until the journal records that the daemon stopped; False after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ledger.refresh()
+        if not ledger.state.daemon.running:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)

@@ -1,0 +1,76 @@
+"""Recovery as the application runs it: the journal's repairs (recovery.reconcile: stale jobs,
+orphans, debris, corrupt checkpoints) plus consolidation's (a half-done fuse, model debris, what
+a promotion superseded). Run by every daemon start, `ftctl recover`, `ftctl doctor --fix` and
+before `ftctl consolidate`, always holding the daemon lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ftctl.adapters import process
+from ftctl.adapters.workspace import Workspace
+from ftctl.core.state import DAEMON_STREAM
+from ftctl.events import types as ev
+from ftctl.recovery import reconcile
+from ftctl.recovery.ledger import Ledger
+from ftctl.recovery.reconcile import Repair
+
+from . import consolidation
+
+
+class DaemonRunning(Exception):
+    """The daemon lock is held: the running daemon recovered at its start and owns the workspace."""
+
+    def __init__(self, holder: str):
+        self.holder = holder
+        super().__init__(f"a daemon is running ({holder}); it recovered at its start and keeps the workspace "
+                         "consistent now. Nothing was changed.")
+
+
+def plan(ws: Workspace, ledger: Ledger) -> list[Repair]:
+    """Every repair due now; changes nothing (``ftctl recover --dry-run``)."""
+    return reconcile.plan(ws, ledger) + consolidation.repairs(ws, ledger.state)
+
+
+def recover(ws: Workspace, ledger: Ledger, on_repair: Callable[[Repair], None] = lambda r: None) -> list[Repair]:
+    """Plan and apply until nothing is left (a repair can reveal the next: promoting a pending
+    consolidation makes the old base's checkpoints retirable), then record that recovery ran.
+    The caller holds the daemon lock."""
+    done: list[Repair] = []
+    for _ in range(5):
+        repairs = plan(ws, ledger)
+        if not repairs:
+            break
+        for r in repairs:
+            on_repair(r)
+        reconcile.apply(ledger, repairs)
+        done += repairs
+    if done:
+        ledger.commit(DAEMON_STREAM, ev.RecoveryFinished(repairs=len(done), summary=[r.what for r in done][:50]))
+    return done
+
+
+class Locked:
+    """``with Locked(ws):`` — hold the daemon lock for a one-off maintenance command, or raise
+    DaemonRunning."""
+
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+
+    def __enter__(self) -> "Locked":
+        self.ws.require()
+        try:
+            self.fd = process.acquire_lock(self.ws.lock_path)
+        except process.LockHeld as e:
+            raise DaemonRunning(e.holder.strip()) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        process.release_lock(self.fd)
+
+
+def run(ws: Workspace, ledger: Ledger, *, dry_run: bool = False) -> list[Repair]:
+    """`ftctl recover [--dry-run]`: refused (DaemonRunning) while a daemon runs."""
+    with Locked(ws):
+        return plan(ws, ledger) if dry_run else recover(ws, ledger)

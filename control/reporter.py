@@ -1,0 +1,38 @@
+"""How the control layer tells its caller what happens: a reporter object, never print().
+
+The base class is silent. ``cli/`` subclasses it to draw to a terminal; a web page or a service
+wrapper would subclass it too. Every method has a no-op default, so a caller overrides only what
+it shows.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ftctl.adapters import protocol as P
+
+Note = Callable[..., None]  # note(text, level="info"): Reporter.note alone, for services that only say things
+
+
+def quiet(text: str, level: str = "info") -> None:
+    pass
+
+
+class Reporter:
+    def note(self, text: str, level: str = "info") -> None:
+        """One line for people. level: "info" | "ok" | "warn" | "error"."""
+
+    def section(self, title: str) -> None:
+        """A new stage of a multi-step workflow (the demo) begins."""
+
+    def training(self, job: str, name: str, iters: int) -> None:
+        """A worker started training ``job`` (``iters`` iterations in all)."""
+
+    def progress(self, job: str, msg: P.WorkerMessage) -> None:
+        """A message from the training worker (steps, reports, evaluations, checkpoints)."""
+
+    def training_ended(self, job: str) -> None:
+        """The worker of ``job`` is gone (for whatever reason: the journal says which)."""
+
+
+SILENT = Reporter()

@@ -1,0 +1,228 @@
+"""Supervising one worker: its messages become events, user requests become a stop, its death a
+crash with a decision.
+
+The daemon learns of a worker's death by waiting on it (EOF on the message pipe, then wait()),
+not by polling a PID file. ``on_message`` is the one place a worker message becomes an event.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from ftctl.adapters import process, system
+from ftctl.adapters import protocol as P
+from ftctl.adapters.faults import crash_point
+from ftctl.core.policy import SUGGESTIONS, Evidence, after_crash, classify, follow_up
+from ftctl.core.state import CrashRecord, JobState, job_stream
+from ftctl.events import types as ev
+from ftctl.events.journal import utc_now
+from ftctl.recovery.reconcile import apply, mark_corrupt
+
+from . import retention
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+POLL_S = 0.25
+CONTROL_EVERY_S = 0.5
+
+
+class Supervision:
+    """Watches one worker: messages -> events, control requests -> stop, death -> crash."""
+
+    def __init__(self, d: "Daemon", j: JobState, worker: process.Worker, oom_before: int | None, step: int):
+        self.d, self.job, self.cfg, self.w, self.oom_before = d, j.job, j.config, worker, oom_before
+        self.stream = job_stream(j.job)
+        self.last_progress = time.monotonic()
+        self.in_eval = False
+        self.loading = True                   # imports + model load: allowed eval_hang_s, not hang_s
+        self.stop_sent: float | None = None
+        self.stop_reason: str | None = None   # "pause" | "cancel" | "shutdown"
+        self.hung = False
+        self.error: P.Failed | None = None
+        self.finished: str | None = None      # "completed" | "stopped"
+        self.step = step                      # a crash before the first step is at the resume step
+        self.stopped_step = 0
+        d.report.training(j.job, j.name, j.iters)
+
+    # ------------------------------------------------------------------ loop
+    def watch(self) -> None:
+        fd = self.w.messages.fileno()
+        buf = b""
+        last_control = 0.0
+        try:
+            while True:
+                r, _, _ = select.select([fd], [], [], POLL_S)
+                if r:
+                    chunk = os.read(fd, 1 << 16)
+                    if not chunk:
+                        break  # EOF: the worker exited (or closed the pipe as it died)
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    for line in filter(bytes.strip, lines):
+                        self.receive(line)
+                now = time.monotonic()
+                if now - last_control >= CONTROL_EVERY_S:
+                    last_control = now
+                    self.control()
+                self.watchdog(now)
+            code = self.w.proc.wait()
+        finally:
+            self.d.report.training_ended(self.job)
+            self.w.messages.close()
+            if self.w.proc.stdin:
+                try:
+                    self.w.proc.stdin.close()
+                except OSError:
+                    pass
+        self.w.kill_group()  # nothing of the worker's group may outlive it
+        self.finish(code)
+
+    def receive(self, line: bytes) -> None:
+        try:
+            msg = P.decode_message(line)
+        except P.ProtocolError as e:  # a bug, not a reason to drop the worker: say it, keep watching
+            self.d.say(f"job {self.job}: {e}", "error")
+            return
+        self.on_message(msg)
+
+    def control(self) -> None:
+        d = self.d
+        d.ledger.refresh()
+        j = d.ledger.state.jobs[self.job]
+        want = None
+        if j.requested in ("pause", "cancel"):
+            want = j.requested
+        elif d.stopping or d.ledger.state.daemon.shutdown_requested:
+            want = "shutdown"
+        if want == "cancel" and self.stop_reason != "cancel":
+            self.stop_reason = "cancel"
+            d.say(f"job {self.job}: cancel requested, stopping the worker")
+            self.w.kill_group()
+        elif want and self.stop_sent is None:
+            self.stop_reason, self.stop_sent = want, time.monotonic()
+            d.say(f"job {self.job}: {want} requested, checkpointing at the current step")
+            self.w.send(P.encode(P.Stop()))
+        if d.force:
+            self.w.kill_group()
+
+    def watchdog(self, now: float) -> None:
+        t = self.cfg.timeouts
+        limit = t.eval_hang_s if self.in_eval or self.loading else t.hang_s
+        if not self.hung and now - self.last_progress > limit:
+            self.hung = True
+            self.d.say(f"job {self.job}: no progress for {limit:g} s: killing the worker group (hang)", "error")
+            self.w.kill_group()
+        if self.stop_sent is not None and now - self.stop_sent > t.stop_s:
+            self.d.say(f"job {self.job}: worker did not stop within {t.stop_s:g} s: killing it", "error")
+            self.w.kill_group()
+            self.stop_sent = float("inf")
+
+    # ------------------------------------------------------------------ messages
+    def on_message(self, msg: P.WorkerMessage) -> None:
+        """The one place a worker message becomes an event (or a metrics row)."""
+        L, job, d = self.d.ledger, self.job, self.d
+        self.last_progress = time.monotonic()
+        match msg:
+            case P.Loaded(step=step):
+                self.step, self.loading = step, False
+            case P.Step(step=step):
+                self.step = step
+            case P.Report(metrics=m):
+                L.journal.record_metric(job, m)
+                d.log(f"job {job} step {m.step}/{self.cfg.iters}: loss {_num(m.loss, '.4f')}  lr {_num(m.lr, '.3g')}  "
+                      f"{m.tokens_per_s:.0f} tok/s  peak {m.peak_mem_gb:.2f} GB")
+            case P.EvalStarted():
+                self.in_eval = True
+            case P.Evaluated(step=step, global_step=gstep, val_loss=val):
+                self.in_eval = False
+                L.commit(self.stream, ev.Evaluated(job=job, step=step, global_step=gstep, val_loss=val))
+                d.log(f"job {job} step {step}: val loss {_num(val, '.4f')}")
+            case P.CheckpointStarted(step=step, global_step=gstep):
+                L.commit(self.stream, ev.CheckpointStarted(job=job, step=step, global_step=gstep))
+            case P.CheckpointWritten(checkpoint=c):
+                crash_point("daemon_before_commit", c.step)
+                L.commit(self.stream, ev.CheckpointCommitted(job=job, checkpoint=c))
+                self.retention()
+            case P.Completed():
+                L.commit(self.stream, ev.Completed(job=job, step=msg.step, global_step=msg.global_step,
+                                                   adapter_path=msg.adapter_path, adapter_sha256=msg.adapter_sha256,
+                                                   checkpoint=msg.checkpoint))
+                self.finished = "completed"
+                d.say(f"job {job} completed at step {msg.step} (global {msg.global_step}): "
+                      f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…", "ok")
+            case P.Stopped(step=step):
+                self.finished, self.stopped_step = "stopped", step
+            case P.Failed():
+                self.error = msg
+        d.report.progress(job, msg)
+
+    def retention(self) -> None:
+        r = retention.checkpoints(self.d.ledger.state.jobs[self.job])
+        if r is not None:
+            apply(self.d.ledger, [r])
+
+    # ------------------------------------------------------------------ the end
+    def finish(self, code: int) -> None:
+        d, L, j = self.d, self.d.ledger, self.d.ledger.state.jobs[self.job]
+        if self.finished == "completed":
+            return
+        if self.finished == "stopped" and code == 0:
+            if self.stop_reason == "pause":
+                L.commit(self.stream, ev.Paused(job=self.job, reason=f"paused by user at step {self.stopped_step}"))
+            else:
+                L.commit(self.stream, ev.Interrupted(job=self.job, step=self.stopped_step,
+                                                     reason=f"graceful stop ({d.stopping or 'shutdown'}): checkpointed at step {self.stopped_step}"))
+            d.say(f"job {self.job}: stopped at step {self.stopped_step} with a checkpoint; nothing lost")
+            return
+        if self.stop_reason == "cancel":
+            L.commit(self.stream, ev.Crashed(job=self.job, category="killed", step=j.step, exit_code=code,
+                                             evidence="cancelled by user", suggestion=""),
+                     ev.Cancelled(job=self.job, reason="cancelled by user"))
+            d.say(f"job {self.job} cancelled")
+            return
+        self.crashed(j, code)
+
+    def crashed(self, j: JobState, code: int) -> None:
+        """Classify the death, record it and the policy's decision in one transaction."""
+        d, L = self.d, self.d.ledger
+        oom_after = system.oom_kill_count()
+        oom = None if self.oom_before is None or oom_after is None else oom_after - self.oom_before
+        tail = process.tail(self.w.log_path, since=self.w.log_offset)
+        category = classify(Evidence(exit_code=code, stderr_tail=tail, reported=self.error.category if self.error else None,
+                                     oom_kills=oom, hung=self.hung))
+        if category == "corrupt_checkpoint" and self.error and self.error.path:
+            c = next((c for c in j.good_checkpoints() if c.path == self.error.path), None)
+            if c is not None:
+                apply(L, [mark_corrupt(self.job, c, self.error.message)])
+                j = L.state.jobs[self.job]
+        sig = -code if code < 0 else None
+        evidence = (f"exit code {code}" + (f" (signal {signal.Signals(sig).name})" if sig else "")
+                    + (f"; worker said: {self.error.message}" if self.error else "")
+                    + f"; last step seen {self.step}; log {self.w.log_path}\n" + _evidence_tail(tail))
+        crash = ev.Crashed(job=self.job, category=category, step=self.step, exit_code=code, signal=sig,
+                           evidence=evidence, suggestion=SUGGESTIONS.get(category, ""))
+        now = time.time()
+        record = CrashRecord(ts=utc_now(), category=category, step=self.step, exit_code=code, signal=sig)
+        dec = after_crash(j.crashes + [record], now, resume_step=j.step, policy=self.cfg.restart)
+        nxt = follow_up(self.job, dec, j.requested or (self.stop_reason if self.stop_reason == "pause" else None), category, now)
+        L.commit(self.stream, crash, nxt)  # one transaction: a crashed job is never left without its decision
+        d.say(f"job {self.job} crashed ({category}, exit {code}) at step {self.step}: {SUGGESTIONS.get(category, '')}", "error")
+        d.say(f"job {self.job} {type(nxt).kind()}: {getattr(nxt, 'reason', '')}",
+              {"requeued": "info", "paused": "warn"}.get(type(nxt).kind(), "error"))
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _evidence_tail(tail: str, limit: int = 3000) -> str:
+    """The end of the worker's log for this attempt, from its last traceback if it has one."""
+    at = tail.rfind("Traceback (most recent call last)")
+    if at >= 0 and len(tail) - at <= limit:
+        return tail[at:]
+    return tail[-limit:]
