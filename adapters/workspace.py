@@ -23,6 +23,10 @@ from ftctl.core.config import Config, ConfigError, decode_config, default_config
 from ftctl.events.journal import Journal
 
 DIRS = ("inbox", "inbox/rejected", "jobs", "models", "logs", "run")
+_FIX_CONFIG = (
+    "Nothing was changed. Edit ftctl.yaml to fix it (`ftctl config show` prints the effective values "
+    "once it reads), then run the command again."
+)
 
 
 class WorkspaceError(Exception):
@@ -78,18 +82,26 @@ class Workspace:
         return Journal.open(self.journal_path)
 
     def read_config_dict(self) -> dict:
+        path = self.config_path
         try:
-            text = self.config_path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise WorkspaceError(f"{self.config_path} is missing: run `ftctl init` or restore it") from None
+            raise WorkspaceError(f"{path} is missing: run `ftctl init` or restore it") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}). {_FIX_CONFIG}") from None
+        except OSError as e:
+            raise WorkspaceError(f"cannot read {path}: {e.strerror}. Nothing was changed.") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError("", None, f"{self.config_path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+            raise ConfigError(f"{path} is not valid YAML{_yaml_where(e)}. {_FIX_CONFIG}") from None
+        if data is None:
+            return {}
         if not isinstance(data, dict):
-            raise ConfigError("", data, f"{self.config_path} must be a mapping of keys to values")
+            raise ConfigError(
+                f"{path} must be a mapping of keys to values, but it holds a {_yaml_kind(data)}. {_FIX_CONFIG}",
+                value=data,
+            )
         return data
 
     def load_config(self, overrides: list[str] = ()) -> tuple[Config, list[str]]:
@@ -131,6 +143,27 @@ def write_private(path: Path, text: str) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def _at(mark) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    """' at line 4, column 1: <problem> (while parsing a flow sequence that starts at line 2, column 16)'."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or not problem:
+        return f": {e}"
+    text = f" at {_at(mark)}: {problem}"
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and start is not None and start.line != mark.line:
+        text += f" ({context} that starts at {_at(start)})"
+    return text
+
+
+def _yaml_kind(data) -> str:
+    kinds = {list: "a list", str: "a single string", int: "a single number", float: "a single number", bool: "a single true/false"}
+    return kinds.get(type(data), type(data).__name__)
 
 
 def _config_text(cfg: dict) -> str:
