@@ -14,11 +14,15 @@ Everything is created 0700 (folders) / 0600 (files): training data is often priv
 from __future__ import annotations
 
 import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from ftctl.adapters import fs
 from ftctl.core.config import Config, ConfigError, decode_config, default_config_dict, merge_overrides
 from ftctl.events.journal import Journal
 
@@ -111,38 +115,104 @@ class Workspace:
 
 
 def init_workspace(home: Path, model: str, extra: dict | None = None) -> Workspace:
-    """Create a workspace. Refuses to touch an existing journal."""
+    """Create a workspace, durably. Refuses to touch an existing journal.
+
+    If it fails part-way it removes what it created in this call (and nothing else) and raises a
+    WorkspaceError that says what happened."""
     ws = Workspace(Path(home).expanduser().resolve())
     if ws.exists():
         raise WorkspaceError(f"{ws.home} already holds an ftctl workspace; nothing was changed")
+    cfg = default_config_dict(model)
+    if extra:
+        cfg.update(extra)
+    decode_config(cfg)  # never write a config we would refuse to read
     old = os.umask(0o077)
     try:
-        ws.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(ws.home, 0o700)
-        for d in DIRS:
-            (ws.home / d).mkdir(parents=True, exist_ok=True, mode=0o700)
-        cfg = default_config_dict(model)
-        if extra:
-            cfg.update(extra)
-        decode_config(cfg)  # never write a config we would refuse to read
-        if not ws.config_path.exists():
-            write_private(ws.config_path, _config_text(cfg))
-        Journal.create(ws.journal_path).close()
+        with creating(ws.home) as made:
+            make_folder(ws.home, made)
+            for d in DIRS:
+                make_folder(ws.home / d, made)
+            if not ws.config_path.exists():
+                write_private(ws.config_path, _config_text(cfg))
+                made.append(ws.config_path)
+            made += [f for f in _journal_files(ws.journal_path) if not f.exists()]
+            Journal.create(ws.journal_path).close()
+            fs.fsync_path(ws.journal_path)
+            fs.fsync_path(ws.home)
+            os.chmod(ws.home, 0o700)  # last: a failed init leaves an existing folder's mode alone
     finally:
         os.umask(old)
     return ws
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a small file atomically (temp + fsync + rename), mode 0600."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    """Write a small file atomically and durably (temp + fsync + rename + fsync of the folder), mode 0600."""
+    fs.write_durable(path, text.encode("utf-8"), 0o600)
+
+
+# --------------------------------------------------------------------------- creating files and folders safely
+
+_HOME_ADVICE = "Pass --home a folder you can write to (it may not exist yet), or set FTCTL_HOME, and run `ftctl init` again."
+
+
+def make_folder(path: Path, made: list[Path]) -> None:
+    """Create the folder `path` and its missing parents (0700, fsynced), recording each in `made`."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.is_dir():
+            break
+        if p.exists():
+            raise WorkspaceError(f"{p} is a file, not a folder" if p == path
+                                 else f"cannot create {path}: {p} is a file, not a folder")
+    fs.make_dirs(path, made)
+
+
+@contextmanager
+def creating(where: Path) -> Iterator[list[Path]]:
+    """Yield a list to record each file and folder created; if the block fails, remove them.
+
+    Only what is in the list is removed, newest first, folders only when empty: never anything
+    that existed before. An OSError or a WorkspaceError becomes a WorkspaceError saying what
+    happened, what was undone and what to do."""
+    made: list[Path] = []
     try:
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        yield made
+    except (OSError, sqlite3.Error, WorkspaceError) as e:
+        left = undo(made)
+        kept = "Nothing was changed." if not left else (
+            "Removed what it had created except " + ", ".join(map(str, left))
+            + " (not empty, or not removable: look at it before removing it yourself).")
+        raise WorkspaceError(f"{_what_failed(e, where)}. {kept} {_HOME_ADVICE}") from None
+    except BaseException:
+        undo(made)
+        raise
+
+
+def undo(made: list[Path]) -> list[Path]:
+    """Remove the recorded files and (empty) folders, newest first; return those that stayed."""
+    left = []
+    for p in reversed(made):
+        try:
+            if p.is_dir():
+                p.rmdir()
+            else:
+                p.unlink(missing_ok=True)
+        except OSError:
+            left.append(p)
+    return left
+
+
+def _journal_files(journal: Path) -> list[Path]:
+    """The journal and the companions SQLite may leave beside it, companions last (removed first)."""
+    return [journal, *(journal.with_name(journal.name + s) for s in ("-journal", "-wal", "-shm"))]
+
+
+def _what_failed(e: BaseException, where: Path) -> str:
+    if isinstance(e, OSError):
+        return f"cannot create {e.filename or where}: {e.strerror or e}"
+    if isinstance(e, sqlite3.Error):
+        return f"cannot create the journal in {where}: {e}"
+    return str(e)
 
 
 def _at(mark) -> str:

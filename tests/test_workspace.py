@@ -77,3 +77,61 @@ def test_yaml_error_names_where_an_unclosed_bracket_starts(ws, capsys):
     (ws / "ftctl.yaml").write_text("iters: 10\nlearning_rate: [1e-4,\nbatch_size: 4\n")
     code, _, err = run(capsys, "config", "show", "--home", ws)
     assert code == 1 and "at line 4, column 1" in err and "flow sequence that starts at line 2, column 16" in err
+
+
+# --------------------------------------------------------------------------- 2. a bad --home for init
+
+
+def test_init_home_is_a_file(tmp_path, capsys):
+    home = tmp_path / "notes.txt"
+    home.write_text("my notes\n")
+    before = tree(tmp_path)
+    code, _, err = run(capsys, "init", "--model", tmp_path, "--home", home)
+    assert code == 1 and "internal error" not in err
+    assert f"{home} is a file, not a folder" in err and "Nothing was changed" in err and "--home" in err
+    assert tree(tmp_path) == before and home.read_text() == "my notes\n"
+
+
+def test_init_home_under_a_file(tmp_path, capsys):
+    parent = tmp_path / "notes.txt"
+    parent.write_text("my notes\n")
+    before = tree(tmp_path)
+    code, _, err = run(capsys, "init", "--model", tmp_path, "--home", parent / "sub" / "ws")
+    assert code == 1 and "internal error" not in err
+    assert f"cannot create {parent / 'sub' / 'ws'}" in err and f"{parent} is a file, not a folder" in err
+    assert "Nothing was changed" in err and "--home" in err
+    assert tree(tmp_path) == before
+
+
+def test_init_home_under_proc(tmp_path, capsys):
+    code, _, err = run(capsys, "init", "--model", tmp_path, "--home", "/proc/ftctl-test-ws")
+    assert code == 1 and "internal error" not in err
+    assert "cannot create /proc/ftctl-test-ws: " in err and "Nothing was changed" in err and "--home" in err
+    assert not Path("/proc/ftctl-test-ws").exists()
+
+
+def test_init_failing_part_way_removes_only_the_folders_it_created(tmp_path, capsys, monkeypatch):
+    from ftctl.adapters import workspace
+
+    keep = tmp_path / "existing"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("keep me\n")
+    before = tree(tmp_path)
+    real = workspace.write_private
+
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(workspace, "write_private", full_disk)
+    code, _, err = run(capsys, "init", "--model", tmp_path, "--home", keep / "a" / "b")
+    assert code == 1 and "internal error" not in err
+    assert "No space left on device" in err and "Nothing was changed" in err
+    assert tree(tmp_path) == before  # a/ and a/b/ and the workspace folders are gone; mine.txt stays
+
+    # and into an existing folder: it stays, with its file, and keeps its mode
+    keep.chmod(0o755)
+    code, _, err = run(capsys, "init", "--model", tmp_path, "--home", keep)
+    assert code == 1 and tree(tmp_path) == before and keep.stat().st_mode & 0o777 == 0o755
+    monkeypatch.setattr(workspace, "write_private", real)
+    assert run(capsys, "init", "--model", tmp_path, "--home", keep)[0] == 0
+    assert (keep / "mine.txt").read_text() == "keep me\n"
