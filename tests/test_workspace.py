@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,79 @@ def test_init_failing_part_way_removes_only_the_folders_it_created(tmp_path, cap
     monkeypatch.setattr(workspace, "write_private", real)
     assert run(capsys, "init", "--model", tmp_path, "--home", keep)[0] == 0
     assert (keep / "mine.txt").read_text() == "keep me\n"
+
+
+# --------------------------------------------------------------------------- 3. init writes durably
+
+
+@pytest.fixture
+def synced(monkeypatch) -> set[Path]:
+    """The paths os.fsync was called on, from now on; a synced temp file renamed over a path counts for it."""
+    paths: set[Path] = set()
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd):
+        fd = fd if isinstance(fd, int) else fd.fileno()
+        paths.add(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def renamer(real):
+        def rename(src, dst, *a, **kw):
+            real(src, dst, *a, **kw)
+            if Path(os.path.abspath(src)) in paths:
+                paths.add(Path(os.path.abspath(dst)))
+        return rename
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", renamer(real_replace))
+    monkeypatch.setattr(os, "rename", renamer(real_rename))
+    return paths
+
+
+def test_init_demo_fsyncs_every_file_and_folder_it_creates(tmp_path, capsys, synced):
+    home = tmp_path / "a" / "home"
+    code, out, err = run(capsys, "init", "--demo", "--home", home)
+    assert code == 0, err
+    created = [home.parent, *home.parent.rglob("*")]
+    assert {p for p in created if p.is_file()} >= {home / "ftctl.yaml", home / "journal.db",
+                                                   home / "demo" / "model" / "model.safetensors",
+                                                   home / "demo" / "model" / "tokenizer.json",
+                                                   home / "demo" / "data" / "train.jsonl"}
+    not_synced = [str(p) for p in created if p not in synced]
+    assert not not_synced
+    assert tmp_path in synced  # the parent of the first folder init created
+    assert not [p for p in created if ".tmp" in p.name]
+
+
+def test_build_demo_and_init_workspace_fsync_everything(tmp_path, synced):
+    from ftctl.adapters.demo import build_demo
+    from ftctl.adapters.workspace import init_workspace
+
+    paths = build_demo(tmp_path / "demo")
+    init_workspace(tmp_path / "ws", str(paths.model_dir))
+    created = list(tmp_path.rglob("*"))
+    assert len(created) > 15
+    assert [str(p) for p in created if p not in synced] == [] and tmp_path in synced
+
+
+def test_init_demo_with_a_bad_home_is_a_user_error(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    before = tree(tmp_path)
+    code, _, err = run(capsys, "init", "--demo", "--home", tmp_path / "notes.txt" / "ws")
+    assert code == 1 and "internal error" not in err
+    assert f"{tmp_path / 'notes.txt'} is a file, not a folder" in err and "Nothing was changed" in err
+    assert tree(tmp_path) == before
+
+
+def test_demo_failing_part_way_removes_what_it_created(tmp_path, capsys, monkeypatch):
+    from ftctl.adapters import demo
+
+    def full_disk(model_dir, *a):
+        (model_dir / "model.safetensors").write_bytes(b"\0" * 10)  # as if half-written
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(demo, "_save_model", full_disk)
+    code, _, err = run(capsys, "init", "--demo", "--home", tmp_path / "ws")
+    assert code == 1 and "internal error" not in err
+    assert f"cannot create {tmp_path / 'ws' / 'demo'}: No space left on device" in err and "Nothing was changed" in err
+    assert list(tmp_path.iterdir()) == []
