@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,78 @@ def test_demo_failing_part_way_removes_what_it_created(tmp_path, capsys, monkeyp
     assert code == 1 and "internal error" not in err
     assert f"cannot create {tmp_path / 'ws' / 'demo'}: No space left on device" in err and "Nothing was changed" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- 4. is a folder a loadable model?
+
+
+@pytest.fixture
+def model(demo, tmp_path) -> Path:
+    """A copy of the demo model, to break."""
+    return Path(shutil.copytree(demo.model_dir, tmp_path / "m"))
+
+
+def _truncate(f: Path) -> None:
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+
+
+def _shard_index(m: Path, shards: list[str]) -> None:
+    (m / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {f"w{i}": s for i, s in enumerate(shards)}}))
+
+
+BROKEN = {
+    "config.json missing": (lambda m: (m / "config.json").unlink(), "{m} has no config.json"),
+    "config.json empty": (lambda m: (m / "config.json").write_text(""), "config.json in {m} is empty or not valid JSON (Expecting value"),
+    "config.json bad": (lambda m: (m / "config.json").write_text('{"model_type": '), "config.json in {m} is empty or not valid JSON ("),
+    "config.json a list": (lambda m: (m / "config.json").write_text("[1]"), "config.json in {m} is not a JSON object"),
+    "no model_type": (lambda m: (m / "config.json").write_text('{"hidden_size": 64}'), 'config.json in {m} has no "model_type"'),
+    "no weights": (lambda m: (m / "model.safetensors").unlink(), "{m} has no *.safetensors weights (convert a Hugging Face model with mlx_lm.convert)"),
+    "gguf only": (lambda m: (m / "model.safetensors").rename(m / "smol.Q4_1.gguf"), "{m} has no *.safetensors weights, only GGUF (smol.Q4_1.gguf), which mlx_lm.load cannot read"),
+    "adapters only": (lambda m: (m / "model.safetensors").rename(m / "adapters.safetensors"), "but none named model*.safetensors"),
+    "weights empty": (lambda m: (m / "model.safetensors").write_bytes(b""), "{m}/model.safetensors is empty"),
+    "weights truncated": (lambda m: _truncate(m / "model.safetensors"), "{m}/model.safetensors is truncated:"),
+    "weights garbage": (lambda m: (m / "model.safetensors").write_bytes(b"GGUF" + b"\0" * 100), "{m}/model.safetensors is truncated or not a safetensors file"),
+    "shard missing": (lambda m: _shard_index(m, ["model.safetensors", "model-00002-of-00002.safetensors"]),
+                      "{m} lacks 1 of the 2 weight shards model.safetensors.index.json lists: model-00002-of-00002.safetensors"),
+    "index bad": (lambda m: (m / "model.safetensors.index.json").write_text("{"), "model.safetensors.index.json in {m} is empty or not valid JSON"),
+    "no tokenizer": (lambda m: [(m / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")], "{m} has no tokenizer (tokenizer.json, tokenizer.model or tokenizer_config.json)"),
+    "tokenizer empty": (lambda m: (m / "tokenizer.json").write_text(""), "tokenizer.json in {m} is empty"),
+}
+
+
+def test_demo_model_is_a_model(demo):
+    from ftctl.adapters.model import model_problem
+
+    assert model_problem(demo.model_dir) is None
+    assert model_problem(str(demo.model_dir)) is None
+
+
+def test_sharded_model_with_every_shard_is_a_model(model):
+    from ftctl.adapters.model import model_problem
+
+    _shard_index(model, ["model.safetensors"])
+    assert model_problem(model) is None
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_broken_model_folder_names_the_problem(model, case):
+    from ftctl.adapters.model import model_problem
+
+    breaks, expected = BROKEN[case]
+    breaks(model)
+    reason = model_problem(model)
+    assert reason is not None and "\n" not in reason
+    assert expected.format(m=model) in reason, reason
+
+
+def test_not_a_model_folder(tmp_path, demo):
+    from ftctl.adapters.model import model_problem
+
+    assert model_problem(tmp_path / "nope") == f"{tmp_path / 'nope'} does not exist"
+    f = demo.model_dir / "model.safetensors"
+    assert model_problem(f) == f"{f} is a file, not a model folder"
+    assert model_problem(tmp_path).startswith(f"{tmp_path} has no config.json")
+    (tmp_path / "smol.gguf").write_bytes(b"GGUF")
+    assert "a GGUF file" in model_problem(tmp_path / "smol.gguf")
