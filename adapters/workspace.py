@@ -152,7 +152,7 @@ def write_private(path: Path, text: str) -> None:
 
 # --------------------------------------------------------------------------- creating files and folders safely
 
-_HOME_ADVICE = "Pass --home a folder you can write to (it may not exist yet), or set FTCTL_HOME, and run `ftctl init` again."
+_HOME_ADVICE = "Pass --home a folder you can write to (it may not exist yet), or set FTCTL_HOME, and try again."
 
 
 def make_folder(path: Path, made: list[Path]) -> None:
