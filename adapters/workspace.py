@@ -94,7 +94,7 @@ class Workspace:
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}). {_FIX_CONFIG}") from None
         except OSError as e:
-            raise WorkspaceError(f"cannot read {path}: {e.strerror}. Nothing was changed.") from None
+            raise WorkspaceError(f"cannot read {path}: {e.strerror}. Nothing was changed; check that --home (or FTCTL_HOME) is your workspace.") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
