@@ -3,7 +3,8 @@
 The tokenizer is a byte-level BPE trained here on the demo corpus; the model is an
 mlx-lm llama with random weights. mlx_lm.load(model_dir) loads it with the real
 loading code, so `ftctl demo` and the tests exercise the same path as a real model.
-Same seed, same bytes.
+Same seed, same bytes. Everything is written durably (fsynced, folders included): a power loss
+right after `ftctl init --demo` does not leave empty model files behind.
 """
 
 import json
@@ -13,6 +14,9 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+
+from ftctl.adapters import fs
+from ftctl.adapters.workspace import creating, make_folder
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
@@ -41,10 +45,22 @@ def build_demo(
     seed: int = 0,
 ) -> DemoPaths:
     dest = Path(dest)
-    model_dir, data_dir = dest / "model", dest / "data"
-    for d in (model_dir, data_dir / "formats"):
-        d.mkdir(parents=True, exist_ok=True)
+    with creating(dest) as made:  # on failure: a WorkspaceError, and what this call created is removed
+        for d in (dest / "model", dest / "data" / "formats"):
+            make_folder(d, made)
+        before = _files(dest)
+        try:
+            return _build(dest, hidden, layers, heads, vocab, seed)
+        finally:
+            made += sorted(_files(dest) - before)
 
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if not p.is_dir()}
+
+
+def _build(dest: Path, hidden: int, layers: int, heads: int, vocab: int, seed: int) -> DemoPaths:
+    model_dir, data_dir = dest / "model", dest / "data"
     pairs = _qa_pairs(seed)
     train, valid = pairs[:200], pairs[200:240]
     paths = {
@@ -106,7 +122,7 @@ def _chat(q: str, a: str) -> dict:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    fs.write_durable(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode(), 0o666)
 
 
 def _save_tokenizer(model_dir: Path, corpus: list[str], vocab: int) -> int:
@@ -132,6 +148,10 @@ def _save_tokenizer(model_dir: Path, corpus: list[str], vocab: int) -> int:
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(model_dir))
+    for f in sorted(model_dir.iterdir()):  # transformers writes in place, without fsync
+        if f.is_file():
+            fs.fsync_path(f)
+    fs.fsync_path(model_dir)
     return fast.convert_tokens_to_ids("<|end|>")
 
 
@@ -156,9 +176,7 @@ def _save_model(model_dir, hidden, layers, heads, vocab, seed, eos_id) -> None:
     model = llama.Model(llama.ModelArgs.from_dict(config))
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(weights)
-    mx.save_safetensors(
-        str(model_dir / "model.safetensors"),
-        {k: weights[k] for k in sorted(weights)},
-        metadata={"format": "mlx"},
-    )
-    (model_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    ordered = {k: weights[k] for k in sorted(weights)}
+    fs.replace_durably(model_dir / "model.safetensors",
+                       lambda f: mx.save_safetensors(f, ordered, metadata={"format": "mlx"}), 0o666)
+    fs.write_durable(model_dir / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), 0o666)

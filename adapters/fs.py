@@ -4,6 +4,7 @@ Tests swap in FaultyFS to fail the N-th write-class operation, the way SQLite's
 test VFS fails its N-th I/O call, and check that nothing committed is harmed.
 """
 
+import contextlib
 import errno
 import os
 import shutil
@@ -111,3 +112,59 @@ def _write_all(fd: int, chunks: list) -> None:
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+# --------------------------------------------------------------------------- durable writes by path
+# For files written once (workspace setup, the demo model): after these return, the data and the
+# directory entry survive a power loss.
+
+
+def fsync_path(path) -> None:
+    """fsync a file, or a folder (which makes the entries created in it durable)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` atomically: temp file, fsync, rename, fsync of the folder."""
+    replace_durably(path, lambda f: f.write(data), mode)
+
+
+def replace_durably(path, write, mode: int = 0o600) -> None:
+    """Replace `path` with what `write(binary_file)` writes: temp file, fsync, rename, fsync of the folder.
+
+    The temp name is hidden and does not end like `path` (mlx_lm.load globs model*.safetensors).
+    On failure the temp file is removed and `path` is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, mode), "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_path(path.parent)
+
+
+def make_dirs(path, made: list, mode: int = 0o700) -> None:
+    """Create `path` and its missing parents, outermost first, each fsynced with its parent.
+
+    Appends every folder it creates to `made` as it goes, so a caller can undo exactly those."""
+    path = Path(path)
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        os.mkdir(d, mode)
+        made.append(d)
+        fsync_path(d)
+        fsync_path(d.parent)

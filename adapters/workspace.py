@@ -14,15 +14,23 @@ Everything is created 0700 (folders) / 0600 (files): training data is often priv
 from __future__ import annotations
 
 import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from ftctl.adapters import fs
 from ftctl.core.config import Config, ConfigError, decode_config, default_config_dict, merge_overrides
 from ftctl.events.journal import Journal
 
 DIRS = ("inbox", "inbox/rejected", "jobs", "models", "logs", "run")
+_FIX_CONFIG = (
+    "Nothing was changed. Edit ftctl.yaml to fix it (`ftctl config show` prints the effective values "
+    "once it reads), then run the command again."
+)
 
 
 class WorkspaceError(Exception):
@@ -78,18 +86,26 @@ class Workspace:
         return Journal.open(self.journal_path)
 
     def read_config_dict(self) -> dict:
+        path = self.config_path
         try:
-            text = self.config_path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise WorkspaceError(f"{self.config_path} is missing: run `ftctl init` or restore it") from None
+            raise WorkspaceError(f"{path} is missing: run `ftctl init` or restore it") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}). {_FIX_CONFIG}") from None
+        except OSError as e:
+            raise WorkspaceError(f"cannot read {path}: {e.strerror}. Nothing was changed; check that --home (or FTCTL_HOME) is your workspace.") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError("", None, f"{self.config_path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+            raise ConfigError(f"{path} is not valid YAML{_yaml_where(e)}. {_FIX_CONFIG}") from None
+        if data is None:
+            return {}
         if not isinstance(data, dict):
-            raise ConfigError("", data, f"{self.config_path} must be a mapping of keys to values")
+            raise ConfigError(
+                f"{path} must be a mapping of keys to values, but it holds a {_yaml_kind(data)}. {_FIX_CONFIG}",
+                value=data,
+            )
         return data
 
     def load_config(self, overrides: list[str] = ()) -> tuple[Config, list[str]]:
@@ -99,38 +115,125 @@ class Workspace:
 
 
 def init_workspace(home: Path, model: str, extra: dict | None = None) -> Workspace:
-    """Create a workspace. Refuses to touch an existing journal."""
+    """Create a workspace, durably. Refuses to touch an existing journal.
+
+    If it fails part-way it removes what it created in this call (and nothing else) and raises a
+    WorkspaceError that says what happened."""
     ws = Workspace(Path(home).expanduser().resolve())
     if ws.exists():
         raise WorkspaceError(f"{ws.home} already holds an ftctl workspace; nothing was changed")
+    cfg = default_config_dict(model)
+    if extra:
+        cfg.update(extra)
+    decode_config(cfg)  # never write a config we would refuse to read
     old = os.umask(0o077)
     try:
-        ws.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(ws.home, 0o700)
-        for d in DIRS:
-            (ws.home / d).mkdir(parents=True, exist_ok=True, mode=0o700)
-        cfg = default_config_dict(model)
-        if extra:
-            cfg.update(extra)
-        decode_config(cfg)  # never write a config we would refuse to read
-        if not ws.config_path.exists():
-            write_private(ws.config_path, _config_text(cfg))
-        Journal.create(ws.journal_path).close()
+        with creating(ws.home) as made:
+            make_folder(ws.home, made)
+            for d in DIRS:
+                make_folder(ws.home / d, made)
+            if not ws.config_path.exists():
+                write_private(ws.config_path, _config_text(cfg))
+                made.append(ws.config_path)
+            made += [f for f in _journal_files(ws.journal_path) if not f.exists()]
+            Journal.create(ws.journal_path).close()
+            fs.fsync_path(ws.journal_path)
+            fs.fsync_path(ws.home)
+            os.chmod(ws.home, 0o700)  # last: a failed init leaves an existing folder's mode alone
     finally:
         os.umask(old)
     return ws
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a small file atomically (temp + fsync + rename), mode 0600."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    """Write a small file atomically and durably (temp + fsync + rename + fsync of the folder), mode 0600."""
+    fs.write_durable(path, text.encode("utf-8"), 0o600)
+
+
+# --------------------------------------------------------------------------- creating files and folders safely
+
+_HOME_ADVICE = "Pass --home a folder you can write to (it may not exist yet), or set FTCTL_HOME, and try again."
+
+
+def make_folder(path: Path, made: list[Path]) -> None:
+    """Create the folder `path` and its missing parents (0700, fsynced), recording each in `made`."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.is_dir():
+            break
+        if p.exists():
+            raise WorkspaceError(f"{p} is a file, not a folder" if p == path
+                                 else f"cannot create {path}: {p} is a file, not a folder")
+    fs.make_dirs(path, made)
+
+
+@contextmanager
+def creating(where: Path) -> Iterator[list[Path]]:
+    """Yield a list to record each file and folder created; if the block fails, remove them.
+
+    Only what is in the list is removed, newest first, folders only when empty: never anything
+    that existed before. An OSError or a WorkspaceError becomes a WorkspaceError saying what
+    happened, what was undone and what to do."""
+    made: list[Path] = []
     try:
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        yield made
+    except (OSError, sqlite3.Error, WorkspaceError) as e:
+        left = undo(made)
+        kept = "Nothing was changed." if not left else (
+            "Removed what it had created except " + ", ".join(map(str, left))
+            + " (not empty, or not removable: look at it before removing it yourself).")
+        raise WorkspaceError(f"{_what_failed(e, where)}. {kept} {_HOME_ADVICE}") from None
+    except BaseException:
+        undo(made)
+        raise
+
+
+def undo(made: list[Path]) -> list[Path]:
+    """Remove the recorded files and (empty) folders, newest first; return those that stayed."""
+    left = []
+    for p in reversed(made):
+        try:
+            if p.is_dir():
+                p.rmdir()
+            else:
+                p.unlink(missing_ok=True)
+        except OSError:
+            left.append(p)
+    return left
+
+
+def _journal_files(journal: Path) -> list[Path]:
+    """The journal and the companions SQLite may leave beside it, companions last (removed first)."""
+    return [journal, *(journal.with_name(journal.name + s) for s in ("-journal", "-wal", "-shm"))]
+
+
+def _what_failed(e: BaseException, where: Path) -> str:
+    if isinstance(e, OSError):
+        return f"cannot create {e.filename or where}: {e.strerror or e}"
+    if isinstance(e, sqlite3.Error):
+        return f"cannot create the journal in {where}: {e}"
+    return str(e)
+
+
+def _at(mark) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    """' at line 4, column 1: <problem> (while parsing a flow sequence that starts at line 2, column 16)'."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or not problem:
+        return f": {e}"
+    text = f" at {_at(mark)}: {problem}"
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and start is not None and start.line != mark.line:
+        text += f" ({context} that starts at {_at(start)})"
+    return text
+
+
+def _yaml_kind(data) -> str:
+    kinds = {list: "a list", str: "a single string", int: "a single number", float: "a single number", bool: "a single true/false"}
+    return kinds.get(type(data), type(data).__name__)
 
 
 def _config_text(cfg: dict) -> str:

@@ -1,0 +1,124 @@
+"""Is a folder an mlx-lm model that can load? The daemon asks before it starts a job.
+
+Cheap on purpose: it reads config.json, the shard index and each weight file's header, never
+the weights. What it checks mirrors mlx_lm.load: config.json with a "model_type", weights in
+model*.safetensors (the files it globs), and a tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on its JSON header
+
+
+def model_problem(path) -> str | None:
+    """None if `path` looks like an mlx-lm model folder that can load, else a one-line reason."""
+    p = Path(path)
+    try:
+        return _folder(p) or _config(p) or _index(p) or _weights(p) or _tokenizer(p)
+    except OSError as e:
+        return f"cannot read {e.filename or p}: {e.strerror or e}"
+
+
+def _folder(p: Path) -> str | None:
+    if not p.exists():
+        return f"{p} does not exist"
+    if not p.is_dir():
+        hint = " (a GGUF file: mlx_lm.load needs a folder with config.json, *.safetensors and a tokenizer)" \
+            if p.suffix.lower() == ".gguf" else ""
+        return f"{p} is a file, not a model folder{hint}"
+    return None
+
+
+def _config(p: Path) -> str | None:
+    if not (p / "config.json").is_file():
+        return f"{p} has no config.json: not an mlx-lm model folder (it needs config.json, *.safetensors weights and a tokenizer)"
+    data, problem = _json(p / "config.json")
+    if problem:
+        return problem
+    if not isinstance(data, dict):
+        return f"config.json in {p} is not a JSON object"
+    if not isinstance(data.get("model_type"), str) or not data["model_type"]:
+        return f'config.json in {p} has no "model_type" (mlx-lm picks the architecture by it)'
+    return None
+
+
+def _index(p: Path) -> str | None:
+    if not (p / INDEX).exists():
+        return None
+    data, problem = _json(p / INDEX)
+    if problem:
+        return problem
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        return f'{INDEX} in {p} has no "weight_map" object'
+    shards = sorted(set(map(str, weight_map.values())))
+    missing = [s for s in shards if not (p / s).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        return (f"{p} lacks {len(missing)} of the {len(shards)} weight shards {INDEX} lists: "
+                f"{', '.join(missing[:3])}{more} (an interrupted download or copy?)")
+    return None
+
+
+def _weights(p: Path) -> str | None:
+    files = sorted(p.glob("model*.safetensors"))
+    if not files:
+        others = sorted(f.name for f in p.glob("*.safetensors"))
+        gguf = sorted(f.name for f in p.glob("*.gguf"))
+        if others:
+            return (f"{p} has *.safetensors files ({', '.join(others[:3])}) but none named model*.safetensors, "
+                    "the only ones mlx_lm.load reads (adapter weights are not a base model)")
+        if gguf:
+            return (f"{p} has no *.safetensors weights, only GGUF ({gguf[0]}), which mlx_lm.load cannot read: "
+                    "use the model's Hugging Face release, converted with mlx_lm.convert")
+        return f"{p} has no *.safetensors weights (convert a Hugging Face model with mlx_lm.convert)"
+    for f in files:
+        problem = _safetensors_problem(f)
+        if problem:
+            return problem
+    return None
+
+
+def _safetensors_problem(f: Path) -> str | None:
+    """Checks the header only: 8-byte length, JSON, and that the file is as long as it says."""
+    size = f.stat().st_size
+    if size == 0:
+        return f"{f} is empty (an interrupted download or copy?)"
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n < 2 or n > _MAX_HEADER or 8 + n > size:
+            return f"{f} is truncated or not a safetensors file ({size} bytes)"
+        try:
+            header = json.loads(fh.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return f"{f} is not a safetensors file (its header is not valid)"
+    if 8 + n + end > size:
+        return f"{f} is truncated: {size} bytes, its header says {8 + n + end} (an interrupted download or copy?)"
+    return None
+
+
+def _tokenizer(p: Path) -> str | None:
+    present = [p / name for name in TOKENIZER_FILES if (p / name).is_file()]
+    if not present:
+        return f"{p} has no tokenizer ({', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]})"
+    for f in present:
+        if f.stat().st_size == 0:
+            return f"{f.name} in {p} is empty (an interrupted download or copy?)"
+    if (p / "tokenizer_config.json").is_file():
+        return _json(p / "tokenizer_config.json")[1]
+    return None
+
+
+def _json(f: Path) -> tuple[object, str | None]:
+    try:
+        return json.loads(f.read_bytes()), None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
+        return None, f"{f.name} in {f.parent} is empty or not valid JSON ({e})"
