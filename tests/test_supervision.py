@@ -137,13 +137,7 @@ def _completed(home, job: str = "0001"):
     return j
 
 
-@pytest.fixture(scope="module")
-def baseline_sha(tmp_path_factory, demo):
-    """The adapter sha256 of an uninterrupted 40-step run (TEST_CONFIG), once per module."""
-    home = make_workspace(tmp_path_factory.mktemp("supervision-baseline") / "ws", demo.model_dir)
-    _submit(home, demo)
-    ftctl(home, "start", "--until-idle", "--quiet", timeout=600)
-    return _completed(home).adapter_sha256
+# `baseline` (tests/conftest.py): two uninterrupted 40-step jobs, trained once per session.
 
 
 # --------------------------------------------------------------------------- a. detection
@@ -321,7 +315,7 @@ def test_two_daemons_started_at_once_exactly_one_runs(tmp_path, demo):
 # --------------------------------------------------------------------------- f. control, daemon running
 
 
-def test_pause_and_resume_with_a_running_daemon_lose_no_step(tmp_path, demo, baseline_sha):
+def test_pause_and_resume_with_a_running_daemon_lose_no_step(tmp_path, demo, baseline):
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo)
     d = _daemon(home)
@@ -350,7 +344,7 @@ def test_pause_and_resume_with_a_running_daemon_lose_no_step(tmp_path, demo, bas
         assert d.wait(timeout=30) == 0
     finally:
         _stop(d)
-    assert _completed(home).adapter_sha256 == baseline_sha
+    assert _completed(home).adapter_sha256 == baseline.sha1
     starts = [e["data"] for e in _events(home, "training_started")]
     assert [s.get("resume_step", 0) for s in starts] == [0, stop]
     assert _survivors(home) == []
@@ -360,7 +354,7 @@ def test_pause_and_resume_with_a_running_daemon_lose_no_step(tmp_path, demo, bas
 
 
 @pytest.mark.parametrize("action", ["pause", "cancel"])
-def test_pause_or_cancel_with_no_daemon_is_applied_at_next_start(tmp_path, demo, baseline_sha, action):
+def test_pause_or_cancel_with_no_daemon_is_applied_at_next_start(tmp_path, demo, baseline, action):
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo)
     p = ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "daemon_before_commit:10"), check=False)
@@ -382,7 +376,7 @@ def test_pause_or_cancel_with_no_daemon_is_applied_at_next_start(tmp_path, demo,
         return
     ftctl(home, "resume", "0001")
     ftctl(home, "start", "--until-idle", "--quiet")
-    assert _completed(home).adapter_sha256 == baseline_sha
+    assert _completed(home).adapter_sha256 == baseline.sha1
     assert _events(home, "training_started")[-1]["data"]["resume_step"] == 5  # step 10 was never committed
     assert _survivors(home) == []
 
@@ -390,7 +384,7 @@ def test_pause_or_cancel_with_no_daemon_is_applied_at_next_start(tmp_path, demo,
 # --------------------------------------------------------------------------- h. killed in recovery
 
 
-def test_daemon_killed_during_its_own_recovery(tmp_path, demo, baseline_sha):
+def test_daemon_killed_during_its_own_recovery(tmp_path, demo, baseline):
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo)
     p = ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "daemon_before_commit:10"), check=False)
@@ -402,7 +396,7 @@ def test_daemon_killed_during_its_own_recovery(tmp_path, demo, baseline_sha):
     assert last["type"] == "daemon_stopped"  # the first repair was committed, the second never started
     assert _job(home).state == "checkpointing"
     ftctl(home, "start", "--until-idle", "--quiet")
-    assert _completed(home).adapter_sha256 == baseline_sha
+    assert _completed(home).adapter_sha256 == baseline.sha1
     assert len(_events(home, "crashed")) == 1  # the half-done recovery did not crash the job twice
     assert json.loads(ftctl(home, "recover", "--dry-run", "--json").stdout)["repairs"] == []
     assert _survivors(home) == []
