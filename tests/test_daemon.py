@@ -4,10 +4,10 @@ points, restart, and the final adapter is bit-for-bit the uninterrupted one."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -64,8 +64,8 @@ def test_daemon_killed_before_commit_and_corrupt_newest_checkpoint(tmp_path, dem
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
     p = ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "daemon_before_commit:15"), check=False)
     assert p.returncode == -signal.SIGKILL
-    time.sleep(0.5)
-    assert survivors(home) == []  # the worker died with its daemon (PR_SET_PDEATHSIG / stdin EOF)
+    # the worker dies with its daemon (PR_SET_PDEATHSIG / stdin EOF): at once, but not in the same instant
+    wait_for(lambda: survivors(home) == [], timeout=30, every=0.05)
     ckdir = home / "jobs" / "0001" / "checkpoints"
     assert (ckdir / "step-00000015").exists()
     blob = ckdir / "step-00000010" / "adapters.safetensors"
@@ -98,23 +98,20 @@ def test_truncated_checkpoint_falls_back(tmp_path, demo, baseline):
     assert [e["data"]["step"] for e in history(home) if e["type"] == "checkpoint_corrupt"] == [15]
 
 
-def _reported_step(home) -> int:
-    import sqlite3
-
-    con = sqlite3.connect(f"file:{home / 'journal.db'}?mode=ro", uri=True)
-    try:
-        return con.execute("SELECT coalesce(max(step), 0) FROM metrics").fetchone()[0]
-    finally:
-        con.close()
-
-
 def test_sigterm_checkpoints_and_loses_no_step(tmp_path, demo, baseline):
+    """SIGTERM while the worker stands still after step 12 (FTCTL_HANG_AT, released by the
+    worker's `stop`): the job is interrupted with a checkpoint at exactly step 12, and the
+    restart finishes bit for bit."""
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    marker = tmp_path / "marker-hang-mid-step-12"
+    env = {k: v for k, v in os.environ.items() if k != "FTCTL_CRASH_AT"}
+    env["FTCTL_HANG_AT"] = f"mid_step:12:{marker}"
     d = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--quiet", "--home", str(home)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        seen = wait_for(lambda: _reported_step(home) >= 10, timeout=240, every=0.02) and _reported_step(home)
+        wait_for(lambda: marker.exists() or d.poll() is not None, timeout=240, every=0.02)
+        assert marker.exists(), d.communicate()
         d.send_signal(signal.SIGTERM)
         assert d.wait(timeout=120) == 0, d.stderr.read()
     finally:
@@ -122,12 +119,14 @@ def test_sigterm_checkpoints_and_loses_no_step(tmp_path, demo, baseline):
             d.kill()
     evs = history(home)
     inter = [e for e in evs if e["type"] == "interrupted"]
-    assert len(inter) == 1 and inter[0]["data"]["step"] >= seen
+    assert len(inter) == 1 and inter[0]["data"]["step"] == 12, inter
+    assert "checkpointed at step 12" in inter[0]["data"]["reason"]
     committed = [e["data"]["step"] for e in evs if e["type"] == "checkpoint_committed"]
-    assert committed[-1] == inter[0]["data"]["step"]  # checkpointed exactly where it stopped
+    assert committed == [5, 10, 12]  # checkpointed exactly where it stopped
     assert status(home, "0001")["state"] == "queued"
     ftctl(home, "start", "--until-idle", "--quiet")
     assert finished(home)["adapter_sha256"] == baseline.sha1
+    assert [e["data"].get("resume_step", 0) for e in history(home) if e["type"] == "training_started"] == [0, 12]
 
 
 def test_adapter_loads_and_generates_with_mlx_lm(baseline, demo):
