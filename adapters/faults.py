@@ -3,7 +3,9 @@
 Set ``FTCTL_CRASH_AT="point:step:marker"`` (several separated by commas). The point fires at
 most once: it creates ``marker`` first, so the restarted process runs past it. ``step`` may be
 ``*`` for the first time the point is reached. ``FTCTL_HANG_AT`` takes the same form but makes
-the process stop making progress (sleep) instead, for the hang watchdog's tests. The step of a
+the process stand still instead (no progress: the hang watchdog's tests) until the predicate
+given to ``wake_when`` is true, or forever if none was given. The worker passes its stop flag,
+so a pause or shutdown sent to a hung worker stops it at exactly that step. The step of a
 worker point is the global step (the job step for a lineage's first job); of a consolidation
 point, the new base version. Unset (the
 normal case), ``crash_point`` is a dict lookup that returns at once.
@@ -15,6 +17,7 @@ import errno
 import os
 import signal
 import time
+from typing import Callable
 
 POINTS = (
     "mid_step",            # worker: after an optimizer step, before the next
@@ -36,6 +39,13 @@ def _armed() -> dict[str, list[tuple[str, str, str]]]:
 
 
 _ARMED = _armed()
+_wake: Callable[[], bool] = lambda: False  # what ends a hang: by default, nothing
+
+
+def wake_when(predicate: Callable[[], bool]) -> None:
+    """A hang point of this process returns once ``predicate()`` is true."""
+    global _wake
+    _wake = predicate
 
 
 def crash_point(name: str, step: int | None = None) -> None:
@@ -50,8 +60,9 @@ def crash_point(name: str, step: int | None = None) -> None:
         os.fsync(fd)
         os.close(fd)
         if action == "hang":
-            while True:
-                time.sleep(3600)
+            while not _wake():
+                time.sleep(0.05)
+            return
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -20,6 +20,8 @@ import sys
 import threading
 import traceback
 
+from ftctl.adapters import faults
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -37,6 +39,7 @@ def main() -> int:
 
     plan_line = sys.stdin.buffer.readline()
     stop = threading.Event()
+    faults.wake_when(stop.is_set)  # an FTCTL_HANG_AT point stands still until the daemon says `stop`
 
     def control() -> None:
         for line in sys.stdin.buffer:

@@ -1,5 +1,6 @@
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -12,3 +13,24 @@ def demo(tmp_path_factory):
     from ftctl.adapters.demo import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo"))
+
+
+class Baseline(NamedTuple):
+    home: Path  # the workspace, for tests that inspect an uninterrupted run
+    sha1: str   # adapter sha256 of job 0001: 40 steps of TEST_CONFIG from a fresh adapter
+    sha2: str   # of job 0002: the same 40 steps, warm-started from job 0001
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory, demo) -> Baseline:
+    """Two uninterrupted 40-step jobs of TEST_CONFIG in one workspace, trained once per session:
+    every interrupted run must end with the same adapter bytes."""
+    from helpers import finished, ftctl, make_workspace
+
+    home = make_workspace(tmp_path_factory.mktemp("baseline") / "ws", demo.model_dir)
+    for name in ("job1", "job2"):
+        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name)
+    ftctl(home, "start", "--until-idle", "--quiet", timeout=600)
+    first, second = finished(home, "0001"), finished(home, "0002")
+    assert first["global_step"] == 40 and second["global_step"] == 80  # the lineage's cumulative step
+    return Baseline(home, first["adapter_sha256"], second["adapter_sha256"])

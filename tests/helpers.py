@@ -115,5 +115,20 @@ def survivors(home: Path) -> list[int]:
     return out
 
 
+def finished(home: Path, job: str = "0001") -> dict:
+    """The job's status, after checking it completed cleanly: its adapter matches its recorded
+    sha256, no temp directory or process is left, and the journal passes its integrity check."""
+    from ftctl.events.journal import Journal
+
+    s = status(home, job)
+    assert s["state"] == "completed", s
+    assert s["adapter_sha256"] == sha256_file(f"{s['adapter_path']}/adapters.safetensors")
+    assert leftovers(home) == []
+    assert survivors(home) == []
+    with Journal.open(home / "journal.db") as j:
+        assert j.integrity_check() == "ok"
+    return s
+
+
 def read_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())

@@ -4,15 +4,14 @@ points, restart, and the final adapter is bit-for-bit the uninterrupted one."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from helpers import (crash_env, ftctl, history, kinds, leftovers, make_workspace, sha256_file, status,
-                     survivors, wait_for)
+from helpers import crash_env, finished, ftctl, history, kinds, make_workspace, status, survivors, wait_for
 
 
 def _run_job(tmp_path, demo, name, *, env=None, jobs=1, starts=1):
@@ -24,29 +23,11 @@ def _run_job(tmp_path, demo, name, *, env=None, jobs=1, starts=1):
     return home
 
 
-def _finished(home, job="0001"):
-    s = status(home, job)
-    assert s["state"] == "completed", s
-    assert s["adapter_sha256"] == sha256_file(f"{s['adapter_path']}/adapters.safetensors")
-    assert leftovers(home) == []
-    assert survivors(home) == []
-    from ftctl.events.journal import Journal
-
-    with Journal.open(home / "journal.db") as j:
-        assert j.integrity_check() == "ok"
-    return s
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, demo):
-    home = _run_job(tmp_path_factory.mktemp("base"), demo, "ws", jobs=2)
-    first, second = _finished(home, "0001"), _finished(home, "0002")
-    assert first["global_step"] == 40 and second["global_step"] == 80  # the lineage's cumulative step
-    return home, first["adapter_sha256"], second["adapter_sha256"]
+# `baseline` (tests/conftest.py): two uninterrupted 40-step jobs, trained once per session.
 
 
 def test_uninterrupted_run_is_recorded(baseline):
-    home, sha1, _ = baseline
+    home = baseline.home
     k = kinds(home, "0001")
     assert k[:2] == ["job_submitted", "training_started"]
     assert k.count("checkpoint_committed") == 8 and k[-1] == "completed"
@@ -61,8 +42,8 @@ def test_uninterrupted_run_is_recorded(baseline):
 @pytest.mark.parametrize("point", ["mid_step:7", "mid_step:23", "after_temp_write:10", "after_rename:15"])
 def test_worker_killed_resumes_bit_for_bit(tmp_path, demo, baseline, point):
     home = _run_job(tmp_path, demo, "ws", env=crash_env(tmp_path, point))
-    s = _finished(home)
-    assert s["adapter_sha256"] == baseline[1]
+    s = finished(home)
+    assert s["adapter_sha256"] == baseline.sha1
     crashes = [e for e in history(home) if e["type"] == "crashed"]
     assert len(crashes) == 1 and crashes[0]["data"]["category"] == "killed"
     assert crashes[0]["data"]["signal"] == signal.SIGKILL
@@ -71,7 +52,7 @@ def test_worker_killed_resumes_bit_for_bit(tmp_path, demo, baseline, point):
 def test_warm_started_second_job_resumes_bit_for_bit(tmp_path, demo, baseline):
     # crash points count global steps: 53 = the second job's 13th iteration (it warm-started at 40)
     home = _run_job(tmp_path, demo, "ws", jobs=2, env=crash_env(tmp_path, "mid_step:53"))
-    assert _finished(home, "0002")["adapter_sha256"] == baseline[2]
+    assert finished(home, "0002")["adapter_sha256"] == baseline.sha2
     assert [(e["data"]["job"], e["data"]["step"]) for e in history(home) if e["type"] == "crashed"] == [("0002", 13)]
 
 
@@ -83,8 +64,8 @@ def test_daemon_killed_before_commit_and_corrupt_newest_checkpoint(tmp_path, dem
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
     p = ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "daemon_before_commit:15"), check=False)
     assert p.returncode == -signal.SIGKILL
-    time.sleep(0.5)
-    assert survivors(home) == []  # the worker died with its daemon (PR_SET_PDEATHSIG / stdin EOF)
+    # the worker dies with its daemon (PR_SET_PDEATHSIG / stdin EOF): at once, but not in the same instant
+    wait_for(lambda: survivors(home) == [], timeout=30, every=0.05)
     ckdir = home / "jobs" / "0001" / "checkpoints"
     assert (ckdir / "step-00000015").exists()
     blob = ckdir / "step-00000010" / "adapters.safetensors"
@@ -95,8 +76,8 @@ def test_daemon_killed_before_commit_and_corrupt_newest_checkpoint(tmp_path, dem
     assert any("uncommitted" in r["what"] for r in plan["repairs"])
     assert any("corrupt" in r["what"] for r in plan["repairs"])
     ftctl(home, "start", "--until-idle", "--quiet")
-    s = _finished(home)
-    assert s["adapter_sha256"] == baseline[1]
+    s = finished(home)
+    assert s["adapter_sha256"] == baseline.sha1
     evs = history(home)
     assert any(e["type"] == "checkpoint_corrupt" and e["data"]["step"] == 10 for e in evs)
     assert any(e["type"] == "checkpoint_discarded" and e["data"]["path"].endswith("step-00000015") for e in evs)
@@ -113,27 +94,24 @@ def test_truncated_checkpoint_falls_back(tmp_path, demo, baseline):
     opt = home / "jobs" / "0001" / "checkpoints" / "step-00000015" / "optimizer.safetensors"
     opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])
     ftctl(home, "start", "--until-idle", "--quiet")
-    assert _finished(home)["adapter_sha256"] == baseline[1]
+    assert finished(home)["adapter_sha256"] == baseline.sha1
     assert [e["data"]["step"] for e in history(home) if e["type"] == "checkpoint_corrupt"] == [15]
 
 
-def _reported_step(home) -> int:
-    import sqlite3
-
-    con = sqlite3.connect(f"file:{home / 'journal.db'}?mode=ro", uri=True)
-    try:
-        return con.execute("SELECT coalesce(max(step), 0) FROM metrics").fetchone()[0]
-    finally:
-        con.close()
-
-
 def test_sigterm_checkpoints_and_loses_no_step(tmp_path, demo, baseline):
+    """SIGTERM while the worker stands still after step 12 (FTCTL_HANG_AT, released by the
+    worker's `stop`): the job is interrupted with a checkpoint at exactly step 12, and the
+    restart finishes bit for bit."""
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    marker = tmp_path / "marker-hang-mid-step-12"
+    env = {k: v for k, v in os.environ.items() if k != "FTCTL_CRASH_AT"}
+    env["FTCTL_HANG_AT"] = f"mid_step:12:{marker}"
     d = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--quiet", "--home", str(home)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        seen = wait_for(lambda: _reported_step(home) >= 10, timeout=240, every=0.02) and _reported_step(home)
+        wait_for(lambda: marker.exists() or d.poll() is not None, timeout=240, every=0.02)
+        assert marker.exists(), d.communicate()
         d.send_signal(signal.SIGTERM)
         assert d.wait(timeout=120) == 0, d.stderr.read()
     finally:
@@ -141,12 +119,14 @@ def test_sigterm_checkpoints_and_loses_no_step(tmp_path, demo, baseline):
             d.kill()
     evs = history(home)
     inter = [e for e in evs if e["type"] == "interrupted"]
-    assert len(inter) == 1 and inter[0]["data"]["step"] >= seen
+    assert len(inter) == 1 and inter[0]["data"]["step"] == 12, inter
+    assert "checkpointed at step 12" in inter[0]["data"]["reason"]
     committed = [e["data"]["step"] for e in evs if e["type"] == "checkpoint_committed"]
-    assert committed[-1] == inter[0]["data"]["step"]  # checkpointed exactly where it stopped
+    assert committed == [5, 10, 12]  # checkpointed exactly where it stopped
     assert status(home, "0001")["state"] == "queued"
     ftctl(home, "start", "--until-idle", "--quiet")
-    assert _finished(home)["adapter_sha256"] == baseline[1]
+    assert finished(home)["adapter_sha256"] == baseline.sha1
+    assert [e["data"].get("resume_step", 0) for e in history(home) if e["type"] == "training_started"] == [0, 12]
 
 
 def test_adapter_loads_and_generates_with_mlx_lm(baseline, demo):
@@ -191,14 +171,14 @@ def test_disk_full_mid_checkpoint_pauses_then_resumes_bit_for_bit(tmp_path, demo
     verify_checkpoint(s["checkpoints"][0]["path"])
     ftctl(home, "resume", "0001")
     ftctl(home, "start", "--until-idle", "--quiet")
-    assert _finished(home)["adapter_sha256"] == baseline[1]
+    assert finished(home)["adapter_sha256"] == baseline.sha1
 
 
 def test_io_error_mid_checkpoint_is_retried_and_finishes_bit_for_bit(tmp_path, demo, baseline):
     env = {"FTCTL_FS_FAULT": f"14:EIO:{tmp_path / 'fs-marker'}"}
     home = _run_job(tmp_path, demo, "ws", env=env)
-    s = _finished(home)
-    assert s["adapter_sha256"] == baseline[1]
+    s = finished(home)
+    assert s["adapter_sha256"] == baseline.sha1
     assert [c["category"] for c in s["crashes"]] == ["io_error"]
 
 

@@ -1,5 +1,5 @@
-"""Supervision with real processes and the tiny model: how fast a worker's death is recorded,
-the hang watchdog, the restart budget, orphans of a dead daemon, two daemons at once,
+"""Supervision with real processes and the tiny model: a worker's death is recorded, the hang
+watchdog, the restart budget, orphans of a dead daemon, two daemons at once,
 pause/resume/cancel with and without a daemon, a daemon killed during its own recovery, the
 inbox, and a job stranded in `crashed` by a daemon that died between two commits."""
 
@@ -76,11 +76,6 @@ def _epoch(ts: str) -> float:
     return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
 
-def _reported_step(home, job: str = "0001") -> int:
-    r = _rows(home, "SELECT coalesce(max(step), 0) FROM metrics WHERE job = ?", (job,))
-    return r[0][0] if r else 0
-
-
 def _projection(home):
     """What the journal says, now (replayed in-process: `ftctl status` without the start-up)."""
     from ftctl.recovery.ledger import Ledger
@@ -118,8 +113,7 @@ def _in_state(home, state: str, job: str = "0001"):
 
 
 def _ftctl_here(home, *args: str) -> int:
-    """`ftctl ARGS` run in this process: the same command without the interpreter start-up
-    (used where the command must land while a 40-step job is still training)."""
+    """`ftctl ARGS` run in this process: the same command without the interpreter start-up."""
     from ftctl.cli.main import main
 
     old = os.umask(0o077)
@@ -137,33 +131,38 @@ def _completed(home, job: str = "0001"):
     return j
 
 
-@pytest.fixture(scope="module")
-def baseline_sha(tmp_path_factory, demo):
-    """The adapter sha256 of an uninterrupted 40-step run (TEST_CONFIG), once per module."""
-    home = make_workspace(tmp_path_factory.mktemp("supervision-baseline") / "ws", demo.model_dir)
-    _submit(home, demo)
-    ftctl(home, "start", "--until-idle", "--quiet", timeout=600)
-    return _completed(home).adapter_sha256
+def _reject_bad_inbox_file(home, tmp_path, n: int) -> None:
+    """Drop the n-th unusable file in the inbox of a running daemon and wait for its rejection:
+    proof that the daemon went round its loop (inbox, then queue) once more."""
+    src = tmp_path / f"bad{n}.jsonl"
+    src.write_bytes(b'{"text": "fine"}\nnot json at all\n{"messages": 3}\n')
+    old = time.time() - 60
+    os.utime(src, (old, old))  # past INBOX_SETTLE_S: taken at the next turn, not 2 s later
+    os.replace(src, home / "inbox" / src.name)
+    wait_for(lambda: len(_events(home, "job_rejected")) >= n, timeout=60, every=0.05)
+
+
+# `baseline` (tests/conftest.py): two uninterrupted 40-step jobs, trained once per session.
 
 
 # --------------------------------------------------------------------------- a. detection
 
 
-def test_worker_death_is_recorded_within_a_second(tmp_path, demo):
+def test_worker_death_is_recorded_and_the_job_resumes(tmp_path, demo):
+    # how fast the death is recorded is measured by bench/detect.py, not pinned here
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo, *SHORT)
     marker = tmp_path / "marker-mid-step-7"
     d = _daemon(home, "--until-idle", env={"FTCTL_CRASH_AT": f"mid_step:7:{marker}"})
     try:
-        wait_for(lambda: _events(home, "crashed") or d.poll() is not None, timeout=180, every=0.02)
-        assert marker.exists(), "the mid_step:7 crash point never fired"
-        crashed = _events(home, "crashed")[0]
-        gap = _epoch(crashed["ts"]) - marker.stat().st_mtime  # the marker is written just before the SIGKILL
-        assert -0.05 < gap < 1.0, f"the worker's death was journaled {gap:.3f} s after it happened"
         _, err = d.communicate(timeout=180)
         assert d.returncode == 0, err
     finally:
         _stop(d)
+    assert marker.exists(), "the mid_step:7 crash point never fired"
+    crashed = _events(home, "crashed")[0]
+    gap = _epoch(crashed["ts"]) - marker.stat().st_mtime  # the marker is written just before the SIGKILL
+    assert gap > -0.05, f"the death was journaled {-gap:.3f} s before it happened"
     c = crashed["data"]
     assert c["category"] == "killed" and c["signal"] == signal.SIGKILL and c["exit_code"] == -signal.SIGKILL
     starts = [e["data"] for e in _events(home, "training_started")]
@@ -189,7 +188,8 @@ def test_hung_worker_is_killed_by_the_watchdog_and_requeued(tmp_path, demo):
     c = crashes[0]
     assert c["data"]["category"] == "hang" and c["data"]["signal"] == signal.SIGKILL
     waited = _epoch(c["ts"]) - marker.stat().st_mtime
-    assert HANG_S - 0.5 < waited < HANG_S + 3, f"the watchdog fired {waited:.2f} s after the hang (hang_s = {HANG_S})"
+    # never before hang_s; the upper bound only catches a watchdog that does not fire (load can delay it)
+    assert HANG_S - 0.5 < waited < HANG_S + 60, f"the watchdog fired {waited:.2f} s after the hang (hang_s = {HANG_S})"
     kinds = [e["type"] for e in _events(home) if e["stream"] == "job:0001"]
     assert kinds[kinds.index("crashed") + 1] == "requeued"
     starts = [e["data"] for e in _events(home, "training_started")]
@@ -281,7 +281,8 @@ def test_recover_stops_the_orphan_of_a_dead_daemon_but_never_a_stranger(tmp_path
             assert not alive(me)
         else:
             assert not any("orphan" in w for w in whats), whats
-            time.sleep(0.3)
+            # recover stops an orphan synchronously (process.stop_group waits for it): had it
+            # signalled the stranger, it would be gone by now
             assert alive(me) and psutil.Process(orphan.pid).status() != psutil.STATUS_ZOMBIE
         crashes = _events(home, "crashed")
         assert len(crashes) == 1 and crashes[0]["data"]["category"] == "daemon_died"
@@ -321,25 +322,31 @@ def test_two_daemons_started_at_once_exactly_one_runs(tmp_path, demo):
 # --------------------------------------------------------------------------- f. control, daemon running
 
 
-def test_pause_and_resume_with_a_running_daemon_lose_no_step(tmp_path, demo, baseline_sha):
+def test_pause_and_resume_with_a_running_daemon_lose_no_step(tmp_path, demo, baseline):
+    """The pause lands while the worker stands still after step 7 (FTCTL_HANG_AT, released by
+    the worker's `stop`): the job pauses with a checkpoint at exactly step 7, the daemon stays
+    up and leaves it alone, and once resumed it finishes bit for bit."""
+    stop = 7  # not a save_every step: the checkpoint there is the pause's
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo)
-    d = _daemon(home)
+    marker = tmp_path / f"marker-hang-mid-step-{stop}"
+    d = _daemon(home, env={"FTCTL_HANG_AT": f"mid_step:{stop}:{marker}"})
     try:
-        wait_for(lambda: _reported_step(home) >= 5, timeout=180, every=0.01)
+        wait_for(lambda: marker.exists() or d.poll() is not None, timeout=180, every=0.05)
+        assert marker.exists(), f"the mid_step:{stop} hang point never fired"
         assert _ftctl_here(home, "pause", "0001") == 0
-        asked = time.monotonic()
-        j = wait_for(lambda: _in_state(home, "paused"), timeout=30, every=0.05)
-        took = time.monotonic() - asked
-        assert took < 5, f"pause took {took:.1f} s"
-        stop = j.step
-        assert 5 <= stop < 40, f"paused at step {stop}: the pause came too late to test anything"
-        assert f"at step {stop}" in j.reason, j.reason
+        j = wait_for(lambda: _in_state(home, "paused"), timeout=120, every=0.05)
+        assert j.step == stop and f"at step {stop}" in j.reason, (j.step, j.reason)
         evs = [e for e in _events(home) if e["stream"] == "job:0001"]
         paused_at = max(e["seq"] for e in evs if e["type"] == "paused")
-        assert [e for e in evs if e["type"] == "checkpoint_committed" and e["seq"] < paused_at][-1]["data"]["step"] == stop
+        committed = [e["data"]["step"] for e in evs if e["type"] == "checkpoint_committed" and e["seq"] < paused_at]
+        assert committed == [5, stop], committed
         assert any(e["type"] == "control_requested" and e["data"]["action"] == "pause" for e in evs)
-        time.sleep(1.0)
+        # the daemon stays up and does not pick the paused job up: it rejects one bad inbox file,
+        # then another in a later turn of its loop (a paused job taken in the first turn would
+        # be training_started before the second rejection)
+        for n in (1, 2):
+            _reject_bad_inbox_file(home, tmp_path, n)
         assert d.poll() is None, "the daemon exited after pausing its only job"
         assert _projection(home).daemon.running
         assert len(_events(home, "training_started")) == 1  # a paused job is not picked up
@@ -350,7 +357,7 @@ def test_pause_and_resume_with_a_running_daemon_lose_no_step(tmp_path, demo, bas
         assert d.wait(timeout=30) == 0
     finally:
         _stop(d)
-    assert _completed(home).adapter_sha256 == baseline_sha
+    assert _completed(home).adapter_sha256 == baseline.sha1
     starts = [e["data"] for e in _events(home, "training_started")]
     assert [s.get("resume_step", 0) for s in starts] == [0, stop]
     assert _survivors(home) == []
@@ -360,7 +367,7 @@ def test_pause_and_resume_with_a_running_daemon_lose_no_step(tmp_path, demo, bas
 
 
 @pytest.mark.parametrize("action", ["pause", "cancel"])
-def test_pause_or_cancel_with_no_daemon_is_applied_at_next_start(tmp_path, demo, baseline_sha, action):
+def test_pause_or_cancel_with_no_daemon_is_applied_at_next_start(tmp_path, demo, baseline, action):
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo)
     p = ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "daemon_before_commit:10"), check=False)
@@ -382,7 +389,7 @@ def test_pause_or_cancel_with_no_daemon_is_applied_at_next_start(tmp_path, demo,
         return
     ftctl(home, "resume", "0001")
     ftctl(home, "start", "--until-idle", "--quiet")
-    assert _completed(home).adapter_sha256 == baseline_sha
+    assert _completed(home).adapter_sha256 == baseline.sha1
     assert _events(home, "training_started")[-1]["data"]["resume_step"] == 5  # step 10 was never committed
     assert _survivors(home) == []
 
@@ -390,7 +397,7 @@ def test_pause_or_cancel_with_no_daemon_is_applied_at_next_start(tmp_path, demo,
 # --------------------------------------------------------------------------- h. killed in recovery
 
 
-def test_daemon_killed_during_its_own_recovery(tmp_path, demo, baseline_sha):
+def test_daemon_killed_during_its_own_recovery(tmp_path, demo, baseline):
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo)
     p = ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "daemon_before_commit:10"), check=False)
@@ -402,7 +409,7 @@ def test_daemon_killed_during_its_own_recovery(tmp_path, demo, baseline_sha):
     assert last["type"] == "daemon_stopped"  # the first repair was committed, the second never started
     assert _job(home).state == "checkpointing"
     ftctl(home, "start", "--until-idle", "--quiet")
-    assert _completed(home).adapter_sha256 == baseline_sha
+    assert _completed(home).adapter_sha256 == baseline.sha1
     assert len(_events(home, "crashed")) == 1  # the half-done recovery did not crash the job twice
     assert json.loads(ftctl(home, "recover", "--dry-run", "--json").stdout)["repairs"] == []
     assert _survivors(home) == []
