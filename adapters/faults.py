@@ -19,14 +19,18 @@ import signal
 import time
 from typing import Callable
 
-POINTS = (
-    "mid_step",            # worker: after an optimizer step, before the next
-    "after_temp_write",    # worker: checkpoint files written and fsynced in the temp dir
-    "after_rename",        # worker: checkpoint renamed into place, before the daemon hears of it
-    "daemon_before_commit",  # daemon: checkpoint reported by the worker, event not yet appended
-    "daemon_after_spawn",  # daemon: worker spawned, `training started` not yet appended
-    "during_recovery",     # daemon: recovery has started repairing
-)
+POINTS = {  # every crash_point() call names one of these (tests/test_layers.py checks both ways)
+    "mid_step": "worker: after an optimizer step, before the next",
+    "after_temp_write": "worker: checkpoint files written and fsynced in the temp dir",
+    "after_rename": "worker: checkpoint renamed into place, before the daemon hears of it",
+    "daemon_before_commit": "daemon: checkpoint reported by the worker, event not yet appended",
+    "daemon_after_spawn": "daemon: worker spawned, `training_started` not yet appended",
+    "during_recovery": "daemon: recovery has started repairing (step = repairs done)",
+    "consolidate_mid_fuse": "consolidate: the fused weights computed, nothing written",
+    "consolidate_mid_write": "consolidate: the temp model folder written, not yet hashed or verified",
+    "consolidate_after_rename": "consolidate: models/vN in place, `base_promoted` not yet appended",
+    "consolidate_after_event": "consolidate: `base_promoted` appended, the old base not yet retired",
+}
 
 
 def _armed() -> dict[str, list[tuple[str, str, str]]]:
@@ -34,6 +38,8 @@ def _armed() -> dict[str, list[tuple[str, str, str]]]:
     for var, action in (("FTCTL_CRASH_AT", "kill"), ("FTCTL_HANG_AT", "hang")):
         for item in filter(None, os.environ.get(var, "").split(",")):
             name, step, marker = item.split(":", 2)
+            if name not in POINTS:  # a typo would make a kill test pass without killing anything
+                raise ValueError(f"{var}: unknown crash point {name!r}; known: {', '.join(POINTS)}")
             out.setdefault(name, []).append((step, marker, action))
     return out
 

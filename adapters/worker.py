@@ -21,6 +21,7 @@ import threading
 import traceback
 
 from ftctl.adapters import faults
+from ftctl.adapters import protocol as P  # light: msgspec and the config schema only
 
 
 def main() -> int:
@@ -31,7 +32,6 @@ def main() -> int:
     args = ap.parse_args()
     out = os.fdopen(args.message_fd, "wb", buffering=0)
     lock = threading.Lock()
-    from ftctl.adapters import protocol as P  # light: msgspec and the config schema only
 
     def emit(msg) -> None:
         with lock:

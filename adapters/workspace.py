@@ -14,7 +14,6 @@ Everything is created 0700 (folders) / 0600 (files): training data is often priv
 from __future__ import annotations
 
 import os
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import yaml
 
 from ftctl.adapters import fs
 from ftctl.core.config import Config, ConfigError, decode_config, default_config_dict, merge_overrides
-from ftctl.events.journal import Journal
+from ftctl.events.journal import Journal, JournalError
 
 DIRS = ("inbox", "inbox/rejected", "jobs", "models", "logs", "run")
 _FIX_CONFIG = (
@@ -177,7 +176,7 @@ def creating(where: Path) -> Iterator[list[Path]]:
     made: list[Path] = []
     try:
         yield made
-    except (OSError, sqlite3.Error, WorkspaceError) as e:
+    except (OSError, JournalError, WorkspaceError) as e:
         left = undo(made)
         kept = "Nothing was changed." if not left else (
             "Removed what it had created except " + ", ".join(map(str, left))
@@ -210,7 +209,7 @@ def _journal_files(journal: Path) -> list[Path]:
 def _what_failed(e: BaseException, where: Path) -> str:
     if isinstance(e, OSError):
         return f"cannot create {e.filename or where}: {e.strerror or e}"
-    if isinstance(e, sqlite3.Error):
+    if isinstance(e, JournalError):
         return f"cannot create the journal in {where}: {e}"
     return str(e)
 

@@ -2,7 +2,7 @@
 
     python bench/detect.py [--samples 24] [--keep DIR]
 
-A real daemon (cli.daemon.Daemon, in this process's main thread) trains the demo model with
+A real daemon (control.daemon.Daemon, in this process's main thread) trains the demo model with
 restart.backoff_s = 0 and a restart budget that never runs out (max_restarts 1000 in a 1 s
 window). A second thread plays the outside world: it waits until the current worker has
 trained for a random 0.3-0.8 s, reads the worker's pid from the latest `training_started` in
@@ -17,8 +17,8 @@ Times (all wall clock, time.time(); the journal's ts is the same clock, UTC):
   crashed -> training_started   requeue (backoff 0), preflight, checkpoint verify, spawn
   training_started -> loaded    worker interpreter + imports + model/data/optimizer/resume;
                                 load_s is the worker's own measure of the last part (its
-                                `loaded` message, recorded here by wrapping
-                                Supervision.on_message)
+                                `loaded` message, seen here through the daemon's
+                                Reporter)
   loaded -> first step          the first (compiled) step of the restarted worker
   crashed -> first new step     the whole restart; "excluding model load" subtracts load_s
 Goal: kill -> crashed <= 1 s (median, p90 and max).
@@ -43,8 +43,10 @@ from pathlib import Path
 
 from ftctl.adapters.demo import build_demo
 from ftctl.adapters.workspace import Workspace, init_workspace
-from ftctl.cli import daemon as D
-from ftctl.cli.jobs import submit
+from ftctl.adapters import protocol as P
+from ftctl.control.daemon import Daemon
+from ftctl.control.reporter import Reporter
+from ftctl.control.submit import submit
 from ftctl.core.state import DAEMON_STREAM
 from ftctl.events import types as T
 from ftctl.recovery.ledger import Ledger
@@ -60,19 +62,21 @@ CONFIG = {
 seen: dict[int, dict] = {}  # worker pid -> {"loaded": t, "load_s": s, "first_step": t}
 
 
-def _watch_messages() -> None:
-    orig = D.Supervision.on_message
+class Watch(Reporter):
+    """The daemon reports every worker message: note when each worker loaded and first stepped."""
 
-    def on_message(self, m: dict) -> None:
-        t = m.get("t")
-        rec = seen.setdefault(self.w.id.pid, {})
-        if t == "loaded":
-            rec["loaded"], rec["load_s"] = time.time(), m["load_s"]
-        elif t == "step" and "first_step" not in rec:
+    def __init__(self):
+        self.pid: dict[str, int] = {}  # job -> the pid of its current worker (from the journal)
+
+    def progress(self, job: str, msg) -> None:
+        rec = seen.setdefault(self.pid.get(job, 0), {})
+        if isinstance(msg, P.Loaded):
+            rec["loaded"], rec["load_s"] = time.time(), msg.load_s
+        elif isinstance(msg, P.Step) and "first_step" not in rec:
             rec["first_step"] = time.time()
-        orig(self, m)
 
-    D.Supervision.on_message = on_message
+
+WATCH = Watch()
 
 
 def _epoch(ts: str) -> float:
@@ -105,6 +109,7 @@ def sampler(ws: Workspace, demo, n: int, samples: list[dict], errors: list[str])
         for seq, ts, typ, d in j.new():
             if typ == "training_started":
                 current.update(pid=d["worker_pid"], ts=ts, job=d["job"], seq=seq)
+                WATCH.pid[d["job"]] = d["worker_pid"]
             elif typ in ("crashed", "completed", "failed") and out is None:
                 out = {"seq": seq, "ts": ts, "type": typ, "data": d}
         return out
@@ -185,13 +190,12 @@ def main() -> None:
         ledger = Ledger(ws.open_journal())
         submit(ws, ledger, demo.train, valid=demo.valid, name="bench")
         ledger.close()
-        _watch_messages()
         samples: list[dict] = []
         errors: list[str] = []
         t = threading.Thread(target=sampler, args=(ws, demo, args.samples, samples, errors), daemon=True)
         t.start()
         print(f"daemon on {ws.home}; {args.samples} samples", flush=True)
-        D.Daemon(ws, quiet=True).run()
+        Daemon(ws, report=WATCH).run()
         t.join(timeout=60)
         if errors:
             print(errors[0], file=sys.stderr)

@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 
 from ftctl.events.journal import Journal, utc_now
-from ftctl.events.types import CheckpointCommitted, encode
+from ftctl.events.types import CheckpointCommitted, CheckpointRecord, encode
 
-EVENT = CheckpointCommitted(
-    job="20260101-120000-alpaca-lora", step=1200, global_step=1200,
-    path="checkpoints/20260101-120000-alpaca-lora/step-0001200",
+EVENT = CheckpointCommitted(job="20260101-120000-alpaca-lora", checkpoint=CheckpointRecord(
+    step=1200, global_step=1200, path="checkpoints/20260101-120000-alpaca-lora/step-0001200",
     manifest_sha256="9f2c1e0b7d8a6f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1a0f9e8d7c",
     bytes=52_428_800, train_loss=1.2345, val_loss=1.3456,
-)
+))
 BODY = encode(EVENT).decode()
 
 

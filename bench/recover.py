@@ -38,11 +38,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
+
 from ftctl.adapters import checkpoint as ck
 from ftctl.adapters.workspace import Workspace, init_workspace
 from ftctl.core.config import config_sha256, config_to_dict, decode_config
 from ftctl.core.policy import to_prune
-from ftctl.core.state import DAEMON_STREAM, SNAPSHOT_FORMAT, CheckpointRef, job_stream
+from ftctl.core.config import Config
+from ftctl.core.state import DAEMON_STREAM, SNAPSHOT_FORMAT, JobState, job_stream
 from ftctl.events import types as T
 from ftctl.events.journal import Journal
 from ftctl.recovery import reconcile
@@ -66,6 +69,7 @@ class Gen:
 
     def __init__(self, home: Path, config: dict, sha: str, rng: random.Random):
         self.home, self.config, self.sha, self.rng = home, config, sha, rng
+        self.typed = msgspec.convert(config, Config)
         self.kept: list[str] = []  # checkpoint paths still committed (not pruned) at the end
 
     def _ckpt_path(self, job: str, step: int) -> str:
@@ -77,18 +81,19 @@ class Gen:
                                  worker_started_at=T0 + r.random() * 1e7, resume_step=resume,
                                  resume_checkpoint=path, base_model=self.config["model"])
 
-    def _checkpoints(self, job: str, out: list, refs: list[CheckpointRef], steps: range) -> None:
+    def _checkpoints(self, job: str, out: list, refs: list[T.CheckpointRecord], steps: range) -> None:
         for step in steps:
             if step % 200 == 0:
                 out.append(T.Evaluated(job=job, step=step, global_step=step, val_loss=2.0 / (1 + step / 300) + self.rng.random() * 0.05))
             val = out[-1].val_loss if isinstance(out[-1], T.Evaluated) else None
             path = self._ckpt_path(job, step)
             out.append(T.CheckpointStarted(job=job, step=step, global_step=step))
-            out.append(T.CheckpointCommitted(job=job, step=step, global_step=step, path=path, manifest_sha256="d" * 64,
-                                             bytes=16_384, train_loss=2.1 / (1 + step / 300), val_loss=val))
+            record = T.CheckpointRecord(step=step, global_step=step, path=path, manifest_sha256="d" * 64, bytes=16_384,
+                                        train_loss=2.1 / (1 + step / 300), val_loss=val)
+            out.append(T.CheckpointCommitted(job=job, checkpoint=record))
             refs[:] = [c for c in refs if c.path != path]
-            refs.append(CheckpointRef(step=step, global_step=step, path=path, manifest_sha256="d" * 64, val_loss=val))
-            victims = to_prune(refs, 3, True)
+            refs.append(record)
+            victims = to_prune(JobState(job=job, config=self.typed, checkpoints=refs))
             out += [T.CheckpointPruned(job=job, step=c.step, path=c.path, reason="retention: keep_last=3, keep_best=True")
                     for c in victims]
             gone = {c.path for c in victims}
@@ -108,7 +113,7 @@ class Gen:
         """Submitted, trained by a worker that is gone now, left `training` after a checkpoint."""
         out: list[T.EventBase] = [self.submitted(job), T.TrainingStarted(
             job=job, attempt=1, worker_pid=pid, worker_started_at=time.time() - 60, base_model=self.config["model"])]
-        refs: list[CheckpointRef] = []
+        refs: list[T.CheckpointRecord] = []
         self._checkpoints(job, out, refs, range(SAVE_EVERY, upto + 1, SAVE_EVERY))
         self.kept += [c.path for c in refs]
         return out
@@ -120,7 +125,7 @@ class Gen:
             return [self.rejected(job)]
         out: list[T.EventBase] = [self.submitted(job)]
         last = SAVE_EVERY * r.randrange(20, 60)
-        refs: list[CheckpointRef] = []
+        refs: list[T.CheckpointRecord] = []
         out.append(self._started(job, 1))
         if kind < 0.07:  # fails: the same exception at the same step three times
             at = SAVE_EVERY * r.randrange(2, 10)

@@ -51,8 +51,9 @@ def job_events(job: str, rng: random.Random) -> list[T.EventBase]:
         step += 50
         path = f"checkpoints/{job}/step-{step:07d}"
         out.append(T.CheckpointStarted(job=job, step=step, global_step=step))
-        out.append(T.CheckpointCommitted(job=job, step=step, global_step=step, path=path, manifest_sha256="d" * 64,
-                                         bytes=52_428_800, train_loss=2.0 / (1 + c), val_loss=None))
+        out.append(T.CheckpointCommitted(job=job, checkpoint=T.CheckpointRecord(
+            step=step, global_step=step, path=path, manifest_sha256="d" * 64, bytes=52_428_800,
+            train_loss=2.0 / (1 + c), val_loss=None)))
         kept.append(path)
         if c % 4 == 3:
             out.append(T.Evaluated(job=job, step=step, global_step=step, val_loss=2.1 / (1 + c)))

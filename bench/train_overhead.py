@@ -34,7 +34,8 @@ from mlx_lm.tuner.trainer import TrainingArgs, train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from ftctl.adapters.demo import build_demo
-from ftctl.adapters.trainer import TrainPlan, run
+from ftctl.adapters.protocol import CheckpointWritten, TrainPlan
+from ftctl.adapters.trainer import run
 from ftctl.core.config import decode_config
 
 LR = 1e-4
@@ -80,7 +81,7 @@ def ours(demo, iters, batch_size, job_dir: Path, save_every: int = 50) -> tuple[
     tic = time.perf_counter()
     run(
         TrainPlan(job_id="bench", job_dir=str(job_dir), config=cfg, train_path=str(demo.train)),
-        lambda m: saved.append(m) if m["t"] == "checkpoint" else None,
+        lambda m: saved.append(m) if isinstance(m, CheckpointWritten) else None,
     )
     return time.perf_counter() - tic, len(saved)
 

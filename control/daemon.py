@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ftctl.adapters import process, system
 from ftctl.adapters.faults import crash_point
+from ftctl.adapters.model import model_problem
 from ftctl.adapters.protocol import TrainPlan, encode
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, ConfigError, locked_changes
@@ -225,9 +226,11 @@ class Daemon:
         if free < need:
             return (f"only {free:.2f} GB free on {self.ws.home}, need {need:.2f} GB "
                     f"(max of min_free_disk_gb and twice the checkpoint size): free space, then `ftctl resume {j.job}`")
+        problem = model_problem(cfg.model)
+        if problem:
+            return (f"the base model cannot load: {problem}. The job and its checkpoints are kept: restore the model "
+                    f"folder, then `ftctl resume {j.job}`")
         model = Path(cfg.model)
-        if not model.exists():
-            return f"base model {cfg.model} does not exist: restore it, then `ftctl resume {j.job}`"
         weights = sum(p.stat().st_size for p in model.glob("*.safetensors")) / system.GB
         avail = system.available_memory_gb()
         if avail < weights * 1.2:

@@ -6,13 +6,13 @@ Used by `ftctl submit` and by the daemon's inbox watcher, so both behave the sam
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 
+from ftctl.adapters.fs import write_durable
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, config_sha256, config_to_dict, locked_changes
 from ftctl.core.dataset import DataReport, validate_jsonl
@@ -67,20 +67,6 @@ def _split(data: bytes, report: DataReport, batch_size: int) -> tuple[bytes, byt
     train = b"".join(l if l.endswith(b"\n") else l + b"\n" for i, l in enumerate(lines, 1) if i not in held)
     valid = b"".join(l if l.endswith(b"\n") else l + b"\n" for i, l in enumerate(lines, 1) if i in held)
     return train, valid
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _next_job_id(ledger: Ledger) -> str:
@@ -162,9 +148,9 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
                     warnings.append(f"no --valid file: held out {n} of {report.valid} examples for validation")
             else:
                 train, held = data, vdata
-            _write_file(jdir / "train.jsonl", train)
+            write_durable(jdir / "train.jsonl", train)
             if held is not None:
-                _write_file(jdir / "valid.jsonl", held)
+                write_durable(jdir / "valid.jsonl", held)
             if report.verdict == "warn":
                 warnings += report.reasons
             if vreport is not None and vreport.verdict == "warn":

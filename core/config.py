@@ -198,7 +198,8 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
         default_factory=Timeouts
     )
     min_free_disk_gb: Annotated[
-        float, _m("refuse to start or checkpoint below this free disk space (GB)", ge=0)
+        float, _m("a job does not start (it is paused, with the reason) below this free disk space (GB), "
+                  "nor below twice its last checkpoint's size", ge=0)
     ] = 1.0
     consolidation: Annotated[
         Consolidation, _m("periodic fusing of the adapter into the base model")

@@ -147,7 +147,13 @@ class Journal:
     # ------------------------------------------------------------------ open / create
     @classmethod
     def create(cls, path: Path) -> "Journal":
-        path = Path(path)
+        try:
+            return cls._create(Path(path))
+        except sqlite3.Error as e:  # the disk, not the caller: say so as a journal problem
+            raise JournalError(f"cannot create the journal {path}: {e}") from e
+
+    @classmethod
+    def _create(cls, path: Path) -> "Journal":
         if path.exists():
             raise JournalError(f"{path} already exists; refusing to overwrite a journal")
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)

@@ -121,7 +121,7 @@ def test_sigterm_checkpoints_and_loses_no_step(tmp_path, demo, baseline):
     inter = [e for e in evs if e["type"] == "interrupted"]
     assert len(inter) == 1 and inter[0]["data"]["step"] == 12, inter
     assert "checkpointed at step 12" in inter[0]["data"]["reason"]
-    committed = [e["data"]["step"] for e in evs if e["type"] == "checkpoint_committed"]
+    committed = [e["data"]["checkpoint"]["step"] for e in evs if e["type"] == "checkpoint_committed"]
     assert committed == [5, 10, 12]  # checkpointed exactly where it stopped
     assert status(home, "0001")["state"] == "queued"
     ftctl(home, "start", "--until-idle", "--quiet")
@@ -188,3 +188,25 @@ def test_preflight_disk_shortage_pauses_before_training(tmp_path, demo):
     ftctl(home, "start", "--until-idle", "--quiet")
     s = status(home, "0001")
     assert s["state"] == "paused" and "GB free" in s["reason"] and s["attempt"] == 0
+
+
+def test_preflight_refuses_a_model_folder_that_cannot_load(tmp_path, demo):
+    """A power cut left the model's config.json empty: the job is paused before any worker starts,
+    with the reason naming the file, and runs once the folder is restored."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(demo.model_dir, model)
+    home = make_workspace(tmp_path / "ws", model, iters=5, save_every=5)
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    good = (model / "config.json").read_bytes()
+    (model / "config.json").write_bytes(b"")
+    ftctl(home, "start", "--until-idle", "--quiet")
+    s = status(home, "0001")
+    assert s["state"] == "paused" and s["attempt"] == 0, s
+    assert "config.json" in s["reason"] and "ftctl resume 0001" in s["reason"], s["reason"]
+    assert "training_started" not in kinds(home, "0001")
+    (model / "config.json").write_bytes(good)
+    ftctl(home, "resume", "0001")
+    ftctl(home, "start", "--until-idle", "--quiet")
+    assert status(home, "0001")["state"] == "completed"

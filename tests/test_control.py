@@ -1,0 +1,171 @@
+"""The control layer in-process, no training: the daemon's stop is always recorded, the CLI's
+internal-error handler survives a vanished file system, a job's config_sha256 hashes exactly the
+recorded config, and the worker protocol's decoders take anything without crashing."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ftctl.adapters import protocol as P
+from ftctl.adapters.workspace import Workspace, init_workspace
+from ftctl.control.daemon import Daemon
+from ftctl.control.reporter import Reporter
+from ftctl.control.submit import submit
+from ftctl.core.state import lineage_stream
+from ftctl.events import types as T
+from ftctl.recovery.ledger import Ledger
+
+
+def chat(i: int) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+
+
+@pytest.fixture
+def ws(tmp_path) -> Workspace:
+    (tmp_path / "model").mkdir()
+    return init_workspace(tmp_path / "home", str(tmp_path / "model"), {"min_free_disk_gb": 0.0})
+
+
+def events(ws: Workspace) -> list[T.EventBase]:
+    ledger = Ledger(ws.open_journal())
+    try:
+        return [r.event for r in ledger.journal.read()]
+    finally:
+        ledger.close()
+
+
+class Notes(Reporter):
+    def __init__(self):
+        self.lines: list[tuple[str, str]] = []
+
+    def note(self, text: str, level: str = "info") -> None:
+        self.lines.append((level, text))
+
+
+def test_a_broken_ftctl_yaml_does_not_stop_an_idle_daemon(ws):
+    """Regression: a YAML syntax error made the idle daemon exit 2 without recording its stop."""
+    ws.config_path.write_text("model: [unclosed\n")
+    notes = Notes()
+    assert Daemon(ws, until_idle=True, report=notes).run() == "queue empty (--until-idle)"
+    assert type(events(ws)[-1]) is T.DaemonStopped
+    skipped = [t for lvl, t in notes.lines if "consolidation skipped" in t]
+    assert len(skipped) == 1 and "ftctl.yaml" in skipped[0] and "line 1" in skipped[0], notes.lines
+
+
+def test_an_internal_error_in_the_daemon_loop_is_recorded_and_releases_the_lock(ws, monkeypatch):
+    def boom(self):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(Daemon, "scan_inbox", boom)
+    with pytest.raises(RuntimeError):
+        Daemon(ws, until_idle=True).run()
+    last = events(ws)[-1]
+    assert type(last) is T.DaemonStopped and last.reason == "internal error: RuntimeError: simulated bug"
+    monkeypatch.undo()
+    assert Daemon(ws, until_idle=True).run() == "queue empty (--until-idle)"  # the lock was released
+    assert "internal error: RuntimeError: simulated bug" in (ws.logs / "daemon.log").read_text()
+
+
+def test_internal_error_handler_survives_a_vanished_file_system(ws, capsys, monkeypatch):
+    """Regression: with the workspace's mount gone the handler itself raised (ENOTCONN)."""
+    from ftctl.cli import main as m
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated bug")
+
+    def gone(self):
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected", str(self.home / "logs"))
+
+    monkeypatch.setattr(m, "_ledger", boom)
+    monkeypatch.setattr(Workspace, "logs", property(gone))
+    code = m.main(["status", "--home", str(ws.home)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "internal error: RuntimeError: simulated bug" in err and "Committed events are safe" in err
+
+
+def _recorded_sha(body_config: dict) -> str:
+    return hashlib.sha256(msgspec.json.encode(body_config, order="sorted")).hexdigest()
+
+
+def test_config_sha256_hashes_exactly_the_recorded_config_also_after_a_promotion(ws, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(chat(i) for i in range(40)) + "\n")
+    ledger = Ledger(ws.open_journal())
+    try:
+        submit(ws, ledger, data, overrides=["learning_rate=3e-4"])
+        promoted = str(ws.models / "v0001")  # as if the lineage had consolidated: jobs now train on v0001
+        ledger.commit(lineage_stream("main"), T.ConsolidationStarted(
+            lineage="main", version=1, base_model=ledger.state.lineages["main"].base_model, adapter_path="a",
+            adapter_sha256="b", temp_path="t"))
+        ledger.commit(lineage_stream("main"), T.BasePromoted(lineage="main", version=1, model_path=promoted,
+                                                             weights_sha256="w", previous_base="x"))
+        submit(ws, ledger, data)
+        jobs = ledger.state.jobs
+        assert jobs["0002"].config.model == promoted
+    finally:
+        ledger.close()
+    bodies = [json.loads(T.encode(e)) for e in events(ws) if isinstance(e, T.JobSubmitted)]
+    assert [b["config"]["model"] for b in bodies][1] == promoted
+    for b, job in zip(bodies, ("0001", "0002")):
+        assert _recorded_sha(b["config"]) == b["config_sha256"] == jobs[job].config_sha256, job
+
+
+def test_an_old_flat_checkpoint_committed_is_read_as_the_current_record(tmp_path):
+    from ftctl.events.journal import Journal
+
+    j = Journal.create(tmp_path / "j.db")
+    try:
+        j.append("job:0001", [T.CheckpointCommittedV1(job="0001", step=5, global_step=45, path="p", manifest_sha256="m",
+                                                      bytes=7, val_loss=1.5)])
+        (rec,) = j.read()
+        assert rec.event == T.CheckpointCommitted(job="0001", checkpoint=T.CheckpointRecord(
+            step=5, global_step=45, path="p", manifest_sha256="m", bytes=7, val_loss=1.5))
+    finally:
+        j.close()
+
+
+# --------------------------------------------------------------------------- the worker protocol
+
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MESSAGES = P.WorkerMessage.__args__
+
+
+@FUZZ
+@given(st.data())
+def test_every_message_round_trips(data):
+    typ = data.draw(st.sampled_from(MESSAGES))
+    msg = data.draw(st.from_type(typ).filter(lambda m: all(  # NaN and inf are sent as null: never in a message
+        not isinstance(v, float) or v == v and abs(v) != float("inf") for v in msgspec.to_builtins(m).values())))
+    assert P.decode_message(P.encode(msg)) == msg
+
+
+@FUZZ
+@given(st.binary(max_size=300) | st.text(max_size=200).map(str.encode))
+def test_message_decoders_refuse_garbage_with_protocol_error_only(line):
+    for decode in (P.decode_message, P.decode_control, P.decode_plan):
+        try:
+            decode(line)
+        except P.ProtocolError:
+            pass
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["t", "step", "global_step", "metrics", "checkpoint", "category", "message"]),
+                       st.none() | st.integers() | st.floats() | st.text(max_size=5) | st.sampled_from(
+                           ["step", "report", "checkpoint", "error", "loaded", "stop"]), max_size=6))
+def test_message_decoders_refuse_wrong_shapes(obj):
+    line = json.dumps(obj).encode()
+    for decode in (P.decode_message, P.decode_control):
+        try:
+            msg = decode(line)
+        except P.ProtocolError:
+            continue
+        assert isinstance(msg, P.Message)
