@@ -34,3 +34,15 @@ def baseline(tmp_path_factory, demo) -> Baseline:
     first, second = finished(home, "0001"), finished(home, "0002")
     assert first["global_step"] == 40 and second["global_step"] == 80  # the lineage's cumulative step
     return Baseline(home, first["adapter_sha256"], second["adapter_sha256"])
+
+
+@pytest.fixture
+def ws(tmp_path, capsys):
+    """A workspace made by `ftctl init` on an empty model folder (for commands that train nothing)."""
+    from helpers import run
+
+    model = tmp_path / "model"
+    model.mkdir()
+    home = tmp_path / "home"
+    assert run(capsys, "init", "--model", model, "--home", home)[0] == 0
+    return home

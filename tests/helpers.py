@@ -132,3 +132,12 @@ def finished(home: Path, job: str = "0001") -> dict:
 
 def read_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    """`ftctl ARGS` in this process: (exit code, stdout, stderr with whitespace folded)."""
+    from ftctl.cli.main import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, " ".join(err.split())

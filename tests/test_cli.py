@@ -12,23 +12,9 @@ import pytest
 import yaml
 
 from ftctl.cli.main import main
+from helpers import run
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, " ".join(err.split())
-
-
-@pytest.fixture
-def ws(tmp_path, capsys):
-    model = tmp_path / "model"
-    model.mkdir()
-    home = tmp_path / "home"
-    assert run(capsys, "init", "--model", model, "--home", home)[0] == 0
-    return home
 
 
 def chat(i: int) -> str:

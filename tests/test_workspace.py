@@ -9,22 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ftctl.cli.main import main
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, " ".join(err.split())
-
-
-@pytest.fixture
-def ws(tmp_path, capsys):
-    model = tmp_path / "model"
-    model.mkdir()
-    home = tmp_path / "home"
-    assert run(capsys, "init", "--model", model, "--home", home)[0] == 0
-    return home
+from helpers import run
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
