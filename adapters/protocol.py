@@ -46,7 +46,7 @@ class Loaded(Message, tag="loaded"):
 
     step: int
     global_step: int
-    load_s: float
+    load_s: float | None
 
 
 class Step(Message, tag="step"):
@@ -69,8 +69,8 @@ class EvalStarted(Message, tag="eval_begin"):
 class Evaluated(Message, tag="eval"):
     step: int
     global_step: int
-    val_loss: float | None  # None: not finite
-    eval_s: float
+    val_loss: float | None  # None: not finite (JSON has no NaN: it travels as null)
+    eval_s: float | None
 
 
 class CheckpointStarted(Message, tag="checkpoint_begin"):

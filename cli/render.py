@@ -184,11 +184,11 @@ class ConsoleReporter(Reporter):
                 self.bar.update(self.task, completed=msg.step)
             elif isinstance(msg, P.Report):
                 m = msg.metrics
-                self.bar.update(self.task, completed=m.step, loss=_fmt(m.loss, ".4f"), tps=f"{m.tokens_per_s:.0f}")
+                self.bar.update(self.task, completed=m.step, loss=_fmt(m.loss, ".4f"), tps=_fmt(m.tokens_per_s, ".0f"))
         elif isinstance(msg, P.Report):
             m = msg.metrics
             self.note(f"job {job} step {m.step}/{self.iters}: loss {_fmt(m.loss, '.4f')}  lr {_fmt(m.lr, '.3g')}  "
-                      f"{m.tokens_per_s:.0f} tok/s  peak {m.peak_mem_gb:.2f} GB")
+                      f"{_fmt(m.tokens_per_s, '.0f')} tok/s  peak {_fmt(m.peak_mem_gb, '.2f')} GB")
         elif isinstance(msg, P.Evaluated):
             self.note(f"job {job} step {msg.step}: val loss {_fmt(msg.val_loss, '.4f')}",
                       "info" if msg.val_loss is not None else "warn")

@@ -135,7 +135,7 @@ class Supervision:
             case P.Report(metrics=m):
                 L.journal.record_metric(job, m)
                 d.log(f"job {job} step {m.step}/{self.cfg.iters}: loss {_num(m.loss, '.4f')}  lr {_num(m.lr, '.3g')}  "
-                      f"{m.tokens_per_s:.0f} tok/s  peak {m.peak_mem_gb:.2f} GB")
+                      f"{_num(m.tokens_per_s, '.0f')} tok/s  peak {_num(m.peak_mem_gb, '.2f')} GB")
             case P.EvalStarted():
                 self.in_eval = True
             case P.Evaluated(step=step, global_step=gstep, val_loss=val):

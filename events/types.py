@@ -102,10 +102,10 @@ class Metrics(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
     step: int
     global_step: int
-    loss: float | None
+    loss: float | None  # None: not finite (JSON has no NaN: msgspec writes null)
     lr: float | None
-    tokens_per_s: float
-    peak_mem_gb: float
+    tokens_per_s: float | None
+    peak_mem_gb: float | None
     trained_tokens: int
 
 

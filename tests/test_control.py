@@ -142,9 +142,18 @@ MESSAGES = P.WorkerMessage.__args__
 @given(st.data())
 def test_every_message_round_trips(data):
     typ = data.draw(st.sampled_from(MESSAGES))
-    msg = data.draw(st.from_type(typ).filter(lambda m: all(  # NaN and inf are sent as null: never in a message
-        not isinstance(v, float) or v == v and abs(v) != float("inf") for v in msgspec.to_builtins(m).values())))
-    assert P.decode_message(P.encode(msg)) == msg
+    msg = data.draw(st.from_type(typ))
+    got = P.decode_message(P.encode(msg))  # never refused: a NaN or inf arrives as null
+    if _finite(msgspec.to_builtins(msg)):
+        assert got == msg
+
+
+def _finite(v) -> bool:
+    if isinstance(v, float):
+        return v == v and abs(v) != float("inf")
+    if isinstance(v, dict):
+        return all(map(_finite, v.values()))
+    return all(map(_finite, v)) if isinstance(v, list) else True
 
 
 @FUZZ
