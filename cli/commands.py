@@ -3,7 +3,6 @@ consolidate, config show, doctor, demo. Each parses, calls the control layer, re
 
 from __future__ import annotations
 
-import os
 import signal
 from dataclasses import asdict
 from pathlib import Path
@@ -100,30 +99,37 @@ def cmd_shutdown(args, ws) -> int:
 
 
 def cmd_demo(args, ws) -> int:
-    """Init a demo workspace, train a job end to end, kill its worker mid-run, show the recovery."""
+    """Init a demo workspace, train a job end to end, kill its worker mid-run, show the recovery.
+    Its folder is --home if given on this command, else ./ftctl-demo (never $FTCTL_HOME: that is
+    where a user's real workspace lives)."""
     from ftctl.control.demo import tour
 
     from .main import main as ftctl
 
-    home = ws.home if getattr(args, "home", None) or os.environ.get("FTCTL_HOME") else Path("ftctl-demo").resolve()
+    home = ws.home if getattr(args, "home", None) else Path("ftctl-demo").resolve()
     t = tour(home, reset=args.reset, kill_at=args.kill_at, report=render.ConsoleReporter())
     render.console.rule("4. the journal tells the story")
     ftctl(["history", "--home", str(home)])
     render.console.rule("5. status of the finished job")
     ftctl(["status", t.job, "--home", str(home)])
-    how = (f"killed at step {', '.join(map(str, t.killed_at))} and resumed" if t.killed_at
-           else "never killed (the kill step was not reached)")
-    render.console.print(f"adapter sha256, {how}: {t.sha256}\n"
-                         f"adapter sha256, never interrupted:{' ' * max(1, len(how) - 17)}{t.reference_sha256}")
-    if t.identical and t.killed_at:
-        render.console.print("[green]identical[/]: the resume was bit-for-bit (weights, optimizer, LR position, data "
-                             "cursor and RNG all restored)")
-    elif t.identical:
-        render.console.print("[green]identical[/], but nothing was killed, so this shows no resume")
+    killed = (f"killed at step {', '.join(map(str, t.killed_at))} and resumed" if t.killed_at
+              else "never killed (the journal records no kill)")
+    render.console.print(f"adapter sha256, {killed}: {t.sha256}\n"
+                         f"adapter sha256, {'never interrupted':<{len(killed)}}: {t.reference_sha256}")
+    if t.proven:
+        render.console.print("[green]identical[/], from the same data and config (sha256 checked in both journals), with "
+                             f"the kill at step {t.kill_at} recorded: the resume was bit-for-bit (weights, optimizer, "
+                             "LR position, data cursor and RNG all restored)")
+    elif t.killed_at != [t.kill_at]:
+        render.err_console.print(f"[red]not shown[/]: the journal records the worker killed at {t.killed_at or 'no step'}, "
+                                 f"not once at step {t.kill_at}; this run proves nothing about resuming")
+    elif not t.same_inputs:
+        render.err_console.print("[red]not comparable[/]: the two jobs recorded different data or config sha256")
     else:
-        render.console.print("[red]DIFFERENT[/]: please report this")
+        render.err_console.print("[red]DIFFERENT[/] from the same inputs: the resume was not bit-for-bit. This is a bug: "
+                                 f"please report it with {home}/journal.db")
     render.console.print(f"Try: ftctl history --home {home} --crashes · ftctl replay {t.job} --to SEQ --home {home}")
-    return 0 if t.identical else 2
+    return 0 if t.proven else (2 if t.killed_at == [t.kill_at] and t.same_inputs else 1)
 
 
 def cmd_consolidate(args, ws) -> int:
@@ -228,6 +234,6 @@ def register(sub, home) -> None:
     s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("demo", parents=[home], help="the one-minute tour on the embedded tiny model")
-    s.add_argument("--reset", action="store_true", help="delete the demo workspace first")
+    s.add_argument("--reset", action="store_true", help="delete the demo workspace first (only one `ftctl demo` made)")
     s.add_argument("--kill-at", type=int, default=17, metavar="STEP", help="step at which the worker is killed")
     s.set_defaults(func=cmd_demo)

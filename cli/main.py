@@ -12,6 +12,7 @@ from pathlib import Path
 from ftctl.adapters.workspace import Workspace, WorkspaceError, init_workspace, resolve_home
 from ftctl.control.consolidation import ConsolidationRefused
 from ftctl.control.daemon import DaemonError
+from ftctl.control.demo import DemoRefused
 from ftctl.control.jobs import UserError, find_job
 from ftctl.control.recover import DaemonRunning
 from ftctl.control.submit import SubmitError, submit
@@ -24,7 +25,7 @@ from ftctl.recovery.ledger import Ledger, state_at
 
 from . import render
 
-USER_ERRORS = (UserError, ConsolidationRefused, DaemonError, DaemonRunning, WorkspaceError, ConfigError, DataError,
+USER_ERRORS = (UserError, ConsolidationRefused, DaemonError, DemoRefused, DaemonRunning, WorkspaceError, ConfigError, DataError,
                IllegalTransition, JournalError, SubmitError, ReplayError)
 
 

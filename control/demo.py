@@ -11,7 +11,9 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftctl.adapters.fs import write_durable
 from ftctl.adapters.workspace import Workspace, WorkspaceError, init_workspace
+from ftctl.core.config import config_to_dict
 from ftctl.recovery.ledger import Ledger
 
 from .daemon import Daemon
@@ -27,6 +29,13 @@ DEMO_CONFIG = {
     "lr_schedule": {"name": "cosine_decay", "warmup": 5, "warmup_init": 1e-5, "arguments": [5e-4, 35, 1e-5]},
     "optimizer": "adamw", "timeouts": {"hang_s": 120.0, "eval_hang_s": 300.0, "stop_s": 60.0},
 }
+
+
+MARKER = ".ftctl-demo"  # in a folder `ftctl demo` made: the only kind of folder it will ever delete
+
+
+class DemoRefused(Exception):
+    """The demo will not run here as asked; nothing was changed."""
 
 
 def init_demo(home: Path):
@@ -45,7 +54,9 @@ def init_demo(home: Path):
 class Tour:
     ws: Workspace
     job: str
-    killed_at: list[int]          # steps at which the journal recorded the worker killed
+    kill_at: int
+    killed_at: list[int]          # steps at which the journal recorded this job's worker SIGKILLed
+    same_inputs: bool             # the reference job recorded the same data and config sha256
     sha256: str | None            # the killed-and-resumed job's adapter
     reference_sha256: str | None  # the same job, never interrupted
 
@@ -53,46 +64,75 @@ class Tour:
     def identical(self) -> bool:
         return self.sha256 is not None and self.sha256 == self.reference_sha256
 
+    @property
+    def proven(self) -> bool:
+        """Every claim the tour makes was checked against the journals."""
+        return self.identical and self.same_inputs and self.killed_at == [self.kill_at]
+
+
+def _prepare(home: Path, reset: bool, report: Reporter) -> Workspace:
+    """A demo workspace at home: made now, or one an earlier `ftctl demo` made. Anything else is
+    refused untouched: the demo never trains into, nor deletes, a folder it did not make."""
+    ws = Workspace(Path(home))
+    ours = (ws.home / MARKER).is_file()
+    empty = ws.home.is_dir() and not any(ws.home.iterdir())
+    if ws.home.exists() and not ours and not empty:
+        what = "an ftctl workspace" if ws.exists() else ("a file" if not ws.home.is_dir() else "a folder")
+        raise DemoRefused(f"{ws.home} is {what} that `ftctl demo` did not make (no {MARKER} marker): the demo "
+                          "neither trains into nor deletes it. Nothing was changed. Run the demo elsewhere "
+                          "(`ftctl demo --home NEW_FOLDER`, or without --home for ./ftctl-demo).")
+    if reset and ours:
+        shutil.rmtree(ws.home)
+        report.note(f"deleted the previous demo workspace {ws.home} (--reset)")
+    if ws.exists():
+        report.note(f"{ws.home} holds the workspace of an earlier demo: reusing it (pass --reset to start over)")
+        return ws
+    ws.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_durable(ws.home / MARKER, b"made by `ftctl demo`: `ftctl demo --reset` may delete this folder\n")
+    init_demo(ws.home)
+    report.note(f"built the demo model and data in {ws.home / 'demo'} and a workspace in {ws.home}")
+    return ws
+
 
 def tour(home: Path, *, reset: bool, kill_at: int, report: Reporter = SILENT) -> Tour:
-    ws = Workspace(Path(home))
-    if reset and ws.home.exists():
-        shutil.rmtree(ws.home)
-    if ws.exists():
-        report.note(f"{ws.home} already holds a workspace: reusing it (pass --reset to start over)")
-    else:
-        init_demo(ws.home)
-        report.note(f"built the demo model and data in {ws.home / 'demo'} and a workspace in {ws.home}")
+    iters = DEMO_CONFIG["iters"]
+    if not 1 <= kill_at < iters:
+        raise DemoRefused(f"--kill-at {kill_at} is outside the demo job's {iters} iterations: pick a step "
+                          f"between 1 and {iters - 1}. Nothing was changed.")
+    ws = _prepare(home, reset, report)
     data = ws.home / "demo" / "data"
     report.section("1. submit the demo data (validated before it is queued)")
     job = _submit(ws, data, "demo", report)
     report.section(f"2. train; the worker is SIGKILLed at step {kill_at} (a simulated crash)")
-    marker = ws.home / "run" / "demo-crash.marker"
+    marker = ws.home / "run" / f"demo-crash-{job}.marker"  # one per job: a re-run kills its own job too
     Daemon(ws, until_idle=True, env={"FTCTL_CRASH_AT": f"mid_step:{kill_at}:{marker}"}, report=report).run()
     report.section("3. the same job, never interrupted, in a reference workspace")
+    j = _job(ws, job)
     ref = Workspace(ws.home / "reference")
     if ref.home.exists():
-        shutil.rmtree(ref.home)
-    ledger = Ledger(ws.open_journal())
-    try:
-        init_workspace(ref.home, ledger.state.jobs[job].config.model, ws.read_config_dict())
-        j = ledger.state.jobs[job]
-        sha, killed = j.adapter_sha256, [c.step for c in j.crashes if c.signal == signal.SIGKILL]
-    finally:
-        ledger.close()
+        shutil.rmtree(ref.home)  # inside the demo's own folder: made by an earlier tour
+    init_workspace(ref.home, j.config.model, config_to_dict(j.config))  # exactly the recorded config
     ref_job = _submit(ref, data, "reference", SILENT)
     Daemon(ref, until_idle=True).run()
-    ref_ledger = Ledger(ref.open_journal())
+    r = _job(ref, ref_job)
+    return Tour(ws, job, kill_at, killed_at=[c.step for c in j.crashes if c.signal == signal.SIGKILL],
+                same_inputs=(j.config_sha256, j.data_sha256) == (r.config_sha256, r.data_sha256),
+                sha256=j.adapter_sha256, reference_sha256=r.adapter_sha256)
+
+
+def _job(ws: Workspace, job: str):
+    ledger = Ledger(ws.open_journal())
     try:
-        return Tour(ws, job, killed, sha, ref_ledger.state.jobs[ref_job].adapter_sha256)
+        return ledger.state.jobs[job]
     finally:
-        ref_ledger.close()
+        ledger.close()
 
 
 def _submit(ws: Workspace, data: Path, name: str, report: Reporter) -> str:
+    """Submit the demo data as a fresh adapter (a re-run must not warm-start from the last tour)."""
     ledger = Ledger(ws.open_journal())
     try:
-        sub = submit(ws, ledger, data / "train.jsonl", valid=data / "valid.jsonl", name=name)
+        sub = submit(ws, ledger, data / "train.jsonl", valid=data / "valid.jsonl", name=name, fresh=True)
     finally:
         ledger.close()
     report.note(f"queued job {sub.job} ({sub.report.valid} valid {sub.report.format} examples)", "ok")
