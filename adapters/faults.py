@@ -5,7 +5,8 @@ most once: it creates ``marker`` first, so the restarted process runs past it. `
 ``*`` for the first time the point is reached. ``FTCTL_HANG_AT`` takes the same form but makes
 the process stand still instead (no progress: the hang watchdog's tests) until the predicate
 given to ``wake_when`` is true, or forever if none was given. The worker passes its stop flag,
-so a pause or shutdown sent to a hung worker stops it at exactly that step. The step of a
+so a pause or shutdown sent to a hung worker stops it at exactly that step. ``FTCTL_STUCK_AT``
+stands still for good, stop or not: a worker that no longer listens. The step of a
 worker point is the global step (the job step for a lineage's first job); of a consolidation
 point, the new base version. Unset (the
 normal case), ``crash_point`` is a dict lookup that returns at once.
@@ -35,7 +36,7 @@ POINTS = {  # every crash_point() call names one of these (tests/test_layers.py 
 
 def _armed() -> dict[str, list[tuple[str, str, str]]]:
     out: dict[str, list[tuple[str, str, str]]] = {}
-    for var, action in (("FTCTL_CRASH_AT", "kill"), ("FTCTL_HANG_AT", "hang")):
+    for var, action in (("FTCTL_CRASH_AT", "kill"), ("FTCTL_HANG_AT", "hang"), ("FTCTL_STUCK_AT", "stuck")):
         for item in filter(None, os.environ.get(var, "").split(",")):
             name, step, marker = item.split(":", 2)
             if name not in POINTS:  # a typo would make a kill test pass without killing anything
@@ -69,6 +70,8 @@ def crash_point(name: str, step: int | None = None) -> None:
             while not _wake():
                 time.sleep(0.05)
             return
+        while action == "stuck":
+            time.sleep(3600)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -7,6 +7,8 @@ Protocol with the daemon (its parent and only supervisor):
   PR_SET_PDEATHSIG), so a worker never outlives its supervisor.
 * fd N: one message per line (see trainer.run), ending with ``Failed`` on failure.
 * stdout/stderr go to logs/job-<id>.log; the daemon keeps the tail as crash evidence.
+A Python exception before the ``Loaded`` message is a ``load_error`` (the model, data or config:
+a retry cannot fix it), after it an ``exception``.
 Exit codes: 0 done or stopped, 3 diverged (nan/inf), 4 disk full, 5 corrupt checkpoint,
 6 import error, 7 I/O error, 1 any other exception.
 """
@@ -33,9 +35,13 @@ def main() -> int:
     out = os.fdopen(args.message_fd, "wb", buffering=0)
     lock = threading.Lock()
 
+    loaded = threading.Event()  # before it is set, a failure is in loading: a retry would fail the same way
+
     def emit(msg) -> None:
         with lock:
             out.write(P.encode(msg) + b"\n")
+        if isinstance(msg, P.Loaded):
+            loaded.set()
 
     plan_line = sys.stdin.buffer.readline()
     stop = threading.Event()
@@ -84,13 +90,13 @@ def main() -> int:
             return fail(4, "disk_full", e)
         if e.errno == errno.EIO:
             return fail(7, "io_error", e)
-        return fail(1, "exception", e)
+        return fail(1, "exception" if loaded.is_set() else "load_error", e)
     except ImportError as e:
         traceback.print_exc()
         return fail(6, "import_error", e)
     except Exception as e:
         traceback.print_exc()
-        return fail(1, "exception", e)
+        return fail(1, "exception" if loaded.is_set() else "load_error", e)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

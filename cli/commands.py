@@ -24,6 +24,12 @@ def cmd_start(args, ws) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    stuck = daemon.stuck()
+    if args.until_idle and stuck:  # a script waiting for the queue must not read "all done"
+        for job, why in stuck.items():
+            render.err_console.print(f"[red]job {job} {render.escape(why)}[/]")
+        render.err_console.print(f"{len(stuck)} job(s) did not complete: see `ftctl status`; everything they committed is kept")
+        return 1
     return 0
 
 
@@ -69,8 +75,10 @@ def cmd_crashes(args, ws) -> int:
 
 def cmd_control(args, ws) -> int:
     out = jobs.request(Ledger(ws.open_journal()), args.job, args.action)
-    if out.action == "resume":
+    if out.action in ("resume", "retry"):
         text = f"job {out.job} queued again; a running daemon picks it up within a second"
+        if out.action == "retry":
+            text += " and resumes it from its last good checkpoint, with a fresh restart budget"
     elif out.deferred:
         text = (f"job {out.job}: {out.action} requested; the daemon "
                 + ("checkpoints and pauses it" if out.action == "pause" else "stops it")
@@ -208,6 +216,7 @@ def register(sub, home) -> None:
     s.set_defaults(func=cmd_crashes)
 
     for action, text in (("pause", "checkpoint and pause a job"), ("resume", "queue a paused job again"),
+                         ("retry", "queue a failed job again: it continues from its last good checkpoint, budget reset"),
                          ("cancel", "cancel a job")):
         s = sub.add_parser(action, parents=[home], help=text)
         s.add_argument("job")

@@ -40,6 +40,37 @@ except Exception:  # running from a source tree without metadata
     VERSION = "dev"
 
 
+def inbox_files(ws: Workspace) -> list[Path]:
+    """Files waiting in inbox/ (not the accepted/ and rejected/ folders, not hidden files)."""
+    if not ws.inbox.is_dir():
+        return []
+    return sorted(p for p in ws.inbox.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def skip_reason(path: Path) -> str:
+    """Why the daemon leaves an inbox file where it is, or "" if it will be submitted."""
+    if path.suffix.lower() == ".jsonl":
+        return ""
+    if path.suffix.lower() == ".json":
+        return ("only .jsonl files are queued; if it holds one JSON object per line, rename it to .jsonl "
+                "(a JSON array must be converted to one object per line first)")
+    return "only .jsonl files are queued (one JSON object per line); it was left where it is"
+
+
+def inbox_pending(ws: Workspace) -> list[dict]:
+    """What `ftctl status` lists: each inbox file, its size, age and what the daemon does with it."""
+    now = time.time()
+    out = []
+    for p in inbox_files(ws):
+        st = p.stat()
+        why = skip_reason(p)
+        settling = not why and now - st.st_mtime < INBOX_SETTLE_S
+        out.append({"file": p.name, "bytes": st.st_size, "age_s": round(now - st.st_mtime, 1),
+                    "note": why or ("still being written: queued once it settles" if settling
+                                    else "queued at the daemon's next look (within a second while it runs)")})
+    return out
+
+
 class DaemonError(Exception):
     pass
 
@@ -59,6 +90,8 @@ class Daemon:
         self.force = False                 # asked twice: kill the worker, do not wait for a checkpoint
         self.ledger: Ledger | None = None
         self.refused: set[tuple[str, int]] = set()
+        self.touched: dict[str, tuple[str, str]] = {}  # job -> (state, reason) as this run left it
+        self.skipped: set[tuple[str, float]] = set()   # inbox files already said to be skipped
 
     # ------------------------------------------------------------------ lifecycle
     def log(self, text: str) -> None:
@@ -108,6 +141,8 @@ class Daemon:
                 raise
             finally:
                 self._stopped(reason)
+                self.touched = {j: (self.ledger.state.jobs[j].state, self.ledger.state.jobs[j].reason)
+                                for j in self.touched}
             return reason
         finally:
             self.ledger.close()
@@ -169,10 +204,17 @@ class Daemon:
         return False
 
     def _inbox_files(self) -> list[Path]:
-        return sorted(p for p in self.ws.inbox.glob("*.jsonl") if p.is_file())
+        return [p for p in inbox_files(self.ws) if p.suffix.lower() == ".jsonl"]
 
     def scan_inbox(self) -> None:
-        for path in self._inbox_files():
+        """Submit what was dropped into inbox/ (also while a job trains: supervise.py calls this)."""
+        for path in inbox_files(self.ws):
+            if path.suffix.lower() != ".jsonl":
+                key = (path.name, path.stat().st_mtime)
+                if key not in self.skipped:  # say it once per version of the file
+                    self.skipped.add(key)
+                    self.say(f"inbox: {path.name} skipped: {skip_reason(path)}", "warn")
+                continue
             try:
                 if time.time() - path.stat().st_mtime < INBOX_SETTLE_S and not self.until_idle:
                     continue  # still being written
@@ -238,7 +280,12 @@ class Daemon:
                     f"close other programs, then `ftctl resume {j.job}`")
         return None
 
+    def stuck(self) -> dict[str, str]:
+        """After run(): the jobs it handled that ended failed or paused, with why."""
+        return {j: f"{state}: {reason}" for j, (state, reason) in self.touched.items() if state in ("failed", "paused")}
+
     def run_job(self, j: JobState) -> None:
+        self.touched[j.job] = (j.state, j.reason)
         stream = job_stream(j.job)
         short = self._preflight(j, j.config)
         if short:

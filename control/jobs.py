@@ -31,17 +31,25 @@ def find_job(ledger: Ledger, job: str) -> JobState:
 @dataclass(frozen=True)
 class Outcome:
     job: str
-    action: str         # "pause" | "resume" | "cancel"
+    action: str         # "pause" | "resume" | "retry" | "cancel"
     event: str          # the event committed: "paused", "resumed", "cancelled" or "control_requested"
     deferred: bool      # True: the daemon carries it out (the job is training)
 
 
 def request(ledger: Ledger, job: str, action: str) -> Outcome:
-    """Pause, resume or cancel a job. An illegal request raises IllegalTransition, appending nothing."""
+    """Pause, resume, retry or cancel a job. An illegal request raises IllegalTransition (or
+    UserError), appending nothing."""
     j = find_job(ledger, job)
     stream = job_stream(j.job)
     if action == "resume":
         e = ev.Resumed(job=j.job)
+    elif action == "retry":
+        if j.state != "failed":
+            raise UserError(f"job {j.job} is {j.state!r}: only a failed job can be retried"
+                            + (f" (`ftctl resume {j.job}` queues a paused one)" if j.state == "paused" else ""))
+        good = j.good_checkpoints()
+        e = ev.Retried(job=j.job, reason=f"retried by user: resumes from step {good[-1].step if good else 0} "
+                                        "with a fresh restart budget")
     elif j.state in ACTIVE:
         e = ev.ControlRequested(job=j.job, action=action)
     elif action == "pause":

@@ -69,6 +69,7 @@ class Supervision:
                 if now - last_control >= CONTROL_EVERY_S:
                     last_control = now
                     self.control()
+                    self.d.scan_inbox()  # files dropped in while a job trains are queued now, not after it
                 self.watchdog(now)
             code = self.w.proc.wait()
         finally:
@@ -179,6 +180,13 @@ class Supervision:
                                                      reason=f"graceful stop ({d.stopping or 'shutdown'}): checkpointed at step {self.stopped_step}"))
             d.say(f"job {self.job}: stopped at step {self.stopped_step} with a checkpoint; nothing lost")
             return
+        if d.force:  # the user asked the daemon to stop twice: an interrupt, not a crash, whatever the exit
+            from_step = f"step {j.step}, its last checkpoint" if j.good_checkpoints() else "step 0 (no checkpoint yet)"
+            L.commit(self.stream, ev.Interrupted(job=self.job, step=j.step, reason=(
+                f"stopped by the user ({d.stopping}, asked twice): the worker was killed before it could "
+                f"checkpoint; it resumes from {from_step}")))
+            d.say(f"job {self.job}: stopped at once (asked twice); it resumes from {from_step}", "warn")
+            return
         if self.stop_reason == "cancel":
             L.commit(self.stream, ev.Crashed(job=self.job, category="killed", step=j.step, exit_code=code,
                                              evidence="cancelled by user", suggestion=""),
@@ -204,16 +212,24 @@ class Supervision:
         evidence = (f"exit code {code}" + (f" (signal {signal.Signals(sig).name})" if sig else "")
                     + (f"; worker said: {self.error.message}" if self.error else "")
                     + f"; last step seen {self.step}; log {self.w.log_path}\n" + _evidence_tail(tail))
-        crash = ev.Crashed(job=self.job, category=category, step=self.step, exit_code=code, signal=sig,
-                           evidence=evidence, suggestion=SUGGESTIONS.get(category, ""))
+        detail = _first_line(self.error.message) if self.error else ""
+        suggestion = SUGGESTIONS.get(category, "").replace("JOB", self.job)
+        crash = ev.Crashed(job=self.job, category=category, step=self.step, exit_code=code, signal=sig, evidence=evidence,
+                           suggestion=f"{detail} — {suggestion}" if detail and category in ("exception", "load_error") else suggestion)
         now = time.time()
         record = CrashRecord(ts=utc_now(), category=category, step=self.step, exit_code=code, signal=sig)
-        dec = after_crash(j.crashes + [record], now, resume_step=j.step, policy=self.cfg.restart)
+        dec = after_crash(j.crashes[j.budget_from:] + [record], now, resume_step=j.step, policy=self.cfg.restart,
+                          detail=detail)
         nxt = follow_up(self.job, dec, j.requested or (self.stop_reason if self.stop_reason == "pause" else None), category, now)
         L.commit(self.stream, crash, nxt)  # one transaction: a crashed job is never left without its decision
-        d.say(f"job {self.job} crashed ({category}, exit {code}) at step {self.step}: {SUGGESTIONS.get(category, '')}", "error")
+        d.say(f"job {self.job} crashed ({category}, exit {code}) at step {self.step}: {crash.suggestion}", "error")
         d.say(f"job {self.job} {type(nxt).kind()}: {getattr(nxt, 'reason', '')}",
               {"requeued": "info", "paused": "warn"}.get(type(nxt).kind(), "error"))
+
+
+def _first_line(message: str, limit: int = 200) -> str:
+    line = message.strip().splitlines()[0] if message.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _num(x: float | None, fmt: str) -> str:

@@ -13,7 +13,8 @@ JOB_STATES = [
     "new", "queued", "training", "checkpointing", "paused",
     "crashed", "completed", "failed", "cancelled", "rejected",
 ]
-TERMINAL = frozenset({"completed", "failed", "cancelled", "rejected"})
+TERMINAL = frozenset({"completed", "failed", "cancelled", "rejected"})  # finished: nothing runs them again…
+RETRYABLE = frozenset({"failed"})  # …except `ftctl retry`, which the user asks for explicitly
 ACTIVE = frozenset({"training", "checkpointing"})
 
 _LIVE = ["queued", "paused", "crashed", "training", "checkpointing"]
@@ -31,6 +32,7 @@ JOB_TRANSITIONS = [
     {"trigger": "fail", "source": ["crashed", "queued"], "dest": "failed"},
     {"trigger": "pause", "source": ["queued", "crashed", "training", "checkpointing"], "dest": "paused"},
     {"trigger": "resume", "source": "paused", "dest": "queued"},
+    {"trigger": "retry", "source": "failed", "dest": "queued"},
     {"trigger": "cancel", "source": _LIVE, "dest": "cancelled"},
 ]
 

@@ -22,6 +22,9 @@ SUGGESTIONS = {
     "segfault": "the worker crashed in native code (SIGSEGV): check the mlx / mlx-lm versions and the model files; "
                 "the job resumes from its last checkpoint",
     "exception": "the worker raised a Python exception: read the traceback tail in the evidence and logs/",
+    "load_error": "the worker could not load the job (its model, data or config: the error says which), and a "
+                  "retry would fail the same way: fix the cause, then `ftctl resume JOB` — or `ftctl cancel JOB` "
+                  "and submit again",
     "hang": "no training progress within timeouts.hang_s: look for a stuck evaluation or I/O; raise "
             "timeouts.hang_s if steps are legitimately slow",
     "disk_full": "the disk filled up (ENOSPC): free space, then `ftctl resume JOB`; the previous checkpoint is intact",
@@ -40,7 +43,7 @@ NOT_RETRYABLE = {"nan", "inf", "import_error"}
 # Crashes that are not the job's fault and do not use up its restart budget.
 NOT_COUNTED = {"daemon_died"}
 # Crashes that wait for the user to fix the machine rather than failing the job.
-PAUSE_ON = {"disk_full"}
+PAUSE_ON = {"disk_full", "load_error"}
 
 _MLX_OOM = ("Insufficient Memory", "Unable to allocate", "[malloc]", "out of memory", "MemoryError")
 
@@ -93,31 +96,36 @@ def _seconds(ts: str) -> float:
     return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
 
 
-def after_crash(crashes: list[CrashRecord], now: float, *, resume_step: int, policy: RestartPolicy) -> Decision:
-    """Decide what follows the latest of a job's crashes (the last of ``crashes``)."""
+def after_crash(crashes: list[CrashRecord], now: float, *, resume_step: int, policy: RestartPolicy,
+                detail: str = "") -> Decision:
+    """Decide what follows the latest of a job's crashes (the last of ``crashes``). ``detail`` is
+    what the worker said (its exception's first line), shown in the reason of a pause or a failure."""
     max_restarts, window_s = policy.max_restarts, policy.window_s
     last: CrashRecord = crashes[-1]
+    said = f" ({detail})" if detail else ""
     if last.category in PAUSE_ON:
-        return Decision("pause", f"{last.category}: {SUGGESTIONS[last.category]}")
+        return Decision("pause", f"{last.category}{said}: {SUGGESTIONS[last.category]}")
     if last.category in NOT_RETRYABLE:
-        return Decision("fail", f"{last.category} at step {last.step}: not retried ({SUGGESTIONS[last.category]})")
+        return Decision("fail", f"{last.category} at step {last.step}{said}: not retried ({SUGGESTIONS[last.category]})")
     if last.category in NOT_COUNTED:
         return Decision("requeue", f"{last.category}: resuming from step {resume_step}")
     counted = [c for c in crashes if c.category not in NOT_COUNTED]
     same = [c for c in counted if c.category == last.category and c.step == last.step]
     if len(same) >= 3:
-        return Decision("fail", f"{last.category} three times at the same step {last.step}: "
+        return Decision("fail", f"{last.category} three times at the same step {last.step}{said}: "
                                 f"it will not go away by retrying ({SUGGESTIONS.get(last.category, '')})")
     recent = [c for c in counted if now - _seconds(c.ts) <= window_s]
     if len(recent) > max_restarts:
         return Decision("fail", f"{len(recent)} crashes within {window_s:g} s (restart.max_restarts = {max_restarts}); "
-                                f"last: {last.category} at step {last.step}")
+                                f"last: {last.category} at step {last.step}{said}")
     delay = min(policy.backoff_s * (2 ** max(len(recent) - 1, 0)), policy.backoff_max_s)
     return Decision("requeue", f"restart {len(recent)}/{max_restarts} after {last.category}, in {delay:g} s", delay)
 
 
 def follow_up(job: str, decision: Decision, requested: str | None, category: str, now: float) -> ev.EventBase:
-    """The event that moves a crashed job on. A user's pending pause or cancel wins."""
+    """The event that moves a crashed job on. A user's pending pause or cancel wins. ``JOB`` in a
+    reason (the suggestions say `ftctl resume JOB`) becomes the job's id."""
+    decision = Decision(decision.action, decision.reason.replace("JOB", job), decision.delay_s)
     if requested == "cancel":
         return ev.Cancelled(job=job, reason=f"cancelled by user (after a {category} crash)")
     if requested == "pause":

@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId, Recorded
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 4  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 5  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -67,6 +67,7 @@ class JobState(msgspec.Struct, kw_only=True):
     adapter_path: str | None = None
     adapter_sha256: str | None = None
     crashes: list[CrashRecord] = []
+    budget_from: int = 0        # crashes[budget_from:] count against the restart budget (`ftctl retry` resets it)
     not_before: float = 0.0
     requested: str | None = None  # a pending user request for a running job: "pause" | "cancel"
 
@@ -220,6 +221,10 @@ def _resumed(p, j: JobState, e, seq: int, ts: str) -> None:
     j.reason, j.not_before = "", 0.0
 
 
+def _retried(p, j: JobState, e: ev.Retried, seq: int, ts: str) -> None:
+    j.reason, j.not_before, j.budget_from = e.reason, 0.0, len(j.crashes)
+
+
 def _control(p, j: JobState, e: ev.ControlRequested, seq: int, ts: str) -> None:
     j.requested = e.action
 
@@ -267,7 +272,7 @@ JOB_HANDLERS = {
     ev.CheckpointStarted: None, ev.CheckpointCommitted: _committed,
     ev.CheckpointPruned: _pruned, ev.CheckpointCorrupt: _corrupt, ev.CheckpointDiscarded: None,
     ev.Evaluated: _evaluated, ev.Completed: _completed, ev.Crashed: _crashed, ev.Requeued: _requeued,
-    ev.Interrupted: _interrupted, ev.Failed: _reason, ev.Paused: _reason, ev.Resumed: _resumed,
+    ev.Interrupted: _interrupted, ev.Failed: _reason, ev.Paused: _reason, ev.Resumed: _resumed, ev.Retried: _retried,
     ev.Cancelled: _reason, ev.ControlRequested: _control,
 }
 DAEMON_HANDLERS = {

@@ -223,6 +223,15 @@ class Resumed(EventBase, tag="resumed", kw_only=True):
     job: str
 
 
+class Retried(EventBase, tag="retried", kw_only=True):
+    """`ftctl retry`: a failed job queued again; it resumes from its last good checkpoint and its
+    restart budget starts afresh (crashes before this event no longer count)."""
+
+    trigger: ClassVar[str] = "retry"
+    job: str
+    reason: str = "retried by user"
+
+
 class Cancelled(EventBase, tag="cancelled", kw_only=True):
     trigger: ClassVar[str] = "cancel"
     job: str
@@ -328,7 +337,7 @@ class ModelRemoved(EventBase, tag="model_removed", kw_only=True):
 Event = Union[
     JobSubmitted, JobRejected, TrainingStarted, CheckpointStarted, CheckpointCommittedV1, CheckpointCommitted,
     CheckpointPruned, CheckpointCorrupt, CheckpointDiscarded, Evaluated, Completed, Crashed,
-    Requeued, Interrupted, Failed, Paused, Resumed, Cancelled, ControlRequested,
+    Requeued, Interrupted, Failed, Paused, Resumed, Retried, Cancelled, ControlRequested,
     DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, DebrisRemoved, RecoveryFinished,
     ConsolidationRequested, ConsolidationStarted, BasePromoted, ConsolidationAborted, ModelRemoved,
 ]

@@ -75,7 +75,8 @@ def _stranded(j: JobState) -> Repair:
     if last is None:
         dec = Decision("requeue", "recovery: crashed with no record")
     else:
-        dec = after_crash(j.crashes, time.time(), resume_step=j.step, policy=j.config.restart)
+        dec = after_crash(j.crashes[j.budget_from:] or j.crashes[-1:], time.time(), resume_step=j.step,
+                          policy=j.config.restart)
     nxt = follow_up(j.job, dec, j.requested, category, time.time())
     return Repair(f"job {j.job}: crashed with no decision recorded -> {type(nxt).kind()}", job_stream(j.job), [nxt])
 

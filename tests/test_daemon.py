@@ -14,12 +14,13 @@ import pytest
 from helpers import crash_env, finished, ftctl, history, kinds, make_workspace, status, survivors, wait_for
 
 
-def _run_job(tmp_path, demo, name, *, env=None, jobs=1, starts=1):
+def _run_job(tmp_path, demo, name, *, env=None, jobs=1, starts=1, code=0):
     home = make_workspace(tmp_path / name, demo.model_dir)
     for i in range(jobs):
         ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", f"job{i + 1}")
     for _ in range(starts):
-        ftctl(home, "start", "--until-idle", "--quiet", env=env, timeout=600)
+        p = ftctl(home, "start", "--until-idle", "--quiet", env=env, timeout=600, check=False)
+        assert p.returncode == code, p.stderr  # --until-idle exits 1 when a job ended paused or failed
     return home
 
 
@@ -129,6 +130,39 @@ def test_sigterm_checkpoints_and_loses_no_step(tmp_path, demo, baseline):
     assert [e["data"].get("resume_step", 0) for e in history(home) if e["type"] == "training_started"] == [0, 12]
 
 
+def test_ctrl_c_twice_is_an_interrupt_not_a_crash(tmp_path, demo, baseline):
+    """The worker stands still after step 12 and no longer listens (FTCTL_STUCK_AT); the user hits
+    Ctrl-C, then again: the worker is killed at once, and that is recorded as the user's interrupt —
+    no crash, no restart budget spent — resuming from step 10, its last checkpoint."""
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    marker = tmp_path / "marker-stuck-mid-step-12"
+    env = {k: v for k, v in os.environ.items() if k != "FTCTL_CRASH_AT"}
+    env["FTCTL_STUCK_AT"] = f"mid_step:12:{marker}"
+    d = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--quiet", "--home", str(home)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = home / "logs" / "daemon.log"
+    try:
+        wait_for(lambda: marker.exists() or d.poll() is not None, timeout=240, every=0.02)
+        assert marker.exists(), d.communicate()
+        d.send_signal(signal.SIGINT)
+        wait_for(lambda: "shutdown requested" in log.read_text(), timeout=30, every=0.02)
+        d.send_signal(signal.SIGINT)
+        assert d.wait(timeout=60) == 0, d.stderr.read()
+    finally:
+        if d.poll() is None:
+            d.kill()
+    evs = history(home)
+    assert not [e for e in evs if e["type"] == "crashed"]
+    (inter,) = [e["data"] for e in evs if e["type"] == "interrupted"]
+    assert inter["step"] == 10 and "asked twice" in inter["reason"] and "resumes from step 10" in inter["reason"], inter
+    assert evs[-1]["type"] == "daemon_stopped" and evs[-1]["data"]["reason"] == "stopped by SIGINT"
+    wait_for(lambda: survivors(home) == [], timeout=10)
+    ftctl(home, "start", "--until-idle", "--quiet")
+    assert finished(home)["adapter_sha256"] == baseline.sha1
+    assert [e["data"].get("resume_step", 0) for e in history(home) if e["type"] == "training_started"] == [0, 10]
+
+
 def test_adapter_loads_and_generates_with_mlx_lm(baseline, demo):
     from mlx_lm import generate, load
 
@@ -163,7 +197,7 @@ def test_disk_full_mid_checkpoint_pauses_then_resumes_bit_for_bit(tmp_path, demo
     from ftctl.adapters.checkpoint import verify_checkpoint
 
     env = {"FTCTL_FS_FAULT": f"{9 + n}:ENOSPC:{tmp_path / 'fs-marker'}"}
-    home = _run_job(tmp_path, demo, "ws", env=env)
+    home = _run_job(tmp_path, demo, "ws", env=env, code=1)
     s = status(home, "0001")
     assert s["state"] == "paused" and "disk" in s["reason"] and "ftctl resume" in s["reason"]
     assert s["crashes"][-1]["category"] == "disk_full"
@@ -185,7 +219,8 @@ def test_io_error_mid_checkpoint_is_retried_and_finishes_bit_for_bit(tmp_path, d
 def test_preflight_disk_shortage_pauses_before_training(tmp_path, demo):
     home = make_workspace(tmp_path / "ws", demo.model_dir, min_free_disk_gb=10_000_000.0)
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
-    ftctl(home, "start", "--until-idle", "--quiet")
+    p = ftctl(home, "start", "--until-idle", "--quiet", check=False)
+    assert p.returncode == 1 and "job 0001 paused: only" in " ".join(p.stderr.split()), p.stderr
     s = status(home, "0001")
     assert s["state"] == "paused" and "GB free" in s["reason"] and s["attempt"] == 0
 
@@ -201,7 +236,7 @@ def test_preflight_refuses_a_model_folder_that_cannot_load(tmp_path, demo):
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
     good = (model / "config.json").read_bytes()
     (model / "config.json").write_bytes(b"")
-    ftctl(home, "start", "--until-idle", "--quiet")
+    assert ftctl(home, "start", "--until-idle", "--quiet", check=False).returncode == 1
     s = status(home, "0001")
     assert s["state"] == "paused" and s["attempt"] == 0, s
     assert "config.json" in s["reason"] and "ftctl resume 0001" in s["reason"], s["reason"]

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ftctl.adapters.workspace import Workspace
 from helpers import crash_env, ftctl, leftovers, make_workspace, sha256_file, wait_for
 
 SHORT = ("--set", "iters=10", "--set", "save_every=5")  # for jobs whose adapter bytes are not compared
@@ -202,46 +203,82 @@ def test_hung_worker_is_killed_by_the_watchdog_and_requeued(tmp_path, demo):
 # --------------------------------------------------------------------------- c. restart budget
 
 
-def test_restart_budget_fails_a_hopeless_job_without_a_storm_and_the_queue_moves_on(tmp_path, demo):
-    """A model whose config.json passes the start preflight but does not fit its weights (3 layers
-    declared, 2 stored): every attempt raises while loading. Policy
-    (core.policy.after_crash): the same-step rule is checked before the window budget, and a
-    crash during loading is recorded at step 0, so
-      max_restarts=2: crashes 1, 2 requeue; crash 3 is the third `exception` at step 0 -> failed;
-      max_restarts=1: crash 1 requeues; crash 2 makes 2 crashes in the window > 1  -> failed.
-    Either way exactly max_restarts + 1 workers are started, each after its backoff."""
+def _markers(tmp_path, point: str, n: int, tag: str) -> dict:
+    """FTCTL_CRASH_AT with the same point armed n times: each marker fires once, so the worker is
+    killed there on n attempts in a row."""
+    return {"FTCTL_CRASH_AT": ",".join(f"{point}:{tmp_path / f'marker-{tag}-{i}'}" for i in range(n))}
+
+
+def _no_storm(mine: list[dict]) -> None:
+    """Every restart waited for the not_before of the requeue that preceded it."""
+    starts = [e for e in mine if e["type"] == "training_started"]
+    for rq, nxt in zip([e for e in mine if e["type"] == "requeued"], starts[1:]):
+        assert _epoch(nxt["ts"]) >= rq["data"]["not_before"] - 0.01, (rq, nxt)
+
+
+def test_restart_budget_fails_a_hopeless_job_then_retry_continues_it_bit_for_bit(tmp_path, demo, baseline):
+    """Policy (core.policy.after_crash): the same-step rule is checked before the window budget.
+      job 0001, max_restarts=2, killed at step 23 on three attempts: the third kill at the same step
+        fails it; `ftctl retry` queues it again with a fresh budget, and it resumes from step 20 and
+        ends with the uninterrupted run's adapter;
+      job 0002, max_restarts=1, killed at step 7 twice: 2 crashes in the window > 1 -> failed;
+      job 0003 then trains: the queue moved on. Exactly max_restarts + 1 workers per hopeless job."""
+    home = make_workspace(tmp_path / "ws", demo.model_dir,
+                          restart={"max_restarts": 2, "window_s": 300.0, "backoff_s": 0.3, "backoff_max_s": 0.6})
+    _submit(home, demo, "--name", "hopeless2")
+    p = ftctl(home, "start", "--until-idle", "--quiet", env=_markers(tmp_path, "mid_step:23", 3, "a"), timeout=300,
+              check=False)
+    assert p.returncode == 1 and "job 0001 failed" in p.stderr, p.stderr
+    _submit(home, demo, *SHORT, "--set", "restart.max_restarts=1", "--lineage", "other", "--name", "hopeless1")
+    p = ftctl(home, "start", "--until-idle", "--quiet", env=_markers(tmp_path, "mid_step:7", 2, "b"), timeout=300,
+              check=False)
+    assert p.returncode == 1 and "job 0002 failed" in p.stderr, p.stderr
+    _submit(home, demo, *SHORT, "--lineage", "third", "--name", "good")
+    ftctl(home, "start", "--until-idle", "--quiet", check=False)
+    evs = _events(home)
+    for job, max_restarts, step, why in (("0001", 2, 23, "killed three times at the same step 23"),
+                                         ("0002", 1, 7, "2 crashes within 300 s (restart.max_restarts = 1)")):
+        mine = [e for e in evs if e["stream"] == f"job:{job}"]
+        starts = [e for e in mine if e["type"] == "training_started"]
+        crashes = [e["data"] for e in mine if e["type"] == "crashed"]
+        assert len(starts) == len(crashes) == max_restarts + 1, [e["type"] for e in mine]
+        assert all(c["category"] == "killed" and c["step"] == step and c["signal"] == signal.SIGKILL for c in crashes)
+        _no_storm(mine)
+        assert mine[-1]["type"] == "failed" and why in mine[-1]["data"]["reason"], mine[-1]
+        assert _job(home, job).state == "failed"
+    _completed(home, "0003")  # the queue moved on past the hopeless jobs
+
+    p = ftctl(home, "resume", "0001", check=False)  # the way out is retry, and the refusal says so
+    assert p.returncode == 1 and "'failed'" in p.stderr
+    out = ftctl(home, "retry", "0001").stdout
+    assert "fresh restart budget" in out, out
+    ftctl(home, "start", "--until-idle", "--quiet")
+    j = _completed(home, "0001")
+    assert j.adapter_sha256 == baseline.sha1 and j.budget_from == 3
+    kinds = [e["type"] for e in _events(home) if e["stream"] == "job:0001"]
+    assert kinds[kinds.index("retried") - 1] == "failed"
+    assert _events(home, "training_started")[-1]["data"]["resume_step"] == 20
+    assert _survivors(home) == []
+
+
+def test_a_job_that_cannot_load_is_paused_at_once_with_the_reason(tmp_path, demo):
+    """A model folder that passes the preflight but does not fit its weights (3 layers declared, 2
+    stored): a retry would fail the same way, so the first crash pauses the job with the worker's
+    own error in the reason — no restart budget spent, no three identical tracebacks."""
     broken = tmp_path / "broken-model"
     shutil.copytree(demo.model_dir, broken)
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
-    home = make_workspace(tmp_path / "ws", demo.model_dir,
-                          restart={"max_restarts": 2, "window_s": 300.0, "backoff_s": 0.3, "backoff_max_s": 0.6})
-    broken_job = (*SHORT, "--set", f"model={broken}", "--lineage", "broken")  # another base: another lineage
-    _submit(home, demo, *broken_job, "--name", "hopeless2")
-    _submit(home, demo, *broken_job, "--set", "restart.max_restarts=1", "--name", "hopeless1")
-    _submit(home, demo, *SHORT, "--name", "good")
-    ftctl(home, "start", "--until-idle", "--quiet", timeout=300)
-
-    evs = _events(home)
-    for job, max_restarts, why in (("0001", 2, "three times at the same step 0"),
-                                   ("0002", 1, "2 crashes within 300 s (restart.max_restarts = 1)")):
-        mine = [e for e in evs if e["stream"] == f"job:{job}"]
-        starts = [e for e in mine if e["type"] == "training_started"]
-        crashes = [e for e in mine if e["type"] == "crashed"]
-        assert len(starts) == max_restarts + 1 and len(crashes) == max_restarts + 1, [e["type"] for e in mine]
-        for c in crashes:
-            d = c["data"]
-            assert d["category"] == "exception" and d["exit_code"] == 1 and d["step"] == 0, d
-            tb = d["evidence"][d["evidence"].index("Traceback"):]  # the traceback's tail: frames, then the exception
-            assert 'File "' in tb and "ValueError: Missing 9 parameters" in tb, d["evidence"]
-        # no storm: every restart waited for the not_before of the requeue that preceded it
-        for rq, nxt in zip([e for e in mine if e["type"] == "requeued"], starts[1:]):
-            assert _epoch(nxt["ts"]) >= rq["data"]["not_before"] - 0.01, (rq, nxt)
-        assert mine[-1]["type"] == "failed", mine[-1]
-        assert why in mine[-1]["data"]["reason"] and mine[-1]["data"]["category"] == "exception", mine[-1]
-        assert _job(home, job).state == "failed"
-    _completed(home, "0003")  # the queue moved on past the hopeless jobs
-    assert _survivors(home) == []
+    home = make_workspace(tmp_path / "ws", broken)
+    _submit(home, demo, *SHORT)
+    p = ftctl(home, "start", "--until-idle", "--quiet", timeout=300, check=False)
+    assert p.returncode == 1 and "job 0001 paused: load_error" in " ".join(p.stderr.split()), p.stderr
+    j = _job(home)
+    assert j.state == "paused" and j.attempt == 1, (j.state, j.reason)
+    assert "load_error (ValueError: Missing 9 parameters" in j.reason and "ftctl resume 0001" in j.reason, j.reason
+    (crash,) = _events(home, "crashed")
+    assert crash["data"]["category"] == "load_error" and crash["data"]["suggestion"].startswith("ValueError: Missing 9")
+    assert 'File "' in crash["data"]["evidence"]  # the traceback stays in the evidence
 
 
 # --------------------------------------------------------------------------- d. orphans
@@ -438,6 +475,38 @@ def test_inbox_rejects_bad_files_untouched_and_trains_good_ones(tmp_path, demo):
     job = submitted[0]["data"]["job"]
     assert accepted[0].name == f"{job}-good.jsonl"
     assert _completed(home, job).step == 10
+
+
+def test_inbox_is_read_while_a_job_trains_and_says_why_a_file_is_skipped(tmp_path, demo):
+    """The daemon's loop must not block on the worker: a file dropped into inbox/ while job 0001
+    trains is validated and queued at once (uppercase .JSONL too); a .json file is left where it
+    is, and the log says why."""
+    from ftctl.control.daemon import inbox_pending
+
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    _submit(home, demo)
+    marker = tmp_path / "marker-hang-mid-step-7"
+    d = _daemon(home, env={"FTCTL_HANG_AT": f"mid_step:7:{marker}"})
+    try:
+        wait_for(lambda: marker.exists() or d.poll() is not None, timeout=180, every=0.02)
+        assert marker.exists(), d.communicate()
+        old = time.time() - 60  # written a minute ago: settled
+        for name in ("late.JSONL", "notes.json"):
+            (home / "inbox" / name).write_bytes(demo.train.read_bytes())
+            os.utime(home / "inbox" / name, (old, old))
+        pending = {p["file"]: p["note"] for p in inbox_pending(Workspace(home))}
+        assert "rename it to .jsonl" in pending["notes.json"] and "queued" in pending["late.JSONL"], pending
+        late = wait_for(lambda: [e for e in _events(home, "job_submitted") if e["data"]["name"] == "late"], timeout=30)
+        assert _job(home).state in ("training", "checkpointing"), "job 0001 must still be training"
+        assert late[0]["data"]["job"] == "0002"
+        log = home / "logs" / "daemon.log"
+        wait_for(lambda: "inbox: notes.json skipped: only .jsonl files are queued" in log.read_text(), timeout=30)
+        ftctl(home, "shutdown", "--wait", "60")
+        assert d.wait(timeout=60) == 0
+    finally:
+        _stop(d)
+    assert (home / "inbox" / "notes.json").exists() and not (home / "inbox" / "late.JSONL").exists()
+    assert log.read_text().count("notes.json skipped") == 1  # said once, not every half second
 
 
 # --------------------------------------------------------------------------- a dead daemon between commits
