@@ -151,6 +151,14 @@ def cmd_consolidate(args, ws) -> int:
     return 0
 
 
+def cmd_set_head(args, ws) -> int:
+    e = consolidation.set_head(Ledger(ws.open_journal()), args.job)
+    render.console.print(f"job {e.job} is now the head of lineage {e.lineage}"
+                         + (f" (was job {e.previous}, now a branch)" if e.previous else "")
+                         + ": new jobs of the lineage warm-start from its adapter, and consolidation fuses it")
+    return 0
+
+
 def cmd_config_show(args, ws) -> int:
     from ftctl.control.effective import effective_config
 
@@ -229,6 +237,12 @@ def register(sub, home) -> None:
     s = sub.add_parser("consolidate", parents=[home], help="fuse the lineage's adapter into a new base model")
     s.add_argument("--lineage", default="main")
     s.set_defaults(func=cmd_consolidate)
+
+    s = sub.add_parser("lineage", parents=[home], help="a lineage's head: which adapter it continues from")
+    lsub = s.add_subparsers(dest="lineage_command", required=True, parser_class=s.__class__)
+    c = lsub.add_parser("set-head", parents=[home], help="make a completed job the lineage's head (e.g. a branch)")
+    c.add_argument("job")
+    c.set_defaults(func=cmd_set_head)
 
     s = sub.add_parser("config", parents=[home], help="configuration")
     csub = s.add_subparsers(dest="config_command", required=True, parser_class=s.__class__)

@@ -25,6 +25,7 @@ from ftctl.recovery.ledger import Ledger
 from ftctl.recovery.reconcile import Repair, apply, rm
 
 from . import retention
+from .jobs import UserError, find_job
 from .reporter import Note, quiet
 
 
@@ -53,6 +54,26 @@ def check(p: Projection, lineage: str) -> LineageState:
         raise ConsolidationRefused(f"jobs of lineage {lineage!r} are not finished: {', '.join(busy)}. Consolidation "
                                    "never runs under a job: let them finish (or cancel them), then consolidate")
     return lin
+
+
+def set_head(ledger: Ledger, job: str) -> ev.HeadSet:
+    """Make a completed job of a lineage its head: what later jobs warm-start from and what
+    consolidation fuses. The job must be on the lineage's current base, its adapter intact."""
+    j = find_job(ledger, job)
+    lin = ledger.state.lineages.get(j.lineage)
+    if j.state != "completed":
+        raise UserError(f"job {j.job} is {j.state!r}: only a completed job's adapter can be a lineage's head")
+    if lin is None or j.base_model != lin.base_model:
+        raise UserError(f"job {j.job} trained on {j.base_model}, but lineage {j.lineage!r} now trains on "
+                        f"{lin.base_model if lin else '?'} (it was consolidated since): its adapter cannot be the head")
+    if lin.head_job == j.job:
+        raise UserError(f"job {j.job} is already the head of lineage {j.lineage!r}; nothing was changed")
+    if ck.adapter_sha256(j.adapter_path) != j.adapter_sha256:
+        raise UserError(f"the adapter of job {j.job} at {j.adapter_path} no longer matches the sha256 recorded when it "
+                        "completed; nothing was changed — restore it first")
+    e = ev.HeadSet(lineage=lin.name, job=j.job, previous=lin.head_job)
+    ledger.commit(lineage_stream(lin.name), e)  # IllegalTransition while the lineage is consolidating
+    return e
 
 
 def request(ledger: Ledger, lineage: str) -> None:

@@ -243,13 +243,14 @@ class Daemon:
             reconcile.apply(self.ledger, [bad])
         return None
 
-    def _warm_start(self, j: JobState) -> tuple[str | None, int]:
+    def _warm_start(self, j: JobState) -> tuple[str | None, int, str | None]:
+        """(checkpoint to warm-start from, global step base, the head job it belongs to)."""
         if j.attempt > 0:  # a restart uses exactly what the first attempt used
-            return j.warm_start_from, j.global_step_base
+            return j.warm_start_from, j.global_step_base, j.parent_job
         lin = self.ledger.state.lineages.get(j.lineage)
         head = self.ledger.state.jobs.get(lin.head_job) if lin and lin.head_job else None
         if not j.config.warm_start or head is None or head.base_model != j.base_model:
-            return None, 0
+            return None, 0, None
         changed = locked_changes(head.config, j.config)
         if changed:
             raise LockedConfig(f"job {j.job} would warm-start from job {head.job}'s adapter but changes what shapes it "
@@ -257,8 +258,8 @@ class Daemon:
         final = [c for c in head.good_checkpoints() if c.step == head.step]
         if not final:
             self.say(f"job {j.job}: previous job {head.job} has no verified final checkpoint; starting fresh", "warn")
-            return None, 0
-        return final[-1].path, head.global_step
+            return None, 0, None
+        return final[-1].path, head.global_step, head.job
 
     def _preflight(self, j: JobState, cfg: Config) -> str | None:
         """Why the job cannot start now (it is paused with that reason), or None."""
@@ -296,7 +297,7 @@ class Daemon:
         resume = self._resume_point(j)
         j = self.ledger.state.jobs[j.job]
         try:
-            warm, base = self._warm_start(j)
+            warm, base, parent = self._warm_start(j)
         except LockedConfig as e:
             self.say(f"job {j.job} failed: {e}", "error")
             self.ledger.commit(stream, ev.Failed(job=j.job, reason=str(e), category="config_lock"))
@@ -312,8 +313,8 @@ class Daemon:
         resume_step, attempt = resume.step if resume else 0, j.attempt + 1
         self.ledger.commit(stream, ev.TrainingStarted(
             job=j.job, attempt=attempt, worker_pid=worker.id.pid, worker_started_at=worker.id.started_at,
-            resume_step=resume_step, resume_checkpoint=plan.resume_from, warm_start_from=warm, global_step_base=base,
-            base_model=j.config.model))
+            resume_step=resume_step, resume_checkpoint=plan.resume_from, warm_start_from=warm, parent_job=parent,
+            global_step_base=base, base_model=j.config.model))
         how = f"resuming from step {resume_step}" if resume else ("warm start from " + warm if warm else "fresh adapter")
         self.say(f"job {j.job} ({j.name}): training, attempt {attempt}, worker pid {worker.id.pid}, {how}")
         Supervision(self, j, worker, oom_before, resume_step).watch()

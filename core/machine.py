@@ -53,6 +53,7 @@ FACTS = {
     "checkpoint_discarded": _ANY_JOB,
     "model_removed": frozenset(LINEAGE_STATES),
     "consolidation_requested": frozenset({"idle"}),
+    "head_set": frozenset({"idle"}),
 }
 
 

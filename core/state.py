@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId, Recorded
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 5  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 6  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -57,6 +57,7 @@ class JobState(msgspec.Struct, kw_only=True):
     worker: ProcessId | None = None
     base_model: str = ""
     warm_start_from: str | None = None
+    parent_job: str | None = None
     global_step_base: int = 0
     step: int = 0               # job step of the last committed checkpoint
     global_step: int = 0
@@ -94,6 +95,7 @@ class LineageState(msgspec.Struct, kw_only=True):
     origin_model: str = ""      # the base the lineage started from (ftctl.yaml's model)
     base_version: int = 0       # 0 = the original model from ftctl.yaml
     head_job: str | None = None  # the completed job whose adapter is the lineage's current one
+    branches: list[str] = []    # completed jobs that did not become the head (they started from an older one)
     jobs: list[str] = []        # jobs trained on the current base, oldest first
     models: list[ModelVersion] = []
     pending: ev.ConsolidationStarted | None = None  # the consolidation in progress
@@ -160,7 +162,7 @@ def _rejected(p, j: JobState, e: ev.JobRejected, seq: int, ts: str) -> None:
 def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
     j.attempt, j.worker = e.attempt, ProcessId(e.worker_pid, e.worker_started_at)
     j.warm_start_from, j.global_step_base, j.base_model = e.warm_start_from, e.global_step_base, e.base_model
-    j.requested = None
+    j.parent_job, j.requested = e.parent_job, None
 
 
 def _committed(p, j: JobState, e: ev.CheckpointCommitted, seq: int, ts: str) -> None:
@@ -193,7 +195,15 @@ def _evaluated(p, j: JobState, e: ev.Evaluated, seq: int, ts: str) -> None:
 def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -> None:
     j.step, j.global_step, j.worker, j.requested, j.reason = e.step, e.global_step, None, None, ""
     j.adapter_path, j.adapter_sha256 = e.adapter_path, e.adapter_sha256
-    _lineage(p, j.lineage, j.base_model).head_job = j.job
+    lin = _lineage(p, j.lineage, j.base_model)
+    if j.parent_job is not None and lin.head_job not in (None, j.parent_job):
+        # It continued from an adapter that is no longer the head (another job started later but
+        # completed first): taking the head would silently drop that job's training. A branch.
+        lin.branches.append(j.job)
+        j.reason = (f"a branch: it warm-started from job {j.parent_job}, but job {lin.head_job} completed first and "
+                    f"is the lineage's head; `ftctl lineage set-head {j.job}` makes this one the head")
+    else:
+        lin.head_job = j.job
 
 
 def _crashed(p, j: JobState, e: ev.Crashed, seq: int, ts: str) -> None:
@@ -254,13 +264,20 @@ def _noop(p, e, seq: int, ts: str) -> None:
 def _consolidation(p: Projection, lin: LineageState, e, seq: int, ts: str) -> None:
     if isinstance(e, ev.ConsolidationRequested):
         lin.requested = True
+    elif isinstance(e, ev.HeadSet):
+        lin.branches = [b for b in lin.branches if b != e.job] + ([e.previous] if e.previous else [])
+        lin.head_job = e.job
+        if e.job in p.jobs:
+            p.jobs[e.job].reason = ""
+        if e.previous in p.jobs:
+            p.jobs[e.previous].reason = f"a branch: job {e.job} was made the lineage's head instead ({e.reason})"
     elif isinstance(e, ev.ConsolidationStarted):
         lin.pending, lin.requested, lin.last_consolidation_at = e, False, ts
     elif isinstance(e, ev.BasePromoted):
         lin.pending = None
         lin.base_model, lin.base_version = e.model_path, e.version
         lin.models.append(ModelVersion(version=e.version, path=e.model_path, weights_sha256=e.weights_sha256, promoted_at=ts))
-        lin.head_job, lin.jobs = None, []
+        lin.head_job, lin.jobs, lin.branches = None, [], []
     elif isinstance(e, ev.ConsolidationAborted):
         lin.pending = None
     elif isinstance(e, ev.ModelRemoved):
@@ -279,7 +296,7 @@ DAEMON_HANDLERS = {
     ev.DaemonStarted: _daemon_started, ev.DaemonStopped: _daemon_stopped,
     ev.ShutdownRequested: _shutdown, ev.RecoveryFinished: _recovered, ev.DebrisRemoved: _noop,
 }
-LINEAGE_TYPES = (ev.ConsolidationRequested, ev.ConsolidationStarted, ev.BasePromoted, ev.ConsolidationAborted, ev.ModelRemoved)
+LINEAGE_TYPES = (ev.ConsolidationRequested, ev.HeadSet, ev.ConsolidationStarted, ev.BasePromoted, ev.ConsolidationAborted, ev.ModelRemoved)
 _KIND = {t: t.kind() for t in ev.EVENT_TYPES}
 
 

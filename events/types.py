@@ -72,6 +72,7 @@ class TrainingStarted(EventBase, tag="training_started", kw_only=True):
     resume_step: int = 0
     resume_checkpoint: str | None = None
     warm_start_from: str | None = None
+    parent_job: str | None = None  # the lineage's head job whose adapter it warm-starts from
     global_step_base: int = 0
     base_model: str
 
@@ -301,6 +302,16 @@ class ConsolidationRequested(EventBase, tag="consolidation_requested", kw_only=T
     lineage: str
 
 
+class HeadSet(EventBase, tag="head_set", kw_only=True):
+    """`ftctl lineage set-head`: the user chose which completed job's adapter the lineage continues
+    from (what later jobs warm-start from and what consolidation fuses)."""
+
+    lineage: str
+    job: str
+    previous: str | None = None
+    reason: str = "chosen by user"
+
+
 class ConsolidationStarted(EventBase, tag="consolidation_started", kw_only=True):
     trigger: ClassVar[str] = "consolidate"
     lineage: str
@@ -339,7 +350,7 @@ Event = Union[
     CheckpointPruned, CheckpointCorrupt, CheckpointDiscarded, Evaluated, Completed, Crashed,
     Requeued, Interrupted, Failed, Paused, Resumed, Retried, Cancelled, ControlRequested,
     DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, DebrisRemoved, RecoveryFinished,
-    ConsolidationRequested, ConsolidationStarted, BasePromoted, ConsolidationAborted, ModelRemoved,
+    ConsolidationRequested, HeadSet, ConsolidationStarted, BasePromoted, ConsolidationAborted, ModelRemoved,
 ]
 
 EVENT_TYPES: tuple[type[EventBase], ...] = Event.__args__

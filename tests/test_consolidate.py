@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from datetime import datetime
 
@@ -133,3 +134,51 @@ def test_due_once_a_day():
     stamp = last.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     assert not due("03:00", stamp, now)
     assert due("03:00", stamp, datetime(2026, 11, 24, 3, 1))
+
+
+def test_a_job_resumed_after_a_newer_one_completed_becomes_a_branch_and_set_head_chooses(tmp_path, demo):
+    """0002 and 0003 both warm-start from 0001's adapter; 0002 is paused mid-run, 0003 completes
+    and becomes the head; 0002 resumed and completed must not silently replace 0003 (whose
+    training would leave the lineage): it is recorded as a branch, visibly, until the user
+    chooses it with `ftctl lineage set-head`."""
+    import subprocess
+    import sys
+
+    from helpers import wait_for
+
+    home = _trained(tmp_path, demo)  # job 0001: the head
+    for name in ("j2", "j3"):
+        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name)
+    marker = tmp_path / "marker-hang-13"  # global step 13: job 0002's third step (it starts at 10)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("FTCTL_")}, "FTCTL_HANG_AT": f"mid_step:13:{marker}"}
+    d = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--until-idle", "--quiet", "--home", str(home)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for(lambda: marker.exists() or d.poll() is not None, timeout=180, every=0.02)
+        assert marker.exists(), d.communicate()
+        ftctl(home, "pause", "0002")
+        assert d.wait(timeout=180) == 1  # --until-idle: 0003 completed, 0002 is paused
+    finally:
+        if d.poll() is None:
+            d.kill()
+    assert _lineage(home)["head_job"] == "0003"
+    ftctl(home, "resume", "0002")
+    ftctl(home, "start", "--until-idle", "--quiet")
+    lin = _lineage(home)
+    assert lin["head_job"] == "0003" and lin["branches"] == ["0002"], lin
+    j2 = status(home, "0002")
+    assert j2["state"] == "completed" and "a branch" in j2["reason"] and "ftctl lineage set-head 0002" in j2["reason"]
+    started = [e["data"] for e in history(home) if e["type"] == "training_started" and e["data"]["job"] == "0002"]
+    assert {s["parent_job"] for s in started} == {"0001"}  # every attempt continued from 0001's adapter
+
+    out = ftctl(home, "lineage", "set-head", "0002").stdout
+    assert "job 0002 is now the head of lineage main (was job 0003, now a branch)" in " ".join(out.split())
+    lin = _lineage(home)
+    assert lin["head_job"] == "0002" and lin["branches"] == ["0003"] and status(home, "0002")["reason"] is None
+    p = ftctl(home, "lineage", "set-head", "0002", check=False)
+    assert p.returncode == 1 and "already the head" in p.stderr
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", "j4")
+    ftctl(home, "start", "--until-idle", "--quiet")
+    (s4,) = [e["data"] for e in history(home) if e["type"] == "training_started" and e["data"]["job"] == "0004"]
+    assert s4["parent_job"] == "0002" and "/jobs/0002/" in s4["warm_start_from"]
+    assert _lineage(home)["head_job"] == "0004"

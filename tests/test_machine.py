@@ -94,7 +94,8 @@ def make(typ: type, subject: str, p) -> T.EventBase:
         return T.JobRejected(job=j, name=p.s(), data_path=p.s(), data_sha256=p.opt(p.s()), reasons=[p.s(), p.s()], problems=[p.s()])
     if typ is T.TrainingStarted:
         return T.TrainingStarted(job=j, attempt=p.i(), worker_pid=p.i(), worker_started_at=p.f(), resume_step=p.i(),
-                                 resume_checkpoint=p.opt(p.s()), warm_start_from=p.opt(p.s()), global_step_base=p.i(), base_model=p.s())
+                                 resume_checkpoint=p.opt(p.s()), warm_start_from=p.opt(p.s()), parent_job=p.opt(p.s()),
+                                 global_step_base=p.i(), base_model=p.s())
     if typ is T.CheckpointStarted:
         return T.CheckpointStarted(job=j, step=p.i(), global_step=p.i())
     if typ is T.CheckpointCommitted:
@@ -131,6 +132,8 @@ def make(typ: type, subject: str, p) -> T.EventBase:
         return T.ControlRequested(job=j, action=p.choice(["pause", "cancel"]))
     if typ is T.ConsolidationRequested:
         return T.ConsolidationRequested(lineage=j)
+    if typ is T.HeadSet:
+        return T.HeadSet(lineage=j, job=p.choice(["", "a", "x"]), previous=p.opt(p.s()), reason=p.s())
     if typ is T.ConsolidationStarted:
         return T.ConsolidationStarted(lineage=j, version=p.i(), base_model=p.s(), adapter_path=p.s(), adapter_sha256=p.s(), temp_path=p.s())
     if typ is T.BasePromoted:
