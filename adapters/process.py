@@ -24,6 +24,8 @@ import psutil
 
 from ftctl.events.types import ProcessId
 
+from . import logs
+
 
 class LockHeld(Exception):
     def __init__(self, holder: str):
@@ -131,6 +133,7 @@ def spawn_worker(plan_json: bytes, log_path: Path, env: dict | None = None, labe
     ``label`` (job, workspace) only names the process, so `ps` and `ftctl doctor` can tell whose it is."""
     r, w = os.pipe()
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    logs.rotate(log_path)  # a new attempt starts a fresh file once the old one passed the cap
     log = open(log_path, "ab", buffering=0)
     os.chmod(log_path, 0o600)
     offset = log.tell()

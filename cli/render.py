@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ftctl.adapters import protocol as P
-from ftctl.control.reporter import Reporter
+from ftctl.control.reporter import Every, Reporter
 from ftctl.core.state import JobState, Projection, as_dict
 from ftctl.events.types import Recorded, to_dict
 
@@ -154,6 +154,7 @@ class ConsoleReporter(Reporter):
         self.quiet, self.out = quiet, out
         self.bar = self.task = None
         self.iters = 0
+        self.lines: Every | None = None  # without a terminal: progress lines at a sane rate
 
     def note(self, text: str, level: str = "info") -> None:
         if self.quiet:
@@ -167,15 +168,16 @@ class ConsoleReporter(Reporter):
             self.out.rule(escape(title))
 
     def training(self, job: str, name: str, iters: int) -> None:
-        self.iters = iters
+        self.iters, self.lines = iters, Every(iters)
         if self.quiet or not self.out.is_terminal:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn(f"job {escape(job)}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                            TimeRemainingColumn(), console=self.out, transient=False)
-        self.task = self.bar.add_task("train", total=iters, loss="-", tps="-")
+                            TextColumn("loss {task.fields[loss]}  val {task.fields[val]}"),
+                            TextColumn("{task.fields[tps]} tok/s  checkpoint {task.fields[ckpt]}"),
+                            TextColumn("ETA"), TimeRemainingColumn(), console=self.out, transient=False)
+        self.task = self.bar.add_task("train", total=iters, loss="-", val="-", tps="-", ckpt="-")
         self.bar.start()
 
     def progress(self, job: str, msg: P.WorkerMessage) -> None:
@@ -185,7 +187,11 @@ class ConsoleReporter(Reporter):
             elif isinstance(msg, P.Report):
                 m = msg.metrics
                 self.bar.update(self.task, completed=m.step, loss=_fmt(m.loss, ".4f"), tps=_fmt(m.tokens_per_s, ".0f"))
-        elif isinstance(msg, P.Report):
+            elif isinstance(msg, P.Evaluated):
+                self.bar.update(self.task, val=_fmt(msg.val_loss, ".4f"))
+            elif isinstance(msg, P.CheckpointWritten):
+                self.bar.update(self.task, ckpt=f"step {msg.checkpoint.step}")
+        elif isinstance(msg, P.Report) and self.lines is not None and self.lines.due(msg.metrics.step):
             m = msg.metrics
             self.note(f"job {job} step {m.step}/{self.iters}: loss {_fmt(m.loss, '.4f')}  lr {_fmt(m.lr, '.3g')}  "
                       f"{_fmt(m.tokens_per_s, '.0f')} tok/s  peak {_fmt(m.peak_mem_gb, '.2f')} GB")

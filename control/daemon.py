@@ -12,7 +12,7 @@ import socket
 import time
 from pathlib import Path
 
-from ftctl.adapters import process, system
+from ftctl.adapters import logs, process, system
 from ftctl.adapters.faults import crash_point
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.protocol import TrainPlan, encode
@@ -95,8 +95,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ lifecycle
     def log(self, text: str) -> None:
-        with open(self.ws.logs / "daemon.log", "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        logs.append(self.ws.logs / "daemon.log", text)
 
     def say(self, text: str, level: str = "info") -> None:
         self.report.note(text, level)

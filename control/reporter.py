@@ -7,6 +7,7 @@ it shows.
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from ftctl.adapters import protocol as P
@@ -16,6 +17,25 @@ Note = Callable[..., None]  # note(text, level="info"): Reporter.note alone, for
 
 def quiet(text: str, level: str = "info") -> None:
     pass
+
+
+class Every:
+    """When a progress line is worth writing: at the first and last step, each time another tenth
+    of the run is done, and at least every ``seconds`` in between — about a dozen lines per job
+    whatever its length, instead of one per report."""
+
+    def __init__(self, iters: int, seconds: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.iters, self.seconds, self.clock = max(iters, 1), seconds, clock
+        self.last_step, self.last_time = None, 0.0
+
+    def due(self, step: int) -> bool:
+        now = self.clock()
+        tenth = lambda s: s * 10 // self.iters  # noqa: E731
+        if (self.last_step is None or step >= self.iters or tenth(step) > tenth(self.last_step)
+                or now - self.last_time >= self.seconds):
+            self.last_step, self.last_time = step, now
+            return True
+        return False
 
 
 class Reporter:

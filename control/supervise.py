@@ -23,6 +23,7 @@ from ftctl.events.journal import utc_now
 from ftctl.recovery.reconcile import apply, mark_corrupt
 
 from . import retention
+from .reporter import Every
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -47,6 +48,7 @@ class Supervision:
         self.finished: str | None = None      # "completed" | "stopped"
         self.step = step                      # a crash before the first step is at the resume step
         self.stopped_step = 0
+        self.log_due = Every(j.iters)  # daemon.log gets progress at a sane rate
         d.report.training(j.job, j.name, j.iters)
 
     # ------------------------------------------------------------------ loop
@@ -135,8 +137,9 @@ class Supervision:
                 self.step = step
             case P.Report(metrics=m):
                 L.journal.record_metric(job, m)
-                d.log(f"job {job} step {m.step}/{self.cfg.iters}: loss {_num(m.loss, '.4f')}  lr {_num(m.lr, '.3g')}  "
-                      f"{_num(m.tokens_per_s, '.0f')} tok/s  peak {_num(m.peak_mem_gb, '.2f')} GB")
+                if self.log_due.due(m.step):
+                    d.log(f"job {job} step {m.step}/{self.cfg.iters}: loss {_num(m.loss, '.4f')}  lr {_num(m.lr, '.3g')}  "
+                          f"{_num(m.tokens_per_s, '.0f')} tok/s  peak {_num(m.peak_mem_gb, '.2f')} GB")
             case P.EvalStarted():
                 self.in_eval = True
             case P.Evaluated(step=step, global_step=gstep, val_loss=val):
@@ -148,6 +151,7 @@ class Supervision:
             case P.CheckpointWritten(checkpoint=c):
                 crash_point("daemon_before_commit", c.step)
                 L.commit(self.stream, ev.CheckpointCommitted(job=job, checkpoint=c))
+                d.log(f"job {job}: checkpoint step {c.step} committed ({c.bytes / 1e6:.1f} MB)")
                 self.retention()
             case P.Completed():
                 L.commit(self.stream, ev.Completed(job=job, step=msg.step, global_step=msg.global_step,

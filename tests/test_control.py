@@ -178,3 +178,36 @@ def test_message_decoders_refuse_wrong_shapes(obj):
         except P.ProtocolError:
             continue
         assert isinstance(msg, P.Message)
+
+
+# --------------------------------------------------------------------------- logs at a sane rate
+
+
+def test_progress_lines_come_at_a_sane_rate():
+    from ftctl.control.reporter import Every
+
+    t = [0.0]
+    every = Every(1000, seconds=60, clock=lambda: t[0])
+    due = []
+    for step in range(5, 1001, 5):  # a report every 5 steps, one step per 0.1 s
+        t[0] = step * 0.1
+        if every.due(step):
+            due.append(step)
+    assert due[0] == 5 and due[-1] == 1000
+    assert len(due) <= 12, due  # 200 reports -> about one line per tenth of the run
+    slow = Every(1000, seconds=60, clock=lambda: t[0])
+    assert slow.due(5) and not slow.due(6)
+    t[0] += 61
+    assert slow.due(7)  # at least once a minute on a slow run
+
+
+def test_logs_are_rotated_past_their_cap(tmp_path):
+    from ftctl.adapters import logs
+
+    log = tmp_path / "daemon.log"
+    for i in range(400):
+        logs.append(log, f"line {i} " + "x" * 100, max_bytes=4096)
+    rotated = sorted(p.name for p in tmp_path.iterdir())
+    assert rotated == ["daemon.log", "daemon.log.1", "daemon.log.2", "daemon.log.3"]
+    assert all(p.stat().st_size <= 4096 + 200 for p in tmp_path.iterdir())
+    assert "line 399" in log.read_text() and oct(log.stat().st_mode & 0o777) == "0o600"
