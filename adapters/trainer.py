@@ -234,6 +234,8 @@ class _Loop:
         s, cfg = self.s, self.cfg
         step, state = _compiled_step(s)
         accum, grad, stopping = cfg.grad_accumulation_steps, None, False
+        if s.val is not None and s.state.job_step == 0 and not s.plan.resume_from:
+            self._evaluate(0, s.plan.global_step_base)  # the starting point: what training must beat
         s.model.train()
         for it in range(s.state.job_step + 1, cfg.iters + 1):
             gstep = s.plan.global_step_base + it
@@ -287,7 +289,7 @@ class _Loop:
     def _evaluate(self, it: int, gstep: int) -> None:
         self.emit(P.EvalStarted(step=it))
         t0 = time.perf_counter()
-        self.val_loss = _finite(_evaluate(self.s.model, self.s.val))
+        self.val_loss = _finite(evaluate_loss(self.s.model, self.s.val)[0])
         self.eval_count += 1
         self.emit(P.Evaluated(step=it, global_step=gstep, val_loss=self.val_loss, eval_s=time.perf_counter() - t0))
 
@@ -320,16 +322,18 @@ def _complete(s: Session, emit, fs: FS) -> P.Completed:
     return msg
 
 
-def _evaluate(model, val_batches) -> float:
+def evaluate_loss(model, batches) -> tuple[float, int]:
+    """(mean loss per scored token, scored tokens) over fixed batches, dropout off. Draws no
+    randomness, so it never perturbs training (which reseeds every step anyway)."""
     model.eval()
     total, ntoks = mx.array(0.0), mx.array(0)
-    for batch, lengths in val_batches:
+    for batch, lengths in batches:
         loss, toks = default_loss(model, batch, lengths)
         total += loss * toks
         ntoks += toks
         mx.eval(total, ntoks)
     model.train()
-    return (total / ntoks).item()
+    return (total / ntoks).item(), ntoks.item()
 
 
 def _all_finite(model) -> bool:
