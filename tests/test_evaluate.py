@@ -123,3 +123,28 @@ def test_eval_refuses_a_job_without_an_adapter(ws, tmp_path, capsys):
     code, _, err = run(capsys, "eval", "0042", "--home", ws)
     assert code == 1 and "no job '0042'" in err
     assert [e["type"] for e in history(ws)] == ["job_submitted", "cancelled"]
+
+
+def test_eval_skips_the_bad_lines_of_an_accepted_file_and_says_so(trained, demo, tmp_path, capsys):
+    lines = demo.valid.read_text().splitlines()
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(lines[:10] + ['{"broken": '] + lines[10:]) + "\n")  # 1 bad line of 41: a warning
+    code, out, err = run(capsys, "eval", "0001", "--data", mixed, "--json", "--home", trained)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["examples"] == 40 and len(r["warnings"]) == 1 and "line 11" in r["warnings"][0]
+    code, _, err = run(capsys, "eval", "0001", "--data", mixed, "--home", trained)
+    assert code == 0 and "warning:" in err and "line 11" in err
+
+
+def test_eval_refuses_an_adapter_changed_on_disk(trained, capsys):
+    blob = trained / "jobs" / "0001" / "adapters" / "adapters.safetensors"
+    good = blob.read_bytes()
+    before = len(history(trained))
+    try:
+        blob.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+        code, _, err = run(capsys, "eval", "0001", "--home", trained)
+        assert code == 1 and "changed on disk" in err
+    finally:
+        blob.write_bytes(good)
+    assert len(history(trained)) == before
