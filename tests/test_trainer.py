@@ -130,7 +130,8 @@ def test_uninterrupted_run_reports_everything(reference):
     assert result["adapter_sha256"] == adapter_sha256(result["adapter_path"])
     assert result["checkpoint"] == kinds(msgs, "checkpoint")[-1]["path"]
     final = load_checkpoint(result["checkpoint"])
-    assert final.state.job_step == ITERS and final.state.eval_count == 5
+    assert final.state.job_step == ITERS and final.state.eval_count == 4  # step 0's is reported, not kept
+    assert kinds(msgs, "checkpoint")[0]["val_loss"] is None  # step 5: no trained weights evaluated yet
     assert final.state.val_loss == kinds(msgs, "eval")[-1]["val_loss"]
     assert final.optimizer["step"].item() == ITERS
     assert temp_dirs(job) == []
