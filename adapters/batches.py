@@ -106,3 +106,13 @@ def validation_batches(items, batch_size: int, max_seq_length: int, num_batches:
         make_batch([items[i] for i in chosen[k : k + batch_size]], max_seq_length)
         for k in range(0, len(chosen), batch_size)
     ]
+
+
+def evaluation_batches(items, batch_size: int, max_seq_length: int):
+    """Every record (a test set is scored whole), sorted by length, cut into batches of
+    batch_size; the last batch may be smaller. No randomness."""
+    order = sorted(range(len(items)), key=lambda i: (len(items[i][0]), i))
+    return [
+        make_batch([items[i] for i in order[k : k + batch_size]], max_seq_length)
+        for k in range(0, len(order), batch_size)
+    ]

@@ -234,6 +234,10 @@ class _Loop:
         s, cfg = self.s, self.cfg
         step, state = _compiled_step(s)
         accum, grad, stopping = cfg.grad_accumulation_steps, None, False
+        if s.val is not None and s.state.job_step == 0 and not s.plan.resume_from:
+            # the starting point (the base model, or the warm start): what training has to beat. Only
+            # reported: checkpoints keep evaluations of trained weights (retention's keep_best)
+            self._evaluate(0, s.plan.global_step_base)
         s.model.train()
         for it in range(s.state.job_step + 1, cfg.iters + 1):
             gstep = s.plan.global_step_base + it
@@ -250,7 +254,8 @@ class _Loop:
             boundary = it % accum == 0 or it == cfg.iters
             stopping = stopping or stop_requested()
             if s.val is not None and (it % cfg.steps_per_eval == 0 or it == cfg.iters):
-                self._evaluate(it, gstep)
+                self.val_loss = self._evaluate(it, gstep)
+                self.eval_count += 1
             if it % cfg.save_every == 0 or it == cfg.iters or (stopping and boundary):
                 self._checkpoint(it, gstep)
             if stopping and boundary and it < cfg.iters:
@@ -284,12 +289,12 @@ class _Loop:
         self.w_loss = self.w_tokens = self.w_steps = 0
         self.w_time = 0.0
 
-    def _evaluate(self, it: int, gstep: int) -> None:
+    def _evaluate(self, it: int, gstep: int) -> float | None:
         self.emit(P.EvalStarted(step=it))
         t0 = time.perf_counter()
-        self.val_loss = _finite(_evaluate(self.s.model, self.s.val))
-        self.eval_count += 1
-        self.emit(P.Evaluated(step=it, global_step=gstep, val_loss=self.val_loss, eval_s=time.perf_counter() - t0))
+        loss = _finite(evaluate_loss(self.s.model, self.s.val)[0])
+        self.emit(P.Evaluated(step=it, global_step=gstep, val_loss=loss, eval_s=time.perf_counter() - t0))
+        return loss
 
     def _checkpoint(self, it: int, gstep: int) -> None:
         """Never checkpoint a non-finite state; otherwise save atomically and report it."""
@@ -320,16 +325,18 @@ def _complete(s: Session, emit, fs: FS) -> P.Completed:
     return msg
 
 
-def _evaluate(model, val_batches) -> float:
+def evaluate_loss(model, batches) -> tuple[float, int]:
+    """(mean loss per scored token, scored tokens) over fixed batches, dropout off. Draws no
+    randomness, so it never perturbs training (which reseeds every step anyway)."""
     model.eval()
     total, ntoks = mx.array(0.0), mx.array(0)
-    for batch, lengths in val_batches:
+    for batch, lengths in batches:
         loss, toks = default_loss(model, batch, lengths)
         total += loss * toks
         ntoks += toks
         mx.eval(total, ntoks)
     model.train()
-    return (total / ntoks).item()
+    return (total / ntoks).item(), ntoks.item()
 
 
 def _all_finite(model) -> bool:

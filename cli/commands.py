@@ -1,5 +1,5 @@
 """Commands that run or steer the daemon: start, recover, crashes, pause/resume/cancel, shutdown,
-consolidate, config show, doctor, demo. Each parses, calls the control layer, renders."""
+consolidate, eval, config show, doctor, demo. Each parses, calls the control layer, renders."""
 
 from __future__ import annotations
 
@@ -159,6 +159,44 @@ def cmd_set_head(args, ws) -> int:
     return 0
 
 
+def cmd_eval(args, ws) -> int:
+    from ftctl.control.evaluate import evaluate
+
+    out = evaluate(ws, Ledger(ws.open_journal()), args.job, Path(args.data) if args.data else None)
+    e = out.event
+    body = {k: v for k, v in ev.to_dict(e).items() if k != "type"}
+    if args.json:
+        render.print_json({**body, "at": out.at, "seq": out.seq, "warnings": out.warnings})
+        return 0
+    for w in out.warnings:
+        render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
+    from rich.table import Table
+
+    t = Table(title=f"job {e.job} on {render.escape(e.data_path)} ({e.examples} examples, {e.tokens} tokens scored)")
+    for c in ("model", "loss", "perplexity"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    t.add_row(f"base {render.escape(e.base_model)}", _num(e.base_loss, ".4f"), _num(e.base_ppl, ".2f"))
+    t.add_row(f"base + adapter of job {e.job}", _num(e.adapter_loss, ".4f"), _num(e.adapter_ppl, ".2f"))
+    render.console.print(t)
+    render.console.print(_verdict(e) + f" (recorded as event {out.seq})")
+    return 0
+
+
+def _num(x: float | None, spec: str) -> str:
+    return "not finite" if x is None else format(x, spec)
+
+
+def _verdict(e: ev.AdapterEvaluated) -> str:
+    if e.base_loss is None or e.adapter_loss is None:
+        return "[red]a loss is not finite[/]: no comparison"
+    change = e.adapter_loss - e.base_loss
+    ppl = (f", perplexity {e.base_ppl:.2f} → {e.adapter_ppl:.2f}" if e.base_ppl is not None and e.adapter_ppl is not None
+           else "")
+    if change < 0:
+        return f"[green]fine-tuning helped[/]: loss {change:+.4f} ({change / e.base_loss:+.1%}){ppl}"
+    return f"[yellow]fine-tuning did not help on this data[/]: loss {change:+.4f}{ppl}"
+
+
 def cmd_config_show(args, ws) -> int:
     from ftctl.control.effective import effective_config
 
@@ -243,6 +281,11 @@ def register(sub, home) -> None:
     c = lsub.add_parser("set-head", parents=[home], help="make a completed job the lineage's head (e.g. a branch)")
     c.add_argument("job")
     c.set_defaults(func=cmd_set_head)
+    s = sub.add_parser("eval", parents=[home], help="test loss and perplexity of a job's adapter and of its base model")
+    s.add_argument("job")
+    s.add_argument("--data", metavar="FILE", help="JSONL test data (default: the job's validation split)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("config", parents=[home], help="configuration")
     csub = s.add_subparsers(dest="config_command", required=True, parser_class=s.__class__)

@@ -93,6 +93,8 @@ def job_json(j: JobState, metrics: dict | None = None) -> dict:
         "last_checkpoint": last.path if last else None,
         "last_val_loss": j.last_val_loss, "best_val_loss": j.best_val_loss,
         "adapter_path": j.adapter_path, "adapter_sha256": j.adapter_sha256,
+        "last_eval": {**{k: v for k, v in to_dict(j.last_eval).items() if k != "type"}, "at": j.last_eval_at}
+        if j.last_eval else None,
         "worker": as_dict(j.worker) if j.worker else None,
         "crashes": [as_dict(c) for c in j.crashes],
         "requested": j.requested,
@@ -131,6 +133,10 @@ def job_panel(j: JobState, metrics: dict | None) -> Table:
         v = d.get(k)
         if v not in (None, "", []):
             t.add_row(k, f"[{_STATE_STYLE.get(v, '')}]{v}[/]" if k == "state" else escape(str(v)))
+    if (e := j.last_eval) is not None:
+        t.add_row("last eval", escape(f"loss {_fmt(e.adapter_loss, '.4f')} (ppl {_fmt(e.adapter_ppl, '.2f')}) with the adapter, "
+                                      f"{_fmt(e.base_loss, '.4f')} (ppl {_fmt(e.base_ppl, '.2f')}) without, on {e.examples} "
+                                      f"examples of {e.data_path} ({j.last_eval_at[:19].replace('T', ' ')})"))
     if metrics:
         t.add_row("last report", "  ".join(f"{k}={_short(metrics[k])}" for k in ("step", "loss", "lr", "tokens_per_s", "peak_mem_gb") if metrics.get(k) is not None))
     if j.crashes:

@@ -47,6 +47,7 @@ LINEAGE_TRANSITIONS = [
 _ANY_JOB = frozenset(JOB_STATES) - {"new"}
 FACTS = {
     "evaluated": frozenset(ACTIVE),
+    "adapter_evaluated": frozenset({"completed"}),  # only a completed job has an adapter
     "control_requested": frozenset(ACTIVE),
     "checkpoint_pruned": _ANY_JOB,
     "checkpoint_corrupt": _ANY_JOB,

@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId, Recorded
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 6  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 7  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -67,6 +67,8 @@ class JobState(msgspec.Struct, kw_only=True):
     best_val_loss: float | None = None
     adapter_path: str | None = None
     adapter_sha256: str | None = None
+    last_eval: ev.AdapterEvaluated | None = None  # the last `ftctl eval` of the adapter
+    last_eval_at: str = ""
     crashes: list[CrashRecord] = []
     budget_from: int = 0        # crashes[budget_from:] count against the restart budget (`ftctl retry` resets it)
     not_before: float = 0.0
@@ -192,6 +194,10 @@ def _evaluated(p, j: JobState, e: ev.Evaluated, seq: int, ts: str) -> None:
         j.best_val_loss = e.val_loss
 
 
+def _adapter_evaluated(p, j: JobState, e: ev.AdapterEvaluated, seq: int, ts: str) -> None:
+    j.last_eval, j.last_eval_at = e, ts
+
+
 def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -> None:
     j.step, j.global_step, j.worker, j.requested, j.reason = e.step, e.global_step, None, None, ""
     j.adapter_path, j.adapter_sha256 = e.adapter_path, e.adapter_sha256
@@ -288,8 +294,9 @@ JOB_HANDLERS = {
     ev.JobSubmitted: _submitted, ev.JobRejected: _rejected, ev.TrainingStarted: _started,
     ev.CheckpointStarted: None, ev.CheckpointCommitted: _committed,
     ev.CheckpointPruned: _pruned, ev.CheckpointCorrupt: _corrupt, ev.CheckpointDiscarded: None,
-    ev.Evaluated: _evaluated, ev.Completed: _completed, ev.Crashed: _crashed, ev.Requeued: _requeued,
-    ev.Interrupted: _interrupted, ev.Failed: _reason, ev.Paused: _reason, ev.Resumed: _resumed, ev.Retried: _retried,
+    ev.Evaluated: _evaluated, ev.AdapterEvaluated: _adapter_evaluated, ev.Completed: _completed, ev.Crashed: _crashed,
+    ev.Requeued: _requeued, ev.Interrupted: _interrupted, ev.Failed: _reason, ev.Paused: _reason, ev.Resumed: _resumed,
+    ev.Retried: _retried,
     ev.Cancelled: _reason, ev.ControlRequested: _control,
 }
 DAEMON_HANDLERS = {

@@ -167,6 +167,24 @@ class Evaluated(EventBase, tag="evaluated", kw_only=True):
     val_loss: float | None
 
 
+class AdapterEvaluated(EventBase, tag="adapter_evaluated", kw_only=True):
+    """`ftctl eval`: the test loss and perplexity of the job's final adapter and of its base model
+    on the same data. A loss or perplexity that is not finite is None."""
+
+    job: str
+    data_path: str
+    data_sha256: str
+    examples: int
+    tokens: int
+    base_model: str
+    adapter_path: str
+    adapter_sha256: str
+    base_loss: float | None
+    base_ppl: float | None
+    adapter_loss: float | None
+    adapter_ppl: float | None
+
+
 class Completed(EventBase, tag="completed", kw_only=True):
     trigger: ClassVar[str] = "complete"
     job: str
@@ -347,7 +365,7 @@ class ModelRemoved(EventBase, tag="model_removed", kw_only=True):
 
 Event = Union[
     JobSubmitted, JobRejected, TrainingStarted, CheckpointStarted, CheckpointCommittedV1, CheckpointCommitted,
-    CheckpointPruned, CheckpointCorrupt, CheckpointDiscarded, Evaluated, Completed, Crashed,
+    CheckpointPruned, CheckpointCorrupt, CheckpointDiscarded, Evaluated, AdapterEvaluated, Completed, Crashed,
     Requeued, Interrupted, Failed, Paused, Resumed, Retried, Cancelled, ControlRequested,
     DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, DebrisRemoved, RecoveryFinished,
     ConsolidationRequested, HeadSet, ConsolidationStarted, BasePromoted, ConsolidationAborted, ModelRemoved,

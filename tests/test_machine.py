@@ -111,6 +111,10 @@ def make(typ: type, subject: str, p) -> T.EventBase:
         return T.CheckpointDiscarded(job=j, path=p.s(), reason=p.s())
     if typ is T.Evaluated:
         return T.Evaluated(job=j, step=p.i(), global_step=p.i(), val_loss=p.f())
+    if typ is T.AdapterEvaluated:
+        return T.AdapterEvaluated(job=j, data_path=p.s(), data_sha256=p.s(), examples=p.i(), tokens=p.i(), base_model=p.s(),
+                                  adapter_path=p.s(), adapter_sha256=p.s(), base_loss=p.opt(p.f()), base_ppl=p.opt(p.f()),
+                                  adapter_loss=p.opt(p.f()), adapter_ppl=p.opt(p.f()))
     if typ is T.Completed:
         return T.Completed(job=j, step=p.i(), global_step=p.i(), adapter_path=p.s(), adapter_sha256=p.s(), checkpoint=p.s())
     if typ is T.Crashed:
@@ -388,6 +392,27 @@ def test_event_addressed_to_another_stream_is_refused(tmp_path: Path):
                 ledger.commit(stream, e)
         assert ledger.journal.last_seq() == before
         assert load(ledger.journal, snapshot=False) == ledger.state
+    finally:
+        ledger.close()
+
+
+def test_adapter_evaluated_is_kept_on_a_completed_job_only(tmp_path: Path):
+    ledger = Ledger(Journal.create(tmp_path / "j.db"))
+    try:
+        p = RngPick(random.Random(2))
+        ledger.commit("job:a", make(T.JobSubmitted, "a", p))
+        e = make(T.AdapterEvaluated, "a", p)
+        with pytest.raises(IllegalTransition, match="adapter_evaluated"):
+            ledger.commit("job:a", e)  # queued: no adapter yet
+        ledger.commit("job:a", make(T.TrainingStarted, "a", p))
+        with pytest.raises(IllegalTransition):
+            ledger.commit("job:a", e)
+        ledger.commit("job:a", make(T.Completed, "a", p))
+        ledger.commit("job:a", e)
+        j = ledger.state.jobs["a"]
+        assert j.state == "completed" and j.last_eval == e and j.last_eval_at
+        assert load(ledger.journal, snapshot=False) == ledger.state
+        assert S.from_snapshot(S.to_snapshot(ledger.state)) == ledger.state
     finally:
         ledger.close()
 

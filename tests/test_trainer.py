@@ -115,7 +115,8 @@ def test_uninterrupted_run_reports_everything(reference):
     assert msgs[0]["t"] == "loaded" and msgs[0]["step"] == 0
     assert [m["step"] for m in kinds(msgs, "step")] == list(range(1, ITERS + 1))
     assert [m["step"] for m in kinds(msgs, "report")] == [10, 20, 30, 40]
-    assert [m["step"] for m in kinds(msgs, "eval")] == [10, 20, 30, 40]
+    assert [m["step"] for m in kinds(msgs, "eval")] == [0, 10, 20, 30, 40]  # 0: the base model's
+    assert msgs[1]["t"] == "eval_begin" and msgs[2] == {**msgs[2], "t": "eval", "step": 0, "global_step": 0}
     assert [m["step"] for m in kinds(msgs, "checkpoint")] == list(range(5, ITERS + 1, 5))
     # begin messages come right before their result
     for t in ("eval", "checkpoint"):
@@ -129,7 +130,8 @@ def test_uninterrupted_run_reports_everything(reference):
     assert result["adapter_sha256"] == adapter_sha256(result["adapter_path"])
     assert result["checkpoint"] == kinds(msgs, "checkpoint")[-1]["path"]
     final = load_checkpoint(result["checkpoint"])
-    assert final.state.job_step == ITERS and final.state.eval_count == 4
+    assert final.state.job_step == ITERS and final.state.eval_count == 4  # step 0's is reported, not kept
+    assert kinds(msgs, "checkpoint")[0]["val_loss"] is None  # step 5: no trained weights evaluated yet
     assert final.state.val_loss == kinds(msgs, "eval")[-1]["val_loss"]
     assert final.optimizer["step"].item() == ITERS
     assert temp_dirs(job) == []
@@ -147,6 +149,7 @@ def test_stop_and_resume_gives_the_same_adapter(demo, reference, tmp_path, stop_
     msgs, result = train(plan(demo, job, config(demo), resume_from=result["checkpoint"]))
     assert msgs[0] == {**msgs[0], "t": "loaded", "step": stop_at}
     assert kinds(msgs, "step")[0]["step"] == stop_at + 1
+    assert 0 not in [m["step"] for m in kinds(msgs, "eval")]  # a resumed job is not evaluated at step 0 again
     assert result["t"] == "completed"
     assert result["adapter_sha256"] == ref["adapter_sha256"]
 
@@ -181,13 +184,29 @@ def test_resume_at_the_end_only_publishes(demo, reference, tmp_path):
 def test_evaluation_does_not_perturb_training(demo, reference, tmp_path):
     _, _, ref = reference
     msgs, result = train(plan(demo, tmp_path / "job", config(demo, steps_per_eval=ITERS)))
-    assert [m["step"] for m in kinds(msgs, "eval")] == [ITERS]
+    assert [m["step"] for m in kinds(msgs, "eval")] == [0, ITERS]
     assert result["adapter_sha256"] == ref["adapter_sha256"]
     p = plan(demo, tmp_path / "noval", config(demo))
     p.valid_path = None
     msgs, result = train(p)
     assert kinds(msgs, "eval") == [] and kinds(msgs, "eval_begin") == []
     assert result["adapter_sha256"] == ref["adapter_sha256"]
+
+
+def test_step_zero_evaluation_is_the_base_models_loss(demo, reference):
+    """LoRA starts as the identity (B = 0), so step 0's val loss is the base model's own."""
+    from ftctl.adapters.trainer import evaluate_loss, load_items
+
+    _, msgs, _ = reference
+    cfg = config(demo)
+    model, tokenizer = mlx_lm.load(str(demo.model_dir))
+    val = validation_batches(load_items(str(demo.valid), tokenizer, cfg.mask_prompt), cfg.batch_size,
+                             cfg.max_seq_length, cfg.val_batches)
+    loss, tokens = evaluate_loss(model, val)
+    first = kinds(msgs, "eval")[0]
+    assert first["step"] == 0 and tokens > 0
+    assert math.isclose(first["val_loss"], loss, rel_tol=1e-5)
+    assert kinds(msgs, "eval")[-1]["val_loss"] < loss  # and training beat it
 
 
 def test_the_seed_matters(demo, reference, tmp_path):
@@ -228,6 +247,7 @@ def test_warm_started_job_is_deterministic_and_restarts_the_schedule(demo, refer
 
     msgs, a = train(job2("a"))
     assert msgs[0]["global_step"] == ITERS
+    assert kinds(msgs, "eval")[0] == {**kinds(msgs, "eval")[0], "step": 0, "global_step": ITERS}  # the warm start's
     assert [m["global_step"] for m in kinds(msgs, "step")][:2] == [ITERS + 1, ITERS + 2]
     ck = load_checkpoint(kinds(msgs, "checkpoint")[1]["path"])
     assert ck.state.job_step == 10 and ck.state.global_step == ITERS + 10
