@@ -49,7 +49,8 @@ def superseded(p: Projection, lin: LineageState) -> list[Repair]:
     committed — save first, delete last."""
     if lin.base_version == 0:
         return []
-    return [prune(j, list(j.checkpoints), f"consolidated into base v{lin.base_version}") for j in p.jobs.values()
+    why = f"consolidated into base v{lin.base_version}; its final adapter stays in jobs/<id>/adapters/"
+    return [prune(j, list(j.checkpoints), why) for j in p.jobs.values()
             if j.lineage == lin.name and j.base_model != lin.base_model and j.state in TERMINAL and j.checkpoints]
 
 

@@ -108,7 +108,8 @@ def test_kill_matrix_over_consolidation(tmp_path, demo):
     # fused-model retention (keep_models=1) runs after the next promotion: v1 and v2 go, as events
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
     ftctl(home, "start", "--until-idle", "--quiet")
-    ftctl(home, "consolidate")
+    out = " ".join(ftctl(home, "consolidate").stdout.split())
+    assert "job 0003: prune 2 checkpoint(s) (consolidated into base v3; its final adapter stays" in out, out
     removed = [e["data"]["version"] for e in history(home) if e["type"] == "model_removed"]
     assert removed == [1, 2] and sorted(p.name for p in (home / "models").iterdir()) == ["v0003"]
 
