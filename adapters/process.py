@@ -161,13 +161,22 @@ def orphan_workers(workspace: Path) -> list[int]:
 
 
 def lock_holder(path: Path) -> str | None:
-    """Who holds the daemon lock (what its file says), or None if nobody does. Probing takes the
-    lock for an instant: the kernel drops it when the holder dies, so this is never stale."""
+    """Who holds the daemon lock (what its file says), or None if nobody does: the kernel drops it
+    when the holder dies, so this is never stale. Read-only: probing takes a shared lock for an
+    instant on a read-only descriptor and neither creates nor rewrites the file."""
     try:
-        release_lock(acquire_lock(path))
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None  # no daemon ever ran here
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another ftctl daemon"
+        fcntl.flock(fd, fcntl.LOCK_UN)
         return None
-    except LockHeld as e:
-        return e.holder.strip()
+    finally:
+        os.close(fd)
 
 
 def tail(path: Path, limit: int = 16000, since: int = 0) -> str:

@@ -7,7 +7,7 @@ import signal
 from dataclasses import asdict
 from pathlib import Path
 
-from ftctl.control import consolidation, doctor, jobs, recover
+from ftctl.control import consolidation, doctor, jobs, recover, status
 from ftctl.control.daemon import Daemon
 from ftctl.events import types as ev
 from ftctl.recovery.ledger import Ledger
@@ -73,16 +73,21 @@ def cmd_crashes(args, ws) -> int:
     return 0
 
 
+NO_DAEMON = "no daemon is running: it is applied at the next `ftctl start`"
+
+
 def cmd_control(args, ws) -> int:
-    out = jobs.request(Ledger(ws.open_journal()), args.job, args.action)
+    out = jobs.request(Ledger(ws.open_journal()), args.job, args.action, ws=ws)
     if out.action in ("resume", "retry"):
-        text = f"job {out.job} queued again; a running daemon picks it up within a second"
+        text = (f"job {out.job} queued again; " + ("the running daemon picks it up within a second" if out.daemon_alive
+                                                   else "no daemon is running: `ftctl start` trains it"))
         if out.action == "retry":
-            text += " and resumes it from its last good checkpoint, with a fresh restart budget"
+            text += "; it resumes from its last good checkpoint, with a fresh restart budget"
+    elif out.deferred and not out.daemon_alive:
+        text = f"job {out.job}: {out.action} requested; {NO_DAEMON}"
     elif out.deferred:
         text = (f"job {out.job}: {out.action} requested; the daemon "
-                + ("checkpoints and pauses it" if out.action == "pause" else "stops it")
-                + " within a second (or at its next start if it is not running)")
+                + ("checkpoints and pauses it" if out.action == "pause" else "stops it") + " within a second")
     elif out.action == "pause":
         text = f"job {out.job} paused; `ftctl resume {out.job}` to queue it again"
     else:
@@ -93,13 +98,15 @@ def cmd_control(args, ws) -> int:
 
 def cmd_shutdown(args, ws) -> int:
     ledger = Ledger(ws.open_journal())
-    if not jobs.shutdown(ledger):
-        render.console.print("no daemon is running; nothing to stop")
+    if not jobs.shutdown(ledger, ws=ws):
+        d = status.daemon_view(ws, ledger)
+        render.console.print("no daemon is running; nothing to stop"
+                             + (f"\ndaemon {render.escape(d.summary)}" if d.died else ""))
         return 0
     render.console.print("shutdown requested: the daemon checkpoints the running job and exits within a second")
     if not args.wait:
         return 0
-    if jobs.wait_stopped(ledger, args.wait):
+    if jobs.wait_stopped(ledger, args.wait, ws=ws):
         render.console.print("daemon stopped")
         return 0
     render.err_console.print(f"the daemon is still running after {args.wait:g} s")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 import traceback
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from ftctl.adapters.workspace import Workspace, WorkspaceError, init_workspace, resolve_home
 from ftctl.control.consolidation import ConsolidationRefused
+from ftctl.control import status
 from ftctl.control.daemon import DaemonError
 from ftctl.control.demo import DemoRefused
 from ftctl.control.jobs import UserError, find_job
@@ -18,7 +21,7 @@ from ftctl.control.recover import DaemonRunning
 from ftctl.control.submit import SubmitError, submit
 from ftctl.core.config import ConfigError
 from ftctl.core.dataset import DataError
-from ftctl.core.machine import IllegalTransition
+from ftctl.core.machine import JOB_STATES, IllegalTransition
 from ftctl.core.state import ReplayError
 from ftctl.events.journal import JournalError
 from ftctl.recovery.ledger import Ledger, state_at
@@ -85,29 +88,34 @@ def cmd_submit(args, ws: Workspace) -> int:
 
 def cmd_status(args, ws: Workspace) -> int:
     ledger = _ledger(ws)
-    metrics = ledger.journal.last_metrics()
-    p = ledger.state
     if args.job:
-        j = find_job(ledger, args.job)
+        d, v = status.job_status(ws, ledger, args.job)
         if args.json:
-            render.print_json(render.job_json(j, metrics.get(j.job)))
+            render.print_json(render.job_json(v.job, v.metrics, v))
         else:
-            render.console.print(render.job_panel(j, metrics.get(j.job)))
+            if d.died or v.stale:
+                render.console.print(f"daemon {render.escape(d.summary)}")
+            render.console.print(render.job_panel(v.job, v.metrics, v))
         return 0
-    d = p.daemon
-    daemon = {"running": d.running, "pid": d.process.pid if d.process else None, "host": d.host,
-              "started_at": d.started_at, "shutdown_requested": d.shutdown_requested}
+    # A program gets every job unless it asks for a selection; a person gets the readable default.
+    st = status.status(ws, ledger, states=args.state or (), everything=args.all or (args.json and not args.state))
     if args.json:
-        render.print_json({"seq": p.seq, "daemon": daemon,
-                           "jobs": [render.job_json(j, metrics.get(j.job)) for j in p.jobs.values()],
-                           "lineages": [render.as_dict(l) for l in p.lineages.values()]})
+        render.print_json({"seq": st.seq, "daemon": render.daemon_json(st.daemon),
+                           "jobs": [render.job_json(v.job, v.metrics, v) for v in st.jobs],
+                           "lineages": [render.as_dict(l) for l in st.projection.lineages.values()],
+                           "hidden": st.hidden})
         return 0
-    who = f"pid {daemon['pid']} on {d.host} since {d.started_at[:19]}" if d.running else "not running"
-    render.console.print(f"workspace {ws.home}  ·  journal seq {p.seq}  ·  daemon {who}")
-    if p.jobs:
-        render.console.print(render.status_table(p, metrics))
-    else:
+    render.console.print(f"workspace {ws.home}  ·  journal seq {st.seq}  ·  daemon {render.escape(st.daemon.summary)}")
+    if st.jobs:
+        render.console.print(render.status_table(st.jobs))
+    elif not st.projection.jobs:
         render.console.print("no jobs yet: `ftctl submit FILE.jsonl` or drop a file into inbox/")
+    else:
+        render.console.print("no job to show")
+    if st.hidden:
+        why = ", ".join(f"{n} {k}" for k, n in st.hidden.items())
+        render.console.print(f"{sum(st.hidden.values())} job(s) not shown ({why}): `ftctl status --all` shows every "
+                             "job, `--state STATE` those in a state (e.g. `--state rejected`)")
     return 0
 
 
@@ -124,8 +132,12 @@ def cmd_history(args, ws: Workspace) -> int:
             recs = [r for r in recs if type(r.event).kind() in ("crashed", "failed")]
         return recs
 
-    after = args.since or 0
+    after = _since_seq(ledger, args.since)
+    if args.n is not None and stream is None and not crashes_only:
+        after = max(after, ledger.journal.last_seq() - args.n)  # seq has no gaps: skip reading the rest
     recs = batch(after)
+    if args.n is not None:
+        recs = recs[-args.n:] if args.n else []
     if args.json and not args.follow:
         render.print_json([render.event_json(r) for r in recs])
         return 0
@@ -136,7 +148,7 @@ def cmd_history(args, ws: Workspace) -> int:
     elif recs:
         render.console.print(render.history_table(recs, title=f"history{' of job ' + args.job if args.job else ''}"))
     elif not args.follow:
-        render.console.print("no events" + (f" after seq {after}" if after else ""))
+        render.console.print("no events" + (f" since {args.since[1]}" if args.since else ""))
     if not args.follow:
         return 0
     try:
@@ -152,6 +164,33 @@ def cmd_history(args, ws: Workspace) -> int:
                                          f"{type(r.event).kind():<22} {render.event_fields(r)}")
     except KeyboardInterrupt:
         return 0
+
+
+def _since(text: str) -> tuple[str, str]:
+    """`--since`: a sequence number (events after it, as before), a duration back from now
+    (`90s`, `10m`, `2h`, `1d`) or an ISO time (UTC unless it names a zone). Returns (kind, text)
+    with kind "seq" or the event time it means, as the journal writes times."""
+    text = text.strip()
+    if text.isdigit():
+        return "seq", text
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", text)
+    if m:
+        at = datetime.now(timezone.utc) - timedelta(seconds=float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]])
+    else:
+        try:
+            at = datetime.fromisoformat(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a sequence number, a duration (10m, 2h, 1d) or an ISO time (2026-11-23T14:00)") from None
+        at = at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), text
+
+
+def _since_seq(ledger: Ledger, since: tuple[str, str] | None) -> int:
+    if since is None:
+        return 0
+    kind, text = since
+    return int(text) if kind == "seq" else ledger.journal.seq_before(kind)
 
 
 def cmd_replay(args, ws: Workspace) -> int:
@@ -197,14 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_submit)
 
-    s = sub.add_parser("status", parents=[home], help="jobs and daemon, as the journal says")
+    s = sub.add_parser("status", parents=[home], help="jobs and daemon: the journal, checked against the daemon lock")
     s.add_argument("job", nargs="?")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--state", action="append", choices=[x for x in JOB_STATES if x != "new"], metavar="STATE",
+                   help="only jobs in STATE (repeatable): " + ", ".join(x for x in JOB_STATES if x != "new"))
+    s.add_argument("--all", action="store_true",
+                   help=f"every job (default: no rejected submission and, past {status.DEFAULT_LIMIT} jobs, "
+                        f"the last {status.DEFAULT_LIMIT} plus every unfinished one)")
+    s.add_argument("--json", action="store_true", help="every job unless --state is given")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("history", parents=[home], help="the event timeline")
     s.add_argument("job", nargs="?")
-    s.add_argument("--since", type=int, metavar="SEQ", help="only events after this sequence number")
+    s.add_argument("--since", type=_since, metavar="SEQ|AGE|TIME",
+                   help="only events after sequence number SEQ, or in the last AGE (90s, 10m, 2h, 1d), "
+                        "or at or after TIME (ISO, UTC unless it names a zone: 2026-11-23T14:00)")
+    s.add_argument("-n", type=_count, metavar="N", help="only the last N events (of those selected)")
     s.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     s.add_argument("--crashes", action="store_true", help="only crashes and failures")
     s.add_argument("--json", action="store_true")
@@ -220,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.register(sub, home)
     return p
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of events (0 or more)")
+    return int(text)
 
 
 def _save_traceback(ws: Workspace, text: str) -> Path | None:

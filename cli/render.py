@@ -18,7 +18,8 @@ from rich.table import Table
 
 from ftctl.adapters import protocol as P
 from ftctl.control.reporter import Every, Reporter
-from ftctl.core.state import JobState, Projection, as_dict
+from ftctl.control.status import DaemonView, JobView
+from ftctl.core.state import JobState, as_dict
 from ftctl.events.types import Recorded, to_dict
 
 # Piped output (logs, `| less`) gets a wide page instead of rich's default 80 columns.
@@ -79,9 +80,9 @@ def history_table(recs: list[Recorded], title: str = "history") -> Table:
     return t
 
 
-def job_json(j: JobState, metrics: dict | None = None) -> dict:
+def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = None) -> dict:
     last = j.good_checkpoints()[-1] if j.good_checkpoints() else None
-    return {
+    out = {
         "job": j.job, "name": j.name, "state": j.state, "lineage": j.lineage,
         "reason": j.reason or None,
         "iters": j.iters, "step": j.step, "global_step": j.global_step, "attempt": j.attempt,
@@ -101,38 +102,64 @@ def job_json(j: JobState, metrics: dict | None = None) -> dict:
         "warnings": j.warnings,
         "last_report": metrics,
     }
+    if view is not None:  # what the journal means now (status only: replay shows the past)
+        out.update({"checkpoint_step": j.step, "live_step": view.live_step, "live_global_step": view.live_global_step,
+                    "stale": view.stale, "note": view.note or None,
+                    "eta_s": None if view.eta_s is None else round(view.eta_s, 1), "eta_basis": view.eta_basis})
+    return out
 
 
-def status_table(p: Projection, last_metrics: dict[str, dict]) -> Table:
+def daemon_json(d: DaemonView) -> dict:
+    return {"running": d.running, "pid": d.pid, "host": d.host, "started_at": d.started_at,
+            "shutdown_requested": d.shutdown_requested, "alive": d.alive, "recorded_running": d.recorded,
+            "died": d.died, "lock_holder": d.holder, "last_entry_at": d.last_entry_at, "summary": d.summary}
+
+
+def duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def status_table(views: list[JobView]) -> Table:
     t = Table(title="jobs", expand=False)
     for col, kw in [("job", {}), ("name", {}), ("state", {}), ("step", {"justify": "right"}),
                     ("global", {"justify": "right"}), ("loss", {"justify": "right"}),
-                    ("val loss", {"justify": "right"}), ("ckpts", {"justify": "right"}), ("note", {"overflow": "fold"})]:
+                    ("val loss", {"justify": "right"}), ("ckpts", {"justify": "right"}), ("eta", {"justify": "right"}),
+                    ("note", {"overflow": "fold"})]:
         t.add_column(col, **kw)
-    for j in p.jobs.values():
-        m = last_metrics.get(j.job) or {}
+    for v in views:
+        j, m = v.job, v.metrics or {}
         style = _STATE_STYLE.get(j.state, "")
-        step = f"{j.step}/{j.iters}" if j.iters else "-"
+        state = f"[{style}]{j.state}[/]" + (" [red](daemon dead)[/]" if v.stale else "")
+        step = f"{v.live_step}/{j.iters}" if j.iters else "-"
         loss = f"{m['loss']:.4f}" if m.get("loss") is not None else "-"
         val = f"{j.last_val_loss:.4f}" if j.last_val_loss is not None else "-"
-        note = j.reason or (f"adapter {j.adapter_sha256[:12]}" if j.adapter_sha256 else "")
-        note = escape(note if len(note) <= 90 else note[:87] + "…")
-        t.add_row(j.job, j.name, f"[{style}]{j.state}[/]", step, str(j.global_step), loss, val,
-                  str(len(j.good_checkpoints())), note)
+        note = escape(v.note if len(v.note) <= 200 else v.note[:197] + "…")
+        t.add_row(j.job, j.name, state, step, str(v.live_global_step), loss, val,
+                  str(len(j.good_checkpoints())), duration(v.eta_s), note)
     return t
 
 
-def job_panel(j: JobState, metrics: dict | None) -> Table:
+def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) -> Table:
     t = Table(title=f"job {j.job} ({j.name})", show_header=False, expand=False)
     t.add_column("key", style="bold")
     t.add_column("value", overflow="fold")
-    d = job_json(j, metrics)
-    for k in ["state", "reason", "step", "iters", "global_step", "attempt", "lineage", "base_model",
-              "data_path", "data_sha256", "examples", "valid_path", "last_checkpoint", "last_val_loss",
+    d = job_json(j, metrics, view)
+    if view is not None:
+        d["eta"] = f"{duration(view.eta_s)} ({view.eta_basis})" if view.eta_s is not None else None
+    for k in ["state", "note" if view is not None else "reason", "live_step", "step", "iters", "eta", "global_step", "attempt", "lineage",
+              "base_model", "data_path", "data_sha256", "examples", "valid_path", "last_checkpoint", "last_val_loss",
               "best_val_loss", "adapter_path", "adapter_sha256", "requested", "updated_at"]:
         v = d.get(k)
         if v not in (None, "", []):
-            t.add_row(k, f"[{_STATE_STYLE.get(v, '')}]{v}[/]" if k == "state" else escape(str(v)))
+            label = {"step": "step (checkpoint)"}.get(k, k)
+            t.add_row(label, f"[{_STATE_STYLE.get(v, '')}]{v}[/]" if k == "state" else escape(str(v)))
     if (e := j.last_eval) is not None:
         t.add_row("last eval", escape(f"loss {_fmt(e.adapter_loss, '.4f')} (ppl {_fmt(e.adapter_ppl, '.2f')}) with the adapter, "
                                       f"{_fmt(e.base_loss, '.4f')} (ppl {_fmt(e.base_ppl, '.2f')}) without, on {e.examples} "

@@ -1,7 +1,10 @@
 """User requests on jobs and the daemon: pause, resume, cancel, shutdown — each one event.
 
 A running job's pause or cancel is a ``control_requested`` event the daemon acts on (it owns the
-worker); any other job takes the transition itself. Both work with no daemon running.
+worker); any other job takes the transition itself. Both work with no daemon running: a request
+for a job a dead daemon left `training` is applied by the recovery of the next `ftctl start`.
+Whether a daemon runs is asked of the lock (``process.lock_holder``), never of the journal alone:
+a SIGKILLed daemon leaves the journal saying it runs.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from ftctl.adapters import process
+from ftctl.adapters.workspace import Workspace
 from ftctl.core.machine import ACTIVE
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import types as ev
@@ -34,11 +39,18 @@ class Outcome:
     action: str         # "pause" | "resume" | "retry" | "cancel"
     event: str          # the event committed: "paused", "resumed", "cancelled" or "control_requested"
     deferred: bool      # True: the daemon carries it out (the job is training)
+    daemon_alive: bool = True  # False: no daemon holds the lock; a deferred request waits for `ftctl start`
 
 
-def request(ledger: Ledger, job: str, action: str) -> Outcome:
+def daemon_alive(ws: Workspace) -> bool:
+    """A daemon holds the workspace's lock now (the journal's word is not enough: see above)."""
+    return process.lock_holder(ws.lock_path) is not None
+
+
+def request(ledger: Ledger, job: str, action: str, ws: Workspace | None = None) -> Outcome:
     """Pause, resume, retry or cancel a job. An illegal request raises IllegalTransition (or
-    UserError), appending nothing."""
+    UserError), appending nothing.
+    With ``ws``, the outcome says whether a daemon is alive to act on it."""
     j = find_job(ledger, job)
     stream = job_stream(j.job)
     if action == "resume":
@@ -59,23 +71,27 @@ def request(ledger: Ledger, job: str, action: str) -> Outcome:
     else:
         raise ValueError(f"unknown action {action!r}")
     ledger.commit(stream, e)
-    return Outcome(j.job, action, type(e).kind(), isinstance(e, ev.ControlRequested))
+    alive = daemon_alive(ws) if ws is not None else ledger.state.daemon.running
+    return Outcome(j.job, action, type(e).kind(), isinstance(e, ev.ControlRequested), alive)
 
 
-def shutdown(ledger: Ledger) -> bool:
-    """Ask the running daemon to checkpoint and exit. False if the journal says none runs."""
-    if not ledger.state.daemon.running:
+def shutdown(ledger: Ledger, ws: Workspace | None = None) -> bool:
+    """Ask the running daemon to checkpoint and exit. False, appending nothing, if none runs: the
+    journal says so or (with ``ws``) nobody holds the lock (a request to a dead daemon would be
+    read by no one: the next daemon starts with it cleared)."""
+    if not ledger.state.daemon.running or (ws is not None and not daemon_alive(ws)):
         return False
     ledger.commit(DAEMON_STREAM, ev.ShutdownRequested(reason="ftctl shutdown"))
     return True
 
 
-def wait_stopped(ledger: Ledger, timeout_s: float) -> bool:
-    """Wait until the journal records that the daemon stopped; False after ``timeout_s``."""
+def wait_stopped(ledger: Ledger, timeout_s: float, ws: Workspace | None = None) -> bool:
+    """Wait until the journal records that the daemon stopped (or, with ``ws``, until nobody holds
+    its lock: a daemon killed meanwhile records nothing); False after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         ledger.refresh()
-        if not ledger.state.daemon.running:
+        if not ledger.state.daemon.running or (ws is not None and not daemon_alive(ws)):
             return True
         if time.monotonic() >= deadline:
             return False

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ftctl.adapters import process, system
 from ftctl.adapters import protocol as P
 from ftctl.adapters.faults import crash_point
-from ftctl.core.policy import SUGGESTIONS, Evidence, after_crash, classify, follow_up
+from ftctl.core.policy import Evidence, after_crash, classify, follow_up, suggestion
 from ftctl.core.state import CrashRecord, JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.journal import utc_now
@@ -217,16 +217,19 @@ class Supervision:
                     + (f"; worker said: {self.error.message}" if self.error else "")
                     + f"; last step seen {self.step}; log {self.w.log_path}\n" + _evidence_tail(tail))
         detail = _first_line(self.error.message) if self.error else ""
-        suggestion = SUGGESTIONS.get(category, "").replace("JOB", self.job)
-        crash = ev.Crashed(job=self.job, category=category, step=self.step, exit_code=code, signal=sig, evidence=evidence,
-                           suggestion=f"{detail} — {suggestion}" if detail and category in ("exception", "load_error") else suggestion)
+        good = j.good_checkpoints()
+        advice = suggestion(category, good[-1].step if good else None).replace("JOB", self.job)
+        if detail and category in ("exception", "load_error"):
+            advice = f"{detail} — {advice}"
+        crash = ev.Crashed(job=self.job, category=category, step=self.step, exit_code=code, signal=sig,
+                           evidence=evidence, suggestion=advice)
         now = time.time()
         record = CrashRecord(ts=utc_now(), category=category, step=self.step, exit_code=code, signal=sig)
         dec = after_crash(j.crashes[j.budget_from:] + [record], now, resume_step=j.step, policy=self.cfg.restart,
                           detail=detail)
         nxt = follow_up(self.job, dec, j.requested or (self.stop_reason if self.stop_reason == "pause" else None), category, now)
         L.commit(self.stream, crash, nxt)  # one transaction: a crashed job is never left without its decision
-        d.say(f"job {self.job} crashed ({category}, exit {code}) at step {self.step}: {crash.suggestion}", "error")
+        d.say(f"job {self.job} crashed ({category}, exit {code}) at step {self.step}: {advice}", "error")
         d.say(f"job {self.job} {type(nxt).kind()}: {getattr(nxt, 'reason', '')}",
               {"requeued": "info", "paused": "warn"}.get(type(nxt).kind(), "error"))
 

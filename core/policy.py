@@ -38,6 +38,29 @@ SUGGESTIONS = {
     "io_error": "an I/O error (EIO) happened while writing: check the disk (dmesg, SMART); the previous checkpoint is intact",
 }
 
+# Suggestions that end by saying where the job resumes: `suggestion` names the step instead.
+_RESUMING = {
+    "segfault": "the worker crashed in native code (SIGSEGV): check the mlx / mlx-lm versions and the model files",
+    "killed": "the worker was killed by a signal from outside ftctl",
+    "daemon_died": "the daemon supervising this job died",
+}
+
+
+def resumes_from(step: int | None) -> str:
+    """Where a restarted job picks up: ``step`` is its last good checkpoint, None if it has none."""
+    if step is None:
+        return "it restarts from step 0 (no checkpoint was committed yet)"
+    return f"it resumes from step {step} (its last committed checkpoint)"
+
+
+def suggestion(category: str, resume_step: int | None) -> str:
+    """SUGGESTIONS[category], saying exactly where the job resumes (``resume_step`` None: no
+    good checkpoint, so it starts over) instead of "from its last checkpoint"."""
+    if category in _RESUMING:
+        return f"{_RESUMING[category]}; {resumes_from(resume_step)}"
+    return SUGGESTIONS.get(category, "")
+
+
 # Crashes that will happen again if retried as they are: the job fails (or pauses) at once.
 NOT_RETRYABLE = {"nan", "inf", "import_error"}
 # Crashes that are not the job's fault and do not use up its restart budget.

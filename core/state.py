@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from ftctl.events import types as ev
-from ftctl.events.types import CheckpointRecord, ProcessId, Recorded
+from ftctl.events.types import CheckpointRecord, ProcessId
 
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state

@@ -361,10 +361,34 @@ class Journal:
         )
 
     def last_metrics(self) -> dict[str, dict]:
-        """The latest report of every job: {job: {"job", "step", "global_step", "loss", …}}."""
+        """The latest report of every job: {job: {"job", "step", "global_step", "loss", …, "ts"}}."""
         rows = self.conn.execute(
-            f"SELECT job, {', '.join(_METRIC_FIELDS)} FROM metrics WHERE id IN (SELECT max(id) FROM metrics GROUP BY job)")
-        return {r[0]: dict(zip(("job", *_METRIC_FIELDS), r)) for r in rows}
+            f"SELECT job, {', '.join(_METRIC_FIELDS)}, ts FROM metrics WHERE id IN (SELECT max(id) FROM metrics GROUP BY job)")
+        return {r[0]: dict(zip(("job", *_METRIC_FIELDS, "ts"), r)) for r in rows}
+
+    def recent_metrics(self, job: str, since_ts: str = "", limit: int = 10) -> list[dict]:
+        """The job's last ``limit`` reports recorded at or after ``since_ts``, oldest first."""
+        rows = self.conn.execute(
+            f"SELECT job, {', '.join(_METRIC_FIELDS)}, ts FROM metrics WHERE job = ? AND ts >= ? "
+            "ORDER BY id DESC LIMIT ?", (job, since_ts, limit))
+        return [dict(zip(("job", *_METRIC_FIELDS, "ts"), r)) for r in reversed(rows.fetchall())]
+
+    def last_ts(self, stream: str | None = None, tag: str | None = None) -> str | None:
+        """When the newest event (of ``stream``, with tag ``tag``) was appended; with no filter, the
+        newest event or metrics row: the journal's last sign of life."""
+        if stream is None and tag is None:
+            return self.conn.execute(
+                "SELECT max(ts) FROM (SELECT max(ts) AS ts FROM events UNION ALL SELECT max(ts) FROM metrics)").fetchone()[0]
+        where = " AND ".join(c for c, v in (("stream = ?", stream), ("type = ?", tag)) if v is not None)
+        params = tuple(v for v in (stream, tag) if v is not None)
+        row = self.conn.execute(f"SELECT ts FROM events WHERE {where} ORDER BY seq DESC LIMIT 1", params).fetchone()
+        return row[0] if row else None
+
+    def seq_before(self, ts: str) -> int:
+        """The last sequence number appended before time ``ts`` (0 if none): events after it are
+        the ones at or after ``ts``."""
+        row = self.conn.execute("SELECT min(seq) FROM events WHERE ts >= ?", (ts,)).fetchone()
+        return (row[0] - 1) if row[0] is not None else self.last_seq()
 
     def integrity_check(self) -> str:
         return self.conn.execute("PRAGMA integrity_check").fetchone()[0]

@@ -20,7 +20,7 @@ from ftctl.adapters import process
 from ftctl.adapters.faults import crash_point
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.machine import ACTIVE, TERMINAL
-from ftctl.core.policy import SUGGESTIONS, Decision, after_crash, follow_up
+from ftctl.core.policy import Decision, after_crash, follow_up, resumes_from, suggestion
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.types import CheckpointRecord, EventBase
@@ -54,16 +54,18 @@ def _stale_job(j: JobState) -> list[Repair]:
                           job_stream(j.job), before=lambda w=w: process.stop_group(w)))
     evidence = (f"journal said {j.state!r} (worker pid {j.worker.pid if j.worker else '?'}) but no daemon "
                 f"supervised it{'; the orphan worker was stopped' if orphan else ''}")
+    good = j.good_checkpoints()
+    resume = good[-1].step if good else None
     crash = ev.Crashed(job=j.job, category="daemon_died", step=j.step, evidence=evidence,
-                       suggestion=SUGGESTIONS["daemon_died"])
+                       suggestion=suggestion("daemon_died", resume))
     if j.requested == "cancel":
         follow = ev.Cancelled(job=j.job, reason="cancelled by user while its daemon was down")
     elif j.requested == "pause":
         follow = ev.Paused(job=j.job, reason="paused by user while its daemon was down")
     else:
-        follow = ev.Requeued(job=j.job, reason=f"recovery: resume from step {j.step}")
+        follow = ev.Requeued(job=j.job, reason=f"recovery: {resumes_from(resume)}")
     out.append(Repair(f"job {j.job}: {j.state} with no live worker -> crashed, then {type(follow).kind()} "
-                      f"(resumes from step {j.step})", job_stream(j.job), [crash, follow]))
+                      f"({resumes_from(resume)})", job_stream(j.job), [crash, follow]))
     return out
 
 

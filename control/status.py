@@ -1,0 +1,195 @@
+"""`ftctl status` as a query: what the journal says, checked against the world, and what it means now.
+
+The journal records what the daemon last wrote; a SIGKILLed daemon writes nothing more, so the
+journal alone would keep saying "running" and "training" forever. The daemon lock tells the truth
+(the kernel drops an flock when its holder dies), so every answer here starts from that probe.
+Nothing here writes: looking at a workspace never changes it (recovery is `ftctl start`'s job).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from ftctl.adapters import process
+from ftctl.adapters.workspace import Workspace
+from ftctl.core.machine import ACTIVE
+from ftctl.core.policy import resumes_from
+from ftctl.core.state import JobState, Projection, job_stream
+from ftctl.recovery.ledger import Ledger
+
+from .jobs import find_job
+
+DEFAULT_LIMIT = 20                       # jobs shown by default (beside every unfinished one)
+UNFINISHED = ACTIVE | {"queued", "paused"}  # always shown by default
+ETA_REPORTS = 10                         # reports of the current attempt the step rate is measured over
+_DELAY = re.compile(r", in [0-9.e+-]+ s$")  # the backoff clause of core.policy.after_crash's requeue reason
+
+
+@dataclass(frozen=True)
+class DaemonView:
+    alive: bool                 # the lock probe: a process holds run/daemon.lock now
+    recorded: bool              # the journal says a daemon runs (it records no death it did not see)
+    holder: str | None          # what the lock file says about its holder
+    pid: int | None
+    host: str
+    started_at: str
+    shutdown_requested: bool
+    last_entry_at: str | None   # the journal's newest event or metrics row
+    summary: str                # one sentence for people
+
+    @property
+    def running(self) -> bool:
+        return self.alive and self.recorded
+
+    @property
+    def died(self) -> bool:
+        """The journal says it runs but nobody holds the lock: it was killed without recording its stop."""
+        return self.recorded and not self.alive
+
+
+@dataclass(frozen=True)
+class JobView:
+    job: JobState
+    metrics: dict | None        # the job's last report (of any attempt)
+    live_step: int              # where training is now: the last report of this attempt, else the checkpoint
+    live_global_step: int
+    stale: bool                 # the journal says training/checkpointing, but no daemon supervises it
+    note: str                   # what is true now (stale reasons dropped)
+    eta_s: float | None         # seconds left, for a job training under a live daemon
+    eta_basis: str | None       # how eta_s was computed
+
+
+@dataclass(frozen=True)
+class Status:
+    seq: int
+    daemon: DaemonView
+    jobs: list[JobView]         # the selected jobs, in submission order
+    hidden: dict[str, int]      # why -> how many jobs the selection left out ("rejected", "older", "other states")
+    projection: Projection
+
+
+def daemon_view(ws: Workspace, ledger: Ledger) -> DaemonView:
+    d = ledger.state.daemon
+    holder = process.lock_holder(ws.lock_path)
+    alive = holder is not None
+    pid = d.process.pid if d.process else None
+    last = ledger.journal.last_ts()
+    since = f"{d.started_at[:19].replace('T', ' ')} UTC"
+    if alive and d.running:
+        summary = f"pid {pid} on {d.host} since {since}" + (", shutting down" if d.shutdown_requested else "")
+    elif d.running:
+        summary = (f"not running: daemon pid {pid} on {d.host} (started {since}) died without recording its stop; "
+                   f"the journal's last entry is from {_when(last)}. `ftctl start` recovers and carries on")
+    elif alive:
+        summary = (f"the daemon lock is held ({holder}) but no running daemon is recorded yet: "
+                   "a daemon is starting, or `ftctl recover` / `ftctl doctor --fix` is running")
+    else:
+        summary = "not running"
+    return DaemonView(alive=alive, recorded=d.running, holder=holder, pid=pid, host=d.host, started_at=d.started_at,
+                      shutdown_requested=d.shutdown_requested, last_entry_at=last, summary=summary)
+
+
+def status(ws: Workspace, ledger: Ledger, states: Iterable[str] = (), everything: bool = False,
+           limit: int = DEFAULT_LIMIT, now: float | None = None) -> Status:
+    """Every job (``everything``), the jobs in ``states``, or by default: no rejected submission,
+    and past ``limit`` jobs only the last ``limit`` plus every unfinished one."""
+    now = time.time() if now is None else now
+    d = daemon_view(ws, ledger)
+    metrics = ledger.journal.last_metrics()
+    shown, hidden = select(list(ledger.state.jobs.values()), set(states), everything, limit)
+    views = [_view(ledger, j, metrics.get(j.job), d, now) for j in shown]
+    return Status(ledger.state.seq, d, views, hidden, ledger.state)
+
+
+def job_status(ws: Workspace, ledger: Ledger, job: str, now: float | None = None) -> tuple[DaemonView, JobView]:
+    j = find_job(ledger, job)
+    d = daemon_view(ws, ledger)
+    return d, _view(ledger, j, ledger.journal.last_metrics().get(j.job), d, time.time() if now is None else now)
+
+
+def select(jobs: list[JobState], states: set[str], everything: bool, limit: int) -> tuple[list[JobState], dict[str, int]]:
+    if everything:
+        return jobs, {}
+    if states:
+        shown = [j for j in jobs if j.state in states]
+        return shown, ({"other states": len(jobs) - len(shown)} if len(shown) < len(jobs) else {})
+    kept = [j for j in jobs if j.state != "rejected"]
+    hidden = {"rejected": len(jobs) - len(kept)}
+    if len(kept) > limit:
+        recent = {j.job for j in kept[-limit:]}
+        shown = [j for j in kept if j.job in recent or j.state in UNFINISHED]
+        hidden["older"] = len(kept) - len(shown)
+        kept = shown
+    return kept, {k: n for k, n in hidden.items() if n}
+
+
+# --------------------------------------------------------------------------- one job
+
+
+def _view(ledger: Ledger, j: JobState, m: dict | None, d: DaemonView, now: float) -> JobView:
+    live, gstep, reports = j.step, j.global_step, []
+    if j.state in ACTIVE:
+        # Reports of an earlier attempt are past steps that were lost with it: only this attempt's count.
+        started = ledger.journal.last_ts(job_stream(j.job), "training_started") or ""
+        reports = ledger.journal.recent_metrics(j.job, since_ts=started, limit=ETA_REPORTS)
+        if reports and reports[-1]["step"] > j.step:
+            live, gstep = reports[-1]["step"], reports[-1]["global_step"]
+    stale = j.state in ACTIVE and not d.alive
+    eta, basis = _eta(j, live, reports, now) if j.state in ACTIVE and d.alive else (None, None)
+    return JobView(job=j, metrics=m, live_step=live, live_global_step=gstep, stale=stale,
+                   note=_note(j, d, live, now), eta_s=eta, eta_basis=basis)
+
+
+def _note(j: JobState, d: DaemonView, live: int, now: float) -> str:
+    good = j.good_checkpoints()
+    resume = good[-1].step if good else None
+    if j.state in ACTIVE and not d.alive:
+        then = {"cancel": "it is cancelled (you asked to)", "pause": "it is paused (you asked to)"}.get(
+            j.requested or "", resumes_from(resume))
+        orphan = ""
+        if j.worker is not None and process.alive(j.worker):
+            orphan = f"; its worker pid {j.worker.pid} still runs unsupervised (`ftctl start` stops it first)"
+        return f"the daemon died while this job was {j.state} at step {live}: on `ftctl start` {then}{orphan}"
+    if j.state in ACTIVE:  # its reason is the requeue that preceded this attempt: no longer true
+        return f"{j.requested} requested: the daemon acts on it within a second" if j.requested else ""
+    if j.state == "queued" and j.not_before:
+        reason = _DELAY.sub("", j.reason)
+        return reason + (f", in {j.not_before - now:.0f} s" if j.not_before > now else "")
+    if j.state == "completed" and not j.reason:
+        return f"adapter {j.adapter_sha256[:12]}" if j.adapter_sha256 else ""
+    return j.reason
+
+
+def _eta(j: JobState, live: int, reports: list[dict], now: float) -> tuple[float | None, str | None]:
+    """Seconds to the last iteration: the step rate between the first and the last report of this
+    attempt (wall clock, so evaluations and checkpoints are included), or with a single report the
+    tokens/s it measured divided by the tokens per step so far (pure training time)."""
+    left = j.iters - live
+    if left <= 0:
+        return 0.0, "no iterations left"
+    if len(reports) >= 2:
+        a, b = reports[0], reports[-1]
+        dt, ds = _epoch(b["ts"]) - _epoch(a["ts"]), b["step"] - a["step"]
+        if dt > 0 and ds > 0:
+            rate = ds / dt
+            return (max(left / rate - (now - _epoch(b["ts"])), 0.0),
+                    f"{rate:.3g} steps/s between the reports at steps {a['step']} and {b['step']}")
+    last = reports[-1] if reports else None
+    if last and last.get("tokens_per_s") and last.get("trained_tokens") and last["step"] > 0:
+        per_step = last["trained_tokens"] / last["step"]
+        rate = last["tokens_per_s"] / per_step
+        return (max(left / rate - (now - _epoch(last["ts"])), 0.0),
+                f"{last['tokens_per_s']:.0f} tokens/s at {per_step:.0f} tokens/step (report at step {last['step']})")
+    return None, None
+
+
+def _epoch(ts: str) -> float:
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+def _when(ts: str | None) -> str:
+    return f"{ts[:19].replace('T', ' ')} UTC" if ts else "never"

@@ -1,0 +1,288 @@
+"""Read commands tell the truth: a dead daemon is not reported running, a training job shows its
+live step, stale notes are dropped, an ETA is given, and `status`/`history` select what they show.
+All in-process, on journals written by hand: nothing trains."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from ftctl.adapters import process
+from ftctl.adapters.workspace import Workspace
+from ftctl.control import status as S
+from ftctl.core.policy import suggestion
+from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
+from ftctl.events import journal as journal_mod
+from ftctl.events import types as ev
+from ftctl.recovery.ledger import Ledger
+from helpers import run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def chat(i: int) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+
+
+def submit(home: Path, tmp_path: Path, capsys, *extra: str) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(chat(i) for i in range(40)) + "\n")
+    assert run(capsys, "submit", data, "--home", home, "--set", "iters=60", *extra)[0] == 0
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def ckpt(step: int) -> ev.CheckpointRecord:
+    return ev.CheckpointRecord(step=step, global_step=step, path=f"/nowhere/step-{step:08d}", manifest_sha256="0" * 64, bytes=1)
+
+
+def metric(step: int) -> ev.Metrics:
+    return ev.Metrics(step=step, global_step=step, loss=2.5, lr=1e-4, tokens_per_s=100.0, peak_mem_gb=0.1,
+                      trained_tokens=step * 50)
+
+
+def ts(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def record(ledger: Ledger, job: str, m: ev.Metrics, at: float, monkeypatch) -> None:
+    monkeypatch.setattr(journal_mod, "utc_now", lambda: ts(at))
+    ledger.journal.record_metric(job, m)
+    monkeypatch.undo()
+
+
+def start_training(ledger: Ledger, attempt: int = 1) -> None:
+    ledger.commit(job_stream("0001"), ev.TrainingStarted(job="0001", attempt=attempt, worker_pid=dead_pid(),
+                                                         worker_started_at=time.time() - 30, base_model="/m"))
+
+
+def dead_daemon_training(home: Path, tmp_path: Path, capsys, *, checkpoint: bool = True) -> None:
+    """A journal as a SIGKILLed daemon leaves it: daemon_started, job 0001 training at step 23,
+    its last committed checkpoint at step 20 (or none)."""
+    submit(home, tmp_path, capsys)
+    ledger = Ledger.open(home / "journal.db")
+    try:
+        ledger.commit(DAEMON_STREAM, ev.DaemonStarted(process=ev.ProcessId(dead_pid(), time.time() - 60),
+                                                      host=socket.gethostname(), version="test"))
+        start_training(ledger)
+        if checkpoint:
+            ledger.commit(job_stream("0001"), ev.CheckpointStarted(job="0001", step=20, global_step=20),
+                          ev.CheckpointCommitted(job="0001", checkpoint=ckpt(20)))
+        ledger.journal.record_metric("0001", metric(23))
+    finally:
+        ledger.close()
+
+
+def fingerprint(home: Path) -> tuple[str, int]:
+    """The journal's bytes and last seq, once every connection this process left open is closed
+    (the last one to close checkpoints the WAL into the main file)."""
+    gc.collect()
+    ledger = Ledger.open(home / "journal.db")
+    try:
+        n = ledger.journal.last_seq()
+    finally:
+        ledger.close()
+    gc.collect()
+    return hashlib.sha256((home / "journal.db").read_bytes()).hexdigest(), n
+
+
+# --------------------------------------------------------------------------- 1. a dead daemon
+
+
+def test_status_tells_a_dead_daemon_and_writes_nothing(ws, tmp_path, capsys):
+    dead_daemon_training(ws, tmp_path, capsys)
+    before = fingerprint(ws)
+    code, out, _ = run(capsys, "status", "--home", ws)
+    assert code == 0
+    assert "daemon not running: daemon pid" in out and "died without recording its stop" in out
+    assert "the daemon died" in out and "at step 23" in out and "resumes from step 20" in out
+    assert "(daemon dead)" in out and "23/60" in out
+
+    code, out, _ = run(capsys, "status", "--json", "--home", ws)
+    st = json.loads(out)
+    d = st["daemon"]
+    assert d["alive"] is False and d["running"] is False and d["died"] is True and d["recorded_running"] is True
+    assert "not running" in d["summary"]
+    j = st["jobs"][0]
+    assert j["state"] == "training" and j["stale"] is True and j["eta_s"] is None
+    assert j["step"] == 20 and j["checkpoint_step"] == 20 and j["live_step"] == 23
+    assert "`ftctl start` it resumes from step 20 (its last committed checkpoint)" in j["note"]
+
+    code, out, _ = run(capsys, "status", "1", "--home", ws)
+    assert code == 0 and "died without recording its stop" in out and "resumes from step 20" in out
+    run(capsys, "status", "1", "--json", "--home", ws)
+    run(capsys, "history", "--home", ws)
+    code, out, _ = run(capsys, "shutdown", "--home", ws)
+    assert code == 0 and "no daemon is running; nothing to stop" in out
+    assert fingerprint(ws) == before  # byte-identical journal, no new event
+    assert not (ws / "run" / "daemon.lock").exists()  # the probe creates nothing either
+
+    code, out, _ = run(capsys, "pause", "1", "--home", ws)
+    assert code == 0 and "no daemon is running: it is applied at the next `ftctl start`" in out
+    assert "within a second" not in out
+
+
+def test_a_live_daemon_is_running_and_pause_says_within_a_second(ws, tmp_path, capsys):
+    dead_daemon_training(ws, tmp_path, capsys)
+    fd = process.acquire_lock(Workspace(ws).lock_path)  # this process plays the daemon
+    try:
+        _, out, _ = run(capsys, "status", "--json", "--home", ws)
+        st = json.loads(out)
+        assert st["daemon"]["alive"] is True and st["daemon"]["running"] is True
+        assert st["jobs"][0]["stale"] is False and st["jobs"][0]["live_step"] == 23
+        code, out, _ = run(capsys, "pause", "1", "--home", ws)
+        assert code == 0 and "the daemon checkpoints and pauses it within a second" in out
+    finally:
+        process.release_lock(fd)
+
+
+def test_no_checkpoint_yet_says_it_restarts_from_step_0(ws, tmp_path, capsys):
+    dead_daemon_training(ws, tmp_path, capsys, checkpoint=False)
+    _, out, _ = run(capsys, "status", "1", "--json", "--home", ws)
+    assert "it restarts from step 0 (no checkpoint was committed yet)" in json.loads(out)["note"]
+    assert run(capsys, "recover", "--home", ws)[0] == 0
+    _, out, _ = run(capsys, "crashes", "--json", "--home", ws)
+    crash = json.loads(out)[-1]
+    assert crash["category"] == "daemon_died"
+    assert "restarts from step 0 (no checkpoint was committed yet)" in crash["suggestion"]
+    assert "last checkpoint" not in crash["suggestion"]
+
+
+def test_crash_suggestion_names_the_resume_step():
+    assert suggestion("killed", 30).endswith("it resumes from step 30 (its last committed checkpoint)")
+    assert suggestion("segfault", None).endswith("it restarts from step 0 (no checkpoint was committed yet)")
+    assert suggestion("oom", None) == suggestion("oom", 5)  # says nothing about where it resumes
+
+
+# --------------------------------------------------------------------------- 2-3. live step, notes, ETA
+
+
+def test_live_step_eta_and_notes_that_are_still_true(ws, tmp_path, capsys, monkeypatch):
+    submit(ws, tmp_path, capsys)
+    w = Workspace(ws)
+    ledger = Ledger.open(w.journal_path)
+    fd = process.acquire_lock(w.lock_path)
+    try:
+        t0 = time.time()
+        start_training(ledger)
+        record(ledger, "0001", metric(25), time.time(), monkeypatch)  # attempt 1 got to 25, then was killed
+        ledger.commit(job_stream("0001"), ev.Crashed(job="0001", category="killed", step=25),
+                      ev.Requeued(job="0001", reason="restart 1/3 after killed, in 2 s", not_before=t0 + 4))
+        v = S.status(w, ledger, now=t0 + 3).jobs[0]
+        assert v.note == "restart 1/3 after killed, in 1 s" and v.live_step == 0  # the lost steps do not count
+        v = S.status(w, ledger, now=t0 + 10).jobs[0]
+        assert v.note == "restart 1/3 after killed"  # not_before has passed
+
+        start_training(ledger, attempt=2)
+        t1 = time.time() + 5
+        record(ledger, "0001", metric(10), t1, monkeypatch)
+        record(ledger, "0001", metric(20), t1 + 10, monkeypatch)
+        v = S.status(w, ledger, now=t1 + 10).jobs[0]
+        assert v.note == "" and v.job.reason.startswith("restart 1/3")  # the journal keeps it; the note drops it
+        assert v.live_step == 20 and v.job.step == 0
+        assert v.eta_s == pytest.approx(40.0) and "1 steps/s" in v.eta_basis  # 40 steps left at 1 step/s
+        assert S.status(w, ledger, now=t1 + 25).jobs[0].eta_s == pytest.approx(25.0)
+    finally:
+        process.release_lock(fd)
+        ledger.close()
+    _, out, _ = run(capsys, "status", "--json", "--home", ws)
+    j = json.loads(out)["jobs"][0]
+    assert j["live_step"] == 20 and j["step"] == 0 and j["eta_s"] is None and j["stale"]  # lock released: none runs
+    assert j["note"].startswith("the daemon died while this job was training at step 20: on `ftctl start` it restarts")
+
+
+def test_eta_from_tokens_per_second_with_one_report():
+    from ftctl.core.config import Config
+
+    j = JobState(job="0001", state="training", config=Config(model="/m", iters=60))
+    report = {"step": 20, "global_step": 20, "tokens_per_s": 100.0, "trained_tokens": 1000, "ts": ts(1000.0)}
+    eta, basis = S._eta(j, 20, [report], now=1000.0)
+    assert eta == pytest.approx(40 * 50 / 100.0) and "100 tokens/s at 50 tokens/step" in basis
+
+
+# --------------------------------------------------------------------------- 4. filters
+
+
+def test_default_selection_hides_rejected_and_old_finished_jobs():
+    states = ["completed"] * 24 + ["paused", "rejected", "queued"] + ["completed"] * 18 + ["training"]
+    jobs = [JobState(job=f"{i:04d}", state=s) for i, s in enumerate(states, 1)]
+    shown, hidden = S.select(jobs, set(), False, 20)
+    ids = [j.job for j in shown]
+    assert ids == ["0025"] + [f"{i:04d}" for i in range(27, 47)]  # the old paused one, then the last 20
+    assert hidden == {"rejected": 1, "older": 24}
+    assert S.select(jobs, set(), True, 20) == (jobs, {})
+    shown, hidden = S.select(jobs, {"rejected", "training"}, False, 20)
+    assert [j.job for j in shown] == ["0026", "0046"] and hidden == {"other states": 44}
+
+
+def test_status_state_and_all_flags(ws, tmp_path, capsys):
+    submit(ws, tmp_path, capsys)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    assert run(capsys, "submit", bad, "--home", ws)[0] == 1
+    _, out, _ = run(capsys, "status", "--home", ws)
+    assert "0001" in out and "0002" not in out and "1 job(s) not shown (1 rejected)" in out and "--all" in out
+    _, out, _ = run(capsys, "status", "--all", "--home", ws)
+    assert "0002" in out and "not shown" not in out
+    _, out, _ = run(capsys, "status", "--state", "rejected", "--json", "--home", ws)
+    assert [j["job"] for j in json.loads(out)["jobs"]] == ["0002"]
+    _, out, _ = run(capsys, "status", "--json", "--home", ws)  # a program gets every job
+    assert [j["job"] for j in json.loads(out)["jobs"]] == ["0001", "0002"]
+    with pytest.raises(SystemExit) as e:
+        run(capsys, "status", "--state", "nonsense", "--home", ws)
+    assert e.value.code == 1
+
+
+# --------------------------------------------------------------------------- 5. history
+
+
+def test_history_last_n_and_since_seq_age_or_time(ws, tmp_path, capsys):
+    submit(ws, tmp_path, capsys)
+    run(capsys, "pause", "1", "--home", ws)
+    run(capsys, "resume", "1", "--home", ws)
+
+    def seqs(*args):
+        code, out, err = run(capsys, "history", "--json", *args, "--home", ws)
+        assert code == 0, err
+        return [e["seq"] for e in json.loads(out)]
+
+    assert seqs() == [1, 2, 3]
+    assert seqs("-n", "2") == [2, 3] and seqs("-n", "0") == [] and seqs("-n", "9") == [1, 2, 3]
+    assert seqs("--since", "1") == [2, 3]  # a sequence number, as before
+    assert seqs("--since", "10m") == [1, 2, 3] and seqs("--since", "1d", "-n", "1") == [3]
+    assert seqs("--since", "2999-01-01T00:00") == []
+    assert seqs("--since", "2000-01-01T00:00:00+02:00") == [1, 2, 3]
+    assert seqs("1", "-n", "1") == [3]  # of one job's stream
+    with pytest.raises(SystemExit) as e:
+        run(capsys, "history", "--since", "yesterday", "--home", ws)
+    assert e.value.code == 1
+    _, err = capsys.readouterr()
+    assert "not a sequence number, a duration" in err
+
+
+# --------------------------------------------------------------------------- 6. docs
+
+
+def test_cli_doc_names_every_option_of_every_command():
+    from ftctl.cli.main import build_parser
+
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, parser in sub.choices.items():
+        for a in parser._actions:
+            for opt in a.option_strings:
+                if opt not in ("-h", "--help", "--home"):
+                    assert f"{opt}" in doc and f"ftctl {name}" in doc, (name, opt)
