@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from ftctl.adapters import fs
-from ftctl.core.config import Config, ConfigError, decode_config, default_config_dict, merge_overrides
+from ftctl.core.config import (Config, ConfigError, blame_override, decode_config, default_config_dict,
+                               merge_overrides)
 from ftctl.events.journal import Journal, JournalError
 
 DIRS = ("inbox", "inbox/rejected", "jobs", "models", "logs", "run")
@@ -113,8 +114,15 @@ class Workspace:
 
     def load_config(self, overrides: list[str] = ()) -> tuple[Config, list[str]]:
         """The effective config: ftctl.yaml with ``key=value`` overrides applied."""
-        data = merge_overrides(self.read_config_dict(), list(overrides))
-        return decode_config(data, source=str(self.config_path))
+        overrides = list(overrides)
+        data = merge_overrides(self.read_config_dict(), overrides)
+        try:
+            return decode_config(data, source=str(self.config_path))
+        except ConfigError as e:
+            culprit = blame_override(e.key, overrides)
+            if culprit is None:
+                raise
+            return decode_config(data, source=f"--set {culprit}")  # the same error, blamed on the override
 
 
 def init_workspace(home: Path, model: str, extra: dict | None = None) -> Workspace:

@@ -111,7 +111,8 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
     """
     path = Path(path).expanduser().resolve()
     data = _read(path, "data file")
-    cfg, warnings = ws.load_config(list(overrides) + (["warm_start=false"] if fresh else []))
+    overrides = list(overrides) + (["warm_start=false"] if fresh else [])
+    cfg, warnings = ws.load_config(overrides)
     report = validate_jsonl(data)
     vdata, vreport = None, None
     if valid is not None:
@@ -160,7 +161,8 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
                 examples=report.valid - report.undesirable,
                 valid_path=str(valid) if valid else (str(jdir / "valid.jsonl") if held is not None else None),
                 valid_sha256=hashlib.sha256(vdata).hexdigest() if vdata is not None else None,
-                config=config_to_dict(cfg), config_sha256=config_sha256(cfg), lineage=lineage, warnings=warnings))
+                config=config_to_dict(cfg), config_sha256=config_sha256(cfg), lineage=lineage, warnings=warnings,
+                overrides=overrides))
             return Submission(job, "queued", report, vreport, warnings)
         except ConcurrencyError:
             continue

@@ -217,3 +217,30 @@ def test_doctor_finds_problems_and_fix_repairs_them(ws, tmp_path, capsys):
     report = json.loads(out)
     assert any("0009" in line for line in report["fixed"]) and not (ws / "jobs" / "0009").exists()
     assert {f["check"] for f in report["findings"] if f["severity"] != "ok"} == {"config drift"}  # a choice for the user
+
+
+def test_a_bad_set_override_is_blamed_on_the_override_not_the_file(ws, tmp_path, capsys):
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
+    code, _, err = run(capsys, "submit", data, "--home", ws, "--set", "learnig_rate=2e-4")
+    assert code == 1
+    assert "--set learnig_rate=2e-4: unknown key 'learnig_rate' (did you mean 'learning_rate'?)" in err
+    assert "ftctl.yaml" not in err
+    code, _, err = run(capsys, "submit", data, "--home", ws, "--set", "iters=5", "--set", "lora_parameters.rank=0")
+    assert code == 1 and err.startswith("error: --set lora_parameters.rank=0: lora_parameters.rank = 0")
+
+
+def test_per_job_overrides_are_recorded_and_are_not_config_drift(ws, tmp_path, capsys):
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
+    code, _, _ = run(capsys, "submit", data, "--home", ws, "--set", "learning_rate=2e-4", "--fresh")
+    assert code == 0
+    _, out, _ = run(capsys, "history", "--json", "--home", ws)
+    assert json.loads(out)[0]["data"]["overrides"] == ["learning_rate=2e-4", "warm_start=false"]
+    code, out, _ = run(capsys, "doctor", "--json", "--home", ws)
+    drift = [f for f in json.loads(out)["findings"] if f["check"] == "config drift"]
+    assert code == 0 and drift[0]["severity"] == "ok", drift
+    cfg = yaml.safe_load((ws / "ftctl.yaml").read_text())
+    cfg["iters"] = 7  # a real edit of ftctl.yaml is still reported
+    (ws / "ftctl.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, _ = run(capsys, "doctor", "--json", "--home", ws)
+    drift = [f for f in json.loads(out)["findings"] if f["check"] == "config drift"]
+    assert code == 1 and "iters" in drift[0]["message"] and "learning_rate:" not in drift[0]["message"]
