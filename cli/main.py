@@ -59,7 +59,7 @@ def cmd_init(args, ws: Workspace) -> int:
 def cmd_submit(args, ws: Workspace) -> int:
     ledger = _ledger(ws)
     sub = submit(ws, ledger, Path(args.file), name=args.name, valid=Path(args.valid) if args.valid else None,
-                 overrides=args.set or [], lineage=args.lineage, fresh=args.fresh)
+                 overrides=args.set or [], lineage=args.lineage, fresh=args.fresh, again=args.again)
     if args.json:
         render.print_json({"job": sub.job, "state": sub.state, "format": sub.report.format,
                            "lines": sub.report.lines, "valid": sub.report.valid, "bad": len(sub.report.problems),
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for this job (repeatable)")
     s.add_argument("--lineage", default="main", help="lineage the job belongs to (default: main)")
     s.add_argument("--fresh", action="store_true", help="start a fresh adapter instead of warm-starting from the lineage")
+    s.add_argument("--again", action="store_true",
+                   help="queue it even if the same data with the same config is already a job")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_submit)
 

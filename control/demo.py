@@ -92,7 +92,8 @@ def tour(home: Path, *, reset: bool, kill_at: int, report: Reporter = SILENT) ->
 def _submit(ws: Workspace, data: Path, name: str, report: Reporter) -> str:
     ledger = Ledger(ws.open_journal())
     try:
-        sub = submit(ws, ledger, data / "train.jsonl", valid=data / "valid.jsonl", name=name)
+        sub = submit(ws, ledger, data / "train.jsonl", valid=data / "valid.jsonl", name=name,
+                     again=True)  # a reused demo workspace trains the same data again, on purpose
     finally:
         ledger.close()
     report.note(f"queued job {sub.job} ({sub.report.valid} valid {sub.report.format} examples)", "ok")

@@ -244,3 +244,31 @@ def test_per_job_overrides_are_recorded_and_are_not_config_drift(ws, tmp_path, c
     code, out, _ = run(capsys, "doctor", "--json", "--home", ws)
     drift = [f for f in json.loads(out)["findings"] if f["check"] == "config drift"]
     assert code == 1 and "iters" in drift[0]["message"] and "learning_rate:" not in drift[0]["message"]
+
+
+def test_the_same_data_and_config_twice_needs_again(ws, tmp_path, capsys):
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
+    assert run(capsys, "submit", data, "--home", ws)[0] == 0
+    code, _, err = run(capsys, "submit", data, "--home", ws)
+    assert code == 1 and "job 0001" in err and "--again" in err and "nothing was queued" in err
+    assert run(capsys, "submit", data, "--home", ws, "--set", "iters=50")[0] == 0  # another config: another job
+    assert run(capsys, "submit", data, "--home", ws, "--again")[0] == 0
+    _, out, _ = run(capsys, "history", "--json", "--home", ws)
+    assert [e["data"]["job"] for e in json.loads(out)] == ["0001", "0002", "0003"]
+
+
+def test_a_duplicate_in_the_inbox_is_moved_to_rejected_not_retried(ws, tmp_path, capsys):
+    from ftctl.adapters.workspace import Workspace
+    from ftctl.control.daemon import Daemon
+    from ftctl.control.reporter import Reporter
+    from ftctl.recovery.ledger import Ledger
+
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
+    assert run(capsys, "submit", data, "--home", ws)[0] == 0
+    (ws / "inbox" / "d.jsonl").write_bytes(data.read_bytes())
+    daemon = Daemon(Workspace(ws), until_idle=True, report=Reporter())
+    daemon.ledger = Ledger(daemon.ws.open_journal())
+    daemon.scan_inbox()
+    assert not (ws / "inbox" / "d.jsonl").exists() and (ws / "inbox" / "rejected" / "d.jsonl").exists()
+    assert "job 0001" in (ws / "logs" / "daemon.log").read_text()
+    assert list(daemon.ledger.state.jobs) == ["0001"]
