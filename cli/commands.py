@@ -151,7 +151,7 @@ def cmd_config_show(args, ws) -> int:
     for c in ("key", "value", "source"):
         t.add_column(c, overflow="fold")
     for r in rows:
-        t.add_row(r["key"], render.escape(repr(r["value"]) if isinstance(r["value"], str) else str(r["value"])),
+        t.add_row(r["key"], render.escape(render.yaml_value(r["value"])),
                   f"[dim]{r['source']}[/]" if r["source"] == "default" else r["source"])
     render.console.print(t)
     for w in warnings:

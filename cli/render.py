@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -32,6 +33,23 @@ _HIDDEN = {"type", "job", "config", "config_sha256", "problems", "summary", "lin
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
     sys.stdout.flush()
+
+
+def yaml_value(v: Any) -> str:
+    """A value as it would be written in ftctl.yaml: lora, null, false, 1e-05, [a, b], {k: v}."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):  # plain unless YAML needs quotes ('true', '', '1e-5', 'a: b')
+        return yaml.safe_dump(v, width=float("inf")).removesuffix("\n...\n").rstrip("\n")
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(map(yaml_value, v)) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{yaml_value(k)}: {yaml_value(x)}" for k, x in v.items()) + "}"
+    return str(v)
 
 
 def _short(v: Any) -> str:

@@ -272,3 +272,18 @@ def test_a_duplicate_in_the_inbox_is_moved_to_rejected_not_retried(ws, tmp_path,
     assert not (ws / "inbox" / "d.jsonl").exists() and (ws / "inbox" / "rejected" / "d.jsonl").exists()
     assert "job 0001" in (ws / "logs" / "daemon.log").read_text()
     assert list(daemon.ledger.state.jobs) == ["0001"]
+
+
+def test_config_show_prints_yaml_values_not_python_reprs(ws, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    cfg = yaml.safe_load((ws / "ftctl.yaml").read_text())
+    cfg["lora_parameters"]["keys"] = ["self_attn.q_proj", "self_attn.v_proj"]
+    cfg["warm_start"] = False
+    (ws / "ftctl.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, _ = run(capsys, "config", "show", "--home", ws)
+    rows = {cells[0]: cells[1] for line in out.splitlines()
+            if len(cells := [c.strip() for c in line.strip("│┃ ").split("│")]) == 3}
+    assert code == 0
+    assert rows["fine_tune_type"] == "lora" and rows["lr_schedule"] == "null" and rows["warm_start"] == "false"
+    assert rows["lora_parameters.keys"] == "[self_attn.q_proj, self_attn.v_proj]"
+    assert "'" not in out and "None" not in out and "False" not in out
