@@ -59,13 +59,19 @@ def cmd_crashes(args, ws) -> int:
     from rich.table import Table
 
     t = Table(title="crashes")
-    for c in ("time (UTC)", "seq", "job", "category", "step", "exit", "suggested fix"):
+    for c in ("time (UTC)", "seq", "job", "category", "step", "exit", "signal", "evidence", "suggested fix"):
         t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(r["ts"][:19].replace("T", " "), str(r["seq"]), r["job"], f"[red]{r['category']}[/]",
-                  str(r["step"]), str(r["exit_code"]), render.escape(r["suggestion"]))
+                  _dash(r["step"]), _dash(r["exit_code"]), render.signal_name(r["signal"]),
+                  render.escape(render.evidence_line(r["evidence"])), render.escape(r["suggestion"]))
     render.console.print(t)
+    render.console.print("the whole evidence (stderr tail): `ftctl crashes --json`, or the log named in it")
     return 0
+
+
+def _dash(v) -> str:
+    return "-" if v is None else str(v)
 
 
 def cmd_control(args, ws) -> int:

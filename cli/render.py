@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import sys
 import time
 from typing import Any
@@ -61,13 +63,51 @@ def _short(v: Any) -> str:
         return "{" + ", ".join(f"{k}={_short(x)}" for k, x in v.items()) + "}"
     if isinstance(v, list):
         return "[" + ", ".join(_short(x) for x in v[:3]) + (", …" if len(v) > 3 else "") + "]"
-    s = str(v)
-    return s if len(s) <= 80 else s[:77] + "…"
+    return clip(str(v))
+
+
+def clip(text: str, limit: int = 100) -> str:
+    """The first line of ``text``, cut at a space before ``limit`` characters: a word or a path is
+    never cut in the middle (a single token longer than the limit is kept whole)."""
+    lines = text.splitlines()
+    s = lines[0] if lines else text
+    more = len(lines) > 1
+    if len(s) > limit:
+        cut = s.rfind(" ", 0, limit)
+        if cut > 0:
+            s, more = s[:cut], True
+    return s + " …" if more else s
+
+
+_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Failure|Warning)\b|Fatal Python error|"
+                        r"Segmentation fault|Killed\b)")
+
+
+def evidence_line(evidence: str) -> str:
+    """The line of a crash's evidence worth reading first: the last exception line of the stderr
+    tail if it has one (``ValueError: …``), else the daemon's first line (exit code, signal, last
+    step, log path). Whole lines, never cut."""
+    lines = [l.strip() for l in evidence.splitlines() if l.strip()]
+    if not lines:
+        return ""
+    return next((l for l in reversed(lines[1:]) if _EXCEPTION.match(l)), lines[0])
+
+
+def signal_name(sig: int | None) -> str:
+    if sig is None:
+        return "-"
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
 
 
 def event_fields(rec: Recorded) -> str:
     body = to_dict(rec.event)
-    return "  ".join(f"{k}={_short(v)}" for k, v in body.items() if k not in _HIDDEN and v not in (None, "", [], {}))
+    if isinstance(body.get("evidence"), str):
+        body["evidence"] = evidence_line(body["evidence"])  # whole: the log path in it stays usable
+    return "  ".join(f"{k}={v if k == 'evidence' else _short(v)}" for k, v in body.items()
+                     if k not in _HIDDEN and v not in (None, "", [], {}))
 
 
 def event_json(rec: Recorded) -> dict:

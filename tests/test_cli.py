@@ -287,3 +287,52 @@ def test_config_show_prints_yaml_values_not_python_reprs(ws, capsys, monkeypatch
     assert rows["fine_tune_type"] == "lora" and rows["lr_schedule"] == "null" and rows["warm_start"] == "false"
     assert rows["lora_parameters.keys"] == "[self_attn.q_proj, self_attn.v_proj]"
     assert "'" not in out and "None" not in out and "False" not in out
+
+
+LONG_LOG = "/home/someone/with/a/rather/long/workspace/path/.ftctl/logs/job-0001.log"
+EVIDENCE = (f"exit code 1; last step seen 3; log {LONG_LOG}\n"
+            "Traceback (most recent call last):\n  File \"worker.py\", line 9, in main\n    load()\n"
+            "ValueError: Missing 9 parameters\n")
+
+
+def _crash(ws, *crashes):
+    """Record a job's worker starting and dying, once per (exit_code, signal, evidence)."""
+    import time
+
+    from ftctl.core.state import job_stream
+    from ftctl.events import types as ev
+    from ftctl.recovery.ledger import Ledger
+
+    ledger = Ledger.open(ws / "journal.db")
+    try:
+        for i, (code, sig, evidence) in enumerate(crashes):
+            ledger.commit(job_stream("0001"), ev.TrainingStarted(job="0001", attempt=i + 1, worker_pid=1,
+                                                                 worker_started_at=time.time(), base_model="m"))
+            ledger.commit(job_stream("0001"), ev.Crashed(job="0001", category="exception", step=None if i else 3,
+                                                         exit_code=code, signal=sig, evidence=evidence))
+            ledger.commit(job_stream("0001"), ev.Requeued(job="0001", reason="test", not_before=0.0))
+    finally:
+        ledger.close()
+
+
+def test_crashes_shows_signal_exit_and_the_telling_evidence_line(ws, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
+    _crash(ws, (1, None, EVIDENCE), (None, 9, "no exit status; the worker hung"))
+    code, out, _ = run(capsys, "crashes", "--home", ws)
+    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in out.splitlines() if "exception" in line]
+    assert code == 0 and len(rows) == 2, out
+    first, second = rows
+    assert first[4:8] == ["3", "1", "-", "ValueError: Missing 9 parameters"]
+    assert second[4:8] == ["-", "-", "SIGKILL", "no exit status; the worker hung"]
+    assert "None" not in out
+
+
+def test_history_never_cuts_a_path_in_the_middle(ws, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
+    _crash(ws, (1, None, EVIDENCE.replace("\nTraceback", "\nnothing to see\nTraceback")),
+           (-9, 9, f"exit code -9 (signal SIGKILL); last step seen 3; log {LONG_LOG}"))
+    code, out, _ = run(capsys, "history", "--home", ws)
+    assert code == 0 and "evidence=ValueError: Missing 9 parameters" in out
+    assert f"log {LONG_LOG}" in out  # whole: the path can be opened
