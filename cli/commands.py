@@ -17,15 +17,31 @@ from . import render
 
 
 def cmd_start(args, ws) -> int:
-    daemon = Daemon(ws, until_idle=args.until_idle, report=render.ConsoleReporter(quiet=args.quiet))
+    out = render.err_console if args.json else render.console  # --json: stdout holds only the summary
+    daemon = Daemon(ws, until_idle=args.until_idle, report=render.ConsoleReporter(quiet=args.quiet, out=out))
+    before = _journal_seq(ws)
     handler = lambda signum, frame: daemon.stop(signal.Signals(signum).name)  # noqa: E731
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        daemon.run()
+        reason = daemon.run()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    if args.json:
+        ledger = Ledger(ws.open_journal())
+        try:
+            render.print_json({"stopped": reason, **jobs.outcomes_since(ledger, before)})
+        finally:
+            ledger.close()
     return 0
+
+
+def _journal_seq(ws) -> int:
+    ledger = Ledger(ws.open_journal())
+    try:
+        return ledger.journal.last_seq()
+    finally:
+        ledger.close()
 
 
 def cmd_recover(args, ws) -> int:
@@ -76,6 +92,9 @@ def _dash(v) -> str:
 
 def cmd_control(args, ws) -> int:
     out = jobs.request(Ledger(ws.open_journal()), args.job, args.action)
+    if args.json:
+        render.print_json(asdict(out))
+        return 0
     if out.action == "resume":
         text = f"job {out.job} queued again; a running daemon picks it up within a second"
     elif out.deferred:
@@ -92,17 +111,20 @@ def cmd_control(args, ws) -> int:
 
 def cmd_shutdown(args, ws) -> int:
     ledger = Ledger(ws.open_journal())
-    if not jobs.shutdown(ledger):
+    requested = jobs.shutdown(ledger)
+    stopped = jobs.wait_stopped(ledger, args.wait) if requested and args.wait else None
+    if args.json:
+        render.print_json({"requested": requested, "stopped": stopped if requested else True})
+    elif not requested:
         render.console.print("no daemon is running; nothing to stop")
-        return 0
-    render.console.print("shutdown requested: the daemon checkpoints the running job and exits within a second")
-    if not args.wait:
-        return 0
-    if jobs.wait_stopped(ledger, args.wait):
-        render.console.print("daemon stopped")
-        return 0
-    render.err_console.print(f"the daemon is still running after {args.wait:g} s")
-    return 1
+    else:
+        render.console.print("shutdown requested: the daemon checkpoints the running job and exits within a second")
+        if stopped:
+            render.console.print("daemon stopped")
+        elif stopped is False:
+            render.err_console.print(f"the daemon is still running after {args.wait:g} s; it goes on checkpointing "
+                                     "and stops by itself (`ftctl status` shows it), nothing was lost")
+    return 1 if stopped is False else 0
 
 
 def cmd_demo(args, ws) -> int:
@@ -133,9 +155,14 @@ def cmd_demo(args, ws) -> int:
 
 
 def cmd_consolidate(args, ws) -> int:
+    out = render.err_console if args.json else render.console
     fused = consolidation.now_or_requested(ws, Ledger(ws.open_journal()), args.lineage,
-                                           note=render.ConsoleReporter().note)
-    if fused is None:
+                                           note=render.ConsoleReporter(out=out).note)
+    if args.json:
+        render.print_json({"lineage": args.lineage, "requested": fused is None,
+                           "path": str(fused.path) if fused else None,
+                           "weights_sha256": fused.weights_sha256 if fused else None})
+    elif fused is None:
         render.console.print(f"consolidation of lineage {args.lineage} requested: the running daemon fuses it as soon "
                              "as no job of the lineage is queued or training (`ftctl history --follow` shows it)")
     else:
@@ -196,40 +223,47 @@ def register(sub, home) -> None:
     s = sub.add_parser("start", parents=[home], help="run the daemon in the foreground and train the queue")
     s.add_argument("--until-idle", action="store_true", help="exit when the queue is empty")
     s.add_argument("--quiet", action="store_true", help="no progress output (logs/daemon.log still gets it)")
+    s.add_argument("--json", action="store_true",
+                   help="at exit, print a JSON summary of the run (progress goes to stderr)")
     s.set_defaults(func=cmd_start)
 
     s = sub.add_parser("recover", parents=[home], help="replay the journal and repair disk and processes to match")
     s.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the repairs as JSON")
     s.set_defaults(func=cmd_recover)
 
     s = sub.add_parser("crashes", parents=[home], help="crashes with category, step, evidence and the suggested fix")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print every crash as JSON, with its whole evidence")
     s.set_defaults(func=cmd_crashes)
 
     for action, text in (("pause", "checkpoint and pause a job"), ("resume", "queue a paused job again"),
                          ("cancel", "cancel a job")):
         s = sub.add_parser(action, parents=[home], help=text)
-        s.add_argument("job")
+        s.add_argument("job", help="job id (7 or 0007)")
+        s.add_argument("--json", action="store_true", help="print what was recorded as JSON")
         s.set_defaults(func=cmd_control, action=action)
 
     s = sub.add_parser("shutdown", parents=[home], help="stop the daemon gracefully (checkpoint first)")
-    s.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait until it has stopped")
+    s.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="wait up to SECONDS until it has stopped (exit 1 if it has not)")
+    s.add_argument("--json", action="store_true", help="print the outcome as JSON")
     s.set_defaults(func=cmd_shutdown)
 
     s = sub.add_parser("consolidate", parents=[home], help="fuse the lineage's adapter into a new base model")
-    s.add_argument("--lineage", default="main")
+    s.add_argument("--lineage", default="main", help="the lineage to consolidate (default: main)")
+    s.add_argument("--json", action="store_true", help="print the outcome as JSON (progress goes to stderr)")
     s.set_defaults(func=cmd_consolidate)
 
     s = sub.add_parser("config", parents=[home], help="configuration")
-    csub = s.add_subparsers(dest="config_command", required=True, parser_class=s.__class__)
+    csub = s.add_subparsers(dest="config_command", required=True, parser_class=s.__class__, metavar="COMMAND",
+                            help="one of:")
     c = csub.add_parser("show", parents=[home], help="the effective config and where each value comes from")
-    c.add_argument("--lineage", default="main")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--lineage", default="main", help="the lineage whose new jobs it describes (default: main)")
+    c.add_argument("--json", action="store_true", help="print the keys, values and sources as JSON")
     c.set_defaults(func=cmd_config_show)
 
     s = sub.add_parser("doctor", parents=[home], help="health checks: journal, daemon, processes, disk, checkpoints, drift")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the findings as JSON")
     s.add_argument("--fix", action="store_true", help="apply the safe fixes (recovery, retention)")
     s.set_defaults(func=cmd_doctor)
 

@@ -37,6 +37,12 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def print_ndjson(obj: Any) -> None:
+    """One compact JSON object on one line (NDJSON), flushed: for streams a program reads line by line."""
+    sys.stdout.write(json.dumps(obj, separators=(",", ":"), default=str) + "\n")
+    sys.stdout.flush()
+
+
 def yaml_value(v: Any) -> str:
     """A value as it would be written in ftctl.yaml: lora, null, false, 1e-05, [a, b], {k: v}."""
     if v is None:

@@ -336,3 +336,118 @@ def test_history_never_cuts_a_path_in_the_middle(ws, tmp_path, capsys, monkeypat
     code, out, _ = run(capsys, "history", "--home", ws)
     assert code == 0 and "evidence=ValueError: Missing 9 parameters" in out
     assert f"log {LONG_LOG}" in out  # whole: the path can be opened
+
+
+# --------------------------------------------------------------------------- the parser: help, typos, --version
+
+# wt-9a owns the options of `status` and `history` (issue 9); their argument help is checked there.
+ARGUMENT_HELP_ELSEWHERE = {"status", "history"}
+
+
+def _commands(parser, path=""):
+    import argparse
+
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    for name, p in (sub.choices.items() if sub else []):
+        yield f"{path} {name}".strip(), p
+        yield from _commands(p, f"{path} {name}".strip())
+
+
+def test_every_command_has_a_description_an_example_and_help_for_every_argument():
+    import argparse
+
+    from ftctl.cli.main import build_parser
+
+    commands = dict(_commands(build_parser()))
+    assert {"init", "submit", "start", "pause", "config show", "doctor", "demo"} <= set(commands)
+    docs = (ROOT / "docs" / "cli.md").read_text()
+    for name, p in commands.items():
+        assert p.description and len(p.description) > 20, name
+        assert p.epilog and p.epilog.startswith("example:\n  ftctl " + name.split()[0]), name
+        assert p.formatter_class is argparse.RawDescriptionHelpFormatter, name  # the example keeps its lines
+        assert f"`ftctl {name}" in docs or f"ftctl pause/resume/cancel" in docs, name
+        if name in ARGUMENT_HELP_ELSEWHERE:
+            continue
+        for a in p._actions:
+            assert a.help and a.help != argparse.SUPPRESS, f"ftctl {name}: {a.option_strings or a.dest} has no help"
+            for opt in a.option_strings:  # docs/cli.md names every option of the command
+                if opt not in ("-h", "--help", "--home"):
+                    row = next(l for l in docs.splitlines() if l.startswith(f"| `ftctl {name.split()[0]}")
+                               or (name in ("pause", "resume", "cancel") and "pause/resume/cancel" in l))
+                    assert opt in row, f"docs/cli.md does not mention ftctl {name} {opt}"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and re.fullmatch(r"ftctl \S+\n", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["statsu"], "unknown command 'statsu' (did you mean 'status'?)"),
+    (["config", "shw"], "ftctl config: unknown command 'shw' (did you mean 'show'?)"),
+    (["config"], "ftctl config needs a command: show"),
+    ([], "ftctl needs a command: init, submit"),
+])
+def test_a_typo_or_a_missing_command_gets_one_clear_line(capsys, argv, expected):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = " ".join(capsys.readouterr().err.split())
+    assert e.value.code == 1 and expected in err
+    assert "usage:" not in err and "choose from" not in err and "invalid choice" not in err
+
+
+# --------------------------------------------------------------------------- --json on every command that answers
+
+
+def test_json_from_init_pause_resume_cancel_and_shutdown(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    home = tmp_path / "home"
+    code, out, _ = run(capsys, "init", "--model", model, "--home", home, "--json")
+    assert code == 0 and json.loads(out) == {"home": str(home), "config": str(home / "ftctl.yaml"),
+                                             "model": str(model), "demo_data": None}
+    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", home)
+    for action, event in (("pause", "paused"), ("resume", "resumed"), ("cancel", "cancelled")):
+        code, out, _ = run(capsys, action, "1", "--home", home, "--json")
+        assert code == 0 and json.loads(out) == {"job": "0001", "action": action, "event": event, "deferred": False}
+    code, out, _ = run(capsys, "shutdown", "--home", home, "--json")
+    assert code == 0 and json.loads(out) == {"requested": False, "stopped": True}
+
+
+def test_start_json_prints_one_summary_of_the_run(ws, tmp_path, capsys):
+    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
+    code, out, err = run(capsys, "start", "--until-idle", "--home", ws, "--json")
+    summary = json.loads(out)  # stdout is the summary alone: the progress went to stderr
+    assert code == 0 and "daemon started" in err
+    assert summary == {"stopped": "queue empty (--until-idle)", "completed": [], "failed": [], "paused": ["0001"]}
+
+
+def test_consolidate_json_with_a_daemon_running_is_a_request(ws, tmp_path, capsys):
+    from ftctl.adapters import process
+
+    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)  # the lineage
+    lock = process.acquire_lock(ws / "run" / "daemon.lock")  # stands for a running daemon
+    try:
+        code, out, _ = run(capsys, "consolidate", "--home", ws, "--json")
+    finally:
+        process.release_lock(lock)
+    assert code == 0 and json.loads(out) == {"lineage": "main", "requested": True, "path": None,
+                                             "weights_sha256": None}
+
+
+def test_history_follow_json_is_one_compact_object_per_line(ws, tmp_path, capsys, monkeypatch):
+    from ftctl.cli import main as m
+
+    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
+    run(capsys, "pause", "1", "--home", ws)
+
+    def interrupt(_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(m.time, "sleep", interrupt)
+    code, out, _ = run(capsys, "history", "--follow", "--json", "--home", ws)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2
+    assert [json.loads(l)["type"] for l in lines] == ["job_submitted", "paused"]
+    assert all(l == json.dumps(json.loads(l), separators=(",", ":")) for l in lines)
