@@ -76,6 +76,25 @@ class Parser(argparse.ArgumentParser):
             self.error(f"{self.prog}: unknown command {value!r} ({hint}). `{self.prog} --help` lists them.")
         super()._check_value(action, value)
 
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._unknown_options(ns, extras)
+        return ns
+
+    def _unknown_options(self, ns: argparse.Namespace, extras: list[str]):
+        """`ftctl submit --vaild x`: name the command and the closest option instead of argparse's list."""
+        parser, names = self, []
+        while (sub := parser._subcommands()) is not None and getattr(ns, sub.dest, None) in sub.choices:
+            names.append(getattr(ns, sub.dest))
+            parser = sub.choices[names[-1]]
+        known = [o for a in parser._actions for o in a.option_strings]
+        word = next((x for x in extras if x.startswith("-")), extras[0])
+        close = difflib.get_close_matches(word.split("=")[0], known, n=1) if word.startswith("-") else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        what = "option" if word.startswith("-") else "argument"
+        parser.error(f"{parser.prog}: unknown {what} {word!r}{hint}. `{parser.prog} --help` lists what it takes.")
+
     def error(self, message: str):
         sub = self._subcommands()
         if sub is not None and message.startswith("the following arguments are required") and (sub.metavar or sub.dest) in message:

@@ -397,6 +397,15 @@ def test_a_typo_or_a_missing_command_gets_one_clear_line(capsys, argv, expected)
     assert "usage:" not in err and "choose from" not in err and "invalid choice" not in err
 
 
+def test_a_mistyped_option_names_the_command_and_the_closest_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["submit", "d.jsonl", "--vaild", "v.jsonl"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert e.value.code == 1
+    assert "ftctl submit: unknown option '--vaild' (did you mean '--valid'?)" in err
+    assert "unrecognized arguments" not in err
+
+
 # --------------------------------------------------------------------------- --json on every command that answers
 
 
