@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from ftctl.adapters import fs
-from ftctl.core.config import Config, ConfigError, decode_config, default_config_dict, merge_overrides
+from ftctl.core.config import (Config, ConfigError, blame_override, decode_config, default_config_dict,
+                               merge_overrides)
 from ftctl.events.journal import Journal, JournalError
 
 DIRS = ("inbox", "inbox/rejected", "jobs", "models", "logs", "run")
@@ -95,7 +96,11 @@ class Workspace:
         except OSError as e:
             raise WorkspaceError(f"cannot read {path}: {e.strerror}. Nothing was changed; check that --home (or FTCTL_HOME) is your workspace.") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)
+        except DuplicateKey as e:
+            raise ConfigError(f"{path}: key {e.key!r} is given twice (lines {e.first} and {e.second}); "
+                              "nothing was changed; keep one of them (YAML would silently take the last)",
+                              key=str(e.key)) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML{_yaml_where(e)}. {_FIX_CONFIG}") from None
         if data is None:
@@ -109,8 +114,15 @@ class Workspace:
 
     def load_config(self, overrides: list[str] = ()) -> tuple[Config, list[str]]:
         """The effective config: ftctl.yaml with ``key=value`` overrides applied."""
-        data = merge_overrides(self.read_config_dict(), list(overrides))
-        return decode_config(data, source=str(self.config_path))
+        overrides = list(overrides)
+        data = merge_overrides(self.read_config_dict(), overrides)
+        try:
+            return decode_config(data, source=str(self.config_path))
+        except ConfigError as e:
+            culprit = blame_override(e.key, overrides)
+            if culprit is None:
+                raise
+            return decode_config(data, source=f"--set {culprit}")  # the same error, blamed on the override
 
 
 def init_workspace(home: Path, model: str, extra: dict | None = None) -> Workspace:
@@ -212,6 +224,28 @@ def _what_failed(e: BaseException, where: Path) -> str:
     if isinstance(e, JournalError):
         return f"cannot create the journal in {where}: {e}"
     return str(e)
+
+
+class DuplicateKey(Exception):
+    def __init__(self, key, first: int, second: int):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping key given twice instead of keeping the last value."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # complex keys and `<<` merges: PyYAML's own rules
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _at(mark) -> str:

@@ -123,7 +123,8 @@ def sampler(ws: Workspace, demo, n: int, samples: list[dict], errors: list[str])
         while time.time() < deadline:
             end = feed()
             if end is not None and end["type"] in ("completed", "failed"):
-                sub = submit(ws, ledger, demo.train, valid=demo.valid, name="bench", overrides=["warm_start=false"])
+                sub = submit(ws, ledger, demo.train, valid=demo.valid, name="bench", overrides=["warm_start=false"],
+                             again=True)
                 print(f"  (job {end['data']['job']} {end['type']}; queued job {sub.job})", flush=True)
             if stepping(current.get("pid")):
                 return

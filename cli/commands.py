@@ -16,14 +16,22 @@ from . import render
 
 
 def cmd_start(args, ws) -> int:
-    daemon = Daemon(ws, until_idle=args.until_idle, report=render.ConsoleReporter(quiet=args.quiet))
+    out = render.err_console if args.json else render.console  # --json: stdout holds only the summary
+    daemon = Daemon(ws, until_idle=args.until_idle, report=render.ConsoleReporter(quiet=args.quiet, out=out))
+    before = _journal_seq(ws)
     handler = lambda signum, frame: daemon.stop(signal.Signals(signum).name)  # noqa: E731
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        daemon.run()
+        reason = daemon.run()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    if args.json:
+        ledger = Ledger(ws.open_journal())
+        try:
+            render.print_json({"stopped": reason, **jobs.outcomes_since(ledger, before)})
+        finally:
+            ledger.close()
     stuck = daemon.stuck()
     if args.until_idle and stuck:  # a script waiting for the queue must not read "all done"
         for job, why in stuck.items():
@@ -31,6 +39,14 @@ def cmd_start(args, ws) -> int:
         render.err_console.print(f"{len(stuck)} job(s) did not complete: see `ftctl status`; everything they committed is kept")
         return 1
     return 0
+
+
+def _journal_seq(ws) -> int:
+    ledger = Ledger(ws.open_journal())
+    try:
+        return ledger.journal.last_seq()
+    finally:
+        ledger.close()
 
 
 def cmd_recover(args, ws) -> int:
@@ -64,13 +80,19 @@ def cmd_crashes(args, ws) -> int:
     from rich.table import Table
 
     t = Table(title="crashes")
-    for c in ("time (UTC)", "seq", "job", "category", "step", "exit", "suggested fix"):
+    for c in ("time (UTC)", "seq", "job", "category", "step", "exit", "signal", "evidence", "suggested fix"):
         t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(r["ts"][:19].replace("T", " "), str(r["seq"]), r["job"], f"[red]{r['category']}[/]",
-                  str(r["step"]), str(r["exit_code"]), render.escape(r["suggestion"]))
+                  _dash(r["step"]), _dash(r["exit_code"]), render.signal_name(r["signal"]),
+                  render.escape(render.evidence_line(r["evidence"])), render.escape(r["suggestion"]))
     render.console.print(t)
+    render.console.print("the whole evidence (stderr tail): `ftctl crashes --json`, or the log named in it")
     return 0
+
+
+def _dash(v) -> str:
+    return "-" if v is None else str(v)
 
 
 NO_DAEMON = "no daemon is running: it is applied at the next `ftctl start`"
@@ -78,6 +100,9 @@ NO_DAEMON = "no daemon is running: it is applied at the next `ftctl start`"
 
 def cmd_control(args, ws) -> int:
     out = jobs.request(Ledger(ws.open_journal()), args.job, args.action, ws=ws)
+    if args.json:
+        render.print_json(asdict(out))
+        return 0
     if out.action in ("resume", "retry"):
         text = (f"job {out.job} queued again; " + ("the running daemon picks it up within a second" if out.daemon_alive
                                                    else "no daemon is running: `ftctl start` trains it"))
@@ -98,19 +123,22 @@ def cmd_control(args, ws) -> int:
 
 def cmd_shutdown(args, ws) -> int:
     ledger = Ledger(ws.open_journal())
-    if not jobs.shutdown(ledger, ws=ws):
+    requested = jobs.shutdown(ledger, ws=ws)
+    stopped = jobs.wait_stopped(ledger, args.wait, ws=ws) if requested and args.wait else None
+    if args.json:
+        render.print_json({"requested": requested, "stopped": stopped if requested else True})
+    elif not requested:
         d = status.daemon_view(ws, ledger)
         render.console.print("no daemon is running; nothing to stop"
                              + (f"\ndaemon {render.escape(d.summary)}" if d.died else ""))
-        return 0
-    render.console.print("shutdown requested: the daemon checkpoints the running job and exits within a second")
-    if not args.wait:
-        return 0
-    if jobs.wait_stopped(ledger, args.wait, ws=ws):
-        render.console.print("daemon stopped")
-        return 0
-    render.err_console.print(f"the daemon is still running after {args.wait:g} s")
-    return 1
+    else:
+        render.console.print("shutdown requested: the daemon checkpoints the running job and exits within a second")
+        if stopped:
+            render.console.print("daemon stopped")
+        elif stopped is False:
+            render.err_console.print(f"the daemon is still running after {args.wait:g} s; it goes on checkpointing "
+                                     "and stops by itself (`ftctl status` shows it), nothing was lost")
+    return 1 if stopped is False else 0
 
 
 def cmd_demo(args, ws) -> int:
@@ -148,9 +176,14 @@ def cmd_demo(args, ws) -> int:
 
 
 def cmd_consolidate(args, ws) -> int:
+    out = render.err_console if args.json else render.console
     fused = consolidation.now_or_requested(ws, Ledger(ws.open_journal()), args.lineage,
-                                           note=render.ConsoleReporter().note)
-    if fused is None:
+                                           note=render.ConsoleReporter(out=out).note)
+    if args.json:
+        render.print_json({"lineage": args.lineage, "requested": fused is None,
+                           "path": str(fused.path) if fused else None,
+                           "weights_sha256": fused.weights_sha256 if fused else None})
+    elif fused is None:
         render.console.print(f"consolidation of lineage {args.lineage} requested: the running daemon fuses it as soon "
                              "as no job of the lineage is queued or training (`ftctl history --follow` shows it)")
     else:
@@ -218,7 +251,7 @@ def cmd_config_show(args, ws) -> int:
     for c in ("key", "value", "source"):
         t.add_column(c, overflow="fold")
     for r in rows:
-        t.add_row(r["key"], render.escape(repr(r["value"]) if isinstance(r["value"], str) else str(r["value"])),
+        t.add_row(r["key"], render.escape(render.yaml_value(r["value"])),
                   f"[dim]{r['source']}[/]" if r["source"] == "default" else r["source"])
     render.console.print(t)
     for w in warnings:
@@ -257,52 +290,60 @@ def register(sub, home) -> None:
     s = sub.add_parser("start", parents=[home], help="run the daemon in the foreground and train the queue")
     s.add_argument("--until-idle", action="store_true", help="exit when the queue is empty")
     s.add_argument("--quiet", action="store_true", help="no progress output (logs/daemon.log still gets it)")
+    s.add_argument("--json", action="store_true",
+                   help="at exit, print a JSON summary of the run (progress goes to stderr)")
     s.set_defaults(func=cmd_start)
 
     s = sub.add_parser("recover", parents=[home], help="replay the journal and repair disk and processes to match")
     s.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the repairs as JSON")
     s.set_defaults(func=cmd_recover)
 
     s = sub.add_parser("crashes", parents=[home], help="crashes with category, step, evidence and the suggested fix")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print every crash as JSON, with its whole evidence")
     s.set_defaults(func=cmd_crashes)
 
     for action, text in (("pause", "checkpoint and pause a job"), ("resume", "queue a paused job again"),
                          ("retry", "queue a failed job again: it continues from its last good checkpoint, budget reset"),
                          ("cancel", "cancel a job")):
         s = sub.add_parser(action, parents=[home], help=text)
-        s.add_argument("job")
+        s.add_argument("job", help="job id (7 or 0007)")
+        s.add_argument("--json", action="store_true", help="print what was recorded as JSON")
         s.set_defaults(func=cmd_control, action=action)
 
     s = sub.add_parser("shutdown", parents=[home], help="stop the daemon gracefully (checkpoint first)")
-    s.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait until it has stopped")
+    s.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="wait up to SECONDS until it has stopped (exit 1 if it has not)")
+    s.add_argument("--json", action="store_true", help="print the outcome as JSON")
     s.set_defaults(func=cmd_shutdown)
 
     s = sub.add_parser("consolidate", parents=[home], help="fuse the lineage's adapter into a new base model")
-    s.add_argument("--lineage", default="main")
+    s.add_argument("--lineage", default="main", help="the lineage to consolidate (default: main)")
+    s.add_argument("--json", action="store_true", help="print the outcome as JSON (progress goes to stderr)")
     s.set_defaults(func=cmd_consolidate)
 
     s = sub.add_parser("lineage", parents=[home], help="a lineage's head: which adapter it continues from")
-    lsub = s.add_subparsers(dest="lineage_command", required=True, parser_class=s.__class__)
+    lsub = s.add_subparsers(dest="lineage_command", required=True, parser_class=s.__class__, metavar="COMMAND",
+                            help="set-head")
     c = lsub.add_parser("set-head", parents=[home], help="make a completed job the lineage's head (e.g. a branch)")
-    c.add_argument("job")
+    c.add_argument("job", help="a completed job of the lineage (7 or 0007)")
     c.set_defaults(func=cmd_set_head)
     s = sub.add_parser("eval", parents=[home], help="test loss and perplexity of a job's adapter and of its base model")
-    s.add_argument("job")
+    s.add_argument("job", help="a completed job (7 or 0007)")
     s.add_argument("--data", metavar="FILE", help="JSONL test data (default: the job's validation split)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the recorded result as JSON")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("config", parents=[home], help="configuration")
-    csub = s.add_subparsers(dest="config_command", required=True, parser_class=s.__class__)
+    csub = s.add_subparsers(dest="config_command", required=True, parser_class=s.__class__, metavar="COMMAND",
+                            help="one of:")
     c = csub.add_parser("show", parents=[home], help="the effective config and where each value comes from")
-    c.add_argument("--lineage", default="main")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--lineage", default="main", help="the lineage whose new jobs it describes (default: main)")
+    c.add_argument("--json", action="store_true", help="print the keys, values and sources as JSON")
     c.set_defaults(func=cmd_config_show)
 
     s = sub.add_parser("doctor", parents=[home], help="health checks: journal, daemon, processes, disk, checkpoints, drift")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the findings as JSON")
     s.add_argument("--fix", action="store_true", help="apply the safe fixes (recovery, retention)")
     s.set_defaults(func=cmd_doctor)
 

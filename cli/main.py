@@ -14,7 +14,7 @@ from pathlib import Path
 from ftctl.adapters.workspace import Workspace, WorkspaceError, init_workspace, resolve_home
 from ftctl.control.consolidation import ConsolidationRefused
 from ftctl.control import status
-from ftctl.control.daemon import DaemonError
+from ftctl.control.daemon import VERSION, DaemonError
 from ftctl.control.demo import DemoRefused
 from ftctl.control.jobs import UserError, find_job
 from ftctl.control.recover import DaemonRunning
@@ -27,16 +27,10 @@ from ftctl.events.journal import JournalError
 from ftctl.recovery.ledger import Ledger, state_at
 
 from . import render
+from .args import Parser, document
 
 USER_ERRORS = (UserError, ConsolidationRefused, DaemonError, DemoRefused, DaemonRunning, WorkspaceError, ConfigError, DataError,
                IllegalTransition, JournalError, SubmitError, ReplayError)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # bad usage is a user error: exit 1, not argparse's 2
-        self.print_usage(sys.stderr)
-        render.err_console.print(f"[red]error:[/] {message}")
-        sys.exit(1)
 
 
 def _ledger(ws: Workspace) -> Ledger:
@@ -47,23 +41,30 @@ def _ledger(ws: Workspace) -> Ledger:
 
 
 def cmd_init(args, ws: Workspace) -> int:
+    data = None
     if args.demo:
         from ftctl.control.demo import init_demo
 
         paths = init_demo(ws.home)
-        render.console.print(f"built the demo model at {paths.model_dir} and datasets in {paths.data_dir}")
+        model, data = str(paths.model_dir), str(paths.data_dir)
+        if not args.json:
+            render.console.print(f"built the demo model at {paths.model_dir} and datasets in {paths.data_dir}")
     else:
         if not args.model:
             raise UserError("ftctl init needs --model PATH (an mlx-lm model folder) or --demo")
+        model = args.model
         init_workspace(ws.home, args.model)
-    render.console.print(f"[green]initialised[/] workspace {ws.home} (journal, ftctl.yaml, inbox/, jobs/, models/, logs/)")
+    if args.json:
+        render.print_json({"home": str(ws.home), "config": str(ws.config_path), "model": model, "demo_data": data})
+    else:
+        render.console.print(f"[green]initialised[/] workspace {ws.home} (journal, ftctl.yaml, inbox/, jobs/, models/, logs/)")
     return 0
 
 
 def cmd_submit(args, ws: Workspace) -> int:
     ledger = _ledger(ws)
     sub = submit(ws, ledger, Path(args.file), name=args.name, valid=Path(args.valid) if args.valid else None,
-                 overrides=args.set or [], lineage=args.lineage, fresh=args.fresh)
+                 overrides=args.set or [], lineage=args.lineage, fresh=args.fresh, again=args.again)
     if args.json:
         render.print_json({"job": sub.job, "state": sub.state, "format": sub.report.format,
                            "lines": sub.report.lines, "valid": sub.report.valid, "bad": len(sub.report.problems),
@@ -144,7 +145,7 @@ def cmd_history(args, ws: Workspace) -> int:
     last = ledger.journal.last_seq()
     if args.json:
         for r in recs:
-            render.print_json(render.event_json(r))
+            render.print_ndjson(render.event_json(r))
     elif recs:
         render.console.print(render.history_table(recs, title=f"history{' of job ' + args.job if args.job else ''}"))
     elif not args.follow:
@@ -158,7 +159,7 @@ def cmd_history(args, ws: Workspace) -> int:
             last = ledger.journal.last_seq()
             for r in new:
                 if args.json:
-                    render.print_json(render.event_json(r))
+                    render.print_ndjson(render.event_json(r))
                 else:
                     render.console.print(f"{r.ts[:19].replace('T', ' ')}  {r.seq:>6}  {r.stream:<12} "
                                          f"{type(r.event).kind():<22} {render.event_fields(r)}")
@@ -218,26 +219,32 @@ def build_parser() -> argparse.ArgumentParser:
     home = argparse.ArgumentParser(add_help=False)
     home.add_argument("--home", default=argparse.SUPPRESS,
                       help="workspace directory (default: $FTCTL_HOME or ~/.ftctl)")
-    p = _Parser(prog="ftctl", description="Crash-proof controller for MLX LoRA fine-tuning.", parents=[home])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog="ftctl", description="Crash-proof controller for MLX LoRA fine-tuning.", parents=[home],
+               epilog="Start with `ftctl demo`, or `ftctl init --model PATH`, `ftctl submit FILE.jsonl`, `ftctl start`. "
+                      "`ftctl COMMAND --help` describes each command.")
+    p.add_argument("--version", action="version", version=f"ftctl {VERSION}", help="print ftctl's version and exit")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND", help="one of:")
 
     s = sub.add_parser("init", parents=[home], help="create a workspace")
     s.add_argument("--model", help="path to an mlx-lm model folder (the base model)")
     s.add_argument("--demo", action="store_true", help="build the embedded tiny demo model and data, offline")
+    s.add_argument("--json", action="store_true", help="print what was created as JSON")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("submit", parents=[home], help="validate a JSONL data file and queue a job")
-    s.add_argument("file")
-    s.add_argument("--name")
+    s.add_argument("file", help="the training data: JSONL, one example per line (chat, completions or text)")
+    s.add_argument("--name", help="a name for the job (default: the file name without .jsonl)")
     s.add_argument("--valid", help="validation JSONL (default: hold out every 20th example)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for this job (repeatable)")
     s.add_argument("--lineage", default="main", help="lineage the job belongs to (default: main)")
     s.add_argument("--fresh", action="store_true", help="start a fresh adapter instead of warm-starting from the lineage")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--again", action="store_true",
+                   help="queue it even if the same data with the same config is already a job")
+    s.add_argument("--json", action="store_true", help="print the verdict as JSON")
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("status", parents=[home], help="jobs and daemon: the journal, checked against the daemon lock")
-    s.add_argument("job", nargs="?")
+    s.add_argument("job", nargs="?", help="one job (7 or 0007): everything about it")
     s.add_argument("--state", action="append", choices=[x for x in JOB_STATES if x != "new"], metavar="STATE",
                    help="only jobs in STATE (repeatable): " + ", ".join(x for x in JOB_STATES if x != "new"))
     s.add_argument("--all", action="store_true",
@@ -247,25 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("history", parents=[home], help="the event timeline")
-    s.add_argument("job", nargs="?")
+    s.add_argument("job", nargs="?", help="only this job's events (7 or 0007)")
     s.add_argument("--since", type=_since, metavar="SEQ|AGE|TIME",
                    help="only events after sequence number SEQ, or in the last AGE (90s, 10m, 2h, 1d), "
                         "or at or after TIME (ISO, UTC unless it names a zone: 2026-11-23T14:00)")
     s.add_argument("-n", type=_count, metavar="N", help="only the last N events (of those selected)")
     s.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     s.add_argument("--crashes", action="store_true", help="only crashes and failures")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="a JSON list; with --follow, one compact object per line")
     s.set_defaults(func=cmd_history)
 
     s = sub.add_parser("replay", parents=[home], help="a job's state exactly as it was after event SEQ")
-    s.add_argument("job")
-    s.add_argument("--to", type=int, required=True, metavar="SEQ")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("job", help="job id (7 or 0007)")
+    s.add_argument("--to", type=int, required=True, metavar="SEQ", help="journal sequence number (see `ftctl history`)")
+    s.add_argument("--json", action="store_true", help="print the job as JSON (the `status JOB --json` shape)")
     s.set_defaults(func=cmd_replay)
 
     from . import commands  # the daemon-side commands register themselves
 
     commands.register(sub, home)
+    document(p)
     return p
 
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import sys
 import time
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -35,6 +38,29 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def print_ndjson(obj: Any) -> None:
+    """One compact JSON object on one line (NDJSON), flushed: for streams a program reads line by line."""
+    sys.stdout.write(json.dumps(obj, separators=(",", ":"), default=str) + "\n")
+    sys.stdout.flush()
+
+
+def yaml_value(v: Any) -> str:
+    """A value as it would be written in ftctl.yaml: lora, null, false, 1e-05, [a, b], {k: v}."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):  # plain unless YAML needs quotes ('true', '', '1e-5', 'a: b')
+        return yaml.safe_dump(v, width=float("inf")).removesuffix("\n...\n").rstrip("\n")
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(map(yaml_value, v)) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{yaml_value(k)}: {yaml_value(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
 def _short(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -44,13 +70,51 @@ def _short(v: Any) -> str:
         return "{" + ", ".join(f"{k}={_short(x)}" for k, x in v.items()) + "}"
     if isinstance(v, list):
         return "[" + ", ".join(_short(x) for x in v[:3]) + (", …" if len(v) > 3 else "") + "]"
-    s = str(v)
-    return s if len(s) <= 80 else s[:77] + "…"
+    return clip(str(v))
+
+
+def clip(text: str, limit: int = 100) -> str:
+    """The first line of ``text``, cut at a space before ``limit`` characters: a word or a path is
+    never cut in the middle (a single token longer than the limit is kept whole)."""
+    lines = text.splitlines()
+    s = lines[0] if lines else text
+    more = len(lines) > 1
+    if len(s) > limit:
+        cut = s.rfind(" ", 0, limit)
+        if cut > 0:
+            s, more = s[:cut], True
+    return s + " …" if more else s
+
+
+_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Failure|Warning)\b|Fatal Python error|"
+                        r"Segmentation fault|Killed\b)")
+
+
+def evidence_line(evidence: str) -> str:
+    """The line of a crash's evidence worth reading first: the last exception line of the stderr
+    tail if it has one (``ValueError: …``), else the daemon's first line (exit code, signal, last
+    step, log path). Whole lines, never cut."""
+    lines = [l.strip() for l in evidence.splitlines() if l.strip()]
+    if not lines:
+        return ""
+    return next((l for l in reversed(lines[1:]) if _EXCEPTION.match(l)), lines[0])
+
+
+def signal_name(sig: int | None) -> str:
+    if sig is None:
+        return "-"
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
 
 
 def event_fields(rec: Recorded) -> str:
     body = to_dict(rec.event)
-    return "  ".join(f"{k}={_short(v)}" for k, v in body.items() if k not in _HIDDEN and v not in (None, "", [], {}))
+    if isinstance(body.get("evidence"), str):
+        body["evidence"] = evidence_line(body["evidence"])  # whole: the log path in it stays usable
+    return "  ".join(f"{k}={v if k == 'evidence' else _short(v)}" for k, v in body.items()
+                     if k not in _HIDDEN and v not in (None, "", [], {}))
 
 
 def event_json(rec: Recorded) -> dict:

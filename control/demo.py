@@ -132,7 +132,8 @@ def _submit(ws: Workspace, data: Path, name: str, report: Reporter) -> str:
     """Submit the demo data as a fresh adapter (a re-run must not warm-start from the last tour)."""
     ledger = Ledger(ws.open_journal())
     try:
-        sub = submit(ws, ledger, data / "train.jsonl", valid=data / "valid.jsonl", name=name, fresh=True)
+        sub = submit(ws, ledger, data / "train.jsonl", valid=data / "valid.jsonl", name=name, fresh=True,
+                     again=True)  # a reused demo workspace trains the same data again, on purpose
     finally:
         ledger.close()
     report.note(f"queued job {sub.job} ({sub.report.valid} valid {sub.report.format} examples)", "ok")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ftctl.adapters import checkpoint as ck
 from ftctl.adapters import process, system
 from ftctl.adapters.workspace import Workspace
-from ftctl.core.config import Config, ConfigError, config_to_dict
+from ftctl.core.config import Config, ConfigError, config_to_dict, override_key
 from ftctl.core.machine import ACTIVE
 from ftctl.core.state import Projection, job_stream
 from ftctl.recovery.ledger import Ledger
@@ -28,14 +28,18 @@ class Finding:
     fix: str = ""
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+def _diff(a: dict, b: dict, prefix: str = "", skip: frozenset = frozenset()) -> list[str]:
+    """``"key: recorded -> now"`` for every dotted key that differs, except those in ``skip`` (and below them)."""
     out = []
     for k in sorted(set(a) | set(b)):
+        dotted = f"{prefix}{k}"
+        if dotted in skip:
+            continue
         x, y = a.get(k), b.get(k)
         if isinstance(x, dict) and isinstance(y, dict):
-            out += _diff(x, y, f"{prefix}{k}.")
+            out += _diff(x, y, dotted + ".", skip)
         elif x != y:
-            out.append(f"{prefix}{k}: {y!r} -> {x!r}")
+            out.append(f"{dotted}: {y!r} -> {x!r}")
     return out
 
 
@@ -121,12 +125,16 @@ def _config_drift(p: Projection, cfg: Config) -> list[Finding]:
     lin = p.lineages.get(latest.lineage)
     if lin is not None and lin.base_version > 0:
         recorded["model"] = now["model"]  # after a promotion jobs train on the new base by design
-    drift = _diff(now, recorded)
+    own = frozenset(k for o in latest.overrides if (k := override_key(o)))  # its --set: chosen, not drift
+    drift = _diff(now, recorded, skip=own)
+    besides = f" (besides its own overrides {', '.join(sorted(own))})" if own else ""
     if not drift:
-        return [Finding("config drift", "ok", f"ftctl.yaml matches the config of job {latest.job}")]
+        return [Finding("config drift", "ok", f"ftctl.yaml matches the config of job {latest.job}{besides}")]
     return [Finding("config drift", "warning",
-                    f"ftctl.yaml differs from the config job {latest.job} was submitted with: " + "; ".join(drift[:8]),
-                    "jobs keep the config recorded at submit; new submissions use ftctl.yaml — edit one or the other")]
+                    f"ftctl.yaml differs from the config job {latest.job} was submitted with{besides}: "
+                    + "; ".join(drift[:8]),
+                    "nothing is at risk: jobs keep the config recorded at submit, new submissions use ftctl.yaml. "
+                    "If the edit of ftctl.yaml is meant, this is only a reminder; if not, set those keys back in ftctl.yaml")]
 
 
 def _data_drift(p: Projection) -> list[Finding]:

@@ -85,6 +85,19 @@ def shutdown(ledger: Ledger, ws: Workspace | None = None) -> bool:
     return True
 
 
+OUTCOMES = ("completed", "failed", "paused")
+
+
+def outcomes_since(ledger: Ledger, seq: int) -> dict[str, list[str]]:
+    """The jobs that completed, failed or were paused after journal position ``seq`` (for a run's summary)."""
+    out: dict[str, list[str]] = {k: [] for k in OUTCOMES}
+    for r in ledger.journal.read(after=seq):
+        kind = type(r.event).kind()
+        if kind in out and r.event.job not in out[kind]:
+            out[kind].append(r.event.job)
+    return out
+
+
 def wait_stopped(ledger: Ledger, timeout_s: float, ws: Workspace | None = None) -> bool:
     """Wait until the journal records that the daemon stopped (or, with ``ws``, until nobody holds
     its lock: a daemon killed meanwhile records nothing); False after ``timeout_s``."""

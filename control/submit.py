@@ -28,6 +28,14 @@ class SubmitError(Exception):
     """Submission refused before anything was recorded."""
 
 
+class DuplicateSubmission(SubmitError):
+    """The same data with the same resolved config is already a job; ``--again`` queues it anyway."""
+
+    def __init__(self, message: str, job: str):
+        super().__init__(message)
+        self.job = job
+
+
 @dataclass
 class Submission:
     job: str
@@ -102,16 +110,32 @@ def _lineage_config(ledger: Ledger, lineage: str, cfg: Config) -> Config:
     return cfg
 
 
+def _duplicate(ledger: Ledger, path: Path, sha: str, valid_sha: str | None, cfg: Config) -> None:
+    """Refuse the same data (and validation data) with the same resolved config as a live job."""
+    digest = config_sha256(cfg)
+    for j in ledger.state.jobs.values():
+        if (j.state not in ("rejected", "cancelled", "failed") and j.data_sha256 == sha
+                and j.config_sha256 == digest and j.valid_sha256 == valid_sha):
+            raise DuplicateSubmission(
+                f"{path.name} was already submitted with the same content (sha256 {sha[:12]}…) and the same config "
+                f"as job {j.job} ({j.state}); nothing was queued. To train on it again on purpose, submit it with "
+                f"--again; to change the run, pass --set KEY=VALUE", j.job)
+
+
 def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None, valid: Path | None = None,
-           overrides: list[str] = (), lineage: str = "main", fresh: bool = False) -> Submission:
+           overrides: list[str] = (), lineage: str = "main", fresh: bool = False, again: bool = False) -> Submission:
     """Validate ``path`` (and ``valid``) and record the job as queued or rejected.
+
+    The same data and validation data with the same resolved config as a job that is not rejected,
+    cancelled or failed raises DuplicateSubmission unless ``again``.
 
     The data file is never modified. An accepted job gets its own copy of the data under
     jobs/<id>/data/, so editing or deleting the original cannot change what a restart trains on.
     """
     path = Path(path).expanduser().resolve()
     data = _read(path, "data file")
-    cfg, warnings = ws.load_config(list(overrides) + (["warm_start=false"] if fresh else []))
+    overrides = list(overrides) + (["warm_start=false"] if fresh else [])
+    cfg, warnings = ws.load_config(overrides)
     report = validate_jsonl(data)
     vdata, vreport = None, None
     if valid is not None:
@@ -125,6 +149,8 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
     if vreport is not None and vreport.verdict == "reject":
         reasons += [f"validation file: {r}" for r in vreport.reasons]
     cfg = _lineage_config(ledger, lineage, cfg)  # what the job records, and what its sha256 hashes
+    if not reasons and not again:
+        _duplicate(ledger, path, sha, hashlib.sha256(vdata).hexdigest() if vdata is not None else None, cfg)
 
     for _ in range(10):  # job ids race only with a concurrent submit; the stream version decides
         job = _next_job_id(ledger)
@@ -160,7 +186,8 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
                 examples=report.valid - report.undesirable,
                 valid_path=str(valid) if valid else (str(jdir / "valid.jsonl") if held is not None else None),
                 valid_sha256=hashlib.sha256(vdata).hexdigest() if vdata is not None else None,
-                config=config_to_dict(cfg), config_sha256=config_sha256(cfg), lineage=lineage, warnings=warnings))
+                config=config_to_dict(cfg), config_sha256=config_sha256(cfg), lineage=lineage, warnings=warnings,
+                overrides=overrides))
             return Submission(job, "queued", report, vreport, warnings)
         except ConcurrencyError:
             continue

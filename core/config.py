@@ -33,6 +33,8 @@ __all__ = [
     "default_config_dict",
     "describe_keys",
     "merge_overrides",
+    "override_key",
+    "blame_override",
 ]
 
 
@@ -641,6 +643,24 @@ def merge_overrides(base: dict, overrides: list[str]) -> dict:
             node = node[p]
         node[last] = value
     return out
+
+
+def override_key(item: str) -> str | None:
+    """The dotted key of a 'dotted.key=value' override (None when it is not one)."""
+    m = _OVERRIDE.match(item) if isinstance(item, str) else None
+    return m.group(1) if m else None
+
+
+def _covers(key: str, culprit: str) -> bool:
+    """Does setting ``key`` touch the dotted path ``culprit`` (itself, a parent or a child)?"""
+    return any(a == b or a.startswith(b + ".") or a.startswith(b + "[") for a, b in ((culprit, key), (key, culprit)))
+
+
+def blame_override(culprit: str, overrides: list[str]) -> str | None:
+    """The override (the last one, as the last wins) that set the key a ConfigError names, if any."""
+    if not culprit:
+        return None
+    return next((o for o in reversed(overrides) if (k := override_key(o)) and _covers(k, culprit)), None)
 
 
 def config_to_dict(cfg: Config) -> dict:

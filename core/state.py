@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 7  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 8  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -52,6 +52,7 @@ class JobState(msgspec.Struct, kw_only=True):
     config: Config | None = None  # the recorded config, typed (None for a rejected submission)
     config_sha256: str = ""
     warnings: list[str] = []
+    overrides: list[str] = []   # the job's own key=value overrides of ftctl.yaml, as submitted
     reason: str = ""            # why it is rejected / paused / failed / cancelled / requeued
     attempt: int = 0
     worker: ProcessId | None = None
@@ -151,6 +152,7 @@ def _submitted(p: Projection, j: JobState, e: ev.JobSubmitted, seq: int, ts: str
     j.data_path, j.data_sha256, j.data_format, j.examples = e.data_path, e.data_sha256, e.data_format, e.examples
     j.valid_path, j.valid_sha256 = e.valid_path, e.valid_sha256
     j.config, j.config_sha256, j.warnings = msgspec.convert(e.config, Config), e.config_sha256, list(e.warnings)
+    j.overrides = list(e.overrides)
     j.base_model = j.config.model
     lin = _lineage(p, e.lineage, j.base_model)
     lin.jobs.append(e.job)

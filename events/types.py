@@ -47,6 +47,7 @@ class JobSubmitted(EventBase, tag="job_submitted", kw_only=True):
     config_sha256: str
     lineage: str = "main"
     warnings: list[str] = []
+    overrides: list[str] = []  # the job's own `key=value` overrides of ftctl.yaml (--set, --fresh)
 
 
 class JobRejected(EventBase, tag="job_rejected", kw_only=True):

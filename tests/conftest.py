@@ -29,7 +29,7 @@ def baseline(tmp_path_factory, demo) -> Baseline:
 
     home = make_workspace(tmp_path_factory.mktemp("baseline") / "ws", demo.model_dir)
     for name in ("job1", "job2"):
-        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name)
+        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name, "--again")
     ftctl(home, "start", "--until-idle", "--quiet", timeout=600)
     first, second = finished(home, "0001"), finished(home, "0002")
     assert first["global_step"] == 40 and second["global_step"] == 80  # the lineage's cumulative step

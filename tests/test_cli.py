@@ -217,3 +217,247 @@ def test_doctor_finds_problems_and_fix_repairs_them(ws, tmp_path, capsys):
     report = json.loads(out)
     assert any("0009" in line for line in report["fixed"]) and not (ws / "jobs" / "0009").exists()
     assert {f["check"] for f in report["findings"] if f["severity"] != "ok"} == {"config drift"}  # a choice for the user
+
+
+def test_a_bad_set_override_is_blamed_on_the_override_not_the_file(ws, tmp_path, capsys):
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
+    code, _, err = run(capsys, "submit", data, "--home", ws, "--set", "learnig_rate=2e-4")
+    assert code == 1
+    assert "--set learnig_rate=2e-4: unknown key 'learnig_rate' (did you mean 'learning_rate'?)" in err
+    assert "ftctl.yaml" not in err
+    code, _, err = run(capsys, "submit", data, "--home", ws, "--set", "iters=5", "--set", "lora_parameters.rank=0")
+    assert code == 1 and err.startswith("error: --set lora_parameters.rank=0: lora_parameters.rank = 0")
+
+
+def test_per_job_overrides_are_recorded_and_are_not_config_drift(ws, tmp_path, capsys):
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
+    code, _, _ = run(capsys, "submit", data, "--home", ws, "--set", "learning_rate=2e-4", "--fresh")
+    assert code == 0
+    _, out, _ = run(capsys, "history", "--json", "--home", ws)
+    assert json.loads(out)[0]["data"]["overrides"] == ["learning_rate=2e-4", "warm_start=false"]
+    code, out, _ = run(capsys, "doctor", "--json", "--home", ws)
+    drift = [f for f in json.loads(out)["findings"] if f["check"] == "config drift"]
+    assert code == 0 and drift[0]["severity"] == "ok", drift
+    cfg = yaml.safe_load((ws / "ftctl.yaml").read_text())
+    cfg["iters"] = 7  # a real edit of ftctl.yaml is still reported
+    (ws / "ftctl.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, _ = run(capsys, "doctor", "--json", "--home", ws)
+    drift = [f for f in json.loads(out)["findings"] if f["check"] == "config drift"]
+    assert code == 1 and "iters" in drift[0]["message"] and "learning_rate:" not in drift[0]["message"]
+
+
+def test_the_same_data_and_config_twice_needs_again(ws, tmp_path, capsys):
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
+    assert run(capsys, "submit", data, "--home", ws)[0] == 0
+    code, _, err = run(capsys, "submit", data, "--home", ws)
+    assert code == 1 and "job 0001" in err and "--again" in err and "nothing was queued" in err
+    assert run(capsys, "submit", data, "--home", ws, "--set", "iters=50")[0] == 0  # another config: another job
+    assert run(capsys, "submit", data, "--home", ws, "--again")[0] == 0
+    _, out, _ = run(capsys, "history", "--json", "--home", ws)
+    assert [e["data"]["job"] for e in json.loads(out)] == ["0001", "0002", "0003"]
+
+
+def test_a_duplicate_in_the_inbox_is_moved_to_rejected_not_retried(ws, tmp_path, capsys):
+    from ftctl.adapters.workspace import Workspace
+    from ftctl.control.daemon import Daemon
+    from ftctl.control.reporter import Reporter
+    from ftctl.recovery.ledger import Ledger
+
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
+    assert run(capsys, "submit", data, "--home", ws)[0] == 0
+    (ws / "inbox" / "d.jsonl").write_bytes(data.read_bytes())
+    daemon = Daemon(Workspace(ws), until_idle=True, report=Reporter())
+    daemon.ledger = Ledger(daemon.ws.open_journal())
+    daemon.scan_inbox()
+    assert not (ws / "inbox" / "d.jsonl").exists() and (ws / "inbox" / "rejected" / "d.jsonl").exists()
+    assert "job 0001" in (ws / "logs" / "daemon.log").read_text()
+    assert list(daemon.ledger.state.jobs) == ["0001"]
+
+
+def test_config_show_prints_yaml_values_not_python_reprs(ws, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    cfg = yaml.safe_load((ws / "ftctl.yaml").read_text())
+    cfg["lora_parameters"]["keys"] = ["self_attn.q_proj", "self_attn.v_proj"]
+    cfg["warm_start"] = False
+    (ws / "ftctl.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, _ = run(capsys, "config", "show", "--home", ws)
+    rows = {cells[0]: cells[1] for line in out.splitlines()
+            if len(cells := [c.strip() for c in line.strip("│┃ ").split("│")]) == 3}
+    assert code == 0
+    assert rows["fine_tune_type"] == "lora" and rows["lr_schedule"] == "null" and rows["warm_start"] == "false"
+    assert rows["lora_parameters.keys"] == "[self_attn.q_proj, self_attn.v_proj]"
+    assert "'" not in out and "None" not in out and "False" not in out
+
+
+LONG_LOG = "/home/someone/with/a/rather/long/workspace/path/.ftctl/logs/job-0001.log"
+EVIDENCE = (f"exit code 1; last step seen 3; log {LONG_LOG}\n"
+            "Traceback (most recent call last):\n  File \"worker.py\", line 9, in main\n    load()\n"
+            "ValueError: Missing 9 parameters\n")
+
+
+def _crash(ws, *crashes):
+    """Record a job's worker starting and dying, once per (exit_code, signal, evidence)."""
+    import time
+
+    from ftctl.core.state import job_stream
+    from ftctl.events import types as ev
+    from ftctl.recovery.ledger import Ledger
+
+    ledger = Ledger.open(ws / "journal.db")
+    try:
+        for i, (code, sig, evidence) in enumerate(crashes):
+            ledger.commit(job_stream("0001"), ev.TrainingStarted(job="0001", attempt=i + 1, worker_pid=1,
+                                                                 worker_started_at=time.time(), base_model="m"))
+            ledger.commit(job_stream("0001"), ev.Crashed(job="0001", category="exception", step=None if i else 3,
+                                                         exit_code=code, signal=sig, evidence=evidence))
+            ledger.commit(job_stream("0001"), ev.Requeued(job="0001", reason="test", not_before=0.0))
+    finally:
+        ledger.close()
+
+
+def test_crashes_shows_signal_exit_and_the_telling_evidence_line(ws, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
+    _crash(ws, (1, None, EVIDENCE), (None, 9, "no exit status; the worker hung"))
+    code, out, _ = run(capsys, "crashes", "--home", ws)
+    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in out.splitlines() if "exception" in line]
+    assert code == 0 and len(rows) == 2, out
+    first, second = rows
+    assert first[4:8] == ["3", "1", "-", "ValueError: Missing 9 parameters"]
+    assert second[4:8] == ["-", "-", "SIGKILL", "no exit status; the worker hung"]
+    assert "None" not in out
+
+
+def test_history_never_cuts_a_path_in_the_middle(ws, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
+    _crash(ws, (1, None, EVIDENCE.replace("\nTraceback", "\nnothing to see\nTraceback")),
+           (-9, 9, f"exit code -9 (signal SIGKILL); last step seen 3; log {LONG_LOG}"))
+    code, out, _ = run(capsys, "history", "--home", ws)
+    assert code == 0 and "evidence=ValueError: Missing 9 parameters" in out
+    assert f"log {LONG_LOG}" in out  # whole: the path can be opened
+
+
+# --------------------------------------------------------------------------- the parser: help, typos, --version
+
+# wt-9a owns the options of `status` and `history` (issue 9); their argument help is checked there.
+ARGUMENT_HELP_ELSEWHERE: set[str] = set()  # commands whose argument help is checked elsewhere (none now)
+
+
+def _commands(parser, path=""):
+    import argparse
+
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    for name, p in (sub.choices.items() if sub else []):
+        yield f"{path} {name}".strip(), p
+        yield from _commands(p, f"{path} {name}".strip())
+
+
+def test_every_command_has_a_description_an_example_and_help_for_every_argument():
+    import argparse
+
+    from ftctl.cli.main import build_parser
+
+    commands = dict(_commands(build_parser()))
+    assert {"init", "submit", "start", "pause", "config show", "doctor", "demo"} <= set(commands)
+    docs = (ROOT / "docs" / "cli.md").read_text()
+    for name, p in commands.items():
+        assert p.description and len(p.description) > 20, name
+        assert p.epilog and p.epilog.startswith("example:\n  ftctl " + name.split()[0]), name
+        assert p.formatter_class is argparse.RawDescriptionHelpFormatter, name  # the example keeps its lines
+        assert f"`ftctl {name}" in docs, name
+        if name in ARGUMENT_HELP_ELSEWHERE:
+            continue
+        for a in p._actions:
+            assert a.help and a.help != argparse.SUPPRESS, f"ftctl {name}: {a.option_strings or a.dest} has no help"
+            for opt in a.option_strings:  # docs/cli.md names every option of the command
+                if opt not in ("-h", "--help", "--home"):
+                    row = next(l for l in docs.splitlines() if l.startswith(f"| `ftctl {name.split()[0]}")
+                               or (name in ("pause", "resume", "cancel") and "`ftctl resume JOB`" in l))
+                    assert opt in row, f"docs/cli.md does not mention ftctl {name} {opt}"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and re.fullmatch(r"ftctl \S+\n", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["statsu"], "unknown command 'statsu' (did you mean 'status'?)"),
+    (["config", "shw"], "ftctl config: unknown command 'shw' (did you mean 'show'?)"),
+    (["config"], "ftctl config needs a command: show"),
+    ([], "ftctl needs a command: init, submit"),
+])
+def test_a_typo_or_a_missing_command_gets_one_clear_line(capsys, argv, expected):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = " ".join(capsys.readouterr().err.split())
+    assert e.value.code == 1 and expected in err
+    assert "usage:" not in err and "choose from" not in err and "invalid choice" not in err
+
+
+def test_a_mistyped_option_names_the_command_and_the_closest_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["submit", "d.jsonl", "--vaild", "v.jsonl"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert e.value.code == 1
+    assert "ftctl submit: unknown option '--vaild' (did you mean '--valid'?)" in err
+    assert "unrecognized arguments" not in err
+
+
+# --------------------------------------------------------------------------- --json on every command that answers
+
+
+def test_json_from_init_pause_resume_cancel_and_shutdown(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    home = tmp_path / "home"
+    code, out, _ = run(capsys, "init", "--model", model, "--home", home, "--json")
+    assert code == 0 and json.loads(out) == {"home": str(home), "config": str(home / "ftctl.yaml"),
+                                             "model": str(model), "demo_data": None}
+    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", home)
+    for action, event in (("pause", "paused"), ("resume", "resumed"), ("cancel", "cancelled")):
+        code, out, _ = run(capsys, action, "1", "--home", home, "--json")
+        assert code == 0 and json.loads(out) == {"job": "0001", "action": action, "event": event, "deferred": False,
+                                                 "daemon_alive": False}
+    code, out, _ = run(capsys, "shutdown", "--home", home, "--json")
+    assert code == 0 and json.loads(out) == {"requested": False, "stopped": True}
+
+
+def test_start_json_prints_one_summary_of_the_run(ws, tmp_path, capsys):
+    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
+    code, out, err = run(capsys, "start", "--until-idle", "--home", ws, "--json")
+    summary = json.loads(out)  # stdout is the summary alone: the progress went to stderr
+    assert code == 1 and "daemon started" in err and "job 0001 paused" in err  # --until-idle: not all completed
+    assert summary == {"stopped": "queue empty (--until-idle)", "completed": [], "failed": [], "paused": ["0001"]}
+
+
+def test_consolidate_json_with_a_daemon_running_is_a_request(ws, tmp_path, capsys):
+    from ftctl.adapters import process
+
+    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)  # the lineage
+    lock = process.acquire_lock(ws / "run" / "daemon.lock")  # stands for a running daemon
+    try:
+        code, out, _ = run(capsys, "consolidate", "--home", ws, "--json")
+    finally:
+        process.release_lock(lock)
+    assert code == 0 and json.loads(out) == {"lineage": "main", "requested": True, "path": None,
+                                             "weights_sha256": None}
+
+
+def test_history_follow_json_is_one_compact_object_per_line(ws, tmp_path, capsys, monkeypatch):
+    from ftctl.cli import main as m
+
+    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
+    run(capsys, "pause", "1", "--home", ws)
+
+    def interrupt(_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(m.time, "sleep", interrupt)
+    code, out, _ = run(capsys, "history", "--follow", "--json", "--home", ws)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2
+    assert [json.loads(l)["type"] for l in lines] == ["job_submitted", "paused"]
+    assert all(l == json.dumps(json.loads(l), separators=(",", ":")) for l in lines)

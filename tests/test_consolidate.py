@@ -17,7 +17,7 @@ SMALL = {"iters": 10, "save_every": 5, "steps_per_eval": 5}
 def _trained(tmp_path, demo, name="ws", jobs=1, **overrides):
     home = make_workspace(tmp_path / name, demo.model_dir, **{**SMALL, **overrides})
     for i in range(jobs):
-        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", f"j{i + 1}")
+        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", f"j{i + 1}", "--again")
     ftctl(home, "start", "--until-idle", "--quiet")
     return home
 

@@ -17,7 +17,7 @@ from helpers import crash_env, finished, ftctl, history, kinds, make_workspace, 
 def _run_job(tmp_path, demo, name, *, env=None, jobs=1, starts=1, code=0):
     home = make_workspace(tmp_path / name, demo.model_dir)
     for i in range(jobs):
-        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", f"job{i + 1}")
+        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", f"job{i + 1}", "--again")
     for _ in range(starts):
         p = ftctl(home, "start", "--until-idle", "--quiet", env=env, timeout=600, check=False)
         assert p.returncode == code, p.stderr  # --until-idle exits 1 when a job ended paused or failed

@@ -273,3 +273,29 @@ def test_not_a_model_folder(tmp_path, demo):
     assert model_problem(tmp_path).startswith(f"{tmp_path} has no config.json")
     (tmp_path / "smol.gguf").write_bytes(b"GGUF")
     assert "a GGUF file" in model_problem(tmp_path / "smol.gguf")
+
+
+# --------------------------------------------------------------------------- a key given twice
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(ws, tmp_path, capsys):
+    text = (ws / "ftctl.yaml").read_text()
+    lines = text.splitlines()
+    first = next(i for i, l in enumerate(lines, 1) if l.startswith("iters:"))
+    (ws / "ftctl.yaml").write_text(text + "iters: 7\n")
+    second = len(lines) + 1
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "hello"}) + "\n")
+    for command in (["config", "show"], ["submit", str(data)]):
+        code, _, err = run(capsys, *command, "--home", ws)
+        assert code == 1 and "internal error" not in err, err
+        assert f"ftctl.yaml: key 'iters' is given twice (lines {first} and {second})" in err
+        assert "nothing was changed" in err and "keep one" in err
+    code, out, _ = run(capsys, "history", "--json", "--home", ws)
+    assert json.loads(out) == []
+
+
+def test_a_nested_key_given_twice_is_refused(ws, capsys):
+    (ws / "ftctl.yaml").write_text("model: m\nlora_parameters:\n  rank: 8\n  scale: 10.0\n  rank: 16\n")
+    code, _, err = run(capsys, "config", "show", "--home", ws)
+    assert code == 1 and "key 'rank' is given twice (lines 3 and 5)" in err
