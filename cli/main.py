@@ -52,8 +52,9 @@ def cmd_init(args, ws: Workspace) -> int:
     else:
         if not args.model:
             raise UserError("ftctl init needs --model PATH (an mlx-lm model folder) or --demo")
-        model = args.model
-        init_workspace(ws.home, args.model)
+        from ftctl.control.setup import init
+
+        _, model = init(ws.home, args.model)
     if args.json:
         render.print_json({"home": str(ws.home), "config": str(ws.config_path), "model": model, "demo_data": data})
     else:
@@ -104,7 +105,7 @@ def cmd_status(args, ws: Workspace) -> int:
         render.print_json({"seq": st.seq, "daemon": render.daemon_json(st.daemon),
                            "jobs": [render.job_json(v.job, v.metrics, v) for v in st.jobs],
                            "lineages": [render.as_dict(l) for l in st.projection.lineages.values()],
-                           "hidden": st.hidden})
+                           "hidden": st.hidden, "inbox": st.inbox})
         return 0
     render.console.print(f"workspace {ws.home}  ·  journal seq {st.seq}  ·  daemon {render.escape(st.daemon.summary)}")
     if st.jobs:
@@ -113,6 +114,8 @@ def cmd_status(args, ws: Workspace) -> int:
         render.console.print("no jobs yet: `ftctl submit FILE.jsonl` or drop a file into inbox/")
     else:
         render.console.print("no job to show")
+    for f in st.inbox:
+        render.console.print(f"inbox: {render.escape(f['file'])} ({f['bytes'] / 1e6:.1f} MB): {render.escape(f['note'])}")
     if st.hidden:
         why = ", ".join(f"{n} {k}" for k, n in st.hidden.items())
         render.console.print(f"{sum(st.hidden.values())} job(s) not shown ({why}): `ftctl status --all` shows every "

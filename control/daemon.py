@@ -25,12 +25,12 @@ from ftctl.recovery import reconcile
 from ftctl.recovery.ledger import Ledger
 
 from . import consolidation, recover
+from .inbox import SETTLE_S, inbox_files, skip_reason
 from .reporter import SILENT, Reporter
 from .submit import SubmitError, submit
 from .supervise import Supervision
 
 POLL_S = 0.25
-INBOX_SETTLE_S = 2.0
 
 try:
     from importlib.metadata import version as _pkg_version
@@ -38,37 +38,6 @@ try:
     VERSION = _pkg_version("ftctl")
 except Exception:  # running from a source tree without metadata
     VERSION = "dev"
-
-
-def inbox_files(ws: Workspace) -> list[Path]:
-    """Files waiting in inbox/ (not the accepted/ and rejected/ folders, not hidden files)."""
-    if not ws.inbox.is_dir():
-        return []
-    return sorted(p for p in ws.inbox.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
-def skip_reason(path: Path) -> str:
-    """Why the daemon leaves an inbox file where it is, or "" if it will be submitted."""
-    if path.suffix.lower() == ".jsonl":
-        return ""
-    if path.suffix.lower() == ".json":
-        return ("only .jsonl files are queued; if it holds one JSON object per line, rename it to .jsonl "
-                "(a JSON array must be converted to one object per line first)")
-    return "only .jsonl files are queued (one JSON object per line); it was left where it is"
-
-
-def inbox_pending(ws: Workspace) -> list[dict]:
-    """What `ftctl status` lists: each inbox file, its size, age and what the daemon does with it."""
-    now = time.time()
-    out = []
-    for p in inbox_files(ws):
-        st = p.stat()
-        why = skip_reason(p)
-        settling = not why and now - st.st_mtime < INBOX_SETTLE_S
-        out.append({"file": p.name, "bytes": st.st_size, "age_s": round(now - st.st_mtime, 1),
-                    "note": why or ("still being written: queued once it settles" if settling
-                                    else "queued at the daemon's next look (within a second while it runs)")})
-    return out
 
 
 class DaemonError(Exception):
@@ -215,7 +184,7 @@ class Daemon:
                     self.say(f"inbox: {path.name} skipped: {skip_reason(path)}", "warn")
                 continue
             try:
-                if time.time() - path.stat().st_mtime < INBOX_SETTLE_S and not self.until_idle:
+                if time.time() - path.stat().st_mtime < SETTLE_S and not self.until_idle:
                     continue  # still being written
                 sub = submit(self.ws, self.ledger, path, name=path.stem)
             except (SubmitError, ConfigError) as e:
@@ -270,8 +239,9 @@ class Daemon:
                     f"(max of min_free_disk_gb and twice the checkpoint size): free space, then `ftctl resume {j.job}`")
         problem = model_problem(cfg.model)
         if problem:
-            return (f"the base model cannot load: {problem}. The job and its checkpoints are kept: restore the model "
-                    f"folder, then `ftctl resume {j.job}`")
+            return (f"the base model cannot load: {problem}. The job and its checkpoints are kept. The job keeps the "
+                    f"model path it was submitted with (editing ftctl.yaml does not change it): restore that folder, "
+                    f"then `ftctl resume {j.job}` — or `ftctl cancel {j.job}` and submit the data again")
         model = Path(cfg.model)
         weights = sum(p.stat().st_size for p in model.glob("*.safetensors")) / system.GB
         avail = system.available_memory_gb()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ftctl.adapters import checkpoint as ck
 from ftctl.adapters import process, system
+from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, ConfigError, config_to_dict, override_key
 from ftctl.core.machine import ACTIVE
@@ -63,6 +64,7 @@ def examine(ws: Workspace, ledger: Ledger) -> list[Finding]:
         if due is not None:
             f.append(Finding("retention", "warning", f"job {j.job} keeps {len(due.events)} checkpoint(s) beyond its "
                              "retention", "`ftctl doctor --fix` prunes them"))
+    f += _models(p, cfg)
     if cfg is not None:
         f += _config_drift(p, cfg)
     f += _data_drift(p)
@@ -84,6 +86,25 @@ def _daemon(p: Projection, holder: str | None) -> list[Finding]:
             out.append(Finding("stale state", "warning", f"job {j.job} is {j.state!r} but no daemon supervises it"
                                + (f"; its worker pid {j.worker.pid} is an orphan" if orphan else ""),
                                "`ftctl recover` marks it crashed, stops the orphan and requeues it"))
+    return out
+
+
+def _models(p: Projection, cfg: Config | None) -> list[Finding]:
+    """The base model new jobs get (ftctl.yaml) and the ones waiting jobs recorded must load."""
+    out, seen = [], set()
+    if cfg is not None:
+        problem = model_problem(cfg.model)
+        seen.add(cfg.model)
+        out.append(Finding("model", "error" if problem else "ok", problem or f"{cfg.model} loads as an mlx-lm model",
+                           "set `model` in ftctl.yaml to an mlx-lm model folder" if problem else ""))
+    for j in p.jobs.values():
+        if j.state in ("queued", "paused", "crashed") and j.config and j.config.model not in seen:
+            seen.add(j.config.model)
+            problem = model_problem(j.config.model)
+            if problem:
+                out.append(Finding("model", "error", f"job {j.job} ({j.state}) trains on a model that cannot load: {problem}",
+                                   f"restore that folder, or `ftctl cancel {j.job}` and submit again (a job keeps "
+                                   "the model it was submitted with)"))
     return out
 
 

@@ -21,6 +21,7 @@ from ftctl.core.policy import resumes_from
 from ftctl.core.state import JobState, Projection, job_stream
 from ftctl.recovery.ledger import Ledger
 
+from .inbox import inbox_pending
 from .jobs import find_job
 
 DEFAULT_LIMIT = 20                       # jobs shown by default (beside every unfinished one)
@@ -70,6 +71,7 @@ class Status:
     jobs: list[JobView]         # the selected jobs, in submission order
     hidden: dict[str, int]      # why -> how many jobs the selection left out ("rejected", "older", "other states")
     projection: Projection
+    inbox: list[dict]           # files waiting in inbox/ and what happens to each (control.inbox)
 
 
 def daemon_view(ws: Workspace, ledger: Ledger) -> DaemonView:
@@ -102,7 +104,7 @@ def status(ws: Workspace, ledger: Ledger, states: Iterable[str] = (), everything
     metrics = ledger.journal.last_metrics()
     shown, hidden = select(list(ledger.state.jobs.values()), set(states), everything, limit)
     views = [_view(ledger, j, metrics.get(j.job), d, now) for j in shown]
-    return Status(ledger.state.seq, d, views, hidden, ledger.state)
+    return Status(ledger.state.seq, d, views, hidden, ledger.state, inbox_pending(ws, d.alive))
 
 
 def job_status(ws: Workspace, ledger: Ledger, job: str, now: float | None = None) -> tuple[DaemonView, JobView]:

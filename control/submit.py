@@ -13,6 +13,7 @@ from pathlib import Path
 import msgspec
 
 from ftctl.adapters.fs import write_durable
+from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, config_sha256, config_to_dict, locked_changes
 from ftctl.core.dataset import DataReport, validate_jsonl
@@ -149,6 +150,10 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
     if vreport is not None and vreport.verdict == "reject":
         reasons += [f"validation file: {r}" for r in vreport.reasons]
     cfg = _lineage_config(ledger, lineage, cfg)  # what the job records, and what its sha256 hashes
+    problem = model_problem(cfg.model)
+    if problem:  # the job would record this path for good: refuse it now, not at `ftctl start`
+        raise SubmitError(f"the base model cannot load: {problem}. Nothing was queued; set `model` in ftctl.yaml "
+                          "(or pass --set model=PATH) to an mlx-lm model folder and submit again")
     if not reasons and not again:
         _duplicate(ledger, path, sha, hashlib.sha256(vdata).hexdigest() if vdata is not None else None, cfg)
 

@@ -37,12 +37,10 @@ def baseline(tmp_path_factory, demo) -> Baseline:
 
 
 @pytest.fixture
-def ws(tmp_path, capsys):
-    """A workspace made by `ftctl init` on an empty model folder (for commands that train nothing)."""
+def ws(tmp_path, capsys, demo):
+    """A workspace made by `ftctl init` on the demo model (for commands that train nothing)."""
     from helpers import run
 
-    model = tmp_path / "model"
-    model.mkdir()
     home = tmp_path / "home"
-    assert run(capsys, "init", "--model", model, "--home", home)[0] == 0
+    assert run(capsys, "init", "--model", demo.model_dir, "--home", home)[0] == 0
     return home

@@ -42,7 +42,7 @@ def test_no_workspace(tmp_path, capsys):
 
 
 def test_init_refuses_existing(ws, capsys):
-    code, _, err = run(capsys, "init", "--model", "x", "--home", ws)
+    code, _, err = run(capsys, "init", "--model", "x", "--home", ws)  # the workspace is checked first
     assert code == 1 and "already holds an ftctl workspace" in err
 
 
@@ -409,9 +409,8 @@ def test_a_mistyped_option_names_the_command_and_the_closest_option(capsys):
 # --------------------------------------------------------------------------- --json on every command that answers
 
 
-def test_json_from_init_pause_resume_cancel_and_shutdown(tmp_path, capsys):
-    model = tmp_path / "model"
-    model.mkdir()
+def test_json_from_init_pause_resume_cancel_and_shutdown(tmp_path, capsys, demo):
+    model = demo.model_dir
     home = tmp_path / "home"
     code, out, _ = run(capsys, "init", "--model", model, "--home", home, "--json")
     assert code == 0 and json.loads(out) == {"home": str(home), "config": str(home / "ftctl.yaml"),

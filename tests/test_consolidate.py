@@ -149,7 +149,7 @@ def test_a_job_resumed_after_a_newer_one_completed_becomes_a_branch_and_set_head
 
     home = _trained(tmp_path, demo)  # job 0001: the head
     for name in ("j2", "j3"):
-        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name)
+        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name, "--again")
     marker = tmp_path / "marker-hang-13"  # global step 13: job 0002's third step (it starts at 10)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("FTCTL_")}, "FTCTL_HANG_AT": f"mid_step:13:{marker}"}
     d = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--until-idle", "--quiet", "--home", str(home)],
@@ -178,7 +178,7 @@ def test_a_job_resumed_after_a_newer_one_completed_becomes_a_branch_and_set_head
     assert lin["head_job"] == "0002" and lin["branches"] == ["0003"] and status(home, "0002")["reason"] is None
     p = ftctl(home, "lineage", "set-head", "0002", check=False)
     assert p.returncode == 1 and "already the head" in p.stderr
-    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", "j4")
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", "j4", "--again")
     ftctl(home, "start", "--until-idle", "--quiet")
     (s4,) = [e["data"] for e in history(home) if e["type"] == "training_started" and e["data"]["job"] == "0004"]
     assert s4["parent_job"] == "0002" and "/jobs/0002/" in s4["warm_start_from"]

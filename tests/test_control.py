@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import msgspec
@@ -29,9 +30,8 @@ def chat(i: int) -> str:
 
 
 @pytest.fixture
-def ws(tmp_path) -> Workspace:
-    (tmp_path / "model").mkdir()
-    return init_workspace(tmp_path / "home", str(tmp_path / "model"), {"min_free_disk_gb": 0.0})
+def ws(tmp_path, demo) -> Workspace:
+    return init_workspace(tmp_path / "home", str(demo.model_dir), {"min_free_disk_gb": 0.0})
 
 
 def events(ws: Workspace) -> list[T.EventBase]:
@@ -102,6 +102,7 @@ def test_config_sha256_hashes_exactly_the_recorded_config_also_after_a_promotion
     try:
         submit(ws, ledger, data, overrides=["learning_rate=3e-4"])
         promoted = str(ws.models / "v0001")  # as if the lineage had consolidated: jobs now train on v0001
+        shutil.copytree(ledger.state.lineages["main"].base_model, promoted)
         ledger.commit(lineage_stream("main"), T.ConsolidationStarted(
             lineage="main", version=1, base_model=ledger.state.lineages["main"].base_model, adapter_path="a",
             adapter_sha256="b", temp_path="t"))

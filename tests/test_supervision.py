@@ -481,7 +481,7 @@ def test_inbox_is_read_while_a_job_trains_and_says_why_a_file_is_skipped(tmp_pat
     """The daemon's loop must not block on the worker: a file dropped into inbox/ while job 0001
     trains is validated and queued at once (uppercase .JSONL too); a .json file is left where it
     is, and the log says why."""
-    from ftctl.control.daemon import inbox_pending
+    from ftctl.control.inbox import inbox_pending
 
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo)
@@ -496,6 +496,8 @@ def test_inbox_is_read_while_a_job_trains_and_says_why_a_file_is_skipped(tmp_pat
             os.utime(home / "inbox" / name, (old, old))
         pending = {p["file"]: p["note"] for p in inbox_pending(Workspace(home))}
         assert "rename it to .jsonl" in pending["notes.json"] and "queued" in pending["late.JSONL"], pending
+        listed = " ".join(ftctl(home, "status").stdout.split())
+        assert "inbox: notes.json" in listed and "rename it to .jsonl" in listed, listed
         late = wait_for(lambda: [e for e in _events(home, "job_submitted") if e["data"]["name"] == "late"], timeout=30)
         assert _job(home).state in ("training", "checkpointing"), "job 0001 must still be training"
         assert late[0]["data"]["job"] == "0002"

@@ -69,35 +69,35 @@ def test_yaml_error_names_where_an_unclosed_bracket_starts(ws, capsys):
 # --------------------------------------------------------------------------- 2. a bad --home for init
 
 
-def test_init_home_is_a_file(tmp_path, capsys):
+def test_init_home_is_a_file(tmp_path, capsys, demo):
     home = tmp_path / "notes.txt"
     home.write_text("my notes\n")
     before = tree(tmp_path)
-    code, _, err = run(capsys, "init", "--model", tmp_path, "--home", home)
+    code, _, err = run(capsys, "init", "--model", demo.model_dir, "--home", home)
     assert code == 1 and "internal error" not in err
     assert f"{home} is a file, not a folder" in err and "Nothing was changed" in err and "--home" in err
     assert tree(tmp_path) == before and home.read_text() == "my notes\n"
 
 
-def test_init_home_under_a_file(tmp_path, capsys):
+def test_init_home_under_a_file(tmp_path, capsys, demo):
     parent = tmp_path / "notes.txt"
     parent.write_text("my notes\n")
     before = tree(tmp_path)
-    code, _, err = run(capsys, "init", "--model", tmp_path, "--home", parent / "sub" / "ws")
+    code, _, err = run(capsys, "init", "--model", demo.model_dir, "--home", parent / "sub" / "ws")
     assert code == 1 and "internal error" not in err
     assert f"cannot create {parent / 'sub' / 'ws'}" in err and f"{parent} is a file, not a folder" in err
     assert "Nothing was changed" in err and "--home" in err
     assert tree(tmp_path) == before
 
 
-def test_init_home_under_proc(tmp_path, capsys):
-    code, _, err = run(capsys, "init", "--model", tmp_path, "--home", "/proc/ftctl-test-ws")
+def test_init_home_under_proc(tmp_path, capsys, demo):
+    code, _, err = run(capsys, "init", "--model", demo.model_dir, "--home", "/proc/ftctl-test-ws")
     assert code == 1 and "internal error" not in err
     assert "cannot create /proc/ftctl-test-ws: " in err and "Nothing was changed" in err and "--home" in err
     assert not Path("/proc/ftctl-test-ws").exists()
 
 
-def test_init_failing_part_way_removes_only_the_folders_it_created(tmp_path, capsys, monkeypatch):
+def test_init_failing_part_way_removes_only_the_folders_it_created(tmp_path, capsys, monkeypatch, demo):
     from ftctl.adapters import workspace
 
     keep = tmp_path / "existing"
@@ -110,17 +110,17 @@ def test_init_failing_part_way_removes_only_the_folders_it_created(tmp_path, cap
         raise OSError(28, "No space left on device", str(path))
 
     monkeypatch.setattr(workspace, "write_private", full_disk)
-    code, _, err = run(capsys, "init", "--model", tmp_path, "--home", keep / "a" / "b")
+    code, _, err = run(capsys, "init", "--model", demo.model_dir, "--home", keep / "a" / "b")
     assert code == 1 and "internal error" not in err
     assert "No space left on device" in err and "Nothing was changed" in err
     assert tree(tmp_path) == before  # a/ and a/b/ and the workspace folders are gone; mine.txt stays
 
     # and into an existing folder: it stays, with its file, and keeps its mode
     keep.chmod(0o755)
-    code, _, err = run(capsys, "init", "--model", tmp_path, "--home", keep)
+    code, _, err = run(capsys, "init", "--model", demo.model_dir, "--home", keep)
     assert code == 1 and tree(tmp_path) == before and keep.stat().st_mode & 0o777 == 0o755
     monkeypatch.setattr(workspace, "write_private", real)
-    assert run(capsys, "init", "--model", tmp_path, "--home", keep)[0] == 0
+    assert run(capsys, "init", "--model", demo.model_dir, "--home", keep)[0] == 0
     assert (keep / "mine.txt").read_text() == "keep me\n"
 
 
@@ -299,3 +299,24 @@ def test_a_nested_key_given_twice_is_refused(ws, capsys):
     (ws / "ftctl.yaml").write_text("model: m\nlora_parameters:\n  rank: 8\n  scale: 10.0\n  rank: 16\n")
     code, _, err = run(capsys, "config", "show", "--home", ws)
     assert code == 1 and "key 'rank' is given twice (lines 3 and 5)" in err
+
+
+def test_init_submit_and_doctor_check_that_the_model_loads(tmp_path, capsys, ws, demo):
+    """A model path that does not exist (or is a file, or a folder without weights) is refused at
+    init and submit, with nothing created or queued, and doctor reports it."""
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    for bad in (tmp_path / "nope", empty, demo.train):
+        code, _, err = run(capsys, "init", "--model", bad, "--home", tmp_path / "ws-bad")
+        assert code == 1 and "Nothing was created" in err and "mlx-lm model folder" in err, err
+        assert not (tmp_path / "ws-bad").exists()
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"line {i}"}) for i in range(30)) + "\n")
+    code, _, err = run(capsys, "submit", data, "--set", f"model={empty}", "--lineage", "other", "--home", ws)
+    assert code == 1 and "the base model cannot load" in err and "Nothing was queued" in err, err
+    assert run(capsys, "history", "--json", "--home", ws)[1].strip() == "[]"
+    assert run(capsys, "submit", data, "--home", ws)[0] == 0
+    (ws / "ftctl.yaml").write_text((ws / "ftctl.yaml").read_text().replace(str(demo.model_dir), str(empty)))
+    code, out, _ = run(capsys, "doctor", "--json", "--home", ws)
+    models = [f for f in json.loads(out)["findings"] if f["check"] == "model"]
+    assert code == 1 and models[0]["severity"] == "error" and "safetensors" in models[0]["message"], models
