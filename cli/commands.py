@@ -193,6 +193,9 @@ def cmd_consolidate(args, ws) -> int:
 
 def cmd_set_head(args, ws) -> int:
     e = consolidation.set_head(Ledger(ws.open_journal()), args.job)
+    if args.json:
+        render.print_json({"lineage": e.lineage, "head": e.job, "previous": e.previous})
+        return 0
     render.console.print(f"job {e.job} is now the head of lineage {e.lineage}"
                          + (f" (was job {e.previous}, now a branch)" if e.previous else "")
                          + ": new jobs of the lineage warm-start from its adapter, and consolidation fuses it")
@@ -327,6 +330,7 @@ def register(sub, home) -> None:
                             help="set-head")
     c = lsub.add_parser("set-head", parents=[home], help="make a completed job the lineage's head (e.g. a branch)")
     c.add_argument("job", help="a completed job of the lineage (7 or 0007)")
+    c.add_argument("--json", action="store_true", help='print {"lineage", "head", "previous"}')
     c.set_defaults(func=cmd_set_head)
     s = sub.add_parser("eval", parents=[home], help="test loss and perplexity of a job's adapter and of its base model")
     s.add_argument("job", help="a completed job (7 or 0007)")

@@ -114,9 +114,10 @@ class Decision:
 
 
 def _seconds(ts: str) -> float:
-    from datetime import datetime
+    """Epoch seconds of a journal timestamp, which is UTC (not the machine's local time)."""
+    from datetime import datetime, timezone
 
-    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
 
 def after_crash(crashes: list[CrashRecord], now: float, *, resume_step: int, policy: RestartPolicy,

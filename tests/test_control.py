@@ -212,3 +212,20 @@ def test_logs_are_rotated_past_their_cap(tmp_path):
     assert rotated == ["daemon.log", "daemon.log.1", "daemon.log.2", "daemon.log.3"]
     assert all(p.stat().st_size <= 4096 + 200 for p in tmp_path.iterdir())
     assert "line 399" in log.read_text() and oct(log.stat().st_mode & 0o777) == "0o600"
+
+
+def test_the_restart_window_reads_journal_times_as_utc(monkeypatch):
+    """Regression: a journal timestamp (UTC) was read as local time, so east of UTC recent crashes
+    looked hours old and never used up the restart budget."""
+    import time
+    from datetime import datetime, timezone
+
+    from ftctl.core.policy import _seconds
+
+    want = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc).timestamp()
+    for tz in ("Asia/Tokyo", "America/Los_Angeles", "UTC"):
+        monkeypatch.setenv("TZ", tz)
+        time.tzset()
+        assert _seconds("2026-11-23T12:00:00.000000Z") == want, tz
+    monkeypatch.undo()
+    time.tzset()
