@@ -59,7 +59,7 @@ class Daemon:
         self.force = False                 # asked twice: kill the worker, do not wait for a checkpoint
         self.ledger: Ledger | None = None
         self.refused: set[tuple[str, int]] = set()
-        self.touched: dict[str, tuple[str, str]] = {}  # job -> (state, reason) as this run left it
+        self.ended: dict[str, tuple[str, str]] = {}  # after run(): jobs it moved, -> (state, reason)
         self.skipped: set[tuple[str, float]] = set()   # inbox files already said to be skipped
 
     # ------------------------------------------------------------------ lifecycle
@@ -96,6 +96,7 @@ class Daemon:
         """Recover, run until asked to stop (or idle with until_idle); returns why it stopped."""
         lock = self.acquire()
         self.ledger = Ledger(self.ws.open_journal())
+        start = self.ledger.state.seq
         try:
             recover.recover(self.ws, self.ledger, lambda r: self.say(f"recovery: {r.what}"))
             me = process.identity(os.getpid())
@@ -109,8 +110,7 @@ class Daemon:
                 raise
             finally:
                 self._stopped(reason)
-                self.touched = {j: (self.ledger.state.jobs[j].state, self.ledger.state.jobs[j].reason)
-                                for j in self.touched}
+                self.ended = {j.job: (j.state, j.reason) for j in self.ledger.state.jobs.values() if j.updated_seq > start}
             return reason
         finally:
             self.ledger.close()
@@ -251,11 +251,10 @@ class Daemon:
         return None
 
     def stuck(self) -> dict[str, str]:
-        """After run(): the jobs it handled that ended failed or paused, with why."""
-        return {j: f"{state}: {reason}" for j, (state, reason) in self.touched.items() if state in ("failed", "paused")}
+        """After run(): the jobs this run (its recovery included) left failed or paused, with why."""
+        return {j: f"{state}: {reason}" for j, (state, reason) in self.ended.items() if state in ("failed", "paused")}
 
     def run_job(self, j: JobState) -> None:
-        self.touched[j.job] = (j.state, j.reason)
         stream = job_stream(j.job)
         short = self._preflight(j, j.config)
         if short:

@@ -414,10 +414,11 @@ def test_pause_or_cancel_with_no_daemon_is_applied_at_next_start(tmp_path, demo,
     wait_for(lambda: _survivors(home) == [], timeout=10)  # its worker died with it
     assert _job(home).state == "checkpointing"  # the journal still says so: nobody is left to say otherwise
     out = ftctl(home, action, "0001").stdout
-    assert "next start" in out, out
+    assert "no daemon is running: it is applied at the next `ftctl start`" in out, out
     assert _job(home).requested == action
-    ftctl(home, "start", "--until-idle", "--quiet")
+    p = ftctl(home, "start", "--until-idle", "--quiet", check=False)
     want = {"pause": "paused", "cancel": "cancelled"}[action]
+    assert p.returncode == (1 if action == "pause" else 0), p.stderr  # --until-idle names a job left paused
     assert _job(home).state == want
     assert len(_events(home, "training_started")) == 1  # recovery applied the request; nothing was trained
     kinds = [e["type"] for e in _events(home) if e["stream"] == "job:0001"]
