@@ -168,3 +168,19 @@ def make_dirs(path, made: list, mode: int = 0o700) -> None:
         made.append(d)
         fsync_path(d)
         fsync_path(d.parent)
+
+
+class UnreadableFile(ValueError):
+    """A user's input file cannot be read; str() says why in one line."""
+
+
+def read_input(path: Path, what: str = "file") -> bytes:
+    """All the bytes of a file a user named (data, validation, test set), or UnreadableFile."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UnreadableFile(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UnreadableFile(f"{what} {path} is a directory, not a JSONL file") from None
+    except OSError as e:
+        raise UnreadableFile(f"cannot read {what} {path}: {e.strerror}") from None

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftctl.adapters.checkpoint import adapter_sha256
+from ftctl.adapters.fs import UnreadableFile, read_input
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.dataset import validate_jsonl
@@ -102,10 +103,7 @@ def _data_path(ws: Workspace, j: JobState, data: Path | None) -> Path:
 
 def _read(path: Path) -> bytes:
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise EvalRefused(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise EvalRefused(f"{path} is a directory, not a JSONL file") from None
-    except OSError as e:
-        raise EvalRefused(f"cannot read {path}: {e.strerror}") from None
+        return read_input(path, "test data")
+    except UnreadableFile as e:
+        raise EvalRefused(str(e)) from None
+

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import msgspec
 
-from ftctl.adapters.fs import write_durable
+from ftctl.adapters.fs import UnreadableFile, read_input, write_durable
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, config_sha256, config_to_dict, locked_changes
@@ -49,13 +49,9 @@ class Submission:
 
 def _read(path: Path, what: str) -> bytes:
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise SubmitError(f"{what} {path} does not exist; nothing was queued") from None
-    except IsADirectoryError:
-        raise SubmitError(f"{what} {path} is a directory, not a JSONL file; nothing was queued") from None
-    except OSError as e:
-        raise SubmitError(f"cannot read {what} {path}: {e.strerror}; nothing was queued") from None
+        return read_input(path, what)
+    except UnreadableFile as e:
+        raise SubmitError(f"{e}; nothing was queued") from None
 
 
 def _problems(report: DataReport, limit: int = 20) -> list[str]:
