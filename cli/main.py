@@ -11,7 +11,7 @@ import traceback
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from ftctl.adapters.workspace import Workspace, WorkspaceError, init_workspace, resolve_home
+from ftctl.adapters.workspace import Workspace, WorkspaceError, resolve_home
 from ftctl.control.consolidation import ConsolidationRefused
 from ftctl.control import status
 from ftctl.control.daemon import VERSION, DaemonError
