@@ -48,8 +48,10 @@ def find_job(ledger: Ledger, job: str):
     return jobs.find_job(ledger, job)
 
 
-def _ledger(ws: Workspace) -> Ledger:
-    return Ledger(ws.open_journal())
+def _ledger(ws: Workspace, *, write: bool = True) -> Ledger:
+    """``write=False`` for the queries (status, history, replay): looking never changes journal.db,
+    not even by a snapshot (the daemon and every command that appends keep those fresh)."""
+    return Ledger(ws.open_journal(), write_snapshots=write)
 
 
 # --------------------------------------------------------------------------- commands
@@ -106,7 +108,7 @@ def cmd_submit(args, ws: Workspace) -> int:
 
 
 def cmd_status(args, ws: Workspace) -> int:
-    ledger = _ledger(ws)
+    ledger = _ledger(ws, write=False)
     if args.job:
         d, v = status.job_status(ws, ledger, args.job)
         if args.json:
@@ -141,7 +143,7 @@ def cmd_status(args, ws: Workspace) -> int:
 
 
 def cmd_history(args, ws: Workspace) -> int:
-    ledger = _ledger(ws)
+    ledger = _ledger(ws, write=False)
     stream = None
     if args.job:
         stream = f"job:{find_job(ledger, args.job).job}"
@@ -215,7 +217,7 @@ def _since_seq(ledger: Ledger, since: tuple[str, str] | None) -> int:
 
 
 def cmd_replay(args, ws: Workspace) -> int:
-    ledger = _ledger(ws)
+    ledger = _ledger(ws, write=False)
     j = find_job(ledger, args.job)
     last = ledger.journal.last_seq()
     if args.to < 0 or args.to > last:
