@@ -20,7 +20,10 @@ Timed, each on a fresh copy of that journal (warm page cache):
       reconcile.recover (plan, apply, plan again until nothing is left), with its phases;
   (3) for comparison, snapshots disabled: load(journal, snapshot=False) in-process, and (1) on a
       journal whose snapshots were deleted (the first start after losing them writes a new one).
-Goal: (1) and (2) <= 1 s with snapshots.
+  (4) `ftctl status` and `status --json`, (6) `ftctl replay JOB --to SEQ --json` at points all over the
+      journal, on the recovered workspace; (0) `python -c pass` in the same run is the baseline each
+      subprocess figure is divided by.
+Goal (issue 10): (1), (2), (4) and every (6) <= 0.5 s with snapshots.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from ftctl.core.config import Config
 from ftctl.core.state import DAEMON_STREAM, SNAPSHOT_FORMAT, JobState, job_stream
 from ftctl.events import types as T
 from ftctl.events.journal import Journal
+from ftctl.control import recover as control_recover
 from ftctl.recovery import reconcile
 from ftctl.recovery.ledger import Ledger, load
 
@@ -299,6 +303,22 @@ def subprocess_recover(home: Path) -> tuple[float, dict]:
     return dt, json.loads(p.stdout)
 
 
+def subprocess_cli(*argv: str) -> float:
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "ftctl.cli", *argv], capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"ftctl {' '.join(argv)} exited {p.returncode}:\n{p.stderr}")
+    return dt
+
+
+def subprocess_bare() -> float:
+    """The same-run baseline: an interpreter that starts and exits (what no command can beat)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    return time.perf_counter() - t0
+
+
 class Verify:
     """Counts and times checkpoint verification inside reconcile.plan."""
 
@@ -330,12 +350,13 @@ def in_process(info: dict, *, snapshot: bool) -> dict:
     else:
         ledger = Ledger.__new__(Ledger)
         ledger.journal, ledger.state = j, load(j, snapshot=False)
+        ledger.write_snapshots, ledger.snapshot_seq = True, ledger.state.seq
     t1 = time.perf_counter()
     with Verify() as v1:
         repairs = reconcile.plan(ws, ledger)
     t2 = time.perf_counter()
     with Verify() as v2:
-        done = reconcile.recover(ws, ledger)
+        done = control_recover.recover(ws, ledger)
     t3 = time.perf_counter()
     ledger.close()
     return {"open_load": t1 - t0, "plan": t2 - t1, "verify": v1.seconds, "verified": v1.calls, "planned": len(repairs),
@@ -374,6 +395,30 @@ def main() -> None:
             init_workspace(empty, str(base / "models" / "base-0.5B"))
         startup = [subprocess_recover(empty)[0] for _ in range(args.repeat)]
 
+        # The queries, on the recovered journal: `status` (a person's table and --json), and time
+        # travel to points all over the journal (snapshot milestones make each a short tail away).
+        restore(info)
+        subprocess_recover(info["home"])  # the state a user finds after `ftctl start` / `recover`
+        total, home = info["total"], str(info["home"])
+        points = [1_000, total // 4 + 17, total // 2 + 1, 3 * total // 4 - 123, total - 300, total]
+        job_at = {}
+        j = Journal.open(info["home"] / "journal.db")
+        for seq in points:
+            row = j.conn.execute("SELECT stream FROM events WHERE seq <= ? AND stream LIKE 'job:%' ORDER BY seq DESC LIMIT 1",
+                                 (seq,)).fetchone()
+            job_at[seq] = row[0][4:]
+        snaps = j.snapshot_seqs(SNAPSHOT_FORMAT)
+        j.close()
+        print(f"snapshots kept: {len(snaps)} ({sum(b for _, b in snaps) / 1e6:.1f} MB stored) at seq "
+              + ", ".join(f"{s:,}" for s, _ in snaps))
+        bare, status_, status_json, travel = [], [], [], {s: [] for s in points}
+        for _ in range(args.repeat):
+            bare.append(subprocess_bare())
+            status_.append(subprocess_cli("status", "--home", home))
+            status_json.append(subprocess_cli("status", "--json", "--home", home))
+            for s in points:
+                travel[s].append(subprocess_cli("replay", job_at[s], "--to", str(s), "--json", "--home", home))
+
         sub, sub_nosnap, ip, ip_nosnap = [], [], [], []
         for _ in range(args.repeat):
             restore(info)
@@ -389,10 +434,18 @@ def main() -> None:
             verdict = "" if goal is None else ("  PASS" if med(xs) <= goal else "  MISS")
             print(f"  {name:<58} {med(xs):7.3f} s   (runs {', '.join(f'{x:.3f}' for x in xs)}){verdict}")
 
-        print(f"\nrecovery of {info['total']:,} events (median of {args.repeat}; goal <= 1 s with snapshots)")
-        row("(1) `ftctl recover --json`, subprocess, end to end", sub, 1.0)
+        print(f"\nqueries on {info['total']:,} events, subprocess end to end (median of {args.repeat}; goal <= 0.5 s)")
+        row("(0) baseline: `python -c pass` (interpreter start)", bare)
+        b = med(bare)
+        row(f"(4) `ftctl status`  ({med(status_) / b:.1f}x baseline)", status_, 0.5)
+        row(f"(5) `ftctl status --json` (every job)  ({med(status_json) / b:.1f}x baseline)", status_json)
+        for s in points:
+            row(f"(6) `ftctl replay {job_at[s]} --to {s:,} --json`  ({med(travel[s]) / b:.1f}x baseline)", travel[s], 0.5)
+
+        print(f"\nrecovery of {info['total']:,} events (median of {args.repeat}; goal <= 0.5 s with snapshots)")
+        row(f"(1) `ftctl recover --json`, subprocess, end to end  ({med(sub) / b:.1f}x baseline)", sub, 0.5)
         row("    of which interpreter + imports (empty workspace)", startup)
-        row("(2) in-process: open + load + reconcile.recover", [r["total"] for r in ip], 1.0)
+        row("(2) in-process: open + load + recover (control.recover)", [r["total"] for r in ip], 0.5)
         row("      Journal.open + Ledger (snapshot + tail)", [r["open_load"] for r in ip])
         row("      reconcile.recover (plan, apply, plan again)", [r["recover"] for r in ip])
         row("        of which checkpoint verification", [r["recover_verify"] for r in ip])
