@@ -217,19 +217,26 @@ def _since_seq(ledger: Ledger, since: tuple[str, str] | None) -> int:
 
 
 def cmd_replay(args, ws: Workspace) -> int:
-    ledger = _ledger(ws, write=False)
-    j = find_job(ledger, args.job)
-    last = ledger.journal.last_seq()
-    if args.to < 0 or args.to > last:
-        raise UserError(f"--to {args.to} is outside the journal (seq 0..{last})")
-    p = state_at(ledger.journal, args.to)
-    past = p.jobs.get(j.job)
+    # Only the past is folded (the nearest snapshot at or before --to, then its tail): the present
+    # projection is loaded only to word an error about a job id that does not exist.
+    journal = ws.open_journal()
+    try:
+        job = args.job if journal.stream_version(f"job:{args.job}") else args.job.zfill(4)  # as find_job: "7" finds "0007"
+        if not journal.stream_version(f"job:{job}"):
+            find_job(Ledger(journal, write_snapshots=False), args.job)  # raises, naming the recent jobs
+        last = journal.last_seq()
+        if args.to < 0 or args.to > last:
+            raise UserError(f"--to {args.to} is outside the journal (seq 0..{last})")
+        p = state_at(journal, args.to)
+    finally:
+        journal.close()
+    past = p.jobs.get(job)
     if past is None:
-        raise UserError(f"job {j.job} did not exist yet at seq {args.to} (it was submitted later)")
+        raise UserError(f"job {job} did not exist yet at seq {args.to} (it was submitted later)")
     if args.json:
         render.print_json({"at_seq": args.to, **render.job_json(past)})
     else:
-        render.console.print(f"job {j.job} as it was after event {args.to} (journal now at {last}):")
+        render.console.print(f"job {job} as it was after event {args.to} (journal now at {last}):")
         render.console.print(render.job_panel(past, None))
     return 0
 
