@@ -313,6 +313,19 @@ def _child_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def precompile() -> int:
+    """Write ftctl's .pyc files, as an install (or any first run without PYTHONDONTWRITEBYTECODE) does."""
+    import compileall
+    import importlib
+
+    n = 0
+    for name in ("cli", "control", "core", "events", "recovery", "adapters"):
+        folder = Path(importlib.import_module(f"ftctl.{name}").__file__).parent
+        compileall.compile_dir(str(folder), quiet=1, maxlevels=0)
+        n += len(list(folder.glob("*.py")))
+    return n
+
+
 def subprocess_cli(*argv: str, label: str | None = None) -> float:
     """Wall seconds of one `ftctl ARGV` (its CPU seconds go to CPU[label]: on a shared machine the
     CPU figure is the one that does not depend on what else runs)."""
@@ -401,6 +414,10 @@ def main() -> None:
         print(f"on disk: {info['checkpoints']:,} committed checkpoints ({info['ckpt_bytes'] / 1024:.0f} KiB each, "
               f"{info['links']:,} hard links, placed in {info['placed_s']:.1f} s)")
 
+        compiled = precompile()
+        print(f"bytecode: compiled {compiled} ftctl modules first (PYTHONDONTWRITEBYTECODE="
+              f"{os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r} here; an installed ftctl has its .pyc files, "
+              "and without them every subprocess below would also compile ftctl from source)")
         restore(info)
         first = subprocess_recover(info["home"], "recover (first)")[1]
         print("repairs found: " + "; ".join(r["what"] for r in first["repairs"]))
