@@ -22,7 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
-from .types import DecodeError, EventBase, Metrics, Recorded, decode, decode_bodies, decode_columns, encode
+import msgspec
+
+from .types import EVENT_TYPES, DecodeError, Event, EventBase, Metrics, Recorded, decode, decode_bodies, decode_columns
 
 _METRIC_FIELDS = Metrics.__struct_fields__
 
@@ -106,11 +108,16 @@ def _check_header(path: Path) -> None:
         )
 
 
+_encode = msgspec.json.Encoder().encode  # types.encode, without a Python call per event
+_TAG = {t: t.__struct_config__.tag for t in EVENT_TYPES}
+_read_back = msgspec.json.Decoder(list[Event]).decode
+
+
 def _reads_back(rows: list[tuple[str, int, str, str, str]]) -> bool:
     try:
-        decode_bodies("[" + ",".join(f'"{r[2]}"' for r in rows) + "]", "[" + ",".join(r[4] for r in rows) + "]")
+        _read_back("[" + ",".join([r[4] for r in rows]) + "]")
         return True
-    except DecodeError:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError):
         return False
 
 
@@ -282,7 +289,7 @@ class Journal:
                     raise ConcurrencyError(stream, expected, version)
                 for ev in events:
                     version += 1
-                    rows.append((stream, version, ts, ev.__struct_config__.tag, encode(ev).decode()))
+                    rows.append((stream, version, ts, _TAG[type(ev)], _encode(ev).decode()))
                 versions[stream] = version
             # A body that cannot be read back would make the journal unreplayable: every body is
             # decoded again before the commit, all in one call (one by one to name the culprit).
