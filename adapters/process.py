@@ -20,11 +20,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from ftctl.events.types import ProcessId
 
 from . import logs
+
+
+class _Psutil:
+    """psutil, imported on first use: `ftctl status` and `replay` probe the daemon lock (fcntl)
+    and usually never need it (psutil's import is a tenth of their start-up)."""
+
+    def __getattr__(self, name: str):
+        import psutil
+
+        globals()["psutil"] = psutil
+        return getattr(psutil, name)
+
+
+psutil = _Psutil()
 
 
 class LockHeld(Exception):

@@ -19,8 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from ftctl.adapters import fs
 from ftctl.core.config import (Config, ConfigError, blame_override, decode_config, default_config_dict,
                                merge_overrides)
@@ -95,8 +93,10 @@ class Workspace:
             raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}). {_FIX_CONFIG}") from None
         except OSError as e:
             raise WorkspaceError(f"cannot read {path}: {e.strerror}. Nothing was changed; check that --home (or FTCTL_HOME) is your workspace.") from None
+        import yaml  # read where used: status, replay and recover never parse ftctl.yaml
+
         try:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)
+            data = yaml.load(text, Loader=_unique_key_loader())
         except DuplicateKey as e:
             raise ConfigError(f"{path}: key {e.key!r} is given twice (lines {e.first} and {e.second}); "
                               "nothing was changed; keep one of them (YAML would silently take the last)",
@@ -232,27 +232,38 @@ class DuplicateKey(Exception):
         self.key, self.first, self.second = key, first, second
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a mapping key given twice instead of keeping the last value."""
+_LOADER = None
 
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # complex keys and `<<` merges: PyYAML's own rules
-            key = self.construct_object(key_node)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise DuplicateKey(key, seen[key], line)
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+
+def _unique_key_loader():
+    """yaml.SafeLoader that refuses a mapping key given twice instead of keeping the last value
+    (made on first use: importing yaml is a cost only commands that read ftctl.yaml pay)."""
+    global _LOADER
+    if _LOADER is None:
+        import yaml
+
+        class _UniqueKeyLoader(yaml.SafeLoader):
+            def construct_mapping(self, node, deep=False):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # complex keys and `<<` merges: PyYAML's own rules
+                    key = self.construct_object(key_node)
+                    line = key_node.start_mark.line + 1
+                    if key in seen:
+                        raise DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                return super().construct_mapping(node, deep=deep)
+
+        _LOADER = _UniqueKeyLoader
+    return _LOADER
 
 
 def _at(mark) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}"
 
 
-def _yaml_where(e: yaml.YAMLError) -> str:
+def _yaml_where(e) -> str:
     """' at line 4, column 1: <problem> (while parsing a flow sequence that starts at line 2, column 16)'."""
     mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
     if mark is None or not problem:
@@ -276,6 +287,8 @@ def _config_text(cfg: dict) -> str:
         "# with; `ftctl config show` prints the effective values. Override per job with\n"
         "# `ftctl submit FILE --set key=value`.\n"
     )
+    import yaml
+
     return head + yaml.safe_dump(cfg, sort_keys=False)
 
 

@@ -7,15 +7,23 @@ import signal
 from dataclasses import asdict
 from pathlib import Path
 
-from ftctl.control import consolidation, doctor, jobs, recover, status
-from ftctl.control.daemon import Daemon
 from ftctl.events import types as ev
 from ftctl.recovery.ledger import Ledger
 
 from . import render
+from .lazy import lazy
+
+# imported on first use (cli/lazy.py): each command loads only the control modules it calls
+consolidation = lazy("ftctl.control.consolidation")
+doctor = lazy("ftctl.control.doctor")
+jobs = lazy("ftctl.control.jobs")
+recover = lazy("ftctl.control.recover")
+status = lazy("ftctl.control.status")
 
 
 def cmd_start(args, ws) -> int:
+    from ftctl.control.daemon import Daemon
+
     out = render.err_console if args.json else render.console  # --json: stdout holds only the summary
     daemon = Daemon(ws, until_idle=args.until_idle, report=render.ConsoleReporter(quiet=args.quiet, out=out))
     before = _journal_seq(ws)

@@ -11,30 +11,47 @@ import traceback
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from ftctl.adapters.workspace import Workspace, WorkspaceError, resolve_home
-from ftctl.control.consolidation import ConsolidationRefused
-from ftctl.control import status
-from ftctl.control.daemon import VERSION, DaemonError
-from ftctl.control.demo import DemoRefused
-from ftctl.control.jobs import UserError, find_job
-from ftctl.control.recover import DaemonRunning
-from ftctl.control.submit import SubmitError, submit
-from ftctl.core.config import ConfigError
-from ftctl.core.dataset import DataError
-from ftctl.core.machine import JOB_STATES, IllegalTransition
-from ftctl.core.state import ReplayError
-from ftctl.events.journal import JournalError
+from ftctl.adapters.workspace import Workspace, resolve_home
+from ftctl.core.machine import JOB_STATES
 from ftctl.recovery.ledger import Ledger, state_at
 
 from . import render
 from .args import Parser, document
+from .lazy import lazy, loaded_classes
 
-USER_ERRORS = (UserError, ConsolidationRefused, DaemonError, DemoRefused, DaemonRunning, WorkspaceError, ConfigError, DataError,
-               IllegalTransition, JournalError, SubmitError, ReplayError)
+# Imported on first use (cli/lazy.py): `status`, `replay` and `recover --json` must not pay for
+# the daemon, MLX, psutil or yaml.
+status = lazy("ftctl.control.status")
+jobs = lazy("ftctl.control.jobs")
+
+# The errors a user can act on, by (module, class): `except user_errors()` catches those of the
+# modules this command imported, which are all it can have raised.
+USER_ERROR_NAMES = (
+    ("ftctl.control.jobs", "UserError"), ("ftctl.control.consolidation", "ConsolidationRefused"),
+    ("ftctl.control.daemon", "DaemonError"), ("ftctl.control.demo", "DemoRefused"),
+    ("ftctl.control.recover", "DaemonRunning"), ("ftctl.adapters.workspace", "WorkspaceError"),
+    ("ftctl.core.config", "ConfigError"), ("ftctl.core.dataset", "DataError"),
+    ("ftctl.core.machine", "IllegalTransition"), ("ftctl.events.journal", "JournalError"),
+    ("ftctl.control.submit", "SubmitError"), ("ftctl.core.state", "ReplayError"),
+)
 
 
-def _ledger(ws: Workspace) -> Ledger:
-    return Ledger(ws.open_journal())
+def user_errors() -> tuple[type, ...]:
+    return loaded_classes(USER_ERROR_NAMES)
+
+
+def UserError(message: str) -> Exception:  # noqa: N802 (control.jobs.UserError, imported when raised)
+    return jobs.UserError(message)
+
+
+def find_job(ledger: Ledger, job: str):
+    return jobs.find_job(ledger, job)
+
+
+def _ledger(ws: Workspace, *, write: bool = True) -> Ledger:
+    """``write=False`` for the queries (status, history, replay): looking never changes journal.db,
+    not even by a snapshot (the daemon and every command that appends keep those fresh)."""
+    return Ledger(ws.open_journal(), write_snapshots=write)
 
 
 # --------------------------------------------------------------------------- commands
@@ -64,6 +81,8 @@ def cmd_init(args, ws: Workspace) -> int:
 
 def cmd_submit(args, ws: Workspace) -> int:
     ledger = _ledger(ws)
+    from ftctl.control.submit import submit
+
     sub = submit(ws, ledger, Path(args.file), name=args.name, valid=Path(args.valid) if args.valid else None,
                  overrides=args.set or [], lineage=args.lineage, fresh=args.fresh, again=args.again)
     if args.json:
@@ -89,7 +108,7 @@ def cmd_submit(args, ws: Workspace) -> int:
 
 
 def cmd_status(args, ws: Workspace) -> int:
-    ledger = _ledger(ws)
+    ledger = _ledger(ws, write=False)
     if args.job:
         d, v = status.job_status(ws, ledger, args.job)
         if args.json:
@@ -124,7 +143,7 @@ def cmd_status(args, ws: Workspace) -> int:
 
 
 def cmd_history(args, ws: Workspace) -> int:
-    ledger = _ledger(ws)
+    ledger = _ledger(ws, write=False)
     stream = None
     if args.job:
         stream = f"job:{find_job(ledger, args.job).job}"
@@ -198,19 +217,26 @@ def _since_seq(ledger: Ledger, since: tuple[str, str] | None) -> int:
 
 
 def cmd_replay(args, ws: Workspace) -> int:
-    ledger = _ledger(ws)
-    j = find_job(ledger, args.job)
-    last = ledger.journal.last_seq()
-    if args.to < 0 or args.to > last:
-        raise UserError(f"--to {args.to} is outside the journal (seq 0..{last})")
-    p = state_at(ledger.journal, args.to)
-    past = p.jobs.get(j.job)
+    # Only the past is folded (the nearest snapshot at or before --to, then its tail): the present
+    # projection is loaded only to word an error about a job id that does not exist.
+    journal = ws.open_journal()
+    try:
+        job = args.job if journal.stream_version(f"job:{args.job}") else args.job.zfill(4)  # as find_job: "7" finds "0007"
+        if not journal.stream_version(f"job:{job}"):
+            find_job(Ledger(journal, write_snapshots=False), args.job)  # raises, naming the recent jobs
+        last = journal.last_seq()
+        if args.to < 0 or args.to > last:
+            raise UserError(f"--to {args.to} is outside the journal (seq 0..{last})")
+        p = state_at(journal, args.to)
+    finally:
+        journal.close()
+    past = p.jobs.get(job)
     if past is None:
-        raise UserError(f"job {j.job} did not exist yet at seq {args.to} (it was submitted later)")
+        raise UserError(f"job {job} did not exist yet at seq {args.to} (it was submitted later)")
     if args.json:
         render.print_json({"at_seq": args.to, **render.job_json(past)})
     else:
-        render.console.print(f"job {j.job} as it was after event {args.to} (journal now at {last}):")
+        render.console.print(f"job {job} as it was after event {args.to} (journal now at {last}):")
         render.console.print(render.job_panel(past, None))
     return 0
 
@@ -225,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="ftctl", description="Crash-proof controller for MLX LoRA fine-tuning.", parents=[home],
                epilog="Start with `ftctl demo`, or `ftctl init --model PATH`, `ftctl submit FILE.jsonl`, `ftctl start`. "
                       "`ftctl COMMAND --help` describes each command.")
-    p.add_argument("--version", action="version", version=f"ftctl {VERSION}", help="print ftctl's version and exit")
+    p.add_argument("--version", action=_Version, nargs=0, help="print ftctl's version and exit")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND", help="one of:")
 
     s = sub.add_parser("init", parents=[home], help="create a workspace")
@@ -280,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Version(argparse.Action):
+    """--version: reads the package version only when asked (importlib.metadata is not free)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ftctl.control.daemon import VERSION
+
+        sys.stdout.write(f"ftctl {VERSION}\n")
+        parser.exit()
+
+
 def _count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of events (0 or more)")
@@ -307,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     ws = resolve_home(getattr(args, "home", None))
     try:
         code = args.func(args, ws)
-    except USER_ERRORS as e:
+    except user_errors() as e:
         render.err_console.print(f"[red]error:[/] {render.escape(str(e))}")
         code = 1
     except KeyboardInterrupt:

@@ -14,7 +14,6 @@ import re
 from typing import Annotated, Any, Literal
 
 import msgspec
-import yaml
 from msgspec import Meta, Struct, field
 from msgspec import inspect as mi
 
@@ -619,6 +618,8 @@ def merge_overrides(base: dict, overrides: list[str]) -> dict:
                 value=item, allowed="key=value",
             )
         dotted, text = m.group(1), m.group(2).strip()
+        import yaml  # only overrides need it: keeps every command's start-up light
+
         try:
             value = yaml.safe_load(text) if text else None
         except yaml.YAMLError as e:

@@ -172,14 +172,20 @@ def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
 def _committed(p, j: JobState, e: ev.CheckpointCommitted, seq: int, ts: str) -> None:
     c = e.checkpoint
     j.step, j.global_step = c.step, c.global_step
-    j.checkpoints = [x for x in j.checkpoints if x.path != c.path]
-    j.checkpoints.append(c)
-    j.corrupt.pop(c.path, None)
+    cps, path = j.checkpoints, c.path
+    for x in cps:  # a new list each time, as before; filtered only when the path is there (rare)
+        if x.path == path:
+            cps = [y for y in cps if y.path != path]
+            break
+    j.checkpoints = [*cps, c]
+    if j.corrupt:
+        j.corrupt.pop(path, None)
 
 
 def _pruned(p, j: JobState, e: ev.CheckpointPruned, seq: int, ts: str) -> None:
     j.checkpoints = [c for c in j.checkpoints if c.path != e.path]
-    j.corrupt.pop(e.path, None)
+    if j.corrupt:
+        j.corrupt.pop(e.path, None)
 
 
 def _corrupt(p, j: JobState, e: ev.CheckpointCorrupt, seq: int, ts: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import zlib
 from urllib.parse import quote
 import struct
 from collections.abc import Iterator, Sequence
@@ -21,7 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
-from .types import DecodeError, EventBase, Metrics, Recorded, decode, decode_bodies, decode_columns, encode
+import msgspec
+
+from .types import EVENT_TYPES, DecodeError, Event, EventBase, Metrics, Recorded, decode, decode_bodies, decode_columns
 
 _METRIC_FIELDS = Metrics.__struct_fields__
 
@@ -105,6 +108,19 @@ def _check_header(path: Path) -> None:
         )
 
 
+_encode = msgspec.json.Encoder().encode  # types.encode, without a Python call per event
+_TAG = {t: t.__struct_config__.tag for t in EVENT_TYPES}
+_read_back = msgspec.json.Decoder(list[Event]).decode
+
+
+def _reads_back(rows: list[tuple[str, int, str, str, str]]) -> bool:
+    try:
+        _read_back("[" + ",".join([r[4] for r in rows]) + "]")
+        return True
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError):
+        return False
+
+
 def _raw_header(path: Path) -> bytes:
     # Only for files SQLite's immutable view refused: see _check_header on why this is rare.
     with open(path, "rb") as f:
@@ -135,6 +151,19 @@ def _damaged(path: Path, size: int, err: Exception) -> str:
             return (f"{path}: the journal is truncated ({size} bytes, its header says {page_size * pages}). "
                     "Nothing was changed; restore it from a backup copy or move it aside and run `ftctl init`.")
     return f"{path}: the journal is damaged ({err}). Nothing was changed; restore it from a backup copy."
+
+
+# A compressed snapshot body starts with this marker (a msgpack snapshot never can: a leading
+# 0x00 would be a bare integer, and a projection is a map).
+_ZLIB = b"\x00zlib\x00"
+
+
+def _pack(body: bytes) -> bytes:
+    return _ZLIB + zlib.compress(body, 1)
+
+
+def _unpack(body: bytes) -> bytes:
+    return zlib.decompress(body[len(_ZLIB):]) if body[:len(_ZLIB)] == _ZLIB else body
 
 
 class Journal:
@@ -249,26 +278,37 @@ class Journal:
         out: list[Recorded] = []
         try:
             ts = utc_now()
+            rows: list[tuple[str, int, str, str, str]] = []
+            versions: dict[str, int] = {}  # a stream may come twice in one batch: its versions go on
             for stream, events, expected in batch:
-                row = conn.execute("SELECT max(version) FROM events WHERE stream = ?", (stream,)).fetchone()
-                version = row[0] or 0
+                version = versions.get(stream)
+                if version is None:
+                    row = conn.execute("SELECT max(version) FROM events WHERE stream = ?", (stream,)).fetchone()
+                    version = row[0] or 0
                 if expected is not None and version != expected:
                     raise ConcurrencyError(stream, expected, version)
                 for ev in events:
                     version += 1
-                    body = encode(ev)
+                    rows.append((stream, version, ts, _TAG[type(ev)], _encode(ev).decode()))
+                versions[stream] = version
+            # A body that cannot be read back would make the journal unreplayable: every body is
+            # decoded again before the commit, all in one call (one by one to name the culprit).
+            if rows and not _reads_back(rows):
+                for (stream, _, _, _, body), ev in zip(rows, (e for _, evs, _ in batch for e in evs)):
                     try:
-                        decode(body)  # a body that cannot be read back would make the journal unreplayable
+                        decode(body)
                     except DecodeError as e:
                         raise JournalError(
                             f"refusing to append a {type(ev).kind()!r} event to {stream!r}: it would not read back "
                             f"(a NaN/inf float or a field of the wrong type?): {e}. Nothing was appended."
                         ) from None
-                    cur = conn.execute(
-                        "INSERT INTO events (stream, version, ts, type, body) VALUES (?, ?, ?, ?, ?)",
-                        (stream, version, ts, ev.__struct_config__.tag, body.decode()),
-                    )
-                    out.append(Recorded(cur.lastrowid, stream, version, ts, ev))
+            conn.executemany("INSERT INTO events (stream, version, ts, type, body) VALUES (?, ?, ?, ?, ?)", rows)
+            # Inserted under the write lock into an INTEGER PRIMARY KEY: consecutive sequence numbers.
+            seq = conn.execute("SELECT last_insert_rowid()").fetchone()[0] - len(rows)
+            evs = (e for _, events, _ in batch for e in events)
+            for (stream, version, _, _, _), ev in zip(rows, evs):
+                seq += 1
+                out.append(Recorded(seq, stream, version, ts, ev))
             conn.execute("COMMIT")
         except sqlite3.IntegrityError:
             conn.execute("ROLLBACK")
@@ -331,17 +371,41 @@ class Journal:
             lo = hi
 
     # ------------------------------------------------------------------ snapshots
-    def save_snapshot(self, seq: int, fmt: int, body: bytes) -> None:
+    def save_snapshot(self, seq: int, fmt: int, body: bytes, *, interval: int = 0, milestones: int = 0,
+                      compress: bool = False) -> None:
+        """Store a snapshot and apply the retention rule, in one transaction:
+
+        * the two newest snapshots of the format are kept as they are (a load starts from the newest);
+        * older ones are kept as *milestones* at least ``interval`` events apart (none if 0), so
+          that any point of the past is a milestone plus at most about ``interval`` events away
+          (time travel); each is stored zlib-compressed once it is no longer among the newest two;
+        * at most ``milestones`` are kept: past that, every other one goes (the spacing doubles),
+          which bounds their disk use at ``milestones`` compressed projections.
+        """
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("INSERT OR REPLACE INTO snapshots (seq, format, ts, body) VALUES (?, ?, ?, ?)", (seq, fmt, utc_now(), body))
-            # Keep the two newest snapshots of this format; older ones are dead weight.
-            conn.execute(
-                "DELETE FROM snapshots WHERE format = ? AND seq NOT IN "
-                "(SELECT seq FROM snapshots WHERE format = ? ORDER BY seq DESC LIMIT 2)",
-                (fmt, fmt),
-            )
+            conn.execute("INSERT OR REPLACE INTO snapshots (seq, format, ts, body) VALUES (?, ?, ?, ?)",
+                         (seq, fmt, utc_now(), _pack(body) if compress else body))
+            older = [r[0] for r in conn.execute(
+                "SELECT seq FROM snapshots WHERE format = ? ORDER BY seq DESC LIMIT -1 OFFSET 2", (fmt,))]
+            older.reverse()
+            kept, last = [], 0
+            if interval > 0:
+                for s in older:
+                    if s - last >= interval:
+                        kept.append(s)
+                        last = s
+                while milestones > 0 and len(kept) > milestones:
+                    kept = kept[1::2]
+            drop = sorted(set(older) - set(kept))
+            conn.executemany("DELETE FROM snapshots WHERE format = ? AND seq = ?", [(fmt, s) for s in drop])
+            for s in kept:  # compress a milestone once, when it leaves the newest two
+                head, = conn.execute("SELECT substr(body, 1, ?) FROM snapshots WHERE format = ? AND seq = ?",
+                                     (len(_ZLIB), fmt, s)).fetchone()
+                if bytes(head) != _ZLIB:
+                    raw, = conn.execute("SELECT body FROM snapshots WHERE format = ? AND seq = ?", (fmt, s)).fetchone()
+                    conn.execute("UPDATE snapshots SET body = ? WHERE format = ? AND seq = ?", (_pack(raw), fmt, s))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -350,7 +414,12 @@ class Journal:
     def latest_snapshot(self, fmt: int, at_most: int | None = None) -> tuple[int, bytes] | None:
         sql = "SELECT seq, body FROM snapshots WHERE format = ?" + (" AND seq <= ?" if at_most is not None else "")
         params = (fmt, at_most) if at_most is not None else (fmt,)
-        return self.conn.execute(sql + " ORDER BY seq DESC LIMIT 1", params).fetchone()
+        row = self.conn.execute(sql + " ORDER BY seq DESC LIMIT 1", params).fetchone()
+        return None if row is None else (row[0], _unpack(row[1]))
+
+    def snapshot_seqs(self, fmt: int) -> list[tuple[int, int]]:
+        """(seq, stored bytes) of every snapshot of the format, oldest first."""
+        return self.conn.execute("SELECT seq, length(body) FROM snapshots WHERE format = ? ORDER BY seq", (fmt,)).fetchall()
 
     # ------------------------------------------------------------------ metrics
     def record_metric(self, job: str, m: Metrics) -> None:
@@ -377,8 +446,10 @@ class Journal:
         """When the newest event (of ``stream``, with tag ``tag``) was appended; with no filter, the
         newest event or metrics row: the journal's last sign of life."""
         if stream is None and tag is None:
+            # The newest row of each table by its key (a lookup, not a scan of a million rows).
             return self.conn.execute(
-                "SELECT max(ts) FROM (SELECT max(ts) AS ts FROM events UNION ALL SELECT max(ts) FROM metrics)").fetchone()[0]
+                "SELECT max(ts) FROM (SELECT (SELECT ts FROM events ORDER BY seq DESC LIMIT 1) AS ts "
+                "UNION ALL SELECT (SELECT ts FROM metrics ORDER BY id DESC LIMIT 1))").fetchone()[0]
         where = " AND ".join(c for c, v in (("stream = ?", stream), ("type = ?", tag)) if v is not None)
         params = tuple(v for v in (stream, tag) if v is not None)
         row = self.conn.execute(f"SELECT ts FROM events WHERE {where} ORDER BY seq DESC LIMIT 1", params).fetchone()

@@ -18,7 +18,16 @@ from ftctl.core.machine import IllegalTransition
 from ftctl.events.journal import ConcurrencyError, Journal
 from ftctl.events.types import EventBase, Recorded
 
-SNAPSHOT_EVERY = 2000  # events of tail after which a read writes a fresh snapshot
+SNAPSHOT_EVERY = 2000  # events of tail after which a load (or the live ledger) writes a fresh snapshot
+# Time travel: older snapshots are kept as milestones this many events apart (compressed), at most
+# SNAPSHOT_MILESTONES of them (past that the spacing doubles). See docs/architecture.md, "Snapshots".
+SNAPSHOT_INTERVAL = 50_000
+SNAPSHOT_MILESTONES = 40
+
+
+def save(journal: Journal, p: S.Projection, *, compress: bool = False) -> None:
+    journal.save_snapshot(p.seq, S.SNAPSHOT_FORMAT, S.to_snapshot(p), interval=SNAPSHOT_INTERVAL,
+                          milestones=SNAPSHOT_MILESTONES, compress=compress)
 
 
 @contextmanager
@@ -33,18 +42,31 @@ def _gc_paused():
             gc.enable()
 
 
-def load(journal: Journal, *, snapshot: bool = True) -> S.Projection:
-    """Rebuild the projection: latest snapshot + the events after it."""
+def load(journal: Journal, *, snapshot: bool = True, write: bool = True) -> S.Projection:
+    """Rebuild the projection: latest snapshot + the events after it.
+
+    With ``write`` (and ``snapshot``), a tail of SNAPSHOT_EVERY events or more is saved as a fresh
+    snapshot, and a tail that crosses multiples of SNAPSHOT_INTERVAL leaves a milestone at each
+    (so the first load of a long journal also makes every later point of it quick to travel to).
+    ``write=False`` is for queries (`ftctl status`, `history`, `replay`): they never change the file."""
     p = S.Projection()
     if snapshot:
         snap = journal.latest_snapshot(S.SNAPSHOT_FORMAT)
         if snap is not None:
             p = S.from_snapshot(snap[1])
     before = p.seq
+    writing = snapshot and write
     with _gc_paused():
+        if writing:
+            end = journal.last_seq()
+            mark = (p.seq // SNAPSHOT_INTERVAL + 1) * SNAPSHOT_INTERVAL
+            while mark < end:
+                S.fold_rows(journal.rows(after=p.seq, to=mark), p)
+                save(journal, p, compress=True)
+                mark += SNAPSHOT_INTERVAL
         S.fold_rows(journal.rows(after=p.seq), p)
-    if snapshot and p.seq - before >= SNAPSHOT_EVERY:
-        journal.save_snapshot(p.seq, S.SNAPSHOT_FORMAT, S.to_snapshot(p))
+    if writing and p.seq - before >= SNAPSHOT_EVERY:
+        save(journal, p)
     return p
 
 
@@ -73,9 +95,12 @@ def _stream_of(e: EventBase) -> str:
 class Ledger:
     """A journal plus its live projection."""
 
-    def __init__(self, journal: Journal):
+    def __init__(self, journal: Journal, *, write_snapshots: bool = True):
+        """``write_snapshots=False``: a read-only query's ledger (see ``load``)."""
         self.journal = journal
-        self.state = load(journal)
+        self.write_snapshots = write_snapshots
+        self.state = load(journal, write=write_snapshots)
+        self.snapshot_seq = self.state.seq
 
     @classmethod
     def open(cls, path: Path) -> "Ledger":
@@ -88,6 +113,10 @@ class Ledger:
         """Apply what other processes appended since we last looked."""
         new = list(self.journal.read(after=self.state.seq))
         S.fold(new, self.state)
+        if self.write_snapshots and self.state.seq - self.snapshot_seq >= SNAPSHOT_EVERY:
+            # A long-lived ledger (the daemon's) keeps the snapshots fresh as it goes, so that the
+            # read-only queries beside it fold a short tail.
+            self.snapshot()
         return new
 
     def _version_and_check(self, stream: str, events: Sequence[EventBase]) -> int:
@@ -129,4 +158,5 @@ class Ledger:
         raise AssertionError("unreachable")
 
     def snapshot(self) -> None:
-        self.journal.save_snapshot(self.state.seq, S.SNAPSHOT_FORMAT, S.to_snapshot(self.state))
+        save(self.journal, self.state)
+        self.snapshot_seq = self.state.seq

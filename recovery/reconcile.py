@@ -9,6 +9,7 @@ nothing left to do.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -147,8 +148,10 @@ def plan(ws: Workspace, ledger: Ledger) -> list[Repair]:
         repairs += debris(ws, j) + [r for c in j.good_checkpoints() if (r := verify(j, c))]
     jobs_root = ws.home / "jobs"
     if jobs_root.exists():
-        for d_ in sorted(jobs_root.iterdir()):
-            if d_.is_dir() and d_.name not in p.jobs:
+        # Names first: a stat or a Path per folder of thousands of known jobs would cost more than the rest.
+        for name in sorted(os.listdir(jobs_root)):
+            d_ = jobs_root / name
+            if name not in p.jobs and d_.is_dir():
                 repairs.append(Repair(f"delete {d_.name}/ in jobs/: left by a submit that never committed", DAEMON_STREAM,
                                       [ev.DebrisRemoved(path=str(d_), reason="job folder without a submitted job")],
                                       after=rm(d_)))

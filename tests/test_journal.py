@@ -450,3 +450,19 @@ def test_rows_matches_read_and_survives_a_gap(journal: Journal):
     want = [w for w in want if w[0] not in (6, 7, 19)]
     assert list(journal.rows(chunk=4)) == want
     assert list(journal.rows(after=5, to=20, chunk=3)) == [w for w in want if 5 < w[0] <= 20]
+
+
+def test_a_batch_naming_a_stream_twice_continues_its_versions_and_seqs_are_the_rows(jpath: Path):
+    j = Journal.create(jpath)
+    try:
+        j.append("job:a", [T.CheckpointDiscarded(job="a", path="p0", reason="r")])
+        e = [T.CheckpointDiscarded(job="a", path=f"p{k}", reason="r") for k in range(1, 4)]
+        recs = j.append_batch([("job:a", e[:1], 1), ("job:b", e[1:2], 0), ("job:a", e[2:], 2)])
+        assert [(r.stream, r.version) for r in recs] == [("job:a", 2), ("job:b", 1), ("job:a", 3)]
+        assert [r.seq for r in recs] == [2, 3, 4]
+        assert [(r.seq, r.stream, r.version, r.event) for r in j.read(after=1)] == [(r.seq, r.stream, r.version, r.event) for r in recs]
+        with pytest.raises(ConcurrencyError):  # the second part expects the version before the first part
+            j.append_batch([("job:a", e[:1], 3), ("job:a", e[1:2], 3)])
+        assert j.last_seq() == 4
+    finally:
+        j.close()

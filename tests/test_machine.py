@@ -665,3 +665,43 @@ def test_decode_deeply_nested_is_a_decode_error(depth):
         decodes_or_refuses(body)
         batch_decodes_or_refuses(f"[{body}]")
     batch_decodes_or_refuses(nested)
+
+
+def test_milestones_make_every_point_a_snapshot_plus_a_short_tail(history, monkeypatch):
+    """The first load of a long journal leaves milestones every SNAPSHOT_INTERVAL events (compressed,
+    at most SNAPSHOT_MILESTONES: past that the spacing doubles); state_at from them is exact."""
+    from ftctl.recovery import ledger as L
+
+    path, recs = history
+    monkeypatch.setattr(L, "SNAPSHOT_INTERVAL", 20)
+    monkeypatch.setattr(L, "SNAPSHOT_MILESTONES", 6)
+    j = Journal.open(path)
+    j.conn.execute("DELETE FROM snapshots")
+    try:
+        assert L.load(j, write=False) == S.fold(recs) and j.snapshot_seqs(S.SNAPSHOT_FORMAT) == []  # a query writes nothing
+        full = L.load(j)
+        assert full == S.fold(recs)
+        seqs = [s for s, _ in j.snapshot_seqs(S.SNAPSHOT_FORMAT)]
+        milestones = seqs[:-2]
+        assert 0 < len(milestones) <= 6 and len(recs) - 20 <= seqs[-1] < len(recs)  # the last tail < SNAPSHOT_EVERY
+        gaps = [b - a for a, b in zip([0] + milestones, milestones)]
+        assert all(g >= 20 for g in gaps) and max(gaps) <= 20 * 2 ** 5  # thinned by halving, never more
+        for s in milestones:  # stored compressed, read back exactly
+            raw = j.conn.execute("SELECT body FROM snapshots WHERE seq = ?", (s,)).fetchone()[0]
+            assert raw.startswith(b"\x00zlib\x00")
+            assert S.from_snapshot(j.latest_snapshot(S.SNAPSHOT_FORMAT, at_most=s)[1]) == S.fold(recs[:s])
+        reads = []
+        real_rows = j.rows
+        j.rows = lambda *a, **k: (reads.append((k.get("after"), k.get("to"))), real_rows(*a, **k))[1]
+        for seq in range(0, len(recs) + 1, 7):
+            reads.clear()
+            assert L.state_at(j, seq) == S.fold(recs[:seq]), seq
+            start = max([s for s in seqs if s <= seq], default=0)
+            assert reads == [(start, seq)]  # the nearest snapshot at or before seq, then its tail
+        # more snapshots later keep the bound
+        live = L.Ledger(j)
+        for _ in range(5):
+            live.snapshot()
+        assert len(j.snapshot_seqs(S.SNAPSHOT_FORMAT)) <= 6 + 2
+    finally:
+        j.close()
