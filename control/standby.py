@@ -79,7 +79,7 @@ class Standby:
             return
         self.low_memory_said = False
         self.w = process.spawn_worker(None, self.ws.logs / "standby.log", self.env, label=("standby", str(self.ws.home)))
-        self.reported = None
+        self.reported = (time.time(), 0)  # first report after REPORT_EVERY_S: not the size of a fresh fork
         self.say(f"standby worker started (pid {self.w.id.pid})", "info")
 
     def take(self, plan_json: bytes, log_path: Path) -> process.Worker | None:

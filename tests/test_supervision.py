@@ -608,3 +608,25 @@ def test_standby_false_keeps_no_spare(tmp_path, demo):
         _stop(d)
     assert _completed(home).step == 10
     assert _standby_pids(home) == [] and not (home / "logs" / "standby.log").exists()
+
+
+def test_status_shows_the_standby_and_its_memory_while_a_job_trains(tmp_path, demo):
+    """`ftctl status` (read-only: it reads run/standby.json, never the process's memory itself)
+    names the live daemon's spare and its RSS; after `ftctl shutdown` no worker is left."""
+    from helpers import status
+
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    _submit(home, demo, "--set", "iters=400", "--set", "save_every=100")
+    d = _daemon(home)
+    try:
+        # its RSS is refreshed every 2 s at most while it imports: wait for the figure of a ready spare
+        spare = wait_for(lambda: (s := status(home)["daemon"]["standby"]) and s["rss_bytes"] > 40e6 and s,
+                         timeout=120, every=0.2)
+        assert spare["pid"] in _standby_pids(home), spare
+        assert f"standby worker pid {spare['pid']} (" in status(home)["daemon"]["summary"]
+        ftctl(home, "shutdown")
+        d.wait(timeout=120)
+    finally:
+        _stop(d)
+    assert _survivors(home) == []
+    assert status(home)["daemon"]["standby"] is None
