@@ -1,13 +1,14 @@
 """How fast does the daemon notice a dead worker, and how fast is training going again?
 
-    python bench/detect.py [--samples 24] [--keep DIR] [--no-standby]
+    python bench/detect.py [--samples 24] [--keep DIR] [--no-standby] [--hidden 64 --layers 2]
 
 A real daemon (control.daemon.Daemon, in this process's main thread) trains the demo model with
 restart.backoff_s = 0 and a restart budget that never runs out (max_restarts 1000 in a 1 s
 window). A second thread plays the outside world: it waits until the current worker has
 trained for a random 0.3-0.8 s, reads the worker's pid from the latest `training_started` in
 the journal, and SIGKILLs it; then it waits for the `crashed` event and for the restarted
-worker's first step. If the job completes or fails (the same-step rule), a fresh job is queued.
+worker's first step. If the job completes or fails (the same-step rule: a slow model killed before
+its first checkpoint three times), a fresh job is queued and that kill is not a sample.
 
 With the warm standby (`standby: true`, the default; --no-standby for the cold baseline) the
 kill also waits until the daemon's spare worker has finished its imports (its "standby, imports
@@ -182,9 +183,19 @@ def sampler(ws: Workspace, demo, n: int, samples: list[dict], errors: list[str])
             if end["type"] != "crashed":  # it completed just before the kill landed
                 continue
             deadline = time.time() + 120
+            gave_up = None
             while current["seq"] == started and time.time() < deadline:
                 feed()
+                ledger.refresh()  # `failed` comes in the crash's own transaction (e.g. 3 kills at one step)
+                if ledger.state.jobs[job].state == "failed":
+                    gave_up = ledger.state.jobs[job]
+                    break
                 time.sleep(0.002)
+            if gave_up is not None:  # no restart to measure: the next wait_training queues a fresh job
+                sub = submit(ws, ledger, demo.train, valid=demo.valid, name="bench", overrides=["warm_start=false"],
+                             again=True)
+                print(f"  (job {job} failed: {gave_up.reason[:80]}; queued job {sub.job})", flush=True)
+                continue
             start = dict(current)
             deadline = time.time() + 300
             while not stepping(start["pid"]) and time.time() < deadline:
@@ -222,12 +233,14 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=24)
     ap.add_argument("--keep", help="build in (and keep) this folder")
     ap.add_argument("--no-standby", action="store_true", help="standby: false (the cold-restart baseline)")
+    ap.add_argument("--hidden", type=int, default=64, help="the demo model's hidden size (a larger model: 256)")
+    ap.add_argument("--layers", type=int, default=2, help="the demo model's layers")
     args = ap.parse_args()
     CONFIG["standby"] = not args.no_standby
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ftctl-detect-"))
     base.mkdir(parents=True, exist_ok=True)
     try:
-        demo = build_demo(base / "demo")
+        demo = build_demo(base / "demo", hidden=args.hidden, layers=args.layers)
         ws = init_workspace(base / "ws", str(demo.model_dir), CONFIG)
         ledger = Ledger(ws.open_journal())
         submit(ws, ledger, demo.train, valid=demo.valid, name="bench")
@@ -236,7 +249,8 @@ def main() -> None:
         errors: list[str] = []
         t = threading.Thread(target=sampler, args=(ws, demo, args.samples, samples, errors), daemon=True)
         t.start()
-        print(f"daemon on {ws.home}; {args.samples} samples", flush=True)
+        print(f"daemon on {ws.home}; {args.samples} samples; demo model hidden {args.hidden}, {args.layers} layers",
+              flush=True)
         Daemon(ws, report=WATCH).run()
         t.join(timeout=60)
         if errors:
