@@ -133,6 +133,50 @@ class Worker:
         except (BrokenPipeError, ValueError, OSError):
             pass
 
+    def assign(self, plan_json: bytes, log_path: Path) -> bool:
+        """Give a standby worker its job: the plan on its stdin; its output moves to ``log_path``
+        (the plan's log_path), this attempt's evidence starting at the log's current end.
+        False if it is already dead (the caller starts a worker the usual way)."""
+        if self.proc.poll() is not None or not alive(self.id):
+            return False
+        log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        logs.rotate(log_path)
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            self.log_offset = os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.close(fd)
+        self.log_path = log_path
+        try:
+            self.proc.stdin.write(plan_json.rstrip(b"\n") + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            return False
+        return True
+
+    def rss(self) -> int | None:
+        """Resident memory of the worker's process, in bytes (None if it is gone)."""
+        try:
+            return psutil.Process(self.proc.pid).memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return None
+
+    def dismiss(self) -> None:
+        """End it (a standby that is not needed): EOF, its group killed, reaped."""
+        try:
+            self.proc.stdin.close()
+        except (OSError, ValueError):
+            pass
+        self.kill_group()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            self.messages.close()
+        except OSError:
+            pass
+
     def kill_group(self) -> None:
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -140,9 +184,10 @@ class Worker:
             pass
 
 
-def spawn_worker(plan_json: bytes, log_path: Path, env: dict | None = None, label: tuple[str, str] = ("", "")) -> Worker:
+def spawn_worker(plan_json: bytes | None, log_path: Path, env: dict | None = None, label: tuple[str, str] = ("", "")) -> Worker:
     """Start ``python -m ftctl.adapters.worker``; the plan goes in on stdin's first line.
-    ``label`` (job, workspace) only names the process, so `ps` and `ftctl doctor` can tell whose it is."""
+    ``label`` (job, workspace) only names the process, so `ps` and `ftctl doctor` can tell whose it is.
+    ``plan_json`` None starts a standby worker: it imports, then waits for ``Worker.assign``."""
     r, w = os.pipe()
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     logs.rotate(log_path)  # a new attempt starts a fresh file once the old one passed the cap
@@ -157,8 +202,9 @@ def spawn_worker(plan_json: bytes, log_path: Path, env: dict | None = None, labe
     os.close(w)
     log.close()
     started = identity(proc.pid) or ProcessId(pid=proc.pid, started_at=time.time())
-    proc.stdin.write(plan_json.rstrip(b"\n") + b"\n")
-    proc.stdin.flush()
+    if plan_json is not None:
+        proc.stdin.write(plan_json.rstrip(b"\n") + b"\n")
+        proc.stdin.flush()
     return Worker(proc=proc, messages=os.fdopen(r, "rb", buffering=0), id=started, log_path=log_path, log_offset=offset)
 
 

@@ -31,6 +31,8 @@ class TrainPlan(msgspec.Struct, kw_only=True):
     resume_from: str | None = None      # a committed checkpoint dir of this job
     warm_start_from: str | None = None  # final checkpoint of the lineage's previous job
     global_step_base: int = 0           # steps of earlier jobs of the lineage
+    log_path: str | None = None         # the job log: the worker moves its stdout/stderr there (a standby
+                                        # worker was started, with its own log, before the job was known)
 
 
 class Message(msgspec.Struct, tag_field="t", frozen=True, kw_only=True):

@@ -7,6 +7,12 @@ Protocol with the daemon (its parent and only supervisor):
   PR_SET_PDEATHSIG), so a worker never outlives its supervisor.
 * fd N: one message per line (see trainer.run), ending with ``Failed`` on failure.
 * stdout/stderr go to logs/job-<id>.log; the daemon keeps the tail as crash evidence.
+The worker imports what training needs (MLX, mlx-lm, transformers, the trainer) *before* it reads
+the plan, so a standby worker (control/standby.py: started with no plan, its output in
+logs/standby.log) is ready and waits, training nothing, until the daemon writes a plan to its
+stdin; it then moves its stdout/stderr to the plan's ``log_path`` (the job log) and trains. EOF
+before a plan: the daemon is gone or dismissed it, exit 70. An import error is reported only once
+the plan is there, in the job log, like any failure.
 A Python exception before the ``Loaded`` message is a ``load_error`` (the model, data or config:
 a retry cannot fix it), after it an ``exception``.
 Exit codes: 0 done or stopped, 3 diverged (nan/inf), 4 disk full, 5 corrupt checkpoint,
@@ -18,8 +24,10 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import select
 import sys
 import threading
+import time
 import traceback
 
 from ftctl.adapters import faults
@@ -43,7 +51,28 @@ def main() -> int:
         if isinstance(msg, P.Loaded):
             loaded.set()
 
+    imported: ImportError | None = None
+    t0 = time.monotonic()
+    try:  # first, so that a standby worker is warm before its job is known
+        from ftctl.adapters.checkpoint import CheckpointCorrupt
+        from ftctl.adapters.faults import fs_from_env
+        from ftctl.adapters.trainer import TrainingDiverged, run
+        _prewarm()
+    except ImportError as e:
+        imported = e
+
+    if not select.select([0], [], [], 0)[0]:  # no plan waiting: this is a standby (its own log)
+        print(f"worker pid {os.getpid()}: standby, imports done in {time.monotonic() - t0:.2f} s; "
+              "waiting for a plan", flush=True)
     plan_line = sys.stdin.buffer.readline()
+    if not plan_line:
+        os._exit(70)  # EOF before any plan: the daemon is gone (or dismissed this standby)
+    try:
+        plan = P.decode_plan(plan_line)
+    except Exception:
+        plan = None  # reported below, as an exception before loading
+    if plan is not None and plan.log_path:
+        _output_to(plan.log_path)
     stop = threading.Event()
     faults.wake_when(stop.is_set)  # an FTCTL_HANG_AT point stands still until the daemon says `stop`
 
@@ -64,13 +93,9 @@ def main() -> int:
                       else f"{type(e).__name__}: {e}", **extra))
         return code
 
-    try:
-        from ftctl.adapters.checkpoint import CheckpointCorrupt
-        from ftctl.adapters.faults import fs_from_env
-        from ftctl.adapters.trainer import TrainingDiverged, run
-    except ImportError as e:
-        traceback.print_exc()
-        return fail(6, "import_error", e)
+    if imported is not None:
+        traceback.print_exception(imported)
+        return fail(6, "import_error", imported)
 
     try:
         plan = P.decode_plan(plan_line)
@@ -100,6 +125,27 @@ def main() -> int:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def _prewarm() -> None:
+    """What loading a model imports lazily, imported now (a standby pays it before its job)."""
+    try:
+        import transformers
+
+        transformers.AutoTokenizer, transformers.PreTrainedTokenizerFast  # noqa: B018 (lazy modules)
+        import mlx_lm.tokenizer_utils  # noqa: F401
+    except Exception:  # never a reason to fail: loading will import (and report) it properly
+        pass
+
+
+def _output_to(path: str) -> None:
+    """Point fds 1 and 2 (Python's and native code's output) at the end of ``path``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 if __name__ == "__main__":

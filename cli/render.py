@@ -210,7 +210,8 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
 def daemon_json(d: DaemonView) -> dict:
     return {"running": d.running, "pid": d.pid, "host": d.host, "started_at": d.started_at,
             "shutdown_requested": d.shutdown_requested, "alive": d.alive, "recorded_running": d.recorded,
-            "died": d.died, "lock_holder": d.holder, "last_entry_at": d.last_entry_at, "summary": d.summary}
+            "died": d.died, "lock_holder": d.holder, "last_entry_at": d.last_entry_at, "summary": d.summary,
+            "standby": d.standby}
 
 
 def duration(s: float | None) -> str:

@@ -27,6 +27,7 @@ from ftctl.recovery.ledger import Ledger
 from . import consolidation, recover
 from .inbox import SETTLE_S, inbox_files, skip_reason
 from .reporter import SILENT, Reporter
+from .standby import Standby
 from .submit import SubmitError, submit
 from .supervise import Supervision
 
@@ -61,6 +62,7 @@ class Daemon:
         self.refused: set[tuple[str, int]] = set()
         self.ended: dict[str, tuple[str, str]] = {}  # after run(): jobs it moved, -> (state, reason)
         self.skipped: set[tuple[str, float]] = set()   # inbox files already said to be skipped
+        self.standby = Standby(ws, self.env, self.say)  # the spare worker (control/standby.py)
 
     # ------------------------------------------------------------------ lifecycle
     def log(self, text: str) -> None:
@@ -109,6 +111,7 @@ class Daemon:
                 reason = f"internal error: {type(e).__name__}: {e}"
                 raise
             finally:
+                self.standby.dismiss()  # the spare never outlives the daemon
                 self._stopped(reason)
                 self.ended = {j.job: (j.state, j.reason) for j in self.ledger.state.jobs.values() if j.updated_seq > start}
             return reason
@@ -274,9 +277,16 @@ class Daemon:
         valid = jdir / "data" / "valid.jsonl"
         plan = TrainPlan(job_id=j.job, job_dir=str(jdir), config=j.config, train_path=str(jdir / "data" / "train.jsonl"),
                          valid_path=str(valid) if valid.exists() else None, resume_from=resume.path if resume else None,
-                         warm_start_from=warm, global_step_base=base)
+                         warm_start_from=warm, global_step_base=base, log_path=str(self.ws.job_log(j.job)))
         oom_before = system.oom_kill_count()
-        worker = process.spawn_worker(encode(plan), self.ws.job_log(j.job), self.env, label=(j.job, str(self.ws.home)))
+        worker = None
+        if j.config.standby:
+            worker = self.standby.take(encode(plan), self.ws.job_log(j.job))  # the warm spare, if there is one
+        else:
+            self.standby.dismiss()
+        spare = worker is not None
+        if worker is None:
+            worker = process.spawn_worker(encode(plan), self.ws.job_log(j.job), self.env, label=(j.job, str(self.ws.home)))
         crash_point("daemon_after_spawn", j.attempt + 1)
         resume_step, attempt = resume.step if resume else 0, j.attempt + 1
         self.ledger.commit(stream, ev.TrainingStarted(
@@ -284,5 +294,5 @@ class Daemon:
             resume_step=resume_step, resume_checkpoint=plan.resume_from, warm_start_from=warm, parent_job=parent,
             global_step_base=base, base_model=j.config.model))
         how = f"resuming from step {resume_step}" if resume else ("warm start from " + warm if warm else "fresh adapter")
-        self.say(f"job {j.job} ({j.name}): training, attempt {attempt}, worker pid {worker.id.pid}, {how}")
+        self.say(f"job {j.job} ({j.name}): training, attempt {attempt}, worker pid {worker.id.pid}{' (the standby)' if spare else ''}, {how}")
         Supervision(self, j, worker, oom_before, resume_step).watch()

@@ -41,6 +41,7 @@ class DaemonView:
     shutdown_requested: bool
     last_entry_at: str | None   # the journal's newest event or metrics row
     summary: str                # one sentence for people
+    standby: dict | None = None  # the live daemon's spare worker: pid, started_at, rss_bytes, measured_at
 
     @property
     def running(self) -> bool:
@@ -81,8 +82,12 @@ def daemon_view(ws: Workspace, ledger: Ledger) -> DaemonView:
     pid = d.process.pid if d.process else None
     last = ledger.journal.last_ts()
     since = f"{d.started_at[:19].replace('T', ' ')} UTC"
+    spare = None
     if alive and d.running:
         summary = f"pid {pid} on {d.host} since {since}" + (", shutting down" if d.shutdown_requested else "")
+        spare = _standby(ws)
+        if spare:
+            summary += f", standby worker pid {spare['pid']} ({spare['rss_bytes'] / 1e6:.0f} MB RSS)"
     elif d.running:
         summary = (f"not running: daemon pid {pid} on {d.host} (started {since}) died without recording its stop; "
                    f"the journal's last entry is from {_when(last)}. `ftctl start` recovers and carries on")
@@ -92,7 +97,20 @@ def daemon_view(ws: Workspace, ledger: Ledger) -> DaemonView:
     else:
         summary = "not running"
     return DaemonView(alive=alive, recorded=d.running, holder=holder, pid=pid, host=d.host, started_at=d.started_at,
-                      shutdown_requested=d.shutdown_requested, last_entry_at=last, summary=summary)
+                      shutdown_requested=d.shutdown_requested, last_entry_at=last, summary=summary, standby=spare)
+
+
+def _standby(ws: Workspace) -> dict | None:
+    """What the daemon wrote about its spare worker (control/standby.py), if that process still lives."""
+    from ftctl.events.types import ProcessId
+
+    from .standby import read_state
+
+    s = read_state(ws)
+    try:
+        return s if s and process.alive(ProcessId(int(s["pid"]), float(s["started_at"]))) else None
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def status(ws: Workspace, ledger: Ledger, states: Iterable[str] = (), everything: bool = False,

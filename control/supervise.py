@@ -41,6 +41,7 @@ class Supervision:
         self.last_progress = time.monotonic()
         self.in_eval = False
         self.loading = True                   # imports + model load: allowed eval_hang_s, not hang_s
+        self.step_seen = False                # a spare is started after this worker's first step
         self.stop_sent: float | None = None
         self.stop_reason: str | None = None   # "pause" | "cancel" | "shutdown"
         self.hung = False
@@ -71,6 +72,7 @@ class Supervision:
                 if now - last_control >= CONTROL_EVERY_S:
                     last_control = now
                     self.control()
+                    self.standby()
                     self.d.scan_inbox()  # files dropped in while a job trains are queued now, not after it
                 self.watchdog(now)
             code = self.w.proc.wait()
@@ -113,6 +115,13 @@ class Supervision:
         if d.force:
             self.w.kill_group()
 
+    def standby(self) -> None:
+        """Keep a spare worker (control/standby.py) once this one trains (not while it loads: the spare's
+        imports would slow that load on a small machine), and report the spare's memory."""
+        if self.cfg.standby and self.step_seen and self.stop_sent is None and not self.d.stopping:
+            self.d.standby.ensure()
+        self.d.standby.report()
+
     def watchdog(self, now: float) -> None:
         t = self.cfg.timeouts
         limit = t.eval_hang_s if self.in_eval or self.loading else t.hang_s
@@ -134,6 +143,9 @@ class Supervision:
             case P.Loaded(step=step):
                 self.step, self.loading = step, False
             case P.Step(step=step):
+                if self.step_seen is False:  # the first step: the new worker is up, time for a new spare
+                    self.step_seen = True
+                    self.standby()
                 self.step = step
             case P.Report(metrics=m):
                 L.journal.record_metric(job, m)

@@ -95,7 +95,7 @@ class RestartPolicy(Struct, kw_only=True, forbid_unknown_fields=True):
         int, _m("automatic restarts of a crashed job allowed within window_s", ge=0)
     ] = 3
     window_s: Annotated[float, _m("seconds over which restarts are counted", gt=0)] = 300.0
-    backoff_s: Annotated[float, _m("wait before the first restart, doubled each time", ge=0)] = 2.0
+    backoff_s: Annotated[float, _m("wait before the second restart within window_s (the first is at once), doubled each time after", ge=0)] = 2.0
     backoff_max_s: Annotated[float, _m("longest wait between restarts", ge=0)] = 60.0
 
 
@@ -202,6 +202,10 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
         float, _m("a job does not start (it is paused, with the reason) below this free disk space (GB), "
                   "nor below twice its last checkpoint's size", ge=0)
     ] = 1.0
+    standby: Annotated[
+        bool, _m("keep one spare worker, its imports done, that takes the next job or restart at once "
+                 "(skipped while available memory is low)")
+    ] = True
     consolidation: Annotated[
         Consolidation, _m("periodic fusing of the adapter into the base model")
     ] = field(default_factory=Consolidation)

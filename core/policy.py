@@ -142,8 +142,11 @@ def after_crash(crashes: list[CrashRecord], now: float, *, resume_step: int, pol
     if len(recent) > max_restarts:
         return Decision("fail", f"{len(recent)} crashes within {window_s:g} s (restart.max_restarts = {max_restarts}); "
                                 f"last: {last.category} at step {last.step}{said}")
-    delay = min(policy.backoff_s * (2 ** max(len(recent) - 1, 0)), policy.backoff_max_s)
-    return Decision("requeue", f"restart {len(recent)}/{max_restarts} after {last.category}, in {delay:g} s", delay)
+    # The first restart within the window is at once (a warm standby worker takes the job within a
+    # second); backoff applies from the second: backoff_s, then doubled, capped at backoff_max_s.
+    delay = 0.0 if len(recent) <= 1 else min(policy.backoff_s * (2 ** (len(recent) - 2)), policy.backoff_max_s)
+    when = "at once" if delay == 0 else f"in {delay:g} s"
+    return Decision("requeue", f"restart {len(recent)}/{max_restarts} after {last.category}, {when}", delay)
 
 
 def follow_up(job: str, decision: Decision, requested: str | None, category: str, now: float) -> ev.EventBase:

@@ -95,9 +95,24 @@ def leftovers(home: Path) -> list[Path]:
     return [p for p in (home / "jobs").rglob(".tmp*")]
 
 
+def stray_workers(home: Path) -> list[int]:
+    """Pids of every `ftctl.adapters.worker` process of this workspace still alive, recorded or
+    not: the standby worker is in no event, but must not outlive its daemon either."""
+    import psutil
+
+    names = {str(home), str(Path(home).resolve())}
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmd = p.info["cmdline"] or []
+        if "ftctl.adapters.worker" in cmd and names & set(cmd) and p.info["status"] != psutil.STATUS_ZOMBIE:
+            out.append(p.info["pid"])
+    return out
+
+
 def survivors(home: Path) -> list[int]:
     """Pids of every worker and daemon the journal ever recorded that are still alive
-    (matched by pid AND start time, so a reused pid does not count)."""
+    (matched by pid AND start time, so a reused pid does not count), and of any other worker
+    process of the workspace (the standby: stray_workers)."""
     from ftctl.adapters.process import alive
     from ftctl.events.types import ProcessId
 
@@ -112,7 +127,7 @@ def survivors(home: Path) -> list[int]:
             continue
         if alive(pid_id):
             out.append(pid_id.pid)
-    return out
+    return out + [p for p in stray_workers(home) if p not in out]
 
 
 def finished(home: Path, job: str = "0001") -> dict:

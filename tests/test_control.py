@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import msgspec
@@ -229,3 +230,20 @@ def test_the_restart_window_reads_journal_times_as_utc(monkeypatch):
         assert _seconds("2026-11-23T12:00:00.000000Z") == want, tz
     monkeypatch.undo()
     time.tzset()
+
+
+def test_the_first_restart_in_the_window_is_at_once_then_backoff_doubles_up_to_its_cap():
+    from ftctl.core.config import RestartPolicy
+    from ftctl.core.policy import after_crash
+    from ftctl.core.state import CrashRecord
+    from ftctl.events.journal import utc_now
+
+    policy = RestartPolicy(max_restarts=10, window_s=300.0, backoff_s=2.0, backoff_max_s=5.0)
+    crashes, delays = [], []
+    for step in range(5):
+        crashes.append(CrashRecord(ts=utc_now(), category="killed", step=step, exit_code=-9, signal=9))
+        d = after_crash(crashes, time.time(), resume_step=0, policy=policy)
+        assert d.action == "requeue", d
+        delays.append(d.delay_s)
+    assert delays == [0.0, 2.0, 4.0, 5.0, 5.0]
+    assert after_crash(crashes[:1], time.time(), resume_step=0, policy=policy).reason.endswith(", at once")

@@ -6,6 +6,7 @@ inbox, and a job stranded in `crashed` by a daemon that died between two commits
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -94,7 +95,9 @@ def _job(home, job: str = "0001"):
 
 def _survivors(home) -> list[int]:
     """helpers.survivors, in-process: pids of recorded workers and daemons still alive
-    (same pid AND start time)."""
+    (same pid AND start time), and any other worker of the workspace (the standby)."""
+    from helpers import stray_workers
+
     from ftctl.adapters.process import alive
     from ftctl.events.types import ProcessId
 
@@ -105,7 +108,7 @@ def _survivors(home) -> list[int]:
                else ProcessId(d["process"]["pid"], d["process"]["started_at"]))
         if alive(pid):
             out.append(pid.pid)
-    return out
+    return out + [p for p in stray_workers(home) if p not in out]
 
 
 def _in_state(home, state: str, job: str = "0001"):
@@ -244,6 +247,9 @@ def test_restart_budget_fails_a_hopeless_job_then_retry_continues_it_bit_for_bit
         assert len(starts) == len(crashes) == max_restarts + 1, [e["type"] for e in mine]
         assert all(c["category"] == "killed" and c["step"] == step and c["signal"] == signal.SIGKILL for c in crashes)
         _no_storm(mine)
+        # the first restart in the window is at once (the standby takes it), backoff from the second
+        reasons = [e["data"]["reason"] for e in mine if e["type"] == "requeued"]
+        assert [r.split(", ")[-1] for r in reasons] == ["at once", "in 0.3 s"][:max_restarts], reasons
         assert mine[-1]["type"] == "failed" and why in mine[-1]["data"]["reason"], mine[-1]
         assert _job(home, job).state == "failed"
     _completed(home, "0003")  # the queue moved on past the hopeless jobs
@@ -546,3 +552,81 @@ def test_job_left_crashed_by_a_dead_daemon_is_not_stranded(tmp_path, demo):
     assert j.state == "completed", (
         f"job 0001 is still {j.state!r} after a daemon start: a job the dead daemon left `crashed` "
         "is never requeued (recovery only repairs training/checkpointing jobs)")
+
+
+# --------------------------------------------------------------------------- d. warm standby
+
+
+def _standby_pids(home) -> list[int]:
+    log = (home / "logs" / "daemon.log").read_text()
+    return [int(m) for m in re.findall(r"standby worker started \(pid (\d+)\)", log)]
+
+
+def test_the_standby_takes_the_restart_and_the_next_job_and_dies_with_the_daemon(tmp_path, demo, baseline):
+    """standby: true (default). Job 0001 is killed at step 33: its restart (at once: the first in its
+    window) is the spare that was started at attempt 1's first step — training_started names the
+    spare's pid and start time, the spare's output after assignment is in the job log (from where
+    the crash evidence is read), and the adapter is still the uninterrupted run's. Job 0002 starts
+    on the next spare. When the daemon stops, no worker of the workspace is left, spare included."""
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    for name in ("job1", "job2"):
+        _submit(home, demo, "--name", name, "--again")
+    marker = tmp_path / "marker-mid-step-33"
+    d = _daemon(home, "--until-idle", env={"FTCTL_CRASH_AT": f"mid_step:33:{marker}"})
+    try:
+        _, err = d.communicate(timeout=300)
+        assert d.returncode == 0, err
+    finally:
+        _stop(d)
+    assert marker.exists()
+    spares = _standby_pids(home)
+    starts = [e for e in _events(home, "training_started")]
+    pids = [(e["data"]["job"], e["data"]["attempt"], e["data"]["worker_pid"]) for e in starts]
+    assert [p[:2] for p in pids] == [("0001", 1), ("0001", 2), ("0002", 1)], pids
+    assert pids[0][2] not in spares  # the first worker was spawned cold: the daemon had no spare yet
+    assert pids[1][2] == spares[0] and pids[2][2] == spares[1], (pids, spares)
+    (rq,) = _events(home, "requeued")
+    crashed = _events(home, "crashed")[0]
+    assert rq["data"]["not_before"] <= _epoch(crashed["ts"]) + 0.01 and "at once" in rq["data"]["reason"], rq
+    assert _epoch(starts[1]["ts"]) - _epoch(crashed["ts"]) < 1.0  # no backoff, no cold start in between
+    job_log = (home / "logs" / "job-0001.log").read_text()
+    assert f"worker pid {spares[0]}: job 0001" in job_log  # the spare's output moved to the job log
+    assert _completed(home).adapter_sha256 == baseline.sha1
+    assert _completed(home, "0002").adapter_sha256 == baseline.sha2
+    assert _survivors(home) == []
+    assert not (home / "run" / "standby.json").exists()
+
+
+def test_standby_false_keeps_no_spare(tmp_path, demo):
+    home = make_workspace(tmp_path / "ws", demo.model_dir, standby=False)
+    _submit(home, demo, *SHORT)
+    d = _daemon(home, "--until-idle")
+    try:
+        _, err = d.communicate(timeout=180)
+        assert d.returncode == 0, err
+    finally:
+        _stop(d)
+    assert _completed(home).step == 10
+    assert _standby_pids(home) == [] and not (home / "logs" / "standby.log").exists()
+
+
+def test_status_shows_the_standby_and_its_memory_while_a_job_trains(tmp_path, demo):
+    """`ftctl status` (read-only: it reads run/standby.json, never the process's memory itself)
+    names the live daemon's spare and its RSS; after `ftctl shutdown` no worker is left."""
+    from helpers import status
+
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    _submit(home, demo, "--set", "iters=400", "--set", "save_every=100")
+    d = _daemon(home)
+    try:
+        # its RSS is refreshed every 2 s at most while it imports: wait for the figure of a ready spare
+        spare = wait_for(lambda: (s := status(home)["daemon"]["standby"]) and s["rss_bytes"] > 40e6 and s,
+                         timeout=120, every=0.2)
+        assert spare["pid"] in _standby_pids(home), spare
+        assert f"standby worker pid {spare['pid']} (" in status(home)["daemon"]["summary"]
+        ftctl(home, "shutdown")
+        d.wait(timeout=120)
+    finally:
+        _stop(d)
+    assert _survivors(home) == []
+    assert status(home)["daemon"]["standby"] is None
