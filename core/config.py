@@ -203,6 +203,13 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
         float, _m("a job does not start (it is paused, with the reason) below this free disk space (GB), "
                   "nor below twice its last checkpoint's size", ge=0)
     ] = 1.0
+    blas: Annotated[
+        str, _m("the BLAS the training worker runs on (Linux CPU backend): auto = an optimized OpenBLAS when one is "
+                "installed (system or the cmeel-openblas wheel), else mlx[cpu]'s bundled reference BLAS; "
+                "reference = always the bundled one; or the path of a BLAS shared library to preload. "
+                "Results are bit-exact within one BLAS only",
+                "auto, reference, or a library path", min_length=1)
+    ] = "auto"
     consolidation: Annotated[
         Consolidation, _m("periodic fusing of the adapter into the base model")
     ] = field(default_factory=Consolidation)
