@@ -9,7 +9,7 @@ preloaded library before libmlx.so's own dependencies).
 Where an OpenBLAS comes from, first found wins:
 1. the system's (Debian/Ubuntu ``libopenblas0-pthread``, Fedora ``openblas``): ldconfig and known paths;
 2. PyPI: the ``cmeel-openblas`` wheel (``pip install "ftctl[openblas]"``), whose libopenblas keeps
-   the plain symbol names. (``scipy-openblas32/64`` and numpy's bundled copy rename every symbol
+   the plain symbol names (``ngsolve-openblas`` too, if installed). (``scipy-openblas32/64`` and numpy's bundled copy rename every symbol
    with a ``scipy_`` prefix, so preloading them changes nothing.) The wheel needs libgfortran.so.5;
    without a system one, a folder of links to the copy mlx_cpu.libs bundles goes on LD_LIBRARY_PATH.
 
@@ -58,6 +58,7 @@ class Choice(msgspec.Struct, frozen=True):
         return f"{self.kind} {self.library}".strip()
 
 
+@functools.cache
 def _ldconfig() -> str:
     for exe in ("ldconfig", "/sbin/ldconfig", "/usr/sbin/ldconfig"):
         try:
@@ -104,8 +105,11 @@ def _dist_file(dist: str, suffix: str) -> str | None:
 
 
 def pypi_openblas() -> str | None:
-    return (_dist_file("cmeel-openblas", "lib/libopenblas.so.0")
-            or _dist_file("ngsolve-openblas", ".so") if sys.platform.startswith("linux") else None)
+    """An OpenBLAS wheel's library with plain symbol names: cmeel-openblas (the `openblas` extra),
+    else ngsolve-openblas if it happens to be installed."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return _dist_file("cmeel-openblas", "lib/libopenblas.so.0") or _dist_file("ngsolve-openblas", ".so")
 
 
 def bundled_reference() -> str | None:
@@ -193,7 +197,8 @@ def choose(setting: str = "auto", shim_dir: str | None = None) -> Choice:
         if not os.path.exists(lib):
             problems.append(f"{lib} does not exist")
             continue
-        env = {"LD_PRELOAD": lib, **_gfortran_shim(lib, shim)}
+        prev = os.environ.get("LD_PRELOAD", "")  # the user's own preloads stay, after ours
+        env = {"LD_PRELOAD": lib + (" " + prev if prev else ""), **_gfortran_shim(lib, shim)}
         problem = _probe(lib, env)
         if problem is None:
             return Choice(setting, kind, lib, env, f"{origin} OpenBLAS preloaded into the worker" if kind == "openblas"
