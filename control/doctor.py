@@ -110,15 +110,21 @@ def _models(p: Projection, cfg: Config | None) -> list[Finding]:
 
 
 def _blas(cfg: Config | None) -> Finding:
-    """Which BLAS a worker starts on now, and how to get a fast one when it is the reference BLAS."""
+    """Which BLAS a worker starts on now, and how to get a fast one when it is the reference BLAS.
+    Slow is not broken: only a configured library that cannot be used is a warning."""
     setting = cfg.blas if cfg is not None else "auto"
     lib = blas.choose(setting)
-    if lib.kind == "reference" and setting != "reference":
-        return Finding("blas", "warning", f"workers run on mlx[cpu]'s reference BLAS {lib.library} (about 10-30x "
-                       f"slower matmuls than OpenBLAS): {lib.why.split(': install')[0]}", blas.INSTALL_HINT)
-    return Finding("blas", "ok", f"workers run on {lib.describe() or 'the platform BLAS'} ({lib.why}; "
-                   f"{lib.threads or '?'} threads)" + ("" if lib.kind != "reference" else f"; {blas.INSTALL_HINT} "
-                                                       "and set `blas: auto` for 10-30x faster matmuls"))
+    threads = f", {lib.threads} thread(s)" if lib.threads else ""
+    if lib.kind != "reference":
+        return Finding("blas", "ok", f"workers run on {lib.describe() or 'the platform BLAS'} ({lib.why}{threads})")
+    slow = (f"workers run on mlx[cpu]'s reference BLAS {lib.library}: about 10-30x slower matmuls than OpenBLAS; "
+            f"{blas.INSTALL_HINT}")
+    if setting == "reference":
+        return Finding("blas", "ok", f"{slow} and set `blas: auto`")
+    if setting == "auto":
+        return Finding("blas", "ok", f"{slow} (`blas: auto` then uses it)")
+    return Finding("blas", "warning", f"`blas: {setting}` is not used: {lib.why.split('; using')[0]}",
+                   f"fix the path in ftctl.yaml, or set `blas: auto`; {blas.INSTALL_HINT}")
 
 
 def _resources(ws: Workspace, cfg: Config | None) -> list[Finding]:

@@ -77,3 +77,14 @@ def test_the_chosen_openblas_serves_mlx_matmuls_and_is_much_faster(tmp_path):
     assert "libblas" in os.path.basename(ref["sgemm_from"])
     # ~4-7 GFLOPS against ~45 on this 2-core machine (more on more cores); loose, it shares CPUs
     assert got["gflops"] > 2 * ref["gflops"], (got, ref)
+
+
+@pytest.mark.skipif(not LINUX, reason="LD_PRELOAD is Linux's")
+def test_doctor_says_which_blas_and_warns_only_about_a_configured_library_it_cannot_use(tmp_path):
+    from ftctl.control.doctor import _blas
+    from ftctl.core.config import Config
+
+    auto = _blas(Config(model="m"))
+    assert auto.severity == "ok" and auto.message.startswith("workers run on ")
+    bad = _blas(Config(model="m", blas=str(tmp_path / "nope.so")))
+    assert bad.severity == "warning" and "does not exist" in bad.message and "blas: auto" in bad.fix
