@@ -12,12 +12,17 @@ of the medians is printed (goal: <= 1.03).
 
 On a small model per-iteration costs are smallest, so fixed per-step overheads show most:
 run it with --hidden 64 --layers 2 --iters 300 too.
+
+Each BLAS setup (--blas, default "reference,auto": mlx[cpu]'s bundled netlib BLAS and what the
+daemon's `blas: auto` picks, adapters/blas.py) is measured separately, both sides of its ratio
+under it (each child gets the environment the worker would get); then the speedup auto/reference.
 """
 
 import argparse
 import contextlib
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,6 +38,7 @@ from mlx_lm.tuner.datasets import CacheDataset, create_dataset
 from mlx_lm.tuner.trainer import TrainingArgs, train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from ftctl.adapters import blas as blas_setup
 from ftctl.adapters.demo import build_demo
 from ftctl.adapters.protocol import CheckpointWritten, TrainPlan
 from ftctl.adapters.trainer import run
@@ -98,14 +104,15 @@ def measure(kind: str, model_dir: str, iters: int, batch_size: int, out: str, sa
     print(f"{wall} {time.process_time() - c0} {n}")
 
 
-def child(kind, demo, iters, batch_size, out, save_every) -> tuple[float, float, int]:
+def child(kind, demo, iters, batch_size, out, save_every, env=None) -> tuple[float, float, int]:
     code = (
         "import sys; sys.path.insert(0, %r); import train_overhead as t; "
         "t.measure(%r, %r, %d, %d, %r, %d)"
         % (str(Path(__file__).parent), kind, str(demo.model_dir), iters, batch_size, str(out),
            save_every)
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})})
     wall, cpu, n = res.stdout.strip().splitlines()[-1].split()
     return float(wall), float(cpu), int(n)
 
@@ -118,30 +125,41 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument("--blas", default="reference,auto", help="comma-separated `blas:` settings to measure")
     a = ap.parse_args()
-    times = {"bare": [], "ours": []}
+    setups = [blas_setup.choose(x) for x in a.blas.split(",")]
+    times = {(i, k): [] for i in range(len(setups)) for k in ("bare", "ours")}
+    ckpts = 0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         demo = build_demo(tmp / "demo", hidden=a.hidden, layers=a.layers, heads=4, vocab=512)
         for r in range(a.rounds):  # each run in a fresh process, order alternating
-            for kind in ("bare", "ours") if r % 2 == 0 else ("ours", "bare"):
-                out = tmp / f"{kind}-{r}"
-                wall, cpu, n = child(kind, demo, a.iters, a.batch_size, out, a.save_every)
-                times[kind].append((wall, cpu))
-                ckpts = n if kind == "ours" else 0
+            for i, setup in enumerate(setups):
+                for kind in ("bare", "ours") if r % 2 == 0 else ("ours", "bare"):
+                    out = tmp / f"{kind}-{i}-{r}"
+                    wall, cpu, n = child(kind, demo, a.iters, a.batch_size, out, a.save_every, setup.env)
+                    times[(i, kind)].append((wall, cpu))
+                    ckpts = n if kind == "ours" else ckpts
     print(f"model: llama {a.layers} layers, hidden {a.hidden}; {a.iters} iterations, batch "
           f"{a.batch_size}, LoRA rank 8 on all layers; {a.rounds} rounds, alternating, "
           "one process per run; timed from model load to the final save")
-    stats = {}
-    for kind, label in (("bare", "bare mlx-lm train()"), ("ours", f"ftctl run(), {ckpts} ckpts")):
-        walls = [w for w, _ in times[kind]]
-        cpus = [c for _, c in times[kind]]
-        stats[kind] = (min(walls), statistics.median(walls), statistics.median(cpus))
-        print(f"{label:<24} wall min {stats[kind][0]:7.3f}s  median {stats[kind][1]:7.3f}s  "
-              f"cpu median {stats[kind][2]:7.3f}s  (walls: {', '.join(f'{w:.2f}' for w in walls)})")
-    o, b = stats["ours"], stats["bare"]
-    print(f"ratio ftctl / bare: wall min {o[0] / b[0]:.3f}, wall median {o[1] / b[1]:.3f}, "
-          f"cpu median {o[2] / b[2]:.3f}  (goal <= 1.03)")
+    medians = {}
+    for i, setup in enumerate(setups):
+        print(f"BLAS {setup.setting}: {setup.describe()} ({setup.threads or '?'} threads)")
+        stats = {}
+        for kind, label in (("bare", "bare mlx-lm train()"), ("ours", f"ftctl run(), {ckpts} ckpts")):
+            walls = [w for w, _ in times[(i, kind)]]
+            cpus = [c for _, c in times[(i, kind)]]
+            stats[kind] = (min(walls), statistics.median(walls), statistics.median(cpus))
+            print(f"  {label:<24} wall min {stats[kind][0]:7.3f}s  median {stats[kind][1]:7.3f}s  "
+                  f"cpu median {stats[kind][2]:7.3f}s  (walls: {', '.join(f'{w:.2f}' for w in walls)})")
+        o, b = stats["ours"], stats["bare"]
+        medians[i] = (b[1], o[1])
+        print(f"  ratio ftctl / bare: wall min {o[0] / b[0]:.3f}, wall median {o[1] / b[1]:.3f}, "
+              f"cpu median {o[2] / b[2]:.3f}  (goal <= 1.03)")
+    for i in range(1, len(setups)):
+        print(f"speedup {setups[i].setting} ({setups[i].kind}) over {setups[0].setting} ({setups[0].kind}), "
+              f"wall median: bare {medians[0][0] / medians[i][0]:.2f}x, ftctl {medians[0][1] / medians[i][1]:.2f}x")
 
 
 if __name__ == "__main__":

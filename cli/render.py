@@ -145,10 +145,22 @@ def signal_name(sig: int | None) -> str:
 
 def event_fields(rec: Recorded) -> str:
     body = to_dict(rec.event)
+    if body.get("env"):
+        body["env"] = env_line(body["env"])
+    if body.get("env_changed"):
+        body["env_changed"] = "NOT bit-exact with the earlier attempts: " + "; ".join(body["env_changed"])
     if isinstance(body.get("evidence"), str):
         body["evidence"] = evidence_line(body["evidence"])  # whole: the log path in it stays usable
     return "  ".join(f"{k}={v if k == 'evidence' else _short(v)}" for k, v in body.items()
                      if k not in _HIDDEN and v not in (None, "", [], {}))
+
+
+def env_line(env: dict) -> str:
+    """The environment fingerprint in one short line: 'mlx 0.32.4, mlx_lm 0.32.2, openblas libopenblas.so.0 x2, Linux-x86_64'."""
+    blas = env.get("blas", "?").split(" (")[0]
+    kind, _, lib = blas.partition(" ")
+    return (f"mlx {env.get('mlx', '?')}, mlx_lm {env.get('mlx_lm', '?')}, {kind} {lib.rsplit('/', 1)[-1]} "
+            f"x{env.get('blas_threads', '?')}, {env.get('platform', '?')}")
 
 
 def event_json(rec: Recorded) -> dict:
@@ -195,6 +207,7 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
         "last_eval": {**{k: v for k, v in to_dict(j.last_eval).items() if k != "type"}, "at": j.last_eval_at}
         if j.last_eval else None,
         "worker": as_dict(j.worker) if j.worker else None,
+        "env": j.env or None, "env_changed": j.env_changed,
         "crashes": [as_dict(c) for c in j.crashes],
         "requested": j.requested,
         "warnings": j.warnings,

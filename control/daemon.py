@@ -12,7 +12,7 @@ import socket
 import time
 from pathlib import Path
 
-from ftctl.adapters import logs, process, system
+from ftctl.adapters import blas, logs, process, system
 from ftctl.adapters.faults import crash_point
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.protocol import TrainPlan, encode
@@ -279,20 +279,25 @@ class Daemon:
                          valid_path=str(valid) if valid.exists() else None, resume_from=resume.path if resume else None,
                          warm_start_from=warm, global_step_base=base, log_path=str(self.ws.job_log(j.job)))
         oom_before = system.oom_kill_count()
+        lib, fingerprint = blas.for_worker(j.config.blas)  # the BLAS the worker runs on (probed once)
+        if lib.kind == "reference" and j.config.blas != "reference":
+            self.say(f"job {j.job}: the worker runs on the slow reference BLAS: {lib.why}", "warn")
         worker = None
-        if j.config.standby:
-            worker = self.standby.take(encode(plan), self.ws.job_log(j.job))  # the warm spare, if there is one
+        if j.config.standby:  # the warm spare, if there is one started with this very BLAS
+            worker = self.standby.take(encode(plan), self.ws.job_log(j.job), lib.env)
         else:
             self.standby.dismiss()
         spare = worker is not None
         if worker is None:
-            worker = process.spawn_worker(encode(plan), self.ws.job_log(j.job), self.env, label=(j.job, str(self.ws.home)))
+            worker = process.spawn_worker(encode(plan), self.ws.job_log(j.job), {**lib.env, **self.env},
+                                          label=(j.job, str(self.ws.home)))
         crash_point("daemon_after_spawn", j.attempt + 1)
         resume_step, attempt = resume.step if resume else 0, j.attempt + 1
         self.ledger.commit(stream, ev.TrainingStarted(
             job=j.job, attempt=attempt, worker_pid=worker.id.pid, worker_started_at=worker.id.started_at,
             resume_step=resume_step, resume_checkpoint=plan.resume_from, warm_start_from=warm, parent_job=parent,
-            global_step_base=base, base_model=j.config.model))
+            global_step_base=base, base_model=j.config.model, env=fingerprint,
+            env_changed=blas.fingerprint_diff(j.env, fingerprint) if plan.resume_from else []))
         how = f"resuming from step {resume_step}" if resume else ("warm start from " + warm if warm else "fresh adapter")
         self.say(f"job {j.job} ({j.name}): training, attempt {attempt}, worker pid {worker.id.pid}{' (the standby)' if spare else ''}, {how}")
         Supervision(self, j, worker, oom_before, resume_step).watch()

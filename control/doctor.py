@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ftctl.adapters import checkpoint as ck
-from ftctl.adapters import process, system
+from ftctl.adapters import blas, process, system
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, ConfigError, config_to_dict, override_key
@@ -65,6 +65,7 @@ def examine(ws: Workspace, ledger: Ledger) -> list[Finding]:
             f.append(Finding("retention", "warning", f"job {j.job} keeps {len(due.events)} checkpoint(s) beyond its "
                              "retention", "`ftctl doctor --fix` prunes them"))
     f += _models(p, cfg)
+    f.append(_blas(cfg))
     if cfg is not None:
         f += _config_drift(p, cfg)
     f += _data_drift(p)
@@ -106,6 +107,24 @@ def _models(p: Projection, cfg: Config | None) -> list[Finding]:
                                    f"restore that folder, or `ftctl cancel {j.job}` and submit again (a job keeps "
                                    "the model it was submitted with)"))
     return out
+
+
+def _blas(cfg: Config | None) -> Finding:
+    """Which BLAS a worker starts on now, and how to get a fast one when it is the reference BLAS.
+    Slow is not broken: only a configured library that cannot be used is a warning."""
+    setting = cfg.blas if cfg is not None else "auto"
+    lib = blas.choose(setting)
+    threads = f", {lib.threads} thread(s)" if lib.threads else ""
+    if lib.kind != "reference":
+        return Finding("blas", "ok", f"workers run on {lib.describe() or 'the platform BLAS'} ({lib.why}{threads})")
+    slow = (f"workers run on mlx[cpu]'s reference BLAS {lib.library}: about 10-30x slower matmuls than OpenBLAS; "
+            f"{blas.INSTALL_HINT}")
+    if setting == "reference":
+        return Finding("blas", "ok", f"{slow} and set `blas: auto`")
+    if setting == "auto":
+        return Finding("blas", "ok", f"{slow} (`blas: auto` then uses it)")
+    return Finding("blas", "warning", f"`blas: {setting}` is not used: {lib.why.split('; using')[0]}",
+                   f"fix the path in ftctl.yaml, or set `blas: auto`; {blas.INSTALL_HINT}")
 
 
 def _resources(ws: Workspace, cfg: Config | None) -> list[Finding]:

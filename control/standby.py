@@ -54,13 +54,15 @@ class Standby:
     def __init__(self, ws: Workspace, env: dict, say: Callable[[str, str], None]):
         self.ws, self.env, self.say = ws, env, say
         self.w: process.Worker | None = None
+        self.w_env: dict = {}  # the BLAS environment the spare was started with
         self.low_memory_said = False
         self.reported: tuple[float, int] | None = None  # (when, rss) last written
         self.not_before = 0.0   # after a spare died on its own, the next one waits a little (no spawn storm)
 
     # ------------------------------------------------------------------ the spare's life
-    def ensure(self) -> None:
-        """Start a spare if there is none (or it died) and memory allows."""
+    def ensure(self, blas_env: dict) -> None:
+        """Start a spare if there is none (or it died) and memory allows, on the BLAS ``blas_env``
+        chooses (adapters/blas.py): a job takes it only with that same BLAS."""
         if self.w is not None:
             if self.w.proc.poll() is None:
                 return
@@ -78,16 +80,21 @@ class Standby:
                          f"(it needs {MIN_AVAILABLE_GB:g} GB free)", "warn")
             return
         self.low_memory_said = False
-        self.w = process.spawn_worker(None, self.ws.logs / "standby.log", self.env, label=("standby", str(self.ws.home)))
+        self.w = process.spawn_worker(None, self.ws.logs / "standby.log", {**blas_env, **self.env},
+                                      label=("standby", str(self.ws.home)))
+        self.w_env = dict(blas_env)
         self.reported = (time.time(), 0)  # first report after REPORT_EVERY_S: not the size of a fresh fork
         self.say(f"standby worker started (pid {self.w.id.pid})", "info")
 
-    def take(self, plan_json: bytes, log_path: Path) -> process.Worker | None:
+    def take(self, plan_json: bytes, log_path: Path, blas_env: dict) -> process.Worker | None:
         """The spare, now training ``plan_json`` with its output in ``log_path``; None if there is
-        no live spare (the caller spawns a worker)."""
+        no live spare, or it runs on another BLAS than ``blas_env`` (the caller spawns a worker)."""
         w, self.w = self.w, None
         self._forget_state()
         if w is None:
+            return None
+        if self.w_env != blas_env:  # bit-exactness holds within one BLAS only
+            w.dismiss()
             return None
         if not w.assign(plan_json, log_path):
             w.dismiss()

@@ -161,7 +161,7 @@ def _view(ledger: Ledger, j: JobState, m: dict | None, d: DaemonView, now: float
     stale = j.state in ACTIVE and not d.alive
     eta, basis = _eta(j, live, reports, now) if j.state in ACTIVE and d.alive else (None, None)
     return JobView(job=j, metrics=m, live_step=live, live_global_step=gstep, stale=stale,
-                   note=_note(j, d, live, now), eta_s=eta, eta_basis=basis)
+                   note=_with_env(j, _note(j, d, live, now)), eta_s=eta, eta_basis=basis)
 
 
 def _note(j: JobState, d: DaemonView, live: int, now: float) -> str:
@@ -182,6 +182,16 @@ def _note(j: JobState, d: DaemonView, live: int, now: float) -> str:
     if j.state == "completed" and not j.reason:
         return f"adapter {j.adapter_sha256[:12]}" if j.adapter_sha256 else ""
     return j.reason
+
+
+def _with_env(j: JobState, note: str) -> str:
+    """A resume under another environment fingerprint (BLAS, mlx, ...) is said on the job: from
+    then on it is no longer bit-exact with the earlier attempts (or with an uninterrupted run)."""
+    if not j.env_changed:
+        return note
+    drift = (f"resumed under a different environment ({'; '.join(j.env_changed)}): "
+             f"no longer bit-exact with the earlier attempts")
+    return f"{note}; {drift}" if note else drift
 
 
 def _eta(j: JobState, live: int, reports: list[dict], now: float) -> tuple[float | None, str | None]:

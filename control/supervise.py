@@ -13,7 +13,7 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
-from ftctl.adapters import process, system
+from ftctl.adapters import blas, process, system
 from ftctl.adapters import protocol as P
 from ftctl.adapters.faults import crash_point
 from ftctl.core.policy import Evidence, after_crash, classify, follow_up, suggestion
@@ -119,7 +119,7 @@ class Supervision:
         """Keep a spare worker (control/standby.py) once this one trains (not while it loads: the spare's
         imports would slow that load on a small machine), and report the spare's memory."""
         if self.cfg.standby and self.step_seen and self.stop_sent is None and not self.d.stopping:
-            self.d.standby.ensure()
+            self.d.standby.ensure(blas.for_worker(self.cfg.blas)[0].env)
         self.d.standby.report()
 
     def watchdog(self, now: float) -> None:

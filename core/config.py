@@ -206,6 +206,13 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
         bool, _m("keep one spare worker, its imports done, that takes the next job or restart at once "
                  "(skipped while available memory is low)")
     ] = True
+    blas: Annotated[
+        str, _m("the BLAS the training worker runs on (Linux CPU backend): auto = an optimized OpenBLAS when one is "
+                "installed (system or the cmeel-openblas wheel), else mlx[cpu]'s bundled reference BLAS; "
+                "reference = always the bundled one; or the path of a BLAS shared library to preload. "
+                "Results are bit-exact within one BLAS only",
+                "auto, reference, or a library path", min_length=1)
+    ] = "auto"
     consolidation: Annotated[
         Consolidation, _m("periodic fusing of the adapter into the base model")
     ] = field(default_factory=Consolidation)

@@ -74,6 +74,8 @@ class JobState(msgspec.Struct, kw_only=True):
     budget_from: int = 0        # crashes[budget_from:] count against the restart budget (`ftctl retry` resets it)
     not_before: float = 0.0
     requested: str | None = None  # a pending user request for a running job: "pause" | "cancel"
+    env: dict[str, str] = {}    # the latest attempt's environment fingerprint (training_started.env)
+    env_changed: list[str] = []  # resumed under another fingerprint: not bit-exact with the earlier attempts
 
     @property
     def iters(self) -> int:
@@ -167,6 +169,8 @@ def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
     j.attempt, j.worker = e.attempt, ProcessId(e.worker_pid, e.worker_started_at)
     j.warm_start_from, j.global_step_base, j.base_model = e.warm_start_from, e.global_step_base, e.base_model
     j.parent_job, j.requested = e.parent_job, None
+    j.env = e.env or j.env
+    j.env_changed = [*j.env_changed, *e.env_changed] if e.resume_checkpoint else list(e.env_changed)
 
 
 def _committed(p, j: JobState, e: ev.CheckpointCommitted, seq: int, ts: str) -> None:

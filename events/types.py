@@ -76,6 +76,12 @@ class TrainingStarted(EventBase, tag="training_started", kw_only=True):
     parent_job: str | None = None  # the lineage's head job whose adapter it warm-starts from
     global_step_base: int = 0
     base_model: str
+    # The worker's environment fingerprint (mlx, mlx_lm, blas, blas_threads, platform: adapters/blas.py);
+    # {} in journals from before it was recorded. Bit-exactness holds only within one fingerprint.
+    env: dict[str, str] = {}
+    # When it resumes a checkpoint: what differs from the previous attempt's fingerprint ("blas: a -> b");
+    # non-empty = no longer bit-exact with the earlier attempts.
+    env_changed: list[str] = []
 
 
 class CheckpointStarted(EventBase, tag="checkpoint_started", kw_only=True):

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,10 @@ def test_readme_test_command_is_what_ci_runs():
 def test_doctor_finds_problems_and_fix_repairs_them(ws, tmp_path, capsys):
     code, out, _ = run(capsys, "doctor", "--json", "--home", ws)
     assert code == 0 and json.loads(out)["ok"]
+    (found,) = [f for f in json.loads(out)["findings"] if f["check"] == "blas"]  # which BLAS workers run on
+    assert found["message"].startswith("workers run on ")
+    if sys.platform.startswith("linux") and "reference" in found["message"]:
+        assert "pip install" in found["message"]  # and how to get a fast one
     data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
     run(capsys, "submit", data, "--home", ws)
     cfg = yaml.safe_load((ws / "ftctl.yaml").read_text())

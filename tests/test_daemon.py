@@ -245,3 +245,67 @@ def test_preflight_refuses_a_model_folder_that_cannot_load(tmp_path, demo):
     ftctl(home, "resume", "0001")
     ftctl(home, "start", "--until-idle", "--quiet")
     assert status(home, "0001")["state"] == "completed"
+
+
+# --------------------------------------------------------------------------- the worker's BLAS
+
+
+def _worker_maps(home) -> str:
+    """/proc/<pid>/maps of the workspace's training worker, once one runs."""
+    import psutil
+
+    def find():
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if "ftctl.adapters.worker" in cmd and str(home) in cmd:
+                try:
+                    return open(f"/proc/{p.pid}/maps").read()
+                except OSError:
+                    return None
+        return None
+    return wait_for(find, timeout=120, every=0.02)
+
+
+def test_attempts_record_the_environment_fingerprint(baseline):
+    from ftctl.adapters import blas
+
+    want = blas.fingerprint(blas.choose("auto"))
+    starts = [e["data"] for e in history(baseline.home) if e["type"] == "training_started"]
+    assert starts and all(s["env"] == want for s in starts)
+    assert set(want) == {"mlx", "mlx_lm", "blas", "blas_threads", "platform"}
+    assert all(not s.get("env_changed") for s in starts)
+    assert status(baseline.home, "0001")["env"] == want
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux's")
+def test_worker_runs_on_the_chosen_blas_and_a_changed_fingerprint_is_flagged(tmp_path, demo, baseline):
+    """The worker maps the chosen OpenBLAS; a resume under another BLAS setup (here its thread
+    count) is recorded and said in status and history; the same setup resumes bit for bit."""
+    from ftctl.adapters import blas
+
+    lib = blas.choose("auto")
+    if lib.kind != "openblas":
+        pytest.skip(f"no optimized BLAS here: {lib.why}")
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    env = {**crash_env(tmp_path, "daemon_before_commit:15"), "OPENBLAS_NUM_THREADS": "1"}
+    p = ftctl(home, "start", "--until-idle", "--quiet", env=env, check=False)
+    assert p.returncode == -signal.SIGKILL
+    wait_for(lambda: survivors(home) == [], timeout=30, every=0.05)
+    full_env = {k: v for k, v in os.environ.items() if k != "FTCTL_CRASH_AT"}
+    full_env["OPENBLAS_NUM_THREADS"] = "2"
+    d = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--until-idle", "--quiet", "--home", str(home)],
+                         env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        maps = _worker_maps(home)
+    finally:
+        out, err = d.communicate(timeout=600)
+    assert d.returncode == 0, err
+    assert os.path.realpath(lib.library) in maps or lib.library in maps
+    starts = [e["data"] for e in history(home) if e["type"] == "training_started"]
+    assert [s["env"]["blas_threads"] for s in starts] == ["1", "2"]
+    assert [s.get("env_changed", []) for s in starts] == [[], ["blas_threads: 1 -> 2"]]
+    note = status(home, "0001")["note"] or ""
+    assert "no longer bit-exact with the earlier attempts" in note and "blas_threads: 1 -> 2" in note
+    assert "NOT bit-exact" in ftctl(home, "history").stdout
+    assert finished(home)["adapter_sha256"] == baseline.sha1  # OpenBLAS sgemm does not split K across threads

@@ -286,3 +286,49 @@ def test_cli_doc_names_every_option_of_every_command():
             for opt in a.option_strings:
                 if opt not in ("-h", "--help", "--home"):
                     assert f"{opt}" in doc and f"ftctl {name}" in doc, (name, opt)
+
+
+def test_a_resume_under_another_environment_is_flagged_and_a_fresh_restart_clears_it(ws, tmp_path, capsys):
+    """The fingerprint each attempt recorded: a resume under another BLAS is said in status (note,
+    --json) and history; an attempt that starts fresh is bit-exact again."""
+    submit(ws, tmp_path, capsys)
+    a = {"mlx": "0.32.4", "mlx_lm": "0.32.2", "blas": "openblas /x/libopenblas.so.0 (1 bytes)",
+         "blas_threads": "2", "platform": "Linux-x86_64"}
+    b = {**a, "blas": "reference /y/libblas.so.3 (2 bytes)", "blas_threads": "1"}
+    changed = ["blas: openblas /x/libopenblas.so.0 (1 bytes) -> reference /y/libblas.so.3 (2 bytes)",
+               "blas_threads: 2 -> 1"]
+    s = job_stream("0001")
+
+    def attempt(ledger, n, env, resume=None, diff=()):
+        ledger.commit(s, ev.TrainingStarted(job="0001", attempt=n, worker_pid=dead_pid(), worker_started_at=1.0,
+                                            base_model="/m", env=env, resume_step=20 if resume else 0,
+                                            resume_checkpoint=resume, env_changed=list(diff)))
+
+    ledger = Ledger.open(ws / "journal.db")
+    try:
+        attempt(ledger, 1, a)
+        ledger.commit(s, ev.CheckpointStarted(job="0001", step=20, global_step=20),
+                      ev.CheckpointCommitted(job="0001", checkpoint=ckpt(20)))
+        ledger.commit(s, ev.Crashed(job="0001", category="killed"), ev.Requeued(job="0001", reason="crash"))
+        attempt(ledger, 2, b, resume=ckpt(20).path, diff=changed)
+        j = ledger.state.jobs["0001"]
+        assert j.env == b and j.env_changed == changed
+        ledger.commit(s, ev.Crashed(job="0001", category="killed"), ev.Requeued(job="0001", reason="crash"))
+        attempt(ledger, 3, b, resume=ckpt(20).path)  # same as the last: still mixed, still said
+        assert ledger.state.jobs["0001"].env_changed == changed
+    finally:
+        ledger.close()
+    code, out, _ = run(capsys, "status", "0001", "--json", "--home", ws)
+    got = json.loads(out)
+    assert got["env"] == b and got["env_changed"] == changed
+    assert "resumed under a different environment" in got["note"] and "no longer bit-exact" in got["note"]
+    code, out, _ = run(capsys, "history", "0001", "--home", ws)
+    flat = "".join(c for c in out if not c.isspace() and c not in "│┃")  # the table folds long details
+    assert "NOTbit-exactwiththeearlierattempts" in flat and "openblaslibopenblas.so.0x2" in flat
+    ledger = Ledger.open(ws / "journal.db")
+    try:
+        ledger.commit(s, ev.Crashed(job="0001", category="killed"), ev.Requeued(job="0001", reason="crash"))
+        attempt(ledger, 4, a)  # from step 0: nothing of the earlier attempts is in it
+        assert ledger.state.jobs["0001"].env_changed == []
+    finally:
+        ledger.close()

@@ -1,0 +1,244 @@
+"""Which BLAS the training worker runs on, and the environment fingerprint of an attempt.
+
+`mlx[cpu]`'s Linux wheel links the netlib reference BLAS it bundles (mlx_cpu.libs/libblas-*.so):
+a 1024x1024 float32 matmul runs at a few GFLOPS. ftctl launches the worker, so it can choose:
+with ``blas: auto`` (the default) the worker runs with an OpenBLAS ``LD_PRELOAD``-ed, whose
+``cblas_sgemm``/LAPACK symbols then win over the bundled ones (the dynamic linker searches the
+preloaded library before libmlx.so's own dependencies).
+
+Where an OpenBLAS comes from, first found wins:
+1. the system's (Debian/Ubuntu ``libopenblas0-pthread``, Fedora ``openblas``): ldconfig and known paths;
+2. PyPI: the ``cmeel-openblas`` wheel (``pip install "ftctl[openblas]"``), whose libopenblas keeps
+   the plain symbol names (``ngsolve-openblas`` too, if installed). (``scipy-openblas32/64`` and numpy's bundled copy rename every symbol
+   with a ``scipy_`` prefix, so preloading them changes nothing.) The wheel needs libgfortran.so.5;
+   without a system one, a folder of links to the copy mlx_cpu.libs bundles goes on LD_LIBRARY_PATH.
+
+A choice is probed once (a tiny subprocess loads the library with the environment the worker
+will get): a library that cannot load falls back to the reference BLAS with the reason, never
+a worker that dies at exec. Bit-exactness holds within one BLAS, not across BLAS builds: the
+fingerprint (mlx, mlx-lm, BLAS library and threads, platform) is recorded in every attempt's
+``training_started`` so a resume under another one is flagged.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import msgspec
+
+KNOWN_PATHS = (  # Debian/Ubuntu (alternatives and the pthread flavour), Fedora/RHEL, Arch/Alpine
+    "/usr/lib/{triplet}/libopenblas.so.0",
+    "/usr/lib/{triplet}/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/{triplet}/openblas-openmp/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib64/libopenblasp.so.0",
+    "/usr/lib/libopenblas.so.0",
+    "/usr/lib/libopenblas.so",
+)
+INSTALL_HINT = ('install an optimized BLAS: `pip install "ftctl[openblas]"` (the cmeel-openblas wheel), '
+                "or `sudo apt-get install libopenblas0-pthread` (Debian/Ubuntu)")
+
+
+class Choice(msgspec.Struct, frozen=True):
+    setting: str            # the config value: auto | reference | a path
+    kind: str               # openblas | reference | custom | platform
+    library: str            # the library the worker's BLAS calls go to ("" = the platform's own)
+    env: dict[str, str]     # added to the worker's environment
+    why: str                # one line: why this one (and, for reference, how to get a fast one)
+    threads: str
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.library}".strip()
+
+
+@functools.cache
+def _ldconfig() -> str:
+    for exe in ("ldconfig", "/sbin/ldconfig", "/usr/sbin/ldconfig"):
+        try:
+            return subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return ""
+
+
+def _from_ldconfig(name: str) -> str | None:
+    """The path ldconfig's cache gives for ``name`` (a 64-bit one first), e.g.
+    ``\tlibopenblas.so.0 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libopenblas.so.0``."""
+    hits = []
+    for line in _ldconfig().splitlines():
+        head, sep, path = line.strip().partition(" => ")
+        if sep and head.split(" ")[0] == name:
+            hits.append((0 if "64" in head else 1, path.strip()))
+    return sorted(hits)[0][1] if hits else None
+
+
+def system_openblas() -> str | None:
+    found = _from_ldconfig("libopenblas.so.0")
+    if found and os.path.exists(found):
+        return found
+    triplet = f"{platform.machine()}-linux-gnu"
+    for pattern in KNOWN_PATHS:
+        p = pattern.format(triplet=triplet)
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def _dist_file(dist: str, suffix: str) -> str | None:
+    try:
+        files = metadata.distribution(dist).files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if str(f).endswith(suffix):
+            p = Path(f.locate())
+            if p.exists():
+                return str(p)
+    return None
+
+
+def pypi_openblas() -> str | None:
+    """An OpenBLAS wheel's library with plain symbol names: cmeel-openblas (the `openblas` extra),
+    else ngsolve-openblas if it happens to be installed."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return _dist_file("cmeel-openblas", "lib/libopenblas.so.0") or _dist_file("ngsolve-openblas", ".so")
+
+
+def bundled_reference() -> str | None:
+    """The netlib BLAS mlx[cpu]'s Linux wheel links (None elsewhere)."""
+    try:
+        files = metadata.distribution("mlx-cpu").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if os.path.basename(str(f)).startswith("libblas") and ".so" in str(f):
+            return str(Path(f.locate()).resolve())
+    return None
+
+
+def _gfortran_shim(lib: str, shim_dir: Path) -> dict[str, str]:
+    """LD_LIBRARY_PATH for a PyPI OpenBLAS that needs libgfortran.so.5 where the system has none:
+    links to the copy mlx_cpu.libs bundles (its own dependencies keep their hashed names)."""
+    if lib.startswith("/usr/") or "libgfortran.so.5" in _ldconfig():
+        return {}
+    ref = bundled_reference()
+    if not ref:
+        return {}
+    libs = Path(ref).parent
+    gfortran = sorted(libs.glob("libgfortran*.so*"))
+    if not gfortran:
+        return {}
+    shim_dir.mkdir(parents=True, exist_ok=True)
+    links = {"libgfortran.so.5": gfortran[0], **{p.name: p for p in libs.iterdir() if not p.name.startswith("libblas")}}
+    for name, target in links.items():
+        link = shim_dir / name
+        if not (link.is_symlink() and os.readlink(link) == str(target)):
+            tmp = shim_dir / f".{name}.tmp"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(target)
+            os.replace(tmp, link)
+    prev = os.environ.get("LD_LIBRARY_PATH", "")
+    return {"LD_LIBRARY_PATH": str(shim_dir) + (os.pathsep + prev if prev else "")}
+
+
+def _probe(lib: str, env: dict[str, str]) -> str | None:
+    """Why the worker could not start with ``env`` (None: it can): a preload that fails to load
+    makes every exec fail, so try it once, without MLX, before a worker depends on it."""
+    code = "import ctypes,sys; ctypes.CDLL(sys.argv[1]).cblas_sgemm"
+    try:
+        p = subprocess.run([sys.executable, "-c", code, lib], env={**os.environ, **env},
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
+    return None if p.returncode == 0 else (p.stderr.strip().splitlines() or ["exit %d" % p.returncode])[-1]
+
+
+def _threads(kind: str, env: dict[str, str]) -> str:
+    if kind == "reference":
+        return "1"
+    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        v = env.get(k) or os.environ.get(k)
+        if v:
+            return v
+    try:
+        return str(len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return str(os.cpu_count() or 1)
+
+
+@functools.cache
+def choose(setting: str = "auto", shim_dir: str | None = None) -> Choice:
+    """The BLAS the worker runs on for the config value ``setting`` (memoized: probed once)."""
+    if shim_dir:
+        shim = Path(shim_dir)
+    else:  # one folder per installation (its links point into this interpreter's site-packages)
+        tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+        shim = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ftctl" / f"blas-{tag}"
+    if not sys.platform.startswith("linux"):
+        return Choice(setting, "platform", "", {}, f"{sys.platform}: MLX uses the platform's BLAS", "")
+    ref = bundled_reference() or ""
+    if setting == "reference":
+        return Choice(setting, "reference", ref, {}, "blas: reference (the netlib BLAS bundled with mlx[cpu])", "1")
+    if setting == "auto":
+        candidates = [(p, "system") for p in [system_openblas()] if p] + [(p, "PyPI") for p in [pypi_openblas()] if p]
+        kind = "openblas"
+    else:
+        candidates, kind = [(os.path.abspath(os.path.expanduser(setting)), "configured")], "custom"
+    problems = []
+    for lib, origin in candidates:
+        if not os.path.exists(lib):
+            problems.append(f"{lib} does not exist")
+            continue
+        prev = os.environ.get("LD_PRELOAD", "")  # the user's own preloads stay, after ours
+        env = {"LD_PRELOAD": lib + (" " + prev if prev else ""), **_gfortran_shim(lib, shim)}
+        problem = _probe(lib, env)
+        if problem is None:
+            return Choice(setting, kind, lib, env, f"{origin} OpenBLAS preloaded into the worker" if kind == "openblas"
+                          else "blas: path from the config, preloaded into the worker", _threads(kind, env))
+        problems.append(f"{lib} cannot be preloaded: {problem}")
+    why = ("; ".join(problems) + "; " if problems else "no optimized BLAS found; ") + \
+        "using mlx[cpu]'s bundled reference BLAS (slow): " + INSTALL_HINT
+    return Choice(setting, "reference", ref, {}, why, "1")
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def fingerprint(choice: Choice) -> dict[str, str]:
+    """What bit-exactness depends on besides the job itself: a resume under a different one is no
+    longer bit-exact with the earlier attempts."""
+    size = ""
+    if choice.library:
+        try:
+            size = f" ({os.path.getsize(os.path.realpath(choice.library))} bytes)"
+        except OSError:
+            pass
+    return {"mlx": _version("mlx"), "mlx_lm": _version("mlx-lm"), "blas": choice.describe() + size,
+            "blas_threads": choice.threads, "platform": f"{platform.system()}-{platform.machine()}"}
+
+
+def fingerprint_diff(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """The keys that differ, as 'key: old -> new' (empty when either side is unknown: old journals)."""
+    if not before or not after:
+        return []
+    return [f"{k}: {before.get(k, '?')} -> {after.get(k, '?')}" for k in sorted(set(before) | set(after))
+            if before.get(k) != after.get(k)]
+
+
+def for_worker(setting: str = "auto") -> tuple[Choice, dict[str, str]]:
+    """The daemon's one call: the choice (its ``env`` goes into the worker's environment) and the
+    fingerprint to record in ``training_started``."""
+    choice = choose(setting)
+    return choice, fingerprint(choice)
