@@ -18,9 +18,12 @@ import json
 import os
 import re
 import struct
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import msgspec
@@ -155,14 +158,26 @@ def save_checkpoint(job_dir, ckpt: Checkpoint, fs: FS | None = None) -> Checkpoi
     On OSError the temp directory is removed (when possible) and the error re-raised;
     other checkpoints are never touched.
     """
-    fs = fs or FS()
-    st = ckpt.state
-    files = {
+    return write_checkpoint(job_dir, checkpoint_files(ckpt), ckpt.state, fs)
+
+
+def checkpoint_files(ckpt: Checkpoint) -> dict:
+    """The files of a checkpoint as buffers that share the arrays' memory (no copy): what
+    write_checkpoint writes. All the MLX work (evaluating, making contiguous) happens here, in
+    the caller's thread; the buffers keep their arrays alive, and MLX arrays never change once
+    evaluated, so the result is a snapshot that another thread may write while training goes on."""
+    return {
         ADAPTERS: safetensors_chunks(ckpt.adapters),
         ADAPTER_CONFIG: _json_bytes(ckpt.adapter_config),
         OPTIMIZER: safetensors_chunks(ckpt.optimizer),
-        STATE: msgspec.json.encode(st),
+        STATE: msgspec.json.encode(ckpt.state),
     }
+
+
+def write_checkpoint(job_dir, files: dict, st: TrainState, fs: FS | None = None) -> CheckpointRecord:
+    """Write checkpoint_files(...) as checkpoint step-<st.job_step>: pure I/O, no MLX call, so it
+    may run on a background thread (see CheckpointWriter)."""
+    fs = fs or FS()
     parent = checkpoints_dir(job_dir)
     for d in (parent.parent, parent):
         if not d.is_dir():
@@ -172,6 +187,68 @@ def save_checkpoint(job_dir, ckpt: Checkpoint, fs: FS | None = None) -> Checkpoi
     path, manifest_sha, total = _commit(parent, step_dir_name(st.job_step), files, meta, fs)
     return CheckpointRecord(step=st.job_step, global_step=st.global_step, path=str(path), manifest_sha256=manifest_sha,
                             bytes=total, train_loss=st.train_loss, val_loss=st.val_loss)
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread while training goes on; at most one in flight.
+
+    ``submit`` waits for the previous write first (and says how long it waited), so checkpoints are
+    written, renamed and reported strictly in order. ``on_written(record)`` runs on the writer
+    thread right after the rename (the worker reports the checkpoint there; the daemon commits it).
+    An error of the write (OSError: ENOSPC, EIO...) is kept and raised, as it was, by the next
+    ``check``, ``submit`` or ``wait`` in the training thread: the worker's exit path sees the same
+    exception a synchronous save would have raised. The thread is a daemon thread: a kill or an
+    ``os._exit`` abandons a write half-way, which leaves only a ``.tmp-`` folder behind."""
+
+    def __init__(self, job_dir, fs: FS | None, on_written: Callable[[CheckpointRecord], None]):
+        self.job_dir, self.fs, self.on_written = job_dir, fs or FS(), on_written
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.write_s = 0.0  # the last write's duration, on the writer thread
+
+    def submit(self, files: dict, state: TrainState) -> float:
+        """Start writing; return the seconds spent waiting for the previous write."""
+        t0 = time.perf_counter()
+        self.wait()
+        waited = time.perf_counter() - t0
+        self._thread = threading.Thread(target=self._write, args=(files, state), daemon=True,
+                                        name=f"checkpoint-{state.job_step}")
+        self._thread.start()
+        return waited
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def check(self) -> None:
+        """Raise the error of a finished write, if it failed (once)."""
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    def wait(self) -> None:
+        """Wait for the write in flight, then check it."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.check()
+
+    def drain(self) -> BaseException | None:
+        """Wait for the write in flight and return its error instead of raising it: for an exit path
+        that already has an exception of its own to report."""
+        try:
+            self.wait()
+        except BaseException as e:  # noqa: BLE001 - handed back, not swallowed
+            return e
+        return None
+
+    def _write(self, files: dict, state: TrainState) -> None:
+        t0 = time.perf_counter()
+        try:
+            record = write_checkpoint(self.job_dir, files, state, self.fs)
+            self.write_s = time.perf_counter() - t0
+            self.on_written(record)
+        except BaseException as e:  # noqa: BLE001 - raised again in the training thread
+            self._error = e
 
 
 def verify_checkpoint(path) -> None:

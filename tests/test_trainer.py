@@ -118,11 +118,14 @@ def test_uninterrupted_run_reports_everything(reference):
     assert [m["step"] for m in kinds(msgs, "eval")] == [0, 10, 20, 30, 40]  # 0: the base model's
     assert msgs[1]["t"] == "eval_begin" and msgs[2] == {**msgs[2], "t": "eval", "step": 0, "global_step": 0}
     assert [m["step"] for m in kinds(msgs, "checkpoint")] == list(range(5, ITERS + 1, 5))
-    # begin messages come right before their result
-    for t in ("eval", "checkpoint"):
-        for i, m in enumerate(msgs):
-            if m["t"] == t:
-                assert msgs[i - 1]["t"] == t + "_begin" and msgs[i - 1]["step"] == m["step"]
+    # an evaluation's begin comes right before its result
+    for i, m in enumerate(msgs):
+        if m["t"] == "eval":
+            assert msgs[i - 1]["t"] == "eval_begin" and msgs[i - 1]["step"] == m["step"]
+    # a checkpoint is written in the background (steps may run meanwhile), at most one in flight:
+    # begin N, written N, begin N+1, written N+1... strictly in order
+    ckpt_msgs = [(m["t"], m["step"]) for m in msgs if m["t"] in ("checkpoint_begin", "checkpoint")]
+    assert ckpt_msgs == [(t, n) for n in range(5, ITERS + 1, 5) for t in ("checkpoint_begin", "checkpoint")]
     reports = kinds(msgs, "report")
     assert reports[-1]["loss"] < reports[0]["loss"]  # it learns
     assert reports[-1]["trained_tokens"] > 0 and reports[-1]["tokens_per_s"] > 0
