@@ -42,9 +42,11 @@ from .checkpoint import (
     Checkpoint,
     CheckpointWriter,
     TrainState,
+    ADAPTERS,
     checkpoint_files,
     checkpoints_dir,
     load_checkpoint,
+    nonfinite_tensors,
     publish_adapter,
 )
 from .faults import crash_point
@@ -291,7 +293,11 @@ class _Loop:
     def _account(self, it: int, gstep: int, loss: float, ntoks: int) -> None:
         """Count the step's loss and tokens; stop at an infinite loss or NAN_PATIENCE NaNs in a row."""
         if math.isinf(loss) or (math.isnan(loss) and self.nan_run + 1 >= NAN_PATIENCE):
-            self.writer.drain()  # the checkpoint in flight is of a finite state: let it land (run() reports)
+            # let the checkpoint in flight land first; if it found its weights not finite, that is
+            # the earlier divergence, and the one to report
+            late = self.writer.drain()
+            if isinstance(late, TrainingDiverged):
+                raise late
         if math.isinf(loss):
             raise TrainingDiverged("inf", it, gstep, _diverged_text(self.cfg, it, gstep, "became infinite",
                                                                     self.s.last_ckpt))
@@ -323,10 +329,13 @@ class _Loop:
         return loss
 
     def _checkpoint(self, it: int, gstep: int) -> None:
-        """Never checkpoint a non-finite state; otherwise save atomically and report it."""
+        """Never checkpoint a non-finite state; otherwise hand it to the background writer, which
+        checks the adapter weights are finite, reports the start, writes atomically and reports it."""
         s, cfg = self.s, self.cfg
-        if self.nan_run or not _all_finite(s.model):
-            self.writer.drain()
+        if self.nan_run:
+            late = self.writer.drain()
+            if isinstance(late, TrainingDiverged):
+                raise late
             raise TrainingDiverged("nan", it, gstep, _diverged_text(
                 cfg, it, gstep, "or the adapter weights are not finite at a checkpoint", s.last_ckpt))
         if self.c_steps:
@@ -339,7 +348,6 @@ class _Loop:
         waited = time.perf_counter() - t0
         if waited >= 0.001:
             print(f"checkpoint step {it}: waited {waited:.3f} s for the previous checkpoint's write", flush=True)
-        self.emit(P.CheckpointStarted(step=it, global_step=gstep, waited_s=round(waited, 6)))
         state = TrainState(job_step=it, global_step=gstep, cursor=s.batches.cursor(it), seed=cfg.seed,
                            eval_count=self.eval_count, trained_tokens=self.trained_tokens,
                            train_loss=self.train_loss, val_loss=self.val_loss, config_sha256=s.state.config_sha256)
@@ -349,7 +357,15 @@ class _Loop:
         files = checkpoint_files(Checkpoint(
             adapters=dict(tree_flatten(s.model.trainable_parameters())), adapter_config=s.adapter_config,
             optimizer=dict(tree_flatten(s.optimizer.state)), state=state))
-        self.writer.submit(files, state)
+        started = P.CheckpointStarted(step=it, global_step=gstep, waited_s=round(waited, 6))
+
+        def finite_first() -> None:  # on the writer thread: numpy bit tests of the buffers, off the loop
+            if nonfinite_tensors(files[ADAPTERS]):
+                raise TrainingDiverged("nan", it, gstep, _diverged_text(
+                    cfg, it, gstep, "or the adapter weights are not finite at a checkpoint", s.last_ckpt))
+            self.emit(started)
+
+        self.writer.submit(files, state, before=finite_first)
 
 
 def _complete(s: Session, emit, fs: FS) -> P.Completed:
@@ -373,11 +389,6 @@ def evaluate_loss(model, batches) -> tuple[float, int]:
         mx.eval(total, ntoks)
     model.train()
     return (total / ntoks).item(), ntoks.item()
-
-
-def _all_finite(model) -> bool:
-    checks = [mx.all(mx.isfinite(p)) for _, p in tree_flatten(model.trainable_parameters())]
-    return bool(mx.all(mx.stack(checks)).item())
 
 
 def _finite(x: float) -> float | None:

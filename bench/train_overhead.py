@@ -12,6 +12,14 @@ of the medians is printed (goal: <= 1.03).
 
 On a small model per-iteration costs are smallest, so fixed per-step overheads show most:
 run it with --hidden 64 --layers 2 --iters 300 too.
+
+--mode checkpoints: what checkpoints cost a run, now that they are written in the background.
+The same ftctl run twice, alternating, one process per run: checkpointing every --save-every
+(default here 10) iterations vs never (only the final checkpoint, which both runs take). Total
+tokens/s = trained tokens / (Completed - Loaded): every checkpoint, wait and publish included.
+Goal: the ratio checkpointing / never >= 0.97.
+
+    .venv/bin/python bench/train_overhead.py --mode checkpoints [--iters 200] [--rounds 5]
 """
 
 import argparse
@@ -34,7 +42,7 @@ from mlx_lm.tuner.trainer import TrainingArgs, train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from ftctl.adapters.demo import build_demo
-from ftctl.adapters.protocol import CheckpointWritten, TrainPlan
+from ftctl.adapters.protocol import CheckpointStarted, CheckpointWritten, Completed, Loaded, Report, TrainPlan
 from ftctl.adapters.trainer import run
 from ftctl.core.config import decode_config
 
@@ -86,6 +94,57 @@ def ours(demo, iters, batch_size, job_dir: Path, save_every: int = 50) -> tuple[
     return time.perf_counter() - tic, len(saved)
 
 
+def tokens_per_s(model_dir: str, iters: int, batch_size: int, out: str, save_every: int):
+    """One ftctl run in this process: prints 'tokens/s checkpoints waited_s' on the last line."""
+    cfg, _ = decode_config({"model": model_dir, "iters": iters, "batch_size": batch_size, "learning_rate": LR,
+                            "num_layers": -1, "lora_parameters": LORA, "save_every": save_every,
+                            "steps_per_report": 10})
+    seen = {"ckpts": 0, "waited": 0.0, "tokens": 0}
+
+    def emit(m):
+        now = time.perf_counter()
+        if isinstance(m, Loaded):
+            seen["t0"] = now
+        elif isinstance(m, Completed):
+            seen["t1"] = now
+        elif isinstance(m, Report):
+            seen["tokens"] = m.metrics.trained_tokens
+        elif isinstance(m, CheckpointWritten):
+            seen["ckpts"] += 1
+        elif isinstance(m, CheckpointStarted):
+            seen["waited"] += m.waited_s
+
+    train_path = Path(model_dir).parent / "data" / "train.jsonl"
+    run(TrainPlan(job_id="bench", job_dir=out, config=cfg, train_path=str(train_path)), emit)
+    print(f"{seen['tokens'] / (seen['t1'] - seen['t0'])} {seen['ckpts']} {seen['waited']}")
+
+
+def checkpoint_cost(a, demo, tmp: Path):
+    """--mode checkpoints: tokens/s checkpointing every a.save_every iterations vs never."""
+    save_every = a.save_every if a.save_every != 50 else 10
+    rates = {"every": [], "never": []}
+    info = {}
+    for r in range(a.rounds):
+        for kind in ("every", "never") if r % 2 == 0 else ("never", "every"):
+            code = ("import sys; sys.path.insert(0, %r); import train_overhead as t; t.tokens_per_s(%r, %d, %d, %r, %d)"
+                    % (str(Path(__file__).parent), str(demo.model_dir), a.iters, a.batch_size,
+                       str(tmp / f"{kind}-{r}"), save_every if kind == "every" else a.iters))
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            rate, n, waited = res.stdout.strip().splitlines()[-1].split()
+            rates[kind].append(float(rate))
+            info[kind] = (int(n), float(waited))
+    print(f"model: llama {a.layers} layers, hidden {a.hidden}; {a.iters} iterations, batch {a.batch_size}, "
+          f"LoRA rank 8 on all layers; {a.rounds} rounds, alternating, one process per run; "
+          "tokens/s from Loaded to Completed")
+    for kind, label in (("every", f"checkpoint every {save_every}"), ("never", "never (final only)")):
+        n, waited = info[kind]
+        print(f"{label:<22} tokens/s median {statistics.median(rates[kind]):9.0f}  max {max(rates[kind]):9.0f}  "
+              f"({n} checkpoints; waited for a write {waited:.3f} s in the last run)  "
+              f"(all: {', '.join(f'{x:.0f}' for x in rates[kind])})")
+    print(f"ratio every / never: median {statistics.median(rates['every']) / statistics.median(rates['never']):.3f}, "
+          f"max {max(rates['every']) / max(rates['never']):.3f}  (goal >= 0.97)")
+
+
 def measure(kind: str, model_dir: str, iters: int, batch_size: int, out: str, save_every: int):
     """One timed run in this process: prints 'wall cpu checkpoints' on the last line."""
     train_path = Path(model_dir).parent / "data" / "train.jsonl"
@@ -118,7 +177,13 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument("--mode", choices=["mlx-lm", "checkpoints"], default="mlx-lm")
     a = ap.parse_args()
+    if a.mode == "checkpoints":
+        with tempfile.TemporaryDirectory() as tmp:
+            demo = build_demo(Path(tmp) / "demo", hidden=a.hidden, layers=a.layers, heads=4, vocab=512)
+            checkpoint_cost(a, demo, Path(tmp))
+        return
     times = {"bare": [], "ours": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
