@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import queue
 import re
 import struct
 import threading
@@ -224,11 +225,15 @@ class CheckpointWriter:
     thread right after the rename (the worker reports the checkpoint there; the daemon commits it).
     An error of the write (OSError: ENOSPC, EIO...) is kept and raised, as it was, by the next
     ``check``, ``submit`` or ``wait`` in the training thread: the worker's exit path sees the same
-    exception a synchronous save would have raised. The thread is a daemon thread: a kill or an
-    ``os._exit`` abandons a write half-way, which leaves only a ``.tmp-`` folder behind."""
+    exception a synchronous save would have raised. The thread is started once and fed through a
+    queue (handing over a checkpoint does not wait for a new thread to be scheduled); it is a daemon
+    thread: a kill or an ``os._exit`` abandons a write half-way, which leaves only a ``.tmp-`` folder."""
 
     def __init__(self, job_dir, fs: FS | None, on_written: Callable[[CheckpointRecord], None]):
         self.job_dir, self.fs, self.on_written = job_dir, fs or FS(), on_written
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.write_s = 0.0  # the last write's duration, on the writer thread
@@ -239,13 +244,15 @@ class CheckpointWriter:
         t0 = time.perf_counter()
         self.wait()
         waited = time.perf_counter() - t0
-        self._thread = threading.Thread(target=self._write, args=(files, state, before), daemon=True,
-                                        name=f"checkpoint-{state.job_step}")
-        self._thread.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, daemon=True, name="checkpoint-writer")
+            self._thread.start()
+        self._idle.clear()
+        self._jobs.put((files, state, before))
         return waited
 
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return not self._idle.is_set()
 
     def check(self) -> None:
         """Raise the error of a finished write, if it failed (once)."""
@@ -255,9 +262,7 @@ class CheckpointWriter:
 
     def wait(self) -> None:
         """Wait for the write in flight, then check it."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._idle.wait()
         self.check()
 
     def drain(self) -> BaseException | None:
@@ -268,6 +273,18 @@ class CheckpointWriter:
         except BaseException as e:  # noqa: BLE001 - handed back, not swallowed
             return e
         return None
+
+    def close(self) -> None:
+        """Wait for the write in flight (its error stays for check) and end the thread."""
+        self._idle.wait()
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._write(*job)
+            self._idle.set()
 
     def _write(self, files: dict, state: TrainState, before) -> None:
         t0 = time.perf_counter()

@@ -246,6 +246,8 @@ class _Loop:
             if late is not None:
                 print(f"the checkpoint in flight failed too: {type(late).__name__}: {late}", flush=True)
             raise
+        finally:
+            self.writer.close()
         self.writer.wait()
         if stopped is not None:
             stopped = P.Stopped(step=stopped.step, global_step=stopped.global_step, checkpoint=self.s.last_ckpt)
