@@ -39,10 +39,10 @@ from . import protocol as P
 
 from .batches import TrainBatches, build_dataset, tokenized, validation_batches
 from .checkpoint import (
+    ADAPTERS,
     Checkpoint,
     CheckpointWriter,
     TrainState,
-    ADAPTERS,
     checkpoint_files,
     checkpoints_dir,
     load_checkpoint,

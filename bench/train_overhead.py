@@ -114,15 +114,27 @@ def tokens_per_s(model_dir: str, iters: int, batch_size: int, out: str, save_eve
         elif isinstance(m, CheckpointStarted):
             seen["waited"] += m.waited_s
 
+    from ftctl.adapters import trainer
+
+    real, stall = trainer._Loop._checkpoint, [0.0]
+
+    def timed(self, it, gstep):  # the loop's own time per checkpoint (the stall), summed
+        t = time.perf_counter()
+        real(self, it, gstep)
+        stall[0] += time.perf_counter() - t
+
+    trainer._Loop._checkpoint = timed
     train_path = Path(model_dir).parent / "data" / "train.jsonl"
     run(TrainPlan(job_id="bench", job_dir=out, config=cfg, train_path=str(train_path)), emit)
-    print(f"{seen['tokens'] / (seen['t1'] - seen['t0'])} {seen['ckpts']} {seen['waited']}")
+    wall = seen["t1"] - seen["t0"]
+    print(f"{seen['tokens'] / wall} {seen['ckpts']} {seen['waited']} {stall[0]} {wall}")
 
 
 def checkpoint_cost(a, demo, tmp: Path):
     """--mode checkpoints: tokens/s checkpointing every a.save_every iterations vs never."""
     save_every = a.save_every if a.save_every != 50 else 10
     rates = {"every": [], "never": []}
+    stalls = {"every": [], "never": []}
     info = {}
     for r in range(a.rounds):
         for kind in ("every", "never") if r % 2 == 0 else ("never", "every"):
@@ -130,9 +142,10 @@ def checkpoint_cost(a, demo, tmp: Path):
                     % (str(Path(__file__).parent), str(demo.model_dir), a.iters, a.batch_size,
                        str(tmp / f"{kind}-{r}"), save_every if kind == "every" else a.iters))
             res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-            rate, n, waited = res.stdout.strip().splitlines()[-1].split()
+            rate, n, waited, stall, wall = res.stdout.strip().splitlines()[-1].split()
             rates[kind].append(float(rate))
             info[kind] = (int(n), float(waited))
+            stalls[kind].append((float(stall), float(wall)))
     print(f"model: llama {a.layers} layers, hidden {a.hidden}; {a.iters} iterations, batch {a.batch_size}, "
           f"LoRA rank 8 on all layers; {a.rounds} rounds, alternating, one process per run; "
           "tokens/s from Loaded to Completed")
@@ -141,6 +154,9 @@ def checkpoint_cost(a, demo, tmp: Path):
         print(f"{label:<22} tokens/s median {statistics.median(rates[kind]):9.0f}  max {max(rates[kind]):9.0f}  "
               f"({n} checkpoints; waited for a write {waited:.3f} s in the last run)  "
               f"(all: {', '.join(f'{x:.0f}' for x in rates[kind])})")
+    st = [s / w for s, w in stalls["every"]]
+    print(f"the loop's own time in its checkpoints (stall), share of the run: median {statistics.median(st):.4f} "
+          f"(max {max(st):.4f}); runs took {statistics.median(w for _, w in stalls['every']):.1f} s")
     print(f"ratio every / never: median {statistics.median(rates['every']) / statistics.median(rates['never']):.3f}, "
           f"max {max(rates['every']) / max(rates['never']):.3f}  (goal >= 0.97)")
 
