@@ -16,14 +16,19 @@ import hashlib
 import io
 import json
 import os
+import queue
 import re
 import struct
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import msgspec
+import numpy as np
 
 from ftctl.events.types import CheckpointRecord
 
@@ -145,6 +150,32 @@ def safetensors_chunks(arrays: dict[str, mx.array]) -> list:
     return [struct.pack("<Q", len(head)), head, *views]
 
 
+# the exponent bits of each float format: all ones means inf or NaN
+_NONFINITE = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
+              "F64": (np.uint64, 0x7FF0000000000000)}
+
+
+def nonfinite_tensors(chunks: list, block: int = 1 << 20) -> list[str]:
+    """The names of the tensors with an inf or NaN in a safetensors_chunks list, read from the
+    buffers with numpy bit tests (no MLX call, the GIL released in each block): safe and cheap on
+    a background thread while training goes on."""
+    header = json.loads(bytes(chunks[1]))
+    bad = []
+    for key, view in zip(sorted(header), chunks[2:]):
+        kind = _NONFINITE.get(header[key]["dtype"])
+        if kind is None or not view.nbytes:
+            continue
+        bits, mask = kind
+        words = np.frombuffer(view, dtype=bits)
+        mask = bits(mask)
+        for i in range(0, words.size, block):
+            part = words[i : i + block]
+            if np.any((part & mask) == mask):
+                bad.append(key)
+                break
+    return bad
+
+
 def read_safetensors(data: bytes) -> dict[str, mx.array]:
     return mx.load(io.BytesIO(data), format="safetensors")
 
@@ -155,14 +186,26 @@ def save_checkpoint(job_dir, ckpt: Checkpoint, fs: FS | None = None) -> Checkpoi
     On OSError the temp directory is removed (when possible) and the error re-raised;
     other checkpoints are never touched.
     """
-    fs = fs or FS()
-    st = ckpt.state
-    files = {
+    return write_checkpoint(job_dir, checkpoint_files(ckpt), ckpt.state, fs)
+
+
+def checkpoint_files(ckpt: Checkpoint) -> dict:
+    """The files of a checkpoint as buffers that share the arrays' memory (no copy): what
+    write_checkpoint writes. All the MLX work (evaluating, making contiguous) happens here, in
+    the caller's thread; the buffers keep their arrays alive, and MLX arrays never change once
+    evaluated, so the result is a snapshot that another thread may write while training goes on."""
+    return {
         ADAPTERS: safetensors_chunks(ckpt.adapters),
         ADAPTER_CONFIG: _json_bytes(ckpt.adapter_config),
         OPTIMIZER: safetensors_chunks(ckpt.optimizer),
-        STATE: msgspec.json.encode(st),
+        STATE: msgspec.json.encode(ckpt.state),
     }
+
+
+def write_checkpoint(job_dir, files: dict, st: TrainState, fs: FS | None = None) -> CheckpointRecord:
+    """Write checkpoint_files(...) as checkpoint step-<st.job_step>: pure I/O, no MLX call, so it
+    may run on a background thread (see CheckpointWriter)."""
+    fs = fs or FS()
     parent = checkpoints_dir(job_dir)
     for d in (parent.parent, parent):
         if not d.is_dir():
@@ -172,6 +215,87 @@ def save_checkpoint(job_dir, ckpt: Checkpoint, fs: FS | None = None) -> Checkpoi
     path, manifest_sha, total = _commit(parent, step_dir_name(st.job_step), files, meta, fs)
     return CheckpointRecord(step=st.job_step, global_step=st.global_step, path=str(path), manifest_sha256=manifest_sha,
                             bytes=total, train_loss=st.train_loss, val_loss=st.val_loss)
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread while training goes on; at most one in flight.
+
+    ``submit`` waits for the previous write first (and says how long it waited), so checkpoints are
+    written, renamed and reported strictly in order. ``on_written(record)`` runs on the writer
+    thread right after the rename (the worker reports the checkpoint there; the daemon commits it).
+    An error of the write (OSError: ENOSPC, EIO...) is kept and raised, as it was, by the next
+    ``check``, ``submit`` or ``wait`` in the training thread: the worker's exit path sees the same
+    exception a synchronous save would have raised. The thread is started once and fed through a
+    queue (handing over a checkpoint does not wait for a new thread to be scheduled); it is a daemon
+    thread: a kill or an ``os._exit`` abandons a write half-way, which leaves only a ``.tmp-`` folder."""
+
+    def __init__(self, job_dir, fs: FS | None, on_written: Callable[[CheckpointRecord], None]):
+        self.job_dir, self.fs, self.on_written = job_dir, fs or FS(), on_written
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.write_s = 0.0  # the last write's duration, on the writer thread
+
+    def submit(self, files: dict, state: TrainState, before: Callable[[], None] | None = None) -> float:
+        """Start writing; return the seconds spent waiting for the previous write. ``before`` runs on
+        the writer thread first: if it raises, nothing is written and that error is the write's."""
+        t0 = time.perf_counter()
+        self.wait()
+        waited = time.perf_counter() - t0
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, daemon=True, name="checkpoint-writer")
+            self._thread.start()
+        self._idle.clear()
+        self._jobs.put((files, state, before))
+        return waited
+
+    def busy(self) -> bool:
+        return not self._idle.is_set()
+
+    def check(self) -> None:
+        """Raise the error of a finished write, if it failed (once)."""
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    def wait(self) -> None:
+        """Wait for the write in flight, then check it."""
+        self._idle.wait()
+        self.check()
+
+    def drain(self) -> BaseException | None:
+        """Wait for the write in flight and return its error instead of raising it: for an exit path
+        that already has an exception of its own to report."""
+        try:
+            self.wait()
+        except BaseException as e:  # noqa: BLE001 - handed back, not swallowed
+            return e
+        return None
+
+    def close(self) -> None:
+        """Wait for the write in flight (its error stays for check) and end the thread."""
+        self._idle.wait()
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._write(*job)
+            self._idle.set()
+
+    def _write(self, files: dict, state: TrainState, before) -> None:
+        t0 = time.perf_counter()
+        try:
+            if before is not None:
+                before()
+            record = write_checkpoint(self.job_dir, files, state, self.fs)
+            self.write_s = time.perf_counter() - t0
+            self.on_written(record)
+        except BaseException as e:  # noqa: BLE001 - raised again in the training thread
+            self._error = e
 
 
 def verify_checkpoint(path) -> None:

@@ -76,12 +76,18 @@ class Evaluated(Message, tag="eval"):
 
 
 class CheckpointStarted(Message, tag="checkpoint_begin"):
+    """The step-``step`` arrays are handed to the background writer; training goes on while it writes.
+    ``waited_s``: how long the loop first waited for the previous checkpoint's write (at most one is
+    in flight), 0 when it was already done."""
+
     step: int
     global_step: int
+    waited_s: float = 0.0
 
 
 class CheckpointWritten(Message, tag="checkpoint"):
-    """The checkpoint folder is durable under its final name: the daemon commits it."""
+    """The checkpoint folder is durable under its final name: the daemon commits it. Sent by the
+    writer thread right after the rename, so Step messages of later steps may come before it."""
 
     checkpoint: CheckpointRecord
 

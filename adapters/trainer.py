@@ -7,7 +7,8 @@ linear_to_lora_layers. What differs:
     of (seed, n) and (seed, g), so evaluation never perturbs training and a resume
     continues exactly where the checkpoint left off;
   - checkpoints carry the optimizer state and the data cursor, and are committed
-    atomically (checkpoint.py);
+    atomically (checkpoint.py), written on a background thread while the next steps run
+    (at most one in flight; a stop, completion or failure waits for it);
   - progress goes to `emit` as the worker protocol's messages (protocol.py); the
     daemon journals them.
 """
@@ -38,12 +39,15 @@ from . import protocol as P
 
 from .batches import TrainBatches, build_dataset, tokenized, validation_batches
 from .checkpoint import (
+    ADAPTERS,
     Checkpoint,
+    CheckpointWriter,
     TrainState,
+    checkpoint_files,
     checkpoints_dir,
     load_checkpoint,
+    nonfinite_tensors,
     publish_adapter,
-    save_checkpoint,
 )
 from .faults import crash_point
 from .fs import FS
@@ -186,7 +190,7 @@ def run(plan: TrainPlan, emit: Callable[[P.Message], None], stop_requested: Call
     s = load(plan)
     emit(P.Loaded(step=s.state.job_step, global_step=s.state.global_step, load_s=time.perf_counter() - tic))
     if s.state.job_step < plan.config.iters:
-        stopped = _Loop(s, emit, fs).train(stop_requested)
+        stopped = _Loop(s, emit, fs).run(stop_requested)
         if stopped is not None:
             return stopped
     return _complete(s, emit, fs)
@@ -229,6 +233,31 @@ class _Loop:
         self.w_time = 0.0
         self.c_loss = self.c_steps = 0  # since the last checkpoint
         self.nan_run = 0
+        self.writer = CheckpointWriter(s.plan.job_dir, fs, self._written)
+
+    def run(self, stop_requested) -> P.Stopped | None:
+        """train(), and whatever way it ends, never before the checkpoint in flight is written (or has
+        failed): a stop or completion reports it, a failure exits with the write's own error when
+        training itself did not fail first."""
+        try:
+            stopped = self.train(stop_requested)
+        except BaseException:
+            late = self.writer.drain()
+            if late is not None:
+                print(f"the checkpoint in flight failed too: {type(late).__name__}: {late}", flush=True)
+            raise
+        finally:
+            self.writer.close()
+        self.writer.wait()
+        if stopped is not None:
+            stopped = P.Stopped(step=stopped.step, global_step=stopped.global_step, checkpoint=self.s.last_ckpt)
+            self.emit(stopped)
+        return stopped
+
+    def _written(self, record) -> None:
+        """On the writer thread, right after the rename: the checkpoint is durable; report it."""
+        self.s.last_ckpt = record.path
+        self.emit(P.CheckpointWritten(checkpoint=record))
 
     def train(self, stop_requested) -> P.Stopped | None:
         s, cfg = self.s, self.cfg
@@ -246,6 +275,7 @@ class _Loop:
             lvalue, toks, grad = step(s.batches.batch(it - 1), grad, it % accum == 0)
             mx.eval(state, lvalue, toks, grad)
             self.w_time += time.perf_counter() - t0
+            self.writer.check()  # a failed background write stops training at once, with its error
             self._account(it, gstep, lvalue.item(), toks.item())
             self.emit(P.Step(step=it, global_step=gstep))
             crash_point("mid_step", gstep)
@@ -259,13 +289,17 @@ class _Loop:
             if it % cfg.save_every == 0 or it == cfg.iters or (stopping and boundary):
                 self._checkpoint(it, gstep)
             if stopping and boundary and it < cfg.iters:
-                msg = P.Stopped(step=it, global_step=gstep, checkpoint=s.last_ckpt)
-                self.emit(msg)
-                return msg
+                return P.Stopped(step=it, global_step=gstep, checkpoint=None)  # run() emits it once written
         return None
 
     def _account(self, it: int, gstep: int, loss: float, ntoks: int) -> None:
         """Count the step's loss and tokens; stop at an infinite loss or NAN_PATIENCE NaNs in a row."""
+        if math.isinf(loss) or (math.isnan(loss) and self.nan_run + 1 >= NAN_PATIENCE):
+            # let the checkpoint in flight land first; if it found its weights not finite, that is
+            # the earlier divergence, and the one to report
+            late = self.writer.drain()
+            if isinstance(late, TrainingDiverged):
+                raise late
         if math.isinf(loss):
             raise TrainingDiverged("inf", it, gstep, _diverged_text(self.cfg, it, gstep, "became infinite",
                                                                     self.s.last_ckpt))
@@ -297,23 +331,43 @@ class _Loop:
         return loss
 
     def _checkpoint(self, it: int, gstep: int) -> None:
-        """Never checkpoint a non-finite state; otherwise save atomically and report it."""
+        """Never checkpoint a non-finite state; otherwise hand it to the background writer, which
+        checks the adapter weights are finite, reports the start, writes atomically and reports it."""
         s, cfg = self.s, self.cfg
-        if self.nan_run or not _all_finite(s.model):
+        if self.nan_run:
+            late = self.writer.drain()
+            if isinstance(late, TrainingDiverged):
+                raise late
             raise TrainingDiverged("nan", it, gstep, _diverged_text(
                 cfg, it, gstep, "or the adapter weights are not finite at a checkpoint", s.last_ckpt))
         if self.c_steps:
             self.train_loss = self.c_loss / self.c_steps
         self.c_loss = self.c_steps = 0
-        self.emit(P.CheckpointStarted(step=it, global_step=gstep))
+        # At most one checkpoint in flight: the previous one must be written (and reported) before
+        # this one starts, so the daemon commits them in order.
+        t0 = time.perf_counter()
+        self.writer.wait()
+        waited = time.perf_counter() - t0
+        if waited >= 0.001:
+            print(f"checkpoint step {it}: waited {waited:.3f} s for the previous checkpoint's write", flush=True)
         state = TrainState(job_step=it, global_step=gstep, cursor=s.batches.cursor(it), seed=cfg.seed,
                            eval_count=self.eval_count, trained_tokens=self.trained_tokens,
                            train_loss=self.train_loss, val_loss=self.val_loss, config_sha256=s.state.config_sha256)
-        record = save_checkpoint(s.plan.job_dir, Checkpoint(
+        # The step-`it` arrays, evaluated (the loop's mx.eval): immutable, and the next steps make new
+        # ones (the compiled step's outputs replace model.state and optimizer.state; holding these
+        # references also keeps MLX from donating their buffers). Only the writing is on the thread.
+        files = checkpoint_files(Checkpoint(
             adapters=dict(tree_flatten(s.model.trainable_parameters())), adapter_config=s.adapter_config,
-            optimizer=dict(tree_flatten(s.optimizer.state)), state=state), self.fs)
-        s.last_ckpt = record.path
-        self.emit(P.CheckpointWritten(checkpoint=record))
+            optimizer=dict(tree_flatten(s.optimizer.state)), state=state))
+        started = P.CheckpointStarted(step=it, global_step=gstep, waited_s=round(waited, 6))
+
+        def finite_first() -> None:  # on the writer thread: numpy bit tests of the buffers, off the loop
+            if nonfinite_tensors(files[ADAPTERS]):
+                raise TrainingDiverged("nan", it, gstep, _diverged_text(
+                    cfg, it, gstep, "or the adapter weights are not finite at a checkpoint", s.last_ckpt))
+            self.emit(started)
+
+        self.writer.submit(files, state, before=finite_first)
 
 
 def _complete(s: Session, emit, fs: FS) -> P.Completed:
@@ -337,11 +391,6 @@ def evaluate_loss(model, batches) -> tuple[float, int]:
         mx.eval(total, ntoks)
     model.train()
     return (total / ntoks).item(), ntoks.item()
-
-
-def _all_finite(model) -> bool:
-    checks = [mx.all(mx.isfinite(p)) for _, p in tree_flatten(model.trainable_parameters())]
-    return bool(mx.all(mx.stack(checks)).item())
 
 
 def _finite(x: float) -> float | None:

@@ -9,9 +9,20 @@ Same arrays (LoRA weights + Adam moments + step) written three ways:
                parent
   ftctl-nosync the same with os.fsync stubbed out: a diagnostic that separates the cost
                of the protocol and hashing from the cost of durability
-The ratio ftctl / plain is printed for each size (goal: <= 1.5).
+  async        what the training loop does since checkpoints are written in the background:
+               stall   the loop's own time per checkpoint: tree_flatten + checkpoint_files
+                       (safetensors headers, buffers that share the arrays' memory) and
+                       CheckpointWriter.submit (a thread start); the write itself, and the
+                       finiteness check of the adapter weights (numpy bit tests of the same
+                       buffers), run on the writer thread
+               durable stall + the writer thread's time to a durable, renamed checkpoint (the
+                       write runs alone here: no training competes for the cores)
+Ratios, each against baselines measured in the same run, same arrays:
+  async stall / plain            goal <= 0.10
+  async durable / plain+fsync    goal <= 1.1 (the durability floor)
+  ftctl (sync) / plain           the old, synchronous cost, for comparison
 
-    /tmp/venv/bin/python bench/checkpoint.py [--repeats 7]
+    .venv/bin/python bench/checkpoint.py [--repeats 7]
 """
 
 import argparse
@@ -24,7 +35,18 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ftctl.adapters.checkpoint import Checkpoint, Cursor, TrainState, save_checkpoint
+from mlx.utils import tree_flatten
+
+from ftctl.adapters.checkpoint import (
+    ADAPTERS,
+    Checkpoint,
+    CheckpointWriter,
+    Cursor,
+    TrainState,
+    checkpoint_files,
+    nonfinite_tensors,
+    save_checkpoint,
+)
 
 # (label, hidden, intermediate, layers trained, rank)
 SIZES = [
@@ -84,6 +106,46 @@ def ours(out: Path, adapters, optimizer, sync: bool = True):
         os.fsync = real
 
 
+WRITER = {}
+
+
+def async_save(out: Path, adapters, optimizer, parts: dict):
+    """One checkpoint the way the training loop takes it now; records the stall and the durable
+    time in `parts`."""
+    t0 = time.perf_counter()
+    state = TrainState(job_step=100, global_step=100, cursor=Cursor(epoch=0, position=100), seed=0)
+    config = {"fine_tune_type": "lora", "num_layers": 16, "lora_parameters": {"rank": 8}}
+    tree = {"model": {"layers": adapters}}  # the loop flattens the module tree
+    files = checkpoint_files(Checkpoint(dict(tree_flatten(tree)), config, dict(tree_flatten(optimizer)), state))
+    w = WRITER.setdefault("w", CheckpointWriter(out, None, lambda record: None))  # one per run, as in the loop
+    w.job_dir = out
+
+    def finite_first():  # as the trainer does: on the writer thread
+        t = time.perf_counter()
+        assert not nonfinite_tensors(files[ADAPTERS])
+        parts.setdefault("finite", []).append(time.perf_counter() - t)
+
+    w.submit(files, state, before=finite_first)
+    t1 = time.perf_counter()
+    w.wait()
+    t2 = time.perf_counter()
+    parts.setdefault("stall", []).append(t1 - t0)
+    parts.setdefault("durable", []).append(t2 - t0)
+
+
+def hash_only(adapters, optimizer) -> float:
+    """A profile of the durable cost: sha256 of the same bytes on the same 2 threads, nothing written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ftctl.adapters.checkpoint import _digest, safetensors_chunks
+
+    chunks = [safetensors_chunks(adapters), safetensors_chunks(optimizer)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(_digest, chunks))
+    return time.perf_counter() - t0
+
+
 def once(fn, out: Path) -> float:
     """Time one save into the empty directory `out`, then remove it (both untimed).
     A job's checkpoints/ folder exists after its first save, so it exists here too."""
@@ -106,7 +168,9 @@ def main():
         for label, hidden, inter, layers, rank in SIZES:
             adapters, optimizer = lora_arrays(hidden, inter, layers, rank)
             mb = sum(v.nbytes for v in (*adapters.values(), *optimizer.values())) / 1e6
+            parts = {}
             fns = {
+                "async": lambda o: async_save(o, adapters, optimizer, parts),
                 "plain": lambda o: plain(o, adapters, optimizer, sync=False),
                 "plain+fsync": lambda o: plain(o, adapters, optimizer, sync=True),
                 "ftctl": lambda o: ours(o, adapters, optimizer),
@@ -119,10 +183,20 @@ def main():
                     if i:
                         times[name].append(t)
             m = {name: statistics.median(v) for name, v in times.items()}
+            p = {name: statistics.median(v[1:]) for name, v in parts.items()}  # [0]: the warm-up round
             print(f"{label}: {mb:.1f} MB")
             for name in fns:
+                if name == "async":
+                    print(f"  {'async stall':<12} {p['stall'] * 1000:9.2f} ms")
+                    print(f"  {'async durable':<12} {p['durable'] * 1000:9.2f} ms  (of which the finiteness check "
+                          f"on the writer thread {p['finite'] * 1000:.2f} ms)")
+                    continue
                 print(f"  {name:<12} {m[name] * 1000:9.2f} ms")
-            print(f"  ratio ftctl / plain: {m['ftctl'] / m['plain']:.2f}  (goal <= 1.5); "
+            h = statistics.median(hash_only(adapters, optimizer) for _ in range(3))
+            print(f"  {'sha256 only':<12} {h * 1000:9.2f} ms  (profile: the 2 hashing threads alone, nothing written)")
+            print(f"  ratio async stall / plain: {p['stall'] / m['plain']:.3f}  (goal <= 0.10); "
+                  f"async durable / plain+fsync: {p['durable'] / m['plain+fsync']:.2f}  (goal <= 1.1)")
+            print(f"  ratio ftctl (synchronous) / plain: {m['ftctl'] / m['plain']:.2f}; "
                   f"ftctl / plain+fsync: {m['ftctl'] / m['plain+fsync']:.2f}; "
                   f"without fsyncs on either side: {m['ftctl-nosync'] / m['plain']:.2f}")
 

@@ -16,6 +16,14 @@ run it with --hidden 64 --layers 2 --iters 300 too.
 Each BLAS setup (--blas, default "reference,auto": mlx[cpu]'s bundled netlib BLAS and what the
 daemon's `blas: auto` picks, adapters/blas.py) is measured separately, both sides of its ratio
 under it (each child gets the environment the worker would get); then the speedup auto/reference.
+
+--mode checkpoints: what checkpoints cost a run, now that they are written in the background.
+The same ftctl run twice, alternating, one process per run: checkpointing every --save-every
+(default here 10) iterations vs never (only the final checkpoint, which both runs take). Total
+tokens/s = trained tokens / (Completed - Loaded): every checkpoint, wait and publish included.
+Goal: the ratio checkpointing / never >= 0.97.
+
+    .venv/bin/python bench/train_overhead.py --mode checkpoints [--iters 200] [--rounds 5]
 """
 
 import argparse
@@ -40,7 +48,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from ftctl.adapters import blas as blas_setup
 from ftctl.adapters.demo import build_demo
-from ftctl.adapters.protocol import CheckpointWritten, TrainPlan
+from ftctl.adapters.protocol import CheckpointStarted, CheckpointWritten, Completed, Loaded, Report, TrainPlan
 from ftctl.adapters.trainer import run
 from ftctl.core.config import decode_config
 
@@ -92,6 +100,73 @@ def ours(demo, iters, batch_size, job_dir: Path, save_every: int = 50) -> tuple[
     return time.perf_counter() - tic, len(saved)
 
 
+def tokens_per_s(model_dir: str, iters: int, batch_size: int, out: str, save_every: int):
+    """One ftctl run in this process: prints 'tokens/s checkpoints waited_s' on the last line."""
+    cfg, _ = decode_config({"model": model_dir, "iters": iters, "batch_size": batch_size, "learning_rate": LR,
+                            "num_layers": -1, "lora_parameters": LORA, "save_every": save_every,
+                            "steps_per_report": 10})
+    seen = {"ckpts": 0, "waited": 0.0, "tokens": 0}
+
+    def emit(m):
+        now = time.perf_counter()
+        if isinstance(m, Loaded):
+            seen["t0"] = now
+        elif isinstance(m, Completed):
+            seen["t1"] = now
+        elif isinstance(m, Report):
+            seen["tokens"] = m.metrics.trained_tokens
+        elif isinstance(m, CheckpointWritten):
+            seen["ckpts"] += 1
+        elif isinstance(m, CheckpointStarted):
+            seen["waited"] += m.waited_s
+
+    from ftctl.adapters import trainer
+
+    real, stall = trainer._Loop._checkpoint, [0.0]
+
+    def timed(self, it, gstep):  # the loop's own time per checkpoint (the stall), summed
+        t = time.perf_counter()
+        real(self, it, gstep)
+        stall[0] += time.perf_counter() - t
+
+    trainer._Loop._checkpoint = timed
+    train_path = Path(model_dir).parent / "data" / "train.jsonl"
+    run(TrainPlan(job_id="bench", job_dir=out, config=cfg, train_path=str(train_path)), emit)
+    wall = seen["t1"] - seen["t0"]
+    print(f"{seen['tokens'] / wall} {seen['ckpts']} {seen['waited']} {stall[0]} {wall}")
+
+
+def checkpoint_cost(a, demo, tmp: Path):
+    """--mode checkpoints: tokens/s checkpointing every a.save_every iterations vs never."""
+    save_every = a.save_every if a.save_every != 50 else 10
+    rates = {"every": [], "never": []}
+    stalls = {"every": [], "never": []}
+    info = {}
+    for r in range(a.rounds):
+        for kind in ("every", "never") if r % 2 == 0 else ("never", "every"):
+            code = ("import sys; sys.path.insert(0, %r); import train_overhead as t; t.tokens_per_s(%r, %d, %d, %r, %d)"
+                    % (str(Path(__file__).parent), str(demo.model_dir), a.iters, a.batch_size,
+                       str(tmp / f"{kind}-{r}"), save_every if kind == "every" else a.iters))
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            rate, n, waited, stall, wall = res.stdout.strip().splitlines()[-1].split()
+            rates[kind].append(float(rate))
+            info[kind] = (int(n), float(waited))
+            stalls[kind].append((float(stall), float(wall)))
+    print(f"model: llama {a.layers} layers, hidden {a.hidden}; {a.iters} iterations, batch {a.batch_size}, "
+          f"LoRA rank 8 on all layers; {a.rounds} rounds, alternating, one process per run; "
+          "tokens/s from Loaded to Completed")
+    for kind, label in (("every", f"checkpoint every {save_every}"), ("never", "never (final only)")):
+        n, waited = info[kind]
+        print(f"{label:<22} tokens/s median {statistics.median(rates[kind]):9.0f}  max {max(rates[kind]):9.0f}  "
+              f"({n} checkpoints; waited for a write {waited:.3f} s in the last run)  "
+              f"(all: {', '.join(f'{x:.0f}' for x in rates[kind])})")
+    st = [s / w for s, w in stalls["every"]]
+    print(f"the loop's own time in its checkpoints (stall), share of the run: median {statistics.median(st):.4f} "
+          f"(max {max(st):.4f}); runs took {statistics.median(w for _, w in stalls['every']):.1f} s")
+    print(f"ratio every / never: median {statistics.median(rates['every']) / statistics.median(rates['never']):.3f}, "
+          f"max {max(rates['every']) / max(rates['never']):.3f}  (goal >= 0.97)")
+
+
 def measure(kind: str, model_dir: str, iters: int, batch_size: int, out: str, save_every: int):
     """One timed run in this process: prints 'wall cpu checkpoints' on the last line."""
     train_path = Path(model_dir).parent / "data" / "train.jsonl"
@@ -126,7 +201,13 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--save-every", type=int, default=50)
     ap.add_argument("--blas", default="reference,auto", help="comma-separated `blas:` settings to measure")
+    ap.add_argument("--mode", choices=["mlx-lm", "checkpoints"], default="mlx-lm")
     a = ap.parse_args()
+    if a.mode == "checkpoints":  # in this process's environment (run it under the BLAS to measure)
+        with tempfile.TemporaryDirectory() as tmp:
+            demo = build_demo(Path(tmp) / "demo", hidden=a.hidden, layers=a.layers, heads=4, vocab=512)
+            checkpoint_cost(a, demo, Path(tmp))
+        return
     setups = [blas_setup.choose(x) for x in a.blas.split(",")]
     times = {(i, k): [] for i in range(len(setups)) for k in ("bare", "ours")}
     ckpts = 0

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import stat
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -26,6 +27,8 @@ from ftctl.adapters.checkpoint import (
     load_checkpoint,
     publish_adapter,
     save_checkpoint,
+    CheckpointWriter,
+    checkpoint_files,
     sha256,
     temp_dirs,
     verify_checkpoint,
@@ -356,3 +359,103 @@ def test_safetensors_chunks_are_standard_safetensors(tmp_path):
     bf = {"w": mx.array([1.5, -2.25, 3e-3]).astype(mx.bfloat16)}
     FS().write_bytes(tmp_path / "bf.safetensors", safetensors_chunks(bf))
     assert same_arrays(mx.load(str(tmp_path / "bf.safetensors")), bf)
+
+
+# ---------------------------------------------------------------------------- the background writer
+
+
+def test_the_writer_writes_in_order_and_reports_after_the_rename(tmp_path):
+    job = tmp_path / "job"
+    seen = []
+
+    def written(record):
+        verify_checkpoint(record.path)  # durable under its final name before it is reported
+        seen.append(record.step)
+
+    w = CheckpointWriter(job, None, written)
+    waits = []
+    for step in (5, 10, 15):
+        ck = payload(step)
+        waits.append(w.submit(checkpoint_files(ck), ck.state))
+    w.wait()
+    assert seen == [5, 10, 15] and not w.busy() and all(x >= 0 for x in waits)
+    assert [checkpoint_step(p) for p in list_checkpoint_dirs(job)] == [5, 10, 15]
+    sync = save_checkpoint(tmp_path / "sync", payload(15))
+    assert (job / "checkpoints" / "step-00000015" / MANIFEST).read_bytes() == (Path(sync.path) / MANIFEST).read_bytes()
+
+
+@pytest.mark.parametrize("err", ERRNOS)
+def test_a_fault_at_any_write_of_a_background_save_surfaces_in_the_caller(tmp_path, err):
+    """The async twin of the test above: every write operation of checkpoint 20 fails in turn on the
+    writer thread; the caller gets that very OSError from check()/wait()/submit(), once; the previous
+    checkpoint stays intact; nothing is reported; a healthy retry commits."""
+    total = save_ops(tmp_path, debris=False)
+    for n in range(1, total + 1):
+        job = tmp_path / f"job-{n}"
+        prev = save_checkpoint(job, payload(10))
+        seen = []
+        fs = FaultyFS(fail_at=n, err=err)
+        w = CheckpointWriter(job, fs, lambda r: seen.append(r.step))
+        ck = payload(20)
+        w.submit(checkpoint_files(ck), ck.state)
+        with pytest.raises(OSError) as e:
+            if n % 2:
+                w.wait()
+            else:  # the next checkpoint coming due finds the error first
+                w.submit(checkpoint_files(payload(30)), payload(30).state)
+        assert e.value.errno == err and fs.failed
+        w.check()  # raised once
+        assert seen == [], n  # a failed write is never reported (not even a failed fsync after the rename)
+        verify_checkpoint(prev.path)
+        assert temp_dirs(job) == []
+        assert [checkpoint_step(p) for p in list_checkpoint_dirs(job)] in ([10], [10, 20])
+        w2 = CheckpointWriter(job, None, lambda r: seen.append(r.step))
+        w2.submit(checkpoint_files(ck), ck.state)
+        w2.wait()
+        verify_checkpoint(job / "checkpoints" / "step-00000020")
+
+
+def test_a_kill_during_a_background_write_leaves_the_previous_or_the_new_checkpoint(tmp_path):
+    """SIGKILL at the writer thread's crash points (it kills the whole process, training thread
+    included): afterwards the newest complete checkpoint verifies, and only .tmp- debris is left."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_checkpoint import payload
+        from ftctl.adapters.checkpoint import CheckpointWriter, checkpoint_files, save_checkpoint
+        job = sys.argv[1]
+        save_checkpoint(job, payload(10))
+        w = CheckpointWriter(job, None, lambda r: print("reported", r.step, flush=True))
+        ck = payload(20)
+        w.submit(checkpoint_files(ck), ck.state)
+        while True:  # "training" goes on until the writer thread's crash point kills the process
+            time.sleep(0.01)
+    """)
+    for point, want in (("after_temp_write", [10]), ("after_rename", [10, 20])):
+        job = tmp_path / point
+        env = {**os.environ, "FTCTL_CRASH_AT": f"{point}:120:{tmp_path / (point + '.marker')}"}
+        p = subprocess.run([sys.executable, "-c", script, str(job)], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == -9, p.stderr
+        assert "reported" not in p.stdout
+        assert [checkpoint_step(d) for d in list_checkpoint_dirs(job)] == want
+        for d in list_checkpoint_dirs(job):
+            verify_checkpoint(d)
+        assert all(t.name.startswith(".tmp-step-00000020-") for t in temp_dirs(job))
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_nonfinite_tensors_finds_inf_and_nan_in_the_buffers(dtype):
+    from ftctl.adapters.checkpoint import nonfinite_tensors, safetensors_chunks
+
+    big = mx.zeros((3000, 700), dtype)
+    arrays = {"ok": mx.array([1.0, -2.5, 65000.0 if dtype != mx.float16 else 60000.0], dtype),
+              "nan": mx.array([0.0, float("nan")], dtype), "inf": mx.array([-float("inf"), 1.0], dtype),
+              "late": mx.concatenate([big.reshape(-1), mx.array([float("inf")], dtype)]),
+              "ints": mx.array([2**31 - 1], mx.int32)}
+    assert nonfinite_tensors(safetensors_chunks(arrays), block=1 << 16) == ["inf", "late", "nan"]
+    assert nonfinite_tensors(safetensors_chunks({"ok": arrays["ok"], "big": big})) == []

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import time
 
 import mlx.core as mx
 import mlx_lm
@@ -118,11 +119,14 @@ def test_uninterrupted_run_reports_everything(reference):
     assert [m["step"] for m in kinds(msgs, "eval")] == [0, 10, 20, 30, 40]  # 0: the base model's
     assert msgs[1]["t"] == "eval_begin" and msgs[2] == {**msgs[2], "t": "eval", "step": 0, "global_step": 0}
     assert [m["step"] for m in kinds(msgs, "checkpoint")] == list(range(5, ITERS + 1, 5))
-    # begin messages come right before their result
-    for t in ("eval", "checkpoint"):
-        for i, m in enumerate(msgs):
-            if m["t"] == t:
-                assert msgs[i - 1]["t"] == t + "_begin" and msgs[i - 1]["step"] == m["step"]
+    # an evaluation's begin comes right before its result
+    for i, m in enumerate(msgs):
+        if m["t"] == "eval":
+            assert msgs[i - 1]["t"] == "eval_begin" and msgs[i - 1]["step"] == m["step"]
+    # a checkpoint is written in the background (steps may run meanwhile), at most one in flight:
+    # begin N, written N, begin N+1, written N+1... strictly in order
+    ckpt_msgs = [(m["t"], m["step"]) for m in msgs if m["t"] in ("checkpoint_begin", "checkpoint")]
+    assert ckpt_msgs == [(t, n) for n in range(5, ITERS + 1, 5) for t in ("checkpoint_begin", "checkpoint")]
     reports = kinds(msgs, "report")
     assert reports[-1]["loss"] < reports[0]["loss"]  # it learns
     assert reports[-1]["trained_tokens"] > 0 and reports[-1]["tokens_per_s"] > 0
@@ -467,3 +471,139 @@ def test_every_demo_format_loads_into_batches(demo, fmt):
     assert all((0 < off < len(t)) if mask else off == 0 for t, off in items)
     batch, lengths = TrainBatches(items, 4, 64, seed=0).batch(0)
     assert batch.shape[0] == 4 and lengths.shape == (4, 2)
+
+
+# ---------------------------------------------------------------------------- async checkpoints
+
+
+def test_the_arrays_handed_to_the_writer_are_a_snapshot(demo, tmp_path):
+    """The step replaces model.state and optimizer.state with new arrays (never updates them in
+    place), and holding the step-N arrays keeps MLX from donating their buffers to later steps: what
+    the background writer reads stays the step-N values however many steps run meanwhile."""
+    from mlx.utils import tree_flatten
+
+    s = trainer_mod.load(plan(demo, tmp_path / "job", config(demo)))
+    step, state = trainer_mod._compiled_step(s)
+
+    def one(it):
+        lvalue, toks, grad = step(s.batches.batch(it - 1), None, True)
+        mx.eval(state, lvalue, toks, grad)
+
+    for it in range(1, 3):
+        one(it)
+    held = {**{"a." + k: v for k, v in tree_flatten(s.model.trainable_parameters())},
+            **{"o." + k: v for k, v in tree_flatten(s.optimizer.state)}}
+    copies = {k: np.array(v) for k, v in held.items()}
+    views = {k: memoryview(v) for k, v in held.items()}  # what checkpoint_files hands the writer
+    for it in range(3, 9):
+        one(it)
+    now = {**{"a." + k: v for k, v in tree_flatten(s.model.trainable_parameters())},
+           **{"o." + k: v for k, v in tree_flatten(s.optimizer.state)}}
+    assert now.keys() == held.keys()
+    for k in held:
+        assert now[k] is not held[k], f"{k} was not replaced by the step"
+        assert np.array_equal(np.array(held[k]), copies[k]), f"{k} changed under the writer"
+        assert bytes(views[k]) == copies[k].tobytes(), k
+    moved = [k for k in held if not np.array_equal(np.array(now[k]), copies[k])]
+    assert any(k.startswith("a.") for k in moved) and any(k.startswith("o.") for k in moved)
+
+
+class SlowFS:
+    """An FS whose every file write first waits `delay` seconds: steps run while a checkpoint is
+    written, and the next checkpoint comes due before the write ends."""
+
+    def __new__(cls, base, delay):
+        class Slow(type(base)):
+            def write_bytes(self, path, data):
+                time.sleep(delay)
+                super().write_bytes(path, data)
+
+        slow = Slow.__new__(Slow)
+        slow.__dict__.update(base.__dict__)
+        return slow
+
+
+def train_with(p, fs, stop_at=None):
+    msgs, steps = [], []
+
+    def emit(m):
+        msgs.append(flat(m))
+        if isinstance(m, P.Step):
+            steps.append(m.step)
+
+    result = run(p, emit, lambda: stop_at is not None and bool(steps) and steps[-1] >= stop_at, fs=fs)
+    return msgs, flat(result)
+
+
+def test_a_slow_write_overlaps_training_waits_for_the_next_and_is_bit_exact(demo, reference, tmp_path):
+    from ftctl.adapters.fs import FS
+
+    ref_job, ref_msgs, ref = reference
+    job = tmp_path / "job"
+    msgs, result = train_with(plan(demo, job, config(demo)), SlowFS(FS(), 0.1))
+    order = [(m["t"], m["step"]) for m in msgs if m["t"] in ("step", "checkpoint_begin", "checkpoint")]
+    begin5, done5 = order.index(("checkpoint_begin", 5)), order.index(("checkpoint", 5))
+    assert any(t == "step" for t, _ in order[begin5:done5]), "no step ran while checkpoint 5 was written"
+    begins = kinds(msgs, "checkpoint_begin")
+    assert max(b["waited_s"] for b in begins) > 0  # a checkpoint came due while the previous was written
+    # the very same bytes as the reference run's checkpoints, and the same adapter
+    assert [m["manifest_sha256"] for m in kinds(msgs, "checkpoint")] == \
+        [m["manifest_sha256"] for m in kinds(ref_msgs, "checkpoint")]
+    assert result["adapter_sha256"] == ref["adapter_sha256"] and temp_dirs(job) == []
+
+
+def test_a_stop_waits_for_the_write_in_flight(demo, reference, tmp_path):
+    from ftctl.adapters.fs import FS
+
+    job = tmp_path / "job"
+    msgs, result = train_with(plan(demo, job, config(demo)), SlowFS(FS(), 0.05), stop_at=11)
+    assert result["t"] == "stopped" and result["step"] == 11 and result["checkpoint"].endswith("step-00000011")
+    assert msgs[-2]["t"] == "checkpoint" and msgs[-2]["step"] == 11 and msgs[-1] == result
+    verify_checkpoint(result["checkpoint"])
+    _, result = train(plan(demo, job, config(demo), resume_from=result["checkpoint"]))
+    assert result["adapter_sha256"] == reference[2]["adapter_sha256"]
+
+
+def ops_of_a_run(demo, tmp_path, cfg) -> list[int]:
+    """The FS operation count after each checkpoint of a clean run (the ops of checkpoint k are
+    (counts[k-1], counts[k]])."""
+    from ftctl.adapters.fs import FS
+
+    counts = []
+
+    class Counting(FS):
+        pass
+
+    fs = Counting()
+    run(plan(demo, tmp_path / "count", cfg), lambda m: counts.append(fs.ops) if isinstance(m, P.CheckpointWritten) else None,
+        fs=fs)
+    return counts
+
+
+@pytest.mark.parametrize("err", [__import__("errno").ENOSPC, __import__("errno").EIO])
+def test_a_fault_at_any_write_of_a_background_checkpoint_fails_the_run_and_keeps_the_previous(demo, tmp_path, err):
+    """FaultyFS fails each write operation of the second checkpoint in turn, on the writer thread
+    while training goes on: run() raises that OSError (what the worker turns into disk_full or
+    io_error), checkpoint 5 stays intact and verifiable, no temp folder is left, and no later
+    checkpoint is started."""
+    from ftctl.adapters.fs import FaultyFS
+
+    cfg = config(demo, iters=15, steps_per_eval=100)
+    counts = ops_of_a_run(demo, tmp_path, cfg)
+    first, second = counts[0], counts[1]
+    assert second - first == 9
+    for n in range(first + 1, second + 1):
+        job = tmp_path / f"job-{n}"
+        fs = SlowFS(FaultyFS(n, err), 0.01)
+        msgs = []
+        with pytest.raises(OSError) as e:
+            run(plan(demo, job, cfg), lambda m: msgs.append(flat(m)), fs=fs)
+        assert e.value.errno == err and fs.failed, n
+        assert [checkpoint_step(p) for p in list_checkpoint_dirs(job)] in ([5], [5, 10]), n
+        if len(list_checkpoint_dirs(job)) == 2:  # only the fsync of the parent after the rename failed
+            assert n == second
+            verify_checkpoint(list_checkpoint_dirs(job)[1])
+        verify_checkpoint(list_checkpoint_dirs(job)[0])
+        assert temp_dirs(job) == [], n
+        assert [m["step"] for m in kinds(msgs, "checkpoint")] == [5], n  # 10 was never reported
+        assert 15 not in [m["step"] for m in kinds(msgs, "checkpoint_begin")], n
