@@ -12,6 +12,8 @@ with the final name always has every file its manifest lists; verify_checkpoint
 checks the hashes before anything is loaded from it.
 """
 
+from __future__ import annotations
+
 import hashlib
 import io
 import json
@@ -24,11 +26,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import mlx.core as mx
 import msgspec
 import numpy as np
+
+if TYPE_CHECKING:  # MLX is imported where arrays are written or read: recovery and status never load it
+    import mlx.core as mx
 
 from ftctl.events.types import CheckpointRecord
 
@@ -107,21 +111,10 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-_DTYPES = {
-    mx.bool_: "BOOL",
-    mx.uint8: "U8",
-    mx.uint16: "U16",
-    mx.uint32: "U32",
-    mx.uint64: "U64",
-    mx.int8: "I8",
-    mx.int16: "I16",
-    mx.int32: "I32",
-    mx.int64: "I64",
-    mx.float16: "F16",
-    mx.bfloat16: "BF16",
-    mx.float32: "F32",
-    mx.float64: "F64",
-    mx.complex64: "C64",
+_DTYPES = {  # MLX dtype name -> safetensors dtype
+    "bool": "BOOL", "uint8": "U8", "uint16": "U16", "uint32": "U32", "uint64": "U64", "int8": "I8",
+    "int16": "I16", "int32": "I32", "int64": "I64", "float16": "F16", "bfloat16": "BF16", "float32": "F32",
+    "float64": "F64", "complex64": "C64",
 }
 
 
@@ -129,6 +122,8 @@ def safetensors_chunks(arrays: dict[str, mx.array]) -> list:
     """The safetensors file of `arrays` as a list of buffers, without copying the data:
     8-byte little-endian header length, JSON header (padded to 8 bytes), then each
     array's bytes. Keys are sorted, so equal arrays give equal bytes."""
+    import mlx.core as mx
+
     mx.eval(list(arrays.values()))
     header, views, offset = {}, [], 0
     for key in sorted(arrays):
@@ -139,7 +134,7 @@ def safetensors_chunks(arrays: dict[str, mx.array]) -> list:
             mx.eval(a)
             view = memoryview(a)
         header[key] = {
-            "dtype": _DTYPES[a.dtype],
+            "dtype": _DTYPES[str(a.dtype).rpartition(".")[2]],
             "shape": list(a.shape),
             "data_offsets": [offset, offset + view.nbytes],
         }
@@ -177,6 +172,8 @@ def nonfinite_tensors(chunks: list, block: int = 1 << 20) -> list[str]:
 
 
 def read_safetensors(data: bytes) -> dict[str, mx.array]:
+    import mlx.core as mx
+
     return mx.load(io.BytesIO(data), format="safetensors")
 
 
