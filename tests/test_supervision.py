@@ -172,7 +172,12 @@ def test_worker_death_is_recorded_and_the_job_resumes(tmp_path, demo):
     starts = [e["data"] for e in _events(home, "training_started")]
     assert [s["attempt"] for s in starts] == [1, 2]
     assert f"pid {starts[0]['worker_pid']}" in marker.read_text()  # it was the first worker that died
-    assert starts[1]["resume_step"] == 5  # from the last committed checkpoint before step 7
+    # from the last checkpoint committed before the kill: 5 — or 0 if its background write was still in
+    # flight at step 7 (a kill then leaves the previous committed checkpoint, here none)
+    evs = _events(home)
+    crash_seq = next(e["seq"] for e in evs if e["type"] == "crashed")
+    committed = [e["data"]["checkpoint"]["step"] for e in evs if e["type"] == "checkpoint_committed" and e["seq"] < crash_seq]
+    assert starts[1].get("resume_step", 0) == (committed[-1] if committed else 0) and set(committed) <= {5}
     assert _completed(home).step == 10
     assert _survivors(home) == []
 
@@ -250,7 +255,10 @@ def test_restart_budget_fails_a_hopeless_job_then_retry_continues_it_bit_for_bit
         # the first restart in the window is at once (the standby takes it), backoff from the second
         reasons = [e["data"]["reason"] for e in mine if e["type"] == "requeued"]
         assert [r.split(", ")[-1] for r in reasons] == ["at once", "in 0.3 s"][:max_restarts], reasons
-        assert mine[-1]["type"] == "failed" and why in mine[-1]["data"]["reason"], mine[-1]
+        # the last lifecycle event (a later recovery may still discard the temp folder of a checkpoint
+        # whose background write the kill interrupted: a fact, not a transition)
+        last = [e for e in mine if e["type"] != "checkpoint_discarded"][-1]
+        assert last["type"] == "failed" and why in last["data"]["reason"], last
         assert _job(home, job).state == "failed"
     _completed(home, "0003")  # the queue moved on past the hopeless jobs
 
@@ -263,7 +271,10 @@ def test_restart_budget_fails_a_hopeless_job_then_retry_continues_it_bit_for_bit
     assert j.adapter_sha256 == baseline.sha1 and j.budget_from == 3
     kinds = [e["type"] for e in _events(home) if e["stream"] == "job:0001"]
     assert kinds[kinds.index("retried") - 1] == "failed"
-    assert _events(home, "training_started")[-1]["data"]["resume_step"] == 20
+    retried = next(e["seq"] for e in _events(home, "retried"))
+    last = [e["data"]["checkpoint"]["step"] for e in _events(home, "checkpoint_committed", "checkpoint_pruned")
+            if e["seq"] < retried and e["type"] == "checkpoint_committed"]
+    assert _events(home, "training_started")[-1]["data"]["resume_step"] == max(last) and max(last) in (15, 20)
     assert _survivors(home) == []
 
 
