@@ -12,13 +12,13 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from ftctl.adapters import process
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.machine import ACTIVE
 from ftctl.core.policy import resumes_from
 from ftctl.core.state import JobState, Projection, job_stream
+from ftctl.events.types import ts_epoch
 from ftctl.recovery.ledger import Ledger
 
 from .inbox import inbox_pending
@@ -203,22 +203,18 @@ def _eta(j: JobState, live: int, reports: list[dict], now: float) -> tuple[float
         return 0.0, "no iterations left"
     if len(reports) >= 2:
         a, b = reports[0], reports[-1]
-        dt, ds = _epoch(b["ts"]) - _epoch(a["ts"]), b["step"] - a["step"]
+        dt, ds = ts_epoch(b["ts"]) - ts_epoch(a["ts"]), b["step"] - a["step"]
         if dt > 0 and ds > 0:
             rate = ds / dt
-            return (max(left / rate - (now - _epoch(b["ts"])), 0.0),
+            return (max(left / rate - (now - ts_epoch(b["ts"])), 0.0),
                     f"{rate:.3g} steps/s between the reports at steps {a['step']} and {b['step']}")
     last = reports[-1] if reports else None
     if last and last.get("tokens_per_s") and last.get("trained_tokens") and last["step"] > 0:
         per_step = last["trained_tokens"] / last["step"]
         rate = last["tokens_per_s"] / per_step
-        return (max(left / rate - (now - _epoch(last["ts"])), 0.0),
+        return (max(left / rate - (now - ts_epoch(last["ts"])), 0.0),
                 f"{last['tokens_per_s']:.0f} tokens/s at {per_step:.0f} tokens/step (report at step {last['step']})")
     return None, None
-
-
-def _epoch(ts: str) -> float:
-    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
 
 def _when(ts: str | None) -> str:

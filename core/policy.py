@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ftctl.events import types as ev
 
-from ftctl.events.types import CheckpointRecord
+from ftctl.events.types import CheckpointRecord, ts_epoch
 
 from .config import RestartPolicy
 from .state import CrashRecord, JobState
@@ -113,13 +113,6 @@ class Decision:
     delay_s: float = 0.0
 
 
-def _seconds(ts: str) -> float:
-    """Epoch seconds of a journal timestamp, which is UTC (not the machine's local time)."""
-    from datetime import datetime, timezone
-
-    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
-
-
 def after_crash(crashes: list[CrashRecord], now: float, *, resume_step: int, policy: RestartPolicy,
                 detail: str = "") -> Decision:
     """Decide what follows the latest of a job's crashes (the last of ``crashes``). ``detail`` is
@@ -138,7 +131,7 @@ def after_crash(crashes: list[CrashRecord], now: float, *, resume_step: int, pol
     if len(same) >= 3:
         return Decision("fail", f"{last.category} three times at the same step {last.step}{said}: "
                                 f"it will not go away by retrying ({SUGGESTIONS.get(last.category, '')})")
-    recent = [c for c in counted if now - _seconds(c.ts) <= window_s]
+    recent = [c for c in counted if now - ts_epoch(c.ts) <= window_s]
     if len(recent) > max_restarts:
         return Decision("fail", f"{len(recent)} crashes within {window_s:g} s (restart.max_restarts = {max_restarts}); "
                                 f"last: {last.category} at step {last.step}{said}")

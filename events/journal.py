@@ -24,7 +24,8 @@ from pathlib import Path
 
 import msgspec
 
-from .types import EVENT_TYPES, DecodeError, Event, EventBase, Metrics, Recorded, decode, decode_bodies, decode_columns
+from .types import (EVENT_TYPES, TS_FORMAT, DecodeError, Event, EventBase, Metrics, Recorded, decode, decode_bodies,
+                    decode_columns)
 
 _METRIC_FIELDS = Metrics.__struct_fields__
 
@@ -58,7 +59,7 @@ class JournalBusy(JournalError):
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(timezone.utc).strftime(TS_FORMAT)
 
 
 def _check_header(path: Path) -> None:

@@ -12,6 +12,7 @@ without one record facts that do not move the job's state.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any, ClassVar, Union
 
 import msgspec
@@ -409,6 +410,14 @@ def upcast(event: EventBase) -> EventBase:
 
 
 # --------------------------------------------------------------------------- envelope
+
+
+TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # a journal timestamp: UTC, microseconds (events/journal.utc_now)
+
+
+def ts_epoch(ts: str) -> float:
+    """Epoch seconds of a journal timestamp (UTC, whatever the machine's local time zone)."""
+    return datetime.strptime(ts, TS_FORMAT).replace(tzinfo=timezone.utc).timestamp()
 
 
 class Recorded(msgspec.Struct, array_like=True, frozen=True, gc=False):

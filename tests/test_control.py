@@ -221,13 +221,13 @@ def test_the_restart_window_reads_journal_times_as_utc(monkeypatch):
     import time
     from datetime import datetime, timezone
 
-    from ftctl.core.policy import _seconds
+    from ftctl.events.types import ts_epoch
 
     want = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc).timestamp()
     for tz in ("Asia/Tokyo", "America/Los_Angeles", "UTC"):
         monkeypatch.setenv("TZ", tz)
         time.tzset()
-        assert _seconds("2026-11-23T12:00:00.000000Z") == want, tz
+        assert ts_epoch("2026-11-23T12:00:00.000000Z") == want, tz
     monkeypatch.undo()
     time.tzset()
 
