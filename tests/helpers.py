@@ -36,6 +36,17 @@ def ftctl(home: Path, *args: str, env: dict | None = None, timeout: float = 300,
     return p
 
 
+FAULT_VARS = ("FTCTL_CRASH_AT", "FTCTL_HANG_AT", "FTCTL_STUCK_AT", "FTCTL_FS_FAULT")
+
+
+def daemon(home: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """`ftctl start --quiet ARGS` in the background; fault points only as ``env`` arms them."""
+    full = {k: v for k, v in os.environ.items() if k not in FAULT_VARS}
+    full.update({"COLUMNS": "200", **(env or {})})
+    return subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--quiet", *args, "--home", str(home)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full)
+
+
 def make_workspace(home: Path, model: Path, **overrides) -> Path:
     from ftctl.adapters.workspace import init_workspace
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 from datetime import datetime
 
 import pytest
 
-from helpers import crash_env, ftctl, history, make_workspace, sha256_file, status
+from helpers import crash_env, daemon, ftctl, history, make_workspace, sha256_file, status
 
 SMALL = {"iters": 10, "save_every": 5, "steps_per_eval": 5}
 
@@ -142,18 +141,13 @@ def test_a_job_resumed_after_a_newer_one_completed_becomes_a_branch_and_set_head
     and becomes the head; 0002 resumed and completed must not silently replace 0003 (whose
     training would leave the lineage): it is recorded as a branch, visibly, until the user
     chooses it with `ftctl lineage set-head`."""
-    import subprocess
-    import sys
-
     from helpers import wait_for
 
     home = _trained(tmp_path, demo)  # job 0001: the head
     for name in ("j2", "j3"):
         ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name, "--again")
     marker = tmp_path / "marker-hang-13"  # global step 13: job 0002's third step (it starts at 10)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("FTCTL_")}, "FTCTL_HANG_AT": f"mid_step:13:{marker}"}
-    d = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--until-idle", "--quiet", "--home", str(home)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    d = daemon(home, "--until-idle", env={"FTCTL_HANG_AT": f"mid_step:13:{marker}"})
     try:
         wait_for(lambda: marker.exists() or d.poll() is not None, timeout=180, every=0.02)
         assert marker.exists(), d.communicate()

@@ -9,7 +9,6 @@ import hashlib
 import json
 import shutil
 import time
-from pathlib import Path
 
 import msgspec
 import pytest

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
 
-from helpers import crash_env, finished, ftctl, history, kinds, make_workspace, status, survivors, wait_for
+from helpers import crash_env, daemon, finished, ftctl, history, kinds, make_workspace, status, survivors, wait_for
 
 
 def _run_job(tmp_path, demo, name, *, env=None, jobs=1, starts=1, code=0):
@@ -106,10 +105,7 @@ def test_sigterm_checkpoints_and_loses_no_step(tmp_path, demo, baseline):
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
     marker = tmp_path / "marker-hang-mid-step-12"
-    env = {k: v for k, v in os.environ.items() if k != "FTCTL_CRASH_AT"}
-    env["FTCTL_HANG_AT"] = f"mid_step:12:{marker}"
-    d = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--quiet", "--home", str(home)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    d = daemon(home, env={"FTCTL_HANG_AT": f"mid_step:12:{marker}"})
     try:
         wait_for(lambda: marker.exists() or d.poll() is not None, timeout=240, every=0.02)
         assert marker.exists(), d.communicate()
@@ -137,10 +133,7 @@ def test_ctrl_c_twice_is_an_interrupt_not_a_crash(tmp_path, demo, baseline):
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
     marker = tmp_path / "marker-stuck-mid-step-12"
-    env = {k: v for k, v in os.environ.items() if k != "FTCTL_CRASH_AT"}
-    env["FTCTL_STUCK_AT"] = f"mid_step:12:{marker}"
-    d = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--quiet", "--home", str(home)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    d = daemon(home, env={"FTCTL_STUCK_AT": f"mid_step:12:{marker}"})
     log = home / "logs" / "daemon.log"
     try:
         wait_for(lambda: marker.exists() or d.poll() is not None, timeout=240, every=0.02)
@@ -175,8 +168,7 @@ def test_adapter_loads_and_generates_with_mlx_lm(baseline, demo):
 
 def test_second_daemon_is_refused(tmp_path, demo):
     home = make_workspace(tmp_path / "ws", demo.model_dir)
-    d = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--quiet", "--home", str(home)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    d = daemon(home)
     try:
         wait_for(lambda: status(home)["daemon"]["running"], timeout=60)
         p = ftctl(home, "start", "--until-idle", check=False)
@@ -295,10 +287,7 @@ def test_worker_runs_on_the_chosen_blas_and_a_changed_fingerprint_is_flagged(tmp
     p = ftctl(home, "start", "--until-idle", "--quiet", env=env, check=False)
     assert p.returncode == -signal.SIGKILL
     wait_for(lambda: survivors(home) == [], timeout=30, every=0.05)
-    full_env = {k: v for k, v in os.environ.items() if k != "FTCTL_CRASH_AT"}
-    full_env["OPENBLAS_NUM_THREADS"] = "2"
-    d = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--until-idle", "--quiet", "--home", str(home)],
-                         env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    d = daemon(home, "--until-idle", env={"OPENBLAS_NUM_THREADS": "2"})
     try:
         maps = _worker_maps(home)
     finally:

@@ -23,24 +23,13 @@ import psutil
 import pytest
 
 from ftctl.adapters.workspace import Workspace
-from helpers import crash_env, ftctl, leftovers, make_workspace, sha256_file, wait_for
+from helpers import crash_env, daemon, ftctl, leftovers, make_workspace, sha256_file, wait_for
 
 SHORT = ("--set", "iters=10", "--set", "save_every=5")  # for jobs whose adapter bytes are not compared
 HANG_S = 8.0  # above a worker's start-up (imports + tiny model: 2-4 s on 2 busy cores), far below the default
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _env(extra: dict | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("FTCTL_CRASH_AT", "FTCTL_HANG_AT")}
-    env.update({"COLUMNS": "200", **(extra or {})})
-    return env
-
-
-def _daemon(home, *args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--quiet", *args, "--home", str(home)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(env))
 
 
 def _stop(p: subprocess.Popen) -> None:
@@ -157,7 +146,7 @@ def test_worker_death_is_recorded_and_the_job_resumes(tmp_path, demo):
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo, *SHORT)
     marker = tmp_path / "marker-mid-step-7"
-    d = _daemon(home, "--until-idle", env={"FTCTL_CRASH_AT": f"mid_step:7:{marker}"})
+    d = daemon(home, "--until-idle", env={"FTCTL_CRASH_AT": f"mid_step:7:{marker}"})
     try:
         _, err = d.communicate(timeout=180)
         assert d.returncode == 0, err
@@ -359,7 +348,7 @@ def test_recover_stops_the_orphan_of_a_dead_daemon_but_never_a_stranger(tmp_path
 def test_two_daemons_started_at_once_exactly_one_runs(tmp_path, demo):
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo, *SHORT)
-    daemons = [_daemon(home, "--until-idle"), _daemon(home, "--until-idle")]
+    daemons = [daemon(home, "--until-idle"), daemon(home, "--until-idle")]
     try:
         outs = [d.communicate(timeout=300) for d in daemons]
     finally:
@@ -386,7 +375,7 @@ def test_pause_and_resume_with_a_running_daemon_lose_no_step(tmp_path, demo, bas
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo)
     marker = tmp_path / f"marker-hang-mid-step-{stop}"
-    d = _daemon(home, env={"FTCTL_HANG_AT": f"mid_step:{stop}:{marker}"})
+    d = daemon(home, env={"FTCTL_HANG_AT": f"mid_step:{stop}:{marker}"})
     try:
         wait_for(lambda: marker.exists() or d.poll() is not None, timeout=180, every=0.05)
         assert marker.exists(), f"the mid_step:{stop} hang point never fired"
@@ -504,7 +493,7 @@ def test_inbox_is_read_while_a_job_trains_and_says_why_a_file_is_skipped(tmp_pat
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo)
     marker = tmp_path / "marker-hang-mid-step-7"
-    d = _daemon(home, env={"FTCTL_HANG_AT": f"mid_step:7:{marker}"})
+    d = daemon(home, env={"FTCTL_HANG_AT": f"mid_step:7:{marker}"})
     try:
         wait_for(lambda: marker.exists() or d.poll() is not None, timeout=180, every=0.02)
         assert marker.exists(), d.communicate()
@@ -583,7 +572,7 @@ def test_the_standby_takes_the_restart_and_the_next_job_and_dies_with_the_daemon
     for name in ("job1", "job2"):
         _submit(home, demo, "--name", name, "--again")
     marker = tmp_path / "marker-mid-step-33"
-    d = _daemon(home, "--until-idle", env={"FTCTL_CRASH_AT": f"mid_step:33:{marker}"})
+    d = daemon(home, "--until-idle", env={"FTCTL_CRASH_AT": f"mid_step:33:{marker}"})
     try:
         _, err = d.communicate(timeout=300)
         assert d.returncode == 0, err
@@ -611,7 +600,7 @@ def test_the_standby_takes_the_restart_and_the_next_job_and_dies_with_the_daemon
 def test_standby_false_keeps_no_spare(tmp_path, demo):
     home = make_workspace(tmp_path / "ws", demo.model_dir, standby=False)
     _submit(home, demo, *SHORT)
-    d = _daemon(home, "--until-idle")
+    d = daemon(home, "--until-idle")
     try:
         _, err = d.communicate(timeout=180)
         assert d.returncode == 0, err
@@ -628,7 +617,7 @@ def test_status_shows_the_standby_and_its_memory_while_a_job_trains(tmp_path, de
 
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo, "--set", "iters=400", "--set", "save_every=100")
-    d = _daemon(home)
+    d = daemon(home)
     try:
         # its RSS is refreshed every 2 s at most while it imports: wait for the figure of a ready spare
         spare = wait_for(lambda: (s := status(home)["daemon"]["standby"]) and s["rss_bytes"] > 40e6 and s,
