@@ -23,7 +23,7 @@ import re
 import struct
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # MLX is imported where arrays are written or read: recovery 
 from ftctl.events.types import CheckpointRecord
 
 from .faults import crash_point
-from .fs import FS
+from .fs import FS, io_pool
 
 FORMAT = "ftctl-checkpoint"
 FORMAT_VERSION = 1
@@ -118,21 +118,33 @@ _DTYPES = {  # MLX dtype name -> safetensors dtype
 }
 
 
+class Tensors:
+    """Named MLX arrays to be written as one safetensors file. Made in the training loop's thread,
+    which evaluates them (MLX work stays there); laid out as a file by safetensors_chunks later, on
+    the writer's thread: headers and buffer views need no MLX call, and evaluated MLX arrays never
+    change, so holding them is the snapshot."""
+
+    __slots__ = ("arrays",)
+
+    def __init__(self, arrays: dict[str, mx.array]):
+        import mlx.core as mx
+
+        mx.eval(list(arrays.values()))
+        self.arrays = arrays
+
+
 def safetensors_chunks(arrays: dict[str, mx.array]) -> list:
     """The safetensors file of `arrays` as a list of buffers, without copying the data:
     8-byte little-endian header length, JSON header (padded to 8 bytes), then each
-    array's bytes. Keys are sorted, so equal arrays give equal bytes."""
-    import mlx.core as mx
-
-    mx.eval(list(arrays.values()))
+    array's bytes. Keys are sorted, so equal arrays give equal bytes. No MLX call on evaluated
+    arrays (a strided view is copied out in C order by memoryview.tobytes), so any thread may
+    lay out arrays another thread evaluated."""
     header, views, offset = {}, [], 0
     for key in sorted(arrays):
         a = arrays[key]
         view = memoryview(a)
         if not view.c_contiguous:
-            a = mx.contiguous(a)
-            mx.eval(a)
-            view = memoryview(a)
+            view = memoryview(view.tobytes())
         header[key] = {
             "dtype": _DTYPES[str(a.dtype).rpartition(".")[2]],
             "shape": list(a.shape),
@@ -187,21 +199,24 @@ def save_checkpoint(job_dir, ckpt: Checkpoint, fs: FS | None = None) -> Checkpoi
 
 
 def checkpoint_files(ckpt: Checkpoint) -> dict:
-    """The files of a checkpoint as buffers that share the arrays' memory (no copy): what
-    write_checkpoint writes. All the MLX work (evaluating, making contiguous) happens here, in
-    the caller's thread; the buffers keep their arrays alive, and MLX arrays never change once
+    """The files of a checkpoint, as write_checkpoint takes them: the arrays evaluated, here in the
+    caller's thread (the only MLX work), and held; everything else (headers, buffer views that
+    share the arrays' memory, hashing, writing) is left to the writer. MLX arrays never change once
     evaluated, so the result is a snapshot that another thread may write while training goes on."""
     return {
-        ADAPTERS: safetensors_chunks(ckpt.adapters),
+        ADAPTERS: Tensors(ckpt.adapters),
         ADAPTER_CONFIG: _json_bytes(ckpt.adapter_config),
-        OPTIMIZER: safetensors_chunks(ckpt.optimizer),
+        OPTIMIZER: Tensors(ckpt.optimizer),
         STATE: msgspec.json.encode(ckpt.state),
     }
 
 
-def write_checkpoint(job_dir, files: dict, st: TrainState, fs: FS | None = None) -> CheckpointRecord:
+def write_checkpoint(job_dir, files: dict, st: TrainState, fs: FS | None = None,
+                     check: Callable[[dict], None] | None = None) -> CheckpointRecord:
     """Write checkpoint_files(...) as checkpoint step-<st.job_step>: pure I/O, no MLX call, so it
-    may run on a background thread (see CheckpointWriter)."""
+    may run on a background thread (see CheckpointWriter). `check(buffers)` runs beside the write
+    on the files' buffers (name -> list of buffers); if it raises, nothing is committed (the temp
+    folder goes) and its error is the write's."""
     fs = fs or FS()
     parent = checkpoints_dir(job_dir)
     for d in (parent.parent, parent):
@@ -209,7 +224,7 @@ def write_checkpoint(job_dir, files: dict, st: TrainState, fs: FS | None = None)
             fs.mkdir(d)
             fs.fsync_dir(d.parent)
     meta = {"kind": "checkpoint", "step": st.job_step, "global_step": st.global_step}
-    path, manifest_sha, total = _commit(parent, step_dir_name(st.job_step), files, meta, fs)
+    path, manifest_sha, total = _commit(parent, step_dir_name(st.job_step), files, meta, fs, check)
     return CheckpointRecord(step=st.job_step, global_step=st.global_step, path=str(path), manifest_sha256=manifest_sha,
                             bytes=total, train_loss=st.train_loss, val_loss=st.val_loss)
 
@@ -235,9 +250,10 @@ class CheckpointWriter:
         self._error: BaseException | None = None
         self.write_s = 0.0  # the last write's duration, on the writer thread
 
-    def submit(self, files: dict, state: TrainState, before: Callable[[], None] | None = None) -> float:
-        """Start writing; return the seconds spent waiting for the previous write. ``before`` runs on
-        the writer thread first: if it raises, nothing is written and that error is the write's."""
+    def submit(self, files: dict, state: TrainState, check: Callable[[dict], None] | None = None) -> float:
+        """Start writing; return the seconds spent waiting for the previous write. ``check`` runs
+        beside the write (see write_checkpoint): if it raises, nothing is committed and that error
+        is the write's."""
         t0 = time.perf_counter()
         self.wait()
         waited = time.perf_counter() - t0
@@ -245,7 +261,7 @@ class CheckpointWriter:
             self._thread = threading.Thread(target=self._serve, daemon=True, name="checkpoint-writer")
             self._thread.start()
         self._idle.clear()
-        self._jobs.put((files, state, before))
+        self._jobs.put((files, state, check))
         return waited
 
     def busy(self) -> bool:
@@ -283,12 +299,10 @@ class CheckpointWriter:
             self._write(*job)
             self._idle.set()
 
-    def _write(self, files: dict, state: TrainState, before) -> None:
+    def _write(self, files: dict, state: TrainState, check) -> None:
         t0 = time.perf_counter()
         try:
-            if before is not None:
-                before()
-            record = write_checkpoint(self.job_dir, files, state, self.fs)
+            record = write_checkpoint(self.job_dir, files, state, self.fs, check)
             self.write_s = time.perf_counter() - t0
             self.on_written(record)
         except BaseException as e:  # noqa: BLE001 - raised again in the training thread
@@ -380,28 +394,34 @@ def _digest(chunks) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def _commit(parent: Path, name: str, files: dict, meta: dict, fs: FS):
+def _commit(parent: Path, name: str, files: dict, meta: dict, fs: FS, check=None):
     """Write files into parent/.tmp-<name>-<pid>/, manifest last, and rename it to
     parent/<name>. A directory already named <name> is moved aside and removed after
     the rename; if the save fails before the rename it is put back.
 
-    `files` maps names to bytes or lists of buffers. Files are hashed on two threads
-    while they are written (hashlib, writev and fsync all release the GIL)."""
+    `files` maps names to bytes, lists of buffers or Tensors. While the files are written (no
+    fsync yet), the I/O threads hash them and run `check(buffers)`; then the manifest is written
+    and every file and the folder are fsynced at once, before the rename: a crash before it leaves
+    only the temp folder, so the order of those fsyncs does not matter."""
     final = parent / name
     tmp = parent / f".tmp-{name}-{os.getpid()}"
     aside = parent / f".tmp-{name}-{os.getpid()}-replaced"
     for stale in (tmp, aside):
         if os.path.lexists(stale):
             fs.rmtree(stale)
-    chunks = {f: [data] if isinstance(data, bytes) else data for f, data in files.items()}
+    chunks = {f: _buffers(data) for f, data in files.items()}
+    pool = io_pool()
+    jobs = {f: pool.submit(_digest, c) for f, c in chunks.items()}
+    if check is not None:
+        jobs[None] = pool.submit(check, chunks)
     moved_aside = renamed = False
     try:
-        with ThreadPoolExecutor(2) as pool:
-            digests = {f: pool.submit(_digest, c) for f, c in chunks.items()}
-            fs.mkdir(tmp)
-            for f, c in chunks.items():
-                fs.write_bytes(tmp / f, c)
-            digests = {f: d.result() for f, d in digests.items()}
+        fs.mkdir(tmp)
+        for f, c in chunks.items():
+            fs.write_bytes(tmp / f, c, sync=False)
+        if check is not None:
+            jobs.pop(None).result()
+        digests = {f: d.result() for f, d in jobs.items()}
         manifest = _json_bytes(
             {
                 "format": FORMAT,
@@ -410,8 +430,8 @@ def _commit(parent: Path, name: str, files: dict, meta: dict, fs: FS):
                 "files": {f: {"sha256": h, "bytes": n} for f, (h, n) in sorted(digests.items())},
             }
         )
-        fs.write_bytes(tmp / MANIFEST, manifest)
-        fs.fsync_dir(tmp)
+        fs.write_bytes(tmp / MANIFEST, manifest, sync=False)
+        fs.fsync_all([*(tmp / f for f in chunks), tmp / MANIFEST, tmp])
         if meta.get("kind") == "checkpoint":
             crash_point("after_temp_write", meta.get("global_step"))
         if os.path.lexists(final):
@@ -423,6 +443,7 @@ def _commit(parent: Path, name: str, files: dict, meta: dict, fs: FS):
         if meta.get("kind") == "checkpoint":
             crash_point("after_rename", meta.get("global_step"))
     except BaseException:
+        wait(jobs.values())  # nothing of this save still runs once the error is raised
         # The new directory, if it made it into place, is complete; anything else goes.
         _quietly(fs.rmtree, tmp)
         if moved_aside and renamed:
@@ -433,6 +454,12 @@ def _commit(parent: Path, name: str, files: dict, meta: dict, fs: FS):
     _quietly(fs.rmtree, aside)
     total = sum(n for _, n in digests.values()) + len(manifest)
     return final, sha256(manifest), total
+
+
+def _buffers(data) -> list:
+    if isinstance(data, Tensors):
+        return safetensors_chunks(data.arrays)
+    return [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
 
 
 def _quietly(op, path, *args) -> None:

@@ -8,6 +8,8 @@ import contextlib
 import errno
 import os
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -24,17 +26,28 @@ class FS:
         self._op("mkdir", path)
         os.mkdir(path, 0o700)
 
-    def write_bytes(self, path, data) -> None:
+    def write_bytes(self, path, data, sync: bool = True) -> None:
         """Create `path` (it must not exist), write all of `data`, fsync, close.
 
-        `data` is a bytes-like object or a list of them (written in order, no join)."""
+        `data` is a bytes-like object or a list of them (written in order, no join). With
+        sync=False the fsync is left to a later fsync_all, which must come before anything relies
+        on the file."""
         self._op("write_bytes", path)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         try:
             _write_all(fd, _chunks(data))
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
+
+    def fsync_all(self, paths) -> None:
+        """fsync files and folders (one operation), all at once on the I/O threads: the
+        filesystem commits concurrent fsyncs together, so a batch costs little more than one."""
+        paths = list(paths)
+        self._op("fsync_all", paths[0])
+        for _ in io_pool().map(fsync_path, paths):
+            pass
 
     def fsync_dir(self, path) -> None:
         self._op("fsync_dir", path)
@@ -79,7 +92,7 @@ class FaultyFS(FS):
                 return  # write_bytes fails itself, after a partial write
             raise OSError(self.err, os.strerror(self.err), str(path))
 
-    def write_bytes(self, path, data) -> None:
+    def write_bytes(self, path, data, sync: bool = True) -> None:
         if self.ops + 1 == self.fail_at and self.err == errno.ENOSPC:
             self._op("write_bytes", path)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -89,7 +102,7 @@ class FaultyFS(FS):
             finally:
                 os.close(fd)
             raise OSError(self.err, os.strerror(self.err), str(path))
-        super().write_bytes(path, data)
+        super().write_bytes(path, data, sync)
 
 
 def _chunks(data) -> list:
@@ -112,6 +125,20 @@ def _write_all(fd: int, chunks: list) -> None:
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def io_pool() -> ThreadPoolExecutor:
+    """The process's I/O threads (hashing, fsync, checks next to a write): started once, on first
+    use, so a checkpoint never waits for threads to be created. hashlib, numpy, writev and fsync
+    release the GIL, so they overlap each other and the training loop."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ftctl-io")
+        return _POOL
 
 
 # --------------------------------------------------------------------------- durable writes by path

@@ -361,13 +361,13 @@ class _Loop:
             optimizer=dict(tree_flatten(s.optimizer.state)), state=state))
         started = P.CheckpointStarted(step=it, global_step=gstep, waited_s=round(waited, 6))
 
-        def finite_first() -> None:  # on the writer thread: numpy bit tests of the buffers, off the loop
-            if nonfinite_tensors(files[ADAPTERS]):
+        def finite(buffers: dict) -> None:  # beside the write: numpy bit tests of the buffers, off the loop
+            if nonfinite_tensors(buffers[ADAPTERS]):
                 raise TrainingDiverged("nan", it, gstep, _diverged_text(
                     cfg, it, gstep, "or the adapter weights are not finite at a checkpoint", s.last_ckpt))
             self.emit(started)
 
-        self.writer.submit(files, state, before=finite_first)
+        self.writer.submit(files, state, check=finite)
 
 
 def _complete(s: Session, emit, fs: FS) -> P.Completed:

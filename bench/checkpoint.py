@@ -11,10 +11,10 @@ Same arrays (LoRA weights + Adam moments + step) written three ways:
                of the protocol and hashing from the cost of durability
   async        what the training loop does since checkpoints are written in the background:
                stall   the loop's own time per checkpoint: tree_flatten + checkpoint_files
-                       (safetensors headers, buffers that share the arrays' memory) and
-                       CheckpointWriter.submit (a thread start); the write itself, and the
+                       (evaluate and hold the arrays) and CheckpointWriter.submit (a queue put);
+                       the safetensors headers and buffer views, the write, the hashing and the
                        finiteness check of the adapter weights (numpy bit tests of the same
-                       buffers), run on the writer thread
+                       buffers) run on the writer thread and the I/O threads
                durable stall + the writer thread's time to a durable, renamed checkpoint (the
                        write runs alone here: no training competes for the cores)
 Ratios, each against baselines measured in the same run, same arrays:
@@ -120,12 +120,12 @@ def async_save(out: Path, adapters, optimizer, parts: dict):
     w = WRITER.setdefault("w", CheckpointWriter(out, None, lambda record: None))  # one per run, as in the loop
     w.job_dir = out
 
-    def finite_first():  # as the trainer does: on the writer thread
+    def finite(buffers):  # as the trainer does: beside the write, on an I/O thread
         t = time.perf_counter()
-        assert not nonfinite_tensors(files[ADAPTERS])
+        assert not nonfinite_tensors(buffers[ADAPTERS])
         parts.setdefault("finite", []).append(time.perf_counter() - t)
 
-    w.submit(files, state, before=finite_first)
+    w.submit(files, state, check=finite)
     t1 = time.perf_counter()
     w.wait()
     t2 = time.perf_counter()
@@ -188,8 +188,8 @@ def main():
             for name in fns:
                 if name == "async":
                     print(f"  {'async stall':<12} {p['stall'] * 1000:9.2f} ms")
-                    print(f"  {'async durable':<12} {p['durable'] * 1000:9.2f} ms  (of which the finiteness check "
-                          f"on the writer thread {p['finite'] * 1000:.2f} ms)")
+                    print(f"  {'async durable':<12} {p['durable'] * 1000:9.2f} ms  (the finiteness check beside the "
+                          f"write took {p['finite'] * 1000:.2f} ms)")
                     continue
                 print(f"  {name:<12} {m[name] * 1000:9.2f} ms")
             h = statistics.median(hash_only(adapters, optimizer) for _ in range(3))

@@ -370,10 +370,10 @@ def test_disk_errors_propagate_and_keep_earlier_checkpoints(demo, tmp_path):
     from ftctl.adapters.fs import FS
 
     class FullAfter(FS):
-        def write_bytes(self, path, data):
+        def write_bytes(self, path, data, sync=True):
             if "step-00000010" in str(path):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-            super().write_bytes(path, data)
+            super().write_bytes(path, data, sync)
 
     job = tmp_path / "job"
     with pytest.raises(OSError) as e:
@@ -514,9 +514,9 @@ class SlowFS:
 
     def __new__(cls, base, delay):
         class Slow(type(base)):
-            def write_bytes(self, path, data):
+            def write_bytes(self, path, data, sync=True):
                 time.sleep(delay)
-                super().write_bytes(path, data)
+                super().write_bytes(path, data, sync)
 
         slow = Slow.__new__(Slow)
         slow.__dict__.update(base.__dict__)
