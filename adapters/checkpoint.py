@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import msgspec
-import numpy as np
 
 if TYPE_CHECKING:  # MLX is imported where arrays are written or read: recovery and status never load it
     import mlx.core as mx
@@ -158,23 +157,25 @@ def safetensors_chunks(arrays: dict[str, mx.array]) -> list:
 
 
 # the exponent bits of each float format: all ones means inf or NaN
-_NONFINITE = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
-              "F64": (np.uint64, 0x7FF0000000000000)}
+_NONFINITE = {"F16": ("uint16", 0x7C00), "BF16": ("uint16", 0x7F80), "F32": ("uint32", 0x7F800000),
+              "F64": ("uint64", 0x7FF0000000000000)}
 
 
 def nonfinite_tensors(chunks: list, block: int = 1 << 20) -> list[str]:
     """The names of the tensors with an inf or NaN in a safetensors_chunks list, read from the
     buffers with numpy bit tests (no MLX call, the GIL released in each block): safe and cheap on
     a background thread while training goes on."""
+    import numpy as np  # here, not at the top: recover and status import this module and never need it
+
     header = json.loads(bytes(chunks[1]))
     bad = []
     for key, view in zip(sorted(header), chunks[2:]):
         kind = _NONFINITE.get(header[key]["dtype"])
         if kind is None or not view.nbytes:
             continue
-        bits, mask = kind
+        bits = getattr(np, kind[0])
         words = np.frombuffer(view, dtype=bits)
-        mask = bits(mask)
+        mask = bits(kind[1])
         for i in range(0, words.size, block):
             part = words[i : i + block]
             if np.any((part & mask) == mask):
