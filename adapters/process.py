@@ -208,14 +208,20 @@ def spawn_worker(plan_json: bytes | None, log_path: Path, env: dict | None = Non
     return Worker(proc=proc, messages=os.fdopen(r, "rb", buffering=0), id=started, log_path=log_path, log_offset=offset)
 
 
-def orphan_workers(workspace: Path) -> list[int]:
-    """Pids of training workers of ``workspace`` whose daemon is gone (re-parented to init)."""
+def workers_of(workspace: Path) -> list[tuple[ProcessId, int]]:
+    """Every training worker (or standby) of ``workspace``, with its parent's pid."""
     out = []
-    for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline", "create_time"]):
         cmd = proc.info["cmdline"] or []
-        if "ftctl.adapters.worker" in cmd and str(workspace) in cmd and proc.info["ppid"] == 1:
-            out.append(proc.info["pid"])
+        if "ftctl.adapters.worker" in cmd and str(workspace) in cmd:
+            out.append((ProcessId(pid=proc.info["pid"], started_at=proc.info["create_time"]), proc.info["ppid"]))
     return out
+
+
+def orphan_workers(workspace: Path) -> list[ProcessId]:
+    """Workers of ``workspace`` whose daemon is gone (re-parented to init): what can be said without
+    the daemon lock. Holding it, every worker not started by the holder is unsupervised."""
+    return [w for w, ppid in workers_of(workspace) if ppid == 1]
 
 
 def lock_holder(path: Path) -> str | None:

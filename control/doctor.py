@@ -131,7 +131,7 @@ def _resources(ws: Workspace, cfg: Config | None) -> list[Finding]:
     out = []
     strays = process.orphan_workers(ws.home)
     if strays:
-        out.append(Finding("processes", "error", f"worker process(es) {strays} of this workspace have no parent daemon",
+        out.append(Finding("processes", "error", f"worker process(es) {[w.pid for w in strays]} of this workspace have no parent daemon",
                            "`ftctl recover` stops them (pid + start time checked)"))
     else:
         out.append(Finding("processes", "ok", "no orphan worker"))

@@ -138,6 +138,14 @@ def plan(ws: Workspace, ledger: Ledger) -> list[Repair]:
         repairs.append(Repair(f"daemon pid {d.process.pid if d.process else '?'} died without stopping: mark it stopped",
                               DAEMON_STREAM, [ev.DaemonStopped(pid=d.process.pid if d.process else 0,
                                                                reason="died (found by recovery)")]))
+    recorded = {j.worker.pid for j in p.jobs.values() if j.state in ACTIVE and j.worker is not None}
+    for w, parent in process.workers_of(ws.home):
+        # Holding the lock, no daemon of this workspace runs: a worker that is not our own child is
+        # unsupervised. A job's recorded orphan is stopped by that job's repair below.
+        if parent != os.getpid() and w.pid not in recorded:
+            repairs.append(Repair(f"stop worker pid {w.pid}: a worker of this workspace that no daemon supervises "
+                                  f"(a spare or an unrecorded start; it trains nothing the journal relies on)",
+                                  DAEMON_STREAM, before=lambda w=w: process.stop_group(w)))
     for j in p.jobs.values():
         if j.state in ACTIVE:
             repairs += _stale_job(j)

@@ -342,6 +342,34 @@ def test_recover_stops_the_orphan_of_a_dead_daemon_but_never_a_stranger(tmp_path
         reaper.join(timeout=15)
 
 
+def test_recover_stops_an_unsupervised_worker_of_the_workspace_and_nothing_else(tmp_path, demo):
+    """A worker process of this workspace that no journal entry names (a spare whose daemon died and
+    whose death signal never came): recovery holds the daemon lock, so nobody supervises it; it is
+    stopped. A process of another workspace is left alone."""
+    from ftctl.adapters.process import alive
+    from ftctl.events import types as ev
+
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    other = tmp_path / "other-ws"
+    sleeper = "import time; time.sleep(600)"
+    procs = [subprocess.Popen([sys.executable, "-c", sleeper, "-m", "ftctl.adapters.worker", "--workspace", str(ws),
+                               "--job", "standby"], start_new_session=True) for ws in (home, other)]
+    ids = [ev.ProcessId(p.pid, psutil.Process(p.pid).create_time()) for p in procs]
+    try:
+        out = json.loads(ftctl(home, "recover", "--json").stdout)
+        whats = [r["what"] for r in out["repairs"]]
+        assert any(w.startswith(f"stop worker pid {procs[0].pid}:") for w in whats), whats
+        assert not any(str(procs[1].pid) in w for w in whats), whats
+        assert procs[0].wait(timeout=15) == -signal.SIGTERM
+        assert alive(ids[1])
+        assert json.loads(ftctl(home, "recover", "--dry-run", "--json").stdout)["repairs"] == []
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=15)
+
+
 # --------------------------------------------------------------------------- e. two daemons
 
 
