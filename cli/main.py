@@ -345,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args, ws)
     except user_errors() as e:
         render.err_console.print(f"[red]error:[/] {render.escape(str(e))}")
+        if getattr(args, "json", False):  # a program reading stdout gets the refusal too, not nothing
+            render.print_json({"error": str(e), "exit": 1})
         code = 1
     except KeyboardInterrupt:
         render.err_console.print("interrupted")

@@ -428,6 +428,18 @@ def test_json_from_init_pause_resume_cancel_and_shutdown(tmp_path, capsys, demo)
     assert code == 0 and json.loads(out) == {"requested": False, "stopped": True}
 
 
+def test_a_refusal_with_json_is_a_json_error_on_stdout(tmp_path, capsys, demo):
+    home = tmp_path / "home"
+    run(capsys, "init", "--model", demo.model_dir, "--home", home)
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
+    assert run(capsys, "submit", data, "--home", home, "--json")[0] == 0
+    code, out, err = run(capsys, "submit", data, "--home", home, "--json")  # the same job twice: refused
+    answer = json.loads(out)
+    assert code == 1 and answer["exit"] == 1 and "--again" in answer["error"] and "error:" in err
+    code, out, _ = run(capsys, "pause", "42", "--home", home, "--json")
+    assert code == 1 and json.loads(out)["exit"] == 1
+
+
 def test_start_json_prints_one_summary_of_the_run(ws, tmp_path, capsys):
     run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
     code, out, err = run(capsys, "start", "--until-idle", "--home", ws, "--json")
