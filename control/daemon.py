@@ -41,6 +41,17 @@ except Exception:  # running from a source tree without metadata
     VERSION = "dev"
 
 
+
+def _unused(dest: Path) -> Path:
+    """``dest``, or ``NAME~2.jsonl``, ``NAME~3.jsonl``… if it is taken: a file moved out of the inbox
+    never replaces one moved there earlier (the user's, not ftctl's to delete)."""
+    out, n = dest, 1
+    while os.path.lexists(out):
+        n += 1
+        out = dest.with_name(f"{dest.stem}~{n}{dest.suffix}")
+    return out
+
+
 class DaemonError(Exception):
     pass
 
@@ -201,7 +212,7 @@ class Daemon:
                     self.say(f"inbox: {path.name} rejected as job {sub.job}: {'; '.join(sub.reasons)}", "error")
                     dest = self.ws.inbox / "rejected" / path.name
             dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.replace(path, dest)  # the content is untouched; it only leaves the inbox
+            os.rename(path, _unused(dest))  # the content is untouched; it only leaves the inbox
 
     # ------------------------------------------------------------------ one job
     def _resume_point(self, j: JobState) -> CheckpointRecord | None:

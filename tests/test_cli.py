@@ -276,6 +276,14 @@ def test_a_duplicate_in_the_inbox_is_moved_to_rejected_not_retried(ws, tmp_path,
     assert not (ws / "inbox" / "d.jsonl").exists() and (ws / "inbox" / "rejected" / "d.jsonl").exists()
     assert "job 0001" in (ws / "logs" / "daemon.log").read_text()
     assert list(daemon.ledger.state.jobs) == ["0001"]
+    # the same name rejected again never replaces the file rejected first (the user's, not ftctl's)
+    (ws / "inbox" / "rejected" / "d.jsonl").write_bytes(b"the user's notes")
+    (ws / "inbox" / "d.jsonl").write_bytes(data.read_bytes())
+    daemon.scan_inbox()
+    rejected = ws / "inbox" / "rejected"
+    assert sorted(f.name for f in rejected.iterdir()) == ["d.jsonl", "d~2.jsonl"]
+    assert (rejected / "d.jsonl").read_bytes() == b"the user's notes"
+    assert (rejected / "d~2.jsonl").read_bytes() == data.read_bytes()
 
 
 def test_config_show_prints_yaml_values_not_python_reprs(ws, capsys, monkeypatch):
