@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 8  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 9  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -32,6 +32,7 @@ class CrashRecord(msgspec.Struct, kw_only=True, gc=False):
     exit_code: int | None = None
     signal: int | None = None
     suggestion: str = ""
+    resume_step: int | None = None  # the job's last good checkpoint when it crashed: where the next attempt resumes
 
 
 class JobState(msgspec.Struct, kw_only=True):
@@ -227,7 +228,7 @@ def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -
 def _crashed(p, j: JobState, e: ev.Crashed, seq: int, ts: str) -> None:
     j.worker = None
     j.crashes.append(CrashRecord(ts=ts, category=e.category, step=e.step, exit_code=e.exit_code,
-                                 signal=e.signal, suggestion=e.suggestion))
+                                 signal=e.signal, suggestion=e.suggestion, resume_step=j.step))
     j.reason = f"{e.category}: {e.suggestion}" if e.suggestion else e.category
 
 
