@@ -117,6 +117,7 @@ class DaemonState(msgspec.Struct, kw_only=True):
     running: bool = False
     shutdown_requested: bool = False
     reconciled_seq: int = 0     # recovery last ran here: finished jobs untouched since need no new look
+    notify_failed: dict[str, ev.NotificationFailed] = {}  # notification target -> its latest failure
 
 
 class Projection(msgspec.Struct, kw_only=True):
@@ -276,6 +277,10 @@ def _shutdown(p: Projection, e, seq: int, ts: str) -> None:
     p.daemon.shutdown_requested = True
 
 
+def _notification_failed(p: Projection, e: ev.NotificationFailed, seq: int, ts: str) -> None:
+    p.daemon.notify_failed[e.target] = e
+
+
 def _noop(p, e, seq: int, ts: str) -> None:
     pass
 
@@ -315,6 +320,7 @@ JOB_HANDLERS = {
 DAEMON_HANDLERS = {
     ev.DaemonStarted: _daemon_started, ev.DaemonStopped: _daemon_stopped,
     ev.ShutdownRequested: _shutdown, ev.RecoveryFinished: _recovered, ev.DebrisRemoved: _noop,
+    ev.NotificationFailed: _notification_failed,
 }
 LINEAGE_TYPES = (ev.ConsolidationRequested, ev.HeadSet, ev.ConsolidationStarted, ev.BasePromoted, ev.ConsolidationAborted, ev.ModelRemoved)
 _KIND = {t: t.kind() for t in ev.EVENT_TYPES}
