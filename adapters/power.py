@@ -58,9 +58,10 @@ class Held:
     released: bool = False
 
 
-def hold(run_dir: Path, why: str) -> Held:
+def hold(run_dir: Path, why: str, lost: Callable[[str], None] = lambda note: None) -> Held:
     """Start the assertion (never waits for it: a job's start is not slowed). Always returns a
-    Held; ``state`` says what is held, or why nothing is."""
+    Held; ``state`` says what is held, or why nothing is; ``lost(note)`` is called (from a thread)
+    if the assertion's process ends before it is released."""
     path = run_dir / STATE_FILE
     cmd = command(os.getpid(), why)
     if cmd is None:
@@ -79,11 +80,11 @@ def hold(run_dir: Path, why: str) -> Held:
     h = Held(proc, path, {"held": True, "why": why, "pid": proc.pid, "started_at": started, "command": cmd,
                           "since": time.time()})
     _write(h)
-    threading.Thread(target=_watch, args=(h,), name="power", daemon=True).start()
+    threading.Thread(target=_watch, args=(h, lost), name="power", daemon=True).start()
     return h
 
 
-def _watch(h: Held) -> None:
+def _watch(h: Held, lost: Callable[[str], None]) -> None:
     err = h.proc.stderr.read() if h.proc.stderr else b""
     code = h.proc.wait()
     if not h.released:  # it ended on its own: say why where status reads it
@@ -91,6 +92,7 @@ def _watch(h: Held) -> None:
         h.state = {**h.state, "held": False, "note": f"{Path(h.state['command'][0]).name} exited {code}"
                    + (f": {text[-1][:200]}" if text else "") + "; the machine may sleep during the run"}
         _write(h)
+        lost(h.state["note"])
 
 
 def release(h: Held | None) -> None:

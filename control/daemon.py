@@ -152,7 +152,8 @@ class Daemon:
         cfg = self._daemon_config()
         if cfg is not None and not cfg.power.prevent_sleep:
             return None
-        h = power.hold(self.ws.lock_path.parent, f"ftctl job {j.job} is training")
+        h = power.hold(self.ws.lock_path.parent, f"ftctl job {j.job} is training",
+                       lost=lambda note: self.log(f"job {j.job}: power assertion lost: {note}"))
         if not h.state.get("held"):
             self.say(f"job {j.job}: {h.state.get('note')}", "warn")
         return h
