@@ -325,6 +325,13 @@ class Journal:
     def last_seq(self) -> int:
         return self.conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
 
+    def job_ids(self) -> list[str]:
+        """Every job id, in submission order, from the (stream, version) index alone: no event is
+        decoded (`ftctl _jobs`, what shell completion calls)."""
+        rows = self.conn.execute("SELECT substr(stream, 5) FROM events WHERE stream >= 'job:' AND stream < 'job;' "
+                                 "AND version = 1 ORDER BY seq")
+        return [r[0] for r in rows]
+
     def stream_version(self, stream: str) -> int:
         return self.conn.execute("SELECT coalesce(max(version), 0) FROM events WHERE stream = ?", (stream,)).fetchone()[0]
 
