@@ -129,7 +129,7 @@ class Daemon:
         try:
             return self.ws.load_config()[0]
         except Exception as e:  # noqa: BLE001 - a bad or missing ftctl.yaml must not stop the daemon
-            key = ("config", str(e))
+            key = ("daemon settings", str(e))  # said once (consolidation says its own line)
             if key not in self.refused:
                 self.refused.add(key)
                 self.say(f"ftctl.yaml cannot be read ({e}): no notifications, power defaults", "warn")
