@@ -12,7 +12,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import yaml
 
 from ftctl.adapters.workspace import Workspace, init_workspace
 from ftctl.control.notifier import Notifier
@@ -197,4 +196,3 @@ def test_notify_config_errors_are_one_line(tmp_path):
                       ([{"url": "http://x", "command": ["x"]}], "exactly one")):
         with pytest.raises(ConfigError, match=text):
             decode_config({"model": "m", "notify": bad})
-    yaml.safe_dump({"notify": [{"url": "http://x"}]})

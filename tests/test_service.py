@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from ftctl.adapters import service as svc
-from ftctl.adapters.workspace import Workspace, init_workspace
+from ftctl.adapters.workspace import init_workspace
 from ftctl.control import service
 from ftctl.core import service as S
 from helpers import run
