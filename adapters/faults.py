@@ -27,6 +27,7 @@ POINTS = {  # every crash_point() call names one of these (tests/test_layers.py 
     "daemon_before_commit": "daemon: checkpoint reported by the worker, event not yet appended",
     "daemon_after_spawn": "daemon: worker spawned, `training_started` not yet appended",
     "during_recovery": "daemon: recovery has started repairing (step = repairs done)",
+    "notify_before_send": "daemon: a committed event is due to a notification target, not yet sent (step = its seq)",
     "consolidate_mid_fuse": "consolidate: the fused weights computed, nothing written",
     "consolidate_mid_write": "consolidate: the temp model folder written, not yet hashed or verified",
     "consolidate_after_rename": "consolidate: models/vN in place, `base_promoted` not yet appended",

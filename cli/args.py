@@ -68,6 +68,23 @@ HELP: dict[str, tuple[str, str]] = {
     "doctor": ("Health checks: journal integrity, daemon and lock, orphan workers, disk and memory, checkpoints, "
                "retention, config and data drift. Exits 1 when anything is not ok.",
                "ftctl doctor\n  ftctl doctor --fix"),
+    "service": ("Run the daemon as a service: a systemd user unit (Linux) or a launchd agent (macOS) that runs "
+                "`ftctl start` for this workspace, outlives logouts and reboots, and is restarted when it crashes.",
+                "ftctl service install\n  ftctl service install --print --platform macos"),
+    "service install": ("Write the unit (or plist) for this workspace — absolute paths of the workspace and of this "
+                        "venv's ftctl baked in, restart limits from ftctl.yaml's restart: — and enable and start it "
+                        "where systemd or launchd runs (otherwise it says what to run). Idempotent; never overwrites a "
+                        "file ftctl did not write. `--print` shows the file and changes nothing.",
+                        "ftctl service install\n  ftctl service install --print\n  sudo ftctl service install --system"),
+    "service uninstall": ("Stop the service gracefully (the running job checkpoints first), disable it and remove "
+                          "its file. Idempotent; never removes a file ftctl did not write.",
+                          "ftctl service uninstall"),
+    "service status": ("Is a service installed for this workspace, is its file what `install` would write now, and "
+                       "what systemd or launchd says about it.",
+                       "ftctl service status --json"),
+    "completion": ("Print a shell completion script (subcommands, options, and job ids read live from the journal).",
+                   "ftctl completion bash > ~/.local/share/bash-completion/completions/ftctl\n"
+                   "  ftctl completion fish > ~/.config/fish/completions/ftctl.fish\n  eval \"$(ftctl completion zsh)\""),
     "demo": ("The one-minute tour on the embedded tiny model: init ./ftctl-demo, submit, train with the worker "
              "killed at STEP, recover, and compare the adapter with an uninterrupted run.",
              "ftctl demo\n  ftctl demo --reset --kill-at 5"),

@@ -4,6 +4,7 @@ consolidate, eval, config show, doctor, demo. Each parses, calls the control lay
 from __future__ import annotations
 
 import signal
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -297,6 +298,58 @@ def cmd_doctor(args, ws) -> int:
     return 1 if bad else 0
 
 
+def cmd_service(args, ws) -> int:
+    from ftctl.control import service
+
+    what = args.service_command
+    if what == "install" and args.print:
+        from ftctl.adapters.service import platform
+
+        plat = args.platform or platform()
+        path, data = service.render(ws, args.system, plat)
+        render.err_console.print(f"[dim]# would be written to {render.escape(str(path))} (nothing was changed)[/]")
+        sys.stdout.write(data.decode())
+        return 0
+    if args.platform:
+        raise jobs.UserError("--platform only goes with `ftctl service install --print`: install, uninstall and status "
+                             "act on this machine")
+    if what == "status":
+        st = service.status(ws, args.system)
+        if args.json:
+            render.print_json(st)
+        elif st["foreign_file"]:
+            render.console.print(f"{st['path']} exists but was not written by ftctl: no ftctl service is installed")
+        elif not st["installed"]:
+            render.console.print(f"no service installed for {ws.home} (`ftctl service install` installs one at {st['path']})")
+        else:
+            fresh = {True: "up to date", False: "differs from what `ftctl service install` writes now (run it again "
+                     "to update)", None: f"cannot compare: {st['config_problem']}"}[st["up_to_date"]]
+            render.console.print(f"service {st['name']} installed at {st['path']} ({fresh}); "
+                                 f"{'service manager: ' + st['manager_state'] if st['manager_state'] else 'its service manager is not running here'}; "
+                                 f"daemon {'running (' + st['daemon'] + ')' if st['daemon'] else 'not running'}")
+        return 0
+    out = (service.install if what == "install" else service.uninstall)(ws, args.system)
+    if args.json:
+        render.print_json({"platform": out.platform, "path": str(out.path), "name": out.name, "action": out.action,
+                           "notes": out.notes})
+        return 0
+    head = {"written": f"[green]installed[/] {out.name} at", "updated": f"[green]updated[/] {out.name} at",
+            "unchanged": f"{out.name} already installed, unchanged, at", "removed": f"[green]removed[/] {out.name} from",
+            "absent": "no service file at"}[out.action]
+    render.console.print(f"{head} {render.escape(str(out.path))}")
+    for n in out.notes:
+        render.console.print(f"  {render.escape(n)}")
+    return 0
+
+
+def cmd_completion(args, ws) -> int:
+    from .completion import SHELLS
+    from .main import build_parser
+
+    sys.stdout.write(SHELLS[args.shell](build_parser()))
+    return 0
+
+
 def register(sub, home) -> None:
     s = sub.add_parser("start", parents=[home], help="run the daemon in the foreground and train the queue")
     s.add_argument("--until-idle", action="store_true", help="exit when the queue is empty")
@@ -358,6 +411,28 @@ def register(sub, home) -> None:
     s.add_argument("--json", action="store_true", help="print the findings as JSON")
     s.add_argument("--fix", action="store_true", help="apply the safe fixes (recovery, retention)")
     s.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("service", parents=[home], help="run the daemon as a systemd / launchd service")
+    ssub = s.add_subparsers(dest="service_command", required=True, parser_class=s.__class__, metavar="COMMAND",
+                            help="one of:")
+    for name, text in (("install", "write, enable and start the service for this workspace"),
+                       ("uninstall", "stop (gracefully), disable and remove the service"),
+                       ("status", "whether it is installed, up to date and running")):
+        c = ssub.add_parser(name, parents=[home], help=text)
+        c.add_argument("--system", action="store_true",
+                       help="a system unit / LaunchDaemon (as root) instead of the user's, running as the workspace's owner")
+        if name == "install":
+            c.add_argument("--print", action="store_true", help="print the file (its path on stderr); change nothing")
+            c.add_argument("--platform", choices=("linux", "macos"),
+                           help="with --print: render the systemd unit (linux) or the launchd plist (macos)")
+        else:
+            c.set_defaults(platform=None, print=False)
+        c.add_argument("--json", action="store_true", help="print the outcome as JSON")
+        c.set_defaults(func=cmd_service)
+
+    s = sub.add_parser("completion", parents=[home], help="print a shell completion script")
+    s.add_argument("shell", choices=("bash", "zsh", "fish"), help="bash, zsh or fish")
+    s.set_defaults(func=cmd_completion)
 
     s = sub.add_parser("demo", parents=[home], help="the one-minute tour on the embedded tiny model")
     s.add_argument("--reset", action="store_true", help="delete the demo workspace first (only one `ftctl demo` made)")

@@ -33,6 +33,7 @@ USER_ERROR_NAMES = (
     ("ftctl.core.config", "ConfigError"), ("ftctl.core.dataset", "DataError"),
     ("ftctl.core.machine", "IllegalTransition"), ("ftctl.events.journal", "JournalError"),
     ("ftctl.control.submit", "SubmitError"), ("ftctl.core.state", "ReplayError"),
+    ("ftctl.control.service", "ServiceError"),
 )
 
 
@@ -336,8 +337,23 @@ def _save_traceback(ws: Workspace, text: str) -> Path | None:
         return None
 
 
+def _job_ids(argv: list[str]) -> int:
+    """`ftctl _jobs [--home DIR]`: job ids, one a line, for shell completion. Hidden (no parser: it
+    runs at every Tab), silent on any error (a completion must never print a traceback)."""
+    home = argv[argv.index("--home") + 1] if "--home" in argv[:-1] else None
+    try:
+        with resolve_home(home).open_journal() as j:
+            sys.stdout.write("".join(f"{i}\n" for i in j.job_ids()))
+    except Exception:  # noqa: BLE001
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # every file and folder ftctl creates is private to its user
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["_jobs"]:
+        return _job_ids(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     ws = resolve_home(getattr(args, "home", None))

@@ -224,7 +224,7 @@ def daemon_json(d: DaemonView) -> dict:
     return {"running": d.running, "pid": d.pid, "host": d.host, "started_at": d.started_at,
             "shutdown_requested": d.shutdown_requested, "alive": d.alive, "recorded_running": d.recorded,
             "died": d.died, "lock_holder": d.holder, "last_entry_at": d.last_entry_at, "summary": d.summary,
-            "standby": d.standby}
+            "standby": d.standby, "power": d.power}
 
 
 def duration(s: float | None) -> str:

@@ -12,7 +12,7 @@ import socket
 import time
 from pathlib import Path
 
-from ftctl.adapters import blas, logs, process, system
+from ftctl.adapters import blas, logs, power, process, system
 from ftctl.adapters.faults import crash_point
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.protocol import TrainPlan, encode
@@ -26,6 +26,7 @@ from ftctl.recovery.ledger import Ledger
 
 from . import consolidation, recover
 from .inbox import SETTLE_S, inbox_files, skip_reason
+from .notifier import Notifier
 from .reporter import SILENT, Reporter
 from .standby import Standby
 from .submit import SubmitError, submit
@@ -74,6 +75,7 @@ class Daemon:
         self.ended: dict[str, tuple[str, str]] = {}  # after run(): jobs it moved, -> (state, reason)
         self.skipped: set[tuple[str, float]] = set()   # inbox files already said to be skipped
         self.standby = Standby(ws, self.env, self.say)  # the spare worker (control/standby.py)
+        self.notifier: Notifier | None = None            # notify: targets (control/notifier.py)
 
     # ------------------------------------------------------------------ lifecycle
     def log(self, text: str) -> None:
@@ -111,6 +113,7 @@ class Daemon:
         self.ledger = Ledger(self.ws.open_journal())
         start = self.ledger.state.seq
         try:
+            self._start_notifier()  # before recovery: a stop it records for a dead daemon is sent too
             recover.recover(self.ws, self.ledger, lambda r: self.say(f"recovery: {r.what}"))
             me = process.identity(os.getpid())
             self.ledger.commit(DAEMON_STREAM, ev.DaemonStarted(process=me, host=socket.gethostname(), version=VERSION))
@@ -127,8 +130,44 @@ class Daemon:
                 self.ended = {j.job: (j.state, j.reason) for j in self.ledger.state.jobs.values() if j.updated_seq > start}
             return reason
         finally:
+            if self.notifier is not None:
+                self.notifier.close()  # what is due (daemon_stopped too) is sent before the lock goes
             self.ledger.close()
             process.release_lock(lock)
+
+    def _daemon_config(self) -> Config | None:
+        """ftctl.yaml as it is now, for the daemon's own settings (notify, power); None if unreadable."""
+        try:
+            return self.ws.load_config()[0]
+        except Exception as e:  # noqa: BLE001 - a bad or missing ftctl.yaml must not stop the daemon
+            key = ("daemon settings", str(e))  # said once (consolidation says its own line)
+            if key not in self.refused:
+                self.refused.add(key)
+                self.say(f"ftctl.yaml cannot be read ({e}): no notifications, power defaults", "warn")
+            return None
+
+    def _start_notifier(self) -> None:
+        cfg = self._daemon_config()
+        if cfg is None or not cfg.notify:
+            return
+        self.notifier = Notifier(self.ws, cfg.notify, self.say)
+        try:
+            self.notifier.start()
+        except Exception as e:  # noqa: BLE001 - notifications must never keep the daemon from running
+            self.notifier = None
+            self.say(f"notifications are off: {type(e).__name__}: {e}", "error")
+            return
+        self.say(f"notifications: {len(cfg.notify)} target(s) (read at start; restart the daemon after editing notify:)")
+
+    def _hold_power(self, j: JobState) -> power.Held | None:
+        cfg = self._daemon_config()
+        if cfg is not None and not cfg.power.prevent_sleep:
+            return None
+        h = power.hold(self.ws.lock_path.parent, f"ftctl job {j.job} is training",
+                       lost=lambda note: self.log(f"job {j.job}: power assertion lost: {note}"))
+        if not h.state.get("held"):
+            self.say(f"job {j.job}: {h.state.get('note')}", "warn")
+        return h
 
     def _stopped(self, reason: str) -> None:
         """Record the stop, even on the way out of an internal error (best effort: the error
@@ -311,4 +350,8 @@ class Daemon:
             env_changed=blas.fingerprint_diff(j.env, fingerprint) if plan.resume_from else []))
         how = f"resuming from step {resume_step}" if resume else ("warm start from " + warm if warm else "fresh adapter")
         self.say(f"job {j.job} ({j.name}): training, attempt {attempt}, worker pid {worker.id.pid}{' (the standby)' if spare else ''}, {how}")
-        Supervision(self, j, worker, oom_before, resume_step).watch()
+        held = self._hold_power(j)  # no sleep while it trains (power.prevent_sleep)
+        try:
+            Supervision(self, j, worker, oom_before, resume_step).watch()
+        finally:
+            power.release(held)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ftctl.adapters import checkpoint as ck
-from ftctl.adapters import blas, process, system
+from ftctl.adapters import blas, power, process, system
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
-from ftctl.core.config import Config, ConfigError, config_to_dict, override_key
+from ftctl.core.config import Config, ConfigError, job_config, override_key
 from ftctl.core.machine import ACTIVE
 from ftctl.core.state import Projection, job_stream
 from ftctl.recovery.ledger import Ledger
@@ -69,7 +69,49 @@ def examine(ws: Workspace, ledger: Ledger) -> list[Finding]:
     if cfg is not None:
         f += _config_drift(p, cfg)
     f += _data_drift(p)
+    f += _notifications(ledger, cfg)
+    f += _display_sleep(cfg)
     return f
+
+
+def _notifications(ledger: Ledger, cfg: Config | None) -> list[Finding]:
+    """Targets whose latest delivery failed (a `notification_failed` after their last success)."""
+    failed = ledger.state.daemon.notify_failed
+    if not failed and not (cfg and cfg.notify):
+        return []
+    cursors = ledger.journal.notify_cursors()
+    out = []
+    for target, e in failed.items():
+        if ((cursors.get(target) or {}).get("ok_seq") or 0) > e.seq:
+            continue  # a later event was delivered to it since
+        rec = next(iter(ledger.journal.read(after=e.seq - 1, to=e.seq)), None)
+        out.append(Finding("notifications", "warning",
+                           f"{target}: event {e.seq} ({e.event}{', ' + rec.ts[:19] if rec else ''}) was not delivered "
+                           f"after {e.attempts} attempt(s): {e.error}",
+                           "check the URL or command in ftctl.yaml's notify: and that it is reachable from this machine; "
+                           "later events are still sent (`ftctl history --since 1d` shows what happened)"))
+    if not out:
+        n = len(cfg.notify) if cfg else 0
+        out.append(Finding("notifications", "ok", f"{n} target(s); no undelivered notification since the last success"))
+    return out
+
+
+def _display_sleep(cfg: Config | None) -> list[Finding]:
+    """macOS only: a display that never sleeps during long runs is when the Metal GPU watchdog kills
+    MLX training (kIOGPUCommandBufferCallbackErrorImpactingInteractivity, mlx #3267)."""
+    text = power.pmset()
+    if text is None:
+        return []
+    minutes = power.display_sleep_minutes(text)
+    awake = cfg is None or cfg.power.prevent_sleep
+    if minutes == 0:
+        return [Finding("display sleep", "warning",
+                        "the display never sleeps (pmset displaysleep 0): with the display lit, macOS's Metal GPU watchdog "
+                        "kills long MLX training steps (Impacting Interactivity, mlx #3267)",
+                        "`sudo pmset -a displaysleep 10` (the display sleeps, ftctl's caffeinate -s keeps the Mac awake"
+                        + ("" if awake else "; set power.prevent_sleep: true") + "), or run the daemon with "
+                        "AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1")]
+    return [Finding("display sleep", "ok", f"the display sleeps after {minutes} min" if minutes else "pmset does not say")]
 
 
 def _daemon(p: Projection, holder: str | None) -> list[Finding]:
@@ -161,7 +203,7 @@ def _config_drift(p: Projection, cfg: Config) -> list[Finding]:
     latest = next((j for j in reversed(p.jobs.values()) if j.config is not None), None)
     if latest is None:
         return []
-    now, recorded = config_to_dict(cfg), config_to_dict(latest.config)
+    now, recorded = job_config(cfg), job_config(latest.config)  # notify/power are the daemon's, not the job's
     lin = p.lineages.get(latest.lineage)
     if lin is not None and lin.base_version > 0:
         recorded["model"] = now["model"]  # after a promotion jobs train on the new base by design

@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ftctl.adapters import process
 from ftctl.adapters.workspace import Workspace
@@ -42,6 +43,7 @@ class DaemonView:
     last_entry_at: str | None   # the journal's newest event or metrics row
     summary: str                # one sentence for people
     standby: dict | None = None  # the live daemon's spare worker: pid, started_at, rss_bytes, measured_at
+    power: dict | None = None    # the power assertion of the training job (adapters/power.py): held, command, pid, note
 
     @property
     def running(self) -> bool:
@@ -82,12 +84,17 @@ def daemon_view(ws: Workspace, ledger: Ledger) -> DaemonView:
     pid = d.process.pid if d.process else None
     last = ledger.journal.last_ts()
     since = f"{d.started_at[:19].replace('T', ' ')} UTC"
-    spare = None
+    spare = awake = None
     if alive and d.running:
         summary = f"pid {pid} on {d.host} since {since}" + (", shutting down" if d.shutdown_requested else "")
         spare = _standby(ws)
         if spare:
             summary += f", standby worker pid {spare['pid']} ({spare['rss_bytes'] / 1e6:.0f} MB RSS)"
+        awake = _power(ws)
+        if awake and awake.get("held"):
+            summary += f", keeping the machine awake ({Path(awake['command'][0]).name} pid {awake['pid']})"
+        elif awake:
+            summary += f", NOT keeping the machine awake: {awake.get('note', '')}"
     elif d.running:
         summary = (f"not running: daemon pid {pid} on {d.host} (started {since}) died without recording its stop; "
                    f"the journal's last entry is from {_when(last)}. `ftctl start` recovers and carries on")
@@ -97,7 +104,24 @@ def daemon_view(ws: Workspace, ledger: Ledger) -> DaemonView:
     else:
         summary = "not running"
     return DaemonView(alive=alive, recorded=d.running, holder=holder, pid=pid, host=d.host, started_at=d.started_at,
-                      shutdown_requested=d.shutdown_requested, last_entry_at=last, summary=summary, standby=spare)
+                      shutdown_requested=d.shutdown_requested, last_entry_at=last, summary=summary, standby=spare,
+                      power=awake if alive and d.running else None)
+
+
+def _power(ws: Workspace) -> dict | None:
+    """The power assertion the daemon holds for the training job (run/power.json), checked alive."""
+    from ftctl.adapters.power import read_state
+    from ftctl.events.types import ProcessId
+
+    s = read_state(ws.lock_path.parent)
+    if not s or not s.get("held"):
+        return s
+    try:
+        if process.alive(ProcessId(int(s["pid"]), float(s["started_at"]))):
+            return s
+    except (KeyError, TypeError, ValueError):
+        pass
+    return {**s, "held": False, "note": "its process is gone"}
 
 
 def _standby(ws: Workspace) -> dict | None:

@@ -15,7 +15,7 @@ import msgspec
 from ftctl.adapters.fs import UnreadableFile, read_input, write_durable
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
-from ftctl.core.config import Config, config_sha256, config_to_dict, locked_changes
+from ftctl.core.config import Config, config_sha256, job_config, locked_changes
 from ftctl.core.dataset import DataReport, validate_jsonl
 from ftctl.core.state import job_stream
 from ftctl.events import types as ev
@@ -187,7 +187,7 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
                 examples=report.valid - report.undesirable,
                 valid_path=str(valid) if valid else (str(jdir / "valid.jsonl") if held is not None else None),
                 valid_sha256=hashlib.sha256(vdata).hexdigest() if vdata is not None else None,
-                config=config_to_dict(cfg), config_sha256=config_sha256(cfg), lineage=lineage, warnings=warnings,
+                config=job_config(cfg), config_sha256=config_sha256(cfg), lineage=lineage, warnings=warnings,
                 overrides=overrides))
             return Submission(job, "queued", report, vreport, warnings)
         except ConcurrencyError:

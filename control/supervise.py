@@ -217,7 +217,8 @@ class Supervision:
         oom_after = system.oom_kill_count()
         oom = None if self.oom_before is None or oom_after is None else oom_after - self.oom_before
         tail = process.tail(self.w.log_path, since=self.w.log_offset)
-        category = classify(Evidence(exit_code=code, stderr_tail=tail, reported=self.error.category if self.error else None,
+        said = f"\n{self.error.message}" if self.error else ""  # the worker's own words count as evidence too
+        category = classify(Evidence(exit_code=code, stderr_tail=tail + said, reported=self.error.category if self.error else None,
                                      oom_kills=oom, hung=self.hung))
         if category == "corrupt_checkpoint" and self.error and self.error.path:
             c = next((c for c in j.good_checkpoints() if c.path == self.error.path), None)
@@ -236,7 +237,7 @@ class Supervision:
         crash = ev.Crashed(job=self.job, category=category, step=self.step, exit_code=code, signal=sig,
                            evidence=evidence, suggestion=advice)
         now = time.time()
-        record = CrashRecord(ts=utc_now(), category=category, step=self.step, exit_code=code, signal=sig)
+        record = CrashRecord(ts=utc_now(), category=category, step=self.step, exit_code=code, signal=sig, resume_step=j.step)
         dec = after_crash(j.crashes[j.budget_from:] + [record], now, resume_step=j.step, policy=self.cfg.restart,
                           detail=detail)
         nxt = follow_up(self.job, dec, j.requested or (self.stop_reason if self.stop_reason == "pause" else None), category, now)

@@ -21,6 +21,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "Consolidation",
+    "NotifyTarget",
+    "Power",
     "LoraParameters",
     "LRSchedule",
     "RestartPolicy",
@@ -28,6 +30,7 @@ __all__ = [
     "Timeouts",
     "config_sha256",
     "config_to_dict",
+    "job_config",
     "decode_config",
     "default_config_dict",
     "describe_keys",
@@ -120,6 +123,47 @@ class Consolidation(Struct, kw_only=True, forbid_unknown_fields=True):
         ),
     ] = None
     keep_models: Annotated[int, _m("number of consolidated models kept on disk", ge=1)] = 2
+
+
+NOTIFY_EVENTS = ("completed", "failed", "crashed", "paused", "cancelled", "consolidated", "daemon_started",
+                 "daemon_stopped")
+NotifyEvent = Literal["completed", "failed", "crashed", "paused", "cancelled", "consolidated", "daemon_started",
+                      "daemon_stopped"]
+
+
+class NotifyTarget(Struct, kw_only=True, forbid_unknown_fields=True):
+    url: Annotated[
+        str | None,
+        _m("URL each event is POSTed to (a webhook, an ntfy topic); give url or command",
+           "an http:// or https:// URL, or null"),
+    ] = None
+    command: Annotated[
+        Annotated[list[str], Meta(min_length=1)] | None,
+        _m("a program and its arguments, run with the event as JSON on stdin; exit 0 = delivered (instead of url)",
+           "a non-empty list of strings (program first), or null"),
+    ] = None
+    events: Annotated[
+        Annotated[list[NotifyEvent], Meta(min_length=1)],
+        _m("the events sent to this target", "a non-empty list of " + ", ".join(NOTIFY_EVENTS)),
+    ] = field(default_factory=lambda: ["completed", "failed", "crashed", "paused", "consolidated", "daemon_stopped"])
+    format: Annotated[
+        Literal["json", "slack", "ntfy"],
+        _m("body of the POST: json (the event and a summary), slack ({text}), ntfy (plain text, title and tags)"),
+    ] = "json"
+    timeout_s: Annotated[float, _m("seconds one delivery attempt may take", gt=0)] = 10.0
+    retries: Annotated[int, _m("attempts after the first before the failure is recorded", ge=0, le=20)] = 3
+    backoff_s: Annotated[float, _m("wait before the first retry, doubled after each", ge=0)] = 2.0
+
+    def key(self) -> str:
+        """The target's identity: where its last notified sequence number is kept."""
+        return f"url {self.url}" if self.url is not None else "command " + msgspec.json.encode(self.command).decode()
+
+
+class Power(Struct, kw_only=True, forbid_unknown_fields=True):
+    prevent_sleep: Annotated[
+        bool, _m("while a job trains, keep the machine from sleeping (macOS: caffeinate -i -s; Linux: systemd-inhibit "
+                 "--what=sleep:idle, where installed)")
+    ] = True
 
 
 class Config(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -216,6 +260,13 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     consolidation: Annotated[
         Consolidation, _m("periodic fusing of the adapter into the base model")
     ] = field(default_factory=Consolidation)
+    # the daemon's own settings, read from ftctl.yaml as it is now (not recorded in a job: see job_config)
+    notify: Annotated[
+        list[NotifyTarget],
+        _m("where the daemon sends events once they are committed (docs/operations.md)",
+           "a list of targets, each a mapping with url or command"),
+    ] = []
+    power: Annotated[Power, _m("power management while a job trains")] = field(default_factory=Power)
 
 
 class ConfigError(ValueError):
@@ -516,6 +567,14 @@ def _check(cfg: Config, source: str) -> None:
                 "(checkpoints and evaluations fall on optimizer updates)",
                 key=name, value=value, allowed=allowed,
             )
+    for i, n in enumerate(cfg.notify):
+        if (n.url is None) == (n.command is None):
+            raise ConfigError(f"{source}: notify[{i}] needs exactly one of url or command",
+                              key=f"notify[{i}]", value=msgspec.to_builtins(n), allowed="url: URL, or command: [program, args...]")
+        if n.url is not None and not re.match(r"^https?://[^/\s]+", n.url):
+            fail(f"notify[{i}].url", n.url, "an http:// or https:// URL", "is not valid")
+        if n.command is not None and not n.command[0]:
+            fail(f"notify[{i}].command[0]", n.command[0], "a program name or path", "is not valid")
     t = cfg.timeouts
     if t.eval_hang_s < t.hang_s:
         fail("timeouts.eval_hang_s", t.eval_hang_s, f">= timeouts.hang_s = {t.hang_s:g}", "is too small")
@@ -679,10 +738,23 @@ def config_to_dict(cfg: Config) -> dict:
     return msgspec.to_builtins(cfg)
 
 
+# The daemon's settings: read from ftctl.yaml when used, never part of what a job records (a job's
+# config is what shapes its training; a webhook URL is a secret and changes nothing in a run).
+DAEMON_KEYS = ("notify", "power")
+
+
+def job_config(cfg: Config) -> dict:
+    """What a job records (``job_submitted.config``): the config without the daemon's settings."""
+    d = config_to_dict(cfg)
+    for k in DAEMON_KEYS:
+        d.pop(k, None)
+    return d
+
+
 def config_sha256(cfg: Config) -> str:
-    """sha256 of the canonical JSON (sorted keys) of the config: of ``config_to_dict(cfg)``, which
-    is what a job records, so the hash of the recorded config is this hash."""
-    return hashlib.sha256(msgspec.json.encode(config_to_dict(cfg), order="sorted")).hexdigest()
+    """sha256 of the canonical JSON (sorted keys) of ``job_config(cfg)``, which is what a job
+    records, so the hash of the recorded config is this hash."""
+    return hashlib.sha256(msgspec.json.encode(job_config(cfg), order="sorted")).hexdigest()
 
 
 def default_config_dict(model: str) -> dict:
@@ -701,6 +773,12 @@ def describe_keys() -> dict[str, str]:
             if sub is not None:
                 out[dotted] = desc + (" (default null)" if f.default is None else "")
                 walk(sub, dotted)
+                continue
+            item = _struct_member(_list_item(f.type)) if _list_item(f.type) is not None else None
+            if item is not None:  # a list of mappings (notify): the list, then each item's keys as key[].name
+                default = f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
+                out[dotted] = f"{desc} ({_allowed(f.type)}; default {_show(msgspec.to_builtins(default))})"
+                walk(item, dotted + "[]")
                 continue
             if f.required:
                 default = "required"

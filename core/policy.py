@@ -6,6 +6,7 @@ the cgroup OOM counter) and these functions decide, so every rule is unit-testab
 
 from __future__ import annotations
 
+import re
 import signal as _signal
 from dataclasses import dataclass
 
@@ -36,6 +37,15 @@ SUGGESTIONS = {
     "corrupt_checkpoint": "a checkpoint failed its hash check; ftctl resumes from the previous good one",
     "daemon_died": "the daemon supervising this job died; the job resumes from its last committed checkpoint",
     "io_error": "an I/O error (EIO) happened while writing: check the disk (dmesg, SMART); the previous checkpoint is intact",
+    "metal_watchdog": "macOS's Metal GPU watchdog killed the worker (kIOGPUCommandBufferCallbackErrorImpactingInteractivity, "
+                      "mlx #3267): it fires when a long command buffer competes with a lit display. Let the display sleep "
+                      "during runs (`sudo pmset -a displaysleep 10`, or close the lid; ftctl's `caffeinate -s` keeps the Mac "
+                      "itself awake), or start the daemon with AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1; lower max_seq_length or "
+                      "batch_size to shorten each step, then `ftctl resume JOB`",
+    "descriptor_leak": "Metal's resource (descriptor) count limit was exceeded ([metal::malloc] Resource limit ... "
+                       "exceeded, mlx-lm #1185): a leak that grows with the steps a worker has run, not an out-of-memory; "
+                       "it recurs after the same number of steps, so a restart only helps if a checkpoint lands before "
+                       "it: lower save_every (below the steps a worker lasts), update mlx and mlx-lm, then `ftctl resume JOB`",
 }
 
 # Suggestions that end by saying where the job resumes: `suggestion` names the step instead.
@@ -68,7 +78,17 @@ NOT_COUNTED = {"daemon_died"}
 # Crashes that wait for the user to fix the machine rather than failing the job.
 PAUSE_ON = {"disk_full", "load_error"}
 
-_MLX_OOM = ("Insufficient Memory", "Unable to allocate", "[malloc]", "out of memory", "MemoryError")
+_MLX_OOM = ("Insufficient Memory", "Unable to allocate", "[malloc]", "out of memory", "MemoryError",
+            "kIOGPUCommandBufferCallbackErrorOutOfMemory")
+# Apple GPU crash signatures (docs/operations.md): the Metal watchdog (mlx #3267) and the resource-count
+# limit (mlx-lm #1185) are neither OOM nor a plain abort, and each has its own fix.
+_METAL_WATCHDOG = ("kIOGPUCommandBufferCallbackErrorImpactingInteractivity", "Impacting Interactivity",
+                   "kIOGPUCommandBufferCallbackErrorTimeout", "GPU Timeout Error")
+_DESCRIPTOR_LEAK = re.compile(r"Resource limit \(\d+\) exceeded")
+# Crashes that are retried only when the restart made progress: a restart resumes from the last
+# checkpoint, and if none was committed since the previous crash of the kind, it would only meet
+# the same wall at the same step again. Then the job pauses with the fix instead.
+ONLY_WITH_PROGRESS = {"metal_watchdog", "descriptor_leak"}
 
 
 @dataclass(frozen=True)
@@ -83,9 +103,16 @@ class Evidence:
 def classify(e: Evidence) -> str:
     if e.hung:
         return "hang"
+    tail = e.stderr_tail
+    if e.reported in (None, "exception"):  # a Metal error may surface as a Python exception or an abort
+        if any(m in tail for m in _METAL_WATCHDOG):
+            return "metal_watchdog"
+        if _DESCRIPTOR_LEAK.search(tail):
+            return "descriptor_leak"
+        if e.reported and any(m in tail for m in _MLX_OOM):  # MLX's allocation errors are Python exceptions too
+            return "oom"
     if e.reported:
         return e.reported
-    tail = e.stderr_tail
     sig = -e.exit_code if e.exit_code is not None and e.exit_code < 0 else None
     if (e.oom_kills or 0) > 0 or any(m in tail for m in _MLX_OOM):
         return "oom"
@@ -127,6 +154,12 @@ def after_crash(crashes: list[CrashRecord], now: float, *, resume_step: int, pol
     if last.category in NOT_COUNTED:
         return Decision("requeue", f"{last.category}: resuming from step {resume_step}")
     counted = [c for c in crashes if c.category not in NOT_COUNTED]
+    if last.category in ONLY_WITH_PROGRESS:
+        before = [c for c in counted[:-1] if c.category == last.category]
+        if before and before[-1].resume_step is not None and resume_step <= before[-1].resume_step:
+            return Decision("pause", f"{last.category} again at step {last.step}{said} with no checkpoint committed since "
+                                     f"the previous one (it would resume from step {resume_step} again): not retried "
+                                     f"blindly. {SUGGESTIONS[last.category]}")
     same = [c for c in counted if c.category == last.category and c.step == last.step]
     if len(same) >= 3:
         return Decision("fail", f"{last.category} three times at the same step {last.step}{said}: "

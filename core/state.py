@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 8  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 9  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -32,6 +32,7 @@ class CrashRecord(msgspec.Struct, kw_only=True, gc=False):
     exit_code: int | None = None
     signal: int | None = None
     suggestion: str = ""
+    resume_step: int | None = None  # the job's last good checkpoint when it crashed: where the next attempt resumes
 
 
 class JobState(msgspec.Struct, kw_only=True):
@@ -116,6 +117,7 @@ class DaemonState(msgspec.Struct, kw_only=True):
     running: bool = False
     shutdown_requested: bool = False
     reconciled_seq: int = 0     # recovery last ran here: finished jobs untouched since need no new look
+    notify_failed: dict[str, ev.NotificationFailed] = {}  # notification target -> its latest failure
 
 
 class Projection(msgspec.Struct, kw_only=True):
@@ -227,7 +229,7 @@ def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -
 def _crashed(p, j: JobState, e: ev.Crashed, seq: int, ts: str) -> None:
     j.worker = None
     j.crashes.append(CrashRecord(ts=ts, category=e.category, step=e.step, exit_code=e.exit_code,
-                                 signal=e.signal, suggestion=e.suggestion))
+                                 signal=e.signal, suggestion=e.suggestion, resume_step=j.step))
     j.reason = f"{e.category}: {e.suggestion}" if e.suggestion else e.category
 
 
@@ -275,6 +277,10 @@ def _shutdown(p: Projection, e, seq: int, ts: str) -> None:
     p.daemon.shutdown_requested = True
 
 
+def _notification_failed(p: Projection, e: ev.NotificationFailed, seq: int, ts: str) -> None:
+    p.daemon.notify_failed[e.target] = e
+
+
 def _noop(p, e, seq: int, ts: str) -> None:
     pass
 
@@ -314,6 +320,7 @@ JOB_HANDLERS = {
 DAEMON_HANDLERS = {
     ev.DaemonStarted: _daemon_started, ev.DaemonStopped: _daemon_stopped,
     ev.ShutdownRequested: _shutdown, ev.RecoveryFinished: _recovered, ev.DebrisRemoved: _noop,
+    ev.NotificationFailed: _notification_failed,
 }
 LINEAGE_TYPES = (ev.ConsolidationRequested, ev.HeadSet, ev.ConsolidationStarted, ev.BasePromoted, ev.ConsolidationAborted, ev.ModelRemoved)
 _KIND = {t: t.kind() for t in ev.EVENT_TYPES}

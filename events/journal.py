@@ -325,6 +325,13 @@ class Journal:
     def last_seq(self) -> int:
         return self.conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
 
+    def job_ids(self) -> list[str]:
+        """Every job id, in submission order, from the (stream, version) index alone: no event is
+        decoded (`ftctl _jobs`, what shell completion calls)."""
+        rows = self.conn.execute("SELECT substr(stream, 5) FROM events WHERE stream >= 'job:' AND stream < 'job;' "
+                                 "AND version = 1 ORDER BY seq")
+        return [r[0] for r in rows]
+
     def stream_version(self, stream: str) -> int:
         return self.conn.execute("SELECT coalesce(max(version), 0) FROM events WHERE stream = ?", (stream,)).fetchone()[0]
 
@@ -461,6 +468,42 @@ class Journal:
         the ones at or after ``ts``."""
         row = self.conn.execute("SELECT min(seq) FROM events WHERE ts >= ?", (ts,)).fetchone()
         return (row[0] - 1) if row[0] is not None else self.last_seq()
+
+    # ------------------------------------------------------------------ notification cursors
+    # Per notification target, the last event sequence number it was given (or that was recorded as
+    # failed for it), kept in the meta table as "notify:<target>" -> {"seq", "ok_seq", "ok_ts"} (ok_*: the
+    # last one delivered, and when). Written only after
+    # a delivery: a crash between an event's commit and its delivery leaves the cursor before it, so
+    # the next daemon sends it again (at least once).
+    _NOTIFY = "notify:"
+
+    def notify_cursors(self) -> dict[str, dict]:
+        rows = self.conn.execute("SELECT key, value FROM meta WHERE key >= ? AND key < ?", (self._NOTIFY, "notify;"))
+        out = {}
+        for key, value in rows:
+            try:
+                out[key[len(self._NOTIFY):]] = msgspec.json.decode(value)
+            except msgspec.DecodeError:
+                continue
+        return out
+
+    def set_notify_cursor(self, target: str, seq: int, delivered: bool = True) -> None:
+        """Move ``target``'s cursor to ``seq`` (autocommit, like a metrics row); ``delivered`` also
+        stamps when it last succeeded."""
+        old = self.notify_cursors().get(target, {})
+        value = ({"seq": seq, "ok_seq": seq, "ok_ts": utc_now()} if delivered
+                 else {"seq": seq, "ok_seq": old.get("ok_seq"), "ok_ts": old.get("ok_ts")})
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                          (self._NOTIFY + target, msgspec.json.encode(value).decode()))
+
+    def read_kinds(self, after: int, tags: Sequence[str], limit: int = 500) -> list[Recorded]:
+        """Events after ``after`` whose stored tag is in ``tags``, oldest first (at most ``limit``)."""
+        if not tags:
+            return []
+        rows = self.conn.execute(
+            f"SELECT seq, stream, version, ts, body FROM events WHERE seq > ? AND type IN ({', '.join('?' * len(tags))}) "
+            "ORDER BY seq LIMIT ?", (after, *tags, limit)).fetchall()
+        return [Recorded(seq, stream, version, ts, decode(body)) for seq, stream, version, ts, body in rows]
 
     def integrity_check(self) -> str:
         return self.conn.execute("PRAGMA integrity_check").fetchone()[0]

@@ -313,6 +313,17 @@ class DebrisRemoved(EventBase, tag="debris_removed", kw_only=True):
     reason: str
 
 
+class NotificationFailed(EventBase, tag="notification_failed", kw_only=True):
+    """A notification target (``notify:`` in ftctl.yaml) could not be given event ``seq`` after every
+    retry. The daemon goes on; later events are still sent; `ftctl doctor` shows the failure."""
+
+    target: str        # the target's identity (NotifyTarget.key(): "url …" or "command […]")
+    seq: int           # the event that was not delivered
+    event: str         # its kind
+    attempts: int
+    error: str
+
+
 class RecoveryFinished(EventBase, tag="recovery_finished", kw_only=True):
     repairs: int
     summary: list[str] = []
@@ -375,7 +386,7 @@ Event = Union[
     JobSubmitted, JobRejected, TrainingStarted, CheckpointStarted, CheckpointCommittedV1, CheckpointCommitted,
     CheckpointPruned, CheckpointCorrupt, CheckpointDiscarded, Evaluated, AdapterEvaluated, Completed, Crashed,
     Requeued, Interrupted, Failed, Paused, Resumed, Retried, Cancelled, ControlRequested,
-    DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, DebrisRemoved, RecoveryFinished,
+    DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, DebrisRemoved, RecoveryFinished, NotificationFailed,
     ConsolidationRequested, HeadSet, ConsolidationStarted, BasePromoted, ConsolidationAborted, ModelRemoved,
 ]
 

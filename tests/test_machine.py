@@ -158,6 +158,8 @@ def make(typ: type, subject: str, p) -> T.EventBase:
         return T.DebrisRemoved(path=p.s(), reason=p.s())
     if typ is T.RecoveryFinished:
         return T.RecoveryFinished(repairs=p.i(), summary=[p.s()])
+    if typ is T.NotificationFailed:
+        return T.NotificationFailed(target=p.s(), seq=p.i(), event=p.s(), attempts=p.i(), error=p.s())
     raise AssertionError(f"no builder for {typ.__name__}")
 
 

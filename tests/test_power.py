@@ -1,0 +1,97 @@
+"""No sleep mid-run, on Linux with a stand-in `systemd-inhibit` first on PATH (a script that runs the
+command after `--`, as the real one does): held while a job trains, shown by status, released when
+the job ends, and gone with the daemon when the daemon is SIGKILLed. macOS's caffeinate is the same
+code path with another command (checked by `power.command`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+
+import psutil
+
+from ftctl.adapters import power
+from helpers import daemon, finished, ftctl, make_workspace, status, wait_for
+
+FAKE = """#!/bin/sh
+echo "start $$ $*" >> "$FAKE_INHIBIT_LOG"
+while [ "$1" != "--" ]; do shift; done
+shift
+exec 3<&0
+"$@" <&3 3<&- &
+child=$!
+echo "child $child" >> "$FAKE_INHIBIT_LOG"
+wait $child
+"""
+
+
+def _pids(log) -> list[int]:
+    out = []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        out.append(int(line.split()[1]))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_the_commands_per_platform():
+    which = lambda name: f"/usr/bin/{name}"  # noqa: E731
+    assert power.command(42, "why", "darwin", which) == ["/usr/bin/caffeinate", "-i", "-s", "-w", "42"]
+    cmd = power.command(42, "job 1", "linux", which)
+    assert cmd[:2] == ["/usr/bin/systemd-inhibit", "--what=sleep:idle"] and cmd[-2:] == ["--", "cat"]
+    assert power.command(42, "why", "linux", lambda name: None) is None
+    assert power.display_sleep_minutes("System-wide power settings:\n displaysleep         0\n sleep 1") == 0
+    assert power.display_sleep_minutes(" displaysleep 10 (sleep prevented by caffeinate)") == 10
+    assert power.display_sleep_minutes("nothing") is None
+
+
+def test_held_while_training_released_after_and_dies_with_the_daemon(tmp_path, demo):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "systemd-inhibit"
+    fake.write_text(FAKE)
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    log = tmp_path / "inhibit.log"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_INHIBIT_LOG": str(log),
+           "FTCTL_HANG_AT": f"mid_step:6:{tmp_path / 'hang-marker'}"}
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    d = daemon(home, env=env)
+    try:
+        wait_for(lambda: len(_pids(log)) == 2 and (tmp_path / "hang-marker").exists(), timeout=120)
+        sh, cat = _pids(log)
+        assert _alive(sh) and _alive(cat)
+        assert "--what=sleep:idle" in log.read_text() and "--mode=block" in log.read_text()
+        assert os.getpgid(sh) == os.getpgid(d.pid)  # a child in the daemon's process group
+        s = status(home)["daemon"]
+        assert s["power"]["held"] is True and s["power"]["pid"] == sh, s
+        assert f"keeping the machine awake (systemd-inhibit pid {sh})" in s["summary"]
+        d.send_signal(signal.SIGKILL)
+        d.wait(10)
+        wait_for(lambda: not _alive(sh) and not _alive(cat), timeout=10, every=0.1)  # gone with the daemon
+    finally:
+        if d.poll() is None:
+            d.kill()
+    ftctl(home, "start", "--until-idle", "--quiet", env={k: v for k, v in env.items() if k != "FTCTL_HANG_AT"},
+          timeout=600)
+    finished(home)
+    pids = _pids(log)
+    assert len(pids) == 4 and not any(map(_alive, pids))  # held again for the resumed run, released at its end
+    assert not (home / "run" / power.STATE_FILE).exists()
+    assert status(home)["daemon"]["power"] is None
+
+
+def test_prevent_sleep_false_holds_nothing(tmp_path):
+    from ftctl.adapters.workspace import init_workspace
+    from ftctl.control.daemon import Daemon
+    from ftctl.core.state import JobState
+
+    ws = init_workspace(tmp_path / "ws", "model", {"power": {"prevent_sleep": False}})
+    assert Daemon(ws)._hold_power(JobState(job="0001")) is None
+    assert not (ws.home / "run" / power.STATE_FILE).exists()
