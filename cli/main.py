@@ -32,7 +32,8 @@ USER_ERROR_NAMES = (
     ("ftctl.control.recover", "DaemonRunning"), ("ftctl.adapters.workspace", "WorkspaceError"),
     ("ftctl.core.config", "ConfigError"), ("ftctl.core.dataset", "DataError"),
     ("ftctl.core.machine", "IllegalTransition"), ("ftctl.events.journal", "JournalError"),
-    ("ftctl.control.submit", "SubmitError"), ("ftctl.core.state", "ReplayError"),
+    ("ftctl.control.submit", "SubmitError"),
+    ("ftctl.control.reproduce", "ReproduceRefused"), ("ftctl.core.state", "ReplayError"),
 )
 
 
