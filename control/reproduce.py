@@ -47,7 +47,7 @@ from .jobs import UserError, find_job
 from .reporter import Note, quiet
 from .submit import held_lines
 
-HEAD = 80          # first characters of each example shown
+HEAD = 120         # first characters of each example shown
 MARKER = ".ftctl-reproduce"
 
 
