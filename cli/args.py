@@ -75,7 +75,8 @@ HELP: dict[str, tuple[str, str]] = {
                "retention, config and data drift. Exits 1 when anything is not ok.",
                "ftctl doctor\n  ftctl doctor --fix"),
     "demo": ("The one-minute tour on the embedded tiny model: init ./ftctl-demo, submit, train with the worker "
-             "killed at STEP, recover, and compare the adapter with an uninterrupted run.",
+             "killed at STEP, recover, reproduce the crash (a kill is environmental: not reproduced), and compare "
+             "the adapter with an uninterrupted run.",
              "ftctl demo\n  ftctl demo --reset --kill-at 5"),
 }
 

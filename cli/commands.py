@@ -201,6 +201,9 @@ def cmd_demo(args, ws) -> int:
     ftctl(["history", "--home", str(home)])
     render.console.rule("5. status of the finished job")
     ftctl(["status", t.job, "--home", str(home)])
+    if t.killed_at:
+        render.console.rule("6. reproduce the crash: a property of the run, or of the environment?")
+        ftctl(["reproduce", t.job, "--home", str(home)])
     killed = (f"killed at step {', '.join(map(str, t.killed_at))} and resumed" if t.killed_at
               else "never killed (the journal records no kill)")
     render.console.print(f"adapter sha256, {killed}: {t.sha256}\n"
