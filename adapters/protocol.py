@@ -62,18 +62,19 @@ class Step(Message, tag="step"):
 
 class Traced(Message, tag="trace"):
     """One step of a traced run (TrainPlan.trace): sent before the step's loss is checked, so the step
-    that diverges is traced too. A float that is not finite travels as "nan", "inf" or "-inf"."""
+    that diverges is traced too. A float that is not finite travels as "nan", "inf" or "-inf" (a NaN
+    float given here anyway arrives as null: not finite either)."""
 
     step: int
     global_step: int
-    loss: float | str
-    grad_norm: float | str              # of this step's raw gradient (before accumulation and clipping)
-    lr: float | str
+    loss: float | str | None
+    grad_norm: float | str | None       # of this step's raw gradient (before accumulation and clipping)
+    lr: float | str | None
     tokens: int
     examples: list[int]                 # the batch: indices of the job's training examples (file order)
     lengths: list[int]                  # their token lengths (before max_seq_length truncation)
-    nonfinite_groups: list[str] = []    # parameter groups whose gradient is not finite, in model order
-    group_count: int = 0                # how many parameter groups the model has
+    nonfinite_groups: list[str]         # parameter groups whose gradient is not finite, in model order
+    group_count: int                    # how many parameter groups the model has
 
 
 class Report(Message, tag="report"):

@@ -99,14 +99,14 @@ def cmd_crashes(args, ws) -> int:
     for c in ("time (UTC)", "seq", "job", "#", "category", "step", "exit", "signal", "evidence", "suggested fix", "reproduced?"):
         t.add_column(c, overflow="fold")
     for r in rows:
-        verdict = (f"[{render.VERDICT_STYLE.get(r['verdict'], '')}]{r['verdict']}[/]" if r["verdict"]
-                   else f"[dim]`ftctl reproduce {r['job']} --crash {r['crash']}`[/]")
+        verdict = f"[{render.VERDICT_STYLE.get(r['verdict'], '')}]{r['verdict']}[/]" if r["verdict"] else "-"
         t.add_row(r["ts"][:19].replace("T", " "), str(r["seq"]), r["job"], str(r["crash"]), f"[red]{r['category']}[/]",
                   _dash(r["step"]), _dash(r["exit_code"]), render.signal_name(r["signal"]),
                   render.escape(render.evidence_line(r["evidence"])), render.escape(r["suggestion"]), verdict)
     render.console.print(t)
     render.console.print("the whole evidence (stderr tail) and each reproduction's findings: `ftctl crashes --json`, "
-                         "or the log named in it; # is the job's crash number (`ftctl reproduce JOB --crash #`)")
+                         "or the log named in it; # is the job's crash number: `ftctl reproduce JOB --crash #` re-runs it "
+                         "(reproduced?: a property of the run, or of the environment)")
     return 0
 
 

@@ -26,8 +26,8 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     """One replayed step (the worker's Traced message). Floats that are not finite are text: "nan", "inf"."""
 
     step: int
-    loss: float | str
-    grad_norm: float | str
+    loss: float | str | None              # None: not finite either
+    grad_norm: float | str | None
     nonfinite_groups: list[str] = []
     group_count: int = 0                  # the model's parameter groups
 
@@ -49,7 +49,7 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     failing_step: int | None = None       # the step whose batch is to blame (None: none is)
 
 
-def finite(x: float | str) -> bool:
+def finite(x: float | str | None) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
