@@ -302,7 +302,8 @@ def reproduction(r) -> list:
     else:
         out.append(f"job {r.job}: " + ("[green]ran cleanly[/]" if o.category is None else f"[red]failed: {escape(o.category)}[/]")
                    + f" up to step {o.step} (no crash compared: --step)")
-    start = f"checkpoint step {r.from_step} ({escape(r.checkpoint)})" if r.checkpoint else "the start of the job"
+    start = (f"checkpoint step {r.from_step} ({escape(r.checkpoint)})" if r.checkpoint else "the start of the job"
+             + (f", warm-started from {escape(r.warm_start)} as the job was" if r.warm_start else ""))
     ended = ("ran cleanly" if o.category is None else f"failed with {escape(o.category)} after step {o.step}"
              + (f": {escape(o.message)}" if o.message and o.category not in ("nan", "inf") else ""))
     out.append(f"  replayed from {start} to step {r.target} on a scratch copy in {r.seconds:.1f} s: {ended}")

@@ -77,6 +77,7 @@ class Result:
     target: int                           # the last step the replay would run
     from_step: int
     checkpoint: str | None                # the job's checkpoint it replayed from (None: from the start)
+    warm_start: str | None                # from the start of a warm-started job: the parent adapter's checkpoint
     outcome: Outcome
     verdict: Verdict | None               # None for --step (no crash to compare with)
     summary: str
@@ -172,7 +173,7 @@ def replay(ws: Workspace, j: JobState, events: list[ev.Recorded], crash: Crash |
         write_durable(scratch / MARKER, b"made by `ftctl reproduce`: removed when it ends\n")
         notes: list[str] = []
         data = _copy_data(ws, j, scratch, notes)
-        start = _checkpoint(j, events, limit, scratch / "job", notes)
+        start = _checkpoint(j, events, limit, scratch / "job", notes, "the crash" if crash else f"step {target}")
         warm = None
         if start is None:
             warm = attempt.warm_start_from if attempt else j.warm_start_from
@@ -202,7 +203,7 @@ def replay(ws: Workspace, j: JobState, events: list[ev.Recorded], crash: Crash |
         failing = verdict.failing_step if verdict else (outcome.step + 1 if outcome.category else None)
         examples = _examples(j, data["train.jsonl"], trace, failing)
         exact, mismatch = _compare(j, written)
-        result = Result(job=j.job, crash=crash, target=target, from_step=from_step, checkpoint=start.path if start else None,
+        result = Result(job=j.job, crash=crash, target=target, from_step=from_step, checkpoint=start.path if start else None, warm_start=warm,
                         outcome=outcome, verdict=verdict, summary="", examples=examples, trace=trace, env=fingerprint,
                         env_changed=env_changed, bit_exact=exact, mismatch=mismatch, notes=notes,
                         seconds=time.monotonic() - t0, log_tail=log_tail,
@@ -342,7 +343,8 @@ def _copy_data(ws: Workspace, j: JobState, scratch: Path, notes: list[str]) -> d
     return out
 
 
-def _checkpoint(j: JobState, events: list[ev.Recorded], limit: int, job_dir: Path, notes: list[str]) -> CheckpointRecord | None:
+def _checkpoint(j: JobState, events: list[ev.Recorded], limit: int, job_dir: Path, notes: list[str],
+                before: str) -> CheckpointRecord | None:
     """Copy the last committed checkpoint before step ``limit`` that is still there and verifies into
     ``job_dir``/checkpoints/ (the copy's manifest hashed against the journal's record, every file against
     the manifest); saying so when it is not the last one the job ever committed there."""
@@ -372,7 +374,7 @@ def _checkpoint(j: JobState, events: list[ev.Recorded], limit: int, job_dir: Pat
         why = ("was pruned by retention" if lost.path in pruned else
                "is corrupt" if lost.path in j.corrupt else "is not usable")
         instead = f"checkpoint step {chosen.step}, the previous one retained" if chosen else "the start of the job"
-        notes.append(f"the last checkpoint before the crash, step {best}, {why}: replaying from {instead} "
+        notes.append(f"the last checkpoint before {before}, step {best}, {why}: replaying from {instead} "
                      f"({best - (chosen.step if chosen else 0)} more steps to replay, the same result)")
     return chosen
 

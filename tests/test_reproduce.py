@@ -194,3 +194,46 @@ def test_a_job_with_no_crash(ws, demo, capsys):
     assert code == 1 and "has no recorded crash" in err and "--step S" in err
     code, _, err = run(capsys, "reproduce", "1", "--crash", "2", "--home", ws)
     assert code == 1
+
+
+def test_ctrl_c_leaves_no_worker_no_scratch_and_records_nothing(killed):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import stray_workers, wait_for
+
+    n = len([e for e in history(killed) if e["type"] == "crash_reproduced"])
+    p = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "reproduce", "1", "--until-crash", "--home", str(killed)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's Ctrl-C
+    try:
+        wait_for(lambda: stray_workers(killed), timeout=60, every=0.05)
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and "interrupted" in err
+    wait_for(lambda: not stray_workers(killed), timeout=10)  # its worker went with it
+    assert not list((killed / "run").glob("reproduce-*"))
+    assert len([e for e in history(killed) if e["type"] == "crash_reproduced"]) == n
+
+
+def test_a_warm_started_job_replays_from_its_parent_adapter_exactly(baseline, capsys, tmp_path):
+    """Job 0002 of the baseline warm-started from job 0001's final adapter; its early checkpoints are pruned, so
+    `--step 10` replays from the start of the job, from the parent adapter it recorded. The replay's losses
+    give back, to the bit, the training reports the job itself recorded (mean loss of steps 6-10)."""
+    from ftctl.events.journal import Journal
+
+    code, out, err = run(capsys, "reproduce", "2", "--step", "10", "--trace", tmp_path / "t.jsonl", "--home", baseline.home)
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "ran cleanly up to step 10" in text and "warm-started from" in text and "jobs/0001/checkpoints" in text
+    rows = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11)) and rows[0]["global_step"] == 41
+    with Journal.open(baseline.home / "journal.db") as j:
+        reports = {m["step"]: m["loss"] for m in j.recent_metrics("0002", limit=100)}
+    assert sum(r["loss"] for r in rows[5:10]) / 5 == reports[10]
+    assert "nothing recorded" in out
