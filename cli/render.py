@@ -307,6 +307,10 @@ def reproduction(r) -> list:
     ended = ("ran cleanly" if o.category is None else f"failed with {escape(o.category)} after step {o.step}"
              + (f": {escape(o.message)}" if o.message and o.category not in ("nan", "inf") else ""))
     out.append(f"  replayed from {start} to step {r.target} on a scratch copy in {r.seconds:.1f} s: {ended}")
+    if o.category is not None and o.category not in ("nan", "inf") and r.log_tail.strip():
+        at = r.log_tail.rfind("Traceback (most recent call last)")
+        tail = (r.log_tail[at:] if at >= 0 else r.log_tail).strip().splitlines()[-8:]
+        out.append("  the replay's worker log ends:\n" + "\n".join(f"    {escape(x)}" for x in tail))
     if v is not None and v.first_nonfinite_step is not None:
         from ftctl.core.reproduction import describe_groups
 

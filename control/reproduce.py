@@ -144,8 +144,9 @@ def after_crash(ws: Workspace, ledger: Ledger, j: JobState, category: str, step:
     crash = Crash(len(j.crashes) + 1, category, step, first_line(message), started[-1] if started else None)
     try:
         r = replay(ws, j, events, crash, min(step + 1, j.iters), note=note, cancelled=cancelled, by="daemon")
-    except (ReproduceRefused, Interrupted, OSError) as e:
-        note(f"job {j.job}: the crash was not reproduced ({e}); the restart policy decides without it", "warn")
+    except Exception as e:  # noqa: BLE001 - never a reason to lose the crash itself: say it, decide without it
+        note(f"job {j.job}: the crash could not be replayed ({type(e).__name__}: {e}); the restart policy decides "
+             "without a verdict", "warn")
         return None
     return r.event
 
