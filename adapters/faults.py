@@ -10,6 +10,10 @@ stands still for good, stop or not: a worker that no longer listens. The step of
 worker point is the global step (the job step for a lineage's first job); of a consolidation
 point, the new base version. Unset (the
 normal case), ``crash_point`` is a dict lookup that returns at once.
+
+``FTCTL_POISON="TEXT"`` is the data-driven seam (``poison_marker``): a training batch holding an example
+whose JSON line contains TEXT makes that step's loss NaN, in the daemon's worker and in a reproduction
+alike, so a test's job diverges as a user's would on a bad example. Unset, training is untouched.
 """
 
 from __future__ import annotations
@@ -74,6 +78,11 @@ def crash_point(name: str, step: int | None = None) -> None:
         while action == "stuck":
             time.sleep(3600)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def poison_marker() -> str | None:
+    """The FTCTL_POISON text, or None (the normal case)."""
+    return os.environ.get("FTCTL_POISON") or None
 
 
 def fs_from_env():

@@ -1,7 +1,7 @@
 """The worker protocol: every message between the daemon and its training worker, typed once.
 
     daemon -> worker (stdin)       TrainPlan (first line), then Stop
-    worker -> daemon (message fd)  Loaded, Step, Report, EvalStarted, Evaluated, CheckpointStarted,
+    worker -> daemon (message fd)  Loaded, Step, Traced (traced runs only), Report, EvalStarted, Evaluated, CheckpointStarted,
                                    CheckpointWritten, then one of Completed, Stopped, Failed
 
 One JSON object per line, tagged by ``t``. Each side encodes with ``encode`` and decodes with
@@ -33,6 +33,8 @@ class TrainPlan(msgspec.Struct, kw_only=True):
     global_step_base: int = 0           # steps of earlier jobs of the lineage
     log_path: str | None = None         # the job log: the worker moves its stdout/stderr there (a standby
                                         # worker was started, with its own log, before the job was known)
+    until_step: int | None = None       # a reproduction (`ftctl reproduce`): stop after this job step
+    trace: bool = False                 # send a Traced message per step (a reproduction's evidence)
 
 
 class Message(msgspec.Struct, tag_field="t", frozen=True, kw_only=True):
@@ -56,6 +58,23 @@ class Step(Message, tag="step"):
 
     step: int
     global_step: int
+
+
+class Traced(Message, tag="trace"):
+    """One step of a traced run (TrainPlan.trace): sent before the step's loss is checked, so the step
+    that diverges is traced too. A float that is not finite travels as "nan", "inf" or "-inf" (a NaN
+    float given here anyway arrives as null: not finite either)."""
+
+    step: int
+    global_step: int
+    loss: float | str | None
+    grad_norm: float | str | None       # of this step's raw gradient (before accumulation and clipping)
+    lr: float | str | None
+    tokens: int
+    examples: list[int]                 # the batch: indices of the job's training examples (file order)
+    lengths: list[int]                  # their token lengths (before max_seq_length truncation)
+    nonfinite_groups: list[str]         # parameter groups whose gradient is not finite, in model order
+    group_count: int                    # how many parameter groups the model has
 
 
 class Report(Message, tag="report"):
@@ -117,7 +136,7 @@ class Failed(Message, tag="error"):
     path: str | None = None  # the checkpoint that failed verification (corrupt_checkpoint)
 
 
-WorkerMessage = Union[Loaded, Step, Report, EvalStarted, Evaluated, CheckpointStarted, CheckpointWritten,
+WorkerMessage = Union[Loaded, Step, Traced, Report, EvalStarted, Evaluated, CheckpointStarted, CheckpointWritten,
                       Completed, Stopped, Failed]
 
 _encoder = msgspec.json.Encoder()

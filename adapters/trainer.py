@@ -14,6 +14,7 @@ linear_to_lora_layers. What differs:
 """
 
 import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from .checkpoint import (
     nonfinite_tensors,
     publish_adapter,
 )
-from .faults import crash_point
+from .faults import crash_point, poison_marker
 from .fs import FS
 from .protocol import TrainPlan
 
@@ -124,6 +125,16 @@ def load_items(path: str, tokenizer, mask_prompt: bool):
     return tokenized(build_dataset(records, tokenizer, mask_prompt))
 
 
+def poisoned_examples(path: str) -> frozenset[int]:
+    """The fault seam FTCTL_POISON (faults.poison_marker): indices of the training examples holding its
+    text. Empty (nothing read) when it is unset."""
+    marker = poison_marker()
+    if marker is None:
+        return frozenset()
+    records = valid_records(Path(path).read_bytes())
+    return frozenset(i for i, r in enumerate(records) if marker in json.dumps(r, ensure_ascii=False))
+
+
 @dataclass
 class Session:
     """Everything training needs, loaded: the model with its adapter, the optimizer, the data,
@@ -137,6 +148,7 @@ class Session:
     adapter_config: dict
     state: TrainState
     last_ckpt: str | None = None
+    poisoned: frozenset[int] = frozenset()  # the FTCTL_POISON seam's examples (tests only)
 
 
 def load(plan: TrainPlan) -> Session:
@@ -157,7 +169,8 @@ def load(plan: TrainPlan) -> Session:
             )
     optimizer = build_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
-    s = Session(plan, model, optimizer, batches, val, adapter_config(cfg), state=None)
+    s = Session(plan, model, optimizer, batches, val, adapter_config(cfg), state=None,
+                poisoned=poisoned_examples(plan.train_path))
     if plan.resume_from:
         ck = load_checkpoint(plan.resume_from)
         _check_resume(plan, ck, s.adapter_config)
@@ -193,20 +206,32 @@ def run(plan: TrainPlan, emit: Callable[[P.Message], None], stop_requested: Call
         stopped = _Loop(s, emit, fs).run(stop_requested)
         if stopped is not None:
             return stopped
+    if plan.until_step is not None and plan.until_step < plan.config.iters:  # a reproduction's window ends
+        done = P.Stopped(step=plan.until_step, global_step=plan.global_step_base + plan.until_step, checkpoint=s.last_ckpt)
+        emit(done)
+        return done
     return _complete(s, emit, fs)
+
+
+def _poisoned_loss(model, batch, lengths, scale):
+    """default_loss times ``scale`` (1.0, or NaN on a poisoned batch): the FTCTL_POISON seam."""
+    lvalue, toks = default_loss(model, batch, lengths)
+    return lvalue * scale, toks
 
 
 def _compiled_step(s: Session):
     """mlx-lm's compiled step over [model.state, optimizer.state, mx.random.state], with gradient
-    accumulation and clipping."""
+    accumulation and clipping. A traced run (plan.trace) also returns each gradient array's squared
+    norm, before accumulation and clipping, in tree_flatten order."""
     model, optimizer, cfg = s.model, s.optimizer, s.plan.config
-    loss_value_and_grad = nn.value_and_grad(model, default_loss)
-    accum, clip = cfg.grad_accumulation_steps, cfg.max_grad_norm
+    loss_value_and_grad = nn.value_and_grad(model, _poisoned_loss if s.poisoned else default_loss)
+    accum, clip, trace = cfg.grad_accumulation_steps, cfg.max_grad_norm, s.plan.trace
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(batch, prev_grad, do_update):
         (lvalue, toks), grad = loss_value_and_grad(model, *batch)
+        norms = mx.stack([mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grad)]) if trace else None
         if prev_grad is not None:
             grad = tree_map(lambda x, y: x + y, grad, prev_grad)
         if do_update:
@@ -216,7 +241,7 @@ def _compiled_step(s: Session):
                 grad, _ = optim.clip_grad_norm(grad, clip)
             optimizer.update(model, grad)
             grad = None
-        return lvalue, toks, grad
+        return (lvalue, toks, grad, norms) if trace else (lvalue, toks, grad)
 
     return step, state
 
@@ -234,6 +259,8 @@ class _Loop:
         self.c_loss = self.c_steps = 0  # since the last checkpoint
         self.nan_run = 0
         self.writer = CheckpointWriter(s.plan.job_dir, fs, self._written)
+        # a traced run names each gradient array's group: its path without lora_a / lora_b
+        self.groups = [k.rpartition(".")[0] for k, _ in tree_flatten(s.model.trainable_parameters())] if s.plan.trace else []
 
     def run(self, stop_requested) -> P.Stopped | None:
         """train(), and whatever way it ends, never before the checkpoint in flight is written (or has
@@ -268,14 +295,21 @@ class _Loop:
             # reported: checkpoints keep evaluations of trained weights (retention's keep_best)
             self._evaluate(0, s.plan.global_step_base)
         s.model.train()
-        for it in range(s.state.job_step + 1, cfg.iters + 1):
+        last = cfg.iters if s.plan.until_step is None else min(cfg.iters, s.plan.until_step)
+        for it in range(s.state.job_step + 1, last + 1):
             gstep = s.plan.global_step_base + it
             t0 = time.perf_counter()
             mx.random.seed(step_seed(cfg.seed, gstep))
-            lvalue, toks, grad = step(s.batches.batch(it - 1), grad, it % accum == 0)
-            mx.eval(state, lvalue, toks, grad)
+            batch = s.batches.batch(it - 1)
+            if s.poisoned:
+                hit = not s.poisoned.isdisjoint(s.batches.indices(it - 1))
+                batch = (*batch, mx.array(math.nan if hit else 1.0))
+            lvalue, toks, grad, *norms = step(batch, grad, it % accum == 0)
+            mx.eval(state, lvalue, toks, grad, norms)
             self.w_time += time.perf_counter() - t0
             self.writer.check()  # a failed background write stops training at once, with its error
+            if s.plan.trace:
+                self._trace(it, gstep, lvalue.item(), toks.item(), norms[0])
             self._account(it, gstep, lvalue.item(), toks.item())
             self.emit(P.Step(step=it, global_step=gstep))
             crash_point("mid_step", gstep)
@@ -313,6 +347,17 @@ class _Loop:
         self.c_loss += loss
         self.c_steps += 1
         self.trained_tokens += ntoks
+
+    def _trace(self, it: int, gstep: int, loss: float, ntoks: int, norms) -> None:
+        """A traced run's record of the step, sent before its loss is checked."""
+        s = self.s
+        sq = norms.tolist()
+        bad = list(dict.fromkeys(g for g, x in zip(self.groups, sq) if not math.isfinite(x)))
+        examples = s.batches.indices(it - 1)
+        self.emit(P.Traced(step=it, global_step=gstep, loss=_wire(loss), grad_norm=_wire(math.sqrt(sum(sq))),
+                           lr=_wire(s.optimizer.learning_rate.item()), tokens=ntoks, examples=list(examples),
+                           lengths=[len(s.batches.items[i][0]) for i in examples], nonfinite_groups=bad,
+                           group_count=len(dict.fromkeys(self.groups))))
 
     def _report(self, it: int, gstep: int) -> None:
         self.emit(P.Report(metrics=Metrics(
@@ -395,6 +440,11 @@ def evaluate_loss(model, batches) -> tuple[float, int]:
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+def _wire(x: float) -> float | str:
+    """A float for a JSON message: JSON has no NaN or infinity, so those travel as text."""
+    return x if math.isfinite(x) else str(x)
 
 
 def _diverged_text(cfg: Config, step: int, gstep: int, what: str, last_ckpt) -> str:

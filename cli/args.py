@@ -37,6 +37,12 @@ HELP: dict[str, tuple[str, str]] = {
     "crashes": ("Every recorded crash: category, step, exit code, signal, the telling line of the evidence and the "
                 "suggested fix.",
                 "ftctl crashes\n  ftctl crashes --json"),
+    "reproduce": ("Re-run a crash from the last committed checkpoint before it, with the same data (sha256 checked), "
+                  "batch order, RNG and optimizer state, on a scratch copy: `reproduced` (a property of the run: same "
+                  "failure at the same step), `not reproduced` (ran cleanly past it: the environment) or `different`. "
+                  "Shows the first non-finite step and the failing batch (lines of the job's data, token lengths, first "
+                  "characters) and records only a `crash_reproduced` event.",
+                  "ftctl reproduce 3\n  ftctl reproduce 3 --crash 1 --trace replay.jsonl\n  ftctl reproduce 3 --step 40"),
     "pause": ("Pause a job. A training job checkpoints first (the daemon does it within a second); `ftctl resume "
               "JOB` queues it again.",
               "ftctl pause 3"),
@@ -86,7 +92,8 @@ HELP: dict[str, tuple[str, str]] = {
                    "ftctl completion bash > ~/.local/share/bash-completion/completions/ftctl\n"
                    "  ftctl completion fish > ~/.config/fish/completions/ftctl.fish\n  eval \"$(ftctl completion zsh)\""),
     "demo": ("The one-minute tour on the embedded tiny model: init ./ftctl-demo, submit, train with the worker "
-             "killed at STEP, recover, and compare the adapter with an uninterrupted run.",
+             "killed at STEP, recover, reproduce the crash (a kill is environmental: not reproduced), and compare "
+             "the adapter with an uninterrupted run.",
              "ftctl demo\n  ftctl demo --reset --kill-at 5"),
 }
 

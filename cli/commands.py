@@ -77,9 +77,17 @@ def cmd_recover(args, ws) -> int:
 
 def cmd_crashes(args, ws) -> int:
     ledger = Ledger(ws.open_journal())
-    rows = [{"seq": r.seq, "ts": r.ts, "job": e.job, "category": e.category, "step": e.step, "exit_code": e.exit_code,
-             "signal": e.signal, "suggestion": e.suggestion, "evidence": e.evidence}
-            for r in ledger.journal.read() if isinstance(e := r.event, ev.Crashed)]
+    rows, counts, by_crash = [], {}, {}
+    for r in ledger.journal.read():
+        e = r.event
+        if isinstance(e, ev.Crashed):
+            counts[e.job] = counts.get(e.job, 0) + 1
+            rows.append({"seq": r.seq, "ts": r.ts, "job": e.job, "crash": counts[e.job], "category": e.category,
+                         "step": e.step, "exit_code": e.exit_code, "signal": e.signal, "suggestion": e.suggestion,
+                         "evidence": e.evidence, "verdict": None, "reproduction": None})
+            by_crash[(e.job, counts[e.job])] = rows[-1]
+        elif isinstance(e, ev.CrashReproduced) and (e.job, e.crash) in by_crash:  # the latest reproduction wins
+            by_crash[(e.job, e.crash)].update(verdict=e.verdict, reproduction=e.summary, reproduction_seq=r.seq)
     if args.json:
         render.print_json(rows)
         return 0
@@ -89,14 +97,44 @@ def cmd_crashes(args, ws) -> int:
     from rich.table import Table
 
     t = Table(title="crashes")
-    for c in ("time (UTC)", "seq", "job", "category", "step", "exit", "signal", "evidence", "suggested fix"):
+    for c in ("time (UTC)", "seq", "job", "#", "category", "step", "exit", "signal", "evidence", "suggested fix", "reproduced?"):
         t.add_column(c, overflow="fold")
     for r in rows:
-        t.add_row(r["ts"][:19].replace("T", " "), str(r["seq"]), r["job"], f"[red]{r['category']}[/]",
+        verdict = f"[{render.VERDICT_STYLE.get(r['verdict'], '')}]{r['verdict']}[/]" if r["verdict"] else "-"
+        t.add_row(r["ts"][:19].replace("T", " "), str(r["seq"]), r["job"], str(r["crash"]), f"[red]{r['category']}[/]",
                   _dash(r["step"]), _dash(r["exit_code"]), render.signal_name(r["signal"]),
-                  render.escape(render.evidence_line(r["evidence"])), render.escape(r["suggestion"]))
+                  render.escape(render.evidence_line(r["evidence"])), render.escape(r["suggestion"]), verdict)
     render.console.print(t)
-    render.console.print("the whole evidence (stderr tail): `ftctl crashes --json`, or the log named in it")
+    render.console.print("the whole evidence (stderr tail) and each reproduction's findings: `ftctl crashes --json`, "
+                         "or the log named in it; # is the job's crash number: `ftctl reproduce JOB --crash #` re-runs it "
+                         "(reproduced?: a property of the run, or of the environment)")
+    return 0
+
+
+def cmd_reproduce(args, ws) -> int:
+    from ftctl.control.reproduce import reproduce
+
+    out = render.err_console if args.json else render.console
+    r = reproduce(ws, Ledger(ws.open_journal()), args.job, crash=args.crash, step=args.step,
+                  until_crash=args.until_crash, trace_path=Path(args.trace) if args.trace else None,
+                  note=render.ConsoleReporter(out=out).note)
+    if args.json:
+        body = {k: v for k, v in ev.to_dict(r.event).items() if k != "type"} if r.event else {
+            "job": r.job, "verdict": None, "summary": r.summary, "from_step": r.from_step, "target_step": r.target,
+            "category": r.outcome.category, "step": r.outcome.step, "message": r.outcome.message,
+            "examples": [ev.to_dict(e) for e in r.examples], "env_changed": r.env_changed, "bit_exact": r.bit_exact,
+            "mismatch": r.mismatch, "notes": r.notes}
+        render.print_json({**body, "seq": r.seq, "checkpoint": r.checkpoint, "seconds": round(r.seconds, 2),
+                           "trace": args.trace})
+        return 0
+    for part in render.reproduction(r):
+        render.console.print(part)
+    if args.trace:
+        render.console.print(f"  trace: {len(r.trace)} step(s) written to {render.escape(args.trace)} (JSON lines)")
+    if r.seq is not None:
+        render.console.print(f"recorded as event {r.seq} (crash_reproduced); nothing of job {r.job}'s was written")
+    else:
+        render.console.print(f"nothing recorded (no crash was compared); nothing of job {r.job}'s was written")
     return 0
 
 
@@ -164,6 +202,9 @@ def cmd_demo(args, ws) -> int:
     ftctl(["history", "--home", str(home)])
     render.console.rule("5. status of the finished job")
     ftctl(["status", t.job, "--home", str(home)])
+    if t.killed_at:
+        render.console.rule("6. reproduce the crash: a property of the run, or of the environment?")
+        ftctl(["reproduce", t.job, "--home", str(home)])
     killed = (f"killed at step {', '.join(map(str, t.killed_at))} and resumed" if t.killed_at
               else "never killed (the journal records no kill)")
     render.console.print(f"adapter sha256, {killed}: {t.sha256}\n"
@@ -366,6 +407,18 @@ def register(sub, home) -> None:
     s = sub.add_parser("crashes", parents=[home], help="crashes with category, step, evidence and the suggested fix")
     s.add_argument("--json", action="store_true", help="print every crash as JSON, with its whole evidence")
     s.set_defaults(func=cmd_crashes)
+
+    s = sub.add_parser("reproduce", parents=[home], help="re-run a crash from its last checkpoint: reproduced, or environmental?")
+    s.add_argument("job", help="job id (7 or 0007)")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument("--crash", type=int, metavar="N", help="the job's crash number N (the # column of `ftctl crashes`; "
+                                                                 "default: its last crash)")
+    which.add_argument("--step", type=int, metavar="S", help="no crash: replay the run up to step S and show what it did")
+    s.add_argument("--until-crash", action="store_true",
+                   help="go on past the crash step until the replay fails, or to the job's last step")
+    s.add_argument("--trace", metavar="FILE", help="write per-step loss, grad norm, lr, tokens and batch as JSON lines")
+    s.add_argument("--json", action="store_true", help="print the recorded verdict as JSON (progress goes to stderr)")
+    s.set_defaults(func=cmd_reproduce)
 
     for action, text in (("pause", "checkpoint and pause a job"), ("resume", "queue a paused job again"),
                          ("retry", "queue a failed job again: it continues from its last good checkpoint, budget reset"),

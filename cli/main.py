@@ -33,7 +33,7 @@ USER_ERROR_NAMES = (
     ("ftctl.core.config", "ConfigError"), ("ftctl.core.dataset", "DataError"),
     ("ftctl.core.machine", "IllegalTransition"), ("ftctl.events.journal", "JournalError"),
     ("ftctl.control.submit", "SubmitError"), ("ftctl.core.state", "ReplayError"),
-    ("ftctl.control.service", "ServiceError"),
+    ("ftctl.control.service", "ServiceError"), ("ftctl.control.reproduce", "ReproduceRefused"),
 )
 
 

@@ -281,9 +281,67 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
     if j.crashes:
         c = j.crashes[-1]
         t.add_row("last crash", escape(f"{c.category} at step {c.step} ({c.ts[:19]}): {c.suggestion}"))
+        if c.verdict:
+            t.add_row("reproduction", f"[{VERDICT_STYLE.get(c.verdict, '')}]{escape(c.reproduction)}[/]")
     for w in j.warnings:
         t.add_row("warning", escape(w))
     return t
+
+
+VERDICT_STYLE = {"reproduced": "bold red", "not reproduced": "green", "different": "yellow"}
+
+
+def reproduction(r) -> list:
+    """`ftctl reproduce`'s report (control.reproduce.Result): the verdict, the replay, the failing batch."""
+    out = []
+    v, c, o = r.verdict, r.crash, r.outcome
+    if v is not None:
+        said = f": {escape(c.message)}" if c.message and c.category not in ("nan", "inf") else ""
+        out.append(f"verdict: [{VERDICT_STYLE.get(v.verdict, '')}]{v.verdict.upper()}[/] — crash {c.number} of job {r.job} "
+                   f"({escape(c.category)} after step {c.step}{said})")
+    else:
+        out.append(f"job {r.job}: " + ("[green]ran cleanly[/]" if o.category is None else f"[red]failed: {escape(o.category)}[/]")
+                   + f" up to step {o.step} (no crash compared: --step)")
+    start = (f"checkpoint step {r.from_step} ({escape(r.checkpoint)})" if r.checkpoint else "the start of the job"
+             + (f", warm-started from {escape(r.warm_start)} as the job was" if r.warm_start else ""))
+    ended = ("ran cleanly" if o.category is None else f"failed with {escape(o.category)} after step {o.step}"
+             + (f": {escape(o.message)}" if o.message and o.category not in ("nan", "inf") else ""))
+    out.append(f"  replayed from {start} to step {r.target} on a scratch copy in {r.seconds:.1f} s: {ended}")
+    if o.category is not None and o.category not in ("nan", "inf") and r.log_tail.strip():
+        at = r.log_tail.rfind("Traceback (most recent call last)")
+        tail = (r.log_tail[at:] if at >= 0 else r.log_tail).strip().splitlines()[-8:]
+        out.append("  the replay's worker log ends:\n" + "\n".join(f"    {escape(x)}" for x in tail))
+    if v is not None and v.first_nonfinite_step is not None:
+        from ftctl.core.reproduction import describe_groups
+
+        out.append(f"  first non-finite: the {v.first_nonfinite} at step {v.first_nonfinite_step}"
+                   + (f" — the gradient of {escape(describe_groups(v.groups, v.group_count))}" if v.groups else ""))
+    if r.examples:
+        step = v.failing_step if v is not None else o.step + 1
+        t = Table(title=f"failing batch: step {step}", title_justify="left", expand=False)
+        for col in ("example", "line", "submitted line", "tokens", "first characters"):
+            t.add_column(col, justify="right" if col != "first characters" else "left", overflow="fold")
+        for e in r.examples:
+            t.add_row(str(e.index), str(e.line), "-" if e.source_line is None else str(e.source_line), str(e.tokens),
+                      escape(e.head))
+        out.append(t)
+        out.append(f"  lines are those of the job's data, {escape(r.data_path)}"
+                   + ("; submitted lines those of " + escape(r.source_path) if r.source_path else ""))
+    if r.bit_exact:
+        out.append(f"  bit-exact: the replay's weights and optimizer state equal the job's own checkpoint at step "
+                   f"{', '.join(map(str, r.bit_exact))} (sha256)")
+    if r.mismatch:
+        out.append(f"  [yellow]not bit-exact[/]: the replay's checkpoint differs from the job's at step "
+                   f"{', '.join(map(str, r.mismatch))}")
+    if r.env_changed:
+        out.append("  [yellow]environment differs from the crashed attempt's[/]: " + escape("; ".join(r.env_changed))
+                   + " (bit-exactness holds only within one environment)")
+    elif c is not None and c.attempt is not None and c.attempt.env:
+        out.append(f"  environment: the crashed attempt's (mlx {escape(r.env.get('mlx', '?'))}, blas "
+                   f"{escape(r.env.get('blas', '?'))}, {escape(r.env.get('blas_threads', '?'))} threads)")
+    for n in r.notes:
+        out.append(f"  [yellow]note:[/] {escape(n)}")
+    return out
 
 
 # --------------------------------------------------------------------------- the reporter

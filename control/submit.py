@@ -58,8 +58,9 @@ def _problems(report: DataReport, limit: int = 20) -> list[str]:
     return [f"line {p.line}: {p.reason}" for p in report.problems[:limit]]
 
 
-def _split(data: bytes, report: DataReport, batch_size: int) -> tuple[bytes, bytes | None]:
-    """Hold out every HOLDOUT_EVERY-th valid line for validation (deterministic)."""
+def held_lines(data: bytes, report: DataReport, batch_size: int) -> set[int]:
+    """The lines (1-based) held out for validation when no --valid file is given: every
+    HOLDOUT_EVERY-th valid line (deterministic)."""
     bad = {p.line for p in report.problems}
     lines = data.splitlines(keepends=True)
     good = [i for i, l in enumerate(lines, 1) if l.strip() and i not in bad]
@@ -67,6 +68,13 @@ def _split(data: bytes, report: DataReport, batch_size: int) -> tuple[bytes, byt
     if len(held) < batch_size:
         # Too few for one validation batch at every 20th: hold out just enough, from the end.
         held = set(good[-batch_size:]) if len(good) >= 4 * batch_size else set()
+    return held
+
+
+def _split(data: bytes, report: DataReport, batch_size: int) -> tuple[bytes, bytes | None]:
+    """(train, validation) of a file submitted without --valid: see held_lines."""
+    held = held_lines(data, report, batch_size)
+    lines = data.splitlines(keepends=True)
     if not held:
         return data, None
     train = b"".join(l if l.endswith(b"\n") else l + b"\n" for i, l in enumerate(lines, 1) if i not in held)
@@ -176,8 +184,10 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
             else:
                 train, held = data, vdata
             write_durable(jdir / "train.jsonl", train)
+            copies = {"train.jsonl": hashlib.sha256(train).hexdigest()}
             if held is not None:
                 write_durable(jdir / "valid.jsonl", held)
+                copies["valid.jsonl"] = hashlib.sha256(held).hexdigest()
             if report.verdict == "warn":
                 warnings += report.reasons
             if vreport is not None and vreport.verdict == "warn":
@@ -188,7 +198,7 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
                 valid_path=str(valid) if valid else (str(jdir / "valid.jsonl") if held is not None else None),
                 valid_sha256=hashlib.sha256(vdata).hexdigest() if vdata is not None else None,
                 config=job_config(cfg), config_sha256=config_sha256(cfg), lineage=lineage, warnings=warnings,
-                overrides=overrides))
+                overrides=overrides, copies=copies))
             return Submission(job, "queued", report, vreport, warnings)
         except ConcurrencyError:
             continue

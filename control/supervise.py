@@ -17,12 +17,13 @@ from ftctl.adapters import blas, process, system
 from ftctl.adapters import protocol as P
 from ftctl.adapters.faults import crash_point
 from ftctl.core.policy import Evidence, after_crash, classify, follow_up, suggestion
+from ftctl.core.reproduction import DETERMINISTIC
 from ftctl.core.state import CrashRecord, JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.journal import utc_now
 from ftctl.recovery.reconcile import apply, mark_corrupt
 
-from . import retention
+from . import reproduce, retention
 from .reporter import Every
 
 if TYPE_CHECKING:
@@ -235,13 +236,22 @@ class Supervision:
         if detail and category in ("exception", "load_error"):
             advice = f"{detail} — {advice}"
         crash = ev.Crashed(job=self.job, category=category, step=self.step, exit_code=code, signal=sig,
-                           evidence=evidence, suggestion=advice)
+                           evidence=evidence, suggestion=advice, message=detail)
+        replayed = None
+        if category in DETERMINISTIC and not d.stopping and not j.requested:
+            # a crash that can be a property of the run is replayed before any restart (control/reproduce.py)
+            replayed = reproduce.after_crash(d.ws, L, j, category, self.step, detail, lambda: bool(d.stopping), d.say)
+            j = L.state.jobs[self.job]
+            if replayed is not None:
+                d.say(f"job {self.job}: crash {replayed.crash} {replayed.summary}",
+                      "warn" if replayed.verdict == "reproduced" else "info")
         now = time.time()
         record = CrashRecord(ts=utc_now(), category=category, step=self.step, exit_code=code, signal=sig, resume_step=j.step)
         dec = after_crash(j.crashes[j.budget_from:] + [record], now, resume_step=j.step, policy=self.cfg.restart,
-                          detail=detail)
+                          detail=detail, reproduction=replayed)
         nxt = follow_up(self.job, dec, j.requested or (self.stop_reason if self.stop_reason == "pause" else None), category, now)
-        L.commit(self.stream, crash, nxt)  # one transaction: a crashed job is never left without its decision
+        # one transaction: a crashed job is never left without its decision (nor its reproduction)
+        L.commit(self.stream, crash, *([replayed] if replayed else []), nxt)
         d.say(f"job {self.job} crashed ({category}, exit {code}) at step {self.step}: {advice}", "error")
         d.say(f"job {self.job} {type(nxt).kind()}: {getattr(nxt, 'reason', '')}",
               {"requeued": "info", "paused": "warn"}.get(type(nxt).kind(), "error"))

@@ -242,6 +242,13 @@ def validate_jsonl(data: bytes) -> DataReport:
     )
 
 
+def record_lines(data: bytes) -> list[int]:
+    """The line number (1-based) of each record valid_records returns, in the same order: example i of
+    a job is line record_lines(data)[i] of its data file."""
+    _, lines = _scan(data)
+    return [c.number for c in lines if c.record is not None and not c.undesirable]
+
+
 def valid_records(data: bytes) -> list[dict]:
     """The records the trainer uses, in file order, in mlx-lm formats: bad lines and
     undesirable-labelled rows dropped, conversations rows turned into {"messages": [...]}."""

@@ -52,6 +52,7 @@ FACTS = {
     "checkpoint_pruned": _ANY_JOB,
     "checkpoint_corrupt": _ANY_JOB,
     "checkpoint_discarded": _ANY_JOB,
+    "crash_reproduced": _ANY_JOB,
     "model_removed": frozenset(LINEAGE_STATES),
     "consolidation_requested": frozenset({"idle"}),
     "head_set": frozenset({"idle"}),

@@ -15,6 +15,7 @@ from ftctl.events import types as ev
 from ftctl.events.types import CheckpointRecord, ts_epoch
 
 from .config import RestartPolicy
+from .reproduction import DETERMINISTIC
 from .state import CrashRecord, JobState
 
 SUGGESTIONS = {
@@ -141,15 +142,25 @@ class Decision:
 
 
 def after_crash(crashes: list[CrashRecord], now: float, *, resume_step: int, policy: RestartPolicy,
-                detail: str = "") -> Decision:
+                detail: str = "", reproduction: ev.CrashReproduced | None = None) -> Decision:
     """Decide what follows the latest of a job's crashes (the last of ``crashes``). ``detail`` is
-    what the worker said (its exception's first line), shown in the reason of a pause or a failure."""
+    what the worker said (its exception's first line), shown in the reason of a pause or a failure.
+
+    ``reproduction``: the daemon's replay of this crash (a DETERMINISTIC category only). A crash that
+    reproduces is not retried blindly: the job pauses with the verdict and the failing batch in the
+    reason. One that does not reproduce came from the environment: it is restarted like a kill, even a
+    NaN (which without a replay fails at once)."""
     max_restarts, window_s = policy.max_restarts, policy.window_s
     last: CrashRecord = crashes[-1]
     said = f" ({detail})" if detail else ""
+    verdict = reproduction.verdict if reproduction is not None and last.category in DETERMINISTIC else None
     if last.category in PAUSE_ON:
         return Decision("pause", f"{last.category}{said}: {SUGGESTIONS[last.category]}")
-    if last.category in NOT_RETRYABLE:
+    if verdict == "reproduced":
+        return Decision("pause", f"{reproduction.summary}. Not retried: a restart replays the same steps and fails the same "
+                                 f"way ({SUGGESTIONS[last.category]}). `ftctl resume JOB` retries it as it is, "
+                                 "`ftctl cancel JOB` gives it up")
+    if last.category in NOT_RETRYABLE and verdict != "not reproduced":
         return Decision("fail", f"{last.category} at step {last.step}{said}: not retried ({SUGGESTIONS[last.category]})")
     if last.category in NOT_COUNTED:
         return Decision("requeue", f"{last.category}: resuming from step {resume_step}")

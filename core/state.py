@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 9  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 10  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -33,6 +33,8 @@ class CrashRecord(msgspec.Struct, kw_only=True, gc=False):
     signal: int | None = None
     suggestion: str = ""
     resume_step: int | None = None  # the job's last good checkpoint when it crashed: where the next attempt resumes
+    verdict: str = ""           # its latest reproduction's verdict (crash_reproduced), "" if never reproduced
+    reproduction: str = ""      # that reproduction's one-line summary
 
 
 class JobState(msgspec.Struct, kw_only=True):
@@ -54,6 +56,7 @@ class JobState(msgspec.Struct, kw_only=True):
     config_sha256: str = ""
     warnings: list[str] = []
     overrides: list[str] = []   # the job's own key=value overrides of ftctl.yaml, as submitted
+    copies: dict[str, str] = {}  # sha256 of the job's own data copies (jobs/<id>/data/), by file name
     reason: str = ""            # why it is rejected / paused / failed / cancelled / requeued
     attempt: int = 0
     worker: ProcessId | None = None
@@ -156,7 +159,7 @@ def _submitted(p: Projection, j: JobState, e: ev.JobSubmitted, seq: int, ts: str
     j.data_path, j.data_sha256, j.data_format, j.examples = e.data_path, e.data_sha256, e.data_format, e.examples
     j.valid_path, j.valid_sha256 = e.valid_path, e.valid_sha256
     j.config, j.config_sha256, j.warnings = msgspec.convert(e.config, Config), e.config_sha256, list(e.warnings)
-    j.overrides = list(e.overrides)
+    j.overrides, j.copies = list(e.overrides), dict(e.copies)
     j.base_model = j.config.model
     lin = _lineage(p, e.lineage, j.base_model)
     lin.jobs.append(e.job)
@@ -231,6 +234,12 @@ def _crashed(p, j: JobState, e: ev.Crashed, seq: int, ts: str) -> None:
     j.crashes.append(CrashRecord(ts=ts, category=e.category, step=e.step, exit_code=e.exit_code,
                                  signal=e.signal, suggestion=e.suggestion, resume_step=j.step))
     j.reason = f"{e.category}: {e.suggestion}" if e.suggestion else e.category
+
+
+def _reproduced(p, j: JobState, e: ev.CrashReproduced, seq: int, ts: str) -> None:
+    if 1 <= e.crash <= len(j.crashes):
+        c = j.crashes[e.crash - 1]
+        c.verdict, c.reproduction = e.verdict, e.summary
 
 
 def _requeued(p, j: JobState, e: ev.Requeued, seq: int, ts: str) -> None:
@@ -313,6 +322,7 @@ JOB_HANDLERS = {
     ev.CheckpointStarted: None, ev.CheckpointCommitted: _committed,
     ev.CheckpointPruned: _pruned, ev.CheckpointCorrupt: _corrupt, ev.CheckpointDiscarded: None,
     ev.Evaluated: _evaluated, ev.AdapterEvaluated: _adapter_evaluated, ev.Completed: _completed, ev.Crashed: _crashed,
+    ev.CrashReproduced: _reproduced,
     ev.Requeued: _requeued, ev.Interrupted: _interrupted, ev.Failed: _reason, ev.Paused: _reason, ev.Resumed: _resumed,
     ev.Retried: _retried,
     ev.Cancelled: _reason, ev.ControlRequested: _control,

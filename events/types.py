@@ -49,6 +49,9 @@ class JobSubmitted(EventBase, tag="job_submitted", kw_only=True):
     lineage: str = "main"
     warnings: list[str] = []
     overrides: list[str] = []  # the job's own `key=value` overrides of ftctl.yaml (--set, --fresh)
+    # sha256 of the job's own copies under jobs/<id>/data/ (train.jsonl, valid.jsonl): what it trains on,
+    # checked before a reproduction ({} in journals from before it was recorded)
+    copies: dict[str, str] = {}
 
 
 class JobRejected(EventBase, tag="job_rejected", kw_only=True):
@@ -214,6 +217,46 @@ class Crashed(EventBase, tag="crashed", kw_only=True):
     signal: int | None = None
     evidence: str = ""
     suggestion: str = ""
+    message: str = ""  # what the worker said, first line ("ValueError: ..."): a reproduction compares it
+
+
+class ExampleRef(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One example of a failing batch, as `ftctl reproduce` found it."""
+
+    index: int                 # the example's index among the job's training examples (file order)
+    line: int                  # its line in the job's copy, jobs/<id>/data/train.jsonl
+    source_line: int | None    # its line in the submitted file (None: that file changed or is gone)
+    tokens: int                # its length in tokens (before max_seq_length truncation)
+    head: str                  # the first characters of the line
+
+
+class CrashReproduced(EventBase, tag="crash_reproduced", kw_only=True):
+    """`ftctl reproduce` (or the daemon, after a crash that can be deterministic) re-ran the job from a
+    committed checkpoint up to the crash, on a scratch copy, and compared. Only this fact is recorded:
+    the replay writes nothing of the job's."""
+
+    job: str
+    crash: int                  # which of the job's crashes (1 = its first), as `ftctl crashes` numbers them
+    crash_category: str
+    crash_step: int
+    verdict: str                # "reproduced" | "not reproduced" | "different"
+    summary: str                # one line: the verdict, and what the replay found
+    from_step: int              # the checkpoint it replayed from (0: from the start of the job)
+    target_step: int            # the last step it would run
+    category: str | None = None  # the replay's own failure, if any
+    step: int | None = None     # the replay's last completed step
+    message: str = ""           # the replay's failure, first line
+    first_nonfinite_step: int | None = None
+    first_nonfinite: str = ""   # "loss", "gradient norm" or "loss and gradient norm"
+    groups: list[str] = []      # parameter groups whose gradient was not finite at that step, model order
+    group_count: int = 0        # of how many groups
+    failing_step: int | None = None
+    examples: list[ExampleRef] = []  # the failing step's batch
+    env_changed: list[str] = []  # how its environment fingerprint differs from the crashed attempt's
+    bit_exact: list[int] = []   # steps at which the replay's weights matched the job's checkpoint, bit for bit
+    mismatch: list[int] = []    # steps at which they did not
+    notes: list[str] = []       # what it had to do differently (a pruned checkpoint, unchecked data)
+    by: str = "user"            # "user" (`ftctl reproduce`) or "daemon" (the restart policy)
 
 
 class Requeued(EventBase, tag="requeued", kw_only=True):
@@ -385,7 +428,7 @@ class ModelRemoved(EventBase, tag="model_removed", kw_only=True):
 Event = Union[
     JobSubmitted, JobRejected, TrainingStarted, CheckpointStarted, CheckpointCommittedV1, CheckpointCommitted,
     CheckpointPruned, CheckpointCorrupt, CheckpointDiscarded, Evaluated, AdapterEvaluated, Completed, Crashed,
-    Requeued, Interrupted, Failed, Paused, Resumed, Retried, Cancelled, ControlRequested,
+    CrashReproduced, Requeued, Interrupted, Failed, Paused, Resumed, Retried, Cancelled, ControlRequested,
     DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, DebrisRemoved, RecoveryFinished, NotificationFailed,
     ConsolidationRequested, HeadSet, ConsolidationStarted, BasePromoted, ConsolidationAborted, ModelRemoved,
 ]

@@ -335,8 +335,9 @@ def test_crashes_shows_signal_exit_and_the_telling_evidence_line(ws, tmp_path, c
     rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in out.splitlines() if "exception" in line]
     assert code == 0 and len(rows) == 2, out
     first, second = rows
-    assert first[4:8] == ["3", "1", "-", "ValueError: Missing 9 parameters"]
-    assert second[4:8] == ["-", "-", "SIGKILL", "no exit status; the worker hung"]
+    assert first[3] == "1" and second[3] == "2"  # the job's crash number: what `reproduce --crash` takes
+    assert first[5:9] == ["3", "1", "-", "ValueError: Missing 9 parameters"]
+    assert second[5:9] == ["-", "-", "SIGKILL", "no exit status; the worker hung"]
     assert "None" not in out
 
 

@@ -120,6 +120,12 @@ def make(typ: type, subject: str, p) -> T.EventBase:
     if typ is T.Crashed:
         return T.Crashed(job=j, category=p.choice(["oom", "nan", "signal"]), step=p.opt(p.i()), exit_code=p.opt(p.i()),
                          signal=p.opt(p.i()), evidence=p.s(), suggestion=p.s())
+    if typ is T.CrashReproduced:
+        return T.CrashReproduced(job=j, crash=p.choice([0, 1, 2, 3]), crash_category=p.choice(["nan", "killed"]),
+                                 crash_step=p.i(), verdict=p.choice(["reproduced", "not reproduced", "different"]),
+                                 summary=p.s(), from_step=p.i(), target_step=p.i(), step=p.opt(p.i()),
+                                 examples=[T.ExampleRef(index=p.i(), line=p.i(), source_line=p.opt(p.i()), tokens=p.i(),
+                                                        head=p.s())])
     if typ is T.Requeued:
         return T.Requeued(job=j, reason=p.s(), not_before=p.f())
     if typ is T.Interrupted:

@@ -1,0 +1,239 @@
+"""`ftctl reproduce` with real workers and the tiny model: a poisoned example is reproduced and named (by the
+daemon's own replay, which pauses the job, and by the command), a SIGKILL is not (and the job's files stay
+byte-identical), a changed data file is refused, a pruned checkpoint falls back to the previous one, and
+two replays trace identically. The verdict function is checked on its own, with a property."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ftctl.core.reproduction import Outcome, Step, judge
+from helpers import crash_env, ftctl, history, make_workspace, run, status
+
+POISON_STEP = 8  # the step whose batch holds the poisoned example: after checkpoint 5, before 10
+
+
+# --------------------------------------------------------------------------- the verdict (pure)
+
+
+def test_verdict_cases():
+    nan = [Step(step=6, loss=1.0, grad_norm=2.0), Step(step=7, loss="nan", grad_norm="nan", nonfinite_groups=["a", "b"],
+                                                        group_count=2)]
+    v = judge("nan", 8, "", Outcome(category="nan", step=8), nan)
+    assert (v.verdict, v.first_nonfinite_step, v.first_nonfinite, v.failing_step) == ("reproduced", 7, "loss and gradient norm", 7)
+    assert judge("nan", 8, "", Outcome(category="nan", step=9), nan).verdict == "different"  # another step
+    assert judge("killed", 17, "", Outcome(category=None, step=18), []).verdict == "not reproduced"
+    same = judge("exception", 4, "ValueError: bad row", Outcome(category="exception", step=4, message="ValueError: bad row"), [])
+    assert (same.verdict, same.failing_step) == ("reproduced", 5)
+    other = judge("exception", 4, "ValueError: bad row", Outcome(category="exception", step=4, message="KeyError: 'x'"), [])
+    assert other.verdict == "different"
+    grad = judge("inf", 3, "", Outcome(category="inf", step=3), [Step(step=3, loss=1.0, grad_norm="inf", nonfinite_groups=["b"])])
+    assert (grad.first_nonfinite, grad.groups) == ("gradient norm", ["b"])
+
+
+_num = st.one_of(st.floats(allow_nan=False, allow_infinity=False, width=32), st.sampled_from(["nan", "inf", "-inf"]))
+_cat = st.sampled_from(["nan", "inf", "exception", "killed", "oom", "hang"])
+
+
+@given(crash=_cat, crash_step=st.integers(0, 50), message=st.sampled_from(["", "ValueError: a", "ValueError: b"]),
+       category=st.one_of(st.none(), _cat), step=st.integers(0, 50), replay_message=st.sampled_from(["", "ValueError: a"]),
+       losses=st.lists(st.tuples(_num, _num), max_size=8))
+def test_verdict_properties(crash, crash_step, message, category, step, replay_message, losses):
+    trace = [Step(step=i + 1, loss=l, grad_norm=g) for i, (l, g) in enumerate(losses)]
+    v = judge(crash, crash_step, message, Outcome(category=category, step=step, message=replay_message), trace)
+    same = category == crash and step == crash_step and (crash in ("nan", "inf") or not message or message == replay_message)
+    # reproduced exactly when the replay failed like the crash, at its step; a clean replay never is
+    assert (v.verdict == "reproduced") == same
+    assert (v.verdict == "not reproduced") == (category is None)
+    bad = [t.step for t in trace if not all(isinstance(x, float) and abs(x) != float("inf") for x in (t.loss, t.grad_norm))]
+    assert v.first_nonfinite_step == (bad[0] if bad else None)  # the first step where anything went non-finite
+    if category is not None:  # the batch to blame: that first non-finite step, else the one that failed
+        assert v.failing_step == (bad[0] if bad else step + 1)
+
+
+# --------------------------------------------------------------------------- a poisoned example
+
+
+def _marker(demo, step: int) -> tuple[str, int]:
+    """Text found in exactly one line of the demo data, of an example in the batch of ``step`` (TEST_CONFIG's
+    batches): (the text, its line). The poison seam then makes that step's loss NaN."""
+    from mlx_lm.utils import load_tokenizer
+
+    from ftctl.adapters.batches import TrainBatches
+    from ftctl.adapters.trainer import load_items
+    from ftctl.core.dataset import record_lines, valid_records
+    from helpers import TEST_CONFIG
+
+    data = Path(demo.train).read_bytes()
+    items = load_items(str(demo.train), load_tokenizer(Path(demo.model_dir)), False)
+    batches = TrainBatches(items, TEST_CONFIG["batch_size"], TEST_CONFIG["max_seq_length"], TEST_CONFIG["seed"])
+    records, lines, raw = valid_records(data), record_lines(data), data.decode().split("\n")
+    for i in batches.indices(step - 1):
+        text = json.dumps(records[i]["messages"][1]["content"])[1:-1]
+        if sum(text in line for line in raw) == 1:
+            return text, lines[i]
+    pytest.skip("no example of that batch has a unique text")
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory, demo):
+    text, line = _marker(demo, POISON_STEP)
+    home = make_workspace(tmp_path_factory.mktemp("poison") / "ws", demo.model_dir, iters=20)
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    ftctl(home, "start", "--until-idle", "--quiet", env={"FTCTL_POISON": text}, check=False)
+    return home, text, line
+
+
+def test_the_daemon_replays_a_nan_and_pauses_the_job(poisoned):
+    home, _, line = poisoned
+    s = status(home, "0001")
+    assert s["state"] == "paused", s
+    assert s["crashes"][-1]["category"] == "nan" and s["crashes"][-1]["verdict"] == "reproduced"
+    assert "reproduced" in s["reason"] and f"lines" in s["reason"] and str(line) in s["reason"]
+    e = [e["data"] for e in history(home) if e["type"] == "crash_reproduced"][0]
+    assert e["by"] == "daemon" and e["crash"] == 1 and e["first_nonfinite_step"] == POISON_STEP
+    assert line in [x["line"] for x in e["examples"]]
+
+
+def test_reproduce_names_the_poisoned_line_and_traces_identically(poisoned, capsys, monkeypatch, tmp_path):
+    home, text, line = poisoned
+    monkeypatch.setenv("FTCTL_POISON", text)  # the seam is active in the replay's worker as in the daemon's
+    traces = []
+    for n in (1, 2):
+        code, out, err = run(capsys, "reproduce", "1", "--trace", tmp_path / f"t{n}.jsonl", "--home", home)
+        assert code == 0, err
+        traces.append((tmp_path / f"t{n}.jsonl").read_bytes())
+    assert "REPRODUCED" in out and f"non-finite: the loss and gradient norm at step {POISON_STEP}" in " ".join(out.split())
+    assert f"│ {line} │" in out.replace("  ", " ").replace("  ", " ") or f" {line} " in out  # the failing batch's table
+    e = [e["data"] for e in history(home) if e["type"] == "crash_reproduced"][-1]
+    assert (e["verdict"], e.get("by", "user"), e["failing_step"]) == ("reproduced", "user", POISON_STEP)
+    poisoned_ex = [x for x in e["examples"] if x["line"] == line]
+    assert poisoned_ex and poisoned_ex[0]["source_line"] == line  # submitted with --valid: the same file, the same lines
+    assert e["from_step"] == 5 and e["step"] == e["crash_step"]
+    assert traces[0] == traces[1] and traces[0].count(b"\n") == e["target_step"] - 5  # determinism of the replay itself
+    rows = [json.loads(x) for x in traces[0].splitlines()]
+    assert rows[POISON_STEP - 6]["loss"] == "nan" and rows[0]["loss"] != "nan"
+
+
+# --------------------------------------------------------------------------- a SIGKILL
+
+
+def _tree(home: Path) -> dict[str, str]:
+    return {str(p.relative_to(home)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((home / "jobs").rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, demo):
+    """A job SIGKILLed after step 17 with no restart budget: it fails, its checkpoints 5, 10, 15 kept."""
+    tmp = tmp_path_factory.mktemp("killed")
+    home = make_workspace(tmp / "ws", demo.model_dir)
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--set", "restart.max_restarts=0")
+    ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp, "mid_step:17"), check=False)
+    return home
+
+
+def test_a_kill_is_not_reproduced_and_nothing_of_the_job_changes(killed, capsys):
+    s = status(killed, "0001")
+    assert s["state"] == "failed" and s["crashes"][-1]["category"] in ("killed", "oom") and s["crashes"][-1]["step"] == 17
+    before = _tree(killed)
+    code, out, err = run(capsys, "reproduce", "1", "--home", killed)
+    assert code == 0, err
+    assert "NOT REPRODUCED" in out
+    assert _tree(killed) == before  # byte-identical: the replay wrote only its scratch copy
+    assert not list((killed / "run").glob("reproduce-*"))  # and removed it
+    e = [e["data"] for e in history(killed) if e["type"] == "crash_reproduced"][-1]
+    assert (e["verdict"], e["from_step"], e["step"], e["target_step"]) == ("not reproduced", 15, 18, 18)
+    assert status(killed, "0001")["crashes"][-1]["verdict"] == "not reproduced"
+    code, out, _ = run(capsys, "crashes", "--home", killed)
+    assert "not reproduced" in out
+
+
+def test_changed_data_is_refused(killed, capsys):
+    data = killed / "jobs" / "0001" / "data" / "train.jsonl"
+    original = data.read_bytes()
+    n = len([e for e in history(killed) if e["type"] == "crash_reproduced"])
+    try:
+        data.write_bytes(original.replace(b"plus", b"minus", 1))
+        code, _, err = run(capsys, "reproduce", "1", "--home", killed)
+    finally:
+        data.write_bytes(original)
+    assert code == 1 and "changed since the job was submitted" in err and "Nothing was run or recorded" in err
+    assert len([e for e in history(killed) if e["type"] == "crash_reproduced"]) == n
+
+
+def test_a_pruned_checkpoint_falls_back_to_the_previous_one(killed, capsys):
+    from ftctl.events import types as ev
+    from ftctl.recovery.ledger import Ledger
+
+    # what retention does: the event first, then the folder goes
+    ledger = Ledger.open(killed / "journal.db")
+    try:
+        c = next(c for c in ledger.state.jobs["0001"].checkpoints if c.step == 15)
+        ledger.commit("job:0001", ev.CheckpointPruned(job="0001", step=15, path=c.path, reason="test: as retention"))
+    finally:
+        ledger.close()
+    shutil.rmtree(c.path)
+    code, out, err = run(capsys, "reproduce", "1", "--home", killed)
+    assert code == 0, err
+    assert "step 15, was pruned by retention: replaying from checkpoint step 10" in " ".join(out.split())
+    e = [e["data"] for e in history(killed) if e["type"] == "crash_reproduced"][-1]
+    assert (e["verdict"], e["from_step"]) == ("not reproduced", 10)
+
+
+def test_a_job_with_no_crash(ws, demo, capsys):
+    assert run(capsys, "submit", demo.train, "--home", ws)[0] == 0
+    code, _, err = run(capsys, "reproduce", "1", "--home", ws)
+    assert code == 1 and "has no recorded crash" in err and "--step S" in err
+    code, _, err = run(capsys, "reproduce", "1", "--crash", "2", "--home", ws)
+    assert code == 1
+
+
+def test_ctrl_c_leaves_no_worker_no_scratch_and_records_nothing(killed):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import stray_workers, wait_for
+
+    n = len([e for e in history(killed) if e["type"] == "crash_reproduced"])
+    p = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "reproduce", "1", "--until-crash", "--home", str(killed)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's Ctrl-C
+    try:
+        wait_for(lambda: stray_workers(killed), timeout=60, every=0.05)
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and "interrupted" in err
+    wait_for(lambda: not stray_workers(killed), timeout=10)  # its worker went with it
+    assert not list((killed / "run").glob("reproduce-*"))
+    assert len([e for e in history(killed) if e["type"] == "crash_reproduced"]) == n
+
+
+def test_a_warm_started_job_replays_from_its_parent_adapter_exactly(baseline, capsys, tmp_path):
+    """Job 0002 of the baseline warm-started from job 0001's final adapter; its early checkpoints are pruned, so
+    `--step 10` replays from the start of the job, from the parent adapter it recorded. The replay's losses
+    give back, to the bit, the training reports the job itself recorded (mean loss of steps 6-10)."""
+    from ftctl.events.journal import Journal
+
+    code, out, err = run(capsys, "reproduce", "2", "--step", "10", "--trace", tmp_path / "t.jsonl", "--home", baseline.home)
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "ran cleanly up to step 10" in text and "warm-started from" in text and "jobs/0001/checkpoints" in text
+    rows = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11)) and rows[0]["global_step"] == 41
+    with Journal.open(baseline.home / "journal.db") as j:
+        reports = {m["step"]: m["loss"] for m in j.recent_metrics("0002", limit=100)}
+    assert sum(r["loss"] for r in rows[5:10]) / 5 == reports[10]
+    assert "nothing recorded" in out
