@@ -122,6 +122,13 @@ class Consolidation(Struct, kw_only=True, forbid_unknown_fields=True):
     keep_models: Annotated[int, _m("number of consolidated models kept on disk", ge=1)] = 2
 
 
+class MetricsOut(Struct, kw_only=True, forbid_unknown_fields=True):
+    tensorboard: Annotated[
+        bool, _m("also write TensorBoard event files under WS/tensorboard/<job>/ while training "
+                 "(needs the ftctl[tensorboard] extra); `ftctl export-tb` writes them from the journal at any time")
+    ] = False
+
+
 class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     # mlx-lm keys
     model: Annotated[str, _m("path to an mlx-lm model folder", "a non-empty path", min_length=1)]
@@ -216,6 +223,9 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     consolidation: Annotated[
         Consolidation, _m("periodic fusing of the adapter into the base model")
     ] = field(default_factory=Consolidation)
+    metrics: Annotated[
+        MetricsOut, _m("where training metrics go besides the journal")
+    ] = field(default_factory=MetricsOut)
 
 
 class ConfigError(ValueError):
