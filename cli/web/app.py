@@ -173,7 +173,30 @@ def make_app(ws, token: str | None = None) -> Starlette:
     return app
 
 
-def run(app, host: str, port: int) -> None:
+def _server(app, host: str, port: int):
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                         timeout_graceful_shutdown=1))
+
+
+def run(app, host: str, port: int) -> None:
+    _server(app, host, port).run()
+
+
+def run_in_thread(app, host: str, port: int, wait_s: float = 10.0) -> str:
+    """`ftctl start --serve`: the page beside the daemon, on a daemon thread (it ends with the
+    process; the daemon's own work never waits on it). Returns the URL once it listens."""
+    import threading
+    import time
+
+    server = _server(app, host, port)
+    t = threading.Thread(target=server.run, name="ftctl-serve", daemon=True)
+    t.start()
+    deadline = time.monotonic() + wait_s
+    while not server.started and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not server.started:
+        raise UserError(f"the status page could not listen on {host}:{port} (in use? see the message above); "
+                        "the daemon was not started — pick another --port")
+    return f"http://{host if ':' not in host else '[' + host + ']'}:{port}/"
