@@ -24,10 +24,6 @@ def _read_ledger(ws) -> Ledger:
     return Ledger(ws.open_journal(), write_snapshots=False)
 
 
-def _num(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def cmd_metrics(args, ws) -> int:
     ledger = _read_ledger(ws)
     all_series = metrics.lineage_series(ledger, args.job, args.lineage, since=args.since, superseded=args.all)
@@ -52,11 +48,14 @@ def cmd_metrics(args, ws) -> int:
     head = (f"{'job':<6} {'att':>3} {'global':>8} {'step':>7} {'loss':>9} {'val_loss':>9} {'lr':>9} "
             f"{'tok/s':>8} {'peak_GB':>7}  time (UTC)")
     out = [head]
-    for p in points:
-        line = (f"{p['job']:<6} {p['attempt']:>3} {p['global_step']:>8} {p['step']:>7} {_num(p['loss'], '.4f'):>9} "
-                f"{_num(p['val_loss'], '.4f'):>9} {_num(p['lr'], '.3g'):>9} {_num(p['tokens_per_s'], '.0f'):>8} "
-                f"{_num(p['peak_mem_gb'], '.2f'):>7}  {p['ts'][:19].replace('T', ' ')}")
-        out.append(line + ("  superseded (rewound by a resume)" if p["superseded"] else ""))
+    add = out.append
+    for p in points:  # one f-string a line, no call per field: 100k lines in a fraction of a second
+        loss, val, lr, tps, mem = p["loss"], p["val_loss"], p["lr"], p["tokens_per_s"], p["peak_mem_gb"]
+        add(f"{p['job']:<6} {p['attempt']:>3} {p['global_step']:>8} {p['step']:>7} "
+            f"{'-' if loss is None else format(loss, '.4f'):>9} {'-' if val is None else format(val, '.4f'):>9} "
+            f"{'-' if lr is None else format(lr, '.3g'):>9} {'-' if tps is None else format(tps, '.0f'):>8} "
+            f"{'-' if mem is None else format(mem, '.2f'):>7}  {p['ts'][:10]} {p['ts'][11:19]}"
+            + ("  superseded (rewound by a resume)" if p["superseded"] else ""))
     sys.stdout.write("\n".join(out) + "\n")
     hidden = sum(s.counts["superseded"] for s in all_series) if args.all else 0
     sys.stderr.write((f"{hidden} point(s) superseded: reported after the last checkpoint by an attempt that crashed, "

@@ -81,15 +81,20 @@ class Viewer:
         return list(self.ledger.journal.read(after=max(0, last - n)))
 
     def crashes(self, limit: int = CRASHES) -> list[Crash]:
-        """The newest crashes with their evidence: only the streams of jobs that crashed are read."""
+        """The newest ``limit`` crashes with their evidence: the streams of the jobs that crashed
+        last are read, newest first, until there are enough (not every stream of a long journal)."""
         self.refresh()
-        out = []
-        for j in self.ledger.state.jobs.values():
-            if j.crashes:
-                out += [Crash(r.seq, r.ts, j.job, r.event) for r in self.ledger.journal.read(stream=job_stream(j.job))
-                        if isinstance(r.event, ev.Crashed)]
-        out.sort(key=lambda c: c.seq)
-        return out[-limit:]
+        crashed = sorted((j for j in self.ledger.state.jobs.values() if j.crashes),
+                         key=lambda j: j.crashes[-1].ts, reverse=True)
+        out: list[Crash] = []
+        for j in crashed:
+            if len(out) >= limit and j.crashes[-1].ts < out[-1].ts:
+                break
+            out += [Crash(r.seq, r.ts, j.job, r.event) for r in self.ledger.journal.read(stream=job_stream(j.job))
+                    if isinstance(r.event, ev.Crashed)]
+            out.sort(key=lambda c: c.seq, reverse=True)
+            out = out[:limit]
+        return out[::-1]
 
     def job(self, job: str) -> JobState:
         j = self.ledger.state.jobs.get(job)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from ftctl.core.state import JobState, Projection, job_stream
 from ftctl.events import types as ev
@@ -97,7 +98,7 @@ def series(journal: Journal, j: JobState, *, since: int | None = None, supersede
     stamps = [s[0] for s in starts]
     # After attempt k, training went on from min(resume steps of the later attempts): a point of
     # attempt k beyond it was rewound over.
-    rewound = [1 << 62] * (len(starts) + 1)
+    rewound = [1 << 62] * (len(starts) + 2)
     for k in range(len(starts) - 1, -1, -1):
         rewound[k] = min(rewound[k + 1], starts[k][2])
 
@@ -110,14 +111,22 @@ def series(journal: Journal, j: JobState, *, since: int | None = None, supersede
     out.last_id = rows[-1][0] if rows else after_id
     points: dict[tuple[int, int], dict] = {}
     lo = -1 if since is None else since
+    # rows come in the order recorded, so their times only grow: walk the attempts alongside
+    k, nxt = max(bisect_right(stamps, rows[0][1]), 1) if rows else 1, None
+    nxt = stamps[k] if k < len(stamps) else None
+    limit = rewound[k]
+    job = j.job
     for mid, ts, step, gstep, loss, lr, tps, mem, tokens in rows:
+        while nxt is not None and ts >= nxt:
+            k += 1
+            nxt = stamps[k] if k < len(stamps) else None
+            limit = rewound[k]
         if gstep <= lo:
             continue
-        k = attempt_of(ts)
-        gone = step > rewound[k]
+        gone = step > limit
         if gone and not superseded:
             continue
-        points[(k, step)] = {"job": j.job, "attempt": k, "global_step": gstep, "step": step, "loss": loss,
+        points[(k, step)] = {"job": job, "attempt": k, "global_step": gstep, "step": step, "loss": loss,
                              "val_loss": None, "lr": lr, "tokens_per_s": tps, "peak_mem_gb": mem,
                              "trained_tokens": tokens, "ts": ts, "superseded": gone, "id": mid}
     if not after_id:
@@ -135,7 +144,7 @@ def series(journal: Journal, j: JobState, *, since: int | None = None, supersede
                                      "trained_tokens": None, "ts": ts, "superseded": gone, "id": None}
             else:
                 p["val_loss"] = val
-    out.points = sorted(points.values(), key=lambda p: (p["global_step"], p["attempt"]))
+    out.points = sorted(points.values(), key=itemgetter("global_step", "attempt"))
     return out
 
 
