@@ -85,13 +85,13 @@ class Viewer:
         last are read, newest first, until there are enough (not every stream of a long journal)."""
         self.refresh()
         crashed = sorted((j for j in self.ledger.state.jobs.values() if j.crashes),
-                         key=lambda j: j.crashes[-1].ts, reverse=True)
+                         key=lambda j: (j.crashes[-1].ts, j.updated_seq), reverse=True)
         out: list[Crash] = []
         for j in crashed:
-            if len(out) >= limit and j.crashes[-1].ts < out[-1].ts:
-                break
-            out += [Crash(r.seq, r.ts, j.job, r.event) for r in self.ledger.journal.read(stream=job_stream(j.job))
-                    if isinstance(r.event, ev.Crashed)]
+            if len(out) >= limit and j.crashes[-1].ts <= out[-1].ts:
+                break  # (times are in microseconds: a tie is a synthetic journal's, not a real one's)
+            out += [Crash(r.seq, r.ts, j.job, r.event)
+                    for r in self.ledger.journal.tagged(job_stream(j.job), ev.Crashed.__struct_config__.tag)]
             out.sort(key=lambda c: c.seq, reverse=True)
             out = out[:limit]
         return out[::-1]
