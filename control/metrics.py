@@ -112,8 +112,8 @@ def series(journal: Journal, j: JobState, *, since: int | None = None, supersede
     points: dict[tuple[int, int], dict] = {}
     lo = -1 if since is None else since
     # rows come in the order recorded, so their times only grow: walk the attempts alongside
-    k, nxt = max(bisect_right(stamps, rows[0][1]), 1) if rows else 1, None
-    nxt = stamps[k] if k < len(stamps) else None
+    k = attempt_of(rows[0][1]) if rows else 1
+    nxt = stamps[k] if k < len(stamps) else None  # when the next attempt started
     limit = rewound[k]
     job = j.job
     for mid, ts, step, gstep, loss, lr, tps, mem, tokens in rows:

@@ -112,7 +112,7 @@ class LossChart {
     this.box.dataset.superseded = String(nGone);
     this.box.dataset.markers = String(this.markers.length);
     this.box.dataset.lastStep = String(c.global_step.length ? c.global_step[c.global_step.length - 1] : "");
-    return [xs, train, val, gone];
+    return this.opts.superseded ? [xs, train, val, gone] : [xs, train, val];
   }
 
   render() {
@@ -142,11 +142,11 @@ class LossChart {
         { label: "step" },
         { label: "train", stroke: "#1f77b4", width: 1.5, spanGaps: true, points: { show: false } },
         { label: "val", stroke: "#ff7f0e", width: 0, spanGaps: true, points: { show: true, size: 6, fill: "#ff7f0e" } },
-        { label: "superseded", stroke: "#9e9e9e", width: 0, points: { show: true, size: 7, fill: "#9e9e9e" },
-          show: !!this.opts.superseded },
       ],
       hooks: { draw: [ticks] },
     };
+    if (this.opts.superseded)
+      opts.series.push({ label: "superseded", stroke: "#9e9e9e", width: 0, points: { show: true, size: 7, fill: "#9e9e9e" } });
     this.plot = new uPlot(opts, data, this.box);
   }
 }

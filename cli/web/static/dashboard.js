@@ -70,6 +70,8 @@ async function refresh(pulse) {
   }
   document.body.dataset.seq = String(pulse ? pulse.seq : current.seq);
   document.body.dataset.ready = "1";
+  const badge = document.getElementById("live");
+  if (badge.textContent === "connecting…") badge.textContent = "loaded";
 }
 
 let chain = Promise.resolve();

@@ -41,6 +41,8 @@ async function refresh(pulse) {
   if (asked && !document.body.dataset.replay) await showReplay(Number(asked[1]));
   else if (!document.body.dataset.replay) await showReplay(null);
   document.body.dataset.ready = "1";
+  const badge = document.getElementById("live");
+  if (badge.textContent === "connecting…") badge.textContent = "loaded";
 }
 
 let chain = Promise.resolve();
