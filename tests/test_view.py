@@ -40,7 +40,8 @@ def three(tmp_path_factory, demo):
         ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name, "--again")
     marker = tmp / "hang-marker"
     env = {**crash_env(tmp, "mid_step:57"), "FTCTL_HANG_AT": f"mid_step:92:{marker}"}
-    d = daemon(home, env=env)
+    d = daemon(home, "--serve", "--port", str(_free_port()), env=env)  # the page beside the daemon, too
+    d.port = int(d.args[d.args.index("--port") + 1])
     try:
         wait_for(lambda: marker.exists() and status(home, "0003")["state"] == "training"
                  and (status(home, "0003")["last_report"] or {}).get("step") == 10, timeout=400, every=0.5)
@@ -234,6 +235,13 @@ def test_api_status_metrics_replay(three, server):
     assert code == 200 and b"job.js" in page
 
 
+def test_start_serve_runs_the_page_beside_the_daemon(three):
+    home, d = three
+    with urllib.request.urlopen(f"http://127.0.0.1:{d.port}/api/status", timeout=10) as r:
+        st = json.loads(r.read())
+    assert st["daemon"]["running"] and st["daemon"]["pid"] == d.pid and st["seq"] == status(home)["seq"]
+
+
 def test_api_sse_stream_says_when_the_journal_moves(three, server):
     r = urllib.request.urlopen(server.url("/api/events"), timeout=10)
     assert r.headers["content-type"].startswith("text/event-stream")
@@ -329,7 +337,7 @@ def test_browser_page_draws_what_the_journal_has(three, server, tmp_path):
     assert int(a["superseded"]) == counts["superseded"] == 1 and int(a["train"]) == counts["train"]
     assert 'data-replay="5"' in page and "state right after event 5" in page
     shot = tmp_path / "page.png"
-    _chromium(server.url("/"), "--window-size=1280,1000", f"--screenshot={shot}")
+    _chromium(server.url("/"), "--window-size=1280,1350", f"--screenshot={shot}")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if SCREENSHOT:
         shutil.copy(shot, SCREENSHOT)
