@@ -246,8 +246,15 @@ class PageClient(threading.Thread):
         self.port, self.stop, self.requests, self.pulses = port, stop, 0, 0
 
     def run(self) -> None:
+        try:
+            self.follow()
+        except (OSError, http.client.HTTPException):
+            if not self.stop.is_set():  # the server going away at the end is expected, anything else not
+                raise
+
+    def follow(self) -> None:
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        api = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        api = None  # a connection per request: the server closes idle keep-alive ones after 5 s
         c.request("GET", "/api/events")
         r = c.getresponse()
         last, last_ids = None, {}
@@ -276,7 +283,7 @@ class PageClient(threading.Thread):
 
 def train_once(base: Path, name: str, model: Path, train: Path, valid: Path, iters: int, page: bool) -> tuple[float, int, int]:
     ws = init_workspace(base / name, str(model), {"iters": iters, "steps_per_report": 5, "steps_per_eval": 50,
-                                                   "save_every": 50, "batch_size": 2, "max_seq_length": 96,
+                                                   "save_every": 50, "batch_size": 2, "max_seq_length": 96, "num_layers": -1,
                                                    "standby": False, "min_free_disk_gb": 0.01})
     subprocess.run([*FTCTL, "submit", str(train), "--valid", str(valid),
                     "--home", str(ws.home)], check=True, capture_output=True)
@@ -287,8 +294,10 @@ def train_once(base: Path, name: str, model: Path, train: Path, valid: Path, ite
         for c in clients:
             c.start()
     try:
-        subprocess.run([*FTCTL, "start", "--until-idle", "--quiet", "--home", str(ws.home)], check=True,
-                       capture_output=True)
+        p = subprocess.run([*FTCTL, "start", "--until-idle", "--quiet", "--home", str(ws.home)], capture_output=True,
+                           text=True)
+        if p.returncode:
+            raise RuntimeError(f"ftctl start exited {p.returncode}: {p.stderr[-2000:]}")
     finally:
         stop.set()
         if proc:
@@ -297,7 +306,9 @@ def train_once(base: Path, name: str, model: Path, train: Path, valid: Path, ite
     j = Journal.open(ws.journal_path)
     rows = j.metric_rows("0001")
     j.close()
-    first, last = rows[0], rows[-1]   # (id, ts, step, global_step, loss, lr, tokens_per_s, peak, trained_tokens)
+    # (id, ts, step, global_step, loss, lr, tokens_per_s, peak, trained_tokens), from a fifth of the way in:
+    # the first steps include compilation and warm-up
+    first, last = rows[len(rows) // 5], rows[-1]
     tps = (last[8] - first[8]) / (ts_epoch(last[1]) - ts_epoch(first[1]))
     return tps, sum(c.requests for c in clients), sum(c.pulses for c in clients)
 
