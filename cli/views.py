@@ -127,12 +127,12 @@ def cmd_serve(args, ws) -> int:
     check_bind(args.host, args.token)
     ws.require()
     app = serve_app(ws, args.token)
-    from .web.app import run
+    from .web.app import bind, run, url
 
-    url = f"http://{args.host if ':' not in args.host else '[' + args.host + ']'}:{args.port}/"
-    render.err_console.print(f"serving {ws.home} read-only at {url}" + ("?token=…" if args.token else "")
-                             + "  (Ctrl-C stops it)")
-    run(app, args.host, args.port)
+    sock = bind(args.host, args.port)
+    render.err_console.print(f"serving {ws.home} read-only at {url(args.host, args.port)}"
+                             + ("?token=…" if args.token else "") + "  (Ctrl-C stops it)")
+    run(app, sock)
     return 0
 
 

@@ -180,8 +180,31 @@ def _server(app, host: str, port: int):
                                          timeout_graceful_shutdown=1))
 
 
-def run(app, host: str, port: int) -> None:
-    _server(app, host, port).run()
+def bind(host: str, port: int):
+    """The listening socket, bound here so that a port in use is a clear error before anything claims
+    to serve (uvicorn is then handed the socket)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror} (another `ftctl serve`?): pick another --port") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url(host: str, port: int) -> str:
+    return f"http://{host if ':' not in host else '[' + host + ']'}:{port}/"
+
+
+def run(app, sock) -> None:
+    host, port = sock.getsockname()[:2]
+    _server(app, host, port).run(sockets=[sock])
 
 
 def run_in_thread(app, host: str, port: int, wait_s: float = 10.0) -> str:
@@ -190,13 +213,13 @@ def run_in_thread(app, host: str, port: int, wait_s: float = 10.0) -> str:
     import threading
     import time
 
+    sock = bind(host, port)
     server = _server(app, host, port)
-    t = threading.Thread(target=server.run, name="ftctl-serve", daemon=True)
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ftctl-serve", daemon=True)
     t.start()
     deadline = time.monotonic() + wait_s
     while not server.started and t.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     if not server.started:
-        raise UserError(f"the status page could not listen on {host}:{port} (in use? see the message above); "
-                        "the daemon was not started — pick another --port")
-    return f"http://{host if ':' not in host else '[' + host + ']'}:{port}/"
+        raise UserError(f"the status page could not start on {host}:{port}; the daemon was not started")
+    return url(host, port)
