@@ -16,10 +16,13 @@ import hmac
 import json
 from pathlib import Path
 
+import msgspec
+
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse as _JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -31,6 +34,13 @@ from .. import render
 STATIC = Path(__file__).parent / "static"
 PULSE_S = 0.5        # how often an open page's stream looks at the journal
 HEARTBEAT_S = 15.0   # a comment line keeps proxies from closing an idle stream
+
+
+class JSONResponse(_JSONResponse):
+    """msgspec's encoder: a chart's 10k points encode several times faster than with json.dumps."""
+
+    def render(self, content) -> bytes:
+        return msgspec.json.encode(content)
 
 
 class TokenGate:
