@@ -66,6 +66,11 @@ class Workspace:
         return self.logs / f"job-{job_id}.log"
 
     @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files (`metrics.tensorboard: true`, `ftctl export-tb`): one run folder per job."""
+        return self.home / "tensorboard"
+
+    @property
     def models(self) -> Path:
         return self.home / "models"
 

@@ -91,6 +91,21 @@ HELP: dict[str, tuple[str, str]] = {
     "completion": ("Print a shell completion script (subcommands, options, and job ids read live from the journal).",
                    "ftctl completion bash > ~/.local/share/bash-completion/completions/ftctl\n"
                    "  ftctl completion fish > ~/.config/fish/completions/ftctl.fish\n  eval \"$(ftctl completion zsh)\""),
+    "metrics": ("Every training point the journal recorded for the jobs: global step (continuing across "
+                "warm-started jobs of a lineage), step, train loss, val loss, learning rate, tokens/s, peak memory, "
+                "time and attempt. After a crash and resume, only the effective curve: points the crashed attempt "
+                "reported past its last checkpoint were trained again and are hidden (--all shows them, flagged).",
+                "ftctl metrics 3\n  ftctl metrics --lineage main --csv > curves.csv"),
+    "plot": ("Draw train and val loss against global step to a PNG or SVG, one colour per job, with checkpoints, "
+             "crashes and resumes marked on the x axis (needs the ftctl[plot] extra: matplotlib).",
+             "ftctl plot 3 4 -o loss.png\n  ftctl plot --lineage main -o lineage.svg"),
+    "export-tb": ("Write TensorBoard event files from the journal, one run folder per job (the effective curves), "
+                  "for `tensorboard --logdir WS/tensorboard` (needs the ftctl[tensorboard] extra: tensorboardX).",
+                  "ftctl export-tb\n  ftctl export-tb 3 -o /tmp/tb"),
+    "serve": ("A read-only live status page: daemon alive or dead (as `status` says), jobs, loss curves that update "
+              "while training, crashes with evidence and fix, the history tail, and each job's replay. Binds to "
+              "127.0.0.1; another address only with --token (needs the ftctl[serve] extra: Starlette, uvicorn).",
+              "ftctl serve\n  ftctl serve --port 9000 --host 0.0.0.0 --token s3cret"),
     "demo": ("The one-minute tour on the embedded tiny model: init ./ftctl-demo, submit, train with the worker "
              "killed at STEP, recover, reproduce the crash (a kill is environmental: not reproduced), and compare "
              "the adapter with an uninterrupted run.",

@@ -26,6 +26,13 @@ def cmd_start(args, ws) -> int:
     from ftctl.control.daemon import Daemon
 
     out = render.err_console if args.json else render.console  # --json: stdout holds only the summary
+    if args.serve:
+        from .views import check_bind, serve_app
+        from .web.app import run_in_thread
+
+        check_bind(args.host, args.token)
+        url = run_in_thread(serve_app(ws, args.token), args.host, args.port)
+        out.print(f"status page: {url}" + ("?token=…" if args.token else "") + " (read-only; it stops with the daemon)")
     daemon = Daemon(ws, until_idle=args.until_idle, report=render.ConsoleReporter(quiet=args.quiet, out=out))
     before = _journal_seq(ws)
     handler = lambda signum, frame: daemon.stop(signal.Signals(signum).name)  # noqa: E731
@@ -397,6 +404,11 @@ def register(sub, home) -> None:
     s.add_argument("--quiet", action="store_true", help="no progress output (logs/daemon.log still gets it)")
     s.add_argument("--json", action="store_true",
                    help="at exit, print a JSON summary of the run (progress goes to stderr)")
+    s.add_argument("--serve", action="store_true", help="also serve the live status page (as `ftctl serve`)")
+    s.add_argument("--port", type=int, default=8765, help="with --serve: TCP port (default 8765)")
+    s.add_argument("--host", default="127.0.0.1", metavar="ADDR",
+                   help="with --serve: address to bind (default 127.0.0.1; any other needs --token)")
+    s.add_argument("--token", metavar="TOKEN", help="with --serve: every request must carry it")
     s.set_defaults(func=cmd_start)
 
     s = sub.add_parser("recover", parents=[home], help="replay the journal and repair disk and processes to match")

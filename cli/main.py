@@ -300,9 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the job as JSON (the `status JOB --json` shape)")
     s.set_defaults(func=cmd_replay)
 
-    from . import commands  # the daemon-side commands register themselves
+    from . import commands, views  # the daemon-side commands and the views register themselves
 
     commands.register(sub, home)
+    views.register(sub, home)
     document(p)
     return p
 

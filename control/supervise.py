@@ -25,6 +25,7 @@ from ftctl.recovery.reconcile import apply, mark_corrupt
 
 from . import reproduce, retention
 from .reporter import Every
+from .tensorboard import Live
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -51,6 +52,7 @@ class Supervision:
         self.step = step                      # a crash before the first step is at the resume step
         self.stopped_step = 0
         self.log_due = Every(j.iters)  # daemon.log gets progress at a sane rate
+        self.tb = Live(d.ws, d.ledger.state.jobs[j.job], d.say)  # TensorBoard files, if configured
         d.report.training(j.job, j.name, j.iters)
 
     # ------------------------------------------------------------------ loop
@@ -86,6 +88,7 @@ class Supervision:
                 except OSError:
                     pass
         self.w.kill_group()  # nothing of the worker's group may outlive it
+        self.tb.close()
         self.finish(code)
 
     def receive(self, line: bytes) -> None:
@@ -150,6 +153,7 @@ class Supervision:
                 self.step = step
             case P.Report(metrics=m):
                 L.journal.record_metric(job, m)
+                self.tb.report(m)  # after the journal has it: a view of what is recorded
                 if self.log_due.due(m.step):
                     d.log(f"job {job} step {m.step}/{self.cfg.iters}: loss {_num(m.loss, '.4f')}  lr {_num(m.lr, '.3g')}  "
                           f"{_num(m.tokens_per_s, '.0f')} tok/s  peak {_num(m.peak_mem_gb, '.2f')} GB")
@@ -158,6 +162,7 @@ class Supervision:
             case P.Evaluated(step=step, global_step=gstep, val_loss=val):
                 self.in_eval = False
                 L.commit(self.stream, ev.Evaluated(job=job, step=step, global_step=gstep, val_loss=val))
+                self.tb.val(gstep, val)
                 d.log(f"job {job} step {step}: val loss {_num(val, '.4f')}")
             case P.CheckpointStarted(step=step, global_step=gstep):
                 L.commit(self.stream, ev.CheckpointStarted(job=job, step=step, global_step=gstep))

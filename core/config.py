@@ -166,6 +166,13 @@ class Power(Struct, kw_only=True, forbid_unknown_fields=True):
     ] = True
 
 
+class MetricsOut(Struct, kw_only=True, forbid_unknown_fields=True):
+    tensorboard: Annotated[
+        bool, _m("also write TensorBoard event files under WS/tensorboard/<job>/ while training "
+                 "(needs the ftctl[tensorboard] extra); `ftctl export-tb` writes them from the journal at any time")
+    ] = False
+
+
 class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     # mlx-lm keys
     model: Annotated[str, _m("path to an mlx-lm model folder", "a non-empty path", min_length=1)]
@@ -267,6 +274,9 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
            "a list of targets, each a mapping with url or command"),
     ] = []
     power: Annotated[Power, _m("power management while a job trains")] = field(default_factory=Power)
+    metrics: Annotated[
+        MetricsOut, _m("where training metrics go besides the journal")
+    ] = field(default_factory=MetricsOut)
 
 
 class ConfigError(ValueError):

@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 10  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 11  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):

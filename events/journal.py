@@ -239,6 +239,27 @@ class Journal:
         conn.close()
         return cls(cls._connect(path), path)
 
+    @classmethod
+    def open_readonly(cls, path: Path) -> "Journal":
+        """For a viewer (`ftctl serve`): checked as ``open`` checks, then connected with SQLite's
+        ``mode=ro``, so that nothing it does can write to the journal (an append raises)."""
+        path = Path(path)
+        if not path.exists():
+            raise NotAJournal(f"no journal at {path}: run `ftctl init` (or pass --home to the right workspace)")
+        _check_header(path)
+        try:
+            conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, isolation_level=None,
+                                   timeout=10.0, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=10000")
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as e:
+            raise NotAJournal(f"{path}: the journal cannot be read ({e}). Nothing was changed.") from None
+        missing = {"events", "snapshots", "metrics", "meta"} - tables
+        if missing:
+            conn.close()
+            raise NotAJournal(f"{path}: the journal lacks tables {sorted(missing)}. Nothing was changed; it was not made by `ftctl init`.")
+        return cls(conn, path)
+
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
         conn = sqlite3.connect(path, isolation_level=None, timeout=10.0, check_same_thread=False)
@@ -357,6 +378,16 @@ class Journal:
             yield from decode_columns(*columns)
             lo = hi
 
+    def tagged(self, stream: str, tag: str) -> list[Recorded]:
+        """The stream's events with type ``tag`` (e.g. a job's crashes), in order: the stream's index
+        finds them without reading the rest of a long journal."""
+        r = self.conn.execute(
+            "SELECT '[' || group_concat(seq) || ']', '[' || group_concat(json_quote(stream)) || ']', "
+            "'[' || group_concat(version) || ']', '[\"' || group_concat(ts, '\",\"') || '\"]', "
+            "'[' || group_concat(body) || ']' FROM (SELECT seq, stream, version, ts, body FROM events "
+            "WHERE stream = ? AND type = ? ORDER BY version)", (stream, tag)).fetchone()
+        return decode_columns(*r) if r[0] is not None else []
+
     def rows(self, after: int = 0, to: int | None = None, chunk: int = 20000) -> Iterator[tuple[int, str, EventBase]]:
         """(seq, ts, event) for ``after < seq <= to``: the replay path. Only bodies and times are
         concatenated by SQLite; sequence numbers are contiguous (events are never deleted), which
@@ -449,6 +480,16 @@ class Journal:
             f"SELECT job, {', '.join(_METRIC_FIELDS)}, ts FROM metrics WHERE job = ? AND ts >= ? "
             "ORDER BY id DESC LIMIT ?", (job, since_ts, limit))
         return [dict(zip(("job", *_METRIC_FIELDS, "ts"), r)) for r in reversed(rows.fetchall())]
+
+    def metric_rows(self, job: str, after_id: int = 0) -> list[tuple]:
+        """Every report of the job with an id above ``after_id``, in the order recorded:
+        (id, ts, step, global_step, loss, lr, tokens_per_s, peak_mem_gb, trained_tokens)."""
+        return self.conn.execute(
+            f"SELECT id, ts, {', '.join(_METRIC_FIELDS)} FROM metrics WHERE job = ? AND id > ? ORDER BY id",
+            (job, after_id)).fetchall()
+
+    def last_metric_id(self) -> int:
+        return self.conn.execute("SELECT coalesce(max(id), 0) FROM metrics").fetchone()[0]
 
     def last_ts(self, stream: str | None = None, tag: str | None = None) -> str | None:
         """When the newest event (of ``stream``, with tag ``tag``) was appended; with no filter, the

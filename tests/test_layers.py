@@ -26,13 +26,15 @@ def test_the_layer_contract_names_every_package_in_order():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = cfg["tool"]["setuptools"]["packages"]
     layers = next(c for c in cfg["tool"]["importlinter"]["contracts"] if c["type"] == "layers")["layers"]
-    assert layers == LAYERS and sorted(packages) == sorted(LAYERS)
+    # every layer is a package; other packages are subpackages of a layer (ftctl.cli.web)
+    assert layers == LAYERS and sorted(p for p in packages if p.count(".") == 1) == sorted(LAYERS)
+    assert all(p.rsplit(".", 1)[0] in LAYERS for p in packages if p.count(".") > 1), packages
     assert sorted(cfg["tool"]["importlinter"]["root_packages"]) == sorted(LAYERS)
 
 
 def test_cli_holds_no_sql_and_no_workflow_imports():
     """cli/ talks to the control layer: no raw SQL strings, no adapters that do work."""
-    for f in (ROOT / "cli").glob("*.py"):
+    for f in (ROOT / "cli").rglob("*.py"):
         text = f.read_text()
         assert not re.search(r"\b(SELECT|INSERT|UPDATE|DELETE)\b .*\b(FROM|INTO|SET)\b", text), f
         assert ".conn." not in text, f

@@ -1,0 +1,82 @@
+// The dashboard: daemon, jobs, one loss chart per job, crashes, history tail; kept live by the event stream.
+"use strict";
+const charts = new Map();   // job -> LossChart
+let lastPulse = null;
+
+function jobLink(job) {
+  const a = el("a", job);
+  a.href = withToken("job/" + encodeURIComponent(job));
+  return a;
+}
+
+function showStatus(s) {
+  document.getElementById("workspace").textContent = s.workspace + " · journal seq " + s.seq;
+  showDaemon(s.daemon);
+  const jobs = document.querySelector("#jobs tbody");
+  jobs.replaceChildren();
+  for (const j of s.jobs) {
+    const state = el("span", j.state + (j.stale ? " (daemon dead)" : ""), "state-" + j.state + (j.stale ? " stale" : ""));
+    row(jobs, [jobLink(j.job), j.name, state, [(j.iters ? j.step + "/" + j.iters : "-"), "num"], [j.global_step, "num"],
+      [num(j.loss, 4), "num"], [num(j.val_loss, 4), "num"], [dur(j.eta_s), "num"], [j.checkpoints, "num"],
+      [j.attempt, "num"], j.note || ""]).dataset.job = j.job;
+  }
+  const hidden = Object.entries(s.hidden || {});
+  document.getElementById("hidden").textContent = hidden.length ?
+    hidden.map(([k, n]) => n + " " + k).join(", ") + " job(s) not shown (as `ftctl status`)" : "";
+  const crashes = document.querySelector("#crashes tbody");
+  crashes.replaceChildren();
+  for (const c of s.crashes.slice().reverse()) {
+    row(crashes, [when(c.ts), [c.seq, "num"], jobLink(c.job), [c.category, "cat"], [c.step ?? "-", "num"],
+      [(c.exit_code ?? "-") + (c.signal && c.signal !== "-" ? " " + c.signal : ""), "num"], [c.evidence, "evidence"],
+      c.fix]).title = c.evidence_full;
+  }
+  if (!s.crashes.length) row(crashes, [["no crashes recorded", "dim"]]);
+  const hist = document.querySelector("#history tbody");
+  hist.replaceChildren();
+  for (const e of s.history.slice().reverse()) row(hist, [when(e.ts), [e.seq, "num"], e.stream, e.type, e.details]);
+}
+
+async function loadCharts(jobs) {
+  const parent = document.getElementById("charts");
+  for (const j of jobs) {
+    const series = await api("api/jobs/" + encodeURIComponent(j.job) + "/metrics");
+    if (!series.columns.global_step.length && !charts.has(j.job)) continue;
+    if (charts.has(j.job)) charts.get(j.job).replace(series);
+    else charts.set(j.job, new LossChart(parent, series));
+  }
+  document.body.dataset.charts = String(charts.size);
+}
+
+async function appendPoints(jobs) {
+  for (const j of jobs) {
+    const c = charts.get(j.job);
+    if (!c) { await loadCharts([j]); continue; }
+    const inc = await api("api/jobs/" + encodeURIComponent(j.job) + "/metrics?after_id=" + c.meta.last_id);
+    if (inc.columns.global_step.length) c.append(inc);
+  }
+}
+
+let current = null;
+async function refresh(pulse) {
+  const prev = lastPulse;
+  lastPulse = pulse;
+  if (prev && pulse && prev.seq === pulse.seq && prev.alive === pulse.alive && prev.died === pulse.died) {
+    // only new reports: fetch what came after the last row each active chart has
+    await appendPoints((current?.jobs || []).filter(j => j.state === "training" || j.state === "checkpointing"));
+  } else {
+    current = await api("api/status");
+    showStatus(current);
+    await loadCharts(current.jobs.filter(j => j.state !== "rejected" && j.state !== "queued"));
+  }
+  document.body.dataset.seq = String(pulse ? pulse.seq : current.seq);
+  document.body.dataset.ready = "1";
+  const badge = document.getElementById("live");
+  if (badge.textContent === "connecting…") badge.textContent = "loaded";
+}
+
+let chain = Promise.resolve();
+function queue(pulse) { chain = chain.then(() => refresh(pulse)).catch((e) => { document.getElementById("live").textContent = String(e); }); }
+queue(null);
+// The stream opens a second after the first drawing, so that a headless browser's dump (tests) sees the
+// page as loaded: an open stream is a fetch that never ends.
+chain.then(() => setTimeout(() => live(queue), LIVE_AFTER_MS));

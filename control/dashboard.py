@@ -1,0 +1,119 @@
+"""The queries behind `ftctl serve`'s page: a read-only view of a workspace.
+
+The journal is opened with SQLite's read-only mode and the projection never writes snapshots, so
+nothing the page does can change the workspace. The daemon's liveness is ``status``'s own answer
+(the lock probe), and ``pulse`` is the cheap question a live page asks twice a second: did the
+journal move (sequence number, metrics row), did the daemon live or die?
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ftctl.adapters.workspace import Workspace
+from ftctl.core.state import JobState, job_stream
+from ftctl.events import types as ev
+from ftctl.events.journal import Journal
+from ftctl.events.types import Recorded
+from ftctl.recovery.ledger import Ledger, state_at
+
+from . import status as st
+from .jobs import UserError
+from .metrics import Series, series
+
+HISTORY_TAIL = 40
+CRASHES = 50
+
+
+@dataclass(frozen=True)
+class Pulse:
+    seq: int
+    metric_id: int
+    alive: bool
+    died: bool
+
+
+@dataclass(frozen=True)
+class Crash:
+    seq: int
+    ts: str
+    job: str
+    event: ev.Crashed
+
+
+class Viewer:
+    """One workspace, read-only. Not thread-safe: one caller at a time (the server's event loop)."""
+
+    def __init__(self, ws: Workspace):
+        ws.require()
+        self.ws = ws
+        self.ledger = Ledger(Journal.open_readonly(ws.journal_path), write_snapshots=False)
+        self._pulse: tuple[float, Pulse] | None = None
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    def refresh(self) -> None:
+        self.ledger.refresh()
+
+    def pulse(self, max_age: float = 0.0) -> Pulse:
+        """Where the journal is and whether the daemon lives; reused for ``max_age`` seconds, so
+        many open pages cost one look."""
+        now = time.monotonic()
+        if self._pulse is not None and now - self._pulse[0] < max_age:
+            return self._pulse[1]
+        self.refresh()
+        d = st.daemon_view(self.ws, self.ledger)
+        p = Pulse(self.ledger.state.seq, self.ledger.journal.last_metric_id(), d.alive, d.died)
+        self._pulse = (now, p)
+        return p
+
+    def status(self) -> st.Status:
+        self.refresh()
+        return st.status(self.ws, self.ledger)
+
+    def history(self, n: int = HISTORY_TAIL, job: str | None = None) -> list[Recorded]:
+        self.refresh()
+        if job is not None:
+            return list(self.ledger.journal.read(stream=job_stream(self.job(job).job)))
+        last = self.ledger.journal.last_seq()
+        return list(self.ledger.journal.read(after=max(0, last - n)))
+
+    def crashes(self, limit: int = CRASHES) -> list[Crash]:
+        """The newest ``limit`` crashes with their evidence: the streams of the jobs that crashed
+        last are read, newest first, until there are enough (not every stream of a long journal)."""
+        self.refresh()
+        crashed = sorted((j for j in self.ledger.state.jobs.values() if j.crashes),
+                         key=lambda j: (j.crashes[-1].ts, j.updated_seq), reverse=True)
+        out: list[Crash] = []
+        for j in crashed:
+            if len(out) >= limit and j.crashes[-1].ts <= out[-1].ts:
+                break  # (times are in microseconds: a tie is a synthetic journal's, not a real one's)
+            out += [Crash(r.seq, r.ts, j.job, r.event)
+                    for r in self.ledger.journal.tagged(job_stream(j.job), ev.Crashed.__struct_config__.tag)]
+            out.sort(key=lambda c: c.seq, reverse=True)
+            out = out[:limit]
+        return out[::-1]
+
+    def job(self, job: str) -> JobState:
+        j = self.ledger.state.jobs.get(job)
+        if j is None:
+            raise UserError(f"no job {job!r} in this workspace")
+        return j
+
+    def series(self, job: str, *, superseded: bool = False, after_id: int = 0) -> Series:
+        self.refresh()
+        return series(self.ledger.journal, self.job(job), superseded=superseded, after_id=after_id)
+
+    def replay(self, job: str, to: int) -> JobState:
+        """The job as it was right after event ``to`` (as `ftctl replay`)."""
+        self.refresh()
+        self.job(job)
+        last = self.ledger.state.seq
+        if to < 0 or to > last:
+            raise UserError(f"seq {to} is outside the journal (0..{last})")
+        past = state_at(self.ledger.journal, to).jobs.get(job)
+        if past is None:
+            raise UserError(f"job {job} did not exist yet at seq {to}")
+        return past

@@ -1,0 +1,160 @@
+"""Training curves out of the journal: every recorded point of a job, which attempt recorded it,
+and whether a resume superseded it; checkpoints, crashes and resumes as markers.
+
+A resume rewinds to the last committed checkpoint: what the crashed attempt reported after that
+checkpoint was never committed and was trained again. Such a point is *superseded*: it stays in
+the journal (it happened) and is shown on request (`ftctl metrics --all`), but the *effective*
+curve has, for each step, only the attempt that finally covered it. Global steps continue across
+warm-started jobs of a lineage (the journal records them so), so one lineage is one x axis.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from operator import itemgetter
+
+from ftctl.core.state import JobState, Projection, job_stream
+from ftctl.events import types as ev
+from ftctl.events.journal import Journal
+from ftctl.recovery.ledger import Ledger
+
+from .jobs import UserError, find_job
+
+COLUMNS = ("job", "attempt", "global_step", "step", "loss", "val_loss", "lr", "tokens_per_s", "peak_mem_gb",
+           "trained_tokens", "ts", "superseded")
+
+
+@dataclass(frozen=True)
+class Marker:
+    kind: str          # "checkpoint" | "crash" | "resume" | "completed"
+    step: int
+    global_step: int
+    seq: int           # the journal event
+    ts: str
+    text: str
+
+
+@dataclass
+class Series:
+    job: str
+    name: str
+    lineage: str
+    state: str
+    iters: int
+    global_step_base: int
+    points: list[dict] = field(default_factory=list)   # COLUMNS + "id" (the metrics row; None for a val-only point)
+    markers: list[Marker] = field(default_factory=list)
+    last_id: int = 0   # the newest metrics row seen: `since_id` for the next incremental read
+
+    @property
+    def counts(self) -> dict[str, int]:
+        live = [p for p in self.points if not p["superseded"]]
+        return {"points": len(self.points), "effective": len(live),
+                "train": sum(p["loss"] is not None for p in live), "val": sum(p["val_loss"] is not None for p in live),
+                "superseded": len(self.points) - len(live)}
+
+
+def select_jobs(ledger: Ledger, jobs: list[str], lineage: str | None = None) -> list[JobState]:
+    """The jobs named (7 or 0007), or every job of a lineage in submission order (rejected ones have no curve)."""
+    if lineage is not None:
+        out = [j for j in ledger.state.jobs.values() if j.lineage == lineage and j.state != "rejected"]
+        if not out:
+            known = sorted({j.lineage for j in ledger.state.jobs.values() if j.state != "rejected"})
+            raise UserError(f"lineage {lineage!r} has no jobs" + (f" (lineages: {', '.join(known)})" if known else ""))
+        return out
+    if not jobs:
+        raise UserError("name at least one job (7 or 0007), or --lineage NAME")
+    return [find_job(ledger, x) for x in jobs]
+
+
+def series(journal: Journal, j: JobState, *, since: int | None = None, superseded: bool = False,
+           after_id: int = 0) -> Series:
+    """The job's points (global step > ``since`` if given), oldest first. With ``superseded`` also
+    the points a resume rewound past, flagged; ``after_id``: only reports recorded after that row
+    (a live view's increment; val points come from events and are left to a full read)."""
+    starts: list[tuple[str, int, int]] = []   # (ts, attempt, resume_step) of every attempt
+    vals: list[tuple[str, int, int, float | None]] = []
+    markers: list[Marker] = []
+    base = j.global_step_base
+    for r in journal.read(stream=job_stream(j.job)):
+        e = r.event
+        if isinstance(e, ev.TrainingStarted):
+            starts.append((r.ts, e.attempt, e.resume_step))
+            base = e.global_step_base
+            if e.resume_checkpoint:
+                markers.append(Marker("resume", e.resume_step, base + e.resume_step, r.seq, r.ts,
+                                      f"attempt {e.attempt} resumed from step {e.resume_step}"))
+        elif isinstance(e, ev.CheckpointCommitted):
+            c = e.checkpoint
+            markers.append(Marker("checkpoint", c.step, c.global_step, r.seq, r.ts, f"checkpoint at step {c.step}"))
+        elif isinstance(e, ev.Crashed):
+            step = e.step if e.step is not None else 0
+            markers.append(Marker("crash", step, base + step, r.seq, r.ts, f"crashed ({e.category}) at step {step}"))
+        elif isinstance(e, ev.Completed):
+            markers.append(Marker("completed", e.step, e.global_step, r.seq, r.ts, f"completed at step {e.step}"))
+        elif isinstance(e, ev.Evaluated):
+            vals.append((r.ts, e.step, e.global_step, e.val_loss))
+    stamps = [s[0] for s in starts]
+    # After attempt k, training went on from min(resume steps of the later attempts): a point of
+    # attempt k beyond it was rewound over.
+    rewound = [1 << 62] * (len(starts) + 2)
+    for k in range(len(starts) - 1, -1, -1):
+        rewound[k] = min(rewound[k + 1], starts[k][2])
+
+    def attempt_of(ts: str) -> int:
+        return max(bisect_right(stamps, ts), 1)  # a report before any recorded start: the first attempt
+
+    out = Series(job=j.job, name=j.name, lineage=j.lineage, state=j.state, iters=j.iters,
+                 global_step_base=base, markers=markers)
+    rows = journal.metric_rows(j.job, after_id)
+    out.last_id = rows[-1][0] if rows else after_id
+    points: dict[tuple[int, int], dict] = {}
+    lo = -1 if since is None else since
+    # rows come in the order recorded, so their times only grow: walk the attempts alongside
+    k = attempt_of(rows[0][1]) if rows else 1
+    nxt = stamps[k] if k < len(stamps) else None  # when the next attempt started
+    limit = rewound[k]
+    job = j.job
+    for mid, ts, step, gstep, loss, lr, tps, mem, tokens in rows:
+        while nxt is not None and ts >= nxt:
+            k += 1
+            nxt = stamps[k] if k < len(stamps) else None
+            limit = rewound[k]
+        if gstep <= lo:
+            continue
+        gone = step > limit
+        if gone and not superseded:
+            continue
+        points[(k, step)] = {"job": job, "attempt": k, "global_step": gstep, "step": step, "loss": loss,
+                             "val_loss": None, "lr": lr, "tokens_per_s": tps, "peak_mem_gb": mem,
+                             "trained_tokens": tokens, "ts": ts, "superseded": gone, "id": mid}
+    if not after_id:
+        for ts, step, gstep, val in vals:
+            if gstep <= lo:
+                continue
+            k = attempt_of(ts)
+            gone = step > rewound[k]
+            if gone and not superseded:
+                continue
+            p = points.get((k, step))
+            if p is None:
+                points[(k, step)] = {"job": j.job, "attempt": k, "global_step": gstep, "step": step, "loss": None,
+                                     "val_loss": val, "lr": None, "tokens_per_s": None, "peak_mem_gb": None,
+                                     "trained_tokens": None, "ts": ts, "superseded": gone, "id": None}
+            else:
+                p["val_loss"] = val
+    out.points = sorted(points.values(), key=itemgetter("global_step", "attempt"))
+    return out
+
+
+def lineage_series(ledger: Ledger, jobs: list[str], lineage: str | None = None, **kw) -> list[Series]:
+    return [series(ledger.journal, j, **kw) for j in select_jobs(ledger, jobs, lineage)]
+
+
+def job_series(p: Projection, journal: Journal, job: str, **kw) -> Series:
+    """One job by its exact id (the web page's own links), UserError if it is not there."""
+    j = p.jobs.get(job)
+    if j is None:
+        raise UserError(f"no job {job}")
+    return series(journal, j, **kw)
