@@ -40,6 +40,8 @@ class Crash:
     ts: str
     job: str
     event: ev.Crashed
+    number: int = 0                   # the job's crash number (1 = its first), as `ftctl crashes` and `reproduce --crash`
+    reproduced: Recorded | None = None  # its latest crash_reproduced event, if it was ever replayed
 
 
 class Viewer:
@@ -90,8 +92,10 @@ class Viewer:
         for j in crashed:
             if len(out) >= limit and j.crashes[-1].ts <= out[-1].ts:
                 break  # (times are in microseconds: a tie is a synthetic journal's, not a real one's)
-            out += [Crash(r.seq, r.ts, j.job, r.event)
-                    for r in self.ledger.journal.tagged(job_stream(j.job), ev.Crashed.__struct_config__.tag)]
+            stream = job_stream(j.job)
+            replays = {r.event.crash: r for r in self.ledger.journal.tagged(stream, ev.CrashReproduced.__struct_config__.tag)}
+            out += [Crash(r.seq, r.ts, j.job, r.event, n, replays.get(n))
+                    for n, r in enumerate(self.ledger.journal.tagged(stream, ev.Crashed.__struct_config__.tag), 1)]
             out.sort(key=lambda c: c.seq, reverse=True)
             out = out[:limit]
         return out[::-1]

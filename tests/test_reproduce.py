@@ -102,6 +102,24 @@ def test_the_daemon_replays_a_nan_and_pauses_the_job(poisoned):
     assert line in [x["line"] for x in e["examples"]]
 
 
+def test_the_status_page_links_a_crash_to_its_reproduction(poisoned):
+    """The page's crash timeline (control/dashboard.py) carries each crash's number and its latest
+    replay: the verdict and the crash_reproduced event the link opens on the job page."""
+    from ftctl.adapters.workspace import Workspace
+    from ftctl.control.dashboard import Viewer
+
+    home, _, line = poisoned
+    viewer = Viewer(Workspace(home))
+    try:
+        (crash,) = viewer.crashes()
+    finally:
+        viewer.close()
+    assert crash.number == 1 and crash.event.category == "nan"
+    recorded = [e for e in history(home) if e["type"] == "crash_reproduced"][-1]
+    assert crash.reproduced is not None and crash.reproduced.seq == recorded["seq"]
+    assert crash.reproduced.event.verdict == "reproduced" and str(line) in crash.reproduced.event.summary
+
+
 def test_reproduce_names_the_poisoned_line_and_traces_identically(poisoned, capsys, monkeypatch, tmp_path):
     home, text, line = poisoned
     monkeypatch.setenv("FTCTL_POISON", text)  # the seam is active in the replay's worker as in the daemon's

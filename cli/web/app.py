@@ -113,7 +113,10 @@ def make_app(ws, token: str | None = None) -> Starlette:
             "crashes": [{"seq": c.seq, "ts": c.ts, "job": c.job, "category": c.event.category, "step": c.event.step,
                          "exit_code": c.event.exit_code, "signal": render.signal_name(c.event.signal),
                          "evidence": render.evidence_line(c.event.evidence), "evidence_full": c.event.evidence,
-                         "fix": c.event.suggestion} for c in viewer.crashes()],
+                         "fix": c.event.suggestion, "number": c.number,
+                         "verdict": c.reproduced.event.verdict if c.reproduced else None,
+                         "reproduction": c.reproduced.event.summary if c.reproduced else None,
+                         "reproduction_seq": c.reproduced.seq if c.reproduced else None} for c in viewer.crashes()],
             "history": [_event_row(r) for r in viewer.history()],
         })
 

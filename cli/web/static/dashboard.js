@@ -3,6 +3,20 @@
 const charts = new Map();   // job -> LossChart
 let lastPulse = null;
 
+// A crash's latest replay (`ftctl reproduce`): its verdict, linked to the job page at that event.
+function reproduction(c) {
+  if (!c.verdict) {
+    const hint = el("span", "not replayed", "dim");
+    hint.title = "ftctl reproduce " + c.job + " --crash " + c.number;
+    return hint;
+  }
+  const a = el("a", c.verdict, "verdict");
+  a.href = withToken("job/" + encodeURIComponent(c.job)) + "#seq-" + c.reproduction_seq;
+  a.title = c.reproduction;
+  a.dataset.verdict = c.verdict;
+  return a;
+}
+
 function jobLink(job) {
   const a = el("a", job);
   a.href = withToken("job/" + encodeURIComponent(job));
@@ -28,7 +42,7 @@ function showStatus(s) {
   for (const c of s.crashes.slice().reverse()) {
     row(crashes, [when(c.ts), [c.seq, "num"], jobLink(c.job), [c.category, "cat"], [c.step ?? "-", "num"],
       [(c.exit_code ?? "-") + (c.signal && c.signal !== "-" ? " " + c.signal : ""), "num"], [c.evidence, "evidence"],
-      c.fix]).title = c.evidence_full;
+      c.fix, reproduction(c)]).title = c.evidence_full;
   }
   if (!s.crashes.length) row(crashes, [["no crashes recorded", "dim"]]);
   const hist = document.querySelector("#history tbody");
