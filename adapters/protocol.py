@@ -4,6 +4,10 @@
     worker -> daemon (message fd)  Loaded, Step, Report, EvalStarted, Evaluated, CheckpointStarted,
                                    CheckpointWritten, then one of Completed, Stopped, Failed
 
+A rank of a data-parallel job talks the same protocol over a TCP connection to the daemon
+(``--connect``): it first sends Hello, then receives the plan; ranks other than the leader end
+with Finished instead of Completed/Stopped.
+
 One JSON object per line, tagged by ``t``. Each side encodes with ``encode`` and decodes with
 ``decode_*``: a line that does not fit the schema is an error at the boundary, never a KeyError
 deep inside the supervisor. Records shared with the journal (``CheckpointRecord``, ``Metrics``)
@@ -33,6 +37,10 @@ class TrainPlan(msgspec.Struct, kw_only=True):
     global_step_base: int = 0           # steps of earlier jobs of the lineage
     log_path: str | None = None         # the job log: the worker moves its stdout/stderr there (a standby
                                         # worker was started, with its own log, before the job was known)
+    world_size: int = 1                 # ranks of a data-parallel job (adapters/ranks.py); 1 = one process
+    backend: str = "any"                # mx.distributed backend of a data-parallel job
+    reshard: bool = False               # resume_from may come from another world size (`retry --reshard`)
+    resume_manifest_sha256: str | None = None  # every rank checks it loads this very checkpoint
 
 
 class Message(msgspec.Struct, tag_field="t", frozen=True, kw_only=True):
@@ -60,6 +68,22 @@ class Step(Message, tag="step"):
 
 class Report(Message, tag="report"):
     metrics: Metrics
+    local_tokens_per_s: float | None = None  # this rank's own tokens/s (a data-parallel job)
+
+
+class Hello(Message, tag="hello"):
+    """A rank of a data-parallel job, connected to the daemon (the first line it sends)."""
+
+    token: str
+    rank: int
+    pid: int
+    host: str
+
+
+class Finished(Message, tag="finished"):
+    """A rank other than the leader ends cleanly: it met the others at the last barrier."""
+
+    step: int
 
 
 class EvalStarted(Message, tag="eval_begin"):
@@ -118,7 +142,7 @@ class Failed(Message, tag="error"):
 
 
 WorkerMessage = Union[Loaded, Step, Report, EvalStarted, Evaluated, CheckpointStarted, CheckpointWritten,
-                      Completed, Stopped, Failed]
+                      Completed, Stopped, Failed, Hello, Finished]
 
 _encoder = msgspec.json.Encoder()
 _from_worker = msgspec.json.Decoder(WorkerMessage)

@@ -40,7 +40,9 @@ from . import protocol as P
 from .batches import TrainBatches, build_dataset, tokenized, validation_batches
 from .checkpoint import (
     ADAPTERS,
+    MANIFEST,
     Checkpoint,
+    CheckpointCorrupt,
     CheckpointWriter,
     TrainState,
     checkpoint_files,
@@ -52,6 +54,7 @@ from .checkpoint import (
 from .faults import crash_point
 from .fs import FS
 from .protocol import TrainPlan
+from .ranks import SINGLE, Ranks, join
 
 OPTIMIZERS = {
     "adam": optim.Adam,
@@ -71,9 +74,11 @@ class TrainingDiverged(Exception):
         super().__init__(message)
 
 
-def step_seed(seed: int, global_step: int) -> int:
-    """The RNG seed of a global step: a pure function, so nothing needs saving."""
-    digest = hashlib.sha256(f"ftctl-step:{seed}:{global_step}".encode()).digest()
+def step_seed(seed: int, global_step: int, rank: int = 0) -> int:
+    """The RNG seed of a global step (of one rank of a data-parallel job): a pure function, so
+    nothing needs saving."""
+    key = f"ftctl-step:{seed}:{global_step}" + (f":{rank}" if rank else "")
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little")
 
 
@@ -137,11 +142,13 @@ class Session:
     adapter_config: dict
     state: TrainState
     last_ckpt: str | None = None
+    ranks: Ranks = SINGLE
 
 
 def load(plan: TrainPlan) -> Session:
     """Load the model, data and optimizer; restore the resume checkpoint or the warm start."""
     cfg = plan.config
+    ranks = join(plan)  # a data-parallel job: blocks until every rank is up
     maybe_set_recommended_wired_limit()
     model, tokenizer = setup_model(cfg)
     batches = TrainBatches(load_items(plan.train_path, tokenizer, cfg.mask_prompt), cfg.batch_size,
@@ -157,7 +164,7 @@ def load(plan: TrainPlan) -> Session:
             )
     optimizer = build_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
-    s = Session(plan, model, optimizer, batches, val, adapter_config(cfg), state=None)
+    s = Session(plan, model, optimizer, batches, val, adapter_config(cfg), state=None, ranks=ranks)
     if plan.resume_from:
         ck = load_checkpoint(plan.resume_from)
         _check_resume(plan, ck, s.adapter_config)
@@ -172,7 +179,7 @@ def load(plan: TrainPlan) -> Session:
             # moments only: the step (and so the LR schedule) restarts with this job
             _restore_optimizer(optimizer, ck.optimizer, plan.warm_start_from, skip=("step", "learning_rate"))
         s.state = TrainState(job_step=0, global_step=plan.global_step_base, cursor=batches.cursor(0),
-                             seed=cfg.seed, config_sha256=config_sha256(cfg))
+                             seed=cfg.seed, config_sha256=config_sha256(cfg), world_size=ranks.size)
     mx.eval(model.parameters(), optimizer.state)
     return s
 
@@ -193,6 +200,11 @@ def run(plan: TrainPlan, emit: Callable[[P.Message], None], stop_requested: Call
         stopped = _Loop(s, emit, fs).run(stop_requested)
         if stopped is not None:
             return stopped
+    if not s.ranks.leader:
+        s.ranks.barrier()  # the leader has written the last checkpoint
+        emit(P.Finished(step=plan.config.iters))
+        return None
+    s.ranks.barrier()
     return _complete(s, emit, fs)
 
 
@@ -203,10 +215,14 @@ def _compiled_step(s: Session):
     loss_value_and_grad = nn.value_and_grad(model, default_loss)
     accum, clip = cfg.grad_accumulation_steps, cfg.max_grad_norm
     state = [model.state, optimizer.state, mx.random.state]
+    ranks = s.ranks
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(batch, prev_grad, do_update):
         (lvalue, toks), grad = loss_value_and_grad(model, *batch)
+        if ranks.many:  # the global batch's loss, tokens and gradient (ranks.py)
+            local = toks
+            lvalue, toks, grad = ranks.reduce_step(lvalue, toks, grad)
         if prev_grad is not None:
             grad = tree_map(lambda x, y: x + y, grad, prev_grad)
         if do_update:
@@ -216,6 +232,8 @@ def _compiled_step(s: Session):
                 grad, _ = optim.clip_grad_norm(grad, clip)
             optimizer.update(model, grad)
             grad = None
+        if ranks.many:
+            return lvalue, toks, grad, local
         return lvalue, toks, grad
 
     return step, state
@@ -229,7 +247,7 @@ class _Loop:
         st = s.state
         self.eval_count, self.trained_tokens = st.eval_count, st.trained_tokens
         self.train_loss, self.val_loss = st.train_loss, st.val_loss
-        self.w_loss = self.w_tokens = self.w_steps = 0  # report window
+        self.w_loss = self.w_tokens = self.w_steps = self.w_local = 0  # report window
         self.w_time = 0.0
         self.c_loss = self.c_steps = 0  # since the last checkpoint
         self.nan_run = 0
@@ -239,6 +257,10 @@ class _Loop:
         """train(), and whatever way it ends, never before the checkpoint in flight is written (or has
         failed): a stop or completion reports it, a failure exits with the write's own error when
         training itself did not fail first."""
+        ranks = self.s.ranks
+        if ranks.many:  # every rank stops at the same step: the one where any of them was asked to
+            asked = stop_requested
+            stop_requested = lambda: ranks.any(asked())  # noqa: E731
         try:
             stopped = self.train(stop_requested)
         except BaseException:
@@ -250,6 +272,10 @@ class _Loop:
             self.writer.close()
         self.writer.wait()
         if stopped is not None:
+            ranks.barrier()  # the leader's stop checkpoint is written
+            if not ranks.leader:
+                self.emit(P.Finished(step=stopped.step))
+                return stopped
             stopped = P.Stopped(step=stopped.step, global_step=stopped.global_step, checkpoint=self.s.last_ckpt)
             self.emit(stopped)
         return stopped
@@ -271,9 +297,15 @@ class _Loop:
         for it in range(s.state.job_step + 1, cfg.iters + 1):
             gstep = s.plan.global_step_base + it
             t0 = time.perf_counter()
-            mx.random.seed(step_seed(cfg.seed, gstep))
-            lvalue, toks, grad = step(s.batches.batch(it - 1), grad, it % accum == 0)
-            mx.eval(state, lvalue, toks, grad)
+            mx.random.seed(step_seed(cfg.seed, gstep, s.ranks.rank))
+            if s.ranks.many:
+                lvalue, toks, grad, local = step(s.batches.batch(it - 1, s.ranks.rank, s.ranks.size), grad,
+                                                 it % accum == 0)
+                mx.eval(state, lvalue, toks, grad, local)
+                self.w_local += local.item()
+            else:
+                lvalue, toks, grad = step(s.batches.batch(it - 1), grad, it % accum == 0)
+                mx.eval(state, lvalue, toks, grad)
             self.w_time += time.perf_counter() - t0
             self.writer.check()  # a failed background write stops training at once, with its error
             self._account(it, gstep, lvalue.item(), toks.item())
@@ -315,18 +347,20 @@ class _Loop:
         self.trained_tokens += ntoks
 
     def _report(self, it: int, gstep: int) -> None:
+        rate = (lambda n: n / self.w_time if self.w_time > 0 else 0.0)  # noqa: E731
         self.emit(P.Report(metrics=Metrics(
             step=it, global_step=gstep, loss=_finite(self.w_loss / self.w_steps),
             lr=_finite(self.s.optimizer.learning_rate.item()),
-            tokens_per_s=self.w_tokens / self.w_time if self.w_time > 0 else 0.0,
-            peak_mem_gb=mx.get_peak_memory() / 1e9, trained_tokens=self.trained_tokens)))
-        self.w_loss = self.w_tokens = self.w_steps = 0
+            tokens_per_s=rate(self.w_tokens),
+            peak_mem_gb=mx.get_peak_memory() / 1e9, trained_tokens=self.trained_tokens),
+            local_tokens_per_s=rate(self.w_local) if self.s.ranks.many else None))
+        self.w_loss = self.w_tokens = self.w_steps = self.w_local = 0
         self.w_time = 0.0
 
     def _evaluate(self, it: int, gstep: int) -> float | None:
         self.emit(P.EvalStarted(step=it))
         t0 = time.perf_counter()
-        loss = _finite(evaluate_loss(self.s.model, self.s.val)[0])
+        loss = _finite(evaluate_loss(self.s.model, self.s.val, self.s.ranks)[0])
         self.emit(P.Evaluated(step=it, global_step=gstep, val_loss=loss, eval_s=time.perf_counter() - t0))
         return loss
 
@@ -343,6 +377,9 @@ class _Loop:
         if self.c_steps:
             self.train_loss = self.c_loss / self.c_steps
         self.c_loss = self.c_steps = 0
+        if not s.ranks.leader:  # the leader writes it; no rank runs past a checkpoint before it is handed over
+            s.ranks.barrier()
+            return
         # At most one checkpoint in flight: the previous one must be written (and reported) before
         # this one starts, so the daemon commits them in order.
         t0 = time.perf_counter()
@@ -352,7 +389,8 @@ class _Loop:
             print(f"checkpoint step {it}: waited {waited:.3f} s for the previous checkpoint's write", flush=True)
         state = TrainState(job_step=it, global_step=gstep, cursor=s.batches.cursor(it), seed=cfg.seed,
                            eval_count=self.eval_count, trained_tokens=self.trained_tokens,
-                           train_loss=self.train_loss, val_loss=self.val_loss, config_sha256=s.state.config_sha256)
+                           train_loss=self.train_loss, val_loss=self.val_loss, config_sha256=s.state.config_sha256,
+                           world_size=s.ranks.size)
         # The step-`it` arrays, evaluated (the loop's mx.eval): immutable, and the next steps make new
         # ones (the compiled step's outputs replace model.state and optimizer.state; holding these
         # references also keeps MLX from donating their buffers). Only the writing is on the thread.
@@ -368,6 +406,7 @@ class _Loop:
             self.emit(started)
 
         self.writer.submit(files, state, check=finite)
+        s.ranks.barrier()
 
 
 def _complete(s: Session, emit, fs: FS) -> P.Completed:
@@ -379,15 +418,19 @@ def _complete(s: Session, emit, fs: FS) -> P.Completed:
     return msg
 
 
-def evaluate_loss(model, batches) -> tuple[float, int]:
+def evaluate_loss(model, batches, ranks: Ranks = SINGLE) -> tuple[float, int]:
     """(mean loss per scored token, scored tokens) over fixed batches, dropout off. Draws no
-    randomness, so it never perturbs training (which reseeds every step anyway)."""
+    randomness, so it never perturbs training (which reseeds every step anyway). The ranks of a
+    data-parallel job each score every size-th batch and sum."""
     model.eval()
     total, ntoks = mx.array(0.0), mx.array(0)
-    for batch, lengths in batches:
+    for batch, lengths in (batches[ranks.rank :: ranks.size] if ranks.many else batches):
         loss, toks = default_loss(model, batch, lengths)
         total += loss * toks
         ntoks += toks
+        mx.eval(total, ntoks)
+    if ranks.many:
+        total, ntoks = ranks.sum(total), ranks.sum(ntoks)
         mx.eval(total, ntoks)
     model.train()
     return (total / ntoks).item(), ntoks.item()
@@ -427,6 +470,14 @@ def _check_resume(plan: TrainPlan, ck: Checkpoint, a_config: dict) -> None:
     st, cfg, src = ck.state, plan.config, plan.resume_from
     if Path(src).resolve().parent != checkpoints_dir(plan.job_dir).resolve():
         raise ValueError(f"resume_from {src} is not a checkpoint of job {plan.job_id}")
+    if plan.resume_manifest_sha256:  # every rank of a data-parallel job loads this very checkpoint
+        found = hashlib.sha256((Path(src) / MANIFEST).read_bytes()).hexdigest()
+        if found != plan.resume_manifest_sha256:
+            raise CheckpointCorrupt(src, f"its manifest hashes to {found[:16]}… on this host, not to the committed "
+                                         f"{plan.resume_manifest_sha256[:16]}… (another copy, or changed since)")
+    if st.world_size != plan.world_size and not plan.reshard:
+        raise ValueError(f"checkpoint {src} was trained on {st.world_size} rank(s), this attempt runs "
+                         f"{plan.world_size}: resuming on another world size needs `ftctl retry {plan.job_id} --reshard`")
     if st.seed != cfg.seed:
         raise ValueError(f"checkpoint {src} was trained with seed {st.seed}, not {cfg.seed}")
     if st.job_step > cfg.iters:

@@ -107,7 +107,7 @@ NO_DAEMON = "no daemon is running: it is applied at the next `ftctl start`"
 
 
 def cmd_control(args, ws) -> int:
-    out = jobs.request(Ledger(ws.open_journal()), args.job, args.action, ws=ws)
+    out = jobs.request(Ledger(ws.open_journal()), args.job, args.action, ws=ws, reshard=getattr(args, "reshard", False))
     if args.json:
         render.print_json(asdict(out))
         return 0
@@ -116,6 +116,8 @@ def cmd_control(args, ws) -> int:
                                                    else "no daemon is running: `ftctl start` trains it"))
         if out.action == "retry":
             text += "; it resumes from its last good checkpoint, with a fresh restart budget"
+            if getattr(args, "reshard", False):
+                text += ", on the number of ranks its config now gives (not bit-exact with the earlier attempts)"
     elif out.deferred and not out.daemon_alive:
         text = f"job {out.job}: {out.action} requested; {NO_DAEMON}"
     elif out.deferred:
@@ -320,6 +322,10 @@ def register(sub, home) -> None:
         s = sub.add_parser(action, parents=[home], help=text)
         s.add_argument("job", help="job id (7 or 0007)")
         s.add_argument("--json", action="store_true", help="print what was recorded as JSON")
+        if action == "retry":
+            s.add_argument("--reshard", action="store_true",
+                           help="a data-parallel job may continue on another number of ranks than its checkpoints' "
+                                "(deterministic from then on, not bit-exact with an uninterrupted run)")
         s.set_defaults(func=cmd_control, action=action)
 
     s = sub.add_parser("shutdown", parents=[home], help="stop the daemon gracefully (checkpoint first)")

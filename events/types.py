@@ -83,6 +83,13 @@ class TrainingStarted(EventBase, tag="training_started", kw_only=True):
     # When it resumes a checkpoint: what differs from the previous attempt's fingerprint ("blas: a -> b");
     # non-empty = no longer bit-exact with the earlier attempts.
     env_changed: list[str] = []
+    # A data-parallel job (config `distributed`): worker_pid is mlx.launch's; the ranks' hosts in rank
+    # order; resharded_from = the world size of the checkpoint it resumes when that differs
+    # (`ftctl retry --reshard`): deterministic from here on, not bit-exact with the earlier attempts.
+    world_size: int = 1
+    hosts: list[str] = []
+    backend: str = ""
+    resharded_from: int | None = None
 
 
 class CheckpointStarted(EventBase, tag="checkpoint_started", kw_only=True):
@@ -214,6 +221,8 @@ class Crashed(EventBase, tag="crashed", kw_only=True):
     signal: int | None = None
     evidence: str = ""
     suggestion: str = ""
+    rank: int | None = None  # a data-parallel job: the rank that failed first, and its host
+    host: str | None = None
 
 
 class Requeued(EventBase, tag="requeued", kw_only=True):
@@ -257,6 +266,16 @@ class Retried(EventBase, tag="retried", kw_only=True):
     trigger: ClassVar[str] = "retry"
     job: str
     reason: str = "retried by user"
+    reshard: bool = False  # `--reshard`: it may resume on another world size than its checkpoints'
+
+
+class RanksReported(EventBase, tag="ranks_reported", kw_only=True):
+    """A data-parallel job's tokens/s per rank (index = rank; None = not reported yet), at the
+    daemon's progress-log rate (about a dozen per job)."""
+
+    job: str
+    step: int
+    tokens_per_s: list[float | None]
 
 
 class Cancelled(EventBase, tag="cancelled", kw_only=True):
@@ -374,7 +393,7 @@ class ModelRemoved(EventBase, tag="model_removed", kw_only=True):
 Event = Union[
     JobSubmitted, JobRejected, TrainingStarted, CheckpointStarted, CheckpointCommittedV1, CheckpointCommitted,
     CheckpointPruned, CheckpointCorrupt, CheckpointDiscarded, Evaluated, AdapterEvaluated, Completed, Crashed,
-    Requeued, Interrupted, Failed, Paused, Resumed, Retried, Cancelled, ControlRequested,
+    Requeued, Interrupted, Failed, Paused, Resumed, Retried, Cancelled, ControlRequested, RanksReported,
     DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, DebrisRemoved, RecoveryFinished,
     ConsolidationRequested, HeadSet, ConsolidationStarted, BasePromoted, ConsolidationAborted, ModelRemoved,
 ]
