@@ -125,6 +125,7 @@ class Rank:
     done: bool = False       # sent its final message (Completed, Stopped, Finished, Failed)
     closed: bool = False
     tokens_per_s: float | None = None
+    report_step: int = 0
 
 
 @dataclass

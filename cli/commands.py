@@ -77,7 +77,7 @@ def cmd_recover(args, ws) -> int:
 def cmd_crashes(args, ws) -> int:
     ledger = Ledger(ws.open_journal())
     rows = [{"seq": r.seq, "ts": r.ts, "job": e.job, "category": e.category, "step": e.step, "exit_code": e.exit_code,
-             "signal": e.signal, "suggestion": e.suggestion, "evidence": e.evidence}
+             "signal": e.signal, "suggestion": e.suggestion, "evidence": e.evidence, "rank": e.rank, "host": e.host}
             for r in ledger.journal.read() if isinstance(e := r.event, ev.Crashed)]
     if args.json:
         render.print_json(rows)
@@ -91,7 +91,8 @@ def cmd_crashes(args, ws) -> int:
     for c in ("time (UTC)", "seq", "job", "category", "step", "exit", "signal", "evidence", "suggested fix"):
         t.add_column(c, overflow="fold")
     for r in rows:
-        t.add_row(r["ts"][:19].replace("T", " "), str(r["seq"]), r["job"], f"[red]{r['category']}[/]",
+        where = f" (rank {r['rank']}, {r['host']})" if r["rank"] is not None else ""
+        t.add_row(r["ts"][:19].replace("T", " "), str(r["seq"]), r["job"], f"[red]{r['category']}[/]{render.escape(where)}",
                   _dash(r["step"]), _dash(r["exit_code"]), render.signal_name(r["signal"]),
                   render.escape(render.evidence_line(r["evidence"])), render.escape(r["suggestion"]))
     render.console.print(t)

@@ -108,6 +108,7 @@ class GroupSupervision(Supervision):
         self.torn_down_s: float | None = None
         self.pending_buf: dict = {}
         self.rank_error: dict[int, P.Failed] = {}
+        self.report_due: int | None = None  # a step whose per-rank tokens/s are to be journaled
         self.candidates: list = []  # (priority, rank, host, what): failures seen in one pass of the loop
 
     # ------------------------------------------------------------------ loop
@@ -215,8 +216,8 @@ class GroupSupervision(Supervision):
             match msg:
                 case P.Step(step=step):
                     r.step = step
-                case P.Report(local_tokens_per_s=rate):
-                    r.tokens_per_s = rate
+                case P.Report(local_tokens_per_s=rate, metrics=m):
+                    r.tokens_per_s, r.report_step = rate, m.step
                 case P.Failed():
                     self.rank_error.setdefault(r.rank, msg)
                     if self.error is None:
@@ -227,10 +228,17 @@ class GroupSupervision(Supervision):
             if r.rank == 0 and not isinstance(msg, P.Failed):
                 self.on_message(msg)
                 if isinstance(msg, P.Report) and self.log_due.last_step == msg.metrics.step:
-                    self.ranks_reported(msg.metrics.step)
+                    self.report_due = msg.metrics.step
+            if isinstance(msg, P.Report) and self.report_due is not None:
+                self.ranks_reported()
 
-    def ranks_reported(self, step: int) -> None:
-        rates = [self.g.ranks[i].tokens_per_s if i in self.g.ranks else None for i in range(self.g.layout.world_size)]
+    def ranks_reported(self) -> None:
+        """Journal the tokens/s of every rank for the step whose report was due, once all have reported it."""
+        ranks, step = self.g.ranks, self.report_due
+        if len(ranks) < self.g.layout.world_size or any(r.report_step < step for r in ranks.values()):
+            return
+        self.report_due = None
+        rates = [ranks[i].tokens_per_s for i in range(self.g.layout.world_size)]
         self.d.ledger.commit(self.stream, ev.RanksReported(job=self.job, step=step, tokens_per_s=rates))
         shown = ", ".join(f"rank {i} {'-' if t is None else format(t, '.0f')}" for i, t in enumerate(rates))
         self.d.log(f"job {self.job} step {step}: tok/s per rank: {shown}")
