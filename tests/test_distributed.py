@@ -168,3 +168,32 @@ def test_rank_shards_are_complementary_and_seeds_distinct():
         shards = [whole[r::2] for r in range(2)]
         assert sorted(shards[0] + shards[1]) == sorted(whole) and not set(shards[0]) & set(shards[1])
     assert step_seed(5, 3) == step_seed(5, 3, 0) != step_seed(5, 3, 1) != step_seed(5, 3, 2)
+
+
+def test_reshard_after_the_hosts_changed(tmp_path, demo):
+    """2 ranks checkpoint and fail; the hostfile now lists one host: refused (world_size) until
+    `retry --reshard`, which resumes the 2-rank checkpoint on 1 rank and records the change."""
+    import json
+
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    home = make_workspace(tmp_path / "ws", demo.model_dir, **SMALL, distributed={"hostfile": str(hosts)},
+                          restart={"max_restarts": 0, "window_s": 300.0, "backoff_s": 0.05, "backoff_max_s": 0.2})
+    ftctl(home, "submit", str(demo.train))
+    p = ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "mid_step@1:6"), check=False, timeout=600)
+    assert p.returncode == 1 and ftctl_json(home, "status", "0001")["state"] == "failed"
+    hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}]))
+    ftctl(home, "retry", "0001")
+    p = ftctl(home, "start", "--until-idle", check=False, timeout=600)
+    s = ftctl_json(home, "status", "0001")
+    assert s["state"] == "failed" and "trained on 2 rank(s)" in s["reason"] and "--reshard" in s["reason"], s
+    assert kinds(home, "0001").count("training_started") == 1  # nothing was started
+    out = ftctl(home, "retry", "0001", "--reshard").stdout
+    assert "not bit-exact" in out
+    ftctl(home, "start", "--until-idle", "--quiet", timeout=600)
+    s = finished(home)
+    last = [e["data"] for e in history(home) if e["type"] == "training_started"][-1]
+    assert (last.get("world_size", 1), last["resharded_from"], last["resume_step"]) == (1, 2, 4)
+    assert s["resharded"] == ["2 -> 1 ranks at step 4"]
+    assert "trained on 2 rank(s)" in p.stderr
+    assert [e["data"].get("category") for e in history(home) if e["type"] == "failed"][-1] == "world_size"
