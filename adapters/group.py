@@ -97,7 +97,28 @@ def problems(cfg: Config) -> list[str]:
             socket.getaddrinfo(h, None)
         except OSError as e:
             out.append(f"distributed: host {h!r} does not resolve ({e})")
+    if not out and not this_machine(lay.hosts[0]):
+        out.append(f"distributed: the first host ({lay.hosts[0]!r}, rank 0) must be this machine: rank 0 writes the "
+                   "checkpoints into the workspace, which lives here")
     return out
+
+
+def this_machine(host: str) -> bool:
+    """Whether ``host`` names this machine: a loopback name, its host name, or an address it can bind."""
+    if host in LOCAL_HOSTS or host in (socket.gethostname(), socket.getfqdn()):
+        return True
+    try:
+        addrs = {a[4][0] for a in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    for ip in addrs:
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as s:
+                s.bind((ip, 0))
+            return True
+        except OSError:
+            continue
+    return False
 
 
 def blas_threads(lay: Layout, threads: str | None, env: dict) -> str | None:
