@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import select
 import time
+
+import msgspec
 from typing import TYPE_CHECKING
 
 from ftctl.adapters import group as G
@@ -24,6 +26,7 @@ from ftctl.core.policy import after_crash, classify, Evidence, follow_up, sugges
 from ftctl.core.state import CrashRecord, JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.journal import utc_now
+from ftctl.recovery.reconcile import apply, mark_corrupt
 
 from .supervise import CONTROL_EVERY_S, POLL_S, Supervision, _evidence_tail, _first_line
 
@@ -69,9 +72,9 @@ def run(d: "Daemon", j: JobState, plan: P.TrainPlan, resume: "CheckpointRecord |
                   f"so it does, then `ftctl resume {j.job}`")
         d.ledger.commit(stream, ev.Paused(job=j.job, reason=reason))
         return
-    plan = P.TrainPlan(**{**{f: getattr(plan, f) for f in plan.__struct_fields__}, "world_size": lay.world_size,
-                          "backend": j.config.distributed.backend, "reshard": resharded_from is not None,
-                          "resume_manifest_sha256": resume.manifest_sha256 if resume else None})
+    plan = msgspec.structs.replace(plan, world_size=lay.world_size, backend=j.config.distributed.backend,
+                                   reshard=resharded_from is not None,
+                                   resume_manifest_sha256=resume.manifest_sha256 if resume else None)
     d.standby.dismiss()
     from ftctl.adapters import blas
 
@@ -138,8 +141,13 @@ class GroupSupervision(Supervision):
                 if len(g.ranks) == g.layout.world_size and all(r.closed for r in g.ranks.values()):
                     break  # every rank ended with its final message
                 if g.proc.poll() is not None and self.first is None:
-                    self.fail_first(None, "", f"mlx.launch exited (code {g.proc.returncode}) before every rank "
-                                              "finished: see the job log")
+                    self.drain()  # the ranks' last lines and EOFs may still be unread
+                    if len(g.ranks) == g.layout.world_size and all(r.closed and r.done for r in g.ranks.values()) \
+                            and not self.rank_error:
+                        break
+                    if self.first is None:
+                        self.fail_first(None, "", f"mlx.launch exited (code {g.proc.returncode}) before every rank "
+                                                  "finished: see the job log")
                     self.teardown()
                     break
                 now = time.monotonic()
@@ -162,6 +170,20 @@ class GroupSupervision(Supervision):
         clean = (self.first is None and not self.hung and len(g.ranks) == g.layout.world_size
                  and all(r.done for r in g.ranks.values()))
         self.finish(0 if clean else (code if code not in (0, None) else 1))
+
+    def drain(self, limit_s: float = 2.0) -> None:
+        """Read what the ranks still have to say, until each connection is closed or ``limit_s`` passes."""
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            open_ = [r for r in self.g.ranks.values() if not r.closed]
+            if not open_:
+                break
+            ready, _, _ = select.select([r.sock for r in open_], [], [], max(0.0, deadline - time.monotonic()))
+            for s in ready:
+                self.read_rank(next(r for r in open_ if r.sock is s))
+        if self.candidates:
+            self.fail_first(*min(self.candidates, key=lambda c: (c[0], c[1]))[1:])
+            self.candidates = []
 
     def read_pending(self, s) -> None:
         try:
@@ -311,6 +333,13 @@ class GroupSupervision(Supervision):
         advice = suggestion(category, good[-1].step if good else None).replace("JOB", self.job)
         if detail and category in ("exception", "load_error"):
             advice = f"{detail} — {advice}"
+        if category == "corrupt_checkpoint" and err is not None and err.path:
+            c = next((c for c in j.good_checkpoints() if c.path == err.path), None)
+            if c is not None:
+                apply(L, [mark_corrupt(self.job, c, err.message)])
+                j = L.state.jobs[self.job]
+                good = j.good_checkpoints()
+                advice = suggestion(category, good[-1].step if good else None).replace("JOB", self.job)
         step = self.g.ranks[0].step if 0 in self.g.ranks and self.g.ranks[0].step else self.step
         crash = ev.Crashed(job=self.job, category=category, step=step, exit_code=None, evidence=evidence,
                            suggestion=advice, rank=rank, host=host or None)
