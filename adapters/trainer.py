@@ -188,7 +188,8 @@ def run(plan: TrainPlan, emit: Callable[[P.Message], None], stop_requested: Call
         fs: FS | None = None) -> P.Completed | P.Stopped:
     """Train plan.config.iters iterations (resuming or warm-starting as planned).
 
-    Emits the worker protocol's messages and returns the last one (Completed or Stopped).
+    Emits the worker protocol's messages and returns the last one (Completed or Stopped); a rank of a
+    data-parallel job other than the leader (ranks.py) ends with Finished and returns None when done.
     Raises TrainingDiverged, OSError (disk), ValueError (unusable plan or data),
     CheckpointCorrupt (resume/warm-start source fails verification).
     """

@@ -105,7 +105,7 @@ def _live(pid: int) -> bool:
 
 def test_a_stopped_rank_is_caught_by_the_watchdog_and_no_rank_outlives_a_killed_daemon(tmp_path, demo):
     home = make_workspace(tmp_path / "ws", demo.model_dir, **{**SMALL, "iters": 400, "save_every": 20},
-                          distributed=TWO, timeouts={"hang_s": 4.0, "eval_hang_s": 120.0, "stop_s": 60.0})
+                          distributed=TWO, timeouts={"hang_s": 6.0, "eval_hang_s": 120.0, "stop_s": 60.0})
     ftctl(home, "submit", str(demo.train))
     d = daemon(home)
     try:
