@@ -10,7 +10,7 @@ summation order). The dropout RNG of rank r at global step g is a pure function 
 Only the leader (rank 0) writes checkpoints and the adapter; every rank meets the others at a
 barrier (an all_sum of a scalar) at each checkpoint and at the end, so no rank runs ahead of a
 save or exits before the last one is written. A stop request is agreed on by all ranks at each
-step (an all_sum of the flag), so every rank stops at the same step.
+step (the flags are summed in the step's all-reduce), so every rank stops at the same step.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from .protocol import TrainPlan
 
@@ -41,23 +41,25 @@ class Ranks:
     def shard(self, indices: list[int]) -> list[int]:
         return indices[self.rank :: self.size]
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if it is true on any (all ranks call it at the same step)."""
-        if not self.many:
-            return flag
-        return mx.distributed.all_sum(mx.array(int(flag)), group=self.group).item() > 0
-
     def barrier(self) -> None:
         if self.many:
             mx.eval(mx.distributed.all_sum(mx.array(1), group=self.group))
 
-    def reduce_step(self, lvalue, toks, grad):
-        """(global mean loss, global scored tokens, the gradient of the global batch's loss)."""
-        total = mx.distributed.all_sum(toks, group=self.group)
-        share = (self.size * toks.astype(mx.float32)) / total.astype(mx.float32)
-        grad = nn.average_gradients(tree_map(lambda g: g * share.astype(g.dtype), grad), group=self.group)
-        loss = mx.distributed.all_sum(lvalue * toks.astype(lvalue.dtype), group=self.group) / total.astype(lvalue.dtype)
-        return loss, total, grad
+    def reduce_step(self, lvalue, toks, grad, stop):
+        """(global mean loss, global scored tokens, the gradient of the global batch's loss, the number of
+        ranks asked to stop), in one all-reduce: nn.average_gradients concatenates the token-weighted
+        gradients and the three scalars into one buffer when they share a dtype (float32, LoRA's)."""
+        t = toks.astype(mx.float32)
+        scalars = mx.stack([t, lvalue.astype(mx.float32) * t, stop.astype(mx.float32)])
+        if all(g.dtype == mx.float32 for _, g in tree_flatten(grad)):
+            out = nn.average_gradients({"g": tree_map(lambda g: g * t, grad), "s": scalars}, group=self.group)
+            sums = out["s"] * self.size
+            grad = tree_map(lambda g: g * (self.size / sums[0]), out["g"])
+        else:  # another dtype: the scalars in float32 on their own, so token counts stay exact
+            sums = mx.distributed.all_sum(scalars, group=self.group)
+            share = (self.size * t) / sums[0]
+            grad = nn.average_gradients(tree_map(lambda g: g * share.astype(g.dtype), grad), group=self.group)
+        return sums[1] / sums[0], sums[0].astype(toks.dtype), grad, sums[2]
 
     def sum(self, x):
         return mx.distributed.all_sum(x, group=self.group) if self.many else x

@@ -219,11 +219,11 @@ def _compiled_step(s: Session):
     ranks = s.ranks
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch, prev_grad, do_update):
+    def step(batch, prev_grad, do_update, stop=None):
         (lvalue, toks), grad = loss_value_and_grad(model, *batch)
-        if ranks.many:  # the global batch's loss, tokens and gradient (ranks.py)
+        if ranks.many:  # the global batch's loss, tokens and gradient, and the stop requests (ranks.py)
             local = toks
-            lvalue, toks, grad = ranks.reduce_step(lvalue, toks, grad)
+            lvalue, toks, grad, stops = ranks.reduce_step(lvalue, toks, grad, stop)
         if prev_grad is not None:
             grad = tree_map(lambda x, y: x + y, grad, prev_grad)
         if do_update:
@@ -234,7 +234,7 @@ def _compiled_step(s: Session):
             optimizer.update(model, grad)
             grad = None
         if ranks.many:
-            return lvalue, toks, grad, local
+            return lvalue, toks, grad, local, stops
         return lvalue, toks, grad
 
     return step, state
@@ -259,9 +259,6 @@ class _Loop:
         failed): a stop or completion reports it, a failure exits with the write's own error when
         training itself did not fail first."""
         ranks = self.s.ranks
-        if ranks.many:  # every rank stops at the same step: the one where any of them was asked to
-            asked = stop_requested
-            stop_requested = lambda: ranks.any(asked())  # noqa: E731
         try:
             stopped = self.train(stop_requested)
         except BaseException:
@@ -299,11 +296,12 @@ class _Loop:
             gstep = s.plan.global_step_base + it
             t0 = time.perf_counter()
             mx.random.seed(step_seed(cfg.seed, gstep, s.ranks.rank))
-            if s.ranks.many:
-                lvalue, toks, grad, local = step(s.batches.batch(it - 1, s.ranks.rank, s.ranks.size), grad,
-                                                 it % accum == 0)
-                mx.eval(state, lvalue, toks, grad, local)
+            if s.ranks.many:  # every rank stops at the same step: the first where any of them was asked to
+                lvalue, toks, grad, local, stops = step(s.batches.batch(it - 1, s.ranks.rank, s.ranks.size), grad,
+                                                        it % accum == 0, mx.array(float(stop_requested())))
+                mx.eval(state, lvalue, toks, grad, local, stops)
                 self.w_local += local.item()
+                asked = stops.item() > 0
             else:
                 lvalue, toks, grad = step(s.batches.batch(it - 1), grad, it % accum == 0)
                 mx.eval(state, lvalue, toks, grad)
@@ -315,7 +313,7 @@ class _Loop:
             if it % cfg.steps_per_report == 0 or it == cfg.iters:
                 self._report(it, gstep)
             boundary = it % accum == 0 or it == cfg.iters
-            stopping = stopping or stop_requested()
+            stopping = stopping or (asked if s.ranks.many else stop_requested())
             if s.val is not None and (it % cfg.steps_per_eval == 0 or it == cfg.iters):
                 self.val_loss = self._evaluate(it, gstep)
                 self.eval_count += 1

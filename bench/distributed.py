@@ -46,7 +46,7 @@ def job_config(a, iters: int) -> dict:
             "standby": False, "min_free_disk_gb": 0.01}
 
 
-def ftctl_run(demo, home: Path, cfg: dict, ranks: int) -> tuple[float, list[float]]:
+def ftctl_run(demo, home: Path, cfg: dict, ranks: int, env: dict | None = None) -> tuple[float, list[float]]:
     """Wall time of `ftctl start --until-idle` for one job, and its reported tokens/s."""
     if ranks > 1:
         cfg = {**cfg, "distributed": {"backend": "ring", "hosts": ["127.0.0.1"], "processes_per_host": ranks}}
@@ -55,7 +55,8 @@ def ftctl_run(demo, home: Path, cfg: dict, ranks: int) -> tuple[float, list[floa
     subprocess.run([*cli, "submit", str(demo.train), "--valid", str(demo.valid), "--home", str(home)],
                    check=True, capture_output=True)
     t0 = time.perf_counter()
-    subprocess.run([*cli, "start", "--until-idle", "--quiet", "--home", str(home)], check=True, capture_output=True)
+    subprocess.run([*cli, "start", "--until-idle", "--quiet", "--home", str(home)], check=True, capture_output=True,
+                   env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t0
     with Workspace(home).open_journal() as j:
         rates = [m["tokens_per_s"] for m in j.recent_metrics("0001", limit=10000) if m["tokens_per_s"]]
@@ -108,10 +109,14 @@ def main() -> None:
                 demo = build_demo(tmp / f"demo{h}", hidden=h)
                 cfg = job_config(a, a.iters)
                 w1, r1 = ftctl_run(demo, tmp / f"s{h}-1", cfg, 1)
+                share = str(max(1, cores // a.ranks))  # one process with the BLAS threads one rank gets
+                ws, rs = ftctl_run(demo, tmp / f"s{h}-1t", cfg, 1, {"OPENBLAS_NUM_THREADS": share, "OMP_NUM_THREADS": share})
                 wn, rn = ftctl_run(demo, tmp / f"s{h}-{a.ranks}", cfg, a.ranks)
-                t1, tn = steady(r1), steady(rn)
-                print(f"hidden {h}: 1 rank {t1:.0f} tok/s (run {w1:.1f} s), {a.ranks} ranks {tn:.0f} tok/s "
-                      f"(run {wn:.1f} s): speed-up {tn / t1:.2f}x, scaling efficiency {tn / (a.ranks * t1):.2f}")
+                t1, ts, tn = steady(r1), steady(rs), steady(rn)
+                print(f"hidden {h}: 1 rank {t1:.0f} tok/s (run {w1:.1f} s; with {share} BLAS thread(s) as one rank "
+                      f"gets: {ts:.0f} tok/s, run {ws:.1f} s), {a.ranks} ranks {tn:.0f} tok/s (run {wn:.1f} s): "
+                      f"speed-up {tn / t1:.2f}x, scaling efficiency {tn / (a.ranks * t1):.2f} "
+                      f"(vs the same threads per rank: {tn / (a.ranks * ts):.2f})")
         if not a.skip_overhead:
             demo = build_demo(tmp / "demo-ovh")
             cfg = job_config(a, a.iters)
