@@ -85,8 +85,10 @@ class TrainBatches:
         c = self.cursor(n)
         return self.groups[int(self.order(c.epoch)[c.position])]
 
-    def batch(self, n: int):
-        return make_batch([self.items[i] for i in self.indices(n)], self.max_seq_length)
+    def batch(self, n: int, rank: int = 0, size: int = 1):
+        """The batch of iteration n; with ``size`` ranks, rank ``rank``'s shard of it (every size-th
+        example from ``rank``: the shards of all ranks make up the whole batch, none twice)."""
+        return make_batch([self.items[i] for i in self.indices(n)[rank::size]], self.max_seq_length)
 
 
 @lru_cache(maxsize=8)

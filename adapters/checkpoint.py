@@ -71,6 +71,7 @@ class TrainState(msgspec.Struct, kw_only=True):
     train_loss: float | None = None
     val_loss: float | None = None
     config_sha256: str | None = None
+    world_size: int = 1  # ranks it was trained on: a resume on another number needs `--reshard`
 
 
 @dataclass

@@ -8,7 +8,8 @@ given to ``wake_when`` is true, or forever if none was given. The worker passes 
 so a pause or shutdown sent to a hung worker stops it at exactly that step. ``FTCTL_STUCK_AT``
 stands still for good, stop or not: a worker that no longer listens. The step of a
 worker point is the global step (the job step for a lineage's first job); of a consolidation
-point, the new base version. Unset (the
+point, the new base version. ``point@R`` (e.g. ``mid_step@1:5:marker``) fires only in rank R of a
+data-parallel job (its ``MLX_RANK``; a single worker is rank 0). Unset (the
 normal case), ``crash_point`` is a dict lookup that returns at once.
 
 ``FTCTL_POISON="TEXT"`` is the data-driven seam (``poison_marker``): a training batch holding an example
@@ -41,11 +42,15 @@ POINTS = {  # every crash_point() call names one of these (tests/test_layers.py 
 
 def _armed() -> dict[str, list[tuple[str, str, str]]]:
     out: dict[str, list[tuple[str, str, str]]] = {}
+    rank = os.environ.get("MLX_RANK", "0")
     for var, action in (("FTCTL_CRASH_AT", "kill"), ("FTCTL_HANG_AT", "hang"), ("FTCTL_STUCK_AT", "stuck")):
         for item in filter(None, os.environ.get(var, "").split(",")):
             name, step, marker = item.split(":", 2)
+            name, _, only = name.partition("@")
             if name not in POINTS:  # a typo would make a kill test pass without killing anything
                 raise ValueError(f"{var}: unknown crash point {name!r}; known: {', '.join(POINTS)}")
+            if only and only != rank:
+                continue
             out.setdefault(name, []).append((step, marker, action))
     return out
 

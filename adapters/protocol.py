@@ -4,6 +4,10 @@
     worker -> daemon (message fd)  Loaded, Step, Traced (traced runs only), Report, EvalStarted, Evaluated, CheckpointStarted,
                                    CheckpointWritten, then one of Completed, Stopped, Failed
 
+A rank of a data-parallel job talks the same protocol over a TCP connection to the daemon
+(``--connect``): it first sends Hello, then receives the plan; ranks other than the leader end
+with Finished instead of Completed/Stopped.
+
 One JSON object per line, tagged by ``t``. Each side encodes with ``encode`` and decodes with
 ``decode_*``: a line that does not fit the schema is an error at the boundary, never a KeyError
 deep inside the supervisor. Records shared with the journal (``CheckpointRecord``, ``Metrics``)
@@ -35,6 +39,10 @@ class TrainPlan(msgspec.Struct, kw_only=True):
                                         # worker was started, with its own log, before the job was known)
     until_step: int | None = None       # a reproduction (`ftctl reproduce`): stop after this job step
     trace: bool = False                 # send a Traced message per step (a reproduction's evidence)
+    world_size: int = 1                 # ranks of a data-parallel job (adapters/ranks.py); 1 = one process
+    backend: str = "any"                # mx.distributed backend of a data-parallel job
+    reshard: bool = False               # resume_from may come from another world size (`retry --reshard`)
+    resume_manifest_sha256: str | None = None  # every rank checks it loads this very checkpoint
 
 
 class Message(msgspec.Struct, tag_field="t", frozen=True, kw_only=True):
@@ -79,6 +87,22 @@ class Traced(Message, tag="trace"):
 
 class Report(Message, tag="report"):
     metrics: Metrics
+    local_tokens_per_s: float | None = None  # this rank's own tokens/s (a data-parallel job)
+
+
+class Hello(Message, tag="hello"):
+    """A rank of a data-parallel job, connected to the daemon (the first line it sends)."""
+
+    token: str
+    rank: int
+    pid: int
+    host: str
+
+
+class Finished(Message, tag="finished"):
+    """A rank other than the leader ends cleanly: it met the others at the last barrier."""
+
+    step: int
 
 
 class EvalStarted(Message, tag="eval_begin"):
@@ -137,7 +161,7 @@ class Failed(Message, tag="error"):
 
 
 WorkerMessage = Union[Loaded, Step, Traced, Report, EvalStarted, Evaluated, CheckpointStarted, CheckpointWritten,
-                      Completed, Stopped, Failed]
+                      Completed, Stopped, Failed, Hello, Finished]
 
 _encoder = msgspec.json.Encoder()
 _from_worker = msgspec.json.Decoder(WorkerMessage)

@@ -41,7 +41,9 @@ from . import protocol as P
 from .batches import TrainBatches, build_dataset, tokenized, validation_batches
 from .checkpoint import (
     ADAPTERS,
+    MANIFEST,
     Checkpoint,
+    CheckpointCorrupt,
     CheckpointWriter,
     TrainState,
     checkpoint_files,
@@ -53,6 +55,7 @@ from .checkpoint import (
 from .faults import crash_point, poison_marker
 from .fs import FS
 from .protocol import TrainPlan
+from .ranks import SINGLE, Ranks, join
 
 OPTIMIZERS = {
     "adam": optim.Adam,
@@ -72,9 +75,11 @@ class TrainingDiverged(Exception):
         super().__init__(message)
 
 
-def step_seed(seed: int, global_step: int) -> int:
-    """The RNG seed of a global step: a pure function, so nothing needs saving."""
-    digest = hashlib.sha256(f"ftctl-step:{seed}:{global_step}".encode()).digest()
+def step_seed(seed: int, global_step: int, rank: int = 0) -> int:
+    """The RNG seed of a global step (of one rank of a data-parallel job): a pure function, so
+    nothing needs saving."""
+    key = f"ftctl-step:{seed}:{global_step}" + (f":{rank}" if rank else "")
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little")
 
 
@@ -149,11 +154,13 @@ class Session:
     state: TrainState
     last_ckpt: str | None = None
     poisoned: frozenset[int] = frozenset()  # the FTCTL_POISON seam's examples (tests only)
+    ranks: Ranks = SINGLE
 
 
 def load(plan: TrainPlan) -> Session:
     """Load the model, data and optimizer; restore the resume checkpoint or the warm start."""
     cfg = plan.config
+    ranks = join(plan)  # a data-parallel job: blocks until every rank is up
     maybe_set_recommended_wired_limit()
     model, tokenizer = setup_model(cfg)
     batches = TrainBatches(load_items(plan.train_path, tokenizer, cfg.mask_prompt), cfg.batch_size,
@@ -170,7 +177,7 @@ def load(plan: TrainPlan) -> Session:
     optimizer = build_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
     s = Session(plan, model, optimizer, batches, val, adapter_config(cfg), state=None,
-                poisoned=poisoned_examples(plan.train_path))
+                poisoned=poisoned_examples(plan.train_path), ranks=ranks)
     if plan.resume_from:
         ck = load_checkpoint(plan.resume_from)
         _check_resume(plan, ck, s.adapter_config)
@@ -185,7 +192,7 @@ def load(plan: TrainPlan) -> Session:
             # moments only: the step (and so the LR schedule) restarts with this job
             _restore_optimizer(optimizer, ck.optimizer, plan.warm_start_from, skip=("step", "learning_rate"))
         s.state = TrainState(job_step=0, global_step=plan.global_step_base, cursor=batches.cursor(0),
-                             seed=cfg.seed, config_sha256=config_sha256(cfg))
+                             seed=cfg.seed, config_sha256=config_sha256(cfg), world_size=ranks.size)
     mx.eval(model.parameters(), optimizer.state)
     return s
 
@@ -194,7 +201,8 @@ def run(plan: TrainPlan, emit: Callable[[P.Message], None], stop_requested: Call
         fs: FS | None = None) -> P.Completed | P.Stopped:
     """Train plan.config.iters iterations (resuming or warm-starting as planned).
 
-    Emits the worker protocol's messages and returns the last one (Completed or Stopped).
+    Emits the worker protocol's messages and returns the last one (Completed or Stopped); a rank of a
+    data-parallel job other than the leader (ranks.py) ends with Finished and returns None when done.
     Raises TrainingDiverged, OSError (disk), ValueError (unusable plan or data),
     CheckpointCorrupt (resume/warm-start source fails verification).
     """
@@ -210,6 +218,11 @@ def run(plan: TrainPlan, emit: Callable[[P.Message], None], stop_requested: Call
         done = P.Stopped(step=plan.until_step, global_step=plan.global_step_base + plan.until_step, checkpoint=s.last_ckpt)
         emit(done)
         return done
+    if not s.ranks.leader:
+        s.ranks.barrier()  # the leader has written the last checkpoint
+        emit(P.Finished(step=plan.config.iters))
+        return None
+    s.ranks.barrier()
     return _complete(s, emit, fs)
 
 
@@ -227,11 +240,15 @@ def _compiled_step(s: Session):
     loss_value_and_grad = nn.value_and_grad(model, _poisoned_loss if s.poisoned else default_loss)
     accum, clip, trace = cfg.grad_accumulation_steps, cfg.max_grad_norm, s.plan.trace
     state = [model.state, optimizer.state, mx.random.state]
+    ranks = s.ranks
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch, prev_grad, do_update):
+    def step(batch, prev_grad, do_update, stop=None):
         (lvalue, toks), grad = loss_value_and_grad(model, *batch)
         norms = mx.stack([mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grad)]) if trace else None
+        if ranks.many:  # the global batch's loss, tokens and gradient, and the stop requests (ranks.py)
+            local = toks
+            lvalue, toks, grad, stops = ranks.reduce_step(lvalue, toks, grad, stop)
         if prev_grad is not None:
             grad = tree_map(lambda x, y: x + y, grad, prev_grad)
         if do_update:
@@ -241,7 +258,8 @@ def _compiled_step(s: Session):
                 grad, _ = optim.clip_grad_norm(grad, clip)
             optimizer.update(model, grad)
             grad = None
-        return (lvalue, toks, grad, norms) if trace else (lvalue, toks, grad)
+        out = (lvalue, toks, grad) + ((norms,) if trace else ())
+        return out + (local, stops) if ranks.many else out
 
     return step, state
 
@@ -254,7 +272,7 @@ class _Loop:
         st = s.state
         self.eval_count, self.trained_tokens = st.eval_count, st.trained_tokens
         self.train_loss, self.val_loss = st.train_loss, st.val_loss
-        self.w_loss = self.w_tokens = self.w_steps = 0  # report window
+        self.w_loss = self.w_tokens = self.w_steps = self.w_local = 0  # report window
         self.w_time = 0.0
         self.c_loss = self.c_steps = 0  # since the last checkpoint
         self.nan_run = 0
@@ -266,6 +284,7 @@ class _Loop:
         """train(), and whatever way it ends, never before the checkpoint in flight is written (or has
         failed): a stop or completion reports it, a failure exits with the write's own error when
         training itself did not fail first."""
+        ranks = self.s.ranks
         try:
             stopped = self.train(stop_requested)
         except BaseException:
@@ -277,6 +296,10 @@ class _Loop:
             self.writer.close()
         self.writer.wait()
         if stopped is not None:
+            ranks.barrier()  # the leader's stop checkpoint is written
+            if not ranks.leader:
+                self.emit(P.Finished(step=stopped.step))
+                return stopped
             stopped = P.Stopped(step=stopped.step, global_step=stopped.global_step, checkpoint=self.s.last_ckpt)
             self.emit(stopped)
         return stopped
@@ -299,13 +322,20 @@ class _Loop:
         for it in range(s.state.job_step + 1, last + 1):
             gstep = s.plan.global_step_base + it
             t0 = time.perf_counter()
-            mx.random.seed(step_seed(cfg.seed, gstep))
-            batch = s.batches.batch(it - 1)
+            mx.random.seed(step_seed(cfg.seed, gstep, s.ranks.rank))
+            batch = s.batches.batch(it - 1, s.ranks.rank, s.ranks.size)
             if s.poisoned:
                 hit = not s.poisoned.isdisjoint(s.batches.indices(it - 1))
                 batch = (*batch, mx.array(math.nan if hit else 1.0))
-            lvalue, toks, grad, *norms = step(batch, grad, it % accum == 0)
-            mx.eval(state, lvalue, toks, grad, norms)
+            if s.ranks.many:  # every rank stops at the same step: the first where any of them was asked to
+                *out, local, stops = step(batch, grad, it % accum == 0, mx.array(float(stop_requested())))
+                mx.eval(state, out, local, stops)
+                self.w_local += local.item()
+                asked = stops.item() > 0
+            else:
+                out = step(batch, grad, it % accum == 0)
+                mx.eval(state, out)
+            lvalue, toks, grad, *norms = out
             self.w_time += time.perf_counter() - t0
             self.writer.check()  # a failed background write stops training at once, with its error
             if s.plan.trace:
@@ -316,7 +346,7 @@ class _Loop:
             if it % cfg.steps_per_report == 0 or it == cfg.iters:
                 self._report(it, gstep)
             boundary = it % accum == 0 or it == cfg.iters
-            stopping = stopping or stop_requested()
+            stopping = stopping or (asked if s.ranks.many else stop_requested())
             if s.val is not None and (it % cfg.steps_per_eval == 0 or it == cfg.iters):
                 self.val_loss = self._evaluate(it, gstep)
                 self.eval_count += 1
@@ -360,18 +390,20 @@ class _Loop:
                            group_count=len(dict.fromkeys(self.groups))))
 
     def _report(self, it: int, gstep: int) -> None:
+        rate = (lambda n: n / self.w_time if self.w_time > 0 else 0.0)  # noqa: E731
         self.emit(P.Report(metrics=Metrics(
             step=it, global_step=gstep, loss=_finite(self.w_loss / self.w_steps),
             lr=_finite(self.s.optimizer.learning_rate.item()),
-            tokens_per_s=self.w_tokens / self.w_time if self.w_time > 0 else 0.0,
-            peak_mem_gb=mx.get_peak_memory() / 1e9, trained_tokens=self.trained_tokens)))
-        self.w_loss = self.w_tokens = self.w_steps = 0
+            tokens_per_s=rate(self.w_tokens),
+            peak_mem_gb=mx.get_peak_memory() / 1e9, trained_tokens=self.trained_tokens),
+            local_tokens_per_s=rate(self.w_local) if self.s.ranks.many else None))
+        self.w_loss = self.w_tokens = self.w_steps = self.w_local = 0
         self.w_time = 0.0
 
     def _evaluate(self, it: int, gstep: int) -> float | None:
         self.emit(P.EvalStarted(step=it))
         t0 = time.perf_counter()
-        loss = _finite(evaluate_loss(self.s.model, self.s.val)[0])
+        loss = _finite(evaluate_loss(self.s.model, self.s.val, self.s.ranks)[0])
         self.emit(P.Evaluated(step=it, global_step=gstep, val_loss=loss, eval_s=time.perf_counter() - t0))
         return loss
 
@@ -388,6 +420,9 @@ class _Loop:
         if self.c_steps:
             self.train_loss = self.c_loss / self.c_steps
         self.c_loss = self.c_steps = 0
+        if not s.ranks.leader:  # the leader writes it; no rank runs past a checkpoint before it is handed over
+            s.ranks.barrier()
+            return
         # At most one checkpoint in flight: the previous one must be written (and reported) before
         # this one starts, so the daemon commits them in order.
         t0 = time.perf_counter()
@@ -397,7 +432,8 @@ class _Loop:
             print(f"checkpoint step {it}: waited {waited:.3f} s for the previous checkpoint's write", flush=True)
         state = TrainState(job_step=it, global_step=gstep, cursor=s.batches.cursor(it), seed=cfg.seed,
                            eval_count=self.eval_count, trained_tokens=self.trained_tokens,
-                           train_loss=self.train_loss, val_loss=self.val_loss, config_sha256=s.state.config_sha256)
+                           train_loss=self.train_loss, val_loss=self.val_loss, config_sha256=s.state.config_sha256,
+                           world_size=s.ranks.size)
         # The step-`it` arrays, evaluated (the loop's mx.eval): immutable, and the next steps make new
         # ones (the compiled step's outputs replace model.state and optimizer.state; holding these
         # references also keeps MLX from donating their buffers). Only the writing is on the thread.
@@ -413,6 +449,7 @@ class _Loop:
             self.emit(started)
 
         self.writer.submit(files, state, check=finite)
+        s.ranks.barrier()
 
 
 def _complete(s: Session, emit, fs: FS) -> P.Completed:
@@ -424,15 +461,19 @@ def _complete(s: Session, emit, fs: FS) -> P.Completed:
     return msg
 
 
-def evaluate_loss(model, batches) -> tuple[float, int]:
+def evaluate_loss(model, batches, ranks: Ranks = SINGLE) -> tuple[float, int]:
     """(mean loss per scored token, scored tokens) over fixed batches, dropout off. Draws no
-    randomness, so it never perturbs training (which reseeds every step anyway)."""
+    randomness, so it never perturbs training (which reseeds every step anyway). The ranks of a
+    data-parallel job each score every size-th batch and sum."""
     model.eval()
     total, ntoks = mx.array(0.0), mx.array(0)
-    for batch, lengths in batches:
+    for batch, lengths in (batches[ranks.rank :: ranks.size] if ranks.many else batches):
         loss, toks = default_loss(model, batch, lengths)
         total += loss * toks
         ntoks += toks
+        mx.eval(total, ntoks)
+    if ranks.many:
+        total, ntoks = ranks.sum(total), ranks.sum(ntoks)
         mx.eval(total, ntoks)
     model.train()
     return (total / ntoks).item(), ntoks.item()
@@ -477,6 +518,14 @@ def _check_resume(plan: TrainPlan, ck: Checkpoint, a_config: dict) -> None:
     st, cfg, src = ck.state, plan.config, plan.resume_from
     if Path(src).resolve().parent != checkpoints_dir(plan.job_dir).resolve():
         raise ValueError(f"resume_from {src} is not a checkpoint of job {plan.job_id}")
+    if plan.resume_manifest_sha256:  # every rank of a data-parallel job loads this very checkpoint
+        found = hashlib.sha256((Path(src) / MANIFEST).read_bytes()).hexdigest()
+        if found != plan.resume_manifest_sha256:
+            raise CheckpointCorrupt(src, f"its manifest hashes to {found[:16]}… on this host, not to the committed "
+                                         f"{plan.resume_manifest_sha256[:16]}… (another copy, or changed since)")
+    if st.world_size != plan.world_size and not plan.reshard:
+        raise ValueError(f"checkpoint {src} was trained on {st.world_size} rank(s), this attempt runs "
+                         f"{plan.world_size}: resuming on another world size needs `ftctl retry {plan.job_id} --reshard`")
     if st.seed != cfg.seed:
         raise ValueError(f"checkpoint {src} was trained with seed {st.seed}, not {cfg.seed}")
     if st.job_step > cfg.iters:

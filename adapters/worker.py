@@ -15,6 +15,12 @@ before a plan: the daemon is gone or dismissed it, exit 70. An import error is r
 the plan is there, in the job log, like any failure.
 A Python exception before the ``Loaded`` message is a ``load_error`` (the model, data or config:
 a retry cannot fix it), after it an ``exception``.
+A rank of a data-parallel job (``--connect``, started by mlx.launch, see control/group.py) talks
+the same protocol over one TCP connection to the daemon (FTCTL_CONTROLLER=host:port): it sends
+``Hello`` (with FTCTL_GROUP_TOKEN), then reads the plan and ``Stop`` from the connection and writes
+its messages to it. Its output goes wherever mlx.launch sends it (the job log). EOF on the
+connection means the daemon is gone or tore the group down: the rank exits at once, wherever it is,
+even on another host.
 Exit codes: 0 done or stopped, 3 diverged (nan/inf), 4 disk full, 5 corrupt checkpoint,
 6 import error, 7 I/O error, 1 any other exception.
 """
@@ -25,6 +31,7 @@ import argparse
 import errno
 import os
 import select
+import socket
 import sys
 import threading
 import time
@@ -36,11 +43,15 @@ from ftctl.adapters import protocol as P  # light: msgspec and the config schema
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--message-fd", type=int, required=True)
+    ap.add_argument("--message-fd", type=int)
+    ap.add_argument("--connect", action="store_true", help="a rank of a data-parallel job (see the docstring)")
     ap.add_argument("--job", default="")        # for `ps` and `ftctl doctor` only
     ap.add_argument("--workspace", default="")
     args = ap.parse_args()
-    out = os.fdopen(args.message_fd, "wb", buffering=0)
+    if args.connect:
+        inp, out = _connect()
+    else:
+        inp, out = sys.stdin.buffer, os.fdopen(args.message_fd, "wb", buffering=0)
     lock = threading.Lock()
 
     loaded = threading.Event()  # before it is set, a failure is in loading: a retry would fail the same way
@@ -61,23 +72,23 @@ def main() -> int:
     except ImportError as e:
         imported = e
 
-    if not select.select([0], [], [], 0)[0]:  # no plan waiting: this is a standby (its own log)
+    if not args.connect and not select.select([0], [], [], 0)[0]:  # no plan waiting: this is a standby (its own log)
         print(f"worker pid {os.getpid()}: standby, imports done in {time.monotonic() - t0:.2f} s; "
               "waiting for a plan", flush=True)
-    plan_line = sys.stdin.buffer.readline()
+    plan_line = inp.readline()
     if not plan_line:
         os._exit(70)  # EOF before any plan: the daemon is gone (or dismissed this standby)
     try:
         plan = P.decode_plan(plan_line)
     except Exception:
         plan = None  # reported below, as an exception before loading
-    if plan is not None and plan.log_path:
+    if plan is not None and plan.log_path and not args.connect:
         _output_to(plan.log_path)
     stop = threading.Event()
     faults.wake_when(stop.is_set)  # an FTCTL_HANG_AT point stands still until the daemon says `stop`
 
     def control() -> None:
-        for line in sys.stdin.buffer:
+        for line in inp:
             try:
                 P.decode_control(line.strip())
             except P.ProtocolError as e:  # the daemon is ours: this is a bug, but never a reason to die
@@ -125,6 +136,38 @@ def main() -> int:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+class _Sent:
+    """Writes whole lines to the daemon's connection (sendall: never a partial message)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+
+def _connect():
+    """A rank's line to the daemon: connect, say who it is, die with its parent (the launcher)."""
+    host, _, port = os.environ.get("FTCTL_CONTROLLER", "").rpartition(":")
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=30)
+    except (OSError, ValueError) as e:
+        print(f"cannot reach the ftctl daemon at {host}:{port} (FTCTL_CONTROLLER): {e}", file=sys.stderr, flush=True)
+        os._exit(70)
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sys.platform.startswith("linux"):  # also dies with mlx.launch, not only on the connection's EOF
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    rank = int(os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK") or 0)
+    out = _Sent(sock)
+    out.write(P.encode(P.Hello(token=os.environ.get("FTCTL_GROUP_TOKEN", ""), rank=rank, pid=os.getpid(),
+                               host=socket.gethostname())) + b"\n")
+    return sock.makefile("rb"), out
 
 
 def _prewarm() -> None:

@@ -51,8 +51,9 @@ HELP: dict[str, tuple[str, str]] = {
                "on disk until retention or `ftctl doctor --fix`.",
                "ftctl cancel 3"),
     "retry": ("Queue a failed job again (its restart budget spent, a NaN, …): it continues from its last good "
-              "checkpoint, bit for bit, with a fresh restart budget.",
-              "ftctl retry 3"),
+              "checkpoint, bit for bit, with a fresh restart budget. `--reshard`: a data-parallel job whose "
+              "hosts changed continues on the new number of ranks (deterministic, not bit-exact).",
+              "ftctl retry 3 --reshard"),
     "lineage": ("A lineage's head: the completed job whose adapter later jobs warm-start from and consolidation fuses.",
                 "ftctl lineage set-head 4"),
     "lineage set-head": ("Make a completed job the head of its lineage — e.g. a branch: a job that completed after "

@@ -91,7 +91,8 @@ def cmd_crashes(args, ws) -> int:
             counts[e.job] = counts.get(e.job, 0) + 1
             rows.append({"seq": r.seq, "ts": r.ts, "job": e.job, "crash": counts[e.job], "category": e.category,
                          "step": e.step, "exit_code": e.exit_code, "signal": e.signal, "suggestion": e.suggestion,
-                         "evidence": e.evidence, "verdict": None, "reproduction": None})
+                         "evidence": e.evidence, "rank": e.rank, "host": e.host, "verdict": None,
+                         "reproduction": None})
             by_crash[(e.job, counts[e.job])] = rows[-1]
         elif isinstance(e, ev.CrashReproduced) and (e.job, e.crash) in by_crash:  # the latest reproduction wins
             by_crash[(e.job, e.crash)].update(verdict=e.verdict, reproduction=e.summary, reproduction_seq=r.seq)
@@ -108,7 +109,9 @@ def cmd_crashes(args, ws) -> int:
         t.add_column(c, overflow="fold")
     for r in rows:
         verdict = f"[{render.VERDICT_STYLE.get(r['verdict'], '')}]{r['verdict']}[/]" if r["verdict"] else "-"
-        t.add_row(r["ts"][:19].replace("T", " "), str(r["seq"]), r["job"], str(r["crash"]), f"[red]{r['category']}[/]",
+        where = f" (rank {r['rank']}, {r['host']})" if r["rank"] is not None else ""
+        t.add_row(r["ts"][:19].replace("T", " "), str(r["seq"]), r["job"], str(r["crash"]),
+                  f"[red]{r['category']}[/]{render.escape(where)}",
                   _dash(r["step"]), _dash(r["exit_code"]), render.signal_name(r["signal"]),
                   render.escape(render.evidence_line(r["evidence"])), render.escape(r["suggestion"]), verdict)
     render.console.print(t)
@@ -153,7 +156,7 @@ NO_DAEMON = "no daemon is running: it is applied at the next `ftctl start`"
 
 
 def cmd_control(args, ws) -> int:
-    out = jobs.request(Ledger(ws.open_journal()), args.job, args.action, ws=ws)
+    out = jobs.request(Ledger(ws.open_journal()), args.job, args.action, ws=ws, reshard=getattr(args, "reshard", False))
     if args.json:
         render.print_json(asdict(out))
         return 0
@@ -162,6 +165,8 @@ def cmd_control(args, ws) -> int:
                                                    else "no daemon is running: `ftctl start` trains it"))
         if out.action == "retry":
             text += "; it resumes from its last good checkpoint, with a fresh restart budget"
+            if getattr(args, "reshard", False):
+                text += ", on the number of ranks its config now gives (not bit-exact with the earlier attempts)"
     elif out.deferred and not out.daemon_alive:
         text = f"job {out.job}: {out.action} requested; {NO_DAEMON}"
     elif out.deferred:
@@ -438,6 +443,10 @@ def register(sub, home) -> None:
         s = sub.add_parser(action, parents=[home], help=text)
         s.add_argument("job", help="job id (7 or 0007)")
         s.add_argument("--json", action="store_true", help="print what was recorded as JSON")
+        if action == "retry":
+            s.add_argument("--reshard", action="store_true",
+                           help="a data-parallel job may continue on another number of ranks than its checkpoints' "
+                                "(deterministic from then on, not bit-exact with an uninterrupted run)")
         s.set_defaults(func=cmd_control, action=action)
 
     s = sub.add_parser("shutdown", parents=[home], help="stop the daemon gracefully (checkpoint first)")

@@ -208,6 +208,8 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
         if j.last_eval else None,
         "worker": as_dict(j.worker) if j.worker else None,
         "env": j.env or None, "env_changed": j.env_changed,
+        "world_size": j.world_size, "hosts": j.hosts or None, "rank_tokens_per_s": j.rank_tokens_per_s or None,
+        "resharded": j.resharded,
         "crashes": [as_dict(c) for c in j.crashes],
         "requested": j.requested,
         "warnings": j.warnings,
@@ -278,9 +280,14 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
                                       f"examples of {e.data_path} ({j.last_eval_at[:19].replace('T', ' ')})"))
     if metrics:
         t.add_row("last report", "  ".join(f"{k}={_short(metrics[k])}" for k in ("step", "loss", "lr", "tokens_per_s", "peak_mem_gb") if metrics.get(k) is not None))
+    if j.world_size > 1 or j.hosts:
+        rates = ", ".join(f"rank {i} {_fmt(r, '.0f')}" for i, r in enumerate(j.rank_tokens_per_s))
+        t.add_row("ranks", escape(f"{j.world_size} ({', '.join(j.hosts)})" + (f"; tok/s {rates}" if rates else "")
+                                  + (f"; resharded {'; '.join(j.resharded)}" if j.resharded else "")))
     if j.crashes:
         c = j.crashes[-1]
-        t.add_row("last crash", escape(f"{c.category} at step {c.step} ({c.ts[:19]}): {c.suggestion}"))
+        where = f" on rank {c.rank} ({c.host})" if c.rank is not None else ""
+        t.add_row("last crash", escape(f"{c.category}{where} at step {c.step} ({c.ts[:19]}): {c.suggestion}"))
         if c.verdict:
             t.add_row("reproduction", f"[{VERDICT_STYLE.get(c.verdict, '')}]{escape(c.reproduction)}[/]")
     for w in j.warnings:

@@ -24,7 +24,7 @@ from ftctl.events.types import CheckpointRecord
 from ftctl.recovery import reconcile
 from ftctl.recovery.ledger import Ledger
 
-from . import consolidation, recover
+from . import consolidation, group, recover
 from .inbox import SETTLE_S, inbox_files, skip_reason
 from .notifier import Notifier
 from .reporter import SILENT, Reporter
@@ -328,6 +328,8 @@ class Daemon:
         plan = TrainPlan(job_id=j.job, job_dir=str(jdir), config=j.config, train_path=str(jdir / "data" / "train.jsonl"),
                          valid_path=str(valid) if valid.exists() else None, resume_from=resume.path if resume else None,
                          warm_start_from=warm, global_step_base=base, log_path=str(self.ws.job_log(j.job)))
+        if j.config.distributed is not None:  # data-parallel: mlx.launch and its ranks (group.py)
+            return group.run(self, j, plan, resume, warm, base, parent)
         oom_before = system.oom_kill_count()
         lib, fingerprint = blas.for_worker(j.config.blas)  # the BLAS the worker runs on (probed once)
         if lib.kind == "reference" and j.config.blas != "reference":

@@ -47,7 +47,7 @@ def daemon_alive(ws: Workspace) -> bool:
     return process.lock_holder(ws.lock_path) is not None
 
 
-def request(ledger: Ledger, job: str, action: str, ws: Workspace | None = None) -> Outcome:
+def request(ledger: Ledger, job: str, action: str, ws: Workspace | None = None, reshard: bool = False) -> Outcome:
     """Pause, resume, retry or cancel a job. An illegal request raises IllegalTransition (or
     UserError), appending nothing.
     With ``ws``, the outcome says whether a daemon is alive to act on it."""
@@ -61,7 +61,8 @@ def request(ledger: Ledger, job: str, action: str, ws: Workspace | None = None) 
                             + (f" (`ftctl resume {j.job}` queues a paused one)" if j.state == "paused" else ""))
         good = j.good_checkpoints()
         e = ev.Retried(job=j.job, reason=f"retried by user: resumes from step {good[-1].step if good else 0} "
-                                        "with a fresh restart budget")
+                                        "with a fresh restart budget" + (", resharded" if reshard else ""),
+                       reshard=reshard)
     elif j.state in ACTIVE:
         e = ev.ControlRequested(job=j.job, action=action)
     elif action == "pause":

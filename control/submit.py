@@ -12,6 +12,7 @@ from pathlib import Path
 
 import msgspec
 
+from ftctl.adapters.group import problems as group_problems
 from ftctl.adapters.fs import UnreadableFile, read_input, write_durable
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
@@ -158,6 +159,10 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
     if problem:  # the job would record this path for good: refuse it now, not at `ftctl start`
         raise SubmitError(f"the base model cannot load: {problem}. Nothing was queued; set `model` in ftctl.yaml "
                           "(or pass --set model=PATH) to an mlx-lm model folder and submit again")
+    broken = group_problems(cfg)
+    if broken:  # a data-parallel config that cannot launch: refuse it now, not at `ftctl start`
+        raise SubmitError(f"the distributed config cannot run: {'; '.join(broken)}. Nothing was queued; fix "
+                          "`distributed` in ftctl.yaml (see docs/distributed.md) and submit again")
     if not reasons and not again:
         _duplicate(ledger, path, sha, hashlib.sha256(vdata).hexdigest() if vdata is not None else None, cfg)
 

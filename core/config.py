@@ -23,6 +23,7 @@ __all__ = [
     "Consolidation",
     "NotifyTarget",
     "Power",
+    "Distributed",
     "LoraParameters",
     "LRSchedule",
     "RestartPolicy",
@@ -36,6 +37,7 @@ __all__ = [
     "describe_keys",
     "merge_overrides",
     "override_key",
+    "world_size",
     "blame_override",
 ]
 
@@ -173,6 +175,35 @@ class MetricsOut(Struct, kw_only=True, forbid_unknown_fields=True):
     ] = False
 
 
+class Distributed(Struct, kw_only=True, forbid_unknown_fields=True):
+    backend: Annotated[
+        Literal["ring", "mpi", "jaccl", "any"],
+        _m("MLX's distributed backend (mx.distributed): ring (TCP, loopback or Ethernet/Thunderbolt), "
+           "mpi, jaccl (RDMA over Thunderbolt 5), any = mlx.launch's default"),
+    ] = "ring"
+    hosts: Annotated[
+        list[Annotated[str, Meta(min_length=1)]] | None,
+        _m("the hosts to train on, in rank order (IP addresses for ring); null = use hostfile",
+           "a list of host names or IP addresses, or null"),
+    ] = None
+    hostfile: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        _m("an mlx.launch JSON hostfile (one entry per rank: ssh name, ips, rdma); instead of hosts",
+           "a path, or null"),
+    ] = None
+    processes_per_host: Annotated[
+        int, _m("ranks started on each host of `hosts` (with a hostfile: list a host once per rank)", ge=1)
+    ] = 1
+    controller: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        _m("the address the other hosts reach this machine (the daemon) at; null = 127.0.0.1 when every host "
+           "is local, else this machine's host name", "a host name or IP address, or null"),
+    ] = None
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     # mlx-lm keys
     model: Annotated[str, _m("path to an mlx-lm model folder", "a non-empty path", min_length=1)]
@@ -277,6 +308,12 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     metrics: Annotated[
         MetricsOut, _m("where training metrics go besides the journal")
     ] = field(default_factory=MetricsOut)
+    distributed: Annotated[
+        Distributed | None,
+        _m("data-parallel training over several processes or Macs with MLX's own engine (mlx.launch, "
+           "mx.distributed); null = one training process", "a mapping {backend, hosts | hostfile, "
+           "processes_per_host, controller}, or null"),
+    ] = None
 
 
 class ConfigError(ValueError):
@@ -592,6 +629,21 @@ def _check(cfg: Config, source: str) -> None:
     if r.backoff_max_s < r.backoff_s:
         fail("restart.backoff_max_s", r.backoff_max_s, f">= restart.backoff_s = {r.backoff_s:g}",
              "is too small")
+    dist = cfg.distributed
+    if dist is not None:
+        if (dist.hosts is None) == (dist.hostfile is None):
+            fail("distributed", msgspec.to_builtins(dist), "one of hosts (a list) or hostfile (a path)",
+                 "names no hosts" if dist.hosts is None else "names both hosts and a hostfile")
+        if dist.hostfile is not None and dist.processes_per_host != 1:
+            fail("distributed.processes_per_host", dist.processes_per_host,
+                 "1 with a hostfile (list a host once for each rank it runs)", "is not allowed")
+        if dist.hosts is not None:
+            if not dist.hosts:
+                fail("distributed.hosts", [], "at least one host", "is empty")
+            n = world_size(cfg)
+            if cfg.batch_size % n:
+                fail("batch_size", cfg.batch_size, f"a multiple of the world size {n} (each rank takes "
+                     "batch_size / world size examples of every batch)", "does not split over the ranks")
     s = cfg.lr_schedule
     if s is not None:
         sig, lo, hi, steps = SCHEDULES[s.name]
@@ -606,6 +658,19 @@ def _check(cfg: Config, source: str) -> None:
             if s.arguments[i] < 1:
                 fail(f"lr_schedule.arguments[{i}]", s.arguments[i],
                      f">= 1 ({sig.replace('[', '').replace(']', '').split(', ')[i]} is a step count)")
+
+
+def world_size(cfg: Config, hostfile_hosts: int | None = None) -> int:
+    """Ranks the job trains on: 1 without `distributed`; hosts x processes_per_host; or the number of
+    entries of the hostfile (``hostfile_hosts``, read by the caller: this module does no I/O)."""
+    d = cfg.distributed
+    if d is None:
+        return 1
+    if d.hosts is not None:
+        return len(d.hosts) * d.processes_per_host
+    if hostfile_hosts is None:
+        raise ValueError("world_size of a hostfile config needs the hostfile's host count")
+    return hostfile_hosts
 
 
 def _field_type(name: str) -> Any:

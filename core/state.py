@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 11  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 12  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -35,6 +35,8 @@ class CrashRecord(msgspec.Struct, kw_only=True, gc=False):
     resume_step: int | None = None  # the job's last good checkpoint when it crashed: where the next attempt resumes
     verdict: str = ""           # its latest reproduction's verdict (crash_reproduced), "" if never reproduced
     reproduction: str = ""      # that reproduction's one-line summary
+    rank: int | None = None     # a data-parallel job: the rank that failed first, and its host
+    host: str | None = None
 
 
 class JobState(msgspec.Struct, kw_only=True):
@@ -80,6 +82,11 @@ class JobState(msgspec.Struct, kw_only=True):
     requested: str | None = None  # a pending user request for a running job: "pause" | "cancel"
     env: dict[str, str] = {}    # the latest attempt's environment fingerprint (training_started.env)
     env_changed: list[str] = []  # resumed under another fingerprint: not bit-exact with the earlier attempts
+    world_size: int = 1         # ranks of the latest attempt (config `distributed`); its checkpoints' world size
+    hosts: list[str] = []       # their hosts, in rank order
+    resharded: list[str] = []   # "N -> M at step S" for each resume on another world size
+    reshard: bool = False       # `ftctl retry --reshard` allows the next attempt another world size
+    rank_tokens_per_s: list[float | None] = []  # the latest ranks_reported
 
     @property
     def iters(self) -> int:
@@ -176,6 +183,9 @@ def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
     j.parent_job, j.requested = e.parent_job, None
     j.env = e.env or j.env
     j.env_changed = [*j.env_changed, *e.env_changed] if e.resume_checkpoint else list(e.env_changed)
+    if e.resharded_from is not None:
+        j.resharded = [*j.resharded, f"{e.resharded_from} -> {e.world_size} ranks at step {e.resume_step}"]
+    j.world_size, j.hosts, j.reshard, j.rank_tokens_per_s = e.world_size, list(e.hosts), False, []
 
 
 def _committed(p, j: JobState, e: ev.CheckpointCommitted, seq: int, ts: str) -> None:
@@ -232,7 +242,7 @@ def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -
 def _crashed(p, j: JobState, e: ev.Crashed, seq: int, ts: str) -> None:
     j.worker = None
     j.crashes.append(CrashRecord(ts=ts, category=e.category, step=e.step, exit_code=e.exit_code,
-                                 signal=e.signal, suggestion=e.suggestion, resume_step=j.step))
+                                 signal=e.signal, suggestion=e.suggestion, resume_step=j.step, rank=e.rank, host=e.host))
     j.reason = f"{e.category}: {e.suggestion}" if e.suggestion else e.category
 
 
@@ -262,6 +272,11 @@ def _resumed(p, j: JobState, e, seq: int, ts: str) -> None:
 
 def _retried(p, j: JobState, e: ev.Retried, seq: int, ts: str) -> None:
     j.reason, j.not_before, j.budget_from = e.reason, 0.0, len(j.crashes)
+    j.reshard = e.reshard
+
+
+def _ranks_reported(p, j: JobState, e: ev.RanksReported, seq: int, ts: str) -> None:
+    j.rank_tokens_per_s = list(e.tokens_per_s)
 
 
 def _control(p, j: JobState, e: ev.ControlRequested, seq: int, ts: str) -> None:
@@ -325,7 +340,7 @@ JOB_HANDLERS = {
     ev.CrashReproduced: _reproduced,
     ev.Requeued: _requeued, ev.Interrupted: _interrupted, ev.Failed: _reason, ev.Paused: _reason, ev.Resumed: _resumed,
     ev.Retried: _retried,
-    ev.Cancelled: _reason, ev.ControlRequested: _control,
+    ev.Cancelled: _reason, ev.ControlRequested: _control, ev.RanksReported: _ranks_reported,
 }
 DAEMON_HANDLERS = {
     ev.DaemonStarted: _daemon_started, ev.DaemonStopped: _daemon_stopped,

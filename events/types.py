@@ -86,6 +86,13 @@ class TrainingStarted(EventBase, tag="training_started", kw_only=True):
     # When it resumes a checkpoint: what differs from the previous attempt's fingerprint ("blas: a -> b");
     # non-empty = no longer bit-exact with the earlier attempts.
     env_changed: list[str] = []
+    # A data-parallel job (config `distributed`): worker_pid is mlx.launch's; the ranks' hosts in rank
+    # order; resharded_from = the world size of the checkpoint it resumes when that differs
+    # (`ftctl retry --reshard`): deterministic from here on, not bit-exact with the earlier attempts.
+    world_size: int = 1
+    hosts: list[str] = []
+    backend: str = ""
+    resharded_from: int | None = None
 
 
 class CheckpointStarted(EventBase, tag="checkpoint_started", kw_only=True):
@@ -218,6 +225,8 @@ class Crashed(EventBase, tag="crashed", kw_only=True):
     evidence: str = ""
     suggestion: str = ""
     message: str = ""  # what the worker said, first line ("ValueError: ..."): a reproduction compares it
+    rank: int | None = None  # a data-parallel job: the rank that failed first, and its host
+    host: str | None = None
 
 
 class ExampleRef(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -300,6 +309,16 @@ class Retried(EventBase, tag="retried", kw_only=True):
     trigger: ClassVar[str] = "retry"
     job: str
     reason: str = "retried by user"
+    reshard: bool = False  # `--reshard`: it may resume on another world size than its checkpoints'
+
+
+class RanksReported(EventBase, tag="ranks_reported", kw_only=True):
+    """A data-parallel job's tokens/s per rank (index = rank; None = not reported yet), at the
+    daemon's progress-log rate (about a dozen per job)."""
+
+    job: str
+    step: int
+    tokens_per_s: list[float | None]
 
 
 class Cancelled(EventBase, tag="cancelled", kw_only=True):
@@ -428,7 +447,7 @@ class ModelRemoved(EventBase, tag="model_removed", kw_only=True):
 Event = Union[
     JobSubmitted, JobRejected, TrainingStarted, CheckpointStarted, CheckpointCommittedV1, CheckpointCommitted,
     CheckpointPruned, CheckpointCorrupt, CheckpointDiscarded, Evaluated, AdapterEvaluated, Completed, Crashed,
-    CrashReproduced, Requeued, Interrupted, Failed, Paused, Resumed, Retried, Cancelled, ControlRequested,
+    CrashReproduced, Requeued, Interrupted, Failed, Paused, Resumed, Retried, Cancelled, ControlRequested, RanksReported,
     DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, DebrisRemoved, RecoveryFinished, NotificationFailed,
     ConsolidationRequested, HeadSet, ConsolidationStarted, BasePromoted, ConsolidationAborted, ModelRemoved,
 ]

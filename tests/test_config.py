@@ -452,6 +452,7 @@ def test_describe_keys_covers_every_key():
     expected = set(_dotted_keys(default_config_dict("m")))
     expected |= {"lr_schedule.name", "lr_schedule.warmup", "lr_schedule.warmup_init", "lr_schedule.arguments"}
     expected |= {f"notify[].{k}" for k in ("url", "command", "events", "format", "timeout_s", "retries", "backoff_s")}
+    expected |= {f"distributed.{k}" for k in ("backend", "hosts", "hostfile", "processes_per_host", "controller")}
     assert set(help_) == expected
     assert all(line and "\n" not in line for line in help_.values())
     assert help_["lora_parameters.rank"].endswith("(an integer between 1 and 1024; default 8)")

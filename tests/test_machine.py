@@ -95,7 +95,8 @@ def make(typ: type, subject: str, p) -> T.EventBase:
     if typ is T.TrainingStarted:
         return T.TrainingStarted(job=j, attempt=p.i(), worker_pid=p.i(), worker_started_at=p.f(), resume_step=p.i(),
                                  resume_checkpoint=p.opt(p.s()), warm_start_from=p.opt(p.s()), parent_job=p.opt(p.s()),
-                                 global_step_base=p.i(), base_model=p.s())
+                                 global_step_base=p.i(), base_model=p.s(), world_size=p.choice([1, 2, 4]),
+                                 hosts=[p.s()], backend=p.choice(["", "ring"]), resharded_from=p.opt(p.i()))
     if typ is T.CheckpointStarted:
         return T.CheckpointStarted(job=j, step=p.i(), global_step=p.i())
     if typ is T.CheckpointCommitted:
@@ -119,7 +120,7 @@ def make(typ: type, subject: str, p) -> T.EventBase:
         return T.Completed(job=j, step=p.i(), global_step=p.i(), adapter_path=p.s(), adapter_sha256=p.s(), checkpoint=p.s())
     if typ is T.Crashed:
         return T.Crashed(job=j, category=p.choice(["oom", "nan", "signal"]), step=p.opt(p.i()), exit_code=p.opt(p.i()),
-                         signal=p.opt(p.i()), evidence=p.s(), suggestion=p.s())
+                         signal=p.opt(p.i()), evidence=p.s(), suggestion=p.s(), rank=p.opt(p.i()), host=p.opt(p.s()))
     if typ is T.CrashReproduced:
         return T.CrashReproduced(job=j, crash=p.choice([0, 1, 2, 3]), crash_category=p.choice(["nan", "killed"]),
                                  crash_step=p.i(), verdict=p.choice(["reproduced", "not reproduced", "different"]),
@@ -137,7 +138,9 @@ def make(typ: type, subject: str, p) -> T.EventBase:
     if typ is T.Resumed:
         return T.Resumed(job=j)
     if typ is T.Retried:
-        return T.Retried(job=j, reason=p.s())
+        return T.Retried(job=j, reason=p.s(), reshard=p.choice([False, True]))
+    if typ is T.RanksReported:
+        return T.RanksReported(job=j, step=p.i(), tokens_per_s=[p.f(), p.opt(p.f())])
     if typ is T.ControlRequested:
         return T.ControlRequested(job=j, action=p.choice(["pause", "cancel"]))
     if typ is T.ConsolidationRequested:
