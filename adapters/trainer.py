@@ -323,7 +323,7 @@ class _Loop:
             gstep = s.plan.global_step_base + it
             t0 = time.perf_counter()
             mx.random.seed(step_seed(cfg.seed, gstep, s.ranks.rank))
-            batch = s.batches.batch(it - 1, s.ranks.rank, s.ranks.size)
+            batch = s.batches.batch(it - 1, s.ranks.rank, s.ranks.size) if s.ranks.many else s.batches.batch(it - 1)
             if s.poisoned:
                 hit = not s.poisoned.isdisjoint(s.batches.indices(it - 1))
                 batch = (*batch, mx.array(math.nan if hit else 1.0))
