@@ -82,6 +82,17 @@ def test_sigkill_of_rank_1_kills_the_group_and_resumes_bit_exact(two_ranks, tmp_
     assert torn and int(torn.group(1)) < 1000, c["evidence"]
     assert kinds(home, "0001").count("training_started") == 2 and stray_workers(home) == []
     assert s["adapter_sha256"] == two_ranks["adapter_sha256"]  # bit-exact with the uninterrupted 2-rank run
+    from ftctl.adapters.workspace import Workspace
+    from ftctl.control.dashboard import Viewer
+
+    viewer = Viewer(Workspace(home))  # the status page's crash timeline names the rank too
+    try:
+        (crash,) = viewer.crashes()
+        job = viewer.job("0001")
+    finally:
+        viewer.close()
+    assert (crash.event.rank, crash.event.host) == (1, os.uname().nodename)
+    assert job.world_size == 2 and len(job.rank_tokens_per_s) == 2
 
 
 def _rank_pids(home: Path) -> dict[int, int]:

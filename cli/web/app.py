@@ -73,7 +73,8 @@ def _job_row(v) -> dict:
             "step": v.live_step, "global_step": v.live_global_step, "loss": m.get("loss"),
             "val_loss": j.last_val_loss, "eta_s": v.eta_s, "checkpoints": len(good),
             "last_checkpoint_step": good[-1].step if good else None, "attempt": j.attempt,
-            "crashes": len(j.crashes), "stale": v.stale, "note": v.note}
+            "crashes": len(j.crashes), "stale": v.stale, "note": v.note,
+            "world_size": j.world_size, "hosts": j.hosts or None, "rank_tokens_per_s": j.rank_tokens_per_s or None}
 
 
 def _event_row(r) -> dict:
@@ -113,7 +114,7 @@ def make_app(ws, token: str | None = None) -> Starlette:
             "crashes": [{"seq": c.seq, "ts": c.ts, "job": c.job, "category": c.event.category, "step": c.event.step,
                          "exit_code": c.event.exit_code, "signal": render.signal_name(c.event.signal),
                          "evidence": render.evidence_line(c.event.evidence), "evidence_full": c.event.evidence,
-                         "fix": c.event.suggestion, "number": c.number,
+                         "fix": c.event.suggestion, "number": c.number, "rank": c.event.rank, "host": c.event.host,
                          "verdict": c.reproduced.event.verdict if c.reproduced else None,
                          "reproduction": c.reproduced.event.summary if c.reproduced else None,
                          "reproduction_seq": c.reproduced.seq if c.reproduced else None} for c in viewer.crashes()],

@@ -17,6 +17,14 @@ function reproduction(c) {
   return a;
 }
 
+// A data-parallel job's world size, with each rank's tokens/s as a tooltip; "1" for one process.
+function ranks(j) {
+  const cell = el("span", String(j.world_size || 1));
+  if (j.rank_tokens_per_s) cell.title = j.rank_tokens_per_s.map((r, i) => "rank " + i + ": " + Math.round(r) + " tok/s").join(", ");
+  if (j.hosts) cell.title = (cell.title ? cell.title + " · " : "") + "hosts " + j.hosts.join(", ");
+  return cell;
+}
+
 function jobLink(job) {
   const a = el("a", job);
   a.href = withToken("job/" + encodeURIComponent(job));
@@ -32,7 +40,7 @@ function showStatus(s) {
     const state = el("span", j.state + (j.stale ? " (daemon dead)" : ""), "state-" + j.state + (j.stale ? " stale" : ""));
     row(jobs, [jobLink(j.job), j.name, state, [(j.iters ? j.step + "/" + j.iters : "-"), "num"], [j.global_step, "num"],
       [num(j.loss, 4), "num"], [num(j.val_loss, 4), "num"], [dur(j.eta_s), "num"], [j.checkpoints, "num"],
-      [j.attempt, "num"], j.note || ""]).dataset.job = j.job;
+      [j.attempt, "num"], ranks(j), j.note || ""]).dataset.job = j.job;
   }
   const hidden = Object.entries(s.hidden || {});
   document.getElementById("hidden").textContent = hidden.length ?
@@ -40,7 +48,8 @@ function showStatus(s) {
   const crashes = document.querySelector("#crashes tbody");
   crashes.replaceChildren();
   for (const c of s.crashes.slice().reverse()) {
-    row(crashes, [when(c.ts), [c.seq, "num"], jobLink(c.job), [c.category, "cat"], [c.step ?? "-", "num"],
+    const where = c.rank === null || c.rank === undefined ? "" : " (rank " + c.rank + ", " + c.host + ")";
+    row(crashes, [when(c.ts), [c.seq, "num"], jobLink(c.job), [c.category + where, "cat"], [c.step ?? "-", "num"],
       [(c.exit_code ?? "-") + (c.signal && c.signal !== "-" ? " " + c.signal : ""), "num"], [c.evidence, "evidence"],
       c.fix, reproduction(c)]).title = c.evidence_full;
   }
