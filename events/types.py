@@ -49,6 +49,10 @@ class JobSubmitted(EventBase, tag="job_submitted", kw_only=True):
     lineage: str = "main"
     warnings: list[str] = []
     overrides: list[str] = []  # the job's own `key=value` overrides of ftctl.yaml (--set, --fresh)
+    # When the model was named by a Hugging Face repo id: the id, and the cached snapshot's commit
+    # hash (config.model is then that snapshot's folder: the exact weights the job trains on).
+    model_repo: str | None = None
+    model_revision: str | None = None
 
 
 class JobRejected(EventBase, tag="job_rejected", kw_only=True):
@@ -313,6 +317,20 @@ class DebrisRemoved(EventBase, tag="debris_removed", kw_only=True):
     reason: str
 
 
+class ModelImported(EventBase, tag="model_imported", kw_only=True):
+    """A GGUF file was converted into the workspace (models/imported/NAME, verified to load and
+    generate). ``dtype`` None: kept quantized as in the file (LoRA on it is QLoRA)."""
+
+    path: str
+    source: str
+    source_sha256: str
+    quantization: str           # the file's type as llama.cpp names it: "Q4_1", "Q8_0", "F16", ...
+    dtype: str | None = None    # float16 | bfloat16 | float32 when dequantized on import
+    weights_sha256: str
+    bytes: int
+    seconds: float
+
+
 class RecoveryFinished(EventBase, tag="recovery_finished", kw_only=True):
     repairs: int
     summary: list[str] = []
@@ -375,7 +393,7 @@ Event = Union[
     JobSubmitted, JobRejected, TrainingStarted, CheckpointStarted, CheckpointCommittedV1, CheckpointCommitted,
     CheckpointPruned, CheckpointCorrupt, CheckpointDiscarded, Evaluated, AdapterEvaluated, Completed, Crashed,
     Requeued, Interrupted, Failed, Paused, Resumed, Retried, Cancelled, ControlRequested,
-    DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, DebrisRemoved, RecoveryFinished,
+    DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, DebrisRemoved, ModelImported, RecoveryFinished,
     ConsolidationRequested, HeadSet, ConsolidationStarted, BasePromoted, ConsolidationAborted, ModelRemoved,
 ]
 
