@@ -62,6 +62,16 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def fused_bytes(base: Path) -> int:
+    """About how large the fused model of ``base`` is: as large, or 16/bits times for a quantized one."""
+    size = folder_bytes(base)
+    try:
+        bits = json.loads((Path(base) / "config.json").read_text()).get("quantization", {}).get("bits")
+    except (OSError, ValueError, AttributeError):
+        bits = None
+    return int(size * 16 / bits) if isinstance(bits, int) and bits > 0 else size
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

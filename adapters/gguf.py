@@ -252,6 +252,13 @@ def _tokenizer(meta: dict, out: Path) -> None:
 # --------------------------------------------------------------------------- the import
 
 
+def cpu_only() -> bool:
+    """No Metal GPU: MLX's CPU quantized matmul is many times slower than a float matmul on OpenBLAS."""
+    import mlx.core as mx
+
+    return not mx.metal.is_available()
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

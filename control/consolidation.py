@@ -105,12 +105,12 @@ def consolidate(ws: Workspace, ledger: Ledger, lineage: str, *, keep_models: int
     lin = check(ledger.state, lineage)
     head = ledger.state.jobs[lin.head_job]
     base = lin.base_model
-    need = 2 * fuse.folder_bytes(base) / system.GB + min_free_gb
+    need = (fuse.folder_bytes(base) + fuse.fused_bytes(base)) / system.GB + min_free_gb
     ws.models.mkdir(parents=True, exist_ok=True)
     free = system.free_disk_gb(ws.models)
     if free < need:
-        raise ConsolidationRefused(f"only {free:.2f} GB free, fusing needs about {need:.2f} GB (twice the base model "
-                                   "plus min_free_disk_gb): free space and retry; nothing was changed")
+        raise ConsolidationRefused(f"only {free:.2f} GB free, fusing needs about {need:.2f} GB (the base model, "
+                                   "the fused one — dequantized if the base is quantized — plus min_free_disk_gb): free space and retry; nothing was changed")
     if ck.adapter_sha256(head.adapter_path) != head.adapter_sha256:
         raise ConsolidationRefused(f"the adapter of job {head.job} at {head.adapter_path} no longer matches the sha256 "
                                    "recorded when it completed; nothing was changed — restore it before consolidating")

@@ -117,6 +117,10 @@ def import_into(ws: Workspace, ledger: Ledger, source, dtype: str | None = None,
         dtype=dtype, weights_sha256=imp.weights_sha256, bytes=imp.bytes, seconds=round(imp.seconds, 3)))
     note(f"imported {source.name} ({imp.quantization}{', as ' + dtype if dtype else ''}) in {imp.seconds:.1f}s; "
          f"it loads and generates ({gguf.PROBE!r} -> {imp.sample!r})", "ok")
+    if dtype is None and imp.quantization not in ("F32", "F16", "BF16") and gguf.cpu_only():
+        note("kept quantized (QLoRA: least memory), but this machine has no Metal GPU and MLX's CPU quantized "
+             "matmul is many times slower than float: to train faster at about 16/bits times the memory, import "
+             "with --dtype float32", "warn")
     return str(imp.path)
 
 
