@@ -41,6 +41,11 @@ def is_gguf(spec: str) -> bool:
     return p.suffix.lower() == ".gguf" and p.is_file()
 
 
+def needs_resolving(spec: str) -> bool:
+    """A repo id or a GGUF file: what a job trains on is a folder found (or made) from it."""
+    return is_gguf(spec) or is_repo_id(spec)
+
+
 def imported_root(ws: Workspace) -> Path:
     return ws.models / IMPORTED
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import msgspec
 
 from ftctl.adapters.fs import UnreadableFile, read_input, write_durable
+from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, config_sha256, config_to_dict, locked_changes
 from ftctl.core.dataset import DataReport, validate_jsonl
@@ -24,6 +25,8 @@ from ftctl.recovery.ledger import Ledger
 from . import models
 from .reporter import Note, quiet
 
+_MODEL_FIX = ("set `model` in ftctl.yaml (or pass --set model=...) to an mlx-lm model folder, a cached Hugging Face "
+              "repo id or a .gguf file, and submit again")
 HOLDOUT_EVERY = 20  # without --valid, every 20th valid example is held out for validation
 
 
@@ -151,14 +154,17 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
     reasons = list(report.reasons) if report.verdict == "reject" else []
     if vreport is not None and vreport.verdict == "reject":
         reasons += [f"validation file: {r}" for r in vreport.reasons]
-    try:  # the job records the folder it trains on for good: refuse a model that cannot load now, not at start
-        resolved = models.for_job(ws, ledger, cfg.model, note)
-    except models.ModelRefused as e:
-        raise SubmitError(f"the base model cannot load: {e}. Nothing was queued; set `model` in ftctl.yaml (or pass "
-                          "--set model=...) to an mlx-lm model folder, a cached Hugging Face repo id or a .gguf file, "
-                          "and submit again") from None
-    cfg = msgspec.structs.replace(cfg, model=resolved.path)
+    resolved = models.Resolved(cfg.model)
+    if models.needs_resolving(cfg.model):  # a repo id or a GGUF file: the folder it names, pinned now
+        try:
+            resolved = models.for_job(ws, ledger, cfg.model, note)
+        except models.ModelRefused as e:
+            raise SubmitError(f"the base model cannot be used: {e}. Nothing was queued; {_MODEL_FIX}") from None
+        cfg = msgspec.structs.replace(cfg, model=resolved.path)
     cfg = _lineage_config(ledger, lineage, cfg)  # what the job records, and what its sha256 hashes
+    problem = model_problem(cfg.model)
+    if problem:  # the job would record this path for good: refuse it now, not at `ftctl start`
+        raise SubmitError(f"the base model cannot load: {problem}. Nothing was queued; {_MODEL_FIX}")
     if not reasons and not again:
         _duplicate(ledger, path, sha, hashlib.sha256(vdata).hexdigest() if vdata is not None else None, cfg)
 
