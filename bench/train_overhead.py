@@ -233,7 +233,8 @@ def real_model(a, tmp: Path):
     tic = time.perf_counter()
     subprocess.run([*ftctl, "init", "--model", str(gguf), *dtype, "--home", str(base)], check=True,
                    capture_output=True, text=True)
-    print(f"import {gguf.name} ({a.dtype}): {time.perf_counter() - tic:.1f} s")
+    print(f"import {gguf.name} ({a.dtype}): {time.perf_counter() - tic:.1f} s; "
+          f"BLAS for both: {blas_setup.choose('auto').describe()}")
     model = yaml.safe_load((base / "ftctl.yaml").read_text())["model"]
     data = tmp / "data"
     data.mkdir()
@@ -247,7 +248,7 @@ def real_model(a, tmp: Path):
            "steps_per_eval": a.iters}
     sets = [x for k, v in cfg.items() if k != "lora_parameters" for x in ("--set", f"{k}={v}")]
     sets += [x for k, v in cfg["lora_parameters"].items() for x in ("--set", f"lora_parameters.{k}={v}")]
-    _, env = blas_setup.for_worker("auto")  # mlx-lm gets the BLAS ftctl's worker gets
+    env = blas_setup.choose("auto").env  # mlx-lm gets the BLAS ftctl's worker gets
     walls = {"ftctl": [], "mlx-lm": []}
     for r in range(a.rounds):
         for kind in ("ftctl", "mlx-lm") if r % 2 == 0 else ("mlx-lm", "ftctl"):
