@@ -15,8 +15,10 @@ it is QLoRA), or dequantized to ``dtype`` on request. What this module adds:
     loads with ``mlx_lm.load`` and greedy generation gives tokens from a finite forward pass)
     before it is renamed into place. The caller commits ``model_imported`` after that.
 
-Only the Llama family (``general.architecture == "llama"``, which covers SmolLM, TinyLlama,
-Llama 2/3 without rope scaling, Mistral 7B v0.1–0.3 as llama.cpp writes them) is supported.
+Supported: the Llama architecture (``general.architecture == "llama"``: SmolLM/SmolLM2, Llama 3.0,
+and others llama.cpp writes as "llama") with a byte-level BPE tokenizer (``tokenizer.ggml.model ==
+"gpt2"``), without RoPE scaling. Sentencepiece vocabularies (TinyLlama, Llama 2, Mistral GGUFs)
+and other architectures are refused with a message that says so.
 """
 
 from __future__ import annotations
@@ -108,8 +110,13 @@ def inspect(path) -> GGUFInfo:
     arch = str(_scalar(meta, "general.architecture", ""))
     if arch not in SUPPORTED:
         raise GGUFError(f"{path.name} is a {arch or 'unknown'!r} model; importing GGUF supports the Llama family "
-                        f"only (general.architecture {', '.join(map(repr, SUPPORTED))}: Llama, SmolLM, TinyLlama, "
-                        "Mistral as llama.cpp writes them). Convert its Hugging Face release with mlx_lm.convert instead")
+                        f"only (general.architecture {', '.join(map(repr, SUPPORTED))} with a byte-level BPE tokenizer: "
+                        "SmolLM/SmolLM2, Llama 3.0). Convert its Hugging Face release with mlx_lm.convert instead")
+    kind = _scalar(meta, "tokenizer.ggml.model")
+    if kind != _GPT2:
+        raise GGUFError(f"its tokenizer is {kind!r}; the GGUF import builds byte-level BPE tokenizers "
+                        "(tokenizer.ggml.model 'gpt2': SmolLM/SmolLM2, Llama 3.0) only, not sentencepiece ones "
+                        "(TinyLlama, Llama 2, Mistral). Convert its Hugging Face release with mlx_lm.convert instead")
     ftype = _scalar(meta, "general.file_type")
     quant = FILE_TYPES.get(int(ftype), f"file_type {ftype}") if ftype is not None else "unknown"
     return GGUFInfo(path=path, architecture=arch, name=str(_scalar(meta, "general.name", path.stem)), quantization=quant)
@@ -208,10 +215,6 @@ def _tokenizer(meta: dict, out: Path) -> None:
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
         GGUF_PRE_TOKENIZER_SPLITS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
 
-    kind = _scalar(meta, "tokenizer.ggml.model")
-    if kind != _GPT2:
-        raise GGUFError(f"its tokenizer is {kind!r}; the GGUF import builds byte-level BPE tokenizers "
-                        "(tokenizer.ggml.model 'gpt2') only")
     names = GGUF_TOKENIZER_MAPPING["tokenizer"]
     tdict = {}
     for key, name in names.items():

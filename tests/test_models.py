@@ -124,6 +124,12 @@ def test_gguf_dequantized_on_request_and_refusals(tmp_path, demo, capsys):
     assert code == 1 and "is a 'gpt2' model" in err and "Llama family only" in err and "Nothing was created" in err
     assert not (tmp_path / "c").exists()
 
+    sp = tmp_path / "sp.gguf"
+    mx.save_gguf(str(sp), {"token_embd.weight": mx.zeros((4, 4))},
+                 {"general.architecture": "llama", "tokenizer.ggml.model": "llama"})
+    code, _, err = run(capsys, "init", "--model", sp, "--home", tmp_path / "e")
+    assert code == 1 and "not sentencepiece ones" in err and not (tmp_path / "e").exists()
+
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF not really")
     code, _, err = run(capsys, "init", "--model", junk, "--home", tmp_path / "d")
