@@ -6,6 +6,13 @@ hashed into ``manifest.json``; the folder is then *verified* — it loads with `
 and a forward pass is finite and matches base + adapter — before it is renamed to
 ``models/vNNNN/``. The caller commits ``base_promoted`` after that; only then may anything
 old be removed.
+
+A quantized base (an imported GGUF kept quantized, an mlx-community 4-bit folder: QLoRA) is
+fused into a *dequantized* model, in the dtype of its quantization scales (mlx_lm.fuse
+--dequantize): re-quantizing base + adapter moves every weight by up to half a quantization
+step, which is far more than the adapter's own effect can be told apart from, so the check that
+the fused model *is* base + adapter could not hold. The new base is about 16/bits times larger;
+the next jobs train LoRA on it in float.
 """
 
 from __future__ import annotations
@@ -55,6 +62,16 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def fused_bytes(base: Path) -> int:
+    """About how large the fused model of ``base`` is: as large, or 16/bits times for a quantized one."""
+    size = folder_bytes(base)
+    try:
+        bits = json.loads((Path(base) / "config.json").read_text()).get("quantization", {}).get("bits")
+    except (OSError, ValueError, AttributeError):
+        bits = None
+    return int(size * 16 / bits) if isinstance(bits, int) and bits > 0 else size
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -96,7 +113,7 @@ def fuse(base: Path, adapter: Path, models: Path, version: int, fs: FS | None = 
     import mlx.core as mx
     from mlx.utils import tree_unflatten
     from mlx_lm import load
-    from mlx_lm.utils import save
+    from mlx_lm.utils import dequantize_model, save
 
     fs = fs or FS()
     tmp, final = temp_dir(models, version), model_dir(models, version)
@@ -105,10 +122,14 @@ def fuse(base: Path, adapter: Path, models: Path, version: int, fs: FS | None = 
     try:
         model, tokenizer, config = load(str(base), adapter_path=str(adapter), return_config=True)
         expected = _logits(model, mx)
-        fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
+        quantized = "quantization" in config
+        fused = [(n, m.fuse(dequantize=quantized)) for n, m in model.named_modules() if hasattr(m, "fuse")]
         if not fused:
             raise FuseError(f"{adapter} holds no LoRA/DoRA layers to fuse")
         model.update_modules(tree_unflatten(fused))
+        if quantized:  # the layers without an adapter too: one float model (see the module docstring)
+            model = dequantize_model(model)
+            config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
         crash_point("consolidate_mid_fuse", version)
         save(tmp, str(base), model, tokenizer, config, donate_model=False)
         crash_point("consolidate_mid_write", version)

@@ -8,12 +8,57 @@ model*.safetensors (the files it globs), and a tokenizer.
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on its JSON header
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# what mlx_lm fetches (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS): the snapshot must hold these to load
+_ALLOW = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt",
+          "*.jsonl", "*.jinja"]
+
+
+class ModelNotFound(Exception):
+    """The model a user named cannot be found (a one-line reason that says what to do)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A Hugging Face repo id resolved in the local cache: the folder and its commit hash."""
+
+    repo: str
+    path: str
+    revision: str
+
+
+def is_repo_id(spec: str) -> bool:
+    """``org/name`` that is not an existing path: what mlx_lm.load would look up on the hub."""
+    return bool(_REPO_ID.fullmatch(spec)) and not Path(spec).expanduser().exists()
+
+
+def resolve_repo(repo: str) -> Snapshot:
+    """Resolve ``repo`` the way mlx_lm.load does, from the local Hugging Face cache only (this
+    machine never downloads): the snapshot refs/main points at. ModelNotFound if it is not cached."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    home = os.environ.get("HF_HOME")  # read now: huggingface_hub reads them once, when first imported
+    cache = os.environ.get("HF_HUB_CACHE") or (str(Path(home) / "hub") if home else constants.HF_HUB_CACHE)
+    try:
+        path = Path(snapshot_download(repo, local_files_only=True, allow_patterns=_ALLOW, cache_dir=cache))
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        raise ModelNotFound(
+            f"{repo} is not in the local Hugging Face cache ({cache}) and ftctl never downloads. On a machine with "
+            f"internet run `hf download {repo}` and copy its cache folder (models--{repo.replace('/', '--')}) into "
+            f"{cache} (or point HF_HUB_CACHE at a copy), or pass a local mlx-lm model folder") from None
+    except HFValidationError as e:
+        raise ModelNotFound(f"{repo!r} is neither an existing path nor a valid Hugging Face repo id ({e})") from None
+    return Snapshot(repo=repo, path=str(path), revision=path.name)
 
 
 def model_problem(path) -> str | None:
@@ -29,7 +74,8 @@ def _folder(p: Path) -> str | None:
     if not p.exists():
         return f"{p} does not exist"
     if not p.is_dir():
-        hint = " (a GGUF file: mlx_lm.load needs a folder with config.json, *.safetensors and a tokenizer)" \
+        hint = (" (a GGUF file: mlx_lm.load needs a folder; `ftctl init --model FILE.gguf` or "
+                "`--set model=FILE.gguf` converts it into the workspace)") \
             if p.suffix.lower() == ".gguf" else ""
         return f"{p} is a file, not a model folder{hint}"
     return None
@@ -76,7 +122,7 @@ def _weights(p: Path) -> str | None:
                     "the only ones mlx_lm.load reads (adapter weights are not a base model)")
         if gguf:
             return (f"{p} has no *.safetensors weights, only GGUF ({gguf[0]}), which mlx_lm.load cannot read: "
-                    "use the model's Hugging Face release, converted with mlx_lm.convert")
+                    f"name the file itself (--model {p / gguf[0]}) and ftctl converts it")
         return f"{p} has no *.safetensors weights (convert a Hugging Face model with mlx_lm.convert)"
     for f in files:
         problem = _safetensors_problem(f)

@@ -130,11 +130,14 @@ class Workspace:
             return decode_config(data, source=f"--set {culprit}")  # the same error, blamed on the override
 
 
-def init_workspace(home: Path, model: str, extra: dict | None = None) -> Workspace:
+def init_workspace(home: Path, model: str, extra: dict | None = None, then=None) -> Workspace:
     """Create a workspace, durably. Refuses to touch an existing journal.
 
+    ``then(ws, made)``, if given, runs last, inside the same undo scope (what it creates it
+    appends to ``made``): importing the model into the new workspace.
+
     If it fails part-way it removes what it created in this call (and nothing else) and raises a
-    WorkspaceError that says what happened."""
+    WorkspaceError that says what happened (any other exception is re-raised after the undo)."""
     ws = Workspace(Path(home).expanduser().resolve())
     if ws.exists():
         raise WorkspaceError(f"{ws.home} already holds an ftctl workspace; nothing was changed")
@@ -155,6 +158,8 @@ def init_workspace(home: Path, model: str, extra: dict | None = None) -> Workspa
             Journal.create(ws.journal_path).close()
             fs.fsync_path(ws.journal_path)
             fs.fsync_path(ws.home)
+            if then is not None:
+                then(ws, made)
             os.chmod(ws.home, 0o700)  # last: a failed init leaves an existing folder's mode alone
     finally:
         os.umask(old)

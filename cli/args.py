@@ -17,6 +17,8 @@ HELP: dict[str, tuple[str, str]] = {
     "init": ("Create a workspace: journal.db (the event journal), ftctl.yaml (every key at its default), inbox/, "
              "jobs/, models/, logs/ and run/. Refuses a folder that already holds one.",
              "ftctl init --model ~/models/Qwen2.5-0.5B-Instruct-4bit --home ~/ft\n"
+             "  ftctl init --model mlx-community/SmolLM2-135M-Instruct-4bit --home ~/ft   (from the local HF cache)\n"
+             "  ftctl init --model ~/Downloads/SmolLM2-135M-Instruct.Q4_1.gguf --home ~/ft\n"
              "  ftctl init --demo --home ./ftctl-demo"),
     "submit": ("Validate a JSONL data file and queue a job, or reject it naming the bad lines. The file is never "
                "modified: the job trains on its own copy, with ftctl.yaml plus its --set overrides as they are now.",

@@ -34,6 +34,7 @@ USER_ERROR_NAMES = (
     ("ftctl.core.machine", "IllegalTransition"), ("ftctl.events.journal", "JournalError"),
     ("ftctl.control.submit", "SubmitError"), ("ftctl.core.state", "ReplayError"),
     ("ftctl.control.service", "ServiceError"), ("ftctl.control.reproduce", "ReproduceRefused"),
+    ("ftctl.control.models", "ModelRefused"),
 )
 
 
@@ -69,10 +70,12 @@ def cmd_init(args, ws: Workspace) -> int:
             render.console.print(f"built the demo model at {paths.model_dir} and datasets in {paths.data_dir}")
     else:
         if not args.model:
-            raise UserError("ftctl init needs --model PATH (an mlx-lm model folder) or --demo")
+            raise UserError("ftctl init needs --model (an mlx-lm model folder, a Hugging Face repo id or a .gguf "
+                            "file) or --demo")
         from ftctl.control.setup import init
 
-        _, model = init(ws.home, args.model)
+        note = (lambda *a, **k: None) if args.json else render.ConsoleReporter(out=render.err_console).note
+        _, model = init(ws.home, args.model, dtype=args.dtype, note=note)
     if args.json:
         render.print_json({"home": str(ws.home), "config": str(ws.config_path), "model": model, "demo_data": data})
     else:
@@ -85,7 +88,8 @@ def cmd_submit(args, ws: Workspace) -> int:
     from ftctl.control.submit import submit
 
     sub = submit(ws, ledger, Path(args.file), name=args.name, valid=Path(args.valid) if args.valid else None,
-                 overrides=args.set or [], lineage=args.lineage, fresh=args.fresh, again=args.again)
+                 overrides=args.set or [], lineage=args.lineage, fresh=args.fresh, again=args.again,
+                 note=(lambda *a, **k: None) if args.json else render.ConsoleReporter(out=render.err_console).note)
     if args.json:
         render.print_json({"job": sub.job, "state": sub.state, "format": sub.report.format,
                            "lines": sub.report.lines, "valid": sub.report.valid, "bad": len(sub.report.problems),
@@ -256,7 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND", help="one of:")
 
     s = sub.add_parser("init", parents=[home], help="create a workspace")
-    s.add_argument("--model", help="path to an mlx-lm model folder (the base model)")
+    s.add_argument("--model", help="the base model: an mlx-lm model folder, a Hugging Face repo id (from the local "
+                                   "cache) or a Llama-family .gguf file (converted into models/imported/)")
+    s.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
+                   help="with a .gguf --model: dequantize to this dtype (default: keep the file's quantization, QLoRA)")
     s.add_argument("--demo", action="store_true", help="build the embedded tiny demo model and data, offline")
     s.add_argument("--json", action="store_true", help="print what was created as JSON")
     s.set_defaults(func=cmd_init)

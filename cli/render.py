@@ -199,6 +199,7 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
         "submitted_at": j.submitted_at, "updated_at": j.updated_at, "updated_seq": j.updated_seq,
         "data_path": j.data_path, "data_sha256": j.data_sha256, "data_format": j.data_format,
         "examples": j.examples, "valid_path": j.valid_path, "base_model": j.base_model,
+        "model_repo": j.model_repo, "model_revision": j.model_revision,
         "config_sha256": j.config_sha256,
         "checkpoints": [{**as_dict(c), "corrupt": j.corrupt.get(c.path)} for c in j.checkpoints],
         "last_checkpoint": last.path if last else None,
@@ -268,7 +269,7 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
     if view is not None:
         d["eta"] = f"{duration(view.eta_s)} ({view.eta_basis})" if view.eta_s is not None else None
     for k in ["state", "note" if view is not None else "reason", "live_step", "step", "iters", "eta", "global_step", "attempt", "lineage",
-              "base_model", "data_path", "data_sha256", "examples", "valid_path", "last_checkpoint", "last_val_loss",
+              "base_model", "model_repo", "model_revision", "data_path", "data_sha256", "examples", "valid_path", "last_checkpoint", "last_val_loss",
               "best_val_loss", "adapter_path", "adapter_sha256", "requested", "updated_at"]:
         v = d.get(k)
         if v not in (None, "", []):

@@ -26,6 +26,7 @@ from ftctl.recovery.reconcile import Repair, apply, rm
 
 from . import retention
 from .jobs import UserError, find_job
+from .models import IMPORTED
 from .reporter import Note, quiet
 
 
@@ -104,12 +105,12 @@ def consolidate(ws: Workspace, ledger: Ledger, lineage: str, *, keep_models: int
     lin = check(ledger.state, lineage)
     head = ledger.state.jobs[lin.head_job]
     base = lin.base_model
-    need = 2 * fuse.folder_bytes(base) / system.GB + min_free_gb
+    need = (fuse.folder_bytes(base) + fuse.fused_bytes(base)) / system.GB + min_free_gb
     ws.models.mkdir(parents=True, exist_ok=True)
     free = system.free_disk_gb(ws.models)
     if free < need:
-        raise ConsolidationRefused(f"only {free:.2f} GB free, fusing needs about {need:.2f} GB (twice the base model "
-                                   "plus min_free_disk_gb): free space and retry; nothing was changed")
+        raise ConsolidationRefused(f"only {free:.2f} GB free, fusing needs about {need:.2f} GB (the base model, "
+                                   "the fused one — dequantized if the base is quantized — plus min_free_disk_gb): free space and retry; nothing was changed")
     if ck.adapter_sha256(head.adapter_path) != head.adapter_sha256:
         raise ConsolidationRefused(f"the adapter of job {head.job} at {head.adapter_path} no longer matches the sha256 "
                                    "recorded when it completed; nothing was changed — restore it before consolidating")
@@ -189,13 +190,29 @@ def _model_debris(ws: Workspace, p: Projection) -> list[Repair]:
     keep = {fuse.model_dir(ws.models, v).name for v in pending}
     keep_tmp = tuple(f".tmp-v{v:04d}-" for v in pending)
     known = {m.path for lin in p.lineages.values() for m in lin.models}
-    out = []
+    out = _import_debris(ws, p)
     for d in sorted(ws.models.iterdir()):
-        if d.name in keep or d.name.startswith(keep_tmp) or str(d) in known:
+        if d.name in keep or d.name.startswith(keep_tmp) or str(d) in known or d.name == IMPORTED:
             continue
         why = "temp folder of a fuse that died" if d.name.startswith(".tmp-") else "model folder never promoted"
         out.append(Repair(f"delete models/{d.name}: {why}", DAEMON_STREAM, [ev.DebrisRemoved(path=str(d), reason=why)],
                           after=rm(d)))
+    return out
+
+
+def _import_debris(ws: Workspace, p: Projection) -> list[Repair]:
+    """models/imported/: a folder no model_imported event names is an import that died (its temp
+    folder, or the renamed folder before its event)."""
+    root = ws.models / IMPORTED
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted(root.iterdir()):
+        if str(d) in p.imported:
+            continue
+        why = "temp folder of an import that died" if d.name.startswith(".tmp-") else "imported model never committed"
+        out.append(Repair(f"delete models/{IMPORTED}/{d.name}: {why}", DAEMON_STREAM,
+                          [ev.DebrisRemoved(path=str(d), reason=why)], after=rm(d)))
     return out
 
 

@@ -136,10 +136,13 @@ def _models(p: Projection, cfg: Config | None) -> list[Finding]:
     """The base model new jobs get (ftctl.yaml) and the ones waiting jobs recorded must load."""
     out, seen = [], set()
     if cfg is not None:
-        problem = model_problem(cfg.model)
+        from .models import problem as model_spec_problem  # resolves repo ids in the HF cache, inspects GGUF
+
+        problem = model_spec_problem(cfg.model)
         seen.add(cfg.model)
         out.append(Finding("model", "error" if problem else "ok", problem or f"{cfg.model} loads as an mlx-lm model",
-                           "set `model` in ftctl.yaml to an mlx-lm model folder" if problem else ""))
+                           "set `model` in ftctl.yaml to an mlx-lm model folder, a cached Hugging Face repo id or a "
+                           ".gguf file" if problem else ""))
     for j in p.jobs.values():
         if j.state in ("queued", "paused", "crashed") and j.config and j.config.model not in seen:
             seen.add(j.config.model)

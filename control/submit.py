@@ -23,6 +23,11 @@ from ftctl.events import types as ev
 from ftctl.events.journal import ConcurrencyError
 from ftctl.recovery.ledger import Ledger
 
+from . import models
+from .reporter import Note, quiet
+
+_MODEL_FIX = ("set `model` in ftctl.yaml (or pass --set model=...) to an mlx-lm model folder, a cached Hugging Face "
+              "repo id or a .gguf file, and submit again")
 HOLDOUT_EVERY = 20  # without --valid, every 20th valid example is held out for validation
 
 
@@ -129,11 +134,15 @@ def _duplicate(ledger: Ledger, path: Path, sha: str, valid_sha: str | None, cfg:
 
 
 def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None, valid: Path | None = None,
-           overrides: list[str] = (), lineage: str = "main", fresh: bool = False, again: bool = False) -> Submission:
+           overrides: list[str] = (), lineage: str = "main", fresh: bool = False, again: bool = False,
+           note: Note = quiet) -> Submission:
     """Validate ``path`` (and ``valid``) and record the job as queued or rejected.
 
     The same data and validation data with the same resolved config as a job that is not rejected,
     cancelled or failed raises DuplicateSubmission unless ``again``.
+
+    ``model`` may name a folder, a Hugging Face repo id (the job records the cached snapshot's
+    folder and commit hash) or a GGUF file (imported into models/imported/ once, kept quantized).
 
     The data file is never modified. An accepted job gets its own copy of the data under
     jobs/<id>/data/, so editing or deleting the original cannot change what a restart trains on.
@@ -154,11 +163,17 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
     reasons = list(report.reasons) if report.verdict == "reject" else []
     if vreport is not None and vreport.verdict == "reject":
         reasons += [f"validation file: {r}" for r in vreport.reasons]
+    resolved = models.Resolved(cfg.model)
+    if models.needs_resolving(cfg.model):  # a repo id or a GGUF file: the folder it names, pinned now
+        try:
+            resolved = models.for_job(ws, ledger, cfg.model, note)
+        except models.ModelRefused as e:
+            raise SubmitError(f"the base model cannot be used: {e}. Nothing was queued; {_MODEL_FIX}") from None
+        cfg = msgspec.structs.replace(cfg, model=resolved.path)
     cfg = _lineage_config(ledger, lineage, cfg)  # what the job records, and what its sha256 hashes
     problem = model_problem(cfg.model)
     if problem:  # the job would record this path for good: refuse it now, not at `ftctl start`
-        raise SubmitError(f"the base model cannot load: {problem}. Nothing was queued; set `model` in ftctl.yaml "
-                          "(or pass --set model=PATH) to an mlx-lm model folder and submit again")
+        raise SubmitError(f"the base model cannot load: {problem}. Nothing was queued; {_MODEL_FIX}")
     broken = group_problems(cfg)
     if broken:  # a data-parallel config that cannot launch: refuse it now, not at `ftctl start`
         raise SubmitError(f"the distributed config cannot run: {'; '.join(broken)}. Nothing was queued; fix "
@@ -203,7 +218,7 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
                 valid_path=str(valid) if valid else (str(jdir / "valid.jsonl") if held is not None else None),
                 valid_sha256=hashlib.sha256(vdata).hexdigest() if vdata is not None else None,
                 config=job_config(cfg), config_sha256=config_sha256(cfg), lineage=lineage, warnings=warnings,
-                overrides=overrides, copies=copies))
+                overrides=overrides, copies=copies, model_repo=resolved.repo, model_revision=resolved.revision))
             return Submission(job, "queued", report, vreport, warnings)
         except ConcurrencyError:
             continue

@@ -206,7 +206,8 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     # mlx-lm keys
-    model: Annotated[str, _m("path to an mlx-lm model folder", "a non-empty path", min_length=1)]
+    model: Annotated[str, _m("an mlx-lm model folder, a Hugging Face repo id or a .gguf file",
+                             "a non-empty path or repo id", min_length=1)]
     fine_tune_type: Annotated[
         Literal["lora", "dora"], _m("adapter type: lora or dora")
     ] = "lora"

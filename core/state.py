@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 12  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 13  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -59,6 +59,8 @@ class JobState(msgspec.Struct, kw_only=True):
     warnings: list[str] = []
     overrides: list[str] = []   # the job's own key=value overrides of ftctl.yaml, as submitted
     copies: dict[str, str] = {}  # sha256 of the job's own data copies (jobs/<id>/data/), by file name
+    model_repo: str | None = None      # the Hugging Face repo id the model was named by, if any
+    model_revision: str | None = None  # and the commit hash of the cached snapshot it resolved to
     reason: str = ""            # why it is rejected / paused / failed / cancelled / requeued
     attempt: int = 0
     worker: ProcessId | None = None
@@ -135,6 +137,8 @@ class Projection(msgspec.Struct, kw_only=True):
     jobs: dict[str, JobState] = {}
     lineages: dict[str, LineageState] = {}
     daemon: DaemonState = msgspec.field(default_factory=DaemonState)
+    imported: dict[str, ev.ModelImported] = {}  # models/imported/NAME path -> how it was imported
+
 
     def queue(self) -> list[JobState]:
         return [j for j in self.jobs.values() if j.state == "queued"]
@@ -167,6 +171,7 @@ def _submitted(p: Projection, j: JobState, e: ev.JobSubmitted, seq: int, ts: str
     j.valid_path, j.valid_sha256 = e.valid_path, e.valid_sha256
     j.config, j.config_sha256, j.warnings = msgspec.convert(e.config, Config), e.config_sha256, list(e.warnings)
     j.overrides, j.copies = list(e.overrides), dict(e.copies)
+    j.model_repo, j.model_revision = e.model_repo, e.model_revision
     j.base_model = j.config.model
     lin = _lineage(p, e.lineage, j.base_model)
     lin.jobs.append(e.job)
@@ -305,6 +310,10 @@ def _notification_failed(p: Projection, e: ev.NotificationFailed, seq: int, ts: 
     p.daemon.notify_failed[e.target] = e
 
 
+def _imported(p: Projection, e: ev.ModelImported, seq: int, ts: str) -> None:
+    p.imported[e.path] = e
+
+
 def _noop(p, e, seq: int, ts: str) -> None:
     pass
 
@@ -346,6 +355,7 @@ DAEMON_HANDLERS = {
     ev.DaemonStarted: _daemon_started, ev.DaemonStopped: _daemon_stopped,
     ev.ShutdownRequested: _shutdown, ev.RecoveryFinished: _recovered, ev.DebrisRemoved: _noop,
     ev.NotificationFailed: _notification_failed,
+    ev.ModelImported: _imported,
 }
 LINEAGE_TYPES = (ev.ConsolidationRequested, ev.HeadSet, ev.ConsolidationStarted, ev.BasePromoted, ev.ConsolidationAborted, ev.ModelRemoved)
 _KIND = {t: t.kind() for t in ev.EVENT_TYPES}

@@ -52,6 +52,10 @@ class JobSubmitted(EventBase, tag="job_submitted", kw_only=True):
     # sha256 of the job's own copies under jobs/<id>/data/ (train.jsonl, valid.jsonl): what it trains on,
     # checked before a reproduction ({} in journals from before it was recorded)
     copies: dict[str, str] = {}
+    # When the model was named by a Hugging Face repo id: the id, and the cached snapshot's commit
+    # hash (config.model is then that snapshot's folder: the exact weights the job trains on).
+    model_repo: str | None = None
+    model_revision: str | None = None
 
 
 class JobRejected(EventBase, tag="job_rejected", kw_only=True):
@@ -386,6 +390,20 @@ class NotificationFailed(EventBase, tag="notification_failed", kw_only=True):
     error: str
 
 
+class ModelImported(EventBase, tag="model_imported", kw_only=True):
+    """A GGUF file was converted into the workspace (models/imported/NAME, verified to load and
+    generate). ``dtype`` None: kept quantized as in the file (LoRA on it is QLoRA)."""
+
+    path: str
+    source: str
+    source_sha256: str
+    quantization: str           # the file's type as llama.cpp names it: "Q4_1", "Q8_0", "F16", ...
+    dtype: str | None = None    # float16 | bfloat16 | float32 when dequantized on import
+    weights_sha256: str
+    bytes: int
+    seconds: float
+
+
 class RecoveryFinished(EventBase, tag="recovery_finished", kw_only=True):
     repairs: int
     summary: list[str] = []
@@ -448,7 +466,8 @@ Event = Union[
     JobSubmitted, JobRejected, TrainingStarted, CheckpointStarted, CheckpointCommittedV1, CheckpointCommitted,
     CheckpointPruned, CheckpointCorrupt, CheckpointDiscarded, Evaluated, AdapterEvaluated, Completed, Crashed,
     CrashReproduced, Requeued, Interrupted, Failed, Paused, Resumed, Retried, Cancelled, ControlRequested, RanksReported,
-    DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, DebrisRemoved, RecoveryFinished, NotificationFailed,
+    DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, DebrisRemoved, ModelImported, RecoveryFinished,
+    NotificationFailed,
     ConsolidationRequested, HeadSet, ConsolidationStarted, BasePromoted, ConsolidationAborted, ModelRemoved,
 ]
 

@@ -208,7 +208,7 @@ def test_disallowed_values(data, fragment):
 
 def test_missing_required_keys():
     e = error({})
-    assert str(e) == "ftctl.yaml: missing required key 'model' (path to an mlx-lm model folder)"
+    assert str(e) == "ftctl.yaml: missing required key 'model' (an mlx-lm model folder, a Hugging Face repo id or a .gguf file)"
     assert e.key == "model"
     e = error(cfg(lr_schedule={"arguments": [1e-5, 10]}))
     assert "missing required key 'lr_schedule.name'" in str(e) and e.key == "lr_schedule.name"

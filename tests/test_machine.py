@@ -89,6 +89,7 @@ def make(typ: type, subject: str, p) -> T.EventBase:
             config=config_to_dict(Config(model=p.choice(["base-a", "base-b"]), iters=1 + abs(p.i()), seed=abs(p.i()) % 2**32,
                                          lora_parameters=LoraParameters(keys=p.opt([p.s() or "k"])))),
             config_sha256=p.s(), lineage=p.choice(LINEAGES), warnings=[p.s()] if p.opt(1) else [],
+            model_repo=p.opt(p.s()), model_revision=p.opt(p.s()),
         )
     if typ is T.JobRejected:
         return T.JobRejected(job=j, name=p.s(), data_path=p.s(), data_sha256=p.opt(p.s()), reasons=[p.s(), p.s()], problems=[p.s()])
@@ -165,6 +166,10 @@ def make(typ: type, subject: str, p) -> T.EventBase:
         return T.ShutdownRequested(reason=p.s())
     if typ is T.DebrisRemoved:
         return T.DebrisRemoved(path=p.s(), reason=p.s())
+    if typ is T.ModelImported:
+        return T.ModelImported(path=p.s(), source=p.s(), source_sha256=p.s(), quantization=p.s(),
+                               dtype=p.opt(p.choice(["float16", "float32"])), weights_sha256=p.s(), bytes=p.i(),
+                               seconds=p.f())
     if typ is T.RecoveryFinished:
         return T.RecoveryFinished(repairs=p.i(), summary=[p.s()])
     if typ is T.NotificationFailed:
