@@ -125,7 +125,7 @@ class CheckpointStarted(Message, tag="checkpoint_begin"):
 
     step: int
     global_step: int
-    waited_s: float = 0.0
+    waited_s: float | None = 0.0  # None: not finite (as every float here: JSON has no NaN or inf)
 
 
 class CheckpointWritten(Message, tag="checkpoint"):

@@ -127,7 +127,7 @@ def tokens_per_s(model_dir: str, iters: int, batch_size: int, out: str, save_eve
         elif isinstance(m, CheckpointWritten):
             seen["ckpts"] += 1
         elif isinstance(m, CheckpointStarted):
-            seen["waited"] += m.waited_s
+            seen["waited"] += m.waited_s or 0.0
 
     from ftctl.adapters import trainer
 
