@@ -150,12 +150,18 @@ def _tree(home: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory, demo):
-    """A job SIGKILLed after step 17 with no restart budget: it fails, its checkpoints 5, 10, 15 kept."""
+    """A job SIGKILLed after step 17 with no restart budget: it fails, its checkpoints 5, 10 and (when its
+    background write landed before the kill, two steps later) 15 committed: see _committed."""
     tmp = tmp_path_factory.mktemp("killed")
     home = make_workspace(tmp / "ws", demo.model_dir)
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--set", "restart.max_restarts=0")
     ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp, "mid_step:17"), check=False)
     return home
+
+
+def _committed(home: Path) -> list[int]:
+    """The steps of job 0001's committed checkpoints, as the journal has them."""
+    return [e["data"]["checkpoint"]["step"] for e in history(home) if e["type"] == "checkpoint_committed"]
 
 
 def test_a_kill_is_not_reproduced_and_nothing_of_the_job_changes(killed, capsys):
@@ -168,7 +174,8 @@ def test_a_kill_is_not_reproduced_and_nothing_of_the_job_changes(killed, capsys)
     assert _tree(killed) == before  # byte-identical: the replay wrote only its scratch copy
     assert not list((killed / "run").glob("reproduce-*"))  # and removed it
     e = [e["data"] for e in history(killed) if e["type"] == "crash_reproduced"][-1]
-    assert (e["verdict"], e["from_step"], e["step"], e["target_step"]) == ("not reproduced", 15, 18, 18)
+    assert _committed(killed)[:2] == [5, 10]
+    assert (e["verdict"], e["from_step"], e["step"], e["target_step"]) == ("not reproduced", _committed(killed)[-1], 18, 18)
     assert status(killed, "0001")["crashes"][-1]["verdict"] == "not reproduced"
     code, out, _ = run(capsys, "crashes", "--home", killed)
     assert "not reproduced" in out
@@ -192,18 +199,19 @@ def test_a_pruned_checkpoint_falls_back_to_the_previous_one(killed, capsys):
     from ftctl.recovery.ledger import Ledger
 
     # what retention does: the event first, then the folder goes
+    *_, previous, last = _committed(killed)  # 10, 15 or 5, 10: the newest, and the one before it
     ledger = Ledger.open(killed / "journal.db")
     try:
-        c = next(c for c in ledger.state.jobs["0001"].checkpoints if c.step == 15)
-        ledger.commit("job:0001", ev.CheckpointPruned(job="0001", step=15, path=c.path, reason="test: as retention"))
+        c = next(c for c in ledger.state.jobs["0001"].checkpoints if c.step == last)
+        ledger.commit("job:0001", ev.CheckpointPruned(job="0001", step=last, path=c.path, reason="test: as retention"))
     finally:
         ledger.close()
     shutil.rmtree(c.path)
     code, out, err = run(capsys, "reproduce", "1", "--home", killed)
     assert code == 0, err
-    assert "step 15, was pruned by retention: replaying from checkpoint step 10" in " ".join(out.split())
+    assert f"step {last}, was pruned by retention: replaying from checkpoint step {previous}" in " ".join(out.split())
     e = [e["data"] for e in history(killed) if e["type"] == "crash_reproduced"][-1]
-    assert (e["verdict"], e["from_step"]) == ("not reproduced", 10)
+    assert (e["verdict"], e["from_step"]) == ("not reproduced", previous)
 
 
 def test_a_job_with_no_crash(ws, demo, capsys):
