@@ -402,9 +402,10 @@ def _commit(parent: Path, name: str, files: dict, meta: dict, fs: FS, check=None
     the rename; if the save fails before the rename it is put back.
 
     `files` maps names to bytes, lists of buffers or Tensors. While the files are written (no
-    fsync yet), the I/O threads hash them and run `check(buffers)`; then the manifest is written
-    and every file and the folder are fsynced at once, before the rename: a crash before it leaves
-    only the temp folder, so the order of those fsyncs does not matter."""
+    fsync yet), the I/O threads hash them and run `check(buffers)`; the files' fsyncs start as soon
+    as they are written, beside the hashing; then the manifest, and the manifest and the folder
+    fsynced together. All of it before the rename: a crash before it leaves only the temp folder,
+    so the order of those fsyncs does not matter."""
     final = parent / name
     tmp = parent / f".tmp-{name}-{os.getpid()}"
     aside = parent / f".tmp-{name}-{os.getpid()}-replaced"
@@ -421,8 +422,13 @@ def _commit(parent: Path, name: str, files: dict, meta: dict, fs: FS, check=None
         fs.mkdir(tmp)
         for f, c in chunks.items():
             fs.write_bytes(tmp / f, c, sync=False)
+        # the data reaches the disk while the I/O threads still hash it
+        syncing = fs.fsync_all([tmp / f for f in chunks], wait=False)
+        jobs.update({("fsync", i): s for i, s in enumerate(syncing)})
         if check is not None:
             jobs.pop(None).result()
+        for i in range(len(syncing)):
+            jobs.pop(("fsync", i)).result()
         digests = {f: d.result() for f, d in jobs.items()}
         manifest = _json_bytes(
             {
@@ -433,7 +439,7 @@ def _commit(parent: Path, name: str, files: dict, meta: dict, fs: FS, check=None
             }
         )
         fs.write_bytes(tmp / MANIFEST, manifest, sync=False)
-        fs.fsync_all([*(tmp / f for f in chunks), tmp / MANIFEST, tmp])
+        fs.fsync_all([tmp / MANIFEST, tmp])
         if meta.get("kind") == "checkpoint":
             crash_point("after_temp_write", meta.get("global_step"))
         if os.path.lexists(final):

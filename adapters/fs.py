@@ -9,7 +9,7 @@ import errno
 import os
 import shutil
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -41,13 +41,18 @@ class FS:
         finally:
             os.close(fd)
 
-    def fsync_all(self, paths) -> None:
+    def fsync_all(self, paths, wait: bool = True) -> list[Future]:
         """fsync files and folders (one operation), all at once on the I/O threads: the
-        filesystem commits concurrent fsyncs together, so a batch costs little more than one."""
+        filesystem commits concurrent fsyncs together, so a batch costs little more than one.
+        With wait=False it returns at once with the fsyncs' futures (the caller must wait for
+        them, e.g. while it hashes, before anything relies on the files)."""
         paths = list(paths)
         self._op("fsync_all", paths[0])
-        for _ in io_pool().map(fsync_path, paths):
-            pass
+        pending = [io_pool().submit(fsync_path, p) for p in paths]
+        if wait:
+            for f in pending:
+                f.result()
+        return pending
 
     def fsync_dir(self, path) -> None:
         self._op("fsync_dir", path)

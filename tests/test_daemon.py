@@ -181,16 +181,16 @@ def test_second_daemon_is_refused(tmp_path, demo):
             d.kill()
 
 
-@pytest.mark.parametrize("n", range(1, 10))  # every write operation of the (background) checkpoint
+@pytest.mark.parametrize("n", range(1, 11))  # every write operation of the (background) checkpoint
 def test_disk_full_mid_checkpoint_pauses_then_resumes_bit_for_bit(tmp_path, demo, baseline, n):
-    """ENOSPC at write operation n of the second checkpoint (9 operations: mkdir, 5 files, fsync,
-    rename, fsync), on the worker's background writer thread while training goes on: the previous
-    checkpoint stays intact, the job is paused with a clear reason, and once the fault is gone
-    `ftctl resume` finishes it bit for bit. The first checkpoint takes 11 operations: it also
-    creates checkpoints/ (mkdir, fsync of the job folder)."""
+    """ENOSPC at write operation n of the second checkpoint (10 operations: mkdir, 4 files, their
+    fsyncs, the manifest, its and the folder's fsync, rename, fsync of the parent), on the worker's
+    background writer thread while training goes on: the previous checkpoint stays intact, the job is
+    paused with a clear reason, and once the fault is gone `ftctl resume` finishes it bit for bit. The
+    first checkpoint takes 12 operations: it also creates checkpoints/ (mkdir, fsync of the job folder)."""
     from ftctl.adapters.checkpoint import verify_checkpoint
 
-    env = {"FTCTL_FS_FAULT": f"{11 + n}:ENOSPC:{tmp_path / 'fs-marker'}"}
+    env = {"FTCTL_FS_FAULT": f"{12 + n}:ENOSPC:{tmp_path / 'fs-marker'}"}
     home = _run_job(tmp_path, demo, "ws", env=env, code=1)
     s = status(home, "0001")
     assert s["state"] == "paused" and "disk" in s["reason"] and "ftctl resume" in s["reason"]
@@ -202,9 +202,9 @@ def test_disk_full_mid_checkpoint_pauses_then_resumes_bit_for_bit(tmp_path, demo
     assert finished(home)["adapter_sha256"] == baseline.sha1
 
 
-@pytest.mark.parametrize("n", [1, 3, 9])  # of the second (background) checkpoint's 9 write operations
+@pytest.mark.parametrize("n", [1, 3, 10])  # of the second (background) checkpoint's 10 write operations
 def test_io_error_mid_checkpoint_is_retried_and_finishes_bit_for_bit(tmp_path, demo, baseline, n):
-    env = {"FTCTL_FS_FAULT": f"{11 + n}:EIO:{tmp_path / 'fs-marker'}"}
+    env = {"FTCTL_FS_FAULT": f"{12 + n}:EIO:{tmp_path / 'fs-marker'}"}
     home = _run_job(tmp_path, demo, "ws", env=env)
     s = finished(home)
     assert s["adapter_sha256"] == baseline.sha1
