@@ -174,7 +174,7 @@ def replay(ws: Workspace, j: JobState, events: list[ev.Recorded], crash: Crash |
         write_durable(scratch / MARKER, b"made by `ftctl reproduce`: removed when it ends\n")
         notes: list[str] = []
         data = _copy_data(ws, j, scratch, notes)
-        start = _checkpoint(j, events, limit, scratch / "job", notes, "the crash" if crash else f"step {target}")
+        start = _checkpoint(j, events, limit, scratch / "job", notes, "the crash step" if crash else f"step {target}")
         warm = None
         if start is None:
             warm = attempt.warm_start_from if attempt else j.warm_start_from
