@@ -6,6 +6,7 @@ test VFS fails its N-th I/O call, and check that nothing committed is harmed.
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import threading
@@ -149,6 +150,15 @@ def io_pool() -> ThreadPoolExecutor:
 # --------------------------------------------------------------------------- durable writes by path
 # For files written once (workspace setup, the demo model): after these return, the data and the
 # directory entry survive a power loss.
+
+
+def sha256_file(path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (a model's weights need not fit in memory twice)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fsync_path(path) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .faults import crash_point
-from .fs import FS
+from .fs import FS, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "ftctl-model"
@@ -72,15 +72,9 @@ def fused_bytes(base: Path) -> int:
     return int(size * 16 / bits) if isinstance(bits, int) and bits > 0 else size
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
-
-def _weights_sha(files: dict) -> str:
+def weights_sha256(files: dict) -> str:
+    """One sha256 over a model manifest's weight files (their sha256s, in name order)."""
     return hashlib.sha256("".join(files[k]["sha256"] for k in sorted(files) if k.endswith(".safetensors")).encode()).hexdigest()
 
 
@@ -96,9 +90,9 @@ def verify_model_dir(path: Path) -> str:
         f = path / name
         if not f.is_file():
             raise ModelCorrupt(path, f"{name} is missing")
-        if f.stat().st_size != meta["bytes"] or _sha256_file(f) != meta["sha256"]:
+        if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
             raise ModelCorrupt(path, f"{name} does not match its sha256")
-    return _weights_sha(files)
+    return weights_sha256(files)
 
 
 def _logits(model, mx):
@@ -137,7 +131,7 @@ def fuse(base: Path, adapter: Path, models: Path, version: int, fs: FS | None = 
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
-            files[str(f.relative_to(tmp))] = {"sha256": _sha256_file(f), "bytes": f.stat().st_size}
+            files[str(f.relative_to(tmp))] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
         manifest = {"format": FORMAT, "version": version, "base": str(base), "adapter": str(adapter), "files": files}
         fs.write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
         fs.fsync_dir(tmp)
@@ -156,4 +150,4 @@ def fuse(base: Path, adapter: Path, models: Path, version: int, fs: FS | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     crash_point("consolidate_after_rename", version)
-    return FusedModel(path=final, weights_sha256=_weights_sha(files), bytes=folder_bytes(final), max_abs_diff=diff)
+    return FusedModel(path=final, weights_sha256=weights_sha256(files), bytes=folder_bytes(final), max_abs_diff=diff)

@@ -23,7 +23,6 @@ and other architectures are refused with a message that says so.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -32,7 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fs import FS
+from .fs import FS, sha256_file
+from .fuse import weights_sha256
 
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found": we need none
 
@@ -262,13 +262,6 @@ def cpu_only() -> bool:
     return not mx.metal.is_available()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _verify(folder: Path) -> str:
     """Load with mlx_lm.load and generate greedily; the continuation, or GGUFError."""
@@ -319,8 +312,8 @@ def import_gguf(source, dest_root: Path, *, dtype: str | None = None, name: str 
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
-            files[str(f.relative_to(tmp))] = {"sha256": _sha256_file(f), "bytes": f.stat().st_size}
-        source_sha = _sha256_file(source)
+            files[str(f.relative_to(tmp))] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        source_sha = sha256_file(source)
         manifest = {"format": FORMAT, "source": str(source), "source_sha256": source_sha,
                     "quantization": info.quantization, "dtype": dtype, "files": files}
         fs.write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
@@ -331,7 +324,7 @@ def import_gguf(source, dest_root: Path, *, dtype: str | None = None, name: str 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    weights_sha = hashlib.sha256("".join(files[k]["sha256"] for k in sorted(files) if k.endswith(".safetensors")).encode()).hexdigest()
+    weights_sha = weights_sha256(files)
     return Imported(path=final, source=source, source_sha256=source_sha, quantization=info.quantization, dtype=dtype,
                     weights_sha256=weights_sha, bytes=sum(m["bytes"] for m in files.values()),
                     seconds=time.perf_counter() - tic, sample=sample)

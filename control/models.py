@@ -9,11 +9,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from ftctl.adapters import gguf
+from ftctl.adapters.fs import sha256_file
 from ftctl.adapters.model import ModelNotFound, is_repo_id, model_problem, resolve_repo
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.state import DAEMON_STREAM, Projection
@@ -83,13 +83,6 @@ def problem(spec: str) -> str | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def already_imported(p: Projection, source_sha256: str, dtype: str | None) -> str | None:
     for path, e in p.imported.items():
@@ -104,7 +97,7 @@ def import_into(ws: Workspace, ledger: Ledger, source, dtype: str | None = None,
     source = Path(source).expanduser().resolve()
     try:
         gguf.inspect(source)
-        done = already_imported(ledger.state, _sha256(source), dtype)
+        done = already_imported(ledger.state, sha256_file(source), dtype)
         if done:
             note(f"{source.name} was imported before (same sha256): using {done}")
             return done
