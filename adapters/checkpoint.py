@@ -417,6 +417,7 @@ def _commit(parent: Path, name: str, files: dict, meta: dict, fs: FS, check=None
     jobs = {f: pool.submit(_digest, c) for f, c in chunks.items()}
     if check is not None:
         jobs[None] = pool.submit(check, chunks)
+    syncing: list = []
     moved_aside = renamed = False
     try:
         fs.mkdir(tmp)
@@ -424,11 +425,10 @@ def _commit(parent: Path, name: str, files: dict, meta: dict, fs: FS, check=None
             fs.write_bytes(tmp / f, c, sync=False)
         # the data reaches the disk while the I/O threads still hash it
         syncing = fs.fsync_all([tmp / f for f in chunks], wait=False)
-        jobs.update({("fsync", i): s for i, s in enumerate(syncing)})
         if check is not None:
             jobs.pop(None).result()
-        for i in range(len(syncing)):
-            jobs.pop(("fsync", i)).result()
+        for done in syncing:
+            done.result()
         digests = {f: d.result() for f, d in jobs.items()}
         manifest = _json_bytes(
             {
@@ -451,7 +451,7 @@ def _commit(parent: Path, name: str, files: dict, meta: dict, fs: FS, check=None
         if meta.get("kind") == "checkpoint":
             crash_point("after_rename", meta.get("global_step"))
     except BaseException:
-        wait(jobs.values())  # nothing of this save still runs once the error is raised
+        wait([*jobs.values(), *syncing])  # nothing of this save still runs once the error is raised
         # The new directory, if it made it into place, is complete; anything else goes.
         _quietly(fs.rmtree, tmp)
         if moved_aside and renamed:
