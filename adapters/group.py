@@ -29,7 +29,7 @@ from ftctl.events.types import ProcessId
 
 from . import logs
 from . import protocol as P
-from .process import _die_with_parent, identity
+from .process import _die_with_parent, identity, stopped
 
 
 class GroupError(ValueError):
@@ -312,16 +312,9 @@ def hello(g: Group, s: socket.socket, line: bytes) -> Rank | str:
 
 def stopped_ranks(g: Group) -> list[int]:
     """Local ranks stopped by a signal (SIGSTOP, SIGTSTP): the usual cause of a group that hangs."""
-    import psutil
-
-    out = []
-    for rank, pid in g.local_pids().items():
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_STOPPED:
-                out.append(rank)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return out
+    pids = g.local_pids()
+    halted = set(stopped(list(pids.values())))
+    return [rank for rank, pid in pids.items() if pid in halted]
 
 
 def ranks_alive(workspace: str, job: str = "") -> list[int]:

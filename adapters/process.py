@@ -82,6 +82,18 @@ def alive(pid_id: ProcessId) -> bool:
         return False
 
 
+def stopped(pids: list[int]) -> list[int]:
+    """Those of ``pids`` stopped by a signal (SIGSTOP, SIGTSTP): alive, computing nothing."""
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_STOPPED:
+                out.append(pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
 def stop_group(pid_id: ProcessId, grace_s: float = 5.0) -> bool:
     """SIGTERM then SIGKILL the whole process group led by ``pid_id``, if it is that process."""
     if not alive(pid_id):

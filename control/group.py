@@ -283,15 +283,17 @@ class GroupSupervision(Supervision):
         self.d.say(f"job {self.job}: {what}; the whole group was killed "
                    f"{self.torn_down_s * 1000:.0f} ms after it was seen", "error")
 
+    def stopped(self) -> list[int]:
+        """Local ranks stopped by a signal: a stopped rank stalls everyone at the next all-reduce."""
+        return G.stopped_ranks(self.g)
+
     def watchdog(self, now: float) -> None:
-        was, t = self.hung, self.cfg.timeouts
-        limit = t.eval_hang_s if self.in_eval or self.loading else t.hang_s
-        stopped = G.stopped_ranks(self.g) if not was and now - self.last_progress > limit else []
+        was = self.hung
         t0 = time.monotonic()
         super().watchdog(now)
         if self.hung and not was:
-            if stopped:
-                r = self.g.ranks[stopped[0]]
+            if self.halted:  # found before the group was killed
+                r = self.g.ranks[self.halted[0]]
                 self.fail_first(r.rank, r.host, f"rank {r.rank} (pid {r.pid} on {r.host}) was stopped by a signal "
                                                 "and the group made no progress")
             else:

@@ -47,6 +47,7 @@ class Supervision:
         self.stop_sent: float | None = None
         self.stop_reason: str | None = None   # "pause" | "cancel" | "shutdown"
         self.hung = False
+        self.halted: list[int] = []           # what stopped() found when the watchdog last looked
         self.error: P.Failed | None = None
         self.finished: str | None = None      # "completed" | "stopped"
         self.step = step                      # a crash before the first step is at the resume step
@@ -126,13 +127,22 @@ class Supervision:
             self.d.standby.ensure(blas.for_worker(self.cfg.blas)[0].env)
         self.d.standby.report()
 
+    def stopped(self) -> list[int]:
+        """The worker's processes stopped by a signal (SIGSTOP, SIGTSTP): alive, computing nothing."""
+        return process.stopped([self.w.proc.pid])
+
     def watchdog(self, now: float) -> None:
+        """No progress for hang_s (eval_hang_s while loading or evaluating) is a hang: the worker group
+        is killed. A stopped process gets hang_s even then: a stopped evaluation is not a slow one."""
         t = self.cfg.timeouts
-        limit = t.eval_hang_s if self.in_eval or self.loading else t.hang_s
-        if not self.hung and now - self.last_progress > limit:
-            self.hung = True
-            self.d.say(f"job {self.job}: no progress for {limit:g} s: killing the worker group (hang)", "error")
-            self.w.kill_group()
+        quiet = now - self.last_progress
+        if not self.hung and quiet > t.hang_s:
+            self.halted = self.stopped()
+            limit = t.eval_hang_s if (self.in_eval or self.loading) and not self.halted else t.hang_s
+            if quiet > limit:
+                self.hung = True
+                self.d.say(f"job {self.job}: no progress for {limit:g} s: killing the worker group (hang)", "error")
+                self.w.kill_group()
         if self.stop_sent is not None and now - self.stop_sent > t.stop_s:
             self.d.say(f"job {self.job}: worker did not stop within {t.stop_s:g} s: killing it", "error")
             self.w.kill_group()
@@ -234,6 +244,8 @@ class Supervision:
         sig = -code if code < 0 else None
         evidence = (f"exit code {code}" + (f" (signal {signal.Signals(sig).name})" if sig else "")
                     + (f"; worker said: {self.error.message}" if self.error else "")
+                    + ("; the worker was stopped by a signal (SIGSTOP/SIGTSTP) and made no progress"
+                       if self.hung and self.halted else "")
                     + f"; last step seen {self.step}; log {self.w.log_path}\n" + _evidence_tail(tail))
         detail = _first_line(self.error.message) if self.error else ""
         good = j.good_checkpoints()

@@ -10,7 +10,19 @@ import sys
 
 import pytest
 
-from helpers import crash_env, daemon, finished, ftctl, history, kinds, make_workspace, status, survivors, wait_for
+from helpers import (
+    crash_env,
+    daemon,
+    finished,
+    ftctl,
+    history,
+    kinds,
+    make_workspace,
+    status,
+    stray_workers,
+    survivors,
+    wait_for,
+)
 
 
 def _run_job(tmp_path, demo, name, *, env=None, jobs=1, starts=1, code=0):
@@ -124,6 +136,27 @@ def test_sigterm_checkpoints_and_loses_no_step(tmp_path, demo, baseline):
     ftctl(home, "start", "--until-idle", "--quiet")
     assert finished(home)["adapter_sha256"] == baseline.sha1
     assert [e["data"].get("resume_step", 0) for e in history(home) if e["type"] == "training_started"] == [0, 12]
+
+
+def test_a_worker_stopped_while_loading_is_a_hang_after_hang_s_not_eval_hang_s(tmp_path, demo):
+    """SIGSTOP the worker as soon as it exists (it is still importing and loading, which is allowed
+    timeouts.eval_hang_s = 240 s): a stopped process computes nothing, so the watchdog calls it a hang
+    after hang_s, says it was stopped, and the restart trains on."""
+    home = make_workspace(tmp_path / "ws", demo.model_dir, standby=False,
+                          timeouts={"hang_s": 3.0, "eval_hang_s": 240.0, "stop_s": 60.0})
+    ftctl(home, "submit", str(demo.train))
+    d = daemon(home)
+    try:
+        pid = wait_for(lambda: stray_workers(home), timeout=60, every=0.01)[0]
+        os.kill(pid, signal.SIGSTOP)
+        c = wait_for(lambda: [e["data"] for e in history(home) if e["type"] == "crashed"], timeout=60)[0]
+        assert c["category"] == "hang" and "stopped by a signal" in c["evidence"], c
+        wait_for(lambda: kinds(home).count("training_started") == 2, timeout=60)  # restarted by the policy
+    finally:
+        d.kill()
+        d.wait()
+        for p in stray_workers(home):
+            os.kill(p, signal.SIGKILL)
 
 
 def test_ctrl_c_twice_is_an_interrupt_not_a_crash(tmp_path, demo, baseline):
