@@ -34,8 +34,6 @@ from pathlib import Path
 from .fs import FS, sha256_file
 from .fuse import weights_sha256
 
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found": we need none
-
 SUPPORTED = ("llama",)
 FORMAT = "ftctl-imported-gguf"
 MANIFEST = "manifest.json"

@@ -83,19 +83,16 @@ def cmd_recover(args, ws) -> int:
 
 
 def cmd_crashes(args, ws) -> int:
-    ledger = Ledger(ws.open_journal())
-    rows, counts, by_crash = [], {}, {}
-    for r in ledger.journal.read():
-        e = r.event
-        if isinstance(e, ev.Crashed):
-            counts[e.job] = counts.get(e.job, 0) + 1
-            rows.append({"seq": r.seq, "ts": r.ts, "job": e.job, "crash": counts[e.job], "category": e.category,
-                         "step": e.step, "exit_code": e.exit_code, "signal": e.signal, "suggestion": e.suggestion,
-                         "evidence": e.evidence, "rank": e.rank, "host": e.host, "verdict": None,
-                         "reproduction": None})
-            by_crash[(e.job, counts[e.job])] = rows[-1]
-        elif isinstance(e, ev.CrashReproduced) and (e.job, e.crash) in by_crash:  # the latest reproduction wins
-            by_crash[(e.job, e.crash)].update(verdict=e.verdict, reproduction=e.summary, reproduction_seq=r.seq)
+    from ftctl.control.crashes import crashes
+
+    rows = []
+    for c in crashes(Ledger(ws.open_journal())):
+        e, r = c.event, c.reproduced
+        rows.append({"seq": c.seq, "ts": c.ts, "job": c.job, "crash": c.number, "category": e.category,
+                     "step": e.step, "exit_code": e.exit_code, "signal": e.signal, "suggestion": e.suggestion,
+                     "evidence": e.evidence, "rank": e.rank, "host": e.host,
+                     "verdict": r.event.verdict if r else None, "reproduction": r.event.summary if r else None,
+                     **({"reproduction_seq": r.seq} if r else {})})
     if args.json:
         render.print_json(rows)
         return 0

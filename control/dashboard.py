@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.state import JobState, job_stream
-from ftctl.events import types as ev
 from ftctl.events.journal import Journal
 from ftctl.events.types import Recorded
 from ftctl.recovery.ledger import Ledger, state_at
 
 from . import status as st
+from .crashes import Crash, crashes
 from .jobs import UserError
 from .metrics import Series, series
 
@@ -32,16 +32,6 @@ class Pulse:
     metric_id: int
     alive: bool
     died: bool
-
-
-@dataclass(frozen=True)
-class Crash:
-    seq: int
-    ts: str
-    job: str
-    event: ev.Crashed
-    number: int = 0                   # the job's crash number (1 = its first), as `ftctl crashes` and `reproduce --crash`
-    reproduced: Recorded | None = None  # its latest crash_reproduced event, if it was ever replayed
 
 
 class Viewer:
@@ -83,22 +73,9 @@ class Viewer:
         return list(self.ledger.journal.read(after=max(0, last - n)))
 
     def crashes(self, limit: int = CRASHES) -> list[Crash]:
-        """The newest ``limit`` crashes with their evidence: the streams of the jobs that crashed
-        last are read, newest first, until there are enough (not every stream of a long journal)."""
+        """The newest ``limit`` crashes with their evidence and latest reproduction."""
         self.refresh()
-        crashed = sorted((j for j in self.ledger.state.jobs.values() if j.crashes),
-                         key=lambda j: (j.crashes[-1].ts, j.updated_seq), reverse=True)
-        out: list[Crash] = []
-        for j in crashed:
-            if len(out) >= limit and j.crashes[-1].ts <= out[-1].ts:
-                break  # (times are in microseconds: a tie is a synthetic journal's, not a real one's)
-            stream = job_stream(j.job)
-            replays = {r.event.crash: r for r in self.ledger.journal.tagged(stream, ev.CrashReproduced.__struct_config__.tag)}
-            out += [Crash(r.seq, r.ts, j.job, r.event, n, replays.get(n))
-                    for n, r in enumerate(self.ledger.journal.tagged(stream, ev.Crashed.__struct_config__.tag), 1)]
-            out.sort(key=lambda c: c.seq, reverse=True)
-            out = out[:limit]
-        return out[::-1]
+        return crashes(self.ledger, limit)
 
     def job(self, job: str) -> JobState:
         j = self.ledger.state.jobs.get(job)
