@@ -221,24 +221,30 @@ def _with_env(j: JobState, note: str) -> str:
 def _eta(j: JobState, live: int, reports: list[dict], now: float) -> tuple[float | None, str | None]:
     """Seconds to the last iteration: the step rate between the first and the last report of this
     attempt (wall clock, so evaluations and checkpoints are included), or with a single report the
-    tokens/s it measured divided by the tokens per step so far (pure training time)."""
+    tokens/s it measured divided by the tokens per step so far (pure training time). No estimate
+    once reports are overdue (3 report intervals and 30 s without one): a stalled worker is not
+    about to finish, whatever the arithmetic says."""
     left = j.iters - live
     if left <= 0:
         return 0.0, "no iterations left"
+    rate = basis = None
     if len(reports) >= 2:
         a, b = reports[0], reports[-1]
         dt, ds = ts_epoch(b["ts"]) - ts_epoch(a["ts"]), b["step"] - a["step"]
         if dt > 0 and ds > 0:
-            rate = ds / dt
-            return (max(left / rate - (now - ts_epoch(b["ts"])), 0.0),
-                    f"{rate:.3g} steps/s between the reports at steps {a['step']} and {b['step']}")
+            rate, basis = ds / dt, f"{ds / dt:.3g} steps/s between the reports at steps {a['step']} and {b['step']}"
     last = reports[-1] if reports else None
-    if last and last.get("tokens_per_s") and last.get("trained_tokens") and last["step"] > 0:
+    if rate is None and last and last.get("tokens_per_s") and last.get("trained_tokens") and last["step"] > 0:
         per_step = last["trained_tokens"] / last["step"]
         rate = last["tokens_per_s"] / per_step
-        return (max(left / rate - (now - ts_epoch(last["ts"])), 0.0),
-                f"{last['tokens_per_s']:.0f} tokens/s at {per_step:.0f} tokens/step (report at step {last['step']})")
-    return None, None
+        basis = f"{last['tokens_per_s']:.0f} tokens/s at {per_step:.0f} tokens/step (report at step {last['step']})"
+    if rate is None:
+        return None, None
+    since = now - ts_epoch(last["ts"])
+    every = j.config.steps_per_report / rate
+    if since > max(3 * every, 30.0):
+        return None, f"no progress report for {since:.0f} s (one was due every {every:.0f} s): no estimate"
+    return max(left / rate - since, 0.0), basis
 
 
 def _when(ts: str | None) -> str:

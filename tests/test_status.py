@@ -195,6 +195,9 @@ def test_live_step_eta_and_notes_that_are_still_true(ws, tmp_path, capsys, monke
         assert v.live_step == 20 and v.job.step == 0
         assert v.eta_s == pytest.approx(40.0) and "1 steps/s" in v.eta_basis  # 40 steps left at 1 step/s
         assert S.status(w, ledger, now=t1 + 25).jobs[0].eta_s == pytest.approx(25.0)
+        every = v.job.config.steps_per_report  # seconds between reports at 1 step/s
+        late = S.status(w, ledger, now=t1 + 10 + max(3 * every, 30) + 1).jobs[0]  # a worker that stopped reporting
+        assert late.eta_s is None and late.eta_basis.startswith("no progress report for"), late.eta_basis
     finally:
         process.release_lock(fd)
         ledger.close()
