@@ -25,6 +25,7 @@ from ftctl.core.config import (Config, ConfigError, blame_override, decode_confi
 from ftctl.events.journal import Journal, JournalError
 
 DIRS = ("inbox", "inbox/rejected", "jobs", "models", "logs", "run")
+SCRATCH_MARKER = ".ftctl-reproduce"  # the first file of a reproduction's scratch folder: ours to delete
 _FIX_CONFIG = (
     "Nothing was changed. Edit ftctl.yaml to fix it (`ftctl config show` prints the effective values "
     "once it reads), then run the command again."
@@ -64,6 +65,20 @@ class Workspace:
 
     def job_log(self, job_id: str) -> Path:
         return self.logs / f"job-{job_id}.log"
+
+    def reproduce_scratch(self, job_id: str, pid: int) -> Path:
+        """The scratch folder of `ftctl reproduce` (or the daemon's replay) of ``job_id`` in process ``pid``."""
+        return self.home / "run" / f"reproduce-{job_id}-{pid}"
+
+    def abandoned_scratch(self) -> list[Path]:
+        """Scratch folders of reproductions whose process is gone (killed before it cleaned up). Only
+        ours: each holds SCRATCH_MARKER, written first."""
+        out = []
+        for d in sorted((self.home / "run").glob("reproduce-*-*")):
+            pid = d.name.rpartition("-")[2]
+            if (d / SCRATCH_MARKER).is_file() and pid.isdigit() and int(pid) != os.getpid() and not _pid_exists(int(pid)):
+                out.append(d)
+        return out
 
     @property
     def tensorboard(self) -> Path:
@@ -164,6 +179,16 @@ def init_workspace(home: Path, model: str, extra: dict | None = None, then=None)
     finally:
         os.umask(old)
     return ws
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 def write_private(path: Path, text: str) -> None:

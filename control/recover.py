@@ -30,7 +30,14 @@ class DaemonRunning(Exception):
 
 def plan(ws: Workspace, ledger: Ledger) -> list[Repair]:
     """Every repair due now; changes nothing (``ftctl recover --dry-run``)."""
-    return reconcile.plan(ws, ledger) + consolidation.repairs(ws, ledger.state)
+    return reconcile.plan(ws, ledger) + consolidation.repairs(ws, ledger.state) + _scratch(ws)
+
+
+def _scratch(ws: Workspace) -> list[Repair]:
+    """The scratch copies of reproductions killed before they cleaned up (never the job's own files)."""
+    return [Repair(f"delete {d.name}/ in run/: the scratch copy of a reproduction that was killed", DAEMON_STREAM,
+                   [ev.DebrisRemoved(path=str(d), reason="scratch folder of a killed reproduction")], after=reconcile.rm(d))
+            for d in ws.abandoned_scratch()]
 
 
 def recover(ws: Workspace, ledger: Ledger, on_repair: Callable[[Repair], None] = lambda r: None) -> list[Repair]:

@@ -34,7 +34,7 @@ from ftctl.adapters import checkpoint as ck
 from ftctl.adapters import protocol as P
 from ftctl.adapters.fs import write_durable
 from ftctl.adapters.model import model_problem
-from ftctl.adapters.workspace import Workspace
+from ftctl.adapters.workspace import SCRATCH_MARKER, Workspace
 from ftctl.core.dataset import record_lines, validate_jsonl
 from ftctl.core.policy import Evidence, classify
 from ftctl.core.reproduction import NONFINITE, Outcome, Step, Verdict, describe_groups, first_line, judge
@@ -48,7 +48,6 @@ from .reporter import Note, quiet
 from .submit import held_lines
 
 HEAD = 120         # first characters of each example shown
-MARKER = ".ftctl-reproduce"
 
 
 class ReproduceRefused(UserError):
@@ -56,7 +55,8 @@ class ReproduceRefused(UserError):
 
 
 class Interrupted(Exception):
-    """The caller asked to stop (the daemon shutting down): the replay worker was killed, nothing recorded."""
+    """The caller asked to stop (the daemon shutting down, a pause or cancel of the job): the replay worker
+    was killed, nothing recorded."""
 
 
 @dataclass
@@ -135,7 +135,7 @@ def reproduce(ws: Workspace, ledger: Ledger, job: str, *, crash: int | None = No
 
 
 def after_crash(ws: Workspace, ledger: Ledger, j: JobState, category: str, step: int, message: str,
-                cancelled: Callable[[], bool], note: Note = quiet) -> ev.CrashReproduced | None:
+                cancelled: Callable[[], str], note: Note = quiet) -> ev.CrashReproduced | None:
     """The daemon's reproduction of the crash it is about to record (it will be the job's crash number
     len(j.crashes) + 1, committed together with the returned event). None when it could not be run (it says
     why): the restart policy then decides as it would without one."""
@@ -144,6 +144,9 @@ def after_crash(ws: Workspace, ledger: Ledger, j: JobState, category: str, step:
     crash = Crash(len(j.crashes) + 1, category, step, first_line(message), started[-1] if started else None)
     try:
         r = replay(ws, j, events, crash, min(step + 1, j.iters), note=note, cancelled=cancelled, by="daemon")
+    except Interrupted as e:
+        note(f"job {j.job}: the replay of the crash was stopped ({e}); it decides without a verdict", "info")
+        return None
     except Exception as e:  # noqa: BLE001 - never a reason to lose the crash itself: say it, decide without it
         note(f"job {j.job}: the crash could not be replayed ({type(e).__name__}: {e}); the restart policy decides "
              "without a verdict", "warn")
@@ -155,7 +158,7 @@ def after_crash(ws: Workspace, ledger: Ledger, j: JobState, category: str, step:
 
 
 def replay(ws: Workspace, j: JobState, events: list[ev.Recorded], crash: Crash | None, target: int, *,
-           note: Note = quiet, cancelled: Callable[[], bool] = lambda: False, until_crash: bool = False,
+           note: Note = quiet, cancelled: Callable[[], str] = lambda: "", until_crash: bool = False,
            by: str = "user") -> Result:
     """Re-run job ``j`` up to step ``target`` on a scratch copy and judge it against ``crash``."""
     cfg = j.config
@@ -165,13 +168,13 @@ def replay(ws: Workspace, j: JobState, events: list[ev.Recorded], crash: Crash |
     attempt = crash.attempt if crash else _last_attempt(events)
     limit = crash.step + 1 if crash else target  # replay at least one step: from a checkpoint before this
     _sweep(ws)
-    scratch = ws.home / "run" / f"reproduce-{j.job}-{os.getpid()}"
+    scratch = ws.reproduce_scratch(j.job, os.getpid())
     if scratch.exists():
         shutil.rmtree(scratch)
     t0 = time.monotonic()
     scratch.mkdir(parents=True, mode=0o700)
     try:
-        write_durable(scratch / MARKER, b"made by `ftctl reproduce`: removed when it ends\n")
+        write_durable(scratch / SCRATCH_MARKER, b"made by `ftctl reproduce`: removed when it ends\n")
         notes: list[str] = []
         data = _copy_data(ws, j, scratch, notes)
         start = _checkpoint(j, events, limit, scratch / "job", notes, "the crash step" if crash else f"step {target}")
@@ -267,9 +270,9 @@ def _run_worker(ws: Workspace, j: JobState, plan: P.TrainPlan, log: Path, env: d
                             failed = msg
                         case P.Stopped() | P.Completed():
                             done = True
-            if cancelled():
+            if why := cancelled():  # why it must stop now ("" to go on)
                 w.kill_group()
-                raise Interrupted("the daemon is stopping")
+                raise Interrupted(why)
             if not hung and time.monotonic() - seen > (t.eval_hang_s if waiting else t.hang_s):
                 hung = True
                 w.kill_group()
@@ -307,11 +310,9 @@ def _last_attempt(events: list[ev.Recorded]) -> ev.TrainingStarted | None:
 
 
 def _sweep(ws: Workspace) -> None:
-    """Remove the scratch folders of reproductions that died without cleaning up (only ours: they hold MARKER)."""
-    for d in (ws.home / "run").glob("reproduce-*-*"):
-        pid = d.name.rpartition("-")[2]
-        if (d / MARKER).is_file() and pid.isdigit() and int(pid) != os.getpid() and not process.psutil.pid_exists(int(pid)):
-            shutil.rmtree(d, ignore_errors=True)
+    """Remove the scratch folders of reproductions that died without cleaning up (recovery does too)."""
+    for d in ws.abandoned_scratch():
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _copy_data(ws: Workspace, j: JobState, scratch: Path, notes: list[str]) -> dict[str, Path]:

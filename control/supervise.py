@@ -227,6 +227,18 @@ class Supervision:
             return
         self.crashed(j, code)
 
+    def replay_cancelled(self) -> str:
+        """Why the daemon's replay of a crash must stop now ("" to go on): the daemon is stopping, or the
+        user asked to pause or cancel the job or to shut down — the daemon stays responsive meanwhile."""
+        d = self.d
+        if d.stopping:
+            return "the daemon is stopping"
+        d.ledger.refresh()
+        if d.ledger.state.daemon.shutdown_requested:
+            return "`ftctl shutdown` was requested"
+        want = d.ledger.state.jobs[self.job].requested
+        return f"{want} of job {self.job} was requested" if want else ""
+
     def crashed(self, j: JobState, code: int) -> None:
         """Classify the death, record it and the policy's decision in one transaction."""
         d, L = self.d, self.d.ledger
@@ -257,7 +269,7 @@ class Supervision:
         replayed = None
         if category in DETERMINISTIC and not d.stopping and not j.requested:
             # a crash that can be a property of the run is replayed before any restart (control/reproduce.py)
-            replayed = reproduce.after_crash(d.ws, L, j, category, self.step, detail, lambda: bool(d.stopping), d.say)
+            replayed = reproduce.after_crash(d.ws, L, j, category, self.step, detail, self.replay_cancelled, d.say)
             j = L.state.jobs[self.job]
             if replayed is not None:
                 d.say(f"job {self.job}: crash {replayed.crash} {replayed.summary}",

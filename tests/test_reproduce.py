@@ -263,3 +263,62 @@ def test_a_warm_started_job_replays_from_its_parent_adapter_exactly(baseline, ca
         reports = {m["step"]: m["loss"] for m in j.recent_metrics("0002", limit=100)}
     assert sum(r["loss"] for r in rows[5:10]) / 5 == reports[10]
     assert "nothing recorded" in out
+
+
+def test_the_daemons_replay_of_a_crash_stops_when_the_user_pauses_cancels_or_shuts_down(ws, tmp_path, capsys):
+    """A replay after a crash runs inside the daemon's supervision: it asks, between polls of its
+    worker, whether to stop — so `ftctl pause`, `cancel` and `shutdown` are acted on during it."""
+    import types
+
+    from ftctl.control import jobs
+    from ftctl.control.supervise import Supervision
+    from ftctl.core.state import DAEMON_STREAM, job_stream
+    from ftctl.events import types as ev
+    from ftctl.recovery.ledger import Ledger
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"prompt": "q{i}", "completion": "a{i}"}}\n' for i in range(40)))
+    ftctl(ws, "submit", str(data))
+    ledger = Ledger.open(ws / "journal.db")
+    try:
+        ledger.commit(job_stream("0001"), ev.TrainingStarted(job="0001", attempt=1, worker_pid=1, worker_started_at=1.0,
+                                                             base_model="/m"))
+        s = Supervision.__new__(Supervision)  # only what replay_cancelled reads
+        s.job, s.d = "0001", types.SimpleNamespace(stopping=False, ledger=ledger)
+        assert s.replay_cancelled() == ""
+        other = Ledger.open(ws / "journal.db")  # the user's command, another connection
+        jobs.request(other, "0001", "pause")
+        assert s.replay_cancelled() == "pause of job 0001 was requested"
+        other.commit(job_stream("0001"), ev.Paused(job="0001", reason="x"))
+        assert s.replay_cancelled() == ""
+        other.commit(DAEMON_STREAM, ev.ShutdownRequested())
+        assert s.replay_cancelled() == "`ftctl shutdown` was requested"
+        s.d.stopping = True
+        assert s.replay_cancelled() == "the daemon is stopping"
+        other.close()
+    finally:
+        ledger.close()
+
+
+def test_recovery_removes_the_scratch_of_a_killed_reproduction_and_nothing_else(ws, capsys):
+    """A reproduction SIGKILLed mid-run leaves run/reproduce-JOB-PID/: recovery deletes it (recorded as
+    debris_removed) — not a folder without ftctl's marker, nor the scratch of a reproduction still running."""
+    import subprocess
+    import sys
+
+    from ftctl.adapters.workspace import SCRATCH_MARKER
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()  # a pid that is gone
+    dead = ws / "run" / f"reproduce-0001-{p.pid}"
+    live = ws / "run" / "reproduce-0001-1"  # pid 1 lives
+    users = ws / "run" / f"reproduce-0002-{p.pid}"  # no marker: not ours
+    for d in (dead, live, users):
+        (d / "job").mkdir(parents=True)
+        (d / "job" / "adapters.safetensors").write_bytes(b"x")
+    (dead / SCRATCH_MARKER).write_text("made by ftctl reproduce")
+    (live / SCRATCH_MARKER).write_text("made by ftctl reproduce")
+    code, out, _ = run(capsys, "recover", "--json", "--home", ws)
+    assert code == 0 and not dead.exists() and live.exists() and users.exists(), out
+    removed = [e["data"] for e in history(ws) if e["type"] == "debris_removed"]
+    assert [r["path"] for r in removed] == [str(dead)] and "reproduction" in removed[0]["reason"]
