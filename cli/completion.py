@@ -71,13 +71,18 @@ _ftctl() {{
     local path="" i w home=() opts="" subs={shlex.quote(top)} pos=none values=""
     for ((i = 1; i < COMP_CWORD; i++)); do
         w="${{COMP_WORDS[i]}}"
+        # --home DIR; --home=DIR arrives as three words (= is in COMP_WORDBREAKS) or as one
+        if [[ $w == --home && ${{COMP_WORDS[i+1]}} == = ]]; then home=(--home "${{COMP_WORDS[i+2]}}"); ((i += 2)); continue; fi
         if [[ $w == --home ]]; then home=(--home "${{COMP_WORDS[i+1]}}"); ((i++)); continue; fi
+        if [[ $w == --home=* ]]; then home=(--home "${{w#--home=}}"); continue; fi
         [[ $w == -* ]] && continue
         if [[ -z $path ]]; then path="$w"
         elif [[ " {nested} " == *" $path "* ]]; then path="$path $w"
         fi
     done
-    if [[ $prev == --home ]]; then COMPREPLY=($(compgen -d -- "$cur")); return; fi
+    if [[ $prev == --home || ($prev == = && ${{COMP_WORDS[COMP_CWORD-2]}} == --home) ]]; then
+        COMPREPLY=($(compgen -d -- "$cur")); return
+    fi
     if [[ -z $path ]]; then
         COMPREPLY=($(compgen -W "$subs --home --help --version" -- "$cur")); return
     fi
@@ -127,8 +132,12 @@ def fish(parser: argparse.ArgumentParser) -> str:
              "function __ftctl_at; test (__ftctl_path) = \"$argv\"; end",
              "function __ftctl_jobs",
              "    set -l words (commandline -opc)",
-             "    set -l i (contains -i -- --home $words)",
-             "    if test -n \"$i\"; ftctl _jobs --home $words[(math $i + 1)] 2>/dev/null; else; ftctl _jobs 2>/dev/null; end",
+             "    set -l home",
+             "    for k in (seq (count $words))",
+             "        if test \"$words[$k]\" = --home; and test $k -lt (count $words); set home $words[(math $k + 1)]",
+             "        else if string match -q -- '--home=*' $words[$k]; set home (string replace -- '--home=' '' $words[$k]); end",
+             "    end",
+             "    if test -n \"$home\"; ftctl _jobs --home $home 2>/dev/null; else; ftctl _jobs 2>/dev/null; end",
              "end",
              "complete -c ftctl -f",
              "complete -c ftctl -l home -r -a '(__fish_complete_directories)' -d 'workspace directory'"]

@@ -75,6 +75,20 @@ def test_bash_completes_job_ids_live(scripts, jobs_home):
     assert complete(b, ["ftctl", "pause", "--home", str(home), "0002"], bin_dir) == ["0002"]
     assert complete(b, ["ftctl", "lineage", "set-head", "--home", str(home), "0"], bin_dir) == ["0001", "0002"]
     assert complete(b, ["ftctl", "status", "--home", str(home / "nowhere"), ""], bin_dir) == []  # quietly nothing
+    # --home=DIR: bash splits it at '=' (COMP_WORDBREAKS), or it arrives whole
+    assert complete(b, ["ftctl", "--home", "=", str(home), "pause", ""], bin_dir) == ["0001", "0002"]
+    assert complete(b, ["ftctl", "resume", f"--home={home}", ""], bin_dir) == ["0001", "0002"]
+    assert str(home) in complete(b, ["ftctl", "--home", "=", str(home)[:-1]], bin_dir)  # directories after --home=
+
+
+def test_fish_completes_job_ids_after_home_in_both_spellings(scripts, jobs_home):
+    if shutil.which("fish") is None:
+        pytest.skip("fish is not installed here")
+    home, bin_dir = jobs_home
+    for line in (f"ftctl pause --home {home} ", f"ftctl pause --home={home} "):
+        p = subprocess.run(["fish", "-c", f"source {scripts / 'fish'}; complete -C '{line}'"], capture_output=True,
+                           text=True, timeout=60, env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": "/nonexistent"})
+        assert {l.split("\t")[0] for l in p.stdout.splitlines()} >= {"0001", "0002"}, (line, p.stdout + p.stderr)
 
 
 def test_the_jobs_helper_is_quick_and_imports_no_mlx(jobs_home, capsys):
