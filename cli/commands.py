@@ -167,8 +167,8 @@ def cmd_control(args, ws) -> int:
     elif out.deferred and not out.daemon_alive:
         text = f"job {out.job}: {out.action} requested; {NO_DAEMON}"
     elif out.deferred:
-        text = (f"job {out.job}: {out.action} requested; the daemon "
-                + ("checkpoints and pauses it" if out.action == "pause" else "stops it") + " within a second")
+        text = (f"job {out.job}: {out.action} requested; the daemon acts on it within a second: it "
+                + ("checkpoints and pauses it" if out.action == "pause" else "stops it"))
     elif out.action == "pause":
         text = f"job {out.job} paused; `ftctl resume {out.job}` to queue it again"
     else:
@@ -188,7 +188,8 @@ def cmd_shutdown(args, ws) -> int:
         render.console.print("no daemon is running; nothing to stop"
                              + (f"\ndaemon {render.escape(d.summary)}" if d.died else ""))
     else:
-        render.console.print("shutdown requested: the daemon checkpoints the running job and exits within a second")
+        render.console.print("shutdown requested: the daemon acts on it within a second: it checkpoints the running "
+                             "job, then exits" + ("" if args.wait else " (`ftctl shutdown --wait S` waits and says when)"))
         if stopped:
             render.console.print("daemon stopped")
         elif stopped is False:

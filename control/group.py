@@ -313,9 +313,14 @@ class GroupSupervision(Supervision):
         oom_after = system.oom_kill_count()
         oom = None if self.oom_before is None or oom_after is None else oom_after - self.oom_before
         tail = process.tail(self.g.log_path, since=self.g.log_offset)
+        if self.stop_forced and self.first is None:
+            halted = f" (rank {self.halted[0]} was stopped by a signal)" if self.halted else ""
+            r = self.g.ranks.get(self.halted[0]) if self.halted else None
+            self.first = (r.rank if r else None, r.host if r else "", f"asked to stop ({self.stop_reason}), the group "
+                          f"did not within timeouts.stop_s = {self.cfg.timeouts.stop_s:g} s{halted}, so ftctl killed it")
         rank, host, what = self.first or (None, "", "the group ended without every rank finishing")
         err = self.rank_error.get(rank) if rank is not None else self.error
-        if self.hung:
+        if self.hung or self.stop_forced:
             category = "hang"
         elif err is not None:
             category = err.category

@@ -48,6 +48,7 @@ class Supervision:
         self.stop_reason: str | None = None   # "pause" | "cancel" | "shutdown"
         self.hung = False
         self.halted: list[int] = []           # what stopped() found when the watchdog last looked
+        self.stop_forced = False              # asked to stop, it did not within stop_s: ftctl killed it
         self.error: P.Failed | None = None
         self.finished: str | None = None      # "completed" | "stopped"
         self.step = step                      # a crash before the first step is at the resume step
@@ -145,6 +146,8 @@ class Supervision:
                 self.w.kill_group()
         if self.stop_sent is not None and now - self.stop_sent > t.stop_s:
             self.d.say(f"job {self.job}: worker did not stop within {t.stop_s:g} s: killing it", "error")
+            self.halted = self.stopped()
+            self.stop_forced = True
             self.w.kill_group()
             self.stop_sent = float("inf")
 
@@ -247,17 +250,19 @@ class Supervision:
         tail = process.tail(self.w.log_path, since=self.w.log_offset)
         said = f"\n{self.error.message}" if self.error else ""  # the worker's own words count as evidence too
         category = classify(Evidence(exit_code=code, stderr_tail=tail + said, reported=self.error.category if self.error else None,
-                                     oom_kills=oom, hung=self.hung))
+                                     oom_kills=oom, hung=self.hung or self.stop_forced))
         if category == "corrupt_checkpoint" and self.error and self.error.path:
             c = next((c for c in j.good_checkpoints() if c.path == self.error.path), None)
             if c is not None:
                 apply(L, [mark_corrupt(self.job, c, self.error.message)])
                 j = L.state.jobs[self.job]
         sig = -code if code < 0 else None
-        evidence = (f"exit code {code}" + (f" (signal {signal.Signals(sig).name})" if sig else "")
+        forced = (f"; asked to stop ({self.stop_reason}), it did not within timeouts.stop_s = "
+                  f"{self.cfg.timeouts.stop_s:g} s, so ftctl killed it" if self.stop_forced else "")
+        evidence = (f"exit code {code}" + (f" (signal {signal.Signals(sig).name})" if sig else "") + forced
                     + (f"; worker said: {self.error.message}" if self.error else "")
                     + ("; the worker was stopped by a signal (SIGSTOP/SIGTSTP) and made no progress"
-                       if self.hung and self.halted else "")
+                       if (self.hung or self.stop_forced) and self.halted else "")
                     + f"; last step seen {self.step}; log {self.w.log_path}\n" + _evidence_tail(tail))
         detail = _first_line(self.error.message) if self.error else ""
         good = j.good_checkpoints()

@@ -189,6 +189,28 @@ def test_ctrl_c_twice_is_an_interrupt_not_a_crash(tmp_path, demo, baseline):
     assert [e["data"].get("resume_step", 0) for e in history(home) if e["type"] == "training_started"] == [0, 10]
 
 
+def test_a_worker_that_ignores_a_pause_is_killed_after_stop_s_and_recorded_as_such(tmp_path, demo):
+    """The worker stands still after step 12 and no longer listens (FTCTL_STUCK_AT); `ftctl pause` asks it
+    to checkpoint: after timeouts.stop_s the daemon kills it. That is recorded as a hang whose evidence
+    says ftctl killed it for not stopping (not "killed by a signal from outside ftctl"), and the user's
+    pause still wins: the job is paused, resumable from its last checkpoint."""
+    home = make_workspace(tmp_path / "ws", demo.model_dir, timeouts={"hang_s": 240.0, "eval_hang_s": 240.0, "stop_s": 2.0})
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    marker = tmp_path / "marker-stuck-mid-step-12"
+    d = daemon(home, env={"FTCTL_STUCK_AT": f"mid_step:12:{marker}"})
+    try:
+        wait_for(lambda: marker.exists() or d.poll() is not None, timeout=240, every=0.02)
+        assert marker.exists(), d.communicate()
+        ftctl(home, "pause", "0001")
+        wait_for(lambda: "paused" in kinds(home), timeout=60)
+    finally:
+        d.kill()
+        d.wait()
+    (c,) = [e["data"] for e in history(home) if e["type"] == "crashed"]
+    assert c["category"] == "hang" and "asked to stop (pause)" in c["evidence"] and "ftctl killed it" in c["evidence"], c
+    assert status(home, "0001")["state"] == "paused"
+
+
 def test_adapter_loads_and_generates_with_mlx_lm(baseline, demo):
     from mlx_lm import generate, load
 

@@ -144,7 +144,7 @@ def test_a_live_daemon_is_running_and_pause_says_within_a_second(ws, tmp_path, c
         assert st["daemon"]["alive"] is True and st["daemon"]["running"] is True
         assert st["jobs"][0]["stale"] is False and st["jobs"][0]["live_step"] == 23
         code, out, _ = run(capsys, "pause", "1", "--home", ws)
-        assert code == 0 and "the daemon checkpoints and pauses it within a second" in out
+        assert code == 0 and "the daemon acts on it within a second: it checkpoints and pauses it" in out
     finally:
         process.release_lock(fd)
 
