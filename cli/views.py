@@ -41,7 +41,8 @@ def cmd_metrics(args, ws) -> int:
     if args.csv:
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(cols)
-        w.writerows([["" if p[c] is None else p[c] for c in cols] for p in points])
+        w.writerows([["" if p[c] is None else ";".join("" if t is None else f"{t:.1f}" for t in p[c]) if isinstance(p[c], list) else p[c]
+                      for c in cols] for p in points])  # per-rank tokens/s: "r0;r1;..."
         return 0
     if not points:
         render.console.print("no metrics recorded" + (f" after global step {args.since}" if args.since is not None else "")
@@ -58,6 +59,8 @@ def cmd_metrics(args, ws) -> int:
             f"{'-' if loss is None else format(loss, '.4f'):>9} {'-' if val is None else format(val, '.4f'):>9} "
             f"{'-' if lr is None else format(lr, '.3g'):>9} {'-' if tps is None else format(tps, '.0f'):>8} "
             f"{'-' if mem is None else format(mem, '.2f'):>7}  {p['ts'][:10]} {p['ts'][11:19]}"
+            + (f"  ranks {'/'.join('-' if t is None else format(t, '.0f') for t in p['rank_tokens_per_s'])} tok/s"
+               if p["rank_tokens_per_s"] else "")
             + ("  superseded (rewound by a resume)" if p["superseded"] else ""))
     sys.stdout.write("\n".join(out) + "\n")
     hidden = sum(s.counts["superseded"] for s in all_series) if args.all else 0

@@ -21,8 +21,8 @@ from ftctl.recovery.ledger import Ledger
 
 from .jobs import UserError, find_job
 
-COLUMNS = ("job", "attempt", "global_step", "step", "loss", "val_loss", "lr", "tokens_per_s", "peak_mem_gb",
-           "trained_tokens", "ts", "superseded")
+COLUMNS = ("job", "attempt", "global_step", "step", "loss", "val_loss", "lr", "tokens_per_s", "rank_tokens_per_s",
+           "peak_mem_gb", "trained_tokens", "ts", "superseded")  # rank_tokens_per_s: a data-parallel job's, per rank
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ def series(journal: Journal, j: JobState, *, since: int | None = None, supersede
     (a live view's increment; val points come from events and are left to a full read)."""
     starts: list[tuple[str, int, int]] = []   # (ts, attempt, resume_step) of every attempt
     vals: list[tuple[str, int, int, float | None]] = []
+    ranks: list[tuple[str, int, list]] = []   # (ts, step, tokens/s of each rank) of a data-parallel job
     markers: list[Marker] = []
     base = j.global_step_base
     for r in journal.read(stream=job_stream(j.job)):
@@ -95,6 +96,8 @@ def series(journal: Journal, j: JobState, *, since: int | None = None, supersede
             markers.append(Marker("completed", e.step, e.global_step, r.seq, r.ts, f"completed at step {e.step}"))
         elif isinstance(e, ev.Evaluated):
             vals.append((r.ts, e.step, e.global_step, e.val_loss))
+        elif isinstance(e, ev.RanksReported):
+            ranks.append((r.ts, e.step, e.tokens_per_s))
     stamps = [s[0] for s in starts]
     # After attempt k, training went on from min(resume steps of the later attempts): a point of
     # attempt k beyond it was rewound over.
@@ -127,8 +130,8 @@ def series(journal: Journal, j: JobState, *, since: int | None = None, supersede
         if gone and not superseded:
             continue
         points[(k, step)] = {"job": job, "attempt": k, "global_step": gstep, "step": step, "loss": loss,
-                             "val_loss": None, "lr": lr, "tokens_per_s": tps, "peak_mem_gb": mem,
-                             "trained_tokens": tokens, "ts": ts, "superseded": gone, "id": mid}
+                             "val_loss": None, "lr": lr, "tokens_per_s": tps, "rank_tokens_per_s": None,
+                             "peak_mem_gb": mem, "trained_tokens": tokens, "ts": ts, "superseded": gone, "id": mid}
     if not after_id:
         for ts, step, gstep, val in vals:
             if gstep <= lo:
@@ -140,10 +143,14 @@ def series(journal: Journal, j: JobState, *, since: int | None = None, supersede
             p = points.get((k, step))
             if p is None:
                 points[(k, step)] = {"job": j.job, "attempt": k, "global_step": gstep, "step": step, "loss": None,
-                                     "val_loss": val, "lr": None, "tokens_per_s": None, "peak_mem_gb": None,
-                                     "trained_tokens": None, "ts": ts, "superseded": gone, "id": None}
+                                     "val_loss": val, "lr": None, "tokens_per_s": None, "rank_tokens_per_s": None,
+                                     "peak_mem_gb": None, "trained_tokens": None, "ts": ts, "superseded": gone, "id": None}
             else:
                 p["val_loss"] = val
+    for ts, step, rates in ranks:  # journalled once every rank reported that step: after rank 0's metrics row
+        p = points.get((attempt_of(ts), step))
+        if p is not None:
+            p["rank_tokens_per_s"] = rates
     out.points = sorted(points.values(), key=itemgetter("global_step", "attempt"))
     return out
 

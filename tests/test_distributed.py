@@ -59,6 +59,13 @@ def test_two_ranks_complete_and_match_one_process_on_the_same_global_batch(two_r
     reported = [e["data"] for e in history(home) if e["type"] == "ranks_reported"]
     assert reported and all(len(r["tokens_per_s"]) == 2 and all(t and t > 0 for t in r["tokens_per_s"]) for r in reported)
     assert two_ranks["world_size"] == 2 and len(two_ranks["rank_tokens_per_s"]) == 2
+    # `ftctl metrics` carries each rank's tokens/s on the points the daemon journalled them for
+    points = ftctl_json(home, "metrics", "1")["points"]
+    per_rank = {p["step"]: p["rank_tokens_per_s"] for p in points if p["rank_tokens_per_s"]}
+    assert per_rank == {r["step"]: r["tokens_per_s"] for r in reported}, (per_rank, reported)
+    csv_rows = ftctl(home, "metrics", "1", "--csv").stdout.splitlines()
+    assert "rank_tokens_per_s" in csv_rows[0].split(",") and any(";" in row for row in csv_rows[1:])
+    assert " tok/s" in ftctl(home, "metrics", "1").stdout.split("ranks ", 1)[1]
     # one process, the same config without `distributed`: the same global batches, so the same losses
     # (up to float summation order) — the shards are complementary, not duplicated
     one = _train(tmp_path / "one", demo)
