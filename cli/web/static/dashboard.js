@@ -61,8 +61,10 @@ function showStatus(s) {
 
 async function loadCharts(jobs) {
   const parent = document.getElementById("charts");
-  for (const j of jobs) {
-    const series = await api("api/jobs/" + encodeURIComponent(j.job) + "/metrics");
+  // every job's curve requested at once (the browser keeps several connections), drawn in job order
+  const all = await Promise.all(jobs.map(j => api("api/jobs/" + encodeURIComponent(j.job) + "/metrics")));
+  for (const [i, j] of jobs.entries()) {
+    const series = all[i];
     if (!series.columns.global_step.length && !charts.has(j.job)) continue;
     if (charts.has(j.job)) charts.get(j.job).replace(series);
     else charts.set(j.job, new LossChart(parent, series));
