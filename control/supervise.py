@@ -222,10 +222,9 @@ class Supervision:
                 f"checkpoint; it resumes from {from_step}")))
             d.say(f"job {self.job}: stopped at once (asked twice); it resumes from {from_step}", "warn")
             return
-        if self.stop_reason == "cancel":
-            L.commit(self.stream, ev.Crashed(job=self.job, category="killed", step=j.step, exit_code=code,
-                                             evidence="cancelled by user", suggestion=""),
-                     ev.Cancelled(job=self.job, reason="cancelled by user"))
+        if self.stop_reason == "cancel":  # the user's act, not a crash: no crash record, no red tick on the curve
+            L.commit(self.stream, ev.Cancelled(job=self.job, reason=f"cancelled by user while training (step "
+                                                                   f"{self.step}); its worker was stopped"))
             d.say(f"job {self.job} cancelled")
             return
         self.crashed(j, code)

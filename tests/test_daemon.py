@@ -15,6 +15,7 @@ from helpers import (
     daemon,
     finished,
     ftctl,
+    ftctl_json,
     history,
     kinds,
     make_workspace,
@@ -209,6 +210,37 @@ def test_a_worker_that_ignores_a_pause_is_killed_after_stop_s_and_recorded_as_su
     (c,) = [e["data"] for e in history(home) if e["type"] == "crashed"]
     assert c["category"] == "hang" and "asked to stop (pause)" in c["evidence"] and "ftctl killed it" in c["evidence"], c
     assert status(home, "0001")["state"] == "paused"
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_cancelling_a_training_job_stops_its_worker_and_records_no_crash(tmp_path, demo):
+    """`ftctl cancel` of a job that trains: the worker is stopped, the job is cancelled — the user's act,
+    so no `crashed` event (no crash in `ftctl crashes`, no crash tick on the curve, no budget spent)."""
+    home = make_workspace(tmp_path / "ws", demo.model_dir, iters=100000, save_every=50, steps_per_eval=100000)
+    ftctl(home, "submit", str(demo.train))
+    d = daemon(home)
+    try:
+        wait_for(lambda: "checkpoint_committed" in kinds(home), timeout=120)
+        out = ftctl(home, "cancel", "0001").stdout
+        assert "cancel requested" in out, out
+        wait_for(lambda: "cancelled" in kinds(home), timeout=60)
+        (start,) = [e["data"] for e in history(home) if e["type"] == "training_started"]
+        wait_for(lambda: not _running(start["worker_pid"]), timeout=30)  # its worker is gone, the daemon lives on
+        assert d.poll() is None
+    finally:
+        d.kill()
+        d.wait()
+    assert "crashed" not in kinds(home) and ftctl_json(home, "crashes") == []
+    s = status(home, "0001")
+    assert s["state"] == "cancelled" and s["reason"].startswith("cancelled by user while training (step "), s
 
 
 def test_adapter_loads_and_generates_with_mlx_lm(baseline, demo):
