@@ -269,7 +269,9 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
     if view is not None:
         d["eta"] = f"{duration(view.eta_s)} ({view.eta_basis})" if view.eta_s is not None else (
             f"unknown: {view.eta_basis}" if view.eta_basis else None)
-    for k in ["state", "note" if view is not None else "reason", "live_step", "step", "iters", "eta", "global_step", "attempt", "lineage",
+    # the worker that trains it now (a dead daemon's is in the note, with whether it still runs)
+    d["worker"] = f"pid {j.worker.pid}" if j.worker and not (view is not None and view.stale) else None
+    for k in ["state", "note" if view is not None else "reason", "live_step", "step", "iters", "eta", "global_step", "attempt", "worker", "lineage",
               "base_model", "model_repo", "model_revision", "data_path", "data_sha256", "examples", "valid_path", "last_checkpoint", "last_val_loss",
               "best_val_loss", "adapter_path", "adapter_sha256", "requested", "updated_at"]:
         v = d.get(k)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -198,6 +199,9 @@ def test_live_step_eta_and_notes_that_are_still_true(ws, tmp_path, capsys, monke
         every = v.job.config.steps_per_report  # seconds between reports at 1 step/s
         late = S.status(w, ledger, now=t1 + 10 + max(3 * every, 30) + 1).jobs[0]  # a worker that stopped reporting
         assert late.eta_s is None and late.eta_basis.startswith("no progress report for"), late.eta_basis
+        pid = ledger.state.jobs["0001"].worker.pid
+        _, panel, _ = run(capsys, "status", "0001", "--home", ws)
+        assert re.search(rf"worker\s*│\s*pid {pid}\b", panel), panel  # which process trains it, under a live daemon
     finally:
         process.release_lock(fd)
         ledger.close()
