@@ -106,6 +106,16 @@ def leftovers(home: Path) -> list[Path]:
     return [p for p in (home / "jobs").rglob(".tmp*")]
 
 
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie waits for a reaper; it runs nothing)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def stray_workers(home: Path) -> list[int]:
     """Pids of every `ftctl.adapters.worker` process of this workspace still alive, recorded or
     not: the standby worker is in no event, but must not outlive its daemon either."""

@@ -19,6 +19,7 @@ from helpers import (
     history,
     kinds,
     make_workspace,
+    running,
     status,
     stray_workers,
     survivors,
@@ -111,17 +112,29 @@ def test_truncated_checkpoint_falls_back(tmp_path, demo, baseline):
     assert [e["data"]["step"] for e in history(home) if e["type"] == "checkpoint_corrupt"] == [15]
 
 
+def _held(home, tmp_path, var: str, point: str = "mid_step:12"):
+    """A daemon whose worker stands still at ``point`` (var: FTCTL_HANG_AT, released by a stop, or
+    FTCTL_STUCK_AT, for good), returned once it does."""
+    marker = tmp_path / f"marker-{var}-{point.replace(':', '-')}"
+    d = daemon(home, env={var: f"{point}:{marker}"})
+    try:
+        wait_for(lambda: marker.exists() or d.poll() is not None, timeout=240, every=0.02)
+        assert marker.exists(), d.communicate()
+    except BaseException:
+        if d.poll() is None:
+            d.kill()
+        raise
+    return d
+
+
 def test_sigterm_checkpoints_and_loses_no_step(tmp_path, demo, baseline):
     """SIGTERM while the worker stands still after step 12 (FTCTL_HANG_AT, released by the
     worker's `stop`): the job is interrupted with a checkpoint at exactly step 12, and the
     restart finishes bit for bit."""
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
-    marker = tmp_path / "marker-hang-mid-step-12"
-    d = daemon(home, env={"FTCTL_HANG_AT": f"mid_step:12:{marker}"})
+    d = _held(home, tmp_path, "FTCTL_HANG_AT")
     try:
-        wait_for(lambda: marker.exists() or d.poll() is not None, timeout=240, every=0.02)
-        assert marker.exists(), d.communicate()
         d.send_signal(signal.SIGTERM)
         assert d.wait(timeout=120) == 0, d.stderr.read()
     finally:
@@ -166,12 +179,9 @@ def test_ctrl_c_twice_is_an_interrupt_not_a_crash(tmp_path, demo, baseline):
     no crash, no restart budget spent — resuming from step 10, its last checkpoint."""
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
-    marker = tmp_path / "marker-stuck-mid-step-12"
-    d = daemon(home, env={"FTCTL_STUCK_AT": f"mid_step:12:{marker}"})
+    d = _held(home, tmp_path, "FTCTL_STUCK_AT")
     log = home / "logs" / "daemon.log"
     try:
-        wait_for(lambda: marker.exists() or d.poll() is not None, timeout=240, every=0.02)
-        assert marker.exists(), d.communicate()
         d.send_signal(signal.SIGINT)
         wait_for(lambda: "shutdown requested" in log.read_text(), timeout=30, every=0.02)
         d.send_signal(signal.SIGINT)
@@ -197,11 +207,8 @@ def test_a_worker_that_ignores_a_pause_is_killed_after_stop_s_and_recorded_as_su
     pause still wins: the job is paused, resumable from its last checkpoint."""
     home = make_workspace(tmp_path / "ws", demo.model_dir, timeouts={"hang_s": 240.0, "eval_hang_s": 240.0, "stop_s": 2.0})
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
-    marker = tmp_path / "marker-stuck-mid-step-12"
-    d = daemon(home, env={"FTCTL_STUCK_AT": f"mid_step:12:{marker}"})
+    d = _held(home, tmp_path, "FTCTL_STUCK_AT")
     try:
-        wait_for(lambda: marker.exists() or d.poll() is not None, timeout=240, every=0.02)
-        assert marker.exists(), d.communicate()
         ftctl(home, "pause", "0001")
         wait_for(lambda: "paused" in kinds(home), timeout=60)
     finally:
@@ -210,15 +217,6 @@ def test_a_worker_that_ignores_a_pause_is_killed_after_stop_s_and_recorded_as_su
     (c,) = [e["data"] for e in history(home) if e["type"] == "crashed"]
     assert c["category"] == "hang" and "asked to stop (pause)" in c["evidence"] and "ftctl killed it" in c["evidence"], c
     assert status(home, "0001")["state"] == "paused"
-
-
-def _running(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_cancelling_a_training_job_stops_its_worker_and_records_no_crash(tmp_path, demo):
@@ -233,7 +231,7 @@ def test_cancelling_a_training_job_stops_its_worker_and_records_no_crash(tmp_pat
         assert "cancel requested" in out, out
         wait_for(lambda: "cancelled" in kinds(home), timeout=60)
         (start,) = [e["data"] for e in history(home) if e["type"] == "training_started"]
-        wait_for(lambda: not _running(start["worker_pid"]), timeout=30)  # its worker is gone, the daemon lives on
+        wait_for(lambda: not running(start["worker_pid"]), timeout=30)  # its worker is gone, the daemon lives on
         assert d.poll() is None
     finally:
         d.kill()

@@ -21,6 +21,7 @@ from helpers import (
     history,
     kinds,
     make_workspace,
+    running,
     stray_workers,
     wait_for,
 )
@@ -115,13 +116,6 @@ def _rank_pids(home: Path) -> dict[int, int]:
     return out
 
 
-def _live(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # a zombie waits for a reaper; it runs nothing
-    except psutil.NoSuchProcess:
-        return False
-
-
 def test_a_stopped_rank_is_caught_by_the_watchdog_and_no_rank_outlives_a_killed_daemon(tmp_path, demo):
     home = make_workspace(tmp_path / "ws", demo.model_dir, **{**SMALL, "iters": 400, "save_every": 20},
                           distributed=TWO, timeouts={"hang_s": 6.0, "eval_hang_s": 120.0, "stop_s": 60.0})
@@ -133,7 +127,7 @@ def test_a_stopped_rank_is_caught_by_the_watchdog_and_no_rank_outlives_a_killed_
         c = wait_for(lambda: ftctl_json(home, "crashes"), timeout=60)[0]
         assert (c["category"], c["rank"]) == ("hang", 1), c
         assert "stopped by a signal" in c["evidence"]
-        wait_for(lambda: not any(map(_live, first.values())), timeout=5)
+        wait_for(lambda: not any(map(running, first.values())), timeout=5)
         # restarted from its last checkpoint; then the daemon is SIGKILLed: no rank may be left
         again = wait_for(lambda: (p := _rank_pids(home)).keys() == {0, 1} and set(p.values()).isdisjoint(first.values())
                          and p, timeout=120)
@@ -142,7 +136,7 @@ def test_a_stopped_rank_is_caught_by_the_watchdog_and_no_rank_outlives_a_killed_
         d.wait()
         # a rank on its way out has already lost its command line (so it is no stray worker) but is not a
         # zombie yet: wait for both, within the same bound
-        wait_for(lambda: stray_workers(home) == [] and not any(map(_live, again.values())), timeout=5, every=0.05)
+        wait_for(lambda: stray_workers(home) == [] and not any(map(running, again.values())), timeout=5, every=0.05)
     finally:
         if d.poll() is None:
             d.kill()

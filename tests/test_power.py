@@ -9,10 +9,9 @@ import os
 import signal
 import stat
 
-import psutil
 
 from ftctl.adapters import power
-from helpers import daemon, finished, ftctl, make_workspace, status, wait_for
+from helpers import daemon, finished, ftctl, make_workspace, running, status, wait_for
 
 FAKE = """#!/bin/sh
 echo "start $$ $*" >> "$FAKE_INHIBIT_LOG"
@@ -31,13 +30,6 @@ def _pids(log) -> list[int]:
     for line in log.read_text().splitlines() if log.exists() else []:
         out.append(int(line.split()[1]))
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_the_commands_per_platform():
@@ -66,7 +58,7 @@ def test_held_while_training_released_after_and_dies_with_the_daemon(tmp_path, d
     try:
         wait_for(lambda: len(_pids(log)) == 2 and (tmp_path / "hang-marker").exists(), timeout=120)
         sh, cat = _pids(log)
-        assert _alive(sh) and _alive(cat)
+        assert running(sh) and running(cat)
         assert "--what=sleep:idle" in log.read_text() and "--mode=block" in log.read_text()
         assert os.getpgid(sh) == os.getpgid(d.pid)  # a child in the daemon's process group
         s = status(home)["daemon"]
@@ -74,7 +66,7 @@ def test_held_while_training_released_after_and_dies_with_the_daemon(tmp_path, d
         assert f"keeping the machine awake (systemd-inhibit pid {sh})" in s["summary"]
         d.send_signal(signal.SIGKILL)
         d.wait(10)
-        wait_for(lambda: not _alive(sh) and not _alive(cat), timeout=10, every=0.1)  # gone with the daemon
+        wait_for(lambda: not running(sh) and not running(cat), timeout=10, every=0.1)  # gone with the daemon
     finally:
         if d.poll() is None:
             d.kill()
@@ -82,7 +74,7 @@ def test_held_while_training_released_after_and_dies_with_the_daemon(tmp_path, d
           timeout=600)
     finished(home)
     pids = _pids(log)
-    assert len(pids) == 4 and not any(map(_alive, pids))  # held again for the resumed run, released at its end
+    assert len(pids) == 4 and not any(map(running, pids))  # held again for the resumed run, released at its end
     assert not (home / "run" / power.STATE_FILE).exists()
     assert status(home)["daemon"]["power"] is None
 
