@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftctl.adapters import fs
+from ftctl.adapters import fs, process
 from ftctl.core.config import (Config, ConfigError, blame_override, decode_config, default_config_dict,
                                merge_overrides)
 from ftctl.events.journal import Journal, JournalError
@@ -76,7 +76,7 @@ class Workspace:
         out = []
         for d in sorted((self.home / "run").glob("reproduce-*-*")):
             pid = d.name.rpartition("-")[2]
-            if (d / SCRATCH_MARKER).is_file() and pid.isdigit() and int(pid) != os.getpid() and not _pid_exists(int(pid)):
+            if (d / SCRATCH_MARKER).is_file() and pid.isdigit() and int(pid) != os.getpid() and not process.psutil.pid_exists(int(pid)):
                 out.append(d)
         return out
 
@@ -179,16 +179,6 @@ def init_workspace(home: Path, model: str, extra: dict | None = None, then=None)
     finally:
         os.umask(old)
     return ws
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
 
 
 def write_private(path: Path, text: str) -> None:
