@@ -45,7 +45,7 @@ HELP: dict[str, tuple[str, str]] = {
                   "Shows the first non-finite step and the failing batch (lines of the job's data, token lengths, first "
                   "characters) and records only a `crash_reproduced` event.",
                   "ftctl reproduce 3\n  ftctl reproduce 3 --crash 1 --trace replay.jsonl\n  ftctl reproduce 3 --step 40"),
-    "pause": ("Pause a job. A training job checkpoints first (the daemon does it within a second); `ftctl resume "
+    "pause": ("Pause a job. A training job checkpoints first (the daemon acts on it within a second); `ftctl resume "
               "JOB` queues it again.",
               "ftctl pause 3"),
     "resume": ("Queue a paused job again; it continues from its last checkpoint.", "ftctl resume 3"),
