@@ -24,6 +24,15 @@ def _read_ledger(ws) -> Ledger:
     return Ledger(ws.open_journal(), write_snapshots=False)
 
 
+def _csv_cell(v) -> object:
+    """None is an empty cell; a list (per-rank tokens/s) is "r0;r1;..." with an empty entry for None."""
+    if v is None:
+        return ""
+    if isinstance(v, list):
+        return ";".join("" if t is None else f"{t:.1f}" for t in v)
+    return v
+
+
 def cmd_metrics(args, ws) -> int:
     ledger = _read_ledger(ws)
     all_series = metrics.lineage_series(ledger, args.job, args.lineage, since=args.since, superseded=args.all)
@@ -41,8 +50,7 @@ def cmd_metrics(args, ws) -> int:
     if args.csv:
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(cols)
-        w.writerows([["" if p[c] is None else ";".join("" if t is None else f"{t:.1f}" for t in p[c]) if isinstance(p[c], list) else p[c]
-                      for c in cols] for p in points])  # per-rank tokens/s: "r0;r1;..."
+        w.writerows([[_csv_cell(p[c]) for c in cols] for p in points])
         return 0
     if not points:
         render.console.print("no metrics recorded" + (f" after global step {args.since}" if args.since is not None else "")
