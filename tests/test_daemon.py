@@ -331,7 +331,9 @@ def test_preflight_refuses_a_model_folder_that_cannot_load(tmp_path, demo):
 
 
 def _worker_maps(home) -> str:
-    """/proc/<pid>/maps of the workspace's training worker, once one runs."""
+    """/proc/<pid>/maps of the workspace's training worker, once it has imported MLX. Not sooner: its
+    command line is the worker's from execve on, before the loader has mapped the LD_PRELOAD-ed
+    libraries (a CI run read the maps in that window); by MLX's import they are long mapped."""
     import psutil
 
     def find():
@@ -339,9 +341,10 @@ def _worker_maps(home) -> str:
             cmd = p.info["cmdline"] or []
             if "ftctl.adapters.worker" in cmd and str(home) in cmd:
                 try:
-                    return open(f"/proc/{p.pid}/maps").read()
+                    maps = open(f"/proc/{p.pid}/maps").read()
                 except OSError:
                     return None
+                return maps if "libmlx" in maps else None
         return None
     return wait_for(find, timeout=120, every=0.02)
 
