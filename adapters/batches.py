@@ -65,8 +65,7 @@ class TrainBatches:
         self.seed = seed
         order = sorted(range(len(items)), key=lambda i: (len(items[i][0]), i))
         self.groups = [
-            order[i : i + batch_size]
-            for i in range(0, len(order) - batch_size + 1, batch_size)
+            order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)
         ]
         self.longest = max(len(t) for t, _ in items)
 

@@ -42,16 +42,18 @@ KNOWN_PATHS = (  # Debian/Ubuntu (alternatives and the pthread flavour), Fedora/
     "/usr/lib/libopenblas.so.0",
     "/usr/lib/libopenblas.so",
 )
-INSTALL_HINT = ('install an optimized BLAS: `pip install "ftctl[openblas]"` (the cmeel-openblas wheel), '
-                "or `sudo apt-get install libopenblas0-pthread` (Debian/Ubuntu)")
+INSTALL_HINT = (
+    'install an optimized BLAS: `pip install "ftctl[openblas]"` (the cmeel-openblas wheel), '
+    "or `sudo apt-get install libopenblas0-pthread` (Debian/Ubuntu)"
+)
 
 
 class Choice(msgspec.Struct, frozen=True):
-    setting: str            # the config value: auto | reference | a path
-    kind: str               # openblas | reference | custom | platform
-    library: str            # the library the worker's BLAS calls go to ("" = the platform's own)
-    env: dict[str, str]     # added to the worker's environment
-    why: str                # one line: why this one (and, for reference, how to get a fast one)
+    setting: str  # the config value: auto | reference | a path
+    kind: str  # openblas | reference | custom | platform
+    library: str  # the library the worker's BLAS calls go to ("" = the platform's own)
+    env: dict[str, str]  # added to the worker's environment
+    why: str  # one line: why this one (and, for reference, how to get a fast one)
     threads: str
 
     def describe(self) -> str:
@@ -109,7 +111,9 @@ def pypi_openblas() -> str | None:
     else ngsolve-openblas if it happens to be installed."""
     if not sys.platform.startswith("linux"):
         return None
-    return _dist_file("cmeel-openblas", "lib/libopenblas.so.0") or _dist_file("ngsolve-openblas", ".so")
+    return _dist_file("cmeel-openblas", "lib/libopenblas.so.0") or _dist_file(
+        "ngsolve-openblas", ".so"
+    )
 
 
 def bundled_reference() -> str | None:
@@ -137,7 +141,10 @@ def _gfortran_shim(lib: str, shim_dir: Path) -> dict[str, str]:
     if not gfortran:
         return {}
     shim_dir.mkdir(parents=True, exist_ok=True)
-    links = {"libgfortran.so.5": gfortran[0], **{p.name: p for p in libs.iterdir() if not p.name.startswith("libblas")}}
+    links = {
+        "libgfortran.so.5": gfortran[0],
+        **{p.name: p for p in libs.iterdir() if not p.name.startswith("libblas")},
+    }
     for name, target in links.items():
         link = shim_dir / name
         if not (link.is_symlink() and os.readlink(link) == str(target)):
@@ -154,11 +161,20 @@ def _probe(lib: str, env: dict[str, str]) -> str | None:
     makes every exec fail, so try it once, without MLX, before a worker depends on it."""
     code = "import ctypes,sys; ctypes.CDLL(sys.argv[1]).cblas_sgemm"
     try:
-        p = subprocess.run([sys.executable, "-c", code, lib], env={**os.environ, **env},
-                           capture_output=True, text=True, timeout=30)
+        p = subprocess.run(
+            [sys.executable, "-c", code, lib],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError) as e:
         return str(e)
-    return None if p.returncode == 0 else (p.stderr.strip().splitlines() or ["exit %d" % p.returncode])[-1]
+    return (
+        None
+        if p.returncode == 0
+        else (p.stderr.strip().splitlines() or ["exit %d" % p.returncode])[-1]
+    )
 
 
 def _threads(kind: str, env: dict[str, str]) -> str:
@@ -181,14 +197,29 @@ def choose(setting: str = "auto", shim_dir: str | None = None) -> Choice:
         shim = Path(shim_dir)
     else:  # one folder per installation (its links point into this interpreter's site-packages)
         tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
-        shim = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ftctl" / f"blas-{tag}"
+        shim = (
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+            / "ftctl"
+            / f"blas-{tag}"
+        )
     if not sys.platform.startswith("linux"):
-        return Choice(setting, "platform", "", {}, f"{sys.platform}: MLX uses the platform's BLAS", "")
+        return Choice(
+            setting, "platform", "", {}, f"{sys.platform}: MLX uses the platform's BLAS", ""
+        )
     ref = bundled_reference() or ""
     if setting == "reference":
-        return Choice(setting, "reference", ref, {}, "blas: reference (the netlib BLAS bundled with mlx[cpu])", "1")
+        return Choice(
+            setting,
+            "reference",
+            ref,
+            {},
+            "blas: reference (the netlib BLAS bundled with mlx[cpu])",
+            "1",
+        )
     if setting == "auto":
-        candidates = [(p, "system") for p in [system_openblas()] if p] + [(p, "PyPI") for p in [pypi_openblas()] if p]
+        candidates = [(p, "system") for p in [system_openblas()] if p] + [
+            (p, "PyPI") for p in [pypi_openblas()] if p
+        ]
         kind = "openblas"
     else:
         candidates, kind = [(os.path.abspath(os.path.expanduser(setting)), "configured")], "custom"
@@ -201,11 +232,22 @@ def choose(setting: str = "auto", shim_dir: str | None = None) -> Choice:
         env = {"LD_PRELOAD": lib + (" " + prev if prev else ""), **_gfortran_shim(lib, shim)}
         problem = _probe(lib, env)
         if problem is None:
-            return Choice(setting, kind, lib, env, f"{origin} OpenBLAS preloaded into the worker" if kind == "openblas"
-                          else "blas: path from the config, preloaded into the worker", _threads(kind, env))
+            return Choice(
+                setting,
+                kind,
+                lib,
+                env,
+                f"{origin} OpenBLAS preloaded into the worker"
+                if kind == "openblas"
+                else "blas: path from the config, preloaded into the worker",
+                _threads(kind, env),
+            )
         problems.append(f"{lib} cannot be preloaded: {problem}")
-    why = ("; ".join(problems) + "; " if problems else "no optimized BLAS found; ") + \
-        "using mlx[cpu]'s bundled reference BLAS (slow): " + INSTALL_HINT
+    why = (
+        ("; ".join(problems) + "; " if problems else "no optimized BLAS found; ")
+        + "using mlx[cpu]'s bundled reference BLAS (slow): "
+        + INSTALL_HINT
+    )
     return Choice(setting, "reference", ref, {}, why, "1")
 
 
@@ -225,16 +267,24 @@ def fingerprint(choice: Choice) -> dict[str, str]:
             size = f" ({os.path.getsize(os.path.realpath(choice.library))} bytes)"
         except OSError:
             pass
-    return {"mlx": _version("mlx"), "mlx_lm": _version("mlx-lm"), "blas": choice.describe() + size,
-            "blas_threads": choice.threads, "platform": f"{platform.system()}-{platform.machine()}"}
+    return {
+        "mlx": _version("mlx"),
+        "mlx_lm": _version("mlx-lm"),
+        "blas": choice.describe() + size,
+        "blas_threads": choice.threads,
+        "platform": f"{platform.system()}-{platform.machine()}",
+    }
 
 
 def fingerprint_diff(before: dict[str, str], after: dict[str, str]) -> list[str]:
     """The keys that differ, as 'key: old -> new' (empty when either side is unknown: old journals)."""
     if not before or not after:
         return []
-    return [f"{k}: {before.get(k, '?')} -> {after.get(k, '?')}" for k in sorted(set(before) | set(after))
-            if before.get(k) != after.get(k)]
+    return [
+        f"{k}: {before.get(k, '?')} -> {after.get(k, '?')}"
+        for k in sorted(set(before) | set(after))
+        if before.get(k) != after.get(k)
+    ]
 
 
 def for_worker(setting: str = "auto") -> tuple[Choice, dict[str, str]]:

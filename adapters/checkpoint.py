@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Callable
 
 import msgspec
 
-if TYPE_CHECKING:  # MLX is imported where arrays are written or read: recovery and status never load it
+if (
+    TYPE_CHECKING
+):  # MLX is imported where arrays are written or read: recovery and status never load it
     import mlx.core as mx
 
 from ftctl.events.types import CheckpointRecord
@@ -112,9 +114,20 @@ def sha256(data: bytes) -> str:
 
 
 _DTYPES = {  # MLX dtype name -> safetensors dtype
-    "bool": "BOOL", "uint8": "U8", "uint16": "U16", "uint32": "U32", "uint64": "U64", "int8": "I8",
-    "int16": "I16", "int32": "I32", "int64": "I64", "float16": "F16", "bfloat16": "BF16", "float32": "F32",
-    "float64": "F64", "complex64": "C64",
+    "bool": "BOOL",
+    "uint8": "U8",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "int8": "I8",
+    "int16": "I16",
+    "int32": "I32",
+    "int64": "I64",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "float64": "F64",
+    "complex64": "C64",
 }
 
 
@@ -158,8 +171,12 @@ def safetensors_chunks(arrays: dict[str, mx.array]) -> list:
 
 
 # the exponent bits of each float format: all ones means inf or NaN
-_NONFINITE = {"F16": ("uint16", 0x7C00), "BF16": ("uint16", 0x7F80), "F32": ("uint32", 0x7F800000),
-              "F64": ("uint64", 0x7FF0000000000000)}
+_NONFINITE = {
+    "F16": ("uint16", 0x7C00),
+    "BF16": ("uint16", 0x7F80),
+    "F32": ("uint32", 0x7F800000),
+    "F64": ("uint64", 0x7FF0000000000000),
+}
 
 
 def nonfinite_tensors(chunks: list, block: int = 1 << 20) -> list[str]:
@@ -213,8 +230,13 @@ def checkpoint_files(ckpt: Checkpoint) -> dict:
     }
 
 
-def write_checkpoint(job_dir, files: dict, st: TrainState, fs: FS | None = None,
-                     check: Callable[[dict], None] | None = None) -> CheckpointRecord:
+def write_checkpoint(
+    job_dir,
+    files: dict,
+    st: TrainState,
+    fs: FS | None = None,
+    check: Callable[[dict], None] | None = None,
+) -> CheckpointRecord:
     """Write checkpoint_files(...) as checkpoint step-<st.job_step>: pure I/O, no MLX call, so it
     may run on a background thread (see CheckpointWriter). `check(buffers)` runs beside the write
     on the files' buffers (name -> list of buffers); if it raises, nothing is committed (the temp
@@ -227,8 +249,15 @@ def write_checkpoint(job_dir, files: dict, st: TrainState, fs: FS | None = None,
             fs.fsync_dir(d.parent)
     meta = {"kind": "checkpoint", "step": st.job_step, "global_step": st.global_step}
     path, manifest_sha, total = _commit(parent, step_dir_name(st.job_step), files, meta, fs, check)
-    return CheckpointRecord(step=st.job_step, global_step=st.global_step, path=str(path), manifest_sha256=manifest_sha,
-                            bytes=total, train_loss=st.train_loss, val_loss=st.val_loss)
+    return CheckpointRecord(
+        step=st.job_step,
+        global_step=st.global_step,
+        path=str(path),
+        manifest_sha256=manifest_sha,
+        bytes=total,
+        train_loss=st.train_loss,
+        val_loss=st.val_loss,
+    )
 
 
 class CheckpointWriter:
@@ -252,7 +281,9 @@ class CheckpointWriter:
         self._error: BaseException | None = None
         self.write_s = 0.0  # the last write's duration, on the writer thread
 
-    def submit(self, files: dict, state: TrainState, check: Callable[[dict], None] | None = None) -> float:
+    def submit(
+        self, files: dict, state: TrainState, check: Callable[[dict], None] | None = None
+    ) -> float:
         """Start writing; return the seconds spent waiting for the previous write. ``check`` runs
         beside the write (see write_checkpoint): if it raises, nothing is committed and that error
         is the write's."""
@@ -260,7 +291,9 @@ class CheckpointWriter:
         self.wait()
         waited = time.perf_counter() - t0
         if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, daemon=True, name="checkpoint-writer")
+            self._thread = threading.Thread(
+                target=self._serve, daemon=True, name="checkpoint-writer"
+            )
             self._thread.start()
         self._idle.clear()
         self._jobs.put((files, state, check))

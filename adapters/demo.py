@@ -45,7 +45,9 @@ def build_demo(
     seed: int = 0,
 ) -> DemoPaths:
     dest = Path(dest)
-    with creating(dest) as made:  # on failure: a WorkspaceError, and what this call created is removed
+    with creating(
+        dest
+    ) as made:  # on failure: a WorkspaceError, and what this call created is removed
         for d in (dest / "model", dest / "data" / "formats"):
             make_folder(d, made)
         before = _files(dest)
@@ -122,7 +124,9 @@ def _chat(q: str, a: str) -> dict:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    fs.write_durable(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode(), 0o666)
+    fs.write_durable(
+        path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode(), 0o666
+    )
 
 
 def _save_tokenizer(model_dir: Path, corpus: list[str], vocab: int) -> int:
@@ -177,6 +181,13 @@ def _save_model(model_dir, hidden, layers, heads, vocab, seed, eos_id) -> None:
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(weights)
     ordered = {k: weights[k] for k in sorted(weights)}
-    fs.replace_durably(model_dir / "model.safetensors",
-                       lambda f: mx.save_safetensors(f, ordered, metadata={"format": "mlx"}), 0o666)
-    fs.write_durable(model_dir / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), 0o666)
+    fs.replace_durably(
+        model_dir / "model.safetensors",
+        lambda f: mx.save_safetensors(f, ordered, metadata={"format": "mlx"}),
+        0o666,
+    )
+    fs.write_durable(
+        model_dir / "config.json",
+        (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+        0o666,
+    )

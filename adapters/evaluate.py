@@ -23,8 +23,8 @@ from .trainer import evaluate_loss
 @dataclass(frozen=True)
 class Scores:
     examples: int
-    tokens: int                 # tokens scored (the prompt's are not, with mask_prompt)
-    base_loss: float | None     # None: not finite
+    tokens: int  # tokens scored (the prompt's are not, with mask_prompt)
+    base_loss: float | None  # None: not finite
     adapter_loss: float | None
 
     @property
@@ -46,8 +46,15 @@ def perplexity(loss: float | None) -> float | None:
         return None
 
 
-def score(model_path: str, adapter_path: str, data: bytes, *, batch_size: int, max_seq_length: int,
-          mask_prompt: bool) -> Scores:
+def score(
+    model_path: str,
+    adapter_path: str,
+    data: bytes,
+    *,
+    batch_size: int,
+    max_seq_length: int,
+    mask_prompt: bool,
+) -> Scores:
     """Loss of the base model and of base + adapter on the valid records of ``data`` (JSONL bytes).
     Raises ValueError when the data has nothing to score."""
     model, tokenizer = load_model(model_path)
@@ -55,11 +62,18 @@ def score(model_path: str, adapter_path: str, data: bytes, *, batch_size: int, m
     batches = evaluation_batches(items, batch_size, max_seq_length)
     base, tokens = evaluate_loss(model, batches) if batches else (math.nan, 0)
     if tokens == 0:
-        raise ValueError("the data has no token to score (every example is empty, or all prompt with "
-                         "mask_prompt on, or cut off by max_seq_length)")
+        raise ValueError(
+            "the data has no token to score (every example is empty, or all prompt with "
+            "mask_prompt on, or cut off by max_seq_length)"
+        )
     model = load_adapters(model, adapter_path)
     adapted, _ = evaluate_loss(model, batches)
-    return Scores(examples=len(items), tokens=int(tokens), base_loss=_finite(base), adapter_loss=_finite(adapted))
+    return Scores(
+        examples=len(items),
+        tokens=int(tokens),
+        base_loss=_finite(base),
+        adapter_loss=_finite(adapted),
+    )
 
 
 def _finite(x: float) -> float | None:

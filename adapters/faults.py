@@ -43,7 +43,11 @@ POINTS = {  # every crash_point() call names one of these (tests/test_layers.py 
 def _armed() -> dict[str, list[tuple[str, str, str]]]:
     out: dict[str, list[tuple[str, str, str]]] = {}
     rank = os.environ.get("MLX_RANK", "0")
-    for var, action in (("FTCTL_CRASH_AT", "kill"), ("FTCTL_HANG_AT", "hang"), ("FTCTL_STUCK_AT", "stuck")):
+    for var, action in (
+        ("FTCTL_CRASH_AT", "kill"),
+        ("FTCTL_HANG_AT", "hang"),
+        ("FTCTL_STUCK_AT", "stuck"),
+    ):
         for item in filter(None, os.environ.get(var, "").split(",")):
             name, step, marker = item.split(":", 2)
             name, _, only = name.partition("@")

@@ -66,16 +66,19 @@ def fused_bytes(base: Path) -> int:
     """About how large the fused model of ``base`` is: as large, or 16/bits times for a quantized one."""
     size = folder_bytes(base)
     try:
-        bits = json.loads((Path(base) / "config.json").read_text()).get("quantization", {}).get("bits")
+        bits = (
+            json.loads((Path(base) / "config.json").read_text()).get("quantization", {}).get("bits")
+        )
     except (OSError, ValueError, AttributeError):
         bits = None
     return int(size * 16 / bits) if isinstance(bits, int) and bits > 0 else size
 
 
-
 def weights_sha256(files: dict) -> str:
     """One sha256 over a model manifest's weight files (their sha256s, in name order)."""
-    return hashlib.sha256("".join(files[k]["sha256"] for k in sorted(files) if k.endswith(".safetensors")).encode()).hexdigest()
+    return hashlib.sha256(
+        "".join(files[k]["sha256"] for k in sorted(files) if k.endswith(".safetensors")).encode()
+    ).hexdigest()
 
 
 def verify_model_dir(path: Path) -> str:
@@ -117,13 +120,21 @@ def fuse(base: Path, adapter: Path, models: Path, version: int, fs: FS | None = 
         model, tokenizer, config = load(str(base), adapter_path=str(adapter), return_config=True)
         expected = _logits(model, mx)
         quantized = "quantization" in config
-        fused = [(n, m.fuse(dequantize=quantized)) for n, m in model.named_modules() if hasattr(m, "fuse")]
+        fused = [
+            (n, m.fuse(dequantize=quantized))
+            for n, m in model.named_modules()
+            if hasattr(m, "fuse")
+        ]
         if not fused:
             raise FuseError(f"{adapter} holds no LoRA/DoRA layers to fuse")
         model.update_modules(tree_unflatten(fused))
-        if quantized:  # the layers without an adapter too: one float model (see the module docstring)
+        if (
+            quantized
+        ):  # the layers without an adapter too: one float model (see the module docstring)
             model = dequantize_model(model)
-            config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+            config = {
+                k: v for k, v in config.items() if k not in ("quantization", "quantization_config")
+            }
         crash_point("consolidate_mid_fuse", version)
         save(tmp, str(base), model, tokenizer, config, donate_model=False)
         crash_point("consolidate_mid_write", version)
@@ -132,7 +143,13 @@ def fuse(base: Path, adapter: Path, models: Path, version: int, fs: FS | None = 
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
             files[str(f.relative_to(tmp))] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-        manifest = {"format": FORMAT, "version": version, "base": str(base), "adapter": str(adapter), "files": files}
+        manifest = {
+            "format": FORMAT,
+            "version": version,
+            "base": str(base),
+            "adapter": str(adapter),
+            "files": files,
+        }
         fs.write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
         fs.fsync_dir(tmp)
         del model
@@ -143,11 +160,18 @@ def fuse(base: Path, adapter: Path, models: Path, version: int, fs: FS | None = 
         diff = float(mx.max(mx.abs(got - expected)).item())
         scale = max(float(mx.max(mx.abs(expected)).item()), 1.0)
         if diff > 1e-3 * scale:
-            raise FuseError(f"the fused model differs from base + adapter by {diff:.3g} (tolerance {1e-3 * scale:.3g})")
+            raise FuseError(
+                f"the fused model differs from base + adapter by {diff:.3g} (tolerance {1e-3 * scale:.3g})"
+            )
         fs.rename(tmp, final)
         fs.fsync_dir(models)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     crash_point("consolidate_after_rename", version)
-    return FusedModel(path=final, weights_sha256=weights_sha256(files), bytes=folder_bytes(final), max_abs_diff=diff)
+    return FusedModel(
+        path=final,
+        weights_sha256=weights_sha256(files),
+        bytes=folder_bytes(final),
+        max_abs_diff=diff,
+    )

@@ -41,12 +41,36 @@ DTYPES = ("float16", "bfloat16", "float32")
 PROBE = "The capital of France is"  # the verification's prompt: its greedy continuation is shown
 GROUP_SIZE = 32  # every GGUF type MLX keeps quantized (Q4_0, Q4_1, Q8_0) has blocks of 32
 # llama.cpp's general.file_type (enum llama_ftype), for the journal and messages
-FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
-              12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
-              32: "BF16"}
-_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-          "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+FILE_TYPES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    32: "BF16",
+}
+_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 # tokenizer.ggml.pre -> the pre-tokenizer of the model's own tokenizer.json (when transformers' table lacks it)
 _GPT2 = "gpt2"
@@ -63,7 +87,7 @@ class GGUFInfo:
     path: Path
     architecture: str
     name: str
-    quantization: str   # "Q4_1", "F16", ... (general.file_type)
+    quantization: str  # "Q4_1", "F16", ... (general.file_type)
 
 
 @dataclass(frozen=True)
@@ -72,11 +96,11 @@ class Imported:
     source: Path
     source_sha256: str
     quantization: str
-    dtype: str | None   # None: kept quantized as in the file
+    dtype: str | None  # None: kept quantized as in the file
     weights_sha256: str
     bytes: int
     seconds: float
-    sample: str         # the verification's greedy continuation of PROBE
+    sample: str  # the verification's greedy continuation of PROBE
 
 
 def _meta(path: Path):
@@ -107,17 +131,26 @@ def inspect(path) -> GGUFInfo:
     _, meta = _meta(path)
     arch = str(_scalar(meta, "general.architecture", ""))
     if arch not in SUPPORTED:
-        raise GGUFError(f"{path.name} is a {arch or 'unknown'!r} model; importing GGUF supports the Llama family "
-                        f"only (general.architecture {', '.join(map(repr, SUPPORTED))} with a byte-level BPE tokenizer: "
-                        "SmolLM/SmolLM2, Llama 3.0). Convert its Hugging Face release with mlx_lm.convert instead")
+        raise GGUFError(
+            f"{path.name} is a {arch or 'unknown'!r} model; importing GGUF supports the Llama family "
+            f"only (general.architecture {', '.join(map(repr, SUPPORTED))} with a byte-level BPE tokenizer: "
+            "SmolLM/SmolLM2, Llama 3.0). Convert its Hugging Face release with mlx_lm.convert instead"
+        )
     kind = _scalar(meta, "tokenizer.ggml.model")
     if kind != _GPT2:
-        raise GGUFError(f"its tokenizer is {kind!r}; the GGUF import builds byte-level BPE tokenizers "
-                        "(tokenizer.ggml.model 'gpt2': SmolLM/SmolLM2, Llama 3.0) only, not sentencepiece ones "
-                        "(TinyLlama, Llama 2, Mistral). Convert its Hugging Face release with mlx_lm.convert instead")
+        raise GGUFError(
+            f"its tokenizer is {kind!r}; the GGUF import builds byte-level BPE tokenizers "
+            "(tokenizer.ggml.model 'gpt2': SmolLM/SmolLM2, Llama 3.0) only, not sentencepiece ones "
+            "(TinyLlama, Llama 2, Mistral). Convert its Hugging Face release with mlx_lm.convert instead"
+        )
     ftype = _scalar(meta, "general.file_type")
     quant = FILE_TYPES.get(int(ftype), f"file_type {ftype}") if ftype is not None else "unknown"
-    return GGUFInfo(path=path, architecture=arch, name=str(_scalar(meta, "general.name", path.stem)), quantization=quant)
+    return GGUFInfo(
+        path=path,
+        architecture=arch,
+        name=str(_scalar(meta, "general.name", path.stem)),
+        quantization=quant,
+    )
 
 
 # --------------------------------------------------------------------------- weights
@@ -136,15 +169,24 @@ def _hf_name(name: str) -> str:
         return f"model.layers.{m.group(1)}.{_NAMES[m.group(2)]}.{kind}"
     if base in _TOP:
         return f"{_TOP[base]}.{kind}"
-    raise GGUFError(f"unexpected tensor {name!r} for a Llama model (rope scaling tensors such as rope_freqs, "
-                    "used by Llama 3.1+, are not supported)")
+    raise GGUFError(
+        f"unexpected tensor {name!r} for a Llama model (rope scaling tensors such as rope_freqs, "
+        "used by Llama 3.1+, are not supported)"
+    )
 
 
 def _weights(weights: dict, meta: dict, dtype: str | None) -> tuple[dict, dict | None]:
     """HF-named weights and the config's "quantization" entry (None when dequantized or unquantized)."""
     import mlx.core as mx
 
-    heads, kv = int(_scalar(meta, "llama.attention.head_count")), int(_scalar(meta, "llama.attention.head_count_kv", _scalar(meta, "llama.attention.head_count")))
+    heads, kv = (
+        int(_scalar(meta, "llama.attention.head_count")),
+        int(
+            _scalar(
+                meta, "llama.attention.head_count_kv", _scalar(meta, "llama.attention.head_count")
+            )
+        ),
+    )
     out, bits_of = {}, {}
     for name, w in weights.items():
         if name.rsplit(".", 1)[0].endswith(("attn_q", "attn_k")):
@@ -155,7 +197,9 @@ def _weights(weights: dict, meta: dict, dtype: str | None) -> tuple[dict, dict |
         w, s = out[f"{layer}.weight"], out[name]
         bits = w.shape[-1] * 32 // (s.shape[-1] * GROUP_SIZE)
         if dtype is not None:
-            out[f"{layer}.weight"] = mx.dequantize(w, s, out.pop(f"{layer}.biases"), group_size=GROUP_SIZE, bits=bits)
+            out[f"{layer}.weight"] = mx.dequantize(
+                w, s, out.pop(f"{layer}.biases"), group_size=GROUP_SIZE, bits=bits
+            )
             del out[name]
         else:
             bits_of[layer] = bits
@@ -167,7 +211,10 @@ def _weights(weights: dict, meta: dict, dtype: str | None) -> tuple[dict, dict |
         return out, None
     common = max(set(bits_of.values()), key=list(bits_of.values()).count)
     quant = {"group_size": GROUP_SIZE, "bits": common, "mode": "affine"}
-    for layer, b in bits_of.items():  # a file mixing types (e.g. Q8_0 embeddings): per-layer entries
+    for (
+        layer,
+        b,
+    ) in bits_of.items():  # a file mixing types (e.g. Q8_0 embeddings): per-layer entries
         if b != common:
             quant[layer] = {"group_size": GROUP_SIZE, "bits": b, "mode": "affine"}
     return out, quant
@@ -176,7 +223,9 @@ def _weights(weights: dict, meta: dict, dtype: str | None) -> tuple[dict, dict |
 def _config(meta: dict, weights: dict, quant: dict | None) -> dict:
     g = lambda k, d=None: _scalar(meta, f"llama.{k}", d)  # noqa: E731
     if g("rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in weights:
-        raise GGUFError("the model uses RoPE scaling (Llama 3.1+ style), which the GGUF import does not support yet")
+        raise GGUFError(
+            "the model uses RoPE scaling (Llama 3.1+ style), which the GGUF import does not support yet"
+        )
     heads = int(g("attention.head_count"))
     hidden = int(g("embedding_length"))
     cfg = {
@@ -211,7 +260,10 @@ def _tokenizer(meta: dict, out: Path) -> None:
     from tokenizers import Regex, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-        GGUF_PRE_TOKENIZER_SPLITS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+        GGUF_PRE_TOKENIZER_SPLITS,
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
 
     names = GGUF_TOKENIZER_MAPPING["tokenizer"]
     tdict = {}
@@ -229,19 +281,31 @@ def _tokenizer(meta: dict, out: Path) -> None:
     pre = tdict.get("pre_tokenizer_type")
     if pre == "smollm":  # SmolLM's own tokenizer.json: each digit alone, then the GPT-2 regex
         backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+            ]
+        )
     elif pre not in GGUF_PRE_TOKENIZER_SPLITS and pre not in (None, "default", "gpt2", "gpt-2"):
-        raise GGUFError(f"its pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not one the import knows; a tokenizer "
-                        "that splits text differently from training would silently degrade the model")
+        raise GGUFError(
+            f"its pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not one the import knows; a tokenizer "
+            "that splits text differently from training would silently degrade the model"
+        )
     elif pre in GGUF_PRE_TOKENIZER_SPLITS:
         backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS[pre]), behavior="isolated"),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            [
+                pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tokens = tdict["tokens"]
     special = {}
-    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unk_token_id"), ("pad_token", "pad_token_id")):
+    for name, key in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unk_token_id"),
+        ("pad_token", "pad_token_id"),
+    ):
         if tdict.get(key) is not None and 0 <= int(tdict[key]) < len(tokens):
             special[name] = tokens[int(tdict[key])]
     template = _scalar(meta, "tokenizer.chat_template")
@@ -260,7 +324,6 @@ def cpu_only() -> bool:
     return not mx.metal.is_available()
 
 
-
 def _verify(folder: Path) -> str:
     """Load with mlx_lm.load and generate greedily; the continuation, or GGUFError."""
     import mlx.core as mx
@@ -277,8 +340,14 @@ def _verify(folder: Path) -> str:
     return tok.decode(out)
 
 
-def import_gguf(source, dest_root: Path, *, dtype: str | None = None, name: str | None = None,
-                fs: FS | None = None) -> Imported:
+def import_gguf(
+    source,
+    dest_root: Path,
+    *,
+    dtype: str | None = None,
+    name: str | None = None,
+    fs: FS | None = None,
+) -> Imported:
     """Convert ``source`` into ``dest_root/NAME`` (temp folder, fsync, manifest, verify, rename).
 
     ``dtype`` None keeps the file's quantization; else the weights are dequantized to it.
@@ -312,8 +381,14 @@ def import_gguf(source, dest_root: Path, *, dtype: str | None = None, name: str 
                 os.fsync(fh.fileno())
             files[str(f.relative_to(tmp))] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
         source_sha = sha256_file(source)
-        manifest = {"format": FORMAT, "source": str(source), "source_sha256": source_sha,
-                    "quantization": info.quantization, "dtype": dtype, "files": files}
+        manifest = {
+            "format": FORMAT,
+            "source": str(source),
+            "source_sha256": source_sha,
+            "quantization": info.quantization,
+            "dtype": dtype,
+            "files": files,
+        }
         fs.write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
         fs.fsync_dir(tmp)
         sample = _verify(tmp)
@@ -323,6 +398,14 @@ def import_gguf(source, dest_root: Path, *, dtype: str | None = None, name: str 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     weights_sha = weights_sha256(files)
-    return Imported(path=final, source=source, source_sha256=source_sha, quantization=info.quantization, dtype=dtype,
-                    weights_sha256=weights_sha, bytes=sum(m["bytes"] for m in files.values()),
-                    seconds=time.perf_counter() - tic, sample=sample)
+    return Imported(
+        path=final,
+        source=source,
+        source_sha256=source_sha,
+        quantization=info.quantization,
+        dtype=dtype,
+        weights_sha256=weights_sha,
+        bytes=sum(m["bytes"] for m in files.values()),
+        seconds=time.perf_counter() - tic,
+        sample=sample,
+    )

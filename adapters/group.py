@@ -38,9 +38,9 @@ class GroupError(ValueError):
 
 @dataclass(frozen=True)
 class Layout:
-    hosts: list[str]        # one entry per rank, in rank order (ssh names)
+    hosts: list[str]  # one entry per rank, in rank order (ssh names)
     world_size: int
-    local: bool             # every rank runs on this machine
+    local: bool  # every rank runs on this machine
 
 
 def read_hostfile(path: str) -> list[str]:
@@ -81,8 +81,10 @@ def problems(cfg: Config) -> list[str]:
         return [str(e)]
     out = []
     if cfg.batch_size % lay.world_size:
-        out.append(f"batch_size = {cfg.batch_size} is not a multiple of the world size {lay.world_size}: each rank "
-                   "takes batch_size / world size examples of every batch")
+        out.append(
+            f"batch_size = {cfg.batch_size} is not a multiple of the world size {lay.world_size}: each rank "
+            "takes batch_size / world size examples of every batch"
+        )
     if d.hosts is not None and d.backend in ("ring", "any"):
         for h in sorted(set(d.hosts)):
             if h == "localhost":
@@ -90,16 +92,20 @@ def problems(cfg: Config) -> list[str]:
             try:
                 ipaddress.ip_address(h)
             except ValueError:
-                out.append(f"distributed.hosts: {h!r} is not an IP address; the ring backend needs IPs (use a "
-                           "hostfile to give ssh names with their ips)")
+                out.append(
+                    f"distributed.hosts: {h!r} is not an IP address; the ring backend needs IPs (use a "
+                    "hostfile to give ssh names with their ips)"
+                )
     for h in sorted(set(lay.hosts) - set(LOCAL_HOSTS)):
         try:
             socket.getaddrinfo(h, None)
         except OSError as e:
             out.append(f"distributed: host {h!r} does not resolve ({e})")
     if not out and not this_machine(lay.hosts[0]):
-        out.append(f"distributed: the first host ({lay.hosts[0]!r}, rank 0) must be this machine: rank 0 writes the "
-                   "checkpoints into the workspace, which lives here")
+        out.append(
+            f"distributed: the first host ({lay.hosts[0]!r}, rank 0) must be this machine: rank 0 writes the "
+            "checkpoints into the workspace, which lives here"
+        )
     return out
 
 
@@ -125,7 +131,9 @@ def blas_threads(lay: Layout, threads: str | None, env: dict) -> str | None:
     """BLAS threads per rank when several ranks share this machine (its cores divided among them), unless
     the user set them; None to leave them as they are."""
     local = sum(h in LOCAL_HOSTS for h in lay.hosts)
-    if local < 2 or any(k in env or k in os.environ for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")):
+    if local < 2 or any(
+        k in env or k in os.environ for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+    ):
         return None
     try:
         cores = len(os.sched_getaffinity(0))
@@ -143,7 +151,7 @@ class Rank:
     buf: bytes = b""
     last_seen: float = field(default_factory=time.monotonic)
     step: int = 0
-    done: bool = False       # sent its final message (Completed, Stopped, Finished, Failed)
+    done: bool = False  # sent its final message (Completed, Stopped, Finished, Failed)
     closed: bool = False
     tokens_per_s: float | None = None
     report_step: int = 0
@@ -153,7 +161,7 @@ class Rank:
 class Group:
     """The launcher and its ranks; quacks like process.Worker where the supervisor needs it."""
 
-    proc: subprocess.Popen   # mlx.launch
+    proc: subprocess.Popen  # mlx.launch
     id: ProcessId
     listener: socket.socket
     token: str
@@ -197,7 +205,9 @@ class Group:
 
     def local_pids(self) -> dict[int, int]:
         """rank -> pid of the ranks that run on this machine."""
-        return {r.rank: r.pid for r in self.ranks.values() if r.pid and r.host == socket.gethostname()}
+        return {
+            r.rank: r.pid for r in self.ranks.values() if r.pid and r.host == socket.gethostname()
+        }
 
 
 def _send(sock: socket.socket, line: bytes) -> None:
@@ -231,11 +241,20 @@ def launcher() -> list[str]:
     script = Path(sys.executable).parent / "mlx.launch"
     if script.exists():
         return [sys.executable, str(script)]
-    return [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())",
+    ]
 
 
-def launch(plan: P.TrainPlan, cfg: Config, log_path: Path, env: dict | None = None,
-           label: tuple[str, str] = ("", "")) -> Group:
+def launch(
+    plan: P.TrainPlan,
+    cfg: Config,
+    log_path: Path,
+    env: dict | None = None,
+    label: tuple[str, str] = ("", ""),
+) -> Group:
     """Start the ranks with mlx.launch; they connect back to the returned Group's listener."""
     d = cfg.distributed
     lay = layout(cfg)
@@ -245,33 +264,68 @@ def launch(plan: P.TrainPlan, cfg: Config, log_path: Path, env: dict | None = No
     port = listener.getsockname()[1]
     controller = "127.0.0.1" if lay.local else (d.controller or socket.gethostname())
     token = secrets.token_hex(16)
-    extra = {**(env or {}), "FTCTL_CONTROLLER": f"{controller}:{port}", "FTCTL_GROUP_TOKEN": token,
-             "PYTHONUNBUFFERED": "1"}
+    extra = {
+        **(env or {}),
+        "FTCTL_CONTROLLER": f"{controller}:{port}",
+        "FTCTL_GROUP_TOKEN": token,
+        "PYTHONUNBUFFERED": "1",
+    }
     cmd = [*launcher(), "--backend", "ring" if d.backend == "any" else d.backend]
     if d.hostfile is not None:
         cmd += ["--hostfile", d.hostfile]
     else:
-        cmd += ["--hosts", ",".join("127.0.0.1" if h == "localhost" else h for h in d.hosts),
-                "-n", str(d.processes_per_host)]
+        cmd += [
+            "--hosts",
+            ",".join("127.0.0.1" if h == "localhost" else h for h in d.hosts),
+            "-n",
+            str(d.processes_per_host),
+        ]
     if d.backend in ("ring", "any"):
         cmd += ["--starting-port", str(_free_ports(lay.world_size))]
     for k, v in extra.items():  # remote ranks get only what --env passes
         cmd += ["--env", f"{k}={v}"]
-    cmd += ["--", sys.executable, "-m", "ftctl.adapters.worker", "--connect", "--job", label[0],
-            "--workspace", label[1]]
+    cmd += [
+        "--",
+        sys.executable,
+        "-m",
+        "ftctl.adapters.worker",
+        "--connect",
+        "--job",
+        label[0],
+        "--workspace",
+        label[1],
+    ]
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     logs.rotate(log_path)
     log = open(log_path, "ab", buffering=0)
     os.chmod(log_path, 0o600)
     offset = log.tell()
-    log.write(f"mlx.launch: {lay.world_size} ranks on {', '.join(lay.hosts)}, backend {d.backend}\n".encode())
+    log.write(
+        f"mlx.launch: {lay.world_size} ranks on {', '.join(lay.hosts)}, backend {d.backend}\n".encode()
+    )
     # stdin: a pipe only we hold (mlx.launch forwards its stdin to the ranks; /dev/null would make it spin)
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log, stderr=log, start_new_session=True,
-                            preexec_fn=_die_with_parent, env={**os.environ, **extra})
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+        env={**os.environ, **extra},
+    )
     log.close()
     started = identity(proc.pid) or ProcessId(pid=proc.pid, started_at=time.time())
-    return Group(proc=proc, id=started, listener=listener, token=token, layout=lay, log_path=log_path,
-                 log_offset=offset, plan_json=plan_json_line(plan), backend=d.backend)
+    return Group(
+        proc=proc,
+        id=started,
+        listener=listener,
+        token=token,
+        layout=lay,
+        log_path=log_path,
+        log_offset=offset,
+        plan_json=plan_json_line(plan),
+        backend=d.backend,
+    )
 
 
 def plan_json_line(plan: P.TrainPlan) -> bytes:
@@ -324,7 +378,11 @@ def ranks_alive(workspace: str, job: str = "") -> list[int]:
     out = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if "ftctl.adapters.worker" in cmd and "--connect" in cmd and workspace in cmd and (not job or job in cmd):
+        if (
+            "ftctl.adapters.worker" in cmd
+            and "--connect" in cmd
+            and workspace in cmd
+            and (not job or job in cmd)
+        ):
             out.append(proc.info["pid"])
     return out
-

@@ -19,8 +19,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit on its JSON header
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # what mlx_lm fetches (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS): the snapshot must hold these to load
-_ALLOW = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt",
-          "*.jsonl", "*.jinja"]
+_ALLOW = [
+    "*.json",
+    "model*.safetensors",
+    "*.py",
+    "tokenizer.model",
+    "*.tiktoken",
+    "tiktoken.model",
+    "*.txt",
+    "*.jsonl",
+    "*.jinja",
+]
 
 
 class ModelNotFound(Exception):
@@ -47,17 +56,26 @@ def resolve_repo(repo: str) -> Snapshot:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    home = os.environ.get("HF_HOME")  # read now: huggingface_hub reads them once, when first imported
-    cache = os.environ.get("HF_HUB_CACHE") or (str(Path(home) / "hub") if home else constants.HF_HUB_CACHE)
+    home = os.environ.get(
+        "HF_HOME"
+    )  # read now: huggingface_hub reads them once, when first imported
+    cache = os.environ.get("HF_HUB_CACHE") or (
+        str(Path(home) / "hub") if home else constants.HF_HUB_CACHE
+    )
     try:
-        path = Path(snapshot_download(repo, local_files_only=True, allow_patterns=_ALLOW, cache_dir=cache))
+        path = Path(
+            snapshot_download(repo, local_files_only=True, allow_patterns=_ALLOW, cache_dir=cache)
+        )
     except (LocalEntryNotFoundError, FileNotFoundError):
         raise ModelNotFound(
             f"{repo} is not in the local Hugging Face cache ({cache}) and ftctl never downloads. On a machine with "
             f"internet run `hf download {repo}` and copy its cache folder (models--{repo.replace('/', '--')}) into "
-            f"{cache} (or point HF_HUB_CACHE at a copy), or pass a local mlx-lm model folder") from None
+            f"{cache} (or point HF_HUB_CACHE at a copy), or pass a local mlx-lm model folder"
+        ) from None
     except HFValidationError as e:
-        raise ModelNotFound(f"{repo!r} is neither an existing path nor a valid Hugging Face repo id ({e})") from None
+        raise ModelNotFound(
+            f"{repo!r} is neither an existing path nor a valid Hugging Face repo id ({e})"
+        ) from None
     return Snapshot(repo=repo, path=str(path), revision=path.name)
 
 
@@ -74,9 +92,14 @@ def _folder(p: Path) -> str | None:
     if not p.exists():
         return f"{p} does not exist"
     if not p.is_dir():
-        hint = (" (a GGUF file: mlx_lm.load needs a folder; `ftctl init --model FILE.gguf` or "
-                "`--set model=FILE.gguf` converts it into the workspace)") \
-            if p.suffix.lower() == ".gguf" else ""
+        hint = (
+            (
+                " (a GGUF file: mlx_lm.load needs a folder; `ftctl init --model FILE.gguf` or "
+                "`--set model=FILE.gguf` converts it into the workspace)"
+            )
+            if p.suffix.lower() == ".gguf"
+            else ""
+        )
         return f"{p} is a file, not a model folder{hint}"
     return None
 
@@ -107,8 +130,10 @@ def _index(p: Path) -> str | None:
     missing = [s for s in shards if not (p / s).is_file()]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        return (f"{p} lacks {len(missing)} of the {len(shards)} weight shards {INDEX} lists: "
-                f"{', '.join(missing[:3])}{more} (an interrupted download or copy?)")
+        return (
+            f"{p} lacks {len(missing)} of the {len(shards)} weight shards {INDEX} lists: "
+            f"{', '.join(missing[:3])}{more} (an interrupted download or copy?)"
+        )
     return None
 
 
@@ -118,12 +143,18 @@ def _weights(p: Path) -> str | None:
         others = sorted(f.name for f in p.glob("*.safetensors"))
         gguf = sorted(f.name for f in p.glob("*.gguf"))
         if others:
-            return (f"{p} has *.safetensors files ({', '.join(others[:3])}) but none named model*.safetensors, "
-                    "the only ones mlx_lm.load reads (adapter weights are not a base model)")
+            return (
+                f"{p} has *.safetensors files ({', '.join(others[:3])}) but none named model*.safetensors, "
+                "the only ones mlx_lm.load reads (adapter weights are not a base model)"
+            )
         if gguf:
-            return (f"{p} has no *.safetensors weights, only GGUF ({gguf[0]}), which mlx_lm.load cannot read: "
-                    f"name the file itself (--model {p / gguf[0]}) and ftctl converts it")
-        return f"{p} has no *.safetensors weights (convert a Hugging Face model with mlx_lm.convert)"
+            return (
+                f"{p} has no *.safetensors weights, only GGUF ({gguf[0]}), which mlx_lm.load cannot read: "
+                f"name the file itself (--model {p / gguf[0]}) and ftctl converts it"
+            )
+        return (
+            f"{p} has no *.safetensors weights (convert a Hugging Face model with mlx_lm.convert)"
+        )
     for f in files:
         problem = _safetensors_problem(f)
         if problem:
@@ -143,7 +174,9 @@ def _safetensors_problem(f: Path) -> str | None:
             return f"{f} is truncated or not a safetensors file ({size} bytes)"
         try:
             header = json.loads(fh.read(n))
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            end = max(
+                (t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0
+            )
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             return f"{f} is not a safetensors file (its header is not valid)"
     if 8 + n + end > size:

@@ -16,14 +16,26 @@ from ftctl.events.types import Recorded
 
 # The names `notify[].events` takes -> the stored tags of the events they mean.
 KINDS: dict[str, tuple[str, ...]] = {
-    "completed": ("completed",), "failed": ("failed",), "crashed": ("crashed",), "paused": ("paused",),
-    "cancelled": ("cancelled",), "consolidated": ("base_promoted",),
-    "daemon_started": ("daemon_started", "daemon_started.v2"), "daemon_stopped": ("daemon_stopped",),
+    "completed": ("completed",),
+    "failed": ("failed",),
+    "crashed": ("crashed",),
+    "paused": ("paused",),
+    "cancelled": ("cancelled",),
+    "consolidated": ("base_promoted",),
+    "daemon_started": ("daemon_started", "daemon_started.v2"),
+    "daemon_stopped": ("daemon_stopped",),
 }
 _URGENT = {"failed", "crashed", "daemon_stopped"}
-_NTFY_TAGS = {"completed": "white_check_mark", "failed": "x", "crashed": "boom", "paused": "pause_button",
-              "cancelled": "wastebasket", "base_promoted": "package", "daemon_started": "arrow_forward",
-              "daemon_stopped": "stop_button"}
+_NTFY_TAGS = {
+    "completed": "white_check_mark",
+    "failed": "x",
+    "crashed": "boom",
+    "paused": "pause_button",
+    "cancelled": "wastebasket",
+    "base_promoted": "package",
+    "daemon_started": "arrow_forward",
+    "daemon_stopped": "stop_button",
+}
 
 
 class DeliveryError(Exception):
@@ -39,11 +51,16 @@ def summary(r: Recorded) -> tuple[str, str]:
     e = r.event
     match e:
         case ev.Completed():
-            return f"job {e.job} completed", f"step {e.step} (global {e.global_step}); adapter {e.adapter_path} sha256 {e.adapter_sha256[:16]}"
+            return (
+                f"job {e.job} completed",
+                f"step {e.step} (global {e.global_step}); adapter {e.adapter_path} sha256 {e.adapter_sha256[:16]}",
+            )
         case ev.Failed():
             return f"job {e.job} failed", e.reason
         case ev.Crashed():
-            return f"job {e.job} crashed ({e.category}) at step {e.step}", e.suggestion or (e.evidence.splitlines()[0] if e.evidence else e.category)
+            return f"job {e.job} crashed ({e.category}) at step {e.step}", e.suggestion or (
+                e.evidence.splitlines()[0] if e.evidence else e.category
+            )
         case ev.Paused():
             return f"job {e.job} paused", e.reason
         case ev.Cancelled():
@@ -57,18 +74,35 @@ def summary(r: Recorded) -> tuple[str, str]:
     return type(e).kind(), ""
 
 
-def message(target: NotifyTarget, r: Recorded, home: str, host: str) -> tuple[bytes, dict[str, str]]:
+def message(
+    target: NotifyTarget, r: Recorded, home: str, host: str
+) -> tuple[bytes, dict[str, str]]:
     """The body and headers a target gets for event ``r``. ``id`` (json, command) is unique per
     workspace and event: delivery is at least once, so a receiver may see an id twice."""
     title, text = summary(r)
     kind = type(r.event).kind()
     if target.format == "slack" and target.url is not None:
-        return json.dumps({"text": f"*ftctl: {title}* — {text} ({home} on {host})"}).encode(), {"Content-Type": "application/json"}
+        return json.dumps({"text": f"*ftctl: {title}* — {text} ({home} on {host})"}).encode(), {
+            "Content-Type": "application/json"
+        }
     if target.format == "ntfy" and target.url is not None:
-        return f"{text}\n{home} on {host}".encode(), {"Title": f"ftctl: {title}", "Tags": _NTFY_TAGS.get(kind, "bell"),
-                                                      "Priority": "high" if kind in _URGENT else "default"}
-    body = {"id": f"{home}#{r.seq}", "event": kind, "seq": r.seq, "ts": r.ts, "stream": r.stream, "workspace": home,
-            "host": host, "title": title, "text": text, "data": ev.to_dict(r.event)}
+        return f"{text}\n{home} on {host}".encode(), {
+            "Title": f"ftctl: {title}",
+            "Tags": _NTFY_TAGS.get(kind, "bell"),
+            "Priority": "high" if kind in _URGENT else "default",
+        }
+    body = {
+        "id": f"{home}#{r.seq}",
+        "event": kind,
+        "seq": r.seq,
+        "ts": r.ts,
+        "stream": r.stream,
+        "workspace": home,
+        "host": host,
+        "title": title,
+        "text": text,
+        "data": ev.to_dict(r.event),
+    }
     return json.dumps(body).encode(), {"Content-Type": "application/json"}
 
 
@@ -76,17 +110,28 @@ def deliver(target: NotifyTarget, body: bytes, headers: dict[str, str]) -> None:
     """One attempt; raises DeliveryError. Never longer than about ``target.timeout_s``."""
     if target.command is not None:
         try:
-            p = subprocess.run(target.command, input=body, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               timeout=target.timeout_s)
+            p = subprocess.run(
+                target.command,
+                input=body,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=target.timeout_s,
+            )
         except subprocess.TimeoutExpired:
-            raise DeliveryError(f"the command did not finish within {target.timeout_s:g} s (killed)") from None
+            raise DeliveryError(
+                f"the command did not finish within {target.timeout_s:g} s (killed)"
+            ) from None
         except OSError as e:
             raise DeliveryError(f"cannot run {target.command[0]!r}: {e.strerror or e}") from None
         if p.returncode != 0:
             err = p.stderr.decode(errors="replace").strip().splitlines()
-            raise DeliveryError(f"the command exited {p.returncode}" + (f": {err[-1][:200]}" if err else ""))
+            raise DeliveryError(
+                f"the command exited {p.returncode}" + (f": {err[-1][:200]}" if err else "")
+            )
         return
-    req = urllib.request.Request(target.url, data=body, method="POST", headers={"User-Agent": "ftctl", **headers})
+    req = urllib.request.Request(
+        target.url, data=body, method="POST", headers={"User-Agent": "ftctl", **headers}
+    )
     try:
         with urllib.request.urlopen(req, timeout=target.timeout_s) as resp:
             resp.read(1 << 16)
@@ -95,5 +140,8 @@ def deliver(target: NotifyTarget, body: bytes, headers: dict[str, str]) -> None:
     except urllib.error.URLError as e:
         raise DeliveryError(f"cannot reach {target.url}: {e.reason}") from None
     except (TimeoutError, OSError) as e:
-        raise DeliveryError(f"no answer from {target.url} within {target.timeout_s:g} s" if isinstance(e, TimeoutError)
-                            else f"{target.url}: {e}") from None
+        raise DeliveryError(
+            f"no answer from {target.url} within {target.timeout_s:g} s"
+            if isinstance(e, TimeoutError)
+            else f"{target.url}: {e}"
+        ) from None

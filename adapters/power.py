@@ -33,14 +33,24 @@ from . import fs
 STATE_FILE = "power.json"
 
 
-def command(daemon_pid: int, why: str, platform: str = sys.platform, which: Callable = shutil.which) -> list[str] | None:
+def command(
+    daemon_pid: int, why: str, platform: str = sys.platform, which: Callable = shutil.which
+) -> list[str] | None:
     """The command that holds the assertion here, or None where there is none."""
     if platform == "darwin":
         exe = which("caffeinate")
         return [exe, "-i", "-s", "-w", str(daemon_pid)] if exe else None
     exe = which("systemd-inhibit")
     if exe:
-        return [exe, "--what=sleep:idle", "--who=ftctl", f"--why={why}", "--mode=block", "--", "cat"]
+        return [
+            exe,
+            "--what=sleep:idle",
+            "--who=ftctl",
+            f"--why={why}",
+            "--mode=block",
+            "--",
+            "cat",
+        ]
     return None
 
 
@@ -66,19 +76,46 @@ def hold(run_dir: Path, why: str, lost: Callable[[str], None] = lambda note: Non
     cmd = command(os.getpid(), why)
     if cmd is None:
         tool = "caffeinate" if sys.platform == "darwin" else "systemd-inhibit"
-        h = Held(None, path, {"held": False, "why": why, "note": f"{tool} not found: the machine may sleep during the run"})
+        h = Held(
+            None,
+            path,
+            {
+                "held": False,
+                "why": why,
+                "note": f"{tool} not found: the machine may sleep during the run",
+            },
+        )
         _write(h)
         return h
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                preexec_fn=_child)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_child,
+        )
     except OSError as e:
-        h = Held(None, path, {"held": False, "why": why, "note": f"cannot run {cmd[0]}: {e.strerror or e}"})
+        h = Held(
+            None,
+            path,
+            {"held": False, "why": why, "note": f"cannot run {cmd[0]}: {e.strerror or e}"},
+        )
         _write(h)
         return h
     started = _create_time(proc.pid)
-    h = Held(proc, path, {"held": True, "why": why, "pid": proc.pid, "started_at": started, "command": cmd,
-                          "since": time.time()})
+    h = Held(
+        proc,
+        path,
+        {
+            "held": True,
+            "why": why,
+            "pid": proc.pid,
+            "started_at": started,
+            "command": cmd,
+            "since": time.time(),
+        },
+    )
     _write(h)
     threading.Thread(target=_watch, args=(h, lost), name="power", daemon=True).start()
     return h
@@ -89,8 +126,13 @@ def _watch(h: Held, lost: Callable[[str], None]) -> None:
     code = h.proc.wait()
     if not h.released:  # it ended on its own: say why where status reads it
         text = err.decode(errors="replace").strip().splitlines()
-        h.state = {**h.state, "held": False, "note": f"{Path(h.state['command'][0]).name} exited {code}"
-                   + (f": {text[-1][:200]}" if text else "") + "; the machine may sleep during the run"}
+        h.state = {
+            **h.state,
+            "held": False,
+            "note": f"{Path(h.state['command'][0]).name} exited {code}"
+            + (f": {text[-1][:200]}" if text else "")
+            + "; the machine may sleep during the run",
+        }
         _write(h)
         lost(h.state["note"])
 

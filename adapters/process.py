@@ -77,7 +77,9 @@ def alive(pid_id: ProcessId) -> bool:
         return False  # identity unknown (old journal): never claim a stranger
     try:
         p = psutil.Process(pid_id.pid)
-        return abs(p.create_time() - pid_id.started_at) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
+        return (
+            abs(p.create_time() - pid_id.started_at) < 0.01 and p.status() != psutil.STATUS_ZOMBIE
+        )
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 
@@ -133,10 +135,10 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 @dataclass
 class Worker:
     proc: subprocess.Popen
-    messages: object   # readable end of the message pipe (binary file)
+    messages: object  # readable end of the message pipe (binary file)
     id: ProcessId
     log_path: Path
-    log_offset: int = 0   # where this attempt's output starts in the (shared, appended) job log
+    log_offset: int = 0  # where this attempt's output starts in the (shared, appended) job log
 
     def send(self, line: bytes) -> None:
         try:
@@ -196,7 +198,12 @@ class Worker:
             pass
 
 
-def spawn_worker(plan_json: bytes | None, log_path: Path, env: dict | None = None, label: tuple[str, str] = ("", "")) -> Worker:
+def spawn_worker(
+    plan_json: bytes | None,
+    log_path: Path,
+    env: dict | None = None,
+    label: tuple[str, str] = ("", ""),
+) -> Worker:
     """Start ``python -m ftctl.adapters.worker``; the plan goes in on stdin's first line.
     ``label`` (job, workspace) only names the process, so `ps` and `ftctl doctor` can tell whose it is.
     ``plan_json`` None starts a standby worker: it imports, then waits for ``Worker.assign``."""
@@ -206,10 +213,26 @@ def spawn_worker(plan_json: bytes | None, log_path: Path, env: dict | None = Non
     log = open(log_path, "ab", buffering=0)
     os.chmod(log_path, 0o600)
     offset = log.tell()
-    cmd = [sys.executable, "-m", "ftctl.adapters.worker", "--message-fd", str(w), "--job", label[0], "--workspace", label[1]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ftctl.adapters.worker",
+        "--message-fd",
+        str(w),
+        "--job",
+        label[0],
+        "--workspace",
+        label[1],
+    ]
     proc = subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(w,), start_new_session=True,
-        preexec_fn=_die_with_parent, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=log,
+        stderr=log,
+        pass_fds=(w,),
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
     )
     os.close(w)
     log.close()
@@ -217,7 +240,13 @@ def spawn_worker(plan_json: bytes | None, log_path: Path, env: dict | None = Non
     if plan_json is not None:
         proc.stdin.write(plan_json.rstrip(b"\n") + b"\n")
         proc.stdin.flush()
-    return Worker(proc=proc, messages=os.fdopen(r, "rb", buffering=0), id=started, log_path=log_path, log_offset=offset)
+    return Worker(
+        proc=proc,
+        messages=os.fdopen(r, "rb", buffering=0),
+        id=started,
+        log_path=log_path,
+        log_offset=offset,
+    )
 
 
 def workers_of(workspace: Path) -> list[tuple[ProcessId, int]]:
@@ -226,7 +255,12 @@ def workers_of(workspace: Path) -> list[tuple[ProcessId, int]]:
     for proc in psutil.process_iter(["pid", "ppid", "cmdline", "create_time"]):
         cmd = proc.info["cmdline"] or []
         if "ftctl.adapters.worker" in cmd and str(workspace) in cmd:
-            out.append((ProcessId(pid=proc.info["pid"], started_at=proc.info["create_time"]), proc.info["ppid"]))
+            out.append(
+                (
+                    ProcessId(pid=proc.info["pid"], started_at=proc.info["create_time"]),
+                    proc.info["ppid"],
+                )
+            )
     return out
 
 

@@ -32,16 +32,16 @@ class TrainPlan(msgspec.Struct, kw_only=True):
     config: Config
     train_path: str
     valid_path: str | None = None
-    resume_from: str | None = None      # a committed checkpoint dir of this job
+    resume_from: str | None = None  # a committed checkpoint dir of this job
     warm_start_from: str | None = None  # final checkpoint of the lineage's previous job
-    global_step_base: int = 0           # steps of earlier jobs of the lineage
-    log_path: str | None = None         # the job log: the worker moves its stdout/stderr there (a standby
-                                        # worker was started, with its own log, before the job was known)
-    until_step: int | None = None       # a reproduction (`ftctl reproduce`): stop after this job step
-    trace: bool = False                 # send a Traced message per step (a reproduction's evidence)
-    world_size: int = 1                 # ranks of a data-parallel job (adapters/ranks.py); 1 = one process
-    backend: str = "any"                # mx.distributed backend of a data-parallel job
-    reshard: bool = False               # resume_from may come from another world size (`retry --reshard`)
+    global_step_base: int = 0  # steps of earlier jobs of the lineage
+    log_path: str | None = None  # the job log: the worker moves its stdout/stderr there (a standby
+    # worker was started, with its own log, before the job was known)
+    until_step: int | None = None  # a reproduction (`ftctl reproduce`): stop after this job step
+    trace: bool = False  # send a Traced message per step (a reproduction's evidence)
+    world_size: int = 1  # ranks of a data-parallel job (adapters/ranks.py); 1 = one process
+    backend: str = "any"  # mx.distributed backend of a data-parallel job
+    reshard: bool = False  # resume_from may come from another world size (`retry --reshard`)
     resume_manifest_sha256: str | None = None  # every rank checks it loads this very checkpoint
 
 
@@ -76,13 +76,13 @@ class Traced(Message, tag="trace"):
     step: int
     global_step: int
     loss: float | str | None
-    grad_norm: float | str | None       # of this step's raw gradient (before accumulation and clipping)
+    grad_norm: float | str | None  # of this step's raw gradient (before accumulation and clipping)
     lr: float | str | None
     tokens: int
-    examples: list[int]                 # the batch: indices of the job's training examples (file order)
-    lengths: list[int]                  # their token lengths (before max_seq_length truncation)
-    nonfinite_groups: list[str]         # parameter groups whose gradient is not finite, in model order
-    group_count: int                    # how many parameter groups the model has
+    examples: list[int]  # the batch: indices of the job's training examples (file order)
+    lengths: list[int]  # their token lengths (before max_seq_length truncation)
+    nonfinite_groups: list[str]  # parameter groups whose gradient is not finite, in model order
+    group_count: int  # how many parameter groups the model has
 
 
 class Report(Message, tag="report"):
@@ -160,8 +160,21 @@ class Failed(Message, tag="error"):
     path: str | None = None  # the checkpoint that failed verification (corrupt_checkpoint)
 
 
-WorkerMessage = Union[Loaded, Step, Traced, Report, EvalStarted, Evaluated, CheckpointStarted, CheckpointWritten,
-                      Completed, Stopped, Failed, Hello, Finished]
+WorkerMessage = Union[
+    Loaded,
+    Step,
+    Traced,
+    Report,
+    EvalStarted,
+    Evaluated,
+    CheckpointStarted,
+    CheckpointWritten,
+    Completed,
+    Stopped,
+    Failed,
+    Hello,
+    Finished,
+]
 
 _encoder = msgspec.json.Encoder()
 _from_worker = msgspec.json.Decoder(WorkerMessage)

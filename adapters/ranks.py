@@ -52,13 +52,17 @@ class Ranks:
         t = toks.astype(mx.float32)
         scalars = mx.stack([t, lvalue.astype(mx.float32) * t, stop.astype(mx.float32)])
         if all(g.dtype == mx.float32 for _, g in tree_flatten(grad)):
-            out = nn.average_gradients({"g": tree_map(lambda g: g * t, grad), "s": scalars}, group=self.group)
+            out = nn.average_gradients(
+                {"g": tree_map(lambda g: g * t, grad), "s": scalars}, group=self.group
+            )
             sums = out["s"] * self.size
             grad = tree_map(lambda g: g * (self.size / sums[0]), out["g"])
         else:  # another dtype: the scalars in float32 on their own, so token counts stay exact
             sums = mx.distributed.all_sum(scalars, group=self.group)
             share = (self.size * t) / sums[0]
-            grad = nn.average_gradients(tree_map(lambda g: g * share.astype(g.dtype), grad), group=self.group)
+            grad = nn.average_gradients(
+                tree_map(lambda g: g * share.astype(g.dtype), grad), group=self.group
+            )
         return sums[1] / sums[0], sums[0].astype(toks.dtype), grad, sums[2]
 
     def sum(self, x):
@@ -74,6 +78,8 @@ def join(plan: TrainPlan) -> Ranks:
         return SINGLE
     group = mx.distributed.init(strict=True, backend=plan.backend)
     if group.size() != plan.world_size:
-        raise ValueError(f"mx.distributed started {group.size()} ranks, but the job was planned for "
-                         f"{plan.world_size}: the launcher and the plan disagree")
+        raise ValueError(
+            f"mx.distributed started {group.size()} ranks, but the job was planned for "
+            f"{plan.world_size}: the launcher and the plan disagree"
+        )
     return Ranks(group=group, rank=group.rank(), size=group.size())

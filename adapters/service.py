@@ -16,11 +16,16 @@ def platform() -> str:
     return "macos" if sys.platform == "darwin" else "linux"
 
 
-def unit_path(plat: str, system: bool, file_name: str, home: Path | None = None, env=os.environ) -> Path:
+def unit_path(
+    plat: str, system: bool, file_name: str, home: Path | None = None, env=os.environ
+) -> Path:
     """Where the service file goes: the user's systemd / LaunchAgents folder, or the system's."""
     home = home or Path.home()
     if plat == "macos":
-        return Path("/Library/LaunchDaemons" if system else home / "Library" / "LaunchAgents") / file_name
+        return (
+            Path("/Library/LaunchDaemons" if system else home / "Library" / "LaunchAgents")
+            / file_name
+        )
     if system:
         return Path("/etc/systemd/system") / file_name
     config = Path(env.get("XDG_CONFIG_HOME") or home / ".config")

@@ -32,7 +32,9 @@ def oom_kill_count() -> int | None:
         if controllers == "":
             candidates.append((Path("/sys/fs/cgroup") / rel / "memory.events", "oom_kill"))
         elif "memory" in controllers.split(","):
-            candidates.append((Path("/sys/fs/cgroup/memory") / rel / "memory.oom_control", "oom_kill"))
+            candidates.append(
+                (Path("/sys/fs/cgroup/memory") / rel / "memory.oom_control", "oom_kill")
+            )
             candidates.append((Path("/sys/fs/cgroup/memory/memory.oom_control"), "oom_kill"))
     for path, key in candidates:
         try:

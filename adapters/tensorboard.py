@@ -12,8 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 EXTRA = "pip install 'ftctl[tensorboard]'"
-TAGS = {"loss": "loss/train", "val_loss": "loss/val", "lr": "lr", "tokens_per_s": "tokens_per_s",
-        "peak_mem_gb": "peak_mem_gb"}
+TAGS = {
+    "loss": "loss/train",
+    "val_loss": "loss/val",
+    "lr": "lr",
+    "tokens_per_s": "tokens_per_s",
+    "peak_mem_gb": "peak_mem_gb",
+}
 
 
 class Missing(Exception):
@@ -31,14 +36,20 @@ def available() -> bool:
 class Run:
     """One job's event file for one attempt."""
 
-    def __init__(self, folder: Path, *, attempt: int, purge_step: int | None = None, flush_secs: int = 5):
+    def __init__(
+        self, folder: Path, *, attempt: int, purge_step: int | None = None, flush_secs: int = 5
+    ):
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
             raise Missing(f"writing TensorBoard files needs tensorboardX: {EXTRA}") from None
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.writer = SummaryWriter(logdir=str(folder), purge_step=purge_step, flush_secs=flush_secs,
-                                    filename_suffix=f".attempt{attempt}")
+        self.writer = SummaryWriter(
+            logdir=str(folder),
+            purge_step=purge_step,
+            flush_secs=flush_secs,
+            filename_suffix=f".attempt{attempt}",
+        )
 
     def point(self, global_step: int, values: dict, walltime: float | None = None) -> None:
         for key, tag in TAGS.items():

@@ -137,7 +137,9 @@ def poisoned_examples(path: str) -> frozenset[int]:
     if marker is None:
         return frozenset()
     records = valid_records(Path(path).read_bytes())
-    return frozenset(i for i, r in enumerate(records) if marker in json.dumps(r, ensure_ascii=False))
+    return frozenset(
+        i for i, r in enumerate(records) if marker in json.dumps(r, ensure_ascii=False)
+    )
 
 
 @dataclass
@@ -163,8 +165,12 @@ def load(plan: TrainPlan) -> Session:
     ranks = join(plan)  # a data-parallel job: blocks until every rank is up
     maybe_set_recommended_wired_limit()
     model, tokenizer = setup_model(cfg)
-    batches = TrainBatches(load_items(plan.train_path, tokenizer, cfg.mask_prompt), cfg.batch_size,
-                           cfg.max_seq_length, cfg.seed)
+    batches = TrainBatches(
+        load_items(plan.train_path, tokenizer, cfg.mask_prompt),
+        cfg.batch_size,
+        cfg.max_seq_length,
+        cfg.seed,
+    )
     val = None
     if plan.valid_path:
         val_items = load_items(plan.valid_path, tokenizer, cfg.mask_prompt)
@@ -176,8 +182,17 @@ def load(plan: TrainPlan) -> Session:
             )
     optimizer = build_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
-    s = Session(plan, model, optimizer, batches, val, adapter_config(cfg), state=None,
-                poisoned=poisoned_examples(plan.train_path), ranks=ranks)
+    s = Session(
+        plan,
+        model,
+        optimizer,
+        batches,
+        val,
+        adapter_config(cfg),
+        state=None,
+        poisoned=poisoned_examples(plan.train_path),
+        ranks=ranks,
+    )
     if plan.resume_from:
         ck = load_checkpoint(plan.resume_from)
         _check_resume(plan, ck, s.adapter_config)
@@ -190,15 +205,27 @@ def load(plan: TrainPlan) -> Session:
             _check_compatible(ck.adapter_config, s.adapter_config, plan.warm_start_from)
             _restore_weights(model, ck.adapters, plan.warm_start_from)
             # moments only: the step (and so the LR schedule) restarts with this job
-            _restore_optimizer(optimizer, ck.optimizer, plan.warm_start_from, skip=("step", "learning_rate"))
-        s.state = TrainState(job_step=0, global_step=plan.global_step_base, cursor=batches.cursor(0),
-                             seed=cfg.seed, config_sha256=config_sha256(cfg), world_size=ranks.size)
+            _restore_optimizer(
+                optimizer, ck.optimizer, plan.warm_start_from, skip=("step", "learning_rate")
+            )
+        s.state = TrainState(
+            job_step=0,
+            global_step=plan.global_step_base,
+            cursor=batches.cursor(0),
+            seed=cfg.seed,
+            config_sha256=config_sha256(cfg),
+            world_size=ranks.size,
+        )
     mx.eval(model.parameters(), optimizer.state)
     return s
 
 
-def run(plan: TrainPlan, emit: Callable[[P.Message], None], stop_requested: Callable[[], bool] = lambda: False,
-        fs: FS | None = None) -> P.Completed | P.Stopped:
+def run(
+    plan: TrainPlan,
+    emit: Callable[[P.Message], None],
+    stop_requested: Callable[[], bool] = lambda: False,
+    fs: FS | None = None,
+) -> P.Completed | P.Stopped:
     """Train plan.config.iters iterations (resuming or warm-starting as planned).
 
     Emits the worker protocol's messages and returns the last one (Completed or Stopped); a rank of a
@@ -209,13 +236,23 @@ def run(plan: TrainPlan, emit: Callable[[P.Message], None], stop_requested: Call
     fs = fs or FS()
     tic = time.perf_counter()
     s = load(plan)
-    emit(P.Loaded(step=s.state.job_step, global_step=s.state.global_step, load_s=time.perf_counter() - tic))
+    emit(
+        P.Loaded(
+            step=s.state.job_step, global_step=s.state.global_step, load_s=time.perf_counter() - tic
+        )
+    )
     if s.state.job_step < plan.config.iters:
         stopped = _Loop(s, emit, fs).run(stop_requested)
         if stopped is not None:
             return stopped
-    if plan.until_step is not None and plan.until_step < plan.config.iters:  # a reproduction's window ends
-        done = P.Stopped(step=plan.until_step, global_step=plan.global_step_base + plan.until_step, checkpoint=s.last_ckpt)
+    if (
+        plan.until_step is not None and plan.until_step < plan.config.iters
+    ):  # a reproduction's window ends
+        done = P.Stopped(
+            step=plan.until_step,
+            global_step=plan.global_step_base + plan.until_step,
+            checkpoint=s.last_ckpt,
+        )
         emit(done)
         return done
     if not s.ranks.leader:
@@ -245,8 +282,14 @@ def _compiled_step(s: Session):
     @partial(mx.compile, inputs=state, outputs=state)
     def step(batch, prev_grad, do_update, stop=None):
         (lvalue, toks), grad = loss_value_and_grad(model, *batch)
-        norms = mx.stack([mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grad)]) if trace else None
-        if ranks.many:  # the global batch's loss, tokens and gradient, and the stop requests (ranks.py)
+        norms = (
+            mx.stack([mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grad)])
+            if trace
+            else None
+        )
+        if (
+            ranks.many
+        ):  # the global batch's loss, tokens and gradient, and the stop requests (ranks.py)
             local = toks
             lvalue, toks, grad, stops = ranks.reduce_step(lvalue, toks, grad, stop)
         if prev_grad is not None:
@@ -278,7 +321,11 @@ class _Loop:
         self.nan_run = 0
         self.writer = CheckpointWriter(s.plan.job_dir, fs, self._written)
         # a traced run names each gradient array's group: its path without lora_a / lora_b
-        self.groups = [k.rpartition(".")[0] for k, _ in tree_flatten(s.model.trainable_parameters())] if s.plan.trace else []
+        self.groups = (
+            [k.rpartition(".")[0] for k, _ in tree_flatten(s.model.trainable_parameters())]
+            if s.plan.trace
+            else []
+        )
 
     def run(self, stop_requested) -> P.Stopped | None:
         """train(), and whatever way it ends, never before the checkpoint in flight is written (or has
@@ -290,7 +337,10 @@ class _Loop:
         except BaseException:
             late = self.writer.drain()
             if late is not None:
-                print(f"the checkpoint in flight failed too: {type(late).__name__}: {late}", flush=True)
+                print(
+                    f"the checkpoint in flight failed too: {type(late).__name__}: {late}",
+                    flush=True,
+                )
             raise
         finally:
             self.writer.close()
@@ -300,7 +350,9 @@ class _Loop:
             if not ranks.leader:
                 self.emit(P.Finished(step=stopped.step))
                 return stopped
-            stopped = P.Stopped(step=stopped.step, global_step=stopped.global_step, checkpoint=self.s.last_ckpt)
+            stopped = P.Stopped(
+                step=stopped.step, global_step=stopped.global_step, checkpoint=self.s.last_ckpt
+            )
             self.emit(stopped)
         return stopped
 
@@ -323,12 +375,20 @@ class _Loop:
             gstep = s.plan.global_step_base + it
             t0 = time.perf_counter()
             mx.random.seed(step_seed(cfg.seed, gstep, s.ranks.rank))
-            batch = s.batches.batch(it - 1, s.ranks.rank, s.ranks.size) if s.ranks.many else s.batches.batch(it - 1)
+            batch = (
+                s.batches.batch(it - 1, s.ranks.rank, s.ranks.size)
+                if s.ranks.many
+                else s.batches.batch(it - 1)
+            )
             if s.poisoned:
                 hit = not s.poisoned.isdisjoint(s.batches.indices(it - 1))
                 batch = (*batch, mx.array(math.nan if hit else 1.0))
-            if s.ranks.many:  # every rank stops at the same step: the first where any of them was asked to
-                *out, local, stops = step(batch, grad, it % accum == 0, mx.array(float(stop_requested())))
+            if (
+                s.ranks.many
+            ):  # every rank stops at the same step: the first where any of them was asked to
+                *out, local, stops = step(
+                    batch, grad, it % accum == 0, mx.array(float(stop_requested()))
+                )
                 mx.eval(state, out, local, stops)
                 self.w_local += local.item()
                 asked = stops.item() > 0
@@ -353,7 +413,9 @@ class _Loop:
             if it % cfg.save_every == 0 or it == cfg.iters or (stopping and boundary):
                 self._checkpoint(it, gstep)
             if stopping and boundary and it < cfg.iters:
-                return P.Stopped(step=it, global_step=gstep, checkpoint=None)  # run() emits it once written
+                return P.Stopped(
+                    step=it, global_step=gstep, checkpoint=None
+                )  # run() emits it once written
         return None
 
     def _account(self, it: int, gstep: int, loss: float, ntoks: int) -> None:
@@ -365,12 +427,22 @@ class _Loop:
             if isinstance(late, TrainingDiverged):
                 raise late
         if math.isinf(loss):
-            raise TrainingDiverged("inf", it, gstep, _diverged_text(self.cfg, it, gstep, "became infinite",
-                                                                    self.s.last_ckpt))
+            raise TrainingDiverged(
+                "inf",
+                it,
+                gstep,
+                _diverged_text(self.cfg, it, gstep, "became infinite", self.s.last_ckpt),
+            )
         self.nan_run = self.nan_run + 1 if math.isnan(loss) else 0
         if self.nan_run >= NAN_PATIENCE:
-            raise TrainingDiverged("nan", it, gstep, _diverged_text(
-                self.cfg, it, gstep, f"was NaN {self.nan_run} steps in a row", self.s.last_ckpt))
+            raise TrainingDiverged(
+                "nan",
+                it,
+                gstep,
+                _diverged_text(
+                    self.cfg, it, gstep, f"was NaN {self.nan_run} steps in a row", self.s.last_ckpt
+                ),
+            )
         self.w_loss += loss
         self.w_tokens += ntoks
         self.w_steps += 1
@@ -384,19 +456,37 @@ class _Loop:
         sq = norms.tolist()
         bad = list(dict.fromkeys(g for g, x in zip(self.groups, sq) if not math.isfinite(x)))
         examples = s.batches.indices(it - 1)
-        self.emit(P.Traced(step=it, global_step=gstep, loss=_wire(loss), grad_norm=_wire(math.sqrt(sum(sq))),
-                           lr=_wire(s.optimizer.learning_rate.item()), tokens=ntoks, examples=list(examples),
-                           lengths=[len(s.batches.items[i][0]) for i in examples], nonfinite_groups=bad,
-                           group_count=len(dict.fromkeys(self.groups))))
+        self.emit(
+            P.Traced(
+                step=it,
+                global_step=gstep,
+                loss=_wire(loss),
+                grad_norm=_wire(math.sqrt(sum(sq))),
+                lr=_wire(s.optimizer.learning_rate.item()),
+                tokens=ntoks,
+                examples=list(examples),
+                lengths=[len(s.batches.items[i][0]) for i in examples],
+                nonfinite_groups=bad,
+                group_count=len(dict.fromkeys(self.groups)),
+            )
+        )
 
     def _report(self, it: int, gstep: int) -> None:
-        rate = (lambda n: n / self.w_time if self.w_time > 0 else 0.0)  # noqa: E731
-        self.emit(P.Report(metrics=Metrics(
-            step=it, global_step=gstep, loss=_finite(self.w_loss / self.w_steps),
-            lr=_finite(self.s.optimizer.learning_rate.item()),
-            tokens_per_s=rate(self.w_tokens),
-            peak_mem_gb=mx.get_peak_memory() / 1e9, trained_tokens=self.trained_tokens),
-            local_tokens_per_s=rate(self.w_local) if self.s.ranks.many else None))
+        rate = lambda n: n / self.w_time if self.w_time > 0 else 0.0  # noqa: E731
+        self.emit(
+            P.Report(
+                metrics=Metrics(
+                    step=it,
+                    global_step=gstep,
+                    loss=_finite(self.w_loss / self.w_steps),
+                    lr=_finite(self.s.optimizer.learning_rate.item()),
+                    tokens_per_s=rate(self.w_tokens),
+                    peak_mem_gb=mx.get_peak_memory() / 1e9,
+                    trained_tokens=self.trained_tokens,
+                ),
+                local_tokens_per_s=rate(self.w_local) if self.s.ranks.many else None,
+            )
+        )
         self.w_loss = self.w_tokens = self.w_steps = self.w_local = 0
         self.w_time = 0.0
 
@@ -404,7 +494,9 @@ class _Loop:
         self.emit(P.EvalStarted(step=it))
         t0 = time.perf_counter()
         loss = _finite(evaluate_loss(self.s.model, self.s.val, self.s.ranks)[0])
-        self.emit(P.Evaluated(step=it, global_step=gstep, val_loss=loss, eval_s=time.perf_counter() - t0))
+        self.emit(
+            P.Evaluated(step=it, global_step=gstep, val_loss=loss, eval_s=time.perf_counter() - t0)
+        )
         return loss
 
     def _checkpoint(self, it: int, gstep: int) -> None:
@@ -415,12 +507,24 @@ class _Loop:
             late = self.writer.drain()
             if isinstance(late, TrainingDiverged):
                 raise late
-            raise TrainingDiverged("nan", it, gstep, _diverged_text(
-                cfg, it, gstep, "or the adapter weights are not finite at a checkpoint", s.last_ckpt))
+            raise TrainingDiverged(
+                "nan",
+                it,
+                gstep,
+                _diverged_text(
+                    cfg,
+                    it,
+                    gstep,
+                    "or the adapter weights are not finite at a checkpoint",
+                    s.last_ckpt,
+                ),
+            )
         if self.c_steps:
             self.train_loss = self.c_loss / self.c_steps
         self.c_loss = self.c_steps = 0
-        if not s.ranks.leader:  # the leader writes it; no rank runs past a checkpoint before it is handed over
+        if (
+            not s.ranks.leader
+        ):  # the leader writes it; no rank runs past a checkpoint before it is handed over
             s.ranks.barrier()
             return
         # At most one checkpoint in flight: the previous one must be written (and reported) before
@@ -429,23 +533,51 @@ class _Loop:
         self.writer.wait()
         waited = time.perf_counter() - t0
         if waited >= 0.001:
-            print(f"checkpoint step {it}: waited {waited:.3f} s for the previous checkpoint's write", flush=True)
-        state = TrainState(job_step=it, global_step=gstep, cursor=s.batches.cursor(it), seed=cfg.seed,
-                           eval_count=self.eval_count, trained_tokens=self.trained_tokens,
-                           train_loss=self.train_loss, val_loss=self.val_loss, config_sha256=s.state.config_sha256,
-                           world_size=s.ranks.size)
+            print(
+                f"checkpoint step {it}: waited {waited:.3f} s for the previous checkpoint's write",
+                flush=True,
+            )
+        state = TrainState(
+            job_step=it,
+            global_step=gstep,
+            cursor=s.batches.cursor(it),
+            seed=cfg.seed,
+            eval_count=self.eval_count,
+            trained_tokens=self.trained_tokens,
+            train_loss=self.train_loss,
+            val_loss=self.val_loss,
+            config_sha256=s.state.config_sha256,
+            world_size=s.ranks.size,
+        )
         # The step-`it` arrays, evaluated (the loop's mx.eval): immutable, and the next steps make new
         # ones (the compiled step's outputs replace model.state and optimizer.state; holding these
         # references also keeps MLX from donating their buffers). Only the writing is on the thread.
-        files = checkpoint_files(Checkpoint(
-            adapters=dict(tree_flatten(s.model.trainable_parameters())), adapter_config=s.adapter_config,
-            optimizer=dict(tree_flatten(s.optimizer.state)), state=state))
+        files = checkpoint_files(
+            Checkpoint(
+                adapters=dict(tree_flatten(s.model.trainable_parameters())),
+                adapter_config=s.adapter_config,
+                optimizer=dict(tree_flatten(s.optimizer.state)),
+                state=state,
+            )
+        )
         started = P.CheckpointStarted(step=it, global_step=gstep, waited_s=round(waited, 6))
 
-        def finite(buffers: dict) -> None:  # beside the write: numpy bit tests of the buffers, off the loop
+        def finite(
+            buffers: dict,
+        ) -> None:  # beside the write: numpy bit tests of the buffers, off the loop
             if nonfinite_tensors(buffers[ADAPTERS]):
-                raise TrainingDiverged("nan", it, gstep, _diverged_text(
-                    cfg, it, gstep, "or the adapter weights are not finite at a checkpoint", s.last_ckpt))
+                raise TrainingDiverged(
+                    "nan",
+                    it,
+                    gstep,
+                    _diverged_text(
+                        cfg,
+                        it,
+                        gstep,
+                        "or the adapter weights are not finite at a checkpoint",
+                        s.last_ckpt,
+                    ),
+                )
             self.emit(started)
 
         self.writer.submit(files, state, check=finite)
@@ -455,8 +587,13 @@ class _Loop:
 def _complete(s: Session, emit, fs: FS) -> P.Completed:
     adapter_dir, sha = publish_adapter(s.plan.job_dir, s.last_ckpt, fs)
     iters = s.plan.config.iters
-    msg = P.Completed(step=iters, global_step=s.plan.global_step_base + iters, adapter_path=str(adapter_dir),
-                      adapter_sha256=sha, checkpoint=s.last_ckpt)
+    msg = P.Completed(
+        step=iters,
+        global_step=s.plan.global_step_base + iters,
+        adapter_path=str(adapter_dir),
+        adapter_sha256=sha,
+        checkpoint=s.last_ckpt,
+    )
     emit(msg)
     return msg
 
@@ -467,7 +604,7 @@ def evaluate_loss(model, batches, ranks: Ranks = SINGLE) -> tuple[float, int]:
     data-parallel job each score every size-th batch and sum."""
     model.eval()
     total, ntoks = mx.array(0.0), mx.array(0)
-    for batch, lengths in (batches[ranks.rank :: ranks.size] if ranks.many else batches):
+    for batch, lengths in batches[ranks.rank :: ranks.size] if ranks.many else batches:
         loss, toks = default_loss(model, batch, lengths)
         total += loss * toks
         ntoks += toks
@@ -499,8 +636,11 @@ def _diverged_text(cfg: Config, step: int, gstep: int, what: str, last_ckpt) -> 
         f"Training diverged at step {step} (global step {gstep}): the loss {what}. "
         f"Nothing after that point was saved. {kept} "
         f"What to do: lower the learning rate (now {lr:g}; try {lr / 10:g}), "
-        + ("clip gradients (set max_grad_norm, e.g. 1.0), " if cfg.max_grad_norm is None else
-           f"clip gradients harder (max_grad_norm is {cfg.max_grad_norm:g}), ")
+        + (
+            "clip gradients (set max_grad_norm, e.g. 1.0), "
+            if cfg.max_grad_norm is None
+            else f"clip gradients harder (max_grad_norm is {cfg.max_grad_norm:g}), "
+        )
         + "add or lengthen warmup (lr_schedule.warmup) to tame early gradient spikes, and check the "
         "data for broken, empty or extremely long examples; then retry the job."
     )
@@ -521,11 +661,16 @@ def _check_resume(plan: TrainPlan, ck: Checkpoint, a_config: dict) -> None:
     if plan.resume_manifest_sha256:  # every rank of a data-parallel job loads this very checkpoint
         found = hashlib.sha256((Path(src) / MANIFEST).read_bytes()).hexdigest()
         if found != plan.resume_manifest_sha256:
-            raise CheckpointCorrupt(src, f"its manifest hashes to {found[:16]}… on this host, not to the committed "
-                                         f"{plan.resume_manifest_sha256[:16]}… (another copy, or changed since)")
+            raise CheckpointCorrupt(
+                src,
+                f"its manifest hashes to {found[:16]}… on this host, not to the committed "
+                f"{plan.resume_manifest_sha256[:16]}… (another copy, or changed since)",
+            )
     if st.world_size != plan.world_size and not plan.reshard:
-        raise ValueError(f"checkpoint {src} was trained on {st.world_size} rank(s), this attempt runs "
-                         f"{plan.world_size}: resuming on another world size needs `ftctl retry {plan.job_id} --reshard`")
+        raise ValueError(
+            f"checkpoint {src} was trained on {st.world_size} rank(s), this attempt runs "
+            f"{plan.world_size}: resuming on another world size needs `ftctl retry {plan.job_id} --reshard`"
+        )
     if st.seed != cfg.seed:
         raise ValueError(f"checkpoint {src} was trained with seed {st.seed}, not {cfg.seed}")
     if st.job_step > cfg.iters:

@@ -44,8 +44,10 @@ from ftctl.adapters import protocol as P  # light: msgspec and the config schema
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--message-fd", type=int)
-    ap.add_argument("--connect", action="store_true", help="a rank of a data-parallel job (see the docstring)")
-    ap.add_argument("--job", default="")        # for `ps` and `ftctl doctor` only
+    ap.add_argument(
+        "--connect", action="store_true", help="a rank of a data-parallel job (see the docstring)"
+    )
+    ap.add_argument("--job", default="")  # for `ps` and `ftctl doctor` only
     ap.add_argument("--workspace", default="")
     args = ap.parse_args()
     if args.connect:
@@ -54,7 +56,9 @@ def main() -> int:
         inp, out = sys.stdin.buffer, os.fdopen(args.message_fd, "wb", buffering=0)
     lock = threading.Lock()
 
-    loaded = threading.Event()  # before it is set, a failure is in loading: a retry would fail the same way
+    loaded = (
+        threading.Event()
+    )  # before it is set, a failure is in loading: a retry would fail the same way
 
     def emit(msg) -> None:
         with lock:
@@ -68,13 +72,19 @@ def main() -> int:
         from ftctl.adapters.checkpoint import CheckpointCorrupt
         from ftctl.adapters.faults import fs_from_env
         from ftctl.adapters.trainer import TrainingDiverged, run
+
         _prewarm()
     except ImportError as e:
         imported = e
 
-    if not args.connect and not select.select([0], [], [], 0)[0]:  # no plan waiting: this is a standby (its own log)
-        print(f"worker pid {os.getpid()}: standby, imports done in {time.monotonic() - t0:.2f} s; "
-              "waiting for a plan", flush=True)
+    if (
+        not args.connect and not select.select([0], [], [], 0)[0]
+    ):  # no plan waiting: this is a standby (its own log)
+        print(
+            f"worker pid {os.getpid()}: standby, imports done in {time.monotonic() - t0:.2f} s; "
+            "waiting for a plan",
+            flush=True,
+        )
     plan_line = inp.readline()
     if not plan_line:
         os._exit(70)  # EOF before any plan: the daemon is gone (or dismissed this standby)
@@ -85,13 +95,17 @@ def main() -> int:
     if plan is not None and plan.log_path and not args.connect:
         _output_to(plan.log_path)
     stop = threading.Event()
-    faults.wake_when(stop.is_set)  # an FTCTL_HANG_AT point stands still until the daemon says `stop`
+    faults.wake_when(
+        stop.is_set
+    )  # an FTCTL_HANG_AT point stands still until the daemon says `stop`
 
     def control() -> None:
         for line in inp:
             try:
                 P.decode_control(line.strip())
-            except P.ProtocolError as e:  # the daemon is ours: this is a bug, but never a reason to die
+            except (
+                P.ProtocolError
+            ) as e:  # the daemon is ours: this is a bug, but never a reason to die
                 print(f"ignored: {e}", file=sys.stderr, flush=True)
                 continue
             stop.set()
@@ -100,8 +114,15 @@ def main() -> int:
     threading.Thread(target=control, daemon=True, name="control").start()
 
     def fail(code: int, category: str, e: BaseException, **extra) -> int:
-        emit(P.Failed(category=category, message=str(e) if category in ("nan", "inf", "corrupt_checkpoint")
-                      else f"{type(e).__name__}: {e}", **extra))
+        emit(
+            P.Failed(
+                category=category,
+                message=str(e)
+                if category in ("nan", "inf", "corrupt_checkpoint")
+                else f"{type(e).__name__}: {e}",
+                **extra,
+            )
+        )
         return code
 
     if imported is not None:
@@ -110,8 +131,11 @@ def main() -> int:
 
     try:
         plan = P.decode_plan(plan_line)
-        print(f"worker pid {os.getpid()}: job {plan.job_id}, resume_from={plan.resume_from}, "
-              f"warm_start_from={plan.warm_start_from}", flush=True)
+        print(
+            f"worker pid {os.getpid()}: job {plan.job_id}, resume_from={plan.resume_from}, "
+            f"warm_start_from={plan.warm_start_from}",
+            flush=True,
+        )
         run(plan, emit, stop.is_set, fs=fs_from_env())
         return 0
     except TrainingDiverged as e:
@@ -154,19 +178,39 @@ def _connect():
     try:
         sock = socket.create_connection((host, int(port)), timeout=30)
     except (OSError, ValueError) as e:
-        print(f"cannot reach the ftctl daemon at {host}:{port} (FTCTL_CONTROLLER): {e}", file=sys.stderr, flush=True)
+        print(
+            f"cannot reach the ftctl daemon at {host}:{port} (FTCTL_CONTROLLER): {e}",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(70)
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if sys.platform.startswith("linux"):  # also dies with mlx.launch, not only on the connection's EOF
+    if sys.platform.startswith(
+        "linux"
+    ):  # also dies with mlx.launch, not only on the connection's EOF
         import ctypes
         import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    rank = int(os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK") or 0)
+    rank = int(
+        os.environ.get("MLX_RANK")
+        or os.environ.get("OMPI_COMM_WORLD_RANK")
+        or os.environ.get("PMI_RANK")
+        or 0
+    )
     out = _Sent(sock)
-    out.write(P.encode(P.Hello(token=os.environ.get("FTCTL_GROUP_TOKEN", ""), rank=rank, pid=os.getpid(),
-                               host=socket.gethostname())) + b"\n")
+    out.write(
+        P.encode(
+            P.Hello(
+                token=os.environ.get("FTCTL_GROUP_TOKEN", ""),
+                rank=rank,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+            )
+        )
+        + b"\n"
+    )
     return sock.makefile("rb"), out
 
 

@@ -20,12 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftctl.adapters import fs, process
-from ftctl.core.config import (Config, ConfigError, blame_override, decode_config, default_config_dict,
-                               merge_overrides)
+from ftctl.core.config import (
+    Config,
+    ConfigError,
+    blame_override,
+    decode_config,
+    default_config_dict,
+    merge_overrides,
+)
 from ftctl.events.journal import Journal, JournalError
 
 DIRS = ("inbox", "inbox/rejected", "jobs", "models", "logs", "run")
-SCRATCH_MARKER = ".ftctl-reproduce"  # the first file of a reproduction's scratch folder: ours to delete
+SCRATCH_MARKER = (
+    ".ftctl-reproduce"  # the first file of a reproduction's scratch folder: ours to delete
+)
 _FIX_CONFIG = (
     "Nothing was changed. Edit ftctl.yaml to fix it (`ftctl config show` prints the effective values "
     "once it reads), then run the command again."
@@ -76,7 +84,12 @@ class Workspace:
         out = []
         for d in sorted((self.home / "run").glob("reproduce-*-*")):
             pid = d.name.rpartition("-")[2]
-            if (d / SCRATCH_MARKER).is_file() and pid.isdigit() and int(pid) != os.getpid() and not process.psutil.pid_exists(int(pid)):
+            if (
+                (d / SCRATCH_MARKER).is_file()
+                and pid.isdigit()
+                and int(pid) != os.getpid()
+                and not process.psutil.pid_exists(int(pid))
+            ):
                 out.append(d)
         return out
 
@@ -112,15 +125,19 @@ class Workspace:
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}). {_FIX_CONFIG}") from None
         except OSError as e:
-            raise WorkspaceError(f"cannot read {path}: {e.strerror}. Nothing was changed; check that --home (or FTCTL_HOME) is your workspace.") from None
+            raise WorkspaceError(
+                f"cannot read {path}: {e.strerror}. Nothing was changed; check that --home (or FTCTL_HOME) is your workspace."
+            ) from None
         import yaml  # read where used: status, replay and recover never parse ftctl.yaml
 
         try:
             data = yaml.load(text, Loader=_unique_key_loader())
         except DuplicateKey as e:
-            raise ConfigError(f"{path}: key {e.key!r} is given twice (lines {e.first} and {e.second}); "
-                              "nothing was changed; keep one of them (YAML would silently take the last)",
-                              key=str(e.key)) from None
+            raise ConfigError(
+                f"{path}: key {e.key!r} is given twice (lines {e.first} and {e.second}); "
+                "nothing was changed; keep one of them (YAML would silently take the last)",
+                key=str(e.key),
+            ) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML{_yaml_where(e)}. {_FIX_CONFIG}") from None
         if data is None:
@@ -142,7 +159,9 @@ class Workspace:
             culprit = blame_override(e.key, overrides)
             if culprit is None:
                 raise
-            return decode_config(data, source=f"--set {culprit}")  # the same error, blamed on the override
+            return decode_config(
+                data, source=f"--set {culprit}"
+            )  # the same error, blamed on the override
 
 
 def init_workspace(home: Path, model: str, extra: dict | None = None, then=None) -> Workspace:
@@ -198,8 +217,11 @@ def make_folder(path: Path, made: list[Path]) -> None:
         if p.is_dir():
             break
         if p.exists():
-            raise WorkspaceError(f"{p} is a file, not a folder" if p == path
-                                 else f"cannot create {path}: {p} is a file, not a folder")
+            raise WorkspaceError(
+                f"{p} is a file, not a folder"
+                if p == path
+                else f"cannot create {path}: {p} is a file, not a folder"
+            )
     fs.make_dirs(path, made)
 
 
@@ -215,9 +237,15 @@ def creating(where: Path) -> Iterator[list[Path]]:
         yield made
     except (OSError, JournalError, WorkspaceError) as e:
         left = undo(made)
-        kept = "Nothing was changed." if not left else (
-            "Removed what it had created except " + ", ".join(map(str, left))
-            + " (not empty, or not removable: look at it before removing it yourself).")
+        kept = (
+            "Nothing was changed."
+            if not left
+            else (
+                "Removed what it had created except "
+                + ", ".join(map(str, left))
+                + " (not empty, or not removable: look at it before removing it yourself)."
+            )
+        )
         raise WorkspaceError(f"{_what_failed(e, where)}. {kept} {_HOME_ADVICE}") from None
     except BaseException:
         undo(made)
@@ -271,7 +299,10 @@ def _unique_key_loader():
             def construct_mapping(self, node, deep=False):
                 seen: dict = {}
                 for key_node, _ in node.value:
-                    if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    if (
+                        not isinstance(key_node, yaml.ScalarNode)
+                        or key_node.tag == "tag:yaml.org,2002:merge"
+                    ):
                         continue  # complex keys and `<<` merges: PyYAML's own rules
                     key = self.construct_object(key_node)
                     line = key_node.start_mark.line + 1
@@ -301,7 +332,13 @@ def _yaml_where(e) -> str:
 
 
 def _yaml_kind(data) -> str:
-    kinds = {list: "a list", str: "a single string", int: "a single number", float: "a single number", bool: "a single true/false"}
+    kinds = {
+        list: "a list",
+        str: "a single string",
+        int: "a single number",
+        float: "a single number",
+        bool: "a single true/false",
+    }
     return kinds.get(type(data), type(data).__name__)
 
 

@@ -116,8 +116,12 @@ def async_save(out: Path, adapters, optimizer, parts: dict):
     state = TrainState(job_step=100, global_step=100, cursor=Cursor(epoch=0, position=100), seed=0)
     config = {"fine_tune_type": "lora", "num_layers": 16, "lora_parameters": {"rank": 8}}
     tree = {"model": {"layers": adapters}}  # the loop flattens the module tree
-    files = checkpoint_files(Checkpoint(dict(tree_flatten(tree)), config, dict(tree_flatten(optimizer)), state))
-    w = WRITER.setdefault("w", CheckpointWriter(out, None, lambda record: None))  # one per run, as in the loop
+    files = checkpoint_files(
+        Checkpoint(dict(tree_flatten(tree)), config, dict(tree_flatten(optimizer)), state)
+    )
+    w = WRITER.setdefault(
+        "w", CheckpointWriter(out, None, lambda record: None)
+    )  # one per run, as in the loop
     w.job_dir = out
 
     def finite(buffers):  # as the trainer does: beside the write, on an I/O thread
@@ -183,22 +187,32 @@ def main():
                     if i:
                         times[name].append(t)
             m = {name: statistics.median(v) for name, v in times.items()}
-            p = {name: statistics.median(v[1:]) for name, v in parts.items()}  # [0]: the warm-up round
+            p = {
+                name: statistics.median(v[1:]) for name, v in parts.items()
+            }  # [0]: the warm-up round
             print(f"{label}: {mb:.1f} MB")
             for name in fns:
                 if name == "async":
                     print(f"  {'async stall':<12} {p['stall'] * 1000:9.2f} ms")
-                    print(f"  {'async durable':<12} {p['durable'] * 1000:9.2f} ms  (the finiteness check beside the "
-                          f"write took {p['finite'] * 1000:.2f} ms)")
+                    print(
+                        f"  {'async durable':<12} {p['durable'] * 1000:9.2f} ms  (the finiteness check beside the "
+                        f"write took {p['finite'] * 1000:.2f} ms)"
+                    )
                     continue
                 print(f"  {name:<12} {m[name] * 1000:9.2f} ms")
             h = statistics.median(hash_only(adapters, optimizer) for _ in range(3))
-            print(f"  {'sha256 only':<12} {h * 1000:9.2f} ms  (profile: the 2 hashing threads alone, nothing written)")
-            print(f"  ratio async stall / plain: {p['stall'] / m['plain']:.3f}  (goal <= 0.10); "
-                  f"async durable / plain+fsync: {p['durable'] / m['plain+fsync']:.2f}  (goal <= 1.1)")
-            print(f"  ratio ftctl (synchronous) / plain: {m['ftctl'] / m['plain']:.2f}; "
-                  f"ftctl / plain+fsync: {m['ftctl'] / m['plain+fsync']:.2f}; "
-                  f"without fsyncs on either side: {m['ftctl-nosync'] / m['plain']:.2f}")
+            print(
+                f"  {'sha256 only':<12} {h * 1000:9.2f} ms  (profile: the 2 hashing threads alone, nothing written)"
+            )
+            print(
+                f"  ratio async stall / plain: {p['stall'] / m['plain']:.3f}  (goal <= 0.10); "
+                f"async durable / plain+fsync: {p['durable'] / m['plain+fsync']:.2f}  (goal <= 1.1)"
+            )
+            print(
+                f"  ratio ftctl (synchronous) / plain: {m['ftctl'] / m['plain']:.2f}; "
+                f"ftctl / plain+fsync: {m['ftctl'] / m['plain+fsync']:.2f}; "
+                f"without fsyncs on either side: {m['ftctl-nosync'] / m['plain']:.2f}"
+            )
 
 
 if __name__ == "__main__":

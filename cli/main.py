@@ -27,13 +27,20 @@ jobs = lazy("ftctl.control.jobs")
 # The errors a user can act on, by (module, class): `except user_errors()` catches those of the
 # modules this command imported, which are all it can have raised.
 USER_ERROR_NAMES = (
-    ("ftctl.control.jobs", "UserError"), ("ftctl.control.consolidation", "ConsolidationRefused"),
-    ("ftctl.control.daemon", "DaemonError"), ("ftctl.control.demo", "DemoRefused"),
-    ("ftctl.control.recover", "DaemonRunning"), ("ftctl.adapters.workspace", "WorkspaceError"),
-    ("ftctl.core.config", "ConfigError"), ("ftctl.core.dataset", "DataError"),
-    ("ftctl.core.machine", "IllegalTransition"), ("ftctl.events.journal", "JournalError"),
-    ("ftctl.control.submit", "SubmitError"), ("ftctl.core.state", "ReplayError"),
-    ("ftctl.control.service", "ServiceError"), ("ftctl.control.reproduce", "ReproduceRefused"),
+    ("ftctl.control.jobs", "UserError"),
+    ("ftctl.control.consolidation", "ConsolidationRefused"),
+    ("ftctl.control.daemon", "DaemonError"),
+    ("ftctl.control.demo", "DemoRefused"),
+    ("ftctl.control.recover", "DaemonRunning"),
+    ("ftctl.adapters.workspace", "WorkspaceError"),
+    ("ftctl.core.config", "ConfigError"),
+    ("ftctl.core.dataset", "DataError"),
+    ("ftctl.core.machine", "IllegalTransition"),
+    ("ftctl.events.journal", "JournalError"),
+    ("ftctl.control.submit", "SubmitError"),
+    ("ftctl.core.state", "ReplayError"),
+    ("ftctl.control.service", "ServiceError"),
+    ("ftctl.control.reproduce", "ReproduceRefused"),
     ("ftctl.control.models", "ModelRefused"),
 )
 
@@ -67,19 +74,31 @@ def cmd_init(args, ws: Workspace) -> int:
         paths = init_demo(ws.home)
         model, data = str(paths.model_dir), str(paths.data_dir)
         if not args.json:
-            render.console.print(f"built the demo model at {paths.model_dir} and datasets in {paths.data_dir}")
+            render.console.print(
+                f"built the demo model at {paths.model_dir} and datasets in {paths.data_dir}"
+            )
     else:
         if not args.model:
-            raise UserError("ftctl init needs --model (an mlx-lm model folder, a Hugging Face repo id or a .gguf "
-                            "file) or --demo")
+            raise UserError(
+                "ftctl init needs --model (an mlx-lm model folder, a Hugging Face repo id or a .gguf "
+                "file) or --demo"
+            )
         from ftctl.control.setup import init
 
-        note = (lambda *a, **k: None) if args.json else render.ConsoleReporter(out=render.err_console).note
+        note = (
+            (lambda *a, **k: None)
+            if args.json
+            else render.ConsoleReporter(out=render.err_console).note
+        )
         _, model = init(ws.home, args.model, dtype=args.dtype, note=note)
     if args.json:
-        render.print_json({"home": str(ws.home), "config": str(ws.config_path), "model": model, "demo_data": data})
+        render.print_json(
+            {"home": str(ws.home), "config": str(ws.config_path), "model": model, "demo_data": data}
+        )
     else:
-        render.console.print(f"[green]initialised[/] workspace {ws.home} (journal, ftctl.yaml, inbox/, jobs/, models/, logs/)")
+        render.console.print(
+            f"[green]initialised[/] workspace {ws.home} (journal, ftctl.yaml, inbox/, jobs/, models/, logs/)"
+        )
     return 0
 
 
@@ -87,28 +106,57 @@ def cmd_submit(args, ws: Workspace) -> int:
     ledger = _ledger(ws)
     from ftctl.control.submit import submit
 
-    sub = submit(ws, ledger, Path(args.file), name=args.name, valid=Path(args.valid) if args.valid else None,
-                 overrides=args.set or [], lineage=args.lineage, fresh=args.fresh, again=args.again,
-                 note=(lambda *a, **k: None) if args.json else render.ConsoleReporter(out=render.err_console).note)
+    sub = submit(
+        ws,
+        ledger,
+        Path(args.file),
+        name=args.name,
+        valid=Path(args.valid) if args.valid else None,
+        overrides=args.set or [],
+        lineage=args.lineage,
+        fresh=args.fresh,
+        again=args.again,
+        note=(lambda *a, **k: None)
+        if args.json
+        else render.ConsoleReporter(out=render.err_console).note,
+    )
     if args.json:
-        render.print_json({"job": sub.job, "state": sub.state, "format": sub.report.format,
-                           "lines": sub.report.lines, "valid": sub.report.valid, "bad": len(sub.report.problems),
-                           "bad_ratio": sub.report.bad_ratio, "reasons": sub.reasons, "warnings": sub.warnings,
-                           "problems": [f"line {p.line}: {p.reason}" for p in sub.report.problems[:50]]})
+        render.print_json(
+            {
+                "job": sub.job,
+                "state": sub.state,
+                "format": sub.report.format,
+                "lines": sub.report.lines,
+                "valid": sub.report.valid,
+                "bad": len(sub.report.problems),
+                "bad_ratio": sub.report.bad_ratio,
+                "reasons": sub.reasons,
+                "warnings": sub.warnings,
+                "problems": [f"line {p.line}: {p.reason}" for p in sub.report.problems[:50]],
+            }
+        )
         return 0 if sub.state == "queued" else 1
     rep = sub.report
     for p in rep.problems[:10]:
-        render.err_console.print(f"  [yellow]{render.escape(args.file)}:{p.line}[/] {render.escape(p.reason)}")
+        render.err_console.print(
+            f"  [yellow]{render.escape(args.file)}:{p.line}[/] {render.escape(p.reason)}"
+        )
     if len(rep.problems) > 10:
         render.err_console.print(f"  … and {len(rep.problems) - 10} more bad lines")
     for w in sub.warnings:
         render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
     if sub.state == "rejected":
-        render.err_console.print(f"[red]rejected[/] job {sub.job}: " + render.escape("; ".join(sub.reasons)))
-        render.err_console.print("The data file was left untouched and nothing was queued. Fix the lines above and submit again.")
+        render.err_console.print(
+            f"[red]rejected[/] job {sub.job}: " + render.escape("; ".join(sub.reasons))
+        )
+        render.err_console.print(
+            "The data file was left untouched and nothing was queued. Fix the lines above and submit again."
+        )
         return 1
-    render.console.print(f"[green]queued[/] job {sub.job} ({rep.valid} valid {rep.format} examples of {rep.lines}); "
-                         "run `ftctl start` to train")
+    render.console.print(
+        f"[green]queued[/] job {sub.job} ({rep.valid} valid {rep.format} examples of {rep.lines}); "
+        "run `ftctl start` to train"
+    )
     return 0
 
 
@@ -124,14 +172,24 @@ def cmd_status(args, ws: Workspace) -> int:
             render.console.print(render.job_panel(v.job, v.metrics, v))
         return 0
     # A program gets every job unless it asks for a selection; a person gets the readable default.
-    st = status.status(ws, ledger, states=args.state or (), everything=args.all or (args.json and not args.state))
+    st = status.status(
+        ws, ledger, states=args.state or (), everything=args.all or (args.json and not args.state)
+    )
     if args.json:
-        render.print_json({"seq": st.seq, "daemon": render.daemon_json(st.daemon),
-                           "jobs": [render.job_json(v.job, v.metrics, v) for v in st.jobs],
-                           "lineages": [render.as_dict(l) for l in st.projection.lineages.values()],
-                           "hidden": st.hidden, "inbox": st.inbox})
+        render.print_json(
+            {
+                "seq": st.seq,
+                "daemon": render.daemon_json(st.daemon),
+                "jobs": [render.job_json(v.job, v.metrics, v) for v in st.jobs],
+                "lineages": [render.as_dict(l) for l in st.projection.lineages.values()],
+                "hidden": st.hidden,
+                "inbox": st.inbox,
+            }
+        )
         return 0
-    render.console.print(f"workspace {ws.home}  ·  journal seq {st.seq}  ·  daemon {render.escape(st.daemon.summary)}")
+    render.console.print(
+        f"workspace {ws.home}  ·  journal seq {st.seq}  ·  daemon {render.escape(st.daemon.summary)}"
+    )
     if st.jobs:
         render.console.print(render.status_table(st.jobs))
     elif not st.projection.jobs:
@@ -139,11 +197,15 @@ def cmd_status(args, ws: Workspace) -> int:
     else:
         render.console.print("no job to show")
     for f in st.inbox:
-        render.console.print(f"inbox: {render.escape(f['file'])} ({f['bytes'] / 1e6:.1f} MB): {render.escape(f['note'])}")
+        render.console.print(
+            f"inbox: {render.escape(f['file'])} ({f['bytes'] / 1e6:.1f} MB): {render.escape(f['note'])}"
+        )
     if st.hidden:
         why = ", ".join(f"{n} {k}" for k, n in st.hidden.items())
-        render.console.print(f"{sum(st.hidden.values())} job(s) not shown ({why}): `ftctl status --all` shows every "
-                             "job, `--state STATE` those in a state (e.g. `--state rejected`)")
+        render.console.print(
+            f"{sum(st.hidden.values())} job(s) not shown ({why}): `ftctl status --all` shows every "
+            "job, `--state STATE` those in a state (e.g. `--state rejected`)"
+        )
     return 0
 
 
@@ -162,10 +224,12 @@ def cmd_history(args, ws: Workspace) -> int:
 
     after = _since_seq(ledger, args.since)
     if args.n is not None and stream is None and not crashes_only:
-        after = max(after, ledger.journal.last_seq() - args.n)  # seq has no gaps: skip reading the rest
+        after = max(
+            after, ledger.journal.last_seq() - args.n
+        )  # seq has no gaps: skip reading the rest
     recs = batch(after)
     if args.n is not None:
-        recs = recs[-args.n:] if args.n else []
+        recs = recs[-args.n :] if args.n else []
     if args.json and not args.follow:
         render.print_json([render.event_json(r) for r in recs])
         return 0
@@ -174,7 +238,9 @@ def cmd_history(args, ws: Workspace) -> int:
         for r in recs:
             render.print_ndjson(render.event_json(r))
     elif recs:
-        render.console.print(render.history_table(recs, title=f"history{' of job ' + args.job if args.job else ''}"))
+        render.console.print(
+            render.history_table(recs, title=f"history{' of job ' + args.job if args.job else ''}")
+        )
     elif not args.follow:
         render.console.print("no events" + (f" since {args.since[1]}" if args.since else ""))
     if not args.follow:
@@ -188,8 +254,10 @@ def cmd_history(args, ws: Workspace) -> int:
                 if args.json:
                     render.print_ndjson(render.event_json(r))
                 else:
-                    render.console.print(f"{r.ts[:19].replace('T', ' ')}  {r.seq:>6}  {r.stream:<12} "
-                                         f"{type(r.event).kind():<22} {render.event_fields(r)}")
+                    render.console.print(
+                        f"{r.ts[:19].replace('T', ' ')}  {r.seq:>6}  {r.stream:<12} "
+                        f"{type(r.event).kind():<22} {render.event_fields(r)}"
+                    )
     except KeyboardInterrupt:
         return 0
 
@@ -203,13 +271,16 @@ def _since(text: str) -> tuple[str, str]:
         return "seq", text
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", text)
     if m:
-        at = datetime.now(timezone.utc) - timedelta(seconds=float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]])
+        at = datetime.now(timezone.utc) - timedelta(
+            seconds=float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+        )
     else:
         try:
             at = datetime.fromisoformat(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"{text!r} is not a sequence number, a duration (10m, 2h, 1d) or an ISO time (2026-11-23T14:00)") from None
+                f"{text!r} is not a sequence number, a duration (10m, 2h, 1d) or an ISO time (2026-11-23T14:00)"
+            ) from None
         at = at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
     return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), text
 
@@ -226,9 +297,13 @@ def cmd_replay(args, ws: Workspace) -> int:
     # projection is loaded only to word an error about a job id that does not exist.
     journal = ws.open_journal()
     try:
-        job = args.job if journal.stream_version(f"job:{args.job}") else args.job.zfill(4)  # as find_job: "7" finds "0007"
+        job = (
+            args.job if journal.stream_version(f"job:{args.job}") else args.job.zfill(4)
+        )  # as find_job: "7" finds "0007"
         if not journal.stream_version(f"job:{job}"):
-            find_job(Ledger(journal, write_snapshots=False), args.job)  # raises, naming the recent jobs
+            find_job(
+                Ledger(journal, write_snapshots=False), args.job
+            )  # raises, naming the recent jobs
         last = journal.last_seq()
         if args.to < 0 or args.to > last:
             raise UserError(f"--to {args.to} is outside the journal (seq 0..{last})")
@@ -251,60 +326,123 @@ def cmd_replay(args, ws: Workspace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     home = argparse.ArgumentParser(add_help=False)
-    home.add_argument("--home", default=argparse.SUPPRESS,
-                      help="workspace directory (default: $FTCTL_HOME or ~/.ftctl)")
-    p = Parser(prog="ftctl", description="Crash-proof controller for MLX LoRA fine-tuning.", parents=[home],
-               epilog="Start with `ftctl demo`, or `ftctl init --model PATH`, `ftctl submit FILE.jsonl`, `ftctl start`. "
-                      "`ftctl COMMAND --help` describes each command.")
+    home.add_argument(
+        "--home",
+        default=argparse.SUPPRESS,
+        help="workspace directory (default: $FTCTL_HOME or ~/.ftctl)",
+    )
+    p = Parser(
+        prog="ftctl",
+        description="Crash-proof controller for MLX LoRA fine-tuning.",
+        parents=[home],
+        epilog="Start with `ftctl demo`, or `ftctl init --model PATH`, `ftctl submit FILE.jsonl`, `ftctl start`. "
+        "`ftctl COMMAND --help` describes each command.",
+    )
     p.add_argument("--version", action=_Version, nargs=0, help="print ftctl's version and exit")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND", help="one of:")
+    sub = p.add_subparsers(
+        dest="command", required=True, parser_class=Parser, metavar="COMMAND", help="one of:"
+    )
 
     s = sub.add_parser("init", parents=[home], help="create a workspace")
-    s.add_argument("--model", help="the base model: an mlx-lm model folder, a Hugging Face repo id (from the local "
-                                   "cache) or a Llama-family .gguf file (converted into models/imported/)")
-    s.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
-                   help="with a .gguf --model: dequantize to this dtype (default: keep the file's quantization, QLoRA)")
-    s.add_argument("--demo", action="store_true", help="build the embedded tiny demo model and data, offline")
+    s.add_argument(
+        "--model",
+        help="the base model: an mlx-lm model folder, a Hugging Face repo id (from the local "
+        "cache) or a Llama-family .gguf file (converted into models/imported/)",
+    )
+    s.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help="with a .gguf --model: dequantize to this dtype (default: keep the file's quantization, QLoRA)",
+    )
+    s.add_argument(
+        "--demo", action="store_true", help="build the embedded tiny demo model and data, offline"
+    )
     s.add_argument("--json", action="store_true", help="print what was created as JSON")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("submit", parents=[home], help="validate a JSONL data file and queue a job")
-    s.add_argument("file", help="the training data: JSONL, one example per line (chat, completions or text)")
+    s.add_argument(
+        "file", help="the training data: JSONL, one example per line (chat, completions or text)"
+    )
     s.add_argument("--name", help="a name for the job (default: the file name without .jsonl)")
     s.add_argument("--valid", help="validation JSONL (default: hold out every 20th example)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for this job (repeatable)")
+    s.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key for this job (repeatable)",
+    )
     s.add_argument("--lineage", default="main", help="lineage the job belongs to (default: main)")
-    s.add_argument("--fresh", action="store_true", help="start a fresh adapter instead of warm-starting from the lineage")
-    s.add_argument("--again", action="store_true",
-                   help="queue it even if the same data with the same config is already a job")
+    s.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a fresh adapter instead of warm-starting from the lineage",
+    )
+    s.add_argument(
+        "--again",
+        action="store_true",
+        help="queue it even if the same data with the same config is already a job",
+    )
     s.add_argument("--json", action="store_true", help="print the verdict as JSON")
     s.set_defaults(func=cmd_submit)
 
-    s = sub.add_parser("status", parents=[home], help="jobs and daemon: the journal, checked against the daemon lock")
+    s = sub.add_parser(
+        "status",
+        parents=[home],
+        help="jobs and daemon: the journal, checked against the daemon lock",
+    )
     s.add_argument("job", nargs="?", help="one job (7 or 0007): everything about it")
-    s.add_argument("--state", action="append", choices=[x for x in JOB_STATES if x != "new"], metavar="STATE",
-                   help="only jobs in STATE (repeatable): " + ", ".join(x for x in JOB_STATES if x != "new"))
-    s.add_argument("--all", action="store_true",
-                   help=f"every job (default: no rejected submission and, past {status.DEFAULT_LIMIT} jobs, "
-                        f"the last {status.DEFAULT_LIMIT} plus every unfinished one)")
+    s.add_argument(
+        "--state",
+        action="append",
+        choices=[x for x in JOB_STATES if x != "new"],
+        metavar="STATE",
+        help="only jobs in STATE (repeatable): " + ", ".join(x for x in JOB_STATES if x != "new"),
+    )
+    s.add_argument(
+        "--all",
+        action="store_true",
+        help=f"every job (default: no rejected submission and, past {status.DEFAULT_LIMIT} jobs, "
+        f"the last {status.DEFAULT_LIMIT} plus every unfinished one)",
+    )
     s.add_argument("--json", action="store_true", help="every job unless --state is given")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("history", parents=[home], help="the event timeline")
     s.add_argument("job", nargs="?", help="only this job's events (7 or 0007)")
-    s.add_argument("--since", type=_since, metavar="SEQ|AGE|TIME",
-                   help="only events after sequence number SEQ, or in the last AGE (90s, 10m, 2h, 1d), "
-                        "or at or after TIME (ISO, UTC unless it names a zone: 2026-11-23T14:00)")
-    s.add_argument("-n", type=_count, metavar="N", help="only the last N events (of those selected)")
+    s.add_argument(
+        "--since",
+        type=_since,
+        metavar="SEQ|AGE|TIME",
+        help="only events after sequence number SEQ, or in the last AGE (90s, 10m, 2h, 1d), "
+        "or at or after TIME (ISO, UTC unless it names a zone: 2026-11-23T14:00)",
+    )
+    s.add_argument(
+        "-n", type=_count, metavar="N", help="only the last N events (of those selected)"
+    )
     s.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     s.add_argument("--crashes", action="store_true", help="only crashes and failures")
-    s.add_argument("--json", action="store_true", help="a JSON list; with --follow, one compact object per line")
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="a JSON list; with --follow, one compact object per line",
+    )
     s.set_defaults(func=cmd_history)
 
-    s = sub.add_parser("replay", parents=[home], help="a job's state exactly as it was after event SEQ")
+    s = sub.add_parser(
+        "replay", parents=[home], help="a job's state exactly as it was after event SEQ"
+    )
     s.add_argument("job", help="job id (7 or 0007)")
-    s.add_argument("--to", type=int, required=True, metavar="SEQ", help="journal sequence number (see `ftctl history`)")
-    s.add_argument("--json", action="store_true", help="print the job as JSON (the `status JOB --json` shape)")
+    s.add_argument(
+        "--to",
+        type=int,
+        required=True,
+        metavar="SEQ",
+        help="journal sequence number (see `ftctl history`)",
+    )
+    s.add_argument(
+        "--json", action="store_true", help="print the job as JSON (the `status JOB --json` shape)"
+    )
     s.set_defaults(func=cmd_replay)
 
     from . import commands, views  # the daemon-side commands and the views register themselves
@@ -339,7 +477,9 @@ def _save_traceback(ws: Workspace, text: str) -> Path | None:
         if not ws.logs.is_dir():
             return None
         with open(log, "a") as f:
-            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ftctl {' '.join(sys.argv[1:])}\n{text}")
+            f.write(
+                f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ftctl {' '.join(sys.argv[1:])}\n{text}"
+            )
         return log
     except OSError:
         return None
@@ -369,7 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args, ws)
     except user_errors() as e:
         render.err_console.print(f"[red]error:[/] {render.escape(str(e))}")
-        if getattr(args, "json", False):  # a program reading stdout gets the refusal too, not nothing
+        if getattr(
+            args, "json", False
+        ):  # a program reading stdout gets the refusal too, not nothing
             render.print_json({"error": str(e), "exit": 1})
         code = 1
     except KeyboardInterrupt:
@@ -388,4 +530,3 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         code = 2
     return code
-

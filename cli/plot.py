@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MARKS = {"checkpoint": ("|", "#888888", "checkpoint"), "crash": ("x", "#d62728", "crash"),
-         "resume": ("^", "#2ca02c", "resume")}
+MARKS = {
+    "checkpoint": ("|", "#888888", "checkpoint"),
+    "crash": ("x", "#d62728", "crash"),
+    "resume": ("^", "#2ca02c", "resume"),
+}
 
 
 def draw(all_series, out: Path, title: str = "") -> int:
@@ -25,7 +28,15 @@ def draw(all_series, out: Path, title: str = "") -> int:
         if train:
             ax.plot(*zip(*train), color=colour, lw=1.4, label=f"job {s.job} {s.name} train")
         if val:
-            ax.plot(*zip(*val), color=colour, lw=1.2, ls="--", marker="o", ms=3, label=f"job {s.job} val")
+            ax.plot(
+                *zip(*val),
+                color=colour,
+                lw=1.2,
+                ls="--",
+                marker="o",
+                ms=3,
+                label=f"job {s.job} val",
+            )
         n += len(train) + len(val)
         ys = [y for _, y in train + val]
         if ys:
@@ -38,8 +49,17 @@ def draw(all_series, out: Path, title: str = "") -> int:
             if m.kind not in MARKS:
                 continue
             sym, colour, label = MARKS[m.kind]
-            ax.plot([m.global_step], [ymin], marker=sym, color=colour, ms=9 if sym != "|" else 12, ls="none",
-                    clip_on=False, zorder=5, label=None if label in labelled else label)
+            ax.plot(
+                [m.global_step],
+                [ymin],
+                marker=sym,
+                color=colour,
+                ms=9 if sym != "|" else 12,
+                ls="none",
+                clip_on=False,
+                zorder=5,
+                label=None if label in labelled else label,
+            )
             labelled.add(label)
     ax.set_ylim(ymin, ymax)
     ax.grid(alpha=0.3)

@@ -35,8 +35,11 @@ def _console(name: str):
 
         # Piped output (logs, `| less`) gets a wide page instead of rich's default 80 columns.
         stream = sys.stderr if name == "err_console" else sys.stdout
-        c = _CONSOLES[name] = Console(stderr=name == "err_console", highlight=False,
-                                      width=None if stream.isatty() or os.environ.get("COLUMNS") else 160)
+        c = _CONSOLES[name] = Console(
+            stderr=name == "err_console",
+            highlight=False,
+            width=None if stream.isatty() or os.environ.get("COLUMNS") else 160,
+        )
     return c
 
 
@@ -57,6 +60,7 @@ def Table(*args, **kwargs):  # noqa: N802 (rich's class, made on first use)
     from rich.table import Table as _Table
 
     return _Table(*args, **kwargs)
+
 
 # Body fields that are too long or too repetitive for the timeline's one-line summary.
 _HIDDEN = {"type", "job", "config", "config_sha256", "problems", "summary", "lineage"}
@@ -120,8 +124,10 @@ def clip(text: str, limit: int = 100) -> str:
     return s + " …" if more else s
 
 
-_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Failure|Warning)\b|Fatal Python error|"
-                        r"Segmentation fault|Killed\b)")
+_EXCEPTION = re.compile(
+    r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Failure|Warning)\b|Fatal Python error|"
+    r"Segmentation fault|Killed\b)"
+)
 
 
 def evidence_line(evidence: str) -> str:
@@ -148,29 +154,49 @@ def event_fields(rec: Recorded) -> str:
     if body.get("env"):
         body["env"] = env_line(body["env"])
     if body.get("env_changed"):
-        body["env_changed"] = "NOT bit-exact with the earlier attempts: " + "; ".join(body["env_changed"])
+        body["env_changed"] = "NOT bit-exact with the earlier attempts: " + "; ".join(
+            body["env_changed"]
+        )
     if isinstance(body.get("evidence"), str):
         body["evidence"] = evidence_line(body["evidence"])  # whole: the log path in it stays usable
-    return "  ".join(f"{k}={v if k == 'evidence' else _short(v)}" for k, v in body.items()
-                     if k not in _HIDDEN and v not in (None, "", [], {}))
+    return "  ".join(
+        f"{k}={v if k == 'evidence' else _short(v)}"
+        for k, v in body.items()
+        if k not in _HIDDEN and v not in (None, "", [], {})
+    )
 
 
 def env_line(env: dict) -> str:
     """The environment fingerprint in one short line: 'mlx 0.32.4, mlx_lm 0.32.2, openblas libopenblas.so.0 x2, Linux-x86_64'."""
     blas = env.get("blas", "?").split(" (")[0]
     kind, _, lib = blas.partition(" ")
-    return (f"mlx {env.get('mlx', '?')}, mlx_lm {env.get('mlx_lm', '?')}, {kind} {lib.rsplit('/', 1)[-1]} "
-            f"x{env.get('blas_threads', '?')}, {env.get('platform', '?')}")
+    return (
+        f"mlx {env.get('mlx', '?')}, mlx_lm {env.get('mlx_lm', '?')}, {kind} {lib.rsplit('/', 1)[-1]} "
+        f"x{env.get('blas_threads', '?')}, {env.get('platform', '?')}"
+    )
 
 
 def event_json(rec: Recorded) -> dict:
-    return {"seq": rec.seq, "ts": rec.ts, "stream": rec.stream, "version": rec.version,
-            "type": type(rec.event).kind(), "schema": type(rec.event).schema, "data": to_dict(rec.event)}
+    return {
+        "seq": rec.seq,
+        "ts": rec.ts,
+        "stream": rec.stream,
+        "version": rec.version,
+        "type": type(rec.event).kind(),
+        "schema": type(rec.event).schema,
+        "data": to_dict(rec.event),
+    }
 
 
 _STATE_STYLE = {
-    "queued": "cyan", "training": "bold green", "checkpointing": "green", "paused": "yellow",
-    "crashed": "bold red", "completed": "bold blue", "failed": "red", "cancelled": "dim",
+    "queued": "cyan",
+    "training": "bold green",
+    "checkpointing": "green",
+    "paused": "yellow",
+    "crashed": "bold red",
+    "completed": "bold blue",
+    "failed": "red",
+    "cancelled": "dim",
     "rejected": "magenta",
 }
 
@@ -185,31 +211,58 @@ def history_table(recs: list[Recorded], title: str = "history") -> Table:
     for r in recs:
         kind = type(r.event).kind()
         style = "bold red" if kind in ("crashed", "failed", "checkpoint_corrupt") else None
-        t.add_row(r.ts[:19].replace("T", " "), str(r.seq), r.stream, f"[{style}]{kind}[/]" if style else kind,
-                  escape(event_fields(r)))
+        t.add_row(
+            r.ts[:19].replace("T", " "),
+            str(r.seq),
+            r.stream,
+            f"[{style}]{kind}[/]" if style else kind,
+            escape(event_fields(r)),
+        )
     return t
 
 
 def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = None) -> dict:
     last = j.good_checkpoints()[-1] if j.good_checkpoints() else None
     out = {
-        "job": j.job, "name": j.name, "state": j.state, "lineage": j.lineage,
+        "job": j.job,
+        "name": j.name,
+        "state": j.state,
+        "lineage": j.lineage,
         "reason": j.reason or None,
-        "iters": j.iters, "step": j.step, "global_step": j.global_step, "attempt": j.attempt,
-        "submitted_at": j.submitted_at, "updated_at": j.updated_at, "updated_seq": j.updated_seq,
-        "data_path": j.data_path, "data_sha256": j.data_sha256, "data_format": j.data_format,
-        "examples": j.examples, "valid_path": j.valid_path, "base_model": j.base_model,
-        "model_repo": j.model_repo, "model_revision": j.model_revision,
+        "iters": j.iters,
+        "step": j.step,
+        "global_step": j.global_step,
+        "attempt": j.attempt,
+        "submitted_at": j.submitted_at,
+        "updated_at": j.updated_at,
+        "updated_seq": j.updated_seq,
+        "data_path": j.data_path,
+        "data_sha256": j.data_sha256,
+        "data_format": j.data_format,
+        "examples": j.examples,
+        "valid_path": j.valid_path,
+        "base_model": j.base_model,
+        "model_repo": j.model_repo,
+        "model_revision": j.model_revision,
         "config_sha256": j.config_sha256,
         "checkpoints": [{**as_dict(c), "corrupt": j.corrupt.get(c.path)} for c in j.checkpoints],
         "last_checkpoint": last.path if last else None,
-        "last_val_loss": j.last_val_loss, "best_val_loss": j.best_val_loss,
-        "adapter_path": j.adapter_path, "adapter_sha256": j.adapter_sha256,
-        "last_eval": {**{k: v for k, v in to_dict(j.last_eval).items() if k != "type"}, "at": j.last_eval_at}
-        if j.last_eval else None,
+        "last_val_loss": j.last_val_loss,
+        "best_val_loss": j.best_val_loss,
+        "adapter_path": j.adapter_path,
+        "adapter_sha256": j.adapter_sha256,
+        "last_eval": {
+            **{k: v for k, v in to_dict(j.last_eval).items() if k != "type"},
+            "at": j.last_eval_at,
+        }
+        if j.last_eval
+        else None,
         "worker": as_dict(j.worker) if j.worker else None,
-        "env": j.env or None, "env_changed": j.env_changed,
-        "world_size": j.world_size, "hosts": j.hosts or None, "rank_tokens_per_s": j.rank_tokens_per_s or None,
+        "env": j.env or None,
+        "env_changed": j.env_changed,
+        "world_size": j.world_size,
+        "hosts": j.hosts or None,
+        "rank_tokens_per_s": j.rank_tokens_per_s or None,
         "resharded": j.resharded,
         "crashes": [as_dict(c) for c in j.crashes],
         "requested": j.requested,
@@ -217,17 +270,36 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
         "last_report": metrics,
     }
     if view is not None:  # what the journal means now (status only: replay shows the past)
-        out.update({"checkpoint_step": j.step, "live_step": view.live_step, "live_global_step": view.live_global_step,
-                    "stale": view.stale, "note": view.note or None,
-                    "eta_s": None if view.eta_s is None else round(view.eta_s, 1), "eta_basis": view.eta_basis})
+        out.update(
+            {
+                "checkpoint_step": j.step,
+                "live_step": view.live_step,
+                "live_global_step": view.live_global_step,
+                "stale": view.stale,
+                "note": view.note or None,
+                "eta_s": None if view.eta_s is None else round(view.eta_s, 1),
+                "eta_basis": view.eta_basis,
+            }
+        )
     return out
 
 
 def daemon_json(d: DaemonView) -> dict:
-    return {"running": d.running, "pid": d.pid, "host": d.host, "started_at": d.started_at,
-            "shutdown_requested": d.shutdown_requested, "alive": d.alive, "recorded_running": d.recorded,
-            "died": d.died, "lock_holder": d.holder, "last_entry_at": d.last_entry_at, "summary": d.summary,
-            "standby": d.standby, "power": d.power}
+    return {
+        "running": d.running,
+        "pid": d.pid,
+        "host": d.host,
+        "started_at": d.started_at,
+        "shutdown_requested": d.shutdown_requested,
+        "alive": d.alive,
+        "recorded_running": d.recorded,
+        "died": d.died,
+        "lock_holder": d.holder,
+        "last_entry_at": d.last_entry_at,
+        "summary": d.summary,
+        "standby": d.standby,
+        "power": d.power,
+    }
 
 
 def duration(s: float | None) -> str:
@@ -243,10 +315,18 @@ def duration(s: float | None) -> str:
 
 def status_table(views: list[JobView]) -> Table:
     t = Table(title="jobs", expand=False)
-    for col, kw in [("job", {}), ("name", {}), ("state", {}), ("step", {"justify": "right"}),
-                    ("global", {"justify": "right"}), ("loss", {"justify": "right"}),
-                    ("val loss", {"justify": "right"}), ("ckpts", {"justify": "right"}), ("eta", {"justify": "right"}),
-                    ("note", {"overflow": "fold"})]:
+    for col, kw in [
+        ("job", {}),
+        ("name", {}),
+        ("state", {}),
+        ("step", {"justify": "right"}),
+        ("global", {"justify": "right"}),
+        ("loss", {"justify": "right"}),
+        ("val loss", {"justify": "right"}),
+        ("ckpts", {"justify": "right"}),
+        ("eta", {"justify": "right"}),
+        ("note", {"overflow": "fold"}),
+    ]:
         t.add_column(col, **kw)
     for v in views:
         j, m = v.job, v.metrics or {}
@@ -256,8 +336,18 @@ def status_table(views: list[JobView]) -> Table:
         loss = f"{m['loss']:.4f}" if m.get("loss") is not None else "-"
         val = f"{j.last_val_loss:.4f}" if j.last_val_loss is not None else "-"
         note = escape(v.note if len(v.note) <= 200 else v.note[:197] + "…")
-        t.add_row(j.job, j.name, state, step, str(v.live_global_step), loss, val,
-                  str(len(j.good_checkpoints())), duration(v.eta_s), note)
+        t.add_row(
+            j.job,
+            j.name,
+            state,
+            step,
+            str(v.live_global_step),
+            loss,
+            val,
+            str(len(j.good_checkpoints())),
+            duration(v.eta_s),
+            note,
+        )
     return t
 
 
@@ -267,33 +357,86 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
     t.add_column("value", overflow="fold")
     d = job_json(j, metrics, view)
     if view is not None:
-        d["eta"] = f"{duration(view.eta_s)} ({view.eta_basis})" if view.eta_s is not None else (
-            f"unknown: {view.eta_basis}" if view.eta_basis else None)
+        d["eta"] = (
+            f"{duration(view.eta_s)} ({view.eta_basis})"
+            if view.eta_s is not None
+            else (f"unknown: {view.eta_basis}" if view.eta_basis else None)
+        )
     # the worker that trains it now (a dead daemon's is in the note, with whether it still runs)
-    d["worker"] = f"pid {j.worker.pid}" if j.worker and not (view is not None and view.stale) else None
-    for k in ["state", "note" if view is not None else "reason", "live_step", "step", "iters", "eta", "global_step", "attempt", "worker", "lineage",
-              "base_model", "model_repo", "model_revision", "data_path", "data_sha256", "examples", "valid_path", "last_checkpoint", "last_val_loss",
-              "best_val_loss", "adapter_path", "adapter_sha256", "requested", "updated_at"]:
+    d["worker"] = (
+        f"pid {j.worker.pid}" if j.worker and not (view is not None and view.stale) else None
+    )
+    for k in [
+        "state",
+        "note" if view is not None else "reason",
+        "live_step",
+        "step",
+        "iters",
+        "eta",
+        "global_step",
+        "attempt",
+        "worker",
+        "lineage",
+        "base_model",
+        "model_repo",
+        "model_revision",
+        "data_path",
+        "data_sha256",
+        "examples",
+        "valid_path",
+        "last_checkpoint",
+        "last_val_loss",
+        "best_val_loss",
+        "adapter_path",
+        "adapter_sha256",
+        "requested",
+        "updated_at",
+    ]:
         v = d.get(k)
         if v not in (None, "", []):
             label = {"step": "step (checkpoint)"}.get(k, k)
-            t.add_row(label, f"[{_STATE_STYLE.get(v, '')}]{v}[/]" if k == "state" else escape(str(v)))
+            t.add_row(
+                label, f"[{_STATE_STYLE.get(v, '')}]{v}[/]" if k == "state" else escape(str(v))
+            )
     if (e := j.last_eval) is not None:
-        t.add_row("last eval", escape(f"loss {_fmt(e.adapter_loss, '.4f')} (ppl {_fmt(e.adapter_ppl, '.2f')}) with the adapter, "
-                                      f"{_fmt(e.base_loss, '.4f')} (ppl {_fmt(e.base_ppl, '.2f')}) without, on {e.examples} "
-                                      f"examples of {e.data_path} ({j.last_eval_at[:19].replace('T', ' ')})"))
+        t.add_row(
+            "last eval",
+            escape(
+                f"loss {_fmt(e.adapter_loss, '.4f')} (ppl {_fmt(e.adapter_ppl, '.2f')}) with the adapter, "
+                f"{_fmt(e.base_loss, '.4f')} (ppl {_fmt(e.base_ppl, '.2f')}) without, on {e.examples} "
+                f"examples of {e.data_path} ({j.last_eval_at[:19].replace('T', ' ')})"
+            ),
+        )
     if metrics:
-        t.add_row("last report", "  ".join(f"{k}={_short(metrics[k])}" for k in ("step", "loss", "lr", "tokens_per_s", "peak_mem_gb") if metrics.get(k) is not None))
+        t.add_row(
+            "last report",
+            "  ".join(
+                f"{k}={_short(metrics[k])}"
+                for k in ("step", "loss", "lr", "tokens_per_s", "peak_mem_gb")
+                if metrics.get(k) is not None
+            ),
+        )
     if j.world_size > 1 or j.hosts:
         rates = ", ".join(f"rank {i} {_fmt(r, '.0f')}" for i, r in enumerate(j.rank_tokens_per_s))
-        t.add_row("ranks", escape(f"{j.world_size} ({', '.join(j.hosts)})" + (f"; tok/s {rates}" if rates else "")
-                                  + (f"; resharded {'; '.join(j.resharded)}" if j.resharded else "")))
+        t.add_row(
+            "ranks",
+            escape(
+                f"{j.world_size} ({', '.join(j.hosts)})"
+                + (f"; tok/s {rates}" if rates else "")
+                + (f"; resharded {'; '.join(j.resharded)}" if j.resharded else "")
+            ),
+        )
     if j.crashes:
         c = j.crashes[-1]
         where = f" on rank {c.rank} ({c.host})" if c.rank is not None else ""
-        t.add_row("last crash", escape(f"{c.category}{where} at step {c.step} ({c.ts[:19]}): {c.suggestion}"))
+        t.add_row(
+            "last crash",
+            escape(f"{c.category}{where} at step {c.step} ({c.ts[:19]}): {c.suggestion}"),
+        )
         if c.verdict:
-            t.add_row("reproduction", f"[{VERDICT_STYLE.get(c.verdict, '')}]{escape(c.reproduction)}[/]")
+            t.add_row(
+                "reproduction", f"[{VERDICT_STYLE.get(c.verdict, '')}]{escape(c.reproduction)}[/]"
+            )
     for w in j.warnings:
         t.add_row("warning", escape(w))
     return t
@@ -308,48 +451,93 @@ def reproduction(r) -> list:
     v, c, o = r.verdict, r.crash, r.outcome
     if v is not None:
         said = f": {escape(c.message)}" if c.message and c.category not in ("nan", "inf") else ""
-        out.append(f"verdict: [{VERDICT_STYLE.get(v.verdict, '')}]{v.verdict.upper()}[/] — crash {c.number} of job {r.job} "
-                   f"({escape(c.category)} after step {c.step}{said})")
+        out.append(
+            f"verdict: [{VERDICT_STYLE.get(v.verdict, '')}]{v.verdict.upper()}[/] — crash {c.number} of job {r.job} "
+            f"({escape(c.category)} after step {c.step}{said})"
+        )
     else:
-        out.append(f"job {r.job}: " + ("[green]ran cleanly[/]" if o.category is None else f"[red]failed: {escape(o.category)}[/]")
-                   + f" up to step {o.step} (no crash compared: --step)")
-    start = (f"checkpoint step {r.from_step} ({escape(r.checkpoint)})" if r.checkpoint else "the start of the job"
-             + (f", warm-started from {escape(r.warm_start)} as the job was" if r.warm_start else ""))
-    ended = ("ran cleanly" if o.category is None else f"failed with {escape(o.category)} after step {o.step}"
-             + (f": {escape(o.message)}" if o.message and o.category not in ("nan", "inf") else ""))
-    out.append(f"  replayed from {start} to step {r.target} on a scratch copy in {r.seconds:.1f} s: {ended}")
+        out.append(
+            f"job {r.job}: "
+            + (
+                "[green]ran cleanly[/]"
+                if o.category is None
+                else f"[red]failed: {escape(o.category)}[/]"
+            )
+            + f" up to step {o.step} (no crash compared: --step)"
+        )
+    start = (
+        f"checkpoint step {r.from_step} ({escape(r.checkpoint)})"
+        if r.checkpoint
+        else "the start of the job"
+        + (f", warm-started from {escape(r.warm_start)} as the job was" if r.warm_start else "")
+    )
+    ended = (
+        "ran cleanly"
+        if o.category is None
+        else f"failed with {escape(o.category)} after step {o.step}"
+        + (f": {escape(o.message)}" if o.message and o.category not in ("nan", "inf") else "")
+    )
+    out.append(
+        f"  replayed from {start} to step {r.target} on a scratch copy in {r.seconds:.1f} s: {ended}"
+    )
     if o.category is not None and o.category not in ("nan", "inf") and r.log_tail.strip():
         at = r.log_tail.rfind("Traceback (most recent call last)")
         tail = (r.log_tail[at:] if at >= 0 else r.log_tail).strip().splitlines()[-8:]
-        out.append("  the replay's worker log ends:\n" + "\n".join(f"    {escape(x)}" for x in tail))
+        out.append(
+            "  the replay's worker log ends:\n" + "\n".join(f"    {escape(x)}" for x in tail)
+        )
     if v is not None and v.first_nonfinite_step is not None:
         from ftctl.core.reproduction import describe_groups
 
-        out.append(f"  first non-finite: the {v.first_nonfinite} at step {v.first_nonfinite_step}"
-                   + (f" — the gradient of {escape(describe_groups(v.groups, v.group_count))}" if v.groups else ""))
+        out.append(
+            f"  first non-finite: the {v.first_nonfinite} at step {v.first_nonfinite_step}"
+            + (
+                f" — the gradient of {escape(describe_groups(v.groups, v.group_count))}"
+                if v.groups
+                else ""
+            )
+        )
     if r.examples:
         step = v.failing_step if v is not None else o.step + 1
         t = Table(title=f"failing batch: step {step}", title_justify="left", expand=False)
         for col in ("example", "line", "submitted line", "tokens", "first characters"):
-            t.add_column(col, justify="right" if col != "first characters" else "left", overflow="fold")
+            t.add_column(
+                col, justify="right" if col != "first characters" else "left", overflow="fold"
+            )
         for e in r.examples:
-            t.add_row(str(e.index), str(e.line), "-" if e.source_line is None else str(e.source_line), str(e.tokens),
-                      escape(e.head))
+            t.add_row(
+                str(e.index),
+                str(e.line),
+                "-" if e.source_line is None else str(e.source_line),
+                str(e.tokens),
+                escape(e.head),
+            )
         out.append(t)
-        out.append(f"  lines are those of the job's data, {escape(r.data_path)}"
-                   + ("; submitted lines those of " + escape(r.source_path) if r.source_path else ""))
+        out.append(
+            f"  lines are those of the job's data, {escape(r.data_path)}"
+            + ("; submitted lines those of " + escape(r.source_path) if r.source_path else "")
+        )
     if r.bit_exact:
-        out.append(f"  bit-exact: the replay's weights and optimizer state equal the job's own checkpoint at step "
-                   f"{', '.join(map(str, r.bit_exact))} (sha256)")
+        out.append(
+            f"  bit-exact: the replay's weights and optimizer state equal the job's own checkpoint at step "
+            f"{', '.join(map(str, r.bit_exact))} (sha256)"
+        )
     if r.mismatch:
-        out.append(f"  [yellow]not bit-exact[/]: the replay's checkpoint differs from the job's at step "
-                   f"{', '.join(map(str, r.mismatch))}")
+        out.append(
+            f"  [yellow]not bit-exact[/]: the replay's checkpoint differs from the job's at step "
+            f"{', '.join(map(str, r.mismatch))}"
+        )
     if r.env_changed:
-        out.append("  [yellow]environment differs from the crashed attempt's[/]: " + escape("; ".join(r.env_changed))
-                   + " (bit-exactness holds only within one environment)")
+        out.append(
+            "  [yellow]environment differs from the crashed attempt's[/]: "
+            + escape("; ".join(r.env_changed))
+            + " (bit-exactness holds only within one environment)"
+        )
     elif c is not None and c.attempt is not None and c.attempt.env:
-        out.append(f"  environment: the crashed attempt's (mlx {escape(r.env.get('mlx', '?'))}, blas "
-                   f"{escape(r.env.get('blas', '?'))}, {escape(r.env.get('blas_threads', '?'))} threads)")
+        out.append(
+            f"  environment: the crashed attempt's (mlx {escape(r.env.get('mlx', '?'))}, blas "
+            f"{escape(r.env.get('blas', '?'))}, {escape(r.env.get('blas_threads', '?'))} threads)"
+        )
     for n in r.notes:
         out.append(f"  [yellow]note:[/] {escape(n)}")
     return out
@@ -385,12 +573,25 @@ class ConsoleReporter(Reporter):
         self.iters, self.lines = iters, Every(iters)
         if self.quiet or not self.out.is_terminal:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
-        self.bar = Progress(TextColumn(f"job {escape(job)}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]}  val {task.fields[val]}"),
-                            TextColumn("{task.fields[tps]} tok/s  checkpoint {task.fields[ckpt]}"),
-                            TextColumn("ETA"), TimeRemainingColumn(), console=self.out, transient=False)
+        self.bar = Progress(
+            TextColumn(f"job {escape(job)}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  val {task.fields[val]}"),
+            TextColumn("{task.fields[tps]} tok/s  checkpoint {task.fields[ckpt]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.out,
+            transient=False,
+        )
         self.task = self.bar.add_task("train", total=iters, loss="-", val="-", tps="-", ckpt="-")
         self.bar.start()
 
@@ -400,18 +601,31 @@ class ConsoleReporter(Reporter):
                 self.bar.update(self.task, completed=msg.step)
             elif isinstance(msg, P.Report):
                 m = msg.metrics
-                self.bar.update(self.task, completed=m.step, loss=_fmt(m.loss, ".4f"), tps=_fmt(m.tokens_per_s, ".0f"))
+                self.bar.update(
+                    self.task,
+                    completed=m.step,
+                    loss=_fmt(m.loss, ".4f"),
+                    tps=_fmt(m.tokens_per_s, ".0f"),
+                )
             elif isinstance(msg, P.Evaluated):
                 self.bar.update(self.task, val=_fmt(msg.val_loss, ".4f"))
             elif isinstance(msg, P.CheckpointWritten):
                 self.bar.update(self.task, ckpt=f"step {msg.checkpoint.step}")
-        elif isinstance(msg, P.Report) and self.lines is not None and self.lines.due(msg.metrics.step):
+        elif (
+            isinstance(msg, P.Report)
+            and self.lines is not None
+            and self.lines.due(msg.metrics.step)
+        ):
             m = msg.metrics
-            self.note(f"job {job} step {m.step}/{self.iters}: loss {_fmt(m.loss, '.4f')}  lr {_fmt(m.lr, '.3g')}  "
-                      f"{_fmt(m.tokens_per_s, '.0f')} tok/s  peak {_fmt(m.peak_mem_gb, '.2f')} GB")
+            self.note(
+                f"job {job} step {m.step}/{self.iters}: loss {_fmt(m.loss, '.4f')}  lr {_fmt(m.lr, '.3g')}  "
+                f"{_fmt(m.tokens_per_s, '.0f')} tok/s  peak {_fmt(m.peak_mem_gb, '.2f')} GB"
+            )
         elif isinstance(msg, P.Evaluated):
-            self.note(f"job {job} step {msg.step}: val loss {_fmt(msg.val_loss, '.4f')}",
-                      "info" if msg.val_loss is not None else "warn")
+            self.note(
+                f"job {job} step {msg.step}: val loss {_fmt(msg.val_loss, '.4f')}",
+                "info" if msg.val_loss is not None else "warn",
+            )
 
     def training_ended(self, job: str) -> None:
         if self.bar is not None:

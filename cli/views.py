@@ -35,16 +35,30 @@ def _csv_cell(v) -> object:
 
 def cmd_metrics(args, ws) -> int:
     ledger = _read_ledger(ws)
-    all_series = metrics.lineage_series(ledger, args.job, args.lineage, since=args.since, superseded=args.all)
+    all_series = metrics.lineage_series(
+        ledger, args.job, args.lineage, since=args.since, superseded=args.all
+    )
     points = [p for s in all_series for p in s.points]
     cols = [c for c in metrics.COLUMNS if c != "superseded" or args.all]
     if args.json:  # msgspec, not json: 100k points
         import msgspec
 
-        body = {"jobs": [{"job": s.job, "name": s.name, "lineage": s.lineage, "state": s.state, "iters": s.iters,
-                          "global_step_base": s.global_step_base, "counts": s.counts,
-                          "markers": [m.__dict__ for m in s.markers]} for s in all_series],
-                "points": [{c: p[c] for c in cols} for p in points]}
+        body = {
+            "jobs": [
+                {
+                    "job": s.job,
+                    "name": s.name,
+                    "lineage": s.lineage,
+                    "state": s.state,
+                    "iters": s.iters,
+                    "global_step_base": s.global_step_base,
+                    "counts": s.counts,
+                    "markers": [m.__dict__ for m in s.markers],
+                }
+                for s in all_series
+            ],
+            "points": [{c: p[c] for c in cols} for p in points],
+        }
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(body), indent=2).decode() + "\n")
         return 0
     if args.csv:
@@ -53,27 +67,49 @@ def cmd_metrics(args, ws) -> int:
         w.writerows([[_csv_cell(p[c]) for c in cols] for p in points])
         return 0
     if not points:
-        render.console.print("no metrics recorded" + (f" after global step {args.since}" if args.since is not None else "")
-                             + ": a job reports every `steps_per_report` steps once it trains")
+        render.console.print(
+            "no metrics recorded"
+            + (f" after global step {args.since}" if args.since is not None else "")
+            + ": a job reports every `steps_per_report` steps once it trains"
+        )
         return 0
     # Plain lines, not a rich table: a long run has 100k points and this must print them in a blink.
-    head = (f"{'job':<6} {'att':>3} {'global':>8} {'step':>7} {'loss':>9} {'val_loss':>9} {'lr':>9} "
-            f"{'tok/s':>8} {'peak_GB':>7}  time (UTC)")
+    head = (
+        f"{'job':<6} {'att':>3} {'global':>8} {'step':>7} {'loss':>9} {'val_loss':>9} {'lr':>9} "
+        f"{'tok/s':>8} {'peak_GB':>7}  time (UTC)"
+    )
     out = [head]
     add = out.append
     for p in points:  # one f-string a line, no call per field: 100k lines in a fraction of a second
-        loss, val, lr, tps, mem = p["loss"], p["val_loss"], p["lr"], p["tokens_per_s"], p["peak_mem_gb"]
-        add(f"{p['job']:<6} {p['attempt']:>3} {p['global_step']:>8} {p['step']:>7} "
+        loss, val, lr, tps, mem = (
+            p["loss"],
+            p["val_loss"],
+            p["lr"],
+            p["tokens_per_s"],
+            p["peak_mem_gb"],
+        )
+        add(
+            f"{p['job']:<6} {p['attempt']:>3} {p['global_step']:>8} {p['step']:>7} "
             f"{'-' if loss is None else format(loss, '.4f'):>9} {'-' if val is None else format(val, '.4f'):>9} "
             f"{'-' if lr is None else format(lr, '.3g'):>9} {'-' if tps is None else format(tps, '.0f'):>8} "
             f"{'-' if mem is None else format(mem, '.2f'):>7}  {p['ts'][:10]} {p['ts'][11:19]}"
-            + (f"  ranks {'/'.join('-' if t is None else format(t, '.0f') for t in p['rank_tokens_per_s'])} tok/s"
-               if p["rank_tokens_per_s"] else "")
-            + ("  superseded (rewound by a resume)" if p["superseded"] else ""))
+            + (
+                f"  ranks {'/'.join('-' if t is None else format(t, '.0f') for t in p['rank_tokens_per_s'])} tok/s"
+                if p["rank_tokens_per_s"]
+                else ""
+            )
+            + ("  superseded (rewound by a resume)" if p["superseded"] else "")
+        )
     sys.stdout.write("\n".join(out) + "\n")
     hidden = sum(s.counts["superseded"] for s in all_series) if args.all else 0
-    sys.stderr.write((f"{hidden} point(s) superseded: reported after the last checkpoint by an attempt that crashed, "
-                      "then trained again from that checkpoint\n") if hidden else "")
+    sys.stderr.write(
+        (
+            f"{hidden} point(s) superseded: reported after the last checkpoint by an attempt that crashed, "
+            "then trained again from that checkpoint\n"
+        )
+        if hidden
+        else ""
+    )
     return 0
 
 
@@ -91,12 +127,16 @@ def cmd_plot(args, ws) -> int:
     all_series = metrics.lineage_series(ledger, args.job, args.lineage)
     from .plot import draw
 
-    n = draw(all_series, out, title=f"{ws.home}" + (f" · lineage {args.lineage}" if args.lineage else ""))
+    n = draw(
+        all_series, out, title=f"{ws.home}" + (f" · lineage {args.lineage}" if args.lineage else "")
+    )
     if args.json:
         render.print_json({"file": str(out), "jobs": [s.job for s in all_series], "points": n})
     else:
-        render.console.print(f"wrote {out}: {n} point(s) of {len(all_series)} job(s), checkpoints, crashes and resumes "
-                             "marked on the x axis")
+        render.console.print(
+            f"wrote {out}: {n} point(s) of {len(all_series)} job(s), checkpoints, crashes and resumes "
+            "marked on the x axis"
+        )
     return 0
 
 
@@ -120,17 +160,23 @@ def check_bind(host: str, token: str | None) -> None:
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
-        raise jobs.UserError(f"--host {host!r} is not an IP address (give one, e.g. 127.0.0.1 or 0.0.0.0)") from None
+        raise jobs.UserError(
+            f"--host {host!r} is not an IP address (give one, e.g. 127.0.0.1 or 0.0.0.0)"
+        ) from None
     if not loopback and not token:
-        raise jobs.UserError(f"refusing to serve on {host}, which other machines can reach, without a token: "
-                             "add --token TOKEN (every request must then carry it), or leave --host out for 127.0.0.1")
+        raise jobs.UserError(
+            f"refusing to serve on {host}, which other machines can reach, without a token: "
+            "add --token TOKEN (every request must then carry it), or leave --host out for 127.0.0.1"
+        )
 
 
 def serve_app(ws, token: str | None):
     try:
         from .web.app import make_app
     except ImportError as e:
-        raise jobs.UserError(f"`ftctl serve` needs Starlette and uvicorn ({e.name} is missing): {SERVE_EXTRA}") from None
+        raise jobs.UserError(
+            f"`ftctl serve` needs Starlette and uvicorn ({e.name} is missing): {SERVE_EXTRA}"
+        ) from None
     return make_app(ws, token=token)
 
 
@@ -141,32 +187,48 @@ def cmd_serve(args, ws) -> int:
     from .web.app import bind, run, url
 
     sock = bind(args.host, args.port)
-    render.err_console.print(f"serving {ws.home} read-only at {url(args.host, args.port)}"
-                             + ("?token=…" if args.token else "") + "  (Ctrl-C stops it)")
+    render.err_console.print(
+        f"serving {ws.home} read-only at {url(args.host, args.port)}"
+        + ("?token=…" if args.token else "")
+        + "  (Ctrl-C stops it)"
+    )
     run(app, sock)
     return 0
 
 
 def register(sub, home) -> None:
-    s = sub.add_parser("metrics", parents=[home], help="every recorded training point of jobs (loss, val loss, lr, …)")
+    s = sub.add_parser(
+        "metrics",
+        parents=[home],
+        help="every recorded training point of jobs (loss, val loss, lr, …)",
+    )
     s.add_argument("job", nargs="*", help="job ids (7 or 0007)")
     s.add_argument("--lineage", metavar="NAME", help="every job of the lineage instead")
     s.add_argument("--since", type=int, metavar="STEP", help="only points after global step STEP")
-    s.add_argument("--all", action="store_true",
-                   help="also the points a resume superseded (reported after the last checkpoint by a crashed attempt)")
+    s.add_argument(
+        "--all",
+        action="store_true",
+        help="also the points a resume superseded (reported after the last checkpoint by a crashed attempt)",
+    )
     fmt = s.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="CSV with a header line")
-    fmt.add_argument("--json", action="store_true", help="JSON: the jobs (counts, markers) and the points")
+    fmt.add_argument(
+        "--json", action="store_true", help="JSON: the jobs (counts, markers) and the points"
+    )
     s.set_defaults(func=cmd_metrics)
 
-    s = sub.add_parser("plot", parents=[home], help="train and val loss against global step, to a PNG or SVG")
+    s = sub.add_parser(
+        "plot", parents=[home], help="train and val loss against global step, to a PNG or SVG"
+    )
     s.add_argument("job", nargs="*", help="job ids (7 or 0007)")
     s.add_argument("--lineage", metavar="NAME", help="every job of the lineage instead")
     s.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.png or FILE.svg")
     s.add_argument("--json", action="store_true", help="print what was drawn as JSON")
     s.set_defaults(func=cmd_plot)
 
-    s = sub.add_parser("export-tb", parents=[home], help="write TensorBoard event files from the journal")
+    s = sub.add_parser(
+        "export-tb", parents=[home], help="write TensorBoard event files from the journal"
+    )
     s.add_argument("job", nargs="*", help="job ids (default: every job)")
     s.add_argument("--lineage", metavar="NAME", help="every job of the lineage")
     s.add_argument("-o", "--output", metavar="DIR", help="the log folder (default: WS/tensorboard)")
@@ -175,7 +237,15 @@ def register(sub, home) -> None:
 
     s = sub.add_parser("serve", parents=[home], help="a read-only live status page in the browser")
     s.add_argument("--port", type=int, default=8765, help="TCP port (default 8765)")
-    s.add_argument("--host", default="127.0.0.1", metavar="ADDR",
-                   help="address to bind (default 127.0.0.1; any other needs --token)")
-    s.add_argument("--token", metavar="TOKEN", help="every request must carry it (?token= or Authorization: Bearer)")
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address to bind (default 127.0.0.1; any other needs --token)",
+    )
+    s.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="every request must carry it (?token= or Authorization: Bearer)",
+    )
     s.set_defaults(func=cmd_serve)

@@ -36,7 +36,11 @@ class ConsolidationRefused(Exception):
 
 def blockers(p: Projection, lineage: str) -> list[str]:
     """Jobs of the lineage that are not finished: fusing under them would fork the lineage."""
-    return [f"{j.job} ({j.state})" for j in p.jobs.values() if j.lineage == lineage and j.state not in TERMINAL]
+    return [
+        f"{j.job} ({j.state})"
+        for j in p.jobs.values()
+        if j.lineage == lineage and j.state not in TERMINAL
+    ]
 
 
 def check(p: Projection, lineage: str) -> LineageState:
@@ -45,15 +49,21 @@ def check(p: Projection, lineage: str) -> LineageState:
     if lin is None:
         raise ConsolidationRefused(f"no lineage {lineage!r}: no job was ever submitted to it")
     if lin.state == "consolidating":
-        raise ConsolidationRefused(f"lineage {lineage!r} has a consolidation in progress; if nothing runs it, "
-                                   "`ftctl recover` completes or discards it")
+        raise ConsolidationRefused(
+            f"lineage {lineage!r} has a consolidation in progress; if nothing runs it, "
+            "`ftctl recover` completes or discards it"
+        )
     if lin.head_job is None:
-        raise ConsolidationRefused(f"lineage {lineage!r} has no completed adapter on its current base "
-                                   f"({lin.base_model}): nothing to consolidate")
+        raise ConsolidationRefused(
+            f"lineage {lineage!r} has no completed adapter on its current base "
+            f"({lin.base_model}): nothing to consolidate"
+        )
     busy = blockers(p, lineage)
     if busy:
-        raise ConsolidationRefused(f"jobs of lineage {lineage!r} are not finished: {', '.join(busy)}. Consolidation "
-                                   "never runs under a job: let them finish (or cancel them), then consolidate")
+        raise ConsolidationRefused(
+            f"jobs of lineage {lineage!r} are not finished: {', '.join(busy)}. Consolidation "
+            "never runs under a job: let them finish (or cancel them), then consolidate"
+        )
     return lin
 
 
@@ -63,17 +73,27 @@ def set_head(ledger: Ledger, job: str) -> ev.HeadSet:
     j = find_job(ledger, job)
     lin = ledger.state.lineages.get(j.lineage)
     if j.state != "completed":
-        raise UserError(f"job {j.job} is {j.state!r}: only a completed job's adapter can be a lineage's head")
+        raise UserError(
+            f"job {j.job} is {j.state!r}: only a completed job's adapter can be a lineage's head"
+        )
     if lin is None or j.base_model != lin.base_model:
-        raise UserError(f"job {j.job} trained on {j.base_model}, but lineage {j.lineage!r} now trains on "
-                        f"{lin.base_model if lin else '?'} (it was consolidated since): its adapter cannot be the head")
+        raise UserError(
+            f"job {j.job} trained on {j.base_model}, but lineage {j.lineage!r} now trains on "
+            f"{lin.base_model if lin else '?'} (it was consolidated since): its adapter cannot be the head"
+        )
     if lin.head_job == j.job:
-        raise UserError(f"job {j.job} is already the head of lineage {j.lineage!r}; nothing was changed")
+        raise UserError(
+            f"job {j.job} is already the head of lineage {j.lineage!r}; nothing was changed"
+        )
     if ck.adapter_sha256(j.adapter_path) != j.adapter_sha256:
-        raise UserError(f"the adapter of job {j.job} at {j.adapter_path} no longer matches the sha256 recorded when it "
-                        "completed; nothing was changed — restore it first")
+        raise UserError(
+            f"the adapter of job {j.job} at {j.adapter_path} no longer matches the sha256 recorded when it "
+            "completed; nothing was changed — restore it first"
+        )
     e = ev.HeadSet(lineage=lin.name, job=j.job, previous=lin.head_job)
-    ledger.commit(lineage_stream(lin.name), e)  # IllegalTransition while the lineage is consolidating
+    ledger.commit(
+        lineage_stream(lin.name), e
+    )  # IllegalTransition while the lineage is consolidating
     return e
 
 
@@ -84,24 +104,43 @@ def request(ledger: Ledger, lineage: str) -> None:
     ledger.commit(lineage_stream(lineage), ev.ConsolidationRequested(lineage=lineage))
 
 
-def now_or_requested(ws: Workspace, ledger: Ledger, lineage: str, note: Note = quiet) -> fuse.FusedModel | None:
+def now_or_requested(
+    ws: Workspace, ledger: Ledger, lineage: str, note: Note = quiet
+) -> fuse.FusedModel | None:
     """`ftctl consolidate`: with no daemon running, recover then consolidate now (holding the lock);
     with one running, record a request it carries out when the lineage is idle (returns None)."""
-    from .recover import DaemonRunning, Locked, recover  # recover.py composes our repairs: import here, no cycle
+    from .recover import (
+        DaemonRunning,
+        Locked,
+        recover,
+    )  # recover.py composes our repairs: import here, no cycle
 
     try:
         with Locked(ws):
             cfg, _ = ws.load_config()
             recover(ws, ledger)  # never fuse on top of debris
-            return consolidate(ws, ledger, lineage, keep_models=cfg.consolidation.keep_models,
-                               min_free_gb=cfg.min_free_disk_gb, note=note)
+            return consolidate(
+                ws,
+                ledger,
+                lineage,
+                keep_models=cfg.consolidation.keep_models,
+                min_free_gb=cfg.min_free_disk_gb,
+                note=note,
+            )
     except DaemonRunning:
         request(ledger, lineage)
         return None
 
 
-def consolidate(ws: Workspace, ledger: Ledger, lineage: str, *, keep_models: int, min_free_gb: float,
-                note: Note = quiet) -> fuse.FusedModel:
+def consolidate(
+    ws: Workspace,
+    ledger: Ledger,
+    lineage: str,
+    *,
+    keep_models: int,
+    min_free_gb: float,
+    note: Note = quiet,
+) -> fuse.FusedModel:
     lin = check(ledger.state, lineage)
     head = ledger.state.jobs[lin.head_job]
     base = lin.base_model
@@ -109,29 +148,59 @@ def consolidate(ws: Workspace, ledger: Ledger, lineage: str, *, keep_models: int
     ws.models.mkdir(parents=True, exist_ok=True)
     free = system.free_disk_gb(ws.models)
     if free < need:
-        raise ConsolidationRefused(f"only {free:.2f} GB free, fusing needs about {need:.2f} GB (the base model, "
-                                   "the fused one — dequantized if the base is quantized — plus min_free_disk_gb): free space and retry; nothing was changed")
+        raise ConsolidationRefused(
+            f"only {free:.2f} GB free, fusing needs about {need:.2f} GB (the base model, "
+            "the fused one — dequantized if the base is quantized — plus min_free_disk_gb): free space and retry; nothing was changed"
+        )
     if ck.adapter_sha256(head.adapter_path) != head.adapter_sha256:
-        raise ConsolidationRefused(f"the adapter of job {head.job} at {head.adapter_path} no longer matches the sha256 "
-                                   "recorded when it completed; nothing was changed — restore it before consolidating")
+        raise ConsolidationRefused(
+            f"the adapter of job {head.job} at {head.adapter_path} no longer matches the sha256 "
+            "recorded when it completed; nothing was changed — restore it before consolidating"
+        )
     version = max([lin.base_version] + [m.version for m in lin.models]) + 1
     stream = lineage_stream(lineage)
-    ledger.commit(stream, ev.ConsolidationStarted(
-        lineage=lineage, version=version, base_model=base, adapter_path=head.adapter_path,
-        adapter_sha256=head.adapter_sha256, temp_path=str(fuse.temp_dir(ws.models, version))))
+    ledger.commit(
+        stream,
+        ev.ConsolidationStarted(
+            lineage=lineage,
+            version=version,
+            base_model=base,
+            adapter_path=head.adapter_path,
+            adapter_sha256=head.adapter_sha256,
+            temp_path=str(fuse.temp_dir(ws.models, version)),
+        ),
+    )
     note(f"lineage {lineage}: fusing job {head.job}'s adapter into {base} -> models/v{version:04d}")
     try:
         fused = fuse.fuse(base, head.adapter_path, ws.models, version)
     except BaseException as e:
-        ledger.commit(stream, ev.ConsolidationAborted(lineage=lineage, version=version, reason=f"{type(e).__name__}: {e}"))
+        ledger.commit(
+            stream,
+            ev.ConsolidationAborted(
+                lineage=lineage, version=version, reason=f"{type(e).__name__}: {e}"
+            ),
+        )
         if isinstance(e, Exception):
-            raise ConsolidationRefused(f"consolidation v{version} failed and was discarded ({e}); the old base and "
-                                       "adapter are intact and still in use") from e
+            raise ConsolidationRefused(
+                f"consolidation v{version} failed and was discarded ({e}); the old base and "
+                "adapter are intact and still in use"
+            ) from e
         raise
-    ledger.commit(stream, ev.BasePromoted(lineage=lineage, version=version, model_path=str(fused.path),
-                                          weights_sha256=fused.weights_sha256, previous_base=base))
-    note(f"lineage {lineage}: base v{version} promoted ({fused.path}, max |logit diff| {fused.max_abs_diff:.2e}); "
-                "new jobs train a fresh adapter on it", "ok")
+    ledger.commit(
+        stream,
+        ev.BasePromoted(
+            lineage=lineage,
+            version=version,
+            model_path=str(fused.path),
+            weights_sha256=fused.weights_sha256,
+            previous_base=base,
+        ),
+    )
+    note(
+        f"lineage {lineage}: base v{version} promoted ({fused.path}, max |logit diff| {fused.max_abs_diff:.2e}); "
+        "new jobs train a fresh adapter on it",
+        "ok",
+    )
     crash_point("consolidate_after_event", version)
     retire(ledger, lineage, keep_models, note)
     return fused
@@ -139,8 +208,10 @@ def consolidate(ws: Workspace, ledger: Ledger, lineage: str, *, keep_models: int
 
 def retire(ledger: Ledger, lineage: str, keep_models: int, note: Note = quiet) -> None:
     """After the promotion is committed: prune the old base's checkpoints, then old fused models."""
-    for step in (lambda p: retention.superseded(p, p.lineages[lineage]),
-                 lambda p: retention.models(p, p.lineages[lineage], keep_models)):
+    for step in (
+        lambda p: retention.superseded(p, p.lineages[lineage]),
+        lambda p: retention.models(p, p.lineages[lineage], keep_models),
+    ):
         repairs = step(ledger.state)
         for r in repairs:
             note(r.what)
@@ -172,15 +243,42 @@ def _pending(ws: Workspace, lin: LineageState) -> Repair:
         try:
             sha = fuse.verify_model_dir(final)
         except fuse.ModelCorrupt as e:
-            return Repair(f"lineage {lin.name}: fused model v{version} is incomplete ({e.reason}): discard it, keep the old base",
-                          stream, [ev.ConsolidationAborted(lineage=lin.name, version=version, reason=f"recovery: {e.reason}")],
-                          after=lambda: cleanup(temps + [final]))
-        return Repair(f"lineage {lin.name}: fused model v{version} is complete and verified: promote it", stream,
-                      [ev.BasePromoted(lineage=lin.name, version=version, model_path=str(final), weights_sha256=sha,
-                                       previous_base=lin.pending.base_model)], after=cleanup)
-    return Repair(f"lineage {lin.name}: consolidation v{version} died before its model was complete: discard the partial output",
-                  stream, [ev.ConsolidationAborted(lineage=lin.name, version=version, reason="interrupted; recovery discarded the partial output")],
-                  after=cleanup)
+            return Repair(
+                f"lineage {lin.name}: fused model v{version} is incomplete ({e.reason}): discard it, keep the old base",
+                stream,
+                [
+                    ev.ConsolidationAborted(
+                        lineage=lin.name, version=version, reason=f"recovery: {e.reason}"
+                    )
+                ],
+                after=lambda: cleanup(temps + [final]),
+            )
+        return Repair(
+            f"lineage {lin.name}: fused model v{version} is complete and verified: promote it",
+            stream,
+            [
+                ev.BasePromoted(
+                    lineage=lin.name,
+                    version=version,
+                    model_path=str(final),
+                    weights_sha256=sha,
+                    previous_base=lin.pending.base_model,
+                )
+            ],
+            after=cleanup,
+        )
+    return Repair(
+        f"lineage {lin.name}: consolidation v{version} died before its model was complete: discard the partial output",
+        stream,
+        [
+            ev.ConsolidationAborted(
+                lineage=lin.name,
+                version=version,
+                reason="interrupted; recovery discarded the partial output",
+            )
+        ],
+        after=cleanup,
+    )
 
 
 def _model_debris(ws: Workspace, p: Projection) -> list[Repair]:
@@ -194,9 +292,19 @@ def _model_debris(ws: Workspace, p: Projection) -> list[Repair]:
     for d in sorted(ws.models.iterdir()):
         if d.name in keep or d.name.startswith(keep_tmp) or str(d) in known or d.name == IMPORTED:
             continue
-        why = "temp folder of a fuse that died" if d.name.startswith(".tmp-") else "model folder never promoted"
-        out.append(Repair(f"delete models/{d.name}: {why}", DAEMON_STREAM, [ev.DebrisRemoved(path=str(d), reason=why)],
-                          after=rm(d)))
+        why = (
+            "temp folder of a fuse that died"
+            if d.name.startswith(".tmp-")
+            else "model folder never promoted"
+        )
+        out.append(
+            Repair(
+                f"delete models/{d.name}: {why}",
+                DAEMON_STREAM,
+                [ev.DebrisRemoved(path=str(d), reason=why)],
+                after=rm(d),
+            )
+        )
     return out
 
 
@@ -210,9 +318,19 @@ def _import_debris(ws: Workspace, p: Projection) -> list[Repair]:
     for d in sorted(root.iterdir()):
         if str(d) in p.imported:
             continue
-        why = "temp folder of an import that died" if d.name.startswith(".tmp-") else "imported model never committed"
-        out.append(Repair(f"delete models/{IMPORTED}/{d.name}: {why}", DAEMON_STREAM,
-                          [ev.DebrisRemoved(path=str(d), reason=why)], after=rm(d)))
+        why = (
+            "temp folder of an import that died"
+            if d.name.startswith(".tmp-")
+            else "imported model never committed"
+        )
+        out.append(
+            Repair(
+                f"delete models/{IMPORTED}/{d.name}: {why}",
+                DAEMON_STREAM,
+                [ev.DebrisRemoved(path=str(d), reason=why)],
+                after=rm(d),
+            )
+        )
     return out
 
 

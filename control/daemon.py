@@ -42,7 +42,6 @@ except Exception:  # running from a source tree without metadata
     VERSION = "dev"
 
 
-
 def _unused(dest: Path) -> Path:
     """``dest``, or ``NAME~2.jsonl``, ``NAME~3.jsonl``… if it is taken: a file moved out of the inbox
     never replaces one moved there earlier (the user's, not ftctl's to delete)."""
@@ -62,20 +61,28 @@ class LockedConfig(Exception):
 
 
 class Daemon:
-    def __init__(self, ws: Workspace, *, until_idle: bool = False, env: dict | None = None,
-                 report: Reporter = SILENT):
+    def __init__(
+        self,
+        ws: Workspace,
+        *,
+        until_idle: bool = False,
+        env: dict | None = None,
+        report: Reporter = SILENT,
+    ):
         self.ws = ws
         self.until_idle = until_idle
         self.env = env or {}
         self.report = report
-        self.stopping: str | None = None   # why we were asked to stop (a signal's name)
-        self.force = False                 # asked twice: kill the worker, do not wait for a checkpoint
+        self.stopping: str | None = None  # why we were asked to stop (a signal's name)
+        self.force = False  # asked twice: kill the worker, do not wait for a checkpoint
         self.ledger: Ledger | None = None
         self.refused: set[tuple[str, int]] = set()
-        self.ended: dict[str, tuple[str, str]] = {}  # after run(): jobs it moved, -> (state, reason)
-        self.skipped: set[tuple[str, float]] = set()   # inbox files already said to be skipped
+        self.ended: dict[
+            str, tuple[str, str]
+        ] = {}  # after run(): jobs it moved, -> (state, reason)
+        self.skipped: set[tuple[str, float]] = set()  # inbox files already said to be skipped
         self.standby = Standby(ws, self.env, self.say)  # the spare worker (control/standby.py)
-        self.notifier: Notifier | None = None            # notify: targets (control/notifier.py)
+        self.notifier: Notifier | None = None  # notify: targets (control/notifier.py)
 
     # ------------------------------------------------------------------ lifecycle
     def log(self, text: str) -> None:
@@ -116,7 +123,10 @@ class Daemon:
             self._start_notifier()  # before recovery: a stop it records for a dead daemon is sent too
             recover.recover(self.ws, self.ledger, lambda r: self.say(f"recovery: {r.what}"))
             me = process.identity(os.getpid())
-            self.ledger.commit(DAEMON_STREAM, ev.DaemonStarted(process=me, host=socket.gethostname(), version=VERSION))
+            self.ledger.commit(
+                DAEMON_STREAM,
+                ev.DaemonStarted(process=me, host=socket.gethostname(), version=VERSION),
+            )
             self.say(f"daemon started (pid {os.getpid()}) on {self.ws.home}")
             reason = "internal error"
             try:
@@ -127,7 +137,11 @@ class Daemon:
             finally:
                 self.standby.dismiss()  # the spare never outlives the daemon
                 self._stopped(reason)
-                self.ended = {j.job: (j.state, j.reason) for j in self.ledger.state.jobs.values() if j.updated_seq > start}
+                self.ended = {
+                    j.job: (j.state, j.reason)
+                    for j in self.ledger.state.jobs.values()
+                    if j.updated_seq > start
+                }
             return reason
         finally:
             if self.notifier is not None:
@@ -143,7 +157,9 @@ class Daemon:
             key = ("daemon settings", str(e))  # said once (consolidation says its own line)
             if key not in self.refused:
                 self.refused.add(key)
-                self.say(f"ftctl.yaml cannot be read ({e}): no notifications, power defaults", "warn")
+                self.say(
+                    f"ftctl.yaml cannot be read ({e}): no notifications, power defaults", "warn"
+                )
             return None
 
     def _start_notifier(self) -> None:
@@ -157,14 +173,19 @@ class Daemon:
             self.notifier = None
             self.say(f"notifications are off: {type(e).__name__}: {e}", "error")
             return
-        self.say(f"notifications: {len(cfg.notify)} target(s) (read at start; restart the daemon after editing notify:)")
+        self.say(
+            f"notifications: {len(cfg.notify)} target(s) (read at start; restart the daemon after editing notify:)"
+        )
 
     def _hold_power(self, j: JobState) -> power.Held | None:
         cfg = self._daemon_config()
         if cfg is not None and not cfg.power.prevent_sleep:
             return None
-        h = power.hold(self.ws.lock_path.parent, f"ftctl job {j.job} is training",
-                       lost=lambda note: self.log(f"job {j.job}: power assertion lost: {note}"))
+        h = power.hold(
+            self.ws.lock_path.parent,
+            f"ftctl job {j.job} is training",
+            lost=lambda note: self.log(f"job {j.job}: power assertion lost: {note}"),
+        )
         if not h.state.get("held"):
             self.say(f"job {j.job}: {h.state.get('note')}", "warn")
         return h
@@ -174,7 +195,9 @@ class Daemon:
         may be the journal's own; recovery marks a daemon that could not say it stopped)."""
         try:
             self.ledger.commit(DAEMON_STREAM, ev.DaemonStopped(pid=os.getpid(), reason=reason))
-            self.say(f"daemon stopped: {reason}", "error" if reason.startswith("internal") else "info")
+            self.say(
+                f"daemon stopped: {reason}", "error" if reason.startswith("internal") else "info"
+            )
         except Exception:
             pass
 
@@ -211,13 +234,27 @@ class Daemon:
         p = self.ledger.state
         for lin in list(p.lineages.values()):
             key = (lin.name, lin.version)
-            if lin.state != "idle" or lin.head_job is None or key in self.refused or consolidation.blockers(p, lin.name):
+            if (
+                lin.state != "idle"
+                or lin.head_job is None
+                or key in self.refused
+                or consolidation.blockers(p, lin.name)
+            ):
                 continue
-            if not (lin.requested or consolidation.due(cfg.consolidation.schedule, lin.last_consolidation_at)):
+            if not (
+                lin.requested
+                or consolidation.due(cfg.consolidation.schedule, lin.last_consolidation_at)
+            ):
                 continue
             try:
-                consolidation.consolidate(self.ws, self.ledger, lin.name, keep_models=cfg.consolidation.keep_models,
-                                          min_free_gb=cfg.min_free_disk_gb, note=self.say)
+                consolidation.consolidate(
+                    self.ws,
+                    self.ledger,
+                    lin.name,
+                    keep_models=cfg.consolidation.keep_models,
+                    min_free_gb=cfg.min_free_disk_gb,
+                    note=self.say,
+                )
             except consolidation.ConsolidationRefused as e:
                 self.refused.add(key)  # not again in this run unless the lineage changes
                 self.say(f"consolidation of lineage {lin.name} refused: {e}", "warn")
@@ -245,10 +282,15 @@ class Daemon:
                 dest = self.ws.inbox / "rejected" / path.name
             else:
                 if sub.state == "queued":
-                    self.say(f"inbox: {path.name} queued as job {sub.job} ({sub.report.valid} examples)")
+                    self.say(
+                        f"inbox: {path.name} queued as job {sub.job} ({sub.report.valid} examples)"
+                    )
                     dest = self.ws.inbox / "accepted" / f"{sub.job}-{path.name}"
                 else:
-                    self.say(f"inbox: {path.name} rejected as job {sub.job}: {'; '.join(sub.reasons)}", "error")
+                    self.say(
+                        f"inbox: {path.name} rejected as job {sub.job}: {'; '.join(sub.reasons)}",
+                        "error",
+                    )
                     dest = self.ws.inbox / "rejected" / path.name
             dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.rename(path, _unused(dest))  # the content is untouched; it only leaves the inbox
@@ -274,11 +316,16 @@ class Daemon:
             return None, 0, None
         changed = locked_changes(head.config, j.config)
         if changed:
-            raise LockedConfig(f"job {j.job} would warm-start from job {head.job}'s adapter but changes what shapes it "
-                               f"({'; '.join(changed)}); consolidate first or submit it to a new lineage (--lineage NAME)")
+            raise LockedConfig(
+                f"job {j.job} would warm-start from job {head.job}'s adapter but changes what shapes it "
+                f"({'; '.join(changed)}); consolidate first or submit it to a new lineage (--lineage NAME)"
+            )
         final = [c for c in head.good_checkpoints() if c.step == head.step]
         if not final:
-            self.say(f"job {j.job}: previous job {head.job} has no verified final checkpoint; starting fresh", "warn")
+            self.say(
+                f"job {j.job}: previous job {head.job} has no verified final checkpoint; starting fresh",
+                "warn",
+            )
             return None, 0, None
         return final[-1].path, head.global_step, head.job
 
@@ -288,24 +335,34 @@ class Daemon:
         need = max(cfg.min_free_disk_gb, 2 * (good[-1].bytes if good else 0) / system.GB)
         free = system.free_disk_gb(self.ws.home)
         if free < need:
-            return (f"only {free:.2f} GB free on {self.ws.home}, need {need:.2f} GB "
-                    f"(max of min_free_disk_gb and twice the checkpoint size): free space, then `ftctl resume {j.job}`")
+            return (
+                f"only {free:.2f} GB free on {self.ws.home}, need {need:.2f} GB "
+                f"(max of min_free_disk_gb and twice the checkpoint size): free space, then `ftctl resume {j.job}`"
+            )
         problem = model_problem(cfg.model)
         if problem:
-            return (f"the base model cannot load: {problem}. The job and its checkpoints are kept. The job keeps the "
-                    f"model path it was submitted with (editing ftctl.yaml does not change it): restore that folder, "
-                    f"then `ftctl resume {j.job}` — or `ftctl cancel {j.job}` and submit the data again")
+            return (
+                f"the base model cannot load: {problem}. The job and its checkpoints are kept. The job keeps the "
+                f"model path it was submitted with (editing ftctl.yaml does not change it): restore that folder, "
+                f"then `ftctl resume {j.job}` — or `ftctl cancel {j.job}` and submit the data again"
+            )
         model = Path(cfg.model)
         weights = sum(p.stat().st_size for p in model.glob("*.safetensors")) / system.GB
         avail = system.available_memory_gb()
         if avail < weights * 1.2:
-            return (f"only {avail:.2f} GB of memory available, the model needs about {weights * 1.2:.2f} GB: "
-                    f"close other programs, then `ftctl resume {j.job}`")
+            return (
+                f"only {avail:.2f} GB of memory available, the model needs about {weights * 1.2:.2f} GB: "
+                f"close other programs, then `ftctl resume {j.job}`"
+            )
         return None
 
     def stuck(self) -> dict[str, str]:
         """After run(): the jobs this run (its recovery included) left failed or paused, with why."""
-        return {j: f"{state}: {reason}" for j, (state, reason) in self.ended.items() if state in ("failed", "paused")}
+        return {
+            j: f"{state}: {reason}"
+            for j, (state, reason) in self.ended.items()
+            if state in ("failed", "paused")
+        }
 
     def run_job(self, j: JobState) -> None:
         stream = job_stream(j.job)
@@ -325,13 +382,23 @@ class Daemon:
             return
         jdir = self.ws.job_dir(j.job)
         valid = jdir / "data" / "valid.jsonl"
-        plan = TrainPlan(job_id=j.job, job_dir=str(jdir), config=j.config, train_path=str(jdir / "data" / "train.jsonl"),
-                         valid_path=str(valid) if valid.exists() else None, resume_from=resume.path if resume else None,
-                         warm_start_from=warm, global_step_base=base, log_path=str(self.ws.job_log(j.job)))
+        plan = TrainPlan(
+            job_id=j.job,
+            job_dir=str(jdir),
+            config=j.config,
+            train_path=str(jdir / "data" / "train.jsonl"),
+            valid_path=str(valid) if valid.exists() else None,
+            resume_from=resume.path if resume else None,
+            warm_start_from=warm,
+            global_step_base=base,
+            log_path=str(self.ws.job_log(j.job)),
+        )
         if j.config.distributed is not None:  # data-parallel: mlx.launch and its ranks (group.py)
             return group.run(self, j, plan, resume, warm, base, parent)
         oom_before = system.oom_kill_count()
-        lib, fingerprint = blas.for_worker(j.config.blas)  # the BLAS the worker runs on (probed once)
+        lib, fingerprint = blas.for_worker(
+            j.config.blas
+        )  # the BLAS the worker runs on (probed once)
         if lib.kind == "reference" and j.config.blas != "reference":
             self.say(f"job {j.job}: the worker runs on the slow reference BLAS: {lib.why}", "warn")
         worker = None
@@ -341,17 +408,39 @@ class Daemon:
             self.standby.dismiss()
         spare = worker is not None
         if worker is None:
-            worker = process.spawn_worker(encode(plan), self.ws.job_log(j.job), {**lib.env, **self.env},
-                                          label=(j.job, str(self.ws.home)))
+            worker = process.spawn_worker(
+                encode(plan),
+                self.ws.job_log(j.job),
+                {**lib.env, **self.env},
+                label=(j.job, str(self.ws.home)),
+            )
         crash_point("daemon_after_spawn", j.attempt + 1)
         resume_step, attempt = resume.step if resume else 0, j.attempt + 1
-        self.ledger.commit(stream, ev.TrainingStarted(
-            job=j.job, attempt=attempt, worker_pid=worker.id.pid, worker_started_at=worker.id.started_at,
-            resume_step=resume_step, resume_checkpoint=plan.resume_from, warm_start_from=warm, parent_job=parent,
-            global_step_base=base, base_model=j.config.model, env=fingerprint,
-            env_changed=blas.fingerprint_diff(j.env, fingerprint) if plan.resume_from else []))
-        how = f"resuming from step {resume_step}" if resume else ("warm start from " + warm if warm else "fresh adapter")
-        self.say(f"job {j.job} ({j.name}): training, attempt {attempt}, worker pid {worker.id.pid}{' (the standby)' if spare else ''}, {how}")
+        self.ledger.commit(
+            stream,
+            ev.TrainingStarted(
+                job=j.job,
+                attempt=attempt,
+                worker_pid=worker.id.pid,
+                worker_started_at=worker.id.started_at,
+                resume_step=resume_step,
+                resume_checkpoint=plan.resume_from,
+                warm_start_from=warm,
+                parent_job=parent,
+                global_step_base=base,
+                base_model=j.config.model,
+                env=fingerprint,
+                env_changed=blas.fingerprint_diff(j.env, fingerprint) if plan.resume_from else [],
+            ),
+        )
+        how = (
+            f"resuming from step {resume_step}"
+            if resume
+            else ("warm start from " + warm if warm else "fresh adapter")
+        )
+        self.say(
+            f"job {j.job} ({j.name}): training, attempt {attempt}, worker pid {worker.id.pid}{' (the standby)' if spare else ''}, {how}"
+        )
         held = self._hold_power(j)  # no sleep while it trains (power.prevent_sleep)
         try:
             Supervision(self, j, worker, oom_before, resume_step).watch()

@@ -23,11 +23,25 @@ from .submit import submit
 # Small enough to train in seconds on two CPU cores, with everything a real run exercises:
 # dropout, warmup + cosine schedule, validation, checkpoints and retention.
 DEMO_CONFIG = {
-    "iters": 40, "batch_size": 4, "learning_rate": 5e-4, "save_every": 5, "steps_per_report": 5,
-    "steps_per_eval": 10, "val_batches": -1, "max_seq_length": 256, "num_layers": -1, "seed": 7,
+    "iters": 40,
+    "batch_size": 4,
+    "learning_rate": 5e-4,
+    "save_every": 5,
+    "steps_per_report": 5,
+    "steps_per_eval": 10,
+    "val_batches": -1,
+    "max_seq_length": 256,
+    "num_layers": -1,
+    "seed": 7,
     "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.1, "keys": None},
-    "lr_schedule": {"name": "cosine_decay", "warmup": 5, "warmup_init": 1e-5, "arguments": [5e-4, 35, 1e-5]},
-    "optimizer": "adamw", "timeouts": {"hang_s": 120.0, "eval_hang_s": 300.0, "stop_s": 60.0},
+    "lr_schedule": {
+        "name": "cosine_decay",
+        "warmup": 5,
+        "warmup_init": 1e-5,
+        "arguments": [5e-4, 35, 1e-5],
+    },
+    "optimizer": "adamw",
+    "timeouts": {"hang_s": 120.0, "eval_hang_s": 300.0, "stop_s": 60.0},
 }
 
 
@@ -55,9 +69,9 @@ class Tour:
     ws: Workspace
     job: str
     kill_at: int
-    killed_at: list[int]          # steps at which the journal recorded this job's worker SIGKILLed
-    same_inputs: bool             # the reference job recorded the same data and config sha256
-    sha256: str | None            # the killed-and-resumed job's adapter
+    killed_at: list[int]  # steps at which the journal recorded this job's worker SIGKILLed
+    same_inputs: bool  # the reference job recorded the same data and config sha256
+    sha256: str | None  # the killed-and-resumed job's adapter
     reference_sha256: str | None  # the same job, never interrupted
 
     @property
@@ -77,18 +91,28 @@ def _prepare(home: Path, reset: bool, report: Reporter) -> Workspace:
     ours = (ws.home / MARKER).is_file()
     empty = ws.home.is_dir() and not any(ws.home.iterdir())
     if ws.home.exists() and not ours and not empty:
-        what = "an ftctl workspace" if ws.exists() else ("a file" if not ws.home.is_dir() else "a folder")
-        raise DemoRefused(f"{ws.home} is {what} that `ftctl demo` did not make (no {MARKER} marker): the demo "
-                          "neither trains into nor deletes it. Nothing was changed. Run the demo elsewhere "
-                          "(`ftctl demo --home NEW_FOLDER`, or without --home for ./ftctl-demo).")
+        what = (
+            "an ftctl workspace"
+            if ws.exists()
+            else ("a file" if not ws.home.is_dir() else "a folder")
+        )
+        raise DemoRefused(
+            f"{ws.home} is {what} that `ftctl demo` did not make (no {MARKER} marker): the demo "
+            "neither trains into nor deletes it. Nothing was changed. Run the demo elsewhere "
+            "(`ftctl demo --home NEW_FOLDER`, or without --home for ./ftctl-demo)."
+        )
     if reset and ours:
         shutil.rmtree(ws.home)
         report.note(f"deleted the previous demo workspace {ws.home} (--reset)")
     if ws.exists():
-        report.note(f"{ws.home} holds the workspace of an earlier demo: reusing it (pass --reset to start over)")
+        report.note(
+            f"{ws.home} holds the workspace of an earlier demo: reusing it (pass --reset to start over)"
+        )
         return ws
     ws.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_durable(ws.home / MARKER, b"made by `ftctl demo`: `ftctl demo --reset` may delete this folder\n")
+    write_durable(
+        ws.home / MARKER, b"made by `ftctl demo`: `ftctl demo --reset` may delete this folder\n"
+    )
     init_demo(ws.home)
     report.note(f"built the demo model and data in {ws.home / 'demo'} and a workspace in {ws.home}")
     return ws
@@ -97,27 +121,41 @@ def _prepare(home: Path, reset: bool, report: Reporter) -> Workspace:
 def tour(home: Path, *, reset: bool, kill_at: int, report: Reporter = SILENT) -> Tour:
     iters = DEMO_CONFIG["iters"]
     if not 1 <= kill_at < iters:
-        raise DemoRefused(f"--kill-at {kill_at} is outside the demo job's {iters} iterations: pick a step "
-                          f"between 1 and {iters - 1}. Nothing was changed.")
+        raise DemoRefused(
+            f"--kill-at {kill_at} is outside the demo job's {iters} iterations: pick a step "
+            f"between 1 and {iters - 1}. Nothing was changed."
+        )
     ws = _prepare(home, reset, report)
     data = ws.home / "demo" / "data"
     report.section("1. submit the demo data (validated before it is queued)")
     job = _submit(ws, data, "demo", report)
     report.section(f"2. train; the worker is SIGKILLed at step {kill_at} (a simulated crash)")
-    marker = ws.home / "run" / f"demo-crash-{job}.marker"  # one per job: a re-run kills its own job too
-    Daemon(ws, until_idle=True, env={"FTCTL_CRASH_AT": f"mid_step:{kill_at}:{marker}"}, report=report).run()
+    marker = (
+        ws.home / "run" / f"demo-crash-{job}.marker"
+    )  # one per job: a re-run kills its own job too
+    Daemon(
+        ws, until_idle=True, env={"FTCTL_CRASH_AT": f"mid_step:{kill_at}:{marker}"}, report=report
+    ).run()
     report.section("3. the same job, never interrupted, in a reference workspace")
     j = _job(ws, job)
     ref = Workspace(ws.home / "reference")
     if ref.home.exists():
         shutil.rmtree(ref.home)  # inside the demo's own folder: made by an earlier tour
-    init_workspace(ref.home, j.config.model, config_to_dict(j.config))  # exactly the recorded config
+    init_workspace(
+        ref.home, j.config.model, config_to_dict(j.config)
+    )  # exactly the recorded config
     ref_job = _submit(ref, data, "reference", SILENT)
     Daemon(ref, until_idle=True).run()
     r = _job(ref, ref_job)
-    return Tour(ws, job, kill_at, killed_at=[c.step for c in j.crashes if c.signal == signal.SIGKILL],
-                same_inputs=(j.config_sha256, j.data_sha256) == (r.config_sha256, r.data_sha256),
-                sha256=j.adapter_sha256, reference_sha256=r.adapter_sha256)
+    return Tour(
+        ws,
+        job,
+        kill_at,
+        killed_at=[c.step for c in j.crashes if c.signal == signal.SIGKILL],
+        same_inputs=(j.config_sha256, j.data_sha256) == (r.config_sha256, r.data_sha256),
+        sha256=j.adapter_sha256,
+        reference_sha256=r.adapter_sha256,
+    )
 
 
 def _job(ws: Workspace, job: str):
@@ -132,9 +170,18 @@ def _submit(ws: Workspace, data: Path, name: str, report: Reporter) -> str:
     """Submit the demo data as a fresh adapter (a re-run must not warm-start from the last tour)."""
     ledger = Ledger(ws.open_journal())
     try:
-        sub = submit(ws, ledger, data / "train.jsonl", valid=data / "valid.jsonl", name=name, fresh=True,
-                     again=True)  # a reused demo workspace trains the same data again, on purpose
+        sub = submit(
+            ws,
+            ledger,
+            data / "train.jsonl",
+            valid=data / "valid.jsonl",
+            name=name,
+            fresh=True,
+            again=True,
+        )  # a reused demo workspace trains the same data again, on purpose
     finally:
         ledger.close()
-    report.note(f"queued job {sub.job} ({sub.report.valid} valid {sub.report.format} examples)", "ok")
+    report.note(
+        f"queued job {sub.job} ({sub.report.valid} valid {sub.report.format} examples)", "ok"
+    )
     return sub.job

@@ -24,7 +24,7 @@ from . import recover, retention
 @dataclass
 class Finding:
     check: str
-    severity: str   # "ok" | "warning" | "error"
+    severity: str  # "ok" | "warning" | "error"
     message: str
     fix: str = ""
 
@@ -48,8 +48,14 @@ def examine(ws: Workspace, ledger: Ledger) -> list[Finding]:
     f: list[Finding] = []
     p = ledger.state
     check = ledger.journal.integrity_check()
-    f.append(Finding("journal", "ok" if check == "ok" else "error", f"integrity_check: {check}",
-                     "" if check == "ok" else "stop ftctl and restore journal.db from a backup copy"))
+    f.append(
+        Finding(
+            "journal",
+            "ok" if check == "ok" else "error",
+            f"integrity_check: {check}",
+            "" if check == "ok" else "stop ftctl and restore journal.db from a backup copy",
+        )
+    )
     holder = process.lock_holder(ws.lock_path)
     f += _daemon(p, holder)
     try:
@@ -62,8 +68,14 @@ def examine(ws: Workspace, ledger: Ledger) -> list[Finding]:
     for j in p.jobs.values():
         due = retention.checkpoints(j)
         if due is not None:
-            f.append(Finding("retention", "warning", f"job {j.job} keeps {len(due.events)} checkpoint(s) beyond its "
-                             "retention", "`ftctl doctor --fix` prunes them"))
+            f.append(
+                Finding(
+                    "retention",
+                    "warning",
+                    f"job {j.job} keeps {len(due.events)} checkpoint(s) beyond its retention",
+                    "`ftctl doctor --fix` prunes them",
+                )
+            )
     f += _models(p, cfg)
     f.append(_blas(cfg))
     if cfg is not None:
@@ -85,14 +97,25 @@ def _notifications(ledger: Ledger, cfg: Config | None) -> list[Finding]:
         if ((cursors.get(target) or {}).get("ok_seq") or 0) > e.seq:
             continue  # a later event was delivered to it since
         rec = next(iter(ledger.journal.read(after=e.seq - 1, to=e.seq)), None)
-        out.append(Finding("notifications", "warning",
-                           f"{target}: event {e.seq} ({e.event}{', ' + rec.ts[:19] if rec else ''}) was not delivered "
-                           f"after {e.attempts} attempt(s): {e.error}",
-                           "check the URL or command in ftctl.yaml's notify: and that it is reachable from this machine; "
-                           "later events are still sent (`ftctl history --since 1d` shows what happened)"))
+        out.append(
+            Finding(
+                "notifications",
+                "warning",
+                f"{target}: event {e.seq} ({e.event}{', ' + rec.ts[:19] if rec else ''}) was not delivered "
+                f"after {e.attempts} attempt(s): {e.error}",
+                "check the URL or command in ftctl.yaml's notify: and that it is reachable from this machine; "
+                "later events are still sent (`ftctl history --since 1d` shows what happened)",
+            )
+        )
     if not out:
         n = len(cfg.notify) if cfg else 0
-        out.append(Finding("notifications", "ok", f"{n} target(s); no undelivered notification since the last success"))
+        out.append(
+            Finding(
+                "notifications",
+                "ok",
+                f"{n} target(s); no undelivered notification since the last success",
+            )
+        )
     return out
 
 
@@ -105,20 +128,39 @@ def _display_sleep(cfg: Config | None) -> list[Finding]:
     minutes = power.display_sleep_minutes(text)
     awake = cfg is None or cfg.power.prevent_sleep
     if minutes == 0:
-        return [Finding("display sleep", "warning",
-                        "the display never sleeps (pmset displaysleep 0): with the display lit, macOS's Metal GPU watchdog "
-                        "kills long MLX training steps (Impacting Interactivity, mlx #3267)",
-                        "`sudo pmset -a displaysleep 10` (the display sleeps, ftctl's caffeinate -s keeps the Mac awake"
-                        + ("" if awake else "; set power.prevent_sleep: true") + "), or run the daemon with "
-                        "AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1")]
-    return [Finding("display sleep", "ok", f"the display sleeps after {minutes} min" if minutes else "pmset does not say")]
+        return [
+            Finding(
+                "display sleep",
+                "warning",
+                "the display never sleeps (pmset displaysleep 0): with the display lit, macOS's Metal GPU watchdog "
+                "kills long MLX training steps (Impacting Interactivity, mlx #3267)",
+                "`sudo pmset -a displaysleep 10` (the display sleeps, ftctl's caffeinate -s keeps the Mac awake"
+                + ("" if awake else "; set power.prevent_sleep: true")
+                + "), or run the daemon with "
+                "AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1",
+            )
+        ]
+    return [
+        Finding(
+            "display sleep",
+            "ok",
+            f"the display sleeps after {minutes} min" if minutes else "pmset does not say",
+        )
+    ]
 
 
 def _daemon(p: Projection, holder: str | None) -> list[Finding]:
     d, out = p.daemon, []
     if holder is None and d.running:
-        out.append(Finding("daemon", "warning", f"the journal says daemon pid {d.process.pid if d.process else '?'} runs, "
-                           "but no one holds the lock: it died", "`ftctl recover` (or simply `ftctl start`) repairs what it left"))
+        out.append(
+            Finding(
+                "daemon",
+                "warning",
+                f"the journal says daemon pid {d.process.pid if d.process else '?'} runs, "
+                "but no one holds the lock: it died",
+                "`ftctl recover` (or simply `ftctl start`) repairs what it left",
+            )
+        )
     elif holder is None:
         out.append(Finding("daemon", "ok", "no daemon running"))
     else:
@@ -126,9 +168,15 @@ def _daemon(p: Projection, holder: str | None) -> list[Finding]:
     for j in p.jobs.values():
         if j.state in ACTIVE and holder is None:
             orphan = j.worker is not None and process.alive(j.worker)
-            out.append(Finding("stale state", "warning", f"job {j.job} is {j.state!r} but no daemon supervises it"
-                               + (f"; its worker pid {j.worker.pid} is an orphan" if orphan else ""),
-                               "`ftctl recover` marks it crashed, stops the orphan and requeues it"))
+            out.append(
+                Finding(
+                    "stale state",
+                    "warning",
+                    f"job {j.job} is {j.state!r} but no daemon supervises it"
+                    + (f"; its worker pid {j.worker.pid} is an orphan" if orphan else ""),
+                    "`ftctl recover` marks it crashed, stops the orphan and requeues it",
+                )
+            )
     return out
 
 
@@ -136,21 +184,37 @@ def _models(p: Projection, cfg: Config | None) -> list[Finding]:
     """The base model new jobs get (ftctl.yaml) and the ones waiting jobs recorded must load."""
     out, seen = [], set()
     if cfg is not None:
-        from .models import problem as model_spec_problem  # resolves repo ids in the HF cache, inspects GGUF
+        from .models import (
+            problem as model_spec_problem,
+        )  # resolves repo ids in the HF cache, inspects GGUF
 
         problem = model_spec_problem(cfg.model)
         seen.add(cfg.model)
-        out.append(Finding("model", "error" if problem else "ok", problem or f"{cfg.model} loads as an mlx-lm model",
-                           "set `model` in ftctl.yaml to an mlx-lm model folder, a cached Hugging Face repo id or a "
-                           ".gguf file" if problem else ""))
+        out.append(
+            Finding(
+                "model",
+                "error" if problem else "ok",
+                problem or f"{cfg.model} loads as an mlx-lm model",
+                "set `model` in ftctl.yaml to an mlx-lm model folder, a cached Hugging Face repo id or a "
+                ".gguf file"
+                if problem
+                else "",
+            )
+        )
     for j in p.jobs.values():
         if j.state in ("queued", "paused", "crashed") and j.config and j.config.model not in seen:
             seen.add(j.config.model)
             problem = model_problem(j.config.model)
             if problem:
-                out.append(Finding("model", "error", f"job {j.job} ({j.state}) trains on a model that cannot load: {problem}",
-                                   f"restore that folder, or `ftctl cancel {j.job}` and submit again (a job keeps "
-                                   "the model it was submitted with)"))
+                out.append(
+                    Finding(
+                        "model",
+                        "error",
+                        f"job {j.job} ({j.state}) trains on a model that cannot load: {problem}",
+                        f"restore that folder, or `ftctl cancel {j.job}` and submit again (a job keeps "
+                        "the model it was submitted with)",
+                    )
+                )
     return out
 
 
@@ -161,32 +225,64 @@ def _blas(cfg: Config | None) -> Finding:
     lib = blas.choose(setting)
     threads = f", {lib.threads} thread(s)" if lib.threads else ""
     if lib.kind != "reference":
-        return Finding("blas", "ok", f"workers run on {lib.describe() or 'the platform BLAS'} ({lib.why}{threads})")
-    slow = (f"workers run on mlx[cpu]'s reference BLAS {lib.library}: about 10-30x slower matmuls than OpenBLAS; "
-            f"{blas.INSTALL_HINT}")
+        return Finding(
+            "blas",
+            "ok",
+            f"workers run on {lib.describe() or 'the platform BLAS'} ({lib.why}{threads})",
+        )
+    slow = (
+        f"workers run on mlx[cpu]'s reference BLAS {lib.library}: about 10-30x slower matmuls than OpenBLAS; "
+        f"{blas.INSTALL_HINT}"
+    )
     if setting == "reference":
         return Finding("blas", "ok", f"{slow} and set `blas: auto`")
     if setting == "auto":
         return Finding("blas", "ok", f"{slow} (`blas: auto` then uses it)")
-    return Finding("blas", "warning", f"`blas: {setting}` is not used: {lib.why.split('; using')[0]}",
-                   f"fix the path in ftctl.yaml, or set `blas: auto`; {blas.INSTALL_HINT}")
+    return Finding(
+        "blas",
+        "warning",
+        f"`blas: {setting}` is not used: {lib.why.split('; using')[0]}",
+        f"fix the path in ftctl.yaml, or set `blas: auto`; {blas.INSTALL_HINT}",
+    )
 
 
 def _resources(ws: Workspace, cfg: Config | None) -> list[Finding]:
     out = []
     strays = process.orphan_workers(ws.home)
     if strays:
-        out.append(Finding("processes", "error", f"worker process(es) {[w.pid for w in strays]} of this workspace have no parent daemon",
-                           "`ftctl recover` stops them (pid + start time checked)"))
+        out.append(
+            Finding(
+                "processes",
+                "error",
+                f"worker process(es) {[w.pid for w in strays]} of this workspace have no parent daemon",
+                "`ftctl recover` stops them (pid + start time checked)",
+            )
+        )
     else:
         out.append(Finding("processes", "ok", "no orphan worker"))
     free = system.free_disk_gb(ws.home)
-    need = (cfg or Config(model="")).min_free_disk_gb  # the schema's default while ftctl.yaml is unreadable
-    out.append(Finding("disk", "ok" if free >= need else "error", f"{free:.1f} GB free (minimum {need:g} GB)",
-                       "" if free >= need else "free disk space; jobs pause instead of failing when it runs out"))
+    need = (
+        cfg or Config(model="")
+    ).min_free_disk_gb  # the schema's default while ftctl.yaml is unreadable
+    out.append(
+        Finding(
+            "disk",
+            "ok" if free >= need else "error",
+            f"{free:.1f} GB free (minimum {need:g} GB)",
+            ""
+            if free >= need
+            else "free disk space; jobs pause instead of failing when it runs out",
+        )
+    )
     mem = system.available_memory_gb()
-    out.append(Finding("memory", "ok" if mem >= 1.0 else "warning", f"{mem:.1f} GB available",
-                       "" if mem >= 1.0 else "close other programs"))
+    out.append(
+        Finding(
+            "memory",
+            "ok" if mem >= 1.0 else "warning",
+            f"{mem:.1f} GB available",
+            "" if mem >= 1.0 else "close other programs",
+        )
+    )
     return out
 
 
@@ -194,11 +290,24 @@ def _checkpoints(ws: Workspace, ledger: Ledger, holder: str | None) -> list[Find
     if holder is not None:
         return []  # the running daemon owns the disk; its recovery ran at its start
     repairs = recover.plan(ws, ledger)
-    stale = {job_stream(j.job) for j in ledger.state.jobs.values() if j.state in ACTIVE}  # reported above
-    out = [Finding("checkpoints", "error" if "corrupt" in r.what else "warning", r.what, "`ftctl recover`")
-           for r in repairs if r.stream not in stale]
+    stale = {
+        job_stream(j.job) for j in ledger.state.jobs.values() if j.state in ACTIVE
+    }  # reported above
+    out = [
+        Finding(
+            "checkpoints", "error" if "corrupt" in r.what else "warning", r.what, "`ftctl recover`"
+        )
+        for r in repairs
+        if r.stream not in stale
+    ]
     if not repairs:
-        out.append(Finding("checkpoints", "ok", "every committed checkpoint verifies; no temp or uncommitted folder"))
+        out.append(
+            Finding(
+                "checkpoints",
+                "ok",
+                "every committed checkpoint verifies; no temp or uncommitted folder",
+            )
+        )
     return out
 
 
@@ -206,20 +315,34 @@ def _config_drift(p: Projection, cfg: Config) -> list[Finding]:
     latest = next((j for j in reversed(p.jobs.values()) if j.config is not None), None)
     if latest is None:
         return []
-    now, recorded = job_config(cfg), job_config(latest.config)  # notify/power are the daemon's, not the job's
+    now, recorded = (
+        job_config(cfg),
+        job_config(latest.config),
+    )  # notify/power are the daemon's, not the job's
     lin = p.lineages.get(latest.lineage)
     if lin is not None and lin.base_version > 0:
         recorded["model"] = now["model"]  # after a promotion jobs train on the new base by design
-    own = frozenset(k for o in latest.overrides if (k := override_key(o)))  # its --set: chosen, not drift
+    own = frozenset(
+        k for o in latest.overrides if (k := override_key(o))
+    )  # its --set: chosen, not drift
     drift = _diff(now, recorded, skip=own)
     besides = f" (besides its own overrides {', '.join(sorted(own))})" if own else ""
     if not drift:
-        return [Finding("config drift", "ok", f"ftctl.yaml matches the config of job {latest.job}{besides}")]
-    return [Finding("config drift", "warning",
-                    f"ftctl.yaml differs from the config job {latest.job} was submitted with{besides}: "
-                    + "; ".join(drift[:8]),
-                    "nothing is at risk: jobs keep the config recorded at submit, new submissions use ftctl.yaml. "
-                    "If the edit of ftctl.yaml is meant, this is only a reminder; if not, set those keys back in ftctl.yaml")]
+        return [
+            Finding(
+                "config drift", "ok", f"ftctl.yaml matches the config of job {latest.job}{besides}"
+            )
+        ]
+    return [
+        Finding(
+            "config drift",
+            "warning",
+            f"ftctl.yaml differs from the config job {latest.job} was submitted with{besides}: "
+            + "; ".join(drift[:8]),
+            "nothing is at risk: jobs keep the config recorded at submit, new submissions use ftctl.yaml. "
+            "If the edit of ftctl.yaml is meant, this is only a reminder; if not, set those keys back in ftctl.yaml",
+        )
+    ]
 
 
 def _data_drift(p: Projection) -> list[Finding]:
@@ -232,8 +355,14 @@ def _data_drift(p: Projection) -> list[Finding]:
             except OSError:
                 continue
             if cur != j.data_sha256:
-                out.append(Finding("data drift", "warning", f"job {j.job}: {j.data_path} changed since it was submitted",
-                                   "the job trains on its own copy (jobs/<id>/data/); resubmit to train on the new content"))
+                out.append(
+                    Finding(
+                        "data drift",
+                        "warning",
+                        f"job {j.job}: {j.data_path} changed since it was submitted",
+                        "the job trains on its own copy (jobs/<id>/data/); resubmit to train on the new content",
+                    )
+                )
     return out
 
 

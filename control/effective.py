@@ -18,14 +18,23 @@ def effective_config(ws: Workspace, p: Projection, lineage: str) -> tuple[list[d
         for k, v in d.items():
             given = isinstance(given_here, dict) and k in given_here
             if isinstance(v, dict) and v and k != "optimizer_config":
-                walk(v, given_here.get(k) if given and isinstance(given_here.get(k), dict) else {}, prefix + k + ".")
+                walk(
+                    v,
+                    given_here.get(k) if given and isinstance(given_here.get(k), dict) else {},
+                    prefix + k + ".",
+                )
             else:
-                rows.append({"key": prefix + k, "value": v, "source": "ftctl.yaml" if given else "default"})
+                rows.append(
+                    {"key": prefix + k, "value": v, "source": "ftctl.yaml" if given else "default"}
+                )
 
     walk(config_to_dict(cfg), raw)
     lin = p.lineages.get(lineage)
     if lin is not None and lin.base_version > 0:
         for r in rows:
             if r["key"] == "model":
-                r["value"], r["source"] = lin.base_model, f"lineage {lin.name}: promoted base v{lin.base_version}"
+                r["value"], r["source"] = (
+                    lin.base_model,
+                    f"lineage {lin.name}: promoted base v{lin.base_version}",
+                )
     return rows, warnings

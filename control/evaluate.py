@@ -29,8 +29,8 @@ class EvalRefused(UserError):
 @dataclass(frozen=True)
 class Evaluation:
     event: ev.AdapterEvaluated
-    seq: int                    # where the journal recorded it
-    at: str                     # when (UTC)
+    seq: int  # where the journal recorded it
+    at: str  # when (UTC)
     warnings: list[str] = field(default_factory=list)  # bad lines of the data, skipped
 
 
@@ -58,20 +58,37 @@ def evaluate(ws: Workspace, ledger: Ledger, job: str, data: Path | None = None) 
     raw = _read(path)
     report = validate_jsonl(raw)
     if report.verdict == "reject":
-        raise EvalRefused(f"{path} cannot be evaluated on: {'; '.join(report.reasons)}. Nothing was recorded; "
-                          "fix the file (`ftctl submit` checks the same rules) or leave out --data to use the "
-                          "job's validation split")
+        raise EvalRefused(
+            f"{path} cannot be evaluated on: {'; '.join(report.reasons)}. Nothing was recorded; "
+            "fix the file (`ftctl submit` checks the same rules) or leave out --data to use the "
+            "job's validation split"
+        )
     cfg = j.config
     try:
-        s = score(j.base_model, j.adapter_path, raw, batch_size=cfg.batch_size, max_seq_length=cfg.max_seq_length,
-                  mask_prompt=cfg.mask_prompt and report.format != "text")
+        s = score(
+            j.base_model,
+            j.adapter_path,
+            raw,
+            batch_size=cfg.batch_size,
+            max_seq_length=cfg.max_seq_length,
+            mask_prompt=cfg.mask_prompt and report.format != "text",
+        )
     except ValueError as e:
         raise EvalRefused(f"{path}: {e}; nothing was recorded") from None
-    e = ev.AdapterEvaluated(job=j.job, data_path=str(path), data_sha256=hashlib.sha256(raw).hexdigest(),
-                            examples=s.examples, tokens=s.tokens, base_model=j.base_model,
-                            adapter_path=j.adapter_path, adapter_sha256=j.adapter_sha256,
-                            base_loss=s.base_loss, base_ppl=s.base_ppl,
-                            adapter_loss=s.adapter_loss, adapter_ppl=s.adapter_ppl)
+    e = ev.AdapterEvaluated(
+        job=j.job,
+        data_path=str(path),
+        data_sha256=hashlib.sha256(raw).hexdigest(),
+        examples=s.examples,
+        tokens=s.tokens,
+        base_model=j.base_model,
+        adapter_path=j.adapter_path,
+        adapter_sha256=j.adapter_sha256,
+        base_loss=s.base_loss,
+        base_ppl=s.base_ppl,
+        adapter_loss=s.adapter_loss,
+        adapter_ppl=s.adapter_ppl,
+    )
     rec = ledger.commit(job_stream(j.job), e)[0]
     return Evaluation(e, rec.seq, rec.ts, list(report.reasons))
 
@@ -79,17 +96,27 @@ def evaluate(ws: Workspace, ledger: Ledger, job: str, data: Path | None = None) 
 def _require_adapter(j: JobState) -> None:
     """The job's adapter and base model are there and are the ones the journal recorded."""
     if j.state != "completed" or not j.adapter_path:
-        why = _NO_ADAPTER.get(j.state, "it will never have one (it is {state}): evaluate a completed job")
-        raise EvalRefused(f"job {j.job} has no adapter yet: " + why.format(job=j.job, state=j.state))
+        why = _NO_ADAPTER.get(
+            j.state, "it will never have one (it is {state}): evaluate a completed job"
+        )
+        raise EvalRefused(
+            f"job {j.job} has no adapter yet: " + why.format(job=j.job, state=j.state)
+        )
     where = Path(j.adapter_path)
     if not (where / "adapters.safetensors").is_file():
-        raise EvalRefused(f"job {j.job}'s adapter {where} is missing from disk; nothing to evaluate")
+        raise EvalRefused(
+            f"job {j.job}'s adapter {where} is missing from disk; nothing to evaluate"
+        )
     if adapter_sha256(where) != j.adapter_sha256:
-        raise EvalRefused(f"job {j.job}'s adapter {where} changed on disk since it was recorded "
-                          f"(sha256 {j.adapter_sha256[:12]}… in the journal): it is not the job's result")
+        raise EvalRefused(
+            f"job {j.job}'s adapter {where} changed on disk since it was recorded "
+            f"(sha256 {j.adapter_sha256[:12]}… in the journal): it is not the job's result"
+        )
     problem = model_problem(j.base_model)
     if problem:
-        raise EvalRefused(f"job {j.job}'s base model cannot load: {problem}. Restore it to evaluate the job")
+        raise EvalRefused(
+            f"job {j.job}'s base model cannot load: {problem}. Restore it to evaluate the job"
+        )
 
 
 def _data_path(ws: Workspace, j: JobState, data: Path | None) -> Path:
@@ -97,7 +124,9 @@ def _data_path(ws: Workspace, j: JobState, data: Path | None) -> Path:
         return Path(data).expanduser().resolve()
     path = default_data(ws, j)
     if not path.is_file():
-        raise EvalRefused(f"job {j.job} has no validation split ({path}): give a test file with --data FILE")
+        raise EvalRefused(
+            f"job {j.job} has no validation split ({path}): give a test file with --data FILE"
+        )
     return path
 
 
@@ -106,4 +135,3 @@ def _read(path: Path) -> bytes:
         return read_input(path, "test data")
     except UnreadableFile as e:
         raise EvalRefused(str(e)) from None
-

@@ -43,13 +43,23 @@ def world_size_refusal(j: JobState, new: int) -> str | None:
     no `retry --reshard` allowed it), or None."""
     if j.world_size == new or j.reshard or not j.good_checkpoints():
         return None
-    return (f"job {j.job}'s checkpoints were trained on {j.world_size} rank(s), and its config now gives {new} "
-            f"(distributed.hosts / the hostfile changed). Nothing was started; the checkpoints are kept. Put the "
-            f"hosts back to resume bit-exactly, or `ftctl retry {j.job} --reshard` to continue on {new} rank(s): "
-            "deterministic from then on, but not bit-exact with an uninterrupted run")
+    return (
+        f"job {j.job}'s checkpoints were trained on {j.world_size} rank(s), and its config now gives {new} "
+        f"(distributed.hosts / the hostfile changed). Nothing was started; the checkpoints are kept. Put the "
+        f"hosts back to resume bit-exactly, or `ftctl retry {j.job} --reshard` to continue on {new} rank(s): "
+        "deterministic from then on, but not bit-exact with an uninterrupted run"
+    )
 
 
-def run(d: "Daemon", j: JobState, plan: P.TrainPlan, resume: "CheckpointRecord | None", warm, base: int, parent) -> None:
+def run(
+    d: "Daemon",
+    j: JobState,
+    plan: P.TrainPlan,
+    resume: "CheckpointRecord | None",
+    warm,
+    base: int,
+    parent,
+) -> None:
     """Launch the job's ranks and supervise them (daemon.run_job's distributed branch)."""
     stream = job_stream(j.job)
     try:
@@ -68,13 +78,19 @@ def run(d: "Daemon", j: JobState, plan: P.TrainPlan, resume: "CheckpointRecord |
             return
         resharded_from = j.world_size
     if j.config.batch_size % lay.world_size:
-        reason = (f"batch_size = {j.config.batch_size} does not split over {lay.world_size} ranks; change the hosts "
-                  f"so it does, then `ftctl resume {j.job}`")
+        reason = (
+            f"batch_size = {j.config.batch_size} does not split over {lay.world_size} ranks; change the hosts "
+            f"so it does, then `ftctl resume {j.job}`"
+        )
         d.ledger.commit(stream, ev.Paused(job=j.job, reason=reason))
         return
-    plan = msgspec.structs.replace(plan, world_size=lay.world_size, backend=j.config.distributed.backend,
-                                   reshard=resharded_from is not None,
-                                   resume_manifest_sha256=resume.manifest_sha256 if resume else None)
+    plan = msgspec.structs.replace(
+        plan,
+        world_size=lay.world_size,
+        backend=j.config.distributed.backend,
+        reshard=resharded_from is not None,
+        resume_manifest_sha256=resume.manifest_sha256 if resume else None,
+    )
     d.standby.dismiss()
     from ftctl.adapters import blas
 
@@ -87,18 +103,38 @@ def run(d: "Daemon", j: JobState, plan: P.TrainPlan, resume: "CheckpointRecord |
     oom_before = system.oom_kill_count()
     g = G.launch(plan, j.config, d.ws.job_log(j.job), env, label=(j.job, str(d.ws.home)))
     resume_step, attempt = resume.step if resume else 0, j.attempt + 1
-    d.ledger.commit(stream, ev.TrainingStarted(
-        job=j.job, attempt=attempt, worker_pid=g.id.pid, worker_started_at=g.id.started_at,
-        resume_step=resume_step, resume_checkpoint=plan.resume_from, warm_start_from=warm, parent_job=parent,
-        global_step_base=base, base_model=j.config.model, env=fingerprint,
-        env_changed=blas.fingerprint_diff(j.env, fingerprint) if plan.resume_from else [],
-        world_size=lay.world_size, hosts=lay.hosts, backend=j.config.distributed.backend,
-        resharded_from=resharded_from))
-    how = f"resuming from step {resume_step}" if resume else ("warm start from " + warm if warm else "fresh adapter")
+    d.ledger.commit(
+        stream,
+        ev.TrainingStarted(
+            job=j.job,
+            attempt=attempt,
+            worker_pid=g.id.pid,
+            worker_started_at=g.id.started_at,
+            resume_step=resume_step,
+            resume_checkpoint=plan.resume_from,
+            warm_start_from=warm,
+            parent_job=parent,
+            global_step_base=base,
+            base_model=j.config.model,
+            env=fingerprint,
+            env_changed=blas.fingerprint_diff(j.env, fingerprint) if plan.resume_from else [],
+            world_size=lay.world_size,
+            hosts=lay.hosts,
+            backend=j.config.distributed.backend,
+            resharded_from=resharded_from,
+        ),
+    )
+    how = (
+        f"resuming from step {resume_step}"
+        if resume
+        else ("warm start from " + warm if warm else "fresh adapter")
+    )
     if resharded_from is not None:
         how += f", resharded from {resharded_from} to {lay.world_size} ranks (not bit-exact with the earlier attempts)"
-    d.say(f"job {j.job} ({j.name}): training on {lay.world_size} ranks ({', '.join(lay.hosts)}), attempt {attempt}, "
-          f"mlx.launch pid {g.id.pid}, {how}")
+    d.say(
+        f"job {j.job} ({j.name}): training on {lay.world_size} ranks ({', '.join(lay.hosts)}), attempt {attempt}, "
+        f"mlx.launch pid {g.id.pid}, {how}"
+    )
     GroupSupervision(d, j, g, oom_before, resume_step).watch()
 
 
@@ -120,7 +156,11 @@ class GroupSupervision(Supervision):
         last_control = 0.0
         try:
             while not g_killed(self):
-                socks = [g.listener, *g.pending, *(r.sock for r in g.ranks.values() if not r.closed)]
+                socks = [
+                    g.listener,
+                    *g.pending,
+                    *(r.sock for r in g.ranks.values() if not r.closed),
+                ]
                 try:
                     ready, _, _ = select.select(socks, [], [], POLL_S)
                 except (OSError, ValueError):
@@ -132,7 +172,9 @@ class GroupSupervision(Supervision):
                         self.read_pending(s)
                     else:
                         self.read_rank(next(r for r in g.ranks.values() if r.sock is s))
-                if self.candidates:  # a rank that died unannounced caused the others' errors, not the reverse
+                if (
+                    self.candidates
+                ):  # a rank that died unannounced caused the others' errors, not the reverse
                     self.fail_first(*min(self.candidates, key=lambda c: (c[0], c[1]))[1:])
                     self.candidates = []
                 if self.first is not None:
@@ -142,12 +184,19 @@ class GroupSupervision(Supervision):
                     break  # every rank ended with its final message
                 if g.proc.poll() is not None and self.first is None:
                     self.drain()  # the ranks' last lines and EOFs may still be unread
-                    if len(g.ranks) == g.layout.world_size and all(r.closed and r.done for r in g.ranks.values()) \
-                            and not self.rank_error:
+                    if (
+                        len(g.ranks) == g.layout.world_size
+                        and all(r.closed and r.done for r in g.ranks.values())
+                        and not self.rank_error
+                    ):
                         break
                     if self.first is None:
-                        self.fail_first(None, "", f"mlx.launch exited (code {g.proc.returncode}) before every rank "
-                                                  "finished: see the job log")
+                        self.fail_first(
+                            None,
+                            "",
+                            f"mlx.launch exited (code {g.proc.returncode}) before every rank "
+                            "finished: see the job log",
+                        )
                     self.teardown()
                     break
                 now = time.monotonic()
@@ -167,8 +216,12 @@ class GroupSupervision(Supervision):
         g.close()  # nothing of the group may outlive it
         if code is None:
             code = g.proc.wait()
-        clean = (self.first is None and not self.hung and len(g.ranks) == g.layout.world_size
-                 and all(r.done for r in g.ranks.values()))
+        clean = (
+            self.first is None
+            and not self.hung
+            and len(g.ranks) == g.layout.world_size
+            and all(r.done for r in g.ranks.values())
+        )
         self.finish(0 if clean else (code if code not in (0, None) else 1))
 
     def drain(self, limit_s: float = 2.0) -> None:
@@ -178,7 +231,9 @@ class GroupSupervision(Supervision):
             open_ = [r for r in self.g.ranks.values() if not r.closed]
             if not open_:
                 break
-            ready, _, _ = select.select([r.sock for r in open_], [], [], max(0.0, deadline - time.monotonic()))
+            ready, _, _ = select.select(
+                [r.sock for r in open_], [], [], max(0.0, deadline - time.monotonic())
+            )
             for s in ready:
                 self.read_rank(next(r for r in open_ if r.sock is s))
         if self.candidates:
@@ -219,9 +274,17 @@ class GroupSupervision(Supervision):
             r.closed = True
             if not r.done or r.rank in self.rank_error:
                 err = self.rank_error.get(r.rank)
-                self.candidates.append((1 if err else 0, r.rank, r.host, f"rank {r.rank} failed: {err.category}: "
-                                        f"{_first_line(err.message)}" if err else f"rank {r.rank} (pid {r.pid} on "
-                                        f"{r.host}) died: its connection closed without a final message"))
+                self.candidates.append(
+                    (
+                        1 if err else 0,
+                        r.rank,
+                        r.host,
+                        f"rank {r.rank} failed: {err.category}: {_first_line(err.message)}"
+                        if err
+                        else f"rank {r.rank} (pid {r.pid} on "
+                        f"{r.host}) died: its connection closed without a final message",
+                    )
+                )
             return
         r.buf += chunk
         self.lines(r)
@@ -257,12 +320,18 @@ class GroupSupervision(Supervision):
     def ranks_reported(self) -> None:
         """Journal the tokens/s of every rank for the step whose report was due, once all have reported it."""
         ranks, step = self.g.ranks, self.report_due
-        if len(ranks) < self.g.layout.world_size or any(r.report_step < step for r in ranks.values()):
+        if len(ranks) < self.g.layout.world_size or any(
+            r.report_step < step for r in ranks.values()
+        ):
             return
         self.report_due = None
         rates = [ranks[i].tokens_per_s for i in range(self.g.layout.world_size)]
-        self.d.ledger.commit(self.stream, ev.RanksReported(job=self.job, step=step, tokens_per_s=rates))
-        shown = ", ".join(f"rank {i} {'-' if t is None else format(t, '.0f')}" for i, t in enumerate(rates))
+        self.d.ledger.commit(
+            self.stream, ev.RanksReported(job=self.job, step=step, tokens_per_s=rates)
+        )
+        shown = ", ".join(
+            f"rank {i} {'-' if t is None else format(t, '.0f')}" for i, t in enumerate(rates)
+        )
         self.d.log(f"job {self.job} step {step}: tok/s per rank: {shown}")
 
     def heartbeat(self) -> None:
@@ -280,8 +349,11 @@ class GroupSupervision(Supervision):
         if self.first_at is not None:
             self.torn_down_s = time.monotonic() - self.first_at
         rank, host, what = self.first
-        self.d.say(f"job {self.job}: {what}; the whole group was killed "
-                   f"{self.torn_down_s * 1000:.0f} ms after it was seen", "error")
+        self.d.say(
+            f"job {self.job}: {what}; the whole group was killed "
+            f"{self.torn_down_s * 1000:.0f} ms after it was seen",
+            "error",
+        )
 
     def stopped(self) -> list[int]:
         """Local ranks stopped by a signal: a stopped rank stalls everyone at the next all-reduce."""
@@ -294,13 +366,28 @@ class GroupSupervision(Supervision):
         if self.hung and not was:
             if self.halted:  # found before the group was killed
                 r = self.g.ranks[self.halted[0]]
-                self.fail_first(r.rank, r.host, f"rank {r.rank} (pid {r.pid} on {r.host}) was stopped by a signal "
-                                                "and the group made no progress")
+                self.fail_first(
+                    r.rank,
+                    r.host,
+                    f"rank {r.rank} (pid {r.pid} on {r.host}) was stopped by a signal "
+                    "and the group made no progress",
+                )
             else:
-                slow = min(self.g.ranks.values(), key=lambda r: (r.last_seen, r.rank)) if self.g.ranks else None
-                self.fail_first(slow.rank if slow else None, slow.host if slow else "",
-                                "the group made no progress" + (f"; rank {slow.rank} was heard from last at step "
-                                                                f"{slow.step}" if slow else ""))
+                slow = (
+                    min(self.g.ranks.values(), key=lambda r: (r.last_seen, r.rank))
+                    if self.g.ranks
+                    else None
+                )
+                self.fail_first(
+                    slow.rank if slow else None,
+                    slow.host if slow else "",
+                    "the group made no progress"
+                    + (
+                        f"; rank {slow.rank} was heard from last at step {slow.step}"
+                        if slow
+                        else ""
+                    ),
+                )
             self.first_at = t0
             self.teardown()
 
@@ -316,8 +403,12 @@ class GroupSupervision(Supervision):
         if self.stop_forced and self.first is None:
             halted = f" (rank {self.halted[0]} was stopped by a signal)" if self.halted else ""
             r = self.g.ranks.get(self.halted[0]) if self.halted else None
-            self.first = (r.rank if r else None, r.host if r else "", f"asked to stop ({self.stop_reason}), the group "
-                          f"did not within timeouts.stop_s = {self.cfg.timeouts.stop_s:g} s{halted}, so ftctl killed it")
+            self.first = (
+                r.rank if r else None,
+                r.host if r else "",
+                f"asked to stop ({self.stop_reason}), the group "
+                f"did not within timeouts.stop_s = {self.cfg.timeouts.stop_s:g} s{halted}, so ftctl killed it",
+            )
         rank, host, what = self.first or (None, "", "the group ended without every rank finishing")
         err = self.rank_error.get(rank) if rank is not None else self.error
         if self.hung or self.stop_forced:
@@ -331,10 +422,21 @@ class GroupSupervision(Supervision):
         else:
             category = classify(Evidence(exit_code=code, stderr_tail=tail, oom_kills=oom))
         world = self.g.layout.world_size
-        torn = f"; group of {world} torn down {self.torn_down_s * 1000:.0f} ms after" if self.torn_down_s is not None else ""
-        seen = ", ".join(f"rank {r.rank} step {r.step}" for r in sorted(self.g.ranks.values(), key=lambda r: r.rank))
-        evidence = (f"{what}{torn}; last steps seen: {seen or 'no rank connected'}"
-                    + (f"; rank said: {err.message}" if err else "") + f"; log {self.g.log_path}\n" + _evidence_tail(tail))
+        torn = (
+            f"; group of {world} torn down {self.torn_down_s * 1000:.0f} ms after"
+            if self.torn_down_s is not None
+            else ""
+        )
+        seen = ", ".join(
+            f"rank {r.rank} step {r.step}"
+            for r in sorted(self.g.ranks.values(), key=lambda r: r.rank)
+        )
+        evidence = (
+            f"{what}{torn}; last steps seen: {seen or 'no rank connected'}"
+            + (f"; rank said: {err.message}" if err else "")
+            + f"; log {self.g.log_path}\n"
+            + _evidence_tail(tail)
+        )
         detail = _first_line(err.message) if err else ""
         good = j.good_checkpoints()
         advice = suggestion(category, good[-1].step if good else None).replace("JOB", self.job)
@@ -346,21 +448,45 @@ class GroupSupervision(Supervision):
                 apply(L, [mark_corrupt(self.job, c, err.message)])
                 j = L.state.jobs[self.job]
                 good = j.good_checkpoints()
-                advice = suggestion(category, good[-1].step if good else None).replace("JOB", self.job)
+                advice = suggestion(category, good[-1].step if good else None).replace(
+                    "JOB", self.job
+                )
         step = self.g.ranks[0].step if 0 in self.g.ranks and self.g.ranks[0].step else self.step
-        crash = ev.Crashed(job=self.job, category=category, step=step, exit_code=None, evidence=evidence,
-                           suggestion=advice, rank=rank, host=host or None)
+        crash = ev.Crashed(
+            job=self.job,
+            category=category,
+            step=step,
+            exit_code=None,
+            evidence=evidence,
+            suggestion=advice,
+            rank=rank,
+            host=host or None,
+        )
         now = time.time()
-        record = CrashRecord(ts=utc_now(), category=category, step=step, rank=rank, host=host or None)
-        dec = after_crash(j.crashes[j.budget_from:] + [record], now, resume_step=j.step, policy=self.cfg.restart,
-                          detail=detail)
-        nxt = follow_up(self.job, dec, j.requested or (self.stop_reason if self.stop_reason == "pause" else None),
-                        category, now)
+        record = CrashRecord(
+            ts=utc_now(), category=category, step=step, rank=rank, host=host or None
+        )
+        dec = after_crash(
+            j.crashes[j.budget_from :] + [record],
+            now,
+            resume_step=j.step,
+            policy=self.cfg.restart,
+            detail=detail,
+        )
+        nxt = follow_up(
+            self.job,
+            dec,
+            j.requested or (self.stop_reason if self.stop_reason == "pause" else None),
+            category,
+            now,
+        )
         L.commit(self.stream, crash, nxt)
         where = f" on rank {rank} ({host})" if rank is not None else ""
         d.say(f"job {self.job} crashed ({category}){where} at step {step}: {advice}", "error")
-        d.say(f"job {self.job} {type(nxt).kind()}: {getattr(nxt, 'reason', '')}",
-              {"requeued": "info", "paused": "warn"}.get(type(nxt).kind(), "error"))
+        d.say(
+            f"job {self.job} {type(nxt).kind()}: {getattr(nxt, 'reason', '')}",
+            {"requeued": "info", "paused": "warn"}.get(type(nxt).kind(), "error"),
+        )
 
 
 def g_killed(s: GroupSupervision) -> bool:

@@ -22,8 +22,10 @@ def skip_reason(path: Path) -> str:
     if path.suffix.lower() == ".jsonl":
         return ""
     if path.suffix.lower() == ".json":
-        return ("only .jsonl files are queued; if it holds one JSON object per line, rename it to .jsonl "
-                "(a JSON array must be converted to one object per line first)")
+        return (
+            "only .jsonl files are queued; if it holds one JSON object per line, rename it to .jsonl "
+            "(a JSON array must be converted to one object per line first)"
+        )
     return "only .jsonl files are queued (one JSON object per line); it was left where it is"
 
 
@@ -35,8 +37,19 @@ def inbox_pending(ws: Workspace, daemon_alive: bool = True) -> list[dict]:
         st = p.stat()
         why = skip_reason(p)
         settling = not why and now - st.st_mtime < SETTLE_S
-        out.append({"file": p.name, "bytes": st.st_size, "age_s": round(now - st.st_mtime, 1),
-                    "note": why or ("still being written: queued once it settles" if settling
-                                    else "queued at the daemon's next look (within a second)" if daemon_alive
-                                    else "queued when `ftctl start` runs (no daemon is running)")})
+        out.append(
+            {
+                "file": p.name,
+                "bytes": st.st_size,
+                "age_s": round(now - st.st_mtime, 1),
+                "note": why
+                or (
+                    "still being written: queued once it settles"
+                    if settling
+                    else "queued at the daemon's next look (within a second)"
+                    if daemon_alive
+                    else "queued when `ftctl start` runs (no daemon is running)"
+                ),
+            }
+        )
     return out

@@ -29,17 +29,21 @@ def find_job(ledger: Ledger, job: str) -> JobState:
     j = ledger.state.jobs.get(job) or ledger.state.jobs.get(job.zfill(4))
     if j is None:
         known = ", ".join(list(ledger.state.jobs)[-5:]) or "none yet"
-        raise UserError(f"no job {job!r} in this workspace (recent jobs: {known}); see `ftctl status`")
+        raise UserError(
+            f"no job {job!r} in this workspace (recent jobs: {known}); see `ftctl status`"
+        )
     return j
 
 
 @dataclass(frozen=True)
 class Outcome:
     job: str
-    action: str         # "pause" | "resume" | "retry" | "cancel"
-    event: str          # the event committed: "paused", "resumed", "cancelled" or "control_requested"
-    deferred: bool      # True: the daemon carries it out (the job is training)
-    daemon_alive: bool = True  # False: no daemon holds the lock; a deferred request waits for `ftctl start`
+    action: str  # "pause" | "resume" | "retry" | "cancel"
+    event: str  # the event committed: "paused", "resumed", "cancelled" or "control_requested"
+    deferred: bool  # True: the daemon carries it out (the job is training)
+    daemon_alive: bool = (
+        True  # False: no daemon holds the lock; a deferred request waits for `ftctl start`
+    )
 
 
 def daemon_alive(ws: Workspace) -> bool:
@@ -47,7 +51,9 @@ def daemon_alive(ws: Workspace) -> bool:
     return process.lock_holder(ws.lock_path) is not None
 
 
-def request(ledger: Ledger, job: str, action: str, ws: Workspace | None = None, reshard: bool = False) -> Outcome:
+def request(
+    ledger: Ledger, job: str, action: str, ws: Workspace | None = None, reshard: bool = False
+) -> Outcome:
     """Pause, resume, retry or cancel a job. An illegal request raises IllegalTransition (or
     UserError), appending nothing.
     With ``ws``, the outcome says whether a daemon is alive to act on it."""
@@ -57,12 +63,17 @@ def request(ledger: Ledger, job: str, action: str, ws: Workspace | None = None, 
         e = ev.Resumed(job=j.job)
     elif action == "retry":
         if j.state != "failed":
-            raise UserError(f"job {j.job} is {j.state!r}: only a failed job can be retried"
-                            + (f" (`ftctl resume {j.job}` queues a paused one)" if j.state == "paused" else ""))
+            raise UserError(
+                f"job {j.job} is {j.state!r}: only a failed job can be retried"
+                + (f" (`ftctl resume {j.job}` queues a paused one)" if j.state == "paused" else "")
+            )
         good = j.good_checkpoints()
-        e = ev.Retried(job=j.job, reason=f"retried by user: resumes from step {good[-1].step if good else 0} "
-                                        "with a fresh restart budget" + (", resharded" if reshard else ""),
-                       reshard=reshard)
+        e = ev.Retried(
+            job=j.job,
+            reason=f"retried by user: resumes from step {good[-1].step if good else 0} "
+            "with a fresh restart budget" + (", resharded" if reshard else ""),
+            reshard=reshard,
+        )
     elif j.state in ACTIVE:
         e = ev.ControlRequested(job=j.job, action=action)
     elif action == "pause":

@@ -21,16 +21,29 @@ from ftctl.recovery.ledger import Ledger
 
 from .jobs import UserError, find_job
 
-COLUMNS = ("job", "attempt", "global_step", "step", "loss", "val_loss", "lr", "tokens_per_s", "rank_tokens_per_s",
-           "peak_mem_gb", "trained_tokens", "ts", "superseded")  # rank_tokens_per_s: a data-parallel job's, per rank
+COLUMNS = (
+    "job",
+    "attempt",
+    "global_step",
+    "step",
+    "loss",
+    "val_loss",
+    "lr",
+    "tokens_per_s",
+    "rank_tokens_per_s",
+    "peak_mem_gb",
+    "trained_tokens",
+    "ts",
+    "superseded",
+)  # rank_tokens_per_s: a data-parallel job's, per rank
 
 
 @dataclass(frozen=True)
 class Marker:
-    kind: str          # "checkpoint" | "crash" | "resume" | "completed"
+    kind: str  # "checkpoint" | "crash" | "resume" | "completed"
     step: int
     global_step: int
-    seq: int           # the journal event
+    seq: int  # the journal event
     ts: str
     text: str
 
@@ -43,39 +56,58 @@ class Series:
     state: str
     iters: int
     global_step_base: int
-    points: list[dict] = field(default_factory=list)   # COLUMNS + "id" (the metrics row; None for a val-only point)
+    points: list[dict] = field(
+        default_factory=list
+    )  # COLUMNS + "id" (the metrics row; None for a val-only point)
     markers: list[Marker] = field(default_factory=list)
-    last_id: int = 0   # the newest metrics row seen: `since_id` for the next incremental read
+    last_id: int = 0  # the newest metrics row seen: `since_id` for the next incremental read
 
     @property
     def counts(self) -> dict[str, int]:
         live = [p for p in self.points if not p["superseded"]]
-        return {"points": len(self.points), "effective": len(live),
-                "train": sum(p["loss"] is not None for p in live), "val": sum(p["val_loss"] is not None for p in live),
-                "superseded": len(self.points) - len(live)}
+        return {
+            "points": len(self.points),
+            "effective": len(live),
+            "train": sum(p["loss"] is not None for p in live),
+            "val": sum(p["val_loss"] is not None for p in live),
+            "superseded": len(self.points) - len(live),
+        }
 
 
 def select_jobs(ledger: Ledger, jobs: list[str], lineage: str | None = None) -> list[JobState]:
     """The jobs named (7 or 0007), or every job of a lineage in submission order (rejected ones have no curve)."""
     if lineage is not None:
-        out = [j for j in ledger.state.jobs.values() if j.lineage == lineage and j.state != "rejected"]
+        out = [
+            j for j in ledger.state.jobs.values() if j.lineage == lineage and j.state != "rejected"
+        ]
         if not out:
             known = sorted({j.lineage for j in ledger.state.jobs.values() if j.state != "rejected"})
-            raise UserError(f"lineage {lineage!r} has no jobs" + (f" (lineages: {', '.join(known)})" if known else ""))
+            raise UserError(
+                f"lineage {lineage!r} has no jobs"
+                + (f" (lineages: {', '.join(known)})" if known else "")
+            )
         return out
     if not jobs:
         raise UserError("name at least one job (7 or 0007), or --lineage NAME")
     return [find_job(ledger, x) for x in jobs]
 
 
-def series(journal: Journal, j: JobState, *, since: int | None = None, superseded: bool = False,
-           after_id: int = 0) -> Series:
+def series(
+    journal: Journal,
+    j: JobState,
+    *,
+    since: int | None = None,
+    superseded: bool = False,
+    after_id: int = 0,
+) -> Series:
     """The job's points (global step > ``since`` if given), oldest first. With ``superseded`` also
     the points a resume rewound past, flagged; ``after_id``: only reports recorded after that row
     (a live view's increment; val points come from events and are left to a full read)."""
-    starts: list[tuple[str, int, int]] = []   # (ts, attempt, resume_step) of every attempt
+    starts: list[tuple[str, int, int]] = []  # (ts, attempt, resume_step) of every attempt
     vals: list[tuple[str, int, int, float | None]] = []
-    ranks: list[tuple[str, int, list]] = []   # (ts, step, tokens/s of each rank) of a data-parallel job
+    ranks: list[
+        tuple[str, int, list]
+    ] = []  # (ts, step, tokens/s of each rank) of a data-parallel job
     markers: list[Marker] = []
     base = j.global_step_base
     for r in journal.read(stream=job_stream(j.job)):
@@ -84,16 +116,41 @@ def series(journal: Journal, j: JobState, *, since: int | None = None, supersede
             starts.append((r.ts, e.attempt, e.resume_step))
             base = e.global_step_base
             if e.resume_checkpoint:
-                markers.append(Marker("resume", e.resume_step, base + e.resume_step, r.seq, r.ts,
-                                      f"attempt {e.attempt} resumed from step {e.resume_step}"))
+                markers.append(
+                    Marker(
+                        "resume",
+                        e.resume_step,
+                        base + e.resume_step,
+                        r.seq,
+                        r.ts,
+                        f"attempt {e.attempt} resumed from step {e.resume_step}",
+                    )
+                )
         elif isinstance(e, ev.CheckpointCommitted):
             c = e.checkpoint
-            markers.append(Marker("checkpoint", c.step, c.global_step, r.seq, r.ts, f"checkpoint at step {c.step}"))
+            markers.append(
+                Marker(
+                    "checkpoint", c.step, c.global_step, r.seq, r.ts, f"checkpoint at step {c.step}"
+                )
+            )
         elif isinstance(e, ev.Crashed):
             step = e.step if e.step is not None else 0
-            markers.append(Marker("crash", step, base + step, r.seq, r.ts, f"crashed ({e.category}) at step {step}"))
+            markers.append(
+                Marker(
+                    "crash",
+                    step,
+                    base + step,
+                    r.seq,
+                    r.ts,
+                    f"crashed ({e.category}) at step {step}",
+                )
+            )
         elif isinstance(e, ev.Completed):
-            markers.append(Marker("completed", e.step, e.global_step, r.seq, r.ts, f"completed at step {e.step}"))
+            markers.append(
+                Marker(
+                    "completed", e.step, e.global_step, r.seq, r.ts, f"completed at step {e.step}"
+                )
+            )
         elif isinstance(e, ev.Evaluated):
             vals.append((r.ts, e.step, e.global_step, e.val_loss))
         elif isinstance(e, ev.RanksReported):
@@ -106,10 +163,19 @@ def series(journal: Journal, j: JobState, *, since: int | None = None, supersede
         rewound[k] = min(rewound[k + 1], starts[k][2])
 
     def attempt_of(ts: str) -> int:
-        return max(bisect_right(stamps, ts), 1)  # a report before any recorded start: the first attempt
+        return max(
+            bisect_right(stamps, ts), 1
+        )  # a report before any recorded start: the first attempt
 
-    out = Series(job=j.job, name=j.name, lineage=j.lineage, state=j.state, iters=j.iters,
-                 global_step_base=base, markers=markers)
+    out = Series(
+        job=j.job,
+        name=j.name,
+        lineage=j.lineage,
+        state=j.state,
+        iters=j.iters,
+        global_step_base=base,
+        markers=markers,
+    )
     rows = journal.metric_rows(j.job, after_id)
     out.last_id = rows[-1][0] if rows else after_id
     points: dict[tuple[int, int], dict] = {}
@@ -129,9 +195,22 @@ def series(journal: Journal, j: JobState, *, since: int | None = None, supersede
         gone = step > limit
         if gone and not superseded:
             continue
-        points[(k, step)] = {"job": job, "attempt": k, "global_step": gstep, "step": step, "loss": loss,
-                             "val_loss": None, "lr": lr, "tokens_per_s": tps, "rank_tokens_per_s": None,
-                             "peak_mem_gb": mem, "trained_tokens": tokens, "ts": ts, "superseded": gone, "id": mid}
+        points[(k, step)] = {
+            "job": job,
+            "attempt": k,
+            "global_step": gstep,
+            "step": step,
+            "loss": loss,
+            "val_loss": None,
+            "lr": lr,
+            "tokens_per_s": tps,
+            "rank_tokens_per_s": None,
+            "peak_mem_gb": mem,
+            "trained_tokens": tokens,
+            "ts": ts,
+            "superseded": gone,
+            "id": mid,
+        }
     if not after_id:
         for ts, step, gstep, val in vals:
             if gstep <= lo:
@@ -142,12 +221,29 @@ def series(journal: Journal, j: JobState, *, since: int | None = None, supersede
                 continue
             p = points.get((k, step))
             if p is None:
-                points[(k, step)] = {"job": j.job, "attempt": k, "global_step": gstep, "step": step, "loss": None,
-                                     "val_loss": val, "lr": None, "tokens_per_s": None, "rank_tokens_per_s": None,
-                                     "peak_mem_gb": None, "trained_tokens": None, "ts": ts, "superseded": gone, "id": None}
+                points[(k, step)] = {
+                    "job": j.job,
+                    "attempt": k,
+                    "global_step": gstep,
+                    "step": step,
+                    "loss": None,
+                    "val_loss": val,
+                    "lr": None,
+                    "tokens_per_s": None,
+                    "rank_tokens_per_s": None,
+                    "peak_mem_gb": None,
+                    "trained_tokens": None,
+                    "ts": ts,
+                    "superseded": gone,
+                    "id": None,
+                }
             else:
                 p["val_loss"] = val
-    for ts, step, rates in ranks:  # journalled once every rank reported that step: after rank 0's metrics row
+    for (
+        ts,
+        step,
+        rates,
+    ) in ranks:  # journalled once every rank reported that step: after rank 0's metrics row
         p = points.get((attempt_of(ts), step))
         if p is not None:
             p["rank_tokens_per_s"] = rates
@@ -155,7 +251,9 @@ def series(journal: Journal, j: JobState, *, since: int | None = None, supersede
     return out
 
 
-def lineage_series(ledger: Ledger, jobs: list[str], lineage: str | None = None, **kw) -> list[Series]:
+def lineage_series(
+    ledger: Ledger, jobs: list[str], lineage: str | None = None, **kw
+) -> list[Series]:
     return [series(ledger.journal, j, **kw) for j in select_jobs(ledger, jobs, lineage)]
 
 

@@ -1,10 +1,10 @@
 """What `--model` (and `model` in ftctl.yaml) may name, resolved to the folder a job trains on.
 
-  - an mlx-lm model folder: used as it is (checked to look loadable);
-  - a Hugging Face repo id (``org/name``, not an existing path): resolved in the local HF cache
-    the way mlx_lm.load resolves it; the job records the snapshot folder and its commit hash;
-  - a GGUF file: converted once into ``models/imported/NAME/`` (adapters/gguf.py), committed by a
-    ``model_imported`` event; a file already imported (same sha256, same dtype) is reused.
+- an mlx-lm model folder: used as it is (checked to look loadable);
+- a Hugging Face repo id (``org/name``, not an existing path): resolved in the local HF cache
+  the way mlx_lm.load resolves it; the job records the snapshot folder and its commit hash;
+- a GGUF file: converted once into ``models/imported/NAME/`` (adapters/gguf.py), committed by a
+  ``model_imported`` event; a file already imported (same sha256, same dtype) is reused.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ class ModelRefused(Exception):
 
 @dataclass(frozen=True)
 class Resolved:
-    path: str                   # the mlx-lm folder the job loads
-    repo: str | None = None     # the Hugging Face repo id it was named by
+    path: str  # the mlx-lm folder the job loads
+    repo: str | None = None  # the Hugging Face repo id it was named by
     revision: str | None = None  # and the cached snapshot's commit hash
 
 
@@ -59,7 +59,9 @@ def resolve(spec: str) -> Resolved:
             raise ModelRefused(str(e)) from None
         problem = model_problem(snap.path)
         if problem:
-            raise ModelRefused(f"{spec} resolved to {snap.path} in the Hugging Face cache, which cannot load: {problem}")
+            raise ModelRefused(
+                f"{spec} resolved to {snap.path} in the Hugging Face cache, which cannot load: {problem}"
+            )
         return Resolved(snap.path, snap.repo, snap.revision)
     path = str(Path(spec).expanduser().resolve())
     problem = model_problem(path)
@@ -83,7 +85,6 @@ def problem(spec: str) -> str | None:
     return None
 
 
-
 def already_imported(p: Projection, source_sha256: str, dtype: str | None) -> str | None:
     for path, e in p.imported.items():
         if e.source_sha256 == source_sha256 and e.dtype == dtype and Path(path).is_dir():
@@ -91,7 +92,9 @@ def already_imported(p: Projection, source_sha256: str, dtype: str | None) -> st
     return None
 
 
-def import_into(ws: Workspace, ledger: Ledger, source, dtype: str | None = None, note: Note = quiet) -> str:
+def import_into(
+    ws: Workspace, ledger: Ledger, source, dtype: str | None = None, note: Note = quiet
+) -> str:
     """Convert a GGUF file into models/imported/NAME and commit model_imported; the folder's path.
     A file imported before (same content, same dtype) is reused, not converted again."""
     source = Path(source).expanduser().resolve()
@@ -106,19 +109,37 @@ def import_into(ws: Workspace, ledger: Ledger, source, dtype: str | None = None,
         n = 2
         while (root / name).exists():  # same file name, other content (or dtype)
             name, n = f"{gguf.name_of(source)}{f'-{dtype}' if dtype else ''}-{n}", n + 1
-        note(f"converting {source.name} into {root / name} ({'dequantized to ' + dtype if dtype else 'kept quantized'})")
+        note(
+            f"converting {source.name} into {root / name} ({'dequantized to ' + dtype if dtype else 'kept quantized'})"
+        )
         imp = gguf.import_gguf(source, root, dtype=dtype, name=name)
     except gguf.GGUFError as e:
         raise ModelRefused(f"cannot import {source}: {e}") from None
-    ledger.commit(DAEMON_STREAM, ev.ModelImported(
-        path=str(imp.path), source=str(source), source_sha256=imp.source_sha256, quantization=imp.quantization,
-        dtype=dtype, weights_sha256=imp.weights_sha256, bytes=imp.bytes, seconds=round(imp.seconds, 3)))
-    note(f"imported {source.name} ({imp.quantization}{', as ' + dtype if dtype else ''}) in {imp.seconds:.1f}s; "
-         f"it loads and generates ({gguf.PROBE!r} -> {imp.sample!r})", "ok")
+    ledger.commit(
+        DAEMON_STREAM,
+        ev.ModelImported(
+            path=str(imp.path),
+            source=str(source),
+            source_sha256=imp.source_sha256,
+            quantization=imp.quantization,
+            dtype=dtype,
+            weights_sha256=imp.weights_sha256,
+            bytes=imp.bytes,
+            seconds=round(imp.seconds, 3),
+        ),
+    )
+    note(
+        f"imported {source.name} ({imp.quantization}{', as ' + dtype if dtype else ''}) in {imp.seconds:.1f}s; "
+        f"it loads and generates ({gguf.PROBE!r} -> {imp.sample!r})",
+        "ok",
+    )
     if dtype is None and imp.quantization not in ("F32", "F16", "BF16") and gguf.cpu_only():
-        note("kept quantized (QLoRA: least memory), but this machine has no Metal GPU and MLX's CPU quantized "
-             "matmul is many times slower than float: to train faster at about 16/bits times the memory, import "
-             "with --dtype float32", "warn")
+        note(
+            "kept quantized (QLoRA: least memory), but this machine has no Metal GPU and MLX's CPU quantized "
+            "matmul is many times slower than float: to train faster at about 16/bits times the memory, import "
+            "with --dtype float32",
+            "warn",
+        )
     return str(imp.path)
 
 

@@ -28,7 +28,7 @@ from ftctl.core.state import DAEMON_STREAM
 from ftctl.events import types as ev
 from ftctl.events.journal import Journal
 
-POLL_S = 1.0   # how often the thread looks for new events (the daemon also wakes it when it stops)
+POLL_S = 1.0  # how often the thread looks for new events (the daemon also wakes it when it stops)
 DRAIN_S = 15.0  # the most a stopping daemon waits for what is due (daemon_stopped included)
 
 
@@ -63,7 +63,10 @@ class Notifier:
         self._thread.join(drain_s)
         if self._thread.is_alive():
             self._abandon.set()
-            self.say(f"notifications: still sending after {drain_s:g} s; the rest is sent at the next start", "warn")
+            self.say(
+                f"notifications: still sending after {drain_s:g} s; the rest is sent at the next start",
+                "warn",
+            )
             self._thread.join(1.0)
         if not self._thread.is_alive():
             self.journal.close()
@@ -71,12 +74,16 @@ class Notifier:
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
         while not self._abandon.is_set():
-            closing = self._closing  # read before the pass: the pass after close() sees daemon_stopped
+            closing = (
+                self._closing
+            )  # read before the pass: the pass after close() sees daemon_stopped
             try:
                 self._pass()
             except Exception as e:  # a bug or a journal problem: say it, never take the daemon down
                 self.say(f"notifications: {type(e).__name__}: {e}", "error")
-                logs.append(self.ws.logs / "internal-errors.log", "notifier: " + traceback.format_exc())
+                logs.append(
+                    self.ws.logs / "internal-errors.log", "notifier: " + traceback.format_exc()
+                )
                 if closing:
                     return
                 self._wake.wait(10 * POLL_S)
@@ -111,7 +118,16 @@ class Notifier:
             self.journal.set_notify_cursor(t.key(), r.seq)
             return
         kind = type(r.event).kind()
-        self.say(f"notification of event {r.seq} ({kind}) to {t.key()} failed after {attempts} attempt(s): {error}", "warn")
-        self.journal.append(DAEMON_STREAM, [ev.NotificationFailed(target=t.key(), seq=r.seq, event=kind,
-                                                                  attempts=attempts, error=error)])
+        self.say(
+            f"notification of event {r.seq} ({kind}) to {t.key()} failed after {attempts} attempt(s): {error}",
+            "warn",
+        )
+        self.journal.append(
+            DAEMON_STREAM,
+            [
+                ev.NotificationFailed(
+                    target=t.key(), seq=r.seq, event=kind, attempts=attempts, error=error
+                )
+            ],
+        )
         self.journal.set_notify_cursor(t.key(), r.seq, delivered=False)

@@ -24,8 +24,10 @@ class DaemonRunning(Exception):
 
     def __init__(self, holder: str):
         self.holder = holder
-        super().__init__(f"a daemon is running ({holder}); it recovered at its start and keeps the workspace "
-                         "consistent now. Nothing was changed.")
+        super().__init__(
+            f"a daemon is running ({holder}); it recovered at its start and keeps the workspace "
+            "consistent now. Nothing was changed."
+        )
 
 
 def plan(ws: Workspace, ledger: Ledger) -> list[Repair]:
@@ -35,12 +37,20 @@ def plan(ws: Workspace, ledger: Ledger) -> list[Repair]:
 
 def _scratch(ws: Workspace) -> list[Repair]:
     """The scratch copies of reproductions killed before they cleaned up (never the job's own files)."""
-    return [Repair(f"delete {d.name}/ in run/: the scratch copy of a reproduction that was killed", DAEMON_STREAM,
-                   [ev.DebrisRemoved(path=str(d), reason="scratch folder of a killed reproduction")], after=reconcile.rm(d))
-            for d in ws.abandoned_scratch()]
+    return [
+        Repair(
+            f"delete {d.name}/ in run/: the scratch copy of a reproduction that was killed",
+            DAEMON_STREAM,
+            [ev.DebrisRemoved(path=str(d), reason="scratch folder of a killed reproduction")],
+            after=reconcile.rm(d),
+        )
+        for d in ws.abandoned_scratch()
+    ]
 
 
-def recover(ws: Workspace, ledger: Ledger, on_repair: Callable[[Repair], None] = lambda r: None) -> list[Repair]:
+def recover(
+    ws: Workspace, ledger: Ledger, on_repair: Callable[[Repair], None] = lambda r: None
+) -> list[Repair]:
     """Plan and apply until nothing is left (a repair can reveal the next: promoting a pending
     consolidation makes the old base's checkpoints retirable), then record that recovery ran.
     The caller holds the daemon lock."""
@@ -54,7 +64,10 @@ def recover(ws: Workspace, ledger: Ledger, on_repair: Callable[[Repair], None] =
         reconcile.apply(ledger, repairs)
         done += repairs
     if done:
-        ledger.commit(DAEMON_STREAM, ev.RecoveryFinished(repairs=len(done), summary=[r.what for r in done][:50]))
+        ledger.commit(
+            DAEMON_STREAM,
+            ev.RecoveryFinished(repairs=len(done), summary=[r.what for r in done][:50]),
+        )
     return done
 
 

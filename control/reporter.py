@@ -12,7 +12,9 @@ from typing import Callable
 
 from ftctl.adapters import protocol as P
 
-Note = Callable[..., None]  # note(text, level="info"): Reporter.note alone, for services that only say things
+Note = Callable[
+    ..., None
+]  # note(text, level="info"): Reporter.note alone, for services that only say things
 
 
 def quiet(text: str, level: str = "info") -> None:
@@ -24,15 +26,21 @@ class Every:
     of the run is done, and at least every ``seconds`` in between — about a dozen lines per job
     whatever its length, instead of one per report."""
 
-    def __init__(self, iters: int, seconds: float = 60.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, iters: int, seconds: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ):
         self.iters, self.seconds, self.clock = max(iters, 1), seconds, clock
         self.last_step, self.last_time = None, 0.0
 
     def due(self, step: int) -> bool:
         now = self.clock()
         tenth = lambda s: s * 10 // self.iters  # noqa: E731
-        if (self.last_step is None or step >= self.iters or tenth(step) > tenth(self.last_step)
-                or now - self.last_time >= self.seconds):
+        if (
+            self.last_step is None
+            or step >= self.iters
+            or tenth(step) > tenth(self.last_step)
+            or now - self.last_time >= self.seconds
+        ):
             self.last_step, self.last_time = step, now
             return True
         return False

@@ -37,7 +37,15 @@ from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import SCRATCH_MARKER, Workspace
 from ftctl.core.dataset import record_lines, validate_jsonl
 from ftctl.core.policy import Evidence, classify
-from ftctl.core.reproduction import NONFINITE, Outcome, Step, Verdict, describe_groups, first_line, judge
+from ftctl.core.reproduction import (
+    NONFINITE,
+    Outcome,
+    Step,
+    Verdict,
+    describe_groups,
+    first_line,
+    judge,
+)
 from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.types import CheckpointRecord, ExampleRef
@@ -47,7 +55,7 @@ from .jobs import UserError, find_job
 from .reporter import Note, quiet
 from .submit import held_lines
 
-HEAD = 120         # first characters of each example shown
+HEAD = 120  # first characters of each example shown
 
 
 class ReproduceRefused(UserError):
@@ -63,23 +71,23 @@ class Interrupted(Exception):
 class Crash:
     """The crash to reproduce, as the journal recorded it."""
 
-    number: int                           # 1 = the job's first crash
+    number: int  # 1 = the job's first crash
     category: str
-    step: int                             # the last step the crashed worker completed
-    message: str                          # what it said, first line ("" if not recorded)
-    attempt: ev.TrainingStarted | None    # the attempt that crashed
+    step: int  # the last step the crashed worker completed
+    message: str  # what it said, first line ("" if not recorded)
+    attempt: ev.TrainingStarted | None  # the attempt that crashed
 
 
 @dataclass
 class Result:
     job: str
     crash: Crash | None
-    target: int                           # the last step the replay would run
+    target: int  # the last step the replay would run
     from_step: int
-    checkpoint: str | None                # the job's checkpoint it replayed from (None: from the start)
-    warm_start: str | None                # from the start of a warm-started job: the parent adapter's checkpoint
+    checkpoint: str | None  # the job's checkpoint it replayed from (None: from the start)
+    warm_start: str | None  # from the start of a warm-started job: the parent adapter's checkpoint
     outcome: Outcome
-    verdict: Verdict | None               # None for --step (no crash to compare with)
+    verdict: Verdict | None  # None for --step (no crash to compare with)
     summary: str
     examples: list[ExampleRef]
     trace: list[P.Traced]
@@ -88,42 +96,61 @@ class Result:
     bit_exact: list[int]
     mismatch: list[int]
     notes: list[str] = field(default_factory=list)
-    data_path: str = ""                   # the job's copy of its training data: the lines of ``examples``
-    source_path: str | None = None        # the submitted file, when ``examples`` name its lines too
+    data_path: str = ""  # the job's copy of its training data: the lines of ``examples``
+    source_path: str | None = None  # the submitted file, when ``examples`` name its lines too
     seconds: float = 0.0
     event: ev.CrashReproduced | None = None
-    seq: int | None = None                # the recorded event's seq
+    seq: int | None = None  # the recorded event's seq
     log_tail: str = ""
 
 
 # --------------------------------------------------------------------------- entry points
 
 
-def reproduce(ws: Workspace, ledger: Ledger, job: str, *, crash: int | None = None, step: int | None = None,
-              until_crash: bool = False, trace_path: Path | None = None, note: Note = quiet) -> Result:
+def reproduce(
+    ws: Workspace,
+    ledger: Ledger,
+    job: str,
+    *,
+    crash: int | None = None,
+    step: int | None = None,
+    until_crash: bool = False,
+    trace_path: Path | None = None,
+    note: Note = quiet,
+) -> Result:
     """`ftctl reproduce`: replay crash number ``crash`` (default: the job's last) or, with ``step``, the
     run up to that step; record the verdict of a crash as ``crash_reproduced``."""
     j = find_job(ledger, job)
     if j.config is None:
-        raise ReproduceRefused(f"job {j.job} was rejected at submission: it never trained, nothing to reproduce")
+        raise ReproduceRefused(
+            f"job {j.job} was rejected at submission: it never trained, nothing to reproduce"
+        )
     events = list(ledger.journal.read(stream=job_stream(j.job)))
     crashes = _crashes(events)
     target_crash = None
     if step is not None:
         if not 1 <= step <= j.iters:
-            raise ReproduceRefused(f"--step {step} is outside job {j.job}'s {j.iters} iterations (1..{j.iters})")
+            raise ReproduceRefused(
+                f"--step {step} is outside job {j.job}'s {j.iters} iterations (1..{j.iters})"
+            )
         target = step
     else:
         if not crashes:
-            raise ReproduceRefused(f"job {j.job} has no recorded crash: nothing to reproduce (`ftctl crashes` lists "
-                                   f"them). `ftctl reproduce {j.job} --step S` replays its training up to step S")
+            raise ReproduceRefused(
+                f"job {j.job} has no recorded crash: nothing to reproduce (`ftctl crashes` lists "
+                f"them). `ftctl reproduce {j.job} --step S` replays its training up to step S"
+            )
         n = len(crashes) if crash is None else crash
         if not 1 <= n <= len(crashes):
-            raise ReproduceRefused(f"job {j.job} has {len(crashes)} crash(es): --crash takes 1..{len(crashes)} "
-                                   "(the # column of `ftctl crashes`)")
+            raise ReproduceRefused(
+                f"job {j.job} has {len(crashes)} crash(es): --crash takes 1..{len(crashes)} "
+                "(the # column of `ftctl crashes`)"
+            )
         target_crash = crashes[n - 1]
         if target_crash.step is None:
-            raise ReproduceRefused(f"crash {n} of job {j.job} recorded no step: pass --step S to replay up to a step")
+            raise ReproduceRefused(
+                f"crash {n} of job {j.job} recorded no step: pass --step S to replay up to a step"
+            )
         target = j.iters if until_crash else min(target_crash.step + 1, j.iters)
     r = replay(ws, j, events, target_crash, target, note=note, until_crash=until_crash)
     if trace_path is not None:
@@ -134,22 +161,47 @@ def reproduce(ws: Workspace, ledger: Ledger, job: str, *, crash: int | None = No
     return r
 
 
-def after_crash(ws: Workspace, ledger: Ledger, j: JobState, category: str, step: int, message: str,
-                cancelled: Callable[[], str], note: Note = quiet) -> ev.CrashReproduced | None:
+def after_crash(
+    ws: Workspace,
+    ledger: Ledger,
+    j: JobState,
+    category: str,
+    step: int,
+    message: str,
+    cancelled: Callable[[], str],
+    note: Note = quiet,
+) -> ev.CrashReproduced | None:
     """The daemon's reproduction of the crash it is about to record (it will be the job's crash number
     len(j.crashes) + 1, committed together with the returned event). None when it could not be run (it says
     why): the restart policy then decides as it would without one."""
     events = list(ledger.journal.read(stream=job_stream(j.job)))
     started = [r.event for r in events if isinstance(r.event, ev.TrainingStarted)]
-    crash = Crash(len(j.crashes) + 1, category, step, first_line(message), started[-1] if started else None)
+    crash = Crash(
+        len(j.crashes) + 1, category, step, first_line(message), started[-1] if started else None
+    )
     try:
-        r = replay(ws, j, events, crash, min(step + 1, j.iters), note=note, cancelled=cancelled, by="daemon")
+        r = replay(
+            ws,
+            j,
+            events,
+            crash,
+            min(step + 1, j.iters),
+            note=note,
+            cancelled=cancelled,
+            by="daemon",
+        )
     except Interrupted as e:
-        note(f"job {j.job}: the replay of the crash was stopped ({e}); it decides without a verdict", "info")
+        note(
+            f"job {j.job}: the replay of the crash was stopped ({e}); it decides without a verdict",
+            "info",
+        )
         return None
     except Exception as e:  # noqa: BLE001 - never a reason to lose the crash itself: say it, decide without it
-        note(f"job {j.job}: the crash could not be replayed ({type(e).__name__}: {e}); the restart policy decides "
-             "without a verdict", "warn")
+        note(
+            f"job {j.job}: the crash could not be replayed ({type(e).__name__}: {e}); the restart policy decides "
+            "without a verdict",
+            "warn",
+        )
         return None
     return r.event
 
@@ -157,16 +209,29 @@ def after_crash(ws: Workspace, ledger: Ledger, j: JobState, category: str, step:
 # --------------------------------------------------------------------------- the replay
 
 
-def replay(ws: Workspace, j: JobState, events: list[ev.Recorded], crash: Crash | None, target: int, *,
-           note: Note = quiet, cancelled: Callable[[], str] = lambda: "", until_crash: bool = False,
-           by: str = "user") -> Result:
+def replay(
+    ws: Workspace,
+    j: JobState,
+    events: list[ev.Recorded],
+    crash: Crash | None,
+    target: int,
+    *,
+    note: Note = quiet,
+    cancelled: Callable[[], str] = lambda: "",
+    until_crash: bool = False,
+    by: str = "user",
+) -> Result:
     """Re-run job ``j`` up to step ``target`` on a scratch copy and judge it against ``crash``."""
     cfg = j.config
     problem = model_problem(cfg.model)
     if problem:
-        raise ReproduceRefused(f"the job's base model cannot load: {problem}. Nothing was run or recorded")
+        raise ReproduceRefused(
+            f"the job's base model cannot load: {problem}. Nothing was run or recorded"
+        )
     attempt = crash.attempt if crash else _last_attempt(events)
-    limit = crash.step + 1 if crash else target  # replay at least one step: from a checkpoint before this
+    limit = (
+        crash.step + 1 if crash else target
+    )  # replay at least one step: from a checkpoint before this
     _sweep(ws)
     scratch = ws.reproduce_scratch(j.job, os.getpid())
     if scratch.exists():
@@ -174,10 +239,19 @@ def replay(ws: Workspace, j: JobState, events: list[ev.Recorded], crash: Crash |
     t0 = time.monotonic()
     scratch.mkdir(parents=True, mode=0o700)
     try:
-        write_durable(scratch / SCRATCH_MARKER, b"made by `ftctl reproduce`: removed when it ends\n")
+        write_durable(
+            scratch / SCRATCH_MARKER, b"made by `ftctl reproduce`: removed when it ends\n"
+        )
         notes: list[str] = []
         data = _copy_data(ws, j, scratch, notes)
-        start = _checkpoint(j, events, limit, scratch / "job", notes, "the crash step" if crash else f"step {target}")
+        start = _checkpoint(
+            j,
+            events,
+            limit,
+            scratch / "job",
+            notes,
+            "the crash step" if crash else f"step {target}",
+        )
         warm = None
         if start is None:
             warm = attempt.warm_start_from if attempt else j.warm_start_from
@@ -185,49 +259,118 @@ def replay(ws: Workspace, j: JobState, events: list[ev.Recorded], crash: Crash |
                 try:
                     ck.verify_checkpoint(warm)
                 except ck.CheckpointCorrupt as e:
-                    raise ReproduceRefused(f"no checkpoint of job {j.job} before step {limit} is left, and the adapter it "
-                                           f"warm-started from is unusable ({e.reason}): the start of the job cannot be "
-                                           "rebuilt. Nothing was run or recorded") from None
+                    raise ReproduceRefused(
+                        f"no checkpoint of job {j.job} before step {limit} is left, and the adapter it "
+                        f"warm-started from is unusable ({e.reason}): the start of the job cannot be "
+                        "rebuilt. Nothing was run or recorded"
+                    ) from None
         from_step = start.step if start else 0
         lib, fingerprint = blas.for_worker(cfg.blas)
-        env_changed = blas.fingerprint_diff(attempt.env, fingerprint) if attempt and attempt.env else []
+        env_changed = (
+            blas.fingerprint_diff(attempt.env, fingerprint) if attempt and attempt.env else []
+        )
         if crash and not (attempt and attempt.env):
-            notes.append("the crashed attempt recorded no environment fingerprint: the environments were not compared")
+            notes.append(
+                "the crashed attempt recorded no environment fingerprint: the environments were not compared"
+            )
         base = attempt.global_step_base if attempt else j.global_step_base
-        plan = P.TrainPlan(job_id=j.job, job_dir=str(scratch / "job"), config=cfg, train_path=str(data["train.jsonl"]),
-                           valid_path=str(data["valid.jsonl"]) if "valid.jsonl" in data else None,
-                           resume_from=str(scratch / "job" / "checkpoints" / Path(start.path).name) if start else None,
-                           warm_start_from=warm, global_step_base=base, until_step=target, trace=True)
-        what = f"crash {crash.number} ({crash.category} after step {crash.step})" if crash else f"the run up to step {target}"
-        note(f"job {j.job}: replaying {what} from {'checkpoint step ' + str(from_step) if start else 'the start of the job'}"
-             f"{' (warm start from ' + warm + ')' if warm else ''} to step {target}, in {scratch}")
+        plan = P.TrainPlan(
+            job_id=j.job,
+            job_dir=str(scratch / "job"),
+            config=cfg,
+            train_path=str(data["train.jsonl"]),
+            valid_path=str(data["valid.jsonl"]) if "valid.jsonl" in data else None,
+            resume_from=str(scratch / "job" / "checkpoints" / Path(start.path).name)
+            if start
+            else None,
+            warm_start_from=warm,
+            global_step_base=base,
+            until_step=target,
+            trace=True,
+        )
+        what = (
+            f"crash {crash.number} ({crash.category} after step {crash.step})"
+            if crash
+            else f"the run up to step {target}"
+        )
+        note(
+            f"job {j.job}: replaying {what} from {'checkpoint step ' + str(from_step) if start else 'the start of the job'}"
+            f"{' (warm start from ' + warm + ')' if warm else ''} to step {target}, in {scratch}"
+        )
         run = _run_worker(ws, j, plan, scratch / "replay.log", lib.env, cancelled, until_crash)
         trace, outcome, written, log_tail = run
-        verdict = judge(crash.category, crash.step, crash.message, outcome, [_step(t) for t in trace]) if crash else None
-        failing = verdict.failing_step if verdict else (outcome.step + 1 if outcome.category else None)
+        verdict = (
+            judge(crash.category, crash.step, crash.message, outcome, [_step(t) for t in trace])
+            if crash
+            else None
+        )
+        failing = (
+            verdict.failing_step if verdict else (outcome.step + 1 if outcome.category else None)
+        )
         examples = _examples(j, data["train.jsonl"], trace, failing)
         exact, mismatch = _compare(j, written)
-        result = Result(job=j.job, crash=crash, target=target, from_step=from_step, checkpoint=start.path if start else None, warm_start=warm,
-                        outcome=outcome, verdict=verdict, summary="", examples=examples, trace=trace, env=fingerprint,
-                        env_changed=env_changed, bit_exact=exact, mismatch=mismatch, notes=notes,
-                        seconds=time.monotonic() - t0, log_tail=log_tail,
-                        data_path=str(ws.job_dir(j.job) / "data" / "train.jsonl"),
-                        source_path=j.data_path if examples and examples[0].source_line is not None else None)
+        result = Result(
+            job=j.job,
+            crash=crash,
+            target=target,
+            from_step=from_step,
+            checkpoint=start.path if start else None,
+            warm_start=warm,
+            outcome=outcome,
+            verdict=verdict,
+            summary="",
+            examples=examples,
+            trace=trace,
+            env=fingerprint,
+            env_changed=env_changed,
+            bit_exact=exact,
+            mismatch=mismatch,
+            notes=notes,
+            seconds=time.monotonic() - t0,
+            log_tail=log_tail,
+            data_path=str(ws.job_dir(j.job) / "data" / "train.jsonl"),
+            source_path=j.data_path if examples and examples[0].source_line is not None else None,
+        )
         result.summary = summarize(result)
         if crash is not None:
             result.event = ev.CrashReproduced(
-                job=j.job, crash=crash.number, crash_category=crash.category, crash_step=crash.step,
-                verdict=verdict.verdict, summary=result.summary, from_step=from_step, target_step=target,
-                category=outcome.category, step=outcome.step, message=outcome.message,
-                first_nonfinite_step=verdict.first_nonfinite_step, first_nonfinite=verdict.first_nonfinite,
-                groups=verdict.groups, group_count=verdict.group_count, failing_step=verdict.failing_step, examples=examples, env_changed=env_changed,
-                bit_exact=exact, mismatch=mismatch, notes=notes, by=by)
+                job=j.job,
+                crash=crash.number,
+                crash_category=crash.category,
+                crash_step=crash.step,
+                verdict=verdict.verdict,
+                summary=result.summary,
+                from_step=from_step,
+                target_step=target,
+                category=outcome.category,
+                step=outcome.step,
+                message=outcome.message,
+                first_nonfinite_step=verdict.first_nonfinite_step,
+                first_nonfinite=verdict.first_nonfinite,
+                groups=verdict.groups,
+                group_count=verdict.group_count,
+                failing_step=verdict.failing_step,
+                examples=examples,
+                env_changed=env_changed,
+                bit_exact=exact,
+                mismatch=mismatch,
+                notes=notes,
+                by=by,
+            )
         return result
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _run_worker(ws: Workspace, j: JobState, plan: P.TrainPlan, log: Path, env: dict, cancelled, until_crash: bool):
+def _run_worker(
+    ws: Workspace,
+    j: JobState,
+    plan: P.TrainPlan,
+    log: Path,
+    env: dict,
+    cancelled,
+    until_crash: bool,
+):
     """Spawn the worker on ``plan`` and watch it to the end: (trace, outcome, checkpoints it wrote, log tail).
     The worker never outlives this call: its group is killed on the way out, whatever the way."""
     t = j.config.timeouts
@@ -240,7 +383,10 @@ def _run_worker(ws: Workspace, j: JobState, plan: P.TrainPlan, log: Path, env: d
     last_step = 0
     try:
         fd, buf = w.messages.fileno(), b""
-        seen, waiting = time.monotonic(), True  # loading (or evaluating): allowed eval_hang_s, else hang_s
+        seen, waiting = (
+            time.monotonic(),
+            True,
+        )  # loading (or evaluating): allowed eval_hang_s, else hang_s
         while True:
             r, _, _ = select.select([fd], [], [], 0.25)
             if r:
@@ -284,10 +430,25 @@ def _run_worker(ws: Workspace, j: JobState, plan: P.TrainPlan, log: Path, env: d
         return trace, Outcome(category=None, step=last_step), written, tail
     oom_after = system.oom_kill_count()
     oom = None if oom_before is None or oom_after is None else oom_after - oom_before
-    category = classify(Evidence(exit_code=code, stderr_tail=tail, reported=failed.category if failed else None,
-                                 oom_kills=oom, hung=hung))
-    return trace, Outcome(category=category, step=last_step, message=first_line(failed.message) if failed else
-                          f"exit code {code}"), written, tail
+    category = classify(
+        Evidence(
+            exit_code=code,
+            stderr_tail=tail,
+            reported=failed.category if failed else None,
+            oom_kills=oom,
+            hung=hung,
+        )
+    )
+    return (
+        trace,
+        Outcome(
+            category=category,
+            step=last_step,
+            message=first_line(failed.message) if failed else f"exit code {code}",
+        ),
+        written,
+        tail,
+    )
 
 
 # --------------------------------------------------------------------------- pieces
@@ -323,8 +484,10 @@ def _copy_data(ws: Workspace, j: JobState, scratch: Path, notes: list[str]) -> d
     for name in ("train.jsonl", "valid.jsonl"):
         if not (src / name).exists():
             if name == "train.jsonl" or name in j.copies:
-                raise ReproduceRefused(f"the job's data file {src / name} is gone: the replay cannot train on what the "
-                                       "job trained on. Nothing was run or recorded")
+                raise ReproduceRefused(
+                    f"the job's data file {src / name} is gone: the replay cannot train on what the "
+                    "job trained on. Nothing was run or recorded"
+                )
             continue
         dst = scratch / "data" / name
         dst.parent.mkdir(exist_ok=True, mode=0o700)
@@ -332,37 +495,50 @@ def _copy_data(ws: Workspace, j: JobState, scratch: Path, notes: list[str]) -> d
         sha = hashlib.sha256(dst.read_bytes()).hexdigest()
         want = j.copies.get(name)
         if want is None and name == "train.jsonl" and j.valid_sha256 is not None:
-            want = j.data_sha256  # submitted with --valid: the copy is the submitted file, byte for byte
+            want = (
+                j.data_sha256
+            )  # submitted with --valid: the copy is the submitted file, byte for byte
         if want is None:
-            notes.append(f"the job recorded no sha256 of its {name} (an older ftctl): that file was not checked")
+            notes.append(
+                f"the job recorded no sha256 of its {name} (an older ftctl): that file was not checked"
+            )
         elif sha != want:
             raise ReproduceRefused(
                 f"the job's data file {src / name} changed since the job was submitted (sha256 {want[:12]}… recorded, "
                 f"{sha[:12]}… now): a replay on other data would prove nothing, so it was refused. Nothing was run or "
                 "recorded. Restore the file (the submitted original is "
-                f"{j.data_path}), or submit the new data as a new job")
+                f"{j.data_path}), or submit the new data as a new job"
+            )
         out[name] = dst
     return out
 
 
-def _checkpoint(j: JobState, events: list[ev.Recorded], limit: int, job_dir: Path, notes: list[str],
-                before: str) -> CheckpointRecord | None:
+def _checkpoint(
+    j: JobState, events: list[ev.Recorded], limit: int, job_dir: Path, notes: list[str], before: str
+) -> CheckpointRecord | None:
     """Copy the last committed checkpoint before step ``limit`` that is still there and verifies into
     ``job_dir``/checkpoints/ (the copy's manifest hashed against the journal's record, every file against
     the manifest); saying so when it is not the last one the job ever committed there."""
-    ever = [r.event.checkpoint for r in events if isinstance(r.event, ev.CheckpointCommitted)
-            and r.event.checkpoint.step < limit]
+    ever = [
+        r.event.checkpoint
+        for r in events
+        if isinstance(r.event, ev.CheckpointCommitted) and r.event.checkpoint.step < limit
+    ]
     best = max((c.step for c in ever), default=None)
     pruned = {r.event.path for r in events if isinstance(r.event, ev.CheckpointPruned)}
     dest = ck.checkpoints_dir(job_dir)
     dest.mkdir(parents=True, mode=0o700)
     chosen = None
-    for c in sorted((c for c in j.good_checkpoints() if c.step < limit), key=lambda c: c.step, reverse=True):
+    for c in sorted(
+        (c for c in j.good_checkpoints() if c.step < limit), key=lambda c: c.step, reverse=True
+    ):
         copy = dest / Path(c.path).name
         try:
             shutil.copytree(c.path, copy)
             if ck.sha256((copy / ck.MANIFEST).read_bytes()) != c.manifest_sha256:
-                raise ck.CheckpointCorrupt(c.path, "its manifest is not the one the journal recorded")
+                raise ck.CheckpointCorrupt(
+                    c.path, "its manifest is not the one the journal recorded"
+                )
             ck.verify_checkpoint(copy)
         except (OSError, ck.CheckpointCorrupt) as e:
             why = e.reason if isinstance(e, ck.CheckpointCorrupt) else f"cannot be copied: {e}"
@@ -373,20 +549,38 @@ def _checkpoint(j: JobState, events: list[ev.Recorded], limit: int, job_dir: Pat
         break
     if best is not None and (chosen is None or chosen.step < best):
         lost = [c for c in ever if c.step == best][-1]
-        why = ("was pruned by retention" if lost.path in pruned else
-               "is corrupt" if lost.path in j.corrupt else "is not usable")
-        instead = f"checkpoint step {chosen.step}, the previous one retained" if chosen else "the start of the job"
-        notes.append(f"the last checkpoint before {before}, step {best}, {why}: replaying from {instead} "
-                     f"({best - (chosen.step if chosen else 0)} more steps to replay, the same result)")
+        why = (
+            "was pruned by retention"
+            if lost.path in pruned
+            else "is corrupt"
+            if lost.path in j.corrupt
+            else "is not usable"
+        )
+        instead = (
+            f"checkpoint step {chosen.step}, the previous one retained"
+            if chosen
+            else "the start of the job"
+        )
+        notes.append(
+            f"the last checkpoint before {before}, step {best}, {why}: replaying from {instead} "
+            f"({best - (chosen.step if chosen else 0)} more steps to replay, the same result)"
+        )
     return chosen
 
 
 def _step(t: P.Traced) -> Step:
-    return Step(step=t.step, loss=t.loss, grad_norm=t.grad_norm, nonfinite_groups=t.nonfinite_groups,
-                group_count=t.group_count)
+    return Step(
+        step=t.step,
+        loss=t.loss,
+        grad_norm=t.grad_norm,
+        nonfinite_groups=t.nonfinite_groups,
+        group_count=t.group_count,
+    )
 
 
-def _examples(j: JobState, train: Path, trace: list[P.Traced], step: int | None) -> list[ExampleRef]:
+def _examples(
+    j: JobState, train: Path, trace: list[P.Traced], step: int | None
+) -> list[ExampleRef]:
     """The batch of ``step``: each example's line in the job's copy and, when the submitted file is unchanged,
     in that file; its token length and first characters."""
     t = next((t for t in trace if t.step == step), None)
@@ -399,8 +593,15 @@ def _examples(j: JobState, train: Path, trace: list[P.Traced], step: int | None)
     for i, n in zip(t.examples, t.lengths):
         line = lines[i]
         head = raw[line - 1].decode("utf-8", errors="replace").strip()
-        out.append(ExampleRef(index=i, line=line, source_line=source[line - 1] if source and line <= len(source) else None,
-                              tokens=n, head=head[:HEAD] + ("…" if len(head) > HEAD else "")))
+        out.append(
+            ExampleRef(
+                index=i,
+                line=line,
+                source_line=source[line - 1] if source and line <= len(source) else None,
+                tokens=n,
+                head=head[:HEAD] + ("…" if len(head) > HEAD else ""),
+            )
+        )
     return out
 
 
@@ -442,17 +643,29 @@ def _compare(j: JobState, written: list[CheckpointRecord]) -> tuple[list[int], l
 def summarize(r: Result) -> str:
     """One line: the verdict, what the replay found, and the failing batch."""
     o, v, c = r.outcome, r.verdict, r.crash
-    where = f"replayed from step {r.from_step}" if r.checkpoint else "replayed from the start of the job"
+    where = (
+        f"replayed from step {r.from_step}"
+        if r.checkpoint
+        else "replayed from the start of the job"
+    )
     found = ""
     if v is not None and v.first_nonfinite_step is not None:
-        found = (f"; the {v.first_nonfinite} first became non-finite at step {v.first_nonfinite_step}"
-                 + (f" (the gradient of {describe_groups(v.groups, v.group_count)})" if v.groups else ""))
+        found = (
+            f"; the {v.first_nonfinite} first became non-finite at step {v.first_nonfinite_step}"
+            + (f" (the gradient of {describe_groups(v.groups, v.group_count)})" if v.groups else "")
+        )
     batch = ""
     if r.examples:
         lines = ", ".join(str(e.line) for e in r.examples)
         src = [e.source_line for e in r.examples]
-        batch = (f"; failing batch at step {v.failing_step if v else o.step + 1}: the job's train.jsonl lines {lines}"
-                 + (f" (lines {', '.join(map(str, src))} of the submitted file)" if all(s is not None for s in src) else ""))
+        batch = (
+            f"; failing batch at step {v.failing_step if v else o.step + 1}: the job's train.jsonl lines {lines}"
+            + (
+                f" (lines {', '.join(map(str, src))} of the submitted file)"
+                if all(s is not None for s in src)
+                else ""
+            )
+        )
     if c is None:
         if o.category is None:
             return f"ran cleanly to step {r.target}, {where}{found}"
@@ -461,10 +674,14 @@ def summarize(r: Result) -> str:
         what = c.message if c.category not in NONFINITE and c.message else c.category
         return f"reproduced: {what} after step {c.step} again, {where}{found}{batch}"
     if v.verdict == "not reproduced":
-        return (f"not reproduced: {where}, the replay ran cleanly past step {c.step} to step {o.step}: the {c.category} "
-                f"crash came from the environment, not from the run{found}")
-    return (f"different: {where}, the replay failed with {o.category} after step {o.step} ({o.message}), not "
-            f"{c.category} after step {c.step}{found}{batch}")
+        return (
+            f"not reproduced: {where}, the replay ran cleanly past step {c.step} to step {o.step}: the {c.category} "
+            f"crash came from the environment, not from the run{found}"
+        )
+    return (
+        f"different: {where}, the replay failed with {o.category} after step {o.step} ({o.message}), not "
+        f"{c.category} after step {c.step}{found}{batch}"
+    )
 
 
 def write_trace(path: Path, trace: list[P.Traced]) -> None:

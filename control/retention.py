@@ -29,9 +29,12 @@ def _discard(paths: list[str]) -> None:
 
 def prune(j: JobState, victims: list[CheckpointRecord], reason: str) -> Repair:
     """Remove committed checkpoints of a job: events first, folders after."""
-    return Repair(f"job {j.job}: prune {len(victims)} checkpoint(s) ({reason})", job_stream(j.job),
-                  [ev.CheckpointPruned(job=j.job, step=c.step, path=c.path, reason=reason) for c in victims],
-                  after=lambda paths=[c.path for c in victims]: _discard(paths))
+    return Repair(
+        f"job {j.job}: prune {len(victims)} checkpoint(s) ({reason})",
+        job_stream(j.job),
+        [ev.CheckpointPruned(job=j.job, step=c.step, path=c.path, reason=reason) for c in victims],
+        after=lambda paths=[c.path for c in victims]: _discard(paths),
+    )
 
 
 def checkpoints(j: JobState) -> Repair | None:
@@ -50,8 +53,14 @@ def superseded(p: Projection, lin: LineageState) -> list[Repair]:
     if lin.base_version == 0:
         return []
     why = f"consolidated into base v{lin.base_version}; its final adapter stays in jobs/<id>/adapters/"
-    return [prune(j, list(j.checkpoints), why) for j in p.jobs.values()
-            if j.lineage == lin.name and j.base_model != lin.base_model and j.state in TERMINAL and j.checkpoints]
+    return [
+        prune(j, list(j.checkpoints), why)
+        for j in p.jobs.values()
+        if j.lineage == lin.name
+        and j.base_model != lin.base_model
+        and j.state in TERMINAL
+        and j.checkpoints
+    ]
 
 
 def models(p: Projection, lin: LineageState, keep_models: int) -> list[Repair]:
@@ -59,7 +68,13 @@ def models(p: Projection, lin: LineageState, keep_models: int) -> list[Repair]:
     used = {lin.base_model} | {j.base_model for j in p.jobs.values() if j.state not in TERMINAL}
     newest = {m.version for m in sorted(lin.models, key=lambda m: m.version)[-keep_models:]}
     reason = f"retention: keep_models={keep_models}"
-    return [Repair(f"lineage {lin.name}: remove fused model v{m.version} ({reason})", lineage_stream(lin.name),
-                   [ev.ModelRemoved(lineage=lin.name, version=m.version, path=m.path, reason=reason)],
-                   after=lambda path=Path(m.path): shutil.rmtree(path, ignore_errors=True))
-            for m in lin.models if m.version not in newest and m.path not in used]
+    return [
+        Repair(
+            f"lineage {lin.name}: remove fused model v{m.version} ({reason})",
+            lineage_stream(lin.name),
+            [ev.ModelRemoved(lineage=lin.name, version=m.version, path=m.path, reason=reason)],
+            after=lambda path=Path(m.path): shutil.rmtree(path, ignore_errors=True),
+        )
+        for m in lin.models
+        if m.version not in newest and m.path not in used
+    ]

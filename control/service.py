@@ -32,9 +32,9 @@ class ServiceError(Exception):
 class Outcome:
     platform: str
     path: Path
-    name: str                    # systemd unit name / launchd label
-    action: str                  # "written" | "updated" | "unchanged" | "removed" | "absent"
-    notes: list[str] = field(default_factory=list)   # what was run, or what to run
+    name: str  # systemd unit name / launchd label
+    action: str  # "written" | "updated" | "unchanged" | "removed" | "absent"
+    notes: list[str] = field(default_factory=list)  # what was run, or what to run
 
 
 def ftctl_command() -> tuple[str, ...]:
@@ -50,9 +50,16 @@ def spec(ws: Workspace, system: bool) -> S.Spec:
     user = None
     if system:
         user = pwd.getpwuid(ws.home.stat().st_uid).pw_name
-    return S.Spec(home=str(ws.home), command=ftctl_command(), max_restarts=cfg.restart.max_restarts,
-                  window_s=cfg.restart.window_s, backoff_s=cfg.restart.backoff_s,
-                  stop_timeout_s=cfg.timeouts.stop_s + DRAIN_S + 30, system=system, user=user)
+    return S.Spec(
+        home=str(ws.home),
+        command=ftctl_command(),
+        max_restarts=cfg.restart.max_restarts,
+        window_s=cfg.restart.window_s,
+        backoff_s=cfg.restart.backoff_s,
+        stop_timeout_s=cfg.timeouts.stop_s + DRAIN_S + 30,
+        system=system,
+        user=user,
+    )
 
 
 def file_name(home: str, plat: str) -> str:
@@ -68,22 +75,30 @@ def render(ws: Workspace, system: bool, plat: str) -> tuple[Path, bytes]:
 
 def _check_root(system: bool) -> None:
     if system and os.geteuid() != 0:
-        raise ServiceError("--system writes a system unit: run it as root (sudo), or leave --system out for a "
-                           "user service. Nothing was changed.")
+        raise ServiceError(
+            "--system writes a system unit: run it as root (sudo), or leave --system out for a "
+            "user service. Nothing was changed."
+        )
 
 
-def _commands(plat: str, system: bool, home: str, path: Path) -> tuple[list[list[str]], list[list[str]], str]:
+def _commands(
+    plat: str, system: bool, home: str, path: Path
+) -> tuple[list[list[str]], list[list[str]], str]:
     """(start commands, stop commands, what shows its state) on this platform."""
     if plat == "macos":
         domain = "system" if system else f"gui/{os.getuid()}"
-        return ([["launchctl", "bootstrap", domain, str(path)]],
-                [["launchctl", "bootout", f"{domain}/{S.label(home)}"]],
-                f"launchctl print {domain}/{S.label(home)}")
+        return (
+            [["launchctl", "bootstrap", domain, str(path)]],
+            [["launchctl", "bootout", f"{domain}/{S.label(home)}"]],
+            f"launchctl print {domain}/{S.label(home)}",
+        )
     user = [] if system else ["--user"]
     unit = S.name(home)
-    return ([["systemctl", *user, "daemon-reload"], ["systemctl", *user, "enable", "--now", unit]],
-            [["systemctl", *user, "disable", "--now", unit], ["systemctl", *user, "daemon-reload"]],
-            f"systemctl {'--user ' if user else ''}status {unit}")
+    return (
+        [["systemctl", *user, "daemon-reload"], ["systemctl", *user, "enable", "--now", unit]],
+        [["systemctl", *user, "disable", "--now", unit], ["systemctl", *user, "daemon-reload"]],
+        f"systemctl {'--user ' if user else ''}status {unit}",
+    )
 
 
 def install(ws: Workspace, system: bool = False) -> Outcome:
@@ -94,8 +109,10 @@ def install(ws: Workspace, system: bool = False) -> Outcome:
     out = Outcome(plat, path, S.label(home) if plat == "macos" else S.name(home), "written")
     old = svc.read(path)
     if old is not None and not S.is_ours(old, plat):
-        raise ServiceError(f"{path} exists and was not written by ftctl: it was left untouched. Remove or rename it "
-                           "yourself if it is no longer needed, then run `ftctl service install` again.")
+        raise ServiceError(
+            f"{path} exists and was not written by ftctl: it was left untouched. Remove or rename it "
+            "yourself if it is no longer needed, then run `ftctl service install` again."
+        )
     if old == data:
         out.action = "unchanged"
     else:
@@ -104,26 +121,40 @@ def install(ws: Workspace, system: bool = False) -> Outcome:
     start, stop, show = _commands(plat, system, home, path)
     todo = start
     running = process.lock_holder(ws.lock_path)
-    if running:  # a daemon runs already (in a terminal, or this very service): never start a second one
+    if (
+        running
+    ):  # a daemon runs already (in a terminal, or this very service): never start a second one
         todo = [start[0], [c for c in start[1] if c != "--now"]] if plat == "linux" else []
-        out.notes.append(f"a daemon is running on {home} ({running}): the service is enabled but not started now; "
-                         f"after `ftctl shutdown` start it with `{S.shell_line(start[-1])}`")
+        out.notes.append(
+            f"a daemon is running on {home} ({running}): the service is enabled but not started now; "
+            f"after `ftctl shutdown` start it with `{S.shell_line(start[-1])}`"
+        )
     elif plat == "macos" and out.action == "updated":
-        todo = stop + start  # launchd reads the file when it is bootstrapped: reload the changed one
+        todo = (
+            stop + start
+        )  # launchd reads the file when it is bootstrapped: reload the changed one
     if not (svc.launchd_running() if plat == "macos" else svc.systemd_running()):
-        out.notes.append(f"{'launchd' if plat == 'macos' else 'systemd'} is not running here: nothing was started; "
-                         "to start it: " + "; ".join(f"`{S.shell_line(c)}`" for c in start))
+        out.notes.append(
+            f"{'launchd' if plat == 'macos' else 'systemd'} is not running here: nothing was started; "
+            "to start it: " + "; ".join(f"`{S.shell_line(c)}`" for c in start)
+        )
         return out
     for cmd in todo:
         code, said = svc.call(cmd)
-        if code != 0 and not (cmd[1] == "bootout" or (plat == "macos" and "already" in said.lower())):
-            out.notes.append(f"`{S.shell_line(cmd)}` failed ({code}): {said}. The file is in place; run it yourself "
-                             "once the cause is fixed")
+        if code != 0 and not (
+            cmd[1] == "bootout" or (plat == "macos" and "already" in said.lower())
+        ):
+            out.notes.append(
+                f"`{S.shell_line(cmd)}` failed ({code}): {said}. The file is in place; run it yourself "
+                "once the cause is fixed"
+            )
             return out
         out.notes.append(f"ran `{S.shell_line(cmd)}`")
     if plat == "linux" and not system and svc.lingering(getpass.getuser()) is False:
-        out.notes.append(f"to keep it running while you are logged out, and to start it at boot: "
-                         f"`loginctl enable-linger {getpass.getuser()}`")
+        out.notes.append(
+            f"to keep it running while you are logged out, and to start it at boot: "
+            f"`loginctl enable-linger {getpass.getuser()}`"
+        )
     out.notes.append(f"its state: `{show}`")
     return out
 
@@ -139,11 +170,15 @@ def uninstall(ws: Workspace, system: bool = False) -> Outcome:
         out.notes.append("no service is installed for this workspace; nothing to do")
         return out
     if not S.is_ours(old, plat):
-        raise ServiceError(f"{path} was not written by ftctl: it was left untouched (remove it yourself if you mean to)")
+        raise ServiceError(
+            f"{path} was not written by ftctl: it was left untouched (remove it yourself if you mean to)"
+        )
     _, stop, _ = _commands(plat, system, home, path)
     manager = svc.launchd_running() if plat == "macos" else svc.systemd_running()
     if manager:
-        for cmd in stop[:1]:  # stop (gracefully: SIGTERM -> checkpoint) and disable, before the file goes
+        for cmd in stop[
+            :1
+        ]:  # stop (gracefully: SIGTERM -> checkpoint) and disable, before the file goes
             code, said = svc.call(cmd, timeout=900)  # a graceful stop may wait for a checkpoint
             out.notes.append(f"ran `{S.shell_line(cmd)}`" + (f" ({code}: {said})" if code else ""))
     svc.remove(path)
@@ -152,8 +187,10 @@ def uninstall(ws: Workspace, system: bool = False) -> Outcome:
         code, said = svc.call(stop[1])
         out.notes.append(f"ran `{S.shell_line(stop[1])}`" + (f" ({code}: {said})" if code else ""))
     if not manager:
-        out.notes.append(f"{'launchd' if plat == 'macos' else 'systemd'} is not running here, so nothing was stopped "
-                         f"(where it runs, `{S.shell_line(stop[0])}` stops and disables the service)")
+        out.notes.append(
+            f"{'launchd' if plat == 'macos' else 'systemd'} is not running here, so nothing was stopped "
+            f"(where it runs, `{S.shell_line(stop[0])}` stops and disables the service)"
+        )
     return out
 
 
@@ -172,11 +209,28 @@ def status(ws: Workspace, system: bool = False) -> dict:
     state = None
     if ours and (svc.launchd_running() if plat == "macos" else svc.systemd_running()):
         if plat == "macos":
-            code, said = svc.call(["launchctl", "print", f"{'system' if system else f'gui/{os.getuid()}'}/{S.label(home)}"])
+            code, said = svc.call(
+                [
+                    "launchctl",
+                    "print",
+                    f"{'system' if system else f'gui/{os.getuid()}'}/{S.label(home)}",
+                ]
+            )
             state = "loaded" if code == 0 else "not loaded"
         else:
             user = [] if system else ["--user"]
-            state = " / ".join(svc.call(["systemctl", *user, verb, S.name(home)])[1] or "?" for verb in ("is-enabled", "is-active"))
-    return {"platform": plat, "path": str(path), "name": S.label(home) if plat == "macos" else S.name(home),
-            "installed": ours, "foreign_file": old is not None and not ours, "up_to_date": current,
-            "config_problem": why or None, "manager_state": state, "daemon": process.lock_holder(ws.lock_path)}
+            state = " / ".join(
+                svc.call(["systemctl", *user, verb, S.name(home)])[1] or "?"
+                for verb in ("is-enabled", "is-active")
+            )
+    return {
+        "platform": plat,
+        "path": str(path),
+        "name": S.label(home) if plat == "macos" else S.name(home),
+        "installed": ours,
+        "foreign_file": old is not None and not ours,
+        "up_to_date": current,
+        "config_problem": why or None,
+        "manager_state": state,
+        "daemon": process.lock_holder(ws.lock_path),
+    }

@@ -16,18 +16,24 @@ from ftctl.recovery.ledger import Ledger
 from . import models
 from .reporter import Note, quiet
 
-_WHAT = ("point --model at an mlx-lm model folder (config.json, *.safetensors weights, a tokenizer), a Hugging Face "
-         "repo id in the local cache, or a Llama-family .gguf file, or try `ftctl init --demo`")
+_WHAT = (
+    "point --model at an mlx-lm model folder (config.json, *.safetensors weights, a tokenizer), a Hugging Face "
+    "repo id in the local cache, or a Llama-family .gguf file, or try `ftctl init --demo`"
+)
 
 
-def init(home: Path, model: str, dtype: str | None = None, note: Note = quiet) -> tuple[Workspace, str]:
+def init(
+    home: Path, model: str, dtype: str | None = None, note: Note = quiet
+) -> tuple[Workspace, str]:
     """Create the workspace for ``model``. Returns the workspace and what ftctl.yaml records as
     ``model``: the folder's absolute path, the repo id, or the imported GGUF's folder."""
     if Workspace(Path(home)).exists():
         raise WorkspaceError(f"{home} already holds an ftctl workspace; nothing was changed")
     if dtype is not None and not models.is_gguf(model):
-        raise WorkspaceError(f"--dtype applies to a .gguf --model only (it sets what the import dequantizes to); "
-                             f"nothing was created")
+        raise WorkspaceError(
+            f"--dtype applies to a .gguf --model only (it sets what the import dequantizes to); "
+            f"nothing was created"
+        )
     if models.is_gguf(model):
         return _init_gguf(home, model, dtype, note)
     try:
@@ -35,8 +41,10 @@ def init(home: Path, model: str, dtype: str | None = None, note: Note = quiet) -
     except models.ModelRefused as e:
         raise WorkspaceError(f"--model {model}: {e}. Nothing was created; {_WHAT}.") from None
     if resolved.repo:
-        note(f"{resolved.repo} is cached at revision {resolved.revision} ({resolved.path}); each job records the "
-             "revision it trains on")
+        note(
+            f"{resolved.repo} is cached at revision {resolved.revision} ({resolved.path}); each job records the "
+            "revision it trains on"
+        )
     recorded = resolved.repo or resolved.path
     return init_workspace(home, recorded), recorded
 
@@ -47,8 +55,11 @@ def _init_gguf(home: Path, model: str, dtype: str | None, note: Note) -> tuple[W
         gguf.inspect(source)  # refuse an unsupported file before creating anything
     except gguf.GGUFError as e:
         raise WorkspaceError(f"--model {model}: {e}. Nothing was created.") from None
-    target = Workspace(Path(home).expanduser().resolve()).models / models.IMPORTED / (
-        gguf.name_of(source) + (f"-{dtype}" if dtype else ""))
+    target = (
+        Workspace(Path(home).expanduser().resolve()).models
+        / models.IMPORTED
+        / (gguf.name_of(source) + (f"-{dtype}" if dtype else ""))
+    )
 
     def convert(ws: Workspace, made: list) -> None:
         make_folder(models.imported_root(ws), made)

@@ -32,10 +32,10 @@ from typing import Callable
 from ftctl.adapters import process, system
 from ftctl.adapters.workspace import Workspace
 
-MIN_AVAILABLE_GB = 1.0   # below this much available memory no spare is started
+MIN_AVAILABLE_GB = 1.0  # below this much available memory no spare is started
 STATE_FILE = "standby.json"
 REPORT_EVERY_S = 2.0
-RESPAWN_AFTER_S = 10.0   # after a spare died on its own
+RESPAWN_AFTER_S = 10.0  # after a spare died on its own
 
 
 def state_path(ws: Workspace) -> Path:
@@ -57,7 +57,9 @@ class Standby:
         self.w_env: dict = {}  # the BLAS environment the spare was started with
         self.low_memory_said = False
         self.reported: tuple[float, int] | None = None  # (when, rss) last written
-        self.not_before = 0.0   # after a spare died on its own, the next one waits a little (no spawn storm)
+        self.not_before = (
+            0.0  # after a spare died on its own, the next one waits a little (no spawn storm)
+        )
 
     # ------------------------------------------------------------------ the spare's life
     def ensure(self, blas_env: dict) -> None:
@@ -66,8 +68,11 @@ class Standby:
         if self.w is not None:
             if self.w.proc.poll() is None:
                 return
-            self.say(f"standby worker pid {self.w.id.pid} died (exit {self.w.proc.returncode}, see logs/standby.log); "
-                     f"another in {RESPAWN_AFTER_S:g} s", "warn")
+            self.say(
+                f"standby worker pid {self.w.id.pid} died (exit {self.w.proc.returncode}, see logs/standby.log); "
+                f"another in {RESPAWN_AFTER_S:g} s",
+                "warn",
+            )
             self._drop()
             self.not_before = time.time() + RESPAWN_AFTER_S
         if time.time() < self.not_before:
@@ -76,14 +81,24 @@ class Standby:
         if avail < MIN_AVAILABLE_GB:
             if not self.low_memory_said:
                 self.low_memory_said = True
-                self.say(f"standby worker skipped: only {avail:.2f} GB of memory available "
-                         f"(it needs {MIN_AVAILABLE_GB:g} GB free)", "warn")
+                self.say(
+                    f"standby worker skipped: only {avail:.2f} GB of memory available "
+                    f"(it needs {MIN_AVAILABLE_GB:g} GB free)",
+                    "warn",
+                )
             return
         self.low_memory_said = False
-        self.w = process.spawn_worker(None, self.ws.logs / "standby.log", {**blas_env, **self.env},
-                                      label=("standby", str(self.ws.home)))
+        self.w = process.spawn_worker(
+            None,
+            self.ws.logs / "standby.log",
+            {**blas_env, **self.env},
+            label=("standby", str(self.ws.home)),
+        )
         self.w_env = dict(blas_env)
-        self.reported = (time.time(), 0)  # first report after REPORT_EVERY_S: not the size of a fresh fork
+        self.reported = (
+            time.time(),
+            0,
+        )  # first report after REPORT_EVERY_S: not the size of a fresh fork
         self.say(f"standby worker started (pid {self.w.id.pid})", "info")
 
     def take(self, plan_json: bytes, log_path: Path, blas_env: dict) -> process.Worker | None:
@@ -127,8 +142,16 @@ class Standby:
         self.reported = (now, rss)
         path = state_path(self.ws)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"pid": self.w.id.pid, "started_at": self.w.id.started_at, "rss_bytes": rss,
-                                   "measured_at": now}))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "pid": self.w.id.pid,
+                    "started_at": self.w.id.started_at,
+                    "rss_bytes": rss,
+                    "measured_at": now,
+                }
+            )
+        )
         os.replace(tmp, path)
 
     def _forget_state(self) -> None:

@@ -25,25 +25,31 @@ from ftctl.recovery.ledger import Ledger
 from .inbox import inbox_pending
 from .jobs import find_job
 
-DEFAULT_LIMIT = 20                       # jobs shown by default (beside every unfinished one)
+DEFAULT_LIMIT = 20  # jobs shown by default (beside every unfinished one)
 UNFINISHED = ACTIVE | {"queued", "paused"}  # always shown by default
-ETA_REPORTS = 10                         # reports of the current attempt the step rate is measured over
-_DELAY = re.compile(r", in [0-9.e+-]+ s$")  # the backoff clause of core.policy.after_crash's requeue reason
+ETA_REPORTS = 10  # reports of the current attempt the step rate is measured over
+_DELAY = re.compile(
+    r", in [0-9.e+-]+ s$"
+)  # the backoff clause of core.policy.after_crash's requeue reason
 
 
 @dataclass(frozen=True)
 class DaemonView:
-    alive: bool                 # the lock probe: a process holds run/daemon.lock now
-    recorded: bool              # the journal says a daemon runs (it records no death it did not see)
-    holder: str | None          # what the lock file says about its holder
+    alive: bool  # the lock probe: a process holds run/daemon.lock now
+    recorded: bool  # the journal says a daemon runs (it records no death it did not see)
+    holder: str | None  # what the lock file says about its holder
     pid: int | None
     host: str
     started_at: str
     shutdown_requested: bool
-    last_entry_at: str | None   # the journal's newest event or metrics row
-    summary: str                # one sentence for people
-    standby: dict | None = None  # the live daemon's spare worker: pid, started_at, rss_bytes, measured_at
-    power: dict | None = None    # the power assertion of the training job (adapters/power.py): held, command, pid, note
+    last_entry_at: str | None  # the journal's newest event or metrics row
+    summary: str  # one sentence for people
+    standby: dict | None = (
+        None  # the live daemon's spare worker: pid, started_at, rss_bytes, measured_at
+    )
+    power: dict | None = (
+        None  # the power assertion of the training job (adapters/power.py): held, command, pid, note
+    )
 
     @property
     def running(self) -> bool:
@@ -58,23 +64,25 @@ class DaemonView:
 @dataclass(frozen=True)
 class JobView:
     job: JobState
-    metrics: dict | None        # the job's last report (of any attempt)
-    live_step: int              # where training is now: the last report of this attempt, else the checkpoint
+    metrics: dict | None  # the job's last report (of any attempt)
+    live_step: int  # where training is now: the last report of this attempt, else the checkpoint
     live_global_step: int
-    stale: bool                 # the journal says training/checkpointing, but no daemon supervises it
-    note: str                   # what is true now (stale reasons dropped)
-    eta_s: float | None         # seconds left, for a job training under a live daemon
-    eta_basis: str | None       # how eta_s was computed
+    stale: bool  # the journal says training/checkpointing, but no daemon supervises it
+    note: str  # what is true now (stale reasons dropped)
+    eta_s: float | None  # seconds left, for a job training under a live daemon
+    eta_basis: str | None  # how eta_s was computed
 
 
 @dataclass(frozen=True)
 class Status:
     seq: int
     daemon: DaemonView
-    jobs: list[JobView]         # the selected jobs, in submission order
-    hidden: dict[str, int]      # why -> how many jobs the selection left out ("rejected", "older", "other states")
+    jobs: list[JobView]  # the selected jobs, in submission order
+    hidden: dict[
+        str, int
+    ]  # why -> how many jobs the selection left out ("rejected", "older", "other states")
     projection: Projection
-    inbox: list[dict]           # files waiting in inbox/ and what happens to each (control.inbox)
+    inbox: list[dict]  # files waiting in inbox/ and what happens to each (control.inbox)
 
 
 def daemon_view(ws: Workspace, ledger: Ledger) -> DaemonView:
@@ -86,26 +94,46 @@ def daemon_view(ws: Workspace, ledger: Ledger) -> DaemonView:
     since = f"{d.started_at[:19].replace('T', ' ')} UTC"
     spare = awake = None
     if alive and d.running:
-        summary = f"pid {pid} on {d.host} since {since}" + (", shutting down" if d.shutdown_requested else "")
+        summary = f"pid {pid} on {d.host} since {since}" + (
+            ", shutting down" if d.shutdown_requested else ""
+        )
         spare = _standby(ws)
         if spare:
-            summary += f", standby worker pid {spare['pid']} ({spare['rss_bytes'] / 1e6:.0f} MB RSS)"
+            summary += (
+                f", standby worker pid {spare['pid']} ({spare['rss_bytes'] / 1e6:.0f} MB RSS)"
+            )
         awake = _power(ws)
         if awake and awake.get("held"):
-            summary += f", keeping the machine awake ({Path(awake['command'][0]).name} pid {awake['pid']})"
+            summary += (
+                f", keeping the machine awake ({Path(awake['command'][0]).name} pid {awake['pid']})"
+            )
         elif awake:
             summary += f", NOT keeping the machine awake: {awake.get('note', '')}"
     elif d.running:
-        summary = (f"not running: daemon pid {pid} on {d.host} (started {since}) died without recording its stop; "
-                   f"the journal's last entry is from {_when(last)}. `ftctl start` recovers and carries on")
+        summary = (
+            f"not running: daemon pid {pid} on {d.host} (started {since}) died without recording its stop; "
+            f"the journal's last entry is from {_when(last)}. `ftctl start` recovers and carries on"
+        )
     elif alive:
-        summary = (f"the daemon lock is held ({holder}) but no running daemon is recorded yet: "
-                   "a daemon is starting, or `ftctl recover` / `ftctl doctor --fix` is running")
+        summary = (
+            f"the daemon lock is held ({holder}) but no running daemon is recorded yet: "
+            "a daemon is starting, or `ftctl recover` / `ftctl doctor --fix` is running"
+        )
     else:
         summary = "not running"
-    return DaemonView(alive=alive, recorded=d.running, holder=holder, pid=pid, host=d.host, started_at=d.started_at,
-                      shutdown_requested=d.shutdown_requested, last_entry_at=last, summary=summary, standby=spare,
-                      power=awake if alive and d.running else None)
+    return DaemonView(
+        alive=alive,
+        recorded=d.running,
+        holder=holder,
+        pid=pid,
+        host=d.host,
+        started_at=d.started_at,
+        shutdown_requested=d.shutdown_requested,
+        last_entry_at=last,
+        summary=summary,
+        standby=spare,
+        power=awake if alive and d.running else None,
+    )
 
 
 def _power(ws: Workspace) -> dict | None:
@@ -137,8 +165,14 @@ def _standby(ws: Workspace) -> dict | None:
         return None
 
 
-def status(ws: Workspace, ledger: Ledger, states: Iterable[str] = (), everything: bool = False,
-           limit: int = DEFAULT_LIMIT, now: float | None = None) -> Status:
+def status(
+    ws: Workspace,
+    ledger: Ledger,
+    states: Iterable[str] = (),
+    everything: bool = False,
+    limit: int = DEFAULT_LIMIT,
+    now: float | None = None,
+) -> Status:
     """Every job (``everything``), the jobs in ``states``, or by default: no rejected submission,
     and past ``limit`` jobs only the last ``limit`` plus every unfinished one."""
     now = time.time() if now is None else now
@@ -149,13 +183,19 @@ def status(ws: Workspace, ledger: Ledger, states: Iterable[str] = (), everything
     return Status(ledger.state.seq, d, views, hidden, ledger.state, inbox_pending(ws, d.alive))
 
 
-def job_status(ws: Workspace, ledger: Ledger, job: str, now: float | None = None) -> tuple[DaemonView, JobView]:
+def job_status(
+    ws: Workspace, ledger: Ledger, job: str, now: float | None = None
+) -> tuple[DaemonView, JobView]:
     j = find_job(ledger, job)
     d = daemon_view(ws, ledger)
-    return d, _view(ledger, j, ledger.journal.last_metrics().get(j.job), d, time.time() if now is None else now)
+    return d, _view(
+        ledger, j, ledger.journal.last_metrics().get(j.job), d, time.time() if now is None else now
+    )
 
 
-def select(jobs: list[JobState], states: set[str], everything: bool, limit: int) -> tuple[list[JobState], dict[str, int]]:
+def select(
+    jobs: list[JobState], states: set[str], everything: bool, limit: int
+) -> tuple[list[JobState], dict[str, int]]:
     if everything:
         return jobs, {}
     if states:
@@ -184,22 +224,34 @@ def _view(ledger: Ledger, j: JobState, m: dict | None, d: DaemonView, now: float
             live, gstep = reports[-1]["step"], reports[-1]["global_step"]
     stale = j.state in ACTIVE and not d.alive
     eta, basis = _eta(j, live, reports, now) if j.state in ACTIVE and d.alive else (None, None)
-    return JobView(job=j, metrics=m, live_step=live, live_global_step=gstep, stale=stale,
-                   note=_with_env(j, _note(j, d, live, now)), eta_s=eta, eta_basis=basis)
+    return JobView(
+        job=j,
+        metrics=m,
+        live_step=live,
+        live_global_step=gstep,
+        stale=stale,
+        note=_with_env(j, _note(j, d, live, now)),
+        eta_s=eta,
+        eta_basis=basis,
+    )
 
 
 def _note(j: JobState, d: DaemonView, live: int, now: float) -> str:
     good = j.good_checkpoints()
     resume = good[-1].step if good else None
     if j.state in ACTIVE and not d.alive:
-        then = {"cancel": "it is cancelled (you asked to)", "pause": "it is paused (you asked to)"}.get(
-            j.requested or "", resumes_from(resume))
+        then = {
+            "cancel": "it is cancelled (you asked to)",
+            "pause": "it is paused (you asked to)",
+        }.get(j.requested or "", resumes_from(resume))
         orphan = ""
         if j.worker is not None and process.alive(j.worker):
             orphan = f"; its worker pid {j.worker.pid} still runs unsupervised (`ftctl start` stops it first)"
         return f"the daemon died while this job was {j.state} at step {live}: on `ftctl start` {then}{orphan}"
     if j.state in ACTIVE:  # its reason is the requeue that preceded this attempt: no longer true
-        return f"{j.requested} requested: the daemon acts on it within a second" if j.requested else ""
+        return (
+            f"{j.requested} requested: the daemon acts on it within a second" if j.requested else ""
+        )
     if j.state == "queued" and j.not_before:
         reason = _DELAY.sub("", j.reason)
         return reason + (f", in {j.not_before - now:.0f} s" if j.not_before > now else "")
@@ -213,12 +265,16 @@ def _with_env(j: JobState, note: str) -> str:
     then on it is no longer bit-exact with the earlier attempts (or with an uninterrupted run)."""
     if not j.env_changed:
         return note
-    drift = (f"resumed under a different environment ({'; '.join(j.env_changed)}): "
-             f"no longer bit-exact with the earlier attempts")
+    drift = (
+        f"resumed under a different environment ({'; '.join(j.env_changed)}): "
+        f"no longer bit-exact with the earlier attempts"
+    )
     return f"{note}; {drift}" if note else drift
 
 
-def _eta(j: JobState, live: int, reports: list[dict], now: float) -> tuple[float | None, str | None]:
+def _eta(
+    j: JobState, live: int, reports: list[dict], now: float
+) -> tuple[float | None, str | None]:
     """Seconds to the last iteration: the step rate between the first and the last report of this
     attempt (wall clock, so evaluations and checkpoints are included), or with a single report the
     tokens/s it measured divided by the tokens per step so far (pure training time). No estimate
@@ -232,9 +288,18 @@ def _eta(j: JobState, live: int, reports: list[dict], now: float) -> tuple[float
         a, b = reports[0], reports[-1]
         dt, ds = ts_epoch(b["ts"]) - ts_epoch(a["ts"]), b["step"] - a["step"]
         if dt > 0 and ds > 0:
-            rate, basis = ds / dt, f"{ds / dt:.3g} steps/s between the reports at steps {a['step']} and {b['step']}"
+            rate, basis = (
+                ds / dt,
+                f"{ds / dt:.3g} steps/s between the reports at steps {a['step']} and {b['step']}",
+            )
     last = reports[-1] if reports else None
-    if rate is None and last and last.get("tokens_per_s") and last.get("trained_tokens") and last["step"] > 0:
+    if (
+        rate is None
+        and last
+        and last.get("tokens_per_s")
+        and last.get("trained_tokens")
+        and last["step"] > 0
+    ):
         per_step = last["trained_tokens"] / last["step"]
         rate = last["tokens_per_s"] / per_step
         basis = f"{last['tokens_per_s']:.0f} tokens/s at {per_step:.0f} tokens/step (report at step {last['step']})"
@@ -243,7 +308,10 @@ def _eta(j: JobState, live: int, reports: list[dict], now: float) -> tuple[float
     since = now - ts_epoch(last["ts"])
     every = j.config.steps_per_report / rate
     if since > max(3 * every, 30.0):
-        return None, f"no progress report for {since:.0f} s (one was due every {every:.0f} s): no estimate"
+        return (
+            None,
+            f"no progress report for {since:.0f} s (one was due every {every:.0f} s): no estimate",
+        )
     return max(left / rate - since, 0.0), basis
 
 

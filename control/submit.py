@@ -26,8 +26,10 @@ from ftctl.recovery.ledger import Ledger
 from . import models
 from .reporter import Note, quiet
 
-_MODEL_FIX = ("set `model` in ftctl.yaml (or pass --set model=...) to an mlx-lm model folder, a cached Hugging Face "
-              "repo id or a .gguf file, and submit again")
+_MODEL_FIX = (
+    "set `model` in ftctl.yaml (or pass --set model=...) to an mlx-lm model folder, a cached Hugging Face "
+    "repo id or a .gguf file, and submit again"
+)
 HOLDOUT_EVERY = 20  # without --valid, every 20th valid example is held out for validation
 
 
@@ -83,8 +85,12 @@ def _split(data: bytes, report: DataReport, batch_size: int) -> tuple[bytes, byt
     lines = data.splitlines(keepends=True)
     if not held:
         return data, None
-    train = b"".join(l if l.endswith(b"\n") else l + b"\n" for i, l in enumerate(lines, 1) if i not in held)
-    valid = b"".join(l if l.endswith(b"\n") else l + b"\n" for i, l in enumerate(lines, 1) if i in held)
+    train = b"".join(
+        l if l.endswith(b"\n") else l + b"\n" for i, l in enumerate(lines, 1) if i not in held
+    )
+    valid = b"".join(
+        l if l.endswith(b"\n") else l + b"\n" for i, l in enumerate(lines, 1) if i in held
+    )
     return train, valid
 
 
@@ -104,7 +110,8 @@ def _lineage_config(ledger: Ledger, lineage: str, cfg: Config) -> Config:
     if cfg.model not in (lin.origin_model, lin.base_model):
         raise SubmitError(
             f"lineage {lineage!r} trains on {lin.base_model}, not {cfg.model}. Nothing was queued. A different base "
-            f"model starts a new lineage: submit with --lineage NAME")
+            f"model starts a new lineage: submit with --lineage NAME"
+        )
     cfg = msgspec.structs.replace(cfg, model=lin.base_model)
     chain = [ledger.state.jobs[j] for j in lin.jobs]
     live = [j for j in chain if j.state not in ("rejected", "cancelled", "failed")]
@@ -117,7 +124,8 @@ def _lineage_config(ledger: Ledger, lineage: str, cfg: Config) -> Config:
                 f"submission changes what shapes it — {'; '.join(changed)} — which would silently break its warm start "
                 "and its fusion. Nothing was queued. Either consolidate first (`ftctl consolidate`, after the lineage's "
                 "jobs finish) so that new jobs start a fresh adapter on the fused base, or start a new lineage "
-                "explicitly (`--lineage NAME`).")
+                "explicitly (`--lineage NAME`)."
+            )
     return cfg
 
 
@@ -125,17 +133,33 @@ def _duplicate(ledger: Ledger, path: Path, sha: str, valid_sha: str | None, cfg:
     """Refuse the same data (and validation data) with the same resolved config as a live job."""
     digest = config_sha256(cfg)
     for j in ledger.state.jobs.values():
-        if (j.state not in ("rejected", "cancelled", "failed") and j.data_sha256 == sha
-                and j.config_sha256 == digest and j.valid_sha256 == valid_sha):
+        if (
+            j.state not in ("rejected", "cancelled", "failed")
+            and j.data_sha256 == sha
+            and j.config_sha256 == digest
+            and j.valid_sha256 == valid_sha
+        ):
             raise DuplicateSubmission(
                 f"{path.name} was already submitted with the same content (sha256 {sha[:12]}…) and the same config "
                 f"as job {j.job} ({j.state}); nothing was queued. To train on it again on purpose, submit it with "
-                f"--again; to change the run, pass --set KEY=VALUE", j.job)
+                f"--again; to change the run, pass --set KEY=VALUE",
+                j.job,
+            )
 
 
-def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None, valid: Path | None = None,
-           overrides: list[str] = (), lineage: str = "main", fresh: bool = False, again: bool = False,
-           note: Note = quiet) -> Submission:
+def submit(
+    ws: Workspace,
+    ledger: Ledger,
+    path: Path,
+    *,
+    name: str | None = None,
+    valid: Path | None = None,
+    overrides: list[str] = (),
+    lineage: str = "main",
+    fresh: bool = False,
+    again: bool = False,
+    note: Note = quiet,
+) -> Submission:
     """Validate ``path`` (and ``valid``) and record the job as queued or rejected.
 
     The same data and validation data with the same resolved config as a job that is not rejected,
@@ -164,30 +188,48 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
     if vreport is not None and vreport.verdict == "reject":
         reasons += [f"validation file: {r}" for r in vreport.reasons]
     resolved = models.Resolved(cfg.model)
-    if models.needs_resolving(cfg.model):  # a repo id or a GGUF file: the folder it names, pinned now
+    if models.needs_resolving(
+        cfg.model
+    ):  # a repo id or a GGUF file: the folder it names, pinned now
         try:
             resolved = models.for_job(ws, ledger, cfg.model, note)
         except models.ModelRefused as e:
-            raise SubmitError(f"the base model cannot be used: {e}. Nothing was queued; {_MODEL_FIX}") from None
+            raise SubmitError(
+                f"the base model cannot be used: {e}. Nothing was queued; {_MODEL_FIX}"
+            ) from None
         cfg = msgspec.structs.replace(cfg, model=resolved.path)
     cfg = _lineage_config(ledger, lineage, cfg)  # what the job records, and what its sha256 hashes
     problem = model_problem(cfg.model)
     if problem:  # the job would record this path for good: refuse it now, not at `ftctl start`
-        raise SubmitError(f"the base model cannot load: {problem}. Nothing was queued; {_MODEL_FIX}")
+        raise SubmitError(
+            f"the base model cannot load: {problem}. Nothing was queued; {_MODEL_FIX}"
+        )
     broken = group_problems(cfg)
     if broken:  # a data-parallel config that cannot launch: refuse it now, not at `ftctl start`
-        raise SubmitError(f"the distributed config cannot run: {'; '.join(broken)}. Nothing was queued; fix "
-                          "`distributed` in ftctl.yaml (see docs/distributed.md) and submit again")
+        raise SubmitError(
+            f"the distributed config cannot run: {'; '.join(broken)}. Nothing was queued; fix "
+            "`distributed` in ftctl.yaml (see docs/distributed.md) and submit again"
+        )
     if not reasons and not again:
-        _duplicate(ledger, path, sha, hashlib.sha256(vdata).hexdigest() if vdata is not None else None, cfg)
+        _duplicate(
+            ledger, path, sha, hashlib.sha256(vdata).hexdigest() if vdata is not None else None, cfg
+        )
 
     for _ in range(10):  # job ids race only with a concurrent submit; the stream version decides
         job = _next_job_id(ledger)
         try:
             if reasons:
-                ledger.commit(job_stream(job), ev.JobRejected(
-                    job=job, name=name, data_path=str(path), data_sha256=sha, reasons=reasons,
-                    problems=_problems(report) + (_problems(vreport) if vreport else [])))
+                ledger.commit(
+                    job_stream(job),
+                    ev.JobRejected(
+                        job=job,
+                        name=name,
+                        data_path=str(path),
+                        data_sha256=sha,
+                        reasons=reasons,
+                        problems=_problems(report) + (_problems(vreport) if vreport else []),
+                    ),
+                )
                 return Submission(job, "rejected", report, vreport, warnings, reasons)
             jdir = ws.job_dir(job) / "data"
             if jdir.parent.exists():  # debris of a submit that died before its event: not a job
@@ -196,11 +238,15 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
             if vdata is None:
                 train, held = _split(data, report, cfg.batch_size)
                 if held is None:
-                    warnings.append("no --valid file and too few examples to hold some out: "
-                                    "validation loss will not be computed for this job")
+                    warnings.append(
+                        "no --valid file and too few examples to hold some out: "
+                        "validation loss will not be computed for this job"
+                    )
                 else:
                     n = held.count(b"\n")
-                    warnings.append(f"no --valid file: held out {n} of {report.valid} examples for validation")
+                    warnings.append(
+                        f"no --valid file: held out {n} of {report.valid} examples for validation"
+                    )
             else:
                 train, held = data, vdata
             write_durable(jdir / "train.jsonl", train)
@@ -212,14 +258,32 @@ def submit(ws: Workspace, ledger: Ledger, path: Path, *, name: str | None = None
                 warnings += report.reasons
             if vreport is not None and vreport.verdict == "warn":
                 warnings += [f"validation file: {r}" for r in vreport.reasons]
-            ledger.commit(job_stream(job), ev.JobSubmitted(
-                job=job, name=name, data_path=str(path), data_sha256=sha, data_format=report.format or "",
-                examples=report.valid - report.undesirable,
-                valid_path=str(valid) if valid else (str(jdir / "valid.jsonl") if held is not None else None),
-                valid_sha256=hashlib.sha256(vdata).hexdigest() if vdata is not None else None,
-                config=job_config(cfg), config_sha256=config_sha256(cfg), lineage=lineage, warnings=warnings,
-                overrides=overrides, copies=copies, model_repo=resolved.repo, model_revision=resolved.revision))
+            ledger.commit(
+                job_stream(job),
+                ev.JobSubmitted(
+                    job=job,
+                    name=name,
+                    data_path=str(path),
+                    data_sha256=sha,
+                    data_format=report.format or "",
+                    examples=report.valid - report.undesirable,
+                    valid_path=str(valid)
+                    if valid
+                    else (str(jdir / "valid.jsonl") if held is not None else None),
+                    valid_sha256=hashlib.sha256(vdata).hexdigest() if vdata is not None else None,
+                    config=job_config(cfg),
+                    config_sha256=config_sha256(cfg),
+                    lineage=lineage,
+                    warnings=warnings,
+                    overrides=overrides,
+                    copies=copies,
+                    model_repo=resolved.repo,
+                    model_revision=resolved.revision,
+                ),
+            )
             return Submission(job, "queued", report, vreport, warnings)
         except ConcurrencyError:
             continue
-    raise SubmitError("could not allocate a job id: other submissions kept racing; nothing was queued — retry")
+    raise SubmitError(
+        "could not allocate a job id: other submissions kept racing; nothing was queued — retry"
+    )

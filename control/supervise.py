@@ -37,21 +37,23 @@ CONTROL_EVERY_S = 0.5
 class Supervision:
     """Watches one worker: messages -> events, control requests -> stop, death -> crash."""
 
-    def __init__(self, d: "Daemon", j: JobState, worker: process.Worker, oom_before: int | None, step: int):
+    def __init__(
+        self, d: "Daemon", j: JobState, worker: process.Worker, oom_before: int | None, step: int
+    ):
         self.d, self.job, self.cfg, self.w, self.oom_before = d, j.job, j.config, worker, oom_before
         self.stream = job_stream(j.job)
         self.last_progress = time.monotonic()
         self.in_eval = False
-        self.loading = True                   # imports + model load: allowed eval_hang_s, not hang_s
-        self.step_seen = False                # a spare is started after this worker's first step
+        self.loading = True  # imports + model load: allowed eval_hang_s, not hang_s
+        self.step_seen = False  # a spare is started after this worker's first step
         self.stop_sent: float | None = None
-        self.stop_reason: str | None = None   # "pause" | "cancel" | "shutdown"
+        self.stop_reason: str | None = None  # "pause" | "cancel" | "shutdown"
         self.hung = False
-        self.halted: list[int] = []           # what stopped() found when the watchdog last looked
-        self.stop_forced = False              # asked to stop, it did not within stop_s: ftctl killed it
+        self.halted: list[int] = []  # what stopped() found when the watchdog last looked
+        self.stop_forced = False  # asked to stop, it did not within stop_s: ftctl killed it
         self.error: P.Failed | None = None
-        self.finished: str | None = None      # "completed" | "stopped"
-        self.step = step                      # a crash before the first step is at the resume step
+        self.finished: str | None = None  # "completed" | "stopped"
+        self.step = step  # a crash before the first step is at the resume step
         self.stopped_step = 0
         self.log_due = Every(j.iters)  # daemon.log gets progress at a sane rate
         self.tb = Live(d.ws, d.ledger.state.jobs[j.job], d.say)  # TensorBoard files, if configured
@@ -96,7 +98,9 @@ class Supervision:
     def receive(self, line: bytes) -> None:
         try:
             msg = P.decode_message(line)
-        except P.ProtocolError as e:  # a bug, not a reason to drop the worker: say it, keep watching
+        except (
+            P.ProtocolError
+        ) as e:  # a bug, not a reason to drop the worker: say it, keep watching
             self.d.say(f"job {self.job}: {e}", "error")
             return
         self.on_message(msg)
@@ -139,13 +143,20 @@ class Supervision:
         quiet = now - self.last_progress
         if not self.hung and quiet > t.hang_s:
             self.halted = self.stopped()
-            limit = t.eval_hang_s if (self.in_eval or self.loading) and not self.halted else t.hang_s
+            limit = (
+                t.eval_hang_s if (self.in_eval or self.loading) and not self.halted else t.hang_s
+            )
             if quiet > limit:
                 self.hung = True
-                self.d.say(f"job {self.job}: no progress for {limit:g} s: killing the worker group (hang)", "error")
+                self.d.say(
+                    f"job {self.job}: no progress for {limit:g} s: killing the worker group (hang)",
+                    "error",
+                )
                 self.w.kill_group()
         if self.stop_sent is not None and now - self.stop_sent > t.stop_s:
-            self.d.say(f"job {self.job}: worker did not stop within {t.stop_s:g} s: killing it", "error")
+            self.d.say(
+                f"job {self.job}: worker did not stop within {t.stop_s:g} s: killing it", "error"
+            )
             self.halted = self.stopped()
             self.stop_forced = True
             self.w.kill_group()
@@ -160,7 +171,9 @@ class Supervision:
             case P.Loaded(step=step):
                 self.step, self.loading = step, False
             case P.Step(step=step):
-                if self.step_seen is False:  # the first step: the new worker is up, time for a new spare
+                if (
+                    self.step_seen is False
+                ):  # the first step: the new worker is up, time for a new spare
                     self.step_seen = True
                     self.standby()
                 self.step = step
@@ -168,13 +181,17 @@ class Supervision:
                 L.journal.record_metric(job, m)
                 self.tb.report(m)  # after the journal has it: a view of what is recorded
                 if self.log_due.due(m.step):
-                    d.log(f"job {job} step {m.step}/{self.cfg.iters}: loss {_num(m.loss, '.4f')}  lr {_num(m.lr, '.3g')}  "
-                          f"{_num(m.tokens_per_s, '.0f')} tok/s  peak {_num(m.peak_mem_gb, '.2f')} GB")
+                    d.log(
+                        f"job {job} step {m.step}/{self.cfg.iters}: loss {_num(m.loss, '.4f')}  lr {_num(m.lr, '.3g')}  "
+                        f"{_num(m.tokens_per_s, '.0f')} tok/s  peak {_num(m.peak_mem_gb, '.2f')} GB"
+                    )
             case P.EvalStarted():
                 self.in_eval = True
             case P.Evaluated(step=step, global_step=gstep, val_loss=val):
                 self.in_eval = False
-                L.commit(self.stream, ev.Evaluated(job=job, step=step, global_step=gstep, val_loss=val))
+                L.commit(
+                    self.stream, ev.Evaluated(job=job, step=step, global_step=gstep, val_loss=val)
+                )
                 self.tb.val(gstep, val)
                 d.log(f"job {job} step {step}: val loss {_num(val, '.4f')}")
             case P.CheckpointStarted(step=step, global_step=gstep):
@@ -185,12 +202,23 @@ class Supervision:
                 d.log(f"job {job}: checkpoint step {c.step} committed ({c.bytes / 1e6:.1f} MB)")
                 self.retention()
             case P.Completed():
-                L.commit(self.stream, ev.Completed(job=job, step=msg.step, global_step=msg.global_step,
-                                                   adapter_path=msg.adapter_path, adapter_sha256=msg.adapter_sha256,
-                                                   checkpoint=msg.checkpoint))
+                L.commit(
+                    self.stream,
+                    ev.Completed(
+                        job=job,
+                        step=msg.step,
+                        global_step=msg.global_step,
+                        adapter_path=msg.adapter_path,
+                        adapter_sha256=msg.adapter_sha256,
+                        checkpoint=msg.checkpoint,
+                    ),
+                )
                 self.finished = "completed"
-                d.say(f"job {job} completed at step {msg.step} (global {msg.global_step}): "
-                      f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…", "ok")
+                d.say(
+                    f"job {job} completed at step {msg.step} (global {msg.global_step}): "
+                    f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…",
+                    "ok",
+                )
             case P.Stopped(step=step):
                 self.finished, self.stopped_step = "stopped", step
             case P.Failed():
@@ -209,22 +237,58 @@ class Supervision:
             return
         if self.finished == "stopped" and code == 0:
             if self.stop_reason == "pause":
-                L.commit(self.stream, ev.Paused(job=self.job, reason=f"paused by user at step {self.stopped_step}"))
+                L.commit(
+                    self.stream,
+                    ev.Paused(job=self.job, reason=f"paused by user at step {self.stopped_step}"),
+                )
             else:
-                L.commit(self.stream, ev.Interrupted(job=self.job, step=self.stopped_step,
-                                                     reason=f"graceful stop ({d.stopping or 'shutdown'}): checkpointed at step {self.stopped_step}"))
-            d.say(f"job {self.job}: stopped at step {self.stopped_step} with a checkpoint; nothing lost")
+                L.commit(
+                    self.stream,
+                    ev.Interrupted(
+                        job=self.job,
+                        step=self.stopped_step,
+                        reason=f"graceful stop ({d.stopping or 'shutdown'}): checkpointed at step {self.stopped_step}",
+                    ),
+                )
+            d.say(
+                f"job {self.job}: stopped at step {self.stopped_step} with a checkpoint; nothing lost"
+            )
             return
-        if d.force:  # the user asked the daemon to stop twice: an interrupt, not a crash, whatever the exit
-            from_step = f"step {j.step}, its last checkpoint" if j.good_checkpoints() else "step 0 (no checkpoint yet)"
-            L.commit(self.stream, ev.Interrupted(job=self.job, step=j.step, reason=(
-                f"stopped by the user ({d.stopping}, asked twice): the worker was killed before it could "
-                f"checkpoint; it resumes from {from_step}")))
-            d.say(f"job {self.job}: stopped at once (asked twice); it resumes from {from_step}", "warn")
+        if (
+            d.force
+        ):  # the user asked the daemon to stop twice: an interrupt, not a crash, whatever the exit
+            from_step = (
+                f"step {j.step}, its last checkpoint"
+                if j.good_checkpoints()
+                else "step 0 (no checkpoint yet)"
+            )
+            L.commit(
+                self.stream,
+                ev.Interrupted(
+                    job=self.job,
+                    step=j.step,
+                    reason=(
+                        f"stopped by the user ({d.stopping}, asked twice): the worker was killed before it could "
+                        f"checkpoint; it resumes from {from_step}"
+                    ),
+                ),
+            )
+            d.say(
+                f"job {self.job}: stopped at once (asked twice); it resumes from {from_step}",
+                "warn",
+            )
             return
-        if self.stop_reason == "cancel":  # the user's act, not a crash: no crash record, no red tick on the curve
-            L.commit(self.stream, ev.Cancelled(job=self.job, reason=f"cancelled by user while training (step "
-                                                                   f"{self.step}); its worker was stopped"))
+        if (
+            self.stop_reason == "cancel"
+        ):  # the user's act, not a crash: no crash record, no red tick on the curve
+            L.commit(
+                self.stream,
+                ev.Cancelled(
+                    job=self.job,
+                    reason=f"cancelled by user while training (step "
+                    f"{self.step}); its worker was stopped",
+                ),
+            )
             d.say(f"job {self.job} cancelled")
             return
         self.crashed(j, code)
@@ -247,47 +311,104 @@ class Supervision:
         oom_after = system.oom_kill_count()
         oom = None if self.oom_before is None or oom_after is None else oom_after - self.oom_before
         tail = process.tail(self.w.log_path, since=self.w.log_offset)
-        said = f"\n{self.error.message}" if self.error else ""  # the worker's own words count as evidence too
-        category = classify(Evidence(exit_code=code, stderr_tail=tail + said, reported=self.error.category if self.error else None,
-                                     oom_kills=oom, hung=self.hung or self.stop_forced))
+        said = (
+            f"\n{self.error.message}" if self.error else ""
+        )  # the worker's own words count as evidence too
+        category = classify(
+            Evidence(
+                exit_code=code,
+                stderr_tail=tail + said,
+                reported=self.error.category if self.error else None,
+                oom_kills=oom,
+                hung=self.hung or self.stop_forced,
+            )
+        )
         if category == "corrupt_checkpoint" and self.error and self.error.path:
             c = next((c for c in j.good_checkpoints() if c.path == self.error.path), None)
             if c is not None:
                 apply(L, [mark_corrupt(self.job, c, self.error.message)])
                 j = L.state.jobs[self.job]
         sig = -code if code < 0 else None
-        forced = (f"; asked to stop ({self.stop_reason}), it did not within timeouts.stop_s = "
-                  f"{self.cfg.timeouts.stop_s:g} s, so ftctl killed it" if self.stop_forced else "")
-        evidence = (f"exit code {code}" + (f" (signal {signal.Signals(sig).name})" if sig else "") + forced
-                    + (f"; worker said: {self.error.message}" if self.error else "")
-                    + ("; the worker was stopped by a signal (SIGSTOP/SIGTSTP) and made no progress"
-                       if (self.hung or self.stop_forced) and self.halted else "")
-                    + f"; last step seen {self.step}; log {self.w.log_path}\n" + _evidence_tail(tail))
+        forced = (
+            f"; asked to stop ({self.stop_reason}), it did not within timeouts.stop_s = "
+            f"{self.cfg.timeouts.stop_s:g} s, so ftctl killed it"
+            if self.stop_forced
+            else ""
+        )
+        evidence = (
+            f"exit code {code}"
+            + (f" (signal {signal.Signals(sig).name})" if sig else "")
+            + forced
+            + (f"; worker said: {self.error.message}" if self.error else "")
+            + (
+                "; the worker was stopped by a signal (SIGSTOP/SIGTSTP) and made no progress"
+                if (self.hung or self.stop_forced) and self.halted
+                else ""
+            )
+            + f"; last step seen {self.step}; log {self.w.log_path}\n"
+            + _evidence_tail(tail)
+        )
         detail = _first_line(self.error.message) if self.error else ""
         good = j.good_checkpoints()
         advice = suggestion(category, good[-1].step if good else None).replace("JOB", self.job)
         if detail and category in ("exception", "load_error"):
             advice = f"{detail} — {advice}"
-        crash = ev.Crashed(job=self.job, category=category, step=self.step, exit_code=code, signal=sig,
-                           evidence=evidence, suggestion=advice, message=detail)
+        crash = ev.Crashed(
+            job=self.job,
+            category=category,
+            step=self.step,
+            exit_code=code,
+            signal=sig,
+            evidence=evidence,
+            suggestion=advice,
+            message=detail,
+        )
         replayed = None
         if category in DETERMINISTIC and not d.stopping and not j.requested:
             # a crash that can be a property of the run is replayed before any restart (control/reproduce.py)
-            replayed = reproduce.after_crash(d.ws, L, j, category, self.step, detail, self.replay_cancelled, d.say)
+            replayed = reproduce.after_crash(
+                d.ws, L, j, category, self.step, detail, self.replay_cancelled, d.say
+            )
             j = L.state.jobs[self.job]
             if replayed is not None:
-                d.say(f"job {self.job}: crash {replayed.crash} {replayed.summary}",
-                      "warn" if replayed.verdict == "reproduced" else "info")
+                d.say(
+                    f"job {self.job}: crash {replayed.crash} {replayed.summary}",
+                    "warn" if replayed.verdict == "reproduced" else "info",
+                )
         now = time.time()
-        record = CrashRecord(ts=utc_now(), category=category, step=self.step, exit_code=code, signal=sig, resume_step=j.step)
-        dec = after_crash(j.crashes[j.budget_from:] + [record], now, resume_step=j.step, policy=self.cfg.restart,
-                          detail=detail, reproduction=replayed)
-        nxt = follow_up(self.job, dec, j.requested or (self.stop_reason if self.stop_reason == "pause" else None), category, now)
+        record = CrashRecord(
+            ts=utc_now(),
+            category=category,
+            step=self.step,
+            exit_code=code,
+            signal=sig,
+            resume_step=j.step,
+        )
+        dec = after_crash(
+            j.crashes[j.budget_from :] + [record],
+            now,
+            resume_step=j.step,
+            policy=self.cfg.restart,
+            detail=detail,
+            reproduction=replayed,
+        )
+        nxt = follow_up(
+            self.job,
+            dec,
+            j.requested or (self.stop_reason if self.stop_reason == "pause" else None),
+            category,
+            now,
+        )
         # one transaction: a crashed job is never left without its decision (nor its reproduction)
         L.commit(self.stream, crash, *([replayed] if replayed else []), nxt)
-        d.say(f"job {self.job} crashed ({category}, exit {code}) at step {self.step}: {advice}", "error")
-        d.say(f"job {self.job} {type(nxt).kind()}: {getattr(nxt, 'reason', '')}",
-              {"requeued": "info", "paused": "warn"}.get(type(nxt).kind(), "error"))
+        d.say(
+            f"job {self.job} crashed ({category}, exit {code}) at step {self.step}: {advice}",
+            "error",
+        )
+        d.say(
+            f"job {self.job} {type(nxt).kind()}: {getattr(nxt, 'reason', '')}",
+            {"requeued": "info", "paused": "warn"}.get(type(nxt).kind(), "error"),
+        )
 
 
 def _first_line(message: str, limit: int = 200) -> str:

@@ -41,22 +41,34 @@ class Live:
         good = j.good_checkpoints()
         # a later attempt goes on from its resume point (or from the start): TensorBoard drops what
         # earlier attempts wrote past it
-        purge = (good[-1].global_step if good else j.global_step_base) + 1 if j.attempt > 1 else None
+        purge = (
+            (good[-1].global_step if good else j.global_step_base) + 1 if j.attempt > 1 else None
+        )
         try:
             self.run = tb.Run(run_folder(ws.tensorboard, j), attempt=j.attempt, purge_step=purge)
         except Exception as e:  # noqa: BLE001 - TensorBoard is a view: it may fail, training may not
             self._off(e)
 
     def _off(self, e: Exception) -> None:
-        self.say(f"job {self.job}: TensorBoard files are not written for this attempt: {e} "
-                 "(training goes on; `ftctl export-tb` writes them from the journal later)", "warn")
+        self.say(
+            f"job {self.job}: TensorBoard files are not written for this attempt: {e} "
+            "(training goes on; `ftctl export-tb` writes them from the journal later)",
+            "warn",
+        )
         self.run = None
 
     def report(self, m: Metrics) -> None:
         if self.run is not None:
             try:
-                self.run.point(m.global_step, {"loss": m.loss, "lr": m.lr, "tokens_per_s": m.tokens_per_s,
-                                               "peak_mem_gb": m.peak_mem_gb})
+                self.run.point(
+                    m.global_step,
+                    {
+                        "loss": m.loss,
+                        "lr": m.lr,
+                        "tokens_per_s": m.tokens_per_s,
+                        "peak_mem_gb": m.peak_mem_gb,
+                    },
+                )
             except Exception as e:  # noqa: BLE001
                 self._off(e)
 
@@ -82,8 +94,13 @@ class Exported:
     points: int
 
 
-def export(ws: Workspace, ledger: Ledger, jobs: list[str], lineage: str | None = None,
-           out: Path | None = None) -> list[Exported]:
+def export(
+    ws: Workspace,
+    ledger: Ledger,
+    jobs: list[str],
+    lineage: str | None = None,
+    out: Path | None = None,
+) -> list[Exported]:
     """Write each job's effective curve as one TensorBoard run folder ``OUT/<job>`` (default OUT:
     WS/tensorboard). A folder already there is replaced only if it holds nothing but TensorBoard
     event files (what ftctl writes there); the new one is written aside and renamed into place."""
@@ -100,9 +117,14 @@ def export(ws: Workspace, ledger: Ledger, jobs: list[str], lineage: str | None =
     done = []
     for j in selected:
         dest = run_folder(root, j)
-        if dest.exists() and (not dest.is_dir() or any(not p.name.startswith("events.out.tfevents.") for p in dest.iterdir())):
-            raise UserError(f"{dest} exists and holds files other than TensorBoard event files: it was not written by "
-                            "ftctl, so it is left alone; choose another folder with -o DIR")
+        if dest.exists() and (
+            not dest.is_dir()
+            or any(not p.name.startswith("events.out.tfevents.") for p in dest.iterdir())
+        ):
+            raise UserError(
+                f"{dest} exists and holds files other than TensorBoard event files: it was not written by "
+                "ftctl, so it is left alone; choose another folder with -o DIR"
+            )
         s = series(ledger.journal, j)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{j.job}-", dir=root))
         try:

@@ -100,7 +100,13 @@ class RestartPolicy(Struct, kw_only=True, forbid_unknown_fields=True):
         int, _m("automatic restarts of a crashed job allowed within window_s", ge=0)
     ] = 3
     window_s: Annotated[float, _m("seconds over which restarts are counted", gt=0)] = 300.0
-    backoff_s: Annotated[float, _m("wait before the second restart within window_s (the first is at once), doubled each time after", ge=0)] = 2.0
+    backoff_s: Annotated[
+        float,
+        _m(
+            "wait before the second restart within window_s (the first is at once), doubled each time after",
+            ge=0,
+        ),
+    ] = 2.0
     backoff_max_s: Annotated[float, _m("longest wait between restarts", ge=0)] = 60.0
 
 
@@ -127,77 +133,133 @@ class Consolidation(Struct, kw_only=True, forbid_unknown_fields=True):
     keep_models: Annotated[int, _m("number of consolidated models kept on disk", ge=1)] = 2
 
 
-NOTIFY_EVENTS = ("completed", "failed", "crashed", "paused", "cancelled", "consolidated", "daemon_started",
-                 "daemon_stopped")
-NotifyEvent = Literal["completed", "failed", "crashed", "paused", "cancelled", "consolidated", "daemon_started",
-                      "daemon_stopped"]
+NOTIFY_EVENTS = (
+    "completed",
+    "failed",
+    "crashed",
+    "paused",
+    "cancelled",
+    "consolidated",
+    "daemon_started",
+    "daemon_stopped",
+)
+NotifyEvent = Literal[
+    "completed",
+    "failed",
+    "crashed",
+    "paused",
+    "cancelled",
+    "consolidated",
+    "daemon_started",
+    "daemon_stopped",
+]
 
 
 class NotifyTarget(Struct, kw_only=True, forbid_unknown_fields=True):
     url: Annotated[
         str | None,
-        _m("URL each event is POSTed to (a webhook, an ntfy topic); give url or command",
-           "an http:// or https:// URL, or null"),
+        _m(
+            "URL each event is POSTed to (a webhook, an ntfy topic); give url or command",
+            "an http:// or https:// URL, or null",
+        ),
     ] = None
     command: Annotated[
         Annotated[list[str], Meta(min_length=1)] | None,
-        _m("a program and its arguments, run with the event as JSON on stdin; exit 0 = delivered (instead of url)",
-           "a non-empty list of strings (program first), or null"),
+        _m(
+            "a program and its arguments, run with the event as JSON on stdin; exit 0 = delivered (instead of url)",
+            "a non-empty list of strings (program first), or null",
+        ),
     ] = None
     events: Annotated[
         Annotated[list[NotifyEvent], Meta(min_length=1)],
         _m("the events sent to this target", "a non-empty list of " + ", ".join(NOTIFY_EVENTS)),
-    ] = field(default_factory=lambda: ["completed", "failed", "crashed", "paused", "consolidated", "daemon_stopped"])
+    ] = field(
+        default_factory=lambda: [
+            "completed",
+            "failed",
+            "crashed",
+            "paused",
+            "consolidated",
+            "daemon_stopped",
+        ]
+    )
     format: Annotated[
         Literal["json", "slack", "ntfy"],
-        _m("body of the POST: json (the event and a summary), slack ({text}), ntfy (plain text, title and tags)"),
+        _m(
+            "body of the POST: json (the event and a summary), slack ({text}), ntfy (plain text, title and tags)"
+        ),
     ] = "json"
     timeout_s: Annotated[float, _m("seconds one delivery attempt may take", gt=0)] = 10.0
-    retries: Annotated[int, _m("attempts after the first before the failure is recorded", ge=0, le=20)] = 3
+    retries: Annotated[
+        int, _m("attempts after the first before the failure is recorded", ge=0, le=20)
+    ] = 3
     backoff_s: Annotated[float, _m("wait before the first retry, doubled after each", ge=0)] = 2.0
 
     def key(self) -> str:
         """The target's identity: where its last notified sequence number is kept."""
-        return f"url {self.url}" if self.url is not None else "command " + msgspec.json.encode(self.command).decode()
+        return (
+            f"url {self.url}"
+            if self.url is not None
+            else "command " + msgspec.json.encode(self.command).decode()
+        )
 
 
 class Power(Struct, kw_only=True, forbid_unknown_fields=True):
     prevent_sleep: Annotated[
-        bool, _m("while a job trains, keep the machine from sleeping (macOS: caffeinate -i -s; Linux: systemd-inhibit "
-                 "--what=sleep:idle, where installed)")
+        bool,
+        _m(
+            "while a job trains, keep the machine from sleeping (macOS: caffeinate -i -s; Linux: systemd-inhibit "
+            "--what=sleep:idle, where installed)"
+        ),
     ] = True
 
 
 class MetricsOut(Struct, kw_only=True, forbid_unknown_fields=True):
     tensorboard: Annotated[
-        bool, _m("also write TensorBoard event files under WS/tensorboard/<job>/ while training "
-                 "(needs the ftctl[tensorboard] extra); `ftctl export-tb` writes them from the journal at any time")
+        bool,
+        _m(
+            "also write TensorBoard event files under WS/tensorboard/<job>/ while training "
+            "(needs the ftctl[tensorboard] extra); `ftctl export-tb` writes them from the journal at any time"
+        ),
     ] = False
 
 
 class Distributed(Struct, kw_only=True, forbid_unknown_fields=True):
     backend: Annotated[
         Literal["ring", "mpi", "jaccl", "any"],
-        _m("MLX's distributed backend (mx.distributed): ring (TCP, loopback or Ethernet/Thunderbolt), "
-           "mpi, jaccl (RDMA over Thunderbolt 5), any = mlx.launch's default"),
+        _m(
+            "MLX's distributed backend (mx.distributed): ring (TCP, loopback or Ethernet/Thunderbolt), "
+            "mpi, jaccl (RDMA over Thunderbolt 5), any = mlx.launch's default"
+        ),
     ] = "ring"
     hosts: Annotated[
         list[Annotated[str, Meta(min_length=1)]] | None,
-        _m("the hosts to train on, in rank order (IP addresses for ring); null = use hostfile",
-           "a list of host names or IP addresses, or null"),
+        _m(
+            "the hosts to train on, in rank order (IP addresses for ring); null = use hostfile",
+            "a list of host names or IP addresses, or null",
+        ),
     ] = None
     hostfile: Annotated[
         Annotated[str, Meta(min_length=1)] | None,
-        _m("an mlx.launch JSON hostfile (one entry per rank: ssh name, ips, rdma); instead of hosts",
-           "a path, or null"),
+        _m(
+            "an mlx.launch JSON hostfile (one entry per rank: ssh name, ips, rdma); instead of hosts",
+            "a path, or null",
+        ),
     ] = None
     processes_per_host: Annotated[
-        int, _m("ranks started on each host of `hosts` (with a hostfile: list a host once per rank)", ge=1)
+        int,
+        _m(
+            "ranks started on each host of `hosts` (with a hostfile: list a host once per rank)",
+            ge=1,
+        ),
     ] = 1
     controller: Annotated[
         Annotated[str, Meta(min_length=1)] | None,
-        _m("the address the other hosts reach this machine (the daemon) at; null = 127.0.0.1 when every host "
-           "is local, else this machine's host name", "a host name or IP address, or null"),
+        _m(
+            "the address the other hosts reach this machine (the daemon) at; null = 127.0.0.1 when every host "
+            "is local, else this machine's host name",
+            "a host name or IP address, or null",
+        ),
     ] = None
 
 
@@ -206,11 +268,15 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     # mlx-lm keys
-    model: Annotated[str, _m("an mlx-lm model folder, a Hugging Face repo id or a .gguf file",
-                             "a non-empty path or repo id", min_length=1)]
-    fine_tune_type: Annotated[
-        Literal["lora", "dora"], _m("adapter type: lora or dora")
-    ] = "lora"
+    model: Annotated[
+        str,
+        _m(
+            "an mlx-lm model folder, a Hugging Face repo id or a .gguf file",
+            "a non-empty path or repo id",
+            min_length=1,
+        ),
+    ]
+    fine_tune_type: Annotated[Literal["lora", "dora"], _m("adapter type: lora or dora")] = "lora"
     optimizer: Annotated[
         Literal["adam", "adamw", "sgd", "adafactor", "muon"], _m("mlx optimizer")
     ] = "adam"
@@ -221,16 +287,16 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
             "a mapping of optimizer name to a mapping of settings, e.g. {adamw: {weight_decay: 0.01}}",
         ),
     ] = {}
-    learning_rate: Annotated[
-        float, _m("learning rate (ignored when lr_schedule is set)", gt=0)
-    ] = 1e-5
+    learning_rate: Annotated[float, _m("learning rate (ignored when lr_schedule is set)", gt=0)] = (
+        1e-5
+    )
     lr_schedule: Annotated[
         LRSchedule | None,
         _m("learning rate schedule as in mlx-lm; null = constant learning_rate"),
     ] = None
-    lora_parameters: Annotated[
-        LoraParameters, _m("LoRA adapter shape")
-    ] = field(default_factory=LoraParameters)
+    lora_parameters: Annotated[LoraParameters, _m("LoRA adapter shape")] = field(
+        default_factory=LoraParameters
+    )
     num_layers: Annotated[
         int,
         _m(
@@ -254,19 +320,23 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
             ge=-1,
         ),
     ] = 25
-    max_seq_length: Annotated[int, _m("longer examples are truncated to this many tokens", ge=2)] = 2048
-    seed: Annotated[int, _m("random seed for batching, dropout and LoRA init", ge=0, le=2**32 - 1)] = 0
-    mask_prompt: Annotated[
-        bool, _m("train on completions only (chat and completions data)")
-    ] = False
-    grad_accumulation_steps: Annotated[
-        int, _m("iterations per optimizer update", ge=1)
-    ] = 1
+    max_seq_length: Annotated[
+        int, _m("longer examples are truncated to this many tokens", ge=2)
+    ] = 2048
+    seed: Annotated[
+        int, _m("random seed for batching, dropout and LoRA init", ge=0, le=2**32 - 1)
+    ] = 0
+    mask_prompt: Annotated[bool, _m("train on completions only (chat and completions data)")] = (
+        False
+    )
+    grad_accumulation_steps: Annotated[int, _m("iterations per optimizer update", ge=1)] = 1
     grad_checkpoint: Annotated[bool, _m("recompute activations to save memory")] = False
     max_grad_norm: Annotated[
         Annotated[float, Meta(gt=0)] | None,
-        _m("clip gradients to this global norm before each update; null = no clipping",
-           "a number > 0, or null"),
+        _m(
+            "clip gradients to this global norm before each update; null = no clipping",
+            "a number > 0, or null",
+        ),
     ] = None
     # ftctl's own keys
     warm_start: Annotated[
@@ -282,19 +352,30 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
         default_factory=Timeouts
     )
     min_free_disk_gb: Annotated[
-        float, _m("a job does not start (it is paused, with the reason) below this free disk space (GB), "
-                  "nor below twice its last checkpoint's size", ge=0)
+        float,
+        _m(
+            "a job does not start (it is paused, with the reason) below this free disk space (GB), "
+            "nor below twice its last checkpoint's size",
+            ge=0,
+        ),
     ] = 1.0
     standby: Annotated[
-        bool, _m("keep one spare worker, its imports done, that takes the next job or restart at once "
-                 "(skipped while available memory is low)")
+        bool,
+        _m(
+            "keep one spare worker, its imports done, that takes the next job or restart at once "
+            "(skipped while available memory is low)"
+        ),
     ] = True
     blas: Annotated[
-        str, _m("the BLAS the training worker runs on (Linux CPU backend): auto = an optimized OpenBLAS when one is "
-                "installed (system or the cmeel-openblas wheel), else mlx[cpu]'s bundled reference BLAS; "
-                "reference = always the bundled one; or the path of a BLAS shared library to preload. "
-                "Results are bit-exact within one BLAS only",
-                "auto, reference, or a library path", min_length=1)
+        str,
+        _m(
+            "the BLAS the training worker runs on (Linux CPU backend): auto = an optimized OpenBLAS when one is "
+            "installed (system or the cmeel-openblas wheel), else mlx[cpu]'s bundled reference BLAS; "
+            "reference = always the bundled one; or the path of a BLAS shared library to preload. "
+            "Results are bit-exact within one BLAS only",
+            "auto, reference, or a library path",
+            min_length=1,
+        ),
     ] = "auto"
     consolidation: Annotated[
         Consolidation, _m("periodic fusing of the adapter into the base model")
@@ -302,18 +383,24 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     # the daemon's own settings, read from ftctl.yaml as it is now (not recorded in a job: see job_config)
     notify: Annotated[
         list[NotifyTarget],
-        _m("where the daemon sends events once they are committed (docs/operations.md)",
-           "a list of targets, each a mapping with url or command"),
+        _m(
+            "where the daemon sends events once they are committed (docs/operations.md)",
+            "a list of targets, each a mapping with url or command",
+        ),
     ] = []
-    power: Annotated[Power, _m("power management while a job trains")] = field(default_factory=Power)
-    metrics: Annotated[
-        MetricsOut, _m("where training metrics go besides the journal")
-    ] = field(default_factory=MetricsOut)
+    power: Annotated[Power, _m("power management while a job trains")] = field(
+        default_factory=Power
+    )
+    metrics: Annotated[MetricsOut, _m("where training metrics go besides the journal")] = field(
+        default_factory=MetricsOut
+    )
     distributed: Annotated[
         Distributed | None,
-        _m("data-parallel training over several processes or Macs with MLX's own engine (mlx.launch, "
-           "mx.distributed); null = one training process", "a mapping {backend, hosts | hostfile, "
-           "processes_per_host, controller}, or null"),
+        _m(
+            "data-parallel training over several processes or Macs with MLX's own engine (mlx.launch, "
+            "mx.distributed); null = one training process",
+            "a mapping {backend, hosts | hostfile, processes_per_host, controller}, or null",
+        ),
     ] = None
 
 
@@ -393,7 +480,7 @@ def _allowed(t: Any) -> str:
 def _plural(text: str) -> str:
     for one, many in (("an integer", "integers"), ("a number", "numbers"), ("a string", "strings")):
         if text.startswith(one):
-            return many + text[len(one):]
+            return many + text[len(one) :]
     return text
 
 
@@ -463,7 +550,9 @@ def _prepare(value: Any, t: Any, path: str, source: str) -> Any:
                 raise ConfigError(
                     f"{source}: key {_show(k)} in {path or 'the top level'} is not a name; "
                     f"keys are names such as {next(iter(fields))!r}",
-                    key=_join(path, str(k)), value=v, allowed=", ".join(fields),
+                    key=_join(path, str(k)),
+                    value=v,
+                    allowed=", ".join(fields),
                 )
             if k not in fields:
                 raise _unknown_key(source, path, k, v, list(fields))
@@ -486,7 +575,9 @@ def _unknown_key(source: str, path: str, key: str, value: Any, known: list[str])
         hint = "known keys" + (f" in {path}" if path else "") + ": " + ", ".join(known)
     return ConfigError(
         f"{source}: unknown key {dotted!r} ({hint})",
-        key=dotted, value=value, allowed="one of " + ", ".join(known),
+        key=dotted,
+        value=value,
+        allowed="one of " + ", ".join(known),
     )
 
 
@@ -540,14 +631,18 @@ def _from_validation_error(err: msgspec.ValidationError, data: dict, source: str
         desc = _unwrap(ft)[2] if ft is not None else ""
         return ConfigError(
             f"{source}: missing required key {dotted!r}" + (f" ({desc})" if desc else ""),
-            key=dotted, value=None, allowed=allowed,
+            key=dotted,
+            value=None,
+            allowed=allowed,
         )
     if key_in:
         key, value, t = _locate(_parse_path(key_in.group(1)), data)
         return ConfigError(
             f"{source}: {key or 'the top level'} has a key that is not a string: "
             "keys must be names",
-            key=key, value=value, allowed="string keys",
+            key=key,
+            value=value,
+            allowed="string keys",
         )
     allowed = _allowed(t) if t is not None else head
     shown = key or "the top level"
@@ -586,19 +681,26 @@ def _check(cfg: Config, source: str) -> None:
     def fail(key: str, value: Any, allowed: str, why: str = "is out of range") -> None:
         raise ConfigError(
             f"{source}: {key} = {_show(value)} {why}: must be {allowed}",
-            key=key, value=value, allowed=allowed,
+            key=key,
+            value=value,
+            allowed=allowed,
         )
 
     for name in cfg.optimizer_config:
         if name not in OPTIMIZERS:
-            raise _unknown_key(source, "optimizer_config", name, cfg.optimizer_config[name],
-                               list(OPTIMIZERS))
+            raise _unknown_key(
+                source, "optimizer_config", name, cfg.optimizer_config[name], list(OPTIMIZERS)
+            )
     for name, settings in cfg.optimizer_config.items():
         for setting, value in settings.items():
             items = value if isinstance(value, list) else [value]
             if not all(v is None or isinstance(v, (bool, int, float, str)) for v in items):
-                fail(f"optimizer_config.{name}.{setting}", value,
-                     "a number, string, boolean, null or a list of them", "is not valid")
+                fail(
+                    f"optimizer_config.{name}.{setting}",
+                    value,
+                    "a number, string, boolean, null or a list of them",
+                    "is not valid",
+                )
     found = _nonfinite(msgspec.to_builtins(cfg), "")
     if found:
         fail(found[0], found[1], "a finite number", "is not allowed")
@@ -613,52 +715,87 @@ def _check(cfg: Config, source: str) -> None:
             raise ConfigError(
                 f"{source}: {name} = {value} must be {allowed} "
                 "(checkpoints and evaluations fall on optimizer updates)",
-                key=name, value=value, allowed=allowed,
+                key=name,
+                value=value,
+                allowed=allowed,
             )
     for i, n in enumerate(cfg.notify):
         if (n.url is None) == (n.command is None):
-            raise ConfigError(f"{source}: notify[{i}] needs exactly one of url or command",
-                              key=f"notify[{i}]", value=msgspec.to_builtins(n), allowed="url: URL, or command: [program, args...]")
+            raise ConfigError(
+                f"{source}: notify[{i}] needs exactly one of url or command",
+                key=f"notify[{i}]",
+                value=msgspec.to_builtins(n),
+                allowed="url: URL, or command: [program, args...]",
+            )
         if n.url is not None and not re.match(r"^https?://[^/\s]+", n.url):
             fail(f"notify[{i}].url", n.url, "an http:// or https:// URL", "is not valid")
         if n.command is not None and not n.command[0]:
             fail(f"notify[{i}].command[0]", n.command[0], "a program name or path", "is not valid")
     t = cfg.timeouts
     if t.eval_hang_s < t.hang_s:
-        fail("timeouts.eval_hang_s", t.eval_hang_s, f">= timeouts.hang_s = {t.hang_s:g}", "is too small")
+        fail(
+            "timeouts.eval_hang_s",
+            t.eval_hang_s,
+            f">= timeouts.hang_s = {t.hang_s:g}",
+            "is too small",
+        )
     r = cfg.restart
     if r.backoff_max_s < r.backoff_s:
-        fail("restart.backoff_max_s", r.backoff_max_s, f">= restart.backoff_s = {r.backoff_s:g}",
-             "is too small")
+        fail(
+            "restart.backoff_max_s",
+            r.backoff_max_s,
+            f">= restart.backoff_s = {r.backoff_s:g}",
+            "is too small",
+        )
     dist = cfg.distributed
     if dist is not None:
         if (dist.hosts is None) == (dist.hostfile is None):
-            fail("distributed", msgspec.to_builtins(dist), "one of hosts (a list) or hostfile (a path)",
-                 "names no hosts" if dist.hosts is None else "names both hosts and a hostfile")
+            fail(
+                "distributed",
+                msgspec.to_builtins(dist),
+                "one of hosts (a list) or hostfile (a path)",
+                "names no hosts" if dist.hosts is None else "names both hosts and a hostfile",
+            )
         if dist.hostfile is not None and dist.processes_per_host != 1:
-            fail("distributed.processes_per_host", dist.processes_per_host,
-                 "1 with a hostfile (list a host once for each rank it runs)", "is not allowed")
+            fail(
+                "distributed.processes_per_host",
+                dist.processes_per_host,
+                "1 with a hostfile (list a host once for each rank it runs)",
+                "is not allowed",
+            )
         if dist.hosts is not None:
             if not dist.hosts:
                 fail("distributed.hosts", [], "at least one host", "is empty")
             n = world_size(cfg)
             if cfg.batch_size % n:
-                fail("batch_size", cfg.batch_size, f"a multiple of the world size {n} (each rank takes "
-                     "batch_size / world size examples of every batch)", "does not split over the ranks")
+                fail(
+                    "batch_size",
+                    cfg.batch_size,
+                    f"a multiple of the world size {n} (each rank takes "
+                    "batch_size / world size examples of every batch)",
+                    "does not split over the ranks",
+                )
     s = cfg.lr_schedule
     if s is not None:
         sig, lo, hi, steps = SCHEDULES[s.name]
         n = len(s.arguments)
         if not lo <= n <= hi:
             count = str(lo) if lo == hi else f"{lo} to {hi}"
-            fail("lr_schedule.arguments", s.arguments,
-                 f"{count} numbers for {s.name}({sig})", "does not fit the schedule")
+            fail(
+                "lr_schedule.arguments",
+                s.arguments,
+                f"{count} numbers for {s.name}({sig})",
+                "does not fit the schedule",
+            )
         if s.arguments[0] <= 0:
             fail("lr_schedule.arguments[0]", s.arguments[0], "> 0 (the initial learning rate)")
         for i in steps:
             if s.arguments[i] < 1:
-                fail(f"lr_schedule.arguments[{i}]", s.arguments[i],
-                     f">= 1 ({sig.replace('[', '').replace(']', '').split(', ')[i]} is a step count)")
+                fail(
+                    f"lr_schedule.arguments[{i}]",
+                    s.arguments[i],
+                    f">= 1 ({sig.replace('[', '').replace(']', '').split(', ')[i]} is a step count)",
+                )
 
 
 def world_size(cfg: Config, hostfile_hosts: int | None = None) -> int:
@@ -691,27 +828,41 @@ def _warnings(cfg: Config) -> list[str]:
     if lr > 1e-3:
         out.append(f"{lr_key} = {lr:g} is high for LoRA (usual 1e-6 to 1e-3): the loss may diverge")
     if s and s.warmup >= cfg.iters:
-        out.append(f"lr_schedule.warmup = {s.warmup} >= iters = {cfg.iters}: the run ends before "
-                   "warmup does")
+        out.append(
+            f"lr_schedule.warmup = {s.warmup} >= iters = {cfg.iters}: the run ends before "
+            "warmup does"
+        )
     if cfg.steps_per_eval > cfg.iters:
-        out.append(f"steps_per_eval = {cfg.steps_per_eval} > iters = {cfg.iters}: validation "
-                   "would never run during training and val_loss would stay empty until the "
-                   "final step")
+        out.append(
+            f"steps_per_eval = {cfg.steps_per_eval} > iters = {cfg.iters}: validation "
+            "would never run during training and val_loss would stay empty until the "
+            "final step"
+        )
     if cfg.save_every > cfg.iters:
-        out.append(f"save_every = {cfg.save_every} > iters = {cfg.iters}: only the final "
-                   "checkpoint will be written")
+        out.append(
+            f"save_every = {cfg.save_every} > iters = {cfg.iters}: only the final "
+            "checkpoint will be written"
+        )
     if cfg.iters < cfg.steps_per_report:
-        out.append(f"iters = {cfg.iters} < steps_per_report = {cfg.steps_per_report}: the "
-                   "training loss is reported only at the final step")
+        out.append(
+            f"iters = {cfg.iters} < steps_per_report = {cfg.steps_per_report}: the "
+            "training loss is reported only at the final step"
+        )
     if cfg.lora_parameters.dropout > 0.5:
-        out.append(f"lora_parameters.dropout = {cfg.lora_parameters.dropout:g} is above 0.5: "
-                   "most of the adapter input is dropped")
+        out.append(
+            f"lora_parameters.dropout = {cfg.lora_parameters.dropout:g} is above 0.5: "
+            "most of the adapter input is dropped"
+        )
     if cfg.batch_size > 64:
-        out.append(f"batch_size = {cfg.batch_size} is above 64: expect to run out of memory; "
-                   "use grad_accumulation_steps for large effective batches")
+        out.append(
+            f"batch_size = {cfg.batch_size} is above 64: expect to run out of memory; "
+            "use grad_accumulation_steps for large effective batches"
+        )
     if cfg.max_seq_length > 32768:
-        out.append(f"max_seq_length = {cfg.max_seq_length} is above 32768: long examples may "
-                   "run out of memory")
+        out.append(
+            f"max_seq_length = {cfg.max_seq_length} is above 32768: long examples may "
+            "run out of memory"
+        )
     for name in cfg.optimizer_config:
         if name != cfg.optimizer:
             out.append(f"optimizer_config.{name} is ignored: optimizer is {cfg.optimizer!r}")
@@ -729,7 +880,9 @@ def decode_config(data: dict, *, source: str = "ftctl.yaml") -> tuple[Config, li
         raise ConfigError(
             f"{source}: the file must be a mapping of keys to values (model: ..., iters: ...), "
             f"but it is {kind}",
-            key="", value=data, allowed="a mapping",
+            key="",
+            value=data,
+            allowed="a mapping",
         )
     try:
         prepared = _prepare(data, _CONFIG_TYPE, "", source)
@@ -761,7 +914,8 @@ def merge_overrides(base: dict, overrides: list[str]) -> dict:
             raise ConfigError(
                 f"override {_show(item)} is not key=value: write e.g. learning_rate=2e-4 "
                 "or lora_parameters.rank=16",
-                value=item, allowed="key=value",
+                value=item,
+                allowed="key=value",
             )
         dotted, text = m.group(1), m.group(2).strip()
         import yaml  # only overrides need it: keeps every command's start-up light
@@ -773,7 +927,9 @@ def merge_overrides(base: dict, overrides: list[str]) -> dict:
             raise ConfigError(
                 f"override {dotted}: cannot read {_show(text)} as a YAML value ({problem}); "
                 "quote it if it is a string",
-                key=dotted, value=text, allowed="a YAML scalar or list",
+                key=dotted,
+                value=text,
+                allowed="a YAML scalar or list",
             ) from None
         *parents, last = dotted.split(".")
         node, walked = out, []
@@ -785,7 +941,9 @@ def merge_overrides(base: dict, overrides: list[str]) -> dict:
                 where = ".".join(walked)
                 raise ConfigError(
                     f"override {dotted}: {where} = {_show(node[p])} is not a mapping",
-                    key=where, value=node[p], allowed="a mapping",
+                    key=where,
+                    value=node[p],
+                    allowed="a mapping",
                 )
             node = node[p]
         node[last] = value
@@ -800,14 +958,19 @@ def override_key(item: str) -> str | None:
 
 def _covers(key: str, culprit: str) -> bool:
     """Does setting ``key`` touch the dotted path ``culprit`` (itself, a parent or a child)?"""
-    return any(a == b or a.startswith(b + ".") or a.startswith(b + "[") for a, b in ((culprit, key), (key, culprit)))
+    return any(
+        a == b or a.startswith(b + ".") or a.startswith(b + "[")
+        for a, b in ((culprit, key), (key, culprit))
+    )
 
 
 def blame_override(culprit: str, overrides: list[str]) -> str | None:
     """The override (the last one, as the last wins) that set the key a ConfigError names, if any."""
     if not culprit:
         return None
-    return next((o for o in reversed(overrides) if (k := override_key(o)) and _covers(k, culprit)), None)
+    return next(
+        (o for o in reversed(overrides) if (k := override_key(o)) and _covers(k, culprit)), None
+    )
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -851,9 +1014,13 @@ def describe_keys() -> dict[str, str]:
                 walk(sub, dotted)
                 continue
             item = _struct_member(_list_item(f.type)) if _list_item(f.type) is not None else None
-            if item is not None:  # a list of mappings (notify): the list, then each item's keys as key[].name
+            if (
+                item is not None
+            ):  # a list of mappings (notify): the list, then each item's keys as key[].name
                 default = f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
-                out[dotted] = f"{desc} ({_allowed(f.type)}; default {_show(msgspec.to_builtins(default))})"
+                out[dotted] = (
+                    f"{desc} ({_allowed(f.type)}; default {_show(msgspec.to_builtins(default))})"
+                )
                 walk(item, dotted + "[]")
                 continue
             if f.required:
@@ -869,7 +1036,13 @@ def describe_keys() -> dict[str, str]:
 
 # Keys that shape an adapter: changing one under an adapter that is not consolidated would make it
 # impossible to warm-start from or to fuse. A lineage refuses such a change until it consolidates.
-LOCKED_KEYS = ("model", "fine_tune_type", "num_layers", "lora_parameters.rank", "lora_parameters.keys")
+LOCKED_KEYS = (
+    "model",
+    "fine_tune_type",
+    "num_layers",
+    "lora_parameters.rank",
+    "lora_parameters.keys",
+)
 
 
 def _get(cfg: Config, dotted: str) -> Any:
@@ -880,4 +1053,8 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 def locked_changes(old: Config, new: Config) -> list[str]:
     """``"key: old -> new"`` for every locked key that differs between two resolved configs."""
-    return [f"{k}: {_show(_get(old, k))} -> {_show(_get(new, k))}" for k in LOCKED_KEYS if _get(old, k) != _get(new, k)]
+    return [
+        f"{k}: {_show(_get(old, k))} -> {_show(_get(new, k))}"
+        for k in LOCKED_KEYS
+        if _get(old, k) != _get(new, k)
+    ]

@@ -95,8 +95,13 @@ def _check_chat(obj: dict) -> str | None:
             if not (isinstance(content, str) or (content is None and role == "assistant")):
                 return f"messages[{i}].content must be a string"
         elif not _nonblank(content):
-            what = "is missing" if "content" not in m else "is empty" if isinstance(
-                content, str) else f"is {_kind(content)}, not a string"
+            what = (
+                "is missing"
+                if "content" not in m
+                else "is empty"
+                if isinstance(content, str)
+                else f"is {_kind(content)}, not a string"
+            )
             return f"messages[{i}].content {what}"
     if not any(m["role"] == "assistant" for m in messages):
         return "no assistant message: nothing to train on"
@@ -115,11 +120,18 @@ def _check_conversations(obj: dict) -> str | None:
         if not isinstance(t, dict):
             return f"conversations[{i}] is {_kind(t)}, not an object"
         if not isinstance(t.get("from"), str) or t["from"] not in CONVERSATION_ROLES:
-            return (f"conversations[{i}].from is {_short(t.get('from'))}, not one of "
-                    f"{', '.join(CONVERSATION_ROLES)}")
+            return (
+                f"conversations[{i}].from is {_short(t.get('from'))}, not one of "
+                f"{', '.join(CONVERSATION_ROLES)}"
+            )
         if not _nonblank(t.get("value")):
-            what = "is missing" if "value" not in t else "is empty" if isinstance(
-                t["value"], str) else f"is {_kind(t['value'])}, not a string"
+            what = (
+                "is missing"
+                if "value" not in t
+                else "is empty"
+                if isinstance(t["value"], str)
+                else f"is {_kind(t['value'])}, not a string"
+            )
             return f"conversations[{i}].value {what}"
     if not any(CONVERSATION_ROLES[t["from"]] == "assistant" for t in turns):
         return "no assistant (or gpt) turn: nothing to train on"
@@ -194,9 +206,13 @@ def _scan(data: Any) -> tuple[str | None, list[_Line]]:
     ]
     file_format = next((c.format for c in checked if c.reason is None), None)
     lines = [
-        c._replace(record=None, undesirable=False,
-                   reason=f"format '{c.format}' but the file is '{file_format}'")
-        if c.reason is None and c.format != file_format else c
+        c._replace(
+            record=None,
+            undesirable=False,
+            reason=f"format '{c.format}' but the file is '{file_format}'",
+        )
+        if c.reason is None and c.format != file_format
+        else c
         for c in checked
     ]
     return file_format, lines
@@ -237,8 +253,14 @@ def validate_jsonl(data: bytes) -> DataReport:
         rows = "row" if undesirable == 1 else "rows"
         reasons.append(f"{undesirable} {rows} labelled undesirable will not be trained on")
     return DataReport(
-        format=file_format, lines=n, valid=valid, problems=problems, bad_ratio=ratio,
-        verdict=verdict, reasons=reasons, undesirable=undesirable,
+        format=file_format,
+        lines=n,
+        valid=valid,
+        problems=problems,
+        bad_ratio=ratio,
+        verdict=verdict,
+        reasons=reasons,
+        undesirable=undesirable,
     )
 
 

@@ -10,10 +10,20 @@ from __future__ import annotations
 from transitions import Machine
 
 JOB_STATES = [
-    "new", "queued", "training", "checkpointing", "paused",
-    "crashed", "completed", "failed", "cancelled", "rejected",
+    "new",
+    "queued",
+    "training",
+    "checkpointing",
+    "paused",
+    "crashed",
+    "completed",
+    "failed",
+    "cancelled",
+    "rejected",
 ]
-TERMINAL = frozenset({"completed", "failed", "cancelled", "rejected"})  # finished: nothing runs them again…
+TERMINAL = frozenset(
+    {"completed", "failed", "cancelled", "rejected"}
+)  # finished: nothing runs them again…
 RETRYABLE = frozenset({"failed"})  # …except `ftctl retry`, which the user asks for explicitly
 ACTIVE = frozenset({"training", "checkpointing"})
 
@@ -30,7 +40,11 @@ JOB_TRANSITIONS = [
     {"trigger": "requeue", "source": "crashed", "dest": "queued"},
     {"trigger": "interrupt", "source": ["training", "checkpointing"], "dest": "queued"},
     {"trigger": "fail", "source": ["crashed", "queued"], "dest": "failed"},
-    {"trigger": "pause", "source": ["queued", "crashed", "training", "checkpointing"], "dest": "paused"},
+    {
+        "trigger": "pause",
+        "source": ["queued", "crashed", "training", "checkpointing"],
+        "dest": "paused",
+    },
     {"trigger": "resume", "source": "paused", "dest": "queued"},
     {"trigger": "retry", "source": "failed", "dest": "queued"},
     {"trigger": "cancel", "source": _LIVE, "dest": "cancelled"},
@@ -72,10 +86,18 @@ class _Model:
     pass
 
 
-def _build(states: list[str], transitions: list[dict], initial: str) -> tuple[Machine, _Model, dict]:
+def _build(
+    states: list[str], transitions: list[dict], initial: str
+) -> tuple[Machine, _Model, dict]:
     model = _Model()
-    machine = Machine(model=model, states=states, transitions=transitions, initial=initial,
-                      auto_transitions=False, ignore_invalid_triggers=False)
+    machine = Machine(
+        model=model,
+        states=states,
+        transitions=transitions,
+        initial=initial,
+        auto_transitions=False,
+        ignore_invalid_triggers=False,
+    )
     table: dict[tuple[str, str], str] = {}
     for trigger, event in machine.events.items():
         for source, ts in event.transitions.items():

@@ -20,33 +20,33 @@ from .state import CrashRecord, JobState
 
 SUGGESTIONS = {
     "oom": "the worker was killed for memory: lower batch_size or max_seq_length, enable grad_checkpoint, "
-           "lower lora_parameters.rank or num_layers, or close other programs",
+    "lower lora_parameters.rank or num_layers, or close other programs",
     "segfault": "the worker crashed in native code (SIGSEGV): check the mlx / mlx-lm versions and the model files; "
-                "the job resumes from its last checkpoint",
+    "the job resumes from its last checkpoint",
     "exception": "the worker raised a Python exception: read the traceback tail in the evidence and logs/",
     "load_error": "the worker could not load the job (its model, data or config: the error says which), and a "
-                  "retry would fail the same way: fix the cause, then `ftctl resume JOB` — or `ftctl cancel JOB` "
-                  "and submit again",
+    "retry would fail the same way: fix the cause, then `ftctl resume JOB` — or `ftctl cancel JOB` "
+    "and submit again",
     "hang": "no training progress within timeouts.hang_s: look for a stuck evaluation or I/O; raise "
-            "timeouts.hang_s if steps are legitimately slow",
+    "timeouts.hang_s if steps are legitimately slow",
     "disk_full": "the disk filled up (ENOSPC): free space, then `ftctl resume JOB`; the previous checkpoint is intact",
     "nan": "the loss became NaN: lower learning_rate, enable gradient clipping, check the data for broken examples",
     "inf": "the loss became infinite: lower learning_rate, enable gradient clipping, check the data",
     "import_error": "the worker could not import its dependencies: reinstall ftctl's environment "
-                    "(pip install -e .) and check `python -c 'import mlx_lm'`",
+    "(pip install -e .) and check `python -c 'import mlx_lm'`",
     "killed": "the worker was killed by a signal from outside ftctl; it resumes from its last checkpoint",
     "corrupt_checkpoint": "a checkpoint failed its hash check; ftctl resumes from the previous good one",
     "daemon_died": "the daemon supervising this job died; the job resumes from its last committed checkpoint",
     "io_error": "an I/O error (EIO) happened while writing: check the disk (dmesg, SMART); the previous checkpoint is intact",
     "metal_watchdog": "macOS's Metal GPU watchdog killed the worker (kIOGPUCommandBufferCallbackErrorImpactingInteractivity, "
-                      "mlx #3267): it fires when a long command buffer competes with a lit display. Let the display sleep "
-                      "during runs (`sudo pmset -a displaysleep 10`, or close the lid; ftctl's `caffeinate -s` keeps the Mac "
-                      "itself awake), or start the daemon with AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1; lower max_seq_length or "
-                      "batch_size to shorten each step, then `ftctl resume JOB`",
+    "mlx #3267): it fires when a long command buffer competes with a lit display. Let the display sleep "
+    "during runs (`sudo pmset -a displaysleep 10`, or close the lid; ftctl's `caffeinate -s` keeps the Mac "
+    "itself awake), or start the daemon with AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1; lower max_seq_length or "
+    "batch_size to shorten each step, then `ftctl resume JOB`",
     "descriptor_leak": "Metal's resource (descriptor) count limit was exceeded ([metal::malloc] Resource limit ... "
-                       "exceeded, mlx-lm #1185): a leak that grows with the steps a worker has run, not an out-of-memory; "
-                       "it recurs after the same number of steps, so a restart only helps if a checkpoint lands before "
-                       "it: lower save_every (below the steps a worker lasts), update mlx and mlx-lm, then `ftctl resume JOB`",
+    "exceeded, mlx-lm #1185): a leak that grows with the steps a worker has run, not an out-of-memory; "
+    "it recurs after the same number of steps, so a restart only helps if a checkpoint lands before "
+    "it: lower save_every (below the steps a worker lasts), update mlx and mlx-lm, then `ftctl resume JOB`",
 }
 
 # Suggestions that end by saying where the job resumes: `suggestion` names the step instead.
@@ -79,12 +79,22 @@ NOT_COUNTED = {"daemon_died"}
 # Crashes that wait for the user to fix the machine rather than failing the job.
 PAUSE_ON = {"disk_full", "load_error"}
 
-_MLX_OOM = ("Insufficient Memory", "Unable to allocate", "[malloc]", "out of memory", "MemoryError",
-            "kIOGPUCommandBufferCallbackErrorOutOfMemory")
+_MLX_OOM = (
+    "Insufficient Memory",
+    "Unable to allocate",
+    "[malloc]",
+    "out of memory",
+    "MemoryError",
+    "kIOGPUCommandBufferCallbackErrorOutOfMemory",
+)
 # Apple GPU crash signatures (docs/operations.md): the Metal watchdog (mlx #3267) and the resource-count
 # limit (mlx-lm #1185) are neither OOM nor a plain abort, and each has its own fix.
-_METAL_WATCHDOG = ("kIOGPUCommandBufferCallbackErrorImpactingInteractivity", "Impacting Interactivity",
-                   "kIOGPUCommandBufferCallbackErrorTimeout", "GPU Timeout Error")
+_METAL_WATCHDOG = (
+    "kIOGPUCommandBufferCallbackErrorImpactingInteractivity",
+    "Impacting Interactivity",
+    "kIOGPUCommandBufferCallbackErrorTimeout",
+    "GPU Timeout Error",
+)
 _DESCRIPTOR_LEAK = re.compile(r"Resource limit \(\d+\) exceeded")
 # Crashes that are retried only when the restart made progress: a restart resumes from the last
 # checkpoint, and if none was committed since the previous crash of the kind, it would only meet
@@ -94,23 +104,28 @@ ONLY_WITH_PROGRESS = {"metal_watchdog", "descriptor_leak"}
 
 @dataclass(frozen=True)
 class Evidence:
-    exit_code: int | None          # Popen.returncode: negative = killed by that signal
+    exit_code: int | None  # Popen.returncode: negative = killed by that signal
     stderr_tail: str = ""
-    reported: str | None = None    # the category the worker itself reported before exiting
-    oom_kills: int | None = None   # cgroup OOM-kill counter delta during the run; None = unreadable
-    hung: bool = False             # the daemon's watchdog killed it for lack of progress
+    reported: str | None = None  # the category the worker itself reported before exiting
+    oom_kills: int | None = None  # cgroup OOM-kill counter delta during the run; None = unreadable
+    hung: bool = False  # the daemon's watchdog killed it for lack of progress
 
 
 def classify(e: Evidence) -> str:
     if e.hung:
         return "hang"
     tail = e.stderr_tail
-    if e.reported in (None, "exception"):  # a Metal error may surface as a Python exception or an abort
+    if e.reported in (
+        None,
+        "exception",
+    ):  # a Metal error may surface as a Python exception or an abort
         if any(m in tail for m in _METAL_WATCHDOG):
             return "metal_watchdog"
         if _DESCRIPTOR_LEAK.search(tail):
             return "descriptor_leak"
-        if e.reported and any(m in tail for m in _MLX_OOM):  # MLX's allocation errors are Python exceptions too
+        if e.reported and any(
+            m in tail for m in _MLX_OOM
+        ):  # MLX's allocation errors are Python exceptions too
             return "oom"
     if e.reported:
         return e.reported
@@ -136,13 +151,20 @@ def classify(e: Evidence) -> str:
 
 @dataclass(frozen=True)
 class Decision:
-    action: str          # "requeue" | "fail" | "pause"
+    action: str  # "requeue" | "fail" | "pause"
     reason: str
     delay_s: float = 0.0
 
 
-def after_crash(crashes: list[CrashRecord], now: float, *, resume_step: int, policy: RestartPolicy,
-                detail: str = "", reproduction: ev.CrashReproduced | None = None) -> Decision:
+def after_crash(
+    crashes: list[CrashRecord],
+    now: float,
+    *,
+    resume_step: int,
+    policy: RestartPolicy,
+    detail: str = "",
+    reproduction: ev.CrashReproduced | None = None,
+) -> Decision:
     """Decide what follows the latest of a job's crashes (the last of ``crashes``). ``detail`` is
     what the worker said (its exception's first line), shown in the reason of a pause or a failure.
 
@@ -153,40 +175,67 @@ def after_crash(crashes: list[CrashRecord], now: float, *, resume_step: int, pol
     max_restarts, window_s = policy.max_restarts, policy.window_s
     last: CrashRecord = crashes[-1]
     said = f" ({detail})" if detail else ""
-    verdict = reproduction.verdict if reproduction is not None and last.category in DETERMINISTIC else None
+    verdict = (
+        reproduction.verdict
+        if reproduction is not None and last.category in DETERMINISTIC
+        else None
+    )
     if last.category in PAUSE_ON:
         return Decision("pause", f"{last.category}{said}: {SUGGESTIONS[last.category]}")
     if verdict == "reproduced":
-        return Decision("pause", f"{reproduction.summary}. Not retried: a restart replays the same steps and fails the same "
-                                 f"way ({SUGGESTIONS[last.category]}). `ftctl resume JOB` retries it as it is, "
-                                 "`ftctl cancel JOB` gives it up")
+        return Decision(
+            "pause",
+            f"{reproduction.summary}. Not retried: a restart replays the same steps and fails the same "
+            f"way ({SUGGESTIONS[last.category]}). `ftctl resume JOB` retries it as it is, "
+            "`ftctl cancel JOB` gives it up",
+        )
     if last.category in NOT_RETRYABLE and verdict != "not reproduced":
-        return Decision("fail", f"{last.category} at step {last.step}{said}: not retried ({SUGGESTIONS[last.category]})")
+        return Decision(
+            "fail",
+            f"{last.category} at step {last.step}{said}: not retried ({SUGGESTIONS[last.category]})",
+        )
     if last.category in NOT_COUNTED:
         return Decision("requeue", f"{last.category}: resuming from step {resume_step}")
     counted = [c for c in crashes if c.category not in NOT_COUNTED]
     if last.category in ONLY_WITH_PROGRESS:
         before = [c for c in counted[:-1] if c.category == last.category]
         if before and before[-1].resume_step is not None and resume_step <= before[-1].resume_step:
-            return Decision("pause", f"{last.category} again at step {last.step}{said} with no checkpoint committed since "
-                                     f"the previous one (it would resume from step {resume_step} again): not retried "
-                                     f"blindly. {SUGGESTIONS[last.category]}")
+            return Decision(
+                "pause",
+                f"{last.category} again at step {last.step}{said} with no checkpoint committed since "
+                f"the previous one (it would resume from step {resume_step} again): not retried "
+                f"blindly. {SUGGESTIONS[last.category]}",
+            )
     same = [c for c in counted if c.category == last.category and c.step == last.step]
     if len(same) >= 3:
-        return Decision("fail", f"{last.category} three times at the same step {last.step}{said}: "
-                                f"it will not go away by retrying ({SUGGESTIONS.get(last.category, '')})")
+        return Decision(
+            "fail",
+            f"{last.category} three times at the same step {last.step}{said}: "
+            f"it will not go away by retrying ({SUGGESTIONS.get(last.category, '')})",
+        )
     recent = [c for c in counted if now - ts_epoch(c.ts) <= window_s]
     if len(recent) > max_restarts:
-        return Decision("fail", f"{len(recent)} crashes within {window_s:g} s (restart.max_restarts = {max_restarts}); "
-                                f"last: {last.category} at step {last.step}{said}")
+        return Decision(
+            "fail",
+            f"{len(recent)} crashes within {window_s:g} s (restart.max_restarts = {max_restarts}); "
+            f"last: {last.category} at step {last.step}{said}",
+        )
     # The first restart within the window is at once (a warm standby worker takes the job within a
     # second); backoff applies from the second: backoff_s, then doubled, capped at backoff_max_s.
-    delay = 0.0 if len(recent) <= 1 else min(policy.backoff_s * (2 ** (len(recent) - 2)), policy.backoff_max_s)
+    delay = (
+        0.0
+        if len(recent) <= 1
+        else min(policy.backoff_s * (2 ** (len(recent) - 2)), policy.backoff_max_s)
+    )
     when = "at once" if delay == 0 else f"in {delay:g} s"
-    return Decision("requeue", f"restart {len(recent)}/{max_restarts} after {last.category}, {when}", delay)
+    return Decision(
+        "requeue", f"restart {len(recent)}/{max_restarts} after {last.category}, {when}", delay
+    )
 
 
-def follow_up(job: str, decision: Decision, requested: str | None, category: str, now: float) -> ev.EventBase:
+def follow_up(
+    job: str, decision: Decision, requested: str | None, category: str, now: float
+) -> ev.EventBase:
     """The event that moves a crashed job on. A user's pending pause or cancel wins. ``JOB`` in a
     reason (the suggestions say `ftctl resume JOB`) becomes the job's id."""
     decision = Decision(decision.action, decision.reason.replace("JOB", job), decision.delay_s)
@@ -214,4 +263,8 @@ def to_prune(j: JobState) -> list[CheckpointRecord]:
         if scored:
             keep.add(min(scored, key=lambda c: (c.val_loss, -c.step)).path)
     newest_good = good[-1].step if good else -1
-    return [c for c in j.checkpoints if c.path not in keep and (c.path not in j.corrupt or c.step < newest_good)]
+    return [
+        c
+        for c in j.checkpoints
+        if c.path not in keep and (c.path not in j.corrupt or c.step < newest_good)
+    ]

@@ -26,27 +26,27 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     """One replayed step (the worker's Traced message). Floats that are not finite are text: "nan", "inf"."""
 
     step: int
-    loss: float | str | None              # None: not finite either
+    loss: float | str | None  # None: not finite either
     grad_norm: float | str | None
     nonfinite_groups: list[str] = []
-    group_count: int = 0                  # the model's parameter groups
+    group_count: int = 0  # the model's parameter groups
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     """How the replay ended: ``category`` None when it ran to its target step cleanly."""
 
     category: str | None
-    step: int              # its last completed step (the crash's step is counted the same way)
-    message: str = ""      # its failure, first line
+    step: int  # its last completed step (the crash's step is counted the same way)
+    message: str = ""  # its failure, first line
 
 
 class Verdict(msgspec.Struct, frozen=True, kw_only=True):
-    verdict: str                          # reproduced | not reproduced | different
+    verdict: str  # reproduced | not reproduced | different
     first_nonfinite_step: int | None = None
-    first_nonfinite: str = ""             # loss | gradient norm | loss and gradient norm
-    groups: list[str] = []                # the groups whose gradient was not finite at that step
-    group_count: int = 0                  # of how many
-    failing_step: int | None = None       # the step whose batch is to blame (None: none is)
+    first_nonfinite: str = ""  # loss | gradient norm | loss and gradient norm
+    groups: list[str] = []  # the groups whose gradient was not finite at that step
+    group_count: int = 0  # of how many
+    failing_step: int | None = None  # the step whose batch is to blame (None: none is)
 
 
 def finite(x: float | str | None) -> bool:
@@ -58,14 +58,22 @@ def first_line(text: str) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def judge(crash_category: str, crash_step: int, crash_message: str, outcome: Outcome, trace: list[Step]) -> Verdict:
+def judge(
+    crash_category: str, crash_step: int, crash_message: str, outcome: Outcome, trace: list[Step]
+) -> Verdict:
     """Compare the replay with the crash. ``crash_message`` "" (not recorded) compares categories and steps only."""
     bad = next((t for t in trace if not finite(t.loss) or not finite(t.grad_norm)), None)
     found = {}
     if bad is not None:
-        what = [w for w, x in (("loss", bad.loss), ("gradient norm", bad.grad_norm)) if not finite(x)]
-        found = {"first_nonfinite_step": bad.step, "first_nonfinite": " and ".join(what), "groups": list(bad.nonfinite_groups),
-                 "group_count": bad.group_count}
+        what = [
+            w for w, x in (("loss", bad.loss), ("gradient norm", bad.grad_norm)) if not finite(x)
+        ]
+        found = {
+            "first_nonfinite_step": bad.step,
+            "first_nonfinite": " and ".join(what),
+            "groups": list(bad.nonfinite_groups),
+            "group_count": bad.group_count,
+        }
     if outcome.category is None:
         return Verdict(verdict="not reproduced", **found)
     same = outcome.category == crash_category and outcome.step == crash_step

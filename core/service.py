@@ -27,14 +27,14 @@ PLIST_MARK = "FtctlWorkspace"
 
 @dataclass(frozen=True)
 class Spec:
-    home: str                   # the workspace, absolute
-    command: tuple[str, ...]    # the venv's ftctl, absolute (or its python -m ftctl.cli)
-    max_restarts: int           # restart.max_restarts
-    window_s: float             # restart.window_s
-    backoff_s: float            # restart.backoff_s
-    stop_timeout_s: float       # how long a stop may take before the SIGKILL
-    system: bool = False        # a system unit / LaunchDaemon instead of the user's
-    user: str | None = None     # --system: the account it runs as (the workspace's owner)
+    home: str  # the workspace, absolute
+    command: tuple[str, ...]  # the venv's ftctl, absolute (or its python -m ftctl.cli)
+    max_restarts: int  # restart.max_restarts
+    window_s: float  # restart.window_s
+    backoff_s: float  # restart.backoff_s
+    stop_timeout_s: float  # how long a stop may take before the SIGKILL
+    system: bool = False  # a system unit / LaunchDaemon instead of the user's
+    user: str | None = None  # --system: the account it runs as (the workspace's owner)
 
 
 def name(home: str) -> str:
@@ -53,7 +53,11 @@ def argv(spec: Spec) -> list[str]:
 def _q(arg: str) -> str:
     """systemd's quoting of one ExecStart word (double quotes when needed; % and $ escaped)."""
     arg = arg.replace("%", "%%").replace("$", "$$")
-    return arg if arg and not any(c in arg for c in " \t\"'\\;") else '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return (
+        arg
+        if arg and not any(c in arg for c in " \t\"'\\;")
+        else '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    )
 
 
 def systemd_unit(spec: Spec) -> str:

@@ -32,10 +32,14 @@ class CrashRecord(msgspec.Struct, kw_only=True, gc=False):
     exit_code: int | None = None
     signal: int | None = None
     suggestion: str = ""
-    resume_step: int | None = None  # the job's last good checkpoint when it crashed: where the next attempt resumes
-    verdict: str = ""           # its latest reproduction's verdict (crash_reproduced), "" if never reproduced
-    reproduction: str = ""      # that reproduction's one-line summary
-    rank: int | None = None     # a data-parallel job: the rank that failed first, and its host
+    resume_step: int | None = (
+        None  # the job's last good checkpoint when it crashed: where the next attempt resumes
+    )
+    verdict: str = (
+        ""  # its latest reproduction's verdict (crash_reproduced), "" if never reproduced
+    )
+    reproduction: str = ""  # that reproduction's one-line summary
+    rank: int | None = None  # a data-parallel job: the rank that failed first, and its host
     host: str | None = None
 
 
@@ -43,7 +47,7 @@ class JobState(msgspec.Struct, kw_only=True):
     job: str
     name: str = ""
     state: str = "new"
-    version: int = 0            # the stream version: the expected version for the next append
+    version: int = 0  # the stream version: the expected version for the next append
     lineage: str = "main"
     submitted_at: str = ""
     updated_at: str = ""
@@ -57,18 +61,20 @@ class JobState(msgspec.Struct, kw_only=True):
     config: Config | None = None  # the recorded config, typed (None for a rejected submission)
     config_sha256: str = ""
     warnings: list[str] = []
-    overrides: list[str] = []   # the job's own key=value overrides of ftctl.yaml, as submitted
-    copies: dict[str, str] = {}  # sha256 of the job's own data copies (jobs/<id>/data/), by file name
-    model_repo: str | None = None      # the Hugging Face repo id the model was named by, if any
+    overrides: list[str] = []  # the job's own key=value overrides of ftctl.yaml, as submitted
+    copies: dict[
+        str, str
+    ] = {}  # sha256 of the job's own data copies (jobs/<id>/data/), by file name
+    model_repo: str | None = None  # the Hugging Face repo id the model was named by, if any
     model_revision: str | None = None  # and the commit hash of the cached snapshot it resolved to
-    reason: str = ""            # why it is rejected / paused / failed / cancelled / requeued
+    reason: str = ""  # why it is rejected / paused / failed / cancelled / requeued
     attempt: int = 0
     worker: ProcessId | None = None
     base_model: str = ""
     warm_start_from: str | None = None
     parent_job: str | None = None
     global_step_base: int = 0
-    step: int = 0               # job step of the last committed checkpoint
+    step: int = 0  # job step of the last committed checkpoint
     global_step: int = 0
     checkpoints: list[CheckpointRecord] = []  # committed and not pruned, oldest first
     corrupt: dict[str, str] = {}  # checkpoint path -> why it failed verification
@@ -79,15 +85,21 @@ class JobState(msgspec.Struct, kw_only=True):
     last_eval: ev.AdapterEvaluated | None = None  # the last `ftctl eval` of the adapter
     last_eval_at: str = ""
     crashes: list[CrashRecord] = []
-    budget_from: int = 0        # crashes[budget_from:] count against the restart budget (`ftctl retry` resets it)
+    budget_from: int = (
+        0  # crashes[budget_from:] count against the restart budget (`ftctl retry` resets it)
+    )
     not_before: float = 0.0
     requested: str | None = None  # a pending user request for a running job: "pause" | "cancel"
-    env: dict[str, str] = {}    # the latest attempt's environment fingerprint (training_started.env)
-    env_changed: list[str] = []  # resumed under another fingerprint: not bit-exact with the earlier attempts
-    world_size: int = 1         # ranks of the latest attempt (config `distributed`); its checkpoints' world size
-    hosts: list[str] = []       # their hosts, in rank order
-    resharded: list[str] = []   # "N -> M at step S" for each resume on another world size
-    reshard: bool = False       # `ftctl retry --reshard` allows the next attempt another world size
+    env: dict[str, str] = {}  # the latest attempt's environment fingerprint (training_started.env)
+    env_changed: list[
+        str
+    ] = []  # resumed under another fingerprint: not bit-exact with the earlier attempts
+    world_size: int = (
+        1  # ranks of the latest attempt (config `distributed`); its checkpoints' world size
+    )
+    hosts: list[str] = []  # their hosts, in rank order
+    resharded: list[str] = []  # "N -> M at step S" for each resume on another world size
+    reshard: bool = False  # `ftctl retry --reshard` allows the next attempt another world size
     rank_tokens_per_s: list[float | None] = []  # the latest ranks_reported
 
     @property
@@ -108,17 +120,21 @@ class ModelVersion(msgspec.Struct, kw_only=True, gc=False):
 class LineageState(msgspec.Struct, kw_only=True):
     name: str
     state: str = "idle"
-    version: int = 0            # stream version
-    base_model: str = ""        # the base new jobs train on
-    origin_model: str = ""      # the base the lineage started from (ftctl.yaml's model)
-    base_version: int = 0       # 0 = the original model from ftctl.yaml
+    version: int = 0  # stream version
+    base_model: str = ""  # the base new jobs train on
+    origin_model: str = ""  # the base the lineage started from (ftctl.yaml's model)
+    base_version: int = 0  # 0 = the original model from ftctl.yaml
     head_job: str | None = None  # the completed job whose adapter is the lineage's current one
-    branches: list[str] = []    # completed jobs that did not become the head (they started from an older one)
-    jobs: list[str] = []        # jobs trained on the current base, oldest first
+    branches: list[
+        str
+    ] = []  # completed jobs that did not become the head (they started from an older one)
+    jobs: list[str] = []  # jobs trained on the current base, oldest first
     models: list[ModelVersion] = []
     pending: ev.ConsolidationStarted | None = None  # the consolidation in progress
-    requested: bool = False     # `ftctl consolidate` asked a running daemon to consolidate
-    last_consolidation_at: str = ""  # when the last consolidation started (the schedule runs once a day)
+    requested: bool = False  # `ftctl consolidate` asked a running daemon to consolidate
+    last_consolidation_at: str = (
+        ""  # when the last consolidation started (the schedule runs once a day)
+    )
 
 
 class DaemonState(msgspec.Struct, kw_only=True):
@@ -128,8 +144,12 @@ class DaemonState(msgspec.Struct, kw_only=True):
     started_at: str = ""
     running: bool = False
     shutdown_requested: bool = False
-    reconciled_seq: int = 0     # recovery last ran here: finished jobs untouched since need no new look
-    notify_failed: dict[str, ev.NotificationFailed] = {}  # notification target -> its latest failure
+    reconciled_seq: int = (
+        0  # recovery last ran here: finished jobs untouched since need no new look
+    )
+    notify_failed: dict[
+        str, ev.NotificationFailed
+    ] = {}  # notification target -> its latest failure
 
 
 class Projection(msgspec.Struct, kw_only=True):
@@ -138,7 +158,6 @@ class Projection(msgspec.Struct, kw_only=True):
     lineages: dict[str, LineageState] = {}
     daemon: DaemonState = msgspec.field(default_factory=DaemonState)
     imported: dict[str, ev.ModelImported] = {}  # models/imported/NAME path -> how it was imported
-
 
     def queue(self) -> list[JobState]:
         return [j for j in self.jobs.values() if j.state == "queued"]
@@ -161,15 +180,26 @@ DAEMON_STREAM = "daemon"
 def _lineage(p: Projection, name: str, base_model: str = "") -> LineageState:
     lin = p.lineages.get(name)
     if lin is None:
-        lin = p.lineages[name] = LineageState(name=name, base_model=base_model, origin_model=base_model)
+        lin = p.lineages[name] = LineageState(
+            name=name, base_model=base_model, origin_model=base_model
+        )
     return lin
 
 
 def _submitted(p: Projection, j: JobState, e: ev.JobSubmitted, seq: int, ts: str) -> None:
     j.name, j.lineage, j.submitted_at = e.name, e.lineage, ts
-    j.data_path, j.data_sha256, j.data_format, j.examples = e.data_path, e.data_sha256, e.data_format, e.examples
+    j.data_path, j.data_sha256, j.data_format, j.examples = (
+        e.data_path,
+        e.data_sha256,
+        e.data_format,
+        e.examples,
+    )
     j.valid_path, j.valid_sha256 = e.valid_path, e.valid_sha256
-    j.config, j.config_sha256, j.warnings = msgspec.convert(e.config, Config), e.config_sha256, list(e.warnings)
+    j.config, j.config_sha256, j.warnings = (
+        msgspec.convert(e.config, Config),
+        e.config_sha256,
+        list(e.warnings),
+    )
     j.overrides, j.copies = list(e.overrides), dict(e.copies)
     j.model_repo, j.model_revision = e.model_repo, e.model_revision
     j.base_model = j.config.model
@@ -184,12 +214,19 @@ def _rejected(p, j: JobState, e: ev.JobRejected, seq: int, ts: str) -> None:
 
 def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
     j.attempt, j.worker = e.attempt, ProcessId(e.worker_pid, e.worker_started_at)
-    j.warm_start_from, j.global_step_base, j.base_model = e.warm_start_from, e.global_step_base, e.base_model
+    j.warm_start_from, j.global_step_base, j.base_model = (
+        e.warm_start_from,
+        e.global_step_base,
+        e.base_model,
+    )
     j.parent_job, j.requested = e.parent_job, None
     j.env = e.env or j.env
     j.env_changed = [*j.env_changed, *e.env_changed] if e.resume_checkpoint else list(e.env_changed)
     if e.resharded_from is not None:
-        j.resharded = [*j.resharded, f"{e.resharded_from} -> {e.world_size} ranks at step {e.resume_step}"]
+        j.resharded = [
+            *j.resharded,
+            f"{e.resharded_from} -> {e.world_size} ranks at step {e.resume_step}",
+        ]
     j.world_size, j.hosts, j.reshard, j.rank_tokens_per_s = e.world_size, list(e.hosts), False, []
 
 
@@ -238,16 +275,29 @@ def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -
         # It continued from an adapter that is no longer the head (another job started later but
         # completed first): taking the head would silently drop that job's training. A branch.
         lin.branches.append(j.job)
-        j.reason = (f"a branch: it warm-started from job {j.parent_job}, but job {lin.head_job} completed first and "
-                    f"is the lineage's head; `ftctl lineage set-head {j.job}` makes this one the head")
+        j.reason = (
+            f"a branch: it warm-started from job {j.parent_job}, but job {lin.head_job} completed first and "
+            f"is the lineage's head; `ftctl lineage set-head {j.job}` makes this one the head"
+        )
     else:
         lin.head_job = j.job
 
 
 def _crashed(p, j: JobState, e: ev.Crashed, seq: int, ts: str) -> None:
     j.worker = None
-    j.crashes.append(CrashRecord(ts=ts, category=e.category, step=e.step, exit_code=e.exit_code,
-                                 signal=e.signal, suggestion=e.suggestion, resume_step=j.step, rank=e.rank, host=e.host))
+    j.crashes.append(
+        CrashRecord(
+            ts=ts,
+            category=e.category,
+            step=e.step,
+            exit_code=e.exit_code,
+            signal=e.signal,
+            suggestion=e.suggestion,
+            resume_step=j.step,
+            rank=e.rank,
+            host=e.host,
+        )
+    )
     j.reason = f"{e.category}: {e.suggestion}" if e.suggestion else e.category
 
 
@@ -290,7 +340,13 @@ def _control(p, j: JobState, e: ev.ControlRequested, seq: int, ts: str) -> None:
 
 def _daemon_started(p: Projection, e: ev.DaemonStarted, seq: int, ts: str) -> None:
     d = p.daemon  # a daemon starts only after its recovery ran: everything before is reconciled
-    d.process, d.host, d.started_at, d.running, d.shutdown_requested = e.process, e.host, ts, True, False
+    d.process, d.host, d.started_at, d.running, d.shutdown_requested = (
+        e.process,
+        e.host,
+        ts,
+        True,
+        False,
+    )
     d.reconciled_seq = seq
 
 
@@ -322,18 +378,29 @@ def _consolidation(p: Projection, lin: LineageState, e, seq: int, ts: str) -> No
     if isinstance(e, ev.ConsolidationRequested):
         lin.requested = True
     elif isinstance(e, ev.HeadSet):
-        lin.branches = [b for b in lin.branches if b != e.job] + ([e.previous] if e.previous else [])
+        lin.branches = [b for b in lin.branches if b != e.job] + (
+            [e.previous] if e.previous else []
+        )
         lin.head_job = e.job
         if e.job in p.jobs:
             p.jobs[e.job].reason = ""
         if e.previous in p.jobs:
-            p.jobs[e.previous].reason = f"a branch: job {e.job} was made the lineage's head instead ({e.reason})"
+            p.jobs[
+                e.previous
+            ].reason = f"a branch: job {e.job} was made the lineage's head instead ({e.reason})"
     elif isinstance(e, ev.ConsolidationStarted):
         lin.pending, lin.requested, lin.last_consolidation_at = e, False, ts
     elif isinstance(e, ev.BasePromoted):
         lin.pending = None
         lin.base_model, lin.base_version = e.model_path, e.version
-        lin.models.append(ModelVersion(version=e.version, path=e.model_path, weights_sha256=e.weights_sha256, promoted_at=ts))
+        lin.models.append(
+            ModelVersion(
+                version=e.version,
+                path=e.model_path,
+                weights_sha256=e.weights_sha256,
+                promoted_at=ts,
+            )
+        )
         lin.head_job, lin.jobs, lin.branches = None, [], []
     elif isinstance(e, ev.ConsolidationAborted):
         lin.pending = None
@@ -342,22 +409,46 @@ def _consolidation(p: Projection, lin: LineageState, e, seq: int, ts: str) -> No
 
 
 JOB_HANDLERS = {
-    ev.JobSubmitted: _submitted, ev.JobRejected: _rejected, ev.TrainingStarted: _started,
-    ev.CheckpointStarted: None, ev.CheckpointCommitted: _committed,
-    ev.CheckpointPruned: _pruned, ev.CheckpointCorrupt: _corrupt, ev.CheckpointDiscarded: None,
-    ev.Evaluated: _evaluated, ev.AdapterEvaluated: _adapter_evaluated, ev.Completed: _completed, ev.Crashed: _crashed,
+    ev.JobSubmitted: _submitted,
+    ev.JobRejected: _rejected,
+    ev.TrainingStarted: _started,
+    ev.CheckpointStarted: None,
+    ev.CheckpointCommitted: _committed,
+    ev.CheckpointPruned: _pruned,
+    ev.CheckpointCorrupt: _corrupt,
+    ev.CheckpointDiscarded: None,
+    ev.Evaluated: _evaluated,
+    ev.AdapterEvaluated: _adapter_evaluated,
+    ev.Completed: _completed,
+    ev.Crashed: _crashed,
     ev.CrashReproduced: _reproduced,
-    ev.Requeued: _requeued, ev.Interrupted: _interrupted, ev.Failed: _reason, ev.Paused: _reason, ev.Resumed: _resumed,
+    ev.Requeued: _requeued,
+    ev.Interrupted: _interrupted,
+    ev.Failed: _reason,
+    ev.Paused: _reason,
+    ev.Resumed: _resumed,
     ev.Retried: _retried,
-    ev.Cancelled: _reason, ev.ControlRequested: _control, ev.RanksReported: _ranks_reported,
+    ev.Cancelled: _reason,
+    ev.ControlRequested: _control,
+    ev.RanksReported: _ranks_reported,
 }
 DAEMON_HANDLERS = {
-    ev.DaemonStarted: _daemon_started, ev.DaemonStopped: _daemon_stopped,
-    ev.ShutdownRequested: _shutdown, ev.RecoveryFinished: _recovered, ev.DebrisRemoved: _noop,
+    ev.DaemonStarted: _daemon_started,
+    ev.DaemonStopped: _daemon_stopped,
+    ev.ShutdownRequested: _shutdown,
+    ev.RecoveryFinished: _recovered,
+    ev.DebrisRemoved: _noop,
     ev.NotificationFailed: _notification_failed,
     ev.ModelImported: _imported,
 }
-LINEAGE_TYPES = (ev.ConsolidationRequested, ev.HeadSet, ev.ConsolidationStarted, ev.BasePromoted, ev.ConsolidationAborted, ev.ModelRemoved)
+LINEAGE_TYPES = (
+    ev.ConsolidationRequested,
+    ev.HeadSet,
+    ev.ConsolidationStarted,
+    ev.BasePromoted,
+    ev.ConsolidationAborted,
+    ev.ModelRemoved,
+)
 _KIND = {t: t.kind() for t in ev.EVENT_TYPES}
 
 
@@ -377,7 +468,10 @@ def check(state: str, event: ev.EventBase, *, lineage: bool = False) -> str | No
 
 
 # check() tabulated for job events: {type: (handler, {state: next state})}, one lookup per event
-_JOB = {t: (h, {s: n for s in JOB_STATES if (n := _check_type(s, t)) is not None}) for t, h in JOB_HANDLERS.items()}
+_JOB = {
+    t: (h, {s: n for s in JOB_STATES if (n := _check_type(s, t)) is not None})
+    for t, h in JOB_HANDLERS.items()
+}
 
 
 def fold_rows(rows, p: Projection | None = None) -> Projection:
@@ -397,7 +491,9 @@ def fold_rows(rows, p: Projection | None = None) -> Projection:
                 j = jobs[e.job] = JobState(job=e.job)
             new = spec[1].get(j.state)
             if new is None:
-                raise ReplayError(f"seq {seq}: {_KIND[type(e)]!r} is illegal for job {e.job} in state {j.state!r}")
+                raise ReplayError(
+                    f"seq {seq}: {_KIND[type(e)]!r} is illegal for job {e.job} in state {j.state!r}"
+                )
             j.state, j.updated_at, j.updated_seq = new, ts, seq
             j.version += 1
             if spec[0] is not None:
@@ -409,7 +505,9 @@ def fold_rows(rows, p: Projection | None = None) -> Projection:
             lin = _lineage(p, e.lineage)
             new = check(lin.state, e, lineage=True)
             if new is None:
-                raise ReplayError(f"seq {seq}: {_KIND[type(e)]!r} is illegal for lineage {e.lineage} in state {lin.state!r}")
+                raise ReplayError(
+                    f"seq {seq}: {_KIND[type(e)]!r} is illegal for lineage {e.lineage} in state {lin.state!r}"
+                )
             lin.state = new
             lin.version += 1
             _consolidation(p, lin, e, seq, ts)

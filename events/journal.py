@@ -24,8 +24,18 @@ from pathlib import Path
 
 import msgspec
 
-from .types import (EVENT_TYPES, TS_FORMAT, DecodeError, Event, EventBase, Metrics, Recorded, decode, decode_bodies,
-                    decode_columns)
+from .types import (
+    EVENT_TYPES,
+    TS_FORMAT,
+    DecodeError,
+    Event,
+    EventBase,
+    Metrics,
+    Recorded,
+    decode,
+    decode_bodies,
+    decode_columns,
+)
 
 _METRIC_FIELDS = Metrics.__struct_fields__
 
@@ -73,21 +83,28 @@ def _check_header(path: Path) -> None:
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise NotAJournal(f"{path}: cannot read the journal ({e.strerror}); check the path and permissions") from None
+        raise NotAJournal(
+            f"{path}: cannot read the journal ({e.strerror}); check the path and permissions"
+        ) from None
     if size == 0:
-        raise NotAJournal(f"{what}: the file is empty. Nothing was changed; point --home at a workspace made by `ftctl init`.")
+        raise NotAJournal(
+            f"{what}: the file is empty. Nothing was changed; point --home at a workspace made by `ftctl init`."
+        )
     uri = f"file:{quote(str(path))}?immutable=1"
     try:
         con = sqlite3.connect(uri, uri=True)
         try:
             app_id, user_version, page_size, pages = (
                 con.execute(f"PRAGMA {p}").fetchone()[0]
-                for p in ("application_id", "user_version", "page_size", "page_count"))
+                for p in ("application_id", "user_version", "page_size", "page_count")
+            )
         finally:
             con.close()
     except sqlite3.DatabaseError as e:
         if "not a database" in str(e):
-            raise NotAJournal(f"{what}: it is not a SQLite database. Nothing was changed; point --home at a workspace made by `ftctl init`.") from None
+            raise NotAJournal(
+                f"{what}: it is not a SQLite database. Nothing was changed; point --home at a workspace made by `ftctl init`."
+            ) from None
         if _ours_with_wal(path):
             return  # killed mid-checkpoint: the main file alone is inconsistent, its WAL completes it
         raise NotAJournal(_damaged(path, size, e)) from None
@@ -135,9 +152,12 @@ def _ours_with_wal(path: Path) -> bool:
     if not (wal.exists() and wal.stat().st_size > 0):
         return False
     head = _raw_header(path)
-    return (len(head) == 100 and head.startswith(_SQLITE_MAGIC)
-            and struct.unpack(">I", head[68:72])[0] == APPLICATION_ID
-            and struct.unpack(">I", head[60:64])[0] in SUPPORTED_SCHEMAS)
+    return (
+        len(head) == 100
+        and head.startswith(_SQLITE_MAGIC)
+        and struct.unpack(">I", head[68:72])[0] == APPLICATION_ID
+        and struct.unpack(">I", head[60:64])[0] in SUPPORTED_SCHEMAS
+    )
 
 
 def _damaged(path: Path, size: int, err: Exception) -> str:
@@ -149,8 +169,10 @@ def _damaged(path: Path, size: int, err: Exception) -> str:
         page_size = 65536 if page_size == 1 else page_size
         pages = struct.unpack(">I", head[28:32])[0]
         if size < page_size * pages:
-            return (f"{path}: the journal is truncated ({size} bytes, its header says {page_size * pages}). "
-                    "Nothing was changed; restore it from a backup copy or move it aside and run `ftctl init`.")
+            return (
+                f"{path}: the journal is truncated ({size} bytes, its header says {page_size * pages}). "
+                "Nothing was changed; restore it from a backup copy or move it aside and run `ftctl init`."
+            )
     return f"{path}: the journal is damaged ({err}). Nothing was changed; restore it from a backup copy."
 
 
@@ -164,7 +186,7 @@ def _pack(body: bytes) -> bytes:
 
 
 def _unpack(body: bytes) -> bytes:
-    return zlib.decompress(body[len(_ZLIB):]) if body[:len(_ZLIB)] == _ZLIB else body
+    return zlib.decompress(body[len(_ZLIB) :]) if body[: len(_ZLIB)] == _ZLIB else body
 
 
 class Journal:
@@ -204,13 +226,25 @@ class Journal:
         db["events"].create_index(["stream", "version"], unique=True)
         db["snapshots"].create({"seq": int, "format": int, "ts": str, "body": bytes}, pk="seq")
         db["metrics"].create(
-            {"id": int, "job": str, "step": int, "global_step": int, "ts": str, "loss": float,
-             "lr": float, "tokens_per_s": float, "peak_mem_gb": float, "trained_tokens": int},
+            {
+                "id": int,
+                "job": str,
+                "step": int,
+                "global_step": int,
+                "ts": str,
+                "loss": float,
+                "lr": float,
+                "tokens_per_s": float,
+                "peak_mem_gb": float,
+                "trained_tokens": int,
+            },
             pk="id",
         )
         db["metrics"].create_index(["job", "step"])
         db["meta"].create({"key": str, "value": str}, pk="key")
-        db["meta"].insert_all([{"key": "application", "value": "ftctl"}, {"key": "created", "value": utc_now()}])
+        db["meta"].insert_all(
+            [{"key": "application", "value": "ftctl"}, {"key": "created", "value": utc_now()}]
+        )
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
@@ -221,21 +255,31 @@ class Journal:
     def open(cls, path: Path) -> "Journal":
         path = Path(path)
         if not path.exists():
-            raise NotAJournal(f"no journal at {path}: run `ftctl init` (or pass --home to the right workspace)")
+            raise NotAJournal(
+                f"no journal at {path}: run `ftctl init` (or pass --home to the right workspace)"
+            )
         _check_header(path)
         conn = None
         try:
             # Look at the tables before _connect's journal_mode=WAL, which rewrites the header.
-            conn = sqlite3.connect(path, isolation_level=None, timeout=10.0, check_same_thread=False)
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            conn = sqlite3.connect(
+                path, isolation_level=None, timeout=10.0, check_same_thread=False
+            )
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
         except sqlite3.DatabaseError as e:
             if conn is not None:
                 conn.close()
-            raise NotAJournal(f"{path}: the journal is damaged ({e}). Nothing was changed; restore it from a backup copy.") from None
+            raise NotAJournal(
+                f"{path}: the journal is damaged ({e}). Nothing was changed; restore it from a backup copy."
+            ) from None
         missing = {"events", "snapshots", "metrics", "meta"} - tables
         if missing:
             conn.close()
-            raise NotAJournal(f"{path}: the journal lacks tables {sorted(missing)}. Nothing was changed; it was not made by `ftctl init`.")
+            raise NotAJournal(
+                f"{path}: the journal lacks tables {sorted(missing)}. Nothing was changed; it was not made by `ftctl init`."
+            )
         conn.close()
         return cls(cls._connect(path), path)
 
@@ -245,19 +289,32 @@ class Journal:
         ``mode=ro``, so that nothing it does can write to the journal (an append raises)."""
         path = Path(path)
         if not path.exists():
-            raise NotAJournal(f"no journal at {path}: run `ftctl init` (or pass --home to the right workspace)")
+            raise NotAJournal(
+                f"no journal at {path}: run `ftctl init` (or pass --home to the right workspace)"
+            )
         _check_header(path)
         try:
-            conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, isolation_level=None,
-                                   timeout=10.0, check_same_thread=False)
+            conn = sqlite3.connect(
+                f"file:{quote(str(path.resolve()))}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                timeout=10.0,
+                check_same_thread=False,
+            )
             conn.execute("PRAGMA busy_timeout=10000")
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
         except sqlite3.DatabaseError as e:
-            raise NotAJournal(f"{path}: the journal cannot be read ({e}). Nothing was changed.") from None
+            raise NotAJournal(
+                f"{path}: the journal cannot be read ({e}). Nothing was changed."
+            ) from None
         missing = {"events", "snapshots", "metrics", "meta"} - tables
         if missing:
             conn.close()
-            raise NotAJournal(f"{path}: the journal lacks tables {sorted(missing)}. Nothing was changed; it was not made by `ftctl init`.")
+            raise NotAJournal(
+                f"{path}: the journal lacks tables {sorted(missing)}. Nothing was changed; it was not made by `ftctl init`."
+            )
         return cls(conn, path)
 
     @staticmethod
@@ -285,27 +342,37 @@ class Journal:
         self.close()
 
     # ------------------------------------------------------------------ writing
-    def append(self, stream: str, events: Sequence[EventBase], expected_version: int | None = None) -> list[Recorded]:
+    def append(
+        self, stream: str, events: Sequence[EventBase], expected_version: int | None = None
+    ) -> list[Recorded]:
         """Append events to one stream atomically. ``expected_version`` is the version the
         caller last saw (0 for a new stream); ``None`` skips the check."""
         return self.append_batch([(stream, events, expected_version)])
 
-    def append_batch(self, batch: Sequence[tuple[str, Sequence[EventBase], int | None]]) -> list[Recorded]:
+    def append_batch(
+        self, batch: Sequence[tuple[str, Sequence[EventBase], int | None]]
+    ) -> list[Recorded]:
         """Append to several streams in one transaction: all or nothing."""
         conn = self.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
-            raise JournalBusy(f"{self.path}: the journal is locked by another writer ({e}); nothing was appended — retry") from None
+            raise JournalBusy(
+                f"{self.path}: the journal is locked by another writer ({e}); nothing was appended — retry"
+            ) from None
         out: list[Recorded] = []
         try:
             ts = utc_now()
             rows: list[tuple[str, int, str, str, str]] = []
-            versions: dict[str, int] = {}  # a stream may come twice in one batch: its versions go on
+            versions: dict[
+                str, int
+            ] = {}  # a stream may come twice in one batch: its versions go on
             for stream, events, expected in batch:
                 version = versions.get(stream)
                 if version is None:
-                    row = conn.execute("SELECT max(version) FROM events WHERE stream = ?", (stream,)).fetchone()
+                    row = conn.execute(
+                        "SELECT max(version) FROM events WHERE stream = ?", (stream,)
+                    ).fetchone()
                     version = row[0] or 0
                 if expected is not None and version != expected:
                     raise ConcurrencyError(stream, expected, version)
@@ -316,7 +383,9 @@ class Journal:
             # A body that cannot be read back would make the journal unreplayable: every body is
             # decoded again before the commit, all in one call (one by one to name the culprit).
             if rows and not _reads_back(rows):
-                for (stream, _, _, _, body), ev in zip(rows, (e for _, evs, _ in batch for e in evs)):
+                for (stream, _, _, _, body), ev in zip(
+                    rows, (e for _, evs, _ in batch for e in evs)
+                ):
                     try:
                         decode(body)
                     except DecodeError as e:
@@ -324,7 +393,9 @@ class Journal:
                             f"refusing to append a {type(ev).kind()!r} event to {stream!r}: it would not read back "
                             f"(a NaN/inf float or a field of the wrong type?): {e}. Nothing was appended."
                         ) from None
-            conn.executemany("INSERT INTO events (stream, version, ts, type, body) VALUES (?, ?, ?, ?, ?)", rows)
+            conn.executemany(
+                "INSERT INTO events (stream, version, ts, type, body) VALUES (?, ?, ?, ?, ?)", rows
+            )
             # Inserted under the write lock into an INTEGER PRIMARY KEY: consecutive sequence numbers.
             seq = conn.execute("SELECT last_insert_rowid()").fetchone()[0] - len(rows)
             evs = (e for _, events, _ in batch for e in events)
@@ -334,8 +405,15 @@ class Journal:
             conn.execute("COMMIT")
         except sqlite3.IntegrityError:
             conn.execute("ROLLBACK")
-            actual = conn.execute("SELECT max(version) FROM events WHERE stream = ?", (batch[0][0],)).fetchone()[0] or 0
-            raise ConcurrencyError(batch[0][0], batch[0][2] if batch[0][2] is not None else -1, actual) from None
+            actual = (
+                conn.execute(
+                    "SELECT max(version) FROM events WHERE stream = ?", (batch[0][0],)
+                ).fetchone()[0]
+                or 0
+            )
+            raise ConcurrencyError(
+                batch[0][0], batch[0][2] if batch[0][2] is not None else -1, actual
+            ) from None
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -349,14 +427,20 @@ class Journal:
     def job_ids(self) -> list[str]:
         """Every job id, in submission order, from the (stream, version) index alone: no event is
         decoded (`ftctl _jobs`, what shell completion calls)."""
-        rows = self.conn.execute("SELECT substr(stream, 5) FROM events WHERE stream >= 'job:' AND stream < 'job;' "
-                                 "AND version = 1 ORDER BY seq")
+        rows = self.conn.execute(
+            "SELECT substr(stream, 5) FROM events WHERE stream >= 'job:' AND stream < 'job;' "
+            "AND version = 1 ORDER BY seq"
+        )
         return [r[0] for r in rows]
 
     def stream_version(self, stream: str) -> int:
-        return self.conn.execute("SELECT coalesce(max(version), 0) FROM events WHERE stream = ?", (stream,)).fetchone()[0]
+        return self.conn.execute(
+            "SELECT coalesce(max(version), 0) FROM events WHERE stream = ?", (stream,)
+        ).fetchone()[0]
 
-    def read(self, after: int = 0, to: int | None = None, stream: str | None = None, chunk: int = 20000) -> Iterator[Recorded]:
+    def read(
+        self, after: int = 0, to: int | None = None, stream: str | None = None, chunk: int = 20000
+    ) -> Iterator[Recorded]:
         """Events with ``after < seq <= to`` in sequence order, optionally of one stream.
 
         Rows are read in chunks that SQLite itself turns into one JSON array per column,
@@ -385,16 +469,22 @@ class Journal:
             "SELECT '[' || group_concat(seq) || ']', '[' || group_concat(json_quote(stream)) || ']', "
             "'[' || group_concat(version) || ']', '[\"' || group_concat(ts, '\",\"') || '\"]', "
             "'[' || group_concat(body) || ']' FROM (SELECT seq, stream, version, ts, body FROM events "
-            "WHERE stream = ? AND type = ? ORDER BY version)", (stream, tag)).fetchone()
+            "WHERE stream = ? AND type = ? ORDER BY version)",
+            (stream, tag),
+        ).fetchone()
         return decode_columns(*r) if r[0] is not None else []
 
-    def rows(self, after: int = 0, to: int | None = None, chunk: int = 20000) -> Iterator[tuple[int, str, EventBase]]:
+    def rows(
+        self, after: int = 0, to: int | None = None, chunk: int = 20000
+    ) -> Iterator[tuple[int, str, EventBase]]:
         """(seq, ts, event) for ``after < seq <= to``: the replay path. Only bodies and times are
         concatenated by SQLite; sequence numbers are contiguous (events are never deleted), which
         each chunk checks against its count before relying on it."""
         to = self.last_seq() if to is None else to
-        sql = ("SELECT '[\"' || group_concat(ts, '\",\"') || '\"]', '[' || group_concat(body) || ']', max(seq), count(*) "
-               "FROM (SELECT seq, ts, body FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?)")
+        sql = (
+            "SELECT '[\"' || group_concat(ts, '\",\"') || '\"]', '[' || group_concat(body) || ']', max(seq), count(*) "
+            "FROM (SELECT seq, ts, body FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?)"
+        )
         lo = after
         while lo < to:
             ts, bodies, hi, n = self.conn.execute(sql, (lo, to, chunk)).fetchone()
@@ -404,14 +494,27 @@ class Journal:
             if hi - lo == n:
                 seqs = range(lo + 1, hi + 1)
             else:  # a gap (never written by ftctl, but never assumed away either)
-                seqs = [r[0] for r in self.conn.execute(
-                    "SELECT seq FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", (lo, to, chunk))]
+                seqs = [
+                    r[0]
+                    for r in self.conn.execute(
+                        "SELECT seq FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                        (lo, to, chunk),
+                    )
+                ]
             yield from zip(seqs, stamps, events)
             lo = hi
 
     # ------------------------------------------------------------------ snapshots
-    def save_snapshot(self, seq: int, fmt: int, body: bytes, *, interval: int = 0, milestones: int = 0,
-                      compress: bool = False) -> None:
+    def save_snapshot(
+        self,
+        seq: int,
+        fmt: int,
+        body: bytes,
+        *,
+        interval: int = 0,
+        milestones: int = 0,
+        compress: bool = False,
+    ) -> None:
         """Store a snapshot and apply the retention rule, in one transaction:
 
         * the two newest snapshots of the format are kept as they are (a load starts from the newest);
@@ -424,10 +527,17 @@ class Journal:
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("INSERT OR REPLACE INTO snapshots (seq, format, ts, body) VALUES (?, ?, ?, ?)",
-                         (seq, fmt, utc_now(), _pack(body) if compress else body))
-            older = [r[0] for r in conn.execute(
-                "SELECT seq FROM snapshots WHERE format = ? ORDER BY seq DESC LIMIT -1 OFFSET 2", (fmt,))]
+            conn.execute(
+                "INSERT OR REPLACE INTO snapshots (seq, format, ts, body) VALUES (?, ?, ?, ?)",
+                (seq, fmt, utc_now(), _pack(body) if compress else body),
+            )
+            older = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT seq FROM snapshots WHERE format = ? ORDER BY seq DESC LIMIT -1 OFFSET 2",
+                    (fmt,),
+                )
+            ]
             older.reverse()
             kept, last = [], 0
             if interval > 0:
@@ -438,27 +548,40 @@ class Journal:
                 while milestones > 0 and len(kept) > milestones:
                     kept = kept[1::2]
             drop = sorted(set(older) - set(kept))
-            conn.executemany("DELETE FROM snapshots WHERE format = ? AND seq = ?", [(fmt, s) for s in drop])
+            conn.executemany(
+                "DELETE FROM snapshots WHERE format = ? AND seq = ?", [(fmt, s) for s in drop]
+            )
             for s in kept:  # compress a milestone once, when it leaves the newest two
-                head, = conn.execute("SELECT substr(body, 1, ?) FROM snapshots WHERE format = ? AND seq = ?",
-                                     (len(_ZLIB), fmt, s)).fetchone()
+                (head,) = conn.execute(
+                    "SELECT substr(body, 1, ?) FROM snapshots WHERE format = ? AND seq = ?",
+                    (len(_ZLIB), fmt, s),
+                ).fetchone()
                 if bytes(head) != _ZLIB:
-                    raw, = conn.execute("SELECT body FROM snapshots WHERE format = ? AND seq = ?", (fmt, s)).fetchone()
-                    conn.execute("UPDATE snapshots SET body = ? WHERE format = ? AND seq = ?", (_pack(raw), fmt, s))
+                    (raw,) = conn.execute(
+                        "SELECT body FROM snapshots WHERE format = ? AND seq = ?", (fmt, s)
+                    ).fetchone()
+                    conn.execute(
+                        "UPDATE snapshots SET body = ? WHERE format = ? AND seq = ?",
+                        (_pack(raw), fmt, s),
+                    )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
 
     def latest_snapshot(self, fmt: int, at_most: int | None = None) -> tuple[int, bytes] | None:
-        sql = "SELECT seq, body FROM snapshots WHERE format = ?" + (" AND seq <= ?" if at_most is not None else "")
+        sql = "SELECT seq, body FROM snapshots WHERE format = ?" + (
+            " AND seq <= ?" if at_most is not None else ""
+        )
         params = (fmt, at_most) if at_most is not None else (fmt,)
         row = self.conn.execute(sql + " ORDER BY seq DESC LIMIT 1", params).fetchone()
         return None if row is None else (row[0], _unpack(row[1]))
 
     def snapshot_seqs(self, fmt: int) -> list[tuple[int, int]]:
         """(seq, stored bytes) of every snapshot of the format, oldest first."""
-        return self.conn.execute("SELECT seq, length(body) FROM snapshots WHERE format = ? ORDER BY seq", (fmt,)).fetchall()
+        return self.conn.execute(
+            "SELECT seq, length(body) FROM snapshots WHERE format = ? ORDER BY seq", (fmt,)
+        ).fetchall()
 
     # ------------------------------------------------------------------ metrics
     def record_metric(self, job: str, m: Metrics) -> None:
@@ -471,14 +594,17 @@ class Journal:
     def last_metrics(self) -> dict[str, dict]:
         """The latest report of every job: {job: {"job", "step", "global_step", "loss", …, "ts"}}."""
         rows = self.conn.execute(
-            f"SELECT job, {', '.join(_METRIC_FIELDS)}, ts FROM metrics WHERE id IN (SELECT max(id) FROM metrics GROUP BY job)")
+            f"SELECT job, {', '.join(_METRIC_FIELDS)}, ts FROM metrics WHERE id IN (SELECT max(id) FROM metrics GROUP BY job)"
+        )
         return {r[0]: dict(zip(("job", *_METRIC_FIELDS, "ts"), r)) for r in rows}
 
     def recent_metrics(self, job: str, since_ts: str = "", limit: int = 10) -> list[dict]:
         """The job's last ``limit`` reports recorded at or after ``since_ts``, oldest first."""
         rows = self.conn.execute(
             f"SELECT job, {', '.join(_METRIC_FIELDS)}, ts FROM metrics WHERE job = ? AND ts >= ? "
-            "ORDER BY id DESC LIMIT ?", (job, since_ts, limit))
+            "ORDER BY id DESC LIMIT ?",
+            (job, since_ts, limit),
+        )
         return [dict(zip(("job", *_METRIC_FIELDS, "ts"), r)) for r in reversed(rows.fetchall())]
 
     def metric_rows(self, job: str, after_id: int = 0) -> list[tuple]:
@@ -486,7 +612,8 @@ class Journal:
         (id, ts, step, global_step, loss, lr, tokens_per_s, peak_mem_gb, trained_tokens)."""
         return self.conn.execute(
             f"SELECT id, ts, {', '.join(_METRIC_FIELDS)} FROM metrics WHERE job = ? AND id > ? ORDER BY id",
-            (job, after_id)).fetchall()
+            (job, after_id),
+        ).fetchall()
 
     def last_metric_id(self) -> int:
         return self.conn.execute("SELECT coalesce(max(id), 0) FROM metrics").fetchone()[0]
@@ -498,10 +625,15 @@ class Journal:
             # The newest row of each table by its key (a lookup, not a scan of a million rows).
             return self.conn.execute(
                 "SELECT max(ts) FROM (SELECT (SELECT ts FROM events ORDER BY seq DESC LIMIT 1) AS ts "
-                "UNION ALL SELECT (SELECT ts FROM metrics ORDER BY id DESC LIMIT 1))").fetchone()[0]
-        where = " AND ".join(c for c, v in (("stream = ?", stream), ("type = ?", tag)) if v is not None)
+                "UNION ALL SELECT (SELECT ts FROM metrics ORDER BY id DESC LIMIT 1))"
+            ).fetchone()[0]
+        where = " AND ".join(
+            c for c, v in (("stream = ?", stream), ("type = ?", tag)) if v is not None
+        )
         params = tuple(v for v in (stream, tag) if v is not None)
-        row = self.conn.execute(f"SELECT ts FROM events WHERE {where} ORDER BY seq DESC LIMIT 1", params).fetchone()
+        row = self.conn.execute(
+            f"SELECT ts FROM events WHERE {where} ORDER BY seq DESC LIMIT 1", params
+        ).fetchone()
         return row[0] if row else None
 
     def seq_before(self, ts: str) -> int:
@@ -519,11 +651,13 @@ class Journal:
     _NOTIFY = "notify:"
 
     def notify_cursors(self) -> dict[str, dict]:
-        rows = self.conn.execute("SELECT key, value FROM meta WHERE key >= ? AND key < ?", (self._NOTIFY, "notify;"))
+        rows = self.conn.execute(
+            "SELECT key, value FROM meta WHERE key >= ? AND key < ?", (self._NOTIFY, "notify;")
+        )
         out = {}
         for key, value in rows:
             try:
-                out[key[len(self._NOTIFY):]] = msgspec.json.decode(value)
+                out[key[len(self._NOTIFY) :]] = msgspec.json.decode(value)
             except msgspec.DecodeError:
                 continue
         return out
@@ -532,10 +666,15 @@ class Journal:
         """Move ``target``'s cursor to ``seq`` (autocommit, like a metrics row); ``delivered`` also
         stamps when it last succeeded."""
         old = self.notify_cursors().get(target, {})
-        value = ({"seq": seq, "ok_seq": seq, "ok_ts": utc_now()} if delivered
-                 else {"seq": seq, "ok_seq": old.get("ok_seq"), "ok_ts": old.get("ok_ts")})
-        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                          (self._NOTIFY + target, msgspec.json.encode(value).decode()))
+        value = (
+            {"seq": seq, "ok_seq": seq, "ok_ts": utc_now()}
+            if delivered
+            else {"seq": seq, "ok_seq": old.get("ok_seq"), "ok_ts": old.get("ok_ts")}
+        )
+        self.conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            (self._NOTIFY + target, msgspec.json.encode(value).decode()),
+        )
 
     def read_kinds(self, after: int, tags: Sequence[str], limit: int = 500) -> list[Recorded]:
         """Events after ``after`` whose stored tag is in ``tags``, oldest first (at most ``limit``)."""
@@ -543,8 +682,13 @@ class Journal:
             return []
         rows = self.conn.execute(
             f"SELECT seq, stream, version, ts, body FROM events WHERE seq > ? AND type IN ({', '.join('?' * len(tags))}) "
-            "ORDER BY seq LIMIT ?", (after, *tags, limit)).fetchall()
-        return [Recorded(seq, stream, version, ts, decode(body)) for seq, stream, version, ts, body in rows]
+            "ORDER BY seq LIMIT ?",
+            (after, *tags, limit),
+        ).fetchall()
+        return [
+            Recorded(seq, stream, version, ts, decode(body))
+            for seq, stream, version, ts, body in rows
+        ]
 
     def integrity_check(self) -> str:
         return self.conn.execute("PRAGMA integrity_check").fetchone()[0]

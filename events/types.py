@@ -18,7 +18,9 @@ from typing import Any, ClassVar, Union
 import msgspec
 
 
-class EventBase(msgspec.Struct, tag_field="type", frozen=True, kw_only=True, omit_defaults=True, gc=False):
+class EventBase(
+    msgspec.Struct, tag_field="type", frozen=True, kw_only=True, omit_defaults=True, gc=False
+):
     trigger: ClassVar[str | None] = None
     schema: ClassVar[int] = 1
 
@@ -228,7 +230,9 @@ class Crashed(EventBase, tag="crashed", kw_only=True):
     signal: int | None = None
     evidence: str = ""
     suggestion: str = ""
-    message: str = ""  # what the worker said, first line ("ValueError: ..."): a reproduction compares it
+    message: str = (
+        ""  # what the worker said, first line ("ValueError: ..."): a reproduction compares it
+    )
     rank: int | None = None  # a data-parallel job: the rank that failed first, and its host
     host: str | None = None
 
@@ -236,11 +240,11 @@ class Crashed(EventBase, tag="crashed", kw_only=True):
 class ExampleRef(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One example of a failing batch, as `ftctl reproduce` found it."""
 
-    index: int                 # the example's index among the job's training examples (file order)
-    line: int                  # its line in the job's copy, jobs/<id>/data/train.jsonl
-    source_line: int | None    # its line in the submitted file (None: that file changed or is gone)
-    tokens: int                # its length in tokens (before max_seq_length truncation)
-    head: str                  # the first characters of the line
+    index: int  # the example's index among the job's training examples (file order)
+    line: int  # its line in the job's copy, jobs/<id>/data/train.jsonl
+    source_line: int | None  # its line in the submitted file (None: that file changed or is gone)
+    tokens: int  # its length in tokens (before max_seq_length truncation)
+    head: str  # the first characters of the line
 
 
 class CrashReproduced(EventBase, tag="crash_reproduced", kw_only=True):
@@ -249,27 +253,33 @@ class CrashReproduced(EventBase, tag="crash_reproduced", kw_only=True):
     the replay writes nothing of the job's."""
 
     job: str
-    crash: int                  # which of the job's crashes (1 = its first), as `ftctl crashes` numbers them
+    crash: int  # which of the job's crashes (1 = its first), as `ftctl crashes` numbers them
     crash_category: str
     crash_step: int
-    verdict: str                # "reproduced" | "not reproduced" | "different"
-    summary: str                # one line: the verdict, and what the replay found
-    from_step: int              # the checkpoint it replayed from (0: from the start of the job)
-    target_step: int            # the last step it would run
+    verdict: str  # "reproduced" | "not reproduced" | "different"
+    summary: str  # one line: the verdict, and what the replay found
+    from_step: int  # the checkpoint it replayed from (0: from the start of the job)
+    target_step: int  # the last step it would run
     category: str | None = None  # the replay's own failure, if any
-    step: int | None = None     # the replay's last completed step
-    message: str = ""           # the replay's failure, first line
+    step: int | None = None  # the replay's last completed step
+    message: str = ""  # the replay's failure, first line
     first_nonfinite_step: int | None = None
-    first_nonfinite: str = ""   # "loss", "gradient norm" or "loss and gradient norm"
-    groups: list[str] = []      # parameter groups whose gradient was not finite at that step, model order
-    group_count: int = 0        # of how many groups
+    first_nonfinite: str = ""  # "loss", "gradient norm" or "loss and gradient norm"
+    groups: list[
+        str
+    ] = []  # parameter groups whose gradient was not finite at that step, model order
+    group_count: int = 0  # of how many groups
     failing_step: int | None = None
     examples: list[ExampleRef] = []  # the failing step's batch
-    env_changed: list[str] = []  # how its environment fingerprint differs from the crashed attempt's
-    bit_exact: list[int] = []   # steps at which the replay's weights matched the job's checkpoint, bit for bit
-    mismatch: list[int] = []    # steps at which they did not
-    notes: list[str] = []       # what it had to do differently (a pruned checkpoint, unchecked data)
-    by: str = "user"            # "user" (`ftctl reproduce`) or "daemon" (the restart policy)
+    env_changed: list[
+        str
+    ] = []  # how its environment fingerprint differs from the crashed attempt's
+    bit_exact: list[
+        int
+    ] = []  # steps at which the replay's weights matched the job's checkpoint, bit for bit
+    mismatch: list[int] = []  # steps at which they did not
+    notes: list[str] = []  # what it had to do differently (a pruned checkpoint, unchecked data)
+    by: str = "user"  # "user" (`ftctl reproduce`) or "daemon" (the restart policy)
 
 
 class Requeued(EventBase, tag="requeued", kw_only=True):
@@ -383,9 +393,9 @@ class NotificationFailed(EventBase, tag="notification_failed", kw_only=True):
     """A notification target (``notify:`` in ftctl.yaml) could not be given event ``seq`` after every
     retry. The daemon goes on; later events are still sent; `ftctl doctor` shows the failure."""
 
-    target: str        # the target's identity (NotifyTarget.key(): "url …" or "command […]")
-    seq: int           # the event that was not delivered
-    event: str         # its kind
+    target: str  # the target's identity (NotifyTarget.key(): "url …" or "command […]")
+    seq: int  # the event that was not delivered
+    event: str  # its kind
     attempts: int
     error: str
 
@@ -397,8 +407,8 @@ class ModelImported(EventBase, tag="model_imported", kw_only=True):
     path: str
     source: str
     source_sha256: str
-    quantization: str           # the file's type as llama.cpp names it: "Q4_1", "Q8_0", "F16", ...
-    dtype: str | None = None    # float16 | bfloat16 | float32 when dequantized on import
+    quantization: str  # the file's type as llama.cpp names it: "Q4_1", "Q8_0", "F16", ...
+    dtype: str | None = None  # float16 | bfloat16 | float32 when dequantized on import
     weights_sha256: str
     bytes: int
     seconds: float
@@ -463,12 +473,43 @@ class ModelRemoved(EventBase, tag="model_removed", kw_only=True):
 
 
 Event = Union[
-    JobSubmitted, JobRejected, TrainingStarted, CheckpointStarted, CheckpointCommittedV1, CheckpointCommitted,
-    CheckpointPruned, CheckpointCorrupt, CheckpointDiscarded, Evaluated, AdapterEvaluated, Completed, Crashed,
-    CrashReproduced, Requeued, Interrupted, Failed, Paused, Resumed, Retried, Cancelled, ControlRequested, RanksReported,
-    DaemonStartedV1, DaemonStarted, DaemonStopped, ShutdownRequested, DebrisRemoved, ModelImported, RecoveryFinished,
+    JobSubmitted,
+    JobRejected,
+    TrainingStarted,
+    CheckpointStarted,
+    CheckpointCommittedV1,
+    CheckpointCommitted,
+    CheckpointPruned,
+    CheckpointCorrupt,
+    CheckpointDiscarded,
+    Evaluated,
+    AdapterEvaluated,
+    Completed,
+    Crashed,
+    CrashReproduced,
+    Requeued,
+    Interrupted,
+    Failed,
+    Paused,
+    Resumed,
+    Retried,
+    Cancelled,
+    ControlRequested,
+    RanksReported,
+    DaemonStartedV1,
+    DaemonStarted,
+    DaemonStopped,
+    ShutdownRequested,
+    DebrisRemoved,
+    ModelImported,
+    RecoveryFinished,
     NotificationFailed,
-    ConsolidationRequested, HeadSet, ConsolidationStarted, BasePromoted, ConsolidationAborted, ModelRemoved,
+    ConsolidationRequested,
+    HeadSet,
+    ConsolidationStarted,
+    BasePromoted,
+    ConsolidationAborted,
+    ModelRemoved,
 ]
 
 EVENT_TYPES: tuple[type[EventBase], ...] = Event.__args__
@@ -489,7 +530,10 @@ def _checkpoint_committed_v1(e: CheckpointCommittedV1) -> CheckpointCommitted:
     return CheckpointCommitted(job=fields.pop("job"), checkpoint=CheckpointRecord(**fields))
 
 
-UPCASTERS: dict[type, Any] = {DaemonStartedV1: _daemon_started_v1, CheckpointCommittedV1: _checkpoint_committed_v1}
+UPCASTERS: dict[type, Any] = {
+    DaemonStartedV1: _daemon_started_v1,
+    CheckpointCommittedV1: _checkpoint_committed_v1,
+}
 
 
 def upcast(event: EventBase) -> EventBase:
@@ -504,7 +548,9 @@ def upcast(event: EventBase) -> EventBase:
 # --------------------------------------------------------------------------- envelope
 
 
-TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # a journal timestamp: UTC, microseconds (events/journal.utc_now)
+TS_FORMAT = (
+    "%Y-%m-%dT%H:%M:%S.%fZ"  # a journal timestamp: UTC, microseconds (events/journal.utc_now)
+)
 
 
 def ts_epoch(ts: str) -> float:
@@ -553,11 +599,18 @@ def decode_columns(seqs: str, streams: str, versions: str, ts: str, bodies: str)
     would have to build row by row."""
     try:
         events = _events_decoder.decode(bodies)
-        cols = (_ints_decoder.decode(seqs), _strs_decoder.decode(streams), _ints_decoder.decode(versions), _strs_decoder.decode(ts))
+        cols = (
+            _ints_decoder.decode(seqs),
+            _strs_decoder.decode(streams),
+            _ints_decoder.decode(versions),
+            _strs_decoder.decode(ts),
+        )
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError) as e:
         raise DecodeError(f"journal holds an event that cannot be decoded: {e}") from None
     if any(len(c) != len(events) for c in cols):
-        raise DecodeError(f"journal rows do not line up: {len(events)} bodies for {[len(c) for c in cols]} columns")
+        raise DecodeError(
+            f"journal rows do not line up: {len(events)} bodies for {[len(c) for c in cols]} columns"
+        )
     if UPCASTERS:
         events = [upcast(e) if type(e) in UPCASTERS else e for e in events]
     return list(map(Recorded, *cols, events))
@@ -571,7 +624,9 @@ def decode_bodies(ts: str, bodies: str) -> tuple[list[str], list[EventBase]]:
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError) as e:
         raise DecodeError(f"journal holds an event that cannot be decoded: {e}") from None
     if len(stamps) != len(events):
-        raise DecodeError(f"journal rows do not line up: {len(events)} bodies for {len(stamps)} timestamps")
+        raise DecodeError(
+            f"journal rows do not line up: {len(events)} bodies for {len(stamps)} timestamps"
+        )
     if UPCASTERS:
         events = [upcast(e) if type(e) in UPCASTERS else e for e in events]
     return stamps, events

@@ -18,7 +18,9 @@ from ftctl.core.machine import IllegalTransition
 from ftctl.events.journal import ConcurrencyError, Journal
 from ftctl.events.types import EventBase, Recorded
 
-SNAPSHOT_EVERY = 2000  # events of tail after which a load (or the live ledger) writes a fresh snapshot
+SNAPSHOT_EVERY = (
+    2000  # events of tail after which a load (or the live ledger) writes a fresh snapshot
+)
 # Time travel: older snapshots are kept as milestones this many events apart (compressed), at most
 # SNAPSHOT_MILESTONES of them (past that the spacing doubles). See docs/architecture.md, "Snapshots".
 SNAPSHOT_INTERVAL = 50_000
@@ -26,8 +28,14 @@ SNAPSHOT_MILESTONES = 40
 
 
 def save(journal: Journal, p: S.Projection, *, compress: bool = False) -> None:
-    journal.save_snapshot(p.seq, S.SNAPSHOT_FORMAT, S.to_snapshot(p), interval=SNAPSHOT_INTERVAL,
-                          milestones=SNAPSHOT_MILESTONES, compress=compress)
+    journal.save_snapshot(
+        p.seq,
+        S.SNAPSHOT_FORMAT,
+        S.to_snapshot(p),
+        interval=SNAPSHOT_INTERVAL,
+        milestones=SNAPSHOT_MILESTONES,
+        compress=compress,
+    )
 
 
 @contextmanager
@@ -122,7 +130,9 @@ class Ledger:
     def _version_and_check(self, stream: str, events: Sequence[EventBase]) -> int:
         for e in events:
             if _stream_of(e) != stream:
-                raise ValueError(f"a {type(e).kind()!r} event belongs to stream {_stream_of(e)!r}, not {stream!r}; nothing was appended")
+                raise ValueError(
+                    f"a {type(e).kind()!r} event belongs to stream {_stream_of(e)!r}, not {stream!r}; nothing was appended"
+                )
         p = self.state
         if stream.startswith("job:"):
             j = p.jobs.get(stream[4:])

@@ -31,14 +31,18 @@ from .ledger import Ledger
 
 @dataclass
 class Repair:
-    what: str                                 # one line for people
+    what: str  # one line for people
     stream: str
     events: list[EventBase] = field(default_factory=list)
     before: Callable[[], None] | None = None  # effect that must precede the event (stop a process)
-    after: Callable[[], None] | None = None   # effect that follows the event (delete a folder)
+    after: Callable[[], None] | None = None  # effect that follows the event (delete a folder)
 
     def as_dict(self) -> dict:
-        return {"what": self.what, "stream": self.stream, "events": [type(e).kind() for e in self.events]}
+        return {
+            "what": self.what,
+            "stream": self.stream,
+            "events": [type(e).kind() for e in self.events],
+        }
 
 
 def rm(path: Path) -> Callable[[], None]:
@@ -51,22 +55,40 @@ def _stale_job(j: JobState) -> list[Repair]:
     orphan = j.worker is not None and process.alive(j.worker)
     if orphan:
         w = j.worker
-        out.append(Repair(f"job {j.job}: stop orphan worker pid {w.pid} (its daemon is gone)",
-                          job_stream(j.job), before=lambda w=w: process.stop_group(w)))
-    evidence = (f"journal said {j.state!r} (worker pid {j.worker.pid if j.worker else '?'}) but no daemon "
-                f"supervised it{'; the orphan worker was stopped' if orphan else ''}")
+        out.append(
+            Repair(
+                f"job {j.job}: stop orphan worker pid {w.pid} (its daemon is gone)",
+                job_stream(j.job),
+                before=lambda w=w: process.stop_group(w),
+            )
+        )
+    evidence = (
+        f"journal said {j.state!r} (worker pid {j.worker.pid if j.worker else '?'}) but no daemon "
+        f"supervised it{'; the orphan worker was stopped' if orphan else ''}"
+    )
     good = j.good_checkpoints()
     resume = good[-1].step if good else None
-    crash = ev.Crashed(job=j.job, category="daemon_died", step=j.step, evidence=evidence,
-                       suggestion=suggestion("daemon_died", resume))
+    crash = ev.Crashed(
+        job=j.job,
+        category="daemon_died",
+        step=j.step,
+        evidence=evidence,
+        suggestion=suggestion("daemon_died", resume),
+    )
     if j.requested == "cancel":
         follow = ev.Cancelled(job=j.job, reason="cancelled by user while its daemon was down")
     elif j.requested == "pause":
         follow = ev.Paused(job=j.job, reason="paused by user while its daemon was down")
     else:
         follow = ev.Requeued(job=j.job, reason=f"recovery: {resumes_from(resume)}")
-    out.append(Repair(f"job {j.job}: {j.state} with no live worker -> crashed, then {type(follow).kind()} "
-                      f"({resumes_from(resume)})", job_stream(j.job), [crash, follow]))
+    out.append(
+        Repair(
+            f"job {j.job}: {j.state} with no live worker -> crashed, then {type(follow).kind()} "
+            f"({resumes_from(resume)})",
+            job_stream(j.job),
+            [crash, follow],
+        )
+    )
     return out
 
 
@@ -78,10 +100,18 @@ def _stranded(j: JobState) -> Repair:
     if last is None:
         dec = Decision("requeue", "recovery: crashed with no record")
     else:
-        dec = after_crash(j.crashes[j.budget_from:] or j.crashes[-1:], time.time(), resume_step=j.step,
-                          policy=j.config.restart)
+        dec = after_crash(
+            j.crashes[j.budget_from :] or j.crashes[-1:],
+            time.time(),
+            resume_step=j.step,
+            policy=j.config.restart,
+        )
     nxt = follow_up(j.job, dec, j.requested, category, time.time())
-    return Repair(f"job {j.job}: crashed with no decision recorded -> {type(nxt).kind()}", job_stream(j.job), [nxt])
+    return Repair(
+        f"job {j.job}: crashed with no decision recorded -> {type(nxt).kind()}",
+        job_stream(j.job),
+        [nxt],
+    )
 
 
 def debris(ws: Workspace, j: JobState) -> list[Repair]:
@@ -91,30 +121,71 @@ def debris(ws: Workspace, j: JobState) -> list[Repair]:
     jdir = ws.job_dir(j.job)
     stream = job_stream(j.job)
     for tmp in ck.temp_dirs(jdir):
-        out.append(Repair(f"job {j.job}: delete temp checkpoint {tmp.name}", stream,
-                          [ev.CheckpointDiscarded(job=j.job, path=str(tmp), reason="temp directory of an unfinished save")],
-                          after=rm(tmp)))
+        out.append(
+            Repair(
+                f"job {j.job}: delete temp checkpoint {tmp.name}",
+                stream,
+                [
+                    ev.CheckpointDiscarded(
+                        job=j.job, path=str(tmp), reason="temp directory of an unfinished save"
+                    )
+                ],
+                after=rm(tmp),
+            )
+        )
     known = {c.path for c in j.checkpoints}
     for d in ck.list_checkpoint_dirs(jdir):
         if str(d) not in known:
-            out.append(Repair(f"job {j.job}: delete uncommitted checkpoint {d.name}", stream,
-                              [ev.CheckpointDiscarded(job=j.job, path=str(d), reason="on disk but never committed, or pruned")],
-                              after=rm(d)))
+            out.append(
+                Repair(
+                    f"job {j.job}: delete uncommitted checkpoint {d.name}",
+                    stream,
+                    [
+                        ev.CheckpointDiscarded(
+                            job=j.job, path=str(d), reason="on disk but never committed, or pruned"
+                        )
+                    ],
+                    after=rm(d),
+                )
+            )
     for leftover in jdir.glob(".tmp-adapters*"):
-        out.append(Repair(f"job {j.job}: delete unfinished adapter export {leftover.name}", stream,
-                          [ev.CheckpointDiscarded(job=j.job, path=str(leftover), reason="temp adapter export")],
-                          after=rm(leftover)))
+        out.append(
+            Repair(
+                f"job {j.job}: delete unfinished adapter export {leftover.name}",
+                stream,
+                [
+                    ev.CheckpointDiscarded(
+                        job=j.job, path=str(leftover), reason="temp adapter export"
+                    )
+                ],
+                after=rm(leftover),
+            )
+        )
     adapters = jdir / "adapters"
     if adapters.exists() and j.state != "completed":
-        out.append(Repair(f"job {j.job}: delete uncommitted final adapter (the job never completed)", stream,
-                          [ev.CheckpointDiscarded(job=j.job, path=str(adapters), reason="adapter exported but `completed` never committed")],
-                          after=rm(adapters)))
+        out.append(
+            Repair(
+                f"job {j.job}: delete uncommitted final adapter (the job never completed)",
+                stream,
+                [
+                    ev.CheckpointDiscarded(
+                        job=j.job,
+                        path=str(adapters),
+                        reason="adapter exported but `completed` never committed",
+                    )
+                ],
+                after=rm(adapters),
+            )
+        )
     return out
 
 
 def mark_corrupt(job: str, c: CheckpointRecord, reason: str) -> Repair:
-    return Repair(f"job {job}: checkpoint step {c.step} is corrupt ({reason}); resume falls back",
-                  job_stream(job), [ev.CheckpointCorrupt(job=job, step=c.step, path=c.path, reason=reason)])
+    return Repair(
+        f"job {job}: checkpoint step {c.step} is corrupt ({reason}); resume falls back",
+        job_stream(job),
+        [ev.CheckpointCorrupt(job=job, step=c.step, path=c.path, reason=reason)],
+    )
 
 
 def verify(j: JobState, c: CheckpointRecord) -> Repair | None:
@@ -135,17 +206,30 @@ def plan(ws: Workspace, ledger: Ledger) -> list[Repair]:
     repairs: list[Repair] = []
     d = p.daemon
     if d.running:
-        repairs.append(Repair(f"daemon pid {d.process.pid if d.process else '?'} died without stopping: mark it stopped",
-                              DAEMON_STREAM, [ev.DaemonStopped(pid=d.process.pid if d.process else 0,
-                                                               reason="died (found by recovery)")]))
+        repairs.append(
+            Repair(
+                f"daemon pid {d.process.pid if d.process else '?'} died without stopping: mark it stopped",
+                DAEMON_STREAM,
+                [
+                    ev.DaemonStopped(
+                        pid=d.process.pid if d.process else 0, reason="died (found by recovery)"
+                    )
+                ],
+            )
+        )
     recorded = {j.worker.pid for j in p.jobs.values() if j.state in ACTIVE and j.worker is not None}
     for w, parent in process.workers_of(ws.home):
         # Holding the lock, no daemon of this workspace runs: a worker that is not our own child is
         # unsupervised. A job's recorded orphan is stopped by that job's repair below.
         if parent != os.getpid() and w.pid not in recorded:
-            repairs.append(Repair(f"stop worker pid {w.pid}: a worker of this workspace that no daemon supervises "
-                                  f"(a spare or an unrecorded start; it trains nothing the journal relies on)",
-                                  DAEMON_STREAM, before=lambda w=w: process.stop_group(w)))
+            repairs.append(
+                Repair(
+                    f"stop worker pid {w.pid}: a worker of this workspace that no daemon supervises "
+                    f"(a spare or an unrecorded start; it trains nothing the journal relies on)",
+                    DAEMON_STREAM,
+                    before=lambda w=w: process.stop_group(w),
+                )
+            )
     for j in p.jobs.values():
         if j.state in ACTIVE:
             repairs += _stale_job(j)
@@ -160,9 +244,18 @@ def plan(ws: Workspace, ledger: Ledger) -> list[Repair]:
         for name in sorted(os.listdir(jobs_root)):
             d_ = jobs_root / name
             if name not in p.jobs and d_.is_dir():
-                repairs.append(Repair(f"delete {d_.name}/ in jobs/: left by a submit that never committed", DAEMON_STREAM,
-                                      [ev.DebrisRemoved(path=str(d_), reason="job folder without a submitted job")],
-                                      after=rm(d_)))
+                repairs.append(
+                    Repair(
+                        f"delete {d_.name}/ in jobs/: left by a submit that never committed",
+                        DAEMON_STREAM,
+                        [
+                            ev.DebrisRemoved(
+                                path=str(d_), reason="job folder without a submitted job"
+                            )
+                        ],
+                        after=rm(d_),
+                    )
+                )
     return repairs
 
 

@@ -17,8 +17,8 @@ def demo(tmp_path_factory):
 
 class Baseline(NamedTuple):
     home: Path  # the workspace, for tests that inspect an uninterrupted run
-    sha1: str   # adapter sha256 of job 0001: 40 steps of TEST_CONFIG from a fresh adapter
-    sha2: str   # of job 0002: the same 40 steps, warm-started from job 0001
+    sha1: str  # adapter sha256 of job 0001: 40 steps of TEST_CONFIG from a fresh adapter
+    sha2: str  # of job 0002: the same 40 steps, warm-started from job 0001
 
 
 @pytest.fixture(scope="session")
@@ -29,10 +29,14 @@ def baseline(tmp_path_factory, demo) -> Baseline:
 
     home = make_workspace(tmp_path_factory.mktemp("baseline") / "ws", demo.model_dir)
     for name in ("job1", "job2"):
-        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name, "--again")
+        ftctl(
+            home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name, "--again"
+        )
     ftctl(home, "start", "--until-idle", "--quiet", timeout=600)
     first, second = finished(home, "0001"), finished(home, "0002")
-    assert first["global_step"] == 40 and second["global_step"] == 80  # the lineage's cumulative step
+    assert (
+        first["global_step"] == 40 and second["global_step"] == 80
+    )  # the lineage's cumulative step
     return Baseline(home, first["adapter_sha256"], second["adapter_sha256"])
 
 

@@ -15,24 +15,41 @@ import yaml
 # A job small enough for CI (2 cores) that still exercises dropout, warmup + cosine,
 # validation, several checkpoints and retention.
 TEST_CONFIG = {
-    "iters": 40, "batch_size": 2, "learning_rate": 5e-4, "save_every": 5, "steps_per_report": 5,
-    "steps_per_eval": 10, "val_batches": 2, "max_seq_length": 96, "num_layers": -1, "seed": 3,
+    "iters": 40,
+    "batch_size": 2,
+    "learning_rate": 5e-4,
+    "save_every": 5,
+    "steps_per_report": 5,
+    "steps_per_eval": 10,
+    "val_batches": 2,
+    "max_seq_length": 96,
+    "num_layers": -1,
+    "seed": 3,
     "optimizer": "adamw",
     "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.1, "keys": None},
-    "lr_schedule": {"name": "cosine_decay", "warmup": 4, "warmup_init": 1e-5, "arguments": [5e-4, 36, 1e-5]},
+    "lr_schedule": {
+        "name": "cosine_decay",
+        "warmup": 4,
+        "warmup_init": 1e-5,
+        "arguments": [5e-4, 36, 1e-5],
+    },
     "restart": {"max_restarts": 3, "window_s": 300.0, "backoff_s": 0.05, "backoff_max_s": 0.2},
     "timeouts": {"hang_s": 120.0, "eval_hang_s": 240.0, "stop_s": 60.0},
     "min_free_disk_gb": 0.01,
 }
 
 
-def ftctl(home: Path, *args: str, env: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+def ftctl(
+    home: Path, *args: str, env: dict | None = None, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "ftctl.cli", *args, "--home", str(home)]
     full_env = {k: v for k, v in os.environ.items() if k != "FTCTL_CRASH_AT"}
     full_env.update({"COLUMNS": "200", **(env or {})})
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and p.returncode != 0:
-        raise AssertionError(f"ftctl {' '.join(args)} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+        raise AssertionError(
+            f"ftctl {' '.join(args)} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+        )
     return p
 
 
@@ -43,8 +60,13 @@ def daemon(home: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
     """`ftctl start --quiet ARGS` in the background; fault points only as ``env`` arms them."""
     full = {k: v for k, v in os.environ.items() if k not in FAULT_VARS}
     full.update({"COLUMNS": "200", **(env or {})})
-    return subprocess.Popen([sys.executable, "-m", "ftctl.cli", "start", "--quiet", *args, "--home", str(home)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ftctl.cli", "start", "--quiet", *args, "--home", str(home)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full,
+    )
 
 
 def make_workspace(home: Path, model: Path, **overrides) -> Path:
@@ -125,7 +147,11 @@ def stray_workers(home: Path) -> list[int]:
     out = []
     for p in psutil.process_iter(["pid", "cmdline", "status"]):
         cmd = p.info["cmdline"] or []
-        if "ftctl.adapters.worker" in cmd and names & set(cmd) and p.info["status"] != psutil.STATUS_ZOMBIE:
+        if (
+            "ftctl.adapters.worker" in cmd
+            and names & set(cmd)
+            and p.info["status"] != psutil.STATUS_ZOMBIE
+        ):
             out.append(p.info["pid"])
     return out
 

@@ -32,11 +32,17 @@ print(json.dumps({"gflops": 2 * 1024**3 / best / 1e9}))
 def probe(choice: blas.Choice, tmp_path) -> dict:
     log = tmp_path / f"ld-{choice.kind}"
     env = {**os.environ, **choice.env, "LD_DEBUG": "bindings", "LD_DEBUG_OUTPUT": str(log)}
-    p = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300
+    )
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    lines = [line for f in tmp_path.glob(log.name + ".*") for line in f.read_text(errors="replace").splitlines()
-             if "libmlx.so" in line and "`cblas_sgemm'" in line]
+    lines = [
+        line
+        for f in tmp_path.glob(log.name + ".*")
+        for line in f.read_text(errors="replace").splitlines()
+        if "libmlx.so" in line and "`cblas_sgemm'" in line
+    ]
     assert lines, "libmlx's cblas_sgemm was never bound"
     out["sgemm_from"] = lines[-1].split(" to ", 1)[1].split(" [", 1)[0]
     return out
@@ -55,7 +61,10 @@ def test_reference_is_mlx_cpus_bundled_blas_and_needs_no_environment():
 def test_a_library_that_cannot_load_falls_back_to_reference_with_the_reason(tmp_path):
     bogus = tmp_path / "libnotblas.so"
     bogus.write_bytes(b"not an ELF file")
-    for setting, said in ((str(bogus), "cannot be preloaded"), (str(tmp_path / "missing.so"), "does not exist")):
+    for setting, said in (
+        (str(bogus), "cannot be preloaded"),
+        (str(tmp_path / "missing.so"), "does not exist"),
+    ):
         c = blas.choose(setting)
         assert c.kind == "reference" and c.env == {} and said in c.why and "pip install" in c.why
 
@@ -63,7 +72,9 @@ def test_a_library_that_cannot_load_falls_back_to_reference_with_the_reason(tmp_
 def test_fingerprint_diff():
     a = {"mlx": "1", "blas": "openblas x", "blas_threads": "2", "platform": "p"}
     assert blas.fingerprint_diff(a, dict(a)) == []
-    assert blas.fingerprint_diff(a, {**a, "blas": "reference y"}) == ["blas: openblas x -> reference y"]
+    assert blas.fingerprint_diff(a, {**a, "blas": "reference y"}) == [
+        "blas: openblas x -> reference y"
+    ]
     assert blas.fingerprint_diff({}, a) == []  # an old journal's attempt: unknown, not flagged
 
 

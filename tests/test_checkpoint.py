@@ -381,7 +381,9 @@ def test_the_writer_writes_in_order_and_reports_after_the_rename(tmp_path):
     assert seen == [5, 10, 15] and not w.busy() and all(x >= 0 for x in waits)
     assert [checkpoint_step(p) for p in list_checkpoint_dirs(job)] == [5, 10, 15]
     sync = save_checkpoint(tmp_path / "sync", payload(15))
-    assert (job / "checkpoints" / "step-00000015" / MANIFEST).read_bytes() == (Path(sync.path) / MANIFEST).read_bytes()
+    assert (job / "checkpoints" / "step-00000015" / MANIFEST).read_bytes() == (
+        Path(sync.path) / MANIFEST
+    ).read_bytes()
 
 
 @pytest.mark.parametrize("err", ERRNOS)
@@ -405,7 +407,9 @@ def test_a_fault_at_any_write_of_a_background_save_surfaces_in_the_caller(tmp_pa
                 w.submit(checkpoint_files(payload(30)), payload(30).state)
         assert e.value.errno == err and fs.failed
         w.check()  # raised once
-        assert seen == [], n  # a failed write is never reported (not even a failed fsync after the rename)
+        assert seen == [], (
+            n
+        )  # a failed write is never reported (not even a failed fsync after the rename)
         verify_checkpoint(prev.path)
         assert temp_dirs(job) == []
         assert [checkpoint_step(p) for p in list_checkpoint_dirs(job)] in ([10], [10, 20])
@@ -438,8 +442,13 @@ def test_a_kill_during_a_background_write_leaves_the_previous_or_the_new_checkpo
     for point, want in (("after_temp_write", [10]), ("after_rename", [10, 20])):
         job = tmp_path / point
         env = {**os.environ, "FTCTL_CRASH_AT": f"{point}:120:{tmp_path / (point + '.marker')}"}
-        p = subprocess.run([sys.executable, "-c", script, str(job)], env=env, capture_output=True, text=True,
-                           timeout=120)
+        p = subprocess.run(
+            [sys.executable, "-c", script, str(job)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert p.returncode == -9, p.stderr
         assert "reported" not in p.stdout
         assert [checkpoint_step(d) for d in list_checkpoint_dirs(job)] == want
@@ -453,9 +462,12 @@ def test_nonfinite_tensors_finds_inf_and_nan_in_the_buffers(dtype):
     from ftctl.adapters.checkpoint import nonfinite_tensors, safetensors_chunks
 
     big = mx.zeros((3000, 700), dtype)
-    arrays = {"ok": mx.array([1.0, -2.5, 65000.0 if dtype != mx.float16 else 60000.0], dtype),
-              "nan": mx.array([0.0, float("nan")], dtype), "inf": mx.array([-float("inf"), 1.0], dtype),
-              "late": mx.concatenate([big.reshape(-1), mx.array([float("inf")], dtype)]),
-              "ints": mx.array([2**31 - 1], mx.int32)}
+    arrays = {
+        "ok": mx.array([1.0, -2.5, 65000.0 if dtype != mx.float16 else 60000.0], dtype),
+        "nan": mx.array([0.0, float("nan")], dtype),
+        "inf": mx.array([-float("inf"), 1.0], dtype),
+        "late": mx.concatenate([big.reshape(-1), mx.array([float("inf")], dtype)]),
+        "ints": mx.array([2**31 - 1], mx.int32),
+    }
     assert nonfinite_tensors(safetensors_chunks(arrays), block=1 << 16) == ["inf", "late", "nan"]
     assert nonfinite_tensors(safetensors_chunks({"ok": arrays["ok"], "big": big})) == []

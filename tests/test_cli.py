@@ -18,7 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def chat(i: int) -> str:
-    return json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+    return json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"a{i}"},
+            ]
+        }
+    )
 
 
 def write(path: Path, lines: list[str]) -> Path:
@@ -42,11 +49,15 @@ def test_no_workspace(tmp_path, capsys):
 
 
 def test_init_refuses_existing(ws, capsys):
-    code, _, err = run(capsys, "init", "--model", "x", "--home", ws)  # the workspace is checked first
+    code, _, err = run(
+        capsys, "init", "--model", "x", "--home", ws
+    )  # the workspace is checked first
     assert code == 1 and "already holds an ftctl workspace" in err
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 50, b"SQLite format 3\x00" + b"\x00" * 200])
+@pytest.mark.parametrize(
+    "content", [b"", b"\x00garbage" * 50, b"SQLite format 3\x00" + b"\x00" * 200]
+)
 def test_bad_journal_file(ws, capsys, content):
     (ws / "journal.db").write_bytes(content)
     before = sha(ws / "journal.db")
@@ -68,8 +79,11 @@ def test_submit_queues_and_records_sha_and_config(ws, tmp_path, capsys):
 
 
 def test_submit_rejects_bad_data_and_leaves_it_untouched(ws, tmp_path, capsys):
-    lines = [chat(i) for i in range(40)] + ["{not json", json.dumps({"messages": []}),
-                                            json.dumps({"messages": [{"role": "wizard", "content": "x"}]})]
+    lines = [chat(i) for i in range(40)] + [
+        "{not json",
+        json.dumps({"messages": []}),
+        json.dumps({"messages": [{"role": "wizard", "content": "x"}]}),
+    ]
     data = write(tmp_path / "bad.jsonl", lines)
     before = sha(data)
     code, _, err = run(capsys, "submit", data, "--home", ws)
@@ -88,7 +102,9 @@ def test_submit_invalid_utf8_and_empty(ws, tmp_path, capsys):
     code, _, err = run(capsys, "submit", empty, "--home", ws)
     assert code == 1 and "empty" in err
     bad = tmp_path / "latin.jsonl"
-    bad.write_bytes(("\n".join(chat(i) for i in range(5)) + "\n").encode() + b'{"text": "caf\xe9"}\n')
+    bad.write_bytes(
+        ("\n".join(chat(i) for i in range(5)) + "\n").encode() + b'{"text": "caf\xe9"}\n'
+    )
     code, _, err = run(capsys, "submit", bad, "--home", ws)
     assert code == 1 and "latin.jsonl:6" in err and "UTF-8" in err
 
@@ -128,7 +144,12 @@ def test_illegal_transitions_are_refused(ws, tmp_path, capsys):
     code, _, err = run(capsys, "cancel", "1", "--home", ws)
     assert code == 1 and "'cancelled'" in err
     _, out, _ = run(capsys, "history", "--json", "--home", ws)
-    assert [e["type"] for e in json.loads(out)] == ["job_submitted", "paused", "resumed", "cancelled"]
+    assert [e["type"] for e in json.loads(out)] == [
+        "job_submitted",
+        "paused",
+        "resumed",
+        "cancelled",
+    ]
 
 
 def test_replay_shows_the_past(ws, tmp_path, capsys):
@@ -201,7 +222,9 @@ def test_readme_test_command_is_what_ci_runs():
 def test_doctor_finds_problems_and_fix_repairs_them(ws, tmp_path, capsys):
     code, out, _ = run(capsys, "doctor", "--json", "--home", ws)
     assert code == 0 and json.loads(out)["ok"]
-    (found,) = [f for f in json.loads(out)["findings"] if f["check"] == "blas"]  # which BLAS workers run on
+    (found,) = [
+        f for f in json.loads(out)["findings"] if f["check"] == "blas"
+    ]  # which BLAS workers run on
     assert found["message"].startswith("workers run on ")
     if sys.platform.startswith("linux") and "reference" in found["message"]:
         assert "pip install" in found["message"]  # and how to get a fast one
@@ -220,17 +243,25 @@ def test_doctor_finds_problems_and_fix_repairs_them(ws, tmp_path, capsys):
     code, out, _ = run(capsys, "doctor", "--fix", "--json", "--home", ws)
     report = json.loads(out)
     assert any("0009" in line for line in report["fixed"]) and not (ws / "jobs" / "0009").exists()
-    assert {f["check"] for f in report["findings"] if f["severity"] != "ok"} == {"config drift"}  # a choice for the user
+    assert {f["check"] for f in report["findings"] if f["severity"] != "ok"} == {
+        "config drift"
+    }  # a choice for the user
 
 
 def test_a_bad_set_override_is_blamed_on_the_override_not_the_file(ws, tmp_path, capsys):
     data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
     code, _, err = run(capsys, "submit", data, "--home", ws, "--set", "learnig_rate=2e-4")
     assert code == 1
-    assert "--set learnig_rate=2e-4: unknown key 'learnig_rate' (did you mean 'learning_rate'?)" in err
+    assert (
+        "--set learnig_rate=2e-4: unknown key 'learnig_rate' (did you mean 'learning_rate'?)" in err
+    )
     assert "ftctl.yaml" not in err
-    code, _, err = run(capsys, "submit", data, "--home", ws, "--set", "iters=5", "--set", "lora_parameters.rank=0")
-    assert code == 1 and err.startswith("error: --set lora_parameters.rank=0: lora_parameters.rank = 0")
+    code, _, err = run(
+        capsys, "submit", data, "--home", ws, "--set", "iters=5", "--set", "lora_parameters.rank=0"
+    )
+    assert code == 1 and err.startswith(
+        "error: --set lora_parameters.rank=0: lora_parameters.rank = 0"
+    )
 
 
 def test_per_job_overrides_are_recorded_and_are_not_config_drift(ws, tmp_path, capsys):
@@ -247,7 +278,9 @@ def test_per_job_overrides_are_recorded_and_are_not_config_drift(ws, tmp_path, c
     (ws / "ftctl.yaml").write_text(yaml.safe_dump(cfg))
     code, out, _ = run(capsys, "doctor", "--json", "--home", ws)
     drift = [f for f in json.loads(out)["findings"] if f["check"] == "config drift"]
-    assert code == 1 and "iters" in drift[0]["message"] and "learning_rate:" not in drift[0]["message"]
+    assert (
+        code == 1 and "iters" in drift[0]["message"] and "learning_rate:" not in drift[0]["message"]
+    )
 
 
 def test_the_same_data_and_config_twice_needs_again(ws, tmp_path, capsys):
@@ -255,7 +288,9 @@ def test_the_same_data_and_config_twice_needs_again(ws, tmp_path, capsys):
     assert run(capsys, "submit", data, "--home", ws)[0] == 0
     code, _, err = run(capsys, "submit", data, "--home", ws)
     assert code == 1 and "job 0001" in err and "--again" in err and "nothing was queued" in err
-    assert run(capsys, "submit", data, "--home", ws, "--set", "iters=50")[0] == 0  # another config: another job
+    assert (
+        run(capsys, "submit", data, "--home", ws, "--set", "iters=50")[0] == 0
+    )  # another config: another job
     assert run(capsys, "submit", data, "--home", ws, "--again")[0] == 0
     _, out, _ = run(capsys, "history", "--json", "--home", ws)
     assert [e["data"]["job"] for e in json.loads(out)] == ["0001", "0002", "0003"]
@@ -273,7 +308,9 @@ def test_a_duplicate_in_the_inbox_is_moved_to_rejected_not_retried(ws, tmp_path,
     daemon = Daemon(Workspace(ws), until_idle=True, report=Reporter())
     daemon.ledger = Ledger(daemon.ws.open_journal())
     daemon.scan_inbox()
-    assert not (ws / "inbox" / "d.jsonl").exists() and (ws / "inbox" / "rejected" / "d.jsonl").exists()
+    assert (
+        not (ws / "inbox" / "d.jsonl").exists() and (ws / "inbox" / "rejected" / "d.jsonl").exists()
+    )
     assert "job 0001" in (ws / "logs" / "daemon.log").read_text()
     assert list(daemon.ledger.state.jobs) == ["0001"]
     # the same name rejected again never replaces the file rejected first (the user's, not ftctl's)
@@ -293,18 +330,27 @@ def test_config_show_prints_yaml_values_not_python_reprs(ws, capsys, monkeypatch
     cfg["warm_start"] = False
     (ws / "ftctl.yaml").write_text(yaml.safe_dump(cfg))
     code, out, _ = run(capsys, "config", "show", "--home", ws)
-    rows = {cells[0]: cells[1] for line in out.splitlines()
-            if len(cells := [c.strip() for c in line.strip("│┃ ").split("│")]) == 3}
+    rows = {
+        cells[0]: cells[1]
+        for line in out.splitlines()
+        if len(cells := [c.strip() for c in line.strip("│┃ ").split("│")]) == 3
+    }
     assert code == 0
-    assert rows["fine_tune_type"] == "lora" and rows["lr_schedule"] == "null" and rows["warm_start"] == "false"
+    assert (
+        rows["fine_tune_type"] == "lora"
+        and rows["lr_schedule"] == "null"
+        and rows["warm_start"] == "false"
+    )
     assert rows["lora_parameters.keys"] == "[self_attn.q_proj, self_attn.v_proj]"
     assert "'" not in out and "None" not in out and "False" not in out
 
 
 LONG_LOG = "/home/someone/with/a/rather/long/workspace/path/.ftctl/logs/job-0001.log"
-EVIDENCE = (f"exit code 1; last step seen 3; log {LONG_LOG}\n"
-            "Traceback (most recent call last):\n  File \"worker.py\", line 9, in main\n    load()\n"
-            "ValueError: Missing 9 parameters\n")
+EVIDENCE = (
+    f"exit code 1; last step seen 3; log {LONG_LOG}\n"
+    'Traceback (most recent call last):\n  File "worker.py", line 9, in main\n    load()\n'
+    "ValueError: Missing 9 parameters\n"
+)
 
 
 def _crash(ws, *crashes):
@@ -318,11 +364,30 @@ def _crash(ws, *crashes):
     ledger = Ledger.open(ws / "journal.db")
     try:
         for i, (code, sig, evidence) in enumerate(crashes):
-            ledger.commit(job_stream("0001"), ev.TrainingStarted(job="0001", attempt=i + 1, worker_pid=1,
-                                                                 worker_started_at=time.time(), base_model="m"))
-            ledger.commit(job_stream("0001"), ev.Crashed(job="0001", category="exception", step=None if i else 3,
-                                                         exit_code=code, signal=sig, evidence=evidence))
-            ledger.commit(job_stream("0001"), ev.Requeued(job="0001", reason="test", not_before=0.0))
+            ledger.commit(
+                job_stream("0001"),
+                ev.TrainingStarted(
+                    job="0001",
+                    attempt=i + 1,
+                    worker_pid=1,
+                    worker_started_at=time.time(),
+                    base_model="m",
+                ),
+            )
+            ledger.commit(
+                job_stream("0001"),
+                ev.Crashed(
+                    job="0001",
+                    category="exception",
+                    step=None if i else 3,
+                    exit_code=code,
+                    signal=sig,
+                    evidence=evidence,
+                ),
+            )
+            ledger.commit(
+                job_stream("0001"), ev.Requeued(job="0001", reason="test", not_before=0.0)
+            )
     finally:
         ledger.close()
 
@@ -332,10 +397,16 @@ def test_crashes_shows_signal_exit_and_the_telling_evidence_line(ws, tmp_path, c
     run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
     _crash(ws, (1, None, EVIDENCE), (None, 9, "no exit status; the worker hung"))
     code, out, _ = run(capsys, "crashes", "--home", ws)
-    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in out.splitlines() if "exception" in line]
+    rows = [
+        [c.strip() for c in line.strip("│ ").split("│")]
+        for line in out.splitlines()
+        if "exception" in line
+    ]
     assert code == 0 and len(rows) == 2, out
     first, second = rows
-    assert first[3] == "1" and second[3] == "2"  # the job's crash number: what `reproduce --crash` takes
+    assert (
+        first[3] == "1" and second[3] == "2"
+    )  # the job's crash number: what `reproduce --crash` takes
     assert first[5:9] == ["3", "1", "-", "ValueError: Missing 9 parameters"]
     assert second[5:9] == ["-", "-", "SIGKILL", "no exit status; the worker hung"]
     assert "None" not in out
@@ -344,8 +415,11 @@ def test_crashes_shows_signal_exit_and_the_telling_evidence_line(ws, tmp_path, c
 def test_history_never_cuts_a_path_in_the_middle(ws, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
     run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
-    _crash(ws, (1, None, EVIDENCE.replace("\nTraceback", "\nnothing to see\nTraceback")),
-           (-9, 9, f"exit code -9 (signal SIGKILL); last step seen 3; log {LONG_LOG}"))
+    _crash(
+        ws,
+        (1, None, EVIDENCE.replace("\nTraceback", "\nnothing to see\nTraceback")),
+        (-9, 9, f"exit code -9 (signal SIGKILL); last step seen 3; log {LONG_LOG}"),
+    )
     code, out, _ = run(capsys, "history", "--home", ws)
     assert code == 0 and "evidence=ValueError: Missing 9 parameters" in out
     assert f"log {LONG_LOG}" in out  # whole: the path can be opened
@@ -354,14 +428,16 @@ def test_history_never_cuts_a_path_in_the_middle(ws, tmp_path, capsys, monkeypat
 # --------------------------------------------------------------------------- the parser: help, typos, --version
 
 # wt-9a owns the options of `status` and `history` (issue 9); their argument help is checked there.
-ARGUMENT_HELP_ELSEWHERE: set[str] = set()  # commands whose argument help is checked elsewhere (none now)
+ARGUMENT_HELP_ELSEWHERE: set[str] = (
+    set()
+)  # commands whose argument help is checked elsewhere (none now)
 
 
 def _commands(parser, path=""):
     import argparse
 
     sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-    for name, p in (sub.choices.items() if sub else []):
+    for name, p in sub.choices.items() if sub else []:
         yield f"{path} {name}".strip(), p
         yield from _commands(p, f"{path} {name}".strip())
 
@@ -377,16 +453,24 @@ def test_every_command_has_a_description_an_example_and_help_for_every_argument(
     for name, p in commands.items():
         assert p.description and len(p.description) > 20, name
         assert p.epilog and p.epilog.startswith("example:\n  ftctl " + name.split()[0]), name
-        assert p.formatter_class is argparse.RawDescriptionHelpFormatter, name  # the example keeps its lines
+        assert p.formatter_class is argparse.RawDescriptionHelpFormatter, (
+            name
+        )  # the example keeps its lines
         assert f"`ftctl {name}" in docs, name
         if name in ARGUMENT_HELP_ELSEWHERE:
             continue
         for a in p._actions:
-            assert a.help and a.help != argparse.SUPPRESS, f"ftctl {name}: {a.option_strings or a.dest} has no help"
+            assert a.help and a.help != argparse.SUPPRESS, (
+                f"ftctl {name}: {a.option_strings or a.dest} has no help"
+            )
             for opt in a.option_strings:  # docs/cli.md names every option of the command
                 if opt not in ("-h", "--help", "--home"):
-                    row = next(l for l in docs.splitlines() if l.startswith(f"| `ftctl {name.split()[0]}")
-                               or (name in ("pause", "resume", "cancel") and "`ftctl resume JOB`" in l))
+                    row = next(
+                        l
+                        for l in docs.splitlines()
+                        if l.startswith(f"| `ftctl {name.split()[0]}")
+                        or (name in ("pause", "resume", "cancel") and "`ftctl resume JOB`" in l)
+                    )
                     assert opt in row, f"docs/cli.md does not mention ftctl {name} {opt}"
 
 
@@ -396,12 +480,15 @@ def test_version(capsys):
     assert e.value.code == 0 and re.fullmatch(r"ftctl \S+\n", capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["statsu"], "unknown command 'statsu' (did you mean 'status'?)"),
-    (["config", "shw"], "ftctl config: unknown command 'shw' (did you mean 'show'?)"),
-    (["config"], "ftctl config needs a command: show"),
-    ([], "ftctl needs a command: init, submit"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["statsu"], "unknown command 'statsu' (did you mean 'status'?)"),
+        (["config", "shw"], "ftctl config: unknown command 'shw' (did you mean 'show'?)"),
+        (["config"], "ftctl config needs a command: show"),
+        ([], "ftctl needs a command: init, submit"),
+    ],
+)
 def test_a_typo_or_a_missing_command_gets_one_clear_line(capsys, argv, expected):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -426,13 +513,22 @@ def test_json_from_init_pause_resume_cancel_and_shutdown(tmp_path, capsys, demo)
     model = demo.model_dir
     home = tmp_path / "home"
     code, out, _ = run(capsys, "init", "--model", model, "--home", home, "--json")
-    assert code == 0 and json.loads(out) == {"home": str(home), "config": str(home / "ftctl.yaml"),
-                                             "model": str(model), "demo_data": None}
+    assert code == 0 and json.loads(out) == {
+        "home": str(home),
+        "config": str(home / "ftctl.yaml"),
+        "model": str(model),
+        "demo_data": None,
+    }
     run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", home)
     for action, event in (("pause", "paused"), ("resume", "resumed"), ("cancel", "cancelled")):
         code, out, _ = run(capsys, action, "1", "--home", home, "--json")
-        assert code == 0 and json.loads(out) == {"job": "0001", "action": action, "event": event, "deferred": False,
-                                                 "daemon_alive": False}
+        assert code == 0 and json.loads(out) == {
+            "job": "0001",
+            "action": action,
+            "event": event,
+            "deferred": False,
+            "daemon_alive": False,
+        }
     code, out, _ = run(capsys, "shutdown", "--home", home, "--json")
     assert code == 0 and json.loads(out) == {"requested": False, "stopped": True}
 
@@ -442,7 +538,9 @@ def test_a_refusal_with_json_is_a_json_error_on_stdout(tmp_path, capsys, demo):
     run(capsys, "init", "--model", demo.model_dir, "--home", home)
     data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
     assert run(capsys, "submit", data, "--home", home, "--json")[0] == 0
-    code, out, err = run(capsys, "submit", data, "--home", home, "--json")  # the same job twice: refused
+    code, out, err = run(
+        capsys, "submit", data, "--home", home, "--json"
+    )  # the same job twice: refused
     answer = json.loads(out)
     assert code == 1 and answer["exit"] == 1 and "--again" in answer["error"] and "error:" in err
     code, out, _ = run(capsys, "pause", "42", "--home", home, "--json")
@@ -453,21 +551,34 @@ def test_start_json_prints_one_summary_of_the_run(ws, tmp_path, capsys):
     run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
     code, out, err = run(capsys, "start", "--until-idle", "--home", ws, "--json")
     summary = json.loads(out)  # stdout is the summary alone: the progress went to stderr
-    assert code == 1 and "daemon started" in err and "job 0001 paused" in err  # --until-idle: not all completed
-    assert summary == {"stopped": "queue empty (--until-idle)", "completed": [], "failed": [], "paused": ["0001"]}
+    assert (
+        code == 1 and "daemon started" in err and "job 0001 paused" in err
+    )  # --until-idle: not all completed
+    assert summary == {
+        "stopped": "queue empty (--until-idle)",
+        "completed": [],
+        "failed": [],
+        "paused": ["0001"],
+    }
 
 
 def test_consolidate_json_with_a_daemon_running_is_a_request(ws, tmp_path, capsys):
     from ftctl.adapters import process
 
-    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)  # the lineage
+    run(
+        capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws
+    )  # the lineage
     lock = process.acquire_lock(ws / "run" / "daemon.lock")  # stands for a running daemon
     try:
         code, out, _ = run(capsys, "consolidate", "--home", ws, "--json")
     finally:
         process.release_lock(lock)
-    assert code == 0 and json.loads(out) == {"lineage": "main", "requested": True, "path": None,
-                                             "weights_sha256": None}
+    assert code == 0 and json.loads(out) == {
+        "lineage": "main",
+        "requested": True,
+        "path": None,
+        "weights_sha256": None,
+    }
 
 
 def test_history_follow_json_is_one_compact_object_per_line(ws, tmp_path, capsys, monkeypatch):

@@ -46,18 +46,33 @@ def test_minimal_config_gets_defaults_and_no_warnings():
 
 def test_full_mlx_lm_style_config_decodes():
     data = cfg(
-        fine_tune_type="dora", optimizer="adamw", optimizer_config={"adamw": {"weight_decay": 0.01}},
+        fine_tune_type="dora",
+        optimizer="adamw",
+        optimizer_config={"adamw": {"weight_decay": 0.01}},
         learning_rate=2e-5,
-        lr_schedule={"name": "cosine_decay", "warmup": 10, "warmup_init": 1e-7,
-                     "arguments": [2e-5, 1000, 1e-7]},
-        lora_parameters={"rank": 16, "scale": 10.0, "dropout": 0.05,
-                         "keys": ["self_attn.q_proj", "self_attn.v_proj"]},
-        num_layers=-1, val_batches=-1, grad_accumulation_steps=4, save_every=100, steps_per_eval=200,
+        lr_schedule={
+            "name": "cosine_decay",
+            "warmup": 10,
+            "warmup_init": 1e-7,
+            "arguments": [2e-5, 1000, 1e-7],
+        },
+        lora_parameters={
+            "rank": 16,
+            "scale": 10.0,
+            "dropout": 0.05,
+            "keys": ["self_attn.q_proj", "self_attn.v_proj"],
+        },
+        num_layers=-1,
+        val_batches=-1,
+        grad_accumulation_steps=4,
+        save_every=100,
+        steps_per_eval=200,
         consolidation={"schedule": "03:00", "keep_models": 1},
     )
     c, warnings = decode_config(data)
-    assert c.lr_schedule == LRSchedule(name="cosine_decay", warmup=10, warmup_init=1e-7,
-                                       arguments=[2e-5, 1000, 1e-7])
+    assert c.lr_schedule == LRSchedule(
+        name="cosine_decay", warmup=10, warmup_init=1e-7, arguments=[2e-5, 1000, 1e-7]
+    )
     assert c.lora_parameters.keys == ["self_attn.q_proj", "self_attn.v_proj"]
     assert c.num_layers == -1 and c.consolidation.schedule == "03:00"
     assert warnings == []
@@ -91,9 +106,15 @@ def test_numeric_strings_are_not_coerced_where_an_int_or_str_goes():
 
 def test_out_of_range_message_and_attributes():
     e = error(cfg(lora_parameters={"rank": 0}))
-    assert str(e) == ("ftctl.yaml: lora_parameters.rank = 0 is out of range: "
-                      "must be an integer between 1 and 1024")
-    assert (e.key, e.value, e.allowed) == ("lora_parameters.rank", 0, "an integer between 1 and 1024")
+    assert str(e) == (
+        "ftctl.yaml: lora_parameters.rank = 0 is out of range: "
+        "must be an integer between 1 and 1024"
+    )
+    assert (e.key, e.value, e.allowed) == (
+        "lora_parameters.rank",
+        0,
+        "an integer between 1 and 1024",
+    )
     assert isinstance(e, ValueError)
 
 
@@ -107,16 +128,26 @@ def test_out_of_range_message_and_attributes():
         (cfg(max_seq_length=1), "max_seq_length = 1 is out of range: must be an integer >= 2"),
         (cfg(seed=-1), "seed = -1 is out of range: must be an integer between 0 and 4294967295"),
         (cfg(lora_parameters={"rank": 2048}), "lora_parameters.rank = 2048 is out of range"),
-        (cfg(lora_parameters={"dropout": 1.0}),
-         "lora_parameters.dropout = 1.0 is out of range: must be a number >= 0 and < 1"),
-        (cfg(lora_parameters={"scale": 0}), "lora_parameters.scale = 0 is out of range: must be a number > 0"),
-        (cfg(retention={"keep_last": 0}), "retention.keep_last = 0 is out of range: must be an integer >= 1"),
+        (
+            cfg(lora_parameters={"dropout": 1.0}),
+            "lora_parameters.dropout = 1.0 is out of range: must be a number >= 0 and < 1",
+        ),
+        (
+            cfg(lora_parameters={"scale": 0}),
+            "lora_parameters.scale = 0 is out of range: must be a number > 0",
+        ),
+        (
+            cfg(retention={"keep_last": 0}),
+            "retention.keep_last = 0 is out of range: must be an integer >= 1",
+        ),
         (cfg(restart={"max_restarts": -1}), "restart.max_restarts = -1 is out of range"),
         (cfg(timeouts={"hang_s": 0}), "timeouts.hang_s = 0 is out of range: must be a number > 0"),
         (cfg(min_free_disk_gb=-1), "min_free_disk_gb = -1 is out of range: must be a number >= 0"),
         (cfg(consolidation={"keep_models": 0}), "consolidation.keep_models = 0 is out of range"),
-        (cfg(lr_schedule={"name": "cosine_decay", "warmup": -1, "arguments": [1e-5, 10]}),
-         "lr_schedule.warmup = -1 is out of range: must be an integer >= 0"),
+        (
+            cfg(lr_schedule={"name": "cosine_decay", "warmup": -1, "arguments": [1e-5, 10]}),
+            "lr_schedule.warmup = -1 is out of range: must be an integer >= 0",
+        ),
         (cfg(grad_accumulation_steps=0), "grad_accumulation_steps = 0 is out of range"),
     ],
 )
@@ -138,8 +169,10 @@ def test_minus_one_means_all_but_zero_is_rejected(key):
         (cfg(learning_rat=1e-5), "learning_rate"),
         (cfg(lora_parameters={"rnk": 4}), "lora_parameters.rank"),
         (cfg(retention={"keep_lst": 4}), "retention.keep_last"),
-        (cfg(lr_schedule={"name": "cosine_decay", "arguments": [1e-5, 9], "warmpu": 3}),
-         "lr_schedule.warmup"),
+        (
+            cfg(lr_schedule={"name": "cosine_decay", "arguments": [1e-5, 9], "warmpu": 3}),
+            "lr_schedule.warmup",
+        ),
         (cfg(optimizer_config={"adamww": {}}), "optimizer_config.adamw"),
     ],
 )
@@ -153,7 +186,8 @@ def test_unknown_key_without_close_match_lists_known_keys():
     e = error(cfg(zzz=1))
     assert "unknown key 'zzz' (known keys: model, fine_tune_type," in str(e)
     assert "unknown key 'timeouts.qq' (known keys in timeouts: hang_s, eval_hang_s, stop_s)" in str(
-        error(cfg(timeouts={"qq": 1})))
+        error(cfg(timeouts={"qq": 1}))
+    )
 
 
 def test_mlx_lm_keys_ftctl_does_not_take_are_unknown():
@@ -164,21 +198,41 @@ def test_mlx_lm_keys_ftctl_does_not_take_are_unknown():
 @pytest.mark.parametrize(
     "data, fragment",
     [
-        (cfg(batch_size="four"), "batch_size = 'four' has the wrong type: expected an integer >= 1"),
+        (
+            cfg(batch_size="four"),
+            "batch_size = 'four' has the wrong type: expected an integer >= 1",
+        ),
         (cfg(batch_size=4.0), "batch_size = 4.0 has the wrong type: expected an integer"),
         (cfg(batch_size=True), "batch_size = true has the wrong type"),
-        (cfg(learning_rate="fast"), "learning_rate = 'fast' has the wrong type: expected a number > 0"),
+        (
+            cfg(learning_rate="fast"),
+            "learning_rate = 'fast' has the wrong type: expected a number > 0",
+        ),
         (cfg(mask_prompt="yes"), "mask_prompt = 'yes' has the wrong type: expected true or false"),
         (cfg(model=5), "model = 5 has the wrong type: expected a non-empty path"),
-        (cfg(lora_parameters=5), "lora_parameters = 5 has the wrong type: expected a mapping with keys"),
+        (
+            cfg(lora_parameters=5),
+            "lora_parameters = 5 has the wrong type: expected a mapping with keys",
+        ),
         (cfg(lora_parameters=[1]), "lora_parameters = [1] has the wrong type"),
         (cfg(retention=None), "retention = null has the wrong type"),
-        (cfg(lora_parameters={"keys": "q_proj"}), "lora_parameters.keys = 'q_proj' has the wrong type"),
-        (cfg(lora_parameters={"keys": [1]}), "lora_parameters.keys[0] = 1 has the wrong type: expected a string"),
-        (cfg(lr_schedule={"name": "cosine_decay", "arguments": [1e-5, "x"]}),
-         "lr_schedule.arguments[1] = 'x' has the wrong type: expected a number"),
-        (cfg(lr_schedule=3), "lr_schedule = 3 has the wrong type: expected a mapping with keys name, "
-                             "warmup, warmup_init, arguments or null"),
+        (
+            cfg(lora_parameters={"keys": "q_proj"}),
+            "lora_parameters.keys = 'q_proj' has the wrong type",
+        ),
+        (
+            cfg(lora_parameters={"keys": [1]}),
+            "lora_parameters.keys[0] = 1 has the wrong type: expected a string",
+        ),
+        (
+            cfg(lr_schedule={"name": "cosine_decay", "arguments": [1e-5, "x"]}),
+            "lr_schedule.arguments[1] = 'x' has the wrong type: expected a number",
+        ),
+        (
+            cfg(lr_schedule=3),
+            "lr_schedule = 3 has the wrong type: expected a mapping with keys name, "
+            "warmup, warmup_init, arguments or null",
+        ),
         (cfg(optimizer_config={"adamw": 5}), "optimizer_config = {'adamw': 5} has the wrong type"),
         (cfg(optimizer_config=[]), "optimizer_config = [] has the wrong type"),
     ],
@@ -190,15 +244,24 @@ def test_wrong_types_name_the_expected_type(data, fragment):
 @pytest.mark.parametrize(
     "data, fragment",
     [
-        (cfg(fine_tune_type="full"), "fine_tune_type = 'full' is not allowed: must be one of 'dora', 'lora'"),
+        (
+            cfg(fine_tune_type="full"),
+            "fine_tune_type = 'full' is not allowed: must be one of 'dora', 'lora'",
+        ),
         (cfg(optimizer="adamax"), "optimizer = 'adamax' is not allowed: must be one of"),
-        (cfg(lr_schedule={"name": "cosine", "arguments": [1e-5, 10]}),
-         "lr_schedule.name = 'cosine' is not allowed: must be one of 'cosine_decay'"),
-        (cfg(consolidation={"schedule": "3am"}),
-         "consolidation.schedule = '3am' is not valid: must be a time 'HH:MM' (24-hour, local), or null"),
+        (
+            cfg(lr_schedule={"name": "cosine", "arguments": [1e-5, 10]}),
+            "lr_schedule.name = 'cosine' is not allowed: must be one of 'cosine_decay'",
+        ),
+        (
+            cfg(consolidation={"schedule": "3am"}),
+            "consolidation.schedule = '3am' is not valid: must be a time 'HH:MM' (24-hour, local), or null",
+        ),
         (cfg(consolidation={"schedule": "24:00"}), "consolidation.schedule = '24:00' is not valid"),
-        (cfg(lora_parameters={"keys": []}),
-         "lora_parameters.keys = [] is not valid: must be a non-empty list of module names, or null"),
+        (
+            cfg(lora_parameters={"keys": []}),
+            "lora_parameters.keys = [] is not valid: must be a non-empty list of module names, or null",
+        ),
         (cfg(model=""), "model = '' is not valid: must be a non-empty path"),
     ],
 )
@@ -208,7 +271,10 @@ def test_disallowed_values(data, fragment):
 
 def test_missing_required_keys():
     e = error({})
-    assert str(e) == "ftctl.yaml: missing required key 'model' (an mlx-lm model folder, a Hugging Face repo id or a .gguf file)"
+    assert (
+        str(e)
+        == "ftctl.yaml: missing required key 'model' (an mlx-lm model folder, a Hugging Face repo id or a .gguf file)"
+    )
     assert e.key == "model"
     e = error(cfg(lr_schedule={"arguments": [1e-5, 10]}))
     assert "missing required key 'lr_schedule.name'" in str(e) and e.key == "lr_schedule.name"
@@ -216,15 +282,18 @@ def test_missing_required_keys():
 
 @pytest.mark.parametrize("data, kind", [(None, "empty"), ([1, 2], "a list"), ("model: x", "a str")])
 def test_top_level_must_be_a_mapping(data, kind):
-    assert f"the file must be a mapping of keys to values (model: ..., iters: ...), but it is {kind}" in str(
-        error(data))
+    assert (
+        f"the file must be a mapping of keys to values (model: ..., iters: ...), but it is {kind}"
+        in str(error(data))
+    )
 
 
 def test_non_string_keys():
     assert "key 3 in the top level is not a name" in str(error({**BASE, 3: 4}))
     assert "key null in lora_parameters is not a name" in str(error(cfg(lora_parameters={None: 1})))
     assert "optimizer_config has a key that is not a string" in str(
-        error(cfg(optimizer_config={"adamw": {1: 2}})))
+        error(cfg(optimizer_config={"adamw": {1: 2}}))
+    )
 
 
 @pytest.mark.parametrize(
@@ -238,12 +307,15 @@ def test_non_string_keys():
 )
 def test_non_finite_numbers_are_rejected(data, key):
     e = error(data)
-    assert e.key == key and (" is not allowed: must be a finite number" in str(e)
-                             or " is out of range" in str(e))
+    assert e.key == key and (
+        " is not allowed: must be a finite number" in str(e) or " is out of range" in str(e)
+    )
 
 
 def test_source_names_the_file():
-    assert str(error(cfg(iters=0), source="jobs/a/ftctl.yaml")).startswith("jobs/a/ftctl.yaml: iters = 0")
+    assert str(error(cfg(iters=0), source="jobs/a/ftctl.yaml")).startswith(
+        "jobs/a/ftctl.yaml: iters = 0"
+    )
 
 
 def test_messages_are_one_line():
@@ -257,8 +329,10 @@ def test_messages_are_one_line():
 @pytest.mark.parametrize("key", ["save_every", "steps_per_eval"])
 def test_checkpoints_and_evals_fall_on_optimizer_updates(key):
     e = error({**cfg(grad_accumulation_steps=4, save_every=100, steps_per_eval=200), key: 10})
-    assert str(e) == (f"ftctl.yaml: {key} = 10 must be a multiple of grad_accumulation_steps = 4 "
-                      "(checkpoints and evaluations fall on optimizer updates)")
+    assert str(e) == (
+        f"ftctl.yaml: {key} = 10 must be a multiple of grad_accumulation_steps = 4 "
+        "(checkpoints and evaluations fall on optimizer updates)"
+    )
     assert e.key == key and e.value == 10
 
 
@@ -279,9 +353,17 @@ def test_backoff_max_must_not_be_shorter_than_backoff():
         ("cosine_decay", [], "must be 2 to 3 numbers for cosine_decay(init, decay_steps[, end])"),
         ("cosine_decay", [1e-5], "does not fit the schedule"),
         ("cosine_decay", [1e-5, 10, 0, 1], "does not fit the schedule"),
-        ("exponential_decay", [1e-5, 0.9, 3], "must be 2 numbers for exponential_decay(init, decay_rate)"),
+        (
+            "exponential_decay",
+            [1e-5, 0.9, 3],
+            "must be 2 numbers for exponential_decay(init, decay_rate)",
+        ),
         ("linear_schedule", [1e-5, 0.0], "must be 3 numbers for linear_schedule(init, end, steps)"),
-        ("step_decay", [1e-5, 0.5], "must be 3 numbers for step_decay(init, decay_rate, step_size)"),
+        (
+            "step_decay",
+            [1e-5, 0.5],
+            "must be 3 numbers for step_decay(init, decay_rate, step_size)",
+        ),
     ],
 )
 def test_schedule_arguments_must_fit_the_scheduler(name, arguments, fragment):
@@ -291,9 +373,15 @@ def test_schedule_arguments_must_fit_the_scheduler(name, arguments, fragment):
 
 def test_schedule_initial_lr_and_step_counts():
     e = error(cfg(lr_schedule={"name": "cosine_decay", "arguments": [0, 100]}))
-    assert "lr_schedule.arguments[0] = 0 is out of range: must be > 0 (the initial learning rate)" in str(e)
+    assert (
+        "lr_schedule.arguments[0] = 0 is out of range: must be > 0 (the initial learning rate)"
+        in str(e)
+    )
     e = error(cfg(lr_schedule={"name": "linear_schedule", "arguments": [1e-5, 0.0, 0]}))
-    assert "lr_schedule.arguments[2] = 0 is out of range: must be >= 1 (steps is a step count)" in str(e)
+    assert (
+        "lr_schedule.arguments[2] = 0 is out of range: must be >= 1 (steps is a step count)"
+        in str(e)
+    )
     e = error(cfg(lr_schedule={"name": "cosine_decay", "arguments": [1e-5, 0.5]}))
     assert "(decay_steps is a step count)" in str(e)
 
@@ -313,24 +401,40 @@ def test_schedule_table_matches_the_schema_and_mlx():
 def test_schedule_built_by_mlx_lm_from_a_decoded_config():
     from mlx_lm.tuner.utils import build_schedule
 
-    c, _ = decode_config(cfg(lr_schedule={"name": "cosine_decay", "warmup": 5, "warmup_init": 0.0,
-                                          "arguments": ["1e-5", 100, 1e-7]}))
+    c, _ = decode_config(
+        cfg(
+            lr_schedule={
+                "name": "cosine_decay",
+                "warmup": 5,
+                "warmup_init": 0.0,
+                "arguments": ["1e-5", 100, 1e-7],
+            }
+        )
+    )
     schedule = build_schedule(config_to_dict(c)["lr_schedule"])
     assert abs(float(schedule(5)) - 1e-5) < 1e-9
 
 
 def test_optimizer_settings_must_be_plain_values():
-    c, _ = decode_config(cfg(optimizer="adamw", optimizer_config={"adamw": {"betas": [0.9, 0.99],
-                                                                            "bias_correction": True}}))
+    c, _ = decode_config(
+        cfg(
+            optimizer="adamw",
+            optimizer_config={"adamw": {"betas": [0.9, 0.99], "bias_correction": True}},
+        )
+    )
     assert c.optimizer_config == {"adamw": {"betas": [0.9, 0.99], "bias_correction": True}}
     e = error(cfg(optimizer="adamw", optimizer_config={"adamw": {"betas": {"a": 1}}}))
-    assert ("optimizer_config.adamw.betas = {'a': 1} is not valid: must be a number, string, "
-            "boolean, null or a list of them") in str(e)
+    assert (
+        "optimizer_config.adamw.betas = {'a': 1} is not valid: must be a number, string, "
+        "boolean, null or a list of them"
+    ) in str(e)
     assert e.key == "optimizer_config.adamw.betas"
 
 
 def test_optimizer_config_for_another_optimizer_is_a_warning():
-    _, warnings = decode_config(cfg(optimizer="adam", optimizer_config={"adamw": {"weight_decay": 0.1}}))
+    _, warnings = decode_config(
+        cfg(optimizer="adam", optimizer_config={"adamw": {"weight_decay": 0.1}})
+    )
     assert warnings == ["optimizer_config.adamw is ignored: optimizer is 'adam'"]
 
 
@@ -341,23 +445,41 @@ def test_optimizer_config_for_another_optimizer_is_a_warning():
     "data, fragment",
     [
         (cfg(learning_rate=0.01), "learning_rate = 0.01 is high for LoRA"),
-        (cfg(lr_schedule={"name": "cosine_decay", "arguments": [0.01, 1000]}, learning_rate=0.01),
-         "lr_schedule.arguments[0] = 0.01 is high for LoRA"),
-        (cfg(iters=100, steps_per_eval=200, save_every=50),
-         "steps_per_eval = 200 > iters = 100: validation would never run during training and "
-         "val_loss would stay empty"),
-        (cfg(iters=100, steps_per_eval=50, save_every=200),
-         "save_every = 200 > iters = 100: only the final checkpoint will be written"),
-        (cfg(iters=5, steps_per_eval=5, save_every=5),
-         "iters = 5 < steps_per_report = 10: the training loss is reported only at the final step"),
+        (
+            cfg(
+                lr_schedule={"name": "cosine_decay", "arguments": [0.01, 1000]}, learning_rate=0.01
+            ),
+            "lr_schedule.arguments[0] = 0.01 is high for LoRA",
+        ),
+        (
+            cfg(iters=100, steps_per_eval=200, save_every=50),
+            "steps_per_eval = 200 > iters = 100: validation would never run during training and "
+            "val_loss would stay empty",
+        ),
+        (
+            cfg(iters=100, steps_per_eval=50, save_every=200),
+            "save_every = 200 > iters = 100: only the final checkpoint will be written",
+        ),
+        (
+            cfg(iters=5, steps_per_eval=5, save_every=5),
+            "iters = 5 < steps_per_report = 10: the training loss is reported only at the final step",
+        ),
         (cfg(lora_parameters={"dropout": 0.6}), "lora_parameters.dropout = 0.6 is above 0.5"),
         (cfg(batch_size=128), "batch_size = 128 is above 64"),
         (cfg(max_seq_length=65536), "max_seq_length = 65536 is above 32768"),
-        (cfg(lr_schedule={"name": "cosine_decay", "arguments": [2e-5, 1000]}),
-         "learning_rate = 1e-05 is ignored: the schedule starts from lr_schedule.arguments[0] = 2e-05"),
-        (cfg(iters=100, steps_per_eval=100, save_every=100,
-             lr_schedule={"name": "cosine_decay", "warmup": 100, "arguments": [1e-5, 100]}),
-         "lr_schedule.warmup = 100 >= iters = 100"),
+        (
+            cfg(lr_schedule={"name": "cosine_decay", "arguments": [2e-5, 1000]}),
+            "learning_rate = 1e-05 is ignored: the schedule starts from lr_schedule.arguments[0] = 2e-05",
+        ),
+        (
+            cfg(
+                iters=100,
+                steps_per_eval=100,
+                save_every=100,
+                lr_schedule={"name": "cosine_decay", "warmup": 100, "arguments": [1e-5, 100]},
+            ),
+            "lr_schedule.warmup = 100 >= iters = 100",
+        ),
     ],
 )
 def test_suspicious_but_legal_values_warn(data, fragment):
@@ -366,8 +488,17 @@ def test_suspicious_but_legal_values_warn(data, fragment):
 
 
 def test_defaults_do_not_warn_and_bounds_are_exclusive():
-    assert decode_config(cfg(learning_rate=1e-3, batch_size=64, max_seq_length=32768,
-                             lora_parameters={"dropout": 0.5}))[1] == []
+    assert (
+        decode_config(
+            cfg(
+                learning_rate=1e-3,
+                batch_size=64,
+                max_seq_length=32768,
+                lora_parameters={"dropout": 0.5},
+            )
+        )[1]
+        == []
+    )
 
 
 # --- overrides ----------------------------------------------------------------------------------
@@ -375,11 +506,19 @@ def test_defaults_do_not_warn_and_bounds_are_exclusive():
 
 def test_merge_overrides_parses_yaml_scalars_and_copies():
     base = {"model": "m", "lora_parameters": {"rank": 8}, "lr_schedule": None}
-    out = merge_overrides(base, [
-        "learning_rate=2e-4", "lora_parameters.rank=16", "lr_schedule.name=cosine_decay",
-        "lr_schedule.arguments=[2.0e-4, 100]", "retention.keep_last=5", "mask_prompt=true",
-        "consolidation.schedule=null", " batch_size = 2 ",
-    ])
+    out = merge_overrides(
+        base,
+        [
+            "learning_rate=2e-4",
+            "lora_parameters.rank=16",
+            "lr_schedule.name=cosine_decay",
+            "lr_schedule.arguments=[2.0e-4, 100]",
+            "retention.keep_last=5",
+            "mask_prompt=true",
+            "consolidation.schedule=null",
+            " batch_size = 2 ",
+        ],
+    )
     assert base == {"model": "m", "lora_parameters": {"rank": 8}, "lr_schedule": None}
     assert out["lora_parameters"] == {"rank": 16} and out["retention"] == {"keep_last": 5}
     assert out["lr_schedule"] == {"name": "cosine_decay", "arguments": [2e-4, 100]}
@@ -450,9 +589,20 @@ def _dotted_keys(d, prefix=""):
 def test_describe_keys_covers_every_key():
     help_ = describe_keys()
     expected = set(_dotted_keys(default_config_dict("m")))
-    expected |= {"lr_schedule.name", "lr_schedule.warmup", "lr_schedule.warmup_init", "lr_schedule.arguments"}
-    expected |= {f"notify[].{k}" for k in ("url", "command", "events", "format", "timeout_s", "retries", "backoff_s")}
-    expected |= {f"distributed.{k}" for k in ("backend", "hosts", "hostfile", "processes_per_host", "controller")}
+    expected |= {
+        "lr_schedule.name",
+        "lr_schedule.warmup",
+        "lr_schedule.warmup_init",
+        "lr_schedule.arguments",
+    }
+    expected |= {
+        f"notify[].{k}"
+        for k in ("url", "command", "events", "format", "timeout_s", "retries", "backoff_s")
+    }
+    expected |= {
+        f"distributed.{k}"
+        for k in ("backend", "hosts", "hostfile", "processes_per_host", "controller")
+    }
     assert set(help_) == expected
     assert all(line and "\n" not in line for line in help_.values())
     assert help_["lora_parameters.rank"].endswith("(an integer between 1 and 1024; default 8)")
@@ -463,17 +613,26 @@ def test_describe_keys_covers_every_key():
 
 json_like = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8) | st.integers(), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.integers(), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
 VALID = {
-    "model": "m", "optimizer": "adamw", "optimizer_config": {"adamw": {"weight_decay": 0.01}},
+    "model": "m",
+    "optimizer": "adamw",
+    "optimizer_config": {"adamw": {"weight_decay": 0.01}},
     "lr_schedule": {"name": "cosine_decay", "warmup": 2, "arguments": [1e-5, 100, 0.0]},
-    "lora_parameters": {"rank": 8, "keys": ["q_proj"]}, "retention": {"keep_last": 2},
-    "restart": {"max_restarts": 1}, "timeouts": {"hang_s": 10.0}, "consolidation": {"schedule": "03:00"},
-    "iters": 100, "save_every": 10, "steps_per_eval": 10,
+    "lora_parameters": {"rank": 8, "keys": ["q_proj"]},
+    "retention": {"keep_last": 2},
+    "restart": {"max_restarts": 1},
+    "timeouts": {"hang_s": 10.0},
+    "consolidation": {"schedule": "03:00"},
+    "iters": 100,
+    "save_every": 10,
+    "steps_per_eval": 10,
 }
 
 
@@ -484,8 +643,13 @@ def _paths(d, prefix=()):
             yield from _paths(v, prefix + (k,))
 
 
-PATHS = list(_paths(VALID)) + [("lora_parameters", "dropout"), ("grad_accumulation_steps",),
-                                ("lr_schedule", "arguments"), ("num_layers",), ("seed",)]
+PATHS = list(_paths(VALID)) + [
+    ("lora_parameters", "dropout"),
+    ("grad_accumulation_steps",),
+    ("lr_schedule", "arguments"),
+    ("num_layers",),
+    ("seed",),
+]
 
 
 @st.composite
@@ -524,8 +688,13 @@ def test_fuzz_arbitrary_values(data):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(st.sampled_from(list(VALID) + ["learning_rate", "x"]) | st.text(max_size=5),
-                       json_like, max_size=5))
+@given(
+    st.dictionaries(
+        st.sampled_from(list(VALID) + ["learning_rate", "x"]) | st.text(max_size=5),
+        json_like,
+        max_size=5,
+    )
+)
 def test_fuzz_arbitrary_top_level_dicts(data):
     _only_config_errors({"model": "m", **data})
 

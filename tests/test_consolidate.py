@@ -16,7 +16,16 @@ SMALL = {"iters": 10, "save_every": 5, "steps_per_eval": 5}
 def _trained(tmp_path, demo, name="ws", jobs=1, **overrides):
     home = make_workspace(tmp_path / name, demo.model_dir, **{**SMALL, **overrides})
     for i in range(jobs):
-        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", f"j{i + 1}", "--again")
+        ftctl(
+            home,
+            "submit",
+            str(demo.train),
+            "--valid",
+            str(demo.valid),
+            "--name",
+            f"j{i + 1}",
+            "--again",
+        )
     ftctl(home, "start", "--until-idle", "--quiet")
     return home
 
@@ -52,16 +61,27 @@ def test_fused_model_equals_base_plus_adapter_and_loads(trained, demo, tmp_path)
 
 def test_locked_config_refused_unlocked_applies_and_no_consolidation_under_a_job(trained, demo):
     home = trained
-    for bad in ("lora_parameters.rank=8", "num_layers=1", "fine_tune_type=dora", "lora_parameters.keys=[self_attn.q_proj]"):
+    for bad in (
+        "lora_parameters.rank=8",
+        "num_layers=1",
+        "fine_tune_type=dora",
+        "lora_parameters.keys=[self_attn.q_proj]",
+    ):
         p = ftctl(home, "submit", str(demo.train), "--set", bad, check=False)
         assert p.returncode == 1, bad
         err = " ".join(p.stderr.split())
-        assert "not consolidated yet (job 0001" in err and "Nothing was queued" in err and "ftctl consolidate" in err
+        assert (
+            "not consolidated yet (job 0001" in err
+            and "Nothing was queued" in err
+            and "ftctl consolidate" in err
+        )
         assert "--lineage NAME" in err
     p = ftctl(home, "submit", str(demo.train), "--set", "model=/elsewhere", check=False)
     assert p.returncode == 1 and "new lineage" in p.stderr
     ftctl(home, "submit", str(demo.train), "--set", "learning_rate=1e-4")  # not locked
-    ftctl(home, "submit", str(demo.train), "--set", "lora_parameters.rank=8", "--lineage", "other")  # explicit new lineage
+    ftctl(
+        home, "submit", str(demo.train), "--set", "lora_parameters.rank=8", "--lineage", "other"
+    )  # explicit new lineage
     assert [j["state"] for j in status(home)["jobs"]] == ["completed", "queued", "queued"]
     p = ftctl(home, "consolidate", check=False)
     assert p.returncode == 1 and "not finished: 0002 (queued)" in " ".join(p.stderr.split())
@@ -73,9 +93,13 @@ def _killed_consolidation(home, tmp_path, point: str, version: int) -> None:
     sha = status(home, adapter)["adapter_sha256"]
     p = ftctl(home, "consolidate", env=crash_env(tmp_path, f"{point}:{version}"), check=False)
     assert p.returncode == -signal.SIGKILL, p.stderr
-    assert json.loads(ftctl(home, "recover", "--json").stdout)["repairs"]  # abort, promote or finish retiring
+    assert json.loads(ftctl(home, "recover", "--json").stdout)[
+        "repairs"
+    ]  # abort, promote or finish retiring
     assert _lineage(home)["state"] == "idle"
-    assert sha256_file(f"{status(home, adapter)['adapter_path']}/adapters.safetensors") == sha  # never neither
+    assert (
+        sha256_file(f"{status(home, adapter)['adapter_path']}/adapters.safetensors") == sha
+    )  # never neither
     assert not list((home / "models").glob(".tmp*"))
     assert json.loads(ftctl(home, "recover", "--dry-run", "--json").stdout)["repairs"] == []
 
@@ -85,20 +109,40 @@ def test_kill_matrix_over_consolidation(tmp_path, demo):
     from ftctl.adapters.fuse import verify_model_dir
 
     home = _trained(tmp_path, demo, consolidation={"schedule": None, "keep_models": 1})
-    for point in ("consolidate_mid_fuse", "consolidate_mid_write"):  # before the commit: old base + adapter
+    for point in (
+        "consolidate_mid_fuse",
+        "consolidate_mid_write",
+    ):  # before the commit: old base + adapter
         _killed_consolidation(home, tmp_path, point, 1)
         lin = _lineage(home)
         assert lin["base_version"] == 0 and lin["head_job"] == "0001", point
         assert not (home / "models" / "v0001").exists() and status(home, "0001")["checkpoints"]
-    _killed_consolidation(home, tmp_path, "consolidate_after_rename", 1)  # whole model, no event: promoted
+    _killed_consolidation(
+        home, tmp_path, "consolidate_after_rename", 1
+    )  # whole model, no event: promoted
     assert _lineage(home)["base_version"] == 1
     verify_model_dir(home / "models" / "v0001")
     assert status(home, "0001")["checkpoints"] == []  # retired only after base_promoted
     # a fresh adapter on the new base (the locked key may change now), then die after the commit
-    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--set", "lora_parameters.rank=8")
+    ftctl(
+        home,
+        "submit",
+        str(demo.train),
+        "--valid",
+        str(demo.valid),
+        "--set",
+        "lora_parameters.rank=8",
+    )
     ftctl(home, "start", "--until-idle", "--quiet")
-    started = [e["data"] for e in history(home) if e["type"] == "training_started" and e["data"]["job"] == "0002"]
-    assert started[0]["base_model"] == str(home / "models" / "v0001") and started[0].get("warm_start_from") is None
+    started = [
+        e["data"]
+        for e in history(home)
+        if e["type"] == "training_started" and e["data"]["job"] == "0002"
+    ]
+    assert (
+        started[0]["base_model"] == str(home / "models" / "v0001")
+        and started[0].get("warm_start_from") is None
+    )
     _killed_consolidation(home, tmp_path, "consolidate_after_event", 2)
     lin = _lineage(home)
     assert lin["base_version"] == 2 and lin["head_job"] is None
@@ -108,7 +152,9 @@ def test_kill_matrix_over_consolidation(tmp_path, demo):
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
     ftctl(home, "start", "--until-idle", "--quiet")
     out = " ".join(ftctl(home, "consolidate").stdout.split())
-    assert "job 0003: prune 2 checkpoint(s) (consolidated into base v3; its final adapter stays" in out, out
+    assert (
+        "job 0003: prune 2 checkpoint(s) (consolidated into base v3; its final adapter stays" in out
+    ), out
     removed = [e["data"]["version"] for e in history(home) if e["type"] == "model_removed"]
     assert removed == [1, 2] and sorted(p.name for p in (home / "models").iterdir()) == ["v0003"]
 
@@ -130,13 +176,17 @@ def test_due_once_a_day():
 
     now = datetime(2026, 11, 23, 3, 30)
     assert due("03:00", "", now) and not due("04:00", "", now) and not due(None, "", now)
-    last = datetime(2026, 11, 23, 3, 5).astimezone().astimezone(tz=__import__("datetime").timezone.utc)
+    last = (
+        datetime(2026, 11, 23, 3, 5).astimezone().astimezone(tz=__import__("datetime").timezone.utc)
+    )
     stamp = last.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     assert not due("03:00", stamp, now)
     assert due("03:00", stamp, datetime(2026, 11, 24, 3, 1))
 
 
-def test_a_job_resumed_after_a_newer_one_completed_becomes_a_branch_and_set_head_chooses(tmp_path, demo):
+def test_a_job_resumed_after_a_newer_one_completed_becomes_a_branch_and_set_head_chooses(
+    tmp_path, demo
+):
     """0002 and 0003 both warm-start from 0001's adapter; 0002 is paused mid-run, 0003 completes
     and becomes the head; 0002 resumed and completed must not silently replace 0003 (whose
     training would leave the lineage): it is recorded as a branch, visibly, until the user
@@ -145,7 +195,9 @@ def test_a_job_resumed_after_a_newer_one_completed_becomes_a_branch_and_set_head
 
     home = _trained(tmp_path, demo)  # job 0001: the head
     for name in ("j2", "j3"):
-        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name, "--again")
+        ftctl(
+            home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name, "--again"
+        )
     marker = tmp_path / "marker-hang-13"  # global step 13: job 0002's third step (it starts at 10)
     d = daemon(home, "--until-idle", env={"FTCTL_HANG_AT": f"mid_step:13:{marker}"})
     try:
@@ -162,18 +214,38 @@ def test_a_job_resumed_after_a_newer_one_completed_becomes_a_branch_and_set_head
     lin = _lineage(home)
     assert lin["head_job"] == "0003" and lin["branches"] == ["0002"], lin
     j2 = status(home, "0002")
-    assert j2["state"] == "completed" and "a branch" in j2["reason"] and "ftctl lineage set-head 0002" in j2["reason"]
-    started = [e["data"] for e in history(home) if e["type"] == "training_started" and e["data"]["job"] == "0002"]
-    assert {s["parent_job"] for s in started} == {"0001"}  # every attempt continued from 0001's adapter
+    assert (
+        j2["state"] == "completed"
+        and "a branch" in j2["reason"]
+        and "ftctl lineage set-head 0002" in j2["reason"]
+    )
+    started = [
+        e["data"]
+        for e in history(home)
+        if e["type"] == "training_started" and e["data"]["job"] == "0002"
+    ]
+    assert {s["parent_job"] for s in started} == {
+        "0001"
+    }  # every attempt continued from 0001's adapter
 
     out = ftctl(home, "lineage", "set-head", "0002").stdout
-    assert "job 0002 is now the head of lineage main (was job 0003, now a branch)" in " ".join(out.split())
+    assert "job 0002 is now the head of lineage main (was job 0003, now a branch)" in " ".join(
+        out.split()
+    )
     lin = _lineage(home)
-    assert lin["head_job"] == "0002" and lin["branches"] == ["0003"] and status(home, "0002")["reason"] is None
+    assert (
+        lin["head_job"] == "0002"
+        and lin["branches"] == ["0003"]
+        and status(home, "0002")["reason"] is None
+    )
     p = ftctl(home, "lineage", "set-head", "0002", check=False)
     assert p.returncode == 1 and "already the head" in p.stderr
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", "j4", "--again")
     ftctl(home, "start", "--until-idle", "--quiet")
-    (s4,) = [e["data"] for e in history(home) if e["type"] == "training_started" and e["data"]["job"] == "0004"]
+    (s4,) = [
+        e["data"]
+        for e in history(home)
+        if e["type"] == "training_started" and e["data"]["job"] == "0004"
+    ]
     assert s4["parent_job"] == "0002" and "/jobs/0002/" in s4["warm_start_from"]
     assert _lineage(home)["head_job"] == "0004"

@@ -26,7 +26,14 @@ from ftctl.recovery.ledger import Ledger
 
 
 def chat(i: int) -> str:
-    return json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+    return json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"a{i}"},
+            ]
+        }
+    )
 
 
 @pytest.fixture
@@ -68,9 +75,14 @@ def test_an_internal_error_in_the_daemon_loop_is_recorded_and_releases_the_lock(
     with pytest.raises(RuntimeError):
         Daemon(ws, until_idle=True).run()
     last = events(ws)[-1]
-    assert type(last) is T.DaemonStopped and last.reason == "internal error: RuntimeError: simulated bug"
+    assert (
+        type(last) is T.DaemonStopped
+        and last.reason == "internal error: RuntimeError: simulated bug"
+    )
     monkeypatch.undo()
-    assert Daemon(ws, until_idle=True).run() == "queue empty (--until-idle)"  # the lock was released
+    assert (
+        Daemon(ws, until_idle=True).run() == "queue empty (--until-idle)"
+    )  # the lock was released
     assert "internal error: RuntimeError: simulated bug" in (ws.logs / "daemon.log").read_text()
 
 
@@ -82,13 +94,19 @@ def test_internal_error_handler_survives_a_vanished_file_system(ws, capsys, monk
         raise RuntimeError("simulated bug")
 
     def gone(self):
-        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected", str(self.home / "logs"))
+        raise OSError(
+            errno.ENOTCONN, "Transport endpoint is not connected", str(self.home / "logs")
+        )
 
     monkeypatch.setattr(m, "_ledger", boom)
     monkeypatch.setattr(Workspace, "logs", property(gone))
     code = m.main(["status", "--home", str(ws.home)])
     err = " ".join(capsys.readouterr().err.split())
-    assert code == 2 and "internal error: RuntimeError: simulated bug" in err and "Committed events are safe" in err
+    assert (
+        code == 2
+        and "internal error: RuntimeError: simulated bug" in err
+        and "Committed events are safe" in err
+    )
 
 
 def _recorded_sha(body_config: dict) -> str:
@@ -101,13 +119,31 @@ def test_config_sha256_hashes_exactly_the_recorded_config_also_after_a_promotion
     ledger = Ledger(ws.open_journal())
     try:
         submit(ws, ledger, data, overrides=["learning_rate=3e-4"])
-        promoted = str(ws.models / "v0001")  # as if the lineage had consolidated: jobs now train on v0001
+        promoted = str(
+            ws.models / "v0001"
+        )  # as if the lineage had consolidated: jobs now train on v0001
         shutil.copytree(ledger.state.lineages["main"].base_model, promoted)
-        ledger.commit(lineage_stream("main"), T.ConsolidationStarted(
-            lineage="main", version=1, base_model=ledger.state.lineages["main"].base_model, adapter_path="a",
-            adapter_sha256="b", temp_path="t"))
-        ledger.commit(lineage_stream("main"), T.BasePromoted(lineage="main", version=1, model_path=promoted,
-                                                             weights_sha256="w", previous_base="x"))
+        ledger.commit(
+            lineage_stream("main"),
+            T.ConsolidationStarted(
+                lineage="main",
+                version=1,
+                base_model=ledger.state.lineages["main"].base_model,
+                adapter_path="a",
+                adapter_sha256="b",
+                temp_path="t",
+            ),
+        )
+        ledger.commit(
+            lineage_stream("main"),
+            T.BasePromoted(
+                lineage="main",
+                version=1,
+                model_path=promoted,
+                weights_sha256="w",
+                previous_base="x",
+            ),
+        )
         submit(ws, ledger, data)
         jobs = ledger.state.jobs
         assert jobs["0002"].config.model == promoted
@@ -124,11 +160,27 @@ def test_an_old_flat_checkpoint_committed_is_read_as_the_current_record(tmp_path
 
     j = Journal.create(tmp_path / "j.db")
     try:
-        j.append("job:0001", [T.CheckpointCommittedV1(job="0001", step=5, global_step=45, path="p", manifest_sha256="m",
-                                                      bytes=7, val_loss=1.5)])
+        j.append(
+            "job:0001",
+            [
+                T.CheckpointCommittedV1(
+                    job="0001",
+                    step=5,
+                    global_step=45,
+                    path="p",
+                    manifest_sha256="m",
+                    bytes=7,
+                    val_loss=1.5,
+                )
+            ],
+        )
         (rec,) = j.read()
-        assert rec.event == T.CheckpointCommitted(job="0001", checkpoint=T.CheckpointRecord(
-            step=5, global_step=45, path="p", manifest_sha256="m", bytes=7, val_loss=1.5))
+        assert rec.event == T.CheckpointCommitted(
+            job="0001",
+            checkpoint=T.CheckpointRecord(
+                step=5, global_step=45, path="p", manifest_sha256="m", bytes=7, val_loss=1.5
+            ),
+        )
     finally:
         j.close()
 
@@ -154,7 +206,9 @@ def test_a_float_that_is_not_finite_arrives_as_none():
     for typ in MESSAGES:
         for name, ftype in typ.__annotations__.items():
             if "float" in str(ftype):
-                assert "None" in str(ftype), f"{typ.__name__}.{name}: {ftype} refuses the null a NaN or inf becomes"
+                assert "None" in str(ftype), (
+                    f"{typ.__name__}.{name}: {ftype} refuses the null a NaN or inf becomes"
+                )
 
 
 def _finite(v) -> bool:
@@ -176,9 +230,19 @@ def test_message_decoders_refuse_garbage_with_protocol_error_only(line):
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(["t", "step", "global_step", "metrics", "checkpoint", "category", "message"]),
-                       st.none() | st.integers() | st.floats() | st.text(max_size=5) | st.sampled_from(
-                           ["step", "report", "checkpoint", "error", "loaded", "stop"]), max_size=6))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["t", "step", "global_step", "metrics", "checkpoint", "category", "message"]
+        ),
+        st.none()
+        | st.integers()
+        | st.floats()
+        | st.text(max_size=5)
+        | st.sampled_from(["step", "report", "checkpoint", "error", "loaded", "stop"]),
+        max_size=6,
+    )
+)
 def test_message_decoders_refuse_wrong_shapes(obj):
     line = json.dumps(obj).encode()
     for decode in (P.decode_message, P.decode_control):
@@ -248,9 +312,13 @@ def test_the_first_restart_in_the_window_is_at_once_then_backoff_doubles_up_to_i
     policy = RestartPolicy(max_restarts=10, window_s=300.0, backoff_s=2.0, backoff_max_s=5.0)
     crashes, delays = [], []
     for step in range(5):
-        crashes.append(CrashRecord(ts=utc_now(), category="killed", step=step, exit_code=-9, signal=9))
+        crashes.append(
+            CrashRecord(ts=utc_now(), category="killed", step=step, exit_code=-9, signal=9)
+        )
         d = after_crash(crashes, time.time(), resume_step=0, policy=policy)
         assert d.action == "requeue", d
         delays.append(d.delay_s)
     assert delays == [0.0, 2.0, 4.0, 5.0, 5.0]
-    assert after_crash(crashes[:1], time.time(), resume_step=0, policy=policy).reason.endswith(", at once")
+    assert after_crash(crashes[:1], time.time(), resume_step=0, policy=policy).reason.endswith(
+        ", at once"
+    )

@@ -30,10 +30,21 @@ from helpers import (
 def _run_job(tmp_path, demo, name, *, env=None, jobs=1, starts=1, code=0):
     home = make_workspace(tmp_path / name, demo.model_dir)
     for i in range(jobs):
-        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", f"job{i + 1}", "--again")
+        ftctl(
+            home,
+            "submit",
+            str(demo.train),
+            "--valid",
+            str(demo.valid),
+            "--name",
+            f"job{i + 1}",
+            "--again",
+        )
     for _ in range(starts):
         p = ftctl(home, "start", "--until-idle", "--quiet", env=env, timeout=600, check=False)
-        assert p.returncode == code, p.stderr  # --until-idle exits 1 when a job ended paused or failed
+        assert p.returncode == code, (
+            p.stderr
+        )  # --until-idle exits 1 when a job ended paused or failed
     return home
 
 
@@ -53,7 +64,9 @@ def test_uninterrupted_run_is_recorded(baseline):
     assert len(dirs) <= 4 and len(dirs) == len(s["checkpoints"])
 
 
-@pytest.mark.parametrize("point", ["mid_step:7", "mid_step:23", "after_temp_write:10", "after_rename:15"])
+@pytest.mark.parametrize(
+    "point", ["mid_step:7", "mid_step:23", "after_temp_write:10", "after_rename:15"]
+)
 def test_worker_killed_resumes_bit_for_bit(tmp_path, demo, baseline, point):
     home = _run_job(tmp_path, demo, "ws", env=crash_env(tmp_path, point))
     s = finished(home)
@@ -67,7 +80,9 @@ def test_warm_started_second_job_resumes_bit_for_bit(tmp_path, demo, baseline):
     # crash points count global steps: 53 = the second job's 13th iteration (it warm-started at 40)
     home = _run_job(tmp_path, demo, "ws", jobs=2, env=crash_env(tmp_path, "mid_step:53"))
     assert finished(home, "0002")["adapter_sha256"] == baseline.sha2
-    assert [(e["data"]["job"], e["data"]["step"]) for e in history(home) if e["type"] == "crashed"] == [("0002", 13)]
+    assert [
+        (e["data"]["job"], e["data"]["step"]) for e in history(home) if e["type"] == "crashed"
+    ] == [("0002", 13)]
 
 
 def test_daemon_killed_before_commit_and_corrupt_newest_checkpoint(tmp_path, demo, baseline):
@@ -76,7 +91,14 @@ def test_daemon_killed_before_commit_and_corrupt_newest_checkpoint(tmp_path, dem
     corrupted. Restart: recovery discards 15, marks 10 corrupt, resumes from 5."""
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
-    p = ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "daemon_before_commit:15"), check=False)
+    p = ftctl(
+        home,
+        "start",
+        "--until-idle",
+        "--quiet",
+        env=crash_env(tmp_path, "daemon_before_commit:15"),
+        check=False,
+    )
     assert p.returncode == -signal.SIGKILL
     # the worker dies with its daemon (PR_SET_PDEATHSIG / stdin EOF): at once, but not in the same instant
     wait_for(lambda: survivors(home) == [], timeout=30, every=0.05)
@@ -94,7 +116,10 @@ def test_daemon_killed_before_commit_and_corrupt_newest_checkpoint(tmp_path, dem
     assert s["adapter_sha256"] == baseline.sha1
     evs = history(home)
     assert any(e["type"] == "checkpoint_corrupt" and e["data"]["step"] == 10 for e in evs)
-    assert any(e["type"] == "checkpoint_discarded" and e["data"]["path"].endswith("step-00000015") for e in evs)
+    assert any(
+        e["type"] == "checkpoint_discarded" and e["data"]["path"].endswith("step-00000015")
+        for e in evs
+    )
     restart = [e for e in evs if e["type"] == "training_started"][-1]
     assert restart["data"]["resume_step"] == 5
     again = json.loads(ftctl(home, "recover", "--dry-run", "--json").stdout)
@@ -104,7 +129,14 @@ def test_daemon_killed_before_commit_and_corrupt_newest_checkpoint(tmp_path, dem
 def test_truncated_checkpoint_falls_back(tmp_path, demo, baseline):
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
-    ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "daemon_before_commit:20"), check=False)
+    ftctl(
+        home,
+        "start",
+        "--until-idle",
+        "--quiet",
+        env=crash_env(tmp_path, "daemon_before_commit:20"),
+        check=False,
+    )
     opt = home / "jobs" / "0001" / "checkpoints" / "step-00000015" / "optimizer.safetensors"
     opt.write_bytes(opt.read_bytes()[: opt.stat().st_size // 2])
     ftctl(home, "start", "--until-idle", "--quiet")
@@ -144,28 +176,40 @@ def test_sigterm_checkpoints_and_loses_no_step(tmp_path, demo, baseline):
     inter = [e for e in evs if e["type"] == "interrupted"]
     assert len(inter) == 1 and inter[0]["data"]["step"] == 12, inter
     assert "checkpointed at step 12" in inter[0]["data"]["reason"]
-    committed = [e["data"]["checkpoint"]["step"] for e in evs if e["type"] == "checkpoint_committed"]
+    committed = [
+        e["data"]["checkpoint"]["step"] for e in evs if e["type"] == "checkpoint_committed"
+    ]
     assert committed == [5, 10, 12]  # checkpointed exactly where it stopped
     assert status(home, "0001")["state"] == "queued"
     ftctl(home, "start", "--until-idle", "--quiet")
     assert finished(home)["adapter_sha256"] == baseline.sha1
-    assert [e["data"].get("resume_step", 0) for e in history(home) if e["type"] == "training_started"] == [0, 12]
+    assert [
+        e["data"].get("resume_step", 0) for e in history(home) if e["type"] == "training_started"
+    ] == [0, 12]
 
 
 def test_a_worker_stopped_while_loading_is_a_hang_after_hang_s_not_eval_hang_s(tmp_path, demo):
     """SIGSTOP the worker as soon as it exists (it is still importing and loading, which is allowed
     timeouts.eval_hang_s = 240 s): a stopped process computes nothing, so the watchdog calls it a hang
     after hang_s, says it was stopped, and the restart trains on."""
-    home = make_workspace(tmp_path / "ws", demo.model_dir, standby=False,
-                          timeouts={"hang_s": 3.0, "eval_hang_s": 240.0, "stop_s": 60.0})
+    home = make_workspace(
+        tmp_path / "ws",
+        demo.model_dir,
+        standby=False,
+        timeouts={"hang_s": 3.0, "eval_hang_s": 240.0, "stop_s": 60.0},
+    )
     ftctl(home, "submit", str(demo.train))
     d = daemon(home)
     try:
         pid = wait_for(lambda: stray_workers(home), timeout=60, every=0.01)[0]
         os.kill(pid, signal.SIGSTOP)
-        c = wait_for(lambda: [e["data"] for e in history(home) if e["type"] == "crashed"], timeout=60)[0]
+        c = wait_for(
+            lambda: [e["data"] for e in history(home) if e["type"] == "crashed"], timeout=60
+        )[0]
         assert c["category"] == "hang" and "stopped by a signal" in c["evidence"], c
-        wait_for(lambda: kinds(home).count("training_started") == 2, timeout=60)  # restarted by the policy
+        wait_for(
+            lambda: kinds(home).count("training_started") == 2, timeout=60
+        )  # restarted by the policy
     finally:
         d.kill()
         d.wait()
@@ -192,12 +236,18 @@ def test_ctrl_c_twice_is_an_interrupt_not_a_crash(tmp_path, demo, baseline):
     evs = history(home)
     assert not [e for e in evs if e["type"] == "crashed"]
     (inter,) = [e["data"] for e in evs if e["type"] == "interrupted"]
-    assert inter["step"] == 10 and "asked twice" in inter["reason"] and "resumes from step 10" in inter["reason"], inter
+    assert (
+        inter["step"] == 10
+        and "asked twice" in inter["reason"]
+        and "resumes from step 10" in inter["reason"]
+    ), inter
     assert evs[-1]["type"] == "daemon_stopped" and evs[-1]["data"]["reason"] == "stopped by SIGINT"
     wait_for(lambda: survivors(home) == [], timeout=10)
     ftctl(home, "start", "--until-idle", "--quiet")
     assert finished(home)["adapter_sha256"] == baseline.sha1
-    assert [e["data"].get("resume_step", 0) for e in history(home) if e["type"] == "training_started"] == [0, 10]
+    assert [
+        e["data"].get("resume_step", 0) for e in history(home) if e["type"] == "training_started"
+    ] == [0, 10]
 
 
 def test_a_worker_that_ignores_a_pause_is_killed_after_stop_s_and_recorded_as_such(tmp_path, demo):
@@ -205,7 +255,11 @@ def test_a_worker_that_ignores_a_pause_is_killed_after_stop_s_and_recorded_as_su
     to checkpoint: after timeouts.stop_s the daemon kills it. That is recorded as a hang whose evidence
     says ftctl killed it for not stopping (not "killed by a signal from outside ftctl"), and the user's
     pause still wins: the job is paused, resumable from its last checkpoint."""
-    home = make_workspace(tmp_path / "ws", demo.model_dir, timeouts={"hang_s": 240.0, "eval_hang_s": 240.0, "stop_s": 2.0})
+    home = make_workspace(
+        tmp_path / "ws",
+        demo.model_dir,
+        timeouts={"hang_s": 240.0, "eval_hang_s": 240.0, "stop_s": 2.0},
+    )
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
     d = _held(home, tmp_path, "FTCTL_STUCK_AT")
     try:
@@ -215,14 +269,20 @@ def test_a_worker_that_ignores_a_pause_is_killed_after_stop_s_and_recorded_as_su
         d.kill()
         d.wait()
     (c,) = [e["data"] for e in history(home) if e["type"] == "crashed"]
-    assert c["category"] == "hang" and "asked to stop (pause)" in c["evidence"] and "ftctl killed it" in c["evidence"], c
+    assert (
+        c["category"] == "hang"
+        and "asked to stop (pause)" in c["evidence"]
+        and "ftctl killed it" in c["evidence"]
+    ), c
     assert status(home, "0001")["state"] == "paused"
 
 
 def test_cancelling_a_training_job_stops_its_worker_and_records_no_crash(tmp_path, demo):
     """`ftctl cancel` of a job that trains: the worker is stopped, the job is cancelled — the user's act,
     so no `crashed` event (no crash in `ftctl crashes`, no crash tick on the curve, no budget spent)."""
-    home = make_workspace(tmp_path / "ws", demo.model_dir, iters=100000, save_every=50, steps_per_eval=100000)
+    home = make_workspace(
+        tmp_path / "ws", demo.model_dir, iters=100000, save_every=50, steps_per_eval=100000
+    )
     ftctl(home, "submit", str(demo.train))
     d = daemon(home)
     try:
@@ -231,14 +291,18 @@ def test_cancelling_a_training_job_stops_its_worker_and_records_no_crash(tmp_pat
         assert "cancel requested" in out, out
         wait_for(lambda: "cancelled" in kinds(home), timeout=60)
         (start,) = [e["data"] for e in history(home) if e["type"] == "training_started"]
-        wait_for(lambda: not running(start["worker_pid"]), timeout=30)  # its worker is gone, the daemon lives on
+        wait_for(
+            lambda: not running(start["worker_pid"]), timeout=30
+        )  # its worker is gone, the daemon lives on
         assert d.poll() is None
     finally:
         d.kill()
         d.wait()
     assert "crashed" not in kinds(home) and ftctl_json(home, "crashes") == []
     s = status(home, "0001")
-    assert s["state"] == "cancelled" and s["reason"].startswith("cancelled by user while training (step "), s
+    assert s["state"] == "cancelled" and s["reason"].startswith(
+        "cancelled by user while training (step "
+    ), s
 
 
 def test_adapter_loads_and_generates_with_mlx_lm(baseline, demo):
@@ -287,7 +351,9 @@ def test_disk_full_mid_checkpoint_pauses_then_resumes_bit_for_bit(tmp_path, demo
     assert finished(home)["adapter_sha256"] == baseline.sha1
 
 
-@pytest.mark.parametrize("n", [1, 3, 10])  # of the second (background) checkpoint's 10 write operations
+@pytest.mark.parametrize(
+    "n", [1, 3, 10]
+)  # of the second (background) checkpoint's 10 write operations
 def test_io_error_mid_checkpoint_is_retried_and_finishes_bit_for_bit(tmp_path, demo, baseline, n):
     env = {"FTCTL_FS_FAULT": f"{12 + n}:EIO:{tmp_path / 'fs-marker'}"}
     home = _run_job(tmp_path, demo, "ws", env=env)
@@ -346,6 +412,7 @@ def _worker_maps(home) -> str:
                     return None
                 return maps if "libmlx" in maps else None
         return None
+
     return wait_for(find, timeout=120, every=0.02)
 
 
@@ -361,7 +428,9 @@ def test_attempts_record_the_environment_fingerprint(baseline):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux's")
-def test_worker_runs_on_the_chosen_blas_and_a_changed_fingerprint_is_flagged(tmp_path, demo, baseline):
+def test_worker_runs_on_the_chosen_blas_and_a_changed_fingerprint_is_flagged(
+    tmp_path, demo, baseline
+):
     """The worker maps the chosen OpenBLAS; a resume under another BLAS setup (here its thread
     count) is recorded and said in status and history; the same setup resumes bit for bit."""
     from ftctl.adapters import blas
@@ -386,6 +455,10 @@ def test_worker_runs_on_the_chosen_blas_and_a_changed_fingerprint_is_flagged(tmp
     assert [s["env"]["blas_threads"] for s in starts] == ["1", "2"]
     assert [s.get("env_changed", []) for s in starts] == [[], ["blas_threads: 1 -> 2"]]
     note = status(home, "0001")["note"] or ""
-    assert "no longer bit-exact with the earlier attempts" in note and "blas_threads: 1 -> 2" in note
+    assert (
+        "no longer bit-exact with the earlier attempts" in note and "blas_threads: 1 -> 2" in note
+    )
     assert "NOT bit-exact" in ftctl(home, "history").stdout
-    assert finished(home)["adapter_sha256"] == baseline.sha1  # OpenBLAS sgemm does not split K across threads
+    assert (
+        finished(home)["adapter_sha256"] == baseline.sha1
+    )  # OpenBLAS sgemm does not split K across threads

@@ -17,8 +17,10 @@ from ftctl.core.dataset import (
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 COMPLETION = {"prompt": "2+2=", "completion": "4"}
 TEXT = {"text": "some text"}
-CONV = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
-        "label": "desirable"}
+CONV = {
+    "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+    "label": "desirable",
+}
 
 
 def jl(*rows) -> bytes:
@@ -40,7 +42,14 @@ def only_problem(data: bytes) -> LineProblem:
 )
 def test_each_format_is_recognised(row, fmt):
     r = validate_jsonl(jl(row, row))
-    assert (r.format, r.lines, r.valid, r.problems, r.verdict, r.reasons) == (fmt, 2, 2, [], "ok", [])
+    assert (r.format, r.lines, r.valid, r.problems, r.verdict, r.reasons) == (
+        fmt,
+        2,
+        2,
+        [],
+        "ok",
+        [],
+    )
     assert r.bad_ratio == 0.0 and r.undesirable == 0
 
 
@@ -48,7 +57,9 @@ def test_format_detection_follows_mlx_lm_order():
     both = {"prompt": "p", "completion": "c", "messages": CHAT["messages"], "text": "t"}
     assert validate_jsonl(jl(both)).format == "completions"
     assert validate_jsonl(jl({"messages": CHAT["messages"], "text": "t"})).format == "chat"
-    assert validate_jsonl(jl({"text": "t", "conversations": CONV["conversations"]})).format == "text"
+    assert (
+        validate_jsonl(jl({"text": "t", "conversations": CONV["conversations"]})).format == "text"
+    )
     # prompt without completion is not the completions format
     assert validate_jsonl(jl({"prompt": "p", "text": "t"})).format == "text"
 
@@ -86,10 +97,16 @@ def test_extra_keys_are_kept():
         (b'"text"', "not a JSON object (got a string)"),
         (b"3", "not a JSON object (got a number)"),
         (b"null", "not a JSON object (got null)"),
-        (b"{}", "no known format: expected keys prompt+completion, messages, text or conversations "
-                "(the object is empty)"),
-        (b'{"input": "x", "output": "y"}', "no known format: expected keys prompt+completion, messages, "
-                                           "text or conversations (found 'input', 'output')"),
+        (
+            b"{}",
+            "no known format: expected keys prompt+completion, messages, text or conversations "
+            "(the object is empty)",
+        ),
+        (
+            b'{"input": "x", "output": "y"}',
+            "no known format: expected keys prompt+completion, messages, "
+            "text or conversations (found 'input', 'output')",
+        ),
         (b'{"prompt": "x"}', "no known format"),
         # completions
         (b'{"prompt": "", "completion": "y"}', "'prompt' is empty, not a non-empty string"),
@@ -102,38 +119,69 @@ def test_extra_keys_are_kept():
         (b'{"messages": []}', "'messages' must be a non-empty list"),
         (b'{"messages": "hi"}', "'messages' must be a non-empty list"),
         (b'{"messages": ["hi"]}', "messages[0] is a string, not an object"),
-        (b'{"messages": [{"role": "bot", "content": "x"}]}',
-         "messages[0].role is 'bot', not one of system, user, assistant, tool"),
+        (
+            b'{"messages": [{"role": "bot", "content": "x"}]}',
+            "messages[0].role is 'bot', not one of system, user, assistant, tool",
+        ),
         (b'{"messages": [{"content": "x"}]}', "messages[0].role is null, not one of"),
-        (b'{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}',
-         "messages[0].content is missing"),
-        (b'{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]}',
-         "messages[0].content is empty"),
-        (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 1}]}',
-         "messages[1].content is a number, not a string"),
-        (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}',
-         "messages[1].content is empty"),
-        (b'{"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": null}, '
-         b'{"role": "assistant", "content": "a"}]}', "messages[1].content must be a string"),
-        (b'{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}',
-         "no assistant message: nothing to train on"),
-        (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
-         b'"tools": {"a": 1}}', "'tools' must be a list of objects"),
+        (
+            b'{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}',
+            "messages[0].content is missing",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]}',
+            "messages[0].content is empty",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 1}]}',
+            "messages[1].content is a number, not a string",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}',
+            "messages[1].content is empty",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": null}, '
+            b'{"role": "assistant", "content": "a"}]}',
+            "messages[1].content must be a string",
+        ),
+        (
+            b'{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}',
+            "no assistant message: nothing to train on",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
+            b'"tools": {"a": 1}}',
+            "'tools' must be a list of objects",
+        ),
         # conversations
         (b'{"conversations": []}', "'conversations' must be a non-empty list"),
         (b'{"conversations": [1]}', "conversations[0] is a number, not an object"),
-        (b'{"conversations": [{"from": "bot", "value": "x"}]}',
-         "conversations[0].from is 'bot', not one of system, user, human, assistant, gpt"),
-        (b'{"conversations": [{"from": ["user"], "value": "x"}]}',
-         "conversations[0].from is an array, not one of"),
-        (b'{"conversations": [{"from": "user", "value": ""}, {"from": "gpt", "value": "a"}]}',
-         "conversations[0].value is empty"),
-        (b'{"conversations": [{"from": "user"}, {"from": "gpt", "value": "a"}]}',
-         "conversations[0].value is missing"),
-        (b'{"conversations": [{"from": "user", "value": "q"}]}',
-         "no assistant (or gpt) turn: nothing to train on"),
-        (b'{"conversations": [{"from": "user", "value": "q"}, {"from": "gpt", "value": "a"}], '
-         b'"label": "good"}', "label is 'good', not one of desirable, undesirable"),
+        (
+            b'{"conversations": [{"from": "bot", "value": "x"}]}',
+            "conversations[0].from is 'bot', not one of system, user, human, assistant, gpt",
+        ),
+        (
+            b'{"conversations": [{"from": ["user"], "value": "x"}]}',
+            "conversations[0].from is an array, not one of",
+        ),
+        (
+            b'{"conversations": [{"from": "user", "value": ""}, {"from": "gpt", "value": "a"}]}',
+            "conversations[0].value is empty",
+        ),
+        (
+            b'{"conversations": [{"from": "user"}, {"from": "gpt", "value": "a"}]}',
+            "conversations[0].value is missing",
+        ),
+        (
+            b'{"conversations": [{"from": "user", "value": "q"}]}',
+            "no assistant (or gpt) turn: nothing to train on",
+        ),
+        (
+            b'{"conversations": [{"from": "user", "value": "q"}, {"from": "gpt", "value": "a"}], '
+            b'"label": "good"}',
+            "label is 'good', not one of desirable, undesirable",
+        ),
     ],
 )
 def test_bad_line_reasons(line, reason):
@@ -182,7 +230,9 @@ def test_file_format_is_that_of_the_first_valid_line():
 
 def test_conversations_and_chat_do_not_mix():
     r = validate_jsonl(jl(CONV, CHAT))
-    assert r.problems == [LineProblem(line=2, reason="format 'chat' but the file is 'conversations'")]
+    assert r.problems == [
+        LineProblem(line=2, reason="format 'chat' but the file is 'conversations'")
+    ]
 
 
 # --- blank lines, line numbers, BOM ---------------------------------------------------------------
@@ -217,14 +267,18 @@ def test_empty_file_is_rejected(data):
 def test_no_valid_line_is_rejected():
     r = validate_jsonl(b"a\nb\n")
     assert r.verdict == "reject" and r.format is None and r.bad_ratio == 1.0
-    assert r.reasons[0].startswith("no valid line: 2 of 2 lines are bad (100.0%): line 1: not valid JSON")
+    assert r.reasons[0].startswith(
+        "no valid line: 2 of 2 lines are bad (100.0%): line 1: not valid JSON"
+    )
 
 
 def test_over_five_percent_bad_is_rejected_with_ratio_counts_and_first_problems():
     data = jl(*[TEXT] * 94, *[b"bad"] * 6)
     r = validate_jsonl(data)
     assert r.verdict == "reject" and r.bad_ratio == pytest.approx(0.06)
-    assert r.reasons[0].startswith("6 of 100 lines are bad (6.0%), over the 5% limit: line 95: not valid JSON")
+    assert r.reasons[0].startswith(
+        "6 of 100 lines are bad (6.0%), over the 5% limit: line 95: not valid JSON"
+    )
     assert r.reasons[0].endswith("; and 3 more")
     assert len(r.problems) == 6  # all problems, not just the quoted ones
 
@@ -239,7 +293,9 @@ def test_over_one_percent_warns_and_one_percent_is_ok():
     assert validate_jsonl(jl(*[TEXT] * 98, *[b"bad"] * 2)).verdict == "warn"
     r = validate_jsonl(jl(*[TEXT] * 99, b"bad"))
     assert r.verdict == "ok"
-    assert r.reasons == ["1 of 100 lines is bad (1.0%); they will be skipped: line 100: " + r.problems[0].reason]
+    assert r.reasons == [
+        "1 of 100 lines is bad (1.0%); they will be skipped: line 100: " + r.problems[0].reason
+    ]
 
 
 def test_undesirable_rows_are_valid_but_not_trained_on():
@@ -262,13 +318,27 @@ def test_all_undesirable_is_rejected():
 
 
 def test_valid_records_normalizes_conversations_to_chat():
-    row = {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
-                             {"from": "gpt", "value": "a"}, {"from": "user", "value": "q2"},
-                             {"from": "assistant", "value": "a2"}], "label": "desirable"}
-    assert valid_records(jl(row)) == [{"messages": [
-        {"role": "system", "content": "s"}, {"role": "user", "content": "q"},
-        {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"},
-        {"role": "assistant", "content": "a2"}]}]
+    row = {
+        "conversations": [
+            {"from": "system", "value": "s"},
+            {"from": "human", "value": "q"},
+            {"from": "gpt", "value": "a"},
+            {"from": "user", "value": "q2"},
+            {"from": "assistant", "value": "a2"},
+        ],
+        "label": "desirable",
+    }
+    assert valid_records(jl(row)) == [
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "q2"},
+                {"role": "assistant", "content": "a2"},
+            ]
+        }
+    ]
 
 
 def test_valid_records_keeps_file_order_and_skips_bad_lines():
@@ -282,9 +352,18 @@ def test_valid_records_of_mlx_lm_formats_are_loadable_by_mlx_lm():
 
     from mlx_lm.tuner.datasets import ChatDataset, CompletionsDataset, TextDataset, create_dataset
 
-    expected = {"chat": ChatDataset, "completions": CompletionsDataset, "text": TextDataset,
-                "conversations": ChatDataset}
-    for row, fmt in [(CHAT, "chat"), (COMPLETION, "completions"), (TEXT, "text"), (CONV, "conversations")]:
+    expected = {
+        "chat": ChatDataset,
+        "completions": CompletionsDataset,
+        "text": TextDataset,
+        "conversations": ChatDataset,
+    }
+    for row, fmt in [
+        (CHAT, "chat"),
+        (COMPLETION, "completions"),
+        (TEXT, "text"),
+        (CONV, "conversations"),
+    ]:
         records = valid_records(jl(row))
         ds = create_dataset(records, tokenizer=None, config=SimpleNamespace())
         assert isinstance(ds, expected[fmt])
@@ -342,10 +421,29 @@ def test_fuzz_arbitrary_bytes(data):
 GOOD_ROWS = [CHAT, COMPLETION, TEXT, CONV, {**CONV, "label": "undesirable"}]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
-    lambda c: st.lists(c, max_size=3) | st.dictionaries(
-        st.sampled_from(["text", "messages", "role", "content", "prompt", "completion", "from",
-                         "value", "conversations", "label", "tools"]) | st.text(max_size=4),
-        c, max_size=4),
+    lambda c: (
+        st.lists(c, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "text",
+                    "messages",
+                    "role",
+                    "content",
+                    "prompt",
+                    "completion",
+                    "from",
+                    "value",
+                    "conversations",
+                    "label",
+                    "tools",
+                ]
+            )
+            | st.text(max_size=4),
+            c,
+            max_size=4,
+        )
+    ),
     max_leaves=12,
 )
 line = st.one_of(

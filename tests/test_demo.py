@@ -14,8 +14,14 @@ from helpers import sha256_file
 def demo(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("FTCTL_")}
     full.update({"COLUMNS": "200", **(env or {})})
-    return subprocess.run([sys.executable, "-m", "ftctl.cli", "demo", *args], cwd=cwd, capture_output=True, text=True,
-                          env=full, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "ftctl.cli", "demo", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=600,
+    )
 
 
 def test_demo_refuses_folders_it_did_not_make_and_bad_kill_steps(tmp_path, ws):
@@ -26,7 +32,9 @@ def test_demo_refuses_folders_it_did_not_make_and_bad_kill_steps(tmp_path, ws):
     for home in (notes, ws):  # a plain folder of the user's, a real workspace
         p = demo(tmp_path, "--reset", "--home", str(home))
         err = " ".join(p.stderr.split())
-        assert p.returncode == 1 and "did not make" in err and "Nothing was changed" in err, p.stderr
+        assert p.returncode == 1 and "did not make" in err and "Nothing was changed" in err, (
+            p.stderr
+        )
     assert (notes / "notes.txt").read_text() == "my notes"
     assert {p: sha256_file(p) for p in ws.rglob("*") if p.is_file()} == before
     p = demo(tmp_path, "--kill-at", "1000", "--home", str(tmp_path / "new"))
@@ -38,9 +46,18 @@ def test_demo_ignores_ftctl_home_and_every_rerun_proves_its_claims(tmp_path, ws)
     without --reset kills its own new job again and compares like with like."""
     before = {p: sha256_file(p) for p in ws.rglob("*") if p.is_file()}
     for run in (1, 2):
-        p = demo(tmp_path, *(["--reset"] if run == 1 else []), "--kill-at", "13", env={"FTCTL_HOME": str(ws)})
+        p = demo(
+            tmp_path,
+            *(["--reset"] if run == 1 else []),
+            "--kill-at",
+            "13",
+            env={"FTCTL_HOME": str(ws)},
+        )
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr
         out = " ".join(p.stdout.split())
-        assert "killed at step 13 and resumed" in out and "identical, from the same data and config" in out, out[-1500:]
+        assert (
+            "killed at step 13 and resumed" in out
+            and "identical, from the same data and config" in out
+        ), out[-1500:]
     assert (tmp_path / "ftctl-demo" / ".ftctl-demo").is_file()
     assert {p: sha256_file(p) for p in ws.rglob("*") if p.is_file()} == before

@@ -28,9 +28,20 @@ from helpers import (
 
 TWO = {"hosts": ["127.0.0.1"], "processes_per_host": 2}
 # small: 12 steps, checkpoints every 4, dropout off (so one process on the same global batch can be compared)
-SMALL = {"iters": 12, "save_every": 4, "steps_per_report": 2, "steps_per_eval": 12, "val_batches": 1,
-         "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": None},
-         "lr_schedule": {"name": "cosine_decay", "warmup": 2, "warmup_init": 1e-5, "arguments": [5e-4, 10, 1e-5]}}
+SMALL = {
+    "iters": 12,
+    "save_every": 4,
+    "steps_per_report": 2,
+    "steps_per_eval": 12,
+    "val_batches": 1,
+    "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": None},
+    "lr_schedule": {
+        "name": "cosine_decay",
+        "warmup": 2,
+        "warmup_init": 1e-5,
+        "arguments": [5e-4, 10, 1e-5],
+    },
+}
 
 
 def _train(home: Path, demo, env: dict | None = None, **cfg) -> dict:
@@ -53,12 +64,19 @@ def two_ranks(tmp_path_factory, demo) -> dict:
     return _train(tmp_path_factory.mktemp("dist") / "ws", demo, distributed=TWO)
 
 
-def test_two_ranks_complete_and_match_one_process_on_the_same_global_batch(two_ranks, tmp_path, demo):
+def test_two_ranks_complete_and_match_one_process_on_the_same_global_batch(
+    two_ranks, tmp_path, demo
+):
     home = Path(two_ranks["adapter_path"]).parents[2]
     started = [e["data"] for e in history(home) if e["type"] == "training_started"]
-    assert [(s["world_size"], s["hosts"], s["backend"]) for s in started] == [(2, ["127.0.0.1", "127.0.0.1"], "ring")]
+    assert [(s["world_size"], s["hosts"], s["backend"]) for s in started] == [
+        (2, ["127.0.0.1", "127.0.0.1"], "ring")
+    ]
     reported = [e["data"] for e in history(home) if e["type"] == "ranks_reported"]
-    assert reported and all(len(r["tokens_per_s"]) == 2 and all(t and t > 0 for t in r["tokens_per_s"]) for r in reported)
+    assert reported and all(
+        len(r["tokens_per_s"]) == 2 and all(t and t > 0 for t in r["tokens_per_s"])
+        for r in reported
+    )
     assert two_ranks["world_size"] == 2 and len(two_ranks["rank_tokens_per_s"]) == 2
     # `ftctl metrics` carries each rank's tokens/s on the points the daemon journalled them for
     points = ftctl_json(home, "metrics", "1")["points"]
@@ -79,7 +97,10 @@ def test_two_ranks_complete_and_match_one_process_on_the_same_global_batch(two_r
 
 
 def test_sigkill_of_rank_1_kills_the_group_and_resumes_bit_exact(two_ranks, tmp_path, demo):
-    home, at = tmp_path / "ws", random.randint(1, SMALL["iters"])  # any step: the resume must be bit-exact from all
+    home, at = (
+        tmp_path / "ws",
+        random.randint(1, SMALL["iters"]),
+    )  # any step: the resume must be bit-exact from all
     s = _train(home, demo, env=crash_env(tmp_path, f"mid_step@1:{at}"), distributed=TWO)
     crashes = ftctl_json(home, "crashes")
     assert len(crashes) == 1, at
@@ -89,7 +110,9 @@ def test_sigkill_of_rank_1_kills_the_group_and_resumes_bit_exact(two_ranks, tmp_
     torn = re.search(r"torn down (\d+) ms after", c["evidence"])
     assert torn and int(torn.group(1)) < 1000, c["evidence"]
     assert kinds(home, "0001").count("training_started") == 2 and stray_workers(home) == []
-    assert s["adapter_sha256"] == two_ranks["adapter_sha256"]  # bit-exact with the uninterrupted 2-rank run
+    assert (
+        s["adapter_sha256"] == two_ranks["adapter_sha256"]
+    )  # bit-exact with the uninterrupted 2-rank run
     from ftctl.adapters.workspace import Workspace
     from ftctl.control.dashboard import Viewer
 
@@ -116,27 +139,48 @@ def _rank_pids(home: Path) -> dict[int, int]:
     return out
 
 
-def test_a_stopped_rank_is_caught_by_the_watchdog_and_no_rank_outlives_a_killed_daemon(tmp_path, demo):
-    home = make_workspace(tmp_path / "ws", demo.model_dir, **{**SMALL, "iters": 400, "save_every": 20},
-                          distributed=TWO, timeouts={"hang_s": 6.0, "eval_hang_s": 120.0, "stop_s": 60.0})
+def test_a_stopped_rank_is_caught_by_the_watchdog_and_no_rank_outlives_a_killed_daemon(
+    tmp_path, demo
+):
+    home = make_workspace(
+        tmp_path / "ws",
+        demo.model_dir,
+        **{**SMALL, "iters": 400, "save_every": 20},
+        distributed=TWO,
+        timeouts={"hang_s": 6.0, "eval_hang_s": 120.0, "stop_s": 60.0},
+    )
     ftctl(home, "submit", str(demo.train))
     d = daemon(home)
     try:
-        first = wait_for(lambda: (p := _rank_pids(home)).keys() == {0, 1} and "ranks_reported" in kinds(home) and p)
+        first = wait_for(
+            lambda: (
+                (p := _rank_pids(home)).keys() == {0, 1} and "ranks_reported" in kinds(home) and p
+            )
+        )
         os.kill(first[1], signal.SIGSTOP)
         c = wait_for(lambda: ftctl_json(home, "crashes"), timeout=60)[0]
         assert (c["category"], c["rank"]) == ("hang", 1), c
         assert "stopped by a signal" in c["evidence"]
         wait_for(lambda: not any(map(running, first.values())), timeout=5)
         # restarted from its last checkpoint; then the daemon is SIGKILLed: no rank may be left
-        again = wait_for(lambda: (p := _rank_pids(home)).keys() == {0, 1} and set(p.values()).isdisjoint(first.values())
-                         and p, timeout=120)
+        again = wait_for(
+            lambda: (
+                (p := _rank_pids(home)).keys() == {0, 1}
+                and set(p.values()).isdisjoint(first.values())
+                and p
+            ),
+            timeout=120,
+        )
         time.sleep(1.0)
         d.kill()
         d.wait()
         # a rank on its way out has already lost its command line (so it is no stray worker) but is not a
         # zombie yet: wait for both, within the same bound
-        wait_for(lambda: stray_workers(home) == [] and not any(map(running, again.values())), timeout=5, every=0.05)
+        wait_for(
+            lambda: stray_workers(home) == [] and not any(map(running, again.values())),
+            timeout=5,
+            every=0.05,
+        )
     finally:
         if d.poll() is None:
             d.kill()
@@ -149,24 +193,46 @@ def test_a_world_size_change_is_refused_without_reshard(tmp_path, demo):
     from ftctl.core.state import JobState
     from ftctl.events.types import CheckpointRecord
 
-    j = JobState(job="0001", world_size=2, checkpoints=[CheckpointRecord(step=4, global_step=4, path="c", manifest_sha256="x", bytes=1)])
+    j = JobState(
+        job="0001",
+        world_size=2,
+        checkpoints=[
+            CheckpointRecord(step=4, global_step=4, path="c", manifest_sha256="x", bytes=1)
+        ],
+    )
     why = world_size_refusal(j, 4)
-    assert "trained on 2 rank(s)" in why and "ftctl retry 0001 --reshard" in why and "not bit-exact" in why
+    assert (
+        "trained on 2 rank(s)" in why
+        and "ftctl retry 0001 --reshard" in why
+        and "not bit-exact" in why
+    )
     assert world_size_refusal(j, 2) is None
     j.reshard = True
     assert world_size_refusal(j, 4) is None
 
 
 def test_submit_refuses_a_distributed_config_that_cannot_run(tmp_path, demo):
-    home = make_workspace(tmp_path / "ws", demo.model_dir, distributed={"hosts": ["127.0.0.1"], "processes_per_host": 2})
+    home = make_workspace(
+        tmp_path / "ws",
+        demo.model_dir,
+        distributed={"hosts": ["127.0.0.1"], "processes_per_host": 2},
+    )
     p = ftctl(home, "submit", str(demo.train), "--set", "batch_size=3", check=False)
-    assert p.returncode == 1 and "batch_size = 3" in p.stderr and "world size 2" in p.stderr, p.stderr
+    assert p.returncode == 1 and "batch_size = 3" in p.stderr and "world size 2" in p.stderr, (
+        p.stderr
+    )
     assert "Traceback" not in p.stderr
     (tmp_path / "hosts.json").write_text("{not json")
-    home2 = make_workspace(tmp_path / "ws2", demo.model_dir, distributed={"hostfile": str(tmp_path / "hosts.json")})
+    home2 = make_workspace(
+        tmp_path / "ws2", demo.model_dir, distributed={"hostfile": str(tmp_path / "hosts.json")}
+    )
     p = ftctl(home2, "submit", str(demo.train), check=False)
-    assert p.returncode == 1 and "hostfile" in p.stderr and "nothing was queued" in p.stderr.lower(), p.stderr
-    home3 = make_workspace(tmp_path / "ws3", demo.model_dir, distributed={"hosts": ["mac-a", "mac-b"]})
+    assert (
+        p.returncode == 1 and "hostfile" in p.stderr and "nothing was queued" in p.stderr.lower()
+    ), p.stderr
+    home3 = make_workspace(
+        tmp_path / "ws3", demo.model_dir, distributed={"hosts": ["mac-a", "mac-b"]}
+    )
     p = ftctl(home3, "submit", str(demo.train), check=False)
     assert p.returncode == 1 and "not an IP address" in p.stderr, p.stderr
 
@@ -180,7 +246,9 @@ def test_rank_shards_are_complementary_and_seeds_distinct():
     for n in range(12):
         whole = b.indices(n)
         shards = [whole[r::2] for r in range(2)]
-        assert sorted(shards[0] + shards[1]) == sorted(whole) and not set(shards[0]) & set(shards[1])
+        assert sorted(shards[0] + shards[1]) == sorted(whole) and not set(shards[0]) & set(
+            shards[1]
+        )
     assert step_seed(5, 3) == step_seed(5, 3, 0) != step_seed(5, 3, 1) != step_seed(5, 3, 2)
 
 
@@ -191,16 +259,33 @@ def test_reshard_after_the_hosts_changed(tmp_path, demo):
 
     hosts = tmp_path / "hosts.json"
     hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
-    home = make_workspace(tmp_path / "ws", demo.model_dir, **SMALL, distributed={"hostfile": str(hosts)},
-                          restart={"max_restarts": 0, "window_s": 300.0, "backoff_s": 0.05, "backoff_max_s": 0.2})
+    home = make_workspace(
+        tmp_path / "ws",
+        demo.model_dir,
+        **SMALL,
+        distributed={"hostfile": str(hosts)},
+        restart={"max_restarts": 0, "window_s": 300.0, "backoff_s": 0.05, "backoff_max_s": 0.2},
+    )
     ftctl(home, "submit", str(demo.train))
-    p = ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "mid_step@1:6"), check=False, timeout=600)
+    p = ftctl(
+        home,
+        "start",
+        "--until-idle",
+        "--quiet",
+        env=crash_env(tmp_path, "mid_step@1:6"),
+        check=False,
+        timeout=600,
+    )
     assert p.returncode == 1 and ftctl_json(home, "status", "0001")["state"] == "failed"
     hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}]))
     ftctl(home, "retry", "0001")
     p = ftctl(home, "start", "--until-idle", check=False, timeout=600)
     s = ftctl_json(home, "status", "0001")
-    assert s["state"] == "failed" and "trained on 2 rank(s)" in s["reason"] and "--reshard" in s["reason"], s
+    assert (
+        s["state"] == "failed"
+        and "trained on 2 rank(s)" in s["reason"]
+        and "--reshard" in s["reason"]
+    ), s
     assert kinds(home, "0001").count("training_started") == 1  # nothing was started
     out = ftctl(home, "retry", "0001", "--reshard").stdout
     assert "not bit-exact" in out
@@ -210,4 +295,6 @@ def test_reshard_after_the_hosts_changed(tmp_path, demo):
     assert (last.get("world_size", 1), last["resharded_from"], last["resume_step"]) == (1, 2, 4)
     assert s["resharded"] == ["2 -> 1 ranks at step 4"]
     assert "trained on 2 rank(s)" in p.stderr
-    assert [e["data"].get("category") for e in history(home) if e["type"] == "failed"][-1] == "world_size"
+    assert [e["data"].get("category") for e in history(home) if e["type"] == "failed"][
+        -1
+    ] == "world_size"

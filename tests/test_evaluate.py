@@ -37,7 +37,11 @@ def test_a_fresh_job_is_evaluated_at_step_0_once_it_is_training(trained):
     kinds = [e["type"] for e in evs]
     evals = [e["data"] for e in evs if e["type"] == "evaluated"]
     assert [(e["step"], e["global_step"]) for e in evals] == [(0, 0), (5, 5), (10, 10)]
-    assert kinds.index("training_started") < kinds.index("evaluated") < kinds.index("checkpoint_started")
+    assert (
+        kinds.index("training_started")
+        < kinds.index("evaluated")
+        < kinds.index("checkpoint_started")
+    )
     assert all(e["val_loss"] is not None for e in evals)
     assert status(trained, "0001")["last_val_loss"] == evals[-1]["val_loss"]
 
@@ -53,8 +57,14 @@ def test_eval_scores_the_adapter_and_the_base_on_the_validation_split(trained, c
     code, out, err = run(capsys, "eval", "1", "--json", "--home", trained)
     assert code == 0, err
     r = json.loads(out)
-    assert r["job"] == "0001" and r["data_path"] == str(valid) and r["data_sha256"] == sha256_file(valid)
-    assert r["examples"] == len(valid.read_text().splitlines()) == 40 and r["tokens"] > r["examples"]
+    assert (
+        r["job"] == "0001"
+        and r["data_path"] == str(valid)
+        and r["data_sha256"] == sha256_file(valid)
+    )
+    assert (
+        r["examples"] == len(valid.read_text().splitlines()) == 40 and r["tokens"] > r["examples"]
+    )
     assert r["base_model"] == job["base_model"] and r["adapter_sha256"] == job["adapter_sha256"]
     assert r["adapter_path"] == job["adapter_path"]
     assert r["base_loss"] != r["adapter_loss"]
@@ -63,14 +73,21 @@ def test_eval_scores_the_adapter_and_the_base_on_the_validation_split(trained, c
         assert math.isclose(r[f"{who}_ppl"], math.exp(r[f"{who}_loss"]), rel_tol=1e-12)
     # the adapter scored is the one mlx_lm.load(model, adapter_path=...) gives
     model, tok = mlx_lm.load(job["base_model"], adapter_path=job["adapter_path"])
-    again, tokens = evaluate_loss(model, evaluation_batches(load_items(str(valid), tok, False), 2, 96))
+    again, tokens = evaluate_loss(
+        model, evaluation_batches(load_items(str(valid), tok, False), 2, 96)
+    )
     assert math.isclose(again, r["adapter_loss"], rel_tol=1e-5) and tokens == r["tokens"]
     # recorded: the last event of the job, and shown by status
     last = _job_events(trained)[-1]
     assert last["type"] == "adapter_evaluated" and last["seq"] == r["seq"] and last["ts"] == r["at"]
-    assert last["data"] == {"type": "adapter_evaluated", **{k: v for k, v in r.items() if k not in ("at", "seq", "warnings")}}
+    assert last["data"] == {
+        "type": "adapter_evaluated",
+        **{k: v for k, v in r.items() if k not in ("at", "seq", "warnings")},
+    }
     s = status(trained, "0001")
-    assert s["state"] == "completed" and s["last_eval"] == {k: v for k, v in r.items() if k not in ("seq", "warnings")}
+    assert s["state"] == "completed" and s["last_eval"] == {
+        k: v for k, v in r.items() if k not in ("seq", "warnings")
+    }
     code, out, _ = run(capsys, "status", "0001", "--home", trained)
     assert code == 0 and "last eval" in out and f"{r['adapter_loss']:.4f}" in out
 
@@ -102,7 +119,9 @@ def test_eval_refuses_bad_data_and_records_nothing(trained, tmp_path, capsys):
     bad.write_text('{"text": "fine"}\nnot json\n{"nope": 1}\n')
     code, _, err = run(capsys, "eval", "0001", "--data", bad, "--home", trained)
     assert code == 1 and "cannot be evaluated on" in err and "line 2" in err
-    code, _, err = run(capsys, "eval", "0001", "--data", tmp_path / "missing.jsonl", "--home", trained)
+    code, _, err = run(
+        capsys, "eval", "0001", "--data", tmp_path / "missing.jsonl", "--home", trained
+    )
     assert code == 1 and "does not exist" in err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
@@ -128,7 +147,9 @@ def test_eval_refuses_a_job_without_an_adapter(ws, tmp_path, capsys):
 def test_eval_skips_the_bad_lines_of_an_accepted_file_and_says_so(trained, demo, tmp_path, capsys):
     lines = demo.valid.read_text().splitlines()
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text("\n".join(lines[:10] + ['{"broken": '] + lines[10:]) + "\n")  # 1 bad line of 41: a warning
+    mixed.write_text(
+        "\n".join(lines[:10] + ['{"broken": '] + lines[10:]) + "\n"
+    )  # 1 bad line of 41: a warning
     code, out, err = run(capsys, "eval", "0001", "--data", mixed, "--json", "--home", trained)
     assert code == 0, err
     r = json.loads(out)

@@ -19,7 +19,11 @@ import pytest
 
 from ftctl.events import types as T
 from ftctl.events.journal import (
-    APPLICATION_ID, ConcurrencyError, Journal, JournalError, NotAJournal,
+    APPLICATION_ID,
+    ConcurrencyError,
+    Journal,
+    JournalError,
+    NotAJournal,
 )
 
 
@@ -74,7 +78,11 @@ def test_create_open_round_trip(jpath: Path):
     j = Journal.open(jpath)
     assert mode(jpath) == 0o600
     assert list(j.read()) == recs
-    assert [(r.seq, r.stream, r.version) for r in recs] == [(1, "job:a", 1), (2, "job:a", 2), (3, "job:b", 1)]
+    assert [(r.seq, r.stream, r.version) for r in recs] == [
+        (1, "job:a", 1),
+        (2, "job:a", 2),
+        (3, "job:b", 1),
+    ]
     assert j.last_seq() == 3 and j.stream_version("job:a") == 2 and j.stream_version("job:zzz") == 0
     assert j.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert j.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
@@ -106,7 +114,9 @@ def test_append_with_expected_version(journal: Journal):
     assert [r.version for r in r1 + r2] == [1, 2, 3]
     assert [r.seq for r in r1 + r2] == [1, 2, 3]
     assert journal.append("job:b", [ev("b")], expected_version=0)[0].version == 1
-    assert journal.append("job:a", [ev(n=4)], expected_version=None)[0].version == 4  # None skips the check
+    assert (
+        journal.append("job:a", [ev(n=4)], expected_version=None)[0].version == 4
+    )  # None skips the check
 
 
 @pytest.mark.parametrize("stale", [0, 1, 3, 7])
@@ -131,17 +141,25 @@ def test_append_batch_across_streams_is_atomic(journal: Journal):
     before = list(journal.read())
     # the first stream is fine, the second conflicts: neither gets anything
     with pytest.raises(ConcurrencyError) as info:
-        journal.append_batch([
-            ("job:a", [ev("a", 1), ev("a", 2)], 1),
-            ("job:b", [ev("b", 3)], 1),
-            ("job:c", [ev("c", 4)], 0),
-        ])
+        journal.append_batch(
+            [
+                ("job:a", [ev("a", 1), ev("a", 2)], 1),
+                ("job:b", [ev("b", 3)], 1),
+                ("job:c", [ev("c", 4)], 0),
+            ]
+        )
     assert (info.value.stream, info.value.expected, info.value.actual) == ("job:b", 1, 2)
     assert list(journal.read()) == before
     assert [journal.stream_version(s) for s in ("job:a", "job:b", "job:c")] == [1, 2, 0]
 
-    recs = journal.append_batch([("job:a", [ev("a", 1)], 1), ("job:b", [ev("b", 2)], 2), ("job:c", [ev("c", 3)], 0)])
-    assert [(r.seq, r.stream, r.version) for r in recs] == [(4, "job:a", 2), (5, "job:b", 3), (6, "job:c", 1)]
+    recs = journal.append_batch(
+        [("job:a", [ev("a", 1)], 1), ("job:b", [ev("b", 2)], 2), ("job:c", [ev("c", 3)], 0)]
+    )
+    assert [(r.seq, r.stream, r.version) for r in recs] == [
+        (4, "job:a", 2),
+        (5, "job:b", 3),
+        (6, "job:c", 1),
+    ]
     assert len({r.ts for r in recs}) == 1  # one transaction, one timestamp
     assert list(journal.read()) == before + recs
 
@@ -151,7 +169,9 @@ def test_unreadable_body_is_refused(journal: Journal):
     committed, every replay would fail. The append refuses it, and the whole batch with it."""
     journal.append("job:a", [ev("a")], expected_version=0)
     before = list(journal.read())
-    bad = T.TrainingStarted(job="b", attempt=1, worker_pid=1, worker_started_at=float("nan"), base_model="m")
+    bad = T.TrainingStarted(
+        job="b", attempt=1, worker_pid=1, worker_started_at=float("nan"), base_model="m"
+    )
     with pytest.raises(JournalError, match="would not read back.*Nothing was appended"):
         journal.append_batch([("job:a", [ev("a", 2)], 1), ("job:b", [bad], 0)])
     wrong_type = T.Failed(job=7, reason="r")  # python does not check field types on construction
@@ -167,9 +187,13 @@ def test_seq_is_contiguous(journal: Journal):
         if rng.random() < 0.5:
             journal.append(f"job:{rng.randrange(4)}", [ev(n=i)] * rng.randint(1, 3))
         else:
-            journal.append_batch([(f"job:{rng.randrange(4)}", [ev(n=i)], None) for _ in range(rng.randint(1, 3))])
+            journal.append_batch(
+                [(f"job:{rng.randrange(4)}", [ev(n=i)], None) for _ in range(rng.randint(1, 3))]
+            )
     recs = list(journal.read())
-    assert [r.seq for r in recs] == list(range(1, len(recs) + 1)) and journal.last_seq() == len(recs)
+    assert [r.seq for r in recs] == list(range(1, len(recs) + 1)) and journal.last_seq() == len(
+        recs
+    )
     versions: dict[str, list[int]] = {}
     for r in recs:
         versions.setdefault(r.stream, []).append(r.version)
@@ -193,16 +217,30 @@ def test_read_ranges_streams_and_chunks(journal: Journal):
     assert list(journal.read()) == written and n == len(written)
     assert list(journal.read(chunk=1)) == written
     for after in range(0, n + 2):
-        for to in sorted({None, 0, after, after + 1, after + 2, after + 3, after + 4, n - 1, n, n + 5}, key=lambda x: -1 if x is None else x):
+        for to in sorted(
+            {None, 0, after, after + 1, after + 2, after + 3, after + 4, n - 1, n, n + 5},
+            key=lambda x: -1 if x is None else x,
+        ):
             for stream in [None, *streams, "job:none"]:
                 hi = n if to is None else to
-                want = [r for r in written if after < r.seq <= hi and (stream is None or r.stream == stream)]
+                want = [
+                    r
+                    for r in written
+                    if after < r.seq <= hi and (stream is None or r.stream == stream)
+                ]
                 assert list(journal.read(after, to, stream, chunk=3)) == want, (after, to, stream)
 
 
 def test_read_odd_strings_round_trip(journal: Journal):
     """Streams and bodies are spliced into a JSON array inside SQLite: quoting must hold."""
-    odd = ['job:"quoted"', "job:back\\slash", "job:tab\tnl\n", "job:ünï©ødé ✓", "job:'single'", "job:]},["]
+    odd = [
+        'job:"quoted"',
+        "job:back\\slash",
+        "job:tab\tnl\n",
+        "job:ünï©ødé ✓",
+        "job:'single'",
+        "job:]},[",
+    ]
     written = []
     for s in odd:
         written += journal.append(s, [T.Failed(job=s[4:], reason=s * 3, category="\x00\x1f\u2028")])
@@ -266,15 +304,27 @@ def _truncated(p: Path) -> None:
     os.truncate(p, p.stat().st_size // 2)
 
 
-@pytest.mark.parametrize("make, message", [
-    (_empty, "not an ftctl journal: the file is empty"),
-    (_random_bytes, "not an ftctl journal: it is not a SQLite database"),
-    (_foreign_sqlite, "not an ftctl journal: it is a SQLite database of another application"),
-    (_other_application, r"another application \(application_id 0x12d687\)"),
-    (_our_id_no_tables, r"lacks tables \['events', 'meta', 'metrics', 'snapshots'\]"),
-    (_future_schema, "journal schema version 99 is not supported"),
-    (_truncated, r"the journal is truncated \(\d+ bytes, its header says \d+\)"),
-], ids=["empty", "random", "foreign-sqlite", "other-app-id", "our-id-no-tables", "future-schema", "truncated"])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (_empty, "not an ftctl journal: the file is empty"),
+        (_random_bytes, "not an ftctl journal: it is not a SQLite database"),
+        (_foreign_sqlite, "not an ftctl journal: it is a SQLite database of another application"),
+        (_other_application, r"another application \(application_id 0x12d687\)"),
+        (_our_id_no_tables, r"lacks tables \['events', 'meta', 'metrics', 'snapshots'\]"),
+        (_future_schema, "journal schema version 99 is not supported"),
+        (_truncated, r"the journal is truncated \(\d+ bytes, its header says \d+\)"),
+    ],
+    ids=[
+        "empty",
+        "random",
+        "foreign-sqlite",
+        "other-app-id",
+        "our-id-no-tables",
+        "future-schema",
+        "truncated",
+    ],
+)
 def test_open_refuses_bad_files_untouched(jpath: Path, make, message):
     make(jpath)
     assert sidecars(jpath) == []
@@ -324,7 +374,9 @@ def _check_journal(path: Path) -> list[tuple]:
     j = Journal.open(path)
     try:
         assert j.integrity_check() == "ok"
-        rows = j.conn.execute("SELECT seq, stream, version, type, body FROM events ORDER BY seq").fetchall()
+        rows = j.conn.execute(
+            "SELECT seq, stream, version, type, body FROM events ORDER BY seq"
+        ).fetchall()
         assert [r[0] for r in rows] == list(range(1, len(rows) + 1)), "seq has a hole"
         versions: dict[str, list[int]] = {}
         batches: dict[str, list[int]] = {}
@@ -352,12 +404,19 @@ def test_sigkilled_writer_leaves_a_consistent_journal(jpath: Path):
     rounds, kept, grew = 15, [], 0
     for r in range(rounds):
         seed = rng.randrange(1 << 30)
-        child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(jpath), str(seed)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=jpath.parent)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CRASH_CHILD, str(jpath), str(seed)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=jpath.parent,
+        )
         try:
             assert child.stdout.readline().strip() == "go", child.stderr.read()
             time.sleep(rng.uniform(0.05, 0.4))
-            assert child.poll() is None, f"writer died on its own (seed {seed}): {child.stderr.read()}"
+            assert child.poll() is None, (
+                f"writer died on its own (seed {seed}): {child.stderr.read()}"
+            )
             child.send_signal(signal.SIGKILL)
             child.wait()
         finally:
@@ -403,9 +462,16 @@ def test_two_processes_appending_with_expected_versions(jpath: Path):
     Journal.create(jpath).close()
     go = jpath.parent / "go"
     n = 120
-    kids = [subprocess.Popen([sys.executable, "-c", CONTEND_CHILD, str(jpath), who, str(n), str(go)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=jpath.parent)
-            for who in ("A", "B")]
+    kids = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONTEND_CHILD, str(jpath), who, str(n), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=jpath.parent,
+        )
+        for who in ("A", "B")
+    ]
     try:
         for k in kids:
             assert k.stdout.readline().strip() == "ready", k.stderr.read()
@@ -460,8 +526,12 @@ def test_a_batch_naming_a_stream_twice_continues_its_versions_and_seqs_are_the_r
         recs = j.append_batch([("job:a", e[:1], 1), ("job:b", e[1:2], 0), ("job:a", e[2:], 2)])
         assert [(r.stream, r.version) for r in recs] == [("job:a", 2), ("job:b", 1), ("job:a", 3)]
         assert [r.seq for r in recs] == [2, 3, 4]
-        assert [(r.seq, r.stream, r.version, r.event) for r in j.read(after=1)] == [(r.seq, r.stream, r.version, r.event) for r in recs]
-        with pytest.raises(ConcurrencyError):  # the second part expects the version before the first part
+        assert [(r.seq, r.stream, r.version, r.event) for r in j.read(after=1)] == [
+            (r.seq, r.stream, r.version, r.event) for r in recs
+        ]
+        with pytest.raises(
+            ConcurrencyError
+        ):  # the second part expects the version before the first part
             j.append_batch([("job:a", e[:1], 3), ("job:a", e[1:2], 3)])
         assert j.last_seq() == 4
     finally:

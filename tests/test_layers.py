@@ -9,15 +9,27 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ["ftctl.cli", "ftctl.control", "ftctl.recovery", "ftctl.adapters", "ftctl.core", "ftctl.events"]
+LAYERS = [
+    "ftctl.cli",
+    "ftctl.control",
+    "ftctl.recovery",
+    "ftctl.adapters",
+    "ftctl.core",
+    "ftctl.events",
+]
 
 
 def test_import_contracts_are_kept():
     """import-linter checks pyproject's contracts: the layers, no rich/argparse below cli, a pure
     core, SQL only in events/."""
     lint = Path(sys.executable).with_name("lint-imports")
-    p = subprocess.run([str(lint), "--no-logo", "--config", str(ROOT / "pyproject.toml")], capture_output=True,
-                       text=True, cwd=ROOT, timeout=120)
+    p = subprocess.run(
+        [str(lint), "--no-logo", "--config", str(ROOT / "pyproject.toml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert re.search(r"Contracts: 4 kept, 0 broken", p.stdout), p.stdout
 
@@ -25,7 +37,9 @@ def test_import_contracts_are_kept():
 def test_the_layer_contract_names_every_package_in_order():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = cfg["tool"]["setuptools"]["packages"]
-    layers = next(c for c in cfg["tool"]["importlinter"]["contracts"] if c["type"] == "layers")["layers"]
+    layers = next(c for c in cfg["tool"]["importlinter"]["contracts"] if c["type"] == "layers")[
+        "layers"
+    ]
     # every layer is a package; other packages are subpackages of a layer (ftctl.cli.web)
     assert layers == LAYERS and sorted(p for p in packages if p.count(".") == 1) == sorted(LAYERS)
     assert all(p.rsplit(".", 1)[0] in LAYERS for p in packages if p.count(".") > 1), packages
@@ -51,6 +65,10 @@ def test_every_crash_point_is_declared_and_used():
 
 
 def test_an_unknown_crash_point_is_refused():
-    p = subprocess.run([sys.executable, "-c", "import ftctl.adapters.faults"], capture_output=True, text=True,
-                       env={"FTCTL_CRASH_AT": "mid_stpe:3:/tmp/x", "PATH": ""})
+    p = subprocess.run(
+        [sys.executable, "-c", "import ftctl.adapters.faults"],
+        capture_output=True,
+        text=True,
+        env={"FTCTL_CRASH_AT": "mid_stpe:3:/tmp/x", "PATH": ""},
+    )
     assert p.returncode != 0 and "unknown crash point 'mid_stpe'" in p.stderr

@@ -27,7 +27,10 @@ from ftctl.recovery.ledger import Ledger, load, state_at
 
 JOB_TYPES = [t for t in T.EVENT_TYPES if t in S.JOB_HANDLERS]
 LINEAGE_TYPES = list(S.LINEAGE_TYPES)
-DAEMON_TYPES = [T.DaemonStartedV1, *S.DAEMON_HANDLERS]  # the old schema too: committed, it is read back upcast
+DAEMON_TYPES = [
+    T.DaemonStartedV1,
+    *S.DAEMON_HANDLERS,
+]  # the old schema too: committed, it is read back upcast
 JOBS = ["a", "b"]
 LINEAGES = ["main", "exp"]
 
@@ -84,29 +87,80 @@ def make(typ: type, subject: str, p) -> T.EventBase:
     j = subject
     if typ is T.JobSubmitted:
         return T.JobSubmitted(
-            job=j, name=p.s(), data_path=p.s(), data_sha256=p.s(), data_format=p.choice(["chat", "completions", "text"]),
-            examples=p.i(), valid_path=p.opt(p.s()), valid_sha256=p.opt(p.s()),
-            config=config_to_dict(Config(model=p.choice(["base-a", "base-b"]), iters=1 + abs(p.i()), seed=abs(p.i()) % 2**32,
-                                         lora_parameters=LoraParameters(keys=p.opt([p.s() or "k"])))),
-            config_sha256=p.s(), lineage=p.choice(LINEAGES), warnings=[p.s()] if p.opt(1) else [],
-            model_repo=p.opt(p.s()), model_revision=p.opt(p.s()),
+            job=j,
+            name=p.s(),
+            data_path=p.s(),
+            data_sha256=p.s(),
+            data_format=p.choice(["chat", "completions", "text"]),
+            examples=p.i(),
+            valid_path=p.opt(p.s()),
+            valid_sha256=p.opt(p.s()),
+            config=config_to_dict(
+                Config(
+                    model=p.choice(["base-a", "base-b"]),
+                    iters=1 + abs(p.i()),
+                    seed=abs(p.i()) % 2**32,
+                    lora_parameters=LoraParameters(keys=p.opt([p.s() or "k"])),
+                )
+            ),
+            config_sha256=p.s(),
+            lineage=p.choice(LINEAGES),
+            warnings=[p.s()] if p.opt(1) else [],
+            model_repo=p.opt(p.s()),
+            model_revision=p.opt(p.s()),
         )
     if typ is T.JobRejected:
-        return T.JobRejected(job=j, name=p.s(), data_path=p.s(), data_sha256=p.opt(p.s()), reasons=[p.s(), p.s()], problems=[p.s()])
+        return T.JobRejected(
+            job=j,
+            name=p.s(),
+            data_path=p.s(),
+            data_sha256=p.opt(p.s()),
+            reasons=[p.s(), p.s()],
+            problems=[p.s()],
+        )
     if typ is T.TrainingStarted:
-        return T.TrainingStarted(job=j, attempt=p.i(), worker_pid=p.i(), worker_started_at=p.f(), resume_step=p.i(),
-                                 resume_checkpoint=p.opt(p.s()), warm_start_from=p.opt(p.s()), parent_job=p.opt(p.s()),
-                                 global_step_base=p.i(), base_model=p.s(), world_size=p.choice([1, 2, 4]),
-                                 hosts=[p.s()], backend=p.choice(["", "ring"]), resharded_from=p.opt(p.i()))
+        return T.TrainingStarted(
+            job=j,
+            attempt=p.i(),
+            worker_pid=p.i(),
+            worker_started_at=p.f(),
+            resume_step=p.i(),
+            resume_checkpoint=p.opt(p.s()),
+            warm_start_from=p.opt(p.s()),
+            parent_job=p.opt(p.s()),
+            global_step_base=p.i(),
+            base_model=p.s(),
+            world_size=p.choice([1, 2, 4]),
+            hosts=[p.s()],
+            backend=p.choice(["", "ring"]),
+            resharded_from=p.opt(p.i()),
+        )
     if typ is T.CheckpointStarted:
         return T.CheckpointStarted(job=j, step=p.i(), global_step=p.i())
     if typ is T.CheckpointCommitted:
-        return T.CheckpointCommitted(job=j, checkpoint=T.CheckpointRecord(
-            step=p.i(), global_step=p.i(), path=p.choice(["c/1", "c/2", "c/3"]), manifest_sha256=p.s(), bytes=p.i(),
-            train_loss=p.opt(p.f()), val_loss=p.opt(p.f())))
+        return T.CheckpointCommitted(
+            job=j,
+            checkpoint=T.CheckpointRecord(
+                step=p.i(),
+                global_step=p.i(),
+                path=p.choice(["c/1", "c/2", "c/3"]),
+                manifest_sha256=p.s(),
+                bytes=p.i(),
+                train_loss=p.opt(p.f()),
+                val_loss=p.opt(p.f()),
+            ),
+        )
     if typ is T.CheckpointCommittedV1:
-        return T.CheckpointCommittedV1(job=j, step=p.i(), global_step=p.i(), path=p.choice(["c/1", "c/2", "c/3"]),
-                                       manifest_sha256=p.s(), bytes=p.i(), train_loss=p.opt(p.f()), val_loss=p.opt(p.f()))
+        return T.CheckpointCommittedV1(
+            job=j,
+            step=p.i(),
+            global_step=p.i(),
+            path=p.choice(["c/1", "c/2", "c/3"]),
+            manifest_sha256=p.s(),
+            bytes=p.i(),
+            train_loss=p.opt(p.f()),
+            val_loss=p.opt(p.f()),
+        )
     if typ in (T.CheckpointPruned, T.CheckpointCorrupt):
         return typ(job=j, step=p.i(), path=p.choice(["c/1", "c/2", "c/3"]), reason=p.s())
     if typ is T.CheckpointDiscarded:
@@ -114,20 +168,58 @@ def make(typ: type, subject: str, p) -> T.EventBase:
     if typ is T.Evaluated:
         return T.Evaluated(job=j, step=p.i(), global_step=p.i(), val_loss=p.f())
     if typ is T.AdapterEvaluated:
-        return T.AdapterEvaluated(job=j, data_path=p.s(), data_sha256=p.s(), examples=p.i(), tokens=p.i(), base_model=p.s(),
-                                  adapter_path=p.s(), adapter_sha256=p.s(), base_loss=p.opt(p.f()), base_ppl=p.opt(p.f()),
-                                  adapter_loss=p.opt(p.f()), adapter_ppl=p.opt(p.f()))
+        return T.AdapterEvaluated(
+            job=j,
+            data_path=p.s(),
+            data_sha256=p.s(),
+            examples=p.i(),
+            tokens=p.i(),
+            base_model=p.s(),
+            adapter_path=p.s(),
+            adapter_sha256=p.s(),
+            base_loss=p.opt(p.f()),
+            base_ppl=p.opt(p.f()),
+            adapter_loss=p.opt(p.f()),
+            adapter_ppl=p.opt(p.f()),
+        )
     if typ is T.Completed:
-        return T.Completed(job=j, step=p.i(), global_step=p.i(), adapter_path=p.s(), adapter_sha256=p.s(), checkpoint=p.s())
+        return T.Completed(
+            job=j,
+            step=p.i(),
+            global_step=p.i(),
+            adapter_path=p.s(),
+            adapter_sha256=p.s(),
+            checkpoint=p.s(),
+        )
     if typ is T.Crashed:
-        return T.Crashed(job=j, category=p.choice(["oom", "nan", "signal"]), step=p.opt(p.i()), exit_code=p.opt(p.i()),
-                         signal=p.opt(p.i()), evidence=p.s(), suggestion=p.s(), rank=p.opt(p.i()), host=p.opt(p.s()))
+        return T.Crashed(
+            job=j,
+            category=p.choice(["oom", "nan", "signal"]),
+            step=p.opt(p.i()),
+            exit_code=p.opt(p.i()),
+            signal=p.opt(p.i()),
+            evidence=p.s(),
+            suggestion=p.s(),
+            rank=p.opt(p.i()),
+            host=p.opt(p.s()),
+        )
     if typ is T.CrashReproduced:
-        return T.CrashReproduced(job=j, crash=p.choice([0, 1, 2, 3]), crash_category=p.choice(["nan", "killed"]),
-                                 crash_step=p.i(), verdict=p.choice(["reproduced", "not reproduced", "different"]),
-                                 summary=p.s(), from_step=p.i(), target_step=p.i(), step=p.opt(p.i()),
-                                 examples=[T.ExampleRef(index=p.i(), line=p.i(), source_line=p.opt(p.i()), tokens=p.i(),
-                                                        head=p.s())])
+        return T.CrashReproduced(
+            job=j,
+            crash=p.choice([0, 1, 2, 3]),
+            crash_category=p.choice(["nan", "killed"]),
+            crash_step=p.i(),
+            verdict=p.choice(["reproduced", "not reproduced", "different"]),
+            summary=p.s(),
+            from_step=p.i(),
+            target_step=p.i(),
+            step=p.opt(p.i()),
+            examples=[
+                T.ExampleRef(
+                    index=p.i(), line=p.i(), source_line=p.opt(p.i()), tokens=p.i(), head=p.s()
+                )
+            ],
+        )
     if typ is T.Requeued:
         return T.Requeued(job=j, reason=p.s(), not_before=p.f())
     if typ is T.Interrupted:
@@ -147,11 +239,26 @@ def make(typ: type, subject: str, p) -> T.EventBase:
     if typ is T.ConsolidationRequested:
         return T.ConsolidationRequested(lineage=j)
     if typ is T.HeadSet:
-        return T.HeadSet(lineage=j, job=p.choice(["", "a", "x"]), previous=p.opt(p.s()), reason=p.s())
+        return T.HeadSet(
+            lineage=j, job=p.choice(["", "a", "x"]), previous=p.opt(p.s()), reason=p.s()
+        )
     if typ is T.ConsolidationStarted:
-        return T.ConsolidationStarted(lineage=j, version=p.i(), base_model=p.s(), adapter_path=p.s(), adapter_sha256=p.s(), temp_path=p.s())
+        return T.ConsolidationStarted(
+            lineage=j,
+            version=p.i(),
+            base_model=p.s(),
+            adapter_path=p.s(),
+            adapter_sha256=p.s(),
+            temp_path=p.s(),
+        )
     if typ is T.BasePromoted:
-        return T.BasePromoted(lineage=j, version=p.choice([1, 2, 3]), model_path=p.s(), weights_sha256=p.s(), previous_base=p.s())
+        return T.BasePromoted(
+            lineage=j,
+            version=p.choice([1, 2, 3]),
+            model_path=p.s(),
+            weights_sha256=p.s(),
+            previous_base=p.s(),
+        )
     if typ is T.ConsolidationAborted:
         return T.ConsolidationAborted(lineage=j, version=p.i(), reason=p.s())
     if typ is T.ModelRemoved:
@@ -167,13 +274,22 @@ def make(typ: type, subject: str, p) -> T.EventBase:
     if typ is T.DebrisRemoved:
         return T.DebrisRemoved(path=p.s(), reason=p.s())
     if typ is T.ModelImported:
-        return T.ModelImported(path=p.s(), source=p.s(), source_sha256=p.s(), quantization=p.s(),
-                               dtype=p.opt(p.choice(["float16", "float32"])), weights_sha256=p.s(), bytes=p.i(),
-                               seconds=p.f())
+        return T.ModelImported(
+            path=p.s(),
+            source=p.s(),
+            source_sha256=p.s(),
+            quantization=p.s(),
+            dtype=p.opt(p.choice(["float16", "float32"])),
+            weights_sha256=p.s(),
+            bytes=p.i(),
+            seconds=p.f(),
+        )
     if typ is T.RecoveryFinished:
         return T.RecoveryFinished(repairs=p.i(), summary=[p.s()])
     if typ is T.NotificationFailed:
-        return T.NotificationFailed(target=p.s(), seq=p.i(), event=p.s(), attempts=p.i(), error=p.s())
+        return T.NotificationFailed(
+            target=p.s(), seq=p.i(), event=p.s(), attempts=p.i(), error=p.s()
+        )
     raise AssertionError(f"no builder for {typ.__name__}")
 
 
@@ -192,7 +308,11 @@ def oracle(state: str, typ: type, *, lineage: bool) -> str | None:
     """The state after an event of ``typ``, asking the transitions library itself (may())
     for triggered events and FACTS for the others; None if the event is illegal."""
     if typ.trigger is not None:
-        return state_after_library(state, typ.trigger, lineage=lineage) if may(state, typ.trigger, lineage=lineage) else None
+        return (
+            state_after_library(state, typ.trigger, lineage=lineage)
+            if may(state, typ.trigger, lineage=lineage)
+            else None
+        )
     allowed = M.FACTS.get(typ.kind())
     return state if allowed is None or state in allowed else None
 
@@ -201,14 +321,22 @@ def oracle(state: str, typ: type, *, lineage: bool) -> str | None:
 def state_after_library(state: str, trigger: str, *, lineage: bool) -> str | None:
     """Fire ``trigger`` on a fresh library machine put in ``state``; None if it refuses.
     (Cached: the declaration is constant, and a Machine costs a millisecond to build.)"""
-    states, transitions = (M.LINEAGE_STATES, M.LINEAGE_TRANSITIONS) if lineage else (M.JOB_STATES, M.JOB_TRANSITIONS)
+    states, transitions = (
+        (M.LINEAGE_STATES, M.LINEAGE_TRANSITIONS) if lineage else (M.JOB_STATES, M.JOB_TRANSITIONS)
+    )
 
     class Model:
         pass
 
     model = Model()
-    Machine(model=model, states=states, transitions=transitions, initial=state, auto_transitions=False,
-            ignore_invalid_triggers=False)
+    Machine(
+        model=model,
+        states=states,
+        transitions=transitions,
+        initial=state,
+        auto_transitions=False,
+        ignore_invalid_triggers=False,
+    )
     fire = getattr(model, trigger, None)
     if fire is None:
         return None
@@ -224,8 +352,19 @@ def legal_types(state: str, types: list[type], *, lineage: bool) -> list[type]:
 
 
 # weights that make the random walk look like jobs that mostly train, checkpoint and finish
-PROGRESS = {T.JobSubmitted: 20, T.TrainingStarted: 10, T.CheckpointStarted: 10, T.CheckpointCommitted: 20,
-            T.Evaluated: 4, T.Completed: 4, T.Crashed: 2, T.Requeued: 5, T.Resumed: 5, T.Retried: 3, T.CheckpointPruned: 2}
+PROGRESS = {
+    T.JobSubmitted: 20,
+    T.TrainingStarted: 10,
+    T.CheckpointStarted: 10,
+    T.CheckpointCommitted: 20,
+    T.Evaluated: 4,
+    T.Completed: 4,
+    T.Crashed: 2,
+    T.Requeued: 5,
+    T.Resumed: 5,
+    T.Retried: 3,
+    T.CheckpointPruned: 2,
+}
 
 
 ALL_TRIGGERS = sorted({t["trigger"] for t in M.JOB_TRANSITIONS + M.LINEAGE_TRANSITIONS} | {"bogus"})
@@ -260,7 +399,9 @@ def test_catalogue_and_machines_agree():
     assert set(M.TERMINAL) | set(M.ACTIVE) <= set(M.JOB_STATES)
     for s in M.TERMINAL:
         ways_out = {t for t in job_triggers if may(s, t)}
-        assert ways_out == ({"retry"} if s in M.RETRYABLE else set()), f"terminal state {s} has a way out: {ways_out}"
+        assert ways_out == ({"retry"} if s in M.RETRYABLE else set()), (
+            f"terminal state {s} has a way out: {ways_out}"
+        )
 
 
 # --------------------------------------------------------------------------- the command path, stateful
@@ -300,14 +441,18 @@ class LedgerMachine(RuleBasedStateMachine):
             for e in events:
                 nxt = oracle(expect, type(e), lineage=lineage)
                 if type(e).trigger is not None:  # the table and the library agree, event by event
-                    assert (next_state(expect, type(e).trigger, lineage=lineage) is not None) == may(expect, type(e).trigger, lineage=lineage)
+                    assert (
+                        next_state(expect, type(e).trigger, lineage=lineage) is not None
+                    ) == may(expect, type(e).trigger, lineage=lineage)
                 if nxt is None:
                     refused = (expect, type(e).kind())
                     break
                 expect = nxt
         if refused is None:
             recs = self.ledger.commit(stream, *events)
-            assert [r.seq for r in recs] == list(range(before_seq + 1, before_seq + 1 + len(events)))
+            assert [r.seq for r in recs] == list(
+                range(before_seq + 1, before_seq + 1 + len(events))
+            )
             assert [r.version for r in recs] == list(range(version + 1, version + 1 + len(events)))
             assert journal.last_seq() == self.ledger.state.seq == before_seq + len(events)
             state, version2 = self.subject_state(stream)
@@ -390,8 +535,12 @@ class LedgerMachine(RuleBasedStateMachine):
 
 
 TestLedgerMachine = LedgerMachine.TestCase
-TestLedgerMachine.settings = settings(max_examples=50, stateful_step_count=30, deadline=None,
-                                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+TestLedgerMachine.settings = settings(
+    max_examples=50,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def test_event_addressed_to_another_stream_is_refused(tmp_path: Path):
@@ -402,8 +551,12 @@ def test_event_addressed_to_another_stream_is_refused(tmp_path: Path):
         p = RngPick(random.Random(1))
         ledger.commit("job:a", make(T.JobSubmitted, "a", p))
         before = ledger.state.seq
-        for stream, e in [("job:a", T.Paused(job="b", reason="r")), ("daemon", T.Paused(job="a", reason="r")),
-                          ("job:a", T.ShutdownRequested()), ("lineage:main", make(T.ConsolidationStarted, "exp", p))]:
+        for stream, e in [
+            ("job:a", T.Paused(job="b", reason="r")),
+            ("daemon", T.Paused(job="a", reason="r")),
+            ("job:a", T.ShutdownRequested()),
+            ("lineage:main", make(T.ConsolidationStarted, "exp", p)),
+        ]:
             with pytest.raises(ValueError, match="belongs to stream"):
                 ledger.commit(stream, e)
         assert ledger.journal.last_seq() == before
@@ -482,7 +635,7 @@ def history(tmp_path_factory):
         j = Journal.create(path)
         cmds = random_history(random.Random(seed), 400)
         for i in range(0, len(cmds), 50):
-            j.append_batch([(s, evs, None) for s, evs in cmds[i:i + 50]])
+            j.append_batch([(s, evs, None) for s, evs in cmds[i : i + 50]])
         recs = list(j.read())
         j.close()
         if any(js.checkpoints for js in S.fold(recs).jobs.values()):
@@ -500,7 +653,10 @@ def test_snapshot_plus_tail_equals_full_replay(history):
         assert len(full.jobs) > 5 and any(js.checkpoints for js in full.jobs.values())
         reads = []
         real_rows = j.rows
-        j.rows = lambda *a, **k: (reads.append(k.get("after", a[0] if a else 0)), real_rows(*a, **k))[1]
+        j.rows = lambda *a, **k: (
+            reads.append(k.get("after", a[0] if a else 0)),
+            real_rows(*a, **k),
+        )[1]
         for at in [1, 57, 150, 151, 299, len(recs) - 1, len(recs)]:
             p_at = S.fold(recs[:at])
             assert p_at.seq == at
@@ -523,7 +679,10 @@ def test_state_at_equals_folding_the_prefix(history):
         points = [0, 1, 2, 33, 100, 200, 201, 333, len(recs)]
         for seq in points:  # no snapshot: full replay up to seq
             assert state_at(j, seq) == S.fold(recs[:seq]), seq
-        for snap in (100, 250):  # the two newest are kept: state_at uses the newest at or before seq
+        for snap in (
+            100,
+            250,
+        ):  # the two newest are kept: state_at uses the newest at or before seq
             j.save_snapshot(snap, S.SNAPSHOT_FORMAT, S.to_snapshot(S.fold(recs[:snap])))
         for seq in points:
             assert state_at(j, seq) == S.fold(recs[:seq]), seq
@@ -550,7 +709,9 @@ def test_daemon_started_v1_is_upcast(tmp_path: Path):
 
     j = Journal.create(tmp_path / "j.db")
     try:
-        j.append("daemon", [T.DaemonStartedV1(pid=4242, host="old-box")])  # as an old ftctl appended it
+        j.append(
+            "daemon", [T.DaemonStartedV1(pid=4242, host="old-box")]
+        )  # as an old ftctl appended it
         j.conn.execute(  # and a raw row, exactly as schema 1 stored it
             "INSERT INTO events (stream, version, ts, type, body) VALUES ('daemon', 2, '2024-01-01T00:00:00.000000Z', 'daemon_started', ?)",
             (V1_BODY,),
@@ -561,9 +722,15 @@ def test_daemon_started_v1_is_upcast(tmp_path: Path):
         assert all(type(r.event) is T.DaemonStarted for r in recs)
         assert list(j.read(chunk=1, stream="daemon")) == recs
         p = load(j, snapshot=False)
-        assert p.daemon.process == T.ProcessId(4242, 0.0) and p.daemon.running and p.daemon.version == 2
+        assert (
+            p.daemon.process == T.ProcessId(4242, 0.0)
+            and p.daemon.running
+            and p.daemon.version == 2
+        )
         assert p.daemon.started_at == "2024-01-01T00:00:00.000000Z"
-        assert T.decode_columns("[1]", '["daemon"]', "[1]", '["t"]', f"[{V1_BODY}]") == [T.Recorded(1, "daemon", 1, "t", want)]
+        assert T.decode_columns("[1]", '["daemon"]', "[1]", '["t"]', f"[{V1_BODY}]") == [
+            T.Recorded(1, "daemon", 1, "t", want)
+        ]
         assert T.decode_bodies('["t"]', f"[{V1_BODY}]") == (["t"], [want])
     finally:
         j.close()
@@ -580,7 +747,10 @@ json_values = st.recursive(
     max_leaves=12,
 )
 event_like = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=8).flatmap(
-    lambda d: st.one_of(st.just(d), st.sampled_from(TAGS + ["nope", "daemon_started.v3", ""]).map(lambda t: {**d, "type": t}))
+    lambda d: st.one_of(
+        st.just(d),
+        st.sampled_from(TAGS + ["nope", "daemon_started.v3", ""]).map(lambda t: {**d, "type": t}),
+    )
 )
 
 
@@ -598,9 +768,17 @@ def batch_decodes_or_refuses(bodies) -> list | None:
     """The replay path's decoders (Journal.read -> decode_columns, Journal.rows -> decode_bodies),
     given ``bodies`` as the JSON array of event bodies SQLite's group_concat builds."""
     n = len(json.loads(bodies)) if _is_json_list(bodies) else 1
-    cols = ("[" + ",".join(["1"] * n) + "]", json.dumps(["s"] * n), "[" + ",".join(["1"] * n) + "]", json.dumps(["t"] * n))
+    cols = (
+        "[" + ",".join(["1"] * n) + "]",
+        json.dumps(["s"] * n),
+        "[" + ",".join(["1"] * n) + "]",
+        json.dumps(["t"] * n),
+    )
     results = []
-    for call in (lambda: T.decode_columns(*cols, bodies), lambda: T.decode_bodies(cols[3], bodies)[1]):
+    for call in (
+        lambda: T.decode_columns(*cols, bodies),
+        lambda: T.decode_bodies(cols[3], bodies)[1],
+    ):
         try:
             results.append(call())
         except T.DecodeError:
@@ -668,11 +846,14 @@ def test_decode_mutated_valid_bodies(data):
     batch_decodes_or_refuses(b"[" + T.encode(e) + b"," + bytes(body) + b"]")
 
 
-@pytest.mark.parametrize("body", [
-    b'{"type":"\x80onsolidation_requested","lineage":""}',  # found by the fuzzer: msgspec raised UnicodeDecodeError
-    b'{"type":"control_requested","job":"\xff\xfe","action":"x"}',
-    b'\xef\xbb\xbf{"type":"resumed","job":"a"}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"type":"\x80onsolidation_requested","lineage":""}',  # found by the fuzzer: msgspec raised UnicodeDecodeError
+        b'{"type":"control_requested","job":"\xff\xfe","action":"x"}',
+        b'\xef\xbb\xbf{"type":"resumed","job":"a"}',
+    ],
+)
 def test_decode_invalid_utf8_is_a_decode_error(body):
     decodes_or_refuses(body)
     batch_decodes_or_refuses(b"[" + body + b"]")
@@ -682,8 +863,10 @@ def test_decode_invalid_utf8_is_a_decode_error(body):
 def test_decode_deeply_nested_is_a_decode_error(depth):
     """msgspec raises RecursionError on deep nesting; the decoder's contract is DecodeError only."""
     nested = "[" * depth + "]" * depth
-    for body in (f'{{"type":"control_requested","job":"a","action":"x","extra":{nested}}}',
-                 f'{{"type":"job_submitted","config":{{"a":{nested}}}}}'):
+    for body in (
+        f'{{"type":"control_requested","job":"a","action":"x","extra":{nested}}}',
+        f'{{"type":"job_submitted","config":{{"a":{nested}}}}}',
+    ):
         decodes_or_refuses(body)
         batch_decodes_or_refuses(f"[{body}]")
     batch_decodes_or_refuses(nested)
@@ -700,21 +883,31 @@ def test_milestones_make_every_point_a_snapshot_plus_a_short_tail(history, monke
     j = Journal.open(path)
     j.conn.execute("DELETE FROM snapshots")
     try:
-        assert L.load(j, write=False) == S.fold(recs) and j.snapshot_seqs(S.SNAPSHOT_FORMAT) == []  # a query writes nothing
+        assert (
+            L.load(j, write=False) == S.fold(recs) and j.snapshot_seqs(S.SNAPSHOT_FORMAT) == []
+        )  # a query writes nothing
         full = L.load(j)
         assert full == S.fold(recs)
         seqs = [s for s, _ in j.snapshot_seqs(S.SNAPSHOT_FORMAT)]
         milestones = seqs[:-2]
-        assert 0 < len(milestones) <= 6 and len(recs) - 20 <= seqs[-1] < len(recs)  # the last tail < SNAPSHOT_EVERY
+        assert 0 < len(milestones) <= 6 and len(recs) - 20 <= seqs[-1] < len(
+            recs
+        )  # the last tail < SNAPSHOT_EVERY
         gaps = [b - a for a, b in zip([0] + milestones, milestones)]
-        assert all(g >= 20 for g in gaps) and max(gaps) <= 20 * 2 ** 5  # thinned by halving, never more
+        assert (
+            all(g >= 20 for g in gaps) and max(gaps) <= 20 * 2**5
+        )  # thinned by halving, never more
         for s in milestones:  # stored compressed, read back exactly
             raw = j.conn.execute("SELECT body FROM snapshots WHERE seq = ?", (s,)).fetchone()[0]
             assert raw.startswith(b"\x00zlib\x00")
-            assert S.from_snapshot(j.latest_snapshot(S.SNAPSHOT_FORMAT, at_most=s)[1]) == S.fold(recs[:s])
+            assert S.from_snapshot(j.latest_snapshot(S.SNAPSHOT_FORMAT, at_most=s)[1]) == S.fold(
+                recs[:s]
+            )
         reads = []
         real_rows = j.rows
-        j.rows = lambda *a, **k: (reads.append((k.get("after"), k.get("to"))), real_rows(*a, **k))[1]
+        j.rows = lambda *a, **k: (reads.append((k.get("after"), k.get("to"))), real_rows(*a, **k))[
+            1
+        ]
         for seq in range(0, len(recs) + 1, 7):
             reads.clear()
             assert L.state_at(j, seq) == S.fold(recs[:seq]), seq

@@ -90,12 +90,16 @@ def _stop(ledger: Ledger, reason: str) -> int:
     return ledger.commit(DAEMON_STREAM, ev.DaemonStopped(pid=1, reason=reason))[0].seq
 
 
-def test_a_committed_event_is_delivered_once_with_its_payload_and_the_cursor_moves(tmp_path, server):
+def test_a_committed_event_is_delivered_once_with_its_payload_and_the_cursor_moves(
+    tmp_path, server
+):
     s = server()
     notify = [{"url": s.url, "events": ["daemon_stopped"]}]
     ws = _ws(tmp_path, notify)
     ledger = Ledger(ws.open_journal())
-    ledger.commit(DAEMON_STREAM, ev.DaemonStopped(pid=1, reason="before the notifier"))  # history is not replayed
+    ledger.commit(
+        DAEMON_STREAM, ev.DaemonStopped(pid=1, reason="before the notifier")
+    )  # history is not replayed
     n = Notifier(ws, _targets(notify), lambda *a: None)
     n.start()
     seq = _stop(ledger, "ftctl shutdown")
@@ -103,13 +107,25 @@ def test_a_committed_event_is_delivered_once_with_its_payload_and_the_cursor_mov
     n.close()
     [p] = s.posts
     assert p["event"] == "daemon_stopped" and p["seq"] == seq and p["id"] == f"{ws.home}#{seq}"
-    assert p["title"] == "daemon stopped" and p["text"] == "ftctl shutdown" and p["data"]["reason"] == "ftctl shutdown"
+    assert (
+        p["title"] == "daemon stopped"
+        and p["text"] == "ftctl shutdown"
+        and p["data"]["reason"] == "ftctl shutdown"
+    )
     assert ledger.journal.notify_cursors()[_targets(notify)[0].key()]["ok_seq"] == seq
 
 
 def test_retry_on_500_then_delivered_slack_format(tmp_path, server):
     s = server(fail=2)
-    notify = [{"url": s.url, "events": ["daemon_stopped"], "format": "slack", "retries": 3, "backoff_s": 0.01}]
+    notify = [
+        {
+            "url": s.url,
+            "events": ["daemon_stopped"],
+            "format": "slack",
+            "retries": 3,
+            "backoff_s": 0.01,
+        }
+    ]
     ws = _ws(tmp_path, notify)
     ledger = Ledger(ws.open_journal())
     n = Notifier(ws, _targets(notify), lambda *a: None)
@@ -117,14 +133,26 @@ def test_retry_on_500_then_delivered_slack_format(tmp_path, server):
     _stop(ledger, "ftctl shutdown")
     wait_for(lambda: s.posts, timeout=10)
     n.close()
-    assert s.seen == 3 and len(s.posts) == 1 and s.posts[0]["text"].startswith("*ftctl: daemon stopped*")
+    assert (
+        s.seen == 3
+        and len(s.posts) == 1
+        and s.posts[0]["text"].startswith("*ftctl: daemon stopped*")
+    )
     ledger.refresh()
     assert ledger.state.daemon.notify_failed == {}
 
 
 def test_a_server_that_never_answers_times_out_is_recorded_and_shown_by_doctor(tmp_path, server):
     s = server(hang=True)
-    notify = [{"url": s.url, "events": ["daemon_stopped"], "timeout_s": 0.3, "retries": 1, "backoff_s": 0.01}]
+    notify = [
+        {
+            "url": s.url,
+            "events": ["daemon_stopped"],
+            "timeout_s": 0.3,
+            "retries": 1,
+            "backoff_s": 0.01,
+        }
+    ]
     ws = _ws(tmp_path, notify)
     ledger = Ledger(ws.open_journal())
     said = []
@@ -147,8 +175,16 @@ def test_a_server_that_never_answers_times_out_is_recorded_and_shown_by_doctor(t
 
 def test_a_command_target_gets_the_event_as_json_on_stdin(tmp_path):
     out = tmp_path / "got.json"
-    notify = [{"command": [sys.executable, "-c", f"import sys; open({str(out)!r}, 'wb').write(sys.stdin.buffer.read())"],
-               "events": ["daemon_stopped"]}]
+    notify = [
+        {
+            "command": [
+                sys.executable,
+                "-c",
+                f"import sys; open({str(out)!r}, 'wb').write(sys.stdin.buffer.read())",
+            ],
+            "events": ["daemon_stopped"],
+        }
+    ]
     ws = _ws(tmp_path, notify)
     ledger = Ledger(ws.open_journal())
     n = Notifier(ws, _targets(notify), lambda *a: None)
@@ -174,16 +210,25 @@ def test_at_least_once_across_restarts(tmp_path, server):
 
     d = daemon(ws.home, "--until-idle", env=crash_env(tmp_path, "notify_before_send:*"))
     assert d.wait(60) == -9
-    assert seqs() == first  # killed before it sent anything: its events are committed, not delivered
+    assert (
+        seqs() == first
+    )  # killed before it sent anything: its events are committed, not delivered
     with ws.open_journal() as j:
-        undelivered = [r.seq for r in j.read(after=first[-1]) if type(r.event).kind() in ("daemon_started",)]
+        undelivered = [
+            r.seq for r in j.read(after=first[-1]) if type(r.event).kind() in ("daemon_started",)
+        ]
     assert undelivered
 
     d = daemon(ws.home, "--until-idle")
     assert d.wait(60) == 0, d.stderr.read()
     got = seqs()
-    assert got[:2] == first and len(got) == len(set(got)), got  # the clean restart sent nothing twice
-    assert set(undelivered) <= set(got[2:]), (undelivered, got)  # the killed daemon's events are sent after all
+    assert got[:2] == first and len(got) == len(set(got)), (
+        got
+    )  # the clean restart sent nothing twice
+    assert set(undelivered) <= set(got[2:]), (
+        undelivered,
+        got,
+    )  # the killed daemon's events are sent after all
     kinds = [p["event"] for p in s.posts[2:]]
     assert kinds.count("daemon_started") == 2 and kinds.count("daemon_stopped") == 2, kinds
 
@@ -191,8 +236,11 @@ def test_at_least_once_across_restarts(tmp_path, server):
 def test_notify_config_errors_are_one_line(tmp_path):
     from ftctl.core.config import ConfigError
 
-    for bad, text in (([{}], "needs exactly one of url or command"), ([{"url": "ftp://x"}], "http:// or https://"),
-                      ([{"url": "http://x", "events": ["done"]}], "must be one of"),
-                      ([{"url": "http://x", "command": ["x"]}], "exactly one")):
+    for bad, text in (
+        ([{}], "needs exactly one of url or command"),
+        ([{"url": "ftp://x"}], "http:// or https://"),
+        ([{"url": "http://x", "events": ["done"]}], "must be one of"),
+        ([{"url": "http://x", "command": ["x"]}], "exactly one"),
+    ):
         with pytest.raises(ConfigError, match=text):
             decode_config({"model": "m", "notify": bad})

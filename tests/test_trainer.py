@@ -117,7 +117,12 @@ def test_uninterrupted_run_reports_everything(reference):
     assert [m["step"] for m in kinds(msgs, "step")] == list(range(1, ITERS + 1))
     assert [m["step"] for m in kinds(msgs, "report")] == [10, 20, 30, 40]
     assert [m["step"] for m in kinds(msgs, "eval")] == [0, 10, 20, 30, 40]  # 0: the base model's
-    assert msgs[1]["t"] == "eval_begin" and msgs[2] == {**msgs[2], "t": "eval", "step": 0, "global_step": 0}
+    assert msgs[1]["t"] == "eval_begin" and msgs[2] == {
+        **msgs[2],
+        "t": "eval",
+        "step": 0,
+        "global_step": 0,
+    }
     assert [m["step"] for m in kinds(msgs, "checkpoint")] == list(range(5, ITERS + 1, 5))
     # an evaluation's begin comes right before its result
     for i, m in enumerate(msgs):
@@ -126,7 +131,9 @@ def test_uninterrupted_run_reports_everything(reference):
     # a checkpoint is written in the background (steps may run meanwhile), at most one in flight:
     # begin N, written N, begin N+1, written N+1... strictly in order
     ckpt_msgs = [(m["t"], m["step"]) for m in msgs if m["t"] in ("checkpoint_begin", "checkpoint")]
-    assert ckpt_msgs == [(t, n) for n in range(5, ITERS + 1, 5) for t in ("checkpoint_begin", "checkpoint")]
+    assert ckpt_msgs == [
+        (t, n) for n in range(5, ITERS + 1, 5) for t in ("checkpoint_begin", "checkpoint")
+    ]
     reports = kinds(msgs, "report")
     assert reports[-1]["loss"] < reports[0]["loss"]  # it learns
     assert reports[-1]["trained_tokens"] > 0 and reports[-1]["tokens_per_s"] > 0
@@ -134,8 +141,12 @@ def test_uninterrupted_run_reports_everything(reference):
     assert result["adapter_sha256"] == adapter_sha256(result["adapter_path"])
     assert result["checkpoint"] == kinds(msgs, "checkpoint")[-1]["path"]
     final = load_checkpoint(result["checkpoint"])
-    assert final.state.job_step == ITERS and final.state.eval_count == 4  # step 0's is reported, not kept
-    assert kinds(msgs, "checkpoint")[0]["val_loss"] is None  # step 5: no trained weights evaluated yet
+    assert (
+        final.state.job_step == ITERS and final.state.eval_count == 4
+    )  # step 0's is reported, not kept
+    assert (
+        kinds(msgs, "checkpoint")[0]["val_loss"] is None
+    )  # step 5: no trained weights evaluated yet
     assert final.state.val_loss == kinds(msgs, "eval")[-1]["val_loss"]
     assert final.optimizer["step"].item() == ITERS
     assert temp_dirs(job) == []
@@ -153,7 +164,9 @@ def test_stop_and_resume_gives_the_same_adapter(demo, reference, tmp_path, stop_
     msgs, result = train(plan(demo, job, config(demo), resume_from=result["checkpoint"]))
     assert msgs[0] == {**msgs[0], "t": "loaded", "step": stop_at}
     assert kinds(msgs, "step")[0]["step"] == stop_at + 1
-    assert 0 not in [m["step"] for m in kinds(msgs, "eval")]  # a resumed job is not evaluated at step 0 again
+    assert 0 not in [
+        m["step"] for m in kinds(msgs, "eval")
+    ]  # a resumed job is not evaluated at step 0 again
     assert result["t"] == "completed"
     assert result["adapter_sha256"] == ref["adapter_sha256"]
 
@@ -204,8 +217,12 @@ def test_step_zero_evaluation_is_the_base_models_loss(demo, reference):
     _, msgs, _ = reference
     cfg = config(demo)
     model, tokenizer = mlx_lm.load(str(demo.model_dir))
-    val = validation_batches(load_items(str(demo.valid), tokenizer, cfg.mask_prompt), cfg.batch_size,
-                             cfg.max_seq_length, cfg.val_batches)
+    val = validation_batches(
+        load_items(str(demo.valid), tokenizer, cfg.mask_prompt),
+        cfg.batch_size,
+        cfg.max_seq_length,
+        cfg.val_batches,
+    )
     loss, tokens = evaluate_loss(model, val)
     first = kinds(msgs, "eval")[0]
     assert first["step"] == 0 and tokens > 0
@@ -251,7 +268,11 @@ def test_warm_started_job_is_deterministic_and_restarts_the_schedule(demo, refer
 
     msgs, a = train(job2("a"))
     assert msgs[0]["global_step"] == ITERS
-    assert kinds(msgs, "eval")[0] == {**kinds(msgs, "eval")[0], "step": 0, "global_step": ITERS}  # the warm start's
+    assert kinds(msgs, "eval")[0] == {
+        **kinds(msgs, "eval")[0],
+        "step": 0,
+        "global_step": ITERS,
+    }  # the warm start's
     assert [m["global_step"] for m in kinds(msgs, "step")][:2] == [ITERS + 1, ITERS + 2]
     ck = load_checkpoint(kinds(msgs, "checkpoint")[1]["path"])
     assert ck.state.job_step == 10 and ck.state.global_step == ITERS + 10
@@ -491,14 +512,18 @@ def test_the_arrays_handed_to_the_writer_are_a_snapshot(demo, tmp_path):
 
     for it in range(1, 3):
         one(it)
-    held = {**{"a." + k: v for k, v in tree_flatten(s.model.trainable_parameters())},
-            **{"o." + k: v for k, v in tree_flatten(s.optimizer.state)}}
+    held = {
+        **{"a." + k: v for k, v in tree_flatten(s.model.trainable_parameters())},
+        **{"o." + k: v for k, v in tree_flatten(s.optimizer.state)},
+    }
     copies = {k: np.array(v) for k, v in held.items()}
     views = {k: memoryview(v) for k, v in held.items()}  # what checkpoint_files hands the writer
     for it in range(3, 9):
         one(it)
-    now = {**{"a." + k: v for k, v in tree_flatten(s.model.trainable_parameters())},
-           **{"o." + k: v for k, v in tree_flatten(s.optimizer.state)}}
+    now = {
+        **{"a." + k: v for k, v in tree_flatten(s.model.trainable_parameters())},
+        **{"o." + k: v for k, v in tree_flatten(s.optimizer.state)},
+    }
     assert now.keys() == held.keys()
     for k in held:
         assert now[k] is not held[k], f"{k} was not replaced by the step"
@@ -531,24 +556,35 @@ def train_with(p, fs, stop_at=None):
         if isinstance(m, P.Step):
             steps.append(m.step)
 
-    result = run(p, emit, lambda: stop_at is not None and bool(steps) and steps[-1] >= stop_at, fs=fs)
+    result = run(
+        p, emit, lambda: stop_at is not None and bool(steps) and steps[-1] >= stop_at, fs=fs
+    )
     return msgs, flat(result)
 
 
-def test_a_slow_write_overlaps_training_waits_for_the_next_and_is_bit_exact(demo, reference, tmp_path):
+def test_a_slow_write_overlaps_training_waits_for_the_next_and_is_bit_exact(
+    demo, reference, tmp_path
+):
     from ftctl.adapters.fs import FS
 
     ref_job, ref_msgs, ref = reference
     job = tmp_path / "job"
     msgs, result = train_with(plan(demo, job, config(demo)), SlowFS(FS(), 0.1))
-    order = [(m["t"], m["step"]) for m in msgs if m["t"] in ("step", "checkpoint_begin", "checkpoint")]
+    order = [
+        (m["t"], m["step"]) for m in msgs if m["t"] in ("step", "checkpoint_begin", "checkpoint")
+    ]
     begin5, done5 = order.index(("checkpoint_begin", 5)), order.index(("checkpoint", 5))
-    assert any(t == "step" for t, _ in order[begin5:done5]), "no step ran while checkpoint 5 was written"
+    assert any(t == "step" for t, _ in order[begin5:done5]), (
+        "no step ran while checkpoint 5 was written"
+    )
     begins = kinds(msgs, "checkpoint_begin")
-    assert max(b["waited_s"] for b in begins) > 0  # a checkpoint came due while the previous was written
+    assert (
+        max(b["waited_s"] for b in begins) > 0
+    )  # a checkpoint came due while the previous was written
     # the very same bytes as the reference run's checkpoints, and the same adapter
-    assert [m["manifest_sha256"] for m in kinds(msgs, "checkpoint")] == \
-        [m["manifest_sha256"] for m in kinds(ref_msgs, "checkpoint")]
+    assert [m["manifest_sha256"] for m in kinds(msgs, "checkpoint")] == [
+        m["manifest_sha256"] for m in kinds(ref_msgs, "checkpoint")
+    ]
     assert result["adapter_sha256"] == ref["adapter_sha256"] and temp_dirs(job) == []
 
 
@@ -557,7 +593,11 @@ def test_a_stop_waits_for_the_write_in_flight(demo, reference, tmp_path):
 
     job = tmp_path / "job"
     msgs, result = train_with(plan(demo, job, config(demo)), SlowFS(FS(), 0.05), stop_at=11)
-    assert result["t"] == "stopped" and result["step"] == 11 and result["checkpoint"].endswith("step-00000011")
+    assert (
+        result["t"] == "stopped"
+        and result["step"] == 11
+        and result["checkpoint"].endswith("step-00000011")
+    )
     assert msgs[-2]["t"] == "checkpoint" and msgs[-2]["step"] == 11 and msgs[-1] == result
     verify_checkpoint(result["checkpoint"])
     _, result = train(plan(demo, job, config(demo), resume_from=result["checkpoint"]))
@@ -575,13 +615,18 @@ def ops_of_a_run(demo, tmp_path, cfg) -> list[int]:
         pass
 
     fs = Counting()
-    run(plan(demo, tmp_path / "count", cfg), lambda m: counts.append(fs.ops) if isinstance(m, P.CheckpointWritten) else None,
-        fs=fs)
+    run(
+        plan(demo, tmp_path / "count", cfg),
+        lambda m: counts.append(fs.ops) if isinstance(m, P.CheckpointWritten) else None,
+        fs=fs,
+    )
     return counts
 
 
 @pytest.mark.parametrize("err", [__import__("errno").ENOSPC, __import__("errno").EIO])
-def test_a_fault_at_any_write_of_a_background_checkpoint_fails_the_run_and_keeps_the_previous(demo, tmp_path, err):
+def test_a_fault_at_any_write_of_a_background_checkpoint_fails_the_run_and_keeps_the_previous(
+    demo, tmp_path, err
+):
     """FaultyFS fails each write operation of the second checkpoint in turn, on the writer thread
     while training goes on: run() raises that OSError (what the worker turns into disk_full or
     io_error), checkpoint 5 stays intact and verifiable, no temp folder is left, and no later
@@ -600,7 +645,9 @@ def test_a_fault_at_any_write_of_a_background_checkpoint_fails_the_run_and_keeps
             run(plan(demo, job, cfg), lambda m: msgs.append(flat(m)), fs=fs)
         assert e.value.errno == err and fs.failed, n
         assert [checkpoint_step(p) for p in list_checkpoint_dirs(job)] in ([5], [5, 10]), n
-        if len(list_checkpoint_dirs(job)) == 2:  # only the fsync of the parent after the rename failed
+        if (
+            len(list_checkpoint_dirs(job)) == 2
+        ):  # only the fsync of the parent after the rename failed
             assert n == second
             verify_checkpoint(list_checkpoint_dirs(job)[1])
         verify_checkpoint(list_checkpoint_dirs(job)[0])

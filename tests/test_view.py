@@ -25,26 +25,55 @@ from pathlib import Path
 
 import pytest
 
-from helpers import crash_env, daemon, ftctl, ftctl_json, make_workspace, run, status, stray_workers, wait_for
+from helpers import (
+    crash_env,
+    daemon,
+    ftctl,
+    ftctl_json,
+    make_workspace,
+    run,
+    status,
+    stray_workers,
+    wait_for,
+)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SCREENSHOT = os.environ.get("FTCTL_SCREENSHOT")  # a path: the browser test saves its screenshot there too
+SCREENSHOT = os.environ.get(
+    "FTCTL_SCREENSHOT"
+)  # a path: the browser test saves its screenshot there too
 
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory, demo):
     tmp = tmp_path_factory.mktemp("view")
-    home = make_workspace(tmp / "ws", demo.model_dir, save_every=10, metrics={"tensorboard": True}, standby=False,
-                          timeouts={"hang_s": 900.0, "eval_hang_s": 900.0, "stop_s": 60.0})  # job 0003 hangs on purpose
+    home = make_workspace(
+        tmp / "ws",
+        demo.model_dir,
+        save_every=10,
+        metrics={"tensorboard": True},
+        standby=False,
+        timeouts={"hang_s": 900.0, "eval_hang_s": 900.0, "stop_s": 60.0},
+    )  # job 0003 hangs on purpose
     for name in ("first", "second", "third"):
-        ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name, "--again")
+        ftctl(
+            home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name, "--again"
+        )
     marker = tmp / "hang-marker"
     env = {**crash_env(tmp, "mid_step:57"), "FTCTL_HANG_AT": f"mid_step:92:{marker}"}
-    d = daemon(home, "--serve", "--port", str(_free_port()), env=env)  # the page beside the daemon, too
+    d = daemon(
+        home, "--serve", "--port", str(_free_port()), env=env
+    )  # the page beside the daemon, too
     d.port = int(d.args[d.args.index("--port") + 1])
     try:
-        wait_for(lambda: marker.exists() and status(home, "0003")["state"] == "training"
-                 and (status(home, "0003")["last_report"] or {}).get("step") == 10, timeout=400, every=0.5)
+        wait_for(
+            lambda: (
+                marker.exists()
+                and status(home, "0003")["state"] == "training"
+                and (status(home, "0003")["last_report"] or {}).get("step") == 10
+            ),
+            timeout=400,
+            every=0.5,
+        )
         yield home, d
     finally:
         if d.poll() is None:
@@ -70,20 +99,39 @@ def test_metrics_effective_curve_and_superseded_points(three, capsys):
     assert [(p["attempt"], p["step"], p["global_step"]) for p in gone] == [(1, 15, 55)]
     live = [p for p in pts if not p["superseded"]]
     steps = [p["global_step"] for p in live]
-    assert steps == sorted(set(steps)) and steps[0] == 40 and steps[-1] == 80  # lineage-aware, no step twice
-    assert {p["attempt"] for p in live if p["step"] > 10} == {2} and {p["attempt"] for p in live if p["step"] <= 10} == {1}
+    assert (
+        steps == sorted(set(steps)) and steps[0] == 40 and steps[-1] == 80
+    )  # lineage-aware, no step twice
+    assert {p["attempt"] for p in live if p["step"] > 10} == {2} and {
+        p["attempt"] for p in live if p["step"] <= 10
+    } == {1}
     assert [p for p in live if p["step"] == 15][0]["attempt"] == 2
-    assert m["jobs"][0]["counts"] == {"points": len(pts), "effective": len(live), "superseded": 1,
-                                      "train": sum(p["loss"] is not None for p in live),
-                                      "val": sum(p["val_loss"] is not None for p in live)}
-    assert {k["kind"] for k in m["jobs"][0]["markers"]} == {"checkpoint", "crash", "resume", "completed"}
+    assert m["jobs"][0]["counts"] == {
+        "points": len(pts),
+        "effective": len(live),
+        "superseded": 1,
+        "train": sum(p["loss"] is not None for p in live),
+        "val": sum(p["val_loss"] is not None for p in live),
+    }
+    assert {k["kind"] for k in m["jobs"][0]["markers"]} == {
+        "checkpoint",
+        "crash",
+        "resume",
+        "completed",
+    }
     # without --all the superseded point is not there; --since and --lineage select
     assert [p["global_step"] for p in _metrics(home, "2")["points"]] == steps
     assert all(p["global_step"] > 60 for p in _metrics(home, "2", "--since", "60")["points"])
     lineage = _metrics(home, "--lineage", "main")["points"]
-    assert [p["job"] for p in lineage][:1] == ["0001"] and {p["job"] for p in lineage} == {"0001", "0002", "0003"}
+    assert [p["job"] for p in lineage][:1] == ["0001"] and {p["job"] for p in lineage} == {
+        "0001",
+        "0002",
+        "0003",
+    }
     code, out, _ = run(capsys, "metrics", "1", "2", "--csv", "--home", home)
-    assert code == 0 and out.splitlines()[0].startswith("job,attempt,global_step,step,loss,val_loss")
+    assert code == 0 and out.splitlines()[0].startswith(
+        "job,attempt,global_step,step,loss,val_loss"
+    )
     code, out, _ = run(capsys, "metrics", "2", "--all", "--home", home)
     assert code == 0 and out.count("superseded (rewound by a resume)") == 1
     code, _, err = run(capsys, "metrics", "99", "--home", home)
@@ -94,7 +142,9 @@ def test_metrics_effective_curve_and_superseded_points(three, capsys):
 
 def test_plot_png_and_svg(three, tmp_path, capsys):
     home, _ = three
-    code, out, _ = run(capsys, "plot", "--lineage", "main", "-o", tmp_path / "l.png", "--home", home)
+    code, out, _ = run(
+        capsys, "plot", "--lineage", "main", "-o", tmp_path / "l.png", "--home", home
+    )
     assert code == 0 and (tmp_path / "l.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, _, _ = run(capsys, "plot", "2", "-o", tmp_path / "l.svg", "--home", home)
     assert code == 0 and b"<svg" in (tmp_path / "l.svg").read_bytes()[:500]
@@ -118,8 +168,8 @@ def _tb_points(folder: Path) -> dict[str, list[tuple[int, float]]]:
         data = f.read_bytes()
         i = 0
         while i < len(data):
-            n, = struct.unpack("<Q", data[i:i + 8])
-            e = Event.FromString(data[i + 12:i + 12 + n])
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            e = Event.FromString(data[i + 12 : i + 12 + n])
             i += 12 + n + 4
             if e.HasField("session_log") and e.session_log.status == SessionLog.START:
                 tags = {t: [p for p in pts if p[0] < e.step] for t, pts in tags.items()}
@@ -136,7 +186,9 @@ def test_tensorboard_live_files_have_no_duplicate_or_rewound_steps(three):
         steps = [s for s, _ in tb[tag]]
         assert steps == sorted(set(steps)), (tag, steps)
         assert steps == [p["global_step"] for p in effective if p[key] is not None], tag
-    assert len(list((home / "tensorboard" / "0002").glob("events.out.tfevents.*"))) == 2  # one per attempt
+    assert (
+        len(list((home / "tensorboard" / "0002").glob("events.out.tfevents.*"))) == 2
+    )  # one per attempt
 
 
 def test_export_tb_writes_the_effective_curves(three, tmp_path, capsys):
@@ -144,8 +196,12 @@ def test_export_tb_writes_the_effective_curves(three, tmp_path, capsys):
     code, out, _ = run(capsys, "export-tb", "1", "2", "-o", tmp_path / "tb", "--home", home)
     assert code == 0 and "tensorboard --logdir" in out
     tb = _tb_points(tmp_path / "tb" / "0002")
-    assert [s for s, _ in tb["loss/train"]] == [p["global_step"] for p in _metrics(home, "2")["points"] if p["loss"] is not None]
-    code, _, _ = run(capsys, "export-tb", "2", "-o", tmp_path / "tb", "--home", home)  # again: replaced, not doubled
+    assert [s for s, _ in tb["loss/train"]] == [
+        p["global_step"] for p in _metrics(home, "2")["points"] if p["loss"] is not None
+    ]
+    code, _, _ = run(
+        capsys, "export-tb", "2", "-o", tmp_path / "tb", "--home", home
+    )  # again: replaced, not doubled
     assert code == 0 and len(list((tmp_path / "tb" / "0002").iterdir())) == 1
     (tmp_path / "mine" / "0002").mkdir(parents=True)
     (tmp_path / "mine" / "0002" / "notes.txt").write_text("mine")
@@ -166,8 +222,22 @@ class Server:
     def __init__(self, home: Path, *args: str):
         self.port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("FTCTL_")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "ftctl.cli", "serve", "--port", str(self.port), *args,
-                                      "--home", str(home)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ftctl.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                *args,
+                "--home",
+                str(home),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
         wait_for(self._up, timeout=30, every=0.1)
 
     def _up(self) -> bool:
@@ -183,7 +253,9 @@ class Server:
 
     def get(self, path: str, headers: dict | None = None) -> tuple[int, bytes]:
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        c.request("GET", path, headers=headers or {})  # the path as given: no client-side normalising
+        c.request(
+            "GET", path, headers=headers or {}
+        )  # the path as given: no client-side normalising
         r = c.getresponse()
         body = r.read()
         c.close()
@@ -211,8 +283,11 @@ def test_api_status_metrics_replay(three, server):
     st = server.json("/api/status")
     assert st["daemon"]["running"] and not st["daemon"]["died"]
     assert st["daemon"]["summary"] == status(home)["daemon"]["summary"]
-    assert [(j["job"], j["state"]) for j in st["jobs"]] == [("0001", "completed"), ("0002", "completed"),
-                                                            ("0003", "training")]
+    assert [(j["job"], j["state"]) for j in st["jobs"]] == [
+        ("0001", "completed"),
+        ("0002", "completed"),
+        ("0003", "training"),
+    ]
     assert [(c["job"], c["category"], c["step"]) for c in st["crashes"]] == [("0002", "killed", 17)]
     assert st["crashes"][0]["fix"] and "SIGKILL" in st["crashes"][0]["evidence_full"]
     assert st["history"][-1]["seq"] == st["seq"]
@@ -239,7 +314,11 @@ def test_start_serve_runs_the_page_beside_the_daemon(three):
     home, d = three
     with urllib.request.urlopen(f"http://127.0.0.1:{d.port}/api/status", timeout=10) as r:
         st = json.loads(r.read())
-    assert st["daemon"]["running"] and st["daemon"]["pid"] == d.pid and st["seq"] == status(home)["seq"]
+    assert (
+        st["daemon"]["running"]
+        and st["daemon"]["pid"] == d.pid
+        and st["seq"] == status(home)["seq"]
+    )
 
 
 def test_api_sse_stream_says_when_the_journal_moves(three, server):
@@ -251,9 +330,16 @@ def test_api_sse_stream_says_when_the_journal_moves(three, server):
 
 
 def test_static_files_only_no_path_traversal(three, server):
-    for path in ("/static/../journal.db", "/static/../../journal.db", "/static/%2e%2e/%2e%2e/journal.db",
-                 "/static/..%2f..%2fjournal.db", "/static/vendor/../../app.py", "/static/%2e%2e/app.py",
-                 "/static//etc/passwd", "/../journal.db"):
+    for path in (
+        "/static/../journal.db",
+        "/static/../../journal.db",
+        "/static/%2e%2e/%2e%2e/journal.db",
+        "/static/..%2f..%2fjournal.db",
+        "/static/vendor/../../app.py",
+        "/static/%2e%2e/app.py",
+        "/static//etc/passwd",
+        "/../journal.db",
+    ):
         code, body = server.get(path)
         assert code == 404 and b"SQLite format" not in body and b"import" not in body, path
     code, body = server.get("/static/vendor/uPlot.iife.min.js")
@@ -264,13 +350,19 @@ def test_token_and_bind_safety(three):
     home, _ = three
     s = Server(home, "--token", "s3cret")
     try:
-        assert s.get("/api/status")[0] == 401 and s.get("/")[0] == 401 and s.get("/static/style.css")[0] == 401
+        assert (
+            s.get("/api/status")[0] == 401
+            and s.get("/")[0] == 401
+            and s.get("/static/style.css")[0] == 401
+        )
         assert s.get("/api/status?token=wrong")[0] == 401
         assert s.get("/api/status?token=s3cret")[0] == 200
         assert s.get("/api/status", {"Authorization": "Bearer s3cret"})[0] == 200
     finally:
         s.stop()
-    p = ftctl(home, "serve", "--host", "0.0.0.0", "--port", str(_free_port()), check=False, timeout=30)
+    p = ftctl(
+        home, "serve", "--host", "0.0.0.0", "--port", str(_free_port()), check=False, timeout=30
+    )
     assert p.returncode == 1 and "without a token" in p.stderr
 
 
@@ -291,11 +383,20 @@ def test_serve_never_writes_the_journal(three, tmp_path):
     before = {p.name: p.read_bytes() for p in copy.iterdir() if p.name.startswith("journal.db")}
     s = Server(copy)
     try:
-        for path in ("/api/status", "/api/jobs/0002/metrics?all=1", "/api/jobs/0002", "/api/jobs/0002/replay?to=5"):
+        for path in (
+            "/api/status",
+            "/api/jobs/0002/metrics?all=1",
+            "/api/jobs/0002",
+            "/api/jobs/0002/replay?to=5",
+        ):
             s.json(path)
     finally:
         s.stop()
-    after = {p.name: p.read_bytes() for p in copy.iterdir() if p.name.startswith("journal.db") and p.name in before}
+    after = {
+        p.name: p.read_bytes()
+        for p in copy.iterdir()
+        if p.name.startswith("journal.db") and p.name in before
+    }
     assert after == before
 
 
@@ -303,8 +404,21 @@ def test_serve_never_writes_the_journal(three, tmp_path):
 
 
 def _chromium(url: str, *extra: str) -> str:
-    p = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        "--virtual-time-budget=900", *extra, url], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--virtual-time-budget=900",
+            *extra,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     return p.stdout
 
@@ -317,8 +431,11 @@ def _attrs(dom: str, job: str) -> dict[str, str]:
     return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', m[1]))
 
 
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: "
-                                    "`apt-get install chromium`; .ci/run tries it): the browser test cannot run")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="headless Chromium is not installed (Debian: "
+    "`apt-get install chromium`; .ci/run tries it): the browser test cannot run",
+)
 
 
 @needs_chromium
@@ -329,7 +446,11 @@ def test_browser_page_draws_what_the_journal_has(three, server, tmp_path):
     for job in ("0001", "0002", "0003"):
         counts = _metrics(home, job)["jobs"][0]["counts"]
         a = _attrs(dom, job)
-        assert (int(a["train"]), int(a["val"]), int(a["points"])) == (counts["train"], counts["val"], counts["effective"]), job
+        assert (int(a["train"]), int(a["val"]), int(a["points"])) == (
+            counts["train"],
+            counts["val"],
+            counts["effective"],
+        ), job
     assert "killed" in dom and "SIGKILL" in dom  # the crash timeline
     page = _chromium(server.url("/job/0002#seq-5"), "--dump-dom")
     a = _attrs(page, "0002")
@@ -350,5 +471,9 @@ def test_browser_shows_the_dead_daemon_banner(three, server):
     d.wait()
     wait_for(lambda: status(home)["daemon"]["died"], timeout=30)
     dom = _chromium(server.url("/"), "--dump-dom")
-    assert 'data-daemon="dead"' in dom and "DAEMON DEAD" in dom and "died without recording its stop" in dom
+    assert (
+        'data-daemon="dead"' in dom
+        and "DAEMON DEAD" in dom
+        and "died without recording its stop" in dom
+    )
     assert "(daemon dead)" in dom  # job 0003's row: training says the journal, nobody supervises it

@@ -63,7 +63,11 @@ def test_doctor_reports_yaml_syntax_error_as_a_finding(ws, capsys):
 def test_yaml_error_names_where_an_unclosed_bracket_starts(ws, capsys):
     (ws / "ftctl.yaml").write_text("iters: 10\nlearning_rate: [1e-4,\nbatch_size: 4\n")
     code, _, err = run(capsys, "config", "show", "--home", ws)
-    assert code == 1 and "at line 4, column 1" in err and "flow sequence that starts at line 2, column 16" in err
+    assert (
+        code == 1
+        and "at line 4, column 1" in err
+        and "flow sequence that starts at line 2, column 16" in err
+    )
 
 
 # --------------------------------------------------------------------------- 2. a bad --home for init
@@ -75,7 +79,11 @@ def test_init_home_is_a_file(tmp_path, capsys, demo):
     before = tree(tmp_path)
     code, _, err = run(capsys, "init", "--model", demo.model_dir, "--home", home)
     assert code == 1 and "internal error" not in err
-    assert f"{home} is a file, not a folder" in err and "Nothing was changed" in err and "--home" in err
+    assert (
+        f"{home} is a file, not a folder" in err
+        and "Nothing was changed" in err
+        and "--home" in err
+    )
     assert tree(tmp_path) == before and home.read_text() == "my notes\n"
 
 
@@ -85,7 +93,10 @@ def test_init_home_under_a_file(tmp_path, capsys, demo):
     before = tree(tmp_path)
     code, _, err = run(capsys, "init", "--model", demo.model_dir, "--home", parent / "sub" / "ws")
     assert code == 1 and "internal error" not in err
-    assert f"cannot create {parent / 'sub' / 'ws'}" in err and f"{parent} is a file, not a folder" in err
+    assert (
+        f"cannot create {parent / 'sub' / 'ws'}" in err
+        and f"{parent} is a file, not a folder" in err
+    )
     assert "Nothing was changed" in err and "--home" in err
     assert tree(tmp_path) == before
 
@@ -93,11 +104,17 @@ def test_init_home_under_a_file(tmp_path, capsys, demo):
 def test_init_home_under_proc(tmp_path, capsys, demo):
     code, _, err = run(capsys, "init", "--model", demo.model_dir, "--home", "/proc/ftctl-test-ws")
     assert code == 1 and "internal error" not in err
-    assert "cannot create /proc/ftctl-test-ws: " in err and "Nothing was changed" in err and "--home" in err
+    assert (
+        "cannot create /proc/ftctl-test-ws: " in err
+        and "Nothing was changed" in err
+        and "--home" in err
+    )
     assert not Path("/proc/ftctl-test-ws").exists()
 
 
-def test_init_failing_part_way_removes_only_the_folders_it_created(tmp_path, capsys, monkeypatch, demo):
+def test_init_failing_part_way_removes_only_the_folders_it_created(
+    tmp_path, capsys, monkeypatch, demo
+):
     from ftctl.adapters import workspace
 
     keep = tmp_path / "existing"
@@ -113,7 +130,9 @@ def test_init_failing_part_way_removes_only_the_folders_it_created(tmp_path, cap
     code, _, err = run(capsys, "init", "--model", demo.model_dir, "--home", keep / "a" / "b")
     assert code == 1 and "internal error" not in err
     assert "No space left on device" in err and "Nothing was changed" in err
-    assert tree(tmp_path) == before  # a/ and a/b/ and the workspace folders are gone; mine.txt stays
+    assert (
+        tree(tmp_path) == before
+    )  # a/ and a/b/ and the workspace folders are gone; mine.txt stays
 
     # and into an existing folder: it stays, with its file, and keeps its mode
     keep.chmod(0o755)
@@ -143,6 +162,7 @@ def synced(monkeypatch) -> set[Path]:
             real(src, dst, *a, **kw)
             if Path(os.path.abspath(src)) in paths:
                 paths.add(Path(os.path.abspath(dst)))
+
         return rename
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -156,10 +176,13 @@ def test_init_demo_fsyncs_every_file_and_folder_it_creates(tmp_path, capsys, syn
     code, out, err = run(capsys, "init", "--demo", "--home", home)
     assert code == 0, err
     created = [home.parent, *home.parent.rglob("*")]
-    assert {p for p in created if p.is_file()} >= {home / "ftctl.yaml", home / "journal.db",
-                                                   home / "demo" / "model" / "model.safetensors",
-                                                   home / "demo" / "model" / "tokenizer.json",
-                                                   home / "demo" / "data" / "train.jsonl"}
+    assert {p for p in created if p.is_file()} >= {
+        home / "ftctl.yaml",
+        home / "journal.db",
+        home / "demo" / "model" / "model.safetensors",
+        home / "demo" / "model" / "tokenizer.json",
+        home / "demo" / "data" / "train.jsonl",
+    }
     not_synced = [str(p) for p in created if p not in synced]
     assert not not_synced
     assert tmp_path in synced  # the parent of the first folder init created
@@ -182,7 +205,9 @@ def test_init_demo_with_a_bad_home_is_a_user_error(tmp_path, capsys):
     before = tree(tmp_path)
     code, _, err = run(capsys, "init", "--demo", "--home", tmp_path / "notes.txt" / "ws")
     assert code == 1 and "internal error" not in err
-    assert f"{tmp_path / 'notes.txt'} is a file, not a folder" in err and "Nothing was changed" in err
+    assert (
+        f"{tmp_path / 'notes.txt'} is a file, not a folder" in err and "Nothing was changed" in err
+    )
     assert tree(tmp_path) == before
 
 
@@ -196,7 +221,10 @@ def test_demo_failing_part_way_removes_what_it_created(tmp_path, capsys, monkeyp
     monkeypatch.setattr(demo, "_save_model", full_disk)
     code, _, err = run(capsys, "init", "--demo", "--home", tmp_path / "ws")
     assert code == 1 and "internal error" not in err
-    assert f"cannot create {tmp_path / 'ws' / 'demo'}: No space left on device" in err and "Nothing was changed" in err
+    assert (
+        f"cannot create {tmp_path / 'ws' / 'demo'}: No space left on device" in err
+        and "Nothing was changed" in err
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -216,26 +244,68 @@ def _truncate(f: Path) -> None:
 
 def _shard_index(m: Path, shards: list[str]) -> None:
     (m / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": {f"w{i}": s for i, s in enumerate(shards)}}))
+        json.dumps({"metadata": {}, "weight_map": {f"w{i}": s for i, s in enumerate(shards)}})
+    )
 
 
 BROKEN = {
     "config.json missing": (lambda m: (m / "config.json").unlink(), "{m} has no config.json"),
-    "config.json empty": (lambda m: (m / "config.json").write_text(""), "config.json in {m} is empty or not valid JSON (Expecting value"),
-    "config.json bad": (lambda m: (m / "config.json").write_text('{"model_type": '), "config.json in {m} is empty or not valid JSON ("),
-    "config.json a list": (lambda m: (m / "config.json").write_text("[1]"), "config.json in {m} is not a JSON object"),
-    "no model_type": (lambda m: (m / "config.json").write_text('{"hidden_size": 64}'), 'config.json in {m} has no "model_type"'),
-    "no weights": (lambda m: (m / "model.safetensors").unlink(), "{m} has no *.safetensors weights (convert a Hugging Face model with mlx_lm.convert)"),
-    "gguf only": (lambda m: (m / "model.safetensors").rename(m / "smol.Q4_1.gguf"), "{m} has no *.safetensors weights, only GGUF (smol.Q4_1.gguf), which mlx_lm.load cannot read"),
-    "adapters only": (lambda m: (m / "model.safetensors").rename(m / "adapters.safetensors"), "but none named model*.safetensors"),
-    "weights empty": (lambda m: (m / "model.safetensors").write_bytes(b""), "{m}/model.safetensors is empty"),
-    "weights truncated": (lambda m: _truncate(m / "model.safetensors"), "{m}/model.safetensors is truncated:"),
-    "weights garbage": (lambda m: (m / "model.safetensors").write_bytes(b"GGUF" + b"\0" * 100), "{m}/model.safetensors is truncated or not a safetensors file"),
-    "shard missing": (lambda m: _shard_index(m, ["model.safetensors", "model-00002-of-00002.safetensors"]),
-                      "{m} lacks 1 of the 2 weight shards model.safetensors.index.json lists: model-00002-of-00002.safetensors"),
-    "index bad": (lambda m: (m / "model.safetensors.index.json").write_text("{"), "model.safetensors.index.json in {m} is empty or not valid JSON"),
-    "no tokenizer": (lambda m: [(m / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")], "{m} has no tokenizer (tokenizer.json, tokenizer.model or tokenizer_config.json)"),
-    "tokenizer empty": (lambda m: (m / "tokenizer.json").write_text(""), "tokenizer.json in {m} is empty"),
+    "config.json empty": (
+        lambda m: (m / "config.json").write_text(""),
+        "config.json in {m} is empty or not valid JSON (Expecting value",
+    ),
+    "config.json bad": (
+        lambda m: (m / "config.json").write_text('{"model_type": '),
+        "config.json in {m} is empty or not valid JSON (",
+    ),
+    "config.json a list": (
+        lambda m: (m / "config.json").write_text("[1]"),
+        "config.json in {m} is not a JSON object",
+    ),
+    "no model_type": (
+        lambda m: (m / "config.json").write_text('{"hidden_size": 64}'),
+        'config.json in {m} has no "model_type"',
+    ),
+    "no weights": (
+        lambda m: (m / "model.safetensors").unlink(),
+        "{m} has no *.safetensors weights (convert a Hugging Face model with mlx_lm.convert)",
+    ),
+    "gguf only": (
+        lambda m: (m / "model.safetensors").rename(m / "smol.Q4_1.gguf"),
+        "{m} has no *.safetensors weights, only GGUF (smol.Q4_1.gguf), which mlx_lm.load cannot read",
+    ),
+    "adapters only": (
+        lambda m: (m / "model.safetensors").rename(m / "adapters.safetensors"),
+        "but none named model*.safetensors",
+    ),
+    "weights empty": (
+        lambda m: (m / "model.safetensors").write_bytes(b""),
+        "{m}/model.safetensors is empty",
+    ),
+    "weights truncated": (
+        lambda m: _truncate(m / "model.safetensors"),
+        "{m}/model.safetensors is truncated:",
+    ),
+    "weights garbage": (
+        lambda m: (m / "model.safetensors").write_bytes(b"GGUF" + b"\0" * 100),
+        "{m}/model.safetensors is truncated or not a safetensors file",
+    ),
+    "shard missing": (
+        lambda m: _shard_index(m, ["model.safetensors", "model-00002-of-00002.safetensors"]),
+        "{m} lacks 1 of the 2 weight shards model.safetensors.index.json lists: model-00002-of-00002.safetensors",
+    ),
+    "index bad": (
+        lambda m: (m / "model.safetensors.index.json").write_text("{"),
+        "model.safetensors.index.json in {m} is empty or not valid JSON",
+    ),
+    "no tokenizer": (
+        lambda m: [(m / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
+        "{m} has no tokenizer (tokenizer.json, tokenizer.model or tokenizer_config.json)",
+    ),
+    "tokenizer empty": (
+        lambda m: (m / "tokenizer.json").write_text(""),
+        "tokenizer.json in {m} is empty",
+    ),
 }
 
 
@@ -296,7 +366,9 @@ def test_a_key_given_twice_is_refused_with_both_lines(ws, tmp_path, capsys):
 
 
 def test_a_nested_key_given_twice_is_refused(ws, capsys):
-    (ws / "ftctl.yaml").write_text("model: m\nlora_parameters:\n  rank: 8\n  scale: 10.0\n  rank: 16\n")
+    (ws / "ftctl.yaml").write_text(
+        "model: m\nlora_parameters:\n  rank: 8\n  scale: 10.0\n  rank: 16\n"
+    )
     code, _, err = run(capsys, "config", "show", "--home", ws)
     assert code == 1 and "key 'rank' is given twice (lines 3 and 5)" in err
 
@@ -312,11 +384,17 @@ def test_init_submit_and_doctor_check_that_the_model_loads(tmp_path, capsys, ws,
         assert not (tmp_path / "ws-bad").exists()
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"text": f"line {i}"}) for i in range(30)) + "\n")
-    code, _, err = run(capsys, "submit", data, "--set", f"model={empty}", "--lineage", "other", "--home", ws)
+    code, _, err = run(
+        capsys, "submit", data, "--set", f"model={empty}", "--lineage", "other", "--home", ws
+    )
     assert code == 1 and "the base model cannot load" in err and "Nothing was queued" in err, err
     assert run(capsys, "history", "--json", "--home", ws)[1].strip() == "[]"
     assert run(capsys, "submit", data, "--home", ws)[0] == 0
-    (ws / "ftctl.yaml").write_text((ws / "ftctl.yaml").read_text().replace(str(demo.model_dir), str(empty)))
+    (ws / "ftctl.yaml").write_text(
+        (ws / "ftctl.yaml").read_text().replace(str(demo.model_dir), str(empty))
+    )
     code, out, _ = run(capsys, "doctor", "--json", "--home", ws)
     models = [f for f in json.loads(out)["findings"] if f["check"] == "model"]
-    assert code == 1 and models[0]["severity"] == "error" and "safetensors" in models[0]["message"], models
+    assert (
+        code == 1 and models[0]["severity"] == "error" and "safetensors" in models[0]["message"]
+    ), models

@@ -32,8 +32,8 @@ from ftctl.control.jobs import UserError
 from .. import render
 
 STATIC = Path(__file__).parent / "static"
-PULSE_S = 0.5        # how often an open page's stream looks at the journal
-HEARTBEAT_S = 15.0   # a comment line keeps proxies from closing an idle stream
+PULSE_S = 0.5  # how often an open page's stream looks at the journal
+HEARTBEAT_S = 15.0  # a comment line keeps proxies from closing an idle stream
 
 
 class JSONResponse(_JSONResponse):
@@ -51,8 +51,9 @@ class TokenGate:
 
     async def __call__(self, scope, receive, send):
         if self.token and scope["type"] == "http" and not self._ok(scope):
-            await PlainTextResponse("a token is required: open the page with ?token=TOKEN", status_code=401)(
-                scope, receive, send)
+            await PlainTextResponse(
+                "a token is required: open the page with ?token=TOKEN", status_code=401
+            )(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -69,27 +70,67 @@ class TokenGate:
 def _job_row(v) -> dict:
     j, m = v.job, v.metrics or {}
     good = j.good_checkpoints()
-    return {"job": j.job, "name": j.name, "state": j.state, "lineage": j.lineage, "iters": j.iters,
-            "step": v.live_step, "global_step": v.live_global_step, "loss": m.get("loss"),
-            "val_loss": j.last_val_loss, "eta_s": v.eta_s, "checkpoints": len(good),
-            "last_checkpoint_step": good[-1].step if good else None, "attempt": j.attempt,
-            "crashes": len(j.crashes), "stale": v.stale, "note": v.note,
-            "world_size": j.world_size, "hosts": j.hosts or None, "rank_tokens_per_s": j.rank_tokens_per_s or None}
+    return {
+        "job": j.job,
+        "name": j.name,
+        "state": j.state,
+        "lineage": j.lineage,
+        "iters": j.iters,
+        "step": v.live_step,
+        "global_step": v.live_global_step,
+        "loss": m.get("loss"),
+        "val_loss": j.last_val_loss,
+        "eta_s": v.eta_s,
+        "checkpoints": len(good),
+        "last_checkpoint_step": good[-1].step if good else None,
+        "attempt": j.attempt,
+        "crashes": len(j.crashes),
+        "stale": v.stale,
+        "note": v.note,
+        "world_size": j.world_size,
+        "hosts": j.hosts or None,
+        "rank_tokens_per_s": j.rank_tokens_per_s or None,
+    }
 
 
 def _event_row(r) -> dict:
-    return {"seq": r.seq, "ts": r.ts, "stream": r.stream, "type": type(r.event).kind(),
-            "details": render.event_fields(r)}
+    return {
+        "seq": r.seq,
+        "ts": r.ts,
+        "stream": r.stream,
+        "type": type(r.event).kind(),
+        "details": render.event_fields(r),
+    }
 
 
 def _series_json(s, full: bool) -> dict:
     pts = s.points
-    return {"job": s.job, "name": s.name, "lineage": s.lineage, "state": s.state, "iters": s.iters,
-            "counts": s.counts, "last_id": s.last_id, "full": full,
-            "markers": [m.__dict__ for m in s.markers] if full else [],
-            # columns, not rows: what the chart takes, and a third of the bytes
-            "columns": {c: [p[c] for p in pts] for c in ("global_step", "step", "attempt", "loss", "val_loss", "lr",
-                                                          "tokens_per_s", "superseded", "ts")}}
+    return {
+        "job": s.job,
+        "name": s.name,
+        "lineage": s.lineage,
+        "state": s.state,
+        "iters": s.iters,
+        "counts": s.counts,
+        "last_id": s.last_id,
+        "full": full,
+        "markers": [m.__dict__ for m in s.markers] if full else [],
+        # columns, not rows: what the chart takes, and a third of the bytes
+        "columns": {
+            c: [p[c] for p in pts]
+            for c in (
+                "global_step",
+                "step",
+                "attempt",
+                "loss",
+                "val_loss",
+                "lr",
+                "tokens_per_s",
+                "superseded",
+                "ts",
+            )
+        },
+    }
 
 
 def make_app(ws, token: str | None = None) -> Starlette:
@@ -107,25 +148,47 @@ def make_app(ws, token: str | None = None) -> Starlette:
     async def api_status(request: Request) -> Response:
         s = viewer.status()
         p = viewer.pulse()
-        return JSONResponse({
-            "workspace": str(ws.home), "seq": s.seq, "metric_id": p.metric_id,
-            "daemon": render.daemon_json(s.daemon),
-            "jobs": [_job_row(v) for v in s.jobs], "hidden": s.hidden,
-            "crashes": [{"seq": c.seq, "ts": c.ts, "job": c.job, "category": c.event.category, "step": c.event.step,
-                         "exit_code": c.event.exit_code, "signal": render.signal_name(c.event.signal),
-                         "evidence": render.evidence_line(c.event.evidence), "evidence_full": c.event.evidence,
-                         "fix": c.event.suggestion, "number": c.number, "rank": c.event.rank, "host": c.event.host,
-                         "verdict": c.reproduced.event.verdict if c.reproduced else None,
-                         "reproduction": c.reproduced.event.summary if c.reproduced else None,
-                         "reproduction_seq": c.reproduced.seq if c.reproduced else None} for c in viewer.crashes()],
-            "history": [_event_row(r) for r in viewer.history()],
-        })
+        return JSONResponse(
+            {
+                "workspace": str(ws.home),
+                "seq": s.seq,
+                "metric_id": p.metric_id,
+                "daemon": render.daemon_json(s.daemon),
+                "jobs": [_job_row(v) for v in s.jobs],
+                "hidden": s.hidden,
+                "crashes": [
+                    {
+                        "seq": c.seq,
+                        "ts": c.ts,
+                        "job": c.job,
+                        "category": c.event.category,
+                        "step": c.event.step,
+                        "exit_code": c.event.exit_code,
+                        "signal": render.signal_name(c.event.signal),
+                        "evidence": render.evidence_line(c.event.evidence),
+                        "evidence_full": c.event.evidence,
+                        "fix": c.event.suggestion,
+                        "number": c.number,
+                        "rank": c.event.rank,
+                        "host": c.event.host,
+                        "verdict": c.reproduced.event.verdict if c.reproduced else None,
+                        "reproduction": c.reproduced.event.summary if c.reproduced else None,
+                        "reproduction_seq": c.reproduced.seq if c.reproduced else None,
+                    }
+                    for c in viewer.crashes()
+                ],
+                "history": [_event_row(r) for r in viewer.history()],
+            }
+        )
 
     async def api_metrics(request: Request) -> Response:
         try:
             after = int(request.query_params.get("after_id", "0"))
-            s = viewer.series(request.path_params["job"], superseded=request.query_params.get("all") == "1",
-                              after_id=after)
+            s = viewer.series(
+                request.path_params["job"],
+                superseded=request.query_params.get("all") == "1",
+                after_id=after,
+            )
         except ValueError:
             return fail(ValueError("after_id must be a number"), 400)
         except UserError as e:
@@ -136,7 +199,12 @@ def make_app(ws, token: str | None = None) -> Starlette:
         try:
             job = request.path_params["job"]
             j = viewer.job(job)
-            return JSONResponse({"job": render.job_json(j), "events": [_event_row(r) for r in viewer.history(job=job)]})
+            return JSONResponse(
+                {
+                    "job": render.job_json(j),
+                    "events": [_event_row(r) for r in viewer.history(job=job)],
+                }
+            )
         except UserError as e:
             return fail(e)
 
@@ -167,22 +235,31 @@ def make_app(ws, token: str | None = None) -> Starlette:
                 await asyncio.sleep(PULSE_S)
                 quiet += PULSE_S
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     routes = [
-        Route("/", index), Route("/job/{job}", job_page),
-        Route("/api/status", api_status), Route("/api/events", api_events),
-        Route("/api/jobs/{job}", api_job), Route("/api/jobs/{job}/metrics", api_metrics),
+        Route("/", index),
+        Route("/job/{job}", job_page),
+        Route("/api/status", api_status),
+        Route("/api/events", api_events),
+        Route("/api/jobs/{job}", api_job),
+        Route("/api/jobs/{job}/metrics", api_metrics),
         Route("/api/jobs/{job}/replay", api_replay),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         viewer.close()
 
-    app = Starlette(routes=routes, middleware=[Middleware(TokenGate, token=token)], lifespan=lifespan)
+    app = Starlette(
+        routes=routes, middleware=[Middleware(TokenGate, token=token)], lifespan=lifespan
+    )
     app.state.viewer = viewer
     return app
 
@@ -190,8 +267,16 @@ def make_app(ws, token: str | None = None) -> Starlette:
 def _server(app, host: str, port: int):
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                         timeout_graceful_shutdown=1))
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=1,
+        )
+    )
 
 
 def bind(host: str, port: int):
@@ -206,7 +291,9 @@ def bind(host: str, port: int):
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror} (another `ftctl serve`?): pick another --port") from None
+        raise UserError(
+            f"cannot listen on {host}:{port}: {e.strerror} (another `ftctl serve`?): pick another --port"
+        ) from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
@@ -229,11 +316,15 @@ def run_in_thread(app, host: str, port: int, wait_s: float = 10.0) -> str:
 
     sock = bind(host, port)
     server = _server(app, host, port)
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ftctl-serve", daemon=True)
+    t = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="ftctl-serve", daemon=True
+    )
     t.start()
     deadline = time.monotonic() + wait_s
     while not server.started and t.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     if not server.started:
-        raise UserError(f"the status page could not start on {host}:{port}; the daemon was not started")
+        raise UserError(
+            f"the status page could not start on {host}:{port}; the daemon was not started"
+        )
     return url(host, port)
