@@ -9,9 +9,10 @@ preloaded library before libmlx.so's own dependencies).
 Where an OpenBLAS comes from, first found wins:
 1. the system's (Debian/Ubuntu ``libopenblas0-pthread``, Fedora ``openblas``): ldconfig and known paths;
 2. PyPI: the ``cmeel-openblas`` wheel (``pip install "ftctl[openblas]"``), whose libopenblas keeps
-   the plain symbol names (``ngsolve-openblas`` too, if installed). (``scipy-openblas32/64`` and numpy's bundled copy rename every symbol
-   with a ``scipy_`` prefix, so preloading them changes nothing.) The wheel needs libgfortran.so.5;
-   without a system one, a folder of links to the copy mlx_cpu.libs bundles goes on LD_LIBRARY_PATH.
+   the plain symbol names (``ngsolve-openblas`` too, if installed). (``scipy-openblas32/64`` and
+   numpy's bundled copy rename every symbol with a ``scipy_`` prefix, so preloading them changes
+   nothing.) The wheel needs libgfortran.so.5; without a system one, a folder of links to the copy
+   mlx_cpu.libs bundles goes on LD_LIBRARY_PATH.
 
 A choice is probed once (a tiny subprocess loads the library with the environment the worker
 will get): a library that cannot load falls back to the reference BLAS with the reason, never

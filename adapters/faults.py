@@ -60,7 +60,10 @@ def _armed() -> dict[str, list[tuple[str, str, str]]]:
 
 
 _ARMED = _armed()
-_wake: Callable[[], bool] = lambda: False  # what ends a hang: by default, nothing
+
+
+def _wake() -> bool:  # what ends a hang: by default, nothing
+    return False
 
 
 def wake_when(predicate: Callable[[], bool]) -> None:

@@ -106,7 +106,10 @@ def _folder(p: Path) -> str | None:
 
 def _config(p: Path) -> str | None:
     if not (p / "config.json").is_file():
-        return f"{p} has no config.json: not an mlx-lm model folder (it needs config.json, *.safetensors weights and a tokenizer)"
+        return (
+            f"{p} has no config.json: not an mlx-lm model folder "
+            "(it needs config.json, *.safetensors weights and a tokenizer)"
+        )
     data, problem = _json(p / "config.json")
     if problem:
         return problem

@@ -1,8 +1,8 @@
 """The worker protocol: every message between the daemon and its training worker, typed once.
 
     daemon -> worker (stdin)       TrainPlan (first line), then Stop
-    worker -> daemon (message fd)  Loaded, Step, Traced (traced runs only), Report, EvalStarted, Evaluated, CheckpointStarted,
-                                   CheckpointWritten, then one of Completed, Stopped, Failed
+    worker -> daemon (message fd)  Loaded, Step, Traced (traced runs only), Report, EvalStarted, Evaluated,
+                                   CheckpointStarted, CheckpointWritten, then one of Completed, Stopped, Failed
 
 A rank of a data-parallel job talks the same protocol over a TCP connection to the daemon
 (``--connect``): it first sends Hello, then receives the plan; ranks other than the leader end

@@ -37,7 +37,6 @@ from ftctl.core.dataset import valid_records
 from ftctl.events.types import Metrics
 
 from . import protocol as P
-
 from .batches import TrainBatches, build_dataset, tokenized, validation_batches
 from .checkpoint import (
     ADAPTERS,

@@ -126,7 +126,8 @@ class Workspace:
             raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}). {_FIX_CONFIG}") from None
         except OSError as e:
             raise WorkspaceError(
-                f"cannot read {path}: {e.strerror}. Nothing was changed; check that --home (or FTCTL_HOME) is your workspace."
+                f"cannot read {path}: {e.strerror}. Nothing was changed; check that --home (or "
+                "FTCTL_HOME) is your workspace."
             ) from None
         import yaml  # read where used: status, replay and recover never parse ftctl.yaml
 

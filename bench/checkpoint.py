@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-
 from mlx.utils import tree_flatten
 
 from ftctl.adapters.checkpoint import (

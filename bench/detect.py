@@ -51,9 +51,9 @@ from pathlib import Path
 
 import psutil
 
+from ftctl.adapters import protocol as P
 from ftctl.adapters.demo import build_demo
 from ftctl.adapters.workspace import Workspace, init_workspace
-from ftctl.adapters import protocol as P
 from ftctl.control.daemon import Daemon
 from ftctl.control.reporter import Reporter
 from ftctl.control.submit import submit
@@ -253,7 +253,8 @@ def sampler(ws: Workspace, demo, n: int, samples: list[dict], errors: list[str])
             )
             s = samples[-1]
             print(
-                f"  sample {len(samples):2d}: job {job} killed at step {s['step']}: crashed +{s['detect'] * 1e3:.0f} ms "
+                f"  sample {len(samples):2d}: job {job} killed at step {s['step']}: crashed "
+                f"+{s['detect'] * 1e3:.0f} ms "
                 f"({s['category']}), training again +{s['kill_to_step']:.2f} s after the kill (load_s {s['load_s']:.2f}"
                 f"{', on the standby' if s['standby'] else ''})",
                 flush=True,
@@ -327,16 +328,19 @@ def main() -> None:
             print(f"  {name:<48} {statistics.median(xs):8.3f} {pct(xs, 0.9):8.3f} {max(xs):8.3f}")
         xs = [s["total"] - s["load_s"] for s in samples]
         print(
-            f"  {'crashed -> first new step, excluding load_s':<48} {statistics.median(xs):8.3f} {pct(xs, 0.9):8.3f} {max(xs):8.3f}"
+            f"  {'crashed -> first new step, excluding load_s':<48} {statistics.median(xs):8.3f} "
+            f"{pct(xs, 0.9):8.3f} {max(xs):8.3f}"
         )
         xs = [s["kill_to_step"] - s["load_s"] for s in samples]
         print(
-            f"  {'kill -> first new step, minus load_s':<48} {statistics.median(xs):8.3f} {pct(xs, 0.9):8.3f} {max(xs):8.3f}"
+            f"  {'kill -> first new step, minus load_s':<48} {statistics.median(xs):8.3f} "
+            f"{pct(xs, 0.9):8.3f} {max(xs):8.3f}"
         )
         rss = [s["standby_rss"] / 1e6 for s in samples if s["standby_rss"]]
         on = sum(s["standby"] for s in samples)
         print(
-            f"\nstandby: {'on' if CONFIG['standby'] else 'off (--no-standby)'}; {on}/{len(samples)} restarts ran on the spare"
+            f"\nstandby: {'on' if CONFIG['standby'] else 'off (--no-standby)'}; "
+            f"{on}/{len(samples)} restarts ran on the spare"
             + (
                 f"; spare RSS median {statistics.median(rss):.0f} MB, max {max(rss):.0f} MB"
                 if rss
@@ -351,7 +355,8 @@ def main() -> None:
         det = [s["detect"] for s in samples]
         ok = max(det) <= 1.0
         print(
-            f"\ngoal: kill -> crashed <= 1 s: {'PASS' if ok else 'MISS'} (median {statistics.median(det) * 1e3:.0f} ms, "
+            f"\ngoal: kill -> crashed <= 1 s: {'PASS' if ok else 'MISS'} (median "
+            f"{statistics.median(det) * 1e3:.0f} ms, "
             f"p90 {pct(det, 0.9) * 1e3:.0f} ms, max {max(det) * 1e3:.0f} ms)"
         )
     finally:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import random
 import shutil
 import socket
@@ -223,7 +222,7 @@ def start_server(home: Path) -> tuple[subprocess.Popen, int, float]:
             return proc, port, time.perf_counter() - t
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read().decode())
+                raise RuntimeError(proc.stderr.read().decode()) from None
             time.sleep(0.02)
 
 

@@ -46,13 +46,12 @@ import msgspec
 
 from ftctl.adapters import checkpoint as ck
 from ftctl.adapters.workspace import Workspace, init_workspace
-from ftctl.core.config import config_sha256, config_to_dict, decode_config
+from ftctl.control import recover as control_recover
+from ftctl.core.config import Config, config_sha256, config_to_dict, decode_config
 from ftctl.core.policy import to_prune
-from ftctl.core.config import Config
 from ftctl.core.state import DAEMON_STREAM, SNAPSHOT_FORMAT, JobState, job_stream
 from ftctl.events import types as T
 from ftctl.events.journal import Journal
-from ftctl.control import recover as control_recover
 from ftctl.recovery import reconcile
 from ftctl.recovery.ledger import Ledger, load
 
@@ -720,7 +719,8 @@ def main() -> None:
         per = med([r["verify"] for r in ip]) / max(1, ip[0]["verified"])
         print(
             f"\nverification costs {per * 1e3:.2f} ms per checkpoint of {info['ckpt_bytes'] / 1024:.0f} KiB here; "
-            f"recovery verified {ip[0]['verified']} of {info['checkpoints']:,} committed checkpoints: those of unfinished "
+            f"recovery verified {ip[0]['verified']} of {info['checkpoints']:,} committed "
+            "checkpoints: those of unfinished "
             f"jobs and of jobs changed since the last recovery."
         )
     finally:

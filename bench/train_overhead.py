@@ -398,7 +398,8 @@ def real_model(a, tmp: Path):
             f"  {kind:<7} wall median {statistics.median(w):7.1f}s  (all: {', '.join(f'{x:.1f}' for x in w)})"
         )
     print(
-        f"ratio ftctl / mlx-lm: wall median {statistics.median(walls['ftctl']) / statistics.median(walls['mlx-lm']):.3f}"
+        "ratio ftctl / mlx-lm: wall median "
+        f"{statistics.median(walls['ftctl']) / statistics.median(walls['mlx-lm']):.3f}"
     )
 
 

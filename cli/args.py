@@ -230,7 +230,10 @@ class Parser(argparse.ArgumentParser):
             and message.startswith("the following arguments are required")
             and (sub.metavar or sub.dest) in message
         ):
-            message = f"{self.prog} needs a command: {', '.join(sub.choices)}. `{self.prog} --help` says what each does."
+            message = (
+                f"{self.prog} needs a command: {', '.join(sub.choices)}. "
+                f"`{self.prog} --help` says what each does."
+            )
         elif sub is None:
             self.print_usage(sys.stderr)
         render.err_console.print(f"[red]error:[/] {render.escape(message)}")

@@ -533,9 +533,13 @@ def cmd_service(args, ws) -> int:
                 "to update)",
                 None: f"cannot compare: {st['config_problem']}",
             }[st["up_to_date"]]
+            manager = (
+                f"service manager: {st['manager_state']}"
+                if st["manager_state"]
+                else "its service manager is not running here"
+            )
             render.console.print(
-                f"service {st['name']} installed at {st['path']} ({fresh}); "
-                f"{'service manager: ' + st['manager_state'] if st['manager_state'] else 'its service manager is not running here'}; "
+                f"service {st['name']} installed at {st['path']} ({fresh}); {manager}; "
                 f"daemon {'running (' + st['daemon'] + ')' if st['daemon'] else 'not running'}"
             )
         return 0

@@ -66,7 +66,8 @@ def bash(parser: argparse.ArgumentParser) -> str:
         )
         cases.append(
             f"        {shlex.quote(path)})\n"
-            f"            opts={shlex.quote(' '.join(e['options']))}; subs={shlex.quote(' '.join(e['subcommands'] + e['words']))}; "
+            f"            opts={shlex.quote(' '.join(e['options']))}; "
+            f"subs={shlex.quote(' '.join(e['subcommands'] + e['words']))}; "
             f"pos={e['positional'] or 'none'}; values={shlex.quote(value_opts)}\n"
             f'            case "$prev" in\n{choices}            esac;;\n'
         )
@@ -81,7 +82,9 @@ _ftctl() {{
     for ((i = 1; i < COMP_CWORD; i++)); do
         w="${{COMP_WORDS[i]}}"
         # --home DIR; --home=DIR arrives as three words (= is in COMP_WORDBREAKS) or as one
-        if [[ $w == --home && ${{COMP_WORDS[i+1]}} == = ]]; then home=(--home "${{COMP_WORDS[i+2]}}"); ((i += 2)); continue; fi
+        if [[ $w == --home && ${{COMP_WORDS[i+1]}} == = ]]; then
+            home=(--home "${{COMP_WORDS[i+2]}}"); ((i += 2)); continue
+        fi
         if [[ $w == --home ]]; then home=(--home "${{COMP_WORDS[i+1]}}"); ((i++)); continue; fi
         if [[ $w == --home=* ]]; then home=(--home "${{w#--home=}}"); continue; fi
         [[ $w == -* ]] && continue
@@ -136,7 +139,8 @@ def fish(parser: argparse.ArgumentParser) -> str:
         "        if string match -q -- '-*' $w; continue; end",
         "        if test (count $path) -eq 0",
         "            set path $w",
-        f"        else if test (count $path) -eq 1; and contains -- $path[1] {' '.join(p for p, e in t.items() if p and e['subcommands'])}",
+        "        else if test (count $path) -eq 1; and contains -- $path[1] "
+        f"{' '.join(p for p, e in t.items() if p and e['subcommands'])}",
         "            set path $path $w",
         "        end",
         "    end",
@@ -148,7 +152,8 @@ def fish(parser: argparse.ArgumentParser) -> str:
         "    set -l home",
         "    for k in (seq (count $words))",
         '        if test "$words[$k]" = --home; and test $k -lt (count $words); set home $words[(math $k + 1)]',
-        "        else if string match -q -- '--home=*' $words[$k]; set home (string replace -- '--home=' '' $words[$k]); end",
+        "        else if string match -q -- '--home=*' $words[$k]; set home (string replace -- "
+        "'--home=' '' $words[$k]); end",
         "    end",
         '    if test -n "$home"; ftctl _jobs --home $home 2>/dev/null; else; ftctl _jobs 2>/dev/null; end',
         "end",

@@ -167,7 +167,9 @@ def event_fields(rec: Recorded) -> str:
 
 
 def env_line(env: dict) -> str:
-    """The environment fingerprint in one short line: 'mlx 0.32.4, mlx_lm 0.32.2, openblas libopenblas.so.0 x2, Linux-x86_64'."""
+    """The environment fingerprint in one short line.
+
+    e.g. 'mlx 0.32.4, mlx_lm 0.32.2, openblas libopenblas.so.0 x2, Linux-x86_64'."""
     blas = env.get("blas", "?").split(" (")[0]
     kind, _, lib = blas.partition(" ")
     return (

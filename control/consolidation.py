@@ -150,7 +150,8 @@ def consolidate(
     if free < need:
         raise ConsolidationRefused(
             f"only {free:.2f} GB free, fusing needs about {need:.2f} GB (the base model, "
-            "the fused one — dequantized if the base is quantized — plus min_free_disk_gb): free space and retry; nothing was changed"
+            "the fused one — dequantized if the base is quantized — plus min_free_disk_gb): free "
+            "space and retry; nothing was changed"
         )
     if ck.adapter_sha256(head.adapter_path) != head.adapter_sha256:
         raise ConsolidationRefused(

@@ -439,7 +439,8 @@ class Daemon:
             else ("warm start from " + warm if warm else "fresh adapter")
         )
         self.say(
-            f"job {j.job} ({j.name}): training, attempt {attempt}, worker pid {worker.id.pid}{' (the standby)' if spare else ''}, {how}"
+            f"job {j.job} ({j.name}): training, attempt {attempt}, worker pid "
+            f"{worker.id.pid}{' (the standby)' if spare else ''}, {how}"
         )
         held = self._hold_power(j)  # no sleep while it trains (power.prevent_sleep)
         try:

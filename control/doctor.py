@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ftctl.adapters import checkpoint as ck
 from ftctl.adapters import blas, power, process, system
+from ftctl.adapters import checkpoint as ck
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, ConfigError, job_config, override_key

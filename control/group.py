@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import select
 import time
-
-import msgspec
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from ftctl.adapters import group as G
-from ftctl.adapters import protocol as P
 from ftctl.adapters import process, system
-from ftctl.core.policy import after_crash, classify, Evidence, follow_up, suggestion
+from ftctl.adapters import protocol as P
+from ftctl.core.policy import Evidence, after_crash, classify, follow_up, suggestion
 from ftctl.core.state import CrashRecord, JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.journal import utc_now

@@ -294,7 +294,8 @@ def replay(
             else f"the run up to step {target}"
         )
         note(
-            f"job {j.job}: replaying {what} from {'checkpoint step ' + str(from_step) if start else 'the start of the job'}"
+            f"job {j.job}: replaying {what} from "
+            f"{'checkpoint step ' + str(from_step) if start else 'the start of the job'}"
             f"{' (warm start from ' + warm + ')' if warm else ''} to step {target}, in {scratch}"
         )
         run = _run_worker(ws, j, plan, scratch / "replay.log", lib.env, cancelled, until_crash)

@@ -31,8 +31,8 @@ def init(
         raise WorkspaceError(f"{home} already holds an ftctl workspace; nothing was changed")
     if dtype is not None and not models.is_gguf(model):
         raise WorkspaceError(
-            f"--dtype applies to a .gguf --model only (it sets what the import dequantizes to); "
-            f"nothing was created"
+            "--dtype applies to a .gguf --model only (it sets what the import dequantizes to); "
+            "nothing was created"
         )
     if models.is_gguf(model):
         return _init_gguf(home, model, dtype, note)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import msgspec
 
-from ftctl.adapters.group import problems as group_problems
 from ftctl.adapters.fs import UnreadableFile, read_input, write_durable
+from ftctl.adapters.group import problems as group_problems
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, config_sha256, job_config, locked_changes
@@ -122,7 +122,8 @@ def _lineage_config(ledger: Ledger, lineage: str, cfg: Config) -> Config:
             raise SubmitError(
                 f"lineage {lineage!r} has an adapter that is not consolidated yet (job {ref.job}, {ref.state}); this "
                 f"submission changes what shapes it — {'; '.join(changed)} — which would silently break its warm start "
-                "and its fusion. Nothing was queued. Either consolidate first (`ftctl consolidate`, after the lineage's "
+                "and its fusion. Nothing was queued. Either consolidate first (`ftctl "
+                "consolidate`, after the lineage's "
                 "jobs finish) so that new jobs start a fresh adapter on the fused base, or start a new lineage "
                 "explicitly (`--lineage NAME`)."
             )

@@ -182,7 +182,8 @@ class Supervision:
                 self.tb.report(m)  # after the journal has it: a view of what is recorded
                 if self.log_due.due(m.step):
                     d.log(
-                        f"job {job} step {m.step}/{self.cfg.iters}: loss {_num(m.loss, '.4f')}  lr {_num(m.lr, '.3g')}  "
+                        f"job {job} step {m.step}/{self.cfg.iters}: loss {_num(m.loss, '.4f')}  lr "
+                        f"{_num(m.lr, '.3g')}  "
                         f"{_num(m.tokens_per_s, '.0f')} tok/s  peak {_num(m.peak_mem_gb, '.2f')} GB"
                     )
             case P.EvalStarted():

@@ -11,7 +11,6 @@ import signal as _signal
 from dataclasses import dataclass
 
 from ftctl.events import types as ev
-
 from ftctl.events.types import CheckpointRecord, ts_epoch
 
 from .config import RestartPolicy
@@ -37,8 +36,10 @@ SUGGESTIONS = {
     "killed": "the worker was killed by a signal from outside ftctl; it resumes from its last checkpoint",
     "corrupt_checkpoint": "a checkpoint failed its hash check; ftctl resumes from the previous good one",
     "daemon_died": "the daemon supervising this job died; the job resumes from its last committed checkpoint",
-    "io_error": "an I/O error (EIO) happened while writing: check the disk (dmesg, SMART); the previous checkpoint is intact",
-    "metal_watchdog": "macOS's Metal GPU watchdog killed the worker (kIOGPUCommandBufferCallbackErrorImpactingInteractivity, "
+    "io_error": "an I/O error (EIO) happened while writing: check the disk (dmesg, SMART); "
+    "the previous checkpoint is intact",
+    "metal_watchdog": "macOS's Metal GPU watchdog killed the worker "
+    "(kIOGPUCommandBufferCallbackErrorImpactingInteractivity, "
     "mlx #3267): it fires when a long command buffer competes with a lit display. Let the display sleep "
     "during runs (`sudo pmset -a displaysleep 10`, or close the lid; ftctl's `caffeinate -s` keeps the Mac "
     "itself awake), or start the daemon with AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1; lower max_seq_length or "

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import zlib
-from urllib.parse import quote
 import struct
+import zlib
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-
+from urllib.parse import quote
 
 import msgspec
 
@@ -103,7 +102,8 @@ def _check_header(path: Path) -> None:
     except sqlite3.DatabaseError as e:
         if "not a database" in str(e):
             raise NotAJournal(
-                f"{what}: it is not a SQLite database. Nothing was changed; point --home at a workspace made by `ftctl init`."
+                f"{what}: it is not a SQLite database. Nothing was changed; point --home at a "
+                "workspace made by `ftctl init`."
             ) from None
         if _ours_with_wal(path):
             return  # killed mid-checkpoint: the main file alone is inconsistent, its WAL completes it
@@ -116,7 +116,8 @@ def _check_header(path: Path) -> None:
     if user_version not in SUPPORTED_SCHEMAS:
         raise NotAJournal(
             f"{path}: journal schema version {user_version} is not supported by this ftctl "
-            f"(supports {', '.join(map(str, SUPPORTED_SCHEMAS))}). Nothing was changed; use the ftctl version that wrote it."
+            f"(supports {', '.join(map(str, SUPPORTED_SCHEMAS))}). Nothing was changed; use the "
+            "ftctl version that wrote it."
         )
     wal = path.with_name(path.name + "-wal")
     if size < page_size * pages and not (wal.exists() and wal.stat().st_size > 0):
@@ -278,7 +279,8 @@ class Journal:
         if missing:
             conn.close()
             raise NotAJournal(
-                f"{path}: the journal lacks tables {sorted(missing)}. Nothing was changed; it was not made by `ftctl init`."
+                f"{path}: the journal lacks tables {sorted(missing)}. Nothing was changed; it was "
+                "not made by `ftctl init`."
             )
         conn.close()
         return cls(cls._connect(path), path)
@@ -313,7 +315,8 @@ class Journal:
         if missing:
             conn.close()
             raise NotAJournal(
-                f"{path}: the journal lacks tables {sorted(missing)}. Nothing was changed; it was not made by `ftctl init`."
+                f"{path}: the journal lacks tables {sorted(missing)}. Nothing was changed; it was "
+                "not made by `ftctl init`."
             )
         return cls(conn, path)
 
@@ -594,7 +597,8 @@ class Journal:
     def last_metrics(self) -> dict[str, dict]:
         """The latest report of every job: {job: {"job", "step", "global_step", "loss", …, "ts"}}."""
         rows = self.conn.execute(
-            f"SELECT job, {', '.join(_METRIC_FIELDS)}, ts FROM metrics WHERE id IN (SELECT max(id) FROM metrics GROUP BY job)"
+            f"SELECT job, {', '.join(_METRIC_FIELDS)}, ts FROM metrics WHERE id IN (SELECT max(id) "
+            "FROM metrics GROUP BY job)"
         )
         return {r[0]: dict(zip(("job", *_METRIC_FIELDS, "ts"), r)) for r in rows}
 
@@ -681,7 +685,8 @@ class Journal:
         if not tags:
             return []
         rows = self.conn.execute(
-            f"SELECT seq, stream, version, ts, body FROM events WHERE seq > ? AND type IN ({', '.join('?' * len(tags))}) "
+            "SELECT seq, stream, version, ts, body FROM events WHERE seq > ? AND type IN "
+            f"({', '.join('?' * len(tags))}) "
             "ORDER BY seq LIMIT ?",
             (after, *tags, limit),
         ).fetchall()

@@ -131,7 +131,8 @@ class Ledger:
         for e in events:
             if _stream_of(e) != stream:
                 raise ValueError(
-                    f"a {type(e).kind()!r} event belongs to stream {_stream_of(e)!r}, not {stream!r}; nothing was appended"
+                    f"a {type(e).kind()!r} event belongs to stream {_stream_of(e)!r}, not "
+                    f"{stream!r}; nothing was appended"
                 )
         p = self.state
         if stream.startswith("job:"):

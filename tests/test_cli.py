@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run
 
 from ftctl.cli.main import main
-from helpers import run
 
 ROOT = Path(__file__).resolve().parent.parent
 

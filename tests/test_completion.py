@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run
 
 from ftctl.adapters.workspace import init_workspace
 from ftctl.control.submit import submit
 from ftctl.recovery.ledger import Ledger
-from helpers import run
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import signal
 from datetime import datetime
 
 import pytest
-
 from helpers import crash_env, daemon, ftctl, history, make_workspace, sha256_file, status
 
 SMALL = {"iters": 10, "save_every": 5, "steps_per_eval": 5}

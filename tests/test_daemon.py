@@ -9,7 +9,6 @@ import signal
 import sys
 
 import pytest
-
 from helpers import (
     crash_env,
     daemon,

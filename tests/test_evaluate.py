@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-
 from helpers import history, make_workspace, run, sha256_file, status
 
 SMALL = {"iters": 10, "save_every": 5, "steps_per_eval": 5}

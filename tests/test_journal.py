@@ -361,10 +361,12 @@ while True:
         tag = f"batch/{seed}/{n}"
         if rng.random() < 0.3:   # three events to one stream
             s = rng.choice(streams)
-            parts = [(s, [CheckpointDiscarded(job=s[4:], path=f"{tag}/{k}", reason=pad) for k in range(3)], j.stream_version(s))]
+            events = [CheckpointDiscarded(job=s[4:], path=f"{tag}/{k}", reason=pad) for k in range(3)]
+            parts = [(s, events, j.stream_version(s))]
         else:                    # one event to each of three streams (possibly repeating one)
             parts = [(s, [CheckpointDiscarded(job=s[4:], path=f"{tag}/{k}", reason=pad)], None)
-                     for k, s in enumerate(rng.choice([rng.sample(streams, 3), [rng.choice(streams) for _ in range(3)]]))]
+                     for k, s in enumerate(rng.choice([rng.sample(streams, 3),
+                                                       [rng.choice(streams) for _ in range(3)]]))]
         j.append_batch(parts)
 """
 
@@ -380,7 +382,7 @@ def _check_journal(path: Path) -> list[tuple]:
         assert [r[0] for r in rows] == list(range(1, len(rows) + 1)), "seq has a hole"
         versions: dict[str, list[int]] = {}
         batches: dict[str, list[int]] = {}
-        for seq, stream, version, typ, body in rows:
+        for _seq, stream, version, typ, body in rows:
             versions.setdefault(stream, []).append(version)
             e = T.decode(body)
             assert isinstance(e, T.CheckpointDiscarded) and typ == "checkpoint_discarded"
@@ -449,7 +451,8 @@ for i in range(n):
     time.sleep(random.random() * 0.002)   # widen the read-then-append race a little
     marker = f"{who}/{i}"
     try:
-        recs = j.append("job:shared", [CheckpointDiscarded(job="shared", path=marker, reason="contend")], expected_version=v)
+        event = CheckpointDiscarded(job="shared", path=marker, reason="contend")
+        recs = j.append("job:shared", [event], expected_version=v)
         ok.append([marker, recs[0].version])
     except ConcurrencyError as e:
         assert e.expected == v and e.actual > v, (e.expected, e.actual, v)

@@ -713,7 +713,8 @@ def test_daemon_started_v1_is_upcast(tmp_path: Path):
             "daemon", [T.DaemonStartedV1(pid=4242, host="old-box")]
         )  # as an old ftctl appended it
         j.conn.execute(  # and a raw row, exactly as schema 1 stored it
-            "INSERT INTO events (stream, version, ts, type, body) VALUES ('daemon', 2, '2024-01-01T00:00:00.000000Z', 'daemon_started', ?)",
+            "INSERT INTO events (stream, version, ts, type, body) VALUES ('daemon', 2, "
+            "'2024-01-01T00:00:00.000000Z', 'daemon_started', ?)",
             (V1_BODY,),
         )
         assert j.conn.execute("SELECT body FROM events WHERE seq = 1").fetchone()[0] == V1_BODY

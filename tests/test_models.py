@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from helpers import ftctl, history, make_workspace, read_yaml, run, status
 
 SHORT = {"iters": 10, "save_every": 5, "steps_per_eval": 5}

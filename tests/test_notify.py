@@ -12,6 +12,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from helpers import crash_env, daemon, wait_for
 
 from ftctl.adapters.workspace import Workspace, init_workspace
 from ftctl.control.notifier import Notifier
@@ -19,7 +20,6 @@ from ftctl.core.config import NotifyTarget, decode_config
 from ftctl.core.state import DAEMON_STREAM
 from ftctl.events import types as ev
 from ftctl.recovery.ledger import Ledger
-from helpers import crash_env, daemon, wait_for
 
 
 class Server:

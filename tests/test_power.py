@@ -9,9 +9,9 @@ import os
 import signal
 import stat
 
+from helpers import daemon, finished, ftctl, make_workspace, running, status, wait_for
 
 from ftctl.adapters import power
-from helpers import daemon, finished, ftctl, make_workspace, running, status, wait_for
 
 FAKE = """#!/bin/sh
 echo "start $$ $*" >> "$FAKE_INHIBIT_LOG"

@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import crash_env, ftctl, history, make_workspace, run, status
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ftctl.core.reproduction import Outcome, Step, judge
-from helpers import crash_env, ftctl, history, make_workspace, run, status
 
 POISON_STEP = 8  # the step whose batch holds the poisoned example: after checkpoint 5, before 10
 
@@ -118,12 +118,12 @@ def test_verdict_properties(crash, crash_step, message, category, step, replay_m
 def _marker(demo, step: int) -> tuple[str, int]:
     """Text found in exactly one line of the demo data, of an example in the batch of ``step`` (TEST_CONFIG's
     batches): (the text, its line). The poison seam then makes that step's loss NaN."""
+    from helpers import TEST_CONFIG
     from mlx_lm.utils import load_tokenizer
 
     from ftctl.adapters.batches import TrainBatches
     from ftctl.adapters.trainer import load_items
     from ftctl.core.dataset import record_lines, valid_records
-    from helpers import TEST_CONFIG
 
     data = Path(demo.train).read_bytes()
     items = load_items(str(demo.train), load_tokenizer(Path(demo.model_dir)), False)
@@ -152,7 +152,7 @@ def test_the_daemon_replays_a_nan_and_pauses_the_job(poisoned):
     s = status(home, "0001")
     assert s["state"] == "paused", s
     assert s["crashes"][-1]["category"] == "nan" and s["crashes"][-1]["verdict"] == "reproduced"
-    assert "reproduced" in s["reason"] and f"lines" in s["reason"] and str(line) in s["reason"]
+    assert "reproduced" in s["reason"] and "lines" in s["reason"] and str(line) in s["reason"]
     e = [e["data"] for e in history(home) if e["type"] == "crash_reproduced"][0]
     assert e["by"] == "daemon" and e["crash"] == 1 and e["first_nonfinite_step"] == POISON_STEP
     assert line in [x["line"] for x in e["examples"]]

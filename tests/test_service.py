@@ -12,12 +12,12 @@ import shutil
 import subprocess
 
 import pytest
+from helpers import run
 
 from ftctl.adapters import service as svc
 from ftctl.adapters.workspace import init_workspace
 from ftctl.control import service
 from ftctl.core import service as S
-from helpers import run
 
 
 @pytest.fixture

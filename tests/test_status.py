@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from helpers import run
 
 from ftctl.adapters import process
 from ftctl.adapters.workspace import Workspace
@@ -25,7 +26,6 @@ from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import journal as journal_mod
 from ftctl.events import types as ev
 from ftctl.recovery.ledger import Ledger
-from helpers import run
 
 ROOT = Path(__file__).resolve().parent.parent
 

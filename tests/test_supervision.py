@@ -6,8 +6,8 @@ inbox, and a job stranded in `crashed` by a daemon that died between two commits
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import crash_env, daemon, ftctl, leftovers, make_workspace, sha256_file, wait_for
 
 from ftctl.adapters.workspace import Workspace
-from helpers import crash_env, daemon, ftctl, leftovers, make_workspace, sha256_file, wait_for
 
 SHORT = (
     "--set",

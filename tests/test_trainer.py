@@ -9,11 +9,12 @@ import time
 
 import mlx.core as mx
 import mlx_lm
-import numpy as np
 import msgspec
+import numpy as np
 import pytest
 from mlx_lm.tuner.trainer import iterate_batches
 
+from ftctl.adapters import protocol as P
 from ftctl.adapters import trainer as trainer_mod
 from ftctl.adapters.batches import TrainBatches, make_batch, validation_batches
 from ftctl.adapters.checkpoint import (
@@ -28,7 +29,6 @@ from ftctl.adapters.checkpoint import (
     verify_checkpoint,
 )
 from ftctl.adapters.demo import build_demo
-from ftctl.adapters import protocol as P
 from ftctl.adapters.protocol import TrainPlan
 from ftctl.adapters.trainer import TrainingDiverged, run, step_seed
 from ftctl.core.config import decode_config

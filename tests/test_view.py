@@ -18,13 +18,11 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-
 from helpers import (
     crash_env,
     daemon,

@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 import msgspec
-
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
