@@ -15,8 +15,9 @@ Where an OpenBLAS comes from, first found wins:
    mlx_cpu.libs bundles goes on LD_LIBRARY_PATH.
 
 A choice is probed once (a tiny subprocess loads the library with the environment the worker
-will get): a library that cannot load falls back to the reference BLAS with the reason, never
-a worker that dies at exec. Bit-exactness holds within one BLAS, not across BLAS builds: the
+will get and runs one multi-threaded sgemm): a library that cannot load, or cannot run on this CPU,
+falls back to the reference BLAS with the reason, never a worker that dies at exec or at its first
+matmul. Bit-exactness holds within one BLAS, not across BLAS builds: the
 fingerprint (mlx, mlx-lm, BLAS library and threads, platform) is recorded in every attempt's
 ``training_started`` so a resume under another one is flagged.
 """
@@ -27,6 +28,7 @@ import functools
 import hashlib
 import os
 import platform
+import signal
 import subprocess
 import sys
 from importlib import metadata
@@ -157,25 +159,47 @@ def _gfortran_shim(lib: str, shim_dir: Path) -> dict[str, str]:
     return {"LD_LIBRARY_PATH": str(shim_dir) + (os.pathsep + prev if prev else "")}
 
 
+# Loads the library and runs one 256x256 sgemm on all its threads (ones @ ones: every entry is 256):
+# a build for a newer CPU than this one (cmeel-openblas 0.3.31's AVX-512 kernels on an AVX2 machine)
+# loads fine and dies of SIGILL at its first real matmul, so loading alone proves nothing.
+_PROBE = """
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+n = 256
+F = ctypes.c_float * (n * n)
+a, b, c = F(*[1.0] * (n * n)), F(*[1.0] * (n * n)), F()
+lib.cblas_sgemm.restype = None
+lib.cblas_sgemm(101, 111, 111, n, n, n, ctypes.c_float(1.0), a, n, b, n, ctypes.c_float(0.0), c, n)
+bad = [i for i in (0, n * n // 2, n * n - 1) if c[i] != n]
+sys.exit(f"a {n}x{n} sgemm gave wrong results ({c[bad[0]]} instead of {n})" if bad else 0)
+"""
+
+
 def _probe(lib: str, env: dict[str, str]) -> str | None:
-    """Why the worker could not start with ``env`` (None: it can): a preload that fails to load
-    makes every exec fail, so try it once, without MLX, before a worker depends on it."""
-    code = "import ctypes,sys; ctypes.CDLL(sys.argv[1]).cblas_sgemm"
+    """Why the worker could not run with ``env`` (None: it can): a preload that fails to load
+    makes every exec fail, and one that cannot run on this CPU kills every worker at its first
+    matmul, so try both once, without MLX, before a worker depends on it."""
     try:
         p = subprocess.run(
-            [sys.executable, "-c", code, lib],
+            [sys.executable, "-c", _PROBE, lib],
             env={**os.environ, **env},
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=60,
         )
     except (OSError, subprocess.SubprocessError) as e:
         return str(e)
-    return (
-        None
-        if p.returncode == 0
-        else (p.stderr.strip().splitlines() or ["exit %d" % p.returncode])[-1]
-    )
+    if p.returncode == 0:
+        return None
+    if p.returncode < 0:
+        sig = signal.Signals(-p.returncode).name
+        cause = (
+            " (an illegal instruction: built for a newer CPU than this one)"
+            if sig == "SIGILL"
+            else ""
+        )
+        return f"a test matmul killed the process with {sig}{cause}"
+    return (p.stderr.strip().splitlines() or ["exit %d" % p.returncode])[-1]
 
 
 def _threads(kind: str, env: dict[str, str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -99,3 +100,36 @@ def test_doctor_says_which_blas_and_warns_only_about_a_configured_library_it_can
     assert auto.severity == "ok" and auto.message.startswith("workers run on ")
     bad = _blas(Config(model="m", blas=str(tmp_path / "nope.so")))
     assert bad.severity == "warning" and "does not exist" in bad.message and "blas: auto" in bad.fix
+
+
+FAKE_SGEMM = r"""
+#include <signal.h>
+void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a,
+                 int lda, const float *b, int ldb, float beta, float *c, int ldc) {
+#ifdef WRONG
+    for (int i = 0; i < m * n; i++) c[i] = 1.0f;
+#else
+    raise(SIGILL);  /* what an AVX-512 kernel does on a CPU without AVX-512 */
+#endif
+}
+"""
+
+
+@pytest.mark.skipif(not LINUX, reason="LD_PRELOAD is Linux's")
+@pytest.mark.parametrize(
+    "flags,said",
+    [([], "SIGILL (an illegal instruction"), (["-DWRONG"], "gave wrong results")],
+    ids=["sigill", "wrong"],
+)
+def test_a_library_that_loads_but_cannot_multiply_falls_back_to_reference(tmp_path, flags, said):
+    """cmeel-openblas 0.3.31 loads on an AVX2 machine and dies of SIGILL at its first sgemm: the
+    probe must run a matmul, not only load the library."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("no C compiler to build the fake BLAS")
+    src, lib = tmp_path / "fake.c", tmp_path / "libfakeblas.so"
+    src.write_text(FAKE_SGEMM)
+    subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    c = blas.choose(str(lib))
+    assert c.kind == "reference" and c.env == {}, c
+    assert "cannot be preloaded" in c.why and said in c.why and "pip install" in c.why
