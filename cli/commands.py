@@ -12,6 +12,7 @@ from ftctl.events import types as ev
 from ftctl.recovery.ledger import Ledger
 
 from . import render
+from .args import port, seconds
 from .lazy import lazy
 
 # imported on first use (cli/lazy.py): each command loads only the control modules it calls
@@ -33,7 +34,7 @@ def cmd_start(args, ws) -> int:
         from .web.app import run_in_thread
 
         check_bind(args.host, args.token)
-        url = run_in_thread(serve_app(ws, args.token), args.host, args.port)
+        url = run_in_thread(serve_app(ws, args.token, args.host), args.host, args.port)
         out.print(
             f"status page: {url}"
             + ("?token=…" if args.token else "")
@@ -592,7 +593,12 @@ def register(sub, home) -> None:
     s.add_argument(
         "--serve", action="store_true", help="also serve the live status page (as `ftctl serve`)"
     )
-    s.add_argument("--port", type=int, default=8765, help="with --serve: TCP port (default 8765)")
+    s.add_argument(
+        "--port",
+        type=port,
+        default=8765,
+        help="with --serve: TCP port (default 8765; 0: any free port)",
+    )
     s.add_argument(
         "--host",
         default="127.0.0.1",
@@ -681,7 +687,7 @@ def register(sub, home) -> None:
     )
     s.add_argument(
         "--wait",
-        type=float,
+        type=seconds,
         default=0,
         metavar="SECONDS",
         help="wait up to SECONDS until it has stopped (exit 1 if it has not)",

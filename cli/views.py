@@ -11,6 +11,7 @@ from pathlib import Path
 from ftctl.recovery.ledger import Ledger
 
 from . import render
+from .args import port
 from .lazy import lazy
 
 metrics = lazy("ftctl.control.metrics")
@@ -170,25 +171,25 @@ def check_bind(host: str, token: str | None) -> None:
         )
 
 
-def serve_app(ws, token: str | None):
+def serve_app(ws, token: str | None, host: str = "127.0.0.1"):
     try:
         from .web.app import make_app
     except ImportError as e:
         raise jobs.UserError(
             f"`ftctl serve` needs Starlette and uvicorn ({e.name} is missing): {SERVE_EXTRA}"
         ) from None
-    return make_app(ws, token=token)
+    return make_app(ws, token=token, host=host)
 
 
 def cmd_serve(args, ws) -> int:
     check_bind(args.host, args.token)
     ws.require()
-    app = serve_app(ws, args.token)
+    app = serve_app(ws, args.token, args.host)
     from .web.app import bind, run, url
 
     sock = bind(args.host, args.port)
     render.err_console.print(
-        f"serving {ws.home} read-only at {url(args.host, args.port)}"
+        f"serving {ws.home} read-only at {url(args.host, sock.getsockname()[1])}"
         + ("?token=…" if args.token else "")
         + "  (Ctrl-C stops it)"
     )
@@ -236,7 +237,9 @@ def register(sub, home) -> None:
     s.set_defaults(func=cmd_export_tb)
 
     s = sub.add_parser("serve", parents=[home], help="a read-only live status page in the browser")
-    s.add_argument("--port", type=int, default=8765, help="TCP port (default 8765)")
+    s.add_argument(
+        "--port", type=port, default=8765, help="TCP port (default 8765; 0: any free port)"
+    )
     s.add_argument(
         "--host",
         default="127.0.0.1",

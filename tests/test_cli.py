@@ -596,3 +596,39 @@ def test_history_follow_json_is_one_compact_object_per_line(ws, tmp_path, capsys
     assert code == 0 and len(lines) == 2
     assert [json.loads(l)["type"] for l in lines] == ["job_submitted", "paused"]
     assert all(l == json.dumps(json.loads(l), separators=(",", ":")) for l in lines)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["serve", "--port", "99999"], "argument --port: '99999' is not a TCP port"),
+        (["serve", "--port", "-1"], "argument --port: '-1' is not a TCP port"),
+        (["start", "--serve", "--port", "65536"], "argument --port: '65536' is not a TCP port"),
+        (["shutdown", "--wait", "nan"], "argument --wait: 'nan' is not a number of seconds"),
+        (["shutdown", "--wait", "-5"], "argument --wait: '-5' is not a number of seconds"),
+        (["shutdown", "--wait", "inf"], "argument --wait: 'inf' is not a number of seconds"),
+        (["history", "-n", "-3"], "'-3' is not a number of events"),
+        (["replay", "1", "--to", "x"], "argument --to: invalid int value"),
+        (["reproduce", "1", "--crash", "1.5"], "argument --crash: invalid int value"),
+        (["metrics", "1", "--since", "x"], "argument --since: invalid int value"),
+        (["demo", "--kill-at", "x"], "argument --kill-at: invalid int value"),
+    ],
+)
+def test_every_numeric_option_out_of_range_is_a_user_error(ws, capsys, argv, expected):
+    """`ftctl serve --port 99999` was an internal error (OverflowError from bind, exit 2): every
+    numeric option is checked by the parser, a bad value is one clear line and exit 1."""
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--home", str(ws)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert e.value.code == 1 and expected in err, err
+    assert "internal error" not in err and not (ws / "logs" / "internal-errors.log").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["reproduce", "1", "--crash", "99999999999999999999999"], ["replay", "1", "--to", "-1"]],
+)
+def test_huge_or_negative_numbers_that_parse_are_refused_by_the_command(ws, tmp_path, capsys, argv):
+    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(40)]), "--home", ws)
+    code, _, err = run(capsys, *argv, "--home", ws)
+    assert code == 1 and "internal error" not in err, err

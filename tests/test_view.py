@@ -364,6 +364,43 @@ def test_token_and_bind_safety(three):
     assert p.returncode == 1 and "without a token" in p.stderr
 
 
+def test_a_foreign_host_header_is_refused(three, server):
+    """DNS rebinding: a page elsewhere points its own name at 127.0.0.1 and reads the JSON. Only the
+    names the server was bound for are answered (any port): the page, the API and the stream."""
+    port = server.port
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "localhost.evil"):
+        for path in ("/", "/api/status", "/api/events", "/api/jobs/0002", "/static/style.css"):
+            code, body = server.get(path, {"Host": host})
+            assert code == 400 and b"journal" not in body, (host, path, code)
+    for host in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"):
+        assert server.get("/api/status", {"Host": host})[0] == 200, host
+        assert server.get("/", {"Host": host})[0] == 200, host
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", "/api/events", headers={"Host": host})
+        r = c.getresponse()
+        assert r.status == 200 and r.readline().startswith(b"data: "), host  # the live stream
+        c.close()
+
+
+def test_serve_port_zero_takes_a_free_port_and_prints_it(three):
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ftctl.cli", "serve", "--port", "0", "--home", str(three[0])],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = p.stderr.readline()
+        import re
+
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line)[1])
+        assert port > 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
+
+
 def test_serve_never_writes_the_journal(three, tmp_path):
     """A copy of the workspace's journal, no daemon: every endpoint leaves its bytes as they were."""
     home, _ = three
