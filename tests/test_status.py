@@ -15,6 +15,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import msgspec
 import pytest
 from helpers import run
 
@@ -205,6 +206,57 @@ def test_no_checkpoint_yet_says_it_restarts_from_step_0(ws, tmp_path, capsys):
     assert crash["category"] == "daemon_died"
     assert "restarts from step 0 (no checkpoint was committed yet)" in crash["suggestion"]
     assert "last checkpoint" not in crash["suggestion"]
+
+
+def test_a_warm_started_job_is_at_its_base_global_step_before_its_first_checkpoint(
+    ws, tmp_path, capsys
+):
+    """A job warm-started at global step 40 was shown at global_step 0 (status, the page) until its
+    first checkpoint: the projection starts an attempt at base + its checkpoint's step."""
+    submit(ws, tmp_path, capsys)
+    ledger = Ledger.open(ws / "journal.db")
+    try:
+        ledger.commit(
+            job_stream("0001"),
+            ev.TrainingStarted(
+                job="0001",
+                attempt=1,
+                worker_pid=dead_pid(),
+                worker_started_at=time.time(),
+                base_model="/m",
+                warm_start_from="/ws/jobs/0000/checkpoints/step-00000040",
+                parent_job="0000",
+                global_step_base=40,
+            ),
+        )
+        assert ledger.state.jobs["0001"].global_step == 40
+        ledger.commit(
+            job_stream("0001"),
+            ev.CheckpointStarted(job="0001", step=5, global_step=45),
+            ev.CheckpointCommitted(
+                job="0001", checkpoint=msgspec.structs.replace(ckpt(5), global_step=45)
+            ),
+            ev.Crashed(job="0001", category="killed", step=7, suggestion="x"),
+            ev.Requeued(job="0001", reason="restart"),
+            ev.TrainingStarted(
+                job="0001",
+                attempt=2,
+                worker_pid=dead_pid(),
+                worker_started_at=time.time(),
+                base_model="/m",
+                resume_step=5,
+                resume_checkpoint="/nowhere/step-00000005",
+                global_step_base=40,
+            ),
+        )
+        assert (ledger.state.jobs["0001"].step, ledger.state.jobs["0001"].global_step) == (5, 45)
+    finally:
+        ledger.close()
+    st = json.loads(run(capsys, "status", "1", "--json", "--home", ws)[1])
+    assert (st["global_step"], st["live_global_step"]) == (45, 45)
+    _, out, _ = run(capsys, "status", "--home", ws)
+    row = next(l for l in out.splitlines() if "0001" in l)
+    assert re.search(r"│\s+5/60\s+│\s+45\s+│", row), row
 
 
 def test_crash_suggestion_names_the_resume_step():
