@@ -126,18 +126,34 @@ def cmd_plot(args, ws) -> int:
         raise jobs.UserError(f"-o {args.output}: the folder {out.parent} does not exist")
     ledger = _read_ledger(ws)
     all_series = metrics.lineage_series(ledger, args.job, args.lineage)
-    from .plot import draw
+    drawn = [s for s in all_series if s.counts["train"] or s.counts["val"]]
+    empty = [s for s in all_series if s not in drawn]
+    if not drawn:
+        which = ", ".join(f"{s.job} ({s.state})" for s in empty)
+        raise jobs.UserError(
+            f"nothing to plot: no loss was recorded yet for job {which} (a job reports every "
+            f"`steps_per_report` steps once it trains, and evaluates every `steps_per_eval`); "
+            f"no file was written"
+        )
+    from .plot import draw, title
 
-    n = draw(
-        all_series, out, title=f"{ws.home}" + (f" · lineage {args.lineage}" if args.lineage else "")
-    )
+    n = draw(drawn, out, title(drawn, ws.home, args.lineage))
     if args.json:
-        render.print_json({"file": str(out), "jobs": [s.job for s in all_series], "points": n})
+        render.print_json(
+            {
+                "file": str(out),
+                "jobs": [s.job for s in drawn],
+                "points": n,
+                "no_points": [s.job for s in empty],
+            }
+        )
     else:
         render.console.print(
-            f"wrote {out}: {n} point(s) of {len(all_series)} job(s), checkpoints, crashes and resumes "
-            "marked on the x axis"
+            f"wrote {out}: {n} point(s) of {len(drawn)} job(s), checkpoints, crashes and resumes "
+            "marked on the x axis in each job's colour"
         )
+        for s in empty:
+            render.console.print(f"job {s.job} ({s.state}) has no loss recorded yet: not drawn")
     return 0
 
 

@@ -150,6 +150,168 @@ def test_plot_png_and_svg(three, tmp_path, capsys):
     assert code == 1 and ".png or .svg" in err
 
 
+def _drawn(monkeypatch):
+    """The figure `ftctl plot` saves, kept for the test to look at."""
+    from matplotlib.figure import Figure
+
+    figs, save = [], Figure.savefig
+
+    def keep(self, *a, **k):
+        figs.append(self)
+        return save(self, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figs
+
+
+def test_plot_colours_markers_by_job_and_titles_what_it_draws(three, tmp_path, capsys, monkeypatch):
+    """Two jobs: whose crash? Each checkpoint, crash and resume mark is in its job's colour; the crash
+    is at the crash's step (0002's step 17 = global 57), not its checkpoint's; val loss is dots, not
+    a straight line across the train curve; the title says what is drawn, not the workspace path."""
+    home, _ = three
+    figs = _drawn(monkeypatch)
+    code, _, _ = run(capsys, "plot", "1", "2", "-o", tmp_path / "two.png", "--home", home)
+    assert code == 0 and len(figs) == 1
+    ax = figs[0].axes[0]
+    colour = {
+        l.get_label().split()[1]: l.get_color()
+        for l in ax.lines
+        if l.get_label().endswith(": train")
+    }
+    assert set(colour) == {"0001", "0002"} and colour["0001"] != colour["0002"]
+    want = {
+        (k["kind"], k["global_step"], job)
+        for job in ("0001", "0002")
+        for k in _metrics(home, job)["jobs"][0]["markers"]
+        if k["kind"] in ("checkpoint", "crash", "resume")
+    }
+    marks = {"|": "checkpoint", "x": "crash", "^": "resume"}
+    drawn = {
+        (marks[l.get_marker()], int(l.get_xdata()[0]), job)
+        for l in ax.lines
+        if l.get_marker() in marks and not l.get_label().startswith("job")
+        for job, c in colour.items()
+        if l.get_color() == c
+    }
+    assert drawn == want
+    assert ("crash", 57, "0002") in drawn and ("resume", 50, "0002") in drawn
+    for l in ax.lines:
+        if l.get_label().endswith(": val"):
+            assert l.get_linestyle() == "None" and l.get_marker() == "o"
+    heading = figs[0].texts[0].get_text()
+    assert "job 0001 first (completed)" in heading and "job 0002 second (completed)" in heading
+    assert ax.get_title(loc="left").startswith(f"workspace {home}")
+
+
+def test_plot_of_a_job_with_no_points_is_a_user_error_and_writes_nothing(ws, tmp_path, capsys):
+    import warnings
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"q{i}"},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                }
+            )
+            for i in range(40)
+        )
+        + "\n"
+    )
+    assert run(capsys, "submit", data, "--home", ws)[0] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels" was printed
+        code, _, err = run(capsys, "plot", "1", "-o", tmp_path / "empty.png", "--home", ws)
+    assert code == 1 and "nothing to plot: no loss was recorded yet for job 0001 (queued)" in err
+    assert "no file was written" in err and not (tmp_path / "empty.png").exists()
+
+
+def test_a_crash_recorded_at_its_checkpoint_is_marked_at_the_last_step_reported(
+    ws, tmp_path, capsys
+):
+    """A dead daemon's crash carried its checkpoint's step (20) while the attempt had reported 23:
+    the marker (plot, page) is at 23, the last step the journal saw that attempt run."""
+    import time as _time
+
+    from ftctl.control.metrics import series
+    from ftctl.core.state import job_stream
+    from ftctl.events import types as ev
+    from ftctl.recovery.ledger import Ledger
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"q{i}"},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                }
+            )
+            for i in range(40)
+        )
+        + "\n"
+    )
+    assert run(capsys, "submit", data, "--home", ws, "--set", "iters=60")[0] == 0
+    ledger = Ledger.open(ws / "journal.db")
+    try:
+        start = dict(job="0001", worker_pid=1, worker_started_at=_time.time(), base_model="/m")
+        ledger.commit(job_stream("0001"), ev.TrainingStarted(attempt=1, **start))
+        record = ev.CheckpointRecord(
+            step=20,
+            global_step=20,
+            path="/nowhere/step-00000020",
+            manifest_sha256="0" * 64,
+            bytes=1,
+        )
+        ledger.commit(
+            job_stream("0001"),
+            ev.CheckpointStarted(job="0001", step=20, global_step=20),
+            ev.CheckpointCommitted(job="0001", checkpoint=record),
+        )
+        for step in (20, 23):
+            ledger.journal.record_metric(
+                "0001",
+                ev.Metrics(
+                    step=step,
+                    global_step=step,
+                    loss=2.0,
+                    lr=1e-4,
+                    tokens_per_s=1.0,
+                    peak_mem_gb=0.1,
+                    trained_tokens=step,
+                ),
+            )
+        ledger.commit(
+            job_stream("0001"),
+            ev.Crashed(job="0001", category="daemon_died", step=20, suggestion="x"),
+            ev.Requeued(job="0001", reason="r"),
+            ev.TrainingStarted(attempt=2, resume_step=20, resume_checkpoint=record.path, **start),
+        )
+        ledger.journal.record_metric(
+            "0001",
+            ev.Metrics(
+                step=25,
+                global_step=25,
+                loss=2.0,
+                lr=1e-4,
+                tokens_per_s=1.0,
+                peak_mem_gb=0.1,
+                trained_tokens=25,
+            ),
+        )
+        s = series(ledger.journal, ledger.state.jobs["0001"])
+    finally:
+        ledger.close()
+    crash = [m for m in s.markers if m.kind == "crash"]
+    assert [(m.step, m.global_step) for m in crash] == [(23, 23)]
+    assert "after step 23 (the last step reported before it)" in crash[0].text
+
+
 def test_plot_without_matplotlib_names_the_extra(three, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code, _, err = run(capsys, "plot", "2", "-o", tmp_path / "x.png", "--home", three[0])
@@ -368,11 +530,22 @@ def test_a_foreign_host_header_is_refused(three, server):
     """DNS rebinding: a page elsewhere points its own name at 127.0.0.1 and reads the JSON. Only the
     names the server was bound for are answered (any port): the page, the API and the stream."""
     port = server.port
-    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "localhost.evil"):
+    for host in (
+        "evil.example",
+        f"evil.example:{port}",
+        "127.0.0.1.evil.example",
+        "localhost.evil",
+    ):
         for path in ("/", "/api/status", "/api/events", "/api/jobs/0002", "/static/style.css"):
             code, body = server.get(path, {"Host": host})
             assert code == 400 and b"journal" not in body, (host, path, code)
-    for host in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}"):
+    for host in (
+        f"127.0.0.1:{port}",
+        "127.0.0.1",
+        f"localhost:{port}",
+        "LOCALHOST",
+        f"[::1]:{port}",
+    ):
         assert server.get("/api/status", {"Host": host})[0] == 200, host
         assert server.get("/", {"Host": host})[0] == 200, host
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)

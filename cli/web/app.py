@@ -286,7 +286,9 @@ def make_app(ws, token: str | None = None, host: str = "127.0.0.1") -> Starlette
     app = Starlette(
         routes=routes,
         middleware=[
-            Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host), www_redirect=False),
+            Middleware(
+                TrustedHostMiddleware, allowed_hosts=allowed_hosts(host), www_redirect=False
+            ),
             Middleware(TokenGate, token=token),
         ],
         lifespan=lifespan,
