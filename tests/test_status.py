@@ -346,6 +346,11 @@ def test_eta_from_tokens_per_second_with_one_report():
     }
     eta, basis = S._eta(j, 20, [report], now=1000.0)
     assert eta == pytest.approx(40 * 50 / 100.0) and "100 tokens/s at 50 tokens/step" in basis
+    # 25 s after that report the 20 s it promised are spent and no report came: not "0s" (the page
+    # showed a hung job at 10/40 with ETA 0s), no estimate
+    eta, basis = S._eta(j, 20, [report], now=1025.0)
+    assert eta is None and basis.startswith("40 steps were due 5 s ago at 100 tokens/s"), basis
+    assert basis.endswith("the last report is 25 s old: no estimate")
 
 
 # --------------------------------------------------------------------------- 4. filters
