@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -560,13 +561,13 @@ def test_serve_port_zero_takes_a_free_port_and_prints_it(three):
         [sys.executable, "-m", "ftctl.cli", "serve", "--port", "0", "--home", str(three[0])],
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "COLUMNS": "200"},
     )
     try:
         line = p.stderr.readline()
-        import re
-
-        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line)[1])
-        assert port > 0
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert m and int(m[1]) > 0, line
+        port = int(m[1])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10) as r:
             assert r.status == 200
     finally:
@@ -612,6 +613,8 @@ def test_serve_never_writes_the_journal(three, tmp_path):
 
 
 def _chromium(url: str, *extra: str) -> str:
+    """Headless Chromium with 5 s of virtual time: the page must settle although its live stream stays
+    open (a stream opened by the page itself kept such a run from ever finishing)."""
     p = subprocess.run(
         [
             CHROMIUM,
@@ -619,21 +622,19 @@ def _chromium(url: str, *extra: str) -> str:
             "--no-sandbox",
             "--disable-gpu",
             "--hide-scrollbars",
-            "--virtual-time-budget=900",
+            "--virtual-time-budget=5000",
             *extra,
             url,
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=90,
     )
     assert p.returncode == 0, p.stderr[-2000:]
     return p.stdout
 
 
 def _attrs(dom: str, job: str) -> dict[str, str]:
-    import re
-
     m = re.search(rf'<div class="chart" data-job="{job}"([^>]*)>', dom)
     assert m, f"no chart for job {job}"
     return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', m[1]))
@@ -649,8 +650,14 @@ needs_chromium = pytest.mark.skipif(
 @needs_chromium
 def test_browser_page_draws_what_the_journal_has(three, server, tmp_path):
     home, _ = three
-    dom = _chromium(server.url("/"), "--dump-dom")
-    assert 'data-ready="1"' in dom and 'data-daemon="alive"' in dom
+    dom = _chromium(server.url("/"), "--window-size=1400,1400", "--dump-dom")
+    # the banner's colour says what its text says: alive and keeping the machine awake is green,
+    # alive but NOT keeping it awake (no systemd-inhibit here, say) is a warning
+    power = status(home)["daemon"]["power"]
+    banner = "alive" if not power or power.get("held") else "alive-warn"
+    assert 'data-ready="1"' in dom and f'data-daemon="{banner}"' in dom, banner
+    if banner == "alive-warn":
+        assert "NOT keeping the machine awake" in dom
     for job in ("0001", "0002", "0003"):
         counts = _metrics(home, job)["jobs"][0]["counts"]
         a = _attrs(dom, job)
@@ -659,14 +666,27 @@ def test_browser_page_draws_what_the_journal_has(three, server, tmp_path):
             counts["val"],
             counts["effective"],
         ), job
+    # the charts use the page's width: two to a row at 1400 px, each well over a third of it
+    widths = [int(_attrs(dom, job)["width"]) for job in ("0001", "0002", "0003")]
+    assert all(w > 560 for w in widths) and widths[0] + widths[1] > 1200, widths
     assert "killed" in dom and "SIGKILL" in dom  # the crash timeline
+    assert "not replayed: </span><code>ftctl reproduce 0002 --crash 1</code>" in dom
+    assert "lineage main: head job 0002" in dom
     page = _chromium(server.url("/job/0002#seq-5"), "--dump-dom")
     a = _attrs(page, "0002")
     counts = _metrics(home, "2", "--all")["jobs"][0]["counts"]
     assert int(a["superseded"]) == counts["superseded"] == 1 and int(a["train"]) == counts["train"]
     assert 'data-replay="5"' in page and "state right after event 5" in page
+    assert 'class="state-panel"' in page and "<pre" in page  # a readable panel, the JSON folded
+    # the job training: its heading names the journal's seq (it said "?" until a pulse came) and its
+    # global step starts at its warm start's base
+    now = _chromium(server.url("/job/0003"), "--dump-dom")
+    seq = int(re.search(r"state now \(journal seq (\d+)\)", now)[1])
+    assert seq <= status(home)["seq"] and "journal seq ?" not in now
+    gstep = status(home, "0003")["live_global_step"]
+    assert f"<th>global step</th><td>{gstep} (continues" in now and gstep >= 80
     shot = tmp_path / "page.png"
-    _chromium(server.url("/"), "--window-size=1280,1350", f"--screenshot={shot}")
+    _chromium(server.url("/"), "--window-size=1400,1500", f"--screenshot={shot}")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if SCREENSHOT:
         shutil.copy(shot, SCREENSHOT)

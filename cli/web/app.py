@@ -179,6 +179,16 @@ def make_app(ws, token: str | None = None, host: str = "127.0.0.1") -> Starlette
                 "metric_id": p.metric_id,
                 "daemon": render.daemon_json(s.daemon),
                 "jobs": [_job_row(v) for v in s.jobs],
+                # each lineage's head and branches, as the projection has them (`status --json`)
+                "lineages": [
+                    {
+                        "name": l.name,
+                        "head_job": l.head_job,
+                        "branches": list(l.branches),
+                        "base_version": l.base_version,
+                    }
+                    for l in s.projection.lineages.values()
+                ],
                 "hidden": s.hidden,
                 "crashes": [
                     {
@@ -224,10 +234,11 @@ def make_app(ws, token: str | None = None, host: str = "127.0.0.1") -> Starlette
     async def api_job(request: Request) -> Response:
         try:
             job = request.path_params["job"]
-            j = viewer.job(job)
+            v = viewer.job_view(job)
             return JSONResponse(
                 {
-                    "job": render.job_json(j),
+                    "seq": viewer.ledger.state.seq,
+                    "job": render.job_json(v.job, v.metrics, v),
                     "events": [_event_row(r) for r in viewer.history(job=job)],
                 }
             )
