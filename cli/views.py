@@ -13,6 +13,7 @@ from ftctl.recovery.ledger import Ledger
 from . import render
 from .args import port
 from .lazy import lazy
+from .render import memory
 
 metrics = lazy("ftctl.control.metrics")
 jobs = lazy("ftctl.control.jobs")
@@ -77,7 +78,7 @@ def cmd_metrics(args, ws) -> int:
     # Plain lines, not a rich table: a long run has 100k points and this must print them in a blink.
     head = (
         f"{'job':<6} {'att':>3} {'global':>8} {'step':>7} {'loss':>9} {'val_loss':>9} {'lr':>9} "
-        f"{'tok/s':>8} {'peak_GB':>7}  time (UTC)"
+        f"{'tok/s':>8} {'peak mem':>8}  time (UTC)"
     )
     out = [head]
     add = out.append
@@ -93,7 +94,7 @@ def cmd_metrics(args, ws) -> int:
             f"{p['job']:<6} {p['attempt']:>3} {p['global_step']:>8} {p['step']:>7} "
             f"{'-' if loss is None else format(loss, '.4f'):>9} {'-' if val is None else format(val, '.4f'):>9} "
             f"{'-' if lr is None else format(lr, '.3g'):>9} {'-' if tps is None else format(tps, '.0f'):>8} "
-            f"{'-' if mem is None else format(mem, '.2f'):>7}  {p['ts'][:10]} {p['ts'][11:19]}"
+            f"{memory(mem):>8}  {p['ts'][:10]} {p['ts'][11:19]}"
             + (
                 f"  ranks {'/'.join('-' if t is None else format(t, '.0f') for t in p['rank_tokens_per_s'])} tok/s"
                 if p["rank_tokens_per_s"]

@@ -17,7 +17,14 @@ from typing import Any, Literal, NamedTuple
 import msgspec
 from msgspec import Struct
 
-__all__ = ["DataError", "DataReport", "LineProblem", "valid_records", "validate_jsonl"]
+__all__ = [
+    "DataError",
+    "DataReport",
+    "LineProblem",
+    "long_records",
+    "valid_records",
+    "validate_jsonl",
+]
 
 WARN_RATIO = 0.01  # more bad lines than this: verdict "warn"
 REJECT_RATIO = 0.05  # more bad lines than this: verdict "reject"
@@ -340,3 +347,14 @@ def valid_records(data: bytes) -> list[dict]:
     undesirable-labelled rows dropped, conversations rows turned into {"messages": [...]}."""
     _, lines = _scan(data)
     return [c.record for c in lines if c.record is not None and not c.undesirable]
+
+
+def long_records(data: bytes, limit: int) -> list[tuple[int, int]]:
+    """(index in valid_records, line number) of every record whose line is longer than ``limit``
+    bytes, in file order. Only the lengths are looked at unless a line is that long."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    raw = data.split(b"\n")
+    if max(map(len, raw), default=0) <= limit:
+        return []
+    return [(i, n) for i, n in enumerate(record_lines(data)) if len(raw[n - 1]) > limit]

@@ -196,6 +196,29 @@ def test_a_live_daemon_is_running_and_pause_says_within_a_second(ws, tmp_path, c
         process.release_lock(fd)
 
 
+def test_submit_says_who_trains_the_job_as_the_daemon_lock_says(ws, tmp_path, capsys):
+    """ "run `ftctl start` to train" was printed while a daemon was running: the lock is asked."""
+    data = tmp_path / "e.jsonl"
+    data.write_text("\n".join(chat(i + 100) for i in range(40)) + "\n")
+    _, out, _ = run(capsys, "submit", data, "--home", ws)
+    assert "queued job 0001" in out and out.rstrip().endswith("run `ftctl start` to train"), out
+    dead_daemon_training(ws, tmp_path, capsys)  # job 0002 training, its daemon recorded running
+    _, out, _ = run(capsys, "submit", data, "--again", "--home", ws)
+    assert "run `ftctl start` to train (the last daemon died without recording its stop" in out
+    fd = process.acquire_lock(Workspace(ws).lock_path)  # this process plays the live daemon
+    try:
+        pid = json.loads(run(capsys, "status", "--json", "--home", ws)[1])["daemon"]["pid"]
+        _, out, _ = run(capsys, "submit", data, "--again", "--home", ws)
+        out = " ".join(out.split())
+        assert "run `ftctl start`" not in out
+        assert (
+            f"queued job 0004 (40 valid chat examples of 40); the running daemon (pid {pid}) picks "
+            "it up after 3 job(s) queued or training before it (0001, 0002, 0003)" in out
+        ), out
+    finally:
+        process.release_lock(fd)
+
+
 def test_no_checkpoint_yet_says_it_restarts_from_step_0(ws, tmp_path, capsys):
     dead_daemon_training(ws, tmp_path, capsys, checkpoint=False)
     _, out, _ = run(capsys, "status", "1", "--json", "--home", ws)
