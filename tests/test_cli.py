@@ -393,7 +393,10 @@ def _crash(ws, *crashes):
 
 
 def test_crashes_shows_signal_exit_and_the_telling_evidence_line(ws, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "250")
+    from ftctl.cli import render
+
+    monkeypatch.setenv("COLUMNS", "320")  # wide enough that no cell folds onto a second line
+    monkeypatch.setattr(render, "_CONSOLES", {})  # a console made now, at that width
     run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
     _crash(ws, (1, None, EVIDENCE), (None, 9, "no exit status; the worker hung"))
     code, out, _ = run(capsys, "crashes", "--home", ws)
@@ -410,6 +413,9 @@ def test_crashes_shows_signal_exit_and_the_telling_evidence_line(ws, tmp_path, c
     assert first[5:9] == ["3", "1", "-", "ValueError: Missing 9 parameters"]
     assert second[5:9] == ["-", "-", "SIGKILL", "no exit status; the worker hung"]
     assert "None" not in out
+    # never replayed: the reproduced? column shows the command that replays each (it showed "-")
+    assert first[-1] == "not replayed: ftctl reproduce 0001 --crash 1", first
+    assert second[-1] == "not replayed: ftctl reproduce 0001 --crash 2", second
 
 
 def test_history_never_cuts_a_path_in_the_middle(ws, tmp_path, capsys, monkeypatch):
