@@ -298,14 +298,14 @@ def submit(
             f"the distributed config cannot run: {'; '.join(broken)}. Nothing was queued; fix "
             "`distributed` in ftctl.yaml (see docs/distributed.md) and submit again"
         )
-    if not reasons:  # the config is resolved (the model's folder): count what max_seq_length cuts
-        warnings += overlong(data, cfg, path.name, note)
-        if vdata is not None:
-            warnings += overlong(vdata, cfg, f"validation file {valid.name}", note)
     if not reasons and not again:
         _duplicate(
             ledger, path, sha, hashlib.sha256(vdata).hexdigest() if vdata is not None else None, cfg
         )
+    if not reasons:  # the config is resolved (the model's folder): count what max_seq_length cuts
+        warnings += overlong(data, cfg, path.name, note)
+        if vdata is not None:
+            warnings += overlong(vdata, cfg, f"validation file {valid.name}", note)
 
     for _ in range(10):  # job ids race only with a concurrent submit; the stream version decides
         job = _next_job_id(ledger)
