@@ -316,6 +316,12 @@ class _Loop:
         self.train_loss, self.val_loss = st.train_loss, st.val_loss
         self.w_loss = self.w_tokens = self.w_steps = self.w_local = 0  # report window
         self.w_time = 0.0
+        # of the window, the steps that compiled (mx.compile traces and compiles the step again for
+        # each new input shape or constant argument): tokens/s leaves them out — a one-off compile
+        # (a second for the demo model under load, far more for a big one) is no training speed
+        self.k_tokens = self.k_local = 0
+        self.k_time = 0.0
+        self.compiled: set[tuple] = set()
         self.c_loss = self.c_steps = 0  # since the last checkpoint
         self.nan_run = 0
         self.writer = CheckpointWriter(s.plan.job_dir, fs, self._written)
@@ -382,6 +388,9 @@ class _Loop:
             if s.poisoned:
                 hit = not s.poisoned.isdisjoint(s.batches.indices(it - 1))
                 batch = (*batch, mx.array(math.nan if hit else 1.0))
+            key = (tuple(batch[0].shape), it % accum == 0, grad is None)
+            compiles = key not in self.compiled
+            self.compiled.add(key)
             if (
                 s.ranks.many
             ):  # every rank stops at the same step: the first where any of them was asked to
@@ -390,12 +399,17 @@ class _Loop:
                 )
                 mx.eval(state, out, local, stops)
                 self.w_local += local.item()
+                self.k_local += local.item() if compiles else 0
                 asked = stops.item() > 0
             else:
                 out = step(batch, grad, it % accum == 0)
                 mx.eval(state, out)
             lvalue, toks, grad, *norms = out
-            self.w_time += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.w_time += took
+            if compiles:
+                self.k_time += took
+                self.k_tokens += toks.item()
             self.writer.check()  # a failed background write stops training at once, with its error
             if s.plan.trace:
                 self._trace(it, gstep, lvalue.item(), toks.item(), norms[0])
@@ -471,7 +485,13 @@ class _Loop:
         )
 
     def _report(self, it: int, gstep: int) -> None:
-        rate = lambda n: n / self.w_time if self.w_time > 0 else 0.0  # noqa: E731
+        steady = self.w_time - self.k_time  # the steps that did not compile
+
+        def rate(n: float, compiled: float) -> float:
+            if steady > 1e-9:
+                return (n - compiled) / steady
+            return n / self.w_time if self.w_time > 0 else 0.0  # every step compiled: all there is
+
         self.emit(
             P.Report(
                 metrics=Metrics(
@@ -479,15 +499,17 @@ class _Loop:
                     global_step=gstep,
                     loss=_finite(self.w_loss / self.w_steps),
                     lr=_finite(self.s.optimizer.learning_rate.item()),
-                    tokens_per_s=rate(self.w_tokens),
+                    tokens_per_s=rate(self.w_tokens, self.k_tokens),
                     peak_mem_gb=mx.get_peak_memory() / 1e9,
                     trained_tokens=self.trained_tokens,
                 ),
-                local_tokens_per_s=rate(self.w_local) if self.s.ranks.many else None,
+                local_tokens_per_s=rate(self.w_local, self.k_local) if self.s.ranks.many else None,
             )
         )
         self.w_loss = self.w_tokens = self.w_steps = self.w_local = 0
         self.w_time = 0.0
+        self.k_tokens = self.k_local = 0
+        self.k_time = 0.0
 
     def _evaluate(self, it: int, gstep: int) -> float | None:
         self.emit(P.EvalStarted(step=it))

@@ -17,7 +17,7 @@ from ftctl.adapters.group import problems as group_problems
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, config_sha256, job_config, locked_changes
-from ftctl.core.dataset import DataReport, validate_jsonl
+from ftctl.core.dataset import DataReport, long_records, valid_records, validate_jsonl
 from ftctl.core.state import job_stream
 from ftctl.events import types as ev
 from ftctl.events.journal import ConcurrencyError
@@ -31,6 +31,10 @@ _MODEL_FIX = (
     "repo id or a .gguf file, and submit again"
 )
 HOLDOUT_EVERY = 20  # without --valid, every 20th valid example is held out for validation
+# Tokens a chat template may add beyond the JSON syntax around an example's text (a role header, an
+# injected system line): a line of at most max_seq_length - TEMPLATE_SLACK bytes cannot reach
+# max_seq_length tokens, since every token of the text is at least one byte of it.
+TEMPLATE_SLACK = 64
 
 
 class SubmitError(Exception):
@@ -92,6 +96,87 @@ def _split(data: bytes, report: DataReport, batch_size: int) -> tuple[bytes, byt
         l if l.endswith(b"\n") else l + b"\n" for i, l in enumerate(lines, 1) if i in held
     )
     return train, valid
+
+
+def overlong(data: bytes, cfg: Config, what: str, note: Note = quiet) -> list[str]:
+    """A warning when examples are longer than max_seq_length tokens: the trainer cuts them there (as
+    mlx-lm does) without a word. Counted with the job's own tokenizer and template, for the lines long
+    enough to reach the limit (see TEMPLATE_SLACK: the tokenizer is loaded only when one is)."""
+    limit = cfg.max_seq_length
+    long = long_records(data, limit - TEMPLATE_SLACK)
+    if not long:
+        return []
+    from ftctl.adapters.batches import token_lengths  # MLX and the tokenizer load only here
+
+    note(
+        f"{what}: counting the tokens of its {len(long)} longest example(s) against max_seq_length = "
+        f"{limit} with the model's tokenizer"
+    )
+    records = valid_records(data)
+    try:
+        lengths = token_lengths(cfg.model, [records[i] for i, _ in long], cfg.mask_prompt)
+    except Exception as e:  # noqa: BLE001 (a tokenizer that cannot load here fails the worker's load too)
+        return [
+            f"{what}: the lengths of its {len(long)} longest examples could not be counted against "
+            f"max_seq_length = {limit} tokens ({type(e).__name__}: {e}); any longer than that is "
+            "cut to it in training"
+        ]
+    over = [(line, n) for (_, line), n in zip(long, lengths) if n > limit]
+    if not over:
+        return []
+    line, most = max(over, key=lambda x: x[1])
+    shown = ", ".join(str(l) for l, _ in over[:5]) + (", …" if len(over) > 5 else "")
+    return [
+        f"{what}: {len(over)} of {len(records)} examples are longer than max_seq_length = {limit} "
+        f"tokens and are cut to it (lines {shown}; the longest, line {line}, has {most:,} tokens; "
+        f"{sum(n - limit for _, n in over):,} tokens in all are never trained on or scored): raise "
+        "max_seq_length (--set max_seq_length=N) or split those examples"
+    ]
+
+
+def _same_kind(fmt: str | None) -> str | None:
+    return "chat" if fmt == "conversations" else fmt  # conversations rows are trained as chat
+
+
+def _check_valid(
+    path: Path, data: bytes, report: DataReport, valid: Path, vdata: bytes, vreport: DataReport
+) -> list[str]:
+    """The validation file against the training file: the same file is refused (a val loss on the
+    training data measures fit, not generalization, and keep_best retention and `ftctl eval` would
+    choose and judge by it); another format, or examples both files hold, are warned about."""
+    if hashlib.sha256(vdata).digest() == hashlib.sha256(data).digest():
+        raise SubmitError(
+            f"--valid {valid} is the training file {path.name} itself (the same sha256): the validation "
+            "loss would measure how well the model fits the examples it trains on, not how it does on "
+            "unseen ones — and retention's keep_best and `ftctl eval` would choose and judge checkpoints "
+            "by it. Nothing was queued. Pass a held-out file, or leave --valid out to hold out every "
+            f"{HOLDOUT_EVERY}th example"
+        )
+    out = []
+    fmt, vfmt = _same_kind(report.format), _same_kind(vreport.format)
+    if fmt and vfmt and fmt != vfmt:
+        why = (
+            "one is plain text, the other goes through the model's chat template, so the val loss "
+            "measures the model on another kind of input than it trains on (it can watch for forgetting, "
+            "not show how well the task is learned)"
+            if "text" in (fmt, vfmt)
+            else "both go through the chat template, but as other message structures, so the val loss "
+            "is comparable with the training loss only loosely"
+        )
+        out.append(
+            f"validation file: it is '{vreport.format}' data, the training file '{report.format}': "
+            f"{why}. If that is not what you want, convert it to '{report.format}', or leave --valid "
+            f"out to hold out every {HOLDOUT_EVERY}th training example"
+        )
+    train = {l.strip() for l in data.split(b"\n") if l.strip()}
+    vlines = [l.strip() for l in vdata.split(b"\n") if l.strip()]
+    shared = sum(l in train for l in vlines)
+    if shared:
+        out.append(
+            f"validation file: {shared} of its {len(vlines)} lines are also in the training file: the val "
+            "loss on those measures fit, not generalization (remove them from one of the files)"
+        )
+    return out
 
 
 def _next_job_id(ledger: Ledger) -> str:
@@ -188,6 +273,8 @@ def submit(
     reasons = list(report.reasons) if report.verdict == "reject" else []
     if vreport is not None and vreport.verdict == "reject":
         reasons += [f"validation file: {r}" for r in vreport.reasons]
+    if vdata is not None and not reasons:
+        warnings += _check_valid(path, data, report, valid, vdata, vreport)
     resolved = models.Resolved(cfg.model)
     if models.needs_resolving(
         cfg.model
@@ -215,6 +302,10 @@ def submit(
         _duplicate(
             ledger, path, sha, hashlib.sha256(vdata).hexdigest() if vdata is not None else None, cfg
         )
+    if not reasons:  # the config is resolved (the model's folder): count what max_seq_length cuts
+        warnings += overlong(data, cfg, path.name, note)
+        if vdata is not None:
+            warnings += overlong(vdata, cfg, f"validation file {valid.name}", note)
 
     for _ in range(10):  # job ids race only with a concurrent submit; the stream version decides
         job = _next_job_id(ledger)

@@ -17,7 +17,14 @@ from typing import Any, Literal, NamedTuple
 import msgspec
 from msgspec import Struct
 
-__all__ = ["DataError", "DataReport", "LineProblem", "valid_records", "validate_jsonl"]
+__all__ = [
+    "DataError",
+    "DataReport",
+    "LineProblem",
+    "long_records",
+    "valid_records",
+    "validate_jsonl",
+]
 
 WARN_RATIO = 0.01  # more bad lines than this: verdict "warn"
 REJECT_RATIO = 0.05  # more bad lines than this: verdict "reject"
@@ -79,6 +86,41 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+# Keys other chat schemas use for a message's role and text (ShareGPT, OpenAI-like exports, ...):
+# a message that has one of them instead of role/content gets the renaming named.
+ROLE_KEYS = ("from", "speaker", "author", "sender", "user_type", "type")
+CONTENT_KEYS = ("value", "text", "message", "body", "utterance", "content_text")
+
+
+def _keys(m: dict) -> str:
+    names = [repr(k) for k in list(m)[:6]]
+    return ", ".join(names) + (", ..." if len(m) > 6 else "") if names else "none"
+
+
+def _missing(i: int, m: dict, key: str) -> str:
+    """A message without ``key`` ('role' or 'content'): name the key, the keys it has, and the renaming
+    when they look like another schema's."""
+    alias = {"role": ROLE_KEYS, "content": CONTENT_KEYS}[key]
+    other = "content" if key == "role" else "role"
+    theirs = next((k for k in alias if k in m), None)
+    text = f"messages[{i}] has no '{key}' key (its keys: {_keys(m)})"
+    if theirs is None:
+        return text
+    if "from" in m and "value" in m:
+        return (
+            f"{text}: these are ShareGPT turns — name the list 'conversations' instead of 'messages' "
+            '(ftctl reads {"conversations": [{"from": "human"|"gpt"|..., "value": ...}]} as it is)'
+        )
+    pair = next((k for k in {"role": CONTENT_KEYS, "content": ROLE_KEYS}[key] if k in m), None)
+    rename = f"'{theirs}' to '{key}'" + (
+        f" and '{pair}' to '{other}'" if pair is not None and other not in m else ""
+    )
+    return (
+        f"{text}: it looks like another chat schema — rename {rename} "
+        '(mlx-lm\'s chat format: {"messages": [{"role": ..., "content": ...}]})'
+    )
+
+
 def _check_chat(obj: dict) -> str | None:
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
@@ -86,6 +128,8 @@ def _check_chat(obj: dict) -> str | None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             return f"messages[{i}] is {_kind(m)}, not an object"
+        if "role" not in m:
+            return _missing(i, m, "role")
         role = m.get("role")
         if role not in CHAT_ROLES:
             return f"messages[{i}].role is {_short(role)}, not one of {', '.join(CHAT_ROLES)}"
@@ -94,6 +138,8 @@ def _check_chat(obj: dict) -> str | None:
             # tool results may be empty; a tool-calling assistant turn may carry no text
             if not (isinstance(content, str) or (content is None and role == "assistant")):
                 return f"messages[{i}].content must be a string"
+        elif "content" not in m:
+            return _missing(i, m, "content")
         elif not _nonblank(content):
             what = (
                 "is missing"
@@ -187,7 +233,32 @@ def _check_line(number: int, raw: bytes) -> _Line:
     return bad(
         "no known format: expected keys prompt+completion, messages, text or conversations"
         + (f" (found {keys})" if keys else " (the object is empty)")
+        + _schema_hint(obj)
     )
+
+
+# Well-known schemas of other tools and the mlx-lm format each maps to, by the keys that give them away.
+_SCHEMAS = (
+    (
+        {"instruction", "output"},
+        "Alpaca-style: join instruction (+ input) into 'prompt' and rename 'output' to 'completion'",
+    ),
+    ({"prompt", "response"}, "rename 'response' to 'completion'"),
+    ({"prompt", "answer"}, "rename 'answer' to 'completion'"),
+    ({"question", "answer"}, "rename 'question' to 'prompt' and 'answer' to 'completion'"),
+    ({"input", "output"}, "rename 'input' to 'prompt' and 'output' to 'completion'"),
+    ({"conversation"}, "rename 'conversation' to 'messages' (a list of {\"role\", \"content\"})"),
+    ({"dialog"}, "rename 'dialog' to 'messages' (a list of {\"role\", \"content\"})"),
+    ({"chat"}, "rename 'chat' to 'messages' (a list of {\"role\", \"content\"})"),
+    ({"content"}, "rename 'content' to 'text' (plain text) or use 'messages'"),
+)
+
+
+def _schema_hint(obj: dict) -> str:
+    for keys, hint in _SCHEMAS:
+        if keys <= obj.keys():
+            return f": it looks like another schema — {hint}"
+    return ""
 
 
 def _scan(data: Any) -> tuple[str | None, list[_Line]]:
@@ -276,3 +347,14 @@ def valid_records(data: bytes) -> list[dict]:
     undesirable-labelled rows dropped, conversations rows turned into {"messages": [...]}."""
     _, lines = _scan(data)
     return [c.record for c in lines if c.record is not None and not c.undesirable]
+
+
+def long_records(data: bytes, limit: int) -> list[tuple[int, int]]:
+    """(index in valid_records, line number) of every record whose line is longer than ``limit``
+    bytes, in file order. Only the lengths are looked at unless a line is that long."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    raw = data.split(b"\n")
+    if max(map(len, raw), default=0) <= limit:
+        return []
+    return [(i, n) for i, n in enumerate(record_lines(data)) if len(raw[n - 1]) > limit]

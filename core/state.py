@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 13  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 14  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -220,6 +220,9 @@ def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
         e.base_model,
     )
     j.parent_job, j.requested = e.parent_job, None
+    # where the attempt starts on the lineage's axis: a warm start's base before its first checkpoint
+    # (not 0), the checkpoint's global step on a resume
+    j.global_step = e.global_step_base + j.step
     j.env = e.env or j.env
     j.env_changed = [*j.env_changed, *e.env_changed] if e.resume_checkpoint else list(e.env_changed)
     if e.resharded_from is not None:
