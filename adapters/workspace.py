@@ -28,6 +28,7 @@ from ftctl.core.config import (
     default_config_dict,
     merge_overrides,
 )
+from ftctl.core.fit import fitting_keys
 from ftctl.events.journal import Journal, JournalError
 
 DIRS = ("inbox", "inbox/rejected", "jobs", "models", "logs", "run")
@@ -176,7 +177,7 @@ def init_workspace(home: Path, model: str, extra: dict | None = None, then=None)
     ws = Workspace(Path(home).expanduser().resolve())
     if ws.exists():
         raise WorkspaceError(f"{ws.home} already holds an ftctl workspace; nothing was changed")
-    cfg = default_config_dict(model)
+    cfg = {**default_config_dict(model), **_fitting(model)}
     if extra:
         cfg.update(extra)
     decode_config(cfg)  # never write a config we would refuse to read
@@ -199,6 +200,16 @@ def init_workspace(home: Path, model: str, extra: dict | None = None, then=None)
     finally:
         os.umask(old)
     return ws
+
+
+def _fitting(model: str) -> dict:
+    """num_layers and max_seq_length that fit a model folder (core.fit.fitting_keys); {} for a model
+    that is not a readable folder (yet: a GGUF being imported passes its own)."""
+    from ftctl.adapters.model import model_problem, shape
+
+    if model_problem(model) is not None:
+        return {}
+    return fitting_keys(shape(model))
 
 
 def write_private(path: Path, text: str) -> None:

@@ -17,6 +17,8 @@ import msgspec
 from msgspec import Meta, Struct, field
 from msgspec import inspect as mi
 
+from .dataset import Features
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -36,6 +38,7 @@ __all__ = [
     "decode_config",
     "default_config_dict",
     "describe_keys",
+    "features",
     "hf_entries",
     "MLX_LM_DEFAULTS",
     "merge_overrides",
@@ -979,6 +982,12 @@ def _check(cfg: Config, source: str) -> None:
                     s.arguments[i],
                     f">= 1 ({sig.replace('[', '').replace(']', '').split(', ')[i]} is a step count)",
                 )
+
+
+def features(cfg: Config | HFDataset) -> Features:
+    """The keys the data's format is read from: mlx-lm's *_feature keys (of the config, or of one
+    hf_dataset entry)."""
+    return Features(cfg.prompt_feature, cfg.completion_feature, cfg.text_feature, cfg.chat_feature)
 
 
 def hf_entries(cfg: Config) -> list[HFDataset]:
