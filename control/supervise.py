@@ -203,23 +203,33 @@ class Supervision:
                 d.log(f"job {job}: checkpoint step {c.step} committed ({c.bytes / 1e6:.1f} MB)")
                 self.retention()
             case P.Completed():
-                L.commit(
-                    self.stream,
-                    ev.Completed(
-                        job=job,
-                        step=msg.step,
-                        global_step=msg.global_step,
-                        adapter_path=msg.adapter_path,
-                        adapter_sha256=msg.adapter_sha256,
-                        checkpoint=msg.checkpoint,
-                    ),
+                done = ev.Completed(
+                    job=job,
+                    step=msg.step,
+                    global_step=msg.global_step,
+                    adapter_path=msg.adapter_path,
+                    adapter_sha256=msg.adapter_sha256,
+                    checkpoint=msg.checkpoint,
+                    exported_to=msg.exported_to,
+                    export_refused=msg.export_refused,
                 )
+                # the test split's scores (config `test`) with it, atomically: both or neither
+                L.commit(self.stream, done, *([msg.evaluated] if msg.evaluated else []))
                 self.finished = "completed"
                 d.say(
                     f"job {job} completed at step {msg.step} (global {msg.global_step}): "
-                    f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…",
+                    f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…"
+                    + (f", also published at {msg.exported_to}" if msg.exported_to else ""),
                     "ok",
                 )
+                if msg.export_refused:
+                    d.say(f"job {job}: adapter_path not written: {msg.export_refused}", "warn")
+                if msg.evaluated:
+                    e = msg.evaluated
+                    d.say(
+                        f"job {job} test split: loss {_num(e.adapter_loss, '.4f')} (base model "
+                        f"{_num(e.base_loss, '.4f')}), perplexity {_num(e.adapter_ppl, '.2f')}"
+                    )
             case P.Stopped(step=step):
                 self.finished, self.stopped_step = "stopped", step
             case P.Failed():
