@@ -35,10 +35,18 @@ DIRS = ("inbox", "inbox/rejected", "jobs", "models", "logs", "run")
 SCRATCH_MARKER = (
     ".ftctl-reproduce"  # the first file of a reproduction's scratch folder: ours to delete
 )
-_FIX_CONFIG = (
-    "Nothing was changed. Edit ftctl.yaml to fix it (`ftctl config show` prints the effective values "
-    "once it reads), then run the command again."
-)
+
+
+def _fix(path: Path) -> str:
+    return (
+        f"Nothing was changed. Edit {path.name} to fix it"
+        + (
+            " (`ftctl config show` prints the effective values once it reads)"
+            if path.name == "ftctl.yaml"
+            else ""
+        )
+        + ", then run the command again."
+    )
 
 
 class WorkspaceError(Exception):
@@ -119,37 +127,9 @@ class Workspace:
 
     def read_config_dict(self) -> dict:
         path = self.config_path
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise WorkspaceError(f"{path} is missing: run `ftctl init` or restore it") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}). {_FIX_CONFIG}") from None
-        except OSError as e:
-            raise WorkspaceError(
-                f"cannot read {path}: {e.strerror}. Nothing was changed; check that --home (or "
-                "FTCTL_HOME) is your workspace."
-            ) from None
-        import yaml  # read where used: status, replay and recover never parse ftctl.yaml
-
-        try:
-            data = yaml.load(text, Loader=_unique_key_loader())
-        except DuplicateKey as e:
-            raise ConfigError(
-                f"{path}: key {e.key!r} is given twice (lines {e.first} and {e.second}); "
-                "nothing was changed; keep one of them (YAML would silently take the last)",
-                key=str(e.key),
-            ) from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML{_yaml_where(e)}. {_FIX_CONFIG}") from None
-        if data is None:
-            return {}
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{path} must be a mapping of keys to values, but it holds a {_yaml_kind(data)}. {_FIX_CONFIG}",
-                value=data,
-            )
-        return data
+        if not path.exists():
+            raise WorkspaceError(f"{path} is missing: run `ftctl init` or restore it")
+        return read_mapping(path)
 
     def load_config(self, overrides: list[str] = ()) -> tuple[Config, list[str]]:
         """The effective config: ftctl.yaml with ``key=value`` overrides applied."""
@@ -164,6 +144,42 @@ class Workspace:
             return decode_config(
                 data, source=f"--set {culprit}"
             )  # the same error, blamed on the override
+
+
+def read_mapping(path: Path) -> dict:
+    """A YAML config file (ftctl.yaml, an mlx-lm -c file) as a mapping: a key given twice, bad YAML or
+    a file that is no mapping is a ConfigError naming the file and the line; {} for an empty file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise WorkspaceError(f"{path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}). {_fix(path)}") from None
+    except OSError as e:
+        raise WorkspaceError(
+            f"cannot read {path}: {e.strerror}. Nothing was changed; check the path (for ftctl.yaml: "
+            "that --home or FTCTL_HOME is your workspace)."
+        ) from None
+    import yaml  # read where used: status, replay and recover never parse ftctl.yaml
+
+    try:
+        data = yaml.load(text, Loader=_unique_key_loader())
+    except DuplicateKey as e:
+        raise ConfigError(
+            f"{path}: key {e.key!r} is given twice (lines {e.first} and {e.second}); "
+            "nothing was changed; keep one of them (YAML would silently take the last)",
+            key=str(e.key),
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML{_yaml_where(e)}. {_fix(path)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} must be a mapping of keys to values, but it holds a {_yaml_kind(data)}. {_fix(path)}",
+            value=data,
+        )
+    return data
 
 
 def init_workspace(home: Path, model: str, extra: dict | None = None, then=None) -> Workspace:

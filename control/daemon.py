@@ -18,6 +18,7 @@ from ftctl.adapters.model import model_problem
 from ftctl.adapters.protocol import TrainPlan, encode
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, ConfigError, locked_changes
+from ftctl.core.machine import ACTIVE
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.types import CheckpointRecord
@@ -68,9 +69,11 @@ class Daemon:
         until_idle: bool = False,
         env: dict | None = None,
         report: Reporter = SILENT,
+        until_job: str | None = None,
     ):
         self.ws = ws
         self.until_idle = until_idle
+        self.until_job = until_job  # `ftctl lora`: run until this job is done (or paused, failed…)
         self.env = env or {}
         self.report = report
         self.stopping: str | None = None  # why we were asked to stop (a signal's name)
@@ -209,6 +212,10 @@ class Daemon:
                 return f"stopped by {self.stopping}"
             if self.ledger.state.daemon.shutdown_requested:
                 return "ftctl shutdown"
+            if self.until_job is not None:
+                j = self.ledger.state.jobs[self.until_job]
+                if j.state not in ("queued", "crashed", *ACTIVE):
+                    return f"job {j.job} {j.state}"
             self.scan_inbox()
             now = time.time()
             queued = self.ledger.state.queue()
