@@ -39,6 +39,9 @@ def _datasets():
             f"reading Hugging Face datasets needs the `datasets` library: {_INSTALL}"
         ) from None
     datasets.disable_progress_bars()
+    # also when something imported the library before: its config read the environment then
+    datasets.config.HF_DATASETS_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = True
     return datasets
 
 
