@@ -33,7 +33,7 @@ from mlx_lm.utils import load as load_model
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from ftctl.core.config import Config, config_sha256, features
-from ftctl.core.dataset import valid_records
+from ftctl.core.dataset import DEFAULT, Features, valid_records
 from ftctl.events.types import AdapterEvaluated, Metrics
 
 from . import protocol as P
@@ -129,9 +129,9 @@ def setup_model(cfg: Config):
     return model, tokenizer
 
 
-def load_items(path: str, tokenizer, cfg: Config):
-    records = valid_records(Path(path).read_bytes(), features(cfg))
-    return tokenized(build_dataset(records, tokenizer, cfg.mask_prompt))
+def load_items(path: str, tokenizer, mask_prompt: bool, feats: Features = DEFAULT):
+    records = valid_records(Path(path).read_bytes(), feats)
+    return tokenized(build_dataset(records, tokenizer, mask_prompt))
 
 
 def poisoned_examples(path: str, cfg: Config) -> frozenset[int]:
@@ -170,14 +170,14 @@ def load(plan: TrainPlan) -> Session:
     maybe_set_recommended_wired_limit()
     model, tokenizer = setup_model(cfg)
     batches = TrainBatches(
-        load_items(plan.train_path, tokenizer, cfg),
+        load_items(plan.train_path, tokenizer, cfg.mask_prompt, features(cfg)),
         cfg.batch_size,
         cfg.max_seq_length,
         cfg.seed,
     )
     val = None
     if plan.valid_path:
-        val_items = load_items(plan.valid_path, tokenizer, cfg)
+        val_items = load_items(plan.valid_path, tokenizer, cfg.mask_prompt, features(cfg))
         val = validation_batches(val_items, cfg.batch_size, cfg.max_seq_length, cfg.val_batches)
         if not val:
             raise ValueError(
