@@ -466,3 +466,24 @@ def test_wrong_input_is_refused_before_anything_is_queued(demo, data, tmp_path):
     if p.returncode == 1:  # wandb is not installed here: refused, naming the package
         assert "report_to: wandb needs the wandb package" in p.stderr
     assert not _events(tmp_path / "ws", "job_submitted")
+
+
+def test_under_a_running_daemon_the_job_is_followed_to_the_same_bytes(
+    demo, data, uninterrupted, tmp_path
+):
+    """A daemon already runs on the workspace: `ftctl lora` submits, follows that daemon's training of
+    the job from the journal, and ends with the uninterrupted run's adapter."""
+    from helpers import daemon, ftctl
+
+    home = tmp_path / "ws"
+    ftctl(home, "init", "--model", str(demo.model_dir))
+    d = daemon(home)
+    try:
+        argv = list(uninterrupted.argv)
+        argv[argv.index("-c") + 1] = str(_config(tmp_path))
+        p = _lora(tmp_path, home, *argv)
+        assert p.returncode == 0 and "following job 0001" in p.stdout, p.stderr + p.stdout
+        assert _sha(tmp_path / "adapters") == uninterrupted.sha
+    finally:
+        d.send_signal(signal.SIGTERM)
+        d.wait(timeout=60)
