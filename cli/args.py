@@ -28,6 +28,18 @@ HELP: dict[str, tuple[str, str]] = {
         "modified: the job trains on its own copy, with ftctl.yaml plus its --set overrides as they are now.",
         "ftctl submit train.jsonl --valid valid.jsonl --set iters=600 --set lora_parameters.rank=16",
     ),
+    "lora": (
+        "mlx_lm.lora's command line — its every flag and its -c/--config YAML, with its defaults and "
+        "precedence (flags over the file over the defaults) — run as an ftctl job: submitted to the "
+        "workspace (created on first use), trained in the foreground by a daemon of its own (or followed "
+        "under the one that runs) with its checkpoints committed, killed workers resumed bit for bit, and "
+        "the finished adapter published at --adapter-path. Ctrl-C checkpoints and stops; the same command "
+        "again resumes the job. ftctl's own keys go in the -c file, ftctl.yaml or --set.",
+        "ftctl lora --model ~/models/Qwen3-0.6B --train --data ./data --iters 600 -c lora.yaml\n"
+        "  ftctl lora --model mlx-community/SmolLM2-135M-Instruct-4bit --train --test --data ./data "
+        "--adapter-path ./adapters --set retention.keep_last=5\n"
+        "  ftctl lora --model ~/models/Qwen3-0.6B --test --data ./data --adapter-path ./adapters",
+    ),
     "status": (
         "The jobs and the daemon, as the journal says now; with JOB, everything about one job.",
         "ftctl status\n  ftctl status 3 --json",

@@ -404,10 +404,18 @@ def cmd_eval(args, ws) -> int:
         return 0
     for w in out.warnings:
         render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
+    render.console.print(eval_table(e))
+    render.console.print(verdict(e) + f" (recorded as event {out.seq})")
+    return 0
+
+
+def eval_table(e: ev.AdapterEvaluated):
+    """An `adapter_evaluated` record as `ftctl eval` shows it (also `ftctl lora --test`)."""
     from rich.table import Table
 
+    owner = f"job {e.job}" if e.job else "the adapter"
     t = Table(
-        title=f"job {e.job} on {render.escape(e.data_path)} ({e.examples} examples, {e.tokens} tokens scored)"
+        title=f"{owner} on {render.escape(e.data_path)} ({e.examples} examples, {e.tokens} tokens scored)"
     )
     for c in ("model", "loss", "perplexity"):
         t.add_column(c, justify="left" if c == "model" else "right")
@@ -415,18 +423,18 @@ def cmd_eval(args, ws) -> int:
         f"base {render.escape(e.base_model)}", _num(e.base_loss, ".4f"), _num(e.base_ppl, ".2f")
     )
     t.add_row(
-        f"base + adapter of job {e.job}", _num(e.adapter_loss, ".4f"), _num(e.adapter_ppl, ".2f")
+        f"base + adapter {'of job ' + e.job if e.job else render.escape(e.adapter_path)}",
+        _num(e.adapter_loss, ".4f"),
+        _num(e.adapter_ppl, ".2f"),
     )
-    render.console.print(t)
-    render.console.print(_verdict(e) + f" (recorded as event {out.seq})")
-    return 0
+    return t
 
 
 def _num(x: float | None, spec: str) -> str:
     return "not finite" if x is None else format(x, spec)
 
 
-def _verdict(e: ev.AdapterEvaluated) -> str:
+def verdict(e: ev.AdapterEvaluated) -> str:
     if e.base_loss is None or e.adapter_loss is None:
         return "[red]a loss is not finite[/]: no comparison"
     change = e.adapter_loss - e.base_loss

@@ -469,9 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_replay)
 
-    from . import commands, views  # the daemon-side commands and the views register themselves
+    from . import (
+        commands,
+        lora,
+        views,
+    )  # the daemon-side commands and the views register themselves
 
     commands.register(sub, home)
+    lora.register(sub, home)
     views.register(sub, home)
     document(p)
     return p

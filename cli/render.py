@@ -256,6 +256,8 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
         "best_val_loss": j.best_val_loss,
         "adapter_path": j.adapter_path,
         "adapter_sha256": j.adapter_sha256,
+        "exported_to": j.exported_to,
+        "export_refused": j.export_refused,
         "last_eval": {
             **{k: v for k, v in to_dict(j.last_eval).items() if k != "type"},
             "at": j.last_eval_at,
@@ -394,6 +396,8 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
         "best_val_loss",
         "adapter_path",
         "adapter_sha256",
+        "exported_to",
+        "export_refused",
         "requested",
         "updated_at",
     ]:

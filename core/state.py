@@ -82,6 +82,8 @@ class JobState(msgspec.Struct, kw_only=True):
     best_val_loss: float | None = None
     adapter_path: str | None = None
     adapter_sha256: str | None = None
+    exported_to: str | None = None  # config adapter_path: where the adapter was also published
+    export_refused: str | None = None  # or why it was not
     last_eval: ev.AdapterEvaluated | None = None  # the last `ftctl eval` of the adapter
     last_eval_at: str = ""
     crashes: list[CrashRecord] = []
@@ -273,6 +275,7 @@ def _adapter_evaluated(p, j: JobState, e: ev.AdapterEvaluated, seq: int, ts: str
 def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -> None:
     j.step, j.global_step, j.worker, j.requested, j.reason = e.step, e.global_step, None, None, ""
     j.adapter_path, j.adapter_sha256 = e.adapter_path, e.adapter_sha256
+    j.exported_to, j.export_refused = e.exported_to, e.export_refused
     lin = _lineage(p, j.lineage, j.base_model)
     if j.parent_job is not None and lin.head_job not in (None, j.parent_job):
         # It continued from an adapter that is no longer the head (another job started later but

@@ -554,7 +554,9 @@ def test_a_refusal_with_json_is_a_json_error_on_stdout(tmp_path, capsys, demo):
 
 
 def test_start_json_prints_one_summary_of_the_run(ws, tmp_path, capsys):
-    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
+    # more free disk than any machine has: the daemon pauses the job before it starts
+    run(capsys, "submit", data, "--set", "min_free_disk_gb=1e9", "--home", ws)
     code, out, err = run(capsys, "start", "--until-idle", "--home", ws, "--json")
     summary = json.loads(out)  # stdout is the summary alone: the progress went to stderr
     assert (
