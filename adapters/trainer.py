@@ -52,7 +52,7 @@ from .checkpoint import (
     nonfinite_tensors,
     publish_adapter,
 )
-from .faults import crash_point, poison_marker
+from .faults import crash_point, poison_marker, poison_scale
 from .fs import FS
 from .protocol import TrainPlan
 from .ranks import SINGLE, Ranks, join
@@ -272,7 +272,8 @@ def run(
 
 
 def _poisoned_loss(model, batch, lengths, scale):
-    """default_loss times ``scale`` (1.0, or NaN on a poisoned batch): the FTCTL_POISON seam."""
+    """default_loss times ``scale`` (1.0, or on a poisoned batch NaN or FTCTL_POISON_SCALE): the
+    FTCTL_POISON seam."""
     lvalue, toks = default_loss(model, batch, lengths)
     return lvalue * scale, toks
 
@@ -396,7 +397,7 @@ class _Loop:
             )
             if s.poisoned:
                 hit = not s.poisoned.isdisjoint(s.batches.indices(it - 1))
-                batch = (*batch, mx.array(math.nan if hit else 1.0))
+                batch = (*batch, mx.array(poison_scale() if hit else 1.0))
             key = (tuple(batch[0].shape), it % accum == 0, grad is None)
             compiles = key not in self.compiled
             self.compiled.add(key)

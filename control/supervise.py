@@ -257,7 +257,10 @@ class Supervision:
             if self.stop_reason == "pause":
                 L.commit(
                     self.stream,
-                    ev.Paused(job=self.job, reason=f"paused by user at step {self.stopped_step}"),
+                    ev.Paused(
+                        job=self.job,
+                        reason=f"paused by {j.requested_by or 'user'} at step {self.stopped_step}",
+                    ),
                 )
             else:
                 L.commit(

@@ -20,6 +20,7 @@ from msgspec import inspect as mi
 from .dataset import Features
 
 __all__ = [
+    "Alerts",
     "Config",
     "ConfigError",
     "Consolidation",
@@ -228,6 +229,57 @@ class MetricsOut(Struct, kw_only=True, forbid_unknown_fields=True):
             "(needs the ftctl[tensorboard] extra); `ftctl export-tb` writes them from the journal at any time"
         ),
     ] = False
+
+
+class Alerts(Struct, kw_only=True, forbid_unknown_fields=True):
+    spike_factor: Annotated[
+        Annotated[float, Meta(gt=1)] | None,
+        _m(
+            "a loss spike: a train loss above this many times the median of the spike_window reports "
+            "before it (at least 3 of them); null = not watched",
+            "a number > 1, or null",
+        ),
+    ] = 3.0
+    spike_window: Annotated[
+        int, _m("reports whose median a train loss is compared with", ge=1, le=1000)
+    ] = 10
+    on_spike: Annotated[
+        Literal["record", "pause"],
+        _m(
+            "what a loss spike does besides being recorded and notified: record (nothing more) or pause "
+            "(the job checkpoints and pauses, as `ftctl pause`; `ftctl resume` continues it)"
+        ),
+    ] = "record"
+    plateau_evals: Annotated[
+        Annotated[int, Meta(ge=1)] | None,
+        _m(
+            "a plateau: this many evaluations in a row without a new best validation loss; null = not "
+            "watched",
+            "an integer >= 1, or null",
+        ),
+    ] = 5
+    plateau_min_delta: Annotated[
+        float, _m("how much lower than the best a validation loss must be to count as one", ge=0)
+    ] = 0.0
+    throughput_factor: Annotated[
+        Annotated[float, Meta(gt=1)] | None,
+        _m(
+            "a throughput drop: throughput_reports reports in a row under 1/this of the median tokens/s "
+            "of the throughput_window reports before them (thermal throttling, swapping); null = not "
+            "watched",
+            "a number > 1, or null",
+        ),
+    ] = 2.0
+    throughput_window: Annotated[
+        int, _m("reports whose median tokens/s a report is compared with", ge=1, le=1000)
+    ] = 10
+    throughput_reports: Annotated[
+        int,
+        _m(
+            "reports in a row that must be slow before it is a drop (one slow report is noise)",
+            ge=1,
+        ),
+    ] = 3
 
 
 class Distributed(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -579,6 +631,13 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     metrics: Annotated[MetricsOut, _m("where training metrics go besides the journal")] = field(
         default_factory=MetricsOut
     )
+    alerts: Annotated[
+        Alerts,
+        _m(
+            "training-health alerts the daemon records from the job's curves (loss spike, plateau, "
+            "throughput drop): an event, a notification, optionally a pause (docs/operations.md)"
+        ),
+    ] = field(default_factory=Alerts)
     distributed: Annotated[
         Distributed | None,
         _m(

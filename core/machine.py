@@ -68,6 +68,7 @@ FACTS = {
     "checkpoint_corrupt": _ANY_JOB,
     "checkpoint_discarded": _ANY_JOB,
     "crash_reproduced": _ANY_JOB,
+    "training_alert": _ANY_JOB,  # read from the journal a little after the fact: the job may have moved on
     "model_removed": frozenset(LINEAGE_STATES),
     "consolidation_requested": frozenset({"idle"}),
     "head_set": frozenset({"idle"}),

@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 14  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 15  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -41,6 +41,18 @@ class CrashRecord(msgspec.Struct, kw_only=True, gc=False):
     reproduction: str = ""  # that reproduction's one-line summary
     rank: int | None = None  # a data-parallel job: the rank that failed first, and its host
     host: str | None = None
+
+
+class AlertRecord(msgspec.Struct, kw_only=True, gc=False):
+    """A training_alert, as the job keeps it (the event has the evidence in full)."""
+
+    ts: str
+    seq: int
+    kind: str
+    step: int
+    global_step: int
+    text: str
+    action: str = "recorded"
 
 
 class JobState(msgspec.Struct, kw_only=True):
@@ -92,6 +104,8 @@ class JobState(msgspec.Struct, kw_only=True):
     )
     not_before: float = 0.0
     requested: str | None = None  # a pending user request for a running job: "pause" | "cancel"
+    requested_by: str = ""  # who asked, when not the user (control_requested.by)
+    alerts: list[AlertRecord] = []  # training_alert events, oldest first
     env: dict[str, str] = {}  # the latest attempt's environment fingerprint (training_started.env)
     env_changed: list[
         str
@@ -221,7 +235,7 @@ def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
         e.global_step_base,
         e.base_model,
     )
-    j.parent_job, j.requested = e.parent_job, None
+    j.parent_job, j.requested, j.requested_by = e.parent_job, None, ""
     # where the attempt starts on the lineage's axis: a warm start's base before its first checkpoint
     # (not 0), the checkpoint's global step on a resume
     j.global_step = e.global_step_base + j.step
@@ -274,6 +288,7 @@ def _adapter_evaluated(p, j: JobState, e: ev.AdapterEvaluated, seq: int, ts: str
 
 def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -> None:
     j.step, j.global_step, j.worker, j.requested, j.reason = e.step, e.global_step, None, None, ""
+    j.requested_by = ""
     j.adapter_path, j.adapter_sha256 = e.adapter_path, e.adapter_sha256
     j.exported_to, j.export_refused = e.exported_to, e.export_refused
     lin = _lineage(p, j.lineage, j.base_model)
@@ -324,7 +339,7 @@ def _interrupted(p, j: JobState, e: ev.Interrupted, seq: int, ts: str) -> None:
 def _reason(p, j: JobState, e, seq: int, ts: str) -> None:
     j.reason = e.reason
     if j.state in TERMINAL or j.state == "paused":
-        j.worker, j.requested = None, None
+        j.worker, j.requested, j.requested_by = None, None, ""
 
 
 def _resumed(p, j: JobState, e, seq: int, ts: str) -> None:
@@ -341,7 +356,22 @@ def _ranks_reported(p, j: JobState, e: ev.RanksReported, seq: int, ts: str) -> N
 
 
 def _control(p, j: JobState, e: ev.ControlRequested, seq: int, ts: str) -> None:
-    j.requested = e.action
+    j.requested, j.requested_by = e.action, e.by
+
+
+def _alert(p, j: JobState, e: ev.TrainingAlert, seq: int, ts: str) -> None:
+    j.alerts = [
+        *j.alerts,
+        AlertRecord(
+            ts=ts,
+            seq=seq,
+            kind=e.alert,
+            step=e.step,
+            global_step=e.global_step,
+            text=e.text,
+            action=e.action,
+        ),
+    ]
 
 
 def _daemon_started(p: Projection, e: ev.DaemonStarted, seq: int, ts: str) -> None:
@@ -436,6 +466,7 @@ JOB_HANDLERS = {
     ev.Retried: _retried,
     ev.Cancelled: _reason,
     ev.ControlRequested: _control,
+    ev.TrainingAlert: _alert,
     ev.RanksReported: _ranks_reported,
 }
 DAEMON_HANDLERS = {

@@ -349,6 +349,27 @@ class ControlRequested(EventBase, tag="control_requested", kw_only=True):
 
     job: str
     action: str
+    by: str = (
+        ""  # who asked, when not the user: "the loss-spike alert at step 23" (alerts.on_spike)
+    )
+
+
+class TrainingAlert(EventBase, tag="training_alert", kw_only=True):
+    """The daemon's training-health watch (control/watch.py, core/health.py) saw in the journal's curves
+    what a person watching them would: a loss spike, a validation plateau, a throughput drop. Recorded
+    after the metrics it read, never on the training path; ``text`` is the evidence in one line."""
+
+    job: str
+    alert: str  # "loss_spike" | "plateau" | "throughput_drop"
+    step: int  # the report (or evaluation) that fired it
+    global_step: int
+    value: float | None  # its train loss / the last val loss / its tokens/s
+    baseline: float  # the median it was compared with / the best val loss / the median tokens/s
+    compared: list[int] = []  # the steps of the points it was compared with
+    text: str
+    action: str = (
+        "recorded"  # "recorded", or "pause" (alerts.on_spike: pause asked the job to pause)
+    )
 
 
 # --------------------------------------------------------------------------- daemon
@@ -498,6 +519,7 @@ Event = Union[
     Retried,
     Cancelled,
     ControlRequested,
+    TrainingAlert,
     RanksReported,
     DaemonStartedV1,
     DaemonStarted,

@@ -78,7 +78,9 @@ def _stale_job(j: JobState) -> list[Repair]:
     if j.requested == "cancel":
         follow = ev.Cancelled(job=j.job, reason="cancelled by user while its daemon was down")
     elif j.requested == "pause":
-        follow = ev.Paused(job=j.job, reason="paused by user while its daemon was down")
+        follow = ev.Paused(
+            job=j.job, reason=f"paused by {j.requested_by or 'user'} while its daemon was down"
+        )
     else:
         follow = ev.Requeued(job=j.job, reason=f"recovery: {resumes_from(resume)}")
     out.append(

@@ -235,7 +235,19 @@ def make(typ: type, subject: str, p) -> T.EventBase:
     if typ is T.RanksReported:
         return T.RanksReported(job=j, step=p.i(), tokens_per_s=[p.f(), p.opt(p.f())])
     if typ is T.ControlRequested:
-        return T.ControlRequested(job=j, action=p.choice(["pause", "cancel"]))
+        return T.ControlRequested(job=j, action=p.choice(["pause", "cancel"]), by=p.s())
+    if typ is T.TrainingAlert:
+        return T.TrainingAlert(
+            job=j,
+            alert=p.choice(["loss_spike", "plateau", "throughput_drop"]),
+            step=p.i(),
+            global_step=p.i(),
+            value=p.opt(p.f()),
+            baseline=p.f(),
+            compared=[p.i()],
+            text=p.s(),
+            action=p.choice(["recorded", "pause"]),
+        )
     if typ is T.ConsolidationRequested:
         return T.ConsolidationRequested(lineage=j)
     if typ is T.HeadSet:
