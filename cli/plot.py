@@ -11,6 +11,7 @@ MARKS = {
     "checkpoint": ("|", 12, "checkpoint"),
     "crash": ("x", 9, "crash"),
     "resume": ("^", 8, "resume"),
+    "alert": ("*", 11, "training-health alert"),
 }
 
 

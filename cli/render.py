@@ -272,6 +272,7 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
         "rank_tokens_per_s": j.rank_tokens_per_s or None,
         "resharded": j.resharded,
         "crashes": [as_dict(c) for c in j.crashes],
+        "alerts": [as_dict(a) for a in j.alerts],
         "requested": j.requested,
         "warnings": j.warnings,
         "last_report": metrics,
@@ -451,6 +452,8 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
             t.add_row(
                 "reproduction", f"[{VERDICT_STYLE.get(c.verdict, '')}]{escape(c.reproduction)}[/]"
             )
+    for a in j.alerts[-3:]:  # the latest training-health alerts (all of them: `ftctl history JOB`)
+        t.add_row("alert", f"[yellow]{escape(a.text)}[/]")
     for w in j.warnings:
         t.add_row("warning", escape(w))
     return t

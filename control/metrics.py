@@ -40,7 +40,7 @@ COLUMNS = (
 
 @dataclass(frozen=True)
 class Marker:
-    kind: str  # "checkpoint" | "crash" | "resume" | "completed"
+    kind: str  # "checkpoint" | "crash" | "resume" | "completed" | "alert"
     step: int
     global_step: int
     seq: int  # the journal event
@@ -157,6 +157,8 @@ def series(
             )
         elif isinstance(e, ev.Evaluated):
             vals.append((r.ts, e.step, e.global_step, e.val_loss))
+        elif isinstance(e, ev.TrainingAlert):
+            markers.append(Marker("alert", e.step, e.global_step, r.seq, r.ts, e.text))
         elif isinstance(e, ev.RanksReported):
             ranks.append((r.ts, e.step, e.tokens_per_s))
     stamps = [s[0] for s in starts]

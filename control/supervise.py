@@ -27,6 +27,7 @@ from . import reproduce, retention
 from .reporter import Every
 from .tensorboard import Live
 from .trackers import Trackers
+from .watch import Watch
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -58,6 +59,7 @@ class Supervision:
         self.stopped_step = 0
         self.log_due = Every(j.iters)  # daemon.log gets progress at a sane rate
         self.tb = Live(d.ws, d.ledger.state.jobs[j.job], d.say)  # TensorBoard files, if configured
+        self.health = Watch(d.ledger, j.job, d.say)  # training-health alerts (control/watch.py)
         self.trackers = Trackers(
             d.ws, d.ledger.state.jobs[j.job], d.say
         )  # report_to, if configured
@@ -112,6 +114,7 @@ class Supervision:
 
     def control(self) -> None:
         d = self.d
+        self.health.check()  # an alert may ask for a pause: it is carried out below, as the user's
         d.ledger.refresh()
         j = d.ledger.state.jobs[self.job]
         want = None
@@ -250,6 +253,7 @@ class Supervision:
 
     # ------------------------------------------------------------------ the end
     def finish(self, code: int) -> None:
+        self.health.check(force=True)  # the last reports too
         d, L, j = self.d, self.d.ledger, self.d.ledger.state.jobs[self.job]
         if self.finished == "completed":
             return

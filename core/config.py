@@ -149,6 +149,7 @@ NOTIFY_EVENTS = (
     "consolidated",
     "daemon_started",
     "daemon_stopped",
+    "alert",
 )
 NotifyEvent = Literal[
     "completed",
@@ -159,6 +160,7 @@ NotifyEvent = Literal[
     "consolidated",
     "daemon_started",
     "daemon_stopped",
+    "alert",
 ]
 
 
@@ -188,6 +190,7 @@ class NotifyTarget(Struct, kw_only=True, forbid_unknown_fields=True):
             "paused",
             "consolidated",
             "daemon_stopped",
+            "alert",
         ]
     )
     format: Annotated[

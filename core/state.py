@@ -92,6 +92,11 @@ class JobState(msgspec.Struct, kw_only=True):
     corrupt: dict[str, str] = {}  # checkpoint path -> why it failed verification
     last_val_loss: float | None = None
     best_val_loss: float | None = None
+    last_val_step: int | None = None  # the steps of those two evaluations
+    best_val_step: int | None = None
+    started_at: str = ""  # when its first attempt started
+    ended_at: str = ""  # when it completed, failed or was cancelled ("" while it is not over)
+    resumes: int = 0  # attempts that resumed from a checkpoint
     adapter_path: str | None = None
     adapter_sha256: str | None = None
     exported_to: str | None = None  # config adapter_path: where the adapter was also published
@@ -236,6 +241,8 @@ def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
         e.base_model,
     )
     j.parent_job, j.requested, j.requested_by = e.parent_job, None, ""
+    j.started_at, j.ended_at = j.started_at or ts, ""
+    j.resumes += e.resume_checkpoint is not None
     # where the attempt starts on the lineage's axis: a warm start's base before its first checkpoint
     # (not 0), the checkpoint's global step on a resume
     j.global_step = e.global_step_base + j.step
@@ -277,9 +284,9 @@ def _corrupt(p, j: JobState, e: ev.CheckpointCorrupt, seq: int, ts: str) -> None
 
 
 def _evaluated(p, j: JobState, e: ev.Evaluated, seq: int, ts: str) -> None:
-    j.last_val_loss = e.val_loss
+    j.last_val_loss, j.last_val_step = e.val_loss, e.step
     if e.val_loss is not None and (j.best_val_loss is None or e.val_loss < j.best_val_loss):
-        j.best_val_loss = e.val_loss
+        j.best_val_loss, j.best_val_step = e.val_loss, e.step
 
 
 def _adapter_evaluated(p, j: JobState, e: ev.AdapterEvaluated, seq: int, ts: str) -> None:
@@ -288,7 +295,7 @@ def _adapter_evaluated(p, j: JobState, e: ev.AdapterEvaluated, seq: int, ts: str
 
 def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -> None:
     j.step, j.global_step, j.worker, j.requested, j.reason = e.step, e.global_step, None, None, ""
-    j.requested_by = ""
+    j.requested_by, j.ended_at = "", ts
     j.adapter_path, j.adapter_sha256 = e.adapter_path, e.adapter_sha256
     j.exported_to, j.export_refused = e.exported_to, e.export_refused
     lin = _lineage(p, j.lineage, j.base_model)
@@ -340,6 +347,8 @@ def _reason(p, j: JobState, e, seq: int, ts: str) -> None:
     j.reason = e.reason
     if j.state in TERMINAL or j.state == "paused":
         j.worker, j.requested, j.requested_by = None, None, ""
+    if j.state in TERMINAL:
+        j.ended_at = ts
 
 
 def _resumed(p, j: JobState, e, seq: int, ts: str) -> None:

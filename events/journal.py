@@ -619,6 +619,29 @@ class Journal:
             (job, after_id),
         ).fetchall()
 
+    def metric_summary(self, jobs: Sequence[str]) -> dict[str, dict]:
+        """Per job, its reports in aggregate, computed by SQLite (no row comes to Python): how many,
+        mean tokens/s, peak memory, and the last report's step and loss (`ftctl compare`)."""
+        out: dict[str, dict] = {}
+        for k in range(0, len(jobs), 500):  # SQLite takes at most 999 parameters
+            part = list(jobs[k : k + 500])
+            marks = ", ".join("?" * len(part))
+            rows = self.conn.execute(
+                "SELECT m.job, a.n, a.tps, a.mem, m.step, m.loss FROM (SELECT job, count(*) AS n, "
+                "avg(tokens_per_s) AS tps, max(peak_mem_gb) AS mem, max(id) AS last FROM metrics "
+                f"WHERE job IN ({marks}) GROUP BY job) AS a JOIN metrics AS m ON m.id = a.last",
+                part,
+            )
+            for job, n, tps, mem, step, loss in rows:
+                out[job] = {
+                    "reports": n,
+                    "tokens_per_s": tps,
+                    "peak_mem_gb": mem,
+                    "last_step": step,
+                    "last_loss": loss,
+                }
+        return out
+
     def last_metric_id(self) -> int:
         return self.conn.execute("SELECT coalesce(max(id), 0) FROM metrics").fetchone()[0]
 

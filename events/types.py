@@ -365,11 +365,10 @@ class TrainingAlert(EventBase, tag="training_alert", kw_only=True):
     global_step: int
     value: float | None  # its train loss / the last val loss / its tokens/s
     baseline: float  # the median it was compared with / the best val loss / the median tokens/s
-    compared: list[int] = []  # the steps of the points it was compared with
+    compared: list[int]  # the steps of the points it was compared with
     text: str
-    action: str = (
-        "recorded"  # "recorded", or "pause" (alerts.on_spike: pause asked the job to pause)
-    )
+    # "recorded", or "pause" (alerts.on_spike: pause asked the job to pause)
+    action: str
 
 
 # --------------------------------------------------------------------------- daemon

@@ -120,6 +120,7 @@ function statePanel(j) {
   add("validation", j.valid_path, "path");
   add("crashes", (j.crashes || []).map((c, i) => el("li", "#" + (i + 1) + " " + c.category + " at step " + (c.step ?? "-") + " (" + when(c.ts) + "): " +
     c.suggestion + (c.verdict ? " · replay: " + c.verdict : ""))));
+  add("alerts", (j.alerts || []).map(a => el("li", a.kind.replace("_", " ") + " (" + when(a.ts) + "): " + a.text, "warn")));
   add("warnings", j.warnings);
   if (j.env) add("environment", Object.entries(j.env).map(([k, v]) => k + " " + v).join(", "));
   add("environment changed", j.env_changed);
@@ -138,7 +139,7 @@ function statePanel(j) {
 // markers (checkpoint, crash, resume) as ticks on the x axis. The numbers drawn are written into data-*
 // attributes, so a test can compare them with the journal.
 const STEP_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6];  // steps are whole
-const MARK_COLOURS = { checkpoint: "#888", crash: "#c62828", resume: "#2e7d32", completed: "#1f4fa0" };
+const MARK_COLOURS = { checkpoint: "#888", crash: "#c62828", resume: "#2e7d32", completed: "#1f4fa0", alert: "#ef6c00" };
 
 class LossChart {
   constructor(parent, series, opts) {
@@ -194,6 +195,7 @@ class LossChart {
     this.box.dataset.val = String(nVal);
     this.box.dataset.superseded = String(nGone);
     this.box.dataset.markers = String(this.markers.length);
+    this.box.dataset.alerts = String(this.markers.filter(m => m.kind === "alert").length);
     this.box.dataset.lastStep = String(c.global_step.length ? c.global_step[c.global_step.length - 1] : "");
     return this.opts.superseded ? [xs, train, val, gone] : [xs, train, val];
   }
@@ -215,6 +217,11 @@ class LossChart {
         ctx.lineWidth = mk.kind === "checkpoint" ? 1 : 3;
         ctx.beginPath(); ctx.moveTo(x, top); ctx.lineTo(x, top - (mk.kind === "checkpoint" ? 8 : 16) * devicePixelRatio);
         ctx.stroke();
+        if (mk.kind === "alert") {  // a training-health alert: a triangle on top of its tick, as in `ftctl plot`
+          const y = top - 16 * devicePixelRatio, r = 5 * devicePixelRatio;
+          ctx.fillStyle = MARK_COLOURS.alert;
+          ctx.beginPath(); ctx.moveTo(x, y - r); ctx.lineTo(x - r, y + r * 0.6); ctx.lineTo(x + r, y + r * 0.6); ctx.closePath(); ctx.fill();
+        }
       }
     };
     const opts = {

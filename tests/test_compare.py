@@ -1,0 +1,226 @@
+"""`ftctl compare`: jobs side by side from the journal — the differing config keys, the figures."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from helpers import run
+
+from ftctl.core import compare as C
+from ftctl.events import types as T
+
+# --------------------------------------------------------------------------- pure table logic
+
+
+def test_only_the_keys_that_differ_are_differing_columns():
+    a = {"learning_rate": 1e-4, "lora_parameters": {"rank": 8, "scale": 10.0}, "iters": 100}
+    b = {"learning_rate": 2e-4, "lora_parameters": {"rank": 8, "scale": 10.0}, "iters": 100}
+    c = {"learning_rate": 1e-4, "lora_parameters": {"rank": 16, "scale": 10.0}, "iters": 100}
+    assert C.differing([C.flatten(x) for x in (a, b, c)]) == [
+        "learning_rate",
+        "lora_parameters.rank",
+    ]
+    assert C.differing([C.flatten(a)] * 3) == []
+    # a key one job lacks, a list, an int against an equal float: all differences a user would see
+    assert C.differing([{"k": 1}, {}]) == ["k"]
+    assert C.differing([{"k": [1, 2]}, {"k": [1, 3]}]) == ["k"]
+    assert C.differing([{"k": 1}, {"k": 1.0}]) == ["k"]
+
+
+def test_figure_columns_without_any_value_are_left_out():
+    figs = [{"job": "0001", "name": "a", "state": "queued", "best_val_loss": None}]
+    cols, _, rows = C.table(figs, [{"x": 1}])
+    assert cols == ["job", "name", "state"] and rows == [
+        {"job": "0001", "name": "a", "state": "queued"}
+    ]
+    cols, diff, rows = C.table(figs, [{"x": 1}], all_keys=True)
+    assert cols[-1] == "x" and diff == [] and rows[0]["x"] == 1
+
+
+def test_sorting_puts_missing_values_last_both_ways():
+    rows = [{"v": 2.0}, {"v": None}, {"v": 1.0}, {"v": 3}]
+    assert [r["v"] for r in C.sort_rows(rows, "v")] == [1.0, 2.0, 3, None]
+    assert [r["v"] for r in C.sort_rows(rows, "v", reverse=True)] == [3, 2.0, 1.0, None]
+    assert [r["n"] for r in C.sort_rows([{"n": "b"}, {"n": "a"}], "n")] == ["a", "b"]
+
+
+# --------------------------------------------------------------------------- from the journal
+
+RUNS = {  # job -> (--set overrides, evaluations (step, val loss), reports (step, loss, tok/s, GB))
+    "0001": (
+        ["learning_rate=1e-4", "lora_parameters.rank=8"],
+        [(10, 2.5), (20, 2.1), (30, 2.2), (40, 2.3)],
+        [(10, 2.6, 1000.0, 1.5), (20, 2.2, 1200.0, 1.7), (40, 2.0, 1100.0, 1.6)],
+    ),
+    "0002": (
+        ["learning_rate=3e-4", "lora_parameters.rank=8"],
+        [(10, 2.4), (20, 1.9), (30, 1.7), (40, 1.6)],
+        [(10, 2.5, 900.0, 1.4), (40, 1.5, 950.0, 1.4)],
+    ),
+    "0003": (
+        ["learning_rate=1e-4", "lora_parameters.rank=16"],
+        [(10, 2.6), (20, None), (30, 2.0), (40, 2.05)],
+        [
+            (10, 2.7, 800.0, 2.0),
+            (20, 2.3, 700.0, 2.5),
+            (30, 2.1, 750.0, 2.2),
+            (40, 2.0, 760.0, 2.1),
+        ],
+    ),
+}
+
+
+def _train(ledger, journal, job, evals, reports, crash: bool) -> None:
+    """The events a daemon commits for a run (the journal API, as control/supervise.py does)."""
+    s = f"job:{job}"
+    ledger.commit(
+        s,
+        T.TrainingStarted(job=job, attempt=1, worker_pid=1, worker_started_at=1.0, base_model="m"),
+    )
+    for step, loss, tps, mem in reports:
+        journal.record_metric(
+            job,
+            T.Metrics(
+                step=step,
+                global_step=step,
+                loss=loss,
+                lr=1e-4,
+                tokens_per_s=tps,
+                peak_mem_gb=mem,
+                trained_tokens=step * 100,
+            ),
+        )
+    for step, val in evals:
+        ledger.commit(s, T.Evaluated(job=job, step=step, global_step=step, val_loss=val))
+        if crash and step == 20:
+            ledger.commit(s, T.Crashed(job=job, category="oom", step=step, signal=9))
+            ledger.commit(s, T.Requeued(job=job, reason="crash"))
+            ledger.commit(
+                s,
+                T.TrainingStarted(
+                    job=job,
+                    attempt=2,
+                    worker_pid=2,
+                    worker_started_at=2.0,
+                    base_model="m",
+                    resume_step=20,
+                    resume_checkpoint="ck/20",
+                ),
+            )
+    ledger.commit(
+        s,
+        T.Completed(
+            job=job,
+            step=40,
+            global_step=40,
+            adapter_path="a",
+            adapter_sha256="e" * 64,
+            checkpoint="c",
+        ),
+    )
+
+
+@pytest.fixture
+def three(ws, tmp_path, capsys):
+    """Three submitted jobs (the real `ftctl submit`) differing in learning rate or rank, and the
+    events of their runs; job 0003 crashed once and resumed."""
+    from ftctl.adapters.workspace import Workspace
+    from ftctl.recovery.ledger import Ledger
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"example number {i} " * 3}) + "\n" for i in range(20))
+    )
+    for job, (sets, _, _) in RUNS.items():
+        args = [a for s in sets for a in ("--set", s)]
+        assert (
+            run(capsys, "submit", data, "--again", "--name", f"run{job}", *args, "--home", ws)[0]
+            == 0
+        )
+    w = Workspace(ws)
+    ledger = Ledger(w.open_journal())
+    for job, (_, evals, reports) in RUNS.items():
+        _train(ledger, ledger.journal, job, evals, reports, crash=job == "0003")
+    ledger.close()
+    return ws
+
+
+def _journal_truth(home, job):
+    """Best and final val loss, with their steps, read straight from the journal's evaluated events."""
+    from ftctl.events.journal import Journal
+
+    with Journal.open(home / "journal.db") as j:
+        evals = [r.event for r in j.read(stream=f"job:{job}") if isinstance(r.event, T.Evaluated)]
+    finite = [e for e in evals if e.val_loss is not None]
+    best = min(finite, key=lambda e: e.val_loss)
+    return best.val_loss, best.step, evals[-1].val_loss, evals[-1].step
+
+
+def test_three_jobs_differing_in_learning_rate_and_rank(three, capsys):
+    code, out, err = run(capsys, "compare", "1", "2", "3", "--json", "--home", three)
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["differing"] == ["learning_rate", "lora_parameters.rank"]
+    cfg_cols = [c for c in got["columns"] if c not in C.FIGURES]
+    assert cfg_cols == ["learning_rate", "lora_parameters.rank"]
+    rows = {r["job"]: r for r in got["rows"]}
+    assert [rows[j]["learning_rate"] for j in RUNS] == [1e-4, 3e-4, 1e-4]
+    assert [rows[j]["lora_parameters.rank"] for j in RUNS] == [8, 8, 16]
+    for job, (_, _, reports) in RUNS.items():
+        best, best_step, final, final_step = _journal_truth(three, job)
+        r = rows[job]
+        assert (r["best_val_loss"], r["best_val_step"]) == (best, best_step), job
+        assert (r["final_val_loss"], r["final_val_step"]) == (final, final_step), job
+        assert r["final_loss"] == reports[-1][1] and r["steps"] == 40
+        assert r["peak_mem_gb"] == max(m for *_, m in reports)
+        assert r["tokens_per_s"] == pytest.approx(
+            sum(t for _, _, t, _ in reports) / len(reports), abs=0.05
+        )
+        assert (
+            r["state"] == "completed" and r["data_file"].endswith("d.jsonl") and r["examples"] == 20
+        )
+    assert (rows["0003"]["crashes"], rows["0003"]["resumes"]) == (1, 1)
+    assert (rows["0001"]["crashes"], rows["0001"]["resumes"]) == (0, 0)
+    assert "test_loss" not in got["columns"]  # no job was tested: no empty column
+
+
+def test_all_keys_sorting_csv_and_the_terminal_table(three, capsys):
+    _, out, _ = run(capsys, "compare", "--last", "3", "--all", "--json", "--home", three)
+    got = json.loads(out)
+    assert {"iters", "batch_size", "lora_parameters.scale"} <= set(got["columns"])
+    assert got["differing"] == ["learning_rate", "lora_parameters.rank"]
+    _, out, _ = run(
+        capsys, "compare", "1", "2", "3", "--sort", "best_val_loss", "--csv", "--home", three
+    )
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert [r["job"] for r in table] == ["0002", "0003", "0001"]  # 1.6 < 2.0 < 2.1
+    assert table[0]["learning_rate"] == "0.0003"
+    _, out, _ = run(
+        capsys,
+        "compare",
+        "--lineage",
+        "main",
+        "--sort",
+        "final_loss",
+        "--reverse",
+        "--json",
+        "--home",
+        three,
+    )
+    assert [r["job"] for r in json.loads(out)["rows"]] == ["0003", "0001", "0002"]
+    code, out, _ = run(capsys, "compare", "1", "2", "3", "--home", three)
+    assert code == 0 and "learning_rate" in out and "lora_parameters.rank" in out and "0003" in out
+
+
+def test_wrong_input_is_a_clear_refusal(three, capsys):
+    code, _, err = run(capsys, "compare", "1", "--sort", "nope", "--home", three)
+    assert code == 1 and "no column 'nope'" in err and "best_val_loss" in err
+    code, _, err = run(capsys, "compare", "1", "--last", "2", "--home", three)
+    assert code == 1 and "one of them" in err
+    code, _, err = run(capsys, "compare", "9", "--home", three)
+    assert code == 1 and "no job '9'" in err
+    code, _, err = run(capsys, "compare", "--home", three)
+    assert code == 1 and "at least one job" in err
