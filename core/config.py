@@ -638,7 +638,7 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
         Alerts,
         _m(
             "training-health alerts the daemon records from the job's curves (loss spike, plateau, "
-            "throughput drop): an event, a notification, optionally a pause (docs/operations.md)"
+            "throughput drop): an event, a notification, optionally a pause (docs/config.md, alerts)"
         ),
     ] = field(default_factory=Alerts)
     distributed: Annotated[
