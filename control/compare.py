@@ -29,8 +29,18 @@ class Comparison:
     differing: list[str]  # the config keys whose values differ between the jobs
     rows: list[dict[str, Any]]  # a row per job, in the order asked (or sorted)
 
+    @property
+    def keys(self) -> list[str]:
+        """The config-key columns (the rest are figures)."""
+        return [c for c in self.columns if c not in C.FIGURES]
+
     def to_builtins(self) -> dict:
-        return {"columns": self.columns, "differing": self.differing, "rows": self.rows}
+        return {
+            "columns": self.columns,
+            "keys": self.keys,
+            "differing": self.differing,
+            "rows": self.rows,
+        }
 
 
 def choose(

@@ -74,42 +74,35 @@ RUNS = {  # job -> (--set overrides, evaluations (step, val loss), reports (step
 
 
 def _train(ledger, journal, job, evals, reports, crash: bool) -> None:
-    """The events a daemon commits for a run (the journal API, as control/supervise.py does)."""
+    """The events a daemon commits for a run, step by step (the journal API, as control/supervise.py
+    does); with ``crash``, the worker dies after step 20 and a second attempt resumes there."""
     s = f"job:{job}"
-    ledger.commit(
-        s,
-        T.TrainingStarted(job=job, attempt=1, worker_pid=1, worker_started_at=1.0, base_model="m"),
-    )
-    for step, loss, tps, mem in reports:
-        journal.record_metric(
-            job,
-            T.Metrics(
-                step=step,
-                global_step=step,
-                loss=loss,
-                lr=1e-4,
-                tokens_per_s=tps,
-                peak_mem_gb=mem,
-                trained_tokens=step * 100,
-            ),
-        )
-    for step, val in evals:
-        ledger.commit(s, T.Evaluated(job=job, step=step, global_step=step, val_loss=val))
+    start = dict(job=job, worker_started_at=1.0, base_model="m")
+    ledger.commit(s, T.TrainingStarted(attempt=1, worker_pid=1, **start))
+    by_step = {step: r for step, *r in reports}
+    vals = dict(evals)
+    for step in sorted({*by_step, *vals}):
+        if step in by_step:
+            loss, tps, mem = by_step[step]
+            journal.record_metric(
+                job,
+                T.Metrics(
+                    step=step,
+                    global_step=step,
+                    loss=loss,
+                    lr=1e-4,
+                    tokens_per_s=tps,
+                    peak_mem_gb=mem,
+                    trained_tokens=step * 100,
+                ),
+            )
+        if step in vals:
+            ledger.commit(s, T.Evaluated(job=job, step=step, global_step=step, val_loss=vals[step]))
         if crash and step == 20:
             ledger.commit(s, T.Crashed(job=job, category="oom", step=step, signal=9))
             ledger.commit(s, T.Requeued(job=job, reason="crash"))
-            ledger.commit(
-                s,
-                T.TrainingStarted(
-                    job=job,
-                    attempt=2,
-                    worker_pid=2,
-                    worker_started_at=2.0,
-                    base_model="m",
-                    resume_step=20,
-                    resume_checkpoint="ck/20",
-                ),
-            )
+            resume = dict(resume_step=20, resume_checkpoint="ck/20")
+            ledger.commit(s, T.TrainingStarted(attempt=2, worker_pid=2, **start, **resume))
     ledger.commit(
         s,
         T.Completed(
