@@ -152,7 +152,7 @@ class Stopped(Message, tag="stopped"):
 
 
 class Failed(Message, tag="error"):
-    """The worker is about to exit non-zero. ``category`` is a core.policy crash category."""
+    """The worker is about to exit non-zero. ``category`` is a core.crash crash category."""
 
     category: str
     message: str

@@ -7,7 +7,7 @@ Builds a workspace:
     them: most completed (some after a crash and a resume), some failed after three crashes at
     the same step, some cancelled mid-training, some rejected; the daemon stopped and started
     every 50 jobs. Rows go in with executemany in large transactions (as bench/replay.py does),
-    bodies made by events.types.encode; retention is core.policy.to_prune (keep_last 3 + best).
+    bodies made by events.types.encode; retention is core.crash.to_prune (keep_last 3 + best).
   * every checkpoint the journal still holds exists on disk, as hard links to one small valid
     checkpoint (--ckpt-kb), so recovery's verification really opens, reads and hashes files;
   * a snapshot written by one call to recovery.ledger.load, then a small tail: a daemon that
@@ -48,7 +48,7 @@ from ftctl.adapters import checkpoint as ck
 from ftctl.adapters.workspace import Workspace, init_workspace
 from ftctl.control import recover as control_recover
 from ftctl.core.config import Config, config_sha256, config_to_dict, decode_config
-from ftctl.core.policy import to_prune
+from ftctl.core.retention import to_prune
 from ftctl.core.state import DAEMON_STREAM, SNAPSHOT_FORMAT, JobState, job_stream
 from ftctl.events import types as T
 from ftctl.events.journal import Journal

@@ -22,7 +22,7 @@ import msgspec
 from ftctl.adapters import group as G
 from ftctl.adapters import process, system
 from ftctl.adapters import protocol as P
-from ftctl.core.policy import Evidence, after_crash, classify, follow_up, suggestion
+from ftctl.core.crash import Evidence, after_crash, classify, follow_up, suggestion
 from ftctl.core.state import CrashRecord, JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.journal import utc_now

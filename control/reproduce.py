@@ -12,7 +12,7 @@ the last committed, verified checkpoint before the crash up to the crash step:
   - traced: per step the loss, gradient norm, lr, tokens and batch (--trace writes them as JSON lines).
 The verdict (core/reproduction.py) and the failing batch (example indices, their lines in the job's
 data, token lengths, first characters) go into one ``crash_reproduced`` event: the only thing recorded.
-The daemon calls ``after_crash`` for the crashes that can be properties of the run (core/policy.py).
+The daemon calls ``after_crash`` for the crashes that can be properties of the run (core/crash.py).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from ftctl.adapters import protocol as P
 from ftctl.adapters.fs import write_durable
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import SCRATCH_MARKER, Workspace
+from ftctl.core.crash import Evidence, classify
 from ftctl.core.dataset import record_lines, validate_jsonl
-from ftctl.core.policy import Evidence, classify
 from ftctl.core.reproduction import (
     NONFINITE,
     Outcome,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ftctl.adapters import process
 from ftctl.adapters.workspace import Workspace
+from ftctl.core.crash import resumes_from
 from ftctl.core.machine import ACTIVE
-from ftctl.core.policy import resumes_from
 from ftctl.core.state import JobState, Projection, job_stream
 from ftctl.events.types import ts_epoch
 from ftctl.recovery.ledger import Ledger
@@ -30,7 +30,7 @@ UNFINISHED = ACTIVE | {"queued", "paused"}  # always shown by default
 ETA_REPORTS = 10  # reports of the current attempt the step rate is measured over
 _DELAY = re.compile(
     r", in [0-9.e+-]+ s$"
-)  # the backoff clause of core.policy.after_crash's requeue reason
+)  # the backoff clause of core.crash.after_crash's requeue reason
 
 
 @dataclass(frozen=True)

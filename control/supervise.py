@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ftctl.adapters import blas, process, system
 from ftctl.adapters import protocol as P
 from ftctl.adapters.faults import crash_point
-from ftctl.core.policy import Evidence, after_crash, classify, follow_up, suggestion
+from ftctl.core.crash import Evidence, after_crash, classify, follow_up, suggestion
 from ftctl.core.reproduction import DETERMINISTIC
 from ftctl.core.state import CrashRecord, JobState, job_stream
 from ftctl.events import types as ev

@@ -20,8 +20,8 @@ from ftctl.adapters import checkpoint as ck
 from ftctl.adapters import process
 from ftctl.adapters.faults import crash_point
 from ftctl.adapters.workspace import Workspace
+from ftctl.core.crash import Decision, after_crash, follow_up, resumes_from, suggestion
 from ftctl.core.machine import ACTIVE, TERMINAL
-from ftctl.core.policy import Decision, after_crash, follow_up, resumes_from, suggestion
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.types import CheckpointRecord, EventBase

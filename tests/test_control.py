@@ -305,7 +305,7 @@ def test_the_restart_window_reads_journal_times_as_utc(monkeypatch):
 
 def test_the_first_restart_in_the_window_is_at_once_then_backoff_doubles_up_to_its_cap():
     from ftctl.core.config import RestartPolicy
-    from ftctl.core.policy import after_crash
+    from ftctl.core.crash import after_crash
     from ftctl.core.state import CrashRecord
     from ftctl.events.journal import utc_now
 

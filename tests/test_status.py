@@ -21,7 +21,7 @@ from helpers import run
 from ftctl.adapters import process
 from ftctl.adapters.workspace import Workspace
 from ftctl.control import status as S
-from ftctl.core.policy import suggestion
+from ftctl.core.crash import suggestion
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import journal as journal_mod
 from ftctl.events import types as ev

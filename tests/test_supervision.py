@@ -254,7 +254,7 @@ def _no_storm(mine: list[dict]) -> None:
 def test_restart_budget_fails_a_hopeless_job_then_retry_continues_it_bit_for_bit(
     tmp_path, demo, baseline
 ):
-    """Policy (core.policy.after_crash): the same-step rule is checked before the window budget.
+    """Policy (core.crash.after_crash): the same-step rule is checked before the window budget.
     job 0001, max_restarts=2, killed at step 23 on three attempts: the third kill at the same step
       fails it; `ftctl retry` queues it again with a fresh budget, and it resumes from step 20 and
       ends with the uninterrupted run's adapter;

@@ -1,4 +1,4 @@
-"""Pure decisions the daemon takes: what a crash was, whether to restart, what to prune.
+"""Pure decisions the daemon takes after a crash: what it was, and whether to restart.
 
 No I/O: the daemon gathers the evidence (exit status, stderr tail, the worker's last message,
 the cgroup OOM counter) and these functions decide, so every rule is unit-testable.
@@ -11,11 +11,11 @@ import signal as _signal
 from dataclasses import dataclass
 
 from ftctl.events import types as ev
-from ftctl.events.types import CheckpointRecord, ts_epoch
+from ftctl.events.types import ts_epoch
 
 from .config import RestartPolicy
 from .reproduction import DETERMINISTIC
-from .state import CrashRecord, JobState
+from .state import CrashRecord
 
 SUGGESTIONS = {
     "oom": "the worker was killed for memory: lower batch_size or max_seq_length, enable grad_checkpoint, "
@@ -249,23 +249,3 @@ def follow_up(
     if decision.action == "pause":
         return ev.Paused(job=job, reason=decision.reason)
     return ev.Failed(job=job, reason=decision.reason, category=category)
-
-
-def to_prune(j: JobState) -> list[CheckpointRecord]:
-    """Committed checkpoints the job's retention removes: all but the newest ``keep_last`` good ones
-    and the best by validation loss. Corrupt ones go too once a newer good one exists."""
-    if j.config is None:
-        return []
-    keep_last, keep_best = j.config.retention.keep_last, j.config.retention.keep_best
-    good = j.good_checkpoints()
-    keep = {c.path for c in good[-keep_last:]}
-    if keep_best:
-        scored = [c for c in good if c.val_loss is not None]
-        if scored:
-            keep.add(min(scored, key=lambda c: (c.val_loss, -c.step)).path)
-    newest_good = good[-1].step if good else -1
-    return [
-        c
-        for c in j.checkpoints
-        if c.path not in keep and (c.path not in j.corrupt or c.step < newest_good)
-    ]

@@ -1,4 +1,4 @@
-"""core.policy's Apple GPU crash signatures: the Metal watchdog and the descriptor-count leak get
+"""core.crash's Apple GPU crash signatures: the Metal watchdog and the descriptor-count leak get
 their own category and fix, and are retried only when the restart made progress (pure, no I/O)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ftctl.core.config import RestartPolicy
-from ftctl.core.policy import SUGGESTIONS, Evidence, after_crash, classify, follow_up
+from ftctl.core.crash import SUGGESTIONS, Evidence, after_crash, classify, follow_up
 from ftctl.core.state import CrashRecord
 from ftctl.events import types as ev
 from ftctl.events.journal import utc_now
