@@ -235,6 +235,7 @@ def run(
     fs = fs or FS()
     tic = time.perf_counter()
     s = load(plan)
+    crash_point("while_loading", s.state.job_step)
     emit(
         P.Loaded(
             step=s.state.job_step, global_step=s.state.global_step, load_s=time.perf_counter() - tic

@@ -19,6 +19,7 @@ import msgspec
 from ftctl.adapters import protocol as P
 from ftctl.control.reporter import Every, Reporter
 from ftctl.control.status import DaemonView, JobView
+from ftctl.core.crash import where as crash_where
 from ftctl.core.state import JobState, as_dict
 from ftctl.events.types import Recorded, to_dict
 
@@ -433,7 +434,7 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
         where = f" on rank {c.rank} ({c.host})" if c.rank is not None else ""
         t.add_row(
             "last crash",
-            escape(f"{c.category}{where} at step {c.step} ({c.ts[:19]}): {c.suggestion}"),
+            escape(f"{c.category}{where} {crash_where(c)} ({c.ts[:19]}): {c.suggestion}"),
         )
         if c.verdict:
             t.add_row(

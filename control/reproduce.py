@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import select
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -383,40 +382,28 @@ def _run_worker(
     done = hung = False
     last_step = 0
     try:
-        fd, buf = w.messages.fileno(), b""
-        seen, waiting = (
-            time.monotonic(),
-            True,
-        )  # loading (or evaluating): allowed eval_hang_s, else hang_s
+        seen, waiting = time.monotonic(), True  # loading (or evaluating): eval_hang_s, else hang_s
         while True:
-            r, _, _ = select.select([fd], [], [], 0.25)
-            if r:
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    break
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in filter(bytes.strip, lines):
-                    try:
-                        msg = P.decode_message(line)
-                    except P.ProtocolError:
-                        continue
-                    seen = time.monotonic()
-                    match msg:
-                        case P.Loaded(step=step) | P.Step(step=step):
-                            last_step, waiting = step, False
-                        case P.Traced():
-                            trace.append(msg)
-                        case P.EvalStarted():
-                            waiting = True
-                        case P.Evaluated():
-                            waiting = False
-                        case P.CheckpointWritten(checkpoint=c):
-                            written.append(c)
-                        case P.Failed():
-                            failed = msg
-                        case P.Stopped() | P.Completed():
-                            done = True
+            heard = w.poll(0.25)
+            for msg in (h.message for h in heard if h.message is not None):
+                seen = time.monotonic()
+                match msg:
+                    case P.Loaded(step=step) | P.Step(step=step):
+                        last_step, waiting = step, False
+                    case P.Traced():
+                        trace.append(msg)
+                    case P.EvalStarted():
+                        waiting = True
+                    case P.Evaluated():
+                        waiting = False
+                    case P.CheckpointWritten(checkpoint=c):
+                        written.append(c)
+                    case P.Failed():
+                        failed = msg
+                    case P.Stopped() | P.Completed():
+                        done = True
+            if any(h.closed for h in heard):
+                break  # the worker exited
             if why := cancelled():  # why it must stop now ("" to go on)
                 w.kill_group()
                 raise Interrupted(why)

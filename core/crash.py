@@ -1,7 +1,24 @@
-"""Pure decisions the daemon takes after a crash: what it was, and whether to restart.
+"""The crash decision, pure: what a worker's death was, and what follows it.
 
-No I/O: the daemon gathers the evidence (exit status, stderr tail, the worker's last message,
-the cgroup OOM counter) and these functions decide, so every rule is unit-testable.
+The supervisor (control/supervise.py) gathers the evidence — exit status, the log's tail, what the
+worker said, the OOM counter, what the watchdog saw — and ``decide`` turns it, with the job (its
+config and its crash history), into the ``crashed`` event and the event that moves the job on, in
+one piece, so that the two never contradict each other. No I/O: every rule is property-tested
+(tests/test_crash.py).
+
+What a category says about the step it happened at decides how repeats count:
+
+* ``AT_STEP`` — a failure of the run at that step (a NaN, a Python exception, a crash in native code):
+  a restart resumes from the same checkpoint, replays the same batches and may meet it again, so the
+  same category at the same step three times within the restart window fails the job.
+* everything else was done to the process, or to the machine under it (a SIGKILL from outside, the OOM
+  killer, a hang, the daemon's own death, a full or failing disk): the step it happened at says
+  nothing, and only the restart budget (``restart.max_restarts`` within ``restart.window_s``) counts.
+* a crash before the attempt's first step (``loading``: imports, model load, resume) is at no step at
+  all: it is never counted as a crash at the resume step.
+
+Only crashes inside the window and after the last ``ftctl retry`` (``budget_from``) count; a failed job
+is always told the way back: `ftctl retry JOB`.
 """
 
 from __future__ import annotations
@@ -9,13 +26,14 @@ from __future__ import annotations
 import re
 import signal as _signal
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from ftctl.events import types as ev
-from ftctl.events.types import ts_epoch
+from ftctl.events.types import TS_FORMAT, ts_epoch
 
 from .config import RestartPolicy
 from .reproduction import DETERMINISTIC
-from .state import CrashRecord
+from .state import CrashRecord, JobState
 
 SUGGESTIONS = {
     "oom": "the worker was killed for memory: lower batch_size or max_seq_length, enable grad_checkpoint, "
@@ -73,12 +91,19 @@ def suggestion(category: str, resume_step: int | None) -> str:
     return SUGGESTIONS.get(category, "")
 
 
+# A failure of the run at the step it happened at: the same one three times at one step will not go away.
+AT_STEP = frozenset({"nan", "inf", "exception", "segfault"})
 # Crashes that will happen again if retried as they are: the job fails (or pauses) at once.
-NOT_RETRYABLE = {"nan", "inf", "import_error"}
+NOT_RETRYABLE = frozenset({"nan", "inf", "import_error"})
 # Crashes that are not the job's fault and do not use up its restart budget.
-NOT_COUNTED = {"daemon_died"}
+NOT_COUNTED = frozenset({"daemon_died"})
 # Crashes that wait for the user to fix the machine rather than failing the job.
-PAUSE_ON = {"disk_full", "load_error"}
+PAUSE_ON = frozenset({"disk_full", "load_error"})
+# Crashes that are retried only when the restart made progress: a restart resumes from the last
+# checkpoint, and if none was committed since the previous crash of the kind, it would only meet
+# the same wall at the same step again. Then the job pauses with the fix instead.
+ONLY_WITH_PROGRESS = frozenset({"metal_watchdog", "descriptor_leak"})
+SAME_STEP_LIMIT = 3
 
 _MLX_OOM = (
     "Insufficient Memory",
@@ -97,19 +122,30 @@ _METAL_WATCHDOG = (
     "GPU Timeout Error",
 )
 _DESCRIPTOR_LEAK = re.compile(r"Resource limit \(\d+\) exceeded")
-# Crashes that are retried only when the restart made progress: a restart resumes from the last
-# checkpoint, and if none was committed since the previous crash of the kind, it would only meet
-# the same wall at the same step again. Then the job pauses with the fix instead.
-ONLY_WITH_PROGRESS = {"metal_watchdog", "descriptor_leak"}
 
 
 @dataclass(frozen=True)
 class Evidence:
-    exit_code: int | None  # Popen.returncode: negative = killed by that signal
-    stderr_tail: str = ""
+    """What the supervisor saw of one death (every field optional: a repair knows less than a watch)."""
+
+    exit_code: int | None = None  # the worker's exit status (negative: killed by that signal); None
+    # for a rank of a group (its status is mlx.launch's) or a worker nobody waited on
+    stderr_tail: str = ""  # the end of this attempt's log
     reported: str | None = None  # the category the worker itself reported before exiting
+    message: str = ""  # what it said with it (its error)
     oom_kills: int | None = None  # cgroup OOM-kill counter delta during the run; None = unreadable
-    hung: bool = False  # the daemon's watchdog killed it for lack of progress
+    hung: bool = False  # the daemon killed it: no progress, or not stopping when asked
+    vanished: bool = (
+        False  # a rank whose connection closed without a word (no exit status of its own)
+    )
+    step: int | None = None  # the last step seen (before the first one: where it resumed)
+    loading: bool = False  # it died before this attempt's first step (imports, model load, resume)
+    what: str = ""  # the supervisor's account: which rank, what the watchdog saw, …
+    rank: int | None = None  # a data-parallel job: the rank that failed first, and its host
+    host: str | None = None
+    steps_seen: str = ""  # a data-parallel job: every rank's last step
+    stop_reason: str | None = None  # the stop the supervisor had asked for: pause, cancel, shutdown
+    log_path: str = ""
 
 
 def classify(e: Evidence) -> str:
@@ -130,6 +166,8 @@ def classify(e: Evidence) -> str:
             return "oom"
     if e.reported:
         return e.reported
+    if e.vanished:  # no exit status to read: the OOM counter is all there is
+        return "oom" if (e.oom_kills or 0) > 0 else "killed"
     sig = -e.exit_code if e.exit_code is not None and e.exit_code < 0 else None
     if (e.oom_kills or 0) > 0 or any(m in tail for m in _MLX_OOM):
         return "oom"
@@ -157,6 +195,24 @@ class Decision:
     delay_s: float = 0.0
 
 
+def where(c: CrashRecord | Evidence) -> str:
+    """Where a crash happened: "at step N", or "while loading" for one before its attempt's first step."""
+    if c.loading:
+        return "while loading" + ("" if c.step is None else f" (resuming from step {c.step})")
+    return f"at step {c.step}"
+
+
+def counted(crashes: list[CrashRecord], now: float, window_s: float) -> list[CrashRecord]:
+    """The crashes that use the restart budget: those inside the window, the daemon's death excepted."""
+    return [
+        c for c in crashes if c.category not in NOT_COUNTED and now - ts_epoch(c.ts) <= window_s
+    ]
+
+
+def _retry(resume_step: int) -> str:
+    return f"`ftctl retry JOB` continues it from step {resume_step} with a fresh restart budget"
+
+
 def after_crash(
     crashes: list[CrashRecord],
     now: float,
@@ -166,8 +222,9 @@ def after_crash(
     detail: str = "",
     reproduction: ev.CrashReproduced | None = None,
 ) -> Decision:
-    """Decide what follows the latest of a job's crashes (the last of ``crashes``). ``detail`` is
-    what the worker said (its exception's first line), shown in the reason of a pause or a failure.
+    """Decide what follows the latest of a job's crashes (the last of ``crashes``, which are those since
+    its last `ftctl retry`). ``detail`` is what the worker said (its exception's first line), shown in
+    the reason of a pause or a failure; ``resume_step`` is where a restart would resume.
 
     ``reproduction``: the daemon's replay of this crash (a DETERMINISTIC category only). A crash that
     reproduces is not retried blindly: the job pauses with the verdict and the failing batch in the
@@ -193,33 +250,41 @@ def after_crash(
     if last.category in NOT_RETRYABLE and verdict != "not reproduced":
         return Decision(
             "fail",
-            f"{last.category} at step {last.step}{said}: not retried ({SUGGESTIONS[last.category]})",
+            f"{last.category} {where(last)}{said}: not retried ({SUGGESTIONS[last.category]}); "
+            f"once fixed, {_retry(resume_step)}",
         )
     if last.category in NOT_COUNTED:
-        return Decision("requeue", f"{last.category}: resuming from step {resume_step}")
-    counted = [c for c in crashes if c.category not in NOT_COUNTED]
+        return Decision("requeue", f"{last.category}: it resumes from step {resume_step}")
     if last.category in ONLY_WITH_PROGRESS:
-        before = [c for c in counted[:-1] if c.category == last.category]
+        before = [
+            c for c in crashes[:-1] if c.category == last.category and c.category not in NOT_COUNTED
+        ]
         if before and before[-1].resume_step is not None and resume_step <= before[-1].resume_step:
             return Decision(
                 "pause",
-                f"{last.category} again at step {last.step}{said} with no checkpoint committed since "
+                f"{last.category} again {where(last)}{said} with no checkpoint committed since "
                 f"the previous one (it would resume from step {resume_step} again): not retried "
                 f"blindly. {SUGGESTIONS[last.category]}",
             )
-    same = [c for c in counted if c.category == last.category and c.step == last.step]
-    if len(same) >= 3:
-        return Decision(
-            "fail",
-            f"{last.category} three times at the same step {last.step}{said}: "
-            f"it will not go away by retrying ({SUGGESTIONS.get(last.category, '')})",
-        )
-    recent = [c for c in counted if now - ts_epoch(c.ts) <= window_s]
+    recent = counted(crashes, now, window_s)
+    if last.category in AT_STEP and not last.loading:
+        same = [
+            c
+            for c in recent
+            if c.category == last.category and c.step == last.step and not c.loading
+        ]
+        if len(same) >= SAME_STEP_LIMIT:
+            return Decision(
+                "fail",
+                f"{last.category} {len(same)} times at step {last.step} within {window_s:g} s{said}: "
+                "a failure of the run at that step, which a restart from the same checkpoint meets "
+                f"again ({SUGGESTIONS[last.category]}); once fixed, {_retry(resume_step)}",
+            )
     if len(recent) > max_restarts:
         return Decision(
             "fail",
             f"{len(recent)} crashes within {window_s:g} s (restart.max_restarts = {max_restarts}); "
-            f"last: {last.category} at step {last.step}{said}",
+            f"last: {last.category} {where(last)}{said}. {_retry(resume_step)}",
         )
     # The first restart within the window is at once (a warm standby worker takes the job within a
     # second); backoff applies from the second: backoff_s, then doubled, capped at backoff_max_s.
@@ -249,3 +314,119 @@ def follow_up(
     if decision.action == "pause":
         return ev.Paused(job=job, reason=decision.reason)
     return ev.Failed(job=job, reason=decision.reason, category=category)
+
+
+@dataclass(frozen=True)
+class Decided:
+    """A crash and what follows it: committed together, in one transaction."""
+
+    crashed: ev.Crashed
+    follow: ev.EventBase
+    category: str
+
+
+def decide(
+    e: Evidence, j: JobState, now: float, reproduction: ev.CrashReproduced | None = None
+) -> Decided:
+    """The ``crashed`` event for the death ``e`` of job ``j``'s attempt, and the event that follows it
+    (requeued, paused, failed, or the user's pending pause or cancel), by ``j``'s restart policy and
+    crash history. The suggestion in the crash says what really follows: where a requeued job resumes,
+    `ftctl retry` for a failed one."""
+    category = classify(e)
+    detail = detail_of(e.message)
+    sig = -e.exit_code if e.exit_code is not None and e.exit_code < 0 else None
+    record = CrashRecord(
+        ts=datetime.fromtimestamp(now, timezone.utc).strftime(TS_FORMAT),
+        category=category,
+        step=e.step,
+        exit_code=e.exit_code,
+        signal=sig,
+        resume_step=j.step,
+        rank=e.rank,
+        host=e.host,
+        loading=e.loading,
+    )
+    dec = after_crash(
+        j.crashes[j.budget_from :] + [record],
+        now,
+        resume_step=j.step,
+        policy=j.config.restart,
+        detail=detail,
+        reproduction=reproduction,
+    )
+    requested = j.requested or ("pause" if e.stop_reason == "pause" else None)
+    follow = follow_up(j.job, dec, requested, category, now)
+    good = j.good_checkpoints()
+    crashed = ev.Crashed(
+        job=j.job,
+        category=category,
+        step=e.step,
+        exit_code=e.exit_code,
+        signal=sig,
+        evidence=evidence_text(e),
+        suggestion=_advice(category, good[-1].step if good else None, follow, detail, j.job),
+        message=detail,
+        rank=e.rank,
+        host=e.host,
+        loading=e.loading,
+    )
+    return Decided(crashed, follow, category)
+
+
+def _advice(category: str, resume: int | None, follow: ev.EventBase, detail: str, job: str) -> str:
+    """The crash's suggested fix, true to what follows it: a requeued job is told where it resumes, a
+    failed one how to continue it (`ftctl retry`), a paused one keeps the fix (`ftctl resume`)."""
+    if isinstance(follow, ev.Requeued):
+        text = suggestion(category, resume)
+    else:
+        text = _RESUMING.get(category) or SUGGESTIONS.get(category, "")
+        if isinstance(follow, ev.Failed):
+            text += ("; " if text else "") + "the job failed: " + _retry(resume or 0)
+    if detail and category in ("exception", "load_error"):
+        text = f"{detail} — {text}"
+    return text.replace("JOB", job)
+
+
+def detail_of(message: str, limit: int = 200) -> str:
+    """What a worker said, as a crash's ``message``: its first line, at most ``limit`` characters."""
+    line = message.strip().splitlines()[0] if message.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def evidence_text(e: Evidence) -> str:
+    """The ``evidence`` of a crash: the supervisor's account, the exit status, what the worker said, the
+    steps it reached, its log, then the log's tail (from its last traceback)."""
+    parts = [e.what] if e.what else []
+    if e.exit_code is not None:
+        parts.append(f"exit code {e.exit_code}{_signal_name(e.exit_code)}")
+    if e.message:
+        parts.append(f"{'worker' if e.rank is None else 'rank'} said: {e.message}")
+    if (
+        e.log_path
+    ):  # a watched attempt (recovery's account of a dead daemon's job has no more to say)
+        if e.steps_seen:
+            parts.append(f"last steps seen: {e.steps_seen}")
+        elif e.loading:
+            parts.append(f"died before its first step ({where(e)})")
+        else:
+            parts.append(f"last step seen {e.step}")
+        parts.append(f"log {e.log_path}")
+        return "; ".join(parts) + "\n" + _evidence_tail(e.stderr_tail)
+    return "; ".join(parts)
+
+
+def _signal_name(code: int) -> str:
+    if code >= 0:
+        return ""
+    try:
+        return f" (signal {_signal.Signals(-code).name})"
+    except ValueError:
+        return f" (signal {-code})"
+
+
+def _evidence_tail(tail: str, limit: int = 3000) -> str:
+    """The end of the worker's log for this attempt, from its last traceback if it has one."""
+    at = tail.rfind("Traceback (most recent call last)")
+    if at >= 0 and len(tail) - at <= limit:
+        return tail[at:]
+    return tail[-limit:]

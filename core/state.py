@@ -41,6 +41,7 @@ class CrashRecord(msgspec.Struct, kw_only=True, gc=False):
     reproduction: str = ""  # that reproduction's one-line summary
     rank: int | None = None  # a data-parallel job: the rank that failed first, and its host
     host: str | None = None
+    loading: bool = False  # before its attempt's first step: not a crash at ``step``
 
 
 class JobState(msgspec.Struct, kw_only=True):
@@ -296,6 +297,7 @@ def _crashed(p, j: JobState, e: ev.Crashed, seq: int, ts: str) -> None:
             resume_step=j.step,
             rank=e.rank,
             host=e.host,
+            loading=e.loading,
         )
     )
     j.reason = f"{e.category}: {e.suggestion}" if e.suggestion else e.category

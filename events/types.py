@@ -235,6 +235,7 @@ class Crashed(EventBase, tag="crashed", kw_only=True):
     )
     rank: int | None = None  # a data-parallel job: the rank that failed first, and its host
     host: str | None = None
+    loading: bool = False  # it died before its attempt's first step: ``step`` is where it resumed
 
 
 class ExampleRef(msgspec.Struct, frozen=True, kw_only=True, gc=False):

@@ -189,7 +189,7 @@ def test_a_stopped_rank_is_caught_by_the_watchdog_and_no_rank_outlives_a_killed_
 
 
 def test_a_world_size_change_is_refused_without_reshard(tmp_path, demo):
-    from ftctl.control.group import world_size_refusal
+    from ftctl.control.supervise import world_size_refusal
     from ftctl.core.state import JobState
     from ftctl.events.types import CheckpointRecord
 

@@ -412,7 +412,7 @@ def test_the_daemons_replay_of_a_crash_stops_when_the_user_pauses_cancels_or_shu
     import types
 
     from ftctl.control import jobs
-    from ftctl.control.supervise import Supervision
+    from ftctl.control.supervise import Attempt, StopFlags
     from ftctl.core.state import DAEMON_STREAM, job_stream
     from ftctl.events import types as ev
     from ftctl.recovery.ledger import Ledger
@@ -428,8 +428,8 @@ def test_the_daemons_replay_of_a_crash_stops_when_the_user_pauses_cancels_or_shu
                 job="0001", attempt=1, worker_pid=1, worker_started_at=1.0, base_model="/m"
             ),
         )
-        s = Supervision.__new__(Supervision)  # only what replay_cancelled reads
-        s.job, s.d = "0001", types.SimpleNamespace(stopping=False, ledger=ledger)
+        s = Attempt.__new__(Attempt)  # only what replay_cancelled reads
+        s.job, s.host = "0001", types.SimpleNamespace(stop=StopFlags(), ledger=ledger)
         assert s.replay_cancelled() == ""
         other = Ledger.open(ws / "journal.db")  # the user's command, another connection
         jobs.request(other, "0001", "pause")
@@ -438,7 +438,7 @@ def test_the_daemons_replay_of_a_crash_stops_when_the_user_pauses_cancels_or_shu
         assert s.replay_cancelled() == ""
         other.commit(DAEMON_STREAM, ev.ShutdownRequested())
         assert s.replay_cancelled() == "`ftctl shutdown` was requested"
-        s.d.stopping = True
+        s.host.stop.why = "SIGTERM"
         assert s.replay_cancelled() == "the daemon is stopping"
         other.close()
     finally:

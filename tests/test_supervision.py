@@ -254,10 +254,10 @@ def _no_storm(mine: list[dict]) -> None:
 def test_restart_budget_fails_a_hopeless_job_then_retry_continues_it_bit_for_bit(
     tmp_path, demo, baseline
 ):
-    """Policy (core.crash.after_crash): the same-step rule is checked before the window budget.
-    job 0001, max_restarts=2, killed at step 23 on three attempts: the third kill at the same step
-      fails it; `ftctl retry` queues it again with a fresh budget, and it resumes from step 20 and
-      ends with the uninterrupted run's adapter;
+    """Policy (core.crash.after_crash): kills from outside use up the restart budget, whatever the step.
+    job 0001, max_restarts=2, killed at step 23 on three attempts: 3 crashes in the window > 2 fail
+      it, and the reason names the way back; `ftctl retry` queues it again with a fresh budget, and it
+      resumes from step 20 and ends with the uninterrupted run's adapter;
     job 0002, max_restarts=1, killed at step 7 twice: 2 crashes in the window > 1 -> failed;
     job 0003 then trains: the queue moved on. Exactly max_restarts + 1 workers per hopeless job."""
     home = make_workspace(
@@ -301,7 +301,7 @@ def test_restart_budget_fails_a_hopeless_job_then_retry_continues_it_bit_for_bit
     ftctl(home, "start", "--until-idle", "--quiet", check=False)
     evs = _events(home)
     for job, max_restarts, step, why in (
-        ("0001", 2, 23, "killed three times at the same step 23"),
+        ("0001", 2, 23, "3 crashes within 300 s (restart.max_restarts = 2)"),
         ("0002", 1, 7, "2 crashes within 300 s (restart.max_restarts = 1)"),
     ):
         mine = [e for e in evs if e["stream"] == f"job:{job}"]
@@ -322,6 +322,7 @@ def test_restart_budget_fails_a_hopeless_job_then_retry_continues_it_bit_for_bit
         # whose background write the kill interrupted: a fact, not a transition)
         last = [e for e in mine if e["type"] != "checkpoint_discarded"][-1]
         assert last["type"] == "failed" and why in last["data"]["reason"], last
+        assert f"`ftctl retry {job}` continues it" in last["data"]["reason"], last
         assert _job(home, job).state == "failed"
     _completed(home, "0003")  # the queue moved on past the hopeless jobs
 
@@ -344,6 +345,34 @@ def test_restart_budget_fails_a_hopeless_job_then_retry_continues_it_bit_for_bit
         last
     ) in (15, 20)
     assert _survivors(home) == []
+
+
+def test_kills_while_loading_use_the_budget_not_the_same_step_rule(tmp_path, demo, baseline):
+    """A worker killed once mid-run, then three times while it is still loading (before its first step:
+    each attempt resumes from step 5 and dies there): with room in its restart budget the job goes on
+    and finishes bit for bit. The loading kills are recorded as such — not as three crashes "at step
+    5", which the same-step rule would fail — and every message agrees with what followed."""
+    home = make_workspace(
+        tmp_path / "ws",
+        demo.model_dir,
+        restart={"max_restarts": 5, "window_s": 300.0, "backoff_s": 0.05, "backoff_max_s": 0.1},
+    )
+    _submit(home, demo)
+    env = crash_env(tmp_path, "mid_step:7")
+    env["FTCTL_CRASH_AT"] += "," + _markers(tmp_path, "while_loading:5", 3, "l")["FTCTL_CRASH_AT"]
+    ftctl(home, "start", "--until-idle", "--quiet", env=env, timeout=600)
+    j = _completed(home)
+    assert j.adapter_sha256 == baseline.sha1
+    crashes = [e["data"] for e in _events(home, "crashed")]
+    assert [(c["category"], c["step"], c.get("loading", False)) for c in crashes] == [
+        ("killed", 7, False)
+    ] + [("killed", 5, True)] * 3, crashes
+    assert all("died before its first step (while loading" in c["evidence"] for c in crashes[1:])
+    assert all("it resumes from step 5" in c["suggestion"] for c in crashes), crashes
+    reasons = [e["data"]["reason"] for e in _events(home, "requeued")]
+    assert [r.split(" after ")[0] for r in reasons] == [f"restart {n}/5" for n in (1, 2, 3, 4)]
+    assert _events(home, "failed") == []
+    assert "killed while loading (resuming from step 5)" in ftctl(home, "status", "1").stdout
 
 
 def test_a_job_that_cannot_load_is_paused_at_once_with_the_reason(tmp_path, demo):
