@@ -28,6 +28,7 @@ from ftctl.core.config import (
     default_config_dict,
     merge_overrides,
 )
+from ftctl.events.errors import UserError
 from ftctl.events.journal import Journal, JournalError
 
 DIRS = ("inbox", "inbox/rejected", "jobs", "models", "logs", "run")
@@ -40,7 +41,7 @@ _FIX_CONFIG = (
 )
 
 
-class WorkspaceError(Exception):
+class WorkspaceError(UserError):
     """A workspace problem a user can act on."""
 
 

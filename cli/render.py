@@ -179,6 +179,14 @@ def env_line(env: dict) -> str:
     )
 
 
+def event_line(r: Recorded) -> str:
+    """One event on one line (`ftctl history --follow`)."""
+    return (
+        f"{r.ts[:19].replace('T', ' ')}  {r.seq:>6}  {r.stream:<12} "
+        f"{type(r.event).kind():<22} {event_fields(r)}"
+    )
+
+
 def event_json(rec: Recorded) -> dict:
     return {
         "seq": rec.seq,

@@ -21,16 +21,17 @@ from ftctl.adapters.workspace import Workspace
 from ftctl.core.machine import TERMINAL
 from ftctl.core.state import DAEMON_STREAM, LineageState, Projection, lineage_stream
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.recovery.ledger import Ledger
 from ftctl.recovery.reconcile import Repair, apply, rm
 
 from . import retention
-from .jobs import UserError, find_job
+from .jobs import find_job
 from .models import IMPORTED
 from .reporter import Note, quiet
 
 
-class ConsolidationRefused(Exception):
+class ConsolidationRefused(UserError):
     """Consolidation cannot run now; nothing was changed."""
 
 

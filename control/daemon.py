@@ -20,6 +20,7 @@ from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, ConfigError, locked_changes
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.events.types import CheckpointRecord
 from ftctl.recovery import reconcile
 from ftctl.recovery.ledger import Ledger
@@ -51,8 +52,8 @@ def _unused(dest: Path) -> Path:
     return out
 
 
-class DaemonError(Exception):
-    pass
+class DaemonError(UserError):
+    """The daemon cannot start here (another one runs)."""
 
 
 class LockedConfig(Exception):

@@ -14,6 +14,7 @@ from pathlib import Path
 from ftctl.adapters.fs import write_durable
 from ftctl.adapters.workspace import Workspace, WorkspaceError, init_workspace
 from ftctl.core.config import config_to_dict
+from ftctl.events.errors import UserError
 from ftctl.recovery.ledger import Ledger
 
 from .daemon import Daemon
@@ -48,7 +49,7 @@ DEMO_CONFIG = {
 MARKER = ".ftctl-demo"  # in a folder `ftctl demo` made: the only kind of folder it will ever delete
 
 
-class DemoRefused(Exception):
+class DemoRefused(UserError):
     """The demo will not run here as asked; nothing was changed."""
 
 

@@ -17,9 +17,10 @@ from ftctl.adapters.workspace import Workspace
 from ftctl.core.dataset import validate_jsonl
 from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.recovery.ledger import Ledger
 
-from .jobs import UserError, find_job
+from .jobs import find_job
 
 
 class EvalRefused(UserError):

@@ -17,11 +17,8 @@ from ftctl.adapters.workspace import Workspace
 from ftctl.core.machine import ACTIVE
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.recovery.ledger import Ledger
-
-
-class UserError(Exception):
-    """A request that cannot be served as asked (unknown job, bad range…); nothing was changed."""
 
 
 def find_job(ledger: Ledger, job: str) -> JobState:

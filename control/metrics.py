@@ -16,10 +16,11 @@ from operator import itemgetter
 
 from ftctl.core.state import JobState, Projection, job_stream
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.events.journal import Journal
 from ftctl.recovery.ledger import Ledger
 
-from .jobs import UserError, find_job
+from .jobs import find_job
 
 COLUMNS = (
     "job",

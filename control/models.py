@@ -18,6 +18,7 @@ from ftctl.adapters.model import ModelNotFound, is_repo_id, model_problem, resol
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.state import DAEMON_STREAM, Projection
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.recovery.ledger import Ledger
 
 from .reporter import Note, quiet
@@ -25,7 +26,7 @@ from .reporter import Note, quiet
 IMPORTED = "imported"
 
 
-class ModelRefused(Exception):
+class ModelRefused(UserError):
     """The model cannot be used; nothing was recorded (the message says why and what to do)."""
 
 

@@ -12,6 +12,7 @@ from ftctl.adapters import process
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.state import DAEMON_STREAM
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.recovery import reconcile
 from ftctl.recovery.ledger import Ledger
 from ftctl.recovery.reconcile import Repair
@@ -19,14 +20,16 @@ from ftctl.recovery.reconcile import Repair
 from . import consolidation
 
 
-class DaemonRunning(Exception):
+class DaemonRunning(UserError):
     """The daemon lock is held: the running daemon recovered at its start and owns the workspace."""
+
+    kept = "nothing was changed"
 
     def __init__(self, holder: str):
         self.holder = holder
         super().__init__(
             f"a daemon is running ({holder}); it recovered at its start and keeps the workspace "
-            "consistent now. Nothing was changed."
+            "consistent now"
         )
 
 

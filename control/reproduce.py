@@ -47,10 +47,11 @@ from ftctl.core.reproduction import (
 )
 from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.events.types import CheckpointRecord, ExampleRef
 from ftctl.recovery.ledger import Ledger
 
-from .jobs import UserError, find_job
+from .jobs import find_job
 from .reporter import Note, quiet
 from .submit import held_lines
 

@@ -20,11 +20,12 @@ from ftctl.adapters import service as svc
 from ftctl.adapters.workspace import Workspace
 from ftctl.core import service as S
 from ftctl.core.config import Config
+from ftctl.events.errors import UserError
 
 from .notifier import DRAIN_S
 
 
-class ServiceError(Exception):
+class ServiceError(UserError):
     """A service request a user must resolve; str() says what happened and what to do."""
 
 

@@ -20,6 +20,7 @@ from ftctl.core.config import Config, config_sha256, job_config, locked_changes
 from ftctl.core.dataset import DataReport, validate_jsonl
 from ftctl.core.state import job_stream
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.events.journal import ConcurrencyError
 from ftctl.recovery.ledger import Ledger
 
@@ -33,7 +34,7 @@ _MODEL_FIX = (
 HOLDOUT_EVERY = 20  # without --valid, every 20th valid example is held out for validation
 
 
-class SubmitError(Exception):
+class SubmitError(UserError):
     """Submission refused before anything was recorded."""
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 from ftctl.adapters import tensorboard as tb
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.state import JobState
+from ftctl.events.errors import UserError
 from ftctl.events.types import Metrics, ts_epoch
 from ftctl.recovery.ledger import Ledger
 
-from .jobs import UserError
 from .metrics import select_jobs, series
 
 

@@ -17,6 +17,8 @@ import msgspec
 from msgspec import Meta, Struct, field
 from msgspec import inspect as mi
 
+from ftctl.events.errors import UserError
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -404,11 +406,13 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     ] = None
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config the user must fix. str() is one line; key is the dotted path of the culprit."""
 
-    def __init__(self, message: str, *, key: str = "", value: Any = None, allowed: str = ""):
-        super().__init__(message)
+    def __init__(
+        self, message: str, *, key: str = "", value: Any = None, allowed: str = "", do: str = ""
+    ):
+        super().__init__(message, do=do)
         self.key = key
         self.value = value
         self.allowed = allowed

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from transitions import Machine
 
+from ftctl.events.errors import UserError
+
 JOB_STATES = [
     "new",
     "queued",
@@ -74,8 +76,10 @@ FACTS = {
 }
 
 
-class IllegalTransition(Exception):
+class IllegalTransition(UserError):
     """A command the machine refuses in the current state; nothing was appended."""
+
+    kept = "nothing was appended"
 
     def __init__(self, subject: str, state: str, event: str):
         self.subject, self.state, self.event = subject, state, event

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.events.types import CheckpointRecord, ProcessId
 
 from .config import Config
@@ -21,8 +22,10 @@ from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 SNAPSHOT_FORMAT = 13  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
-class ReplayError(Exception):
+class ReplayError(UserError):
     """The journal holds an event its stream's state cannot take: a bug or a tampered file."""
+
+    kept = "the journal was only read, nothing was changed"
 
 
 class CrashRecord(msgspec.Struct, kw_only=True, gc=False):

@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 import msgspec
 
+from .errors import UserError
 from .types import (
     EVENT_TYPES,
     TS_FORMAT,
@@ -44,7 +45,7 @@ SUPPORTED_SCHEMAS = (1,)
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
-class JournalError(Exception):
+class JournalError(UserError):
     """A journal problem a user can act on; str() says what happened and what to do."""
 
 

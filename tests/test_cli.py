@@ -173,12 +173,12 @@ def test_unknown_job_and_bad_usage(ws, capsys):
 
 
 def test_internal_error_exit_2_keeps_traceback(ws, capsys, monkeypatch):
-    from ftctl.cli import main as m
+    from ftctl.cli import jobs as jobs_cli
 
     def boom(*a, **k):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(m, "_ledger", boom)
+    monkeypatch.setattr(jobs_cli, "_ledger", boom)
     code, _, err = run(capsys, "status", "--home", ws)
     assert code == 2 and "internal error" in err and "simulated bug" in err
     assert "simulated bug" in (ws / "logs" / "internal-errors.log").read_text()
@@ -596,3 +596,95 @@ def test_history_follow_json_is_one_compact_object_per_line(ws, tmp_path, capsys
     assert code == 0 and len(lines) == 2
     assert [json.loads(l)["type"] for l in lines] == ["job_submitted", "paused"]
     assert all(l == json.dumps(json.loads(l), separators=(",", ":")) for l in lines)
+
+
+# --------------------------------------------------------------------------- the command table, the error base
+
+
+def test_the_command_table_is_the_one_registry():
+    """Every entry resolves to its handler and argument declaration; every handler of a cli module is
+    in the table; no parser is registered anywhere else."""
+    import importlib
+    import inspect
+
+    from ftctl.cli.table import COMMANDS, Command
+
+    handlers = set()
+    for name, c in COMMANDS.items():
+        if not isinstance(c, Command):
+            assert any(n.startswith(name + " ") for n in COMMANDS), name  # a group has children
+            continue
+        m = importlib.import_module(f"ftctl.cli.{c.module}")
+        assert callable(getattr(m, f"cmd_{c.handler}")) and callable(
+            getattr(m, f"add_{c.args or c.handler}")
+        ), name
+        handlers.add((c.module, c.handler))
+    for f in (ROOT / "cli").glob("*.py"):
+        text = f.read_text()
+        defined = {(f.stem, h) for h in re.findall(r"^def cmd_(\w+)\(", text, re.M)}
+        assert defined <= handlers, defined - handlers
+        if f.name != "args.py":
+            assert "add_parser(" not in text and "add_subparsers(" not in text, f
+    assert inspect.getsource(importlib.import_module("ftctl.cli.main")).count("add_argument") == 0
+
+
+def test_a_read_only_query_imports_only_its_own_command(ws):
+    """`ftctl status` loads its cli module and the control modules it calls: no other command's, no
+    daemon, no MLX, no psutil (docs/architecture.md, Start-up)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from ftctl.cli.main import main; rc = main(['status', '--home', sys.argv[1]]);"
+        "print('\\n'.join(sorted(m for m in sys.modules)), file=sys.stderr)"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(ws)], capture_output=True, text=True, timeout=60
+    )
+    loaded = set(p.stderr.split())
+    assert p.returncode == 0 and "ftctl.cli.jobs" in loaded, p.stderr[-2000:]
+    for never in (
+        "ftctl.cli.daemon",
+        "ftctl.cli.setup",
+        "ftctl.cli.views",
+        "ftctl.cli.crashes",
+        "ftctl.control.daemon",
+        "ftctl.control.submit",
+        "mlx",
+        "psutil",
+    ):
+        assert never not in loaded, never
+
+
+def test_every_user_error_has_the_one_base_and_is_said_in_its_parts(ws, capsys):
+    """The CLI catches events.errors.UserError (no list of class names): every error a user can act
+    on derives from it, and is printed as what happened, what was kept, what to do (--json: the parts)."""
+    import importlib
+
+    from ftctl.events.errors import UserError
+
+    for module, name in (
+        ("ftctl.control.consolidation", "ConsolidationRefused"),
+        ("ftctl.control.daemon", "DaemonError"),
+        ("ftctl.control.demo", "DemoRefused"),
+        ("ftctl.control.recover", "DaemonRunning"),
+        ("ftctl.adapters.workspace", "WorkspaceError"),
+        ("ftctl.core.config", "ConfigError"),
+        ("ftctl.core.machine", "IllegalTransition"),
+        ("ftctl.events.journal", "JournalError"),
+        ("ftctl.control.submit", "SubmitError"),
+        ("ftctl.core.state", "ReplayError"),
+        ("ftctl.control.service", "ServiceError"),
+        ("ftctl.control.reproduce", "ReproduceRefused"),
+        ("ftctl.control.models", "ModelRefused"),
+        ("ftctl.control.evaluate", "EvalRefused"),
+    ):
+        assert issubclass(getattr(importlib.import_module(module), name), UserError), name
+    main_src = (ROOT / "cli" / "main.py").read_text()
+    assert "except UserError" in main_src and "Refused" not in main_src
+    code, out, err = run(capsys, "replay", "1", "--to", "5", "--json", "--home", ws)
+    assert code == 1 and "error:" in err
+    body = json.loads(out)
+    assert body["exit"] == 1 and set(body) >= {"error", "what", "kept", "do"}, body
+    code, _, err = run(capsys, "pause", "1", "--home", ws)  # no job 1 in an empty workspace
+    assert code == 1 and "error: no job '1'" in err

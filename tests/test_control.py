@@ -88,6 +88,7 @@ def test_an_internal_error_in_the_daemon_loop_is_recorded_and_releases_the_lock(
 
 def test_internal_error_handler_survives_a_vanished_file_system(ws, capsys, monkeypatch):
     """Regression: with the workspace's mount gone the handler itself raised (ENOTCONN)."""
+    from ftctl.cli import jobs as jobs_cli
     from ftctl.cli import main as m
 
     def boom(*a, **k):
@@ -98,7 +99,7 @@ def test_internal_error_handler_survives_a_vanished_file_system(ws, capsys, monk
             errno.ENOTCONN, "Transport endpoint is not connected", str(self.home / "logs")
         )
 
-    monkeypatch.setattr(m, "_ledger", boom)
+    monkeypatch.setattr(jobs_cli, "_ledger", boom)
     monkeypatch.setattr(Workspace, "logs", property(gone))
     code = m.main(["status", "--home", str(ws.home)])
     err = " ".join(capsys.readouterr().err.split())
