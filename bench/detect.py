@@ -55,11 +55,11 @@ from ftctl.adapters import protocol as P
 from ftctl.adapters.demo import build_demo
 from ftctl.adapters.workspace import Workspace, init_workspace
 from ftctl.control.daemon import Daemon
+from ftctl.control.ledger import Ledger
 from ftctl.control.reporter import Reporter
 from ftctl.control.submit import submit
 from ftctl.core.state import DAEMON_STREAM
 from ftctl.events import types as T
-from ftctl.recovery.ledger import Ledger
 
 CONFIG = {
     "iters": 2000,

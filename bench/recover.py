@@ -10,7 +10,7 @@ Builds a workspace:
     bodies made by events.types.encode; retention is core.crash.to_prune (keep_last 3 + best).
   * every checkpoint the journal still holds exists on disk, as hard links to one small valid
     checkpoint (--ckpt-kb), so recovery's verification really opens, reads and hashes files;
-  * a snapshot written by one call to recovery.ledger.load, then a small tail: a daemon that
+  * a snapshot written by one call to recovery.replay.load, then a small tail: a daemon that
     started, trained a job and died (dead worker pid), leaving a temp checkpoint folder.
     Recovery has three things to repair: the daemon, the job, the folder.
 
@@ -47,13 +47,14 @@ import msgspec
 from ftctl.adapters import checkpoint as ck
 from ftctl.adapters.workspace import Workspace, init_workspace
 from ftctl.control import recover as control_recover
+from ftctl.control.ledger import Ledger
 from ftctl.core.config import Config, config_sha256, config_to_dict, decode_config
 from ftctl.core.retention import to_prune
 from ftctl.core.state import DAEMON_STREAM, SNAPSHOT_FORMAT, JobState, job_stream
 from ftctl.events import types as T
 from ftctl.events.journal import Journal
 from ftctl.recovery import reconcile
-from ftctl.recovery.ledger import Ledger, load
+from ftctl.recovery.replay import load
 
 SAVE_EVERY = 50
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z

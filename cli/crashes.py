@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ftctl.control.ledger import Ledger
 from ftctl.events import types as ev
-from ftctl.recovery.ledger import Ledger
 
 from . import render
 

@@ -7,8 +7,8 @@ import signal
 import sys
 from dataclasses import asdict
 
+from ftctl.control.ledger import Ledger
 from ftctl.events.errors import UserError
-from ftctl.recovery.ledger import Ledger
 
 from . import render
 
@@ -168,10 +168,10 @@ def add_consolidate(p) -> None:
 
 
 def cmd_consolidate(args, ws) -> int:
-    from ftctl.control import consolidation
+    from ftctl.control import recover
 
     out = render.err_console if args.json else render.console
-    fused = consolidation.now_or_requested(
+    fused = recover.consolidate_now(
         ws, Ledger(ws.open_journal()), args.lineage, note=render.ConsoleReporter(out=out).note
     )
     if args.json:

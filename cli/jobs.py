@@ -10,9 +10,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.machine import JOB_STATES
 from ftctl.events import types as ev
-from ftctl.recovery.ledger import Ledger
 
 from . import render
 

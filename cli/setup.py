@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.events.errors import UserError
-from ftctl.recovery.ledger import Ledger
 
 from . import render
 

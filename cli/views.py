@@ -8,8 +8,8 @@ import ipaddress
 import sys
 from pathlib import Path
 
+from ftctl.control.ledger import Ledger
 from ftctl.events.errors import UserError
-from ftctl.recovery.ledger import Ledger
 
 from . import render
 

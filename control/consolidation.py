@@ -18,11 +18,11 @@ from ftctl.adapters import checkpoint as ck
 from ftctl.adapters import fuse, system
 from ftctl.adapters.faults import crash_point
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.machine import TERMINAL
 from ftctl.core.state import DAEMON_STREAM, LineageState, Projection, lineage_stream
 from ftctl.events import types as ev
 from ftctl.events.errors import UserError
-from ftctl.recovery.ledger import Ledger
 from ftctl.recovery.reconcile import Repair, apply, rm
 
 from . import retention
@@ -103,34 +103,6 @@ def request(ledger: Ledger, lineage: str) -> None:
     if lineage not in ledger.state.lineages:
         check(ledger.state, lineage)  # raises: no such lineage
     ledger.commit(lineage_stream(lineage), ev.ConsolidationRequested(lineage=lineage))
-
-
-def now_or_requested(
-    ws: Workspace, ledger: Ledger, lineage: str, note: Note = quiet
-) -> fuse.FusedModel | None:
-    """`ftctl consolidate`: with no daemon running, recover then consolidate now (holding the lock);
-    with one running, record a request it carries out when the lineage is idle (returns None)."""
-    from .recover import (
-        DaemonRunning,
-        Locked,
-        recover,
-    )  # recover.py composes our repairs: import here, no cycle
-
-    try:
-        with Locked(ws):
-            cfg, _ = ws.load_config()
-            recover(ws, ledger)  # never fuse on top of debris
-            return consolidate(
-                ws,
-                ledger,
-                lineage,
-                keep_models=cfg.consolidation.keep_models,
-                min_free_gb=cfg.min_free_disk_gb,
-                note=note,
-            )
-    except DaemonRunning:
-        request(ledger, lineage)
-        return None
 
 
 def consolidate(

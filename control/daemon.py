@@ -17,13 +17,13 @@ from ftctl.adapters import logs, process, system
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.protocol import TrainPlan
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.config import Config, ConfigError, locked_changes
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.errors import UserError
 from ftctl.events.types import CheckpointRecord
 from ftctl.recovery import reconcile
-from ftctl.recovery.ledger import Ledger
 
 from . import consolidation, recover, supervise
 from .inbox import SETTLE_S, inbox_files, skip_reason

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from ftctl.adapters.fs import write_durable
 from ftctl.adapters.workspace import Workspace, WorkspaceError, init_workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.config import config_to_dict
 from ftctl.events.errors import UserError
-from ftctl.recovery.ledger import Ledger
 
 from .daemon import Daemon
 from .reporter import SILENT, Reporter

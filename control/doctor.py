@@ -12,10 +12,10 @@ from ftctl.adapters import blas, power, process, system
 from ftctl.adapters import checkpoint as ck
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.config import Config, ConfigError, job_config, override_key
 from ftctl.core.machine import ACTIVE
 from ftctl.core.state import Projection, job_stream
-from ftctl.recovery.ledger import Ledger
 from ftctl.recovery.reconcile import apply
 
 from . import recover, retention

@@ -14,11 +14,11 @@ from ftctl.adapters.checkpoint import adapter_sha256
 from ftctl.adapters.fs import UnreadableFile, read_input
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.dataset import validate_jsonl
 from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.errors import UserError
-from ftctl.recovery.ledger import Ledger
 
 from .jobs import find_job
 

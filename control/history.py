@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.errors import UserError
-from ftctl.recovery.ledger import Ledger, state_at
+from ftctl.recovery.replay import state_at
 
 from .jobs import find_job
 

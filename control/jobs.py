@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from ftctl.adapters import process
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.machine import ACTIVE
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.errors import UserError
-from ftctl.recovery.ledger import Ledger
 
 
 def find_job(ledger: Ledger, job: str) -> JobState:

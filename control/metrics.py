@@ -14,11 +14,11 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from operator import itemgetter
 
+from ftctl.control.ledger import Ledger
 from ftctl.core.state import JobState, Projection, job_stream
 from ftctl.events import types as ev
 from ftctl.events.errors import UserError
 from ftctl.events.journal import Journal
-from ftctl.recovery.ledger import Ledger
 
 from .jobs import find_job
 

@@ -16,10 +16,10 @@ from ftctl.adapters import gguf
 from ftctl.adapters.fs import sha256_file
 from ftctl.adapters.model import ModelNotFound, is_repo_id, model_problem, resolve_repo
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.state import DAEMON_STREAM, Projection
 from ftctl.events import types as ev
 from ftctl.events.errors import UserError
-from ftctl.recovery.ledger import Ledger
 
 from .reporter import Note, quiet
 

@@ -34,6 +34,7 @@ from ftctl.adapters import protocol as P
 from ftctl.adapters.fs import write_durable
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import SCRATCH_MARKER, Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.crash import Evidence, classify
 from ftctl.core.dataset import record_lines, validate_jsonl
 from ftctl.core.reproduction import (
@@ -49,7 +50,6 @@ from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.errors import UserError
 from ftctl.events.types import CheckpointRecord, ExampleRef
-from ftctl.recovery.ledger import Ledger
 
 from .jobs import find_job
 from .reporter import Note, quiet

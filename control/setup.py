@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ftctl.adapters import gguf
 from ftctl.adapters.workspace import Workspace, WorkspaceError, init_workspace, make_folder
-from ftctl.recovery.ledger import Ledger
+from ftctl.control.ledger import Ledger
 
 from . import models
 from .reporter import Note, quiet

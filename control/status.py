@@ -16,11 +16,11 @@ from pathlib import Path
 
 from ftctl.adapters import process
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.crash import resumes_from
 from ftctl.core.machine import ACTIVE
 from ftctl.core.state import JobState, Projection, job_stream
 from ftctl.events.types import ts_epoch
-from ftctl.recovery.ledger import Ledger
 
 from .inbox import inbox_pending
 from .jobs import find_job

@@ -16,13 +16,13 @@ from ftctl.adapters.fs import UnreadableFile, read_input, write_durable
 from ftctl.adapters.group import problems as group_problems
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.config import Config, config_sha256, job_config, locked_changes
 from ftctl.core.dataset import DataReport, validate_jsonl
 from ftctl.core.state import job_stream
 from ftctl.events import types as ev
 from ftctl.events.errors import UserError
 from ftctl.events.journal import ConcurrencyError
-from ftctl.recovery.ledger import Ledger
 
 from . import models
 from .reporter import Note, quiet

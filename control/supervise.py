@@ -29,12 +29,12 @@ from ftctl.adapters import group as G
 from ftctl.adapters import protocol as P
 from ftctl.adapters.faults import crash_point
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.crash import Evidence, classify, decide, detail_of, where
 from ftctl.core.reproduction import DETERMINISTIC
 from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.types import CheckpointRecord
-from ftctl.recovery.ledger import Ledger
 from ftctl.recovery.reconcile import apply, mark_corrupt
 
 from . import reproduce, retention

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from ftctl.adapters import tensorboard as tb
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.state import JobState
 from ftctl.events.errors import UserError
 from ftctl.events.types import Metrics, ts_epoch
-from ftctl.recovery.ledger import Ledger
 
 from .metrics import select_jobs, series
 

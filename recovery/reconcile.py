@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ftctl.adapters import checkpoint as ck
 from ftctl.adapters import process
@@ -22,11 +23,19 @@ from ftctl.adapters.faults import crash_point
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.crash import Decision, Evidence, after_crash, decide, follow_up, resumes_from
 from ftctl.core.machine import ACTIVE, TERMINAL
-from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
+from ftctl.core.state import DAEMON_STREAM, JobState, Projection, job_stream
 from ftctl.events import types as ev
-from ftctl.events.types import CheckpointRecord, EventBase
+from ftctl.events.types import CheckpointRecord, EventBase, Recorded
 
-from .ledger import Ledger
+
+class Ledger(Protocol):
+    """What repairs need of the write path (control/ledger.py): the projection, and commit."""
+
+    state: Projection
+
+    def refresh(self) -> list[Recorded]: ...
+
+    def commit(self, stream: str, *events: EventBase) -> list[Recorded]: ...
 
 
 @dataclass

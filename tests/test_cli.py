@@ -299,8 +299,8 @@ def test_the_same_data_and_config_twice_needs_again(ws, tmp_path, capsys):
 def test_a_duplicate_in_the_inbox_is_moved_to_rejected_not_retried(ws, tmp_path, capsys):
     from ftctl.adapters.workspace import Workspace
     from ftctl.control.daemon import Daemon
+    from ftctl.control.ledger import Ledger
     from ftctl.control.reporter import Reporter
-    from ftctl.recovery.ledger import Ledger
 
     data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
     assert run(capsys, "submit", data, "--home", ws)[0] == 0
@@ -357,9 +357,9 @@ def _crash(ws, *crashes):
     """Record a job's worker starting and dying, once per (exit_code, signal, evidence)."""
     import time
 
+    from ftctl.control.ledger import Ledger
     from ftctl.core.state import job_stream
     from ftctl.events import types as ev
-    from ftctl.recovery.ledger import Ledger
 
     ledger = Ledger.open(ws / "journal.db")
     try:

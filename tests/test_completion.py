@@ -13,8 +13,8 @@ import pytest
 from helpers import run
 
 from ftctl.adapters.workspace import init_workspace
+from ftctl.control.ledger import Ledger
 from ftctl.control.submit import submit
-from ftctl.recovery.ledger import Ledger
 
 
 @pytest.fixture(scope="module")

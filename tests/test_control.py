@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from ftctl.adapters import protocol as P
 from ftctl.adapters.workspace import Workspace, init_workspace
 from ftctl.control.daemon import Daemon
+from ftctl.control.ledger import Ledger
 from ftctl.control.reporter import Reporter
 from ftctl.control.submit import submit
 from ftctl.core.state import lineage_stream
 from ftctl.events import types as T
-from ftctl.recovery.ledger import Ledger
 
 
 def chat(i: int) -> str:

@@ -17,13 +17,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from transitions import Machine, MachineError
 
+from ftctl.control.ledger import Ledger
 from ftctl.core import machine as M
 from ftctl.core import state as S
 from ftctl.core.config import Config, LoraParameters, config_to_dict
 from ftctl.core.machine import IllegalTransition, may, next_state
 from ftctl.events import types as T
 from ftctl.events.journal import Journal
-from ftctl.recovery.ledger import Ledger, load, state_at
+from ftctl.recovery.replay import load, state_at
 
 JOB_TYPES = [t for t in T.EVENT_TYPES if t in S.JOB_HANDLERS]
 LINEAGE_TYPES = list(S.LINEAGE_TYPES)
@@ -876,7 +877,7 @@ def test_decode_deeply_nested_is_a_decode_error(depth):
 def test_milestones_make_every_point_a_snapshot_plus_a_short_tail(history, monkeypatch):
     """The first load of a long journal leaves milestones every SNAPSHOT_INTERVAL events (compressed,
     at most SNAPSHOT_MILESTONES: past that the spacing doubles); state_at from them is exact."""
-    from ftctl.recovery import ledger as L
+    from ftctl.recovery import replay as L
 
     path, recs = history
     monkeypatch.setattr(L, "SNAPSHOT_INTERVAL", 20)
@@ -915,7 +916,7 @@ def test_milestones_make_every_point_a_snapshot_plus_a_short_tail(history, monke
             start = max([s for s in seqs if s <= seq], default=0)
             assert reads == [(start, seq)]  # the nearest snapshot at or before seq, then its tail
         # more snapshots later keep the bound
-        live = L.Ledger(j)
+        live = Ledger(j)
         for _ in range(5):
             live.snapshot()
         assert len(j.snapshot_seqs(S.SNAPSHOT_FORMAT)) <= 6 + 2

@@ -15,11 +15,11 @@ import pytest
 from helpers import crash_env, daemon, wait_for
 
 from ftctl.adapters.workspace import Workspace, init_workspace
+from ftctl.control.ledger import Ledger
 from ftctl.control.notifier import Notifier
 from ftctl.core.config import NotifyTarget, decode_config
 from ftctl.core.state import DAEMON_STREAM
 from ftctl.events import types as ev
-from ftctl.recovery.ledger import Ledger
 
 
 class Server:

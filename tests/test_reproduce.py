@@ -301,8 +301,8 @@ def test_changed_data_is_refused(killed, capsys):
 
 
 def test_a_pruned_checkpoint_falls_back_to_the_previous_one(killed, capsys):
+    from ftctl.control.ledger import Ledger
     from ftctl.events import types as ev
-    from ftctl.recovery.ledger import Ledger
 
     # what retention does: the event first, then the folder goes
     *_, previous, last = _committed(killed)  # 10, 15 or 5, 10: the newest, and the one before it
@@ -412,10 +412,10 @@ def test_the_daemons_replay_of_a_crash_stops_when_the_user_pauses_cancels_or_shu
     import types
 
     from ftctl.control import jobs
+    from ftctl.control.ledger import Ledger
     from ftctl.control.supervise import Attempt, StopFlags
     from ftctl.core.state import DAEMON_STREAM, job_stream
     from ftctl.events import types as ev
-    from ftctl.recovery.ledger import Ledger
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(f'{{"prompt": "q{i}", "completion": "a{i}"}}\n' for i in range(40)))

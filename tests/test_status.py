@@ -21,11 +21,11 @@ from helpers import run
 from ftctl.adapters import process
 from ftctl.adapters.workspace import Workspace
 from ftctl.control import status as S
+from ftctl.control.ledger import Ledger
 from ftctl.core.crash import suggestion
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import journal as journal_mod
 from ftctl.events import types as ev
-from ftctl.recovery.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -76,7 +76,7 @@ def _epoch(ts: str) -> float:
 
 def _projection(home):
     """What the journal says, now (replayed in-process: `ftctl status` without the start-up)."""
-    from ftctl.recovery.ledger import Ledger
+    from ftctl.control.ledger import Ledger
 
     ledger = Ledger.open(home / "journal.db")
     try:
@@ -410,9 +410,9 @@ def test_recover_stops_the_orphan_of_a_dead_daemon_but_never_a_stranger(
     tmp_path, demo, same_identity
 ):
     from ftctl.adapters.process import alive
+    from ftctl.control.ledger import Ledger
     from ftctl.core.state import DAEMON_STREAM, job_stream
     from ftctl.events import types as ev
-    from ftctl.recovery.ledger import Ledger
 
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo, *SHORT)
@@ -750,9 +750,9 @@ def test_job_left_crashed_by_a_dead_daemon_is_not_stranded(tmp_path, demo):
     dies between the two (SIGKILL, OOM killer, power cut) leaves the job in `crashed`. Recovery
     must not leave it there: `crashed` is not ACTIVE, so reconcile.plan skips it, the queue only
     takes `queued` jobs, and `ftctl resume` only takes `paused` ones: nothing ever trains it again."""
+    from ftctl.control.ledger import Ledger
     from ftctl.core.state import DAEMON_STREAM, job_stream
     from ftctl.events import types as ev
-    from ftctl.recovery.ledger import Ledger
 
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo, *SHORT)
