@@ -78,7 +78,7 @@ class Ledger:
         else:
             return p.daemon.version
         for e in events:
-            new = S.check(state, e, lineage=lineage)
+            new = S.check_command(state, e, lineage=lineage)
             if new is None:
                 raise IllegalTransition(_subject(stream), state, type(e).kind())
             state = new

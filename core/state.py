@@ -17,7 +17,7 @@ from ftctl.events.errors import UserError
 from ftctl.events.types import CheckpointRecord, ProcessId
 
 from .config import Config
-from .machine import FACTS, JOB_STATES, TERMINAL, next_state
+from .machine import FACTS, JOB_STATES, TERMINAL, command, next_state
 
 SNAPSHOT_FORMAT = 13  # bump whenever the shape of the projection changes: old snapshots are ignored
 
@@ -468,7 +468,16 @@ def _check_type(state: str, typ: type, lineage: bool = False) -> str | None:
 
 
 def check(state: str, event: ev.EventBase, *, lineage: bool = False) -> str | None:
-    """The state after ``event``, or None if the event is illegal in ``state``."""
+    """The state after ``event``, or None if the event is illegal in ``state`` (replay: the table)."""
+    return _check_type(state, type(event), lineage)
+
+
+def check_command(state: str, event: ev.EventBase, *, lineage: bool = False) -> str | None:
+    """As ``check``, for a command about to be appended: a transition is asked of the declared
+    machine itself (machine.command); a fact, of the states FACTS allows it in."""
+    trigger = type(event).trigger
+    if trigger is not None:
+        return command(state, trigger, lineage=lineage)
     return _check_type(state, type(event), lineage)
 
 

@@ -381,8 +381,25 @@ def test_derived_table_equals_the_library(lineage: bool):
             answers[(s, trig)] = dest
             assert next_state(s, trig, lineage=lineage) == dest, (s, trig)
             assert may(s, trig, lineage=lineage) == (dest is not None), (s, trig)
+            # a command is checked by the machine itself, and lands where replay's table says
+            assert M.command(s, trig, lineage=lineage) == dest, (s, trig)
     assert table == {k: v for k, v in answers.items() if v is not None}
     assert table  # the declaration is not empty
+
+
+def test_the_ledger_checks_a_command_through_the_declared_machine(tmp_path, monkeypatch):
+    """Ledger.commit asks the transitions library, not the replay table: a machine that refuses
+    everything refuses the command (nothing appended), while replay's table is untouched."""
+    from ftctl.core import state as S
+    from ftctl.events.journal import Journal
+
+    ledger = Ledger(Journal.create(tmp_path / "j.db"))
+    asked = []
+    monkeypatch.setattr(S, "command", lambda s, t, lineage=False: asked.append((s, t)))
+    with pytest.raises(M.IllegalTransition):
+        ledger.commit("job:0001", make(T.JobSubmitted, "0001", RngPick(random.Random(1))))
+    assert asked == [("new", "submit")] and ledger.journal.last_seq() == 0
+    ledger.close()
 
 
 def test_catalogue_and_machines_agree():
