@@ -376,13 +376,13 @@ def _run_worker(
     The worker never outlives this call: its group is killed on the way out, whatever the way."""
     t = j.config.timeouts
     oom_before = system.oom_kill_count()
-    w = process.spawn_worker(P.encode(plan), log, env, label=(j.job, str(ws.home)))
     trace: list[P.Traced] = []
     written: list[CheckpointRecord] = []
     failed: P.Failed | None = None
     done = hung = False
-    last_step = 0
+    last_step, w = 0, None
     try:
+        w = process.spawn_worker(P.encode(plan), log, env, label=(j.job, str(ws.home)))
         seen, waiting = time.monotonic(), True  # loading (or evaluating): eval_hang_s, else hang_s
         while True:
             heard = w.poll(0.25)
@@ -413,7 +413,8 @@ def _run_worker(
                 w.kill_group()
         code = w.proc.wait()
     finally:
-        w.dismiss()
+        if w is not None:
+            w.dismiss()
     tail = process.tail(log, limit=3000)
     if done and code == 0:
         return trace, Outcome(category=None, step=last_step), written, tail

@@ -338,7 +338,6 @@ def test_ctrl_c_leaves_no_worker_no_scratch_and_records_nothing(killed):
     import signal
     import subprocess
     import sys
-    import time
 
     from helpers import stray_workers, wait_for
 
@@ -360,8 +359,15 @@ def test_ctrl_c_leaves_no_worker_no_scratch_and_records_nothing(killed):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # as a terminal's Ctrl-C
     try:
-        wait_for(lambda: stray_workers(killed), timeout=60, every=0.05)
-        time.sleep(0.3)
+        # the state, not a delay: its worker runs, on its scratch copy, writing the replay's log
+        wait_for(
+            lambda: (
+                stray_workers(killed)
+                and any(f.stat().st_size for f in (killed / "run").glob("reproduce-*/replay.log"))
+            ),
+            timeout=60,
+            every=0.05,
+        )
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
     finally:

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 
 import mlx.core as mx
@@ -562,14 +563,40 @@ def train_with(p, fs, stop_at=None):
     return msgs, flat(result)
 
 
+class GatedFS:
+    """An FS whose checkpoint writes hold until the training loop waits for the write in flight: so
+    steps run while the first checkpoint is written, and the next one comes due before it ends — by
+    the order of events, not by a delay that load could outrun."""
+
+    def __new__(cls, base, loop_waits: threading.Event):
+        class Gated(type(base)):
+            def write_bytes(self, path, data, sync=True):
+                assert loop_waits.wait(300), "the loop never waited for the write in flight"
+                super().write_bytes(path, data, sync)
+
+        gated = Gated.__new__(Gated)
+        gated.__dict__.update(base.__dict__)
+        return gated
+
+
 def test_a_slow_write_overlaps_training_waits_for_the_next_and_is_bit_exact(
-    demo, reference, tmp_path
+    demo, reference, tmp_path, monkeypatch
 ):
+    from ftctl.adapters.checkpoint import CheckpointWriter
     from ftctl.adapters.fs import FS
 
+    loop_waits = threading.Event()
+    wait = CheckpointWriter.wait
+
+    def waiting(self):  # the loop asks for the write in flight: let it end now
+        if self.busy():
+            loop_waits.set()
+        wait(self)
+
+    monkeypatch.setattr(CheckpointWriter, "wait", waiting)
     ref_job, ref_msgs, ref = reference
     job = tmp_path / "job"
-    msgs, result = train_with(plan(demo, job, config(demo)), SlowFS(FS(), 0.1))
+    msgs, result = train_with(plan(demo, job, config(demo)), GatedFS(FS(), loop_waits))
     order = [
         (m["t"], m["step"]) for m in msgs if m["t"] in ("step", "checkpoint_begin", "checkpoint")
     ]
