@@ -34,6 +34,8 @@ from .reporter import Note, quiet
 class ConsolidationRefused(UserError):
     """Consolidation cannot run now; nothing was changed."""
 
+    kept = "nothing was changed"
+
 
 def blockers(p: Projection, lineage: str) -> list[str]:
     """Jobs of the lineage that are not finished: fusing under them would fork the lineage."""
@@ -84,12 +86,14 @@ def set_head(ledger: Ledger, job: str) -> ev.HeadSet:
         )
     if lin.head_job == j.job:
         raise UserError(
-            f"job {j.job} is already the head of lineage {j.lineage!r}; nothing was changed"
+            f"job {j.job} is already the head of lineage {j.lineage!r}", kept="nothing was changed"
         )
     if ck.adapter_sha256(j.adapter_path) != j.adapter_sha256:
         raise UserError(
-            f"the adapter of job {j.job} at {j.adapter_path} no longer matches the sha256 recorded when it "
-            "completed; nothing was changed — restore it first"
+            f"the adapter of job {j.job} at {j.adapter_path} no longer matches the sha256 recorded "
+            "when it completed",
+            kept="nothing was changed",
+            do="restore it first",
         )
     e = ev.HeadSet(lineage=lin.name, job=j.job, previous=lin.head_job)
     ledger.commit(
@@ -123,13 +127,14 @@ def consolidate(
     if free < need:
         raise ConsolidationRefused(
             f"only {free:.2f} GB free, fusing needs about {need:.2f} GB (the base model, "
-            "the fused one — dequantized if the base is quantized — plus min_free_disk_gb): free "
-            "space and retry; nothing was changed"
+            "the fused one — dequantized if the base is quantized — plus min_free_disk_gb)",
+            do="free space and retry",
         )
     if ck.adapter_sha256(head.adapter_path) != head.adapter_sha256:
         raise ConsolidationRefused(
             f"the adapter of job {head.job} at {head.adapter_path} no longer matches the sha256 "
-            "recorded when it completed; nothing was changed — restore it before consolidating"
+            "recorded when it completed",
+            do="restore it before consolidating",
         )
     version = max([lin.base_version] + [m.version for m in lin.models]) + 1
     stream = lineage_stream(lineage)

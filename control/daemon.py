@@ -126,9 +126,10 @@ class Daemon:
             ledger.close()
             since = f", running since {d.started_at[:19]} UTC" if d.running else ""
             raise DaemonError(
-                f"another ftctl daemon is running on {self.ws.home} ({e.holder.strip()}{since}). "
-                "Only one may run per workspace; nothing was changed. Use `ftctl status`, or "
-                "`ftctl shutdown` to stop it."
+                f"another ftctl daemon is running on {self.ws.home} ({e.holder.strip()}{since}); "
+                "only one may run per workspace",
+                kept="nothing was changed",
+                do="use `ftctl status`, or `ftctl shutdown` to stop it",
             ) from None
 
     def run(self) -> str:

@@ -52,6 +52,8 @@ MARKER = ".ftctl-demo"  # in a folder `ftctl demo` made: the only kind of folder
 class DemoRefused(UserError):
     """The demo will not run here as asked; nothing was changed."""
 
+    kept = "nothing was changed"
+
 
 def init_demo(home: Path):
     """Build the demo model and data under home/demo/, then a workspace that trains on them."""
@@ -59,7 +61,9 @@ def init_demo(home: Path):
 
     ws = Workspace(Path(home))
     if ws.exists():
-        raise WorkspaceError(f"{ws.home} already holds an ftctl workspace; nothing was changed")
+        raise WorkspaceError(
+            f"{ws.home} already holds an ftctl workspace", kept="nothing was changed"
+        )
     paths = build_demo(ws.home / "demo")
     init_workspace(ws.home, str(paths.model_dir), DEMO_CONFIG)
     return paths
@@ -99,8 +103,9 @@ def _prepare(home: Path, reset: bool, report: Reporter) -> Workspace:
         )
         raise DemoRefused(
             f"{ws.home} is {what} that `ftctl demo` did not make (no {MARKER} marker): the demo "
-            "neither trains into nor deletes it. Nothing was changed. Run the demo elsewhere "
-            "(`ftctl demo --home NEW_FOLDER`, or without --home for ./ftctl-demo)."
+            "neither trains into nor deletes it",
+            do="run the demo elsewhere (`ftctl demo --home NEW_FOLDER`, or without --home for "
+            "./ftctl-demo)",
         )
     if reset and ours:
         shutil.rmtree(ws.home)
@@ -123,8 +128,8 @@ def tour(home: Path, *, reset: bool, kill_at: int, report: Reporter = SILENT) ->
     iters = DEMO_CONFIG["iters"]
     if not 1 <= kill_at < iters:
         raise DemoRefused(
-            f"--kill-at {kill_at} is outside the demo job's {iters} iterations: pick a step "
-            f"between 1 and {iters - 1}. Nothing was changed."
+            f"--kill-at {kill_at} is outside the demo job's {iters} iterations",
+            do=f"pick a step between 1 and {iters - 1}",
         )
     ws = _prepare(home, reset, report)
     data = ws.home / "demo" / "data"

@@ -71,7 +71,7 @@ def test_locked_config_refused_unlocked_applies_and_no_consolidation_under_a_job
         err = " ".join(p.stderr.split())
         assert (
             "not consolidated yet (job 0001" in err
-            and "Nothing was queued" in err
+            and "nothing was queued" in err
             and "ftctl consolidate" in err
         )
         assert "--lineage NAME" in err
