@@ -669,7 +669,29 @@ def mutated_config(draw):
     return data
 
 
+def _walk_agrees_with_msgspec(data) -> None:
+    """The errors come from the schema (core/config_errors.py), not from msgspec's English: the walk
+    rejects exactly what msgspec.convert rejects, so msgspec's own message is never what a user reads."""
+    import msgspec
+
+    from ftctl.core import config_errors as E
+    from ftctl.core.config import CONFIG_TYPE
+
+    try:
+        prepared = E.prepare(data, CONFIG_TYPE, "", "ftctl.yaml")
+    except ConfigError:
+        return
+    walk = E.check(prepared, CONFIG_TYPE, "", "ftctl.yaml")
+    try:
+        msgspec.convert(prepared, Config)
+    except msgspec.ValidationError as e:
+        assert walk is not None, f"msgspec found what the walk did not: {e}"
+    else:
+        assert walk is None, walk
+
+
 def _only_config_errors(data):
+    _walk_agrees_with_msgspec(data)
     try:
         c, warnings = decode_config(data)
     except ConfigError as e:
@@ -703,42 +725,3 @@ def test_fuzz_arbitrary_top_level_dicts(data):
 @given(mutated_config())
 def test_fuzz_mutations_of_a_valid_config(data):
     _only_config_errors(data)
-
-
-def _walk_agrees_with_msgspec(data) -> None:
-    """The errors come from the schema (core/config_errors.py), not from msgspec's English: the walk
-    rejects exactly what msgspec.convert rejects, so msgspec's own message is never what a user reads."""
-    import msgspec
-
-    from ftctl.core import config_errors as E
-    from ftctl.core.config import CONFIG_TYPE
-
-    try:
-        prepared = E.prepare(data, CONFIG_TYPE, "", "ftctl.yaml")
-    except ConfigError:
-        return
-    walk = E.check(prepared, CONFIG_TYPE, "", "ftctl.yaml")
-    try:
-        msgspec.convert(prepared, Config)
-    except msgspec.ValidationError as e:
-        assert walk is not None, f"msgspec found what the walk did not: {e}"
-    else:
-        assert walk is None, walk
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mutated_config())
-def test_the_schema_walk_rejects_exactly_what_msgspec_rejects(data):
-    _walk_agrees_with_msgspec(data)
-
-
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    st.dictionaries(
-        st.sampled_from(list(VALID) + ["learning_rate", "x"]) | st.text(max_size=5),
-        json_like,
-        max_size=5,
-    )
-)
-def test_the_schema_walk_agrees_on_arbitrary_top_level_values(data):
-    _walk_agrees_with_msgspec({"model": "m", **data})
