@@ -457,20 +457,3 @@ def hello(g: Group, s: socket.socket, line: bytes) -> Rank | str:
     _send(s, g.plan_json)
     s.setblocking(False)
     return r
-
-
-def ranks_alive(workspace: str, job: str = "") -> list[int]:
-    """Pids of ranks of ``workspace`` (any job, or ``job``) still running on this machine."""
-    import psutil
-
-    out = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if (
-            "ftctl.adapters.worker" in cmd
-            and "--connect" in cmd
-            and workspace in cmd
-            and (not job or job in cmd)
-        ):
-            out.append(proc.info["pid"])
-    return out

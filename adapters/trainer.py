@@ -245,9 +245,8 @@ def run(
         stopped = _Loop(s, emit, fs).run(stop_requested)
         if stopped is not None:
             return stopped
-    if (
-        plan.until_step is not None and plan.until_step < plan.config.iters
-    ):  # a reproduction's window ends
+    # a reproduction's window ends
+    if plan.until_step is not None and plan.until_step < plan.config.iters:
         done = P.Stopped(
             step=plan.until_step,
             global_step=plan.global_step_base + plan.until_step,
@@ -287,9 +286,8 @@ def _compiled_step(s: Session):
             if trace
             else None
         )
-        if (
-            ranks.many
-        ):  # the global batch's loss, tokens and gradient, and the stop requests (ranks.py)
+        # the global batch's loss, tokens and gradient, and the stop requests (ranks.py)
+        if ranks.many:
             local = toks
             lvalue, toks, grad, stops = ranks.reduce_step(lvalue, toks, grad, stop)
         if prev_grad is not None:
@@ -383,9 +381,8 @@ class _Loop:
             if s.poisoned:
                 hit = not s.poisoned.isdisjoint(s.batches.indices(it - 1))
                 batch = (*batch, mx.array(math.nan if hit else 1.0))
-            if (
-                s.ranks.many
-            ):  # every rank stops at the same step: the first where any of them was asked to
+            # every rank stops at the same step: the first where any of them was asked to
+            if s.ranks.many:
                 *out, local, stops = step(
                     batch, grad, it % accum == 0, mx.array(float(stop_requested()))
                 )
@@ -413,9 +410,8 @@ class _Loop:
             if it % cfg.save_every == 0 or it == cfg.iters or (stopping and boundary):
                 self._checkpoint(it, gstep)
             if stopping and boundary and it < cfg.iters:
-                return P.Stopped(
-                    step=it, global_step=gstep, checkpoint=None
-                )  # run() emits it once written
+                # run() emits it once written
+                return P.Stopped(step=it, global_step=gstep, checkpoint=None)
         return None
 
     def _account(self, it: int, gstep: int, loss: float, ntoks: int) -> None:
@@ -522,9 +518,8 @@ class _Loop:
         if self.c_steps:
             self.train_loss = self.c_loss / self.c_steps
         self.c_loss = self.c_steps = 0
-        if (
-            not s.ranks.leader
-        ):  # the leader writes it; no rank runs past a checkpoint before it is handed over
+        # the leader writes it; no rank runs past a checkpoint before it is handed over
+        if not s.ranks.leader:
             s.ranks.barrier()
             return
         # At most one checkpoint in flight: the previous one must be written (and reported) before

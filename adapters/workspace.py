@@ -32,9 +32,8 @@ from ftctl.events.errors import UserError
 from ftctl.events.journal import Journal, JournalError
 
 DIRS = ("inbox", "inbox/rejected", "jobs", "models", "logs", "run")
-SCRATCH_MARKER = (
-    ".ftctl-reproduce"  # the first file of a reproduction's scratch folder: ours to delete
-)
+# the first file of a reproduction's scratch folder: ours to delete
+SCRATCH_MARKER = ".ftctl-reproduce"
 _FIX_CONFIG = (
     "Nothing was changed. Edit ftctl.yaml to fix it (`ftctl config show` prints the effective values "
     "once it reads), then run the command again."
@@ -161,9 +160,8 @@ class Workspace:
             culprit = blame_override(e.key, overrides)
             if culprit is None:
                 raise
-            return decode_config(
-                data, source=f"--set {culprit}"
-            )  # the same error, blamed on the override
+            # the same error, blamed on the override
+            return decode_config(data, source=f"--set {culprit}")
 
 
 def init_workspace(home: Path, model: str, extra: dict | None = None, then=None) -> Workspace:

@@ -211,9 +211,8 @@ def sampler(ws: Workspace, demo, n: int, samples: list[dict], errors: list[str])
                     gave_up = ledger.state.jobs[job]
                     break
                 time.sleep(0.002)
-            if (
-                gave_up is not None
-            ):  # no restart to measure: the next wait_training queues a fresh job
+            # no restart to measure: the next wait_training queues a fresh job
+            if gave_up is not None:
                 sub = submit(
                     ws,
                     ledger,

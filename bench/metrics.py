@@ -344,9 +344,8 @@ class PageClient(threading.Thread):
         try:
             self.follow()
         except (OSError, http.client.HTTPException):
-            if (
-                not self.stop.is_set()
-            ):  # the server going away at the end is expected, anything else not
+            # the server going away at the end is expected, anything else not
+            if not self.stop.is_set():
                 raise
 
     def follow(self) -> None:

@@ -358,9 +358,8 @@ def build(base: Path, n_events: int, tail: int, kb: int) -> dict:
     gen = Gen(home, config, sha, rng)
     conn = sqlite3.connect(home / "journal.db", isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(
-        "PRAGMA synchronous=OFF"
-    )  # building only; the timed runs use the journal's own settings
+    # building only; the timed runs use the journal's own settings
+    conn.execute("PRAGMA synchronous=OFF")
     w = Writer(conn, T0)
     t0 = time.perf_counter()
 
@@ -604,9 +603,8 @@ def main() -> None:
         # The queries, on the recovered journal: `status` (a person's table and --json), and time
         # travel to points all over the journal (snapshot milestones make each a short tail away).
         restore(info)
-        subprocess_recover(
-            info["home"], "recover (setup)"
-        )  # the state a user finds after `ftctl start` / `recover`
+        # the state a user finds after `ftctl start` / `recover`
+        subprocess_recover(info["home"], "recover (setup)")
         total, home = info["total"], str(info["home"])
         points = [1_000, total // 4 + 17, total // 2 + 1, 3 * total // 4 - 123, total - 300, total]
         job_at = {}

@@ -43,9 +43,8 @@ def add_start(p) -> None:
 def cmd_start(args, ws) -> int:
     from ftctl.control.daemon import Daemon
 
-    out = (
-        render.err_console if args.json else render.console
-    )  # --json: stdout holds only the summary
+    # --json: stdout holds only the summary
+    out = render.err_console if args.json else render.console
     if args.serve:
         from .views import check_bind, serve_app
         from .web.app import run_in_thread

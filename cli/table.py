@@ -38,14 +38,13 @@ COMMANDS: dict[str, Command | Group] = {
         "init",
         "create a workspace",
         (
-            "Create a workspace: journal.db (the event journal), ftctl.yaml (every key at its "
-            "default), inbox/, jobs/, models/, logs/ and run/. Refuses a folder that already holds one."
+            "Create a workspace: journal.db (the event journal), ftctl.yaml (every key at its default), inbox/, "
+            "jobs/, models/, logs/ and run/. Refuses a folder that already holds one."
         ),
         (
             "ftctl init --model ~/models/Qwen2.5-0.5B-Instruct-4bit --home ~/ft\n  ftctl init --model "
-            "mlx-community/SmolLM2-135M-Instruct-4bit --home ~/ft   (from the local HF cache)\n  ftctl "
-            "init --model ~/Downloads/SmolLM2-135M-Instruct.Q4_1.gguf --home ~/ft\n  ftctl init --demo "
-            "--home ./ftctl-demo"
+            "mlx-community/SmolLM2-135M-Instruct-4bit --home ~/ft   (from the local HF cache)\n  ftctl init --model "
+            "~/Downloads/SmolLM2-135M-Instruct.Q4_1.gguf --home ~/ft\n  ftctl init --demo --home ./ftctl-demo"
         ),
     ),
     "submit": Command(
@@ -53,13 +52,10 @@ COMMANDS: dict[str, Command | Group] = {
         "submit",
         "validate a JSONL data file and queue a job",
         (
-            "Validate a JSONL data file and queue a job, or reject it naming the bad lines. The file "
-            "is never modified: the job trains on its own copy, with ftctl.yaml plus its --set "
-            "overrides as they are now."
+            "Validate a JSONL data file and queue a job, or reject it naming the bad lines. The file is never "
+            "modified: the job trains on its own copy, with ftctl.yaml plus its --set overrides as they are now."
         ),
-        (
-            "ftctl submit train.jsonl --valid valid.jsonl --set iters=600 --set lora_parameters.rank=16"
-        ),
+        "ftctl submit train.jsonl --valid valid.jsonl --set iters=600 --set lora_parameters.rank=16",
     ),
     "status": Command(
         "jobs",
@@ -79,10 +75,7 @@ COMMANDS: dict[str, Command | Group] = {
         "jobs",
         "replay",
         "a job's state exactly as it was after event SEQ",
-        (
-            "A job's state exactly as it was right after journal event SEQ (the seq column of `ftctl "
-            "history`)."
-        ),
+        "A job's state exactly as it was right after journal event SEQ (the seq column of `ftctl history`).",
         "ftctl replay 3 --to 42",
     ),
     "start": Command(
@@ -90,9 +83,8 @@ COMMANDS: dict[str, Command | Group] = {
         "start",
         "run the daemon in the foreground and train the queue",
         (
-            "Run the daemon in the foreground: repair what a crash left, then train the queued jobs "
-            "one at a time and watch inbox/. Ctrl-C checkpoints the running job and exits; a second "
-            "Ctrl-C kills the worker."
+            "Run the daemon in the foreground: repair what a crash left, then train the queued jobs one at a time "
+            "and watch inbox/. Ctrl-C checkpoints the running job and exits; a second Ctrl-C kills the worker."
         ),
         "ftctl start\n  ftctl start --until-idle --quiet --json",
     ),
@@ -101,9 +93,9 @@ COMMANDS: dict[str, Command | Group] = {
         "recover",
         "replay the journal and repair disk and processes to match",
         (
-            "Replay the journal and repair the disk and the processes to match it: stale jobs "
-            "requeued, orphan workers stopped, temp and uncommitted checkpoints deleted, committed "
-            "ones verified. Refused while a daemon runs (it recovered at its start)."
+            "Replay the journal and repair the disk and the processes to match it: stale jobs requeued, orphan "
+            "workers stopped, temp and uncommitted checkpoints deleted, committed ones verified. Refused while a "
+            "daemon runs (it recovered at its start)."
         ),
         "ftctl recover --dry-run",
     ),
@@ -112,8 +104,8 @@ COMMANDS: dict[str, Command | Group] = {
         "crashes",
         "crashes with category, step, evidence and the suggested fix",
         (
-            "Every recorded crash: category, step, exit code, signal, the telling line of the evidence "
-            "and the suggested fix."
+            "Every recorded crash: category, step, exit code, signal, the telling line of the evidence and the "
+            "suggested fix."
         ),
         "ftctl crashes\n  ftctl crashes --json",
     ),
@@ -122,25 +114,21 @@ COMMANDS: dict[str, Command | Group] = {
         "reproduce",
         "re-run a crash from its last checkpoint: reproduced, or environmental?",
         (
-            "Re-run a crash from the last committed checkpoint before it, with the same data (sha256 "
-            "checked), batch order, RNG and optimizer state, on a scratch copy: `reproduced` (a "
-            "property of the run: same failure at the same step), `not reproduced` (ran cleanly past "
-            "it: the environment) or `different`. Shows the first non-finite step and the failing "
-            "batch (lines of the job's data, token lengths, first characters) and records only a "
-            "`crash_reproduced` event."
+            "Re-run a crash from the last committed checkpoint before it, with the same data (sha256 checked), batch "
+            "order, RNG and optimizer state, on a scratch copy: `reproduced` (a property of the run: same failure at "
+            "the same step), `not reproduced` (ran cleanly past it: the environment) or `different`. Shows the first "
+            "non-finite step and the failing batch (lines of the job's data, token lengths, first characters) and "
+            "records only a `crash_reproduced` event."
         ),
-        (
-            "ftctl reproduce 3\n  ftctl reproduce 3 --crash 1 --trace replay.jsonl\n  ftctl reproduce "
-            "3 --step 40"
-        ),
+        "ftctl reproduce 3\n  ftctl reproduce 3 --crash 1 --trace replay.jsonl\n  ftctl reproduce 3 --step 40",
     ),
     "pause": Command(
         "jobs",
         "control",
         "checkpoint and pause a job",
         (
-            "Pause a job. A training job checkpoints first (the daemon acts on it within a second); "
-            "`ftctl resume JOB` queues it again."
+            "Pause a job. A training job checkpoints first (the daemon acts on it within a second); `ftctl resume "
+            "JOB` queues it again."
         ),
         "ftctl pause 3",
         defaults={"action": "pause"},
@@ -158,10 +146,9 @@ COMMANDS: dict[str, Command | Group] = {
         "control",
         "queue a failed job again: it continues from its last good checkpoint, budget reset",
         (
-            "Queue a failed job again (its restart budget spent, a NaN, …): it continues from its last "
-            "good checkpoint, bit for bit, with a fresh restart budget. `--reshard`: a data-parallel "
-            "job whose hosts changed continues on the new number of ranks (deterministic, not "
-            "bit-exact)."
+            "Queue a failed job again (its restart budget spent, a NaN, …): it continues from its last good "
+            "checkpoint, bit for bit, with a fresh restart budget. `--reshard`: a data-parallel job whose hosts "
+            "changed continues on the new number of ranks (deterministic, not bit-exact)."
         ),
         "ftctl retry 3 --reshard",
         args="retry",
@@ -172,8 +159,8 @@ COMMANDS: dict[str, Command | Group] = {
         "control",
         "cancel a job",
         (
-            "Cancel a job for good (a training job is stopped by the daemon within a second). Its "
-            "checkpoints stay on disk until retention or `ftctl doctor --fix`."
+            "Cancel a job for good (a training job is stopped by the daemon within a second). Its checkpoints stay "
+            "on disk until retention or `ftctl doctor --fix`."
         ),
         "ftctl cancel 3",
         defaults={"action": "cancel"},
@@ -190,18 +177,15 @@ COMMANDS: dict[str, Command | Group] = {
         "consolidate",
         "fuse the lineage's adapter into a new base model",
         (
-            "Fuse the lineage's current adapter into a new base model models/vNNNN/ (verified before "
-            "it is promoted); new jobs then train a fresh adapter on it. With a daemon running, "
-            "records a request it carries out when the lineage is idle."
+            "Fuse the lineage's current adapter into a new base model models/vNNNN/ (verified before it is "
+            "promoted); new jobs then train a fresh adapter on it. With a daemon running, records a request it "
+            "carries out when the lineage is idle."
         ),
         "ftctl consolidate --lineage main",
     ),
     "lineage": Group(
         "a lineage's head: which adapter it continues from",
-        (
-            "A lineage's head: the completed job whose adapter later jobs warm-start from and "
-            "consolidation fuses."
-        ),
+        "A lineage's head: the completed job whose adapter later jobs warm-start from and consolidation fuses.",
         "ftctl lineage set-head 4",
     ),
     "lineage set-head": Command(
@@ -209,8 +193,8 @@ COMMANDS: dict[str, Command | Group] = {
         "set_head",
         "make a completed job the lineage's head (e.g. a branch)",
         (
-            "Make a completed job the head of its lineage — e.g. a branch: a job that completed after "
-            "another one, started later from the same head, had already become the head."
+            "Make a completed job the head of its lineage — e.g. a branch: a job that completed after another one, "
+            "started later from the same head, had already become the head."
         ),
         "ftctl lineage set-head 4",
     ),
@@ -219,9 +203,8 @@ COMMANDS: dict[str, Command | Group] = {
         "eval",
         "test loss and perplexity of a job's adapter and of its base model",
         (
-            "Did fine-tuning help? Test loss and perplexity of the job's adapter and of its base model "
-            "on the same data (the job's validation split by default), recorded as an event and shown "
-            "by `ftctl status JOB`."
+            "Did fine-tuning help? Test loss and perplexity of the job's adapter and of its base model on the same "
+            "data (the job's validation split by default), recorded as an event and shown by `ftctl status JOB`."
         ),
         "ftctl eval 3\n  ftctl eval 3 --data test.jsonl --json",
     ),
@@ -235,8 +218,8 @@ COMMANDS: dict[str, Command | Group] = {
         "config_show",
         "the effective config and where each value comes from",
         (
-            "The effective config for new jobs of a lineage, and where each value comes from (default, "
-            "ftctl.yaml, the lineage's promoted base)."
+            "The effective config for new jobs of a lineage, and where each value comes from (default, ftctl.yaml, "
+            "the lineage's promoted base)."
         ),
         "ftctl config show\n  ftctl config show --lineage main --json",
     ),
@@ -245,17 +228,16 @@ COMMANDS: dict[str, Command | Group] = {
         "doctor",
         "health checks: journal, daemon, processes, disk, checkpoints, drift",
         (
-            "Health checks: journal integrity, daemon and lock, orphan workers, disk and memory, "
-            "checkpoints, retention, config and data drift. Exits 1 when anything is not ok."
+            "Health checks: journal integrity, daemon and lock, orphan workers, disk and memory, checkpoints, "
+            "retention, config and data drift. Exits 1 when anything is not ok."
         ),
         "ftctl doctor\n  ftctl doctor --fix",
     ),
     "service": Group(
         "run the daemon as a systemd / launchd service",
         (
-            "Run the daemon as a service: a systemd user unit (Linux) or a launchd agent (macOS) that "
-            "runs `ftctl start` for this workspace, outlives logouts and reboots, and is restarted "
-            "when it crashes."
+            "Run the daemon as a service: a systemd user unit (Linux) or a launchd agent (macOS) that runs `ftctl "
+            "start` for this workspace, outlives logouts and reboots, and is restarted when it crashes."
         ),
         "ftctl service install\n  ftctl service install --print --platform macos",
     ),
@@ -264,15 +246,12 @@ COMMANDS: dict[str, Command | Group] = {
         "service",
         "write, enable and start the service for this workspace",
         (
-            "Write the unit (or plist) for this workspace — absolute paths of the workspace and of "
-            "this venv's ftctl baked in, restart limits from ftctl.yaml's restart: — and enable and "
-            "start it where systemd or launchd runs (otherwise it says what to run). Idempotent; never "
-            "overwrites a file ftctl did not write. `--print` shows the file and changes nothing."
+            "Write the unit (or plist) for this workspace — absolute paths of the workspace and of this venv's ftctl "
+            "baked in, restart limits from ftctl.yaml's restart: — and enable and start it where systemd or launchd "
+            "runs (otherwise it says what to run). Idempotent; never overwrites a file ftctl did not write. "
+            "`--print` shows the file and changes nothing."
         ),
-        (
-            "ftctl service install\n  ftctl service install --print\n  sudo ftctl service install "
-            "--system"
-        ),
+        "ftctl service install\n  ftctl service install --print\n  sudo ftctl service install --system",
         args="service_install",
     ),
     "service uninstall": Command(
@@ -280,8 +259,8 @@ COMMANDS: dict[str, Command | Group] = {
         "service",
         "stop (gracefully), disable and remove the service",
         (
-            "Stop the service gracefully (the running job checkpoints first), disable it and remove "
-            "its file. Idempotent; never removes a file ftctl did not write."
+            "Stop the service gracefully (the running job checkpoints first), disable it and remove its file. "
+            "Idempotent; never removes a file ftctl did not write."
         ),
         "ftctl service uninstall",
         args="service_manage",
@@ -291,8 +270,8 @@ COMMANDS: dict[str, Command | Group] = {
         "service",
         "whether it is installed, up to date and running",
         (
-            "Is a service installed for this workspace, is its file what `install` would write now, "
-            "and what systemd or launchd says about it."
+            "Is a service installed for this workspace, is its file what `install` would write now, and what systemd "
+            "or launchd says about it."
         ),
         "ftctl service status --json",
         args="service_manage",
@@ -301,14 +280,10 @@ COMMANDS: dict[str, Command | Group] = {
         "setup",
         "completion",
         "print a shell completion script",
+        "Print a shell completion script (subcommands, options, and job ids read live from the journal).",
         (
-            "Print a shell completion script (subcommands, options, and job ids read live from the "
-            "journal)."
-        ),
-        (
-            "ftctl completion bash > ~/.local/share/bash-completion/completions/ftctl\n  ftctl "
-            'completion fish > ~/.config/fish/completions/ftctl.fish\n  eval "$(ftctl completion '
-            'zsh)"'
+            "ftctl completion bash > ~/.local/share/bash-completion/completions/ftctl\n  ftctl completion fish > "
+            '~/.config/fish/completions/ftctl.fish\n  eval "$(ftctl completion zsh)"'
         ),
     ),
     "demo": Command(
@@ -316,9 +291,9 @@ COMMANDS: dict[str, Command | Group] = {
         "demo",
         "the one-minute tour on the embedded tiny model",
         (
-            "The one-minute tour on the embedded tiny model: init ./ftctl-demo, submit, train with the "
-            "worker killed at STEP, recover, reproduce the crash (a kill is environmental: not "
-            "reproduced), and compare the adapter with an uninterrupted run."
+            "The one-minute tour on the embedded tiny model: init ./ftctl-demo, submit, train with the worker killed "
+            "at STEP, recover, reproduce the crash (a kill is environmental: not reproduced), and compare the "
+            "adapter with an uninterrupted run."
         ),
         "ftctl demo\n  ftctl demo --reset --kill-at 5",
     ),
@@ -327,11 +302,10 @@ COMMANDS: dict[str, Command | Group] = {
         "metrics",
         "every recorded training point of jobs (loss, val loss, lr, …)",
         (
-            "Every training point the journal recorded for the jobs: global step (continuing across "
-            "warm-started jobs of a lineage), step, train loss, val loss, learning rate, tokens/s, "
-            "peak memory, time and attempt. After a crash and resume, only the effective curve: points "
-            "the crashed attempt reported past its last checkpoint were trained again and are hidden "
-            "(--all shows them, flagged)."
+            "Every training point the journal recorded for the jobs: global step (continuing across warm-started "
+            "jobs of a lineage), step, train loss, val loss, learning rate, tokens/s, peak memory, time and attempt. "
+            "After a crash and resume, only the effective curve: points the crashed attempt reported past its last "
+            "checkpoint were trained again and are hidden (--all shows them, flagged)."
         ),
         "ftctl metrics 3\n  ftctl metrics --lineage main --csv > curves.csv",
     ),
@@ -340,9 +314,8 @@ COMMANDS: dict[str, Command | Group] = {
         "plot",
         "train and val loss against global step, to a PNG or SVG",
         (
-            "Draw train and val loss against global step to a PNG or SVG, one colour per job, with "
-            "checkpoints, crashes and resumes marked on the x axis (needs the ftctl[plot] extra: "
-            "matplotlib)."
+            "Draw train and val loss against global step to a PNG or SVG, one colour per job, with checkpoints, "
+            "crashes and resumes marked on the x axis (needs the ftctl[plot] extra: matplotlib)."
         ),
         "ftctl plot 3 4 -o loss.png\n  ftctl plot --lineage main -o lineage.svg",
     ),
@@ -351,9 +324,8 @@ COMMANDS: dict[str, Command | Group] = {
         "export_tb",
         "write TensorBoard event files from the journal",
         (
-            "Write TensorBoard event files from the journal, one run folder per job (the effective "
-            "curves), for `tensorboard --logdir WS/tensorboard` (needs the ftctl[tensorboard] extra: "
-            "tensorboardX)."
+            "Write TensorBoard event files from the journal, one run folder per job (the effective curves), for "
+            "`tensorboard --logdir WS/tensorboard` (needs the ftctl[tensorboard] extra: tensorboardX)."
         ),
         "ftctl export-tb\n  ftctl export-tb 3 -o /tmp/tb",
     ),
@@ -362,10 +334,9 @@ COMMANDS: dict[str, Command | Group] = {
         "serve",
         "a read-only live status page in the browser",
         (
-            "A read-only live status page: daemon alive or dead (as `status` says), jobs, loss curves "
-            "that update while training, crashes with evidence and fix, the history tail, and each "
-            "job's replay. Binds to 127.0.0.1; another address only with --token (needs the "
-            "ftctl[serve] extra: Starlette, uvicorn)."
+            "A read-only live status page: daemon alive or dead (as `status` says), jobs, loss curves that update "
+            "while training, crashes with evidence and fix, the history tail, and each job's replay. Binds to "
+            "127.0.0.1; another address only with --token (needs the ftctl[serve] extra: Starlette, uvicorn)."
         ),
         "ftctl serve\n  ftctl serve --port 9000 --host 0.0.0.0 --token s3cret",
     ),

@@ -96,9 +96,8 @@ def set_head(ledger: Ledger, job: str) -> ev.HeadSet:
             do="restore it first",
         )
     e = ev.HeadSet(lineage=lin.name, job=j.job, previous=lin.head_job)
-    ledger.commit(
-        lineage_stream(lin.name), e
-    )  # IllegalTransition while the lineage is consolidating
+    # IllegalTransition while the lineage is consolidating
+    ledger.commit(lineage_stream(lin.name), e)
     return e
 
 

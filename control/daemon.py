@@ -76,9 +76,8 @@ class Daemon:
         self.flags = supervise.StopFlags()  # why we were asked to stop; twice: kill, no checkpoint
         self.ledger: Ledger | None = None
         self.refused: set[tuple[str, int]] = set()
-        self.ended: dict[
-            str, tuple[str, str]
-        ] = {}  # after run(): jobs it moved, -> (state, reason)
+        # after run(): jobs it moved, -> (state, reason)
+        self.ended: dict[str, tuple[str, str]] = {}
         self.skipped: set[tuple[str, float]] = set()  # inbox files already said to be skipped
         self.standby = Standby(ws, self.env, self.say)  # the spare worker (control/standby.py)
         self.notifier: Notifier | None = None  # notify: targets (control/notifier.py)

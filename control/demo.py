@@ -136,9 +136,8 @@ def tour(home: Path, *, reset: bool, kill_at: int, report: Reporter = SILENT) ->
     report.section("1. submit the demo data (validated before it is queued)")
     job = _submit(ws, data, "demo", report)
     report.section(f"2. train; the worker is SIGKILLed at step {kill_at} (a simulated crash)")
-    marker = (
-        ws.home / "run" / f"demo-crash-{job}.marker"
-    )  # one per job: a re-run kills its own job too
+    # one per job: a re-run kills its own job too
+    marker = ws.home / "run" / f"demo-crash-{job}.marker"
     Daemon(
         ws, until_idle=True, env={"FTCTL_CRASH_AT": f"mid_step:{kill_at}:{marker}"}, report=report
     ).run()
@@ -147,9 +146,8 @@ def tour(home: Path, *, reset: bool, kill_at: int, report: Reporter = SILENT) ->
     ref = Workspace(ws.home / "reference")
     if ref.home.exists():
         shutil.rmtree(ref.home)  # inside the demo's own folder: made by an earlier tour
-    init_workspace(
-        ref.home, j.config.model, config_to_dict(j.config)
-    )  # exactly the recorded config
+    # exactly the recorded config
+    init_workspace(ref.home, j.config.model, config_to_dict(j.config))
     ref_job = _submit(ref, data, "reference", SILENT)
     Daemon(ref, until_idle=True).run()
     r = _job(ref, ref_job)

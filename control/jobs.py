@@ -38,9 +38,8 @@ class Outcome:
     action: str  # "pause" | "resume" | "retry" | "cancel"
     event: str  # the event committed: "paused", "resumed", "cancelled" or "control_requested"
     deferred: bool  # True: the daemon carries it out (the job is training)
-    daemon_alive: bool = (
-        True  # False: no daemon holds the lock; a deferred request waits for `ftctl start`
-    )
+    # False: no daemon holds the lock; a deferred request waits for `ftctl start`
+    daemon_alive: bool = True
 
 
 def daemon_alive(ws: Workspace) -> bool:

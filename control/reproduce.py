@@ -229,9 +229,8 @@ def replay(
             f"the job's base model cannot load: {problem}. Nothing was run or recorded"
         )
     attempt = crash.attempt if crash else _last_attempt(events)
-    limit = (
-        crash.step + 1 if crash else target
-    )  # replay at least one step: from a checkpoint before this
+    # replay at least one step: from a checkpoint before this
+    limit = crash.step + 1 if crash else target
     _sweep(ws)
     scratch = ws.reproduce_scratch(j.job, os.getpid())
     if scratch.exists():
@@ -485,9 +484,8 @@ def _copy_data(ws: Workspace, j: JobState, scratch: Path, notes: list[str]) -> d
         sha = hashlib.sha256(dst.read_bytes()).hexdigest()
         want = j.copies.get(name)
         if want is None and name == "train.jsonl" and j.valid_sha256 is not None:
-            want = (
-                j.data_sha256
-            )  # submitted with --valid: the copy is the submitted file, byte for byte
+            # submitted with --valid: the copy is the submitted file, byte for byte
+            want = j.data_sha256
         if want is None:
             notes.append(
                 f"the job recorded no sha256 of its {name} (an older ftctl): that file was not checked"

@@ -121,18 +121,16 @@ def install(ws: Workspace, system: bool = False) -> Outcome:
     start, stop, show = _commands(plat, system, home, path)
     todo = start
     running = process.lock_holder(ws.lock_path)
-    if (
-        running
-    ):  # a daemon runs already (in a terminal, or this very service): never start a second one
+    # a daemon runs already (in a terminal, or this very service): never start a second one
+    if running:
         todo = [start[0], [c for c in start[1] if c != "--now"]] if plat == "linux" else []
         out.notes.append(
             f"a daemon is running on {home} ({running}): the service is enabled but not started now; "
             f"after `ftctl shutdown` start it with `{svc.shell_line(start[-1])}`"
         )
     elif plat == "macos" and out.action == "updated":
-        todo = (
-            stop + start
-        )  # launchd reads the file when it is bootstrapped: reload the changed one
+        # launchd reads the file when it is bootstrapped: reload the changed one
+        todo = stop + start
     if not (svc.launchd_running() if plat == "macos" else svc.systemd_running()):
         out.notes.append(
             f"{'launchd' if plat == 'macos' else 'systemd'} is not running here: nothing was started; "
@@ -176,9 +174,8 @@ def uninstall(ws: Workspace, system: bool = False) -> Outcome:
     _, stop, _ = _commands(plat, system, home, path)
     manager = svc.launchd_running() if plat == "macos" else svc.systemd_running()
     if manager:
-        for cmd in stop[
-            :1
-        ]:  # stop (gracefully: SIGTERM -> checkpoint) and disable, before the file goes
+        # stop (gracefully: SIGTERM -> checkpoint) and disable, before the file goes
+        for cmd in stop[:1]:
             code, said = svc.call(cmd, timeout=900)  # a graceful stop may wait for a checkpoint
             out.notes.append(
                 f"ran `{svc.shell_line(cmd)}`" + (f" ({code}: {said})" if code else "")

@@ -193,9 +193,8 @@ def submit(
     if vreport is not None and vreport.verdict == "reject":
         reasons += [f"validation file: {r}" for r in vreport.reasons]
     resolved = models.Resolved(cfg.model)
-    if models.needs_resolving(
-        cfg.model
-    ):  # a repo id or a GGUF file: the folder it names, pinned now
+    # a repo id or a GGUF file: the folder it names, pinned now
+    if models.needs_resolving(cfg.model):
         try:
             resolved = models.for_job(ws, ledger, cfg.model, note)
         except models.ModelRefused as e:

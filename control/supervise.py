@@ -278,9 +278,8 @@ class Failure:
 class Attempt:
     """One attempt of a job, 1..N ranks: messages -> events, control requests -> stop, death -> crash."""
 
-    def __init__(
-        self, host: Host, j: JobState, w, oom_before: int | None, step: int
-    ):  # w: process.Worker or group.Group
+    # w: process.Worker or group.Group
+    def __init__(self, host: Host, j: JobState, w, oom_before: int | None, step: int):
         self.host, self.job, self.cfg, self.w = host, j.job, j.config, w
         self.oom_before, self.stream = oom_before, job_stream(j.job)
         self.world = w.world_size
@@ -318,9 +317,8 @@ class Attempt:
                     break
                 if len(self.ranks) == self.world and all(r.closed for r in self.ranks.values()):
                     break  # every rank ended (with its final message, or the leader had nothing to say)
-                if (
-                    w.ended()
-                ):  # mlx.launch exited: its ranks' last lines and EOFs may still be unread
+                # mlx.launch exited: its ranks' last lines and EOFs may still be unread
+                if w.ended():
                     self.drain()
                     if self.first is None and not self.all_done():
                         self.fail_first(
@@ -348,9 +346,8 @@ class Attempt:
         self.finish(code)
 
     def hear(self, h: P.Heard) -> None:
-        if (
-            h.problem
-        ):  # a bug or a stranger, not a reason to drop the attempt: say it, keep watching
+        # a bug or a stranger, not a reason to drop the attempt: say it, keep watching
+        if h.problem:
             rank = "" if h.rank is None or self.world == 1 else f" rank {h.rank}"
             self.host.say(
                 f"job {self.job}{rank}: {h.problem}", "warn" if h.rank is None else "error"
@@ -678,9 +675,8 @@ class Attempt:
                 "warn",
             )
             return
-        if (
-            self.stop_reason == "cancel"
-        ):  # the user's act: no crash record, no red tick on the curve
+        # the user's act: no crash record, no red tick on the curve
+        if self.stop_reason == "cancel":
             L.commit(
                 self.stream,
                 ev.Cancelled(

@@ -86,10 +86,6 @@ class Run:
         self.writer.close()
 
 
-def event_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("events.out.tfevents.*")) if folder.is_dir() else []
-
-
 # --------------------------------------------------------------------------- live and export
 
 

@@ -771,9 +771,8 @@ def describe_keys() -> dict[str, str]:
                 walk(sub, dotted)
                 continue
             item = E.struct_member(E.list_item(f.type)) if E.list_item(f.type) is not None else None
-            if (
-                item is not None
-            ):  # a list of mappings (notify): the list, then each item's keys as key[].name
+            # a list of mappings (notify): the list, then each item's keys as key[].name
+            if item is not None:
                 default = f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
                 out[dotted] = (
                     f"{desc} ({E.allowed(f.type)}; default {E.show(msgspec.to_builtins(default))})"

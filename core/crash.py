@@ -135,9 +135,8 @@ class Evidence:
     message: str = ""  # what it said with it (its error)
     oom_kills: int | None = None  # cgroup OOM-kill counter delta during the run; None = unreadable
     hung: bool = False  # the daemon killed it: no progress, or not stopping when asked
-    vanished: bool = (
-        False  # a rank whose connection closed without a word (no exit status of its own)
-    )
+    # a rank whose connection closed without a word (no exit status of its own)
+    vanished: bool = False
     step: int | None = None  # the last step seen (before the first one: where it resumed)
     loading: bool = False  # it died before this attempt's first step (imports, model load, resume)
     what: str = ""  # the supervisor's account: which rank, what the watchdog saw, …
@@ -160,9 +159,8 @@ def classify(e: Evidence) -> str:
             return "metal_watchdog"
         if _DESCRIPTOR_LEAK.search(tail):
             return "descriptor_leak"
-        if e.reported and any(
-            m in tail for m in _MLX_OOM
-        ):  # MLX's allocation errors are Python exceptions too
+        # MLX's allocation errors are Python exceptions too
+        if e.reported and any(m in tail for m in _MLX_OOM):
             return "oom"
     if e.reported:
         return e.reported
@@ -401,9 +399,8 @@ def evidence_text(e: Evidence) -> str:
         parts.append(f"exit code {e.exit_code}{_signal_name(e.exit_code)}")
     if e.message:
         parts.append(f"{'worker' if e.rank is None else 'rank'} said: {e.message}")
-    if (
-        e.log_path
-    ):  # a watched attempt (recovery's account of a dead daemon's job has no more to say)
+    # a watched attempt (recovery's account of a dead daemon's job has no more to say)
+    if e.log_path:
         if e.steps_seen:
             parts.append(f"last steps seen: {e.steps_seen}")
         elif e.loading:

@@ -28,9 +28,8 @@ JOB_STATES = [
     "cancelled",
     "rejected",
 ]
-TERMINAL = frozenset(
-    {"completed", "failed", "cancelled", "rejected"}
-)  # finished: nothing runs them again…
+# finished: nothing runs them again…
+TERMINAL = frozenset({"completed", "failed", "cancelled", "rejected"})
 RETRYABLE = frozenset({"failed"})  # …except `ftctl retry`, which the user asks for explicitly
 ACTIVE = frozenset({"training", "checkpointing"})
 
@@ -118,9 +117,8 @@ _JOB_MACHINE, _JOB_MODEL, JOB_TABLE = _build(JOB_STATES, JOB_TRANSITIONS, "new")
 _LIN_MACHINE, _LIN_MODEL, LINEAGE_TABLE = _build(LINEAGE_STATES, LINEAGE_TRANSITIONS, "idle")
 
 
-_LOCK = (
-    threading.Lock()
-)  # one model per machine, shared: a command at a time (the daemon has threads)
+# one model per machine, shared: a command at a time (the daemon has threads)
+_LOCK = threading.Lock()
 
 
 def may(state: str, trigger: str, *, lineage: bool = False) -> bool:

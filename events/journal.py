@@ -368,9 +368,8 @@ class Journal:
         try:
             ts = utc_now()
             rows: list[tuple[str, int, str, str, str]] = []
-            versions: dict[
-                str, int
-            ] = {}  # a stream may come twice in one batch: its versions go on
+            # a stream may come twice in one batch: its versions go on
+            versions: dict[str, int] = {}
             for stream, events, expected in batch:
                 version = versions.get(stream)
                 if version is None:

@@ -11,9 +11,8 @@ from contextlib import contextmanager
 from ftctl.core import state as S
 from ftctl.events.journal import Journal
 
-SNAPSHOT_EVERY = (
-    2000  # events of tail after which a load (or the live ledger) writes a fresh snapshot
-)
+# events of tail after which a load (or the live ledger) writes a fresh snapshot
+SNAPSHOT_EVERY = 2000
 # Time travel: older snapshots are kept as milestones this many events apart (compressed), at most
 # SNAPSHOT_MILESTONES of them (past that the spacing doubles). See docs/architecture.md, "Snapshots".
 SNAPSHOT_INTERVAL = 50_000

@@ -49,9 +49,8 @@ def test_no_workspace(tmp_path, capsys):
 
 
 def test_init_refuses_existing(ws, capsys):
-    code, _, err = run(
-        capsys, "init", "--model", "x", "--home", ws
-    )  # the workspace is checked first
+    # the workspace is checked first
+    code, _, err = run(capsys, "init", "--model", "x", "--home", ws)
     assert code == 1 and "already holds an ftctl workspace" in err
 
 
@@ -222,9 +221,8 @@ def test_readme_test_command_is_what_ci_runs():
 def test_doctor_finds_problems_and_fix_repairs_them(ws, tmp_path, capsys):
     code, out, _ = run(capsys, "doctor", "--json", "--home", ws)
     assert code == 0 and json.loads(out)["ok"]
-    (found,) = [
-        f for f in json.loads(out)["findings"] if f["check"] == "blas"
-    ]  # which BLAS workers run on
+    # which BLAS workers run on
+    (found,) = [f for f in json.loads(out)["findings"] if f["check"] == "blas"]
     assert found["message"].startswith("workers run on ")
     if sys.platform.startswith("linux") and "reference" in found["message"]:
         assert "pip install" in found["message"]  # and how to get a fast one
@@ -243,9 +241,8 @@ def test_doctor_finds_problems_and_fix_repairs_them(ws, tmp_path, capsys):
     code, out, _ = run(capsys, "doctor", "--fix", "--json", "--home", ws)
     report = json.loads(out)
     assert any("0009" in line for line in report["fixed"]) and not (ws / "jobs" / "0009").exists()
-    assert {f["check"] for f in report["findings"] if f["severity"] != "ok"} == {
-        "config drift"
-    }  # a choice for the user
+    # a choice for the user
+    assert {f["check"] for f in report["findings"] if f["severity"] != "ok"} == {"config drift"}
 
 
 def test_a_bad_set_override_is_blamed_on_the_override_not_the_file(ws, tmp_path, capsys):
@@ -288,9 +285,8 @@ def test_the_same_data_and_config_twice_needs_again(ws, tmp_path, capsys):
     assert run(capsys, "submit", data, "--home", ws)[0] == 0
     code, _, err = run(capsys, "submit", data, "--home", ws)
     assert code == 1 and "job 0001" in err and "--again" in err and "nothing was queued" in err
-    assert (
-        run(capsys, "submit", data, "--home", ws, "--set", "iters=50")[0] == 0
-    )  # another config: another job
+    # another config: another job
+    assert run(capsys, "submit", data, "--home", ws, "--set", "iters=50")[0] == 0
     assert run(capsys, "submit", data, "--home", ws, "--again")[0] == 0
     _, out, _ = run(capsys, "history", "--json", "--home", ws)
     assert [e["data"]["job"] for e in json.loads(out)] == ["0001", "0002", "0003"]
@@ -404,9 +400,8 @@ def test_crashes_shows_signal_exit_and_the_telling_evidence_line(ws, tmp_path, c
     ]
     assert code == 0 and len(rows) == 2, out
     first, second = rows
-    assert (
-        first[3] == "1" and second[3] == "2"
-    )  # the job's crash number: what `reproduce --crash` takes
+    # the job's crash number: what `reproduce --crash` takes
+    assert first[3] == "1" and second[3] == "2"
     assert first[5:9] == ["3", "1", "-", "ValueError: Missing 9 parameters"]
     assert second[5:9] == ["-", "-", "SIGKILL", "no exit status; the worker hung"]
     assert "None" not in out
@@ -428,9 +423,8 @@ def test_history_never_cuts_a_path_in_the_middle(ws, tmp_path, capsys, monkeypat
 # --------------------------------------------------------------------------- the parser: help, typos, --version
 
 # wt-9a owns the options of `status` and `history` (issue 9); their argument help is checked there.
-ARGUMENT_HELP_ELSEWHERE: set[str] = (
-    set()
-)  # commands whose argument help is checked elsewhere (none now)
+# commands whose argument help is checked elsewhere (none now)
+ARGUMENT_HELP_ELSEWHERE: set[str] = set()
 
 
 def _commands(parser, path=""):
@@ -453,9 +447,8 @@ def test_every_command_has_a_description_an_example_and_help_for_every_argument(
     for name, p in commands.items():
         assert p.description and len(p.description) > 20, name
         assert p.epilog and p.epilog.startswith("example:\n  ftctl " + name.split()[0]), name
-        assert p.formatter_class is argparse.RawDescriptionHelpFormatter, (
-            name
-        )  # the example keeps its lines
+        # the example keeps its lines
+        assert p.formatter_class is argparse.RawDescriptionHelpFormatter, name
         assert f"`ftctl {name}" in docs, name
         if name in ARGUMENT_HELP_ELSEWHERE:
             continue
@@ -538,9 +531,8 @@ def test_a_refusal_with_json_is_a_json_error_on_stdout(tmp_path, capsys, demo):
     run(capsys, "init", "--model", demo.model_dir, "--home", home)
     data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
     assert run(capsys, "submit", data, "--home", home, "--json")[0] == 0
-    code, out, err = run(
-        capsys, "submit", data, "--home", home, "--json"
-    )  # the same job twice: refused
+    # the same job twice: refused
+    code, out, err = run(capsys, "submit", data, "--home", home, "--json")
     answer = json.loads(out)
     assert code == 1 and answer["exit"] == 1 and "--again" in answer["error"] and "error:" in err
     code, out, _ = run(capsys, "pause", "42", "--home", home, "--json")
@@ -551,9 +543,8 @@ def test_start_json_prints_one_summary_of_the_run(ws, tmp_path, capsys):
     run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
     code, out, err = run(capsys, "start", "--until-idle", "--home", ws, "--json")
     summary = json.loads(out)  # stdout is the summary alone: the progress went to stderr
-    assert (
-        code == 1 and "daemon started" in err and "job 0001 paused" in err
-    )  # --until-idle: not all completed
+    # --until-idle: not all completed
+    assert code == 1 and "daemon started" in err and "job 0001 paused" in err
     assert summary == {
         "stopped": "queue empty (--until-idle)",
         "completed": [],
@@ -565,9 +556,8 @@ def test_start_json_prints_one_summary_of_the_run(ws, tmp_path, capsys):
 def test_consolidate_json_with_a_daemon_running_is_a_request(ws, tmp_path, capsys):
     from ftctl.adapters import process
 
-    run(
-        capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws
-    )  # the lineage
+    # the lineage
+    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
     lock = process.acquire_lock(ws / "run" / "daemon.lock")  # stands for a running daemon
     try:
         code, out, _ = run(capsys, "consolidate", "--home", ws, "--json")

@@ -80,9 +80,8 @@ def test_an_internal_error_in_the_daemon_loop_is_recorded_and_releases_the_lock(
         and last.reason == "internal error: RuntimeError: simulated bug"
     )
     monkeypatch.undo()
-    assert (
-        Daemon(ws, until_idle=True).run() == "queue empty (--until-idle)"
-    )  # the lock was released
+    # the lock was released
+    assert Daemon(ws, until_idle=True).run() == "queue empty (--until-idle)"
     assert "internal error: RuntimeError: simulated bug" in (ws.logs / "daemon.log").read_text()
 
 
@@ -120,9 +119,8 @@ def test_config_sha256_hashes_exactly_the_recorded_config_also_after_a_promotion
     ledger = Ledger(ws.open_journal())
     try:
         submit(ws, ledger, data, overrides=["learning_rate=3e-4"])
-        promoted = str(
-            ws.models / "v0001"
-        )  # as if the lineage had consolidated: jobs now train on v0001
+        # as if the lineage had consolidated: jobs now train on v0001
+        promoted = str(ws.models / "v0001")
         shutil.copytree(ledger.state.lineages["main"].base_model, promoted)
         ledger.commit(
             lineage_stream("main"),

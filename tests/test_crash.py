@@ -174,9 +174,8 @@ def _not_reproduced(category: str, step: int) -> ev.CrashReproduced:
 
 
 history = st.lists(
-    st.tuples(
-        st.sampled_from(ALL), st.integers(0, 3), st.floats(0, 1000), st.booleans()
-    ),  # (category, step, age in s, loading)
+    # (category, step, age in s, loading)
+    st.tuples(st.sampled_from(ALL), st.integers(0, 3), st.floats(0, 1000), st.booleans()),
     max_size=8,
 )
 

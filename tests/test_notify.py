@@ -96,9 +96,8 @@ def test_a_committed_event_is_delivered_once_with_its_payload_and_the_cursor_mov
     notify = [{"url": s.url, "events": ["daemon_stopped"]}]
     ws = _ws(tmp_path, notify)
     ledger = Ledger(ws.open_journal())
-    ledger.commit(
-        DAEMON_STREAM, ev.DaemonStopped(pid=1, reason="before the notifier")
-    )  # history is not replayed
+    # history is not replayed
+    ledger.commit(DAEMON_STREAM, ev.DaemonStopped(pid=1, reason="before the notifier"))
     n = Notifier(ws, _targets(notify), lambda *a: None)
     n.start()
     seq = _stop(ledger, "ftctl shutdown")
@@ -209,9 +208,8 @@ def test_at_least_once_across_restarts(tmp_path, server):
 
     d = daemon(ws.home, "--until-idle", env=crash_env(tmp_path, "notify_before_send:*"))
     assert d.wait(60) == -9
-    assert (
-        seqs() == first
-    )  # killed before it sent anything: its events are committed, not delivered
+    # killed before it sent anything: its events are committed, not delivered
+    assert seqs() == first
     with ws.open_journal() as j:
         undelivered = [
             r.seq for r in j.read(after=first[-1]) if type(r.event).kind() in ("daemon_started",)
@@ -221,9 +219,8 @@ def test_at_least_once_across_restarts(tmp_path, server):
     d = daemon(ws.home, "--until-idle")
     assert d.wait(60) == 0, d.stderr.read()
     got = seqs()
-    assert got[:2] == first and len(got) == len(set(got)), (
-        got
-    )  # the clean restart sent nothing twice
+    # the clean restart sent nothing twice
+    assert got[:2] == first and len(got) == len(set(got)), got
     assert set(undelivered) <= set(got[2:]), (
         undelivered,
         got,

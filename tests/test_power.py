@@ -83,9 +83,8 @@ def test_held_while_training_released_after_and_dies_with_the_daemon(tmp_path, d
         assert f"keeping the machine awake (systemd-inhibit pid {sh})" in s["summary"]
         d.send_signal(signal.SIGKILL)
         d.wait(10)
-        wait_for(
-            lambda: not running(sh) and not running(cat), timeout=10, every=0.1
-        )  # gone with the daemon
+        # gone with the daemon
+        wait_for(lambda: not running(sh) and not running(cat), timeout=10, every=0.1)
     finally:
         if d.poll() is None:
             d.kill()
@@ -99,9 +98,8 @@ def test_held_while_training_released_after_and_dies_with_the_daemon(tmp_path, d
     )
     finished(home)
     pids = _pids(log)
-    assert len(pids) == 4 and not any(
-        map(running, pids)
-    )  # held again for the resumed run, released at its end
+    # held again for the resumed run, released at its end
+    assert len(pids) == 4 and not any(map(running, pids))
     assert not (home / "run" / power.STATE_FILE).exists()
     assert status(home)["daemon"]["power"] is None
 

@@ -35,9 +35,8 @@ def test_verdict_cases():
         "loss and gradient norm",
         7,
     )
-    assert (
-        judge("nan", 8, "", Outcome(category="nan", step=9), nan).verdict == "different"
-    )  # another step
+    # another step
+    assert judge("nan", 8, "", Outcome(category="nan", step=9), nan).verdict == "different"
     assert judge("killed", 17, "", Outcome(category=None, step=18), []).verdict == "not reproduced"
     same = judge(
         "exception",
@@ -103,12 +102,10 @@ def test_verdict_properties(crash, crash_step, message, category, step, replay_m
         for t in trace
         if not all(isinstance(x, float) and abs(x) != float("inf") for x in (t.loss, t.grad_norm))
     ]
-    assert v.first_nonfinite_step == (
-        bad[0] if bad else None
-    )  # the first step where anything went non-finite
-    if (
-        category is not None
-    ):  # the batch to blame: that first non-finite step, else the one that failed
+    # the first step where anything went non-finite
+    assert v.first_nonfinite_step == (bad[0] if bad else None)
+    # the batch to blame: that first non-finite step, else the one that failed
+    if category is not None:
         assert v.failing_step == (bad[0] if bad else step + 1)
 
 
@@ -183,9 +180,8 @@ def test_reproduce_names_the_poisoned_line_and_traces_identically(
     poisoned, capsys, monkeypatch, tmp_path
 ):
     home, text, line = poisoned
-    monkeypatch.setenv(
-        "FTCTL_POISON", text
-    )  # the seam is active in the replay's worker as in the daemon's
+    # the seam is active in the replay's worker as in the daemon's
+    monkeypatch.setenv("FTCTL_POISON", text)
     traces = []
     for n in (1, 2):
         code, out, err = run(
@@ -197,9 +193,8 @@ def test_reproduce_names_the_poisoned_line_and_traces_identically(
         "REPRODUCED" in out
         and f"non-finite: the loss and gradient norm at step {POISON_STEP}" in " ".join(out.split())
     )
-    assert (
-        f"│ {line} │" in out.replace("  ", " ").replace("  ", " ") or f" {line} " in out
-    )  # the failing batch's table
+    # the failing batch's table
+    assert f"│ {line} │" in out.replace("  ", " ").replace("  ", " ") or f" {line} " in out
     e = [e["data"] for e in history(home) if e["type"] == "crash_reproduced"][-1]
     assert (e["verdict"], e.get("by", "user"), e["failing_step"]) == (
         "reproduced",
@@ -207,13 +202,11 @@ def test_reproduce_names_the_poisoned_line_and_traces_identically(
         POISON_STEP,
     )
     poisoned_ex = [x for x in e["examples"] if x["line"] == line]
-    assert (
-        poisoned_ex and poisoned_ex[0]["source_line"] == line
-    )  # submitted with --valid: the same file, the same lines
+    # submitted with --valid: the same file, the same lines
+    assert poisoned_ex and poisoned_ex[0]["source_line"] == line
     assert e["from_step"] == 5 and e["step"] == e["crash_step"]
-    assert (
-        traces[0] == traces[1] and traces[0].count(b"\n") == e["target_step"] - 5
-    )  # determinism of the replay itself
+    # determinism of the replay itself
+    assert traces[0] == traces[1] and traces[0].count(b"\n") == e["target_step"] - 5
     rows = [json.loads(x) for x in traces[0].splitlines()]
     assert rows[POISON_STEP - 6]["loss"] == "nan" and rows[0]["loss"] != "nan"
 

@@ -76,9 +76,8 @@ def test_the_unit_passes_systemd_analyze_verify(home, tmp_path):
         timeout=60,
         env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
     )
-    assert p.returncode == 0 and p.stdout + p.stderr == "", (
-        p.stdout + p.stderr
-    )  # not even a warning
+    # not even a warning
+    assert p.returncode == 0 and p.stdout + p.stderr == "", p.stdout + p.stderr
     unit.write_bytes(service.render(home, True, "linux")[1])  # the --system variant, in system mode
     p = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout + p.stderr == "", p.stdout + p.stderr
@@ -117,9 +116,8 @@ def test_the_plist_round_trips_with_the_keys_launchd_needs(home):
         os.path.isabs(a)
         for a in (d["ProgramArguments"][0], d["WorkingDirectory"], d["StandardOutPath"])
     )
-    assert d["KeepAlive"] == {
-        "SuccessfulExit": False
-    }  # restarted on failure only: a clean stop stays stopped
+    # restarted on failure only: a clean stop stays stopped
+    assert d["KeepAlive"] == {"SuccessfulExit": False}
     assert d["ThrottleInterval"] == 100  # at most max_restarts + 1 = 6 starts per 600 s window
     assert d["ExitTimeOut"] >= 200  # a stop may wait timeouts.stop_s for the checkpoint
     assert d["StandardOutPath"].startswith(str(home.home / "logs")) and d[

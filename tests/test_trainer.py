@@ -142,12 +142,10 @@ def test_uninterrupted_run_reports_everything(reference):
     assert result["adapter_sha256"] == adapter_sha256(result["adapter_path"])
     assert result["checkpoint"] == kinds(msgs, "checkpoint")[-1]["path"]
     final = load_checkpoint(result["checkpoint"])
-    assert (
-        final.state.job_step == ITERS and final.state.eval_count == 4
-    )  # step 0's is reported, not kept
-    assert (
-        kinds(msgs, "checkpoint")[0]["val_loss"] is None
-    )  # step 5: no trained weights evaluated yet
+    # step 0's is reported, not kept
+    assert final.state.job_step == ITERS and final.state.eval_count == 4
+    # step 5: no trained weights evaluated yet
+    assert kinds(msgs, "checkpoint")[0]["val_loss"] is None
     assert final.state.val_loss == kinds(msgs, "eval")[-1]["val_loss"]
     assert final.optimizer["step"].item() == ITERS
     assert temp_dirs(job) == []
@@ -165,9 +163,8 @@ def test_stop_and_resume_gives_the_same_adapter(demo, reference, tmp_path, stop_
     msgs, result = train(plan(demo, job, config(demo), resume_from=result["checkpoint"]))
     assert msgs[0] == {**msgs[0], "t": "loaded", "step": stop_at}
     assert kinds(msgs, "step")[0]["step"] == stop_at + 1
-    assert 0 not in [
-        m["step"] for m in kinds(msgs, "eval")
-    ]  # a resumed job is not evaluated at step 0 again
+    # a resumed job is not evaluated at step 0 again
+    assert 0 not in [m["step"] for m in kinds(msgs, "eval")]
     assert result["t"] == "completed"
     assert result["adapter_sha256"] == ref["adapter_sha256"]
 
@@ -605,9 +602,8 @@ def test_a_slow_write_overlaps_training_waits_for_the_next_and_is_bit_exact(
         "no step ran while checkpoint 5 was written"
     )
     begins = kinds(msgs, "checkpoint_begin")
-    assert (
-        max(b["waited_s"] for b in begins) > 0
-    )  # a checkpoint came due while the previous was written
+    # a checkpoint came due while the previous was written
+    assert max(b["waited_s"] for b in begins) > 0
     # the very same bytes as the reference run's checkpoints, and the same adapter
     assert [m["manifest_sha256"] for m in kinds(msgs, "checkpoint")] == [
         m["manifest_sha256"] for m in kinds(ref_msgs, "checkpoint")
@@ -672,9 +668,8 @@ def test_a_fault_at_any_write_of_a_background_checkpoint_fails_the_run_and_keeps
             run(plan(demo, job, cfg), lambda m: msgs.append(flat(m)), fs=fs)
         assert e.value.errno == err and fs.failed, n
         assert [checkpoint_step(p) for p in list_checkpoint_dirs(job)] in ([5], [5, 10]), n
-        if (
-            len(list_checkpoint_dirs(job)) == 2
-        ):  # only the fsync of the parent after the rename failed
+        # only the fsync of the parent after the rename failed
+        if len(list_checkpoint_dirs(job)) == 2:
             assert n == second
             verify_checkpoint(list_checkpoint_dirs(job)[1])
         verify_checkpoint(list_checkpoint_dirs(job)[0])

@@ -129,9 +129,8 @@ def test_init_failing_part_way_removes_only_the_folders_it_created(
     code, _, err = run(capsys, "init", "--model", demo.model_dir, "--home", keep / "a" / "b")
     assert code == 1 and "internal error" not in err
     assert "No space left on device" in err and "Nothing was changed" in err
-    assert (
-        tree(tmp_path) == before
-    )  # a/ and a/b/ and the workspace folders are gone; mine.txt stays
+    # a/ and a/b/ and the workspace folders are gone; mine.txt stays
+    assert tree(tmp_path) == before
 
     # and into an existing folder: it stays, with its file, and keeps its mode
     keep.chmod(0o755)
