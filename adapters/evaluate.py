@@ -2,8 +2,9 @@
 
 The base model is loaded once and scored, then the adapter is applied to it exactly as
 ``mlx_lm.load(model, adapter_path=...)`` does (mlx-lm's load_adapters) and the very same
-batches are scored again. Batching and loss are the trainer's (batches.make_batch,
-trainer.evaluate_loss): the mean cross-entropy per scored token, dropout off.
+batches are scored again. Batching is the trainer's (batches.make_batch) and so is the loss
+(evaluate_loss, here: the trainer's validation loss too): the mean cross-entropy per scored token,
+dropout off.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import mlx.core as mx
+from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import load as load_model
 
-from ftctl.core.dataset import valid_records
+from ftctl.core.dataset import DEFAULT, Features, valid_records
 
-from .batches import build_dataset, evaluation_batches, tokenized
-from .trainer import evaluate_loss
+from .batches import build_dataset, evaluation_batches, tokenized, validation_batches
+from .ranks import SINGLE, Ranks
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,23 @@ def score(
     batch_size: int,
     max_seq_length: int,
     mask_prompt: bool,
+    features: Features = DEFAULT,
+    num_batches: int | None = None,
+    trust_remote_code: bool = False,
 ) -> Scores:
-    """Loss of the base model and of base + adapter on the valid records of ``data`` (JSONL bytes).
-    Raises ValueError when the data has nothing to score."""
-    model, tokenizer = load_model(model_path)
-    items = tokenized(build_dataset(valid_records(data), tokenizer, mask_prompt))
-    batches = evaluation_batches(items, batch_size, max_seq_length)
+    """Loss of the base model and of base + adapter on the valid records of ``data`` (JSONL bytes):
+    every record (``num_batches`` None: `ftctl eval`), or mlx-lm's test_batches full batches (-1 =
+    all of them: `test: true`). Raises ValueError when the data has nothing to score."""
+    model, tokenizer = load_model(
+        model_path,
+        tokenizer_config={"trust_remote_code": trust_remote_code},
+        trust_remote_code=trust_remote_code,
+    )
+    items = tokenized(build_dataset(valid_records(data, features), tokenizer, mask_prompt))
+    if num_batches is None:
+        batches = evaluation_batches(items, batch_size, max_seq_length)
+    else:
+        batches = validation_batches(items, batch_size, max_seq_length, num_batches)
     base, tokens = evaluate_loss(model, batches) if batches else (math.nan, 0)
     if tokens == 0:
         raise ValueError(
@@ -78,3 +92,21 @@ def score(
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+def evaluate_loss(model, batches, ranks: Ranks = SINGLE) -> tuple[float, int]:
+    """(mean loss per scored token, scored tokens) over fixed batches, dropout off. Draws no
+    randomness, so it never perturbs training (which reseeds every step anyway). The ranks of a
+    data-parallel job each score every size-th batch and sum."""
+    model.eval()
+    total, ntoks = mx.array(0.0), mx.array(0)
+    for batch, lengths in batches[ranks.rank :: ranks.size] if ranks.many else batches:
+        loss, toks = default_loss(model, batch, lengths)
+        total += loss * toks
+        ntoks += toks
+        mx.eval(total, ntoks)
+    if ranks.many:
+        total, ntoks = ranks.sum(total), ranks.sum(ntoks)
+        mx.eval(total, ntoks)
+    model.train()
+    return (total / ntoks).item(), ntoks.item()

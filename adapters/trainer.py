@@ -32,9 +32,9 @@ from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 from mlx_lm.utils import load as load_model
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
-from ftctl.core.config import Config, config_sha256
-from ftctl.core.dataset import valid_records
-from ftctl.events.types import Metrics
+from ftctl.core.config import Config, config_sha256, features
+from ftctl.core.dataset import DEFAULT, Features, valid_records
+from ftctl.events.types import AdapterEvaluated, Metrics
 
 from . import protocol as P
 from .batches import TrainBatches, build_dataset, tokenized, validation_batches
@@ -47,10 +47,12 @@ from .checkpoint import (
     TrainState,
     checkpoint_files,
     checkpoints_dir,
+    export_adapter,
     load_checkpoint,
     nonfinite_tensors,
     publish_adapter,
 )
+from .evaluate import evaluate_loss, score
 from .faults import crash_point, poison_marker
 from .fs import FS
 from .protocol import TrainPlan
@@ -107,7 +109,11 @@ def build_optimizer(cfg: Config) -> optim.Optimizer:
 
 def setup_model(cfg: Config):
     """Load the base model, freeze it and add LoRA/DoRA layers (initialised from seed)."""
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(
+        cfg.model,
+        tokenizer_config={"trust_remote_code": cfg.trust_remote_code},
+        trust_remote_code=cfg.trust_remote_code,
+    )
     if cfg.num_layers > len(model.layers):
         raise ValueError(
             f"num_layers = {cfg.num_layers} but the model {cfg.model} has only "
@@ -124,18 +130,18 @@ def setup_model(cfg: Config):
     return model, tokenizer
 
 
-def load_items(path: str, tokenizer, mask_prompt: bool):
-    records = valid_records(Path(path).read_bytes())
+def load_items(path: str, tokenizer, mask_prompt: bool, feats: Features = DEFAULT):
+    records = valid_records(Path(path).read_bytes(), feats)
     return tokenized(build_dataset(records, tokenizer, mask_prompt))
 
 
-def poisoned_examples(path: str) -> frozenset[int]:
+def poisoned_examples(path: str, cfg: Config) -> frozenset[int]:
     """The fault seam FTCTL_POISON (faults.poison_marker): indices of the training examples holding its
     text. Empty (nothing read) when it is unset."""
     marker = poison_marker()
     if marker is None:
         return frozenset()
-    records = valid_records(Path(path).read_bytes())
+    records = valid_records(Path(path).read_bytes(), features(cfg))
     return frozenset(
         i for i, r in enumerate(records) if marker in json.dumps(r, ensure_ascii=False)
     )
@@ -165,14 +171,14 @@ def load(plan: TrainPlan) -> Session:
     maybe_set_recommended_wired_limit()
     model, tokenizer = setup_model(cfg)
     batches = TrainBatches(
-        load_items(plan.train_path, tokenizer, cfg.mask_prompt),
+        load_items(plan.train_path, tokenizer, cfg.mask_prompt, features(cfg)),
         cfg.batch_size,
         cfg.max_seq_length,
         cfg.seed,
     )
     val = None
     if plan.valid_path:
-        val_items = load_items(plan.valid_path, tokenizer, cfg.mask_prompt)
+        val_items = load_items(plan.valid_path, tokenizer, cfg.mask_prompt, features(cfg))
         val = validation_batches(val_items, cfg.batch_size, cfg.max_seq_length, cfg.val_batches)
         if not val:
             raise ValueError(
@@ -189,7 +195,7 @@ def load(plan: TrainPlan) -> Session:
         val,
         adapter_config(cfg),
         state=None,
-        poisoned=poisoned_examples(plan.train_path),
+        poisoned=poisoned_examples(plan.train_path, cfg),
         ranks=ranks,
     )
     if plan.resume_from:
@@ -199,7 +205,11 @@ def load(plan: TrainPlan) -> Session:
         _restore_optimizer(optimizer, ck.optimizer, plan.resume_from, skip=())
         s.state, s.last_ckpt = ck.state, str(plan.resume_from)
     else:
-        if plan.warm_start_from:
+        if (
+            plan.resume_adapter_file
+        ):  # mlx-lm's --resume-adapter-file: these weights, a fresh optimizer
+            _restore_weights(model, mx.load(plan.resume_adapter_file), plan.resume_adapter_file)
+        elif plan.warm_start_from:
             ck = load_checkpoint(plan.warm_start_from)
             _check_compatible(ck.adapter_config, s.adapter_config, plan.warm_start_from)
             _restore_weights(model, ck.adapters, plan.warm_start_from)
@@ -315,6 +325,12 @@ class _Loop:
         self.train_loss, self.val_loss = st.train_loss, st.val_loss
         self.w_loss = self.w_tokens = self.w_steps = self.w_local = 0  # report window
         self.w_time = 0.0
+        # of the window, the steps that compiled (mx.compile traces and compiles the step again for
+        # each new input shape or constant argument): tokens/s leaves them out — a one-off compile
+        # (a second for the demo model under load, far more for a big one) is no training speed
+        self.k_tokens = self.k_local = 0
+        self.k_time = 0.0
+        self.compiled: set[tuple] = set()
         self.c_loss = self.c_steps = 0  # since the last checkpoint
         self.nan_run = 0
         self.writer = CheckpointWriter(s.plan.job_dir, fs, self._written)
@@ -381,6 +397,9 @@ class _Loop:
             if s.poisoned:
                 hit = not s.poisoned.isdisjoint(s.batches.indices(it - 1))
                 batch = (*batch, mx.array(math.nan if hit else 1.0))
+            key = (tuple(batch[0].shape), it % accum == 0, grad is None)
+            compiles = key not in self.compiled
+            self.compiled.add(key)
             # every rank stops at the same step: the first where any of them was asked to
             if s.ranks.many:
                 *out, local, stops = step(
@@ -388,12 +407,19 @@ class _Loop:
                 )
                 mx.eval(state, out, local, stops)
                 self.w_local += local.item()
+                self.k_local += local.item() if compiles else 0
                 asked = stops.item() > 0
             else:
                 out = step(batch, grad, it % accum == 0)
                 mx.eval(state, out)
+            if mx.get_cache_memory() > cfg.clear_cache_threshold:  # as mlx-lm's _clear_cache
+                mx.clear_cache()
             lvalue, toks, grad, *norms = out
-            self.w_time += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.w_time += took
+            if compiles:
+                self.k_time += took
+                self.k_tokens += toks.item()
             self.writer.check()  # a failed background write stops training at once, with its error
             if s.plan.trace:
                 self._trace(it, gstep, lvalue.item(), toks.item(), norms[0])
@@ -468,7 +494,13 @@ class _Loop:
         )
 
     def _report(self, it: int, gstep: int) -> None:
-        rate = lambda n: n / self.w_time if self.w_time > 0 else 0.0  # noqa: E731
+        steady = self.w_time - self.k_time  # the steps that did not compile
+
+        def rate(n: float, compiled: float) -> float:
+            if steady > 1e-9:
+                return (n - compiled) / steady
+            return n / self.w_time if self.w_time > 0 else 0.0  # every step compiled: all there is
+
         self.emit(
             P.Report(
                 metrics=Metrics(
@@ -476,15 +508,17 @@ class _Loop:
                     global_step=gstep,
                     loss=_finite(self.w_loss / self.w_steps),
                     lr=_finite(self.s.optimizer.learning_rate.item()),
-                    tokens_per_s=rate(self.w_tokens),
+                    tokens_per_s=rate(self.w_tokens, self.k_tokens),
                     peak_mem_gb=mx.get_peak_memory() / 1e9,
                     trained_tokens=self.trained_tokens,
                 ),
-                local_tokens_per_s=rate(self.w_local) if self.s.ranks.many else None,
+                local_tokens_per_s=rate(self.w_local, self.k_local) if self.s.ranks.many else None,
             )
         )
         self.w_loss = self.w_tokens = self.w_steps = self.w_local = 0
         self.w_time = 0.0
+        self.k_tokens = self.k_local = 0
+        self.k_time = 0.0
 
     def _evaluate(self, it: int, gstep: int) -> float | None:
         self.emit(P.EvalStarted(step=it))
@@ -580,35 +614,64 @@ class _Loop:
 
 
 def _complete(s: Session, emit, fs: FS) -> P.Completed:
-    adapter_dir, sha = publish_adapter(s.plan.job_dir, s.last_ckpt, fs)
-    iters = s.plan.config.iters
+    """Publish the adapter (jobs/<id>/adapters, and the config's adapter_path), score the test split
+    when the config asks (`test`), then report: all of it before Completed, so a worker killed on
+    the way redoes it from the final checkpoint."""
+    plan, cfg = s.plan, s.plan.config
+    adapter_dir, sha = publish_adapter(plan.job_dir, s.last_ckpt, fs)
+    exported = refused = None
+    if cfg.adapter_path is not None:
+        try:
+            exported = str(export_adapter(adapter_dir, cfg.adapter_path, fs))
+        except ValueError as e:  # a folder ftctl did not write appeared there since submit
+            refused = str(e)
+            print(f"adapter_path: {refused}: the adapter stays in {adapter_dir}", flush=True)
+    evaluated = _test(s, emit, adapter_dir, sha) if plan.test_path else None
     msg = P.Completed(
-        step=iters,
-        global_step=s.plan.global_step_base + iters,
+        step=cfg.iters,
+        global_step=plan.global_step_base + cfg.iters,
         adapter_path=str(adapter_dir),
         adapter_sha256=sha,
         checkpoint=s.last_ckpt,
+        exported_to=exported,
+        export_refused=refused,
+        evaluated=evaluated,
     )
     emit(msg)
     return msg
 
 
-def evaluate_loss(model, batches, ranks: Ranks = SINGLE) -> tuple[float, int]:
-    """(mean loss per scored token, scored tokens) over fixed batches, dropout off. Draws no
-    randomness, so it never perturbs training (which reseeds every step anyway). The ranks of a
-    data-parallel job each score every size-th batch and sum."""
-    model.eval()
-    total, ntoks = mx.array(0.0), mx.array(0)
-    for batch, lengths in batches[ranks.rank :: ranks.size] if ranks.many else batches:
-        loss, toks = default_loss(model, batch, lengths)
-        total += loss * toks
-        ntoks += toks
-        mx.eval(total, ntoks)
-    if ranks.many:
-        total, ntoks = ranks.sum(total), ranks.sum(ntoks)
-        mx.eval(total, ntoks)
-    model.train()
-    return (total / ntoks).item(), ntoks.item()
+def _test(s: Session, emit, adapter_dir: Path, sha: str) -> AdapterEvaluated:
+    """mlx-lm's --test: the trained adapter (and, as `ftctl eval` does, the base model) scored on
+    the test split, test_batches full batches (-1: all)."""
+    plan, cfg = s.plan, s.plan.config
+    emit(P.EvalStarted(step=cfg.iters))  # the watchdog allows eval_hang_s meanwhile
+    data = Path(plan.test_path).read_bytes()
+    r = score(
+        cfg.model,
+        str(adapter_dir),
+        data,
+        batch_size=cfg.batch_size,
+        max_seq_length=cfg.max_seq_length,
+        mask_prompt=cfg.mask_prompt,
+        features=features(cfg),
+        num_batches=cfg.test_batches,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    return AdapterEvaluated(
+        job=plan.job_id,
+        data_path=plan.test_path,
+        data_sha256=hashlib.sha256(data).hexdigest(),
+        examples=r.examples,
+        tokens=r.tokens,
+        base_model=cfg.model,
+        adapter_path=str(adapter_dir),
+        adapter_sha256=sha,
+        base_loss=r.base_loss,
+        base_ppl=r.base_ppl,
+        adapter_loss=r.adapter_loss,
+        adapter_ppl=r.adapter_ppl,
+    )
 
 
 def _finite(x: float) -> float | None:

@@ -15,7 +15,7 @@ before a plan: the daemon is gone or dismissed it, exit 70. An import error is r
 the plan is there, in the job log, like any failure.
 A Python exception before the ``Loaded`` message is a ``load_error`` (the model, data or config:
 a retry cannot fix it), after it an ``exception``.
-A rank of a data-parallel job (``--connect``, started by mlx.launch, see control/group.py) talks
+A rank of a data-parallel job (``--connect``, started by mlx.launch, see adapters/group.py) talks
 the same protocol over one TCP connection to the daemon (FTCTL_CONTROLLER=host:port): it sends
 ``Hello`` (with FTCTL_GROUP_TOKEN), then reads the plan and ``Stop`` from the connection and writes
 its messages to it. Its output goes wherever mlx.launch sends it (the job log). EOF on the

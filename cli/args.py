@@ -7,12 +7,39 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import math
 import shutil
 import sys
 import textwrap
 
 from . import render
 from .table import COMMANDS, Command, Group
+
+
+def port(text: str) -> int:
+    """A TCP port for --port: 1..65535, or 0 for any free one (the address printed is the real one)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a TCP port: give a number from 1 to 65535 (0: any free port)"
+        )
+    return n
+
+
+def seconds(text: str) -> float:
+    """A duration for --wait: a finite number of seconds, 0 or more."""
+    try:
+        s = float(text)
+    except ValueError:
+        s = math.nan
+    if not (math.isfinite(s) and s >= 0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds: give 0 or more, e.g. 60"
+        )
+    return s
 
 
 class Parser(argparse.ArgumentParser):

@@ -69,7 +69,7 @@ def cmd_crashes(args, ws) -> int:
         verdict = (
             f"[{render.VERDICT_STYLE.get(r['verdict'], '')}]{r['verdict']}[/]"
             if r["verdict"]
-            else "-"
+            else f"not replayed: [bold]ftctl reproduce {r['job']} --crash {r['crash']}[/]"
         )
         where = f" (rank {r['rank']}, {r['host']})" if r["rank"] is not None else ""
         t.add_row(
@@ -88,8 +88,8 @@ def cmd_crashes(args, ws) -> int:
     render.console.print(t)
     render.console.print(
         "the whole evidence (stderr tail) and each reproduction's findings: `ftctl crashes --json`, "
-        "or the log named in it; # is the job's crash number: `ftctl reproduce JOB --crash #` re-runs it "
-        "(reproduced?: a property of the run, or of the environment)"
+        "or the log named in it; # is the job's crash number (reproduced?: a property of the run, or "
+        "of the environment — the command shown re-runs a crash never replayed)"
     )
     return 0
 

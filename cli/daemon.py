@@ -11,6 +11,7 @@ from ftctl.control.ledger import Ledger
 from ftctl.events.errors import UserError
 
 from . import render
+from .args import port, seconds
 
 
 def _ledger(ws) -> Ledger:
@@ -30,7 +31,12 @@ def add_start(p) -> None:
     p.add_argument(
         "--serve", action="store_true", help="also serve the live status page (as `ftctl serve`)"
     )
-    p.add_argument("--port", type=int, default=8765, help="with --serve: TCP port (default 8765)")
+    p.add_argument(
+        "--port",
+        type=port,
+        default=8765,
+        help="with --serve: TCP port (default 8765; 0: any free port)",
+    )
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -50,7 +56,7 @@ def cmd_start(args, ws) -> int:
         from .web.app import run_in_thread
 
         check_bind(args.host, args.token)
-        url = run_in_thread(serve_app(ws, args.token), args.host, args.port)
+        url = run_in_thread(serve_app(ws, args.token, args.host), args.host, args.port)
         out.print(
             f"status page: {url}"
             + ("?token=…" if args.token else "")
@@ -121,7 +127,7 @@ def cmd_recover(args, ws) -> int:
 def add_shutdown(p) -> None:
     p.add_argument(
         "--wait",
-        type=float,
+        type=seconds,
         default=0,
         metavar="SECONDS",
         help="wait up to SECONDS until it has stopped (exit 1 if it has not)",

@@ -102,9 +102,35 @@ def cmd_submit(args, ws: Workspace) -> int:
         return 1
     render.console.print(
         f"[green]queued[/] job {sub.job} ({rep.valid} valid {rep.format} examples of {rep.lines}); "
-        "run `ftctl start` to train"
+        + render.escape(_who_trains(ws, ledger, sub.job))
     )
     return 0
+
+
+def _who_trains(ws: Workspace, ledger: Ledger, job: str) -> str:
+    """What happens next, as the daemon lock says (not the journal's word): a live daemon picks the
+    job up by itself; otherwise `ftctl start` is what trains it."""
+    from ftctl.control import status
+
+    d = status.daemon_view(ws, ledger)
+    if d.running:
+        ahead = [
+            j.job
+            for j in ledger.state.jobs.values()
+            if j.job < job and j.state in ("queued", "training", "checkpointing")
+        ]
+        return f"the running daemon (pid {d.pid}) picks it up" + (
+            f" after {len(ahead)} job(s) queued or training before it ({', '.join(ahead)})"
+            if ahead
+            else " now"
+        )
+    if d.alive:
+        return "a daemon is starting (it holds the lock): it picks it up once it runs"
+    return "run `ftctl start` to train" + (
+        " (the last daemon died without recording its stop: `ftctl start` recovers first)"
+        if d.died
+        else ""
+    )
 
 
 def add_status(p) -> None:
@@ -381,39 +407,6 @@ def cmd_eval(args, ws) -> int:
         return 0
     for w in out.warnings:
         render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
-    from rich.table import Table
-
-    t = Table(
-        title=f"job {e.job} on {render.escape(e.data_path)} ({e.examples} examples, {e.tokens} tokens scored)"
-    )
-    for c in ("model", "loss", "perplexity"):
-        t.add_column(c, justify="left" if c == "model" else "right")
-    t.add_row(
-        f"base {render.escape(e.base_model)}", _num(e.base_loss, ".4f"), _num(e.base_ppl, ".2f")
-    )
-    t.add_row(
-        f"base + adapter of job {e.job}", _num(e.adapter_loss, ".4f"), _num(e.adapter_ppl, ".2f")
-    )
-    render.console.print(t)
-    render.console.print(_verdict(e) + f" (recorded as event {out.seq})")
+    render.console.print(render.eval_table(e))
+    render.console.print(render.eval_verdict(e) + f" (recorded as event {out.seq})")
     return 0
-
-
-def _num(x: float | None, spec: str) -> str:
-    return "not finite" if x is None else format(x, spec)
-
-
-def _verdict(e: ev.AdapterEvaluated) -> str:
-    if e.base_loss is None or e.adapter_loss is None:
-        return "[red]a loss is not finite[/]: no comparison"
-    change = e.adapter_loss - e.base_loss
-    ppl = (
-        f", perplexity {e.base_ppl:.2f} → {e.adapter_ppl:.2f}"
-        if e.base_ppl is not None and e.adapter_ppl is not None
-        else ""
-    )
-    if change < 0:
-        return (
-            f"[green]fine-tuning helped[/]: loss {change:+.4f} ({change / e.base_loss:+.1%}){ppl}"
-        )
-    return f"[yellow]fine-tuning did not help on this data[/]: loss {change:+.4f}{ppl}"

@@ -21,7 +21,7 @@ from ftctl.control.reporter import Every, Reporter
 from ftctl.control.status import DaemonView, JobView
 from ftctl.core.crash import where as crash_where
 from ftctl.core.state import JobState, as_dict
-from ftctl.events.types import Recorded, to_dict
+from ftctl.events.types import AdapterEvaluated, Recorded, to_dict
 
 # rich (and yaml) are imported on first use: `--json` output and a failing command's message never
 # pay for them (see docs/architecture.md, "Start-up"). `render.console` / `render.err_console` are
@@ -253,6 +253,9 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
         "examples": j.examples,
         "valid_path": j.valid_path,
         "base_model": j.base_model,
+        "warm_start_from": j.warm_start_from,
+        "parent_job": j.parent_job,
+        "global_step_base": j.global_step_base,
         "model_repo": j.model_repo,
         "model_revision": j.model_revision,
         "config_sha256": j.config_sha256,
@@ -262,6 +265,8 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
         "best_val_loss": j.best_val_loss,
         "adapter_path": j.adapter_path,
         "adapter_sha256": j.adapter_sha256,
+        "exported_to": j.exported_to,
+        "export_refused": j.export_refused,
         "last_eval": {
             **{k: v for k, v in to_dict(j.last_eval).items() if k != "type"},
             "at": j.last_eval_at,
@@ -400,6 +405,8 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
         "best_val_loss",
         "adapter_path",
         "adapter_sha256",
+        "exported_to",
+        "export_refused",
         "requested",
         "updated_at",
     ]:
@@ -423,8 +430,13 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
             "last report",
             "  ".join(
                 f"{k}={_short(metrics[k])}"
-                for k in ("step", "loss", "lr", "tokens_per_s", "peak_mem_gb")
+                for k in ("step", "loss", "lr", "tokens_per_s")
                 if metrics.get(k) is not None
+            )
+            + (
+                f"  peak memory {memory(metrics['peak_mem_gb'])}"
+                if metrics.get("peak_mem_gb") is not None
+                else ""
             ),
         )
     if j.world_size > 1 or j.hosts:
@@ -630,7 +642,7 @@ class ConsoleReporter(Reporter):
             m = msg.metrics
             self.note(
                 f"job {job} step {m.step}/{self.iters}: loss {_fmt(m.loss, '.4f')}  lr {_fmt(m.lr, '.3g')}  "
-                f"{_fmt(m.tokens_per_s, '.0f')} tok/s  peak {_fmt(m.peak_mem_gb, '.2f')} GB"
+                f"{_fmt(m.tokens_per_s, '.0f')} tok/s  peak {memory(m.peak_mem_gb)}"
             )
         elif isinstance(msg, P.Evaluated):
             self.note(
@@ -646,3 +658,52 @@ class ConsoleReporter(Reporter):
 
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
+
+
+def memory(gb: float | None) -> str:
+    """Memory as people read it: 4.8 MB below a GB (not 0.00 GB), 1.23 GB above."""
+    if gb is None:
+        return "-"
+    if gb >= 1:
+        return f"{gb:.2f} GB"
+    mb = gb * 1000
+    return f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
+
+
+def eval_table(e: AdapterEvaluated):
+    """An `adapter_evaluated` record as `ftctl eval` shows it (also `ftctl lora --test`)."""
+    from rich.table import Table
+
+    def num(x: float | None, spec: str) -> str:
+        return "not finite" if x is None else format(x, spec)
+
+    owner = f"job {e.job}" if e.job else "the adapter"
+    t = Table(
+        title=f"{owner} on {escape(e.data_path)} ({e.examples} examples, {e.tokens} tokens scored)"
+    )
+    for c in ("model", "loss", "perplexity"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    t.add_row(f"base {escape(e.base_model)}", num(e.base_loss, ".4f"), num(e.base_ppl, ".2f"))
+    t.add_row(
+        f"base + adapter {'of job ' + e.job if e.job else escape(e.adapter_path)}",
+        num(e.adapter_loss, ".4f"),
+        num(e.adapter_ppl, ".2f"),
+    )
+    return t
+
+
+def eval_verdict(e: AdapterEvaluated) -> str:
+    """Did fine-tuning help: the adapter's loss against the base model's on the same data."""
+    if e.base_loss is None or e.adapter_loss is None:
+        return "[red]a loss is not finite[/]: no comparison"
+    change = e.adapter_loss - e.base_loss
+    ppl = (
+        f", perplexity {e.base_ppl:.2f} → {e.adapter_ppl:.2f}"
+        if e.base_ppl is not None and e.adapter_ppl is not None
+        else ""
+    )
+    if change < 0:
+        return (
+            f"[green]fine-tuning helped[/]: loss {change:+.4f} ({change / e.base_loss:+.1%}){ppl}"
+        )
+    return f"[yellow]fine-tuning did not help on this data[/]: loss {change:+.4f}{ppl}"

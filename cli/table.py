@@ -57,6 +57,25 @@ COMMANDS: dict[str, Command | Group] = {
         ),
         "ftctl submit train.jsonl --valid valid.jsonl --set iters=600 --set lora_parameters.rank=16",
     ),
+    "lora": Command(
+        "lora",
+        "lora",
+        "mlx_lm.lora's command line, as a crash-proof job (in the foreground)",
+        (
+            "mlx_lm.lora's command line — its every flag and its -c/--config YAML, with its defaults and "
+            "precedence (flags over the file over the defaults) — run as an ftctl job: submitted to the "
+            "workspace (created on first use), trained in the foreground by a daemon of its own (or followed "
+            "under the one that runs) with its checkpoints committed, killed workers resumed bit for bit, and "
+            "the finished adapter published at --adapter-path. Ctrl-C checkpoints and stops; the same command "
+            "again resumes the job. ftctl's own keys go in the -c file, ftctl.yaml or --set."
+        ),
+        (
+            "ftctl lora --model ~/models/Qwen3-0.6B --train --data ./data --iters 600 -c lora.yaml\n"
+            "  ftctl lora --model mlx-community/SmolLM2-135M-Instruct-4bit --train --test --data ./data "
+            "--adapter-path ./adapters --set retention.keep_last=5\n"
+            "  ftctl lora --model ~/models/Qwen3-0.6B --test --data ./data --adapter-path ./adapters"
+        ),
+    ),
     "status": Command(
         "jobs",
         "status",
@@ -314,8 +333,9 @@ COMMANDS: dict[str, Command | Group] = {
         "plot",
         "train and val loss against global step, to a PNG or SVG",
         (
-            "Draw train and val loss against global step to a PNG or SVG, one colour per job, with checkpoints, "
-            "crashes and resumes marked on the x axis (needs the ftctl[plot] extra: matplotlib)."
+            "Draw train loss (lines) and val loss (dots) against global step to a PNG or SVG, one colour per job, "
+            "with checkpoints, crashes and resumes marked on the x axis in their job's colour; a job with no loss "
+            "recorded yet is left out, none at all is an error (needs the ftctl[plot] extra: matplotlib)."
         ),
         "ftctl plot 3 4 -o loss.png\n  ftctl plot --lineage main -o lineage.svg",
     ),
@@ -336,7 +356,9 @@ COMMANDS: dict[str, Command | Group] = {
         (
             "A read-only live status page: daemon alive or dead (as `status` says), jobs, loss curves that update "
             "while training, crashes with evidence and fix, the history tail, and each job's replay. Binds to "
-            "127.0.0.1; another address only with --token (needs the ftctl[serve] extra: Starlette, uvicorn)."
+            "127.0.0.1; another address only with --token. Answers only requests addressed to the names it was "
+            "bound for (127.0.0.1, localhost, [::1], --host): a foreign Host header gets 400 (DNS rebinding). "
+            "Needs the ftctl[serve] extra: Starlette, uvicorn."
         ),
         "ftctl serve\n  ftctl serve --port 9000 --host 0.0.0.0 --token s3cret",
     ),

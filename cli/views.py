@@ -12,6 +12,8 @@ from ftctl.control.ledger import Ledger
 from ftctl.events.errors import UserError
 
 from . import render
+from .args import port
+from .render import memory
 
 SERVE_EXTRA = "pip install 'ftctl[serve]'"
 PLOT_EXTRA = "pip install 'ftctl[plot]'"
@@ -91,7 +93,7 @@ def cmd_metrics(args, ws) -> int:
     # Plain lines, not a rich table: a long run has 100k points and this must print them in a blink.
     head = (
         f"{'job':<6} {'att':>3} {'global':>8} {'step':>7} {'loss':>9} {'val_loss':>9} {'lr':>9} "
-        f"{'tok/s':>8} {'peak_GB':>7}  time (UTC)"
+        f"{'tok/s':>8} {'peak mem':>8}  time (UTC)"
     )
     out = [head]
     add = out.append
@@ -107,7 +109,7 @@ def cmd_metrics(args, ws) -> int:
             f"{p['job']:<6} {p['attempt']:>3} {p['global_step']:>8} {p['step']:>7} "
             f"{'-' if loss is None else format(loss, '.4f'):>9} {'-' if val is None else format(val, '.4f'):>9} "
             f"{'-' if lr is None else format(lr, '.3g'):>9} {'-' if tps is None else format(tps, '.0f'):>8} "
-            f"{'-' if mem is None else format(mem, '.2f'):>7}  {p['ts'][:10]} {p['ts'][11:19]}"
+            f"{memory(mem):>8}  {p['ts'][:10]} {p['ts'][11:19]}"
             + (
                 f"  ranks {'/'.join('-' if t is None else format(t, '.0f') for t in p['rank_tokens_per_s'])} tok/s"
                 if p["rank_tokens_per_s"]
@@ -149,18 +151,35 @@ def cmd_plot(args, ws) -> int:
 
     ledger = _read_ledger(ws)
     all_series = metrics.lineage_series(ledger, args.job, args.lineage)
-    from .plot import draw
+    drawn = [s for s in all_series if s.counts["train"] or s.counts["val"]]
+    empty = [s for s in all_series if s not in drawn]
+    if not drawn:
+        which = ", ".join(f"{s.job} ({s.state})" for s in empty)
+        raise UserError(
+            f"nothing to plot: no loss was recorded yet for job {which}",
+            kept="no file was written",
+            do="plot it once it trains: a job reports every `steps_per_report` steps and evaluates "
+            "every `steps_per_eval`",
+        )
+    from .plot import draw, title
 
-    n = draw(
-        all_series, out, title=f"{ws.home}" + (f" · lineage {args.lineage}" if args.lineage else "")
-    )
+    n = draw(drawn, out, title(drawn, ws.home, args.lineage))
     if args.json:
-        render.print_json({"file": str(out), "jobs": [s.job for s in all_series], "points": n})
+        render.print_json(
+            {
+                "file": str(out),
+                "jobs": [s.job for s in drawn],
+                "points": n,
+                "no_points": [s.job for s in empty],
+            }
+        )
     else:
         render.console.print(
-            f"wrote {out}: {n} point(s) of {len(all_series)} job(s), checkpoints, crashes and resumes "
-            "marked on the x axis"
+            f"wrote {out}: {n} point(s) of {len(drawn)} job(s), checkpoints, crashes and resumes "
+            "marked on the x axis in each job's colour"
         )
+        for s in empty:
+            render.console.print(f"job {s.job} ({s.state}) has no loss recorded yet: not drawn")
     return 0
 
 
@@ -201,18 +220,20 @@ def check_bind(host: str, token: str | None) -> None:
         )
 
 
-def serve_app(ws, token: str | None):
+def serve_app(ws, token: str | None, host: str = "127.0.0.1"):
     try:
         from .web.app import make_app
     except ImportError as e:
         raise UserError(
             f"`ftctl serve` needs Starlette and uvicorn ({e.name} is missing): {SERVE_EXTRA}"
         ) from None
-    return make_app(ws, token=token)
+    return make_app(ws, token=token, host=host)
 
 
 def add_serve(p) -> None:
-    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765)")
+    p.add_argument(
+        "--port", type=port, default=8765, help="TCP port (default 8765; 0: any free port)"
+    )
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -229,12 +250,12 @@ def add_serve(p) -> None:
 def cmd_serve(args, ws) -> int:
     check_bind(args.host, args.token)
     ws.require()
-    app = serve_app(ws, args.token)
+    app = serve_app(ws, args.token, args.host)
     from .web.app import bind, run, url
 
     sock = bind(args.host, args.port)
     render.err_console.print(
-        f"serving {ws.home} read-only at {url(args.host, args.port)}"
+        f"serving {ws.home} read-only at {url(args.host, sock.getsockname()[1])}"
         + ("?token=…" if args.token else "")
         + "  (Ctrl-C stops it)"
     )

@@ -10,8 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ftctl.adapters import gguf
+from ftctl.adapters.model import shape
 from ftctl.adapters.workspace import Workspace, WorkspaceError, init_workspace, make_folder
 from ftctl.control.ledger import Ledger
+from ftctl.core import fit
+from ftctl.core.fit import ModelFacts
 
 from . import models
 from .reporter import Note, quiet
@@ -48,13 +51,14 @@ def init(
             "revision it trains on"
         )
     recorded = resolved.repo or resolved.path
-    return init_workspace(home, recorded), recorded
+    # fitted to the folder it names (a repo id is no folder to the workspace's own look)
+    return init_workspace(home, recorded, fit.fitting_keys(shape(resolved.path))), recorded
 
 
 def _init_gguf(home: Path, model: str, dtype: str | None, note: Note) -> tuple[Workspace, str]:
     source = Path(model).expanduser().resolve()
     try:
-        gguf.inspect(source)  # refuse an unsupported file before creating anything
+        info = gguf.inspect(source)  # refuse an unsupported file before creating anything
     except gguf.GGUFError as e:
         raise WorkspaceError(f"--model {model}: {e}", kept="nothing was created") from None
     target = (
@@ -71,8 +75,9 @@ def _init_gguf(home: Path, model: str, dtype: str | None, note: Note) -> tuple[W
         finally:
             ledger.close()
 
+    facts = ModelFacts(info.layers, "", {}, {}, info.context, "context_length")
     try:
-        ws = init_workspace(home, str(target), then=convert)
+        ws = init_workspace(home, str(target), fit.fitting_keys(facts), then=convert)
     except models.ModelRefused as e:
         raise WorkspaceError(f"--model {model}: {e}", kept="nothing was created") from None
     return ws, str(target)

@@ -41,6 +41,7 @@ from . import reproduce, retention
 from .reporter import Every, Reporter
 from .standby import Standby
 from .tensorboard import Live
+from .trackers import Trackers
 
 POLL_S = 0.25
 CONTROL_EVERY_S = 0.5
@@ -302,6 +303,7 @@ class Attempt:
         self.log_due = Every(j.iters)  # daemon.log gets progress at a sane rate
         self.report_due: int | None = None  # a step whose per-rank tokens/s are to be journaled
         self.tb = Live(host.ws, j, host.say)  # TensorBoard files, if configured
+        self.trackers = Trackers(host.ws, j, host.say)  # report_to, if configured
         host.report.training(j.job, j.name, j.iters)
 
     # ------------------------------------------------------------------ loop
@@ -343,6 +345,7 @@ class Attempt:
             self.host.report.training_ended(self.job)
         code = w.finish()
         self.tb.close()
+        self.trackers.close()
         self.finish(code)
 
     def hear(self, h: P.Heard) -> None:
@@ -560,6 +563,7 @@ class Attempt:
             case P.Report(metrics=m):
                 L.journal.record_metric(job, m)
                 self.tb.report(m)  # after the journal has it: a view of what is recorded
+                self.trackers.report(m)
                 if self.log_due.due(m.step):
                     host.log(
                         f"job {job} step {m.step}/{self.cfg.iters}: loss {_num(m.loss, '.4f')}  lr "
@@ -576,6 +580,7 @@ class Attempt:
                     self.stream, ev.Evaluated(job=job, step=step, global_step=gstep, val_loss=val)
                 )
                 self.tb.val(gstep, val)
+                self.trackers.val(gstep, step, val)
                 host.log(f"job {job} step {step}: val loss {_num(val, '.4f')}")
             case P.CheckpointStarted(step=step, global_step=gstep):
                 L.commit(self.stream, ev.CheckpointStarted(job=job, step=step, global_step=gstep))
@@ -585,23 +590,33 @@ class Attempt:
                 host.log(f"job {job}: checkpoint step {c.step} committed ({c.bytes / 1e6:.1f} MB)")
                 self.retention()
             case P.Completed():
-                L.commit(
-                    self.stream,
-                    ev.Completed(
-                        job=job,
-                        step=msg.step,
-                        global_step=msg.global_step,
-                        adapter_path=msg.adapter_path,
-                        adapter_sha256=msg.adapter_sha256,
-                        checkpoint=msg.checkpoint,
-                    ),
+                done = ev.Completed(
+                    job=job,
+                    step=msg.step,
+                    global_step=msg.global_step,
+                    adapter_path=msg.adapter_path,
+                    adapter_sha256=msg.adapter_sha256,
+                    checkpoint=msg.checkpoint,
+                    exported_to=msg.exported_to,
+                    export_refused=msg.export_refused,
                 )
+                # the test split's scores (config `test`) with it, atomically: both or neither
+                L.commit(self.stream, done, *([msg.evaluated] if msg.evaluated else []))
                 self.finished = "completed"
                 host.say(
                     f"job {job} completed at step {msg.step} (global {msg.global_step}): "
-                    f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…",
+                    f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…"
+                    + (f", also published at {msg.exported_to}" if msg.exported_to else ""),
                     "ok",
                 )
+                if msg.export_refused:
+                    host.say(f"job {job}: adapter_path not written: {msg.export_refused}", "warn")
+                if msg.evaluated:
+                    e = msg.evaluated
+                    host.say(
+                        f"job {job} test split: loss {_num(e.adapter_loss, '.4f')} (base model "
+                        f"{_num(e.base_loss, '.4f')}), perplexity {_num(e.adapter_ppl, '.2f')}"
+                    )
             case P.Stopped(step=step):
                 self.finished, self.stopped_step = "stopped", step
 

@@ -19,7 +19,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, command, next_state
 
-SNAPSHOT_FORMAT = 13  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 14  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(UserError):
@@ -83,6 +83,8 @@ class JobState(msgspec.Struct, kw_only=True):
     best_val_loss: float | None = None
     adapter_path: str | None = None
     adapter_sha256: str | None = None
+    exported_to: str | None = None  # config adapter_path: where the adapter was also published
+    export_refused: str | None = None  # or why it was not
     last_eval: ev.AdapterEvaluated | None = None  # the last `ftctl eval` of the adapter
     last_eval_at: str = ""
     crashes: list[CrashRecord] = []
@@ -214,6 +216,9 @@ def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
         e.base_model,
     )
     j.parent_job, j.requested = e.parent_job, None
+    # where the attempt starts on the lineage's axis: a warm start's base before its first checkpoint
+    # (not 0), the checkpoint's global step on a resume
+    j.global_step = e.global_step_base + j.step
     j.env = e.env or j.env
     j.env_changed = [*j.env_changed, *e.env_changed] if e.resume_checkpoint else list(e.env_changed)
     if e.resharded_from is not None:
@@ -264,6 +269,7 @@ def _adapter_evaluated(p, j: JobState, e: ev.AdapterEvaluated, seq: int, ts: str
 def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -> None:
     j.step, j.global_step, j.worker, j.requested, j.reason = e.step, e.global_step, None, None, ""
     j.adapter_path, j.adapter_sha256 = e.adapter_path, e.adapter_sha256
+    j.exported_to, j.export_refused = e.exported_to, e.export_refused
     lin = _lineage(p, j.lineage, j.base_model)
     if j.parent_job is not None and lin.head_job not in (None, j.parent_job):
         # It continued from an adapter that is no longer the head (another job started later but

@@ -217,6 +217,9 @@ class Completed(EventBase, tag="completed", kw_only=True):
     adapter_path: str
     adapter_sha256: str
     checkpoint: str
+    # config adapter_path: where the adapter was also published (mlx-lm's layout), or why it was not
+    exported_to: str | None = None
+    export_refused: str | None = None
 
 
 class Crashed(EventBase, tag="crashed", kw_only=True):

@@ -49,7 +49,8 @@ def test_eval_scores_the_adapter_and_the_base_on_the_validation_split(trained, c
     import mlx_lm
 
     from ftctl.adapters.batches import evaluation_batches
-    from ftctl.adapters.trainer import evaluate_loss, load_items
+    from ftctl.adapters.evaluate import evaluate_loss
+    from ftctl.adapters.trainer import load_items
 
     job = status(trained, "0001")
     valid = trained / "jobs" / "0001" / "data" / "valid.jsonl"
