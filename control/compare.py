@@ -14,12 +14,12 @@ from typing import Any
 
 import msgspec
 
+from ftctl.control.ledger import Ledger
 from ftctl.core import compare as C
 from ftctl.core.state import JobState
+from ftctl.events.errors import UserError
 from ftctl.events.types import ts_epoch
-from ftctl.recovery.ledger import Ledger
 
-from .jobs import UserError
 from .metrics import select_jobs
 
 
@@ -49,7 +49,9 @@ def choose(
     """The jobs named, a lineage's jobs, or the ``last`` jobs submitted (rejected ones trained nothing)."""
     if last is not None:
         if jobs or lineage:
-            raise UserError("name jobs, --lineage NAME or --last N: one of them")
+            raise UserError(
+                "name jobs, --lineage NAME or --last N: one of them", do="drop the others"
+            )
         if last < 1:
             raise UserError(f"--last {last}: name how many of the latest jobs, 1 or more")
         done = [j for j in ledger.state.jobs.values() if j.state != "rejected"]
@@ -57,12 +59,13 @@ def choose(
             raise UserError("no jobs to compare yet: `ftctl submit` one")
         return done[-last:]
     if jobs and lineage:
-        raise UserError("name jobs or --lineage NAME, not both")
+        raise UserError("name jobs or --lineage NAME, not both", do="drop one of them")
     out = select_jobs(ledger, jobs, lineage)
     rejected = [j.job for j in out if j.config is None]
     if rejected:
         raise UserError(
-            f"job {', '.join(rejected)} was rejected at submission: it has no config or curve to compare"
+            f"job {', '.join(rejected)} was rejected at submission: it has no config or curve to compare",
+            do="leave it out (`ftctl status --all` lists the jobs)",
         )
     return list({j.job: j for j in out}.values())  # a job named twice is one row
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from ftctl.control.ledger import Ledger
 from ftctl.core import health as H
 from ftctl.core.config import Alerts
 from ftctl.core.machine import ACTIVE
 from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
-from ftctl.recovery.ledger import Ledger
 
 from . import jobs
 from .metrics import Series, series

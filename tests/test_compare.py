@@ -61,7 +61,7 @@ RUNS = {  # job -> (--set overrides, evaluations (step, val loss), reports (step
         [(10, 2.5, 900.0, 1.4), (40, 1.5, 950.0, 1.4)],
     ),
     "0003": (
-        ["learning_rate=1e-4", "lora_parameters.rank=16"],
+        ["learning_rate=1e-4", "lora_parameters.rank=16", "--lineage", "wide"],
         [(10, 2.6), (20, None), (30, 2.0), (40, 2.05)],
         [
             (10, 2.7, 800.0, 2.0),
@@ -121,18 +121,20 @@ def three(ws, tmp_path, capsys):
     """Three submitted jobs (the real `ftctl submit`) differing in learning rate or rank, and the
     events of their runs; job 0003 crashed once and resumed."""
     from ftctl.adapters.workspace import Workspace
-    from ftctl.recovery.ledger import Ledger
+    from ftctl.control.ledger import Ledger
 
     data = tmp_path / "d.jsonl"
     data.write_text(
         "".join(json.dumps({"text": f"example number {i} " * 3}) + "\n" for i in range(20))
     )
     for job, (sets, _, _) in RUNS.items():
-        args = [a for s in sets for a in ("--set", s)]
-        assert (
-            run(capsys, "submit", data, "--again", "--name", f"run{job}", *args, "--home", ws)[0]
-            == 0
+        args = [a for s in sets if "=" in s for a in ("--set", s)] + [
+            s for s in sets if "=" not in s
+        ]
+        code, _, err = run(
+            capsys, "submit", data, "--again", "--name", f"run{job}", *args, "--home", ws
         )
+        assert code == 0, err
     w = Workspace(ws)
     ledger = Ledger(w.open_journal())
     for job, (_, evals, reports) in RUNS.items():
@@ -203,7 +205,9 @@ def test_all_keys_sorting_csv_and_the_terminal_table(three, capsys):
         "--home",
         three,
     )
-    assert [r["job"] for r in json.loads(out)["rows"]] == ["0003", "0001", "0002"]
+    got = json.loads(out)
+    assert [r["job"] for r in got["rows"]] == ["0001", "0002"]  # 2.0, then 1.5
+    assert got["differing"] == ["learning_rate"]  # the wider rank is in lineage "wide"
     code, out, _ = run(capsys, "compare", "1", "2", "3", "--home", three)
     assert code == 0 and "learning_rate" in out and "lora_parameters.rank" in out and "0003" in out
 
