@@ -13,7 +13,7 @@ from test_notify import Server
 from test_reproduce import _marker
 
 SPIKE_STEP = 12
-HANG_STEP = 16  # the paused run stands still here until the alert's pause reaches it
+HANG_STEP = 16  # the paused run stands still here, if the alert's pause has not reached it before
 SCALE = "40"
 ALERTS = {"spike_factor": 3.0, "spike_window": 10, "plateau_evals": None, "throughput_factor": None}
 
@@ -96,10 +96,14 @@ def test_the_alert_reaches_a_real_http_target(spiked):
 def test_on_spike_pause_pauses_through_the_pause_path_and_loses_nothing(spiked):
     seen, _, paused, _, at_pause = spiked
     assert at_pause["state"] == "paused", at_pause
-    assert at_pause["reason"] == (
-        f"paused by the loss-spike alert at step {SPIKE_STEP} at step {HANG_STEP}"
+    # it stops where the pause reached it: at the latest at the step it is held at, as `ftctl pause`
+    stopped = at_pause["step"]
+    assert SPIKE_STEP <= stopped <= HANG_STEP
+    assert (
+        at_pause["reason"]
+        == f"paused by the loss-spike alert at step {SPIKE_STEP} at step {stopped}"
     )
-    assert at_pause["step"] == HANG_STEP  # checkpointed where it stood, as `ftctl pause` does
+    assert [c["step"] for c in at_pause["checkpoints"]][-1] == stopped  # checkpointed there
     (a,) = _alerts(paused)  # the resumed attempt does not alert (or pause) again for the same spike
     assert a["action"] == "pause" and a["step"] == SPIKE_STEP
     kinds = [e["type"] for e in history(paused)]
