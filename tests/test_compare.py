@@ -5,9 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 from helpers import run
+from test_view import needs_chromium
 
 from ftctl.core import compare as C
 from ftctl.events import types as T
@@ -221,3 +225,85 @@ def test_wrong_input_is_a_clear_refusal(three, capsys):
     assert code == 1 and "no job '9'" in err
     code, _, err = run(capsys, "compare", "--home", three)
     assert code == 1 and "at least one job" in err
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def _effective_counts(home, job):
+    """(train points, val points) of the job's effective curve, as `ftctl metrics` counts them."""
+    from helpers import ftctl_json
+
+    c = ftctl_json(home, "metrics", job, "--json")["jobs"][0]["counts"]
+    return c["train"], c["val"]
+
+
+def _box(dom: str, chart_id: str) -> dict[str, str]:
+    m = re.search(
+        rf'<div class="chart"([^>]*)id="{chart_id}"|<div class="chart" id="{chart_id}"([^>]*)>', dom
+    )
+    assert m, f"no chart {chart_id}"
+    return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', m[0]))
+
+
+def test_api_compare_is_the_cli_table(three, capsys):
+    from test_view import Server
+
+    _, out, _ = run(capsys, "compare", "1", "2", "3", "--json", "--home", three)
+    s = Server(three)
+    try:
+        got = s.json("/api/compare?jobs=1,2,3")
+        assert {k: v for k, v in got.items() if k != "rows"} == {
+            k: v for k, v in json.loads(out).items() if k != "rows"
+        }
+        assert [r["job"] for r in s.json("/api/compare")["rows"]] == ["0001", "0002", "0003"]
+        assert [r["job"] for r in s.json("/api/compare?lineage=wide")["rows"]] == ["0003"]
+        code, body = s.get("/api/compare?jobs=9")
+        assert code == 404 and b"no job '9'" in body
+    finally:
+        s.stop()
+
+
+@needs_chromium
+def test_the_compare_view_overlays_one_series_per_selected_run_and_the_url_restores_it(
+    three, tmp_path
+):
+    from test_view import SCREENSHOT, Server, _chromium
+
+    s = Server(three)
+    try:
+        dom = _chromium(s.url("/compare?jobs=1,3"), "--window-size=1400,1600", "--dump-dom")
+        assert 'data-ready="1"' in dom and 'data-selection="0001,0003"' in dom
+        loss = _box(dom, "loss-chart")
+        # one train series and one val series per selected run, nothing of the others
+        assert (loss["jobs"], loss["runs"], loss["series"]) == ("0001,0003", "2", "4")
+        want = " ".join(
+            f"{j}:{'/'.join(map(str, _effective_counts(three, j)))}" for j in ("0001", "0003")
+        )
+        assert loss["counts"] == want  # the points drawn are the journal's effective curves
+        for chart in ("tps-chart", "mem-chart"):  # the system metrics of the same runs below
+            assert _box(dom, chart)["jobs"] == "0001,0003"
+        # the runs table: every job a row, the two selected marked, the key they differ in highlighted
+        assert re.findall(r'<tr data-job="(\d+)"( class="selected")?', dom) == [
+            ("0001", ' class="selected"'),
+            ("0002", ""),
+            ("0003", ' class="selected"'),
+        ]
+        assert 'data-differs="lora_parameters.rank"' in dom  # both have learning rate 1e-4
+        assert '<th class="cfg diff" data-col="lora_parameters.rank"' in dom
+        # another link, another view: a lineage's runs, every one selected, by tokens seen, sorted
+        dom = _chromium(s.url("/compare?lineage=main&x=tokens&sort=best_val_loss"), "--dump-dom")
+        loss = _box(dom, "loss-chart")
+        assert (loss["jobs"], loss["runs"], loss["series"]) == ("0001,0002", "2", "4")
+        assert 'data-differs="learning_rate"' in dom and 'data-sorted="asc"' in dom
+        assert re.findall(r'<tr data-job="(\d+)"', dom) == ["0002", "0001"]  # 1.6 before 2.1
+        # the job page links to its lineage's comparison
+        job = _chromium(s.url("/job/0003"), "--dump-dom")
+        assert 'href="../compare?lineage=wide"' in job
+        shot = tmp_path / "compare.png"
+        _chromium(s.url("/compare?jobs=1,2,3"), "--window-size=1400,1300", f"--screenshot={shot}")
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if SCREENSHOT:
+            shutil.copy(shot, Path(SCREENSHOT).with_name("compare-view.png"))
+    finally:
+        s.stop()

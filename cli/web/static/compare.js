@@ -49,6 +49,13 @@ function cmp(a, b) {  // numbers by value, text by text; a missing value last ei
 
 function colourOf(job) { return COLOURS[S.sel.indexOf(job) % COLOURS.length]; }
 
+// `ftctl compare`'s columns, the config keys moved up beside the run's name: what differs is seen first.
+function shown() {
+  const keys = new Set(table.keys), figs = table.columns.filter(c => !keys.has(c));
+  const at = figs.indexOf("state") + 1;
+  return [...figs.slice(0, at), ...table.keys, ...figs.slice(at)];
+}
+
 function showTable() {
   const head = document.querySelector("#runs thead tr"), body = document.querySelector("#runs tbody");
   const keys = new Set(table.keys);
@@ -56,7 +63,7 @@ function showTable() {
   // a key is highlighted when the selected runs do not all hold the same value for it
   const differs = new Set(table.keys.filter(k => new Set(picked.map(r => JSON.stringify(r[k] ?? null))).size > 1));
   head.replaceChildren(el("th", "✓"));
-  for (const c of table.columns) {
+  for (const c of shown()) {
     const th = el("th", c, (keys.has(c) ? "cfg" : "") + (differs.has(c) ? " diff" : ""));
     th.dataset.col = c;
     if (S.sort === c) th.dataset.sorted = S.desc ? "desc" : "asc";
@@ -77,8 +84,9 @@ function showTable() {
     const link = el("a", r.job);
     link.href = withToken("job/" + encodeURIComponent(r.job));
     const cells = [box];
-    for (const c of table.columns) {
+    for (const c of shown()) {
       if (c === "job") { cells.push(link); continue; }
+      if (c === "data_file" && r[c]) { const f = el("span", r[c].split("/").pop()); f.title = r[c]; cells.push(f); continue; }
       const cls = (keys.has(c) && differs.has(c) && box.checked ? "diff " : "") + (typeof r[c] === "number" ? "num" : "");
       cells.push([cell(c, r[c]), cls]);
     }
@@ -146,14 +154,16 @@ function overlay(parent, title, ylabel, runs, fields, withAlerts) {
       ctx.beginPath(); ctx.moveTo(x, bottom - 2 * r); ctx.lineTo(x - r, bottom); ctx.lineTo(x + r, bottom); ctx.closePath(); ctx.fill();
     }
   };
-  const width = Math.max(320, Math.floor(box.clientWidth - 12));
-  const plot = new uPlot({
-    width, height: ylabel === "loss" ? 360 : 240,
-    scales: { x: { time: false } },
-    axes: [{ label: XS[S.x] }, { label: ylabel }],
-    series, hooks: { draw: [draw] },
-  }, data, box);
-  plots.push(plot);
+  // drawn once every box is in place: a box's width is its share of the row only then
+  box.make = () => {
+    const width = Math.max(320, Math.floor(box.clientWidth - 12));
+    plots.push(new uPlot({
+      width, height: ylabel === "loss" ? 360 : 240,
+      scales: { x: { time: false } },
+      axes: [{ label: XS[S.x] }, { label: ylabel }],
+      series, hooks: { draw: [draw] },
+    }, data, box));
+  };
   return box;
 }
 
@@ -166,10 +176,17 @@ async function drawCharts() {
   const o = document.getElementById("overlay"), sys = document.getElementById("system");
   o.replaceChildren(); sys.replaceChildren();
   if (!runs.length) { o.appendChild(el("p", "tick runs in the table to draw their curves", "dim")); document.body.dataset.ready = "1"; return; }
-  overlay(o, "loss: " + runs.map(r => "job " + r.job + " " + r.s.name).join(" · "), "loss", runs,
-    [{ key: "train", label: "train" }, { key: "val", label: "val", dots: true }], true).id = "loss-chart";
-  overlay(sys, "tokens/s", "tokens/s", runs, [{ key: "tps", label: "tokens/s" }]).id = "tps-chart";
-  overlay(sys, "peak memory (GB)", "GB", runs, [{ key: "mem", label: "peak memory" }]).id = "mem-chart";
+  // memory in the unit it is read in: MB below a gigabyte
+  const small = runs.every(r => r.pts.every(p => p.mem === null || p.mem < 1));
+  if (small) for (const r of runs) for (const p of r.pts) if (p.mem !== null) p.mem = p.mem * 1000;
+  const boxes = [
+    overlay(o, "loss: " + runs.map(r => "job " + r.job + " " + r.s.name).join(" · "), "loss", runs,
+      [{ key: "train", label: "train" }, { key: "val", label: "val", dots: true }], true),
+    overlay(sys, "tokens/s", "tokens/s", runs, [{ key: "tps", label: "tokens/s" }]),
+    overlay(sys, "peak memory (" + (small ? "MB" : "GB") + ")", small ? "MB" : "GB", runs, [{ key: "mem", label: "peak memory" }]),
+  ];
+  ["loss-chart", "tps-chart", "mem-chart"].forEach((id, i) => { boxes[i].id = id; });
+  for (const b of boxes) b.make();
   document.body.dataset.ready = "1";
 }
 
