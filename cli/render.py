@@ -714,7 +714,8 @@ def eval_verdict(e: AdapterEvaluated) -> str:
 
 def compare_table(c, width: int) -> Table:
     """`ftctl compare`'s table (control.compare.Comparison): a row per job; the config keys after the
-    figures (cyan; yellow where they differ). Wider than ``width``, it is turned: a line per column."""
+    figures (cyan; yellow where they differ). Wider than ``width``, it is turned — a line per column,
+    a column per job — if that is narrower (a few jobs, many columns)."""
     from ftctl.core.compare import cell
 
     def show(col: str, v) -> str:
@@ -736,7 +737,9 @@ def compare_table(c, width: int) -> Table:
     title = f"{len(c.rows)} job(s)" + (
         f"; differing keys: {', '.join(c.differing)}" if c.differing else "; no config key differs"
     )
-    if sum(w + 3 for w in widths) + 1 <= width or not c.rows:
+    wide = sum(w + 3 for w in widths) + 1
+    turned = widths[0] + 4 + sum(max(len(x) for x in row) + 3 for row in cells)
+    if wide <= width or turned >= wide or not c.rows:  # turned only when that is what fits better
         t = Table(title=title, expand=False)
         for k in c.columns:
             numeric = any(isinstance(r[k], (int, float)) for r in c.rows)
