@@ -286,6 +286,11 @@ def probe_backend(env: dict[str, str] | None = None, timeout: float = 60.0) -> B
         return Backend(None, f"importing MLX took over {timeout:.0f} s", gpu)
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+        if sys.platform.startswith("linux") and not mlx_wheels():
+            tail += (
+                "; no MLX backend is installed: pip install 'ftctl[cpu]', or 'ftctl[cuda]' with an "
+                "NVIDIA GPU (docs/hardware.md)"
+            )
         return Backend(None, f"MLX cannot start: {tail}", gpu)
     dev = msgspec.convert(json.loads(p.stdout.strip().splitlines()[-1]), Device)
     return Backend(dev, backend_reason(dev, mlx_wheels(), gpu, sys.platform), gpu)
