@@ -30,9 +30,8 @@ from typing import TYPE_CHECKING, Callable
 
 import msgspec
 
-if (
-    TYPE_CHECKING
-):  # MLX is imported where arrays are written or read: recovery and status never load it
+# MLX is imported where arrays are written or read: recovery and status never load it
+if TYPE_CHECKING:
     import mlx.core as mx
 
 from ftctl.events.types import CheckpointRecord

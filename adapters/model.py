@@ -58,9 +58,8 @@ def resolve_repo(repo: str) -> Snapshot:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    home = os.environ.get(
-        "HF_HOME"
-    )  # read now: huggingface_hub reads them once, when first imported
+    # read now: huggingface_hub reads them once, when first imported
+    home = os.environ.get("HF_HOME")
     cache = os.environ.get("HF_HUB_CACHE") or (
         str(Path(home) / "hub") if home else constants.HF_HUB_CACHE
     )

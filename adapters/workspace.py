@@ -29,12 +29,12 @@ from ftctl.core.config import (
     merge_overrides,
 )
 from ftctl.core.fit import fitting_keys
+from ftctl.events.errors import UserError
 from ftctl.events.journal import Journal, JournalError
 
 DIRS = ("inbox", "inbox/rejected", "jobs", "models", "logs", "run")
-SCRATCH_MARKER = (
-    ".ftctl-reproduce"  # the first file of a reproduction's scratch folder: ours to delete
-)
+# the first file of a reproduction's scratch folder: ours to delete
+SCRATCH_MARKER = ".ftctl-reproduce"
 
 
 def _fix(path: Path) -> str:
@@ -49,7 +49,7 @@ def _fix(path: Path) -> str:
     )
 
 
-class WorkspaceError(Exception):
+class WorkspaceError(UserError):
     """A workspace problem a user can act on."""
 
 
@@ -141,9 +141,8 @@ class Workspace:
             culprit = blame_override(e.key, overrides)
             if culprit is None:
                 raise
-            return decode_config(
-                data, source=f"--set {culprit}"
-            )  # the same error, blamed on the override
+            # the same error, blamed on the override
+            return decode_config(data, source=f"--set {culprit}")
 
 
 def read_mapping(path: Path) -> dict:

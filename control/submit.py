@@ -19,6 +19,7 @@ from ftctl.adapters.fs import UnreadableFile, read_input, write_durable
 from ftctl.adapters.group import problems as group_problems
 from ftctl.adapters.model import is_repo_id, model_problem, safetensors_names, shape
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core import fit
 from ftctl.core.config import (
     TRACKERS,
@@ -38,8 +39,8 @@ from ftctl.core.dataset import (
 )
 from ftctl.core.state import job_stream
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.events.journal import ConcurrencyError
-from ftctl.recovery.ledger import Ledger
 
 from . import models
 from .reporter import Note, quiet
@@ -57,15 +58,17 @@ RESUME_ADAPTER = "resume_adapters.safetensors"  # the job's copy of its resume_a
 OWN_LINEAGE = "lora-"  # a job submitted without a lineage gets its own: lora-<job id>
 
 
-class SubmitError(Exception):
+class SubmitError(UserError):
     """Submission refused before anything was recorded."""
+
+    kept = "nothing was queued; the data file is untouched"
 
 
 class DuplicateSubmission(SubmitError):
     """The same data with the same resolved config is already a job; ``--again`` queues it anyway."""
 
-    def __init__(self, message: str, job: str):
-        super().__init__(message)
+    def __init__(self, message: str, job: str, *, do: str = ""):
+        super().__init__(message, do=do)
         self.job = job
 
 
@@ -189,7 +192,7 @@ def _read(path: Path, what: str) -> bytes:
     try:
         return read_input(path, what)
     except UnreadableFile as e:
-        raise SubmitError(f"{e}; nothing was queued") from None
+        raise SubmitError(str(e)) from None
 
 
 def _problems(report: DataReport, limit: int = 20) -> list[str]:
@@ -334,8 +337,8 @@ def _lineage_config(ledger: Ledger, lineage: str, cfg: Config) -> Config:
         return cfg
     if cfg.model not in (lin.origin_model, lin.base_model):
         raise SubmitError(
-            f"lineage {lineage!r} trains on {lin.base_model}, not {cfg.model}. Nothing was queued. A different base "
-            f"model starts a new lineage: submit with --lineage NAME"
+            f"lineage {lineage!r} trains on {lin.base_model}, not {cfg.model}",
+            do="a different base model starts a new lineage: submit with --lineage NAME",
         )
     cfg = msgspec.structs.replace(cfg, model=lin.base_model)
     chain = [ledger.state.jobs[j] for j in lin.jobs]
@@ -345,12 +348,12 @@ def _lineage_config(ledger: Ledger, lineage: str, cfg: Config) -> Config:
         changed = locked_changes(ref.config, cfg)
         if changed:
             raise SubmitError(
-                f"lineage {lineage!r} has an adapter that is not consolidated yet (job {ref.job}, {ref.state}); this "
-                f"submission changes what shapes it — {'; '.join(changed)} — which would silently break its warm start "
-                "and its fusion. Nothing was queued. Either consolidate first (`ftctl "
-                "consolidate`, after the lineage's "
-                "jobs finish) so that new jobs start a fresh adapter on the fused base, or start a new lineage "
-                "explicitly (`--lineage NAME`)."
+                f"lineage {lineage!r} has an adapter that is not consolidated yet (job {ref.job}, "
+                f"{ref.state}); this submission changes what shapes it — {'; '.join(changed)} — "
+                "which would silently break its warm start and its fusion",
+                do="either consolidate first (`ftctl consolidate`, after the lineage's jobs finish) "
+                "so that new jobs start a fresh adapter on the fused base, or start a new lineage "
+                "explicitly (`--lineage NAME`)",
             )
     return cfg
 
@@ -366,10 +369,11 @@ def _duplicate(ledger: Ledger, path: Path, sha: str, valid_sha: str | None, cfg:
             and j.valid_sha256 == valid_sha
         ):
             raise DuplicateSubmission(
-                f"{path.name} was already submitted with the same content (sha256 {sha[:12]}…) and the same config "
-                f"as job {j.job} ({j.state}); nothing was queued. To train on it again on purpose, submit it with "
-                f"--again; to change the run, pass --set KEY=VALUE",
+                f"{path.name} was already submitted with the same content (sha256 {sha[:12]}…) and "
+                f"the same config as job {j.job} ({j.state})",
                 j.job,
+                do="to train on it again on purpose, submit it with --again; to change the run, pass "
+                "--set KEY=VALUE",
             )
 
 
@@ -488,15 +492,12 @@ def submit(
     if src.valid is not None and not reasons:
         warnings += _check_valid(src, report, vreport)
     resolved = models.Resolved(cfg.model)
-    if models.needs_resolving(
-        cfg.model
-    ):  # a repo id or a GGUF file: the folder it names, pinned now
+    # a repo id or a GGUF file: the folder it names, pinned now
+    if models.needs_resolving(cfg.model):
         try:
             resolved = models.for_job(ws, ledger, cfg.model, note)
         except models.ModelRefused as e:
-            raise SubmitError(
-                f"the base model cannot be used: {e}. Nothing was queued; {_MODEL_FIX}"
-            ) from None
+            raise SubmitError(f"the base model cannot be used: {e}", do=_MODEL_FIX) from None
         cfg = msgspec.structs.replace(cfg, model=resolved.path)
     if lineage is not None:
         cfg = _lineage_config(
@@ -504,14 +505,12 @@ def submit(
         )  # what the job records, and what its sha256 hashes
     problem = model_problem(cfg.model)
     if problem:  # the job would record this path for good: refuse it now, not at `ftctl start`
-        raise SubmitError(
-            f"the base model cannot load: {problem}. Nothing was queued; {_MODEL_FIX}"
-        )
+        raise SubmitError(f"the base model cannot load: {problem}", do=_MODEL_FIX)
     broken = group_problems(cfg)
     if broken:  # a data-parallel config that cannot launch: refuse it now, not at `ftctl start`
         raise SubmitError(
-            f"the distributed config cannot run: {'; '.join(broken)}. Nothing was queued; fix "
-            "`distributed` in ftctl.yaml (see docs/distributed.md) and submit again"
+            f"the distributed config cannot run: {'; '.join(broken)}",
+            do="fix `distributed` in ftctl.yaml (see docs/distributed.md) and submit again",
         )
     if src.valid is None and not src.folder:
         train, held = _split(src.train, report, cfg.batch_size)
@@ -624,5 +623,5 @@ def submit(
         except ConcurrencyError:
             continue
     raise SubmitError(
-        "could not allocate a job id: other submissions kept racing; nothing was queued — retry"
+        "could not allocate a job id: other submissions kept racing", do="submit it again"
     )

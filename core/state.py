@@ -13,16 +13,19 @@ from typing import Any
 import msgspec
 
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.events.types import CheckpointRecord, ProcessId
 
 from .config import Config
-from .machine import FACTS, JOB_STATES, TERMINAL, next_state
+from .machine import FACTS, JOB_STATES, TERMINAL, command, next_state
 
 SNAPSHOT_FORMAT = 14  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
-class ReplayError(Exception):
+class ReplayError(UserError):
     """The journal holds an event its stream's state cannot take: a bug or a tampered file."""
+
+    kept = "the journal was only read, nothing was changed"
 
 
 class CrashRecord(msgspec.Struct, kw_only=True, gc=False):
@@ -32,15 +35,14 @@ class CrashRecord(msgspec.Struct, kw_only=True, gc=False):
     exit_code: int | None = None
     signal: int | None = None
     suggestion: str = ""
-    resume_step: int | None = (
-        None  # the job's last good checkpoint when it crashed: where the next attempt resumes
-    )
-    verdict: str = (
-        ""  # its latest reproduction's verdict (crash_reproduced), "" if never reproduced
-    )
+    # the job's last good checkpoint when it crashed: where the next attempt resumes
+    resume_step: int | None = None
+    # its latest reproduction's verdict (crash_reproduced), "" if never reproduced
+    verdict: str = ""
     reproduction: str = ""  # that reproduction's one-line summary
     rank: int | None = None  # a data-parallel job: the rank that failed first, and its host
     host: str | None = None
+    loading: bool = False  # before its attempt's first step: not a crash at ``step``
 
 
 class JobState(msgspec.Struct, kw_only=True):
@@ -62,9 +64,8 @@ class JobState(msgspec.Struct, kw_only=True):
     config_sha256: str = ""
     warnings: list[str] = []
     overrides: list[str] = []  # the job's own key=value overrides of ftctl.yaml, as submitted
-    copies: dict[
-        str, str
-    ] = {}  # sha256 of the job's own data copies (jobs/<id>/data/), by file name
+    # sha256 of the job's own data copies (jobs/<id>/data/), by file name
+    copies: dict[str, str] = {}
     model_repo: str | None = None  # the Hugging Face repo id the model was named by, if any
     model_revision: str | None = None  # and the commit hash of the cached snapshot it resolved to
     reason: str = ""  # why it is rejected / paused / failed / cancelled / requeued
@@ -87,18 +88,15 @@ class JobState(msgspec.Struct, kw_only=True):
     last_eval: ev.AdapterEvaluated | None = None  # the last `ftctl eval` of the adapter
     last_eval_at: str = ""
     crashes: list[CrashRecord] = []
-    budget_from: int = (
-        0  # crashes[budget_from:] count against the restart budget (`ftctl retry` resets it)
-    )
+    # crashes[budget_from:] count against the restart budget (`ftctl retry` resets it)
+    budget_from: int = 0
     not_before: float = 0.0
     requested: str | None = None  # a pending user request for a running job: "pause" | "cancel"
     env: dict[str, str] = {}  # the latest attempt's environment fingerprint (training_started.env)
-    env_changed: list[
-        str
-    ] = []  # resumed under another fingerprint: not bit-exact with the earlier attempts
-    world_size: int = (
-        1  # ranks of the latest attempt (config `distributed`); its checkpoints' world size
-    )
+    # resumed under another fingerprint: not bit-exact with the earlier attempts
+    env_changed: list[str] = []
+    # ranks of the latest attempt (config `distributed`); its checkpoints' world size
+    world_size: int = 1
     hosts: list[str] = []  # their hosts, in rank order
     resharded: list[str] = []  # "N -> M at step S" for each resume on another world size
     reshard: bool = False  # `ftctl retry --reshard` allows the next attempt another world size
@@ -127,16 +125,14 @@ class LineageState(msgspec.Struct, kw_only=True):
     origin_model: str = ""  # the base the lineage started from (ftctl.yaml's model)
     base_version: int = 0  # 0 = the original model from ftctl.yaml
     head_job: str | None = None  # the completed job whose adapter is the lineage's current one
-    branches: list[
-        str
-    ] = []  # completed jobs that did not become the head (they started from an older one)
+    # completed jobs that did not become the head (they started from an older one)
+    branches: list[str] = []
     jobs: list[str] = []  # jobs trained on the current base, oldest first
     models: list[ModelVersion] = []
     pending: ev.ConsolidationStarted | None = None  # the consolidation in progress
     requested: bool = False  # `ftctl consolidate` asked a running daemon to consolidate
-    last_consolidation_at: str = (
-        ""  # when the last consolidation started (the schedule runs once a day)
-    )
+    # when the last consolidation started (the schedule runs once a day)
+    last_consolidation_at: str = ""
 
 
 class DaemonState(msgspec.Struct, kw_only=True):
@@ -146,12 +142,10 @@ class DaemonState(msgspec.Struct, kw_only=True):
     started_at: str = ""
     running: bool = False
     shutdown_requested: bool = False
-    reconciled_seq: int = (
-        0  # recovery last ran here: finished jobs untouched since need no new look
-    )
-    notify_failed: dict[
-        str, ev.NotificationFailed
-    ] = {}  # notification target -> its latest failure
+    # recovery last ran here: finished jobs untouched since need no new look
+    reconciled_seq: int = 0
+    # notification target -> its latest failure
+    notify_failed: dict[str, ev.NotificationFailed] = {}
 
 
 class Projection(msgspec.Struct, kw_only=True):
@@ -302,6 +296,7 @@ def _crashed(p, j: JobState, e: ev.Crashed, seq: int, ts: str) -> None:
             resume_step=j.step,
             rank=e.rank,
             host=e.host,
+            loading=e.loading,
         )
     )
     j.reason = f"{e.category}: {e.suggestion}" if e.suggestion else e.category
@@ -469,7 +464,16 @@ def _check_type(state: str, typ: type, lineage: bool = False) -> str | None:
 
 
 def check(state: str, event: ev.EventBase, *, lineage: bool = False) -> str | None:
-    """The state after ``event``, or None if the event is illegal in ``state``."""
+    """The state after ``event``, or None if the event is illegal in ``state`` (replay: the table)."""
+    return _check_type(state, type(event), lineage)
+
+
+def check_command(state: str, event: ev.EventBase, *, lineage: bool = False) -> str | None:
+    """As ``check``, for a command about to be appended: a transition is asked of the declared
+    machine itself (machine.command); a fact, of the states FACTS allows it in."""
+    trigger = type(event).trigger
+    if trigger is not None:
+        return command(state, trigger, lineage=lineage)
     return _check_type(state, type(event), lineage)
 
 

@@ -248,11 +248,11 @@ class Crashed(EventBase, tag="crashed", kw_only=True):
     signal: int | None = None
     evidence: str = ""
     suggestion: str = ""
-    message: str = (
-        ""  # what the worker said, first line ("ValueError: ..."): a reproduction compares it
-    )
+    # what the worker said, first line ("ValueError: ..."): a reproduction compares it
+    message: str = ""
     rank: int | None = None  # a data-parallel job: the rank that failed first, and its host
     host: str | None = None
+    loading: bool = False  # it died before its attempt's first step: ``step`` is where it resumed
 
 
 class ExampleRef(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -283,18 +283,15 @@ class CrashReproduced(EventBase, tag="crash_reproduced", kw_only=True):
     message: str = ""  # the replay's failure, first line
     first_nonfinite_step: int | None = None
     first_nonfinite: str = ""  # "loss", "gradient norm" or "loss and gradient norm"
-    groups: list[
-        str
-    ] = []  # parameter groups whose gradient was not finite at that step, model order
+    # parameter groups whose gradient was not finite at that step, model order
+    groups: list[str] = []
     group_count: int = 0  # of how many groups
     failing_step: int | None = None
     examples: list[ExampleRef] = []  # the failing step's batch
-    env_changed: list[
-        str
-    ] = []  # how its environment fingerprint differs from the crashed attempt's
-    bit_exact: list[
-        int
-    ] = []  # steps at which the replay's weights matched the job's checkpoint, bit for bit
+    # how its environment fingerprint differs from the crashed attempt's
+    env_changed: list[str] = []
+    # steps at which the replay's weights matched the job's checkpoint, bit for bit
+    bit_exact: list[int] = []
     mismatch: list[int] = []  # steps at which they did not
     notes: list[str] = []  # what it had to do differently (a pruned checkpoint, unchecked data)
     by: str = "user"  # "user" (`ftctl reproduce`) or "daemon" (the restart policy)
@@ -566,9 +563,8 @@ def upcast(event: EventBase) -> EventBase:
 # --------------------------------------------------------------------------- envelope
 
 
-TS_FORMAT = (
-    "%Y-%m-%dT%H:%M:%S.%fZ"  # a journal timestamp: UTC, microseconds (events/journal.utc_now)
-)
+# a journal timestamp: UTC, microseconds (events/journal.utc_now)
+TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 def ts_epoch(ts: str) -> float:

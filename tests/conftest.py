@@ -34,9 +34,8 @@ def baseline(tmp_path_factory, demo) -> Baseline:
         )
     ftctl(home, "start", "--until-idle", "--quiet", timeout=600)
     first, second = finished(home, "0001"), finished(home, "0002")
-    assert (
-        first["global_step"] == 40 and second["global_step"] == 80
-    )  # the lineage's cumulative step
+    # the lineage's cumulative step
+    assert first["global_step"] == 40 and second["global_step"] == 80
     return Baseline(home, first["adapter_sha256"], second["adapter_sha256"])
 
 
