@@ -18,6 +18,23 @@ def available_memory_gb() -> float:
     return psutil.virtual_memory().available / GB
 
 
+def total_memory_gb() -> float:
+    """The memory this process may use: the machine's RAM, or our cgroup's limit (v2 memory.max) if lower."""
+    total = psutil.virtual_memory().total
+    try:
+        rel = next(
+            line.split(":", 2)[2]
+            for line in Path("/proc/self/cgroup").read_text().splitlines()
+            if line.startswith("0::")
+        )
+        limit = (Path("/sys/fs/cgroup") / rel.lstrip("/") / "memory.max").read_text().strip()
+        if limit != "max":
+            total = min(total, int(limit))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    return total / GB
+
+
 def oom_kill_count() -> int | None:
     """The kernel OOM killer's counter for our cgroup (v2 memory.events, v1 memory.oom_control),
     or None where it cannot be read (macOS, containers without the file)."""

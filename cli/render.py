@@ -283,6 +283,8 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
         "rank_tokens_per_s": j.rank_tokens_per_s or None,
         "resharded": j.resharded,
         "crashes": [as_dict(c) for c in j.crashes],
+        # a guard's checkpoint-and-continue in a fresh worker (restart_planned): not crashes
+        "planned_restarts": j.planned_restarts,
         "requested": j.requested,
         "warnings": j.warnings,
         "last_report": metrics,
@@ -440,6 +442,12 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
                 if metrics.get("peak_mem_gb") is not None
                 else ""
             ),
+        )
+    if j.planned_restarts:
+        t.add_row(
+            "planned restarts",
+            f"{j.planned_restarts} (a guard checkpointed and continued in a fresh worker: `ftctl "
+            f"history {j.job}` has the evidence; no restart budget used)",
         )
     if metrics and (dev := device_line(metrics)):
         t.add_row("device", escape(dev))

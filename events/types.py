@@ -313,6 +313,21 @@ class Interrupted(EventBase, tag="interrupted", kw_only=True):
     reason: str
 
 
+class RestartPlanned(EventBase, tag="restart_planned", kw_only=True):
+    """A guard stopped the worker before the OS or the hardware would: it checkpointed at ``step`` and the
+    job continues in a fresh worker process (at ``not_before``: a cool-down), from that checkpoint, bit for
+    bit. Not a crash: nothing was lost, and the restart budget is not used. ``guard``: memory (the
+    worker's memory trend would reach guards.memory_limit_gb) or temperature (the GPU above
+    guards.max_temperature_c, guards.cooldown_s > 0); ``evidence``: the readings that decided it."""
+
+    trigger: ClassVar[str] = "interrupt"
+    job: str
+    step: int
+    guard: str
+    evidence: str
+    not_before: float = 0.0
+
+
 class Failed(EventBase, tag="failed", kw_only=True):
     trigger: ClassVar[str] = "fail"
     job: str
@@ -504,6 +519,7 @@ Event = Union[
     CrashReproduced,
     Requeued,
     Interrupted,
+    RestartPlanned,
     Failed,
     Paused,
     Resumed,

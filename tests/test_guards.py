@@ -84,3 +84,101 @@ def test_temperature_and_doctor_thresholds():
     assert (
         G.device_problems({"device_mem_used_gb": 10.0, "device_mem_total_gb": 24.0}, 85, 95) == []
     )
+
+
+# --------------------------------------------------------------------------- the guards acting on a job
+# A real daemon and worker; the worker's memory and temperature readings come from the telemetry seam
+# (FTCTL_FAKE_TELEMETRY): a base value, plus so much per step this worker process has run.
+
+
+def _guarded_job(tmp_path, demo, env: dict, **guards):
+    from helpers import ftctl, make_workspace
+
+    home = make_workspace(
+        tmp_path / "ws", demo.model_dir, steps_per_report=1, guards={**guards}
+    )  # reporting each step changes nothing in training: the adapter must match the baseline's
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", "job1")
+    # exit 1 when the job did not complete (a guard paused it): the tests look at what was recorded
+    ftctl(home, "start", "--until-idle", "--quiet", env=env, timeout=600, check=False)
+    return home
+
+
+def _events(home, kind):
+    from helpers import history
+
+    return [e["data"] for e in history(home) if e["type"] == kind]
+
+
+def test_memory_growth_restarts_the_worker_before_the_limit_bit_exact(tmp_path, demo, baseline):
+    """100 MB more per step from 1.0 GB, a 3.0 GB ceiling, a 5-step horizon: each worker is stopped with
+    a checkpoint around its 15th step (2.5 GB, 5 steps short), twice in 40 steps; the job finishes in a
+    third worker with the uninterrupted run's adapter, no crash recorded, the restart budget unused."""
+    import json
+
+    from helpers import finished, status
+
+    fake = {"rss_gb": 1.0, "rss_gb_per_step": 0.1, "swap_gb": 0.0}
+    home = _guarded_job(
+        tmp_path,
+        demo,
+        {"FTCTL_FAKE_TELEMETRY": json.dumps(fake)},
+        memory_limit_gb=3.0,
+        memory_horizon_steps=5,
+    )
+    s = finished(home)
+    assert s["adapter_sha256"] == baseline.sha1
+    planned = _events(home, "restart_planned")
+    assert len(planned) == 2, planned
+    for p in planned:
+        assert p["guard"] == "memory"
+        assert "worker memory (RSS + swap) grew" in p["evidence"]
+        assert "+100.0 MB/step" in p["evidence"] and "would reach the limit" in p["evidence"]
+    assert _events(home, "crashed") == []
+    started = _events(home, "training_started")
+    assert [t.get("resume_step", 0) for t in started] == [0, planned[0]["step"], planned[1]["step"]]
+    assert len({t["worker_pid"] for t in started}) == 3  # each continued in a fresh process
+    # every report stayed below the ceiling: the guard acted before the limit, not at it
+    from ftctl.events.journal import Journal
+
+    with Journal.open_readonly(home / "journal.db") as j:
+        rss = [row[2 + 9] for row in j.metric_rows("0001")]  # (id, ts, Metrics' fields...): rss_gb
+    assert max(rss) < 3.0
+    assert s["planned_restarts"] == 2 and s["crashes"] == []  # the restart budget is untouched
+
+
+def test_a_hot_gpu_pauses_the_job_with_the_reason_and_resume_finishes_it(tmp_path, demo, baseline):
+    import json
+
+    from helpers import finished, ftctl, status
+
+    fake = {"device_temp_c": 80.0, "device_temp_c_per_step": 1.0}  # over 85 °C at its 6th step
+    home = _guarded_job(tmp_path, demo, {"FTCTL_FAKE_TELEMETRY": json.dumps(fake)})
+    s = status(home, "0001")
+    assert s["state"] == "paused", s
+    assert "temperature guard: the GPU is at 86 °C, above max_temperature_c = 85 °C" in s["reason"]
+    assert "ftctl resume 0001" in s["reason"] and "guards.cooldown_s" in s["reason"]
+    assert _events(home, "crashed") == [] and _events(home, "restart_planned") == []
+    ftctl(home, "resume", "0001")
+    ftctl(home, "start", "--until-idle", "--quiet", timeout=600)  # cooled down: no fake readings
+    assert finished(home)["adapter_sha256"] == baseline.sha1
+
+
+def test_a_cooldown_resumes_by_itself_after_the_wait(tmp_path, demo, baseline):
+    import json
+
+    from ftctl.events.types import ts_epoch
+    from helpers import finished, history
+
+    fake = {
+        "device_temp_c": 80.0,
+        "device_temp_c_per_step": 0.3,
+    }  # over 85 °C at a worker's 17th step
+    home = _guarded_job(tmp_path, demo, {"FTCTL_FAKE_TELEMETRY": json.dumps(fake)}, cooldown_s=1.5)
+    assert finished(home)["adapter_sha256"] == baseline.sha1
+    h = history(home)
+    planned = [e for e in h if e["type"] == "restart_planned"]
+    assert len(planned) == 2 and all(p["data"]["guard"] == "temperature" for p in planned)
+    starts = [e for e in h if e["type"] == "training_started"]
+    for p, nxt in zip(planned, starts[1:]):
+        assert p["data"]["not_before"] >= ts_epoch(p["ts"]) + 1.4
+        assert ts_epoch(nxt["ts"]) >= p["data"]["not_before"] - 0.05  # it waited the cool-down
