@@ -115,7 +115,7 @@ def test_memory_growth_restarts_the_worker_before_the_limit_bit_exact(tmp_path, 
     third worker with the uninterrupted run's adapter, no crash recorded, the restart budget unused."""
     import json
 
-    from helpers import finished, status
+    from helpers import finished
 
     fake = {"rss_gb": 1.0, "rss_gb_per_step": 0.1, "swap_gb": 0.0}
     home = _guarded_job(
@@ -166,8 +166,9 @@ def test_a_hot_gpu_pauses_the_job_with_the_reason_and_resume_finishes_it(tmp_pat
 def test_a_cooldown_resumes_by_itself_after_the_wait(tmp_path, demo, baseline):
     import json
 
-    from ftctl.events.types import ts_epoch
     from helpers import finished, history
+
+    from ftctl.events.types import ts_epoch
 
     fake = {
         "device_temp_c": 80.0,
