@@ -62,3 +62,23 @@ def oom_kill_count() -> int | None:
         except (OSError, ValueError):
             continue
     return None
+
+
+def kernel_xids(since: float, limit: int = 5) -> list[str]:
+    """The kernel log's NVIDIA Xid lines ("NVRM: Xid (PCI:0000:3b:00): 79, ...") logged since the epoch time
+    ``since`` (dmesg's stamps are seconds since boot): what the driver saw while a GPU worker ran. [] where
+    there are none or the log cannot be read (dmesg restricted, macOS)."""
+    import re
+    import subprocess
+
+    try:
+        p = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=3)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    after = since - psutil.boot_time() - 1.0
+    out = []
+    for line in p.stdout.splitlines():
+        stamp = re.match(r"\[\s*(\d+\.\d+)\]", line)
+        if "NVRM: Xid" in line and stamp and float(stamp.group(1)) >= after:
+            out.append(line.strip())
+    return out[-limit:]

@@ -296,6 +296,8 @@ class Attempt:
         # the guards (core/guards.py): this attempt's readings, and what tripped (name, evidence, action)
         self.samples: list[tuple[int, dict]] = []
         self.tripped: tuple[str, str, str] | None = None
+        self.on_cuda = False  # a report said the worker trains on a CUDA GPU
+        self.started = time.time()
         self.hung = False
         self.stop_forced = False  # asked to stop, it did not within stop_s: ftctl killed it
         self.error: P.Failed | None = None  # the first error any rank reported
@@ -630,6 +632,7 @@ class Attempt:
         """The guards, on every report of the leader: a GPU over guards.max_temperature_c, or memory whose
         trend reaches the ceiling within guards.memory_horizon_steps, stops the worker with a checkpoint
         (``finish`` then records a planned restart, or a pause, with the evidence)."""
+        self.on_cuda = self.on_cuda or (m.device or "").startswith("cuda")
         if self.stop_sent is not None or self.finished:
             return
         g = self.cfg.guards
@@ -804,6 +807,13 @@ class Attempt:
             if self.torn_down_s is not None
             else ""
         )
+        what = first.what + torn
+        if (
+            self.on_cuda
+        ):  # a GPU worker died: what the driver logged (NVRM Xid lines) is evidence too
+            xid = system.kernel_xids(since=self.started)
+            if xid:
+                what += ("; " if what else "") + "kernel log: " + " | ".join(xid)
         return Evidence(
             exit_code=code,
             stderr_tail=process.tail(self.w.log_path, since=self.w.log_offset),
@@ -814,7 +824,7 @@ class Attempt:
             vanished=rank is not None and err is None,
             step=self.step,
             loading=self.loading,
-            what=first.what + torn,
+            what=what,
             rank=rank,
             host=(first.host or None) if self.world > 1 else None,
             steps_seen=", ".join(f"rank {r.rank} step {r.step}" for r in _by_rank(self.ranks))

@@ -197,3 +197,28 @@ def test_doctor_flags_a_hot_full_gpu_through_the_seam(ws, capsys, monkeypatch):
         and "91 °C" in gpu["message"]
         and "limits 95 °C, 99 %" in gpu["message"]
     )
+
+
+def test_kernel_xids_since_the_attempt_started(monkeypatch):
+    """The NVRM Xid lines dmesg has from the attempt's start on (its stamps: seconds since boot)."""
+    import subprocess
+
+    from ftctl.adapters import system
+
+    log = (
+        "[  100.000001] NVRM: Xid (PCI:0000:2b:00): 63, pid=1896, Row Remapper: New row marked\n"
+        "[ 5000.250000] usb 1-1: new device\n"
+        "[ 5001.500000] NVRM: Xid (PCI:0000:2b:00): 79, GPU has fallen off the bus.\n"
+    )
+    monkeypatch.setattr(system.psutil, "boot_time", lambda: 1_000_000.0)
+    monkeypatch.setattr(
+        subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, log, "")
+    )
+    got = system.kernel_xids(since=1_000_000.0 + 4_000)
+    assert got == ["[ 5001.500000] NVRM: Xid (PCI:0000:2b:00): 79, GPU has fallen off the bus."]
+
+    def denied(*a, **k):
+        raise OSError("dmesg: read kernel buffer failed: Operation not permitted")
+
+    monkeypatch.setattr(subprocess, "run", denied)
+    assert system.kernel_xids(since=0) == []
