@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import msgspec
-import psutil
 
 GB = 1e9
 FAKE_ENV = "FTCTL_FAKE_TELEMETRY"
@@ -91,6 +90,8 @@ def mlx_device(overrides: dict | None = None) -> Device:
     name = str(info.get("device_name") or info.get("architecture") or "")
     memory = int(info.get("total_memory") or info.get("memory_size") or 0)
     if backend == "cpu" and not memory:
+        import psutil
+
         memory = psutil.virtual_memory().total
     index = getattr(dev, "index", 0)  # MLX 0.32's Device exposes its type only
     return Device(backend=backend, index=index, name=name, memory_bytes=memory)
@@ -163,6 +164,8 @@ def process_swap_gb(pid: int) -> float | None:
         except (OSError, ValueError, IndexError):
             return None
         return None
+    import psutil
+
     try:
         return psutil.swap_memory().used / GB
     except Exception:
@@ -183,6 +186,8 @@ class Telemetry:
             if nvml is not None
             else (NVML.open(self.device.index) if self.device.backend == "cuda" else None)
         )
+        import psutil  # here, not at import: `ftctl status` reads READINGS without loading psutil
+
         self.proc = psutil.Process()
 
     def read(self, steps: int = 0) -> dict[str, float | None]:
@@ -194,7 +199,7 @@ class Telemetry:
             out["mem_cache_gb"] = mx.get_cache_memory() / GB
         try:
             out["rss_gb"] = self.proc.memory_info().rss / GB
-        except psutil.Error:
+        except Exception:  # psutil.Error: the process is going away
             pass
         out["swap_gb"] = process_swap_gb(self.proc.pid)
         if self.nvml is not None:

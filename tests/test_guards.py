@@ -144,6 +144,32 @@ def test_memory_growth_restarts_the_worker_before_the_limit_bit_exact(tmp_path, 
         rss = [row[2 + 9] for row in j.metric_rows("0001")]  # (id, ts, Metrics' fields...): rss_gb
     assert max(rss) < 3.0
     assert s["planned_restarts"] == 2 and s["crashes"] == []  # the restart budget is untouched
+    _readings_are_shown(home, s)
+
+
+def _readings_are_shown(home, s):
+    """What the user sees of the device and its readings: status JOB, metrics --csv, plot, TensorBoard."""
+    import csv
+    import io
+
+    from helpers import ftctl
+
+    r = s["last_report"]
+    assert r["device"].startswith("cpu") and r["rss_gb"] > 1.0 and r["mem_active_gb"] is not None
+    text = ftctl(home, "status", "0001").stdout
+    assert "device" in text and "worker RSS" in text and "planned restarts" in text
+    rows = list(csv.DictReader(io.StringIO(ftctl(home, "metrics", "0001", "--csv").stdout)))
+    rows = [x for x in rows if x["loss"]]  # the training reports (not step 0's evaluation)
+    assert len(rows) == 40 and rows[-1]["device"] == r["device"]
+    assert all(float(x["rss_gb"]) < 3.0 for x in rows) and rows[0]["device_temp_c"] == ""
+    out = home / "plot.png"
+    ftctl(home, "plot", "0001", "-o", str(out))
+    assert out.stat().st_size > 10_000
+    ftctl(home, "export-tb", "0001")
+    from test_view import _tb_points
+
+    tb = _tb_points(home / "tensorboard" / "0001")
+    assert len(tb["device/rss_gb"]) == 40 and "device/device_temp_c" not in tb  # none reported
 
 
 def test_a_hot_gpu_pauses_the_job_with_the_reason_and_resume_finishes_it(tmp_path, demo, baseline):
