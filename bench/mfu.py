@@ -86,8 +86,12 @@ def mlx_lm_tokens_per_s(stdout: str) -> list[float]:
     old = re.findall(r"Tokens/sec ([0-9.]+)", text)
     if old:
         return [float(x) for x in old]
-    row = re.compile(r"^\s*\d+\s+[0-9.]+(?:\s+[^\s\d.,]+)?\s+([0-9][0-9,]*(?:\.\d+)?)\s+[0-9.]+k?\s*$")
-    return [float(m.group(1).replace(",", "")) for line in text.splitlines() if (m := row.match(line))]
+    row = re.compile(
+        r"^\s*\d+\s+[0-9.]+(?:\s+[^\s\d.,]+)?\s+([0-9][0-9,]*(?:\.\d+)?)\s+[0-9.]+k?\s*$"
+    )
+    return [
+        float(m.group(1).replace(",", "")) for line in text.splitlines() if (m := row.match(line))
+    ]
 
 
 def ftctl_tokens_per_s(home: Path) -> list[float]:

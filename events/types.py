@@ -320,7 +320,7 @@ class RestartPlanned(EventBase, tag="restart_planned", kw_only=True):
     worker's memory trend would reach guards.memory_limit_gb) or temperature (the GPU above
     guards.max_temperature_c, guards.cooldown_s > 0); ``evidence``: the readings that decided it."""
 
-    trigger: ClassVar[str] = "interrupt"
+    trigger: ClassVar[str] = "plan_restart"
     job: str
     step: int
     guard: str
