@@ -57,6 +57,7 @@ from .faults import crash_point, poison_marker, poison_scale
 from .fs import FS
 from .protocol import TrainPlan
 from .ranks import SINGLE, Ranks, join
+from .telemetry import Telemetry
 
 OPTIMIZERS = {
     "adam": optim.Adam,
@@ -335,6 +336,8 @@ class _Loop:
         self.c_loss = self.c_steps = 0  # since the last checkpoint
         self.nan_run = 0
         self.writer = CheckpointWriter(s.plan.job_dir, fs, self._written)
+        self.telemetry = Telemetry()  # the device and its readings, one sample per report
+        self.proc_steps = 0  # steps this process has run (the telemetry seam's per-step growth)
         # a traced run names each gradient array's group: its path without lora_a / lora_b
         self.groups = (
             [k.rpartition(".")[0] for k, _ in tree_flatten(s.model.trainable_parameters())]
@@ -425,6 +428,7 @@ class _Loop:
             if s.plan.trace:
                 self._trace(it, gstep, lvalue.item(), toks.item(), norms[0])
             self._account(it, gstep, lvalue.item(), toks.item())
+            self.proc_steps += 1
             self.emit(P.Step(step=it, global_step=gstep))
             crash_point("mid_step", gstep)
             if it % cfg.steps_per_report == 0 or it == cfg.iters:
@@ -512,6 +516,8 @@ class _Loop:
                     tokens_per_s=rate(self.w_tokens, self.k_tokens),
                     peak_mem_gb=mx.get_peak_memory() / 1e9,
                     trained_tokens=self.trained_tokens,
+                    device=self.telemetry.device.label(),
+                    **self.telemetry.read(self.proc_steps),
                 ),
                 local_tokens_per_s=rate(self.w_local, self.k_local) if self.s.ranks.many else None,
             )

@@ -14,6 +14,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from operator import itemgetter
 
+from ftctl.adapters.telemetry import READINGS
 from ftctl.control.ledger import Ledger
 from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
@@ -22,6 +23,8 @@ from ftctl.events.journal import Journal
 
 from .jobs import find_job
 
+# the device and its readings per report (events.types.Metrics; adapters/telemetry.py)
+DEVICE_COLUMNS = ("device", *READINGS)
 COLUMNS = (
     "job",
     "attempt",
@@ -34,6 +37,7 @@ COLUMNS = (
     "rank_tokens_per_s",
     "peak_mem_gb",
     "trained_tokens",
+    *DEVICE_COLUMNS,
     "ts",
     "superseded",
 )  # rank_tokens_per_s: a data-parallel job's, per rank
@@ -189,7 +193,7 @@ def series(
     nxt = stamps[k] if k < len(stamps) else None  # when the next attempt started
     limit = rewound[k]
     job = j.job
-    for mid, ts, step, gstep, loss, lr, tps, mem, tokens in rows:
+    for mid, ts, step, gstep, loss, lr, tps, mem, tokens, *dev in rows:
         while nxt is not None and ts >= nxt:
             k += 1
             nxt = stamps[k] if k < len(stamps) else None
@@ -211,6 +215,7 @@ def series(
             "rank_tokens_per_s": None,
             "peak_mem_gb": mem,
             "trained_tokens": tokens,
+            **dict(zip(DEVICE_COLUMNS, dev)),
             "ts": ts,
             "superseded": gone,
             "id": mid,
@@ -237,6 +242,7 @@ def series(
                     "rank_tokens_per_s": None,
                     "peak_mem_gb": None,
                     "trained_tokens": None,
+                    **dict.fromkeys(DEVICE_COLUMNS),
                     "ts": ts,
                     "superseded": gone,
                     "id": None,

@@ -28,8 +28,10 @@ from ftctl.adapters import blas, power, process, system
 from ftctl.adapters import group as G
 from ftctl.adapters import protocol as P
 from ftctl.adapters.faults import crash_point
+from ftctl.adapters.telemetry import READINGS
 from ftctl.adapters.workspace import Workspace
 from ftctl.control.ledger import Ledger
+from ftctl.core import guards
 from ftctl.core.crash import Evidence, classify, decide, detail_of, where
 from ftctl.core.reproduction import DETERMINISTIC
 from ftctl.core.state import JobState, job_stream
@@ -291,7 +293,12 @@ class Attempt:
         self.loading = True  # no Loaded yet (imports + model load): allowed eval_hang_s, not hang_s
         self.step_seen = False  # a spare is started after the first step
         self.stop_sent: float | None = None
-        self.stop_reason: str | None = None  # "pause" | "cancel" | "shutdown"
+        self.stop_reason: str | None = None  # "pause" | "cancel" | "shutdown" | "guard"
+        # the guards (core/guards.py): this attempt's readings, and what tripped (name, evidence, action)
+        self.samples: list[tuple[int, dict]] = []
+        self.tripped: tuple[str, str, str] | None = None
+        self.on_cuda = False  # a report said the worker trains on a CUDA GPU
+        self.started = time.time()
         self.hung = False
         self.stop_forced = False  # asked to stop, it did not within stop_s: ftctl killed it
         self.error: P.Failed | None = None  # the first error any rank reported
@@ -569,6 +576,7 @@ class Attempt:
                 L.journal.record_metric(job, m)
                 self.tb.report(m)  # after the journal has it: a view of what is recorded
                 self.trackers.report(m)
+                self.guard(m)
                 if self.log_due.due(m.step):
                     host.log(
                         f"job {job} step {m.step}/{self.cfg.iters}: loss {_num(m.loss, '.4f')}  lr "
@@ -625,6 +633,86 @@ class Attempt:
             case P.Stopped(step=step):
                 self.finished, self.stopped_step = "stopped", step
 
+    def guard(self, m: ev.Metrics) -> None:
+        """The guards, on every report of the leader: a GPU over guards.max_temperature_c, or memory whose
+        trend reaches the ceiling within guards.memory_horizon_steps, stops the worker with a checkpoint
+        (``finish`` then records a planned restart, or a pause, with the evidence)."""
+        self.on_cuda = self.on_cuda or (m.device or "").startswith("cuda")
+        if self.stop_sent is not None or self.finished:
+            return
+        g = self.cfg.guards
+        r = {k: getattr(m, k) for k in READINGS}
+        self.samples.append((m.step, r))
+        hot = guards.too_hot(r, g.max_temperature_c)
+        if hot:
+            action = "restart" if g.cooldown_s > 0 else "pause"
+            return self.trip("temperature", f"{hot} at step {m.step}", action)
+        backend = (m.device or "cpu").split()[0].split(":")[0]
+        gauges = guards.gauges(
+            backend,
+            system.total_memory_gb(),
+            r["device_mem_total_gb"],
+            g.max_memory_pct,
+            g.memory_limit_gb,
+        )
+        t = guards.memory_trend(self.samples, gauges, g.memory_horizon_steps)
+        if t is not None:
+            # a fresh worker that starts over the ceiling would only be stopped again: pause instead
+            self.trip("memory", t.evidence(), "restart" if t.first_gb < t.limit_gb else "pause")
+
+    def trip(self, name: str, evidence: str, action: str) -> None:
+        self.tripped = (name, evidence, action)
+        self.stop_reason, self.stop_sent = "guard", time.monotonic()
+        then = "continuing in a fresh worker" if action == "restart" else "pausing"
+        self.host.say(
+            f"job {self.job}: {name} guard: {evidence}; checkpointing at the current step, then {then}",
+            "warn",
+        )
+        self.w.send(P.encode(P.Stop()))
+
+    def guarded(self) -> None:
+        """A guard's stop, checkpointed: a planned restart (not a crash, no restart budget used), or a
+        pause that says why and what to do."""
+        name, evidence, action = self.tripped
+        g, step = self.cfg.guards, self.stopped_step
+        if action == "restart":
+            wait = g.cooldown_s if name == "temperature" else 0.0
+            self.host.ledger.commit(
+                self.stream,
+                ev.RestartPlanned(
+                    job=self.job,
+                    step=step,
+                    guard=name,
+                    evidence=evidence,
+                    not_before=time.time() + wait if wait else 0.0,
+                ),
+            )
+            after = f" after a {wait:g} s cool-down" if wait else ""
+            self.host.say(
+                f"job {self.job}: checkpointed at step {step}; it continues{after} in a fresh worker "
+                "(a planned restart: nothing lost, no restart budget used)"
+            )
+            return
+        if name == "temperature":
+            do = (
+                "let the GPU cool (check its fans and airflow, and what else runs on it: nvidia-smi), "
+                f"then `ftctl resume {self.job}`; or set guards.cooldown_s to resume by itself"
+            )
+        else:
+            do = (
+                "a fresh worker starts over the ceiling already: lower batch_size or max_seq_length, set "
+                "grad_checkpoint: true, or raise guards.memory_limit_gb; then "
+                f"`ftctl resume {self.job}`"
+            )
+        self.host.ledger.commit(
+            self.stream,
+            ev.Paused(
+                job=self.job,
+                reason=f"{name} guard: {evidence}; checkpointed at step {step} and paused: {do}",
+            ),
+        )
+        self.host.say(f"job {self.job}: paused by the {name} guard at step {step}", "warn")
+
     def ranks_reported(self) -> None:
         """Journal every rank's tokens/s for the step whose report was due, once all have reported it."""
         step = self.report_due
@@ -655,6 +743,8 @@ class Attempt:
             return
         clean = self.first is None and not self.hung and self.all_done() and code in (0, None)
         if self.finished == "stopped" and clean:
+            if self.stop_reason == "guard":
+                return self.guarded()
             if self.stop_reason == "pause":
                 L.commit(
                     self.stream,
@@ -726,6 +816,13 @@ class Attempt:
             if self.torn_down_s is not None
             else ""
         )
+        what = first.what + torn
+        if (
+            self.on_cuda
+        ):  # a GPU worker died: what the driver logged (NVRM Xid lines) is evidence too
+            xid = system.kernel_xids(since=self.started)
+            if xid:
+                what += ("; " if what else "") + "kernel log: " + " | ".join(xid)
         return Evidence(
             exit_code=code,
             stderr_tail=process.tail(self.w.log_path, since=self.w.log_offset),
@@ -736,7 +833,7 @@ class Attempt:
             vanished=rank is not None and err is None,
             step=self.step,
             loading=self.loading,
-            what=first.what + torn,
+            what=what,
             rank=rank,
             host=(first.host or None) if self.world > 1 else None,
             steps_seen=", ".join(f"rank {r.rank} step {r.step}" for r in _by_rank(self.ranks))

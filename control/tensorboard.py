@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftctl.adapters.telemetry import READINGS
 from ftctl.adapters.workspace import Workspace
 from ftctl.control.ledger import Ledger
 from ftctl.core.state import JobState
@@ -40,6 +41,8 @@ TAGS = {
     "lr": "lr",
     "tokens_per_s": "tokens_per_s",
     "peak_mem_gb": "peak_mem_gb",
+    # the device's readings (adapters/telemetry.py): absent on a device that does not report them
+    **{k: f"device/{k}" for k in READINGS},
 }
 
 
@@ -129,6 +132,7 @@ class Live:
                         "lr": m.lr,
                         "tokens_per_s": m.tokens_per_s,
                         "peak_mem_gb": m.peak_mem_gb,
+                        **{k: getattr(m, k) for k in READINGS},
                     },
                 )
             except Exception as e:  # noqa: BLE001

@@ -130,6 +130,50 @@ class Timeouts(Struct, kw_only=True, forbid_unknown_fields=True):
     ] = 120.0
 
 
+class Guards(Struct, kw_only=True, forbid_unknown_fields=True):
+    max_temperature_c: Annotated[
+        float,
+        _m(
+            "the GPU's temperature limit (NVML, °C): `ftctl doctor` flags a device above it, and a training "
+            "job checkpoints and pauses (or cools down: cooldown_s) when it runs above it",
+            gt=0,
+        ),
+    ] = 85.0
+    max_memory_pct: Annotated[
+        float,
+        _m(
+            "memory fullness limit (%): `ftctl doctor` flags a GPU fuller than this; the memory guard's "
+            "limit when memory_limit_gb is null (of the machine's RAM; on CUDA also of the GPU's memory)",
+            gt=0,
+            le=100,
+        ),
+    ] = 95.0
+    memory_limit_gb: Annotated[
+        Annotated[float, Meta(gt=0)] | None,
+        _m(
+            "the training worker's memory ceiling in GB (its RSS + swap; on CUDA also MLX's active + cache "
+            "memory); null = max_memory_pct of the memory there is",
+            "a number > 0, or null",
+        ),
+    ] = None
+    memory_horizon_steps: Annotated[
+        int,
+        _m(
+            "when the worker's memory trend reaches the ceiling within this many steps, the job checkpoints "
+            "and continues in a fresh worker (a planned restart, not a crash); 0 = no memory guard",
+            ge=0,
+        ),
+    ] = 50
+    cooldown_s: Annotated[
+        float,
+        _m(
+            "over max_temperature_c: 0 = pause the job (`ftctl resume` continues it); more = wait this many "
+            "seconds, then resume by itself",
+            ge=0,
+        ),
+    ] = 0.0
+
+
 class Consolidation(Struct, kw_only=True, forbid_unknown_fields=True):
     schedule: Annotated[
         Annotated[str, Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")] | None,
@@ -592,6 +636,9 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     timeouts: Annotated[Timeouts, _m("hang detection and stop timeouts")] = field(
         default_factory=Timeouts
     )
+    guards: Annotated[
+        Guards, _m("device thresholds and the guards that act on them (docs/hardware.md)")
+    ] = field(default_factory=Guards)
     min_free_disk_gb: Annotated[
         float,
         _m(

@@ -45,6 +45,8 @@ JOB_TRANSITIONS = [
     {"trigger": "crash", "source": ["training", "checkpointing"], "dest": "crashed"},
     {"trigger": "requeue", "source": "crashed", "dest": "queued"},
     {"trigger": "interrupt", "source": ["training", "checkpointing"], "dest": "queued"},
+    # a guard's checkpoint-and-continue in a fresh worker (restart_planned): queued again, not crashed
+    {"trigger": "plan_restart", "source": ["training", "checkpointing"], "dest": "queued"},
     {"trigger": "fail", "source": ["crashed", "queued"], "dest": "failed"},
     {
         "trigger": "pause",

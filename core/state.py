@@ -19,7 +19,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, command, next_state
 
-SNAPSHOT_FORMAT = 15  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 16  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(UserError):
@@ -108,6 +108,9 @@ class JobState(msgspec.Struct, kw_only=True):
     # crashes[budget_from:] count against the restart budget (`ftctl retry` resets it)
     budget_from: int = 0
     not_before: float = 0.0
+    planned_restarts: int = (
+        0  # restart_planned events: a guard's checkpoint-and-continue, not crashes
+    )
     requested: str | None = None  # a pending user request for a running job: "pause" | "cancel"
     requested_by: str = ""  # who asked, when not the user (control_requested.by)
     alerts: list[AlertRecord] = []  # training_alert events, oldest first
@@ -338,6 +341,12 @@ def _interrupted(p, j: JobState, e: ev.Interrupted, seq: int, ts: str) -> None:
     j.worker, j.reason, j.not_before = None, e.reason, 0.0
 
 
+def _restart_planned(p, j: JobState, e: ev.RestartPlanned, seq: int, ts: str) -> None:
+    j.worker, j.not_before = None, e.not_before
+    j.reason = f"planned restart ({e.guard} guard) at step {e.step}: {e.evidence}"
+    j.planned_restarts += 1
+
+
 def _reason(p, j: JobState, e, seq: int, ts: str) -> None:
     j.reason = e.reason
     if j.state in TERMINAL or j.state == "paused":
@@ -464,6 +473,7 @@ JOB_HANDLERS = {
     ev.CrashReproduced: _reproduced,
     ev.Requeued: _requeued,
     ev.Interrupted: _interrupted,
+    ev.RestartPlanned: _restart_planned,
     ev.Failed: _reason,
     ev.Paused: _reason,
     ev.Resumed: _resumed,

@@ -38,6 +38,25 @@ from .types import (
 )
 
 _METRIC_FIELDS = Metrics.__struct_fields__
+# metrics columns added after the first schema: a journal made before them gets them when opened for
+# writing (ALTER TABLE ... ADD COLUMN: instant, old rows read NULL); a read-only view reads NULL.
+_ADDED_METRICS = {
+    "device": "TEXT",
+    **{
+        f: "FLOAT"
+        for f in (
+            "mem_active_gb",
+            "mem_cache_gb",
+            "rss_gb",
+            "swap_gb",
+            "device_mem_used_gb",
+            "device_mem_total_gb",
+            "device_util_pct",
+            "device_temp_c",
+            "device_power_w",
+        )
+    },
+}
 
 APPLICATION_ID = 0x66746374  # "ftct"
 SCHEMA_VERSION = 1
@@ -194,9 +213,18 @@ def _unpack(body: bytes) -> bytes:
 class Journal:
     """Append and read events. One instance per process; not shared across threads."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path):
+    def __init__(self, conn: sqlite3.Connection, path: Path, writable: bool = True):
         self.conn = conn
         self.path = path
+        have = {r[1] for r in conn.execute("PRAGMA table_info(metrics)")}
+        missing = [k for k in _ADDED_METRICS if have and k not in have]
+        if missing and writable:
+            with conn:
+                for k in missing:
+                    conn.execute(f"ALTER TABLE metrics ADD COLUMN {k} {_ADDED_METRICS[k]}")
+            missing = []
+        # the SELECT list of every metrics read: NULL for a column an old read-only journal lacks
+        self._mcols = ", ".join(f"NULL AS {f}" if f in missing else f for f in _METRIC_FIELDS)
 
     # ------------------------------------------------------------------ open / create
     @classmethod
@@ -239,6 +267,7 @@ class Journal:
                 "tokens_per_s": float,
                 "peak_mem_gb": float,
                 "trained_tokens": int,
+                **{k: str if t == "TEXT" else float for k, t in _ADDED_METRICS.items()},
             },
             pk="id",
         )
@@ -319,7 +348,7 @@ class Journal:
                 f"{path}: the journal lacks tables {sorted(missing)}. Nothing was changed; it was "
                 "not made by `ftctl init`."
             )
-        return cls(conn, path)
+        return cls(conn, path, writable=False)
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
@@ -597,7 +626,7 @@ class Journal:
     def last_metrics(self) -> dict[str, dict]:
         """The latest report of every job: {job: {"job", "step", "global_step", "loss", …, "ts"}}."""
         rows = self.conn.execute(
-            f"SELECT job, {', '.join(_METRIC_FIELDS)}, ts FROM metrics WHERE id IN (SELECT max(id) "
+            f"SELECT job, {self._mcols}, ts FROM metrics WHERE id IN (SELECT max(id) "
             "FROM metrics GROUP BY job)"
         )
         return {r[0]: dict(zip(("job", *_METRIC_FIELDS, "ts"), r)) for r in rows}
@@ -605,7 +634,7 @@ class Journal:
     def recent_metrics(self, job: str, since_ts: str = "", limit: int = 10) -> list[dict]:
         """The job's last ``limit`` reports recorded at or after ``since_ts``, oldest first."""
         rows = self.conn.execute(
-            f"SELECT job, {', '.join(_METRIC_FIELDS)}, ts FROM metrics WHERE job = ? AND ts >= ? "
+            f"SELECT job, {self._mcols}, ts FROM metrics WHERE job = ? AND ts >= ? "
             "ORDER BY id DESC LIMIT ?",
             (job, since_ts, limit),
         )
@@ -613,9 +642,10 @@ class Journal:
 
     def metric_rows(self, job: str, after_id: int = 0) -> list[tuple]:
         """Every report of the job with an id above ``after_id``, in the order recorded:
-        (id, ts, step, global_step, loss, lr, tokens_per_s, peak_mem_gb, trained_tokens)."""
+        (id, ts, step, global_step, loss, lr, tokens_per_s, peak_mem_gb, trained_tokens, device, and
+        the device readings: Metrics' fields in order)."""
         return self.conn.execute(
-            f"SELECT id, ts, {', '.join(_METRIC_FIELDS)} FROM metrics WHERE job = ? AND id > ? ORDER BY id",
+            f"SELECT id, ts, {self._mcols} FROM metrics WHERE job = ? AND id > ? ORDER BY id",
             (job, after_id),
         ).fetchall()
 

@@ -132,6 +132,21 @@ class Metrics(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     tokens_per_s: float | None
     peak_mem_gb: float | None
     trained_tokens: int
+    # The device and its readings at the report (adapters/telemetry.py): None where the device does not
+    # report one (NVML's on CUDA only) or the journal predates them. mem_*: MLX's active and cache
+    # memory; rss/swap: the worker process's; device_*: the GPU's as NVML (or, on a Mac, MLX) reports.
+    device: str | None = (
+        None  # "cuda:0 NVIDIA H100 80GB HBM3", "metal Apple M2 Max", "cpu AMD EPYC"
+    )
+    mem_active_gb: float | None = None
+    mem_cache_gb: float | None = None
+    rss_gb: float | None = None
+    swap_gb: float | None = None
+    device_mem_used_gb: float | None = None
+    device_mem_total_gb: float | None = None
+    device_util_pct: float | None = None
+    device_temp_c: float | None = None
+    device_power_w: float | None = None
 
 
 class CheckpointCommittedV1(EventBase, tag="checkpoint_committed", kw_only=True):
@@ -296,6 +311,21 @@ class Interrupted(EventBase, tag="interrupted", kw_only=True):
     job: str
     step: int
     reason: str
+
+
+class RestartPlanned(EventBase, tag="restart_planned", kw_only=True):
+    """A guard stopped the worker before the OS or the hardware would: it checkpointed at ``step`` and the
+    job continues in a fresh worker process (at ``not_before``: a cool-down), from that checkpoint, bit for
+    bit. Not a crash: nothing was lost, and the restart budget is not used. ``guard``: memory (the
+    worker's memory trend would reach guards.memory_limit_gb) or temperature (the GPU above
+    guards.max_temperature_c, guards.cooldown_s > 0); ``evidence``: the readings that decided it."""
+
+    trigger: ClassVar[str] = "plan_restart"
+    job: str
+    step: int
+    guard: str
+    evidence: str
+    not_before: float = 0.0
 
 
 class Failed(EventBase, tag="failed", kw_only=True):
@@ -509,6 +539,7 @@ Event = Union[
     CrashReproduced,
     Requeued,
     Interrupted,
+    RestartPlanned,
     Failed,
     Paused,
     Resumed,

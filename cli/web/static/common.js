@@ -110,6 +110,7 @@ function statePanel(j) {
   const r = j.last_report;
   if (r) add("last report", "step " + r.step + ": loss " + num(r.loss, 4) + ", lr " + (r.lr === null ? "-" : Number(r.lr).toPrecision(3)) +
     ", " + num(r.tokens_per_s, 0) + " tok/s, peak memory " + mem(r.peak_mem_gb));
+  if (r && deviceLine(r)) add("device", deviceLine(r));
   if (j.last_val_loss !== null || j.best_val_loss !== null) add("val loss", "last " + num(j.last_val_loss, 4) + ", best " + num(j.best_val_loss, 4));
   add("checkpoints", (j.checkpoints || []).map(c => el("li", "step " + c.step + " (global " + c.global_step + ")" +
     (c.val_loss !== null && c.val_loss !== undefined ? " · val " + num(c.val_loss, 4) : "") + " · " + bytes(c.bytes) +
@@ -246,4 +247,21 @@ class LossChart {
       }).observe(this.box);
     }
   }
+}
+
+// The device of a report and its readings in one line, as `ftctl status JOB` shows them (cli/render.py
+// device_line): which device trains, its memory, temperature, utilisation and power where reported.
+function deviceLine(r) {
+  const gpu = [];
+  if (r.device_mem_used_gb != null && r.device_mem_total_gb)
+    gpu.push("memory " + mem(r.device_mem_used_gb) + " / " + mem(r.device_mem_total_gb) + " (" + Math.round(100 * r.device_mem_used_gb / r.device_mem_total_gb) + " %)");
+  if (r.device_temp_c != null) gpu.push(Math.round(r.device_temp_c) + " °C");
+  if (r.device_util_pct != null) gpu.push("util " + Math.round(r.device_util_pct) + " %");
+  if (r.device_power_w != null) gpu.push(Math.round(r.device_power_w) + " W");
+  const parts = [];
+  const head = [r.device || "", ...gpu].join("  ").trim();
+  if (head) parts.push(head);
+  if (r.mem_active_gb != null) parts.push("MLX " + mem(r.mem_active_gb) + " active + " + mem(r.mem_cache_gb || 0) + " cache");
+  if (r.rss_gb != null) parts.push("worker RSS " + mem(r.rss_gb) + (r.swap_gb != null ? ", swap " + mem(r.swap_gb) : ""));
+  return parts.join("  ·  ");
 }
