@@ -19,20 +19,10 @@ from pathlib import Path
 
 import msgspec
 
+from ftctl.events.types import READINGS
+
 GB = 1e9
 FAKE_ENV = "FTCTL_FAKE_TELEMETRY"
-# the readings a report carries (Metrics' fields of the same names), in the order tables show them
-READINGS = (
-    "mem_active_gb",
-    "mem_cache_gb",
-    "rss_gb",
-    "swap_gb",
-    "device_mem_used_gb",
-    "device_mem_total_gb",
-    "device_util_pct",
-    "device_temp_c",
-    "device_power_w",
-)
 
 
 class Device(msgspec.Struct, frozen=True, kw_only=True):

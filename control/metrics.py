@@ -14,12 +14,12 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from operator import itemgetter
 
-from ftctl.adapters.telemetry import READINGS
 from ftctl.control.ledger import Ledger
 from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.errors import UserError
 from ftctl.events.journal import Journal
+from ftctl.events.types import READINGS
 
 from .jobs import find_job
 

@@ -23,12 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftctl.adapters.telemetry import READINGS
 from ftctl.adapters.workspace import Workspace
 from ftctl.control.ledger import Ledger
 from ftctl.core.state import JobState
 from ftctl.events.errors import UserError
-from ftctl.events.types import Metrics, ts_epoch
+from ftctl.events.types import READINGS, Metrics, ts_epoch
 
 from .metrics import select_jobs, series
 

@@ -26,6 +26,7 @@ import msgspec
 from .errors import UserError
 from .types import (
     EVENT_TYPES,
+    READINGS,
     TS_FORMAT,
     DecodeError,
     Event,
@@ -40,23 +41,7 @@ from .types import (
 _METRIC_FIELDS = Metrics.__struct_fields__
 # metrics columns added after the first schema: a journal made before them gets them when opened for
 # writing (ALTER TABLE ... ADD COLUMN: instant, old rows read NULL); a read-only view reads NULL.
-_ADDED_METRICS = {
-    "device": "TEXT",
-    **{
-        f: "FLOAT"
-        for f in (
-            "mem_active_gb",
-            "mem_cache_gb",
-            "rss_gb",
-            "swap_gb",
-            "device_mem_used_gb",
-            "device_mem_total_gb",
-            "device_util_pct",
-            "device_temp_c",
-            "device_power_w",
-        )
-    },
-}
+_ADDED_METRICS = {"device": "TEXT", **dict.fromkeys(READINGS, "FLOAT")}
 
 APPLICATION_ID = 0x66746374  # "ftct"
 SCHEMA_VERSION = 1

@@ -149,6 +149,20 @@ class Metrics(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     device_power_w: float | None = None
 
 
+# the device readings a report carries (Metrics' fields of these names), in the order tables show them
+READINGS = (
+    "mem_active_gb",
+    "mem_cache_gb",
+    "rss_gb",
+    "swap_gb",
+    "device_mem_used_gb",
+    "device_mem_total_gb",
+    "device_util_pct",
+    "device_temp_c",
+    "device_power_w",
+)
+
+
 class CheckpointCommittedV1(EventBase, tag="checkpoint_committed", kw_only=True):
     """Schema 1 spelled the record's fields out flat; kept so that old journals still decode."""
 
