@@ -6,8 +6,10 @@ worker is a group of one.
 * ``Attempt.watch`` is the one loop over its channels (the worker's message pipe, the ranks'
   connections): every message is its rank's heartbeat, ``on_message`` is the one place a message
   becomes an event (the leader's checkpoints, evaluations, completion; every rank's tokens/s), and
-  user requests become a stop. The daemon learns of a death by its channel closing (EOF on the pipe;
-  the kernel closes a killed rank's socket), not by polling a PID file.
+  whatever asks for a stop with a checkpoint goes through ``Attempt.ask_stop``: the user's requests
+  and the training-health alerts' (control/watch.py) in the control pass, the memory and temperature
+  guards (control/guard.py) on each report. The daemon learns of a death by its channel closing
+  (EOF on the pipe; the kernel closes a killed rank's socket), not by polling a PID file.
 * ``Attempt.finish`` is the one death handler: the first rank to die or fail ends the attempt (the
   group is killed at once); its evidence goes to core.crash.decide, and the crash and the decision
   that follows it are committed together.
@@ -28,10 +30,8 @@ from ftctl.adapters import blas, power, process, system
 from ftctl.adapters import group as G
 from ftctl.adapters import protocol as P
 from ftctl.adapters.faults import crash_point
-from ftctl.adapters.telemetry import READINGS
 from ftctl.adapters.workspace import Workspace
 from ftctl.control.ledger import Ledger
-from ftctl.core import guards
 from ftctl.core.crash import Evidence, classify, decide, detail_of, where
 from ftctl.core.reproduction import DETERMINISTIC
 from ftctl.core.state import JobState, job_stream
@@ -40,6 +40,7 @@ from ftctl.events.types import CheckpointRecord
 from ftctl.recovery.reconcile import apply, mark_corrupt
 
 from . import reproduce, retention
+from .guard import Guard
 from .reporter import Every, Reporter
 from .standby import Standby
 from .tensorboard import Live
@@ -294,11 +295,6 @@ class Attempt:
         self.step_seen = False  # a spare is started after the first step
         self.stop_sent: float | None = None
         self.stop_reason: str | None = None  # "pause" | "cancel" | "shutdown" | "guard"
-        # the guards (core/guards.py): this attempt's readings, and what tripped (name, evidence, action)
-        self.samples: list[tuple[int, dict]] = []
-        self.tripped: tuple[str, str, str] | None = None
-        self.on_cuda = False  # a report said the worker trains on a CUDA GPU
-        self.started = time.time()
         self.hung = False
         self.stop_forced = False  # asked to stop, it did not within stop_s: ftctl killed it
         self.error: P.Failed | None = None  # the first error any rank reported
@@ -312,9 +308,11 @@ class Attempt:
         self.report_due: int | None = None  # a step whose per-rank tokens/s are to be journaled
         self.tb = Live(host.ws, j, host.say)  # TensorBoard files, if configured
         self.trackers = Trackers(host.ws, j, host.say)  # report_to, if configured
-        self.health = Watch(
-            host.ledger, j.job, host.say
-        )  # training-health alerts (control/watch.py)
+        # what watches the job as it trains, and may ask for a stop with a checkpoint: the
+        # training-health alerts over the journal's curves (control/watch.py, in the control pass) and
+        # the memory / temperature guards over each report's readings (control/guard.py)
+        self.health = Watch(host.ledger, j.job, host.say)
+        self.guard = Guard(self.cfg.guards, j.job)
         host.report.training(j.job, j.name, j.iters)
 
     # ------------------------------------------------------------------ loop
@@ -448,12 +446,24 @@ class Attempt:
             self.stop_reason = "cancel"
             self.host.say(f"job {self.job}: cancel requested, stopping the worker")
             self.w.kill_group()
-        elif want and self.stop_sent is None:
-            self.stop_reason, self.stop_sent = want, time.monotonic()
-            self.host.say(f"job {self.job}: {want} requested, checkpointing at the current step")
-            self.w.send(P.encode(P.Stop()))
+        elif want == "pause" and self.stop_reason == "guard":
+            # the guard's stop in flight checkpoints where a pause would: the job pauses, as asked
+            self.stop_reason = "pause"
+            self.host.say(f"job {self.job}: pause requested; the guard's stop checkpoints for it")
+        elif want:
+            self.ask_stop(want, f"{want} requested, checkpointing at the current step")
         if stop.force:
             self.w.kill_group()
+
+    def ask_stop(self, reason: str, said: str, level: str = "info") -> None:
+        """Ask the worker to stop with a checkpoint at the current step, once, for ``reason``: "pause",
+        "shutdown" (the control pass: the user's request, an alert's, the daemon's stop) or "guard"
+        (a guard's trip on a report). ``finish`` records what the reason calls for."""
+        if self.stop_sent is not None:
+            return
+        self.stop_reason, self.stop_sent = reason, time.monotonic()
+        self.host.say(f"job {self.job}: {said}", level)
+        self.w.send(P.encode(P.Stop()))
 
     def standby(self) -> None:
         """Keep a spare worker (control/standby.py) once a single worker trains (not while it loads:
@@ -576,7 +586,9 @@ class Attempt:
                 L.journal.record_metric(job, m)
                 self.tb.report(m)  # after the journal has it: a view of what is recorded
                 self.trackers.report(m)
-                self.guard(m)
+                trip = self.guard.report(m)
+                if trip is not None:
+                    self.ask_stop("guard", trip.said(), "warn")
                 if self.log_due.due(m.step):
                     host.log(
                         f"job {job} step {m.step}/{self.cfg.iters}: loss {_num(m.loss, '.4f')}  lr "
@@ -633,86 +645,6 @@ class Attempt:
             case P.Stopped(step=step):
                 self.finished, self.stopped_step = "stopped", step
 
-    def guard(self, m: ev.Metrics) -> None:
-        """The guards, on every report of the leader: a GPU over guards.max_temperature_c, or memory whose
-        trend reaches the ceiling within guards.memory_horizon_steps, stops the worker with a checkpoint
-        (``finish`` then records a planned restart, or a pause, with the evidence)."""
-        self.on_cuda = self.on_cuda or (m.device or "").startswith("cuda")
-        if self.stop_sent is not None or self.finished:
-            return
-        g = self.cfg.guards
-        r = {k: getattr(m, k) for k in READINGS}
-        self.samples.append((m.step, r))
-        hot = guards.too_hot(r, g.max_temperature_c)
-        if hot:
-            action = "restart" if g.cooldown_s > 0 else "pause"
-            return self.trip("temperature", f"{hot} at step {m.step}", action)
-        backend = (m.device or "cpu").split()[0].split(":")[0]
-        gauges = guards.gauges(
-            backend,
-            system.total_memory_gb(),
-            r["device_mem_total_gb"],
-            g.max_memory_pct,
-            g.memory_limit_gb,
-        )
-        t = guards.memory_trend(self.samples, gauges, g.memory_horizon_steps)
-        if t is not None:
-            # a fresh worker that starts over the ceiling would only be stopped again: pause instead
-            self.trip("memory", t.evidence(), "restart" if t.first_gb < t.limit_gb else "pause")
-
-    def trip(self, name: str, evidence: str, action: str) -> None:
-        self.tripped = (name, evidence, action)
-        self.stop_reason, self.stop_sent = "guard", time.monotonic()
-        then = "continuing in a fresh worker" if action == "restart" else "pausing"
-        self.host.say(
-            f"job {self.job}: {name} guard: {evidence}; checkpointing at the current step, then {then}",
-            "warn",
-        )
-        self.w.send(P.encode(P.Stop()))
-
-    def guarded(self) -> None:
-        """A guard's stop, checkpointed: a planned restart (not a crash, no restart budget used), or a
-        pause that says why and what to do."""
-        name, evidence, action = self.tripped
-        g, step = self.cfg.guards, self.stopped_step
-        if action == "restart":
-            wait = g.cooldown_s if name == "temperature" else 0.0
-            self.host.ledger.commit(
-                self.stream,
-                ev.RestartPlanned(
-                    job=self.job,
-                    step=step,
-                    guard=name,
-                    evidence=evidence,
-                    not_before=time.time() + wait if wait else 0.0,
-                ),
-            )
-            after = f" after a {wait:g} s cool-down" if wait else ""
-            self.host.say(
-                f"job {self.job}: checkpointed at step {step}; it continues{after} in a fresh worker "
-                "(a planned restart: nothing lost, no restart budget used)"
-            )
-            return
-        if name == "temperature":
-            do = (
-                "let the GPU cool (check its fans and airflow, and what else runs on it: nvidia-smi), "
-                f"then `ftctl resume {self.job}`; or set guards.cooldown_s to resume by itself"
-            )
-        else:
-            do = (
-                "a fresh worker starts over the ceiling already: lower batch_size or max_seq_length, set "
-                "grad_checkpoint: true, or raise guards.memory_limit_gb; then "
-                f"`ftctl resume {self.job}`"
-            )
-        self.host.ledger.commit(
-            self.stream,
-            ev.Paused(
-                job=self.job,
-                reason=f"{name} guard: {evidence}; checkpointed at step {step} and paused: {do}",
-            ),
-        )
-        self.host.say(f"job {self.job}: paused by the {name} guard at step {step}", "warn")
-
     def ranks_reported(self) -> None:
         """Journal every rank's tokens/s for the step whose report was due, once all have reported it."""
         step = self.report_due
@@ -744,7 +676,9 @@ class Attempt:
         clean = self.first is None and not self.hung and self.all_done() and code in (0, None)
         if self.finished == "stopped" and clean:
             if self.stop_reason == "guard":
-                return self.guarded()
+                event, said = self.guard.outcome(self.stopped_step)
+                L.commit(self.stream, event)
+                return host.say(said, "warn" if isinstance(event, ev.Paused) else "info")
             if self.stop_reason == "pause":
                 L.commit(
                     self.stream,
@@ -818,9 +752,9 @@ class Attempt:
         )
         what = first.what + torn
         if (
-            self.on_cuda
+            self.guard.on_cuda
         ):  # a GPU worker died: what the driver logged (NVRM Xid lines) is evidence too
-            xid = system.kernel_xids(since=self.started)
+            xid = system.kernel_xids(since=self.guard.started)
             if xid:
                 what += ("; " if what else "") + "kernel log: " + " | ".join(xid)
         return Evidence(
