@@ -89,17 +89,29 @@ def test_temperature_and_doctor_thresholds():
 # --------------------------------------------------------------------------- the guards acting on a job
 # A real daemon and worker; the worker's memory and temperature readings come from the telemetry seam
 # (FTCTL_FAKE_TELEMETRY): a base value, plus so much per step this worker process has run.
+#
+# The guard decides on the report of step N in the daemon, and the worker stops at the first step
+# boundary after the daemon's stop reaches it: N + 1 on a quiet machine, N + 2, N + 5 ... on a busy
+# one (a demo step is a few tens of ms), which moved the planned restarts, let the memory pass the
+# ceiling, or let the job finish before the second restart. So each test holds the worker at step
+# N + 1 (FTCTL_HANG_AT: it stands still until the daemon's stop reaches it, then stops there) and
+# the stops are where the readings put them, however slow the daemon is.
 
 
-def _guarded_job(tmp_path, demo, env: dict, **guards):
+def _guarded_job(tmp_path, demo, env: dict, hold: tuple[int, ...], **guards):
     from helpers import ftctl, make_workspace
 
     home = make_workspace(
         tmp_path / "ws", demo.model_dir, steps_per_report=1, guards={**guards}
     )  # reporting each step changes nothing in training: the adapter must match the baseline's
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", "job1")
+    # the worker stands still at each step of ``hold`` (once) until the guard's stop reaches it
+    held = ",".join(f"mid_step:{step}:{tmp_path / f'held-{step}'}" for step in hold)
+    env = {**env, "FTCTL_HANG_AT": held}
     # exit 1 when the job did not complete (a guard paused it): the tests look at what was recorded
     ftctl(home, "start", "--until-idle", "--quiet", env=env, timeout=600, check=False)
+    for step in hold:  # each hold was reached: the stop there was the guard's, not a race won
+        assert (tmp_path / f"held-{step}").exists(), step
     return home
 
 
@@ -110,9 +122,10 @@ def _events(home, kind):
 
 
 def test_memory_growth_restarts_the_worker_before_the_limit_bit_exact(tmp_path, demo, baseline):
-    """100 MB more per step from 1.0 GB, a 3.0 GB ceiling, a 5-step horizon: each worker is stopped with
-    a checkpoint around its 15th step (2.5 GB, 5 steps short), twice in 40 steps; the job finishes in a
-    third worker with the uninterrupted run's adapter, no crash recorded, the restart budget unused."""
+    """100 MB more per step from 1.0 GB, a 3.0 GB ceiling, a 5-step horizon: each worker's 15th report
+    (2.5 GB, 5 steps short) trips the guard and it stops with a checkpoint at the next step, 16 and
+    32; the job finishes in a third worker with the uninterrupted run's adapter, no crash recorded,
+    the restart budget unused."""
     import json
 
     from helpers import finished
@@ -122,16 +135,20 @@ def test_memory_growth_restarts_the_worker_before_the_limit_bit_exact(tmp_path, 
         tmp_path,
         demo,
         {"FTCTL_FAKE_TELEMETRY": json.dumps(fake)},
+        hold=(16, 32),
         memory_limit_gb=3.0,
         memory_horizon_steps=5,
     )
     s = finished(home)
     assert s["adapter_sha256"] == baseline.sha1
     planned = _events(home, "restart_planned")
-    assert len(planned) == 2, planned
-    for p in planned:
+    assert [p["step"] for p in planned] == [16, 32], planned
+    for p, tripped in zip(planned, (15, 31)):
         assert p["guard"] == "memory"
-        assert "worker memory (RSS + swap) grew" in p["evidence"]
+        assert (
+            f"worker memory (RSS + swap) grew from 1.80 GB at step {tripped - 7} to 2.50 GB at step {tripped}"
+            in p["evidence"]
+        )
         assert "+100.0 MB/step" in p["evidence"] and "would reach the limit" in p["evidence"]
     assert _events(home, "crashed") == []
     started = _events(home, "training_started")
@@ -181,9 +198,10 @@ def test_a_hot_gpu_pauses_the_job_with_the_reason_and_resume_finishes_it(tmp_pat
     from helpers import finished, ftctl, status
 
     fake = {"device_temp_c": 80.0, "device_temp_c_per_step": 1.0}  # over 85 °C at its 6th step
-    home = _guarded_job(tmp_path, demo, {"FTCTL_FAKE_TELEMETRY": json.dumps(fake)})
+    home = _guarded_job(tmp_path, demo, {"FTCTL_FAKE_TELEMETRY": json.dumps(fake)}, hold=(7,))
     s = status(home, "0001")
     assert s["state"] == "paused", s
+    assert [c["step"] for c in s["checkpoints"]][-1] == 7  # stopped at the step after the reading
     assert "temperature guard: the GPU is at 86 °C, above max_temperature_c = 85 °C" in s["reason"]
     assert "ftctl resume 0001" in s["reason"] and "guards.cooldown_s" in s["reason"]
     assert _events(home, "crashed") == [] and _events(home, "restart_planned") == []
@@ -203,11 +221,14 @@ def test_a_cooldown_resumes_by_itself_after_the_wait(tmp_path, demo, baseline):
         "device_temp_c": 80.0,
         "device_temp_c_per_step": 0.3,
     }  # over 85 °C at a worker's 17th step
-    home = _guarded_job(tmp_path, demo, {"FTCTL_FAKE_TELEMETRY": json.dumps(fake)}, cooldown_s=1.5)
+    home = _guarded_job(
+        tmp_path, demo, {"FTCTL_FAKE_TELEMETRY": json.dumps(fake)}, hold=(18, 36), cooldown_s=1.5
+    )
     assert finished(home)["adapter_sha256"] == baseline.sha1
     h = history(home)
     planned = [e for e in h if e["type"] == "restart_planned"]
-    assert len(planned) == 2 and all(p["data"]["guard"] == "temperature" for p in planned)
+    assert [p["data"]["step"] for p in planned] == [18, 36]
+    assert all(p["data"]["guard"] == "temperature" for p in planned)
     starts = [e for e in h if e["type"] == "training_started"]
     for p, nxt in zip(planned, starts[1:]):
         assert p["data"]["not_before"] >= ts_epoch(p["ts"]) + 1.4
