@@ -1,7 +1,7 @@
 """`ftctl compare` and the page's runs table: jobs side by side, from the journal alone.
 
-Each job's figures come from the projection (config, data, evaluations, test results, crashes,
-resumes, alerts, when it started and ended) and from one aggregate query over the metrics table
+Each job's figures come from the projection (config, data, evaluations, test results, the device
+it trained on, crashes, resumes, a guard's planned restarts, alerts, when it started and ended) and from one aggregate query over the metrics table
 (tokens/s, peak memory, the last report): no event stream is read, so 200 jobs of a million-event
 journal answer in well under a second (bench/compare.py). core/compare.py makes the columns.
 """
@@ -96,9 +96,13 @@ def figures(j: JobState, agg: dict | None, now: float) -> dict[str, Any]:
         "base_test_loss": t.base_loss if t else None,
         "tokens_per_s": round(agg["tokens_per_s"], 1) if agg.get("tokens_per_s") else None,
         "peak_mem_gb": agg.get("peak_mem_gb"),
+        "device": j.env.get(
+            "device"
+        ),  # the latest attempt's, from its fingerprint (training_started)
         "wall_s": wall,
         "crashes": len(j.crashes) if j.started_at else None,
         "resumes": j.resumes if j.started_at else None,
+        "planned_restarts": j.planned_restarts if j.started_at else None,
         "alerts": len(j.alerts) if j.started_at else None,
     }
 

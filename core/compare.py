@@ -31,9 +31,11 @@ FIGURES = (
     "base_test_loss",
     "tokens_per_s",
     "peak_mem_gb",
+    "device",
     "wall_s",
     "crashes",
     "resumes",
+    "planned_restarts",
     "alerts",
 )
 ALWAYS = ("job", "name", "state")  # shown even if empty

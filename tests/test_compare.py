@@ -77,11 +77,13 @@ RUNS = {  # job -> (--set overrides, evaluations (step, val loss), reports (step
 }
 
 
-def _train(ledger, journal, job, evals, reports, crash: bool) -> None:
+def _train(ledger, journal, job, evals, reports, crash: bool, planned: bool = False) -> None:
     """The events a daemon commits for a run, step by step (the journal API, as control/supervise.py
-    does); with ``crash``, the worker dies after step 20 and a second attempt resumes there."""
+    does); with ``crash``, the worker dies after step 20 and a second attempt resumes there; with
+    ``planned``, the memory guard restarts it at step 30 (a planned restart, not a crash)."""
     s = f"job:{job}"
-    start = dict(job=job, worker_started_at=1.0, base_model="m")
+    device = "cuda:0 NVIDIA RTX 4090" if planned else "cpu x86_64"
+    start = dict(job=job, worker_started_at=1.0, base_model="m", env={"device": device})
     ledger.commit(s, T.TrainingStarted(attempt=1, worker_pid=1, **start))
     by_step = {step: r for step, *r in reports}
     vals = dict(evals)
@@ -107,6 +109,12 @@ def _train(ledger, journal, job, evals, reports, crash: bool) -> None:
             ledger.commit(s, T.Requeued(job=job, reason="crash"))
             resume = dict(resume_step=20, resume_checkpoint="ck/20")
             ledger.commit(s, T.TrainingStarted(attempt=2, worker_pid=2, **start, **resume))
+        if planned and step == 30:
+            ledger.commit(
+                s, T.RestartPlanned(job=job, step=30, guard="memory", evidence="grew 100 MB/step")
+            )
+            resume = dict(resume_step=30, resume_checkpoint="ck/30")
+            ledger.commit(s, T.TrainingStarted(attempt=2, worker_pid=3, **start, **resume))
     ledger.commit(
         s,
         T.Completed(
@@ -142,7 +150,9 @@ def three(ws, tmp_path, capsys):
     w = Workspace(ws)
     ledger = Ledger(w.open_journal())
     for job, (_, evals, reports) in RUNS.items():
-        _train(ledger, ledger.journal, job, evals, reports, crash=job == "0003")
+        _train(
+            ledger, ledger.journal, job, evals, reports, crash=job == "0003", planned=job == "0002"
+        )
     ledger.close()
     return ws
 
@@ -183,6 +193,14 @@ def test_three_jobs_differing_in_learning_rate_and_rank(three, capsys):
         )
     assert (rows["0003"]["crashes"], rows["0003"]["resumes"]) == (1, 1)
     assert (rows["0001"]["crashes"], rows["0001"]["resumes"]) == (0, 0)
+    # the memory guard's restart of 0002 is a resume, not a crash; and it trained on another device
+    assert [rows[j]["planned_restarts"] for j in RUNS] == [0, 1, 0]
+    assert (rows["0002"]["crashes"], rows["0002"]["resumes"]) == (0, 1)
+    assert [rows[j]["device"] for j in RUNS] == [
+        "cpu x86_64",
+        "cuda:0 NVIDIA RTX 4090",
+        "cpu x86_64",
+    ]
     assert "test_loss" not in got["columns"]  # no job was tested: no empty column
 
 
