@@ -233,3 +233,72 @@ def test_a_cooldown_resumes_by_itself_after_the_wait(tmp_path, demo, baseline):
     for p, nxt in zip(planned, starts[1:]):
         assert p["data"]["not_before"] >= ts_epoch(p["ts"]) + 1.4
         assert ts_epoch(nxt["ts"]) >= p["data"]["not_before"] - 0.05  # it waited the cool-down
+
+
+def test_a_pause_asked_for_during_a_guards_stop_is_carried_out(ws, tmp_path):
+    """The guard's trip asks the worker to stop once (Attempt.ask_stop, as the control pass does); a
+    pause requested (by the user, or a loss-spike alert) before that stop has landed takes it over:
+    no second stop is sent, and finish will record `paused`, not a planned restart that the next
+    attempt's start would have cleared the request with."""
+    import types
+
+    from helpers import ftctl
+
+    from ftctl.control import jobs
+    from ftctl.control.guard import Guard
+    from ftctl.control.ledger import Ledger
+    from ftctl.control.supervise import Attempt, StopFlags
+    from ftctl.core.config import Guards
+    from ftctl.core.state import job_stream
+    from ftctl.events import types as ev
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"prompt": "q{i}", "completion": "a{i}"}}\n' for i in range(40)))
+    ftctl(ws, "submit", str(data))
+    ledger = Ledger.open(ws / "journal.db")
+    try:
+        ledger.commit(
+            job_stream("0001"),
+            ev.TrainingStarted(
+                job="0001", attempt=1, worker_pid=1, worker_started_at=1.0, base_model="/m"
+            ),
+        )
+        said, sent = [], []
+        a = Attempt.__new__(Attempt)  # only what the report and the control pass use
+        a.job, a.stop_sent, a.stop_reason = "0001", None, None
+        a.host = types.SimpleNamespace(
+            stop=StopFlags(), ledger=ledger, say=lambda text, level="info": said.append(text)
+        )
+        a.w = types.SimpleNamespace(send=sent.append, kill_group=lambda: None)
+        a.health = types.SimpleNamespace(check=lambda: [])
+        a.guard = Guard(Guards(memory_limit_gb=3.0, memory_horizon_steps=5), "0001")
+        trips = []
+        for step in range(1, 17):
+            m = ev.Metrics(
+                step=step,
+                global_step=step,
+                loss=1.0,
+                lr=1e-4,
+                tokens_per_s=100.0,
+                peak_mem_gb=0.1,
+                trained_tokens=step,
+                rss_gb=1.0 + 0.1 * step,
+                swap_gb=0.0,
+            )
+            trip = a.guard.report(m)
+            if trip is not None:
+                trips.append(step)
+                a.ask_stop("guard", trip.said(), "warn")
+        assert trips == [15] and a.stop_reason == "guard" and len(sent) == 1
+        assert "memory guard: worker memory (RSS + swap) grew" in said[-1]
+        a.control()  # nothing asked: the guard's stop stands
+        assert a.stop_reason == "guard" and len(sent) == 1
+        user = Ledger.open(ws / "journal.db")  # the user's command, another connection
+        jobs.request(user, "0001", "pause")
+        user.close()
+        a.control()
+        assert a.stop_reason == "pause" and len(sent) == 1  # the stop in flight serves the pause
+        event, _ = a.guard.outcome(16)  # what the guard alone would have recorded
+        assert isinstance(event, ev.RestartPlanned) and event.step == 16
+    finally:
+        ledger.close()
