@@ -1,9 +1,10 @@
 """`ftctl compare` and the page's runs table: jobs side by side, from the journal alone.
 
 Each job's figures come from the projection (config, data, evaluations, test results, the device
-it trained on, crashes, resumes, a guard's planned restarts, alerts, when it started and ended) and from one aggregate query over the metrics table
-(tokens/s, peak memory, the last report): no event stream is read, so 200 jobs of a million-event
-journal answer in well under a second (bench/compare.py). core/compare.py makes the columns.
+it trained on, crashes, resumes, a guard's planned restarts, alerts, when it started and ended) and
+from one aggregate query over the metrics table (tokens/s, peak memory, the last report): no event
+stream is read, so 200 jobs of a million-event journal answer in well under a second
+(bench/compare.py). core/compare.py makes the columns.
 """
 
 from __future__ import annotations

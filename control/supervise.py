@@ -675,6 +675,8 @@ class Attempt:
             return
         clean = self.first is None and not self.hung and self.all_done() and code in (0, None)
         if self.finished == "stopped" and clean:
+            if self.stop_reason == "guard" and j.requested == "pause":
+                self.stop_reason = "pause"  # asked for after the last control pass: it wins too
             if self.stop_reason == "guard":
                 event, said = self.guard.outcome(self.stopped_step)
                 L.commit(self.stream, event)
