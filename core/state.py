@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 13  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 14  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -82,6 +82,13 @@ class JobState(msgspec.Struct, kw_only=True):
     best_val_loss: float | None = None
     adapter_path: str | None = None
     adapter_sha256: str | None = None
+    # the checkpoint the adapter was published from (config `result`), its step and validation loss
+    result: str = ""  # "best" | "last" once completed
+    result_checkpoint: str | None = None
+    result_step: int | None = None
+    result_val_loss: float | None = None
+    result_note: str = ""  # why the published checkpoint is not the one `result` asked for, if so
+    stopped_early: str = ""  # early stopping's reason (early_stopped), "" if it trained to the end
     last_eval: ev.AdapterEvaluated | None = None  # the last `ftctl eval` of the adapter
     last_eval_at: str = ""
     crashes: list[CrashRecord] = []
@@ -263,6 +270,10 @@ def _evaluated(p, j: JobState, e: ev.Evaluated, seq: int, ts: str) -> None:
         j.best_val_loss = e.val_loss
 
 
+def _early_stopped(p, j: JobState, e: ev.EarlyStopped, seq: int, ts: str) -> None:
+    j.stopped_early = e.reason
+
+
 def _adapter_evaluated(p, j: JobState, e: ev.AdapterEvaluated, seq: int, ts: str) -> None:
     j.last_eval, j.last_eval_at = e, ts
 
@@ -270,6 +281,9 @@ def _adapter_evaluated(p, j: JobState, e: ev.AdapterEvaluated, seq: int, ts: str
 def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -> None:
     j.step, j.global_step, j.worker, j.requested, j.reason = e.step, e.global_step, None, None, ""
     j.adapter_path, j.adapter_sha256 = e.adapter_path, e.adapter_sha256
+    j.result, j.result_checkpoint = e.result or "last", e.checkpoint
+    j.result_step = e.result_step if e.result else e.step
+    j.result_val_loss, j.result_note = e.result_val_loss, e.result_note
     lin = _lineage(p, j.lineage, j.base_model)
     if j.parent_job is not None and lin.head_job not in (None, j.parent_job):
         # It continued from an adapter that is no longer the head (another job started later but
@@ -419,6 +433,7 @@ JOB_HANDLERS = {
     ev.CheckpointDiscarded: None,
     ev.Evaluated: _evaluated,
     ev.AdapterEvaluated: _adapter_evaluated,
+    ev.EarlyStopped: _early_stopped,
     ev.Completed: _completed,
     ev.Crashed: _crashed,
     ev.CrashReproduced: _reproduced,
