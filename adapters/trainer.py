@@ -1,8 +1,11 @@
-"""Deterministic, resumable LoRA training, built from mlx-lm's pieces.
+"""Deterministic, resumable fine-tuning (LoRA, DoRA or full), built from mlx-lm's pieces.
 
 The loop is mlx-lm's (tuner/trainer.py): the same compiled step over
 [model.state, optimizer.state, mx.random.state], default_loss, build_schedule,
-linear_to_lora_layers. What differs:
+linear_to_lora_layers, and what is trained is chosen as mlx-lm's lora.py chooses it, one branch per
+fine-tune type (setup_model): LoRA/DoRA layers on the last num_layers layers, or for `full` those
+layers themselves, unfrozen. Everything after works on model.trainable_parameters(), whichever they
+are. What differs:
   - the batch at iteration n and the RNG key of global step g are pure functions
     of (seed, n) and (seed, g), so evaluation never perturbs training and a resume
     continues exactly where the checkpoint left off;
@@ -10,7 +13,9 @@ linear_to_lora_layers. What differs:
     atomically (checkpoint.py), written on a background thread while the next steps run
     (at most one in flight; a stop, completion or failure waits for it);
   - progress goes to `emit` as the worker protocol's messages (protocol.py); the
-    daemon journals them.
+    daemon journals them;
+  - every evaluation is folded into the checkpointed state (core.policy.watch): the best checkpoint
+    is what `result: best` publishes, and early stopping decides the same way after a resume.
 """
 
 import hashlib
@@ -34,6 +39,7 @@ from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from ftctl.core.config import Config, config_sha256
 from ftctl.core.dataset import valid_records
+from ftctl.core.policy import watch
 from ftctl.events.types import Metrics
 
 from . import protocol as P
@@ -50,6 +56,8 @@ from .checkpoint import (
     load_checkpoint,
     nonfinite_tensors,
     publish_adapter,
+    step_dir_name,
+    verify_checkpoint,
 )
 from .faults import crash_point, poison_marker
 from .fs import FS
@@ -64,6 +72,12 @@ OPTIMIZERS = {
     "muon": optim.Muon,
 }
 NAN_PATIENCE = 3
+FULL_ON_QUANTIZED = (
+    "fine_tune_type: full trains the model's weights themselves, but {model} is quantized: its "
+    "weights cannot be trained. Use lora or dora (QLoRA: an adapter on the quantized weights), or a "
+    "float copy of the model (`ftctl init --model FILE.gguf --dtype float16`, or mlx_lm.convert "
+    "without -q)"
+)
 
 
 class TrainingDiverged(Exception):
@@ -83,11 +97,14 @@ def step_seed(seed: int, global_step: int, rank: int = 0) -> int:
 
 
 def adapter_config(cfg: Config) -> dict:
-    """adapter_config.json: what mlx_lm.load(model, adapter_path=...) reads."""
-    lp = cfg.lora_parameters
-    params = {"rank": lp.rank, "scale": lp.scale, "dropout": lp.dropout}
-    if lp.keys is not None:
-        params["keys"] = list(lp.keys)
+    """adapter_config.json: what mlx_lm.load(model, adapter_path=...) reads (a full fine-tune has no
+    lora_parameters: mlx-lm writes null)."""
+    params = None
+    if cfg.fine_tune_type != "full":
+        lp = cfg.lora_parameters
+        params = {"rank": lp.rank, "scale": lp.scale, "dropout": lp.dropout}
+        if lp.keys is not None:
+            params["keys"] = list(lp.keys)
     return {
         "model": cfg.model,
         "fine_tune_type": cfg.fine_tune_type,
@@ -106,7 +123,9 @@ def build_optimizer(cfg: Config) -> optim.Optimizer:
 
 
 def setup_model(cfg: Config):
-    """Load the base model, freeze it and add LoRA/DoRA layers (initialised from seed)."""
+    """Load the base model, freeze it, and make trainable what the fine-tune type trains, as mlx-lm's
+    lora.py does: LoRA/DoRA layers (initialised from seed) on the last num_layers layers, or for
+    `full` those layers' own weights."""
     model, tokenizer = load_model(cfg.model)
     if cfg.num_layers > len(model.layers):
         raise ValueError(
@@ -115,10 +134,17 @@ def setup_model(cfg: Config):
         )
     mx.random.seed(cfg.seed)
     model.freeze()
-    lp = msgspec.structs.asdict(cfg.lora_parameters)
-    if lp["keys"] is None:
-        del lp["keys"]
-    linear_to_lora_layers(model, cfg.num_layers, lp, use_dora=cfg.fine_tune_type == "dora")
+    if cfg.fine_tune_type == "full":
+        layers = model.layers[-max(cfg.num_layers, 0) :]
+        if any(isinstance(m, nn.QuantizedLinear) for l in layers for _, m in l.named_modules()):
+            raise ValueError(FULL_ON_QUANTIZED.format(model=cfg.model))
+        for layer in layers:
+            layer.unfreeze()
+    else:
+        lp = msgspec.structs.asdict(cfg.lora_parameters)
+        if lp["keys"] is None:
+            del lp["keys"]
+        linear_to_lora_layers(model, cfg.num_layers, lp, use_dora=cfg.fine_tune_type == "dora")
     if cfg.grad_checkpoint:
         _grad_checkpoint_once(model.layers[0])
     return model, tokenizer
@@ -154,6 +180,9 @@ class Session:
     adapter_config: dict
     state: TrainState
     last_ckpt: str | None = None
+    last_state: TrainState | None = (
+        None  # the state of the newest checkpoint (the one resumed from)
+    )
     poisoned: frozenset[int] = frozenset()  # the FTCTL_POISON seam's examples (tests only)
     ranks: Ranks = SINGLE
 
@@ -197,7 +226,7 @@ def load(plan: TrainPlan) -> Session:
         _check_resume(plan, ck, s.adapter_config)
         _restore_weights(model, ck.adapters, plan.resume_from)
         _restore_optimizer(optimizer, ck.optimizer, plan.resume_from, skip=())
-        s.state, s.last_ckpt = ck.state, str(plan.resume_from)
+        s.state, s.last_ckpt, s.last_state = ck.state, str(plan.resume_from), ck.state
     else:
         if plan.warm_start_from:
             ck = load_checkpoint(plan.warm_start_from)
@@ -240,12 +269,13 @@ def run(
             step=s.state.job_step, global_step=s.state.global_step, load_s=time.perf_counter() - tic
         )
     )
-    if s.state.job_step < plan.config.iters:
+    if s.state.job_step < plan.config.iters and s.state.stopped_early is None:
         stopped = _Loop(s, emit, fs).run(stop_requested)
         if stopped is not None:
             return stopped
+    early = s.last_state is not None and s.last_state.stopped_early is not None
     if (
-        plan.until_step is not None and plan.until_step < plan.config.iters
+        plan.until_step is not None and plan.until_step < plan.config.iters and not early
     ):  # a reproduction's window ends
         done = P.Stopped(
             step=plan.until_step,
@@ -256,7 +286,7 @@ def run(
         return done
     if not s.ranks.leader:
         s.ranks.barrier()  # the leader has written the last checkpoint
-        emit(P.Finished(step=plan.config.iters))
+        emit(P.Finished(step=s.last_state.job_step if early else plan.config.iters))
         return None
     s.ranks.barrier()
     return _complete(s, emit, fs)
@@ -314,6 +344,7 @@ class _Loop:
         st = s.state
         self.eval_count, self.trained_tokens = st.eval_count, st.trained_tokens
         self.train_loss, self.val_loss = st.train_loss, st.val_loss
+        self.val_step, self.watch, self.stopped_early = st.val_step, st.watch, st.stopped_early
         self.w_loss = self.w_tokens = self.w_steps = self.w_local = 0  # report window
         self.w_time = 0.0
         self.c_loss = self.c_steps = 0  # since the last checkpoint
@@ -406,11 +437,23 @@ class _Loop:
                 self._report(it, gstep)
             boundary = it % accum == 0 or it == cfg.iters
             stopping = stopping or (asked if s.ranks.many else stop_requested())
+            best = False
             if s.val is not None and (it % cfg.steps_per_eval == 0 or it == cfg.iters):
-                self.val_loss = self._evaluate(it, gstep)
+                self.val_loss, self.val_step = self._evaluate(it, gstep), it
                 self.eval_count += 1
-            if it % cfg.save_every == 0 or it == cfg.iters or (stopping and boundary):
+                self.watch, best, self.stopped_early = watch(
+                    self.watch, it, self.val_loss, cfg.early_stopping
+                )
+            if (
+                it % cfg.save_every == 0
+                or it == cfg.iters
+                or (stopping and boundary)
+                or (best and cfg.result == "best")  # the best weights are kept to be published
+                or self.stopped_early  # evaluation steps are update boundaries
+            ):
                 self._checkpoint(it, gstep)
+            if self.stopped_early:
+                return None  # run() completes the job from this step's checkpoint
             if stopping and boundary and it < cfg.iters:
                 return P.Stopped(
                     step=it, global_step=gstep, checkpoint=None
@@ -514,13 +557,28 @@ class _Loop:
                     cfg,
                     it,
                     gstep,
-                    "or the adapter weights are not finite at a checkpoint",
+                    "or the trained weights are not finite at a checkpoint",
                     s.last_ckpt,
                 ),
             )
         if self.c_steps:
             self.train_loss = self.c_loss / self.c_steps
         self.c_loss = self.c_steps = 0
+        state = s.last_state = TrainState(
+            job_step=it,
+            global_step=gstep,
+            cursor=s.batches.cursor(it),
+            seed=cfg.seed,
+            eval_count=self.eval_count,
+            trained_tokens=self.trained_tokens,
+            train_loss=self.train_loss,
+            val_loss=self.val_loss,
+            config_sha256=s.state.config_sha256,
+            world_size=s.ranks.size,
+            val_step=self.val_step,
+            watch=self.watch,
+            stopped_early=self.stopped_early,
+        )
         if (
             not s.ranks.leader
         ):  # the leader writes it; no rank runs past a checkpoint before it is handed over
@@ -536,18 +594,6 @@ class _Loop:
                 f"checkpoint step {it}: waited {waited:.3f} s for the previous checkpoint's write",
                 flush=True,
             )
-        state = TrainState(
-            job_step=it,
-            global_step=gstep,
-            cursor=s.batches.cursor(it),
-            seed=cfg.seed,
-            eval_count=self.eval_count,
-            trained_tokens=self.trained_tokens,
-            train_loss=self.train_loss,
-            val_loss=self.val_loss,
-            config_sha256=s.state.config_sha256,
-            world_size=s.ranks.size,
-        )
         # The step-`it` arrays, evaluated (the loop's mx.eval): immutable, and the next steps make new
         # ones (the compiled step's outputs replace model.state and optimizer.state; holding these
         # references also keeps MLX from donating their buffers). Only the writing is on the thread.
@@ -573,7 +619,7 @@ class _Loop:
                         cfg,
                         it,
                         gstep,
-                        "or the adapter weights are not finite at a checkpoint",
+                        "or the trained weights are not finite at a checkpoint",
                         s.last_ckpt,
                     ),
                 )
@@ -584,14 +630,42 @@ class _Loop:
 
 
 def _complete(s: Session, emit, fs: FS) -> P.Completed:
-    adapter_dir, sha = publish_adapter(s.plan.job_dir, s.last_ckpt, fs)
-    iters = s.plan.config.iters
+    """Publish the job's result (config ``result``) from its checkpoint: the best by validation loss,
+    or the last. The best one is a committed checkpoint of this job (retention never prunes it); if
+    it no longer verifies, the last one is published and the completion says why."""
+    cfg, final = s.plan.config, s.last_state
+    w, src, result, note = final.watch, s.last_ckpt, "last", ""
+    step, val = final.job_step, final.val_loss if final.val_step == final.job_step else None
+    if cfg.result == "best" and w.best_step is None:
+        note = "result: best, but no validation loss was measured: the last step's adapter"
+    elif cfg.result == "best":
+        result = "best"
+        if w.best_step != final.job_step:
+            best = checkpoints_dir(s.plan.job_dir) / step_dir_name(w.best_step)
+            try:
+                verify_checkpoint(best)
+                src, step, val = str(best), w.best_step, w.best_val_loss
+            except CheckpointCorrupt as e:
+                result = "last"
+                note = (
+                    f"result: best, but the best checkpoint (step {w.best_step}) is unusable "
+                    f"({e.reason}): the last step's adapter"
+                )
+                print(note, flush=True)
+    adapter_dir, sha = publish_adapter(s.plan.job_dir, src, fs)
     msg = P.Completed(
-        step=iters,
-        global_step=s.plan.global_step_base + iters,
+        step=final.job_step,
+        global_step=final.global_step,
         adapter_path=str(adapter_dir),
         adapter_sha256=sha,
-        checkpoint=s.last_ckpt,
+        checkpoint=src,
+        result=result,
+        result_step=step,
+        result_val_loss=val,
+        result_note=note,
+        stopped_early=final.stopped_early,
+        best_step=w.best_step,
+        best_val_loss=w.best_val_loss,
     )
     emit(msg)
     return msg
@@ -692,7 +766,7 @@ def _check_compatible(found: dict, want: dict, src) -> None:
 
 def _restore_weights(model, weights: dict, src) -> None:
     want = dict(tree_flatten(model.trainable_parameters()))
-    _check_tree(want, weights, src, "adapter weights")
+    _check_tree(want, weights, src, "trained weights")
     model.load_weights(list(weights.items()), strict=False)
 
 
