@@ -395,8 +395,11 @@ def cmd_set_head(args, ws) -> int:
 def cmd_eval(args, ws) -> int:
     from ftctl.control.evaluate import evaluate
 
-    out = evaluate(ws, Ledger(ws.open_journal()), args.job, Path(args.data) if args.data else None)
+    ledger = Ledger(ws.open_journal())
+    out = evaluate(ws, ledger, args.job, Path(args.data) if args.data else None)
     e = out.event
+    cfg = ledger.state.jobs[e.job].config
+    tuned = "trained layers (full fine-tune)" if cfg and cfg.fine_tune_type == "full" else "adapter"
     body = {k: v for k, v in ev.to_dict(e).items() if k != "type"}
     if args.json:
         render.print_json({**body, "at": out.at, "seq": out.seq, "warnings": out.warnings})
@@ -414,7 +417,7 @@ def cmd_eval(args, ws) -> int:
         f"base {render.escape(e.base_model)}", _num(e.base_loss, ".4f"), _num(e.base_ppl, ".2f")
     )
     t.add_row(
-        f"base + adapter of job {e.job}", _num(e.adapter_loss, ".4f"), _num(e.adapter_ppl, ".2f")
+        f"base + {tuned} of job {e.job}", _num(e.adapter_loss, ".4f"), _num(e.adapter_ppl, ".2f")
     )
     render.console.print(t)
     render.console.print(_verdict(e) + f" (recorded as event {out.seq})")

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from ftctl.adapters import checkpoint as ck
+from ftctl.core.config import keep_last
 from ftctl.core.machine import TERMINAL
 from ftctl.core.policy import to_prune
 from ftctl.core.state import JobState, LineageState, Projection, job_stream, lineage_stream
@@ -43,7 +44,7 @@ def checkpoints(j: JobState) -> Repair | None:
     if not victims:
         return None
     r = j.config.retention
-    return prune(j, victims, f"retention: keep_last={r.keep_last}, keep_best={r.keep_best}")
+    return prune(j, victims, f"retention: keep_last={keep_last(j.config)}, keep_best={r.keep_best}")
 
 
 def superseded(p: Projection, lin: LineageState) -> list[Repair]:

@@ -14,10 +14,19 @@ import msgspec
 
 from ftctl.adapters.fs import UnreadableFile, read_input, write_durable
 from ftctl.adapters.group import problems as group_problems
-from ftctl.adapters.model import model_problem
+from ftctl.adapters.model import checkpoint_estimate, model_problem, quantized
 from ftctl.adapters.workspace import Workspace
-from ftctl.core.config import Config, config_sha256, job_config, locked_changes
-from ftctl.core.dataset import DataReport, validate_jsonl
+from ftctl.core.config import (
+    Config,
+    ConfigError,
+    config_sha256,
+    config_warnings,
+    job_config,
+    keep_last,
+    locked_changes,
+    resolve_epochs,
+)
+from ftctl.core.dataset import DataReport, valid_records, validate_jsonl
 from ftctl.core.state import job_stream
 from ftctl.events import types as ev
 from ftctl.events.journal import ConcurrencyError
@@ -130,6 +139,55 @@ def _lineage_config(ledger: Ledger, lineage: str, cfg: Config) -> Config:
     return cfg
 
 
+def _how_long(
+    cfg: Config, warnings: list[str], train: bytes, has_valid: bool
+) -> tuple[Config, list[str]]:
+    """The run the job records (issue 20: full fine-tuning, epochs, early stopping, the result):
+    ``epochs`` turned into ``iters`` for this training data, a full fine-tune checked against its
+    model, and the config's warnings for what it will really run — among them what a full
+    fine-tune's checkpoints take on disk, and keys that need validation data the job lacks."""
+    try:
+        run = resolve_epochs(cfg, len(valid_records(train)))
+    except ConfigError as e:
+        raise SubmitError(f"{e}; nothing was queued") from None
+    if run is not cfg:  # the config's own warnings, for the iters it will really run
+        stale = config_warnings(cfg)
+        warnings = config_warnings(run) + [w for w in warnings if w not in stale]
+    cfg, warnings = run, list(warnings)
+    if cfg.epochs is not None:
+        warnings.append(
+            f"epochs = {cfg.epochs}: iters = {cfg.iters} ({cfg.iters // cfg.epochs} batches of "
+            f"{cfg.batch_size} per epoch)"
+        )
+    if cfg.fine_tune_type == "full":
+        if quantized(cfg.model):
+            raise SubmitError(
+                f"fine_tune_type: full trains the weights themselves, but {cfg.model} is quantized: "
+                "they cannot be trained. Nothing was queued; use lora or dora (QLoRA), or a float copy "
+                "of the model (`ftctl init --model FILE.gguf --dtype float16`, or mlx_lm.convert "
+                "without -q)"
+            )
+        size = checkpoint_estimate(cfg)
+        shown = f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+        warnings.append(
+            f"full fine-tuning: each checkpoint holds the trained layers' weights and the "
+            f"{cfg.optimizer} state, about {shown} here; retention keeps the newest "
+            f"{keep_last(cfg)} (retention.keep_last), the best and the one being written, and the "
+            "start of the job checks the disk has room for them"
+        )
+    if not has_valid:
+        if cfg.early_stopping is not None:
+            warnings.append(
+                "early_stopping needs validation data, and this job has none: it trains all its iters"
+            )
+        if cfg.result == "best":
+            warnings.append(
+                "result: best needs validation data, and this job has none: the last step's adapter "
+                "is published"
+            )
+    return cfg, warnings
+
+
 def _duplicate(ledger: Ledger, path: Path, sha: str, valid_sha: str | None, cfg: Config) -> None:
     """Refuse the same data (and validation data) with the same resolved config as a live job."""
     digest = config_sha256(cfg)
@@ -211,6 +269,9 @@ def submit(
             f"the distributed config cannot run: {'; '.join(broken)}. Nothing was queued; fix "
             "`distributed` in ftctl.yaml (see docs/distributed.md) and submit again"
         )
+    if not reasons:
+        train, held = (data, vdata) if vdata is not None else _split(data, report, cfg.batch_size)
+        cfg, warnings = _how_long(cfg, warnings, train, held is not None)
     if not reasons and not again:
         _duplicate(
             ledger, path, sha, hashlib.sha256(vdata).hexdigest() if vdata is not None else None, cfg

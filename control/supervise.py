@@ -25,6 +25,7 @@ from ftctl.recovery.reconcile import apply, mark_corrupt
 
 from . import reproduce, retention
 from .reporter import Every
+from .status import describe_result
 from .tensorboard import Live
 
 if TYPE_CHECKING:
@@ -203,8 +204,25 @@ class Supervision:
                 d.log(f"job {job}: checkpoint step {c.step} committed ({c.bytes / 1e6:.1f} MB)")
                 self.retention()
             case P.Completed():
+                # early stopping's decision and the completion in one transaction (a job never reads as
+                # stopped early without its result, nor completes early without the reason)
+                early = (
+                    [
+                        ev.EarlyStopped(
+                            job=job,
+                            step=msg.step,
+                            global_step=msg.global_step,
+                            reason=msg.stopped_early,
+                            best_step=msg.best_step,
+                            best_val_loss=msg.best_val_loss,
+                        )
+                    ]
+                    if msg.stopped_early
+                    else []
+                )
                 L.commit(
                     self.stream,
+                    *early,
                     ev.Completed(
                         job=job,
                         step=msg.step,
@@ -212,12 +230,19 @@ class Supervision:
                         adapter_path=msg.adapter_path,
                         adapter_sha256=msg.adapter_sha256,
                         checkpoint=msg.checkpoint,
+                        result=msg.result,
+                        result_step=msg.result_step,
+                        result_val_loss=msg.result_val_loss,
+                        result_note=msg.result_note,
                     ),
                 )
                 self.finished = "completed"
+                if msg.stopped_early:
+                    d.say(f"job {job}: {msg.stopped_early}", "ok")
                 d.say(
                     f"job {job} completed at step {msg.step} (global {msg.global_step}): "
-                    f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…",
+                    f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…, "
+                    f"{describe_result(msg)}",
                     "ok",
                 )
             case P.Stopped(step=step):
