@@ -110,7 +110,10 @@ class Retention(Struct, kw_only=True, forbid_unknown_fields=True):
             "an integer >= 1, or null",
         ),
     ] = None
-    keep_best: Annotated[bool, _m("also keep the checkpoint with the lowest val_loss")] = True
+    keep_best: Annotated[
+        bool,
+        _m("also keep the checkpoint with the lowest val_loss (measured at its own step)"),
+    ] = True
 
 
 class EarlyStopping(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -419,7 +422,9 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
         float,
         _m(
             "a job does not start (it is paused, with the reason) below this free disk space (GB), "
-            "nor below twice its last checkpoint's size",
+            "nor below what its checkpoints will take (keep_last, the best and the one being written, "
+            "and the published weights; a full fine-tune's estimated from the model before its first "
+            "checkpoint)",
             ge=0,
         ),
     ] = 1.0
