@@ -632,6 +632,8 @@ class ConsoleReporter(Reporter):
                 self.bar.update(self.task, val=_fmt(msg.val_loss, ".4f"))
             elif isinstance(msg, P.CheckpointWritten):
                 self.bar.update(self.task, ckpt=f"step {msg.checkpoint.step}")
+            elif isinstance(msg, P.Completed) and msg.stopped_early:  # done before iters
+                self.bar.update(self.task, total=msg.step, completed=msg.step)
         elif (
             isinstance(msg, P.Report)
             and self.lines is not None
