@@ -10,6 +10,7 @@ Validation batches are fixed: no randomness at all.
 
 import types
 from functools import lru_cache
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -26,6 +27,16 @@ def build_dataset(records: list[dict], tokenizer, mask_prompt: bool = False) -> 
         raise ValueError("the dataset has no records")
     config = types.SimpleNamespace(mask_prompt=mask_prompt)
     return CacheDataset(create_dataset(records, tokenizer, config))
+
+
+def token_lengths(model: str, records: list[dict], mask_prompt: bool = False) -> list[int]:
+    """How many tokens each record is for the trainer: the model's own tokenizer and chat template,
+    through the same dataset code (the model's weights are not loaded)."""
+    from mlx_lm.utils import load_config, load_tokenizer
+
+    path = Path(model)
+    tokenizer = load_tokenizer(path, eos_token_ids=load_config(path).get("eos_token_id"))
+    return [len(t) for t, _ in tokenized(build_dataset(records, tokenizer, mask_prompt))]
 
 
 def tokenized(dataset) -> list[tuple[list[int], int]]:

@@ -40,7 +40,7 @@ from ftctl.core.policy import ValWatch
 from ftctl.events.types import CheckpointRecord
 
 from .faults import crash_point
-from .fs import FS, io_pool
+from .fs import FS, io_pool, make_dirs
 
 FORMAT = "ftctl-checkpoint"
 FORMAT_VERSION = 1
@@ -404,6 +404,52 @@ def publish_adapter(job_dir, checkpoint_path, fs: FS | None = None) -> tuple[Pat
     }
     path, _, _ = _commit(Path(job_dir), "adapters", files, meta, fs)
     return path, sha256(files[ADAPTERS])
+
+
+def export_problem(dest) -> str | None:
+    """Why ``dest`` (a user's adapter_path) may not receive an adapter, or None: it is free, an empty
+    folder, or a folder ftctl wrote (its manifest says so). Anything else is not ftctl's to replace."""
+    d = Path(dest)
+    if not os.path.lexists(d):
+        parent = next((p for p in d.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            return f"{parent} is a file, not a folder"
+        return None
+    if d.is_symlink() or not d.is_dir():
+        return f"{d} exists and is not a folder"
+    if not any(d.iterdir()):
+        return None
+    try:
+        manifest = json.loads((d / MANIFEST).read_bytes())
+        if manifest.get("format") == FORMAT and manifest.get("kind") == "adapter":
+            return None
+    except (OSError, ValueError, AttributeError):
+        pass
+    shown = ", ".join(sorted(p.name for p in d.iterdir())[:4])
+    return (
+        f"{d} already holds files ftctl did not write ({shown}; mlx_lm.lora's?), and ftctl never "
+        "replaces what it did not write"
+    )
+
+
+def export_adapter(adapter_dir, dest, fs: FS | None = None) -> Path:
+    """Publish a verified adapter folder (jobs/<id>/adapters) at ``dest`` too, atomically (temp folder
+    beside it, fsync, rename), in mlx-lm's layout plus ftctl's manifest. ValueError if ``dest`` is not
+    free for it (export_problem)."""
+    fs = fs or FS()
+    problem = export_problem(dest)
+    if problem:
+        raise ValueError(problem)
+    src = _read_verified(adapter_dir, kind="adapter")
+    meta = json.loads((Path(adapter_dir) / MANIFEST).read_bytes())
+    files = {f: src[f] for f in (ADAPTERS, ADAPTER_CONFIG)}
+    keep = {k: meta[k] for k in ("step", "global_step", "source") if k in meta}
+    dest = Path(dest)
+    make_dirs(dest.parent, [])
+    if dest.is_dir() and not any(dest.iterdir()):
+        dest.rmdir()  # an empty folder the user made: the adapter folder takes its place
+    path, _, _ = _commit(dest.parent, dest.name, files, {"kind": "adapter", **keep}, fs)
+    return path
 
 
 def adapter_sha256(path) -> str:

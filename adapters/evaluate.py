@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import load as load_model
 
-from ftctl.core.dataset import valid_records
+from ftctl.core.dataset import DEFAULT, Features, valid_records
 
-from .batches import build_dataset, evaluation_batches, tokenized
+from .batches import build_dataset, evaluation_batches, tokenized, validation_batches
 from .trainer import evaluate_loss
 
 
@@ -54,12 +54,23 @@ def score(
     batch_size: int,
     max_seq_length: int,
     mask_prompt: bool,
+    features: Features = DEFAULT,
+    num_batches: int | None = None,
+    trust_remote_code: bool = False,
 ) -> Scores:
-    """Loss of the base model and of base + adapter on the valid records of ``data`` (JSONL bytes).
-    Raises ValueError when the data has nothing to score."""
-    model, tokenizer = load_model(model_path)
-    items = tokenized(build_dataset(valid_records(data), tokenizer, mask_prompt))
-    batches = evaluation_batches(items, batch_size, max_seq_length)
+    """Loss of the base model and of base + adapter on the valid records of ``data`` (JSONL bytes):
+    every record (``num_batches`` None: `ftctl eval`), or mlx-lm's test_batches full batches (-1 =
+    all of them: `test: true`). Raises ValueError when the data has nothing to score."""
+    model, tokenizer = load_model(
+        model_path,
+        tokenizer_config={"trust_remote_code": trust_remote_code},
+        trust_remote_code=trust_remote_code,
+    )
+    items = tokenized(build_dataset(valid_records(data, features), tokenizer, mask_prompt))
+    if num_batches is None:
+        batches = evaluation_batches(items, batch_size, max_seq_length)
+    else:
+        batches = validation_batches(items, batch_size, max_seq_length, num_batches)
     base, tokens = evaluate_loss(model, batches) if batches else (math.nan, 0)
     if tokens == 0:
         raise ValueError(

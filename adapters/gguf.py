@@ -88,6 +88,8 @@ class GGUFInfo:
     architecture: str
     name: str
     quantization: str  # "Q4_1", "F16", ... (general.file_type)
+    layers: int | None = None  # <arch>.block_count
+    context: int | None = None  # <arch>.context_length (the import's max_position_embeddings)
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,16 @@ def inspect(path) -> GGUFInfo:
         architecture=arch,
         name=str(_scalar(meta, "general.name", path.stem)),
         quantization=quant,
+        layers=_int(_scalar(meta, f"{arch}.block_count")),
+        context=_int(_scalar(meta, f"{arch}.context_length", 2048)),
     )
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- weights

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftctl.core.config import Config
+from ftctl.core.fit import ModelFacts
 from ftctl.core.policy import checkpoint_bytes
 
 INDEX = "model.safetensors.index.json"
@@ -80,6 +81,88 @@ def resolve_repo(repo: str) -> Snapshot:
             f"{repo!r} is neither an existing path nor a valid Hugging Face repo id ({e})"
         ) from None
     return Snapshot(repo=repo, path=str(path), revision=path.name)
+
+
+_LAYER = re.compile(r"^((?:.*\.)?(?:layers|h|blocks)\.)(\d+)\.(.+)$")
+_LEAVES = ("weight", "bias", "scales", "biases")
+
+
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "seq_length",
+    "n_ctx",
+)
+
+
+def _first(config: dict, keys) -> tuple[str | None, int | None]:
+    for where in (config, config.get("text_config") or {}):
+        for k in keys:
+            v = where.get(k) if isinstance(where, dict) else None
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return k, v
+    return None, None
+
+
+def _header(f: Path) -> dict:
+    with open(f, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        return json.loads(fh.read(n))
+
+
+def shape(path) -> ModelFacts:
+    """The model folder's ModelFacts (call model_problem first: this assumes the files are readable)."""
+    p = Path(path)
+    config = json.loads((p / "config.json").read_bytes())
+    modules: dict[str, int] = {}
+    for f in sorted(p.glob("model*.safetensors")):
+        for name, t in _header(f).items():
+            if name == "__metadata__" or "." not in name:
+                continue
+            module, leaf = name.rsplit(".", 1)
+            if leaf in _LEAVES:
+                dims = len(t.get("shape", ())) if leaf in ("weight", "scales") else 0
+                modules[module] = max(modules.get(module, 0), dims)
+    layer_modules: dict[str, int] = {}
+    top: dict[str, int] = {}
+    prefix, seen = "", set()
+    for module, dims in modules.items():
+        m = _LAYER.match(module + ".")
+        if m and m.group(3).rstrip("."):
+            prefix = prefix or m.group(1)
+            seen.add(int(m.group(2)))
+            rest = m.group(3).rstrip(".")
+            layer_modules[rest] = max(layer_modules.get(rest, 0), dims)
+        else:
+            top[module] = dims
+    _, layers = _first(config, _LAYER_KEYS)
+    key, context = _first(config, _CONTEXT_KEYS)
+    return ModelFacts(
+        layers=layers if layers is not None else (max(seen) + 1 if seen else None),
+        layer_prefix=prefix,
+        layer_modules=layer_modules,
+        top_modules=top,
+        context=context,
+        context_key=key,
+    )
+
+
+def safetensors_names(path) -> dict[str, list[int]]:
+    """Tensor name -> shape of a safetensors file (its header only); ValueError if it is not one."""
+    f = Path(path)
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n < 2 or n > _MAX_HEADER or 8 + n > size:
+            raise ValueError(f"{f} is not a safetensors file ({size} bytes)")
+        try:
+            header = json.loads(fh.read(n))
+            return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise ValueError(f"{f} is not a safetensors file (its header is not valid)") from None
 
 
 def model_problem(path) -> str | None:
@@ -190,10 +273,6 @@ def _safetensors_problem(f: Path) -> str | None:
     return None
 
 
-# a transformer layer's tensors: model.layers.N.… (mlx-lm's and Hugging Face's naming alike)
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
 def quantized(path) -> bool:
     """Does the model's config.json say its weights are quantized (an mlx-community 4-bit folder, an
     imported GGUF kept quantized)?"""
@@ -209,14 +288,11 @@ def trained_bytes(path, num_layers: int) -> int:
     loaded). 0 when the files name no layers."""
     layers: dict[int, int] = {}
     for f in sorted(Path(path).glob("model*.safetensors")):
-        with open(f, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(n))
-        for name, t in header.items():
-            m = _LAYER.search(name) if name != "__metadata__" else None
+        for name, t in _header(f).items():
+            m = _LAYER.match(name) if name != "__metadata__" else None
             if m:
                 start, end = t["data_offsets"]
-                layers[int(m.group(1))] = layers.get(int(m.group(1)), 0) + end - start
+                layers[int(m.group(2))] = layers.get(int(m.group(2)), 0) + end - start
     chosen = sorted(layers)[-num_layers:] if num_layers > 0 else sorted(layers)
     return sum(layers[i] for i in chosen)
 

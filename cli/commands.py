@@ -12,6 +12,7 @@ from ftctl.events import types as ev
 from ftctl.recovery.ledger import Ledger
 
 from . import render
+from .args import port, seconds
 from .lazy import lazy
 
 # imported on first use (cli/lazy.py): each command loads only the control modules it calls
@@ -33,7 +34,7 @@ def cmd_start(args, ws) -> int:
         from .web.app import run_in_thread
 
         check_bind(args.host, args.token)
-        url = run_in_thread(serve_app(ws, args.token), args.host, args.port)
+        url = run_in_thread(serve_app(ws, args.token, args.host), args.host, args.port)
         out.print(
             f"status page: {url}"
             + ("?token=…" if args.token else "")
@@ -144,7 +145,7 @@ def cmd_crashes(args, ws) -> int:
         verdict = (
             f"[{render.VERDICT_STYLE.get(r['verdict'], '')}]{r['verdict']}[/]"
             if r["verdict"]
-            else "-"
+            else f"not replayed: [bold]ftctl reproduce {r['job']} --crash {r['crash']}[/]"
         )
         where = f" (rank {r['rank']}, {r['host']})" if r["rank"] is not None else ""
         t.add_row(
@@ -163,8 +164,8 @@ def cmd_crashes(args, ws) -> int:
     render.console.print(t)
     render.console.print(
         "the whole evidence (stderr tail) and each reproduction's findings: `ftctl crashes --json`, "
-        "or the log named in it; # is the job's crash number: `ftctl reproduce JOB --crash #` re-runs it "
-        "(reproduced?: a property of the run, or of the environment)"
+        "or the log named in it; # is the job's crash number (reproduced?: a property of the run, or "
+        "of the environment — the command shown re-runs a crash never replayed)"
     )
     return 0
 
@@ -406,10 +407,19 @@ def cmd_eval(args, ws) -> int:
         return 0
     for w in out.warnings:
         render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
+    render.console.print(eval_table(e, tuned))
+    render.console.print(verdict(e) + f" (recorded as event {out.seq})")
+    return 0
+
+
+def eval_table(e: ev.AdapterEvaluated, tuned: str = "adapter"):
+    """An `adapter_evaluated` record as `ftctl eval` shows it (also `ftctl lora --test`); ``tuned``
+    names what was trained (a full fine-tune's layers)."""
     from rich.table import Table
 
+    owner = f"job {e.job}" if e.job else "the adapter"
     t = Table(
-        title=f"job {e.job} on {render.escape(e.data_path)} ({e.examples} examples, {e.tokens} tokens scored)"
+        title=f"{owner} on {render.escape(e.data_path)} ({e.examples} examples, {e.tokens} tokens scored)"
     )
     for c in ("model", "loss", "perplexity"):
         t.add_column(c, justify="left" if c == "model" else "right")
@@ -417,18 +427,18 @@ def cmd_eval(args, ws) -> int:
         f"base {render.escape(e.base_model)}", _num(e.base_loss, ".4f"), _num(e.base_ppl, ".2f")
     )
     t.add_row(
-        f"base + {tuned} of job {e.job}", _num(e.adapter_loss, ".4f"), _num(e.adapter_ppl, ".2f")
+        f"base + {tuned} {'of job ' + e.job if e.job else render.escape(e.adapter_path)}",
+        _num(e.adapter_loss, ".4f"),
+        _num(e.adapter_ppl, ".2f"),
     )
-    render.console.print(t)
-    render.console.print(_verdict(e) + f" (recorded as event {out.seq})")
-    return 0
+    return t
 
 
 def _num(x: float | None, spec: str) -> str:
     return "not finite" if x is None else format(x, spec)
 
 
-def _verdict(e: ev.AdapterEvaluated) -> str:
+def verdict(e: ev.AdapterEvaluated) -> str:
     if e.base_loss is None or e.adapter_loss is None:
         return "[red]a loss is not finite[/]: no comparison"
     change = e.adapter_loss - e.base_loss
@@ -595,7 +605,12 @@ def register(sub, home) -> None:
     s.add_argument(
         "--serve", action="store_true", help="also serve the live status page (as `ftctl serve`)"
     )
-    s.add_argument("--port", type=int, default=8765, help="with --serve: TCP port (default 8765)")
+    s.add_argument(
+        "--port",
+        type=port,
+        default=8765,
+        help="with --serve: TCP port (default 8765; 0: any free port)",
+    )
     s.add_argument(
         "--host",
         default="127.0.0.1",
@@ -684,7 +699,7 @@ def register(sub, home) -> None:
     )
     s.add_argument(
         "--wait",
-        type=float,
+        type=seconds,
         default=0,
         metavar="SECONDS",
         help="wait up to SECONDS until it has stopped (exit 1 if it has not)",

@@ -155,9 +155,33 @@ def cmd_submit(args, ws: Workspace) -> int:
         return 1
     render.console.print(
         f"[green]queued[/] job {sub.job} ({rep.valid} valid {rep.format} examples of {rep.lines}); "
-        "run `ftctl start` to train"
+        + render.escape(_who_trains(ws, ledger, sub.job))
     )
     return 0
+
+
+def _who_trains(ws: Workspace, ledger: Ledger, job: str) -> str:
+    """What happens next, as the daemon lock says (not the journal's word): a live daemon picks the
+    job up by itself; otherwise `ftctl start` is what trains it."""
+    d = status.daemon_view(ws, ledger)
+    if d.running:
+        ahead = [
+            j.job
+            for j in ledger.state.jobs.values()
+            if j.job < job and j.state in ("queued", "training", "checkpointing")
+        ]
+        return f"the running daemon (pid {d.pid}) picks it up" + (
+            f" after {len(ahead)} job(s) queued or training before it ({', '.join(ahead)})"
+            if ahead
+            else " now"
+        )
+    if d.alive:
+        return "a daemon is starting (it holds the lock): it picks it up once it runs"
+    return "run `ftctl start` to train" + (
+        " (the last daemon died without recording its stop: `ftctl start` recovers first)"
+        if d.died
+        else ""
+    )
 
 
 def cmd_status(args, ws: Workspace) -> int:
@@ -445,9 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_replay)
 
-    from . import commands, views  # the daemon-side commands and the views register themselves
+    from . import (
+        commands,
+        lora,
+        views,
+    )  # the daemon-side commands and the views register themselves
 
     commands.register(sub, home)
+    lora.register(sub, home)
     views.register(sub, home)
     document(p)
     return p

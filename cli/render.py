@@ -244,6 +244,9 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
         "examples": j.examples,
         "valid_path": j.valid_path,
         "base_model": j.base_model,
+        "warm_start_from": j.warm_start_from,
+        "parent_job": j.parent_job,
+        "global_step_base": j.global_step_base,
         "model_repo": j.model_repo,
         "model_revision": j.model_revision,
         "config_sha256": j.config_sha256,
@@ -261,6 +264,8 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
         "result_note": j.result_note or None,
         "stopped_early": j.stopped_early or None,
         "epochs": j.config.epochs if j.config else None,
+        "exported_to": j.exported_to,
+        "export_refused": j.export_refused,
         "last_eval": {
             **{k: v for k, v in to_dict(j.last_eval).items() if k != "type"},
             "at": j.last_eval_at,
@@ -410,6 +415,8 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
         "result",
         "result_note",
         "stopped_early",
+        "exported_to",
+        "export_refused",
         "requested",
         "updated_at",
     ]:
@@ -433,8 +440,13 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
             "last report",
             "  ".join(
                 f"{k}={_short(metrics[k])}"
-                for k in ("step", "loss", "lr", "tokens_per_s", "peak_mem_gb")
+                for k in ("step", "loss", "lr", "tokens_per_s")
                 if metrics.get(k) is not None
+            )
+            + (
+                f"  peak memory {memory(metrics['peak_mem_gb'])}"
+                if metrics.get("peak_mem_gb") is not None
+                else ""
             ),
         )
     if j.world_size > 1 or j.hosts:
@@ -642,7 +654,7 @@ class ConsoleReporter(Reporter):
             m = msg.metrics
             self.note(
                 f"job {job} step {m.step}/{self.iters}: loss {_fmt(m.loss, '.4f')}  lr {_fmt(m.lr, '.3g')}  "
-                f"{_fmt(m.tokens_per_s, '.0f')} tok/s  peak {_fmt(m.peak_mem_gb, '.2f')} GB"
+                f"{_fmt(m.tokens_per_s, '.0f')} tok/s  peak {memory(m.peak_mem_gb)}"
             )
         elif isinstance(msg, P.Evaluated):
             self.note(
@@ -658,3 +670,13 @@ class ConsoleReporter(Reporter):
 
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
+
+
+def memory(gb: float | None) -> str:
+    """Memory as people read it: 4.8 MB below a GB (not 0.00 GB), 1.23 GB above."""
+    if gb is None:
+        return "-"
+    if gb >= 1:
+        return f"{gb:.2f} GB"
+    mb = gb * 1000
+    return f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"

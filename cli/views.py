@@ -11,7 +11,9 @@ from pathlib import Path
 from ftctl.recovery.ledger import Ledger
 
 from . import render
+from .args import port
 from .lazy import lazy
+from .render import memory
 
 metrics = lazy("ftctl.control.metrics")
 jobs = lazy("ftctl.control.jobs")
@@ -76,7 +78,7 @@ def cmd_metrics(args, ws) -> int:
     # Plain lines, not a rich table: a long run has 100k points and this must print them in a blink.
     head = (
         f"{'job':<6} {'att':>3} {'global':>8} {'step':>7} {'loss':>9} {'val_loss':>9} {'lr':>9} "
-        f"{'tok/s':>8} {'peak_GB':>7}  time (UTC)"
+        f"{'tok/s':>8} {'peak mem':>8}  time (UTC)"
     )
     out = [head]
     add = out.append
@@ -92,7 +94,7 @@ def cmd_metrics(args, ws) -> int:
             f"{p['job']:<6} {p['attempt']:>3} {p['global_step']:>8} {p['step']:>7} "
             f"{'-' if loss is None else format(loss, '.4f'):>9} {'-' if val is None else format(val, '.4f'):>9} "
             f"{'-' if lr is None else format(lr, '.3g'):>9} {'-' if tps is None else format(tps, '.0f'):>8} "
-            f"{'-' if mem is None else format(mem, '.2f'):>7}  {p['ts'][:10]} {p['ts'][11:19]}"
+            f"{memory(mem):>8}  {p['ts'][:10]} {p['ts'][11:19]}"
             + (
                 f"  ranks {'/'.join('-' if t is None else format(t, '.0f') for t in p['rank_tokens_per_s'])} tok/s"
                 if p["rank_tokens_per_s"]
@@ -125,18 +127,34 @@ def cmd_plot(args, ws) -> int:
         raise jobs.UserError(f"-o {args.output}: the folder {out.parent} does not exist")
     ledger = _read_ledger(ws)
     all_series = metrics.lineage_series(ledger, args.job, args.lineage)
-    from .plot import draw
+    drawn = [s for s in all_series if s.counts["train"] or s.counts["val"]]
+    empty = [s for s in all_series if s not in drawn]
+    if not drawn:
+        which = ", ".join(f"{s.job} ({s.state})" for s in empty)
+        raise jobs.UserError(
+            f"nothing to plot: no loss was recorded yet for job {which} (a job reports every "
+            f"`steps_per_report` steps once it trains, and evaluates every `steps_per_eval`); "
+            f"no file was written"
+        )
+    from .plot import draw, title
 
-    n = draw(
-        all_series, out, title=f"{ws.home}" + (f" · lineage {args.lineage}" if args.lineage else "")
-    )
+    n = draw(drawn, out, title(drawn, ws.home, args.lineage))
     if args.json:
-        render.print_json({"file": str(out), "jobs": [s.job for s in all_series], "points": n})
+        render.print_json(
+            {
+                "file": str(out),
+                "jobs": [s.job for s in drawn],
+                "points": n,
+                "no_points": [s.job for s in empty],
+            }
+        )
     else:
         render.console.print(
-            f"wrote {out}: {n} point(s) of {len(all_series)} job(s), checkpoints, crashes and resumes "
-            "marked on the x axis"
+            f"wrote {out}: {n} point(s) of {len(drawn)} job(s), checkpoints, crashes and resumes "
+            "marked on the x axis in each job's colour"
         )
+        for s in empty:
+            render.console.print(f"job {s.job} ({s.state}) has no loss recorded yet: not drawn")
     return 0
 
 
@@ -170,25 +188,25 @@ def check_bind(host: str, token: str | None) -> None:
         )
 
 
-def serve_app(ws, token: str | None):
+def serve_app(ws, token: str | None, host: str = "127.0.0.1"):
     try:
         from .web.app import make_app
     except ImportError as e:
         raise jobs.UserError(
             f"`ftctl serve` needs Starlette and uvicorn ({e.name} is missing): {SERVE_EXTRA}"
         ) from None
-    return make_app(ws, token=token)
+    return make_app(ws, token=token, host=host)
 
 
 def cmd_serve(args, ws) -> int:
     check_bind(args.host, args.token)
     ws.require()
-    app = serve_app(ws, args.token)
+    app = serve_app(ws, args.token, args.host)
     from .web.app import bind, run, url
 
     sock = bind(args.host, args.port)
     render.err_console.print(
-        f"serving {ws.home} read-only at {url(args.host, args.port)}"
+        f"serving {ws.home} read-only at {url(args.host, sock.getsockname()[1])}"
         + ("?token=…" if args.token else "")
         + "  (Ctrl-C stops it)"
     )
@@ -236,7 +254,9 @@ def register(sub, home) -> None:
     s.set_defaults(func=cmd_export_tb)
 
     s = sub.add_parser("serve", parents=[home], help="a read-only live status page in the browser")
-    s.add_argument("--port", type=int, default=8765, help="TCP port (default 8765)")
+    s.add_argument(
+        "--port", type=port, default=8765, help="TCP port (default 8765; 0: any free port)"
+    )
     s.add_argument(
         "--host",
         default="127.0.0.1",

@@ -18,6 +18,7 @@ from ftctl.adapters.model import checkpoint_estimate, model_problem
 from ftctl.adapters.protocol import TrainPlan, encode
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, ConfigError, locked_changes
+from ftctl.core.machine import ACTIVE
 from ftctl.core.policy import disk_needed_gb
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import types as ev
@@ -30,7 +31,7 @@ from .inbox import SETTLE_S, inbox_files, skip_reason
 from .notifier import Notifier
 from .reporter import SILENT, Reporter
 from .standby import Standby
-from .submit import SubmitError, submit
+from .submit import RESUME_ADAPTER, SubmitError, submit
 from .supervise import Supervision
 
 POLL_S = 0.25
@@ -69,9 +70,11 @@ class Daemon:
         until_idle: bool = False,
         env: dict | None = None,
         report: Reporter = SILENT,
+        until_job: str | None = None,
     ):
         self.ws = ws
         self.until_idle = until_idle
+        self.until_job = until_job  # `ftctl lora`: run until this job is done (or paused, failed…)
         self.env = env or {}
         self.report = report
         self.stopping: str | None = None  # why we were asked to stop (a signal's name)
@@ -210,6 +213,10 @@ class Daemon:
                 return f"stopped by {self.stopping}"
             if self.ledger.state.daemon.shutdown_requested:
                 return "ftctl shutdown"
+            if self.until_job is not None:
+                j = self.ledger.state.jobs[self.until_job]
+                if j.state not in ("queued", "crashed", *ACTIVE):
+                    return f"job {j.job} {j.state}"
             self.scan_inbox()
             now = time.time()
             queued = self.ledger.state.queue()
@@ -311,6 +318,8 @@ class Daemon:
         """(checkpoint to warm-start from, global step base, the head job it belongs to)."""
         if j.attempt > 0:  # a restart uses exactly what the first attempt used
             return j.warm_start_from, j.global_step_base, j.parent_job
+        if j.config.resume_adapter_file is not None:  # the job's own start: not the lineage's
+            return None, 0, None
         lin = self.ledger.state.lineages.get(j.lineage)
         head = self.ledger.state.jobs.get(lin.head_job) if lin and lin.head_job else None
         if not j.config.warm_start or head is None or head.base_model != j.base_model:
@@ -388,7 +397,8 @@ class Daemon:
             self.ledger.commit(stream, ev.Failed(job=j.job, reason=str(e), category="config_lock"))
             return
         jdir = self.ws.job_dir(j.job)
-        valid = jdir / "data" / "valid.jsonl"
+        valid, test = jdir / "data" / "valid.jsonl", jdir / "data" / "test.jsonl"
+        resume_file = jdir / "data" / RESUME_ADAPTER
         plan = TrainPlan(
             job_id=j.job,
             job_dir=str(jdir),
@@ -399,6 +409,8 @@ class Daemon:
             warm_start_from=warm,
             global_step_base=base,
             log_path=str(self.ws.job_log(j.job)),
+            test_path=str(test) if j.config.test and test.exists() else None,
+            resume_adapter_file=str(resume_file) if j.config.resume_adapter_file else None,
         )
         if j.config.distributed is not None:  # data-parallel: mlx.launch and its ranks (group.py)
             return group.run(self, j, plan, resume, warm, base, parent)

@@ -83,6 +83,11 @@ class Viewer:
             raise UserError(f"no job {job!r} in this workspace")
         return j
 
+    def job_view(self, job: str) -> st.JobView:
+        """The job as `ftctl status JOB` sees it now: live step, note, ETA."""
+        self.refresh()
+        return st.job_status(self.ws, self.ledger, self.job(job).job)[1]
+
     def series(self, job: str, *, superseded: bool = False, after_id: int = 0) -> Series:
         self.refresh()
         return series(self.ledger.journal, self.job(job), superseded=superseded, after_id=after_id)

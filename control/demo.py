@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,8 +146,25 @@ def tour(home: Path, *, reset: bool, kill_at: int, report: Reporter = SILENT) ->
         ref.home, j.config.model, config_to_dict(j.config)
     )  # exactly the recorded config
     ref_job = _submit(ref, data, "reference", SILENT)
+    report.note(
+        f"job {ref_job} in {ref.home}: job {job}'s recorded config and the same data, trained "
+        "from start to end with nothing killed"
+    )
+    tic = time.monotonic()
     Daemon(ref, until_idle=True).run()
     r = _job(ref, ref_job)
+    if r.state == "completed" and not r.crashes:
+        report.note(
+            f"job {ref_job} completed at step {r.step} in {time.monotonic() - tic:.1f} s with no "
+            f"crash: adapter sha256 {r.adapter_sha256[:16]}…",
+            "ok",
+        )
+    else:
+        report.note(
+            f"job {ref_job} ended {r.state} with {len(r.crashes)} crash(es): the comparison below "
+            f"does not hold (see `ftctl history --home {ref.home}`)",
+            "error",
+        )
     return Tour(
         ws,
         job,

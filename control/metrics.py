@@ -10,7 +10,7 @@ warm-started jobs of a lineage (the journal records them so), so one lineage is 
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from operator import itemgetter
 
@@ -109,6 +109,9 @@ def series(
         tuple[str, int, list]
     ] = []  # (ts, step, tokens/s of each rank) of a data-parallel job
     markers: list[Marker] = []
+    crashes: list[
+        tuple[int, str, str, int]
+    ] = []  # (marker index, ts, its attempt's start ts, base)
     base = j.global_step_base
     for r in journal.read(stream=job_stream(j.job)):
         e = r.event
@@ -134,6 +137,7 @@ def series(
                 )
             )
         elif isinstance(e, ev.Crashed):
+            crashes.append((len(markers), r.ts, starts[-1][0] if starts else "", base))
             step = e.step if e.step is not None else 0
             markers.append(
                 Marker(
@@ -248,7 +252,31 @@ def series(
         if p is not None:
             p["rank_tokens_per_s"] = rates
     out.points = sorted(points.values(), key=itemgetter("global_step", "attempt"))
+    if not after_id:
+        _crash_steps(markers, crashes, rows, vals)
     return out
+
+
+def _crash_steps(markers: list[Marker], crashes, rows, vals) -> None:
+    """Each crash at the last step its attempt is known to have run: the crash's own step, or a
+    later report or evaluation of that attempt (a crash recorded with its checkpoint's step — a
+    dead daemon's — is not drawn back at the checkpoint)."""
+    seen = sorted([(r[1], r[2]) for r in rows] + [(v[0], v[1]) for v in vals])
+    stamps = [t for t, _ in seen]
+    for i, ts, started, base in crashes:
+        m = markers[i]
+        ran = [step for _, step in seen[bisect_left(stamps, started) : bisect_left(stamps, ts)]]
+        step = max([m.step, *ran])
+        if step != m.step:
+            markers[i] = Marker(
+                "crash",
+                step,
+                base + step,
+                m.seq,
+                m.ts,
+                m.text.rsplit(" at step ", 1)[0]
+                + f" after step {step} (the last step reported before it)",
+            )
 
 
 def lineage_series(

@@ -10,7 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ftctl.adapters import gguf
+from ftctl.adapters.model import shape
 from ftctl.adapters.workspace import Workspace, WorkspaceError, init_workspace, make_folder
+from ftctl.core import fit
+from ftctl.core.fit import ModelFacts
 from ftctl.recovery.ledger import Ledger
 
 from . import models
@@ -46,13 +49,14 @@ def init(
             "revision it trains on"
         )
     recorded = resolved.repo or resolved.path
-    return init_workspace(home, recorded), recorded
+    # fitted to the folder it names (a repo id is no folder to the workspace's own look)
+    return init_workspace(home, recorded, fit.fitting_keys(shape(resolved.path))), recorded
 
 
 def _init_gguf(home: Path, model: str, dtype: str | None, note: Note) -> tuple[Workspace, str]:
     source = Path(model).expanduser().resolve()
     try:
-        gguf.inspect(source)  # refuse an unsupported file before creating anything
+        info = gguf.inspect(source)  # refuse an unsupported file before creating anything
     except gguf.GGUFError as e:
         raise WorkspaceError(f"--model {model}: {e}. Nothing was created.") from None
     target = (
@@ -69,8 +73,9 @@ def _init_gguf(home: Path, model: str, dtype: str | None, note: Note) -> tuple[W
         finally:
             ledger.close()
 
+    facts = ModelFacts(info.layers, "", {}, {}, info.context, "context_length")
     try:
-        ws = init_workspace(home, str(target), then=convert)
+        ws = init_workspace(home, str(target), fit.fitting_keys(facts), then=convert)
     except models.ModelRefused as e:
         raise WorkspaceError(f"--model {model}: {e}. Nothing was created.") from None
     return ws, str(target)

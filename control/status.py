@@ -330,7 +330,14 @@ def _eta(
             None,
             f"no progress report for {since:.0f} s (one was due every {every:.0f} s): no estimate",
         )
-    return max(left / rate - since, 0.0), basis
+    eta = left / rate - since
+    if eta <= 0:  # it should have finished by now at that rate and has not: the estimate is wrong
+        return (
+            None,
+            f"{left} steps were due {-eta:.0f} s ago at {basis}, and the last report is {since:.0f} s "
+            "old: no estimate",
+        )
+    return eta, basis
 
 
 def _when(ts: str | None) -> str:

@@ -27,6 +27,7 @@ from . import reproduce, retention
 from .reporter import Every
 from .status import describe_result
 from .tensorboard import Live
+from .trackers import Trackers
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -58,6 +59,9 @@ class Supervision:
         self.stopped_step = 0
         self.log_due = Every(j.iters)  # daemon.log gets progress at a sane rate
         self.tb = Live(d.ws, d.ledger.state.jobs[j.job], d.say)  # TensorBoard files, if configured
+        self.trackers = Trackers(
+            d.ws, d.ledger.state.jobs[j.job], d.say
+        )  # report_to, if configured
         d.report.training(j.job, j.name, j.iters)
 
     # ------------------------------------------------------------------ loop
@@ -94,6 +98,7 @@ class Supervision:
                     pass
         self.w.kill_group()  # nothing of the worker's group may outlive it
         self.tb.close()
+        self.trackers.close()
         self.finish(code)
 
     def receive(self, line: bytes) -> None:
@@ -181,6 +186,7 @@ class Supervision:
             case P.Report(metrics=m):
                 L.journal.record_metric(job, m)
                 self.tb.report(m)  # after the journal has it: a view of what is recorded
+                self.trackers.report(m)
                 if self.log_due.due(m.step):
                     d.log(
                         f"job {job} step {m.step}/{self.cfg.iters}: loss {_num(m.loss, '.4f')}  lr "
@@ -195,6 +201,7 @@ class Supervision:
                     self.stream, ev.Evaluated(job=job, step=step, global_step=gstep, val_loss=val)
                 )
                 self.tb.val(gstep, val)
+                self.trackers.val(gstep, step, val)
                 d.log(f"job {job} step {step}: val loss {_num(val, '.4f')}")
             case P.CheckpointStarted(step=step, global_step=gstep):
                 L.commit(self.stream, ev.CheckpointStarted(job=job, step=step, global_step=gstep))
@@ -204,8 +211,23 @@ class Supervision:
                 d.log(f"job {job}: checkpoint step {c.step} committed ({c.bytes / 1e6:.1f} MB)")
                 self.retention()
             case P.Completed():
-                # early stopping's decision and the completion in one transaction (a job never reads as
-                # stopped early without its result, nor completes early without the reason)
+                done = ev.Completed(
+                    job=job,
+                    step=msg.step,
+                    global_step=msg.global_step,
+                    adapter_path=msg.adapter_path,
+                    adapter_sha256=msg.adapter_sha256,
+                    checkpoint=msg.checkpoint,
+                    result=msg.result,
+                    result_step=msg.result_step,
+                    result_val_loss=msg.result_val_loss,
+                    result_note=msg.result_note,
+                    exported_to=msg.exported_to,
+                    export_refused=msg.export_refused,
+                )
+                # early stopping's decision and the test split's scores (config `test`) with it, in
+                # one transaction: all or nothing (a job never reads as stopped early without its
+                # result, nor completes early without the reason)
                 early = (
                     [
                         ev.EarlyStopped(
@@ -220,31 +242,25 @@ class Supervision:
                     if msg.stopped_early
                     else []
                 )
-                L.commit(
-                    self.stream,
-                    *early,
-                    ev.Completed(
-                        job=job,
-                        step=msg.step,
-                        global_step=msg.global_step,
-                        adapter_path=msg.adapter_path,
-                        adapter_sha256=msg.adapter_sha256,
-                        checkpoint=msg.checkpoint,
-                        result=msg.result,
-                        result_step=msg.result_step,
-                        result_val_loss=msg.result_val_loss,
-                        result_note=msg.result_note,
-                    ),
-                )
+                L.commit(self.stream, *early, done, *([msg.evaluated] if msg.evaluated else []))
                 self.finished = "completed"
                 if msg.stopped_early:
                     d.say(f"job {job}: {msg.stopped_early}", "ok")
                 d.say(
                     f"job {job} completed at step {msg.step} (global {msg.global_step}): "
                     f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…, "
-                    f"{describe_result(msg)}",
+                    f"{describe_result(msg)}"
+                    + (f", also published at {msg.exported_to}" if msg.exported_to else ""),
                     "ok",
                 )
+                if msg.export_refused:
+                    d.say(f"job {job}: adapter_path not written: {msg.export_refused}", "warn")
+                if msg.evaluated:
+                    e = msg.evaluated
+                    d.say(
+                        f"job {job} test split: loss {_num(e.adapter_loss, '.4f')} (base model "
+                        f"{_num(e.base_loss, '.4f')}), perplexity {_num(e.adapter_ppl, '.2f')}"
+                    )
             case P.Stopped(step=step):
                 self.finished, self.stopped_step = "stopped", step
             case P.Failed():

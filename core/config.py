@@ -17,6 +17,8 @@ import msgspec
 from msgspec import Meta, Struct, field
 from msgspec import inspect as mi
 
+from .dataset import Features
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -24,6 +26,7 @@ __all__ = [
     "NotifyTarget",
     "Power",
     "Distributed",
+    "HFDataset",
     "LoraParameters",
     "LRSchedule",
     "RestartPolicy",
@@ -40,6 +43,9 @@ __all__ = [
     "decode_config",
     "default_config_dict",
     "describe_keys",
+    "features",
+    "hf_entries",
+    "MLX_LM_DEFAULTS",
     "merge_overrides",
     "override_key",
     "world_size",
@@ -299,6 +305,96 @@ class Distributed(Struct, kw_only=True, forbid_unknown_fields=True):
     ] = None
 
 
+# ---------------------------------------------------------------------------------------------
+# mlx_lm.lora's keys beyond the training shape (issue 20): data as mlx-lm users hold it, where the
+# adapter goes, the test split, trackers. MLX_LM_DEFAULTS is mlx_lm.lora.CONFIG_DEFAULTS, written out
+# (a test compares it with the installed mlx-lm): `ftctl lora` fills in these where its flags and -c
+# file are silent, exactly as mlx_lm.lora does.
+
+MLX_LM_DEFAULTS: dict[str, Any] = {
+    "model": "Qwen/Qwen3-0.6b",
+    "train": False,
+    "fine_tune_type": "lora",
+    "optimizer": "adam",
+    "optimizer_config": {"adam": {}, "adamw": {}, "muon": {}, "sgd": {}, "adafactor": {}},
+    "data": "mlx-community/WikiSQL",
+    "seed": 0,
+    "num_layers": 16,
+    "batch_size": 4,
+    "iters": 1000,
+    "val_batches": 25,
+    "learning_rate": 1e-5,
+    "steps_per_report": 10,
+    "steps_per_eval": 200,
+    "resume_adapter_file": None,
+    "adapter_path": "adapters",
+    "save_every": 100,
+    "test": False,
+    "test_batches": 500,
+    "max_seq_length": 2048,
+    "config": None,
+    "grad_checkpoint": False,
+    "grad_accumulation_steps": 1,
+    "clear_cache_threshold": 0,
+    "lr_schedule": None,
+    "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0},
+    "mask_prompt": False,
+    "report_to": None,
+    "project_name": None,
+    "trust_remote_code": False,
+}
+# Keys mlx_lm.lora reads only from a -c file (no flag, not in CONFIG_DEFAULTS).
+MLX_LM_FILE_ONLY = (
+    "lora_parameters",
+    "lr_schedule",
+    "hf_dataset",
+    "prompt_feature",
+    "completion_feature",
+    "text_feature",
+    "chat_feature",
+)
+# mlx-lm's trackers (mlx_lm.tuner.callbacks.SUPPORT_CALLBACK) -> the package each one imports
+TRACKERS = {"wandb": "wandb", "swanlab": "swanlab"}
+FEATURES = ("prompt_feature", "completion_feature", "text_feature", "chat_feature")
+DEFAULT_FEATURES = {
+    "prompt_feature": "prompt",
+    "completion_feature": "completion",
+    "text_feature": "text",
+    "chat_feature": "messages",
+}
+_Feature = Annotated[str, Meta(min_length=1)]
+
+
+class HFDataset(Struct, kw_only=True, forbid_unknown_fields=True):
+    path: Annotated[
+        str,
+        _m(
+            "a Hugging Face dataset name in the local `datasets` cache, or a folder written by "
+            "datasets' save_to_disk (never downloaded)",
+            "a dataset name or a folder",
+            min_length=1,
+        ),
+    ]
+    train_split: Annotated[
+        str, _m("the split (with datasets' slicing) trained on", min_length=1)
+    ] = "train[:80%]"
+    valid_split: Annotated[str, _m("the split used for validation loss", min_length=1)] = (
+        "train[-10%:]"
+    )
+    test_split: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        _m("the split `test: true` scores; null = none", "a split, or null"),
+    ] = None
+    config: Annotated[
+        dict[str, Any],
+        _m("extra arguments of datasets.load_dataset, e.g. {name: subset}", "a mapping"),
+    ] = {}
+    prompt_feature: Annotated[_Feature, _m("the column holding the prompt")] = "prompt"
+    completion_feature: Annotated[_Feature, _m("the column holding the completion")] = "completion"
+    text_feature: Annotated[_Feature, _m("the column holding the text")] = "text"
+    chat_feature: Annotated[_Feature, _m("the column holding the chat messages")] = "messages"
+
+
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -380,6 +476,95 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
             "a number > 0, or null",
         ),
     ] = None
+    # mlx_lm.lora's keys beyond the training shape (issue 20)
+    train: Annotated[
+        bool,
+        _m(
+            "train (false with test: true only scores the adapter at adapter_path on the test split, "
+            "as mlx_lm.lora --test without --train does)"
+        ),
+    ] = True
+    data: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        _m(
+            "the data when `ftctl submit` names none: a folder with train.jsonl, valid.jsonl and "
+            "optionally test.jsonl (mlx-lm's layout), a JSONL file, or a Hugging Face dataset name in "
+            "the local `datasets` cache; null = name it on the command line",
+            "a folder, a file or a dataset name, or null",
+        ),
+    ] = None
+    hf_dataset: Annotated[
+        HFDataset | list[HFDataset] | None,
+        _m(
+            "Hugging Face dataset(s) to train on, as mlx-lm reads them (several are concatenated); "
+            "read from the local cache or a save_to_disk folder at submit, never downloaded; null = none",
+            "a mapping {path, train_split, valid_split, test_split, config, *_feature}, a list of "
+            "them, or null",
+        ),
+    ] = None
+    prompt_feature: Annotated[_Feature, _m("the key holding the prompt in completions data")] = (
+        "prompt"
+    )
+    completion_feature: Annotated[
+        _Feature, _m("the key holding the completion in completions data")
+    ] = "completion"
+    text_feature: Annotated[_Feature, _m("the key holding the text in text data")] = "text"
+    chat_feature: Annotated[_Feature, _m("the key holding the messages in chat data")] = "messages"
+    adapter_path: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        _m(
+            "where the finished adapter is also published, in mlx-lm's layout (adapters.safetensors, "
+            "adapter_config.json), atomically; a folder ftctl did not write is never replaced; null = "
+            "only jobs/<id>/adapters/",
+            "a folder, or null",
+        ),
+    ] = None
+    resume_adapter_file: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        _m(
+            "start from these adapter weights (an adapters.safetensors file; copied into the job and its "
+            "sha256 recorded at submit) instead of the lineage's adapter; null = none",
+            "a file, or null",
+        ),
+    ] = None
+    test: Annotated[
+        bool,
+        _m(
+            "after training, score the adapter (and the base model) on the test split, recorded like "
+            "`ftctl eval`"
+        ),
+    ] = False
+    test_batches: Annotated[
+        int,
+        _m(
+            "test batches scored; -1 = the whole test split",
+            "-1 (whole test split) or an integer >= 1",
+            ge=-1,
+        ),
+    ] = 500
+    clear_cache_threshold: Annotated[
+        int,
+        _m(
+            "after each step, free MLX's allocator cache when it holds more than this many bytes (0 = "
+            "every step, as mlx-lm)",
+            ge=0,
+        ),
+    ] = 0
+    report_to: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        _m(
+            "also log training to these trackers, comma-separated (wandb, swanlab), in their offline/local "
+            "mode; the tracker's package must be installed; null = none",
+            "wandb, swanlab or 'wandb,swanlab', or null",
+        ),
+    ] = None
+    project_name: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        _m("the trackers' project name; null = the tracker's default", "a name, or null"),
+    ] = None
+    trust_remote_code: Annotated[
+        bool, _m("let the model's and tokenizer's own Python code run when they load")
+    ] = False
     # ftctl's own keys
     # how long a job trains, and which checkpoint becomes its result (docs/config.md, "Epochs, early
     # stopping and the result")
@@ -782,7 +967,7 @@ def _check(cfg: Config, source: str) -> None:
     found = _nonfinite(msgspec.to_builtins(cfg), "")
     if found:
         fail(found[0], found[1], "a finite number", "is not allowed")
-    for name in ("num_layers", "val_batches"):
+    for name in ("num_layers", "val_batches", "test_batches"):
         if getattr(cfg, name) == 0:
             fail(name, 0, _allowed(_field_type(name)))
     g = cfg.grad_accumulation_steps
@@ -797,6 +982,7 @@ def _check(cfg: Config, source: str) -> None:
                 value=value,
                 allowed=allowed,
             )
+    _check_mlx_lm_keys(cfg, fail)
     for i, n in enumerate(cfg.notify):
         if (n.url is None) == (n.command is None):
             raise ConfigError(
@@ -873,6 +1059,48 @@ def _check(cfg: Config, source: str) -> None:
                     f"lr_schedule.arguments[{i}]",
                     s.arguments[i],
                     f">= 1 ({sig.replace('[', '').replace(']', '').split(', ')[i]} is a step count)",
+                )
+
+
+def features(cfg: Config | HFDataset) -> Features:
+    """The keys the data's format is read from: mlx-lm's *_feature keys (of the config, or of one
+    hf_dataset entry)."""
+    return Features(cfg.prompt_feature, cfg.completion_feature, cfg.text_feature, cfg.chat_feature)
+
+
+def hf_entries(cfg: Config) -> list[HFDataset]:
+    """``hf_dataset`` as a list (mlx-lm takes one mapping or a list of them)."""
+    h = cfg.hf_dataset
+    return [] if h is None else [h] if isinstance(h, HFDataset) else list(h)
+
+
+def _check_mlx_lm_keys(cfg: Config, fail) -> None:
+    if cfg.report_to is not None:
+        for name in (x.strip().lower() for x in cfg.report_to.split(",")):
+            if name not in TRACKERS:
+                fail(
+                    "report_to",
+                    cfg.report_to,
+                    ", ".join(TRACKERS) + " (comma-separated)",
+                    "names an unknown tracker",
+                )
+    if cfg.hf_dataset is not None:
+        if not hf_entries(cfg):
+            fail("hf_dataset", [], "a mapping with path, or a non-empty list of them", "is empty")
+        if cfg.data is not None:
+            fail(
+                "data",
+                cfg.data,
+                "null when hf_dataset is set (mlx-lm would read hf_dataset and ignore data)",
+                "is given beside hf_dataset",
+            )
+        for key, default in DEFAULT_FEATURES.items():
+            if getattr(cfg, key) != default:
+                fail(
+                    key,
+                    getattr(cfg, key),
+                    f"{default!r} beside hf_dataset: set it inside each hf_dataset entry, where mlx-lm reads it",
+                    "is not read with hf_dataset",
                 )
 
 
@@ -979,8 +1207,8 @@ def _warnings(cfg: Config) -> list[str]:
             f"max_seq_length = {cfg.max_seq_length} is above 32768: long examples may "
             "run out of memory"
         )
-    for name in cfg.optimizer_config:
-        if name != cfg.optimizer:
+    for name, settings in cfg.optimizer_config.items():
+        if name != cfg.optimizer and settings:  # mlx-lm's defaults list every optimizer, empty
             out.append(f"optimizer_config.{name} is ignored: optimizer is {cfg.optimizer!r}")
     if cfg.early_stopping is not None and cfg.steps_per_eval >= cfg.iters:
         out.append(
@@ -1011,6 +1239,16 @@ def decode_config(data: dict, *, source: str = "ftctl.yaml") -> tuple[Config, li
             value=data,
             allowed="a mapping",
         )
+    if "config" in data:  # mlx_lm.lora's `config` (the -c file's path): a file cannot name another
+        if data["config"] is not None:
+            raise ConfigError(
+                f"{source}: config = {_show(data['config'])} is not followed: a config file cannot name "
+                "another (mlx_lm.lora does not follow it either); pass it with `ftctl lora -c FILE`",
+                key="config",
+                value=data["config"],
+                allowed="null",
+            )
+        data = {k: v for k, v in data.items() if k != "config"}
     try:
         prepared = _prepare(data, _CONFIG_TYPE, "", source)
         try:

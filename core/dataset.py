@@ -7,7 +7,9 @@ Per-line formats, detected in mlx-lm's order (mlx_lm.tuner.datasets.create_datas
 and the old daemon's
   {"conversations": [{"from", "value"}, ...], "label"?} -> "conversations" (trained as chat)
 The file's format is the format of its first valid line; a valid line of another format is bad,
-because mlx-lm builds one dataset type per file.
+because mlx-lm builds one dataset type per file. The keys may be renamed as mlx-lm's
+prompt_feature, completion_feature, text_feature and chat_feature rename them (``Features``);
+records come out under mlx-lm's default names either way.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from typing import Any, Literal, NamedTuple
 import msgspec
 from msgspec import Struct
 
-__all__ = ["DataError", "DataReport", "LineProblem", "valid_records", "validate_jsonl"]
+__all__ = [
+    "DataError",
+    "DataReport",
+    "Features",
+    "LineProblem",
+    "long_records",
+    "valid_records",
+    "validate_jsonl",
+]
 
 WARN_RATIO = 0.01  # more bad lines than this: verdict "warn"
 REJECT_RATIO = 0.05  # more bad lines than this: verdict "reject"
@@ -32,6 +42,26 @@ CONVERSATION_ROLES = {
     "gpt": "assistant",
 }
 LABELS = ("desirable", "undesirable")
+
+
+class Features(NamedTuple):
+    """The keys a line's format is read from (mlx-lm's *_feature config keys)."""
+
+    prompt: str = "prompt"
+    completion: str = "completion"
+    text: str = "text"
+    chat: str = "messages"
+
+    def rename(self, obj: dict, pairs: tuple[tuple[str, str], ...]) -> dict:
+        """``obj`` with the renamed keys under mlx-lm's default names (the other keys kept)."""
+        if all(ours == default for ours, default in pairs):
+            return obj
+        out = {k: v for k, v in obj.items() if k not in {o for o, _ in pairs}}
+        out.update({default: obj[ours] for ours, default in pairs})
+        return out
+
+
+DEFAULT = Features()
 
 
 class DataError(ValueError):
@@ -79,21 +109,60 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _check_chat(obj: dict) -> str | None:
-    messages = obj["messages"]
+# Keys other chat schemas use for a message's role and text (ShareGPT, OpenAI-like exports, ...):
+# a message that has one of them instead of role/content gets the renaming named.
+ROLE_KEYS = ("from", "speaker", "author", "sender", "user_type", "type")
+CONTENT_KEYS = ("value", "text", "message", "body", "utterance", "content_text")
+
+
+def _keys(m: dict) -> str:
+    names = [repr(k) for k in list(m)[:6]]
+    return ", ".join(names) + (", ..." if len(m) > 6 else "") if names else "none"
+
+
+def _missing(i: int, m: dict, key: str, field: str = "messages") -> str:
+    """A message without ``key`` ('role' or 'content'): name the key, the keys it has, and the renaming
+    when they look like another schema's."""
+    alias = {"role": ROLE_KEYS, "content": CONTENT_KEYS}[key]
+    other = "content" if key == "role" else "role"
+    theirs = next((k for k in alias if k in m), None)
+    text = f"{field}[{i}] has no '{key}' key (its keys: {_keys(m)})"
+    if theirs is None:
+        return text
+    if "from" in m and "value" in m:
+        return (
+            f"{text}: these are ShareGPT turns — name the list 'conversations' instead of 'messages' "
+            '(ftctl reads {"conversations": [{"from": "human"|"gpt"|..., "value": ...}]} as it is)'
+        )
+    pair = next((k for k in {"role": CONTENT_KEYS, "content": ROLE_KEYS}[key] if k in m), None)
+    rename = f"'{theirs}' to '{key}'" + (
+        f" and '{pair}' to '{other}'" if pair is not None and other not in m else ""
+    )
+    return (
+        f"{text}: it looks like another chat schema — rename {rename} "
+        '(mlx-lm\'s chat format: {"messages": [{"role": ..., "content": ...}]})'
+    )
+
+
+def _check_chat(obj: dict, key: str = "messages") -> str | None:
+    messages = obj[key]
     if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty list"
+        return f"'{key}' must be a non-empty list"
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            return f"messages[{i}] is {_kind(m)}, not an object"
+            return f"{key}[{i}] is {_kind(m)}, not an object"
+        if "role" not in m:
+            return _missing(i, m, "role", key)
         role = m.get("role")
         if role not in CHAT_ROLES:
-            return f"messages[{i}].role is {_short(role)}, not one of {', '.join(CHAT_ROLES)}"
+            return f"{key}[{i}].role is {_short(role)}, not one of {', '.join(CHAT_ROLES)}"
         content = m.get("content")
         if role == "tool" or (role == "assistant" and m.get("tool_calls")):
             # tool results may be empty; a tool-calling assistant turn may carry no text
             if not (isinstance(content, str) or (content is None and role == "assistant")):
-                return f"messages[{i}].content must be a string"
+                return f"{key}[{i}].content must be a string"
+        elif "content" not in m:
+            return _missing(i, m, "content", key)
         elif not _nonblank(content):
             what = (
                 "is missing"
@@ -102,7 +171,7 @@ def _check_chat(obj: dict) -> str | None:
                 if isinstance(content, str)
                 else f"is {_kind(content)}, not a string"
             )
-            return f"messages[{i}].content {what}"
+            return f"{key}[{i}].content {what}"
     if not any(m["role"] == "assistant" for m in messages):
         return "no assistant message: nothing to train on"
     if obj.get("tools") is not None and not (
@@ -141,7 +210,7 @@ def _check_conversations(obj: dict) -> str | None:
     return None
 
 
-def _check_line(number: int, raw: bytes) -> _Line:
+def _check_line(number: int, raw: bytes, f: Features = DEFAULT) -> _Line:
     """Everything about one non-blank line. The single place the per-line rules live."""
 
     def bad(reason: str, fmt: str | None = None) -> _Line:
@@ -159,20 +228,23 @@ def _check_line(number: int, raw: bytes) -> _Line:
         return bad("not valid JSON (nested too deeply)")
     if not isinstance(obj, dict):
         return bad(f"not a JSON object (got {_kind(obj)})")
-    if "prompt" in obj and "completion" in obj:
-        for key in ("prompt", "completion"):
+    if f.prompt in obj and f.completion in obj:
+        for key in (f.prompt, f.completion):
             if not _nonblank(obj[key]):
                 what = "is empty" if isinstance(obj[key], str) else f"is {_kind(obj[key])}"
                 return bad(f"'{key}' {what}, not a non-empty string", "completions")
-        return _Line(number, "completions", obj, None, False)
-    if "messages" in obj:
-        reason = _check_chat(obj)
-        return bad(reason, "chat") if reason else _Line(number, "chat", obj, None, False)
-    if "text" in obj:
-        if not _nonblank(obj["text"]):
-            what = "is empty" if isinstance(obj["text"], str) else f"is {_kind(obj['text'])}"
-            return bad(f"'text' {what}, not a non-empty string", "text")
-        return _Line(number, "text", obj, None, False)
+        pairs = ((f.prompt, "prompt"), (f.completion, "completion"))
+        return _Line(number, "completions", f.rename(obj, pairs), None, False)
+    if f.chat in obj:
+        reason = _check_chat(obj, f.chat)
+        if reason:
+            return bad(reason, "chat")
+        return _Line(number, "chat", f.rename(obj, ((f.chat, "messages"),)), None, False)
+    if f.text in obj:
+        if not _nonblank(obj[f.text]):
+            what = "is empty" if isinstance(obj[f.text], str) else f"is {_kind(obj[f.text])}"
+            return bad(f"'{f.text}' {what}, not a non-empty string", "text")
+        return _Line(number, "text", f.rename(obj, ((f.text, "text"),)), None, False)
     if "conversations" in obj:
         reason = _check_conversations(obj)
         if reason:
@@ -185,12 +257,37 @@ def _check_line(number: int, raw: bytes) -> _Line:
         return _Line(number, "conversations", {"messages": messages}, None, undesirable)
     keys = ", ".join(repr(k) for k in list(obj)[:5]) + (", ..." if len(obj) > 5 else "")
     return bad(
-        "no known format: expected keys prompt+completion, messages, text or conversations"
+        f"no known format: expected keys {f.prompt}+{f.completion}, {f.chat}, {f.text} or conversations"
         + (f" (found {keys})" if keys else " (the object is empty)")
+        + _schema_hint(obj)
     )
 
 
-def _scan(data: Any) -> tuple[str | None, list[_Line]]:
+# Well-known schemas of other tools and the mlx-lm format each maps to, by the keys that give them away.
+_SCHEMAS = (
+    (
+        {"instruction", "output"},
+        "Alpaca-style: join instruction (+ input) into 'prompt' and rename 'output' to 'completion'",
+    ),
+    ({"prompt", "response"}, "rename 'response' to 'completion'"),
+    ({"prompt", "answer"}, "rename 'answer' to 'completion'"),
+    ({"question", "answer"}, "rename 'question' to 'prompt' and 'answer' to 'completion'"),
+    ({"input", "output"}, "rename 'input' to 'prompt' and 'output' to 'completion'"),
+    ({"conversation"}, "rename 'conversation' to 'messages' (a list of {\"role\", \"content\"})"),
+    ({"dialog"}, "rename 'dialog' to 'messages' (a list of {\"role\", \"content\"})"),
+    ({"chat"}, "rename 'chat' to 'messages' (a list of {\"role\", \"content\"})"),
+    ({"content"}, "rename 'content' to 'text' (plain text) or use 'messages'"),
+)
+
+
+def _schema_hint(obj: dict) -> str:
+    for keys, hint in _SCHEMAS:
+        if keys <= obj.keys():
+            return f": it looks like another schema — {hint}"
+    return ""
+
+
+def _scan(data: Any, features: Features = DEFAULT) -> tuple[str | None, list[_Line]]:
     """Check every non-blank line; lines whose format differs from the file's become bad."""
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
@@ -202,7 +299,9 @@ def _scan(data: Any) -> tuple[str | None, list[_Line]]:
     if data.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark written by some editors
         data = data[3:]
     checked = [
-        _check_line(i, raw) for i, raw in enumerate(data.split(b"\n"), start=1) if raw.strip()
+        _check_line(i, raw, features)
+        for i, raw in enumerate(data.split(b"\n"), start=1)
+        if raw.strip()
     ]
     file_format = next((c.format for c in checked if c.reason is None), None)
     lines = [
@@ -224,9 +323,9 @@ def _quote(problems: list[LineProblem]) -> str:
     return shown + (f"; and {more} more" if more > 0 else "")
 
 
-def validate_jsonl(data: bytes) -> DataReport:
+def validate_jsonl(data: bytes, features: Features = DEFAULT) -> DataReport:
     """Check a JSONL training file. Never raises for any bytes; DataError only for non-bytes."""
-    file_format, lines = _scan(data)
+    file_format, lines = _scan(data, features)
     problems = [LineProblem(line=c.number, reason=c.reason) for c in lines if c.reason]
     n, bad = len(lines), len(problems)
     valid = n - bad
@@ -264,15 +363,27 @@ def validate_jsonl(data: bytes) -> DataReport:
     )
 
 
-def record_lines(data: bytes) -> list[int]:
+def record_lines(data: bytes, features: Features = DEFAULT) -> list[int]:
     """The line number (1-based) of each record valid_records returns, in the same order: example i of
     a job is line record_lines(data)[i] of its data file."""
-    _, lines = _scan(data)
+    _, lines = _scan(data, features)
     return [c.number for c in lines if c.record is not None and not c.undesirable]
 
 
-def valid_records(data: bytes) -> list[dict]:
+def valid_records(data: bytes, features: Features = DEFAULT) -> list[dict]:
     """The records the trainer uses, in file order, in mlx-lm formats: bad lines and
-    undesirable-labelled rows dropped, conversations rows turned into {"messages": [...]}."""
-    _, lines = _scan(data)
+    undesirable-labelled rows dropped, conversations rows turned into {"messages": [...]}, renamed
+    keys (``features``) under mlx-lm's default names."""
+    _, lines = _scan(data, features)
     return [c.record for c in lines if c.record is not None and not c.undesirable]
+
+
+def long_records(data: bytes, limit: int, features: Features = DEFAULT) -> list[tuple[int, int]]:
+    """(index in valid_records, line number) of every record whose line is longer than ``limit``
+    bytes, in file order. Only the lengths are looked at unless a line is that long."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    raw = data.split(b"\n")
+    if max(map(len, raw), default=0) <= limit:
+        return []
+    return [(i, n) for i, n in enumerate(record_lines(data, features)) if len(raw[n - 1]) > limit]

@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 14  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 15  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -89,6 +89,8 @@ class JobState(msgspec.Struct, kw_only=True):
     result_val_loss: float | None = None
     result_note: str = ""  # why the published checkpoint is not the one `result` asked for, if so
     stopped_early: str = ""  # early stopping's reason (early_stopped), "" if it trained to the end
+    exported_to: str | None = None  # config adapter_path: where the adapter was also published
+    export_refused: str | None = None  # or why it was not
     last_eval: ev.AdapterEvaluated | None = None  # the last `ftctl eval` of the adapter
     last_eval_at: str = ""
     crashes: list[CrashRecord] = []
@@ -227,6 +229,9 @@ def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
         e.base_model,
     )
     j.parent_job, j.requested = e.parent_job, None
+    # where the attempt starts on the lineage's axis: a warm start's base before its first checkpoint
+    # (not 0), the checkpoint's global step on a resume
+    j.global_step = e.global_step_base + j.step
     j.env = e.env or j.env
     j.env_changed = [*j.env_changed, *e.env_changed] if e.resume_checkpoint else list(e.env_changed)
     if e.resharded_from is not None:
@@ -284,6 +289,7 @@ def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -
     j.result, j.result_checkpoint = e.result or "last", e.checkpoint
     j.result_step = e.result_step if e.result else e.step
     j.result_val_loss, j.result_note = e.result_val_loss, e.result_note
+    j.exported_to, j.export_refused = e.exported_to, e.export_refused
     lin = _lineage(p, j.lineage, j.base_model)
     if j.parent_job is not None and lin.head_job not in (None, j.parent_job):
         # It continued from an adapter that is no longer the head (another job started later but

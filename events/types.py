@@ -236,6 +236,9 @@ class Completed(EventBase, tag="completed", kw_only=True):
     result_step: int | None = None
     result_val_loss: float | None = None
     result_note: str = ""
+    # config adapter_path: where the adapter was also published (mlx-lm's layout), or why it was not
+    exported_to: str | None = None
+    export_refused: str | None = None
 
 
 class Crashed(EventBase, tag="crashed", kw_only=True):

@@ -22,7 +22,7 @@ TEST_CONFIG = {
     "steps_per_report": 5,
     "steps_per_eval": 10,
     "val_batches": 2,
-    "max_seq_length": 96,
+    "max_seq_length": 256,  # above the demo lines (169 bytes) + TEMPLATE_SLACK: submit loads no tokenizer
     "num_layers": -1,
     "seed": 3,
     "optimizer": "adamw",

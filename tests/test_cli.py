@@ -393,7 +393,10 @@ def _crash(ws, *crashes):
 
 
 def test_crashes_shows_signal_exit_and_the_telling_evidence_line(ws, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "250")
+    from ftctl.cli import render
+
+    monkeypatch.setenv("COLUMNS", "320")  # wide enough that no cell folds onto a second line
+    monkeypatch.setattr(render, "_CONSOLES", {})  # a console made now, at that width
     run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
     _crash(ws, (1, None, EVIDENCE), (None, 9, "no exit status; the worker hung"))
     code, out, _ = run(capsys, "crashes", "--home", ws)
@@ -410,6 +413,9 @@ def test_crashes_shows_signal_exit_and_the_telling_evidence_line(ws, tmp_path, c
     assert first[5:9] == ["3", "1", "-", "ValueError: Missing 9 parameters"]
     assert second[5:9] == ["-", "-", "SIGKILL", "no exit status; the worker hung"]
     assert "None" not in out
+    # never replayed: the reproduced? column shows the command that replays each (it showed "-")
+    assert first[-1] == "not replayed: ftctl reproduce 0001 --crash 1", first
+    assert second[-1] == "not replayed: ftctl reproduce 0001 --crash 2", second
 
 
 def test_history_never_cuts_a_path_in_the_middle(ws, tmp_path, capsys, monkeypatch):
@@ -548,7 +554,9 @@ def test_a_refusal_with_json_is_a_json_error_on_stdout(tmp_path, capsys, demo):
 
 
 def test_start_json_prints_one_summary_of_the_run(ws, tmp_path, capsys):
-    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
+    # more free disk than any machine has: the daemon pauses the job before it starts
+    run(capsys, "submit", data, "--set", "min_free_disk_gb=1e9", "--home", ws)
     code, out, err = run(capsys, "start", "--until-idle", "--home", ws, "--json")
     summary = json.loads(out)  # stdout is the summary alone: the progress went to stderr
     assert (
@@ -596,3 +604,103 @@ def test_history_follow_json_is_one_compact_object_per_line(ws, tmp_path, capsys
     assert code == 0 and len(lines) == 2
     assert [json.loads(l)["type"] for l in lines] == ["job_submitted", "paused"]
     assert all(l == json.dumps(json.loads(l), separators=(",", ":")) for l in lines)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["serve", "--port", "99999"], "argument --port: '99999' is not a TCP port"),
+        (["serve", "--port", "-1"], "argument --port: '-1' is not a TCP port"),
+        (["start", "--serve", "--port", "65536"], "argument --port: '65536' is not a TCP port"),
+        (["shutdown", "--wait", "nan"], "argument --wait: 'nan' is not a number of seconds"),
+        (["shutdown", "--wait", "-5"], "argument --wait: '-5' is not a number of seconds"),
+        (["shutdown", "--wait", "inf"], "argument --wait: 'inf' is not a number of seconds"),
+        (["history", "-n", "-3"], "'-3' is not a number of events"),
+        (["replay", "1", "--to", "x"], "argument --to: invalid int value"),
+        (["reproduce", "1", "--crash", "1.5"], "argument --crash: invalid int value"),
+        (["metrics", "1", "--since", "x"], "argument --since: invalid int value"),
+        (["demo", "--kill-at", "x"], "argument --kill-at: invalid int value"),
+    ],
+)
+def test_every_numeric_option_out_of_range_is_a_user_error(ws, capsys, argv, expected):
+    """`ftctl serve --port 99999` was an internal error (OverflowError from bind, exit 2): every
+    numeric option is checked by the parser, a bad value is one clear line and exit 1."""
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--home", str(ws)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert e.value.code == 1 and expected in err, err
+    assert "internal error" not in err and not (ws / "logs" / "internal-errors.log").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["reproduce", "1", "--crash", "99999999999999999999999"], ["replay", "1", "--to", "-1"]],
+)
+def test_huge_or_negative_numbers_that_parse_are_refused_by_the_command(ws, tmp_path, capsys, argv):
+    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(40)]), "--home", ws)
+    code, _, err = run(capsys, *argv, "--home", ws)
+    assert code == 1 and "internal error" not in err, err
+
+
+def test_examples_longer_than_max_seq_length_are_counted_and_recorded(
+    ws, tmp_path, capsys, monkeypatch
+):
+    """A long line was cut to max_seq_length without a word: submit counts the examples cut (with
+    the model's own tokenizer) and by how much, and the job records the warning."""
+    from ftctl.adapters import batches
+
+    calls = []
+    count = batches.token_lengths
+    monkeypatch.setattr(
+        batches, "token_lengths", lambda *a, **k: calls.append(len(a[1])) or count(*a, **k)
+    )
+    short = write(tmp_path / "short.jsonl", [chat(i) for i in range(40)])
+    code, _, err = run(capsys, "submit", short, "--set", "max_seq_length=160", "--home", ws)
+    assert code == 0 and "max_seq_length" not in err and calls == []  # no tokenizer for short lines
+    lines = [chat(i) for i in range(40)]
+    lines[4] = json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": "q " + "seven " * 3000},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
+    )
+    long = write(tmp_path / "long.jsonl", lines)
+    code, out, err = run(capsys, "submit", long, "--set", "max_seq_length=160", "--home", ws)
+    assert code == 0 and calls == [1]  # only the line long enough to reach the limit
+    m = re.search(
+        r"long\.jsonl: 1 of 40 examples are longer than max_seq_length = 160 tokens and are cut to "
+        r"it \(lines 5; the longest, line 5, has ([\d,]+) tokens; ([\d,]+) tokens in all are never "
+        r"trained on or scored\): raise max_seq_length",
+        err,
+    )
+    assert m, err
+    most, cut = (int(x.replace(",", "")) for x in m.groups())
+    assert most > 3000 and cut == most - 160
+    job = json.loads(run(capsys, "status", "2", "--json", "--home", ws)[1])
+    assert any("are longer than max_seq_length = 160 tokens" in w for w in job["warnings"])
+
+
+def test_a_validation_file_that_is_the_training_file_is_refused(ws, tmp_path, capsys):
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(40)])
+    copy = write(tmp_path / "copy.jsonl", [chat(i) for i in range(40)])  # another name, same bytes
+    for valid in (data, copy):
+        code, _, err = run(capsys, "submit", data, "--valid", valid, "--home", ws)
+        assert code == 1 and "is the training file d.jsonl itself (the same sha256)" in err, err
+        assert "Nothing was queued" in err and "leave --valid out" in err
+    assert not json.loads(run(capsys, "status", "--json", "--home", ws)[1])["jobs"]
+
+
+def test_a_validation_file_of_another_format_or_sharing_lines_is_warned_about(ws, tmp_path, capsys):
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(40)])
+    text = write(tmp_path / "t.jsonl", [json.dumps({"text": f"q{i} a{i}"}) for i in range(10)])
+    code, _, err = run(capsys, "submit", data, "--valid", text, "--home", ws)
+    assert code == 0 and "validation file: it is 'text' data, the training file 'chat'" in err
+    assert "one is plain text, the other goes through the model's chat template" in err
+    shared = write(tmp_path / "s.jsonl", [chat(i) for i in range(35, 45)])
+    code, _, err = run(capsys, "submit", data, "--valid", shared, "--again", "--home", ws)
+    assert code == 0 and "validation file: 5 of its 10 lines are also in the training file" in err
+    assert "'text' data" not in err  # same format: no format warning
+    job = json.loads(run(capsys, "status", "2", "--json", "--home", ws)[1])
+    assert any("5 of its 10 lines are also in the training file" in w for w in job["warnings"])

@@ -191,9 +191,48 @@ def test_unknown_key_without_close_match_lists_known_keys():
     )
 
 
-def test_mlx_lm_keys_ftctl_does_not_take_are_unknown():
-    # `data` and `adapter_path` are given on the command line, not in ftctl.yaml
-    assert "unknown key 'data'" in str(error(cfg(data="d")))
+def test_every_key_of_the_installed_mlx_lm_decodes_with_its_default():
+    """ftctl.yaml takes mlx_lm.lora's whole config (CONFIG_DEFAULTS read from the installed mlx-lm,
+    plus the -c-only keys), so one file serves both tools; MLX_LM_DEFAULTS is that dict."""
+    from mlx_lm.lora import CONFIG_DEFAULTS
+
+    from ftctl.core.config import MLX_LM_DEFAULTS
+
+    assert MLX_LM_DEFAULTS == CONFIG_DEFAULTS  # an mlx-lm upgrade that changes them fails here
+    full = {
+        **CONFIG_DEFAULTS,
+        "train": True,
+        "data": None,
+        "hf_dataset": [{"path": "org/set", "test_split": "test", "config": {"name": "x"}}],
+        "lr_schedule": {"name": "cosine_decay", "arguments": [1e-5, 100, 1e-7], "warmup": 2},
+    }
+    c, warnings = decode_config(full)
+    assert warnings == []  # mlx-lm's optimizer_config lists every optimizer, empty: nothing ignored
+    assert c.adapter_path == "adapters" and c.test_batches == 500 and c.clear_cache_threshold == 0
+    assert c.hf_dataset[0].valid_split == "train[-10%:]" and c.hf_dataset[0].config == {"name": "x"}
+    assert decode_config(cfg(prompt_feature="question", chat_feature="conv"))[0].prompt_feature == (
+        "question"
+    )
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        (cfg(config="other.yaml"), "config = 'other.yaml' is not followed"),
+        (cfg(report_to="tensorboard"), "report_to = 'tensorboard' names an unknown tracker"),
+        (cfg(test_batches=0), "test_batches = 0 is out of range"),
+        (cfg(data="d", hf_dataset={"path": "p"}), "data = 'd' is given beside hf_dataset"),
+        (
+            cfg(hf_dataset={"path": "p"}, text_feature="t"),
+            "text_feature = 't' is not read with hf_dataset",
+        ),
+        (cfg(hf_dataset=[]), "hf_dataset = [] is empty"),
+        (cfg(hf_dataset={"path": "p", "splitt": "x"}), "unknown key 'hf_dataset.splitt'"),
+        (cfg(prompt_feature=""), "prompt_feature = '' is"),
+    ],
+)
+def test_mlx_lm_keys_are_checked(data, fragment):
+    assert fragment in str(error(data))
 
 
 @pytest.mark.parametrize(
@@ -606,6 +645,11 @@ def test_describe_keys_covers_every_key():
         for k in ("backend", "hosts", "hostfile", "processes_per_host", "controller")
     }
     expected |= {"early_stopping.patience", "early_stopping.min_delta"}
+    expected |= {
+        f"hf_dataset.{k}"
+        for k in ("path", "train_split", "valid_split", "test_split", "config")
+        + ("prompt_feature", "completion_feature", "text_feature", "chat_feature")
+    }
     assert set(help_) == expected
     assert all(line and "\n" not in line for line in help_.values())
     assert help_["lora_parameters.rank"].endswith("(an integer between 1 and 1024; default 8)")

@@ -123,10 +123,37 @@ def test_extra_keys_are_kept():
             b'{"messages": [{"role": "bot", "content": "x"}]}',
             "messages[0].role is 'bot', not one of system, user, assistant, tool",
         ),
-        (b'{"messages": [{"content": "x"}]}', "messages[0].role is null, not one of"),
+        (
+            b'{"messages": [{"content": "x"}]}',
+            "messages[0] has no 'role' key (its keys: 'content')",
+        ),
+        (b'{"messages": [{"role": null, "content": "x"}]}', "messages[0].role is null, not one of"),
         (
             b'{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}',
-            "messages[0].content is missing",
+            "messages[0] has no 'content' key (its keys: 'role')",
+        ),
+        # another chat schema's keys: the missing key named, and the renaming
+        (
+            b'{"messages": [{"speaker": "user", "text": "q"}, {"speaker": "assistant", "text": "a"}]}',
+            "messages[0] has no 'role' key (its keys: 'speaker', 'text'): it looks like another chat "
+            "schema — rename 'speaker' to 'role' and 'text' to 'content'",
+        ),
+        (
+            b'{"messages": [{"role": "user", "text": "q"}, {"role": "assistant", "text": "a"}]}',
+            "messages[0] has no 'content' key (its keys: 'role', 'text'): it looks like another chat "
+            "schema — rename 'text' to 'content'",
+        ),
+        (
+            b'{"messages": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}',
+            "these are ShareGPT turns — name the list 'conversations' instead of 'messages'",
+        ),
+        (
+            b'{"instruction": "q", "input": "", "output": "a"}',
+            "it looks like another schema — Alpaca-style: join instruction (+ input) into 'prompt'",
+        ),
+        (
+            b'{"question": "q", "answer": "a"}',
+            "rename 'question' to 'prompt' and 'answer' to 'completion'",
         ),
         (
             b'{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]}',

@@ -4,10 +4,12 @@ prints about the kill and the comparison was checked against the journals."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import sha256_file
 
 
@@ -59,5 +61,23 @@ def test_demo_ignores_ftctl_home_and_every_rerun_proves_its_claims(tmp_path, ws)
             "killed at step 13 and resumed" in out
             and "identical, from the same data and config" in out
         ), out[-1500:]
+        # section 3 says what it did (it printed nothing under its heading)
+        three = out.split("3. the same job, never interrupted")[1].split("4. the journal")[0]
+        assert re.search(
+            r"job 0001 in \S+/reference: job \d{4}'s recorded config and the same data", three
+        ) and re.search(r"job 0001 completed at step 40 in [\d.]+ s with no crash", three), three
+        # progress lines give memory in MB below a GB, not "peak 0.00 GB"
+        assert re.search(r"peak \d+(\.\d)? MB", out) and "0.00 GB" not in out
     assert (tmp_path / "ftctl-demo" / ".ftctl-demo").is_file()
     assert {p: sha256_file(p) for p in ws.rglob("*") if p.is_file()} == before
+
+
+def test_the_demo_folder_is_ignored_by_git():
+    """The README runs `ftctl demo` in the repository: ./ftctl-demo must not show up as untracked."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout: nothing to ask git")
+    p = subprocess.run(
+        ["git", "check-ignore", "-q", "ftctl-demo/journal.db"], cwd=root, capture_output=True
+    )
+    assert p.returncode == 0, ".gitignore does not cover ftctl-demo/"

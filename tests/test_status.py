@@ -15,6 +15,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import msgspec
 import pytest
 from helpers import run
 
@@ -195,6 +196,29 @@ def test_a_live_daemon_is_running_and_pause_says_within_a_second(ws, tmp_path, c
         process.release_lock(fd)
 
 
+def test_submit_says_who_trains_the_job_as_the_daemon_lock_says(ws, tmp_path, capsys):
+    """ "run `ftctl start` to train" was printed while a daemon was running: the lock is asked."""
+    data = tmp_path / "e.jsonl"
+    data.write_text("\n".join(chat(i + 100) for i in range(40)) + "\n")
+    _, out, _ = run(capsys, "submit", data, "--home", ws)
+    assert "queued job 0001" in out and out.rstrip().endswith("run `ftctl start` to train"), out
+    dead_daemon_training(ws, tmp_path, capsys)  # job 0002 training, its daemon recorded running
+    _, out, _ = run(capsys, "submit", data, "--again", "--home", ws)
+    assert "run `ftctl start` to train (the last daemon died without recording its stop" in out
+    fd = process.acquire_lock(Workspace(ws).lock_path)  # this process plays the live daemon
+    try:
+        pid = json.loads(run(capsys, "status", "--json", "--home", ws)[1])["daemon"]["pid"]
+        _, out, _ = run(capsys, "submit", data, "--again", "--home", ws)
+        out = " ".join(out.split())
+        assert "run `ftctl start`" not in out
+        assert (
+            f"queued job 0004 (40 valid chat examples of 40); the running daemon (pid {pid}) picks "
+            "it up after 3 job(s) queued or training before it (0001, 0002, 0003)" in out
+        ), out
+    finally:
+        process.release_lock(fd)
+
+
 def test_no_checkpoint_yet_says_it_restarts_from_step_0(ws, tmp_path, capsys):
     dead_daemon_training(ws, tmp_path, capsys, checkpoint=False)
     _, out, _ = run(capsys, "status", "1", "--json", "--home", ws)
@@ -205,6 +229,57 @@ def test_no_checkpoint_yet_says_it_restarts_from_step_0(ws, tmp_path, capsys):
     assert crash["category"] == "daemon_died"
     assert "restarts from step 0 (no checkpoint was committed yet)" in crash["suggestion"]
     assert "last checkpoint" not in crash["suggestion"]
+
+
+def test_a_warm_started_job_is_at_its_base_global_step_before_its_first_checkpoint(
+    ws, tmp_path, capsys
+):
+    """A job warm-started at global step 40 was shown at global_step 0 (status, the page) until its
+    first checkpoint: the projection starts an attempt at base + its checkpoint's step."""
+    submit(ws, tmp_path, capsys)
+    ledger = Ledger.open(ws / "journal.db")
+    try:
+        ledger.commit(
+            job_stream("0001"),
+            ev.TrainingStarted(
+                job="0001",
+                attempt=1,
+                worker_pid=dead_pid(),
+                worker_started_at=time.time(),
+                base_model="/m",
+                warm_start_from="/ws/jobs/0000/checkpoints/step-00000040",
+                parent_job="0000",
+                global_step_base=40,
+            ),
+        )
+        assert ledger.state.jobs["0001"].global_step == 40
+        ledger.commit(
+            job_stream("0001"),
+            ev.CheckpointStarted(job="0001", step=5, global_step=45),
+            ev.CheckpointCommitted(
+                job="0001", checkpoint=msgspec.structs.replace(ckpt(5), global_step=45)
+            ),
+            ev.Crashed(job="0001", category="killed", step=7, suggestion="x"),
+            ev.Requeued(job="0001", reason="restart"),
+            ev.TrainingStarted(
+                job="0001",
+                attempt=2,
+                worker_pid=dead_pid(),
+                worker_started_at=time.time(),
+                base_model="/m",
+                resume_step=5,
+                resume_checkpoint="/nowhere/step-00000005",
+                global_step_base=40,
+            ),
+        )
+        assert (ledger.state.jobs["0001"].step, ledger.state.jobs["0001"].global_step) == (5, 45)
+    finally:
+        ledger.close()
+    st = json.loads(run(capsys, "status", "1", "--json", "--home", ws)[1])
+    assert (st["global_step"], st["live_global_step"]) == (45, 45)
+    _, out, _ = run(capsys, "status", "--home", ws)
+    row = next(l for l in out.splitlines() if "0001" in l)
+    assert re.search(r"│\s+5/60\s+│\s+45\s+│", row), row
 
 
 def test_crash_suggestion_names_the_resume_step():
@@ -294,6 +369,11 @@ def test_eta_from_tokens_per_second_with_one_report():
     }
     eta, basis = S._eta(j, 20, [report], now=1000.0)
     assert eta == pytest.approx(40 * 50 / 100.0) and "100 tokens/s at 50 tokens/step" in basis
+    # 25 s after that report the 20 s it promised are spent and no report came: not "0s" (the page
+    # showed a hung job at 10/40 with ETA 0s), no estimate
+    eta, basis = S._eta(j, 20, [report], now=1025.0)
+    assert eta is None and basis.startswith("40 steps were due 5 s ago at 100 tokens/s"), basis
+    assert basis.endswith("the last report is 25 s old: no estimate")
 
 
 # --------------------------------------------------------------------------- 4. filters

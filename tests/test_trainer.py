@@ -761,3 +761,43 @@ def test_a_fault_at_any_write_of_a_background_checkpoint_fails_the_run_and_keeps
         assert temp_dirs(job) == [], n
         assert [m["step"] for m in kinds(msgs, "checkpoint")] == [5], n  # 10 was never reported
         assert 15 not in [m["step"] for m in kinds(msgs, "checkpoint_begin")], n
+
+
+def test_tokens_per_second_leaves_out_the_steps_that_compiled(demo, tmp_path, monkeypatch):
+    """The first report of every attempt divided its tokens by a window holding the step that
+    compiled (mx.compile traces the step on its first call): the demo printed 140 tok/s there and
+    10,000 later. A fake clock: every step takes 1 ms, the first call of the compiled step 30 s."""
+    import types
+
+    clock = [0.0]
+
+    def tick():
+        clock[0] += 0.001
+        return clock[0]
+
+    fake = types.SimpleNamespace(
+        **{
+            **{k: getattr(time, k) for k in dir(time) if not k.startswith("_")},
+            "perf_counter": tick,
+        }
+    )
+    monkeypatch.setattr(trainer_mod, "time", fake)
+    compiled = trainer_mod._compiled_step
+
+    def slow_first_call(s):
+        step, state = compiled(s)
+        calls = []
+
+        def stepped(*a):
+            if not calls:
+                clock[0] += 30.0  # the compile
+            calls.append(1)
+            return step(*a)
+
+        return stepped, state
+
+    monkeypatch.setattr(trainer_mod, "_compiled_step", slow_first_call)
+    msgs, _ = train(plan(demo, tmp_path / "job", config(demo, iters=20)))
+    first, second = (m["tokens_per_s"] for m in kinds(msgs, "report"))
+    # both windows at the same 1 ms a step: within the spread of tokens per batch, not 4000x apart
+    assert 0.8 < first / second < 1.25, (first, second)

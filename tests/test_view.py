@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -148,6 +149,168 @@ def test_plot_png_and_svg(three, tmp_path, capsys):
     assert code == 0 and b"<svg" in (tmp_path / "l.svg").read_bytes()[:500]
     code, _, err = run(capsys, "plot", "2", "-o", tmp_path / "l.jpg", "--home", home)
     assert code == 1 and ".png or .svg" in err
+
+
+def _drawn(monkeypatch):
+    """The figure `ftctl plot` saves, kept for the test to look at."""
+    from matplotlib.figure import Figure
+
+    figs, save = [], Figure.savefig
+
+    def keep(self, *a, **k):
+        figs.append(self)
+        return save(self, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figs
+
+
+def test_plot_colours_markers_by_job_and_titles_what_it_draws(three, tmp_path, capsys, monkeypatch):
+    """Two jobs: whose crash? Each checkpoint, crash and resume mark is in its job's colour; the crash
+    is at the crash's step (0002's step 17 = global 57), not its checkpoint's; val loss is dots, not
+    a straight line across the train curve; the title says what is drawn, not the workspace path."""
+    home, _ = three
+    figs = _drawn(monkeypatch)
+    code, _, _ = run(capsys, "plot", "1", "2", "-o", tmp_path / "two.png", "--home", home)
+    assert code == 0 and len(figs) == 1
+    ax = figs[0].axes[0]
+    colour = {
+        l.get_label().split()[1]: l.get_color()
+        for l in ax.lines
+        if l.get_label().endswith(": train")
+    }
+    assert set(colour) == {"0001", "0002"} and colour["0001"] != colour["0002"]
+    want = {
+        (k["kind"], k["global_step"], job)
+        for job in ("0001", "0002")
+        for k in _metrics(home, job)["jobs"][0]["markers"]
+        if k["kind"] in ("checkpoint", "crash", "resume")
+    }
+    marks = {"|": "checkpoint", "x": "crash", "^": "resume"}
+    drawn = {
+        (marks[l.get_marker()], int(l.get_xdata()[0]), job)
+        for l in ax.lines
+        if l.get_marker() in marks and not l.get_label().startswith("job")
+        for job, c in colour.items()
+        if l.get_color() == c
+    }
+    assert drawn == want
+    assert ("crash", 57, "0002") in drawn and ("resume", 50, "0002") in drawn
+    for l in ax.lines:
+        if l.get_label().endswith(": val"):
+            assert l.get_linestyle() == "None" and l.get_marker() == "o"
+    heading = figs[0].texts[0].get_text()
+    assert "job 0001 first (completed)" in heading and "job 0002 second (completed)" in heading
+    assert ax.get_title(loc="left").startswith(f"workspace {home}")
+
+
+def test_plot_of_a_job_with_no_points_is_a_user_error_and_writes_nothing(ws, tmp_path, capsys):
+    import warnings
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"q{i}"},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                }
+            )
+            for i in range(40)
+        )
+        + "\n"
+    )
+    assert run(capsys, "submit", data, "--home", ws)[0] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels" was printed
+        code, _, err = run(capsys, "plot", "1", "-o", tmp_path / "empty.png", "--home", ws)
+    assert code == 1 and "nothing to plot: no loss was recorded yet for job 0001 (queued)" in err
+    assert "no file was written" in err and not (tmp_path / "empty.png").exists()
+
+
+def test_a_crash_recorded_at_its_checkpoint_is_marked_at_the_last_step_reported(
+    ws, tmp_path, capsys
+):
+    """A dead daemon's crash carried its checkpoint's step (20) while the attempt had reported 23:
+    the marker (plot, page) is at 23, the last step the journal saw that attempt run."""
+    import time as _time
+
+    from ftctl.control.metrics import series
+    from ftctl.core.state import job_stream
+    from ftctl.events import types as ev
+    from ftctl.recovery.ledger import Ledger
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"q{i}"},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                }
+            )
+            for i in range(40)
+        )
+        + "\n"
+    )
+    assert run(capsys, "submit", data, "--home", ws, "--set", "iters=60")[0] == 0
+    ledger = Ledger.open(ws / "journal.db")
+    try:
+        start = dict(job="0001", worker_pid=1, worker_started_at=_time.time(), base_model="/m")
+        ledger.commit(job_stream("0001"), ev.TrainingStarted(attempt=1, **start))
+        record = ev.CheckpointRecord(
+            step=20,
+            global_step=20,
+            path="/nowhere/step-00000020",
+            manifest_sha256="0" * 64,
+            bytes=1,
+        )
+        ledger.commit(
+            job_stream("0001"),
+            ev.CheckpointStarted(job="0001", step=20, global_step=20),
+            ev.CheckpointCommitted(job="0001", checkpoint=record),
+        )
+        for step in (20, 23):
+            ledger.journal.record_metric(
+                "0001",
+                ev.Metrics(
+                    step=step,
+                    global_step=step,
+                    loss=2.0,
+                    lr=1e-4,
+                    tokens_per_s=1.0,
+                    peak_mem_gb=0.1,
+                    trained_tokens=step,
+                ),
+            )
+        ledger.commit(
+            job_stream("0001"),
+            ev.Crashed(job="0001", category="daemon_died", step=20, suggestion="x"),
+            ev.Requeued(job="0001", reason="r"),
+            ev.TrainingStarted(attempt=2, resume_step=20, resume_checkpoint=record.path, **start),
+        )
+        ledger.journal.record_metric(
+            "0001",
+            ev.Metrics(
+                step=25,
+                global_step=25,
+                loss=2.0,
+                lr=1e-4,
+                tokens_per_s=1.0,
+                peak_mem_gb=0.1,
+                trained_tokens=25,
+            ),
+        )
+        s = series(ledger.journal, ledger.state.jobs["0001"])
+    finally:
+        ledger.close()
+    crash = [m for m in s.markers if m.kind == "crash"]
+    assert [(m.step, m.global_step) for m in crash] == [(23, 23)]
+    assert "after step 23 (the last step reported before it)" in crash[0].text
 
 
 def test_plot_without_matplotlib_names_the_extra(three, tmp_path, capsys, monkeypatch):
@@ -364,6 +527,54 @@ def test_token_and_bind_safety(three):
     assert p.returncode == 1 and "without a token" in p.stderr
 
 
+def test_a_foreign_host_header_is_refused(three, server):
+    """DNS rebinding: a page elsewhere points its own name at 127.0.0.1 and reads the JSON. Only the
+    names the server was bound for are answered (any port): the page, the API and the stream."""
+    port = server.port
+    for host in (
+        "evil.example",
+        f"evil.example:{port}",
+        "127.0.0.1.evil.example",
+        "localhost.evil",
+    ):
+        for path in ("/", "/api/status", "/api/events", "/api/jobs/0002", "/static/style.css"):
+            code, body = server.get(path, {"Host": host})
+            assert code == 400 and b"journal" not in body, (host, path, code)
+    for host in (
+        f"127.0.0.1:{port}",
+        "127.0.0.1",
+        f"localhost:{port}",
+        "LOCALHOST",
+        f"[::1]:{port}",
+    ):
+        assert server.get("/api/status", {"Host": host})[0] == 200, host
+        assert server.get("/", {"Host": host})[0] == 200, host
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", "/api/events", headers={"Host": host})
+        r = c.getresponse()
+        assert r.status == 200 and r.readline().startswith(b"data: "), host  # the live stream
+        c.close()
+
+
+def test_serve_port_zero_takes_a_free_port_and_prints_it(three):
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ftctl.cli", "serve", "--port", "0", "--home", str(three[0])],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        line = p.stderr.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert m and int(m[1]) > 0, line
+        port = int(m[1])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
+
+
 def test_serve_never_writes_the_journal(three, tmp_path):
     """A copy of the workspace's journal, no daemon: every endpoint leaves its bytes as they were."""
     home, _ = three
@@ -402,6 +613,8 @@ def test_serve_never_writes_the_journal(three, tmp_path):
 
 
 def _chromium(url: str, *extra: str) -> str:
+    """Headless Chromium with 5 s of virtual time: the page must settle although its live stream stays
+    open (a stream opened by the page itself kept such a run from ever finishing)."""
     p = subprocess.run(
         [
             CHROMIUM,
@@ -409,21 +622,19 @@ def _chromium(url: str, *extra: str) -> str:
             "--no-sandbox",
             "--disable-gpu",
             "--hide-scrollbars",
-            "--virtual-time-budget=900",
+            "--virtual-time-budget=5000",
             *extra,
             url,
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=90,
     )
     assert p.returncode == 0, p.stderr[-2000:]
     return p.stdout
 
 
 def _attrs(dom: str, job: str) -> dict[str, str]:
-    import re
-
     m = re.search(rf'<div class="chart" data-job="{job}"([^>]*)>', dom)
     assert m, f"no chart for job {job}"
     return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', m[1]))
@@ -439,8 +650,14 @@ needs_chromium = pytest.mark.skipif(
 @needs_chromium
 def test_browser_page_draws_what_the_journal_has(three, server, tmp_path):
     home, _ = three
-    dom = _chromium(server.url("/"), "--dump-dom")
-    assert 'data-ready="1"' in dom and 'data-daemon="alive"' in dom
+    dom = _chromium(server.url("/"), "--window-size=1400,1400", "--dump-dom")
+    # the banner's colour says what its text says: alive and keeping the machine awake is green,
+    # alive but NOT keeping it awake (no systemd-inhibit here, say) is a warning
+    power = status(home)["daemon"]["power"]
+    banner = "alive" if not power or power.get("held") else "alive-warn"
+    assert 'data-ready="1"' in dom and f'data-daemon="{banner}"' in dom, banner
+    if banner == "alive-warn":
+        assert "NOT keeping the machine awake" in dom
     for job in ("0001", "0002", "0003"):
         counts = _metrics(home, job)["jobs"][0]["counts"]
         a = _attrs(dom, job)
@@ -449,14 +666,27 @@ def test_browser_page_draws_what_the_journal_has(three, server, tmp_path):
             counts["val"],
             counts["effective"],
         ), job
+    # the charts use the page's width: two to a row at 1400 px, each well over a third of it
+    widths = [int(_attrs(dom, job)["width"]) for job in ("0001", "0002", "0003")]
+    assert all(w > 560 for w in widths) and widths[0] + widths[1] > 1200, widths
     assert "killed" in dom and "SIGKILL" in dom  # the crash timeline
+    assert "not replayed: </span><code>ftctl reproduce 0002 --crash 1</code>" in dom
+    assert "lineage main: head job 0002" in dom
     page = _chromium(server.url("/job/0002#seq-5"), "--dump-dom")
     a = _attrs(page, "0002")
     counts = _metrics(home, "2", "--all")["jobs"][0]["counts"]
     assert int(a["superseded"]) == counts["superseded"] == 1 and int(a["train"]) == counts["train"]
     assert 'data-replay="5"' in page and "state right after event 5" in page
+    assert 'class="state-panel"' in page and "<pre" in page  # a readable panel, the JSON folded
+    # the job training: its heading names the journal's seq (it said "?" until a pulse came) and its
+    # global step starts at its warm start's base
+    now = _chromium(server.url("/job/0003"), "--dump-dom")
+    seq = int(re.search(r"state now \(journal seq (\d+)\)", now)[1])
+    assert seq <= status(home)["seq"] and "journal seq ?" not in now
+    gstep = status(home, "0003")["live_global_step"]
+    assert f"<th>global step</th><td>{gstep} (continues" in now and gstep >= 80
     shot = tmp_path / "page.png"
-    _chromium(server.url("/"), "--window-size=1280,1350", f"--screenshot={shot}")
+    _chromium(server.url("/"), "--window-size=1400,1500", f"--screenshot={shot}")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if SCREENSHOT:
         shutil.copy(shot, SCREENSHOT)

@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.responses import JSONResponse as _JSONResponse
@@ -33,6 +34,8 @@ from .. import render
 STATIC = Path(__file__).parent / "static"
 PULSE_S = 0.5  # how often an open page's stream looks at the journal
 HEARTBEAT_S = 15.0  # a comment line keeps proxies from closing an idle stream
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+SQLITE_MAX = (1 << 63) - 1  # a row id or a seq beyond it is no row (and SQLite cannot take it)
 
 
 class JSONResponse(_JSONResponse):
@@ -137,7 +140,29 @@ def _series_json(s, full: bool) -> dict:
     }
 
 
-def make_app(ws, token: str | None = None) -> Starlette:
+def allowed_hosts(host: str) -> list[str]:
+    """The names a request's Host header may carry (any port): the loopback names, the bound address,
+    and for a wildcard bind (0.0.0.0, ::: every interface, only with a token) this machine's own
+    names and addresses. Anything else is another site's name pointed at this server: refused."""
+    import socket
+
+    names = {*LOOPBACK_NAMES, f"[{host}]" if ":" in host else host}
+    if host in ("0.0.0.0", "::"):
+        names |= {socket.gethostname(), socket.getfqdn()}
+        try:
+            import psutil
+
+            for addrs in psutil.net_if_addrs().values():
+                for a in addrs:
+                    if a.family in (socket.AF_INET, socket.AF_INET6):
+                        ip = a.address.split("%")[0]
+                        names.add(f"[{ip}]" if ":" in ip else ip)
+        except Exception:  # noqa: BLE001 (no interface list: the host names still work)
+            pass
+    return sorted(n.lower() for n in names if n)
+
+
+def make_app(ws, token: str | None = None, host: str = "127.0.0.1") -> Starlette:
     viewer = Viewer(ws)
 
     def fail(e: Exception, code: int = 404) -> JSONResponse:
@@ -159,6 +184,16 @@ def make_app(ws, token: str | None = None) -> Starlette:
                 "metric_id": p.metric_id,
                 "daemon": render.daemon_json(s.daemon),
                 "jobs": [_job_row(v) for v in s.jobs],
+                # each lineage's head and branches, as the projection has them (`status --json`)
+                "lineages": [
+                    {
+                        "name": l.name,
+                        "head_job": l.head_job,
+                        "branches": list(l.branches),
+                        "base_version": l.base_version,
+                    }
+                    for l in s.projection.lineages.values()
+                ],
                 "hidden": s.hidden,
                 "crashes": [
                     {
@@ -188,13 +223,15 @@ def make_app(ws, token: str | None = None) -> Starlette:
     async def api_metrics(request: Request) -> Response:
         try:
             after = int(request.query_params.get("after_id", "0"))
+            if not 0 <= after <= SQLITE_MAX:
+                raise ValueError
             s = viewer.series(
                 request.path_params["job"],
                 superseded=request.query_params.get("all") == "1",
                 after_id=after,
             )
         except ValueError:
-            return fail(ValueError("after_id must be a number"), 400)
+            return fail(ValueError("after_id must be a metrics row id (0 or more)"), 400)
         except UserError as e:
             return fail(e)
         return JSONResponse(_series_json(s, full=after == 0))
@@ -202,10 +239,11 @@ def make_app(ws, token: str | None = None) -> Starlette:
     async def api_job(request: Request) -> Response:
         try:
             job = request.path_params["job"]
-            j = viewer.job(job)
+            v = viewer.job_view(job)
             return JSONResponse(
                 {
-                    "job": render.job_json(j),
+                    "seq": viewer.ledger.state.seq,
+                    "job": render.job_json(v.job, v.metrics, v),
                     "events": [_event_row(r) for r in viewer.history(job=job)],
                 }
             )
@@ -262,7 +300,14 @@ def make_app(ws, token: str | None = None) -> Starlette:
         viewer.close()
 
     app = Starlette(
-        routes=routes, middleware=[Middleware(TokenGate, token=token)], lifespan=lifespan
+        routes=routes,
+        middleware=[
+            Middleware(
+                TrustedHostMiddleware, allowed_hosts=allowed_hosts(host), www_redirect=False
+            ),
+            Middleware(TokenGate, token=token),
+        ],
+        lifespan=lifespan,
     )
     app.state.viewer = viewer
     return app
@@ -331,4 +376,4 @@ def run_in_thread(app, host: str, port: int, wait_s: float = 10.0) -> str:
         raise UserError(
             f"the status page could not start on {host}:{port}; the daemon was not started"
         )
-    return url(host, port)
+    return url(host, sock.getsockname()[1])

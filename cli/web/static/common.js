@@ -1,7 +1,6 @@
 // Shared by the dashboard and the job page: the API, the daemon banner, the live stream, charts.
 "use strict";
 const TOKEN = new URLSearchParams(location.search).get("token");
-const LIVE_AFTER_MS = 1000;
 const ROOT = document.body.dataset.page === "job" ? "../" : "";
 
 function withToken(url) {
@@ -43,27 +42,102 @@ function dur(s) {
   return Math.floor(s / 3600) + "h" + String(Math.floor(s % 3600 / 60)).padStart(2, "0") + "m";
 }
 
-// The daemon, exactly as `ftctl status` says it (control/status.py: the lock probe, not the journal's word).
+// The daemon, exactly as `ftctl status` says it (control/status.py: the lock probe, not the journal's word). Its
+// colour says what the text says: a live daemon that is NOT keeping the machine awake is a warning, not green.
 function showDaemon(d) {
   const b = document.getElementById("daemon-banner");
-  const state = d.running ? "alive" : (d.died ? "dead" : "stopped");
+  const asleep = d.running && d.power && !d.power.held;
+  const state = d.running ? (asleep ? "alive-warn" : "alive") : (d.died ? "dead" : "stopped");
   b.dataset.daemon = state;
   b.textContent = (state === "dead" ? "DAEMON DEAD — " : "daemon: ") + d.summary;
 }
 
-// One live stream: calls onPulse({seq, metric_id, alive, died}) whenever the journal moves or the daemon lives or dies.
+// One live stream: calls onPulse({seq, metric_id, alive, died}) whenever the journal moves or the daemon lives
+// or dies. It runs in a worker (static/live.js says why); a browser without workers gets a plain EventSource.
 function live(onPulse) {
   const badge = document.getElementById("live");
-  const src = new EventSource(withToken(ROOT + "api/events"));
-  src.onopen = () => { badge.textContent = "live"; };
-  src.onerror = () => { badge.textContent = "reconnecting…"; };
-  src.onmessage = (m) => { badge.textContent = "live · seq " + JSON.parse(m.data).seq; onPulse(JSON.parse(m.data)); };
-  return src;
+  const url = new URL(withToken(ROOT + "api/events"), location.href).href;
+  const pulse = (data) => { const p = JSON.parse(data); badge.textContent = "live · seq " + p.seq; onPulse(p); };
+  if (typeof Worker === "undefined") {
+    const src = new EventSource(url);
+    src.onopen = () => { badge.textContent = "live"; };
+    src.onerror = () => { badge.textContent = "reconnecting…"; };
+    src.onmessage = (m) => pulse(m.data);
+    return src;
+  }
+  const w = new Worker(withToken(ROOT + "static/live.js"));
+  w.onmessage = (e) => {
+    if (e.data.open) badge.textContent = "live";
+    else if (e.data.error) badge.textContent = "reconnecting…";
+    else pulse(e.data.data);
+  };
+  w.postMessage(url);
+  return w;
+}
+
+// Memory as people read it: 4.8 MB, not 0.00 GB.
+function mem(gb) {
+  if (gb === null || gb === undefined) return "-";
+  return gb >= 1 ? gb.toFixed(2) + " GB" : (gb * 1000 >= 10 ? (gb * 1000).toFixed(0) : (gb * 1000).toFixed(1)) + " MB";
+}
+function short(sha) { return sha ? sha.slice(0, 12) : "-"; }
+function bytes(n) { return n >= 1e9 ? (n / 1e9).toFixed(2) + " GB" : n >= 1e6 ? (n / 1e6).toFixed(1) + " MB" : (n / 1e3).toFixed(0) + " kB"; }
+
+// A job (the `ftctl status JOB --json` shape, or `replay --json`'s) as a readable panel: what `ftctl status JOB`
+// shows, grouped, wrapped, nothing cut off; every field as JSON in a fold below it.
+function statePanel(j) {
+  const box = el("div", null, "state-panel");
+  const t = el("table", null, "kv");
+  const add = (key, value, cls) => {
+    if (value === null || value === undefined || value === "" || (Array.isArray(value) && !value.length)) return;
+    const tr = el("tr");
+    tr.appendChild(el("th", key));
+    const td = el("td", null, cls);
+    if (Array.isArray(value)) { const ul = el("ul"); for (const v of value) ul.appendChild(v instanceof Node ? v : el("li", v)); td.appendChild(ul); }
+    else if (value instanceof Node) td.appendChild(value);
+    else td.textContent = String(value);
+    tr.appendChild(td);
+    t.appendChild(tr);
+  };
+  add("state", el("span", j.state + (j.stale ? " (daemon dead)" : ""), "state-" + j.state + (j.stale ? " stale" : "")));
+  add(j.note !== undefined ? "note" : "reason", j.note !== undefined ? j.note : j.reason);
+  const live = j.live_step ?? j.step;
+  add("step", live + " / " + j.iters + (live !== j.step ? " (last checkpoint at step " + j.step + ")" : ""));
+  add("global step", (j.live_global_step ?? j.global_step) + " (continues across the lineage's warm starts)");
+  if (j.eta_s !== undefined) add("ETA", j.eta_s !== null ? dur(j.eta_s) + " (" + j.eta_basis + ")" : (j.eta_basis ? "unknown: " + j.eta_basis : null));
+  add("attempt", j.attempt || null);
+  add("lineage", j.lineage + (j.parent_job ? " · warm-started from job " + j.parent_job + "'s adapter (global step " + j.global_step_base + ")" : ""));
+  const r = j.last_report;
+  if (r) add("last report", "step " + r.step + ": loss " + num(r.loss, 4) + ", lr " + (r.lr === null ? "-" : Number(r.lr).toPrecision(3)) +
+    ", " + num(r.tokens_per_s, 0) + " tok/s, peak memory " + mem(r.peak_mem_gb));
+  if (j.last_val_loss !== null || j.best_val_loss !== null) add("val loss", "last " + num(j.last_val_loss, 4) + ", best " + num(j.best_val_loss, 4));
+  add("checkpoints", (j.checkpoints || []).map(c => el("li", "step " + c.step + " (global " + c.global_step + ")" +
+    (c.val_loss !== null && c.val_loss !== undefined ? " · val " + num(c.val_loss, 4) : "") + " · " + bytes(c.bytes) +
+    (c.corrupt ? " · CORRUPT: " + c.corrupt : ""), c.corrupt ? "bad" : null)));
+  if (j.adapter_path) add("adapter", j.adapter_path + " (sha256 " + short(j.adapter_sha256) + ")", "path");
+  add("base model", j.base_model + (j.model_repo ? " (" + j.model_repo + "@" + short(j.model_revision) + ")" : ""), "path");
+  add("data", j.data_path + " (" + j.examples + " " + j.data_format + " examples, sha256 " + short(j.data_sha256) + ")", "path");
+  add("validation", j.valid_path, "path");
+  add("crashes", (j.crashes || []).map((c, i) => el("li", "#" + (i + 1) + " " + c.category + " at step " + (c.step ?? "-") + " (" + when(c.ts) + "): " +
+    c.suggestion + (c.verdict ? " · replay: " + c.verdict : ""))));
+  add("warnings", j.warnings);
+  if (j.env) add("environment", Object.entries(j.env).map(([k, v]) => k + " " + v).join(", "));
+  add("environment changed", j.env_changed);
+  if (j.world_size > 1) add("ranks", j.world_size + (j.hosts ? " (" + j.hosts.join(", ") + ")" : ""));
+  add("submitted", when(j.submitted_at) + " UTC");
+  add("updated", when(j.updated_at) + " UTC (event " + j.updated_seq + ")");
+  box.appendChild(t);
+  const raw = el("details");
+  raw.appendChild(el("summary", "every field (JSON)"));
+  raw.appendChild(el("pre", JSON.stringify(j, null, 2)));
+  box.appendChild(raw);
+  return box;
 }
 
 // A loss chart (uPlot): train loss as a line, val loss as dots, superseded points as grey crosses,
 // markers (checkpoint, crash, resume) as ticks on the x axis. The numbers drawn are written into data-*
 // attributes, so a test can compare them with the journal.
+const STEP_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6];  // steps are whole
 const MARK_COLOURS = { checkpoint: "#888", crash: "#c62828", resume: "#2e7d32", completed: "#1f4fa0" };
 
 class LossChart {
@@ -86,6 +160,15 @@ class LossChart {
     this.meta.last_id = series.last_id;
     this.render();
   }
+
+  // As wide as its box (a grid cell on the dashboard, the section on the job page): the page's width is used.
+  size() {
+    const width = Math.max(320, Math.floor(this.box.clientWidth - 12));
+    this.box.dataset.width = String(width);
+    return { width, height: this.opts.height || Math.round(Math.min(320, Math.max(220, width * 0.36))) };
+  }
+
+  resize() { if (this.plot) this.plot.setSize(this.size()); }
 
   replace(series) { this.cols = series.columns; this.markers = series.markers || []; this.meta = series; this.render(); }
 
@@ -135,9 +218,9 @@ class LossChart {
       }
     };
     const opts = {
-      width: this.opts.width || 460, height: this.opts.height || 220,
+      ...this.size(),
       scales: { x: { time: false } },
-      axes: [{ label: "global step" }, { label: "loss" }],
+      axes: [{ label: "global step", incrs: STEP_INCRS }, { label: "loss" }],
       series: [
         { label: "step" },
         { label: "train", stroke: "#1f77b4", width: 1.5, spanGaps: true, points: { show: false } },
@@ -148,5 +231,12 @@ class LossChart {
     if (this.opts.superseded)
       opts.series.push({ label: "superseded", stroke: "#9e9e9e", width: 0, points: { show: true, size: 7, fill: "#9e9e9e" } });
     this.plot = new uPlot(opts, data, this.box);
+    // the box's width follows the page (a new chart beside it, a resized window): the plot follows the box
+    if (typeof ResizeObserver !== "undefined") {
+      let last = this.box.clientWidth;
+      new ResizeObserver(() => {
+        if (this.box.clientWidth !== last) { last = this.box.clientWidth; this.resize(); }
+      }).observe(this.box);
+    }
   }
 }

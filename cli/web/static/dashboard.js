@@ -6,9 +6,10 @@ let lastPulse = null;
 // A crash's latest replay (`ftctl reproduce`): its verdict, linked to the job page at that event.
 function reproduction(c) {
   if (!c.verdict) {
-    const hint = el("span", "not replayed", "dim");
-    hint.title = "ftctl reproduce " + c.job + " --crash " + c.number;
-    return hint;
+    const cell = el("span", null, "dim");
+    cell.appendChild(el("span", "not replayed: "));
+    cell.appendChild(el("code", "ftctl reproduce " + c.job + " --crash " + c.number));
+    return cell;
   }
   const a = el("a", c.verdict, "verdict");
   a.href = withToken("job/" + encodeURIComponent(c.job)) + "#seq-" + c.reproduction_seq;
@@ -45,18 +46,23 @@ function showStatus(s) {
   const hidden = Object.entries(s.hidden || {});
   document.getElementById("hidden").textContent = hidden.length ?
     hidden.map(([k, n]) => n + " " + k).join(", ") + " job(s) not shown (as `ftctl status`)" : "";
+  // Each lineage's head (the adapter later jobs warm-start from) and its branches, as the journal has them.
+  document.getElementById("lineages").textContent = (s.lineages || []).filter(l => l.head_job || l.branches.length).map(l =>
+    "lineage " + l.name + (l.base_version ? " (base v" + l.base_version + ")" : "") + ": head job " + (l.head_job || "-") +
+    (l.branches.length ? " · branches: job " + l.branches.join(", ") + " (`ftctl lineage set-head JOB` makes one the head)" : "")
+  ).join(" · ");
   const crashes = document.querySelector("#crashes tbody");
   crashes.replaceChildren();
   for (const c of s.crashes.slice().reverse()) {
     const where = c.rank === null || c.rank === undefined ? "" : " (rank " + c.rank + ", " + c.host + ")";
-    row(crashes, [when(c.ts), [c.seq, "num"], jobLink(c.job), [c.category + where, "cat"], [c.step ?? "-", "num"],
+    row(crashes, [[when(c.ts), "time"], [c.seq, "num"], jobLink(c.job), [c.category + where, "cat"], [c.step ?? "-", "num"],
       [(c.exit_code ?? "-") + (c.signal && c.signal !== "-" ? " " + c.signal : ""), "num"], [c.evidence, "evidence"],
       c.fix, reproduction(c)]).title = c.evidence_full;
   }
   if (!s.crashes.length) row(crashes, [["no crashes recorded", "dim"]]);
   const hist = document.querySelector("#history tbody");
   hist.replaceChildren();
-  for (const e of s.history.slice().reverse()) row(hist, [when(e.ts), [e.seq, "num"], e.stream, e.type, e.details]);
+  for (const e of s.history.slice().reverse()) row(hist, [[when(e.ts), "time"], [e.seq, "num"], e.stream, e.type, e.details]);
 }
 
 async function loadCharts(jobs) {
@@ -91,7 +97,7 @@ async function refresh(pulse) {
   } else {
     current = await api("api/status");
     showStatus(current);
-    await loadCharts(current.jobs.filter(j => j.state !== "rejected" && j.state !== "queued"));
+    await loadCharts(current.jobs.filter(j => j.state !== "rejected" && (j.state !== "queued" || j.attempt > 0)));
   }
   document.body.dataset.seq = String(pulse ? pulse.seq : current.seq);
   document.body.dataset.ready = "1";
@@ -102,6 +108,5 @@ async function refresh(pulse) {
 let chain = Promise.resolve();
 function queue(pulse) { chain = chain.then(() => refresh(pulse)).catch((e) => { document.getElementById("live").textContent = String(e); }); }
 queue(null);
-// The stream opens a second after the first drawing, so that a headless browser's dump (tests) sees the
-// page as loaded: an open stream is a fetch that never ends.
-chain.then(() => setTimeout(() => live(queue), LIVE_AFTER_MS));
+// The stream opens once the page is drawn (in a worker: static/live.js says why).
+chain.then(() => live(queue));

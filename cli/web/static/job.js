@@ -10,13 +10,19 @@ async function showReplay(seq) {
   const title = document.getElementById("replay-title"), body = document.getElementById("replay-body");
   if (seq === null) {
     const j = await api("api/jobs/" + encodeURIComponent(JOB));
-    title.textContent = "state now (journal seq " + (lastPulse ? lastPulse.seq : "?") + ")";
-    body.textContent = JSON.stringify(j.job, null, 2);
+    title.textContent = "state now (journal seq " + j.seq + ")";
+    document.getElementById("job-id").textContent = JOB + " " + j.job.name;
+    document.title = "ftctl job " + JOB + " " + j.job.name;
+    body.replaceChildren(statePanel(j.job));
     return;
   }
   const past = await api("api/jobs/" + encodeURIComponent(JOB) + "/replay?to=" + seq);
   title.textContent = "state right after event " + seq + " (ftctl replay " + JOB + " --to " + seq + ")";
-  body.textContent = JSON.stringify(past, null, 2);
+  body.replaceChildren(statePanel(past));
+  const back = el("a", "back to the state now");
+  back.href = "#";
+  back.onclick = (ev) => { ev.preventDefault(); delete document.body.dataset.replay; history.replaceState(null, "", location.pathname + location.search); showReplay(null); };
+  body.prepend(back);
   document.body.dataset.replay = String(seq);
 }
 
@@ -24,7 +30,7 @@ async function refresh(pulse) {
   lastPulse = pulse || lastPulse;
   const series = await api("api/jobs/" + encodeURIComponent(JOB) + "/metrics?all=1");
   if (chart) chart.replace(series);
-  else chart = new LossChart(document.getElementById("charts"), series, { width: 900, height: 360, superseded: true });
+  else chart = new LossChart(document.getElementById("charts"), series, { height: 360, superseded: true });
   const ul = document.getElementById("markers");
   ul.replaceChildren();
   for (const m of series.markers) ul.appendChild(el("li", "global step " + m.global_step + ": " + m.text + " (event " + m.seq + ")"));
@@ -34,8 +40,8 @@ async function refresh(pulse) {
   for (const e of j.events.slice().reverse()) {
     const a = el("a", "replay");
     a.href = "#seq-" + e.seq;
-    a.onclick = (ev) => { ev.preventDefault(); showReplay(e.seq); };
-    row(tbody, [when(e.ts), [e.seq, "num"], e.type, e.details, a]);
+    a.onclick = (ev) => { ev.preventDefault(); history.replaceState(null, "", "#seq-" + e.seq); showReplay(e.seq); };
+    row(tbody, [[when(e.ts), "time"], [e.seq, "num"], e.type, e.details, a]);
   }
   const asked = /^#seq-(\d+)$/.exec(location.hash);
   if (asked && !document.body.dataset.replay) await showReplay(Number(asked[1]));
@@ -57,6 +63,5 @@ function queue(pulse) {
 }
 api("api/status").then(s => showDaemon(s.daemon));
 queue(null);
-// The stream opens a second after the first drawing, so that a headless browser's dump (tests) sees the
-// page as loaded: an open stream is a fetch that never ends.
-chain.then(() => setTimeout(() => live(queue), LIVE_AFTER_MS));
+// The stream opens once the page is drawn (in a worker: static/live.js says why).
+chain.then(() => live(queue));
