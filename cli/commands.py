@@ -380,7 +380,7 @@ def cmd_consolidate(args, ws) -> int:
 
 
 def cmd_set_head(args, ws) -> int:
-    e = consolidation.set_head(Ledger(ws.open_journal()), args.job)
+    e = consolidation.set_head(ws, Ledger(ws.open_journal()), args.job)
     if args.json:
         render.print_json({"lineage": e.lineage, "head": e.job, "previous": e.previous})
         return 0
@@ -406,12 +406,15 @@ def cmd_eval(args, ws) -> int:
     from rich.table import Table
 
     t = Table(
-        title=f"job {e.job} on {render.escape(e.data_path)} ({e.examples} examples, {e.tokens} tokens scored)"
+        title=f"job {e.job} on {render.escape(str(ws.abs(e.data_path)))} ({e.examples} examples, "
+        f"{e.tokens} tokens scored)"
     )
     for c in ("model", "loss", "perplexity"):
         t.add_column(c, justify="left" if c == "model" else "right")
     t.add_row(
-        f"base {render.escape(e.base_model)}", _num(e.base_loss, ".4f"), _num(e.base_ppl, ".2f")
+        f"base {render.escape(str(ws.abs(e.base_model)))}",
+        _num(e.base_loss, ".4f"),
+        _num(e.base_ppl, ".2f"),
     )
     t.add_row(
         f"base + adapter of job {e.job}", _num(e.adapter_loss, ".4f"), _num(e.adapter_ppl, ".2f")

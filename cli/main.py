@@ -181,7 +181,10 @@ def cmd_status(args, ws: Workspace) -> int:
                 "seq": st.seq,
                 "daemon": render.daemon_json(st.daemon),
                 "jobs": [render.job_json(v.job, v.metrics, v) for v in st.jobs],
-                "lineages": [render.as_dict(l) for l in st.projection.lineages.values()],
+                "lineages": [
+                    render.as_dict(status.located_lineage(ws, lin))
+                    for lin in st.projection.lineages.values()
+                ],
                 "hidden": st.hidden,
                 "inbox": st.inbox,
             }
@@ -313,6 +316,7 @@ def cmd_replay(args, ws: Workspace) -> int:
     past = p.jobs.get(job)
     if past is None:
         raise UserError(f"job {job} did not exist yet at seq {args.to} (it was submitted later)")
+    past = status.located(ws, past)  # its paths where the workspace is now, as `status` shows them
     if args.json:
         render.print_json({"at_seq": args.to, **render.job_json(past)})
     else:

@@ -97,4 +97,4 @@ class Viewer:
         past = state_at(self.ledger.journal, to).jobs.get(job)
         if past is None:
             raise UserError(f"job {job} did not exist yet at seq {to}")
-        return past
+        return st.located(self.ws, past)  # its paths where the workspace is now

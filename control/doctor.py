@@ -66,7 +66,7 @@ def examine(ws: Workspace, ledger: Ledger) -> list[Finding]:
     f += _resources(ws, cfg)
     f += _checkpoints(ws, ledger, holder)
     for j in p.jobs.values():
-        due = retention.checkpoints(j)
+        due = retention.checkpoints(ws, j)
         if due is not None:
             f.append(
                 Finding(
@@ -80,7 +80,7 @@ def examine(ws: Workspace, ledger: Ledger) -> list[Finding]:
     f.append(_blas(cfg))
     if cfg is not None:
         f += _config_drift(p, cfg)
-    f += _data_drift(p)
+    f += _data_drift(ws, p)
     f += _notifications(ledger, cfg)
     f += _display_sleep(cfg)
     return f
@@ -295,7 +295,13 @@ def _checkpoints(ws: Workspace, ledger: Ledger, holder: str | None) -> list[Find
     }  # reported above
     out = [
         Finding(
-            "checkpoints", "error" if "corrupt" in r.what else "warning", r.what, "`ftctl recover`"
+            "checkpoints",
+            "error" if r.finding or "corrupt" in r.what else "warning",
+            r.what,
+            "restore the folder (from the workspace's original or a backup); ftctl never deletes "
+            "what the journal committed"
+            if r.finding
+            else "`ftctl recover`",
         )
         for r in repairs
         if r.stream not in stale
@@ -345,12 +351,12 @@ def _config_drift(p: Projection, cfg: Config) -> list[Finding]:
     ]
 
 
-def _data_drift(p: Projection) -> list[Finding]:
+def _data_drift(ws: Workspace, p: Projection) -> list[Finding]:
     out = []
     for j in p.jobs.values():
         if j.state == "queued" and j.data_sha256:
             try:
-                with open(j.data_path, "rb") as fh:
+                with open(ws.abs(j.data_path), "rb") as fh:
                     cur = ck.sha256(fh.read())
             except OSError:
                 continue
@@ -369,9 +375,9 @@ def _data_drift(p: Projection) -> list[Finding]:
 def fix(ws: Workspace, ledger: Ledger) -> list[str]:
     """Recovery, then retention. Raises recover.DaemonRunning while a daemon runs."""
     with recover.Locked(ws):
-        done = [r.what for r in recover.recover(ws, ledger)]
+        done = [r.what for r in recover.recover(ws, ledger) if not r.finding]
         for j in list(ledger.state.jobs.values()):
-            r = retention.checkpoints(j)
+            r = retention.checkpoints(ws, j)
             if r is not None:
                 apply(ledger, [r])
                 done.append(r.what)

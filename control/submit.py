@@ -188,19 +188,19 @@ def submit(
     reasons = list(report.reasons) if report.verdict == "reject" else []
     if vreport is not None and vreport.verdict == "reject":
         reasons += [f"validation file: {r}" for r in vreport.reasons]
-    resolved = models.Resolved(cfg.model)
-    if models.needs_resolving(
-        cfg.model
-    ):  # a repo id or a GGUF file: the folder it names, pinned now
+    spec = ws.model(cfg.model)  # a relative path names a folder of the workspace (demo/model)
+    resolved = models.Resolved(spec)
+    if models.needs_resolving(spec):  # a repo id or a GGUF file: the folder it names, pinned now
         try:
-            resolved = models.for_job(ws, ledger, cfg.model, note)
+            resolved = models.for_job(ws, ledger, spec, note)
         except models.ModelRefused as e:
             raise SubmitError(
                 f"the base model cannot be used: {e}. Nothing was queued; {_MODEL_FIX}"
             ) from None
-        cfg = msgspec.structs.replace(cfg, model=resolved.path)
+    # Recorded as the journal records paths: relative when it lies in the workspace (it moves with it).
+    cfg = msgspec.structs.replace(cfg, model=ws.rel(resolved.path))
     cfg = _lineage_config(ledger, lineage, cfg)  # what the job records, and what its sha256 hashes
-    problem = model_problem(cfg.model)
+    problem = model_problem(ws.abs(cfg.model))
     if problem:  # the job would record this path for good: refuse it now, not at `ftctl start`
         raise SubmitError(
             f"the base model cannot load: {problem}. Nothing was queued; {_MODEL_FIX}"
@@ -225,7 +225,7 @@ def submit(
                     ev.JobRejected(
                         job=job,
                         name=name,
-                        data_path=str(path),
+                        data_path=ws.rel(path),
                         data_sha256=sha,
                         reasons=reasons,
                         problems=_problems(report) + (_problems(vreport) if vreport else []),
@@ -264,13 +264,13 @@ def submit(
                 ev.JobSubmitted(
                     job=job,
                     name=name,
-                    data_path=str(path),
+                    data_path=ws.rel(path),
                     data_sha256=sha,
                     data_format=report.format or "",
                     examples=report.valid - report.undesirable,
-                    valid_path=str(valid)
+                    valid_path=ws.rel(valid)
                     if valid
-                    else (str(jdir / "valid.jsonl") if held is not None else None),
+                    else (ws.rel(jdir / "valid.jsonl") if held is not None else None),
                     valid_sha256=hashlib.sha256(vdata).hexdigest() if vdata is not None else None,
                     config=job_config(cfg),
                     config_sha256=config_sha256(cfg),

@@ -13,6 +13,8 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from ftctl.adapters import blas, process, system
 from ftctl.adapters import protocol as P
 from ftctl.adapters.faults import crash_point
@@ -199,6 +201,7 @@ class Supervision:
                 L.commit(self.stream, ev.CheckpointStarted(job=job, step=step, global_step=gstep))
             case P.CheckpointWritten(checkpoint=c):
                 crash_point("daemon_before_commit", c.step)
+                c = msgspec.structs.replace(c, path=d.ws.rel(c.path))  # recorded relative
                 L.commit(self.stream, ev.CheckpointCommitted(job=job, checkpoint=c))
                 d.log(f"job {job}: checkpoint step {c.step} committed ({c.bytes / 1e6:.1f} MB)")
                 self.retention()
@@ -209,9 +212,9 @@ class Supervision:
                         job=job,
                         step=msg.step,
                         global_step=msg.global_step,
-                        adapter_path=msg.adapter_path,
+                        adapter_path=d.ws.rel(msg.adapter_path),
                         adapter_sha256=msg.adapter_sha256,
-                        checkpoint=msg.checkpoint,
+                        checkpoint=d.ws.rel(msg.checkpoint),
                     ),
                 )
                 self.finished = "completed"
@@ -227,7 +230,7 @@ class Supervision:
         d.report.progress(job, msg)
 
     def retention(self) -> None:
-        r = retention.checkpoints(self.d.ledger.state.jobs[self.job])
+        r = retention.checkpoints(self.d.ws, self.d.ledger.state.jobs[self.job])
         if r is not None:
             apply(self.d.ledger, [r])
 
@@ -325,7 +328,8 @@ class Supervision:
             )
         )
         if category == "corrupt_checkpoint" and self.error and self.error.path:
-            c = next((c for c in j.good_checkpoints() if c.path == self.error.path), None)
+            bad = d.ws.rel(self.error.path)
+            c = next((c for c in j.good_checkpoints() if c.path == bad), None)
             if c is not None:
                 apply(L, [mark_corrupt(self.job, c, self.error.message)])
                 j = L.state.jobs[self.job]
@@ -346,7 +350,7 @@ class Supervision:
                 if (self.hung or self.stop_forced) and self.halted
                 else ""
             )
-            + f"; last step seen {self.step}; log {self.w.log_path}\n"
+            + f"; last step seen {self.step}; log {d.ws.rel(self.w.log_path)}\n"
             + _evidence_tail(tail)
         )
         detail = _first_line(self.error.message) if self.error else ""

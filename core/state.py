@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 13  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 14  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -75,6 +75,9 @@ class JobState(msgspec.Struct, kw_only=True):
     parent_job: str | None = None
     global_step_base: int = 0
     step: int = 0  # job step of the last committed checkpoint
+    reached: int = (
+        0  # the furthest step a checkpoint of the current attempt began at (or it resumed at)
+    )
     global_step: int = 0
     checkpoints: list[CheckpointRecord] = []  # committed and not pruned, oldest first
     corrupt: dict[str, str] = {}  # checkpoint path -> why it failed verification
@@ -228,6 +231,11 @@ def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
             f"{e.resharded_from} -> {e.world_size} ranks at step {e.resume_step}",
         ]
     j.world_size, j.hosts, j.reshard, j.rank_tokens_per_s = e.world_size, list(e.hosts), False, []
+    j.reached = e.resume_step
+
+
+def _checkpoint_started(p, j: JobState, e: ev.CheckpointStarted, seq: int, ts: str) -> None:
+    j.reached = max(j.reached, e.step)
 
 
 def _committed(p, j: JobState, e: ev.CheckpointCommitted, seq: int, ts: str) -> None:
@@ -412,7 +420,7 @@ JOB_HANDLERS = {
     ev.JobSubmitted: _submitted,
     ev.JobRejected: _rejected,
     ev.TrainingStarted: _started,
-    ev.CheckpointStarted: None,
+    ev.CheckpointStarted: _checkpoint_started,
     ev.CheckpointCommitted: _committed,
     ev.CheckpointPruned: _pruned,
     ev.CheckpointCorrupt: _corrupt,

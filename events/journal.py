@@ -25,6 +25,7 @@ import msgspec
 
 from .types import (
     EVENT_TYPES,
+    ROOT_TAGS,
     TS_FORMAT,
     DecodeError,
     Event,
@@ -34,6 +35,7 @@ from .types import (
     decode,
     decode_bodies,
     decode_columns,
+    recorded_root,
 )
 
 _METRIC_FIELDS = Metrics.__struct_fields__
@@ -196,6 +198,35 @@ class Journal:
     def __init__(self, conn: sqlite3.Connection, path: Path):
         self.conn = conn
         self.path = path
+        self._root: str | None | bool = False  # False: not looked for yet
+
+    # ------------------------------------------------------------------ workspace paths
+    @property
+    def root(self) -> str | None:
+        """Where the workspace was when this journal recorded absolute paths (an ftctl before
+        relative paths wrote it), or None: every path it holds is already relative to the workspace.
+        Events read through this journal have those paths made relative (events.types.relocate)."""
+        if self._root is False:
+            self._root = self._recorded_root()
+        return self._root
+
+    def _recorded_root(self) -> str | None:
+        # A journal created since paths are relative says so; an older one shows its root in the first
+        # event with a path only ftctl writes (its first checkpoint, usually within its first events).
+        if self.conn.execute("SELECT 1 FROM meta WHERE key = 'paths'").fetchone():
+            return None
+        rows = self.conn.execute(
+            f"SELECT body FROM events WHERE type IN ({', '.join('?' * len(ROOT_TAGS))}) ORDER BY seq",
+            ROOT_TAGS,
+        )
+        for (body,) in rows:
+            try:
+                root = recorded_root(decode(body))
+            except DecodeError:
+                continue
+            if root is not None:
+                return root or None
+        return None
 
     # ------------------------------------------------------------------ open / create
     @classmethod
@@ -244,7 +275,11 @@ class Journal:
         db["metrics"].create_index(["job", "step"])
         db["meta"].create({"key": str, "value": str}, pk="key")
         db["meta"].insert_all(
-            [{"key": "application", "value": "ftctl"}, {"key": "created", "value": utc_now()}]
+            [
+                {"key": "application", "value": "ftctl"},
+                {"key": "created", "value": utc_now()},
+                {"key": "paths", "value": "relative"},  # every path it records: see Journal.root
+            ]
         )
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -462,7 +497,7 @@ class Journal:
             *columns, hi = self.conn.execute(sql, params).fetchone()
             if hi is None:
                 return
-            yield from decode_columns(*columns)
+            yield from decode_columns(*columns, root=self.root)
             lo = hi
 
     def tagged(self, stream: str, tag: str) -> list[Recorded]:
@@ -475,7 +510,7 @@ class Journal:
             "WHERE stream = ? AND type = ? ORDER BY version)",
             (stream, tag),
         ).fetchone()
-        return decode_columns(*r) if r[0] is not None else []
+        return decode_columns(*r, root=self.root) if r[0] is not None else []
 
     def rows(
         self, after: int = 0, to: int | None = None, chunk: int = 20000
@@ -493,7 +528,7 @@ class Journal:
             ts, bodies, hi, n = self.conn.execute(sql, (lo, to, chunk)).fetchone()
             if hi is None:
                 return
-            stamps, events = decode_bodies(ts, bodies)
+            stamps, events = decode_bodies(ts, bodies, root=self.root)
             if hi - lo == n:
                 seqs = range(lo + 1, hi + 1)
             else:  # a gap (never written by ftctl, but never assumed away either)
@@ -691,7 +726,7 @@ class Journal:
             (after, *tags, limit),
         ).fetchall()
         return [
-            Recorded(seq, stream, version, ts, decode(body))
+            Recorded(seq, stream, version, ts, decode(body, self.root))
             for seq, stream, version, ts, body in rows
         ]
 

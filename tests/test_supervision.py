@@ -129,7 +129,7 @@ def _ftctl_here(home, *args: str) -> int:
 def _completed(home, job: str = "0001"):
     j = _job(home, job)
     assert j.state == "completed", (j.state, j.reason)
-    assert j.adapter_sha256 == sha256_file(Path(j.adapter_path) / "adapters.safetensors")
+    assert j.adapter_sha256 == sha256_file(Path(home) / j.adapter_path / "adapters.safetensors")
     assert leftovers(home) == []
     return j
 
