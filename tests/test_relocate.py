@@ -113,12 +113,15 @@ def test_a_moved_workspace_resumes_from_its_last_checkpoint_bit_for_bit(tmp_path
         "daemon_died" in " ".join(r["events"]) or "crashed" in r["events"] for r in plan["repairs"]
     )
     assert (moved / "jobs/0001/checkpoints/step-00000030/manifest.json").is_file()
-    _resumes_bit_exact(moved, baseline)
+    ftctl(moved, "recover")
     died = [e["data"] for e in history(moved) if e["type"] == "crashed"]
     assert [c["category"] for c in died] == ["daemon_died"]
-    assert (
-        died[0]["step"] == KILL_AT
-    )  # the last step the journal saw reported, not the checkpoint's
+    # the last step the journal saw reported, not the checkpoint's (30)
+    assert died[0]["step"] == KILL_AT
+    # and `reproduce` replays up to it: from the step-30 checkpoint to the step after 35
+    r = json.loads(ftctl(moved, "reproduce", "0001", "--json", timeout=300).stdout)
+    assert (r["from_step"], r["target_step"], r["crash_step"]) == (30, KILL_AT + 1, KILL_AT), r
+    _resumes_bit_exact(moved, baseline)
     # every path the journal recorded is relative to the workspace
     for e in history(moved):
         for k in ("path", "adapter_path", "resume_checkpoint", "base_model", "valid_path"):
@@ -296,3 +299,62 @@ def test_paths_are_recorded_relative_and_old_absolute_ones_upcast(recorded):
         job="1", attempt=1, worker_pid=1, worker_started_at=1.0, base_model="/old/ws2/m"
     )
     assert ev.relocate(prefix, "/old/ws").base_model == "/old/ws2/m"  # a sibling, not inside
+
+
+def test_daemon_died_records_the_last_reported_step_even_with_a_checkpoint_in_flight(ws, demo):
+    """The cause of `daemon_died` recording 20 while the job had reported 30: it took the last
+    *committed* checkpoint's step. A daemon killed while the step-30 checkpoint is being written (its
+    `checkpoint_started` is committed, its `checkpoint_committed` never comes) left a job at checkpoint
+    20 that had reported step 30 — and kept training meanwhile (the write runs in the background).
+    Now the crash says the furthest step the journal saw: a report or a checkpoint begun."""
+    from ftctl.adapters.workspace import Workspace
+    from ftctl.events import types as ev
+    from ftctl.recovery import reconcile
+    from ftctl.recovery.ledger import Ledger
+
+    ftctl(ws, "submit", str(demo.train), "--valid", str(demo.valid))
+    ledger = Ledger.open(ws / "journal.db")
+    try:
+        s = "job:0001"
+        ledger.commit(
+            s,
+            ev.TrainingStarted(
+                job="0001", attempt=1, worker_pid=1, worker_started_at=1.0, base_model="m"
+            ),
+        )
+        for step in (10, 20):
+            c = ev.CheckpointRecord(
+                step=step,
+                global_step=step,
+                path=f"jobs/0001/checkpoints/step-{step:08d}",
+                manifest_sha256="x",
+                bytes=1,
+            )
+            ledger.commit(s, ev.CheckpointStarted(job="0001", step=step, global_step=step))
+            ledger.commit(s, ev.CheckpointCommitted(job="0001", checkpoint=c))
+        ledger.commit(s, ev.CheckpointStarted(job="0001", step=30, global_step=30))
+        for step in (25, 30):
+            ledger.journal.record_metric(
+                "0001",
+                ev.Metrics(
+                    step=step,
+                    global_step=step,
+                    loss=1.0,
+                    lr=1e-4,
+                    tokens_per_s=1.0,
+                    peak_mem_gb=0.1,
+                    trained_tokens=step,
+                ),
+            )
+        j = ledger.state.jobs["0001"]
+        assert j.step == 20 and reconcile.reported_step(ledger, j) == 30
+        (crash,) = [
+            e
+            for r in reconcile.plan(Workspace(ws), ledger)
+            for e in r.events
+            if isinstance(e, ev.Crashed)
+        ]
+        assert crash.category == "daemon_died" and crash.step == 30
+        assert "resumes from step 20" in crash.suggestion
+    finally:
+        ledger.close()
