@@ -268,7 +268,11 @@ def cmd_control(args, ws) -> int:
     elif out.action == "pause":
         text = f"job {out.job} paused; `ftctl resume {out.job}` to queue it again"
     else:
-        text = f"job {out.job} cancelled; its checkpoints stay on disk until retention or `ftctl doctor --fix`"
+        text = (
+            f"job {out.job} cancelled; its committed checkpoints stay on disk (jobs/{out.job}/checkpoints/): "
+            "only its own retention (retention.keep_last, also by `ftctl doctor --fix`) ever prunes them, "
+            "never a consolidation"
+        )
     render.console.print(text)
     return 0
 

@@ -225,6 +225,8 @@ def retire(
     ws: Workspace, ledger: Ledger, lineage: str, keep_models: int, note: Note = quiet
 ) -> None:
     """After the promotion is committed: prune the old base's checkpoints, then old fused models."""
+    for line in retention.spared(ws, ledger.state, ledger.state.lineages[lineage]):
+        note(line)
     for step in (
         lambda p: retention.superseded(ws, p, p.lineages[lineage]),
         lambda p: retention.models(ws, p, p.lineages[lineage], keep_models),

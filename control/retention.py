@@ -80,6 +80,29 @@ def superseded(ws: Workspace, p: Projection, lin: LineageState) -> list[Repair]:
     return out
 
 
+def spared(ws: Workspace, p: Projection, lin: LineageState) -> list[str]:
+    """What a promotion leaves of the old base's jobs, and why (said beside what it prunes): the
+    checkpoints of a job with no final adapter, or whose adapter is not there as recorded."""
+    if lin.base_version == 0:
+        return []
+    pruned = {r.stream for r in superseded(ws, p, lin)}
+    return [
+        f"job {j.job} ({j.state}): its {len(j.checkpoints)} checkpoint(s) are kept"
+        + (
+            ": it has no final adapter, they are all that is left of its training"
+            if j.state != "completed"
+            else f": its final adapter is not in {j.adapter_path}/ as recorded"
+        )
+        for j in p.jobs.values()
+        if j.lineage == lin.name
+        and j.base_model != lin.base_model
+        and j.state in TERMINAL
+        and j.state != "rejected"
+        and j.checkpoints
+        and job_stream(j.job) not in pruned
+    ]
+
+
 def models(ws: Workspace, p: Projection, lin: LineageState, keep_models: int) -> list[Repair]:
     """Fused models beyond the newest ``keep_models``, never one a lineage or an unfinished job uses."""
     used = {lin.base_model} | {j.base_model for j in p.jobs.values() if j.state not in TERMINAL}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from helpers import crash_env, daemon, ftctl, history, make_workspace, sha256_file, status
@@ -248,3 +249,43 @@ def test_a_job_resumed_after_a_newer_one_completed_becomes_a_branch_and_set_head
     ]
     assert s4["parent_job"] == "0002" and s4["warm_start_from"].startswith("jobs/0002/")
     assert _lineage(home)["head_job"] == "0004"
+
+
+def test_consolidation_keeps_a_cancelled_jobs_checkpoints_and_every_prune_message_is_true(
+    tmp_path, demo
+):
+    """The issue's case: a job cancelled mid-run has no final adapter, so its checkpoints are all
+    that is left of its training: consolidation keeps them (and says so); it prunes a completed job's
+    checkpoints only after checking that its final adapter is where the message says, intact."""
+    from helpers import wait_for
+
+    home = _trained(tmp_path, demo)  # job 0001: completed, the head
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", "j2", "--again")
+    marker = tmp_path / "marker-hang-17"  # global step 17: job 0002's step 7, past its checkpoint 5
+    d = daemon(home, env={"FTCTL_HANG_AT": f"mid_step:17:{marker}"})
+    try:
+        wait_for(lambda: marker.exists() or d.poll() is not None, timeout=180, every=0.02)
+        assert marker.exists(), d.communicate()
+        out = " ".join(ftctl(home, "cancel", "0002").stdout.split())
+        wait_for(lambda: status(home, "0002")["state"] == "cancelled", timeout=120)
+        ftctl(home, "shutdown", "--wait", "60")
+    finally:
+        if d.poll() is None:
+            d.kill()
+    j2 = status(home, "0002")
+    kept = [c["path"] for c in j2["checkpoints"]]
+    assert kept and all(Path(c).is_dir() for c in kept), j2
+    out = " ".join(ftctl(home, "consolidate").stdout.split())
+    assert (
+        "job 0001: prune 2 checkpoint(s) (consolidated into base v1; its final adapter stays in "
+        "jobs/0001/adapters/ (sha256 checked))" in out
+    ), out
+    assert (home / "jobs/0001/adapters/adapters.safetensors").is_file()
+    assert "job 0002 (cancelled): its 1 checkpoint(s) are kept" in out, out
+    assert "0002: prune" not in out
+    assert [c["path"] for c in status(home, "0002")["checkpoints"]] == kept
+    assert not any(
+        e["type"] == "checkpoint_pruned" and e["data"]["job"] == "0002" for e in history(home)
+    )
+    ftctl(home, "doctor", "--fix", check=False)  # its own retention (keep_last 3) keeps it too
+    assert all(Path(p).is_dir() for p in kept)
