@@ -199,6 +199,9 @@ def cmd_status(args, ws: Workspace) -> int:
         render.console.print("no jobs yet: `ftctl submit FILE.jsonl` or drop a file into inbox/")
     else:
         render.console.print("no job to show")
+    for lin in st.projection.lineages.values():
+        if lin.head_job or lin.branches:
+            render.console.print(render.lineage_line(lin))
     for f in st.inbox:
         render.console.print(
             f"inbox: {render.escape(f['file'])} ({f['bytes'] / 1e6:.1f} MB): {render.escape(f['note'])}"

@@ -18,7 +18,14 @@ import msgspec
 from ftctl.adapters import blas, process, system
 from ftctl.adapters import protocol as P
 from ftctl.adapters.faults import crash_point
-from ftctl.core.policy import Evidence, after_crash, classify, follow_up, suggestion
+from ftctl.core.policy import (
+    Evidence,
+    after_crash,
+    branch_reason,
+    classify,
+    follow_up,
+    suggestion,
+)
 from ftctl.core.reproduction import DETERMINISTIC
 from ftctl.core.state import CrashRecord, JobState, job_stream
 from ftctl.events import types as ev
@@ -206,6 +213,10 @@ class Supervision:
                 d.log(f"job {job}: checkpoint step {c.step} committed ({c.bytes / 1e6:.1f} MB)")
                 self.retention()
             case P.Completed():
+                L.refresh()  # the head as it is now: decided, and recorded with the completion
+                j = L.state.jobs[job]
+                lin = L.state.lineages.get(j.lineage)
+                branch = branch_reason(j, lin) if lin is not None else ""
                 L.commit(
                     self.stream,
                     ev.Completed(
@@ -215,6 +226,7 @@ class Supervision:
                         adapter_path=d.ws.rel(msg.adapter_path),
                         adapter_sha256=msg.adapter_sha256,
                         checkpoint=d.ws.rel(msg.checkpoint),
+                        branch=branch,
                     ),
                 )
                 self.finished = "completed"
@@ -223,6 +235,8 @@ class Supervision:
                     f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…",
                     "ok",
                 )
+                if branch:
+                    d.say(f"job {job} is {branch}", "warn")
             case P.Stopped(step=step):
                 self.finished, self.stopped_step = "stopped", step
             case P.Failed():

@@ -15,7 +15,7 @@ from ftctl.events.types import CheckpointRecord, ts_epoch
 
 from .config import RestartPolicy
 from .reproduction import DETERMINISTIC
-from .state import CrashRecord, JobState
+from .state import CrashRecord, JobState, LineageState
 
 SUGGESTIONS = {
     "oom": "the worker was killed for memory: lower batch_size or max_seq_length, enable grad_checkpoint, "
@@ -249,6 +249,35 @@ def follow_up(
     if decision.action == "pause":
         return ev.Paused(job=job, reason=decision.reason)
     return ev.Failed(job=job, reason=decision.reason, category=category)
+
+
+def branch_reason(j: JobState, lin: LineageState) -> str:
+    """Decided when job ``j`` completes: "" if it becomes its lineage's head, else why it is a branch.
+
+    The head is what later jobs warm-start from and what consolidation fuses; replacing it silently
+    would drop the training of the job that holds it. So a job takes the head only if it continued
+    from it (its warm start, ``parent_job``, is the head), or if it started fresh with the head it
+    knew: no head, or one that was already the head when it first started (a fresh restart by the
+    user's choice, `--fresh`). A job that warm-started from an older head, or started fresh before
+    the current head became the head (that job completed first, meanwhile), is a branch, recorded
+    as such, until `ftctl lineage set-head` chooses."""
+    head = lin.head_job
+    if head is None or head == j.job:
+        return ""
+    set_head = f"`ftctl lineage set-head {j.job}` makes this one the head"
+    if j.parent_job is not None:
+        if j.parent_job == head:
+            return ""
+        return (
+            f"a branch: it warm-started from job {j.parent_job}, but job {head} completed first and is the "
+            f"lineage's head; {set_head}"
+        )
+    if lin.head_seq < j.started_seq:
+        return ""
+    return (
+        f"a branch: it started fresh, and job {head} became the lineage's head while it trained (it "
+        f"completed first); the head stays job {head}; {set_head}"
+    )
 
 
 def to_prune(j: JobState) -> list[CheckpointRecord]:

@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 14  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 15  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -73,6 +73,7 @@ class JobState(msgspec.Struct, kw_only=True):
     base_model: str = ""
     warm_start_from: str | None = None
     parent_job: str | None = None
+    started_seq: int = 0  # the journal seq of its first training_started (0: never started)
     global_step_base: int = 0
     step: int = 0  # job step of the last committed checkpoint
     reached: int = (
@@ -128,6 +129,7 @@ class LineageState(msgspec.Struct, kw_only=True):
     origin_model: str = ""  # the base the lineage started from (ftctl.yaml's model)
     base_version: int = 0  # 0 = the original model from ftctl.yaml
     head_job: str | None = None  # the completed job whose adapter is the lineage's current one
+    head_seq: int = 0  # the journal seq at which head_job became the head
     branches: list[
         str
     ] = []  # completed jobs that did not become the head (they started from an older one)
@@ -223,6 +225,7 @@ def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
         e.base_model,
     )
     j.parent_job, j.requested = e.parent_job, None
+    j.started_seq = j.started_seq or seq
     j.env = e.env or j.env
     j.env_changed = [*j.env_changed, *e.env_changed] if e.resume_checkpoint else list(e.env_changed)
     if e.resharded_from is not None:
@@ -279,16 +282,21 @@ def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -
     j.step, j.global_step, j.worker, j.requested, j.reason = e.step, e.global_step, None, None, ""
     j.adapter_path, j.adapter_sha256 = e.adapter_path, e.adapter_sha256
     lin = _lineage(p, j.lineage, j.base_model)
-    if j.parent_job is not None and lin.head_job not in (None, j.parent_job):
-        # It continued from an adapter that is no longer the head (another job started later but
-        # completed first): taking the head would silently drop that job's training. A branch.
-        lin.branches.append(j.job)
-        j.reason = (
+    branch = e.branch
+    if (
+        branch is None
+    ):  # recorded before the decision was: the rule of then (a fresh job took the head)
+        branch = (
             f"a branch: it warm-started from job {j.parent_job}, but job {lin.head_job} completed first and "
             f"is the lineage's head; `ftctl lineage set-head {j.job}` makes this one the head"
+            if j.parent_job is not None and lin.head_job not in (None, j.parent_job)
+            else ""
         )
+    if branch:
+        lin.branches.append(j.job)
+        j.reason = branch
     else:
-        lin.head_job = j.job
+        lin.head_job, lin.head_seq = j.job, seq
 
 
 def _crashed(p, j: JobState, e: ev.Crashed, seq: int, ts: str) -> None:
@@ -389,7 +397,7 @@ def _consolidation(p: Projection, lin: LineageState, e, seq: int, ts: str) -> No
         lin.branches = [b for b in lin.branches if b != e.job] + (
             [e.previous] if e.previous else []
         )
-        lin.head_job = e.job
+        lin.head_job, lin.head_seq = e.job, seq
         if e.job in p.jobs:
             p.jobs[e.job].reason = ""
         if e.previous in p.jobs:
@@ -409,7 +417,7 @@ def _consolidation(p: Projection, lin: LineageState, e, seq: int, ts: str) -> No
                 promoted_at=ts,
             )
         )
-        lin.head_job, lin.jobs, lin.branches = None, [], []
+        lin.head_job, lin.head_seq, lin.jobs, lin.branches = None, seq, [], []
     elif isinstance(e, ev.ConsolidationAborted):
         lin.pending = None
     elif isinstance(e, ev.ModelRemoved):

@@ -218,6 +218,10 @@ class Completed(EventBase, tag="completed", kw_only=True):
     adapter_path: str
     adapter_sha256: str
     checkpoint: str
+    # Whether the job became its lineage's head, decided when it completed (core.policy.branch_reason):
+    # "" it did; a reason: it is a branch, and why (`ftctl lineage set-head` chooses). None in journals
+    # from before it was recorded: the rule of then decides on replay.
+    branch: str | None = None
 
 
 class Crashed(EventBase, tag="crashed", kw_only=True):

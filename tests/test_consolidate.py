@@ -289,3 +289,65 @@ def test_consolidation_keeps_a_cancelled_jobs_checkpoints_and_every_prune_messag
     )
     ftctl(home, "doctor", "--fix", check=False)  # its own retention (keep_last 3) keeps it too
     assert all(Path(p).is_dir() for p in kept)
+
+
+def test_a_fresh_job_completing_after_a_newer_head_is_a_branch_not_the_head(tmp_path, demo):
+    """The issue's case: 0001 paused mid-run; 0002 started fresh and paused too; 0001 resumed and
+    completed: the head. 0002 completed later: it did not continue from 0001 and started before 0001
+    was the head, so it must not silently replace it — it is recorded a branch (its completion says
+    so), `status` shows the head and the branch, and 0003 warm-starts from the head, 0001."""
+    from helpers import wait_for
+
+    home = make_workspace(tmp_path / "ws", demo.model_dir, **SMALL)
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", "j1")
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", "j2", "--fresh")
+    m1, m2 = tmp_path / "hang-1", tmp_path / "hang-2"  # each job stands still after its step 3
+    d = daemon(home, "--until-idle", env={"FTCTL_HANG_AT": f"mid_step:3:{m1},mid_step:3:{m2}"})
+    try:
+        for marker, job in ((m1, "0001"), (m2, "0002")):
+            wait_for(lambda m=marker: m.exists() or d.poll() is not None, timeout=180, every=0.02)
+            assert marker.exists(), d.communicate()
+            ftctl(home, "pause", job)
+        assert d.wait(timeout=180) == 1  # --until-idle: both paused
+    finally:
+        if d.poll() is None:
+            d.kill()
+    assert [status(home, j)["state"] for j in ("0001", "0002")] == ["paused", "paused"]
+    ftctl(home, "resume", "0001")
+    ftctl(home, "resume", "0002")
+    ftctl(home, "start", "--until-idle", "--quiet")  # 0001 completes first, then 0002
+    lin = _lineage(home)
+    assert lin["head_job"] == "0001" and lin["branches"] == ["0002"], lin
+    (done,) = [
+        e["data"] for e in history(home) if e["type"] == "completed" and e["data"]["job"] == "0002"
+    ]
+    assert done["branch"].startswith("a branch: it started fresh") and "0001" in done["branch"]
+    j2 = status(home, "0002")
+    assert j2["state"] == "completed" and "ftctl lineage set-head 0002" in j2["reason"]
+    text = " ".join(ftctl(home, "status").stdout.split())
+    assert "lineage main (original base): head job 0001; branches: 0002" in text, text
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", "j3", "--again")
+    ftctl(home, "start", "--until-idle", "--quiet")
+    (s3,) = [
+        e["data"]
+        for e in history(home)
+        if e["type"] == "training_started" and e["data"]["job"] == "0003"
+    ]
+    assert s3["parent_job"] == "0001" and s3["warm_start_from"].startswith("jobs/0001/")
+    assert _lineage(home)["head_job"] == "0003"  # it continued from the head: the next head
+
+
+def test_branch_reason_is_decided_from_what_the_job_continued(tmp_path):
+    """Pure: who becomes the head when a job completes."""
+    from ftctl.core.policy import branch_reason
+    from ftctl.core.state import JobState, LineageState
+
+    lin = LineageState(name="main", head_job="0004", head_seq=50)
+    assert branch_reason(JobState(job="0005", parent_job="0004", started_seq=60), lin) == ""
+    assert "warm-started from job 0003" in branch_reason(
+        JobState(job="0005", parent_job="0003", started_seq=60), lin
+    )
+    # fresh: the head it knew when it started (a chosen restart), or one that came later (a branch)
+    assert branch_reason(JobState(job="0005", started_seq=60), lin) == ""
+    assert "started fresh" in branch_reason(JobState(job="0005", started_seq=40), lin)
+    assert branch_reason(JobState(job="0005", started_seq=40), LineageState(name="main")) == ""
