@@ -25,10 +25,9 @@ from ftctl.adapters import fs, process
 from ftctl.core.config import (
     Config,
     ConfigError,
-    blame_override,
     decode_config,
     default_config_dict,
-    merge_overrides,
+    with_overrides,
 )
 from ftctl.events.journal import Journal, JournalError
 
@@ -197,17 +196,7 @@ class Workspace:
 
     def load_config(self, overrides: list[str] = ()) -> tuple[Config, list[str]]:
         """The effective config: ftctl.yaml with ``key=value`` overrides applied."""
-        overrides = list(overrides)
-        data = merge_overrides(self.read_config_dict(), overrides)
-        try:
-            return decode_config(data, source=str(self.config_path))
-        except ConfigError as e:
-            culprit = blame_override(e.key, overrides)
-            if culprit is None:
-                raise
-            return decode_config(
-                data, source=f"--set {culprit}"
-            )  # the same error, blamed on the override
+        return with_overrides(self.read_config_dict(), overrides, source=str(self.config_path))
 
 
 def init_workspace(home: Path, model: str, extra: dict | None = None, then=None) -> Workspace:

@@ -238,15 +238,20 @@ NO_DAEMON = "no daemon is running: it is applied at the next `ftctl start`"
 
 
 def cmd_control(args, ws) -> int:
-    out = jobs.request(
-        Ledger(ws.open_journal()),
-        args.job,
-        args.action,
-        ws=ws,
-        reshard=getattr(args, "reshard", False),
-    )
-    if args.json:
-        render.print_json(asdict(out))
+    if getattr(args, "set", None):  # retry --set: the job's recorded config changes
+        out = jobs.retry(ws, Ledger(ws.open_journal()), args.job, args.set, reshard=args.reshard)
+    else:
+        out = jobs.request(
+            Ledger(ws.open_journal()),
+            args.job,
+            args.action,
+            ws=ws,
+            reshard=getattr(args, "reshard", False),
+        )
+    if args.json:  # changes/effect: only for `retry --set`
+        render.print_json(
+            {k: v for k, v in asdict(out).items() if v or k not in ("changes", "effect")}
+        )
         return 0
     if out.action in ("resume", "retry"):
         text = f"job {out.job} queued again; " + (
@@ -254,7 +259,9 @@ def cmd_control(args, ws) -> int:
             if out.daemon_alive
             else "no daemon is running: `ftctl start` trains it"
         )
-        if out.action == "retry":
+        if out.changes:
+            text += f"; its config changed ({'; '.join(out.changes)}): {out.effect}, with a fresh restart budget"
+        elif out.action == "retry":
             text += "; it resumes from its last good checkpoint, with a fresh restart budget"
             if getattr(args, "reshard", False):
                 text += ", on the number of ranks its config now gives (not bit-exact with the earlier attempts)"
@@ -675,6 +682,15 @@ def register(sub, home) -> None:
         s.add_argument("job", help="job id (7 or 0007)")
         s.add_argument("--json", action="store_true", help="print what was recorded as JSON")
         if action == "retry":
+            s.add_argument(
+                "--set",
+                action="append",
+                metavar="KEY=VALUE",
+                help="change the job's recorded config (repeatable; a failed or paused job), validated as "
+                "`submit --set`: it resumes from its last checkpoint where the change allows it "
+                "(bit-exact for keys that change nothing it computes), from step 0 for a key that "
+                "changes the adapter's shape (only with no checkpoint yet)",
+            )
             s.add_argument(
                 "--reshard",
                 action="store_true",

@@ -438,8 +438,11 @@ class GroupSupervision(Supervision):
             + _evidence_tail(tail)
         )
         detail = _first_line(err.message) if err else ""
+        fix = (
+            (err.fix or "") if err else ""
+        )  # the recorded config is the cause: `retry --set` fixes it
         good = j.good_checkpoints()
-        advice = suggestion(category, good[-1].step if good else None).replace("JOB", self.job)
+        advice = suggestion(category, good[-1].step if good else None, fix).replace("JOB", self.job)
         if detail and category in ("exception", "load_error"):
             advice = f"{detail} — {advice}"
         if category == "corrupt_checkpoint" and err is not None and err.path:
@@ -461,6 +464,7 @@ class GroupSupervision(Supervision):
             suggestion=advice,
             rank=rank,
             host=host or None,
+            fix=fix,
         )
         now = time.time()
         record = CrashRecord(
@@ -472,6 +476,7 @@ class GroupSupervision(Supervision):
             resume_step=j.step,
             policy=self.cfg.restart,
             detail=detail,
+            fix=fix,
         )
         nxt = follow_up(
             self.job,

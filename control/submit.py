@@ -130,6 +130,24 @@ def _lineage_config(ledger: Ledger, lineage: str, cfg: Config) -> Config:
     return cfg
 
 
+def resolve_model(
+    ws: Workspace, ledger: Ledger, cfg: Config, note: Note = quiet
+) -> tuple[Config, models.Resolved]:
+    """``cfg`` with ``model`` as a job records it: a repo id or a GGUF file resolved to the folder it
+    names (pinned now), a folder of the workspace relative to it (it moves with the workspace), any
+    other folder absolute; and how it was resolved. SubmitError if the model cannot be used."""
+    spec = ws.model(cfg.model)  # a relative path names a folder of the workspace (demo/model)
+    resolved = models.Resolved(spec)
+    if models.needs_resolving(spec):  # a repo id or a GGUF file: the folder it names, pinned now
+        try:
+            resolved = models.for_job(ws, ledger, spec, note)
+        except models.ModelRefused as e:
+            raise SubmitError(
+                f"the base model cannot be used: {e}. Nothing was queued; {_MODEL_FIX}"
+            ) from None
+    return msgspec.structs.replace(cfg, model=ws.rel(resolved.path)), resolved
+
+
 def _duplicate(ledger: Ledger, path: Path, sha: str, valid_sha: str | None, cfg: Config) -> None:
     """Refuse the same data (and validation data) with the same resolved config as a live job."""
     digest = config_sha256(cfg)
@@ -188,17 +206,7 @@ def submit(
     reasons = list(report.reasons) if report.verdict == "reject" else []
     if vreport is not None and vreport.verdict == "reject":
         reasons += [f"validation file: {r}" for r in vreport.reasons]
-    spec = ws.model(cfg.model)  # a relative path names a folder of the workspace (demo/model)
-    resolved = models.Resolved(spec)
-    if models.needs_resolving(spec):  # a repo id or a GGUF file: the folder it names, pinned now
-        try:
-            resolved = models.for_job(ws, ledger, spec, note)
-        except models.ModelRefused as e:
-            raise SubmitError(
-                f"the base model cannot be used: {e}. Nothing was queued; {_MODEL_FIX}"
-            ) from None
-    # Recorded as the journal records paths: relative when it lies in the workspace (it moves with it).
-    cfg = msgspec.structs.replace(cfg, model=ws.rel(resolved.path))
+    cfg, resolved = resolve_model(ws, ledger, cfg, note)
     cfg = _lineage_config(ledger, lineage, cfg)  # what the job records, and what its sha256 hashes
     problem = model_problem(ws.abs(cfg.model))
     if problem:  # the job would record this path for good: refuse it now, not at `ftctl start`

@@ -368,8 +368,9 @@ class Supervision:
             + _evidence_tail(tail)
         )
         detail = _first_line(self.error.message) if self.error else ""
+        fix = (self.error.fix or "") if self.error else ""
         good = j.good_checkpoints()
-        advice = suggestion(category, good[-1].step if good else None).replace("JOB", self.job)
+        advice = suggestion(category, good[-1].step if good else None, fix).replace("JOB", self.job)
         if detail and category in ("exception", "load_error"):
             advice = f"{detail} — {advice}"
         crash = ev.Crashed(
@@ -381,6 +382,7 @@ class Supervision:
             evidence=evidence,
             suggestion=advice,
             message=detail,
+            fix=fix,
         )
         replayed = None
         if category in DETERMINISTIC and not d.stopping and not j.requested:
@@ -410,6 +412,7 @@ class Supervision:
             policy=self.cfg.restart,
             detail=detail,
             reproduction=replayed,
+            fix=fix,
         )
         nxt = follow_up(
             self.job,

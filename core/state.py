@@ -344,6 +344,10 @@ def _resumed(p, j: JobState, e, seq: int, ts: str) -> None:
 def _retried(p, j: JobState, e: ev.Retried, seq: int, ts: str) -> None:
     j.reason, j.not_before, j.budget_from = e.reason, 0.0, len(j.crashes)
     j.reshard = e.reshard
+    if e.config is not None:  # `--set`: the job's recorded config, changed
+        j.config, j.config_sha256 = msgspec.convert(e.config, Config), e.config_sha256
+        j.overrides = [*j.overrides, *e.overrides]
+        j.base_model = j.config.model  # a new model only ever with no checkpoint (control/jobs.py)
 
 
 def _ranks_reported(p, j: JobState, e: ev.RanksReported, seq: int, ts: str) -> None:

@@ -240,6 +240,8 @@ class Crashed(EventBase, tag="crashed", kw_only=True):
     )
     rank: int | None = None  # a data-parallel job: the rank that failed first, and its host
     host: str | None = None
+    # the job's recorded config is the cause: the `key=value` that would run (`ftctl retry JOB --set`)
+    fix: str = ""
 
 
 class ExampleRef(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -323,12 +325,18 @@ class Resumed(EventBase, tag="resumed", kw_only=True):
 
 class Retried(EventBase, tag="retried", kw_only=True):
     """`ftctl retry`: a failed job queued again; it resumes from its last good checkpoint and its
-    restart budget starts afresh (crashes before this event no longer count)."""
+    restart budget starts afresh (crashes before this event no longer count). With `--set` (a failed
+    or a paused job), its recorded config changes: ``config`` is the new one, as job_submitted
+    records it, ``config_sha256`` its hash, ``overrides`` the --set items, ``changes`` "key: old -> new"."""
 
     trigger: ClassVar[str] = "retry"
     job: str
     reason: str = "retried by user"
     reshard: bool = False  # `--reshard`: it may resume on another world size than its checkpoints'
+    config: dict[str, Any] | None = None
+    config_sha256: str = ""
+    overrides: list[str] = []
+    changes: list[str] = []
 
 
 class RanksReported(EventBase, tag="ranks_reported", kw_only=True):
