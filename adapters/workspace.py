@@ -29,7 +29,7 @@ from ftctl.core.config import (
     default_config_dict,
     with_overrides,
 )
-from ftctl.events.journal import Journal, JournalError
+from ftctl.events.journal import DiskFull, Journal, JournalError, NoPermission, ReadOnly
 
 DIRS = ("inbox", "inbox/rejected", "jobs", "models", "logs", "run")
 SCRATCH_MARKER = (
@@ -156,9 +156,16 @@ class Workspace:
                 "Run `ftctl init --home DIR` first, or pass --home / set FTCTL_HOME to your workspace."
             )
 
-    def open_journal(self) -> Journal:
+    def open_journal(self, write: bool = True) -> Journal:
+        """The journal; ``write=False`` (a query): on storage ftctl cannot write (a read-only mount, a
+        workspace of another user) it is opened read-only instead of refused (``Journal.readonly``)."""
         self.require()
-        return Journal.open(self.journal_path)
+        try:
+            return Journal.open(self.journal_path)
+        except (ReadOnly, NoPermission, DiskFull):
+            if write:
+                raise
+            return Journal.open_readonly(self.journal_path)
 
     def read_config_dict(self) -> dict:
         path = self.config_path

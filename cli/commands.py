@@ -96,7 +96,7 @@ def cmd_crashes(args, ws) -> int:
     from ftctl.control.crashes import crashes
 
     rows = []
-    for c in crashes(Ledger(ws.open_journal())):
+    for c in crashes(Ledger(render.said_readonly(ws.open_journal(write=False)))):
         e, r = c.event, c.reproduced
         rows.append(
             {
@@ -481,7 +481,8 @@ def cmd_config_show(args, ws) -> int:
 
 
 def cmd_doctor(args, ws) -> int:
-    ledger = Ledger(ws.open_journal())
+    # without --fix it only looks: it works (and says why it cannot write) on a read-only mount too
+    ledger = Ledger(render.said_readonly(ws.open_journal(write=args.fix)))
     fixed = []
     if args.fix:
         try:

@@ -286,6 +286,13 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
     return out
 
 
+def said_readonly(journal):
+    """The journal, after a note on stderr when it had to be opened read-only (a read-only mount)."""
+    if journal.readonly is not None:
+        _console("err_console").print(f"[yellow]note:[/] {escape(journal.readonly.note())}")
+    return journal
+
+
 def lineage_line(lin) -> str:
     """One line per lineage: its head (what new jobs warm-start from, what consolidation fuses) and
     its branches (completed jobs that did not become the head)."""

@@ -15,6 +15,7 @@ from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, ConfigError, job_config, override_key
 from ftctl.core.machine import ACTIVE
 from ftctl.core.state import Projection, job_stream
+from ftctl.events.journal import storage_problem
 from ftctl.recovery.ledger import Ledger
 from ftctl.recovery.reconcile import apply
 
@@ -56,6 +57,9 @@ def examine(ws: Workspace, ledger: Ledger) -> list[Finding]:
             "" if check == "ok" else "stop ftctl and restore journal.db from a backup copy",
         )
     )
+    storage = ledger.journal.readonly or storage_problem(ws.journal_path)
+    if storage is not None:  # a read-only mount, another user's workspace, a full disk: not damage
+        f.append(Finding("storage", "error", str(storage), "see the finding"))
     holder = process.lock_holder(ws.lock_path)
     f += _daemon(p, holder)
     try:
