@@ -427,11 +427,9 @@ def test_attempts_record_the_environment_fingerprint(baseline):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux's")
-def test_worker_runs_on_the_chosen_blas_and_a_changed_fingerprint_is_flagged(
-    tmp_path, demo, baseline
-):
+def test_worker_runs_on_the_chosen_blas_and_a_changed_fingerprint_is_flagged(tmp_path, demo):
     """The worker maps the chosen OpenBLAS; a resume under another BLAS setup (here its thread
-    count) is recorded and said in status and history; the same setup resumes bit for bit."""
+    count) is recorded and said in status and history."""
     from ftctl.adapters import blas
 
     lib = blas.choose("auto")
@@ -458,6 +456,7 @@ def test_worker_runs_on_the_chosen_blas_and_a_changed_fingerprint_is_flagged(
         "no longer bit-exact with the earlier attempts" in note and "blas_threads: 1 -> 2" in note
     )
     assert "NOT bit-exact" in ftctl(home, "history").stdout
-    assert (
-        finished(home)["adapter_sha256"] == baseline.sha1
-    )  # OpenBLAS sgemm does not split K across threads
+    # It completes; whether its bytes match a run on one thread count depends on the OpenBLAS build
+    # (0.3.29's Haswell kernels on an AVX2 machine give a 512x64x512 sgemm different bits on 1 and 2
+    # threads), which is exactly why the change is flagged rather than promised bit-exact.
+    assert finished(home)["adapter_sha256"]
