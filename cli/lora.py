@@ -222,7 +222,7 @@ def _result(ws, job: str, interrupted: bool) -> int:
                 f"[yellow]adapter_path not written:[/] {render.escape(j.export_refused)}"
             )
         if j.last_eval is not None and j.config.test:
-            _show_eval(j.last_eval, None)
+            _show_eval(ws, j.last_eval, None)
         return 1 if j.export_refused else 0
     good = j.good_checkpoints()
     kept = (
@@ -261,7 +261,7 @@ def _test_only(ws, cfg) -> int:
     out = lora.test_only(ws, cfg)
     for w in out.warnings:
         render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
-    _show_eval(out.event, out.seq)
+    _show_eval(ws, out.event, out.seq)
     if out.recorded_on is None:
         render.console.print(
             "not recorded: no completed job of this workspace produced this adapter (sha256 "
@@ -270,7 +270,7 @@ def _test_only(ws, cfg) -> int:
     return 0
 
 
-def _show_eval(e, seq) -> None:
+def _show_eval(ws, e, seq) -> None:
     from .commands import eval_table, verdict
 
     render.console.print(
@@ -278,5 +278,5 @@ def _show_eval(e, seq) -> None:
         if e.adapter_loss is not None and e.adapter_ppl is not None
         else "Test loss not finite."
     )
-    render.console.print(eval_table(e))
+    render.console.print(eval_table(e, ws))
     render.console.print(verdict(e) + (f" (recorded as event {seq})" if seq else ""))

@@ -355,6 +355,24 @@ def _lineage_config(ledger: Ledger, lineage: str, cfg: Config) -> Config:
     return cfg
 
 
+def resolve_model(
+    ws: Workspace, ledger: Ledger, cfg: Config, note: Note = quiet
+) -> tuple[Config, models.Resolved]:
+    """``cfg`` with ``model`` as a job records it: a repo id or a GGUF file resolved to the folder it
+    names (pinned now), a folder of the workspace relative to it (it moves with the workspace), any
+    other folder absolute; and how it was resolved. SubmitError if the model cannot be used."""
+    spec = ws.model(cfg.model)  # a relative path names a folder of the workspace (demo/model)
+    resolved = models.Resolved(spec)
+    if models.needs_resolving(spec):  # a repo id or a GGUF file: the folder it names, pinned now
+        try:
+            resolved = models.for_job(ws, ledger, spec, note)
+        except models.ModelRefused as e:
+            raise SubmitError(
+                f"the base model cannot be used: {e}. Nothing was queued; {_MODEL_FIX}"
+            ) from None
+    return msgspec.structs.replace(cfg, model=ws.rel(resolved.path)), resolved
+
+
 def _duplicate(ledger: Ledger, path: Path, sha: str, valid_sha: str | None, cfg: Config) -> None:
     """Refuse the same data (and validation data) with the same resolved config as a live job."""
     digest = config_sha256(cfg)
@@ -487,22 +505,10 @@ def submit(
             reasons += [f"{what} file: {x}" for x in r.reasons]
     if src.valid is not None and not reasons:
         warnings += _check_valid(src, report, vreport)
-    resolved = models.Resolved(cfg.model)
-    if models.needs_resolving(
-        cfg.model
-    ):  # a repo id or a GGUF file: the folder it names, pinned now
-        try:
-            resolved = models.for_job(ws, ledger, cfg.model, note)
-        except models.ModelRefused as e:
-            raise SubmitError(
-                f"the base model cannot be used: {e}. Nothing was queued; {_MODEL_FIX}"
-            ) from None
-        cfg = msgspec.structs.replace(cfg, model=resolved.path)
-    if lineage is not None:
-        cfg = _lineage_config(
-            ledger, lineage, cfg
-        )  # what the job records, and what its sha256 hashes
-    problem = model_problem(cfg.model)
+    cfg, resolved = resolve_model(ws, ledger, cfg, note)
+    if lineage is not None:  # what the job records, and what its sha256 hashes
+        cfg = _lineage_config(ledger, lineage, cfg)
+    problem = model_problem(ws.abs(cfg.model))
     if problem:  # the job would record this path for good: refuse it now, not at `ftctl start`
         raise SubmitError(
             f"the base model cannot load: {problem}. Nothing was queued; {_MODEL_FIX}"
@@ -523,7 +529,7 @@ def submit(
             for split, data in (("train", train), ("valid", held), ("test", treport and src.test))
             if data
         }
-        unfit = _fit(cfg, counts)
+        unfit = _fit(ws.located(cfg), counts)  # the model's folder where it is now
         if unfit:
             raise SubmitError(
                 "this run would fail when it loads: "
@@ -540,9 +546,10 @@ def submit(
             cfg,
         )
     if not reasons:  # the config is resolved (the model's folder): count what max_seq_length cuts
-        warnings += overlong(src.train, cfg, Path(src.path).name, f, note)
+        here = ws.located(cfg)  # the model's folder where it is now
+        warnings += overlong(src.train, here, Path(src.path).name, f, note)
         if src.valid is not None:
-            warnings += overlong(src.valid, cfg, f"validation file {_valid_name(src)}", f, note)
+            warnings += overlong(src.valid, here, f"validation file {_valid_name(src)}", f, note)
 
     for _ in range(10):  # job ids race only with a concurrent submit; the stream version decides
         job = _next_job_id(ledger)
@@ -553,7 +560,7 @@ def submit(
                     ev.JobRejected(
                         job=job,
                         name=name,
-                        data_path=src.path,
+                        data_path=ws.rel(src.path),
                         data_sha256=sha,
                         reasons=reasons,
                         problems=_problems(report)
@@ -601,12 +608,13 @@ def submit(
                 ev.JobSubmitted(
                     job=job,
                     name=name,
-                    data_path=src.path,
+                    data_path=ws.rel(src.path),
                     data_sha256=sha,
                     data_format=report.format or "",
                     examples=report.valid - report.undesirable,
-                    valid_path=src.valid_path
-                    or (str(jdir / "valid.jsonl") if held is not None else None),
+                    valid_path=ws.rel(src.valid_path)
+                    if src.valid_path
+                    else (ws.rel(jdir / "valid.jsonl") if held is not None else None),
                     valid_sha256=hashlib.sha256(src.valid).hexdigest()
                     if src.valid is not None
                     else None,
