@@ -177,6 +177,9 @@ class Failed(Message, tag="error"):
     message: str
     step: int | None = None
     path: str | None = None  # the checkpoint that failed verification (corrupt_checkpoint)
+    fix: str | None = (
+        None  # the job's recorded config is the cause: the `key=value` that would load
+    )
 
 
 WorkerMessage = Union[

@@ -37,7 +37,7 @@ from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 from mlx_lm.utils import load as load_model
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
-from ftctl.core.config import Config, config_sha256, features
+from ftctl.core.config import Config, RecordedConfigError, config_sha256, features
 from ftctl.core.dataset import DEFAULT, Features, valid_records
 from ftctl.core.policy import watch
 from ftctl.events.types import AdapterEvaluated, Metrics
@@ -133,9 +133,11 @@ def setup_model(cfg: Config):
         trust_remote_code=cfg.trust_remote_code,
     )
     if cfg.num_layers > len(model.layers):
-        raise ValueError(
+        raise RecordedConfigError(
             f"num_layers = {cfg.num_layers} but the model {cfg.model} has only "
-            f"{len(model.layers)} layers: lower num_layers or use -1 for all"
+            f"{len(model.layers)} layers: lower num_layers or use -1 for all",
+            "num_layers",
+            len(model.layers),
         )
     mx.random.seed(cfg.seed)
     model.freeze()
@@ -209,9 +211,11 @@ def load(plan: TrainPlan) -> Session:
         val_items = load_items(plan.valid_path, tokenizer, cfg.mask_prompt, features(cfg))
         val = validation_batches(val_items, cfg.batch_size, cfg.max_seq_length, cfg.val_batches)
         if not val:
-            raise ValueError(
+            raise RecordedConfigError(
                 f"the validation set has {len(val_items)} examples, fewer than "
-                f"batch_size = {cfg.batch_size}: add validation data or lower batch_size"
+                f"batch_size = {cfg.batch_size}: add validation data or lower batch_size",
+                "batch_size",
+                max(1, len(val_items)),
             )
     optimizer = build_optimizer(cfg)
     optimizer.init(model.trainable_parameters())

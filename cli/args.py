@@ -86,15 +86,22 @@ HELP: dict[str, tuple[str, str]] = {
         "ftctl resume 3",
     ),
     "cancel": (
-        "Cancel a job for good (a training job is stopped by the daemon within a second). Its checkpoints stay "
-        "on disk until retention or `ftctl doctor --fix`.",
+        "Cancel a job for good (a training job is stopped by the daemon within a second). Its committed "
+        "checkpoints stay on disk: only its own retention (keep_last, also by `ftctl doctor --fix`) prunes "
+        "them, never a consolidation.",
         "ftctl cancel 3",
     ),
     "retry": (
         "Queue a failed job again (its restart budget spent, a NaN, …): it continues from its last good "
-        "checkpoint, bit for bit, with a fresh restart budget. `--reshard`: a data-parallel job whose "
-        "hosts changed continues on the new number of ranks (deterministic, not bit-exact).",
-        "ftctl retry 3 --reshard",
+        "checkpoint, bit for bit, with a fresh restart budget. `--set KEY=VALUE` (a failed or paused job) "
+        "changes its recorded config first — the remedy when the config is the cause (editing ftctl.yaml "
+        "does not change a submitted job): it resumes from its last checkpoint, bit-exact if the keys change "
+        "nothing it computes (iters, save_every, retention, timeouts, …), on the new trajectory otherwise "
+        "(learning_rate, batch_size, …); a key that changes the adapter's shape, the model, the optimizer "
+        "or the seed starts it from step 0, and only if it has no checkpoint yet (else: cancel and submit "
+        "again). `--reshard`: a data-parallel job whose hosts changed continues on the new number of ranks "
+        "(deterministic, not bit-exact).",
+        "ftctl retry 3 --set num_layers=2",
     ),
     "lineage": (
         "A lineage's head: the completed job whose adapter later jobs warm-start from and consolidation fuses.",

@@ -97,7 +97,7 @@ def cmd_crashes(args, ws) -> int:
     from ftctl.control.crashes import crashes
 
     rows = []
-    for c in crashes(Ledger(ws.open_journal())):
+    for c in crashes(Ledger(render.said_readonly(ws.open_journal(write=False)))):
         e, r = c.event, c.reproduced
         rows.append(
             {
@@ -239,15 +239,20 @@ NO_DAEMON = "no daemon is running: it is applied at the next `ftctl start`"
 
 
 def cmd_control(args, ws) -> int:
-    out = jobs.request(
-        Ledger(ws.open_journal()),
-        args.job,
-        args.action,
-        ws=ws,
-        reshard=getattr(args, "reshard", False),
-    )
-    if args.json:
-        render.print_json(asdict(out))
+    if getattr(args, "set", None):  # retry --set: the job's recorded config changes
+        out = jobs.retry(ws, Ledger(ws.open_journal()), args.job, args.set, reshard=args.reshard)
+    else:
+        out = jobs.request(
+            Ledger(ws.open_journal()),
+            args.job,
+            args.action,
+            ws=ws,
+            reshard=getattr(args, "reshard", False),
+        )
+    if args.json:  # changes/effect: only for `retry --set`
+        render.print_json(
+            {k: v for k, v in asdict(out).items() if v or k not in ("changes", "effect")}
+        )
         return 0
     if out.action in ("resume", "retry"):
         text = f"job {out.job} queued again; " + (
@@ -255,7 +260,9 @@ def cmd_control(args, ws) -> int:
             if out.daemon_alive
             else "no daemon is running: `ftctl start` trains it"
         )
-        if out.action == "retry":
+        if out.changes:
+            text += f"; its config changed ({'; '.join(out.changes)}): {out.effect}, with a fresh restart budget"
+        elif out.action == "retry":
             text += "; it resumes from its last good checkpoint, with a fresh restart budget"
             if getattr(args, "reshard", False):
                 text += ", on the number of ranks its config now gives (not bit-exact with the earlier attempts)"
@@ -269,7 +276,11 @@ def cmd_control(args, ws) -> int:
     elif out.action == "pause":
         text = f"job {out.job} paused; `ftctl resume {out.job}` to queue it again"
     else:
-        text = f"job {out.job} cancelled; its checkpoints stay on disk until retention or `ftctl doctor --fix`"
+        text = (
+            f"job {out.job} cancelled; its committed checkpoints stay on disk (jobs/{out.job}/checkpoints/): "
+            "only its own retention (retention.keep_last, also by `ftctl doctor --fix`) ever prunes them, "
+            "never a consolidation"
+        )
     render.console.print(text)
     return 0
 
@@ -381,7 +392,7 @@ def cmd_consolidate(args, ws) -> int:
 
 
 def cmd_set_head(args, ws) -> int:
-    e = consolidation.set_head(Ledger(ws.open_journal()), args.job)
+    e = consolidation.set_head(ws, Ledger(ws.open_journal()), args.job)
     if args.json:
         render.print_json({"lineage": e.lineage, "head": e.job, "previous": e.previous})
         return 0
@@ -407,27 +418,30 @@ def cmd_eval(args, ws) -> int:
         return 0
     for w in out.warnings:
         render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
-    render.console.print(eval_table(e, tuned))
+    render.console.print(eval_table(e, ws, tuned))
     render.console.print(verdict(e) + f" (recorded as event {out.seq})")
     return 0
 
 
-def eval_table(e: ev.AdapterEvaluated, tuned: str = "adapter"):
+def eval_table(e: ev.AdapterEvaluated, ws, tuned: str = "adapter"):
     """An `adapter_evaluated` record as `ftctl eval` shows it (also `ftctl lora --test`); ``tuned``
     names what was trained (a full fine-tune's layers)."""
     from rich.table import Table
 
     owner = f"job {e.job}" if e.job else "the adapter"
     t = Table(
-        title=f"{owner} on {render.escape(e.data_path)} ({e.examples} examples, {e.tokens} tokens scored)"
+        title=f"{owner} on {render.escape(str(ws.abs(e.data_path)))} ({e.examples} examples, "
+        f"{e.tokens} tokens scored)"
     )
     for c in ("model", "loss", "perplexity"):
         t.add_column(c, justify="left" if c == "model" else "right")
     t.add_row(
-        f"base {render.escape(e.base_model)}", _num(e.base_loss, ".4f"), _num(e.base_ppl, ".2f")
+        f"base {render.escape(str(ws.abs(e.base_model)))}",
+        _num(e.base_loss, ".4f"),
+        _num(e.base_ppl, ".2f"),
     )
     t.add_row(
-        f"base + {tuned} {'of job ' + e.job if e.job else render.escape(e.adapter_path)}",
+        f"base + {tuned} {'of job ' + e.job if e.job else render.escape(str(ws.abs(e.adapter_path)))}",
         _num(e.adapter_loss, ".4f"),
         _num(e.adapter_ppl, ".2f"),
     )
@@ -480,7 +494,8 @@ def cmd_config_show(args, ws) -> int:
 
 
 def cmd_doctor(args, ws) -> int:
-    ledger = Ledger(ws.open_journal())
+    # without --fix it only looks: it works (and says why it cannot write) on a read-only mount too
+    ledger = Ledger(render.said_readonly(ws.open_journal(write=args.fix)))
     fixed = []
     if args.fix:
         try:
@@ -686,6 +701,15 @@ def register(sub, home) -> None:
         s.add_argument("job", help="job id (7 or 0007)")
         s.add_argument("--json", action="store_true", help="print what was recorded as JSON")
         if action == "retry":
+            s.add_argument(
+                "--set",
+                action="append",
+                metavar="KEY=VALUE",
+                help="change the job's recorded config (repeatable; a failed or paused job), validated as "
+                "`submit --set`: it resumes from its last checkpoint where the change allows it "
+                "(bit-exact for keys that change nothing it computes), from step 0 for a key that "
+                "changes the adapter's shape (only with no checkpoint yet)",
+            )
             s.add_argument(
                 "--reshard",
                 action="store_true",

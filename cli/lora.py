@@ -225,7 +225,7 @@ def _result(ws, job: str, interrupted: bool) -> int:
                 f"[yellow]adapter_path not written:[/] {render.escape(j.export_refused)}"
             )
         if j.last_eval is not None and j.config.test:
-            _show_eval(j.last_eval, None, j.config.fine_tune_type)
+            _show_eval(ws, j.last_eval, None, j.config.fine_tune_type)
         return 1 if j.export_refused else 0
     good = j.good_checkpoints()
     kept = (
@@ -264,7 +264,7 @@ def _test_only(ws, cfg) -> int:
     out = lora.test_only(ws, cfg)
     for w in out.warnings:
         render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
-    _show_eval(out.event, out.seq, cfg.fine_tune_type)
+    _show_eval(ws, out.event, out.seq, cfg.fine_tune_type)
     if out.recorded_on is None:
         render.console.print(
             "not recorded: no completed job of this workspace produced this adapter (sha256 "
@@ -273,7 +273,7 @@ def _test_only(ws, cfg) -> int:
     return 0
 
 
-def _show_eval(e, seq, fine_tune_type: str = "lora") -> None:
+def _show_eval(ws, e, seq, fine_tune_type: str = "lora") -> None:
     from .commands import eval_table, verdict
 
     render.console.print(
@@ -282,5 +282,5 @@ def _show_eval(e, seq, fine_tune_type: str = "lora") -> None:
         else "Test loss not finite."
     )
     tuned = "trained layers (full fine-tune)" if fine_tune_type == "full" else "adapter"
-    render.console.print(eval_table(e, tuned))
+    render.console.print(eval_table(e, ws, tuned))
     render.console.print(verdict(e) + (f" (recorded as event {seq})" if seq else ""))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
@@ -59,8 +60,9 @@ def find_job(ledger: Ledger, job: str):
 
 def _ledger(ws: Workspace, *, write: bool = True) -> Ledger:
     """``write=False`` for the queries (status, history, replay): looking never changes journal.db,
-    not even by a snapshot (the daemon and every command that appends keep those fresh)."""
-    return Ledger(ws.open_journal(), write_snapshots=write)
+    not even by a snapshot (the daemon and every command that appends keep those fresh) — and works
+    on storage ftctl cannot write (a read-only mount), saying so."""
+    return Ledger(render.said_readonly(ws.open_journal(write=write)), write_snapshots=write)
 
 
 # --------------------------------------------------------------------------- commands
@@ -205,7 +207,10 @@ def cmd_status(args, ws: Workspace) -> int:
                 "seq": st.seq,
                 "daemon": render.daemon_json(st.daemon),
                 "jobs": [render.job_json(v.job, v.metrics, v) for v in st.jobs],
-                "lineages": [render.as_dict(l) for l in st.projection.lineages.values()],
+                "lineages": [
+                    render.as_dict(status.located_lineage(ws, lin))
+                    for lin in st.projection.lineages.values()
+                ],
                 "hidden": st.hidden,
                 "inbox": st.inbox,
             }
@@ -220,6 +225,9 @@ def cmd_status(args, ws: Workspace) -> int:
         render.console.print("no jobs yet: `ftctl submit FILE.jsonl` or drop a file into inbox/")
     else:
         render.console.print("no job to show")
+    for lin in st.projection.lineages.values():
+        if lin.head_job or lin.branches:
+            render.console.print(render.lineage_line(lin))
     for f in st.inbox:
         render.console.print(
             f"inbox: {render.escape(f['file'])} ({f['bytes'] / 1e6:.1f} MB): {render.escape(f['note'])}"
@@ -319,7 +327,7 @@ def _since_seq(ledger: Ledger, since: tuple[str, str] | None) -> int:
 def cmd_replay(args, ws: Workspace) -> int:
     # Only the past is folded (the nearest snapshot at or before --to, then its tail): the present
     # projection is loaded only to word an error about a job id that does not exist.
-    journal = ws.open_journal()
+    journal = render.said_readonly(ws.open_journal(write=False))
     try:
         job = (
             args.job if journal.stream_version(f"job:{args.job}") else args.job.zfill(4)
@@ -337,6 +345,7 @@ def cmd_replay(args, ws: Workspace) -> int:
     past = p.jobs.get(job)
     if past is None:
         raise UserError(f"job {job} did not exist yet at seq {args.to} (it was submitted later)")
+    past = status.located(ws, past)  # its paths where the workspace is now, as `status` shows them
     if args.json:
         render.print_json({"at_seq": args.to, **render.job_json(past)})
     else:
@@ -514,12 +523,25 @@ def _save_traceback(ws: Workspace, text: str) -> Path | None:
         return None
 
 
+def _storage(e: BaseException, ws: Workspace):
+    """The storage's refusal behind an OSError (EROFS, EACCES/EPERM, ENOSPC) a command met writing the
+    workspace (its lock, a job's data copy…): said as such, never as a bug or a damaged journal."""
+    if not isinstance(e, OSError) or e.errno not in _STORAGE_ERRNOS:
+        return None
+    from ftctl.events.journal import storage_problem
+
+    return storage_problem(e.filename or ws.home, e)
+
+
+_STORAGE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+
+
 def _job_ids(argv: list[str]) -> int:
     """`ftctl _jobs [--home DIR]`: job ids, one a line, for shell completion. Hidden (no parser: it
     runs at every Tab), silent on any error (a completion must never print a traceback)."""
     home = argv[argv.index("--home") + 1] if "--home" in argv[:-1] else None
     try:
-        with resolve_home(home).open_journal() as j:
+        with resolve_home(home).open_journal(write=False) as j:
             sys.stdout.write("".join(f"{i}\n" for i in j.job_ids()))
     except Exception:  # noqa: BLE001
         return 1
@@ -549,6 +571,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         code = 0
     except Exception as e:  # internal failure: say so plainly, keep the traceback in a log
+        problem = _storage(e, ws)
+        if problem is not None:  # a read-only mount, permissions, a full disk: the user's to fix
+            render.err_console.print(f"[red]error:[/] {render.escape(str(problem))}")
+            if getattr(args, "json", False):
+                render.print_json({"error": str(problem), "exit": 1})
+            return 1
         log = _save_traceback(ws, traceback.format_exc())
         render.err_console.print(
             f"[red]internal error:[/] {type(e).__name__}: {e}\n"

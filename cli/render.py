@@ -300,6 +300,24 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
     return out
 
 
+def said_readonly(journal):
+    """The journal, after a note on stderr when it had to be opened read-only (a read-only mount)."""
+    if journal.readonly is not None:
+        _console("err_console").print(f"[yellow]note:[/] {escape(journal.readonly.note())}")
+    return journal
+
+
+def lineage_line(lin) -> str:
+    """One line per lineage: its head (what new jobs warm-start from, what consolidation fuses) and
+    its branches (completed jobs that did not become the head)."""
+    base = f"base v{lin.base_version}" if lin.base_version else "original base"
+    head = f"head job {lin.head_job}" if lin.head_job else "no head yet"
+    line = f"lineage {escape(lin.name)} ({base}): {head}"
+    if lin.branches:
+        line += f"; branches: {', '.join(lin.branches)} (`ftctl lineage set-head JOB` makes one the head)"
+    return line
+
+
 def daemon_json(d: DaemonView) -> dict:
     return {
         "running": d.running,

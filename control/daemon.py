@@ -307,10 +307,10 @@ class Daemon:
     def _resume_point(self, j: JobState) -> CheckpointRecord | None:
         """Newest committed checkpoint that verifies; corrupt ones are recorded and skipped."""
         for c in reversed(j.good_checkpoints()):
-            bad = reconcile.verify(j, c)
+            bad = reconcile.verify(self.ws, j, c)
             if bad is None:
                 return c
-            self.say(f"{bad.what}", "warn")
+            self.say(f"{bad.what}", "warn")  # a missing one is said, not recorded: see verify
             reconcile.apply(self.ledger, [bad])
         return None
 
@@ -347,7 +347,7 @@ class Daemon:
     def _preflight(self, j: JobState, cfg: Config) -> str | None:
         """Why the job cannot start now (it is paused with that reason), or None."""
         good = j.good_checkpoints()
-        size = good[-1].bytes if good else checkpoint_estimate(cfg)
+        size = good[-1].bytes if good else checkpoint_estimate(self.ws.located(cfg))
         need, why = disk_needed_gb(cfg, size / system.GB, len(good))
         free = system.free_disk_gb(self.ws.home)
         if free < need:
@@ -355,14 +355,14 @@ class Daemon:
                 f"only {free:.2f} GB free on {self.ws.home}, need {need:.2f} GB ({why}): free space, "
                 f"then `ftctl resume {j.job}`"
             )
-        problem = model_problem(cfg.model)
+        model = self.ws.abs(cfg.model)
+        problem = model_problem(model)
         if problem:
             return (
                 f"the base model cannot load: {problem}. The job and its checkpoints are kept. The job keeps the "
                 f"model path it was submitted with (editing ftctl.yaml does not change it): restore that folder, "
                 f"then `ftctl resume {j.job}` — or `ftctl cancel {j.job}` and submit the data again"
             )
-        model = Path(cfg.model)
         weights = sum(p.stat().st_size for p in model.glob("*.safetensors")) / system.GB
         avail = system.available_memory_gb()
         if avail < weights * 1.2:
@@ -399,14 +399,16 @@ class Daemon:
         jdir = self.ws.job_dir(j.job)
         valid, test = jdir / "data" / "valid.jsonl", jdir / "data" / "test.jsonl"
         resume_file = jdir / "data" / RESUME_ADAPTER
+        # The journal's paths are relative to the workspace; the worker gets them absolute, against
+        # where the workspace is now (a moved or copied workspace trains where it is).
         plan = TrainPlan(
             job_id=j.job,
             job_dir=str(jdir),
-            config=j.config,
+            config=self.ws.located(j.config),
             train_path=str(jdir / "data" / "train.jsonl"),
             valid_path=str(valid) if valid.exists() else None,
-            resume_from=resume.path if resume else None,
-            warm_start_from=warm,
+            resume_from=str(self.ws.abs(resume.path)) if resume else None,
+            warm_start_from=str(self.ws.abs(warm)) if warm else None,
             global_step_base=base,
             log_path=str(self.ws.job_log(j.job)),
             test_path=str(test) if j.config.test and test.exists() else None,
@@ -443,13 +445,13 @@ class Daemon:
                 worker_pid=worker.id.pid,
                 worker_started_at=worker.id.started_at,
                 resume_step=resume_step,
-                resume_checkpoint=plan.resume_from,
+                resume_checkpoint=resume.path if resume else None,
                 warm_start_from=warm,
                 parent_job=parent,
                 global_step_base=base,
                 base_model=j.config.model,
                 env=fingerprint,
-                env_changed=blas.fingerprint_diff(j.env, fingerprint) if plan.resume_from else [],
+                env_changed=blas.fingerprint_diff(j.env, fingerprint) if resume else [],
             ),
         )
         how = (

@@ -111,13 +111,13 @@ def run(
             worker_pid=g.id.pid,
             worker_started_at=g.id.started_at,
             resume_step=resume_step,
-            resume_checkpoint=plan.resume_from,
+            resume_checkpoint=resume.path if resume else None,
             warm_start_from=warm,
             parent_job=parent,
             global_step_base=base,
             base_model=j.config.model,
             env=fingerprint,
-            env_changed=blas.fingerprint_diff(j.env, fingerprint) if plan.resume_from else [],
+            env_changed=blas.fingerprint_diff(j.env, fingerprint) if resume else [],
             world_size=lay.world_size,
             hosts=lay.hosts,
             backend=j.config.distributed.backend,
@@ -440,16 +440,19 @@ class GroupSupervision(Supervision):
         evidence = (
             f"{what}{torn}; last steps seen: {seen or 'no rank connected'}"
             + (f"; rank said: {err.message}" if err else "")
-            + f"; log {self.g.log_path}\n"
+            + f"; log {self.d.ws.rel(self.g.log_path)}\n"
             + _evidence_tail(tail)
         )
         detail = _first_line(err.message) if err else ""
+        fix = (
+            (err.fix or "") if err else ""
+        )  # the recorded config is the cause: `retry --set` fixes it
         good = j.good_checkpoints()
-        advice = suggestion(category, good[-1].step if good else None).replace("JOB", self.job)
+        advice = suggestion(category, good[-1].step if good else None, fix).replace("JOB", self.job)
         if detail and category in ("exception", "load_error"):
             advice = f"{detail} — {advice}"
         if category == "corrupt_checkpoint" and err is not None and err.path:
-            c = next((c for c in j.good_checkpoints() if c.path == err.path), None)
+            c = next((c for c in j.good_checkpoints() if c.path == self.d.ws.rel(err.path)), None)
             if c is not None:
                 apply(L, [mark_corrupt(self.job, c, err.message)])
                 j = L.state.jobs[self.job]
@@ -467,6 +470,7 @@ class GroupSupervision(Supervision):
             suggestion=advice,
             rank=rank,
             host=host or None,
+            fix=fix,
         )
         now = time.time()
         record = CrashRecord(
@@ -478,6 +482,7 @@ class GroupSupervision(Supervision):
             resume_step=j.step,
             policy=self.cfg.restart,
             detail=detail,
+            fix=fix,
         )
         nxt = follow_up(
             self.job,

@@ -14,12 +14,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from ftctl.adapters import process
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import epoch_of
 from ftctl.core.machine import ACTIVE
 from ftctl.core.policy import resumes_from
-from ftctl.core.state import JobState, Projection, job_stream
+from ftctl.core.state import JobState, LineageState, Projection, job_stream
 from ftctl.events.types import ts_epoch
 from ftctl.recovery.ledger import Ledger
 
@@ -186,7 +188,7 @@ def status(
     d = daemon_view(ws, ledger)
     metrics = ledger.journal.last_metrics()
     shown, hidden = select(list(ledger.state.jobs.values()), set(states), everything, limit)
-    views = [_view(ledger, j, metrics.get(j.job), d, now) for j in shown]
+    views = [_view(ws, ledger, j, metrics.get(j.job), d, now) for j in shown]
     return Status(ledger.state.seq, d, views, hidden, ledger.state, inbox_pending(ws, d.alive))
 
 
@@ -196,7 +198,40 @@ def job_status(
     j = find_job(ledger, job)
     d = daemon_view(ws, ledger)
     return d, _view(
-        ledger, j, ledger.journal.last_metrics().get(j.job), d, time.time() if now is None else now
+        ws,
+        ledger,
+        j,
+        ledger.journal.last_metrics().get(j.job),
+        d,
+        time.time() if now is None else now,
+    )
+
+
+def located(ws: Workspace, j: JobState) -> JobState:
+    """The job with the paths its events recorded (relative to the workspace: docs/architecture.md)
+    made absolute against where the workspace is now: what `status` shows, so that every path it
+    prints can be used as it is (`mlx_lm.generate --adapter-path …`)."""
+    at = lambda p: str(ws.abs(p)) if p else p  # noqa: E731
+    return msgspec.structs.replace(
+        j,
+        data_path=at(j.data_path),
+        valid_path=at(j.valid_path),
+        base_model=at(j.base_model),
+        warm_start_from=at(j.warm_start_from),
+        adapter_path=at(j.adapter_path),
+        result_checkpoint=at(j.result_checkpoint),
+        checkpoints=[msgspec.structs.replace(c, path=at(c.path)) for c in j.checkpoints],
+        corrupt={at(k): v for k, v in j.corrupt.items()},
+    )
+
+
+def located_lineage(ws: Workspace, lin: LineageState) -> LineageState:
+    """A lineage with its base models' paths absolute against where the workspace is now (as ``located``)."""
+    return msgspec.structs.replace(
+        lin,
+        base_model=str(ws.abs(lin.base_model)) if lin.base_model else "",
+        origin_model=str(ws.abs(lin.origin_model)) if lin.origin_model else "",
+        models=[msgspec.structs.replace(m, path=str(ws.abs(m.path))) for m in lin.models],
     )
 
 
@@ -221,7 +256,9 @@ def select(
 # --------------------------------------------------------------------------- one job
 
 
-def _view(ledger: Ledger, j: JobState, m: dict | None, d: DaemonView, now: float) -> JobView:
+def _view(
+    ws: Workspace, ledger: Ledger, j: JobState, m: dict | None, d: DaemonView, now: float
+) -> JobView:
     live, gstep, reports = j.step, j.global_step, []
     if j.state in ACTIVE:
         # Reports of an earlier attempt are past steps that were lost with it: only this attempt's count.
@@ -232,7 +269,7 @@ def _view(ledger: Ledger, j: JobState, m: dict | None, d: DaemonView, now: float
     stale = j.state in ACTIVE and not d.alive
     eta, basis = _eta(j, live, reports, now) if j.state in ACTIVE and d.alive else (None, None)
     return JobView(
-        job=j,
+        job=located(ws, j),
         metrics=m,
         live_step=live,
         live_global_step=gstep,

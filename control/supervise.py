@@ -13,10 +13,19 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from ftctl.adapters import blas, process, system
 from ftctl.adapters import protocol as P
 from ftctl.adapters.faults import crash_point
-from ftctl.core.policy import Evidence, after_crash, classify, follow_up, suggestion
+from ftctl.core.policy import (
+    Evidence,
+    after_crash,
+    branch_reason,
+    classify,
+    follow_up,
+    suggestion,
+)
 from ftctl.core.reproduction import DETERMINISTIC
 from ftctl.core.state import CrashRecord, JobState, job_stream
 from ftctl.events import types as ev
@@ -207,23 +216,29 @@ class Supervision:
                 L.commit(self.stream, ev.CheckpointStarted(job=job, step=step, global_step=gstep))
             case P.CheckpointWritten(checkpoint=c):
                 crash_point("daemon_before_commit", c.step)
+                c = msgspec.structs.replace(c, path=d.ws.rel(c.path))  # recorded relative
                 L.commit(self.stream, ev.CheckpointCommitted(job=job, checkpoint=c))
                 d.log(f"job {job}: checkpoint step {c.step} committed ({c.bytes / 1e6:.1f} MB)")
                 self.retention()
             case P.Completed():
+                L.refresh()  # the head as it is now: decided, and recorded with the completion
+                j = L.state.jobs[job]
+                lin = L.state.lineages.get(j.lineage)
+                branch = branch_reason(j, lin) if lin is not None else ""
                 done = ev.Completed(
                     job=job,
                     step=msg.step,
                     global_step=msg.global_step,
-                    adapter_path=msg.adapter_path,
+                    adapter_path=d.ws.rel(msg.adapter_path),
                     adapter_sha256=msg.adapter_sha256,
-                    checkpoint=msg.checkpoint,
+                    checkpoint=d.ws.rel(msg.checkpoint),
                     result=msg.result,
                     result_step=msg.result_step,
                     result_val_loss=msg.result_val_loss,
                     result_note=msg.result_note,
                     exported_to=msg.exported_to,
                     export_refused=msg.export_refused,
+                    branch=branch,
                 )
                 # early stopping's decision and the test split's scores (config `test`) with it, in
                 # one transaction: all or nothing (a job never reads as stopped early without its
@@ -242,7 +257,11 @@ class Supervision:
                     if msg.stopped_early
                     else []
                 )
-                L.commit(self.stream, *early, done, *([msg.evaluated] if msg.evaluated else []))
+                scored = [
+                    msgspec.structs.replace(e, data_path=d.ws.rel(e.data_path))  # recorded relative
+                    for e in ([msg.evaluated] if msg.evaluated else [])
+                ]
+                L.commit(self.stream, *early, done, *scored)
                 self.finished = "completed"
                 if msg.stopped_early:
                     d.say(f"job {job}: {msg.stopped_early}", "ok")
@@ -261,6 +280,8 @@ class Supervision:
                         f"job {job} test split: loss {_num(e.adapter_loss, '.4f')} (base model "
                         f"{_num(e.base_loss, '.4f')}), perplexity {_num(e.adapter_ppl, '.2f')}"
                     )
+                if branch:
+                    d.say(f"job {job} is {branch}", "warn")
             case P.Stopped(step=step):
                 self.finished, self.stopped_step = "stopped", step
             case P.Failed():
@@ -268,7 +289,7 @@ class Supervision:
         d.report.progress(job, msg)
 
     def retention(self) -> None:
-        r = retention.checkpoints(self.d.ledger.state.jobs[self.job])
+        r = retention.checkpoints(self.d.ws, self.d.ledger.state.jobs[self.job])
         if r is not None:
             apply(self.d.ledger, [r])
 
@@ -366,7 +387,8 @@ class Supervision:
             )
         )
         if category == "corrupt_checkpoint" and self.error and self.error.path:
-            c = next((c for c in j.good_checkpoints() if c.path == self.error.path), None)
+            bad = d.ws.rel(self.error.path)
+            c = next((c for c in j.good_checkpoints() if c.path == bad), None)
             if c is not None:
                 apply(L, [mark_corrupt(self.job, c, self.error.message)])
                 j = L.state.jobs[self.job]
@@ -387,12 +409,13 @@ class Supervision:
                 if (self.hung or self.stop_forced) and self.halted
                 else ""
             )
-            + f"; last step seen {self.step}; log {self.w.log_path}\n"
+            + f"; last step seen {self.step}; log {d.ws.rel(self.w.log_path)}\n"
             + _evidence_tail(tail)
         )
         detail = _first_line(self.error.message) if self.error else ""
+        fix = (self.error.fix or "") if self.error else ""
         good = j.good_checkpoints()
-        advice = suggestion(category, good[-1].step if good else None).replace("JOB", self.job)
+        advice = suggestion(category, good[-1].step if good else None, fix).replace("JOB", self.job)
         if detail and category in ("exception", "load_error"):
             advice = f"{detail} — {advice}"
         crash = ev.Crashed(
@@ -404,6 +427,7 @@ class Supervision:
             evidence=evidence,
             suggestion=advice,
             message=detail,
+            fix=fix,
         )
         replayed = None
         if category in DETERMINISTIC and not d.stopping and not j.requested:
@@ -433,6 +457,7 @@ class Supervision:
             policy=self.cfg.restart,
             detail=detail,
             reproduction=replayed,
+            fix=fix,
         )
         nxt = follow_up(
             self.job,

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import math
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -1315,6 +1316,22 @@ def merge_overrides(base: dict, overrides: list[str]) -> dict:
     return out
 
 
+def with_overrides(
+    data: dict, overrides: list[str], *, source: str = "ftctl.yaml"
+) -> tuple[Config, list[str]]:
+    """``data`` (ftctl.yaml's mapping, or a job's recorded config) with ``key=value`` overrides applied,
+    validated; a ConfigError about a key an override set is blamed on that override (`--set …`)."""
+    overrides = list(overrides)
+    merged = merge_overrides(data, overrides)
+    try:
+        return decode_config(merged, source=source)
+    except ConfigError as e:
+        culprit = blame_override(e.key, overrides)
+        if culprit is None:
+            raise
+        return decode_config(merged, source=f"--set {culprit}")  # the same error, on the override
+
+
 def override_key(item: str) -> str | None:
     """The dotted key of a 'dotted.key=value' override (None when it is not one)."""
     m = _OVERRIDE.match(item) if isinstance(item, str) else None
@@ -1423,3 +1440,88 @@ def locked_changes(old: Config, new: Config) -> list[str]:
         for k in LOCKED_KEYS
         if _get(old, k) != _get(new, k)
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# Changing a job's recorded config (`ftctl retry JOB --set key=value`): what each change does to a
+# resume. Every key a job records is in one of three kinds:
+#
+# * RESTART_KEYS — a checkpoint cannot be resumed under a new value: the adapter's shape and identity
+#   (what the trainer's resume check compares: fine_tune_type, num_layers, lora_parameters), the model,
+#   the optimizer's state layout, the seed (the data order and the RNG). Only a job with no committed
+#   checkpoint (and no warm start) may change them: it starts from step 0.
+# * NEUTRAL_KEYS — change nothing a job computes: how often it reports, evaluates or checkpoints, what
+#   it keeps, how it is supervised, where it stops (iters: the steps up to there are the same). A
+#   resume is bit-exact with an uninterrupted run.
+# * every other key (learning_rate, lr_schedule, batch_size, max_seq_length, …) changes the trajectory
+#   from the step it resumes at: deterministic from there, not what the old value would have trained.
+RESTART_KEYS = LOCKED_KEYS + (
+    "lora_parameters.scale",
+    "lora_parameters.dropout",
+    "optimizer",
+    "seed",
+)
+NEUTRAL_KEYS = (
+    "iters",
+    "epochs",  # where it stops, as iters (the batches of an epoch do not depend on how many)
+    "save_every",
+    "steps_per_report",
+    "steps_per_eval",
+    "val_batches",
+    "warm_start",
+    "retention",
+    "restart",
+    "timeouts",
+    "min_free_disk_gb",
+    "standby",
+    "consolidation",
+    "metrics",
+)
+
+
+class RecordedConfigError(ValueError):
+    """A job's recorded config that cannot run on its model or data (num_layers above the model's
+    layers, batch_size above the examples): ``key`` and ``value`` say the override that would."""
+
+    def __init__(self, message: str, key: str, value: Any):
+        super().__init__(message)
+        self.key, self.value = key, value
+
+    @property
+    def fix(self) -> str:
+        return f"{self.key}={_show(self.value)}"
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str  # dotted
+    old: Any
+    new: Any
+    effect: str  # "restart" | "trajectory" | "neutral"
+
+    def __str__(self) -> str:
+        return f"{self.key}: {_show(self.old)} -> {_show(self.new)}"
+
+
+def _effect(key: str) -> str:
+    def under(names):
+        return any(key == k or key.startswith(k + ".") for k in names)
+
+    if under(RESTART_KEYS):
+        return "restart"
+    return "neutral" if under(NEUTRAL_KEYS) else "trajectory"
+
+
+def config_changes(old: Config, new: Config) -> list[Change]:
+    """Every recorded key that differs, at its leaves (``lora_parameters.rank``), with its effect."""
+    out: list[Change] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict) and not prefix.endswith("optimizer_config"):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        elif a != b:
+            out.append(Change(prefix, a, b, _effect(prefix)))
+
+    walk(job_config(old), job_config(new), "")
+    return out

@@ -46,7 +46,8 @@ JOB_TRANSITIONS = [
         "dest": "paused",
     },
     {"trigger": "resume", "source": "paused", "dest": "queued"},
-    {"trigger": "retry", "source": "failed", "dest": "queued"},
+    # a paused job too, with a changed config (`ftctl retry JOB --set`): `resume` keeps it as it is
+    {"trigger": "retry", "source": ["failed", "paused"], "dest": "queued"},
     {"trigger": "cancel", "source": _LIVE, "dest": "cancelled"},
 ]
 

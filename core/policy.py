@@ -17,7 +17,7 @@ from ftctl.events.types import CheckpointRecord, ts_epoch
 
 from .config import Config, EarlyStopping, RestartPolicy, keep_last
 from .reproduction import DETERMINISTIC
-from .state import CrashRecord, JobState
+from .state import CrashRecord, JobState, LineageState
 
 SUGGESTIONS = {
     "oom": "the worker was killed for memory: lower batch_size or max_seq_length, enable grad_checkpoint, "
@@ -26,8 +26,10 @@ SUGGESTIONS = {
     "the job resumes from its last checkpoint",
     "exception": "the worker raised a Python exception: read the traceback tail in the evidence and logs/",
     "load_error": "the worker could not load the job (its model, data or config: the error says which), and a "
-    "retry would fail the same way: fix the cause, then `ftctl resume JOB` — or `ftctl cancel JOB` "
-    "and submit again",
+    "restart as it is would fail the same way. If the job's config is the cause, `ftctl retry JOB --set "
+    "KEY=VALUE` changes it (editing ftctl.yaml does not: a job keeps the config recorded at its submit, so "
+    "`ftctl resume JOB` would fail again); if its model or data files are, restore them, then `ftctl resume "
+    "JOB`; or `ftctl cancel JOB` and submit again",
     "hang": "no training progress within timeouts.hang_s: look for a stuck evaluation or I/O; raise "
     "timeouts.hang_s if steps are legitimately slow",
     "disk_full": "the disk filled up (ENOSPC): free space, then `ftctl resume JOB`; the previous checkpoint is intact",
@@ -67,9 +69,17 @@ def resumes_from(step: int | None) -> str:
     return f"it resumes from step {step} (its last committed checkpoint)"
 
 
-def suggestion(category: str, resume_step: int | None) -> str:
+def suggestion(category: str, resume_step: int | None, fix: str = "") -> str:
     """SUGGESTIONS[category], saying exactly where the job resumes (``resume_step`` None: no
-    good checkpoint, so it starts over) instead of "from its last checkpoint"."""
+    good checkpoint, so it starts over) instead of "from its last checkpoint". ``fix``: the worker
+    found the job's recorded config to be the cause, and the ``key=value`` that would run."""
+    if fix:
+        return (
+            "the job's recorded config is the cause, and a job keeps the config recorded at its submit "
+            "(editing ftctl.yaml does not change it; `ftctl resume JOB` would fail the same way): "
+            f"`ftctl retry JOB --set {fix}` changes it and trains on — or `ftctl cancel JOB` and submit "
+            f"again with --set {fix}"
+        )
     if category in _RESUMING:
         return f"{_RESUMING[category]}; {resumes_from(resume_step)}"
     return SUGGESTIONS.get(category, "")
@@ -167,9 +177,11 @@ def after_crash(
     policy: RestartPolicy,
     detail: str = "",
     reproduction: ev.CrashReproduced | None = None,
+    fix: str = "",
 ) -> Decision:
     """Decide what follows the latest of a job's crashes (the last of ``crashes``). ``detail`` is
-    what the worker said (its exception's first line), shown in the reason of a pause or a failure.
+    what the worker said (its exception's first line), shown in the reason of a pause or a failure;
+    ``fix``: the ``key=value`` of the recorded config that would run, when the worker found it the cause.
 
     ``reproduction``: the daemon's replay of this crash (a DETERMINISTIC category only). A crash that
     reproduces is not retried blindly: the job pauses with the verdict and the failing batch in the
@@ -184,7 +196,7 @@ def after_crash(
         else None
     )
     if last.category in PAUSE_ON:
-        return Decision("pause", f"{last.category}{said}: {SUGGESTIONS[last.category]}")
+        return Decision("pause", f"{last.category}{said}: {suggestion(last.category, None, fix)}")
     if verdict == "reproduced":
         return Decision(
             "pause",
@@ -271,6 +283,35 @@ def result_checkpoint(j: JobState) -> str | None:
     good = j.good_checkpoints()
     best = best_checkpoint(good) if j.config and j.config.result == "best" else None
     return best.path if best else (good[-1].path if good else None)
+
+
+def branch_reason(j: JobState, lin: LineageState) -> str:
+    """Decided when job ``j`` completes: "" if it becomes its lineage's head, else why it is a branch.
+
+    The head is what later jobs warm-start from and what consolidation fuses; replacing it silently
+    would drop the training of the job that holds it. So a job takes the head only if it continued
+    from it (its warm start, ``parent_job``, is the head), or if it started fresh with the head it
+    knew: no head, or one that was already the head when it first started (a fresh restart by the
+    user's choice, `--fresh`). A job that warm-started from an older head, or started fresh before
+    the current head became the head (that job completed first, meanwhile), is a branch, recorded
+    as such, until `ftctl lineage set-head` chooses."""
+    head = lin.head_job
+    if head is None or head == j.job:
+        return ""
+    set_head = f"`ftctl lineage set-head {j.job}` makes this one the head"
+    if j.parent_job is not None:
+        if j.parent_job == head:
+            return ""
+        return (
+            f"a branch: it warm-started from job {j.parent_job}, but job {head} completed first and is the "
+            f"lineage's head; {set_head}"
+        )
+    if lin.head_seq < j.started_seq:
+        return ""
+    return (
+        f"a branch: it started fresh, and job {head} became the lineage's head while it trained (it "
+        f"completed first); the head stays job {head}; {set_head}"
+    )
 
 
 def to_prune(j: JobState) -> list[CheckpointRecord]:

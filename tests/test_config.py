@@ -87,10 +87,12 @@ def test_decode_does_not_modify_its_input():
 
 
 def test_pyyaml_string_floats_are_read_as_numbers():
-    # PyYAML (YAML 1.1) loads `learning_rate: 1e-5` as the string '1e-5'.
-    data = yaml.safe_load(
+    # PyYAML (YAML 1.1) loads `learning_rate: 1e-5` as the string '1e-5'. (yaml.Loader, not
+    # safe_load: importing mlx_lm.lora adds a float resolver to yaml.SafeLoader for the whole process.)
+    data = yaml.load(
         "model: m\nlearning_rate: 1e-5\nlr_schedule:\n  name: cosine_decay\n"
-        "  arguments: [1e-5, 100, 1e-7]\n"
+        "  arguments: [1e-5, 100, 1e-7]\n",
+        Loader=yaml.Loader,
     )
     assert data["learning_rate"] == "1e-5"
     c, _ = decode_config(data)
