@@ -123,8 +123,9 @@ HELP: dict[str, tuple[str, str]] = {
     ),
     "consolidate": (
         "Fuse the lineage's current adapter into a new base model models/vNNNN/ (verified before it is "
-        "promoted); new jobs then train a fresh adapter on it. With a daemon running, records a request it "
-        "carries out when the lineage is idle.",
+        "promoted); new jobs then train a fresh adapter on it. A full fine-tune is promoted as it is: the "
+        "base with its trained layers in place, nothing to fuse. With a daemon running, records a request "
+        "it carries out when the lineage is idle.",
         "ftctl consolidate --lineage main",
     ),
     "config": ("Configuration: ftctl.yaml as new jobs will see it.", "ftctl config show"),

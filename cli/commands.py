@@ -407,21 +407,25 @@ def cmd_set_head(args, ws) -> int:
 def cmd_eval(args, ws) -> int:
     from ftctl.control.evaluate import evaluate
 
-    out = evaluate(ws, Ledger(ws.open_journal()), args.job, Path(args.data) if args.data else None)
+    ledger = Ledger(ws.open_journal())
+    out = evaluate(ws, ledger, args.job, Path(args.data) if args.data else None)
     e = out.event
+    cfg = ledger.state.jobs[e.job].config
+    tuned = "trained layers (full fine-tune)" if cfg and cfg.fine_tune_type == "full" else "adapter"
     body = {k: v for k, v in ev.to_dict(e).items() if k != "type"}
     if args.json:
         render.print_json({**body, "at": out.at, "seq": out.seq, "warnings": out.warnings})
         return 0
     for w in out.warnings:
         render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
-    render.console.print(eval_table(e, ws))
+    render.console.print(eval_table(e, ws, tuned))
     render.console.print(verdict(e) + f" (recorded as event {out.seq})")
     return 0
 
 
-def eval_table(e: ev.AdapterEvaluated, ws):
-    """An `adapter_evaluated` record as `ftctl eval` shows it (also `ftctl lora --test`)."""
+def eval_table(e: ev.AdapterEvaluated, ws, tuned: str = "adapter"):
+    """An `adapter_evaluated` record as `ftctl eval` shows it (also `ftctl lora --test`); ``tuned``
+    names what was trained (a full fine-tune's layers)."""
     from rich.table import Table
 
     owner = f"job {e.job}" if e.job else "the adapter"
@@ -437,7 +441,7 @@ def eval_table(e: ev.AdapterEvaluated, ws):
         _num(e.base_ppl, ".2f"),
     )
     t.add_row(
-        f"base + adapter {'of job ' + e.job if e.job else render.escape(str(ws.abs(e.adapter_path)))}",
+        f"base + {tuned} {'of job ' + e.job if e.job else render.escape(str(ws.abs(e.adapter_path)))}",
         _num(e.adapter_loss, ".4f"),
         _num(e.adapter_ppl, ".2f"),
     )

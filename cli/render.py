@@ -256,6 +256,14 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
         "best_val_loss": j.best_val_loss,
         "adapter_path": j.adapter_path,
         "adapter_sha256": j.adapter_sha256,
+        # which checkpoint the adapter was published from (config `result`) and why training ended
+        "result": j.result or None,
+        "result_step": j.result_step,
+        "result_val_loss": j.result_val_loss,
+        "result_checkpoint": j.result_checkpoint,
+        "result_note": j.result_note or None,
+        "stopped_early": j.stopped_early or None,
+        "epochs": j.config.epochs if j.config else None,
         "exported_to": j.exported_to,
         "export_refused": j.export_refused,
         "last_eval": {
@@ -282,6 +290,7 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
                 "checkpoint_step": j.step,
                 "live_step": view.live_step,
                 "live_global_step": view.live_global_step,
+                "epoch": view.epoch,
                 "stale": view.stale,
                 "note": view.note or None,
                 "eta_s": None if view.eta_s is None else round(view.eta_s, 1),
@@ -358,6 +367,8 @@ def status_table(views: list[JobView]) -> Table:
         style = _STATE_STYLE.get(j.state, "")
         state = f"[{style}]{j.state}[/]" + (" [red](daemon dead)[/]" if v.stale else "")
         step = f"{v.live_step}/{j.iters}" if j.iters else "-"
+        if v.epoch:
+            step += f" (epoch {v.epoch})"
         loss = f"{m['loss']:.4f}" if m.get("loss") is not None else "-"
         val = f"{j.last_val_loss:.4f}" if j.last_val_loss is not None else "-"
         note = escape(v.note if len(v.note) <= 200 else v.note[:197] + "…")
@@ -387,6 +398,10 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
             if view.eta_s is not None
             else (f"unknown: {view.eta_basis}" if view.eta_basis else None)
         )
+    if j.result_step is not None:
+        d["result"] = f"step {j.result_step}, {d['result']}" + (
+            f", val loss {j.result_val_loss:.4f}" if j.result_val_loss is not None else ""
+        )
     # the worker that trains it now (a dead daemon's is in the note, with whether it still runs)
     d["worker"] = (
         f"pid {j.worker.pid}" if j.worker and not (view is not None and view.stale) else None
@@ -397,6 +412,7 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
         "live_step",
         "step",
         "iters",
+        "epoch",
         "eta",
         "global_step",
         "attempt",
@@ -414,6 +430,9 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
         "best_val_loss",
         "adapter_path",
         "adapter_sha256",
+        "result",
+        "result_note",
+        "stopped_early",
         "exported_to",
         "export_refused",
         "requested",
@@ -421,7 +440,7 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
     ]:
         v = d.get(k)
         if v not in (None, "", []):
-            label = {"step": "step (checkpoint)"}.get(k, k)
+            label = {"step": "step (checkpoint)", "result": "adapter from"}.get(k, k)
             t.add_row(
                 label, f"[{_STATE_STYLE.get(v, '')}]{v}[/]" if k == "state" else escape(str(v))
             )
@@ -643,6 +662,8 @@ class ConsoleReporter(Reporter):
                 self.bar.update(self.task, val=_fmt(msg.val_loss, ".4f"))
             elif isinstance(msg, P.CheckpointWritten):
                 self.bar.update(self.task, ckpt=f"step {msg.checkpoint.step}")
+            elif isinstance(msg, P.Completed) and msg.stopped_early:  # done before iters
+                self.bar.update(self.task, total=msg.step, completed=msg.step)
         elif (
             isinstance(msg, P.Report)
             and self.lines is not None

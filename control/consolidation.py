@@ -185,7 +185,12 @@ def consolidate(
             temp_path=ws.rel(fuse.temp_dir(ws.models, version)),
         ),
     )
-    note(f"lineage {lineage}: fusing job {head.job}'s adapter into {base} -> models/v{version:04d}")
+    what = (
+        f"promoting job {head.job}'s full fine-tune ({base} with its trained layers; nothing to fuse)"
+        if fuse.fine_tune_type(ws.abs(head.adapter_path)) == "full"
+        else f"fusing job {head.job}'s adapter into {base}"
+    )
+    note(f"lineage {lineage}: {what} -> models/v{version:04d}")
     try:
         fused = fuse.fuse(base_dir, ws.abs(head.adapter_path), ws.models, version)
     except BaseException as e:
@@ -213,7 +218,7 @@ def consolidate(
     )
     note(
         f"lineage {lineage}: base v{version} promoted ({fused.path}, max |logit diff| {fused.max_abs_diff:.2e}); "
-        "new jobs train a fresh adapter on it",
+        "new jobs train on it from scratch (a fresh adapter, or its weights as they are for full)",
         "ok",
     )
     crash_point("consolidate_after_event", version)

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from ftctl.adapters import blas, logs, power, process, system
 from ftctl.adapters.faults import crash_point
-from ftctl.adapters.model import model_problem
+from ftctl.adapters.model import checkpoint_estimate, model_problem
 from ftctl.adapters.protocol import TrainPlan, encode
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import Config, ConfigError, locked_changes
 from ftctl.core.machine import ACTIVE
+from ftctl.core.policy import disk_needed_gb
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.types import CheckpointRecord
@@ -329,24 +330,30 @@ class Daemon:
                 f"job {j.job} would warm-start from job {head.job}'s adapter but changes what shapes it "
                 f"({'; '.join(changed)}); consolidate first or submit it to a new lineage (--lineage NAME)"
             )
-        final = [c for c in head.good_checkpoints() if c.step == head.step]
-        if not final:
+        # the checkpoint its adapter was published from (config `result`: the best or the last), so
+        # the lineage continues from the weights it published; the global step goes on from its end
+        src = head.result_checkpoint or next(
+            (c.path for c in head.good_checkpoints() if c.step == head.step), None
+        )
+        if src is None or src not in {c.path for c in head.good_checkpoints()}:
             self.say(
-                f"job {j.job}: previous job {head.job} has no verified final checkpoint; starting fresh",
+                f"job {j.job}: previous job {head.job} has no verified checkpoint of its published "
+                "adapter; starting fresh",
                 "warn",
             )
             return None, 0, None
-        return final[-1].path, head.global_step, head.job
+        return src, head.global_step, head.job
 
     def _preflight(self, j: JobState, cfg: Config) -> str | None:
         """Why the job cannot start now (it is paused with that reason), or None."""
         good = j.good_checkpoints()
-        need = max(cfg.min_free_disk_gb, 2 * (good[-1].bytes if good else 0) / system.GB)
+        size = good[-1].bytes if good else checkpoint_estimate(self.ws.located(cfg))
+        need, why = disk_needed_gb(cfg, size / system.GB, len(good))
         free = system.free_disk_gb(self.ws.home)
         if free < need:
             return (
-                f"only {free:.2f} GB free on {self.ws.home}, need {need:.2f} GB "
-                f"(max of min_free_disk_gb and twice the checkpoint size): free space, then `ftctl resume {j.job}`"
+                f"only {free:.2f} GB free on {self.ws.home}, need {need:.2f} GB ({why}): free space, "
+                f"then `ftctl resume {j.job}`"
             )
         model = self.ws.abs(cfg.model)
         problem = model_problem(model)

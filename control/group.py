@@ -320,6 +320,12 @@ class GroupSupervision(Supervision):
     def ranks_reported(self) -> None:
         """Journal the tokens/s of every rank for the step whose report was due, once all have reported it."""
         ranks, step = self.g.ranks, self.report_due
+        if self.finished == "completed":
+            # the leader's completion can arrive (on its own connection) before another rank's last
+            # report: the job is no longer active, so that report is not journalled (it would be
+            # illegal in `completed`; seen once in a loaded suite run)
+            self.report_due = None
+            return
         if len(ranks) < self.g.layout.world_size or any(
             r.report_step < step for r in ranks.values()
         ):

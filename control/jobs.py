@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ftctl.adapters import process
 from ftctl.adapters.workspace import Workspace
+from ftctl.core.config import Config
 from ftctl.core.machine import ACTIVE
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import types as ev
@@ -130,6 +131,26 @@ def wait_stopped(ledger: Ledger, timeout_s: float, ws: Workspace | None = None) 
         time.sleep(0.2)
 
 
+def _by_epochs(ws: Workspace, j: JobState, cfg: Config, overrides: list[str]) -> Config:
+    """``cfg`` of a job trained by ``epochs``, with ``iters`` derived again (as submit derives it) from
+    the training data the job holds: a new epochs or batch_size moves them. UserError for --set iters
+    (epochs decide them) or a batch larger than the data."""
+    from ftctl.core.config import ConfigError, features, override_key, resolve_epochs
+
+    from .submit import _examples
+
+    if any(override_key(o) == "iters" for o in overrides):
+        raise UserError(
+            f"job {j.job} trains by epochs = {cfg.epochs}, which decide its iters: --set epochs=N "
+            "instead (or epochs=null together with iters=N). Nothing was changed"
+        )
+    train = (ws.job_dir(j.job) / "data" / "train.jsonl").read_bytes()
+    try:
+        return resolve_epochs(cfg, _examples(train, features(cfg)))
+    except ConfigError as e:
+        raise UserError(f"{e}. Nothing was changed") from None
+
+
 def retry(
     ws: Workspace, ledger: Ledger, job: str, overrides: list[str], reshard: bool = False
 ) -> Outcome:
@@ -181,6 +202,10 @@ def retry(
     problem = model_problem(ws.abs(cfg.model))
     if problem:
         raise UserError(f"the base model cannot load: {problem}. Nothing was changed")
+    if (
+        cfg.epochs is not None
+    ):  # trained by epochs: iters follow them, on the job's own training data
+        cfg = _by_epochs(ws, j, cfg, overrides)
     broken = group_problems(cfg)
     if broken:
         raise UserError(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ftctl.adapters import checkpoint as ck
 from ftctl.adapters.workspace import Workspace
+from ftctl.core.config import keep_last
 from ftctl.core.machine import TERMINAL
 from ftctl.core.policy import to_prune
 from ftctl.core.state import JobState, LineageState, Projection, job_stream, lineage_stream
@@ -45,7 +46,9 @@ def checkpoints(ws: Workspace, j: JobState) -> Repair | None:
     if not victims:
         return None
     r = j.config.retention
-    return prune(ws, j, victims, f"retention: keep_last={r.keep_last}, keep_best={r.keep_best}")
+    return prune(
+        ws, j, victims, f"retention: keep_last={keep_last(j.config)}, keep_best={r.keep_best}"
+    )
 
 
 def superseded(ws: Workspace, p: Projection, lin: LineageState) -> list[Repair]:

@@ -18,6 +18,7 @@ import msgspec
 
 from ftctl.adapters import process
 from ftctl.adapters.workspace import Workspace
+from ftctl.core.config import epoch_of
 from ftctl.core.machine import ACTIVE
 from ftctl.core.policy import resumes_from
 from ftctl.core.state import JobState, LineageState, Projection, job_stream
@@ -73,6 +74,12 @@ class JobView:
     note: str  # what is true now (stale reasons dropped)
     eta_s: float | None  # seconds left, for a job training under a live daemon
     eta_basis: str | None  # how eta_s was computed
+
+    @property
+    def epoch(self) -> str | None:
+        """'2/3': the epoch live_step is in, for a job trained by `epochs` (else None)."""
+        e = epoch_of(self.job.config, self.live_step) if self.job.config else None
+        return f"{e[0]}/{e[1]}" if e else None
 
 
 @dataclass(frozen=True)
@@ -212,6 +219,7 @@ def located(ws: Workspace, j: JobState) -> JobState:
         base_model=at(j.base_model),
         warm_start_from=at(j.warm_start_from),
         adapter_path=at(j.adapter_path),
+        result_checkpoint=at(j.result_checkpoint),
         checkpoints=[msgspec.structs.replace(c, path=at(c.path)) for c in j.checkpoints],
         corrupt={at(k): v for k, v in j.corrupt.items()},
     )
@@ -292,8 +300,19 @@ def _note(j: JobState, d: DaemonView, live: int, now: float) -> str:
         reason = _DELAY.sub("", j.reason)
         return reason + (f", in {j.not_before - now:.0f} s" if j.not_before > now else "")
     if j.state == "completed" and not j.reason:
-        return f"adapter {j.adapter_sha256[:12]}" if j.adapter_sha256 else ""
+        if not j.adapter_sha256:
+            return ""
+        early = f"; stopped early at step {j.step}" if j.stopped_early else ""
+        return f"adapter {j.adapter_sha256[:12]} {describe_result(j)}{early}"
     return j.reason
+
+
+def describe_result(r) -> str:
+    """Which checkpoint a completion published, in words: 'from step 30 (best: val loss 1.2345)'.
+    ``r``: a Completed message or event, or a JobState (result, result_step, result_val_loss)."""
+    val = f": val loss {r.result_val_loss:.4f}" if r.result_val_loss is not None else ""
+    note = f"; {r.result_note}" if r.result_note else ""
+    return f"from step {r.result_step} ({r.result or 'last'}{val}){note}"
 
 
 def _with_env(j: JobState, note: str) -> str:

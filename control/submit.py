@@ -13,21 +13,32 @@ from pathlib import Path
 
 import msgspec
 
-from ftctl.adapters import hfdata
+from ftctl.adapters import hfdata, system
 from ftctl.adapters.checkpoint import export_problem
 from ftctl.adapters.fs import UnreadableFile, read_input, write_durable
 from ftctl.adapters.group import problems as group_problems
-from ftctl.adapters.model import is_repo_id, model_problem, safetensors_names, shape
+from ftctl.adapters.model import (
+    checkpoint_estimate,
+    is_repo_id,
+    model_problem,
+    quantized,
+    safetensors_names,
+    shape,
+)
 from ftctl.adapters.workspace import Workspace
 from ftctl.core import fit
 from ftctl.core.config import (
     TRACKERS,
     Config,
+    ConfigError,
     config_sha256,
+    config_warnings,
     features,
     hf_entries,
     job_config,
+    keep_last,
     locked_changes,
+    resolve_epochs,
 )
 from ftctl.core.dataset import (
     DataReport,
@@ -36,6 +47,7 @@ from ftctl.core.dataset import (
     valid_records,
     validate_jsonl,
 )
+from ftctl.core.policy import disk_needed_gb
 from ftctl.core.state import job_stream
 from ftctl.events import types as ev
 from ftctl.events.journal import ConcurrencyError
@@ -355,6 +367,65 @@ def _lineage_config(ledger: Ledger, lineage: str, cfg: Config) -> Config:
     return cfg
 
 
+def _how_long(
+    cfg: Config, warnings: list[str], train_examples: int, has_valid: bool, ws: Workspace
+) -> tuple[Config, list[str]]:
+    """The run the job records (issue 20: full fine-tuning, epochs, early stopping, the result):
+    ``epochs`` turned into ``iters`` for this training data, a full fine-tune checked against its
+    model, and the config's warnings for what it will really run — among them what a full
+    fine-tune's checkpoints take on disk (and whether the workspace's disk has room for them now),
+    and keys that need validation data the job lacks."""
+    try:
+        run = resolve_epochs(cfg, train_examples)
+    except ConfigError as e:
+        raise SubmitError(f"{e}; nothing was queued") from None
+    if run is not cfg:  # the config's own warnings, for the iters it will really run
+        stale = config_warnings(cfg)
+        warnings = config_warnings(run) + [w for w in warnings if w not in stale]
+    cfg, warnings = run, list(warnings)
+    if cfg.epochs is not None:
+        warnings.append(
+            f"epochs = {cfg.epochs}: iters = {cfg.iters} ({cfg.iters // cfg.epochs} batches of "
+            f"{cfg.batch_size} per epoch)"
+        )
+    if cfg.fine_tune_type == "full":
+        here = ws.located(cfg)  # the model's folder where it is now
+        if quantized(here.model):
+            raise SubmitError(
+                f"fine_tune_type: full trains the weights themselves, but {here.model} is quantized: "
+                "they cannot be trained. Nothing was queued; use lora or dora (QLoRA), or a float copy "
+                "of the model (`ftctl init --model FILE.gguf --dtype float16`, or mlx_lm.convert "
+                "without -q)"
+            )
+        size = checkpoint_estimate(here)
+        shown = f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+        warnings.append(
+            f"full fine-tuning: each checkpoint holds the trained layers' weights and the "
+            f"{cfg.optimizer} state, about {shown} here; retention keeps the newest "
+            f"{keep_last(cfg)} (retention.keep_last), the best and the one being written, and the "
+            "start of the job checks the disk has room for them"
+        )
+        need, why = disk_needed_gb(cfg, size / system.GB, 0)
+        free = system.free_disk_gb(ws.home)
+        if free < need:
+            warnings.append(
+                f"only {free:.2f} GB free on {ws.home} now, and this full fine-tune needs about "
+                f"{need:.2f} GB ({why}): the daemon pauses it at its start until there is room "
+                "(free space, or lower retention.keep_last or num_layers)"
+            )
+    if not has_valid:
+        if cfg.early_stopping is not None:
+            warnings.append(
+                "early_stopping needs validation data, and this job has none: it trains all its iters"
+            )
+        if cfg.result == "best":
+            warnings.append(
+                "result: best needs validation data, and this job has none: the last step's adapter "
+                "is published"
+            )
+    return cfg, warnings
+
+
 def resolve_model(
     ws: Workspace, ledger: Ledger, cfg: Config, note: Note = quiet
 ) -> tuple[Config, models.Resolved]:
@@ -537,6 +608,8 @@ def submit(
                 + ". Nothing was queued; change those keys (ftctl.yaml, --set, or `ftctl lora`'s "
                 "flags and -c file) and submit again"
             )
+        # how long it trains (epochs) and what a full fine-tune takes, for this job's training data
+        cfg, warnings = _how_long(cfg, warnings, counts["train"], held is not None, ws)
     if not reasons and not again:
         _duplicate(
             ledger,

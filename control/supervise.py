@@ -34,6 +34,7 @@ from ftctl.recovery.reconcile import apply, mark_corrupt
 
 from . import reproduce, retention
 from .reporter import Every
+from .status import describe_result
 from .tensorboard import Live
 from .trackers import Trackers
 
@@ -231,20 +232,43 @@ class Supervision:
                     adapter_path=d.ws.rel(msg.adapter_path),
                     adapter_sha256=msg.adapter_sha256,
                     checkpoint=d.ws.rel(msg.checkpoint),
+                    result=msg.result,
+                    result_step=msg.result_step,
+                    result_val_loss=msg.result_val_loss,
+                    result_note=msg.result_note,
                     exported_to=msg.exported_to,
                     export_refused=msg.export_refused,
                     branch=branch,
                 )
-                # the test split's scores (config `test`) with it, atomically: both or neither
+                # early stopping's decision and the test split's scores (config `test`) with it, in
+                # one transaction: all or nothing (a job never reads as stopped early without its
+                # result, nor completes early without the reason)
+                early = (
+                    [
+                        ev.EarlyStopped(
+                            job=job,
+                            step=msg.step,
+                            global_step=msg.global_step,
+                            reason=msg.stopped_early,
+                            best_step=msg.best_step,
+                            best_val_loss=msg.best_val_loss,
+                        )
+                    ]
+                    if msg.stopped_early
+                    else []
+                )
                 scored = [
                     msgspec.structs.replace(e, data_path=d.ws.rel(e.data_path))  # recorded relative
                     for e in ([msg.evaluated] if msg.evaluated else [])
                 ]
-                L.commit(self.stream, done, *scored)
+                L.commit(self.stream, *early, done, *scored)
                 self.finished = "completed"
+                if msg.stopped_early:
+                    d.say(f"job {job}: {msg.stopped_early}", "ok")
                 d.say(
                     f"job {job} completed at step {msg.step} (global {msg.global_step}): "
-                    f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…"
+                    f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…, "
+                    f"{describe_result(msg)}"
                     + (f", also published at {msg.exported_to}" if msg.exported_to else ""),
                     "ok",
                 )

@@ -33,7 +33,12 @@ __all__ = [
     "RestartPolicy",
     "Retention",
     "Timeouts",
+    "EarlyStopping",
     "config_sha256",
+    "config_warnings",
+    "epoch_of",
+    "keep_last",
+    "resolve_epochs",
     "config_to_dict",
     "job_config",
     "decode_config",
@@ -97,9 +102,40 @@ class LRSchedule(Struct, kw_only=True, forbid_unknown_fields=True):
     ] = []
 
 
+# retention.keep_last when it is null: a full fine-tune's checkpoint holds the trained weights and their
+# optimizer state (Adam: 3x the trained weights: GBs for a real model), a LoRA one a few MB
+KEEP_LAST = {"lora": 3, "dora": 3, "full": 1}
+
+
 class Retention(Struct, kw_only=True, forbid_unknown_fields=True):
-    keep_last: Annotated[int, _m("number of most recent checkpoints kept on disk", ge=1)] = 3
-    keep_best: Annotated[bool, _m("also keep the checkpoint with the lowest val_loss")] = True
+    keep_last: Annotated[
+        Annotated[int, Meta(ge=1)] | None,
+        _m(
+            "number of most recent checkpoints kept on disk; null = by fine_tune_type: 3 for lora and "
+            "dora, 1 for full (a full checkpoint holds the trained weights and their optimizer state: "
+            "GBs for a real model)",
+            "an integer >= 1, or null",
+        ),
+    ] = None
+    keep_best: Annotated[
+        bool,
+        _m("also keep the checkpoint with the lowest val_loss (measured at its own step)"),
+    ] = True
+
+
+class EarlyStopping(Struct, kw_only=True, forbid_unknown_fields=True):
+    patience: Annotated[
+        int,
+        _m(
+            "evaluations in a row that do not lower the best validation loss by at least min_delta "
+            "before training stops",
+            ge=1,
+        ),
+    ] = 3
+    min_delta: Annotated[
+        float,
+        _m("the smallest decrease of the validation loss that counts as an improvement", ge=0),
+    ] = 0.0
 
 
 class RestartPolicy(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -373,7 +409,13 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
             min_length=1,
         ),
     ]
-    fine_tune_type: Annotated[Literal["lora", "dora"], _m("adapter type: lora or dora")] = "lora"
+    fine_tune_type: Annotated[
+        Literal["lora", "dora", "full"],
+        _m(
+            "lora or dora (an adapter on the frozen model) or full (the weights of the last num_layers "
+            "layers themselves are trained, as in mlx-lm)"
+        ),
+    ] = "lora"
     optimizer: Annotated[
         Literal["adam", "adamw", "sgd", "adafactor", "muon"], _m("mlx optimizer")
     ] = "adam"
@@ -397,7 +439,7 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     num_layers: Annotated[
         int,
         _m(
-            "number of final transformer layers to adapt; -1 = all",
+            "number of final transformer layers to adapt (full: to train); -1 = all",
             "-1 (all layers) or an integer >= 1",
             ge=-1,
         ),
@@ -525,6 +567,31 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
         bool, _m("let the model's and tokenizer's own Python code run when they load")
     ] = False
     # ftctl's own keys
+    # how long a job trains, and which checkpoint becomes its result (docs/config.md, "Epochs, early
+    # stopping and the result")
+    epochs: Annotated[
+        Annotated[int, Meta(ge=1)] | None,
+        _m(
+            "train this many passes over the training data instead of `iters`: the job records "
+            "iters = epochs x batches per epoch (training examples // batch_size); null = use iters",
+            "an integer >= 1, or null",
+        ),
+    ] = None
+    early_stopping: Annotated[
+        EarlyStopping | None,
+        _m(
+            "stop training (the job completes) once the validation loss stops improving; null = "
+            "train to the end",
+            "a mapping {patience, min_delta}, or null",
+        ),
+    ] = None
+    result: Annotated[
+        Literal["best", "last"],
+        _m(
+            "which checkpoint becomes the job's adapter: best = the lowest validation loss (the last "
+            "one without validation data), last = the final step's"
+        ),
+    ] = "best"
     warm_start: Annotated[
         bool, _m("start from the adapter of the lineage's previous completed job")
     ] = True
@@ -541,7 +608,9 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
         float,
         _m(
             "a job does not start (it is paused, with the reason) below this free disk space (GB), "
-            "nor below twice its last checkpoint's size",
+            "nor below what its checkpoints will take (keep_last, the best and the one being written, "
+            "and the published weights; a full fine-tune's estimated from the model before its first "
+            "checkpoint)",
             ge=0,
         ),
     ] = 1.0
@@ -801,6 +870,15 @@ def _locate(tokens: list, data: Any) -> tuple[str, Any, Any]:
     return key, value, t
 
 
+def _numeric(t: Any) -> bool:
+    """A number, or a number or null (max_grad_norm, retention.keep_last, epochs)."""
+    base = _unwrap(t)[0] if t is not None else None
+    if isinstance(base, mi.UnionType):
+        kinds = [_unwrap(m)[0] for m in base.types if not isinstance(_unwrap(m)[0], mi.NoneType)]
+        return bool(kinds) and all(isinstance(k, (mi.IntType, mi.FloatType)) for k in kinds)
+    return isinstance(base, (mi.IntType, mi.FloatType))
+
+
 def _from_validation_error(err: msgspec.ValidationError, data: dict, source: str) -> ConfigError:
     msg = str(err)
     where = re.search(r" - at `(\$[^`]*)`$", msg)
@@ -836,7 +914,7 @@ def _from_validation_error(err: msgspec.ValidationError, data: dict, source: str
         text = f"{source}: {shown} = {_show(value)} has the wrong type: expected {allowed}"
     elif head.startswith("Invalid enum value"):
         text = f"{source}: {shown} = {_show(value)} is not allowed: must be {allowed}"
-    elif isinstance(_unwrap(t)[0], (mi.IntType, mi.FloatType)) or "out of range" in head:
+    elif _numeric(t) or "out of range" in head:
         text = f"{source}: {shown} = {_show(value)} is out of range: must be {allowed}"
     else:
         text = f"{source}: {shown} = {_show(value)} is not valid: must be {allowed}"
@@ -1040,6 +1118,44 @@ def world_size(cfg: Config, hostfile_hosts: int | None = None) -> int:
     return hostfile_hosts
 
 
+def keep_last(cfg: Config) -> int:
+    """How many of the newest checkpoints retention keeps: ``retention.keep_last``, or by fine-tune type
+    when it is null (KEEP_LAST)."""
+    k = cfg.retention.keep_last
+    return KEEP_LAST[cfg.fine_tune_type] if k is None else k
+
+
+def resolve_epochs(cfg: Config, train_examples: int) -> Config:
+    """The config a job records: with ``epochs`` set, ``iters`` = epochs x batches per epoch. An epoch
+    is one pass over the batches of adapters/batches.py's TrainBatches: the training examples sorted by
+    length and cut into train_examples // batch_size full batches (as mlx-lm cuts them; the
+    train_examples % batch_size longest examples are in no batch), visited in an order drawn for that
+    epoch, so iteration n is in epoch n // batches. ``batch_size`` is the global batch of a
+    data-parallel job. Without ``epochs`` the config is returned as it is."""
+    if cfg.epochs is None:
+        return cfg
+    per_epoch = train_examples // cfg.batch_size
+    if per_epoch < 1:
+        raise ConfigError(
+            f"epochs = {cfg.epochs} needs at least one batch per epoch, but the training data has "
+            f"{train_examples} examples, fewer than batch_size = {cfg.batch_size}: lower batch_size or "
+            "add data",
+            key="epochs",
+            value=cfg.epochs,
+            allowed=f"a training set of at least batch_size = {cfg.batch_size} examples",
+        )
+    return msgspec.structs.replace(cfg, iters=cfg.epochs * per_epoch)
+
+
+def epoch_of(cfg: Config, step: int) -> tuple[int, int] | None:
+    """(the epoch ``step`` is in, counted from 1; epochs) for a job trained by ``epochs``, else None.
+    Step 0 (nothing trained yet) is in epoch 1, the last step in the last epoch."""
+    if cfg.epochs is None:
+        return None
+    per_epoch = max(cfg.iters // cfg.epochs, 1)
+    return min(max(step - 1, 0) // per_epoch + 1, cfg.epochs), cfg.epochs
+
+
 def _field_type(name: str) -> Any:
     return next(f.type for f in _CONFIG_TYPE.fields if f.name == name)
 
@@ -1095,7 +1211,18 @@ def _warnings(cfg: Config) -> list[str]:
     for name, settings in cfg.optimizer_config.items():
         if name != cfg.optimizer and settings:  # mlx-lm's defaults list every optimizer, empty
             out.append(f"optimizer_config.{name} is ignored: optimizer is {cfg.optimizer!r}")
+    if cfg.early_stopping is not None and cfg.steps_per_eval >= cfg.iters:
+        out.append(
+            f"early_stopping: steps_per_eval = {cfg.steps_per_eval} >= iters = {cfg.iters}: the "
+            "validation loss is measured at most once, so training can never stop early"
+        )
     return out
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """The warnings of a resolved config (decode_config's, computed again once `epochs` has set
+    `iters`)."""
+    return _warnings(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1336,6 +1463,7 @@ RESTART_KEYS = LOCKED_KEYS + (
 )
 NEUTRAL_KEYS = (
     "iters",
+    "epochs",  # where it stops, as iters (the batches of an epoch do not depend on how many)
     "save_every",
     "steps_per_report",
     "steps_per_eval",

@@ -62,6 +62,7 @@ LINEAGE_TRANSITIONS = [
 _ANY_JOB = frozenset(JOB_STATES) - {"new"}
 FACTS = {
     "evaluated": frozenset(ACTIVE),
+    "early_stopped": frozenset(ACTIVE),
     "adapter_evaluated": frozenset({"completed"}),  # only a completed job has an adapter
     "control_requested": frozenset(ACTIVE),
     "ranks_reported": frozenset(ACTIVE),

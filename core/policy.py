@@ -10,10 +10,12 @@ import re
 import signal as _signal
 from dataclasses import dataclass
 
+import msgspec
+
 from ftctl.events import types as ev
 from ftctl.events.types import CheckpointRecord, ts_epoch
 
-from .config import RestartPolicy
+from .config import Config, EarlyStopping, RestartPolicy, keep_last
 from .reproduction import DETERMINISTIC
 from .state import CrashRecord, JobState, LineageState
 
@@ -263,6 +265,26 @@ def follow_up(
     return ev.Failed(job=job, reason=decision.reason, category=category)
 
 
+def best_checkpoint(checkpoints: list[CheckpointRecord]) -> CheckpointRecord | None:
+    """The checkpoint with the lowest validation loss measured at its own step (the earliest of
+    equals): what ``result: best`` publishes, and what ``keep_best`` keeps. A checkpoint whose
+    val_loss is an earlier step's (a save between evaluations, a pause) is not a candidate; one from
+    before ``val_step`` was recorded counts as its own."""
+    scored = [c for c in checkpoints if c.val_loss is not None and c.val_step in (None, c.step)]
+    return min(scored, key=lambda c: (c.val_loss, c.step)) if scored else None
+
+
+def result_checkpoint(j: JobState) -> str | None:
+    """The checkpoint the job publishes (``result``): once completed, the one it published; before,
+    the one it would publish now — the best (``result: best``, when one was evaluated) or the newest
+    good one."""
+    if j.result_checkpoint is not None:
+        return j.result_checkpoint
+    good = j.good_checkpoints()
+    best = best_checkpoint(good) if j.config and j.config.result == "best" else None
+    return best.path if best else (good[-1].path if good else None)
+
+
 def branch_reason(j: JobState, lin: LineageState) -> str:
     """Decided when job ``j`` completes: "" if it becomes its lineage's head, else why it is a branch.
 
@@ -293,20 +315,101 @@ def branch_reason(j: JobState, lin: LineageState) -> str:
 
 
 def to_prune(j: JobState) -> list[CheckpointRecord]:
-    """Committed checkpoints the job's retention removes: all but the newest ``keep_last`` good ones
-    and the best by validation loss. Corrupt ones go too once a newer good one exists."""
+    """Committed checkpoints the job's retention removes: all but the newest ``keep_last`` good ones,
+    the best by validation loss (keep_best) and the one the job publishes (``result``: never pruned).
+    Corrupt ones go too once a newer good one exists."""
     if j.config is None:
         return []
-    keep_last, keep_best = j.config.retention.keep_last, j.config.retention.keep_best
     good = j.good_checkpoints()
-    keep = {c.path for c in good[-keep_last:]}
-    if keep_best:
-        scored = [c for c in good if c.val_loss is not None]
-        if scored:
-            keep.add(min(scored, key=lambda c: (c.val_loss, -c.step)).path)
+    keep = {c.path for c in good[-keep_last(j.config) :]}
+    if j.config.retention.keep_best and (best := best_checkpoint(good)):
+        keep.add(best.path)
+    keep.add(result_checkpoint(j))
     newest_good = good[-1].step if good else -1
     return [
         c
         for c in j.checkpoints
         if c.path not in keep and (c.path not in j.corrupt or c.step < newest_good)
     ]
+
+
+# --------------------------------------------------------------------------- validation loss
+
+
+class ValWatch(msgspec.Struct, frozen=True, kw_only=True):
+    """What a job's validation losses have shown so far, carried in every checkpoint (state.json) so
+    that a resumed job takes the same decisions: the best loss and its step (``result: best``), and
+    early stopping's reference — the last loss that improved on the one before it by min_delta — with
+    the evaluations since it."""
+
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    ref_val_loss: float | None = None
+    ref_step: int | None = None
+    stale: int = 0
+
+
+def watch(
+    w: ValWatch, step: int, val_loss: float | None, rule: EarlyStopping | None
+) -> tuple[ValWatch, bool, str | None]:
+    """Fold one evaluation of trained weights (not step 0's) into ``w``: (the new watch, whether it is
+    the best so far, why training stops now — early stopping — or None). A loss that is not finite
+    (None) is never an improvement. Improvement for early stopping is against the reference (Keras'
+    rule): a slow steady decrease adds up until it counts."""
+    best = val_loss is not None and (w.best_val_loss is None or val_loss < w.best_val_loss)
+    if best:
+        w = msgspec.structs.replace(w, best_val_loss=val_loss, best_step=step)
+    if rule is None:
+        return w, best, None
+    if val_loss is not None and (
+        w.ref_val_loss is None or val_loss < w.ref_val_loss - rule.min_delta
+    ):
+        return msgspec.structs.replace(w, ref_val_loss=val_loss, ref_step=step, stale=0), best, None
+    w = msgspec.structs.replace(w, stale=w.stale + 1)
+    if w.stale < rule.patience:
+        return w, best, None
+    since = (
+        f"since step {w.ref_step} ({w.ref_val_loss:.4f})"
+        if w.ref_step is not None
+        else "since training began (no finite validation loss yet)"
+    )
+    by = f" by more than min_delta = {rule.min_delta:g}" if rule.min_delta else ""
+    best_at = (
+        f"; the best is {w.best_val_loss:.4f} at step {w.best_step}"
+        if w.best_step is not None
+        else ""
+    )
+    return (
+        w,
+        best,
+        f"early stopping at step {step}: the validation loss has not improved{by} in {w.stale} "
+        f"evaluations {since} (early_stopping.patience = {rule.patience}){best_at}",
+    )
+
+
+# --------------------------------------------------------------------------- disk
+
+# optimizer state per trained weight, in copies of it (mlx.optimizers: Adam/AdamW keep m and v, SGD and
+# Muon a momentum, Adafactor its factored moments: at most one copy)
+OPTIMIZER_SLOTS = {"adam": 2, "adamw": 2, "sgd": 1, "muon": 1, "adafactor": 1}
+
+
+def checkpoint_bytes(cfg: Config, trained_bytes: int) -> int:
+    """About how large one checkpoint is: the trained weights (the adapter, or a full fine-tune's
+    layers) and the optimizer state over them."""
+    return trained_bytes * (1 + OPTIMIZER_SLOTS[cfg.optimizer])
+
+
+def disk_needed_gb(cfg: Config, checkpoint_gb: float, on_disk: int) -> tuple[float, str]:
+    """Free space (GB) a job needs to run to its end, and how that was counted: the checkpoints of
+    ``checkpoint_gb`` retention holds at its peak (keep_last, the best or the published one, the one
+    being written) beyond the ``on_disk`` it has already, and the published copy of the trained
+    weights; never less than min_free_disk_gb."""
+    more = max(keep_last(cfg) + 2 - on_disk, 1)
+    need = more * checkpoint_gb + checkpoint_gb / (1 + OPTIMIZER_SLOTS[cfg.optimizer])
+    if need <= cfg.min_free_disk_gb:
+        return cfg.min_free_disk_gb, "min_free_disk_gb"
+    return need, (
+        f"{more} more checkpoint(s) of about {checkpoint_gb:.2f} GB (retention keeps keep_last = "
+        f"{keep_last(cfg)}, the best one and the one being written) and the published weights"
+    )

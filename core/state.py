@@ -18,7 +18,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, next_state
 
-SNAPSHOT_FORMAT = 16  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 17  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(Exception):
@@ -86,6 +86,13 @@ class JobState(msgspec.Struct, kw_only=True):
     best_val_loss: float | None = None
     adapter_path: str | None = None
     adapter_sha256: str | None = None
+    # the checkpoint the adapter was published from (config `result`), its step and validation loss
+    result: str = ""  # "best" | "last" once completed
+    result_checkpoint: str | None = None
+    result_step: int | None = None
+    result_val_loss: float | None = None
+    result_note: str = ""  # why the published checkpoint is not the one `result` asked for, if so
+    stopped_early: str = ""  # early stopping's reason (early_stopped), "" if it trained to the end
     exported_to: str | None = None  # config adapter_path: where the adapter was also published
     export_refused: str | None = None  # or why it was not
     last_eval: ev.AdapterEvaluated | None = None  # the last `ftctl eval` of the adapter
@@ -279,6 +286,10 @@ def _evaluated(p, j: JobState, e: ev.Evaluated, seq: int, ts: str) -> None:
         j.best_val_loss = e.val_loss
 
 
+def _early_stopped(p, j: JobState, e: ev.EarlyStopped, seq: int, ts: str) -> None:
+    j.stopped_early = e.reason
+
+
 def _adapter_evaluated(p, j: JobState, e: ev.AdapterEvaluated, seq: int, ts: str) -> None:
     j.last_eval, j.last_eval_at = e, ts
 
@@ -286,6 +297,9 @@ def _adapter_evaluated(p, j: JobState, e: ev.AdapterEvaluated, seq: int, ts: str
 def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -> None:
     j.step, j.global_step, j.worker, j.requested, j.reason = e.step, e.global_step, None, None, ""
     j.adapter_path, j.adapter_sha256 = e.adapter_path, e.adapter_sha256
+    j.result, j.result_checkpoint = e.result or "last", e.checkpoint
+    j.result_step = e.result_step if e.result else e.step
+    j.result_val_loss, j.result_note = e.result_val_loss, e.result_note
     j.exported_to, j.export_refused = e.exported_to, e.export_refused
     lin = _lineage(p, j.lineage, j.base_model)
     branch = e.branch
@@ -445,6 +459,7 @@ JOB_HANDLERS = {
     ev.CheckpointDiscarded: None,
     ev.Evaluated: _evaluated,
     ev.AdapterEvaluated: _adapter_evaluated,
+    ev.EarlyStopped: _early_stopped,
     ev.Completed: _completed,
     ev.Crashed: _crashed,
     ev.CrashReproduced: _reproduced,

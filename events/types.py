@@ -119,7 +119,8 @@ class CheckpointRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     manifest_sha256: str
     bytes: int
     train_loss: float | None = None
-    val_loss: float | None = None
+    val_loss: float | None = None  # the latest evaluation's, at or before this step
+    val_step: int | None = None  # the step val_loss was measured at (None in older journals)
 
 
 class Metrics(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -210,6 +211,18 @@ class AdapterEvaluated(EventBase, tag="adapter_evaluated", kw_only=True):
     adapter_ppl: float | None
 
 
+class EarlyStopped(EventBase, tag="early_stopped", kw_only=True):
+    """Early stopping (config ``early_stopping``) ended training at ``step``: the validation loss
+    stopped improving. Committed with the ``completed`` that follows, in one transaction."""
+
+    job: str
+    step: int
+    global_step: int
+    reason: str
+    best_step: int | None = None
+    best_val_loss: float | None = None
+
+
 class Completed(EventBase, tag="completed", kw_only=True):
     trigger: ClassVar[str] = "complete"
     job: str
@@ -217,7 +230,13 @@ class Completed(EventBase, tag="completed", kw_only=True):
     global_step: int
     adapter_path: str
     adapter_sha256: str
-    checkpoint: str
+    checkpoint: str  # the checkpoint the adapter was published from (what a warm start continues)
+    # which checkpoint that is (config `result`): "best" or "last" ("" in older journals: the last),
+    # its step and validation loss; result_note says why it is not the one `result` asked for, if so
+    result: str = ""
+    result_step: int | None = None
+    result_val_loss: float | None = None
+    result_note: str = ""
     # config adapter_path: where the adapter was also published (mlx-lm's layout), or why it was not
     exported_to: str | None = None
     export_refused: str | None = None
@@ -500,6 +519,7 @@ Event = Union[
     CheckpointDiscarded,
     Evaluated,
     AdapterEvaluated,
+    EarlyStopped,
     Completed,
     Crashed,
     CrashReproduced,

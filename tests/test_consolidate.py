@@ -251,6 +251,58 @@ def test_a_job_resumed_after_a_newer_one_completed_becomes_a_branch_and_set_head
     assert _lineage(home)["head_job"] == "0004"
 
 
+def test_a_full_fine_tune_is_evaluated_reproduced_warm_started_and_promoted_as_it_is(
+    tmp_path, demo, capsys
+):
+    """fine_tune_type: full through the lineage: job 1 (killed at step 7, resumed) publishes its
+    trained layers in mlx-lm's layout; `ftctl reproduce --until-crash` replays it past the crash
+    to its end and writes the same full checkpoint bit for bit; `ftctl eval` scores base + trained
+    layers; job 2 warm-starts from the checkpoint job 1 published; consolidation promotes base +
+    job 2's weights (nothing to fuse: every trained tensor is in models/v0001 bit for bit, the
+    logits are base + adapter's exactly), and the lineage's next jobs train it."""
+    import mlx.core as mx
+    from helpers import run, tensor_sha256s
+    from mlx_lm import load
+
+    home = make_workspace(tmp_path / "ws", demo.model_dir, fine_tune_type="full", **SMALL)
+    for name in ("j1", "j2"):
+        ftctl(
+            home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name, "--again"
+        )
+    ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "mid_step:7"))
+    j1, j2 = status(home, "0001"), status(home, "0002")
+    cfg = json.loads((tmp_path / "ws/jobs/0001/adapters/adapter_config.json").read_text())
+    assert (cfg["fine_tune_type"], cfg["lora_parameters"]) == ("full", None)
+    assert j1["crashes"] and j1["state"] == j2["state"] == "completed"
+    code, out, err = run(capsys, "reproduce", "1", "--until-crash", "--home", home)
+    assert code == 0 and "NOT REPRODUCED" in out, err
+    e = [e["data"] for e in history(home) if e["type"] == "crash_reproduced"][-1]
+    assert 10 in e["bit_exact"] and not e.get("mismatch")  # its full checkpoint 10 = the job's
+    code, out, err = run(capsys, "eval", "1", "--home", home)
+    assert code == 0 and "base + trained layers (full fine-tune) of job 0001" in out, err
+    ev1 = [e["data"] for e in history(home) if e["type"] == "adapter_evaluated"][-1]
+    assert ev1["adapter_loss"] < ev1["base_loss"]
+    start2 = [
+        e["data"]
+        for e in history(home)
+        if e["type"] == "training_started" and e["data"]["job"] == "0002"
+    ][0]
+    # the journal records it relative to the workspace, status shows it absolute
+    assert home / start2["warm_start_from"] == Path(j1["result_checkpoint"])
+    assert start2["parent_job"] == "0001"
+    out = " ".join(ftctl(home, "consolidate").stdout.split())
+    assert "promoting job 0002's full fine-tune" in out and "nothing to fuse" in out, out
+    model_dir = home / "models" / "v0001"
+    weights = tensor_sha256s(model_dir / "model.safetensors")
+    trained = tensor_sha256s(j2["adapter_path"])
+    assert trained and all(weights[k] == h for k, h in trained.items())
+    a, _ = load(str(demo.model_dir), adapter_path=j2["adapter_path"])
+    b, _ = load(str(model_dir))
+    x = mx.array([[3, 7, 11, 19, 23]])
+    assert mx.array_equal(a(x), b(x)).item()
+    assert _lineage(home)["base_model"] == str(model_dir)  # what the lineage's next job trains
+
+
 def test_consolidation_keeps_a_cancelled_jobs_checkpoints_and_every_prune_message_is_true(
     tmp_path, demo
 ):

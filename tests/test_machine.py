@@ -148,6 +148,7 @@ def make(typ: type, subject: str, p) -> T.EventBase:
                 bytes=p.i(),
                 train_loss=p.opt(p.f()),
                 val_loss=p.opt(p.f()),
+                val_step=p.opt(p.i()),
             ),
         )
     if typ is T.CheckpointCommittedV1:
@@ -182,6 +183,15 @@ def make(typ: type, subject: str, p) -> T.EventBase:
             adapter_loss=p.opt(p.f()),
             adapter_ppl=p.opt(p.f()),
         )
+    if typ is T.EarlyStopped:
+        return T.EarlyStopped(
+            job=j,
+            step=p.i(),
+            global_step=p.i(),
+            reason=p.s(),
+            best_step=p.opt(p.i()),
+            best_val_loss=p.opt(p.f()),
+        )
     if typ is T.Completed:
         return T.Completed(
             job=j,
@@ -190,6 +200,10 @@ def make(typ: type, subject: str, p) -> T.EventBase:
             adapter_path=p.s(),
             adapter_sha256=p.s(),
             checkpoint=p.s(),
+            result=p.choice(["", "best", "last"]),
+            result_step=p.opt(p.i()),
+            result_val_loss=p.opt(p.f()),
+            result_note=p.s(),
         )
     if typ is T.Crashed:
         return T.Crashed(
@@ -358,6 +372,7 @@ PROGRESS = {
     T.CheckpointStarted: 10,
     T.CheckpointCommitted: 20,
     T.Evaluated: 4,
+    T.EarlyStopped: 1,
     T.Completed: 4,
     T.Crashed: 2,
     T.Requeued: 5,

@@ -384,17 +384,29 @@ def test_a_job_that_cannot_load_is_paused_at_once_with_the_reason(tmp_path, demo
 
 
 def test_a_config_that_cannot_load_names_a_remedy_that_works_and_retry_set_trains_it(
-    tmp_path, demo, capsys
+    tmp_path, demo, capsys, monkeypatch
 ):
-    """`num_layers: 16` (what `ftctl init` writes) on the 2-layer demo model: the job cannot load,
-    and its config is recorded at submit, so "fix the cause, then `ftctl resume`" would fail the same
-    way forever. The crash and the pause name the remedy that works, `ftctl retry 0001 --set
-    num_layers=2`, which records the new config (retried: config + config_sha256) and trains the job
-    to the end, from step 0 (num_layers changes the adapter's shape; it has no checkpoint)."""
+    """`num_layers: 16` (mlx-lm's default) on the 2-layer demo model, in a job recorded without
+    submit's fit check (a journal from before submit checked it; today submit refuses it:
+    tests/test_mlx_data.py): the job cannot load, and its config is recorded, so "fix the cause,
+    then `ftctl resume`" would fail the same way forever. The crash and the pause name the remedy
+    that works, `ftctl retry 0001 --set num_layers=2`, which records the new config (retried:
+    config + config_sha256) and trains the job to the end, from step 0 (num_layers changes the
+    adapter's shape; it has no checkpoint)."""
+    from ftctl.control import submit as submitting
     from ftctl.core.config import Config, config_sha256
+    from ftctl.recovery.ledger import Ledger
 
     home = make_workspace(tmp_path / "ws", demo.model_dir, num_layers=16)
-    _submit(home, demo, *SHORT)
+    monkeypatch.setattr(submitting, "_fit", lambda cfg, counts: [])  # submit as it was
+    ledger = Ledger(Workspace(home).open_journal())
+    try:
+        sub = submitting.submit(
+            Workspace(home), ledger, demo.train, valid=demo.valid, overrides=list(SHORT[1::2])
+        )
+    finally:
+        ledger.close()
+    assert sub.state == "queued" and _job(home).config.num_layers == 16
     p = ftctl(home, "start", "--until-idle", "--quiet", timeout=300, check=False)
     assert p.returncode == 1
     j = _job(home)
@@ -450,6 +462,31 @@ def test_retry_set_resumes_the_last_checkpoint_bit_exact_or_refuses_a_shape_chan
     assert _completed(home).adapter_sha256 == baseline.sha1
     starts = [e["data"] for e in _events(home, "training_started")]
     assert starts[-1]["resume_step"] == 12
+
+
+def test_retry_set_epochs_derives_iters_again_and_refuses_iters_for_a_job_trained_by_epochs(
+    tmp_path, demo, capsys
+):
+    """A job submitted with `epochs` records iters = epochs x batches per epoch; `retry --set` keeps
+    them consistent: epochs=3 (or a new batch_size) derives iters again from the job's own training
+    data, and --set iters is refused (the epochs decide them). Nothing trains: the job is paused
+    while queued."""
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    _submit(home, demo, "--set", "epochs=2")  # 200 examples, batch_size 2: 100 batches per epoch
+    assert (_job(home).config.epochs, _job(home).config.iters) == (2, 200)
+    ftctl(home, "pause", "0001")
+    code, _, err = run(capsys, "retry", "1", "--set", "iters=7", "--home", home)
+    assert code == 1 and "trains by epochs = 2, which decide its iters" in err, err
+    code, _, err = run(capsys, "retry", "1", "--set", "batch_size=500", "--home", home)
+    assert (
+        code == 1 and "needs at least one batch per epoch" in err and not _events(home, "retried")
+    )
+    out = " ".join(ftctl(home, "retry", "0001", "--set", "epochs=3").stdout.split())
+    assert "iters: 200 -> 300" in out and "epochs: 2 -> 3" in out, out
+    assert (_job(home).config.epochs, _job(home).config.iters) == (3, 300)
+    ftctl(home, "pause", "0001")
+    ftctl(home, "retry", "0001", "--set", "batch_size=4")
+    assert _job(home).config.iters == 3 * 50
 
 
 # --------------------------------------------------------------------------- d. orphans
