@@ -67,7 +67,7 @@ def model_problems(cfg: Config, facts: ModelFacts) -> list[str]:
             f"num_layers = {cfg.num_layers}, but the model has {facts.layers} layers: set num_layers to "
             f"{facts.layers} or less, or -1 for all of them"
         )
-    keys = cfg.lora_parameters.keys
+    keys = cfg.lora_parameters.keys if cfg.fine_tune_type != "full" else None  # full: unused
     if keys is not None and facts.layer_modules:
         unknown = [k for k in keys if k not in facts.layer_modules and k not in facts.top_modules]
         if unknown:
@@ -100,6 +100,20 @@ def resume_problems(
     if not tensors:
         return [f"resume_adapter_file {name} holds no tensors"]
     layers = set(adapted_layers(cfg, facts))
+    if cfg.fine_tune_type == "full":  # the trained layers' own weights (mlx-lm's full adapter file)
+        wrong = [
+            t
+            for t in tensors
+            if t.rpartition(".")[2] in ADAPTER_LEAVES
+            or not _in_layers(t.rpartition(".")[0], facts, layers, set(facts.layer_modules))
+        ]
+        if wrong:
+            return [
+                f"resume_adapter_file {name} holds {_listed(wrong, 3)}, not the weights of this "
+                f"full fine-tune's layers (num_layers {cfg.num_layers}) on this model: was it trained "
+                "with another model or config?"
+            ]
+        return []
     modules = adapter_modules(cfg, facts)
     top = set(cfg.lora_parameters.keys or ()) & set(facts.top_modules)
     wrong = []

@@ -177,6 +177,56 @@ def test_submit_refuses_what_would_only_fail_at_load(home, tmp_path, demo):
     assert not Ledger(Workspace(home).open_journal()).state.jobs  # nothing was recorded
 
 
+def test_submit_knows_a_full_fine_tune(home, tmp_path, demo):
+    """fine_tune_type full adds no LoRA, so lora_parameters.keys are not checked against the model;
+    the checkpoint size is estimated from the model's headers and said; a disk without room for the
+    checkpoints now is warned about (the daemon pauses the job at its start); epochs become iters.
+    (The same keys with lora are refused: test_submit_refuses_what_would_only_fail_at_load.)"""
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(40)])
+    full = ["fine_tune_type=full", "lora_parameters.keys=[attn.k]", "epochs=2"]
+    sub, p = _submit(home, data, overrides=full)
+    j = p.jobs[sub.job]
+    # 40 lines, every 20th held out for validation: 38 to train on, 19 batches of 2 per epoch
+    assert sub.state == "queued" and (j.config.batch_size, j.config.iters) == (2, 2 * 19)
+    said = " | ".join(sub.warnings)
+    assert "each checkpoint holds the trained layers' weights and the adamw state" in said
+    assert "GB free on" not in said  # the test machine has room for the demo model's layers
+    sub, _ = _submit(home, data, overrides=[*full, "min_free_disk_gb=1e9", "seed=4"])
+    assert any("the daemon pauses it at its start until there is room" in w for w in sub.warnings)
+
+
+def test_a_full_fine_tunes_resume_adapter_file_holds_its_layers_weights():
+    """mlx-lm's full fine-tune saves the trained layers' own weights as adapters.safetensors: a
+    resume_adapter_file for full holds those (of the trained layers), never LoRA matrices."""
+    from ftctl.core import fit
+    from ftctl.core.config import decode_config
+
+    facts = fit.ModelFacts(
+        layers=2,
+        layer_prefix="model.layers.",
+        layer_modules={"self_attn.q_proj": 2, "input_layernorm": 1},
+        top_modules={"lm_head": 2},
+        context=512,
+        context_key="max_position_embeddings",
+    )
+    full = decode_config({"model": "m", "fine_tune_type": "full", "num_layers": 1})[0]
+    last = {
+        "model.layers.1.self_attn.q_proj.weight": [8, 8],
+        "model.layers.1.input_layernorm.weight": [8],
+    }
+    assert fit.resume_problems(full, facts, last, "a.safetensors") == []
+    first = {
+        "model.layers.0.self_attn.q_proj.weight": [8, 8]
+    }  # a layer num_layers 1 does not train
+    lora = {"model.layers.1.self_attn.q_proj.lora_a": [8, 4]}
+    for tensors in (first, lora):
+        (problem,) = fit.resume_problems(full, facts, tensors, "a.safetensors")
+        assert "not the weights of this full fine-tune's layers (num_layers 1)" in problem
+    keyed = {"model": "m", "fine_tune_type": "full", "num_layers": 1, "max_seq_length": 512}
+    keyed["lora_parameters"] = {"keys": ["nope"]}
+    assert fit.model_problems(decode_config(keyed)[0], facts) == []  # full adds no LoRA to "nope"
+
+
 def test_init_writes_num_layers_and_max_seq_length_that_fit_its_model(tmp_path, capsys, demo):
     assert run(capsys, "init", "--model", demo.model_dir, "--home", tmp_path / "ws")[0] == 0
     cfg = (tmp_path / "ws" / "ftctl.yaml").read_text()
