@@ -592,71 +592,75 @@ class Attempt:
                 host.log(f"job {job}: checkpoint step {c.step} committed ({c.bytes / 1e6:.1f} MB)")
                 self.retention()
             case P.Completed():
-                L.refresh()  # the head as it is now: decided, and recorded with the completion
-                j = L.state.jobs[job]
-                lin = L.state.lineages.get(j.lineage)
-                branch = branch_reason(j, lin) if lin is not None else ""
-                done = ev.Completed(
+                self.completed(msg)
+            case P.Stopped(step=step):
+                self.finished, self.stopped_step = "stopped", step
+
+    def completed(self, msg: P.Completed) -> None:
+        """The leader's completion, journalled in one transaction with what decided it: early stopping's
+        reason (``early_stopped``), the head or branch decision, the test split's scores."""
+        L, job, host = self.host.ledger, self.job, self.host
+        L.refresh()  # the head as it is now: decided, and recorded with the completion
+        j = L.state.jobs[job]
+        lin = L.state.lineages.get(j.lineage)
+        branch = branch_reason(j, lin) if lin is not None else ""
+        done = ev.Completed(
+            job=job,
+            step=msg.step,
+            global_step=msg.global_step,
+            adapter_path=host.ws.rel(msg.adapter_path),
+            adapter_sha256=msg.adapter_sha256,
+            checkpoint=host.ws.rel(msg.checkpoint),
+            result=msg.result,
+            result_step=msg.result_step,
+            result_val_loss=msg.result_val_loss,
+            result_note=msg.result_note,
+            exported_to=msg.exported_to,
+            export_refused=msg.export_refused,
+            branch=branch,
+        )
+        # early stopping's decision and the test split's scores (config `test`) with it, in
+        # one transaction: all or nothing (a job never reads as stopped early without its
+        # result, nor completes early without the reason)
+        early = (
+            [
+                ev.EarlyStopped(
                     job=job,
                     step=msg.step,
                     global_step=msg.global_step,
-                    adapter_path=host.ws.rel(msg.adapter_path),
-                    adapter_sha256=msg.adapter_sha256,
-                    checkpoint=host.ws.rel(msg.checkpoint),
-                    result=msg.result,
-                    result_step=msg.result_step,
-                    result_val_loss=msg.result_val_loss,
-                    result_note=msg.result_note,
-                    exported_to=msg.exported_to,
-                    export_refused=msg.export_refused,
-                    branch=branch,
+                    reason=msg.stopped_early,
+                    best_step=msg.best_step,
+                    best_val_loss=msg.best_val_loss,
                 )
-                # early stopping's decision and the test split's scores (config `test`) with it, in
-                # one transaction: all or nothing (a job never reads as stopped early without its
-                # result, nor completes early without the reason)
-                early = (
-                    [
-                        ev.EarlyStopped(
-                            job=job,
-                            step=msg.step,
-                            global_step=msg.global_step,
-                            reason=msg.stopped_early,
-                            best_step=msg.best_step,
-                            best_val_loss=msg.best_val_loss,
-                        )
-                    ]
-                    if msg.stopped_early
-                    else []
-                )
-                scored = [
-                    msgspec.structs.replace(
-                        e, data_path=host.ws.rel(e.data_path)
-                    )  # recorded relative
-                    for e in ([msg.evaluated] if msg.evaluated else [])
-                ]
-                L.commit(self.stream, *early, done, *scored)
-                self.finished = "completed"
-                if msg.stopped_early:
-                    host.say(f"job {job}: {msg.stopped_early}", "ok")
-                host.say(
-                    f"job {job} completed at step {msg.step} (global {msg.global_step}): "
-                    f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…, "
-                    f"{describe_result(msg)}"
-                    + (f", also published at {msg.exported_to}" if msg.exported_to else ""),
-                    "ok",
-                )
-                if msg.export_refused:
-                    host.say(f"job {job}: adapter_path not written: {msg.export_refused}", "warn")
-                if msg.evaluated:
-                    e = msg.evaluated
-                    host.say(
-                        f"job {job} test split: loss {_num(e.adapter_loss, '.4f')} (base model "
-                        f"{_num(e.base_loss, '.4f')}), perplexity {_num(e.adapter_ppl, '.2f')}"
-                    )
-                if branch:
-                    host.say(f"job {job} is {branch}", "warn")
-            case P.Stopped(step=step):
-                self.finished, self.stopped_step = "stopped", step
+            ]
+            if msg.stopped_early
+            else []
+        )
+        scored = [
+            msgspec.structs.replace(e, data_path=host.ws.rel(e.data_path))  # recorded relative
+            for e in ([msg.evaluated] if msg.evaluated else [])
+        ]
+        L.commit(self.stream, *early, done, *scored)
+        self.finished = "completed"
+        if msg.stopped_early:
+            host.say(f"job {job}: {msg.stopped_early}", "ok")
+        host.say(
+            f"job {job} completed at step {msg.step} (global {msg.global_step}): "
+            f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…, "
+            f"{describe_result(msg)}"
+            + (f", also published at {msg.exported_to}" if msg.exported_to else ""),
+            "ok",
+        )
+        if msg.export_refused:
+            host.say(f"job {job}: adapter_path not written: {msg.export_refused}", "warn")
+        if msg.evaluated:
+            e = msg.evaluated
+            host.say(
+                f"job {job} test split: loss {_num(e.adapter_loss, '.4f')} (base model "
+                f"{_num(e.base_loss, '.4f')}), perplexity {_num(e.adapter_ppl, '.2f')}"
+            )
+        if branch:
+            host.say(f"job {job} is {branch}", "warn")
 
     def ranks_reported(self) -> None:
         """Journal every rank's tokens/s for the step whose report was due, once all have reported it."""

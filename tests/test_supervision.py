@@ -864,7 +864,7 @@ def test_inbox_is_read_while_a_job_trains_and_says_why_a_file_is_skipped(tmp_pat
 
 def test_job_left_crashed_by_a_dead_daemon_is_not_stranded(tmp_path, demo):
     """The daemon records a worker's death as `crashed`, then decides (requeue / fail / pause)
-    and appends that in a second transaction (cli/daemon.py, Supervision.finish). A daemon that
+    and appends that in a second transaction (control/supervise.py, Attempt.finish). A daemon that
     dies between the two (SIGKILL, OOM killer, power cut) leaves the job in `crashed`. Recovery
     must not leave it there: `crashed` is not ACTIVE, so reconcile.plan skips it, the queue only
     takes `queued` jobs, and `ftctl resume` only takes `paused` ones: nothing ever trains it again."""
