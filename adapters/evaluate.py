@@ -2,8 +2,9 @@
 
 The base model is loaded once and scored, then the adapter is applied to it exactly as
 ``mlx_lm.load(model, adapter_path=...)`` does (mlx-lm's load_adapters) and the very same
-batches are scored again. Batching and loss are the trainer's (batches.make_batch,
-trainer.evaluate_loss): the mean cross-entropy per scored token, dropout off.
+batches are scored again. Batching is the trainer's (batches.make_batch) and so is the loss
+(evaluate_loss, here: the trainer's validation loss too): the mean cross-entropy per scored token,
+dropout off.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import mlx.core as mx
+from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import load as load_model
 
 from ftctl.core.dataset import DEFAULT, Features, valid_records
 
 from .batches import build_dataset, evaluation_batches, tokenized, validation_batches
-from .trainer import evaluate_loss
+from .ranks import SINGLE, Ranks
 
 
 @dataclass(frozen=True)
@@ -89,3 +92,21 @@ def score(
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+def evaluate_loss(model, batches, ranks: Ranks = SINGLE) -> tuple[float, int]:
+    """(mean loss per scored token, scored tokens) over fixed batches, dropout off. Draws no
+    randomness, so it never perturbs training (which reseeds every step anyway). The ranks of a
+    data-parallel job each score every size-th batch and sum."""
+    model.eval()
+    total, ntoks = mx.array(0.0), mx.array(0)
+    for batch, lengths in batches[ranks.rank :: ranks.size] if ranks.many else batches:
+        loss, toks = default_loss(model, batch, lengths)
+        total += loss * toks
+        ntoks += toks
+        mx.eval(total, ntoks)
+    if ranks.many:
+        total, ntoks = ranks.sum(total), ranks.sum(ntoks)
+        mx.eval(total, ntoks)
+    model.train()
+    return (total / ntoks).item(), ntoks.item()
