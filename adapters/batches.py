@@ -16,6 +16,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.tuner.datasets import CacheDataset, create_dataset
 
+from ftctl.core.config import RecordedConfigError
+
 from .checkpoint import Cursor
 
 PAD_TO = 32
@@ -67,9 +69,11 @@ class TrainBatches:
 
     def __init__(self, items, batch_size: int, max_seq_length: int, seed: int):
         if len(items) < batch_size:
-            raise ValueError(
+            raise RecordedConfigError(
                 f"the training set has {len(items)} examples, fewer than "
-                f"batch_size={batch_size}: lower batch_size or add data"
+                f"batch_size={batch_size}: lower batch_size or add data",
+                "batch_size",
+                max(1, len(items)),
             )
         self.items = items
         self.max_seq_length = max_seq_length

@@ -1,7 +1,8 @@
 """The checkpoint commit protocol.
 
 A checkpoint is a directory <job_dir>/checkpoints/step-00000040/ holding
-  adapters.safetensors   trainable adapter weights (what mlx-lm saves)
+  adapters.safetensors   the trained weights (what mlx-lm saves: the adapter, or for a full
+                         fine-tune the weights of the trained layers)
   adapter_config.json    what mlx_lm.load(model, adapter_path=dir) needs
   optimizer.safetensors  tree_flatten(optimizer.state)
   state.json             step counters, data cursor, seed, losses
@@ -34,6 +35,7 @@ import msgspec
 if TYPE_CHECKING:
     import mlx.core as mx
 
+from ftctl.core.early_stopping import ValWatch
 from ftctl.events.types import CheckpointRecord
 
 from .faults import crash_point
@@ -73,6 +75,11 @@ class TrainState(msgspec.Struct, kw_only=True):
     val_loss: float | None = None
     config_sha256: str | None = None
     world_size: int = 1  # ranks it was trained on: a resume on another number needs `--reshard`
+    val_step: int | None = None  # the step val_loss was measured at
+    # the validation losses so far (best, early stopping: core.early_stopping.watch), and early stopping's
+    # decision once taken: a resume from this checkpoint decides exactly as the first run did
+    watch: ValWatch = msgspec.field(default_factory=ValWatch)
+    stopped_early: str | None = None
 
 
 @dataclass
@@ -256,6 +263,7 @@ def write_checkpoint(
         bytes=total,
         train_loss=st.train_loss,
         val_loss=st.val_loss,
+        val_step=st.val_step,
     )
 
 

@@ -1,5 +1,10 @@
 """Fusing an adapter into its base model: a complete, verified model folder, written atomically.
 
+A full fine-tune's "adapter" is the trained layers' own weights (mlx-lm's layout): there is nothing
+to fuse. Its result *is* a model — the base with those weights in place — and it is promoted as
+one: the same temp folder, manifest, verification (here: every trained tensor is in the saved
+model bit for bit) and rename.
+
 mlx-lm's own fuse logic (load with the adapter, ``.fuse()`` every LoRA module,
 ``mlx_lm.utils.save``) writes into ``models/.tmp-vNNNN-<pid>/``; every file is fsynced and
 hashed into ``manifest.json``; the folder is then *verified* — it loads with ``mlx_lm.load``
@@ -98,6 +103,36 @@ def verify_model_dir(path: Path) -> str:
     return weights_sha256(files)
 
 
+def fine_tune_type(adapter: Path) -> str:
+    """The adapter folder's fine_tune_type (adapter_config.json, as mlx-lm reads it; lora if unsaid)."""
+    try:
+        return json.loads((Path(adapter) / "adapter_config.json").read_text()).get(
+            "fine_tune_type", "lora"
+        )
+    except (OSError, ValueError, AttributeError):
+        return "lora"
+
+
+def _same_tensors(model, adapter: Path, mx) -> None:
+    """A promoted full fine-tune holds every trained tensor of ``adapter`` as it is, bit for bit."""
+    from mlx.utils import tree_flatten
+
+    params = dict(tree_flatten(model.parameters()))
+    trained = mx.load(str(Path(adapter) / "adapters.safetensors"))
+    wrong = [
+        k
+        for k, v in trained.items()
+        if k not in params
+        or params[k].dtype != v.dtype
+        or not bool(mx.array_equal(params[k], v).item())
+    ]
+    if wrong:
+        raise FuseError(
+            f"the promoted model does not hold {len(wrong)} of the {len(trained)} trained tensors "
+            f"as trained (e.g. {wrong[0]})"
+        )
+
+
 def _logits(model, mx):
     out = model(mx.array([PROBE]))
     mx.eval(out)
@@ -120,14 +155,16 @@ def fuse(base: Path, adapter: Path, models: Path, version: int, fs: FS | None = 
         model, tokenizer, config = load(str(base), adapter_path=str(adapter), return_config=True)
         expected = _logits(model, mx)
         quantized = "quantization" in config
-        fused = [
-            (n, m.fuse(dequantize=quantized))
-            for n, m in model.named_modules()
-            if hasattr(m, "fuse")
-        ]
-        if not fused:
-            raise FuseError(f"{adapter} holds no LoRA/DoRA layers to fuse")
-        model.update_modules(tree_unflatten(fused))
+        full = fine_tune_type(adapter) == "full"
+        if not full:  # a full fine-tune's weights are loaded in place: nothing to fuse
+            fused = [
+                (n, m.fuse(dequantize=quantized))
+                for n, m in model.named_modules()
+                if hasattr(m, "fuse")
+            ]
+            if not fused:
+                raise FuseError(f"{adapter} holds no LoRA/DoRA layers to fuse")
+            model.update_modules(tree_unflatten(fused))
         # the layers without an adapter too: one float model (see the module docstring)
         if quantized:
             model = dequantize_model(model)
@@ -153,6 +190,8 @@ def fuse(base: Path, adapter: Path, models: Path, version: int, fs: FS | None = 
         fs.fsync_dir(tmp)
         del model
         check, _ = load(str(tmp))
+        if full:
+            _same_tensors(check, adapter, mx)
         got = _logits(check, mx)
         if not bool(mx.all(mx.isfinite(got)).item()):
             raise FuseError("the fused model's forward pass is not finite")

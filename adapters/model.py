@@ -14,7 +14,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftctl.core.config import Config
 from ftctl.core.fit import ModelFacts
+from ftctl.core.retention import checkpoint_bytes
 
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -268,6 +270,38 @@ def _safetensors_problem(f: Path) -> str | None:
     if 8 + n + end > size:
         return f"{f} is truncated: {size} bytes, its header says {8 + n + end} (an interrupted download or copy?)"
     return None
+
+
+def quantized(path) -> bool:
+    """Does the model's config.json say its weights are quantized (an mlx-community 4-bit folder, an
+    imported GGUF kept quantized)?"""
+    data, _ = _json(Path(path) / "config.json")
+    return isinstance(data, dict) and bool(
+        data.get("quantization") or data.get("quantization_config")
+    )
+
+
+def trained_bytes(path, num_layers: int) -> int:
+    """Bytes of the weights a full fine-tune of the model at ``path`` trains: the tensors of its last
+    ``num_layers`` transformer layers (-1: all), read from the safetensors headers (no weight is
+    loaded). 0 when the files name no layers."""
+    layers: dict[int, int] = {}
+    for f in sorted(Path(path).glob("model*.safetensors")):
+        for name, t in _header(f).items():
+            m = _LAYER.match(name) if name != "__metadata__" else None
+            if m:
+                start, end = t["data_offsets"]
+                layers[int(m.group(2))] = layers.get(int(m.group(2)), 0) + end - start
+    chosen = sorted(layers)[-num_layers:] if num_layers > 0 else sorted(layers)
+    return sum(layers[i] for i in chosen)
+
+
+def checkpoint_estimate(cfg: Config) -> int:
+    """Bytes of one checkpoint of a job that has none yet: a full fine-tune's trained layers (from
+    the model's safetensors headers) and their optimizer state; 0 for an adapter (a few MB at most)."""
+    if cfg.fine_tune_type != "full" or model_problem(cfg.model):
+        return 0
+    return checkpoint_bytes(cfg, trained_bytes(cfg.model, cfg.num_layers))
 
 
 def _tokenizer(p: Path) -> str | None:

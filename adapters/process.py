@@ -299,6 +299,28 @@ def spawn_worker(
     )
 
 
+def works_for(pid_id: ProcessId, workspace: Path) -> bool:
+    """Does that live process (a worker, or a group's mlx.launch) work for ``workspace``? Its command
+    line names the workspace it was started for (``--workspace``); one that names another is still
+    this one's if it holds a file of this workspace open (the workspace was moved since it started:
+    the kernel names an open file by where it is now). A copy of a workspace shares no open file
+    with the original, so the copy never claims the original's workers. A command line that names
+    no workspace proves nothing either way: it counts as this workspace's (as before labels)."""
+    try:
+        proc = psutil.Process(pid_id.pid)
+        cmd = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    named = next((b for a, b in zip(cmd, cmd[1:]) if a == "--workspace"), None)
+    if named is None or named == str(workspace):
+        return True
+    try:
+        files = proc.open_files()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return any(f.path.startswith(str(workspace) + os.sep) for f in files)
+
+
 def workers_of(workspace: Path) -> list[tuple[ProcessId, int]]:
     """Every training worker (or standby) of ``workspace``, with its parent's pid."""
     out = []

@@ -139,11 +139,21 @@ class CheckpointWritten(Message, tag="checkpoint"):
 
 
 class Completed(Message, tag="completed"):
+    """Training ended (at iters, or earlier by early stopping) and the adapter is published from
+    ``checkpoint`` (config ``result``: the best or the last)."""
+
     step: int
     global_step: int
     adapter_path: str
     adapter_sha256: str
     checkpoint: str | None
+    result: str = "last"
+    result_step: int | None = None
+    result_val_loss: float | None = None
+    result_note: str = ""
+    stopped_early: str | None = None  # early stopping's reason
+    best_step: int | None = None
+    best_val_loss: float | None = None
     exported_to: str | None = None  # config adapter_path: the adapter is published there too
     export_refused: str | None = (
         None  # why it was not (a folder ftctl did not write appeared there)
@@ -168,6 +178,9 @@ class Failed(Message, tag="error"):
     message: str
     step: int | None = None
     path: str | None = None  # the checkpoint that failed verification (corrupt_checkpoint)
+    fix: str | None = (
+        None  # the job's recorded config is the cause: the `key=value` that would load
+    )
 
 
 WorkerMessage = Union[

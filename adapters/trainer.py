@@ -1,8 +1,11 @@
-"""Deterministic, resumable LoRA training, built from mlx-lm's pieces.
+"""Deterministic, resumable fine-tuning (LoRA, DoRA or full), built from mlx-lm's pieces.
 
 The loop is mlx-lm's (tuner/trainer.py): the same compiled step over
 [model.state, optimizer.state, mx.random.state], default_loss, build_schedule,
-linear_to_lora_layers. What differs:
+linear_to_lora_layers, and what is trained is chosen as mlx-lm's lora.py chooses it, one branch per
+fine-tune type (setup_model): LoRA/DoRA layers on the last num_layers layers, or for `full` those
+layers themselves, unfrozen. Everything after works on model.trainable_parameters(), whichever they
+are. What differs:
   - the batch at iteration n and the RNG key of global step g are pure functions
     of (seed, n) and (seed, g), so evaluation never perturbs training and a resume
     continues exactly where the checkpoint left off;
@@ -10,7 +13,9 @@ linear_to_lora_layers. What differs:
     atomically (checkpoint.py), written on a background thread while the next steps run
     (at most one in flight; a stop, completion or failure waits for it);
   - progress goes to `emit` as the worker protocol's messages (protocol.py); the
-    daemon journals them.
+    daemon journals them;
+  - every evaluation is folded into the checkpointed state (core.early_stopping.watch): the best checkpoint
+    is what `result: best` publishes, and early stopping decides the same way after a resume.
 """
 
 import hashlib
@@ -32,8 +37,9 @@ from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 from mlx_lm.utils import load as load_model
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
-from ftctl.core.config import Config, config_sha256, features
+from ftctl.core.config import Config, RecordedConfigError, config_sha256, features
 from ftctl.core.dataset import DEFAULT, Features, valid_records
+from ftctl.core.early_stopping import watch
 from ftctl.events.types import AdapterEvaluated, Metrics
 
 from . import protocol as P
@@ -51,6 +57,8 @@ from .checkpoint import (
     load_checkpoint,
     nonfinite_tensors,
     publish_adapter,
+    step_dir_name,
+    verify_checkpoint,
 )
 from .evaluate import evaluate_loss, score
 from .faults import crash_point, poison_marker, poison_scale
@@ -67,6 +75,12 @@ OPTIMIZERS = {
     "muon": optim.Muon,
 }
 NAN_PATIENCE = 3
+FULL_ON_QUANTIZED = (
+    "fine_tune_type: full trains the model's weights themselves, but {model} is quantized: its "
+    "weights cannot be trained. Use lora or dora (QLoRA: an adapter on the quantized weights), or a "
+    "float copy of the model (`ftctl init --model FILE.gguf --dtype float16`, or mlx_lm.convert "
+    "without -q)"
+)
 
 
 class TrainingDiverged(Exception):
@@ -86,11 +100,14 @@ def step_seed(seed: int, global_step: int, rank: int = 0) -> int:
 
 
 def adapter_config(cfg: Config) -> dict:
-    """adapter_config.json: what mlx_lm.load(model, adapter_path=...) reads."""
-    lp = cfg.lora_parameters
-    params = {"rank": lp.rank, "scale": lp.scale, "dropout": lp.dropout}
-    if lp.keys is not None:
-        params["keys"] = list(lp.keys)
+    """adapter_config.json: what mlx_lm.load(model, adapter_path=...) reads (a full fine-tune has no
+    lora_parameters: mlx-lm writes null)."""
+    params = None
+    if cfg.fine_tune_type != "full":
+        lp = cfg.lora_parameters
+        params = {"rank": lp.rank, "scale": lp.scale, "dropout": lp.dropout}
+        if lp.keys is not None:
+            params["keys"] = list(lp.keys)
     return {
         "model": cfg.model,
         "fine_tune_type": cfg.fine_tune_type,
@@ -109,23 +126,34 @@ def build_optimizer(cfg: Config) -> optim.Optimizer:
 
 
 def setup_model(cfg: Config):
-    """Load the base model, freeze it and add LoRA/DoRA layers (initialised from seed)."""
+    """Load the base model, freeze it, and make trainable what the fine-tune type trains, as mlx-lm's
+    lora.py does: LoRA/DoRA layers (initialised from seed) on the last num_layers layers, or for
+    `full` those layers' own weights."""
     model, tokenizer = load_model(
         cfg.model,
         tokenizer_config={"trust_remote_code": cfg.trust_remote_code},
         trust_remote_code=cfg.trust_remote_code,
     )
     if cfg.num_layers > len(model.layers):
-        raise ValueError(
+        raise RecordedConfigError(
             f"num_layers = {cfg.num_layers} but the model {cfg.model} has only "
-            f"{len(model.layers)} layers: lower num_layers or use -1 for all"
+            f"{len(model.layers)} layers: lower num_layers or use -1 for all",
+            "num_layers",
+            len(model.layers),
         )
     mx.random.seed(cfg.seed)
     model.freeze()
-    lp = msgspec.structs.asdict(cfg.lora_parameters)
-    if lp["keys"] is None:
-        del lp["keys"]
-    linear_to_lora_layers(model, cfg.num_layers, lp, use_dora=cfg.fine_tune_type == "dora")
+    if cfg.fine_tune_type == "full":
+        layers = model.layers[-max(cfg.num_layers, 0) :]
+        if any(isinstance(m, nn.QuantizedLinear) for l in layers for _, m in l.named_modules()):
+            raise ValueError(FULL_ON_QUANTIZED.format(model=cfg.model))
+        for layer in layers:
+            layer.unfreeze()
+    else:
+        lp = msgspec.structs.asdict(cfg.lora_parameters)
+        if lp["keys"] is None:
+            del lp["keys"]
+        linear_to_lora_layers(model, cfg.num_layers, lp, use_dora=cfg.fine_tune_type == "dora")
     if cfg.grad_checkpoint:
         _grad_checkpoint_once(model.layers[0])
     return model, tokenizer
@@ -161,6 +189,9 @@ class Session:
     adapter_config: dict
     state: TrainState
     last_ckpt: str | None = None
+    last_state: TrainState | None = (
+        None  # the state of the newest checkpoint (the one resumed from)
+    )
     poisoned: frozenset[int] = frozenset()  # the FTCTL_POISON seam's examples (tests only)
     ranks: Ranks = SINGLE
 
@@ -182,9 +213,11 @@ def load(plan: TrainPlan) -> Session:
         val_items = load_items(plan.valid_path, tokenizer, cfg.mask_prompt, features(cfg))
         val = validation_batches(val_items, cfg.batch_size, cfg.max_seq_length, cfg.val_batches)
         if not val:
-            raise ValueError(
+            raise RecordedConfigError(
                 f"the validation set has {len(val_items)} examples, fewer than "
-                f"batch_size = {cfg.batch_size}: add validation data or lower batch_size"
+                f"batch_size = {cfg.batch_size}: add validation data or lower batch_size",
+                "batch_size",
+                max(1, len(val_items)),
             )
     optimizer = build_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
@@ -204,7 +237,7 @@ def load(plan: TrainPlan) -> Session:
         _check_resume(plan, ck, s.adapter_config)
         _restore_weights(model, ck.adapters, plan.resume_from)
         _restore_optimizer(optimizer, ck.optimizer, plan.resume_from, skip=())
-        s.state, s.last_ckpt = ck.state, str(plan.resume_from)
+        s.state, s.last_ckpt, s.last_state = ck.state, str(plan.resume_from), ck.state
     else:
         if (
             plan.resume_adapter_file
@@ -252,12 +285,13 @@ def run(
             step=s.state.job_step, global_step=s.state.global_step, load_s=time.perf_counter() - tic
         )
     )
-    if s.state.job_step < plan.config.iters:
+    if s.state.job_step < plan.config.iters and s.state.stopped_early is None:
         stopped = _Loop(s, emit, fs).run(stop_requested)
         if stopped is not None:
             return stopped
+    early = s.last_state is not None and s.last_state.stopped_early is not None
     # a reproduction's window ends
-    if plan.until_step is not None and plan.until_step < plan.config.iters:
+    if plan.until_step is not None and plan.until_step < plan.config.iters and not early:
         done = P.Stopped(
             step=plan.until_step,
             global_step=plan.global_step_base + plan.until_step,
@@ -267,7 +301,7 @@ def run(
         return done
     if not s.ranks.leader:
         s.ranks.barrier()  # the leader has written the last checkpoint
-        emit(P.Finished(step=plan.config.iters))
+        emit(P.Finished(step=s.last_state.job_step if early else plan.config.iters))
         return None
     s.ranks.barrier()
     return _complete(s, emit, fs)
@@ -325,6 +359,7 @@ class _Loop:
         st = s.state
         self.eval_count, self.trained_tokens = st.eval_count, st.trained_tokens
         self.train_loss, self.val_loss = st.train_loss, st.val_loss
+        self.val_step, self.watch, self.stopped_early = st.val_step, st.watch, st.stopped_early
         self.w_loss = self.w_tokens = self.w_steps = self.w_local = 0  # report window
         self.w_time = 0.0
         # of the window, the steps that compiled (mx.compile traces and compiles the step again for
@@ -435,11 +470,23 @@ class _Loop:
                 self._report(it, gstep)
             boundary = it % accum == 0 or it == cfg.iters
             stopping = stopping or (asked if s.ranks.many else stop_requested())
+            best = False
             if s.val is not None and (it % cfg.steps_per_eval == 0 or it == cfg.iters):
-                self.val_loss = self._evaluate(it, gstep)
+                self.val_loss, self.val_step = self._evaluate(it, gstep), it
                 self.eval_count += 1
-            if it % cfg.save_every == 0 or it == cfg.iters or (stopping and boundary):
+                self.watch, best, self.stopped_early = watch(
+                    self.watch, it, self.val_loss, cfg.early_stopping
+                )
+            if (
+                it % cfg.save_every == 0
+                or it == cfg.iters
+                or (stopping and boundary)
+                or (best and cfg.result == "best")  # the best weights are kept to be published
+                or self.stopped_early  # evaluation steps are update boundaries
+            ):
                 self._checkpoint(it, gstep)
+            if self.stopped_early:
+                return None  # run() completes the job from this step's checkpoint
             if stopping and boundary and it < cfg.iters:
                 # run() emits it once written
                 return P.Stopped(step=it, global_step=gstep, checkpoint=None)
@@ -552,13 +599,28 @@ class _Loop:
                     cfg,
                     it,
                     gstep,
-                    "or the adapter weights are not finite at a checkpoint",
+                    "or the trained weights are not finite at a checkpoint",
                     s.last_ckpt,
                 ),
             )
         if self.c_steps:
             self.train_loss = self.c_loss / self.c_steps
         self.c_loss = self.c_steps = 0
+        state = s.last_state = TrainState(
+            job_step=it,
+            global_step=gstep,
+            cursor=s.batches.cursor(it),
+            seed=cfg.seed,
+            eval_count=self.eval_count,
+            trained_tokens=self.trained_tokens,
+            train_loss=self.train_loss,
+            val_loss=self.val_loss,
+            config_sha256=s.state.config_sha256,
+            world_size=s.ranks.size,
+            val_step=self.val_step,
+            watch=self.watch,
+            stopped_early=self.stopped_early,
+        )
         # the leader writes it; no rank runs past a checkpoint before it is handed over
         if not s.ranks.leader:
             s.ranks.barrier()
@@ -573,18 +635,6 @@ class _Loop:
                 f"checkpoint step {it}: waited {waited:.3f} s for the previous checkpoint's write",
                 flush=True,
             )
-        state = TrainState(
-            job_step=it,
-            global_step=gstep,
-            cursor=s.batches.cursor(it),
-            seed=cfg.seed,
-            eval_count=self.eval_count,
-            trained_tokens=self.trained_tokens,
-            train_loss=self.train_loss,
-            val_loss=self.val_loss,
-            config_sha256=s.state.config_sha256,
-            world_size=s.ranks.size,
-        )
         # The step-`it` arrays, evaluated (the loop's mx.eval): immutable, and the next steps make new
         # ones (the compiled step's outputs replace model.state and optimizer.state; holding these
         # references also keeps MLX from donating their buffers). Only the writing is on the thread.
@@ -610,7 +660,7 @@ class _Loop:
                         cfg,
                         it,
                         gstep,
-                        "or the adapter weights are not finite at a checkpoint",
+                        "or the trained weights are not finite at a checkpoint",
                         s.last_ckpt,
                     ),
                 )
@@ -621,11 +671,32 @@ class _Loop:
 
 
 def _complete(s: Session, emit, fs: FS) -> P.Completed:
-    """Publish the adapter (jobs/<id>/adapters, and the config's adapter_path), score the test split
-    when the config asks (`test`), then report: all of it before Completed, so a worker killed on
-    the way redoes it from the final checkpoint."""
-    plan, cfg = s.plan, s.plan.config
-    adapter_dir, sha = publish_adapter(plan.job_dir, s.last_ckpt, fs)
+    """Publish the job's result (config ``result``: the best checkpoint by validation loss, or the
+    last) as jobs/<id>/adapters and at the config's adapter_path, score the test split when the
+    config asks (`test`), then report: all of it before Completed, so a worker killed on the way
+    redoes it from the final checkpoint. The best one is a committed checkpoint of this job
+    (retention never prunes it); if it no longer verifies, the last one is published and the
+    completion says why."""
+    plan, cfg, final = s.plan, s.plan.config, s.last_state
+    w, src, result, note = final.watch, s.last_ckpt, "last", ""
+    step, val = final.job_step, final.val_loss if final.val_step == final.job_step else None
+    if cfg.result == "best" and w.best_step is None:
+        note = "result: best, but no validation loss was measured: the last step's adapter"
+    elif cfg.result == "best":
+        result = "best"
+        if w.best_step != final.job_step:
+            best = checkpoints_dir(plan.job_dir) / step_dir_name(w.best_step)
+            try:
+                verify_checkpoint(best)
+                src, step, val = str(best), w.best_step, w.best_val_loss
+            except CheckpointCorrupt as e:
+                result = "last"
+                note = (
+                    f"result: best, but the best checkpoint (step {w.best_step}) is unusable "
+                    f"({e.reason}): the last step's adapter"
+                )
+                print(note, flush=True)
+    adapter_dir, sha = publish_adapter(plan.job_dir, src, fs)
     exported = refused = None
     if cfg.adapter_path is not None:
         try:
@@ -635,11 +706,18 @@ def _complete(s: Session, emit, fs: FS) -> P.Completed:
             print(f"adapter_path: {refused}: the adapter stays in {adapter_dir}", flush=True)
     evaluated = _test(s, emit, adapter_dir, sha) if plan.test_path else None
     msg = P.Completed(
-        step=cfg.iters,
-        global_step=plan.global_step_base + cfg.iters,
+        step=final.job_step,
+        global_step=final.global_step,
         adapter_path=str(adapter_dir),
         adapter_sha256=sha,
-        checkpoint=s.last_ckpt,
+        checkpoint=src,
+        result=result,
+        result_step=step,
+        result_val_loss=val,
+        result_note=note,
+        stopped_early=final.stopped_early,
+        best_step=w.best_step,
+        best_val_loss=w.best_val_loss,
         exported_to=exported,
         export_refused=refused,
         evaluated=evaluated,
@@ -758,7 +836,7 @@ def _check_compatible(found: dict, want: dict, src) -> None:
 
 def _restore_weights(model, weights: dict, src) -> None:
     want = dict(tree_flatten(model.trainable_parameters()))
-    _check_tree(want, weights, src, "adapter weights")
+    _check_tree(want, weights, src, "trained weights")
     model.load_weights(list(weights.items()), strict=False)
 
 

@@ -39,6 +39,7 @@ import traceback
 
 from ftctl.adapters import faults
 from ftctl.adapters import protocol as P  # light: msgspec and the config schema only
+from ftctl.core.config import RecordedConfigError  # light: the config schema (protocol imports it)
 
 
 def main() -> int:
@@ -151,6 +152,11 @@ def main() -> int:
     except ImportError as e:
         traceback.print_exc()
         return fail(6, "import_error", e)
+    except (
+        RecordedConfigError
+    ) as e:  # the job's recorded config cannot run: say which override would
+        traceback.print_exc()
+        return fail(1, "exception" if loaded.is_set() else "load_error", e, fix=e.fix)
     except Exception as e:
         traceback.print_exc()
         return fail(1, "exception" if loaded.is_set() else "load_error", e)

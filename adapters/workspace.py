@@ -19,18 +19,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from ftctl.adapters import fs, process
 from ftctl.core.config import (
     Config,
     ConfigError,
-    blame_override,
     decode_config,
     default_config_dict,
-    merge_overrides,
+    with_overrides,
 )
 from ftctl.core.fit import fitting_keys
 from ftctl.events.errors import UserError
-from ftctl.events.journal import Journal, JournalError
+from ftctl.events.journal import DiskFull, Journal, JournalError, NoPermission, ReadOnly
 
 DIRS = ("inbox", "inbox/rejected", "jobs", "models", "logs", "run")
 # the first file of a reproduction's scratch folder: ours to delete
@@ -56,6 +57,49 @@ class WorkspaceError(UserError):
 @dataclass(frozen=True)
 class Workspace:
     home: Path
+
+    def __post_init__(self):
+        # One spelling of the workspace's location (symlinks resolved), so that `rel` recognises every
+        # path built from it, whoever built the Workspace.
+        object.__setattr__(self, "home", Path(self.home).expanduser().resolve())
+
+    # Paths the journal records are relative to the workspace (events/types.py, "workspace paths"):
+    # `rel` is how one is written, `abs` how one is used, against where the workspace is *now*.
+    def rel(self, path) -> str:
+        """``path`` as the journal records it: relative to the workspace if it lies inside it, else
+        absolute (a user's model folder or data file)."""
+        p = str(path)
+        if not os.path.isabs(p):
+            return p
+        home = str(self.home)
+        if p == home:
+            return "."
+        return p[len(home) + 1 :] if p.startswith(home + os.sep) else p
+
+    def abs(self, path) -> Path:
+        """A path as the journal records it, made absolute against the workspace's current location."""
+        p = Path(path)
+        return p if p.is_absolute() else self.home / p
+
+    def located(self, cfg: Config) -> Config:
+        """A job's recorded config as a worker needs it: its model path absolute, against the
+        workspace's current location (the journal records a model inside the workspace relative)."""
+        model = str(self.abs(cfg.model))
+        return cfg if model == cfg.model else msgspec.structs.replace(cfg, model=model)
+
+    def model(self, spec: str) -> str:
+        """``model`` as ftctl.yaml (or --set) names it, as this machine finds it: a relative path names a
+        folder of the workspace when there is one (``demo/model``, ``models/v0001``: a moved workspace
+        keeps working), else a path relative to the current folder, else a Hugging Face repo id."""
+        from .model import is_repo_id
+
+        p = Path(spec).expanduser()
+        if p.is_absolute():
+            return str(p)
+        inside = self.home / p
+        if inside.exists() or not (p.exists() or is_repo_id(spec)):
+            return str(inside)
+        return str(p.resolve()) if p.exists() else spec
 
     @property
     def journal_path(self) -> Path:
@@ -121,9 +165,16 @@ class Workspace:
                 "Run `ftctl init --home DIR` first, or pass --home / set FTCTL_HOME to your workspace."
             )
 
-    def open_journal(self) -> Journal:
+    def open_journal(self, write: bool = True) -> Journal:
+        """The journal; ``write=False`` (a query): on storage ftctl cannot write (a read-only mount, a
+        workspace of another user) it is opened read-only instead of refused (``Journal.readonly``)."""
         self.require()
-        return Journal.open(self.journal_path)
+        try:
+            return Journal.open(self.journal_path)
+        except (ReadOnly, NoPermission, DiskFull):
+            if write:
+                raise
+            return Journal.open_readonly(self.journal_path)
 
     def read_config_dict(self) -> dict:
         path = self.config_path
@@ -133,16 +184,7 @@ class Workspace:
 
     def load_config(self, overrides: list[str] = ()) -> tuple[Config, list[str]]:
         """The effective config: ftctl.yaml with ``key=value`` overrides applied."""
-        overrides = list(overrides)
-        data = merge_overrides(self.read_config_dict(), overrides)
-        try:
-            return decode_config(data, source=str(self.config_path))
-        except ConfigError as e:
-            culprit = blame_override(e.key, overrides)
-            if culprit is None:
-                raise
-            # the same error, blamed on the override
-            return decode_config(data, source=f"--set {culprit}")
+        return with_overrides(self.read_config_dict(), overrides, source=str(self.config_path))
 
 
 def read_mapping(path: Path) -> dict:
@@ -192,7 +234,10 @@ def init_workspace(home: Path, model: str, extra: dict | None = None, then=None)
     ws = Workspace(Path(home).expanduser().resolve())
     if ws.exists():
         raise WorkspaceError(f"{ws.home} already holds an ftctl workspace; nothing was changed")
-    cfg = {**default_config_dict(model), **_fitting(model)}
+    fitting = _fitting(model)
+    if os.path.isabs(model):
+        model = ws.rel(model)  # a model inside the workspace moves with it: `demo/model`
+    cfg = {**default_config_dict(model), **fitting}
     if extra:
         cfg.update(extra)
     decode_config(cfg)  # never write a config we would refuse to read

@@ -7,7 +7,7 @@ Builds a workspace:
     them: most completed (some after a crash and a resume), some failed after three crashes at
     the same step, some cancelled mid-training, some rejected; the daemon stopped and started
     every 50 jobs. Rows go in with executemany in large transactions (as bench/replay.py does),
-    bodies made by events.types.encode; retention is core.crash.to_prune (keep_last 3 + best).
+    bodies made by events.types.encode; retention is core.retention.to_prune (keep_last 3 + best).
   * every checkpoint the journal still holds exists on disk, as hard links to one small valid
     checkpoint (--ckpt-kb), so recovery's verification really opens, reads and hashes files;
   * a snapshot written by one call to recovery.replay.load, then a small tail: a daemon that

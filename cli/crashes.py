@@ -21,7 +21,7 @@ def cmd_crashes(args, ws) -> int:
     from ftctl.control.crashes import crashes
 
     rows = []
-    for c in crashes(Ledger(ws.open_journal())):
+    for c in crashes(Ledger(render.said_readonly(ws.open_journal(write=False)))):
         e, r = c.event, c.reproduced
         rows.append(
             {

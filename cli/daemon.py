@@ -208,7 +208,8 @@ def add_doctor(p) -> None:
 def cmd_doctor(args, ws) -> int:
     from ftctl.control import doctor, recover
 
-    ledger = Ledger(ws.open_journal())
+    # without --fix it only looks: it works (and says why it cannot write) on a read-only mount too
+    ledger = Ledger(render.said_readonly(ws.open_journal(write=args.fix)))
     fixed = []
     if args.fix:
         try:

@@ -19,8 +19,9 @@ from . import render
 
 def _ledger(ws: Workspace, *, write: bool = True) -> Ledger:
     """``write=False`` for the queries (status, history, replay): looking never changes journal.db,
-    not even by a snapshot (the daemon and every command that appends keep those fresh)."""
-    return Ledger(ws.open_journal(), write_snapshots=write)
+    not even by a snapshot (the daemon and every command that appends keep those fresh) — and works
+    on storage ftctl cannot write (a read-only mount), saying so."""
+    return Ledger(render.said_readonly(ws.open_journal(write=write)), write_snapshots=write)
 
 
 def add_submit(p) -> None:
@@ -176,7 +177,10 @@ def cmd_status(args, ws: Workspace) -> int:
                 "seq": st.seq,
                 "daemon": render.daemon_json(st.daemon),
                 "jobs": [render.job_json(v.job, v.metrics, v) for v in st.jobs],
-                "lineages": [render.as_dict(l) for l in st.projection.lineages.values()],
+                "lineages": [
+                    render.as_dict(status.located_lineage(ws, lin))
+                    for lin in st.projection.lineages.values()
+                ],
                 "hidden": st.hidden,
                 "inbox": st.inbox,
             }
@@ -191,6 +195,9 @@ def cmd_status(args, ws: Workspace) -> int:
         render.console.print("no jobs yet: `ftctl submit FILE.jsonl` or drop a file into inbox/")
     else:
         render.console.print("no job to show")
+    for lin in st.projection.lineages.values():
+        if lin.head_job or lin.branches:
+            render.console.print(render.lineage_line(lin))
     for f in st.inbox:
         render.console.print(
             f"inbox: {render.escape(f['file'])} ({f['bytes'] / 1e6:.1f} MB): {render.escape(f['note'])}"
@@ -260,7 +267,7 @@ def cmd_history(args, ws: Workspace) -> int:
 def cmd_replay(args, ws: Workspace) -> int:
     from ftctl.control.history import replay
 
-    r = replay(ws, args.job, args.to)
+    r = replay(ws, render.said_readonly(ws.open_journal(write=False)), args.job, args.to)
     if args.json:
         render.print_json({"at_seq": r.at, **render.job_json(r.state)})
     else:
@@ -320,6 +327,15 @@ def add_control(p) -> None:
 def add_retry(p) -> None:
     add_control(p)
     p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="change the job's recorded config (repeatable; a failed or paused job), validated as "
+        "`submit --set`: it resumes from its last checkpoint where the change allows it "
+        "(bit-exact for keys that change nothing it computes), from step 0 for a key that "
+        "changes the adapter's shape (only with no checkpoint yet)",
+    )
+    p.add_argument(
         "--reshard",
         action="store_true",
         help="a data-parallel job may continue on another number of ranks than its checkpoints' "
@@ -333,15 +349,16 @@ NO_DAEMON = "no daemon is running: it is applied at the next `ftctl start`"
 def cmd_control(args, ws) -> int:
     from ftctl.control import jobs
 
-    out = jobs.request(
-        _ledger(ws),
-        args.job,
-        args.action,
-        ws=ws,
-        reshard=getattr(args, "reshard", False),
-    )
-    if args.json:
-        render.print_json(asdict(out))
+    if getattr(args, "set", None):  # retry --set: the job's recorded config changes
+        out = jobs.retry(ws, _ledger(ws), args.job, args.set, reshard=args.reshard)
+    else:
+        out = jobs.request(
+            _ledger(ws), args.job, args.action, ws=ws, reshard=getattr(args, "reshard", False)
+        )
+    if args.json:  # changes/effect: only for `retry --set`
+        render.print_json(
+            {k: v for k, v in asdict(out).items() if v or k not in ("changes", "effect")}
+        )
         return 0
     if out.action in ("resume", "retry"):
         text = f"job {out.job} queued again; " + (
@@ -349,7 +366,9 @@ def cmd_control(args, ws) -> int:
             if out.daemon_alive
             else "no daemon is running: `ftctl start` trains it"
         )
-        if out.action == "retry":
+        if out.changes:
+            text += f"; its config changed ({'; '.join(out.changes)}): {out.effect}, with a fresh restart budget"
+        elif out.action == "retry":
             text += "; it resumes from its last good checkpoint, with a fresh restart budget"
             if getattr(args, "reshard", False):
                 text += ", on the number of ranks its config now gives (not bit-exact with the earlier attempts)"
@@ -363,7 +382,11 @@ def cmd_control(args, ws) -> int:
     elif out.action == "pause":
         text = f"job {out.job} paused; `ftctl resume {out.job}` to queue it again"
     else:
-        text = f"job {out.job} cancelled; its checkpoints stay on disk until retention or `ftctl doctor --fix`"
+        text = (
+            f"job {out.job} cancelled; its committed checkpoints stay on disk (jobs/{out.job}/checkpoints/): "
+            "only its own retention (retention.keep_last, also by `ftctl doctor --fix`) ever prunes them, "
+            "never a consolidation"
+        )
     render.console.print(text)
     return 0
 
@@ -376,7 +399,7 @@ def add_set_head(p) -> None:
 def cmd_set_head(args, ws) -> int:
     from ftctl.control import consolidation
 
-    e = consolidation.set_head(_ledger(ws), args.job)
+    e = consolidation.set_head(ws, _ledger(ws), args.job)
     if args.json:
         render.print_json({"lineage": e.lineage, "head": e.job, "previous": e.previous})
         return 0
@@ -399,14 +422,17 @@ def add_eval(p) -> None:
 def cmd_eval(args, ws) -> int:
     from ftctl.control.evaluate import evaluate
 
-    out = evaluate(ws, _ledger(ws), args.job, Path(args.data) if args.data else None)
+    ledger = _ledger(ws)
+    out = evaluate(ws, ledger, args.job, Path(args.data) if args.data else None)
     e = out.event
+    cfg = ledger.state.jobs[e.job].config
+    tuned = "trained layers (full fine-tune)" if cfg and cfg.fine_tune_type == "full" else "adapter"
     body = {k: v for k, v in ev.to_dict(e).items() if k != "type"}
     if args.json:
         render.print_json({**body, "at": out.at, "seq": out.seq, "warnings": out.warnings})
         return 0
     for w in out.warnings:
         render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
-    render.console.print(render.eval_table(e))
+    render.console.print(render.eval_table(e, ws, tuned))
     render.console.print(render.eval_verdict(e) + f" (recorded as event {out.seq})")
     return 0

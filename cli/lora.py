@@ -208,16 +208,19 @@ def _result(ws, job: str, interrupted: bool) -> int:
         render.console.print(
             f"Saved final weights to {render.escape(str(Path(where) / 'adapters.safetensors'))}."
         )
+        from ftctl.control.status import describe_result
+
+        early = f" (stopped early: `ftctl status {j.job}` says why)" if j.stopped_early else ""
         render.console.print(
-            f"[green]job {j.job} completed[/] at step {j.step}: adapter sha256 {j.adapter_sha256[:16]}… "
-            f"(also in {render.escape(j.adapter_path)})"
+            f"[green]job {j.job} completed[/] at step {j.step}{early}: adapter sha256 {j.adapter_sha256[:16]}… "
+            f"{render.escape(describe_result(j))} (also in {render.escape(j.adapter_path)})"
         )
         if j.export_refused:
             render.err_console.print(
                 f"[yellow]adapter_path not written:[/] {render.escape(j.export_refused)}"
             )
         if j.last_eval is not None and j.config.test:
-            _show_eval(j.last_eval, None)
+            _show_eval(ws, j.last_eval, None, j.config.fine_tune_type)
         return 1 if j.export_refused else 0
     good = j.good_checkpoints()
     kept = (
@@ -258,7 +261,7 @@ def _test_only(ws, cfg) -> int:
     out = lora.test_only(ws, cfg)
     for w in out.warnings:
         render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
-    _show_eval(out.event, out.seq)
+    _show_eval(ws, out.event, out.seq, cfg.fine_tune_type)
     if out.recorded_on is None:
         render.console.print(
             "not recorded: no completed job of this workspace produced this adapter (sha256 "
@@ -267,11 +270,12 @@ def _test_only(ws, cfg) -> int:
     return 0
 
 
-def _show_eval(e, seq) -> None:
+def _show_eval(ws, e, seq, fine_tune_type: str = "lora") -> None:
     render.console.print(
         f"Test loss {e.adapter_loss:.3f}, Test ppl {e.adapter_ppl:.3f}."
         if e.adapter_loss is not None and e.adapter_ppl is not None
         else "Test loss not finite."
     )
-    render.console.print(render.eval_table(e))
+    tuned = "trained layers (full fine-tune)" if fine_tune_type == "full" else "adapter"
+    render.console.print(render.eval_table(e, ws, tuned))
     render.console.print(render.eval_verdict(e) + (f" (recorded as event {seq})" if seq else ""))

@@ -8,6 +8,7 @@ a bug: exit 2, its traceback saved in logs/internal-errors.log.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -42,11 +43,24 @@ def _job_ids(argv: list[str]) -> int:
     runs at every Tab), silent on any error (a completion must never print a traceback)."""
     home = argv[argv.index("--home") + 1] if "--home" in argv[:-1] else None
     try:
-        with resolve_home(home).open_journal() as j:
+        with resolve_home(home).open_journal(write=False) as j:
             sys.stdout.write("".join(f"{i}\n" for i in j.job_ids()))
     except Exception:  # noqa: BLE001
         return 1
     return 0
+
+
+def _storage(e: BaseException, ws: Workspace) -> UserError | None:
+    """The storage's refusal behind an OSError (EROFS, EACCES/EPERM, ENOSPC) a command met writing the
+    workspace (its lock, a job's data copy…): said as such, never as a bug or a damaged journal."""
+    if not isinstance(e, OSError) or e.errno not in _STORAGE_ERRNOS:
+        return None
+    from ftctl.events.journal import storage_problem
+
+    return storage_problem(e.filename or ws.home, e)
+
+
+_STORAGE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
 
 
 def refused(e: UserError, as_json: bool) -> None:
@@ -77,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         code = 0
     except Exception as e:  # internal failure: say so plainly, keep the traceback in a log
+        problem = _storage(e, ws)
+        if problem is not None:  # a read-only mount, permissions, a full disk: the user's to fix
+            refused(problem, getattr(args, "json", False))
+            return 1
         log = _save_traceback(ws, traceback.format_exc())
         render.err_console.print(
             f"[red]internal error:[/] {type(e).__name__}: {e}\n"

@@ -267,6 +267,14 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
         "best_val_loss": j.best_val_loss,
         "adapter_path": j.adapter_path,
         "adapter_sha256": j.adapter_sha256,
+        # which checkpoint the adapter was published from (config `result`) and why training ended
+        "result": j.result or None,
+        "result_step": j.result_step,
+        "result_val_loss": j.result_val_loss,
+        "result_checkpoint": j.result_checkpoint,
+        "result_note": j.result_note or None,
+        "stopped_early": j.stopped_early or None,
+        "epochs": j.config.epochs if j.config else None,
         "exported_to": j.exported_to,
         "export_refused": j.export_refused,
         "last_eval": {
@@ -296,6 +304,7 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
                 "checkpoint_step": j.step,
                 "live_step": view.live_step,
                 "live_global_step": view.live_global_step,
+                "epoch": view.epoch,
                 "stale": view.stale,
                 "note": view.note or None,
                 "eta_s": None if view.eta_s is None else round(view.eta_s, 1),
@@ -303,6 +312,24 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
             }
         )
     return out
+
+
+def said_readonly(journal):
+    """The journal, after a note on stderr when it had to be opened read-only (a read-only mount)."""
+    if journal.readonly is not None:
+        _console("err_console").print(f"[yellow]note:[/] {escape(journal.readonly.note())}")
+    return journal
+
+
+def lineage_line(lin) -> str:
+    """One line per lineage: its head (what new jobs warm-start from, what consolidation fuses) and
+    its branches (completed jobs that did not become the head)."""
+    base = f"base v{lin.base_version}" if lin.base_version else "original base"
+    head = f"head job {lin.head_job}" if lin.head_job else "no head yet"
+    line = f"lineage {escape(lin.name)} ({base}): {head}"
+    if lin.branches:
+        line += f"; branches: {', '.join(lin.branches)} (`ftctl lineage set-head JOB` makes one the head)"
+    return line
 
 
 def daemon_json(d: DaemonView) -> dict:
@@ -354,6 +381,8 @@ def status_table(views: list[JobView]) -> Table:
         style = _STATE_STYLE.get(j.state, "")
         state = f"[{style}]{j.state}[/]" + (" [red](daemon dead)[/]" if v.stale else "")
         step = f"{v.live_step}/{j.iters}" if j.iters else "-"
+        if v.epoch:
+            step += f" (epoch {v.epoch})"
         loss = f"{m['loss']:.4f}" if m.get("loss") is not None else "-"
         val = f"{j.last_val_loss:.4f}" if j.last_val_loss is not None else "-"
         note = escape(v.note if len(v.note) <= 200 else v.note[:197] + "…")
@@ -383,6 +412,10 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
             if view.eta_s is not None
             else (f"unknown: {view.eta_basis}" if view.eta_basis else None)
         )
+    if j.result_step is not None:
+        d["result"] = f"step {j.result_step}, {d['result']}" + (
+            f", val loss {j.result_val_loss:.4f}" if j.result_val_loss is not None else ""
+        )
     # the worker that trains it now (a dead daemon's is in the note, with whether it still runs)
     d["worker"] = (
         f"pid {j.worker.pid}" if j.worker and not (view is not None and view.stale) else None
@@ -393,6 +426,7 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
         "live_step",
         "step",
         "iters",
+        "epoch",
         "eta",
         "global_step",
         "attempt",
@@ -410,6 +444,9 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
         "best_val_loss",
         "adapter_path",
         "adapter_sha256",
+        "result",
+        "result_note",
+        "stopped_early",
         "exported_to",
         "export_refused",
         "requested",
@@ -417,7 +454,7 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
     ]:
         v = d.get(k)
         if v not in (None, "", []):
-            label = {"step": "step (checkpoint)"}.get(k, k)
+            label = {"step": "step (checkpoint)", "result": "adapter from"}.get(k, k)
             t.add_row(
                 label, f"[{_STATE_STYLE.get(v, '')}]{v}[/]" if k == "state" else escape(str(v))
             )
@@ -649,6 +686,8 @@ class ConsoleReporter(Reporter):
                 self.bar.update(self.task, val=_fmt(msg.val_loss, ".4f"))
             elif isinstance(msg, P.CheckpointWritten):
                 self.bar.update(self.task, ckpt=f"step {msg.checkpoint.step}")
+            elif isinstance(msg, P.Completed) and msg.stopped_early:  # done before iters
+                self.bar.update(self.task, total=msg.step, completed=msg.step)
         elif (
             isinstance(msg, P.Report)
             and self.lines is not None
@@ -713,8 +752,10 @@ def memory(gb: float | None) -> str:
     return f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
 
 
-def eval_table(e: AdapterEvaluated):
-    """An `adapter_evaluated` record as `ftctl eval` shows it (also `ftctl lora --test`)."""
+def eval_table(e: AdapterEvaluated, ws, tuned: str = "adapter"):
+    """An `adapter_evaluated` record as `ftctl eval` shows it (also `ftctl lora --test`), its paths
+    where the workspace ``ws`` is now (the journal records them relative to it); ``tuned`` names what
+    was trained (a full fine-tune's layers)."""
     from rich.table import Table
 
     def num(x: float | None, spec: str) -> str:
@@ -722,13 +763,16 @@ def eval_table(e: AdapterEvaluated):
 
     owner = f"job {e.job}" if e.job else "the adapter"
     t = Table(
-        title=f"{owner} on {escape(e.data_path)} ({e.examples} examples, {e.tokens} tokens scored)"
+        title=f"{owner} on {escape(str(ws.abs(e.data_path)))} ({e.examples} examples, "
+        f"{e.tokens} tokens scored)"
     )
     for c in ("model", "loss", "perplexity"):
         t.add_column(c, justify="left" if c == "model" else "right")
-    t.add_row(f"base {escape(e.base_model)}", num(e.base_loss, ".4f"), num(e.base_ppl, ".2f"))
     t.add_row(
-        f"base + adapter {'of job ' + e.job if e.job else escape(e.adapter_path)}",
+        f"base {escape(str(ws.abs(e.base_model)))}", num(e.base_loss, ".4f"), num(e.base_ppl, ".2f")
+    )
+    t.add_row(
+        f"base + {tuned} {'of job ' + e.job if e.job else escape(str(ws.abs(e.adapter_path)))}",
         num(e.adapter_loss, ".4f"),
         num(e.adapter_ppl, ".2f"),
     )

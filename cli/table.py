@@ -166,10 +166,16 @@ COMMANDS: dict[str, Command | Group] = {
         "queue a failed job again: it continues from its last good checkpoint, budget reset",
         (
             "Queue a failed job again (its restart budget spent, a NaN, …): it continues from its last good "
-            "checkpoint, bit for bit, with a fresh restart budget. `--reshard`: a data-parallel job whose hosts "
-            "changed continues on the new number of ranks (deterministic, not bit-exact)."
+            "checkpoint, bit for bit, with a fresh restart budget. `--set KEY=VALUE` (a failed or paused job) "
+            "changes its recorded config first — the remedy when the config is the cause (editing ftctl.yaml "
+            "does not change a submitted job): it resumes from its last checkpoint, bit-exact if the keys change "
+            "nothing it computes (iters, save_every, retention, timeouts, …), on the new trajectory otherwise "
+            "(learning_rate, batch_size, …); a key that changes the adapter's shape, the model, the optimizer "
+            "or the seed starts it from step 0, and only if it has no checkpoint yet (else: cancel and submit "
+            "again). `--reshard`: a data-parallel job whose hosts changed continues on the new number of ranks "
+            "(deterministic, not bit-exact)."
         ),
-        "ftctl retry 3 --reshard",
+        "ftctl retry 3 --set num_layers=2",
         args="retry",
         defaults={"action": "retry"},
     ),
@@ -178,8 +184,9 @@ COMMANDS: dict[str, Command | Group] = {
         "control",
         "cancel a job",
         (
-            "Cancel a job for good (a training job is stopped by the daemon within a second). Its checkpoints stay "
-            "on disk until retention or `ftctl doctor --fix`."
+            "Cancel a job for good (a training job is stopped by the daemon within a second). Its committed "
+            "checkpoints stay on disk: only its own retention (keep_last, also by `ftctl doctor --fix`) prunes "
+            "them, never a consolidation."
         ),
         "ftctl cancel 3",
         defaults={"action": "cancel"},
@@ -197,8 +204,9 @@ COMMANDS: dict[str, Command | Group] = {
         "fuse the lineage's adapter into a new base model",
         (
             "Fuse the lineage's current adapter into a new base model models/vNNNN/ (verified before it is "
-            "promoted); new jobs then train a fresh adapter on it. With a daemon running, records a request it "
-            "carries out when the lineage is idle."
+            "promoted); new jobs then train a fresh adapter on it. A full fine-tune is promoted as it is: the "
+            "base with its trained layers in place, nothing to fuse. With a daemon running, records a request "
+            "it carries out when the lineage is idle."
         ),
         "ftctl consolidate --lineage main",
     ),

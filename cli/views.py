@@ -20,7 +20,7 @@ PLOT_EXTRA = "pip install 'ftctl[plot]'"
 
 
 def _read_ledger(ws) -> Ledger:
-    return Ledger(ws.open_journal(), write_snapshots=False)
+    return Ledger(render.said_readonly(ws.open_journal(write=False)), write_snapshots=False)
 
 
 def _csv_cell(v) -> object:
@@ -304,6 +304,8 @@ def cmd_serve(args, ws) -> int:
     from .web.app import bind, run, url
 
     sock = bind(args.host, args.port)
+    with render.said_readonly(ws.open_journal(write=False)):
+        pass  # the page reads it read-only anyway: only the note, if the storage refuses writes
     render.err_console.print(
         f"serving {ws.home} read-only at {url(args.host, sock.getsockname()[1])}"
         + ("?token=…" if args.token else "")

@@ -11,11 +11,12 @@ every recovery) finishes or discards a half-done one.
 
 from __future__ import annotations
 
+import re
 import shutil
 from datetime import datetime, timezone
 
 from ftctl.adapters import checkpoint as ck
-from ftctl.adapters import fuse, system
+from ftctl.adapters import fuse, gguf, system
 from ftctl.adapters.faults import crash_point
 from ftctl.adapters.workspace import Workspace
 from ftctl.control.ledger import Ledger
@@ -29,6 +30,8 @@ from . import retention
 from .jobs import find_job
 from .models import IMPORTED
 from .reporter import Note, quiet
+
+_FUSED_NAME = re.compile(r"^(\.tmp-)?v\d{4}(-\d+)?$")  # fuse.model_dir / fuse.temp_dir
 
 
 class ConsolidationRefused(UserError):
@@ -70,7 +73,15 @@ def check(p: Projection, lineage: str) -> LineageState:
     return lin
 
 
-def set_head(ledger: Ledger, job: str) -> ev.HeadSet:
+def _adapter_sha(ws: Workspace, path: str) -> str | None:
+    """sha256 of the adapter the journal recorded at ``path`` (None: it is not there, or unreadable)."""
+    try:
+        return ck.adapter_sha256(ws.abs(path))
+    except OSError:
+        return None
+
+
+def set_head(ws: Workspace, ledger: Ledger, job: str) -> ev.HeadSet:
     """Make a completed job of a lineage its head: what later jobs warm-start from and what
     consolidation fuses. The job must be on the lineage's current base, its adapter intact."""
     j = find_job(ledger, job)
@@ -88,7 +99,7 @@ def set_head(ledger: Ledger, job: str) -> ev.HeadSet:
         raise UserError(
             f"job {j.job} is already the head of lineage {j.lineage!r}", kept="nothing was changed"
         )
-    if ck.adapter_sha256(j.adapter_path) != j.adapter_sha256:
+    if _adapter_sha(ws, j.adapter_path) != j.adapter_sha256:
         raise UserError(
             f"the adapter of job {j.job} at {j.adapter_path} no longer matches the sha256 recorded "
             "when it completed",
@@ -120,7 +131,10 @@ def consolidate(
     lin = check(ledger.state, lineage)
     head = ledger.state.jobs[lin.head_job]
     base = lin.base_model
-    need = (fuse.folder_bytes(base) + fuse.fused_bytes(base)) / system.GB + min_free_gb
+    base_dir = ws.abs(
+        base
+    )  # the journal's paths are relative to the workspace: used where it is now
+    need = (fuse.folder_bytes(base_dir) + fuse.fused_bytes(base_dir)) / system.GB + min_free_gb
     ws.models.mkdir(parents=True, exist_ok=True)
     free = system.free_disk_gb(ws.models)
     if free < need:
@@ -129,7 +143,7 @@ def consolidate(
             "the fused one — dequantized if the base is quantized — plus min_free_disk_gb)",
             do="free space and retry",
         )
-    if ck.adapter_sha256(head.adapter_path) != head.adapter_sha256:
+    if _adapter_sha(ws, head.adapter_path) != head.adapter_sha256:
         raise ConsolidationRefused(
             f"the adapter of job {head.job} at {head.adapter_path} no longer matches the sha256 "
             "recorded when it completed",
@@ -145,12 +159,17 @@ def consolidate(
             base_model=base,
             adapter_path=head.adapter_path,
             adapter_sha256=head.adapter_sha256,
-            temp_path=str(fuse.temp_dir(ws.models, version)),
+            temp_path=ws.rel(fuse.temp_dir(ws.models, version)),
         ),
     )
-    note(f"lineage {lineage}: fusing job {head.job}'s adapter into {base} -> models/v{version:04d}")
+    what = (
+        f"promoting job {head.job}'s full fine-tune ({base} with its trained layers; nothing to fuse)"
+        if fuse.fine_tune_type(ws.abs(head.adapter_path)) == "full"
+        else f"fusing job {head.job}'s adapter into {base}"
+    )
+    note(f"lineage {lineage}: {what} -> models/v{version:04d}")
     try:
-        fused = fuse.fuse(base, head.adapter_path, ws.models, version)
+        fused = fuse.fuse(base_dir, ws.abs(head.adapter_path), ws.models, version)
     except BaseException as e:
         ledger.commit(
             stream,
@@ -169,26 +188,30 @@ def consolidate(
         ev.BasePromoted(
             lineage=lineage,
             version=version,
-            model_path=str(fused.path),
+            model_path=ws.rel(fused.path),
             weights_sha256=fused.weights_sha256,
             previous_base=base,
         ),
     )
     note(
         f"lineage {lineage}: base v{version} promoted ({fused.path}, max |logit diff| {fused.max_abs_diff:.2e}); "
-        "new jobs train a fresh adapter on it",
+        "new jobs train on it from scratch (a fresh adapter, or its weights as they are for full)",
         "ok",
     )
     crash_point("consolidate_after_event", version)
-    retire(ledger, lineage, keep_models, note)
+    retire(ws, ledger, lineage, keep_models, note)
     return fused
 
 
-def retire(ledger: Ledger, lineage: str, keep_models: int, note: Note = quiet) -> None:
+def retire(
+    ws: Workspace, ledger: Ledger, lineage: str, keep_models: int, note: Note = quiet
+) -> None:
     """After the promotion is committed: prune the old base's checkpoints, then old fused models."""
+    for line in retention.spared(ws, ledger.state, ledger.state.lineages[lineage]):
+        note(line)
     for step in (
-        lambda p: retention.superseded(p, p.lineages[lineage]),
-        lambda p: retention.models(p, p.lineages[lineage], keep_models),
+        lambda p: retention.superseded(ws, p, p.lineages[lineage]),
+        lambda p: retention.models(ws, p, p.lineages[lineage], keep_models),
     ):
         repairs = step(ledger.state)
         for r in repairs:
@@ -202,7 +225,7 @@ def repairs(ws: Workspace, p: Projection) -> list[Repair]:
     out = [_pending(ws, lin) for lin in p.lineages.values() if lin.pending is not None]
     out += _model_debris(ws, p)
     for lin in p.lineages.values():
-        out += retention.superseded(p, lin)
+        out += retention.superseded(ws, p, lin)
     return out
 
 
@@ -238,7 +261,7 @@ def _pending(ws: Workspace, lin: LineageState) -> Repair:
                 ev.BasePromoted(
                     lineage=lin.name,
                     version=version,
-                    model_path=str(final),
+                    model_path=ws.rel(final),
                     weights_sha256=sha,
                     previous_base=lin.pending.base_model,
                 )
@@ -266,9 +289,17 @@ def _model_debris(ws: Workspace, p: Projection) -> list[Repair]:
     keep = {fuse.model_dir(ws.models, v).name for v in pending}
     keep_tmp = tuple(f".tmp-v{v:04d}-" for v in pending)
     known = {m.path for lin in p.lineages.values() for m in lin.models}
+    # Only folders named as ftctl names them (vNNNN, .tmp-vNNNN-PID): anything else in models/ is not
+    # ftctl's (a user's own model folder, say), and is never deleted.
     out = _import_debris(ws, p)
     for d in sorted(ws.models.iterdir()):
-        if d.name in keep or d.name.startswith(keep_tmp) or str(d) in known or d.name == IMPORTED:
+        if (
+            d.name in keep
+            or d.name.startswith(keep_tmp)
+            or ws.rel(d) in known
+            or d.name == IMPORTED
+            or not _FUSED_NAME.match(d.name)
+        ):
             continue
         why = (
             "temp folder of a fuse that died"
@@ -279,7 +310,7 @@ def _model_debris(ws: Workspace, p: Projection) -> list[Repair]:
             Repair(
                 f"delete models/{d.name}: {why}",
                 DAEMON_STREAM,
-                [ev.DebrisRemoved(path=str(d), reason=why)],
+                [ev.DebrisRemoved(path=ws.rel(d), reason=why)],
                 after=rm(d),
             )
         )
@@ -294,8 +325,10 @@ def _import_debris(ws: Workspace, p: Projection) -> list[Repair]:
         return []
     out = []
     for d in sorted(root.iterdir()):
-        if str(d) in p.imported:
-            continue
+        if ws.rel(d) in p.imported or not (
+            d.name.startswith(".tmp-") or (d / gguf.MANIFEST).is_file()
+        ):
+            continue  # committed, or not an import of ftctl's (no manifest of ours): never deleted
         why = (
             "temp folder of an import that died"
             if d.name.startswith(".tmp-")
@@ -305,7 +338,7 @@ def _import_debris(ws: Workspace, p: Projection) -> list[Repair]:
             Repair(
                 f"delete models/{IMPORTED}/{d.name}: {why}",
                 DAEMON_STREAM,
-                [ev.DebrisRemoved(path=str(d), reason=why)],
+                [ev.DebrisRemoved(path=ws.rel(d), reason=why)],
                 after=rm(d),
             )
         )

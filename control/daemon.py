@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 from ftctl.adapters import logs, process, system
-from ftctl.adapters.model import model_problem
+from ftctl.adapters.model import checkpoint_estimate, model_problem
 from ftctl.adapters.protocol import TrainPlan
 from ftctl.adapters.workspace import Workspace
 from ftctl.control.ledger import Ledger
 from ftctl.core.config import Config, ConfigError, locked_changes
 from ftctl.core.machine import ACTIVE
+from ftctl.core.retention import disk_needed_gb
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.errors import UserError
@@ -314,10 +315,10 @@ class Daemon:
     def _resume_point(self, j: JobState) -> CheckpointRecord | None:
         """Newest committed checkpoint that verifies; corrupt ones are recorded and skipped."""
         for c in reversed(j.good_checkpoints()):
-            bad = reconcile.verify(j, c)
+            bad = reconcile.verify(self.ws, j, c)
             if bad is None:
                 return c
-            self.say(f"{bad.what}", "warn")
+            self.say(f"{bad.what}", "warn")  # a missing one is said, not recorded: see verify
             reconcile.apply(self.ledger, [bad])
         return None
 
@@ -337,33 +338,39 @@ class Daemon:
                 f"job {j.job} would warm-start from job {head.job}'s adapter but changes what shapes it "
                 f"({'; '.join(changed)}); consolidate first or submit it to a new lineage (--lineage NAME)"
             )
-        final = [c for c in head.good_checkpoints() if c.step == head.step]
-        if not final:
+        # the checkpoint its adapter was published from (config `result`: the best or the last), so
+        # the lineage continues from the weights it published; the global step goes on from its end
+        src = head.result_checkpoint or next(
+            (c.path for c in head.good_checkpoints() if c.step == head.step), None
+        )
+        if src is None or src not in {c.path for c in head.good_checkpoints()}:
             self.say(
-                f"job {j.job}: previous job {head.job} has no verified final checkpoint; starting fresh",
+                f"job {j.job}: previous job {head.job} has no verified checkpoint of its published "
+                "adapter; starting fresh",
                 "warn",
             )
             return None, 0, None
-        return final[-1].path, head.global_step, head.job
+        return src, head.global_step, head.job
 
     def _preflight(self, j: JobState, cfg: Config) -> str | None:
         """Why the job cannot start now (it is paused with that reason), or None."""
         good = j.good_checkpoints()
-        need = max(cfg.min_free_disk_gb, 2 * (good[-1].bytes if good else 0) / system.GB)
+        size = good[-1].bytes if good else checkpoint_estimate(self.ws.located(cfg))
+        need, why = disk_needed_gb(cfg, size / system.GB, len(good))
         free = system.free_disk_gb(self.ws.home)
         if free < need:
             return (
-                f"only {free:.2f} GB free on {self.ws.home}, need {need:.2f} GB "
-                f"(max of min_free_disk_gb and twice the checkpoint size): free space, then `ftctl resume {j.job}`"
+                f"only {free:.2f} GB free on {self.ws.home}, need {need:.2f} GB ({why}): free space, "
+                f"then `ftctl resume {j.job}`"
             )
-        problem = model_problem(cfg.model)
+        model = self.ws.abs(cfg.model)
+        problem = model_problem(model)
         if problem:
             return (
                 f"the base model cannot load: {problem}. The job and its checkpoints are kept. The job keeps the "
                 f"model path it was submitted with (editing ftctl.yaml does not change it): restore that folder, "
                 f"then `ftctl resume {j.job}` — or `ftctl cancel {j.job}` and submit the data again"
             )
-        model = Path(cfg.model)
         weights = sum(p.stat().st_size for p in model.glob("*.safetensors")) / system.GB
         avail = system.available_memory_gb()
         if avail < weights * 1.2:
@@ -400,14 +407,16 @@ class Daemon:
         jdir = self.ws.job_dir(j.job)
         valid, test = jdir / "data" / "valid.jsonl", jdir / "data" / "test.jsonl"
         resume_file = jdir / "data" / RESUME_ADAPTER
+        # The journal's paths are relative to the workspace; the worker gets them absolute, against
+        # where the workspace is now (a moved or copied workspace trains where it is).
         plan = TrainPlan(
             job_id=j.job,
             job_dir=str(jdir),
-            config=j.config,
+            config=self.ws.located(j.config),
             train_path=str(jdir / "data" / "train.jsonl"),
             valid_path=str(valid) if valid.exists() else None,
-            resume_from=resume.path if resume else None,
-            warm_start_from=warm,
+            resume_from=str(self.ws.abs(resume.path)) if resume else None,
+            warm_start_from=str(self.ws.abs(warm)) if warm else None,
             global_step_base=base,
             log_path=str(self.ws.job_log(j.job)),
             test_path=str(test) if j.config.test and test.exists() else None,

@@ -67,6 +67,12 @@ class Viewer:
         self.refresh()
         return st.status(self.ws, self.ledger)
 
+    def lineages(self) -> list:
+        """Every lineage: its head job, its branches (completed jobs that did not become the head),
+        its base (paths where the workspace is now). What the page shows beside the jobs."""
+        self.refresh()
+        return [st.located_lineage(self.ws, lin) for lin in self.ledger.state.lineages.values()]
+
     def history(self, n: int = HISTORY_TAIL, job: str | None = None) -> list[Recorded]:
         self.refresh()
         if job is not None:
@@ -116,4 +122,4 @@ class Viewer:
         past = state_at(self.ledger.journal, to).jobs.get(job)
         if past is None:
             raise UserError(f"job {job} did not exist yet at seq {to}")
-        return past
+        return st.located(self.ws, past)  # its paths where the workspace is now

@@ -15,7 +15,7 @@ from pathlib import Path
 from ftctl.adapters.fs import write_durable
 from ftctl.adapters.workspace import Workspace, WorkspaceError, init_workspace
 from ftctl.control.ledger import Ledger
-from ftctl.core.config import config_to_dict
+from ftctl.core.config import config_sha256, config_to_dict
 from ftctl.events.errors import UserError
 
 from .daemon import Daemon
@@ -66,7 +66,7 @@ def init_demo(home: Path):
             f"{ws.home} already holds an ftctl workspace", kept="nothing was changed"
         )
     paths = build_demo(ws.home / "demo")
-    init_workspace(ws.home, str(paths.model_dir), DEMO_CONFIG)
+    init_workspace(ws.home, str(paths.model_dir), DEMO_CONFIG)  # recorded as demo/model
     return paths
 
 
@@ -147,8 +147,10 @@ def tour(home: Path, *, reset: bool, kill_at: int, report: Reporter = SILENT) ->
     ref = Workspace(ws.home / "reference")
     if ref.home.exists():
         shutil.rmtree(ref.home)  # inside the demo's own folder: made by an earlier tour
-    # exactly the recorded config
-    init_workspace(ref.home, j.config.model, config_to_dict(j.config))
+    # exactly the recorded config; its model (demo/model, recorded relative to the demo's workspace)
+    # named by its absolute path, which is where the reference finds the same folder
+    cfg = ws.located(j.config)
+    init_workspace(ref.home, cfg.model, config_to_dict(cfg))
     ref_job = _submit(ref, data, "reference", SILENT)
     report.note(
         f"job {ref_job} in {ref.home}: job {job}'s recorded config and the same data, trained "
@@ -174,7 +176,8 @@ def tour(home: Path, *, reset: bool, kill_at: int, report: Reporter = SILENT) ->
         job,
         kill_at,
         killed_at=[c.step for c in j.crashes if c.signal == signal.SIGKILL],
-        same_inputs=(j.config_sha256, j.data_sha256) == (r.config_sha256, r.data_sha256),
+        same_inputs=(config_sha256(cfg), j.data_sha256)
+        == (config_sha256(ref.located(r.config)), r.data_sha256),
         sha256=j.adapter_sha256,
         reference_sha256=r.adapter_sha256,
     )

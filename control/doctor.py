@@ -17,6 +17,7 @@ from ftctl.core import guards
 from ftctl.core.config import Config, ConfigError, job_config, override_key
 from ftctl.core.machine import ACTIVE
 from ftctl.core.state import Projection, job_stream
+from ftctl.events.journal import storage_problem
 from ftctl.recovery.reconcile import apply
 
 from . import recover, retention
@@ -57,6 +58,9 @@ def examine(ws: Workspace, ledger: Ledger) -> list[Finding]:
             "" if check == "ok" else "stop ftctl and restore journal.db from a backup copy",
         )
     )
+    storage = ledger.journal.readonly or storage_problem(ws.journal_path)
+    if storage is not None:  # a read-only mount, another user's workspace, a full disk: not damage
+        f.append(Finding("storage", "error", str(storage), "see the finding"))
     holder = process.lock_holder(ws.lock_path)
     f += _daemon(p, holder)
     try:
@@ -67,7 +71,7 @@ def examine(ws: Workspace, ledger: Ledger) -> list[Finding]:
     f += _resources(ws, cfg)
     f += _checkpoints(ws, ledger, holder)
     for j in p.jobs.values():
-        due = retention.checkpoints(j)
+        due = retention.checkpoints(ws, j)
         if due is not None:
             f.append(
                 Finding(
@@ -77,12 +81,12 @@ def examine(ws: Workspace, ledger: Ledger) -> list[Finding]:
                     "`ftctl doctor --fix` prunes them",
                 )
             )
-    f += _models(p, cfg)
+    f += _models(p, cfg, ws)
     f.append(_blas(cfg))
     f += _device(cfg)
     if cfg is not None:
         f += _config_drift(p, cfg)
-    f += _data_drift(p)
+    f += _data_drift(ws, p)
     f += _notifications(ledger, cfg)
     f += _display_sleep(cfg)
     return f
@@ -182,7 +186,7 @@ def _daemon(p: Projection, holder: str | None) -> list[Finding]:
     return out
 
 
-def _models(p: Projection, cfg: Config | None) -> list[Finding]:
+def _models(p: Projection, cfg: Config | None, ws) -> list[Finding]:
     """The base model new jobs get (ftctl.yaml) and the ones waiting jobs recorded must load."""
     out, seen = [], set()
     if cfg is not None:
@@ -190,7 +194,7 @@ def _models(p: Projection, cfg: Config | None) -> list[Finding]:
             problem as model_spec_problem,
         )  # resolves repo ids in the HF cache, inspects GGUF
 
-        problem = model_spec_problem(cfg.model)
+        problem = model_spec_problem(ws.model(cfg.model))  # as submit finds it
         seen.add(cfg.model)
         out.append(
             Finding(
@@ -206,7 +210,7 @@ def _models(p: Projection, cfg: Config | None) -> list[Finding]:
     for j in p.jobs.values():
         if j.state in ("queued", "paused", "crashed") and j.config and j.config.model not in seen:
             seen.add(j.config.model)
-            problem = model_problem(j.config.model)
+            problem = model_problem(ws.abs(j.config.model))  # where the workspace is now
             if problem:
                 out.append(
                     Finding(
@@ -346,7 +350,13 @@ def _checkpoints(ws: Workspace, ledger: Ledger, holder: str | None) -> list[Find
     stale = {job_stream(j.job) for j in ledger.state.jobs.values() if j.state in ACTIVE}
     out = [
         Finding(
-            "checkpoints", "error" if "corrupt" in r.what else "warning", r.what, "`ftctl recover`"
+            "checkpoints",
+            "error" if r.finding or "corrupt" in r.what else "warning",
+            r.what,
+            "restore the folder (from the workspace's original or a backup); ftctl never deletes "
+            "what the journal committed"
+            if r.finding
+            else "`ftctl recover`",
         )
         for r in repairs
         if r.stream not in stale
@@ -395,12 +405,12 @@ def _config_drift(p: Projection, cfg: Config) -> list[Finding]:
     ]
 
 
-def _data_drift(p: Projection) -> list[Finding]:
+def _data_drift(ws: Workspace, p: Projection) -> list[Finding]:
     out = []
     for j in p.jobs.values():
         if j.state == "queued" and j.data_sha256:
             try:
-                with open(j.data_path, "rb") as fh:
+                with open(ws.abs(j.data_path), "rb") as fh:
                     cur = ck.sha256(fh.read())
             except OSError:
                 continue
@@ -419,9 +429,9 @@ def _data_drift(p: Projection) -> list[Finding]:
 def fix(ws: Workspace, ledger: Ledger) -> list[str]:
     """Recovery, then retention. Raises recover.DaemonRunning while a daemon runs."""
     with recover.Locked(ws):
-        done = [r.what for r in recover.recover(ws, ledger)]
+        done = [r.what for r in recover.recover(ws, ledger) if not r.finding]
         for j in list(ledger.state.jobs.values()):
-            r = retention.checkpoints(j)
+            r = retention.checkpoints(ws, j)
             if r is not None:
                 apply(ledger, [r])
                 done.append(r.what)

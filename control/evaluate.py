@@ -54,7 +54,7 @@ def evaluate(ws: Workspace, ledger: Ledger, job: str, data: Path | None = None) 
     from ftctl.adapters.evaluate import score  # MLX: loaded only when a model is really scored
 
     j = find_job(ledger, job)
-    _require_adapter(j)
+    _require_adapter(ws, j)
     path = _data_path(ws, j, data)
     raw = _read(path)
     report = validate_jsonl(raw)
@@ -67,8 +67,8 @@ def evaluate(ws: Workspace, ledger: Ledger, job: str, data: Path | None = None) 
     cfg = j.config
     try:
         s = score(
-            j.base_model,
-            j.adapter_path,
+            str(ws.abs(j.base_model)),
+            str(ws.abs(j.adapter_path)),
             raw,
             batch_size=cfg.batch_size,
             max_seq_length=cfg.max_seq_length,
@@ -78,7 +78,7 @@ def evaluate(ws: Workspace, ledger: Ledger, job: str, data: Path | None = None) 
         raise EvalRefused(f"{path}: {e}; nothing was recorded") from None
     e = ev.AdapterEvaluated(
         job=j.job,
-        data_path=str(path),
+        data_path=ws.rel(path),
         data_sha256=hashlib.sha256(raw).hexdigest(),
         examples=s.examples,
         tokens=s.tokens,
@@ -94,7 +94,7 @@ def evaluate(ws: Workspace, ledger: Ledger, job: str, data: Path | None = None) 
     return Evaluation(e, rec.seq, rec.ts, list(report.reasons))
 
 
-def _require_adapter(j: JobState) -> None:
+def _require_adapter(ws: Workspace, j: JobState) -> None:
     """The job's adapter and base model are there and are the ones the journal recorded."""
     if j.state != "completed" or not j.adapter_path:
         why = _NO_ADAPTER.get(
@@ -103,7 +103,7 @@ def _require_adapter(j: JobState) -> None:
         raise EvalRefused(
             f"job {j.job} has no adapter yet: " + why.format(job=j.job, state=j.state)
         )
-    where = Path(j.adapter_path)
+    where = ws.abs(j.adapter_path)
     if not (where / "adapters.safetensors").is_file():
         raise EvalRefused(
             f"job {j.job}'s adapter {where} is missing from disk; nothing to evaluate"
@@ -113,7 +113,7 @@ def _require_adapter(j: JobState) -> None:
             f"job {j.job}'s adapter {where} changed on disk since it was recorded "
             f"(sha256 {j.adapter_sha256[:12]}… in the journal): it is not the job's result"
         )
-    problem = model_problem(j.base_model)
+    problem = model_problem(ws.abs(j.base_model))
     if problem:
         raise EvalRefused(
             f"job {j.job}'s base model cannot load: {problem}. Restore it to evaluate the job"

@@ -12,9 +12,11 @@ from ftctl.control.ledger import Ledger
 from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.errors import UserError
+from ftctl.events.journal import Journal
 from ftctl.recovery.replay import state_at
 
 from .jobs import find_job
+from .status import located
 
 FOLLOW_EVERY_S = 0.5
 CRASH_KINDS = ("crashed", "failed")
@@ -85,11 +87,11 @@ class Replayed:
     state: JobState
 
 
-def replay(ws: Workspace, job: str, to: int) -> Replayed:
-    """Job ``job`` exactly as it was after event ``to``. Only the past is folded (the nearest snapshot
-    at or before it, then its tail): the present projection is loaded only to word an error about a
-    job id that does not exist."""
-    journal = ws.open_journal()
+def replay(ws: Workspace, journal: Journal, job: str, to: int) -> Replayed:
+    """Job ``job`` exactly as it was after event ``to``, its paths where the workspace is now (as
+    `status` shows them); ``journal`` is the workspace's (read-only will do), closed when done. Only
+    the past is folded (the nearest snapshot at or before it, then its tail): the present projection
+    is loaded only to word an error about a job id that does not exist."""
     try:
         # as find_job: "7" finds "0007"
         jid = job if journal.stream_version(job_stream(job)) else job.zfill(4)
@@ -111,4 +113,4 @@ def replay(ws: Workspace, job: str, to: int) -> Replayed:
             f"job {jid} did not exist yet at seq {to} (it was submitted later)",
             do=f"`ftctl history {jid}` shows its events",
         )
-    return Replayed(jid, to, last, past)
+    return Replayed(jid, to, last, located(ws, past))

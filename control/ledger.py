@@ -38,8 +38,8 @@ class Ledger:
     def __init__(self, journal: Journal, *, write_snapshots: bool = True):
         """``write_snapshots=False``: a read-only query's ledger (see ``load``)."""
         self.journal = journal
-        self.write_snapshots = write_snapshots
-        self.state = load(journal, write=write_snapshots)
+        self.write_snapshots = write_snapshots and journal.readonly is None
+        self.state = load(journal, write=self.write_snapshots)
         self.snapshot_seq = self.state.seq
 
     @classmethod

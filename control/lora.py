@@ -248,7 +248,7 @@ def test_only(ws: Workspace, cfg: Config, cwd: Path | None = None) -> TestOnly:
             f"{ADAPTERS} and adapter_config.json (mlx-lm's layout): train first, or name another --adapter-path"
         )
     try:
-        model = models.resolve(cfg.model).path
+        model = models.resolve(ws.model(cfg.model)).path
     except models.ModelRefused as e:
         raise LoraRefused(f"the base model cannot be used: {e}") from None
     src = read_source(None, None, cfg, cwd)
@@ -289,12 +289,12 @@ def test_only(ws: Workspace, cfg: Config, cwd: Path | None = None) -> TestOnly:
         )
         e = ev.AdapterEvaluated(
             job=owner.job if owner else "",
-            data_path=src.labels.get("test", src.path),
+            data_path=ws.rel(src.labels.get("test", src.path)),
             data_sha256=hashlib.sha256(src.test).hexdigest(),
             examples=s.examples,
             tokens=s.tokens,
-            base_model=model,
-            adapter_path=str(adapter),
+            base_model=ws.rel(model),
+            adapter_path=ws.rel(adapter),
             adapter_sha256=sha,
             base_loss=s.base_loss,
             base_ppl=s.base_ppl,

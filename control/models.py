@@ -86,10 +86,12 @@ def problem(spec: str) -> str | None:
     return None
 
 
-def already_imported(p: Projection, source_sha256: str, dtype: str | None) -> str | None:
+def already_imported(
+    ws: Workspace, p: Projection, source_sha256: str, dtype: str | None
+) -> str | None:
     for path, e in p.imported.items():
-        if e.source_sha256 == source_sha256 and e.dtype == dtype and Path(path).is_dir():
-            return path
+        if e.source_sha256 == source_sha256 and e.dtype == dtype and ws.abs(path).is_dir():
+            return str(ws.abs(path))
     return None
 
 
@@ -101,7 +103,7 @@ def import_into(
     source = Path(source).expanduser().resolve()
     try:
         gguf.inspect(source)
-        done = already_imported(ledger.state, sha256_file(source), dtype)
+        done = already_imported(ws, ledger.state, sha256_file(source), dtype)
         if done:
             note(f"{source.name} was imported before (same sha256): using {done}")
             return done
@@ -119,7 +121,7 @@ def import_into(
     ledger.commit(
         DAEMON_STREAM,
         ev.ModelImported(
-            path=str(imp.path),
+            path=ws.rel(imp.path),
             source=str(source),
             source_sha256=imp.source_sha256,
             quantization=imp.quantization,

@@ -47,7 +47,7 @@ def _scratch(ws: Workspace) -> list[Repair]:
         Repair(
             f"delete {d.name}/ in run/: the scratch copy of a reproduction that was killed",
             DAEMON_STREAM,
-            [ev.DebrisRemoved(path=str(d), reason="scratch folder of a killed reproduction")],
+            [ev.DebrisRemoved(path=ws.rel(d), reason="scratch folder of a killed reproduction")],
             after=reconcile.rm(d),
         )
         for d in ws.abandoned_scratch()
@@ -59,20 +59,26 @@ def recover(
 ) -> list[Repair]:
     """Plan and apply until nothing is left (a repair can reveal the next: promoting a pending
     consolidation makes the old base's checkpoints retirable), then record that recovery ran.
-    The caller holds the daemon lock."""
+    Findings (a missing checkpoint) are reported once, never acted on. Returns the repairs and the
+    findings. The caller holds the daemon lock."""
     done: list[Repair] = []
+    said: set[str] = set()
     for _ in range(5):
         repairs = plan(ws, ledger)
-        if not repairs:
-            break
-        for r in repairs:
+        new = [r for r in repairs if not (r.finding and r.what in said)]
+        for r in new:
             on_repair(r)
-        reconcile.apply(ledger, repairs)
-        done += repairs
-    if done:
+        said |= {r.what for r in new if r.finding}
+        done += new
+        todo = [r for r in repairs if not r.finding]
+        if not todo:
+            break
+        reconcile.apply(ledger, todo)
+    fixed = [r for r in done if not r.finding]
+    if fixed:
         ledger.commit(
             DAEMON_STREAM,
-            ev.RecoveryFinished(repairs=len(done), summary=[r.what for r in done][:50]),
+            ev.RecoveryFinished(repairs=len(fixed), summary=[r.what for r in fixed][:50]),
         )
     return done
 

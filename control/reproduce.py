@@ -222,7 +222,7 @@ def replay(
     by: str = "user",
 ) -> Result:
     """Re-run job ``j`` up to step ``target`` on a scratch copy and judge it against ``crash``."""
-    cfg = j.config
+    cfg = ws.located(j.config)  # the model where the workspace is now
     problem = model_problem(cfg.model)
     if problem:
         raise ReproduceRefused(
@@ -244,6 +244,7 @@ def replay(
         notes: list[str] = []
         data = _copy_data(ws, j, scratch, notes)
         start = _checkpoint(
+            ws,
             j,
             events,
             limit,
@@ -256,7 +257,7 @@ def replay(
             warm = attempt.warm_start_from if attempt else j.warm_start_from
             if warm:
                 try:
-                    ck.verify_checkpoint(warm)
+                    ck.verify_checkpoint(ws.abs(warm))
                 except ck.CheckpointCorrupt as e:
                     raise ReproduceRefused(
                         f"no checkpoint of job {j.job} before step {limit} is left, and the adapter it "
@@ -282,7 +283,7 @@ def replay(
             resume_from=str(scratch / "job" / "checkpoints" / Path(start.path).name)
             if start
             else None,
-            warm_start_from=warm,
+            warm_start_from=str(ws.abs(warm)) if warm else None,
             global_step_base=base,
             until_step=target,
             trace=True,
@@ -307,8 +308,8 @@ def replay(
         failing = (
             verdict.failing_step if verdict else (outcome.step + 1 if outcome.category else None)
         )
-        examples = _examples(j, data["train.jsonl"], trace, failing)
-        exact, mismatch = _compare(j, written)
+        examples = _examples(ws, j, data["train.jsonl"], trace, failing)
+        exact, mismatch = _compare(ws, j, written)
         result = Result(
             job=j.job,
             crash=crash,
@@ -329,7 +330,9 @@ def replay(
             seconds=time.monotonic() - t0,
             log_tail=log_tail,
             data_path=str(ws.job_dir(j.job) / "data" / "train.jsonl"),
-            source_path=j.data_path if examples and examples[0].source_line is not None else None,
+            source_path=str(ws.abs(j.data_path))
+            if examples and examples[0].source_line is not None
+            else None,
         )
         result.summary = summarize(result)
         if crash is not None:
@@ -502,7 +505,13 @@ def _copy_data(ws: Workspace, j: JobState, scratch: Path, notes: list[str]) -> d
 
 
 def _checkpoint(
-    j: JobState, events: list[ev.Recorded], limit: int, job_dir: Path, notes: list[str], before: str
+    ws: Workspace,
+    j: JobState,
+    events: list[ev.Recorded],
+    limit: int,
+    job_dir: Path,
+    notes: list[str],
+    before: str,
 ) -> CheckpointRecord | None:
     """Copy the last committed checkpoint before step ``limit`` that is still there and verifies into
     ``job_dir``/checkpoints/ (the copy's manifest hashed against the journal's record, every file against
@@ -522,7 +531,7 @@ def _checkpoint(
     ):
         copy = dest / Path(c.path).name
         try:
-            shutil.copytree(c.path, copy)
+            shutil.copytree(ws.abs(c.path), copy)
             if ck.sha256((copy / ck.MANIFEST).read_bytes()) != c.manifest_sha256:
                 raise ck.CheckpointCorrupt(
                     c.path, "its manifest is not the one the journal recorded"
@@ -567,7 +576,7 @@ def _step(t: P.Traced) -> Step:
 
 
 def _examples(
-    j: JobState, train: Path, trace: list[P.Traced], step: int | None
+    ws: Workspace, j: JobState, train: Path, trace: list[P.Traced], step: int | None
 ) -> list[ExampleRef]:
     """The batch of ``step``: each example's line in the job's copy and, when the submitted file is unchanged,
     in that file; its token length and first characters."""
@@ -576,7 +585,7 @@ def _examples(
         return []
     data = train.read_bytes()
     lines, raw = record_lines(data), data.split(b"\n")
-    source = _source_lines(j)
+    source = _source_lines(ws, j)
     out = []
     for i, n in zip(t.examples, t.lengths):
         line = lines[i]
@@ -593,11 +602,11 @@ def _examples(
     return out
 
 
-def _source_lines(j: JobState) -> list[int] | None:
+def _source_lines(ws: Workspace, j: JobState) -> list[int] | None:
     """Line k of the job's train.jsonl is line out[k - 1] of the submitted file; None when that file changed
     (its sha256 no longer matches the record) or is gone."""
     try:
-        data = Path(j.data_path).read_bytes()
+        data = ws.abs(j.data_path).read_bytes()
     except OSError:
         return None
     if hashlib.sha256(data).hexdigest() != j.data_sha256:
@@ -609,7 +618,9 @@ def _source_lines(j: JobState) -> list[int] | None:
     return [i for i in range(1, n + 1) if i not in held]
 
 
-def _compare(j: JobState, written: list[CheckpointRecord]) -> tuple[list[int], list[int]]:
+def _compare(
+    ws: Workspace, j: JobState, written: list[CheckpointRecord]
+) -> tuple[list[int], list[int]]:
     """Steps where the replay's checkpoint holds the same adapter weights and optimizer state as the job's own
     committed one (by the sha256 in both manifests), and steps where it does not."""
     mine = {c.step: c for c in j.good_checkpoints()}
@@ -619,7 +630,7 @@ def _compare(j: JobState, written: list[CheckpointRecord]) -> tuple[list[int], l
         if c is None:
             continue
         try:
-            a = json.loads((Path(c.path) / ck.MANIFEST).read_bytes())["files"]
+            a = json.loads((ws.abs(c.path) / ck.MANIFEST).read_bytes())["files"]
             b = json.loads((Path(w.path) / ck.MANIFEST).read_bytes())["files"]
         except (OSError, ValueError, KeyError):
             continue

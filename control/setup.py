@@ -80,4 +80,4 @@ def _init_gguf(home: Path, model: str, dtype: str | None, note: Note) -> tuple[W
         ws = init_workspace(home, str(target), fit.fitting_keys(facts), then=convert)
     except models.ModelRefused as e:
         raise WorkspaceError(f"--model {model}: {e}", kept="nothing was created") from None
-    return ws, str(target)
+    return ws, ws.rel(target)

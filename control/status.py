@@ -14,12 +14,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from ftctl.adapters import process
 from ftctl.adapters.workspace import Workspace
 from ftctl.control.ledger import Ledger
+from ftctl.core.config import epoch_of
 from ftctl.core.crash import resumes_from
 from ftctl.core.machine import ACTIVE
-from ftctl.core.state import JobState, Projection, job_stream
+from ftctl.core.state import JobState, LineageState, Projection, job_stream
 from ftctl.events.types import ts_epoch
 
 from .inbox import inbox_pending
@@ -68,6 +71,12 @@ class JobView:
     note: str  # what is true now (stale reasons dropped)
     eta_s: float | None  # seconds left, for a job training under a live daemon
     eta_basis: str | None  # how eta_s was computed
+
+    @property
+    def epoch(self) -> str | None:
+        """'2/3': the epoch live_step is in, for a job trained by `epochs` (else None)."""
+        e = epoch_of(self.job.config, self.live_step) if self.job.config else None
+        return f"{e[0]}/{e[1]}" if e else None
 
 
 @dataclass(frozen=True)
@@ -175,7 +184,7 @@ def status(
     d = daemon_view(ws, ledger)
     metrics = ledger.journal.last_metrics()
     shown, hidden = select(list(ledger.state.jobs.values()), set(states), everything, limit)
-    views = [_view(ledger, j, metrics.get(j.job), d, now) for j in shown]
+    views = [_view(ws, ledger, j, metrics.get(j.job), d, now) for j in shown]
     return Status(ledger.state.seq, d, views, hidden, ledger.state, inbox_pending(ws, d.alive))
 
 
@@ -185,7 +194,40 @@ def job_status(
     j = find_job(ledger, job)
     d = daemon_view(ws, ledger)
     return d, _view(
-        ledger, j, ledger.journal.last_metrics().get(j.job), d, time.time() if now is None else now
+        ws,
+        ledger,
+        j,
+        ledger.journal.last_metrics().get(j.job),
+        d,
+        time.time() if now is None else now,
+    )
+
+
+def located(ws: Workspace, j: JobState) -> JobState:
+    """The job with the paths its events recorded (relative to the workspace: docs/architecture.md)
+    made absolute against where the workspace is now: what `status` shows, so that every path it
+    prints can be used as it is (`mlx_lm.generate --adapter-path …`)."""
+    at = lambda p: str(ws.abs(p)) if p else p  # noqa: E731
+    return msgspec.structs.replace(
+        j,
+        data_path=at(j.data_path),
+        valid_path=at(j.valid_path),
+        base_model=at(j.base_model),
+        warm_start_from=at(j.warm_start_from),
+        adapter_path=at(j.adapter_path),
+        result_checkpoint=at(j.result_checkpoint),
+        checkpoints=[msgspec.structs.replace(c, path=at(c.path)) for c in j.checkpoints],
+        corrupt={at(k): v for k, v in j.corrupt.items()},
+    )
+
+
+def located_lineage(ws: Workspace, lin: LineageState) -> LineageState:
+    """A lineage with its base models' paths absolute against where the workspace is now (as ``located``)."""
+    return msgspec.structs.replace(
+        lin,
+        base_model=str(ws.abs(lin.base_model)) if lin.base_model else "",
+        origin_model=str(ws.abs(lin.origin_model)) if lin.origin_model else "",
+        models=[msgspec.structs.replace(m, path=str(ws.abs(m.path))) for m in lin.models],
     )
 
 
@@ -210,7 +252,9 @@ def select(
 # --------------------------------------------------------------------------- one job
 
 
-def _view(ledger: Ledger, j: JobState, m: dict | None, d: DaemonView, now: float) -> JobView:
+def _view(
+    ws: Workspace, ledger: Ledger, j: JobState, m: dict | None, d: DaemonView, now: float
+) -> JobView:
     live, gstep, reports = j.step, j.global_step, []
     if j.state in ACTIVE:
         # Reports of an earlier attempt are past steps that were lost with it: only this attempt's count.
@@ -221,7 +265,7 @@ def _view(ledger: Ledger, j: JobState, m: dict | None, d: DaemonView, now: float
     stale = j.state in ACTIVE and not d.alive
     eta, basis = _eta(j, live, reports, now) if j.state in ACTIVE and d.alive else (None, None)
     return JobView(
-        job=j,
+        job=located(ws, j),
         metrics=m,
         live_step=live,
         live_global_step=gstep,
@@ -252,8 +296,19 @@ def _note(j: JobState, d: DaemonView, live: int, now: float) -> str:
         reason = _DELAY.sub("", j.reason)
         return reason + (f", in {j.not_before - now:.0f} s" if j.not_before > now else "")
     if j.state == "completed" and not j.reason:
-        return f"adapter {j.adapter_sha256[:12]}" if j.adapter_sha256 else ""
+        if not j.adapter_sha256:
+            return ""
+        early = f"; stopped early at step {j.step}" if j.stopped_early else ""
+        return f"adapter {j.adapter_sha256[:12]} {describe_result(j)}{early}"
     return j.reason
+
+
+def describe_result(r) -> str:
+    """Which checkpoint a completion published, in words: 'from step 30 (best: val loss 1.2345)'.
+    ``r``: a Completed message or event, or a JobState (result, result_step, result_val_loss)."""
+    val = f": val loss {r.result_val_loss:.4f}" if r.result_val_loss is not None else ""
+    note = f"; {r.result_note}" if r.result_note else ""
+    return f"from step {r.result_step} ({r.result or 'last'}{val}){note}"
 
 
 def _with_env(j: JobState, note: str) -> str:

@@ -13,22 +13,33 @@ from pathlib import Path
 
 import msgspec
 
-from ftctl.adapters import hfdata
+from ftctl.adapters import hfdata, system
 from ftctl.adapters.checkpoint import export_problem
 from ftctl.adapters.fs import UnreadableFile, read_input, write_durable
 from ftctl.adapters.group import problems as group_problems
-from ftctl.adapters.model import is_repo_id, model_problem, safetensors_names, shape
+from ftctl.adapters.model import (
+    checkpoint_estimate,
+    is_repo_id,
+    model_problem,
+    quantized,
+    safetensors_names,
+    shape,
+)
 from ftctl.adapters.workspace import Workspace
 from ftctl.control.ledger import Ledger
 from ftctl.core import fit
 from ftctl.core.config import (
     TRACKERS,
     Config,
+    ConfigError,
     config_sha256,
+    config_warnings,
     features,
     hf_entries,
     job_config,
+    keep_last,
     locked_changes,
+    resolve_epochs,
 )
 from ftctl.core.dataset import (
     DataReport,
@@ -37,6 +48,7 @@ from ftctl.core.dataset import (
     valid_records,
     validate_jsonl,
 )
+from ftctl.core.retention import disk_needed_gb
 from ftctl.core.state import job_stream
 from ftctl.events import types as ev
 from ftctl.events.errors import UserError
@@ -227,42 +239,88 @@ def _split(data: bytes, report: DataReport, batch_size: int) -> tuple[bytes, byt
     return train, valid
 
 
+def _longer_than(
+    data: bytes, cfg: Config, limit: int, what: str, features: Features, note: Note
+) -> tuple[list[tuple[int, int]], int]:
+    """(line, tokens) of the examples longer than `limit` tokens, counted with the job's own tokenizer
+    and template, and how many examples there are; only the lines long enough to reach the limit are
+    tokenized (see TEMPLATE_SLACK: the tokenizer is loaded only when there is one). Raises what the
+    tokenizer raises."""
+    long = long_records(data, limit - TEMPLATE_SLACK, features)
+    if not long:
+        return [], 0
+    from ftctl.adapters.batches import token_lengths  # MLX and the tokenizer load only here
+
+    note(
+        f"{what}: counting the tokens of its {len(long)} longest example(s) with the model's tokenizer"
+    )
+    records = valid_records(data, features)
+    lengths = token_lengths(cfg.model, [records[i] for i, _ in long], cfg.mask_prompt)
+    return [(line, n) for (_, line), n in zip(long, lengths) if n > limit], len(records)
+
+
+def _which(over: list[tuple[int, int]], limit: int) -> str:
+    line, most = max(over, key=lambda x: x[1])
+    shown = ", ".join(str(l) for l, _ in over[:5]) + (", …" if len(over) > 5 else "")
+    return (
+        f"lines {shown}; the longest, line {line}, has {most:,} tokens; "
+        f"{sum(n - limit for _, n in over):,} tokens past {limit:,} in all"
+    )
+
+
 def overlong(
     data: bytes, cfg: Config, what: str, features: Features, note: Note = quiet
 ) -> list[str]:
     """A warning when examples are longer than max_seq_length tokens: the trainer cuts them there (as
-    mlx-lm does) without a word. Counted with the job's own tokenizer and template, for the lines long
-    enough to reach the limit (see TEMPLATE_SLACK: the tokenizer is loaded only when one is)."""
+    mlx-lm does) without a word."""
     limit = cfg.max_seq_length
-    long = long_records(data, limit - TEMPLATE_SLACK, features)
-    if not long:
-        return []
-    from ftctl.adapters.batches import token_lengths  # MLX and the tokenizer load only here
-
-    note(
-        f"{what}: counting the tokens of its {len(long)} longest example(s) against max_seq_length = "
-        f"{limit} with the model's tokenizer"
-    )
-    records = valid_records(data, features)
     try:
-        lengths = token_lengths(cfg.model, [records[i] for i, _ in long], cfg.mask_prompt)
+        over, total = _longer_than(data, cfg, limit, what, features, note)
     except Exception as e:  # noqa: BLE001 (a tokenizer that cannot load here fails the worker's load too)
         return [
-            f"{what}: the lengths of its {len(long)} longest examples could not be counted against "
+            f"{what}: the lengths of its longest examples could not be counted against "
             f"max_seq_length = {limit} tokens ({type(e).__name__}: {e}); any longer than that is "
             "cut to it in training"
         ]
-    over = [(line, n) for (_, line), n in zip(long, lengths) if n > limit]
     if not over:
         return []
-    line, most = max(over, key=lambda x: x[1])
-    shown = ", ".join(str(l) for l, _ in over[:5]) + (", …" if len(over) > 5 else "")
     return [
-        f"{what}: {len(over)} of {len(records)} examples are longer than max_seq_length = {limit} "
-        f"tokens and are cut to it (lines {shown}; the longest, line {line}, has {most:,} tokens; "
-        f"{sum(n - limit for _, n in over):,} tokens in all are never trained on or scored): raise "
+        f"{what}: {len(over)} of {total} examples are longer than max_seq_length = {limit} "
+        f"tokens and are cut to it ({_which(over, limit)}, never trained on or scored): raise "
         "max_seq_length (--set max_seq_length=N) or split those examples"
     ]
+
+
+def past_context(
+    splits: list[tuple[bytes, str]], cfg: Config, features: Features, note: Note = quiet
+) -> list[str]:
+    """max_seq_length above the model's context (mlx-lm's default 2048 on a 512-token model) matters
+    only for an example longer than that context: it would train past the positions the model was
+    built for (a crash at the first such batch for learned position embeddings). With none, nothing
+    is cut either way and the run is mlx-lm's own: accepted."""
+    facts = shape(cfg.model)
+    if facts.context is None or cfg.max_seq_length <= facts.context:
+        return []
+    ctx = facts.context
+    head = (
+        f"max_seq_length = {cfg.max_seq_length}, but the model's context is {ctx} tokens "
+        f"({facts.context_key} in its config.json)"
+    )
+    fix = f"set max_seq_length to {ctx} or less (those examples are cut there), or shorten them"
+    out = []
+    for data, what in splits:
+        try:
+            over, total = _longer_than(data, cfg, ctx, what, features, note)
+        except Exception as e:  # noqa: BLE001 (uncounted: refuse as if they were longer)
+            return [
+                f"{head}, and the examples' lengths could not be counted ({type(e).__name__}: {e}): {fix}"
+            ]
+        if over:
+            out.append(
+                f"{head}, and {what} has {len(over)} of {total} examples longer than that "
+                f"({_which(over, ctx)}): {fix}"
+            )
+    return out
 
 
 def _same_kind(fmt: str | None) -> str | None:
@@ -356,6 +414,81 @@ def _lineage_config(ledger: Ledger, lineage: str, cfg: Config) -> Config:
                 "explicitly (`--lineage NAME`)",
             )
     return cfg
+
+
+def _how_long(
+    cfg: Config, warnings: list[str], train_examples: int, has_valid: bool, ws: Workspace
+) -> tuple[Config, list[str]]:
+    """The run the job records (issue 20: full fine-tuning, epochs, early stopping, the result):
+    ``epochs`` turned into ``iters`` for this training data, a full fine-tune checked against its
+    model, and the config's warnings for what it will really run — among them what a full
+    fine-tune's checkpoints take on disk (and whether the workspace's disk has room for them now),
+    and keys that need validation data the job lacks."""
+    try:
+        run = resolve_epochs(cfg, train_examples)
+    except ConfigError as e:
+        raise SubmitError(f"{e}; nothing was queued") from None
+    if run is not cfg:  # the config's own warnings, for the iters it will really run
+        stale = config_warnings(cfg)
+        warnings = config_warnings(run) + [w for w in warnings if w not in stale]
+    cfg, warnings = run, list(warnings)
+    if cfg.epochs is not None:
+        warnings.append(
+            f"epochs = {cfg.epochs}: iters = {cfg.iters} ({cfg.iters // cfg.epochs} batches of "
+            f"{cfg.batch_size} per epoch)"
+        )
+    if cfg.fine_tune_type == "full":
+        here = ws.located(cfg)  # the model's folder where it is now
+        if quantized(here.model):
+            raise SubmitError(
+                f"fine_tune_type: full trains the weights themselves, but {here.model} is quantized: "
+                "they cannot be trained",
+                do="use lora or dora (QLoRA), or a float copy of the model (`ftctl init --model "
+                "FILE.gguf --dtype float16`, or mlx_lm.convert without -q)",
+            )
+        size = checkpoint_estimate(here)
+        shown = f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+        warnings.append(
+            f"full fine-tuning: each checkpoint holds the trained layers' weights and the "
+            f"{cfg.optimizer} state, about {shown} here; retention keeps the newest "
+            f"{keep_last(cfg)} (retention.keep_last), the best and the one being written, and the "
+            "start of the job checks the disk has room for them"
+        )
+        need, why = disk_needed_gb(cfg, size / system.GB, 0)
+        free = system.free_disk_gb(ws.home)
+        if free < need:
+            warnings.append(
+                f"only {free:.2f} GB free on {ws.home} now, and this full fine-tune needs about "
+                f"{need:.2f} GB ({why}): the daemon pauses it at its start until there is room "
+                "(free space, or lower retention.keep_last or num_layers)"
+            )
+    if not has_valid:
+        if cfg.early_stopping is not None:
+            warnings.append(
+                "early_stopping needs validation data, and this job has none: it trains all its iters"
+            )
+        if cfg.result == "best":
+            warnings.append(
+                "result: best needs validation data, and this job has none: the last step's adapter "
+                "is published"
+            )
+    return cfg, warnings
+
+
+def resolve_model(
+    ws: Workspace, ledger: Ledger, cfg: Config, note: Note = quiet
+) -> tuple[Config, models.Resolved]:
+    """``cfg`` with ``model`` as a job records it: a repo id or a GGUF file resolved to the folder it
+    names (pinned now), a folder of the workspace relative to it (it moves with the workspace), any
+    other folder absolute; and how it was resolved. SubmitError if the model cannot be used."""
+    spec = ws.model(cfg.model)  # a relative path names a folder of the workspace (demo/model)
+    resolved = models.Resolved(spec)
+    if models.needs_resolving(spec):  # a repo id or a GGUF file: the folder it names, pinned now
+        try:
+            resolved = models.for_job(ws, ledger, spec, note)
+        except models.ModelRefused as e:
+            raise SubmitError(f"the base model cannot be used: {e}", do=_MODEL_FIX) from None
+    return msgspec.structs.replace(cfg, model=ws.rel(resolved.path)), resolved
 
 
 def _duplicate(ledger: Ledger, path: Path, sha: str, valid_sha: str | None, cfg: Config) -> None:
@@ -491,19 +624,10 @@ def submit(
             reasons += [f"{what} file: {x}" for x in r.reasons]
     if src.valid is not None and not reasons:
         warnings += _check_valid(src, report, vreport)
-    resolved = models.Resolved(cfg.model)
-    # a repo id or a GGUF file: the folder it names, pinned now
-    if models.needs_resolving(cfg.model):
-        try:
-            resolved = models.for_job(ws, ledger, cfg.model, note)
-        except models.ModelRefused as e:
-            raise SubmitError(f"the base model cannot be used: {e}", do=_MODEL_FIX) from None
-        cfg = msgspec.structs.replace(cfg, model=resolved.path)
-    if lineage is not None:
-        cfg = _lineage_config(
-            ledger, lineage, cfg
-        )  # what the job records, and what its sha256 hashes
-    problem = model_problem(cfg.model)
+    cfg, resolved = resolve_model(ws, ledger, cfg, note)
+    if lineage is not None:  # what the job records, and what its sha256 hashes
+        cfg = _lineage_config(ledger, lineage, cfg)
+    problem = model_problem(ws.abs(cfg.model))
     if problem:  # the job would record this path for good: refuse it now, not at `ftctl start`
         raise SubmitError(f"the base model cannot load: {problem}", do=_MODEL_FIX)
     broken = group_problems(cfg)
@@ -522,14 +646,30 @@ def submit(
             for split, data in (("train", train), ("valid", held), ("test", treport and src.test))
             if data
         }
-        unfit = _fit(cfg, counts)
+        here = ws.located(cfg)  # the model's folder where it is now
+        unfit = _fit(here, counts) or past_context(
+            [
+                (data, what)
+                for data, what in (
+                    (train, Path(src.path).name),
+                    (held, f"validation file {_valid_name(src)}"),
+                    (treport and src.test, "split 'test'"),
+                )
+                if data
+            ],
+            here,
+            f,
+            note,
+        )
         if unfit:
             raise SubmitError(
-                "this run would fail when it loads: "
+                "this config does not fit its model or its data: "
                 + "; ".join(unfit)
                 + ". Nothing was queued; change those keys (ftctl.yaml, --set, or `ftctl lora`'s "
                 "flags and -c file) and submit again"
             )
+        # how long it trains (epochs) and what a full fine-tune takes, for this job's training data
+        cfg, warnings = _how_long(cfg, warnings, counts["train"], held is not None, ws)
     if not reasons and not again:
         _duplicate(
             ledger,
@@ -539,9 +679,10 @@ def submit(
             cfg,
         )
     if not reasons:  # the config is resolved (the model's folder): count what max_seq_length cuts
-        warnings += overlong(src.train, cfg, Path(src.path).name, f, note)
+        here = ws.located(cfg)  # the model's folder where it is now
+        warnings += overlong(src.train, here, Path(src.path).name, f, note)
         if src.valid is not None:
-            warnings += overlong(src.valid, cfg, f"validation file {_valid_name(src)}", f, note)
+            warnings += overlong(src.valid, here, f"validation file {_valid_name(src)}", f, note)
 
     for _ in range(10):  # job ids race only with a concurrent submit; the stream version decides
         job = _next_job_id(ledger)
@@ -552,7 +693,7 @@ def submit(
                     ev.JobRejected(
                         job=job,
                         name=name,
-                        data_path=src.path,
+                        data_path=ws.rel(src.path),
                         data_sha256=sha,
                         reasons=reasons,
                         problems=_problems(report)
@@ -600,12 +741,13 @@ def submit(
                 ev.JobSubmitted(
                     job=job,
                     name=name,
-                    data_path=src.path,
+                    data_path=ws.rel(src.path),
                     data_sha256=sha,
                     data_format=report.format or "",
                     examples=report.valid - report.undesirable,
-                    valid_path=src.valid_path
-                    or (str(jdir / "valid.jsonl") if held is not None else None),
+                    valid_path=ws.rel(src.valid_path)
+                    if src.valid_path
+                    else (ws.rel(jdir / "valid.jsonl") if held is not None else None),
                     valid_sha256=hashlib.sha256(src.valid).hexdigest()
                     if src.valid is not None
                     else None,

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import math
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -34,7 +35,12 @@ __all__ = [
     "RestartPolicy",
     "Retention",
     "Timeouts",
+    "EarlyStopping",
     "config_sha256",
+    "config_warnings",
+    "epoch_of",
+    "keep_last",
+    "resolve_epochs",
     "config_to_dict",
     "job_config",
     "decode_config",
@@ -98,9 +104,40 @@ class LRSchedule(Struct, kw_only=True, forbid_unknown_fields=True):
     ] = []
 
 
+# retention.keep_last when it is null: a full fine-tune's checkpoint holds the trained weights and their
+# optimizer state (Adam: 3x the trained weights: GBs for a real model), a LoRA one a few MB
+KEEP_LAST = {"lora": 3, "dora": 3, "full": 1}
+
+
 class Retention(Struct, kw_only=True, forbid_unknown_fields=True):
-    keep_last: Annotated[int, _m("number of most recent checkpoints kept on disk", ge=1)] = 3
-    keep_best: Annotated[bool, _m("also keep the checkpoint with the lowest val_loss")] = True
+    keep_last: Annotated[
+        Annotated[int, Meta(ge=1)] | None,
+        _m(
+            "number of most recent checkpoints kept on disk; null = by fine_tune_type: 3 for lora and "
+            "dora, 1 for full (a full checkpoint holds the trained weights and their optimizer state: "
+            "GBs for a real model)",
+            "an integer >= 1, or null",
+        ),
+    ] = None
+    keep_best: Annotated[
+        bool,
+        _m("also keep the checkpoint with the lowest val_loss (measured at its own step)"),
+    ] = True
+
+
+class EarlyStopping(Struct, kw_only=True, forbid_unknown_fields=True):
+    patience: Annotated[
+        int,
+        _m(
+            "evaluations in a row that do not lower the best validation loss by at least min_delta "
+            "before training stops",
+            ge=1,
+        ),
+    ] = 3
+    min_delta: Annotated[
+        float,
+        _m("the smallest decrease of the validation loss that counts as an improvement", ge=0),
+    ] = 0.0
 
 
 class RestartPolicy(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -472,7 +509,13 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
             min_length=1,
         ),
     ]
-    fine_tune_type: Annotated[Literal["lora", "dora"], _m("adapter type: lora or dora")] = "lora"
+    fine_tune_type: Annotated[
+        Literal["lora", "dora", "full"],
+        _m(
+            "lora or dora (an adapter on the frozen model) or full (the weights of the last num_layers "
+            "layers themselves are trained, as in mlx-lm)"
+        ),
+    ] = "lora"
     optimizer: Annotated[
         Literal["adam", "adamw", "sgd", "adafactor", "muon"], _m("mlx optimizer")
     ] = "adam"
@@ -496,7 +539,7 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     num_layers: Annotated[
         int,
         _m(
-            "number of final transformer layers to adapt; -1 = all",
+            "number of final transformer layers to adapt (full: to train); -1 = all",
             "-1 (all layers) or an integer >= 1",
             ge=-1,
         ),
@@ -624,6 +667,31 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
         bool, _m("let the model's and tokenizer's own Python code run when they load")
     ] = False
     # ftctl's own keys
+    # how long a job trains, and which checkpoint becomes its result (docs/config.md, "Epochs, early
+    # stopping and the result")
+    epochs: Annotated[
+        Annotated[int, Meta(ge=1)] | None,
+        _m(
+            "train this many passes over the training data instead of `iters`: the job records "
+            "iters = epochs x batches per epoch (training examples // batch_size); null = use iters",
+            "an integer >= 1, or null",
+        ),
+    ] = None
+    early_stopping: Annotated[
+        EarlyStopping | None,
+        _m(
+            "stop training (the job completes) once the validation loss stops improving; null = "
+            "train to the end",
+            "a mapping {patience, min_delta}, or null",
+        ),
+    ] = None
+    result: Annotated[
+        Literal["best", "last"],
+        _m(
+            "which checkpoint becomes the job's adapter: best = the lowest validation loss (the last "
+            "one without validation data), last = the final step's"
+        ),
+    ] = "best"
     warm_start: Annotated[
         bool, _m("start from the adapter of the lineage's previous completed job")
     ] = True
@@ -643,7 +711,9 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
         float,
         _m(
             "a job does not start (it is paused, with the reason) below this free disk space (GB), "
-            "nor below twice its last checkpoint's size",
+            "nor below what its checkpoints will take (keep_last, the best and the one being written, "
+            "and the published weights; a full fine-tune's estimated from the model before its first "
+            "checkpoint)",
             ge=0,
         ),
     ] = 1.0
@@ -899,6 +969,44 @@ def world_size(cfg: Config, hostfile_hosts: int | None = None) -> int:
     return hostfile_hosts
 
 
+def keep_last(cfg: Config) -> int:
+    """How many of the newest checkpoints retention keeps: ``retention.keep_last``, or by fine-tune type
+    when it is null (KEEP_LAST)."""
+    k = cfg.retention.keep_last
+    return KEEP_LAST[cfg.fine_tune_type] if k is None else k
+
+
+def resolve_epochs(cfg: Config, train_examples: int) -> Config:
+    """The config a job records: with ``epochs`` set, ``iters`` = epochs x batches per epoch. An epoch
+    is one pass over the batches of adapters/batches.py's TrainBatches: the training examples sorted by
+    length and cut into train_examples // batch_size full batches (as mlx-lm cuts them; the
+    train_examples % batch_size longest examples are in no batch), visited in an order drawn for that
+    epoch, so iteration n is in epoch n // batches. ``batch_size`` is the global batch of a
+    data-parallel job. Without ``epochs`` the config is returned as it is."""
+    if cfg.epochs is None:
+        return cfg
+    per_epoch = train_examples // cfg.batch_size
+    if per_epoch < 1:
+        raise ConfigError(
+            f"epochs = {cfg.epochs} needs at least one batch per epoch, but the training data has "
+            f"{train_examples} examples, fewer than batch_size = {cfg.batch_size}: lower batch_size or "
+            "add data",
+            key="epochs",
+            value=cfg.epochs,
+            allowed=f"a training set of at least batch_size = {cfg.batch_size} examples",
+        )
+    return msgspec.structs.replace(cfg, iters=cfg.epochs * per_epoch)
+
+
+def epoch_of(cfg: Config, step: int) -> tuple[int, int] | None:
+    """(the epoch ``step`` is in, counted from 1; epochs) for a job trained by ``epochs``, else None.
+    Step 0 (nothing trained yet) is in epoch 1, the last step in the last epoch."""
+    if cfg.epochs is None:
+        return None
+    per_epoch = max(cfg.iters // cfg.epochs, 1)
+    return min(max(step - 1, 0) // per_epoch + 1, cfg.epochs), cfg.epochs
+
+
 def _field_type(name: str) -> Any:
     return next(f.type for f in CONFIG_TYPE.fields if f.name == name)
 
@@ -954,7 +1062,18 @@ def _warnings(cfg: Config) -> list[str]:
     for name, settings in cfg.optimizer_config.items():
         if name != cfg.optimizer and settings:  # mlx-lm's defaults list every optimizer, empty
             out.append(f"optimizer_config.{name} is ignored: optimizer is {cfg.optimizer!r}")
+    if cfg.early_stopping is not None and cfg.steps_per_eval >= cfg.iters:
+        out.append(
+            f"early_stopping: steps_per_eval = {cfg.steps_per_eval} >= iters = {cfg.iters}: the "
+            "validation loss is measured at most once, so training can never stop early"
+        )
     return out
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """The warnings of a resolved config (decode_config's, computed again once `epochs` has set
+    `iters`)."""
+    return _warnings(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1051,6 +1170,22 @@ def merge_overrides(base: dict, overrides: list[str]) -> dict:
             node = node[p]
         node[last] = value
     return out
+
+
+def with_overrides(
+    data: dict, overrides: list[str], *, source: str = "ftctl.yaml"
+) -> tuple[Config, list[str]]:
+    """``data`` (ftctl.yaml's mapping, or a job's recorded config) with ``key=value`` overrides applied,
+    validated; a ConfigError about a key an override set is blamed on that override (`--set …`)."""
+    overrides = list(overrides)
+    merged = merge_overrides(data, overrides)
+    try:
+        return decode_config(merged, source=source)
+    except ConfigError as e:
+        culprit = blame_override(e.key, overrides)
+        if culprit is None:
+            raise
+        return decode_config(merged, source=f"--set {culprit}")  # the same error, on the override
 
 
 def override_key(item: str) -> str | None:
@@ -1160,3 +1295,88 @@ def locked_changes(old: Config, new: Config) -> list[str]:
         for k in LOCKED_KEYS
         if _get(old, k) != _get(new, k)
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# Changing a job's recorded config (`ftctl retry JOB --set key=value`): what each change does to a
+# resume. Every key a job records is in one of three kinds:
+#
+# * RESTART_KEYS — a checkpoint cannot be resumed under a new value: the adapter's shape and identity
+#   (what the trainer's resume check compares: fine_tune_type, num_layers, lora_parameters), the model,
+#   the optimizer's state layout, the seed (the data order and the RNG). Only a job with no committed
+#   checkpoint (and no warm start) may change them: it starts from step 0.
+# * NEUTRAL_KEYS — change nothing a job computes: how often it reports, evaluates or checkpoints, what
+#   it keeps, how it is supervised, where it stops (iters: the steps up to there are the same). A
+#   resume is bit-exact with an uninterrupted run.
+# * every other key (learning_rate, lr_schedule, batch_size, max_seq_length, …) changes the trajectory
+#   from the step it resumes at: deterministic from there, not what the old value would have trained.
+RESTART_KEYS = LOCKED_KEYS + (
+    "lora_parameters.scale",
+    "lora_parameters.dropout",
+    "optimizer",
+    "seed",
+)
+NEUTRAL_KEYS = (
+    "iters",
+    "epochs",  # where it stops, as iters (the batches of an epoch do not depend on how many)
+    "save_every",
+    "steps_per_report",
+    "steps_per_eval",
+    "val_batches",
+    "warm_start",
+    "retention",
+    "restart",
+    "timeouts",
+    "min_free_disk_gb",
+    "standby",
+    "consolidation",
+    "metrics",
+)
+
+
+class RecordedConfigError(ValueError):
+    """A job's recorded config that cannot run on its model or data (num_layers above the model's
+    layers, batch_size above the examples): ``key`` and ``value`` say the override that would."""
+
+    def __init__(self, message: str, key: str, value: Any):
+        super().__init__(message)
+        self.key, self.value = key, value
+
+    @property
+    def fix(self) -> str:
+        return f"{self.key}={E.show(self.value)}"
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str  # dotted
+    old: Any
+    new: Any
+    effect: str  # "restart" | "trajectory" | "neutral"
+
+    def __str__(self) -> str:
+        return f"{self.key}: {E.show(self.old)} -> {E.show(self.new)}"
+
+
+def _effect(key: str) -> str:
+    def under(names):
+        return any(key == k or key.startswith(k + ".") for k in names)
+
+    if under(RESTART_KEYS):
+        return "restart"
+    return "neutral" if under(NEUTRAL_KEYS) else "trajectory"
+
+
+def config_changes(old: Config, new: Config) -> list[Change]:
+    """Every recorded key that differs, at its leaves (``lora_parameters.rank``), with its effect."""
+    out: list[Change] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict) and not prefix.endswith("optimizer_config"):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        elif a != b:
+            out.append(Change(prefix, a, b, _effect(prefix)))
+
+    walk(job_config(old), job_config(new), "")
+    return out

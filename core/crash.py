@@ -42,8 +42,10 @@ SUGGESTIONS = {
     "the job resumes from its last checkpoint",
     "exception": "the worker raised a Python exception: read the traceback tail in the evidence and logs/",
     "load_error": "the worker could not load the job (its model, data or config: the error says which), and a "
-    "retry would fail the same way: fix the cause, then `ftctl resume JOB` — or `ftctl cancel JOB` "
-    "and submit again",
+    "restart as it is would fail the same way. If the job's config is the cause, `ftctl retry JOB --set "
+    "KEY=VALUE` changes it (editing ftctl.yaml does not: a job keeps the config recorded at its submit, so "
+    "`ftctl resume JOB` would fail again); if its model or data files are, restore them, then `ftctl resume "
+    "JOB`; or `ftctl cancel JOB` and submit again",
     "hang": "no training progress within timeouts.hang_s: look for a stuck evaluation or I/O; raise "
     "timeouts.hang_s if steps are legitimately slow",
     "disk_full": "the disk filled up (ENOSPC): free space, then `ftctl resume JOB`; the previous checkpoint is intact",
@@ -99,9 +101,17 @@ def resumes_from(step: int | None) -> str:
     return f"it resumes from step {step} (its last committed checkpoint)"
 
 
-def suggestion(category: str, resume_step: int | None) -> str:
+def suggestion(category: str, resume_step: int | None, fix: str = "") -> str:
     """SUGGESTIONS[category], saying exactly where the job resumes (``resume_step`` None: no
-    good checkpoint, so it starts over) instead of "from its last checkpoint"."""
+    good checkpoint, so it starts over) instead of "from its last checkpoint". ``fix``: the worker
+    found the job's recorded config to be the cause, and the ``key=value`` that would run."""
+    if fix:
+        return (
+            "the job's recorded config is the cause, and a job keeps the config recorded at its submit "
+            "(editing ftctl.yaml does not change it; `ftctl resume JOB` would fail the same way): "
+            f"`ftctl retry JOB --set {fix}` changes it and trains on — or `ftctl cancel JOB` and submit "
+            f"again with --set {fix}"
+        )
     if category in _RESUMING:
         return f"{_RESUMING[category]}; {resumes_from(resume_step)}"
     return SUGGESTIONS.get(category, "")
@@ -239,6 +249,8 @@ class Evidence:
     steps_seen: str = ""  # a data-parallel job: every rank's last step
     stop_reason: str | None = None  # the stop the supervisor had asked for: pause, cancel, shutdown
     log_path: str = ""
+    # the worker found the job's recorded config to be the cause: the `key=value` that would run
+    fix: str = ""
 
 
 def classify(e: Evidence) -> str:
@@ -318,10 +330,12 @@ def after_crash(
     policy: RestartPolicy,
     detail: str = "",
     reproduction: ev.CrashReproduced | None = None,
+    fix: str = "",
 ) -> Decision:
     """Decide what follows the latest of a job's crashes (the last of ``crashes``, which are those since
     its last `ftctl retry`). ``detail`` is what the worker said (its exception's first line), shown in
-    the reason of a pause or a failure; ``resume_step`` is where a restart would resume.
+    the reason of a pause or a failure; ``resume_step`` is where a restart would resume; ``fix``: the
+    ``key=value`` of the recorded config that would run, when the worker found it the cause.
 
     ``reproduction``: the daemon's replay of this crash (a DETERMINISTIC category only). A crash that
     reproduces is not retried blindly: the job pauses with the verdict and the failing batch in the
@@ -336,7 +350,7 @@ def after_crash(
         else None
     )
     if last.category in PAUSE_ON:
-        return Decision("pause", f"{last.category}{said}: {SUGGESTIONS[last.category]}")
+        return Decision("pause", f"{last.category}{said}: {suggestion(last.category, None, fix)}")
     if verdict == "reproduced":
         return Decision(
             "pause",
@@ -456,6 +470,7 @@ def decide(
         policy=j.config.restart,
         detail=detail,
         reproduction=reproduction,
+        fix=e.fix,
     )
     requested = j.requested or ("pause" if e.stop_reason == "pause" else None)
     follow = follow_up(j.job, dec, requested, category, now, j.requested_by or "user")
@@ -467,7 +482,7 @@ def decide(
         exit_code=e.exit_code,
         signal=sig,
         evidence=evidence_text(e),
-        suggestion=_advice(category, good[-1].step if good else None, follow, detail, j.job)
+        suggestion=_advice(category, good[-1].step if good else None, follow, detail, j.job, e.fix)
         + (
             f" ({x})"
             if category == "gpu_lost" and (x := xids(f"{e.stderr_tail}\n{e.what}"))
@@ -477,14 +492,20 @@ def decide(
         rank=e.rank,
         host=e.host,
         loading=e.loading,
+        fix=e.fix,
     )
     return Decided(crashed, follow, category)
 
 
-def _advice(category: str, resume: int | None, follow: ev.EventBase, detail: str, job: str) -> str:
+def _advice(
+    category: str, resume: int | None, follow: ev.EventBase, detail: str, job: str, fix: str = ""
+) -> str:
     """The crash's suggested fix, true to what follows it: a requeued job is told where it resumes, a
-    failed one how to continue it (`ftctl retry`), a paused one keeps the fix (`ftctl resume`)."""
-    if isinstance(follow, ev.Requeued):
+    failed one how to continue it (`ftctl retry`), a paused one keeps the fix (`ftctl resume`); when
+    the job's recorded config is the cause (``fix``), `ftctl retry JOB --set` with it."""
+    if fix:
+        text = suggestion(category, resume, fix)
+    elif isinstance(follow, ev.Requeued):
         text = suggestion(category, resume)
     else:
         text = _RESUMING.get(category) or SUGGESTIONS.get(category, "")

@@ -2,9 +2,9 @@
 
 mlx-lm finds these out at load or at the first batch, as a traceback; submit refuses them with the
 key, the value and what would fit: ``num_layers`` against the model's layers (-1 = all), LoRA
-``keys`` against its module names, ``max_seq_length`` against the context its config.json states,
-``batch_size`` against the examples of each split, a resume_adapter_file against the adapter this
-config makes.
+``keys`` against its module names, ``batch_size`` against the examples of each split, a
+resume_adapter_file against the adapter this config makes. (``max_seq_length`` against the model's
+context needs the tokenizer: control/submit.py's past_context.)
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def model_problems(cfg: Config, facts: ModelFacts) -> list[str]:
             f"num_layers = {cfg.num_layers}, but the model has {facts.layers} layers: set num_layers to "
             f"{facts.layers} or less, or -1 for all of them"
         )
-    keys = cfg.lora_parameters.keys
+    keys = cfg.lora_parameters.keys if cfg.fine_tune_type != "full" else None  # full: unused
     if keys is not None and facts.layer_modules:
         unknown = [k for k in keys if k not in facts.layer_modules and k not in facts.top_modules]
         if unknown:
@@ -85,11 +85,6 @@ def model_problems(cfg: Config, facts: ModelFacts) -> list[str]:
                 f"lora_parameters.keys names {_listed(flat)}, which cannot take LoRA (not a linear or "
                 "embedding layer: a norm?)"
             )
-    if facts.context is not None and cfg.max_seq_length > facts.context:
-        out.append(
-            f"max_seq_length = {cfg.max_seq_length}, but the model's context is {facts.context} tokens "
-            f"({facts.context_key} in its config.json): set max_seq_length to {facts.context} or less"
-        )
     return out
 
 
@@ -100,6 +95,20 @@ def resume_problems(
     if not tensors:
         return [f"resume_adapter_file {name} holds no tensors"]
     layers = set(adapted_layers(cfg, facts))
+    if cfg.fine_tune_type == "full":  # the trained layers' own weights (mlx-lm's full adapter file)
+        wrong = [
+            t
+            for t in tensors
+            if t.rpartition(".")[2] in ADAPTER_LEAVES
+            or not _in_layers(t.rpartition(".")[0], facts, layers, set(facts.layer_modules))
+        ]
+        if wrong:
+            return [
+                f"resume_adapter_file {name} holds {_listed(wrong, 3)}, not the weights of this "
+                f"full fine-tune's layers (num_layers {cfg.num_layers}) on this model: was it trained "
+                "with another model or config?"
+            ]
+        return []
     modules = adapter_modules(cfg, facts)
     top = set(cfg.lora_parameters.keys or ()) & set(facts.top_modules)
     wrong = []

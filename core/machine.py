@@ -54,7 +54,8 @@ JOB_TRANSITIONS = [
         "dest": "paused",
     },
     {"trigger": "resume", "source": "paused", "dest": "queued"},
-    {"trigger": "retry", "source": "failed", "dest": "queued"},
+    # a paused job too, with a changed config (`ftctl retry JOB --set`): `resume` keeps it as it is
+    {"trigger": "retry", "source": ["failed", "paused"], "dest": "queued"},
     {"trigger": "cancel", "source": _LIVE, "dest": "cancelled"},
 ]
 
@@ -69,6 +70,7 @@ LINEAGE_TRANSITIONS = [
 _ANY_JOB = frozenset(JOB_STATES) - {"new"}
 FACTS = {
     "evaluated": frozenset(ACTIVE),
+    "early_stopped": frozenset(ACTIVE),
     "adapter_evaluated": frozenset({"completed"}),  # only a completed job has an adapter
     "control_requested": frozenset(ACTIVE),
     "ranks_reported": frozenset(ACTIVE),

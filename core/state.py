@@ -19,7 +19,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, command, next_state
 
-SNAPSHOT_FORMAT = 16  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 19  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(UserError):
@@ -86,8 +86,12 @@ class JobState(msgspec.Struct, kw_only=True):
     base_model: str = ""
     warm_start_from: str | None = None
     parent_job: str | None = None
+    started_seq: int = 0  # the journal seq of its first training_started (0: never started)
     global_step_base: int = 0
     step: int = 0  # job step of the last committed checkpoint
+    reached: int = (
+        0  # the furthest step a checkpoint of the current attempt began at (or it resumed at)
+    )
     global_step: int = 0
     checkpoints: list[CheckpointRecord] = []  # committed and not pruned, oldest first
     corrupt: dict[str, str] = {}  # checkpoint path -> why it failed verification
@@ -100,6 +104,13 @@ class JobState(msgspec.Struct, kw_only=True):
     resumes: int = 0  # attempts that resumed from a checkpoint
     adapter_path: str | None = None
     adapter_sha256: str | None = None
+    # the checkpoint the adapter was published from (config `result`), its step and validation loss
+    result: str = ""  # "best" | "last" once completed
+    result_checkpoint: str | None = None
+    result_step: int | None = None
+    result_val_loss: float | None = None
+    result_note: str = ""  # why the published checkpoint is not the one `result` asked for, if so
+    stopped_early: str = ""  # early stopping's reason (early_stopped), "" if it trained to the end
     exported_to: str | None = None  # config adapter_path: where the adapter was also published
     export_refused: str | None = None  # or why it was not
     last_eval: ev.AdapterEvaluated | None = None  # the last `ftctl eval` of the adapter
@@ -147,6 +158,8 @@ class LineageState(msgspec.Struct, kw_only=True):
     origin_model: str = ""  # the base the lineage started from (ftctl.yaml's model)
     base_version: int = 0  # 0 = the original model from ftctl.yaml
     head_job: str | None = None  # the completed job whose adapter is the lineage's current one
+    # the journal seq at which head_job became the head
+    head_seq: int = 0
     # completed jobs that did not become the head (they started from an older one)
     branches: list[str] = []
     jobs: list[str] = []  # jobs trained on the current base, oldest first
@@ -190,6 +203,35 @@ def lineage_stream(name: str) -> str:
 
 
 DAEMON_STREAM = "daemon"
+
+
+def branch_reason(j: JobState, lin: LineageState) -> str:
+    """Decided when job ``j`` completes: "" if it becomes its lineage's head, else why it is a branch.
+
+    The head is what later jobs warm-start from and what consolidation fuses; replacing it silently
+    would drop the training of the job that holds it. So a job takes the head only if it continued
+    from it (its warm start, ``parent_job``, is the head), or if it started fresh with the head it
+    knew: no head, or one that was already the head when it first started (a fresh restart by the
+    user's choice, `--fresh`). A job that warm-started from an older head, or started fresh before
+    the current head became the head (that job completed first, meanwhile), is a branch, recorded
+    as such, until `ftctl lineage set-head` chooses."""
+    head = lin.head_job
+    if head is None or head == j.job:
+        return ""
+    set_head = f"`ftctl lineage set-head {j.job}` makes this one the head"
+    if j.parent_job is not None:
+        if j.parent_job == head:
+            return ""
+        return (
+            f"a branch: it warm-started from job {j.parent_job}, but job {head} completed first and is the "
+            f"lineage's head; {set_head}"
+        )
+    if lin.head_seq < j.started_seq:
+        return ""
+    return (
+        f"a branch: it started fresh, and job {head} became the lineage's head while it trained (it "
+        f"completed first); the head stays job {head}; {set_head}"
+    )
 
 
 # --------------------------------------------------------------------------- reducer
@@ -243,6 +285,7 @@ def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
     # where the attempt starts on the lineage's axis: a warm start's base before its first checkpoint
     # (not 0), the checkpoint's global step on a resume
     j.global_step = e.global_step_base + j.step
+    j.started_seq = j.started_seq or seq
     j.env = e.env or j.env
     j.env_changed = [*j.env_changed, *e.env_changed] if e.resume_checkpoint else list(e.env_changed)
     if e.resharded_from is not None:
@@ -251,6 +294,11 @@ def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
             f"{e.resharded_from} -> {e.world_size} ranks at step {e.resume_step}",
         ]
     j.world_size, j.hosts, j.reshard, j.rank_tokens_per_s = e.world_size, list(e.hosts), False, []
+    j.reached = e.resume_step
+
+
+def _checkpoint_started(p, j: JobState, e: ev.CheckpointStarted, seq: int, ts: str) -> None:
+    j.reached = max(j.reached, e.step)
 
 
 def _committed(p, j: JobState, e: ev.CheckpointCommitted, seq: int, ts: str) -> None:
@@ -286,6 +334,10 @@ def _evaluated(p, j: JobState, e: ev.Evaluated, seq: int, ts: str) -> None:
         j.best_val_loss, j.best_val_step = e.val_loss, e.step
 
 
+def _early_stopped(p, j: JobState, e: ev.EarlyStopped, seq: int, ts: str) -> None:
+    j.stopped_early = e.reason
+
+
 def _adapter_evaluated(p, j: JobState, e: ev.AdapterEvaluated, seq: int, ts: str) -> None:
     j.last_eval, j.last_eval_at = e, ts
 
@@ -294,18 +346,26 @@ def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -
     j.step, j.global_step, j.worker, j.requested, j.reason = e.step, e.global_step, None, None, ""
     j.requested_by, j.ended_at = "", ts
     j.adapter_path, j.adapter_sha256 = e.adapter_path, e.adapter_sha256
+    j.result, j.result_checkpoint = e.result or "last", e.checkpoint
+    j.result_step = e.result_step if e.result else e.step
+    j.result_val_loss, j.result_note = e.result_val_loss, e.result_note
     j.exported_to, j.export_refused = e.exported_to, e.export_refused
     lin = _lineage(p, j.lineage, j.base_model)
-    if j.parent_job is not None and lin.head_job not in (None, j.parent_job):
-        # It continued from an adapter that is no longer the head (another job started later but
-        # completed first): taking the head would silently drop that job's training. A branch.
-        lin.branches.append(j.job)
-        j.reason = (
+    branch = e.branch
+    if (
+        branch is None
+    ):  # recorded before the decision was: the rule of then (a fresh job took the head)
+        branch = (
             f"a branch: it warm-started from job {j.parent_job}, but job {lin.head_job} completed first and "
             f"is the lineage's head; `ftctl lineage set-head {j.job}` makes this one the head"
+            if j.parent_job is not None and lin.head_job not in (None, j.parent_job)
+            else ""
         )
+    if branch:
+        lin.branches.append(j.job)
+        j.reason = branch
     else:
-        lin.head_job = j.job
+        lin.head_job, lin.head_seq = j.job, seq
 
 
 def _crashed(p, j: JobState, e: ev.Crashed, seq: int, ts: str) -> None:
@@ -362,6 +422,10 @@ def _resumed(p, j: JobState, e, seq: int, ts: str) -> None:
 def _retried(p, j: JobState, e: ev.Retried, seq: int, ts: str) -> None:
     j.reason, j.not_before, j.budget_from = e.reason, 0.0, len(j.crashes)
     j.reshard = e.reshard
+    if e.config is not None:  # `--set`: the job's recorded config, changed
+        j.config, j.config_sha256 = msgspec.convert(e.config, Config), e.config_sha256
+        j.overrides = [*j.overrides, *e.overrides]
+        j.base_model = j.config.model  # a new model only ever with no checkpoint (control/jobs.py)
 
 
 def _ranks_reported(p, j: JobState, e: ev.RanksReported, seq: int, ts: str) -> None:
@@ -430,7 +494,7 @@ def _consolidation(p: Projection, lin: LineageState, e, seq: int, ts: str) -> No
         lin.branches = [b for b in lin.branches if b != e.job] + (
             [e.previous] if e.previous else []
         )
-        lin.head_job = e.job
+        lin.head_job, lin.head_seq = e.job, seq
         if e.job in p.jobs:
             p.jobs[e.job].reason = ""
         if e.previous in p.jobs:
@@ -450,7 +514,7 @@ def _consolidation(p: Projection, lin: LineageState, e, seq: int, ts: str) -> No
                 promoted_at=ts,
             )
         )
-        lin.head_job, lin.jobs, lin.branches = None, [], []
+        lin.head_job, lin.head_seq, lin.jobs, lin.branches = None, seq, [], []
     elif isinstance(e, ev.ConsolidationAborted):
         lin.pending = None
     elif isinstance(e, ev.ModelRemoved):
@@ -461,13 +525,14 @@ JOB_HANDLERS = {
     ev.JobSubmitted: _submitted,
     ev.JobRejected: _rejected,
     ev.TrainingStarted: _started,
-    ev.CheckpointStarted: None,
+    ev.CheckpointStarted: _checkpoint_started,
     ev.CheckpointCommitted: _committed,
     ev.CheckpointPruned: _pruned,
     ev.CheckpointCorrupt: _corrupt,
     ev.CheckpointDiscarded: None,
     ev.Evaluated: _evaluated,
     ev.AdapterEvaluated: _adapter_evaluated,
+    ev.EarlyStopped: _early_stopped,
     ev.Completed: _completed,
     ev.Crashed: _crashed,
     ev.CrashReproduced: _reproduced,

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import struct
@@ -27,6 +28,7 @@ from .errors import UserError
 from .types import (
     EVENT_TYPES,
     READINGS,
+    ROOT_TAGS,
     TS_FORMAT,
     DecodeError,
     Event,
@@ -36,6 +38,7 @@ from .types import (
     decode,
     decode_bodies,
     decode_columns,
+    recorded_root,
 )
 
 _METRIC_FIELDS = Metrics.__struct_fields__
@@ -72,6 +75,121 @@ class JournalBusy(JournalError):
     pass
 
 
+# --------------------------------------------------------------------------- the storage, not the journal
+# A read-only file system, a permission denied and a full disk are not a damaged journal: each has its
+# own message and its own remedy, and none of them says "restore from a backup" (that advice, taken,
+# would overwrite a good journal). Only the journal's own checks (its header, SQLite's "malformed" /
+# "not a database") call it damaged.
+
+
+class StorageError(JournalError):
+    """The workspace's storage refuses what ftctl must do there; the journal itself is intact."""
+
+    kind = ""
+
+    def note(self) -> str:
+        """What a query that could still read says (`status` on a read-only mount)."""
+        return (
+            f"the workspace's storage refuses writes ({self.kind}): this is the journal as it is on disk; "
+            "nothing can be recorded or trained here until that is fixed"
+        )
+
+
+class ReadOnly(StorageError):
+    kind = "read-only"
+
+
+class NoPermission(StorageError):
+    kind = "permission denied"
+
+
+class DiskFull(StorageError):
+    kind = "disk full"
+
+
+_INTACT = "Nothing was changed, and nothing is damaged: the journal and everything it committed are intact."
+
+
+def _writable(p: Path) -> bool:
+    # os.path's probes never raise (a folder we may not enter hides what is in it: "not there")
+    return not os.path.lexists(p) or os.access(p, os.W_OK)
+
+
+def storage_problem(path, err: BaseException | None = None) -> StorageError | None:
+    """Why ftctl cannot write (or read) ``path`` — a file of the workspace, or the workspace — when the
+    cause is its storage: a read-only file system, permissions, a full disk; None when the storage is
+    not the cause (then an error is the file's own). ``err``: the OSError or sqlite3 error seen, if any."""
+    path = Path(path)
+    folder = path if os.path.isdir(path) else path.parent
+    code = err.errno if isinstance(err, OSError) else None
+    name = getattr(err, "sqlite_errorname", "") or ""
+    try:
+        vfs = os.statvfs(folder)
+    except OSError:
+        vfs = None
+    if code == errno.EROFS or (vfs is not None and vfs.f_flag & os.ST_RDONLY):
+        return ReadOnly(
+            f"{folder} is on a read-only file system (EROFS): ftctl needs to write in the workspace "
+            f"(its journal, lock and job folders). {_INTACT} Remount it read-write, or copy the workspace "
+            "to a writable place (a copy is a separate workspace), then run the command again."
+        )
+    files = (
+        [path, *(path.with_name(path.name + s) for s in ("-wal", "-shm"))] if path != folder else []
+    )
+    denied = [f for f in (folder, *files) if not _writable(f)] or [
+        f
+        for f in (folder, *files)
+        if os.path.lexists(f) and not os.access(f, os.R_OK | (os.X_OK if f == folder else 0))
+    ]
+    if code in (errno.EACCES, errno.EPERM) or (
+        denied
+        and (err is None or name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")))
+    ):
+        where = denied[0] if denied else Path(getattr(err, "filename", None) or path)
+        try:
+            owner = (
+                f"it belongs to uid {where.stat().st_uid} (mode {where.stat().st_mode & 0o777:o}), "
+            )
+        except OSError:
+            owner = ""
+        return NoPermission(
+            f"permission denied on {where} (EACCES): {owner}this process runs as uid {os.getuid()}. "
+            f"{_INTACT} Run ftctl as the workspace's owner, or give this user read and write access to "
+            "the workspace (chown / chmod), then run the command again."
+        )
+    if (
+        code in (errno.ENOSPC, errno.EDQUOT)
+        or name == "SQLITE_FULL"
+        or (
+            (err is None or name.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN")))
+            and vfs is not None
+            and vfs.f_bavail == 0
+        )
+    ):
+        free = f"{vfs.f_bavail * vfs.f_frsize / 1e6:.1f} MB free" if vfs is not None else "no space"
+        return DiskFull(
+            f"no space left on the device holding {folder} (ENOSPC, {free}). Nothing committed is lost "
+            "or damaged: the journal rolled the write back (a half-written file is removed, or left to "
+            "the next recovery). Free some space (`ftctl doctor` shows the workspace's disk use), then "
+            "run the command again."
+        )
+    return None
+
+
+def _damaged_by_sqlite(path: Path, e: sqlite3.Error) -> JournalError:
+    """An error SQLite raised opening or reading the journal: the storage's, if it is; "damaged" only
+    when SQLite says the file is (malformed, not a database); else what it said, with no advice to
+    restore anything."""
+    problem = storage_problem(path, e)
+    if problem is not None:
+        return problem
+    if getattr(e, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+        return NotAJournal(
+            f"{path}: the journal is damaged ({e}). Nothing was changed; restore it from a backup copy."
+        )
+    return NotAJournal(f"{path}: the journal cannot be opened ({e}). Nothing was changed.")
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).strftime(TS_FORMAT)
 
@@ -87,7 +205,7 @@ def _check_header(path: Path) -> None:
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise NotAJournal(
+        raise storage_problem(path, e) or NotAJournal(
             f"{path}: cannot read the journal ({e.strerror}); check the path and permissions"
         ) from None
     if size == 0:
@@ -112,7 +230,8 @@ def _check_header(path: Path) -> None:
             ) from None
         if _ours_with_wal(path):
             return  # killed mid-checkpoint: the main file alone is inconsistent, its WAL completes it
-        raise NotAJournal(_damaged(path, size, e)) from None
+        problem = storage_problem(path, e) if not os.access(path, os.R_OK) else None
+        raise problem or NotAJournal(_damaged(path, size, e)) from None
     if app_id != APPLICATION_ID:
         raise NotAJournal(
             f"{what}: it is a SQLite database of another application (application_id {app_id:#x}). "
@@ -201,6 +320,8 @@ class Journal:
     def __init__(self, conn: sqlite3.Connection, path: Path, writable: bool = True):
         self.conn = conn
         self.path = path
+        self._root: str | None | bool = False  # False: not looked for yet
+        self.readonly: StorageError | None = None  # opened read-only: the storage refuses writes
         have = {r[1] for r in conn.execute("PRAGMA table_info(metrics)")}
         missing = [k for k in _ADDED_METRICS if have and k not in have]
         if missing and writable:
@@ -210,6 +331,34 @@ class Journal:
             missing = []
         # the SELECT list of every metrics read: NULL for a column an old read-only journal lacks
         self._mcols = ", ".join(f"NULL AS {f}" if f in missing else f for f in _METRIC_FIELDS)
+
+    # ------------------------------------------------------------------ workspace paths
+    @property
+    def root(self) -> str | None:
+        """Where the workspace was when this journal recorded absolute paths (an ftctl before
+        relative paths wrote it), or None: every path it holds is already relative to the workspace.
+        Events read through this journal have those paths made relative (events.types.relocate)."""
+        if self._root is False:
+            self._root = self._recorded_root()
+        return self._root
+
+    def _recorded_root(self) -> str | None:
+        # A journal created since paths are relative says so; an older one shows its root in the first
+        # event with a path only ftctl writes (its first checkpoint, usually within its first events).
+        if self.conn.execute("SELECT 1 FROM meta WHERE key = 'paths'").fetchone():
+            return None
+        rows = self.conn.execute(
+            f"SELECT body FROM events WHERE type IN ({', '.join('?' * len(ROOT_TAGS))}) ORDER BY seq",
+            ROOT_TAGS,
+        )
+        for (body,) in rows:
+            try:
+                root = recorded_root(decode(body))
+            except DecodeError:
+                continue
+            if root is not None:
+                return root or None
+        return None
 
     # ------------------------------------------------------------------ open / create
     @classmethod
@@ -259,7 +408,11 @@ class Journal:
         db["metrics"].create_index(["job", "step"])
         db["meta"].create({"key": str, "value": str}, pk="key")
         db["meta"].insert_all(
-            [{"key": "application", "value": "ftctl"}, {"key": "created", "value": utc_now()}]
+            [
+                {"key": "application", "value": "ftctl"},
+                {"key": "created", "value": utc_now()},
+                {"key": "paths", "value": "relative"},  # every path it records: see Journal.root
+            ]
         )
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -287,9 +440,7 @@ class Journal:
         except sqlite3.DatabaseError as e:
             if conn is not None:
                 conn.close()
-            raise NotAJournal(
-                f"{path}: the journal is damaged ({e}). Nothing was changed; restore it from a backup copy."
-            ) from None
+            raise _damaged_by_sqlite(path, e) from None
         missing = {"events", "snapshots", "metrics", "meta"} - tables
         if missing:
             conn.close()
@@ -298,34 +449,51 @@ class Journal:
                 "not made by `ftctl init`."
             )
         conn.close()
-        return cls(cls._connect(path), path)
+        problem = storage_problem(
+            path
+        )  # SQLite opens a read-only file "fine" and fails at the first write
+        if isinstance(problem, (ReadOnly, NoPermission)):
+            raise problem
+        try:
+            return cls(cls._connect(path), path)
+        except sqlite3.DatabaseError as e:
+            raise _damaged_by_sqlite(path, e) from None
 
     @classmethod
     def open_readonly(cls, path: Path) -> "Journal":
-        """For a viewer (`ftctl serve`): checked as ``open`` checks, then connected with SQLite's
-        ``mode=ro``, so that nothing it does can write to the journal (an append raises)."""
+        """For a viewer (`ftctl serve`, and the queries on storage ftctl cannot write): checked as
+        ``open`` checks, then connected with SQLite's ``mode=ro``, so that nothing it does can write
+        to the journal (an append raises). On a read-only file system SQLite cannot make the WAL's
+        shared-memory file a reader needs: when the journal has no WAL content there (a stopped
+        daemon leaves none), it is read as the immutable file it then is. ``readonly`` says why."""
         path = Path(path)
         if not path.exists():
             raise NotAJournal(
                 f"no journal at {path}: run `ftctl init` (or pass --home to the right workspace)"
             )
         _check_header(path)
-        try:
-            conn = sqlite3.connect(
-                f"file:{quote(str(path.resolve()))}?mode=ro",
-                uri=True,
-                isolation_level=None,
-                timeout=10.0,
-                check_same_thread=False,
-            )
-            conn.execute("PRAGMA busy_timeout=10000")
-            tables = {
-                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
-        except sqlite3.DatabaseError as e:
-            raise NotAJournal(
-                f"{path}: the journal cannot be read ({e}). Nothing was changed."
-            ) from None
+        problem = storage_problem(path)
+        wal = path.with_name(path.name + "-wal")
+        settled = not (wal.exists() and wal.stat().st_size > 0)
+        modes = ["mode=ro"] + (["immutable=1"] if problem is not None and settled else [])
+        for n, mode in enumerate(modes):
+            try:
+                conn = sqlite3.connect(
+                    f"file:{quote(str(path.resolve()))}?{mode}",
+                    uri=True,
+                    isolation_level=None,
+                    timeout=10.0,
+                    check_same_thread=False,
+                )
+                conn.execute("PRAGMA busy_timeout=10000")
+                tables = {
+                    r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                }
+                break
+            except sqlite3.DatabaseError as e:
+                if n + 1 < len(modes):
+                    continue
+                raise _damaged_by_sqlite(path, e) from None
         missing = {"events", "snapshots", "metrics", "meta"} - tables
         if missing:
             conn.close()
@@ -333,7 +501,9 @@ class Journal:
                 f"{path}: the journal lacks tables {sorted(missing)}. Nothing was changed; it was "
                 "not made by `ftctl init`."
             )
-        return cls(conn, path, writable=False)
+        j = cls(conn, path, writable=False)
+        j.readonly = problem
+        return j
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
@@ -375,7 +545,7 @@ class Journal:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
-            raise JournalBusy(
+            raise storage_problem(self.path, e) or JournalBusy(
                 f"{self.path}: the journal is locked by another writer ({e}); nothing was appended — retry"
             ) from None
         out: list[Recorded] = []
@@ -431,6 +601,10 @@ class Journal:
             raise ConcurrencyError(
                 batch[0][0], batch[0][2] if batch[0][2] is not None else -1, actual
             ) from None
+        except sqlite3.OperationalError as e:  # a full disk, a read-only remount: the storage's
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise storage_problem(self.path, e) or e from None
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -476,7 +650,7 @@ class Journal:
             *columns, hi = self.conn.execute(sql, params).fetchone()
             if hi is None:
                 return
-            yield from decode_columns(*columns)
+            yield from decode_columns(*columns, root=self.root)
             lo = hi
 
     def tagged(self, stream: str, tag: str) -> list[Recorded]:
@@ -489,7 +663,7 @@ class Journal:
             "WHERE stream = ? AND type = ? ORDER BY version)",
             (stream, tag),
         ).fetchone()
-        return decode_columns(*r) if r[0] is not None else []
+        return decode_columns(*r, root=self.root) if r[0] is not None else []
 
     def rows(
         self, after: int = 0, to: int | None = None, chunk: int = 20000
@@ -507,7 +681,7 @@ class Journal:
             ts, bodies, hi, n = self.conn.execute(sql, (lo, to, chunk)).fetchone()
             if hi is None:
                 return
-            stamps, events = decode_bodies(ts, bodies)
+            stamps, events = decode_bodies(ts, bodies, root=self.root)
             if hi - lo == n:
                 seqs = range(lo + 1, hi + 1)
             else:  # a gap (never written by ftctl, but never assumed away either)
@@ -729,7 +903,7 @@ class Journal:
             (after, *tags, limit),
         ).fetchall()
         return [
-            Recorded(seq, stream, version, ts, decode(body))
+            Recorded(seq, stream, version, ts, decode(body, self.root))
             for seq, stream, version, ts, body in rows
         ]
 

@@ -12,6 +12,7 @@ without one record facts that do not move the job's state.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from typing import Any, ClassVar, Union
 
@@ -118,7 +119,8 @@ class CheckpointRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     manifest_sha256: str
     bytes: int
     train_loss: float | None = None
-    val_loss: float | None = None
+    val_loss: float | None = None  # the latest evaluation's, at or before this step
+    val_step: int | None = None  # the step val_loss was measured at (None in older journals)
 
 
 class Metrics(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -238,6 +240,18 @@ class AdapterEvaluated(EventBase, tag="adapter_evaluated", kw_only=True):
     adapter_ppl: float | None
 
 
+class EarlyStopped(EventBase, tag="early_stopped", kw_only=True):
+    """Early stopping (config ``early_stopping``) ended training at ``step``: the validation loss
+    stopped improving. Committed with the ``completed`` that follows, in one transaction."""
+
+    job: str
+    step: int
+    global_step: int
+    reason: str
+    best_step: int | None = None
+    best_val_loss: float | None = None
+
+
 class Completed(EventBase, tag="completed", kw_only=True):
     trigger: ClassVar[str] = "complete"
     job: str
@@ -245,10 +259,20 @@ class Completed(EventBase, tag="completed", kw_only=True):
     global_step: int
     adapter_path: str
     adapter_sha256: str
-    checkpoint: str
+    checkpoint: str  # the checkpoint the adapter was published from (what a warm start continues)
+    # which checkpoint that is (config `result`): "best" or "last" ("" in older journals: the last),
+    # its step and validation loss; result_note says why it is not the one `result` asked for, if so
+    result: str = ""
+    result_step: int | None = None
+    result_val_loss: float | None = None
+    result_note: str = ""
     # config adapter_path: where the adapter was also published (mlx-lm's layout), or why it was not
     exported_to: str | None = None
     export_refused: str | None = None
+    # Whether the job became its lineage's head, decided when it completed (core.state.branch_reason):
+    # "" it did; a reason: it is a branch, and why (`ftctl lineage set-head` chooses). None in journals
+    # from before it was recorded: the rule of then decides on replay.
+    branch: str | None = None
 
 
 class Crashed(EventBase, tag="crashed", kw_only=True):
@@ -267,6 +291,8 @@ class Crashed(EventBase, tag="crashed", kw_only=True):
     rank: int | None = None  # a data-parallel job: the rank that failed first, and its host
     host: str | None = None
     loading: bool = False  # it died before its attempt's first step: ``step`` is where it resumed
+    # the job's recorded config is the cause: the `key=value` that would run (`ftctl retry JOB --set`)
+    fix: str = ""
 
 
 class ExampleRef(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -362,12 +388,18 @@ class Resumed(EventBase, tag="resumed", kw_only=True):
 
 class Retried(EventBase, tag="retried", kw_only=True):
     """`ftctl retry`: a failed job queued again; it resumes from its last good checkpoint and its
-    restart budget starts afresh (crashes before this event no longer count)."""
+    restart budget starts afresh (crashes before this event no longer count). With `--set` (a failed
+    or a paused job), its recorded config changes: ``config`` is the new one, as job_submitted
+    records it, ``config_sha256`` its hash, ``overrides`` the --set items, ``changes`` "key: old -> new"."""
 
     trigger: ClassVar[str] = "retry"
     job: str
     reason: str = "retried by user"
     reshard: bool = False  # `--reshard`: it may resume on another world size than its checkpoints'
+    config: dict[str, Any] | None = None
+    config_sha256: str = ""
+    overrides: list[str] = []
+    changes: list[str] = []
 
 
 class RanksReported(EventBase, tag="ranks_reported", kw_only=True):
@@ -548,6 +580,7 @@ Event = Union[
     CheckpointDiscarded,
     Evaluated,
     AdapterEvaluated,
+    EarlyStopped,
     Completed,
     Crashed,
     CrashReproduced,
@@ -611,6 +644,127 @@ def upcast(event: EventBase) -> EventBase:
     return event
 
 
+# --------------------------------------------------------------------------- workspace paths
+# Every path the journal records is relative to the workspace (``jobs/0001/checkpoints/step-…``), so
+# that a workspace moved, copied or restored elsewhere reads the same; a path outside the workspace (a
+# user's model folder or data file) stays absolute. Journals written before that recorded absolute
+# paths: read, each one under the workspace's *recorded* root is made relative (``relocate``). That
+# root is not stored anywhere; ``recorded_root`` reads it off the first path whose shape only ftctl
+# writes (a job's checkpoint or adapter folder, an imported or fused model), see events/journal.py.
+
+
+def _relative(path: str | None, root: str) -> str | None:
+    """``path`` relative to ``root`` if it is an absolute path under it, else unchanged."""
+    if path and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
+        return path[len(root) + 1 :]
+    return path
+
+
+def _paths(*fields: str):
+    def relocate_fields(e: EventBase, root: str) -> EventBase:
+        changes = {f: _relative(getattr(e, f), root) for f in fields}
+        changes = {f: v for f, v in changes.items() if v != getattr(e, f)}
+        return msgspec.structs.replace(e, **changes) if changes else e
+
+    return relocate_fields
+
+
+def _submitted_paths(e: JobSubmitted, root: str) -> JobSubmitted:
+    e = _paths("data_path", "valid_path")(e, root)
+    model = e.config.get("model")
+    if isinstance(model, str) and _relative(model, root) != model:
+        e = msgspec.structs.replace(e, config={**e.config, "model": _relative(model, root)})
+    return e
+
+
+def _committed_paths(e: CheckpointCommitted, root: str) -> CheckpointCommitted:
+    c = e.checkpoint
+    rel = _relative(c.path, root)
+    return (
+        e
+        if rel == c.path
+        else msgspec.structs.replace(e, checkpoint=msgspec.structs.replace(c, path=rel))
+    )
+
+
+# The path fields of each event type, as a function (event, old root) -> event.
+PATH_FIELDS: dict[type, Any] = {
+    JobSubmitted: _submitted_paths,
+    JobRejected: _paths("data_path"),
+    TrainingStarted: _paths("resume_checkpoint", "warm_start_from", "base_model"),
+    CheckpointCommitted: _committed_paths,
+    CheckpointPruned: _paths("path"),
+    CheckpointCorrupt: _paths("path"),
+    CheckpointDiscarded: _paths("path"),
+    AdapterEvaluated: _paths("data_path", "base_model", "adapter_path"),
+    Completed: _paths("adapter_path", "checkpoint"),
+    DebrisRemoved: _paths("path"),
+    ModelImported: _paths("path"),
+    ConsolidationStarted: _paths("base_model", "adapter_path", "temp_path"),
+    BasePromoted: _paths("model_path", "previous_base"),
+    ModelRemoved: _paths("path"),
+}
+
+
+def relocate(event: EventBase, root: str | None) -> EventBase:
+    """An event of a journal that recorded absolute paths, with those under ``root`` (the workspace's
+    recorded location) made relative to the workspace. None: nothing to do (a journal of relative paths)."""
+    f = PATH_FIELDS.get(type(event)) if root else None
+    return f(event, root) if f is not None else event
+
+
+_IMPORTED = re.compile(r"^(/.*)/models/imported/[^/]+$")
+_FUSED = re.compile(r"^(/.*)/models/v\d{4}$")
+
+
+def recorded_root(event: EventBase) -> str | None:
+    """The workspace's location when ``event`` was written, if the event shows it unambiguously: a path
+    only ftctl makes (``ROOT/jobs/<its job>/checkpoints/…``, ``ROOT/jobs/<its job>/adapters``,
+    ``ROOT/jobs/<its job>/data/valid.jsonl``, ``ROOT/models/imported/NAME``, ``ROOT/models/vNNNN``).
+    "" when the event's path is relative: from there on the journal records relative paths."""
+    event = upcast(event)
+    candidates: list[tuple[str | None, str]] = []
+    if isinstance(event, CheckpointCommitted):
+        candidates = [(event.checkpoint.path, f"/jobs/{event.job}/checkpoints/")]
+    elif isinstance(event, Completed):
+        candidates = [(event.adapter_path, f"/jobs/{event.job}/adapters")]
+    elif isinstance(event, JobSubmitted):
+        candidates = [(event.valid_path, f"/jobs/{event.job}/data/valid.jsonl")]
+    elif isinstance(event, TrainingStarted):
+        candidates = [(event.resume_checkpoint, f"/jobs/{event.job}/checkpoints/")]
+    if isinstance(event, ModelImported):
+        candidates = [(event.path, "")]
+    elif isinstance(event, BasePromoted):
+        candidates = [(event.model_path, "")]
+    for path, marker in candidates:
+        if not path:
+            continue
+        if not path.startswith("/"):
+            return ""  # written relative: this journal's paths were never absolute from here on
+        if marker and marker in path:
+            return path[: path.rindex(marker)] or None
+        m = (
+            None
+            if marker
+            else (_IMPORTED if isinstance(event, ModelImported) else _FUSED).match(path)
+        )
+        if m:
+            return m.group(1)
+    return None
+
+
+# The stored tags of the events ``recorded_root`` can read a root off.
+ROOT_TAGS = (
+    "checkpoint_committed",
+    "checkpoint_committed.v2",
+    "completed",
+    "job_submitted",
+    "training_started",
+    "model_imported",
+    "base_promoted",
+)
+
+
 # --------------------------------------------------------------------------- envelope
 
 
@@ -645,10 +799,11 @@ def encode(event: EventBase) -> bytes:
     return _encoder.encode(event)
 
 
-def decode(body: bytes | str) -> EventBase:
-    """Decode one stored body; raises DecodeError (only) on anything that is not a valid event."""
+def decode(body: bytes | str, root: str | None = None) -> EventBase:
+    """Decode one stored body; raises DecodeError (only) on anything that is not a valid event.
+    ``root``: the journal's recorded workspace root, if it recorded absolute paths (see ``relocate``)."""
     try:
-        return upcast(_event_decoder.decode(body))
+        return relocate(upcast(_event_decoder.decode(body)), root)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError) as e:
         raise DecodeError(f"not a valid ftctl event: {e}") from None
 
@@ -658,7 +813,9 @@ _ints_decoder = msgspec.json.Decoder(list[int])
 _strs_decoder = msgspec.json.Decoder(list[str])
 
 
-def decode_columns(seqs: str, streams: str, versions: str, ts: str, bodies: str) -> list[Recorded]:
+def decode_columns(
+    seqs: str, streams: str, versions: str, ts: str, bodies: str, root: str | None = None
+) -> list[Recorded]:
     """Decode rows given as one JSON array per column (what SQLite's group_concat makes
     cheaply): about a third cheaper than an array of rows, the framing of which SQLite
     would have to build row by row."""
@@ -678,10 +835,14 @@ def decode_columns(seqs: str, streams: str, versions: str, ts: str, bodies: str)
         )
     if UPCASTERS:
         events = [upcast(e) if type(e) in UPCASTERS else e for e in events]
+    if root:
+        events = [relocate(e, root) if type(e) in PATH_FIELDS else e for e in events]
     return list(map(Recorded, *cols, events))
 
 
-def decode_bodies(ts: str, bodies: str) -> tuple[list[str], list[EventBase]]:
+def decode_bodies(
+    ts: str, bodies: str, root: str | None = None
+) -> tuple[list[str], list[EventBase]]:
     """The replay path's decoder: commit times and events, one JSON array each."""
     try:
         events = _events_decoder.decode(bodies)
@@ -694,6 +855,8 @@ def decode_bodies(ts: str, bodies: str) -> tuple[list[str], list[EventBase]]:
         )
     if UPCASTERS:
         events = [upcast(e) if type(e) in UPCASTERS else e for e in events]
+    if root:
+        events = [relocate(e, root) if type(e) in PATH_FIELDS else e for e in events]
     return stamps, events
 
 

@@ -45,12 +45,16 @@ class Repair:
     events: list[EventBase] = field(default_factory=list)
     before: Callable[[], None] | None = None  # effect that must precede the event (stop a process)
     after: Callable[[], None] | None = None  # effect that follows the event (delete a folder)
+    # A finding, not a repair: something the journal references that recovery cannot find (a missing
+    # checkpoint). Reported, never acted on: nothing is deleted or recorded for it.
+    finding: bool = False
 
     def as_dict(self) -> dict:
         return {
             "what": self.what,
             "stream": self.stream,
             "events": [type(e).kind() for e in self.events],
+            **({"finding": True} if self.finding else {}),
         }
 
 
@@ -58,10 +62,26 @@ def rm(path: Path) -> Callable[[], None]:
     return lambda: shutil.rmtree(path, ignore_errors=True)
 
 
-def _stale_job(j: JobState) -> list[Repair]:
+def reported_step(ledger: Ledger, j: JobState) -> int:
+    """The last step the journal saw the job's current attempt reach: its last progress report (the
+    metrics table), its last checkpoint begun or committed — whichever is furthest. The last
+    committed checkpoint alone lags behind by up to save_every steps, and by more while a checkpoint
+    is being written in the background (the steps go on meanwhile)."""
+    step = max(j.step, j.reached)
+    if j.state in ACTIVE:
+        started = ledger.journal.last_ts(job_stream(j.job), "training_started") or ""
+        last = ledger.journal.recent_metrics(j.job, since_ts=started, limit=1)
+        if last:
+            step = max(step, last[-1]["step"])
+    return step
+
+
+def _stale_job(ws: Workspace, ledger: Ledger, j: JobState) -> list[Repair]:
     """A job the journal says is training, found with no live worker (or an orphan one)."""
     out = []
-    orphan = j.worker is not None and process.alive(j.worker)
+    alive = j.worker is not None and process.alive(j.worker)
+    # A worker of another workspace (this one is a copy of it) is not ours to stop: it trains there.
+    orphan = alive and process.works_for(j.worker, ws.home)
     if orphan:
         w = j.worker
         out.append(
@@ -71,11 +91,18 @@ def _stale_job(j: JobState) -> list[Repair]:
                 before=lambda w=w: process.stop_group(w),
             )
         )
+    elsewhere = (
+        f"; its recorded worker pid {j.worker.pid} still runs, for another workspace (this one is a "
+        "copy of it): left alone"
+        if alive and not orphan
+        else ""
+    )
     what = (
         f"journal said {j.state!r} (worker pid {j.worker.pid if j.worker else '?'}) but no daemon "
-        f"supervised it{'; the orphan worker was stopped' if orphan else ''}"
+        f"supervised it{'; the orphan worker was stopped' if orphan else ''}{elsewhere}"
     )
-    d = decide(Evidence(reported="daemon_died", what=what, step=j.step), j, time.time())
+    step = reported_step(ledger, j)
+    d = decide(Evidence(reported="daemon_died", what=what, step=step), j, time.time())
     good = j.good_checkpoints()
     where = resumes_from(good[-1].step if good else None)
     out.append(
@@ -112,8 +139,10 @@ def _stranded(j: JobState) -> Repair:
 
 
 def debris(ws: Workspace, j: JobState) -> list[Repair]:
-    """Temp and uncommitted folders of one job. The daemon also clears these before it restarts
-    a crashed job, so a worker killed mid-save leaves nothing behind for long."""
+    """Temp and uncommitted folders of one job: only what ftctl provably left (its own temp names, a
+    step-NNNNNNNN folder of the job's checkpoints/ that no committed checkpoint of the job names). The
+    daemon also clears these before it restarts a crashed job, so a worker killed mid-save leaves
+    nothing behind for long."""
     out = []
     jdir = ws.job_dir(j.job)
     stream = job_stream(j.job)
@@ -124,22 +153,26 @@ def debris(ws: Workspace, j: JobState) -> list[Repair]:
                 stream,
                 [
                     ev.CheckpointDiscarded(
-                        job=j.job, path=str(tmp), reason="temp directory of an unfinished save"
+                        job=j.job, path=ws.rel(tmp), reason="temp directory of an unfinished save"
                     )
                 ],
                 after=rm(tmp),
             )
         )
-    known = {c.path for c in j.checkpoints}
+    # By folder name within the job's own checkpoints/: a committed checkpoint is never taken for
+    # debris, whatever spelling of the workspace's location its event recorded.
+    known = {Path(c.path).name for c in j.checkpoints}
     for d in ck.list_checkpoint_dirs(jdir):
-        if str(d) not in known:
+        if d.name not in known:
             out.append(
                 Repair(
                     f"job {j.job}: delete uncommitted checkpoint {d.name}",
                     stream,
                     [
                         ev.CheckpointDiscarded(
-                            job=j.job, path=str(d), reason="on disk but never committed, or pruned"
+                            job=j.job,
+                            path=ws.rel(d),
+                            reason="on disk but never committed, or pruned",
                         )
                     ],
                     after=rm(d),
@@ -152,7 +185,7 @@ def debris(ws: Workspace, j: JobState) -> list[Repair]:
                 stream,
                 [
                     ev.CheckpointDiscarded(
-                        job=j.job, path=str(leftover), reason="temp adapter export"
+                        job=j.job, path=ws.rel(leftover), reason="temp adapter export"
                     )
                 ],
                 after=rm(leftover),
@@ -167,7 +200,7 @@ def debris(ws: Workspace, j: JobState) -> list[Repair]:
                 [
                     ev.CheckpointDiscarded(
                         job=j.job,
-                        path=str(adapters),
+                        path=ws.rel(adapters),
                         reason="adapter exported but `completed` never committed",
                     )
                 ],
@@ -185,11 +218,23 @@ def mark_corrupt(job: str, c: CheckpointRecord, reason: str) -> Repair:
     )
 
 
-def verify(j: JobState, c: CheckpointRecord) -> Repair | None:
+def verify(ws: Workspace, j: JobState, c: CheckpointRecord) -> Repair | None:
     """Verify a committed checkpoint against its manifest: None if it is intact, else the repair
-    that records it corrupt. The one check used by recovery, resume and warm start alike."""
+    that records it corrupt — or, if its folder is not there at all, a *finding* that it is missing
+    (nothing recorded, nothing deleted: a checkpoint the journal committed is never written off because
+    it cannot be found; restored, it is used again). The one check used by recovery, resume and warm
+    start alike."""
+    path = ws.abs(c.path)
+    if not path.exists():
+        return Repair(
+            f"job {j.job}: checkpoint step {c.step} is missing: the journal committed it at {c.path} "
+            f"(in the workspace, {ws.home}), but nothing is there; it is not deleted and not used to "
+            "resume (restore the folder and it is used again)",
+            job_stream(j.job),
+            finding=True,
+        )
     try:
-        ck.verify_checkpoint(c.path)
+        ck.verify_checkpoint(path)
         return None
     except ck.CheckpointCorrupt as e:
         return mark_corrupt(j.job, c, e.reason)
@@ -203,13 +248,23 @@ def plan(ws: Workspace, ledger: Ledger) -> list[Repair]:
     repairs: list[Repair] = []
     d = p.daemon
     if d.running:
+        # We hold this workspace's lock, so the daemon the journal names does not run here. If that
+        # very process still lives, it holds another workspace's lock: this one is a copy of that one.
+        # Either way it is only recorded as stopped here, never signalled.
+        pid = d.process.pid if d.process else 0
+        copied = d.process is not None and process.alive(d.process)
         repairs.append(
             Repair(
-                f"daemon pid {d.process.pid if d.process else '?'} died without stopping: mark it stopped",
+                f"daemon pid {pid} runs another workspace (this one is a copy of it): mark it stopped here"
+                if copied
+                else f"daemon pid {pid or '?'} died without stopping: mark it stopped",
                 DAEMON_STREAM,
                 [
                     ev.DaemonStopped(
-                        pid=d.process.pid if d.process else 0, reason="died (found by recovery)"
+                        pid=pid,
+                        reason="runs another workspace: this one is a copy (found by recovery)"
+                        if copied
+                        else "died (found by recovery)",
                     )
                 ],
             )
@@ -229,25 +284,25 @@ def plan(ws: Workspace, ledger: Ledger) -> list[Repair]:
             )
     for j in p.jobs.values():
         if j.state in ACTIVE:
-            repairs += _stale_job(j)
+            repairs += _stale_job(ws, ledger, j)
         elif j.state == "crashed":
             repairs.append(_stranded(j))
         if j.state == "rejected" or (j.state in TERMINAL and j.updated_seq <= d.reconciled_seq):
             continue  # a finished job nothing touched since the last recovery: its folder was checked then
-        repairs += debris(ws, j) + [r for c in j.good_checkpoints() if (r := verify(j, c))]
+        repairs += debris(ws, j) + [r for c in j.good_checkpoints() if (r := verify(ws, j, c))]
     jobs_root = ws.home / "jobs"
     if jobs_root.exists():
         # Names first: a stat or a Path per folder of thousands of known jobs would cost more than the rest.
         for name in sorted(os.listdir(jobs_root)):
             d_ = jobs_root / name
-            if name not in p.jobs and d_.is_dir():
+            if name not in p.jobs and d_.is_dir() and _submit_leftover(d_):
                 repairs.append(
                     Repair(
                         f"delete {d_.name}/ in jobs/: left by a submit that never committed",
                         DAEMON_STREAM,
                         [
                             ev.DebrisRemoved(
-                                path=str(d_), reason="job folder without a submitted job"
+                                path=ws.rel(d_), reason="job folder without a submitted job"
                             )
                         ],
                         after=rm(d_),
@@ -256,10 +311,29 @@ def plan(ws: Workspace, ledger: Ledger) -> list[Repair]:
     return repairs
 
 
+_SUBMIT_FILES = {"data", "data/train.jsonl", "data/valid.jsonl"}
+
+
+def _submit_leftover(d: Path) -> bool:
+    """Is ``d`` (jobs/<name>/, no job of that name) what a submit that died leaves: a job id's folder
+    holding its data copies (or their temp files) and nothing else? Anything else in jobs/ was not made
+    by ftctl for an uncommitted job, and is never deleted."""
+    if not d.name.isdigit():
+        return False
+    for f in d.rglob("*"):
+        rel = f.relative_to(d).as_posix()
+        if rel not in _SUBMIT_FILES and not (rel.startswith("data/.") and f.is_file()):
+            return False
+    return True
+
+
 def apply(ledger: Ledger, repairs: list[Repair]) -> int:
-    """Carry out repairs in order: effect before (stop a process), event, effect after (delete)."""
+    """Carry out repairs in order: effect before (stop a process), event, effect after (delete).
+    Findings are not repairs: they are skipped."""
     done = 0
     for r in repairs:
+        if r.finding:
+            continue
         crash_point("during_recovery", done)
         if r.before:
             r.before()

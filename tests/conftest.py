@@ -21,22 +21,43 @@ class Baseline(NamedTuple):
     sha2: str  # of job 0002: the same 40 steps, warm-started from job 0001
 
 
-@pytest.fixture(scope="session")
-def baseline(tmp_path_factory, demo) -> Baseline:
-    """Two uninterrupted 40-step jobs of TEST_CONFIG in one workspace, trained once per session:
-    every interrupted run must end with the same adapter bytes."""
+def _uninterrupted(home: Path, demo, jobs: int, **cfg) -> list[dict]:
+    """Uninterrupted 40-step jobs of TEST_CONFIG (and ``cfg``) in one lineage: their status."""
     from helpers import finished, ftctl, make_workspace
 
-    home = make_workspace(tmp_path_factory.mktemp("baseline") / "ws", demo.model_dir)
-    for name in ("job1", "job2"):
+    make_workspace(home, demo.model_dir, **cfg)
+    for i in range(jobs):
+        name = f"job{i + 1}"
         ftctl(
             home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name, "--again"
         )
     ftctl(home, "start", "--until-idle", "--quiet", timeout=600)
-    first, second = finished(home, "0001"), finished(home, "0002")
+    return [finished(home, f"{i + 1:04d}") for i in range(jobs)]
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory, demo) -> Baseline:
+    """Two uninterrupted 40-step jobs of TEST_CONFIG in one workspace, trained once per session:
+    every interrupted run must end with the same adapter bytes."""
+    home = tmp_path_factory.mktemp("baseline") / "ws"
+    first, second = _uninterrupted(home, demo, 2)
     # the lineage's cumulative step
     assert first["global_step"] == 40 and second["global_step"] == 80
     return Baseline(home, first["adapter_sha256"], second["adapter_sha256"])
+
+
+@pytest.fixture(scope="session")
+def full_baseline(tmp_path_factory, demo) -> Baseline:
+    """One uninterrupted 40-step full fine-tune of TEST_CONFIG (sha2: None)."""
+    home = tmp_path_factory.mktemp("full-baseline") / "ws"
+    (first,) = _uninterrupted(home, demo, 1, fine_tune_type="full")
+    return Baseline(home, first["adapter_sha256"], None)
+
+
+@pytest.fixture
+def uninterrupted(request, fine_tune_type) -> Baseline:
+    """The uninterrupted run of the test's ``fine_tune_type`` (a test parametrised over it)."""
+    return request.getfixturevalue("baseline" if fine_tune_type == "lora" else "full_baseline")
 
 
 @pytest.fixture

@@ -113,6 +113,23 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def tensor_sha256s(path: Path) -> dict[str, str]:
+    """sha256 of every tensor's bytes in a safetensors file (or adapters.safetensors of a folder),
+    by name: what "the same trained weights" means, tensor by tensor."""
+    import struct
+
+    path = Path(path)
+    data = (path / "adapters.safetensors" if path.is_dir() else path).read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    body = data[8 + n :]
+    return {
+        k: hashlib.sha256(body[t["data_offsets"][0] : t["data_offsets"][1]]).hexdigest()
+        for k, t in header.items()
+        if k != "__metadata__"
+    }
+
+
 def crash_env(tmp: Path, *points: str) -> dict:
     """FTCTL_CRASH_AT for named points ("name:step"), each firing once."""
     items = [f"{p}:{tmp / ('marker-' + p.replace(':', '-').replace('*', 'any'))}" for p in points]

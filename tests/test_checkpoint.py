@@ -38,14 +38,36 @@ from ftctl.adapters.fs import FS, FaultyFS
 ERRNOS = [errno.ENOSPC, errno.EIO]
 
 
-def payload(step: int, seed: int = 0) -> Checkpoint:
+def payload(step: int, seed: int = 0, fine_tune_type: str = "lora") -> Checkpoint:
+    """A checkpoint's contents: LoRA matrices, or for a full fine-tune the layers' own weights."""
     rng = np.random.default_rng([seed, step])
-    adapters = {
-        "model.layers.0.self_attn.q_proj.lora_a": mx.array(rng.normal(size=(16, 4)), mx.float32),
-        "model.layers.0.self_attn.q_proj.lora_b": mx.array(rng.normal(size=(4, 16)), mx.float32),
-        "model.layers.1.mlp.up_proj.lora_a": mx.array(rng.normal(size=(16, 4))).astype(mx.bfloat16),
-        "model.layers.1.mlp.up_proj.lora_b": mx.array(rng.normal(size=(4, 32))).astype(mx.float16),
-    }
+    if fine_tune_type == "full":
+        adapters = {
+            "model.layers.1.self_attn.q_proj.weight": mx.array(
+                rng.normal(size=(16, 16)), mx.float32
+            ),
+            "model.layers.1.mlp.up_proj.weight": mx.array(rng.normal(size=(32, 16))).astype(
+                mx.bfloat16
+            ),
+            "model.layers.1.input_layernorm.weight": mx.array(rng.normal(size=(16,))).astype(
+                mx.float16
+            ),
+        }
+    else:
+        adapters = {
+            "model.layers.0.self_attn.q_proj.lora_a": mx.array(
+                rng.normal(size=(16, 4)), mx.float32
+            ),
+            "model.layers.0.self_attn.q_proj.lora_b": mx.array(
+                rng.normal(size=(4, 16)), mx.float32
+            ),
+            "model.layers.1.mlp.up_proj.lora_a": mx.array(rng.normal(size=(16, 4))).astype(
+                mx.bfloat16
+            ),
+            "model.layers.1.mlp.up_proj.lora_b": mx.array(rng.normal(size=(4, 32))).astype(
+                mx.float16
+            ),
+        }
     optimizer = {"step": mx.array(step, mx.uint64), "learning_rate": mx.array(1e-3)}
     for k, v in adapters.items():
         optimizer[k + ".m"] = v.astype(mx.float32) * 0.1
@@ -61,8 +83,8 @@ def payload(step: int, seed: int = 0) -> Checkpoint:
         val_loss=None,
         config_sha256="ab" * 32,
     )
-    lora = {"rank": 4, "scale": 20.0, "dropout": 0.0}
-    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}
+    lora = {"rank": 4, "scale": 20.0, "dropout": 0.0} if fine_tune_type != "full" else None
+    config = {"fine_tune_type": fine_tune_type, "num_layers": 2, "lora_parameters": lora}
     return Checkpoint(adapters, config, optimizer, state)
 
 
@@ -84,8 +106,9 @@ def save_ops(tmp_path, debris: bool) -> int:
     return fs.ops
 
 
-def test_round_trip_keeps_every_dtype_and_the_state(tmp_path):
-    ck = payload(40)
+@pytest.mark.parametrize("fine_tune_type", ["lora", "full"])
+def test_round_trip_keeps_every_dtype_and_the_state(tmp_path, fine_tune_type):
+    ck = payload(40, fine_tune_type=fine_tune_type)
     info = save_checkpoint(tmp_path / "job", ck)
     path = tmp_path / "job" / "checkpoints" / "step-00000040"
     assert info.path == str(path) and info.step == 40 and info.global_step == 140
@@ -418,7 +441,10 @@ def test_a_fault_at_any_write_of_a_background_save_surfaces_in_the_caller(tmp_pa
         verify_checkpoint(job / "checkpoints" / "step-00000020")
 
 
-def test_a_kill_during_a_background_write_leaves_the_previous_or_the_new_checkpoint(tmp_path):
+@pytest.mark.parametrize("fine_tune_type", ["lora", "full"])
+def test_a_kill_during_a_background_write_leaves_the_previous_or_the_new_checkpoint(
+    tmp_path, fine_tune_type
+):
     """SIGKILL at the writer thread's crash points (it kills the whole process, training thread
     included): afterwards the newest complete checkpoint verifies, and only .tmp- debris is left."""
     import subprocess
@@ -431,9 +457,9 @@ def test_a_kill_during_a_background_write_leaves_the_previous_or_the_new_checkpo
         from test_checkpoint import payload
         from ftctl.adapters.checkpoint import CheckpointWriter, checkpoint_files, save_checkpoint
         job = sys.argv[1]
-        save_checkpoint(job, payload(10))
+        save_checkpoint(job, payload(10, fine_tune_type={fine_tune_type!r}))
         w = CheckpointWriter(job, None, lambda r: print("reported", r.step, flush=True))
-        ck = payload(20)
+        ck = payload(20, fine_tune_type={fine_tune_type!r})
         w.submit(checkpoint_files(ck), ck.state)
         while True:  # "training" goes on until the writer thread's crash point kills the process
             time.sleep(0.01)

@@ -17,6 +17,7 @@ from ftctl.core.config import (
     decode_config,
     default_config_dict,
     describe_keys,
+    keep_last,
     merge_overrides,
 )
 
@@ -39,7 +40,7 @@ def error(data, source="ftctl.yaml") -> ConfigError:
 def test_minimal_config_gets_defaults_and_no_warnings():
     c, warnings = decode_config(BASE)
     assert c == Config(model="models/tiny")
-    assert c.lora_parameters.rank == 8 and c.retention.keep_last == 3
+    assert c.lora_parameters.rank == 8 and keep_last(c) == 3 and c.retention.keep_last is None
     assert c.timeouts.eval_hang_s == 1800 and c.consolidation.schedule is None
     assert warnings == []
 
@@ -86,10 +87,12 @@ def test_decode_does_not_modify_its_input():
 
 
 def test_pyyaml_string_floats_are_read_as_numbers():
-    # PyYAML (YAML 1.1) loads `learning_rate: 1e-5` as the string '1e-5'.
-    data = yaml.safe_load(
+    # PyYAML (YAML 1.1) loads `learning_rate: 1e-5` as the string '1e-5'. (yaml.Loader, not
+    # safe_load: importing mlx_lm.lora adds a float resolver to yaml.SafeLoader for the whole process.)
+    data = yaml.load(
         "model: m\nlearning_rate: 1e-5\nlr_schedule:\n  name: cosine_decay\n"
-        "  arguments: [1e-5, 100, 1e-7]\n"
+        "  arguments: [1e-5, 100, 1e-7]\n",
+        Loader=yaml.Loader,
     )
     assert data["learning_rate"] == "1e-5"
     c, _ = decode_config(data)
@@ -138,7 +141,7 @@ def test_out_of_range_message_and_attributes():
         ),
         (
             cfg(retention={"keep_last": 0}),
-            "retention.keep_last = 0 is out of range: must be an integer >= 1",
+            "retention.keep_last = 0 is out of range: must be an integer >= 1, or null",
         ),
         (cfg(restart={"max_restarts": -1}), "restart.max_restarts = -1 is out of range"),
         (cfg(timeouts={"hang_s": 0}), "timeouts.hang_s = 0 is out of range: must be a number > 0"),
@@ -284,9 +287,10 @@ def test_wrong_types_name_the_expected_type(data, fragment):
     "data, fragment",
     [
         (
-            cfg(fine_tune_type="full"),
-            "fine_tune_type = 'full' is not allowed: must be one of 'dora', 'lora'",
+            cfg(fine_tune_type="fuul"),
+            "fine_tune_type = 'fuul' is not allowed: must be one of 'dora', 'full', 'lora'",
         ),
+        (cfg(result="worst"), "result = 'worst' is not allowed: must be one of 'best', 'last'"),
         (cfg(optimizer="adamax"), "optimizer = 'adamax' is not allowed: must be one of"),
         (
             cfg(lr_schedule={"name": "cosine", "arguments": [1e-5, 10]}),
@@ -642,6 +646,7 @@ def test_describe_keys_covers_every_key():
         f"distributed.{k}"
         for k in ("backend", "hosts", "hostfile", "processes_per_host", "controller")
     }
+    expected |= {"early_stopping.patience", "early_stopping.min_delta"}
     expected |= {
         f"hf_dataset.{k}"
         for k in ("path", "train_split", "valid_split", "test_split", "config")

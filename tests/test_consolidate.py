@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from helpers import crash_env, daemon, ftctl, history, make_workspace, sha256_file, status
@@ -135,7 +136,7 @@ def test_kill_matrix_over_consolidation(tmp_path, demo):
         if e["type"] == "training_started" and e["data"]["job"] == "0002"
     ]
     assert (
-        started[0]["base_model"] == str(home / "models" / "v0001")
+        started[0]["base_model"] == "models/v0001"  # recorded relative to the workspace
         and started[0].get("warm_start_from") is None
     )
     _killed_consolidation(home, tmp_path, "consolidate_after_event", 2)
@@ -241,5 +242,158 @@ def test_a_job_resumed_after_a_newer_one_completed_becomes_a_branch_and_set_head
         for e in history(home)
         if e["type"] == "training_started" and e["data"]["job"] == "0004"
     ]
-    assert s4["parent_job"] == "0002" and "/jobs/0002/" in s4["warm_start_from"]
+    assert s4["parent_job"] == "0002" and s4["warm_start_from"].startswith("jobs/0002/")
     assert _lineage(home)["head_job"] == "0004"
+
+
+def test_a_full_fine_tune_is_evaluated_reproduced_warm_started_and_promoted_as_it_is(
+    tmp_path, demo, capsys
+):
+    """fine_tune_type: full through the lineage: job 1 (killed at step 7, resumed) publishes its
+    trained layers in mlx-lm's layout; `ftctl reproduce --until-crash` replays it past the crash
+    to its end and writes the same full checkpoint bit for bit; `ftctl eval` scores base + trained
+    layers; job 2 warm-starts from the checkpoint job 1 published; consolidation promotes base +
+    job 2's weights (nothing to fuse: every trained tensor is in models/v0001 bit for bit, the
+    logits are base + adapter's exactly), and the lineage's next jobs train it."""
+    import mlx.core as mx
+    from helpers import run, tensor_sha256s
+    from mlx_lm import load
+
+    home = make_workspace(tmp_path / "ws", demo.model_dir, fine_tune_type="full", **SMALL)
+    for name in ("j1", "j2"):
+        ftctl(
+            home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name, "--again"
+        )
+    ftctl(home, "start", "--until-idle", "--quiet", env=crash_env(tmp_path, "mid_step:7"))
+    j1, j2 = status(home, "0001"), status(home, "0002")
+    cfg = json.loads((tmp_path / "ws/jobs/0001/adapters/adapter_config.json").read_text())
+    assert (cfg["fine_tune_type"], cfg["lora_parameters"]) == ("full", None)
+    assert j1["crashes"] and j1["state"] == j2["state"] == "completed"
+    code, out, err = run(capsys, "reproduce", "1", "--until-crash", "--home", home)
+    assert code == 0 and "NOT REPRODUCED" in out, err
+    e = [e["data"] for e in history(home) if e["type"] == "crash_reproduced"][-1]
+    assert 10 in e["bit_exact"] and not e.get("mismatch")  # its full checkpoint 10 = the job's
+    code, out, err = run(capsys, "eval", "1", "--home", home)
+    assert code == 0 and "base + trained layers (full fine-tune) of job 0001" in out, err
+    ev1 = [e["data"] for e in history(home) if e["type"] == "adapter_evaluated"][-1]
+    assert ev1["adapter_loss"] < ev1["base_loss"]
+    start2 = [
+        e["data"]
+        for e in history(home)
+        if e["type"] == "training_started" and e["data"]["job"] == "0002"
+    ][0]
+    # the journal records it relative to the workspace, status shows it absolute
+    assert home / start2["warm_start_from"] == Path(j1["result_checkpoint"])
+    assert start2["parent_job"] == "0001"
+    out = " ".join(ftctl(home, "consolidate").stdout.split())
+    assert "promoting job 0002's full fine-tune" in out and "nothing to fuse" in out, out
+    model_dir = home / "models" / "v0001"
+    weights = tensor_sha256s(model_dir / "model.safetensors")
+    trained = tensor_sha256s(j2["adapter_path"])
+    assert trained and all(weights[k] == h for k, h in trained.items())
+    a, _ = load(str(demo.model_dir), adapter_path=j2["adapter_path"])
+    b, _ = load(str(model_dir))
+    x = mx.array([[3, 7, 11, 19, 23]])
+    assert mx.array_equal(a(x), b(x)).item()
+    assert _lineage(home)["base_model"] == str(model_dir)  # what the lineage's next job trains
+
+
+def test_consolidation_keeps_a_cancelled_jobs_checkpoints_and_every_prune_message_is_true(
+    tmp_path, demo
+):
+    """The issue's case: a job cancelled mid-run has no final adapter, so its checkpoints are all
+    that is left of its training: consolidation keeps them (and says so); it prunes a completed job's
+    checkpoints only after checking that its final adapter is where the message says, intact."""
+    from helpers import wait_for
+
+    home = _trained(tmp_path, demo)  # job 0001: completed, the head
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", "j2", "--again")
+    marker = tmp_path / "marker-hang-17"  # global step 17: job 0002's step 7, past its checkpoint 5
+    d = daemon(home, env={"FTCTL_HANG_AT": f"mid_step:17:{marker}"})
+    try:
+        wait_for(lambda: marker.exists() or d.poll() is not None, timeout=180, every=0.02)
+        assert marker.exists(), d.communicate()
+        out = " ".join(ftctl(home, "cancel", "0002").stdout.split())
+        wait_for(lambda: status(home, "0002")["state"] == "cancelled", timeout=120)
+        ftctl(home, "shutdown", "--wait", "60")
+    finally:
+        if d.poll() is None:
+            d.kill()
+    j2 = status(home, "0002")
+    kept = [c["path"] for c in j2["checkpoints"]]
+    assert kept and all(Path(c).is_dir() for c in kept), j2
+    out = " ".join(ftctl(home, "consolidate").stdout.split())
+    assert (
+        "job 0001: prune 2 checkpoint(s) (consolidated into base v1; its final adapter stays in "
+        "jobs/0001/adapters/ (sha256 checked))" in out
+    ), out
+    assert (home / "jobs/0001/adapters/adapters.safetensors").is_file()
+    assert "job 0002 (cancelled): its 1 checkpoint(s) are kept" in out, out
+    assert "0002: prune" not in out
+    assert [c["path"] for c in status(home, "0002")["checkpoints"]] == kept
+    assert not any(
+        e["type"] == "checkpoint_pruned" and e["data"]["job"] == "0002" for e in history(home)
+    )
+    ftctl(home, "doctor", "--fix", check=False)  # its own retention (keep_last 3) keeps it too
+    assert all(Path(p).is_dir() for p in kept)
+
+
+def test_a_fresh_job_completing_after_a_newer_head_is_a_branch_not_the_head(tmp_path, demo):
+    """The issue's case: 0001 paused mid-run; 0002 started fresh and paused too; 0001 resumed and
+    completed: the head. 0002 completed later: it did not continue from 0001 and started before 0001
+    was the head, so it must not silently replace it — it is recorded a branch (its completion says
+    so), `status` shows the head and the branch, and 0003 warm-starts from the head, 0001."""
+    from helpers import wait_for
+
+    home = make_workspace(tmp_path / "ws", demo.model_dir, **SMALL)
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", "j1")
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", "j2", "--fresh")
+    m1, m2 = tmp_path / "hang-1", tmp_path / "hang-2"  # each job stands still after its step 3
+    d = daemon(home, "--until-idle", env={"FTCTL_HANG_AT": f"mid_step:3:{m1},mid_step:3:{m2}"})
+    try:
+        for marker, job in ((m1, "0001"), (m2, "0002")):
+            wait_for(lambda m=marker: m.exists() or d.poll() is not None, timeout=180, every=0.02)
+            assert marker.exists(), d.communicate()
+            ftctl(home, "pause", job)
+        assert d.wait(timeout=180) == 1  # --until-idle: both paused
+    finally:
+        if d.poll() is None:
+            d.kill()
+    assert [status(home, j)["state"] for j in ("0001", "0002")] == ["paused", "paused"]
+    ftctl(home, "resume", "0001")
+    ftctl(home, "resume", "0002")
+    ftctl(home, "start", "--until-idle", "--quiet")  # 0001 completes first, then 0002
+    lin = _lineage(home)
+    assert lin["head_job"] == "0001" and lin["branches"] == ["0002"], lin
+    (done,) = [
+        e["data"] for e in history(home) if e["type"] == "completed" and e["data"]["job"] == "0002"
+    ]
+    assert done["branch"].startswith("a branch: it started fresh") and "0001" in done["branch"]
+    j2 = status(home, "0002")
+    assert j2["state"] == "completed" and "ftctl lineage set-head 0002" in j2["reason"]
+    text = " ".join(ftctl(home, "status").stdout.split())
+    assert "lineage main (original base): head job 0001; branches: 0002" in text, text
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", "j3", "--again")
+    ftctl(home, "start", "--until-idle", "--quiet")
+    (s3,) = [
+        e["data"]
+        for e in history(home)
+        if e["type"] == "training_started" and e["data"]["job"] == "0003"
+    ]
+    assert s3["parent_job"] == "0001" and s3["warm_start_from"].startswith("jobs/0001/")
+    assert _lineage(home)["head_job"] == "0003"  # it continued from the head: the next head
+
+
+def test_branch_reason_is_decided_from_what_the_job_continued(tmp_path):
+    """Pure: who becomes the head when a job completes."""
+    from ftctl.core.state import JobState, LineageState, branch_reason
+
+    lin = LineageState(name="main", head_job="0004", head_seq=50)
+    assert branch_reason(JobState(job="0005", parent_job="0004", started_seq=60), lin) == ""
+    assert "warm-started from job 0003" in branch_reason(
+        JobState(job="0005", parent_job="0003", started_seq=60), lin
+    )
+    # fresh: the head it knew when it started (a chosen restart), or one that came later (a branch)
+    assert branch_reason(JobState(job="0005", started_seq=60), lin) == ""
+    assert "started fresh" in branch_reason(JobState(job="0005", started_seq=40), lin)
+    assert branch_reason(JobState(job="0005", started_seq=40), LineageState(name="main")) == ""

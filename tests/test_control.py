@@ -321,3 +321,57 @@ def test_the_first_restart_in_the_window_is_at_once_then_backoff_doubles_up_to_i
     assert after_crash(crashes[:1], time.time(), resume_step=0, policy=policy).reason.endswith(
         ", at once"
     )
+
+
+def test_a_later_job_warm_starts_from_the_checkpoint_its_head_published_not_its_last(ws, demo):
+    """result: best published job 1's step-10 checkpoint though it trained to 20: job 2 of the
+    lineage continues from those weights (and the optimizer moments saved with them), its global
+    step after job 1's last."""
+    sub = submit(ws, Ledger(ws.open_journal()), demo.train, valid=demo.valid)
+    ledger = Ledger(ws.open_journal())
+    try:
+        j = ledger.state.jobs[sub.job]
+        ledger.commit(
+            f"job:{j.job}",
+            T.TrainingStarted(
+                job=j.job, attempt=1, worker_pid=1, worker_started_at=1.0, base_model=j.config.model
+            ),
+        )
+        for step, val in ((10, 1.0), (20, 2.0)):
+            rec = T.CheckpointRecord(
+                step=step,
+                global_step=step,
+                path=f"ck/{step}",
+                manifest_sha256="x",
+                bytes=1,
+                val_loss=val,
+                val_step=step,
+            )
+            ledger.commit(
+                f"job:{j.job}",
+                T.CheckpointStarted(job=j.job, step=step, global_step=step),
+                T.CheckpointCommitted(job=j.job, checkpoint=rec),
+            )
+        ledger.commit(
+            f"job:{j.job}",
+            T.Completed(
+                job=j.job,
+                step=20,
+                global_step=20,
+                adapter_path="a",
+                adapter_sha256="s",
+                checkpoint="ck/10",
+                result="best",
+                result_step=10,
+                result_val_loss=1.0,
+            ),
+        )
+    finally:
+        ledger.close()
+    nxt = submit(ws, Ledger(ws.open_journal()), demo.train, valid=demo.valid, again=True)
+    d = Daemon(ws)
+    d.ledger = Ledger(ws.open_journal())
+    try:
+        assert d._warm_start(d.ledger.state.jobs[nxt.job]) == ("ck/10", 20, sub.job)
+    finally:
+        d.ledger.close()

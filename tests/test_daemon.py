@@ -22,12 +22,13 @@ from helpers import (
     status,
     stray_workers,
     survivors,
+    tensor_sha256s,
     wait_for,
 )
 
 
-def _run_job(tmp_path, demo, name, *, env=None, jobs=1, starts=1, code=0):
-    home = make_workspace(tmp_path / name, demo.model_dir)
+def _run_job(tmp_path, demo, name, *, env=None, jobs=1, starts=1, code=0, **cfg):
+    home = make_workspace(tmp_path / name, demo.model_dir, **cfg)
     for i in range(jobs):
         ftctl(
             home,
@@ -62,16 +63,52 @@ def test_uninterrupted_run_is_recorded(baseline):
     assert len(dirs) <= 4 and len(dirs) == len(s["checkpoints"])
 
 
+@pytest.mark.parametrize("fine_tune_type", ["lora", "full"])
 @pytest.mark.parametrize(
     "point", ["mid_step:7", "mid_step:23", "after_temp_write:10", "after_rename:15"]
 )
-def test_worker_killed_resumes_bit_for_bit(tmp_path, demo, baseline, point):
-    home = _run_job(tmp_path, demo, "ws", env=crash_env(tmp_path, point))
+def test_worker_killed_resumes_bit_for_bit(tmp_path, demo, uninterrupted, point, fine_tune_type):
+    env = crash_env(tmp_path, point)
+    home = _run_job(tmp_path, demo, "ws", env=env, fine_tune_type=fine_tune_type)
     s = finished(home)
-    assert s["adapter_sha256"] == baseline.sha1
+    assert s["adapter_sha256"] == uninterrupted.sha1
+    # every trained tensor (a full fine-tune: the layers' own weights), one by one
+    ref = status(uninterrupted.home, "0001")["adapter_path"]
+    assert tensor_sha256s(s["adapter_path"]) == tensor_sha256s(ref)
     crashes = [e for e in history(home) if e["type"] == "crashed"]
     assert len(crashes) == 1 and crashes[0]["data"]["category"] == "killed"
     assert crashes[0]["data"]["signal"] == signal.SIGKILL
+
+
+def test_a_killed_full_fine_tune_by_epochs_stops_early_at_the_same_step(tmp_path, demo):
+    """A full fine-tune by epochs (2 x 100 batches: iters 200) with early stopping (patience 2, a
+    min_delta no loss beats: the evaluation at 10 is the reference, so it stops at 30), its worker
+    killed at step 23: the resumed worker decides from its checkpoint's state as the first would
+    have, the job completes at 30 with one early_stopped event committed with it, and status and
+    history say the epoch, why it stopped and which checkpoint it published."""
+    from ftctl.adapters.checkpoint import adapter_sha256
+
+    es = {"patience": 2, "min_delta": 100.0}
+    env = crash_env(tmp_path, "mid_step:23")
+    home = _run_job(
+        tmp_path, demo, "ws", env=env, fine_tune_type="full", epochs=2, early_stopping=es
+    )
+    s = finished(home)
+    assert (s["iters"], s["epochs"], s["step"], s["epoch"]) == (200, 2, 30, "1/2")
+    evs = history(home)
+    assert [e["data"]["step"] for e in evs if e["type"] == "crashed"] == [23]
+    (early,) = [e for e in evs if e["type"] == "early_stopped"]
+    (done,) = [e for e in evs if e["type"] == "completed"]
+    assert done["seq"] == early["seq"] + 1 and done["ts"] == early["ts"]  # one transaction
+    assert early["data"]["step"] == 30 and s["stopped_early"] == early["data"]["reason"]
+    assert early["data"]["reason"].startswith("early stopping at step 30: ")
+    vals = {e["data"]["step"]: e["data"]["val_loss"] for e in evs if e["type"] == "evaluated"}
+    best = min((10, 20, 30), key=lambda k: (vals[k], k))
+    assert (s["result"], s["result_step"], s["result_val_loss"]) == ("best", best, vals[best])
+    assert s["adapter_sha256"] == adapter_sha256(s["result_checkpoint"])
+    table = ftctl(home, "status").stdout
+    assert "30/200 (epoch 1/2)" in table and f"from step {best} (best: val loss" in table
+    assert "early_stopped" in ftctl(home, "history", "0001").stdout
 
 
 def test_warm_started_second_job_resumes_bit_for_bit(tmp_path, demo, baseline):
@@ -83,11 +120,18 @@ def test_warm_started_second_job_resumes_bit_for_bit(tmp_path, demo, baseline):
     ] == [("0002", 13)]
 
 
-def test_daemon_killed_before_commit_and_corrupt_newest_checkpoint(tmp_path, demo, baseline):
+@pytest.mark.parametrize("fine_tune_type", ["lora", "full"])
+def test_daemon_killed_before_commit_and_corrupt_newest_checkpoint(
+    tmp_path, demo, uninterrupted, fine_tune_type
+):
     """The daemon dies after the worker renamed checkpoint 15 but before the event: the worker
     dies with it, step 15 is uncommitted debris. Then the newest committed checkpoint (10) is
-    corrupted. Restart: recovery discards 15, marks 10 corrupt, resumes from 5."""
-    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    corrupted. Restart: recovery discards 15, marks 10 corrupt, resumes from 5 (a full fine-tune
+    keeps 3 checkpoints here too, as a LoRA one does by default)."""
+    keep = {"keep_last": 3, "keep_best": True}
+    home = make_workspace(
+        tmp_path / "ws", demo.model_dir, fine_tune_type=fine_tune_type, retention=keep
+    )
     ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
     p = ftctl(
         home,
@@ -111,7 +155,7 @@ def test_daemon_killed_before_commit_and_corrupt_newest_checkpoint(tmp_path, dem
     assert any("corrupt" in r["what"] for r in plan["repairs"])
     ftctl(home, "start", "--until-idle", "--quiet")
     s = finished(home)
-    assert s["adapter_sha256"] == baseline.sha1
+    assert s["adapter_sha256"] == uninterrupted.sha1
     evs = history(home)
     assert any(e["type"] == "checkpoint_corrupt" and e["data"]["step"] == 10 for e in evs)
     assert any(
@@ -326,8 +370,14 @@ def test_second_daemon_is_refused(tmp_path, demo):
             d.kill()
 
 
-@pytest.mark.parametrize("n", range(1, 11))  # every write operation of the (background) checkpoint
-def test_disk_full_mid_checkpoint_pauses_then_resumes_bit_for_bit(tmp_path, demo, baseline, n):
+@pytest.mark.parametrize(
+    "fine_tune_type, n",
+    [("lora", n) for n in range(1, 11)]  # every write operation of the (background) checkpoint
+    + [("full", 2)],  # a full checkpoint's weights file (the trained layers: the big write)
+)
+def test_disk_full_mid_checkpoint_pauses_then_resumes_bit_for_bit(
+    tmp_path, demo, uninterrupted, fine_tune_type, n
+):
     """ENOSPC at write operation n of the second checkpoint (10 operations: mkdir, 4 files, their
     fsyncs, the manifest, its and the folder's fsync, rename, fsync of the parent), on the worker's
     background writer thread while training goes on: the previous checkpoint stays intact, the job is
@@ -336,7 +386,7 @@ def test_disk_full_mid_checkpoint_pauses_then_resumes_bit_for_bit(tmp_path, demo
     from ftctl.adapters.checkpoint import verify_checkpoint
 
     env = {"FTCTL_FS_FAULT": f"{12 + n}:ENOSPC:{tmp_path / 'fs-marker'}"}
-    home = _run_job(tmp_path, demo, "ws", env=env, code=1)
+    home = _run_job(tmp_path, demo, "ws", env=env, code=1, fine_tune_type=fine_tune_type)
     s = status(home, "0001")
     assert s["state"] == "paused" and "disk" in s["reason"] and "ftctl resume" in s["reason"]
     assert s["crashes"][-1]["category"] == "disk_full"
@@ -344,7 +394,7 @@ def test_disk_full_mid_checkpoint_pauses_then_resumes_bit_for_bit(tmp_path, demo
     verify_checkpoint(s["checkpoints"][0]["path"])
     ftctl(home, "resume", "0001")
     ftctl(home, "start", "--until-idle", "--quiet")
-    assert finished(home)["adapter_sha256"] == baseline.sha1
+    assert finished(home)["adapter_sha256"] == uninterrupted.sha1
 
 
 # of the second (background) checkpoint's 10 write operations

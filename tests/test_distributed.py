@@ -96,12 +96,27 @@ def test_two_ranks_complete_and_match_one_process_on_the_same_global_batch(
     assert two_ranks["adapter_sha256"] != one["adapter_sha256"]  # a different run, not a copy
 
 
-def test_sigkill_of_rank_1_kills_the_group_and_resumes_bit_exact(two_ranks, tmp_path, demo):
+@pytest.fixture(scope="module")
+def two_ranks_full(tmp_path_factory, demo) -> dict:
+    """An uninterrupted 2-rank full fine-tune: its status."""
+    return _train(
+        tmp_path_factory.mktemp("dist-full") / "ws", demo, distributed=TWO, fine_tune_type="full"
+    )
+
+
+@pytest.mark.parametrize("fine_tune_type", ["lora", "full"])
+def test_sigkill_of_rank_1_kills_the_group_and_resumes_bit_exact(
+    request, tmp_path, demo, fine_tune_type
+):
+    two_ranks = request.getfixturevalue(
+        "two_ranks" if fine_tune_type == "lora" else "two_ranks_full"
+    )
     home, at = (
         tmp_path / "ws",
         random.randint(1, SMALL["iters"]),
     )  # any step: the resume must be bit-exact from all
-    s = _train(home, demo, env=crash_env(tmp_path, f"mid_step@1:{at}"), distributed=TWO)
+    env = crash_env(tmp_path, f"mid_step@1:{at}")
+    s = _train(home, demo, env=env, distributed=TWO, fine_tune_type=fine_tune_type)
     crashes = ftctl_json(home, "crashes")
     assert len(crashes) == 1, at
     c = crashes[0]

@@ -59,14 +59,14 @@ def test_eval_scores_the_adapter_and_the_base_on_the_validation_split(trained, c
     r = json.loads(out)
     assert (
         r["job"] == "0001"
-        and r["data_path"] == str(valid)
+        and r["data_path"] == "jobs/0001/data/valid.jsonl"  # as recorded: relative to the workspace
         and r["data_sha256"] == sha256_file(valid)
     )
     assert (
         r["examples"] == len(valid.read_text().splitlines()) == 40 and r["tokens"] > r["examples"]
     )
     assert r["base_model"] == job["base_model"] and r["adapter_sha256"] == job["adapter_sha256"]
-    assert r["adapter_path"] == job["adapter_path"]
+    assert str(trained / r["adapter_path"]) == job["adapter_path"]  # status: where it is now
     assert r["base_loss"] != r["adapter_loss"]
     assert r["adapter_loss"] < r["base_loss"]  # ten steps on the same kind of data do help
     for who in ("base", "adapter"):

@@ -164,7 +164,6 @@ def test_submit_refuses_what_would_only_fail_at_load(home, tmp_path, demo):
     data = write(tmp_path / "d.jsonl", [chat(i) for i in range(40)])
     cases = {
         "num_layers=3": "num_layers = 3, but the model has 2 layers",
-        "max_seq_length=4096": "max_seq_length = 4096, but the model's context is 512 tokens",
         "lora_parameters.keys=[self_attn.q_proj, attn.k]": "names attn.k, which the model does not have",
         "lora_parameters.keys=[input_layernorm]": "cannot take LoRA",
         "batch_size=41": "the training split has 40 examples, fewer than batch_size = 41",
@@ -175,6 +174,76 @@ def test_submit_refuses_what_would_only_fail_at_load(home, tmp_path, demo):
             _submit(home, data, overrides=[override])
         assert "Nothing was queued" in str(e.value)
     assert not Ledger(Workspace(home).open_journal()).state.jobs  # nothing was recorded
+
+
+def test_max_seq_length_past_the_context_is_refused_only_for_an_example_that_reaches_it(
+    home, tmp_path, demo
+):
+    """mlx-lm's default max_seq_length 2048 on the 512-token demo model: mlx_lm.lora trains it (no
+    example comes near 512 tokens, so nothing is cut either way), so ftctl does too; an example longer
+    than the context would train past the positions the model was built for: refused, naming it."""
+    short = write(tmp_path / "short.jsonl", [chat(i) for i in range(40)])
+    assert _submit(home, short, overrides=["max_seq_length=2048"])[0].state == "queued"
+    rows = [chat(i) for i in range(40)]
+    rows[6]["messages"][1]["content"] = " ".join(["seven"] * 600)  # line 7: ~600 tokens
+    long = write(tmp_path / "long.jsonl", rows)
+    with pytest.raises(SubmitError) as e:
+        _submit(home, long, overrides=["max_seq_length=2048"])
+    msg = " ".join(str(e.value).split())
+    assert "max_seq_length = 2048, but the model's context is 512 tokens" in msg, msg
+    assert "long.jsonl has 1 of 38 examples longer than that (lines 7;" in msg, msg
+    assert "set max_seq_length to 512 or less" in msg and "Nothing was queued" in msg
+    assert _submit(home, long, overrides=["max_seq_length=512"])[0].state == "queued"  # cut, said
+
+
+def test_submit_knows_a_full_fine_tune(home, tmp_path, demo):
+    """fine_tune_type full adds no LoRA, so lora_parameters.keys are not checked against the model;
+    the checkpoint size is estimated from the model's headers and said; a disk without room for the
+    checkpoints now is warned about (the daemon pauses the job at its start); epochs become iters.
+    (The same keys with lora are refused: test_submit_refuses_what_would_only_fail_at_load.)"""
+    data = write(tmp_path / "d.jsonl", [chat(i) for i in range(40)])
+    full = ["fine_tune_type=full", "lora_parameters.keys=[attn.k]", "epochs=2"]
+    sub, p = _submit(home, data, overrides=full)
+    j = p.jobs[sub.job]
+    # 40 lines, every 20th held out for validation: 38 to train on, 19 batches of 2 per epoch
+    assert sub.state == "queued" and (j.config.batch_size, j.config.iters) == (2, 2 * 19)
+    said = " | ".join(sub.warnings)
+    assert "each checkpoint holds the trained layers' weights and the adamw state" in said
+    assert "GB free on" not in said  # the test machine has room for the demo model's layers
+    sub, _ = _submit(home, data, overrides=[*full, "min_free_disk_gb=1e9", "seed=4"])
+    assert any("the daemon pauses it at its start until there is room" in w for w in sub.warnings)
+
+
+def test_a_full_fine_tunes_resume_adapter_file_holds_its_layers_weights():
+    """mlx-lm's full fine-tune saves the trained layers' own weights as adapters.safetensors: a
+    resume_adapter_file for full holds those (of the trained layers), never LoRA matrices."""
+    from ftctl.core import fit
+    from ftctl.core.config import decode_config
+
+    facts = fit.ModelFacts(
+        layers=2,
+        layer_prefix="model.layers.",
+        layer_modules={"self_attn.q_proj": 2, "input_layernorm": 1},
+        top_modules={"lm_head": 2},
+        context=512,
+        context_key="max_position_embeddings",
+    )
+    full = decode_config({"model": "m", "fine_tune_type": "full", "num_layers": 1})[0]
+    last = {
+        "model.layers.1.self_attn.q_proj.weight": [8, 8],
+        "model.layers.1.input_layernorm.weight": [8],
+    }
+    assert fit.resume_problems(full, facts, last, "a.safetensors") == []
+    first = {
+        "model.layers.0.self_attn.q_proj.weight": [8, 8]
+    }  # a layer num_layers 1 does not train
+    lora = {"model.layers.1.self_attn.q_proj.lora_a": [8, 4]}
+    for tensors in (first, lora):
+        (problem,) = fit.resume_problems(full, facts, tensors, "a.safetensors")
+        assert "not the weights of this full fine-tune's layers (num_layers 1)" in problem
+    keyed = {"model": "m", "fine_tune_type": "full", "num_layers": 1, "max_seq_length": 512}
+    keyed["lora_parameters"] = {"keys": ["nope"]}
+    assert fit.model_problems(decode_config(keyed)[0], facts) == []  # full adds no LoRA to "nope"
 
 
 def test_init_writes_num_layers_and_max_seq_length_that_fit_its_model(tmp_path, capsys, demo):

@@ -107,10 +107,11 @@ def test_gguf_import_is_the_same_model_and_is_committed(tmp_path, demo, capsys):
     code, _, err = run(capsys, "init", "--model", src, "--home", home)
     assert code == 0, err
     folder = home / "models" / "imported" / "demo"
-    assert read_yaml(home / "ftctl.yaml")["model"] == str(folder)
+    # inside the workspace: recorded relative to it, so that it moves with it
+    assert read_yaml(home / "ftctl.yaml")["model"] == "models/imported/demo"
     (e,) = [x["data"] for x in history(home) if x["type"] == "model_imported"]
     assert (
-        e["path"] == str(folder)
+        e["path"] == "models/imported/demo"
         and e["source"] == str(src)
         and e["quantization"] == "F32"
         and "dtype" not in e
@@ -132,7 +133,7 @@ def test_gguf_import_is_the_same_model_and_is_committed(tmp_path, demo, capsys):
     # the same file named by --set model= at submit is not converted again; a job records the folder
     ftctl(home, "submit", str(demo.train), "--set", f"model={src}")
     (sub,) = [x["data"] for x in history(home) if x["type"] == "job_submitted"]
-    assert sub["config"]["model"] == str(folder)
+    assert sub["config"]["model"] == "models/imported/demo"
     assert [x["type"] for x in history(home)].count("model_imported") == 1
 
     # recovery keeps the imported model (it is accounted for by its event) and removes import debris

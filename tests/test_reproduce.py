@@ -308,7 +308,7 @@ def test_a_pruned_checkpoint_falls_back_to_the_previous_one(killed, capsys):
         )
     finally:
         ledger.close()
-    shutil.rmtree(c.path)
+    shutil.rmtree(killed / c.path)  # recorded relative to the workspace
     code, out, err = run(capsys, "reproduce", "1", "--home", killed)
     assert code == 0, err
     assert (
@@ -465,4 +465,6 @@ def test_recovery_removes_the_scratch_of_a_killed_reproduction_and_nothing_else(
     code, out, _ = run(capsys, "recover", "--json", "--home", ws)
     assert code == 0 and not dead.exists() and live.exists() and users.exists(), out
     removed = [e["data"] for e in history(ws) if e["type"] == "debris_removed"]
-    assert [r["path"] for r in removed] == [str(dead)] and "reproduction" in removed[0]["reason"]
+    assert [r["path"] for r in removed] == [f"run/{dead.name}"] and "reproduction" in removed[0][
+        "reason"
+    ]

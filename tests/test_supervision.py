@@ -19,9 +19,19 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import msgspec
 import psutil
 import pytest
-from helpers import crash_env, daemon, ftctl, leftovers, make_workspace, sha256_file, wait_for
+from helpers import (
+    crash_env,
+    daemon,
+    ftctl,
+    leftovers,
+    make_workspace,
+    run,
+    sha256_file,
+    wait_for,
+)
 
 from ftctl.adapters.workspace import Workspace
 
@@ -129,7 +139,7 @@ def _ftctl_here(home, *args: str) -> int:
 def _completed(home, job: str = "0001"):
     j = _job(home, job)
     assert j.state == "completed", (j.state, j.reason)
-    assert j.adapter_sha256 == sha256_file(Path(j.adapter_path) / "adapters.safetensors")
+    assert j.adapter_sha256 == sha256_file(Path(home) / j.adapter_path / "adapters.safetensors")
     assert leftovers(home) == []
     return j
 
@@ -407,6 +417,112 @@ def test_a_job_that_cannot_load_is_paused_at_once_with_the_reason(tmp_path, demo
         "ValueError: Missing 9"
     )
     assert 'File "' in crash["data"]["evidence"]  # the traceback stays in the evidence
+
+
+def test_a_config_that_cannot_load_names_a_remedy_that_works_and_retry_set_trains_it(
+    tmp_path, demo, capsys, monkeypatch
+):
+    """`num_layers: 16` (mlx-lm's default) on the 2-layer demo model, in a job recorded without
+    submit's fit check (a journal from before submit checked it; today submit refuses it:
+    tests/test_mlx_data.py): the job cannot load, and its config is recorded, so "fix the cause,
+    then `ftctl resume`" would fail the same way forever. The crash and the pause name the remedy
+    that works, `ftctl retry 0001 --set num_layers=2`, which records the new config (retried:
+    config + config_sha256) and trains the job to the end, from step 0 (num_layers changes the
+    adapter's shape; it has no checkpoint)."""
+    from ftctl.control import submit as submitting
+    from ftctl.control.ledger import Ledger
+    from ftctl.core.config import Config, config_sha256
+
+    home = make_workspace(tmp_path / "ws", demo.model_dir, num_layers=16)
+    monkeypatch.setattr(submitting, "_fit", lambda cfg, counts: [])  # submit as it was
+    ledger = Ledger(Workspace(home).open_journal())
+    try:
+        sub = submitting.submit(
+            Workspace(home), ledger, demo.train, valid=demo.valid, overrides=list(SHORT[1::2])
+        )
+    finally:
+        ledger.close()
+    assert sub.state == "queued" and _job(home).config.num_layers == 16
+    p = ftctl(home, "start", "--until-idle", "--quiet", timeout=300, check=False)
+    assert p.returncode == 1
+    j = _job(home)
+    assert j.state == "paused" and "num_layers = 16" in j.reason, j.reason
+    assert "`ftctl retry 0001 --set num_layers=2`" in j.reason, j.reason
+    (crash,) = _events(home, "crashed")
+    assert crash["data"]["fix"] == "num_layers=2"
+    assert "ftctl retry 0001 --set num_layers=2" in crash["data"]["suggestion"]
+    # resuming as it is is not the remedy: the reason says it would fail the same way
+    assert "`ftctl resume 0001` would fail the same way" in j.reason
+    old_sha = j.config_sha256
+    # refused with the way out: a key a checkpoint-less job may change, but not a daemon's setting
+    code, _, err = run(capsys, "retry", "1", "--set", "notify=[]", "--home", home)
+    assert code == 1 and "daemon's setting" in err
+    code, _, err = run(capsys, "retry", "1", "--set", "num_layers=0", "--home", home)
+    assert code == 1 and "num_layers" in err and _job(home).state == "paused"
+    out = " ".join(ftctl(home, "retry", "0001", "--set", "num_layers=2").stdout.split())
+    assert "num_layers: 16 -> 2" in out and "it starts from step 0" in out, out
+    (retried,) = _events(home, "retried")
+    d = retried["data"]
+    assert d["config"]["num_layers"] == 2 and d["overrides"] == ["num_layers=2"]
+    assert d["config_sha256"] == config_sha256(msgspec.convert(d["config"], Config)) != old_sha
+    assert _job(home).config.num_layers == 2 and _job(home).config_sha256 == d["config_sha256"]
+    ftctl(home, "start", "--until-idle", "--quiet", timeout=300)
+    assert _completed(home).step == 10
+
+
+def test_retry_set_resumes_the_last_checkpoint_bit_exact_or_refuses_a_shape_change(
+    tmp_path, demo, baseline, capsys
+):
+    """A job with checkpoints: a key that changes nothing it computes (here timeouts.hang_s) resumes
+    its last checkpoint and ends bit-exact with an uninterrupted run; a key that changes the adapter's
+    shape is refused with the alternative, and nothing is recorded."""
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    _submit(home, demo)
+    marker = tmp_path / "hang"
+    d = daemon(home, env={"FTCTL_HANG_AT": f"mid_step:12:{marker}"})
+    try:
+        wait_for(lambda: marker.exists() or d.poll() is not None, timeout=240, every=0.02)
+        assert marker.exists(), d.communicate()
+        ftctl(home, "pause", "0001")
+        wait_for(lambda: _job(home).state == "paused", timeout=120)
+        ftctl(home, "shutdown", "--wait", "60")
+    finally:
+        if d.poll() is None:
+            d.kill()
+    code, _, err = run(capsys, "retry", "1", "--set", "lora_parameters.rank=8", "--home", home)
+    assert code == 1 and "committed checkpoints (the last at step 12)" in err, err
+    assert "ftctl cancel 0001" in err and not _events(home, "retried")
+    out = " ".join(ftctl(home, "retry", "0001", "--set", "timeouts.hang_s=90").stdout.split())
+    assert "it resumes from step 12, bit-exact" in out, out
+    ftctl(home, "start", "--until-idle", "--quiet", timeout=300)
+    assert _completed(home).adapter_sha256 == baseline.sha1
+    starts = [e["data"] for e in _events(home, "training_started")]
+    assert starts[-1]["resume_step"] == 12
+
+
+def test_retry_set_epochs_derives_iters_again_and_refuses_iters_for_a_job_trained_by_epochs(
+    tmp_path, demo, capsys
+):
+    """A job submitted with `epochs` records iters = epochs x batches per epoch; `retry --set` keeps
+    them consistent: epochs=3 (or a new batch_size) derives iters again from the job's own training
+    data, and --set iters is refused (the epochs decide them). Nothing trains: the job is paused
+    while queued."""
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    _submit(home, demo, "--set", "epochs=2")  # 200 examples, batch_size 2: 100 batches per epoch
+    assert (_job(home).config.epochs, _job(home).config.iters) == (2, 200)
+    ftctl(home, "pause", "0001")
+    code, _, err = run(capsys, "retry", "1", "--set", "iters=7", "--home", home)
+    assert code == 1 and "trains by epochs = 2, which decide its iters" in err, err
+    code, _, err = run(capsys, "retry", "1", "--set", "batch_size=500", "--home", home)
+    assert (
+        code == 1 and "needs at least one batch per epoch" in err and not _events(home, "retried")
+    )
+    out = " ".join(ftctl(home, "retry", "0001", "--set", "epochs=3").stdout.split())
+    assert "iters: 200 -> 300" in out and "epochs: 2 -> 3" in out, out
+    assert (_job(home).config.epochs, _job(home).config.iters) == (3, 300)
+    ftctl(home, "pause", "0001")
+    ftctl(home, "retry", "0001", "--set", "batch_size=4")
+    assert _job(home).config.iters == 3 * 50
 
 
 # --------------------------------------------------------------------------- d. orphans
@@ -748,7 +864,7 @@ def test_inbox_is_read_while_a_job_trains_and_says_why_a_file_is_skipped(tmp_pat
 
 def test_job_left_crashed_by_a_dead_daemon_is_not_stranded(tmp_path, demo):
     """The daemon records a worker's death as `crashed`, then decides (requeue / fail / pause)
-    and appends that in a second transaction (cli/daemon.py, Supervision.finish). A daemon that
+    and appends that in a second transaction (control/supervise.py, Attempt.finish). A daemon that
     dies between the two (SIGKILL, OOM killer, power cut) leaves the job in `crashed`. Recovery
     must not leave it there: `crashed` is not ACTIVE, so reconcile.plan skips it, the queue only
     takes `queued` jobs, and `ftctl resume` only takes `paused` ones: nothing ever trains it again."""

@@ -35,6 +35,8 @@ from ftctl.adapters.trainer import TrainingDiverged, run, step_seed
 from ftctl.core.config import decode_config
 
 ITERS = 40
+# the bit-exactness tests run for every fine-tune type; tests about other things for LoRA only
+LORA_ONLY = pytest.mark.parametrize("ftt", ["lora"], indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,13 @@ def demo(tmp_path_factory):
     return build_demo(tmp_path_factory.mktemp("demo"))
 
 
-def config(demo, **over):
+@pytest.fixture(scope="module", params=["lora", "full"])
+def ftt(request) -> str:
+    """The fine-tune type the reference run (and the test) trains."""
+    return request.param
+
+
+def config(demo, fine_tune_type="lora", **over):
     base = {
         "model": str(demo.model_dir),
         "iters": ITERS,
@@ -57,6 +65,7 @@ def config(demo, **over):
         "lr_schedule": {"name": "cosine_decay", "warmup": 4, "arguments": [2e-3, ITERS, 1e-4]},
         "lora_parameters": {"rank": 4, "dropout": 0.1},
         "seed": 7,
+        "fine_tune_type": fine_tune_type,
     }
     base.update(over)
     cfg, _ = decode_config(base)
@@ -105,10 +114,10 @@ def kinds(msgs, t):
 
 
 @pytest.fixture(scope="module")
-def reference(demo, tmp_path_factory):
-    """One uninterrupted run: (job_dir, messages, result)."""
+def reference(demo, tmp_path_factory, ftt):
+    """One uninterrupted run of the fine-tune type ``ftt``: (job_dir, messages, result)."""
     job = tmp_path_factory.mktemp("ref") / "job"
-    msgs, result = train(plan(demo, job, config(demo)))
+    msgs, result = train(plan(demo, job, config(demo, ftt)))
     return job, msgs, result
 
 
@@ -125,10 +134,12 @@ def test_uninterrupted_run_reports_everything(reference):
         "global_step": 0,
     }
     assert [m["step"] for m in kinds(msgs, "checkpoint")] == list(range(5, ITERS + 1, 5))
-    # an evaluation's begin comes right before its result
-    for i, m in enumerate(msgs):
+    # an evaluation's begin comes right before its result, in the training thread's messages (the
+    # background writer reports a checkpoint whenever its write ends: during an evaluation, too)
+    loop = [m for m in msgs if m["t"] not in ("checkpoint_begin", "checkpoint")]
+    for i, m in enumerate(loop):
         if m["t"] == "eval":
-            assert msgs[i - 1]["t"] == "eval_begin" and msgs[i - 1]["step"] == m["step"]
+            assert loop[i - 1]["t"] == "eval_begin" and loop[i - 1]["step"] == m["step"]
     # a checkpoint is written in the background (steps may run meanwhile), at most one in flight:
     # begin N, written N, begin N+1, written N+1... strictly in order
     ckpt_msgs = [(m["t"], m["step"]) for m in msgs if m["t"] in ("checkpoint_begin", "checkpoint")]
@@ -152,15 +163,15 @@ def test_uninterrupted_run_reports_everything(reference):
 
 
 @pytest.mark.parametrize("stop_at", [3, 17, 35])
-def test_stop_and_resume_gives_the_same_adapter(demo, reference, tmp_path, stop_at):
+def test_stop_and_resume_gives_the_same_adapter(demo, reference, ftt, tmp_path, stop_at):
     _, _, ref = reference
     job = tmp_path / "job"
-    msgs, result = train(plan(demo, job, config(demo)), stop_at=stop_at)
+    msgs, result = train(plan(demo, job, config(demo, ftt)), stop_at=stop_at)
     assert result["t"] == "stopped" and result["step"] == stop_at
     assert result["checkpoint"].endswith(f"step-{stop_at:08d}")
     assert kinds(msgs, "checkpoint")[-1]["step"] == stop_at
     assert not (job / "adapters").exists()
-    msgs, result = train(plan(demo, job, config(demo), resume_from=result["checkpoint"]))
+    msgs, result = train(plan(demo, job, config(demo, ftt), resume_from=result["checkpoint"]))
     assert msgs[0] == {**msgs[0], "t": "loaded", "step": stop_at}
     assert kinds(msgs, "step")[0]["step"] == stop_at + 1
     # a resumed job is not evaluated at step 0 again
@@ -170,14 +181,14 @@ def test_stop_and_resume_gives_the_same_adapter(demo, reference, tmp_path, stop_
 
 
 def test_resume_from_an_earlier_checkpoint_rewrites_identical_checkpoints(
-    demo, reference, tmp_path
+    demo, reference, ftt, tmp_path
 ):
     ref_job, ref_msgs, ref = reference
     job = tmp_path / "job"
     shutil.copytree(ref_job, job)
     shutil.rmtree(job / "adapters")
     earlier = job / "checkpoints" / "step-00000015"
-    msgs, result = train(plan(demo, job, config(demo), resume_from=str(earlier)))
+    msgs, result = train(plan(demo, job, config(demo, ftt), resume_from=str(earlier)))
     assert result["adapter_sha256"] == ref["adapter_sha256"]
     again = {m["step"]: m["manifest_sha256"] for m in kinds(msgs, "checkpoint")}
     first = {m["step"]: m["manifest_sha256"] for m in kinds(ref_msgs, "checkpoint")}
@@ -185,17 +196,18 @@ def test_resume_from_an_earlier_checkpoint_rewrites_identical_checkpoints(
     assert all(again[s] == first[s] for s in again)  # byte-identical, state.json included
 
 
-def test_resume_at_the_end_only_publishes(demo, reference, tmp_path):
+def test_resume_at_the_end_only_publishes(demo, reference, ftt, tmp_path):
     ref_job, _, ref = reference
     job = tmp_path / "job"
     shutil.copytree(ref_job, job)
     shutil.rmtree(job / "adapters")
     final = ref["checkpoint"].replace(str(ref_job), str(job))
-    msgs, result = train(plan(demo, job, config(demo), resume_from=final))
+    msgs, result = train(plan(demo, job, config(demo, ftt), resume_from=final))
     assert [m["t"] for m in msgs] == ["loaded", "completed"]
     assert result["adapter_sha256"] == ref["adapter_sha256"]
 
 
+@LORA_ONLY
 def test_evaluation_does_not_perturb_training(demo, reference, tmp_path):
     _, _, ref = reference
     msgs, result = train(plan(demo, tmp_path / "job", config(demo, steps_per_eval=ITERS)))
@@ -208,6 +220,7 @@ def test_evaluation_does_not_perturb_training(demo, reference, tmp_path):
     assert result["adapter_sha256"] == ref["adapter_sha256"]
 
 
+@LORA_ONLY
 def test_step_zero_evaluation_is_the_base_models_loss(demo, reference):
     """LoRA starts as the identity (B = 0), so step 0's val loss is the base model's own."""
     from ftctl.adapters.evaluate import evaluate_loss
@@ -229,12 +242,14 @@ def test_step_zero_evaluation_is_the_base_models_loss(demo, reference):
     assert kinds(msgs, "eval")[-1]["val_loss"] < loss  # and training beat it
 
 
+@LORA_ONLY
 def test_the_seed_matters(demo, reference, tmp_path):
     _, _, ref = reference
     _, other = train(plan(demo, tmp_path / "job", config(demo, seed=8)))
     assert other["adapter_sha256"] != ref["adapter_sha256"]
 
 
+@LORA_ONLY
 def test_gradient_clipping_applies_and_resumes_bit_for_bit(demo, reference, tmp_path):
     cfg = config(demo, iters=12, max_grad_norm=1e-3, steps_per_eval=12)
     _, ref = train(plan(demo, tmp_path / "ref", cfg))
@@ -257,9 +272,11 @@ def test_grad_accumulation_stops_on_an_update_boundary(demo, tmp_path):
     assert result["adapter_sha256"] == ref["adapter_sha256"]
 
 
-def test_warm_started_job_is_deterministic_and_restarts_the_schedule(demo, reference, tmp_path):
+def test_warm_started_job_is_deterministic_and_restarts_the_schedule(
+    demo, reference, ftt, tmp_path
+):
     _, _, ref = reference
-    cfg2 = config(demo, iters=20, lr_schedule=None, learning_rate=5e-4, seed=3)
+    cfg2 = config(demo, ftt, iters=20, lr_schedule=None, learning_rate=5e-4, seed=3)
     warm = ref["checkpoint"]
 
     def job2(name, **kw):
@@ -288,13 +305,19 @@ def test_warm_started_job_is_deterministic_and_restarts_the_schedule(demo, refer
     assert cold["adapter_sha256"] != a["adapter_sha256"]  # the warm start did carry over
 
 
+@LORA_ONLY
 def test_warm_start_from_an_incompatible_adapter_is_refused(demo, reference, tmp_path):
     _, _, ref = reference
     cfg = config(demo, lora_parameters={"rank": 8, "dropout": 0.1})
     with pytest.raises(ValueError, match="rank"):
         train(plan(demo, tmp_path / "job", cfg, warm_start_from=ref["checkpoint"]))
+    with pytest.raises(ValueError, match="fine_tune_type: 'lora' there, 'full' here"):
+        train(
+            plan(demo, tmp_path / "full", config(demo, "full"), warm_start_from=ref["checkpoint"])
+        )
 
 
+@LORA_ONLY
 def test_corrupt_newest_checkpoint_is_refused_and_the_older_one_still_works(
     demo, reference, tmp_path
 ):
@@ -318,13 +341,14 @@ def test_corrupt_newest_checkpoint_is_refused_and_the_older_one_still_works(
     assert result["adapter_sha256"] == ref["adapter_sha256"]
 
 
+@LORA_ONLY
 def test_resume_from_another_jobs_checkpoint_is_refused(demo, reference, tmp_path):
     _, _, ref = reference
     with pytest.raises(ValueError, match="not a checkpoint of job"):
         train(plan(demo, tmp_path / "job", config(demo), resume_from=ref["checkpoint"]))
 
 
-def test_published_adapter_loads_and_generates_with_mlx_lm(demo, reference):
+def test_published_adapter_loads_and_generates_with_mlx_lm(demo, reference, ftt):
     _, _, ref = reference
     model, tokenizer = mlx_lm.load(str(demo.model_dir), adapter_path=ref["adapter_path"])
     trained = mx.load(os.path.join(ref["adapter_path"], ADAPTERS))
@@ -401,6 +425,79 @@ def test_disk_errors_propagate_and_keep_earlier_checkpoints(demo, tmp_path):
     assert e.value.errno == errno.ENOSPC
     assert [checkpoint_step(p) for p in list_checkpoint_dirs(job)] == [5]
     assert temp_dirs(job) == []
+
+
+# ------------------------------------------------------------------ epochs, early stopping, the result
+
+
+def test_early_stopping_ends_the_run_and_a_resume_takes_the_same_decision(demo, tmp_path):
+    """patience 2 and a min_delta no loss can beat: the evaluation at 10 is the reference, 20 and 30
+    do not improve on it, so training stops at 30 (of 40) with a checkpoint there and the job
+    completes. Stopped at 25 and resumed, it decides at 30 again, from the state its checkpoint
+    carries, and publishes the same bytes; resumed from the step-30 checkpoint it only publishes."""
+    cfg = config(demo, early_stopping={"patience": 2, "min_delta": 100.0})
+    msgs, ref = train(plan(demo, tmp_path / "ref", cfg))
+    assert ref["t"] == "completed" and ref["step"] == 30 and ref["global_step"] == 30
+    assert [m["step"] for m in kinds(msgs, "step")][-1] == 30
+    assert ref["stopped_early"].startswith("early stopping at step 30: ")
+    assert "in 2 evaluations since step 10" in ref["stopped_early"]
+    assert kinds(msgs, "checkpoint")[-1]["step"] == 30
+    assert load_checkpoint(ref["checkpoint"]).state.stopped_early == ref["stopped_early"]
+    job = tmp_path / "job"
+    _, stopped = train(plan(demo, job, cfg), stop_at=25)
+    assert stopped["step"] == 25
+    _, resumed = train(plan(demo, job, cfg, resume_from=stopped["checkpoint"]))
+    assert (resumed["step"], resumed["stopped_early"]) == (30, ref["stopped_early"])
+    assert resumed["adapter_sha256"] == ref["adapter_sha256"]
+    end = str(job / "checkpoints" / "step-00000030")
+    msgs, again = train(plan(demo, job, cfg, resume_from=end))
+    assert [m["t"] for m in msgs] == ["loaded", "completed"] and again["step"] == 30
+    assert again["adapter_sha256"] == ref["adapter_sha256"]
+    # without early stopping the same run goes on to iters
+    _, full_run = train(plan(demo, tmp_path / "all", config(demo)))
+    assert full_run["step"] == ITERS and full_run["stopped_early"] is None
+
+
+def test_result_best_publishes_the_lowest_validation_loss_and_last_the_final_step(demo, tmp_path):
+    """A full fine-tune at a high constant learning rate: its validation loss is lowest before the
+    end. Evaluations every 5 steps, saves every 20: the best evaluation is checkpointed when it is
+    measured, so it can be published; `result: last` publishes step 40. A resume after the best step
+    still publishes the best one, bit for bit."""
+    over = dict(lr_schedule=None, learning_rate=2e-2, save_every=20, steps_per_eval=5)
+    cfg = config(demo, "full", **over)
+    msgs, best = train(plan(demo, tmp_path / "best", cfg))
+    evals = [(m["val_loss"], m["step"]) for m in kinds(msgs, "eval") if m["step"] > 0]
+    low, at = min(evals)
+    assert at % 20 and at < ITERS, f"this run's best evaluation ({at}) must fall between saves"
+    assert (best["result"], best["result_step"], best["result_val_loss"]) == ("best", at, low)
+    assert best["step"] == ITERS and best["checkpoint"].endswith(f"step-{at:08d}")
+    assert best["adapter_sha256"] == adapter_sha256(best["checkpoint"])
+    _, last = train(plan(demo, tmp_path / "last", config(demo, "full", result="last", **over)))
+    assert last["result"] == "last" and last["result_step"] == ITERS
+    assert last["adapter_sha256"] == adapter_sha256(tmp_path / "last/checkpoints/step-00000040")
+    assert last["adapter_sha256"] != best["adapter_sha256"]
+    job = tmp_path / "job"
+    _, stopped = train(plan(demo, job, cfg), stop_at=at + 1)
+    _, resumed = train(plan(demo, job, cfg, resume_from=stopped["checkpoint"]))
+    assert (resumed["result_step"], resumed["adapter_sha256"]) == (at, best["adapter_sha256"])
+
+
+@pytest.mark.parametrize("examples, batch_size, epochs", [(37, 4, 3), (8, 8, 2), (200, 6, 1)])
+def test_epochs_are_whole_passes_of_the_batch_iterator(examples, batch_size, epochs):
+    """`epochs: N` records iters = N x batches per epoch: exactly N passes of TrainBatches, every
+    batch once in each, and status's epoch of a step is the cursor's."""
+    from ftctl.core.config import epoch_of, resolve_epochs
+
+    cfg = resolve_epochs(
+        decode_config({"model": "m", "epochs": epochs, "batch_size": batch_size})[0], examples
+    )
+    b = TrainBatches(items(examples), batch_size, 64, seed=1)
+    assert cfg.iters == epochs * b.n_batches == epochs * (examples // batch_size)
+    assert b.cursor(cfg.iters - 1).epoch == epochs - 1 and b.cursor(cfg.iters).position == 0
+    seen = [tuple(b.indices(n)) for n in range(cfg.iters)]
+    assert all(seen.count(tuple(g)) == epochs for g in b.groups)
+    for step in range(1, cfg.iters + 1):
+        assert epoch_of(cfg, step) == (b.cursor(step - 1).epoch + 1, epochs)
 
 
 # ---------------------------------------------------------------------------- batches
@@ -577,6 +674,7 @@ class GatedFS:
         return gated
 
 
+@LORA_ONLY
 def test_a_slow_write_overlaps_training_waits_for_the_next_and_is_bit_exact(
     demo, reference, tmp_path, monkeypatch
 ):
@@ -612,6 +710,7 @@ def test_a_slow_write_overlaps_training_waits_for_the_next_and_is_bit_exact(
     assert result["adapter_sha256"] == ref["adapter_sha256"] and temp_dirs(job) == []
 
 
+@LORA_ONLY
 def test_a_stop_waits_for_the_write_in_flight(demo, reference, tmp_path):
     from ftctl.adapters.fs import FS
 
@@ -647,9 +746,17 @@ def ops_of_a_run(demo, tmp_path, cfg) -> list[int]:
     return counts
 
 
-@pytest.mark.parametrize("err", [__import__("errno").ENOSPC, __import__("errno").EIO])
+@pytest.mark.parametrize(
+    "err, ftt",
+    [
+        (__import__("errno").ENOSPC, "lora"),
+        (__import__("errno").EIO, "lora"),
+        (__import__("errno").ENOSPC, "full"),  # a full checkpoint: the trained layers + Adam state
+    ],
+    ids=["ENOSPC-lora", "EIO-lora", "ENOSPC-full"],
+)
 def test_a_fault_at_any_write_of_a_background_checkpoint_fails_the_run_and_keeps_the_previous(
-    demo, tmp_path, err
+    demo, tmp_path, err, ftt
 ):
     """FaultyFS fails each write operation of the second checkpoint in turn, on the writer thread
     while training goes on: run() raises that OSError (what the worker turns into disk_full or
@@ -657,7 +764,7 @@ def test_a_fault_at_any_write_of_a_background_checkpoint_fails_the_run_and_keeps
     checkpoint is started."""
     from ftctl.adapters.fs import FaultyFS
 
-    cfg = config(demo, iters=15, steps_per_eval=100)
+    cfg = config(demo, ftt, iters=15, steps_per_eval=100)
     counts = ops_of_a_run(demo, tmp_path, cfg)
     first, second = counts[0], counts[1]
     assert second - first == 10

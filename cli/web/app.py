@@ -92,6 +92,11 @@ def _job_row(v) -> dict:
         "world_size": j.world_size,
         "hosts": j.hosts or None,
         "rank_tokens_per_s": j.rank_tokens_per_s or None,
+        "epoch": v.epoch,
+        "result": j.result or None,  # which checkpoint the adapter came from (config `result`)
+        "result_step": j.result_step,
+        "result_val_loss": j.result_val_loss,
+        "stopped_early": j.stopped_early or None,
     }
 
 

@@ -40,7 +40,7 @@ function showStatus(s) {
   jobs.replaceChildren();
   for (const j of s.jobs) {
     const state = el("span", j.state + (j.stale ? " (daemon dead)" : ""), "state-" + j.state + (j.stale ? " stale" : ""));
-    row(jobs, [jobLink(j.job), j.name, state, [(j.iters ? j.step + "/" + j.iters : "-"), "num"], [j.global_step, "num"],
+    row(jobs, [jobLink(j.job), j.name, state, [(j.iters ? j.step + "/" + j.iters + (j.epoch ? " (epoch " + j.epoch + ")" : "") : "-"), "num"], [j.global_step, "num"],
       [num(j.loss, 4), "num"], [num(j.val_loss, 4), "num"], [dur(j.eta_s), "num"], [j.checkpoints, "num"],
       [j.attempt, "num"], ranks(j), j.note || ""]).dataset.job = j.job;
   }
