@@ -264,7 +264,7 @@ def _which(over: list[tuple[int, int]], limit: int) -> str:
     shown = ", ".join(str(l) for l, _ in over[:5]) + (", …" if len(over) > 5 else "")
     return (
         f"lines {shown}; the longest, line {line}, has {most:,} tokens; "
-        f"{sum(n - limit for _, n in over):,} tokens past {limit:,} in all"
+        f"{sum(n - limit for _, n in over):,} tokens"
     )
 
 
@@ -286,7 +286,7 @@ def overlong(
         return []
     return [
         f"{what}: {len(over)} of {total} examples are longer than max_seq_length = {limit} "
-        f"tokens and are cut to it ({_which(over, limit)}, never trained on or scored): raise "
+        f"tokens and are cut to it ({_which(over, limit)} in all are never trained on or scored): raise "
         "max_seq_length (--set max_seq_length=N) or split those examples"
     ]
 
@@ -318,7 +318,7 @@ def past_context(
         if over:
             out.append(
                 f"{head}, and {what} has {len(over)} of {total} examples longer than that "
-                f"({_which(over, ctx)}): {fix}"
+                f"({_which(over, ctx)} past it in all): {fix}"
             )
     return out
 
