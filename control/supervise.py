@@ -624,6 +624,9 @@ class Attempt:
     def completed(self, msg: P.Completed) -> None:
         """The leader's completion, journalled in one transaction with what decided it: early stopping's
         reason (``early_stopped``), the head or branch decision, the test split's scores."""
+        # the last reports' alerts before the completion: the job's story in order (an alert after
+        # `completed` read as if the finished job were still being watched)
+        self.health.check(force=True, ending=True)
         L, job, host = self.host.ledger, self.job, self.host
         L.refresh()  # the head as it is now: decided, and recorded with the completion
         j = L.state.jobs[job]

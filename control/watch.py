@@ -51,8 +51,9 @@ def findings(cfg: Alerts, s: Series) -> list[H.Finding]:
     return sorted(out, key=lambda f: f.step)
 
 
-def new_alerts(j: JobState, s: Series) -> list[ev.TrainingAlert]:
-    """The training_alert events the curve calls for that the job has not recorded yet."""
+def new_alerts(j: JobState, s: Series, can_pause: bool = True) -> list[ev.TrainingAlert]:
+    """The training_alert events the curve calls for that the job has not recorded yet (``can_pause``
+    False: the job has finished training, so a spike is recorded, not acted on)."""
     if j.config is None:
         return []
     cfg = j.config.alerts
@@ -64,7 +65,7 @@ def new_alerts(j: JobState, s: Series) -> list[ev.TrainingAlert]:
         if (f.kind, gstep) in seen:
             continue
         seen.add((f.kind, gstep))
-        pause = f.kind == H.SPIKE and cfg.on_spike == "pause"
+        pause = can_pause and f.kind == H.SPIKE and cfg.on_spike == "pause"
         out.append(
             ev.TrainingAlert(
                 job=j.job,
@@ -92,9 +93,12 @@ class Watch:
         self.metric_id = -1  # the newest metrics row at the last look: nothing new, nothing to do
         self.evals = -1
 
-    def check(self, now: float | None = None, force: bool = False) -> list[ev.TrainingAlert]:
+    def check(
+        self, now: float | None = None, force: bool = False, ending: bool = False
+    ) -> list[ev.TrainingAlert]:
         """Look at the curve if it is time (or ``force``) and it moved; record what is new. Returns
-        the alerts recorded."""
+        the alerts recorded. ``ending``: the job's training is over (its completion is about to be
+        committed): what the last reports show is recorded before it, and nothing is paused."""
         now = time.monotonic() if now is None else now
         if not force and now < self.due:
             return []
@@ -106,7 +110,7 @@ class Watch:
         if moved == (self.metric_id, self.evals):
             return []
         self.metric_id, self.evals = moved
-        found = new_alerts(j, series(L.journal, j))
+        found = new_alerts(j, series(L.journal, j), can_pause=not ending)
         for a in found:
             L.commit(job_stream(self.job), a)
             self.say(f"job {self.job}: {a.text}", "warn")

@@ -111,3 +111,21 @@ def test_on_spike_pause_pauses_through_the_pause_path_and_loses_nothing(spiked):
     done, ref = status(paused, "0001"), status(seen, "0001")
     assert done["state"] == "completed" and done["crashes"] == []
     assert done["adapter_sha256"] == ref["adapter_sha256"]  # bit-exact with the run never paused
+
+
+def test_a_spike_in_the_last_report_is_recorded_before_the_completion_and_pauses_nothing(
+    tmp_path_factory, demo
+):
+    """The watch looks at the curve every 2 s and once more at the end: the last reports' findings are
+    recorded before `completed` (not after it, as if the finished job were still watched), and a spike
+    in the very last step is recorded, not acted on — with on_spike: pause there is nothing left to
+    pause, and the job completes (exit 0)."""
+    text, _ = _marker(demo, 24)
+    env = {"FTCTL_POISON": text, "FTCTL_POISON_SCALE": SCALE}
+    home, server, p = _run(tmp_path_factory, demo, "last", "pause", env)
+    server.close()
+    kinds = [e["type"] for e in history(home) if e["stream"] == "job:0001"]
+    (a,) = _alerts(home)
+    assert a["step"] == 24 and a["action"] == "recorded" and "pausing" not in a["text"]
+    assert kinds[-1] == "completed" and kinds.index("training_alert") < kinds.index("completed")
+    assert "paused" not in kinds and "control_requested" not in kinds
