@@ -298,17 +298,31 @@ def fingerprint(choice: Choice) -> dict[str, str]:
         "blas": choice.describe() + size,
         "blas_threads": choice.threads,
         "platform": f"{platform.system()}-{platform.machine()}",
+        **_device(tuple(sorted(choice.env.items()))),
     }
 
 
+@functools.cache
+def _device(env: tuple) -> dict[str, str]:
+    """The device MLX trains on with the worker's environment (probed once per process): its backend
+    (cpu | metal | cuda) and name; a resume on another device is no longer bit-exact."""
+    from .telemetry import probe_backend
+
+    dev = probe_backend(dict(env)).device
+    if dev is None:  # the worker will say why when it starts; nothing to record
+        return {}
+    return {"backend": dev.backend, "device": dev.label()}
+
+
 def fingerprint_diff(before: dict[str, str], after: dict[str, str]) -> list[str]:
-    """The keys that differ, as 'key: old -> new' (empty when either side is unknown: old journals)."""
+    """The keys that differ, as 'key: old -> new' (empty when either side is unknown: old journals; a
+    key only one side recorded, such as the device before ftctl recorded it, is not compared)."""
     if not before or not after:
         return []
     return [
-        f"{k}: {before.get(k, '?')} -> {after.get(k, '?')}"
-        for k in sorted(set(before) | set(after))
-        if before.get(k) != after.get(k)
+        f"{k}: {before[k]} -> {after[k]}"
+        for k in sorted(set(before) & set(after))
+        if before[k] != after[k]
     ]
 
 

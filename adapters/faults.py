@@ -14,7 +14,9 @@ normal case), ``crash_point`` is a dict lookup that returns at once.
 
 ``FTCTL_POISON="TEXT"`` is the data-driven seam (``poison_marker``): a training batch holding an example
 whose JSON line contains TEXT makes that step's loss NaN, in the daemon's worker and in a reproduction
-alike, so a test's job diverges as a user's would on a bad example. Unset, training is untouched.
+alike, so a test's job diverges as a user's would on a bad example. ``FTCTL_POISON_SCALE=F`` makes
+that loss F times what it was instead of NaN: a large but finite loss, the loss spike a bad batch
+makes (the training-health watch's tests). Unset, training is untouched.
 """
 
 from __future__ import annotations
@@ -96,6 +98,11 @@ def crash_point(name: str, step: int | None = None) -> None:
 def poison_marker() -> str | None:
     """The FTCTL_POISON text, or None (the normal case)."""
     return os.environ.get("FTCTL_POISON") or None
+
+
+def poison_scale() -> float:
+    """What a poisoned batch's loss is multiplied by: FTCTL_POISON_SCALE, NaN by default."""
+    return float(os.environ.get("FTCTL_POISON_SCALE") or "nan")
 
 
 def fs_from_env():

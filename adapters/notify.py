@@ -24,6 +24,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "consolidated": ("base_promoted",),
     "daemon_started": ("daemon_started", "daemon_started.v2"),
     "daemon_stopped": ("daemon_stopped",),
+    "alert": ("training_alert",),
 }
 _URGENT = {"failed", "crashed", "daemon_stopped"}
 _NTFY_TAGS = {
@@ -35,6 +36,7 @@ _NTFY_TAGS = {
     "base_promoted": "package",
     "daemon_started": "arrow_forward",
     "daemon_stopped": "stop_button",
+    "training_alert": "warning",
 }
 
 
@@ -71,6 +73,8 @@ def summary(r: Recorded) -> tuple[str, str]:
             return "daemon started", f"pid {e.process.pid} on {e.host}"
         case ev.DaemonStopped():
             return "daemon stopped", e.reason
+        case ev.TrainingAlert():
+            return f"job {e.job}: {e.alert.replace('_', ' ')} at step {e.step}", e.text
     return type(e).kind(), ""
 
 

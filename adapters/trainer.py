@@ -61,10 +61,11 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .evaluate import evaluate_loss, score
-from .faults import crash_point, poison_marker
+from .faults import crash_point, poison_marker, poison_scale
 from .fs import FS
 from .protocol import TrainPlan
 from .ranks import SINGLE, Ranks, join
+from .telemetry import Telemetry
 
 OPTIMIZERS = {
     "adam": optim.Adam,
@@ -307,7 +308,8 @@ def run(
 
 
 def _poisoned_loss(model, batch, lengths, scale):
-    """default_loss times ``scale`` (1.0, or NaN on a poisoned batch): the FTCTL_POISON seam."""
+    """default_loss times ``scale`` (1.0, or on a poisoned batch NaN or FTCTL_POISON_SCALE): the
+    FTCTL_POISON seam."""
     lvalue, toks = default_loss(model, batch, lengths)
     return lvalue * scale, toks
 
@@ -369,6 +371,8 @@ class _Loop:
         self.c_loss = self.c_steps = 0  # since the last checkpoint
         self.nan_run = 0
         self.writer = CheckpointWriter(s.plan.job_dir, fs, self._written)
+        self.telemetry = Telemetry()  # the device and its readings, one sample per report
+        self.proc_steps = 0  # steps this process has run (the telemetry seam's per-step growth)
         # a traced run names each gradient array's group: its path without lora_a / lora_b
         self.groups = (
             [k.rpartition(".")[0] for k, _ in tree_flatten(s.model.trainable_parameters())]
@@ -431,7 +435,7 @@ class _Loop:
             )
             if s.poisoned:
                 hit = not s.poisoned.isdisjoint(s.batches.indices(it - 1))
-                batch = (*batch, mx.array(math.nan if hit else 1.0))
+                batch = (*batch, mx.array(poison_scale() if hit else 1.0))
             key = (tuple(batch[0].shape), it % accum == 0, grad is None)
             compiles = key not in self.compiled
             self.compiled.add(key)
@@ -459,6 +463,7 @@ class _Loop:
             if s.plan.trace:
                 self._trace(it, gstep, lvalue.item(), toks.item(), norms[0])
             self._account(it, gstep, lvalue.item(), toks.item())
+            self.proc_steps += 1
             self.emit(P.Step(step=it, global_step=gstep))
             crash_point("mid_step", gstep)
             if it % cfg.steps_per_report == 0 or it == cfg.iters:
@@ -558,6 +563,8 @@ class _Loop:
                     tokens_per_s=rate(self.w_tokens, self.k_tokens),
                     peak_mem_gb=mx.get_peak_memory() / 1e9,
                     trained_tokens=self.trained_tokens,
+                    device=self.telemetry.device.label(),
+                    **self.telemetry.read(self.proc_steps),
                 ),
                 local_tokens_per_s=rate(self.w_local, self.k_local) if self.s.ranks.many else None,
             )

@@ -52,9 +52,19 @@ def _ts(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
 
 
-def add_job(ws, job: str, points: int, crash_every: int = 0, t0: float = 1.8e9) -> None:
+def add_job(
+    ws,
+    job: str,
+    points: int,
+    crash_every: int = 0,
+    t0: float = 1.8e9,
+    config: dict | None = None,
+    eval_every: int = 0,
+    lineage: str = "main",
+) -> None:
     """A job with ``points`` reports (one per step), committed by the journal API; with
-    ``crash_every``, a crash every that many steps, resumed from 30 steps back."""
+    ``crash_every``, a crash every that many steps, resumed from 30 steps back; ``config``: keys
+    over replay.CONFIG's; ``eval_every``: an evaluation every that many steps."""
     from replay import CONFIG
 
     j = ws.open_journal()
@@ -67,8 +77,9 @@ def add_job(ws, job: str, points: int, crash_every: int = 0, t0: float = 1.8e9) 
         examples=1000,
         valid_path=None,
         valid_sha256=None,
-        config={**CONFIG, "iters": points},
+        config={**CONFIG, "iters": points, **(config or {})},
         config_sha256="c" * 64,
+        lineage=lineage,
     )
     stream = S.job_stream(job)
     insert = "INSERT INTO events (stream, version, ts, type, body) VALUES (?, ?, ?, ?, ?)"
@@ -96,6 +107,8 @@ def add_job(ws, job: str, points: int, crash_every: int = 0, t0: float = 1.8e9) 
         metrics.append(
             (job, _ts(t), step, step, 2.0 / (1 + step / 1000), 1e-5, 1500.0, 1.2, step * 400)
         )
+        if eval_every and step % eval_every == 0:
+            ev(T.Evaluated(job=job, step=step, global_step=step, val_loss=2.1 / (1 + step / 900)))
         if step % 100 == 0:
             path = f"checkpoints/{job}/{step}"
             ev(T.CheckpointStarted(job=job, step=step, global_step=step))

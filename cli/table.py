@@ -336,6 +336,22 @@ COMMANDS: dict[str, Command | Group] = {
         ),
         "ftctl metrics 3\n  ftctl metrics --lineage main --csv > curves.csv",
     ),
+    "compare": Command(
+        "views",
+        "compare",
+        "jobs side by side: the config keys that differ, losses, speed, memory, crashes",
+        (
+            "Jobs side by side, a row per job, from the journal: the config keys whose values differ between them "
+            "(--all: every key), then data file and examples, steps, final train loss, best and final val loss and "
+            "their steps, test loss and perplexity (when tested), mean tokens/s, peak memory, wall time (first start "
+            "to end), crashes, resumes and training-health alerts. A figure no job has (no evaluation, no test) is "
+            "left out. A table wider than the terminal is printed turned (a line per column) when that is narrower."
+        ),
+        (
+            "ftctl compare 3 4 5\n  ftctl compare --lineage main --sort best_val_loss\n"
+            "  ftctl compare --last 4 --csv > runs.csv"
+        ),
+    ),
     "plot": Command(
         "views",
         "plot",

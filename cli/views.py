@@ -1,4 +1,4 @@
-"""Commands that show the training: metrics, plot, export-tb, serve. Each parses, calls the
+"""Commands that show the training: metrics, compare, plot, export-tb, serve. Each parses, calls the
 control layer (control/metrics.py, control/tensorboard.py), renders (cli/table.py names them)."""
 
 from __future__ import annotations
@@ -127,6 +127,56 @@ def cmd_metrics(args, ws) -> int:
         if hidden
         else ""
     )
+    return 0
+
+
+def add_compare(p) -> None:
+    p.add_argument("job", nargs="*", help="job ids (7 or 0007)")
+    p.add_argument("--lineage", metavar="NAME", help="every job of the lineage instead")
+    p.add_argument("--last", type=int, metavar="N", help="the N jobs submitted last instead")
+    p.add_argument(
+        "--all", action="store_true", help="every config key, not only those that differ"
+    )
+    p.add_argument(
+        "--sort",
+        metavar="COL",
+        help="sort the rows by this column (any column shown; jobs without a value last)",
+    )
+    p.add_argument("--reverse", action="store_true", help="largest first (with --sort)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--csv", action="store_true", help="CSV with a header line")
+    fmt.add_argument(
+        "--json", action="store_true", help="JSON: columns, the differing keys and the rows"
+    )
+
+
+def cmd_compare(args, ws) -> int:
+    from ftctl.control import compare
+
+    c = compare.compare(
+        _read_ledger(ws),
+        args.job,
+        args.lineage,
+        args.last,
+        all_keys=args.all,
+        sort=args.sort,
+        reverse=args.reverse,
+    )
+    if args.json:
+        render.print_json(c.to_builtins())
+    elif args.csv:
+        from ftctl.core.compare import cell
+
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(c.columns)
+        w.writerows(
+            [
+                [cell(r[k]) if not isinstance(r[k], float) else r[k] for k in c.columns]
+                for r in c.rows
+            ]
+        )
+    else:
+        render.console.print(render.compare_table(c, render.console.width))
     return 0
 
 

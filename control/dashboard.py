@@ -20,6 +20,7 @@ from ftctl.events.types import Recorded
 from ftctl.recovery.replay import state_at
 
 from . import status as st
+from .compare import Comparison, compare
 from .crashes import Crash, crashes
 from .metrics import Series, series
 
@@ -98,6 +99,18 @@ class Viewer:
     def series(self, job: str, *, superseded: bool = False, after_id: int = 0) -> Series:
         self.refresh()
         return series(self.ledger.journal, self.job(job), superseded=superseded, after_id=after_id)
+
+    def compare(
+        self, jobs: list[str], lineage: str | None = None, all_keys: bool = False
+    ) -> Comparison:
+        """The runs table (`ftctl compare`): the jobs named, a lineage's, or with neither every job
+        that was not rejected (none yet: an empty table)."""
+        self.refresh()
+        if not jobs and lineage is None:
+            jobs = [j.job for j in self.ledger.state.jobs.values() if j.config is not None]
+            if not jobs:
+                return Comparison(["job", "name", "state"], [], [])
+        return compare(self.ledger, jobs, lineage, all_keys=all_keys)
 
     def replay(self, job: str, to: int) -> JobState:
         """The job as it was right after event ``to`` (as `ftctl replay`)."""

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ftctl.adapters import blas, power, process, system
+from ftctl.adapters import blas, power, process, system, telemetry
 from ftctl.adapters import checkpoint as ck
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
 from ftctl.control.ledger import Ledger
+from ftctl.core import guards
 from ftctl.core.config import Config, ConfigError, job_config, override_key
 from ftctl.core.machine import ACTIVE
 from ftctl.core.state import Projection, job_stream
@@ -82,6 +83,7 @@ def examine(ws: Workspace, ledger: Ledger) -> list[Finding]:
             )
     f += _models(p, cfg, ws)
     f.append(_blas(cfg))
+    f += _device(cfg)
     if cfg is not None:
         f += _config_drift(p, cfg)
     f += _data_drift(ws, p)
@@ -248,6 +250,57 @@ def _blas(cfg: Config | None) -> Finding:
         f"`blas: {setting}` is not used: {lib.why.split('; using')[0]}",
         f"fix the path in ftctl.yaml, or set `blas: auto`; {blas.INSTALL_HINT}",
     )
+
+
+def _device(cfg: Config | None) -> list[Finding]:
+    """Which device the worker will train on and why (MLX imported with the worker's environment),
+    and an NVIDIA GPU's readings (NVML) against guards.max_temperature_c / max_memory_pct."""
+    g = (cfg or Config(model="")).guards
+    b = telemetry.probe_backend(blas.choose(cfg.blas if cfg else "auto").env)
+    dev, why = b.device, b.why
+    if dev is None:
+        out = [
+            Finding(
+                "backend",
+                "error",
+                f"the training worker cannot start MLX: {why}",
+                "reinstall ftctl's MLX (pip install -e . or pip install 'ftctl[cuda]'; docs/hardware.md)",
+            )
+        ]
+    else:
+        idle_gpu = dev.backend == "cpu" and b.nvidia_gpu
+        out = [
+            Finding(
+                "backend",
+                "warning" if idle_gpu else "ok",
+                f"workers train on {dev.label()}: {why}",
+                'pip install "ftctl[cuda]" (docs/hardware.md)' if idle_gpu else "",
+            )
+        ]
+    r = telemetry.host_readings()
+    if not r:
+        return out
+    problems = guards.device_problems(r, g.max_temperature_c, g.max_memory_pct)
+    seen = []
+    if r.get("device_temp_c") is not None:
+        seen.append(f"{r['device_temp_c']:.0f} °C")
+    if r.get("device_mem_used_gb") is not None and r.get("device_mem_total_gb"):
+        seen.append(f"memory {r['device_mem_used_gb']:.1f} of {r['device_mem_total_gb']:.1f} GB")
+    name = r.get("device") or "the GPU"
+    out.append(
+        Finding(
+            "gpu",
+            "warning" if problems else "ok",
+            f"{name}: "
+            + ("; ".join(problems) if problems else ", ".join(seen) or "no readings")
+            + ("" if problems else f" (limits {g.max_temperature_c:g} °C, {g.max_memory_pct:g} %)"),
+            "check the cooling and airflow, and what else runs on the GPU (nvidia-smi); a training job "
+            "pauses above guards.max_temperature_c"
+            if problems
+            else "",
+        )
+    )
+    return out
 
 
 def _resources(ws: Workspace, cfg: Config | None) -> list[Finding]:

@@ -51,11 +51,17 @@ def daemon_alive(ws: Workspace) -> bool:
 
 
 def request(
-    ledger: Ledger, job: str, action: str, ws: Workspace | None = None, reshard: bool = False
+    ledger: Ledger,
+    job: str,
+    action: str,
+    ws: Workspace | None = None,
+    reshard: bool = False,
+    by: str = "user",
 ) -> Outcome:
     """Pause, resume, retry or cancel a job. An illegal request raises IllegalTransition (or
     UserError), appending nothing.
-    With ``ws``, the outcome says whether a daemon is alive to act on it."""
+    With ``ws``, the outcome says whether a daemon is alive to act on it. ``by``: who asks, when not
+    the user (the loss-spike alert's pause, control/watch.py)."""
     j = find_job(ledger, job)
     stream = job_stream(j.job)
     if action == "resume":
@@ -79,9 +85,9 @@ def request(
             reshard=reshard,
         )
     elif j.state in ACTIVE:
-        e = ev.ControlRequested(job=j.job, action=action)
+        e = ev.ControlRequested(job=j.job, action=action, by="" if by == "user" else by)
     elif action == "pause":
-        e = ev.Paused(job=j.job, reason="paused by user")
+        e = ev.Paused(job=j.job, reason=f"paused by {by}")
     elif action == "cancel":
         e = ev.Cancelled(job=j.job, reason="cancelled by user")
     else:

@@ -189,6 +189,7 @@ def follow(
                     "failed",
                     "completed",
                     "interrupted",
+                    "restart_planned",
                     "cancelled",
                 ):
                     if training:
@@ -197,6 +198,7 @@ def follow(
                     report.note(
                         f"job {job_id}: {type(e).kind()}"
                         + (f": {e.reason}" if getattr(e, "reason", "") else "")
+                        + (f" ({e.guard} guard): {e.evidence}" if getattr(e, "guard", "") else "")
                     )
             for row in ledger.journal.metric_rows(job_id, metric_id):
                 metric_id = row[0]
@@ -218,14 +220,8 @@ def follow(
 
 
 _METRIC_KEYS = (
-    "step",
-    "global_step",
-    "loss",
-    "lr",
-    "tokens_per_s",
-    "peak_mem_gb",
-    "trained_tokens",
-)
+    Metrics.__struct_fields__
+)  # a metrics row's columns after (id, ts), device readings too
 
 
 @dataclass

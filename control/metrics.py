@@ -19,9 +19,12 @@ from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.errors import UserError
 from ftctl.events.journal import Journal
+from ftctl.events.types import READINGS
 
 from .jobs import find_job
 
+# the device and its readings per report (events.types.Metrics; adapters/telemetry.py)
+DEVICE_COLUMNS = ("device", *READINGS)
 COLUMNS = (
     "job",
     "attempt",
@@ -34,6 +37,7 @@ COLUMNS = (
     "rank_tokens_per_s",
     "peak_mem_gb",
     "trained_tokens",
+    *DEVICE_COLUMNS,
     "ts",
     "superseded",
 )  # rank_tokens_per_s: a data-parallel job's, per rank
@@ -41,7 +45,7 @@ COLUMNS = (
 
 @dataclass(frozen=True)
 class Marker:
-    kind: str  # "checkpoint" | "crash" | "resume" | "completed"
+    kind: str  # "checkpoint" | "crash" | "resume" | "completed" | "alert"
     step: int
     global_step: int
     seq: int  # the journal event
@@ -156,6 +160,8 @@ def series(
             )
         elif isinstance(e, ev.Evaluated):
             vals.append((r.ts, e.step, e.global_step, e.val_loss))
+        elif isinstance(e, ev.TrainingAlert):
+            markers.append(Marker("alert", e.step, e.global_step, r.seq, r.ts, e.text))
         elif isinstance(e, ev.RanksReported):
             ranks.append((r.ts, e.step, e.tokens_per_s))
     stamps = [s[0] for s in starts]
@@ -187,7 +193,7 @@ def series(
     nxt = stamps[k] if k < len(stamps) else None  # when the next attempt started
     limit = rewound[k]
     job = j.job
-    for mid, ts, step, gstep, loss, lr, tps, mem, tokens in rows:
+    for mid, ts, step, gstep, loss, lr, tps, mem, tokens, *dev in rows:
         while nxt is not None and ts >= nxt:
             k += 1
             nxt = stamps[k] if k < len(stamps) else None
@@ -209,6 +215,7 @@ def series(
             "rank_tokens_per_s": None,
             "peak_mem_gb": mem,
             "trained_tokens": tokens,
+            **dict(zip(DEVICE_COLUMNS, dev)),
             "ts": ts,
             "superseded": gone,
             "id": mid,
@@ -235,6 +242,7 @@ def series(
                     "rank_tokens_per_s": None,
                     "peak_mem_gb": None,
                     "trained_tokens": None,
+                    **dict.fromkeys(DEVICE_COLUMNS),
                     "ts": ts,
                     "superseded": gone,
                     "id": None,

@@ -6,8 +6,10 @@ worker is a group of one.
 * ``Attempt.watch`` is the one loop over its channels (the worker's message pipe, the ranks'
   connections): every message is its rank's heartbeat, ``on_message`` is the one place a message
   becomes an event (the leader's checkpoints, evaluations, completion; every rank's tokens/s), and
-  user requests become a stop. The daemon learns of a death by its channel closing (EOF on the pipe;
-  the kernel closes a killed rank's socket), not by polling a PID file.
+  whatever asks for a stop with a checkpoint goes through ``Attempt.ask_stop``: the user's requests
+  and the training-health alerts' (control/watch.py) in the control pass, the memory and temperature
+  guards (control/guard.py) on each report. The daemon learns of a death by its channel closing
+  (EOF on the pipe; the kernel closes a killed rank's socket), not by polling a PID file.
 * ``Attempt.finish`` is the one death handler: the first rank to die or fail ends the attempt (the
   group is killed at once); its evidence goes to core.crash.decide, and the crash and the decision
   that follows it are committed together.
@@ -38,11 +40,13 @@ from ftctl.events.types import CheckpointRecord
 from ftctl.recovery.reconcile import apply, mark_corrupt
 
 from . import reproduce, retention
+from .guard import Guard
 from .reporter import Every, Reporter
 from .standby import Standby
 from .status import describe_result
 from .tensorboard import Live
 from .trackers import Trackers
+from .watch import Watch
 
 POLL_S = 0.25
 CONTROL_EVERY_S = 0.5
@@ -291,7 +295,7 @@ class Attempt:
         self.loading = True  # no Loaded yet (imports + model load): allowed eval_hang_s, not hang_s
         self.step_seen = False  # a spare is started after the first step
         self.stop_sent: float | None = None
-        self.stop_reason: str | None = None  # "pause" | "cancel" | "shutdown"
+        self.stop_reason: str | None = None  # "pause" | "cancel" | "shutdown" | "guard"
         self.hung = False
         self.stop_forced = False  # asked to stop, it did not within stop_s: ftctl killed it
         self.error: P.Failed | None = None  # the first error any rank reported
@@ -305,6 +309,11 @@ class Attempt:
         self.report_due: int | None = None  # a step whose per-rank tokens/s are to be journaled
         self.tb = Live(host.ws, j, host.say)  # TensorBoard files, if configured
         self.trackers = Trackers(host.ws, j, host.say)  # report_to, if configured
+        # what watches the job as it trains, and may ask for a stop with a checkpoint: the
+        # training-health alerts over the journal's curves (control/watch.py, in the control pass) and
+        # the memory / temperature guards over each report's readings (control/guard.py)
+        self.health = Watch(host.ledger, j.job, host.say)
+        self.guard = Guard(self.cfg.guards, j.job)
         host.report.training(j.job, j.name, j.iters)
 
     # ------------------------------------------------------------------ loop
@@ -425,6 +434,7 @@ class Attempt:
             )
 
     def control(self) -> None:
+        self.health.check()  # an alert may ask for a pause: it is carried out below, as the user's
         L, stop = self.host.ledger, self.host.stop
         L.refresh()
         j = L.state.jobs[self.job]
@@ -437,12 +447,24 @@ class Attempt:
             self.stop_reason = "cancel"
             self.host.say(f"job {self.job}: cancel requested, stopping the worker")
             self.w.kill_group()
-        elif want and self.stop_sent is None:
-            self.stop_reason, self.stop_sent = want, time.monotonic()
-            self.host.say(f"job {self.job}: {want} requested, checkpointing at the current step")
-            self.w.send(P.encode(P.Stop()))
+        elif want == "pause" and self.stop_reason == "guard":
+            # the guard's stop in flight checkpoints where a pause would: the job pauses, as asked
+            self.stop_reason = "pause"
+            self.host.say(f"job {self.job}: pause requested; the guard's stop checkpoints for it")
+        elif want:
+            self.ask_stop(want, f"{want} requested, checkpointing at the current step")
         if stop.force:
             self.w.kill_group()
+
+    def ask_stop(self, reason: str, said: str, level: str = "info") -> None:
+        """Ask the worker to stop with a checkpoint at the current step, once, for ``reason``: "pause",
+        "shutdown" (the control pass: the user's request, an alert's, the daemon's stop) or "guard"
+        (a guard's trip on a report). ``finish`` records what the reason calls for."""
+        if self.stop_sent is not None:
+            return
+        self.stop_reason, self.stop_sent = reason, time.monotonic()
+        self.host.say(f"job {self.job}: {said}", level)
+        self.w.send(P.encode(P.Stop()))
 
     def standby(self) -> None:
         """Keep a spare worker (control/standby.py) once a single worker trains (not while it loads:
@@ -565,6 +587,9 @@ class Attempt:
                 L.journal.record_metric(job, m)
                 self.tb.report(m)  # after the journal has it: a view of what is recorded
                 self.trackers.report(m)
+                trip = self.guard.report(m)
+                if trip is not None:
+                    self.ask_stop("guard", trip.said(), "warn")
                 if self.log_due.due(m.step):
                     host.log(
                         f"job {job} step {m.step}/{self.cfg.iters}: loss {_num(m.loss, '.4f')}  lr "
@@ -599,6 +624,9 @@ class Attempt:
     def completed(self, msg: P.Completed) -> None:
         """The leader's completion, journalled in one transaction with what decided it: early stopping's
         reason (``early_stopped``), the head or branch decision, the test split's scores."""
+        # the last reports' alerts before the completion: the job's story in order (an alert after
+        # `completed` read as if the finished job were still being watched)
+        self.health.check(force=True, ending=True)
         L, job, host = self.host.ledger, self.job, self.host
         L.refresh()  # the head as it is now: decided, and recorded with the completion
         j = L.state.jobs[job]
@@ -692,15 +720,25 @@ class Attempt:
     def finish(self, code: int | None) -> None:
         """How the attempt ended, recorded: completed (already), stopped as asked, interrupted, cancelled,
         or crashed. ``code``: the worker's exit status (None for a group's ranks: mlx.launch's children)."""
+        self.health.check(force=True)  # the last reports too
         host, L, j = self.host, self.host.ledger, self.host.ledger.state.jobs[self.job]
         if self.finished == "completed":
             return
         clean = self.first is None and not self.hung and self.all_done() and code in (0, None)
         if self.finished == "stopped" and clean:
+            if self.stop_reason == "guard" and j.requested == "pause":
+                self.stop_reason = "pause"  # asked for after the last control pass: it wins too
+            if self.stop_reason == "guard":
+                event, said = self.guard.outcome(self.stopped_step)
+                L.commit(self.stream, event)
+                return host.say(said, "warn" if isinstance(event, ev.Paused) else "info")
             if self.stop_reason == "pause":
                 L.commit(
                     self.stream,
-                    ev.Paused(job=self.job, reason=f"paused by user at step {self.stopped_step}"),
+                    ev.Paused(
+                        job=self.job,
+                        reason=f"paused by {j.requested_by or 'user'} at step {self.stopped_step}",
+                    ),
                 )
             else:
                 L.commit(
@@ -765,6 +803,13 @@ class Attempt:
             if self.torn_down_s is not None
             else ""
         )
+        what = first.what + torn
+        if (
+            self.guard.on_cuda
+        ):  # a GPU worker died: what the driver logged (NVRM Xid lines) is evidence too
+            xid = system.kernel_xids(since=self.guard.started)
+            if xid:
+                what += ("; " if what else "") + "kernel log: " + " | ".join(xid)
         return Evidence(
             exit_code=code,
             stderr_tail=process.tail(self.w.log_path, since=self.w.log_offset),
@@ -775,7 +820,7 @@ class Attempt:
             vanished=rank is not None and err is None,
             step=self.step,
             loading=self.loading,
-            what=first.what + torn,
+            what=what,
             rank=rank,
             host=(first.host or None) if self.world > 1 else None,
             steps_seen=", ".join(f"rank {r.rank} step {r.step}" for r in _by_rank(self.ranks))

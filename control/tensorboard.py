@@ -27,7 +27,7 @@ from ftctl.adapters.workspace import Workspace
 from ftctl.control.ledger import Ledger
 from ftctl.core.state import JobState
 from ftctl.events.errors import UserError
-from ftctl.events.types import Metrics, ts_epoch
+from ftctl.events.types import READINGS, Metrics, ts_epoch
 
 from .metrics import select_jobs, series
 
@@ -40,6 +40,8 @@ TAGS = {
     "lr": "lr",
     "tokens_per_s": "tokens_per_s",
     "peak_mem_gb": "peak_mem_gb",
+    # the device's readings (adapters/telemetry.py): absent on a device that does not report them
+    **{k: f"device/{k}" for k in READINGS},
 }
 
 
@@ -129,6 +131,7 @@ class Live:
                         "lr": m.lr,
                         "tokens_per_s": m.tokens_per_s,
                         "peak_mem_gb": m.peak_mem_gb,
+                        **{k: getattr(m, k) for k in READINGS},
                     },
                 )
             except Exception as e:  # noqa: BLE001

@@ -22,6 +22,7 @@ from .config_errors import ConfigError
 from .dataset import Features
 
 __all__ = [
+    "Alerts",
     "Config",
     "ConfigError",
     "Consolidation",
@@ -166,6 +167,50 @@ class Timeouts(Struct, kw_only=True, forbid_unknown_fields=True):
     ] = 120.0
 
 
+class Guards(Struct, kw_only=True, forbid_unknown_fields=True):
+    max_temperature_c: Annotated[
+        float,
+        _m(
+            "the GPU's temperature limit (NVML, °C): `ftctl doctor` flags a device above it, and a training "
+            "job checkpoints and pauses (or cools down: cooldown_s) when it runs above it",
+            gt=0,
+        ),
+    ] = 85.0
+    max_memory_pct: Annotated[
+        float,
+        _m(
+            "memory fullness limit (%): `ftctl doctor` flags a GPU fuller than this; the memory guard's "
+            "limit when memory_limit_gb is null (of the machine's RAM; on CUDA also of the GPU's memory)",
+            gt=0,
+            le=100,
+        ),
+    ] = 95.0
+    memory_limit_gb: Annotated[
+        Annotated[float, Meta(gt=0)] | None,
+        _m(
+            "the training worker's memory ceiling in GB (its RSS + swap; on CUDA also MLX's active + cache "
+            "memory); null = max_memory_pct of the memory there is",
+            "a number > 0, or null",
+        ),
+    ] = None
+    memory_horizon_steps: Annotated[
+        int,
+        _m(
+            "when the worker's memory trend reaches the ceiling within this many steps, the job checkpoints "
+            "and continues in a fresh worker (a planned restart, not a crash); 0 = no memory guard",
+            ge=0,
+        ),
+    ] = 50
+    cooldown_s: Annotated[
+        float,
+        _m(
+            "over max_temperature_c: 0 = pause the job (`ftctl resume` continues it); more = wait this many "
+            "seconds, then resume by itself",
+            ge=0,
+        ),
+    ] = 0.0
+
+
 class Consolidation(Struct, kw_only=True, forbid_unknown_fields=True):
     schedule: Annotated[
         Annotated[str, Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")] | None,
@@ -186,6 +231,7 @@ NOTIFY_EVENTS = (
     "consolidated",
     "daemon_started",
     "daemon_stopped",
+    "alert",
 )
 NotifyEvent = Literal[
     "completed",
@@ -196,6 +242,7 @@ NotifyEvent = Literal[
     "consolidated",
     "daemon_started",
     "daemon_stopped",
+    "alert",
 ]
 
 
@@ -225,6 +272,7 @@ class NotifyTarget(Struct, kw_only=True, forbid_unknown_fields=True):
             "paused",
             "consolidated",
             "daemon_stopped",
+            "alert",
         ]
     )
     format: Annotated[
@@ -266,6 +314,57 @@ class MetricsOut(Struct, kw_only=True, forbid_unknown_fields=True):
             "(needs the ftctl[tensorboard] extra); `ftctl export-tb` writes them from the journal at any time"
         ),
     ] = False
+
+
+class Alerts(Struct, kw_only=True, forbid_unknown_fields=True):
+    spike_factor: Annotated[
+        Annotated[float, Meta(gt=1)] | None,
+        _m(
+            "a loss spike: a train loss above this many times the median of the spike_window reports "
+            "before it (at least 3 of them); null = not watched",
+            "a number > 1, or null",
+        ),
+    ] = 3.0
+    spike_window: Annotated[
+        int, _m("reports whose median a train loss is compared with", ge=1, le=1000)
+    ] = 10
+    on_spike: Annotated[
+        Literal["record", "pause"],
+        _m(
+            "what a loss spike does besides being recorded and notified: record (nothing more) or pause "
+            "(the job checkpoints and pauses, as `ftctl pause`; `ftctl resume` continues it)"
+        ),
+    ] = "record"
+    plateau_evals: Annotated[
+        Annotated[int, Meta(ge=1)] | None,
+        _m(
+            "a plateau: this many evaluations in a row without a new best validation loss; null = not "
+            "watched",
+            "an integer >= 1, or null",
+        ),
+    ] = 5
+    plateau_min_delta: Annotated[
+        float, _m("how much lower than the best a validation loss must be to count as one", ge=0)
+    ] = 0.0
+    throughput_factor: Annotated[
+        Annotated[float, Meta(gt=1)] | None,
+        _m(
+            "a throughput drop: throughput_reports reports in a row under 1/this of the median tokens/s "
+            "of the throughput_window reports before them (thermal throttling, swapping); null = not "
+            "watched",
+            "a number > 1, or null",
+        ),
+    ] = 2.0
+    throughput_window: Annotated[
+        int, _m("reports whose median tokens/s a report is compared with", ge=1, le=1000)
+    ] = 10
+    throughput_reports: Annotated[
+        int,
+        _m(
+            "reports in a row that must be slow before it is a drop (one slow report is noise)",
+            ge=1,
+        ),
+    ] = 3
 
 
 class Distributed(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -605,6 +704,9 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     timeouts: Annotated[Timeouts, _m("hang detection and stop timeouts")] = field(
         default_factory=Timeouts
     )
+    guards: Annotated[
+        Guards, _m("device thresholds and the guards that act on them (docs/hardware.md)")
+    ] = field(default_factory=Guards)
     min_free_disk_gb: Annotated[
         float,
         _m(
@@ -650,6 +752,13 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     metrics: Annotated[MetricsOut, _m("where training metrics go besides the journal")] = field(
         default_factory=MetricsOut
     )
+    alerts: Annotated[
+        Alerts,
+        _m(
+            "training-health alerts the daemon records from the job's curves (loss spike, plateau, "
+            "throughput drop): an event, a notification, optionally a pause (docs/config.md, alerts)"
+        ),
+    ] = field(default_factory=Alerts)
     distributed: Annotated[
         Distributed | None,
         _m(

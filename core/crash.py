@@ -68,6 +68,22 @@ SUGGESTIONS = {
     "exceeded, mlx-lm #1185): a leak that grows with the steps a worker has run, not an out-of-memory; "
     "it recurs after the same number of steps, so a restart only helps if a checkpoint lands before "
     "it: lower save_every (below the steps a worker lasts), update mlx and mlx-lm, then `ftctl resume JOB`",
+    "cuda_oom": "the GPU ran out of memory (MLX's CUDA allocator could not allocate): lower batch_size or "
+    "max_seq_length, set grad_checkpoint: true, lower lora_parameters.rank or num_layers; and look with "
+    "nvidia-smi for other processes holding GPU memory (a dead trainer's memory is freed with its process: "
+    "ftctl's workers are processes of their own). Retried once; again with no checkpoint since, it pauses",
+    "cuda_error": "a CUDA call failed (an illegal memory access, a launch failure, a cuBLAS/cuDNN error): "
+    "often an MLX CUDA-backend bug or a driver problem, sometimes a GPU fault (look for NVRM Xid lines: "
+    "`sudo dmesg | grep Xid`). Update mlx (pip install -U 'ftctl[cuda]'); the job restarts in a fresh "
+    "process once, and pauses if it fails again with no checkpoint since",
+    "gpu_lost": "the GPU failed or was reset under the worker (an NVIDIA Xid: a driver reset, an uncorrectable "
+    "ECC error, the GPU fell off the bus): no restart on this GPU can help until it is fixed. Check `sudo dmesg "
+    "| grep Xid` and nvidia-smi; reset the GPU (sudo nvidia-smi -r) or reboot; if it recurs, check power, "
+    "cooling and seating, and the vendor's support. Then `ftctl resume JOB`",
+    "gpu_unavailable": "the worker found no usable CUDA GPU (no device, a driver too old for MLX's CUDA "
+    "libraries, the GPU busy in exclusive mode): a restart would fail the same way. Check nvidia-smi, the "
+    "driver (CUDA 12.9 needs driver 575 or newer; docs/hardware.md) and CUDA_VISIBLE_DEVICES, then "
+    "`ftctl resume JOB`",
 }
 
 # Suggestions that end by saying where the job resumes: `suggestion` names the step instead.
@@ -108,11 +124,11 @@ NOT_RETRYABLE = frozenset({"nan", "inf", "import_error"})
 # Crashes that are not the job's fault and do not use up its restart budget.
 NOT_COUNTED = frozenset({"daemon_died"})
 # Crashes that wait for the user to fix the machine rather than failing the job.
-PAUSE_ON = frozenset({"disk_full", "load_error"})
+PAUSE_ON = frozenset({"disk_full", "load_error", "gpu_lost", "gpu_unavailable"})
 # Crashes that are retried only when the restart made progress: a restart resumes from the last
 # checkpoint, and if none was committed since the previous crash of the kind, it would only meet
 # the same wall at the same step again. Then the job pauses with the fix instead.
-ONLY_WITH_PROGRESS = frozenset({"metal_watchdog", "descriptor_leak"})
+ONLY_WITH_PROGRESS = frozenset({"metal_watchdog", "descriptor_leak", "cuda_oom", "cuda_error"})
 SAME_STEP_LIMIT = 3
 
 _MLX_OOM = (
@@ -132,6 +148,84 @@ _METAL_WATCHDOG = (
     "GPU Timeout Error",
 )
 _DESCRIPTOR_LEAK = re.compile(r"Resource limit \(\d+\) exceeded")
+# NVIDIA GPUs through MLX's CUDA backend (mlx/backend/cuda): its allocator says "[malloc_async] Unable to
+# allocate N bytes." when cudaMallocAsync/Managed runs out, and CHECK_CUDA_ERROR throws "<call> failed:
+# <cudaGetErrorString>", e.g. "cudaStreamSynchronize(stream) failed: an illegal memory access was
+# encountered"; the runtime's, the driver's and cuBLAS/cuDNN's error names; the kernel's NVRM Xid lines.
+_CUDA_OOM = (
+    "[malloc_async] Unable to allocate",
+    "cudaErrorMemoryAllocation",
+    "CUDA_ERROR_OUT_OF_MEMORY",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+)
+_CUDA_CALL_FAILED = re.compile(r"\bcu[A-Za-z]*\(.*\) failed: (.*)|\bcudaMalloc\w* failed: (.*)")
+_GPU_LOST = (
+    "GPU has fallen off the bus",
+    "NVRM: Xid",
+    "uncorrectable ECC error encountered",
+    "cudaErrorECCUncorrectable",
+    "CUDA_ERROR_ECC_UNCORRECTABLE",
+)
+_GPU_UNAVAILABLE = (
+    "no CUDA-capable device is detected",
+    "cudaErrorNoDevice",
+    "CUDA driver version is insufficient for CUDA runtime version",
+    "cudaErrorInsufficientDriver",
+    "CUDA_ERROR_NO_DEVICE",
+    "busy or unavailable",  # cudaErrorDevicesUnavailable: exclusive-process mode, another process has it
+    "cudaErrorDevicesUnavailable",
+)
+_CUDA_ERROR = (
+    "an illegal memory access was encountered",
+    "cudaErrorIllegalAddress",
+    "unspecified launch failure",
+    "cudaErrorLaunchFailure",
+    "CUDA_ERROR_",
+    "CUBLAS_STATUS_",
+    "CUDNN_STATUS_",
+)
+# What NVIDIA's Xid catalog says of the Xids a training run meets most (docs.nvidia.com/deploy/xid-errors)
+XIDS = {
+    13: "graphics engine exception (an application or driver error)",
+    31: "GPU memory page fault (an illegal address: an application or driver error)",
+    43: "GPU stopped processing (a user application fault)",
+    45: "preemptive cleanup after an earlier error",
+    48: "double-bit ECC error (uncorrectable memory error: reset the GPU)",
+    61: "internal micro-controller breakpoint/warning",
+    62: "internal micro-controller halt",
+    63: "ECC page retirement or row remapping recorded (reset the GPU to apply it)",
+    64: "ECC page retirement or row remapping failed",
+    74: "NVLink error",
+    79: "GPU has fallen off the bus (power, cooling or PCIe seating: reboot)",
+    92: "high single-bit ECC error rate",
+    94: "contained ECC error (the affected application was stopped: restart it)",
+    95: "uncontained ECC error (reset the GPU)",
+    119: "GSP RPC timeout (reset the GPU or reboot)",
+    120: "GSP error (reset the GPU or reboot)",
+}
+_XID = re.compile(r"Xid \((?:PCI:)?[^)]*\):? ?(\d+)")
+
+
+def cuda_kind(text: str) -> str | None:
+    """The CUDA category of a worker's words, or None when they are not a CUDA failure."""
+    if any(m in text for m in _GPU_LOST):
+        return "gpu_lost"
+    if any(m in text for m in _GPU_UNAVAILABLE):
+        return "gpu_unavailable"
+    failed = _CUDA_CALL_FAILED.search(text)
+    said = (failed.group(1) or failed.group(2) or "") if failed else ""
+    if any(m in text for m in _CUDA_OOM) or said.startswith("out of memory"):
+        return "cuda_oom"
+    if failed or any(m in text for m in _CUDA_ERROR):
+        return "cuda_error"
+    return None
+
+
+def xids(text: str) -> str:
+    """The Xids in kernel log lines (NVRM: Xid (PCI:0000:3b:00): 79, ...) and what each means."""
+    seen = list(dict.fromkeys(int(n) for n in _XID.findall(text)))
+    return "; ".join(f"Xid {n}: {XIDS.get(n, 'see NVIDIA Xid catalog')}" for n in seen)
 
 
 @dataclass(frozen=True)
@@ -163,6 +257,11 @@ def classify(e: Evidence) -> str:
     if e.hung:
         return "hang"
     tail = e.stderr_tail
+    if e.reported in (None, "exception", "load_error"):
+        # a CUDA error is a Python exception (MLX throws), or an abort; also while loading
+        cuda = cuda_kind(f"{e.message}\n{tail}\n{e.what}")
+        if cuda is not None:
+            return cuda
     if e.reported in (
         None,
         "exception",
@@ -312,15 +411,21 @@ def after_crash(
 
 
 def follow_up(
-    job: str, decision: Decision, requested: str | None, category: str, now: float
+    job: str,
+    decision: Decision,
+    requested: str | None,
+    category: str,
+    now: float,
+    by: str = "user",
 ) -> ev.EventBase:
-    """The event that moves a crashed job on. A user's pending pause or cancel wins. ``JOB`` in a
-    reason (the suggestions say `ftctl resume JOB`) becomes the job's id."""
+    """The event that moves a crashed job on. A pending pause or cancel wins (``by``: who asked, the
+    user or a loss-spike alert). ``JOB`` in a reason (the suggestions say `ftctl resume JOB`) becomes
+    the job's id."""
     decision = Decision(decision.action, decision.reason.replace("JOB", job), decision.delay_s)
     if requested == "cancel":
         return ev.Cancelled(job=job, reason=f"cancelled by user (after a {category} crash)")
     if requested == "pause":
-        return ev.Paused(job=job, reason=f"paused by user (after a {category} crash)")
+        return ev.Paused(job=job, reason=f"paused by {by} (after a {category} crash)")
     if decision.action == "requeue":
         return ev.Requeued(job=job, reason=decision.reason, not_before=now + decision.delay_s)
     if decision.action == "pause":
@@ -368,7 +473,7 @@ def decide(
         fix=e.fix,
     )
     requested = j.requested or ("pause" if e.stop_reason == "pause" else None)
-    follow = follow_up(j.job, dec, requested, category, now)
+    follow = follow_up(j.job, dec, requested, category, now, j.requested_by or "user")
     good = j.good_checkpoints()
     crashed = ev.Crashed(
         job=j.job,
@@ -377,7 +482,12 @@ def decide(
         exit_code=e.exit_code,
         signal=sig,
         evidence=evidence_text(e),
-        suggestion=_advice(category, good[-1].step if good else None, follow, detail, j.job, e.fix),
+        suggestion=_advice(category, good[-1].step if good else None, follow, detail, j.job, e.fix)
+        + (
+            f" ({x})"
+            if category == "gpu_lost" and (x := xids(f"{e.stderr_tail}\n{e.what}"))
+            else ""
+        ),
         message=detail,
         rank=e.rank,
         host=e.host,

@@ -45,6 +45,8 @@ JOB_TRANSITIONS = [
     {"trigger": "crash", "source": ["training", "checkpointing"], "dest": "crashed"},
     {"trigger": "requeue", "source": "crashed", "dest": "queued"},
     {"trigger": "interrupt", "source": ["training", "checkpointing"], "dest": "queued"},
+    # a guard's checkpoint-and-continue in a fresh worker (restart_planned): queued again, not crashed
+    {"trigger": "plan_restart", "source": ["training", "checkpointing"], "dest": "queued"},
     {"trigger": "fail", "source": ["crashed", "queued"], "dest": "failed"},
     {
         "trigger": "pause",
@@ -76,6 +78,7 @@ FACTS = {
     "checkpoint_corrupt": _ANY_JOB,
     "checkpoint_discarded": _ANY_JOB,
     "crash_reproduced": _ANY_JOB,
+    "training_alert": _ANY_JOB,  # read from the journal a little after the fact: the job may have moved on
     "model_removed": frozenset(LINEAGE_STATES),
     "consolidation_requested": frozenset({"idle"}),
     "head_set": frozenset({"idle"}),

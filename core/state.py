@@ -19,7 +19,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, command, next_state
 
-SNAPSHOT_FORMAT = 18  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 19  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(UserError):
@@ -43,6 +43,18 @@ class CrashRecord(msgspec.Struct, kw_only=True, gc=False):
     rank: int | None = None  # a data-parallel job: the rank that failed first, and its host
     host: str | None = None
     loading: bool = False  # before its attempt's first step: not a crash at ``step``
+
+
+class AlertRecord(msgspec.Struct, kw_only=True, gc=False):
+    """A training_alert, as the job keeps it (the event has the evidence in full)."""
+
+    ts: str
+    seq: int
+    kind: str
+    step: int
+    global_step: int
+    text: str
+    action: str = "recorded"
 
 
 class JobState(msgspec.Struct, kw_only=True):
@@ -85,6 +97,11 @@ class JobState(msgspec.Struct, kw_only=True):
     corrupt: dict[str, str] = {}  # checkpoint path -> why it failed verification
     last_val_loss: float | None = None
     best_val_loss: float | None = None
+    last_val_step: int | None = None  # the steps of those two evaluations
+    best_val_step: int | None = None
+    started_at: str = ""  # when its first attempt started
+    ended_at: str = ""  # when it completed, failed or was cancelled ("" while it is not over)
+    resumes: int = 0  # attempts that resumed from a checkpoint
     adapter_path: str | None = None
     adapter_sha256: str | None = None
     # the checkpoint the adapter was published from (config `result`), its step and validation loss
@@ -102,7 +119,12 @@ class JobState(msgspec.Struct, kw_only=True):
     # crashes[budget_from:] count against the restart budget (`ftctl retry` resets it)
     budget_from: int = 0
     not_before: float = 0.0
+    planned_restarts: int = (
+        0  # restart_planned events: a guard's checkpoint-and-continue, not crashes
+    )
     requested: str | None = None  # a pending user request for a running job: "pause" | "cancel"
+    requested_by: str = ""  # who asked, when not the user (control_requested.by)
+    alerts: list[AlertRecord] = []  # training_alert events, oldest first
     env: dict[str, str] = {}  # the latest attempt's environment fingerprint (training_started.env)
     # resumed under another fingerprint: not bit-exact with the earlier attempts
     env_changed: list[str] = []
@@ -257,7 +279,9 @@ def _started(p, j: JobState, e: ev.TrainingStarted, seq: int, ts: str) -> None:
         e.global_step_base,
         e.base_model,
     )
-    j.parent_job, j.requested = e.parent_job, None
+    j.parent_job, j.requested, j.requested_by = e.parent_job, None, ""
+    j.started_at, j.ended_at = j.started_at or ts, ""
+    j.resumes += e.resume_checkpoint is not None
     # where the attempt starts on the lineage's axis: a warm start's base before its first checkpoint
     # (not 0), the checkpoint's global step on a resume
     j.global_step = e.global_step_base + j.step
@@ -305,9 +329,9 @@ def _corrupt(p, j: JobState, e: ev.CheckpointCorrupt, seq: int, ts: str) -> None
 
 
 def _evaluated(p, j: JobState, e: ev.Evaluated, seq: int, ts: str) -> None:
-    j.last_val_loss = e.val_loss
+    j.last_val_loss, j.last_val_step = e.val_loss, e.step
     if e.val_loss is not None and (j.best_val_loss is None or e.val_loss < j.best_val_loss):
-        j.best_val_loss = e.val_loss
+        j.best_val_loss, j.best_val_step = e.val_loss, e.step
 
 
 def _early_stopped(p, j: JobState, e: ev.EarlyStopped, seq: int, ts: str) -> None:
@@ -320,6 +344,7 @@ def _adapter_evaluated(p, j: JobState, e: ev.AdapterEvaluated, seq: int, ts: str
 
 def _completed(p: Projection, j: JobState, e: ev.Completed, seq: int, ts: str) -> None:
     j.step, j.global_step, j.worker, j.requested, j.reason = e.step, e.global_step, None, None, ""
+    j.requested_by, j.ended_at = "", ts
     j.adapter_path, j.adapter_sha256 = e.adapter_path, e.adapter_sha256
     j.result, j.result_checkpoint = e.result or "last", e.checkpoint
     j.result_step = e.result_step if e.result else e.step
@@ -376,10 +401,18 @@ def _interrupted(p, j: JobState, e: ev.Interrupted, seq: int, ts: str) -> None:
     j.worker, j.reason, j.not_before = None, e.reason, 0.0
 
 
+def _restart_planned(p, j: JobState, e: ev.RestartPlanned, seq: int, ts: str) -> None:
+    j.worker, j.not_before = None, e.not_before
+    j.reason = f"planned restart ({e.guard} guard) at step {e.step}: {e.evidence}"
+    j.planned_restarts += 1
+
+
 def _reason(p, j: JobState, e, seq: int, ts: str) -> None:
     j.reason = e.reason
     if j.state in TERMINAL or j.state == "paused":
-        j.worker, j.requested = None, None
+        j.worker, j.requested, j.requested_by = None, None, ""
+    if j.state in TERMINAL:
+        j.ended_at = ts
 
 
 def _resumed(p, j: JobState, e, seq: int, ts: str) -> None:
@@ -400,7 +433,22 @@ def _ranks_reported(p, j: JobState, e: ev.RanksReported, seq: int, ts: str) -> N
 
 
 def _control(p, j: JobState, e: ev.ControlRequested, seq: int, ts: str) -> None:
-    j.requested = e.action
+    j.requested, j.requested_by = e.action, e.by
+
+
+def _alert(p, j: JobState, e: ev.TrainingAlert, seq: int, ts: str) -> None:
+    j.alerts = [
+        *j.alerts,
+        AlertRecord(
+            ts=ts,
+            seq=seq,
+            kind=e.alert,
+            step=e.step,
+            global_step=e.global_step,
+            text=e.text,
+            action=e.action,
+        ),
+    ]
 
 
 def _daemon_started(p: Projection, e: ev.DaemonStarted, seq: int, ts: str) -> None:
@@ -490,12 +538,14 @@ JOB_HANDLERS = {
     ev.CrashReproduced: _reproduced,
     ev.Requeued: _requeued,
     ev.Interrupted: _interrupted,
+    ev.RestartPlanned: _restart_planned,
     ev.Failed: _reason,
     ev.Paused: _reason,
     ev.Resumed: _resumed,
     ev.Retried: _retried,
     ev.Cancelled: _reason,
     ev.ControlRequested: _control,
+    ev.TrainingAlert: _alert,
     ev.RanksReported: _ranks_reported,
 }
 DAEMON_HANDLERS = {

@@ -27,6 +27,7 @@ import msgspec
 from .errors import UserError
 from .types import (
     EVENT_TYPES,
+    READINGS,
     ROOT_TAGS,
     TS_FORMAT,
     DecodeError,
@@ -41,6 +42,9 @@ from .types import (
 )
 
 _METRIC_FIELDS = Metrics.__struct_fields__
+# metrics columns added after the first schema: a journal made before them gets them when opened for
+# writing (ALTER TABLE ... ADD COLUMN: instant, old rows read NULL); a read-only view reads NULL.
+_ADDED_METRICS = {"device": "TEXT", **dict.fromkeys(READINGS, "FLOAT")}
 
 APPLICATION_ID = 0x66746374  # "ftct"
 SCHEMA_VERSION = 1
@@ -313,11 +317,20 @@ def _unpack(body: bytes) -> bytes:
 class Journal:
     """Append and read events. One instance per process; not shared across threads."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path):
+    def __init__(self, conn: sqlite3.Connection, path: Path, writable: bool = True):
         self.conn = conn
         self.path = path
         self._root: str | None | bool = False  # False: not looked for yet
         self.readonly: StorageError | None = None  # opened read-only: the storage refuses writes
+        have = {r[1] for r in conn.execute("PRAGMA table_info(metrics)")}
+        missing = [k for k in _ADDED_METRICS if have and k not in have]
+        if missing and writable:
+            with conn:
+                for k in missing:
+                    conn.execute(f"ALTER TABLE metrics ADD COLUMN {k} {_ADDED_METRICS[k]}")
+            missing = []
+        # the SELECT list of every metrics read: NULL for a column an old read-only journal lacks
+        self._mcols = ", ".join(f"NULL AS {f}" if f in missing else f for f in _METRIC_FIELDS)
 
     # ------------------------------------------------------------------ workspace paths
     @property
@@ -388,6 +401,7 @@ class Journal:
                 "tokens_per_s": float,
                 "peak_mem_gb": float,
                 "trained_tokens": int,
+                **{k: str if t == "TEXT" else float for k, t in _ADDED_METRICS.items()},
             },
             pk="id",
         )
@@ -487,7 +501,7 @@ class Journal:
                 f"{path}: the journal lacks tables {sorted(missing)}. Nothing was changed; it was "
                 "not made by `ftctl init`."
             )
-        j = cls(conn, path)
+        j = cls(conn, path, writable=False)
         j.readonly = problem
         return j
 
@@ -771,7 +785,7 @@ class Journal:
     def last_metrics(self) -> dict[str, dict]:
         """The latest report of every job: {job: {"job", "step", "global_step", "loss", …, "ts"}}."""
         rows = self.conn.execute(
-            f"SELECT job, {', '.join(_METRIC_FIELDS)}, ts FROM metrics WHERE id IN (SELECT max(id) "
+            f"SELECT job, {self._mcols}, ts FROM metrics WHERE id IN (SELECT max(id) "
             "FROM metrics GROUP BY job)"
         )
         return {r[0]: dict(zip(("job", *_METRIC_FIELDS, "ts"), r)) for r in rows}
@@ -779,7 +793,7 @@ class Journal:
     def recent_metrics(self, job: str, since_ts: str = "", limit: int = 10) -> list[dict]:
         """The job's last ``limit`` reports recorded at or after ``since_ts``, oldest first."""
         rows = self.conn.execute(
-            f"SELECT job, {', '.join(_METRIC_FIELDS)}, ts FROM metrics WHERE job = ? AND ts >= ? "
+            f"SELECT job, {self._mcols}, ts FROM metrics WHERE job = ? AND ts >= ? "
             "ORDER BY id DESC LIMIT ?",
             (job, since_ts, limit),
         )
@@ -787,11 +801,35 @@ class Journal:
 
     def metric_rows(self, job: str, after_id: int = 0) -> list[tuple]:
         """Every report of the job with an id above ``after_id``, in the order recorded:
-        (id, ts, step, global_step, loss, lr, tokens_per_s, peak_mem_gb, trained_tokens)."""
+        (id, ts, step, global_step, loss, lr, tokens_per_s, peak_mem_gb, trained_tokens, device, and
+        the device readings: Metrics' fields in order)."""
         return self.conn.execute(
-            f"SELECT id, ts, {', '.join(_METRIC_FIELDS)} FROM metrics WHERE job = ? AND id > ? ORDER BY id",
+            f"SELECT id, ts, {self._mcols} FROM metrics WHERE job = ? AND id > ? ORDER BY id",
             (job, after_id),
         ).fetchall()
+
+    def metric_summary(self, jobs: Sequence[str]) -> dict[str, dict]:
+        """Per job, its reports in aggregate, computed by SQLite (no row comes to Python): how many,
+        mean tokens/s, peak memory, and the last report's step and loss (`ftctl compare`)."""
+        out: dict[str, dict] = {}
+        for k in range(0, len(jobs), 500):  # SQLite takes at most 999 parameters
+            part = list(jobs[k : k + 500])
+            marks = ", ".join("?" * len(part))
+            rows = self.conn.execute(
+                "SELECT m.job, a.n, a.tps, a.mem, m.step, m.loss FROM (SELECT job, count(*) AS n, "
+                "avg(tokens_per_s) AS tps, max(peak_mem_gb) AS mem, max(id) AS last FROM metrics "
+                f"WHERE job IN ({marks}) GROUP BY job) AS a JOIN metrics AS m ON m.id = a.last",
+                part,
+            )
+            for job, n, tps, mem, step, loss in rows:
+                out[job] = {
+                    "reports": n,
+                    "tokens_per_s": tps,
+                    "peak_mem_gb": mem,
+                    "last_step": step,
+                    "last_loss": loss,
+                }
+        return out
 
     def last_metric_id(self) -> int:
         return self.conn.execute("SELECT coalesce(max(id), 0) FROM metrics").fetchone()[0]

@@ -134,6 +134,35 @@ class Metrics(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     tokens_per_s: float | None
     peak_mem_gb: float | None
     trained_tokens: int
+    # The device and its readings at the report (adapters/telemetry.py): None where the device does not
+    # report one (NVML's on CUDA only) or the journal predates them. mem_*: MLX's active and cache
+    # memory; rss/swap: the worker process's; device_*: the GPU's as NVML (or, on a Mac, MLX) reports.
+    device: str | None = (
+        None  # "cuda:0 NVIDIA H100 80GB HBM3", "metal Apple M2 Max", "cpu AMD EPYC"
+    )
+    mem_active_gb: float | None = None
+    mem_cache_gb: float | None = None
+    rss_gb: float | None = None
+    swap_gb: float | None = None
+    device_mem_used_gb: float | None = None
+    device_mem_total_gb: float | None = None
+    device_util_pct: float | None = None
+    device_temp_c: float | None = None
+    device_power_w: float | None = None
+
+
+# the device readings a report carries (Metrics' fields of these names), in the order tables show them
+READINGS = (
+    "mem_active_gb",
+    "mem_cache_gb",
+    "rss_gb",
+    "swap_gb",
+    "device_mem_used_gb",
+    "device_mem_total_gb",
+    "device_util_pct",
+    "device_temp_c",
+    "device_power_w",
+)
 
 
 class CheckpointCommittedV1(EventBase, tag="checkpoint_committed", kw_only=True):
@@ -324,6 +353,21 @@ class Interrupted(EventBase, tag="interrupted", kw_only=True):
     reason: str
 
 
+class RestartPlanned(EventBase, tag="restart_planned", kw_only=True):
+    """A guard stopped the worker before the OS or the hardware would: it checkpointed at ``step`` and the
+    job continues in a fresh worker process (at ``not_before``: a cool-down), from that checkpoint, bit for
+    bit. Not a crash: nothing was lost, and the restart budget is not used. ``guard``: memory (the
+    worker's memory trend would reach guards.memory_limit_gb) or temperature (the GPU above
+    guards.max_temperature_c, guards.cooldown_s > 0); ``evidence``: the readings that decided it."""
+
+    trigger: ClassVar[str] = "plan_restart"
+    job: str
+    step: int
+    guard: str
+    evidence: str
+    not_before: float = 0.0
+
+
 class Failed(EventBase, tag="failed", kw_only=True):
     trigger: ClassVar[str] = "fail"
     job: str
@@ -377,6 +421,26 @@ class ControlRequested(EventBase, tag="control_requested", kw_only=True):
     """A user asked a running job to pause or cancel; the daemon acts on it."""
 
     job: str
+    action: str
+    by: str = (
+        ""  # who asked, when not the user: "the loss-spike alert at step 23" (alerts.on_spike)
+    )
+
+
+class TrainingAlert(EventBase, tag="training_alert", kw_only=True):
+    """The daemon's training-health watch (control/watch.py, core/health.py) saw in the journal's curves
+    what a person watching them would: a loss spike, a validation plateau, a throughput drop. Recorded
+    after the metrics it read, never on the training path; ``text`` is the evidence in one line."""
+
+    job: str
+    alert: str  # "loss_spike" | "plateau" | "throughput_drop"
+    step: int  # the report (or evaluation) that fired it
+    global_step: int
+    value: float | None  # its train loss / the last val loss / its tokens/s
+    baseline: float  # the median it was compared with / the best val loss / the median tokens/s
+    compared: list[int]  # the steps of the points it was compared with
+    text: str
+    # "recorded", or "pause" (alerts.on_spike: pause asked the job to pause)
     action: str
 
 
@@ -522,12 +586,14 @@ Event = Union[
     CrashReproduced,
     Requeued,
     Interrupted,
+    RestartPlanned,
     Failed,
     Paused,
     Resumed,
     Retried,
     Cancelled,
     ControlRequested,
+    TrainingAlert,
     RanksReported,
     DaemonStartedV1,
     DaemonStarted,

@@ -53,7 +53,13 @@ def ftctl(
     return p
 
 
-FAULT_VARS = ("FTCTL_CRASH_AT", "FTCTL_HANG_AT", "FTCTL_STUCK_AT", "FTCTL_FS_FAULT")
+FAULT_VARS = (
+    "FTCTL_CRASH_AT",
+    "FTCTL_HANG_AT",
+    "FTCTL_STUCK_AT",
+    "FTCTL_FS_FAULT",
+    "FTCTL_FAKE_TELEMETRY",
+)
 
 
 def daemon(home: Path, *args: str, env: dict | None = None) -> subprocess.Popen:

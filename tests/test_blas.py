@@ -54,7 +54,9 @@ def test_reference_is_mlx_cpus_bundled_blas_and_needs_no_environment():
     ref = blas.choose("reference")
     assert ref.env == {} and ref.kind in ("reference", "platform")
     fp = blas.fingerprint(ref)
-    assert set(fp) == {"mlx", "mlx_lm", "blas", "blas_threads", "platform"}
+    assert set(fp) == {"mlx", "mlx_lm", "blas", "blas_threads", "platform", "backend", "device"}
+    # the device the worker trains on, as MLX says with the worker's environment
+    assert fp["backend"] in ("cpu", "metal", "cuda") and fp["device"].startswith(fp["backend"])
     if LINUX:
         assert "libblas" in ref.library and fp["blas"].startswith("reference ")
 

@@ -124,7 +124,16 @@ from ftctl.events.types import TS_FORMAT  # noqa: E402
 NOW = 1_900_000_000.0
 DONE_TO_IT = ["killed", "oom", "hang", "daemon_died", "io_error", "corrupt_checkpoint"]
 ALL = sorted(
-    {*DONE_TO_IT, *AT_STEP, *NOT_RETRYABLE, *PAUSE_ON, "metal_watchdog", "descriptor_leak"}
+    {
+        *DONE_TO_IT,
+        *AT_STEP,
+        *NOT_RETRYABLE,
+        *PAUSE_ON,
+        "metal_watchdog",
+        "descriptor_leak",
+        "cuda_oom",
+        "cuda_error",
+    }
 )
 
 
@@ -269,3 +278,103 @@ def test_a_pending_pause_or_cancel_wins(past, category, requested):
     d = decide(_evidence(category, 3), _job([_record(*h) for h in past], requested=requested), NOW)
     assert isinstance(d.follow, ev.Paused if requested == "pause" else ev.Cancelled)
     assert f"by user (after a {category} crash)" in d.follow.reason
+
+
+# --------------------------------------------------------------------------- NVIDIA GPUs (MLX's CUDA backend)
+# Real texts: MLX's CUDA allocator ("[malloc_async] Unable to allocate N bytes.", mlx/backend/cuda/
+# allocator.cpp) and its CHECK_CUDA_ERROR ("<call> failed: <cudaGetErrorString>", mlx/backend/cuda/utils.cpp,
+# with calls from allocator.cpp), the CUDA runtime's error strings, and the kernel's NVRM Xid lines as NVIDIA
+# documents them (docs.nvidia.com/deploy/xid-errors; dynamic page retirement).
+
+from ftctl.core.crash import XIDS, cuda_kind, xids  # noqa: E402
+
+CUDA_TEXTS = {
+    "cuda_oom": [
+        "RuntimeError: [malloc_async] Unable to allocate 4294967296 bytes.",
+        "RuntimeError: cudaMallocManaged(&data_, small_pool_size) failed: out of memory",
+        "RuntimeError: cudaMallocManaged failed: out of memory.",
+        "cudaErrorMemoryAllocation",
+        "CUBLAS_STATUS_ALLOC_FAILED",
+    ],
+    "cuda_error": [
+        "RuntimeError: cudaFree(buf->data) failed: an illegal memory access was encountered",
+        "RuntimeError: cudaMemcpy(new_data, buf.data, buf.size, cudaMemcpyDefault) failed: "
+        "unspecified launch failure",
+        "RuntimeError: cudaMallocManaged failed: an illegal memory access was encountered.",
+        "CUBLAS_STATUS_EXECUTION_FAILED",
+    ],
+    "gpu_lost": [
+        "NVRM: Xid (PCI:0000:2b:00): 79, GPU has fallen off the bus.",
+        "NVRM: Xid (PCI:0000:10:1c): 63, pid=1896, Row Remapper: New row marked for remapping, reset "
+        "gpu to activate.",
+        "RuntimeError: cudaFree(buf->data) failed: uncorrectable ECC error encountered",
+    ],
+    "gpu_unavailable": [
+        "RuntimeError: cudaMemGetInfo(&free, &total) failed: no CUDA-capable device is detected",
+        "RuntimeError: cudaGetDeviceCount(&device_count) failed: CUDA driver version is insufficient "
+        "for CUDA runtime version",
+        "cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) failed: CUDA-capable device(s) is/are "
+        "busy or unavailable",
+    ],
+}
+
+
+@given(
+    st.sampled_from([(k, t) for k, texts in CUDA_TEXTS.items() for t in texts]),
+    st.sampled_from([None, "exception", "load_error"]),
+    st.sampled_from([1, -signal.SIGABRT, None]),
+    st.booleans(),
+)
+def test_cuda_failures_are_classified_in_the_message_the_log_or_the_account(
+    case, reported, code, in_log
+):
+    category, text = case
+    e = (
+        Evidence(exit_code=code, stderr_tail=f"Traceback ...\n{text}\n", reported=reported)
+        if in_log
+        else Evidence(exit_code=code, message=text, reported=reported)
+    )
+    assert classify(e) == category
+    assert cuda_kind(text) == category
+
+
+def test_metal_and_cpu_texts_are_not_cuda():
+    for text in (WATCHDOG, LEAK, GPU_OOM, "MemoryError", "[malloc] Unable to allocate 100 bytes"):
+        assert cuda_kind(text) is None
+    assert classify(Evidence(exit_code=1, stderr_tail=GPU_OOM, reported="exception")) == "oom"
+
+
+@given(st.sampled_from(["cuda_oom", "cuda_error"]), st.integers(0, 500), st.integers(0, 50))
+def test_cuda_oom_and_errors_are_not_retried_blindly_at_the_same_step(category, r0, gained):
+    first = _crash(category, r0 + 3, r0)
+    assert after_crash([first], time.time(), resume_step=r0, policy=POLICY).action == "requeue"
+    second = _crash(category, r0 + gained + 3, r0 + gained)
+    d = after_crash([first, second], time.time(), resume_step=r0 + gained, policy=POLICY)
+    assert d.action == ("requeue" if gained else "pause"), d
+    if not gained:
+        assert "not retried blindly" in d.reason and SUGGESTIONS[category][:30] in d.reason
+
+
+def test_a_lost_gpu_pauses_at_once_with_what_its_xids_mean():
+    kernel = (
+        "kernel log: [ 8123.1] NVRM: Xid (PCI:0000:2b:00): 79, GPU has fallen off the bus. | "
+        "[ 8123.2] NVRM: Xid (PCI:0000:2b:00): 45, pid=5012, Ch 00000010"
+    )
+    e = Evidence(
+        exit_code=1,
+        reported="exception",
+        message="RuntimeError: cudaStreamSynchronize(stream) failed: unspecified launch failure",
+        what=kernel,
+        step=7,
+        log_path="l",
+    )
+    d = decide(e, _job([]), NOW)
+    assert d.category == "gpu_lost" and isinstance(d.follow, ev.Paused)
+    assert "sudo nvidia-smi -r" in d.follow.reason and "ftctl resume 0007" in d.follow.reason
+    s = d.crashed.suggestion
+    assert f"Xid 79: {XIDS[79]}" in s and f"Xid 45: {XIDS[45]}" in s
+    assert (
+        xids("NVRM: Xid (PCI:0000:3b:00): 48, An uncorrectable double bit error")
+        == f"Xid 48: {XIDS[48]}"
+    )
+    assert xids("nothing here") == ""

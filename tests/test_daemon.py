@@ -467,7 +467,15 @@ def test_attempts_record_the_environment_fingerprint(baseline):
     want = blas.fingerprint(blas.choose("auto"))
     starts = [e["data"] for e in history(baseline.home) if e["type"] == "training_started"]
     assert starts and all(s["env"] == want for s in starts)
-    assert set(want) == {"mlx", "mlx_lm", "blas", "blas_threads", "platform"}
+    assert set(want) == {
+        "mlx",
+        "mlx_lm",
+        "blas",
+        "blas_threads",
+        "platform",
+        "backend",
+        "device",
+    }
     assert all(not s.get("env_changed") for s in starts)
     assert status(baseline.home, "0001")["env"] == want
 

@@ -133,6 +133,8 @@ def _series_json(s, full: bool) -> dict:
                 "val_loss",
                 "lr",
                 "tokens_per_s",
+                "peak_mem_gb",
+                "trained_tokens",
                 "superseded",
                 "ts",
             )
@@ -173,6 +175,9 @@ def make_app(ws, token: str | None = None, host: str = "127.0.0.1") -> Starlette
 
     async def job_page(request: Request) -> Response:
         return FileResponse(STATIC / "job.html")
+
+    async def compare_page(request: Request) -> Response:
+        return FileResponse(STATIC / "compare.html")
 
     async def api_status(request: Request) -> Response:
         s = viewer.status()
@@ -250,6 +255,16 @@ def make_app(ws, token: str | None = None, host: str = "127.0.0.1") -> Starlette
         except UserError as e:
             return fail(e)
 
+    async def api_compare(request: Request) -> Response:
+        """The runs table: ?jobs=1,2 or ?lineage=NAME (neither: every job); ?all=1 every config key."""
+        q = request.query_params
+        jobs = [x for x in q.get("jobs", "").split(",") if x.strip()]
+        try:
+            c = viewer.compare(jobs, q.get("lineage") or None, all_keys=q.get("all") == "1")
+        except UserError as e:
+            return fail(e)
+        return JSONResponse(c.to_builtins())
+
     async def api_replay(request: Request) -> Response:
         try:
             to = int(request.query_params.get("to", ""))
@@ -286,11 +301,13 @@ def make_app(ws, token: str | None = None, host: str = "127.0.0.1") -> Starlette
     routes = [
         Route("/", index),
         Route("/job/{job}", job_page),
+        Route("/compare", compare_page),
         Route("/api/status", api_status),
         Route("/api/events", api_events),
         Route("/api/jobs/{job}", api_job),
         Route("/api/jobs/{job}/metrics", api_metrics),
         Route("/api/jobs/{job}/replay", api_replay),
+        Route("/api/compare", api_compare),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
 

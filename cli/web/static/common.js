@@ -110,6 +110,7 @@ function statePanel(j) {
   const r = j.last_report;
   if (r) add("last report", "step " + r.step + ": loss " + num(r.loss, 4) + ", lr " + (r.lr === null ? "-" : Number(r.lr).toPrecision(3)) +
     ", " + num(r.tokens_per_s, 0) + " tok/s, peak memory " + mem(r.peak_mem_gb));
+  if (r && deviceLine(r)) add("device", deviceLine(r));
   if (j.last_val_loss !== null || j.best_val_loss !== null) add("val loss", "last " + num(j.last_val_loss, 4) + ", best " + num(j.best_val_loss, 4));
   add("checkpoints", (j.checkpoints || []).map(c => el("li", "step " + c.step + " (global " + c.global_step + ")" +
     (c.val_loss !== null && c.val_loss !== undefined ? " · val " + num(c.val_loss, 4) : "") + " · " + bytes(c.bytes) +
@@ -120,6 +121,7 @@ function statePanel(j) {
   add("validation", j.valid_path, "path");
   add("crashes", (j.crashes || []).map((c, i) => el("li", "#" + (i + 1) + " " + c.category + " at step " + (c.step ?? "-") + " (" + when(c.ts) + "): " +
     c.suggestion + (c.verdict ? " · replay: " + c.verdict : ""))));
+  add("alerts", (j.alerts || []).map(a => el("li", a.kind.replace("_", " ") + " (" + when(a.ts) + "): " + a.text, "warn")));
   add("warnings", j.warnings);
   if (j.env) add("environment", Object.entries(j.env).map(([k, v]) => k + " " + v).join(", "));
   add("environment changed", j.env_changed);
@@ -138,7 +140,7 @@ function statePanel(j) {
 // markers (checkpoint, crash, resume) as ticks on the x axis. The numbers drawn are written into data-*
 // attributes, so a test can compare them with the journal.
 const STEP_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6];  // steps are whole
-const MARK_COLOURS = { checkpoint: "#888", crash: "#c62828", resume: "#2e7d32", completed: "#1f4fa0" };
+const MARK_COLOURS = { checkpoint: "#888", crash: "#c62828", resume: "#2e7d32", completed: "#1f4fa0", alert: "#ef6c00" };
 
 class LossChart {
   constructor(parent, series, opts) {
@@ -194,6 +196,7 @@ class LossChart {
     this.box.dataset.val = String(nVal);
     this.box.dataset.superseded = String(nGone);
     this.box.dataset.markers = String(this.markers.length);
+    this.box.dataset.alerts = String(this.markers.filter(m => m.kind === "alert").length);
     this.box.dataset.lastStep = String(c.global_step.length ? c.global_step[c.global_step.length - 1] : "");
     return this.opts.superseded ? [xs, train, val, gone] : [xs, train, val];
   }
@@ -215,6 +218,11 @@ class LossChart {
         ctx.lineWidth = mk.kind === "checkpoint" ? 1 : 3;
         ctx.beginPath(); ctx.moveTo(x, top); ctx.lineTo(x, top - (mk.kind === "checkpoint" ? 8 : 16) * devicePixelRatio);
         ctx.stroke();
+        if (mk.kind === "alert") {  // a training-health alert: a triangle on top of its tick, as in `ftctl plot`
+          const y = top - 16 * devicePixelRatio, r = 5 * devicePixelRatio;
+          ctx.fillStyle = MARK_COLOURS.alert;
+          ctx.beginPath(); ctx.moveTo(x, y - r); ctx.lineTo(x - r, y + r * 0.6); ctx.lineTo(x + r, y + r * 0.6); ctx.closePath(); ctx.fill();
+        }
       }
     };
     const opts = {
@@ -239,4 +247,21 @@ class LossChart {
       }).observe(this.box);
     }
   }
+}
+
+// The device of a report and its readings in one line, as `ftctl status JOB` shows them (cli/render.py
+// device_line): which device trains, its memory, temperature, utilisation and power where reported.
+function deviceLine(r) {
+  const gpu = [];
+  if (r.device_mem_used_gb != null && r.device_mem_total_gb)
+    gpu.push("memory " + mem(r.device_mem_used_gb) + " / " + mem(r.device_mem_total_gb) + " (" + Math.round(100 * r.device_mem_used_gb / r.device_mem_total_gb) + " %)");
+  if (r.device_temp_c != null) gpu.push(Math.round(r.device_temp_c) + " °C");
+  if (r.device_util_pct != null) gpu.push("util " + Math.round(r.device_util_pct) + " %");
+  if (r.device_power_w != null) gpu.push(Math.round(r.device_power_w) + " W");
+  const parts = [];
+  const head = [r.device || "", ...gpu].join("  ").trim();
+  if (head) parts.push(head);
+  if (r.mem_active_gb != null) parts.push("MLX " + mem(r.mem_active_gb) + " active + " + mem(r.mem_cache_gb || 0) + " cache");
+  if (r.rss_gb != null) parts.push("worker RSS " + mem(r.rss_gb) + (r.swap_gb != null ? ", swap " + mem(r.swap_gb) : ""));
+  return parts.join("  ·  ");
 }

@@ -1,6 +1,7 @@
 // The dashboard: daemon, jobs, one loss chart per job, crashes, history tail; kept live by the event stream.
 "use strict";
 const charts = new Map();   // job -> LossChart
+document.getElementById("compare-link").href = withToken("compare");
 let lastPulse = null;
 
 // A crash's latest replay (`ftctl reproduce`): its verdict, linked to the job page at that event.

@@ -13,6 +13,9 @@ async function showReplay(seq) {
     title.textContent = "state now (journal seq " + j.seq + ")";
     document.getElementById("job-id").textContent = JOB + " " + j.job.name;
     document.title = "ftctl job " + JOB + " " + j.job.name;
+    const cmp = document.getElementById("compare-link");  // the lineage's runs, this one among them
+    cmp.href = withToken("../compare?lineage=" + encodeURIComponent(j.job.lineage));
+    cmp.textContent = "compare with its lineage (" + j.job.lineage + ")";
     body.replaceChildren(statePanel(j.job));
     return;
   }

@@ -1,0 +1,327 @@
+"""`ftctl compare`: jobs side by side from the journal — the differing config keys, the figures."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import run
+from test_view import needs_chromium
+
+from ftctl.core import compare as C
+from ftctl.events import types as T
+
+# --------------------------------------------------------------------------- pure table logic
+
+
+def test_only_the_keys_that_differ_are_differing_columns():
+    a = {"learning_rate": 1e-4, "lora_parameters": {"rank": 8, "scale": 10.0}, "iters": 100}
+    b = {"learning_rate": 2e-4, "lora_parameters": {"rank": 8, "scale": 10.0}, "iters": 100}
+    c = {"learning_rate": 1e-4, "lora_parameters": {"rank": 16, "scale": 10.0}, "iters": 100}
+    assert C.differing([C.flatten(x) for x in (a, b, c)]) == [
+        "learning_rate",
+        "lora_parameters.rank",
+    ]
+    assert C.differing([C.flatten(a)] * 3) == []
+    # a key one job lacks, a list, an int against an equal float: all differences a user would see
+    assert C.differing([{"k": 1}, {}]) == ["k"]
+    assert C.differing([{"k": [1, 2]}, {"k": [1, 3]}]) == ["k"]
+    assert C.differing([{"k": 1}, {"k": 1.0}]) == ["k"]
+
+
+def test_figure_columns_without_any_value_are_left_out():
+    figs = [{"job": "0001", "name": "a", "state": "queued", "best_val_loss": None}]
+    cols, _, rows = C.table(figs, [{"x": 1}])
+    assert cols == ["job", "name", "state"] and rows == [
+        {"job": "0001", "name": "a", "state": "queued"}
+    ]
+    cols, diff, rows = C.table(figs, [{"x": 1}], all_keys=True)
+    assert cols[-1] == "x" and diff == [] and rows[0]["x"] == 1
+
+
+def test_sorting_puts_missing_values_last_both_ways():
+    rows = [{"v": 2.0}, {"v": None}, {"v": 1.0}, {"v": 3}]
+    assert [r["v"] for r in C.sort_rows(rows, "v")] == [1.0, 2.0, 3, None]
+    assert [r["v"] for r in C.sort_rows(rows, "v", reverse=True)] == [3, 2.0, 1.0, None]
+    assert [r["n"] for r in C.sort_rows([{"n": "b"}, {"n": "a"}], "n")] == ["a", "b"]
+
+
+# --------------------------------------------------------------------------- from the journal
+
+RUNS = {  # job -> (--set overrides, evaluations (step, val loss), reports (step, loss, tok/s, GB))
+    "0001": (
+        ["learning_rate=1e-4", "lora_parameters.rank=8"],
+        [(10, 2.5), (20, 2.1), (30, 2.2), (40, 2.3)],
+        [(10, 2.6, 1000.0, 1.5), (20, 2.2, 1200.0, 1.7), (40, 2.0, 1100.0, 1.6)],
+    ),
+    "0002": (
+        ["learning_rate=3e-4", "lora_parameters.rank=8"],
+        [(10, 2.4), (20, 1.9), (30, 1.7), (40, 1.6)],
+        [(10, 2.5, 900.0, 1.4), (40, 1.5, 950.0, 1.4)],
+    ),
+    "0003": (
+        ["learning_rate=1e-4", "lora_parameters.rank=16", "--lineage", "wide"],
+        [(10, 2.6), (20, None), (30, 2.0), (40, 2.05)],
+        [
+            (10, 2.7, 800.0, 2.0),
+            (20, 2.3, 700.0, 2.5),
+            (30, 2.1, 750.0, 2.2),
+            (40, 2.0, 760.0, 2.1),
+        ],
+    ),
+}
+
+
+def _train(ledger, journal, job, evals, reports, crash: bool, planned: bool = False) -> None:
+    """The events a daemon commits for a run, step by step (the journal API, as control/supervise.py
+    does); with ``crash``, the worker dies after step 20 and a second attempt resumes there; with
+    ``planned``, the memory guard restarts it at step 30 (a planned restart, not a crash)."""
+    s = f"job:{job}"
+    device = "cuda:0 NVIDIA RTX 4090" if planned else "cpu x86_64"
+    start = dict(job=job, worker_started_at=1.0, base_model="m", env={"device": device})
+    ledger.commit(s, T.TrainingStarted(attempt=1, worker_pid=1, **start))
+    by_step = {step: r for step, *r in reports}
+    vals = dict(evals)
+    for step in sorted({*by_step, *vals}):
+        if step in by_step:
+            loss, tps, mem = by_step[step]
+            journal.record_metric(
+                job,
+                T.Metrics(
+                    step=step,
+                    global_step=step,
+                    loss=loss,
+                    lr=1e-4,
+                    tokens_per_s=tps,
+                    peak_mem_gb=mem,
+                    trained_tokens=step * 100,
+                ),
+            )
+        if step in vals:
+            ledger.commit(s, T.Evaluated(job=job, step=step, global_step=step, val_loss=vals[step]))
+        if crash and step == 20:
+            ledger.commit(s, T.Crashed(job=job, category="oom", step=step, signal=9))
+            ledger.commit(s, T.Requeued(job=job, reason="crash"))
+            resume = dict(resume_step=20, resume_checkpoint="ck/20")
+            ledger.commit(s, T.TrainingStarted(attempt=2, worker_pid=2, **start, **resume))
+        if planned and step == 30:
+            ledger.commit(
+                s, T.RestartPlanned(job=job, step=30, guard="memory", evidence="grew 100 MB/step")
+            )
+            resume = dict(resume_step=30, resume_checkpoint="ck/30")
+            ledger.commit(s, T.TrainingStarted(attempt=2, worker_pid=3, **start, **resume))
+    ledger.commit(
+        s,
+        T.Completed(
+            job=job,
+            step=40,
+            global_step=40,
+            adapter_path="a",
+            adapter_sha256="e" * 64,
+            checkpoint="c",
+        ),
+    )
+
+
+@pytest.fixture
+def three(ws, tmp_path, capsys):
+    """Three submitted jobs (the real `ftctl submit`) differing in learning rate or rank, and the
+    events of their runs; job 0003 crashed once and resumed."""
+    from ftctl.adapters.workspace import Workspace
+    from ftctl.control.ledger import Ledger
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"example number {i} " * 3}) + "\n" for i in range(20))
+    )
+    for job, (sets, _, _) in RUNS.items():
+        args = [a for s in sets if "=" in s for a in ("--set", s)] + [
+            s for s in sets if "=" not in s
+        ]
+        code, _, err = run(
+            capsys, "submit", data, "--again", "--name", f"run{job}", *args, "--home", ws
+        )
+        assert code == 0, err
+    w = Workspace(ws)
+    ledger = Ledger(w.open_journal())
+    for job, (_, evals, reports) in RUNS.items():
+        _train(
+            ledger, ledger.journal, job, evals, reports, crash=job == "0003", planned=job == "0002"
+        )
+    ledger.close()
+    return ws
+
+
+def _journal_truth(home, job):
+    """Best and final val loss, with their steps, read straight from the journal's evaluated events."""
+    from ftctl.events.journal import Journal
+
+    with Journal.open(home / "journal.db") as j:
+        evals = [r.event for r in j.read(stream=f"job:{job}") if isinstance(r.event, T.Evaluated)]
+    finite = [e for e in evals if e.val_loss is not None]
+    best = min(finite, key=lambda e: e.val_loss)
+    return best.val_loss, best.step, evals[-1].val_loss, evals[-1].step
+
+
+def test_three_jobs_differing_in_learning_rate_and_rank(three, capsys):
+    code, out, err = run(capsys, "compare", "1", "2", "3", "--json", "--home", three)
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["differing"] == ["learning_rate", "lora_parameters.rank"]
+    cfg_cols = [c for c in got["columns"] if c not in C.FIGURES]
+    assert cfg_cols == ["learning_rate", "lora_parameters.rank"]
+    rows = {r["job"]: r for r in got["rows"]}
+    assert [rows[j]["learning_rate"] for j in RUNS] == [1e-4, 3e-4, 1e-4]
+    assert [rows[j]["lora_parameters.rank"] for j in RUNS] == [8, 8, 16]
+    for job, (_, _, reports) in RUNS.items():
+        best, best_step, final, final_step = _journal_truth(three, job)
+        r = rows[job]
+        assert (r["best_val_loss"], r["best_val_step"]) == (best, best_step), job
+        assert (r["final_val_loss"], r["final_val_step"]) == (final, final_step), job
+        assert r["final_loss"] == reports[-1][1] and r["steps"] == 40
+        assert r["peak_mem_gb"] == max(m for *_, m in reports)
+        assert r["tokens_per_s"] == pytest.approx(
+            sum(t for _, _, t, _ in reports) / len(reports), abs=0.05
+        )
+        assert (
+            r["state"] == "completed" and r["data_file"].endswith("d.jsonl") and r["examples"] == 20
+        )
+    assert (rows["0003"]["crashes"], rows["0003"]["resumes"]) == (1, 1)
+    assert (rows["0001"]["crashes"], rows["0001"]["resumes"]) == (0, 0)
+    # the memory guard's restart of 0002 is a resume, not a crash; and it trained on another device
+    assert [rows[j]["planned_restarts"] for j in RUNS] == [0, 1, 0]
+    assert (rows["0002"]["crashes"], rows["0002"]["resumes"]) == (0, 1)
+    assert [rows[j]["device"] for j in RUNS] == [
+        "cpu x86_64",
+        "cuda:0 NVIDIA RTX 4090",
+        "cpu x86_64",
+    ]
+    assert "test_loss" not in got["columns"]  # no job was tested: no empty column
+
+
+def test_all_keys_sorting_csv_and_the_terminal_table(three, capsys):
+    _, out, _ = run(capsys, "compare", "--last", "3", "--all", "--json", "--home", three)
+    got = json.loads(out)
+    assert {"iters", "batch_size", "lora_parameters.scale"} <= set(got["columns"])
+    assert got["differing"] == ["learning_rate", "lora_parameters.rank"]
+    _, out, _ = run(
+        capsys, "compare", "1", "2", "3", "--sort", "best_val_loss", "--csv", "--home", three
+    )
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert [r["job"] for r in table] == ["0002", "0003", "0001"]  # 1.6 < 2.0 < 2.1
+    assert table[0]["learning_rate"] == "0.0003"
+    _, out, _ = run(
+        capsys,
+        "compare",
+        "--lineage",
+        "main",
+        "--sort",
+        "final_loss",
+        "--reverse",
+        "--json",
+        "--home",
+        three,
+    )
+    got = json.loads(out)
+    assert [r["job"] for r in got["rows"]] == ["0001", "0002"]  # 2.0, then 1.5
+    assert got["differing"] == ["learning_rate"]  # the wider rank is in lineage "wide"
+    code, out, _ = run(capsys, "compare", "1", "2", "3", "--home", three)
+    assert code == 0 and "learning_rate" in out and "lora_parameters.rank" in out and "0003" in out
+
+
+def test_wrong_input_is_a_clear_refusal(three, capsys):
+    code, _, err = run(capsys, "compare", "1", "--sort", "nope", "--home", three)
+    assert code == 1 and "no column 'nope'" in err and "best_val_loss" in err
+    code, _, err = run(capsys, "compare", "1", "--last", "2", "--home", three)
+    assert code == 1 and "one of them" in err
+    code, _, err = run(capsys, "compare", "9", "--home", three)
+    assert code == 1 and "no job '9'" in err
+    code, _, err = run(capsys, "compare", "--home", three)
+    assert code == 1 and "at least one job" in err
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def _effective_counts(home, job):
+    """(train points, val points) of the job's effective curve, as `ftctl metrics` counts them."""
+    from helpers import ftctl_json
+
+    c = ftctl_json(home, "metrics", job, "--json")["jobs"][0]["counts"]
+    return c["train"], c["val"]
+
+
+def _box(dom: str, chart_id: str) -> dict[str, str]:
+    m = re.search(
+        rf'<div class="chart"([^>]*)id="{chart_id}"|<div class="chart" id="{chart_id}"([^>]*)>', dom
+    )
+    assert m, f"no chart {chart_id}"
+    return dict(re.findall(r'data-([a-z-]+)="([^"]*)"', m[0]))
+
+
+def test_api_compare_is_the_cli_table(three, capsys):
+    from test_view import Server
+
+    _, out, _ = run(capsys, "compare", "1", "2", "3", "--json", "--home", three)
+    s = Server(three)
+    try:
+        got = s.json("/api/compare?jobs=1,2,3")
+        assert {k: v for k, v in got.items() if k != "rows"} == {
+            k: v for k, v in json.loads(out).items() if k != "rows"
+        }
+        assert [r["job"] for r in s.json("/api/compare")["rows"]] == ["0001", "0002", "0003"]
+        assert [r["job"] for r in s.json("/api/compare?lineage=wide")["rows"]] == ["0003"]
+        code, body = s.get("/api/compare?jobs=9")
+        assert code == 404 and b"no job '9'" in body
+    finally:
+        s.stop()
+
+
+@needs_chromium
+def test_the_compare_view_overlays_one_series_per_selected_run_and_the_url_restores_it(
+    three, tmp_path
+):
+    from test_view import SCREENSHOT, Server, _chromium
+
+    s = Server(three)
+    try:
+        dom = _chromium(s.url("/compare?jobs=1,3"), "--window-size=1400,1600", "--dump-dom")
+        assert 'data-ready="1"' in dom and 'data-selection="0001,0003"' in dom
+        loss = _box(dom, "loss-chart")
+        # one train series and one val series per selected run, nothing of the others
+        assert (loss["jobs"], loss["runs"], loss["series"]) == ("0001,0003", "2", "4")
+        want = " ".join(
+            f"{j}:{'/'.join(map(str, _effective_counts(three, j)))}" for j in ("0001", "0003")
+        )
+        assert loss["counts"] == want  # the points drawn are the journal's effective curves
+        for chart in ("tps-chart", "mem-chart"):  # the system metrics of the same runs below
+            assert _box(dom, chart)["jobs"] == "0001,0003"
+        # the runs table: every job a row, the two selected marked, the key they differ in highlighted
+        assert re.findall(r'<tr data-job="(\d+)"( class="selected")?', dom) == [
+            ("0001", ' class="selected"'),
+            ("0002", ""),
+            ("0003", ' class="selected"'),
+        ]
+        assert 'data-differs="lora_parameters.rank"' in dom  # both have learning rate 1e-4
+        assert '<th class="cfg diff" data-col="lora_parameters.rank"' in dom
+        # another link, another view: a lineage's runs, every one selected, by tokens seen, sorted
+        dom = _chromium(s.url("/compare?lineage=main&x=tokens&sort=best_val_loss"), "--dump-dom")
+        loss = _box(dom, "loss-chart")
+        assert (loss["jobs"], loss["runs"], loss["series"]) == ("0001,0002", "2", "4")
+        assert 'data-differs="learning_rate"' in dom and 'data-sorted="asc"' in dom
+        assert re.findall(r'<tr data-job="(\d+)"', dom) == ["0002", "0001"]  # 1.6 before 2.1
+        # the job page links to its lineage's comparison
+        job = _chromium(s.url("/job/0003"), "--dump-dom")
+        assert 'href="../compare?lineage=wide"' in job
+        shot = tmp_path / "compare.png"
+        _chromium(s.url("/compare?jobs=1,2,3"), "--window-size=1400,1300", f"--screenshot={shot}")
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if SCREENSHOT:
+            shutil.copy(shot, Path(SCREENSHOT).with_name("compare-view.png"))
+    finally:
+        s.stop()
