@@ -562,6 +562,12 @@ def submit(
     report = validate_jsonl(src.train, f)
     vreport = validate_jsonl(src.valid, f) if src.valid is not None else None
     treport = validate_jsonl(src.test, f) if src.test is not None and cfg.test else None
+    if "preference" in (report.format, vreport.format if vreport else None):
+        raise SubmitError(
+            f"{src.path} holds preference pairs (prompt/chosen/rejected), which train with "
+            "train_mode dpo or orpo; this build trains SFT data only (text, completions, chat). "
+            "Nothing was queued"
+        )
     if cfg.test and src.test is None:
         raise SubmitError(
             f"test: true, but {src.path} has no test split: add test.jsonl to the folder (mlx-lm's layout), "
