@@ -53,3 +53,19 @@ def test_pair_metrics_read_margin_and_accuracy_from_the_rewards():
     assert m == pytest.approx(
         {"chosen_reward": 0.5, "rejected_reward": -0.25, "reward_margin": 0.75, "accuracy": 0.75}
     )
+
+
+def test_the_demo_builds_preference_pairs_whose_chosen_answer_is_the_right_result(demo):
+    import json
+
+    from ftctl.core.dataset import validate_jsonl
+
+    for name in ("train", "valid"):
+        data = demo.preference[name].read_bytes()
+        report = validate_jsonl(data)
+        assert report.format == "preference" and report.problems == []
+        for row in map(json.loads, data.splitlines()):
+            a, op, b = row["prompt"].removeprefix("What is ").removesuffix("?").split()
+            right = {"plus": int.__add__, "minus": int.__sub__, "times": int.__mul__}[op]
+            assert int(row["chosen"]) == right(int(a), int(b))
+            assert abs(int(row["rejected"]) - int(row["chosen"])) == 1
