@@ -120,11 +120,18 @@ def _qa_pairs(seed: int) -> list[tuple[str, str]]:
 
 
 def _preference_rows(pairs: list[tuple[str, str]], seed: int) -> list[dict]:
-    """Preference pairs for the demo: the chosen answer is the right result, the rejected one is off
-    by one (the rule a DPO/ORPO run can learn, so accuracy on the validation pairs can rise)."""
+    """Preference pairs for the demo: the chosen answer is the right result alone; the rejected one
+    restates the question, then gives a result off by one. The rule (answer with the result, nothing
+    else) is one the tiny model learns in a few DPO/ORPO steps and that holds on questions it never
+    saw, so accuracy on the validation pairs rises; the arithmetic alone it cannot learn that fast."""
     rng = random.Random(seed + 1)
     return [
-        {"system": SYSTEM, "prompt": q, "chosen": a, "rejected": str(int(a) + rng.choice((-1, 1)))}
+        {
+            "system": SYSTEM,
+            "prompt": q,
+            "chosen": a,
+            "rejected": f"{q} {int(a) + rng.choice((-1, 1))}",
+        }
         for q, a in pairs
     ]
 

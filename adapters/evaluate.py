@@ -71,14 +71,14 @@ def score(
         batches = evaluation_batches(items, batch_size, max_seq_length)
     else:
         batches = validation_batches(items, batch_size, max_seq_length, num_batches)
-    base, tokens = evaluate_loss(model, batches) if batches else (math.nan, 0)
+    base, tokens, _ = evaluate_loss(model, batches) if batches else (math.nan, 0, None)
     if tokens == 0:
         raise ValueError(
             "the data has no token to score (every example is empty, or all prompt with "
             "mask_prompt on, or cut off by max_seq_length)"
         )
     model = load_adapters(model, adapter_path)
-    adapted, _ = evaluate_loss(model, batches)
+    adapted, _, _ = evaluate_loss(model, batches)
     return Scores(
         examples=len(items),
         tokens=int(tokens),

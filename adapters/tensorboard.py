@@ -18,6 +18,13 @@ TAGS = {
     "lr": "lr",
     "tokens_per_s": "tokens_per_s",
     "peak_mem_gb": "peak_mem_gb",
+    # preference training (train_mode dpo, orpo): the report window's and the validation pairs'
+    "accuracy": "preference/accuracy/train",
+    "val_accuracy": "preference/accuracy/val",
+    "reward_margin": "preference/reward_margin/train",
+    "val_reward_margin": "preference/reward_margin/val",
+    "chosen_reward": "preference/chosen_reward",
+    "rejected_reward": "preference/rejected_reward",
 }
 
 

@@ -659,7 +659,7 @@ class ConsoleReporter(Reporter):
                     tps=_fmt(m.tokens_per_s, ".0f"),
                 )
             elif isinstance(msg, P.Evaluated):
-                self.bar.update(self.task, val=_fmt(msg.val_loss, ".4f"))
+                self.bar.update(self.task, val=_fmt(msg.val_loss, ".4f") + _pairs(msg.preference))
             elif isinstance(msg, P.CheckpointWritten):
                 self.bar.update(self.task, ckpt=f"step {msg.checkpoint.step}")
             elif isinstance(msg, P.Completed) and msg.stopped_early:  # done before iters
@@ -672,11 +672,12 @@ class ConsoleReporter(Reporter):
             m = msg.metrics
             self.note(
                 f"job {job} step {m.step}/{self.iters}: loss {_fmt(m.loss, '.4f')}  lr {_fmt(m.lr, '.3g')}  "
-                f"{_fmt(m.tokens_per_s, '.0f')} tok/s  peak {memory(m.peak_mem_gb)}"
+                f"{_fmt(m.tokens_per_s, '.0f')} tok/s  peak {memory(m.peak_mem_gb)}" + _pairs(m)
             )
         elif isinstance(msg, P.Evaluated):
             self.note(
-                f"job {job} step {msg.step}: val loss {_fmt(msg.val_loss, '.4f')}",
+                f"job {job} step {msg.step}: val loss {_fmt(msg.val_loss, '.4f')}"
+                + _pairs(msg.preference),
                 "info" if msg.val_loss is not None else "warn",
             )
 
@@ -684,6 +685,14 @@ class ConsoleReporter(Reporter):
         if self.bar is not None:
             self.bar.stop()
             self.bar = self.task = None
+
+
+def _pairs(m) -> str:
+    """Preference training's figures beside a loss (a report's Metrics or an evaluation's PairStats):
+    accuracy and reward margin; '' for sft."""
+    if m is None or m.accuracy is None and m.reward_margin is None:
+        return ""
+    return f"  acc {_fmt(m.accuracy, '.2f')} margin {_fmt(m.reward_margin, '.3f')}"
 
 
 def _fmt(x: float | None, spec: str) -> str:

@@ -26,6 +26,7 @@ from ftctl.adapters.workspace import Workspace, read_mapping
 from ftctl.core.config import (
     MLX_LM_DEFAULTS,
     MLX_LM_FILE_ONLY,
+    MLX_LM_LORA_DEFAULTS,
     Config,
     ConfigError,
     decode_config,
@@ -44,7 +45,14 @@ from .jobs import UserError
 from .reporter import Reporter
 from .submit import DuplicateSubmission, Submission, read_source, submit
 
-MLX_LM_KEYS = frozenset(MLX_LM_DEFAULTS) | frozenset(MLX_LM_FILE_ONLY)
+# mlx_lm.lora's keys, and mlx-lm-lora's preference keys (MLX_LM_LORA_DEFAULTS, the *_feature of its
+# pairs): what the command line, the -c file and their defaults decide, never ftctl.yaml
+MLX_LM_KEYS = (
+    frozenset(MLX_LM_DEFAULTS)
+    | frozenset(MLX_LM_FILE_ONLY)
+    | frozenset(MLX_LM_LORA_DEFAULTS)
+    | {"chosen_feature", "rejected_feature", "system_feature"}
+)
 UNFINISHED = ("queued", "crashed", "paused", *ACTIVE)
 POLL_S = 0.5
 
@@ -80,6 +88,7 @@ def resolve(
     data = {
         **layer(own, str(ws.config_path)),
         **layer(dict(MLX_LM_DEFAULTS), "mlx_lm.lora's default"),
+        **layer(dict(MLX_LM_LORA_DEFAULTS), "mlx-lm-lora's default"),
         **layer(filed, str(file)),
         **layer(flags, "the command line"),
     }
@@ -176,7 +185,11 @@ def follow(
                     report.progress(
                         job_id,
                         P.Evaluated(
-                            step=e.step, global_step=e.global_step, val_loss=e.val_loss, eval_s=None
+                            step=e.step,
+                            global_step=e.global_step,
+                            val_loss=e.val_loss,
+                            eval_s=None,
+                            preference=e.preference,
                         ),
                     )
                 elif isinstance(e, ev.CheckpointCommitted):
@@ -215,15 +228,7 @@ def follow(
         ledger.close()
 
 
-_METRIC_KEYS = (
-    "step",
-    "global_step",
-    "loss",
-    "lr",
-    "tokens_per_s",
-    "peak_mem_gb",
-    "trained_tokens",
-)
+_METRIC_KEYS = Metrics.__struct_fields__  # the order of Journal.metric_rows' columns after (id, ts)
 
 
 @dataclass

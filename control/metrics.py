@@ -35,7 +35,16 @@ COLUMNS = (
     "trained_tokens",
     "ts",
     "superseded",
-)  # rank_tokens_per_s: a data-parallel job's, per rank
+    "chosen_reward",
+    "rejected_reward",
+    "reward_margin",
+    "accuracy",
+    "val_reward_margin",
+    "val_accuracy",
+)  # rank_tokens_per_s: a data-parallel job's, per rank; the rewards, margin and accuracy: preference
+# training's (train_mode dpo, orpo), null for sft
+PAIRS = ev.PAIR_FIELDS
+_NO_PAIRS = dict.fromkeys(PAIRS + ("val_reward_margin", "val_accuracy"))
 
 
 @dataclass(frozen=True)
@@ -156,7 +165,7 @@ def series(
                 )
             )
         elif isinstance(e, ev.Evaluated):
-            vals.append((r.ts, e.step, e.global_step, e.val_loss))
+            vals.append((r.ts, e.step, e.global_step, e.val_loss, e.preference))
         elif isinstance(e, ev.RanksReported):
             ranks.append((r.ts, e.step, e.tokens_per_s))
     stamps = [s[0] for s in starts]
@@ -189,7 +198,7 @@ def series(
     nxt = stamps[k] if k < len(stamps) else None  # when the next attempt started
     limit = rewound[k]
     job = j.job
-    for mid, ts, step, gstep, loss, lr, tps, mem, tokens in rows:
+    for mid, ts, step, gstep, loss, lr, tps, mem, tokens, *pairs in rows:
         while nxt is not None and ts >= nxt:
             k += 1
             nxt = stamps[k] if k < len(stamps) else None
@@ -214,9 +223,11 @@ def series(
             "ts": ts,
             "superseded": gone,
             "id": mid,
+            **_NO_PAIRS,
+            **dict(zip(PAIRS, pairs)),
         }
     if not after_id:
-        for ts, step, gstep, val in vals:
+        for ts, step, gstep, val, pref in vals:
             if gstep <= lo:
                 continue
             k = attempt_of(ts)
@@ -240,9 +251,12 @@ def series(
                     "ts": ts,
                     "superseded": gone,
                     "id": None,
+                    **_NO_PAIRS,
                 }
-            else:
-                p["val_loss"] = val
+                p = points[(k, step)]
+            p["val_loss"] = val
+            if pref is not None:
+                p["val_reward_margin"], p["val_accuracy"] = pref.reward_margin, pref.accuracy
     for (
         ts,
         step,

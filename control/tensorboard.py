@@ -20,7 +20,7 @@ from pathlib import Path
 from ftctl.adapters import tensorboard as tb
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.state import JobState
-from ftctl.events.types import Metrics, ts_epoch
+from ftctl.events.types import PAIR_FIELDS, Metrics, PairStats, ts_epoch
 from ftctl.recovery.ledger import Ledger
 
 from .jobs import UserError
@@ -67,15 +67,24 @@ class Live:
                         "lr": m.lr,
                         "tokens_per_s": m.tokens_per_s,
                         "peak_mem_gb": m.peak_mem_gb,
+                        **{k: getattr(m, k) for k in PAIR_FIELDS},
                     },
                 )
             except Exception as e:  # noqa: BLE001
                 self._off(e)
 
-    def val(self, global_step: int, val_loss: float | None) -> None:
+    def val(self, global_step: int, val_loss: float | None, pairs: PairStats | None = None) -> None:
         if self.run is not None:
             try:
-                self.run.point(global_step, {"val_loss": val_loss})
+                more = (
+                    {}
+                    if pairs is None
+                    else {
+                        "val_accuracy": pairs.accuracy,
+                        "val_reward_margin": pairs.reward_margin,
+                    }
+                )
+                self.run.point(global_step, {"val_loss": val_loss, **more})
             except Exception as e:  # noqa: BLE001
                 self._off(e)
 

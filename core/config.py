@@ -47,6 +47,7 @@ __all__ = [
     "features",
     "hf_entries",
     "MLX_LM_DEFAULTS",
+    "MLX_LM_LORA_DEFAULTS",
     "merge_overrides",
     "override_key",
     "world_size",
@@ -356,13 +357,86 @@ MLX_LM_FILE_ONLY = (
 )
 # mlx-lm's trackers (mlx_lm.tuner.callbacks.SUPPORT_CALLBACK) -> the package each one imports
 TRACKERS = {"wandb": "wandb", "swanlab": "swanlab"}
-FEATURES = ("prompt_feature", "completion_feature", "text_feature", "chat_feature")
+FEATURES = (
+    "prompt_feature",
+    "completion_feature",
+    "text_feature",
+    "chat_feature",
+    "chosen_feature",
+    "rejected_feature",
+    "system_feature",
+)
 DEFAULT_FEATURES = {
     "prompt_feature": "prompt",
     "completion_feature": "completion",
     "text_feature": "text",
     "chat_feature": "messages",
+    "chosen_feature": "chosen",
+    "rejected_feature": "rejected",
+    "system_feature": "system",
 }
+# mlx-lm-lora's preference keys (its train.py CONFIG_DEFAULTS) that ftctl reads, with its defaults:
+# `ftctl lora` fills them in as it fills in mlx-lm's
+MLX_LM_LORA_DEFAULTS: dict[str, Any] = {
+    "train_mode": "sft",
+    "beta": 0.1,
+    "dpo_cpo_loss_type": "sigmoid",
+    "delta": 50.0,
+    "reference_model_path": None,
+}
+# mlx-lm-lora's keys that ftctl does not read: refused by name (a silently ignored key would train
+# another run than the user's), with what to do instead
+_OTHER_MODES = "ftctl trains train_mode sft, dpo and orpo only"
+MLX_LM_LORA_UNSUPPORTED: dict[str, str] = {
+    "train_type": "ftctl's name for it is mlx-lm's fine_tune_type (lora, dora, full)",
+    "gradient_accumulation_steps": "ftctl's name for it is mlx-lm's grad_accumulation_steps",
+    "sft_loss_type": "ftctl's SFT loss is mlx-lm's (nll); remove the key",
+    "load_in_4bits": "quantize the model first (mlx_lm.convert -q) and train on that",
+    "load_in_6bits": "quantize the model first (mlx_lm.convert -q) and train on that",
+    "load_in_8bits": "quantize the model first (mlx_lm.convert -q) and train on that",
+    "load_in_mxfp4": "quantize the model first (mlx_lm.convert -q) and train on that",
+    "efficient_long_context": "use grad_checkpoint and max_seq_length instead",
+    "recurrence_chunk_size": "not needed: remove the key",
+    "fuse": "fuse after training with `ftctl consolidate` or mlx_lm.fuse",
+    "lm_studio_name": "fuse with mlx_lm.fuse and import the folder into LM Studio",
+    "reward_scaling": "mlx-lm-lora does not use it either (its help: not implemented)",
+    "preference_score_feature": "ORPO here weighs every pair alike; remove the key",
+    "qat_enable": "quantization-aware training is not supported",
+    "qat_bits": "quantization-aware training is not supported",
+    "qat_group_size": "quantization-aware training is not supported",
+    "qat_mode": "quantization-aware training is not supported",
+    "qat_start_step": "quantization-aware training is not supported",
+    "qat_interval": "quantization-aware training is not supported",
+    "wandb": "use mlx-lm's report_to: wandb",
+    **dict.fromkeys(
+        (
+            "lambda_mse_target",
+            "tau_mse_target",
+            "lambda_mse",
+            "clip_epsilon_logits",
+            "judge",
+            "judge_config",
+            "alpha",
+            "group_size",
+            "epsilon",
+            "epsilon_high",
+            "max_completion_length",
+            "temperature",
+            "reward_weights",
+            "reward_functions",
+            "reward_functions_file",
+            "grpo_loss_type",
+            "importance_sampling_level",
+            "type_feature",
+            "answer_feature",
+        ),
+        _OTHER_MODES + " (this key belongs to another: ftpo, grpo, online_dpo, xpo, ppo, rlhf)",
+    ),
+}
+PREFERENCE_KEYS = (
+    "train_mode: sft | dpo | orpo, beta, dpo_cpo_loss_type: sigmoid | hinge | ipo | dpop, delta, "
+    "reference_model_path, chosen_feature, rejected_feature, system_feature"
+)
 _Feature = Annotated[str, Meta(min_length=1)]
 
 
@@ -394,6 +468,11 @@ class HFDataset(Struct, kw_only=True, forbid_unknown_fields=True):
     completion_feature: Annotated[_Feature, _m("the column holding the completion")] = "completion"
     text_feature: Annotated[_Feature, _m("the column holding the text")] = "text"
     chat_feature: Annotated[_Feature, _m("the column holding the chat messages")] = "messages"
+    chosen_feature: Annotated[_Feature, _m("the column holding the preferred answer")] = "chosen"
+    rejected_feature: Annotated[_Feature, _m("the column holding the dispreferred answer")] = (
+        "rejected"
+    )
+    system_feature: Annotated[_Feature, _m("the column holding the system prompt")] = "system"
 
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -470,6 +549,37 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     )
     grad_accumulation_steps: Annotated[int, _m("iterations per optimizer update", ge=1)] = 1
     grad_checkpoint: Annotated[bool, _m("recompute activations to save memory")] = False
+    # mlx-lm-lora's preference training keys (issue 23): its names, so its users' configs carry over
+    train_mode: Annotated[
+        Literal["sft", "dpo", "orpo"],
+        _m(
+            "sft (examples: text, completions, chat) or preference training on prompt/chosen/rejected "
+            "pairs: dpo (against a reference: the base model) or orpo (no reference)",
+            "one of 'sft', 'dpo', 'orpo' (mlx-lm-lora's other modes are not supported)",
+        ),
+    ] = "sft"
+    beta: Annotated[
+        float,
+        _m(
+            "dpo/orpo: the strength of the preference term (DPO's temperature, ORPO's weight)", gt=0
+        ),
+    ] = 0.1
+    dpo_cpo_loss_type: Annotated[
+        Literal["sigmoid", "hinge", "ipo", "dpop"],
+        _m("dpo: the loss on the reward margin, as mlx-lm-lora names them"),
+    ] = "sigmoid"
+    delta: Annotated[
+        float, _m("dpo with dpo_cpo_loss_type dpop: the weight of DPOP's chosen-side penalty", ge=0)
+    ] = 50.0
+    reference_model_path: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        _m(
+            "dpo: the reference model (an mlx-lm folder), loaded once beside the trained one; null = "
+            "the base model itself (lora/dora: the adapter switched off, no second copy; full: a "
+            "frozen copy of the trained layers only)",
+            "a model folder, or null",
+        ),
+    ] = None
     max_grad_norm: Annotated[
         Annotated[float, Meta(gt=0)] | None,
         _m(
@@ -511,6 +621,15 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     ] = "completion"
     text_feature: Annotated[_Feature, _m("the key holding the text in text data")] = "text"
     chat_feature: Annotated[_Feature, _m("the key holding the messages in chat data")] = "messages"
+    chosen_feature: Annotated[
+        _Feature, _m("the key holding the preferred answer in preference data (mlx-lm-lora)")
+    ] = "chosen"
+    rejected_feature: Annotated[
+        _Feature, _m("the key holding the dispreferred answer in preference data (mlx-lm-lora)")
+    ] = "rejected"
+    system_feature: Annotated[
+        _Feature, _m("the key holding the optional system prompt in preference data (mlx-lm-lora)")
+    ] = "system"
     adapter_path: Annotated[
         Annotated[str, Meta(min_length=1)] | None,
         _m(
@@ -823,6 +942,15 @@ def _prepare(value: Any, t: Any, path: str, source: str) -> Any:
 
 def _unknown_key(source: str, path: str, key: str, value: Any, known: list[str]) -> ConfigError:
     dotted = _join(path, key)
+    if not path and key in MLX_LM_LORA_UNSUPPORTED:
+        return ConfigError(
+            f"{source}: {key!r} is an mlx-lm-lora key ftctl does not support "
+            f"({MLX_LM_LORA_UNSUPPORTED[key]}). Of mlx-lm-lora's keys ftctl reads {PREFERENCE_KEYS} "
+            "(docs/mlx-lm.md)",
+            key=dotted,
+            value=value,
+            allowed=PREFERENCE_KEYS,
+        )
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if close:
         hint = f"did you mean {_join(path, close[0])!r}?"
@@ -984,6 +1112,7 @@ def _check(cfg: Config, source: str) -> None:
                 allowed=allowed,
             )
     _check_mlx_lm_keys(cfg, fail)
+    _check_preference_keys(cfg, fail)
     for i, n in enumerate(cfg.notify):
         if (n.url is None) == (n.command is None):
             raise ConfigError(
@@ -1066,7 +1195,7 @@ def _check(cfg: Config, source: str) -> None:
 def features(cfg: Config | HFDataset) -> Features:
     """The keys the data's format is read from: mlx-lm's *_feature keys (of the config, or of one
     hf_dataset entry)."""
-    return Features(cfg.prompt_feature, cfg.completion_feature, cfg.text_feature, cfg.chat_feature)
+    return Features(*(getattr(cfg, k) for k in FEATURES))
 
 
 def hf_entries(cfg: Config) -> list[HFDataset]:
@@ -1103,6 +1232,36 @@ def _check_mlx_lm_keys(cfg: Config, fail) -> None:
                     f"{default!r} beside hf_dataset: set it inside each hf_dataset entry, where mlx-lm reads it",
                     "is not read with hf_dataset",
                 )
+
+
+def _check_preference_keys(cfg: Config, fail) -> None:
+    if cfg.reference_model_path is not None and cfg.train_mode != "dpo":
+        fail(
+            "reference_model_path",
+            cfg.reference_model_path,
+            "null with train_mode " + cfg.train_mode + " (only dpo compares against a reference)",
+            "is not used",
+        )
+    if cfg.train_mode != "sft" and cfg.test:
+        fail(
+            "test",
+            True,
+            "false with train_mode "
+            + cfg.train_mode
+            + " (the test split is scored as SFT examples "
+            "only so far; the validation pairs' accuracy and reward margin are reported in training)",
+            "is not supported",
+        )
+    if cfg.train_mode != "sft" and cfg.distributed is not None:
+        fail(
+            "distributed",
+            msgspec.to_builtins(cfg.distributed),
+            "null with train_mode "
+            + cfg.train_mode
+            + " (data-parallel training is SFT only so far; "
+            "train the preference run in one process)",
+            "is not supported",
+        )
 
 
 def world_size(cfg: Config, hostfile_hosts: int | None = None) -> int:
@@ -1456,6 +1615,7 @@ def locked_changes(old: Config, new: Config) -> list[str]:
 # * every other key (learning_rate, lr_schedule, batch_size, max_seq_length, …) changes the trajectory
 #   from the step it resumes at: deterministic from there, not what the old value would have trained.
 RESTART_KEYS = LOCKED_KEYS + (
+    "train_mode",  # what the data is (examples or pairs) and what the checkpoint trained
     "lora_parameters.scale",
     "lora_parameters.dropout",
     "optimizer",

@@ -51,6 +51,9 @@ class Features(NamedTuple):
     completion: str = "completion"
     text: str = "text"
     chat: str = "messages"
+    chosen: str = "chosen"  # preference pairs (mlx-lm-lora's chosen/rejected/system_feature)
+    rejected: str = "rejected"
+    system: str = "system"
 
     def rename(self, obj: dict, pairs: tuple[tuple[str, str], ...]) -> dict:
         """``obj`` with the renamed keys under mlx-lm's default names (the other keys kept)."""
@@ -228,8 +231,10 @@ def _check_line(number: int, raw: bytes, f: Features = DEFAULT) -> _Line:
         return bad("not valid JSON (nested too deeply)")
     if not isinstance(obj, dict):
         return bad(f"not a JSON object (got {_kind(obj)})")
-    if "chosen" in obj or "rejected" in obj:
-        return _check_preference(number, obj)
+    if f.chosen in obj or f.rejected in obj:
+        keys = ((f.prompt, "prompt"), (f.chosen, "chosen"), (f.rejected, "rejected"))
+        keys += ((f.system, "system"),)
+        return _check_preference(number, f.rename(obj, tuple(k for k in keys if k[0] in obj)))
     if f.prompt in obj and f.completion in obj:
         for key in (f.prompt, f.completion):
             if not _nonblank(obj[key]):

@@ -26,6 +26,7 @@ import msgspec
 
 from .types import (
     EVENT_TYPES,
+    PAIR_FIELDS,
     ROOT_TAGS,
     TS_FORMAT,
     DecodeError,
@@ -40,6 +41,9 @@ from .types import (
 )
 
 _METRIC_FIELDS = Metrics.__struct_fields__
+# Metrics' preference-training fields (issue 23): a journal made before them gets the columns at its
+# first report (ALTER TABLE … ADD COLUMN, one statement each); until then its rows read them as null
+_PAIR_FIELDS = PAIR_FIELDS
 
 APPLICATION_ID = 0x66746374  # "ftct"
 SCHEMA_VERSION = 1
@@ -316,6 +320,7 @@ class Journal:
         self.conn = conn
         self.path = path
         self._root: str | None | bool = False  # False: not looked for yet
+        self._metric_columns: set[str] | None = None  # the metrics table's, once looked up
         self.readonly: StorageError | None = None  # opened read-only: the storage refuses writes
 
     # ------------------------------------------------------------------ workspace paths
@@ -387,6 +392,7 @@ class Journal:
                 "tokens_per_s": float,
                 "peak_mem_gb": float,
                 "trained_tokens": int,
+                **dict.fromkeys(_PAIR_FIELDS, float),
             },
             pk="id",
         )
@@ -761,8 +767,20 @@ class Journal:
         ).fetchall()
 
     # ------------------------------------------------------------------ metrics
+    def _metric_select(self) -> str:
+        """The metrics columns in Metrics' order; a column an older journal lacks reads as null."""
+        if self._metric_columns is None:
+            rows = self.conn.execute("PRAGMA table_info(metrics)").fetchall()
+            self._metric_columns = {r[1] for r in rows}
+        return ", ".join(f if f in self._metric_columns else f"NULL AS {f}" for f in _METRIC_FIELDS)
+
     def record_metric(self, job: str, m: Metrics) -> None:
         """Training reports go to their own table, with autocommit: they are measurements."""
+        self._metric_select()
+        for f in _PAIR_FIELDS:
+            if f not in self._metric_columns:
+                self.conn.execute(f"ALTER TABLE metrics ADD COLUMN {f} REAL")
+                self._metric_columns.add(f)
         self.conn.execute(
             f"INSERT INTO metrics (job, ts, {', '.join(_METRIC_FIELDS)}) VALUES (?, ?{', ?' * len(_METRIC_FIELDS)})",
             (job, utc_now(), *(getattr(m, f) for f in _METRIC_FIELDS)),
@@ -771,7 +789,7 @@ class Journal:
     def last_metrics(self) -> dict[str, dict]:
         """The latest report of every job: {job: {"job", "step", "global_step", "loss", …, "ts"}}."""
         rows = self.conn.execute(
-            f"SELECT job, {', '.join(_METRIC_FIELDS)}, ts FROM metrics WHERE id IN (SELECT max(id) "
+            f"SELECT job, {self._metric_select()}, ts FROM metrics WHERE id IN (SELECT max(id) "
             "FROM metrics GROUP BY job)"
         )
         return {r[0]: dict(zip(("job", *_METRIC_FIELDS, "ts"), r)) for r in rows}
@@ -779,7 +797,7 @@ class Journal:
     def recent_metrics(self, job: str, since_ts: str = "", limit: int = 10) -> list[dict]:
         """The job's last ``limit`` reports recorded at or after ``since_ts``, oldest first."""
         rows = self.conn.execute(
-            f"SELECT job, {', '.join(_METRIC_FIELDS)}, ts FROM metrics WHERE job = ? AND ts >= ? "
+            f"SELECT job, {self._metric_select()}, ts FROM metrics WHERE job = ? AND ts >= ? "
             "ORDER BY id DESC LIMIT ?",
             (job, since_ts, limit),
         )
@@ -787,9 +805,10 @@ class Journal:
 
     def metric_rows(self, job: str, after_id: int = 0) -> list[tuple]:
         """Every report of the job with an id above ``after_id``, in the order recorded:
-        (id, ts, step, global_step, loss, lr, tokens_per_s, peak_mem_gb, trained_tokens)."""
+        (id, ts, step, global_step, loss, lr, tokens_per_s, peak_mem_gb, trained_tokens, chosen_reward,
+        rejected_reward, reward_margin, accuracy)."""
         return self.conn.execute(
-            f"SELECT id, ts, {', '.join(_METRIC_FIELDS)} FROM metrics WHERE job = ? AND id > ? ORDER BY id",
+            f"SELECT id, ts, {self._metric_select()} FROM metrics WHERE job = ? AND id > ? ORDER BY id",
             (job, after_id),
         ).fetchall()
 

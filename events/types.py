@@ -134,6 +134,25 @@ class Metrics(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     tokens_per_s: float | None
     peak_mem_gb: float | None
     trained_tokens: int
+    # preference training (train_mode dpo, orpo): the window's mean pair figures; None for sft
+    chosen_reward: float | None = None
+    rejected_reward: float | None = None
+    reward_margin: float | None = None  # chosen - rejected
+    accuracy: float | None = None  # share of pairs whose chosen reward is the higher
+
+
+class PairStats(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """What preference training (dpo, orpo) is judged by, over validation pairs: mean rewards of the
+    chosen and rejected answers (beta x log-prob ratio to the reference; ORPO: beta x mean log-prob),
+    their margin, and the accuracy (share of pairs with chosen > rejected). None: not finite."""
+
+    chosen_reward: float | None
+    rejected_reward: float | None
+    reward_margin: float | None
+    accuracy: float | None
+
+
+PAIR_FIELDS = PairStats.__struct_fields__  # also Metrics' fields of the same names
 
 
 class CheckpointCommittedV1(EventBase, tag="checkpoint_committed", kw_only=True):
@@ -191,6 +210,7 @@ class Evaluated(EventBase, tag="evaluated", kw_only=True):
     step: int
     global_step: int
     val_loss: float | None
+    preference: PairStats | None = None  # train_mode dpo / orpo: the validation pairs' figures
 
 
 class AdapterEvaluated(EventBase, tag="adapter_evaluated", kw_only=True):

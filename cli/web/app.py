@@ -135,6 +135,9 @@ def _series_json(s, full: bool) -> dict:
                 "tokens_per_s",
                 "superseded",
                 "ts",
+                "accuracy",
+                "reward_margin",
+                "val_accuracy",
             )
         },
     }
