@@ -792,6 +792,7 @@ def _test(s: Session, emit, adapter_dir: Path, sha: str) -> AdapterEvaluated:
         features=features(cfg),
         num_batches=cfg.test_batches,
         trust_remote_code=cfg.trust_remote_code,
+        beta=cfg.beta,
     )
     return AdapterEvaluated(
         job=plan.job_id,
@@ -806,6 +807,7 @@ def _test(s: Session, emit, adapter_dir: Path, sha: str) -> AdapterEvaluated:
         base_ppl=r.base_ppl,
         adapter_loss=r.adapter_loss,
         adapter_ppl=r.adapter_ppl,
+        preference=r.pairs,
     )
 
 

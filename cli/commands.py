@@ -433,17 +433,21 @@ def eval_table(e: ev.AdapterEvaluated, ws, tuned: str = "adapter"):
         title=f"{owner} on {render.escape(str(ws.abs(e.data_path)))} ({e.examples} examples, "
         f"{e.tokens} tokens scored)"
     )
-    for c in ("model", "loss", "perplexity"):
+    p = e.preference  # preference pairs: the loss is the chosen answers'; how each model ranks them
+    cols = ("model", "loss", "perplexity") + (("pairs ranked right", "margin") if p else ())
+    for c in cols:
         t.add_column(c, justify="left" if c == "model" else "right")
     t.add_row(
         f"base {render.escape(str(ws.abs(e.base_model)))}",
         _num(e.base_loss, ".4f"),
         _num(e.base_ppl, ".2f"),
+        *((_num(p.base_accuracy, ".1%"), _num(p.base_margin, "+.3f")) if p else ()),
     )
     t.add_row(
         f"base + {tuned} {'of job ' + e.job if e.job else render.escape(str(ws.abs(e.adapter_path)))}",
         _num(e.adapter_loss, ".4f"),
         _num(e.adapter_ppl, ".2f"),
+        *((_num(p.adapter_accuracy, ".1%"), _num(p.adapter_margin, "+.3f")) if p else ()),
     )
     return t
 
@@ -453,6 +457,13 @@ def _num(x: float | None, spec: str) -> str:
 
 
 def verdict(e: ev.AdapterEvaluated) -> str:
+    if (p := e.preference) is not None:  # preference pairs: judged by how they are ranked
+        return (
+            f"pairs ranked right: {_num(p.base_accuracy, '.1%')} → {_num(p.adapter_accuracy, '.1%')}; "
+            f"DPO reward against the base (beta {p.beta:g}): margin {_num(p.reward_margin, '+.4f')}, "
+            f"positive on {_num(p.reward_accuracy, '.1%')} of pairs (loss and perplexity: the chosen "
+            "answers')"
+        )
     if e.base_loss is None or e.adapter_loss is None:
         return "[red]a loss is not finite[/]: no comparison"
     change = e.adapter_loss - e.base_loss

@@ -451,6 +451,12 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
                 f"loss {_fmt(e.adapter_loss, '.4f')} (ppl {_fmt(e.adapter_ppl, '.2f')}) with the adapter, "
                 f"{_fmt(e.base_loss, '.4f')} (ppl {_fmt(e.base_ppl, '.2f')}) without, on {e.examples} "
                 f"examples of {e.data_path} ({j.last_eval_at[:19].replace('T', ' ')})"
+                + (
+                    f"; pairs ranked right {_fmt(e.preference.adapter_accuracy, '.1%')} with the "
+                    f"adapter, {_fmt(e.preference.base_accuracy, '.1%')} without"
+                    if e.preference
+                    else ""
+                )
             ),
         )
     if metrics:

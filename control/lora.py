@@ -278,6 +278,7 @@ def test_only(ws: Workspace, cfg: Config, cwd: Path | None = None) -> TestOnly:
         features=features(cfg),
         num_batches=cfg.test_batches,
         trust_remote_code=cfg.trust_remote_code,
+        beta=cfg.beta,
     )
     sha = hashlib.sha256((adapter / ADAPTERS).read_bytes()).hexdigest()
     ledger = Ledger(ws.open_journal()) if ws.exists() else None
@@ -307,6 +308,7 @@ def test_only(ws: Workspace, cfg: Config, cwd: Path | None = None) -> TestOnly:
             base_ppl=s.base_ppl,
             adapter_loss=s.adapter_loss,
             adapter_ppl=s.adapter_ppl,
+            preference=s.pairs,
         )
         seq = ledger.commit(job_stream(owner.job), e)[0].seq if owner else None
         return TestOnly(e, owner.job if owner else None, seq, list(r.reasons))

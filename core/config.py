@@ -1242,16 +1242,6 @@ def _check_preference_keys(cfg: Config, fail) -> None:
             "null with train_mode " + cfg.train_mode + " (only dpo compares against a reference)",
             "is not used",
         )
-    if cfg.train_mode != "sft" and cfg.test:
-        fail(
-            "test",
-            True,
-            "false with train_mode "
-            + cfg.train_mode
-            + " (the test split is scored as SFT examples "
-            "only so far; the validation pairs' accuracy and reward margin are reported in training)",
-            "is not supported",
-        )
     if cfg.train_mode != "sft" and cfg.distributed is not None:
         fail(
             "distributed",

@@ -213,6 +213,22 @@ class Evaluated(EventBase, tag="evaluated", kw_only=True):
     preference: PairStats | None = None  # train_mode dpo / orpo: the validation pairs' figures
 
 
+class PairEval(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """`ftctl eval` on preference pairs: how often each model ranks the chosen answer above the
+    rejected one by mean log-probability per answer token (accuracy; answers of different lengths
+    compare fairly) and by how much on average (margin, nats per token); and the adapter's DPO reward
+    against the base as its reference (beta x the summed log-prob ratios): its mean margin and the
+    share of pairs where it is positive. None: not finite."""
+
+    base_accuracy: float | None
+    adapter_accuracy: float | None
+    base_margin: float | None
+    adapter_margin: float | None
+    reward_margin: float | None
+    reward_accuracy: float | None
+    beta: float
+
+
 class AdapterEvaluated(EventBase, tag="adapter_evaluated", kw_only=True):
     """`ftctl eval`: the test loss and perplexity of the job's final adapter and of its base model
     on the same data. A loss or perplexity that is not finite is None."""
@@ -229,6 +245,9 @@ class AdapterEvaluated(EventBase, tag="adapter_evaluated", kw_only=True):
     base_ppl: float | None
     adapter_loss: float | None
     adapter_ppl: float | None
+    # preference pairs (prompt/chosen/rejected): the loss is the chosen answers' (tokens: theirs), and
+    # the pairs' ranking adapter vs base; None for examples
+    preference: PairEval | None = None
 
 
 class EarlyStopped(EventBase, tag="early_stopped", kw_only=True):

@@ -254,7 +254,6 @@ def test_mlx_lm_loras_preference_keys_are_read_under_its_names():
         ({"judge": "human"}, ["mlx-lm-lora key", "another", "train_mode: sft | dpo | orpo"]),
         ({"train_type": "full"}, ["fine_tune_type", "beta, dpo_cpo_loss_type"]),
         ({"train_mode": "orpo", "reference_model_path": "r"}, ["only dpo compares"]),
-        ({"train_mode": "dpo", "test": True}, ["test", "not supported"]),
         (
             {"train_mode": "dpo", "distributed": {"hosts": ["a", "b"]}},
             ["data-parallel", "one process"],
@@ -364,6 +363,7 @@ def test_ftctl_lora_trains_dpo_on_a_folder_of_pairs_and_refuses_what_it_cannot(d
     from helpers import ftctl_json
 
     pairs = _pref_folder(tmp_path, demo)
+    (pairs / "test.jsonl").write_bytes(demo.preference["valid"].read_bytes())
     common = ["--model", str(demo.model_dir), "--train", "--data", str(pairs)]
     common += ["--max-seq-length", "96", "--num-layers", "2", "--batch-size", "2"]
 
@@ -388,10 +388,12 @@ def test_ftctl_lora_trains_dpo_on_a_folder_of_pairs_and_refuses_what_it_cannot(d
     p = lora(
         *common,
         *("--train-mode", "dpo", "--beta", "0.5", "--dpo-cpo-loss-type", "hinge"),
-        *("--iters", "10", "--learning-rate", "5e-3", "--steps-per-eval", "5"),
+        *("--iters", "10", "--learning-rate", "5e-3", "--steps-per-eval", "5", "--test"),
     )
     assert p.returncode == 0, p.stderr + p.stdout
     assert "Saved final weights to" in p.stdout
+    # --test scores the test pairs, base vs adapter, as `ftctl eval` does
+    assert "pairs ranked right" in p.stdout and "DPO reward against the base" in p.stdout
     # the progress lines carry the validation pairs' accuracy and margin beside the loss
     vals = [l for l in (p.stdout + p.stderr).splitlines() if ": val loss " in l and " acc " in l]
     assert len(vals) == 3, p.stdout + p.stderr
@@ -404,3 +406,37 @@ def test_ftctl_lora_trains_dpo_on_a_folder_of_pairs_and_refuses_what_it_cannot(d
     last = [p for p in points if p["val_accuracy"] is not None][-1]
     assert last["step"] == 10 and last["val_accuracy"] > 0.5 and last["val_reward_margin"] > 0
     assert all(p["accuracy"] is not None for p in points if p["loss"] is not None)
+    # `ftctl eval` on the job's validation pairs: the adapter ranks them better than the base
+    e = ftctl_json(tmp_path / "ws", "eval", "0001")["preference"]
+    assert e["adapter_accuracy"] > e["base_accuracy"] and e["adapter_margin"] > e["base_margin"]
+    assert e["reward_margin"] == pytest.approx(last["val_reward_margin"], rel=1e-4)
+    assert e["beta"] == 0.5
+
+
+def test_eval_scores_pairs_adapter_vs_base(demo, dpo_run):
+    """adapters/evaluate.score on preference pairs: the chosen answers' loss for both models, the
+    ranking by mean log-prob per answer token (the base prefers the right answer on few pairs: the
+    rejected restates the question in likely tokens), and the adapter's DPO reward against the
+    base — what training reported on the same validation pairs."""
+    from test_trainer import kinds
+
+    from ftctl.adapters.evaluate import score
+
+    job, msgs, result = dpo_run
+    s = score(
+        str(demo.model_dir),
+        result["adapter_path"],
+        demo.preference["valid"].read_bytes(),
+        batch_size=4,
+        max_seq_length=64,
+        mask_prompt=False,
+        beta=0.5,
+    )
+    p = s.pairs
+    assert s.examples == 40 and s.tokens > 0 and s.base_loss > 0 and s.adapter_loss > 0
+    assert p.base_accuracy < 0.5 < 0.8 <= p.adapter_accuracy
+    assert p.adapter_margin > p.base_margin
+    # the published adapter's evaluation in training (result: best picks it by validation loss)
+    (val,) = [e["preference"] for e in kinds(msgs, "eval") if e["step"] == result["result_step"]]
+    assert p.reward_margin == pytest.approx(val["reward_margin"], rel=1e-4)
+    assert p.reward_accuracy == pytest.approx(val["accuracy"])
