@@ -146,6 +146,20 @@ def test_a_stopped_dpo_run_resumes_bit_for_bit(demo, dpo_run, tmp_path):
     assert result["adapter_sha256"] == ref["adapter_sha256"]
 
 
+def test_a_stopped_full_dpo_run_resumes_bit_for_bit(demo, tmp_path):
+    """fine_tune_type full: the reference is the trained layers' base weights, kept from before the
+    resume restores the checkpoint's — a stop at 5 and a resume end with the uninterrupted bytes."""
+    from test_trainer import train
+
+    cfg = pref_config(demo, "dpo", "full", iters=10, steps_per_eval=10, learning_rate=1e-3)
+    _, ref = train(pref_plan(demo, tmp_path / "ref", cfg))
+    job = tmp_path / "job"
+    _, stopped = train(pref_plan(demo, job, cfg), stop_at=5)
+    assert stopped["t"] == "stopped" and stopped["step"] == 5
+    _, result = train(pref_plan(demo, job, cfg, resume_from=stopped["checkpoint"]))
+    assert result["adapter_sha256"] == ref["adapter_sha256"]
+
+
 def test_an_explicit_reference_model_that_is_the_base_trains_the_same_bytes(
     demo, dpo_run, tmp_path
 ):
