@@ -236,42 +236,88 @@ def _split(data: bytes, report: DataReport, batch_size: int) -> tuple[bytes, byt
     return train, valid
 
 
+def _longer_than(
+    data: bytes, cfg: Config, limit: int, what: str, features: Features, note: Note
+) -> tuple[list[tuple[int, int]], int]:
+    """(line, tokens) of the examples longer than `limit` tokens, counted with the job's own tokenizer
+    and template, and how many examples there are; only the lines long enough to reach the limit are
+    tokenized (see TEMPLATE_SLACK: the tokenizer is loaded only when there is one). Raises what the
+    tokenizer raises."""
+    long = long_records(data, limit - TEMPLATE_SLACK, features)
+    if not long:
+        return [], 0
+    from ftctl.adapters.batches import token_lengths  # MLX and the tokenizer load only here
+
+    note(
+        f"{what}: counting the tokens of its {len(long)} longest example(s) with the model's tokenizer"
+    )
+    records = valid_records(data, features)
+    lengths = token_lengths(cfg.model, [records[i] for i, _ in long], cfg.mask_prompt)
+    return [(line, n) for (_, line), n in zip(long, lengths) if n > limit], len(records)
+
+
+def _which(over: list[tuple[int, int]], limit: int) -> str:
+    line, most = max(over, key=lambda x: x[1])
+    shown = ", ".join(str(l) for l, _ in over[:5]) + (", …" if len(over) > 5 else "")
+    return (
+        f"lines {shown}; the longest, line {line}, has {most:,} tokens; "
+        f"{sum(n - limit for _, n in over):,} tokens past {limit:,} in all"
+    )
+
+
 def overlong(
     data: bytes, cfg: Config, what: str, features: Features, note: Note = quiet
 ) -> list[str]:
     """A warning when examples are longer than max_seq_length tokens: the trainer cuts them there (as
-    mlx-lm does) without a word. Counted with the job's own tokenizer and template, for the lines long
-    enough to reach the limit (see TEMPLATE_SLACK: the tokenizer is loaded only when one is)."""
+    mlx-lm does) without a word."""
     limit = cfg.max_seq_length
-    long = long_records(data, limit - TEMPLATE_SLACK, features)
-    if not long:
-        return []
-    from ftctl.adapters.batches import token_lengths  # MLX and the tokenizer load only here
-
-    note(
-        f"{what}: counting the tokens of its {len(long)} longest example(s) against max_seq_length = "
-        f"{limit} with the model's tokenizer"
-    )
-    records = valid_records(data, features)
     try:
-        lengths = token_lengths(cfg.model, [records[i] for i, _ in long], cfg.mask_prompt)
+        over, total = _longer_than(data, cfg, limit, what, features, note)
     except Exception as e:  # noqa: BLE001 (a tokenizer that cannot load here fails the worker's load too)
         return [
-            f"{what}: the lengths of its {len(long)} longest examples could not be counted against "
+            f"{what}: the lengths of its longest examples could not be counted against "
             f"max_seq_length = {limit} tokens ({type(e).__name__}: {e}); any longer than that is "
             "cut to it in training"
         ]
-    over = [(line, n) for (_, line), n in zip(long, lengths) if n > limit]
     if not over:
         return []
-    line, most = max(over, key=lambda x: x[1])
-    shown = ", ".join(str(l) for l, _ in over[:5]) + (", …" if len(over) > 5 else "")
     return [
-        f"{what}: {len(over)} of {len(records)} examples are longer than max_seq_length = {limit} "
-        f"tokens and are cut to it (lines {shown}; the longest, line {line}, has {most:,} tokens; "
-        f"{sum(n - limit for _, n in over):,} tokens in all are never trained on or scored): raise "
+        f"{what}: {len(over)} of {total} examples are longer than max_seq_length = {limit} "
+        f"tokens and are cut to it ({_which(over, limit)}, never trained on or scored): raise "
         "max_seq_length (--set max_seq_length=N) or split those examples"
     ]
+
+
+def past_context(
+    splits: list[tuple[bytes, str]], cfg: Config, features: Features, note: Note = quiet
+) -> list[str]:
+    """max_seq_length above the model's context (mlx-lm's default 2048 on a 512-token model) matters
+    only for an example longer than that context: it would train past the positions the model was
+    built for (a crash at the first such batch for learned position embeddings). With none, nothing
+    is cut either way and the run is mlx-lm's own: accepted."""
+    facts = shape(cfg.model)
+    if facts.context is None or cfg.max_seq_length <= facts.context:
+        return []
+    ctx = facts.context
+    head = (
+        f"max_seq_length = {cfg.max_seq_length}, but the model's context is {ctx} tokens "
+        f"({facts.context_key} in its config.json)"
+    )
+    fix = f"set max_seq_length to {ctx} or less (those examples are cut there), or shorten them"
+    out = []
+    for data, what in splits:
+        try:
+            over, total = _longer_than(data, cfg, ctx, what, features, note)
+        except Exception as e:  # noqa: BLE001 (uncounted: refuse as if they were longer)
+            return [
+                f"{head}, and the examples' lengths could not be counted ({type(e).__name__}: {e}): {fix}"
+            ]
+        if over:
+            out.append(
+                f"{head}, and {what} has {len(over)} of {total} examples longer than that "
+                f"({_which(over, ctx)}): {fix}"
+            )
+    return out
 
 
 def _same_kind(fmt: str | None) -> str | None:
@@ -626,10 +672,24 @@ def submit(
             for split, data in (("train", train), ("valid", held), ("test", treport and src.test))
             if data
         }
-        unfit = _fit(ws.located(cfg), counts)  # the model's folder where it is now
+        here = ws.located(cfg)  # the model's folder where it is now
+        unfit = _fit(here, counts) or past_context(
+            [
+                (data, what)
+                for data, what in (
+                    (train, Path(src.path).name),
+                    (held, f"validation file {_valid_name(src)}"),
+                    (treport and src.test, "split 'test'"),
+                )
+                if data
+            ],
+            here,
+            f,
+            note,
+        )
         if unfit:
             raise SubmitError(
-                "this run would fail when it loads: "
+                "this config does not fit its model or its data: "
                 + "; ".join(unfit)
                 + ". Nothing was queued; change those keys (ftctl.yaml, --set, or `ftctl lora`'s "
                 "flags and -c file) and submit again"

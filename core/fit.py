@@ -2,9 +2,9 @@
 
 mlx-lm finds these out at load or at the first batch, as a traceback; submit refuses them with the
 key, the value and what would fit: ``num_layers`` against the model's layers (-1 = all), LoRA
-``keys`` against its module names, ``max_seq_length`` against the context its config.json states,
-``batch_size`` against the examples of each split, a resume_adapter_file against the adapter this
-config makes.
+``keys`` against its module names, ``batch_size`` against the examples of each split, a
+resume_adapter_file against the adapter this config makes. (``max_seq_length`` against the model's
+context needs the tokenizer: control/submit.py's past_context.)
 """
 
 from __future__ import annotations
@@ -85,11 +85,6 @@ def model_problems(cfg: Config, facts: ModelFacts) -> list[str]:
                 f"lora_parameters.keys names {_listed(flat)}, which cannot take LoRA (not a linear or "
                 "embedding layer: a norm?)"
             )
-    if facts.context is not None and cfg.max_seq_length > facts.context:
-        out.append(
-            f"max_seq_length = {cfg.max_seq_length}, but the model's context is {facts.context} tokens "
-            f"({facts.context_key} in its config.json): set max_seq_length to {facts.context} or less"
-        )
     return out
 
 

@@ -164,7 +164,6 @@ def test_submit_refuses_what_would_only_fail_at_load(home, tmp_path, demo):
     data = write(tmp_path / "d.jsonl", [chat(i) for i in range(40)])
     cases = {
         "num_layers=3": "num_layers = 3, but the model has 2 layers",
-        "max_seq_length=4096": "max_seq_length = 4096, but the model's context is 512 tokens",
         "lora_parameters.keys=[self_attn.q_proj, attn.k]": "names attn.k, which the model does not have",
         "lora_parameters.keys=[input_layernorm]": "cannot take LoRA",
         "batch_size=41": "the training split has 40 examples, fewer than batch_size = 41",
@@ -175,6 +174,26 @@ def test_submit_refuses_what_would_only_fail_at_load(home, tmp_path, demo):
             _submit(home, data, overrides=[override])
         assert "Nothing was queued" in str(e.value)
     assert not Ledger(Workspace(home).open_journal()).state.jobs  # nothing was recorded
+
+
+def test_max_seq_length_past_the_context_is_refused_only_for_an_example_that_reaches_it(
+    home, tmp_path, demo
+):
+    """mlx-lm's default max_seq_length 2048 on the 512-token demo model: mlx_lm.lora trains it (no
+    example comes near 512 tokens, so nothing is cut either way), so ftctl does too; an example longer
+    than the context would train past the positions the model was built for: refused, naming it."""
+    short = write(tmp_path / "short.jsonl", [chat(i) for i in range(40)])
+    assert _submit(home, short, overrides=["max_seq_length=2048"])[0].state == "queued"
+    rows = [chat(i) for i in range(40)]
+    rows[6]["messages"][1]["content"] = " ".join(["seven"] * 600)  # line 7: ~600 tokens
+    long = write(tmp_path / "long.jsonl", rows)
+    with pytest.raises(SubmitError) as e:
+        _submit(home, long, overrides=["max_seq_length=2048"])
+    msg = " ".join(str(e.value).split())
+    assert "max_seq_length = 2048, but the model's context is 512 tokens" in msg, msg
+    assert "long.jsonl has 1 of 38 examples longer than that (lines 7;" in msg, msg
+    assert "set max_seq_length to 512 or less" in msg and "Nothing was queued" in msg
+    assert _submit(home, long, overrides=["max_seq_length=512"])[0].state == "queued"  # cut, said
 
 
 def test_submit_knows_a_full_fine_tune(home, tmp_path, demo):
