@@ -31,12 +31,11 @@ from typing import TYPE_CHECKING, Callable
 
 import msgspec
 
-if (
-    TYPE_CHECKING
-):  # MLX is imported where arrays are written or read: recovery and status never load it
+# MLX is imported where arrays are written or read: recovery and status never load it
+if TYPE_CHECKING:
     import mlx.core as mx
 
-from ftctl.core.policy import ValWatch
+from ftctl.core.early_stopping import ValWatch
 from ftctl.events.types import CheckpointRecord
 
 from .faults import crash_point
@@ -77,7 +76,7 @@ class TrainState(msgspec.Struct, kw_only=True):
     config_sha256: str | None = None
     world_size: int = 1  # ranks it was trained on: a resume on another number needs `--reshard`
     val_step: int | None = None  # the step val_loss was measured at
-    # the validation losses so far (best, early stopping: core.policy.watch), and early stopping's
+    # the validation losses so far (best, early stopping: core.early_stopping.watch), and early stopping's
     # decision once taken: a resume from this checkpoint decides exactly as the first run did
     watch: ValWatch = msgspec.field(default_factory=ValWatch)
     stopped_early: str | None = None

@@ -2,10 +2,11 @@
 
 The base model is loaded once and scored, then the adapter is applied to it exactly as
 ``mlx_lm.load(model, adapter_path=...)`` does (mlx-lm's load_adapters) and the very same
-batches are scored again. Batching and loss are the trainer's (batches.make_batch,
-trainer.evaluate_loss): the mean cross-entropy per scored token, dropout off. Preference pairs
-(prompt/chosen/rejected) are scored on their answers: the chosen answers' loss, and how often and by
-how much each model ranks the chosen answer above the rejected one (PairEval).
+batches are scored again. Batching is the trainer's (batches.make_batch) and so is the loss
+(evaluate_loss, here: the trainer's validation loss too): the mean cross-entropy per scored token,
+dropout off. Preference pairs (prompt/chosen/rejected) are scored on their answers: the chosen
+answers' loss, and how often and by how much each model ranks the chosen answer above the rejected
+one (PairEval).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import mlx.core as mx
+from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import load as load_model
 
@@ -22,7 +24,7 @@ from ftctl.events.types import PairEval
 
 from .batches import build_items, evaluation_batches, validation_batches
 from .preference import sequence_logps
-from .trainer import evaluate_loss
+from .ranks import SINGLE, Ranks
 
 
 @dataclass(frozen=True)
@@ -148,3 +150,30 @@ def _pairs(model, adapter_path: str, batches, examples: int, beta: float) -> Sco
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+def evaluate_loss(
+    model, batches, ranks: Ranks = SINGLE, loss=default_loss, inputs=lambda b: b
+) -> tuple[float, int, mx.array | None]:
+    """(mean loss per scored token, scored tokens, the mean pair stats of preference training — per
+    pair, so accuracy is the share of pairs ranked right — else None) over fixed batches, dropout
+    off. ``loss``: the train mode's (trainer.train_loss); ``inputs``: what it takes for a batch
+    (trainer.Session.inputs: DPO adds the reference's log-probs). Draws no randomness, so it never
+    perturbs training (which reseeds every step anyway). The ranks of a data-parallel job each score
+    every size-th batch and sum."""
+    model.eval()
+    total, ntoks, stats, pairs = mx.array(0.0), mx.array(0), None, 0
+    for batch in batches[ranks.rank :: ranks.size] if ranks.many else batches:
+        value, toks, *pair = loss(model, *inputs(batch))
+        total += value * toks
+        ntoks += toks
+        if pair:  # the pair stats by pair (rows: chosen sides, then rejected)
+            n = batch[0].shape[0] // 2
+            pairs += n
+            stats = pair[0] * n if stats is None else stats + pair[0] * n
+        mx.eval(total, ntoks, stats)
+    if ranks.many:
+        total, ntoks = ranks.sum(total), ranks.sum(ntoks)
+        mx.eval(total, ntoks)
+    model.train()
+    return (total / ntoks).item(), ntoks.item(), None if stats is None else stats / pairs

@@ -26,6 +26,7 @@ import time
 from typing import Callable
 
 POINTS = {  # every crash_point() call names one of these (tests/test_layers.py checks both ways)
+    "while_loading": "worker: model, data and checkpoint loaded, `loaded` not yet sent (step: the resume step)",
     "mid_step": "worker: after an optimizer step, before the next",
     "after_temp_write": "worker: checkpoint files written and fsynced in the temp dir",
     "after_rename": "worker: checkpoint renamed into place, before the daemon hears of it",

@@ -165,9 +165,8 @@ def fuse(base: Path, adapter: Path, models: Path, version: int, fs: FS | None = 
             if not fused:
                 raise FuseError(f"{adapter} holds no LoRA/DoRA layers to fuse")
             model.update_modules(tree_unflatten(fused))
-        if (
-            quantized
-        ):  # the layers without an adapter too: one float model (see the module docstring)
+        # the layers without an adapter too: one float model (see the module docstring)
+        if quantized:
             model = dequantize_model(model)
             config = {
                 k: v for k, v in config.items() if k not in ("quantization", "quantization_config")

@@ -16,6 +16,7 @@ import ipaddress
 import os
 import random
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -144,22 +145,20 @@ def blas_threads(lay: Layout, threads: str | None, env: dict) -> str | None:
 
 @dataclass
 class Rank:
+    """A connected rank: who it is and its connection (what it says is the supervisor's business)."""
+
     rank: int
     sock: socket.socket
     pid: int = 0
     host: str = ""
     buf: bytes = b""
-    last_seen: float = field(default_factory=time.monotonic)
-    step: int = 0
-    done: bool = False  # sent its final message (Completed, Stopped, Finished, Failed)
     closed: bool = False
-    tokens_per_s: float | None = None
-    report_step: int = 0
 
 
 @dataclass
 class Group:
-    """The launcher and its ranks; quacks like process.Worker where the supervisor needs it."""
+    """The launcher and its ranks: the supervisor polls, signals and ends it as it does process.Worker
+    (a single worker is a group of one)."""
 
     proc: subprocess.Popen  # mlx.launch
     id: ProcessId
@@ -171,8 +170,94 @@ class Group:
     plan_json: bytes
     ranks: dict[int, Rank] = field(default_factory=dict)
     pending: list[socket.socket] = field(default_factory=list)  # accepted, no Hello yet
+    pending_buf: dict = field(default_factory=dict)
     backend: str = "any"
     killed: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    def poll(self, timeout: float) -> list[P.Heard]:
+        """New connections (each says which rank it is, then gets the plan), the ranks' messages, and
+        their connections closing: a rank's death closes it (the kernel does, even for SIGKILL)."""
+        if self.killed:
+            return []
+        socks = [
+            self.listener,
+            *self.pending,
+            *(r.sock for r in self.ranks.values() if not r.closed),
+        ]
+        try:
+            ready, _, _ = select.select(socks, [], [], timeout)
+        except (OSError, ValueError):
+            return []  # a socket closed under us: the group was torn down
+        out: list[P.Heard] = []
+        for s in ready:
+            if s is self.listener:
+                accept(self)
+            elif s in self.pending:
+                out += self._read_pending(s)
+            else:
+                out += self._read_rank(next(r for r in self.ranks.values() if r.sock is s))
+        return out
+
+    def _read_pending(self, s: socket.socket) -> list[P.Heard]:
+        chunk = _recv(s)
+        if chunk is None:
+            return []
+        buf = self.pending_buf.get(s, b"") + chunk
+        if chunk and b"\n" not in buf:
+            self.pending_buf[s] = buf
+            return []
+        self.pending.remove(s)
+        self.pending_buf.pop(s, None)
+        line, _, rest = buf.partition(b"\n")
+        got = hello(self, s, line) if chunk else "closed before saying which rank it is"
+        if isinstance(got, str):
+            s.close()
+            return [P.Heard(None, problem=f"refused a connection: {got}")]
+        got.buf = rest
+        return [P.Heard(got.rank, connected=True), *self._lines(got)]
+
+    def _read_rank(self, r: Rank) -> list[P.Heard]:
+        chunk = _recv(r.sock)
+        if chunk is None:
+            return []
+        if not chunk:
+            r.closed = True
+            return [P.Heard(r.rank, closed=True)]
+        r.buf += chunk
+        return self._lines(r)
+
+    def _lines(self, r: Rank) -> list[P.Heard]:
+        heard, r.buf = P.heard_lines(r.rank, r.buf)
+        return heard
+
+    def who(self, rank: int) -> tuple[int, str]:
+        r = self.ranks.get(rank)
+        return (r.pid, r.host) if r else (0, "")
+
+    def stopped_ranks(self) -> list[int]:
+        """Local ranks stopped by a signal (SIGSTOP, SIGTSTP): the usual cause of a group that hangs."""
+        pids = self.local_pids()
+        halted = set(stopped(list(pids.values())))
+        return [rank for rank, pid in pids.items() if pid in halted]
+
+    def ended(self) -> bool:
+        """mlx.launch exited (its ranks' last lines and EOFs may still be unread)."""
+        return self.proc.poll() is not None
+
+    def finish(self) -> int | None:
+        """The attempt is over: nothing of the group may outlive it. None: a rank's own exit status is
+        not ours to read (it is mlx.launch's child, possibly on another host)."""
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # a launcher that outlives its ranks is killed below
+            pass
+        self.close()
+        self.proc.wait()
+        return None
 
     def send(self, line: bytes) -> None:
         for r in self.ranks.values():
@@ -208,6 +293,16 @@ class Group:
         return {
             r.rank: r.pid for r in self.ranks.values() if r.pid and r.host == socket.gethostname()
         }
+
+
+def _recv(s: socket.socket) -> bytes | None:
+    """What a connection has (b"": it closed), None when nothing is there after all."""
+    try:
+        return s.recv(1 << 16)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 def _send(sock: socket.socket, line: bytes) -> None:
@@ -362,27 +457,3 @@ def hello(g: Group, s: socket.socket, line: bytes) -> Rank | str:
     _send(s, g.plan_json)
     s.setblocking(False)
     return r
-
-
-def stopped_ranks(g: Group) -> list[int]:
-    """Local ranks stopped by a signal (SIGSTOP, SIGTSTP): the usual cause of a group that hangs."""
-    pids = g.local_pids()
-    halted = set(stopped(list(pids.values())))
-    return [rank for rank, pid in pids.items() if pid in halted]
-
-
-def ranks_alive(workspace: str, job: str = "") -> list[int]:
-    """Pids of ranks of ``workspace`` (any job, or ``job``) still running on this machine."""
-    import psutil
-
-    out = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if (
-            "ftctl.adapters.worker" in cmd
-            and "--connect" in cmd
-            and workspace in cmd
-            and (not job or job in cmd)
-        ):
-            out.append(proc.info["pid"])
-    return out

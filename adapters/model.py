@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ftctl.core.config import Config
 from ftctl.core.fit import ModelFacts
-from ftctl.core.policy import checkpoint_bytes
+from ftctl.core.retention import checkpoint_bytes
 
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -60,9 +60,8 @@ def resolve_repo(repo: str) -> Snapshot:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    home = os.environ.get(
-        "HF_HOME"
-    )  # read now: huggingface_hub reads them once, when first imported
+    # read now: huggingface_hub reads them once, when first imported
+    home = os.environ.get("HF_HOME")
     cache = os.environ.get("HF_HUB_CACHE") or (
         str(Path(home) / "hub") if home else constants.HF_HUB_CACHE
     )

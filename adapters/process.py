@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 from ftctl.events.types import ProcessId
 
 from . import logs
+from . import protocol as P
 
 
 class _Psutil:
@@ -134,11 +136,58 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 @dataclass
 class Worker:
+    """One worker process: its message pipe is its one channel (rank 0 of a group of one, as the
+    supervisor sees it: ``poll``, ``send``, ``kill_group``, ``finish`` — group.Group speaks the same)."""
+
     proc: subprocess.Popen
     messages: object  # readable end of the message pipe (binary file)
     id: ProcessId
     log_path: Path
     log_offset: int = 0  # where this attempt's output starts in the (shared, appended) job log
+    world_size: int = 1
+    killed: bool = False
+    buf: bytes = b""
+
+    def poll(self, timeout: float) -> list[P.Heard]:
+        """What the worker said within ``timeout`` seconds; ``closed`` once its pipe is at EOF (it exited,
+        or died: the kernel closes the pipe with it)."""
+        try:
+            fd = self.messages.fileno()
+        except ValueError:  # closed by finish()
+            return []
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if not ready:
+            return []
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            self.messages.close()
+            return [P.Heard(0, closed=True)]
+        heard, self.buf = P.heard_lines(0, self.buf + chunk)
+        return heard
+
+    def who(self, rank: int) -> tuple[int, str]:
+        return self.proc.pid, os.uname().nodename
+
+    def stopped_ranks(self) -> list[int]:
+        """[0] while the worker is stopped by a signal (SIGSTOP, SIGTSTP): alive, computing nothing."""
+        return [0] if stopped([self.proc.pid]) else []
+
+    def ended(self) -> bool:
+        """Only groups end apart from their channels (mlx.launch); a worker's end is its pipe's EOF."""
+        return False
+
+    def finish(self) -> int:
+        """The attempt is over: the worker's exit status, once nothing of its group is left."""
+        try:
+            code = self.proc.wait()
+        finally:
+            for f in (self.messages, self.proc.stdin):
+                try:
+                    f.close()
+                except (OSError, AttributeError):
+                    pass
+        self.kill_group()  # nothing of the worker's group may outlive it
+        return code
 
     def send(self, line: bytes) -> None:
         try:
@@ -192,6 +241,7 @@ class Worker:
             pass
 
     def kill_group(self) -> None:
+        self.killed = True
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -16,6 +16,7 @@ are the journal's own types, carried as they are.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Union
 
 import msgspec
@@ -172,7 +173,7 @@ class Stopped(Message, tag="stopped"):
 
 
 class Failed(Message, tag="error"):
-    """The worker is about to exit non-zero. ``category`` is a core.policy crash category."""
+    """The worker is about to exit non-zero. ``category`` is a core.crash crash category."""
 
     category: str
     message: str
@@ -207,6 +208,33 @@ _plan = msgspec.json.Decoder(TrainPlan)
 
 class ProtocolError(ValueError):
     """A line that is not a message of this protocol."""
+
+
+@dataclass(frozen=True)
+class Heard:
+    """One thing an attempt's channels delivered (``poll`` of a process.Worker or a group.Group, which a
+    single worker and a group of ranks share): a rank's ``message``, its channel ``closed`` (the rank
+    exited or was killed: the kernel closes its end), a rank ``connected``, or a ``problem`` (a line
+    that is not a message, a connection refused; ``rank`` None when no rank is known)."""
+
+    rank: int | None
+    message: WorkerMessage | None = None
+    closed: bool = False
+    connected: bool = False
+    problem: str = ""
+
+
+def heard_lines(rank: int, buf: bytes) -> tuple[list[Heard], bytes]:
+    """The whole lines of ``buf`` as ``rank``'s messages (a line that does not decode is a problem, never
+    a reason to drop the rank), and what is left of the last, partial line."""
+    *lines, rest = buf.split(b"\n")
+    out = []
+    for line in filter(bytes.strip, lines):
+        try:
+            out.append(Heard(rank, message=decode_message(line)))
+        except ProtocolError as e:
+            out.append(Heard(rank, problem=str(e)))
+    return out, rest
 
 
 def encode(msg: Message | TrainPlan) -> bytes:

@@ -14,7 +14,7 @@ are. What differs:
     (at most one in flight; a stop, completion or failure waits for it);
   - progress goes to `emit` as the worker protocol's messages (protocol.py); the
     daemon journals them;
-  - every evaluation is folded into the checkpointed state (core.policy.watch): the best checkpoint
+  - every evaluation is folded into the checkpointed state (core.early_stopping.watch): the best checkpoint
     is what `result: best` publishes, and early stopping decides the same way after a resume.
 """
 
@@ -39,7 +39,7 @@ from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from ftctl.core.config import Config, RecordedConfigError, config_sha256, features
 from ftctl.core.dataset import DEFAULT, Features, valid_records
-from ftctl.core.policy import watch
+from ftctl.core.early_stopping import watch
 from ftctl.events.types import AdapterEvaluated, Metrics, PairStats
 
 from . import preference
@@ -61,6 +61,7 @@ from .checkpoint import (
     step_dir_name,
     verify_checkpoint,
 )
+from .evaluate import evaluate_loss, score
 from .faults import crash_point, poison_marker
 from .fs import FS
 from .protocol import TrainPlan
@@ -311,6 +312,7 @@ def run(
     fs = fs or FS()
     tic = time.perf_counter()
     s = load(plan)
+    crash_point("while_loading", s.state.job_step)
     emit(
         P.Loaded(
             step=s.state.job_step, global_step=s.state.global_step, load_s=time.perf_counter() - tic
@@ -321,9 +323,8 @@ def run(
         if stopped is not None:
             return stopped
     early = s.last_state is not None and s.last_state.stopped_early is not None
-    if (
-        plan.until_step is not None and plan.until_step < plan.config.iters and not early
-    ):  # a reproduction's window ends
+    # a reproduction's window ends
+    if plan.until_step is not None and plan.until_step < plan.config.iters and not early:
         done = P.Stopped(
             step=plan.until_step,
             global_step=plan.global_step_base + plan.until_step,
@@ -368,9 +369,8 @@ def _compiled_step(s: Session):
             if trace
             else None
         )
-        if (
-            ranks.many
-        ):  # the global batch's loss, tokens and gradient, and the stop requests (ranks.py)
+        # the global batch's loss, tokens and gradient, and the stop requests (ranks.py)
+        if ranks.many:
             local = toks
             lvalue, toks, grad, stops = ranks.reduce_step(lvalue, toks, grad, stop)
         if prev_grad is not None:
@@ -475,9 +475,8 @@ class _Loop:
             key = (tuple(batch[0].shape), it % accum == 0, grad is None)
             compiles = key not in self.compiled
             self.compiled.add(key)
-            if (
-                s.ranks.many
-            ):  # every rank stops at the same step: the first where any of them was asked to
+            # every rank stops at the same step: the first where any of them was asked to
+            if s.ranks.many:
                 *out, local, stops = step(
                     batch, grad, it % accum == 0, mx.array(float(stop_requested()))
                 )
@@ -524,9 +523,8 @@ class _Loop:
             if self.stopped_early:
                 return None  # run() completes the job from this step's checkpoint
             if stopping and boundary and it < cfg.iters:
-                return P.Stopped(
-                    step=it, global_step=gstep, checkpoint=None
-                )  # run() emits it once written
+                # run() emits it once written
+                return P.Stopped(step=it, global_step=gstep, checkpoint=None)
         return None
 
     def _account(self, it: int, gstep: int, loss: float, ntoks: int, stats=None) -> None:
@@ -668,9 +666,8 @@ class _Loop:
             watch=self.watch,
             stopped_early=self.stopped_early,
         )
-        if (
-            not s.ranks.leader
-        ):  # the leader writes it; no rank runs past a checkpoint before it is handed over
+        # the leader writes it; no rank runs past a checkpoint before it is handed over
+        if not s.ranks.leader:
             s.ranks.barrier()
             return
         # At most one checkpoint in flight: the previous one must be written (and reported) before
@@ -777,8 +774,6 @@ def _complete(s: Session, emit, fs: FS) -> P.Completed:
 def _test(s: Session, emit, adapter_dir: Path, sha: str) -> AdapterEvaluated:
     """mlx-lm's --test: the trained adapter (and, as `ftctl eval` does, the base model) scored on
     the test split, test_batches full batches (-1: all)."""
-    from .evaluate import score
-
     plan, cfg = s.plan, s.plan.config
     emit(P.EvalStarted(step=cfg.iters))  # the watchdog allows eval_hang_s meanwhile
     data = Path(plan.test_path).read_bytes()
@@ -809,33 +804,6 @@ def _test(s: Session, emit, adapter_dir: Path, sha: str) -> AdapterEvaluated:
         adapter_ppl=r.adapter_ppl,
         preference=r.pairs,
     )
-
-
-def evaluate_loss(
-    model, batches, ranks: Ranks = SINGLE, loss=default_loss, inputs=lambda b: b
-) -> tuple[float, int, mx.array | None]:
-    """(mean loss per scored token, scored tokens, the mean pair stats of preference training — per
-    pair, so accuracy is the share of pairs ranked right — else None) over fixed batches, dropout
-    off. ``loss``: the train mode's (train_loss); ``inputs``: what it takes for a batch
-    (Session.inputs: DPO adds the reference's log-probs). Draws no randomness, so it never perturbs
-    training (which reseeds every step anyway). The ranks of a data-parallel job each score every
-    size-th batch and sum."""
-    model.eval()
-    total, ntoks, stats, pairs = mx.array(0.0), mx.array(0), None, 0
-    for batch in batches[ranks.rank :: ranks.size] if ranks.many else batches:
-        value, toks, *pair = loss(model, *inputs(batch))
-        total += value * toks
-        ntoks += toks
-        if pair:  # the pair stats by pair (rows: chosen sides, then rejected)
-            n = batch[0].shape[0] // 2
-            pairs += n
-            stats = pair[0] * n if stats is None else stats + pair[0] * n
-        mx.eval(total, ntoks, stats)
-    if ranks.many:
-        total, ntoks = ranks.sum(total), ranks.sum(ntoks)
-        mx.eval(total, ntoks)
-    model.train()
-    return (total / ntoks).item(), ntoks.item(), None if stats is None else stats / pairs
 
 
 def _pair_fields(stats: mx.array | None, n: int) -> dict:

@@ -15,7 +15,7 @@ before a plan: the daemon is gone or dismissed it, exit 70. An import error is r
 the plan is there, in the job log, like any failure.
 A Python exception before the ``Loaded`` message is a ``load_error`` (the model, data or config:
 a retry cannot fix it), after it an ``exception``.
-A rank of a data-parallel job (``--connect``, started by mlx.launch, see control/group.py) talks
+A rank of a data-parallel job (``--connect``, started by mlx.launch, see adapters/group.py) talks
 the same protocol over one TCP connection to the daemon (FTCTL_CONTROLLER=host:port): it sends
 ``Hello`` (with FTCTL_GROUP_TOKEN), then reads the plan and ``Stop`` from the connection and writes
 its messages to it. Its output goes wherever mlx.launch sends it (the job log). EOF on the
@@ -57,9 +57,8 @@ def main() -> int:
         inp, out = sys.stdin.buffer, os.fdopen(args.message_fd, "wb", buffering=0)
     lock = threading.Lock()
 
-    loaded = (
-        threading.Event()
-    )  # before it is set, a failure is in loading: a retry would fail the same way
+    # before it is set, a failure is in loading: a retry would fail the same way
+    loaded = threading.Event()
 
     def emit(msg) -> None:
         with lock:
@@ -78,9 +77,8 @@ def main() -> int:
     except ImportError as e:
         imported = e
 
-    if (
-        not args.connect and not select.select([0], [], [], 0)[0]
-    ):  # no plan waiting: this is a standby (its own log)
+    # no plan waiting: this is a standby (its own log)
+    if not args.connect and not select.select([0], [], [], 0)[0]:
         print(
             f"worker pid {os.getpid()}: standby, imports done in {time.monotonic() - t0:.2f} s; "
             "waiting for a plan",
@@ -96,9 +94,8 @@ def main() -> int:
     if plan is not None and plan.log_path and not args.connect:
         _output_to(plan.log_path)
     stop = threading.Event()
-    faults.wake_when(
-        stop.is_set
-    )  # an FTCTL_HANG_AT point stands still until the daemon says `stop`
+    # an FTCTL_HANG_AT point stands still until the daemon says `stop`
+    faults.wake_when(stop.is_set)
 
     def control() -> None:
         for line in inp:
@@ -192,9 +189,8 @@ def _connect():
         os._exit(70)
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if sys.platform.startswith(
-        "linux"
-    ):  # also dies with mlx.launch, not only on the connection's EOF
+    # also dies with mlx.launch, not only on the connection's EOF
+    if sys.platform.startswith("linux"):
         import ctypes
         import signal
 

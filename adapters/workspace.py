@@ -30,12 +30,12 @@ from ftctl.core.config import (
     with_overrides,
 )
 from ftctl.core.fit import fitting_keys
+from ftctl.events.errors import UserError
 from ftctl.events.journal import DiskFull, Journal, JournalError, NoPermission, ReadOnly
 
 DIRS = ("inbox", "inbox/rejected", "jobs", "models", "logs", "run")
-SCRATCH_MARKER = (
-    ".ftctl-reproduce"  # the first file of a reproduction's scratch folder: ours to delete
-)
+# the first file of a reproduction's scratch folder: ours to delete
+SCRATCH_MARKER = ".ftctl-reproduce"
 
 
 def _fix(path: Path) -> str:
@@ -50,7 +50,7 @@ def _fix(path: Path) -> str:
     )
 
 
-class WorkspaceError(Exception):
+class WorkspaceError(UserError):
     """A workspace problem a user can act on."""
 
 

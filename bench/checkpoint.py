@@ -118,9 +118,8 @@ def async_save(out: Path, adapters, optimizer, parts: dict):
     files = checkpoint_files(
         Checkpoint(dict(tree_flatten(tree)), config, dict(tree_flatten(optimizer)), state)
     )
-    w = WRITER.setdefault(
-        "w", CheckpointWriter(out, None, lambda record: None)
-    )  # one per run, as in the loop
+    # one per run, as in the loop
+    w = WRITER.setdefault("w", CheckpointWriter(out, None, lambda record: None))
     w.job_dir = out
 
     def finite(buffers):  # as the trainer does: beside the write, on an I/O thread
@@ -186,9 +185,8 @@ def main():
                     if i:
                         times[name].append(t)
             m = {name: statistics.median(v) for name, v in times.items()}
-            p = {
-                name: statistics.median(v[1:]) for name, v in parts.items()
-            }  # [0]: the warm-up round
+            # [0]: the warm-up round
+            p = {name: statistics.median(v[1:]) for name, v in parts.items()}
             print(f"{label}: {mb:.1f} MB")
             for name in fns:
                 if name == "async":

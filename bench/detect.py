@@ -55,11 +55,11 @@ from ftctl.adapters import protocol as P
 from ftctl.adapters.demo import build_demo
 from ftctl.adapters.workspace import Workspace, init_workspace
 from ftctl.control.daemon import Daemon
+from ftctl.control.ledger import Ledger
 from ftctl.control.reporter import Reporter
 from ftctl.control.submit import submit
 from ftctl.core.state import DAEMON_STREAM
 from ftctl.events import types as T
-from ftctl.recovery.ledger import Ledger
 
 CONFIG = {
     "iters": 2000,
@@ -211,9 +211,8 @@ def sampler(ws: Workspace, demo, n: int, samples: list[dict], errors: list[str])
                     gave_up = ledger.state.jobs[job]
                     break
                 time.sleep(0.002)
-            if (
-                gave_up is not None
-            ):  # no restart to measure: the next wait_training queues a fresh job
+            # no restart to measure: the next wait_training queues a fresh job
+            if gave_up is not None:
                 sub = submit(
                     ws,
                     ledger,

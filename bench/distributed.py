@@ -174,9 +174,8 @@ def main() -> None:
                 demo = build_demo(tmp / f"demo{h}", hidden=h)
                 cfg = job_config(a, a.iters)
                 w1, r1 = ftctl_run(demo, tmp / f"s{h}-1", cfg, 1)
-                share = str(
-                    max(1, cores // a.ranks)
-                )  # one process with the BLAS threads one rank gets
+                # one process with the BLAS threads one rank gets
+                share = str(max(1, cores // a.ranks))
                 ws, rs = ftctl_run(
                     demo,
                     tmp / f"s{h}-1t",

@@ -39,11 +39,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from ftctl.adapters.workspace import init_workspace  # noqa: E402
+from ftctl.control.ledger import Ledger  # noqa: E402
 from ftctl.core import state as S  # noqa: E402
 from ftctl.events import types as T  # noqa: E402
 from ftctl.events.journal import Journal  # noqa: E402
 from ftctl.events.types import ts_epoch  # noqa: E402
-from ftctl.recovery.ledger import Ledger  # noqa: E402
 
 FTCTL = [sys.executable, "-m", "ftctl.cli"]
 
@@ -344,9 +344,8 @@ class PageClient(threading.Thread):
         try:
             self.follow()
         except (OSError, http.client.HTTPException):
-            if (
-                not self.stop.is_set()
-            ):  # the server going away at the end is expected, anything else not
+            # the server going away at the end is expected, anything else not
+            if not self.stop.is_set():
                 raise
 
     def follow(self) -> None:

@@ -7,10 +7,10 @@ Builds a workspace:
     them: most completed (some after a crash and a resume), some failed after three crashes at
     the same step, some cancelled mid-training, some rejected; the daemon stopped and started
     every 50 jobs. Rows go in with executemany in large transactions (as bench/replay.py does),
-    bodies made by events.types.encode; retention is core.policy.to_prune (keep_last 3 + best).
+    bodies made by events.types.encode; retention is core.retention.to_prune (keep_last 3 + best).
   * every checkpoint the journal still holds exists on disk, as hard links to one small valid
     checkpoint (--ckpt-kb), so recovery's verification really opens, reads and hashes files;
-  * a snapshot written by one call to recovery.ledger.load, then a small tail: a daemon that
+  * a snapshot written by one call to recovery.replay.load, then a small tail: a daemon that
     started, trained a job and died (dead worker pid), leaving a temp checkpoint folder.
     Recovery has three things to repair: the daemon, the job, the folder.
 
@@ -47,13 +47,14 @@ import msgspec
 from ftctl.adapters import checkpoint as ck
 from ftctl.adapters.workspace import Workspace, init_workspace
 from ftctl.control import recover as control_recover
+from ftctl.control.ledger import Ledger
 from ftctl.core.config import Config, config_sha256, config_to_dict, decode_config
-from ftctl.core.policy import to_prune
+from ftctl.core.retention import to_prune
 from ftctl.core.state import DAEMON_STREAM, SNAPSHOT_FORMAT, JobState, job_stream
 from ftctl.events import types as T
 from ftctl.events.journal import Journal
 from ftctl.recovery import reconcile
-from ftctl.recovery.ledger import Ledger, load
+from ftctl.recovery.replay import load
 
 SAVE_EVERY = 50
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -357,9 +358,8 @@ def build(base: Path, n_events: int, tail: int, kb: int) -> dict:
     gen = Gen(home, config, sha, rng)
     conn = sqlite3.connect(home / "journal.db", isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(
-        "PRAGMA synchronous=OFF"
-    )  # building only; the timed runs use the journal's own settings
+    # building only; the timed runs use the journal's own settings
+    conn.execute("PRAGMA synchronous=OFF")
     w = Writer(conn, T0)
     t0 = time.perf_counter()
 
@@ -603,9 +603,8 @@ def main() -> None:
         # The queries, on the recovered journal: `status` (a person's table and --json), and time
         # travel to points all over the journal (snapshot milestones make each a short tail away).
         restore(info)
-        subprocess_recover(
-            info["home"], "recover (setup)"
-        )  # the state a user finds after `ftctl start` / `recover`
+        # the state a user finds after `ftctl start` / `recover`
+        subprocess_recover(info["home"], "recover (setup)")
         total, home = info["total"], str(info["home"])
         points = [1_000, total // 4 + 17, total // 2 + 1, 3 * total // 4 - 123, total - 300, total]
         job_at = {}

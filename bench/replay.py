@@ -24,7 +24,7 @@ from pathlib import Path
 from ftctl.core import state as S
 from ftctl.events import types as T
 from ftctl.events.journal import Journal
-from ftctl.recovery.ledger import load
+from ftctl.recovery.replay import load
 
 CONFIG = {
     "model": "models/Qwen2.5-0.5B-Instruct-4bit",

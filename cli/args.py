@@ -1,204 +1,19 @@
-"""The parser's manners: a user error exits 1 with one clear line (a typo gets "did you mean"), and
-every command's --help has a description and an example (HELP, below; docs/cli.md says the same)."""
+"""The parser, built from the command table (cli/table.py), with manners: a user error exits 1 with
+one clear line (a typo gets "did you mean"), and every command's --help has the table's description
+and example (docs/cli.md says the same)."""
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import math
 import shutil
 import sys
 import textwrap
 
 from . import render
-
-# "command" (as typed after `ftctl`) -> (description, example). tests/test_cli.py checks that every
-# command has one, and every argument a help line.
-HELP: dict[str, tuple[str, str]] = {
-    "init": (
-        "Create a workspace: journal.db (the event journal), ftctl.yaml (every key at its default), inbox/, "
-        "jobs/, models/, logs/ and run/. Refuses a folder that already holds one.",
-        "ftctl init --model ~/models/Qwen2.5-0.5B-Instruct-4bit --home ~/ft\n"
-        "  ftctl init --model mlx-community/SmolLM2-135M-Instruct-4bit --home ~/ft   (from the local HF cache)\n"
-        "  ftctl init --model ~/Downloads/SmolLM2-135M-Instruct.Q4_1.gguf --home ~/ft\n"
-        "  ftctl init --demo --home ./ftctl-demo",
-    ),
-    "submit": (
-        "Validate a JSONL data file and queue a job, or reject it naming the bad lines. The file is never "
-        "modified: the job trains on its own copy, with ftctl.yaml plus its --set overrides as they are now.",
-        "ftctl submit train.jsonl --valid valid.jsonl --set iters=600 --set lora_parameters.rank=16",
-    ),
-    "lora": (
-        "mlx_lm.lora's command line — its every flag and its -c/--config YAML, with its defaults and "
-        "precedence (flags over the file over the defaults) — run as an ftctl job: submitted to the "
-        "workspace (created on first use), trained in the foreground by a daemon of its own (or followed "
-        "under the one that runs) with its checkpoints committed, killed workers resumed bit for bit, and "
-        "the finished adapter published at --adapter-path. Ctrl-C checkpoints and stops; the same command "
-        "again resumes the job. ftctl's own keys go in the -c file, ftctl.yaml or --set.",
-        "ftctl lora --model ~/models/Qwen3-0.6B --train --data ./data --iters 600 -c lora.yaml\n"
-        "  ftctl lora --model mlx-community/SmolLM2-135M-Instruct-4bit --train --test --data ./data "
-        "--adapter-path ./adapters --set retention.keep_last=5\n"
-        "  ftctl lora --model ~/models/Qwen3-0.6B --test --data ./data --adapter-path ./adapters",
-    ),
-    "status": (
-        "The jobs and the daemon, as the journal says now; with JOB, everything about one job.",
-        "ftctl status\n  ftctl status 3 --json",
-    ),
-    "history": (
-        "The event timeline: every recorded fact, oldest first.",
-        "ftctl history 3 --crashes\n  ftctl history --follow --json",
-    ),
-    "replay": (
-        "A job's state exactly as it was right after journal event SEQ (the seq column of `ftctl history`).",
-        "ftctl replay 3 --to 42",
-    ),
-    "start": (
-        "Run the daemon in the foreground: repair what a crash left, then train the queued jobs one at a time "
-        "and watch inbox/. Ctrl-C checkpoints the running job and exits; a second Ctrl-C kills the worker.",
-        "ftctl start\n  ftctl start --until-idle --quiet --json",
-    ),
-    "recover": (
-        "Replay the journal and repair the disk and the processes to match it: stale jobs requeued, orphan "
-        "workers stopped, temp and uncommitted checkpoints deleted, committed ones verified. Refused while a "
-        "daemon runs (it recovered at its start).",
-        "ftctl recover --dry-run",
-    ),
-    "crashes": (
-        "Every recorded crash: category, step, exit code, signal, the telling line of the evidence and the "
-        "suggested fix.",
-        "ftctl crashes\n  ftctl crashes --json",
-    ),
-    "reproduce": (
-        "Re-run a crash from the last committed checkpoint before it, with the same data (sha256 checked), "
-        "batch order, RNG and optimizer state, on a scratch copy: `reproduced` (a property of the run: same "
-        "failure at the same step), `not reproduced` (ran cleanly past it: the environment) or `different`. "
-        "Shows the first non-finite step and the failing batch (lines of the job's data, token lengths, first "
-        "characters) and records only a `crash_reproduced` event.",
-        "ftctl reproduce 3\n  ftctl reproduce 3 --crash 1 --trace replay.jsonl\n  ftctl reproduce 3 --step 40",
-    ),
-    "pause": (
-        "Pause a job. A training job checkpoints first (the daemon acts on it within a second); `ftctl resume "
-        "JOB` queues it again.",
-        "ftctl pause 3",
-    ),
-    "resume": (
-        "Queue a paused job again; it continues from its last checkpoint.",
-        "ftctl resume 3",
-    ),
-    "cancel": (
-        "Cancel a job for good (a training job is stopped by the daemon within a second). Its committed "
-        "checkpoints stay on disk: only its own retention (keep_last, also by `ftctl doctor --fix`) prunes "
-        "them, never a consolidation.",
-        "ftctl cancel 3",
-    ),
-    "retry": (
-        "Queue a failed job again (its restart budget spent, a NaN, …): it continues from its last good "
-        "checkpoint, bit for bit, with a fresh restart budget. `--set KEY=VALUE` (a failed or paused job) "
-        "changes its recorded config first — the remedy when the config is the cause (editing ftctl.yaml "
-        "does not change a submitted job): it resumes from its last checkpoint, bit-exact if the keys change "
-        "nothing it computes (iters, save_every, retention, timeouts, …), on the new trajectory otherwise "
-        "(learning_rate, batch_size, …); a key that changes the adapter's shape, the model, the optimizer "
-        "or the seed starts it from step 0, and only if it has no checkpoint yet (else: cancel and submit "
-        "again). `--reshard`: a data-parallel job whose hosts changed continues on the new number of ranks "
-        "(deterministic, not bit-exact).",
-        "ftctl retry 3 --set num_layers=2",
-    ),
-    "lineage": (
-        "A lineage's head: the completed job whose adapter later jobs warm-start from and consolidation fuses.",
-        "ftctl lineage set-head 4",
-    ),
-    "lineage set-head": (
-        "Make a completed job the head of its lineage — e.g. a branch: a job that completed after "
-        "another one, started later from the same head, had already become the head.",
-        "ftctl lineage set-head 4",
-    ),
-    "eval": (
-        "Did fine-tuning help? Test loss and perplexity of the job's adapter and of its base model on the same "
-        "data (the job's validation split by default), recorded as an event and shown by `ftctl status JOB`.",
-        "ftctl eval 3\n  ftctl eval 3 --data test.jsonl --json",
-    ),
-    "shutdown": (
-        "Ask the running daemon to checkpoint the running job and exit.",
-        "ftctl shutdown --wait 60",
-    ),
-    "consolidate": (
-        "Fuse the lineage's current adapter into a new base model models/vNNNN/ (verified before it is "
-        "promoted); new jobs then train a fresh adapter on it. A full fine-tune is promoted as it is: the "
-        "base with its trained layers in place, nothing to fuse. With a daemon running, records a request "
-        "it carries out when the lineage is idle.",
-        "ftctl consolidate --lineage main",
-    ),
-    "config": ("Configuration: ftctl.yaml as new jobs will see it.", "ftctl config show"),
-    "config show": (
-        "The effective config for new jobs of a lineage, and where each value comes from (default, "
-        "ftctl.yaml, the lineage's promoted base).",
-        "ftctl config show\n  ftctl config show --lineage main --json",
-    ),
-    "doctor": (
-        "Health checks: journal integrity, daemon and lock, orphan workers, disk and memory, checkpoints, "
-        "retention, config and data drift. Exits 1 when anything is not ok.",
-        "ftctl doctor\n  ftctl doctor --fix",
-    ),
-    "service": (
-        "Run the daemon as a service: a systemd user unit (Linux) or a launchd agent (macOS) that runs "
-        "`ftctl start` for this workspace, outlives logouts and reboots, and is restarted when it crashes.",
-        "ftctl service install\n  ftctl service install --print --platform macos",
-    ),
-    "service install": (
-        "Write the unit (or plist) for this workspace — absolute paths of the workspace and of this "
-        "venv's ftctl baked in, restart limits from ftctl.yaml's restart: — and enable and start it "
-        "where systemd or launchd runs (otherwise it says what to run). Idempotent; never overwrites a "
-        "file ftctl did not write. `--print` shows the file and changes nothing.",
-        "ftctl service install\n  ftctl service install --print\n  sudo ftctl service install --system",
-    ),
-    "service uninstall": (
-        "Stop the service gracefully (the running job checkpoints first), disable it and remove "
-        "its file. Idempotent; never removes a file ftctl did not write.",
-        "ftctl service uninstall",
-    ),
-    "service status": (
-        "Is a service installed for this workspace, is its file what `install` would write now, and "
-        "what systemd or launchd says about it.",
-        "ftctl service status --json",
-    ),
-    "completion": (
-        "Print a shell completion script (subcommands, options, and job ids read live from the journal).",
-        "ftctl completion bash > ~/.local/share/bash-completion/completions/ftctl\n"
-        '  ftctl completion fish > ~/.config/fish/completions/ftctl.fish\n  eval "$(ftctl completion zsh)"',
-    ),
-    "metrics": (
-        "Every training point the journal recorded for the jobs: global step (continuing across "
-        "warm-started jobs of a lineage), step, train loss, val loss, learning rate, tokens/s, peak memory, "
-        "time and attempt. After a crash and resume, only the effective curve: points the crashed attempt "
-        "reported past its last checkpoint were trained again and are hidden (--all shows them, flagged).",
-        "ftctl metrics 3\n  ftctl metrics --lineage main --csv > curves.csv",
-    ),
-    "plot": (
-        "Draw train loss (lines) and val loss (dots) against global step to a PNG or SVG, one colour per "
-        "job, with checkpoints, crashes and resumes marked on the x axis in their job's colour; a job with "
-        "no loss recorded yet is left out, none at all is an error (needs the ftctl[plot] extra: matplotlib).",
-        "ftctl plot 3 4 -o loss.png\n  ftctl plot --lineage main -o lineage.svg",
-    ),
-    "export-tb": (
-        "Write TensorBoard event files from the journal, one run folder per job (the effective curves), "
-        "for `tensorboard --logdir WS/tensorboard` (needs the ftctl[tensorboard] extra: tensorboardX).",
-        "ftctl export-tb\n  ftctl export-tb 3 -o /tmp/tb",
-    ),
-    "serve": (
-        "A read-only live status page: daemon alive or dead (as `status` says), jobs, loss curves that update "
-        "while training, crashes with evidence and fix, the history tail, and each job's replay. Binds to "
-        "127.0.0.1; another address only with --token. Answers only requests addressed to the names it was "
-        "bound for (127.0.0.1, localhost, [::1], --host): a foreign Host header gets 400 (DNS rebinding). "
-        "Needs the ftctl[serve] extra: Starlette, uvicorn.",
-        "ftctl serve\n  ftctl serve --port 9000 --host 0.0.0.0 --token s3cret",
-    ),
-    "demo": (
-        "The one-minute tour on the embedded tiny model: init ./ftctl-demo, submit, train with the worker "
-        "killed at STEP, recover, reproduce the crash (a kill is environmental: not reproduced), and compare "
-        "the adapter with an uninterrupted run.",
-        "ftctl demo\n  ftctl demo --reset --kill-at 5",
-    ),
-}
+from .table import COMMANDS, Command, Group
 
 
 def port(text: str) -> int:
@@ -290,18 +105,98 @@ class Parser(argparse.ArgumentParser):
         sys.exit(1)
 
 
-def document(parser: argparse.ArgumentParser, path: str = "") -> None:
-    """Give every subcommand its HELP description and example (raw text, so the example keeps its lines)."""
-    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-    if sub is None:
-        return
-    for name, p in sub.choices.items():
-        key = f"{path} {name}".strip()
-        if key in HELP:
-            description, example = HELP[key]
-            p.description = textwrap.fill(
-                description, width=min(shutil.get_terminal_size().columns, 100) - 2
-            )
-            p.epilog = "example:\n  " + example
-            p.formatter_class = argparse.RawDescriptionHelpFormatter
-        document(p, key)
+def build_parser(argv: list[str] | None = None) -> Parser:
+    """`ftctl`'s parser, from the command table (cli/table.py). With ``argv``, only the command it
+    names gets its arguments (and only its module is imported); without, every command does (shell
+    completion, the docs tests)."""
+    home = argparse.ArgumentParser(add_help=False)
+    home.add_argument(
+        "--home",
+        default=argparse.SUPPRESS,
+        help="workspace directory (default: $FTCTL_HOME or ~/.ftctl)",
+    )
+    p = Parser(
+        prog="ftctl",
+        description="Crash-proof controller for MLX LoRA fine-tuning.",
+        parents=[home],
+        epilog="Start with `ftctl demo`, or `ftctl init --model PATH`, `ftctl submit FILE.jsonl`, "
+        "`ftctl start`. `ftctl COMMAND --help` describes each command.",
+    )
+    p.add_argument("--version", action=_Version, nargs=0, help="print ftctl's version and exit")
+    wanted = None if argv is None else named(argv)
+    _add(p, "", home, wanted)
+    return p
+
+
+def named(argv: list[str]) -> str:
+    """The command ``argv`` names ("status", "service install"), as far as the table knows it."""
+    words, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--home":
+            skip = True
+        elif not a.startswith("-"):
+            words.append(a)
+    path = ""
+    for w in words:
+        if f"{path} {w}".strip() not in COMMANDS:
+            break
+        path = f"{path} {w}".strip()
+        if not isinstance(COMMANDS[path], Group):
+            break
+    return path
+
+
+def _add(parser: argparse.ArgumentParser, path: str, home, wanted: str | None) -> None:
+    """The subcommands of ``path`` ("" for the top), each described; the arguments of those wanted."""
+    children = [n for n in COMMANDS if n.rpartition(" ")[0] == path and n != path]
+    sub = parser.add_subparsers(
+        dest=f"{path.replace(' ', '_')}_command" if path else "command",
+        required=True,
+        parser_class=Parser,
+        metavar="COMMAND",
+        help="one of:",
+    )
+    for name in children:
+        c = COMMANDS[name]
+        s = sub.add_parser(name.rpartition(" ")[2], parents=[home], help=c.help)
+        s.description = textwrap.fill(
+            c.description, width=min(shutil.get_terminal_size().columns, 100) - 2
+        )
+        s.epilog = "example:\n  " + c.example
+        s.formatter_class = argparse.RawDescriptionHelpFormatter
+        if isinstance(c, Group):
+            _add(s, name, home, wanted)
+        elif wanted is None or wanted == name:
+            getattr(module(c), f"add_{c.args or c.handler}")(s)
+            s.set_defaults(_command=name, **c.defaults)
+
+
+def module(c: Command):
+    return importlib.import_module(f"ftctl.cli.{c.module}")
+
+
+def dispatch(args: argparse.Namespace, ws) -> int:
+    """Run the command ``args`` were parsed for, on workspace ``ws``: its exit code. Errors are the
+    caller's to report (cli/main.py)."""
+    c = COMMANDS[args._command]
+    return getattr(module(c), f"cmd_{c.handler}")(args, ws)
+
+
+def run(argv: list[str]) -> int:
+    """Parse ``argv`` and run the command it names (a command that runs others: the demo)."""
+    from ftctl.adapters.workspace import resolve_home
+
+    args = build_parser(argv).parse_args(argv)
+    return dispatch(args, resolve_home(getattr(args, "home", None)))
+
+
+class _Version(argparse.Action):
+    """--version: reads the package version only when asked (importlib.metadata is not free)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ftctl.control.daemon import VERSION
+
+        sys.stdout.write(f"ftctl {VERSION}\n")
+        parser.exit()

@@ -13,9 +13,6 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from . import render
-from .lazy import lazy
-
-lora = lazy("ftctl.control.lora")
 
 # mlx_lm.lora's flags: (option strings, config key, argparse keywords). Every one defaults to None
 # (given or not: mlx-lm's precedence is the flag over the -c file over its defaults).
@@ -121,31 +118,25 @@ FLAGS: list[tuple[tuple[str, ...], dict]] = [
 ]
 
 
-def register(sub, home) -> None:
-    s = sub.add_parser(
-        "lora",
-        parents=[home],
-        help="mlx_lm.lora's command line, as a crash-proof job (in the foreground)",
-    )
+def add_lora(p) -> None:
     for names, kw in FLAGS:
-        s.add_argument(*names, default=None, **kw)
-    s.add_argument(
+        p.add_argument(*names, default=None, **kw)
+    p.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
         help="set a key mlx-lm has no flag for (retention.keep_last=5, max_grad_norm=1.0; repeatable)",
     )
-    s.add_argument(
+    p.add_argument(
         "--lineage",
         help="join this lineage (warm start from its adapter, consolidation); default: the job's own",
     )
-    s.add_argument(
+    p.add_argument(
         "--again",
         action="store_true",
         help="train again even if the same data and config already completed",
     )
-    s.add_argument("--quiet", action="store_true", help="no progress output")
-    s.set_defaults(func=cmd_lora)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def _flags(args) -> dict:
@@ -155,6 +146,8 @@ def _flags(args) -> dict:
 
 
 def cmd_lora(args, ws) -> int:
+    from ftctl.control import lora
+
     report = render.ConsoleReporter(quiet=args.quiet)
     cfg, warnings = lora.resolve(
         ws, _flags(args), Path(args.config) if args.config else None, args.set or []
@@ -164,7 +157,7 @@ def cmd_lora(args, ws) -> int:
     if not cfg.train and not cfg.test:
         raise lora.LoraRefused(
             "ftctl lora needs --train or --test (or train: true / test: true in the -c file), as "
-            "mlx_lm.lora does; nothing was queued"
+            "mlx_lm.lora does"
         )
     if not cfg.train:
         return _test_only(ws, cfg)
@@ -189,7 +182,7 @@ def cmd_lora(args, ws) -> int:
 
 def _run(ws, job: str, report) -> int:
     """Train the job with a daemon of this command's own, or follow it under the one that runs."""
-    from ftctl.control import jobs
+    from ftctl.control import jobs, lora
     from ftctl.control.daemon import Daemon, DaemonError
 
     asked: list[str] = []
@@ -225,6 +218,8 @@ def _run(ws, job: str, report) -> int:
 
 
 def _result(ws, job: str, interrupted: bool) -> int:
+    from ftctl.control import lora
+
     j = lora.job(ws, job)
     if j.state == "completed":
         where = j.exported_to or j.adapter_path
@@ -279,6 +274,8 @@ def _rejected(sub) -> int:
 
 
 def _test_only(ws, cfg) -> int:
+    from ftctl.control import lora
+
     out = lora.test_only(ws, cfg)
     for w in out.warnings:
         render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
@@ -292,13 +289,11 @@ def _test_only(ws, cfg) -> int:
 
 
 def _show_eval(ws, e, seq, fine_tune_type: str = "lora") -> None:
-    from .commands import eval_table, verdict
-
     render.console.print(
         f"Test loss {e.adapter_loss:.3f}, Test ppl {e.adapter_ppl:.3f}."
         if e.adapter_loss is not None and e.adapter_ppl is not None
         else "Test loss not finite."
     )
     tuned = "trained layers (full fine-tune)" if fine_tune_type == "full" else "adapter"
-    render.console.print(eval_table(e, ws, tuned))
-    render.console.print(verdict(e) + (f" (recorded as event {seq})" if seq else ""))
+    render.console.print(render.eval_table(e, ws, tuned))
+    render.console.print(render.eval_verdict(e) + (f" (recorded as event {seq})" if seq else ""))

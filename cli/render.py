@@ -19,8 +19,9 @@ import msgspec
 from ftctl.adapters import protocol as P
 from ftctl.control.reporter import Every, Reporter
 from ftctl.control.status import DaemonView, JobView
+from ftctl.core.crash import where as crash_where
 from ftctl.core.state import JobState, as_dict
-from ftctl.events.types import Recorded, to_dict
+from ftctl.events.types import AdapterEvaluated, Recorded, to_dict
 
 # rich (and yaml) are imported on first use: `--json` output and a failing command's message never
 # pay for them (see docs/architecture.md, "Start-up"). `render.console` / `render.err_console` are
@@ -175,6 +176,14 @@ def env_line(env: dict) -> str:
     return (
         f"mlx {env.get('mlx', '?')}, mlx_lm {env.get('mlx_lm', '?')}, {kind} {lib.rsplit('/', 1)[-1]} "
         f"x{env.get('blas_threads', '?')}, {env.get('platform', '?')}"
+    )
+
+
+def event_line(r: Recorded) -> str:
+    """One event on one line (`ftctl history --follow`)."""
+    return (
+        f"{r.ts[:19].replace('T', ' ')}  {r.seq:>6}  {r.stream:<12} "
+        f"{type(r.event).kind():<22} {event_fields(r)}"
     )
 
 
@@ -488,7 +497,7 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
         where = f" on rank {c.rank} ({c.host})" if c.rank is not None else ""
         t.add_row(
             "last crash",
-            escape(f"{c.category}{where} at step {c.step} ({c.ts[:19]}): {c.suggestion}"),
+            escape(f"{c.category}{where} {crash_where(c)} ({c.ts[:19]}): {c.suggestion}"),
         )
         if c.verdict:
             t.add_row(
@@ -713,3 +722,61 @@ def memory(gb: float | None) -> str:
         return f"{gb:.2f} GB"
     mb = gb * 1000
     return f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
+
+
+def eval_table(e: AdapterEvaluated, ws, tuned: str = "adapter"):
+    """An `adapter_evaluated` record as `ftctl eval` shows it (also `ftctl lora --test`), its paths
+    where the workspace ``ws`` is now (the journal records them relative to it); ``tuned`` names what
+    was trained (a full fine-tune's layers)."""
+    from rich.table import Table
+
+    def num(x: float | None, spec: str) -> str:
+        return "not finite" if x is None else format(x, spec)
+
+    owner = f"job {e.job}" if e.job else "the adapter"
+    t = Table(
+        title=f"{owner} on {escape(str(ws.abs(e.data_path)))} ({e.examples} examples, "
+        f"{e.tokens} tokens scored)"
+    )
+    p = e.preference  # preference pairs: the loss is the chosen answers'; how each model ranks them
+    cols = ("model", "loss", "perplexity") + (("pairs ranked right", "margin") if p else ())
+    for c in cols:
+        t.add_column(c, justify="left" if c == "model" else "right")
+    t.add_row(
+        f"base {escape(str(ws.abs(e.base_model)))}",
+        num(e.base_loss, ".4f"),
+        num(e.base_ppl, ".2f"),
+        *((num(p.base_accuracy, ".1%"), num(p.base_margin, "+.3f")) if p else ()),
+    )
+    t.add_row(
+        f"base + {tuned} {'of job ' + e.job if e.job else escape(str(ws.abs(e.adapter_path)))}",
+        num(e.adapter_loss, ".4f"),
+        num(e.adapter_ppl, ".2f"),
+        *((num(p.adapter_accuracy, ".1%"), num(p.adapter_margin, "+.3f")) if p else ()),
+    )
+    return t
+
+
+def eval_verdict(e: AdapterEvaluated) -> str:
+    """Did fine-tuning help: the adapter's loss against the base model's on the same data; on
+    preference pairs, how the two rank them and the adapter's DPO reward against the base."""
+    if (p := e.preference) is not None:
+        return (
+            f"pairs ranked right: {_fmt(p.base_accuracy, '.1%')} → {_fmt(p.adapter_accuracy, '.1%')}; "
+            f"DPO reward against the base (beta {p.beta:g}): margin {_fmt(p.reward_margin, '+.4f')}, "
+            f"positive on {_fmt(p.reward_accuracy, '.1%')} of pairs (loss and perplexity: the chosen "
+            "answers')"
+        )
+    if e.base_loss is None or e.adapter_loss is None:
+        return "[red]a loss is not finite[/]: no comparison"
+    change = e.adapter_loss - e.base_loss
+    ppl = (
+        f", perplexity {e.base_ppl:.2f} → {e.adapter_ppl:.2f}"
+        if e.base_ppl is not None and e.adapter_ppl is not None
+        else ""
+    )
+    if change < 0:
+        return (
+            f"[green]fine-tuning helped[/]: loss {change:+.4f} ({change / e.base_loss:+.1%}){ppl}"
+        )
+    return f"[yellow]fine-tuning did not help on this data[/]: loss {change:+.4f}{ppl}"

@@ -1,5 +1,5 @@
 """Commands that show the training: metrics, plot, export-tb, serve. Each parses, calls the
-control layer (control/metrics.py, control/tensorboard.py), renders."""
+control layer (control/metrics.py, control/tensorboard.py), renders (cli/table.py names them)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,12 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from ftctl.recovery.ledger import Ledger
+from ftctl.control.ledger import Ledger
+from ftctl.events.errors import UserError
 
 from . import render
 from .args import port
-from .lazy import lazy
 from .render import memory
-
-metrics = lazy("ftctl.control.metrics")
-jobs = lazy("ftctl.control.jobs")
 
 SERVE_EXTRA = "pip install 'ftctl[serve]'"
 PLOT_EXTRA = "pip install 'ftctl[plot]'"
@@ -50,7 +47,25 @@ def _pairs(p: dict) -> str:
     return out
 
 
+def add_metrics(p) -> None:
+    p.add_argument("job", nargs="*", help="job ids (7 or 0007)")
+    p.add_argument("--lineage", metavar="NAME", help="every job of the lineage instead")
+    p.add_argument("--since", type=int, metavar="STEP", help="only points after global step STEP")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="also the points a resume superseded (reported after the last checkpoint by a crashed attempt)",
+    )
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--csv", action="store_true", help="CSV with a header line")
+    fmt.add_argument(
+        "--json", action="store_true", help="JSON: the jobs (counts, markers) and the points"
+    )
+
+
 def cmd_metrics(args, ws) -> int:
+    from ftctl.control import metrics
+
     ledger = _read_ledger(ws)
     all_series = metrics.lineage_series(
         ledger, args.job, args.lineage, since=args.since, superseded=args.all
@@ -131,26 +146,36 @@ def cmd_metrics(args, ws) -> int:
     return 0
 
 
+def add_plot(p) -> None:
+    p.add_argument("job", nargs="*", help="job ids (7 or 0007)")
+    p.add_argument("--lineage", metavar="NAME", help="every job of the lineage instead")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.png or FILE.svg")
+    p.add_argument("--json", action="store_true", help="print what was drawn as JSON")
+
+
 def cmd_plot(args, ws) -> int:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise jobs.UserError(f"`ftctl plot` needs matplotlib: {PLOT_EXTRA}") from None
+        raise UserError(f"`ftctl plot` needs matplotlib: {PLOT_EXTRA}") from None
     out = Path(args.output)
     if out.suffix.lower() not in (".png", ".svg"):
-        raise jobs.UserError(f"-o {args.output}: the file must end in .png or .svg")
+        raise UserError(f"-o {args.output}: the file must end in .png or .svg")
     if not out.parent.is_dir():
-        raise jobs.UserError(f"-o {args.output}: the folder {out.parent} does not exist")
+        raise UserError(f"-o {args.output}: the folder {out.parent} does not exist")
+    from ftctl.control import metrics
+
     ledger = _read_ledger(ws)
     all_series = metrics.lineage_series(ledger, args.job, args.lineage)
     drawn = [s for s in all_series if s.counts["train"] or s.counts["val"]]
     empty = [s for s in all_series if s not in drawn]
     if not drawn:
         which = ", ".join(f"{s.job} ({s.state})" for s in empty)
-        raise jobs.UserError(
-            f"nothing to plot: no loss was recorded yet for job {which} (a job reports every "
-            f"`steps_per_report` steps once it trains, and evaluates every `steps_per_eval`); "
-            f"no file was written"
+        raise UserError(
+            f"nothing to plot: no loss was recorded yet for job {which}",
+            kept="no file was written",
+            do="plot it once it trains: a job reports every `steps_per_report` steps and evaluates "
+            "every `steps_per_eval`",
         )
     from .plot import draw, title
 
@@ -174,6 +199,13 @@ def cmd_plot(args, ws) -> int:
     return 0
 
 
+def add_export_tb(p) -> None:
+    p.add_argument("job", nargs="*", help="job ids (default: every job)")
+    p.add_argument("--lineage", metavar="NAME", help="every job of the lineage")
+    p.add_argument("-o", "--output", metavar="DIR", help="the log folder (default: WS/tensorboard)")
+    p.add_argument("--json", action="store_true", help="print the folders written as JSON")
+
+
 def cmd_export_tb(args, ws) -> int:
     from ftctl.control.tensorboard import export
 
@@ -194,11 +226,11 @@ def check_bind(host: str, token: str | None) -> None:
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
-        raise jobs.UserError(
+        raise UserError(
             f"--host {host!r} is not an IP address (give one, e.g. 127.0.0.1 or 0.0.0.0)"
         ) from None
     if not loopback and not token:
-        raise jobs.UserError(
+        raise UserError(
             f"refusing to serve on {host}, which other machines can reach, without a token: "
             "add --token TOKEN (every request must then carry it), or leave --host out for 127.0.0.1"
         )
@@ -208,10 +240,27 @@ def serve_app(ws, token: str | None, host: str = "127.0.0.1"):
     try:
         from .web.app import make_app
     except ImportError as e:
-        raise jobs.UserError(
+        raise UserError(
             f"`ftctl serve` needs Starlette and uvicorn ({e.name} is missing): {SERVE_EXTRA}"
         ) from None
     return make_app(ws, token=token, host=host)
+
+
+def add_serve(p) -> None:
+    p.add_argument(
+        "--port", type=port, default=8765, help="TCP port (default 8765; 0: any free port)"
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address to bind (default 127.0.0.1; any other needs --token)",
+    )
+    p.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="every request must carry it (?token= or Authorization: Bearer)",
+    )
 
 
 def cmd_serve(args, ws) -> int:
@@ -230,60 +279,3 @@ def cmd_serve(args, ws) -> int:
     )
     run(app, sock)
     return 0
-
-
-def register(sub, home) -> None:
-    s = sub.add_parser(
-        "metrics",
-        parents=[home],
-        help="every recorded training point of jobs (loss, val loss, lr, …)",
-    )
-    s.add_argument("job", nargs="*", help="job ids (7 or 0007)")
-    s.add_argument("--lineage", metavar="NAME", help="every job of the lineage instead")
-    s.add_argument("--since", type=int, metavar="STEP", help="only points after global step STEP")
-    s.add_argument(
-        "--all",
-        action="store_true",
-        help="also the points a resume superseded (reported after the last checkpoint by a crashed attempt)",
-    )
-    fmt = s.add_mutually_exclusive_group()
-    fmt.add_argument("--csv", action="store_true", help="CSV with a header line")
-    fmt.add_argument(
-        "--json", action="store_true", help="JSON: the jobs (counts, markers) and the points"
-    )
-    s.set_defaults(func=cmd_metrics)
-
-    s = sub.add_parser(
-        "plot", parents=[home], help="train and val loss against global step, to a PNG or SVG"
-    )
-    s.add_argument("job", nargs="*", help="job ids (7 or 0007)")
-    s.add_argument("--lineage", metavar="NAME", help="every job of the lineage instead")
-    s.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.png or FILE.svg")
-    s.add_argument("--json", action="store_true", help="print what was drawn as JSON")
-    s.set_defaults(func=cmd_plot)
-
-    s = sub.add_parser(
-        "export-tb", parents=[home], help="write TensorBoard event files from the journal"
-    )
-    s.add_argument("job", nargs="*", help="job ids (default: every job)")
-    s.add_argument("--lineage", metavar="NAME", help="every job of the lineage")
-    s.add_argument("-o", "--output", metavar="DIR", help="the log folder (default: WS/tensorboard)")
-    s.add_argument("--json", action="store_true", help="print the folders written as JSON")
-    s.set_defaults(func=cmd_export_tb)
-
-    s = sub.add_parser("serve", parents=[home], help="a read-only live status page in the browser")
-    s.add_argument(
-        "--port", type=port, default=8765, help="TCP port (default 8765; 0: any free port)"
-    )
-    s.add_argument(
-        "--host",
-        default="127.0.0.1",
-        metavar="ADDR",
-        help="address to bind (default 127.0.0.1; any other needs --token)",
-    )
-    s.add_argument(
-        "--token",
-        metavar="TOKEN",
-        help="every request must carry it (?token= or Authorization: Bearer)",
-    )
-    s.set_defaults(func=cmd_serve)

@@ -19,22 +19,25 @@ from ftctl.adapters import checkpoint as ck
 from ftctl.adapters import fuse, gguf, system
 from ftctl.adapters.faults import crash_point
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.machine import TERMINAL
 from ftctl.core.state import DAEMON_STREAM, LineageState, Projection, lineage_stream
 from ftctl.events import types as ev
-from ftctl.recovery.ledger import Ledger
+from ftctl.events.errors import UserError
 from ftctl.recovery.reconcile import Repair, apply, rm
 
 from . import retention
-from .jobs import UserError, find_job
+from .jobs import find_job
 from .models import IMPORTED
 from .reporter import Note, quiet
 
 _FUSED_NAME = re.compile(r"^(\.tmp-)?v\d{4}(-\d+)?$")  # fuse.model_dir / fuse.temp_dir
 
 
-class ConsolidationRefused(Exception):
+class ConsolidationRefused(UserError):
     """Consolidation cannot run now; nothing was changed."""
+
+    kept = "nothing was changed"
 
 
 def blockers(p: Projection, lineage: str) -> list[str]:
@@ -94,17 +97,18 @@ def set_head(ws: Workspace, ledger: Ledger, job: str) -> ev.HeadSet:
         )
     if lin.head_job == j.job:
         raise UserError(
-            f"job {j.job} is already the head of lineage {j.lineage!r}; nothing was changed"
+            f"job {j.job} is already the head of lineage {j.lineage!r}", kept="nothing was changed"
         )
     if _adapter_sha(ws, j.adapter_path) != j.adapter_sha256:
         raise UserError(
-            f"the adapter of job {j.job} at {j.adapter_path} no longer matches the sha256 recorded when it "
-            "completed; nothing was changed — restore it first"
+            f"the adapter of job {j.job} at {j.adapter_path} no longer matches the sha256 recorded "
+            "when it completed",
+            kept="nothing was changed",
+            do="restore it first",
         )
     e = ev.HeadSet(lineage=lin.name, job=j.job, previous=lin.head_job)
-    ledger.commit(
-        lineage_stream(lin.name), e
-    )  # IllegalTransition while the lineage is consolidating
+    # IllegalTransition while the lineage is consolidating
+    ledger.commit(lineage_stream(lin.name), e)
     return e
 
 
@@ -113,34 +117,6 @@ def request(ledger: Ledger, lineage: str) -> None:
     if lineage not in ledger.state.lineages:
         check(ledger.state, lineage)  # raises: no such lineage
     ledger.commit(lineage_stream(lineage), ev.ConsolidationRequested(lineage=lineage))
-
-
-def now_or_requested(
-    ws: Workspace, ledger: Ledger, lineage: str, note: Note = quiet
-) -> fuse.FusedModel | None:
-    """`ftctl consolidate`: with no daemon running, recover then consolidate now (holding the lock);
-    with one running, record a request it carries out when the lineage is idle (returns None)."""
-    from .recover import (
-        DaemonRunning,
-        Locked,
-        recover,
-    )  # recover.py composes our repairs: import here, no cycle
-
-    try:
-        with Locked(ws):
-            cfg, _ = ws.load_config()
-            recover(ws, ledger)  # never fuse on top of debris
-            return consolidate(
-                ws,
-                ledger,
-                lineage,
-                keep_models=cfg.consolidation.keep_models,
-                min_free_gb=cfg.min_free_disk_gb,
-                note=note,
-            )
-    except DaemonRunning:
-        request(ledger, lineage)
-        return None
 
 
 def consolidate(
@@ -164,13 +140,14 @@ def consolidate(
     if free < need:
         raise ConsolidationRefused(
             f"only {free:.2f} GB free, fusing needs about {need:.2f} GB (the base model, "
-            "the fused one — dequantized if the base is quantized — plus min_free_disk_gb): free "
-            "space and retry; nothing was changed"
+            "the fused one — dequantized if the base is quantized — plus min_free_disk_gb)",
+            do="free space and retry",
         )
     if _adapter_sha(ws, head.adapter_path) != head.adapter_sha256:
         raise ConsolidationRefused(
             f"the adapter of job {head.job} at {head.adapter_path} no longer matches the sha256 "
-            "recorded when it completed; nothing was changed — restore it before consolidating"
+            "recorded when it completed",
+            do="restore it before consolidating",
         )
     version = max([lin.base_version] + [m.version for m in lin.models]) + 1
     stream = lineage_stream(lineage)

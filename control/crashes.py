@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ftctl.control.ledger import Ledger
 from ftctl.core.state import job_stream
 from ftctl.events import types as ev
 from ftctl.events.types import Recorded
-from ftctl.recovery.ledger import Ledger
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""The daemon (`ftctl start`): one per workspace (flock), parent of one worker at a time.
+"""The daemon (`ftctl start`): one per workspace (flock), parent of one attempt at a time.
 
 It recovers, records that it started, then loops: user requests from the journal, the inbox, the
-queue (one job at a time, supervised by supervise.py), the consolidation schedule. It reports
-through a Reporter and appends every line it reports to logs/daemon.log; it never prints.
+queue (one job at a time: its attempt is supervised by supervise.py, whatever its number of ranks),
+the consolidation schedule. It reports through a Reporter and appends every line it reports to
+logs/daemon.log; it never prints.
 """
 
 from __future__ import annotations
@@ -12,27 +13,26 @@ import socket
 import time
 from pathlib import Path
 
-from ftctl.adapters import blas, logs, power, process, system
-from ftctl.adapters.faults import crash_point
+from ftctl.adapters import logs, process, system
 from ftctl.adapters.model import checkpoint_estimate, model_problem
-from ftctl.adapters.protocol import TrainPlan, encode
+from ftctl.adapters.protocol import TrainPlan
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.config import Config, ConfigError, locked_changes
 from ftctl.core.machine import ACTIVE
-from ftctl.core.policy import disk_needed_gb
+from ftctl.core.retention import disk_needed_gb
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.events.types import CheckpointRecord
 from ftctl.recovery import reconcile
-from ftctl.recovery.ledger import Ledger
 
-from . import consolidation, group, recover
+from . import consolidation, recover, supervise
 from .inbox import SETTLE_S, inbox_files, skip_reason
 from .notifier import Notifier
 from .reporter import SILENT, Reporter
 from .standby import Standby
 from .submit import RESUME_ADAPTER, SubmitError, submit
-from .supervise import Supervision
 
 POLL_S = 0.25
 
@@ -54,8 +54,8 @@ def _unused(dest: Path) -> Path:
     return out
 
 
-class DaemonError(Exception):
-    pass
+class DaemonError(UserError):
+    """The daemon cannot start here (another one runs)."""
 
 
 class LockedConfig(Exception):
@@ -77,13 +77,11 @@ class Daemon:
         self.until_job = until_job  # `ftctl lora`: run until this job is done (or paused, failed…)
         self.env = env or {}
         self.report = report
-        self.stopping: str | None = None  # why we were asked to stop (a signal's name)
-        self.force = False  # asked twice: kill the worker, do not wait for a checkpoint
+        self.flags = supervise.StopFlags()  # why we were asked to stop; twice: kill, no checkpoint
         self.ledger: Ledger | None = None
         self.refused: set[tuple[str, int]] = set()
-        self.ended: dict[
-            str, tuple[str, str]
-        ] = {}  # after run(): jobs it moved, -> (state, reason)
+        # after run(): jobs it moved, -> (state, reason)
+        self.ended: dict[str, tuple[str, str]] = {}
         self.skipped: set[tuple[str, float]] = set()  # inbox files already said to be skipped
         self.standby = Standby(ws, self.env, self.say)  # the spare worker (control/standby.py)
         self.notifier: Notifier | None = None  # notify: targets (control/notifier.py)
@@ -96,12 +94,30 @@ class Daemon:
         self.report.note(text, level)
         self.log(text)
 
+    @property
+    def stopping(self) -> str | None:
+        return self.flags.why
+
     def stop(self, why: str) -> None:
         """Ask the daemon to stop (a signal handler calls this): the running job checkpoints first;
         asked a second time, the worker is killed."""
-        if self.stopping:
-            self.force = True
-        self.stopping = why
+        if self.flags.why:
+            self.flags.force = True
+        self.flags.why = why
+
+    def host(self) -> supervise.Host:
+        """What a supervised attempt may use of the daemon."""
+        return supervise.Host(
+            ws=self.ws,
+            ledger=self.ledger,
+            report=self.report,
+            log=self.log,
+            standby=self.standby,
+            stop=self.flags,
+            env=self.env,
+            prevent_sleep=self._prevent_sleep,
+            chores=self.scan_inbox,
+        )
 
     def acquire(self) -> int:
         self.ws.require()
@@ -113,9 +129,10 @@ class Daemon:
             ledger.close()
             since = f", running since {d.started_at[:19]} UTC" if d.running else ""
             raise DaemonError(
-                f"another ftctl daemon is running on {self.ws.home} ({e.holder.strip()}{since}). "
-                "Only one may run per workspace; nothing was changed. Use `ftctl status`, or "
-                "`ftctl shutdown` to stop it."
+                f"another ftctl daemon is running on {self.ws.home} ({e.holder.strip()}{since}); "
+                "only one may run per workspace",
+                kept="nothing was changed",
+                do="use `ftctl status`, or `ftctl shutdown` to stop it",
             ) from None
 
     def run(self) -> str:
@@ -181,18 +198,9 @@ class Daemon:
             f"notifications: {len(cfg.notify)} target(s) (read at start; restart the daemon after editing notify:)"
         )
 
-    def _hold_power(self, j: JobState) -> power.Held | None:
+    def _prevent_sleep(self) -> bool:
         cfg = self._daemon_config()
-        if cfg is not None and not cfg.power.prevent_sleep:
-            return None
-        h = power.hold(
-            self.ws.lock_path.parent,
-            f"ftctl job {j.job} is training",
-            lost=lambda note: self.log(f"job {j.job}: power assertion lost: {note}"),
-        )
-        if not h.state.get("held"):
-            self.say(f"job {j.job}: {h.state.get('note')}", "warn")
-        return h
+        return cfg is None or cfg.power.prevent_sleep
 
     def _stopped(self, reason: str) -> None:
         """Record the stop, even on the way out of an internal error (best effort: the error
@@ -414,57 +422,4 @@ class Daemon:
             test_path=str(test) if j.config.test and test.exists() else None,
             resume_adapter_file=str(resume_file) if j.config.resume_adapter_file else None,
         )
-        if j.config.distributed is not None:  # data-parallel: mlx.launch and its ranks (group.py)
-            return group.run(self, j, plan, resume, warm, base, parent)
-        oom_before = system.oom_kill_count()
-        lib, fingerprint = blas.for_worker(
-            j.config.blas
-        )  # the BLAS the worker runs on (probed once)
-        if lib.kind == "reference" and j.config.blas != "reference":
-            self.say(f"job {j.job}: the worker runs on the slow reference BLAS: {lib.why}", "warn")
-        worker = None
-        if j.config.standby:  # the warm spare, if there is one started with this very BLAS
-            worker = self.standby.take(encode(plan), self.ws.job_log(j.job), lib.env)
-        else:
-            self.standby.dismiss()
-        spare = worker is not None
-        if worker is None:
-            worker = process.spawn_worker(
-                encode(plan),
-                self.ws.job_log(j.job),
-                {**lib.env, **self.env},
-                label=(j.job, str(self.ws.home)),
-            )
-        crash_point("daemon_after_spawn", j.attempt + 1)
-        resume_step, attempt = resume.step if resume else 0, j.attempt + 1
-        self.ledger.commit(
-            stream,
-            ev.TrainingStarted(
-                job=j.job,
-                attempt=attempt,
-                worker_pid=worker.id.pid,
-                worker_started_at=worker.id.started_at,
-                resume_step=resume_step,
-                resume_checkpoint=resume.path if resume else None,
-                warm_start_from=warm,
-                parent_job=parent,
-                global_step_base=base,
-                base_model=j.config.model,
-                env=fingerprint,
-                env_changed=blas.fingerprint_diff(j.env, fingerprint) if resume else [],
-            ),
-        )
-        how = (
-            f"resuming from step {resume_step}"
-            if resume
-            else ("warm start from " + warm if warm else "fresh adapter")
-        )
-        self.say(
-            f"job {j.job} ({j.name}): training, attempt {attempt}, worker pid "
-            f"{worker.id.pid}{' (the standby)' if spare else ''}, {how}"
-        )
-        held = self._hold_power(j)  # no sleep while it trains (power.prevent_sleep)
-        try:
-            Supervision(self, j, worker, oom_before, resume_step).watch()
-        finally:
-            power.release(held)
+        supervise.run(self.host(), j, plan, resume, warm, base, parent)

@@ -12,14 +12,15 @@ import time
 from dataclasses import dataclass
 
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.state import JobState, job_stream
+from ftctl.events.errors import UserError
 from ftctl.events.journal import Journal
 from ftctl.events.types import Recorded
-from ftctl.recovery.ledger import Ledger, state_at
+from ftctl.recovery.replay import state_at
 
 from . import status as st
 from .crashes import Crash, crashes
-from .jobs import UserError
 from .metrics import Series, series
 
 HISTORY_TAIL = 40

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from ftctl.adapters.fs import write_durable
 from ftctl.adapters.workspace import Workspace, WorkspaceError, init_workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.config import config_sha256, config_to_dict
-from ftctl.recovery.ledger import Ledger
+from ftctl.events.errors import UserError
 
 from .daemon import Daemon
 from .reporter import SILENT, Reporter
@@ -49,8 +50,10 @@ DEMO_CONFIG = {
 MARKER = ".ftctl-demo"  # in a folder `ftctl demo` made: the only kind of folder it will ever delete
 
 
-class DemoRefused(Exception):
+class DemoRefused(UserError):
     """The demo will not run here as asked; nothing was changed."""
+
+    kept = "nothing was changed"
 
 
 def init_demo(home: Path):
@@ -59,7 +62,9 @@ def init_demo(home: Path):
 
     ws = Workspace(Path(home))
     if ws.exists():
-        raise WorkspaceError(f"{ws.home} already holds an ftctl workspace; nothing was changed")
+        raise WorkspaceError(
+            f"{ws.home} already holds an ftctl workspace", kept="nothing was changed"
+        )
     paths = build_demo(ws.home / "demo")
     init_workspace(ws.home, str(paths.model_dir), DEMO_CONFIG)  # recorded as demo/model
     return paths
@@ -99,8 +104,9 @@ def _prepare(home: Path, reset: bool, report: Reporter) -> Workspace:
         )
         raise DemoRefused(
             f"{ws.home} is {what} that `ftctl demo` did not make (no {MARKER} marker): the demo "
-            "neither trains into nor deletes it. Nothing was changed. Run the demo elsewhere "
-            "(`ftctl demo --home NEW_FOLDER`, or without --home for ./ftctl-demo)."
+            "neither trains into nor deletes it",
+            do="run the demo elsewhere (`ftctl demo --home NEW_FOLDER`, or without --home for "
+            "./ftctl-demo)",
         )
     if reset and ours:
         shutil.rmtree(ws.home)
@@ -123,17 +129,16 @@ def tour(home: Path, *, reset: bool, kill_at: int, report: Reporter = SILENT) ->
     iters = DEMO_CONFIG["iters"]
     if not 1 <= kill_at < iters:
         raise DemoRefused(
-            f"--kill-at {kill_at} is outside the demo job's {iters} iterations: pick a step "
-            f"between 1 and {iters - 1}. Nothing was changed."
+            f"--kill-at {kill_at} is outside the demo job's {iters} iterations",
+            do=f"pick a step between 1 and {iters - 1}",
         )
     ws = _prepare(home, reset, report)
     data = ws.home / "demo" / "data"
     report.section("1. submit the demo data (validated before it is queued)")
     job = _submit(ws, data, "demo", report)
     report.section(f"2. train; the worker is SIGKILLed at step {kill_at} (a simulated crash)")
-    marker = (
-        ws.home / "run" / f"demo-crash-{job}.marker"
-    )  # one per job: a re-run kills its own job too
+    # one per job: a re-run kills its own job too
+    marker = ws.home / "run" / f"demo-crash-{job}.marker"
     Daemon(
         ws, until_idle=True, env={"FTCTL_CRASH_AT": f"mid_step:{kill_at}:{marker}"}, report=report
     ).run()

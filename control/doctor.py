@@ -12,11 +12,11 @@ from ftctl.adapters import blas, power, process, system
 from ftctl.adapters import checkpoint as ck
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.config import Config, ConfigError, job_config, override_key
 from ftctl.core.machine import ACTIVE
 from ftctl.core.state import Projection, job_stream
 from ftctl.events.journal import storage_problem
-from ftctl.recovery.ledger import Ledger
 from ftctl.recovery.reconcile import apply
 
 from . import recover, retention
@@ -265,9 +265,8 @@ def _resources(ws: Workspace, cfg: Config | None) -> list[Finding]:
     else:
         out.append(Finding("processes", "ok", "no orphan worker"))
     free = system.free_disk_gb(ws.home)
-    need = (
-        cfg or Config(model="")
-    ).min_free_disk_gb  # the schema's default while ftctl.yaml is unreadable
+    # the schema's default while ftctl.yaml is unreadable
+    need = (cfg or Config(model="")).min_free_disk_gb
     out.append(
         Finding(
             "disk",
@@ -294,9 +293,8 @@ def _checkpoints(ws: Workspace, ledger: Ledger, holder: str | None) -> list[Find
     if holder is not None:
         return []  # the running daemon owns the disk; its recovery ran at its start
     repairs = recover.plan(ws, ledger)
-    stale = {
-        job_stream(j.job) for j in ledger.state.jobs.values() if j.state in ACTIVE
-    }  # reported above
+    # reported above
+    stale = {job_stream(j.job) for j in ledger.state.jobs.values() if j.state in ACTIVE}
     out = [
         Finding(
             "checkpoints",
@@ -332,9 +330,8 @@ def _config_drift(p: Projection, cfg: Config) -> list[Finding]:
     lin = p.lineages.get(latest.lineage)
     if lin is not None and lin.base_version > 0:
         recorded["model"] = now["model"]  # after a promotion jobs train on the new base by design
-    own = frozenset(
-        k for o in latest.overrides if (k := override_key(o))
-    )  # its --set: chosen, not drift
+    # its --set: chosen, not drift
+    own = frozenset(k for o in latest.overrides if (k := override_key(o)))
     drift = _diff(now, recorded, skip=own)
     besides = f" (besides its own overrides {', '.join(sorted(own))})" if own else ""
     if not drift:

@@ -14,12 +14,13 @@ from ftctl.adapters.checkpoint import adapter_sha256
 from ftctl.adapters.fs import UnreadableFile, read_input
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.dataset import validate_jsonl
 from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
-from ftctl.recovery.ledger import Ledger
+from ftctl.events.errors import UserError
 
-from .jobs import UserError, find_job
+from .jobs import find_job
 
 
 class EvalRefused(UserError):

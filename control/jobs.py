@@ -14,15 +14,12 @@ from dataclasses import dataclass
 
 from ftctl.adapters import process
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.config import Config
 from ftctl.core.machine import ACTIVE
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import types as ev
-from ftctl.recovery.ledger import Ledger
-
-
-class UserError(Exception):
-    """A request that cannot be served as asked (unknown job, bad range…); nothing was changed."""
+from ftctl.events.errors import UserError
 
 
 def find_job(ledger: Ledger, job: str) -> JobState:
@@ -42,9 +39,8 @@ class Outcome:
     action: str  # "pause" | "resume" | "retry" | "cancel"
     event: str  # the event committed: "paused", "resumed", "cancelled" or "control_requested"
     deferred: bool  # True: the daemon carries it out (the job is training)
-    daemon_alive: bool = (
-        True  # False: no daemon holds the lock; a deferred request waits for `ftctl start`
-    )
+    # False: no daemon holds the lock; a deferred request waits for `ftctl start`
+    daemon_alive: bool = True
     changes: tuple[str, ...] = ()  # retry --set: "key: old -> new"
     effect: str = ""  # retry: where it continues from, and whether bit-exact
 

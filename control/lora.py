@@ -37,11 +37,11 @@ from ftctl.core.config import (
 from ftctl.core.machine import ACTIVE
 from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.events.types import Metrics
-from ftctl.recovery.ledger import Ledger
 
 from . import jobs, models
-from .jobs import UserError
+from .ledger import Ledger
 from .reporter import Reporter
 from .submit import DuplicateSubmission, Submission, read_source, submit
 
@@ -58,7 +58,9 @@ POLL_S = 0.5
 
 
 class LoraRefused(UserError):
-    """`ftctl lora` will not run as asked; nothing was queued."""
+    """`ftctl lora` will not run as asked."""
+
+    kept = "nothing was queued"
 
 
 def resolve(

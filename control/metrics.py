@@ -14,12 +14,13 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from operator import itemgetter
 
-from ftctl.core.state import JobState, Projection, job_stream
+from ftctl.control.ledger import Ledger
+from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.events.journal import Journal
-from ftctl.recovery.ledger import Ledger
 
-from .jobs import UserError, find_job
+from .jobs import find_job
 
 COLUMNS = (
     "job",
@@ -65,9 +66,8 @@ class Series:
     state: str
     iters: int
     global_step_base: int
-    points: list[dict] = field(
-        default_factory=list
-    )  # COLUMNS + "id" (the metrics row; None for a val-only point)
+    # COLUMNS + "id" (the metrics row; None for a val-only point)
+    points: list[dict] = field(default_factory=list)
     markers: list[Marker] = field(default_factory=list)
     last_id: int = 0  # the newest metrics row seen: `since_id` for the next incremental read
 
@@ -114,9 +114,8 @@ def series(
     (a live view's increment; val points come from events and are left to a full read)."""
     starts: list[tuple[str, int, int]] = []  # (ts, attempt, resume_step) of every attempt
     vals: list[tuple[str, int, int, float | None]] = []
-    ranks: list[
-        tuple[str, int, list]
-    ] = []  # (ts, step, tokens/s of each rank) of a data-parallel job
+    # (ts, step, tokens/s of each rank) of a data-parallel job
+    ranks: list[tuple[str, int, list]] = []
     markers: list[Marker] = []
     crashes: list[
         tuple[int, str, str, int]
@@ -176,9 +175,8 @@ def series(
         rewound[k] = min(rewound[k + 1], starts[k][2])
 
     def attempt_of(ts: str) -> int:
-        return max(
-            bisect_right(stamps, ts), 1
-        )  # a report before any recorded start: the first attempt
+        # a report before any recorded start: the first attempt
+        return max(bisect_right(stamps, ts), 1)
 
     out = Series(
         job=j.job,
@@ -297,11 +295,3 @@ def lineage_series(
     ledger: Ledger, jobs: list[str], lineage: str | None = None, **kw
 ) -> list[Series]:
     return [series(ledger.journal, j, **kw) for j in select_jobs(ledger, jobs, lineage)]
-
-
-def job_series(p: Projection, journal: Journal, job: str, **kw) -> Series:
-    """One job by its exact id (the web page's own links), UserError if it is not there."""
-    j = p.jobs.get(job)
-    if j is None:
-        raise UserError(f"no job {job}")
-    return series(journal, j, **kw)

@@ -16,16 +16,17 @@ from ftctl.adapters import gguf
 from ftctl.adapters.fs import sha256_file
 from ftctl.adapters.model import ModelNotFound, is_repo_id, model_problem, resolve_repo
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.state import DAEMON_STREAM, Projection
 from ftctl.events import types as ev
-from ftctl.recovery.ledger import Ledger
+from ftctl.events.errors import UserError
 
 from .reporter import Note, quiet
 
 IMPORTED = "imported"
 
 
-class ModelRefused(Exception):
+class ModelRefused(UserError):
     """The model cannot be used; nothing was recorded (the message says why and what to do)."""
 
 

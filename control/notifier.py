@@ -74,9 +74,8 @@ class Notifier:
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
         while not self._abandon.is_set():
-            closing = (
-                self._closing
-            )  # read before the pass: the pass after close() sees daemon_stopped
+            # read before the pass: the pass after close() sees daemon_stopped
+            closing = self._closing
             try:
                 self._pass()
             except Exception as e:  # a bug or a journal problem: say it, never take the daemon down

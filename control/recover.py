@@ -1,7 +1,8 @@
 """Recovery as the application runs it: the journal's repairs (recovery.reconcile: stale jobs,
 orphans, debris, corrupt checkpoints) plus consolidation's (a half-done fuse, model debris, what
 a promotion superseded). Run by every daemon start, `ftctl recover`, `ftctl doctor --fix` and
-before `ftctl consolidate`, always holding the daemon lock.
+before `ftctl consolidate` (``consolidate_now``: the lock, recovery, then the fuse), always holding
+the daemon lock.
 """
 
 from __future__ import annotations
@@ -9,24 +10,29 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ftctl.adapters import process
+from ftctl.adapters.fuse import FusedModel
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.state import DAEMON_STREAM
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.recovery import reconcile
-from ftctl.recovery.ledger import Ledger
 from ftctl.recovery.reconcile import Repair
 
 from . import consolidation
+from .reporter import Note, quiet
 
 
-class DaemonRunning(Exception):
+class DaemonRunning(UserError):
     """The daemon lock is held: the running daemon recovered at its start and owns the workspace."""
+
+    kept = "nothing was changed"
 
     def __init__(self, holder: str):
         self.holder = holder
         super().__init__(
             f"a daemon is running ({holder}); it recovered at its start and keeps the workspace "
-            "consistent now. Nothing was changed."
+            "consistent now"
         )
 
 
@@ -100,3 +106,25 @@ def run(ws: Workspace, ledger: Ledger, *, dry_run: bool = False) -> list[Repair]
     """`ftctl recover [--dry-run]`: refused (DaemonRunning) while a daemon runs."""
     with Locked(ws):
         return plan(ws, ledger) if dry_run else recover(ws, ledger)
+
+
+def consolidate_now(
+    ws: Workspace, ledger: Ledger, lineage: str, note: Note = quiet
+) -> FusedModel | None:
+    """`ftctl consolidate`: with no daemon running, recover then consolidate now (holding the lock);
+    with one running, record a request it carries out when the lineage is idle (returns None)."""
+    try:
+        with Locked(ws):
+            cfg, _ = ws.load_config()
+            recover(ws, ledger)  # never fuse on top of debris
+            return consolidation.consolidate(
+                ws,
+                ledger,
+                lineage,
+                keep_models=cfg.consolidation.keep_models,
+                min_free_gb=cfg.min_free_disk_gb,
+                note=note,
+            )
+    except DaemonRunning:
+        consolidation.request(ledger, lineage)
+        return None

@@ -12,9 +12,8 @@ from typing import Callable
 
 from ftctl.adapters import protocol as P
 
-Note = Callable[
-    ..., None
-]  # note(text, level="info"): Reporter.note alone, for services that only say things
+# note(text, level="info"): Reporter.note alone, for services that only say things
+Note = Callable[..., None]
 
 
 def quiet(text: str, level: str = "info") -> None:

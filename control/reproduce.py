@@ -12,7 +12,7 @@ the last committed, verified checkpoint before the crash up to the crash step:
   - traced: per step the loss, gradient norm, lr, tokens and batch (--trace writes them as JSON lines).
 The verdict (core/reproduction.py) and the failing batch (example indices, their lines in the job's
 data, token lengths, first characters) go into one ``crash_reproduced`` event: the only thing recorded.
-The daemon calls ``after_crash`` for the crashes that can be properties of the run (core/policy.py).
+The daemon calls ``after_crash`` for the crashes that can be properties of the run (core/crash.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import select
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -35,8 +34,9 @@ from ftctl.adapters import protocol as P
 from ftctl.adapters.fs import write_durable
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import SCRATCH_MARKER, Workspace
+from ftctl.control.ledger import Ledger
+from ftctl.core.crash import Evidence, classify
 from ftctl.core.dataset import record_lines, validate_jsonl
-from ftctl.core.policy import Evidence, classify
 from ftctl.core.reproduction import (
     NONFINITE,
     Outcome,
@@ -48,10 +48,10 @@ from ftctl.core.reproduction import (
 )
 from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.events.types import CheckpointRecord, ExampleRef
-from ftctl.recovery.ledger import Ledger
 
-from .jobs import UserError, find_job
+from .jobs import find_job
 from .reporter import Note, quiet
 from .submit import held_lines
 
@@ -229,9 +229,8 @@ def replay(
             f"the job's base model cannot load: {problem}. Nothing was run or recorded"
         )
     attempt = crash.attempt if crash else _last_attempt(events)
-    limit = (
-        crash.step + 1 if crash else target
-    )  # replay at least one step: from a checkpoint before this
+    # replay at least one step: from a checkpoint before this
+    limit = crash.step + 1 if crash else target
     _sweep(ws)
     scratch = ws.reproduce_scratch(j.job, os.getpid())
     if scratch.exists():
@@ -379,47 +378,35 @@ def _run_worker(
     The worker never outlives this call: its group is killed on the way out, whatever the way."""
     t = j.config.timeouts
     oom_before = system.oom_kill_count()
-    w = process.spawn_worker(P.encode(plan), log, env, label=(j.job, str(ws.home)))
     trace: list[P.Traced] = []
     written: list[CheckpointRecord] = []
     failed: P.Failed | None = None
     done = hung = False
-    last_step = 0
+    last_step, w = 0, None
     try:
-        fd, buf = w.messages.fileno(), b""
-        seen, waiting = (
-            time.monotonic(),
-            True,
-        )  # loading (or evaluating): allowed eval_hang_s, else hang_s
+        w = process.spawn_worker(P.encode(plan), log, env, label=(j.job, str(ws.home)))
+        seen, waiting = time.monotonic(), True  # loading (or evaluating): eval_hang_s, else hang_s
         while True:
-            r, _, _ = select.select([fd], [], [], 0.25)
-            if r:
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    break
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in filter(bytes.strip, lines):
-                    try:
-                        msg = P.decode_message(line)
-                    except P.ProtocolError:
-                        continue
-                    seen = time.monotonic()
-                    match msg:
-                        case P.Loaded(step=step) | P.Step(step=step):
-                            last_step, waiting = step, False
-                        case P.Traced():
-                            trace.append(msg)
-                        case P.EvalStarted():
-                            waiting = True
-                        case P.Evaluated():
-                            waiting = False
-                        case P.CheckpointWritten(checkpoint=c):
-                            written.append(c)
-                        case P.Failed():
-                            failed = msg
-                        case P.Stopped() | P.Completed():
-                            done = True
+            heard = w.poll(0.25)
+            for msg in (h.message for h in heard if h.message is not None):
+                seen = time.monotonic()
+                match msg:
+                    case P.Loaded(step=step) | P.Step(step=step):
+                        last_step, waiting = step, False
+                    case P.Traced():
+                        trace.append(msg)
+                    case P.EvalStarted():
+                        waiting = True
+                    case P.Evaluated():
+                        waiting = False
+                    case P.CheckpointWritten(checkpoint=c):
+                        written.append(c)
+                    case P.Failed():
+                        failed = msg
+                    case P.Stopped() | P.Completed():
+                        done = True
+            if any(h.closed for h in heard):
+                break  # the worker exited
             if why := cancelled():  # why it must stop now ("" to go on)
                 w.kill_group()
                 raise Interrupted(why)
@@ -428,7 +415,8 @@ def _run_worker(
                 w.kill_group()
         code = w.proc.wait()
     finally:
-        w.dismiss()
+        if w is not None:
+            w.dismiss()
     tail = process.tail(log, limit=3000)
     if done and code == 0:
         return trace, Outcome(category=None, step=last_step), written, tail
@@ -499,9 +487,8 @@ def _copy_data(ws: Workspace, j: JobState, scratch: Path, notes: list[str]) -> d
         sha = hashlib.sha256(dst.read_bytes()).hexdigest()
         want = j.copies.get(name)
         if want is None and name == "train.jsonl" and j.valid_sha256 is not None:
-            want = (
-                j.data_sha256
-            )  # submitted with --valid: the copy is the submitted file, byte for byte
+            # submitted with --valid: the copy is the submitted file, byte for byte
+            want = j.data_sha256
         if want is None:
             notes.append(
                 f"the job recorded no sha256 of its {name} (an older ftctl): that file was not checked"

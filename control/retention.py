@@ -16,7 +16,7 @@ from ftctl.adapters import checkpoint as ck
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import keep_last
 from ftctl.core.machine import TERMINAL
-from ftctl.core.policy import to_prune
+from ftctl.core.retention import to_prune
 from ftctl.core.state import JobState, LineageState, Projection, job_stream, lineage_stream
 from ftctl.events import types as ev
 from ftctl.events.types import CheckpointRecord

@@ -2,7 +2,7 @@
 launchd agent (macOS), so it outlives logouts and reboots and is restarted when it crashes.
 
 Install and uninstall are idempotent and never overwrite or remove a file ftctl did not write (the
-mark of core/service.py). The service manager is asked to (re)load and start the service only where
+mark of adapters/service.py). The service manager is asked to (re)load and start the service only where
 it runs; otherwise the outcome says what to run.
 """
 
@@ -18,13 +18,13 @@ from pathlib import Path
 from ftctl.adapters import process
 from ftctl.adapters import service as svc
 from ftctl.adapters.workspace import Workspace
-from ftctl.core import service as S
 from ftctl.core.config import Config
+from ftctl.events.errors import UserError
 
 from .notifier import DRAIN_S
 
 
-class ServiceError(Exception):
+class ServiceError(UserError):
     """A service request a user must resolve; str() says what happened and what to do."""
 
 
@@ -44,13 +44,13 @@ def ftctl_command() -> tuple[str, ...]:
     return (str(script),) if script.exists() else (str(exe), "-m", "ftctl.cli")
 
 
-def spec(ws: Workspace, system: bool) -> S.Spec:
+def spec(ws: Workspace, system: bool) -> svc.Spec:
     ws.require()
     cfg: Config = ws.load_config()[0]
     user = None
     if system:
         user = pwd.getpwuid(ws.home.stat().st_uid).pw_name
-    return S.Spec(
+    return svc.Spec(
         home=str(ws.home),
         command=ftctl_command(),
         max_restarts=cfg.restart.max_restarts,
@@ -63,13 +63,13 @@ def spec(ws: Workspace, system: bool) -> S.Spec:
 
 
 def file_name(home: str, plat: str) -> str:
-    return f"{S.label(home)}.plist" if plat == "macos" else f"{S.name(home)}.service"
+    return f"{svc.label(home)}.plist" if plat == "macos" else f"{svc.name(home)}.service"
 
 
 def render(ws: Workspace, system: bool, plat: str) -> tuple[Path, bytes]:
     """(where it goes, the file) for this workspace: what `--print` shows and install writes."""
     sp = spec(ws, system)
-    data = S.launchd_plist(sp) if plat == "macos" else S.systemd_unit(sp).encode()
+    data = svc.launchd_plist(sp) if plat == "macos" else svc.systemd_unit(sp).encode()
     return svc.unit_path(plat, system, file_name(sp.home, plat)), data
 
 
@@ -89,11 +89,11 @@ def _commands(
         domain = "system" if system else f"gui/{os.getuid()}"
         return (
             [["launchctl", "bootstrap", domain, str(path)]],
-            [["launchctl", "bootout", f"{domain}/{S.label(home)}"]],
-            f"launchctl print {domain}/{S.label(home)}",
+            [["launchctl", "bootout", f"{domain}/{svc.label(home)}"]],
+            f"launchctl print {domain}/{svc.label(home)}",
         )
     user = [] if system else ["--user"]
-    unit = S.name(home)
+    unit = svc.name(home)
     return (
         [["systemctl", *user, "daemon-reload"], ["systemctl", *user, "enable", "--now", unit]],
         [["systemctl", *user, "disable", "--now", unit], ["systemctl", *user, "daemon-reload"]],
@@ -106,9 +106,9 @@ def install(ws: Workspace, system: bool = False) -> Outcome:
     plat = svc.platform()
     home = str(ws.home)
     path, data = render(ws, system, plat)
-    out = Outcome(plat, path, S.label(home) if plat == "macos" else S.name(home), "written")
+    out = Outcome(plat, path, svc.label(home) if plat == "macos" else svc.name(home), "written")
     old = svc.read(path)
-    if old is not None and not S.is_ours(old, plat):
+    if old is not None and not svc.is_ours(old, plat):
         raise ServiceError(
             f"{path} exists and was not written by ftctl: it was left untouched. Remove or rename it "
             "yourself if it is no longer needed, then run `ftctl service install` again."
@@ -121,22 +121,20 @@ def install(ws: Workspace, system: bool = False) -> Outcome:
     start, stop, show = _commands(plat, system, home, path)
     todo = start
     running = process.lock_holder(ws.lock_path)
-    if (
-        running
-    ):  # a daemon runs already (in a terminal, or this very service): never start a second one
+    # a daemon runs already (in a terminal, or this very service): never start a second one
+    if running:
         todo = [start[0], [c for c in start[1] if c != "--now"]] if plat == "linux" else []
         out.notes.append(
             f"a daemon is running on {home} ({running}): the service is enabled but not started now; "
-            f"after `ftctl shutdown` start it with `{S.shell_line(start[-1])}`"
+            f"after `ftctl shutdown` start it with `{svc.shell_line(start[-1])}`"
         )
     elif plat == "macos" and out.action == "updated":
-        todo = (
-            stop + start
-        )  # launchd reads the file when it is bootstrapped: reload the changed one
+        # launchd reads the file when it is bootstrapped: reload the changed one
+        todo = stop + start
     if not (svc.launchd_running() if plat == "macos" else svc.systemd_running()):
         out.notes.append(
             f"{'launchd' if plat == 'macos' else 'systemd'} is not running here: nothing was started; "
-            "to start it: " + "; ".join(f"`{S.shell_line(c)}`" for c in start)
+            "to start it: " + "; ".join(f"`{svc.shell_line(c)}`" for c in start)
         )
         return out
     for cmd in todo:
@@ -145,11 +143,11 @@ def install(ws: Workspace, system: bool = False) -> Outcome:
             cmd[1] == "bootout" or (plat == "macos" and "already" in said.lower())
         ):
             out.notes.append(
-                f"`{S.shell_line(cmd)}` failed ({code}): {said}. The file is in place; run it yourself "
+                f"`{svc.shell_line(cmd)}` failed ({code}): {said}. The file is in place; run it yourself "
                 "once the cause is fixed"
             )
             return out
-        out.notes.append(f"ran `{S.shell_line(cmd)}`")
+        out.notes.append(f"ran `{svc.shell_line(cmd)}`")
     if plat == "linux" and not system and svc.lingering(getpass.getuser()) is False:
         out.notes.append(
             f"to keep it running while you are logged out, and to start it at boot: "
@@ -164,32 +162,35 @@ def uninstall(ws: Workspace, system: bool = False) -> Outcome:
     plat = svc.platform()
     home = str(ws.home)
     path = svc.unit_path(plat, system, file_name(home, plat))
-    out = Outcome(plat, path, S.label(home) if plat == "macos" else S.name(home), "absent")
+    out = Outcome(plat, path, svc.label(home) if plat == "macos" else svc.name(home), "absent")
     old = svc.read(path)
     if old is None:
         out.notes.append("no service is installed for this workspace; nothing to do")
         return out
-    if not S.is_ours(old, plat):
+    if not svc.is_ours(old, plat):
         raise ServiceError(
             f"{path} was not written by ftctl: it was left untouched (remove it yourself if you mean to)"
         )
     _, stop, _ = _commands(plat, system, home, path)
     manager = svc.launchd_running() if plat == "macos" else svc.systemd_running()
     if manager:
-        for cmd in stop[
-            :1
-        ]:  # stop (gracefully: SIGTERM -> checkpoint) and disable, before the file goes
+        # stop (gracefully: SIGTERM -> checkpoint) and disable, before the file goes
+        for cmd in stop[:1]:
             code, said = svc.call(cmd, timeout=900)  # a graceful stop may wait for a checkpoint
-            out.notes.append(f"ran `{S.shell_line(cmd)}`" + (f" ({code}: {said})" if code else ""))
+            out.notes.append(
+                f"ran `{svc.shell_line(cmd)}`" + (f" ({code}: {said})" if code else "")
+            )
     svc.remove(path)
     out.action = "removed"
     if manager and plat == "linux":
         code, said = svc.call(stop[1])
-        out.notes.append(f"ran `{S.shell_line(stop[1])}`" + (f" ({code}: {said})" if code else ""))
+        out.notes.append(
+            f"ran `{svc.shell_line(stop[1])}`" + (f" ({code}: {said})" if code else "")
+        )
     if not manager:
         out.notes.append(
             f"{'launchd' if plat == 'macos' else 'systemd'} is not running here, so nothing was stopped "
-            f"(where it runs, `{S.shell_line(stop[0])}` stops and disables the service)"
+            f"(where it runs, `{svc.shell_line(stop[0])}` stops and disables the service)"
         )
     return out
 
@@ -199,7 +200,7 @@ def status(ws: Workspace, system: bool = False) -> dict:
     home = str(ws.home)
     path = svc.unit_path(plat, system, file_name(home, plat))
     old = svc.read(path)
-    ours = old is not None and S.is_ours(old, plat)
+    ours = old is not None and svc.is_ours(old, plat)
     try:
         current = old == render(ws, system, plat)[1] if ours else None
     except Exception as e:  # noqa: BLE001 - an unreadable ftctl.yaml: say so, do not fail the status
@@ -213,20 +214,20 @@ def status(ws: Workspace, system: bool = False) -> dict:
                 [
                     "launchctl",
                     "print",
-                    f"{'system' if system else f'gui/{os.getuid()}'}/{S.label(home)}",
+                    f"{'system' if system else f'gui/{os.getuid()}'}/{svc.label(home)}",
                 ]
             )
             state = "loaded" if code == 0 else "not loaded"
         else:
             user = [] if system else ["--user"]
             state = " / ".join(
-                svc.call(["systemctl", *user, verb, S.name(home)])[1] or "?"
+                svc.call(["systemctl", *user, verb, svc.name(home)])[1] or "?"
                 for verb in ("is-enabled", "is-active")
             )
     return {
         "platform": plat,
         "path": str(path),
-        "name": S.label(home) if plat == "macos" else S.name(home),
+        "name": svc.label(home) if plat == "macos" else svc.name(home),
         "installed": ours,
         "foreign_file": old is not None and not ours,
         "up_to_date": current,

@@ -12,9 +12,9 @@ from pathlib import Path
 from ftctl.adapters import gguf
 from ftctl.adapters.model import shape
 from ftctl.adapters.workspace import Workspace, WorkspaceError, init_workspace, make_folder
+from ftctl.control.ledger import Ledger
 from ftctl.core import fit
 from ftctl.core.fit import ModelFacts
-from ftctl.recovery.ledger import Ledger
 
 from . import models
 from .reporter import Note, quiet
@@ -31,18 +31,20 @@ def init(
     """Create the workspace for ``model``. Returns the workspace and what ftctl.yaml records as
     ``model``: the folder's absolute path, the repo id, or the imported GGUF's folder."""
     if Workspace(Path(home)).exists():
-        raise WorkspaceError(f"{home} already holds an ftctl workspace; nothing was changed")
+        raise WorkspaceError(f"{home} already holds an ftctl workspace", kept="nothing was changed")
     if dtype is not None and not models.is_gguf(model):
         raise WorkspaceError(
-            "--dtype applies to a .gguf --model only (it sets what the import dequantizes to); "
-            "nothing was created"
+            "--dtype applies to a .gguf --model only (it sets what the import dequantizes to)",
+            kept="nothing was created",
         )
     if models.is_gguf(model):
         return _init_gguf(home, model, dtype, note)
     try:
         resolved = models.resolve(model)
     except models.ModelRefused as e:
-        raise WorkspaceError(f"--model {model}: {e}. Nothing was created; {_WHAT}.") from None
+        raise WorkspaceError(
+            f"--model {model}: {e}", kept="nothing was created", do=_WHAT
+        ) from None
     if resolved.repo:
         note(
             f"{resolved.repo} is cached at revision {resolved.revision} ({resolved.path}); each job records the "
@@ -58,7 +60,7 @@ def _init_gguf(home: Path, model: str, dtype: str | None, note: Note) -> tuple[W
     try:
         info = gguf.inspect(source)  # refuse an unsupported file before creating anything
     except gguf.GGUFError as e:
-        raise WorkspaceError(f"--model {model}: {e}. Nothing was created.") from None
+        raise WorkspaceError(f"--model {model}: {e}", kept="nothing was created") from None
     target = (
         Workspace(Path(home).expanduser().resolve()).models
         / models.IMPORTED
@@ -77,5 +79,5 @@ def _init_gguf(home: Path, model: str, dtype: str | None, note: Note) -> tuple[W
     try:
         ws = init_workspace(home, str(target), fit.fitting_keys(facts), then=convert)
     except models.ModelRefused as e:
-        raise WorkspaceError(f"--model {model}: {e}. Nothing was created.") from None
+        raise WorkspaceError(f"--model {model}: {e}", kept="nothing was created") from None
     return ws, ws.rel(target)

@@ -57,9 +57,8 @@ class Standby:
         self.w_env: dict = {}  # the BLAS environment the spare was started with
         self.low_memory_said = False
         self.reported: tuple[float, int] | None = None  # (when, rss) last written
-        self.not_before = (
-            0.0  # after a spare died on its own, the next one waits a little (no spawn storm)
-        )
+        # after a spare died on its own, the next one waits a little (no spawn storm)
+        self.not_before = 0.0
 
     # ------------------------------------------------------------------ the spare's life
     def ensure(self, blas_env: dict) -> None:

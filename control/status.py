@@ -18,12 +18,12 @@ import msgspec
 
 from ftctl.adapters import process
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.config import epoch_of
+from ftctl.core.crash import resumes_from
 from ftctl.core.machine import ACTIVE
-from ftctl.core.policy import resumes_from
 from ftctl.core.state import JobState, LineageState, Projection, job_stream
 from ftctl.events.types import ts_epoch
-from ftctl.recovery.ledger import Ledger
 
 from .inbox import inbox_pending
 from .jobs import find_job
@@ -31,9 +31,8 @@ from .jobs import find_job
 DEFAULT_LIMIT = 20  # jobs shown by default (beside every unfinished one)
 UNFINISHED = ACTIVE | {"queued", "paused"}  # always shown by default
 ETA_REPORTS = 10  # reports of the current attempt the step rate is measured over
-_DELAY = re.compile(
-    r", in [0-9.e+-]+ s$"
-)  # the backoff clause of core.policy.after_crash's requeue reason
+# the backoff clause of core.crash.after_crash's requeue reason
+_DELAY = re.compile(r", in [0-9.e+-]+ s$")
 
 
 @dataclass(frozen=True)
@@ -47,12 +46,10 @@ class DaemonView:
     shutdown_requested: bool
     last_entry_at: str | None  # the journal's newest event or metrics row
     summary: str  # one sentence for people
-    standby: dict | None = (
-        None  # the live daemon's spare worker: pid, started_at, rss_bytes, measured_at
-    )
-    power: dict | None = (
-        None  # the power assertion of the training job (adapters/power.py): held, command, pid, note
-    )
+    # the live daemon's spare worker: pid, started_at, rss_bytes, measured_at
+    standby: dict | None = None
+    # the power assertion of the training job (adapters/power.py): held, command, pid, note
+    power: dict | None = None
 
     @property
     def running(self) -> bool:
@@ -87,9 +84,8 @@ class Status:
     seq: int
     daemon: DaemonView
     jobs: list[JobView]  # the selected jobs, in submission order
-    hidden: dict[
-        str, int
-    ]  # why -> how many jobs the selection left out ("rejected", "older", "other states")
+    # why -> how many jobs the selection left out ("rejected", "older", "other states")
+    hidden: dict[str, int]
     projection: Projection
     inbox: list[dict]  # files waiting in inbox/ and what happens to each (control.inbox)
 

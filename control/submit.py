@@ -26,6 +26,7 @@ from ftctl.adapters.model import (
     shape,
 )
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core import fit
 from ftctl.core.config import (
     TRACKERS,
@@ -47,11 +48,11 @@ from ftctl.core.dataset import (
     valid_records,
     validate_jsonl,
 )
-from ftctl.core.policy import disk_needed_gb
+from ftctl.core.retention import disk_needed_gb
 from ftctl.core.state import job_stream
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.events.journal import ConcurrencyError
-from ftctl.recovery.ledger import Ledger
 
 from . import models
 from .reporter import Note, quiet
@@ -69,15 +70,17 @@ RESUME_ADAPTER = "resume_adapters.safetensors"  # the job's copy of its resume_a
 OWN_LINEAGE = "lora-"  # a job submitted without a lineage gets its own: lora-<job id>
 
 
-class SubmitError(Exception):
+class SubmitError(UserError):
     """Submission refused before anything was recorded."""
+
+    kept = "nothing was queued; the data file is untouched"
 
 
 class DuplicateSubmission(SubmitError):
     """The same data with the same resolved config is already a job; ``--again`` queues it anyway."""
 
-    def __init__(self, message: str, job: str):
-        super().__init__(message)
+    def __init__(self, message: str, job: str, *, do: str = ""):
+        super().__init__(message, do=do)
         self.job = job
 
 
@@ -201,7 +204,7 @@ def _read(path: Path, what: str) -> bytes:
     try:
         return read_input(path, what)
     except UnreadableFile as e:
-        raise SubmitError(f"{e}; nothing was queued") from None
+        raise SubmitError(str(e)) from None
 
 
 def _problems(report: DataReport, limit: int = 20) -> list[str]:
@@ -261,7 +264,7 @@ def _which(over: list[tuple[int, int]], limit: int) -> str:
     shown = ", ".join(str(l) for l, _ in over[:5]) + (", …" if len(over) > 5 else "")
     return (
         f"lines {shown}; the longest, line {line}, has {most:,} tokens; "
-        f"{sum(n - limit for _, n in over):,} tokens past {limit:,} in all"
+        f"{sum(n - limit for _, n in over):,} tokens"
     )
 
 
@@ -283,7 +286,7 @@ def overlong(
         return []
     return [
         f"{what}: {len(over)} of {total} examples are longer than max_seq_length = {limit} "
-        f"tokens and are cut to it ({_which(over, limit)}, never trained on or scored): raise "
+        f"tokens and are cut to it ({_which(over, limit)} in all are never trained on or scored): raise "
         "max_seq_length (--set max_seq_length=N) or split those examples"
     ]
 
@@ -315,7 +318,7 @@ def past_context(
         if over:
             out.append(
                 f"{head}, and {what} has {len(over)} of {total} examples longer than that "
-                f"({_which(over, ctx)}): {fix}"
+                f"({_which(over, ctx)} past it in all): {fix}"
             )
     return out
 
@@ -392,8 +395,8 @@ def _lineage_config(ledger: Ledger, lineage: str, cfg: Config) -> Config:
         return cfg
     if cfg.model not in (lin.origin_model, lin.base_model):
         raise SubmitError(
-            f"lineage {lineage!r} trains on {lin.base_model}, not {cfg.model}. Nothing was queued. A different base "
-            f"model starts a new lineage: submit with --lineage NAME"
+            f"lineage {lineage!r} trains on {lin.base_model}, not {cfg.model}",
+            do="a different base model starts a new lineage: submit with --lineage NAME",
         )
     cfg = msgspec.structs.replace(cfg, model=lin.base_model)
     chain = [ledger.state.jobs[j] for j in lin.jobs]
@@ -403,12 +406,12 @@ def _lineage_config(ledger: Ledger, lineage: str, cfg: Config) -> Config:
         changed = locked_changes(ref.config, cfg)
         if changed:
             raise SubmitError(
-                f"lineage {lineage!r} has an adapter that is not consolidated yet (job {ref.job}, {ref.state}); this "
-                f"submission changes what shapes it — {'; '.join(changed)} — which would silently break its warm start "
-                "and its fusion. Nothing was queued. Either consolidate first (`ftctl "
-                "consolidate`, after the lineage's "
-                "jobs finish) so that new jobs start a fresh adapter on the fused base, or start a new lineage "
-                "explicitly (`--lineage NAME`)."
+                f"lineage {lineage!r} has an adapter that is not consolidated yet (job {ref.job}, "
+                f"{ref.state}); this submission changes what shapes it — {'; '.join(changed)} — "
+                "which would silently break its warm start and its fusion",
+                do="either consolidate first (`ftctl consolidate`, after the lineage's jobs finish) "
+                "so that new jobs start a fresh adapter on the fused base, or start a new lineage "
+                "explicitly (`--lineage NAME`)",
             )
     return cfg
 
@@ -439,9 +442,9 @@ def _how_long(
         if quantized(here.model):
             raise SubmitError(
                 f"fine_tune_type: full trains the weights themselves, but {here.model} is quantized: "
-                "they cannot be trained. Nothing was queued; use lora or dora (QLoRA), or a float copy "
-                "of the model (`ftctl init --model FILE.gguf --dtype float16`, or mlx_lm.convert "
-                "without -q)"
+                "they cannot be trained",
+                do="use lora or dora (QLoRA), or a float copy of the model (`ftctl init --model "
+                "FILE.gguf --dtype float16`, or mlx_lm.convert without -q)",
             )
         size = checkpoint_estimate(here)
         shown = f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
@@ -484,9 +487,7 @@ def resolve_model(
         try:
             resolved = models.for_job(ws, ledger, spec, note)
         except models.ModelRefused as e:
-            raise SubmitError(
-                f"the base model cannot be used: {e}. Nothing was queued; {_MODEL_FIX}"
-            ) from None
+            raise SubmitError(f"the base model cannot be used: {e}", do=_MODEL_FIX) from None
     return msgspec.structs.replace(cfg, model=ws.rel(resolved.path)), resolved
 
 
@@ -501,10 +502,11 @@ def _duplicate(ledger: Ledger, path: Path, sha: str, valid_sha: str | None, cfg:
             and j.valid_sha256 == valid_sha
         ):
             raise DuplicateSubmission(
-                f"{path.name} was already submitted with the same content (sha256 {sha[:12]}…) and the same config "
-                f"as job {j.job} ({j.state}); nothing was queued. To train on it again on purpose, submit it with "
-                f"--again; to change the run, pass --set KEY=VALUE",
+                f"{path.name} was already submitted with the same content (sha256 {sha[:12]}…) and "
+                f"the same config as job {j.job} ({j.state})",
                 j.job,
+                do="to train on it again on purpose, submit it with --again; to change the run, pass "
+                "--set KEY=VALUE",
             )
 
 
@@ -514,21 +516,22 @@ def _check_train_mode(cfg: Config, src: Source, report: DataReport, vreport) -> 
     if cfg.train_mode == "sft" and "preference" in found:
         raise SubmitError(
             f"{src.path} holds preference pairs (prompt/chosen/rejected), which train with "
-            "train_mode dpo or orpo, not train_mode sft: set train_mode: dpo (or orpo) in the config, "
-            "`--set train_mode=dpo`, or `ftctl lora --train-mode dpo`. Nothing was queued"
+            "train_mode dpo or orpo, not train_mode sft",
+            do="set train_mode: dpo (or orpo) in the config, `--set train_mode=dpo`, or "
+            "`ftctl lora --train-mode dpo`",
         )
     other = sorted(found - {"preference"})
     if cfg.train_mode != "sft" and other:
         raise SubmitError(
             f"train_mode {cfg.train_mode} trains preference pairs ({{prompt, chosen, rejected}} per "
-            f"line), but {src.path} holds {' and '.join(map(repr, other))} data: give preference "
-            "pairs, or set train_mode: sft to train these examples. Nothing was queued"
+            f"line), but {src.path} holds {' and '.join(map(repr, other))} data",
+            do="give preference pairs, or set train_mode: sft to train these examples",
         )
 
 
 def _absolute(cfg: Config, cwd: Path) -> Config:
-    """The config's own paths (adapter_path, resume_adapter_file, reference_model_path), absolute: relative to where the
-    command runs, as mlx_lm.lora reads them; the job records them so."""
+    """The config's own paths (adapter_path, resume_adapter_file, reference_model_path), absolute:
+    relative to where the command runs, as mlx_lm.lora reads them; the job records them so."""
     out = {}
     for key in ("adapter_path", "resume_adapter_file", "reference_model_path"):
         value = getattr(cfg, key)
@@ -646,21 +649,20 @@ def submit(
         cfg = _lineage_config(ledger, lineage, cfg)
     problem = model_problem(ws.abs(cfg.model))
     if problem:  # the job would record this path for good: refuse it now, not at `ftctl start`
-        raise SubmitError(
-            f"the base model cannot load: {problem}. Nothing was queued; {_MODEL_FIX}"
-        )
+        raise SubmitError(f"the base model cannot load: {problem}", do=_MODEL_FIX)
     if cfg.reference_model_path is not None:
         problem = model_problem(cfg.reference_model_path)
         if problem:
             raise SubmitError(
-                f"reference_model_path cannot load: {problem}. Nothing was queued; name an mlx-lm "
-                "model folder, or leave it null to use the base model as the reference"
+                f"reference_model_path cannot load: {problem}",
+                do="name an mlx-lm model folder, or leave it null to use the base model as the "
+                "reference",
             )
     broken = group_problems(cfg)
     if broken:  # a data-parallel config that cannot launch: refuse it now, not at `ftctl start`
         raise SubmitError(
-            f"the distributed config cannot run: {'; '.join(broken)}. Nothing was queued; fix "
-            "`distributed` in ftctl.yaml (see docs/distributed.md) and submit again"
+            f"the distributed config cannot run: {'; '.join(broken)}",
+            do="fix `distributed` in ftctl.yaml (see docs/distributed.md) and submit again",
         )
     if src.valid is None and not src.folder:
         train, held = _split(src.train, report, cfg.batch_size)
@@ -791,5 +793,5 @@ def submit(
         except ConcurrencyError:
             continue
     raise SubmitError(
-        "could not allocate a job id: other submissions kept racing; nothing was queued — retry"
+        "could not allocate a job id: other submissions kept racing", do="submit it again"
     )

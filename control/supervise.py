@@ -1,194 +1,563 @@
-"""Supervising one worker: its messages become events, user requests become a stop, its death a
-crash with a decision.
+"""Supervising one attempt of a job: its worker process, or the ranks of a data-parallel job — a single
+worker is a group of one.
 
-The daemon learns of a worker's death by waiting on it (EOF on the message pipe, then wait()),
-not by polling a PID file. ``on_message`` is the one place a worker message becomes an event.
+* ``run`` starts it (a spawned worker or the warm standby; mlx.launch and its ranks), records
+  ``training_started``, and holds the power assertion while it trains (power.prevent_sleep).
+* ``Attempt.watch`` is the one loop over its channels (the worker's message pipe, the ranks'
+  connections): every message is its rank's heartbeat, ``on_message`` is the one place a message
+  becomes an event (the leader's checkpoints, evaluations, completion; every rank's tokens/s), and
+  user requests become a stop. The daemon learns of a death by its channel closing (EOF on the pipe;
+  the kernel closes a killed rank's socket), not by polling a PID file.
+* ``Attempt.finish`` is the one death handler: the first rank to die or fail ends the attempt (the
+  group is killed at once); its evidence goes to core.crash.decide, and the crash and the decision
+  that follows it are committed together.
+
+The daemon hands the supervisor a ``Host`` (its ledger, reporting, the standby, the stop flags), not
+itself.
 """
 
 from __future__ import annotations
 
-import os
-import select
-import signal
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import msgspec
 
-from ftctl.adapters import blas, process, system
+from ftctl.adapters import blas, power, process, system
+from ftctl.adapters import group as G
 from ftctl.adapters import protocol as P
 from ftctl.adapters.faults import crash_point
-from ftctl.core.policy import (
-    Evidence,
-    after_crash,
-    branch_reason,
-    classify,
-    follow_up,
-    suggestion,
-)
+from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
+from ftctl.core.crash import Evidence, classify, decide, detail_of, where
 from ftctl.core.reproduction import DETERMINISTIC
-from ftctl.core.state import CrashRecord, JobState, job_stream
+from ftctl.core.state import JobState, branch_reason, job_stream
 from ftctl.events import types as ev
-from ftctl.events.journal import utc_now
+from ftctl.events.types import CheckpointRecord
 from ftctl.recovery.reconcile import apply, mark_corrupt
 
 from . import reproduce, retention
-from .reporter import Every
+from .reporter import Every, Reporter
+from .standby import Standby
 from .status import describe_result
 from .tensorboard import Live
 from .trackers import Trackers
 
-if TYPE_CHECKING:
-    from .daemon import Daemon
-
 POLL_S = 0.25
 CONTROL_EVERY_S = 0.5
+DRAIN_S = 2.0  # after the end: how long the last lines and EOFs may take to arrive
 
 
-class Supervision:
-    """Watches one worker: messages -> events, control requests -> stop, death -> crash."""
+@dataclass
+class StopFlags:
+    """Why the daemon was asked to stop (a signal's name), and whether it was asked twice (kill now)."""
 
-    def __init__(
-        self, d: "Daemon", j: JobState, worker: process.Worker, oom_before: int | None, step: int
-    ):
-        self.d, self.job, self.cfg, self.w, self.oom_before = d, j.job, j.config, worker, oom_before
-        self.stream = job_stream(j.job)
+    why: str | None = None
+    force: bool = False
+
+
+@dataclass
+class Host:
+    """What a supervisor needs from the daemon that runs it, and nothing more."""
+
+    ws: Workspace
+    ledger: Ledger
+    report: Reporter
+    log: Callable[[str], None]  # a line for logs/daemon.log
+    standby: Standby
+    stop: StopFlags
+    env: dict = field(default_factory=dict)  # more environment for the workers
+    prevent_sleep: Callable[[], bool] = lambda: True  # power.prevent_sleep as ftctl.yaml says now
+    chores: Callable[[], None] = lambda: None  # the daemon's own duties while a job trains (inbox)
+
+    def say(self, text: str, level: str = "info") -> None:
+        self.report.note(text, level)
+        self.log(text)
+
+
+# --------------------------------------------------------------------------- the start
+
+
+@dataclass
+class Launched:
+    """A started attempt: its channels (process.Worker or group.Group) and what training_started says."""
+
+    w: process.Worker | G.Group
+    fingerprint: dict  # the environment it runs in (mlx, BLAS, threads, …)
+    oom_before: int | None
+    who: str  # "worker pid 123 (the standby)", "mlx.launch pid 123"
+    ranks: dict = field(default_factory=dict)  # training_started's data-parallel fields
+    how: str = ""  # more to say about it (resharded)
+
+
+def run(
+    host: Host,
+    j: JobState,
+    plan: P.TrainPlan,
+    resume: CheckpointRecord | None,
+    warm: str | None,
+    base: int,
+    parent: str | None,
+) -> None:
+    """Start job ``j``'s next attempt on ``plan``, record it, and supervise it to its end."""
+    launch = _launch_ranks if j.config.distributed is not None else _launch_worker
+    up = launch(host, j, plan, resume)
+    if up is None:  # refused: what it recorded says why
+        return
+    resume_step, attempt = resume.step if resume else 0, j.attempt + 1
+    host.ledger.commit(
+        job_stream(j.job),
+        ev.TrainingStarted(
+            job=j.job,
+            attempt=attempt,
+            worker_pid=up.w.id.pid,
+            worker_started_at=up.w.id.started_at,
+            resume_step=resume_step,
+            resume_checkpoint=resume.path if resume else None,
+            warm_start_from=warm,
+            parent_job=parent,
+            global_step_base=base,
+            base_model=j.config.model,
+            env=up.fingerprint,
+            env_changed=blas.fingerprint_diff(j.env, up.fingerprint) if resume else [],
+            **up.ranks,
+        ),
+    )
+    how = (
+        f"resuming from step {resume_step}"
+        if resume
+        else ("warm start from " + warm if warm else "fresh adapter")
+    )
+    on = f" on {up.w.world_size} ranks ({', '.join(up.ranks['hosts'])})" if up.ranks else ""
+    host.say(f"job {j.job} ({j.name}): training{on}, attempt {attempt}, {up.who}, {how}{up.how}")
+    held = hold_power(host, j.job)  # no sleep while it trains, however many ranks
+    try:
+        Attempt(host, host.ledger.state.jobs[j.job], up.w, up.oom_before, resume_step).watch()
+    finally:
+        power.release(held)
+
+
+def hold_power(host: Host, job: str) -> power.Held | None:
+    """Keep the machine awake while ``job`` trains (None when power.prevent_sleep is off)."""
+    if not host.prevent_sleep():
+        return None
+    h = power.hold(
+        host.ws.lock_path.parent,
+        f"ftctl job {job} is training",
+        lost=lambda note: host.log(f"job {job}: power assertion lost: {note}"),
+    )
+    if not h.state.get("held"):
+        host.say(f"job {job}: {h.state.get('note')}", "warn")
+    return h
+
+
+def _launch_worker(host: Host, j: JobState, plan: P.TrainPlan, resume) -> Launched:
+    """One worker process: the warm standby if there is one on this BLAS, else a fresh one."""
+    oom_before = system.oom_kill_count()
+    lib, fingerprint = blas.for_worker(j.config.blas)  # the BLAS the worker runs on (probed once)
+    if lib.kind == "reference" and j.config.blas != "reference":
+        host.say(f"job {j.job}: the worker runs on the slow reference BLAS: {lib.why}", "warn")
+    worker = None
+    if j.config.standby:
+        worker = host.standby.take(P.encode(plan), host.ws.job_log(j.job), lib.env)
+    else:
+        host.standby.dismiss()
+    spare = worker is not None
+    if worker is None:
+        worker = process.spawn_worker(
+            P.encode(plan),
+            host.ws.job_log(j.job),
+            {**lib.env, **host.env},
+            label=(j.job, str(host.ws.home)),
+        )
+    crash_point("daemon_after_spawn", j.attempt + 1)
+    return Launched(
+        worker, fingerprint, oom_before, f"worker pid {worker.id.pid}{' (the standby)' * spare}"
+    )
+
+
+def world_size_refusal(j: JobState, new: int) -> str | None:
+    """Why the job may not resume on ``new`` ranks (its checkpoints were trained on another number and
+    no `retry --reshard` allowed it), or None."""
+    if j.world_size == new or j.reshard or not j.good_checkpoints():
+        return None
+    return (
+        f"job {j.job}'s checkpoints were trained on {j.world_size} rank(s), and its config now gives {new} "
+        f"(distributed.hosts / the hostfile changed). Nothing was started; the checkpoints are kept. Put the "
+        f"hosts back to resume bit-exactly, or `ftctl retry {j.job} --reshard` to continue on {new} rank(s): "
+        "deterministic from then on, but not bit-exact with an uninterrupted run"
+    )
+
+
+def _launch_ranks(host: Host, j: JobState, plan: P.TrainPlan, resume) -> Launched | None:
+    """A data-parallel job: mlx.launch starts its ranks, which connect back. None (and the job paused or
+    failed, saying why) when the hosts cannot run it."""
+    stream, L = job_stream(j.job), host.ledger
+    try:
+        lay = G.layout(j.config)
+    except G.GroupError as e:
+        reason = f"{e}: fix the hostfile, then `ftctl resume {j.job}`"
+        host.say(f"job {j.job} paused: {reason}", "warn")
+        L.commit(stream, ev.Paused(job=j.job, reason=reason))
+        return None
+    resharded_from = None
+    if resume is not None and j.world_size != lay.world_size:
+        refusal = world_size_refusal(j, lay.world_size)
+        if refusal:
+            host.say(f"job {j.job} failed: {refusal}", "error")
+            L.commit(stream, ev.Failed(job=j.job, reason=refusal, category="world_size"))
+            return None
+        resharded_from = j.world_size
+    if j.config.batch_size % lay.world_size:
+        reason = (
+            f"batch_size = {j.config.batch_size} does not split over {lay.world_size} ranks; change "
+            f"the hosts so it does, then `ftctl resume {j.job}`"
+        )
+        L.commit(stream, ev.Paused(job=j.job, reason=reason))
+        return None
+    plan = msgspec.structs.replace(
+        plan,
+        world_size=lay.world_size,
+        backend=j.config.distributed.backend,
+        reshard=resharded_from is not None,
+        resume_manifest_sha256=resume.manifest_sha256 if resume else None,
+    )
+    host.standby.dismiss()  # the ranks are mlx.launch's to start, possibly on other hosts
+    lib, fingerprint = blas.for_worker(j.config.blas)
+    env = {**lib.env, **host.env}
+    threads = G.blas_threads(lay, fingerprint.get("blas_threads"), env)
+    if threads:  # the ranks on this machine share its cores: no oversubscribed BLAS
+        env.update({"OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads})
+        fingerprint = {**fingerprint, "blas_threads": threads}
+    oom_before = system.oom_kill_count()
+    g = G.launch(plan, j.config, host.ws.job_log(j.job), env, label=(j.job, str(host.ws.home)))
+    return Launched(
+        g,
+        fingerprint,
+        oom_before,
+        f"mlx.launch pid {g.id.pid}",
+        ranks=dict(
+            world_size=lay.world_size,
+            hosts=lay.hosts,
+            backend=j.config.distributed.backend,
+            resharded_from=resharded_from,
+        ),
+        how=""
+        if resharded_from is None
+        else f", resharded from {resharded_from} to {lay.world_size} ranks (not bit-exact with "
+        "the earlier attempts)",
+    )
+
+
+# --------------------------------------------------------------------------- the watch
+
+
+@dataclass
+class Rank:
+    """What the supervisor knows of one rank (of a single worker: rank 0)."""
+
+    rank: int
+    last_seen: float = field(default_factory=time.monotonic)
+    step: int = 0
+    done: bool = False  # sent its final message (Completed, Stopped, Finished, Failed)
+    closed: bool = False
+    error: P.Failed | None = None
+    tokens_per_s: float | None = None
+    report_step: int = 0
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The first failure of an attempt: the rank (None: none known), its host, what was seen."""
+
+    rank: int | None
+    host: str
+    what: str
+    at: float = field(default_factory=time.monotonic)
+
+
+class Attempt:
+    """One attempt of a job, 1..N ranks: messages -> events, control requests -> stop, death -> crash."""
+
+    # w: process.Worker or group.Group
+    def __init__(self, host: Host, j: JobState, w, oom_before: int | None, step: int):
+        self.host, self.job, self.cfg, self.w = host, j.job, j.config, w
+        self.oom_before, self.stream = oom_before, job_stream(j.job)
+        self.world = w.world_size
+        self.ranks: dict[int, Rank] = {}
         self.last_progress = time.monotonic()
         self.in_eval = False
-        self.loading = True  # imports + model load: allowed eval_hang_s, not hang_s
-        self.step_seen = False  # a spare is started after this worker's first step
+        self.loading = True  # no Loaded yet (imports + model load): allowed eval_hang_s, not hang_s
+        self.step_seen = False  # a spare is started after the first step
         self.stop_sent: float | None = None
         self.stop_reason: str | None = None  # "pause" | "cancel" | "shutdown"
         self.hung = False
-        self.halted: list[int] = []  # what stopped() found when the watchdog last looked
         self.stop_forced = False  # asked to stop, it did not within stop_s: ftctl killed it
-        self.error: P.Failed | None = None
-        self.finished: str | None = None  # "completed" | "stopped"
-        self.step = step  # a crash before the first step is at the resume step
+        self.error: P.Failed | None = None  # the first error any rank reported
+        self.finished: str | None = None  # "completed" | "stopped" (the leader's last word)
+        self.step = step  # the leader's last step; before the first one, where it resumes
         self.stopped_step = 0
+        self.first: Failure | None = None
+        self.candidates: list[tuple[int, Failure]] = []  # failures seen in one pass of the loop
+        self.torn_down_s: float | None = None
         self.log_due = Every(j.iters)  # daemon.log gets progress at a sane rate
-        self.tb = Live(d.ws, d.ledger.state.jobs[j.job], d.say)  # TensorBoard files, if configured
-        self.trackers = Trackers(
-            d.ws, d.ledger.state.jobs[j.job], d.say
-        )  # report_to, if configured
-        d.report.training(j.job, j.name, j.iters)
+        self.report_due: int | None = None  # a step whose per-rank tokens/s are to be journaled
+        self.tb = Live(host.ws, j, host.say)  # TensorBoard files, if configured
+        self.trackers = Trackers(host.ws, j, host.say)  # report_to, if configured
+        host.report.training(j.job, j.name, j.iters)
 
     # ------------------------------------------------------------------ loop
     def watch(self) -> None:
-        fd = self.w.messages.fileno()
-        buf = b""
-        last_control = 0.0
+        w, last_control = self.w, 0.0
         try:
-            while True:
-                r, _, _ = select.select([fd], [], [], POLL_S)
-                if r:
-                    chunk = os.read(fd, 1 << 16)
-                    if not chunk:
-                        break  # EOF: the worker exited (or closed the pipe as it died)
-                    buf += chunk
-                    *lines, buf = buf.split(b"\n")
-                    for line in filter(bytes.strip, lines):
-                        self.receive(line)
+            while not w.killed:
+                for h in w.poll(POLL_S):
+                    self.hear(h)
+                self.settle()
+                if self.first is not None:
+                    self.teardown()
+                    break
+                if len(self.ranks) == self.world and all(r.closed for r in self.ranks.values()):
+                    break  # every rank ended (with its final message, or the leader had nothing to say)
+                # mlx.launch exited: its ranks' last lines and EOFs may still be unread
+                if w.ended():
+                    self.drain()
+                    if self.first is None and not self.all_done():
+                        self.fail_first(
+                            None,
+                            "",
+                            f"mlx.launch exited (code {w.proc.returncode}) before every rank "
+                            "finished: see the job log",
+                        )
+                    if self.first is not None:
+                        self.teardown()
+                    break
                 now = time.monotonic()
                 if now - last_control >= CONTROL_EVERY_S:
                     last_control = now
                     self.control()
                     self.standby()
-                    self.d.scan_inbox()  # files dropped in while a job trains are queued now, not after it
+                    self.host.chores()  # files dropped in inbox/ are queued now, not after the job
+                self.heartbeat()
                 self.watchdog(now)
-            code = self.w.proc.wait()
+            self.drain()  # what was said before a kill still counts (a checkpoint written)
         finally:
-            self.d.report.training_ended(self.job)
-            self.w.messages.close()
-            if self.w.proc.stdin:
-                try:
-                    self.w.proc.stdin.close()
-                except OSError:
-                    pass
-        self.w.kill_group()  # nothing of the worker's group may outlive it
+            self.host.report.training_ended(self.job)
+        code = w.finish()
         self.tb.close()
         self.trackers.close()
         self.finish(code)
 
-    def receive(self, line: bytes) -> None:
-        try:
-            msg = P.decode_message(line)
-        except (
-            P.ProtocolError
-        ) as e:  # a bug, not a reason to drop the worker: say it, keep watching
-            self.d.say(f"job {self.job}: {e}", "error")
+    def hear(self, h: P.Heard) -> None:
+        # a bug or a stranger, not a reason to drop the attempt: say it, keep watching
+        if h.problem:
+            rank = "" if h.rank is None or self.world == 1 else f" rank {h.rank}"
+            self.host.say(
+                f"job {self.job}{rank}: {h.problem}", "warn" if h.rank is None else "error"
+            )
             return
-        self.on_message(msg)
+        r = self.ranks.setdefault(h.rank, Rank(h.rank))
+        if h.connected:
+            pid, where_ = self.w.who(h.rank)
+            self.host.log(f"job {self.job}: rank {h.rank} connected (pid {pid} on {where_})")
+        elif h.closed:
+            r.closed = True
+            if not r.done or r.error:
+                self.candidates.append((1 if r.error else 0, self.died(r)))
+        else:
+            self.on_message(r, h.message)
+
+    def died(self, r: Rank) -> Failure:
+        """What a rank's channel closing without its final word (or after an error) means."""
+        pid, host = self.w.who(r.rank)
+        if self.world == 1:  # the exit status says it
+            return Failure(None, "", "")
+        if r.error:
+            what = f"rank {r.rank} failed: {r.error.category}: {detail_of(r.error.message)}"
+        else:
+            what = f"rank {r.rank} (pid {pid} on {host}) died: its connection closed without a final message"
+        return Failure(r.rank, host, what)
+
+    def settle(self) -> None:
+        """The first failure of those seen in one pass: a rank that died unannounced caused the others'
+        errors (they saw their peer vanish), not the reverse."""
+        if self.candidates:
+            _, f = min(self.candidates, key=lambda c: (c[0], c[1].rank or 0))
+            self.fail_first(f.rank, f.host, f.what)
+            self.candidates = []
+
+    def fail_first(self, rank: int | None, host: str, what: str) -> None:
+        if self.first is None:
+            self.first = Failure(rank, host, what)
+
+    def all_done(self) -> bool:
+        """Every rank said its final word, and none of them was an error."""
+        return (
+            len(self.ranks) == self.world
+            and all(r.done for r in self.ranks.values())
+            and not any(r.error for r in self.ranks.values())
+        )
+
+    def drain(self) -> None:
+        """Read what the ranks still have to say (a checkpoint written just before a kill still
+        counts), until every channel is closed, nothing more comes, or DRAIN_S passed."""
+        deadline = time.monotonic() + DRAIN_S
+        while time.monotonic() < deadline:
+            if len(self.ranks) == self.world and all(r.closed for r in self.ranks.values()):
+                break
+            heard = self.w.poll(max(0.0, deadline - time.monotonic()))
+            if not heard:  # nothing within the time left, or nothing left to read (a killed group)
+                break
+            for h in heard:
+                self.hear(h)
+        self.settle()
+
+    def teardown(self) -> None:
+        """Kill the whole group at once: nothing of it may go on without the rank that failed."""
+        self.w.kill_group()
+        if self.world > 1 and self.first is not None:
+            self.torn_down_s = time.monotonic() - self.first.at
+            self.host.say(
+                f"job {self.job}: {self.first.what}; the whole group was killed "
+                f"{self.torn_down_s * 1000:.0f} ms after it was seen",
+                "error",
+            )
 
     def control(self) -> None:
-        d = self.d
-        d.ledger.refresh()
-        j = d.ledger.state.jobs[self.job]
+        L, stop = self.host.ledger, self.host.stop
+        L.refresh()
+        j = L.state.jobs[self.job]
         want = None
         if j.requested in ("pause", "cancel"):
             want = j.requested
-        elif d.stopping or d.ledger.state.daemon.shutdown_requested:
+        elif stop.why or L.state.daemon.shutdown_requested:
             want = "shutdown"
         if want == "cancel" and self.stop_reason != "cancel":
             self.stop_reason = "cancel"
-            d.say(f"job {self.job}: cancel requested, stopping the worker")
+            self.host.say(f"job {self.job}: cancel requested, stopping the worker")
             self.w.kill_group()
         elif want and self.stop_sent is None:
             self.stop_reason, self.stop_sent = want, time.monotonic()
-            d.say(f"job {self.job}: {want} requested, checkpointing at the current step")
+            self.host.say(f"job {self.job}: {want} requested, checkpointing at the current step")
             self.w.send(P.encode(P.Stop()))
-        if d.force:
+        if stop.force:
             self.w.kill_group()
 
     def standby(self) -> None:
-        """Keep a spare worker (control/standby.py) once this one trains (not while it loads: the spare's
-        imports would slow that load on a small machine), and report the spare's memory."""
-        if self.cfg.standby and self.step_seen and self.stop_sent is None and not self.d.stopping:
-            self.d.standby.ensure(blas.for_worker(self.cfg.blas)[0].env)
-        self.d.standby.report()
+        """Keep a spare worker (control/standby.py) once a single worker trains (not while it loads:
+        the spare's imports would slow that load on a small machine), and report the spare's memory.
+        A group has none: its ranks are started by mlx.launch."""
+        sb = self.host.standby
+        if (
+            self.world == 1
+            and self.cfg.standby
+            and self.step_seen
+            and self.stop_sent is None
+            and not self.host.stop.why
+        ):
+            sb.ensure(blas.for_worker(self.cfg.blas)[0].env)
+        sb.report()
 
-    def stopped(self) -> list[int]:
-        """The worker's processes stopped by a signal (SIGSTOP, SIGTSTP): alive, computing nothing."""
-        return process.stopped([self.w.proc.pid])
+    def heartbeat(self) -> None:
+        """The attempt's progress is its slowest rank's: a stopped rank stalls everyone at the next
+        all-reduce."""
+        if self.ranks and len(self.ranks) == self.world:
+            self.last_progress = min(r.last_seen for r in self.ranks.values())
 
     def watchdog(self, now: float) -> None:
-        """No progress for hang_s (eval_hang_s while loading or evaluating) is a hang: the worker group
-        is killed. A stopped process gets hang_s even then: a stopped evaluation is not a slow one."""
+        """No progress for hang_s (eval_hang_s while loading or evaluating) is a hang: the group is
+        killed. A stopped process gets hang_s even then: a stopped evaluation is not a slow one."""
         t = self.cfg.timeouts
         quiet = now - self.last_progress
         if not self.hung and quiet > t.hang_s:
-            self.halted = self.stopped()
-            limit = (
-                t.eval_hang_s if (self.in_eval or self.loading) and not self.halted else t.hang_s
-            )
+            halted = self.w.stopped_ranks()
+            limit = t.eval_hang_s if (self.in_eval or self.loading) and not halted else t.hang_s
             if quiet > limit:
                 self.hung = True
-                self.d.say(
+                self.host.say(
                     f"job {self.job}: no progress for {limit:g} s: killing the worker group (hang)",
                     "error",
                 )
-                self.w.kill_group()
+                self.fail_first(*self.hang(halted, limit))
+                self.teardown()
         if self.stop_sent is not None and now - self.stop_sent > t.stop_s:
-            self.d.say(
+            self.host.say(
                 f"job {self.job}: worker did not stop within {t.stop_s:g} s: killing it", "error"
             )
-            self.halted = self.stopped()
-            self.stop_forced = True
-            self.w.kill_group()
-            self.stop_sent = float("inf")
+            self.stop_forced, self.stop_sent = True, float("inf")
+            self.fail_first(*self.not_stopped(self.w.stopped_ranks()))
+            self.teardown()
+
+    def _name(self, rank: int) -> str:
+        pid, host = self.w.who(rank)
+        return (
+            f"the worker (pid {pid})" if self.world == 1 else f"rank {rank} (pid {pid} on {host})"
+        )
+
+    def hang(self, halted: list[int], limit: float) -> tuple[int | None, str, str]:
+        """Who the watchdog blames: a rank stopped by a signal, else the one heard from last."""
+        group = "the worker" if self.world == 1 else "the group"
+        if halted:
+            r = halted[0]
+            return (
+                r,
+                self.w.who(r)[1],
+                (
+                    f"{self._name(r)} was stopped by a signal (SIGSTOP/SIGTSTP) and "
+                    f"{'it' if self.world == 1 else 'the group'} made no progress"
+                ),
+            )
+        slow = min(self.ranks.values(), key=lambda r: (r.last_seen, r.rank), default=None)
+        if self.world == 1 or slow is None:
+            return None, "", f"{group} made no progress for {limit:g} s"
+        last = f"rank {slow.rank} was heard from last at step {slow.step}"
+        return slow.rank, self.w.who(slow.rank)[1], f"the group made no progress; {last}"
+
+    def not_stopped(self, halted: list[int]) -> tuple[int | None, str, str]:
+        r = halted[0] if halted else None
+        stopped = f" ({self._name(r)} was stopped by a signal)" if r is not None else ""
+        who = "the worker" if self.world == 1 else "the group"
+        return (
+            r,
+            self.w.who(r)[1] if r is not None else "",
+            (
+                f"asked to stop ({self.stop_reason}), {who} did not within timeouts.stop_s = "
+                f"{self.cfg.timeouts.stop_s:g} s{stopped}, so ftctl killed it"
+            ),
+        )
 
     # ------------------------------------------------------------------ messages
-    def on_message(self, msg: P.WorkerMessage) -> None:
-        """The one place a worker message becomes an event (or a metrics row)."""
-        L, job, d = self.d.ledger, self.job, self.d
+    def on_message(self, r: Rank, msg: P.WorkerMessage) -> None:
+        """The one place a worker message becomes an event (or a metrics row). Every rank's message is
+        its heartbeat; the leader's (rank 0) are the job's events."""
+        r.last_seen = time.monotonic()
+        match msg:
+            case P.Step(step=step):
+                r.step = step
+            case P.Report(local_tokens_per_s=rate, metrics=m):
+                r.tokens_per_s, r.report_step = rate, m.step
+            case P.Failed():
+                r.error = r.error or msg
+                self.error = self.error or msg
+                r.done = True
+            case P.Completed() | P.Stopped() | P.Finished():
+                r.done = True
+        if r.rank == 0:
+            self.lead(msg)
+            self.host.report.progress(self.job, msg)
+        if isinstance(msg, P.Report) and self.report_due is not None:
+            self.ranks_reported()
+
+    def lead(self, msg: P.WorkerMessage) -> None:
+        """The leader's message: the job's events."""
+        L, job, host = self.host.ledger, self.job, self.host
         self.last_progress = time.monotonic()
         match msg:
             case P.Loaded(step=step):
                 self.step, self.loading = step, False
             case P.Step(step=step):
-                if (
-                    self.step_seen is False
-                ):  # the first step: the new worker is up, time for a new spare
+                if not self.step_seen:  # the first step: the new worker is up, time for a new spare
                     self.step_seen = True
                     self.standby()
                 self.step = step
@@ -197,11 +566,13 @@ class Supervision:
                 self.tb.report(m)  # after the journal has it: a view of what is recorded
                 self.trackers.report(m)
                 if self.log_due.due(m.step):
-                    d.log(
+                    host.log(
                         f"job {job} step {m.step}/{self.cfg.iters}: loss {_num(m.loss, '.4f')}  lr "
                         f"{_num(m.lr, '.3g')}  "
                         f"{_num(m.tokens_per_s, '.0f')} tok/s  peak {_num(m.peak_mem_gb, '.2f')} GB"
                     )
+                    if self.world > 1:
+                        self.report_due = m.step
             case P.EvalStarted():
                 self.in_eval = True
             case P.Evaluated(step=step, global_step=gstep, val_loss=val, preference=pref):
@@ -214,94 +585,121 @@ class Supervision:
                 )
                 self.tb.val(gstep, val, pref)
                 self.trackers.val(gstep, step, val)
-                d.log(f"job {job} step {step}: val loss {_num(val, '.4f')}")
+                host.log(f"job {job} step {step}: val loss {_num(val, '.4f')}")
             case P.CheckpointStarted(step=step, global_step=gstep):
                 L.commit(self.stream, ev.CheckpointStarted(job=job, step=step, global_step=gstep))
             case P.CheckpointWritten(checkpoint=c):
                 crash_point("daemon_before_commit", c.step)
-                c = msgspec.structs.replace(c, path=d.ws.rel(c.path))  # recorded relative
+                c = msgspec.structs.replace(c, path=host.ws.rel(c.path))  # recorded relative
                 L.commit(self.stream, ev.CheckpointCommitted(job=job, checkpoint=c))
-                d.log(f"job {job}: checkpoint step {c.step} committed ({c.bytes / 1e6:.1f} MB)")
+                host.log(f"job {job}: checkpoint step {c.step} committed ({c.bytes / 1e6:.1f} MB)")
                 self.retention()
             case P.Completed():
-                L.refresh()  # the head as it is now: decided, and recorded with the completion
-                j = L.state.jobs[job]
-                lin = L.state.lineages.get(j.lineage)
-                branch = branch_reason(j, lin) if lin is not None else ""
-                done = ev.Completed(
+                self.completed(msg)
+            case P.Stopped(step=step):
+                self.finished, self.stopped_step = "stopped", step
+
+    def completed(self, msg: P.Completed) -> None:
+        """The leader's completion, journalled in one transaction with what decided it: early stopping's
+        reason (``early_stopped``), the head or branch decision, the test split's scores."""
+        L, job, host = self.host.ledger, self.job, self.host
+        L.refresh()  # the head as it is now: decided, and recorded with the completion
+        j = L.state.jobs[job]
+        lin = L.state.lineages.get(j.lineage)
+        branch = branch_reason(j, lin) if lin is not None else ""
+        done = ev.Completed(
+            job=job,
+            step=msg.step,
+            global_step=msg.global_step,
+            adapter_path=host.ws.rel(msg.adapter_path),
+            adapter_sha256=msg.adapter_sha256,
+            checkpoint=host.ws.rel(msg.checkpoint),
+            result=msg.result,
+            result_step=msg.result_step,
+            result_val_loss=msg.result_val_loss,
+            result_note=msg.result_note,
+            exported_to=msg.exported_to,
+            export_refused=msg.export_refused,
+            branch=branch,
+        )
+        # early stopping's decision and the test split's scores (config `test`) with it, in
+        # one transaction: all or nothing (a job never reads as stopped early without its
+        # result, nor completes early without the reason)
+        early = (
+            [
+                ev.EarlyStopped(
                     job=job,
                     step=msg.step,
                     global_step=msg.global_step,
-                    adapter_path=d.ws.rel(msg.adapter_path),
-                    adapter_sha256=msg.adapter_sha256,
-                    checkpoint=d.ws.rel(msg.checkpoint),
-                    result=msg.result,
-                    result_step=msg.result_step,
-                    result_val_loss=msg.result_val_loss,
-                    result_note=msg.result_note,
-                    exported_to=msg.exported_to,
-                    export_refused=msg.export_refused,
-                    branch=branch,
+                    reason=msg.stopped_early,
+                    best_step=msg.best_step,
+                    best_val_loss=msg.best_val_loss,
                 )
-                # early stopping's decision and the test split's scores (config `test`) with it, in
-                # one transaction: all or nothing (a job never reads as stopped early without its
-                # result, nor completes early without the reason)
-                early = (
-                    [
-                        ev.EarlyStopped(
-                            job=job,
-                            step=msg.step,
-                            global_step=msg.global_step,
-                            reason=msg.stopped_early,
-                            best_step=msg.best_step,
-                            best_val_loss=msg.best_val_loss,
-                        )
-                    ]
-                    if msg.stopped_early
-                    else []
-                )
-                scored = [
-                    msgspec.structs.replace(e, data_path=d.ws.rel(e.data_path))  # recorded relative
-                    for e in ([msg.evaluated] if msg.evaluated else [])
-                ]
-                L.commit(self.stream, *early, done, *scored)
-                self.finished = "completed"
-                if msg.stopped_early:
-                    d.say(f"job {job}: {msg.stopped_early}", "ok")
-                d.say(
-                    f"job {job} completed at step {msg.step} (global {msg.global_step}): "
-                    f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…, "
-                    f"{describe_result(msg)}"
-                    + (f", also published at {msg.exported_to}" if msg.exported_to else ""),
-                    "ok",
-                )
-                if msg.export_refused:
-                    d.say(f"job {job}: adapter_path not written: {msg.export_refused}", "warn")
-                if msg.evaluated:
-                    e = msg.evaluated
-                    d.say(
-                        f"job {job} test split: loss {_num(e.adapter_loss, '.4f')} (base model "
-                        f"{_num(e.base_loss, '.4f')}), perplexity {_num(e.adapter_ppl, '.2f')}"
-                    )
-                if branch:
-                    d.say(f"job {job} is {branch}", "warn")
-            case P.Stopped(step=step):
-                self.finished, self.stopped_step = "stopped", step
-            case P.Failed():
-                self.error = msg
-        d.report.progress(job, msg)
+            ]
+            if msg.stopped_early
+            else []
+        )
+        scored = [
+            msgspec.structs.replace(e, data_path=host.ws.rel(e.data_path))  # recorded relative
+            for e in ([msg.evaluated] if msg.evaluated else [])
+        ]
+        L.commit(self.stream, *early, done, *scored)
+        self.finished = "completed"
+        if msg.stopped_early:
+            host.say(f"job {job}: {msg.stopped_early}", "ok")
+        host.say(
+            f"job {job} completed at step {msg.step} (global {msg.global_step}): "
+            f"adapter {msg.adapter_path} sha256 {msg.adapter_sha256[:16]}…, "
+            f"{describe_result(msg)}"
+            + (f", also published at {msg.exported_to}" if msg.exported_to else ""),
+            "ok",
+        )
+        if msg.export_refused:
+            host.say(f"job {job}: adapter_path not written: {msg.export_refused}", "warn")
+        if msg.evaluated:
+            e = msg.evaluated
+            host.say(
+                f"job {job} test split: loss {_num(e.adapter_loss, '.4f')} (base model "
+                f"{_num(e.base_loss, '.4f')}), perplexity {_num(e.adapter_ppl, '.2f')}"
+            )
+        if branch:
+            host.say(f"job {job} is {branch}", "warn")
+
+    def ranks_reported(self) -> None:
+        """Journal every rank's tokens/s for the step whose report was due, once all have reported it."""
+        step = self.report_due
+        if self.finished == "completed":
+            # the leader's completion can arrive (on its own connection) before another rank's last
+            # report: the job is no longer active, so that report is not journalled (it would be
+            # illegal in `completed`; seen once in a loaded suite run)
+            self.report_due = None
+            return
+        if len(self.ranks) < self.world or any(r.report_step < step for r in self.ranks.values()):
+            return
+        self.report_due = None
+        rates = [self.ranks[i].tokens_per_s for i in range(self.world)]
+        self.host.ledger.commit(
+            self.stream, ev.RanksReported(job=self.job, step=step, tokens_per_s=rates)
+        )
+        shown = ", ".join(
+            f"rank {i} {'-' if t is None else format(t, '.0f')}" for i, t in enumerate(rates)
+        )
+        self.host.log(f"job {self.job} step {step}: tok/s per rank: {shown}")
 
     def retention(self) -> None:
-        r = retention.checkpoints(self.d.ws, self.d.ledger.state.jobs[self.job])
+        r = retention.checkpoints(self.host.ws, self.host.ledger.state.jobs[self.job])
         if r is not None:
-            apply(self.d.ledger, [r])
+            apply(self.host.ledger, [r])
 
     # ------------------------------------------------------------------ the end
-    def finish(self, code: int) -> None:
-        d, L, j = self.d, self.d.ledger, self.d.ledger.state.jobs[self.job]
+    def finish(self, code: int | None) -> None:
+        """How the attempt ended, recorded: completed (already), stopped as asked, interrupted, cancelled,
+        or crashed. ``code``: the worker's exit status (None for a group's ranks: mlx.launch's children)."""
+        host, L, j = self.host, self.host.ledger, self.host.ledger.state.jobs[self.job]
         if self.finished == "completed":
             return
-        if self.finished == "stopped" and code == 0:
+        clean = self.first is None and not self.hung and self.all_done() and code in (0, None)
+        if self.finished == "stopped" and clean:
             if self.stop_reason == "pause":
                 L.commit(
                     self.stream,
@@ -313,16 +711,15 @@ class Supervision:
                     ev.Interrupted(
                         job=self.job,
                         step=self.stopped_step,
-                        reason=f"graceful stop ({d.stopping or 'shutdown'}): checkpointed at step {self.stopped_step}",
+                        reason=f"graceful stop ({host.stop.why or 'shutdown'}): checkpointed at "
+                        f"step {self.stopped_step}",
                     ),
                 )
-            d.say(
+            host.say(
                 f"job {self.job}: stopped at step {self.stopped_step} with a checkpoint; nothing lost"
             )
             return
-        if (
-            d.force
-        ):  # the user asked the daemon to stop twice: an interrupt, not a crash, whatever the exit
+        if host.stop.force:  # asked to stop twice: an interrupt, not a crash, whatever the exit
             from_step = (
                 f"step {j.step}, its last checkpoint"
                 if j.good_checkpoints()
@@ -334,165 +731,128 @@ class Supervision:
                     job=self.job,
                     step=j.step,
                     reason=(
-                        f"stopped by the user ({d.stopping}, asked twice): the worker was killed before it could "
-                        f"checkpoint; it resumes from {from_step}"
+                        f"stopped by the user ({host.stop.why}, asked twice): the worker was killed "
+                        f"before it could checkpoint; it resumes from {from_step}"
                     ),
                 ),
             )
-            d.say(
+            host.say(
                 f"job {self.job}: stopped at once (asked twice); it resumes from {from_step}",
                 "warn",
             )
             return
-        if (
-            self.stop_reason == "cancel"
-        ):  # the user's act, not a crash: no crash record, no red tick on the curve
+        # the user's act: no crash record, no red tick on the curve
+        if self.stop_reason == "cancel":
             L.commit(
                 self.stream,
                 ev.Cancelled(
                     job=self.job,
-                    reason=f"cancelled by user while training (step "
-                    f"{self.step}); its worker was stopped",
+                    reason=f"cancelled by user while training (step {self.step}); its worker was "
+                    "stopped",
                 ),
             )
-            d.say(f"job {self.job} cancelled")
+            host.say(f"job {self.job} cancelled")
             return
-        self.crashed(j, code)
+        self.crashed(code)
+
+    def evidence(self, code: int | None) -> Evidence:
+        oom_after = system.oom_kill_count()
+        oom = None if self.oom_before is None or oom_after is None else oom_after - self.oom_before
+        first = self.first or Failure(
+            None, "", "" if self.world == 1 else "the group ended without every rank finishing"
+        )
+        rank = first.rank if self.world > 1 else None
+        err = self.ranks[rank].error if rank in self.ranks else self.error
+        torn = (
+            f"; group of {self.world} torn down {self.torn_down_s * 1000:.0f} ms after"
+            if self.torn_down_s is not None
+            else ""
+        )
+        return Evidence(
+            exit_code=code,
+            stderr_tail=process.tail(self.w.log_path, since=self.w.log_offset),
+            reported=err.category if err else None,
+            message=err.message if err else "",
+            oom_kills=oom,
+            hung=self.hung or self.stop_forced,
+            vanished=rank is not None and err is None,
+            step=self.step,
+            loading=self.loading,
+            what=first.what + torn,
+            rank=rank,
+            host=(first.host or None) if self.world > 1 else None,
+            steps_seen=", ".join(f"rank {r.rank} step {r.step}" for r in _by_rank(self.ranks))
+            if self.world > 1
+            else "",
+            stop_reason=self.stop_reason,
+            log_path=self.host.ws.rel(self.w.log_path),
+            fix=(err.fix or "") if err else "",
+        )
+
+    def crashed(self, code: int | None) -> None:
+        """Classify the death, record it and what follows it in one transaction."""
+        host, L = self.host, self.host.ledger
+        j = L.state.jobs[self.job]
+        e = self.evidence(code)
+        category = classify(e)
+        err = self.ranks[e.rank].error if e.rank in self.ranks else self.error
+        if category == "corrupt_checkpoint" and err and err.path:
+            bad = host.ws.rel(err.path)
+            c = next((c for c in j.good_checkpoints() if c.path == bad), None)
+            if c is not None:
+                apply(L, [mark_corrupt(self.job, c, err.message)])
+                j = L.state.jobs[self.job]
+        replayed = None
+        if category in DETERMINISTIC and self.world == 1 and not host.stop.why and not j.requested:
+            # a crash that can be a property of the run is replayed before any restart
+            # (control/reproduce.py; one process: a group's run is not replayed)
+            replayed = reproduce.after_crash(
+                host.ws,
+                L,
+                j,
+                category,
+                self.step,
+                detail_of(e.message),
+                self.replay_cancelled,
+                host.say,
+            )
+            j = L.state.jobs[self.job]
+            if replayed is not None:
+                host.say(
+                    f"job {self.job}: crash {replayed.crash} {replayed.summary}",
+                    "warn" if replayed.verdict == "reproduced" else "info",
+                )
+        d = decide(e, j, time.time(), replayed)
+        # one transaction: a crashed job is never left without its decision (nor its reproduction)
+        L.commit(self.stream, d.crashed, *([replayed] if replayed else []), d.follow)
+        c = d.crashed
+        on = f" on rank {c.rank} ({c.host})" if c.rank is not None else ""
+        exit_ = f", exit {code}" if code is not None else ""
+        host.say(
+            f"job {self.job} crashed ({c.category}{exit_}){on} {where(c)}: {c.suggestion}", "error"
+        )
+        kind = type(d.follow).kind()
+        host.say(
+            f"job {self.job} {kind}: {getattr(d.follow, 'reason', '')}",
+            {"requeued": "info", "paused": "warn"}.get(kind, "error"),
+        )
 
     def replay_cancelled(self) -> str:
         """Why the daemon's replay of a crash must stop now ("" to go on): the daemon is stopping, or the
         user asked to pause or cancel the job or to shut down — the daemon stays responsive meanwhile."""
-        d = self.d
-        if d.stopping:
+        L = self.host.ledger
+        if self.host.stop.why:
             return "the daemon is stopping"
-        d.ledger.refresh()
-        if d.ledger.state.daemon.shutdown_requested:
+        L.refresh()
+        if L.state.daemon.shutdown_requested:
             return "`ftctl shutdown` was requested"
-        want = d.ledger.state.jobs[self.job].requested
+        want = L.state.jobs[self.job].requested
         return f"{want} of job {self.job} was requested" if want else ""
 
-    def crashed(self, j: JobState, code: int) -> None:
-        """Classify the death, record it and the policy's decision in one transaction."""
-        d, L = self.d, self.d.ledger
-        oom_after = system.oom_kill_count()
-        oom = None if self.oom_before is None or oom_after is None else oom_after - self.oom_before
-        tail = process.tail(self.w.log_path, since=self.w.log_offset)
-        said = (
-            f"\n{self.error.message}" if self.error else ""
-        )  # the worker's own words count as evidence too
-        category = classify(
-            Evidence(
-                exit_code=code,
-                stderr_tail=tail + said,
-                reported=self.error.category if self.error else None,
-                oom_kills=oom,
-                hung=self.hung or self.stop_forced,
-            )
-        )
-        if category == "corrupt_checkpoint" and self.error and self.error.path:
-            bad = d.ws.rel(self.error.path)
-            c = next((c for c in j.good_checkpoints() if c.path == bad), None)
-            if c is not None:
-                apply(L, [mark_corrupt(self.job, c, self.error.message)])
-                j = L.state.jobs[self.job]
-        sig = -code if code < 0 else None
-        forced = (
-            f"; asked to stop ({self.stop_reason}), it did not within timeouts.stop_s = "
-            f"{self.cfg.timeouts.stop_s:g} s, so ftctl killed it"
-            if self.stop_forced
-            else ""
-        )
-        evidence = (
-            f"exit code {code}"
-            + (f" (signal {signal.Signals(sig).name})" if sig else "")
-            + forced
-            + (f"; worker said: {self.error.message}" if self.error else "")
-            + (
-                "; the worker was stopped by a signal (SIGSTOP/SIGTSTP) and made no progress"
-                if (self.hung or self.stop_forced) and self.halted
-                else ""
-            )
-            + f"; last step seen {self.step}; log {d.ws.rel(self.w.log_path)}\n"
-            + _evidence_tail(tail)
-        )
-        detail = _first_line(self.error.message) if self.error else ""
-        fix = (self.error.fix or "") if self.error else ""
-        good = j.good_checkpoints()
-        advice = suggestion(category, good[-1].step if good else None, fix).replace("JOB", self.job)
-        if detail and category in ("exception", "load_error"):
-            advice = f"{detail} — {advice}"
-        crash = ev.Crashed(
-            job=self.job,
-            category=category,
-            step=self.step,
-            exit_code=code,
-            signal=sig,
-            evidence=evidence,
-            suggestion=advice,
-            message=detail,
-            fix=fix,
-        )
-        replayed = None
-        if category in DETERMINISTIC and not d.stopping and not j.requested:
-            # a crash that can be a property of the run is replayed before any restart (control/reproduce.py)
-            replayed = reproduce.after_crash(
-                d.ws, L, j, category, self.step, detail, self.replay_cancelled, d.say
-            )
-            j = L.state.jobs[self.job]
-            if replayed is not None:
-                d.say(
-                    f"job {self.job}: crash {replayed.crash} {replayed.summary}",
-                    "warn" if replayed.verdict == "reproduced" else "info",
-                )
-        now = time.time()
-        record = CrashRecord(
-            ts=utc_now(),
-            category=category,
-            step=self.step,
-            exit_code=code,
-            signal=sig,
-            resume_step=j.step,
-        )
-        dec = after_crash(
-            j.crashes[j.budget_from :] + [record],
-            now,
-            resume_step=j.step,
-            policy=self.cfg.restart,
-            detail=detail,
-            reproduction=replayed,
-            fix=fix,
-        )
-        nxt = follow_up(
-            self.job,
-            dec,
-            j.requested or (self.stop_reason if self.stop_reason == "pause" else None),
-            category,
-            now,
-        )
-        # one transaction: a crashed job is never left without its decision (nor its reproduction)
-        L.commit(self.stream, crash, *([replayed] if replayed else []), nxt)
-        d.say(
-            f"job {self.job} crashed ({category}, exit {code}) at step {self.step}: {advice}",
-            "error",
-        )
-        d.say(
-            f"job {self.job} {type(nxt).kind()}: {getattr(nxt, 'reason', '')}",
-            {"requeued": "info", "paused": "warn"}.get(type(nxt).kind(), "error"),
-        )
 
-
-def _first_line(message: str, limit: int = 200) -> str:
-    line = message.strip().splitlines()[0] if message.strip() else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+def _by_rank(ranks: dict[int, Rank]) -> list[Rank]:
+    return [ranks[k] for k in sorted(ranks)]
 
 
 def _num(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
-
-
-def _evidence_tail(tail: str, limit: int = 3000) -> str:
-    """The end of the worker's log for this attempt, from its last traceback if it has one."""
-    at = tail.rfind("Traceback (most recent call last)")
-    if at >= 0 and len(tail) - at <= limit:
-        return tail[at:]
-    return tail[-limit:]

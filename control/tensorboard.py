@@ -1,10 +1,16 @@
-"""TensorBoard files from the journal: live while training (`metrics.tensorboard: true`) and after
-the fact (`ftctl export-tb`).
+"""TensorBoard, all of it: event files written with tensorboardX (the `ftctl[tensorboard]` extra) from
+the journal, live while training (`metrics.tensorboard: true`) and after the fact (`ftctl export-tb`).
+
+One run folder per job; each attempt opens its own event file. A resumed attempt opens it with
+``purge_step`` = the resume point's global step + 1: that writes TensorBoard's "restarted here"
+marker (a SessionLog START at that step), and TensorBoard then drops every point at or past it
+that was written before it — exactly the points the crashed attempt reported after its last
+committed checkpoint. The curves never show a step twice or out of order.
 
 Live, the daemon hands each report to ``Live`` *after* it is recorded in the journal, never on the
 worker's path; a failure to write (tensorboardX missing, disk full) is said once and turns the
 writer off for that attempt: it never stops the daemon. A resumed attempt purges what the crashed
-one wrote after the resume point (adapters/tensorboard.py), so TensorBoard shows the effective
+one wrote after the resume point (``purge_step``), so TensorBoard shows the effective
 curve — the one `ftctl metrics` shows without `--all`.
 """
 
@@ -17,14 +23,77 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftctl.adapters import tensorboard as tb
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.core.state import JobState
+from ftctl.events.errors import UserError
 from ftctl.events.types import PAIR_FIELDS, Metrics, PairStats, ts_epoch
-from ftctl.recovery.ledger import Ledger
 
-from .jobs import UserError
 from .metrics import select_jobs, series
+
+# --------------------------------------------------------------------------- the writer
+
+EXTRA = "pip install 'ftctl[tensorboard]'"
+TAGS = {
+    "loss": "loss/train",
+    "val_loss": "loss/val",
+    "lr": "lr",
+    "tokens_per_s": "tokens_per_s",
+    "peak_mem_gb": "peak_mem_gb",
+    # preference training (train_mode dpo, orpo): the report window's and the validation pairs'
+    "accuracy": "preference/accuracy/train",
+    "val_accuracy": "preference/accuracy/val",
+    "reward_margin": "preference/reward_margin/train",
+    "val_reward_margin": "preference/reward_margin/val",
+    "chosen_reward": "preference/chosen_reward",
+    "rejected_reward": "preference/rejected_reward",
+}
+
+
+class Missing(Exception):
+    """tensorboardX is not installed; str() says how to get it."""
+
+
+def available() -> bool:
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Run:
+    """One job's event file for one attempt."""
+
+    def __init__(
+        self, folder: Path, *, attempt: int, purge_step: int | None = None, flush_secs: int = 5
+    ):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise Missing(f"writing TensorBoard files needs tensorboardX: {EXTRA}") from None
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.writer = SummaryWriter(
+            logdir=str(folder),
+            purge_step=purge_step,
+            flush_secs=flush_secs,
+            filename_suffix=f".attempt{attempt}",
+        )
+
+    def point(self, global_step: int, values: dict, walltime: float | None = None) -> None:
+        for key, tag in TAGS.items():
+            v = values.get(key)
+            if v is not None:
+                self.writer.add_scalar(tag, v, global_step, walltime=walltime)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# --------------------------------------------------------------------------- live and export
 
 
 def run_folder(root: Path, j: JobState) -> Path:
@@ -45,7 +114,7 @@ class Live:
             (good[-1].global_step if good else j.global_step_base) + 1 if j.attempt > 1 else None
         )
         try:
-            self.run = tb.Run(run_folder(ws.tensorboard, j), attempt=j.attempt, purge_step=purge)
+            self.run = Run(run_folder(ws.tensorboard, j), attempt=j.attempt, purge_step=purge)
         except Exception as e:  # noqa: BLE001 - TensorBoard is a view: it may fail, training may not
             self._off(e)
 
@@ -113,8 +182,8 @@ def export(
     """Write each job's effective curve as one TensorBoard run folder ``OUT/<job>`` (default OUT:
     WS/tensorboard). A folder already there is replaced only if it holds nothing but TensorBoard
     event files (what ftctl writes there); the new one is written aside and renamed into place."""
-    if not tb.available():
-        raise UserError(f"`ftctl export-tb` needs tensorboardX: {tb.EXTRA}")
+    if not available():
+        raise UserError(f"`ftctl export-tb` needs tensorboardX: {EXTRA}")
     if not jobs and lineage is None:
         selected = [j for j in ledger.state.jobs.values() if j.state != "rejected"]
         if not selected:
@@ -137,7 +206,7 @@ def export(
         s = series(ledger.journal, j)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{j.job}-", dir=root))
         try:
-            run = tb.Run(tmp, attempt=0)
+            run = Run(tmp, attempt=0)
             for p in s.points:
                 run.point(p["global_step"], p, walltime=ts_epoch(p["ts"]))
             run.close()

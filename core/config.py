@@ -7,7 +7,6 @@ Keys follow mlx-lm's lora config where they exist; ftctl's own keys come after t
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import math
 import re
@@ -18,6 +17,8 @@ import msgspec
 from msgspec import Meta, Struct, field
 from msgspec import inspect as mi
 
+from . import config_errors as E
+from .config_errors import ConfigError
 from .dataset import Features
 
 __all__ = [
@@ -384,59 +385,6 @@ MLX_LM_LORA_DEFAULTS: dict[str, Any] = {
     "delta": 50.0,
     "reference_model_path": None,
 }
-# mlx-lm-lora's keys that ftctl does not read: refused by name (a silently ignored key would train
-# another run than the user's), with what to do instead
-_OTHER_MODES = "ftctl trains train_mode sft, dpo and orpo only"
-MLX_LM_LORA_UNSUPPORTED: dict[str, str] = {
-    "train_type": "ftctl's name for it is mlx-lm's fine_tune_type (lora, dora, full)",
-    "gradient_accumulation_steps": "ftctl's name for it is mlx-lm's grad_accumulation_steps",
-    "sft_loss_type": "ftctl's SFT loss is mlx-lm's (nll); remove the key",
-    "load_in_4bits": "quantize the model first (mlx_lm.convert -q) and train on that",
-    "load_in_6bits": "quantize the model first (mlx_lm.convert -q) and train on that",
-    "load_in_8bits": "quantize the model first (mlx_lm.convert -q) and train on that",
-    "load_in_mxfp4": "quantize the model first (mlx_lm.convert -q) and train on that",
-    "efficient_long_context": "use grad_checkpoint and max_seq_length instead",
-    "recurrence_chunk_size": "not needed: remove the key",
-    "fuse": "fuse after training with `ftctl consolidate` or mlx_lm.fuse",
-    "lm_studio_name": "fuse with mlx_lm.fuse and import the folder into LM Studio",
-    "reward_scaling": "mlx-lm-lora does not use it either (its help: not implemented)",
-    "preference_score_feature": "ORPO here weighs every pair alike; remove the key",
-    "qat_enable": "quantization-aware training is not supported",
-    "qat_bits": "quantization-aware training is not supported",
-    "qat_group_size": "quantization-aware training is not supported",
-    "qat_mode": "quantization-aware training is not supported",
-    "qat_start_step": "quantization-aware training is not supported",
-    "qat_interval": "quantization-aware training is not supported",
-    "wandb": "use mlx-lm's report_to: wandb",
-    **dict.fromkeys(
-        (
-            "lambda_mse_target",
-            "tau_mse_target",
-            "lambda_mse",
-            "clip_epsilon_logits",
-            "judge",
-            "judge_config",
-            "alpha",
-            "group_size",
-            "epsilon",
-            "epsilon_high",
-            "max_completion_length",
-            "temperature",
-            "reward_weights",
-            "reward_functions",
-            "reward_functions_file",
-            "grpo_loss_type",
-            "importance_sampling_level",
-            "type_feature",
-            "answer_feature",
-        ),
-        _OTHER_MODES + " (this key belongs to another: ftpo, grpo, online_dpo, xpo, ppo, rlhf)",
-    ),
-}
-PREFERENCE_KEYS = (
-    "train_mode: sft | dpo | orpo, beta, dpo_cpo_loss_type: sigmoid | hinge | ipo | dpop, delta, "
-    "reference_model_path, chosen_feature, rejected_feature, system_feature"
-)
 _Feature = Annotated[str, Meta(min_length=1)]
 
 
@@ -778,275 +726,7 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     ] = None
 
 
-class ConfigError(ValueError):
-    """A config the user must fix. str() is one line; key is the dotted path of the culprit."""
-
-    def __init__(self, message: str, *, key: str = "", value: Any = None, allowed: str = ""):
-        super().__init__(message)
-        self.key = key
-        self.value = value
-        self.allowed = allowed
-
-
-# ---------------------------------------------------------------------------------------------
-# type-info helpers (the schema above is the only place rules are written)
-
-_CONFIG_TYPE = mi.type_info(Config)
-_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-def _unwrap(t: Any) -> tuple[Any, str, str]:
-    """(type without Meta, the 'allowed' text from Meta.extra, the description)."""
-    allowed, desc = "", ""
-    while isinstance(t, mi.Metadata):
-        if t.extra and not allowed:
-            allowed = t.extra.get("allowed", "")
-        if t.extra_json_schema and not desc:
-            desc = t.extra_json_schema.get("description", "")
-        t = t.type
-    return t, allowed, desc
-
-
-def _bounds(t: Any) -> str:
-    if t.ge is not None and t.le is not None:
-        return f" between {t.ge} and {t.le}"
-    parts = []
-    if t.ge is not None or t.gt is not None:
-        parts.append(f">= {t.ge}" if t.ge is not None else f"> {t.gt}")
-    if t.le is not None or t.lt is not None:
-        parts.append(f"<= {t.le}" if t.le is not None else f"< {t.lt}")
-    return " " + " and ".join(parts) if parts else ""
-
-
-def _allowed(t: Any) -> str:
-    """Human text for the values a type accepts."""
-    t, allowed, _ = _unwrap(t)
-    if allowed:
-        return allowed
-    if isinstance(t, mi.IntType):
-        return f"an integer{_bounds(t)}"
-    if isinstance(t, mi.FloatType):
-        return f"a number{_bounds(t)}"
-    if isinstance(t, mi.BoolType):
-        return "true or false"
-    if isinstance(t, mi.StrType):
-        return "a string"
-    if isinstance(t, mi.LiteralType):
-        return "one of " + ", ".join(repr(v) for v in t.values)
-    if isinstance(t, mi.StructType):
-        return "a mapping with keys " + ", ".join(f.name for f in t.fields)
-    if isinstance(t, mi.DictType):
-        return "a mapping"
-    if isinstance(t, mi.ListType):
-        return f"a list of {_plural(_allowed(t.item_type))}"
-    if isinstance(t, mi.UnionType):
-        kinds = {type(_unwrap(m)[0]) for m in t.types}
-        if kinds == {mi.IntType, mi.FloatType}:
-            return "a number"
-        parts = [_allowed(m) for m in t.types if not isinstance(m, mi.NoneType)]
-        text = " or ".join(parts)
-        return text + (" or null" if len(parts) < len(t.types) else "")
-    if isinstance(t, mi.NoneType):
-        return "null"
-    return "a value"
-
-
-def _plural(text: str) -> str:
-    for one, many in (("an integer", "integers"), ("a number", "numbers"), ("a string", "strings")):
-        if text.startswith(one):
-            return many + text[len(one) :]
-    return text
-
-
-def _struct_member(t: Any) -> Any:
-    """The Struct type inside t (unwrapping Meta and `| None`), or None."""
-    t, _, _ = _unwrap(t)
-    if isinstance(t, mi.UnionType):
-        for m in t.types:
-            m, _, _ = _unwrap(m)
-            if isinstance(m, mi.StructType):
-                return m
-        return None
-    return t if isinstance(t, mi.StructType) else None
-
-
-def _takes_float(t: Any) -> bool:
-    t, _, _ = _unwrap(t)
-    if isinstance(t, mi.FloatType):
-        return True
-    if isinstance(t, mi.UnionType):
-        kinds = [_unwrap(m)[0] for m in t.types]
-        return any(isinstance(k, mi.FloatType) for k in kinds) and not any(
-            isinstance(k, mi.StrType) for k in kinds
-        )
-    return False
-
-
-def _list_item(t: Any) -> Any:
-    t, _, _ = _unwrap(t)
-    if isinstance(t, mi.UnionType):
-        for m in t.types:
-            m, _, _ = _unwrap(m)
-            if isinstance(m, mi.ListType):
-                return m.item_type
-        return None
-    return t.item_type if isinstance(t, mi.ListType) else None
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
-def _show(value: Any) -> str:
-    """A short one-line rendering of a user value."""
-    if isinstance(value, str):
-        text = repr(value)
-    elif isinstance(value, bool) or value is None:
-        text = {True: "true", False: "false", None: "null"}[value]
-    else:
-        try:
-            text = repr(value)
-        except Exception:  # a value whose repr fails must not hide the real error
-            text = f"<{type(value).__name__}>"
-    text = text.replace("\n", " ")
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _prepare(value: Any, t: Any, path: str, source: str) -> Any:
-    """Copy the user's mapping, rejecting unknown/non-string keys and reading '1e-5'-style
-    strings (PyYAML's YAML 1.1 resolver leaves them as str) as floats where a float goes."""
-    st = _struct_member(t)
-    if st is not None and isinstance(value, dict):
-        fields = {f.name: f for f in st.fields}
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ConfigError(
-                    f"{source}: key {_show(k)} in {path or 'the top level'} is not a name; "
-                    f"keys are names such as {next(iter(fields))!r}",
-                    key=_join(path, str(k)),
-                    value=v,
-                    allowed=", ".join(fields),
-                )
-            if k not in fields:
-                raise _unknown_key(source, path, k, v, list(fields))
-            out[k] = _prepare(v, fields[k].type, _join(path, k), source)
-        return out
-    item = _list_item(t)
-    if item is not None and isinstance(value, list):
-        return [_prepare(v, item, f"{path}[{i}]", source) for i, v in enumerate(value)]
-    if isinstance(value, str) and _takes_float(t) and _FLOAT_RE.match(value.strip()):
-        return float(value)
-    return copy.deepcopy(value)
-
-
-def _unknown_key(source: str, path: str, key: str, value: Any, known: list[str]) -> ConfigError:
-    dotted = _join(path, key)
-    if not path and key in MLX_LM_LORA_UNSUPPORTED:
-        return ConfigError(
-            f"{source}: {key!r} is an mlx-lm-lora key ftctl does not support "
-            f"({MLX_LM_LORA_UNSUPPORTED[key]}). Of mlx-lm-lora's keys ftctl reads {PREFERENCE_KEYS} "
-            "(docs/mlx-lm.md)",
-            key=dotted,
-            value=value,
-            allowed=PREFERENCE_KEYS,
-        )
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    if close:
-        hint = f"did you mean {_join(path, close[0])!r}?"
-    else:
-        hint = "known keys" + (f" in {path}" if path else "") + ": " + ", ".join(known)
-    return ConfigError(
-        f"{source}: unknown key {dotted!r} ({hint})",
-        key=dotted,
-        value=value,
-        allowed="one of " + ", ".join(known),
-    )
-
-
-_PATH_TOKEN = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\[\.\.\.\]")
-
-
-def _parse_path(path: str) -> list:
-    """'$.a.b[0]' -> ['a', 'b', 0]; a '[...]' (dict value) ends the walk."""
-    tokens, pos = [], 1
-    while pos < len(path):
-        m = _PATH_TOKEN.match(path, pos)
-        if not m or m.group(0) == "[...]":
-            break
-        tokens.append(m.group(1) if m.group(1) is not None else int(m.group(2)))
-        pos = m.end()
-    return tokens
-
-
-def _locate(tokens: list, data: Any) -> tuple[str, Any, Any]:
-    """Follow tokens through the type info and the data: (dotted key, value, type info)."""
-    key, value, t = "", data, _CONFIG_TYPE
-    for tok in tokens:
-        if isinstance(tok, str):
-            st = _struct_member(t)
-            fields = {f.name: f for f in st.fields} if st else {}
-            t = fields[tok].type if tok in fields else None
-            value = value.get(tok) if isinstance(value, dict) else None
-            key = _join(key, tok)
-        else:
-            t = _list_item(t)
-            value = value[tok] if isinstance(value, list) and tok < len(value) else None
-            key = f"{key}[{tok}]"
-        if t is None:
-            break
-    return key, value, t
-
-
-def _numeric(t: Any) -> bool:
-    """A number, or a number or null (max_grad_norm, retention.keep_last, epochs)."""
-    base = _unwrap(t)[0] if t is not None else None
-    if isinstance(base, mi.UnionType):
-        kinds = [_unwrap(m)[0] for m in base.types if not isinstance(_unwrap(m)[0], mi.NoneType)]
-        return bool(kinds) and all(isinstance(k, (mi.IntType, mi.FloatType)) for k in kinds)
-    return isinstance(base, (mi.IntType, mi.FloatType))
-
-
-def _from_validation_error(err: msgspec.ValidationError, data: dict, source: str) -> ConfigError:
-    msg = str(err)
-    where = re.search(r" - at `(\$[^`]*)`$", msg)
-    tokens = _parse_path(where.group(1)) if where else []
-    head = msg[: where.start()] if where else msg
-    key, value, t = _locate(tokens, data)
-    key_in = re.search(r" - at `key` in `(\$[^`]*)`$", msg)
-    if head.startswith("Object missing required field"):
-        name = head.split("`")[1] if head.count("`") >= 2 else "?"
-        st = _struct_member(t)
-        ft = next((f.type for f in st.fields if f.name == name), None) if st else None
-        dotted = _join(key, name)
-        allowed = _allowed(ft) if ft is not None else ""
-        desc = _unwrap(ft)[2] if ft is not None else ""
-        return ConfigError(
-            f"{source}: missing required key {dotted!r}" + (f" ({desc})" if desc else ""),
-            key=dotted,
-            value=None,
-            allowed=allowed,
-        )
-    if key_in:
-        key, value, t = _locate(_parse_path(key_in.group(1)), data)
-        return ConfigError(
-            f"{source}: {key or 'the top level'} has a key that is not a string: "
-            "keys must be names",
-            key=key,
-            value=value,
-            allowed="string keys",
-        )
-    allowed = _allowed(t) if t is not None else head
-    shown = key or "the top level"
-    if ", got `" in head or head.startswith("Expected `object`"):
-        text = f"{source}: {shown} = {_show(value)} has the wrong type: expected {allowed}"
-    elif head.startswith("Invalid enum value"):
-        text = f"{source}: {shown} = {_show(value)} is not allowed: must be {allowed}"
-    elif _numeric(t) or "out of range" in head:
-        text = f"{source}: {shown} = {_show(value)} is out of range: must be {allowed}"
-    else:
-        text = f"{source}: {shown} = {_show(value)} is not valid: must be {allowed}"
-    return ConfigError(text, key=key, value=value, allowed=allowed)
+CONFIG_TYPE = mi.type_info(Config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1058,7 +738,7 @@ def _nonfinite(value: Any, path: str) -> tuple[str, Any] | None:
         return path, value
     if isinstance(value, dict):
         for k, v in value.items():
-            found = _nonfinite(v, _join(path, str(k)))
+            found = _nonfinite(v, E.join(path, str(k)))
             if found:
                 return found
     if isinstance(value, list):
@@ -1072,7 +752,7 @@ def _nonfinite(value: Any, path: str) -> tuple[str, Any] | None:
 def _check(cfg: Config, source: str) -> None:
     def fail(key: str, value: Any, allowed: str, why: str = "is out of range") -> None:
         raise ConfigError(
-            f"{source}: {key} = {_show(value)} {why}: must be {allowed}",
+            f"{source}: {key} = {E.show(value)} {why}: must be {allowed}",
             key=key,
             value=value,
             allowed=allowed,
@@ -1080,7 +760,7 @@ def _check(cfg: Config, source: str) -> None:
 
     for name in cfg.optimizer_config:
         if name not in OPTIMIZERS:
-            raise _unknown_key(
+            raise E.unknown_key(
                 source, "optimizer_config", name, cfg.optimizer_config[name], list(OPTIMIZERS)
             )
     for name, settings in cfg.optimizer_config.items():
@@ -1098,7 +778,7 @@ def _check(cfg: Config, source: str) -> None:
         fail(found[0], found[1], "a finite number", "is not allowed")
     for name in ("num_layers", "val_batches", "test_batches"):
         if getattr(cfg, name) == 0:
-            fail(name, 0, _allowed(_field_type(name)))
+            fail(name, 0, E.allowed(_field_type(name)))
     g = cfg.grad_accumulation_steps
     for name in ("save_every", "steps_per_eval"):
         value = getattr(cfg, name)
@@ -1306,7 +986,7 @@ def epoch_of(cfg: Config, step: int) -> tuple[int, int] | None:
 
 
 def _field_type(name: str) -> Any:
-    return next(f.type for f in _CONFIG_TYPE.fields if f.name == name)
+    return next(f.type for f in CONFIG_TYPE.fields if f.name == name)
 
 
 def _warnings(cfg: Config) -> list[str]:
@@ -1392,7 +1072,7 @@ def decode_config(data: dict, *, source: str = "ftctl.yaml") -> tuple[Config, li
     if "config" in data:  # mlx_lm.lora's `config` (the -c file's path): a file cannot name another
         if data["config"] is not None:
             raise ConfigError(
-                f"{source}: config = {_show(data['config'])} is not followed: a config file cannot name "
+                f"{source}: config = {E.show(data['config'])} is not followed: a config file cannot name "
                 "another (mlx_lm.lora does not follow it either); pass it with `ftctl lora -c FILE`",
                 key="config",
                 value=data["config"],
@@ -1400,11 +1080,16 @@ def decode_config(data: dict, *, source: str = "ftctl.yaml") -> tuple[Config, li
             )
         data = {k: v for k, v in data.items() if k != "config"}
     try:
-        prepared = _prepare(data, _CONFIG_TYPE, "", source)
+        prepared = E.prepare(data, CONFIG_TYPE, "", source)
+        problem = E.check(prepared, CONFIG_TYPE, "", source)
+        if problem is not None:
+            raise problem
         try:
             cfg = msgspec.convert(prepared, Config)
-        except msgspec.ValidationError as e:
-            raise _from_validation_error(e, prepared, source) from None
+        except (
+            msgspec.ValidationError
+        ) as e:  # one the schema walk missed: msgspec's words, as they are
+            raise ConfigError(f"{source}: {e}", value=None) from None
         _check(cfg, source)
         return cfg, _warnings(cfg)
     except ConfigError:
@@ -1427,7 +1112,7 @@ def merge_overrides(base: dict, overrides: list[str]) -> dict:
         m = _OVERRIDE.match(item) if isinstance(item, str) else None
         if not m:
             raise ConfigError(
-                f"override {_show(item)} is not key=value: write e.g. learning_rate=2e-4 "
+                f"override {E.show(item)} is not key=value: write e.g. learning_rate=2e-4 "
                 "or lora_parameters.rank=16",
                 value=item,
                 allowed="key=value",
@@ -1440,7 +1125,7 @@ def merge_overrides(base: dict, overrides: list[str]) -> dict:
         except yaml.YAMLError as e:
             problem = getattr(e, "problem", None) or "invalid YAML"
             raise ConfigError(
-                f"override {dotted}: cannot read {_show(text)} as a YAML value ({problem}); "
+                f"override {dotted}: cannot read {E.show(text)} as a YAML value ({problem}); "
                 "quote it if it is a string",
                 key=dotted,
                 value=text,
@@ -1455,7 +1140,7 @@ def merge_overrides(base: dict, overrides: list[str]) -> dict:
             if not isinstance(node[p], dict):
                 where = ".".join(walked)
                 raise ConfigError(
-                    f"override {dotted}: {where} = {_show(node[p])} is not a mapping",
+                    f"override {dotted}: {where} = {E.show(node[p])} is not a mapping",
                     key=where,
                     value=node[p],
                     allowed="a mapping",
@@ -1538,19 +1223,18 @@ def describe_keys() -> dict[str, str]:
 
     def walk(st: Any, prefix: str) -> None:
         for f in st.fields:
-            dotted, desc = _join(prefix, f.name), _unwrap(f.type)[2]
-            sub = _struct_member(f.type)
+            dotted, desc = E.join(prefix, f.name), E.unwrap(f.type)[2]
+            sub = E.struct_member(f.type)
             if sub is not None:
                 out[dotted] = desc + (" (default null)" if f.default is None else "")
                 walk(sub, dotted)
                 continue
-            item = _struct_member(_list_item(f.type)) if _list_item(f.type) is not None else None
-            if (
-                item is not None
-            ):  # a list of mappings (notify): the list, then each item's keys as key[].name
+            item = E.struct_member(E.list_item(f.type)) if E.list_item(f.type) is not None else None
+            # a list of mappings (notify): the list, then each item's keys as key[].name
+            if item is not None:
                 default = f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
                 out[dotted] = (
-                    f"{desc} ({_allowed(f.type)}; default {_show(msgspec.to_builtins(default))})"
+                    f"{desc} ({E.allowed(f.type)}; default {E.show(msgspec.to_builtins(default))})"
                 )
                 walk(item, dotted + "[]")
                 continue
@@ -1558,10 +1242,10 @@ def describe_keys() -> dict[str, str]:
                 default = "required"
             else:
                 value = f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
-                default = "default " + _show(msgspec.to_builtins(value))
-            out[dotted] = f"{desc} ({_allowed(f.type)}; {default})"
+                default = "default " + E.show(msgspec.to_builtins(value))
+            out[dotted] = f"{desc} ({E.allowed(f.type)}; {default})"
 
-    walk(_CONFIG_TYPE, "")
+    walk(CONFIG_TYPE, "")
     return out
 
 
@@ -1585,7 +1269,7 @@ def _get(cfg: Config, dotted: str) -> Any:
 def locked_changes(old: Config, new: Config) -> list[str]:
     """``"key: old -> new"`` for every locked key that differs between two resolved configs."""
     return [
-        f"{k}: {_show(_get(old, k))} -> {_show(_get(new, k))}"
+        f"{k}: {E.show(_get(old, k))} -> {E.show(_get(new, k))}"
         for k in LOCKED_KEYS
         if _get(old, k) != _get(new, k)
     ]
@@ -1639,7 +1323,7 @@ class RecordedConfigError(ValueError):
 
     @property
     def fix(self) -> str:
-        return f"{self.key}={_show(self.value)}"
+        return f"{self.key}={E.show(self.value)}"
 
 
 @dataclass(frozen=True)
@@ -1650,7 +1334,7 @@ class Change:
     effect: str  # "restart" | "trajectory" | "neutral"
 
     def __str__(self) -> str:
-        return f"{self.key}: {_show(self.old)} -> {_show(self.new)}"
+        return f"{self.key}: {E.show(self.old)} -> {E.show(self.new)}"
 
 
 def _effect(key: str) -> str:

@@ -1,13 +1,20 @@
-"""The state machines, declared once as data.
+"""The state machines, declared once as data (``JOB_TRANSITIONS``, ``LINEAGE_TRANSITIONS``).
 
-The ``transitions`` library checks commands (``may_<trigger>()``) before their event is
-appended; replay uses ``TABLE``, a plain dict derived from the very same declaration, so that
-folding a million events costs a dict lookup each rather than a library callback.
+A command goes through the declared machine: ``command`` asks the ``transitions`` library
+(``may_<trigger>()``) and fires the trigger on a model to get the state it leads to — the ledger
+calls it (through core.state.check_command) before it appends anything. Replay uses
+``JOB_TABLE``/``LINEAGE_TABLE``, plain dicts derived once from the very same machines, so that
+folding a million events costs a dict lookup each rather than a library callback;
+tests/test_machine.py checks that the tables and the library agree on every (state, trigger).
 """
 
 from __future__ import annotations
 
+import threading
+
 from transitions import Machine
+
+from ftctl.events.errors import UserError
 
 JOB_STATES = [
     "new",
@@ -21,9 +28,8 @@ JOB_STATES = [
     "cancelled",
     "rejected",
 ]
-TERMINAL = frozenset(
-    {"completed", "failed", "cancelled", "rejected"}
-)  # finished: nothing runs them again…
+# finished: nothing runs them again…
+TERMINAL = frozenset({"completed", "failed", "cancelled", "rejected"})
 RETRYABLE = frozenset({"failed"})  # …except `ftctl retry`, which the user asks for explicitly
 ACTIVE = frozenset({"training", "checkpointing"})
 
@@ -76,8 +82,10 @@ FACTS = {
 }
 
 
-class IllegalTransition(Exception):
+class IllegalTransition(UserError):
     """A command the machine refuses in the current state; nothing was appended."""
+
+    kept = "nothing was appended"
 
     def __init__(self, subject: str, state: str, event: str):
         self.subject, self.state, self.event = subject, state, event
@@ -111,12 +119,30 @@ _JOB_MACHINE, _JOB_MODEL, JOB_TABLE = _build(JOB_STATES, JOB_TRANSITIONS, "new")
 _LIN_MACHINE, _LIN_MODEL, LINEAGE_TABLE = _build(LINEAGE_STATES, LINEAGE_TRANSITIONS, "idle")
 
 
+# one model per machine, shared: a command at a time (the daemon has threads)
+_LOCK = threading.Lock()
+
+
 def may(state: str, trigger: str, *, lineage: bool = False) -> bool:
     """Ask the declared machine whether ``trigger`` is allowed in ``state`` (no side effect)."""
     machine, model = (_LIN_MACHINE, _LIN_MODEL) if lineage else (_JOB_MACHINE, _JOB_MODEL)
-    machine.set_state(state, model)
-    check = getattr(model, f"may_{trigger}", None)
-    return bool(check and check())
+    with _LOCK:
+        machine.set_state(state, model)
+        check = getattr(model, f"may_{trigger}", None)
+        return bool(check and check())
+
+
+def command(state: str, trigger: str, *, lineage: bool = False) -> str | None:
+    """The state a command's ``trigger`` leads to from ``state``, by the declared machine itself (the
+    library checks it and performs the transition on a model); None if the machine refuses it."""
+    machine, model = (_LIN_MACHINE, _LIN_MODEL) if lineage else (_JOB_MACHINE, _JOB_MODEL)
+    with _LOCK:
+        machine.set_state(state, model)
+        allowed = getattr(model, f"may_{trigger}", None)
+        if allowed is None or not allowed():
+            return None
+        getattr(model, trigger)()
+        return model.state
 
 
 def next_state(state: str, trigger: str, *, lineage: bool = False) -> str | None:

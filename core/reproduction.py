@@ -1,7 +1,7 @@
 """The verdict of a reproduction: did re-running the job from a checkpoint fail as the crash did? No I/O.
 
 control/reproduce.py re-runs the job on a scratch copy, collects what the replay did (its outcome and
-a trace of every step) and asks ``judge``; the daemon's restart policy (core/policy.py) acts on it.
+a trace of every step) and asks ``judge``; the daemon's restart policy (core/crash.py) acts on it.
 
 - ``reproduced``: the replay failed with the crash's category at the crash's step (for an exception,
   with the same exception type and message too): a property of the run; retrying repeats it.
@@ -17,7 +17,7 @@ import math
 import msgspec
 
 # Crashes that can be properties of the run itself (a batch that makes the loss NaN, an exception on one
-# example): the daemon reproduces these before it decides on a restart (core/policy.py).
+# example): the daemon reproduces these before it decides on a restart (core/crash.py).
 DETERMINISTIC = frozenset({"nan", "inf", "exception"})
 NONFINITE = frozenset({"nan", "inf"})
 

@@ -13,16 +13,19 @@ from typing import Any
 import msgspec
 
 from ftctl.events import types as ev
+from ftctl.events.errors import UserError
 from ftctl.events.types import CheckpointRecord, ProcessId
 
 from .config import Config
-from .machine import FACTS, JOB_STATES, TERMINAL, next_state
+from .machine import FACTS, JOB_STATES, TERMINAL, command, next_state
 
-SNAPSHOT_FORMAT = 17  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 18  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
-class ReplayError(Exception):
+class ReplayError(UserError):
     """The journal holds an event its stream's state cannot take: a bug or a tampered file."""
+
+    kept = "the journal was only read, nothing was changed"
 
 
 class CrashRecord(msgspec.Struct, kw_only=True, gc=False):
@@ -32,15 +35,14 @@ class CrashRecord(msgspec.Struct, kw_only=True, gc=False):
     exit_code: int | None = None
     signal: int | None = None
     suggestion: str = ""
-    resume_step: int | None = (
-        None  # the job's last good checkpoint when it crashed: where the next attempt resumes
-    )
-    verdict: str = (
-        ""  # its latest reproduction's verdict (crash_reproduced), "" if never reproduced
-    )
+    # the job's last good checkpoint when it crashed: where the next attempt resumes
+    resume_step: int | None = None
+    # its latest reproduction's verdict (crash_reproduced), "" if never reproduced
+    verdict: str = ""
     reproduction: str = ""  # that reproduction's one-line summary
     rank: int | None = None  # a data-parallel job: the rank that failed first, and its host
     host: str | None = None
+    loading: bool = False  # before its attempt's first step: not a crash at ``step``
 
 
 class JobState(msgspec.Struct, kw_only=True):
@@ -62,9 +64,8 @@ class JobState(msgspec.Struct, kw_only=True):
     config_sha256: str = ""
     warnings: list[str] = []
     overrides: list[str] = []  # the job's own key=value overrides of ftctl.yaml, as submitted
-    copies: dict[
-        str, str
-    ] = {}  # sha256 of the job's own data copies (jobs/<id>/data/), by file name
+    # sha256 of the job's own data copies (jobs/<id>/data/), by file name
+    copies: dict[str, str] = {}
     model_repo: str | None = None  # the Hugging Face repo id the model was named by, if any
     model_revision: str | None = None  # and the commit hash of the cached snapshot it resolved to
     reason: str = ""  # why it is rejected / paused / failed / cancelled / requeued
@@ -98,18 +99,15 @@ class JobState(msgspec.Struct, kw_only=True):
     last_eval: ev.AdapterEvaluated | None = None  # the last `ftctl eval` of the adapter
     last_eval_at: str = ""
     crashes: list[CrashRecord] = []
-    budget_from: int = (
-        0  # crashes[budget_from:] count against the restart budget (`ftctl retry` resets it)
-    )
+    # crashes[budget_from:] count against the restart budget (`ftctl retry` resets it)
+    budget_from: int = 0
     not_before: float = 0.0
     requested: str | None = None  # a pending user request for a running job: "pause" | "cancel"
     env: dict[str, str] = {}  # the latest attempt's environment fingerprint (training_started.env)
-    env_changed: list[
-        str
-    ] = []  # resumed under another fingerprint: not bit-exact with the earlier attempts
-    world_size: int = (
-        1  # ranks of the latest attempt (config `distributed`); its checkpoints' world size
-    )
+    # resumed under another fingerprint: not bit-exact with the earlier attempts
+    env_changed: list[str] = []
+    # ranks of the latest attempt (config `distributed`); its checkpoints' world size
+    world_size: int = 1
     hosts: list[str] = []  # their hosts, in rank order
     resharded: list[str] = []  # "N -> M at step S" for each resume on another world size
     reshard: bool = False  # `ftctl retry --reshard` allows the next attempt another world size
@@ -138,17 +136,16 @@ class LineageState(msgspec.Struct, kw_only=True):
     origin_model: str = ""  # the base the lineage started from (ftctl.yaml's model)
     base_version: int = 0  # 0 = the original model from ftctl.yaml
     head_job: str | None = None  # the completed job whose adapter is the lineage's current one
-    head_seq: int = 0  # the journal seq at which head_job became the head
-    branches: list[
-        str
-    ] = []  # completed jobs that did not become the head (they started from an older one)
+    # the journal seq at which head_job became the head
+    head_seq: int = 0
+    # completed jobs that did not become the head (they started from an older one)
+    branches: list[str] = []
     jobs: list[str] = []  # jobs trained on the current base, oldest first
     models: list[ModelVersion] = []
     pending: ev.ConsolidationStarted | None = None  # the consolidation in progress
     requested: bool = False  # `ftctl consolidate` asked a running daemon to consolidate
-    last_consolidation_at: str = (
-        ""  # when the last consolidation started (the schedule runs once a day)
-    )
+    # when the last consolidation started (the schedule runs once a day)
+    last_consolidation_at: str = ""
 
 
 class DaemonState(msgspec.Struct, kw_only=True):
@@ -158,12 +155,10 @@ class DaemonState(msgspec.Struct, kw_only=True):
     started_at: str = ""
     running: bool = False
     shutdown_requested: bool = False
-    reconciled_seq: int = (
-        0  # recovery last ran here: finished jobs untouched since need no new look
-    )
-    notify_failed: dict[
-        str, ev.NotificationFailed
-    ] = {}  # notification target -> its latest failure
+    # recovery last ran here: finished jobs untouched since need no new look
+    reconciled_seq: int = 0
+    # notification target -> its latest failure
+    notify_failed: dict[str, ev.NotificationFailed] = {}
 
 
 class Projection(msgspec.Struct, kw_only=True):
@@ -186,6 +181,35 @@ def lineage_stream(name: str) -> str:
 
 
 DAEMON_STREAM = "daemon"
+
+
+def branch_reason(j: JobState, lin: LineageState) -> str:
+    """Decided when job ``j`` completes: "" if it becomes its lineage's head, else why it is a branch.
+
+    The head is what later jobs warm-start from and what consolidation fuses; replacing it silently
+    would drop the training of the job that holds it. So a job takes the head only if it continued
+    from it (its warm start, ``parent_job``, is the head), or if it started fresh with the head it
+    knew: no head, or one that was already the head when it first started (a fresh restart by the
+    user's choice, `--fresh`). A job that warm-started from an older head, or started fresh before
+    the current head became the head (that job completed first, meanwhile), is a branch, recorded
+    as such, until `ftctl lineage set-head` chooses."""
+    head = lin.head_job
+    if head is None or head == j.job:
+        return ""
+    set_head = f"`ftctl lineage set-head {j.job}` makes this one the head"
+    if j.parent_job is not None:
+        if j.parent_job == head:
+            return ""
+        return (
+            f"a branch: it warm-started from job {j.parent_job}, but job {head} completed first and is the "
+            f"lineage's head; {set_head}"
+        )
+    if lin.head_seq < j.started_seq:
+        return ""
+    return (
+        f"a branch: it started fresh, and job {head} became the lineage's head while it trained (it "
+        f"completed first); the head stays job {head}; {set_head}"
+    )
 
 
 # --------------------------------------------------------------------------- reducer
@@ -332,6 +356,7 @@ def _crashed(p, j: JobState, e: ev.Crashed, seq: int, ts: str) -> None:
             resume_step=j.step,
             rank=e.rank,
             host=e.host,
+            loading=e.loading,
         )
     )
     j.reason = f"{e.category}: {e.suggestion}" if e.suggestion else e.category
@@ -504,7 +529,16 @@ def _check_type(state: str, typ: type, lineage: bool = False) -> str | None:
 
 
 def check(state: str, event: ev.EventBase, *, lineage: bool = False) -> str | None:
-    """The state after ``event``, or None if the event is illegal in ``state``."""
+    """The state after ``event``, or None if the event is illegal in ``state`` (replay: the table)."""
+    return _check_type(state, type(event), lineage)
+
+
+def check_command(state: str, event: ev.EventBase, *, lineage: bool = False) -> str | None:
+    """As ``check``, for a command about to be appended: a transition is asked of the declared
+    machine itself (machine.command); a fact, of the states FACTS allows it in."""
+    trigger = type(event).trigger
+    if trigger is not None:
+        return command(state, trigger, lineage=lineage)
     return _check_type(state, type(event), lineage)
 
 

@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 import msgspec
 
+from .errors import UserError
 from .types import (
     EVENT_TYPES,
     PAIR_FIELDS,
@@ -51,7 +52,7 @@ SUPPORTED_SCHEMAS = (1,)
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
-class JournalError(Exception):
+class JournalError(UserError):
     """A journal problem a user can act on; str() says what happened and what to do."""
 
 
@@ -543,9 +544,8 @@ class Journal:
         try:
             ts = utc_now()
             rows: list[tuple[str, int, str, str, str]] = []
-            versions: dict[
-                str, int
-            ] = {}  # a stream may come twice in one batch: its versions go on
+            # a stream may come twice in one batch: its versions go on
+            versions: dict[str, int] = {}
             for stream, events, expected in batch:
                 version = versions.get(stream)
                 if version is None:

@@ -279,7 +279,7 @@ class Completed(EventBase, tag="completed", kw_only=True):
     # config adapter_path: where the adapter was also published (mlx-lm's layout), or why it was not
     exported_to: str | None = None
     export_refused: str | None = None
-    # Whether the job became its lineage's head, decided when it completed (core.policy.branch_reason):
+    # Whether the job became its lineage's head, decided when it completed (core.state.branch_reason):
     # "" it did; a reason: it is a branch, and why (`ftctl lineage set-head` chooses). None in journals
     # from before it was recorded: the rule of then decides on replay.
     branch: str | None = None
@@ -296,11 +296,11 @@ class Crashed(EventBase, tag="crashed", kw_only=True):
     signal: int | None = None
     evidence: str = ""
     suggestion: str = ""
-    message: str = (
-        ""  # what the worker said, first line ("ValueError: ..."): a reproduction compares it
-    )
+    # what the worker said, first line ("ValueError: ..."): a reproduction compares it
+    message: str = ""
     rank: int | None = None  # a data-parallel job: the rank that failed first, and its host
     host: str | None = None
+    loading: bool = False  # it died before its attempt's first step: ``step`` is where it resumed
     # the job's recorded config is the cause: the `key=value` that would run (`ftctl retry JOB --set`)
     fix: str = ""
 
@@ -333,18 +333,15 @@ class CrashReproduced(EventBase, tag="crash_reproduced", kw_only=True):
     message: str = ""  # the replay's failure, first line
     first_nonfinite_step: int | None = None
     first_nonfinite: str = ""  # "loss", "gradient norm" or "loss and gradient norm"
-    groups: list[
-        str
-    ] = []  # parameter groups whose gradient was not finite at that step, model order
+    # parameter groups whose gradient was not finite at that step, model order
+    groups: list[str] = []
     group_count: int = 0  # of how many groups
     failing_step: int | None = None
     examples: list[ExampleRef] = []  # the failing step's batch
-    env_changed: list[
-        str
-    ] = []  # how its environment fingerprint differs from the crashed attempt's
-    bit_exact: list[
-        int
-    ] = []  # steps at which the replay's weights matched the job's checkpoint, bit for bit
+    # how its environment fingerprint differs from the crashed attempt's
+    env_changed: list[str] = []
+    # steps at which the replay's weights matched the job's checkpoint, bit for bit
+    bit_exact: list[int] = []
     mismatch: list[int] = []  # steps at which they did not
     notes: list[str] = []  # what it had to do differently (a pruned checkpoint, unchecked data)
     by: str = "user"  # "user" (`ftctl reproduce`) or "daemon" (the restart policy)
@@ -744,9 +741,8 @@ ROOT_TAGS = (
 # --------------------------------------------------------------------------- envelope
 
 
-TS_FORMAT = (
-    "%Y-%m-%dT%H:%M:%S.%fZ"  # a journal timestamp: UTC, microseconds (events/journal.utc_now)
-)
+# a journal timestamp: UTC, microseconds (events/journal.utc_now)
+TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 def ts_epoch(ts: str) -> float:

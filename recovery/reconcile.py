@@ -15,18 +15,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ftctl.adapters import checkpoint as ck
 from ftctl.adapters import process
 from ftctl.adapters.faults import crash_point
 from ftctl.adapters.workspace import Workspace
+from ftctl.core.crash import Decision, Evidence, after_crash, decide, follow_up, resumes_from
 from ftctl.core.machine import ACTIVE, TERMINAL
-from ftctl.core.policy import Decision, after_crash, follow_up, resumes_from, suggestion
-from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
+from ftctl.core.state import DAEMON_STREAM, JobState, Projection, job_stream
 from ftctl.events import types as ev
-from ftctl.events.types import CheckpointRecord, EventBase
+from ftctl.events.types import CheckpointRecord, EventBase, Recorded
 
-from .ledger import Ledger
+
+class Ledger(Protocol):
+    """What repairs need of the write path (control/ledger.py): the projection, and commit."""
+
+    state: Projection
+
+    def refresh(self) -> list[Recorded]: ...
+
+    def commit(self, stream: str, *events: EventBase) -> list[Recorded]: ...
 
 
 @dataclass
@@ -88,31 +97,20 @@ def _stale_job(ws: Workspace, ledger: Ledger, j: JobState) -> list[Repair]:
         if alive and not orphan
         else ""
     )
-    evidence = (
+    what = (
         f"journal said {j.state!r} (worker pid {j.worker.pid if j.worker else '?'}) but no daemon "
         f"supervised it{'; the orphan worker was stopped' if orphan else ''}{elsewhere}"
     )
+    step = reported_step(ledger, j)
+    d = decide(Evidence(reported="daemon_died", what=what, step=step), j, time.time())
     good = j.good_checkpoints()
-    resume = good[-1].step if good else None
-    crash = ev.Crashed(
-        job=j.job,
-        category="daemon_died",
-        step=reported_step(ledger, j),
-        evidence=evidence,
-        suggestion=suggestion("daemon_died", resume),
-    )
-    if j.requested == "cancel":
-        follow = ev.Cancelled(job=j.job, reason="cancelled by user while its daemon was down")
-    elif j.requested == "pause":
-        follow = ev.Paused(job=j.job, reason="paused by user while its daemon was down")
-    else:
-        follow = ev.Requeued(job=j.job, reason=f"recovery: {resumes_from(resume)}")
+    where = resumes_from(good[-1].step if good else None)
     out.append(
         Repair(
-            f"job {j.job}: {j.state} with no live worker -> crashed, then {type(follow).kind()} "
-            f"({resumes_from(resume)})",
+            f"job {j.job}: {j.state} with no live worker -> crashed, then {type(d.follow).kind()} "
+            f"({where})",
             job_stream(j.job),
-            [crash, follow],
+            [d.crashed, d.follow],
         )
     )
     return out
@@ -120,7 +118,7 @@ def _stale_job(ws: Workspace, ledger: Ledger, j: JobState) -> list[Repair]:
 
 def _stranded(j: JobState) -> Repair:
     """A job left `crashed` without the decision that follows a crash (written by an older ftctl
-    in two steps, the daemon dying in between): take the decision now, by the same policy."""
+    in two steps, the daemon dying in between): take the decision now, by the same rules."""
     last = j.crashes[-1] if j.crashes else None
     category = last.category if last else "killed"
     if last is None:

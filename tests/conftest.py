@@ -42,9 +42,8 @@ def baseline(tmp_path_factory, demo) -> Baseline:
     every interrupted run must end with the same adapter bytes."""
     home = tmp_path_factory.mktemp("baseline") / "ws"
     first, second = _uninterrupted(home, demo, 2)
-    assert (
-        first["global_step"] == 40 and second["global_step"] == 80
-    )  # the lineage's cumulative step
+    # the lineage's cumulative step
+    assert first["global_step"] == 40 and second["global_step"] == 80
     return Baseline(home, first["adapter_sha256"], second["adapter_sha256"])
 
 

@@ -1,5 +1,6 @@
 """The worker's BLAS (adapters/blas.py): what `auto` picks, that a preloaded OpenBLAS really serves
-MLX's matmuls (and is much faster), and that a library that cannot load never reaches a worker."""
+MLX's matmuls, and that a library that cannot load never reaches a worker. How much faster it is is
+bench/blas.py's to measure (a ratio, run on demand), not a timed assertion here."""
 
 from __future__ import annotations
 
@@ -15,18 +16,18 @@ from ftctl.adapters import blas
 
 LINUX = sys.platform.startswith("linux")
 
-# In a subprocess with the worker's environment: GFLOPS of a 1024x1024 float32 matmul; the dynamic
+# In a subprocess with the worker's environment: a float32 matmul, checked against numpy; the dynamic
 # linker's own log (LD_DEBUG=bindings) says which library libmlx's cblas_sgemm call was bound to.
 PROBE = r"""
-import json, time
+import json
+import numpy as np
 import mlx.core as mx
 mx.set_default_device(mx.cpu)
-a, b = mx.random.normal((1024, 1024)), mx.random.normal((1024, 1024))
-mx.eval(a @ b)
-best = float("inf")
-for _ in range(5):
-    t = time.perf_counter(); mx.eval(a @ b); best = min(best, time.perf_counter() - t)
-print(json.dumps({"gflops": 2 * 1024**3 / best / 1e9}))
+a, b = mx.random.normal((256, 256)), mx.random.normal((256, 256))
+c = a @ b
+mx.eval(c)
+ok = bool(np.allclose(np.array(c), np.array(a) @ np.array(b), rtol=1e-3, atol=1e-3))
+print(json.dumps({"right": ok}))
 """
 
 
@@ -80,15 +81,14 @@ def test_fingerprint_diff():
 
 
 @pytest.mark.skipif(not LINUX, reason="LD_PRELOAD is Linux's")
-def test_the_chosen_openblas_serves_mlx_matmuls_and_is_much_faster(tmp_path):
+def test_the_chosen_openblas_serves_mlx_matmuls(tmp_path):
     fast = blas.choose("auto")
     if fast.kind != "openblas":
         pytest.skip(f"no optimized BLAS installed: {fast.why}")
     got, ref = probe(fast, tmp_path), probe(blas.choose("reference"), tmp_path)
     assert os.path.realpath(got["sgemm_from"]) == os.path.realpath(fast.library)
     assert "libblas" in os.path.basename(ref["sgemm_from"])
-    # ~4-7 GFLOPS against ~45 on this 2-core machine (more on more cores); loose, it shares CPUs
-    assert got["gflops"] > 2 * ref["gflops"], (got, ref)
+    assert got["right"] and ref["right"], (got, ref)  # and both multiply right
 
 
 @pytest.mark.skipif(not LINUX, reason="LD_PRELOAD is Linux's")

@@ -430,9 +430,8 @@ def test_a_fault_at_any_write_of_a_background_save_surfaces_in_the_caller(tmp_pa
                 w.submit(checkpoint_files(payload(30)), payload(30).state)
         assert e.value.errno == err and fs.failed
         w.check()  # raised once
-        assert seen == [], (
-            n
-        )  # a failed write is never reported (not even a failed fsync after the rename)
+        # a failed write is never reported (not even a failed fsync after the rename)
+        assert seen == [], n
         verify_checkpoint(prev.path)
         assert temp_dirs(job) == []
         assert [checkpoint_step(p) for p in list_checkpoint_dirs(job)] in ([10], [10, 20])

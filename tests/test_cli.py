@@ -49,9 +49,8 @@ def test_no_workspace(tmp_path, capsys):
 
 
 def test_init_refuses_existing(ws, capsys):
-    code, _, err = run(
-        capsys, "init", "--model", "x", "--home", ws
-    )  # the workspace is checked first
+    # the workspace is checked first
+    code, _, err = run(capsys, "init", "--model", "x", "--home", ws)
     assert code == 1 and "already holds an ftctl workspace" in err
 
 
@@ -173,12 +172,12 @@ def test_unknown_job_and_bad_usage(ws, capsys):
 
 
 def test_internal_error_exit_2_keeps_traceback(ws, capsys, monkeypatch):
-    from ftctl.cli import main as m
+    from ftctl.cli import jobs as jobs_cli
 
     def boom(*a, **k):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(m, "_ledger", boom)
+    monkeypatch.setattr(jobs_cli, "_ledger", boom)
     code, _, err = run(capsys, "status", "--home", ws)
     assert code == 2 and "internal error" in err and "simulated bug" in err
     assert "simulated bug" in (ws / "logs" / "internal-errors.log").read_text()
@@ -222,9 +221,8 @@ def test_readme_test_command_is_what_ci_runs():
 def test_doctor_finds_problems_and_fix_repairs_them(ws, tmp_path, capsys):
     code, out, _ = run(capsys, "doctor", "--json", "--home", ws)
     assert code == 0 and json.loads(out)["ok"]
-    (found,) = [
-        f for f in json.loads(out)["findings"] if f["check"] == "blas"
-    ]  # which BLAS workers run on
+    # which BLAS workers run on
+    (found,) = [f for f in json.loads(out)["findings"] if f["check"] == "blas"]
     assert found["message"].startswith("workers run on ")
     if sys.platform.startswith("linux") and "reference" in found["message"]:
         assert "pip install" in found["message"]  # and how to get a fast one
@@ -243,9 +241,8 @@ def test_doctor_finds_problems_and_fix_repairs_them(ws, tmp_path, capsys):
     code, out, _ = run(capsys, "doctor", "--fix", "--json", "--home", ws)
     report = json.loads(out)
     assert any("0009" in line for line in report["fixed"]) and not (ws / "jobs" / "0009").exists()
-    assert {f["check"] for f in report["findings"] if f["severity"] != "ok"} == {
-        "config drift"
-    }  # a choice for the user
+    # a choice for the user
+    assert {f["check"] for f in report["findings"] if f["severity"] != "ok"} == {"config drift"}
 
 
 def test_a_bad_set_override_is_blamed_on_the_override_not_the_file(ws, tmp_path, capsys):
@@ -288,9 +285,8 @@ def test_the_same_data_and_config_twice_needs_again(ws, tmp_path, capsys):
     assert run(capsys, "submit", data, "--home", ws)[0] == 0
     code, _, err = run(capsys, "submit", data, "--home", ws)
     assert code == 1 and "job 0001" in err and "--again" in err and "nothing was queued" in err
-    assert (
-        run(capsys, "submit", data, "--home", ws, "--set", "iters=50")[0] == 0
-    )  # another config: another job
+    # another config: another job
+    assert run(capsys, "submit", data, "--home", ws, "--set", "iters=50")[0] == 0
     assert run(capsys, "submit", data, "--home", ws, "--again")[0] == 0
     _, out, _ = run(capsys, "history", "--json", "--home", ws)
     assert [e["data"]["job"] for e in json.loads(out)] == ["0001", "0002", "0003"]
@@ -299,8 +295,8 @@ def test_the_same_data_and_config_twice_needs_again(ws, tmp_path, capsys):
 def test_a_duplicate_in_the_inbox_is_moved_to_rejected_not_retried(ws, tmp_path, capsys):
     from ftctl.adapters.workspace import Workspace
     from ftctl.control.daemon import Daemon
+    from ftctl.control.ledger import Ledger
     from ftctl.control.reporter import Reporter
-    from ftctl.recovery.ledger import Ledger
 
     data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
     assert run(capsys, "submit", data, "--home", ws)[0] == 0
@@ -357,9 +353,9 @@ def _crash(ws, *crashes):
     """Record a job's worker starting and dying, once per (exit_code, signal, evidence)."""
     import time
 
+    from ftctl.control.ledger import Ledger
     from ftctl.core.state import job_stream
     from ftctl.events import types as ev
-    from ftctl.recovery.ledger import Ledger
 
     ledger = Ledger.open(ws / "journal.db")
     try:
@@ -407,9 +403,8 @@ def test_crashes_shows_signal_exit_and_the_telling_evidence_line(ws, tmp_path, c
     ]
     assert code == 0 and len(rows) == 2, out
     first, second = rows
-    assert (
-        first[3] == "1" and second[3] == "2"
-    )  # the job's crash number: what `reproduce --crash` takes
+    # the job's crash number: what `reproduce --crash` takes
+    assert first[3] == "1" and second[3] == "2"
     assert first[5:9] == ["3", "1", "-", "ValueError: Missing 9 parameters"]
     assert second[5:9] == ["-", "-", "SIGKILL", "no exit status; the worker hung"]
     assert "None" not in out
@@ -434,9 +429,8 @@ def test_history_never_cuts_a_path_in_the_middle(ws, tmp_path, capsys, monkeypat
 # --------------------------------------------------------------------------- the parser: help, typos, --version
 
 # wt-9a owns the options of `status` and `history` (issue 9); their argument help is checked there.
-ARGUMENT_HELP_ELSEWHERE: set[str] = (
-    set()
-)  # commands whose argument help is checked elsewhere (none now)
+# commands whose argument help is checked elsewhere (none now)
+ARGUMENT_HELP_ELSEWHERE: set[str] = set()
 
 
 def _commands(parser, path=""):
@@ -459,9 +453,8 @@ def test_every_command_has_a_description_an_example_and_help_for_every_argument(
     for name, p in commands.items():
         assert p.description and len(p.description) > 20, name
         assert p.epilog and p.epilog.startswith("example:\n  ftctl " + name.split()[0]), name
-        assert p.formatter_class is argparse.RawDescriptionHelpFormatter, (
-            name
-        )  # the example keeps its lines
+        # the example keeps its lines
+        assert p.formatter_class is argparse.RawDescriptionHelpFormatter, name
         assert f"`ftctl {name}" in docs, name
         if name in ARGUMENT_HELP_ELSEWHERE:
             continue
@@ -544,9 +537,8 @@ def test_a_refusal_with_json_is_a_json_error_on_stdout(tmp_path, capsys, demo):
     run(capsys, "init", "--model", demo.model_dir, "--home", home)
     data = write(tmp_path / "d.jsonl", [chat(i) for i in range(30)])
     assert run(capsys, "submit", data, "--home", home, "--json")[0] == 0
-    code, out, err = run(
-        capsys, "submit", data, "--home", home, "--json"
-    )  # the same job twice: refused
+    # the same job twice: refused
+    code, out, err = run(capsys, "submit", data, "--home", home, "--json")
     answer = json.loads(out)
     assert code == 1 and answer["exit"] == 1 and "--again" in answer["error"] and "error:" in err
     code, out, _ = run(capsys, "pause", "42", "--home", home, "--json")
@@ -559,9 +551,8 @@ def test_start_json_prints_one_summary_of_the_run(ws, tmp_path, capsys):
     run(capsys, "submit", data, "--set", "min_free_disk_gb=1e9", "--home", ws)
     code, out, err = run(capsys, "start", "--until-idle", "--home", ws, "--json")
     summary = json.loads(out)  # stdout is the summary alone: the progress went to stderr
-    assert (
-        code == 1 and "daemon started" in err and "job 0001 paused" in err
-    )  # --until-idle: not all completed
+    # --until-idle: not all completed
+    assert code == 1 and "daemon started" in err and "job 0001 paused" in err
     assert summary == {
         "stopped": "queue empty (--until-idle)",
         "completed": [],
@@ -573,9 +564,8 @@ def test_start_json_prints_one_summary_of_the_run(ws, tmp_path, capsys):
 def test_consolidate_json_with_a_daemon_running_is_a_request(ws, tmp_path, capsys):
     from ftctl.adapters import process
 
-    run(
-        capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws
-    )  # the lineage
+    # the lineage
+    run(capsys, "submit", write(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), "--home", ws)
     lock = process.acquire_lock(ws / "run" / "daemon.lock")  # stands for a running daemon
     try:
         code, out, _ = run(capsys, "consolidate", "--home", ws, "--json")
@@ -604,6 +594,99 @@ def test_history_follow_json_is_one_compact_object_per_line(ws, tmp_path, capsys
     assert code == 0 and len(lines) == 2
     assert [json.loads(l)["type"] for l in lines] == ["job_submitted", "paused"]
     assert all(l == json.dumps(json.loads(l), separators=(",", ":")) for l in lines)
+
+
+# --------------------------------------------------------------------------- the command table, the error base
+
+
+def test_the_command_table_is_the_one_registry():
+    """Every entry resolves to its handler and argument declaration; every handler of a cli module is
+    in the table; no parser is registered anywhere else."""
+    import importlib
+    import inspect
+
+    from ftctl.cli.table import COMMANDS, Command
+
+    handlers = set()
+    for name, c in COMMANDS.items():
+        if not isinstance(c, Command):
+            assert any(n.startswith(name + " ") for n in COMMANDS), name  # a group has children
+            continue
+        m = importlib.import_module(f"ftctl.cli.{c.module}")
+        assert callable(getattr(m, f"cmd_{c.handler}")) and callable(
+            getattr(m, f"add_{c.args or c.handler}")
+        ), name
+        handlers.add((c.module, c.handler))
+    for f in (ROOT / "cli").glob("*.py"):
+        text = f.read_text()
+        defined = {(f.stem, h) for h in re.findall(r"^def cmd_(\w+)\(", text, re.M)}
+        assert defined <= handlers, defined - handlers
+        if f.name != "args.py":
+            assert "add_parser(" not in text and "add_subparsers(" not in text, f
+    assert inspect.getsource(importlib.import_module("ftctl.cli.main")).count("add_argument") == 0
+
+
+def test_a_read_only_query_imports_only_its_own_command(ws):
+    """`ftctl status` loads its cli module and the control modules it calls: no other command's, no
+    daemon, no MLX, no psutil (docs/architecture.md, Start-up)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from ftctl.cli.main import main; rc = main(['status', '--home', sys.argv[1]]);"
+        "print('\\n'.join(sorted(m for m in sys.modules)), file=sys.stderr)"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(ws)], capture_output=True, text=True, timeout=60
+    )
+    loaded = set(p.stderr.split())
+    assert p.returncode == 0 and "ftctl.cli.jobs" in loaded, p.stderr[-2000:]
+    for never in (
+        "ftctl.cli.daemon",
+        "ftctl.cli.setup",
+        "ftctl.cli.views",
+        "ftctl.cli.crashes",
+        "ftctl.control.daemon",
+        "ftctl.control.submit",
+        "mlx",
+        "psutil",
+    ):
+        assert never not in loaded, never
+
+
+def test_every_user_error_has_the_one_base_and_is_said_in_its_parts(ws, capsys):
+    """The CLI catches events.errors.UserError (no list of class names): every error a user can act
+    on derives from it, and is printed as what happened, what was kept, what to do (--json: the parts)."""
+    import importlib
+
+    from ftctl.events.errors import UserError
+
+    for module, name in (
+        ("ftctl.control.consolidation", "ConsolidationRefused"),
+        ("ftctl.control.daemon", "DaemonError"),
+        ("ftctl.control.demo", "DemoRefused"),
+        ("ftctl.control.recover", "DaemonRunning"),
+        ("ftctl.adapters.workspace", "WorkspaceError"),
+        ("ftctl.core.config", "ConfigError"),
+        ("ftctl.core.machine", "IllegalTransition"),
+        ("ftctl.events.journal", "JournalError"),
+        ("ftctl.control.submit", "SubmitError"),
+        ("ftctl.core.state", "ReplayError"),
+        ("ftctl.control.service", "ServiceError"),
+        ("ftctl.control.reproduce", "ReproduceRefused"),
+        ("ftctl.control.models", "ModelRefused"),
+        ("ftctl.control.evaluate", "EvalRefused"),
+        ("ftctl.control.lora", "LoraRefused"),
+    ):
+        assert issubclass(getattr(importlib.import_module(module), name), UserError), name
+    main_src = (ROOT / "cli" / "main.py").read_text()
+    assert "except UserError" in main_src and "Refused" not in main_src
+    code, out, err = run(capsys, "replay", "1", "--to", "5", "--json", "--home", ws)
+    assert code == 1 and "error:" in err
+    body = json.loads(out)
+    assert body["exit"] == 1 and set(body) >= {"error", "what", "kept", "do"}, body
+    code, _, err = run(capsys, "pause", "1", "--home", ws)  # no job 1 in an empty workspace
+    assert code == 1 and "error: no job '1'" in err
 
 
 @pytest.mark.parametrize(

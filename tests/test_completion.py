@@ -13,8 +13,8 @@ import pytest
 from helpers import run
 
 from ftctl.adapters.workspace import init_workspace
+from ftctl.control.ledger import Ledger
 from ftctl.control.submit import submit
-from ftctl.recovery.ledger import Ledger
 
 
 @pytest.fixture(scope="module")
@@ -86,18 +86,16 @@ def test_bash_completes_job_ids_live(scripts, jobs_home):
         "0001",
         "0002",
     ]
-    assert (
-        complete(b, ["ftctl", "status", "--home", str(home / "nowhere"), ""], bin_dir) == []
-    )  # quietly nothing
+    # quietly nothing
+    assert complete(b, ["ftctl", "status", "--home", str(home / "nowhere"), ""], bin_dir) == []
     # --home=DIR: bash splits it at '=' (COMP_WORDBREAKS), or it arrives whole
     assert complete(b, ["ftctl", "--home", "=", str(home), "pause", ""], bin_dir) == [
         "0001",
         "0002",
     ]
     assert complete(b, ["ftctl", "resume", f"--home={home}", ""], bin_dir) == ["0001", "0002"]
-    assert str(home) in complete(
-        b, ["ftctl", "--home", "=", str(home)[:-1]], bin_dir
-    )  # directories after --home=
+    # directories after --home=
+    assert str(home) in complete(b, ["ftctl", "--home", "=", str(home)[:-1]], bin_dir)
 
 
 def test_fish_completes_job_ids_after_home_in_both_spellings(scripts, jobs_home):

@@ -719,7 +719,29 @@ def mutated_config(draw):
     return data
 
 
+def _walk_agrees_with_msgspec(data) -> None:
+    """The errors come from the schema (core/config_errors.py), not from msgspec's English: the walk
+    rejects exactly what msgspec.convert rejects, so msgspec's own message is never what a user reads."""
+    import msgspec
+
+    from ftctl.core import config_errors as E
+    from ftctl.core.config import CONFIG_TYPE
+
+    try:
+        prepared = E.prepare(data, CONFIG_TYPE, "", "ftctl.yaml")
+    except ConfigError:
+        return
+    walk = E.check(prepared, CONFIG_TYPE, "", "ftctl.yaml")
+    try:
+        msgspec.convert(prepared, Config)
+    except msgspec.ValidationError as e:
+        assert walk is not None, f"msgspec found what the walk did not: {e}"
+    else:
+        assert walk is None, walk
+
+
 def _only_config_errors(data):
+    _walk_agrees_with_msgspec(data)
     try:
         c, warnings = decode_config(data)
     except ConfigError as e:

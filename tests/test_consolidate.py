@@ -72,16 +72,15 @@ def test_locked_config_refused_unlocked_applies_and_no_consolidation_under_a_job
         err = " ".join(p.stderr.split())
         assert (
             "not consolidated yet (job 0001" in err
-            and "Nothing was queued" in err
+            and "nothing was queued" in err
             and "ftctl consolidate" in err
         )
         assert "--lineage NAME" in err
     p = ftctl(home, "submit", str(demo.train), "--set", "model=/elsewhere", check=False)
     assert p.returncode == 1 and "new lineage" in p.stderr
     ftctl(home, "submit", str(demo.train), "--set", "learning_rate=1e-4")  # not locked
-    ftctl(
-        home, "submit", str(demo.train), "--set", "lora_parameters.rank=8", "--lineage", "other"
-    )  # explicit new lineage
+    # explicit new lineage
+    ftctl(home, "submit", str(demo.train), "--set", "lora_parameters.rank=8", "--lineage", "other")
     assert [j["state"] for j in status(home)["jobs"]] == ["completed", "queued", "queued"]
     p = ftctl(home, "consolidate", check=False)
     assert p.returncode == 1 and "not finished: 0002 (queued)" in " ".join(p.stderr.split())
@@ -93,13 +92,11 @@ def _killed_consolidation(home, tmp_path, point: str, version: int) -> None:
     sha = status(home, adapter)["adapter_sha256"]
     p = ftctl(home, "consolidate", env=crash_env(tmp_path, f"{point}:{version}"), check=False)
     assert p.returncode == -signal.SIGKILL, p.stderr
-    assert json.loads(ftctl(home, "recover", "--json").stdout)[
-        "repairs"
-    ]  # abort, promote or finish retiring
+    # abort, promote or finish retiring
+    assert json.loads(ftctl(home, "recover", "--json").stdout)["repairs"]
     assert _lineage(home)["state"] == "idle"
-    assert (
-        sha256_file(f"{status(home, adapter)['adapter_path']}/adapters.safetensors") == sha
-    )  # never neither
+    # never neither
+    assert sha256_file(f"{status(home, adapter)['adapter_path']}/adapters.safetensors") == sha
     assert not list((home / "models").glob(".tmp*"))
     assert json.loads(ftctl(home, "recover", "--dry-run", "--json").stdout)["repairs"] == []
 
@@ -117,9 +114,8 @@ def test_kill_matrix_over_consolidation(tmp_path, demo):
         lin = _lineage(home)
         assert lin["base_version"] == 0 and lin["head_job"] == "0001", point
         assert not (home / "models" / "v0001").exists() and status(home, "0001")["checkpoints"]
-    _killed_consolidation(
-        home, tmp_path, "consolidate_after_rename", 1
-    )  # whole model, no event: promoted
+    # whole model, no event: promoted
+    _killed_consolidation(home, tmp_path, "consolidate_after_rename", 1)
     assert _lineage(home)["base_version"] == 1
     verify_model_dir(home / "models" / "v0001")
     assert status(home, "0001")["checkpoints"] == []  # retired only after base_promoted
@@ -224,9 +220,8 @@ def test_a_job_resumed_after_a_newer_one_completed_becomes_a_branch_and_set_head
         for e in history(home)
         if e["type"] == "training_started" and e["data"]["job"] == "0002"
     ]
-    assert {s["parent_job"] for s in started} == {
-        "0001"
-    }  # every attempt continued from 0001's adapter
+    # every attempt continued from 0001's adapter
+    assert {s["parent_job"] for s in started} == {"0001"}
 
     out = ftctl(home, "lineage", "set-head", "0002").stdout
     assert "job 0002 is now the head of lineage main (was job 0003, now a branch)" in " ".join(
@@ -391,8 +386,7 @@ def test_a_fresh_job_completing_after_a_newer_head_is_a_branch_not_the_head(tmp_
 
 def test_branch_reason_is_decided_from_what_the_job_continued(tmp_path):
     """Pure: who becomes the head when a job completes."""
-    from ftctl.core.policy import branch_reason
-    from ftctl.core.state import JobState, LineageState
+    from ftctl.core.state import JobState, LineageState, branch_reason
 
     lin = LineageState(name="main", head_job="0004", head_seq=50)
     assert branch_reason(JobState(job="0005", parent_job="0004", started_seq=60), lin) == ""

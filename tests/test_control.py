@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from ftctl.adapters import protocol as P
 from ftctl.adapters.workspace import Workspace, init_workspace
 from ftctl.control.daemon import Daemon
+from ftctl.control.ledger import Ledger
 from ftctl.control.reporter import Reporter
 from ftctl.control.submit import submit
 from ftctl.core.state import lineage_stream
 from ftctl.events import types as T
-from ftctl.recovery.ledger import Ledger
 
 
 def chat(i: int) -> str:
@@ -80,14 +80,14 @@ def test_an_internal_error_in_the_daemon_loop_is_recorded_and_releases_the_lock(
         and last.reason == "internal error: RuntimeError: simulated bug"
     )
     monkeypatch.undo()
-    assert (
-        Daemon(ws, until_idle=True).run() == "queue empty (--until-idle)"
-    )  # the lock was released
+    # the lock was released
+    assert Daemon(ws, until_idle=True).run() == "queue empty (--until-idle)"
     assert "internal error: RuntimeError: simulated bug" in (ws.logs / "daemon.log").read_text()
 
 
 def test_internal_error_handler_survives_a_vanished_file_system(ws, capsys, monkeypatch):
     """Regression: with the workspace's mount gone the handler itself raised (ENOTCONN)."""
+    from ftctl.cli import jobs as jobs_cli
     from ftctl.cli import main as m
 
     def boom(*a, **k):
@@ -98,7 +98,7 @@ def test_internal_error_handler_survives_a_vanished_file_system(ws, capsys, monk
             errno.ENOTCONN, "Transport endpoint is not connected", str(self.home / "logs")
         )
 
-    monkeypatch.setattr(m, "_ledger", boom)
+    monkeypatch.setattr(jobs_cli, "_ledger", boom)
     monkeypatch.setattr(Workspace, "logs", property(gone))
     code = m.main(["status", "--home", str(ws.home)])
     err = " ".join(capsys.readouterr().err.split())
@@ -119,9 +119,8 @@ def test_config_sha256_hashes_exactly_the_recorded_config_also_after_a_promotion
     ledger = Ledger(ws.open_journal())
     try:
         submit(ws, ledger, data, overrides=["learning_rate=3e-4"])
-        promoted = str(
-            ws.models / "v0001"
-        )  # as if the lineage had consolidated: jobs now train on v0001
+        # as if the lineage had consolidated: jobs now train on v0001
+        promoted = str(ws.models / "v0001")
         shutil.copytree(ledger.state.lineages["main"].base_model, promoted)
         ledger.commit(
             lineage_stream("main"),
@@ -305,7 +304,7 @@ def test_the_restart_window_reads_journal_times_as_utc(monkeypatch):
 
 def test_the_first_restart_in_the_window_is_at_once_then_backoff_doubles_up_to_its_cap():
     from ftctl.core.config import RestartPolicy
-    from ftctl.core.policy import after_crash
+    from ftctl.core.crash import after_crash
     from ftctl.core.state import CrashRecord
     from ftctl.events.journal import utc_now
 

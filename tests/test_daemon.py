@@ -45,9 +45,8 @@ def _run_job(tmp_path, demo, name, *, env=None, jobs=1, starts=1, code=0, **cfg)
         )
     for _ in range(starts):
         p = ftctl(home, "start", "--until-idle", "--quiet", env=env, timeout=600, check=False)
-        assert p.returncode == code, (
-            p.stderr
-        )  # --until-idle exits 1 when a job ended paused or failed
+        # --until-idle exits 1 when a job ended paused or failed
+        assert p.returncode == code, p.stderr
     return home
 
 
@@ -252,9 +251,8 @@ def test_a_worker_stopped_while_loading_is_a_hang_after_hang_s_not_eval_hang_s(t
             lambda: [e["data"] for e in history(home) if e["type"] == "crashed"], timeout=60
         )[0]
         assert c["category"] == "hang" and "stopped by a signal" in c["evidence"], c
-        wait_for(
-            lambda: kinds(home).count("training_started") == 2, timeout=60
-        )  # restarted by the policy
+        # restarted by the policy
+        wait_for(lambda: kinds(home).count("training_started") == 2, timeout=60)
     finally:
         d.kill()
         d.wait()
@@ -336,9 +334,8 @@ def test_cancelling_a_training_job_stops_its_worker_and_records_no_crash(tmp_pat
         assert "cancel requested" in out, out
         wait_for(lambda: "cancelled" in kinds(home), timeout=60)
         (start,) = [e["data"] for e in history(home) if e["type"] == "training_started"]
-        wait_for(
-            lambda: not running(start["worker_pid"]), timeout=30
-        )  # its worker is gone, the daemon lives on
+        # its worker is gone, the daemon lives on
+        wait_for(lambda: not running(start["worker_pid"]), timeout=30)
         assert d.poll() is None
     finally:
         d.kill()
@@ -402,9 +399,8 @@ def test_disk_full_mid_checkpoint_pauses_then_resumes_bit_for_bit(
     assert finished(home)["adapter_sha256"] == uninterrupted.sha1
 
 
-@pytest.mark.parametrize(
-    "n", [1, 3, 10]
-)  # of the second (background) checkpoint's 10 write operations
+# of the second (background) checkpoint's 10 write operations
+@pytest.mark.parametrize("n", [1, 3, 10])
 def test_io_error_mid_checkpoint_is_retried_and_finishes_bit_for_bit(tmp_path, demo, baseline, n):
     env = {"FTCTL_FS_FAULT": f"{12 + n}:EIO:{tmp_path / 'fs-marker'}"}
     home = _run_job(tmp_path, demo, "ws", env=env)

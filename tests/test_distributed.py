@@ -125,9 +125,8 @@ def test_sigkill_of_rank_1_kills_the_group_and_resumes_bit_exact(
     torn = re.search(r"torn down (\d+) ms after", c["evidence"])
     assert torn and int(torn.group(1)) < 1000, c["evidence"]
     assert kinds(home, "0001").count("training_started") == 2 and stray_workers(home) == []
-    assert (
-        s["adapter_sha256"] == two_ranks["adapter_sha256"]
-    )  # bit-exact with the uninterrupted 2-rank run
+    # bit-exact with the uninterrupted 2-rank run
+    assert s["adapter_sha256"] == two_ranks["adapter_sha256"]
     from ftctl.adapters.workspace import Workspace
     from ftctl.control.dashboard import Viewer
 
@@ -204,7 +203,7 @@ def test_a_stopped_rank_is_caught_by_the_watchdog_and_no_rank_outlives_a_killed_
 
 
 def test_a_world_size_change_is_refused_without_reshard(tmp_path, demo):
-    from ftctl.control.group import world_size_refusal
+    from ftctl.control.supervise import world_size_refusal
     from ftctl.core.state import JobState
     from ftctl.events.types import CheckpointRecord
 

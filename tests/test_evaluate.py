@@ -49,7 +49,8 @@ def test_eval_scores_the_adapter_and_the_base_on_the_validation_split(trained, c
     import mlx_lm
 
     from ftctl.adapters.batches import evaluation_batches
-    from ftctl.adapters.trainer import evaluate_loss, load_items
+    from ftctl.adapters.evaluate import evaluate_loss
+    from ftctl.adapters.trainer import load_items
 
     job = status(trained, "0001")
     valid = trained / "jobs" / "0001" / "data" / "valid.jsonl"
@@ -146,9 +147,8 @@ def test_eval_refuses_a_job_without_an_adapter(ws, tmp_path, capsys):
 def test_eval_skips_the_bad_lines_of_an_accepted_file_and_says_so(trained, demo, tmp_path, capsys):
     lines = demo.valid.read_text().splitlines()
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text(
-        "\n".join(lines[:10] + ['{"broken": '] + lines[10:]) + "\n"
-    )  # 1 bad line of 41: a warning
+    # 1 bad line of 41: a warning
+    mixed.write_text("\n".join(lines[:10] + ['{"broken": '] + lines[10:]) + "\n")
     code, out, err = run(capsys, "eval", "0001", "--data", mixed, "--json", "--home", trained)
     assert code == 0, err
     r = json.loads(out)

@@ -114,9 +114,8 @@ def test_append_with_expected_version(journal: Journal):
     assert [r.version for r in r1 + r2] == [1, 2, 3]
     assert [r.seq for r in r1 + r2] == [1, 2, 3]
     assert journal.append("job:b", [ev("b")], expected_version=0)[0].version == 1
-    assert (
-        journal.append("job:a", [ev(n=4)], expected_version=None)[0].version == 4
-    )  # None skips the check
+    # None skips the check
+    assert journal.append("job:a", [ev(n=4)], expected_version=None)[0].version == 4
 
 
 @pytest.mark.parametrize("stale", [0, 1, 3, 7])
@@ -532,9 +531,8 @@ def test_a_batch_naming_a_stream_twice_continues_its_versions_and_seqs_are_the_r
         assert [(r.seq, r.stream, r.version, r.event) for r in j.read(after=1)] == [
             (r.seq, r.stream, r.version, r.event) for r in recs
         ]
-        with pytest.raises(
-            ConcurrencyError
-        ):  # the second part expects the version before the first part
+        # the second part expects the version before the first part
+        with pytest.raises(ConcurrencyError):
             j.append_batch([("job:a", e[:1], 3), ("job:a", e[1:2], 3)])
         assert j.last_seq() == 4
     finally:

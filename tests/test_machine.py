@@ -11,19 +11,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from transitions import Machine, MachineError
 
+from ftctl.control.ledger import Ledger
 from ftctl.core import machine as M
 from ftctl.core import state as S
 from ftctl.core.config import Config, LoraParameters, config_to_dict
 from ftctl.core.machine import IllegalTransition, may, next_state
 from ftctl.events import types as T
 from ftctl.events.journal import Journal
-from ftctl.recovery.ledger import Ledger, load, state_at
+from ftctl.recovery.replay import load, state_at
 
 JOB_TYPES = [t for t in T.EVENT_TYPES if t in S.JOB_HANDLERS]
 LINEAGE_TYPES = list(S.LINEAGE_TYPES)
@@ -82,229 +84,80 @@ class RngPick:
         return self.r.choice(list(seq))
 
 
+PATHS = ["c/1", "c/2", "c/3"]  # few checkpoint paths: commits, prunes and corruptions meet
+# Fields whose values matter to the reducer, drawn from a few (a type, or "*" for every type).
+CHOICES: dict[tuple[str, str], list] = {
+    ("*", "lineage"): LINEAGES,
+    ("CheckpointRecord", "path"): PATHS,
+    ("CheckpointCommittedV1", "path"): PATHS,
+    ("CheckpointPruned", "path"): PATHS,
+    ("CheckpointCorrupt", "path"): PATHS,
+    ("Crashed", "category"): ["oom", "nan", "signal"],
+    ("Completed", "result"): ["", "best", "last"],
+    ("CrashReproduced", "crash"): [0, 1, 2, 3],
+    ("CrashReproduced", "crash_category"): ["nan", "killed"],
+    ("CrashReproduced", "verdict"): ["reproduced", "not reproduced", "different"],
+    ("JobSubmitted", "data_format"): ["chat", "completions", "text"],
+    ("TrainingStarted", "world_size"): [1, 2, 4],
+    ("TrainingStarted", "backend"): ["", "ring"],
+    ("ControlRequested", "action"): ["pause", "cancel"],
+    ("HeadSet", "job"): ["", "a", "x"],
+    ("BasePromoted", "version"): [1, 2, 3],
+    ("ModelRemoved", "version"): [1, 2, 3],
+    ("ModelImported", "dtype"): [None, "float16", "float32"],
+}
+
+
+def _value(t, owner: str, name: str, p):
+    """A value of annotation ``t`` for field ``name`` of ``owner``, drawn from ``p``."""
+    import types
+    import typing
+
+    for key in ((owner, name), ("*", name)):
+        if key in CHOICES:
+            return p.choice(CHOICES[key])
+    if isinstance(t, type) and issubclass(t, msgspec.Struct):
+        return _build(t, p)
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return p.opt(_value(inner[0], owner, name, p))
+    if origin is list:
+        return [_value(args[0], owner, name, p)]
+    if origin is dict and args[1] is not typing.Any:
+        return {p.s(): _value(args[1], owner, name, p)}
+    if origin is dict:  # a job's config
+        return config_to_dict(
+            Config(
+                model=p.choice(["base-a", "base-b"]),
+                iters=1 + abs(p.i()),
+                seed=abs(p.i()) % 2**32,
+                lora_parameters=LoraParameters(keys=p.opt([p.s() or "k"])),
+            )
+        )
+    return {str: p.s, int: p.i, float: p.f, bool: lambda: p.choice([False, True])}[t]()
+
+
+def _build(typ: type, p, **given):
+    hints = typing_hints(typ)
+    fields = {
+        f.name: _value(hints[f.name], typ.__name__, f.name, p) for f in msgspec.structs.fields(typ)
+    }
+    return typ(**{**fields, **given})
+
+
+@functools.cache
+def typing_hints(typ: type) -> dict:
+    import typing
+
+    return typing.get_type_hints(typ)
+
+
 def make(typ: type, subject: str, p) -> T.EventBase:
     """An event of type ``typ`` about ``subject`` (a job id, a lineage name; ignored for the daemon)."""
-    j = subject
-    if typ is T.JobSubmitted:
-        return T.JobSubmitted(
-            job=j,
-            name=p.s(),
-            data_path=p.s(),
-            data_sha256=p.s(),
-            data_format=p.choice(["chat", "completions", "text"]),
-            examples=p.i(),
-            valid_path=p.opt(p.s()),
-            valid_sha256=p.opt(p.s()),
-            config=config_to_dict(
-                Config(
-                    model=p.choice(["base-a", "base-b"]),
-                    iters=1 + abs(p.i()),
-                    seed=abs(p.i()) % 2**32,
-                    lora_parameters=LoraParameters(keys=p.opt([p.s() or "k"])),
-                )
-            ),
-            config_sha256=p.s(),
-            lineage=p.choice(LINEAGES),
-            warnings=[p.s()] if p.opt(1) else [],
-            model_repo=p.opt(p.s()),
-            model_revision=p.opt(p.s()),
-        )
-    if typ is T.JobRejected:
-        return T.JobRejected(
-            job=j,
-            name=p.s(),
-            data_path=p.s(),
-            data_sha256=p.opt(p.s()),
-            reasons=[p.s(), p.s()],
-            problems=[p.s()],
-        )
-    if typ is T.TrainingStarted:
-        return T.TrainingStarted(
-            job=j,
-            attempt=p.i(),
-            worker_pid=p.i(),
-            worker_started_at=p.f(),
-            resume_step=p.i(),
-            resume_checkpoint=p.opt(p.s()),
-            warm_start_from=p.opt(p.s()),
-            parent_job=p.opt(p.s()),
-            global_step_base=p.i(),
-            base_model=p.s(),
-            world_size=p.choice([1, 2, 4]),
-            hosts=[p.s()],
-            backend=p.choice(["", "ring"]),
-            resharded_from=p.opt(p.i()),
-        )
-    if typ is T.CheckpointStarted:
-        return T.CheckpointStarted(job=j, step=p.i(), global_step=p.i())
-    if typ is T.CheckpointCommitted:
-        return T.CheckpointCommitted(
-            job=j,
-            checkpoint=T.CheckpointRecord(
-                step=p.i(),
-                global_step=p.i(),
-                path=p.choice(["c/1", "c/2", "c/3"]),
-                manifest_sha256=p.s(),
-                bytes=p.i(),
-                train_loss=p.opt(p.f()),
-                val_loss=p.opt(p.f()),
-                val_step=p.opt(p.i()),
-            ),
-        )
-    if typ is T.CheckpointCommittedV1:
-        return T.CheckpointCommittedV1(
-            job=j,
-            step=p.i(),
-            global_step=p.i(),
-            path=p.choice(["c/1", "c/2", "c/3"]),
-            manifest_sha256=p.s(),
-            bytes=p.i(),
-            train_loss=p.opt(p.f()),
-            val_loss=p.opt(p.f()),
-        )
-    if typ in (T.CheckpointPruned, T.CheckpointCorrupt):
-        return typ(job=j, step=p.i(), path=p.choice(["c/1", "c/2", "c/3"]), reason=p.s())
-    if typ is T.CheckpointDiscarded:
-        return T.CheckpointDiscarded(job=j, path=p.s(), reason=p.s())
-    if typ is T.Evaluated:
-        return T.Evaluated(job=j, step=p.i(), global_step=p.i(), val_loss=p.f())
-    if typ is T.AdapterEvaluated:
-        return T.AdapterEvaluated(
-            job=j,
-            data_path=p.s(),
-            data_sha256=p.s(),
-            examples=p.i(),
-            tokens=p.i(),
-            base_model=p.s(),
-            adapter_path=p.s(),
-            adapter_sha256=p.s(),
-            base_loss=p.opt(p.f()),
-            base_ppl=p.opt(p.f()),
-            adapter_loss=p.opt(p.f()),
-            adapter_ppl=p.opt(p.f()),
-        )
-    if typ is T.EarlyStopped:
-        return T.EarlyStopped(
-            job=j,
-            step=p.i(),
-            global_step=p.i(),
-            reason=p.s(),
-            best_step=p.opt(p.i()),
-            best_val_loss=p.opt(p.f()),
-        )
-    if typ is T.Completed:
-        return T.Completed(
-            job=j,
-            step=p.i(),
-            global_step=p.i(),
-            adapter_path=p.s(),
-            adapter_sha256=p.s(),
-            checkpoint=p.s(),
-            result=p.choice(["", "best", "last"]),
-            result_step=p.opt(p.i()),
-            result_val_loss=p.opt(p.f()),
-            result_note=p.s(),
-        )
-    if typ is T.Crashed:
-        return T.Crashed(
-            job=j,
-            category=p.choice(["oom", "nan", "signal"]),
-            step=p.opt(p.i()),
-            exit_code=p.opt(p.i()),
-            signal=p.opt(p.i()),
-            evidence=p.s(),
-            suggestion=p.s(),
-            rank=p.opt(p.i()),
-            host=p.opt(p.s()),
-        )
-    if typ is T.CrashReproduced:
-        return T.CrashReproduced(
-            job=j,
-            crash=p.choice([0, 1, 2, 3]),
-            crash_category=p.choice(["nan", "killed"]),
-            crash_step=p.i(),
-            verdict=p.choice(["reproduced", "not reproduced", "different"]),
-            summary=p.s(),
-            from_step=p.i(),
-            target_step=p.i(),
-            step=p.opt(p.i()),
-            examples=[
-                T.ExampleRef(
-                    index=p.i(), line=p.i(), source_line=p.opt(p.i()), tokens=p.i(), head=p.s()
-                )
-            ],
-        )
-    if typ is T.Requeued:
-        return T.Requeued(job=j, reason=p.s(), not_before=p.f())
-    if typ is T.Interrupted:
-        return T.Interrupted(job=j, step=p.i(), reason=p.s())
-    if typ is T.Failed:
-        return T.Failed(job=j, reason=p.s(), category=p.s())
-    if typ in (T.Paused, T.Cancelled):
-        return typ(job=j, reason=p.s())
-    if typ is T.Resumed:
-        return T.Resumed(job=j)
-    if typ is T.Retried:
-        return T.Retried(job=j, reason=p.s(), reshard=p.choice([False, True]))
-    if typ is T.RanksReported:
-        return T.RanksReported(job=j, step=p.i(), tokens_per_s=[p.f(), p.opt(p.f())])
-    if typ is T.ControlRequested:
-        return T.ControlRequested(job=j, action=p.choice(["pause", "cancel"]))
-    if typ is T.ConsolidationRequested:
-        return T.ConsolidationRequested(lineage=j)
-    if typ is T.HeadSet:
-        return T.HeadSet(
-            lineage=j, job=p.choice(["", "a", "x"]), previous=p.opt(p.s()), reason=p.s()
-        )
-    if typ is T.ConsolidationStarted:
-        return T.ConsolidationStarted(
-            lineage=j,
-            version=p.i(),
-            base_model=p.s(),
-            adapter_path=p.s(),
-            adapter_sha256=p.s(),
-            temp_path=p.s(),
-        )
-    if typ is T.BasePromoted:
-        return T.BasePromoted(
-            lineage=j,
-            version=p.choice([1, 2, 3]),
-            model_path=p.s(),
-            weights_sha256=p.s(),
-            previous_base=p.s(),
-        )
-    if typ is T.ConsolidationAborted:
-        return T.ConsolidationAborted(lineage=j, version=p.i(), reason=p.s())
-    if typ is T.ModelRemoved:
-        return T.ModelRemoved(lineage=j, version=p.choice([1, 2, 3]), path=p.s(), reason=p.s())
-    if typ is T.DaemonStartedV1:
-        return T.DaemonStartedV1(pid=p.i(), host=p.s())
-    if typ is T.DaemonStarted:
-        return T.DaemonStarted(process=T.ProcessId(p.i(), p.f()), host=p.s(), version=p.s())
-    if typ is T.DaemonStopped:
-        return T.DaemonStopped(pid=p.i(), reason=p.s())
-    if typ is T.ShutdownRequested:
-        return T.ShutdownRequested(reason=p.s())
-    if typ is T.DebrisRemoved:
-        return T.DebrisRemoved(path=p.s(), reason=p.s())
-    if typ is T.ModelImported:
-        return T.ModelImported(
-            path=p.s(),
-            source=p.s(),
-            source_sha256=p.s(),
-            quantization=p.s(),
-            dtype=p.opt(p.choice(["float16", "float32"])),
-            weights_sha256=p.s(),
-            bytes=p.i(),
-            seconds=p.f(),
-        )
-    if typ is T.RecoveryFinished:
-        return T.RecoveryFinished(repairs=p.i(), summary=[p.s()])
-    if typ is T.NotificationFailed:
-        return T.NotificationFailed(
-            target=p.s(), seq=p.i(), event=p.s(), attempts=p.i(), error=p.s()
-        )
-    raise AssertionError(f"no builder for {typ.__name__}")
+    names = {f.name for f in msgspec.structs.fields(typ)}
+    key = "job" if typ in S.JOB_HANDLERS else "lineage" if typ in S.LINEAGE_TYPES else None
+    return _build(typ, p, **({key: subject} if key in names else {}))
 
 
 def test_every_event_type_has_a_builder():
@@ -395,8 +248,25 @@ def test_derived_table_equals_the_library(lineage: bool):
             answers[(s, trig)] = dest
             assert next_state(s, trig, lineage=lineage) == dest, (s, trig)
             assert may(s, trig, lineage=lineage) == (dest is not None), (s, trig)
+            # a command is checked by the machine itself, and lands where replay's table says
+            assert M.command(s, trig, lineage=lineage) == dest, (s, trig)
     assert table == {k: v for k, v in answers.items() if v is not None}
     assert table  # the declaration is not empty
+
+
+def test_the_ledger_checks_a_command_through_the_declared_machine(tmp_path, monkeypatch):
+    """Ledger.commit asks the transitions library, not the replay table: a machine that refuses
+    everything refuses the command (nothing appended), while replay's table is untouched."""
+    from ftctl.core import state as S
+    from ftctl.events.journal import Journal
+
+    ledger = Ledger(Journal.create(tmp_path / "j.db"))
+    asked = []
+    monkeypatch.setattr(S, "command", lambda s, t, lineage=False: asked.append((s, t)))
+    with pytest.raises(M.IllegalTransition):
+        ledger.commit("job:0001", make(T.JobSubmitted, "0001", RngPick(random.Random(1))))
+    assert asked == [("new", "submit")] and ledger.journal.last_seq() == 0
+    ledger.close()
 
 
 def test_catalogue_and_machines_agree():
@@ -724,9 +594,8 @@ def test_daemon_started_v1_is_upcast(tmp_path: Path):
 
     j = Journal.create(tmp_path / "j.db")
     try:
-        j.append(
-            "daemon", [T.DaemonStartedV1(pid=4242, host="old-box")]
-        )  # as an old ftctl appended it
+        # as an old ftctl appended it
+        j.append("daemon", [T.DaemonStartedV1(pid=4242, host="old-box")])
         j.conn.execute(  # and a raw row, exactly as schema 1 stored it
             "INSERT INTO events (stream, version, ts, type, body) VALUES ('daemon', 2, "
             "'2024-01-01T00:00:00.000000Z', 'daemon_started', ?)",
@@ -891,7 +760,7 @@ def test_decode_deeply_nested_is_a_decode_error(depth):
 def test_milestones_make_every_point_a_snapshot_plus_a_short_tail(history, monkeypatch):
     """The first load of a long journal leaves milestones every SNAPSHOT_INTERVAL events (compressed,
     at most SNAPSHOT_MILESTONES: past that the spacing doubles); state_at from them is exact."""
-    from ftctl.recovery import ledger as L
+    from ftctl.recovery import replay as L
 
     path, recs = history
     monkeypatch.setattr(L, "SNAPSHOT_INTERVAL", 20)
@@ -899,20 +768,17 @@ def test_milestones_make_every_point_a_snapshot_plus_a_short_tail(history, monke
     j = Journal.open(path)
     j.conn.execute("DELETE FROM snapshots")
     try:
-        assert (
-            L.load(j, write=False) == S.fold(recs) and j.snapshot_seqs(S.SNAPSHOT_FORMAT) == []
-        )  # a query writes nothing
+        # a query writes nothing
+        assert L.load(j, write=False) == S.fold(recs) and j.snapshot_seqs(S.SNAPSHOT_FORMAT) == []
         full = L.load(j)
         assert full == S.fold(recs)
         seqs = [s for s, _ in j.snapshot_seqs(S.SNAPSHOT_FORMAT)]
         milestones = seqs[:-2]
-        assert 0 < len(milestones) <= 6 and len(recs) - 20 <= seqs[-1] < len(
-            recs
-        )  # the last tail < SNAPSHOT_EVERY
+        # the last tail < SNAPSHOT_EVERY
+        assert 0 < len(milestones) <= 6 and len(recs) - 20 <= seqs[-1] < len(recs)
         gaps = [b - a for a, b in zip([0] + milestones, milestones)]
-        assert (
-            all(g >= 20 for g in gaps) and max(gaps) <= 20 * 2**5
-        )  # thinned by halving, never more
+        # thinned by halving, never more
+        assert all(g >= 20 for g in gaps) and max(gaps) <= 20 * 2**5
         for s in milestones:  # stored compressed, read back exactly
             raw = j.conn.execute("SELECT body FROM snapshots WHERE seq = ?", (s,)).fetchone()[0]
             assert raw.startswith(b"\x00zlib\x00")
@@ -930,7 +796,7 @@ def test_milestones_make_every_point_a_snapshot_plus_a_short_tail(history, monke
             start = max([s for s in seqs if s <= seq], default=0)
             assert reads == [(start, seq)]  # the nearest snapshot at or before seq, then its tail
         # more snapshots later keep the bound
-        live = L.Ledger(j)
+        live = Ledger(j)
         for _ in range(5):
             live.snapshot()
         assert len(j.snapshot_seqs(S.SNAPSHOT_FORMAT)) <= 6 + 2

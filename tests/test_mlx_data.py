@@ -15,8 +15,8 @@ import pytest
 from helpers import make_workspace, run
 
 from ftctl.adapters.workspace import Workspace
+from ftctl.control.ledger import Ledger
 from ftctl.control.submit import SubmitError, submit
-from ftctl.recovery.ledger import Ledger
 
 
 def chat(i: int, key: str = "messages") -> dict:

@@ -8,18 +8,17 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from helpers import crash_env, daemon, wait_for
 
 from ftctl.adapters.workspace import Workspace, init_workspace
+from ftctl.control.ledger import Ledger
 from ftctl.control.notifier import Notifier
 from ftctl.core.config import NotifyTarget, decode_config
 from ftctl.core.state import DAEMON_STREAM
 from ftctl.events import types as ev
-from ftctl.recovery.ledger import Ledger
 
 
 class Server:
@@ -97,9 +96,8 @@ def test_a_committed_event_is_delivered_once_with_its_payload_and_the_cursor_mov
     notify = [{"url": s.url, "events": ["daemon_stopped"]}]
     ws = _ws(tmp_path, notify)
     ledger = Ledger(ws.open_journal())
-    ledger.commit(
-        DAEMON_STREAM, ev.DaemonStopped(pid=1, reason="before the notifier")
-    )  # history is not replayed
+    # history is not replayed
+    ledger.commit(DAEMON_STREAM, ev.DaemonStopped(pid=1, reason="before the notifier"))
     n = Notifier(ws, _targets(notify), lambda *a: None)
     n.start()
     seq = _stop(ledger, "ftctl shutdown")
@@ -159,13 +157,13 @@ def test_a_server_that_never_answers_times_out_is_recorded_and_shown_by_doctor(t
     n = Notifier(ws, _targets(notify), lambda text, level="info": said.append(text))
     n.start()
     seq = _stop(ledger, "ftctl shutdown")
-    t0 = time.monotonic()
-    wait_for(lambda: ledger.refresh() or ledger.state.daemon.notify_failed, timeout=10, every=0.05)
-    took = time.monotonic() - t0
+    wait_for(lambda: ledger.refresh() or ledger.state.daemon.notify_failed, timeout=60, every=0.05)
+    # recorded while the server still holds both requests unanswered: each attempt gave up by its
+    # own timeout_s, nothing the server did ended it
+    assert s.seen == 2 and not s.release.is_set(), s.seen
     n.close()
     [failure] = ledger.state.daemon.notify_failed.values()
     assert failure.seq == seq and failure.attempts == 2 and "within 0.3 s" in failure.error, failure
-    assert took < 3, took  # two attempts of 0.3 s, not the server's 30 s
     assert any("failed after 2 attempt(s)" in t for t in said)
     from ftctl.control import doctor
 
@@ -210,9 +208,8 @@ def test_at_least_once_across_restarts(tmp_path, server):
 
     d = daemon(ws.home, "--until-idle", env=crash_env(tmp_path, "notify_before_send:*"))
     assert d.wait(60) == -9
-    assert (
-        seqs() == first
-    )  # killed before it sent anything: its events are committed, not delivered
+    # killed before it sent anything: its events are committed, not delivered
+    assert seqs() == first
     with ws.open_journal() as j:
         undelivered = [
             r.seq for r in j.read(after=first[-1]) if type(r.event).kind() in ("daemon_started",)
@@ -222,9 +219,8 @@ def test_at_least_once_across_restarts(tmp_path, server):
     d = daemon(ws.home, "--until-idle")
     assert d.wait(60) == 0, d.stderr.read()
     got = seqs()
-    assert got[:2] == first and len(got) == len(set(got)), (
-        got
-    )  # the clean restart sent nothing twice
+    # the clean restart sent nothing twice
+    assert got[:2] == first and len(got) == len(set(got)), got
     assert set(undelivered) <= set(got[2:]), (
         undelivered,
         got,

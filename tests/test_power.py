@@ -83,9 +83,8 @@ def test_held_while_training_released_after_and_dies_with_the_daemon(tmp_path, d
         assert f"keeping the machine awake (systemd-inhibit pid {sh})" in s["summary"]
         d.send_signal(signal.SIGKILL)
         d.wait(10)
-        wait_for(
-            lambda: not running(sh) and not running(cat), timeout=10, every=0.1
-        )  # gone with the daemon
+        # gone with the daemon
+        wait_for(lambda: not running(sh) and not running(cat), timeout=10, every=0.1)
     finally:
         if d.poll() is None:
             d.kill()
@@ -99,9 +98,8 @@ def test_held_while_training_released_after_and_dies_with_the_daemon(tmp_path, d
     )
     finished(home)
     pids = _pids(log)
-    assert len(pids) == 4 and not any(
-        map(running, pids)
-    )  # held again for the resumed run, released at its end
+    # held again for the resumed run, released at its end
+    assert len(pids) == 4 and not any(map(running, pids))
     assert not (home / "run" / power.STATE_FILE).exists()
     assert status(home)["daemon"]["power"] is None
 
@@ -109,8 +107,50 @@ def test_held_while_training_released_after_and_dies_with_the_daemon(tmp_path, d
 def test_prevent_sleep_false_holds_nothing(tmp_path):
     from ftctl.adapters.workspace import init_workspace
     from ftctl.control.daemon import Daemon
-    from ftctl.core.state import JobState
+    from ftctl.control.supervise import hold_power
 
     ws = init_workspace(tmp_path / "ws", "model", {"power": {"prevent_sleep": False}})
-    assert Daemon(ws)._hold_power(JobState(job="0001")) is None
+    assert hold_power(Daemon(ws).host(), "0001") is None
     assert not (ws.home / "run" / power.STATE_FILE).exists()
+
+
+def test_a_data_parallel_job_holds_it_while_it_trains_and_releases_it_after(tmp_path, demo):
+    """The same assertion for a job on two ranks (one supervisor for 1..N ranks: the data-parallel
+    path once forgot it): held while its ranks train — rank 0 stands still at step 3 — and released
+    when the job stops (a graceful shutdown, agreed on by both ranks at that step)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "systemd-inhibit"
+    fake.write_text(FAKE)
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    log, marker = tmp_path / "inhibit.log", tmp_path / "hang-marker"
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_INHIBIT_LOG": str(log),
+        "FTCTL_HANG_AT": f"mid_step@0:3:{marker}",
+    }
+    home = make_workspace(
+        tmp_path / "ws",
+        demo.model_dir,
+        iters=12,
+        save_every=4,
+        steps_per_eval=12,
+        distributed={"hosts": ["127.0.0.1"], "processes_per_host": 2},
+    )
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    d = daemon(home, env=env)
+    try:
+        wait_for(lambda: len(_pids(log)) == 2 and marker.exists(), timeout=180)
+        sh, cat = _pids(log)
+        assert running(sh) and running(cat)
+        s = status(home)
+        assert s["jobs"][0]["world_size"] == 2 and s["jobs"][0]["state"] == "training", s
+        assert s["daemon"]["power"]["held"] is True and s["daemon"]["power"]["pid"] == sh, s
+        ftctl(home, "shutdown", "--wait", "120")
+        d.wait(60)
+    finally:
+        if d.poll() is None:
+            d.kill()
+    assert not running(sh) and not running(cat)  # released with the attempt
+    assert not (home / "run" / power.STATE_FILE).exists()
+    assert status(home)["jobs"][0]["state"] == "queued"  # interrupted at a checkpoint, nothing lost

@@ -297,8 +297,8 @@ def _submit(tmp_path, demo, data, *overrides):
     from helpers import make_workspace
 
     from ftctl.adapters.workspace import Workspace
+    from ftctl.control.ledger import Ledger
     from ftctl.control.submit import submit
-    from ftctl.recovery.ledger import Ledger
 
     home = tmp_path / "ws"
     if not home.exists():
@@ -312,7 +312,7 @@ def _submit(tmp_path, demo, data, *overrides):
 
 def _nothing_queued(tmp_path):
     from ftctl.adapters.workspace import Workspace
-    from ftctl.recovery.ledger import Ledger
+    from ftctl.control.ledger import Ledger
 
     ledger = Ledger(Workspace(tmp_path / "ws").open_journal())
     try:

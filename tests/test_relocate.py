@@ -308,9 +308,9 @@ def test_daemon_died_records_the_last_reported_step_even_with_a_checkpoint_in_fl
     20 that had reported step 30 — and kept training meanwhile (the write runs in the background).
     Now the crash says the furthest step the journal saw: a report or a checkpoint begun."""
     from ftctl.adapters.workspace import Workspace
+    from ftctl.control.ledger import Ledger
     from ftctl.events import types as ev
     from ftctl.recovery import reconcile
-    from ftctl.recovery.ledger import Ledger
 
     ftctl(ws, "submit", str(demo.train), "--valid", str(demo.valid))
     ledger = Ledger.open(ws / "journal.db")

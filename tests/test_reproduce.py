@@ -35,9 +35,8 @@ def test_verdict_cases():
         "loss and gradient norm",
         7,
     )
-    assert (
-        judge("nan", 8, "", Outcome(category="nan", step=9), nan).verdict == "different"
-    )  # another step
+    # another step
+    assert judge("nan", 8, "", Outcome(category="nan", step=9), nan).verdict == "different"
     assert judge("killed", 17, "", Outcome(category=None, step=18), []).verdict == "not reproduced"
     same = judge(
         "exception",
@@ -103,12 +102,10 @@ def test_verdict_properties(crash, crash_step, message, category, step, replay_m
         for t in trace
         if not all(isinstance(x, float) and abs(x) != float("inf") for x in (t.loss, t.grad_norm))
     ]
-    assert v.first_nonfinite_step == (
-        bad[0] if bad else None
-    )  # the first step where anything went non-finite
-    if (
-        category is not None
-    ):  # the batch to blame: that first non-finite step, else the one that failed
+    # the first step where anything went non-finite
+    assert v.first_nonfinite_step == (bad[0] if bad else None)
+    # the batch to blame: that first non-finite step, else the one that failed
+    if category is not None:
         assert v.failing_step == (bad[0] if bad else step + 1)
 
 
@@ -183,9 +180,8 @@ def test_reproduce_names_the_poisoned_line_and_traces_identically(
     poisoned, capsys, monkeypatch, tmp_path
 ):
     home, text, line = poisoned
-    monkeypatch.setenv(
-        "FTCTL_POISON", text
-    )  # the seam is active in the replay's worker as in the daemon's
+    # the seam is active in the replay's worker as in the daemon's
+    monkeypatch.setenv("FTCTL_POISON", text)
     traces = []
     for n in (1, 2):
         code, out, err = run(
@@ -197,9 +193,8 @@ def test_reproduce_names_the_poisoned_line_and_traces_identically(
         "REPRODUCED" in out
         and f"non-finite: the loss and gradient norm at step {POISON_STEP}" in " ".join(out.split())
     )
-    assert (
-        f"│ {line} │" in out.replace("  ", " ").replace("  ", " ") or f" {line} " in out
-    )  # the failing batch's table
+    # the failing batch's table
+    assert f"│ {line} │" in out.replace("  ", " ").replace("  ", " ") or f" {line} " in out
     e = [e["data"] for e in history(home) if e["type"] == "crash_reproduced"][-1]
     assert (e["verdict"], e.get("by", "user"), e["failing_step"]) == (
         "reproduced",
@@ -207,13 +202,11 @@ def test_reproduce_names_the_poisoned_line_and_traces_identically(
         POISON_STEP,
     )
     poisoned_ex = [x for x in e["examples"] if x["line"] == line]
-    assert (
-        poisoned_ex and poisoned_ex[0]["source_line"] == line
-    )  # submitted with --valid: the same file, the same lines
+    # submitted with --valid: the same file, the same lines
+    assert poisoned_ex and poisoned_ex[0]["source_line"] == line
     assert e["from_step"] == 5 and e["step"] == e["crash_step"]
-    assert (
-        traces[0] == traces[1] and traces[0].count(b"\n") == e["target_step"] - 5
-    )  # determinism of the replay itself
+    # determinism of the replay itself
+    assert traces[0] == traces[1] and traces[0].count(b"\n") == e["target_step"] - 5
     rows = [json.loads(x) for x in traces[0].splitlines()]
     assert rows[POISON_STEP - 6]["loss"] == "nan" and rows[0]["loss"] != "nan"
 
@@ -301,8 +294,8 @@ def test_changed_data_is_refused(killed, capsys):
 
 
 def test_a_pruned_checkpoint_falls_back_to_the_previous_one(killed, capsys):
+    from ftctl.control.ledger import Ledger
     from ftctl.events import types as ev
-    from ftctl.recovery.ledger import Ledger
 
     # what retention does: the event first, then the folder goes
     *_, previous, last = _committed(killed)  # 10, 15 or 5, 10: the newest, and the one before it
@@ -338,7 +331,6 @@ def test_ctrl_c_leaves_no_worker_no_scratch_and_records_nothing(killed):
     import signal
     import subprocess
     import sys
-    import time
 
     from helpers import stray_workers, wait_for
 
@@ -360,8 +352,15 @@ def test_ctrl_c_leaves_no_worker_no_scratch_and_records_nothing(killed):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # as a terminal's Ctrl-C
     try:
-        wait_for(lambda: stray_workers(killed), timeout=60, every=0.05)
-        time.sleep(0.3)
+        # the state, not a delay: its worker runs, on its scratch copy, writing the replay's log
+        wait_for(
+            lambda: (
+                stray_workers(killed)
+                and any(f.stat().st_size for f in (killed / "run").glob("reproduce-*/replay.log"))
+            ),
+            timeout=60,
+            every=0.05,
+        )
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
     finally:
@@ -412,10 +411,10 @@ def test_the_daemons_replay_of_a_crash_stops_when_the_user_pauses_cancels_or_shu
     import types
 
     from ftctl.control import jobs
-    from ftctl.control.supervise import Supervision
+    from ftctl.control.ledger import Ledger
+    from ftctl.control.supervise import Attempt, StopFlags
     from ftctl.core.state import DAEMON_STREAM, job_stream
     from ftctl.events import types as ev
-    from ftctl.recovery.ledger import Ledger
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(f'{{"prompt": "q{i}", "completion": "a{i}"}}\n' for i in range(40)))
@@ -428,8 +427,8 @@ def test_the_daemons_replay_of_a_crash_stops_when_the_user_pauses_cancels_or_shu
                 job="0001", attempt=1, worker_pid=1, worker_started_at=1.0, base_model="/m"
             ),
         )
-        s = Supervision.__new__(Supervision)  # only what replay_cancelled reads
-        s.job, s.d = "0001", types.SimpleNamespace(stopping=False, ledger=ledger)
+        s = Attempt.__new__(Attempt)  # only what replay_cancelled reads
+        s.job, s.host = "0001", types.SimpleNamespace(stop=StopFlags(), ledger=ledger)
         assert s.replay_cancelled() == ""
         other = Ledger.open(ws / "journal.db")  # the user's command, another connection
         jobs.request(other, "0001", "pause")
@@ -438,7 +437,7 @@ def test_the_daemons_replay_of_a_crash_stops_when_the_user_pauses_cancels_or_shu
         assert s.replay_cancelled() == ""
         other.commit(DAEMON_STREAM, ev.ShutdownRequested())
         assert s.replay_cancelled() == "`ftctl shutdown` was requested"
-        s.d.stopping = True
+        s.host.stop.why = "SIGTERM"
         assert s.replay_cancelled() == "the daemon is stopping"
         other.close()
     finally:

@@ -17,7 +17,6 @@ from helpers import run
 from ftctl.adapters import service as svc
 from ftctl.adapters.workspace import init_workspace
 from ftctl.control import service
-from ftctl.core import service as S
 
 
 @pytest.fixture
@@ -65,7 +64,7 @@ def test_the_unit_passes_systemd_analyze_verify(home, tmp_path):
     )
     assert f"TimeoutStopSec={int(200 + 15 + 30)}" in text
     assert f"ExecStart={service.ftctl_command()[0]} start --quiet --home {home.home}" in text
-    unit = tmp_path / "units" / f"{S.name(str(home.home))}.service"
+    unit = tmp_path / "units" / f"{svc.name(str(home.home))}.service"
     unit.parent.mkdir()
     unit.write_bytes(data)
     runtime = tmp_path / "runtime"
@@ -77,9 +76,8 @@ def test_the_unit_passes_systemd_analyze_verify(home, tmp_path):
         timeout=60,
         env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
     )
-    assert p.returncode == 0 and p.stdout + p.stderr == "", (
-        p.stdout + p.stderr
-    )  # not even a warning
+    # not even a warning
+    assert p.returncode == 0 and p.stdout + p.stderr == "", p.stdout + p.stderr
     unit.write_bytes(service.render(home, True, "linux")[1])  # the --system variant, in system mode
     p = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout + p.stderr == "", p.stdout + p.stderr
@@ -102,11 +100,11 @@ def test_the_plist_round_trips_with_the_keys_launchd_needs(home):
         / "user"
         / "Library"
         / "LaunchAgents"
-        / f"{S.label(str(home.home))}.plist"
+        / f"{svc.label(str(home.home))}.plist"
     )
     d = plistlib.loads(data)
     assert plistlib.loads(plistlib.dumps(d, sort_keys=True)) == d
-    assert d["Label"] == S.label(str(home.home)) and d["RunAtLoad"] is True
+    assert d["Label"] == svc.label(str(home.home)) and d["RunAtLoad"] is True
     assert d["ProgramArguments"] == [
         *service.ftctl_command(),
         "start",
@@ -118,23 +116,22 @@ def test_the_plist_round_trips_with_the_keys_launchd_needs(home):
         os.path.isabs(a)
         for a in (d["ProgramArguments"][0], d["WorkingDirectory"], d["StandardOutPath"])
     )
-    assert d["KeepAlive"] == {
-        "SuccessfulExit": False
-    }  # restarted on failure only: a clean stop stays stopped
+    # restarted on failure only: a clean stop stays stopped
+    assert d["KeepAlive"] == {"SuccessfulExit": False}
     assert d["ThrottleInterval"] == 100  # at most max_restarts + 1 = 6 starts per 600 s window
     assert d["ExitTimeOut"] >= 200  # a stop may wait timeouts.stop_s for the checkpoint
     assert d["StandardOutPath"].startswith(str(home.home / "logs")) and d[
         "StandardErrorPath"
     ].startswith(str(home.home / "logs"))
-    assert S.is_ours(data, "macos") and not S.is_ours(plistlib.dumps({"Label": "x"}), "macos")
-    assert not S.is_ours(b"not a plist", "macos")
+    assert svc.is_ours(data, "macos") and not svc.is_ours(plistlib.dumps({"Label": "x"}), "macos")
+    assert not svc.is_ours(b"not a plist", "macos")
 
 
 def test_install_and_uninstall_are_idempotent_and_leave_foreign_files_alone(home, calls, capsys):
-    unit = svc.unit_path("linux", False, f"{S.name(str(home.home))}.service")
+    unit = svc.unit_path("linux", False, f"{svc.name(str(home.home))}.service")
     assert run(capsys, "service", "install", "--home", home.home)[0] == 0
     first = unit.read_bytes()
-    assert S.is_ours(first, "linux")
+    assert svc.is_ours(first, "linux")
     code, out, _ = run(capsys, "service", "install", "--home", home.home)
     assert code == 0 and "already installed, unchanged" in out and unit.read_bytes() == first
     assert "systemctl --user enable --now" in out  # systemd not running: it says what to run
@@ -159,7 +156,7 @@ def test_where_systemd_runs_install_enables_and_starts_unless_a_daemon_runs(
     from ftctl.adapters import process
 
     monkeypatch.setattr(svc, "systemd_running", lambda: True)
-    name = S.name(str(home.home))
+    name = svc.name(str(home.home))
     assert run(capsys, "service", "install", "--home", home.home)[0] == 0
     assert calls == [
         ["systemctl", "--user", "daemon-reload"],
@@ -190,13 +187,13 @@ def test_print_changes_nothing_and_renders_either_platform(home, capsys):
     )
     assert (
         code == 0
-        and plistlib.loads(out.encode())["Label"] == S.label(str(home.home))
+        and plistlib.loads(out.encode())["Label"] == svc.label(str(home.home))
         and "nothing was changed" in err
     )
     code, out, _ = run(
         capsys, "service", "install", "--print", "--platform", "linux", "--home", home.home
     )
-    assert code == 0 and out.startswith(S.UNIT_MARK)
+    assert code == 0 and out.startswith(svc.UNIT_MARK)
     assert not (home.home.parent / "user").exists()
     code, _, err = run(capsys, "service", "install", "--print", "--home", home.home / "nope")
     assert code == 1 and "no ftctl workspace" in err

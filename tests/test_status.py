@@ -22,11 +22,11 @@ from helpers import run
 from ftctl.adapters import process
 from ftctl.adapters.workspace import Workspace
 from ftctl.control import status as S
-from ftctl.core.policy import suggestion
+from ftctl.control.ledger import Ledger
+from ftctl.core.crash import suggestion
 from ftctl.core.state import DAEMON_STREAM, JobState, job_stream
 from ftctl.events import journal as journal_mod
 from ftctl.events import types as ev
-from ftctl.recovery.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -303,18 +303,16 @@ def test_live_step_eta_and_notes_that_are_still_true(ws, tmp_path, capsys, monke
     try:
         t0 = time.time()
         start_training(ledger)
-        record(
-            ledger, "0001", metric(25), time.time(), monkeypatch
-        )  # attempt 1 got to 25, then was killed
+        # attempt 1 got to 25, then was killed
+        record(ledger, "0001", metric(25), time.time(), monkeypatch)
         ledger.commit(
             job_stream("0001"),
             ev.Crashed(job="0001", category="killed", step=25),
             ev.Requeued(job="0001", reason="restart 1/3 after killed, in 2 s", not_before=t0 + 4),
         )
         v = S.status(w, ledger, now=t0 + 3).jobs[0]
-        assert (
-            v.note == "restart 1/3 after killed, in 1 s" and v.live_step == 0
-        )  # the lost steps do not count
+        # the lost steps do not count
+        assert v.note == "restart 1/3 after killed, in 1 s" and v.live_step == 0
         v = S.status(w, ledger, now=t0 + 10).jobs[0]
         assert v.note == "restart 1/3 after killed"  # not_before has passed
 
@@ -323,34 +321,29 @@ def test_live_step_eta_and_notes_that_are_still_true(ws, tmp_path, capsys, monke
         record(ledger, "0001", metric(10), t1, monkeypatch)
         record(ledger, "0001", metric(20), t1 + 10, monkeypatch)
         v = S.status(w, ledger, now=t1 + 10).jobs[0]
-        assert v.note == "" and v.job.reason.startswith(
-            "restart 1/3"
-        )  # the journal keeps it; the note drops it
+        # the journal keeps it; the note drops it
+        assert v.note == "" and v.job.reason.startswith("restart 1/3")
         assert v.live_step == 20 and v.job.step == 0
-        assert (
-            v.eta_s == pytest.approx(40.0) and "1 steps/s" in v.eta_basis
-        )  # 40 steps left at 1 step/s
+        # 40 steps left at 1 step/s
+        assert v.eta_s == pytest.approx(40.0) and "1 steps/s" in v.eta_basis
         assert S.status(w, ledger, now=t1 + 25).jobs[0].eta_s == pytest.approx(25.0)
         every = v.job.config.steps_per_report  # seconds between reports at 1 step/s
-        late = S.status(w, ledger, now=t1 + 10 + max(3 * every, 30) + 1).jobs[
-            0
-        ]  # a worker that stopped reporting
+        # a worker that stopped reporting
+        late = S.status(w, ledger, now=t1 + 10 + max(3 * every, 30) + 1).jobs[0]
         assert late.eta_s is None and late.eta_basis.startswith("no progress report for"), (
             late.eta_basis
         )
         pid = ledger.state.jobs["0001"].worker.pid
         _, panel, _ = run(capsys, "status", "0001", "--home", ws)
-        assert re.search(rf"worker\s*│\s*pid {pid}\b", panel), (
-            panel
-        )  # which process trains it, under a live daemon
+        # which process trains it, under a live daemon
+        assert re.search(rf"worker\s*│\s*pid {pid}\b", panel), panel
     finally:
         process.release_lock(fd)
         ledger.close()
     _, out, _ = run(capsys, "status", "--json", "--home", ws)
     j = json.loads(out)["jobs"][0]
-    assert (
-        j["live_step"] == 20 and j["step"] == 0 and j["eta_s"] is None and j["stale"]
-    )  # lock released: none runs
+    # lock released: none runs
+    assert j["live_step"] == 20 and j["step"] == 0 and j["eta_s"] is None and j["stale"]
     assert j["note"].startswith(
         "the daemon died while this job was training at step 20: on `ftctl start` it restarts"
     )
@@ -386,9 +379,8 @@ def test_default_selection_hides_rejected_and_old_finished_jobs():
     jobs = [JobState(job=f"{i:04d}", state=s) for i, s in enumerate(states, 1)]
     shown, hidden = S.select(jobs, set(), False, 20)
     ids = [j.job for j in shown]
-    assert ids == ["0025"] + [
-        f"{i:04d}" for i in range(27, 47)
-    ]  # the old paused one, then the last 20
+    # the old paused one, then the last 20
+    assert ids == ["0025"] + [f"{i:04d}" for i in range(27, 47)]
     assert hidden == {"rejected": 1, "older": 24}
     assert S.select(jobs, set(), True, 20) == (jobs, {})
     shown, hidden = S.select(jobs, {"rejected", "training"}, False, 20)
@@ -525,9 +517,8 @@ def test_a_resume_under_another_environment_is_flagged_and_a_fresh_restart_clear
         and "no longer bit-exact" in got["note"]
     )
     code, out, _ = run(capsys, "history", "0001", "--home", ws)
-    flat = "".join(
-        c for c in out if not c.isspace() and c not in "│┃"
-    )  # the table folds long details
+    # the table folds long details
+    flat = "".join(c for c in out if not c.isspace() and c not in "│┃")
     assert "NOTbit-exactwiththeearlierattempts" in flat and "openblaslibopenblas.so.0x2" in flat
     ledger = Ledger.open(ws / "journal.db")
     try:

@@ -86,7 +86,7 @@ def _epoch(ts: str) -> float:
 
 def _projection(home):
     """What the journal says, now (replayed in-process: `ftctl status` without the start-up)."""
-    from ftctl.recovery.ledger import Ledger
+    from ftctl.control.ledger import Ledger
 
     ledger = Ledger.open(home / "journal.db")
     try:
@@ -174,9 +174,8 @@ def test_worker_death_is_recorded_and_the_job_resumes(tmp_path, demo):
         _stop(d)
     assert marker.exists(), "the mid_step:7 crash point never fired"
     crashed = _events(home, "crashed")[0]
-    gap = (
-        _epoch(crashed["ts"]) - marker.stat().st_mtime
-    )  # the marker is written just before the SIGKILL
+    # the marker is written just before the SIGKILL
+    gap = _epoch(crashed["ts"]) - marker.stat().st_mtime
     assert gap > -0.05, f"the death was journaled {-gap:.3f} s before it happened"
     c = crashed["data"]
     assert (
@@ -186,9 +185,8 @@ def test_worker_death_is_recorded_and_the_job_resumes(tmp_path, demo):
     )
     starts = [e["data"] for e in _events(home, "training_started")]
     assert [s["attempt"] for s in starts] == [1, 2]
-    assert (
-        f"pid {starts[0]['worker_pid']}" in marker.read_text()
-    )  # it was the first worker that died
+    # it was the first worker that died
+    assert f"pid {starts[0]['worker_pid']}" in marker.read_text()
     # from the last checkpoint committed before the kill: 5 — or 0 if its background write was still in
     # flight at step 7 (a kill then leaves the previous committed checkpoint, here none)
     evs = _events(home)
@@ -264,10 +262,10 @@ def _no_storm(mine: list[dict]) -> None:
 def test_restart_budget_fails_a_hopeless_job_then_retry_continues_it_bit_for_bit(
     tmp_path, demo, baseline
 ):
-    """Policy (core.policy.after_crash): the same-step rule is checked before the window budget.
-    job 0001, max_restarts=2, killed at step 23 on three attempts: the third kill at the same step
-      fails it; `ftctl retry` queues it again with a fresh budget, and it resumes from step 20 and
-      ends with the uninterrupted run's adapter;
+    """Policy (core.crash.after_crash): kills from outside use up the restart budget, whatever the step.
+    job 0001, max_restarts=2, killed at step 23 on three attempts: 3 crashes in the window > 2 fail
+      it, and the reason names the way back; `ftctl retry` queues it again with a fresh budget, and it
+      resumes from step 20 and ends with the uninterrupted run's adapter;
     job 0002, max_restarts=1, killed at step 7 twice: 2 crashes in the window > 1 -> failed;
     job 0003 then trains: the queue moved on. Exactly max_restarts + 1 workers per hopeless job."""
     home = make_workspace(
@@ -311,7 +309,7 @@ def test_restart_budget_fails_a_hopeless_job_then_retry_continues_it_bit_for_bit
     ftctl(home, "start", "--until-idle", "--quiet", check=False)
     evs = _events(home)
     for job, max_restarts, step, why in (
-        ("0001", 2, 23, "killed three times at the same step 23"),
+        ("0001", 2, 23, "3 crashes within 300 s (restart.max_restarts = 2)"),
         ("0002", 1, 7, "2 crashes within 300 s (restart.max_restarts = 1)"),
     ):
         mine = [e for e in evs if e["stream"] == f"job:{job}"]
@@ -332,6 +330,7 @@ def test_restart_budget_fails_a_hopeless_job_then_retry_continues_it_bit_for_bit
         # whose background write the kill interrupted: a fact, not a transition)
         last = [e for e in mine if e["type"] != "checkpoint_discarded"][-1]
         assert last["type"] == "failed" and why in last["data"]["reason"], last
+        assert f"`ftctl retry {job}` continues it" in last["data"]["reason"], last
         assert _job(home, job).state == "failed"
     _completed(home, "0003")  # the queue moved on past the hopeless jobs
 
@@ -354,6 +353,43 @@ def test_restart_budget_fails_a_hopeless_job_then_retry_continues_it_bit_for_bit
         last
     ) in (15, 20)
     assert _survivors(home) == []
+
+
+def test_kills_while_loading_use_the_budget_not_the_same_step_rule(tmp_path, demo, baseline):
+    """A worker killed once mid-run, then three times while it is still loading (before its first step:
+    each attempt resumes from the same checkpoint and dies there): with room in its restart budget the
+    job goes on and finishes bit for bit. The loading kills are recorded as such — not as three crashes
+    at the resume step, which the same-step rule would fail — and every message agrees with what
+    followed."""
+    home = make_workspace(
+        tmp_path / "ws",
+        demo.model_dir,
+        restart={"max_restarts": 5, "window_s": 300.0, "backoff_s": 0.05, "backoff_max_s": 0.1},
+    )
+    _submit(home, demo)
+    env = crash_env(tmp_path, "mid_step:12")
+    for at in (5, 10):  # whichever checkpoint it resumes from: three kills while loading there
+        env["FTCTL_CRASH_AT"] += (
+            "," + _markers(tmp_path, f"while_loading:{at}", 3, f"l{at}")["FTCTL_CRASH_AT"]
+        )
+    ftctl(home, "start", "--until-idle", "--quiet", env=env, timeout=600)
+    j = _completed(home)
+    assert j.adapter_sha256 == baseline.sha1
+    # where the attempts after the kill resumed: a committed checkpoint (5, or 10 if its background
+    # write landed before the kill)
+    resumed = {e["data"].get("resume_step", 0) for e in _events(home, "training_started")[1:]}
+    assert len(resumed) == 1 and resumed <= {5, 10}, resumed
+    (r,) = resumed
+    crashes = [e["data"] for e in _events(home, "crashed")]
+    assert [(c["category"], c["step"], c.get("loading", False)) for c in crashes] == [
+        ("killed", 12, False)
+    ] + [("killed", r, True)] * 3, crashes
+    assert all("died before its first step (while loading" in c["evidence"] for c in crashes[1:])
+    assert all(f"it resumes from step {r}" in c["suggestion"] for c in crashes), crashes
+    reasons = [e["data"]["reason"] for e in _events(home, "requeued")]
+    assert [x.split(" after ")[0] for x in reasons] == [f"restart {n}/5" for n in (1, 2, 3, 4)]
+    assert _events(home, "failed") == []
+    assert f"killed while loading (resuming from step {r})" in ftctl(home, "status", "1").stdout
 
 
 def test_a_job_that_cannot_load_is_paused_at_once_with_the_reason(tmp_path, demo):
@@ -394,8 +430,8 @@ def test_a_config_that_cannot_load_names_a_remedy_that_works_and_retry_set_train
     config + config_sha256) and trains the job to the end, from step 0 (num_layers changes the
     adapter's shape; it has no checkpoint)."""
     from ftctl.control import submit as submitting
+    from ftctl.control.ledger import Ledger
     from ftctl.core.config import Config, config_sha256
-    from ftctl.recovery.ledger import Ledger
 
     home = make_workspace(tmp_path / "ws", demo.model_dir, num_layers=16)
     monkeypatch.setattr(submitting, "_fit", lambda cfg, counts: [])  # submit as it was
@@ -497,9 +533,9 @@ def test_recover_stops_the_orphan_of_a_dead_daemon_but_never_a_stranger(
     tmp_path, demo, same_identity
 ):
     from ftctl.adapters.process import alive
+    from ftctl.control.ledger import Ledger
     from ftctl.core.state import DAEMON_STREAM, job_stream
     from ftctl.events import types as ev
-    from ftctl.recovery.ledger import Ledger
 
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo, *SHORT)
@@ -692,21 +728,18 @@ def test_pause_or_cancel_with_no_daemon_is_applied_at_next_start(tmp_path, demo,
     )
     assert p.returncode == -signal.SIGKILL, p.stderr
     wait_for(lambda: _survivors(home) == [], timeout=10)  # its worker died with it
-    assert (
-        _job(home).state == "checkpointing"
-    )  # the journal still says so: nobody is left to say otherwise
+    # the journal still says so: nobody is left to say otherwise
+    assert _job(home).state == "checkpointing"
     out = ftctl(home, action, "0001").stdout
     assert "no daemon is running: it is applied at the next `ftctl start`" in out, out
     assert _job(home).requested == action
     p = ftctl(home, "start", "--until-idle", "--quiet", check=False)
     want = {"pause": "paused", "cancel": "cancelled"}[action]
-    assert p.returncode == (1 if action == "pause" else 0), (
-        p.stderr
-    )  # --until-idle names a job left paused
+    # --until-idle names a job left paused
+    assert p.returncode == (1 if action == "pause" else 0), p.stderr
     assert _job(home).state == want
-    assert (
-        len(_events(home, "training_started")) == 1
-    )  # recovery applied the request; nothing was trained
+    # recovery applied the request; nothing was trained
+    assert len(_events(home, "training_started")) == 1
     kinds = [e["type"] for e in _events(home) if e["stream"] == "job:0001"]
     crashed = kinds.index("crashed")
     assert kinds[crashed + 1] == want
@@ -716,9 +749,8 @@ def test_pause_or_cancel_with_no_daemon_is_applied_at_next_start(tmp_path, demo,
     ftctl(home, "resume", "0001")
     ftctl(home, "start", "--until-idle", "--quiet")
     assert _completed(home).adapter_sha256 == baseline.sha1
-    assert (
-        _events(home, "training_started")[-1]["data"]["resume_step"] == 5
-    )  # step 10 was never committed
+    # step 10 was never committed
+    assert _events(home, "training_started")[-1]["data"]["resume_step"] == 5
     assert _survivors(home) == []
 
 
@@ -748,9 +780,8 @@ def test_daemon_killed_during_its_own_recovery(tmp_path, demo, baseline):
     )
     assert p.returncode == -signal.SIGKILL and marker.exists(), p.stderr
     last = _events(home)[-1]
-    assert (
-        last["type"] == "daemon_stopped"
-    )  # the first repair was committed, the second never started
+    # the first repair was committed, the second never started
+    assert last["type"] == "daemon_stopped"
     assert _job(home).state == "checkpointing"
     ftctl(home, "start", "--until-idle", "--quiet")
     assert _completed(home).adapter_sha256 == baseline.sha1
@@ -833,13 +864,13 @@ def test_inbox_is_read_while_a_job_trains_and_says_why_a_file_is_skipped(tmp_pat
 
 def test_job_left_crashed_by_a_dead_daemon_is_not_stranded(tmp_path, demo):
     """The daemon records a worker's death as `crashed`, then decides (requeue / fail / pause)
-    and appends that in a second transaction (cli/daemon.py, Supervision.finish). A daemon that
+    and appends that in a second transaction (control/supervise.py, Attempt.finish). A daemon that
     dies between the two (SIGKILL, OOM killer, power cut) leaves the job in `crashed`. Recovery
     must not leave it there: `crashed` is not ACTIVE, so reconcile.plan skips it, the queue only
     takes `queued` jobs, and `ftctl resume` only takes `paused` ones: nothing ever trains it again."""
+    from ftctl.control.ledger import Ledger
     from ftctl.core.state import DAEMON_STREAM, job_stream
     from ftctl.events import types as ev
-    from ftctl.recovery.ledger import Ledger
 
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo, *SHORT)
@@ -918,9 +949,8 @@ def test_the_standby_takes_the_restart_and_the_next_job_and_dies_with_the_daemon
     starts = [e for e in _events(home, "training_started")]
     pids = [(e["data"]["job"], e["data"]["attempt"], e["data"]["worker_pid"]) for e in starts]
     assert [p[:2] for p in pids] == [("0001", 1), ("0001", 2), ("0002", 1)], pids
-    assert (
-        pids[0][2] not in spares
-    )  # the first worker was spawned cold: the daemon had no spare yet
+    # the first worker was spawned cold: the daemon had no spare yet
+    assert pids[0][2] not in spares
     assert pids[1][2] == spares[0] and pids[2][2] == spares[1], (pids, spares)
     (rq,) = _events(home, "requeued")
     crashed = _events(home, "crashed")[0]
@@ -928,9 +958,8 @@ def test_the_standby_takes_the_restart_and_the_next_job_and_dies_with_the_daemon
         rq["data"]["not_before"] <= _epoch(crashed["ts"]) + 0.01
         and "at once" in rq["data"]["reason"]
     ), rq
-    assert (
-        _epoch(starts[1]["ts"]) - _epoch(crashed["ts"]) < 1.0
-    )  # no backoff, no cold start in between
+    # no backoff, no cold start in between
+    assert _epoch(starts[1]["ts"]) - _epoch(crashed["ts"]) < 1.0
     job_log = (home / "logs" / "job-0001.log").read_text()
     assert f"worker pid {spares[0]}: job 0001" in job_log  # the spare's output moved to the job log
     assert _completed(home).adapter_sha256 == baseline.sha1

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 
 import mlx.core as mx
@@ -152,12 +153,10 @@ def test_uninterrupted_run_reports_everything(reference):
     assert result["adapter_sha256"] == adapter_sha256(result["adapter_path"])
     assert result["checkpoint"] == kinds(msgs, "checkpoint")[-1]["path"]
     final = load_checkpoint(result["checkpoint"])
-    assert (
-        final.state.job_step == ITERS and final.state.eval_count == 4
-    )  # step 0's is reported, not kept
-    assert (
-        kinds(msgs, "checkpoint")[0]["val_loss"] is None
-    )  # step 5: no trained weights evaluated yet
+    # step 0's is reported, not kept
+    assert final.state.job_step == ITERS and final.state.eval_count == 4
+    # step 5: no trained weights evaluated yet
+    assert kinds(msgs, "checkpoint")[0]["val_loss"] is None
     assert final.state.val_loss == kinds(msgs, "eval")[-1]["val_loss"]
     assert final.optimizer["step"].item() == ITERS
     assert temp_dirs(job) == []
@@ -175,9 +174,8 @@ def test_stop_and_resume_gives_the_same_adapter(demo, reference, ftt, tmp_path, 
     msgs, result = train(plan(demo, job, config(demo, ftt), resume_from=result["checkpoint"]))
     assert msgs[0] == {**msgs[0], "t": "loaded", "step": stop_at}
     assert kinds(msgs, "step")[0]["step"] == stop_at + 1
-    assert 0 not in [
-        m["step"] for m in kinds(msgs, "eval")
-    ]  # a resumed job is not evaluated at step 0 again
+    # a resumed job is not evaluated at step 0 again
+    assert 0 not in [m["step"] for m in kinds(msgs, "eval")]
     assert result["t"] == "completed"
     assert result["adapter_sha256"] == ref["adapter_sha256"]
 
@@ -225,7 +223,8 @@ def test_evaluation_does_not_perturb_training(demo, reference, tmp_path):
 @LORA_ONLY
 def test_step_zero_evaluation_is_the_base_models_loss(demo, reference):
     """LoRA starts as the identity (B = 0), so step 0's val loss is the base model's own."""
-    from ftctl.adapters.trainer import evaluate_loss, load_items
+    from ftctl.adapters.evaluate import evaluate_loss
+    from ftctl.adapters.trainer import load_items
 
     _, msgs, _ = reference
     cfg = config(demo)
@@ -659,15 +658,41 @@ def train_with(p, fs, stop_at=None):
     return msgs, flat(result)
 
 
+class GatedFS:
+    """An FS whose checkpoint writes hold until the training loop waits for the write in flight: so
+    steps run while the first checkpoint is written, and the next one comes due before it ends — by
+    the order of events, not by a delay that load could outrun."""
+
+    def __new__(cls, base, loop_waits: threading.Event):
+        class Gated(type(base)):
+            def write_bytes(self, path, data, sync=True):
+                assert loop_waits.wait(300), "the loop never waited for the write in flight"
+                super().write_bytes(path, data, sync)
+
+        gated = Gated.__new__(Gated)
+        gated.__dict__.update(base.__dict__)
+        return gated
+
+
 @LORA_ONLY
 def test_a_slow_write_overlaps_training_waits_for_the_next_and_is_bit_exact(
-    demo, reference, tmp_path
+    demo, reference, tmp_path, monkeypatch
 ):
+    from ftctl.adapters.checkpoint import CheckpointWriter
     from ftctl.adapters.fs import FS
 
+    loop_waits = threading.Event()
+    wait = CheckpointWriter.wait
+
+    def waiting(self):  # the loop asks for the write in flight: let it end now
+        if self.busy():
+            loop_waits.set()
+        wait(self)
+
+    monkeypatch.setattr(CheckpointWriter, "wait", waiting)
     ref_job, ref_msgs, ref = reference
     job = tmp_path / "job"
-    msgs, result = train_with(plan(demo, job, config(demo)), SlowFS(FS(), 0.1))
+    msgs, result = train_with(plan(demo, job, config(demo)), GatedFS(FS(), loop_waits))
     order = [
         (m["t"], m["step"]) for m in msgs if m["t"] in ("step", "checkpoint_begin", "checkpoint")
     ]
@@ -676,9 +701,8 @@ def test_a_slow_write_overlaps_training_waits_for_the_next_and_is_bit_exact(
         "no step ran while checkpoint 5 was written"
     )
     begins = kinds(msgs, "checkpoint_begin")
-    assert (
-        max(b["waited_s"] for b in begins) > 0
-    )  # a checkpoint came due while the previous was written
+    # a checkpoint came due while the previous was written
+    assert max(b["waited_s"] for b in begins) > 0
     # the very same bytes as the reference run's checkpoints, and the same adapter
     assert [m["manifest_sha256"] for m in kinds(msgs, "checkpoint")] == [
         m["manifest_sha256"] for m in kinds(ref_msgs, "checkpoint")
@@ -752,9 +776,8 @@ def test_a_fault_at_any_write_of_a_background_checkpoint_fails_the_run_and_keeps
             run(plan(demo, job, cfg), lambda m: msgs.append(flat(m)), fs=fs)
         assert e.value.errno == err and fs.failed, n
         assert [checkpoint_step(p) for p in list_checkpoint_dirs(job)] in ([5], [5, 10]), n
-        if (
-            len(list_checkpoint_dirs(job)) == 2
-        ):  # only the fsync of the parent after the rename failed
+        # only the fsync of the parent after the rename failed
+        if len(list_checkpoint_dirs(job)) == 2:
             assert n == second
             verify_checkpoint(list_checkpoint_dirs(job)[1])
         verify_checkpoint(list_checkpoint_dirs(job)[0])

@@ -37,9 +37,8 @@ from helpers import (
 )
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SCREENSHOT = os.environ.get(
-    "FTCTL_SCREENSHOT"
-)  # a path: the browser test saves its screenshot there too
+# a path: the browser test saves its screenshot there too
+SCREENSHOT = os.environ.get("FTCTL_SCREENSHOT")
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +58,8 @@ def three(tmp_path_factory, demo):
         )
     marker = tmp / "hang-marker"
     env = {**crash_env(tmp, "mid_step:57"), "FTCTL_HANG_AT": f"mid_step:92:{marker}"}
-    d = daemon(
-        home, "--serve", "--port", str(_free_port()), env=env
-    )  # the page beside the daemon, too
+    # the page beside the daemon, too
+    d = daemon(home, "--serve", "--port", str(_free_port()), env=env)
     d.port = int(d.args[d.args.index("--port") + 1])
     try:
         wait_for(
@@ -98,9 +96,8 @@ def test_metrics_effective_curve_and_superseded_points(three, capsys):
     assert [(p["attempt"], p["step"], p["global_step"]) for p in gone] == [(1, 15, 55)]
     live = [p for p in pts if not p["superseded"]]
     steps = [p["global_step"] for p in live]
-    assert (
-        steps == sorted(set(steps)) and steps[0] == 40 and steps[-1] == 80
-    )  # lineage-aware, no step twice
+    # lineage-aware, no step twice
+    assert steps == sorted(set(steps)) and steps[0] == 40 and steps[-1] == 80
     assert {p["attempt"] for p in live if p["step"] > 10} == {2} and {
         p["attempt"] for p in live if p["step"] <= 10
     } == {1}
@@ -237,10 +234,10 @@ def test_a_crash_recorded_at_its_checkpoint_is_marked_at_the_last_step_reported(
     the marker (plot, page) is at 23, the last step the journal saw that attempt run."""
     import time as _time
 
+    from ftctl.control.ledger import Ledger
     from ftctl.control.metrics import series
     from ftctl.core.state import job_stream
     from ftctl.events import types as ev
-    from ftctl.recovery.ledger import Ledger
 
     data = tmp_path / "d.jsonl"
     data.write_text(
@@ -347,9 +344,8 @@ def test_tensorboard_live_files_have_no_duplicate_or_rewound_steps(three):
         steps = [s for s, _ in tb[tag]]
         assert steps == sorted(set(steps)), (tag, steps)
         assert steps == [p["global_step"] for p in effective if p[key] is not None], tag
-    assert (
-        len(list((home / "tensorboard" / "0002").glob("events.out.tfevents.*"))) == 2
-    )  # one per attempt
+    # one per attempt
+    assert len(list((home / "tensorboard" / "0002").glob("events.out.tfevents.*"))) == 2
 
 
 def test_export_tb_writes_the_effective_curves(three, tmp_path, capsys):
@@ -360,9 +356,8 @@ def test_export_tb_writes_the_effective_curves(three, tmp_path, capsys):
     assert [s for s, _ in tb["loss/train"]] == [
         p["global_step"] for p in _metrics(home, "2")["points"] if p["loss"] is not None
     ]
-    code, _, _ = run(
-        capsys, "export-tb", "2", "-o", tmp_path / "tb", "--home", home
-    )  # again: replaced, not doubled
+    # again: replaced, not doubled
+    code, _, _ = run(capsys, "export-tb", "2", "-o", tmp_path / "tb", "--home", home)
     assert code == 0 and len(list((tmp_path / "tb" / "0002").iterdir())) == 1
     (tmp_path / "mine" / "0002").mkdir(parents=True)
     (tmp_path / "mine" / "0002" / "notes.txt").write_text("mine")
@@ -414,9 +409,8 @@ class Server:
 
     def get(self, path: str, headers: dict | None = None) -> tuple[int, bytes]:
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        c.request(
-            "GET", path, headers=headers or {}
-        )  # the path as given: no client-side normalising
+        # the path as given: no client-side normalising
+        c.request("GET", path, headers=headers or {})
         r = c.getresponse()
         body = r.read()
         c.close()

@@ -27,7 +27,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ftctl.control.dashboard import Viewer
-from ftctl.control.jobs import UserError
+from ftctl.events.errors import UserError
 
 from .. import render
 

@@ -1,7 +1,24 @@
-"""Pure decisions the daemon takes: what a crash was, whether to restart, what to prune.
+"""The crash decision, pure: what a worker's death was, and what follows it.
 
-No I/O: the daemon gathers the evidence (exit status, stderr tail, the worker's last message,
-the cgroup OOM counter) and these functions decide, so every rule is unit-testable.
+The supervisor (control/supervise.py) gathers the evidence — exit status, the log's tail, what the
+worker said, the OOM counter, what the watchdog saw — and ``decide`` turns it, with the job (its
+config and its crash history), into the ``crashed`` event and the event that moves the job on, in
+one piece, so that the two never contradict each other. No I/O: every rule is property-tested
+(tests/test_crash.py).
+
+What a category says about the step it happened at decides how repeats count:
+
+* ``AT_STEP`` — a failure of the run at that step (a NaN, a Python exception, a crash in native code):
+  a restart resumes from the same checkpoint, replays the same batches and may meet it again, so the
+  same category at the same step three times within the restart window fails the job.
+* everything else was done to the process, or to the machine under it (a SIGKILL from outside, the OOM
+  killer, a hang, the daemon's own death, a full or failing disk): the step it happened at says
+  nothing, and only the restart budget (``restart.max_restarts`` within ``restart.window_s``) counts.
+* a crash before the attempt's first step (``loading``: imports, model load, resume) is at no step at
+  all: it is never counted as a crash at the resume step.
+
+Only crashes inside the window and after the last ``ftctl retry`` (``budget_from``) count; a failed job
+is always told the way back: `ftctl retry JOB`.
 """
 
 from __future__ import annotations
@@ -9,15 +26,14 @@ from __future__ import annotations
 import re
 import signal as _signal
 from dataclasses import dataclass
-
-import msgspec
+from datetime import datetime, timezone
 
 from ftctl.events import types as ev
-from ftctl.events.types import CheckpointRecord, ts_epoch
+from ftctl.events.types import TS_FORMAT, ts_epoch
 
-from .config import Config, EarlyStopping, RestartPolicy, keep_last
+from .config import RestartPolicy
 from .reproduction import DETERMINISTIC
-from .state import CrashRecord, JobState, LineageState
+from .state import CrashRecord, JobState
 
 SUGGESTIONS = {
     "oom": "the worker was killed for memory: lower batch_size or max_seq_length, enable grad_checkpoint, "
@@ -85,12 +101,19 @@ def suggestion(category: str, resume_step: int | None, fix: str = "") -> str:
     return SUGGESTIONS.get(category, "")
 
 
+# A failure of the run at the step it happened at: the same one three times at one step will not go away.
+AT_STEP = frozenset({"nan", "inf", "exception", "segfault"})
 # Crashes that will happen again if retried as they are: the job fails (or pauses) at once.
-NOT_RETRYABLE = {"nan", "inf", "import_error"}
+NOT_RETRYABLE = frozenset({"nan", "inf", "import_error"})
 # Crashes that are not the job's fault and do not use up its restart budget.
-NOT_COUNTED = {"daemon_died"}
+NOT_COUNTED = frozenset({"daemon_died"})
 # Crashes that wait for the user to fix the machine rather than failing the job.
-PAUSE_ON = {"disk_full", "load_error"}
+PAUSE_ON = frozenset({"disk_full", "load_error"})
+# Crashes that are retried only when the restart made progress: a restart resumes from the last
+# checkpoint, and if none was committed since the previous crash of the kind, it would only meet
+# the same wall at the same step again. Then the job pauses with the fix instead.
+ONLY_WITH_PROGRESS = frozenset({"metal_watchdog", "descriptor_leak"})
+SAME_STEP_LIMIT = 3
 
 _MLX_OOM = (
     "Insufficient Memory",
@@ -109,19 +132,31 @@ _METAL_WATCHDOG = (
     "GPU Timeout Error",
 )
 _DESCRIPTOR_LEAK = re.compile(r"Resource limit \(\d+\) exceeded")
-# Crashes that are retried only when the restart made progress: a restart resumes from the last
-# checkpoint, and if none was committed since the previous crash of the kind, it would only meet
-# the same wall at the same step again. Then the job pauses with the fix instead.
-ONLY_WITH_PROGRESS = {"metal_watchdog", "descriptor_leak"}
 
 
 @dataclass(frozen=True)
 class Evidence:
-    exit_code: int | None  # Popen.returncode: negative = killed by that signal
-    stderr_tail: str = ""
+    """What the supervisor saw of one death (every field optional: a repair knows less than a watch)."""
+
+    exit_code: int | None = None  # the worker's exit status (negative: killed by that signal); None
+    # for a rank of a group (its status is mlx.launch's) or a worker nobody waited on
+    stderr_tail: str = ""  # the end of this attempt's log
     reported: str | None = None  # the category the worker itself reported before exiting
+    message: str = ""  # what it said with it (its error)
     oom_kills: int | None = None  # cgroup OOM-kill counter delta during the run; None = unreadable
-    hung: bool = False  # the daemon's watchdog killed it for lack of progress
+    hung: bool = False  # the daemon killed it: no progress, or not stopping when asked
+    # a rank whose connection closed without a word (no exit status of its own)
+    vanished: bool = False
+    step: int | None = None  # the last step seen (before the first one: where it resumed)
+    loading: bool = False  # it died before this attempt's first step (imports, model load, resume)
+    what: str = ""  # the supervisor's account: which rank, what the watchdog saw, …
+    rank: int | None = None  # a data-parallel job: the rank that failed first, and its host
+    host: str | None = None
+    steps_seen: str = ""  # a data-parallel job: every rank's last step
+    stop_reason: str | None = None  # the stop the supervisor had asked for: pause, cancel, shutdown
+    log_path: str = ""
+    # the worker found the job's recorded config to be the cause: the `key=value` that would run
+    fix: str = ""
 
 
 def classify(e: Evidence) -> str:
@@ -136,12 +171,13 @@ def classify(e: Evidence) -> str:
             return "metal_watchdog"
         if _DESCRIPTOR_LEAK.search(tail):
             return "descriptor_leak"
-        if e.reported and any(
-            m in tail for m in _MLX_OOM
-        ):  # MLX's allocation errors are Python exceptions too
+        # MLX's allocation errors are Python exceptions too
+        if e.reported and any(m in tail for m in _MLX_OOM):
             return "oom"
     if e.reported:
         return e.reported
+    if e.vanished:  # no exit status to read: the OOM counter is all there is
+        return "oom" if (e.oom_kills or 0) > 0 else "killed"
     sig = -e.exit_code if e.exit_code is not None and e.exit_code < 0 else None
     if (e.oom_kills or 0) > 0 or any(m in tail for m in _MLX_OOM):
         return "oom"
@@ -169,6 +205,24 @@ class Decision:
     delay_s: float = 0.0
 
 
+def where(c: CrashRecord | Evidence) -> str:
+    """Where a crash happened: "at step N", or "while loading" for one before its attempt's first step."""
+    if c.loading:
+        return "while loading" + ("" if c.step is None else f" (resuming from step {c.step})")
+    return f"at step {c.step}"
+
+
+def counted(crashes: list[CrashRecord], now: float, window_s: float) -> list[CrashRecord]:
+    """The crashes that use the restart budget: those inside the window, the daemon's death excepted."""
+    return [
+        c for c in crashes if c.category not in NOT_COUNTED and now - ts_epoch(c.ts) <= window_s
+    ]
+
+
+def _retry(resume_step: int) -> str:
+    return f"`ftctl retry JOB` continues it from step {resume_step} with a fresh restart budget"
+
+
 def after_crash(
     crashes: list[CrashRecord],
     now: float,
@@ -179,9 +233,10 @@ def after_crash(
     reproduction: ev.CrashReproduced | None = None,
     fix: str = "",
 ) -> Decision:
-    """Decide what follows the latest of a job's crashes (the last of ``crashes``). ``detail`` is
-    what the worker said (its exception's first line), shown in the reason of a pause or a failure;
-    ``fix``: the ``key=value`` of the recorded config that would run, when the worker found it the cause.
+    """Decide what follows the latest of a job's crashes (the last of ``crashes``, which are those since
+    its last `ftctl retry`). ``detail`` is what the worker said (its exception's first line), shown in
+    the reason of a pause or a failure; ``resume_step`` is where a restart would resume; ``fix``: the
+    ``key=value`` of the recorded config that would run, when the worker found it the cause.
 
     ``reproduction``: the daemon's replay of this crash (a DETERMINISTIC category only). A crash that
     reproduces is not retried blindly: the job pauses with the verdict and the failing batch in the
@@ -207,33 +262,41 @@ def after_crash(
     if last.category in NOT_RETRYABLE and verdict != "not reproduced":
         return Decision(
             "fail",
-            f"{last.category} at step {last.step}{said}: not retried ({SUGGESTIONS[last.category]})",
+            f"{last.category} {where(last)}{said}: not retried ({SUGGESTIONS[last.category]}); "
+            f"once fixed, {_retry(resume_step)}",
         )
     if last.category in NOT_COUNTED:
-        return Decision("requeue", f"{last.category}: resuming from step {resume_step}")
-    counted = [c for c in crashes if c.category not in NOT_COUNTED]
+        return Decision("requeue", f"{last.category}: it resumes from step {resume_step}")
     if last.category in ONLY_WITH_PROGRESS:
-        before = [c for c in counted[:-1] if c.category == last.category]
+        before = [
+            c for c in crashes[:-1] if c.category == last.category and c.category not in NOT_COUNTED
+        ]
         if before and before[-1].resume_step is not None and resume_step <= before[-1].resume_step:
             return Decision(
                 "pause",
-                f"{last.category} again at step {last.step}{said} with no checkpoint committed since "
+                f"{last.category} again {where(last)}{said} with no checkpoint committed since "
                 f"the previous one (it would resume from step {resume_step} again): not retried "
                 f"blindly. {SUGGESTIONS[last.category]}",
             )
-    same = [c for c in counted if c.category == last.category and c.step == last.step]
-    if len(same) >= 3:
-        return Decision(
-            "fail",
-            f"{last.category} three times at the same step {last.step}{said}: "
-            f"it will not go away by retrying ({SUGGESTIONS.get(last.category, '')})",
-        )
-    recent = [c for c in counted if now - ts_epoch(c.ts) <= window_s]
+    recent = counted(crashes, now, window_s)
+    if last.category in AT_STEP and not last.loading:
+        same = [
+            c
+            for c in recent
+            if c.category == last.category and c.step == last.step and not c.loading
+        ]
+        if len(same) >= SAME_STEP_LIMIT:
+            return Decision(
+                "fail",
+                f"{last.category} {len(same)} times at step {last.step} within {window_s:g} s{said}: "
+                "a failure of the run at that step, which a restart from the same checkpoint meets "
+                f"again ({SUGGESTIONS[last.category]}); once fixed, {_retry(resume_step)}",
+            )
     if len(recent) > max_restarts:
         return Decision(
             "fail",
             f"{len(recent)} crashes within {window_s:g} s (restart.max_restarts = {max_restarts}); "
-            f"last: {last.category} at step {last.step}{said}",
+            f"last: {last.category} {where(last)}{said}. {_retry(resume_step)}",
         )
     # The first restart within the window is at once (a warm standby worker takes the job within a
     # second); backoff applies from the second: backoff_s, then doubled, capped at backoff_max_s.
@@ -265,151 +328,123 @@ def follow_up(
     return ev.Failed(job=job, reason=decision.reason, category=category)
 
 
-def best_checkpoint(checkpoints: list[CheckpointRecord]) -> CheckpointRecord | None:
-    """The checkpoint with the lowest validation loss measured at its own step (the earliest of
-    equals): what ``result: best`` publishes, and what ``keep_best`` keeps. A checkpoint whose
-    val_loss is an earlier step's (a save between evaluations, a pause) is not a candidate; one from
-    before ``val_step`` was recorded counts as its own."""
-    scored = [c for c in checkpoints if c.val_loss is not None and c.val_step in (None, c.step)]
-    return min(scored, key=lambda c: (c.val_loss, c.step)) if scored else None
+@dataclass(frozen=True)
+class Decided:
+    """A crash and what follows it: committed together, in one transaction."""
+
+    crashed: ev.Crashed
+    follow: ev.EventBase
+    category: str
 
 
-def result_checkpoint(j: JobState) -> str | None:
-    """The checkpoint the job publishes (``result``): once completed, the one it published; before,
-    the one it would publish now — the best (``result: best``, when one was evaluated) or the newest
-    good one."""
-    if j.result_checkpoint is not None:
-        return j.result_checkpoint
+def decide(
+    e: Evidence, j: JobState, now: float, reproduction: ev.CrashReproduced | None = None
+) -> Decided:
+    """The ``crashed`` event for the death ``e`` of job ``j``'s attempt, and the event that follows it
+    (requeued, paused, failed, or the user's pending pause or cancel), by ``j``'s restart policy and
+    crash history. The suggestion in the crash says what really follows: where a requeued job resumes,
+    `ftctl retry` for a failed one."""
+    category = classify(e)
+    detail = detail_of(e.message)
+    sig = -e.exit_code if e.exit_code is not None and e.exit_code < 0 else None
+    record = CrashRecord(
+        ts=datetime.fromtimestamp(now, timezone.utc).strftime(TS_FORMAT),
+        category=category,
+        step=e.step,
+        exit_code=e.exit_code,
+        signal=sig,
+        resume_step=j.step,
+        rank=e.rank,
+        host=e.host,
+        loading=e.loading,
+    )
+    dec = after_crash(
+        j.crashes[j.budget_from :] + [record],
+        now,
+        resume_step=j.step,
+        policy=j.config.restart,
+        detail=detail,
+        reproduction=reproduction,
+        fix=e.fix,
+    )
+    requested = j.requested or ("pause" if e.stop_reason == "pause" else None)
+    follow = follow_up(j.job, dec, requested, category, now)
     good = j.good_checkpoints()
-    best = best_checkpoint(good) if j.config and j.config.result == "best" else None
-    return best.path if best else (good[-1].path if good else None)
+    crashed = ev.Crashed(
+        job=j.job,
+        category=category,
+        step=e.step,
+        exit_code=e.exit_code,
+        signal=sig,
+        evidence=evidence_text(e),
+        suggestion=_advice(category, good[-1].step if good else None, follow, detail, j.job, e.fix),
+        message=detail,
+        rank=e.rank,
+        host=e.host,
+        loading=e.loading,
+        fix=e.fix,
+    )
+    return Decided(crashed, follow, category)
 
 
-def branch_reason(j: JobState, lin: LineageState) -> str:
-    """Decided when job ``j`` completes: "" if it becomes its lineage's head, else why it is a branch.
+def _advice(
+    category: str, resume: int | None, follow: ev.EventBase, detail: str, job: str, fix: str = ""
+) -> str:
+    """The crash's suggested fix, true to what follows it: a requeued job is told where it resumes, a
+    failed one how to continue it (`ftctl retry`), a paused one keeps the fix (`ftctl resume`); when
+    the job's recorded config is the cause (``fix``), `ftctl retry JOB --set` with it."""
+    if fix:
+        text = suggestion(category, resume, fix)
+    elif isinstance(follow, ev.Requeued):
+        text = suggestion(category, resume)
+    else:
+        text = _RESUMING.get(category) or SUGGESTIONS.get(category, "")
+        if isinstance(follow, ev.Failed):
+            text += ("; " if text else "") + "the job failed: " + _retry(resume or 0)
+    if detail and category in ("exception", "load_error"):
+        text = f"{detail} — {text}"
+    return text.replace("JOB", job)
 
-    The head is what later jobs warm-start from and what consolidation fuses; replacing it silently
-    would drop the training of the job that holds it. So a job takes the head only if it continued
-    from it (its warm start, ``parent_job``, is the head), or if it started fresh with the head it
-    knew: no head, or one that was already the head when it first started (a fresh restart by the
-    user's choice, `--fresh`). A job that warm-started from an older head, or started fresh before
-    the current head became the head (that job completed first, meanwhile), is a branch, recorded
-    as such, until `ftctl lineage set-head` chooses."""
-    head = lin.head_job
-    if head is None or head == j.job:
+
+def detail_of(message: str, limit: int = 200) -> str:
+    """What a worker said, as a crash's ``message``: its first line, at most ``limit`` characters."""
+    line = message.strip().splitlines()[0] if message.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def evidence_text(e: Evidence) -> str:
+    """The ``evidence`` of a crash: the supervisor's account, the exit status, what the worker said, the
+    steps it reached, its log, then the log's tail (from its last traceback)."""
+    parts = [e.what] if e.what else []
+    if e.exit_code is not None:
+        parts.append(f"exit code {e.exit_code}{_signal_name(e.exit_code)}")
+    if e.message:
+        parts.append(f"{'worker' if e.rank is None else 'rank'} said: {e.message}")
+    # a watched attempt (recovery's account of a dead daemon's job has no more to say)
+    if e.log_path:
+        if e.steps_seen:
+            parts.append(f"last steps seen: {e.steps_seen}")
+        elif e.loading:
+            parts.append(f"died before its first step ({where(e)})")
+        else:
+            parts.append(f"last step seen {e.step}")
+        parts.append(f"log {e.log_path}")
+        return "; ".join(parts) + "\n" + _evidence_tail(e.stderr_tail)
+    return "; ".join(parts)
+
+
+def _signal_name(code: int) -> str:
+    if code >= 0:
         return ""
-    set_head = f"`ftctl lineage set-head {j.job}` makes this one the head"
-    if j.parent_job is not None:
-        if j.parent_job == head:
-            return ""
-        return (
-            f"a branch: it warm-started from job {j.parent_job}, but job {head} completed first and is the "
-            f"lineage's head; {set_head}"
-        )
-    if lin.head_seq < j.started_seq:
-        return ""
-    return (
-        f"a branch: it started fresh, and job {head} became the lineage's head while it trained (it "
-        f"completed first); the head stays job {head}; {set_head}"
-    )
+    try:
+        return f" (signal {_signal.Signals(-code).name})"
+    except ValueError:
+        return f" (signal {-code})"
 
 
-def to_prune(j: JobState) -> list[CheckpointRecord]:
-    """Committed checkpoints the job's retention removes: all but the newest ``keep_last`` good ones,
-    the best by validation loss (keep_best) and the one the job publishes (``result``: never pruned).
-    Corrupt ones go too once a newer good one exists."""
-    if j.config is None:
-        return []
-    good = j.good_checkpoints()
-    keep = {c.path for c in good[-keep_last(j.config) :]}
-    if j.config.retention.keep_best and (best := best_checkpoint(good)):
-        keep.add(best.path)
-    keep.add(result_checkpoint(j))
-    newest_good = good[-1].step if good else -1
-    return [
-        c
-        for c in j.checkpoints
-        if c.path not in keep and (c.path not in j.corrupt or c.step < newest_good)
-    ]
-
-
-# --------------------------------------------------------------------------- validation loss
-
-
-class ValWatch(msgspec.Struct, frozen=True, kw_only=True):
-    """What a job's validation losses have shown so far, carried in every checkpoint (state.json) so
-    that a resumed job takes the same decisions: the best loss and its step (``result: best``), and
-    early stopping's reference — the last loss that improved on the one before it by min_delta — with
-    the evaluations since it."""
-
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    ref_val_loss: float | None = None
-    ref_step: int | None = None
-    stale: int = 0
-
-
-def watch(
-    w: ValWatch, step: int, val_loss: float | None, rule: EarlyStopping | None
-) -> tuple[ValWatch, bool, str | None]:
-    """Fold one evaluation of trained weights (not step 0's) into ``w``: (the new watch, whether it is
-    the best so far, why training stops now — early stopping — or None). A loss that is not finite
-    (None) is never an improvement. Improvement for early stopping is against the reference (Keras'
-    rule): a slow steady decrease adds up until it counts."""
-    best = val_loss is not None and (w.best_val_loss is None or val_loss < w.best_val_loss)
-    if best:
-        w = msgspec.structs.replace(w, best_val_loss=val_loss, best_step=step)
-    if rule is None:
-        return w, best, None
-    if val_loss is not None and (
-        w.ref_val_loss is None or val_loss < w.ref_val_loss - rule.min_delta
-    ):
-        return msgspec.structs.replace(w, ref_val_loss=val_loss, ref_step=step, stale=0), best, None
-    w = msgspec.structs.replace(w, stale=w.stale + 1)
-    if w.stale < rule.patience:
-        return w, best, None
-    since = (
-        f"since step {w.ref_step} ({w.ref_val_loss:.4f})"
-        if w.ref_step is not None
-        else "since training began (no finite validation loss yet)"
-    )
-    by = f" by more than min_delta = {rule.min_delta:g}" if rule.min_delta else ""
-    best_at = (
-        f"; the best is {w.best_val_loss:.4f} at step {w.best_step}"
-        if w.best_step is not None
-        else ""
-    )
-    return (
-        w,
-        best,
-        f"early stopping at step {step}: the validation loss has not improved{by} in {w.stale} "
-        f"evaluations {since} (early_stopping.patience = {rule.patience}){best_at}",
-    )
-
-
-# --------------------------------------------------------------------------- disk
-
-# optimizer state per trained weight, in copies of it (mlx.optimizers: Adam/AdamW keep m and v, SGD and
-# Muon a momentum, Adafactor its factored moments: at most one copy)
-OPTIMIZER_SLOTS = {"adam": 2, "adamw": 2, "sgd": 1, "muon": 1, "adafactor": 1}
-
-
-def checkpoint_bytes(cfg: Config, trained_bytes: int) -> int:
-    """About how large one checkpoint is: the trained weights (the adapter, or a full fine-tune's
-    layers) and the optimizer state over them."""
-    return trained_bytes * (1 + OPTIMIZER_SLOTS[cfg.optimizer])
-
-
-def disk_needed_gb(cfg: Config, checkpoint_gb: float, on_disk: int) -> tuple[float, str]:
-    """Free space (GB) a job needs to run to its end, and how that was counted: the checkpoints of
-    ``checkpoint_gb`` retention holds at its peak (keep_last, the best or the published one, the one
-    being written) beyond the ``on_disk`` it has already, and the published copy of the trained
-    weights; never less than min_free_disk_gb."""
-    more = max(keep_last(cfg) + 2 - on_disk, 1)
-    need = more * checkpoint_gb + checkpoint_gb / (1 + OPTIMIZER_SLOTS[cfg.optimizer])
-    if need <= cfg.min_free_disk_gb:
-        return cfg.min_free_disk_gb, "min_free_disk_gb"
-    return need, (
-        f"{more} more checkpoint(s) of about {checkpoint_gb:.2f} GB (retention keeps keep_last = "
-        f"{keep_last(cfg)}, the best one and the one being written) and the published weights"
-    )
+def _evidence_tail(tail: str, limit: int = 3000) -> str:
+    """The end of the worker's log for this attempt, from its last traceback if it has one."""
+    at = tail.rfind("Traceback (most recent call last)")
+    if at >= 0 and len(tail) - at <= limit:
+        return tail[at:]
+    return tail[-limit:]
