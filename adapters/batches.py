@@ -31,6 +31,63 @@ def build_dataset(records: list[dict], tokenizer, mask_prompt: bool = False) -> 
     return CacheDataset(create_dataset(records, tokenizer, config))
 
 
+def build_items(records: list[dict], tokenizer, mask_prompt: bool = False) -> list:
+    """The trainer's items: (tokens, prompt offset) per example (mlx-lm's dataset), or for preference
+    pairs (prompt/chosen/rejected records) a (chosen, rejected) pair of them."""
+    if records and "chosen" in records[0]:
+        return [preference_pair(r, tokenizer) for r in records]
+    return tokenized(build_dataset(records, tokenizer, mask_prompt))
+
+
+def preference_pair(record: dict, tokenizer) -> tuple[tuple[list[int], int], tuple[list[int], int]]:
+    """A pair's two sides through the chat template, as mlx-lm builds a completions example: the
+    (optional system and) prompt, then the answer; each side's offset is where its answer starts —
+    only answer tokens are scored, the prompt is shared. Without a prompt (the sides are whole
+    conversations) the prompt is the messages both sides begin with."""
+
+    def messages(side, role: str) -> list[dict]:
+        return list(side) if isinstance(side, list) else [{"role": role, "content": side}]
+
+    chosen, rejected = (
+        messages(record["chosen"], "assistant"),
+        messages(record["rejected"], "assistant"),
+    )
+    if record.get("prompt") is not None:
+        prompt = messages(record["prompt"], "user")
+    else:
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    if record.get("system") is not None:
+        prompt = [{"role": "system", "content": record["system"]}] + prompt
+    offset = (
+        len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False))
+        if prompt
+        else 0
+    )
+
+    def side(answer: list[dict]) -> tuple[list[int], int]:
+        return list(tokenizer.apply_chat_template(prompt + answer, return_dict=False)), offset
+
+    return side(chosen), side(rejected)
+
+
+def item_length(item) -> int:
+    """An item's token count: an example's, or a pair's longer side."""
+    if isinstance(item[1], int):
+        return len(item[0])
+    return max(len(item[0][0]), len(item[1][0]))
+
+
+def collate(items: list, max_seq_length: int):
+    """make_batch of examples; of pairs, the chosen sides' rows then the rejected sides' (one forward
+    pass scores both: rows i and i + len(items) are pair i)."""
+    if items and not isinstance(items[0][1], int):
+        items = [c for c, _ in items] + [r for _, r in items]
+    return make_batch(items, max_seq_length)
+
+
 def token_lengths(model: str, records: list[dict], mask_prompt: bool = False) -> list[int]:
     """How many tokens each record is for the trainer: the model's own tokenizer and chat template,
     through the same dataset code (the model's weights are not loaded)."""
@@ -38,7 +95,7 @@ def token_lengths(model: str, records: list[dict], mask_prompt: bool = False) ->
 
     path = Path(model)
     tokenizer = load_tokenizer(path, eos_token_ids=load_config(path).get("eos_token_id"))
-    return [len(t) for t, _ in tokenized(build_dataset(records, tokenizer, mask_prompt))]
+    return [item_length(x) for x in build_items(records, tokenizer, mask_prompt)]
 
 
 def tokenized(dataset) -> list[tuple[list[int], int]]:
@@ -78,11 +135,11 @@ class TrainBatches:
         self.items = items
         self.max_seq_length = max_seq_length
         self.seed = seed
-        order = sorted(range(len(items)), key=lambda i: (len(items[i][0]), i))
+        order = sorted(range(len(items)), key=lambda i: (item_length(items[i]), i))
         self.groups = [
             order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)
         ]
-        self.longest = max(len(t) for t, _ in items)
+        self.longest = max(map(item_length, items))
 
     @property
     def n_batches(self) -> int:
@@ -102,7 +159,7 @@ class TrainBatches:
     def batch(self, n: int, rank: int = 0, size: int = 1):
         """The batch of iteration n; with ``size`` ranks, rank ``rank``'s shard of it (every size-th
         example from ``rank``: the shards of all ranks make up the whole batch, none twice)."""
-        return make_batch([self.items[i] for i in self.indices(n)[rank::size]], self.max_seq_length)
+        return collate([self.items[i] for i in self.indices(n)[rank::size]], self.max_seq_length)
 
 
 @lru_cache(maxsize=8)
@@ -117,9 +174,9 @@ def validation_batches(items, batch_size: int, max_seq_length: int, num_batches:
     if num_batches != -1:
         count = min(count, num_batches)
     chosen = list(range(count * batch_size))
-    chosen.sort(key=lambda i: (len(items[i][0]), i))
+    chosen.sort(key=lambda i: (item_length(items[i]), i))
     return [
-        make_batch([items[i] for i in chosen[k : k + batch_size]], max_seq_length)
+        collate([items[i] for i in chosen[k : k + batch_size]], max_seq_length)
         for k in range(0, len(chosen), batch_size)
     ]
 
@@ -127,8 +184,8 @@ def validation_batches(items, batch_size: int, max_seq_length: int, num_batches:
 def evaluation_batches(items, batch_size: int, max_seq_length: int):
     """Every record (a test set is scored whole), sorted by length, cut into batches of
     batch_size; the last batch may be smaller. No randomness."""
-    order = sorted(range(len(items)), key=lambda i: (len(items[i][0]), i))
+    order = sorted(range(len(items)), key=lambda i: (item_length(items[i]), i))
     return [
-        make_batch([items[i] for i in order[k : k + batch_size]], max_seq_length)
+        collate([items[i] for i in order[k : k + batch_size]], max_seq_length)
         for k in range(0, len(order), batch_size)
     ]

@@ -22,7 +22,7 @@ from typing import Union
 import msgspec
 
 from ftctl.core.config import Config
-from ftctl.events.types import AdapterEvaluated, CheckpointRecord, Metrics
+from ftctl.events.types import AdapterEvaluated, CheckpointRecord, Metrics, PairStats
 
 
 class TrainPlan(msgspec.Struct, kw_only=True):
@@ -119,6 +119,7 @@ class Evaluated(Message, tag="eval"):
     global_step: int
     val_loss: float | None  # None: not finite (JSON has no NaN: it travels as null)
     eval_s: float | None
+    preference: PairStats | None = None  # train_mode dpo / orpo: the validation pairs' figures
 
 
 class CheckpointStarted(Message, tag="checkpoint_begin"):

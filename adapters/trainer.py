@@ -40,10 +40,11 @@ from mlx_lm.utils import maybe_set_recommended_wired_limit
 from ftctl.core.config import Config, RecordedConfigError, config_sha256, features
 from ftctl.core.dataset import DEFAULT, Features, valid_records
 from ftctl.core.early_stopping import watch
-from ftctl.events.types import AdapterEvaluated, Metrics
+from ftctl.events.types import AdapterEvaluated, Metrics, PairStats
 
+from . import preference
 from . import protocol as P
-from .batches import TrainBatches, build_dataset, tokenized, validation_batches
+from .batches import TrainBatches, build_items, item_length, validation_batches
 from .checkpoint import (
     ADAPTERS,
     MANIFEST,
@@ -159,9 +160,29 @@ def setup_model(cfg: Config):
     return model, tokenizer
 
 
-def load_items(path: str, tokenizer, mask_prompt: bool, feats: Features = DEFAULT):
-    records = valid_records(Path(path).read_bytes(), feats)
-    return tokenized(build_dataset(records, tokenizer, mask_prompt))
+def load_items(path: str, tokenizer, mask_prompt: bool, feats: Features = DEFAULT, mode="sft"):
+    """The file's items (batches.build_items), which must be what train_mode ``mode`` trains:
+    examples for sft, preference pairs for dpo and orpo (submit checks it; a retry's --set may not)."""
+    items = build_items(valid_records(Path(path).read_bytes(), feats), tokenizer, mask_prompt)
+    pairs = bool(items) and not isinstance(items[0][1], int)
+    if pairs != (mode != "sft"):
+        raise ValueError(
+            f"train_mode is {mode}, but {path} holds "
+            + (
+                "preference pairs: set train_mode dpo or orpo"
+                if pairs
+                else "SFT examples: set train_mode sft"
+            )
+        )
+    return items
+
+
+def train_loss(cfg: Config):
+    """The loss the train mode differentiates, one branch per mode: mlx-lm's default_loss (sft) ->
+    (loss, scored tokens), or preference.batch_loss (dpo, orpo) -> (loss, scored tokens, pair stats)."""
+    if cfg.train_mode == "sft":
+        return default_loss
+    return preference.batch_loss(cfg.train_mode, cfg.beta, cfg.dpo_cpo_loss_type, cfg.delta)
 
 
 def poisoned_examples(path: str, cfg: Config) -> frozenset[int]:
@@ -194,6 +215,14 @@ class Session:
     )
     poisoned: frozenset[int] = frozenset()  # the FTCTL_POISON seam's examples (tests only)
     ranks: Ranks = SINGLE
+    loss: Callable = default_loss  # train_loss(config)
+    reference: Callable | None = (
+        None  # DPO: the reference log-probs of a batch (preference.reference)
+    )
+
+    def inputs(self, batch: tuple) -> tuple:
+        """What the loss takes for a batch: the batch, and for DPO its reference log-probs."""
+        return batch if self.reference is None else (*batch, self.reference(*batch))
 
 
 def load(plan: TrainPlan) -> Session:
@@ -203,14 +232,16 @@ def load(plan: TrainPlan) -> Session:
     maybe_set_recommended_wired_limit()
     model, tokenizer = setup_model(cfg)
     batches = TrainBatches(
-        load_items(plan.train_path, tokenizer, cfg.mask_prompt, features(cfg)),
+        load_items(plan.train_path, tokenizer, cfg.mask_prompt, features(cfg), cfg.train_mode),
         cfg.batch_size,
         cfg.max_seq_length,
         cfg.seed,
     )
     val = None
     if plan.valid_path:
-        val_items = load_items(plan.valid_path, tokenizer, cfg.mask_prompt, features(cfg))
+        val_items = load_items(
+            plan.valid_path, tokenizer, cfg.mask_prompt, features(cfg), cfg.train_mode
+        )
         val = validation_batches(val_items, cfg.batch_size, cfg.max_seq_length, cfg.val_batches)
         if not val:
             raise RecordedConfigError(
@@ -231,6 +262,9 @@ def load(plan: TrainPlan) -> Session:
         state=None,
         poisoned=poisoned_examples(plan.train_path, cfg),
         ranks=ranks,
+        loss=train_loss(cfg),
+        # before any trained weights are restored: `full` keeps the base weights of its layers
+        reference=preference.reference(cfg, model, lambda path: load_model(path)),
     )
     if plan.resume_from:
         ck = load_checkpoint(plan.resume_from)
@@ -307,26 +341,31 @@ def run(
     return _complete(s, emit, fs)
 
 
-def _poisoned_loss(model, batch, lengths, scale):
-    """default_loss times ``scale`` (1.0, or on a poisoned batch NaN or FTCTL_POISON_SCALE): the
+def _poisoned(loss):
+    """``loss`` times its last argument (1.0, or on a poisoned batch NaN or FTCTL_POISON_SCALE): the
     FTCTL_POISON seam."""
-    lvalue, toks = default_loss(model, batch, lengths)
-    return lvalue * scale, toks
+
+    def poisoned(model, *inputs):
+        lvalue, *rest = loss(model, *inputs[:-1])
+        return (lvalue * inputs[-1], *rest)
+
+    return poisoned
 
 
 def _compiled_step(s: Session):
     """mlx-lm's compiled step over [model.state, optimizer.state, mx.random.state], with gradient
-    accumulation and clipping. A traced run (plan.trace) also returns each gradient array's squared
-    norm, before accumulation and clipping, in tree_flatten order."""
+    accumulation and clipping, returning (loss, tokens, gradient, pair stats — None for sft). A traced
+    run (plan.trace) also returns each gradient array's squared norm, before accumulation and
+    clipping, in tree_flatten order."""
     model, optimizer, cfg = s.model, s.optimizer, s.plan.config
-    loss_value_and_grad = nn.value_and_grad(model, _poisoned_loss if s.poisoned else default_loss)
+    loss_value_and_grad = nn.value_and_grad(model, _poisoned(s.loss) if s.poisoned else s.loss)
     accum, clip, trace = cfg.grad_accumulation_steps, cfg.max_grad_norm, s.plan.trace
     state = [model.state, optimizer.state, mx.random.state]
     ranks = s.ranks
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(batch, prev_grad, do_update, stop=None):
-        (lvalue, toks), grad = loss_value_and_grad(model, *batch)
+        (lvalue, toks, *stats), grad = loss_value_and_grad(model, *batch)
         norms = (
             mx.stack([mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grad)])
             if trace
@@ -345,7 +384,7 @@ def _compiled_step(s: Session):
                 grad, _ = optim.clip_grad_norm(grad, clip)
             optimizer.update(model, grad)
             grad = None
-        out = (lvalue, toks, grad) + ((norms,) if trace else ())
+        out = (lvalue, toks, grad, stats[0] if stats else None) + ((norms,) if trace else ())
         return out + (local, stops) if ranks.many else out
 
     return step, state
@@ -361,6 +400,7 @@ class _Loop:
         self.train_loss, self.val_loss = st.train_loss, st.val_loss
         self.val_step, self.watch, self.stopped_early = st.val_step, st.watch, st.stopped_early
         self.w_loss = self.w_tokens = self.w_steps = self.w_local = 0  # report window
+        self.w_stats = None  # preference training: the window's summed pair stats
         self.w_time = 0.0
         # of the window, the steps that compiled (mx.compile traces and compiles the step again for
         # each new input shape or constant argument): tokens/s leaves them out — a one-off compile
@@ -428,7 +468,7 @@ class _Loop:
             gstep = s.plan.global_step_base + it
             t0 = time.perf_counter()
             mx.random.seed(step_seed(cfg.seed, gstep, s.ranks.rank))
-            batch = (
+            batch = s.inputs(
                 s.batches.batch(it - 1, s.ranks.rank, s.ranks.size)
                 if s.ranks.many
                 else s.batches.batch(it - 1)
@@ -453,7 +493,7 @@ class _Loop:
                 mx.eval(state, out)
             if mx.get_cache_memory() > cfg.clear_cache_threshold:  # as mlx-lm's _clear_cache
                 mx.clear_cache()
-            lvalue, toks, grad, *norms = out
+            lvalue, toks, grad, stats, *norms = out
             took = time.perf_counter() - t0
             self.w_time += took
             if compiles:
@@ -462,7 +502,7 @@ class _Loop:
             self.writer.check()  # a failed background write stops training at once, with its error
             if s.plan.trace:
                 self._trace(it, gstep, lvalue.item(), toks.item(), norms[0])
-            self._account(it, gstep, lvalue.item(), toks.item())
+            self._account(it, gstep, lvalue.item(), toks.item(), stats)
             self.proc_steps += 1
             self.emit(P.Step(step=it, global_step=gstep))
             crash_point("mid_step", gstep)
@@ -492,7 +532,7 @@ class _Loop:
                 return P.Stopped(step=it, global_step=gstep, checkpoint=None)
         return None
 
-    def _account(self, it: int, gstep: int, loss: float, ntoks: int) -> None:
+    def _account(self, it: int, gstep: int, loss: float, ntoks: int, stats=None) -> None:
         """Count the step's loss and tokens; stop at an infinite loss or NAN_PATIENCE NaNs in a row."""
         if math.isinf(loss) or (math.isnan(loss) and self.nan_run + 1 >= NAN_PATIENCE):
             # let the checkpoint in flight land first; if it found its weights not finite, that is
@@ -518,6 +558,8 @@ class _Loop:
                 ),
             )
         self.w_loss += loss
+        if stats is not None:
+            self.w_stats = stats if self.w_stats is None else self.w_stats + stats
         self.w_tokens += ntoks
         self.w_steps += 1
         self.c_loss += loss
@@ -539,7 +581,7 @@ class _Loop:
                 lr=_wire(s.optimizer.learning_rate.item()),
                 tokens=ntoks,
                 examples=list(examples),
-                lengths=[len(s.batches.items[i][0]) for i in examples],
+                lengths=[item_length(s.batches.items[i]) for i in examples],
                 nonfinite_groups=bad,
                 group_count=len(dict.fromkeys(self.groups)),
             )
@@ -563,6 +605,7 @@ class _Loop:
                     tokens_per_s=rate(self.w_tokens, self.k_tokens),
                     peak_mem_gb=mx.get_peak_memory() / 1e9,
                     trained_tokens=self.trained_tokens,
+                    **_pair_fields(self.w_stats, self.w_steps),
                     device=self.telemetry.device.label(),
                     **self.telemetry.read(self.proc_steps),
                 ),
@@ -570,6 +613,7 @@ class _Loop:
             )
         )
         self.w_loss = self.w_tokens = self.w_steps = self.w_local = 0
+        self.w_stats = None
         self.w_time = 0.0
         self.k_tokens = self.k_local = 0
         self.k_time = 0.0
@@ -577,9 +621,17 @@ class _Loop:
     def _evaluate(self, it: int, gstep: int) -> float | None:
         self.emit(P.EvalStarted(step=it))
         t0 = time.perf_counter()
-        loss = _finite(evaluate_loss(self.s.model, self.s.val, self.s.ranks)[0])
+        s = self.s
+        value, _, stats = evaluate_loss(s.model, s.val, s.ranks, s.loss, s.inputs)
+        loss, pairs = _finite(value), _pair_fields(stats, 1)
         self.emit(
-            P.Evaluated(step=it, global_step=gstep, val_loss=loss, eval_s=time.perf_counter() - t0)
+            P.Evaluated(
+                step=it,
+                global_step=gstep,
+                val_loss=loss,
+                eval_s=time.perf_counter() - t0,
+                preference=PairStats(**pairs) if pairs else None,
+            )
         )
         return loss
 
@@ -742,6 +794,7 @@ def _test(s: Session, emit, adapter_dir: Path, sha: str) -> AdapterEvaluated:
         features=features(cfg),
         num_batches=cfg.test_batches,
         trust_remote_code=cfg.trust_remote_code,
+        beta=cfg.beta,
     )
     return AdapterEvaluated(
         job=plan.job_id,
@@ -756,7 +809,15 @@ def _test(s: Session, emit, adapter_dir: Path, sha: str) -> AdapterEvaluated:
         base_ppl=r.base_ppl,
         adapter_loss=r.adapter_loss,
         adapter_ppl=r.adapter_ppl,
+        preference=r.pairs,
     )
+
+
+def _pair_fields(stats: mx.array | None, n: int) -> dict:
+    """Metrics' preference fields (preference.STATS) from summed pair stats over ``n`` steps; {} for sft."""
+    if stats is None or n == 0:
+        return {}
+    return {k: _finite(v / n) for k, v in zip(preference.STATS, stats.tolist())}
 
 
 def _finite(x: float) -> float | None:

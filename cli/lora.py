@@ -97,6 +97,24 @@ FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--project-name",), {"help": "the trackers' project name"}),
     (("--seed",), {"type": int, "help": "the random seed"}),
     (("--trust-remote-code",), {"action": "store_true", "help": "let the model's own code run"}),
+    # mlx-lm-lora's preference training flags (mlx_lm_lora.train), for the modes ftctl trains
+    (
+        ("--train-mode",),
+        {
+            "choices": ["sft", "dpo", "orpo"],
+            "help": "sft, or dpo / orpo on prompt/chosen/rejected pairs (mlx-lm-lora's)",
+        },
+    ),
+    (("--beta",), {"type": float, "help": "dpo/orpo: the preference term's strength"}),
+    (
+        ("--dpo-cpo-loss-type",),
+        {"choices": ["sigmoid", "hinge", "ipo", "dpop"], "help": "dpo: the loss type"},
+    ),
+    (("--delta",), {"type": float, "help": "dpo with dpop: the penalty's weight"}),
+    (
+        ("--reference-model-path",),
+        {"help": "dpo: a reference model folder (default: the base model, no second copy)"},
+    ),
 ]
 
 

@@ -465,6 +465,12 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
                 f"loss {_fmt(e.adapter_loss, '.4f')} (ppl {_fmt(e.adapter_ppl, '.2f')}) with the adapter, "
                 f"{_fmt(e.base_loss, '.4f')} (ppl {_fmt(e.base_ppl, '.2f')}) without, on {e.examples} "
                 f"examples of {e.data_path} ({j.last_eval_at[:19].replace('T', ' ')})"
+                + (
+                    f"; pairs ranked right {_fmt(e.preference.adapter_accuracy, '.1%')} with the "
+                    f"adapter, {_fmt(e.preference.base_accuracy, '.1%')} without"
+                    if e.preference
+                    else ""
+                )
             ),
         )
     if metrics:
@@ -683,7 +689,7 @@ class ConsoleReporter(Reporter):
                     tps=_fmt(m.tokens_per_s, ".0f"),
                 )
             elif isinstance(msg, P.Evaluated):
-                self.bar.update(self.task, val=_fmt(msg.val_loss, ".4f"))
+                self.bar.update(self.task, val=_fmt(msg.val_loss, ".4f") + _pairs(msg.preference))
             elif isinstance(msg, P.CheckpointWritten):
                 self.bar.update(self.task, ckpt=f"step {msg.checkpoint.step}")
             elif isinstance(msg, P.Completed) and msg.stopped_early:  # done before iters
@@ -696,11 +702,12 @@ class ConsoleReporter(Reporter):
             m = msg.metrics
             self.note(
                 f"job {job} step {m.step}/{self.iters}: loss {_fmt(m.loss, '.4f')}  lr {_fmt(m.lr, '.3g')}  "
-                f"{_fmt(m.tokens_per_s, '.0f')} tok/s  peak {memory(m.peak_mem_gb)}"
+                f"{_fmt(m.tokens_per_s, '.0f')} tok/s  peak {memory(m.peak_mem_gb)}" + _pairs(m)
             )
         elif isinstance(msg, P.Evaluated):
             self.note(
-                f"job {job} step {msg.step}: val loss {_fmt(msg.val_loss, '.4f')}",
+                f"job {job} step {msg.step}: val loss {_fmt(msg.val_loss, '.4f')}"
+                + _pairs(msg.preference),
                 "info" if msg.val_loss is not None else "warn",
             )
 
@@ -708,6 +715,14 @@ class ConsoleReporter(Reporter):
         if self.bar is not None:
             self.bar.stop()
             self.bar = self.task = None
+
+
+def _pairs(m) -> str:
+    """Preference training's figures beside a loss (a report's Metrics or an evaluation's PairStats):
+    accuracy and reward margin; '' for sft."""
+    if m is None or m.accuracy is None and m.reward_margin is None:
+        return ""
+    return f"  acc {_fmt(m.accuracy, '.2f')} margin {_fmt(m.reward_margin, '.3f')}"
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -766,21 +781,35 @@ def eval_table(e: AdapterEvaluated, ws, tuned: str = "adapter"):
         title=f"{owner} on {escape(str(ws.abs(e.data_path)))} ({e.examples} examples, "
         f"{e.tokens} tokens scored)"
     )
-    for c in ("model", "loss", "perplexity"):
+    p = e.preference  # preference pairs: the loss is the chosen answers'; how each model ranks them
+    cols = ("model", "loss", "perplexity") + (("pairs ranked right", "margin") if p else ())
+    for c in cols:
         t.add_column(c, justify="left" if c == "model" else "right")
     t.add_row(
-        f"base {escape(str(ws.abs(e.base_model)))}", num(e.base_loss, ".4f"), num(e.base_ppl, ".2f")
+        f"base {escape(str(ws.abs(e.base_model)))}",
+        num(e.base_loss, ".4f"),
+        num(e.base_ppl, ".2f"),
+        *((num(p.base_accuracy, ".1%"), num(p.base_margin, "+.3f")) if p else ()),
     )
     t.add_row(
         f"base + {tuned} {'of job ' + e.job if e.job else escape(str(ws.abs(e.adapter_path)))}",
         num(e.adapter_loss, ".4f"),
         num(e.adapter_ppl, ".2f"),
+        *((num(p.adapter_accuracy, ".1%"), num(p.adapter_margin, "+.3f")) if p else ()),
     )
     return t
 
 
 def eval_verdict(e: AdapterEvaluated) -> str:
-    """Did fine-tuning help: the adapter's loss against the base model's on the same data."""
+    """Did fine-tuning help: the adapter's loss against the base model's on the same data; on
+    preference pairs, how the two rank them and the adapter's DPO reward against the base."""
+    if (p := e.preference) is not None:
+        return (
+            f"pairs ranked right: {_fmt(p.base_accuracy, '.1%')} → {_fmt(p.adapter_accuracy, '.1%')}; "
+            f"DPO reward against the base (beta {p.beta:g}): margin {_fmt(p.reward_margin, '+.4f')}, "
+            f"positive on {_fmt(p.reward_accuracy, '.1%')} of pairs (loss and perplexity: the chosen "
+            "answers')"
+        )
     if e.base_loss is None or e.adapter_loss is None:
         return "[red]a loss is not finite[/]: no comparison"
     change = e.adapter_loss - e.base_loss

@@ -32,6 +32,21 @@ def _csv_cell(v) -> object:
     return v
 
 
+def _pairs(p: dict) -> str:
+    """A preference-training point's figures (dpo, orpo): accuracy and reward margin of the training
+    window, and of the validation pairs; '' for sft."""
+    out = ""
+    for label, acc, margin in (
+        ("", p["accuracy"], p["reward_margin"]),
+        ("val ", p["val_accuracy"], p["val_reward_margin"]),
+    ):
+        if acc is not None or margin is not None:
+            a = "-" if acc is None else format(acc, ".2f")
+            m = "-" if margin is None else format(margin, ".4f")
+            out += f"  {label}acc {a} margin {m}"
+    return out
+
+
 def add_metrics(p) -> None:
     p.add_argument("job", nargs="*", help="job ids (7 or 0007)")
     p.add_argument("--lineage", metavar="NAME", help="every job of the lineage instead")
@@ -115,6 +130,7 @@ def cmd_metrics(args, ws) -> int:
                 if p["rank_tokens_per_s"]
                 else ""
             )
+            + _pairs(p)
             + ("  superseded (rewound by a resume)" if p["superseded"] else "")
         )
     sys.stdout.write("\n".join(out) + "\n")

@@ -73,6 +73,7 @@ def evaluate(ws: Workspace, ledger: Ledger, job: str, data: Path | None = None) 
             batch_size=cfg.batch_size,
             max_seq_length=cfg.max_seq_length,
             mask_prompt=cfg.mask_prompt and report.format != "text",
+            beta=cfg.beta,
         )
     except ValueError as e:
         raise EvalRefused(f"{path}: {e}; nothing was recorded") from None
@@ -89,6 +90,7 @@ def evaluate(ws: Workspace, ledger: Ledger, job: str, data: Path | None = None) 
         base_ppl=s.base_ppl,
         adapter_loss=s.adapter_loss,
         adapter_ppl=s.adapter_ppl,
+        preference=s.pairs,
     )
     rec = ledger.commit(job_stream(j.job), e)[0]
     return Evaluation(e, rec.seq, rec.ts, list(report.reasons))

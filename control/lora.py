@@ -26,6 +26,7 @@ from ftctl.adapters.workspace import Workspace, read_mapping
 from ftctl.core.config import (
     MLX_LM_DEFAULTS,
     MLX_LM_FILE_ONLY,
+    MLX_LM_LORA_DEFAULTS,
     Config,
     ConfigError,
     decode_config,
@@ -44,7 +45,14 @@ from .ledger import Ledger
 from .reporter import Reporter
 from .submit import DuplicateSubmission, Submission, read_source, submit
 
-MLX_LM_KEYS = frozenset(MLX_LM_DEFAULTS) | frozenset(MLX_LM_FILE_ONLY)
+# mlx_lm.lora's keys, and mlx-lm-lora's preference keys (MLX_LM_LORA_DEFAULTS, the *_feature of its
+# pairs): what the command line, the -c file and their defaults decide, never ftctl.yaml
+MLX_LM_KEYS = (
+    frozenset(MLX_LM_DEFAULTS)
+    | frozenset(MLX_LM_FILE_ONLY)
+    | frozenset(MLX_LM_LORA_DEFAULTS)
+    | {"chosen_feature", "rejected_feature", "system_feature"}
+)
 UNFINISHED = ("queued", "crashed", "paused", *ACTIVE)
 POLL_S = 0.5
 
@@ -82,6 +90,7 @@ def resolve(
     data = {
         **layer(own, str(ws.config_path)),
         **layer(dict(MLX_LM_DEFAULTS), "mlx_lm.lora's default"),
+        **layer(dict(MLX_LM_LORA_DEFAULTS), "mlx-lm-lora's default"),
         **layer(filed, str(file)),
         **layer(flags, "the command line"),
     }
@@ -178,7 +187,11 @@ def follow(
                     report.progress(
                         job_id,
                         P.Evaluated(
-                            step=e.step, global_step=e.global_step, val_loss=e.val_loss, eval_s=None
+                            step=e.step,
+                            global_step=e.global_step,
+                            val_loss=e.val_loss,
+                            eval_s=None,
+                            preference=e.preference,
                         ),
                     )
                 elif isinstance(e, ev.CheckpointCommitted):
@@ -219,9 +232,7 @@ def follow(
         ledger.close()
 
 
-_METRIC_KEYS = (
-    Metrics.__struct_fields__
-)  # a metrics row's columns after (id, ts), device readings too
+_METRIC_KEYS = Metrics.__struct_fields__  # the order of Journal.metric_rows' columns after (id, ts)
 
 
 @dataclass
@@ -271,6 +282,7 @@ def test_only(ws: Workspace, cfg: Config, cwd: Path | None = None) -> TestOnly:
         features=features(cfg),
         num_batches=cfg.test_batches,
         trust_remote_code=cfg.trust_remote_code,
+        beta=cfg.beta,
     )
     sha = hashlib.sha256((adapter / ADAPTERS).read_bytes()).hexdigest()
     ledger = Ledger(ws.open_journal()) if ws.exists() else None
@@ -300,6 +312,7 @@ def test_only(ws: Workspace, cfg: Config, cwd: Path | None = None) -> TestOnly:
             base_ppl=s.base_ppl,
             adapter_loss=s.adapter_loss,
             adapter_ppl=s.adapter_ppl,
+            preference=s.pairs,
         )
         seq = ledger.commit(job_stream(owner.job), e)[0].seq if owner else None
         return TestOnly(e, owner.job if owner else None, seq, list(r.reasons))

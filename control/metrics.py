@@ -40,7 +40,16 @@ COLUMNS = (
     *DEVICE_COLUMNS,
     "ts",
     "superseded",
-)  # rank_tokens_per_s: a data-parallel job's, per rank
+    "chosen_reward",
+    "rejected_reward",
+    "reward_margin",
+    "accuracy",
+    "val_reward_margin",
+    "val_accuracy",
+)  # rank_tokens_per_s: a data-parallel job's, per rank; the rewards, margin and accuracy: preference
+# training's (train_mode dpo, orpo), null for sft
+PAIRS = ev.PAIR_FIELDS
+_NO_PAIRS = dict.fromkeys(PAIRS + ("val_reward_margin", "val_accuracy"))
 
 
 @dataclass(frozen=True)
@@ -159,7 +168,7 @@ def series(
                 )
             )
         elif isinstance(e, ev.Evaluated):
-            vals.append((r.ts, e.step, e.global_step, e.val_loss))
+            vals.append((r.ts, e.step, e.global_step, e.val_loss, e.preference))
         elif isinstance(e, ev.TrainingAlert):
             markers.append(Marker("alert", e.step, e.global_step, r.seq, r.ts, e.text))
         elif isinstance(e, ev.RanksReported):
@@ -193,7 +202,8 @@ def series(
     nxt = stamps[k] if k < len(stamps) else None  # when the next attempt started
     limit = rewound[k]
     job = j.job
-    for mid, ts, step, gstep, loss, lr, tps, mem, tokens, *dev in rows:
+    for mid, ts, step, gstep, loss, lr, tps, mem, tokens, *rest in rows:
+        pairs, dev = rest[: len(PAIRS)], rest[len(PAIRS) :]  # Metrics' order
         while nxt is not None and ts >= nxt:
             k += 1
             nxt = stamps[k] if k < len(stamps) else None
@@ -219,9 +229,11 @@ def series(
             "ts": ts,
             "superseded": gone,
             "id": mid,
+            **_NO_PAIRS,
+            **dict(zip(PAIRS, pairs)),
         }
     if not after_id:
-        for ts, step, gstep, val in vals:
+        for ts, step, gstep, val, pref in vals:
             if gstep <= lo:
                 continue
             k = attempt_of(ts)
@@ -246,9 +258,12 @@ def series(
                     "ts": ts,
                     "superseded": gone,
                     "id": None,
+                    **_NO_PAIRS,
                 }
-            else:
-                p["val_loss"] = val
+                p = points[(k, step)]
+            p["val_loss"] = val
+            if pref is not None:
+                p["val_reward_margin"], p["val_accuracy"] = pref.reward_margin, pref.accuracy
     for (
         ts,
         step,

@@ -510,11 +510,30 @@ def _duplicate(ledger: Ledger, path: Path, sha: str, valid_sha: str | None, cfg:
             )
 
 
+def _check_train_mode(cfg: Config, src: Source, report: DataReport, vreport) -> None:
+    """Preference pairs train with train_mode dpo or orpo, and those modes train nothing else."""
+    found = {r.format for r in (report, vreport) if r is not None and r.format is not None}
+    if cfg.train_mode == "sft" and "preference" in found:
+        raise SubmitError(
+            f"{src.path} holds preference pairs (prompt/chosen/rejected), which train with "
+            "train_mode dpo or orpo, not train_mode sft",
+            do="set train_mode: dpo (or orpo) in the config, `--set train_mode=dpo`, or "
+            "`ftctl lora --train-mode dpo`",
+        )
+    other = sorted(found - {"preference"})
+    if cfg.train_mode != "sft" and other:
+        raise SubmitError(
+            f"train_mode {cfg.train_mode} trains preference pairs ({{prompt, chosen, rejected}} per "
+            f"line), but {src.path} holds {' and '.join(map(repr, other))} data",
+            do="give preference pairs, or set train_mode: sft to train these examples",
+        )
+
+
 def _absolute(cfg: Config, cwd: Path) -> Config:
-    """The config's own paths (adapter_path, resume_adapter_file), absolute: relative to where the
-    command runs, as mlx_lm.lora reads them; the job records them so."""
+    """The config's own paths (adapter_path, resume_adapter_file, reference_model_path), absolute:
+    relative to where the command runs, as mlx_lm.lora reads them; the job records them so."""
     out = {}
-    for key in ("adapter_path", "resume_adapter_file"):
+    for key in ("adapter_path", "resume_adapter_file", "reference_model_path"):
         value = getattr(cfg, key)
         if value is not None:
             out[key] = str((cwd / Path(value).expanduser()).resolve())
@@ -610,6 +629,7 @@ def submit(
     report = validate_jsonl(src.train, f)
     vreport = validate_jsonl(src.valid, f) if src.valid is not None else None
     treport = validate_jsonl(src.test, f) if src.test is not None and cfg.test else None
+    _check_train_mode(cfg, src, report, vreport)
     if cfg.test and src.test is None:
         raise SubmitError(
             f"test: true, but {src.path} has no test split: add test.jsonl to the folder (mlx-lm's layout), "
@@ -630,6 +650,14 @@ def submit(
     problem = model_problem(ws.abs(cfg.model))
     if problem:  # the job would record this path for good: refuse it now, not at `ftctl start`
         raise SubmitError(f"the base model cannot load: {problem}", do=_MODEL_FIX)
+    if cfg.reference_model_path is not None:
+        problem = model_problem(cfg.reference_model_path)
+        if problem:
+            raise SubmitError(
+                f"reference_model_path cannot load: {problem}",
+                do="name an mlx-lm model folder, or leave it null to use the base model as the "
+                "reference",
+            )
     broken = group_problems(cfg)
     if broken:  # a data-parallel config that cannot launch: refuse it now, not at `ftctl start`
         raise SubmitError(

@@ -600,12 +600,15 @@ class Attempt:
                         self.report_due = m.step
             case P.EvalStarted():
                 self.in_eval = True
-            case P.Evaluated(step=step, global_step=gstep, val_loss=val):
+            case P.Evaluated(step=step, global_step=gstep, val_loss=val, preference=pref):
                 self.in_eval = False
                 L.commit(
-                    self.stream, ev.Evaluated(job=job, step=step, global_step=gstep, val_loss=val)
+                    self.stream,
+                    ev.Evaluated(
+                        job=job, step=step, global_step=gstep, val_loss=val, preference=pref
+                    ),
                 )
-                self.tb.val(gstep, val)
+                self.tb.val(gstep, val, pref)
                 self.trackers.val(gstep, step, val)
                 host.log(f"job {job} step {step}: val loss {_num(val, '.4f')}")
             case P.CheckpointStarted(step=step, global_step=gstep):

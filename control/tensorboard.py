@@ -27,7 +27,7 @@ from ftctl.adapters.workspace import Workspace
 from ftctl.control.ledger import Ledger
 from ftctl.core.state import JobState
 from ftctl.events.errors import UserError
-from ftctl.events.types import READINGS, Metrics, ts_epoch
+from ftctl.events.types import PAIR_FIELDS, READINGS, Metrics, PairStats, ts_epoch
 
 from .metrics import select_jobs, series
 
@@ -42,6 +42,13 @@ TAGS = {
     "peak_mem_gb": "peak_mem_gb",
     # the device's readings (adapters/telemetry.py): absent on a device that does not report them
     **{k: f"device/{k}" for k in READINGS},
+    # preference training (train_mode dpo, orpo): the report window's and the validation pairs'
+    "accuracy": "preference/accuracy/train",
+    "val_accuracy": "preference/accuracy/val",
+    "reward_margin": "preference/reward_margin/train",
+    "val_reward_margin": "preference/reward_margin/val",
+    "chosen_reward": "preference/chosen_reward",
+    "rejected_reward": "preference/rejected_reward",
 }
 
 
@@ -132,15 +139,24 @@ class Live:
                         "tokens_per_s": m.tokens_per_s,
                         "peak_mem_gb": m.peak_mem_gb,
                         **{k: getattr(m, k) for k in READINGS},
+                        **{k: getattr(m, k) for k in PAIR_FIELDS},
                     },
                 )
             except Exception as e:  # noqa: BLE001
                 self._off(e)
 
-    def val(self, global_step: int, val_loss: float | None) -> None:
+    def val(self, global_step: int, val_loss: float | None, pairs: PairStats | None = None) -> None:
         if self.run is not None:
             try:
-                self.run.point(global_step, {"val_loss": val_loss})
+                more = (
+                    {}
+                    if pairs is None
+                    else {
+                        "val_accuracy": pairs.accuracy,
+                        "val_reward_margin": pairs.reward_margin,
+                    }
+                )
+                self.run.point(global_step, {"val_loss": val_loss, **more})
             except Exception as e:  # noqa: BLE001
                 self._off(e)
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import config_to_dict
 from ftctl.core.state import JobState
-from ftctl.events.types import Metrics
+from ftctl.events.types import PAIR_FIELDS, Metrics
 
 
 class Trackers:
@@ -76,6 +76,7 @@ class Trackers:
                 "tokens_per_second": m.tokens_per_s,
                 "trained_tokens": m.trained_tokens,
                 "peak_memory": m.peak_mem_gb,
+                **{k: getattr(m, k) for k in PAIR_FIELDS if getattr(m, k) is not None},
             },
             m.global_step,
         )

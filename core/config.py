@@ -49,6 +49,7 @@ __all__ = [
     "features",
     "hf_entries",
     "MLX_LM_DEFAULTS",
+    "MLX_LM_LORA_DEFAULTS",
     "merge_overrides",
     "override_key",
     "world_size",
@@ -456,12 +457,32 @@ MLX_LM_FILE_ONLY = (
 )
 # mlx-lm's trackers (mlx_lm.tuner.callbacks.SUPPORT_CALLBACK) -> the package each one imports
 TRACKERS = {"wandb": "wandb", "swanlab": "swanlab"}
-FEATURES = ("prompt_feature", "completion_feature", "text_feature", "chat_feature")
+FEATURES = (
+    "prompt_feature",
+    "completion_feature",
+    "text_feature",
+    "chat_feature",
+    "chosen_feature",
+    "rejected_feature",
+    "system_feature",
+)
 DEFAULT_FEATURES = {
     "prompt_feature": "prompt",
     "completion_feature": "completion",
     "text_feature": "text",
     "chat_feature": "messages",
+    "chosen_feature": "chosen",
+    "rejected_feature": "rejected",
+    "system_feature": "system",
+}
+# mlx-lm-lora's preference keys (its train.py CONFIG_DEFAULTS) that ftctl reads, with its defaults:
+# `ftctl lora` fills them in as it fills in mlx-lm's
+MLX_LM_LORA_DEFAULTS: dict[str, Any] = {
+    "train_mode": "sft",
+    "beta": 0.1,
+    "dpo_cpo_loss_type": "sigmoid",
+    "delta": 50.0,
+    "reference_model_path": None,
 }
 _Feature = Annotated[str, Meta(min_length=1)]
 
@@ -494,6 +515,11 @@ class HFDataset(Struct, kw_only=True, forbid_unknown_fields=True):
     completion_feature: Annotated[_Feature, _m("the column holding the completion")] = "completion"
     text_feature: Annotated[_Feature, _m("the column holding the text")] = "text"
     chat_feature: Annotated[_Feature, _m("the column holding the chat messages")] = "messages"
+    chosen_feature: Annotated[_Feature, _m("the column holding the preferred answer")] = "chosen"
+    rejected_feature: Annotated[_Feature, _m("the column holding the dispreferred answer")] = (
+        "rejected"
+    )
+    system_feature: Annotated[_Feature, _m("the column holding the system prompt")] = "system"
 
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -570,6 +596,37 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     )
     grad_accumulation_steps: Annotated[int, _m("iterations per optimizer update", ge=1)] = 1
     grad_checkpoint: Annotated[bool, _m("recompute activations to save memory")] = False
+    # mlx-lm-lora's preference training keys (issue 23): its names, so its users' configs carry over
+    train_mode: Annotated[
+        Literal["sft", "dpo", "orpo"],
+        _m(
+            "sft (examples: text, completions, chat) or preference training on prompt/chosen/rejected "
+            "pairs: dpo (against a reference: the base model) or orpo (no reference)",
+            "one of 'sft', 'dpo', 'orpo' (mlx-lm-lora's other modes are not supported)",
+        ),
+    ] = "sft"
+    beta: Annotated[
+        float,
+        _m(
+            "dpo/orpo: the strength of the preference term (DPO's temperature, ORPO's weight)", gt=0
+        ),
+    ] = 0.1
+    dpo_cpo_loss_type: Annotated[
+        Literal["sigmoid", "hinge", "ipo", "dpop"],
+        _m("dpo: the loss on the reward margin, as mlx-lm-lora names them"),
+    ] = "sigmoid"
+    delta: Annotated[
+        float, _m("dpo with dpo_cpo_loss_type dpop: the weight of DPOP's chosen-side penalty", ge=0)
+    ] = 50.0
+    reference_model_path: Annotated[
+        Annotated[str, Meta(min_length=1)] | None,
+        _m(
+            "dpo: the reference model (an mlx-lm folder), loaded once beside the trained one; null = "
+            "the base model itself (lora/dora: the adapter switched off, no second copy; full: a "
+            "frozen copy of the trained layers only)",
+            "a model folder, or null",
+        ),
+    ] = None
     max_grad_norm: Annotated[
         Annotated[float, Meta(gt=0)] | None,
         _m(
@@ -611,6 +668,15 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     ] = "completion"
     text_feature: Annotated[_Feature, _m("the key holding the text in text data")] = "text"
     chat_feature: Annotated[_Feature, _m("the key holding the messages in chat data")] = "messages"
+    chosen_feature: Annotated[
+        _Feature, _m("the key holding the preferred answer in preference data (mlx-lm-lora)")
+    ] = "chosen"
+    rejected_feature: Annotated[
+        _Feature, _m("the key holding the dispreferred answer in preference data (mlx-lm-lora)")
+    ] = "rejected"
+    system_feature: Annotated[
+        _Feature, _m("the key holding the optional system prompt in preference data (mlx-lm-lora)")
+    ] = "system"
     adapter_path: Annotated[
         Annotated[str, Meta(min_length=1)] | None,
         _m(
@@ -835,6 +901,7 @@ def _check(cfg: Config, source: str) -> None:
                 allowed=allowed,
             )
     _check_mlx_lm_keys(cfg, fail)
+    _check_preference_keys(cfg, fail)
     for i, n in enumerate(cfg.notify):
         if (n.url is None) == (n.command is None):
             raise ConfigError(
@@ -917,7 +984,7 @@ def _check(cfg: Config, source: str) -> None:
 def features(cfg: Config | HFDataset) -> Features:
     """The keys the data's format is read from: mlx-lm's *_feature keys (of the config, or of one
     hf_dataset entry)."""
-    return Features(cfg.prompt_feature, cfg.completion_feature, cfg.text_feature, cfg.chat_feature)
+    return Features(*(getattr(cfg, k) for k in FEATURES))
 
 
 def hf_entries(cfg: Config) -> list[HFDataset]:
@@ -954,6 +1021,26 @@ def _check_mlx_lm_keys(cfg: Config, fail) -> None:
                     f"{default!r} beside hf_dataset: set it inside each hf_dataset entry, where mlx-lm reads it",
                     "is not read with hf_dataset",
                 )
+
+
+def _check_preference_keys(cfg: Config, fail) -> None:
+    if cfg.reference_model_path is not None and cfg.train_mode != "dpo":
+        fail(
+            "reference_model_path",
+            cfg.reference_model_path,
+            "null with train_mode " + cfg.train_mode + " (only dpo compares against a reference)",
+            "is not used",
+        )
+    if cfg.train_mode != "sft" and cfg.distributed is not None:
+        fail(
+            "distributed",
+            msgspec.to_builtins(cfg.distributed),
+            "null with train_mode "
+            + cfg.train_mode
+            + " (data-parallel training is SFT only so far; "
+            "train the preference run in one process)",
+            "is not supported",
+        )
 
 
 def world_size(cfg: Config, hostfile_hosts: int | None = None) -> int:
@@ -1311,6 +1398,7 @@ def locked_changes(old: Config, new: Config) -> list[str]:
 # * every other key (learning_rate, lr_schedule, batch_size, max_seq_length, …) changes the trajectory
 #   from the step it resumes at: deterministic from there, not what the old value would have trained.
 RESTART_KEYS = LOCKED_KEYS + (
+    "train_mode",  # what the data is (examples or pairs) and what the checkpoint trained
     "lora_parameters.scale",
     "lora_parameters.dropout",
     "optimizer",

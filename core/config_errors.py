@@ -181,8 +181,72 @@ def prepare(value: Any, t: Any, path: str, source: str) -> Any:
     return copy.deepcopy(value)
 
 
+# mlx-lm-lora's keys that ftctl does not read: refused by name (a silently ignored key would train
+# another run than the user's), with what to do instead
+_OTHER_MODES = "ftctl trains train_mode sft, dpo and orpo only"
+MLX_LM_LORA_UNSUPPORTED: dict[str, str] = {
+    "train_type": "ftctl's name for it is mlx-lm's fine_tune_type (lora, dora, full)",
+    "gradient_accumulation_steps": "ftctl's name for it is mlx-lm's grad_accumulation_steps",
+    "sft_loss_type": "ftctl's SFT loss is mlx-lm's (nll); remove the key",
+    "load_in_4bits": "quantize the model first (mlx_lm.convert -q) and train on that",
+    "load_in_6bits": "quantize the model first (mlx_lm.convert -q) and train on that",
+    "load_in_8bits": "quantize the model first (mlx_lm.convert -q) and train on that",
+    "load_in_mxfp4": "quantize the model first (mlx_lm.convert -q) and train on that",
+    "efficient_long_context": "use grad_checkpoint and max_seq_length instead",
+    "recurrence_chunk_size": "not needed: remove the key",
+    "fuse": "fuse after training with `ftctl consolidate` or mlx_lm.fuse",
+    "lm_studio_name": "fuse with mlx_lm.fuse and import the folder into LM Studio",
+    "reward_scaling": "mlx-lm-lora does not use it either (its help: not implemented)",
+    "preference_score_feature": "ORPO here weighs every pair alike; remove the key",
+    "qat_enable": "quantization-aware training is not supported",
+    "qat_bits": "quantization-aware training is not supported",
+    "qat_group_size": "quantization-aware training is not supported",
+    "qat_mode": "quantization-aware training is not supported",
+    "qat_start_step": "quantization-aware training is not supported",
+    "qat_interval": "quantization-aware training is not supported",
+    "wandb": "use mlx-lm's report_to: wandb",
+    **dict.fromkeys(
+        (
+            "lambda_mse_target",
+            "tau_mse_target",
+            "lambda_mse",
+            "clip_epsilon_logits",
+            "judge",
+            "judge_config",
+            "alpha",
+            "group_size",
+            "epsilon",
+            "epsilon_high",
+            "max_completion_length",
+            "temperature",
+            "reward_weights",
+            "reward_functions",
+            "reward_functions_file",
+            "grpo_loss_type",
+            "importance_sampling_level",
+            "type_feature",
+            "answer_feature",
+        ),
+        _OTHER_MODES + " (this key belongs to another: ftpo, grpo, online_dpo, xpo, ppo, rlhf)",
+    ),
+}
+PREFERENCE_KEYS = (
+    "train_mode: sft | dpo | orpo, beta, dpo_cpo_loss_type: sigmoid | hinge | ipo | dpop, delta, "
+    "reference_model_path, chosen_feature, rejected_feature, system_feature"
+)
+
+
 def unknown_key(source: str, path: str, key: str, value: Any, known: list[str]) -> ConfigError:
     dotted = join(path, key)
+    if not path and key in MLX_LM_LORA_UNSUPPORTED:
+        return ConfigError(
+            f"{source}: {key!r} is an mlx-lm-lora key ftctl does not support "
+            f"({MLX_LM_LORA_UNSUPPORTED[key]}). Of mlx-lm-lora's keys ftctl reads {PREFERENCE_KEYS} "
+            "(docs/mlx-lm.md)",
+            key=dotted,
+            value=value,
+            allowed=PREFERENCE_KEYS,
+        )
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if close:
         hint = f"did you mean {join(path, close[0])!r}?"

@@ -51,6 +51,9 @@ class Features(NamedTuple):
     completion: str = "completion"
     text: str = "text"
     chat: str = "messages"
+    chosen: str = "chosen"  # preference pairs (mlx-lm-lora's chosen/rejected/system_feature)
+    rejected: str = "rejected"
+    system: str = "system"
 
     def rename(self, obj: dict, pairs: tuple[tuple[str, str], ...]) -> dict:
         """``obj`` with the renamed keys under mlx-lm's default names (the other keys kept)."""
@@ -228,6 +231,10 @@ def _check_line(number: int, raw: bytes, f: Features = DEFAULT) -> _Line:
         return bad("not valid JSON (nested too deeply)")
     if not isinstance(obj, dict):
         return bad(f"not a JSON object (got {_kind(obj)})")
+    if f.chosen in obj or f.rejected in obj:
+        keys = ((f.prompt, "prompt"), (f.chosen, "chosen"), (f.rejected, "rejected"))
+        keys += ((f.system, "system"),)
+        return _check_preference(number, f.rename(obj, tuple(k for k in keys if k[0] in obj)))
     if f.prompt in obj and f.completion in obj:
         for key in (f.prompt, f.completion):
             if not _nonblank(obj[key]):
@@ -261,6 +268,35 @@ def _check_line(number: int, raw: bytes, f: Features = DEFAULT) -> _Line:
         + (f" (found {keys})" if keys else " (the object is empty)")
         + _schema_hint(obj)
     )
+
+
+def _check_preference(number: int, obj: dict) -> _Line:
+    """A preference pair (mlx-lm-lora's DPO/ORPO rows): prompt (optional when the sides are whole
+    conversations), chosen, rejected, each a non-empty string or a chat message list; optional system."""
+
+    def bad(reason: str) -> _Line:
+        return _Line(number, "preference", None, reason, False)
+
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            return bad(f"'{key}' is missing: a preference pair needs both 'chosen' and 'rejected'")
+    for key in ("prompt", "chosen", "rejected", "system"):
+        if key not in obj or (key == "prompt" and obj[key] is None):
+            continue
+        value = obj[key]
+        if isinstance(value, list) and key != "system":
+            reason = _check_chat({key: value}, key)
+            if reason:
+                return bad(reason)
+        elif not _nonblank(value):
+            what = "is empty" if isinstance(value, str) else f"is {_kind(value)}"
+            return bad(f"'{key}' {what}, not a non-empty string or message list")
+    if "prompt" not in obj and not isinstance(obj["chosen"], list):
+        return bad("'prompt' is missing: plain-text chosen/rejected answers need the prompt")
+    if obj["chosen"] == obj["rejected"]:
+        return bad("'chosen' equals 'rejected': the pair prefers nothing")
+    record = {k: obj[k] for k in ("prompt", "chosen", "rejected", "system") if k in obj}
+    return _Line(number, "preference", record, None, False)
 
 
 # Well-known schemas of other tools and the mlx-lm format each maps to, by the keys that give them away.

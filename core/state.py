@@ -19,7 +19,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, command, next_state
 
-SNAPSHOT_FORMAT = 19  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 20  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(UserError):

@@ -27,6 +27,7 @@ import msgspec
 from .errors import UserError
 from .types import (
     EVENT_TYPES,
+    PAIR_FIELDS,
     READINGS,
     ROOT_TAGS,
     TS_FORMAT,
@@ -42,9 +43,14 @@ from .types import (
 )
 
 _METRIC_FIELDS = Metrics.__struct_fields__
-# metrics columns added after the first schema: a journal made before them gets them when opened for
-# writing (ALTER TABLE ... ADD COLUMN: instant, old rows read NULL); a read-only view reads NULL.
-_ADDED_METRICS = {"device": "TEXT", **dict.fromkeys(READINGS, "FLOAT")}
+# metrics columns added after the first schema (the device readings, issue 22; preference training's
+# pair figures, issue 23): a journal made before them gets them at its first report (ALTER TABLE ...
+# ADD COLUMN: instant, old rows read NULL); until then, and in a read-only view, its reads give NULL
+_ADDED_METRICS = {
+    "device": "TEXT",
+    **dict.fromkeys(READINGS, "REAL"),
+    **dict.fromkeys(PAIR_FIELDS, "REAL"),
+}
 
 APPLICATION_ID = 0x66746374  # "ftct"
 SCHEMA_VERSION = 1
@@ -317,20 +323,12 @@ def _unpack(body: bytes) -> bytes:
 class Journal:
     """Append and read events. One instance per process; not shared across threads."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, writable: bool = True):
+    def __init__(self, conn: sqlite3.Connection, path: Path):
         self.conn = conn
         self.path = path
         self._root: str | None | bool = False  # False: not looked for yet
+        self._metric_columns: set[str] | None = None  # the metrics table's, once looked up
         self.readonly: StorageError | None = None  # opened read-only: the storage refuses writes
-        have = {r[1] for r in conn.execute("PRAGMA table_info(metrics)")}
-        missing = [k for k in _ADDED_METRICS if have and k not in have]
-        if missing and writable:
-            with conn:
-                for k in missing:
-                    conn.execute(f"ALTER TABLE metrics ADD COLUMN {k} {_ADDED_METRICS[k]}")
-            missing = []
-        # the SELECT list of every metrics read: NULL for a column an old read-only journal lacks
-        self._mcols = ", ".join(f"NULL AS {f}" if f in missing else f for f in _METRIC_FIELDS)
 
     # ------------------------------------------------------------------ workspace paths
     @property
@@ -501,7 +499,7 @@ class Journal:
                 f"{path}: the journal lacks tables {sorted(missing)}. Nothing was changed; it was "
                 "not made by `ftctl init`."
             )
-        j = cls(conn, path, writable=False)
+        j = cls(conn, path)
         j.readonly = problem
         return j
 
@@ -775,8 +773,20 @@ class Journal:
         ).fetchall()
 
     # ------------------------------------------------------------------ metrics
+    def _metric_select(self) -> str:
+        """The metrics columns in Metrics' order; a column an older journal lacks reads as null."""
+        if self._metric_columns is None:
+            rows = self.conn.execute("PRAGMA table_info(metrics)").fetchall()
+            self._metric_columns = {r[1] for r in rows}
+        return ", ".join(f if f in self._metric_columns else f"NULL AS {f}" for f in _METRIC_FIELDS)
+
     def record_metric(self, job: str, m: Metrics) -> None:
         """Training reports go to their own table, with autocommit: they are measurements."""
+        self._metric_select()
+        for f, kind in _ADDED_METRICS.items():
+            if f not in self._metric_columns:
+                self.conn.execute(f"ALTER TABLE metrics ADD COLUMN {f} {kind}")
+                self._metric_columns.add(f)
         self.conn.execute(
             f"INSERT INTO metrics (job, ts, {', '.join(_METRIC_FIELDS)}) VALUES (?, ?{', ?' * len(_METRIC_FIELDS)})",
             (job, utc_now(), *(getattr(m, f) for f in _METRIC_FIELDS)),
@@ -785,7 +795,7 @@ class Journal:
     def last_metrics(self) -> dict[str, dict]:
         """The latest report of every job: {job: {"job", "step", "global_step", "loss", …, "ts"}}."""
         rows = self.conn.execute(
-            f"SELECT job, {self._mcols}, ts FROM metrics WHERE id IN (SELECT max(id) "
+            f"SELECT job, {self._metric_select()}, ts FROM metrics WHERE id IN (SELECT max(id) "
             "FROM metrics GROUP BY job)"
         )
         return {r[0]: dict(zip(("job", *_METRIC_FIELDS, "ts"), r)) for r in rows}
@@ -793,7 +803,7 @@ class Journal:
     def recent_metrics(self, job: str, since_ts: str = "", limit: int = 10) -> list[dict]:
         """The job's last ``limit`` reports recorded at or after ``since_ts``, oldest first."""
         rows = self.conn.execute(
-            f"SELECT job, {self._mcols}, ts FROM metrics WHERE job = ? AND ts >= ? "
+            f"SELECT job, {self._metric_select()}, ts FROM metrics WHERE job = ? AND ts >= ? "
             "ORDER BY id DESC LIMIT ?",
             (job, since_ts, limit),
         )
@@ -801,10 +811,10 @@ class Journal:
 
     def metric_rows(self, job: str, after_id: int = 0) -> list[tuple]:
         """Every report of the job with an id above ``after_id``, in the order recorded:
-        (id, ts, step, global_step, loss, lr, tokens_per_s, peak_mem_gb, trained_tokens, device, and
-        the device readings: Metrics' fields in order)."""
+        (id, ts, then Metrics' fields in order: step, global_step, loss, lr, tokens_per_s, peak_mem_gb,
+        trained_tokens, the preference pair figures, the device and its readings)."""
         return self.conn.execute(
-            f"SELECT id, ts, {self._mcols} FROM metrics WHERE job = ? AND id > ? ORDER BY id",
+            f"SELECT id, ts, {self._metric_select()} FROM metrics WHERE job = ? AND id > ? ORDER BY id",
             (job, after_id),
         ).fetchall()
 

@@ -134,6 +134,12 @@ class Metrics(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     tokens_per_s: float | None
     peak_mem_gb: float | None
     trained_tokens: int
+    # preference training (train_mode dpo, orpo): the window's mean pair figures; None for sft
+    chosen_reward: float | None = None
+    rejected_reward: float | None = None
+    reward_margin: float | None = None  # chosen - rejected
+    accuracy: float | None = None  # share of pairs whose chosen reward is the higher
+
     # The device and its readings at the report (adapters/telemetry.py): None where the device does not
     # report one (NVML's on CUDA only) or the journal predates them. mem_*: MLX's active and cache
     # memory; rss/swap: the worker process's; device_*: the GPU's as NVML (or, on a Mac, MLX) reports.
@@ -163,6 +169,20 @@ READINGS = (
     "device_temp_c",
     "device_power_w",
 )
+
+
+class PairStats(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """What preference training (dpo, orpo) is judged by, over validation pairs: mean rewards of the
+    chosen and rejected answers (beta x log-prob ratio to the reference; ORPO: beta x mean log-prob),
+    their margin, and the accuracy (share of pairs with chosen > rejected). None: not finite."""
+
+    chosen_reward: float | None
+    rejected_reward: float | None
+    reward_margin: float | None
+    accuracy: float | None
+
+
+PAIR_FIELDS = PairStats.__struct_fields__  # also Metrics' fields of the same names
 
 
 class CheckpointCommittedV1(EventBase, tag="checkpoint_committed", kw_only=True):
@@ -220,6 +240,23 @@ class Evaluated(EventBase, tag="evaluated", kw_only=True):
     step: int
     global_step: int
     val_loss: float | None
+    preference: PairStats | None = None  # train_mode dpo / orpo: the validation pairs' figures
+
+
+class PairEval(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """`ftctl eval` on preference pairs: how often each model ranks the chosen answer above the
+    rejected one by mean log-probability per answer token (accuracy; answers of different lengths
+    compare fairly) and by how much on average (margin, nats per token); and the adapter's DPO reward
+    against the base as its reference (beta x the summed log-prob ratios): its mean margin and the
+    share of pairs where it is positive. None: not finite."""
+
+    base_accuracy: float | None
+    adapter_accuracy: float | None
+    base_margin: float | None
+    adapter_margin: float | None
+    reward_margin: float | None
+    reward_accuracy: float | None
+    beta: float
 
 
 class AdapterEvaluated(EventBase, tag="adapter_evaluated", kw_only=True):
@@ -238,6 +275,9 @@ class AdapterEvaluated(EventBase, tag="adapter_evaluated", kw_only=True):
     base_ppl: float | None
     adapter_loss: float | None
     adapter_ppl: float | None
+    # preference pairs (prompt/chosen/rejected): the loss is the chosen answers' (tokens: theirs), and
+    # the pairs' ranking adapter vs base; None for examples
+    preference: PairEval | None = None
 
 
 class EarlyStopped(EventBase, tag="early_stopped", kw_only=True):

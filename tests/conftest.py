@@ -6,6 +6,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
+from helpers import RUNS  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
@@ -23,14 +25,13 @@ class Baseline(NamedTuple):
 
 def _uninterrupted(home: Path, demo, jobs: int, **cfg) -> list[dict]:
     """Uninterrupted 40-step jobs of TEST_CONFIG (and ``cfg``) in one lineage: their status."""
-    from helpers import finished, ftctl, make_workspace
+    from helpers import finished, ftctl, make_workspace, training_data
 
     make_workspace(home, demo.model_dir, **cfg)
+    train, valid = training_data(demo, cfg)
     for i in range(jobs):
         name = f"job{i + 1}"
-        ftctl(
-            home, "submit", str(demo.train), "--valid", str(demo.valid), "--name", name, "--again"
-        )
+        ftctl(home, "submit", str(train), "--valid", str(valid), "--name", name, "--again")
     ftctl(home, "start", "--until-idle", "--quiet", timeout=600)
     return [finished(home, f"{i + 1:04d}") for i in range(jobs)]
 
@@ -54,10 +55,23 @@ def full_baseline(tmp_path_factory, demo) -> Baseline:
     return Baseline(home, first["adapter_sha256"], None)
 
 
+@pytest.fixture(scope="session")
+def dpo_baseline(tmp_path_factory, demo) -> Baseline:
+    """One uninterrupted 40-step DPO job of TEST_CONFIG on the demo's preference pairs (sha2: None)."""
+    home = tmp_path_factory.mktemp("dpo-baseline") / "ws"
+    (first,) = _uninterrupted(home, demo, 1, **RUNS["dpo"])
+    return Baseline(home, first["adapter_sha256"], None)
+
+
 @pytest.fixture
-def uninterrupted(request, fine_tune_type) -> Baseline:
-    """The uninterrupted run of the test's ``fine_tune_type`` (a test parametrised over it)."""
-    return request.getfixturevalue("baseline" if fine_tune_type == "lora" else "full_baseline")
+def uninterrupted(request) -> Baseline:
+    """The uninterrupted run of the test's ``run`` (helpers.RUNS: lora, full, dpo) or
+    ``fine_tune_type`` (lora, full): a test parametrised over one of them."""
+    name = "run" if "run" in request.fixturenames else "fine_tune_type"
+    which = request.getfixturevalue(name)
+    return request.getfixturevalue(
+        {"lora": "baseline", "full": "full_baseline"}.get(which, "dpo_baseline")
+    )
 
 
 @pytest.fixture

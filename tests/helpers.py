@@ -39,6 +39,19 @@ TEST_CONFIG = {
 }
 
 
+# what the kill-at-crash-point tests train, each against its own uninterrupted run (conftest.py):
+# both fine-tune types, and preference training (DPO on the demo's pairs, the adapter switched off
+# as its reference)
+RUNS = {"lora": {}, "full": {"fine_tune_type": "full"}, "dpo": {"train_mode": "dpo"}}
+
+
+def training_data(demo, cfg: dict) -> tuple[Path, Path]:
+    """The demo's (train, valid) files for a config: its preference pairs for dpo and orpo."""
+    if cfg.get("train_mode", "sft") != "sft":
+        return demo.preference["train"], demo.preference["valid"]
+    return demo.train, demo.valid
+
+
 def ftctl(
     home: Path, *args: str, env: dict | None = None, timeout: float = 300, check: bool = True
 ) -> subprocess.CompletedProcess:

@@ -651,6 +651,7 @@ def test_describe_keys_covers_every_key():
         f"hf_dataset.{k}"
         for k in ("path", "train_split", "valid_split", "test_split", "config")
         + ("prompt_feature", "completion_feature", "text_feature", "chat_feature")
+        + ("chosen_feature", "rejected_feature", "system_feature")
     }
     assert set(help_) == expected
     assert all(line and "\n" not in line for line in help_.values())

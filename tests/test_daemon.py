@@ -10,6 +10,7 @@ import sys
 
 import pytest
 from helpers import (
+    RUNS,
     crash_env,
     daemon,
     finished,
@@ -23,19 +24,21 @@ from helpers import (
     stray_workers,
     survivors,
     tensor_sha256s,
+    training_data,
     wait_for,
 )
 
 
 def _run_job(tmp_path, demo, name, *, env=None, jobs=1, starts=1, code=0, **cfg):
     home = make_workspace(tmp_path / name, demo.model_dir, **cfg)
+    train, valid = training_data(demo, cfg)
     for i in range(jobs):
         ftctl(
             home,
             "submit",
-            str(demo.train),
+            str(train),
             "--valid",
-            str(demo.valid),
+            str(valid),
             "--name",
             f"job{i + 1}",
             "--again",
@@ -63,13 +66,13 @@ def test_uninterrupted_run_is_recorded(baseline):
     assert len(dirs) <= 4 and len(dirs) == len(s["checkpoints"])
 
 
-@pytest.mark.parametrize("fine_tune_type", ["lora", "full"])
+@pytest.mark.parametrize("run", list(RUNS))
 @pytest.mark.parametrize(
     "point", ["mid_step:7", "mid_step:23", "after_temp_write:10", "after_rename:15"]
 )
-def test_worker_killed_resumes_bit_for_bit(tmp_path, demo, uninterrupted, point, fine_tune_type):
+def test_worker_killed_resumes_bit_for_bit(tmp_path, demo, uninterrupted, point, run):
     env = crash_env(tmp_path, point)
-    home = _run_job(tmp_path, demo, "ws", env=env, fine_tune_type=fine_tune_type)
+    home = _run_job(tmp_path, demo, "ws", env=env, **RUNS[run])
     s = finished(home)
     assert s["adapter_sha256"] == uninterrupted.sha1
     # every trained tensor (a full fine-tune: the layers' own weights), one by one
@@ -120,19 +123,18 @@ def test_warm_started_second_job_resumes_bit_for_bit(tmp_path, demo, baseline):
     ] == [("0002", 13)]
 
 
-@pytest.mark.parametrize("fine_tune_type", ["lora", "full"])
+@pytest.mark.parametrize("run", list(RUNS))
 def test_daemon_killed_before_commit_and_corrupt_newest_checkpoint(
-    tmp_path, demo, uninterrupted, fine_tune_type
+    tmp_path, demo, uninterrupted, run
 ):
     """The daemon dies after the worker renamed checkpoint 15 but before the event: the worker
     dies with it, step 15 is uncommitted debris. Then the newest committed checkpoint (10) is
     corrupted. Restart: recovery discards 15, marks 10 corrupt, resumes from 5 (a full fine-tune
     keeps 3 checkpoints here too, as a LoRA one does by default)."""
     keep = {"keep_last": 3, "keep_best": True}
-    home = make_workspace(
-        tmp_path / "ws", demo.model_dir, fine_tune_type=fine_tune_type, retention=keep
-    )
-    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    home = make_workspace(tmp_path / "ws", demo.model_dir, retention=keep, **RUNS[run])
+    train, valid = training_data(demo, RUNS[run])
+    ftctl(home, "submit", str(train), "--valid", str(valid))
     p = ftctl(
         home,
         "start",

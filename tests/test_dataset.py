@@ -488,3 +488,48 @@ def test_fuzz_lines_mixing_records_and_garbage(lines):
     r = check_consistent(data)
     nonblank = [x for x in data.removeprefix(b"\xef\xbb\xbf").split(b"\n") if x.strip()]
     assert r.lines == len(nonblank)
+
+
+def _pref(lines):
+    import json as _json
+
+    return "\n".join(_json.dumps(x) for x in lines).encode()
+
+
+def test_preference_pairs_in_plain_text_and_chat_forms_are_valid():
+    from ftctl.core.dataset import validate_jsonl
+
+    chat = [{"role": "user", "content": "hi"}]
+    data = _pref(
+        [
+            {"prompt": "2+2?", "chosen": "4", "rejected": "5", "system": "be exact"},
+            {
+                "chosen": chat + [{"role": "assistant", "content": "hello"}],
+                "rejected": chat + [{"role": "assistant", "content": "go away"}],
+            },
+        ]
+    )
+    r = validate_jsonl(data)
+    assert (r.format, r.valid, r.problems) == ("preference", 2, [])
+
+
+def test_preference_validation_names_the_bad_lines():
+    from ftctl.core.dataset import validate_jsonl
+
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    data = _pref(
+        [
+            good,
+            {"prompt": "p", "chosen": "a"},
+            {"prompt": "p", "chosen": "", "rejected": "b"},
+            {"prompt": "p", "chosen": "same", "rejected": "same"},
+            {"chosen": "a", "rejected": "b"},
+        ]
+    )
+    r = validate_jsonl(data)
+    reasons = {p.line: p.reason for p in r.problems}
+    assert r.valid == 1 and sorted(reasons) == [2, 3, 4, 5]
+    assert "'rejected' is missing" in reasons[2]
+    assert "'chosen' is empty" in reasons[3]
+    assert "equals 'rejected'" in reasons[4]
+    assert "'prompt' is missing" in reasons[5]

@@ -73,7 +73,7 @@ def test_eval_scores_the_adapter_and_the_base_on_the_validation_split(trained, c
         assert math.isclose(r[f"{who}_ppl"], math.exp(r[f"{who}_loss"]), rel_tol=1e-12)
     # the adapter scored is the one mlx_lm.load(model, adapter_path=...) gives
     model, tok = mlx_lm.load(job["base_model"], adapter_path=job["adapter_path"])
-    again, tokens = evaluate_loss(
+    again, tokens, _ = evaluate_loss(
         model, evaluation_batches(load_items(str(valid), tok, False), 2, 96)
     )
     assert math.isclose(again, r["adapter_loss"], rel_tol=1e-5) and tokens == r["tokens"]

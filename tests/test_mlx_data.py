@@ -368,3 +368,15 @@ def init(**kw):
     logged = [c for c in calls if c[0] == "log"]
     assert {c[2] for c in logged if "train_loss" in c[1]} == {5, 10}
     assert any("val_loss" in c[1] for c in logged)
+
+
+def test_a_folder_of_preference_pairs_is_refused_at_submit_with_nothing_queued(home, tmp_path):
+    d = tmp_path / "prefs"
+    d.mkdir()
+    rows = [
+        {"prompt": f"What is {i} plus 1?", "chosen": str(i + 1), "rejected": "x"} for i in range(20)
+    ]
+    write(d / "train.jsonl", rows)
+    with pytest.raises(SubmitError, match="preference pairs .* train_mode dpo or orpo"):
+        _submit(home, d)
+    assert not Ledger(Workspace(home).open_journal()).state.jobs

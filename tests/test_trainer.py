@@ -235,7 +235,7 @@ def test_step_zero_evaluation_is_the_base_models_loss(demo, reference):
         cfg.max_seq_length,
         cfg.val_batches,
     )
-    loss, tokens = evaluate_loss(model, val)
+    loss, tokens, _ = evaluate_loss(model, val)
     first = kinds(msgs, "eval")[0]
     assert first["step"] == 0 and tokens > 0
     assert math.isclose(first["val_loss"], loss, rel_tol=1e-5)
@@ -603,7 +603,7 @@ def test_the_arrays_handed_to_the_writer_are_a_snapshot(demo, tmp_path):
     step, state = trainer_mod._compiled_step(s)
 
     def one(it):
-        lvalue, toks, grad = step(s.batches.batch(it - 1), None, True)
+        lvalue, toks, grad, _ = step(s.batches.batch(it - 1), None, True)
         mx.eval(state, lvalue, toks, grad)
 
     for it in range(1, 3):

@@ -137,6 +137,9 @@ def _series_json(s, full: bool) -> dict:
                 "trained_tokens",
                 "superseded",
                 "ts",
+                "accuracy",
+                "reward_margin",
+                "val_accuracy",
             )
         },
     }

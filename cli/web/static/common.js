@@ -109,7 +109,10 @@ function statePanel(j) {
   add("lineage", j.lineage + (j.parent_job ? " · warm-started from job " + j.parent_job + "'s adapter (global step " + j.global_step_base + ")" : ""));
   const r = j.last_report;
   if (r) add("last report", "step " + r.step + ": loss " + num(r.loss, 4) + ", lr " + (r.lr === null ? "-" : Number(r.lr).toPrecision(3)) +
-    ", " + num(r.tokens_per_s, 0) + " tok/s, peak memory " + mem(r.peak_mem_gb));
+    ", " + num(r.tokens_per_s, 0) + " tok/s, peak memory " + mem(r.peak_mem_gb) +
+    // preference training (dpo, orpo): the report window's pair figures
+    (r.accuracy !== null && r.accuracy !== undefined ? ", pairs ranked right " + num(100 * r.accuracy, 0) + "%, reward margin " +
+      num(r.reward_margin, 3) + " (chosen " + num(r.chosen_reward, 3) + ", rejected " + num(r.rejected_reward, 3) + ")" : ""));
   if (r && deviceLine(r)) add("device", deviceLine(r));
   if (j.last_val_loss !== null || j.best_val_loss !== null) add("val loss", "last " + num(j.last_val_loss, 4) + ", best " + num(j.best_val_loss, 4));
   add("checkpoints", (j.checkpoints || []).map(c => el("li", "step " + c.step + " (global " + c.global_step + ")" +
