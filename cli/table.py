@@ -339,13 +339,16 @@ COMMANDS: dict[str, Command | Group] = {
     "compare": Command(
         "views",
         "compare",
-        "jobs side by side: the config keys that differ, losses, speed, memory, crashes",
+        "jobs side by side: the config keys that differ, epochs, losses, result, speed, memory, crashes",
         (
             "Jobs side by side, a row per job, from the journal: the config keys whose values differ between them "
-            "(--all: every key), then data file and examples, steps, final train loss, best and final val loss and "
-            "their steps, test loss and perplexity (when tested), mean tokens/s, peak memory, wall time (first start "
-            "to end), crashes, resumes and training-health alerts. A figure no job has (no evaluation, no test) is "
-            "left out. A table wider than the terminal is printed turned (a line per column) when that is narrower."
+            "(--all: every key), then data file and examples, steps, the epochs those steps make (passes over the "
+            "training data, by epochs or by iters alike), final train loss, best and final val loss and their steps, "
+            "the published result's step and val loss (config result: best or last), the step early stopping ended "
+            "it at (when it did), test loss and perplexity (when tested), mean tokens/s, peak memory, wall time "
+            "(first start to end), crashes, resumes and training-health alerts. A figure no job has (no evaluation, "
+            "no test, no early stop) is left out. A table wider than the terminal is printed turned (a line per "
+            "column) when that is narrower."
         ),
         (
             "ftctl compare 3 4 5\n  ftctl compare --lineage main --sort best_val_loss\n"

@@ -1,10 +1,11 @@
 """`ftctl compare` and the page's runs table: jobs side by side, from the journal alone.
 
-Each job's figures come from the projection (config, data, evaluations, test results, the device
-it trained on, crashes, resumes, a guard's planned restarts, alerts, when it started and ended) and
-from one aggregate query over the metrics table (tokens/s, peak memory, the last report): no event
-stream is read, so 200 jobs of a million-event journal answer in well under a second
-(bench/compare.py). core/compare.py makes the columns.
+Each job's figures come from the projection (config, data, the epochs it made, the published result
+and an early stop, evaluations, test results, the device it trained on, crashes, resumes, a guard's
+planned restarts, alerts, when it started and ended) and from one aggregate query over the metrics
+table (tokens/s, peak memory, the last report): no event stream is read, so 200 jobs of a
+million-event journal answer in well under a second (bench/compare.py). core/compare.py makes the
+columns.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import msgspec
 
 from ftctl.control.ledger import Ledger
 from ftctl.core import compare as C
+from ftctl.core.config import epochs_trained
 from ftctl.core.state import JobState
 from ftctl.events.errors import UserError
 from ftctl.events.types import ts_epoch
@@ -79,6 +81,8 @@ def figures(j: JobState, agg: dict | None, now: float) -> dict[str, Any]:
     if j.started_at:
         end = ts_epoch(j.ended_at) if j.ended_at else now
         wall = round(max(0.0, end - ts_epoch(j.started_at)), 1)
+    steps = max(j.step, agg.get("last_step") or 0) if j.started_at else None
+    passes = epochs_trained(j.config, steps, j.train_examples) if steps is not None else None
     return {
         "job": j.job,
         "name": j.name,
@@ -86,12 +90,18 @@ def figures(j: JobState, agg: dict | None, now: float) -> dict[str, Any]:
         "state": j.state,
         "data_file": j.data_path or None,
         "examples": j.examples or None,
-        "steps": max(j.step, agg.get("last_step") or 0) if j.started_at else None,
+        "steps": steps,
+        # passes over the training data (step / batches per epoch), by epochs or by iters alike
+        "epochs_trained": round(passes, 2) if passes is not None else None,
         "final_loss": agg.get("last_loss"),
         "best_val_loss": j.best_val_loss,
         "best_val_step": j.best_val_step if j.best_val_loss is not None else None,
         "final_val_loss": j.last_val_loss,
         "final_val_step": j.last_val_step,
+        # the checkpoint the adapter was published from (config `result`: best or last)
+        "result_step": j.result_step,
+        "result_val_loss": j.result_val_loss,
+        "stopped_early": j.stopped_early_step,  # the step early stopping ended training at
         "test_loss": t.adapter_loss if t else None,
         "test_ppl": t.adapter_ppl if t else None,
         "base_test_loss": t.base_loss if t else None,

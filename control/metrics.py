@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 
 from ftctl.control.ledger import Ledger
+from ftctl.core.config import batches_per_epoch
 from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
 from ftctl.events.errors import UserError
@@ -70,6 +71,9 @@ class Series:
     state: str
     iters: int
     global_step_base: int
+    # the batches of one epoch of its training data (core/config.py): step / this = epochs; None when
+    # not known (a job trained by iters submitted before job_submitted recorded train_examples)
+    batches_per_epoch: int | None
     # COLUMNS + "id" (the metrics row; None for a val-only point)
     points: list[dict] = field(default_factory=list)
     markers: list[Marker] = field(default_factory=list)
@@ -191,6 +195,7 @@ def series(
         state=j.state,
         iters=j.iters,
         global_step_base=base,
+        batches_per_epoch=batches_per_epoch(j.config, j.train_examples) if j.config else None,
         markers=markers,
     )
     rows = journal.metric_rows(j.job, after_id)

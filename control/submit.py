@@ -773,6 +773,7 @@ def submit(
                     data_sha256=sha,
                     data_format=report.format or "",
                     examples=report.valid - report.undesirable,
+                    train_examples=counts["train"],
                     valid_path=ws.rel(src.valid_path)
                     if src.valid_path
                     else (ws.rel(jdir / "valid.jsonl") if held is not None else None),

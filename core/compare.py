@@ -4,8 +4,8 @@ Pure: the caller (control/compare.py) reads each job's recorded config and its f
 journal; here they become columns. A config is flattened to dotted keys (``lora_parameters.rank``);
 a key differs when two jobs hold different values for it (a key one job lacks counts as a value).
 A figure column that no job has a value for is left out (a run without evaluations has no val-loss
-columns): a figure a later ftctl records (epochs, device telemetry) is one more name in ``FIGURES``,
-shown once the journal has it, never as an empty placeholder.
+columns, a job that trained to the end no ``stopped_early``): a figure a later ftctl records is one
+more name in ``FIGURES``, shown once the journal has it, never as an empty placeholder.
 """
 
 from __future__ import annotations
@@ -21,11 +21,15 @@ FIGURES = (
     "data_file",
     "examples",
     "steps",
+    "epochs_trained",
     "final_loss",
     "best_val_loss",
     "best_val_step",
     "final_val_loss",
     "final_val_step",
+    "result_step",
+    "result_val_loss",
+    "stopped_early",
     "test_loss",
     "test_ppl",
     "base_test_loss",

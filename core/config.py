@@ -38,7 +38,9 @@ __all__ = [
     "EarlyStopping",
     "config_sha256",
     "config_warnings",
+    "batches_per_epoch",
     "epoch_of",
+    "epochs_trained",
     "keep_last",
     "resolve_epochs",
     "config_to_dict",
@@ -1072,8 +1074,8 @@ def resolve_epochs(cfg: Config, train_examples: int) -> Config:
     data-parallel job. Without ``epochs`` the config is returned as it is."""
     if cfg.epochs is None:
         return cfg
-    per_epoch = train_examples // cfg.batch_size
-    if per_epoch < 1:
+    per_epoch = batches_per_epoch(cfg, train_examples)
+    if per_epoch is None:
         raise ConfigError(
             f"epochs = {cfg.epochs} needs at least one batch per epoch, but the training data has "
             f"{train_examples} examples, fewer than batch_size = {cfg.batch_size}: lower batch_size or "
@@ -1085,12 +1087,30 @@ def resolve_epochs(cfg: Config, train_examples: int) -> Config:
     return msgspec.structs.replace(cfg, iters=cfg.epochs * per_epoch)
 
 
+def batches_per_epoch(cfg: Config, train_examples: int | None = None) -> int | None:
+    """The batches of one epoch (resolve_epochs's, epoch_of's): train_examples // batch_size — a job
+    trained by iters passes over its data too. Without the count (a journal from before job_submitted
+    recorded ``train_examples``), a job trained by ``epochs`` still says it: its recorded iters are
+    epochs x batches. None when neither is known, or under one batch."""
+    if train_examples is not None:
+        return train_examples // cfg.batch_size or None
+    return max(cfg.iters // cfg.epochs, 1) if cfg.epochs is not None else None
+
+
+def epochs_trained(cfg: Config, step: int, train_examples: int | None = None) -> float | None:
+    """The passes over the training data ``step`` steps make: step / batches per epoch (1.5: halfway
+    through the second epoch; a job trained by epochs ends on epochs). None when the batches per epoch
+    are not known."""
+    per_epoch = batches_per_epoch(cfg, train_examples)
+    return None if per_epoch is None else step / per_epoch
+
+
 def epoch_of(cfg: Config, step: int) -> tuple[int, int] | None:
     """(the epoch ``step`` is in, counted from 1; epochs) for a job trained by ``epochs``, else None.
     Step 0 (nothing trained yet) is in epoch 1, the last step in the last epoch."""
     if cfg.epochs is None:
         return None
-    per_epoch = max(cfg.iters // cfg.epochs, 1)
+    per_epoch = batches_per_epoch(cfg)
     return min(max(step - 1, 0) // per_epoch + 1, cfg.epochs), cfg.epochs
 
 

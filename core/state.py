@@ -19,7 +19,7 @@ from ftctl.events.types import CheckpointRecord, ProcessId
 from .config import Config
 from .machine import FACTS, JOB_STATES, TERMINAL, command, next_state
 
-SNAPSHOT_FORMAT = 20  # bump whenever the shape of the projection changes: old snapshots are ignored
+SNAPSHOT_FORMAT = 21  # bump whenever the shape of the projection changes: old snapshots are ignored
 
 
 class ReplayError(UserError):
@@ -70,6 +70,8 @@ class JobState(msgspec.Struct, kw_only=True):
     data_sha256: str | None = None
     data_format: str = ""
     examples: int = 0
+    # the examples it trains on, without those held out for validation (None: not recorded)
+    train_examples: int | None = None
     valid_path: str | None = None
     valid_sha256: str | None = None
     config: Config | None = None  # the recorded config, typed (None for a rejected submission)
@@ -111,6 +113,7 @@ class JobState(msgspec.Struct, kw_only=True):
     result_val_loss: float | None = None
     result_note: str = ""  # why the published checkpoint is not the one `result` asked for, if so
     stopped_early: str = ""  # early stopping's reason (early_stopped), "" if it trained to the end
+    stopped_early_step: int | None = None  # and the step it stopped at
     exported_to: str | None = None  # config adapter_path: where the adapter was also published
     export_refused: str | None = None  # or why it was not
     last_eval: ev.AdapterEvaluated | None = None  # the last `ftctl eval` of the adapter
@@ -254,7 +257,7 @@ def _submitted(p: Projection, j: JobState, e: ev.JobSubmitted, seq: int, ts: str
         e.data_format,
         e.examples,
     )
-    j.valid_path, j.valid_sha256 = e.valid_path, e.valid_sha256
+    j.valid_path, j.valid_sha256, j.train_examples = e.valid_path, e.valid_sha256, e.train_examples
     j.config, j.config_sha256, j.warnings = (
         msgspec.convert(e.config, Config),
         e.config_sha256,
@@ -335,7 +338,7 @@ def _evaluated(p, j: JobState, e: ev.Evaluated, seq: int, ts: str) -> None:
 
 
 def _early_stopped(p, j: JobState, e: ev.EarlyStopped, seq: int, ts: str) -> None:
-    j.stopped_early = e.reason
+    j.stopped_early, j.stopped_early_step = e.reason, e.step
 
 
 def _adapter_evaluated(p, j: JobState, e: ev.AdapterEvaluated, seq: int, ts: str) -> None:

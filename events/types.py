@@ -47,6 +47,9 @@ class JobSubmitted(EventBase, tag="job_submitted", kw_only=True):
     examples: int
     valid_path: str | None = None
     valid_sha256: str | None = None
+    # the examples it trains on (without those held out for validation): an epoch is
+    # train_examples // batch_size batches (core/config.py). None in events from before it was recorded
+    train_examples: int | None = None
     config: dict[str, Any]
     config_sha256: str
     lineage: str = "main"

@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 from helpers import run
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_view import needs_chromium
 
 from ftctl.core import compare as C
@@ -49,6 +52,35 @@ def test_sorting_puts_missing_values_last_both_ways():
     assert [r["v"] for r in C.sort_rows(rows, "v")] == [1.0, 2.0, 3, None]
     assert [r["v"] for r in C.sort_rows(rows, "v", reverse=True)] == [3, 2.0, 1.0, None]
     assert [r["n"] for r in C.sort_rows([{"n": "b"}, {"n": "a"}], "n")] == ["a", "b"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 5000), st.integers(1, 64), st.integers(1, 9), st.integers(0, 2000))
+def test_an_epoch_is_the_same_batches_by_epochs_or_by_iters(examples, batch, epochs, step):
+    """core/config.py's one arithmetic: a job trained by epochs (iters resolved from the count) and
+    one trained by iters on the same data cut the same epochs; epoch_of agrees with epochs_trained."""
+    from ftctl.core.config import (
+        Config,
+        ConfigError,
+        batches_per_epoch,
+        epoch_of,
+        epochs_trained,
+        resolve_epochs,
+    )
+
+    by_iters = Config(model="m", batch_size=batch)
+    try:
+        by_epochs = resolve_epochs(Config(model="m", batch_size=batch, epochs=epochs), examples)
+    except ConfigError:
+        assert examples < batch and batches_per_epoch(by_iters, examples) is None
+        return
+    per = examples // batch
+    assert batches_per_epoch(by_epochs) == batches_per_epoch(by_epochs, examples) == per
+    assert batches_per_epoch(by_iters, examples) == per and batches_per_epoch(by_iters) is None
+    assert epochs_trained(by_iters, step, examples) == epochs_trained(by_epochs, step) == step / per
+    assert epochs_trained(by_epochs, by_epochs.iters) == epochs
+    if 1 <= step <= by_epochs.iters:  # the epoch a step is in is the one its passes are inside
+        assert epoch_of(by_epochs, step)[0] == math.ceil(epochs_trained(by_epochs, step))
 
 
 # --------------------------------------------------------------------------- from the journal
@@ -168,6 +200,17 @@ def _journal_truth(home, job):
     return best.val_loss, best.step, evals[-1].val_loss, evals[-1].step
 
 
+def _submitted(home, job) -> tuple[T.JobSubmitted, int]:
+    """The job's job_submitted event, and the lines of the training data it keeps (jobs/<id>/data/)."""
+    from ftctl.events.journal import Journal
+
+    with Journal.open(home / "journal.db") as j:
+        sub = next(r.event for r in j.read(stream=f"job:{job}"))
+    assert isinstance(sub, T.JobSubmitted)
+    lines = (home / "jobs" / job / "data" / "train.jsonl").read_text().splitlines()
+    return sub, len([x for x in lines if x.strip()])
+
+
 def test_three_jobs_differing_in_learning_rate_and_rank(three, capsys):
     code, out, err = run(capsys, "compare", "1", "2", "3", "--json", "--home", three)
     assert code == 0, err
@@ -202,6 +245,15 @@ def test_three_jobs_differing_in_learning_rate_and_rank(three, capsys):
         "cpu x86_64",
     ]
     assert "test_loss" not in got["columns"]  # no job was tested: no empty column
+    # trained by iters, a job still passes over its data: 40 steps / (its training examples // batch)
+    for job in RUNS:
+        sub, held_in = _submitted(three, job)
+        assert sub.train_examples == held_in < sub.examples == 20  # some were held out to validate
+        per_epoch = held_in // sub.config["batch_size"]
+        assert rows[job]["epochs_trained"] == round(40 / per_epoch, 2), job
+    # none stopped early, and no result was recorded with a validation loss: no such columns
+    assert "stopped_early" not in got["columns"] and "result_val_loss" not in got["columns"]
+    assert [rows[j]["result_step"] for j in RUNS] == [40, 40, 40]
 
 
 def test_all_keys_sorting_csv_and_the_terminal_table(three, capsys):
@@ -234,6 +286,132 @@ def test_all_keys_sorting_csv_and_the_terminal_table(three, capsys):
     assert code == 0 and "learning_rate" in out and "lora_parameters.rank" in out and "0003" in out
 
 
+@pytest.fixture
+def by_epochs(ws, tmp_path, capsys):
+    """Two jobs trained by ``epochs = 3`` on 40 training examples in batches of 4 (10 batches an epoch,
+    iters 30): 0001 (``result: last``) trains to the end and publishes its last checkpoint; 0002 (early
+    stopping, ``result: best``) stops early at step 25 and publishes its best, step 10. Submitted by the real
+    `ftctl submit`; their runs' events committed as the daemon commits them."""
+    from ftctl.adapters.workspace import Workspace
+    from ftctl.control.ledger import Ledger
+
+    def jsonl(name: str, n: int) -> Path:
+        f = tmp_path / name
+        f.write_text("".join(json.dumps({"text": f"{name} {i} " * 3}) + "\n" for i in range(n)))
+        return f
+
+    train, valid = jsonl("train.jsonl", 40), jsonl("valid.jsonl", 8)
+    base = ["--valid", valid, "--again", "--set", "epochs=3", "--set", "batch_size=4"]
+    for extra in (["--set", "result=last"], ["--set", "early_stopping={patience: 3}"]):
+        code, _, err = run(capsys, "submit", train, *base, *extra, "--home", ws)
+        assert code == 0, err
+    ledger = Ledger(Workspace(ws).open_journal())
+    for job, last, losses in (
+        ("0001", 30, [2.0, 1.8, 1.7]),
+        ("0002", 25, [2.0, 1.8, 1.85, 1.9, 1.95]),
+    ):
+        s = f"job:{job}"
+        ledger.commit(
+            s,
+            T.TrainingStarted(
+                job=job, attempt=1, worker_pid=1, worker_started_at=1.0, base_model="m"
+            ),
+        )
+        every = last // len(losses)
+        for i, loss in enumerate(losses, 1):
+            step = i * every
+            m = T.Metrics(
+                step=step,
+                global_step=step,
+                loss=loss + 0.1,
+                lr=1e-4,
+                tokens_per_s=900.0,
+                peak_mem_gb=1.2,
+                trained_tokens=step * 50,
+            )
+            ledger.journal.record_metric(job, m)
+            ledger.commit(s, T.Evaluated(job=job, step=step, global_step=step, val_loss=loss))
+        done = dict(job=job, step=last, global_step=last, adapter_path="a", adapter_sha256="e" * 64)
+        if job == "0001":
+            ledger.commit(
+                s,
+                T.Completed(
+                    **done, checkpoint="c30", result="last", result_step=30, result_val_loss=1.7
+                ),
+            )
+        else:
+            why = "early stopping at step 25: the validation loss has not improved in 3 evaluations"
+            ledger.commit(
+                s,
+                T.EarlyStopped(
+                    job=job, step=25, global_step=25, reason=why, best_step=5, best_val_loss=1.8
+                ),
+            )
+            ledger.commit(
+                s,
+                T.Completed(
+                    **done, checkpoint="c10", result="best", result_step=10, result_val_loss=1.8
+                ),
+            )
+    ledger.close()
+    return ws
+
+
+def test_epochs_the_published_result_and_an_early_stop_are_columns(by_epochs, capsys):
+    from ftctl.events.journal import Journal
+
+    code, out, err = run(capsys, "compare", "1", "2", "--json", "--home", by_epochs)
+    assert code == 0, err
+    got = json.loads(out)
+    rows = {r["job"]: r for r in got["rows"]}
+    with Journal.open(by_epochs / "journal.db") as j:
+        events = {job: [r.event for r in j.read(stream=f"job:{job}")] for job in rows}
+    for job, evs in events.items():
+        sub, lines = _submitted(by_epochs, job)
+        assert sub.train_examples == lines == 40 and sub.config["iters"] == 30  # 3 x 40 // 4
+        done = next(e for e in evs if isinstance(e, T.Completed))
+        r = rows[job]
+        # the passes it made: its last step over the batches of an epoch (iters // epochs)
+        assert r["steps"] == done.step and r["epochs_trained"] == done.step / (30 // 3)
+        assert (r["result_step"], r["result_val_loss"]) == (done.result_step, done.result_val_loss)
+        early = [e.step for e in evs if isinstance(e, T.EarlyStopped)]
+        assert r["stopped_early"] == (early[0] if early else None)
+    assert [rows[j]["epochs_trained"] for j in ("0001", "0002")] == [3.0, 2.5]
+    assert [rows[j]["stopped_early"] for j in ("0001", "0002")] == [None, 25]
+    assert [rows[j]["result_step"] for j in ("0001", "0002")] == [30, 10]
+    # the figures sit beside the steps and the validation losses; what differs are their configs
+    cols = got["columns"]
+    assert cols.index("epochs_trained") == cols.index("steps") + 1
+    assert cols.index("final_val_step") < cols.index("result_step") < cols.index("stopped_early")
+    assert set(got["differing"]) == {
+        "result",
+        "early_stopping",
+        "early_stopping.patience",
+        "early_stopping.min_delta",
+    }
+    # they sort as numbers (a job that did not stop early last either way), and read in a terminal
+    _, out, _ = run(
+        capsys, "compare", "1", "2", "--sort", "epochs_trained", "--csv", "--home", by_epochs
+    )
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["job"], r["epochs_trained"]) for r in table] == [("0002", "2.5"), ("0001", "3.0")]
+    _, out, _ = run(
+        capsys,
+        "compare",
+        "1",
+        "2",
+        "--sort",
+        "stopped_early",
+        "--reverse",
+        "--json",
+        "--home",
+        by_epochs,
+    )
+    assert [r["job"] for r in json.loads(out)["rows"]] == ["0002", "0001"]
+    code, out, _ = run(capsys, "compare", "1", "2", "--home", by_epochs)
+    assert code == 0 and "epochs_trained" in out and "stopped_early" in out
+
+
 def test_wrong_input_is_a_clear_refusal(three, capsys):
     code, _, err = run(capsys, "compare", "1", "--sort", "nope", "--home", three)
     assert code == 1 and "no column 'nope'" in err and "best_val_loss" in err
@@ -254,6 +432,11 @@ def _effective_counts(home, job):
 
     c = ftctl_json(home, "metrics", job, "--json")["jobs"][0]["counts"]
     return c["train"], c["val"]
+
+
+def _js(x: float) -> str:
+    """A number as JavaScript's String() writes it (10, not 10.0)."""
+    return str(int(x)) if x == int(x) else repr(x)
 
 
 def _box(dom: str, chart_id: str) -> dict[str, str]:
@@ -315,11 +498,23 @@ def test_the_compare_view_overlays_one_series_per_selected_run_and_the_url_resto
         assert (loss["jobs"], loss["runs"], loss["series"]) == ("0001,0002", "2", "4")
         assert 'data-differs="learning_rate"' in dom and 'data-sorted="asc"' in dom
         assert re.findall(r'<tr data-job="(\d+)"', dom) == ["0002", "0001"]  # 1.6 before 2.1
+        # aligned by epoch: x = step / the batches of an epoch of each job's training data
+        dom = _chromium(s.url("/compare?jobs=1,3&x=epoch"), "--dump-dom")
+        assert 'data-x="epoch"' in dom and 'data-selection="0001,0003"' in dom
+        loss, want = _box(dom, "loss-chart"), []
+        for job in ("0001", "0003"):
+            sub, lines = _submitted(three, job)
+            per_epoch = lines // sub.config["batch_size"]
+            want.append(f"{job}:{_js(10 / per_epoch)}..{_js(40 / per_epoch)}")  # steps 10..40
+        assert (loss["runs"], loss["series"], loss["xs"]) == ("2", "4", " ".join(want))
+        assert _box(dom, "tps-chart")["xs"] == loss["xs"]
         # the job page links to its lineage's comparison
         job = _chromium(s.url("/job/0003"), "--dump-dom")
         assert 'href="../compare?lineage=wide"' in job
         shot = tmp_path / "compare.png"
-        _chromium(s.url("/compare?jobs=1,2,3"), "--window-size=1400,1300", f"--screenshot={shot}")
+        _chromium(
+            s.url("/compare?jobs=1,2,3&x=epoch"), "--window-size=1400,1300", f"--screenshot={shot}"
+        )
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         if SCREENSHOT:
             shutil.copy(shot, Path(SCREENSHOT).with_name("compare-view.png"))

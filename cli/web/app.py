@@ -118,6 +118,7 @@ def _series_json(s, full: bool) -> dict:
         "lineage": s.lineage,
         "state": s.state,
         "iters": s.iters,
+        "batches_per_epoch": s.batches_per_epoch,  # x = epoch: step / batches_per_epoch
         "counts": s.counts,
         "last_id": s.last_id,
         "full": full,

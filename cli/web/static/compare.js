@@ -1,9 +1,9 @@
 // The compare view: the runs table (`ftctl compare`'s columns, sortable, differing keys highlighted), the selected
-// runs' train and val curves overlaid on one chart (by step, global step or tokens seen), their system metrics
+// runs' train and val curves overlaid on one chart (by step, global step, tokens seen or epoch), their system metrics
 // below. Everything the view shows is in its URL (?lineage= &jobs= &x= &sort= &desc= &all=): a link restores it.
 "use strict";
 const COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"];
-const XS = { step: "step", global_step: "global step", tokens: "tokens seen" };
+const XS = { step: "step", global_step: "global step", tokens: "tokens seen", epoch: "epoch" };
 const Q = new URLSearchParams(location.search);
 const S = {
   lineage: Q.get("lineage") || null,
@@ -26,6 +26,7 @@ function writeUrl() {
   if (S.sort) { q.set("sort", S.sort); if (S.desc) q.set("desc", "1"); }
   if (S.all) q.set("all", "1");
   history.replaceState(null, "", location.pathname + "?" + q.toString());
+  document.body.dataset.x = S.x;
   document.getElementById("cli").textContent = "in a terminal: ftctl compare " +
     (S.sel.length ? S.sel.join(" ") : S.lineage ? "--lineage " + S.lineage : "JOB…") +
     (S.all ? " --all" : "") + (S.sort ? " --sort " + S.sort + (S.desc ? " --reverse" : "") : "");
@@ -98,13 +99,18 @@ function showTable() {
   document.body.dataset.selection = S.sel.join(",");
 }
 
+// A step as an epoch of that run: passes over its training data (the server's batches_per_epoch, from
+// core/config.py; null when the journal does not say how many examples it trained on).
+function epochOf(s, step) { return s.batches_per_epoch ? step / s.batches_per_epoch : null; }
+
 // One run's points on the chosen x axis: {x, train, val, tps, mem} per distinct x, in x order.
 function points(s) {
   const c = s.columns, out = new Map();
+  if (S.x === "epoch" && !s.batches_per_epoch) return [];
   let tokens = 0;
   for (let i = 0; i < c.step.length; i++) {
     if (c.trained_tokens[i] !== null) tokens = c.trained_tokens[i];
-    const x = S.x === "global_step" ? c.global_step[i] : S.x === "tokens" ? tokens : c.step[i];
+    const x = S.x === "global_step" ? c.global_step[i] : S.x === "tokens" ? tokens : S.x === "epoch" ? epochOf(s, c.step[i]) : c.step[i];
     const p = out.get(x) || { x, train: null, val: null, tps: null, mem: null };
     for (const [k, col] of [["train", "loss"], ["val", "val_loss"], ["tps", "tokens_per_s"], ["mem", "peak_mem_gb"]])
       if (c[col][i] !== null) p[k] = c[col][i];
@@ -116,6 +122,7 @@ function points(s) {
 function markerX(s, m) {
   if (S.x === "global_step") return m.global_step;
   if (S.x === "step") return m.step;
+  if (S.x === "epoch") return epochOf(s, m.step);
   const c = s.columns;  // tokens seen by the marker's step: the last report at or before it
   let t = 0;
   for (let i = 0; i < c.step.length && c.step[i] <= m.step; i++) if (c.trained_tokens[i] !== null) t = c.trained_tokens[i];
@@ -142,8 +149,9 @@ function overlay(parent, title, ylabel, runs, fields, withAlerts) {
   box.dataset.jobs = runs.map(r => r.job).join(",");
   box.dataset.runs = String(runs.length);
   box.dataset.series = String(series.length - 1);
+  box.dataset.xs = runs.map(({ job, pts }) => job + ":" + (pts.length ? pts[0].x + ".." + pts[pts.length - 1].x : "")).join(" ");
   box.dataset.counts = runs.map(({ job, pts }) => job + ":" + fields.map(f => pts.filter(p => p[f.key] !== null).length).join("/")).join(" ");
-  const alerts = withAlerts ? runs.flatMap(({ job, s }) => s.markers.filter(m => m.kind === "alert").map(m => ({ job, x: markerX(s, m), text: m.text }))) : [];
+  const alerts = withAlerts ? runs.flatMap(({ job, s }) => s.markers.filter(m => m.kind === "alert").map(m => ({ job, x: markerX(s, m), text: m.text })).filter(a => a.x !== null)) : [];
   box.dataset.alerts = String(alerts.length);
   const draw = (u) => {
     const ctx = u.ctx, bottom = u.bbox.top + u.bbox.height, r = 5 * devicePixelRatio;
@@ -187,6 +195,9 @@ async function drawCharts() {
   ];
   ["loss-chart", "tps-chart", "mem-chart"].forEach((id, i) => { boxes[i].id = id; });
   for (const b of boxes) b.make();
+  const unknown = S.x === "epoch" ? runs.filter(r => !r.s.batches_per_epoch).map(r => r.job) : [];
+  if (unknown.length) o.appendChild(el("p", "not drawn by epoch: job " + unknown.join(", ") + " (its journal does not say " +
+    "how many examples it trained on: it was submitted before ftctl recorded that; step, global step and tokens seen draw it)", "dim"));
   document.body.dataset.ready = "1";
 }
 
