@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from ftctl.adapters import protocol as P
-from ftctl.control.reporter import Every, Reporter
+from ftctl.control.reporter import Every, Reporter, memory, pairs, progress_line
 from ftctl.control.status import DaemonView, JobView
 from ftctl.core.crash import where as crash_where
 from ftctl.core.state import JobState, as_dict
@@ -689,7 +689,7 @@ class ConsoleReporter(Reporter):
                     tps=_fmt(m.tokens_per_s, ".0f"),
                 )
             elif isinstance(msg, P.Evaluated):
-                self.bar.update(self.task, val=_fmt(msg.val_loss, ".4f") + _pairs(msg.preference))
+                self.bar.update(self.task, val=_fmt(msg.val_loss, ".4f") + pairs(msg.preference))
             elif isinstance(msg, P.CheckpointWritten):
                 self.bar.update(self.task, ckpt=f"step {msg.checkpoint.step}")
             elif isinstance(msg, P.Completed) and msg.stopped_early:  # done before iters
@@ -700,14 +700,11 @@ class ConsoleReporter(Reporter):
             and self.lines.due(msg.metrics.step)
         ):
             m = msg.metrics
-            self.note(
-                f"job {job} step {m.step}/{self.iters}: loss {_fmt(m.loss, '.4f')}  lr {_fmt(m.lr, '.3g')}  "
-                f"{_fmt(m.tokens_per_s, '.0f')} tok/s  peak {memory(m.peak_mem_gb)}" + _pairs(m)
-            )
+            self.note(progress_line(job, m, self.iters))
         elif isinstance(msg, P.Evaluated):
             self.note(
                 f"job {job} step {msg.step}: val loss {_fmt(msg.val_loss, '.4f')}"
-                + _pairs(msg.preference),
+                + pairs(msg.preference),
                 "info" if msg.val_loss is not None else "warn",
             )
 
@@ -715,14 +712,6 @@ class ConsoleReporter(Reporter):
         if self.bar is not None:
             self.bar.stop()
             self.bar = self.task = None
-
-
-def _pairs(m) -> str:
-    """Preference training's figures beside a loss (a report's Metrics or an evaluation's PairStats):
-    accuracy and reward margin; '' for sft."""
-    if m is None or m.accuracy is None and m.reward_margin is None:
-        return ""
-    return f"  acc {_fmt(m.accuracy, '.2f')} margin {_fmt(m.reward_margin, '.3f')}"
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -755,16 +744,6 @@ def device_line(m: dict) -> str:
         swap = f", swap {memory(m['swap_gb'])}" if m.get("swap_gb") is not None else ""
         parts.append(f"worker RSS {memory(m['rss_gb'])}{swap}")
     return "  ·  ".join(parts)
-
-
-def memory(gb: float | None) -> str:
-    """Memory as people read it: 4.8 MB below a GB (not 0.00 GB), 1.23 GB above."""
-    if gb is None:
-        return "-"
-    if gb >= 1:
-        return f"{gb:.2f} GB"
-    mb = gb * 1000
-    return f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
 
 
 def eval_table(e: AdapterEvaluated, ws, tuned: str = "adapter"):

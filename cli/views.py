@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 from ftctl.control.ledger import Ledger
+from ftctl.control.reporter import memory
 from ftctl.events.errors import UserError
 
 from . import render
 from .args import port
-from .render import memory
 
 SERVE_EXTRA = "pip install 'ftctl[serve]'"
 PLOT_EXTRA = "pip install 'ftctl[plot]'"

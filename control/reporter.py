@@ -20,6 +20,36 @@ def quiet(text: str, level: str = "info") -> None:
     pass
 
 
+def memory(gb: float | None) -> str:
+    """Memory as people read it: 4.8 MB below a GB (not 0.00 GB), 1.23 GB above."""
+    if gb is None:
+        return "-"
+    if gb >= 1:
+        return f"{gb:.2f} GB"
+    mb = gb * 1000
+    return f"{mb:.1f} MB" if mb < 10 else f"{mb:.0f} MB"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def pairs(m) -> str:
+    """Preference training's figures beside a loss (a report's Metrics or an evaluation's PairStats):
+    accuracy and reward margin; '' for sft."""
+    if m is None or m.accuracy is None and m.reward_margin is None:
+        return ""
+    return f"  acc {_fmt(m.accuracy, '.2f')} margin {_fmt(m.reward_margin, '.3f')}"
+
+
+def progress_line(job: str, m, iters: int) -> str:
+    """A training report in one line, as the terminal and logs/daemon.log both show it."""
+    return (
+        f"job {job} step {m.step}/{iters}: loss {_fmt(m.loss, '.4f')}  lr {_fmt(m.lr, '.3g')}  "
+        f"{_fmt(m.tokens_per_s, '.0f')} tok/s  peak {memory(m.peak_mem_gb)}" + pairs(m)
+    )
+
+
 class Every:
     """When a progress line is worth writing: at the first and last step, each time another tenth
     of the run is done, and at least every ``seconds`` in between — about a dozen lines per job

@@ -41,7 +41,7 @@ from ftctl.recovery.reconcile import apply, mark_corrupt
 
 from . import reproduce, retention
 from .guard import Guard
-from .reporter import Every, Reporter
+from .reporter import Every, Reporter, progress_line
 from .standby import Standby
 from .status import describe_result
 from .tensorboard import Live
@@ -591,11 +591,7 @@ class Attempt:
                 if trip is not None:
                     self.ask_stop("guard", trip.said(), "warn")
                 if self.log_due.due(m.step):
-                    host.log(
-                        f"job {job} step {m.step}/{self.cfg.iters}: loss {_num(m.loss, '.4f')}  lr "
-                        f"{_num(m.lr, '.3g')}  "
-                        f"{_num(m.tokens_per_s, '.0f')} tok/s  peak {_num(m.peak_mem_gb, '.2f')} GB"
-                    )
+                    host.log(progress_line(job, m, self.cfg.iters))
                     if self.world > 1:
                         self.report_due = m.step
             case P.EvalStarted():

@@ -68,6 +68,9 @@ def test_demo_ignores_ftctl_home_and_every_rerun_proves_its_claims(tmp_path, ws)
         ) and re.search(r"job 0001 completed at step 40 in [\d.]+ s with no crash", three), three
         # progress lines give memory in MB below a GB, not "peak 0.00 GB"
         assert re.search(r"peak \d+(\.\d)? MB", out) and "0.00 GB" not in out
+    # and logs/daemon.log says the same (it wrote "peak 0.00 GB" for a 4.8 MB peak)
+    log = (tmp_path / "ftctl-demo" / "logs" / "daemon.log").read_text()
+    assert re.search(r"tok/s  peak \d+(\.\d)? MB", log) and "0.00 GB" not in log, log[-1500:]
     assert (tmp_path / "ftctl-demo" / ".ftctl-demo").is_file()
     assert {p: sha256_file(p) for p in ws.rglob("*") if p.is_file()} == before
 
