@@ -804,6 +804,31 @@ def eval_verdict(e: AdapterEvaluated) -> str:
     return f"[yellow]fine-tuning did not help on this data[/]: loss {change:+.4f}{ppl}"
 
 
+GRID_ROWS = 40  # more jobs than this: compare prints a plain grid, one line per job, never folded
+
+
+def _grid(title: str, heads: list[str], cells: list[list[str]], widths, rows, columns):
+    """Many jobs as lines of fixed-width columns (`| less -S` scrolls them sideways): the header
+    styled as the table's, each cell padded, numbers right-aligned. Rich's Table measures and lays out
+    every cell — 0.4-1.1 s for 200 jobs x 22 columns here — where this takes milliseconds."""
+    from rich.text import Text
+
+    right = [any(isinstance(r[k], (int, float)) for r in rows) for k in columns]
+    out = Text(no_wrap=True, overflow="ignore")
+    out.append(title + "\n", style="italic")
+    for i, (h, w) in enumerate(zip(heads, widths)):
+        cell = Text.from_markup(h)
+        pad = " " * (w - cell.cell_len)
+        out.append_text(Text(pad) + cell if right[i] else cell + Text(pad))
+        out.append("  ")
+    out.append("\n")
+    line = lambda row: "  ".join(  # noqa: E731
+        v.rjust(w) if right[i] else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))
+    )
+    out.append("\n".join(map(line, cells)))
+    return out
+
+
 def compare_table(c, width: int) -> Table:
     """`ftctl compare`'s table (control.compare.Comparison): a row per job; the config keys after the
     figures (cyan; yellow where they differ). Wider than ``width``, it is turned — a line per column,
@@ -817,7 +842,7 @@ def compare_table(c, width: int) -> Table:
             return duration(v)
         if col == "peak_mem_gb":
             return memory(v)
-        return escape(cell(v))
+        return cell(v)
 
     def head(col: str) -> str:
         if col in c.differing:
@@ -831,13 +856,15 @@ def compare_table(c, width: int) -> Table:
     )
     wide = sum(w + 3 for w in widths) + 1
     turned = widths[0] + 4 + sum(max(len(x) for x in row) + 3 for row in cells)
+    if len(c.rows) > GRID_ROWS:  # a sweep: rich would lay out every cell (~2 s for 200 jobs)
+        return _grid(title, [head(k) for k in c.columns], cells, widths, c.rows, c.columns)
     if wide <= width or turned >= wide or not c.rows:  # turned only when that is what fits better
         t = Table(title=title, expand=False)
         for k in c.columns:
             numeric = any(isinstance(r[k], (int, float)) for r in c.rows)
             t.add_column(head(k), justify="right" if numeric else "left", overflow="fold")
         for row in cells:
-            t.add_row(*row)
+            t.add_row(*map(escape, row))
         return t
     t = Table(title=title + " (turned: a column per job)", expand=False)
     t.add_column("")
@@ -845,5 +872,5 @@ def compare_table(c, width: int) -> Table:
         t.add_column(escape(r["job"]), overflow="fold")
     for i, k in enumerate(c.columns):
         if k != "job":
-            t.add_row(head(k), *[row[i] for row in cells])
+            t.add_row(head(k), *[escape(row[i]) for row in cells])
     return t

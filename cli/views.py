@@ -192,7 +192,9 @@ def cmd_compare(args, ws) -> int:
             ]
         )
     else:
-        render.console.print(render.compare_table(c, render.console.width))
+        render.console.print(
+            render.compare_table(c, render.console.width), crop=False, soft_wrap=True
+        )
     return 0
 
 

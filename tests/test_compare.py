@@ -520,3 +520,43 @@ def test_the_compare_view_overlays_one_series_per_selected_run_and_the_url_resto
             shutil.copy(shot, Path(SCREENSHOT).with_name("compare-view.png"))
     finally:
         s.stop()
+
+
+def test_a_sweep_of_many_jobs_is_a_plain_grid_that_keeps_every_value_whole():
+    """More than GRID_ROWS jobs: one line per job, columns padded, never folded or cropped — rich's
+    Table laid out all 200 x 22 cells of bench/compare.py's sweep in ~2 s of the command's 3 s —, the
+    values exactly as the table shows them (markup-like text such as `[self_attn.q_proj]` unescaped),
+    numbers right-aligned under their header."""
+    import io
+
+    from rich.console import Console
+
+    from ftctl.cli import render
+    from ftctl.control.compare import Comparison
+
+    n = render.GRID_ROWS + 1
+    rows = [
+        {
+            "job": f"{i:04d}",
+            "name": "sweep",
+            "state": "completed",
+            "best_val_loss": 1.0 + i / 1000,
+            "learning_rate": 1e-4 * (i + 1),
+            "lora_parameters.keys": ["self_attn.q_proj"],
+        }
+        for i in range(n)
+    ]
+    cols = ["job", "name", "state", "best_val_loss", "learning_rate", "lora_parameters.keys"]
+    c = Comparison(columns=cols, differing=["learning_rate"], rows=rows)
+    buf = io.StringIO()
+    Console(file=buf, width=40, color_system=None).print(
+        render.compare_table(c, 40), crop=False, soft_wrap=True
+    )
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith(f"{n} job(s); differing keys: learning_rate")
+    head, body = lines[1], lines[2:]
+    assert len(body) == n and all(len(line) > 40 for line in body)  # whole lines, wider than 40
+    assert body[0].split() == ["0000", "sweep", "completed", "1", "0.0001", '["self_attn.q_proj"]']
+    assert head.index("best_val_loss") + len("best_val_loss") == body[0].index(" 1 ") + 2
+    few = Comparison(columns=cols, differing=["learning_rate"], rows=rows[:3])
+    assert type(render.compare_table(few, 40)).__name__ == "Table"  # a few jobs: rich's, as before
