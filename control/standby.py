@@ -33,6 +33,9 @@ from ftctl.adapters import process, system
 from ftctl.adapters.workspace import Workspace
 
 MIN_AVAILABLE_GB = 1.0  # below this much available memory no spare is started
+# a spare starts once the worker has trained this many times as long as it took to load; the tests'
+# seam FTCTL_STANDBY_AFTER_LOADS=0 starts it at the first step
+AFTER_LOADS = 10.0
 STATE_FILE = "standby.json"
 REPORT_EVERY_S = 2.0
 RESPAWN_AFTER_S = 10.0  # after a spare died on its own
@@ -54,6 +57,7 @@ class Standby:
     def __init__(self, ws: Workspace, env: dict, say: Callable[[str, str], None]):
         self.ws, self.env, self.say = ws, env, say
         self.w: process.Worker | None = None
+        self.after_loads = float(os.environ.get("FTCTL_STANDBY_AFTER_LOADS", AFTER_LOADS))
         self.w_env: dict = {}  # the BLAS environment the spare was started with
         self.low_memory_said = False
         self.reported: tuple[float, int] | None = None  # (when, rss) last written

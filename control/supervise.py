@@ -159,7 +159,7 @@ def hold_power(host: Host, job: str) -> power.Held | None:
 def _launch_worker(host: Host, j: JobState, plan: P.TrainPlan, resume) -> Launched:
     """One worker process: the warm standby if there is one on this BLAS, else a fresh one."""
     oom_before = system.oom_kill_count()
-    lib, fingerprint = blas.for_worker(j.config.blas)  # the BLAS the worker runs on (probed once)
+    lib = blas.choose(j.config.blas)  # the BLAS the worker runs on (probed once)
     if lib.kind == "reference" and j.config.blas != "reference":
         host.say(f"job {j.job}: the worker runs on the slow reference BLAS: {lib.why}", "warn")
     worker = None
@@ -176,6 +176,8 @@ def _launch_worker(host: Host, j: JobState, plan: P.TrainPlan, resume) -> Launch
             label=(j.job, str(host.ws.home)),
         )
     crash_point("daemon_after_spawn", j.attempt + 1)
+    # after the spawn: its device probe (a process importing MLX) runs while the worker imports
+    fingerprint = blas.fingerprint(lib)
     return Launched(
         worker, fingerprint, oom_before, f"worker pid {worker.id.pid}{' (the standby)' * spare}"
     )
@@ -293,7 +295,8 @@ class Attempt:
         self.last_progress = time.monotonic()
         self.in_eval = False
         self.loading = True  # no Loaded yet (imports + model load): allowed eval_hang_s, not hang_s
-        self.step_seen = False  # a spare is started after the first step
+        self.started = time.monotonic()
+        self.first_step_at: float | None = None  # a spare may start only some time after it
         self.stop_sent: float | None = None
         self.stop_reason: str | None = None  # "pause" | "cancel" | "shutdown" | "guard"
         self.hung = False
@@ -467,18 +470,20 @@ class Attempt:
         self.w.send(P.encode(P.Stop()))
 
     def standby(self) -> None:
-        """Keep a spare worker (control/standby.py) once a single worker trains (not while it loads:
-        the spare's imports would slow that load on a small machine), and report the spare's memory.
-        A group has none: its ranks are started by mlx.launch."""
-        sb = self.host.standby
+        """Keep a spare worker (control/standby.py) once a single worker has trained for
+        ``Standby.after_loads`` times as long as it took to load (its imports would slow that load, and
+        the training after it, on a small machine: a short job never pays for a spare), and report the
+        spare's memory. A group has none: its ranks are started by mlx.launch."""
+        sb, first = self.host.standby, self.first_step_at
         if (
             self.world == 1
             and self.cfg.standby
-            and self.step_seen
+            and first is not None
+            and time.monotonic() - first >= sb.after_loads * (first - self.started)
             and self.stop_sent is None
             and not self.host.stop.why
         ):
-            sb.ensure(blas.for_worker(self.cfg.blas)[0].env)
+            sb.ensure(blas.choose(self.cfg.blas).env)
         sb.report()
 
     def heartbeat(self) -> None:
@@ -579,8 +584,8 @@ class Attempt:
             case P.Loaded(step=step):
                 self.step, self.loading = step, False
             case P.Step(step=step):
-                if not self.step_seen:  # the first step: the new worker is up, time for a new spare
-                    self.step_seen = True
+                if self.first_step_at is None:  # the new worker is up: the clock for a spare starts
+                    self.first_step_at = time.monotonic()
                     self.standby()
                 self.step = step
             case P.Report(metrics=m):

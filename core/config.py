@@ -788,8 +788,9 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     standby: Annotated[
         bool,
         _m(
-            "keep one spare worker, its imports done, that takes the next job or restart at once "
-            "(skipped while available memory is low)"
+            "keep one spare worker, its imports done, that takes the next job or restart at once; "
+            "started once the training worker has run ten times as long as it took to load, so a "
+            "short job never pays for it (skipped while available memory is low)"
         ),
     ] = True
     blas: Annotated[

@@ -52,6 +52,23 @@ _ADDED_METRICS = {
     **dict.fromkeys(PAIR_FIELDS, "REAL"),
 }
 
+# The schema, written once by Journal.create. Plain SQL: the schema tool this used (sqlite-utils)
+# imports pandas when it is installed (`datasets` brings it), a second more on every new workspace.
+_SCHEMA = f"""
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY, stream TEXT NOT NULL, version INTEGER NOT NULL,
+    ts TEXT NOT NULL, type TEXT NOT NULL, body TEXT NOT NULL
+);
+CREATE UNIQUE INDEX idx_events_stream_version ON events (stream, version);
+CREATE TABLE snapshots (seq INTEGER PRIMARY KEY, format INTEGER, ts TEXT, body BLOB);
+CREATE TABLE metrics (
+    id INTEGER PRIMARY KEY, job TEXT, step INTEGER, global_step INTEGER, ts TEXT, loss REAL, lr REAL,
+    tokens_per_s REAL, peak_mem_gb REAL, trained_tokens INTEGER,
+    {", ".join(f"{k} {t}" for k, t in _ADDED_METRICS.items())}
+);
+CREATE INDEX idx_metrics_job_step ON metrics (job, step);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+"""
 APPLICATION_ID = 0x66746374  # "ftct"
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMAS = (1,)
@@ -376,41 +393,16 @@ class Journal:
         # so its header says "ftctl journal" from the first commit; then the file switches to WAL.
         conn = sqlite3.connect(path, isolation_level=None, timeout=10.0, check_same_thread=False)
         conn.execute("PRAGMA synchronous=FULL")
-        import sqlite_utils  # the schema tool, needed only here: keeps every other command's start-up light
-
-        db = sqlite_utils.Database(conn)
-        conn.execute("BEGIN IMMEDIATE")
-        db["events"].create(
-            {"seq": int, "stream": str, "version": int, "ts": str, "type": str, "body": str},
-            pk="seq",
-            not_null={"stream", "version", "ts", "type", "body"},
-        )
-        db["events"].create_index(["stream", "version"], unique=True)
-        db["snapshots"].create({"seq": int, "format": int, "ts": str, "body": bytes}, pk="seq")
-        db["metrics"].create(
-            {
-                "id": int,
-                "job": str,
-                "step": int,
-                "global_step": int,
-                "ts": str,
-                "loss": float,
-                "lr": float,
-                "tokens_per_s": float,
-                "peak_mem_gb": float,
-                "trained_tokens": int,
-                **{k: str if t == "TEXT" else float for k, t in _ADDED_METRICS.items()},
-            },
-            pk="id",
-        )
-        db["metrics"].create_index(["job", "step"])
-        db["meta"].create({"key": str, "value": str}, pk="key")
-        db["meta"].insert_all(
+        conn.executescript(
+            "BEGIN IMMEDIATE;" + _SCHEMA
+        )  # the transaction first: no implicit COMMIT
+        conn.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?)",
             [
-                {"key": "application", "value": "ftctl"},
-                {"key": "created", "value": utc_now()},
-                {"key": "paths", "value": "relative"},  # every path it records: see Journal.root
-            ]
+                ("application", "ftctl"),
+                ("created", utc_now()),
+                ("paths", "relative"),  # every path it records: see Journal.root
+            ],
         )
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

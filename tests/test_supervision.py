@@ -929,7 +929,8 @@ def _standby_pids(home) -> list[int]:
 def test_the_standby_takes_the_restart_and_the_next_job_and_dies_with_the_daemon(
     tmp_path, demo, baseline
 ):
-    """standby: true (default). Job 0001 is killed at step 33: its restart (at once: the first in its
+    """standby: true (default), its spare started at a worker's first step (the seam
+    FTCTL_STANDBY_AFTER_LOADS=0). Job 0001 is killed at step 33: its restart (at once: the first in its
     window) is the spare that was started at attempt 1's first step — training_started names the
     spare's pid and start time, the spare's output after assignment is in the job log (from where
     the crash evidence is read), and the adapter is still the uninterrupted run's. Job 0002 starts
@@ -938,7 +939,11 @@ def test_the_standby_takes_the_restart_and_the_next_job_and_dies_with_the_daemon
     for name in ("job1", "job2"):
         _submit(home, demo, "--name", name, "--again")
     marker = tmp_path / "marker-mid-step-33"
-    d = daemon(home, "--until-idle", env={"FTCTL_CRASH_AT": f"mid_step:33:{marker}"})
+    d = daemon(
+        home,
+        "--until-idle",
+        env={"FTCTL_CRASH_AT": f"mid_step:33:{marker}", "FTCTL_STANDBY_AFTER_LOADS": "0"},
+    )
     try:
         _, err = d.communicate(timeout=300)
         assert d.returncode == 0, err
@@ -968,8 +973,12 @@ def test_the_standby_takes_the_restart_and_the_next_job_and_dies_with_the_daemon
     assert not (home / "run" / "standby.json").exists()
 
 
-def test_standby_false_keeps_no_spare(tmp_path, demo):
-    home = make_workspace(tmp_path / "ws", demo.model_dir, standby=False)
+@pytest.mark.parametrize("standby", [False, True])
+def test_standby_false_or_a_short_job_keeps_no_spare(tmp_path, demo, standby):
+    """standby: false never starts a spare; standby: true (the default) starts one only once the worker
+    has trained ten times as long as it took to load — never in a 10-step job, so it never pays for
+    the spare's imports."""
+    home = make_workspace(tmp_path / "ws", demo.model_dir, standby=standby)
     _submit(home, demo, *SHORT)
     d = daemon(home, "--until-idle")
     try:
@@ -988,7 +997,7 @@ def test_status_shows_the_standby_and_its_memory_while_a_job_trains(tmp_path, de
 
     home = make_workspace(tmp_path / "ws", demo.model_dir)
     _submit(home, demo, "--set", "iters=400", "--set", "save_every=100")
-    d = daemon(home)
+    d = daemon(home, env={"FTCTL_STANDBY_AFTER_LOADS": "0"})
     try:
         # its RSS is refreshed every 2 s at most while it imports: wait for the figure of a ready spare
         spare = wait_for(
