@@ -116,10 +116,11 @@ def test_verdict_properties(crash, crash_step, message, category, step, replay_m
 RENAMED = {"prompt": "question", "chosen": "good", "rejected": "bad", "system": "sys"}
 
 
-def _marker(demo, train: Path, step: int, cfg: dict) -> tuple[str, int]:
-    """Text found in exactly one line of the job's training data, of an example (a preference pair) in
-    the batch of ``step`` (TEST_CONFIG's batches): (the text, its line). The poison seam then makes
-    that step's loss NaN."""
+def _marker(demo, step: int, train: Path | None = None, cfg: dict | None = None) -> tuple[str, int]:
+    """Text found in exactly one line of the training data (``train``: the demo's chat examples by
+    default), of an example (a preference pair, with ``cfg``'s train_mode and keys) in the batch of
+    ``step`` (TEST_CONFIG's batches): (the text, its line). The poison seam then makes that step's
+    loss NaN (tests/test_alerts.py: scales it)."""
     from helpers import TEST_CONFIG
     from mlx_lm.utils import load_tokenizer
 
@@ -128,6 +129,7 @@ def _marker(demo, train: Path, step: int, cfg: dict) -> tuple[str, int]:
     from ftctl.core.config import decode_config, features
     from ftctl.core.dataset import record_lines, valid_records
 
+    train, cfg = Path(train or demo.train), cfg or {}
     feats = features(decode_config({"model": "m", **cfg})[0])
     mode = cfg.get("train_mode", "sft")
     data = train.read_bytes()
@@ -165,7 +167,7 @@ def poisoned(request, tmp_path_factory, demo):
         )
     home = make_workspace(tmp / "ws", demo.model_dir, iters=20, **cfg)
     ftctl(home, "submit", str(src), *valid)
-    text, line = _marker(demo, home / "jobs" / "0001" / "data" / "train.jsonl", POISON_STEP, cfg)
+    text, line = _marker(demo, POISON_STEP, home / "jobs" / "0001" / "data" / "train.jsonl", cfg)
     (source_line,) = [n for n, l in enumerate(src.read_text().split("\n"), 1) if text in l]
     ftctl(home, "start", "--until-idle", "--quiet", env={"FTCTL_POISON": text}, check=False)
     return home, text, line, source_line
