@@ -162,32 +162,37 @@ def cmd_lora(args, ws) -> int:
     if not cfg.train:
         return _test_only(ws, cfg)
     ws = lora.ensure_workspace(ws, cfg, report.note)
-    q = lora.queue(ws, cfg, [], lineage=args.lineage, again=args.again, note=report.note)
-    if q.how == "rejected":
-        return _rejected(q.submission)
-    if q.submission is not None:
-        for w in q.submission.warnings:
-            render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
-    if q.how == "done":
+    daemon = lora.own_daemon(ws, cfg, report)  # its worker imports while the job is submitted
+    try:
+        q = lora.queue(ws, cfg, [], lineage=args.lineage, again=args.again, note=report.note)
+        if q.how == "rejected":
+            return _rejected(q.submission)
+        if q.submission is not None:
+            for w in q.submission.warnings:
+                render.err_console.print(f"[yellow]warning:[/] {render.escape(w)}")
+        if q.how == "done":
+            report.note(
+                f"job {q.job} already trained this (the same data and config; --again trains it again)"
+            )
+            return _result(ws, q.job, interrupted=False)
         report.note(
-            f"job {q.job} already trained this (the same data and config; --again trains it again)"
+            f"job {q.job} {'resumed: an earlier run of this command' if q.how == 'resumed' else 'queued'} "
+            f"(workspace {ws.home}; `ftctl status {q.job} --home {ws.home}`)"
         )
-        return _result(ws, q.job, interrupted=False)
-    report.note(
-        f"job {q.job} {'resumed: an earlier run of this command' if q.how == 'resumed' else 'queued'} "
-        f"(workspace {ws.home}; `ftctl status {q.job} --home {ws.home}`)"
-    )
-    return _run(ws, q.job, report)
+        return _run(ws, q.job, report, daemon)
+    finally:
+        if daemon is not None:
+            daemon.standby.dismiss()  # not taken (refused, done, another daemon): never left behind
 
 
-def _run(ws, job: str, report) -> int:
-    """Train the job with a daemon of this command's own, or follow it under the one that runs."""
-    from ftctl.control import jobs, lora
-    from ftctl.control.daemon import Daemon, DaemonError
+def _run(ws, job: str, report, daemon) -> int:
+    """Train the job with ``daemon``, this command's own, or follow it under the one that runs."""
+    from ftctl.control import lora
+    from ftctl.control.daemon import DaemonError
 
     asked: list[str] = []
-    if not jobs.daemon_alive(ws):
-        daemon = Daemon(ws, until_job=job, report=report)
+    if daemon is not None:
+        daemon.until_job = job
 
         def stop(signum, frame):
             asked.append(signal.Signals(signum).name)
@@ -198,7 +203,7 @@ def _run(ws, job: str, report) -> int:
             daemon.run()
             return _result(ws, job, interrupted=bool(asked))
         except DaemonError:  # another daemon took the lock first: follow it instead
-            pass
+            daemon.standby.dismiss()
         finally:
             for s, h in old.items():
                 signal.signal(s, h)

@@ -122,6 +122,22 @@ def ensure_workspace(ws: Workspace, cfg: Config, note) -> Workspace:
     return made
 
 
+def own_daemon(ws: Workspace, cfg: Config, report: Reporter):
+    """The daemon this command will run (None: one already runs on the workspace, and the job is
+    followed under it). Its spare worker (control/standby.py) is started now, so that its imports —
+    most of a worker's start — overlap the submission and the daemon's start; the job takes it."""
+    from .daemon import Daemon
+
+    if jobs.daemon_alive(ws):
+        return None
+    daemon = Daemon(ws, report=report)
+    if cfg.standby and cfg.distributed is None:
+        from ftctl.adapters import blas
+
+        daemon.standby.ensure(blas.choose(cfg.blas).env)
+    return daemon
+
+
 @dataclass
 class Queued:
     job: str

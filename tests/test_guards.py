@@ -158,9 +158,8 @@ def test_memory_growth_restarts_the_worker_before_the_limit_bit_exact(tmp_path, 
     from ftctl.events.journal import Journal
     from ftctl.events.types import Metrics
 
-    at = 2 + Metrics.__struct_fields__.index(
-        "rss_gb"
-    )  # metric_rows: (id, ts, Metrics' fields in order)
+    # metric_rows: (id, ts, then Metrics' fields in order)
+    at = 2 + Metrics.__struct_fields__.index("rss_gb")
     with Journal.open_readonly(home / "journal.db") as j:
         rss = [row[at] for row in j.metric_rows("0001")]
     assert rss and None not in rss and max(rss) < 3.0

@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -294,6 +295,13 @@ def test_ftctl_lora_and_mlx_lm_lora_both_finish_and_both_adapters_load(
 
     p = uninterrupted.out
     assert "Saved final weights to" in p.stdout and "job 0001 completed" in p.stdout, p.stdout
+    # the worker that trained was started before the job was submitted: its imports overlapped the
+    # submission and the daemon's start (control/lora.py own_daemon)
+    log = (uninterrupted.home / "logs" / "daemon.log").read_text()
+    assert log.index("standby worker started") < log.index("daemon started"), log
+    assert re.search(
+        r"job 0001 \(\w+\): training, attempt 1, worker pid \d+ \(the standby\)", log
+    ), log
     assert "Test loss" in p.stdout and "base + adapter of job 0001" in p.stdout  # like `ftctl eval`
     j = json.loads(
         subprocess.run(
@@ -464,6 +472,9 @@ def test_wrong_input_is_refused_before_anything_is_queued(demo, data, tmp_path):
     if p.returncode == 1:  # wandb is not installed here: refused, naming the package
         assert "report_to: wandb needs the wandb package" in p.stderr
     assert not _events(tmp_path / "ws", "job_submitted")
+    from helpers import stray_workers
+
+    assert stray_workers(tmp_path / "ws") == []  # a spare started for a refused run is dismissed
 
 
 def test_under_a_running_daemon_the_job_is_followed_to_the_same_bytes(
