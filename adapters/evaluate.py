@@ -23,7 +23,7 @@ from ftctl.core.dataset import DEFAULT, Features, valid_records
 from ftctl.events.types import PairEval
 
 from .batches import build_items, evaluation_batches, validation_batches
-from .preference import sequence_logps
+from .preference import STATS, sequence_logps
 from .ranks import SINGLE, Ranks
 
 
@@ -160,7 +160,7 @@ def evaluate_loss(
     off. ``loss``: the train mode's (trainer.train_loss); ``inputs``: what it takes for a batch
     (trainer.Session.inputs: DPO adds the reference's log-probs). Draws no randomness, so it never
     perturbs training (which reseeds every step anyway). The ranks of a data-parallel job each score
-    every size-th batch and sum."""
+    every size-th batch and sum: the loss, the tokens, and the pair stats by pair."""
     model.eval()
     total, ntoks, stats, pairs = mx.array(0.0), mx.array(0), None, 0
     for batch in batches[ranks.rank :: ranks.size] if ranks.many else batches:
@@ -172,8 +172,18 @@ def evaluate_loss(
             pairs += n
             stats = pair[0] * n if stats is None else stats + pair[0] * n
         mx.eval(total, ntoks, stats)
-    if ranks.many:
-        total, ntoks = ranks.sum(total), ranks.sum(ntoks)
-        mx.eval(total, ntoks)
+    if ranks.many:  # every rank sums the same shapes, whether its batches held pairs or none
+        summed = ranks.sum(
+            mx.concatenate(
+                [
+                    mx.stack([total, mx.array(float(pairs))]),
+                    mx.zeros(len(STATS)) if stats is None else stats,
+                ]
+            )
+        )
+        ntoks = ranks.sum(ntoks)
+        mx.eval(summed, ntoks)
+        total, pairs = summed[0], int(summed[1].item())
+        stats = summed[2:] if pairs else None
     model.train()
     return (total / ntoks).item(), ntoks.item(), None if stats is None else stats / pairs

@@ -371,10 +371,15 @@ def _compiled_step(s: Session):
             if trace
             else None
         )
-        # the global batch's loss, tokens and gradient, and the stop requests (ranks.py)
+        # the global batch's loss, tokens, gradient and pair stats, and the stop requests (ranks.py):
+        # a preference loss is a mean over the rank's pairs, SFT's over its scored tokens
         if ranks.many:
             local = toks
-            lvalue, toks, grad, stops = ranks.reduce_step(lvalue, toks, grad, stop)
+            pairs = mx.array(batch[0].shape[0] // 2) if stats else None
+            lvalue, toks, grad, stops, mean = ranks.reduce_step(
+                lvalue, toks, grad, stop, pairs, stats[0] if stats else None
+            )
+            stats = [mean] if stats else stats
         if prev_grad is not None:
             grad = tree_map(lambda x, y: x + y, grad, prev_grad)
         if do_update:

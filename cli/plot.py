@@ -1,11 +1,13 @@
 """`ftctl plot`: train and val loss against the global step, one colour per job, with the
-checkpoints, crashes and resumes marked on the x axis in the colour of their job (matplotlib, Agg
-backend: no display)."""
+checkpoints, crashes and resumes marked on the x axis in the colour of their job; below, where the
+points have them, preference training's rewards and margin, its accuracy, and the memory (matplotlib,
+Agg backend: no display)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+XLABEL = "global step (continues across warm-started jobs of a lineage)"
 # kind -> (matplotlib marker, size, what the legend says)
 MARKS = {
     "checkpoint": ("|", 12, "checkpoint"),
@@ -36,13 +38,20 @@ def draw(all_series, out: Path, heading: tuple[str, str]) -> int:
     from matplotlib import pyplot as plt
     from matplotlib.lines import Line2D
 
-    memory = _memory_panel(all_series)
-    if memory:
-        fig, (ax, mem_ax) = plt.subplots(
-            2, 1, figsize=(11, 8.4), dpi=110, sharex=True, gridspec_kw={"height_ratios": [2.2, 1]}
+    # the panels below the loss's, each where some point has its figures
+    below = [draw for draw, shown in _PANELS if shown(all_series)]
+    if below:
+        fig, (ax, *axes) = plt.subplots(
+            1 + len(below),
+            1,
+            figsize=(11, 5.8 + 2.6 * len(below)),
+            dpi=110,
+            sharex=True,
+            gridspec_kw={"height_ratios": [2.2] + [1] * len(below)},
         )
     else:
         fig, ax = plt.subplots(figsize=(11, 5.8), dpi=110)
+        axes = []
     n = 0
     colours = {}
     for i, s in enumerate(all_series):
@@ -65,8 +74,8 @@ def draw(all_series, out: Path, heading: tuple[str, str]) -> int:
                 label=f"job {s.job} ({s.name}): val",
             )
         n += len(train) + len(val)
-    if not memory:  # else the memory panel below carries the axis label
-        ax.set_xlabel("global step (continues across warm-started jobs of a lineage)")
+    if not below:  # else the lowest panel carries the axis label
+        ax.set_xlabel(XLABEL)
     ax.set_ylabel("loss")
     ymin, ymax = ax.get_ylim()
     kinds = set()
@@ -105,8 +114,10 @@ def draw(all_series, out: Path, heading: tuple[str, str]) -> int:
         if k in kinds
     ]
     ax.legend(handles=handles, fontsize=8, loc="upper right")
-    if memory:
-        _draw_memory(mem_ax, all_series, colours)
+    for draw_panel, panel_ax in zip(below, axes):
+        draw_panel(panel_ax, all_series, colours)
+    if axes:
+        axes[-1].set_xlabel(XLABEL)
     fig.suptitle(heading[0], fontsize=10.5, x=0.01, ha="left")
     ax.set_title(heading[1], fontsize=8, loc="left", color="#666666")
     fig.tight_layout()
@@ -169,7 +180,6 @@ def _draw_memory(ax, all_series, colours) -> None:
                 ms=3,
                 label=f"job {s.job}: GPU °C",
             )
-    ax.set_xlabel("global step (continues across warm-started jobs of a lineage)")
     ax.set_ylabel("memory (GB)")
     ax.grid(alpha=0.3)
     handles, _ = ax.get_legend_handles_labels()
@@ -177,3 +187,72 @@ def _draw_memory(ax, all_series, colours) -> None:
         temp_ax.set_ylabel("GPU temperature (°C)")
         handles += temp_ax.get_legend_handles_labels()[0]
     ax.legend(handles=handles, fontsize=7, loc="upper left")
+
+
+# preference training (train_mode dpo, orpo): each report's window (lines) and the validation pairs
+# (dots, as val loss is drawn), in the job's colour; the figure by its line style
+_REWARDS = (
+    ("chosen_reward", "-", "chosen reward"),
+    ("rejected_reward", ":", "rejected reward"),
+    ("reward_margin", "--", "reward margin"),
+)
+_ACCURACY = (("accuracy", "-", "accuracy"),)
+_DOTS = {"-": "o", ":": "v", "--": "D"}
+
+
+def _has(all_series, figures) -> bool:
+    return any(
+        p.get(k) is not None or p.get("val_" + k) is not None
+        for s in all_series
+        for p in s.points
+        for k, _, _ in figures
+    )
+
+
+def _draw_pairs(ax, all_series, colours, figures, ylabel: str) -> None:
+    for s in all_series:
+        for key, style, label in figures:
+            train = [(p["global_step"], p[key]) for p in s.points if p.get(key) is not None]
+            val = [
+                (p["global_step"], v) for p in s.points if (v := p.get("val_" + key)) is not None
+            ]
+            if train:
+                ax.plot(
+                    *zip(*train),
+                    ls=style,
+                    lw=1.2,
+                    color=colours[s.job],
+                    label=f"job {s.job}: {label}",
+                )
+            if val:
+                ax.plot(
+                    *zip(*val),
+                    ls="none",
+                    marker=_DOTS[style],
+                    ms=5,
+                    mec="white",
+                    mew=0.6,
+                    color=colours[s.job],
+                    label=f"job {s.job}: val {label}",
+                )
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def _draw_rewards(ax, all_series, colours) -> None:
+    _draw_pairs(ax, all_series, colours, _REWARDS, "reward")
+    ax.axhline(0, color="#999999", lw=0.8)
+
+
+def _draw_accuracy(ax, all_series, colours) -> None:
+    _draw_pairs(ax, all_series, colours, _ACCURACY, "pairs ranked right")
+    ax.set_ylim(-0.03, 1.03)
+
+
+# the panels below the loss's, top to bottom: (draw(ax, series, colours), whether any point has it)
+_PANELS = (
+    (_draw_rewards, lambda all_series: _has(all_series, _REWARDS)),
+    (_draw_accuracy, lambda all_series: _has(all_series, _ACCURACY)),
+    (_draw_memory, _memory_panel),
+)

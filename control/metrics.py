@@ -47,10 +47,20 @@ COLUMNS = (
     "accuracy",
     "val_reward_margin",
     "val_accuracy",
+    "val_chosen_reward",
+    "val_rejected_reward",
 )  # rank_tokens_per_s: a data-parallel job's, per rank; the rewards, margin and accuracy: preference
-# training's (train_mode dpo, orpo), null for sft
+# training's (train_mode dpo, orpo), null for sft — of the report's window, and (val_) of the
+# validation pairs (`evaluated`)
 PAIRS = ev.PAIR_FIELDS
-_NO_PAIRS = dict.fromkeys(PAIRS + ("val_reward_margin", "val_accuracy"))
+VAL_PAIRS = tuple(f"val_{k}" for k in PAIRS)
+_NO_PAIRS = dict.fromkeys(PAIRS + VAL_PAIRS)
+
+
+def val_pairs(pairs: ev.PairStats | None) -> dict[str, float | None]:
+    """An evaluation's pair figures under the names every view gives them (these columns, TensorBoard,
+    the trackers): val_chosen_reward, …; {} for sft."""
+    return {} if pairs is None else dict(zip(VAL_PAIRS, (getattr(pairs, k) for k in PAIRS)))
 
 
 @dataclass(frozen=True)
@@ -267,8 +277,7 @@ def series(
                 }
                 p = points[(k, step)]
             p["val_loss"] = val
-            if pref is not None:
-                p["val_reward_margin"], p["val_accuracy"] = pref.reward_margin, pref.accuracy
+            p.update(val_pairs(pref))
     for (
         ts,
         step,

@@ -35,6 +35,7 @@ from ftctl.adapters.fs import write_durable
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import SCRATCH_MARKER, Workspace
 from ftctl.control.ledger import Ledger
+from ftctl.core.config import features
 from ftctl.core.crash import Evidence, classify
 from ftctl.core.dataset import record_lines, validate_jsonl
 from ftctl.core.reproduction import (
@@ -579,12 +580,14 @@ def _examples(
     ws: Workspace, j: JobState, train: Path, trace: list[P.Traced], step: int | None
 ) -> list[ExampleRef]:
     """The batch of ``step``: each example's line in the job's copy and, when the submitted file is unchanged,
-    in that file; its token length and first characters."""
+    in that file; its token length and first characters. A preference pair is one line (prompt,
+    chosen and rejected): the pair's line; its length the longer side's. The lines are counted as the
+    trainer reads the file: under the job's feature keys (mlx-lm's *_feature, mlx-lm-lora's)."""
     t = next((t for t in trace if t.step == step), None)
     if t is None:
         return []
     data = train.read_bytes()
-    lines, raw = record_lines(data), data.split(b"\n")
+    lines, raw = record_lines(data, features(j.config)), data.split(b"\n")
     source = _source_lines(ws, j)
     out = []
     for i, n in zip(t.examples, t.lengths):
@@ -614,7 +617,7 @@ def _source_lines(ws: Workspace, j: JobState) -> list[int] | None:
     n = len(data.splitlines())
     if j.valid_sha256 is not None:  # submitted with --valid: the copy is the file itself
         return list(range(1, n + 1))
-    held = held_lines(data, validate_jsonl(data), j.config.batch_size)
+    held = held_lines(data, validate_jsonl(data, features(j.config)), j.config.batch_size)
     return [i for i in range(1, n + 1) if i not in held]
 
 

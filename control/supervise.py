@@ -610,7 +610,7 @@ class Attempt:
                     ),
                 )
                 self.tb.val(gstep, val, pref)
-                self.trackers.val(gstep, step, val)
+                self.trackers.val(gstep, step, val, pref)
                 host.log(f"job {job} step {step}: val loss {_num(val, '.4f')}")
             case P.CheckpointStarted(step=step, global_step=gstep):
                 L.commit(self.stream, ev.CheckpointStarted(job=job, step=step, global_step=gstep))

@@ -29,7 +29,7 @@ from ftctl.core.state import JobState
 from ftctl.events.errors import UserError
 from ftctl.events.types import PAIR_FIELDS, READINGS, Metrics, PairStats, ts_epoch
 
-from .metrics import select_jobs, series
+from .metrics import select_jobs, series, val_pairs
 
 # --------------------------------------------------------------------------- the writer
 
@@ -42,13 +42,10 @@ TAGS = {
     "peak_mem_gb": "peak_mem_gb",
     # the device's readings (adapters/telemetry.py): absent on a device that does not report them
     **{k: f"device/{k}" for k in READINGS},
-    # preference training (train_mode dpo, orpo): the report window's and the validation pairs'
-    "accuracy": "preference/accuracy/train",
-    "val_accuracy": "preference/accuracy/val",
-    "reward_margin": "preference/reward_margin/train",
-    "val_reward_margin": "preference/reward_margin/val",
-    "chosen_reward": "preference/chosen_reward",
-    "rejected_reward": "preference/rejected_reward",
+    # preference training (train_mode dpo, orpo): the report window's (train) and the validation
+    # pairs' (val): preference/accuracy/train, preference/accuracy/val, …
+    **{k: f"preference/{k}/train" for k in PAIR_FIELDS},
+    **{f"val_{k}": f"preference/{k}/val" for k in PAIR_FIELDS},
 }
 
 
@@ -148,15 +145,7 @@ class Live:
     def val(self, global_step: int, val_loss: float | None, pairs: PairStats | None = None) -> None:
         if self.run is not None:
             try:
-                more = (
-                    {}
-                    if pairs is None
-                    else {
-                        "val_accuracy": pairs.accuracy,
-                        "val_reward_margin": pairs.reward_margin,
-                    }
-                )
-                self.run.point(global_step, {"val_loss": val_loss, **more})
+                self.run.point(global_step, {"val_loss": val_loss, **val_pairs(pairs)})
             except Exception as e:  # noqa: BLE001
                 self._off(e)
 

@@ -2,10 +2,12 @@
 
 Like the live TensorBoard files (tensorboard.py), the daemon feeds them each point *after* the journal
 has recorded it, never from the worker's path, with mlx-lm's own names (train_loss, learning_rate,
-tokens_per_second, trained_tokens, peak_memory; val_loss) on the job's global step. No account and
-no network: wandb runs with mode="offline" (files under WS/trackers/<job>/wandb, `wandb sync` later
-if you want them online), swanlab with mode="local". One tracker run per attempt (a resumed attempt
-goes back to its checkpoint's step, which a tracker's run cannot). Submit refused a tracker whose
+tokens_per_second, trained_tokens, peak_memory; val_loss), and preference training's figures
+(chosen_reward, rejected_reward, reward_margin, accuracy; val_… of the validation pairs), on the job's
+global step. No account and no network: wandb runs with mode="offline" (files under
+WS/trackers/<job>/wandb, `wandb sync` later if you want them online), swanlab with mode="local". One
+tracker run per attempt (a resumed attempt goes back to its checkpoint's step, which a tracker's run
+cannot). Submit refused a tracker whose
 package is missing; a failure here is said once and turns that tracker off for the attempt.
 """
 
@@ -17,7 +19,9 @@ from collections.abc import Callable
 from ftctl.adapters.workspace import Workspace
 from ftctl.core.config import config_to_dict
 from ftctl.core.state import JobState
-from ftctl.events.types import PAIR_FIELDS, Metrics
+from ftctl.events.types import PAIR_FIELDS, Metrics, PairStats
+
+from .metrics import val_pairs
 
 
 class Trackers:
@@ -81,8 +85,10 @@ class Trackers:
             m.global_step,
         )
 
-    def val(self, global_step: int, step: int, val_loss: float | None) -> None:
-        self._log({"iteration": step, "val_loss": val_loss}, global_step)
+    def val(
+        self, global_step: int, step: int, val_loss: float | None, pairs: PairStats | None = None
+    ) -> None:
+        self._log({"iteration": step, "val_loss": val_loss, **val_pairs(pairs)}, global_step)
 
     def close(self) -> None:
         for tracker, (mod, run) in list(self.runs.items()):

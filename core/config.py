@@ -958,7 +958,9 @@ def _check(cfg: Config, source: str) -> None:
                     "batch_size",
                     cfg.batch_size,
                     f"a multiple of the world size {n} (each rank takes "
-                    "batch_size / world size examples of every batch)",
+                    "batch_size / world size "
+                    + ("examples" if cfg.train_mode == "sft" else "pairs")
+                    + " of every batch)",
                     "does not split over the ranks",
                 )
     s = cfg.lr_schedule
@@ -1033,16 +1035,6 @@ def _check_preference_keys(cfg: Config, fail) -> None:
             cfg.reference_model_path,
             "null with train_mode " + cfg.train_mode + " (only dpo compares against a reference)",
             "is not used",
-        )
-    if cfg.train_mode != "sft" and cfg.distributed is not None:
-        fail(
-            "distributed",
-            msgspec.to_builtins(cfg.distributed),
-            "null with train_mode "
-            + cfg.train_mode
-            + " (data-parallel training is SFT only so far; "
-            "train the preference run in one process)",
-            "is not supported",
         )
 
 

@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
-from helpers import RUNS  # noqa: E402
+from helpers import ORPO, RUNS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -63,15 +63,24 @@ def dpo_baseline(tmp_path_factory, demo) -> Baseline:
     return Baseline(home, first["adapter_sha256"], None)
 
 
+@pytest.fixture(scope="session")
+def orpo_baseline(tmp_path_factory, demo) -> Baseline:
+    """One uninterrupted 40-step ORPO job of TEST_CONFIG on the demo's preference pairs (sha2: None)."""
+    home = tmp_path_factory.mktemp("orpo-baseline") / "ws"
+    (first,) = _uninterrupted(home, demo, 1, **ORPO)
+    return Baseline(home, first["adapter_sha256"], None)
+
+
+BASELINES = {"lora": "baseline", "full": "full_baseline", "dpo": "dpo_baseline"}
+
+
 @pytest.fixture
 def uninterrupted(request) -> Baseline:
-    """The uninterrupted run of the test's ``run`` (helpers.RUNS: lora, full, dpo) or
+    """The uninterrupted run of the test's ``run`` (helpers.RUNS: lora, full, dpo; or orpo) or
     ``fine_tune_type`` (lora, full): a test parametrised over one of them."""
     name = "run" if "run" in request.fixturenames else "fine_tune_type"
     which = request.getfixturevalue(name)
-    return request.getfixturevalue(
-        {"lora": "baseline", "full": "full_baseline"}.get(which, "dpo_baseline")
-    )
+    return request.getfixturevalue(BASELINES.get(which, f"{which}_baseline"))
 
 
 @pytest.fixture

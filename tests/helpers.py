@@ -41,8 +41,10 @@ TEST_CONFIG = {
 
 # what the kill-at-crash-point tests train, each against its own uninterrupted run (conftest.py):
 # both fine-tune types, and preference training (DPO on the demo's pairs, the adapter switched off
-# as its reference)
+# as its reference). ORPO, the same loop with another loss and no reference, is killed at one
+# point only (ORPO_POINTS, tests/test_daemon.py): the suite's time
 RUNS = {"lora": {}, "full": {"fine_tune_type": "full"}, "dpo": {"train_mode": "dpo"}}
+ORPO = {"train_mode": "orpo"}
 
 
 def training_data(demo, cfg: dict) -> tuple[Path, Path]:

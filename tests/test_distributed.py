@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import (
+    RUNS,
     crash_env,
     daemon,
     finished,
@@ -23,8 +24,11 @@ from helpers import (
     make_workspace,
     running,
     stray_workers,
+    training_data,
     wait_for,
 )
+
+from ftctl.events.types import PAIR_FIELDS
 
 TWO = {"hosts": ["127.0.0.1"], "processes_per_host": 2}
 # small: 12 steps, checkpoints every 4, dropout off (so one process on the same global batch can be compared)
@@ -46,27 +50,59 @@ SMALL = {
 
 def _train(home: Path, demo, env: dict | None = None, **cfg) -> dict:
     make_workspace(home, demo.model_dir, **{**SMALL, **cfg})
-    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    train, valid = training_data(demo, cfg)  # preference pairs for dpo
+    ftctl(home, "submit", str(train), "--valid", str(valid))
     ftctl(home, "start", "--until-idle", "--quiet", env=env, timeout=600)
     return finished(home)
 
 
-def _losses(home: Path) -> list[tuple[int, float]]:
+def _points(home: Path) -> list[dict]:
     from ftctl.adapters.workspace import Workspace
 
     with Workspace(home).open_journal() as j:
-        return [(m["step"], m["loss"]) for m in j.recent_metrics("0001", limit=1000)]
+        return j.recent_metrics("0001", limit=1000)
+
+
+def _evaluated(home: Path) -> list[dict]:
+    return [e["data"] for e in history(home) if e["type"] == "evaluated"]
+
+
+def _two_ranks(tmp_path_factory, demo, run: str) -> dict:
+    """An uninterrupted 2-rank job of helpers.RUNS[run]: its status."""
+    return _train(tmp_path_factory.mktemp(f"dist-{run}") / "ws", demo, distributed=TWO, **RUNS[run])
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, demo) -> dict:
-    """An uninterrupted 2-rank job: its status."""
-    return _train(tmp_path_factory.mktemp("dist") / "ws", demo, distributed=TWO)
+    return _two_ranks(tmp_path_factory, demo, "lora")
 
 
+@pytest.fixture(scope="module")
+def two_ranks_full(tmp_path_factory, demo) -> dict:
+    return _two_ranks(tmp_path_factory, demo, "full")
+
+
+@pytest.fixture(scope="module")
+def two_ranks_dpo(tmp_path_factory, demo) -> dict:
+    """DPO on the demo's pairs: a rank's share of a batch is whole pairs, its loss a mean per pair."""
+    return _two_ranks(tmp_path_factory, demo, "dpo")
+
+
+UNINTERRUPTED = {"lora": "two_ranks", "full": "two_ranks_full", "dpo": "two_ranks_dpo"}
+
+
+def _close(a: float | None, b: float | None) -> bool:
+    """Equal up to float summation order (1e-3 relative; near 0, 1e-5 absolute)."""
+    if a is None or b is None:
+        return a is b
+    return abs(a - b) <= max(1e-3 * abs(b), 1e-5)
+
+
+@pytest.mark.parametrize("run", ["lora", "dpo"])
 def test_two_ranks_complete_and_match_one_process_on_the_same_global_batch(
-    two_ranks, tmp_path, demo
+    request, tmp_path, demo, run
 ):
+    two_ranks = request.getfixturevalue(UNINTERRUPTED[run])
     home = Path(two_ranks["adapter_path"]).parents[2]
     started = [e["data"] for e in history(home) if e["type"] == "training_started"]
     assert [(s["world_size"], s["hosts"], s["backend"]) for s in started] == [
@@ -86,37 +122,37 @@ def test_two_ranks_complete_and_match_one_process_on_the_same_global_batch(
     assert "rank_tokens_per_s" in csv_rows[0].split(",") and any(";" in row for row in csv_rows[1:])
     assert " tok/s" in ftctl(home, "metrics", "1").stdout.split("ranks ", 1)[1]
     # one process, the same config without `distributed`: the same global batches, so the same losses
-    # (up to float summation order) — the shards are complementary, not duplicated
-    one = _train(tmp_path / "one", demo)
-    two_l, one_l = _losses(home), _losses(tmp_path / "one")
-    assert [s for s, _ in two_l] == [s for s, _ in one_l] == list(range(2, 13, 2))
-    for (_, a), (_, b) in zip(two_l, one_l):
-        assert abs(a - b) <= 1e-3 * abs(b), (two_l, one_l)
-    assert abs(two_ranks["last_val_loss"] - one["last_val_loss"]) <= 1e-3 * one["last_val_loss"]
+    # (up to float summation order) — the shards are complementary, not duplicated. DPO: each rank's
+    # loss is a mean over its pairs, so the pair figures of every report and of the validation pairs
+    # match too (rank 1 holds no validation batch here: one batch of 2 pairs)
+    one = _train(tmp_path / "one", demo, **RUNS[run])
+    fields = ("loss", *PAIR_FIELDS) if run == "dpo" else ("loss",)
+    two_p, one_p = _points(home), _points(tmp_path / "one")
+    assert [p["step"] for p in two_p] == [p["step"] for p in one_p] == list(range(2, 13, 2))
+    for a, b in zip(two_p, one_p):
+        assert all(_close(a[k], b[k]) for k in fields), (two_p, one_p)
+    two_e, one_e = _evaluated(home), _evaluated(tmp_path / "one")
+    assert [e["step"] for e in two_e] == [e["step"] for e in one_e] == [0, 12]
+    for a, b in zip(two_e, one_e):
+        assert _close(a["val_loss"], b["val_loss"]), (two_e, one_e)
+        if run == "dpo":
+            assert all(_close(a["preference"][k], b["preference"][k]) for k in PAIR_FIELDS)
+        else:
+            assert a.get("preference") is None
+    if run == "dpo":  # and it learns: the chosen answer pulls ahead
+        assert two_e[-1]["preference"]["reward_margin"] > 0
     assert two_ranks["adapter_sha256"] != one["adapter_sha256"]  # a different run, not a copy
 
 
-@pytest.fixture(scope="module")
-def two_ranks_full(tmp_path_factory, demo) -> dict:
-    """An uninterrupted 2-rank full fine-tune: its status."""
-    return _train(
-        tmp_path_factory.mktemp("dist-full") / "ws", demo, distributed=TWO, fine_tune_type="full"
-    )
-
-
-@pytest.mark.parametrize("fine_tune_type", ["lora", "full"])
-def test_sigkill_of_rank_1_kills_the_group_and_resumes_bit_exact(
-    request, tmp_path, demo, fine_tune_type
-):
-    two_ranks = request.getfixturevalue(
-        "two_ranks" if fine_tune_type == "lora" else "two_ranks_full"
-    )
+@pytest.mark.parametrize("run", list(RUNS))
+def test_sigkill_of_rank_1_kills_the_group_and_resumes_bit_exact(request, tmp_path, demo, run):
+    two_ranks = request.getfixturevalue(UNINTERRUPTED[run])
     home, at = (
         tmp_path / "ws",
         random.randint(1, SMALL["iters"]),
     )  # any step: the resume must be bit-exact from all
     env = crash_env(tmp_path, f"mid_step@1:{at}")
-    s = _train(home, demo, env=env, distributed=TWO, fine_tune_type=fine_tune_type)
+    s = _train(home, demo, env=env, distributed=TWO, **RUNS[run])
     crashes = ftctl_json(home, "crashes")
     assert len(crashes) == 1, at
     c = crashes[0]

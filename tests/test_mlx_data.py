@@ -328,10 +328,16 @@ print(json.dumps(out))
     assert out["every"][1] == "checkpointed_fn"  # mlx-lm's grad_checkpoint wraps the layer's call
 
 
-def test_report_to_logs_every_recorded_point_offline(tmp_path, demo):
+@pytest.mark.parametrize("mode", ["sft", "dpo"])
+def test_report_to_logs_every_recorded_point_offline(tmp_path, demo, mode):
     """A stand-in `wandb` package (none is installed here) records what the daemon gives it: offline
-    mode, mlx-lm's metric names, the points the journal recorded."""
-    from helpers import ftctl
+    mode, mlx-lm's metric names, the points the journal recorded. A DPO job's reports carry the pair
+    figures and its evaluations the validation pairs' (val_…), in the trackers and in the live
+    TensorBoard files (preference/<figure>/train and /val); an SFT job's carry none."""
+    from helpers import ftctl, training_data
+    from test_view import _tb_points
+
+    from ftctl.events.types import PAIR_FIELDS
 
     fake = tmp_path / "pkgs" / "wandb"
     fake.mkdir(parents=True)
@@ -348,18 +354,17 @@ def init(**kw):
     return _Run()
 """
     )
-    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    home = make_workspace(tmp_path / "ws", demo.model_dir, train_mode=mode)
+    train, valid = training_data(demo, {"train_mode": mode})
     env = {"PYTHONPATH": str(fake.parent)}
+    sets = ("report_to=wandb", "iters=10", "metrics.tensorboard=true")
     ftctl(
         home,
         "submit",
-        str(demo.train),
+        str(train),
         "--valid",
-        str(demo.valid),
-        "--set",
-        "report_to=wandb",
-        "--set",
-        "iters=10",
+        str(valid),
+        *(a for x in sets for a in ("--set", x)),
         env=env,
     )
     ftctl(home, "start", "--until-idle", "--quiet", env=env, timeout=600)
@@ -367,7 +372,22 @@ def init(**kw):
     assert calls[0][0] == "init" and calls[0][1]["mode"] == "offline" and calls[-1] == ["finish"]
     logged = [c for c in calls if c[0] == "log"]
     assert {c[2] for c in logged if "train_loss" in c[1]} == {5, 10}
-    assert any("val_loss" in c[1] for c in logged)
+    vals = [c[1] for c in logged if "val_loss" in c[1]]
+    trains = [c[1] for c in logged if "train_loss" in c[1]]
+    assert [v["iteration"] for v in vals] == [0, 10]
+    tb = _tb_points(home / "tensorboard" / "0001")
+    for k in PAIR_FIELDS:
+        if mode == "sft":
+            assert not any(k in c or f"val_{k}" in c for c in vals + trains)
+            assert f"preference/{k}/val" not in tb and f"preference/{k}/train" not in tb
+        else:
+            assert all(isinstance(v[f"val_{k}"], float) for v in vals), vals
+            assert all(isinstance(t[k], float) for t in trains), trains
+            assert [s for s, _ in tb[f"preference/{k}/val"]] == [0, 10]
+            assert [s for s, _ in tb[f"preference/{k}/train"]] == [5, 10]
+            assert [x for _, x in tb[f"preference/{k}/val"]] == pytest.approx(
+                [v[f"val_{k}"] for v in vals], rel=1e-6
+            )
 
 
 def test_a_folder_of_preference_pairs_is_refused_at_submit_with_nothing_queued(home, tmp_path):

@@ -268,9 +268,9 @@ def test_mlx_lm_loras_preference_keys_are_read_under_its_names():
         ({"judge": "human"}, ["mlx-lm-lora key", "another", "train_mode: sft | dpo | orpo"]),
         ({"train_type": "full"}, ["fine_tune_type", "beta, dpo_cpo_loss_type"]),
         ({"train_mode": "orpo", "reference_model_path": "r"}, ["only dpo compares"]),
-        (
-            {"train_mode": "dpo", "distributed": {"hosts": ["a", "b"]}},
-            ["data-parallel", "one process"],
+        (  # data-parallel: a rank's share of a batch is whole pairs
+            {"train_mode": "dpo", "batch_size": 3, "distributed": {"hosts": ["a", "b"]}},
+            ["batch_size = 3", "world size 2", "batch_size / world size pairs"],
         ),
     ],
 )

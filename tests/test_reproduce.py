@@ -112,47 +112,81 @@ def test_verdict_properties(crash, crash_step, message, category, step, replay_m
 # --------------------------------------------------------------------------- a poisoned example
 
 
-def _marker(demo, step: int) -> tuple[str, int]:
-    """Text found in exactly one line of the demo data, of an example in the batch of ``step`` (TEST_CONFIG's
-    batches): (the text, its line). The poison seam then makes that step's loss NaN."""
+# renamed pair keys (mlx-lm-lora's *_feature): the lines must be counted as the trainer reads them
+RENAMED = {"prompt": "question", "chosen": "good", "rejected": "bad", "system": "sys"}
+
+
+def _marker(demo, step: int, train: Path | None = None, cfg: dict | None = None) -> tuple[str, int]:
+    """Text found in exactly one line of the training data (``train``: the demo's chat examples by
+    default), of an example (a preference pair, with ``cfg``'s train_mode and keys) in the batch of
+    ``step`` (TEST_CONFIG's batches): (the text, its line). The poison seam then makes that step's
+    loss NaN (tests/test_alerts.py: scales it)."""
     from helpers import TEST_CONFIG
     from mlx_lm.utils import load_tokenizer
 
     from ftctl.adapters.batches import TrainBatches
     from ftctl.adapters.trainer import load_items
+    from ftctl.core.config import decode_config, features
     from ftctl.core.dataset import record_lines, valid_records
 
-    data = Path(demo.train).read_bytes()
-    items = load_items(str(demo.train), load_tokenizer(Path(demo.model_dir)), False)
+    train, cfg = Path(train or demo.train), cfg or {}
+    feats = features(decode_config({"model": "m", **cfg})[0])
+    mode = cfg.get("train_mode", "sft")
+    data = train.read_bytes()
+    items = load_items(str(train), load_tokenizer(Path(demo.model_dir)), False, feats, mode)
     batches = TrainBatches(
         items, TEST_CONFIG["batch_size"], TEST_CONFIG["max_seq_length"], TEST_CONFIG["seed"]
     )
-    records, lines, raw = valid_records(data), record_lines(data), data.decode().split("\n")
+    records, lines = valid_records(data, feats), record_lines(data, feats)
+    raw = data.decode().split("\n")
     for i in batches.indices(step - 1):
-        text = json.dumps(records[i]["messages"][1]["content"])[1:-1]
+        r = records[i]
+        text = json.dumps(r["messages"][1]["content"] if mode == "sft" else r["prompt"])[1:-1]
         if sum(text in line for line in raw) == 1:
             return text, lines[i]
     pytest.skip("no example of that batch has a unique text")
 
 
 @pytest.fixture(scope="module")
-def poisoned(tmp_path_factory, demo):
-    text, line = _marker(demo, POISON_STEP)
-    home = make_workspace(tmp_path_factory.mktemp("poison") / "ws", demo.model_dir, iters=20)
-    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+def poisoned(request, tmp_path_factory, demo):
+    """A job whose batch at POISON_STEP holds an example the poison seam makes NaN, run by the daemon
+    until its NaN guard stopped it and its replay paused it: (home, the text, the example's line in
+    the job's train.jsonl, its line in the submitted file). sft (the default): the demo's chat
+    examples, submitted with --valid (the same lines). dpo: the demo's preference pairs under renamed
+    keys, submitted without --valid (submit holds every 20th pair out: the lines differ)."""
+    mode = getattr(request, "param", "sft")
+    tmp = tmp_path_factory.mktemp(f"poison-{mode}")
+    if mode == "sft":
+        cfg, src, valid = {}, Path(demo.train), ["--valid", str(demo.valid)]
+    else:
+        cfg = {"train_mode": "dpo", **{f"{k}_feature": v for k, v in RENAMED.items()}}
+        src, valid = tmp / "pairs.jsonl", []
+        rows = [json.loads(x) for x in demo.preference["train"].read_text().splitlines()]
+        src.write_text(
+            "".join(json.dumps({RENAMED[k]: v for k, v in r.items()}) + "\n" for r in rows)
+        )
+    home = make_workspace(tmp / "ws", demo.model_dir, iters=20, **cfg)
+    ftctl(home, "submit", str(src), *valid)
+    text, line = _marker(demo, POISON_STEP, home / "jobs" / "0001" / "data" / "train.jsonl", cfg)
+    (source_line,) = [n for n, l in enumerate(src.read_text().split("\n"), 1) if text in l]
     ftctl(home, "start", "--until-idle", "--quiet", env={"FTCTL_POISON": text}, check=False)
-    return home, text, line
+    return home, text, line, source_line
 
 
+# a DPO job's non-finite loss is handled as SFT's: stopped, replayed, paused, its pair named
+SFT_AND_DPO = pytest.mark.parametrize("poisoned", ["sft", "dpo"], indirect=True)
+
+
+@SFT_AND_DPO
 def test_the_daemon_replays_a_nan_and_pauses_the_job(poisoned):
-    home, _, line = poisoned
+    home, _, line, source_line = poisoned
     s = status(home, "0001")
     assert s["state"] == "paused", s
     assert s["crashes"][-1]["category"] == "nan" and s["crashes"][-1]["verdict"] == "reproduced"
     assert "reproduced" in s["reason"] and "lines" in s["reason"] and str(line) in s["reason"]
     e = [e["data"] for e in history(home) if e["type"] == "crash_reproduced"][0]
     assert e["by"] == "daemon" and e["crash"] == 1 and e["first_nonfinite_step"] == POISON_STEP
-    assert line in [x["line"] for x in e["examples"]]
+    assert (line, source_line) in [(x["line"], x["source_line"]) for x in e["examples"]]
 
 
 def test_the_status_page_links_a_crash_to_its_reproduction(poisoned):
@@ -161,7 +195,7 @@ def test_the_status_page_links_a_crash_to_its_reproduction(poisoned):
     from ftctl.adapters.workspace import Workspace
     from ftctl.control.dashboard import Viewer
 
-    home, _, line = poisoned
+    home, _, line, _ = poisoned
     viewer = Viewer(Workspace(home))
     try:
         (crash,) = viewer.crashes()
@@ -176,10 +210,11 @@ def test_the_status_page_links_a_crash_to_its_reproduction(poisoned):
     )
 
 
+@SFT_AND_DPO
 def test_reproduce_names_the_poisoned_line_and_traces_identically(
     poisoned, capsys, monkeypatch, tmp_path
 ):
-    home, text, line = poisoned
+    home, text, line, source_line = poisoned
     # the seam is active in the replay's worker as in the daemon's
     monkeypatch.setenv("FTCTL_POISON", text)
     traces = []
@@ -193,17 +228,20 @@ def test_reproduce_names_the_poisoned_line_and_traces_identically(
         "REPRODUCED" in out
         and f"non-finite: the loss and gradient norm at step {POISON_STEP}" in " ".join(out.split())
     )
-    # the failing batch's table
-    assert f"│ {line} │" in out.replace("  ", " ").replace("  ", " ") or f" {line} " in out
+    # the failing batch's table: the example's (the pair's) line in the job's copy and in the
+    # submitted file
+    cells = [[c.strip() for c in row.split("│")] for row in out.splitlines() if "│" in row]
+    assert any(c[2:4] == [str(line), str(source_line)] for c in cells), out
     e = [e["data"] for e in history(home) if e["type"] == "crash_reproduced"][-1]
     assert (e["verdict"], e.get("by", "user"), e["failing_step"]) == (
         "reproduced",
         "user",
         POISON_STEP,
     )
-    poisoned_ex = [x for x in e["examples"] if x["line"] == line]
-    # submitted with --valid: the same file, the same lines
-    assert poisoned_ex and poisoned_ex[0]["source_line"] == line
+    assert (line, source_line) in [(x["line"], x["source_line"]) for x in e["examples"]]
+    lines = ", ".join(str(x["line"]) for x in e["examples"])
+    sources = ", ".join(str(x["source_line"]) for x in e["examples"])
+    assert f"train.jsonl lines {lines} (lines {sources} of the submitted file)" in e["summary"]
     assert e["from_step"] == 5 and e["step"] == e["crash_step"]
     # determinism of the replay itself
     assert traces[0] == traces[1] and traces[0].count(b"\n") == e["target_step"] - 5

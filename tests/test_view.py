@@ -199,6 +199,9 @@ def test_plot_colours_markers_by_job_and_titles_what_it_draws(three, tmp_path, c
     for l in ax.lines:
         if l.get_label().endswith(": val"):
             assert l.get_linestyle() == "None" and l.get_marker() == "o"
+    assert [
+        a.get_ylabel() for a in figs[0].axes if a.get_ylabel() in ("reward", "pairs ranked right")
+    ] == []
     heading = figs[0].texts[0].get_text()
     assert "job 0001 first (completed)" in heading and "job 0002 second (completed)" in heading
     assert ax.get_title(loc="left").startswith(f"workspace {home}")
@@ -674,6 +677,7 @@ def test_browser_page_draws_what_the_journal_has(three, server, tmp_path):
     counts = _metrics(home, "2", "--all")["jobs"][0]["counts"]
     assert int(a["superseded"]) == counts["superseded"] == 1 and int(a["train"]) == counts["train"]
     assert 'data-replay="5"' in page and "state right after event 5" in page
+    assert 'class="chart pairs"' not in page  # an SFT job: the loss chart only
     assert 'class="state-panel"' in page and "<pre" in page  # a readable panel, the JSON folded
     # the job training: its heading names the journal's seq (it said "?" until a pulse came) and its
     # global step starts at its warm start's base
@@ -702,3 +706,90 @@ def test_browser_shows_the_dead_daemon_banner(three, server):
         and "died without recording its stop" in dom
     )
     assert "(daemon dead)" in dom  # job 0003's row: training says the journal, nobody supervises it
+
+
+# --------------------------------------------------------------------------- preference training's figures
+
+
+def _pair_points(home: Path) -> list[dict]:
+    return _metrics(home, "1")["points"]
+
+
+def test_a_dpo_jobs_pair_figures_are_plotted_exported_and_served(
+    dpo_baseline, tmp_path, capsys, monkeypatch
+):
+    """The uninterrupted DPO job (conftest.py): `ftctl plot` draws the rewards and margin in one panel
+    and the accuracy in another, each report's window as lines and the validation pairs as dots, with
+    the journal's numbers; `ftctl export-tb` writes them under preference/<figure>/train and /val; the
+    page's metrics carry every column of them."""
+    from ftctl.events.types import PAIR_FIELDS
+
+    home = dpo_baseline.home
+    points = _pair_points(home)
+    evals = [p for p in points if p["val_accuracy"] is not None]
+    assert [p["step"] for p in evals] == [0, 10, 20, 30, 40]
+    assert all(p[f"val_{k}"] is not None for p in evals for k in PAIR_FIELDS)
+
+    def curve(key):
+        return [(p["global_step"], p[key]) for p in points if p[key] is not None]
+
+    figs = _drawn(monkeypatch)
+    code, _, err = run(capsys, "plot", "1", "-o", tmp_path / "dpo.png", "--home", home)
+    assert code == 0 and len(figs) == 1, err
+    panels = {a.get_ylabel(): a for a in figs[0].axes}
+    assert {"loss", "reward", "pairs ranked right"} <= set(panels), list(panels)
+    drawn = {
+        l.get_label(): list(zip(l.get_xdata(), l.get_ydata()))
+        for name in ("reward", "pairs ranked right")
+        for l in panels[name].lines
+        if l.get_label().startswith("job ")
+    }
+    for key, label in (
+        ("chosen_reward", "chosen reward"),
+        ("rejected_reward", "rejected reward"),
+        ("reward_margin", "reward margin"),
+        ("accuracy", "accuracy"),
+    ):
+        assert drawn[f"job 0001: {label}"] == curve(key), key
+        assert drawn[f"job 0001: val {label}"] == curve(f"val_{key}"), key
+    val_dots = [l for l in panels["reward"].lines if l.get_label().startswith("job 0001: val")]
+    assert val_dots and all(l.get_linestyle() == "None" for l in val_dots)
+
+    code, _, _ = run(capsys, "export-tb", "1", "-o", tmp_path / "tb", "--home", home)
+    tb = _tb_points(tmp_path / "tb" / "0001")
+    for k in PAIR_FIELDS:
+        for where, key in (("train", k), ("val", f"val_{k}")):
+            got = tb[f"preference/{k}/{where}"]
+            assert [s for s, _ in got] == [s for s, _ in curve(key)], (k, where)
+            assert [v for _, v in got] == pytest.approx([v for _, v in curve(key)], rel=1e-6)
+
+    s = Server(home)
+    try:
+        cols = s.json("/api/jobs/0001/metrics")["columns"]
+    finally:
+        s.stop()
+    for k in (*PAIR_FIELDS, *(f"val_{k}" for k in PAIR_FIELDS)):
+        assert cols[k] == [p[k] for p in points], k
+
+
+@needs_chromium
+def test_the_job_page_charts_a_dpo_jobs_pair_figures(dpo_baseline):
+    """Beside the loss chart, a second chart (class "chart pairs") draws the rewards, margin and
+    accuracy: as many report and evaluation points as the journal has, the newest accuracies its."""
+    home = dpo_baseline.home
+    points = _pair_points(home)
+    s = Server(home)
+    try:
+        page = _chromium(s.url("/job/0001"), "--window-size=1400,1200", "--dump-dom")
+    finally:
+        s.stop()
+    m = re.search(r'<div class="chart pairs" data-job="0001"([^>]*)>', page)
+    assert m, "no pair chart"
+    a = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', m[1]))
+    reports = [p for p in points if p["accuracy"] is not None]
+    evals = [p for p in points if p["val_accuracy"] is not None]
+    assert (int(a["pairs"]), int(a["val-pairs"])) == (len(reports), len(evals)) == (8, 5)
+    assert float(a["last-accuracy"]) == pytest.approx(reports[-1]["accuracy"])
+    assert float(a["last-val-accuracy"]) == pytest.approx(evals[-1]["val_accuracy"])
+    assert "preference pairs · 8 reports / 5 evaluations" in page
+    assert _attrs(page, "0001")["train"] == "8"  # and the loss chart as before

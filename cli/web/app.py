@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse as _JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ftctl.control import metrics
 from ftctl.control.dashboard import Viewer
 from ftctl.events.errors import UserError
 
@@ -138,9 +139,8 @@ def _series_json(s, full: bool) -> dict:
                 "trained_tokens",
                 "superseded",
                 "ts",
-                "accuracy",
-                "reward_margin",
-                "val_accuracy",
+                *metrics.PAIRS,  # preference training's (dpo, orpo): the pair chart's
+                *metrics.VAL_PAIRS,
             )
         },
     }

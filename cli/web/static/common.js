@@ -204,12 +204,27 @@ class LossChart {
     return this.opts.superseded ? [xs, train, val, gone] : [xs, train, val];
   }
 
-  render() {
-    const data = this.data();
+  heading() {
     const m = this.meta;
-    this.title.textContent = "job " + m.job + " " + m.name + " · " + m.state + " · " + this.box.dataset.train +
+    return "job " + m.job + " " + m.name + " · " + m.state + " · " + this.box.dataset.train +
       " train / " + this.box.dataset.val + " val points" +
       (Number(this.box.dataset.superseded) ? " · " + this.box.dataset.superseded + " superseded" : "");
+  }
+
+  // uPlot's scales, axes and series (after x) for what data() returns
+  layout() {
+    const series = [
+      { label: "train", stroke: "#1f77b4", width: 1.5, spanGaps: true, points: { show: false } },
+      { label: "val", stroke: "#ff7f0e", width: 0, spanGaps: true, points: { show: true, size: 6, fill: "#ff7f0e" } },
+    ];
+    if (this.opts.superseded)
+      series.push({ label: "superseded", stroke: "#9e9e9e", width: 0, points: { show: true, size: 7, fill: "#9e9e9e" } });
+    return { scales: { x: { time: false } }, axes: [{ label: "global step", incrs: STEP_INCRS }, { label: "loss" }], series };
+  }
+
+  render() {
+    const data = this.data();
+    this.title.textContent = this.heading();
     if (this.plot) { this.plot.setData(data); return; }
     const markers = () => this.markers;
     const ticks = (u) => {
@@ -228,19 +243,8 @@ class LossChart {
         }
       }
     };
-    const opts = {
-      ...this.size(),
-      scales: { x: { time: false } },
-      axes: [{ label: "global step", incrs: STEP_INCRS }, { label: "loss" }],
-      series: [
-        { label: "step" },
-        { label: "train", stroke: "#1f77b4", width: 1.5, spanGaps: true, points: { show: false } },
-        { label: "val", stroke: "#ff7f0e", width: 0, spanGaps: true, points: { show: true, size: 6, fill: "#ff7f0e" } },
-      ],
-      hooks: { draw: [ticks] },
-    };
-    if (this.opts.superseded)
-      opts.series.push({ label: "superseded", stroke: "#9e9e9e", width: 0, points: { show: true, size: 7, fill: "#9e9e9e" } });
+    const { scales, axes, series } = this.layout();
+    const opts = { ...this.size(), scales, axes, series: [{ label: "step" }, ...series], hooks: { draw: [ticks] } };
     this.plot = new uPlot(opts, data, this.box);
     // the box's width follows the page (a new chart beside it, a resized window): the plot follows the box
     if (typeof ResizeObserver !== "undefined") {
@@ -249,6 +253,75 @@ class LossChart {
         if (this.box.clientWidth !== last) { last = this.box.clientWidth; this.resize(); }
       }).observe(this.box);
     }
+  }
+}
+
+// Preference training's figures (train_mode dpo, orpo) beside the loss chart, as `ftctl plot` draws them: the
+// chosen and rejected rewards and their margin (left axis), the share of pairs ranked right (right axis, 0 to 1);
+// each report's window as lines, the validation pairs (`evaluated`) as dots; superseded points left out. The same
+// markers on the x axis. data-* attributes say what is drawn (data-pairs: report points, data-val-pairs:
+// evaluations, data-last-accuracy / data-last-val-accuracy: the newest of each).
+const PAIR_FIGURES = [  // [column, label, colour, dash]
+  ["chosen_reward", "chosen reward", "#2e7d32", null],
+  ["rejected_reward", "rejected reward", "#c62828", null],
+  ["reward_margin", "reward margin", "#1f77b4", [6, 3]],
+  ["accuracy", "accuracy", "#6a1b9a", null],
+];
+
+function hasPairs(series) {
+  const c = series.columns;
+  return PAIR_FIGURES.some(([k]) => (c[k] || []).some(v => v !== null) || (c["val_" + k] || []).some(v => v !== null));
+}
+
+class PairChart extends LossChart {
+  constructor(parent, series, opts) {
+    super(parent, series, opts);
+    this.box.classList.add("pairs");
+  }
+
+  data() {
+    const c = this.cols, xs = [], cols = PAIR_FIGURES.flatMap(([k]) => [k, "val_" + k]);
+    const out = cols.map(() => []);
+    let nPairs = 0, nVal = 0, lastAcc = null, lastVal = null, last = -Infinity;
+    for (let i = 0; i < c.global_step.length; i++) {
+      if (c.superseded[i]) continue;
+      let x = c.global_step[i];
+      if (x <= last) x = last + 1e-6;
+      last = x;
+      xs.push(x);
+      cols.forEach((k, j) => out[j].push(c[k] ? c[k][i] : null));
+      if (PAIR_FIGURES.some(([k]) => c[k][i] !== null)) nPairs++;
+      if (PAIR_FIGURES.some(([k]) => c["val_" + k][i] !== null)) nVal++;
+      if (c.accuracy[i] !== null) lastAcc = c.accuracy[i];
+      if (c.val_accuracy[i] !== null) lastVal = c.val_accuracy[i];
+    }
+    Object.assign(this.box.dataset, {
+      pairs: String(nPairs), valPairs: String(nVal),
+      lastAccuracy: lastAcc === null ? "" : String(lastAcc), lastValAccuracy: lastVal === null ? "" : String(lastVal),
+    });
+    return [xs, ...out];
+  }
+
+  heading() {
+    const d = this.box.dataset;
+    return "job " + this.meta.job + " · preference pairs · " + d.pairs + " reports / " + d.valPairs + " evaluations" +
+      (d.lastValAccuracy ? " · val accuracy " + num(100 * Number(d.lastValAccuracy), 0) + "%" : "");
+  }
+
+  layout() {
+    const series = PAIR_FIGURES.flatMap(([, label, colour, dash]) => {
+      const scale = label === "accuracy" ? "acc" : "r";
+      return [
+        { label, scale, stroke: colour, width: 1.4, dash: dash || undefined, spanGaps: true, points: { show: false } },
+        { label: "val " + label, scale, stroke: colour, width: 0, spanGaps: true, points: { show: true, size: 6, fill: colour } },
+      ];
+    });
+    return {
+      scales: { x: { time: false }, r: {}, acc: { range: [0, 1] } },
+      axes: [{ label: "global step", incrs: STEP_INCRS }, { scale: "r", label: "reward" },
+        { scale: "acc", side: 1, label: "accuracy", grid: { show: false } }],
+      series,
+    };
   }
 }
 

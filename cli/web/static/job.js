@@ -4,7 +4,7 @@ const JOB = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop(
 document.getElementById("job-id").textContent = JOB;
 document.getElementById("home").href = withToken("../");
 document.title = "ftctl job " + JOB;
-let chart = null, lastPulse = null;
+let chart = null, pairChart = null, lastPulse = null;
 
 async function showReplay(seq) {
   const title = document.getElementById("replay-title"), body = document.getElementById("replay-body");
@@ -34,6 +34,9 @@ async function refresh(pulse) {
   const series = await api("api/jobs/" + encodeURIComponent(JOB) + "/metrics?all=1");
   if (chart) chart.replace(series);
   else chart = new LossChart(document.getElementById("charts"), series, { height: 360, superseded: true });
+  // a preference job (dpo, orpo): its rewards, margin and accuracy beside the loss
+  if (pairChart) pairChart.replace(series);
+  else if (hasPairs(series)) pairChart = new PairChart(document.getElementById("charts"), series, { height: 360 });
   const ul = document.getElementById("markers");
   ul.replaceChildren();
   for (const m of series.markers) ul.appendChild(el("li", "global step " + m.global_step + ": " + m.text + " (event " + m.seq + ")"));
