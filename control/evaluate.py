@@ -15,6 +15,7 @@ from ftctl.adapters.fs import UnreadableFile, read_input
 from ftctl.adapters.model import model_problem
 from ftctl.adapters.workspace import Workspace
 from ftctl.control.ledger import Ledger
+from ftctl.core.config import features
 from ftctl.core.dataset import validate_jsonl
 from ftctl.core.state import JobState, job_stream
 from ftctl.events import types as ev
@@ -57,14 +58,15 @@ def evaluate(ws: Workspace, ledger: Ledger, job: str, data: Path | None = None) 
     _require_adapter(ws, j)
     path = _data_path(ws, j, data)
     raw = _read(path)
-    report = validate_jsonl(raw)
+    cfg = j.config
+    keys = features(cfg)  # the job's data keys (the *_feature renames), as training read them
+    report = validate_jsonl(raw, keys)
     if report.verdict == "reject":
         raise EvalRefused(
             f"{path} cannot be evaluated on: {'; '.join(report.reasons)}. Nothing was recorded; "
             "fix the file (`ftctl submit` checks the same rules) or leave out --data to use the "
             "job's validation split"
         )
-    cfg = j.config
     try:
         s = score(
             str(ws.abs(j.base_model)),
@@ -73,6 +75,7 @@ def evaluate(ws: Workspace, ledger: Ledger, job: str, data: Path | None = None) 
             batch_size=cfg.batch_size,
             max_seq_length=cfg.max_seq_length,
             mask_prompt=cfg.mask_prompt and report.format != "text",
+            features=keys,
             beta=cfg.beta,
         )
     except ValueError as e:

@@ -168,3 +168,30 @@ def test_eval_refuses_an_adapter_changed_on_disk(trained, capsys):
     finally:
         blob.write_bytes(good)
     assert len(history(trained)) == before
+
+
+def test_a_job_trained_on_renamed_keys_is_evaluated_under_them(tmp_path, demo, capsys):
+    """chat_feature renames the data's key (mlx-lm's *_feature): `ftctl eval` reads the job's validation
+    split, and a --data file, with the job's keys, as training did — not the default ones."""
+    from helpers import ftctl
+
+    from ftctl.adapters.workspace import Workspace
+    from ftctl.control.daemon import Daemon
+
+    def renamed(src, dst):
+        rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+        dst.write_text("".join(json.dumps({"conv": r["messages"]}) + "\n" for r in rows))
+        return dst
+
+    train, valid = (
+        renamed(demo.train, tmp_path / "train.jsonl"),
+        renamed(demo.valid, tmp_path / "v.jsonl"),
+    )
+    home = make_workspace(tmp_path / "ws", demo.model_dir, **{**SMALL, "iters": 5})
+    ftctl(home, "submit", str(train), "--valid", str(valid), "--set", "chat_feature=conv")
+    assert Daemon(Workspace(home), until_idle=True).run() == "queue empty (--until-idle)"
+    for extra in ((), ("--data", str(valid))):
+        code, out, err = run(capsys, "eval", "1", *extra, "--json", "--home", home)
+        assert code == 0, err
+        r = json.loads(out)
+        assert r["examples"] == 40 and math.isfinite(r["adapter_loss"]), r
