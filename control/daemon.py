@@ -83,7 +83,7 @@ class Daemon:
         # after run(): jobs it moved, -> (state, reason)
         self.ended: dict[str, tuple[str, str]] = {}
         self.skipped: set[tuple[str, float]] = set()  # inbox files already said to be skipped
-        self.standby = Standby(ws, self.env, self.say)  # the spare worker (control/standby.py)
+        self.standby = Standby(ws, self.env, self._spare_news)  # the spare (control/standby.py)
         self.notifier: Notifier | None = None  # notify: targets (control/notifier.py)
 
     # ------------------------------------------------------------------ lifecycle
@@ -93,6 +93,14 @@ class Daemon:
     def say(self, text: str, level: str = "info") -> None:
         self.report.note(text, level)
         self.log(text)
+
+    def _spare_news(self, text: str, level: str = "info") -> None:
+        """The spare's routine news (started, imports done) goes to daemon.log only: it trains
+        nothing, and `ftctl status` shows it; its warnings are said like the daemon's."""
+        if level == "info":
+            self.log(text)
+        else:
+            self.say(text, level)
 
     @property
     def stopping(self) -> str | None:

@@ -299,6 +299,8 @@ def test_ftctl_lora_and_mlx_lm_lora_both_finish_and_both_adapters_load(
     # submission and the daemon's start (control/lora.py own_daemon)
     log = (uninterrupted.home / "logs" / "daemon.log").read_text()
     assert log.index("standby worker started") < log.index("daemon started"), log
+    # the spare's routine news is the log's, not the user's
+    assert "standby worker started" not in p.stdout + p.stderr
     assert re.search(
         r"job 0001 \(\w+\): training, attempt 1, worker pid \d+ \(the standby\)", log
     ), log
