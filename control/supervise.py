@@ -822,7 +822,9 @@ class Attempt:
             oom_kills=oom,
             hung=self.hung or self.stop_forced,
             vanished=rank is not None and err is None,
-            step=self.step,
+            # the last step the job reached: a group's ranks pass each step's all-reduce together,
+            # so a rank's Step is the group's even when the leader's was cut off by the teardown
+            step=max([self.step, *(r.step for r in self.ranks.values())]),
             loading=self.loading,
             what=what,
             rank=rank,
