@@ -416,6 +416,16 @@ def real_model(a, tmp: Path):
     )
 
 
+def tool_command(kind: str, args: list[str], cwd: Path, setup) -> tuple[list[str], dict]:
+    """One whole run of ``kind`` ("ftctl lora…" or "mlx_lm.lora") on the same arguments: its command
+    line and environment. ftctl's worker picks its BLAS itself; mlx-lm gets the environment it would
+    get (``setup``: adapters/blas.py's choice), so both run on the same BLAS."""
+    if kind.startswith("ftctl"):
+        cmd = [sys.executable, "-m", "ftctl.cli", "lora", *args, "--home", str(cwd / "ws")]
+        return cmd, dict(os.environ)
+    return [sys.executable, "-m", "mlx_lm", "lora", *args], {**os.environ, **setup.env}
+
+
 def lora_cli(a, tmp: Path):
     """--mode lora: `ftctl lora ARGS` vs `mlx_lm.lora ARGS`, the very same arguments and -c file, each
     a whole process from start to exit (ftctl: the workspace made on first use, the daemon, its worker,
@@ -449,12 +459,7 @@ def lora_cli(a, tmp: Path):
         for kind in ("ftctl lora", "mlx_lm.lora") if r % 2 == 0 else ("mlx_lm.lora", "ftctl lora"):
             cwd = tmp / f"{kind.split()[0]}-{r}"
             cwd.mkdir()
-            if kind == "ftctl lora":
-                cmd = [sys.executable, "-m", "ftctl.cli", "lora", *args, "--home", str(cwd / "ws")]
-                env = dict(os.environ)
-            else:
-                cmd = [sys.executable, "-m", "mlx_lm", "lora", *args]
-                env = {**os.environ, **setup.env}
+            cmd, env = tool_command(kind, args, cwd, setup)
             tic = time.perf_counter()
             p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
             walls[kind].append(time.perf_counter() - tic)
@@ -518,20 +523,7 @@ def fixed_cost(a, tmp: Path):
                 )
                 args = ["--model", str(demo.model_dir), "--train", "--data", str(demo.data_dir)]
                 args += ["--iters", str(n), "-c", str(conf)]
-                if kind.startswith("ftctl"):
-                    cmd = [
-                        sys.executable,
-                        "-m",
-                        "ftctl.cli",
-                        "lora",
-                        *args,
-                        "--home",
-                        str(cwd / "ws"),
-                    ]
-                    env = dict(os.environ)
-                else:
-                    cmd = [sys.executable, "-m", "mlx_lm", "lora", *args]
-                    env = {**os.environ, **setup.env}
+                cmd, env = tool_command(kind, args, cwd, setup)
                 t0 = time.time()
                 p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
                 t_exit = time.time()
