@@ -24,6 +24,7 @@ fingerprint (mlx, mlx-lm, BLAS library and threads, platform) is recorded in eve
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -36,6 +37,8 @@ from pathlib import Path
 
 import msgspec
 
+from ftctl.core import threads as T
+
 KNOWN_PATHS = (  # Debian/Ubuntu (alternatives and the pthread flavour), Fedora/RHEL, Arch/Alpine
     "/usr/lib/{triplet}/libopenblas.so.0",
     "/usr/lib/{triplet}/openblas-pthread/libopenblas.so.0",
@@ -45,6 +48,8 @@ KNOWN_PATHS = (  # Debian/Ubuntu (alternatives and the pthread flavour), Fedora/
     "/usr/lib/libopenblas.so.0",
     "/usr/lib/libopenblas.so",
 )
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+MEASURED = "measured at load"  # a fingerprint's blas_threads before the worker has measured them
 INSTALL_HINT = (
     'install an optimized BLAS: `pip install "ftctl[openblas]"` (the cmeel-openblas wheel), '
     "or `sudo apt-get install libopenblas0-pthread` (Debian/Ubuntu)"
@@ -119,6 +124,7 @@ def pypi_openblas() -> str | None:
     )
 
 
+@functools.cache
 def bundled_reference() -> str | None:
     """The netlib BLAS mlx[cpu]'s Linux wheel links (None elsewhere)."""
     try:
@@ -202,13 +208,46 @@ def _probe(lib: str, env: dict[str, str]) -> str | None:
     return (p.stderr.strip().splitlines() or ["exit %d" % p.returncode])[-1]
 
 
-def _threads(kind: str, env: dict[str, str]) -> str:
-    if kind == "reference":
-        return "1"
-    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+def _env_threads(env: dict[str, str]) -> str | None:
+    for k in THREAD_VARS:
         v = env.get(k) or os.environ.get(k)
         if v:
             return v
+    return None
+
+
+def _probe_once(lib: str, env: dict[str, str], cache: Path) -> str | None:
+    """``_probe``, remembered on success: a marker named by everything its answer depends on (the
+    library's path, size and mtime, the environment given, this interpreter, the CPU's flags) saves
+    each later command the probe's process (a fraction of a second before a worker can start). A
+    failure is never remembered: it is probed again."""
+    try:
+        st = os.stat(os.path.realpath(lib))
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return _probe(lib, env)
+    key = hashlib.sha256(
+        repr((lib, st.st_size, st.st_mtime_ns, sorted(env.items()), sys.executable, flags)).encode()
+    ).hexdigest()[:32]
+    marker = cache / f"probed-{key}"
+    if marker.exists():
+        return None
+    problem = _probe(lib, env)
+    if problem is None:
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{lib}: loaded, and a 256x256 sgemm ran and was right\n")
+        except OSError:
+            pass  # a cache that cannot be written only means probing again next time
+    return problem
+
+
+def _threads(kind: str, env: dict[str, str]) -> str:
+    if kind == "reference":
+        return "1"
+    if _env_threads(env):
+        return _env_threads(env)
     try:
         return str(len(os.sched_getaffinity(0)))
     except AttributeError:
@@ -255,7 +294,7 @@ def choose(setting: str = "auto", shim_dir: str | None = None) -> Choice:
             continue
         prev = os.environ.get("LD_PRELOAD", "")  # the user's own preloads stay, after ours
         env = {"LD_PRELOAD": lib + (" " + prev if prev else ""), **_gfortran_shim(lib, shim)}
-        problem = _probe(lib, env)
+        problem = _probe_once(lib, env, shim.parent / "probed")
         if problem is None:
             return Choice(
                 setting,
@@ -283,9 +322,22 @@ def _version(dist: str) -> str:
         return "none"
 
 
-def fingerprint(choice: Choice) -> dict[str, str]:
+def job_threads(choice: Choice, config: int, recorded: str | None) -> int | None:
+    """The OpenBLAS threads a job's worker is told to use (core/threads.py: its config's blas_threads,
+    else the count its earlier attempts recorded, else the environment's); None: nothing to tell —
+    with ``blas: auto``'s OpenBLAS the worker measures them at its first load, and a reference or
+    platform BLAS has no threads to set."""
+    if choice.kind == "openblas":
+        return T.decided(config, recorded, _env_threads(choice.env))
+    if choice.kind == "custom":  # maybe not an OpenBLAS: never measured, its count as today
+        return T.decided(config, recorded, choice.threads)
+    return None
+
+
+def fingerprint(choice: Choice, threads: int | None = None) -> dict[str, str]:
     """What bit-exactness depends on besides the job itself: a resume under a different one is no
-    longer bit-exact with the earlier attempts."""
+    longer bit-exact with the earlier attempts. ``threads``: the count the worker is told (job_threads);
+    an OpenBLAS worker told none measures them at load and its ``worker_loaded`` records the count."""
     size = ""
     if choice.library:
         try:
@@ -296,7 +348,9 @@ def fingerprint(choice: Choice) -> dict[str, str]:
         "mlx": _version("mlx"),
         "mlx_lm": _version("mlx-lm"),
         "blas": choice.describe() + size,
-        "blas_threads": choice.threads,
+        "blas_threads": str(threads)
+        if threads is not None
+        else (MEASURED if choice.kind == "openblas" else choice.threads),
         "platform": f"{platform.system()}-{platform.machine()}",
         **_device(tuple(sorted(choice.env.items()))),
     }
@@ -326,8 +380,105 @@ def fingerprint_diff(before: dict[str, str], after: dict[str, str]) -> list[str]
     ]
 
 
-def for_worker(setting: str = "auto") -> tuple[Choice, dict[str, str]]:
-    """The daemon's one call: the choice (its ``env`` goes into the worker's environment) and the
-    fingerprint to record in ``training_started``."""
-    choice = choose(setting)
-    return choice, fingerprint(choice)
+# --------------------------------------------------------------------------- in the worker
+
+
+def _controls():
+    """OpenBLAS's thread setters in this process (the preloaded library's symbols), or None."""
+    try:
+        lib = ctypes.CDLL(None)
+        set_n, get_n = lib.openblas_set_num_threads, lib.openblas_get_num_threads
+    except (OSError, AttributeError):  # not an OpenBLAS: the reference BLAS, Accelerate, …
+        return None
+    set_n.argtypes, set_n.restype, get_n.restype = [ctypes.c_int], None, ctypes.c_int
+    return set_n, get_n
+
+
+def settle_threads(want: int | None, model, tokens: int, full: bool) -> tuple[int | None, dict]:
+    """In the worker, once the model is loaded and before anything is trained: set the OpenBLAS
+    threads to ``want``, or (None) measure them — the model's own matmuls (every distinct weight shape,
+    forward and input-gradient, and the weight gradient when ``full``, on ``tokens`` rows) timed on 1,
+    2, 4 … threads up to the pool, in alternating rounds, the median of each; core/threads.py chooses.
+    Returns the count in force (None: no OpenBLAS here) and the ms per count measured ({} when not)."""
+    ctl = _controls()
+    if ctl is None:
+        return None, {}
+    set_n, get_n = ctl
+    if want:
+        set_n(want)
+        return get_n(), {}
+    import mlx.core as mx
+
+    pool = get_n()
+    counts = T.candidates(pool)
+    run = _matmuls(model, max(1, tokens), full) if mx.default_device() == mx.cpu else None
+    if run is None or len(counts) < 2:
+        return pool, {}
+    from .faults import blas_ms
+
+    ms = blas_ms() or _time_counts(run, counts, set_n)
+    set_n(T.choose(ms))
+    return get_n(), {str(n): round(t, 3) for n, t in ms.items()}
+
+
+def _matmuls(model, tokens: int, full: bool):
+    """A function running one of each of the model's matmul shapes (None: no float weight matrix)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    weights = {}
+    for _, m in model.named_modules():
+        if (
+            type(m) is nn.Linear
+        ):  # a LoRA layer's frozen base is one too; quantized ones use no BLAS
+            weights.setdefault((m.weight.shape, m.weight.dtype), m.weight)
+    if not weights:
+        return None
+    xs = [
+        (
+            w,
+            mx.full((tokens, w.shape[1]), 0.5, w.dtype),
+            mx.full((tokens, w.shape[0]), 0.5, w.dtype),
+        )
+        for w in weights.values()
+    ]
+    mx.eval([a for x in xs for a in x[1:]])
+
+    def run() -> None:
+        out = []
+        for w, x, g in xs:
+            out += [x @ w.T, g @ w] + ([g.T @ x] if full else [])
+        mx.eval(out)
+
+    return run
+
+
+def _time_counts(run, counts: list[int], set_n, budget_s: float = 0.08) -> dict[int, float]:
+    """Median ms of ``run`` on each thread count, the counts alternating round by round after a
+    warm-up each: at least 3 rounds and about ``budget_s`` in all for a small model (its passes take a
+    millisecond: one preemption would decide a single one), one round for a big one (a pass of 0.1 s
+    and more: the measuring stays near a second)."""
+    import statistics
+    import time
+
+    times: dict[int, list[float]] = {n: [] for n in counts}
+
+    def one_round() -> float:
+        total = 0.0
+        for n in counts:
+            set_n(n)
+            t = time.perf_counter()
+            run()
+            took = time.perf_counter() - t
+            times[n].append(took)
+            total += took
+        return total
+
+    warm = one_round()
+    for n in counts:
+        times[n].clear()
+    spent, rounds = 0.0, 0
+    while rounds < (1 if warm > 0.1 else 3) or (spent < budget_s and rounds < 50):
+        spent += one_round()
+        rounds += 1
+    return {n: statistics.median(v) * 1e3 for n, v in times.items()}

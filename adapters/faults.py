@@ -17,6 +17,10 @@ whose JSON line contains TEXT makes that step's loss NaN, in the daemon's worker
 alike, so a test's job diverges as a user's would on a bad example. ``FTCTL_POISON_SCALE=F`` makes
 that loss F times what it was instead of NaN: a large but finite loss, the loss spike a bad batch
 makes (the training-health watch's tests). Unset, training is untouched.
+
+``FTCTL_BLAS_MS="1:5,2:1"`` is the thread-measurement seam (``blas_ms``): the worker takes these ms per
+OpenBLAS thread count as what it measured (core/threads.py chooses from them), so a test decides what
+the measurement finds, as a busy or a quiet machine would.
 """
 
 from __future__ import annotations
@@ -103,6 +107,14 @@ def poison_marker() -> str | None:
 def poison_scale() -> float:
     """What a poisoned batch's loss is multiplied by: FTCTL_POISON_SCALE, NaN by default."""
     return float(os.environ.get("FTCTL_POISON_SCALE") or "nan")
+
+
+def blas_ms() -> dict[int, float] | None:
+    """FTCTL_BLAS_MS's ms per thread count (None: unset, measure for real)."""
+    spec = os.environ.get("FTCTL_BLAS_MS")
+    if not spec:
+        return None
+    return {int(n): float(t) for n, t in (item.split(":") for item in spec.split(","))}
 
 
 def fs_from_env():

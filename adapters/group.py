@@ -128,7 +128,7 @@ def this_machine(host: str) -> bool:
     return False
 
 
-def blas_threads(lay: Layout, threads: str | None, env: dict) -> str | None:
+def blas_threads(lay: Layout, env: dict) -> str | None:
     """BLAS threads per rank when several ranks share this machine (its cores divided among them), unless
     the user set them; None to leave them as they are."""
     local = sum(h in LOCAL_HOSTS for h in lay.hosts)

@@ -46,6 +46,8 @@ class TrainPlan(msgspec.Struct, kw_only=True):
     resume_manifest_sha256: str | None = None  # every rank checks it loads this very checkpoint
     test_path: str | None = None  # config `test`: the test split scored once training is done
     resume_adapter_file: str | None = None  # config resume_adapter_file: the job's copy of it
+    # OpenBLAS threads, decided for the job (core/threads.py); None: the worker measures them at load
+    blas_threads: int | None = None
 
 
 class Message(msgspec.Struct, tag_field="t", frozen=True, kw_only=True):
@@ -62,6 +64,8 @@ class Loaded(Message, tag="loaded"):
     step: int
     global_step: int
     load_s: float | None
+    blas_threads: int | None = None  # the OpenBLAS threads it trains with (None: no OpenBLAS)
+    blas_ms: dict[str, float] = {}  # measured at this load: ms of the model's matmuls per count
 
 
 class Step(Message, tag="step"):

@@ -232,8 +232,10 @@ def host_readings() -> dict[str, float | None]:
     return out
 
 
+# niced: it runs beside a worker that is importing the same libraries, and must not slow it down
 _PROBE = (
-    "import json;"
+    "import json, os;"
+    "hasattr(os, 'nice') and os.nice(10);"
     "from ftctl.adapters.telemetry import mlx_device;"
     "print(json.dumps(__import__('msgspec').to_builtins(mlx_device())))"
 )

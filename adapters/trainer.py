@@ -42,7 +42,7 @@ from ftctl.core.dataset import DEFAULT, Features, valid_records
 from ftctl.core.early_stopping import watch
 from ftctl.events.types import AdapterEvaluated, Metrics, PairStats
 
-from . import preference
+from . import blas, preference
 from . import protocol as P
 from .batches import TrainBatches, build_items, item_length, validation_batches
 from .checkpoint import (
@@ -314,9 +314,22 @@ def run(
     tic = time.perf_counter()
     s = load(plan)
     crash_point("while_loading", s.state.job_step)
+    load_s = time.perf_counter() - tic
+    cfg = plan.config
+    lengths = sorted(item_length(i) for i in s.batches.items)
+    threads, ms = blas.settle_threads(
+        plan.blas_threads,
+        s.model,
+        cfg.batch_size // plan.world_size * min(cfg.max_seq_length, lengths[len(lengths) // 2]),
+        cfg.fine_tune_type == "full",
+    )
     emit(
         P.Loaded(
-            step=s.state.job_step, global_step=s.state.global_step, load_s=time.perf_counter() - tic
+            step=s.state.job_step,
+            global_step=s.state.global_step,
+            load_s=load_s,
+            blas_threads=threads,
+            blas_ms=ms,
         )
     )
     if s.state.job_step < plan.config.iters and s.state.stopped_early is None:

@@ -194,12 +194,10 @@ def main() -> None:
         if not a.skip_overhead:
             demo = build_demo(tmp / "demo-ovh")
             cfg = job_config(a, a.iters)
-            lib, fp = blas.for_worker("auto")
+            lib = blas.choose("auto")
             env = dict(lib.env)
             threads = blas_threads(
-                Layout(hosts=["127.0.0.1"] * a.ranks, world_size=a.ranks, local=True),
-                fp.get("blas_threads"),
-                env,
+                Layout(hosts=["127.0.0.1"] * a.ranks, world_size=a.ranks, local=True), env
             )
             if threads:
                 env.update({"OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads})

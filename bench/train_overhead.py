@@ -26,10 +26,13 @@ Goal: the ratio checkpointing / never >= 0.97.
     .venv/bin/python bench/train_overhead.py --mode checkpoints [--iters 200] [--rounds 5]
 
 --mode lora: `ftctl lora ARGS` vs `mlx_lm.lora ARGS` — the same command line and -c file, each a whole
-process from start to exit, alternating, on the same BLAS (mlx-lm gets the environment ftctl's worker
-gets); prints both walls and the ratio (goal <= 1.0). --fine-tune-type full once ftctl has it.
+process from start to exit, on the same BLAS (mlx-lm gets the environment ftctl's worker gets). mlx-lm
+runs twice a round: on OpenBLAS's default thread count (what an mlx-lm user gets), and on the count
+ftctl's worker measured and trained with that round (the controller's own cost, like for like). Prints
+the walls, the counts ftctl chose, and both ratios (goal <= 1.03). --busy N keeps N other processes
+spinning a core each meanwhile (the busy machine users have). --fine-tune-type full too.
 
-    .venv/bin/python bench/train_overhead.py --mode lora [--iters 100] [--rounds 3] [--hidden 256 --layers 4]
+    .venv/bin/python bench/train_overhead.py --mode lora [--iters 100] [--rounds 3] [--busy 2]
 
 --mode fixed: a job's fixed cost and its steady step time, separately, for mlx_lm.lora, ftctl lora and
 ftctl lora with standby off: each run at two lengths (slope = step time, intercept = fixed cost), and
@@ -454,32 +457,69 @@ def lora_cli(a, tmp: Path):
     )
     args = ["--model", str(demo.model_dir), "--train", "--data", str(demo.data_dir)]
     args += ["--iters", str(a.iters), "-c", str(conf)]
-    walls = {"ftctl lora": [], "mlx_lm.lora": []}
-    for r in range(a.rounds):
-        for kind in ("ftctl lora", "mlx_lm.lora") if r % 2 == 0 else ("mlx_lm.lora", "ftctl lora"):
-            cwd = tmp / f"{kind.split()[0]}-{r}"
-            cwd.mkdir()
-            cmd, env = tool_command(kind, args, cwd, setup)
-            tic = time.perf_counter()
-            p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
-            walls[kind].append(time.perf_counter() - tic)
-            if p.returncode != 0:
-                sys.exit(f"{kind} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-            shutil.rmtree(cwd)
+    same = "mlx_lm.lora, ftctl's threads"
+    walls = {"ftctl lora": [], "mlx_lm.lora": [], same: []}
+    chosen: list[
+        int | None
+    ] = []  # the OpenBLAS threads each ftctl run trained with (worker_loaded)
+    with busy(a.busy):
+        for r in range(a.rounds):
+            order = ("ftctl lora", "mlx_lm.lora", same)
+            for kind in order if r % 2 == 0 else ("ftctl lora", same, "mlx_lm.lora"):
+                cwd = tmp / f"{kind.split()[0]}-{r}-{len(walls[kind])}"
+                cwd.mkdir()
+                cmd, env = tool_command(kind, args, cwd, setup)
+                if (
+                    kind == same
+                ):  # mlx-lm on the count ftctl chose this round: the controller's own cost
+                    n = str(chosen[-1] or setup.threads or 1)
+                    env = {**env, "OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n}
+                tic = time.perf_counter()
+                p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+                walls[kind].append(time.perf_counter() - tic)
+                if p.returncode != 0:
+                    sys.exit(f"{kind} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+                if kind == "ftctl lora":
+                    chosen.append(_threads_trained(cwd / "ws"))
+                shutil.rmtree(cwd)
     print(
         f"model: llama {a.layers} layers, hidden {a.hidden}; {a.fine_tune_type}, {a.iters} iterations, batch "
-        f"{a.batch_size}, checkpoint every {a.save_every}; {a.rounds} rounds, alternating; wall from process "
-        f"start to exit; BLAS for both: {setup.describe()} ({setup.threads or '?'} threads)"
+        f"{a.batch_size}, checkpoint every {a.save_every}; {a.rounds} rounds, ftctl first, the two mlx-lm "
+        f"runs alternating; wall from process start to exit; {a.busy} busy process(es) beside it; BLAS "
+        f"for all: {setup.describe()} (OpenBLAS's default: {setup.threads or '?'} threads); ftctl's "
+        f"worker measured and trained on {', '.join(str(c) for c in chosen)} thread(s); load average now "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     for kind, w in walls.items():
         print(
-            f"  {kind:<12} wall median {statistics.median(w):7.2f}s  (all: {', '.join(f'{x:.2f}' for x in w)})"
+            f"  {kind:<30} wall median {statistics.median(w):7.2f}s  (all: {', '.join(f'{x:.2f}' for x in w)})"
         )
-    print(
-        "ratio ftctl lora / mlx_lm.lora: wall median "
-        f"{statistics.median(walls['ftctl lora']) / statistics.median(walls['mlx_lm.lora']):.3f}, "
-        f"min {min(walls['ftctl lora']) / min(walls['mlx_lm.lora']):.3f}  (goal <= 1.0)"
-    )
+    for other in ("mlx_lm.lora", same):
+        print(
+            f"ratio ftctl lora / {other}: wall median "
+            f"{statistics.median(walls['ftctl lora']) / statistics.median(walls[other]):.3f}, "
+            f"min {min(walls['ftctl lora']) / min(walls[other]):.3f}  (goal <= 1.03)"
+        )
+
+
+def _threads_trained(ws: Path) -> int | None:
+    from ftctl.events.journal import Journal
+
+    with Journal.open_readonly(ws / "journal.db") as j:
+        loaded = [r.event for r in j.read() if type(r.event).kind() == "worker_loaded"]
+    return loaded[-1].blas_threads if loaded else None
+
+
+@contextlib.contextmanager
+def busy(n: int):
+    """``n`` processes that keep a core busy each (pure Python spinning, no BLAS), for the block."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(0, n))]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def fixed_cost(a, tmp: Path):
@@ -594,6 +634,12 @@ def main():
     )
     ap.add_argument(
         "--iters-short", type=int, default=20, help="--mode fixed: the short run's iterations"
+    )
+    ap.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        help="--mode lora: keep this many other processes busy (a core each) while it measures",
     )
     ap.add_argument(
         "--fine-tune-type",

@@ -175,9 +175,11 @@ def env_line(env: dict) -> str:
     blas = env.get("blas", "?").split(" (")[0]
     kind, _, lib = blas.partition(" ")
     device = f"{env['device']}, " if env.get("device") else ""
+    t = env.get("blas_threads", "?")
+    threads = f"x{t}" if t.isdigit() or t == "?" else f"(threads {t})"
     return (
         f"{device}mlx {env.get('mlx', '?')}, mlx_lm {env.get('mlx_lm', '?')}, {kind} "
-        f"{lib.rsplit('/', 1)[-1]} x{env.get('blas_threads', '?')}, {env.get('platform', '?')}"
+        f"{lib.rsplit('/', 1)[-1]} {threads}, {env.get('platform', '?')}"
     )
 
 

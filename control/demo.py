@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from ftctl.adapters.fs import write_durable
 from ftctl.adapters.workspace import Workspace, WorkspaceError, init_workspace
 from ftctl.control.ledger import Ledger
@@ -150,11 +152,16 @@ def tour(home: Path, *, reset: bool, kill_at: int, report: Reporter = SILENT) ->
     # exactly the recorded config; its model (demo/model, recorded relative to the demo's workspace)
     # named by its absolute path, which is where the reference finds the same folder
     cfg = ws.located(j.config)
+    threads = j.env.get("blas_threads", "")
+    pinned = ""
+    if threads.isdigit() and not cfg.blas_threads:  # as job trained: the bits depend on the count
+        cfg = msgspec.structs.replace(cfg, blas_threads=int(threads))
+        pinned = f", on the {threads} BLAS thread(s) job {job} trained with (the bits depend on it)"
     init_workspace(ref.home, cfg.model, config_to_dict(cfg))
     ref_job = _submit(ref, data, "reference", SILENT)
     report.note(
-        f"job {ref_job} in {ref.home}: job {job}'s recorded config and the same data, trained "
-        "from start to end with nothing killed"
+        f"job {ref_job} in {ref.home}: job {job}'s recorded config and the same data{pinned}, "
+        "trained from start to end with nothing killed"
     )
     tic = time.monotonic()
     Daemon(ref, until_idle=True).run()

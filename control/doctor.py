@@ -229,7 +229,14 @@ def _blas(cfg: Config | None) -> Finding:
     Slow is not broken: only a configured library that cannot be used is a warning."""
     setting = cfg.blas if cfg is not None else "auto"
     lib = blas.choose(setting)
-    threads = f", {lib.threads} thread(s)" if lib.threads else ""
+    n = blas.job_threads(lib, cfg.blas_threads if cfg is not None else 0, None)
+    threads = (
+        f", {n} thread(s)"
+        if n
+        else f", threads measured per job at its first load (1 to {lib.threads}: blas_threads)"
+        if lib.kind == "openblas"
+        else ""
+    )
     if lib.kind != "reference":
         return Finding(
             "blas",

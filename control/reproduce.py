@@ -266,7 +266,12 @@ def replay(
                         "rebuilt. Nothing was run or recorded"
                     ) from None
         from_step = start.step if start else 0
-        lib, fingerprint = blas.for_worker(cfg.blas)
+        lib = blas.choose(cfg.blas)
+        # the crashed attempt's thread count (the bits depend on it), else the job's as it would be now
+        threads = blas.job_threads(
+            lib, cfg.blas_threads, (attempt.env if attempt else j.env).get("blas_threads")
+        )
+        fingerprint = blas.fingerprint(lib, threads)
         env_changed = (
             blas.fingerprint_diff(attempt.env, fingerprint) if attempt and attempt.env else []
         )
@@ -288,6 +293,7 @@ def replay(
             global_step_base=base,
             until_step=target,
             trace=True,
+            blas_threads=threads,
         )
         what = (
             f"crash {crash.number} ({crash.category} after step {crash.step})"
@@ -447,20 +453,33 @@ def _run_worker(
 # --------------------------------------------------------------------------- pieces
 
 
-def _crashes(events: list[ev.Recorded]) -> list[Crash]:
-    out, attempt = [], None
+def _attempts(events: list[ev.Recorded]):
+    """Each event with the attempt it belongs to: its ``training_started``, whose fingerprint carries the
+    BLAS threads its ``worker_loaded`` recorded once the worker had measured them."""
+    attempt = None
     for r in events:
         e = r.event
         if isinstance(e, ev.TrainingStarted):
             attempt = e
-        elif isinstance(e, ev.Crashed):
+        elif isinstance(e, ev.WorkerLoaded) and attempt is not None and e.blas_threads is not None:
+            env = {**attempt.env, "blas_threads": str(e.blas_threads)}
+            attempt = msgspec.structs.replace(attempt, env=env)
+        yield e, attempt
+
+
+def _crashes(events: list[ev.Recorded]) -> list[Crash]:
+    out = []
+    for e, attempt in _attempts(events):
+        if isinstance(e, ev.Crashed):
             out.append(Crash(len(out) + 1, e.category, e.step, first_line(e.message), attempt))
     return out
 
 
 def _last_attempt(events: list[ev.Recorded]) -> ev.TrainingStarted | None:
-    started = [r.event for r in events if isinstance(r.event, ev.TrainingStarted)]
-    return started[-1] if started else None
+    last = None
+    for _, attempt in _attempts(events):
+        last = attempt
+    return last
 
 
 def _sweep(ws: Workspace) -> None:

@@ -162,6 +162,8 @@ def _launch_worker(host: Host, j: JobState, plan: P.TrainPlan, resume) -> Launch
     lib = blas.choose(j.config.blas)  # the BLAS the worker runs on (probed once)
     if lib.kind == "reference" and j.config.blas != "reference":
         host.say(f"job {j.job}: the worker runs on the slow reference BLAS: {lib.why}", "warn")
+    threads = _threads(j, lib)
+    plan = msgspec.structs.replace(plan, blas_threads=threads)
     worker = None
     if j.config.standby:
         worker = host.standby.take(P.encode(plan), host.ws.job_log(j.job), lib.env)
@@ -177,10 +179,16 @@ def _launch_worker(host: Host, j: JobState, plan: P.TrainPlan, resume) -> Launch
         )
     crash_point("daemon_after_spawn", j.attempt + 1)
     # after the spawn: its device probe (a process importing MLX) runs while the worker imports
-    fingerprint = blas.fingerprint(lib)
+    fingerprint = blas.fingerprint(lib, threads)
     return Launched(
         worker, fingerprint, oom_before, f"worker pid {worker.id.pid}{' (the standby)' * spare}"
     )
+
+
+def _threads(j: JobState, lib: blas.Choice) -> int | None:
+    """The job's BLAS threads where decided (config, its earlier attempts, the environment); None: its
+    worker measures them at its first load and ``worker_loaded`` records them."""
+    return blas.job_threads(lib, j.config.blas_threads, j.env.get("blas_threads"))
 
 
 def world_size_refusal(j: JobState, new: int) -> str | None:
@@ -230,12 +238,18 @@ def _launch_ranks(host: Host, j: JobState, plan: P.TrainPlan, resume) -> Launche
         resume_manifest_sha256=resume.manifest_sha256 if resume else None,
     )
     host.standby.dismiss()  # the ranks are mlx.launch's to start, possibly on other hosts
-    lib, fingerprint = blas.for_worker(j.config.blas)
+    lib = blas.choose(j.config.blas)
     env = {**lib.env, **host.env}
-    threads = G.blas_threads(lay, fingerprint.get("blas_threads"), env)
-    if threads:  # the ranks on this machine share its cores: no oversubscribed BLAS
-        env.update({"OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads})
-        fingerprint = {**fingerprint, "blas_threads": threads}
+    threads = _threads(j, lib)
+    shared = G.blas_threads(lay, env)
+    if (
+        threads is None and shared
+    ):  # the ranks on this machine share its cores: no oversubscribed BLAS
+        env.update({"OPENBLAS_NUM_THREADS": shared, "OMP_NUM_THREADS": shared})
+    if threads is None and lib.kind == "openblas":  # ranks do not measure: the share, or the pool
+        threads = int(shared or lib.threads)
+    plan = msgspec.structs.replace(plan, blas_threads=threads)
+    fingerprint = blas.fingerprint(lib, threads)
     oom_before = system.oom_kill_count()
     g = G.launch(plan, j.config, host.ws.job_log(j.job), env, label=(j.job, str(host.ws.home)))
     return Launched(
@@ -583,6 +597,21 @@ class Attempt:
         match msg:
             case P.Loaded(step=step):
                 self.step, self.loading = step, False
+                L.commit(
+                    self.stream,
+                    ev.WorkerLoaded(
+                        job=job,
+                        step=step,
+                        load_s=round(msg.load_s or 0.0, 3),
+                        blas_threads=msg.blas_threads,
+                        blas_ms=msg.blas_ms,
+                    ),
+                )
+                if msg.blas_ms:
+                    host.log(
+                        f"job {job}: {msg.blas_threads} BLAS thread(s), measured: "
+                        + ", ".join(f"{n} -> {t:.2f} ms" for n, t in msg.blas_ms.items())
+                    )
             case P.Step(step=step):
                 if self.first_step_at is None:  # the new worker is up: the clock for a spare starts
                     self.first_step_at = time.monotonic()

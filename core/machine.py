@@ -74,6 +74,7 @@ FACTS = {
     "adapter_evaluated": frozenset({"completed"}),  # only a completed job has an adapter
     "control_requested": frozenset(ACTIVE),
     "ranks_reported": frozenset(ACTIVE),
+    "worker_loaded": frozenset(ACTIVE),
     "checkpoint_pruned": _ANY_JOB,
     "checkpoint_corrupt": _ANY_JOB,
     "checkpoint_discarded": _ANY_JOB,

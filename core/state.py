@@ -431,6 +431,11 @@ def _retried(p, j: JobState, e: ev.Retried, seq: int, ts: str) -> None:
         j.base_model = j.config.model  # a new model only ever with no checkpoint (control/jobs.py)
 
 
+def _loaded(p, j: JobState, e: ev.WorkerLoaded, seq: int, ts: str) -> None:
+    if e.blas_threads is not None:  # decided at this load: the job's count from now on
+        j.env = {**j.env, "blas_threads": str(e.blas_threads)}
+
+
 def _ranks_reported(p, j: JobState, e: ev.RanksReported, seq: int, ts: str) -> None:
     j.rank_tokens_per_s = list(e.tokens_per_s)
 
@@ -528,6 +533,7 @@ JOB_HANDLERS = {
     ev.JobSubmitted: _submitted,
     ev.JobRejected: _rejected,
     ev.TrainingStarted: _started,
+    ev.WorkerLoaded: _loaded,
     ev.CheckpointStarted: _checkpoint_started,
     ev.CheckpointCommitted: _committed,
     ev.CheckpointPruned: _pruned,

@@ -105,6 +105,20 @@ class TrainingStarted(EventBase, tag="training_started", kw_only=True):
     resharded_from: int | None = None
 
 
+class WorkerLoaded(EventBase, tag="worker_loaded", kw_only=True):
+    """The attempt's worker loaded the model, data and optimizer (and its checkpoint) in ``load_s``
+    seconds, at job step ``step``. ``blas_threads``: the OpenBLAS threads it trains with (None: no
+    OpenBLAS in the worker: the reference BLAS, macOS, a GPU), decided once per job (core/threads.py)
+    and kept; ``blas_ms``: when it was measured at this load, ms of the model's matmuls per thread
+    count (empty when the count was already decided: config, an earlier attempt, the environment)."""
+
+    job: str
+    step: int
+    load_s: float
+    blas_threads: int | None = None
+    blas_ms: dict[str, float] = {}
+
+
 class CheckpointStarted(EventBase, tag="checkpoint_started", kw_only=True):
     trigger: ClassVar[str] = "checkpoint"
     job: str
@@ -615,6 +629,7 @@ Event = Union[
     JobSubmitted,
     JobRejected,
     TrainingStarted,
+    WorkerLoaded,
     CheckpointStarted,
     CheckpointCommittedV1,
     CheckpointCommitted,

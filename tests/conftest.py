@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -7,6 +8,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
 from helpers import ORPO, RUNS  # noqa: E402
+
+# The suite compares the bits of separate jobs (an uninterrupted reference and a killed one), and a
+# job's OpenBLAS thread count — measured at its first load by default (core/threads.py), with the load
+# of the moment — changes them: every job here trains on one thread unless a test says otherwise
+# (tests/test_daemon.py's measured-threads tests clear it).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -135,3 +135,74 @@ def test_a_library_that_loads_but_cannot_multiply_falls_back_to_reference(tmp_pa
     c = blas.choose(str(lib))
     assert c.kind == "reference" and c.env == {}, c
     assert "cannot be preloaded" in c.why and said in c.why and "pip install" in c.why
+
+
+# --------------------------------------------------------------------------- the thread count
+
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ftctl.core import threads as T  # noqa: E402
+
+
+@given(st.integers(1, 512))
+def test_candidates_start_at_one_end_at_the_pool_and_double(pool):
+    c = T.candidates(pool)
+    assert c[0] == 1 and c[-1] == pool and c == sorted(set(c))
+    assert all(b == 2 * a for a, b in zip(c, c[1:-1]))
+
+
+@given(st.dictionaries(st.integers(1, 64), st.floats(0.001, 1e4), min_size=1))
+def test_more_threads_are_chosen_only_when_clearly_faster(ms):
+    n = T.choose(ms)
+    assert n in ms
+    # every count with fewer threads than the chosen one is beaten by more than the margin
+    assert all(ms[n] < ms[k] * (1 - T.MARGIN) for k in ms if k < n)
+    # and none with more threads is faster than it by the margin: it is within the margin of the fastest
+    assert all(ms[k] >= ms[n] * (1 - T.MARGIN) for k in ms if k > n)
+    assert ms[n] * (1 - T.MARGIN) <= min(ms.values())
+
+
+def test_a_decided_count_wins_in_order_config_recorded_environment():
+    assert T.decided(0, None, None) is None
+    assert T.decided(0, blas.MEASURED, "") is None  # recorded before the worker measured: measure
+    assert T.decided(0, None, "3") == 3
+    assert T.decided(0, "2", "3") == 2
+    assert T.decided(4, "2", "3") == 4
+
+
+@pytest.mark.skipif(not LINUX, reason="LD_PRELOAD is Linux's")
+def test_a_probe_is_remembered_only_when_it_succeeded(tmp_path, monkeypatch):
+    """The probe's process runs once per library, environment, interpreter and CPU: a success is
+    remembered, a failure probed again (a library replaced in place changes its size or mtime)."""
+    lib = tmp_path / "libx.so"
+    lib.write_bytes(b"x")
+    answers, calls = [None, "SIGILL"], []
+    monkeypatch.setattr(blas, "_probe", lambda path, env: calls.append(path) or answers[0])
+    cache = tmp_path / "probed"
+    assert blas._probe_once(str(lib), {}, cache) is None
+    assert blas._probe_once(str(lib), {}, cache) is None and len(calls) == 1
+    assert blas._probe_once(str(lib), {"LD_PRELOAD": "y"}, cache) is None and len(calls) == 2
+    answers.pop(0)
+    lib.write_bytes(b"xy")  # replaced: probed again, and its failure is not remembered
+    assert blas._probe_once(str(lib), {}, cache) == "SIGILL"
+    assert blas._probe_once(str(lib), {}, cache) == "SIGILL" and len(calls) == 4
+
+
+def test_the_measurement_alternates_counts_and_takes_each_ones_median():
+    """One slow pass (a preemption) on a count does not decide: the median of several rounds does."""
+    import time
+
+    current, seen, slow = [1], [], {2: [0.02]}  # the first timed pass on 2 threads is preempted
+
+    def run():
+        seen.append(current[0])
+        extra = slow.get(current[0], [])
+        if len(seen) > 2 and extra:  # after the warm-up round
+            time.sleep(extra.pop())
+        time.sleep(0.002 if current[0] == 1 else 0.001)
+
+    ms = blas._time_counts(run, [1, 2], lambda n: current.__setitem__(0, n))
+    assert seen[:4] == [1, 2, 1, 2] and len(seen) >= 8  # a warm-up, then at least 3 rounds
+    assert ms[2] < ms[1] < 5 and T.choose(ms) == 2

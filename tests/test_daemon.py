@@ -474,7 +474,8 @@ def _worker_maps(home) -> str:
 def test_attempts_record_the_environment_fingerprint(baseline):
     from ftctl.adapters import blas
 
-    want = blas.fingerprint(blas.choose("auto"))
+    lib = blas.choose("auto")
+    want = blas.fingerprint(lib, blas.job_threads(lib, 0, None))
     starts = [e["data"] for e in history(baseline.home) if e["type"] == "training_started"]
     assert starts and all(s["env"] == want for s in starts)
     assert set(want) == {
@@ -491,9 +492,12 @@ def test_attempts_record_the_environment_fingerprint(baseline):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux's")
-def test_worker_runs_on_the_chosen_blas_and_a_changed_fingerprint_is_flagged(tmp_path, demo):
-    """The worker maps the chosen OpenBLAS; a resume under another BLAS setup (here its thread
-    count) is recorded and said in status and history."""
+def test_worker_runs_on_the_chosen_blas_keeps_its_threads_and_a_changed_count_is_flagged(
+    tmp_path, demo
+):
+    """The worker maps the chosen OpenBLAS; a resume keeps the job's thread count whatever the daemon's
+    environment now says (bit-exact with the uninterrupted run); `retry --set blas_threads` changes
+    it, and that is recorded and said in status and history."""
     from ftctl.adapters import blas
 
     lib = blas.choose("auto")
@@ -505,16 +509,31 @@ def test_worker_runs_on_the_chosen_blas_and_a_changed_fingerprint_is_flagged(tmp
     p = ftctl(home, "start", "--until-idle", "--quiet", env=env, check=False)
     assert p.returncode == -signal.SIGKILL
     wait_for(lambda: survivors(home) == [], timeout=30, every=0.05)
-    d = daemon(home, "--until-idle", env={"OPENBLAS_NUM_THREADS": "2"})
+    env = {**crash_env(tmp_path, "daemon_before_commit:25"), "OPENBLAS_NUM_THREADS": "2"}
+    d = daemon(home, "--until-idle", env=env)
     try:
         maps = _worker_maps(home)
     finally:
-        out, err = d.communicate(timeout=600)
-    assert d.returncode == 0, err
+        d.communicate(timeout=600)
+    assert d.returncode == -signal.SIGKILL
     assert os.path.realpath(lib.library) in maps or lib.library in maps
+    wait_for(lambda: survivors(home) == [], timeout=30, every=0.05)
+    # the count the worker really runs (openblas_get_num_threads), not only what was asked
+    assert [e["data"]["blas_threads"] for e in history(home) if e["type"] == "worker_loaded"] == [
+        1,
+        1,
+    ]
+    ftctl(home, "recover")  # the dead daemon's job queued again, then paused to change its config
+    ftctl(home, "pause", "0001")
+    ftctl(home, "retry", "0001", "--set", "blas_threads=2")
+    ftctl(home, "start", "--until-idle", "--quiet", env={"OPENBLAS_NUM_THREADS": "1"}, timeout=600)
     starts = [e["data"] for e in history(home) if e["type"] == "training_started"]
-    assert [s["env"]["blas_threads"] for s in starts] == ["1", "2"]
-    assert [s.get("env_changed", []) for s in starts] == [[], ["blas_threads: 1 -> 2"]]
+    assert [s["env"]["blas_threads"] for s in starts] == ["1", "1", "2"]
+    assert [s.get("env_changed", []) for s in starts] == [[], [], ["blas_threads: 1 -> 2"]]
+    loaded = [e["data"] for e in history(home) if e["type"] == "worker_loaded"]
+    assert [e["blas_threads"] for e in loaded] == [1, 1, 2] and not any(
+        e.get("blas_ms") for e in loaded
+    )
     note = status(home, "0001")["note"] or ""
     assert (
         "no longer bit-exact with the earlier attempts" in note and "blas_threads: 1 -> 2" in note
@@ -524,3 +543,47 @@ def test_worker_runs_on_the_chosen_blas_and_a_changed_fingerprint_is_flagged(tmp
     # (0.3.29's Haswell kernels on an AVX2 machine give a 512x64x512 sgemm different bits on 1 and 2
     # threads), which is exactly why the change is flagged rather than promised bit-exact.
     assert finished(home)["adapter_sha256"]
+
+
+UNPINNED = {
+    "OPENBLAS_NUM_THREADS": "",
+    "OMP_NUM_THREADS": "",
+}  # the default: measured at first load
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux's")
+def test_threads_measured_at_the_first_load_are_kept_by_the_resume_bit_exact(tmp_path, demo):
+    """With nothing deciding them, the worker measures its threads at the job's first load (the seam
+    FTCTL_BLAS_MS says what the measurement finds: 2 threads clearly faster) and records them; killed and
+    resumed where a new measurement would pick 1, the job keeps 2, and its adapter is the bytes of an
+    uninterrupted job configured with blas_threads: 2."""
+    from ftctl.adapters import blas
+
+    if blas.choose("auto").kind != "openblas" or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs an OpenBLAS and two cores")
+    home = make_workspace(tmp_path / "ws", demo.model_dir)
+    ftctl(home, "submit", str(demo.train), "--valid", str(demo.valid))
+    fast2 = {**UNPINNED, "FTCTL_BLAS_MS": "1:5,2:1"}
+    env = {**fast2, **crash_env(tmp_path, "daemon_before_commit:15")}
+    p = ftctl(home, "start", "--until-idle", "--quiet", env=env, check=False)
+    assert p.returncode == -signal.SIGKILL
+    wait_for(lambda: survivors(home) == [], timeout=30, every=0.05)
+    first = [e["data"] for e in history(home) if e["type"] == "training_started"][0]
+    assert first["env"]["blas_threads"] == blas.MEASURED
+    assert status(home, "0001")["env"]["blas_threads"] == "2"  # worker_loaded's, once it measured
+    ftctl(home, "start", "--until-idle", "--quiet", env={**UNPINNED, "FTCTL_BLAS_MS": "1:1,2:5"})
+    loaded = [e["data"] for e in history(home) if e["type"] == "worker_loaded"]
+    assert [(e["blas_threads"], e.get("blas_ms")) for e in loaded] == [
+        (2, {"1": 5.0, "2": 1.0}),
+        (2, None),
+    ]
+    starts = [e["data"] for e in history(home) if e["type"] == "training_started"]
+    assert starts[1]["env"]["blas_threads"] == "2" and not starts[1].get("env_changed")
+    ref = make_workspace(tmp_path / "ref", demo.model_dir, blas_threads=2)
+    ftctl(ref, "submit", str(demo.train), "--valid", str(demo.valid))
+    ftctl(ref, "start", "--until-idle", "--quiet", env=UNPINNED, timeout=600)
+    assert finished(home)["adapter_sha256"] == finished(ref)["adapter_sha256"]
+    assert (
+        "2 BLAS thread(s), measured: 1 -> 5.00 ms, 2 -> 1.00 ms"
+        in (home / "logs" / "daemon.log").read_text()
+    )

@@ -1,0 +1,42 @@
+"""How many BLAS threads a job trains with: pure rules (the measuring is adapters/blas.py's).
+
+The thread count changes the bits (OpenBLAS splits a matmul differently on 1 and on 2 threads), so a
+job keeps one count for its life: decided once, recorded (``worker_loaded``), and used again by every
+resume, retry and reproduction. On a busy machine more threads can be several times slower than one
+(a preempted thread stalls the others at every matmul), on a quiet one faster: so the default is
+measured, at the job's first load, on the job's own matmuls, with the machine as it is then.
+"""
+
+from __future__ import annotations
+
+MARGIN = 0.10  # more threads must be at least this much faster than fewer to be chosen
+
+
+def candidates(pool: int) -> list[int]:
+    """The counts worth timing for a pool of ``pool`` threads: 1, 2, 4, … and the pool itself."""
+    out, n = [], 1
+    while n < pool:
+        out.append(n)
+        n *= 2
+    return [*out, max(1, pool)]
+
+
+def choose(ms: dict[int, float], margin: float = MARGIN) -> int:
+    """The count to train with from the time each count took (any unit): the fewest threads unless
+    more are at least ``margin`` faster — fewer threads leave cores to the rest of the machine and
+    lose less when it gets busy."""
+    best = min(ms)
+    for n in sorted(ms):
+        if ms[n] < ms[best] * (1 - margin):
+            best = n
+    return best
+
+
+def decided(config: int, recorded: str | None, env: str | None) -> int | None:
+    """The count already decided for a job, or None (measure it): the config's ``blas_threads``, else the
+    count its earlier attempts recorded, else OPENBLAS_NUM_THREADS / OMP_NUM_THREADS of the worker's
+    environment."""
+    for v in (config, recorded, env):
+        if v is not None and str(v).isdigit() and int(v) > 0:
+            return int(v)
+    return None
