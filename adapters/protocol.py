@@ -65,7 +65,9 @@ class Loaded(Message, tag="loaded"):
     global_step: int
     load_s: float | None
     blas_threads: int | None = None  # the OpenBLAS threads it trains with (None: no OpenBLAS)
-    blas_ms: dict[str, float] = {}  # measured at this load: ms of the model's matmuls per count
+    blas_ms: dict[str, float | None] | None = (
+        None  # measured at this load: ms of the model's matmuls per count
+    )
 
 
 class Step(Message, tag="step"):

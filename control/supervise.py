@@ -597,6 +597,7 @@ class Attempt:
         match msg:
             case P.Loaded(step=step):
                 self.step, self.loading = step, False
+                ms = {n: t for n, t in (msg.blas_ms or {}).items() if t is not None}
                 L.commit(
                     self.stream,
                     ev.WorkerLoaded(
@@ -604,13 +605,13 @@ class Attempt:
                         step=step,
                         load_s=round(msg.load_s or 0.0, 3),
                         blas_threads=msg.blas_threads,
-                        blas_ms=msg.blas_ms,
+                        blas_ms=ms,
                     ),
                 )
-                if msg.blas_ms:
+                if ms:
                     host.log(
                         f"job {job}: {msg.blas_threads} BLAS thread(s), measured: "
-                        + ", ".join(f"{n} -> {t:.2f} ms" for n, t in msg.blas_ms.items())
+                        + ", ".join(f"{n} -> {t:.2f} ms" for n, t in ms.items())
                     )
             case P.Step(step=step):
                 if self.first_step_at is None:  # the new worker is up: the clock for a spare starts
