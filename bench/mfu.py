@@ -123,11 +123,13 @@ def main() -> None:
     a = ap.parse_args()
 
     import yaml
+    from bytecode import compile_ftctl
 
     from ftctl.adapters import blas
     from ftctl.adapters.demo import build_demo
     from ftctl.adapters.telemetry import probe_backend
 
+    compile_ftctl()  # whole processes: ftctl byte-compiled, as mlx-lm is (bench/bytecode.py)
     setup = blas.choose("auto")
     backend = probe_backend(setup.env)
     gpu = backend.device is not None and backend.device.backend in ("cuda", "metal")

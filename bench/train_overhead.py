@@ -67,6 +67,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.optimizers as optim
 import mlx_lm
+from bytecode import compile_ftctl
 from mlx_lm.tuner.datasets import CacheDataset, create_dataset
 from mlx_lm.tuner.trainer import TrainingArgs, train
 from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -656,6 +657,8 @@ def main():
         help="--mode real: what the import dequantizes to, or quantized (QLoRA)",
     )
     a = ap.parse_args()
+    if a.mode in ("fixed", "lora", "real"):  # whole processes: ftctl byte-compiled, as mlx-lm is
+        compile_ftctl()
     if a.mode == "fixed":
         with tempfile.TemporaryDirectory() as tmp:
             fixed_cost(a, Path(tmp))
