@@ -539,6 +539,12 @@ def test_worker_runs_on_the_chosen_blas_keeps_its_threads_and_a_changed_count_is
         "no longer bit-exact with the earlier attempts" in note and "blas_threads: 1 -> 2" in note
     )
     assert "NOT bit-exact" in ftctl(home, "history").stdout
+    env_row = next(
+        l
+        for l in ftctl(home, "status", "0001").stdout.splitlines()
+        if l.strip("│ ").startswith("environment")
+    )
+    assert " x2," in env_row, env_row  # the count the job trains with now, shown by `ftctl status`
     # It completes; whether its bytes match a run on one thread count depends on the OpenBLAS build
     # (0.3.29's Haswell kernels on an AVX2 machine give a 512x64x512 sgemm different bits on 1 and 2
     # threads), which is exactly why the change is flagged rather than promised bit-exact.
