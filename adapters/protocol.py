@@ -65,9 +65,8 @@ class Loaded(Message, tag="loaded"):
     global_step: int
     load_s: float | None
     blas_threads: int | None = None  # the OpenBLAS threads it trains with (None: no OpenBLAS)
-    blas_ms: dict[str, float | None] | None = (
-        None  # measured at this load: ms of the model's matmuls per count
-    )
+    # measured at this load: ms of the model's matmuls per thread count (a NaN or inf arrives as null)
+    blas_ms: dict[str, float | None] | None = None
 
 
 class Step(Message, tag="step"):

@@ -497,9 +497,8 @@ def job_panel(j: JobState, metrics: dict | None, view: JobView | None = None) ->
         )
     if metrics and (dev := device_line(metrics)):
         t.add_row("device", escape(dev))
-    if (
-        j.env
-    ):  # what bit-exactness depends on: the last attempt's fingerprint, the BLAS threads kept
+    # what bit-exactness depends on: the last attempt's fingerprint, with the BLAS threads it keeps
+    if j.env:
         t.add_row("environment", escape(env_line(j.env)))
     if j.world_size > 1 or j.hosts:
         rates = ", ".join(f"rank {i} {_fmt(r, '.0f')}" for i, r in enumerate(j.rank_tokens_per_s))
