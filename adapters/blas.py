@@ -453,7 +453,7 @@ def _matmuls(model, tokens: int, full: bool):
     return run
 
 
-def _time_counts(run, counts: list[int], set_n, budget_s: float = 0.08) -> dict[int, float]:
+def _time_counts(run, counts: list[int], set_n, budget_s: float = 0.03) -> dict[int, float]:
     """Median ms of ``run`` on each thread count, the counts alternating round by round after a
     warm-up each: at least 3 rounds and about ``budget_s`` in all for a small model (its passes take a
     millisecond: one preemption would decide a single one), one round for a big one (a pass of 0.1 s

@@ -142,7 +142,7 @@ class Worker:
     proc: subprocess.Popen
     messages: object  # readable end of the message pipe (binary file)
     id: ProcessId
-    log_path: Path
+    log_path: Path | None  # None: a standby started before its workspace existed, until assigned
     log_offset: int = 0  # where this attempt's output starts in the (shared, appended) job log
     world_size: int = 1
     killed: bool = False
@@ -250,19 +250,23 @@ class Worker:
 
 def spawn_worker(
     plan_json: bytes | None,
-    log_path: Path,
+    log_path: Path | None,
     env: dict | None = None,
     label: tuple[str, str] = ("", ""),
 ) -> Worker:
     """Start ``python -m ftctl.adapters.worker``; the plan goes in on stdin's first line.
     ``label`` (job, workspace) only names the process, so `ps` and `ftctl doctor` can tell whose it is.
-    ``plan_json`` None starts a standby worker: it imports, then waits for ``Worker.assign``."""
+    ``plan_json`` None starts a standby worker: it imports, then waits for ``Worker.assign``; its
+    ``log_path`` None sends what it says before then nowhere (its workspace does not exist yet)."""
     r, w = os.pipe()
-    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    logs.rotate(log_path)  # a new attempt starts a fresh file once the old one passed the cap
-    log = open(log_path, "ab", buffering=0)
-    os.chmod(log_path, 0o600)
-    offset = log.tell()
+    if log_path is None:
+        log, offset = open(os.devnull, "wb"), 0
+    else:
+        log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        logs.rotate(log_path)  # a new attempt starts a fresh file once the old one passed the cap
+        log = open(log_path, "ab", buffering=0)
+        os.chmod(log_path, 0o600)
+        offset = log.tell()
     cmd = [
         sys.executable,
         "-m",

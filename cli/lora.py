@@ -146,6 +146,19 @@ def _flags(args) -> dict:
 
 
 def cmd_lora(args, ws) -> int:
+    # first thing, a worker for the job: its imports overlap everything this command does before it
+    # trains (a run with --train; one whose -c file alone says train gets it when the daemon starts)
+    from ftctl.control.standby import early
+
+    spare = early(ws) if args.train else None
+    try:
+        return _lora(args, ws, spare)
+    finally:
+        if spare is not None:
+            spare.dismiss()  # not taken (refused, done, another daemon's): never left behind
+
+
+def _lora(args, ws, spare) -> int:
     from ftctl.control import lora
 
     report = render.ConsoleReporter(quiet=args.quiet)
@@ -162,7 +175,7 @@ def cmd_lora(args, ws) -> int:
     if not cfg.train:
         return _test_only(ws, cfg)
     ws = lora.ensure_workspace(ws, cfg, report.note)
-    daemon = lora.own_daemon(ws, cfg, report)  # its worker imports while the job is submitted
+    daemon = lora.own_daemon(ws, cfg, report, spare)  # it takes the spare, still importing
     try:
         q = lora.queue(ws, cfg, [], lineage=args.lineage, again=args.again, note=report.note)
         if q.how == "rejected":

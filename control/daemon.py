@@ -71,6 +71,7 @@ class Daemon:
         env: dict | None = None,
         report: Reporter = SILENT,
         until_job: str | None = None,
+        standby: Standby | None = None,
     ):
         self.ws = ws
         self.until_idle = until_idle
@@ -83,7 +84,9 @@ class Daemon:
         # after run(): jobs it moved, -> (state, reason)
         self.ended: dict[str, tuple[str, str]] = {}
         self.skipped: set[tuple[str, float]] = set()  # inbox files already said to be skipped
-        self.standby = Standby(ws, self.env, self._spare_news)  # the spare (control/standby.py)
+        # the spare (control/standby.py): `ftctl lora` hands over the one it started first thing
+        self.standby = standby or Standby(ws, self.env)
+        self.standby.attach(self._spare_news)
         self.notifier: Notifier | None = None  # notify: targets (control/notifier.py)
 
     # ------------------------------------------------------------------ lifecycle

@@ -43,6 +43,7 @@ from ftctl.events.types import Metrics
 from . import jobs, models
 from .ledger import Ledger
 from .reporter import Reporter
+from .standby import Standby
 from .submit import DuplicateSubmission, Submission, read_source, submit
 
 # mlx_lm.lora's keys, and mlx-lm-lora's preference keys (MLX_LM_LORA_DEFAULTS, the *_feature of its
@@ -122,19 +123,25 @@ def ensure_workspace(ws: Workspace, cfg: Config, note) -> Workspace:
     return made
 
 
-def own_daemon(ws: Workspace, cfg: Config, report: Reporter):
+def own_daemon(ws: Workspace, cfg: Config, report: Reporter, spare: Standby | None = None):
     """The daemon this command will run (None: one already runs on the workspace, and the job is
-    followed under it). Its spare worker (control/standby.py) is started now, so that its imports —
-    most of a worker's start — overlap the submission and the daemon's start; the job takes it."""
+    followed under it). It keeps ``spare``, the worker the command started first thing
+    (control/standby.py early: its imports, most of a worker's start, overlap the config, the
+    submission and the daemon's start; the job takes it), or one started now on the BLAS the config
+    chose. A job that keeps no spare (``standby: false``, data-parallel) gets a worker of its own."""
     from .daemon import Daemon
 
     if jobs.daemon_alive(ws):
+        if spare is not None:
+            spare.dismiss()
         return None
-    daemon = Daemon(ws, report=report)
+    daemon = Daemon(ws, report=report, standby=spare)
     if cfg.standby and cfg.distributed is None:
         from ftctl.adapters import blas
 
         daemon.standby.ensure(blas.choose(cfg.blas).env)
+    else:
+        daemon.standby.dismiss()
     return daemon
 
 

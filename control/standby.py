@@ -15,6 +15,9 @@ shorten).
 * Its output goes to logs/standby.log until it is assigned; then it moves its stdout/stderr to the
   job log (the plan's ``log_path``) and the daemon takes that attempt's crash evidence from there,
   from the offset where the assignment found the log.
+* `ftctl lora --train` starts the job's worker as a spare first thing (``early``), before it reads
+  its config, creates its workspace or starts its daemon (which takes it: ``attach``); one started
+  before the workspace existed has no standby.log.
 * It is skipped while available memory is below ``MIN_AVAILABLE_GB`` (said once in daemon.log).
 * Its memory (RSS) is written to run/standby.json (pid, start time, rss_bytes, measured_at) so that
   `ftctl status` can show it without touching the process or importing anything heavy; the file is
@@ -53,9 +56,25 @@ def read_state(ws: Workspace) -> dict | None:
         return None
 
 
+def early(ws: Workspace) -> Standby:
+    """The spare of a command that trains in the foreground (`ftctl lora`), started first thing: before
+    the command reads its config, creates its workspace or starts its daemon, so that its imports
+    overlap all of that (the job's worker is the spare: it starts that much sooner). It runs on the
+    default BLAS (``auto``); a config that chooses another gets a spare of its own (``ensure``). Before
+    the workspace exists it has no log (it says nothing before its plan but that its imports are done),
+    and its news waits for the daemon that takes it (``attach``)."""
+    from ftctl.adapters import blas
+
+    spare = Standby(ws, {})
+    spare.ensure(blas.choose("auto").env)
+    return spare
+
+
 class Standby:
-    def __init__(self, ws: Workspace, env: dict, say: Callable[[str, str], None]):
-        self.ws, self.env, self.say = ws, env, say
+    def __init__(self, ws: Workspace, env: dict, say: Callable[[str, str], None] | None = None):
+        self.ws, self.env = ws, env
+        self.unsaid: list[tuple[str, str]] = []  # news before a daemon took this spare (attach)
+        self.say = say or (lambda text, level="info": self.unsaid.append((text, level)))
         self.w: process.Worker | None = None
         self.after_loads = float(os.environ.get("FTCTL_STANDBY_AFTER_LOADS", AFTER_LOADS))
         self.w_env: dict = {}  # the BLAS environment the spare was started with
@@ -65,14 +84,28 @@ class Standby:
         self.not_before = 0.0
 
     # ------------------------------------------------------------------ the spare's life
+    def attach(self, say: Callable[[str, str], None]) -> None:
+        """The daemon that now owns this spare: its news goes there, what was said before included."""
+        self.say = say
+        for text, level in self.unsaid:
+            say(text, level)
+        self.unsaid = []
+
     def ensure(self, blas_env: dict) -> None:
-        """Start a spare if there is none (or it died) and memory allows, on the BLAS ``blas_env``
-        chooses (adapters/blas.py): a job takes it only with that same BLAS."""
+        """Start a spare if there is none (or it died, or runs on another BLAS) and memory allows, on
+        the BLAS ``blas_env`` chooses (adapters/blas.py): a job takes it only with that same BLAS."""
+        if self.w is not None and self.w.proc.poll() is None and self.w_env != blas_env:
+            self._drop()  # started before the config chose its BLAS (early): no job would take it
         if self.w is not None:
             if self.w.proc.poll() is None:
                 return
+            log = (
+                "see logs/standby.log"
+                if self.w.log_path
+                else "no log: it started before its workspace"
+            )
             self.say(
-                f"standby worker pid {self.w.id.pid} died (exit {self.w.proc.returncode}, see logs/standby.log); "
+                f"standby worker pid {self.w.id.pid} died (exit {self.w.proc.returncode}, {log}); "
                 f"another in {RESPAWN_AFTER_S:g} s",
                 "warn",
             )
@@ -91,9 +124,10 @@ class Standby:
                 )
             return
         self.low_memory_said = False
+        log = self.ws.logs / "standby.log" if self.ws.exists() else None
         self.w = process.spawn_worker(
             None,
-            self.ws.logs / "standby.log",
+            log,
             {**blas_env, **self.env},
             label=("standby", str(self.ws.home)),
         )
@@ -102,7 +136,8 @@ class Standby:
             time.time(),
             0,
         )  # first report after REPORT_EVERY_S: not the size of a fresh fork
-        self.say(f"standby worker started (pid {self.w.id.pid})", "info")
+        before = "" if log else ", before its workspace existed: it logs nothing until its job"
+        self.say(f"standby worker started (pid {self.w.id.pid}{before})", "info")
 
     def take(self, plan_json: bytes, log_path: Path, blas_env: dict) -> process.Worker | None:
         """The spare, now training ``plan_json`` with its output in ``log_path``; None if there is

@@ -7,6 +7,7 @@ Keys follow mlx-lm's lora config where they exist; ftctl's own keys come after t
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import math
 import re
@@ -850,7 +851,11 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     ] = None
 
 
-CONFIG_TYPE = mi.type_info(Config)
+@functools.cache
+def config_type() -> mi.StructType:
+    """msgspec's description of Config, built on first use: building it costs every process that
+    imports this module (the CLI before it starts a worker, the worker itself) about 15 ms."""
+    return mi.type_info(Config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1120,7 +1125,7 @@ def epoch_of(cfg: Config, step: int) -> tuple[int, int] | None:
 
 
 def _field_type(name: str) -> Any:
-    return next(f.type for f in CONFIG_TYPE.fields if f.name == name)
+    return next(f.type for f in config_type().fields if f.name == name)
 
 
 def _warnings(cfg: Config) -> list[str]:
@@ -1214,8 +1219,8 @@ def decode_config(data: dict, *, source: str = "ftctl.yaml") -> tuple[Config, li
             )
         data = {k: v for k, v in data.items() if k != "config"}
     try:
-        prepared = E.prepare(data, CONFIG_TYPE, "", source)
-        problem = E.check(prepared, CONFIG_TYPE, "", source)
+        prepared = E.prepare(data, config_type(), "", source)
+        problem = E.check(prepared, config_type(), "", source)
         if problem is not None:
             raise problem
         try:
@@ -1379,7 +1384,7 @@ def describe_keys() -> dict[str, str]:
                 default = "default " + E.show(msgspec.to_builtins(value))
             out[dotted] = f"{desc} ({E.allowed(f.type)}; {default})"
 
-    walk(CONFIG_TYPE, "")
+    walk(config_type(), "")
     return out
 
 

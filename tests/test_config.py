@@ -725,13 +725,13 @@ def _walk_agrees_with_msgspec(data) -> None:
     import msgspec
 
     from ftctl.core import config_errors as E
-    from ftctl.core.config import CONFIG_TYPE
+    from ftctl.core.config import config_type
 
     try:
-        prepared = E.prepare(data, CONFIG_TYPE, "", "ftctl.yaml")
+        prepared = E.prepare(data, config_type(), "", "ftctl.yaml")
     except ConfigError:
         return
-    walk = E.check(prepared, CONFIG_TYPE, "", "ftctl.yaml")
+    walk = E.check(prepared, config_type(), "", "ftctl.yaml")
     try:
         msgspec.convert(prepared, Config)
     except msgspec.ValidationError as e:

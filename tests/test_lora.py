@@ -295,15 +295,18 @@ def test_ftctl_lora_and_mlx_lm_lora_both_finish_and_both_adapters_load(
 
     p = uninterrupted.out
     assert "Saved final weights to" in p.stdout and "job 0001 completed" in p.stdout, p.stdout
-    # the worker that trained was started before the job was submitted: its imports overlapped the
-    # submission and the daemon's start (control/lora.py own_daemon)
+    # the worker that trained was started first thing, before the workspace existed: its imports
+    # overlapped the config, the workspace's creation, the submission and the daemon's start
+    # (control/standby.py early)
     log = (uninterrupted.home / "logs" / "daemon.log").read_text()
     assert log.index("standby worker started") < log.index("daemon started"), log
     # the spare's routine news is the log's, not the user's
     assert "standby worker started" not in p.stdout + p.stderr
-    assert re.search(
-        r"job 0001 \(\w+\): training, attempt 1, worker pid \d+ \(the standby\)", log
-    ), log
+    spare = re.search(r"standby worker started \(pid (\d+), before its workspace existed", log)
+    trained = re.search(
+        r"job 0001 \(\w+\): training, attempt 1, worker pid (\d+) \(the standby\)", log
+    )
+    assert spare and trained and spare[1] == trained[1], log
     assert "Test loss" in p.stdout and "base + adapter of job 0001" in p.stdout  # like `ftctl eval`
     j = json.loads(
         subprocess.run(

@@ -990,6 +990,51 @@ def test_standby_false_or_a_short_job_keeps_no_spare(tmp_path, demo, standby):
     assert _standby_pids(home) == [] and not (home / "logs" / "standby.log").exists()
 
 
+def test_an_early_spare_creates_nothing_and_one_on_another_blas_is_replaced(tmp_path, demo):
+    """`ftctl lora`'s spare is started before its workspace exists (control/standby.py early): it
+    creates nothing there (no folder, no log) and its news waits for the daemon that takes it. A
+    spare started on one BLAS is dismissed, and another started, when the job's config chose
+    another: no job would take it (bit-exactness holds within one BLAS only)."""
+    from helpers import stray_workers
+
+    from ftctl.control.standby import Standby, early
+
+    home = tmp_path / "not-yet"
+    spare = early(Workspace(home))
+    first = spare.w
+    try:
+        assert first is not None and first.proc.poll() is None and first.log_path is None
+        assert not home.exists()
+        ((said, level),) = spare.unsaid
+        assert (
+            said
+            == (
+                f"standby worker started (pid {first.id.pid}, before its workspace existed: it logs "
+                "nothing until its job)"
+            )
+            and level == "info"
+        )
+        heard: list[str] = []
+        spare.attach(lambda text, level="info": heard.append(text))
+        assert heard == [said] and spare.unsaid == []
+        other = {**spare.w_env, "OPENBLAS_NUM_THREADS": "1"}
+        spare.ensure(other)
+        assert first.proc.poll() is not None  # dismissed, reaped
+        assert spare.w is not first and spare.w.proc.poll() is None and spare.w_env == other
+        assert not home.exists()
+    finally:
+        spare.dismiss()
+    assert stray_workers(home) == []
+    ws = Workspace(make_workspace(tmp_path / "ws", demo.model_dir))
+    spare = Standby(ws, {})
+    try:
+        spare.ensure({})
+        assert spare.w.log_path == ws.logs / "standby.log"
+    finally:
+        spare.dismiss()
+    assert stray_workers(ws.home) == []
+
+
 def test_status_shows_the_standby_and_its_memory_while_a_job_trains(tmp_path, demo):
     """`ftctl status` (read-only: it reads run/standby.json, never the process's memory itself)
     names the live daemon's spare and its RSS; after `ftctl shutdown` no worker is left."""
