@@ -453,11 +453,14 @@ def _matmuls(model, tokens: int, full: bool):
     return run
 
 
-def _time_counts(run, counts: list[int], set_n, budget_s: float = 0.03) -> dict[int, float]:
-    """Median ms of ``run`` on each thread count, the counts alternating round by round after a
-    warm-up each: at least 3 rounds and about ``budget_s`` in all for a small model (its passes take a
-    millisecond: one preemption would decide a single one), one round for a big one (a pass of 0.1 s
-    and more: the measuring stays near a second)."""
+def _time_counts(run, counts: list[int], set_n, budget_s: float = 0.04) -> dict[int, float]:
+    """Ms of ``run`` on each thread count, the counts alternating round by round after a warm-up
+    each: at least 5 rounds and about ``budget_s`` in all for a small model (its passes take a
+    millisecond), one round for a big one (a pass of 0.1 s and more: the measuring stays near a
+    second). Each count's figure is the mean of its passes without the fastest and the slowest: one
+    preemption does not decide it, but stalls that keep coming back do, as they would slow every
+    step (on a busy machine more threads stall often, for a few passes out of many, which a median
+    hid: one of three busy runs trained on 2 threads, three times as slow)."""
     import statistics
     import time
 
@@ -478,7 +481,7 @@ def _time_counts(run, counts: list[int], set_n, budget_s: float = 0.03) -> dict[
     for n in counts:
         times[n].clear()
     spent, rounds = 0.0, 0
-    while rounds < (1 if warm > 0.1 else 3) or (spent < budget_s and rounds < 50):
+    while rounds < (1 if warm > 0.1 else 5) or (spent < budget_s and rounds < 50):
         spent += one_round()
         rounds += 1
-    return {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    return {n: statistics.mean(sorted(v)[1:-1] or v) * 1e3 for n, v in times.items()}

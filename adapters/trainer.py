@@ -64,6 +64,7 @@ from .checkpoint import (
 from .evaluate import evaluate_loss, score
 from .faults import crash_point, poison_marker, poison_scale
 from .fs import FS
+from .pacer import paced
 from .protocol import TrainPlan
 from .ranks import SINGLE, Ranks, join
 from .telemetry import Telemetry
@@ -219,6 +220,7 @@ class Session:
     reference: Callable | None = (
         None  # DPO: the reference log-probs of a batch (preference.reference)
     )
+    blas_threads: int | None = None  # the OpenBLAS threads it trains on (None: a BLAS without)
 
     def inputs(self, batch: tuple) -> tuple:
         """What the loss takes for a batch: the batch, and for DPO its reference log-probs."""
@@ -323,6 +325,7 @@ def run(
         cfg.batch_size // plan.world_size * min(cfg.max_seq_length, lengths[len(lengths) // 2]),
         cfg.fine_tune_type == "full",
     )
+    s.blas_threads = threads
     emit(
         P.Loaded(
             step=s.state.job_step,
@@ -444,7 +447,8 @@ class _Loop:
         training itself did not fail first."""
         ranks = self.s.ranks
         try:
-            stopped = self.train(stop_requested)
+            with paced(self.s.blas_threads):  # how a busy Linux machine schedules it: pacer.py
+                stopped = self.train(stop_requested)
         except BaseException:
             late = self.writer.drain()
             if late is not None:

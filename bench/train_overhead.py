@@ -513,8 +513,15 @@ def _threads_trained(ws: Path) -> int | None:
 
 @contextlib.contextmanager
 def busy(n: int):
-    """``n`` processes that keep a core busy each (pure Python spinning, no BLAS), for the block."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(0, n))]
+    """``n`` processes that keep a core busy each (pure Python spinning, no BLAS), for the block. Each
+    in its own session, like another program on the machine: with Linux's autogroup scheduling a
+    session shares the CPU as one group, so spinners in the bench's own session would compete with
+    mlx-lm's process (run in it) but not with ftctl's worker (its own session): a bias of several
+    times, measured."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+        for _ in range(max(0, n))
+    ]
     try:
         yield
     finally:
