@@ -16,7 +16,7 @@ threads leave a core free: beside 2 OpenBLAS threads on 2 quiet cores its wake-u
 (`ftctl lora` on the demo, 6 runs each: 6.41 s with it, 6.13 s without). Nor does it run while the
 worker loads and measures its BLAS threads (adapters/blas.py): with it, 2 threads looked fast enough
 there on a busy machine in one of three runs, and that job trained three times as slowly. Other
-platforms are not measured, so it runs on Linux only.
+platforms and MLX's GPU backends are not measured, so it runs on Linux's CPU backend only.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ PERIOD_S = 0.02
 
 
 @contextmanager
-def paced(blas_threads: int | None, period_s: float = PERIOD_S) -> Iterator[None]:
-    """Keep the pacer running for the block: on Linux, while the job's BLAS threads (None: a BLAS that
-    has none of its own) leave a core free."""
-    if not sys.platform.startswith("linux") or (blas_threads or 0) >= len(os.sched_getaffinity(0)):
+def paced(cpu: bool, blas_threads: int | None, period_s: float = PERIOD_S) -> Iterator[None]:
+    """Keep the pacer running for the block: on Linux, when MLX trains on the CPU (``cpu``: a GPU's
+    is not measured) and the job's BLAS threads (None: a BLAS that has none of its own) leave a core
+    free."""
+    cores = len(os.sched_getaffinity(0)) if sys.platform.startswith("linux") else 0
+    if not cpu or (blas_threads or 0) >= cores:
         yield
         return
     done = threading.Event()

@@ -447,7 +447,8 @@ class _Loop:
         training itself did not fail first."""
         ranks = self.s.ranks
         try:
-            with paced(self.s.blas_threads):  # how a busy Linux machine schedules it: pacer.py
+            # how a busy Linux machine schedules it: adapters/pacer.py
+            with paced(mx.default_device() == mx.cpu, self.s.blas_threads):
                 stopped = self.train(stop_requested)
         except BaseException:
             late = self.writer.drain()

@@ -94,11 +94,11 @@ class Standby:
     def ensure(self, blas_env: dict) -> None:
         """Start a spare if there is none (or it died, or runs on another BLAS) and memory allows, on
         the BLAS ``blas_env`` chooses (adapters/blas.py): a job takes it only with that same BLAS."""
-        if self.w is not None and self.w.proc.poll() is None and self.w_env != blas_env:
-            self._drop()  # started before the config chose its BLAS (early): no job would take it
-        if self.w is not None:
-            if self.w.proc.poll() is None:
+        if self.w is not None and self.w.proc.poll() is None:
+            if self.w_env == blas_env:
                 return
+            self._drop()  # started before the config chose its BLAS (early): no job would take it
+        elif self.w is not None:
             log = (
                 "see logs/standby.log"
                 if self.w.log_path

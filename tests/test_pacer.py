@@ -21,13 +21,15 @@ def test_it_runs_while_a_core_is_free_and_stops_with_the_block():
     for threads in (None, cores - 1):
         if threads == 0:
             continue  # one core: 0 threads is no count
-        with paced(threads, period_s=0.001):
+        with paced(True, threads, period_s=0.001):
             assert _pacers() == 1
         assert _pacers() == 0
+        with paced(False, threads):  # a GPU's training is not measured: no pacer
+            assert _pacers() == 0
 
 
 def test_it_never_runs_beside_blas_threads_on_every_core():
     cores = len(os.sched_getaffinity(0))
     for threads in (cores, cores + 2):
-        with paced(threads):
+        with paced(True, threads):
             assert _pacers() == 0
