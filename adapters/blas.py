@@ -39,6 +39,8 @@ import msgspec
 
 from ftctl.core import threads as T
 
+from . import system
+
 KNOWN_PATHS = (  # Debian/Ubuntu (alternatives and the pthread flavour), Fedora/RHEL, Arch/Alpine
     "/usr/lib/{triplet}/libopenblas.so.0",
     "/usr/lib/{triplet}/openblas-pthread/libopenblas.so.0",
@@ -248,10 +250,7 @@ def _threads(kind: str, env: dict[str, str]) -> str:
         return "1"
     if _env_threads(env):
         return _env_threads(env)
-    try:
-        return str(len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return str(os.cpu_count() or 1)
+    return str(system.usable_cores())
 
 
 @functools.cache

@@ -28,7 +28,7 @@ from pathlib import Path
 from ftctl.core.config import LOCAL_HOSTS, Config, world_size
 from ftctl.events.types import ProcessId
 
-from . import logs
+from . import logs, system
 from . import protocol as P
 from .process import _die_with_parent, identity, stopped
 
@@ -136,11 +136,7 @@ def blas_threads(lay: Layout, env: dict) -> str | None:
         k in env or k in os.environ for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
     ):
         return None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return str(max(1, cores // local))
+    return str(max(1, system.usable_cores() // local))
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""System stats: free disk, available memory, the cgroup OOM-kill counter."""
+"""System stats: free disk, available memory, the cores this process may use, the cgroup OOM-kill
+counter."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +14,15 @@ GB = 1024**3
 
 def free_disk_gb(path: Path) -> float:
     return shutil.disk_usage(path).free / GB
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the platform has one (Linux), else
+    the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def available_memory_gb() -> float:

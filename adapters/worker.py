@@ -9,10 +9,11 @@ Protocol with the daemon (its parent and only supervisor):
 * stdout/stderr go to logs/job-<id>.log; the daemon keeps the tail as crash evidence.
 The worker imports what training needs (MLX, mlx-lm, transformers, the trainer) *before* it reads
 the plan, so a standby worker (control/standby.py: started with no plan, its output in
-logs/standby.log) is ready and waits, training nothing, until the daemon writes a plan to its
-stdin; it then moves its stdout/stderr to the plan's ``log_path`` (the job log) and trains. EOF
-before a plan: the daemon is gone or dismissed it, exit 70. An import error is reported only once
-the plan is there, in the job log, like any failure.
+logs/standby.log, or nowhere for `ftctl lora`'s spare started before its workspace) is ready and
+waits, training nothing, until the daemon writes a plan to its stdin; it then moves its
+stdout/stderr to the plan's ``log_path`` (the job log) and trains. EOF before a plan: the daemon is
+gone or dismissed it, exit 70. An import error is reported only once the plan is there, in the job
+log, like any failure.
 A Python exception before the ``Loaded`` message is a ``load_error`` (the model, data or config:
 a retry cannot fix it), after it an ``exception``.
 A rank of a data-parallel job (``--connect``, started by mlx.launch, see adapters/group.py) talks
