@@ -260,11 +260,7 @@ def choose(setting: str = "auto", shim_dir: str | None = None) -> Choice:
         shim = Path(shim_dir)
     else:  # one folder per installation (its links point into this interpreter's site-packages)
         tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
-        shim = (
-            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-            / "ftctl"
-            / f"blas-{tag}"
-        )
+        shim = system.cache_dir() / f"blas-{tag}"
     if not sys.platform.startswith("linux"):
         return Choice(
             setting, "platform", "", {}, f"{sys.platform}: MLX uses the platform's BLAS", ""

@@ -1,5 +1,5 @@
 """System stats: free disk, available memory, the cores this process may use, the cgroup OOM-kill
-counter."""
+counter; where ftctl caches what it can rebuild."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ GB = 1024**3
 
 def free_disk_gb(path: Path) -> float:
     return shutil.disk_usage(path).free / GB
+
+
+def cache_dir() -> Path:
+    """ftctl's own folder for what can be rebuilt at any time: $XDG_CACHE_HOME/ftctl or ~/.cache/ftctl."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ftctl"
 
 
 def usable_cores() -> int:

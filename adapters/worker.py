@@ -38,7 +38,7 @@ import threading
 import time
 import traceback
 
-from ftctl.adapters import faults
+from ftctl.adapters import faults, system, transformers_index
 from ftctl.adapters import protocol as P  # light: msgspec and the config schema only
 from ftctl.core.config import RecordedConfigError  # light: the config schema (protocol imports it)
 
@@ -69,6 +69,7 @@ def main() -> int:
 
     imported: ImportError | None = None
     t0 = time.monotonic()
+    transformers_index.install(system.cache_dir())  # half of mlx-lm's import time, read back
     try:  # first, so that a standby worker is warm before its job is known
         from ftctl.adapters.checkpoint import CheckpointCorrupt
         from ftctl.adapters.faults import fs_from_env
