@@ -389,31 +389,36 @@ def _controls():
     return set_n, get_n
 
 
-def settle_threads(want: int | None, model, tokens: int, full: bool) -> tuple[int | None, dict]:
+def settle_threads(
+    want: int | None, model, tokens: int, full: bool
+) -> tuple[int | None, dict, float | None]:
     """In the worker, once the model is loaded and before anything is trained: set the OpenBLAS
     threads to ``want``, or (None) measure them — the model's own matmuls (every distinct weight shape,
     forward and input-gradient, and the weight gradient when ``full``, on ``tokens`` rows) timed on 1,
-    2, 4 … threads up to the pool, in alternating rounds, the median of each; core/threads.py chooses.
-    Returns the count in force (None: no OpenBLAS here) and the ms per count measured ({} when not)."""
+    2, 4 … threads up to the pool in alternating rounds, and the other processes' threads running
+    meanwhile; core/threads.py chooses. Returns the count in force (None: no OpenBLAS here), the ms
+    per count measured ({} when not) and the others running (None when not measured)."""
     ctl = _controls()
     if ctl is None:
-        return None, {}
+        return None, {}, None
     set_n, get_n = ctl
     if want:
         set_n(want)
-        return get_n(), {}
+        return get_n(), {}, None
     import mlx.core as mx
 
     pool = get_n()
     counts = T.candidates(pool)
     run = _matmuls(model, max(1, tokens), full) if mx.default_device() == mx.cpu else None
     if run is None or len(counts) < 2:
-        return pool, {}
-    from .faults import blas_ms
+        return pool, {}, None
+    from .faults import blas_ms, blas_others
 
-    ms = blas_ms() or _time_counts(run, counts, set_n)
-    set_n(T.choose(ms))
-    return get_n(), {str(n): round(t, 3) for n, t in ms.items()}
+    faked = blas_ms()
+    ms, others = (faked, blas_others()) if faked else _time_counts(run, counts, set_n)
+    free = None if others is None else T.free_cores(pool, os.cpu_count() or pool, others)
+    set_n(T.choose(ms, free=free))
+    return get_n(), {str(n): round(t, 3) for n, t in ms.items()}, others
 
 
 def _matmuls(model, tokens: int, full: bool):
@@ -448,18 +453,22 @@ def _matmuls(model, tokens: int, full: bool):
     return run
 
 
-def _time_counts(run, counts: list[int], set_n, budget_s: float = 0.04) -> dict[int, float]:
+def _time_counts(
+    run, counts: list[int], set_n, budget_s: float = 0.04
+) -> tuple[dict[int, float], float | None]:
     """Ms of ``run`` on each thread count, the counts alternating round by round after a warm-up
     each: at least 5 rounds and about ``budget_s`` in all for a small model (its passes take a
     millisecond), one round for a big one (a pass of 0.1 s and more: the measuring stays near a
     second). Each count's figure is the mean of its passes without the fastest and the slowest: one
     preemption does not decide it, but stalls that keep coming back do, as they would slow every
     step (on a busy machine more threads stall often, for a few passes out of many, which a median
-    hid: one of three busy runs trained on 2 threads, three times as slow)."""
+    hid: one of three busy runs trained on 2 threads, three times as slow). With them, the median of
+    the other processes' running threads, sampled after each round (None where that cannot be read)."""
     import statistics
     import time
 
     times: dict[int, list[float]] = {n: [] for n in counts}
+    seen: list[int] = []
 
     def one_round() -> float:
         total = 0.0
@@ -470,13 +479,34 @@ def _time_counts(run, counts: list[int], set_n, budget_s: float = 0.04) -> dict[
             took = time.perf_counter() - t
             times[n].append(took)
             total += took
+        others = _others_running()
+        if others is not None:
+            seen.append(others)
         return total
 
     warm = one_round()
     for n in counts:
         times[n].clear()
+    seen.clear()
     spent, rounds = 0.0, 0
     while rounds < (1 if warm > 0.1 else 5) or (spent < budget_s and rounds < 50):
         spent += one_round()
         rounds += 1
-    return {n: statistics.mean(sorted(v)[1:-1] or v) * 1e3 for n, v in times.items()}
+    ms = {n: statistics.mean(sorted(v)[1:-1] or v) * 1e3 for n, v in times.items()}
+    return ms, (statistics.median(seen) if seen else None)
+
+
+def _others_running() -> int | None:
+    """Threads of other processes running or waiting for a CPU now (Linux's count of runnable
+    threads, /proc/loadavg, less this process's own; None elsewhere). Busy processes beside a job
+    show here every time; the measured passes can miss them (a lull of a few ms)."""
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        own = 0
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/stat") as f:
+                own += f.read().rsplit(")", 1)[1].split()[0] == "R"
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, running - own)

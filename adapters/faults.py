@@ -20,7 +20,8 @@ makes (the training-health watch's tests). Unset, training is untouched.
 
 ``FTCTL_BLAS_MS="1:5,2:1"`` is the thread-measurement seam (``blas_ms``): the worker takes these ms per
 OpenBLAS thread count as what it measured (core/threads.py chooses from them), so a test decides what
-the measurement finds, as a busy or a quiet machine would.
+the measurement finds, as a busy or a quiet machine would; ``FTCTL_BLAS_OTHERS=N`` (default 0) the
+other processes' threads it saw running meanwhile (``blas_others``).
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ def blas_ms() -> dict[int, float] | None:
     if not spec:
         return None
     return {int(n): float(t) for n, t in (item.split(":") for item in spec.split(","))}
+
+
+def blas_others() -> int:
+    """FTCTL_BLAS_OTHERS: the other processes' running threads the faked measurement saw (default 0)."""
+    return int(os.environ.get("FTCTL_BLAS_OTHERS") or 0)
 
 
 def fs_from_env():

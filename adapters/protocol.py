@@ -67,6 +67,7 @@ class Loaded(Message, tag="loaded"):
     blas_threads: int | None = None  # the OpenBLAS threads it trains with (None: no OpenBLAS)
     # measured at this load: ms of the model's matmuls per thread count (a NaN or inf arrives as null)
     blas_ms: dict[str, float | None] | None = None
+    blas_others: float | None = None  # other processes' threads running meanwhile (median)
 
 
 class Step(Message, tag="step"):

@@ -319,7 +319,7 @@ def run(
     load_s = time.perf_counter() - tic
     cfg = plan.config
     lengths = sorted(item_length(i) for i in s.batches.items)
-    threads, ms = blas.settle_threads(
+    threads, ms, others = blas.settle_threads(
         plan.blas_threads,
         s.model,
         cfg.batch_size // plan.world_size * min(cfg.max_seq_length, lengths[len(lengths) // 2]),
@@ -333,6 +333,7 @@ def run(
             load_s=load_s,
             blas_threads=threads,
             blas_ms=ms,
+            blas_others=others,
         )
     )
     if s.state.job_step < plan.config.iters and s.state.stopped_early is None:

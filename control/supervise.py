@@ -606,12 +606,19 @@ class Attempt:
                         load_s=round(msg.load_s or 0.0, 3),
                         blas_threads=msg.blas_threads,
                         blas_ms=ms,
+                        blas_others=msg.blas_others,
                     ),
                 )
                 if ms:
+                    busy = (
+                        ""
+                        if msg.blas_others is None
+                        else f"; {msg.blas_others:g} other thread(s) running"
+                    )
                     host.log(
                         f"job {job}: {msg.blas_threads} BLAS thread(s), measured: "
                         + ", ".join(f"{n} -> {t:.2f} ms" for n, t in ms.items())
+                        + busy
                     )
             case P.Step(step=step):
                 if self.first_step_at is None:  # the new worker is up: the clock for a spare starts

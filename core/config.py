@@ -810,7 +810,8 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
         _m(
             "the training worker's OpenBLAS threads (Linux CPU backend): 0 = measured when the job's worker "
             "first loads (its model's matmuls timed on 1, 2, 4 … threads up to the cores, with the machine "
-            "as busy as it is then: the fewest threads within 10% of the fastest), or OPENBLAS_NUM_THREADS "
+            "as busy as it is then: the fewest threads within 10% of the fastest, and no more than the cores "
+            "other processes' running threads leave), or OPENBLAS_NUM_THREADS "
             "where the daemon's environment sets it; N = N threads. Decided once per job and kept: the "
             "thread count changes the bits, so resumes, retries and `ftctl reproduce` use the job's "
             "recorded count",

@@ -21,15 +21,25 @@ def candidates(pool: int) -> list[int]:
     return [*out, max(1, pool)]
 
 
-def choose(ms: dict[int, float], margin: float = MARGIN) -> int:
+def choose(ms: dict[int, float], margin: float = MARGIN, free: int | None = None) -> int:
     """The count to train with from the time each count took (any unit): the fewest threads unless
     more are at least ``margin`` faster — fewer threads leave cores to the rest of the machine and
-    lose less when it gets busy."""
+    lose less when it gets busy. ``free``: the cores the machine's other work leaves (None: unknown);
+    no more threads than those (at least one) are chosen, however fast they looked: a short
+    measurement can fall in a lull of the other processes, and a job keeps its count for life."""
     best = min(ms)
     for n in sorted(ms):
+        if free is not None and n > max(1, free):
+            break
         if ms[n] < ms[best] * (1 - margin):
             best = n
     return best
+
+
+def free_cores(cores: int, machine_cores: int, others: float) -> int:
+    """The cores left to a process allowed ``cores`` of the machine's ``machine_cores`` while
+    ``others`` threads of other processes run or wait for a CPU (spread over the whole machine)."""
+    return max(0, cores - round(others * cores / max(cores, machine_cores)))
 
 
 def decided(config: int, recorded: str | None, env: str | None) -> int | None:

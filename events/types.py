@@ -110,13 +110,16 @@ class WorkerLoaded(EventBase, tag="worker_loaded", kw_only=True):
     seconds, at job step ``step``. ``blas_threads``: the OpenBLAS threads it trains with (None: no
     OpenBLAS in the worker: the reference BLAS, macOS, a GPU), decided once per job (core/threads.py)
     and kept; ``blas_ms``: when it was measured at this load, ms of the model's matmuls per thread
-    count (empty when the count was already decided: config, an earlier attempt, the environment)."""
+    count (empty when the count was already decided: config, an earlier attempt, the environment), and
+    ``blas_others``: the other processes' threads running or waiting for a CPU meanwhile (the median
+    of its samples; no more threads are chosen than the cores they leave)."""
 
     job: str
     step: int
     load_s: float
     blas_threads: int | None = None
     blas_ms: dict[str, float] = {}
+    blas_others: float | None = None
 
 
 class CheckpointStarted(EventBase, tag="checkpoint_started", kw_only=True):

@@ -164,6 +164,31 @@ def test_more_threads_are_chosen_only_when_clearly_faster(ms):
     assert ms[n] * (1 - T.MARGIN) <= min(ms.values())
 
 
+@given(
+    st.dictionaries(st.integers(1, 64), st.floats(0.001, 1e4), min_size=1),
+    st.none() | st.integers(-4, 80),
+)
+def test_no_more_threads_than_the_cores_other_processes_leave(ms, free):
+    n = T.choose(ms, free=free)
+    assert n in ms
+    if free is None or free >= max(ms):
+        assert n == T.choose(ms)  # nothing busy beside it: the measurement alone decides
+    else:
+        assert n == min(ms) or n <= max(1, free)
+        # and among the counts allowed, the rule is the unconstrained one
+        allowed = {k: v for k, v in ms.items() if k <= max(1, free)} or {min(ms): ms[min(ms)]}
+        assert n == T.choose(allowed)
+
+
+@given(st.integers(1, 256), st.integers(1, 512), st.floats(0, 1000))
+def test_the_cores_left_shrink_with_the_others_and_stay_within_the_allowed(cores, machine, others):
+    machine = max(machine, cores)
+    left = T.free_cores(cores, machine, others)
+    assert 0 <= left <= cores
+    assert T.free_cores(cores, machine, others + machine) <= left
+    assert T.free_cores(cores, machine, 0) == cores
+
+
 def test_a_decided_count_wins_in_order_config_recorded_environment():
     assert T.decided(0, None, None) is None
     assert T.decided(0, blas.MEASURED, "") is None  # recorded before the worker measured: measure
@@ -206,7 +231,8 @@ def _timed(stalls: dict[int, list[int]]):
                 time.sleep(0.02)
         time.sleep(0.002 if n == 1 else 0.001)
 
-    return blas._time_counts(run, [1, 2], lambda n: current.__setitem__(0, n)), seen
+    ms, _ = blas._time_counts(run, [1, 2], lambda n: current.__setitem__(0, n))
+    return ms, seen
 
 
 def test_the_measurement_alternates_counts_and_one_preemption_does_not_decide():
@@ -221,3 +247,52 @@ def test_stalls_that_keep_coming_back_decide_against_more_threads():
     slower on average though its median is not: its stalls would slow every training step."""
     ms, _ = _timed({2: list(range(2, 100, 4))})
     assert ms[1] < ms[2] and T.choose(ms) == 1
+
+
+@pytest.mark.skipif(not LINUX, reason="/proc/loadavg is Linux's")
+def test_busy_processes_beside_the_worker_are_seen_running():
+    """What the measurement reads of the other processes: two spinning beside it are counted (its own
+    threads are not: this process is running as it reads)."""
+    import statistics
+    import time
+
+    spin = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+        for _ in range(2)
+    ]
+    try:
+        time.sleep(0.3)
+        seen = [blas._others_running() for _ in range(9)]
+    finally:
+        for p in spin:
+            p.kill()
+            p.wait()
+    assert statistics.median(seen) >= 2, seen
+
+
+# In a subprocess with the worker's OpenBLAS: the seam says 2 threads are 5 times as fast; how many does
+# the worker choose when the other processes' threads leave it no second core?
+SETTLE = r"""
+import json, mlx.core as mx, mlx.nn as nn
+from ftctl.adapters import blas
+mx.set_default_device(mx.cpu)
+threads, ms, others = blas.settle_threads(None, nn.Linear(64, 64), 8, False)
+print(json.dumps([threads, others]))
+"""
+
+
+@pytest.mark.skipif(not LINUX, reason="LD_PRELOAD is Linux's")
+@pytest.mark.parametrize("others,want", [("0", 2), ("1", 1), ("2", 1)])
+def test_more_threads_are_not_chosen_when_other_processes_keep_the_cores(others, want):
+    fast = blas.choose("auto")
+    if fast.kind != "openblas" or len(os.sched_getaffinity(0)) != 2 or os.cpu_count() != 2:
+        pytest.skip("needs an OpenBLAS and a machine of exactly two cores")
+    env = {**os.environ, **fast.env, "FTCTL_BLAS_MS": "1:5,2:1", "FTCTL_BLAS_OTHERS": others}
+    env["OPENBLAS_NUM_THREADS"] = (
+        "2"  # the suite pins 1 (conftest.py): a pool of two to choose from
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", SETTLE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == [want, int(others)]

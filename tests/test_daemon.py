@@ -579,9 +579,9 @@ def test_threads_measured_at_the_first_load_are_kept_by_the_resume_bit_exact(tmp
     assert status(home, "0001")["env"]["blas_threads"] == "2"  # worker_loaded's, once it measured
     ftctl(home, "start", "--until-idle", "--quiet", env={**UNPINNED, "FTCTL_BLAS_MS": "1:1,2:5"})
     loaded = [e["data"] for e in history(home) if e["type"] == "worker_loaded"]
-    assert [(e["blas_threads"], e.get("blas_ms")) for e in loaded] == [
-        (2, {"1": 5.0, "2": 1.0}),
-        (2, None),
+    assert [(e["blas_threads"], e.get("blas_ms"), e.get("blas_others")) for e in loaded] == [
+        (2, {"1": 5.0, "2": 1.0}, 0),
+        (2, None, None),
     ]
     starts = [e["data"] for e in history(home) if e["type"] == "training_started"]
     assert starts[1]["env"]["blas_threads"] == "2" and not starts[1].get("env_changed")
@@ -590,6 +590,6 @@ def test_threads_measured_at_the_first_load_are_kept_by_the_resume_bit_exact(tmp
     ftctl(ref, "start", "--until-idle", "--quiet", env=UNPINNED, timeout=600)
     assert finished(home)["adapter_sha256"] == finished(ref)["adapter_sha256"]
     assert (
-        "2 BLAS thread(s), measured: 1 -> 5.00 ms, 2 -> 1.00 ms"
+        "2 BLAS thread(s), measured: 1 -> 5.00 ms, 2 -> 1.00 ms; 0 other thread(s) running"
         in (home / "logs" / "daemon.log").read_text()
     )
