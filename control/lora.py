@@ -104,11 +104,15 @@ def resolve(
         return decode_config(data, source="ftctl lora")
     except ConfigError as e:
         top = e.key.split(".")[0].split("[")[0]
+        where = sources.get(top, "ftctl lora")
         raise ConfigError(
-            str(e).replace("ftctl lora:", f"{sources.get(top, 'ftctl lora')}:", 1),
+            e.what.replace("ftctl lora:", f"{where}:", 1),
             key=e.key,
             value=e.value,
             allowed=e.allowed,
+            kept="nothing was queued or written"
+            + ("" if ws.exists() else f" (no workspace was created at {ws.home})"),
+            do=e.do or f"correct {e.key or 'the value'} in {where} and run the command again",
         ) from None
 
 

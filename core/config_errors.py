@@ -22,9 +22,16 @@ class ConfigError(UserError, ValueError):
     """A config the user must fix. str() is one line; key is the dotted path of the culprit."""
 
     def __init__(
-        self, message: str, *, key: str = "", value: Any = None, allowed: str = "", do: str = ""
+        self,
+        message: str,
+        *,
+        key: str = "",
+        value: Any = None,
+        allowed: str = "",
+        do: str = "",
+        kept: str | None = None,
     ):
-        super().__init__(message, do=do)
+        super().__init__(message, kept=kept, do=do)
         self.key = key
         self.value = value
         self.allowed = allowed

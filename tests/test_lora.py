@@ -456,6 +456,15 @@ def test_wrong_input_is_refused_before_anything_is_queued(demo, data, tmp_path):
     assert p.returncode == 1 and "needs --train or --test" in p.stderr
     p = _lora(tmp_path, tmp_path / "ws", *base, "--num-lyers", "2")
     assert p.returncode == 1 and "did you mean '--num-layers'" in p.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("blas_threads: -1\n")
+    p = _lora(tmp_path, tmp_path / "ws-bad", *base, "--num-layers", "2", "-c", str(bad))
+    assert p.returncode == 1 and p.stderr.splitlines() == [
+        f"error: {bad}: blas_threads = -1 is out of range: must be an integer >= 0",
+        f"  kept: nothing was queued or written (no workspace was created at {tmp_path / 'ws-bad'})",
+        f"  next: correct blas_threads in {bad} and run the command again",
+    ], p.stderr
+    assert not (tmp_path / "ws-bad").exists()
     p = _lora(tmp_path, tmp_path / "ws", *base, "--batch-size", "200", "--num-layers", "2")
     assert p.returncode == 1 and "fewer than batch_size = 200" in p.stderr, p.stderr
     (tmp_path / "adapters").mkdir()
