@@ -147,10 +147,11 @@ def _flags(args) -> dict:
 
 def cmd_lora(args, ws) -> int:
     # first thing, a worker for the job: its imports overlap everything this command does before it
-    # trains (a run with --train; one whose -c file alone says train gets it when the daemon starts)
+    # trains. With a -c file it may say `train: true` (mlx-lm's example configs do): started before the
+    # file is read, and dismissed below if the run turns out not to train
     from ftctl.control.standby import early
 
-    spare = early(ws) if args.train else None
+    spare = early(ws) if args.train or args.config else None
     try:
         return _lora(args, ws, spare)
     finally:

@@ -264,9 +264,9 @@ def _lora(cwd: Path, home: Path, *args, env=None, timeout=300) -> subprocess.Com
     )
 
 
-def _config(tmp_path: Path) -> Path:
+def _config(tmp_path: Path, **more) -> Path:
     conf = tmp_path / "cfg.yaml"
-    conf.write_text(yaml.safe_dump({**CFG, **OWN}))
+    conf.write_text(yaml.safe_dump({**CFG, **OWN, **more}))
     return conf
 
 
@@ -357,9 +357,10 @@ def test_a_worker_killed_mid_run_and_a_ctrl_c_both_end_bit_exact(
 ):
     """The same command: its worker SIGKILLed at step 5 (the daemon restarts it from its checkpoint),
     then Ctrl-C at the job's next checkpoint (exit 130, 'run the same command again'), then the same
-    command again: it resumes the same job and ends with the uninterrupted run's adapter, bit for bit."""
-    argv = list(uninterrupted.argv)
-    argv[argv.index("-c") + 1] = str(_config(tmp_path))
+    command again: it resumes the same job and ends with the uninterrupted run's adapter, bit for bit.
+    `train: true` is in the -c file here instead of --train (as in mlx-lm's example configs)."""
+    argv = [a for a in uninterrupted.argv if a != "--train"]
+    argv[argv.index("-c") + 1] = str(_config(tmp_path, train=True))
     home = tmp_path / "ws"
     marker = tmp_path / "killed"
     p = subprocess.Popen(
@@ -396,6 +397,11 @@ def test_a_worker_killed_mid_run_and_a_ctrl_c_both_end_bit_exact(
     assert _sha(tmp_path / "adapters") == uninterrupted.sha
     assert len(_events(home, "job_submitted")) == 1  # one job, resumed: never queued twice
     assert survivors(home) == []
+    # its first worker was started before the -c file was read and the workspace existed
+    log = (home / "logs" / "daemon.log").read_text()
+    spare = re.search(r"standby worker started \(pid (\d+), before its workspace existed", log)
+    trained = re.search(r"job 0001 \(\w+\): training, attempt 1, worker pid (\d+)", log)
+    assert spare and trained and spare[1] == trained[1], log
 
 
 def _polled(home: Path, kind: str) -> list[dict]:
