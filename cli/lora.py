@@ -174,6 +174,8 @@ def _lora(args, ws, spare) -> int:
             "mlx_lm.lora does"
         )
     if not cfg.train:
+        if spare is not None:
+            spare.dismiss()  # now, not after the scoring: its imports would compete with it
         return _test_only(ws, cfg)
     ws = lora.ensure_workspace(ws, cfg, report.note)
     daemon = lora.own_daemon(ws, cfg, report, spare)  # it takes the spare, still importing

@@ -154,6 +154,27 @@ def _ftctl_config(tmp_path: Path, argv: list[str]):
     return lora.resolve(ws, _flags(args), Path(args.config) if args.config else None, [])[0]
 
 
+def test_a_run_that_will_not_train_dismisses_its_early_worker_before_scoring(tmp_path, monkeypatch):
+    """`ftctl lora -c FILE --test` starts a worker before it reads the file (the file might say train);
+    once the config says it will not train, the worker goes before the test set is scored, not after:
+    its imports would compete with the scoring."""
+    from ftctl.adapters.workspace import Workspace
+    from ftctl.cli import lora as cli_lora
+
+    conf = tmp_path / "cfg.yaml"
+    conf.write_text(yaml.safe_dump({"model": str(tmp_path), "data": str(tmp_path)}))
+    said = []
+
+    class Spare:
+        def dismiss(self):
+            said.append("dismissed")
+
+    monkeypatch.setattr(cli_lora, "_test_only", lambda ws, cfg: said.append("scored") or 0)
+    args = _ours().parse_args(["--test", "-c", str(conf)])
+    assert cli_lora._lora(args, Workspace(tmp_path / "ws"), Spare()) == 0
+    assert said == ["dismissed", "scored"]
+
+
 def _compare(cfg, mlx: dict, skip=()) -> None:
     """Every key mlx-lm resolved means the same in ftctl's config."""
     for key, value in mlx.items():
