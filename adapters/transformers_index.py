@@ -97,7 +97,7 @@ def _cached(real, cache_dir: Path, key: str):
                 tmp.unlink(missing_ok=True)
         return made
 
-    define_import_structure.ftctl_cache = cache_dir  # what tests and `doctor`-like checks look for
+    define_import_structure.ftctl_cache = cache_dir  # how a test tells it from transformers' own
     return define_import_structure
 
 
