@@ -416,7 +416,8 @@ def settle_threads(
 
     faked = blas_ms()
     ms, others = (faked, blas_others()) if faked else _time_counts(run, counts, set_n)
-    free = None if others is None else T.free_cores(pool, os.cpu_count() or pool, others)
+    cores = system.usable_cores()
+    free = None if others is None else T.free_cores(cores, os.cpu_count() or cores, others)
     set_n(T.choose(ms, free=free))
     return get_n(), {str(n): round(t, 3) for n, t in ms.items()}, others
 

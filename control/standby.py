@@ -15,9 +15,9 @@ shorten).
 * Its output goes to logs/standby.log until it is assigned; then it moves its stdout/stderr to the
   job log (the plan's ``log_path``) and the daemon takes that attempt's crash evidence from there,
   from the offset where the assignment found the log.
-* `ftctl lora --train` starts the job's worker as a spare first thing (``early``), before it reads
-  its config, creates its workspace or starts its daemon (which takes it: ``attach``); one started
-  before the workspace existed has no standby.log.
+* `ftctl lora --train` (or `-c FILE`) starts the job's worker as a spare first thing (``early``),
+  before it reads its config, creates its workspace or starts its daemon (which takes it:
+  ``attach``); one started before the workspace existed has no standby.log.
 * It is skipped while available memory is below ``MIN_AVAILABLE_GB`` (said once in daemon.log).
 * Its memory (RSS) is written to run/standby.json (pid, start time, rss_bytes, measured_at) so that
   `ftctl status` can show it without touching the process or importing anything heavy; the file is
